@@ -1,0 +1,261 @@
+"""The Plan: what memtrain will do, as a frozen, versioned, JSON-serialisable value.
+
+docs/DESIGN.md rule 1. The runtime interprets a Plan; it does not decide. Changing a field's
+meaning or removing one bumps ``PLAN_VERSION``; readers refuse versions they do not know.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
+from memtrain.planner.serde import from_dict, to_dict
+from memtrain.planner.stats import DType, ModelStats, Optimizer
+
+__all__ = [
+    "PLAN_VERSION", "Tier", "ActPolicy", "Op", "Action", "TrainShape", "ChunkPlan", "MemoryPolicy",
+    "TimelineEvent", "DevicePrediction", "Prediction", "Alternative", "Plan", "PlanFormatError",
+    "schedule_to_csv", "schedule_from_csv",
+]
+
+PLAN_VERSION = 1
+
+
+class PlanFormatError(ValueError):
+    """A plan file that cannot be read (wrong version, malformed JSON, unknown action)."""
+
+
+class Tier(StrEnum):
+    DEVICE = "device"
+    HOST = "host"
+    NVME = "nvme"
+
+
+class ActPolicy(StrEnum):
+    """What happens to a block's saved activations between its forward and its backward."""
+
+    KEEP = "keep"
+    SWAP_HOST = "swap_host"
+    SWAP_NVME = "swap_nvme"
+    RECOMPUTE = "recompute"
+
+
+class Op(StrEnum):
+    F = "F"
+    B = "B"
+    W = "W"
+    SEND_F = "SEND_F"
+    RECV_F = "RECV_F"
+    SEND_B = "SEND_B"
+    RECV_B = "RECV_B"
+    PREFETCH = "PREFETCH"
+    OFFLOAD = "OFFLOAD"
+    SWAP_OUT = "SWAP_OUT"
+    SWAP_IN = "SWAP_IN"
+    SNAPSHOT = "SNAPSHOT"
+    ALLREDUCE = "ALLREDUCE"
+    OPTIM = "OPTIM"
+
+
+_ACTION_RE = re.compile(r"^(\d+)([A-Z_]+?)(\d+)?(?:@c(\d+))?$")
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """One step of a rank's schedule: ``(stage, op, microbatch)``, optionally on a chunk.
+
+    Short form: ``"0F3"`` (stage 0, forward, micro-batch 3); ``"0PREFETCH@c5"`` (stage 0,
+    prefetch chunk 5); ``"0OPTIM"``. (Model: torch.distributed.pipelining ``_Action``.)
+    """
+
+    stage: int
+    op: Op
+    microbatch: int | None = None
+    chunk: int | None = None
+
+    def __str__(self) -> str:
+        mb = "" if self.microbatch is None else str(self.microbatch)
+        ch = "" if self.chunk is None else f"@c{self.chunk}"
+        return f"{self.stage}{self.op.value}{mb}{ch}"
+
+    @staticmethod
+    def parse(text: str) -> "Action":
+        m = _ACTION_RE.match(text.strip())
+        if not m or m.group(2) not in Op.__members__:
+            raise PlanFormatError(f"cannot read schedule action {text!r} (expected e.g. '0F3', '0PREFETCH@c5')")
+        return Action(
+            int(m.group(1)),
+            Op(m.group(2)),
+            None if m.group(3) is None else int(m.group(3)),
+            None if m.group(4) is None else int(m.group(4)),
+        )
+
+
+def schedule_to_csv(schedule: dict[int, tuple[Action, ...]]) -> str:
+    """One row per rank: ``rank,action,action,...`` (torch pipelining's CSV shape)."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    for rank in sorted(schedule):
+        writer.writerow([rank, *map(str, schedule[rank])])
+    return out.getvalue()
+
+
+def schedule_from_csv(text: str) -> dict[int, tuple[Action, ...]]:
+    return {
+        int(row[0]): tuple(Action.parse(a) for a in row[1:] if a)
+        for row in csv.reader(io.StringIO(text))
+        if row
+    }
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainShape:
+    global_batch_size: int
+    """Sequences per optimizer step."""
+    micro_batch_size: int
+    """Sequences per forward/backward pass."""
+    num_microbatches: int
+    """Micro-batches per step per data-parallel replica (gradient accumulation)."""
+    seq_len: int
+    dtype: DType
+    optimizer: Optimizer
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_len
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ChunkPlan:
+    """A fixed-size contiguous group of parameters in execution order (PatrickStar/ProTrain)."""
+
+    index: int
+    num_elems: int
+    """Elements in the chunk (sum of its parameters' numel)."""
+    param_names: tuple[str, ...]
+    home: Tier
+    """Where the chunk's fp32 master parameters, optimizer states and accumulated gradients
+    live between uses, and so where its optimizer step runs (device, CPU Adam on host, or
+    streamed from NVMe through host)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MemoryPolicy:
+    chunk_size_elems: int
+    """Target elements per chunk; a parameter larger than this gets a chunk of its own."""
+    chunks: tuple[ChunkPlan, ...]
+    prefetch_depth: int
+    """How many non-resident chunks may be on the device at once (1 = no prefetch)."""
+    activations: tuple[ActPolicy, ...]
+    """Per block, in block order."""
+    compress_nvme: bool = False
+    """Compress chunks written to NVMe with zstandard."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TimelineEvent:
+    stream: str
+    """``compute``, ``h2d``, ``d2h``, ``disk``, ``cpu``."""
+    name: str
+    start_s: float
+    end_s: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DevicePrediction:
+    rank: int
+    device: str
+    """Device kind (catalog key)."""
+    peak_bytes: dict[str, int]
+    """Peak bytes per tier (``device``, ``host``, ``nvme``)."""
+    budget_bytes: dict[str, int]
+    """Budget per tier after the safety margin (0 = tier unavailable)."""
+    breakdown: dict[str, dict[str, int]]
+    """Per tier, bytes by owner at that tier's peak (e.g. ``chunks``, ``activations``, ``buffers``)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Prediction:
+    step_time_s: float
+    tokens_per_s: float
+    mfu: float
+    """Model FLOPs utilisation: model FLOPs per step (without recompute) / (step time × peak)."""
+    devices: tuple[DevicePrediction, ...]
+    timeline: tuple[TimelineEvent, ...] = ()
+    """The simulated step; long steps are truncated to the first micro-batches and the optimizer."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Alternative:
+    description: str
+    fits: bool
+    step_time_s: float | None
+    reason: str
+    """Why it was not chosen."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Plan:
+    version: int = PLAN_VERSION
+    name: str
+    fits: bool
+    """False when nothing fits; ``shortfall`` then says what is missing."""
+    shortfall: str = ""
+    model: ModelStats
+    """Analysis at micro-batch size 1 (reports scale by ``train.micro_batch_size``)."""
+    train: TrainShape
+    device: DeviceSpec
+    host: HostSpec
+    nvme: NvmeSpec | None
+    memory: MemoryPolicy
+    schedule: dict[int, tuple[Action, ...]] = field(default_factory=dict)
+    """Per rank, the lowered action list of one step."""
+    prediction: Prediction
+    alternatives: tuple[Alternative, ...] = ()
+    source: str = "catalog"
+    """Which hardware figures were used: ``catalog``, ``auto`` or ``profile:<path>``."""
+
+    def to_dict(self) -> dict:
+        d = to_dict(self)
+        d["schedule"] = {str(rank): [str(a) for a in acts] for rank, acts in self.schedule.items()}
+        return d
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @staticmethod
+    def from_dict(data: dict) -> "Plan":
+        version = data.get("version")
+        if version != PLAN_VERSION:
+            raise PlanFormatError(f"plan version {version!r} is not supported (this memtrain reads version {PLAN_VERSION})")
+        data = dict(data)
+        schedule = {int(r): tuple(Action.parse(a) for a in acts) for r, acts in data.pop("schedule", {}).items()}
+        try:
+            plan = from_dict(Plan, data)
+        except (TypeError, ValueError, KeyError) as e:
+            raise PlanFormatError(f"malformed plan: {e}") from e
+        object.__setattr__(plan, "schedule", schedule)
+        return plan
+
+    @staticmethod
+    def from_json(text: str) -> "Plan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanFormatError(f"plan is not valid JSON: {e}") from e
+        return Plan.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        from memtrain.planner.atomic import atomic_write_text
+
+        atomic_write_text(path, self.to_json())
+
+    @staticmethod
+    def load(path: str | Path) -> "Plan":
+        return Plan.from_json(Path(path).read_text())

@@ -1,0 +1,119 @@
+"""What analysis measures about a model: per-block parameters, saved activations and FLOPs.
+
+These are the planner's inputs about the model (docs/DESIGN.md, data flow). Produced by
+``planner.analyze``; consumed by the cost model, the search and the reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from enum import StrEnum
+
+__all__ = ["DType", "Optimizer", "BlockStats", "ModelStats", "dtype_bytes", "model_state_bytes_per_param"]
+
+
+class DType(StrEnum):
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+class Optimizer(StrEnum):
+    ADAMW = "adamw"
+    SGD = "sgd"
+
+
+def dtype_bytes(dtype: DType | str) -> int:
+    return 4 if DType(dtype) is DType.FP32 else 2
+
+
+def model_state_bytes_per_param(dtype: DType | str, optimizer: Optimizer | str = Optimizer.ADAMW) -> int:
+    """Bytes of model states per parameter.
+
+    Rajbhandari et al. 2020 (ZeRO), Sec. 3.1: mixed-precision Adam keeps fp16 params (2) and
+    grads (2) plus fp32 master params, momentum and variance (4+4+4 = 12): (2+2+12)Ψ = 16Ψ.
+    fp32 Adam: params 4 + grads 4 + momentum 4 + variance 4 = 16Ψ.
+    SGD (momentum buffer kept): fp32 4+4+4 = 12Ψ; mixed 2+2+4+4 = 12Ψ.
+    """
+    opt = Optimizer(optimizer)
+    optim_state = 8 if opt is Optimizer.ADAMW else 4  # m, v | momentum, fp32 each
+    if DType(dtype) is DType.FP32:
+        return 4 + 4 + optim_state
+    return 2 + 2 + 4 + optim_state
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BlockStats:
+    """One block (embedding, a layer, the head): the unit of partitioning and activation policy."""
+
+    name: str
+    """Module path of the block inside the model, e.g. ``blocks.3``."""
+    num_params: int
+    """Parameters owned by this block (a tied parameter belongs to the first block using it)."""
+    param_bytes: int
+    """Bytes of those parameters in the compute dtype."""
+    activation_bytes: int
+    """Bytes saved for backward by one micro-batch of ``ModelStats.micro_batch_size`` sequences,
+    each storage counted once, parameters and buffers excluded."""
+    input_bytes: int
+    """Bytes of the block's input tensor (what recompute keeps instead of the activations)."""
+    output_bytes: int
+    """Bytes of the block's output tensor (what crosses a pipeline stage boundary)."""
+    fwd_flops: int
+    """Forward FLOPs for one micro-batch (``torch.utils.flop_counter`` convention: 2 per MAC)."""
+    bwd_flops: int
+    """Backward FLOPs for one micro-batch (gradients for inputs and weights)."""
+    param_names: tuple[str, ...] = ()
+    """Fully qualified parameter names in execution order (the chunking order)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelStats:
+    name: str
+    """Model name (preset or source) for reports."""
+    num_params: int
+    dtype: DType
+    """Compute dtype the activations and FLOPs were measured in."""
+    micro_batch_size: int
+    """Sequences per micro-batch the per-block figures were measured with."""
+    seq_len: int
+    blocks: tuple[BlockStats, ...]
+
+    @property
+    def fwd_flops(self) -> int:
+        return sum(b.fwd_flops for b in self.blocks)
+
+    @property
+    def bwd_flops(self) -> int:
+        return sum(b.bwd_flops for b in self.blocks)
+
+    @property
+    def activation_bytes(self) -> int:
+        return sum(b.activation_bytes for b in self.blocks)
+
+    def scaled(self, micro_batch_size: int) -> "ModelStats":
+        """Per-micro-batch figures for another micro-batch size.
+
+        Activation bytes, input/output bytes and FLOPs of a decoder are linear in the batch
+        dimension (Korthikanti et al. 2022, Eq. 1 is linear in b), so scaling is exact.
+        """
+        if micro_batch_size == self.micro_batch_size:
+            return self
+        num, den = micro_batch_size, self.micro_batch_size
+
+        def s(v: int) -> int:
+            return v * num // den
+
+        blocks = tuple(
+            dataclasses.replace(
+                b,
+                activation_bytes=s(b.activation_bytes),
+                input_bytes=s(b.input_bytes),
+                output_bytes=s(b.output_bytes),
+                fwd_flops=s(b.fwd_flops),
+                bwd_flops=s(b.bwd_flops),
+            )
+            for b in self.blocks
+        )
+        return dataclasses.replace(self, micro_batch_size=micro_batch_size, blocks=blocks)
