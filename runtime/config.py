@@ -80,9 +80,13 @@ class OptimizerConfig:
     name: str = "adamw"
     """``adamw`` or ``sgd``."""
     lr: float = 3e-4
+    """Peak learning rate."""
     betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW coefficients of the running averages of the gradient and its square."""
     eps: float = 1e-8
+    """AdamW term added to the denominator."""
     weight_decay: float = 0.1
+    """Decoupled weight decay (Loshchilov & Hutter 2019)."""
     momentum: float = 0.9
     """For ``sgd``."""
 
@@ -112,6 +116,7 @@ class TrainConfig:
     seed: int = 0
     """Seed of model initialisation, dropout and data."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """The optimizer (section ``train.optimizer``)."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up steps."""
     lr_schedule: str = "constant"
@@ -182,14 +187,19 @@ class NvmeConfig:
 @dataclass(kw_only=True, slots=True)
 class NodeConfig:
     name: str = "node0"
+    """Node name, used in reports."""
     host_memory: Size | None = None
     """Host RAM; default: the catalog host's (or this machine's for ``auto``)."""
     num_cpus: int | None = None
+    """CPU cores for the CPU optimizer step; default: the catalog host or this machine."""
     host_memory_bw_gbps: float | None = None
+    """Override host memory bandwidth, GB/s."""
     cpu_adam_params_per_s: float | None = None
     """Override the CPU AdamW throughput, parameters per second."""
     devices: list[DeviceConfig] = field(default_factory=lambda: [DeviceConfig()])
+    """The node devices."""
     nvme: NvmeConfig | None = None
+    """Local NVMe used for offload (none by default)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -197,6 +207,7 @@ class ClusterConfig:
     auto: bool = True
     """Read this machine (psutil, nvidia-ml-py) instead of ``nodes``. ``cluster: auto`` in YAML."""
     nodes: list[NodeConfig] = field(default_factory=list)
+    """Explicit nodes (each with host memory, devices and an optional NVMe)."""
     network_gbps: float = 12.5
     """Inter-node bandwidth, GB/s."""
 
@@ -370,3 +381,78 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{p}: the top level must be a mapping of sections (model, train, ...)")
         data.setdefault("name", p.stem)
     return config_from_dict(apply_overrides(data, list(overrides)))
+
+
+# --- reference documentation -------------------------------------------------------------
+
+_SECTIONS: list[tuple[str, type]] = [
+    ("", Config), ("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig),
+    ("train.optimizer", OptimizerConfig), ("cluster", ClusterConfig), ("cluster.nodes[]", NodeConfig),
+    ("cluster.nodes[].devices[]", DeviceConfig), ("cluster.nodes[].nvme", NvmeConfig),
+    ("memory", MemoryConfig), ("snapshot", SnapshotConfig),
+]
+
+
+def field_docs() -> list[tuple[str, str, str, str]]:
+    """``(dotted name, type, default, docstring)`` for every config field, read from this file."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(__import__(__name__, fromlist=["_"])))
+    docs: dict[tuple[str, str], str] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            body = node.body
+            for a, b in zip(body, body[1:]):
+                if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                    docs[(node.name, a.target.id)] = " ".join(str(b.value.value).split())
+    rows = []
+    for prefix, cls in _SECTIONS:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in ("model", "data", "train", "cluster", "memory", "snapshot", "optimizer", "nodes", "devices", "nvme") and prefix != "memory":
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = repr(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                default = repr(f.default_factory())
+            else:
+                default = "required"
+            type_name = "size" if f.name in _size_fields(cls) else _type_name(hints[f.name])
+            dotted = f"{prefix}.{f.name}" if prefix else f.name
+            rows.append((dotted, type_name, default, docs.get((cls.__name__, f.name), "")))
+    return rows
+
+
+def _type_name(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _type_name(args[0]) + " (optional)"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _size_fields(cls: type) -> set[str]:
+    import inspect
+
+    src = inspect.getsource(cls)
+    return {line.split(":")[0].strip() for line in src.splitlines() if ": Size" in line}
+
+
+def config_reference_markdown() -> str:
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `runtime/config.py` by `python -m memtrain.runtime.config` (a test checks it is current).",
+        "Every field can be set on the command line with `--set dotted.name=value` (values are read as YAML).",
+        "Sizes accept `24GiB`, `512MB`, `1.5TiB` or a number of bytes. `cluster: auto` reads this machine.",
+        "",
+        "| field | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for dotted, type_name, default, doc in field_docs():
+        lines.append(f"| `{dotted}` | {type_name} | `{default}` | {doc} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(config_reference_markdown(), end="")

@@ -1,0 +1,112 @@
+"""The ``memtrain`` command: ``plan``, ``profile``, ``run``, ``resume``.
+
+User mistakes (bad config, path, size, a plan that cannot fit) print one message and exit 2;
+set ``MEMTRAIN_DEBUG=1`` to see the traceback. Failures of ours keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+__all__ = ["main"]
+
+EXIT_USER_ERROR = 2
+
+
+class UsageError(ValueError):
+    """A mistake in how memtrain was called."""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config (see docs/config.md and examples/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a config field, e.g. --set train.micro_batch_size=4 --set memory.device=8GiB",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memtrain", description="Memory- and offload-aware training of PyTorch models on Ray."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="dry run: will it fit, how, how fast (no GPU needed)")
+    _add_config_args(p)
+    p.add_argument("--json", metavar="PATH", help="write the plan and its predictions as JSON")
+    p.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")
+    p.add_argument("--trace", metavar="PATH", help="write a Chrome/Perfetto trace of the simulated step")
+    p.add_argument("--profile", metavar="PATH", help="use this measured profile instead of catalog figures")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+    p = sub.add_parser("profile", help="measure this machine and the configured model")
+    _add_config_args(p)
+    p.add_argument("--out", metavar="PATH", help="profile file (default: <run_dir>/profile.parquet)")
+
+    p = sub.add_parser("run", help="train with the plan")
+    _add_config_args(p)
+
+    p = sub.add_parser("resume", help="resume a run from its latest snapshot or checkpoint")
+    _add_config_args(p)
+    return parser
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from memtrain.planner import report
+    from memtrain.runtime.config import load_config
+    from memtrain.runtime.planning import plan_from_config
+
+    cfg = load_config(args.config, args.overrides)
+    t0 = time.perf_counter()
+    plan = plan_from_config(cfg, profile_path=args.profile)
+    elapsed_s = time.perf_counter() - t0
+    if not args.quiet:
+        report.print_summary(plan)
+        print(f"planned in {elapsed_s:.2f} s")
+    for path, write in ((args.json, report.write_json), (args.html, report.write_html), (args.trace, report.write_trace)):
+        if path:
+            write(plan, path)
+            if not args.quiet:
+                print(f"wrote {path}")
+    if not plan.fits:
+        print(f"memtrain: error: the model does not fit: {plan.shortfall}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+def _not_yet(name: str):
+    def run(args: argparse.Namespace) -> int:
+        raise UsageError(f"'memtrain {name}' is not yet available in this version; 'memtrain plan' is")
+
+    return run
+
+
+_COMMANDS = {
+    "plan": _cmd_plan,
+    "profile": _not_yet("profile"),
+    "run": _not_yet("run"),
+    "resume": _not_yet("resume"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        # User mistakes are ValueErrors with a message naming the field (docs/DESIGN.md rule 6).
+        if os.environ.get("MEMTRAIN_DEBUG"):
+            raise
+        print(f"memtrain: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

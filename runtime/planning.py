@@ -1,0 +1,59 @@
+"""From a Config to a Plan: resolve the cluster, analyse the model, search (no Ray here)."""
+
+from __future__ import annotations
+
+from memtrain.planner.plan import Plan
+from memtrain.runtime.config import Config, ConfigError
+
+__all__ = ["plan_from_config", "budgets_for"]
+
+
+def budgets_for(cfg: Config, device, host, nvme) -> dict[str, int]:
+    """Per-tier budgets: the config's ``memory`` section, else the hardware's capacity."""
+    device_budget = cfg.memory.device if cfg.memory.device is not None else device.memory_bytes
+    host_budget = cfg.memory.host if cfg.memory.host is not None else host.memory_bytes
+    if nvme is None:
+        if cfg.memory.nvme:
+            raise ConfigError(
+                "memory.nvme: a budget is set but no NVMe path is configured; "
+                "add cluster.nodes[].nvme.path (or remove memory.nvme)"
+            )
+        nvme_budget = 0
+    else:
+        nvme_budget = cfg.memory.nvme if cfg.memory.nvme is not None else nvme.capacity_bytes
+    if device_budget > device.memory_bytes:
+        raise ConfigError(
+            f"memory.device: budget {device_budget} bytes exceeds the {device.kind}'s memory "
+            f"({device.memory_bytes} bytes); lower it or leave it unset"
+        )
+    return {"device": device_budget, "host": host_budget, "nvme": nvme_budget}
+
+
+def plan_from_config(cfg: Config, *, profile_path: str | None = None) -> Plan:
+    from memtrain.cluster.inventory import resolve_cluster
+    from memtrain.planner.analyze import analyze
+    from memtrain.planner.search import plan as search_plan
+
+    cluster = resolve_cluster(cfg.cluster)
+    node = cluster.nodes[0]
+    device, host, nvme = node.devices[0], node.host, node.nvme
+    source = cluster.source
+    if profile_path is not None:
+        from memtrain.planner.profile import apply_profile
+
+        device, host, nvme, source = apply_profile(profile_path, device, host, nvme)
+    stats = analyze(cfg.model, seq_len=cfg.train.seq_len, micro_batch_size=1, dtype=cfg.train.dtype)
+    return search_plan(
+        stats,
+        name=cfg.name,
+        global_batch_size=cfg.train.global_batch_size,
+        micro_batch_size=cfg.train.micro_batch_size,
+        dtype=cfg.train.dtype,
+        optimizer=cfg.train.optimizer.name,
+        device=device,
+        host=host,
+        nvme=nvme,
+        budgets=budgets_for(cfg, device, host, nvme),
+        safety_margin=cfg.memory.safety_margin,
+        source=source,
+    )
