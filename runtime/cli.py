@@ -59,11 +59,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from memtrain.planner import report
     from memtrain.runtime.config import load_config
-    from memtrain.runtime.planning import plan_from_config
 
     cfg = load_config(args.config, args.overrides)
+    from memtrain.planner import report
+    from memtrain.runtime.planning import plan_from_config
+
     t0 = time.perf_counter()
     plan = plan_from_config(cfg, profile_path=args.profile)
     elapsed_s = time.perf_counter() - t0
