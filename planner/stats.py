@@ -66,6 +66,22 @@ class BlockStats:
     """Backward FLOPs for one micro-batch (gradients for inputs and weights)."""
     param_names: tuple[str, ...] = ()
     """Fully qualified parameter names in execution order (the chunking order)."""
+    param_numels: tuple[int, ...] = ()
+    """Elements of each parameter in ``param_names`` (same order)."""
+    fwd_fixed_s: float = 0.0
+    """Measured forward time, fixed part: ``fwd_s = fwd_fixed_s + fwd_per_sample_s × micro_batch_size``
+    (a least-squares fit over the profiled micro-batch sizes). Both 0 = not measured: the cost
+    model uses FLOPs and the device's peak instead."""
+    fwd_per_sample_s: float = 0.0
+    """Measured forward time per sequence of the micro-batch (see ``fwd_fixed_s``)."""
+    bwd_fixed_s: float = 0.0
+    """Measured backward time, fixed part (as ``fwd_fixed_s``)."""
+    bwd_per_sample_s: float = 0.0
+    """Measured backward time per sequence of the micro-batch."""
+
+    @property
+    def measured(self) -> bool:
+        return self.fwd_per_sample_s > 0 or self.fwd_fixed_s > 0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
