@@ -82,6 +82,27 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from memtrain.runtime.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from memtrain.planner.profile import run_profile, save_profile
+    from memtrain.runtime.planning import run_dir
+
+    out = args.out or str(run_dir(cfg) / "profile.parquet")
+    t0 = time.perf_counter()
+    prof = run_profile(cfg, progress=print)
+    save_profile(prof, out)
+    bw = prof.bandwidths
+    print(f"measured in {time.perf_counter() - t0:.1f} s on {prof.device}:")
+    for key in ("h2d", "d2h", "device_memory", "nvme_read", "nvme_write"):
+        if key in bw:
+            print(f"  {key:>14}: {bw[key]:8.2f} GB/s")
+    print(f"  {'CPU AdamW':>14}: {bw['cpu_adam_params_per_s'] / 1e6:8.0f} M params/s")
+    print(f"  {len(prof.blocks)} block timings; wrote {out} (used by 'memtrain plan' and 'run' for this model on this machine)")
+    return 0
+
+
 def _not_yet(name: str):
     def run(args: argparse.Namespace) -> int:
         raise UsageError(f"'memtrain {name}' is not yet available in this version; 'memtrain plan' is")
@@ -91,7 +112,7 @@ def _not_yet(name: str):
 
 _COMMANDS = {
     "plan": _cmd_plan,
-    "profile": _not_yet("profile"),
+    "profile": _cmd_profile,
     "run": _not_yet("run"),
     "resume": _not_yet("resume"),
 }

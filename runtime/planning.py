@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from memtrain.planner.plan import Plan
+from memtrain.planner.profile import apply_profile, find_profile
 from memtrain.runtime.config import Config, ConfigError
 
-__all__ = ["plan_from_config", "budgets_for"]
+__all__ = ["plan_from_config", "budgets_for", "run_dir"]
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.run_dir.replace("{name}", cfg.name))
 
 
 def budgets_for(cfg: Config, device, host, nvme) -> dict[str, int]:
@@ -38,11 +45,13 @@ def plan_from_config(cfg: Config, *, profile_path: str | None = None) -> Plan:
     node = cluster.nodes[0]
     device, host, nvme = node.devices[0], node.host, node.nvme
     source = cluster.source
-    if profile_path is not None:
-        from memtrain.planner.profile import apply_profile
-
-        device, host, nvme, source = apply_profile(profile_path, device, host, nvme)
     stats = analyze(cfg.model, seq_len=cfg.train.seq_len, micro_batch_size=1, dtype=cfg.train.dtype)
+    if profile_path is None:
+        found = find_profile(run_dir(cfg), cfg.model, cfg.train.seq_len, cfg.train.dtype)
+        profile_path = str(found) if found else None
+    if profile_path is not None:
+        stats, device, host, nvme = apply_profile(profile_path, stats, device, host, nvme)
+        source = f"profile:{profile_path}"
     return search_plan(
         stats,
         name=cfg.name,

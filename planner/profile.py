@@ -1,0 +1,439 @@
+"""The profiler: measure this machine and the configured model, and keep it as a Parquet file.
+
+``memtrain profile`` measures per-block forward and backward time for a few micro-batch sizes
+on the device (a CUDA GPU when present, else the CPU, which is then the device tier), host↔device
+copy bandwidth, device memory bandwidth, NVMe read/write bandwidth at the configured path (real
+files, fsync, page cache dropped before reading), the CPU AdamW throughput, and device facts
+(nvidia-ml-py, psutil). The result is a versioned Parquet file keyed by a machine fingerprint
+and a model key; ``memtrain plan`` and ``run`` use a matching profile instead of the catalog
+figures and say which they used.
+
+File format (``PROFILE_VERSION``): one row per (block, micro-batch size) with ``block``,
+``micro_batch_size``, ``fwd_s``, ``bwd_s``; the schema metadata key ``memtrain.profile`` holds
+JSON with ``version``, ``machine_id``, ``fingerprint``, ``model_key``, ``model_name``,
+``seq_len``, ``dtype``, ``created``, ``device`` and ``bandwidths``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
+from memtrain.planner.serde import from_dict, to_dict
+from memtrain.planner.stats import ModelStats
+
+__all__ = [
+    "PROFILE_VERSION", "Profile", "ProfileError", "machine_fingerprint", "machine_id", "model_key",
+    "measure_blocks", "measure_copy_gbps", "measure_disk_gbps", "measure_cpu_adam_params_per_s",
+    "run_profile", "save_profile", "load_profile", "apply_profile", "find_profile",
+]
+
+PROFILE_VERSION = 1
+_META_KEY = b"memtrain.profile"
+
+
+class ProfileError(ValueError):
+    """A profile file that cannot be used (missing, wrong version, another machine or model)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BlockTiming:
+    block: str
+    micro_batch_size: int
+    fwd_s: float
+    """Median forward time of the block for one micro-batch."""
+    bwd_s: float
+    """Median backward time (input and weight gradients)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Profile:
+    version: int = PROFILE_VERSION
+    machine_id: str
+    """Hash of the fingerprint: profiles of another machine are not used."""
+    fingerprint: dict[str, str]
+    model_key: str
+    """Hash of the model config, sequence length and dtype."""
+    model_name: str
+    seq_len: int
+    dtype: str
+    created: str
+    device: str
+    """``cuda:<name>`` or ``cpu``."""
+    bandwidths: dict[str, float] = field(default_factory=dict)
+    """Measured GB/s: ``h2d``, ``d2h``, ``device_memory``, ``nvme_read``, ``nvme_write``; and
+    ``cpu_adam_params_per_s``."""
+    blocks: tuple[BlockTiming, ...] = ()
+
+
+# --- identity ------------------------------------------------------------------------------
+
+
+def machine_fingerprint() -> dict[str, str]:
+    import psutil
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    fp = {
+        "hostname": platform.node(),
+        "cpu": cpu,
+        "num_cpus": str(psutil.cpu_count(logical=True)),
+        "memory_bytes": str(psutil.virtual_memory().total),
+        "torch": torch.__version__.split("+")[0],
+    }
+    if torch.cuda.is_available():
+        fp["gpus"] = ",".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    return fp
+
+
+def _hash(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def machine_id(fingerprint: dict[str, str] | None = None) -> str:
+    return _hash(fingerprint or machine_fingerprint())
+
+
+def model_key(model_cfg: object, seq_len: int, dtype: str) -> str:
+    cfg = to_dict(model_cfg) if dataclasses.is_dataclass(model_cfg) else model_cfg
+    return _hash({"model": cfg, "seq_len": seq_len, "dtype": dtype})
+
+
+# --- measurements --------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _materialize(obj, device: torch.device, vocab_size: int):
+    """Random tensors shaped like the meta ``obj`` (ints become token ids)."""
+    if isinstance(obj, torch.Tensor):
+        if obj.dtype in (torch.int64, torch.int32):
+            return torch.randint(0, vocab_size, obj.shape, device=device, dtype=obj.dtype)
+        if obj.dtype == torch.bool:
+            return torch.ones(obj.shape, device=device, dtype=torch.bool)
+        return torch.randn(obj.shape, device=device, dtype=obj.dtype)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_materialize(o, device, vocab_size) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _materialize(v, device, vocab_size) for k, v in obj.items()}
+    return obj
+
+
+def _block_signature(module: torch.nn.Module) -> str:
+    shapes = [(n, tuple(p.shape), str(p.dtype)) for n, p in module.named_parameters()]
+    return _hash([type(module).__name__, repr(module), shapes])
+
+
+def measure_blocks(
+    built,
+    *,
+    seq_len: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    micro_batch_sizes: Sequence[int] = (1, 2, 4),
+    reps: int = 3,
+    progress: Callable[[str], None] = lambda msg: None,
+) -> list[BlockTiming]:
+    """Time each block's forward and backward on ``device`` with real tensors.
+
+    ``built`` is a ``memtrain.models.BuiltModel`` constructed on the meta device. Only one block
+    of each distinct structure is materialised (a 70B model's 80 identical layers are timed
+    once); the same figures are reported for its twins. Block inputs are captured as shapes by
+    a meta forward and filled with random values of the same dtype.
+    """
+    module = built.module
+    timings: list[BlockTiming] = []
+    for mbs in micro_batch_sizes:
+        captured: dict[str, tuple[tuple, dict]] = {}
+        hooks = [
+            blk.register_forward_pre_hook(
+                lambda m, args, kwargs, _n=name: captured.setdefault(_n, (args, kwargs)), with_kwargs=True
+            )
+            for name, blk in built.blocks
+        ]
+        try:
+            with torch.no_grad():
+                ids = torch.zeros(mbs, seq_len, dtype=torch.long, device="meta")
+                built.forward(ids)
+        finally:
+            for h in hooks:
+                h.remove()
+        done: dict[str, tuple[float, float]] = {}
+        for name, blk in built.blocks:
+            sig = _block_signature(blk)
+            if sig not in done:
+                progress(f"  block {name} (micro-batch {mbs})")
+                done[sig] = _time_block(blk, captured[name], device=device, dtype=dtype, vocab=built.vocab_size, reps=reps)
+            fwd_s, bwd_s = done[sig]
+            timings.append(BlockTiming(block=name, micro_batch_size=mbs, fwd_s=fwd_s, bwd_s=bwd_s))
+    return timings
+
+
+def _time_block(blk, captured, *, device, dtype, vocab, reps) -> tuple[float, float]:
+    import copy
+
+    real = copy.deepcopy(blk).to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        for p in real.parameters():
+            p.normal_(0.0, 0.02)
+    real.train()
+    args, kwargs = captured
+    args = _materialize(args, device, vocab)
+    kwargs = _materialize(kwargs, device, vocab)
+    if isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+        args = (args[0].to(dtype).requires_grad_(True), *args[1:])
+
+    def fwd():
+        return real(*args, **kwargs)
+
+    out = fwd()
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    grad = torch.randn_like(out)
+    fwd_s = _median_time(fwd, device, reps)
+
+    def fwd_bwd():
+        o = fwd()
+        o = o[0] if isinstance(o, (tuple, list)) else o
+        o.backward(grad)
+
+    total_s = _median_time(fwd_bwd, device, reps)
+    del real
+    return fwd_s, max(total_s - fwd_s, 1e-9)
+
+
+def measure_copy_gbps(device: torch.device, num_bytes: int = 256 * 2**20, reps: int = 5) -> dict[str, float]:
+    """Host→device, device→host and device-memory copy bandwidth, GB/s.
+
+    On CUDA the host side is pinned memory; on a CPU-only machine the device tier is host
+    memory, so "h2d"/"d2h" are memcpy between two host buffers (what the runtime does there).
+    """
+    n = num_bytes // 4
+    pin = device.type == "cuda"
+    host = torch.empty(n, dtype=torch.float32, pin_memory=pin).fill_(1.0)
+    dev = torch.empty(n, dtype=torch.float32, device=device)
+    dev2 = torch.empty(n, dtype=torch.float32, device=device)
+    h2d = _median_time(lambda: dev.copy_(host, non_blocking=pin), device, reps)
+    d2h = _median_time(lambda: host.copy_(dev, non_blocking=pin), device, reps)
+    d2d = _median_time(lambda: dev2.copy_(dev), device, reps)
+    # A device-to-device copy reads and writes every byte: 2 × bytes of memory traffic.
+    return {"h2d": num_bytes / h2d / 1e9, "d2h": num_bytes / d2h / 1e9, "device_memory": 2 * num_bytes / d2d / 1e9}
+
+
+def measure_disk_gbps(path: str | Path, num_bytes: int = 512 * 2**20, block_bytes: int = 64 * 2**20) -> dict[str, float]:
+    """Raw sequential write (with fsync) and read (page cache dropped first) bandwidth, GB/s."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    block = os.urandom(block_bytes)
+    fd, name = tempfile.mkstemp(dir=path, prefix=".memtrain-profile-", suffix=".bin")
+    try:
+        t0 = time.perf_counter()
+        written = 0
+        while written < num_bytes:
+            written += os.write(fd, block)
+        os.fsync(fd)
+        write_s = time.perf_counter() - t0
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.lseek(fd, 0, os.SEEK_SET)
+        t0 = time.perf_counter()
+        read = 0
+        while chunk := os.read(fd, block_bytes):
+            read += len(chunk)
+        read_s = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+        os.unlink(name)
+    return {"nvme_write": written / write_s / 1e9, "nvme_read": read / read_s / 1e9}
+
+
+def measure_cpu_adam_params_per_s(num_elems: int = 16 * 2**20, reps: int = 3) -> float:
+    """Parameters per second of the host AdamW step over one flat fp32 chunk.
+
+    Uses the same step the offloaded optimizer runs on host chunks (``memtrain.offload.optim``
+    when present, else torch's fused CPU AdamW over one flat tensor).
+    """
+    p = torch.randn(num_elems)
+    g = torch.randn(num_elems)
+    m = torch.zeros(num_elems)
+    v = torch.zeros(num_elems)
+    step = torch.tensor(0.0)
+    try:
+        from memtrain.offload.optim import host_adamw_step  # the runtime's own kernel
+
+        def run():
+            host_adamw_step(p, g, m, v, step, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    except ImportError:
+        from torch.optim.adamw import adamw
+
+        def run():
+            adamw([p], [g], [m], [v], [], [step], foreach=False, fused=True, capturable=False,
+                  differentiable=False, grad_scale=None, found_inf=None, amsgrad=False,
+                  beta1=0.9, beta2=0.95, lr=1e-4, weight_decay=0.1, eps=1e-8, maximize=False)
+    return num_elems / _median_time(run, torch.device("cpu"), reps)
+
+
+# --- the whole profile ----------------------------------------------------------------------
+
+
+def run_profile(cfg, *, progress: Callable[[str], None] = print) -> Profile:
+    """Measure everything for ``cfg`` (a ``memtrain.runtime.config.Config``) on this machine."""
+    from memtrain.models import build_model
+
+    dtype_map = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    dtype = dtype_map[cfg.train.dtype]
+    if device.type == "cpu" and dtype == torch.float16:
+        dtype = torch.float32  # CPU fp16 matmuls are not what a CPU run would use
+    fp = machine_fingerprint()
+    progress(f"profiling on {device.type} ({fp['cpu'] if device.type == 'cpu' else fp.get('gpus')})")
+    with torch.device("meta"):
+        built = build_model(cfg.model)
+    mbs_list = sorted({1, 2, max(1, min(4, cfg.train.global_batch_size))})
+    progress(f"per-block forward/backward, micro-batch sizes {mbs_list}, seq_len {cfg.train.seq_len}")
+    blocks = measure_blocks(built, seq_len=cfg.train.seq_len, dtype=dtype, device=device,
+                            micro_batch_sizes=mbs_list, progress=progress)
+    progress("copy bandwidths")
+    bw = measure_copy_gbps(device)
+    nvme_cfg = next((n.nvme for n in cfg.cluster.nodes if n.nvme and n.nvme.path), None) if not cfg.cluster.auto else None
+    if nvme_cfg is not None:
+        progress(f"NVMe bandwidth at {nvme_cfg.path}")
+        bw.update(measure_disk_gbps(nvme_cfg.path))
+    progress("CPU AdamW throughput")
+    bw["cpu_adam_params_per_s"] = measure_cpu_adam_params_per_s()
+    return Profile(
+        machine_id=machine_id(fp), fingerprint=fp, model_key=model_key(cfg.model, cfg.train.seq_len, cfg.train.dtype),
+        model_name=built.name, seq_len=cfg.train.seq_len, dtype=cfg.train.dtype,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        device=f"cuda:{torch.cuda.get_device_name()}" if device.type == "cuda" else "cpu",
+        bandwidths=bw, blocks=tuple(blocks),
+    )
+
+
+def save_profile(profile: Profile, path: str | Path) -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from memtrain.planner.atomic import atomic_write_bytes
+
+    meta = to_dict(profile)
+    rows = meta.pop("blocks")
+    table = pa.table(
+        {
+            "block": pa.array([r["block"] for r in rows], pa.string()),
+            "micro_batch_size": pa.array([r["micro_batch_size"] for r in rows], pa.int32()),
+            "fwd_s": pa.array([r["fwd_s"] for r in rows], pa.float64()),
+            "bwd_s": pa.array([r["bwd_s"] for r in rows], pa.float64()),
+        }
+    ).replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_profile(path: str | Path) -> Profile:
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise ProfileError(f"profile {str(path)!r} does not exist; create it with 'memtrain profile CONFIG'")
+    try:
+        table = pq.read_table(path)
+        meta = json.loads(table.schema.metadata[_META_KEY])
+    except Exception as e:  # a truncated or foreign file
+        raise ProfileError(f"{path}: not a memtrain profile ({e})") from None
+    if meta.get("version") != PROFILE_VERSION:
+        raise ProfileError(f"{path}: profile version {meta.get('version')!r}; this memtrain reads {PROFILE_VERSION}; re-run 'memtrain profile'")
+    meta["blocks"] = table.to_pylist()
+    return from_dict(Profile, meta)
+
+
+def find_profile(run_dir: str | Path, model_cfg, seq_len: int, dtype: str) -> Path | None:
+    """The run directory's profile if it was measured on this machine for this model."""
+    path = Path(run_dir) / "profile.parquet"
+    if not path.is_file():
+        return None
+    try:
+        prof = load_profile(path)
+    except ProfileError:
+        return None
+    if prof.machine_id != machine_id() or prof.model_key != model_key(model_cfg, seq_len, dtype):
+        return None
+    return path
+
+
+def _fit_line(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least-squares ``t = a + b·mbs``; clamps to a non-negative intercept."""
+    if len(points) == 1:
+        return 0.0, points[0][1] / points[0][0]
+    xs, ys = zip(*points)
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in points) / sxx
+    a = my - b * mx
+    if a < 0:  # force through the origin rather than predict negative time at small batches
+        return 0.0, sum(x * y for x, y in points) / sum(x * x for x in xs)
+    return a, max(b, 0.0)
+
+
+def apply_profile(
+    profile: Profile | str | Path, stats: ModelStats, device: DeviceSpec, host: HostSpec, nvme: NvmeSpec | None
+) -> tuple[ModelStats, DeviceSpec, HostSpec, NvmeSpec | None]:
+    """Replace catalog figures with measured ones: per-block times, bandwidths, CPU Adam rate."""
+    prof = profile if isinstance(profile, Profile) else load_profile(profile)
+    by_block: dict[str, list[BlockTiming]] = {}
+    for t in prof.blocks:
+        by_block.setdefault(t.block, []).append(t)
+    missing = [b.name for b in stats.blocks if b.name not in by_block]
+    if missing:
+        raise ProfileError(f"profile has no timings for blocks {missing[:3]}; it was measured for another model")
+    blocks = []
+    for b in stats.blocks:
+        ts = by_block[b.name]
+        fa, fb = _fit_line([(t.micro_batch_size, t.fwd_s) for t in ts])
+        ba, bb = _fit_line([(t.micro_batch_size, t.bwd_s) for t in ts])
+        blocks.append(dataclasses.replace(b, fwd_fixed_s=fa, fwd_per_sample_s=fb, bwd_fixed_s=ba, bwd_per_sample_s=bb))
+    bw = prof.bandwidths
+    device = dataclasses.replace(
+        device,
+        h2d_gbps=bw.get("h2d", device.h2d_gbps),
+        d2h_gbps=bw.get("d2h", device.d2h_gbps),
+        memory_bw_gbps=bw.get("device_memory", device.memory_bw_gbps),
+    )
+    host = dataclasses.replace(host, cpu_adam_params_per_s=bw.get("cpu_adam_params_per_s", host.cpu_adam_params_per_s))
+    if nvme is not None and "nvme_read" in bw:
+        nvme = dataclasses.replace(nvme, read_gbps=bw["nvme_read"], write_gbps=bw["nvme_write"])
+    return dataclasses.replace(stats, blocks=tuple(blocks)), device, host, nvme
