@@ -1,0 +1,68 @@
+"""Training data: seeded synthetic tokens or a flat file of token ids, with a resumable position.
+
+A batch is ``(input_ids, labels)`` of shape (batch, seq_len) with ``labels[t] = ids[t+1]``.
+``state_dict()`` / ``load_state_dict()`` carry the position so a resumed run continues with the
+next batch it would have seen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from memtrain.runtime.config import ConfigError, DataConfig
+
+__all__ = ["TokenBatches"]
+
+
+class TokenBatches:
+    def __init__(self, cfg: DataConfig, *, batch_size: int, seq_len: int, vocab_size: int) -> None:
+        self.cfg = cfg
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.vocab_size = vocab_size
+        self.position = 0
+        """Batches produced so far."""
+        self._tokens: np.ndarray | None = None
+        if cfg.source == "tokens":
+            self._tokens = self._open(Path(cfg.path))
+
+    def _open(self, path: Path) -> np.ndarray:
+        if not path.is_file():
+            raise ConfigError(f"data.path: {str(path)!r} does not exist; point it at a .npy or .bin file of token ids")
+        if path.suffix == ".npy":
+            tokens = np.load(path, mmap_mode="r")
+        else:
+            tokens = np.memmap(path, dtype=np.uint16, mode="r")  # nanoGPT-style .bin of uint16 ids
+        if tokens.ndim != 1 or tokens.size < self.seq_len + 1:
+            raise ConfigError(f"data.path: {path} must hold a flat array of at least seq_len+1 = {self.seq_len + 1} token ids")
+        if int(tokens.max()) >= self.vocab_size:
+            raise ConfigError(f"data.path: token id {int(tokens.max())} is outside the model's vocabulary ({self.vocab_size})")
+        return tokens
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.batch(self.position)
+        self.position += 1
+        return batch
+
+    def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``index``-th batch; a pure function of (seed, index), so resuming is exact."""
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + index)
+        if self._tokens is None:
+            seq = torch.randint(0, self.vocab_size, (self.batch_size, self.seq_len + 1), generator=g)
+        else:
+            n = self._tokens.size - self.seq_len - 1
+            starts = torch.randint(0, n + 1, (self.batch_size,), generator=g).tolist()
+            seq = torch.from_numpy(np.stack([np.asarray(self._tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts]))
+        return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "seed": self.cfg.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
