@@ -1,0 +1,499 @@
+"""Reports on a Plan: a terminal summary, JSON, one self-contained HTML page, a Chrome trace.
+
+All four read the Plan only (docs/DESIGN.md, data flow: Plan → report); none recomputes a cost.
+The terminal summary and the HTML page are rendered from the same tables (``_sections``), so
+they always show the same figures.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from string import Template
+from typing import TYPE_CHECKING
+
+from memtrain.planner.atomic import atomic_write_text
+from memtrain.planner.plan import Action, ActPolicy, Op, Plan, Tier, TimelineEvent
+from memtrain.planner.units import format_bytes, format_seconds
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+__all__ = [
+    "EVENT_KINDS", "STREAMS", "event_kind", "summary_text", "print_summary",
+    "write_json", "write_html", "write_trace", "render_html", "trace_events",
+]
+
+STREAMS = ("compute", "h2d", "d2h", "disk", "cpu")
+"""Streams of the simulated timeline, in lane order (others follow, sorted by name)."""
+
+EVENT_KINDS = ("forward", "backward", "recompute", "fetch", "offload", "swap", "optimizer", "comm", "snapshot", "other")
+"""What a timeline box is doing; the colour of its box in the HTML page and its trace category."""
+
+_KIND_COLOURS = {
+    "forward": "#4e79a7", "backward": "#f28e2b", "recompute": "#b07aa1", "fetch": "#59a14f",
+    "offload": "#e15759", "swap": "#edc948", "optimizer": "#76b7b2", "comm": "#9c755f",
+    "snapshot": "#bab0ac", "other": "#999999",
+}
+_OWNER_PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
+_OP_KINDS = {
+    Op.F: "forward", Op.B: "backward", Op.W: "backward", Op.PREFETCH: "fetch", Op.OFFLOAD: "offload",
+    Op.SWAP_OUT: "swap", Op.SWAP_IN: "swap", Op.OPTIM: "optimizer", Op.SEND_F: "comm", Op.RECV_F: "comm",
+    Op.SEND_B: "comm", Op.RECV_B: "comm", Op.ALLREDUCE: "comm", Op.SNAPSHOT: "snapshot",
+}
+# Keyword → kind, tried in this order: "recompute" before "forward" (a recompute is a forward
+# pass), "swap" before "fetch" (a swap-in reads), so the more specific word wins.
+_KEYWORD_KINDS = (
+    ({"recompute", "recomp"}, "recompute"),
+    ({"optim", "optimizer", "optimiser", "adam", "adamw", "sgd"}, "optimizer"),
+    ({"swap", "swapin", "swapout"}, "swap"),
+    ({"prefetch", "fetch", "read", "load", "upload"}, "fetch"),
+    ({"offload", "write", "store", "evict"}, "offload"),
+    ({"send", "recv", "allreduce", "reduce", "allgather"}, "comm"),
+    ({"snapshot"}, "snapshot"),
+    ({"backward", "bwd"}, "backward"),
+    ({"forward", "fwd"}, "forward"),
+)
+_FIRST_WORD_KINDS = {"f": "forward", "b": "backward", "w": "backward", "r": "recompute"}
+_STREAM_KINDS = {"h2d": "fetch", "d2h": "offload", "cpu": "optimizer"}
+
+_MAX_TIMELINE_BOXES = 20_000
+"""HTML boxes drawn at most (keeps the page a few MB for the largest plans; the trace has all)."""
+_MAX_BLOCK_ROWS = 16
+"""The per-block activation table is shown up to this many blocks (counts are always shown)."""
+_MAX_ALTERNATIVES = 5
+_MAX_RANKS_DRAWN = 8
+
+
+def event_kind(event: TimelineEvent) -> str:
+    """Classify a timeline event into one of ``EVENT_KINDS``.
+
+    An explicit ``kind`` attribute wins; else the name is read as a schedule action
+    (``"0F3"``, ``"0PREFETCH@c5"``); else by keywords ("recompute blocks.3", "adam c2");
+    else by its first word (``F``/``B``/``W``/``R``); else by the stream it ran on.
+    """
+    kind = getattr(event, "kind", None)
+    if kind in EVENT_KINDS:
+        return kind
+    first = event.name.split(maxsplit=1)[0] if event.name.strip() else ""
+    try:
+        return _OP_KINDS[Action.parse(first).op]
+    except ValueError:
+        pass
+    words = re.findall(r"[a-z]+", event.name.lower())
+    for keywords, kind in _KEYWORD_KINDS:
+        if keywords.intersection(words):
+            return kind
+    if words and words[0] in _FIRST_WORD_KINDS:
+        return _FIRST_WORD_KINDS[words[0]]
+    return _STREAM_KINDS.get(event.stream, "other")
+
+
+# ---------------------------------------------------------------------------------------------
+# The summary as data: tables shared by the terminal and HTML renderers.
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Table:
+    title: str
+    """Section heading."""
+    columns: tuple[str, ...]
+    """Column headers; empty for a key/value table (two columns: label, value)."""
+    rows: tuple[tuple[str, ...], ...]
+    """Cells, already formatted for people."""
+    numeric: tuple[int, ...] = ()
+    """Indices of right-aligned (numeric) columns."""
+
+
+def _format_count(n: float) -> str:
+    """1_300_000_000 -> '1.30 B' (parameters, elements)."""
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n:.0f}"
+
+
+def _percent(part: float, whole: float) -> str:
+    return f"{100.0 * part / whole:.1f}%" if whole > 0 else "—"
+
+
+def _owner_group(owner: str) -> str:
+    # Ledger owners are "chunk:<i>", "act:<block>:<mb>", "buffer:param:<i>" (docs/memory-accounting.md);
+    # a summary groups them by their leading word so a 175B plan gives a handful of rows, not thousands.
+    return owner.split(":", 1)[0]
+
+
+def _grouped_breakdown(breakdown: dict[str, int]) -> list[tuple[str, int]]:
+    groups: Counter[str] = Counter()
+    for owner, num_bytes in breakdown.items():
+        groups[_owner_group(owner)] += num_bytes
+    return sorted(groups.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def _top_owners(breakdown: dict[str, int], peak_bytes: int, limit: int = 3) -> str:
+    groups = [(o, b) for o, b in _grouped_breakdown(breakdown) if b > 0]
+    parts = [f"{owner} {format_bytes(b)} ({_percent(b, peak_bytes)})" for owner, b in groups[:limit]]
+    if len(groups) > limit:
+        parts.append(f"+{len(groups) - limit} more")
+    return ", ".join(parts) if parts else "—"
+
+
+def _tiers_of(plan: Plan, dev_index: int) -> list[str]:
+    dev = plan.prediction.devices[dev_index]
+    known = [t.value for t in Tier]
+    extra = sorted((set(dev.peak_bytes) | set(dev.budget_bytes)) - set(known))
+    return [t for t in known + extra if dev.peak_bytes.get(t, 0) or dev.budget_bytes.get(t, 0) or t in known[:2]]
+
+
+def _header_table(plan: Plan) -> _Table:
+    dev, host, nvme = plan.device, plan.host, plan.nvme
+    rows = [
+        ("plan", plan.name),
+        ("model", plan.model.name),
+        ("parameters", f"{_format_count(plan.model.num_params)} ({plan.model.num_params:,})"),
+        ("device", f"{dev.name} ({dev.kind}), {format_bytes(dev.memory_bytes)}"),
+        ("host", f"{format_bytes(host.memory_bytes)} RAM, {host.num_cpus} CPUs"),
+        ("nvme", "none" if nvme is None else f"{nvme.path}, {format_bytes(nvme.capacity_bytes)}, "
+                                              f"read {nvme.read_gbps:g} GB/s, write {nvme.write_gbps:g} GB/s"),
+        ("figures from", plan.source),
+    ]
+    return _Table(title="Plan", columns=(), rows=tuple(rows))
+
+
+def _memory_table(plan: Plan) -> _Table:
+    many = len(plan.prediction.devices) > 1
+    rows = []
+    for i, dev in enumerate(plan.prediction.devices):
+        for tier in _tiers_of(plan, i):
+            peak, budget = dev.peak_bytes.get(tier, 0), dev.budget_bytes.get(tier, 0)
+            budget_text = format_bytes(budget) if budget else "unavailable"
+            row = (tier, format_bytes(peak), budget_text, _percent(peak, budget),
+                   _top_owners(dev.breakdown.get(tier, {}), peak))
+            rows.append(((str(dev.rank), dev.device) + row) if many else row)
+    columns = ("tier", "peak", "budget", "used", "top owners at peak")
+    if many:
+        columns = ("rank", "device") + columns
+    first_num = 3 if many else 1
+    return _Table(title="Memory per tier", columns=columns, rows=tuple(rows),
+                  numeric=(first_num, first_num + 1, first_num + 2))
+
+
+def _step_table(plan: Plan) -> _Table:
+    pred, train = plan.prediction, plan.train
+    rows = [
+        ("step time", format_seconds(pred.step_time_s)),
+        ("tokens/s", f"{pred.tokens_per_s:,.0f}"),
+        ("MFU", f"{100.0 * pred.mfu:.1f}%"),
+        ("batch", f"micro-batch {train.micro_batch_size} × {train.num_microbatches} micro-batches "
+                  f"(global {train.global_batch_size} sequences × {train.seq_len} tokens = "
+                  f"{train.tokens_per_step:,} tokens/step)"),
+        ("precision", f"{train.dtype.value}, {train.optimizer.value}"),
+    ]
+    return _Table(title="Predicted step", columns=(), rows=tuple(rows))
+
+
+def _policy_table(plan: Plan) -> _Table:
+    mem = plan.memory
+    homes = Counter(c.home.value for c in mem.chunks)
+    elems = Counter()
+    for c in mem.chunks:
+        elems[c.home.value] += c.num_elems
+    home_text = ", ".join(
+        f"{t.value} {homes[t.value]} ({_format_count(elems[t.value])} elems)" for t in Tier if homes[t.value]
+    ) or "no chunks"
+    acts = Counter(p.value for p in mem.activations)
+    act_text = ", ".join(f"{p.value} {acts[p.value]}" for p in ActPolicy if acts[p.value]) or "none"
+    rows = [
+        ("chunk size", f"{_format_count(mem.chunk_size_elems)} elems"),
+        ("chunks", f"{len(mem.chunks)}: {home_text}"),
+        ("prefetch depth", str(mem.prefetch_depth)),
+        ("nvme compression", "zstd" if mem.compress_nvme else "off"),
+        ("activations", act_text),
+    ]
+    return _Table(title="Memory policy", columns=(), rows=tuple(rows))
+
+
+def _blocks_table(plan: Plan) -> _Table | None:
+    blocks = plan.model.scaled(plan.train.micro_batch_size).blocks
+    if len(blocks) > _MAX_BLOCK_ROWS:
+        return None
+    policies = plan.memory.activations
+    rows = tuple(
+        (b.name, _format_count(b.num_params), format_bytes(b.activation_bytes),
+         policies[i].value if i < len(policies) else "—")
+        for i, b in enumerate(blocks)
+    )
+    return _Table(title=f"Blocks (activations per micro-batch of {plan.train.micro_batch_size})",
+                  columns=("block", "params", "activations", "policy"), rows=rows, numeric=(1, 2))
+
+
+def _alternatives_table(plan: Plan) -> _Table | None:
+    if not plan.alternatives:
+        return None
+    alts = plan.alternatives[:_MAX_ALTERNATIVES]
+    rows = tuple(
+        (a.description, "yes" if a.fits else "no",
+         "—" if a.step_time_s is None else format_seconds(a.step_time_s), a.reason)
+        for a in alts
+    )
+    more = len(plan.alternatives) - len(alts)
+    title = "Alternatives not chosen" + (f" (top {len(alts)} of {len(plan.alternatives)})" if more else "")
+    return _Table(title=title, columns=("alternative", "fits", "step time", "why not chosen"), rows=rows,
+                  numeric=(2,))
+
+
+def _sections(plan: Plan) -> list[_Table]:
+    tables = [_header_table(plan), _memory_table(plan), _step_table(plan), _policy_table(plan),
+              _blocks_table(plan), _alternatives_table(plan)]
+    return [t for t in tables if t is not None]
+
+
+def _fit_line(plan: Plan) -> str:
+    return "fits" if plan.fits else f"does not fit: {plan.shortfall or 'no shortfall given'}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Terminal (rich).
+
+
+def print_summary(plan: Plan, console: Console | None = None) -> None:
+    """Print the plan's summary to ``console`` (a ``rich.console.Console``; stdout by default)."""
+    from rich import box
+    from rich.console import Console  # noqa: F811  (runtime import; rich is slow to import)
+    from rich.table import Table
+    from rich.text import Text
+
+    console = console if console is not None else Console()
+    # Text objects, never markup strings: a model or owner name with "[...]" stays literal.
+    console.print(Text(f"memtrain plan: {plan.name}", style="bold"))
+    console.print(Text(_fit_line(plan), style="bold green" if plan.fits else "bold red"))
+    for section in _sections(plan):
+        console.print()
+        if section.columns:
+            table = Table(title=Text(section.title, style="bold"), title_justify="left", box=box.SIMPLE_HEAD)
+            for i, col in enumerate(section.columns):
+                table.add_column(Text(col), justify="right" if i in section.numeric else "left", overflow="fold")
+        else:
+            table = Table(title=Text(section.title, style="bold"), title_justify="left", box=None,
+                          show_header=False, padding=(0, 2, 0, 0))
+            table.add_column(style="dim", no_wrap=True)
+            table.add_column(overflow="fold")
+        for row in section.rows:
+            table.add_row(*(Text(cell) for cell in row))
+        console.print(table)
+
+
+def summary_text(plan: Plan) -> str:
+    """The summary of ``print_summary`` as plain text, 100 columns wide (no colour codes)."""
+    from rich.console import Console
+
+    out = io.StringIO()
+    console = Console(file=out, width=100, color_system=None, force_terminal=False, highlight=False,
+                      emoji=False, soft_wrap=False)
+    print_summary(plan, console)
+    # rich pads table lines to the full width; trailing blanks are noise in logs and diffs.
+    return "\n".join(line.rstrip() for line in out.getvalue().splitlines()) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON.
+
+
+def write_json(plan: Plan, path: str | Path) -> None:
+    """Write ``plan.to_json()`` to ``path`` atomically (readable again with ``Plan.load``)."""
+    atomic_write_text(path, plan.to_json())
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML: one file, inline CSS and SVG, no scripts or external references.
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _html_table(section: _Table) -> str:
+    out = [f"<h2>{_e(section.title)}</h2>"]
+    if section.columns:
+        out.append("<table><thead><tr>" + "".join(f"<th>{_e(c)}</th>" for c in section.columns) + "</tr></thead><tbody>")
+        for row in section.rows:
+            cells = "".join(
+                f'<td class="num">{_e(c)}</td>' if i in section.numeric else f"<td>{_e(c)}</td>"
+                for i, c in enumerate(row)
+            )
+            out.append(f"<tr>{cells}</tr>")
+    else:
+        out.append('<table class="kv"><tbody>')
+        for label, value in section.rows:
+            out.append(f"<tr><th>{_e(label)}</th><td>{_e(value)}</td></tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def _legend(items: list[tuple[str, str]]) -> str:
+    spans = "".join(f'<span><i style="background:{colour}"></i>{_e(label)}</span>' for label, colour in items)
+    return f'<div class="legend">{spans}</div>'
+
+
+def _memory_svg(plan: Plan) -> str:
+    """Stacked horizontal bars, one per (rank, tier), owners grouped, with the budget line.
+
+    Each bar has its own scale (max of peak and budget): tiers differ by orders of magnitude
+    (GiB of device memory, TiB of NVMe), so a shared axis would hide the device bar.
+    """
+    devices = plan.prediction.devices[:_MAX_RANKS_DRAWN]
+    owners = sorted({o for d in devices for t in d.breakdown.values() for o, b in _grouped_breakdown(t) if b > 0})
+    colour = {o: _OWNER_PALETTE[i % len(_OWNER_PALETTE)] for i, o in enumerate(owners)}
+    colour["unattributed"] = "#dddddd"
+    label_w, bar_w, text_w, row_h = 120, 560, 260, 28
+    rows = [(i, d, t) for i, d in enumerate(devices) for t in _tiers_of(plan, i)]
+    height = row_h * len(rows) + 10
+    parts = [f'<svg id="memory-chart" xmlns="http://www.w3.org/2000/svg" width="{label_w + bar_w + text_w}" '
+             f'height="{height}" role="img" aria-label="memory per tier">']
+    for r, (i, dev, tier) in enumerate(rows):
+        y = 5 + r * row_h
+        peak, budget = dev.peak_bytes.get(tier, 0), dev.budget_bytes.get(tier, 0)
+        groups = [(o, b) for o, b in _grouped_breakdown(dev.breakdown.get(tier, {})) if b > 0]
+        attributed = sum(b for _, b in groups)
+        if peak > attributed:
+            groups.append(("unattributed", peak - attributed))
+        scale = max(peak, budget, attributed, 1)
+        label = f"rank {dev.rank} {tier}" if len(devices) > 1 else tier
+        parts.append(f'<text x="0" y="{y + 16}">{_e(label)}</text>')
+        parts.append(f'<rect x="{label_w}" y="{y + 3}" width="{bar_w}" height="18" fill="#f3f3f3"/>')
+        x = float(label_w)
+        for owner, num_bytes in groups:
+            w = bar_w * num_bytes / scale
+            parts.append(f'<rect x="{x:.2f}" y="{y + 3}" width="{w:.2f}" height="18" fill="{colour[owner]}">'
+                         f"<title>{_e(f'{tier}: {owner} {format_bytes(num_bytes)} ({_percent(num_bytes, peak)} of peak)')}"
+                         "</title></rect>")
+            x += w
+        if budget:
+            bx = label_w + bar_w * budget / scale
+            parts.append(f'<line x1="{bx:.2f}" x2="{bx:.2f}" y1="{y}" y2="{y + 24}" stroke="#c62828" '
+                         f'stroke-width="2" stroke-dasharray="4 2"><title>{_e(f"{tier} budget {format_bytes(budget)}")}'
+                         "</title></line>")
+        summary = f"{format_bytes(peak)} / {format_bytes(budget) if budget else 'unavailable'} ({_percent(peak, budget)})"
+        parts.append(f'<text x="{label_w + bar_w + 10}" y="{y + 16}">{_e(summary)}</text>')
+    parts.append("</svg>")
+    legend = [(o, colour[o]) for o in owners] + [("budget", "#c62828")]
+    return "\n".join(parts) + "\n" + _legend(legend)
+
+
+def _ordered_streams(events: tuple[TimelineEvent, ...]) -> list[str]:
+    present = {e.stream for e in events}
+    return [s for s in STREAMS if s in present] + sorted(present - set(STREAMS))
+
+
+def _timeline_svg(plan: Plan) -> str:
+    events = plan.prediction.timeline
+    if not events:
+        return '<p class="note">The plan carries no simulated timeline.</p>'
+    drawn = events[:_MAX_TIMELINE_BOXES]
+    streams = _ordered_streams(drawn)
+    lane = {s: i for i, s in enumerate(streams)}
+    t0 = min(e.start_s for e in drawn)
+    span_s = max(max(e.end_s for e in drawn) - t0, 1e-12)
+    label_w, plot_w, lane_h, axis_h = 80, 1000, 24, 24
+    height = lane_h * len(streams) + axis_h
+    parts = [f'<svg id="timeline-chart" xmlns="http://www.w3.org/2000/svg" width="{label_w + plot_w + 10}" '
+             f'height="{height}" role="img" aria-label="simulated timeline">']
+    for s, i in lane.items():
+        y = i * lane_h
+        parts.append(f'<rect x="{label_w}" y="{y + 2}" width="{plot_w}" height="{lane_h - 4}" fill="#f7f7f7"/>')
+        parts.append(f'<text x="0" y="{y + 16}">{_e(s)}</text>')
+    axis_y = lane_h * len(streams)
+    for k in range(6):
+        x = label_w + plot_w * k / 5
+        anchor = "start" if k == 0 else "end" if k == 5 else "middle"
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="0" y2="{axis_y + 4}" stroke="#ccc"/>')
+        parts.append(f'<text x="{x:.1f}" y="{axis_y + 16}" text-anchor="{anchor}">{_e(format_seconds(span_s * k / 5))}</text>')
+    for e in drawn:
+        x = label_w + plot_w * (e.start_s - t0) / span_s
+        # Sub-pixel boxes are widened to stay visible and hoverable; their titles carry the true time.
+        w = max(plot_w * (e.end_s - e.start_s) / span_s, 0.5)
+        kind = event_kind(e)
+        title = (f"{e.name} [{kind}, {e.stream}] {format_seconds(e.start_s - t0)} → "
+                 f"{format_seconds(e.end_s - t0)} ({format_seconds(e.end_s - e.start_s)})")
+        parts.append(f'<rect x="{x:.2f}" y="{lane[e.stream] * lane_h + 4}" width="{w:.2f}" height="{lane_h - 8}" '
+                     f'fill="{_KIND_COLOURS[kind]}"><title>{_e(title)}</title></rect>')
+    parts.append("</svg>")
+    kinds = sorted({event_kind(e) for e in drawn}, key=EVENT_KINDS.index)
+    out = "\n".join(parts) + "\n" + _legend([(k, _KIND_COLOURS[k]) for k in kinds])
+    if len(events) > len(drawn):
+        out += f'\n<p class="note">First {len(drawn):,} of {len(events):,} events drawn; the Chrome trace has all.</p>'
+    return out
+
+
+def render_html(plan: Plan) -> str:
+    """The HTML page of ``write_html`` as a string."""
+    fit_class = "fits" if plan.fits else "nofit"
+    body = [
+        f"<h1>memtrain plan: {_e(plan.name)}</h1>",
+        f'<p class="{fit_class}">{_e(_fit_line(plan))}</p>',
+    ]
+    sections = _sections(plan)
+    body.append(_html_table(sections[0]))
+    body.append("<h2>Memory at peak, by owner</h2>")
+    body.append(_memory_svg(plan))
+    body.extend(_html_table(s) for s in sections[1:])
+    body.append("<h2>Simulated step</h2>")
+    body.append(_timeline_svg(plan))
+    template = Template(resources.files("memtrain.planner").joinpath("report_template.html").read_text())
+    return template.substitute(title=_e(f"memtrain plan: {plan.name}"), version=_e(plan.version), body="\n".join(body))
+
+
+def write_html(plan: Plan, path: str | Path) -> None:
+    """Write one self-contained HTML page (tables, memory chart, timeline) to ``path`` atomically."""
+    atomic_write_text(path, render_html(plan))
+
+
+# ---------------------------------------------------------------------------------------------
+# Chrome / Perfetto trace (Trace Event Format: "X" complete events, µs timestamps).
+
+
+def trace_events(plan: Plan) -> list[dict]:
+    """Trace Event Format events for the plan's timeline: metadata, one "X" per event, counters."""
+    pid = plan.prediction.devices[0].rank if plan.prediction.devices else 0
+    events = plan.prediction.timeline
+    streams = _ordered_streams(events) if events else list(STREAMS)
+    tid = {s: i for i, s in enumerate(streams)}
+    out: list[dict] = [
+        {"name": "process_name", "ph": "M", "pid": pid, "tid": 0,
+         "args": {"name": f"{plan.name}: rank {pid} ({plan.device.kind})"}},
+    ]
+    for s, i in tid.items():
+        out.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": i, "args": {"name": s}})
+        out.append({"name": "thread_sort_index", "ph": "M", "pid": pid, "tid": i, "args": {"sort_index": i}})
+    for e in events:
+        kind = event_kind(e)
+        out.append({"name": e.name, "cat": kind, "ph": "X", "pid": pid, "tid": tid[e.stream],
+                    "ts": e.start_s * 1e6, "dur": (e.end_s - e.start_s) * 1e6,
+                    "args": {"stream": e.stream, "kind": kind}})
+    # The timeline holds intervals, not memory over time, so the counters show each tier's
+    # predicted peak and budget as flat tracks over the step: context, not a memory curve.
+    if events and plan.prediction.devices:
+        dev = plan.prediction.devices[0]
+        t_first = min(e.start_s for e in events) * 1e6
+        t_last = max(e.end_s for e in events) * 1e6
+        for tier in _tiers_of(plan, 0):
+            args = {"peak_bytes": dev.peak_bytes.get(tier, 0), "budget_bytes": dev.budget_bytes.get(tier, 0)}
+            for ts in (t_first, t_last):
+                out.append({"name": f"memory {tier}", "ph": "C", "pid": pid, "ts": ts, "args": args})
+    return out
+
+
+def write_trace(plan: Plan, path: str | Path) -> None:
+    """Write the timeline as a Chrome trace (chrome://tracing, ui.perfetto.dev) to ``path`` atomically."""
+    doc = {
+        "traceEvents": trace_events(plan),
+        "displayTimeUnit": "ms",
+        "otherData": {"plan": plan.name, "model": plan.model.name, "step_time_s": plan.prediction.step_time_s},
+    }
+    atomic_write_text(path, json.dumps(doc, separators=(",", ":")))
