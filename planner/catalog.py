@@ -269,17 +269,20 @@ def adamw_bytes_per_param(*, mixed: bool = False) -> int:
     return 28 + (2 if mixed else 0)
 
 
-def default_host_spec(num_cpus: int = DEFAULT_HOST_NUM_CPUS, memory_bytes: int = DEFAULT_HOST_MEMORY_BYTES) -> HostSpec:
+def default_host_spec(
+    num_cpus: int = DEFAULT_HOST_NUM_CPUS, memory_bytes: int = DEFAULT_HOST_MEMORY_BYTES, *,
+    memory_bw_gbps: float | None = None,
+) -> HostSpec:
     """A host with ``num_cpus`` cores and ``memory_bytes`` of RAM, other figures scaled by cores.
 
-    Memory bandwidth and CPU AdamW throughput follow [Note: default host]; AdamW is the smaller
-    of the per-core compute rate times cores and what the memory bandwidth can feed.
+    Memory bandwidth (unless given) and CPU AdamW throughput follow [Note: default host]; AdamW
+    is the smaller of the per-core compute rate times cores and what the memory bandwidth can feed.
     """
     if num_cpus < 1:
         raise ValueError(f"cluster.nodes[].num_cpus: must be >= 1, got {num_cpus}")
     if memory_bytes <= 0:
         raise ValueError(f"cluster.nodes[].host_memory: must be > 0, got {memory_bytes}")
-    bw = _host_memory_bw_gbps(num_cpus)
+    bw = _host_memory_bw_gbps(num_cpus) if memory_bw_gbps is None else memory_bw_gbps
     adam = min(_CPU_ADAM_PARAMS_PER_S_PER_CORE * num_cpus, bw * 1e9 / adamw_bytes_per_param())
     return HostSpec(memory_bytes=int(memory_bytes), num_cpus=int(num_cpus), memory_bw_gbps=bw,
                     cpu_adam_params_per_s=adam)
