@@ -1,0 +1,251 @@
+"""Memory tiers: device, host and NVMe, each with a ledger of bytes by owner, and copies between.
+
+docs/DESIGN.md rule 5 and docs/memory-accounting.md. Everything memtrain allocates for model
+state, buffers and activations goes through a tier, so the tier's ``Ledger`` knows who holds
+what and refuses (``BudgetExceeded``) before a budget is overrun.
+
+    device = DeviceTier(budget_bytes=40 * 2**30)          # cuda:current, or host memory on CPU
+    host = HostTier(budget_bytes=200 * 2**30)             # pinned when CUDA is available
+    buf = device.alloc("buffer:param:3", 1 << 20, torch.bfloat16)
+    master = host.alloc("chunk:3", 1 << 20, torch.float32)
+    h = copy_async(buf, master)                           # side stream + event on CUDA
+    h.wait()                                              # copy done: safe for CPU and GPU use
+    device.free("buffer:param:3")                         # releases all of the owner's bytes
+
+API
+- ``DeviceTier(*, budget_bytes, device=None)`` and ``HostTier(*, budget_bytes, pin=None)``:
+  ``alloc(owner, shape, dtype, *, zero=False) -> Tensor`` records the bytes under ``owner``
+  (several tensors may share an owner) and returns a new tensor; ``free(owner, tensor=None) ->
+  int`` releases one tensor's bytes or all the owner's, returning the bytes released;
+  ``holds(owner)``, ``.ledger``, ``.name``. The tier keeps a reference to each tensor until it is
+  freed, so the ledger never claims bytes that were already returned, nor the reverse.
+  On a CPU-only machine the device tier is plain host memory under its own budget, so every
+  path runs without a GPU. The host tier pins its memory when CUDA is available (page-locked
+  memory is what lets host↔device copies run asynchronously on a copy engine).
+- ``NvmeTier(store)`` puts an ``NvmeStore`` (offload/nvme.py) behind the same owner vocabulary:
+  ``write(owner, tensor) -> Future``, ``read(owner, out) -> Future``, ``free(owner)``.
+- ``copy_async(dst, src, *, stream=None) -> CopyHandle``: on CUDA the copy runs on a side stream
+  (one per device and direction by default, so uploads and downloads use both copy engines)
+  after the work already queued on the current stream, and an event marks its end; on CPU it
+  is a plain synchronous copy. ``CopyHandle.wait()`` blocks the caller until the copy is done
+  (always safe, for CPU readers too); ``wait_stream(stream=None)`` instead makes a CUDA stream
+  (default: current) wait, without blocking the host: the cheap way to consume a prefetch on
+  the GPU. ``done()`` polls.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+from collections.abc import Sequence
+
+import torch
+
+from memtrain.offload.ledger import Ledger
+from memtrain.offload.nvme import NvmeEntry, NvmeStore
+
+__all__ = ["DeviceTier", "HostTier", "NvmeTier", "CopyHandle", "copy_async", "nbytes_of"]
+
+Shape = int | Sequence[int] | torch.Size
+
+
+def nbytes_of(shape: Shape, dtype: torch.dtype) -> int:
+    """Bytes of a dense tensor of ``shape`` (or that many elements) and ``dtype``."""
+    numel = shape if isinstance(shape, int) else _numel(shape)
+    return numel * dtype.itemsize
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+class _TensorTier:
+    """A tier whose memory is torch tensors on one device, tracked by owner."""
+
+    name = "?"
+
+    def __init__(self, budget_bytes: int | None, device: torch.device, pin: bool) -> None:
+        if budget_bytes is not None and budget_bytes < 0:
+            raise ValueError(f"{self.name} tier budget_bytes: must be >= 0 or None (unlimited), got {budget_bytes}")
+        self.device = device
+        self.pin = pin
+        self.ledger = Ledger(self.name, budget_bytes)
+        self._lock = threading.Lock()
+        self._tensors: dict[str, list[torch.Tensor]] = {}
+
+    def alloc(self, owner: str, shape: Shape, dtype: torch.dtype, *, zero: bool = False) -> torch.Tensor:
+        """A new tensor of ``shape`` (or that many elements) and ``dtype``, recorded under ``owner``."""
+        size = (shape,) if isinstance(shape, int) else tuple(int(d) for d in shape)
+        if any(d < 0 for d in size):
+            raise ValueError(f"{self.name} tier alloc({owner!r}): shape must not be negative, got {shape}")
+        num_bytes = nbytes_of(size, dtype)
+        self.ledger.alloc(owner, num_bytes)  # BudgetExceeded before any memory is taken
+        try:
+            make = torch.zeros if zero else torch.empty
+            t = make(size, dtype=dtype, device=self.device, pin_memory=self.pin)
+        except BaseException:
+            self.ledger.free(owner, num_bytes)
+            raise
+        with self._lock:
+            self._tensors.setdefault(owner, []).append(t)
+        return t
+
+    def free(self, owner: str, tensor: torch.Tensor | None = None) -> int:
+        """Release ``tensor`` (one allocated under ``owner``), or all of ``owner``'s; bytes released."""
+        with self._lock:
+            held = self._tensors.get(owner, [])
+            if tensor is None:
+                gone, keep = held, []
+            else:
+                gone = [t for t in held if t is tensor]
+                if not gone:
+                    raise ValueError(f"{self.name} tier free({owner!r}): that tensor was not allocated under this owner")
+                keep = [t for t in held if t is not tensor]
+            if keep:
+                self._tensors[owner] = keep
+            else:
+                self._tensors.pop(owner, None)
+        return self.ledger.free(owner, sum(t.numel() * t.element_size() for t in gone)) if gone else 0
+
+    def holds(self, owner: str) -> int:
+        """Bytes ``owner`` holds in this tier."""
+        return self.ledger.holds(owner)
+
+    def owners(self) -> list[str]:
+        with self._lock:
+            return sorted(self._tensors)
+
+
+class DeviceTier(_TensorTier):
+    """Accelerator memory under a budget; host memory standing in for it on CPU-only machines."""
+
+    name = "device"
+
+    def __init__(self, *, budget_bytes: int | None, device: str | torch.device | None = None) -> None:
+        if device is None:
+            dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        else:
+            dev = torch.device(device)
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device: {device!r} asked for, but CUDA is not available here; pass device='cpu' or None")
+            if dev.type == "cuda" and dev.index is None:
+                dev = torch.device("cuda", torch.cuda.current_device())
+            if dev.type not in ("cuda", "cpu"):
+                raise ValueError(f"device: {device!r} is not supported; use 'cuda[:i]' or 'cpu'")
+        super().__init__(budget_bytes, dev, pin=False)
+
+
+class HostTier(_TensorTier):
+    """Host RAM under a budget; page-locked (pinned) when a CUDA device will copy to and from it."""
+
+    name = "host"
+
+    def __init__(self, *, budget_bytes: int | None, pin: bool | None = None) -> None:
+        if pin is None:
+            pin = torch.cuda.is_available()
+        elif pin and not torch.cuda.is_available():
+            raise ValueError("pin: pinned host memory needs CUDA, which is not available here; pass pin=None or False")
+        super().__init__(budget_bytes, torch.device("cpu"), pin=pin)
+
+
+class NvmeTier:
+    """The NVMe tier: an ``NvmeStore`` addressed by the same owner names as the other tiers."""
+
+    name = "nvme"
+
+    def __init__(self, store: NvmeStore) -> None:
+        self.store = store
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.store.ledger
+
+    def write(self, owner: str, tensor: torch.Tensor) -> cf.Future:
+        """Write (or atomically rewrite) ``owner``'s data; the future's result is an ``NvmeEntry``."""
+        return self.store.write(owner, tensor)
+
+    def read(self, owner: str, out: torch.Tensor) -> cf.Future:
+        return self.store.read(owner, out)
+
+    def free(self, owner: str) -> int:
+        """Delete ``owner``'s file; returns the bytes released."""
+        held = self.ledger.holds(owner)
+        self.store.delete(owner)
+        return held
+
+    def holds(self, owner: str) -> int:
+        return self.ledger.holds(owner)
+
+    def entry(self, owner: str) -> NvmeEntry:
+        return self.store.entry(owner)
+
+
+# --- copies between tiers -------------------------------------------------------------------
+
+_streams: dict[tuple[int, str], torch.cuda.Stream] = {}
+_streams_lock = threading.Lock()
+
+
+def _side_stream(device: torch.device, direction: str) -> torch.cuda.Stream:
+    """The default side stream for copies of one direction on one device (created on first use)."""
+    key = (device.index if device.index is not None else torch.cuda.current_device(), direction)
+    with _streams_lock:
+        s = _streams.get(key)
+        if s is None:
+            s = _streams[key] = torch.cuda.Stream(device=key[0])
+        return s
+
+
+class CopyHandle:
+    """An issued copy. ``wait()`` blocks until it is done; ``wait_stream()`` orders a CUDA stream."""
+
+    __slots__ = ("_event", "_device", "_refs")
+
+    def __init__(self, event: torch.cuda.Event | None, device: torch.device | None, refs: tuple[torch.Tensor, ...]) -> None:
+        self._event = event
+        self._device = device
+        self._refs = refs  # keep both tensors alive until the copy is known to be done
+
+    def done(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def wait(self) -> None:
+        """Block the calling thread until the copy has finished."""
+        if self._event is not None:
+            self._event.synchronize()
+        self._refs = ()
+
+    def wait_stream(self, stream: torch.cuda.Stream | None = None) -> None:
+        """Make ``stream`` (default: the current one) wait for the copy; the host does not block."""
+        if self._event is not None:
+            (stream or torch.cuda.current_stream(self._device)).wait_event(self._event)
+
+
+def copy_async(dst: torch.Tensor, src: torch.Tensor, *, stream: torch.cuda.Stream | None = None) -> CopyHandle:
+    """Copy ``src`` into ``dst`` (same shape and dtype) across tiers; see the module docstring."""
+    if dst.shape != src.shape or dst.dtype != src.dtype:
+        raise ValueError(
+            f"copy_async: dst is {dst.dtype}{list(dst.shape)}, src is {src.dtype}{list(src.shape)}; "
+            "shapes and dtypes must match (a copy between tiers never converts)"
+        )
+    cuda = dst.device if dst.device.type == "cuda" else src.device if src.device.type == "cuda" else None
+    if cuda is None:
+        dst.copy_(src)
+        return CopyHandle(None, None, ())
+    side = stream or _side_stream(cuda, "h2d" if dst.device.type == "cuda" else "d2h")
+    producer = torch.cuda.current_stream(cuda)
+    # The copy must see everything already queued that writes ``src`` (or reads ``dst``).
+    side.wait_stream(producer)
+    with torch.cuda.stream(side):
+        dst.copy_(src, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(side)
+    # Tell the caching allocator that the side stream uses these blocks, so freeing them on the
+    # producer stream before the copy ends does not hand the memory to someone else too early.
+    for t in (dst, src):
+        if t.device.type == "cuda":
+            t.record_stream(side)
+    return CopyHandle(event, cuda, (dst, src))
