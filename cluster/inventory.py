@@ -312,6 +312,7 @@ def _local_node(overlay: NodeConfig | None) -> NodeSpec:
                                 memory_bw_gbps=host.memory_bw_gbps),
     )
     nvme = _nvme_spec(overlay.nvme, f"{field}.nvme") if overlay is not None and overlay.nvme is not None else None
+    # "node0" is NodeConfig's default name: the user did not name the node, so the host's name is used.
     name = overlay.name if overlay is not None and overlay.name != "node0" else (socket.gethostname() or "local")
     return NodeSpec(name=name, host=host, devices=devices, nvme=nvme)
 
