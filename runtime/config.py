@@ -142,8 +142,8 @@ class TrainConfig:
 @dataclass(kw_only=True, slots=True)
 class DeviceConfig:
     kind: str = "cpu"
-    """Catalog key: h100-sxm, h100-pcie, h200, a100-40gb, a100-80gb, l40s, a10, rtx4090, rtx3090,
-    v100, t4, or cpu."""
+    """Catalog key: h100-sxm, h100-pcie, h200, gh200, a100-40gb, a100-80gb, l40s, a10, rtx4090,
+    rtx3090, v100, v100-16gb, t4, or cpu."""
     count: int = 1
     """Devices of this kind on the node."""
     memory: Size | None = None

@@ -17,8 +17,19 @@ def run_dir(cfg: Config) -> Path:
 
 def budgets_for(cfg: Config, device, host, nvme) -> dict[str, int]:
     """Per-tier budgets: the config's ``memory`` section, else the hardware's capacity."""
-    device_budget = cfg.memory.device if cfg.memory.device is not None else device.memory_bytes
-    host_budget = cfg.memory.host if cfg.memory.host is not None else host.memory_bytes
+    if device.kind == "cpu":
+        # [Note: CPU as device] On a CPU-only machine the device tier and the host tier are the
+        # same RAM: split it (half each by default) and refuse budgets that add up to more.
+        device_budget = cfg.memory.device if cfg.memory.device is not None else host.memory_bytes // 2
+        host_budget = cfg.memory.host if cfg.memory.host is not None else max(host.memory_bytes - device_budget, 0)
+        if device_budget + host_budget > host.memory_bytes:
+            raise ConfigError(
+                f"memory.host: device ({device_budget} bytes) + host ({host_budget} bytes) budgets exceed this "
+                f"machine's {host.memory_bytes} bytes of RAM, which both tiers share on a CPU-only machine; lower one"
+            )
+    else:
+        device_budget = cfg.memory.device if cfg.memory.device is not None else device.memory_bytes
+        host_budget = cfg.memory.host if cfg.memory.host is not None else host.memory_bytes
     if nvme is None:
         if cfg.memory.nvme:
             raise ConfigError(
