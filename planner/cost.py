@@ -1,0 +1,388 @@
+"""The cost model: how long each piece of a training step takes, and how many bytes it holds.
+
+Time formulas (compute, PCIe copies, disk, optimizer steps) feed the simulator
+(``planner.simulate``); byte formulas follow docs/memory-accounting.md exactly, so the
+simulator's predicted peaks and the runtime ledger count the same owners. The chunk packing
+function lives here too, in one place, because the planner and the runtime must cut the
+parameters into exactly the same chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
+from memtrain.planner.plan import ActPolicy, ChunkPlan, Tier
+from memtrain.planner.stats import BlockStats, DType, ModelStats, Optimizer, dtype_bytes
+
+__all__ = [
+    "PCIE_LATENCY_S", "NVME_LATENCY_S", "CompressionModel", "zstd_model",
+    "compute_time_s", "block_fwd_time_s", "block_bwd_time_s", "recompute_time_s",
+    "transfer_time_s", "h2d_time_s", "d2h_time_s", "disk_read_time_s", "disk_write_time_s",
+    "optimizer_state_bytes_per_elem", "optimizer_bytes_touched", "device_optimizer_time_s",
+    "cpu_optimizer_time_s", "host_grad_accum_time_s",
+    "chunk_bytes", "param_buffer_bytes", "grad_buffer_bytes", "host_grad_accum_bytes",
+    "nvme_optim_staging_bytes", "chunk_disk_bytes", "activation_bytes", "workspace_bytes",
+    "pack_params", "pack_chunks", "block_param_list", "block_chunk_ids",
+]
+
+PCIE_LATENCY_S = 10e-6
+"""Fixed cost of one host<->device copy: launch plus DMA setup, ~10 µs on PCIe 4/5 (measured
+``cudaMemcpyAsync`` latencies for pinned memory are 5-15 µs)."""
+NVME_LATENCY_S = 100e-6
+"""Fixed cost of one NVMe request: ~100 µs, the order of a datacenter NVMe's read latency at
+queue depth 1; large sequential transfers are bandwidth-bound after it."""
+
+
+# --- compression --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CompressionModel:
+    """zstandard on chunks written to NVMe, modelled as a size ratio and a codec throughput."""
+
+    ratio: float
+    """Uncompressed / compressed bytes (> 1 means smaller on disk)."""
+    compress_gbps: float
+    """Compression throughput of all codec threads together, GB/s of uncompressed input."""
+    decompress_gbps: float
+    """Decompression throughput of all codec threads together, GB/s of uncompressed output."""
+
+
+def zstd_model(num_cpus: int, *, ratio: float = 1.1) -> CompressionModel:
+    """zstd level 1 on up to 8 threads.
+
+    Per-core speeds are zstd's published Silesia benchmark for level 1 (facebook/zstd README:
+    ~510 MB/s compression, ~1550 MB/s decompression). Floating-point weights and optimizer
+    states compress far worse than text: only exponent bytes are redundant, so plain zstd gets
+    about 1.1x on bf16/fp32 tensors (ZipNN, Hershcovitch et al. 2024, reports ~1.1x before its
+    byte grouping), which is the default ratio.
+    """
+    threads = max(1, min(int(num_cpus), 8))
+    return CompressionModel(ratio=ratio, compress_gbps=0.51 * threads, decompress_gbps=1.55 * threads)
+
+
+# --- time ---------------------------------------------------------------------------------
+
+
+def compute_time_s(flops: float, device: DeviceSpec, dtype: DType | str) -> float:
+    """FLOPs / (peak FLOP/s × efficiency).
+
+    Narayanan et al. 2021 (Megatron-LM at scale), Sec. 5.1: time = FLOPs / achieved FLOP/s,
+    with achieved = peak × the fraction of peak a transformer layer reaches
+    (``DeviceSpec.compute_efficiency``, measured by the profiler when available).
+    """
+    peak = device.peak_flops(str(DType(dtype)))
+    if peak <= 0:
+        raise ValueError(f"device {device.kind!r} has no {DType(dtype)} peak FLOP/s; choose another train.dtype")
+    return flops / (peak * device.compute_efficiency)
+
+
+def block_fwd_time_s(block: BlockStats, device: DeviceSpec, dtype: DType | str) -> float:
+    return compute_time_s(block.fwd_flops, device, dtype)
+
+
+def block_bwd_time_s(block: BlockStats, device: DeviceSpec, dtype: DType | str) -> float:
+    return compute_time_s(block.bwd_flops, device, dtype)
+
+
+def recompute_time_s(block: BlockStats, device: DeviceSpec, dtype: DType | str) -> float:
+    """Recomputation re-runs the block's forward once before its backward.
+
+    Chen et al. 2016 (Training deep nets with sublinear memory cost), Sec. 3: one extra forward
+    per checkpointed segment; Korthikanti et al. 2022, Sec. 5: full recompute adds one forward.
+    """
+    return compute_time_s(block.fwd_flops, device, dtype)
+
+
+def transfer_time_s(num_bytes: float, gbps: float, latency_s: float) -> float:
+    """Latency + bytes / bandwidth (the alpha-beta model, Hockney 1994)."""
+    if num_bytes <= 0:
+        return 0.0
+    return latency_s + num_bytes / (gbps * 1e9)
+
+
+def h2d_time_s(num_bytes: float, device: DeviceSpec) -> float:
+    return transfer_time_s(num_bytes, device.h2d_gbps, PCIE_LATENCY_S)
+
+
+def d2h_time_s(num_bytes: float, device: DeviceSpec) -> float:
+    return transfer_time_s(num_bytes, device.d2h_gbps, PCIE_LATENCY_S)
+
+
+def disk_read_time_s(num_bytes: float, nvme: NvmeSpec, compression: CompressionModel | None = None) -> float:
+    """Read ``num_bytes`` (uncompressed size) from NVMe, decompressing on the fly if enabled.
+
+    Read and decompression are pipelined over blocks, so the slower stage sets the pace
+    (latency + max(compressed bytes / disk bandwidth, bytes / decompression throughput)).
+    """
+    if num_bytes <= 0:
+        return 0.0
+    if compression is None:
+        return transfer_time_s(num_bytes, nvme.read_gbps, NVME_LATENCY_S)
+    disk_s = num_bytes / compression.ratio / (nvme.read_gbps * 1e9)
+    codec_s = num_bytes / (compression.decompress_gbps * 1e9)
+    return NVME_LATENCY_S + max(disk_s, codec_s)
+
+
+def disk_write_time_s(num_bytes: float, nvme: NvmeSpec, compression: CompressionModel | None = None) -> float:
+    """Write ``num_bytes`` to NVMe, compressing on the fly if enabled (pipelined as for reads)."""
+    if num_bytes <= 0:
+        return 0.0
+    if compression is None:
+        return transfer_time_s(num_bytes, nvme.write_gbps, NVME_LATENCY_S)
+    disk_s = num_bytes / compression.ratio / (nvme.write_gbps * 1e9)
+    codec_s = num_bytes / (compression.compress_gbps * 1e9)
+    return NVME_LATENCY_S + max(disk_s, codec_s)
+
+
+def optimizer_state_bytes_per_elem(optimizer: Optimizer | str) -> int:
+    """``o`` of docs/memory-accounting.md: AdamW 8 (fp32 m + v), SGD 4 (fp32 momentum)."""
+    return 8 if Optimizer(optimizer) is Optimizer.ADAMW else 4
+
+
+def _mixed(dtype: DType | str) -> bool:
+    return DType(dtype) is not DType.FP32
+
+
+def optimizer_bytes_touched(num_elems: int, dtype: DType | str, optimizer: Optimizer | str) -> int:
+    """Bytes an optimizer step reads and writes for ``num_elems`` parameters.
+
+    The step is memory-bound (Williams et al. 2009, roofline: a handful of FLOPs per byte),
+    so its time is bytes / bandwidth. Tensors per element, as in ``torch.optim.AdamW``'s fused
+    path: AdamW reads grad, param (fp32 master if mixed), m, v and writes param, m, v, plus
+    the compute-dtype copy when mixed: fp32 4·4 + 3·4 = 28 bytes; mixed c + 3·4 + 3·4 + c.
+    SGD with momentum reads grad, param, momentum and writes param, momentum (+ copy).
+    """
+    c = dtype_bytes(dtype)
+    states = optimizer_state_bytes_per_elem(optimizer)  # m+v or momentum, read and written
+    if _mixed(dtype):
+        per_elem = c + 4 + states + 4 + states + c  # read grad, master, states; write master, states, copy
+    else:
+        per_elem = 4 + 4 + states + 4 + states  # read grad, param, states; write param, states
+    return num_elems * per_elem
+
+
+def device_optimizer_time_s(num_elems: int, dtype: DType | str, optimizer: Optimizer | str, device: DeviceSpec) -> float:
+    """Bytes touched / device memory bandwidth (memory-bound step, see optimizer_bytes_touched)."""
+    if num_elems <= 0:
+        return 0.0
+    return optimizer_bytes_touched(num_elems, dtype, optimizer) / (device.memory_bw_gbps * 1e9)
+
+
+def cpu_optimizer_time_s(num_elems: int, optimizer: Optimizer | str, host: HostSpec) -> float:
+    """Parameters / CPU-Adam throughput.
+
+    Ren et al. 2021 (ZeRO-Offload), Sec. 5.1: a vectorised CPU Adam updates parameters at a
+    measured rate (``HostSpec.cpu_adam_params_per_s``). SGD touches fewer bytes per element
+    (also memory-bound), so its rate is scaled by the fp32 bytes-touched ratio 28/20.
+    """
+    if num_elems <= 0:
+        return 0.0
+    time_s = num_elems / host.cpu_adam_params_per_s
+    if Optimizer(optimizer) is Optimizer.SGD:
+        time_s *= optimizer_bytes_touched(1, DType.FP32, Optimizer.SGD) / optimizer_bytes_touched(1, DType.FP32, Optimizer.ADAMW)
+    return time_s
+
+
+def host_grad_accum_time_s(num_elems: int, dtype: DType | str, host: HostSpec) -> float:
+    """Add a copied-out gradient into the host's fp32 accumulator: read c + read 4 + write 4
+    bytes per element over host memory bandwidth (memory-bound, roofline)."""
+    if num_elems <= 0:
+        return 0.0
+    return num_elems * (dtype_bytes(dtype) + 8) / (host.memory_bw_gbps * 1e9)
+
+
+# --- bytes (docs/memory-accounting.md) ----------------------------------------------------
+
+
+def chunk_bytes(home: Tier | str, num_elems: int, dtype: DType | str, optimizer: Optimizer | str) -> dict[Tier, int]:
+    """Resident bytes of a chunk per tier, by its home (table "Chunks" of the accounting doc).
+
+    device: N·(c + c + 4·mixed + o); host: N·(4 + 4 + o) + N·c·mixed;
+    nvme: N·(4 + o) + N·c·mixed on NVMe (its host accumulator is transient, see
+    ``host_grad_accum_bytes``).
+    """
+    n, c, o, mixed = num_elems, dtype_bytes(dtype), optimizer_state_bytes_per_elem(optimizer), _mixed(dtype)
+    home = Tier(home)
+    out = {Tier.DEVICE: 0, Tier.HOST: 0, Tier.NVME: 0}
+    if home is Tier.DEVICE:
+        out[Tier.DEVICE] = n * (c + c + 4 * mixed + o)
+    elif home is Tier.HOST:
+        out[Tier.HOST] = n * (4 + 4 + o) + n * c * mixed
+    else:
+        out[Tier.NVME] = n * (4 + o) + n * c * mixed
+    return out
+
+
+def param_buffer_bytes(num_elems: int, dtype: DType | str) -> int:
+    """Device param buffer of a non-resident chunk (owner ``buffer:param:<i>``): N·c."""
+    return num_elems * dtype_bytes(dtype)
+
+
+def grad_buffer_bytes(num_elems: int, dtype: DType | str) -> int:
+    """Device grad buffer of a non-resident chunk (owner ``buffer:grad:<i>``): N·c."""
+    return num_elems * dtype_bytes(dtype)
+
+
+def host_grad_accum_bytes(num_elems: int) -> int:
+    """fp32 gradient accumulator on the host of an nvme-home chunk: N·4."""
+    return num_elems * 4
+
+
+def chunk_disk_bytes(num_elems: int, dtype: DType | str, optimizer: Optimizer | str) -> int:
+    """What an nvme-home chunk's optimizer step reads and writes back: master, states and the
+    compute copy if mixed, N·(4 + o) + N·c·mixed (= its NVMe-resident bytes)."""
+    return chunk_bytes(Tier.NVME, num_elems, dtype, optimizer)[Tier.NVME]
+
+
+def nvme_optim_staging_bytes(num_elems: int, dtype: DType | str, optimizer: Optimizer | str) -> int:
+    """Host staging (owner ``staging:<i>``) of an nvme-home chunk's optimizer step: its
+    master, states and compute copy are read into host memory, updated by CPU Adam and written
+    back, so the chunk's NVMe bytes are held from the read's start to the write's end."""
+    return chunk_disk_bytes(num_elems, dtype, optimizer)
+
+
+def activation_bytes(policy: ActPolicy | str, block: BlockStats) -> dict[Tier, int]:
+    """Largest bytes one block's activations of one micro-batch hold per tier under a policy
+    (table "Activations" of the accounting doc; when each is held is the simulator's job)."""
+    a, i = block.activation_bytes, block.input_bytes
+    policy = ActPolicy(policy)
+    out = {Tier.DEVICE: 0, Tier.HOST: 0, Tier.NVME: 0}
+    if policy is ActPolicy.KEEP:
+        out[Tier.DEVICE] = a
+    elif policy is ActPolicy.RECOMPUTE:
+        out[Tier.DEVICE] = i + a  # the input is held while the recompute rebuilds A
+    elif policy is ActPolicy.SWAP_HOST:
+        out[Tier.DEVICE] = a
+        out[Tier.HOST] = a
+    else:
+        out[Tier.DEVICE] = a
+        out[Tier.HOST] = a
+        out[Tier.NVME] = a
+    return out
+
+
+def workspace_bytes(stats: ModelStats) -> int:
+    """Untracked temporaries inside one block's forward or backward (owner ``workspace``).
+
+    [Note: workspace estimate] The largest transient of a block is its backward: autograd
+    materialises gradients for the block's saved tensors one after another (bounded by the
+    block's saved-activation bytes A), while the gradient arriving at the block's output (O)
+    and the one it produces for its input (I) are both alive. So the estimate is
+    max over blocks of A + I + O for one micro-batch of ``stats``. Fragmentation and library
+    scratch are left to the safety margin.
+    """
+    return max((b.activation_bytes + b.input_bytes + b.output_bytes for b in stats.blocks), default=0)
+
+
+# --- chunk packing ------------------------------------------------------------------------
+
+
+def _pack_units(units: Iterable[tuple[tuple[str, ...], int]], chunk_size_elems: int) -> list[tuple[tuple[str, ...], int]]:
+    if chunk_size_elems < 1:
+        raise ValueError(f"chunk_size_elems: must be >= 1, got {chunk_size_elems}")
+    chunks: list[tuple[tuple[str, ...], int]] = []
+    names: list[str] = []
+    count = 0
+    for unit_names, numel in units:
+        if numel <= 0:
+            continue
+        if count and count + numel > chunk_size_elems:
+            chunks.append((tuple(names), count))
+            names, count = [], 0
+        names.extend(unit_names)
+        count += numel
+        if count >= chunk_size_elems:  # includes a unit larger than a chunk: a chunk of its own
+            chunks.append((tuple(names), count))
+            names, count = [], 0
+    if count:
+        chunks.append((tuple(names), count))
+    return chunks
+
+
+def pack_params(params: Iterable[tuple[str, int]], chunk_size_elems: int) -> list[tuple[tuple[str, ...], int]]:
+    """Pack ``[(name, numel), ...]`` (execution order) into chunks of about ``chunk_size_elems``.
+
+    The single packing rule shared by planner and runtime (docs/memory-accounting.md, Chunks):
+    parameters are taken in order and appended to the current chunk while it stays within the
+    chunk size; a parameter is never split; one larger than the chunk size gets a chunk of its
+    own. Returns ``[(param_names, num_elems), ...]`` in chunk order.
+    """
+    return _pack_units((((name,), numel) for name, numel in params), chunk_size_elems)
+
+
+def block_param_list(block: BlockStats, param_numels: Mapping[str, int] | None = None) -> list[tuple[str, int]] | None:
+    """``[(name, numel), ...]`` of a block, or None when per-parameter sizes are unknown.
+
+    Sizes come from ``param_numels`` (name -> numel) or from a ``param_numels`` tuple on the
+    block (parallel to ``param_names``) when the analysis provides one.
+    """
+    names = block.param_names
+    if not names:
+        return None
+    sizes = getattr(block, "param_numels", None)
+    if sizes and len(sizes) == len(names):
+        return list(zip(names, sizes))
+    if param_numels is not None and all(n in param_numels for n in names):
+        return [(n, int(param_numels[n])) for n in names]
+    return None
+
+
+def pack_chunks(
+    stats: ModelStats, chunk_size_elems: int, param_numels: Mapping[str, int] | None = None
+) -> list[tuple[tuple[str, ...], int]]:
+    """Chunks of a model, in execution order (blocks in order, their ``param_names`` in order).
+
+    [Note: chunking without parameter sizes] ``BlockStats`` names its parameters but does not
+    size them. When sizes are known (``param_numels``, or the block carries them) parameters are
+    packed one by one with ``pack_params``' rule. A block whose sizes are unknown is packed as
+    one indivisible unit of ``num_params`` elements (never split, a chunk of its own when larger
+    than the chunk size); the runtime then uses the plan's ``ChunkPlan.param_names`` as is.
+    """
+    units: list[tuple[tuple[str, ...], int]] = []
+    for block in stats.blocks:
+        params = block_param_list(block, param_numels)
+        if params is None:
+            units.append((tuple(block.param_names), block.num_params))
+        else:
+            if sum(n for _, n in params) != block.num_params:
+                raise ValueError(
+                    f"param_numels: sizes of block {block.name!r} sum to {sum(n for _, n in params)}, "
+                    f"but the block has {block.num_params} parameters; pass the model's own sizes"
+                )
+            units.extend(((name,), numel) for name, numel in params)
+    return _pack_units(units, chunk_size_elems)
+
+
+def block_chunk_ids(stats: ModelStats, chunks: Sequence[ChunkPlan]) -> tuple[tuple[int, ...], ...]:
+    """Per block, the indices of the chunks holding its parameters (ascending).
+
+    By parameter name when every block with parameters names them; otherwise by element
+    ranges (blocks and chunks both cover the parameters in execution order).
+    """
+    assert all(c.index == pos for pos, c in enumerate(chunks)), "chunk indices must be their positions"
+    named = all(b.param_names for b in stats.blocks if b.num_params) and all(c.param_names for c in chunks)
+    if named:
+        where: dict[str, int] = {}
+        for pos, chunk in enumerate(chunks):
+            for name in chunk.param_names:
+                where[name] = pos
+        out = []
+        for b in stats.blocks:
+            missing = [n for n in b.param_names if n not in where]
+            if missing:
+                raise ValueError(f"memory.chunks: parameter {missing[0]!r} of block {b.name!r} is in no chunk; re-plan")
+            out.append(tuple(sorted({where[n] for n in b.param_names})))
+        return tuple(out)
+    bounds, start = [], 0
+    for chunk in chunks:
+        bounds.append((start, start + chunk.num_elems))
+        start += chunk.num_elems
+    out, start = [], 0
+    for b in stats.blocks:
+        lo, hi = start, start + b.num_params
+        out.append(tuple(pos for pos, (c_lo, c_hi) in enumerate(bounds) if c_lo < hi and lo < c_hi))
+        start = hi
+    return tuple(out)

@@ -1,0 +1,180 @@
+"""Schedules of one step: generate a compute-only order, then lower it with pure passes.
+
+docs/DESIGN.md rules 1-2 (model: ``torch.distributed.pipelining`` schedules). A schedule is
+``{rank: (Action, ...)}``. Actions are at micro-batch level: ``0F3`` is the forward of every
+block of micro-batch 3; the chunk and swap actions around it say what moves for that pass:
+
+- ``0PREFETCH3@c5`` before ``0F3`` (or ``0B3``): fetch chunk 5 for that pass; the listed order is
+  the order fetches are issued, and the runtime keeps at most ``prefetch_depth`` in flight.
+- ``0OFFLOAD3@c5`` after the pass: free chunk 5's param buffer after its last block in the pass;
+  after a ``B`` it also copies the chunk's grad buffer to its host accumulator.
+- ``0SWAP_OUT3`` after ``0F3`` / ``0SWAP_IN3`` before ``0B3``: move micro-batch 3's activations of
+  the blocks whose policy is ``swap_host`` / ``swap_nvme`` out and back, block by block.
+- ``0OPTIM@c5``: chunk 5's optimizer step where its home is (CPU, or NVMe through the host),
+  issued as soon as its last gradient is in, overlapping the rest of the backward.
+- ``0OPTIM`` (last): the device chunks' optimizer step; the step ends when all have finished.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from memtrain.planner.plan import Action, ActPolicy, MemoryPolicy, Op, Tier
+
+__all__ = [
+    "Schedule", "generate_single_device", "add_chunk_transfers", "add_activation_swaps", "validate", "format_grid",
+]
+
+Schedule = dict[int, tuple[Action, ...]]
+
+_SINGLE_DEVICE_OPS = {Op.F, Op.B, Op.PREFETCH, Op.OFFLOAD, Op.SWAP_OUT, Op.SWAP_IN, Op.OPTIM}
+
+
+def generate_single_device(num_microbatches: int) -> Schedule:
+    """``0F0, 0B0, 0F1, 0B1, ..., 0OPTIM``: gradient accumulation, F then B per micro-batch
+    (so one micro-batch's activations are alive at a time)."""
+    if num_microbatches < 1:
+        raise ValueError(f"num_microbatches: must be >= 1, got {num_microbatches}")
+    acts: list[Action] = []
+    for m in range(num_microbatches):
+        acts += [Action(0, Op.F, m), Action(0, Op.B, m)]
+    acts.append(Action(0, Op.OPTIM))
+    return {0: tuple(acts)}
+
+
+def _pass_chunks(block_chunks: Sequence[Sequence[int]], off: set[int], backward: bool) -> tuple[list[int], list[int]]:
+    """Off-device chunks of one pass in first-use order and in last-use (release) order."""
+    order = range(len(block_chunks) - 1, -1, -1) if backward else range(len(block_chunks))
+    first: list[int] = []
+    last_use: dict[int, int] = {}
+    for step, j in enumerate(order):
+        for c in (reversed(block_chunks[j]) if backward else block_chunks[j]):
+            if c in off:
+                if c not in last_use:
+                    first.append(c)
+                last_use[c] = step
+    released = sorted(last_use, key=lambda c: (last_use[c], first.index(c)))
+    return first, released
+
+
+def add_chunk_transfers(schedule: Schedule, memory_policy: MemoryPolicy, block_chunks: Sequence[Sequence[int]]) -> Schedule:
+    """Insert PREFETCH/OFFLOAD around each F and B for chunks whose home is not the device,
+    and an ``OPTIM@c<i>`` for each such chunk after its last backward use in the step.
+
+    ``block_chunks[j]`` lists the chunks block ``j`` uses (``cost.block_chunk_ids``).
+    """
+    off = {c.index for c in memory_policy.chunks if c.home is not Tier.DEVICE}
+    fwd_first, fwd_released = _pass_chunks(block_chunks, off, backward=False)
+    bwd_first, bwd_released = _pass_chunks(block_chunks, off, backward=True)
+    out: Schedule = {}
+    for rank, acts in schedule.items():
+        last_b = max((a.microbatch for a in acts if a.op is Op.B), default=None)
+        new: list[Action] = []
+        for a in acts:
+            if a.op in (Op.F, Op.B) and a.chunk is None:
+                first, released = (fwd_first, fwd_released) if a.op is Op.F else (bwd_first, bwd_released)
+                new += [Action(a.stage, Op.PREFETCH, a.microbatch, c) for c in first]
+                new.append(a)
+                new += [Action(a.stage, Op.OFFLOAD, a.microbatch, c) for c in released]
+                if a.op is Op.B and a.microbatch == last_b:
+                    new += [Action(a.stage, Op.OPTIM, None, c) for c in released]
+            else:
+                new.append(a)
+        out[rank] = tuple(new)
+    return out
+
+
+def add_activation_swaps(schedule: Schedule, activations: Sequence[ActPolicy]) -> Schedule:
+    """Insert ``SWAP_OUT<m>`` after each F and ``SWAP_IN<m>`` before each B when any block's
+    policy swaps (to host or NVMe); the runtime moves those blocks' activations one by one."""
+    if not any(ActPolicy(p) in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME) for p in activations):
+        return dict(schedule)
+    out: Schedule = {}
+    for rank, acts in schedule.items():
+        new: list[Action] = []
+        for a in acts:
+            if a.op is Op.B:
+                # before the B's prefetches too, so copy-ins are queued first (blocks at the top first)
+                pos = len(new)
+                while pos and new[pos - 1].op is Op.PREFETCH and new[pos - 1].microbatch == a.microbatch:
+                    pos -= 1
+                new.insert(pos, Action(a.stage, Op.SWAP_IN, a.microbatch))
+                new.append(a)
+            elif a.op is Op.F:
+                new += [a, Action(a.stage, Op.SWAP_OUT, a.microbatch)]
+            else:
+                new.append(a)
+        out[rank] = tuple(new)
+    return out
+
+
+def validate(schedule: Schedule) -> list[str]:
+    """Problems with a single-device schedule, each naming the rank and step; [] when sound.
+
+    Checks: only known ops; every F has a B after it (same micro-batch) and every B an F
+    before it; SWAP_IN after SWAP_OUT; each PREFETCH of a chunk is followed by its OFFLOAD
+    before the chunk is fetched again; no F after a chunk's optimizer step; OPTIM last, once.
+    """
+    problems: list[str] = []
+    for rank, acts in sorted(schedule.items()):
+        where = lambda i: f"rank {rank} step {i} ({acts[i]})"  # noqa: E731
+        seen_f: set = set()
+        seen_b: set = set()
+        swapped_out: set = set()
+        open_fetch: dict[tuple, int] = {}
+        chunk_optim_at: int | None = None
+        final_optims = [i for i, a in enumerate(acts) if isinstance(a.op, Op) and a.op is Op.OPTIM and a.chunk is None]
+        for i, a in enumerate(acts):
+            if not isinstance(a.op, Op) or a.op not in _SINGLE_DEVICE_OPS:
+                problems.append(f"{where(i)}: unknown op {a.op!r} for a single-device schedule")
+                continue
+            key = (a.stage, a.microbatch)
+            if a.op is Op.F:
+                if key in seen_f:
+                    problems.append(f"{where(i)}: micro-batch {a.microbatch} runs forward twice")
+                if chunk_optim_at is not None:
+                    problems.append(f"{where(i)}: forward after an optimizer step at step {chunk_optim_at}")
+                seen_f.add(key)
+            elif a.op is Op.B:
+                if key not in seen_f:
+                    problems.append(f"{where(i)}: backward of micro-batch {a.microbatch} before its forward")
+                seen_b.add(key)
+            elif a.op is Op.SWAP_OUT:
+                swapped_out.add(key)
+            elif a.op is Op.SWAP_IN and key not in swapped_out:
+                problems.append(f"{where(i)}: SWAP_IN of micro-batch {a.microbatch} without a SWAP_OUT before it")
+            elif a.op is Op.PREFETCH:
+                if a.chunk is None:
+                    problems.append(f"{where(i)}: PREFETCH needs a chunk (e.g. 0PREFETCH0@c3)")
+                elif (a.stage, a.chunk) in open_fetch:
+                    problems.append(f"{where(i)}: chunk {a.chunk} fetched again before its OFFLOAD")
+                else:
+                    open_fetch[(a.stage, a.chunk)] = i
+            elif a.op is Op.OFFLOAD:
+                if open_fetch.pop((a.stage, a.chunk), None) is None:
+                    problems.append(f"{where(i)}: OFFLOAD of chunk {a.chunk} without a PREFETCH before it")
+            elif a.op is Op.OPTIM and a.chunk is not None and chunk_optim_at is None:
+                chunk_optim_at = i
+        for stage, mb in sorted(seen_f - seen_b, key=str):
+            problems.append(f"rank {rank}: forward of micro-batch {mb} (stage {stage}) has no backward after it")
+        for (stage, c), i in sorted(open_fetch.items()):
+            problems.append(f"{where(i)}: chunk {c} is never offloaded after this PREFETCH")
+        if len(final_optims) != 1:
+            problems.append(f"rank {rank}: expected exactly one OPTIM (without a chunk), found {len(final_optims)}")
+        elif final_optims[0] != len(acts) - 1:
+            problems.append(f"{where(final_optims[0])}: OPTIM must be the last action")
+    return problems
+
+
+def format_grid(schedule: Schedule) -> str:
+    """A step × rank grid, one row per step (torch pipelining's ``_format_pipeline_order``)."""
+    ranks = sorted(schedule)
+    num_steps = max((len(a) for a in schedule.values()), default=0)
+    cells = [[str(schedule[r][i]) if i < len(schedule[r]) else "" for r in ranks] for i in range(num_steps)]
+    header = ["step"] + [f"rank {r}" for r in ranks]
+    widths = [max(len(header[0]), len(str(max(num_steps - 1, 0))))]
+    widths += [max([len(header[k + 1])] + [len(row[k]) for row in cells]) for k in range(len(ranks))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    for i, row in enumerate(cells):
+        lines.append("  ".join(v.ljust(w) for v, w in zip([str(i)] + row, widths)).rstrip())
+    return "\n".join(lines) + "\n"

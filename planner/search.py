@@ -1,0 +1,425 @@
+"""The search: enumerate memory policies for one device, prune, simulate, pick the fastest that fits.
+
+docs/DESIGN.md data flow: ``planner.search`` drives ``planner.cost`` + ``planner.simulate``.
+The space (ProTrain-style, Sun et al. 2024): micro-batch size, chunk size, how many leading
+chunks stay resident on the device (the rest live on host, then NVMe), prefetch depth,
+a per-block activation policy chosen greedily, and zstd for NVMe. Candidates are ranked by a
+lower bound on step time (the busiest stream's total work) and simulated best-first; a
+candidate whose bound is no better than the best simulated time is never simulated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
+from memtrain.planner import cost
+from memtrain.planner.plan import (
+    ActPolicy, Alternative, ChunkPlan, DevicePrediction, MemoryPolicy, Plan, Prediction, Tier, TimelineEvent, TrainShape,
+)
+from memtrain.planner.schedule import add_activation_swaps, add_chunk_transfers, generate_single_device
+from memtrain.planner.simulate import SWAP_IN_LOOKAHEAD, SimResult, simulate_step, stream_work_s
+from memtrain.planner.stats import DType, ModelStats, Optimizer, dtype_bytes
+
+__all__ = ["plan", "CHUNK_SIZE_CANDIDATES", "MAX_SIMULATIONS", "MAX_TIMELINE_EVENTS"]
+
+CHUNK_SIZE_CANDIDATES = (32 << 20, 64 << 20, 128 << 20)
+"""Chunk sizes tried, in elements (plus one block's worth, and finer cuts for small models)."""
+MAX_SIMULATIONS = 64
+"""Simulations per search at most (candidates are simulated best bound first)."""
+MAX_TIMELINE_EVENTS = 2000
+"""Timeline events kept in the plan: the first three quarters and the last quarter in time."""
+_MAX_CHUNKS_PER_BLOCK = 4
+"""Chunk counts above 4 per block (+ 8) are not tried: more chunks cost simulation time and
+PCIe latency without saving device memory a larger prefetch depth would not."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Candidate:
+    description: str
+    policy: MemoryPolicy
+    mbs: int
+    bound_s: float
+    """Lower bound on the step time (busiest stream)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class _Context:
+    stats: ModelStats
+    """At micro-batch size ``mbs``."""
+    train: TrainShape
+    device: DeviceSpec
+    host: HostSpec
+    nvme: NvmeSpec | None
+    usable: dict[str, int]
+    workspace_bytes: int
+
+
+def _gib(num_bytes: float) -> str:
+    return f"{num_bytes / 2**30:.1f} GiB"
+
+
+def _divisors_desc(n: int) -> list[int]:
+    return sorted((d for d in range(1, n + 1) if n % d == 0), reverse=True)
+
+
+def _chunk_partitions(stats: ModelStats, param_numels: Mapping[str, int] | None) -> list[tuple[int, list[tuple[tuple[str, ...], int]]]]:
+    """Distinct chunkings to try, as ``(chunk_size_elems, packed)``."""
+    total = sum(b.num_params for b in stats.blocks)
+    biggest = max((b.num_params for b in stats.blocks), default=1)
+    sizes = set(CHUNK_SIZE_CANDIDATES) | {max(1, biggest)}
+    if total < 8 * CHUNK_SIZE_CANDIDATES[0]:  # small model: also cuts into ~8 and ~16 chunks
+        sizes |= {max(1, math.ceil(total / 8)), max(1, math.ceil(total / 16))}
+    limit = _MAX_CHUNKS_PER_BLOCK * len(stats.blocks) + 8
+    seen, out = set(), []
+    for size in sorted(sizes):
+        packed = cost.pack_chunks(stats, min(size, max(total, 1)), param_numels)
+        key = tuple(n for _, n in packed)
+        if len(packed) <= limit and key not in seen:
+            seen.add(key)
+            out.append((min(size, max(total, 1)), packed))
+    if not out:  # every size cuts too finely: one chunk per block is always simulable
+        size = max(1, biggest)
+        out.append((size, cost.pack_chunks(stats, size, param_numels)))
+    return out
+
+
+def _greedy_activations(ctx: _Context, room_bytes: int, off_elems_per_mb: int, nvme_room: int, host_room: int) -> tuple[ActPolicy, ...] | None:
+    """Per-block activation policies whose device footprint fits ``room_bytes``, cheapest first.
+
+    Estimated device footprint of one micro-batch (F and B alternate per micro-batch):
+    sum of kept A + sum of recomputed inputs I + the largest recomputed A (rebuilt during its B)
+    + (SWAP_IN_LOOKAHEAD + 1) of the largest swapped A in flight. Order: (1) swap blocks to
+    host, then NVMe, while the copies hide under compute (their window, the compute between
+    the block's F and B, and the stream's spare time per micro-batch cover them), earliest
+    blocks first since their window is longest; (2) recompute, cheapest forward per byte saved
+    first (Chen et al. 2016); (3) recompute the swapped blocks too. None when nothing fits.
+    """
+    s, dev, dt = ctx.stats, ctx.device, ctx.train.dtype
+    blocks = s.blocks
+    acts = [ActPolicy.KEEP] * len(blocks)
+    fwd = [cost.block_fwd_time_s(b, dev, dt) for b in blocks]
+    bwd = [cost.block_bwd_time_s(b, dev, dt) for b in blocks]
+    compute_mb = sum(fwd) + sum(bwd)
+    pcie_spare = compute_mb - 2 * cost.h2d_time_s(off_elems_per_mb * dtype_bytes(dt), dev)
+
+    def footprint() -> int:
+        keep = sum(b.activation_bytes for b, p in zip(blocks, acts) if p is ActPolicy.KEEP)
+        rec = [b for b, p in zip(blocks, acts) if p is ActPolicy.RECOMPUTE]
+        swp = [b.activation_bytes for b, p in zip(blocks, acts) if p in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME)]
+        return (keep + sum(b.input_bytes for b in rec) + max((b.activation_bytes for b in rec), default=0)
+                + (SWAP_IN_LOOKAHEAD + 1) * max(swp, default=0))
+
+    if footprint() <= room_bytes:
+        return tuple(acts)
+    after = [0.0] * len(blocks)  # compute between a block's F end and its B start
+    for j in range(len(blocks) - 2, -1, -1):
+        after[j] = after[j + 1] + fwd[j + 1] + bwd[j + 1]
+    disk_spare = compute_mb
+    for j, b in enumerate(blocks):
+        a = b.activation_bytes
+        copy_s = cost.h2d_time_s(a, dev)
+        if a <= b.input_bytes or copy_s > pcie_spare or 2 * copy_s > after[j]:
+            continue
+        if a <= host_room:
+            acts[j], host_room, pcie_spare = ActPolicy.SWAP_HOST, host_room - a, pcie_spare - copy_s
+        elif ctx.nvme is not None and a <= nvme_room and a <= host_room:  # host staging while in flight
+            disk_s = cost.disk_write_time_s(a, ctx.nvme) + cost.disk_read_time_s(a, ctx.nvme)
+            if disk_s > disk_spare or disk_s + 2 * copy_s > after[j]:
+                continue
+            acts[j], nvme_room, pcie_spare, disk_spare = ActPolicy.SWAP_NVME, nvme_room - a, pcie_spare - copy_s, disk_spare - disk_s
+        else:
+            continue
+        if footprint() <= room_bytes:
+            return tuple(acts)
+    for stage in (ActPolicy.KEEP, ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME):
+        order = sorted((j for j, p in enumerate(acts) if p is stage and blocks[j].activation_bytes > blocks[j].input_bytes),
+                       key=lambda j: fwd[j] / (blocks[j].activation_bytes - blocks[j].input_bytes))
+        for j in order:
+            acts[j] = ActPolicy.RECOMPUTE
+            if footprint() <= room_bytes:
+                return tuple(acts)
+    return None
+
+
+def _describe(mbs: int, policy: MemoryPolicy) -> str:
+    homes = [c.home for c in policy.chunks]
+    counts = {p: sum(1 for a in policy.activations if a is p) for p in ActPolicy}
+    acts = ", ".join(f"{p.value} {n}" for p, n in counts.items() if n)
+    largest = max((c.num_elems for c in policy.chunks), default=0)
+    text = (f"micro-batch {mbs}, {len(homes)} chunks (≤{largest / 1e6:.1f}M elements): "
+            f"{homes.count(Tier.DEVICE)} device / {homes.count(Tier.HOST)} host / {homes.count(Tier.NVME)} NVMe")
+    if any(h is not Tier.DEVICE for h in homes):
+        text += f", prefetch depth {policy.prefetch_depth}"
+    text += f"; activations: {acts}"
+    return text + (", zstd on NVMe" if policy.compress_nvme else "")
+
+
+def _candidates_for(ctx: _Context, chunk_size: int, packed: list[tuple[tuple[str, ...], int]]) -> list[_Candidate]:
+    s, train, dt, opt = ctx.stats, ctx.train, ctx.train.dtype, ctx.train.optimizer
+    nc, c_bytes = len(packed), dtype_bytes(dt)
+    elems = [n for _, n in packed]
+    proto = tuple(ChunkPlan(index=i, num_elems=n, param_names=names, home=Tier.DEVICE) for i, (names, n) in enumerate(packed))
+    bc = cost.block_chunk_ids(s, proto)
+    dev_bytes = [cost.chunk_bytes(Tier.DEVICE, n, dt, opt)[Tier.DEVICE] for n in elems]
+    host_bytes = [cost.chunk_bytes(Tier.HOST, n, dt, opt)[Tier.HOST] for n in elems]
+    nvme_bytes = [cost.chunk_bytes(Tier.NVME, n, dt, opt)[Tier.NVME] for n in elems]
+    act_min = sum(b.input_bytes for b in s.blocks) + max((b.activation_bytes for b in s.blocks), default=0)
+    act_keep = sum(b.activation_bytes for b in s.blocks)
+    prefix = [0]
+    for b in dev_bytes:
+        prefix.append(prefix[-1] + b)
+
+    host_pre = [0]
+    for b in host_bytes:
+        host_pre.append(host_pre[-1] + b)
+    accum_suf, nvme_suf, elems_max_suf, nvme_max_suf = [0] * (nc + 1), [0] * (nc + 1), [0] * (nc + 1), [0] * (nc + 1)
+    for c in range(nc - 1, -1, -1):
+        accum_suf[c] = accum_suf[c + 1] + cost.host_grad_accum_bytes(elems[c])
+        nvme_suf[c] = nvme_suf[c + 1] + nvme_bytes[c]
+        elems_max_suf[c] = max(elems_max_suf[c + 1], elems[c])
+        nvme_max_suf[c] = max(nvme_max_suf[c + 1], cost.nvme_optim_staging_bytes(elems[c], dt, opt))
+
+    def min_depth(k: int) -> int:
+        return max((sum(1 for c in cs if c >= k) for cs in bc), default=0)
+
+    def buffers(k: int, depth: int) -> int:
+        off = sorted((elems[c] for c in range(k, nc)), reverse=True)
+        if not off:
+            return 0
+        grads = off[: min(len(off), min_depth(k) + 1)]
+        return (sum(off[:depth]) + sum(grads)) * c_bytes
+
+    def fixed(k: int, depth: int) -> int:
+        return prefix[k] + buffers(k, depth) + ctx.workspace_bytes
+
+    budget = ctx.usable["device"]
+    k_top = next((k for k in range(nc, -1, -1) if fixed(k, max(1, min_depth(k))) + act_min <= budget), None)
+    if k_top is None:
+        return []
+    k_keep = next((k for k in range(k_top, -1, -1) if fixed(k, max(1, min_depth(k))) + act_keep <= budget), None)
+    ks = {k_top} | ({k_keep} if k_keep is not None else set())
+    step = 1
+    while k_top - step > 0:
+        ks.add(k_top - step)
+        step *= 2
+    ks.add(0)
+    out = []
+    nvme_usable = ctx.usable["nvme"] if ctx.nvme is not None else 0
+    for k in sorted(ks, reverse=True):
+        d0 = max(1, min_depth(k))
+        for depth in ((1,) if k == nc else (d0, d0 + 1, d0 + 2)):
+            room = budget - fixed(k, depth)
+            # host takes the off-device chunks nearest the front, NVMe the rest (as many on host as fit)
+            host_room = ctx.usable["host"]
+            split = None
+            for h in range(nc, k - 1, -1):  # chunks [k, h) on host, [h, nc) on NVMe
+                host_need = (host_pre[h] - host_pre[k] + accum_suf[h]
+                             + depth * elems_max_suf[h] * c_bytes + nvme_max_suf[h])
+                nvme_need = nvme_suf[h]
+                if host_need <= host_room and (h == nc or (ctx.nvme is not None and nvme_need <= nvme_usable)):
+                    split = h
+                    break
+            if split is None:
+                continue
+            j = split - k
+            off = list(range(k, nc))
+            homes = [Tier.DEVICE] * k + [Tier.HOST] * j + [Tier.NVME] * (len(off) - j)
+            acts = _greedy_activations(ctx, room, sum(elems[c] for c in off), nvme_usable - nvme_need, host_room - host_need)
+            if acts is None:
+                continue
+            chunks = tuple(ChunkPlan(index=i, num_elems=n, param_names=names, home=homes[i]) for i, (names, n) in enumerate(packed))
+            uses_nvme = Tier.NVME in homes or ActPolicy.SWAP_NVME in acts
+            for compress in ((False, True) if uses_nvme else (False,)):
+                policy = MemoryPolicy(chunk_size_elems=chunk_size, chunks=chunks, prefetch_depth=depth,
+                                      activations=acts, compress_nvme=compress)
+                work = stream_work_s(s, train, ctx.device, ctx.host, ctx.nvme, policy)
+                out.append(_Candidate(description=_describe(train.micro_batch_size, policy),
+                                      policy=policy, mbs=train.micro_batch_size, bound_s=max(work.values())))
+    return out
+
+
+def _peaks(ctx: _Context, sim: SimResult) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    peaks = dict(sim.peak_bytes)
+    peaks["device"] = peaks.get("device", 0) + ctx.workspace_bytes
+    breakdown = {t: dict(d) for t, d in sim.breakdown.items()}
+    breakdown.setdefault("device", {})["workspace"] = ctx.workspace_bytes
+    return peaks, breakdown
+
+
+def _overflow(peaks: dict[str, int], usable: dict[str, int]) -> str:
+    """'' when every tier fits, else what does not, in user terms."""
+    for tier in ("device", "host", "nvme"):
+        if peaks.get(tier, 0) > usable[tier]:
+            return f"does not fit: {tier} needs {_gib(peaks[tier])}, budget {_gib(usable[tier])}"
+    return ""
+
+
+def _shortfall(stats: ModelStats, mbs: int, dtype: DType, optimizer: Optimizer, usable: dict[str, int],
+               budgets: Mapping[str, int], safety_margin: float, nvme: NvmeSpec | None) -> str:
+    """What is missing, from the smallest footprint memtrain can run: the smallest micro-batch,
+    every activation recomputed, every chunk off the device one block's worth at a time."""
+    s = stats.scaled(mbs)
+    c_bytes = dtype_bytes(dtype)
+    biggest = max((b.num_params for b in s.blocks), default=0)
+    device_min = (cost.workspace_bytes(s) + sum(b.input_bytes for b in s.blocks)
+                  + max((b.activation_bytes for b in s.blocks), default=0) + 2 * 2 * biggest * c_bytes)
+
+    def has(tier: str) -> str:
+        return f"has {_gib(usable[tier])} ({_gib(budgets.get(tier, 0))} budget less the {safety_margin:.0%} safety margin)"
+
+    if device_min > usable["device"]:
+        return f"needs {_gib(device_min)} device memory even with every activation recomputed and all parameters offloaded; {has('device')}"
+    total = sum(b.num_params for b in s.blocks)
+    host_all = cost.chunk_bytes(Tier.HOST, total, dtype, optimizer)[Tier.HOST]
+    if nvme is None or usable["nvme"] <= 0:
+        return f"needs {_gib(host_all)} host memory or an NVMe path; {has('host')}"
+    nvme_all = cost.chunk_bytes(Tier.NVME, total, dtype, optimizer)[Tier.NVME]
+    host_min = cost.host_grad_accum_bytes(total) + 4 * biggest * c_bytes
+    if host_min > usable["host"]:
+        return (f"needs {_gib(host_min)} host memory for the gradient accumulators of NVMe-resident parameters; "
+                f"{has('host')}")
+    if nvme_all > usable["nvme"] + usable["host"]:
+        return f"needs {_gib(nvme_all)} NVMe space; {has('nvme')}"
+    return ""
+
+
+def plan(
+    stats: ModelStats,
+    *,
+    name: str,
+    global_batch_size: int,
+    micro_batch_size: int = 0,
+    dtype: DType | str,
+    optimizer: Optimizer | str,
+    device: DeviceSpec,
+    host: HostSpec,
+    nvme: NvmeSpec | None,
+    budgets: Mapping[str, int],
+    safety_margin: float,
+    source: str = "catalog",
+    param_numels: Mapping[str, int] | None = None,
+    max_alternatives: int = 6,
+) -> Plan:
+    """The fastest single-device plan whose predicted peaks fit every tier's usable budget.
+
+    ``stats`` is the analysis at micro-batch size 1; ``micro_batch_size`` 0 lets the search
+    choose a divisor of ``global_batch_size``. ``budgets`` maps ``device``/``host``/``nvme`` to
+    bytes (0 = tier unavailable); usable = budget × (1 − ``safety_margin``). The device peak
+    includes the untracked ``workspace`` estimate (``cost.workspace_bytes``, listed in the
+    breakdown) on top of the ledger's owners. ``param_numels`` (name -> numel) lets chunks
+    be cut between parameters instead of between blocks (``cost.pack_chunks``). When nothing
+    fits, the Plan has ``fits=False`` and ``shortfall`` says which tier lacks how much.
+    """
+    dtype, optimizer = DType(dtype), Optimizer(optimizer)
+    if global_batch_size < 1:
+        raise ValueError(f"train.global_batch_size: must be >= 1, got {global_batch_size}")
+    if micro_batch_size < 0 or (micro_batch_size and global_batch_size % micro_batch_size):
+        raise ValueError(f"train.micro_batch_size: must divide train.global_batch_size ({global_batch_size}), "
+                         f"got {micro_batch_size}; use 0 to let the planner choose")
+    if not 0 <= safety_margin < 1:
+        raise ValueError(f"memory.safety_margin: must be in [0, 1), got {safety_margin}")
+    if DType(stats.dtype) is not dtype:
+        raise ValueError(f"train.dtype: the model was analysed in {stats.dtype}, not {dtype}; analyse it in {dtype}")
+    unknown = set(budgets) - {"device", "host", "nvme"}
+    if unknown:
+        raise ValueError(f"budgets: unknown tier {sorted(unknown)[0]!r}; use device, host and nvme")
+    if device.peak_flops(str(dtype)) <= 0:
+        raise ValueError(f"train.dtype: {device.kind} has no {dtype} throughput; choose another dtype")
+    usable = {t: int(max(0, budgets.get(t, 0)) * (1 - safety_margin)) for t in ("device", "host", "nvme")}
+    if nvme is None:
+        usable["nvme"] = 0
+    base = stats.scaled(1) if stats.micro_batch_size != 1 else stats
+    mbs_options = [micro_batch_size] if micro_batch_size else _divisors_desc(global_batch_size)
+    partitions = _chunk_partitions(base, param_numels)
+
+    def context(mbs: int) -> _Context:
+        s = base.scaled(mbs)
+        train = TrainShape(global_batch_size=global_batch_size, micro_batch_size=mbs,
+                           num_microbatches=global_batch_size // mbs, seq_len=base.seq_len, dtype=dtype, optimizer=optimizer)
+        return _Context(stats=s, train=train, device=device, host=host, nvme=nvme, usable=usable,
+                        workspace_bytes=cost.workspace_bytes(s))
+
+    contexts = {mbs: context(mbs) for mbs in mbs_options}
+    candidates: list[_Candidate] = []
+    for mbs in mbs_options:
+        for size, packed in partitions:
+            candidates += _candidates_for(contexts[mbs], size, packed)
+    # best bound first; among equals, the larger micro-batch (better kernel efficiency in practice)
+    candidates.sort(key=lambda c: (c.bound_s, -c.mbs))
+
+    best: tuple[_Candidate, SimResult] | None = None
+    tried: list[tuple[_Candidate, SimResult, str]] = []
+    for cand in candidates:
+        if len(tried) >= MAX_SIMULATIONS or (best is not None and cand.bound_s >= best[1].step_time_s):
+            break
+        ctx = contexts[cand.mbs]
+        sim = simulate_step(ctx.stats, ctx.train, device, host, nvme, cand.policy)
+        why = _overflow(_peaks(ctx, sim)[0], usable)
+        tried.append((cand, sim, why))
+        if not why and (best is None or sim.step_time_s < best[1].step_time_s):
+            best = (cand, sim)
+
+    if best is None:
+        mbs = min(mbs_options)
+        shortfall = _shortfall(base, mbs, dtype, optimizer, usable, budgets, safety_margin, nvme)
+        if not shortfall:
+            closest = min(tried, key=lambda t: t[1].peak_bytes.get("device", 0)) if tried else None
+            shortfall = closest[2] if closest else "no memory policy fits the budgets; raise memory.device or add host/NVMe"
+        ctx = contexts[mbs]
+        size, packed = partitions[0]
+        chunks = tuple(ChunkPlan(index=i, num_elems=n, param_names=nm, home=Tier.DEVICE) for i, (nm, n) in enumerate(packed))
+        policy = MemoryPolicy(chunk_size_elems=size, chunks=chunks, prefetch_depth=1,
+                              activations=(ActPolicy.RECOMPUTE,) * len(base.blocks))
+        chosen = _Candidate(description=_describe(mbs, policy), policy=policy, mbs=mbs, bound_s=0.0)
+        sim = simulate_step(ctx.stats, ctx.train, device, host, nvme, policy)
+        return _build_plan(name, base, contexts[mbs], chosen, sim, tried, source, False, shortfall, max_alternatives)
+    return _build_plan(name, base, contexts[best[0].mbs], best[0], best[1], tried, source, True, "", max_alternatives)
+
+
+def _truncate(timeline: tuple[TimelineEvent, ...]) -> tuple[TimelineEvent, ...]:
+    if len(timeline) <= MAX_TIMELINE_EVENTS:
+        return timeline
+    by_start = sorted(timeline, key=lambda e: (e.start_s, e.end_s))
+    head = MAX_TIMELINE_EVENTS * 3 // 4
+    return tuple(by_start[:head] + by_start[-(MAX_TIMELINE_EVENTS - head):])
+
+
+def _build_plan(name: str, base: ModelStats, ctx: _Context, chosen: _Candidate, sim: SimResult,
+                tried: list[tuple[_Candidate, SimResult, str]], source: str, fits: bool, shortfall: str,
+                max_alternatives: int) -> Plan:
+    peaks, breakdown = _peaks(ctx, sim)
+    bc = cost.block_chunk_ids(ctx.stats, chosen.policy.chunks)
+    schedule = generate_single_device(ctx.train.num_microbatches)
+    schedule = add_chunk_transfers(schedule, chosen.policy, bc)
+    schedule = add_activation_swaps(schedule, chosen.policy.activations)
+    alternatives: list[Alternative] = []
+    seen = {chosen.description}
+    losers = sorted((t for t in tried if t[0].description not in seen), key=lambda t: (bool(t[2]), t[1].step_time_s))
+    for cand, other, why in losers:
+        if len(alternatives) >= max_alternatives or cand.description in seen:
+            continue
+        seen.add(cand.description)
+        if not why:
+            why = f"slower by {100 * (other.step_time_s / sim.step_time_s - 1):.1f}%"
+        alternatives.append(Alternative(description=cand.description, fits=not why.startswith("does not fit"),
+                                        step_time_s=other.step_time_s, reason=why))
+    everything = sum(cost.chunk_bytes(Tier.DEVICE, c.num_elems, ctx.train.dtype, ctx.train.optimizer)[Tier.DEVICE]
+                     for c in chosen.policy.chunks)
+    need = everything + ctx.stats.activation_bytes + ctx.workspace_bytes
+    if fits and need > ctx.usable["device"] and len(alternatives) < max_alternatives + 1:
+        alternatives.append(Alternative(
+            description=f"micro-batch {ctx.train.micro_batch_size}, everything on the device, all activations kept",
+            fits=False, step_time_s=None,
+            reason=f"does not fit: device needs {_gib(need)}, budget {_gib(ctx.usable['device'])}"))
+    prediction = Prediction(
+        step_time_s=sim.step_time_s, tokens_per_s=sim.tokens_per_s, mfu=sim.mfu,
+        devices=(DevicePrediction(rank=0, device=ctx.device.kind, peak_bytes=peaks, budget_bytes=dict(ctx.usable),
+                                  breakdown=breakdown),),
+        timeline=_truncate(sim.timeline),
+    )
+    return Plan(name=name, fits=fits, shortfall=shortfall, model=base, train=ctx.train, device=ctx.device,
+                host=ctx.host, nvme=ctx.nvme, memory=chosen.policy, schedule=schedule, prediction=prediction,
+                alternatives=tuple(alternatives), source=source)
