@@ -6,31 +6,33 @@ what and refuses (``BudgetExceeded``) before a budget is overrun.
 
     device = DeviceTier(budget_bytes=40 * 2**30)          # cuda:current, or host memory on CPU
     host = HostTier(budget_bytes=200 * 2**30)             # pinned when CUDA is available
+    master = host.alloc("chunk:3", 1 << 20, torch.bfloat16)
     buf = device.alloc("buffer:param:3", 1 << 20, torch.bfloat16)
-    master = host.alloc("chunk:3", 1 << 20, torch.float32)
     h = copy_async(buf, master)                           # side stream + event on CUDA
     h.wait()                                              # copy done: safe for CPU and GPU use
     device.free("buffer:param:3")                         # releases all of the owner's bytes
 
 API
 - ``DeviceTier(*, budget_bytes, device=None)`` and ``HostTier(*, budget_bytes, pin=None)``:
-  ``alloc(owner, shape, dtype, *, zero=False) -> Tensor`` records the bytes under ``owner``
-  (several tensors may share an owner) and returns a new tensor; ``free(owner, tensor=None) ->
-  int`` releases one tensor's bytes or all the owner's, returning the bytes released;
-  ``holds(owner)``, ``.ledger``, ``.name``. The tier keeps a reference to each tensor until it is
-  freed, so the ledger never claims bytes that were already returned, nor the reverse.
+  ``alloc(owner, shape, dtype, *, zero=False, stream=None) -> Tensor`` records the bytes under
+  ``owner`` (several tensors may share an owner) and returns a new tensor; ``free(owner,
+  tensor=None) -> int`` releases one tensor's bytes or all the owner's, returning the bytes
+  released; ``holds(owner)``, ``owners()``, ``.ledger``, ``.name``. The tier keeps a reference to
+  each tensor until it is freed, so the ledger and the tensors alive agree. ``stream`` (CUDA
+  device tier only) allocates in that stream's order, for upload buffers ([Note: copy streams]).
   On a CPU-only machine the device tier is plain host memory under its own budget, so every
   path runs without a GPU. The host tier pins its memory when CUDA is available (page-locked
-  memory is what lets host↔device copies run asynchronously on a copy engine).
+  memory is what lets host<->device copies run asynchronously on a copy engine).
 - ``NvmeTier(store)`` puts an ``NvmeStore`` (offload/nvme.py) behind the same owner vocabulary:
   ``write(owner, tensor) -> Future``, ``read(owner, out) -> Future``, ``free(owner)``.
-- ``copy_async(dst, src, *, stream=None) -> CopyHandle``: on CUDA the copy runs on a side stream
-  (one per device and direction by default, so uploads and downloads use both copy engines)
-  after the work already queued on the current stream, and an event marks its end; on CPU it
-  is a plain synchronous copy. ``CopyHandle.wait()`` blocks the caller until the copy is done
-  (always safe, for CPU readers too); ``wait_stream(stream=None)`` instead makes a CUDA stream
-  (default: current) wait, without blocking the host: the cheap way to consume a prefetch on
-  the GPU. ``done()`` polls.
+- ``copy_async(dst, src, *, stream=None, after_current=None) -> CopyHandle``: on CUDA the copy
+  runs on a side stream (``copy_stream(device, "h2d" | "d2h")`` by default, so uploads and
+  downloads use both copy engines) and an event marks its end; a download waits for the compute
+  queued before it, an upload does not ([Note: copy streams] gives the rules that keep this
+  safe). On CPU it is a plain synchronous copy. ``CopyHandle.wait()`` blocks the caller until
+  the copy is done (always safe, for CPU readers too); ``wait_stream(stream=None)`` instead
+  makes a CUDA stream (default: current) wait, without blocking the host: the cheap way to
+  consume a prefetch on the GPU. ``done()`` polls.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import torch
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.nvme import NvmeEntry, NvmeStore
 
-__all__ = ["DeviceTier", "HostTier", "NvmeTier", "CopyHandle", "copy_async", "nbytes_of"]
+__all__ = ["DeviceTier", "HostTier", "NvmeTier", "CopyHandle", "copy_async", "copy_stream", "nbytes_of"]
 
 Shape = int | Sequence[int] | torch.Size
 
@@ -76,8 +78,13 @@ class _TensorTier:
         self._lock = threading.Lock()
         self._tensors: dict[str, list[torch.Tensor]] = {}
 
-    def alloc(self, owner: str, shape: Shape, dtype: torch.dtype, *, zero: bool = False) -> torch.Tensor:
-        """A new tensor of ``shape`` (or that many elements) and ``dtype``, recorded under ``owner``."""
+    def alloc(
+        self, owner: str, shape: Shape, dtype: torch.dtype, *, zero: bool = False, stream: torch.cuda.Stream | None = None
+    ) -> torch.Tensor:
+        """A new tensor of ``shape`` (or that many elements) and ``dtype``, recorded under ``owner``.
+
+        ``stream`` (CUDA device tier only): allocate, and zero, in that stream's order.
+        """
         size = (shape,) if isinstance(shape, int) else tuple(int(d) for d in shape)
         if any(d < 0 for d in size):
             raise ValueError(f"{self.name} tier alloc({owner!r}): shape must not be negative, got {shape}")
@@ -85,7 +92,11 @@ class _TensorTier:
         self.ledger.alloc(owner, num_bytes)  # BudgetExceeded before any memory is taken
         try:
             make = torch.zeros if zero else torch.empty
-            t = make(size, dtype=dtype, device=self.device, pin_memory=self.pin)
+            if stream is not None and self.device.type == "cuda":
+                with torch.cuda.stream(stream):
+                    t = make(size, dtype=dtype, device=self.device)
+            else:
+                t = make(size, dtype=dtype, device=self.device, pin_memory=self.pin)
         except BaseException:
             self.ledger.free(owner, num_bytes)
             raise
@@ -187,15 +198,19 @@ class NvmeTier:
 
 _streams: dict[tuple[int, str], torch.cuda.Stream] = {}
 _streams_lock = threading.Lock()
+_DIRECTIONS = ("h2d", "d2h")
 
 
-def _side_stream(device: torch.device, direction: str) -> torch.cuda.Stream:
-    """The default side stream for copies of one direction on one device (created on first use)."""
-    key = (device.index if device.index is not None else torch.cuda.current_device(), direction)
+def copy_stream(device: torch.device | str | None = None, direction: str = "h2d") -> torch.cuda.Stream:
+    """The side stream ``copy_async`` uses for one direction on one CUDA device (made on first use)."""
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"direction: must be 'h2d' or 'd2h', got {direction!r}")
+    dev = torch.device("cuda") if device is None else torch.device(device)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
     with _streams_lock:
-        s = _streams.get(key)
+        s = _streams.get((index, direction))
         if s is None:
-            s = _streams[key] = torch.cuda.Stream(device=key[0])
+            s = _streams[(index, direction)] = torch.cuda.Stream(device=index)
         return s
 
 
@@ -219,13 +234,38 @@ class CopyHandle:
         self._refs = ()
 
     def wait_stream(self, stream: torch.cuda.Stream | None = None) -> None:
-        """Make ``stream`` (default: the current one) wait for the copy; the host does not block."""
-        if self._event is not None:
-            (stream or torch.cuda.current_stream(self._device)).wait_event(self._event)
+        """Make ``stream`` (default: the current one) wait for the copy; the host does not block.
+
+        The copied tensors are also recorded as used by ``stream`` (see [Note: copy streams]).
+        """
+        if self._event is None:
+            return
+        stream = stream or torch.cuda.current_stream(self._device)
+        stream.wait_event(self._event)
+        for t in self._refs:
+            if t.device.type == "cuda":
+                t.record_stream(stream)
 
 
-def copy_async(dst: torch.Tensor, src: torch.Tensor, *, stream: torch.cuda.Stream | None = None) -> CopyHandle:
-    """Copy ``src`` into ``dst`` (same shape and dtype) across tiers; see the module docstring."""
+# [Note: copy streams] The CUDA caching allocator reuses a freed block in the order of the
+# stream it was allocated on. A copy on a side stream is therefore safe when (1) it starts after
+# whatever produced ``src`` and (2) ``dst``'s memory is not still being read by another stream.
+# (1): a device source was written by queued compute, so by default the copy waits for the
+# current stream (``after_current``); a host source was written by the CPU, which is done, so an
+# upload does not wait and overlaps the compute already queued. (2): allocate an upload's
+# destination on the copy stream (``DeviceTier.alloc(..., stream=copy_stream(dev))``); the
+# consumer's ``wait_stream`` records its stream on the tensor, so the block is not reused for
+# the next upload while compute still reads it.
+
+
+def copy_async(
+    dst: torch.Tensor, src: torch.Tensor, *, stream: torch.cuda.Stream | None = None, after_current: bool | None = None
+) -> CopyHandle:
+    """Copy ``src`` into ``dst`` (same shape and dtype) across tiers; see the module docstring.
+
+    ``after_current`` (default: whether ``src`` is on a CUDA device) makes the copy start only
+    after the work already queued on the current stream; see [Note: copy streams].
+    """
     if dst.shape != src.shape or dst.dtype != src.dtype:
         raise ValueError(
             f"copy_async: dst is {dst.dtype}{list(dst.shape)}, src is {src.dtype}{list(src.shape)}; "
@@ -235,16 +275,15 @@ def copy_async(dst: torch.Tensor, src: torch.Tensor, *, stream: torch.cuda.Strea
     if cuda is None:
         dst.copy_(src)
         return CopyHandle(None, None, ())
-    side = stream or _side_stream(cuda, "h2d" if dst.device.type == "cuda" else "d2h")
-    producer = torch.cuda.current_stream(cuda)
-    # The copy must see everything already queued that writes ``src`` (or reads ``dst``).
-    side.wait_stream(producer)
+    side = stream or copy_stream(cuda, "d2h" if src.device.type == "cuda" else "h2d")
+    if after_current if after_current is not None else src.device.type == "cuda":
+        side.wait_stream(torch.cuda.current_stream(cuda))
     with torch.cuda.stream(side):
         dst.copy_(src, non_blocking=True)
         event = torch.cuda.Event()
         event.record(side)
-    # Tell the caching allocator that the side stream uses these blocks, so freeing them on the
-    # producer stream before the copy ends does not hand the memory to someone else too early.
+    # Tensors allocated on another stream are now also used by the side stream: tell the
+    # allocator, so freeing them there does not hand the memory out before the copy ends.
     for t in (dst, src):
         if t.device.type == "cuda":
             t.record_stream(side)
