@@ -1,0 +1,309 @@
+"""Model analysis on the meta device: parameters, saved-activation bytes and FLOPs per block.
+
+``analyze`` builds the model on ``meta`` in the compute dtype (no weights are allocated, so a
+175B model analyses in seconds in a few hundred MB) and runs one forward and backward of one
+micro-batch, recording per block:
+
+- **parameters**: each tensor once, in the first block whose module holds it; a parameter
+  outside every block goes to the block running when the forward first uses it, else to the
+  last block. Names are fully qualified, in order of first use in the forward.
+- **activation bytes**: what autograd saves for backward (``saved_tensors_hooks``), each
+  storage counted once in the block that first saves it, parameter and buffer storages
+  excluded. A layer's input is saved by its first norm, so it counts in the layer, as in
+  Korthikanti et al. 2022.
+- **FLOPs**: ``torch.utils.flop_counter.FlopCounterMode`` totals read at every block switch.
+  Forward switches come from module pre-hooks; backward switches from gradient hooks on each
+  block's output, which fire when that block's backward is about to start.
+- **input/output bytes** of each block's primary tensor.
+
+[Note: kernels as on the accelerator]
+On meta (and CPU) tensors PyTorch decomposes two ops differently from CUDA, which would make
+the analysis describe a CPU run rather than the GPU run being planned:
+- ``F.dropout`` becomes ``bernoulli_`` + ``mul`` and saves a mask in the input dtype; CUDA runs
+  ``aten.native_dropout``, which saves a 1-byte bool mask (the mask Korthikanti et al. count).
+- ``F.scaled_dot_product_attention`` falls back to the math path (saving the s×s probabilities,
+  upcast to fp32 for bf16); CUDA runs flash attention (bf16/fp16, no mask, head size ≤ 256) or
+  memory-efficient attention, which save q, k, v, the output and the log-sum-exp only.
+During the pass a ``TorchFunctionMode`` sends both calls to the CUDA ops, whose meta kernels
+and autograd formulas are PyTorch's own, so the saved tensors and FLOPs are those of the GPU run.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from memtrain.models.source import BuiltModel, build_model, first_tensor
+from memtrain.planner.stats import BlockStats, DType, ModelStats, Optimizer, model_state_bytes_per_param
+from memtrain.runtime.config import ConfigError
+
+if TYPE_CHECKING:
+    from memtrain.runtime.config import ModelConfig
+
+__all__ = ["analyze", "analyze_built", "model_state_bytes", "TORCH_DTYPES"]
+
+TORCH_DTYPES: dict[DType, torch.dtype] = {DType.FP32: torch.float32, DType.BF16: torch.bfloat16, DType.FP16: torch.float16}
+"""The torch dtype of each compute dtype."""
+
+
+def model_state_bytes(stats: ModelStats, optimizer: Optimizer | str = Optimizer.ADAMW) -> int:
+    """Bytes of parameters, gradients and optimizer states of the whole model.
+
+    Rajbhandari et al. 2020 (ZeRO), Sec. 3.1: mixed-precision AdamW keeps (2+2+12)Ψ bytes,
+    fp32 AdamW 16Ψ (see ``stats.model_state_bytes_per_param``).
+    """
+    return stats.num_params * model_state_bytes_per_param(stats.dtype, optimizer)
+
+
+def _check_sizes(seq_len: int, micro_batch_size: int, dtype: DType | str) -> DType:
+    if seq_len < 1:
+        raise ConfigError(f"train.seq_len: must be >= 1, got {seq_len}")
+    if micro_batch_size < 1:
+        raise ConfigError(f"train.micro_batch_size: analysis needs >= 1 sequence, got {micro_batch_size}")
+    try:
+        return DType(dtype)
+    except ValueError:
+        raise ConfigError(f"train.dtype: must be 'fp32', 'bf16' or 'fp16', got {dtype!r}") from None
+
+
+def analyze(cfg: ModelConfig, *, seq_len: int, micro_batch_size: int = 1, dtype: DType | str = "fp32") -> ModelStats:
+    """Per-block figures of the model ``cfg`` for one micro-batch of ``micro_batch_size``
+    sequences of ``seq_len`` tokens, computed in ``dtype``."""
+    dt = _check_sizes(seq_len, micro_batch_size, dtype)
+    with torch.device("meta"):
+        built = build_model(cfg, max_seq_len=seq_len)
+    return analyze_built(built, seq_len=seq_len, micro_batch_size=micro_batch_size, dtype=dt)
+
+
+def analyze_built(
+    built: BuiltModel, *, seq_len: int, micro_batch_size: int = 1, dtype: DType | str = "fp32"
+) -> ModelStats:
+    """As ``analyze`` for a model already built on the meta device (converted to ``dtype`` in
+    place; its meta gradients are cleared afterwards)."""
+    dt = _check_sizes(seq_len, micro_batch_size, dtype)
+    module = built.module
+    if any(t.device.type != "meta" for t in (*module.parameters(), *module.buffers())):
+        raise ConfigError("analyze_built: build the model under `with torch.device('meta'):` so no weights are allocated")
+    module.to(TORCH_DTYPES[dt])
+    module.train()  # dropout on: its masks are saved for backward
+    rec = _Recorder(built)
+    ids = torch.zeros(micro_batch_size, seq_len, dtype=torch.long, device="meta")
+    labels = torch.zeros(micro_batch_size, seq_len, dtype=torch.long, device="meta")
+    hooks = rec.install()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            rec.counter = counter
+            with _AsOnAccelerator(rec), torch.autograd.graph.saved_tensors_hooks(rec.pack, _unpack):
+                loss = built.loss_fn(built.forward(ids), labels)  # the loss counts toward the head
+            rec.start_backward()
+            loss.backward()
+            rec.switch(rec.cur)  # flush the last block's backward FLOPs
+    finally:
+        for h in hooks:
+            h.remove()
+        module.zero_grad(set_to_none=True)
+    blocks = rec.block_stats()
+    return ModelStats(
+        name=built.name,
+        num_params=sum(b.num_params for b in blocks),
+        dtype=dt,
+        micro_batch_size=micro_batch_size,
+        seq_len=seq_len,
+        blocks=blocks,
+    )
+
+
+def _unpack(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, int]:
+    """Identity and size of the storage behind ``t`` (views share their base's storage)."""
+    try:
+        storage = t.untyped_storage()
+        return storage._cdata, storage.nbytes()
+    except (RuntimeError, NotImplementedError, TypeError):  # tensors without a plain storage
+        return id(t), _nbytes(t)
+
+
+class _Recorder:
+    """Per-block tallies of one forward+backward pass (see the module docstring)."""
+
+    def __init__(self, built: BuiltModel) -> None:
+        self.built = built
+        n = len(built.blocks)
+        self.cur = 0
+        """Index of the block whose work is being recorded."""
+        self.backward = False
+        self.counter: FlopCounterMode | None = None
+        self.flops_seen = 0
+        self.fwd_flops = [0] * n
+        self.bwd_flops = [0] * n
+        self.activation_bytes = [0] * n
+        self.input_bytes: list[int | None] = [None] * n
+        self.output_bytes: list[int | None] = [None] * n
+        self.first_use: dict[int, tuple[int, int]] = {}
+        """id(parameter) → (order of first use in the forward, block running then)."""
+        self.saved: dict[int, torch.Tensor] = {}
+        """Storage key → one tensor on it, kept alive so no key is reused during the pass."""
+        self.excluded = {_storage_key(t)[0] for t in (*built.module.parameters(), *built.module.buffers())}
+
+    def install(self) -> list[Any]:
+        hooks = []
+        for i, (_, blk) in enumerate(self.built.blocks):
+            hooks.append(blk.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
+            hooks.append(blk.register_forward_hook(self._post_hook(i), with_kwargs=True))
+        return hooks
+
+    def switch(self, index: int) -> None:
+        total = self.counter.get_total_flops() if self.counter is not None else 0
+        tally = self.bwd_flops if self.backward else self.fwd_flops
+        tally[self.cur] += total - self.flops_seen
+        self.flops_seen = total
+        self.cur = index
+
+    def start_backward(self) -> None:
+        self.switch(len(self.built.blocks) - 1)  # flush the forward; backward starts in the head
+        self.backward = True
+
+    def _pre_hook(self, i: int):
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            self.switch(i)
+            if self.input_bytes[i] is None:
+                x = first_tensor(args)
+                if x is None:
+                    x = first_tensor(kwargs.get("hidden_states", None))
+                if x is None:
+                    x = first_tensor(list(kwargs.values()))
+                self.input_bytes[i] = _nbytes(x)
+
+        return hook
+
+    def _post_hook(self, i: int):
+        last = len(self.built.blocks) - 1
+
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            out = first_tensor(output)
+            if self.output_bytes[i] is None:
+                self.output_bytes[i] = _nbytes(out)
+            if i < last and out is not None and out.requires_grad:
+                # The gradient of this block's output is complete once the next block's
+                # backward has finished: from then on backward work is this block's.
+                out.register_hook(lambda grad: self.switch(i))
+            if i == last - 1:
+                self.switch(last)  # work between the last layer and the head (final norm) is the head's
+
+        return hook
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        key, nbytes = _storage_key(t)
+        if key not in self.excluded and key not in self.saved:
+            self.saved[key] = t
+            self.activation_bytes[self.cur] += nbytes
+        return t
+
+    def note_params(self, values: Any) -> None:
+        if self.backward:
+            return
+        for v in values:
+            if isinstance(v, nn.Parameter):
+                if id(v) not in self.first_use:
+                    self.first_use[id(v)] = (len(self.first_use), self.cur)
+            elif isinstance(v, (list, tuple)):
+                self.note_params(v)
+
+    def block_stats(self) -> tuple[BlockStats, ...]:
+        n = len(self.built.blocks)
+        owner: dict[int, int] = {}
+        for i, (_, blk) in enumerate(self.built.blocks):
+            for p in blk.parameters():
+                owner.setdefault(id(p), i)
+        per_block: list[list[tuple[int, int, str, nn.Parameter]]] = [[] for _ in range(n)]
+        for reg, (name, p) in enumerate(self.built.module.named_parameters()):
+            used = self.first_use.get(id(p))
+            i = owner.get(id(p), used[1] if used else n - 1)
+            # Used parameters in order of first use; unused ones after, in registration order.
+            per_block[i].append((used[0] if used else len(self.first_use) + reg, reg, name, p))
+        stats = []
+        for i, (name, _) in enumerate(self.built.blocks):
+            params = sorted(per_block[i], key=lambda e: e[:2])
+            stats.append(
+                BlockStats(
+                    name=name,
+                    num_params=sum(p.numel() for *_, p in params),
+                    param_bytes=sum(p.numel() * p.element_size() for *_, p in params),
+                    activation_bytes=self.activation_bytes[i],
+                    input_bytes=self.input_bytes[i] or 0,
+                    output_bytes=self.output_bytes[i] or 0,
+                    fwd_flops=self.fwd_flops[i],
+                    bwd_flops=self.bwd_flops[i],
+                    param_names=tuple(e[2] for e in params),
+                    param_numels=tuple(e[3].numel() for e in params),
+                )
+            )
+        return tuple(stats)
+
+
+class _AsOnAccelerator(TorchFunctionMode):
+    """Run dropout and attention with the CUDA kernels' meta versions ([Note: kernels as on the
+    accelerator]) and note the first use of each parameter."""
+
+    def __init__(self, rec: _Recorder) -> None:
+        super().__init__()
+        self.rec = rec
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.rec.note_params(args)
+        self.rec.note_params(kwargs.values())
+        if func is F.dropout:
+            return _dropout(*args, **kwargs)
+        if func is F.scaled_dot_product_attention:
+            return _attention(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    if not training or p == 0.0 or input.device.type != "meta":
+        return F.dropout(input, p, training, inplace)
+    # CUDA's at::dropout: native_dropout, saving a bool mask (1 byte per element).
+    return torch.native_dropout(input, p, True)[0]
+
+
+def _attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    if query.device.type != "meta" or query.dim() != 4:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    aten = torch.ops.aten
+    if attn_mask is None and query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] <= 256:
+        # Flash attention (Dao 2022): saves q, k, v, output, log-sum-exp and the RNG state.
+        return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False, scale=scale)[0]
+    # Memory-efficient attention (Rabe & Staats 2021; xformers): same saved set, takes a bias.
+    if key.shape[-3] != query.shape[-3]:
+        rep = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(rep, dim=-3), value.repeat_interleave(rep, dim=-3)
+    bias = attn_mask
+    if bias is not None and bias.dtype == torch.bool:
+        # SDPA turns a bool mask into an additive one (0 where kept, -inf where masked).
+        bias = torch.zeros(bias.shape, dtype=query.dtype, device=bias.device).masked_fill(~bias, float("-inf"))
+    need_lse = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    return aten._scaled_dot_product_efficient_attention(query, key, value, bias, need_lse, dropout_p, is_causal,
+                                                        scale=scale)[0]
