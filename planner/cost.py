@@ -79,21 +79,34 @@ def compute_time_s(flops: float, device: DeviceSpec, dtype: DType | str) -> floa
     return flops / (peak * device.compute_efficiency)
 
 
-def block_fwd_time_s(block: BlockStats, device: DeviceSpec, dtype: DType | str) -> float:
+def block_fwd_time_s(block: BlockStats, device: DeviceSpec, dtype: DType | str, micro_batch_size: int | None = None) -> float:
+    """Forward time of one micro-batch through the block.
+
+    A profiled block (``BlockStats.measured``) uses its fitted time, fixed + per-sequence ×
+    micro-batch size (so ``micro_batch_size`` is required for it); otherwise FLOPs over the
+    achieved FLOP/s (``compute_time_s``).
+    """
+    if block.fwd_fixed_s > 0 or block.fwd_per_sample_s > 0:
+        assert micro_batch_size is not None, "a measured block's time depends on the micro-batch size"
+        return block.fwd_fixed_s + block.fwd_per_sample_s * micro_batch_size
     return compute_time_s(block.fwd_flops, device, dtype)
 
 
-def block_bwd_time_s(block: BlockStats, device: DeviceSpec, dtype: DType | str) -> float:
+def block_bwd_time_s(block: BlockStats, device: DeviceSpec, dtype: DType | str, micro_batch_size: int | None = None) -> float:
+    """Backward time of one micro-batch through the block (measured fit, else FLOPs)."""
+    if block.bwd_fixed_s > 0 or block.bwd_per_sample_s > 0:
+        assert micro_batch_size is not None, "a measured block's time depends on the micro-batch size"
+        return block.bwd_fixed_s + block.bwd_per_sample_s * micro_batch_size
     return compute_time_s(block.bwd_flops, device, dtype)
 
 
-def recompute_time_s(block: BlockStats, device: DeviceSpec, dtype: DType | str) -> float:
+def recompute_time_s(block: BlockStats, device: DeviceSpec, dtype: DType | str, micro_batch_size: int | None = None) -> float:
     """Recomputation re-runs the block's forward once before its backward.
 
     Chen et al. 2016 (Training deep nets with sublinear memory cost), Sec. 3: one extra forward
     per checkpointed segment; Korthikanti et al. 2022, Sec. 5: full recompute adds one forward.
     """
-    return compute_time_s(block.fwd_flops, device, dtype)
+    return block_fwd_time_s(block, device, dtype, micro_batch_size)
 
 
 def transfer_time_s(num_bytes: float, gbps: float, latency_s: float) -> float:
@@ -316,15 +329,14 @@ def pack_params(params: Iterable[tuple[str, int]], chunk_size_elems: int) -> lis
 def block_param_list(block: BlockStats, param_numels: Mapping[str, int] | None = None) -> list[tuple[str, int]] | None:
     """``[(name, numel), ...]`` of a block, or None when per-parameter sizes are unknown.
 
-    Sizes come from ``param_numels`` (name -> numel) or from a ``param_numels`` tuple on the
-    block (parallel to ``param_names``) when the analysis provides one.
+    Sizes come from the block's ``param_numels`` (parallel to ``param_names``) or, when the
+    analysis left them out, from ``param_numels`` (name -> numel).
     """
     names = block.param_names
     if not names:
         return None
-    sizes = getattr(block, "param_numels", None)
-    if sizes and len(sizes) == len(names):
-        return list(zip(names, sizes))
+    if block.param_numels and len(block.param_numels) == len(names):
+        return list(zip(names, block.param_numels))
     if param_numels is not None and all(n in param_numels for n in names):
         return [(n, int(param_numels[n])) for n in names]
     return None
@@ -335,9 +347,10 @@ def pack_chunks(
 ) -> list[tuple[tuple[str, ...], int]]:
     """Chunks of a model, in execution order (blocks in order, their ``param_names`` in order).
 
-    [Note: chunking without parameter sizes] ``BlockStats`` names its parameters but does not
-    size them. When sizes are known (``param_numels``, or the block carries them) parameters are
-    packed one by one with ``pack_params``' rule. A block whose sizes are unknown is packed as
+    [Note: chunking without parameter sizes] When parameter sizes are known
+    (``BlockStats.param_numels``, or the ``param_numels`` mapping) parameters are packed one by
+    one with ``pack_params``' rule, so the runtime gets the same chunks from
+    ``pack_params([(name, numel), ...])`` over the model's parameters in execution order. A block whose sizes are unknown is packed as
     one indivisible unit of ``num_params`` elements (never split, a chunk of its own when larger
     than the chunk size); the runtime then uses the plan's ``ChunkPlan.param_names`` as is.
     """

@@ -113,7 +113,7 @@ def simulate_graph(graph: TaskGraph) -> GraphResult:
     start = [0.0] * n
     finish = [0.0] * n
     stream_free: dict[str, float] = dict.fromkeys(STREAMS, 0.0)
-    events: list[tuple[float, int, int, str, str, int]] = []
+    events: list[tuple[float, int, int, int, str, str, int]] = []
     streams, durations, deps, mem = graph.streams, graph.durations, graph.deps, graph.mem
     for tid in range(n):
         t0 = stream_free[streams[tid]]
@@ -124,18 +124,21 @@ def simulate_graph(graph: TaskGraph) -> GraphResult:
         start[tid], finish[tid] = t0, t1
         stream_free[streams[tid]] = t1
         for kind, tier, owner, b in mem[tid]:
+            signed = -b if kind == _END_FREE else b
             if kind == _START_ALLOC:
-                events.append((t0, kind, tid, tier, owner, b))
-            else:
-                # A zero-length task's end events come after the starts at that instant (its own included).
-                order = kind if t1 > t0 else kind + 3
-                events.append((t1, order, tid, tier, owner, -b if kind == _END_FREE else b))
-    events.sort(key=lambda e: (e[0], e[1], e[2]))
+                events.append((t0, _START_ALLOC, tid, 0, tier, owner, signed))
+            elif t1 > t0:
+                events.append((t1, kind, tid, 0, tier, owner, signed))
+            else:  # a zero-length task ends right after its own start, before later tasks start
+                events.append((t1, _START_ALLOC, tid, 1 + kind, tier, owner, signed))
+    # At one instant: ends of running tasks (their allocations, then frees), then starts in
+    # program order; so a task waiting for bytes to be freed never counts them twice.
+    events.sort(key=lambda e: e[:4])
 
     in_use: dict[str, int] = defaultdict(int)
     peak: dict[str, int] = defaultdict(int)
     peak_at: dict[str, int] = {}
-    for pos, (_, _, _, tier, _, b) in enumerate(events):
+    for pos, (_, _, _, _, tier, _, b) in enumerate(events):
         in_use[tier] += b
         assert in_use[tier] >= 0, f"{tier}: more freed than allocated at event {pos}"
         if in_use[tier] > peak[tier]:
@@ -144,7 +147,7 @@ def simulate_graph(graph: TaskGraph) -> GraphResult:
     peak_owners: dict[str, dict[str, int]] = {}
     for tier, at in peak_at.items():
         owners: dict[str, int] = defaultdict(int)
-        for _, _, _, t, owner, b in events[: at + 1]:
+        for _, _, _, _, t, owner, b in events[: at + 1]:
             if t == tier:
                 owners[owner] += b
         peak_owners[tier] = {o: b for o, b in owners.items() if b}
@@ -197,8 +200,8 @@ class _StepBuilder:
             raise ValueError("memory: the policy puts data on NVMe but no NVMe is configured; add cluster.nodes[].nvme")
         self.comp = cost.zstd_model(host.num_cpus) if policy.compress_nvme else None
         dt = train.dtype
-        self.fwd = [cost.block_fwd_time_s(b, device, dt) for b in blocks]
-        self.bwd = [cost.block_bwd_time_s(b, device, dt) for b in blocks]
+        self.fwd = [cost.block_fwd_time_s(b, device, dt, stats.micro_batch_size) for b in blocks]
+        self.bwd = [cost.block_bwd_time_s(b, device, dt, stats.micro_batch_size) for b in blocks]
         # Fetch order and last use of each off-device chunk, per pass (forward, backward).
         self.fwd_fetch, self.last_f = self._pass_order(range(len(blocks)))
         self.bwd_fetch, self.last_b = self._pass_order(range(len(blocks) - 1, -1, -1))
@@ -237,12 +240,12 @@ class _StepBuilder:
             buf = (Tier.DEVICE.value, f"buffer:param:{c}", nbytes)
             deps = slot_dep
             if chunk.home is Tier.NVME:
-                rd = self.g.add(f"read{m}@c{c}", "disk", cost.disk_read_time_s(nbytes, self.nvme, self.comp), deps=deps,
+                rd = self.g.add(f"read{m}@c{c}:{'FB'[p]}", "disk", cost.disk_read_time_s(nbytes, self.nvme, self.comp), deps=deps,
                                 alloc_start=[buf, (Tier.HOST.value, f"staging:{c}", nbytes)], tag=m)
-                h = self.g.add(f"PREFETCH{m}@c{c}", "h2d", cost.h2d_time_s(nbytes, self.device), deps=(rd,),
+                h = self.g.add(f"PREFETCH{m}@c{c}:{'FB'[p]}", "h2d", cost.h2d_time_s(nbytes, self.device), deps=(rd,),
                                free_end=[(Tier.HOST.value, f"staging:{c}", nbytes)], tag=m)
             else:
-                h = self.g.add(f"PREFETCH{m}@c{c}", "h2d", cost.h2d_time_s(nbytes, self.device), deps=deps,
+                h = self.g.add(f"PREFETCH{m}@c{c}:{'FB'[p]}", "h2d", cost.h2d_time_s(nbytes, self.device), deps=deps,
                                alloc_start=[buf], tag=m)
             self.fetch_task[(m, p, c)] = (k, h)
             self.next_fetch += 1
@@ -483,8 +486,8 @@ def stream_work_s(
     work = dict.fromkeys(STREAMS, 0.0)
     bc = cost.block_chunk_ids(s, policy.chunks)
     for b, pol in zip(s.blocks, policy.activations):
-        work["compute"] += n * cost.block_fwd_time_s(b, device, dt) * (2 if pol is ActPolicy.RECOMPUTE else 1)
-        work["compute"] += n * cost.block_bwd_time_s(b, device, dt)
+        work["compute"] += n * cost.block_fwd_time_s(b, device, dt, s.micro_batch_size) * (2 if pol is ActPolicy.RECOMPUTE else 1)
+        work["compute"] += n * cost.block_bwd_time_s(b, device, dt, s.micro_batch_size)
         if pol in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME):
             work["d2h"] += n * cost.d2h_time_s(b.activation_bytes, device)
             work["h2d"] += n * cost.h2d_time_s(b.activation_bytes, device)

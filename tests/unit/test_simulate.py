@@ -1,0 +1,239 @@
+"""The event simulator on tiny graphs, and simulate_step against docs/memory-accounting.md."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
+from memtrain.planner import cost
+from memtrain.planner.plan import ActPolicy, ChunkPlan, MemoryPolicy, Tier, TrainShape
+from memtrain.planner.simulate import TaskGraph, simulate_graph, simulate_step, stream_work_s
+from memtrain.planner.stats import BlockStats, DType, ModelStats, Optimizer
+
+# 50 TFLOP/s achieved: a block of 5e12 forward FLOPs takes 0.1 s forward, 0.2 s backward
+DEV = DeviceSpec(kind="toy", name="Toy", memory_bytes=10**11, bf16_flops=100e12, fp16_flops=100e12, fp32_flops=10e12,
+                 memory_bw_gbps=1000.0, h2d_gbps=25.0, d2h_gbps=20.0, compute_efficiency=0.5)
+HOST = HostSpec(memory_bytes=10**12, num_cpus=8, memory_bw_gbps=100.0, cpu_adam_params_per_s=1e12)
+NVME = NvmeSpec(path="/tmp/nvme", capacity_bytes=10**13, read_gbps=5.0, write_gbps=5.0)
+FLOPS = int(5e12)
+MB = 10**6
+
+
+def make_stats(acts: list[int], inputs: list[int] | None = None, params: list[int] | None = None) -> ModelStats:
+    inputs = inputs or [10 * MB] * len(acts)
+    params = params or [1000] * len(acts)
+    blocks = tuple(
+        BlockStats(name=f"b{j}", num_params=p, param_bytes=2 * p, activation_bytes=a, input_bytes=i, output_bytes=i,
+                   fwd_flops=FLOPS, bwd_flops=2 * FLOPS, param_names=(f"b{j}.w",))
+        for j, (a, i, p) in enumerate(zip(acts, inputs, params))
+    )
+    return ModelStats(name="toy", num_params=sum(params), dtype=DType.BF16, micro_batch_size=1, seq_len=8, blocks=blocks)
+
+
+def train(n: int, mbs: int = 1) -> TrainShape:
+    return TrainShape(global_batch_size=n * mbs, micro_batch_size=mbs, num_microbatches=n, seq_len=8,
+                      dtype=DType.BF16, optimizer=Optimizer.ADAMW)
+
+
+def policy(stats: ModelStats, homes: list[Tier], acts: list[ActPolicy], depth: int = 1, one_chunk: bool = False) -> MemoryPolicy:
+    if one_chunk:
+        chunks = (ChunkPlan(index=0, num_elems=stats.num_params, param_names=tuple(b.param_names[0] for b in stats.blocks),
+                            home=homes[0]),)
+    else:
+        chunks = tuple(ChunkPlan(index=j, num_elems=b.num_params, param_names=b.param_names, home=h)
+                       for j, (b, h) in enumerate(zip(stats.blocks, homes)))
+    return MemoryPolicy(chunk_size_elems=max(c.num_elems for c in chunks), chunks=chunks, prefetch_depth=depth,
+                        activations=tuple(acts))
+
+
+# --- the engine ---------------------------------------------------------------------------
+
+
+def test_streams_overlap_and_run_in_order():
+    g = TaskGraph()
+    a = g.add("a", "compute", 1.0)
+    b = g.add("b", "h2d", 1.0)
+    c = g.add("c", "compute", 0.5)
+    d = g.add("d", "d2h", 1.0, deps=(a,))
+    e = g.add("e", "h2d", 1.0, deps=(d,))
+    f = g.add("f", "h2d", 0.25)  # could run at 1.0, but h2d is in order behind e (CUDA stream rule)
+    r = simulate_graph(g)
+    assert (r.start_s[a], r.finish_s[a]) == (0.0, 1.0)
+    assert (r.start_s[b], r.finish_s[b]) == (0.0, 1.0)  # other stream: overlaps a
+    assert (r.start_s[c], r.finish_s[c]) == (1.0, 1.5)  # same stream: after a
+    assert (r.start_s[d], r.finish_s[d]) == (1.0, 2.0)  # after its dependency
+    assert (r.start_s[e], r.finish_s[e]) == (2.0, 3.0)
+    assert (r.start_s[f], r.finish_s[f]) == (3.0, 3.25)
+    assert r.end_s == 3.25
+
+
+def test_memory_peak_and_breakdown_by_owner():
+    g = TaskGraph()
+    a = g.add("a", "compute", 1.0, alloc_start=[("device", "act:0:0", 100)])
+    b = g.add("b", "h2d", 1.0, alloc_end=[("device", "buffer:param:1", 50)], alloc_start=[("host", "staging:1", 7)])
+    g.add("c", "compute", 0.5, free_end=[("device", "act:0:0", 100)])
+    g.add("d", "d2h", 1.0, deps=(b,), free_end=[("device", "buffer:param:1", 50), ("host", "staging:1", 7)])
+    # starts exactly when c frees act:0:0: frees at an instant come before allocations
+    g.add("e", "compute", 1.0, deps=(a,), alloc_start=[("device", "act:1:0", 120)], free_end=[("device", "act:1:0", 120)])
+    r = simulate_graph(g)
+    assert r.peak_bytes == {"device": 170, "host": 7}
+    assert r.peak_owners["device"] == {"buffer:param:1": 50, "act:1:0": 120}
+    assert r.breakdown()["device"] == {"buffer": 50, "act": 120}
+
+
+def test_zero_length_tasks_hold_their_bytes_at_their_instant():
+    g = TaskGraph()
+    g.add("a", "compute", 0.0, alloc_start=[("device", "x", 10)], free_end=[("device", "x", 10)])
+    g.add("b", "compute", 1.0, alloc_start=[("device", "y", 5)], free_end=[("device", "y", 5)])
+    r = simulate_graph(g)
+    assert r.peak_bytes["device"] == 10  # a ended at 0 before b started
+
+
+def test_dependencies_must_point_backwards():
+    g = TaskGraph()
+    with pytest.raises(AssertionError):
+        g.add("a", "compute", 1.0, deps=(0,))
+
+
+# --- one training step --------------------------------------------------------------------
+
+
+def test_all_on_device_keep_peak_is_chunks_plus_one_microbatch_of_activations():
+    acts = [100 * MB, 200 * MB, 300 * MB]
+    stats = make_stats(acts)
+    pol = policy(stats, [Tier.DEVICE] * 3, [ActPolicy.KEEP] * 3)
+    r = simulate_step(stats, train(3), DEV, HOST, None, pol)
+    chunks = sum(cost.chunk_bytes(Tier.DEVICE, b.num_params, "bf16", "adamw")[Tier.DEVICE] for b in stats.blocks)
+    assert r.peak_bytes == {"device": chunks + sum(acts), "host": 0, "nvme": 0}
+    assert r.breakdown["device"] == {"chunk": chunks, "act": sum(acts)}
+    optim = cost.device_optimizer_time_s(stats.num_params, "bf16", "adamw", DEV)
+    assert r.step_time_s == pytest.approx(3 * 3 * (0.1 + 0.2) + optim)
+    assert r.tokens_per_s == pytest.approx(3 * 8 / r.step_time_s)
+    assert r.mfu == pytest.approx(3 * 3 * 3 * FLOPS / (r.step_time_s * 100e12))
+
+
+def test_recompute_holds_inputs_and_one_rebuilt_block():
+    acts, inputs = [100 * MB, 200 * MB, 300 * MB], [10 * MB, 20 * MB, 30 * MB]
+    stats = make_stats(acts, inputs)
+    pol = policy(stats, [Tier.DEVICE] * 3, [ActPolicy.RECOMPUTE] * 3)
+    r = simulate_step(stats, train(2), DEV, HOST, None, pol)
+    chunks = sum(cost.chunk_bytes(Tier.DEVICE, b.num_params, "bf16", "adamw")[Tier.DEVICE] for b in stats.blocks)
+    # during block j's recompute+backward: inputs of blocks <= j, plus A_j
+    expect = max(sum(inputs[: j + 1]) + acts[j] for j in range(3))
+    assert r.peak_bytes["device"] == chunks + expect
+    optim = cost.device_optimizer_time_s(stats.num_params, "bf16", "adamw", DEV)
+    assert r.step_time_s == pytest.approx(2 * 3 * (0.1 + 0.1 + 0.2) + optim)
+
+
+def test_swap_host_moves_activations_to_the_host_and_back():
+    acts = [300 * MB, 100 * MB, 200 * MB]
+    stats = make_stats(acts)
+    pol = policy(stats, [Tier.DEVICE] * 3, [ActPolicy.SWAP_HOST, ActPolicy.KEEP, ActPolicy.KEEP])
+    r = simulate_step(stats, train(2), DEV, HOST, None, pol)
+    chunks = sum(cost.chunk_bytes(Tier.DEVICE, b.num_params, "bf16", "adamw")[Tier.DEVICE] for b in stats.blocks)
+    # block 0 is copied out during F1 (15 ms < 0.1 s) and copied back in once B2 has ended
+    assert r.peak_bytes["device"] == chunks + max(acts[1] + acts[2], acts[0] + acts[1])
+    assert r.peak_bytes["host"] == acts[0]
+    keep = simulate_step(stats, train(2), DEV, HOST, None, policy(stats, [Tier.DEVICE] * 3, [ActPolicy.KEEP] * 3))
+    assert r.step_time_s == pytest.approx(keep.step_time_s)  # the copies hide under compute
+    names = [e.name for e in r.timeline]
+    assert names.index("SWAP_IN0:0") > names.index("B0:2")
+
+
+def test_swap_nvme_goes_through_host_staging_to_disk():
+    acts = [300 * MB, 100 * MB, 200 * MB]
+    stats = make_stats(acts)
+    pol = policy(stats, [Tier.DEVICE] * 3, [ActPolicy.SWAP_NVME, ActPolicy.KEEP, ActPolicy.KEEP])
+    r = simulate_step(stats, train(2), DEV, HOST, NVME, pol)
+    assert r.peak_bytes["nvme"] == acts[0]
+    assert r.peak_bytes["host"] == acts[0]  # staging while writing, and again while reading
+    streams = {e.name: e.stream for e in r.timeline}
+    assert streams["write0:0"] == "disk" and streams["read0:0"] == "disk"
+    with pytest.raises(ValueError, match="NVMe"):
+        simulate_step(stats, train(2), DEV, HOST, None, pol)
+
+
+def test_prefetch_depth_bounds_param_buffers_and_overlap():
+    n_elems = 10**9  # 2 GB bf16 buffers: 0.08 s to copy in, 0.1 s out
+    stats = make_stats([1 * MB, 1 * MB], params=[n_elems, n_elems])
+    one = simulate_step(stats, train(1), DEV, HOST, None, policy(stats, [Tier.HOST] * 2, [ActPolicy.KEEP] * 2, depth=1))
+    ev = {e.name: e for e in one.timeline}
+    assert ev["PREFETCH0@c1:F"].start_s >= ev["F0:0"].end_s  # one buffer: no prefetch under F0
+    assert ev["PREFETCH0@c0:B"].start_s >= ev["B0:1"].end_s
+    # peak at B0's start: param buffer c0, grad buffer c0, and c1's grad still being copied out
+    assert one.peak_bytes["device"] == 3 * 2 * n_elems + 1 * MB
+    assert one.breakdown["device"] == {"buffer": 3 * 2 * n_elems, "act": 1 * MB}
+    assert one.peak_bytes["host"] == 2 * cost.chunk_bytes(Tier.HOST, n_elems, "bf16", "adamw")[Tier.HOST]
+    two = simulate_step(stats, train(1), DEV, HOST, None, policy(stats, [Tier.HOST] * 2, [ActPolicy.KEEP] * 2, depth=2))
+    ev2 = {e.name: e for e in two.timeline}
+    assert ev2["PREFETCH0@c1:F"].start_s == pytest.approx(ev2["PREFETCH0@c0:F"].end_s)  # prefetched under F0
+    assert two.step_time_s < one.step_time_s
+
+
+def test_nvme_chunk_holds_host_accumulator_until_its_optimizer_step_ends():
+    n_elems = 10**8
+    stats = make_stats([1 * MB], params=[n_elems])
+    r = simulate_step(stats, train(2), DEV, HOST, NVME, policy(stats, [Tier.NVME], [ActPolicy.KEEP]))
+    assert r.peak_bytes["nvme"] == cost.chunk_bytes(Tier.NVME, n_elems, "bf16", "adamw")[Tier.NVME]
+    # accumulator (4N) + optimizer staging (master, m, v, bf16 copy: 14N) during the optimizer step
+    assert r.peak_bytes["host"] == 4 * n_elems + 14 * n_elems
+    assert r.breakdown["host"] == {"chunk": 4 * n_elems, "staging": 14 * n_elems}
+    order = [e.name for e in sorted(r.timeline, key=lambda e: e.start_s) if e.name.endswith("@c0") and "1@" not in e.name]
+    assert order[-3:] == ["read-states@c0", "OPTIM@c0", "write-states@c0"]
+
+
+def test_validation_errors_name_the_field():
+    stats = make_stats([MB, MB], params=[100, 100])
+    with pytest.raises(ValueError, match="memory.activations"):
+        simulate_step(stats, train(1), DEV, HOST, None, policy(stats, [Tier.DEVICE] * 2, [ActPolicy.KEEP]))
+    one_chunk_two_blocks = policy(stats, [Tier.HOST], [ActPolicy.KEEP] * 2, depth=1, one_chunk=True)
+    simulate_step(stats, train(1), DEV, HOST, None, one_chunk_two_blocks)  # one chunk per block: depth 1 is enough
+    shared = MemoryPolicy(chunk_size_elems=100, chunks=(
+        ChunkPlan(index=0, num_elems=100, param_names=("b0.w",), home=Tier.HOST),
+        ChunkPlan(index=1, num_elems=100, param_names=("b1.w",), home=Tier.HOST)), prefetch_depth=1,
+        activations=(ActPolicy.KEEP,) * 2)
+    two_in_one = ModelStats(name="t", num_params=200, dtype=DType.BF16, micro_batch_size=1, seq_len=8, blocks=(
+        BlockStats(name="b", num_params=200, param_bytes=400, activation_bytes=MB, input_bytes=MB, output_bytes=MB,
+                   fwd_flops=FLOPS, bwd_flops=FLOPS, param_names=("b0.w", "b1.w")),))
+    with pytest.raises(ValueError, match="prefetch_depth"):
+        simulate_step(two_in_one, train(1), DEV, HOST, None,
+                      MemoryPolicy(chunk_size_elems=100, chunks=shared.chunks, prefetch_depth=1, activations=(ActPolicy.KEEP,)))
+
+
+def _mixed_case(num_layers: int = 24) -> tuple[ModelStats, MemoryPolicy]:
+    acts = [(50 + 10 * (j % 5)) * MB for j in range(num_layers)]
+    stats = make_stats(acts, params=[2 * 10**8] * num_layers)
+    homes = [Tier.DEVICE] * 4 + [Tier.HOST] * (num_layers - 12) + [Tier.NVME] * 8
+    cycle = [ActPolicy.SWAP_HOST, ActPolicy.RECOMPUTE, ActPolicy.KEEP, ActPolicy.SWAP_NVME]
+    return stats, policy(stats, homes, [cycle[j % 4] for j in range(num_layers)], depth=2)
+
+
+@pytest.mark.parametrize("n", [5, 9])
+def test_steady_state_extrapolation_matches_full_simulation(n):
+    stats, pol = _mixed_case()
+    fast = simulate_step(stats, train(n), DEV, HOST, NVME, pol, max_simulated_microbatches=4)
+    full = simulate_step(stats, train(n), DEV, HOST, NVME, pol, max_simulated_microbatches=None)
+    assert fast.num_simulated_microbatches == 4 and full.num_simulated_microbatches == n
+    assert fast.step_time_s == pytest.approx(full.step_time_s, rel=1e-9)
+    assert fast.peak_bytes == full.peak_bytes
+    assert fast.timeline[-1].end_s <= fast.step_time_s + 1e-9
+
+
+def test_stream_work_is_a_lower_bound_and_tight_for_compute_bound_steps():
+    stats, pol = _mixed_case()
+    t = train(6)
+    work = stream_work_s(stats, t, DEV, HOST, NVME, pol)
+    r = simulate_step(stats, t, DEV, HOST, NVME, pol, max_simulated_microbatches=None)
+    busy = {s: sum(e.end_s - e.start_s for e in r.timeline if e.stream == s) for s in work}
+    assert busy == pytest.approx(work, rel=1e-9)
+    assert r.step_time_s >= max(work.values())
+
+
+def test_a_96_layer_step_simulates_in_tens_of_milliseconds():
+    stats, pol = _mixed_case(96)
+    simulate_step(stats, train(8), DEV, HOST, NVME, pol)  # warm-up
+    start = time.perf_counter()
+    simulate_step(stats, train(8), DEV, HOST, NVME, pol)
+    assert time.perf_counter() - start < 0.5
