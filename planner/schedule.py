@@ -108,6 +108,12 @@ def add_activation_swaps(schedule: Schedule, activations: Sequence[ActPolicy]) -
     return out
 
 
+def _label(action: Action) -> str:
+    if isinstance(action.op, Op):
+        return str(action)
+    return f"{action.stage}{action.op}{'' if action.microbatch is None else action.microbatch}"  # a malformed op
+
+
 def validate(schedule: Schedule) -> list[str]:
     """Problems with a single-device schedule, each naming the rank and step; [] when sound.
 
@@ -117,7 +123,7 @@ def validate(schedule: Schedule) -> list[str]:
     """
     problems: list[str] = []
     for rank, acts in sorted(schedule.items()):
-        where = lambda i: f"rank {rank} step {i} ({acts[i]})"  # noqa: E731
+        where = lambda i: f"rank {rank} step {i} ({_label(acts[i])})"  # noqa: E731
         seen_f: set = set()
         seen_b: set = set()
         swapped_out: set = set()

@@ -1,0 +1,97 @@
+"""Schedule generation, each lowering pass alone, validation, CSV and the grid."""
+
+from __future__ import annotations
+
+from memtrain.planner.plan import Action, ActPolicy, ChunkPlan, MemoryPolicy, Op, Tier, schedule_from_csv, schedule_to_csv
+from memtrain.planner.schedule import (
+    add_activation_swaps, add_chunk_transfers, format_grid, generate_single_device, validate,
+)
+
+# chunk 0 on the device, chunk 1 on the host, chunk 2 on NVMe; block 2 uses chunks 1 and 2
+POLICY = MemoryPolicy(
+    chunk_size_elems=10,
+    chunks=(ChunkPlan(index=0, num_elems=10, param_names=("a",), home=Tier.DEVICE),
+            ChunkPlan(index=1, num_elems=10, param_names=("b",), home=Tier.HOST),
+            ChunkPlan(index=2, num_elems=10, param_names=("c",), home=Tier.NVME)),
+    prefetch_depth=2,
+    activations=(ActPolicy.KEEP, ActPolicy.SWAP_HOST, ActPolicy.RECOMPUTE),
+)
+BLOCK_CHUNKS = ((0,), (1,), (1, 2))
+
+
+def text(schedule) -> str:
+    return " ".join(map(str, schedule[0]))
+
+
+def test_generate_single_device_alternates_f_and_b_then_optim():
+    assert text(generate_single_device(3)) == "0F0 0B0 0F1 0B1 0F2 0B2 0OPTIM"
+    assert validate(generate_single_device(3)) == []
+
+
+def test_add_chunk_transfers_alone():
+    lowered = add_chunk_transfers(generate_single_device(2), POLICY, BLOCK_CHUNKS)
+    assert text(lowered) == (
+        "0PREFETCH0@c1 0PREFETCH0@c2 0F0 0OFFLOAD0@c1 0OFFLOAD0@c2 "
+        "0PREFETCH0@c2 0PREFETCH0@c1 0B0 0OFFLOAD0@c2 0OFFLOAD0@c1 "
+        "0PREFETCH1@c1 0PREFETCH1@c2 0F1 0OFFLOAD1@c1 0OFFLOAD1@c2 "
+        "0PREFETCH1@c2 0PREFETCH1@c1 0B1 0OFFLOAD1@c2 0OFFLOAD1@c1 "
+        "0OPTIM@c2 0OPTIM@c1 0OPTIM"
+    )
+    assert validate(lowered) == []
+    # nothing to move when every chunk lives on the device
+    on_device = MemoryPolicy(chunk_size_elems=10, chunks=(POLICY.chunks[0],), prefetch_depth=1, activations=(ActPolicy.KEEP,))
+    assert add_chunk_transfers(generate_single_device(2), on_device, ((0,),)) == generate_single_device(2)
+
+
+def test_add_activation_swaps_alone():
+    swapped = add_activation_swaps(generate_single_device(2), POLICY.activations)
+    assert text(swapped) == "0F0 0SWAP_OUT0 0SWAP_IN0 0B0 0F1 0SWAP_OUT1 0SWAP_IN1 0B1 0OPTIM"
+    assert add_activation_swaps(generate_single_device(2), (ActPolicy.KEEP, ActPolicy.RECOMPUTE)) == generate_single_device(2)
+
+
+def test_passes_compose_with_swap_ins_queued_before_the_backward_fetches():
+    lowered = add_activation_swaps(add_chunk_transfers(generate_single_device(1), POLICY, BLOCK_CHUNKS), POLICY.activations)
+    assert text(lowered) == (
+        "0PREFETCH0@c1 0PREFETCH0@c2 0F0 0SWAP_OUT0 0OFFLOAD0@c1 0OFFLOAD0@c2 "
+        "0SWAP_IN0 0PREFETCH0@c2 0PREFETCH0@c1 0B0 0OFFLOAD0@c2 0OFFLOAD0@c1 0OPTIM@c2 0OPTIM@c1 0OPTIM"
+    )
+    assert validate(lowered) == []
+
+
+def _problems(actions: str) -> list[str]:
+    return validate({0: tuple(Action.parse(a) for a in actions.split())})
+
+
+def test_validate_finds_broken_schedules():
+    assert any("no backward" in p for p in _problems("0F0 0OPTIM"))
+    assert any("before its forward" in p for p in _problems("0B0 0F0 0B0 0OPTIM"))
+    assert any("SWAP_IN" in p for p in _problems("0F0 0SWAP_IN0 0B0 0OPTIM"))
+    assert any("never offloaded" in p for p in _problems("0PREFETCH0@c1 0F0 0B0 0OPTIM"))
+    assert any("fetched again" in p for p in _problems("0PREFETCH0@c1 0PREFETCH0@c1 0F0 0OFFLOAD0@c1 0B0 0OPTIM"))
+    assert any("without a PREFETCH" in p for p in _problems("0F0 0OFFLOAD0@c1 0B0 0OPTIM"))
+    assert any("last action" in p for p in _problems("0F0 0OPTIM 0B0"))
+    assert any("exactly one OPTIM" in p for p in _problems("0F0 0B0"))
+    assert any("forward after an optimizer step" in p for p in _problems("0F0 0B0 0OPTIM@c1 0F1 0B1 0OPTIM"))
+    assert any("unknown op" in p for p in _problems("0F0 0SEND_F0 0B0 0OPTIM"))
+    assert any("unknown op" in p for p in validate({0: (Action(0, "JUMP", 0), Action(0, Op.OPTIM))}))  # type: ignore[arg-type]
+    # a problem names the rank and the step
+    assert _problems("0F0 0OPTIM 0B0")[0].startswith("rank 0 step 1 (0OPTIM)")
+
+
+def test_schedule_round_trips_through_csv():
+    lowered = add_activation_swaps(add_chunk_transfers(generate_single_device(3), POLICY, BLOCK_CHUNKS), POLICY.activations)
+    assert schedule_from_csv(schedule_to_csv(lowered)) == lowered
+
+
+def test_format_grid_golden():
+    grid = format_grid(add_activation_swaps(generate_single_device(1), POLICY.activations))
+    assert grid == (
+        "step  rank 0\n"
+        "0     0F0\n"
+        "1     0SWAP_OUT0\n"
+        "2     0SWAP_IN0\n"
+        "3     0B0\n"
+        "4     0OPTIM\n"
+    )
+    two = format_grid({0: (Action(0, Op.F, 0), Action(0, Op.B, 0)), 1: (Action(1, Op.F, 0),)})
+    assert two == "step  rank 0  rank 1\n0     0F0     1F0\n1     0B0\n"
