@@ -1,0 +1,368 @@
+"""ActivationManager on CPU: parity with plain PyTorch, ledger windows, dedupe, parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from memtrain.models.gpt import GPT, causal_lm_loss, gpt_config
+from memtrain.offload.activations import ActivationManager, act_owner
+from memtrain.offload.ledger import Ledger
+from memtrain.offload.nvme import NvmeStore
+from memtrain.planner.plan import ActPolicy
+
+NUM_STEPS = 20
+BATCH, SEQ = 2, 16
+
+
+def _model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(gpt_config("tiny", dropout=0.1))
+
+
+def _batches(num: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 256, (BATCH, SEQ + 1), generator=g) for _ in range(num)]
+
+
+def _blocks(model: GPT) -> list[tuple[str, nn.Module]]:
+    return [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
+
+
+def _train(policies: list[str] | None, *, nvme: NvmeStore | None = None, prefetch_depth: int = 1,
+           num_steps: int = NUM_STEPS, check=None):
+    """Train the tiny GPT with AdamW; returns (losses, final params, manager, device, host ledgers)."""
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    device, host = Ledger("device"), Ledger("host")
+    mgr = None
+    if policies is not None:
+        blocks = _blocks(model)
+        mgr = ActivationManager(
+            policies={name: p for (name, _), p in zip(blocks, policies)},
+            device_ledger=device, host_ledger=host, nvme=nvme, prefetch_depth=prefetch_depth,
+        )
+        mgr.wrap_blocks(blocks)
+    losses = []
+    for ids in _batches(num_steps):
+        loss = causal_lm_loss(model(ids[:, :-1]), ids[:, 1:])
+        loss.backward()
+        if check is not None:
+            check(mgr, device, host)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, [p.detach().clone() for p in model.parameters()], mgr, device, host
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    losses, params, *_ = _train(None)
+    return losses, params
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = NvmeStore(tmp_path / "nvme", budget_bytes=None, num_threads=2).start()
+    yield s
+    s.close()
+
+
+def _ledgers_empty(mgr, device, host):
+    assert device.in_use_bytes == 0, device.by_owner()
+    assert host.in_use_bytes == 0, host.by_owner()
+    if mgr.nvme is not None:
+        assert mgr.nvme.ledger.in_use_bytes == 0, mgr.nvme.ledger.by_owner()
+        assert mgr.nvme.keys() == []
+
+
+MIXED = ["swap_nvme", "recompute", "swap_host", "keep"]
+
+
+@pytest.mark.parametrize(
+    "policies",
+    [["keep"] * 4, ["swap_host"] * 4, ["swap_nvme"] * 4, ["recompute"] * 4, MIXED],
+    ids=["keep", "swap_host", "swap_nvme", "recompute", "mixed"],
+)
+def test_losses_and_weights_match_plain_pytorch_bitwise(policies, baseline, store):
+    """20 AdamW steps with dropout: every loss and the final weights are bitwise those of plain
+    PyTorch (swap copies bytes; recompute replays the forward with the same RNG state). After
+    every backward the activation bytes are back to zero on every tier."""
+    base_losses, base_params = baseline
+    nvme = store if "swap_nvme" in policies else None
+    losses, params, mgr, device, host = _train(policies, nvme=nvme, check=_ledgers_empty)
+    assert losses == base_losses
+    assert all(torch.equal(a, b) for a, b in zip(params, base_params))
+    assert device.peak_bytes > 0
+    assert all(owner.startswith("act:blocks.") and owner.endswith(":0") for owner in device.peak_breakdown(group=False))
+
+
+def _keep_bytes() -> list[int]:
+    *_, mgr, _, _ = _train(["keep"] * 4, num_steps=1)
+    return [mgr.block_activations(f"blocks.{i}").saved_bytes for i in range(4)]
+
+
+def test_keep_peak_is_the_sum_of_the_blocks_saved_bytes():
+    *_, mgr, device, host = _train(["keep"] * 4, num_steps=1)
+    a = [mgr.block_activations(f"blocks.{i}").saved_bytes for i in range(4)]
+    # A layer saves at least its input, q/k/v, attention output, MLP input/hidden, dropout masks.
+    assert a[1] == a[2] > 10 * BATCH * SEQ * 64 * 4
+    assert device.peak_bytes == sum(a)
+    assert device.peak_breakdown(group=False) == {act_owner(f"blocks.{i}", 0): a[i] for i in range(4)}
+    assert host.peak_bytes == 0
+
+
+@pytest.mark.parametrize("prefetch_depth", [0, 1, 2])
+def test_swap_host_device_peak_is_only_the_blocks_being_brought_back(prefetch_depth):
+    """On CPU copies are synchronous, so the windows are exact: a record is on the device from
+    the start of its copy-in (when the backward of the block ``prefetch_depth`` after it starts)
+    to the end of its own backward; all of A is on the host after the forward."""
+    a = _keep_bytes()
+    *_, mgr, device, host = _train(["swap_host"] * 4, prefetch_depth=prefetch_depth, num_steps=1)
+    assert [mgr.block_activations(f"blocks.{i}").saved_bytes for i in range(4)] == a
+    windows = [sum(a[max(0, i - prefetch_depth): i + 1]) for i in range(4)]
+    assert device.peak_bytes == max(windows)
+    assert sum(a) - device.peak_bytes == sum(a) - max(windows) > 0
+    if prefetch_depth == 0:
+        assert device.peak_bytes == max(a)  # 4 blocks' A kept -> the largest one at a time
+    assert host.peak_bytes == sum(a)
+
+
+def test_swap_nvme_moves_activations_to_real_files_and_back(store):
+    a = _keep_bytes()
+    model = _model()
+    device, host = Ledger("device"), Ledger("host")
+    mgr = ActivationManager(policies={f"blocks.{i}": "swap_nvme" for i in range(4)},
+                            device_ledger=device, host_ledger=host, nvme=store)
+    mgr.wrap_blocks(_blocks(model))
+    ids = _batches(1)[0]
+    loss = causal_lm_loss(model(ids[:, :-1]), ids[:, 1:])
+    mgr.synchronize()
+    # After the forward and the writes: nothing on the device or host, one file per block.
+    assert device.in_use_bytes == 0 and host.in_use_bytes == 0
+    assert sorted(store.keys()) == sorted(act_owner(f"blocks.{i}", 0) for i in range(4))
+    for i in range(4):
+        entry = store.entry(act_owner(f"blocks.{i}", 0))
+        assert entry.nbytes >= a[i]  # storages at 16-byte offsets in one buffer
+        assert store.file_path(entry.key).stat().st_size >= entry.nbytes
+    assert max(a) <= host.peak_bytes <= sum(a)  # staging, from copy-out start to write end
+    loss.backward()
+    assert store.keys() == [] and store.ledger.in_use_bytes == 0
+    assert not any(store.path.glob("*.mt"))
+    assert device.in_use_bytes == 0 and host.in_use_bytes == 0
+    # Reads complete asynchronously, so the peak lies between one block and a prefetch window.
+    assert max(a) <= device.peak_bytes <= max(a[i] + a[i - 1] for i in range(1, 4)) < sum(a)
+
+
+def test_recompute_holds_inputs_then_one_block_at_a_time():
+    a = _keep_bytes()
+    *_, mgr, device, host = _train(["recompute"] * 4, num_steps=1)
+    stats = [mgr.block_activations(f"blocks.{i}") for i in range(4)]
+    # The recompute saves exactly what the plain forward saved.
+    assert [s.saved_bytes for s in stats] == a
+    ids_bytes = BATCH * (SEQ + 1) * 8  # the embedding's input is a view of the int64 batch
+    hidden_bytes = BATCH * SEQ * 64 * 4
+    assert [s.input_bytes for s in stats] == [ids_bytes, hidden_bytes, hidden_bytes, hidden_bytes]
+    inputs = [s.input_bytes for s in stats]
+    # I of every block from F to B, plus A of the block being recomputed (backward order).
+    expected = max(sum(inputs[: i + 1]) + a[i] for i in range(4))
+    assert device.peak_bytes == expected < sum(a)
+    assert host.peak_bytes == 0
+
+
+class _SquareViews(nn.Module):
+    """Saves one storage several times: ``y * y`` saves y twice; ``a * b`` saves two views of h."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)  # saves x (and the weight, a parameter)
+        a, b = h[:, :4], h[:, 4:]
+        y = a * b  # saves two views of h's storage
+        return y * y  # saves y twice
+
+
+@pytest.mark.parametrize("policy", ["swap_host", "swap_nvme"])
+def test_a_storage_saved_twice_is_stored_once(policy, store):
+    torch.manual_seed(0)
+    block = _SquareViews()
+    x = torch.randn(5, 8, requires_grad=True)
+    ref_out = block(x)
+    ref_out.sum().backward()
+    ref_grads = [x.grad.clone(), *(p.grad.clone() for p in block.parameters())]
+    x.grad = None
+    block.zero_grad()
+
+    device, host = Ledger("device"), Ledger("host")
+    mgr = ActivationManager(policies={"sq": policy}, device_ledger=device, host_ledger=host,
+                            nvme=store if policy == "swap_nvme" else None)
+    mgr.wrap_blocks([("sq", block)])
+    out = block(x)
+    mgr.synchronize()
+    stats = mgr.block_activations("sq")
+    # x, h (twice, as views), y (twice): 5 activation tensors over 3 storages, plus the weight.
+    assert stats.num_saved_tensors == 6 and stats.num_param_tensors == 1
+    assert stats.num_storages == 3
+    expected = (5 * 8 + 5 * 8 + 5 * 4) * 4
+    assert stats.saved_bytes == expected
+    assert host.peak_bytes == expected  # each storage copied once
+    if policy == "swap_nvme":
+        assert store.entry(act_owner("sq", 0)).nbytes == expected  # 16-aligned sizes: no padding
+    out.sum().backward()
+    grads = [x.grad, *(p.grad for p in block.parameters())]
+    assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads))
+    assert device.in_use_bytes == host.in_use_bytes == 0
+
+
+def test_parameters_are_never_swapped():
+    model = _model()
+    mgr = ActivationManager(policies={f"blocks.{i}": "swap_host" for i in range(4)},
+                            device_ledger=Ledger("device"), host_ledger=Ledger("host"))
+    mgr.wrap_blocks(_blocks(model))
+    ids = _batches(1)[0]
+    loss = causal_lm_loss(model(ids[:, :-1]), ids[:, 1:])
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    for i in range(4):
+        stats = mgr.block_activations(f"blocks.{i}")
+        assert stats.swapped_data_ptrs and not (stats.swapped_data_ptrs & param_ptrs)
+    # Layers and the head save weights for their input gradients; those stay in place.
+    assert all(mgr.block_activations(f"blocks.{i}").num_param_tensors > 0 for i in (1, 2, 3))
+    loss.backward()
+
+
+class _MovingResolver:
+    """Stands in for the chunk store: parameters are handed out as tokens, and may move."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = list(model.parameters())
+        self.num_unpacked = 0
+
+    def pack(self, t: torch.Tensor):
+        for i, p in enumerate(self.params):
+            if t.untyped_storage().data_ptr() == p.untyped_storage().data_ptr():
+                return i, t.shape, t.stride(), t.storage_offset() - p.storage_offset()
+        return None
+
+    def unpack(self, token) -> torch.Tensor:
+        self.num_unpacked += 1
+        i, size, stride, rel = token
+        p = self.params[i]
+        return p.detach().as_strided(size, stride, p.storage_offset() + rel)
+
+
+def test_param_resolver_unpacks_over_the_parameters_current_memory():
+    ids = _batches(1)[0]
+    plain = _model()
+    causal_lm_loss(plain(ids[:, :-1]), ids[:, 1:]).backward()
+
+    model = _model()
+    resolver = _MovingResolver(model)
+    mgr = ActivationManager(policies={f"blocks.{i}": p for i, p in enumerate(MIXED[1:] + ["swap_host"])},
+                            device_ledger=Ledger("device"), host_ledger=Ledger("host"), param_resolver=resolver)
+    mgr.wrap_blocks(_blocks(model))
+    loss = causal_lm_loss(model(ids[:, :-1]), ids[:, 1:])
+    with torch.no_grad():  # the chunk store evicts and re-fetches: new memory, old memory poisoned
+        for p in model.parameters():
+            old = p.data
+            p.data = old.clone()
+            old.fill_(float("nan"))
+    loss.backward()
+    assert resolver.num_unpacked > 0
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_tensors_outside_wrapped_blocks_are_left_alone():
+    model = _model()
+    device = Ledger("device")
+    mgr = ActivationManager(policies={"blocks.1": "swap_host", "blocks.2": "keep"},
+                            device_ledger=device, host_ledger=Ledger("host"))
+    mgr.wrap_blocks(_blocks(model)[1:3])
+    ids = _batches(1)[0]
+    loss = causal_lm_loss(model(ids[:, :-1]), ids[:, 1:])
+    assert set(device.by_owner()) == {act_owner("blocks.2", 0)}
+    assert set(mgr.host_ledger.by_owner()) == {act_owner("blocks.1", 0)}
+    loss.backward()
+    assert device.in_use_bytes == 0 and mgr.host_ledger.in_use_bytes == 0
+
+
+def test_microbatches_have_their_own_owners(store):
+    ids = _batches(2)
+    plain = _model()
+    for b in ids:
+        causal_lm_loss(plain(b[:, :-1]), b[:, 1:]).backward()
+
+    model = _model()
+    device, host = Ledger("device"), Ledger("host")
+    mgr = ActivationManager(policies=dict(zip((f"blocks.{i}" for i in range(4)), MIXED)),
+                            device_ledger=device, host_ledger=host, nvme=store)
+    mgr.wrap_blocks(_blocks(model))
+    losses = []
+    for mb, b in enumerate(ids):  # both forwards first, as a pipeline stage does
+        mgr.set_microbatch(mb)
+        losses.append(causal_lm_loss(model(b[:, :-1]), b[:, 1:]))
+    mgr.synchronize()
+    assert sorted(store.keys()) == [act_owner("blocks.0", 0), act_owner("blocks.0", 1)]
+    assert {act_owner("blocks.3", 0), act_owner("blocks.3", 1)} <= set(device.by_owner())
+    for loss in reversed(losses):
+        loss.backward()
+    assert device.in_use_bytes == host.in_use_bytes == store.ledger.in_use_bytes == 0
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_no_grad_forward_and_unwrap_leave_no_trace():
+    model = _model()
+    device = Ledger("device")
+    mgr = ActivationManager(policies={f"blocks.{i}": "swap_host" for i in range(4)},
+                            device_ledger=device, host_ledger=Ledger("host"))
+    mgr.wrap_blocks(_blocks(model))
+    ids = _batches(1)[0][:, :-1]
+    with torch.no_grad():
+        wrapped = model(ids)
+    assert device.peak_bytes == 0
+    mgr.unwrap()
+    assert all("forward" not in b.__dict__ for b in model.blocks)
+    model(ids).sum().backward()
+    assert device.peak_bytes == 0
+    assert wrapped.shape == (BATCH, SEQ, 256)
+
+
+class _InPlaceAfterSave(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.sigmoid()  # saves its result
+        z = y * 3.0
+        y.add_(1.0)  # changes a saved tensor: plain autograd would fail in backward
+        return z
+
+
+def test_in_place_change_of_a_swapped_tensor_is_refused():
+    mgr = ActivationManager(policies={"b": "swap_host"}, device_ledger=Ledger("device"), host_ledger=Ledger("host"))
+    block = _InPlaceAfterSave()
+    mgr.wrap_blocks([("b", block)])
+    with pytest.raises(RuntimeError, match="block 'b'.*modified in place"):
+        block(torch.randn(3, requires_grad=True))
+
+
+def test_user_mistakes_raise_value_errors(store):
+    led = dict(device_ledger=Ledger("device"), host_ledger=Ledger("host"))
+    with pytest.raises(ValueError, match=r"policies\['a'\].*choose one of keep"):
+        ActivationManager(policies={"a": "offload"}, **led)
+    with pytest.raises(ValueError, match="nvme=NvmeStore"):
+        ActivationManager(policies={"a": ActPolicy.SWAP_NVME}, **led)
+    with pytest.raises(ValueError, match="prefetch_depth"):
+        ActivationManager(policies={"a": "keep"}, prefetch_depth=-1, **led)
+    mgr = ActivationManager(policies={"a": "keep"}, **led)
+    with pytest.raises(ValueError, match="no activation policy for block.*b"):
+        mgr.wrap_blocks([("a", nn.Linear(2, 2)), ("b", nn.Linear(2, 2))])
+    with pytest.raises(ValueError, match="set_microbatch"):
+        mgr.set_microbatch(-1)
+    lin = nn.Linear(2, 2)
+    mgr.wrap_blocks([("a", lin)])
+    with pytest.raises(ValueError, match="already wrapped"):
+        mgr.wrap_blocks([("a", lin)])
+    with pytest.raises(ValueError, match="no wrapped block named 'z'"):
+        mgr.block_activations("z")
