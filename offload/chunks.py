@@ -1,0 +1,717 @@
+"""Chunked model states (PatrickStar, Fang et al. 2022; ProTrain, Yang et al. 2024).
+
+Parameters are packed in execution order into flat chunks (``MemoryPolicy.chunks``; packing
+rule: ``planner.cost.pack_params``). Each chunk keeps, on its **home** tier, its fp32 master
+parameters, optimizer states and fp32 gradient accumulator (bytes and owners exactly as in
+docs/memory-accounting.md). A chunk whose home is not the device is brought into a device
+**param buffer** before a block uses it — prefetched up to ``prefetch_depth`` buffers, in forward
+order and again in reverse for backward — and ``param.data`` points into that buffer while it is
+resident. Gradients are copied, per parameter, by a post-accumulate-grad hook into the chunk's
+device **grad buffer**; once all of a chunk's parameters have their gradient for the micro-batch
+the buffer is added into the home accumulator and freed.
+
+[Note: released parameters] A released parameter's ``.data`` is a NaN scalar expanded to the
+parameter's shape: zero bytes, the right shape (autograd's AccumulateGrad checks it), and any
+accidental use outside a fetched window shows up as NaN instead of silently wrong numbers.
+
+[Note: saved views of parameters] Autograd saves parameters (and views of them, e.g. ``W.t()``)
+for backward. ``ChunkStore.pack`` turns such a tensor into a ``ParamRef`` (chunk, offset, size,
+stride) and ``unpack`` rebuilds the same view over the chunk's current buffer, fetching it again
+if it was released; so releasing a buffer really frees it, and parameters are never swapped or
+counted as activations. The activation manager installs this resolver; without it the store's
+own ``saved_tensors_hooks`` do the same.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import nn
+
+from memtrain.offload.ledger import Ledger
+from memtrain.offload.optim import STATE_NAMES
+from memtrain.offload.tiers import CopyHandle, copy_async, copy_stream
+from memtrain.planner.plan import ChunkPlan, Tier
+from memtrain.planner.stats import DType
+
+__all__ = ["ParamRef", "ParamSlot", "Chunk", "ChunkStore", "named_blocks", "param_order", "make_chunk_plans", "torch_dtype"]
+
+_TORCH_DTYPES = {DType.FP32: torch.float32, DType.BF16: torch.bfloat16, DType.FP16: torch.float16}
+
+
+def torch_dtype(dtype: DType | str) -> torch.dtype:
+    try:
+        return _TORCH_DTYPES[DType(dtype)]
+    except ValueError:
+        raise ValueError(f"dtype: must be 'fp32', 'bf16' or 'fp16', got {dtype!r}") from None
+
+
+def named_blocks(model: nn.Module, blocks: Sequence[nn.Module] | Sequence[tuple[str, nn.Module]] | None) -> list[tuple[str, nn.Module]]:
+    """``[(module path, block), ...]``; default ``model.blocks``. Names are paths inside ``model``."""
+    if blocks is None:
+        blocks = getattr(model, "blocks", None)
+        if blocks is None:
+            raise ValueError("blocks: the model has no .blocks; pass blocks=[module, ...] in execution order")
+    paths = {id(m): name for name, m in model.named_modules()}
+    out = []
+    for item in blocks:
+        name, mod = item if isinstance(item, tuple) else (paths.get(id(item)), item)
+        if not isinstance(mod, nn.Module) or id(mod) not in paths:
+            raise ValueError(f"blocks: {name or mod!r} is not a submodule of the model; pass the model's own blocks")
+        out.append((name or paths[id(mod)], mod))
+    if not out:
+        raise ValueError("blocks: empty; pass the model's blocks in execution order")
+    return out
+
+
+def param_order(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]]) -> list[tuple[str, int]]:
+    """``[(name, numel), ...]`` in execution order: blocks in order, each block's parameters in
+    registration order, a tied parameter at its first block, under ``model.named_parameters()``'s
+    name. Raises ValueError for a parameter outside every block."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen: set[int] = set()
+    out = []
+    for _, block in blocks:
+        for p in block.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append((names[id(p)], p.numel()))
+    missing = [n for n, p in model.named_parameters() if id(p) not in seen]
+    if missing:
+        raise ValueError(f"blocks: parameter {missing[0]!r} is in no block; pass blocks that cover every parameter")
+    return out
+
+
+def make_chunk_plans(params: Sequence[tuple[str, int]], chunk_size_elems: int, homes: Tier | str | Sequence[Tier | str]) -> tuple[ChunkPlan, ...]:
+    """Pack ``params`` (execution order) with the planner's rule; ``homes`` is one tier for all
+    chunks or one per chunk."""
+    from memtrain.planner.cost import pack_params
+
+    packed = pack_params(params, chunk_size_elems)
+    if isinstance(homes, (str, Tier)):
+        homes = [homes] * len(packed)
+    if len(homes) != len(packed):
+        raise ValueError(f"homes: {len(homes)} given for {len(packed)} chunks")
+    return tuple(ChunkPlan(index=i, num_elems=n, param_names=tuple(names), home=Tier(h))
+                 for i, ((names, n), h) in enumerate(zip(packed, homes)))
+
+
+@dataclass(frozen=True, slots=True)
+class ParamRef:
+    """A saved view of chunk memory: see [Note: saved views of parameters]."""
+
+    chunk: int
+    offset: int
+    """Elements from the start of the chunk's flat buffer."""
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+@dataclass(kw_only=True, slots=True)
+class ParamSlot:
+    name: str
+    """The parameter's name in ``model.named_parameters()``."""
+    param: nn.Parameter
+    offset: int
+    """First element of the parameter in the chunk's flat buffers."""
+    numel: int
+    shape: torch.Size
+
+
+@dataclass(kw_only=True, slots=True)
+class Chunk:
+    index: int
+    home: Tier
+    num_elems: int
+    slots: list[ParamSlot]
+    master: torch.Tensor | None = None
+    """fp32 master parameters on the home tier (None for nvme: on disk)."""
+    compute: torch.Tensor | None = None
+    """Compute-dtype copy on the home tier: the parameters' memory for device chunks (the master
+    itself in fp32); the copy fetched from for mixed-precision host chunks; else None."""
+    grad: torch.Tensor | None = None
+    """Accumulated gradients of this step: device chunks on the device in the compute dtype;
+    host and nvme chunks fp32 on the host (nvme: only from the first flush to the step's end)."""
+    states: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Optimizer states on the home tier (empty for nvme: on disk)."""
+    step: torch.Tensor = field(default_factory=lambda: torch.tensor(0.0))
+    """Optimizer steps taken (torch keeps this per parameter; here all of a chunk step together)."""
+    buf: torch.Tensor | None = None
+    """Device param buffer while resident (non-device homes)."""
+    grad_buf: torch.Tensor | None = None
+    """Device grad buffer of the current micro-batch (non-device homes)."""
+    fetch: Any = None
+    """Handle of the fetch in flight, if any."""
+    has_grad: bool = False
+    mb_seen: set[int] = field(default_factory=set)
+    step_seen: set[int] = field(default_factory=set)
+
+    @property
+    def memory(self) -> torch.Tensor | None:
+        """The flat tensor the parameters point into now (None when released)."""
+        return self.compute if self.home is Tier.DEVICE else (self.buf if self.fetch is None else None)
+
+
+class _Phase(Enum):
+    IDLE = 0
+    FORWARD = 1
+    BACKWARD = 2
+
+
+class _NvmeFetch:
+    """disk → host staging (``staging:<i>``) → device buffer (docs/memory-accounting.md)."""
+
+    def __init__(self, store: "ChunkStore", chunk: Chunk, staging: torch.Tensor, future) -> None:
+        self.store, self.chunk, self.staging, self.future = store, chunk, staging, future
+
+    def wait_stream(self) -> None:
+        self.future.result()
+        self.store._copy(self.chunk.buf, self.staging).wait_stream()
+        self.store._free(self.store.host_ledger, f"staging:{self.chunk.index}", self.staging)
+
+
+class _Staged:
+    """An nvme chunk's master/states read into host staging for its optimizer step."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], futures: list) -> None:
+        self.tensors, self.futures = tensors, futures
+
+    def wait(self) -> dict[str, torch.Tensor]:
+        for f in self.futures:
+            f.result()
+        return self.tensors
+
+
+class _WriteBack:
+    def __init__(self, store: "ChunkStore", index: int, staged: _Staged, futures: list) -> None:
+        self.store, self.index, self.staged, self.futures = store, index, staged, futures
+
+    def wait(self) -> None:
+        for f in self.futures:
+            f.result()
+        for t in self.staged.tensors.values():
+            self.store._free(self.store.host_ledger, f"staging:{self.index}", t)
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, Mapping):
+        for o in obj.values():
+            yield from _tensors(o)
+
+
+class ChunkStore:
+    """Owns the model's parameters as chunks; see the module doc. ``build()`` moves them in."""
+
+    def __init__(
+        self, *, model: nn.Module, blocks: Sequence[tuple[str, nn.Module]], chunks: Sequence[ChunkPlan],
+        dtype: DType | str, state_names: Sequence[str], device: torch.device | str,
+        device_ledger: Ledger, host_ledger: Ledger, nvme=None, prefetch_depth: int = 1,
+    ) -> None:
+        if prefetch_depth < 1:
+            raise ValueError(f"memory.prefetch_depth: must be >= 1, got {prefetch_depth}")
+        if any(c.home is Tier.NVME for c in chunks) and nvme is None:
+            raise ValueError("memory.nvme: the plan puts chunks on NVMe; set memory['nvme'] to a directory")
+        self.model = model
+        self.blocks = list(blocks)
+        self.plans = tuple(chunks)
+        self.dtype = DType(dtype)
+        self.compute_dtype = torch_dtype(dtype)
+        self.mixed = self.dtype is not DType.FP32
+        self.state_names = tuple(state_names)
+        self.device = torch.device(device)
+        self.device_ledger, self.host_ledger, self.nvme = device_ledger, host_ledger, nvme
+        self.prefetch_depth = prefetch_depth
+        self.chunks: list[Chunk] = []
+        self.uses: list[tuple[int, ...]] = []
+        """Per block position, the chunks holding its parameters (tied ones included)."""
+        self.num_refetches = 0
+        """Fetches forced by unpacking a saved view of a released chunk (a plan that releases too early)."""
+        self._phase = _Phase.IDLE
+        self._by_ptr: dict[int, int] = {}
+        self._handles: list = []
+        self._events: dict[int, tuple[torch.Tensor, list]] = {}
+        self._placeholders: dict[torch.dtype, torch.Tensor] = {}
+        self._built = False
+
+    # --- memory helpers (a thin stand-in for offload.tiers: tensor + ledger entry) ----------
+
+    def _alloc(self, ledger: Ledger, owner: str, numel: int, dtype: torch.dtype, *, zero: bool = False,
+               upload: bool = False) -> torch.Tensor:
+        ledger.alloc(owner, numel * dtype.itemsize)
+        on_host = ledger is self.host_ledger
+        dev = torch.device("cpu") if on_host else self.device
+        pin = on_host and self.device.type == "cuda"
+        make = torch.zeros if zero else torch.empty
+        if on_host or not upload or self.device.type != "cuda":
+            return make(numel, dtype=dtype, device=dev, pin_memory=pin)
+        with torch.cuda.stream(copy_stream(self.device, "h2d")):  # uploads land here: see _copy
+            return make(numel, dtype=dtype, device=dev)
+
+    @staticmethod
+    def _free(ledger: Ledger, owner: str, t: torch.Tensor) -> None:
+        ledger.free(owner, t.numel() * t.element_size())
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> CopyHandle:
+        """Host→device upload; on CUDA on the h2d side stream, where ``dst`` was allocated
+        (offload.tiers [Note: copy streams]); ``wait_stream()`` orders the compute stream after it."""
+        return copy_async(dst, src, after_current=False)
+
+    def _placeholder(self, dtype: torch.dtype) -> torch.Tensor:
+        ph = self._placeholders.get(dtype)
+        if ph is None:
+            ph = self._placeholders[dtype] = torch.full((), math.nan, dtype=dtype, device=self.device)
+        return ph
+
+    def nvme_key(self, chunk: Chunk, part: str) -> str:
+        return f"chunk:{chunk.index}:{part}"
+
+    # --- build ----------------------------------------------------------------------------
+
+    def build(self) -> "ChunkStore":
+        """Copy the parameters into their chunks, point them at device memory, install hooks."""
+        assert not self._built
+        by_name = dict(self.model.named_parameters())
+        placed: dict[int, int] = {}
+        n_state = len(self.state_names)
+        for pos, plan in enumerate(self.plans):
+            if plan.index != pos:
+                raise ValueError(f"memory.chunks: chunk at position {pos} has index {plan.index}; indices must be 0..n-1 in order")
+            slots, offset = [], 0
+            for name in plan.param_names:
+                p = by_name.get(name)
+                if p is None:
+                    raise ValueError(f"memory.chunks[{pos}]: no parameter {name!r} in the model; re-plan for this model")
+                if id(p) in placed:
+                    raise ValueError(f"memory.chunks[{pos}]: parameter {name!r} is already in chunk {placed[id(p)]}")
+                if not p.requires_grad:
+                    raise ValueError(f"parameter {name!r} has requires_grad=False; memtrain trains every parameter of the wrapped blocks")
+                placed[id(p)] = pos
+                slots.append(ParamSlot(name=name, param=p, offset=offset, numel=p.numel(), shape=p.shape))
+                offset += p.numel()
+            if offset != plan.num_elems:
+                raise ValueError(f"memory.chunks[{pos}]: num_elems {plan.num_elems} but its parameters hold {offset}; re-plan")
+            chunk = Chunk(index=pos, home=plan.home, num_elems=offset, slots=slots)
+            self._build_chunk(chunk, n_state)
+            self.chunks.append(chunk)
+        missing = [n for n, p in by_name.items() if id(p) not in placed]
+        if missing:
+            raise ValueError(f"memory.chunks: parameter {missing[0]!r} is in no chunk; re-plan for this model")
+        for mod in self.model.modules():  # buffers (not model states) just move to the device
+            for k, b in list(mod._buffers.items()):
+                if b is not None:
+                    mod._buffers[k] = b.to(self.device)
+        self.uses = [tuple(sorted({placed[id(p)] for p in block.parameters()})) for _, block in self.blocks]
+        self._install()
+        self._built = True
+        return self
+
+    def _gather_flat(self, chunk: Chunk, out: torch.Tensor) -> None:
+        for s in chunk.slots:
+            out[s.offset:s.offset + s.numel].copy_(s.param.detach().reshape(-1))
+
+    def _build_chunk(self, c: Chunk, n_state: int) -> None:
+        n, cd, owner = c.num_elems, self.compute_dtype, f"chunk:{c.index}"
+        if c.home is Tier.DEVICE:
+            c.compute = self._alloc(self.device_ledger, owner, n, cd)
+            self._gather_flat(c, c.compute)
+            c.master = c.compute
+            if self.mixed:
+                c.master = self._alloc(self.device_ledger, owner, n, torch.float32)
+                self._gather_flat(c, c.master)
+            c.grad = self._alloc(self.device_ledger, owner, n, cd, zero=True)
+            c.states = {k: self._alloc(self.device_ledger, owner, n, torch.float32, zero=True) for k in self.state_names}
+            self._by_ptr[c.compute.untyped_storage().data_ptr()] = c.index
+            for s in c.slots:
+                s.param.data = c.compute[s.offset:s.offset + s.numel].view(s.shape)
+                s.param.grad = None
+            return
+        if c.home is Tier.HOST:
+            c.master = self._alloc(self.host_ledger, owner, n, torch.float32)
+            self._gather_flat(c, c.master)
+            c.grad = self._alloc(self.host_ledger, owner, n, torch.float32, zero=True)
+            c.states = {k: self._alloc(self.host_ledger, owner, n, torch.float32, zero=True) for k in self.state_names}
+            if self.mixed:
+                c.compute = self._alloc(self.host_ledger, owner, n, cd)
+                c.compute.copy_(c.master)
+        else:
+            staging = f"staging:{c.index}"
+            master = self._alloc(self.host_ledger, staging, n, torch.float32)
+            self._gather_flat(c, master)
+            zeros = self._alloc(self.host_ledger, staging, n, torch.float32, zero=True) if n_state else None
+            futs = [self.nvme.write(self.nvme_key(c, "master"), master)]
+            futs += [self.nvme.write(self.nvme_key(c, k), zeros) for k in self.state_names]
+            compute = None
+            if self.mixed:
+                compute = self._alloc(self.host_ledger, staging, n, cd)
+                compute.copy_(master)
+                futs.append(self.nvme.write(self.nvme_key(c, "compute"), compute))
+            for f in futs:
+                f.result()
+            for t in (master, zeros, compute):
+                if t is not None:
+                    self._free(self.host_ledger, staging, t)
+        for s in c.slots:
+            s.param.data = self._placeholder(cd).expand(s.shape)
+            s.param.grad = None
+
+    # --- hooks ----------------------------------------------------------------------------
+
+    def _install(self) -> None:
+        for pos, (_, block) in enumerate(self.blocks):
+            self._handles.append(block.register_forward_pre_hook(
+                lambda m, a, k, pos=pos: self._pre_forward(pos, a, k), with_kwargs=True))
+            self._handles.append(block.register_forward_hook(lambda m, a, o, pos=pos: self._post_forward(pos, o)))
+        for c in self.chunks:
+            for si, s in enumerate(c.slots):
+                self._handles.append(s.param.register_post_accumulate_grad_hook(
+                    lambda p, c=c, si=si: self._on_grad(c, si, p)))
+
+    def uninstall(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _add_event(self, t: torch.Tensor, event: tuple[int, int]) -> None:
+        """Run ``event`` when ``t``'s gradient is computed; ends (0) before starts (1) on one tensor."""
+        entry = self._events.get(id(t))
+        if entry is None or entry[0] is not t:
+            events: list = []
+            entry = self._events[id(t)] = (t, events)
+
+            def hook(grad, events=events):
+                for kind, pos in sorted(events):
+                    (self._bwd_end if kind == 0 else self._bwd_start)(pos)
+
+            t.register_hook(hook)
+        entry[1].append(event)
+
+    def _pre_forward(self, pos: int, args, kwargs) -> None:
+        if self._phase is _Phase.BACKWARD:  # recompute inside backward: just make it resident
+            for ci in self.uses[pos]:
+                self._ensure(self.chunks[ci])
+            return
+        self._phase = _Phase.FORWARD
+        for ci in self.uses[pos]:
+            self._start(self.chunks[ci])
+        for ci in self.uses[pos]:
+            self._ensure(self.chunks[ci])
+        self._prefetch(range(pos + 1, len(self.blocks)))
+        if torch.is_grad_enabled():
+            for t in _tensors((args, kwargs)):
+                if t.requires_grad:
+                    self._add_event(t, (0, pos))
+
+    def _post_forward(self, pos: int, output) -> None:
+        if self._phase is _Phase.BACKWARD:
+            return
+        if torch.is_grad_enabled():
+            for t in _tensors(output):
+                if t.requires_grad:
+                    self._add_event(t, (1, pos))
+        nxt = set(self.uses[pos + 1]) if pos + 1 < len(self.blocks) else set()
+        for ci in self.uses[pos]:
+            if ci not in nxt:
+                self._release(self.chunks[ci])
+
+    def _bwd_start(self, pos: int) -> None:
+        for ci in self.uses[pos]:
+            self._start(self.chunks[ci])
+        for ci in self.uses[pos]:
+            c = self.chunks[ci]
+            self._ensure(c)
+            if c.home is not Tier.DEVICE and c.grad_buf is None:
+                self._alloc_grad_buf(c)
+        self._prefetch(range(pos - 1, -1, -1))
+
+    def _bwd_end(self, pos: int) -> None:
+        nxt = set(self.uses[pos - 1]) if pos > 0 else set()
+        for ci in self.uses[pos]:
+            if ci not in nxt:
+                self._release(self.chunks[ci])
+
+    # --- residency ------------------------------------------------------------------------
+
+    def _num_buffers(self) -> int:
+        return sum(1 for c in self.chunks if c.buf is not None)
+
+    def _start(self, c: Chunk) -> None:
+        """Begin fetching ``c`` into a device param buffer (no-op when resident or in flight)."""
+        if c.home is Tier.DEVICE or c.buf is not None:
+            return
+        c.buf = self._alloc(self.device_ledger, f"buffer:param:{c.index}", c.num_elems, self.compute_dtype, upload=True)
+        if c.home is Tier.HOST:
+            c.fetch = self._copy(c.buf, c.compute if self.mixed else c.master)
+        else:
+            staging = self._alloc(self.host_ledger, f"staging:{c.index}", c.num_elems, self.compute_dtype)
+            fut = self.nvme.read(self.nvme_key(c, "compute" if self.mixed else "master"), staging)
+            c.fetch = _NvmeFetch(self, c, staging, fut)
+
+    def _ensure(self, c: Chunk) -> torch.Tensor:
+        """Make ``c`` resident (waiting for its fetch) and point its parameters into it."""
+        if c.home is Tier.DEVICE:
+            return c.compute
+        if c.buf is None:
+            self._start(c)
+        if c.fetch is not None:
+            c.fetch.wait_stream()
+            c.fetch = None
+            self._by_ptr[c.buf.untyped_storage().data_ptr()] = c.index
+            for s in c.slots:
+                s.param.data = c.buf[s.offset:s.offset + s.numel].view(s.shape)
+        return c.buf
+
+    def _prefetch(self, order: range) -> None:
+        if self.prefetch_depth <= 1:
+            return
+        for q in order:
+            for ci in self.uses[q]:
+                if self._num_buffers() >= self.prefetch_depth:
+                    return
+                self._start(self.chunks[ci])
+
+    def _release(self, c: Chunk) -> None:
+        if c.home is Tier.DEVICE or c.buf is None:
+            return
+        if c.fetch is not None:
+            c.fetch.wait_stream()
+            c.fetch = None
+        self._by_ptr.pop(c.buf.untyped_storage().data_ptr(), None)
+        ph = self._placeholder(self.compute_dtype)
+        for s in c.slots:
+            s.param.data = ph.expand(s.shape)  # [Note: released parameters]
+        self._free(self.device_ledger, f"buffer:param:{c.index}", c.buf)
+        c.buf = None
+
+    # --- the resolver protocol ([Note: saved views of parameters]) -------------------------
+
+    def pack(self, t: torch.Tensor) -> ParamRef | None:
+        try:
+            ci = self._by_ptr.get(t.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):
+            return None
+        if ci is None:
+            return None
+        mem = self.chunks[ci].memory
+        if mem is None or t.dtype != mem.dtype or t.device != mem.device:
+            return None
+        return ParamRef(ci, t.storage_offset() - mem.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+    def unpack(self, ref: ParamRef) -> torch.Tensor:
+        c = self.chunks[ref.chunk]
+        if c.home is not Tier.DEVICE and (c.buf is None or c.fetch is not None):
+            self.num_refetches += c.buf is None
+        mem = self._ensure(c)
+        return mem.as_strided(ref.size, ref.stride, mem.storage_offset() + ref.offset)
+
+    def saved_tensors_hooks(self):
+        """Hooks that keep parameter views out of autograd's saved tensors (no activation manager)."""
+        def pack(t):
+            ref = self.pack(t)
+            return t if ref is None else ref
+
+        def unpack(x):
+            return self.unpack(x) if isinstance(x, ParamRef) else x
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+    # --- passes ---------------------------------------------------------------------------
+
+    def begin_forward(self) -> None:
+        self._phase = _Phase.FORWARD
+
+    def begin_backward(self) -> None:
+        self._phase = _Phase.BACKWARD
+        self._events.clear()  # the registered hooks hold their own event lists
+
+    def end_backward(self) -> None:
+        """Flush grad buffers of chunks whose parameters did not all get gradients; release all."""
+        for c in self.chunks:
+            if c.grad_buf is not None:
+                self._flush(c)
+            self._release(c)
+        self._phase = _Phase.IDLE
+        self._events.clear()
+
+    # --- gradients ------------------------------------------------------------------------
+
+    def _alloc_grad_buf(self, c: Chunk) -> None:
+        c.grad_buf = self._alloc(self.device_ledger, f"buffer:grad:{c.index}", c.num_elems, self.compute_dtype, zero=True)
+
+    def _on_grad(self, c: Chunk, si: int, param: nn.Parameter) -> None:
+        g = param.grad
+        if g is None:
+            return
+        param.grad = None
+        s = c.slots[si]
+        flat = g.reshape(-1)
+        if c.home is Tier.DEVICE:
+            dst = c.grad[s.offset:s.offset + s.numel]
+            # Same arithmetic as torch's AccumulateGrad over micro-batches: g1, then g1 + g2, ...
+            dst.add_(flat) if si in c.step_seen else dst.copy_(flat)
+            c.step_seen.add(si)
+            c.has_grad = True
+            return
+        if c.grad_buf is None:
+            self._alloc_grad_buf(c)
+        dst = c.grad_buf[s.offset:s.offset + s.numel]
+        dst.add_(flat) if si in c.mb_seen else dst.copy_(flat)
+        c.mb_seen.add(si)
+        if len(c.mb_seen) == len(c.slots):
+            self._flush(c)
+            self._release(c)
+
+    def _flush(self, c: Chunk) -> None:
+        """Add the micro-batch's grad buffer into the fp32 host accumulator; free the buffer."""
+        if c.grad is None:  # nvme home: the accumulator lives from the first flush to the step's end
+            c.grad = self._alloc(self.host_ledger, f"chunk:{c.index}", c.num_elems, torch.float32)
+        src = c.grad_buf if self.device.type == "cpu" else c.grad_buf.to("cpu")
+        c.grad.add_(src) if c.has_grad else c.grad.copy_(src)
+        c.has_grad = True
+        c.mb_seen.clear()
+        self._free(self.device_ledger, f"buffer:grad:{c.index}", c.grad_buf)
+        c.grad_buf = None
+
+    def finish_grads(self) -> None:
+        """Before the optimizer: zero device-chunk slots that got no gradient this step."""
+        for c in self.chunks:
+            if c.home is Tier.DEVICE and c.has_grad and len(c.step_seen) < len(c.slots):
+                for si, s in enumerate(c.slots):
+                    if si not in c.step_seen:
+                        c.grad[s.offset:s.offset + s.numel].zero_()
+
+    def grads_finite(self) -> bool:
+        self.finish_grads()
+        return all(bool(torch.isfinite(c.grad).all()) for c in self.chunks if c.has_grad)
+
+    def scale_grads(self, factor: float) -> None:
+        for c in self.chunks:
+            if c.has_grad:
+                c.grad.mul_(factor)
+
+    def zero_grad(self) -> None:
+        for c in self.chunks:
+            c.has_grad = False
+            c.step_seen.clear()
+            c.mb_seen.clear()
+            if c.home is Tier.NVME and c.grad is not None:
+                self._free(self.host_ledger, f"chunk:{c.index}", c.grad)
+                c.grad = None
+
+    def refresh_compute(self, c: Chunk) -> None:
+        """After the optimizer updated ``c.master``: refresh the compute copy (mixed precision)."""
+        if self.mixed and c.home is not Tier.NVME:
+            c.compute.copy_(c.master)
+
+    # --- nvme streaming for the optimizer -------------------------------------------------
+
+    def nvme_read_states(self, c: Chunk) -> _Staged:
+        owner, n = f"staging:{c.index}", c.num_elems
+        tensors = {"master": self._alloc(self.host_ledger, owner, n, torch.float32)}
+        tensors.update({k: self._alloc(self.host_ledger, owner, n, torch.float32) for k in self.state_names})
+        futures = [self.nvme.read(self.nvme_key(c, k), t) for k, t in tensors.items()]
+        if self.mixed:  # rewritten from the master after the step, so never read
+            tensors["compute"] = self._alloc(self.host_ledger, owner, n, self.compute_dtype)
+        return _Staged(tensors, futures)
+
+    def nvme_write_states(self, c: Chunk, staged: _Staged) -> _WriteBack:
+        futures = [self.nvme.write(self.nvme_key(c, k), t) for k, t in staged.tensors.items()]
+        return _WriteBack(self, c.index, staged, futures)
+
+    # --- state gather / load --------------------------------------------------------------
+
+    def param_order(self) -> list[str]:
+        """Parameter names in ``model.parameters()`` order (torch optimizers' state indices)."""
+        return [n for n, _ in self.model.named_parameters()]
+
+    def _read(self, c: Chunk, part: str) -> torch.Tensor:
+        if c.home is not Tier.NVME:
+            t = c.master if part == "master" else c.states[part]
+            return t.detach().to("cpu", copy=True)
+        out = torch.empty(c.num_elems, dtype=torch.float32)
+        self.nvme.read(self.nvme_key(c, part), out).result()
+        return out
+
+    def _write(self, c: Chunk, part: str, flat: torch.Tensor) -> None:
+        if c.home is not Tier.NVME:
+            (c.master if part == "master" else c.states[part]).copy_(flat)
+            if part == "master":
+                self.refresh_compute(c)
+            return
+        self.nvme.write(self.nvme_key(c, part), flat).result()
+        if part == "master" and self.mixed:
+            self.nvme.write(self.nvme_key(c, "compute"), flat.to(self.compute_dtype)).result()
+
+    def gather_params(self) -> dict[str, torch.Tensor]:
+        """fp32 master parameters by name, on the CPU, whichever tier holds them."""
+        out = {}
+        for c in self.chunks:
+            flat = self._read(c, "master")
+            for s in c.slots:
+                out[s.name] = flat[s.offset:s.offset + s.numel].view(s.shape).clone()
+        return out
+
+    def load_params(self, params: Mapping[str, torch.Tensor]) -> None:
+        for c in self.chunks:
+            flat = self._read(c, "master")
+            for s in c.slots:
+                v = params.get(s.name)
+                if v is None:
+                    raise ValueError(f"state_dict: parameter {s.name!r} is missing; pass a full state dict")
+                if tuple(v.shape) != tuple(s.shape):
+                    raise ValueError(f"state_dict: {s.name!r} has shape {tuple(v.shape)}, the model's is {tuple(s.shape)}")
+                flat[s.offset:s.offset + s.numel].copy_(v.detach().reshape(-1))
+            self._write(c, "master", flat)
+            if c.home is not Tier.DEVICE and c.buf is not None:
+                self._release(c)
+
+    def gather_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Optimizer state per parameter name, in torch's per-parameter format."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        adam = self.state_names == STATE_NAMES["adamw"]
+        for c in self.chunks:
+            if c.step.item() == 0 or not self.state_names:
+                continue
+            flats = {k: self._read(c, k) for k in self.state_names}
+            for s in c.slots:
+                entry = {k: f[s.offset:s.offset + s.numel].view(s.shape).clone() for k, f in flats.items()}
+                if adam:
+                    entry["step"] = c.step.clone()
+                out[s.name] = entry
+        return out
+
+    def load_states(self, states: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        for c in self.chunks:
+            present = [s.name for s in c.slots if s.name in states]
+            if not present:
+                continue
+            if len(present) != len(c.slots):
+                raise ValueError(f"optimizer state: {c.slots[0].name!r} and the parameters chunked with it must all have state or none")
+            steps = {float(states[s.name].get("step", torch.tensor(1.0))) for s in c.slots}
+            if len(steps) != 1:
+                raise ValueError(f"optimizer state: parameters of chunk {c.index} have different step counts {sorted(steps)}")
+            for k in self.state_names:
+                flat = torch.empty(c.num_elems, dtype=torch.float32)
+                for s in c.slots:
+                    flat[s.offset:s.offset + s.numel].copy_(states[s.name][k].reshape(-1))
+                self._write(c, k, flat)
+            c.step.fill_(steps.pop())
+
+    def close(self) -> None:
+        """Remove hooks, drop buffers, delete the chunk files."""
+        self.uninstall()
+        if self.nvme is not None:
+            for c in self.chunks:
+                if c.home is Tier.NVME:
+                    for part in ("master", "compute", *self.state_names):
+                        if self.nvme_key(c, part) in self.nvme:
+                            self.nvme.delete(self.nvme_key(c, part))

@@ -1,0 +1,446 @@
+"""The single-process engine: ``wrap(model, ...)`` trains a model whose states exceed the device.
+
+    engine = wrap(model, optimizer=dict(name="adamw", lr=3e-4),
+                  memory={"device": "2GiB", "host": "8GiB", "nvme": "/scratch/memtrain"})
+    for batch in loader:
+        loss = engine.train_step(batch)   # or: loss = engine(batch); engine.backward(loss); engine.step()
+
+The engine interprets a memory policy (docs/DESIGN.md rule 3): chunk homes, prefetch depth and
+activation policies come from the plan; the engine only wires the chunk store
+(``offload.chunks``), the activation manager (``offload.activations``, when present) and the
+offloaded optimizer (``offload.optim``) around the model's forward and backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from memtrain.offload.chunks import ChunkStore, make_chunk_plans, named_blocks, param_order
+from memtrain.offload.ledger import Ledger
+from memtrain.offload.optim import OffloadedOptimizer, OptimizerSpec
+from memtrain.planner.plan import ActPolicy, MemoryPolicy, Plan, Tier
+from memtrain.planner.stats import DType, dtype_bytes
+from memtrain.planner.units import format_bytes, parse_bytes
+
+__all__ = ["MemoryBudgets", "LossScaler", "TierMemory", "Engine", "wrap", "fallback_memory_policy"]
+
+_MEMORY_KEYS = ("device", "host", "nvme", "nvme_budget", "safety_margin", "prefetch_depth", "chunk_elems")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MemoryBudgets:
+    """``wrap(memory=...)`` read and checked."""
+
+    device_bytes: int
+    """Device-tier budget (the ledger refuses to go past it)."""
+    host_bytes: int
+    """Host-tier budget."""
+    nvme_path: str | None
+    """Directory for NVMe-home chunks; None = no NVMe tier."""
+    nvme_bytes: int | None
+    """NVMe budget; None = unlimited."""
+    safety_margin: float
+    """Fraction of each budget the planner leaves free for untracked workspace."""
+    prefetch_depth: int | None
+    """Override of the plan's prefetch depth."""
+    chunk_elems: int | None
+    """Chunk size for the built-in planner; None = about one block's parameters."""
+
+    @staticmethod
+    def parse(memory: Mapping[str, Any] | None, device: torch.device) -> "MemoryBudgets":
+        memory = dict(memory or {})
+        unknown = sorted(set(memory) - set(_MEMORY_KEYS))
+        if unknown:
+            raise ValueError(f"memory[{unknown[0]!r}]: unknown key; known keys: {', '.join(_MEMORY_KEYS)}")
+        import psutil
+
+        if "device" in memory:
+            device_bytes = parse_bytes(memory["device"], field="memory['device']")
+        elif device.type == "cuda":
+            device_bytes = torch.cuda.get_device_properties(device).total_memory
+        else:
+            device_bytes = psutil.virtual_memory().available
+        host_bytes = parse_bytes(memory.get("host", psutil.virtual_memory().total), field="memory['host']")
+        nvme = memory.get("nvme")
+        if nvme is not None and not isinstance(nvme, (str, os.PathLike)):
+            raise ValueError(f"memory['nvme']: a directory path, got {nvme!r}")
+        if nvme is not None and not Path(nvme).parent.is_dir():
+            raise ValueError(f"memory['nvme']: the parent of {str(nvme)!r} does not exist; point it at a directory on a local disk")
+        nvme_bytes = memory.get("nvme_budget")
+        if nvme_bytes is not None:
+            if nvme is None:
+                raise ValueError("memory['nvme_budget']: set memory['nvme'] (a directory) too, or remove the budget")
+            nvme_bytes = parse_bytes(nvme_bytes, field="memory['nvme_budget']")
+        margin = memory.get("safety_margin", 0.1)
+        if not isinstance(margin, (int, float)) or not 0 <= margin < 1:
+            raise ValueError(f"memory['safety_margin']: a fraction in [0, 1), got {margin!r}")
+        depth = memory.get("prefetch_depth")
+        if depth is not None and (not isinstance(depth, int) or depth < 1):
+            raise ValueError(f"memory['prefetch_depth']: a whole number >= 1, got {depth!r}")
+        chunk = memory.get("chunk_elems")
+        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"memory['chunk_elems']: a whole number of elements >= 1, got {chunk!r}")
+        if device_bytes <= 0:
+            raise ValueError("memory['device']: the device budget must be > 0")
+        return MemoryBudgets(device_bytes=device_bytes, host_bytes=host_bytes, nvme_path=None if nvme is None else str(nvme),
+                             nvme_bytes=nvme_bytes, safety_margin=float(margin), prefetch_depth=depth, chunk_elems=chunk)
+
+
+def fallback_memory_policy(
+    model: nn.Module, blocks: Sequence[tuple[str, nn.Module]], *, dtype: DType | str, num_state_tensors: int,
+    budgets: MemoryBudgets,
+) -> MemoryPolicy:
+    """A simple memory policy when no planner search is available.
+
+    Chunks of about one block's parameters (or ``chunk_elems``); the device first reserves the
+    param and grad buffers of the block needing most (plus one more chunk for prefetch if it
+    fits), then takes chunks in execution order while they fit; the rest go to the host, then to
+    NVMe. Bytes per docs/memory-accounting.md. Activations are kept (they are not in the ledger
+    without the activation manager, and the safety margin is left for them and the workspace).
+    """
+    params = param_order(model, blocks)
+    total = sum(n for _, n in params)
+    size = budgets.chunk_elems or max(max(n for _, n in params), -(-total // len(blocks)))
+    plans = make_chunk_plans(params, size, Tier.HOST)
+    where = {name: c.index for c in plans for name in c.param_names}
+    names = {id(p): n for n, p in model.named_parameters()}
+    uses = [sorted({where[names[id(p)]] for p in b.parameters()}) for _, b in blocks]
+    c, o, mixed = dtype_bytes(dtype), 4 * num_state_tensors, DType(dtype) is not DType.FP32
+    dev_budget = int(budgets.device_bytes * (1 - budgets.safety_margin))
+    host_budget = int(budgets.host_bytes * (1 - budgets.safety_margin))
+    on_device = {Tier.DEVICE: lambda n: n * (c + c + 4 * mixed + o), Tier.HOST: lambda n: n * (4 + 4 + o) + n * c * mixed}
+    if sum(on_device[Tier.DEVICE](p.num_elems) for p in plans) <= dev_budget:
+        homes = [Tier.DEVICE] * len(plans)
+        return MemoryPolicy(chunk_size_elems=size, chunks=make_chunk_plans(params, size, homes), prefetch_depth=1,
+                            activations=(ActPolicy.KEEP,) * len(blocks))
+    # Param buffer + grad buffer (N·c each) of every chunk the busiest block uses.
+    need = [sum(2 * plans[i].num_elems * c for i in u) for u in uses]
+    worst = max(range(len(blocks)), key=lambda b: need[b])
+    if need[worst] > dev_budget:
+        raise ValueError(
+            f"memory['device']: block {blocks[worst][0]!r} needs {format_bytes(need[worst])} of device buffers "
+            f"for its chunks, more than the {format_bytes(dev_budget)} the budget leaves after the safety margin; "
+            "raise memory['device'] or lower memory['chunk_elems']"
+        )
+    largest = max(p.num_elems for p in plans) * c
+    depth = budgets.prefetch_depth or (2 if need[worst] + largest <= dev_budget else 1)
+    reserve = need[worst] + (largest if depth > 1 else 0)
+    homes, dev_used, host_used = [], reserve, 0
+    for p in plans:
+        if dev_used + on_device[Tier.DEVICE](p.num_elems) <= dev_budget:
+            homes.append(Tier.DEVICE)
+            dev_used += on_device[Tier.DEVICE](p.num_elems)
+        elif host_used + on_device[Tier.HOST](p.num_elems) + p.num_elems * 4 <= host_budget:
+            homes.append(Tier.HOST)  # keep N·4 free for the largest staging the NVMe chunks need
+            host_used += on_device[Tier.HOST](p.num_elems)
+        elif budgets.nvme_path is not None:
+            homes.append(Tier.NVME)
+        else:
+            raise ValueError(
+                f"memory['host']: the model states do not fit in {format_bytes(host_budget)} of host memory "
+                f"(after the safety margin); raise memory['host'] or set memory['nvme'] to a directory"
+            )
+    return MemoryPolicy(chunk_size_elems=size, chunks=make_chunk_plans(params, size, homes), prefetch_depth=depth,
+                        activations=(ActPolicy.KEEP,) * len(blocks))
+
+
+@dataclass(kw_only=True, slots=True)
+class LossScaler:
+    """Dynamic loss scaling for fp16 (Micikevicius et al. 2018, Sec. 3.2; torch GradScaler's rule)."""
+
+    scale: float = 2.0**16
+    """Current scale the loss is multiplied by before backward."""
+    growth_factor: float = 2.0
+    """Scale multiplier after ``growth_interval`` steps without overflow."""
+    backoff_factor: float = 0.5
+    """Scale multiplier when a step's gradients hold inf/nan (the step is skipped)."""
+    growth_interval: int = 2000
+    """Good steps before the scale grows."""
+    good_steps: int = 0
+    """Steps without overflow since the last change."""
+
+    def __post_init__(self) -> None:
+        if not self.scale > 0 or self.growth_factor <= 1 or not 0 < self.backoff_factor < 1 or self.growth_interval < 1:
+            raise ValueError("loss_scale: needs scale > 0, growth_factor > 1, 0 < backoff_factor < 1, growth_interval >= 1")
+
+    def update(self, found_inf: bool) -> None:
+        if found_inf:
+            self.scale *= self.backoff_factor
+            self.good_steps = 0
+            return
+        self.good_steps += 1
+        if self.good_steps >= self.growth_interval:
+            self.scale *= self.growth_factor
+            self.good_steps = 0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TierMemory:
+    budget_bytes: int | None
+    """The tier's budget (None = unlimited)."""
+    peak_bytes: int
+    """Most bytes the ledger recorded at once."""
+    in_use_bytes: int
+    """Bytes recorded now."""
+    peak_breakdown: dict[str, int]
+    """Bytes by owner kind (``chunk``, ``buffer``, ``staging``, ``act``) at the peak."""
+
+
+def _split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(batch, Mapping):
+        if "input_ids" not in batch:
+            raise ValueError("batch: a dict batch needs 'input_ids' (and 'labels' to compute a loss)")
+        return batch["input_ids"], batch.get("labels")
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    raise ValueError("batch: pass (input_ids, labels), {'input_ids': ..., 'labels': ...} or an input tensor")
+
+
+class Engine:
+    """Runs forward/backward/step of a wrapped model; build it with ``wrap()``."""
+
+    def __init__(
+        self, *, model: nn.Module, blocks: list[tuple[str, nn.Module]], store: ChunkStore, optimizer: OffloadedOptimizer,
+        activations, loss_fn: Callable, micro_batch_size: int | None, device: torch.device, nvme, scaler: LossScaler | None,
+    ) -> None:
+        self.model, self.blocks, self.store, self.optimizer = model, blocks, store, optimizer
+        self.activations, self.loss_fn, self.micro_batch_size, self.device = activations, loss_fn, micro_batch_size, device
+        self.nvme, self.scaler = nvme, scaler
+        self._microbatch = 0
+        self._closed = False
+
+    # --- custom loops -------------------------------------------------------------------
+
+    def __call__(self, batch) -> torch.Tensor:
+        """Forward one micro-batch: the loss for ``(input_ids, labels)``, else the model output."""
+        inputs, labels = _split_batch(batch)
+        return self._forward(inputs, labels)
+
+    def _forward(self, inputs: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        if self._closed:
+            raise ValueError("engine: closed; wrap the model again")
+        self.store.begin_forward()
+        if self.activations is not None:
+            self.activations.set_microbatch(self._microbatch)
+        self._microbatch += 1
+        hooks = self.store.saved_tensors_hooks() if self.activations is None else contextlib.nullcontext()
+        with hooks:
+            out = self.model(inputs.to(self.device))
+            if labels is None:
+                return out
+            return self.loss_fn(out, labels.to(self.device))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward through the chunk store; gradients add up until ``step()``."""
+        if self.scaler is not None:
+            loss = loss * self.scaler.scale
+        self.store.begin_backward()
+        try:
+            loss.backward()
+        finally:
+            self.store.end_backward()
+
+    def step(self) -> bool:
+        """Optimizer step over all chunks; False when fp16 overflow skipped it."""
+        self._microbatch = 0
+        if self.scaler is not None:
+            used = self.scaler.scale  # the scale this step's backward ran with
+            found_inf = not self.store.grads_finite()
+            self.scaler.update(found_inf)
+            if found_inf:
+                self.store.zero_grad()
+                return False
+            self.store.scale_grads(1.0 / used)
+        self.optimizer.step()
+        return True
+
+    # --- the whole step -----------------------------------------------------------------
+
+    def train_step(self, batch) -> float:
+        """Forward/backward every micro-batch, then step; returns the mean micro-batch loss.
+
+        Gradients are those of the sum of per-micro-batch mean losses divided by the number of
+        micro-batches, exactly plain gradient accumulation.
+        """
+        inputs, labels = _split_batch(batch)
+        if labels is None:
+            raise ValueError("batch: train_step needs labels: pass (input_ids, labels)")
+        size = inputs.shape[0]
+        mbs = self.micro_batch_size or size
+        if size % mbs:
+            raise ValueError(f"batch: {size} sequences do not split into micro-batches of {mbs}; pass a multiple of {mbs}")
+        num = size // mbs
+        total = 0.0
+        for x, y in zip(inputs.split(mbs), labels.split(mbs)):
+            loss = self._forward(x, y)
+            total += loss.item()
+            self.backward(loss / num if num > 1 else loss)
+        self.step()
+        return total / num
+
+    # --- state ----------------------------------------------------------------------------
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """``model.state_dict()``'s keys (tied names included) with fp32 CPU values from any tier."""
+        params = self.store.gather_params()
+        canon = {id(p): n for n, p in self.model.named_parameters()}
+        out = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            out[name] = params[canon[id(p)]]
+        for name, b in self.model.named_buffers():
+            out[name] = b.detach().to("cpu", copy=True)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"model": {name: tensor}, "optimizer": torch-format state}``: loads into a plain
+        model (``model.load_state_dict(sd["model"])``) and ``torch.optim.AdamW``/``SGD``."""
+        sd = {"model": self.model_state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.scaler is not None:
+            sd["loss_scale"] = self.scaler.scale
+        return sd
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        if "model" not in sd:
+            sd = {"model": sd}
+        self.store.load_params(sd["model"])
+        if "optimizer" in sd:
+            self.optimizer.load_state_dict(sd["optimizer"])
+        if self.scaler is not None and "loss_scale" in sd:
+            self.scaler.scale = float(sd["loss_scale"])
+
+    def memory_report(self) -> dict[str, TierMemory]:
+        """Per tier: budget, peak, bytes in use and the owners at the peak (from the ledgers)."""
+        ledgers = {"device": self.store.device_ledger, "host": self.store.host_ledger}
+        if self.nvme is not None:
+            ledgers["nvme"] = self.nvme.ledger
+        return {
+            tier: TierMemory(budget_bytes=led.budget_bytes, peak_bytes=led.peak_bytes, in_use_bytes=led.in_use_bytes,
+                             peak_breakdown=led.peak_breakdown())
+            for tier, led in ledgers.items()
+        }
+
+    def close(self) -> None:
+        """Give the parameters back to the model (fp32, CPU), remove hooks and chunk files."""
+        if self._closed:
+            return
+        params = self.store.gather_params()
+        if self.activations is not None:
+            self.activations.unwrap()
+        self.store.close()
+        for name, p in self.model.named_parameters():
+            p.data = params[name]
+        if self.nvme is not None:
+            self.nvme.close()
+        self._closed = True
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _activation_manager(policies, blocks, store, device_ledger, host_ledger, nvme, depth, use):
+    """The activation manager (offload.activations) when present; required for non-keep policies."""
+    try:
+        from memtrain.offload.activations import ActivationManager
+    except ImportError:
+        ActivationManager = None
+    if use is False or (use is None and ActivationManager is None):
+        if any(p is not ActPolicy.KEEP for p in policies.values()):
+            raise ValueError("plan.memory.activations: swap/recompute policies need memtrain.offload.activations")
+        return None
+    if ActivationManager is None:
+        raise ValueError("activation manager requested but memtrain.offload.activations is not available")
+    manager = ActivationManager(policies=policies, device_ledger=device_ledger, host_ledger=host_ledger, nvme=nvme,
+                                param_resolver=store, prefetch_depth=depth)
+    manager.wrap_blocks(blocks)
+    return manager
+
+
+def wrap(
+    model: nn.Module, *, optimizer: OptimizerSpec | Mapping[str, Any] | str, memory: Mapping[str, Any] | None = None,
+    plan: Plan | MemoryPolicy | None = None, blocks=None, loss_fn: Callable | None = None, dtype: str = "fp32",
+    micro_batch_size: int | None = None, seed: int | None = None, verbose: bool = True,
+    device: str | torch.device | None = None, host_kernel: str | None = None, loss_scale: Mapping[str, Any] | None = None,
+    activation_manager: bool | None = None,
+) -> Engine:
+    """Wrap ``model`` for memory-aware training; see the module doc.
+
+    ``plan`` is a planner ``Plan`` or just its ``MemoryPolicy``; None plans here. ``loss_fn``
+    (default: next-token cross entropy) maps ``(output, labels)`` to a scalar. ``loss_scale``
+    configures fp16 loss scaling (``LossScaler`` fields). ``activation_manager`` None = use
+    ``offload.activations`` when installed.
+    """
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    spec = OptimizerSpec.from_value(optimizer)
+    budgets = MemoryBudgets.parse(memory, dev)
+    if micro_batch_size is not None and micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size: must be >= 1, got {micro_batch_size}")
+    if isinstance(plan, Plan):
+        if plan.train.optimizer != spec.name or str(plan.train.dtype) != str(DType(dtype)):
+            raise ValueError(f"plan: made for {plan.train.optimizer}/{plan.train.dtype}, wrap asked for {spec.name}/{dtype}; re-plan")
+        micro_batch_size = micro_batch_size or plan.train.micro_batch_size
+    if seed is not None:
+        torch.manual_seed(seed)
+    named = named_blocks(model, blocks)
+    if plan is None:
+        # [swap to the planner: analyze_built + search.plan, once they land, replace this call]
+        policy = fallback_memory_policy(model, named, dtype=dtype, num_state_tensors=len(spec.state_names), budgets=budgets)
+    else:
+        policy = plan.memory if isinstance(plan, Plan) else plan
+    if len(policy.activations) not in (0, len(named)):
+        raise ValueError(f"plan.memory.activations: {len(policy.activations)} policies for {len(named)} blocks; re-plan for this model")
+    nvme = None
+    if any(c.home is Tier.NVME for c in policy.chunks) or budgets.nvme_path is not None:
+        if budgets.nvme_path is None:
+            raise ValueError("memory['nvme']: the plan puts chunks on NVMe; set memory['nvme'] to a directory")
+        from memtrain.offload.nvme import NvmeStore
+
+        nvme = NvmeStore(budgets.nvme_path, budget_bytes=budgets.nvme_bytes, compress=policy.compress_nvme).start()
+    device_ledger, host_ledger = Ledger("device", budgets.device_bytes), Ledger("host", budgets.host_bytes)
+    depth = budgets.prefetch_depth or policy.prefetch_depth
+    try:
+        store = ChunkStore(model=model, blocks=named, chunks=policy.chunks, dtype=dtype, state_names=spec.state_names,
+                           device=dev, device_ledger=device_ledger, host_ledger=host_ledger, nvme=nvme,
+                           prefetch_depth=depth).build()
+        opt = OffloadedOptimizer(store, spec, **({} if host_kernel is None else {"host_kernel": host_kernel}))
+        policies = {name: ActPolicy(p) for (name, _), p in zip(named, policy.activations)}
+        acts = _activation_manager(policies, named, store, device_ledger, host_ledger, nvme, depth, activation_manager)
+    except BaseException:
+        if nvme is not None:
+            nvme.close()
+        raise
+    scaler = LossScaler(**(loss_scale or {})) if DType(dtype) is DType.FP16 else None
+    if loss_fn is None:
+        from memtrain.models.gpt import causal_lm_loss as loss_fn
+    if verbose:
+        _print_summary(plan, policy, depth, dtype, spec.state_names)
+    return Engine(model=model, blocks=named, store=store, optimizer=opt, activations=acts, loss_fn=loss_fn,
+                  micro_batch_size=micro_batch_size, device=dev, nvme=nvme, scaler=scaler)
+
+
+def _print_summary(plan, policy: MemoryPolicy, depth: int, dtype: str, state_names) -> None:
+    if isinstance(plan, Plan):
+        try:
+            from memtrain.planner.report import print_summary
+        except ImportError:
+            pass
+        else:
+            print_summary(plan)
+            return
+    counts: dict[str, list[int]] = {}
+    for c in policy.chunks:
+        counts.setdefault(str(c.home), []).append(c.num_elems)
+    parts = [f"{home}: {len(ns)} chunks, {sum(ns):,} params" for home, ns in counts.items()]
+    print(f"memtrain: {len(policy.chunks)} chunks ({'; '.join(parts)}), prefetch depth {depth}, {dtype}")
