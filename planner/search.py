@@ -23,7 +23,7 @@ from memtrain.planner.schedule import add_activation_swaps, add_chunk_transfers,
 from memtrain.planner.simulate import SWAP_IN_LOOKAHEAD, SimResult, simulate_step, stream_work_s
 from memtrain.planner.stats import DType, ModelStats, Optimizer, dtype_bytes
 
-__all__ = ["plan", "CHUNK_SIZE_CANDIDATES", "MAX_SIMULATIONS", "MAX_TIMELINE_EVENTS"]
+__all__ = ["plan", "CHUNK_SIZE_CANDIDATES", "MAX_SIMULATIONS", "MAX_TIMELINE_EVENTS", "NEAR_TIE"]
 
 CHUNK_SIZE_CANDIDATES = (32 << 20, 64 << 20, 128 << 20)
 """Chunk sizes tried, in elements (plus one block's worth, and finer cuts for small models)."""
@@ -31,6 +31,12 @@ MAX_SIMULATIONS = 64
 """Simulations per search at most (candidates are simulated best bound first)."""
 MAX_TIMELINE_EVENTS = 2000
 """Timeline events kept in the plan: the first three quarters and the last quarter in time."""
+NEAR_TIE = 0.01
+"""[Note: near-ties] Plans within 1% of the fastest simulated time are treated as equally fast
+(the cost model is not that accurate); among them the one that moves the least data wins
+(fewest off-device parameters, then fewest blocks not kept, then the smallest prefetch depth),
+then the larger micro-batch. So offloading a sliver of parameters to shave the device
+optimizer step by a fraction of a percent does not happen."""
 _MAX_CHUNKS_PER_BLOCK = 4
 """Chunk counts above 4 per block (+ 8) are not tried: more chunks cost simulation time and
 PCIe latency without saving device memory a larger prefetch depth would not."""
@@ -100,8 +106,8 @@ def _greedy_activations(ctx: _Context, room_bytes: int, off_elems_per_mb: int, n
     s, dev, dt = ctx.stats, ctx.device, ctx.train.dtype
     blocks = s.blocks
     acts = [ActPolicy.KEEP] * len(blocks)
-    fwd = [cost.block_fwd_time_s(b, dev, dt) for b in blocks]
-    bwd = [cost.block_bwd_time_s(b, dev, dt) for b in blocks]
+    fwd = [cost.block_fwd_time_s(b, dev, dt, s.micro_batch_size) for b in blocks]
+    bwd = [cost.block_bwd_time_s(b, dev, dt, s.micro_batch_size) for b in blocks]
     compute_mb = sum(fwd) + sum(bwd)
     pcie_spare = compute_mb - 2 * cost.h2d_time_s(off_elems_per_mb * dtype_bytes(dt), dev)
 
@@ -142,6 +148,12 @@ def _greedy_activations(ctx: _Context, room_bytes: int, off_elems_per_mb: int, n
             if footprint() <= room_bytes:
                 return tuple(acts)
     return None
+
+
+def _movement(policy: MemoryPolicy) -> tuple[int, int, int]:
+    """How much a policy moves: off-device elements, blocks not kept, prefetch depth."""
+    return (sum(c.num_elems for c in policy.chunks if c.home is not Tier.DEVICE),
+            sum(1 for a in policy.activations if a is not ActPolicy.KEEP), policy.prefetch_depth)
 
 
 def _describe(mbs: int, policy: MemoryPolicy) -> str:
@@ -260,10 +272,12 @@ def _overflow(peaks: dict[str, int], usable: dict[str, int]) -> str:
 def _shortfall(stats: ModelStats, mbs: int, dtype: DType, optimizer: Optimizer, usable: dict[str, int],
                budgets: Mapping[str, int], safety_margin: float, nvme: NvmeSpec | None) -> str:
     """What is missing, from the smallest footprint memtrain can run: the smallest micro-batch,
-    every activation recomputed, every chunk off the device one block's worth at a time."""
+    every activation recomputed, buffers for the largest block's parameters, and as many
+    parameters resident on the device as the rest of its budget holds."""
     s = stats.scaled(mbs)
     c_bytes = dtype_bytes(dtype)
     biggest = max((b.num_params for b in s.blocks), default=0)
+    # workspace + recompute footprint + param and grad buffers of the largest block, twice over
     device_min = (cost.workspace_bytes(s) + sum(b.input_bytes for b in s.blocks)
                   + max((b.activation_bytes for b in s.blocks), default=0) + 2 * 2 * biggest * c_bytes)
 
@@ -273,16 +287,18 @@ def _shortfall(stats: ModelStats, mbs: int, dtype: DType, optimizer: Optimizer, 
     if device_min > usable["device"]:
         return f"needs {_gib(device_min)} device memory even with every activation recomputed and all parameters offloaded; {has('device')}"
     total = sum(b.num_params for b in s.blocks)
-    host_all = cost.chunk_bytes(Tier.HOST, total, dtype, optimizer)[Tier.HOST]
+    resident = min(total, (usable["device"] - device_min) // cost.chunk_bytes(Tier.DEVICE, 1, dtype, optimizer)[Tier.DEVICE])
+    off = total - resident
+    host_all = cost.chunk_bytes(Tier.HOST, off, dtype, optimizer)[Tier.HOST]
     if nvme is None or usable["nvme"] <= 0:
         return f"needs {_gib(host_all)} host memory or an NVMe path; {has('host')}"
-    nvme_all = cost.chunk_bytes(Tier.NVME, total, dtype, optimizer)[Tier.NVME]
-    host_min = cost.host_grad_accum_bytes(total) + 4 * biggest * c_bytes
+    host_min = cost.host_grad_accum_bytes(off) + 2 * biggest * c_bytes + cost.nvme_optim_staging_bytes(biggest, dtype, optimizer)
     if host_min > usable["host"]:
-        return (f"needs {_gib(host_min)} host memory for the gradient accumulators of NVMe-resident parameters; "
-                f"{has('host')}")
-    if nvme_all > usable["nvme"] + usable["host"]:
-        return f"needs {_gib(nvme_all)} NVMe space; {has('nvme')}"
+        return (f"needs {_gib(host_min)} host memory for the gradient accumulators and staging of NVMe-resident "
+                f"parameters; {has('host')}")
+    nvme_need = cost.chunk_bytes(Tier.NVME, off, dtype, optimizer)[Tier.NVME]
+    if nvme_need > usable["nvme"]:
+        return f"needs {_gib(nvme_need)} NVMe space; {has('nvme')}"
     return ""
 
 
@@ -350,17 +366,21 @@ def plan(
     # best bound first; among equals, the larger micro-batch (better kernel efficiency in practice)
     candidates.sort(key=lambda c: (c.bound_s, -c.mbs))
 
-    best: tuple[_Candidate, SimResult] | None = None
+    fastest_s: float | None = None
     tried: list[tuple[_Candidate, SimResult, str]] = []
     for cand in candidates:
-        if len(tried) >= MAX_SIMULATIONS or (best is not None and cand.bound_s >= best[1].step_time_s):
+        if len(tried) >= MAX_SIMULATIONS or (fastest_s is not None and cand.bound_s > fastest_s * (1 + NEAR_TIE)):
             break
         ctx = contexts[cand.mbs]
         sim = simulate_step(ctx.stats, ctx.train, device, host, nvme, cand.policy)
         why = _overflow(_peaks(ctx, sim)[0], usable)
         tried.append((cand, sim, why))
-        if not why and (best is None or sim.step_time_s < best[1].step_time_s):
-            best = (cand, sim)
+        if not why and (fastest_s is None or sim.step_time_s < fastest_s):
+            fastest_s = sim.step_time_s
+    best = None
+    if fastest_s is not None:
+        near = [(c, r) for c, r, why in tried if not why and r.step_time_s <= fastest_s * (1 + NEAR_TIE)]
+        best = min(near, key=lambda t: (_movement(t[0].policy), -t[0].mbs, t[1].step_time_s))
 
     if best is None:
         mbs = min(mbs_options)
@@ -402,7 +422,10 @@ def _build_plan(name: str, base: ModelStats, ctx: _Context, chosen: _Candidate, 
         if len(alternatives) >= max_alternatives or cand.description in seen:
             continue
         seen.add(cand.description)
-        if not why:
+        if not why and other.step_time_s < sim.step_time_s:
+            why = (f"{100 * (1 - other.step_time_s / sim.step_time_s):.1f}% faster in the model, within the "
+                   f"{NEAR_TIE:.0%} tie margin; the chosen plan moves less data")
+        elif not why:
             why = f"slower by {100 * (other.step_time_s / sim.step_time_s - 1):.1f}%"
         alternatives.append(Alternative(description=cand.description, fits=not why.startswith("does not fit"),
                                         step_time_s=other.step_time_s, reason=why))
