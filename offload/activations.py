@@ -41,6 +41,15 @@ block's record back if it is not already, and starts bringing back the records o
 backward. An unpack that finds its record still away brings it back on the spot (a stall, never
 a wrong value).
 
+[Note: swap buffers and the ledger] A record's storages go into one buffer per tier (one copy
+in, one file on NVMe) at 16-byte offsets, so every dtype can be viewed in place; the ledger
+records ``A``, the sum of the storages' bytes, as the planner predicts it (the alignment adds at
+most 15 bytes per storage). A tensor saved by a swapped block and then changed in place before
+the block's forward ends is refused with an error: the swap copies at the end of the forward,
+and plain autograd would reject that backward too. On CUDA the device copy is dropped when the
+copy-out is seen finished (the next block boundary); a record needed again before that (the
+last blocks of the forward) keeps using its device copy.
+
 [Note: copies on CPU] Without CUDA the "device" is host memory (docs/DESIGN.md, the CPU-only
 path): copies are real, synchronous ``copy_`` calls into fresh buffers, so the numerics and the
 ledger windows are exercised exactly; only the overlap needs a GPU (tests/gpu).
@@ -154,21 +163,13 @@ class _Packed:
 
 
 class _Kept:
-    """A saved tensor left alone (a parameter view, another device, a tensor subclass)."""
+    """A saved tensor left alone (a parameter view, another device, a tensor subclass), or a
+    ``ParamResolver`` token, unpacked over the parameter's memory as it is then."""
 
-    __slots__ = ("tensor",)
+    __slots__ = ("tensor", "resolver")
 
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-
-
-class _ParamToken:
-    """A parameter view handed to the ``ParamResolver``: unpacked over the parameter's memory now."""
-
-    __slots__ = ("resolver", "token")
-
-    def __init__(self, resolver: ParamResolver, token: object) -> None:
-        self.resolver, self.token = resolver, token
+    def __init__(self, tensor: Any, resolver: ParamResolver | None = None) -> None:
+        self.tensor, self.resolver = tensor, resolver
 
 
 class _Record:
@@ -232,7 +233,7 @@ class _Record:
             if self.io is not None:
                 try:
                     self.io.result()
-                except Exception:  # noqa: BLE001 - the data is no longer wanted; the store logs failures
+                except Exception:  # noqa: BLE001 - the data is no longer wanted, so a failed write or read is moot
                     pass
                 self.io = None
             self.give_device()
@@ -404,7 +405,9 @@ class ActivationManager:
         """Records with saved activations alive, by (block index, micro-batch)."""
         self._inbound: set[_Record] = set()
         """Records on their way back (NVMe read or host -> device copy in flight)."""
-        self._lock = threading.Lock()
+        # Reentrant: a saved tensor's release (a __del__) may run inside a garbage collection
+        # triggered while this thread already holds the lock.
+        self._lock = threading.RLock()
         self._key_serial = 0
 
     # --- public --------------------------------------------------------------------------
@@ -503,7 +506,7 @@ class ActivationManager:
             token = self.param_resolver.pack(t)
             if token is not None:
                 stats.num_param_tensors += 1
-                return _ParamToken(self.param_resolver, token)
+                return _Kept(token, self.param_resolver)
         if type(t) not in (torch.Tensor, nn.Parameter) or t.layout is not torch.strided:
             return _Kept(t)
         storage = t.untyped_storage()
@@ -531,9 +534,7 @@ class ActivationManager:
     def _unpack(obj) -> torch.Tensor:
         if type(obj) is _Packed:
             return obj.tensor if obj.tensor is not None else obj.record.view(obj)
-        if type(obj) is _ParamToken:
-            return obj.resolver.unpack(obj.token)
-        return obj.tensor
+        return obj.tensor if obj.resolver is None else obj.resolver.unpack(obj.tensor)
 
     def _recompute_body(self, rec: _Record, inner, param_ptrs: frozenset[int], stats: BlockActivations):
         mgr = self
