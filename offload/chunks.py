@@ -283,6 +283,7 @@ class ChunkStore:
         by_name = dict(self.model.named_parameters())
         placed: dict[int, int] = {}
         n_state = len(self.state_names)
+        layout: list[Chunk] = []
         for pos, plan in enumerate(self.plans):
             if plan.index != pos:
                 raise ValueError(f"memory.chunks: chunk at position {pos} has index {plan.index}; indices must be 0..n-1 in order")
@@ -300,12 +301,13 @@ class ChunkStore:
                 offset += p.numel()
             if offset != plan.num_elems:
                 raise ValueError(f"memory.chunks[{pos}]: num_elems {plan.num_elems} but its parameters hold {offset}; re-plan")
-            chunk = Chunk(index=pos, home=plan.home, num_elems=offset, slots=slots)
-            self._build_chunk(chunk, n_state)
-            self.chunks.append(chunk)
+            layout.append(Chunk(index=pos, home=plan.home, num_elems=offset, slots=slots))
         missing = [n for n, p in by_name.items() if id(p) not in placed]
         if missing:
             raise ValueError(f"memory.chunks: parameter {missing[0]!r} is in no chunk; re-plan for this model")
+        for chunk in layout:  # the plan is valid: only now move the parameters
+            self._build_chunk(chunk, n_state)
+            self.chunks.append(chunk)
         for mod in self.model.modules():  # buffers (not model states) just move to the device
             for k, b in list(mod._buffers.items()):
                 if b is not None:
