@@ -319,3 +319,12 @@ def test_close_removes_files_unless_kept_and_kept_files_are_adopted(tmp_path):
     s3.write_sync("k", t)
     s3.close()
     assert not (tmp_path / "fresh").exists()  # a directory the store created is removed with it
+
+
+def test_checksum_is_the_zlib_crc32_whichever_implementation_runs():
+    """Files must not depend on whether the optional ISA-L crc32 is installed."""
+    import zlib
+
+    data = bytes(range(256)) * 4099
+    assert nvme_mod._crc32(data) == zlib.crc32(data)
+    assert nvme_mod._crc32(data[1000:], nvme_mod._crc32(data[:1000])) == zlib.crc32(data)
