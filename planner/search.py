@@ -37,8 +37,8 @@ NEAR_TIE = 0.01
 (fewest off-device parameters, then fewest blocks not kept, then the smallest prefetch depth),
 then the larger micro-batch. So offloading a sliver of parameters to shave the device
 optimizer step by a fraction of a percent does not happen."""
-_MAX_CHUNKS_PER_BLOCK = 4
-"""Chunk counts above 4 per block (+ 8) are not tried: more chunks cost simulation time and
+_MAX_CHUNKS_PER_BLOCK = 2
+"""Chunk counts above 2 per block (+ 8) are not tried: more chunks cost simulation time and
 PCIe latency without saving device memory a larger prefetch depth would not."""
 
 
@@ -156,12 +156,19 @@ def _movement(policy: MemoryPolicy) -> tuple[int, int, int]:
             sum(1 for a in policy.activations if a is not ActPolicy.KEEP), policy.prefetch_depth)
 
 
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
 def _describe(mbs: int, policy: MemoryPolicy) -> str:
     homes = [c.home for c in policy.chunks]
     counts = {p: sum(1 for a in policy.activations if a is p) for p in ActPolicy}
     acts = ", ".join(f"{p.value} {n}" for p, n in counts.items() if n)
     largest = max((c.num_elems for c in policy.chunks), default=0)
-    text = (f"micro-batch {mbs}, {len(homes)} chunks (≤{largest / 1e6:.1f}M elements): "
+    text = (f"micro-batch {mbs}, {len(homes)} chunks (≤{_count(largest)} elements): "
             f"{homes.count(Tier.DEVICE)} device / {homes.count(Tier.HOST)} host / {homes.count(Tier.NVME)} NVMe")
     if any(h is not Tier.DEVICE for h in homes):
         text += f", prefetch depth {policy.prefetch_depth}"
@@ -372,7 +379,7 @@ def plan(
         if len(tried) >= MAX_SIMULATIONS or (fastest_s is not None and cand.bound_s > fastest_s * (1 + NEAR_TIE)):
             break
         ctx = contexts[cand.mbs]
-        sim = simulate_step(ctx.stats, ctx.train, device, host, nvme, cand.policy)
+        sim = simulate_step(ctx.stats, ctx.train, device, host, nvme, cand.policy, timeline=False)
         why = _overflow(_peaks(ctx, sim)[0], usable)
         tried.append((cand, sim, why))
         if not why and (fastest_s is None or sim.step_time_s < fastest_s):
@@ -396,7 +403,9 @@ def plan(
         chosen = _Candidate(description=_describe(mbs, policy), policy=policy, mbs=mbs, bound_s=0.0)
         sim = simulate_step(ctx.stats, ctx.train, device, host, nvme, policy)
         return _build_plan(name, base, contexts[mbs], chosen, sim, tried, source, False, shortfall, max_alternatives)
-    return _build_plan(name, base, contexts[best[0].mbs], best[0], best[1], tried, source, True, "", max_alternatives)
+    ctx = contexts[best[0].mbs]
+    sim = simulate_step(ctx.stats, ctx.train, device, host, nvme, best[0].policy)  # again, with its timeline
+    return _build_plan(name, base, ctx, best[0], sim, tried, source, True, "", max_alternatives)
 
 
 def _truncate(timeline: tuple[TimelineEvent, ...]) -> tuple[TimelineEvent, ...]:

@@ -20,7 +20,7 @@ from memtrain.planner.stats import ModelStats
 
 __all__ = [
     "STREAMS", "TaskGraph", "GraphResult", "simulate_graph", "SimResult", "simulate_step", "stream_work_s",
-    "SWAP_IN_LOOKAHEAD", "DISK_LOOKAHEAD",
+    "SWAP_IN_LOOKAHEAD", "DISK_LOOKAHEAD", "cpu_stream",
 ]
 
 STREAMS = ("compute", "h2d", "d2h", "disk", "cpu")
@@ -32,6 +32,16 @@ DISK_LOOKAHEAD = 3
 """Likewise for the NVMe read of a ``swap_nvme`` block: one block earlier than its copy-in."""
 
 _END_ALLOC, _END_FREE, _START_ALLOC = 0, 1, 2  # order of memory events at the same instant
+
+
+def cpu_stream(device: DeviceSpec) -> str:
+    """The stream host-side CPU work (gradient accumulation, CPU Adam) runs on.
+
+    [Note: CPU as device] When the device is the CPU itself (kind ``cpu``), the "device"
+    compute and the host's CPU work share the same cores, so CPU work is serialised with
+    compute on the ``compute`` stream instead of overlapping it on its own ``cpu`` stream.
+    """
+    return "compute" if device.kind == "cpu" else "cpu"
 
 
 class TaskGraph:
@@ -69,15 +79,17 @@ class TaskGraph:
         """
         tid = len(self.names)
         assert stream in STREAMS, stream
-        assert all(0 <= d < tid for d in deps), (name, deps)
+        assert not deps or (min(deps) >= 0 and max(deps) < tid), (name, deps)
         self.names.append(name)
         self.streams.append(stream)
         self.durations.append(duration_s)
         self.deps.append(tuple(deps))
-        mem = [(_START_ALLOC, t, o, b) for t, o, b in alloc_start if b]
-        mem += [(_END_ALLOC, t, o, b) for t, o, b in alloc_end if b]
-        mem += [(_END_FREE, t, o, b) for t, o, b in free_end if b]
-        self.mem.append(tuple(mem))
+        mem: tuple = ()
+        if alloc_start or alloc_end or free_end:
+            mem = (tuple((_START_ALLOC, t, o, b) for t, o, b in alloc_start if b)
+                   + tuple((_END_ALLOC, t, o, b) for t, o, b in alloc_end if b)
+                   + tuple((_END_FREE, t, o, b) for t, o, b in free_end if b))
+        self.mem.append(mem)
         self.tags.append(tag)
         return tid
 
@@ -205,6 +217,17 @@ class _StepBuilder:
         # Fetch order and last use of each off-device chunk, per pass (forward, backward).
         self.fwd_fetch, self.last_f = self._pass_order(range(len(blocks)))
         self.bwd_fetch, self.last_b = self._pass_order(range(len(blocks) - 1, -1, -1))
+        # per chunk: buffer bytes (param and grad buffers are both N·c), copy times, owner names
+        self.pbytes = [cost.param_buffer_bytes(c.num_elems, dt) for c in self.chunks]
+        self.h2d_s = [cost.h2d_time_s(b, device) for b in self.pbytes]
+        self.d2h_s = [cost.d2h_time_s(b, device) for b in self.pbytes]
+        self.read_s = [cost.disk_read_time_s(b, nvme, self.comp) if c.home is Tier.NVME else 0.0
+                       for b, c in zip(self.pbytes, self.chunks)]
+        self.accum_s = [cost.host_grad_accum_time_s(c.num_elems, dt, host) for c in self.chunks]
+        self.buf_owner = [f"buffer:param:{i}" for i in range(len(self.chunks))]
+        self.grad_owner = [f"buffer:grad:{i}" for i in range(len(self.chunks))]
+        self.staging_owner = [f"staging:{i}" for i in range(len(self.chunks))]
+        self.cpu = cpu_stream(device)
         need = max((sum(self.off[c] for c in cs) for cs in self.bc), default=0)
         if need > policy.prefetch_depth:
             raise ValueError(
@@ -235,18 +258,14 @@ class _StepBuilder:
                     return
                 slot_dep = (rel,)
             m, p, c = self.fetch_seq[k]
-            chunk = self.chunks[c]
-            nbytes = cost.param_buffer_bytes(chunk.num_elems, self.train.dtype)
-            buf = (Tier.DEVICE.value, f"buffer:param:{c}", nbytes)
-            deps = slot_dep
-            if chunk.home is Tier.NVME:
-                rd = self.g.add(f"read{m}@c{c}:{'FB'[p]}", "disk", cost.disk_read_time_s(nbytes, self.nvme, self.comp), deps=deps,
-                                alloc_start=[buf, (Tier.HOST.value, f"staging:{c}", nbytes)], tag=m)
-                h = self.g.add(f"PREFETCH{m}@c{c}:{'FB'[p]}", "h2d", cost.h2d_time_s(nbytes, self.device), deps=(rd,),
-                               free_end=[(Tier.HOST.value, f"staging:{c}", nbytes)], tag=m)
+            buf = ("device", self.buf_owner[c], self.pbytes[c])
+            if self.chunks[c].home is Tier.NVME:
+                staging = ("host", self.staging_owner[c], self.pbytes[c])
+                rd = self.g.add(f"read{m}@c{c}:{'FB'[p]}", "disk", self.read_s[c], deps=slot_dep,
+                                alloc_start=(buf, staging), tag=m)
+                h = self.g.add(f"PREFETCH{m}@c{c}:{'FB'[p]}", "h2d", self.h2d_s[c], deps=(rd,), free_end=(staging,), tag=m)
             else:
-                h = self.g.add(f"PREFETCH{m}@c{c}:{'FB'[p]}", "h2d", cost.h2d_time_s(nbytes, self.device), deps=deps,
-                               alloc_start=[buf], tag=m)
+                h = self.g.add(f"PREFETCH{m}@c{c}:{'FB'[p]}", "h2d", self.h2d_s[c], deps=slot_dep, alloc_start=(buf,), tag=m)
             self.fetch_task[(m, p, c)] = (k, h)
             self.next_fetch += 1
 
@@ -266,7 +285,7 @@ class _StepBuilder:
             if self.off[c] and last[c] == j:
                 k, _ = self.fetch_task[(m, p, c)]
                 self.release[k] = tid
-                frees.append((Tier.DEVICE.value, f"buffer:param:{c}", cost.param_buffer_bytes(self.chunks[c].num_elems, self.train.dtype)))
+                frees.append(("device", self.buf_owner[c], self.pbytes[c]))
         return frees
 
     # -- the step ---------------------------------------------------------------------------
@@ -366,24 +385,22 @@ class _StepBuilder:
 
     def _grad_out(self, m: int, c: int, bt: int, prev: int | None) -> int:
         """Copy the chunk's grad buffer to the host and add it into the fp32 accumulator."""
-        ne, dt = self.chunks[c].num_elems, self.train.dtype
-        nbytes = cost.grad_buffer_bytes(ne, dt)
         deps = (bt,) if prev is None else (bt, prev)  # the pinned landing buffer is reused
-        d = self.g.add(f"OFFLOAD{m}@c{c}", "d2h", cost.d2h_time_s(nbytes, self.device), deps=deps,
-                       free_end=[(Tier.DEVICE.value, f"buffer:grad:{c}", nbytes)], tag=m)
-        return self.g.add(f"accum{m}@c{c}", "cpu", cost.host_grad_accum_time_s(ne, dt, self.host), deps=(d,), tag=m)
+        d = self.g.add(f"OFFLOAD{m}@c{c}", "d2h", self.d2h_s[c], deps=deps,
+                       free_end=(("device", self.grad_owner[c], self.pbytes[c]),), tag=m)
+        return self.g.add(f"accum{m}@c{c}", self.cpu, self.accum_s[c], deps=(d,), tag=m)
 
     def _optimizer(self, c: int, after: int) -> None:
         chunk, dt, opt, tag = self.chunks[c], self.train.dtype, self.train.optimizer, self.n
         if chunk.home is Tier.HOST:
-            self.g.add(f"OPTIM@c{c}", "cpu", cost.cpu_optimizer_time_s(chunk.num_elems, opt, self.host),
+            self.g.add(f"OPTIM@c{c}", self.cpu, cost.cpu_optimizer_time_s(chunk.num_elems, opt, self.host),
                                             deps=(after,), tag=tag)
             return
         nbytes = cost.chunk_disk_bytes(chunk.num_elems, dt, opt)
         staging = (Tier.HOST.value, f"staging:{c}", cost.nvme_optim_staging_bytes(chunk.num_elems, dt, opt))
         rd = self.g.add(f"read-states@c{c}", "disk", cost.disk_read_time_s(nbytes, self.nvme, self.comp), deps=(after,),
                         alloc_start=[staging], tag=tag)
-        op = self.g.add(f"OPTIM@c{c}", "cpu", cost.cpu_optimizer_time_s(chunk.num_elems, opt, self.host), deps=(rd,), tag=tag)
+        op = self.g.add(f"OPTIM@c{c}", self.cpu, cost.cpu_optimizer_time_s(chunk.num_elems, opt, self.host), deps=(rd,), tag=tag)
         acc = (Tier.HOST.value, f"chunk:{c}", cost.host_grad_accum_bytes(chunk.num_elems))
         self.g.add(f"write-states@c{c}", "disk", cost.disk_write_time_s(nbytes, self.nvme, self.comp),
                                         deps=(op,), free_end=[staging, acc], tag=tag)
@@ -406,6 +423,7 @@ def simulate_step(
     policy: MemoryPolicy,
     *,
     max_simulated_microbatches: int | None = 4,
+    timeline: bool = True,
 ) -> SimResult:
     """Simulate one optimizer step on one device.
 
@@ -424,7 +442,8 @@ def simulate_step(
     periodic (same tasks, same dependencies across the boundary), so the step time is the
     simulated end plus (n - simulated) times the period measured between the ends of the
     middle micro-batches; memory peaks repeat each period, so they are the simulated ones.
-    ``None`` simulates every micro-batch (tests compare both).
+    ``None`` simulates every micro-batch (tests compare both). ``timeline=False`` skips
+    building the event list (the search screens candidates without it).
     """
     s = stats.scaled(train.micro_batch_size)
     n = train.num_microbatches
@@ -443,12 +462,12 @@ def simulate_step(
                 mb_end[tag] = r.finish_s[tid]
         shift = (n - n_sim) * (mb_end[n_sim - 2] - mb_end[n_sim - 3])
     step_time_s = r.end_s + shift
-    timeline = tuple(
+    events = tuple(
         TimelineEvent(stream=graph.streams[t], name=graph.names[t],
                       start_s=r.start_s[t] + (shift if graph.tags[t] >= n_sim - 1 else 0.0),
                       end_s=r.finish_s[t] + (shift if graph.tags[t] >= n_sim - 1 else 0.0))
         for t in range(len(graph))
-    )
+    ) if timeline else ()
     peak = {t.value: 0 for t in Tier}
     peak.update(r.peak_bytes)
     resident = _resident(policy, train)
@@ -467,7 +486,7 @@ def simulate_step(
         mfu=model_flops / (step_time_s * peak_flops) if step_time_s > 0 and peak_flops > 0 else 0.0,
         peak_bytes=peak,
         breakdown=breakdown,
-        timeline=timeline,
+        timeline=events,
         num_simulated_microbatches=n_sim,
     )
 
@@ -484,6 +503,7 @@ def stream_work_s(
     n, dt, opt = train.num_microbatches, train.dtype, train.optimizer
     comp = cost.zstd_model(host.num_cpus) if policy.compress_nvme else None
     work = dict.fromkeys(STREAMS, 0.0)
+    cpu = cpu_stream(device)
     bc = cost.block_chunk_ids(s, policy.chunks)
     for b, pol in zip(s.blocks, policy.activations):
         work["compute"] += n * cost.block_fwd_time_s(b, device, dt, s.micro_batch_size) * (2 if pol is ActPolicy.RECOMPUTE else 1)
@@ -504,8 +524,8 @@ def stream_work_s(
         passes = 2 * n if c.index in used else 0
         work["h2d"] += passes * cost.h2d_time_s(nbytes, device)
         work["d2h"] += (n if c.index in used else 0) * cost.d2h_time_s(nbytes, device)
-        work["cpu"] += (n if c.index in used else 0) * cost.host_grad_accum_time_s(ne, dt, host)
-        work["cpu"] += cost.cpu_optimizer_time_s(ne, opt, host) if c.index in used else 0.0
+        work[cpu] += (n if c.index in used else 0) * cost.host_grad_accum_time_s(ne, dt, host)
+        work[cpu] += cost.cpu_optimizer_time_s(ne, opt, host) if c.index in used else 0.0
         if c.home is Tier.NVME and c.index in used:
             disk_bytes = cost.chunk_disk_bytes(ne, dt, opt)
             work["disk"] += passes * cost.disk_read_time_s(nbytes, nvme, comp)

@@ -184,6 +184,22 @@ def test_nvme_chunk_holds_host_accumulator_until_its_optimizer_step_ends():
     assert order[-3:] == ["read-states@c0", "OPTIM@c0", "write-states@c0"]
 
 
+def test_on_a_cpu_device_host_cpu_work_shares_the_compute_stream():
+    import dataclasses
+
+    stats = make_stats([1 * MB, 1 * MB], params=[10**8, 10**8])
+    pol = policy(stats, [Tier.HOST] * 2, [ActPolicy.KEEP] * 2, depth=2)
+    gpu = simulate_step(stats, train(2), DEV, HOST, None, pol)
+    cpu_dev = dataclasses.replace(DEV, kind="cpu")
+    cpu = simulate_step(stats, train(2), cpu_dev, HOST, None, pol)
+    assert {e.stream for e in gpu.timeline if e.name.startswith(("accum", "OPTIM"))} == {"cpu"}
+    assert {e.stream for e in cpu.timeline if e.name.startswith(("accum", "OPTIM"))} == {"compute"}
+    work = stream_work_s(stats, train(2), cpu_dev, HOST, None, pol)
+    assert work["cpu"] == 0.0
+    assert sum(e.end_s - e.start_s for e in cpu.timeline if e.stream == "compute") == pytest.approx(work["compute"])
+    assert cpu.step_time_s >= gpu.step_time_s
+
+
 def test_validation_errors_name_the_field():
     stats = make_stats([MB, MB], params=[100, 100])
     with pytest.raises(ValueError, match="memory.activations"):
