@@ -53,8 +53,8 @@ class IoResult:
 
 def measure_raw(path: str, *, size_bytes: int, chunk_bytes: int) -> IoResult:
     """One file, written in ``chunk_bytes`` pieces then fsync-ed; dropped from cache; read back."""
-    buf = bytearray(os.urandom(min(chunk_bytes, 16 * 2**20)) * max(1, chunk_bytes // (16 * 2**20)))[:chunk_bytes]
-    buf = memoryview(buf)
+    seed = os.urandom(min(chunk_bytes, 16 * 2**20))  # incompressible, and cheap to make
+    buf = memoryview(bytearray(seed * -(-chunk_bytes // len(seed)))[:chunk_bytes])
     fname = os.path.join(path, f"raw-{os.getpid()}.bin")
     try:
         t0 = time.perf_counter()
@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    size_bytes -= size_bytes % chunk_bytes  # whole chunks, so raw and store move the same bytes
     kw = dict(size_bytes=size_bytes, chunk_bytes=chunk_bytes)
     runs: list[list[IoResult]] = []
     for _ in range(args.repeat):  # interleaved, so drifting disk/host state hits every row alike
