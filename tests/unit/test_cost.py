@@ -7,7 +7,7 @@ import pytest
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
 from memtrain.planner import cost
 from memtrain.planner.plan import ActPolicy, ChunkPlan, Tier
-from memtrain.planner.stats import BlockStats, DType, ModelStats, Optimizer, model_state_bytes_per_param
+from memtrain.planner.stats import BlockStats, DType, ModelStats, model_state_bytes_per_param
 
 DEV = DeviceSpec(kind="toy", name="Toy", memory_bytes=10**10, bf16_flops=100e12, fp16_flops=100e12, fp32_flops=0.0,
                  memory_bw_gbps=1000.0, h2d_gbps=25.0, d2h_gbps=20.0, compute_efficiency=0.5)
