@@ -307,7 +307,7 @@ class _StepBuilder:
             swap_in: dict[int, int] = {}
             # forward, blocks in order
             for j in range(L):
-                b, pol, owner = s.blocks[j], acts[j], f"act:{j}:{m}"
+                b, pol, owner = s.blocks[j], acts[j], f"act:{s.blocks[j].name}:{m}"  # the runtime's act_owner
                 held = b.input_bytes if pol is ActPolicy.RECOMPUTE else b.activation_bytes
                 tid = len(g)  # the id this F will get (needed to record releases before adding it)
                 frees = self._released(m, 0, j, tid)
@@ -331,6 +331,9 @@ class _StepBuilder:
 
             b_task: dict[int, int] = {}
 
+            def owner_of(j: int) -> str:
+                return f"act:{s.blocks[j].name}:{m}"
+
             def issue_swaps(upto_read: int, upto_in: int) -> None:
                 # NVMe reads for blocks >= upto_read and copy-ins for blocks >= upto_in not yet issued
                 for j in range(L - 1, upto_read - 1, -1):
@@ -338,19 +341,19 @@ class _StepBuilder:
                         a = s.blocks[j].activation_bytes
                         disk_read[j] = g.add(f"read{m}:{j}", "disk", cost.disk_read_time_s(a, self.nvme, self.comp),
                                              deps=(disk_write[j], trigger(j, DISK_LOOKAHEAD, b_task)),
-                                             alloc_start=[(hst, f"act:{j}:{m}", a)], free_end=[(nvm, f"act:{j}:{m}", a)], tag=m)
+                                             alloc_start=[(hst, owner_of(j), a)], free_end=[(nvm, owner_of(j), a)], tag=m)
                 for j in range(L - 1, upto_in - 1, -1):
                     if j >= 0 and acts[j] in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME) and j not in swap_in:
                         a = s.blocks[j].activation_bytes
                         src = disk_read[j] if acts[j] is ActPolicy.SWAP_NVME else swap_out[j]
                         swap_in[j] = g.add(f"SWAP_IN{m}:{j}", "h2d", cost.h2d_time_s(a, self.device),
                                            deps=(src, trigger(j, SWAP_IN_LOOKAHEAD, b_task)),
-                                           alloc_start=[(dev, f"act:{j}:{m}", a)], free_end=[(hst, f"act:{j}:{m}", a)], tag=m)
+                                           alloc_start=[(dev, owner_of(j), a)], free_end=[(hst, owner_of(j), a)], tag=m)
 
             issue_swaps(L - DISK_LOOKAHEAD, L - SWAP_IN_LOOKAHEAD)
             # backward, blocks in reverse
             for j in range(L - 1, -1, -1):
-                b, pol, owner = s.blocks[j], acts[j], f"act:{j}:{m}"
+                b, pol, owner = s.blocks[j], acts[j], f"act:{s.blocks[j].name}:{m}"
                 deps = self._fetched(m, 1, j)
                 if j in swap_in:
                     deps.append(swap_in[j])
