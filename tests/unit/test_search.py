@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 
@@ -151,6 +152,17 @@ def test_nvme_takes_what_the_host_cannot_hold():
     assert Tier.NVME in homes
     assert homes == sorted(homes, key=[Tier.DEVICE, Tier.HOST, Tier.NVME].index)  # device, then host, then NVMe
     assert_within_budgets(p)
+
+
+def test_zstd_is_chosen_when_nvme_is_the_bottleneck_and_only_then():
+    slow = dataclasses.replace(NVME, read_gbps=0.5, write_gbps=0.5)
+    p = run(device_gib=1.5, host_gib=1.0, nvme=slow, gbs=4)
+    assert p.fits and p.memory.compress_nvme
+    # the same policy without compression is slower: the search picked the faster of the two
+    plain = simulate_step(p.model, p.train, p.device, p.host, p.nvme, dataclasses.replace(p.memory, compress_nvme=False))
+    assert plain.step_time_s > p.prediction.step_time_s
+    fast = dataclasses.replace(NVME, read_gbps=50.0, write_gbps=50.0)  # codec (~12 GB/s) slower than the disk
+    assert not run(device_gib=1.5, host_gib=1.0, nvme=fast, gbs=4).memory.compress_nvme
 
 
 def test_micro_batch_size_is_respected_or_chosen_among_divisors():

@@ -200,6 +200,19 @@ def test_on_a_cpu_device_host_cpu_work_shares_the_compute_stream():
     assert cpu.step_time_s >= gpu.step_time_s
 
 
+def test_compressed_nvme_reads_use_the_zstd_model():
+    import dataclasses
+
+    n_elems = 10**8
+    stats = make_stats([1 * MB], params=[n_elems])
+    pol = dataclasses.replace(policy(stats, [Tier.NVME], [ActPolicy.KEEP]), compress_nvme=True)
+    r = simulate_step(stats, train(1), DEV, HOST, NVME, pol)
+    read = next(e for e in r.timeline if e.name == "read0@c0:F")
+    zstd = cost.zstd_model(HOST.num_cpus)
+    assert read.end_s - read.start_s == pytest.approx(cost.disk_read_time_s(2 * n_elems, NVME, zstd))
+    assert read.end_s - read.start_s < cost.disk_read_time_s(2 * n_elems, NVME)  # disk-bound: fewer bytes read
+
+
 def test_validation_errors_name_the_field():
     stats = make_stats([MB, MB], params=[100, 100])
     with pytest.raises(ValueError, match="memory.activations"):
