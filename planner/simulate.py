@@ -96,6 +96,8 @@ class TaskGraph:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GraphResult:
+    """What ``simulate_graph`` found: task times and per-tier memory peaks."""
+
     end_s: float
     """When the last task ends."""
     start_s: tuple[float, ...]
@@ -175,7 +177,9 @@ def simulate_graph(graph: TaskGraph) -> GraphResult:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SimResult:
     step_time_s: float
+    """One optimizer step: from the first fetch or forward to the last optimizer write."""
     tokens_per_s: float
+    """Tokens of the global batch / step time."""
     mfu: float
     """Model FLOPs per step (without recompute) / (step time × peak FLOP/s of the dtype)."""
     peak_bytes: dict[str, int]
