@@ -27,10 +27,11 @@ from memtrain.offload.chunks import ChunkStore, make_chunk_plans, named_blocks, 
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.optim import OffloadedOptimizer, OptimizerSpec
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, Plan, Tier
+from memtrain.planner.simulate import SWAP_IN_LOOKAHEAD
 from memtrain.planner.stats import DType, dtype_bytes
 from memtrain.planner.units import format_bytes, parse_bytes
 
-__all__ = ["MemoryBudgets", "LossScaler", "TierMemory", "Engine", "wrap", "fallback_memory_policy"]
+__all__ = ["MemoryBudgets", "LossScaler", "TierMemory", "Engine", "wrap", "fallback_memory_policy", "planner_plan"]
 
 _MEMORY_KEYS = ("device", "host", "nvme", "nvme_budget", "safety_margin", "prefetch_depth", "chunk_elems")
 
@@ -150,6 +151,51 @@ def fallback_memory_policy(
             )
     return MemoryPolicy(chunk_size_elems=size, chunks=make_chunk_plans(params, size, homes), prefetch_depth=depth,
                         activations=(ActPolicy.KEEP,) * len(blocks))
+
+
+def planner_plan(
+    model: nn.Module, blocks: Sequence[tuple[str, nn.Module]], *, loss_fn: Callable, dtype: DType | str, optimizer: str,
+    budgets: MemoryBudgets, device: torch.device, seq_len: int, global_batch_size: int, micro_batch_size: int | None,
+) -> Plan:
+    """Plan with the planner (``planner.analyze.analyze_built`` + ``planner.search.plan``) on a
+    meta-device twin of ``model`` (no weight is copied) and this machine's hardware figures."""
+    import copy
+
+    from memtrain.cluster.inventory import local_node_spec
+    from memtrain.models.source import BuiltModel
+    from memtrain.planner import catalog
+    from memtrain.planner.analyze import analyze_built
+    from memtrain.planner.search import plan as search_plan
+
+    # deepcopy with every tensor pre-mapped to a meta twin: ties and module structure kept.
+    memo: dict[int, Any] = {}
+    for t in (*model.parameters(), *model.buffers()):
+        twin = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(twin, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else twin
+    twin_model = copy.deepcopy(model, memo)
+    modules = dict(twin_model.named_modules())
+    built = BuiltModel(name=type(model).__name__, module=twin_model, blocks=tuple((n, modules[n]) for n, _ in blocks),
+                       vocab_size=1, loss_fn=loss_fn)
+    stats = analyze_built(built, seq_len=seq_len, micro_batch_size=1, dtype=dtype)
+    node = local_node_spec()
+    dev_spec = node.devices[0] if device.type == "cuda" else catalog.cpu_device_spec(
+        num_cpus=node.host.num_cpus, memory_bytes=budgets.device_bytes)
+    nvme = None
+    if budgets.nvme_path is not None:
+        import shutil
+
+        parent = Path(budgets.nvme_path).parent
+        cap = budgets.nvme_bytes if budgets.nvme_bytes is not None else shutil.disk_usage(parent).free
+        nvme = catalog.default_nvme_spec(budgets.nvme_path, cap)
+    plan = search_plan(
+        stats, name=built.name, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size or 0,
+        dtype=dtype, optimizer=optimizer, device=dev_spec, host=node.host, nvme=nvme,
+        budgets={"device": budgets.device_bytes, "host": budgets.host_bytes, "nvme": 0 if nvme is None else nvme.capacity_bytes},
+        safety_margin=budgets.safety_margin, source="auto", param_numels={n: p.numel() for n, p in model.named_parameters()},
+    )
+    if not plan.fits:
+        raise ValueError(f"memory: nothing fits these budgets: {plan.shortfall}")
+    return plan
 
 
 @dataclass(kw_only=True, slots=True)
@@ -373,14 +419,17 @@ def wrap(
     plan: Plan | MemoryPolicy | None = None, blocks=None, loss_fn: Callable | None = None, dtype: str = "fp32",
     micro_batch_size: int | None = None, seed: int | None = None, verbose: bool = True,
     device: str | torch.device | None = None, host_kernel: str | None = None, loss_scale: Mapping[str, Any] | None = None,
-    activation_manager: bool | None = None,
+    activation_manager: bool | None = None, seq_len: int | None = None, global_batch_size: int | None = None,
 ) -> Engine:
     """Wrap ``model`` for memory-aware training; see the module doc.
 
     ``plan`` is a planner ``Plan`` or just its ``MemoryPolicy``; None plans here. ``loss_fn``
     (default: next-token cross entropy) maps ``(output, labels)`` to a scalar. ``loss_scale``
     configures fp16 loss scaling (``LossScaler`` fields). ``activation_manager`` None = use
-    ``offload.activations`` when installed.
+    ``offload.activations`` when installed. With ``seq_len`` and ``global_batch_size`` (the
+    shape of ``train_step``'s batches) and no ``plan``, the planner's search plans the run
+    (activation policies and micro-batch size included); without them a simple built-in policy
+    (``fallback_memory_policy``) keeps activations and chooses chunk homes only.
     """
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     spec = OptimizerSpec.from_value(optimizer)
@@ -394,8 +443,13 @@ def wrap(
     if seed is not None:
         torch.manual_seed(seed)
     named = named_blocks(model, blocks)
+    if loss_fn is None:
+        from memtrain.models.gpt import causal_lm_loss as loss_fn
+    if plan is None and seq_len is not None and global_batch_size is not None:
+        plan = planner_plan(model, named, loss_fn=loss_fn, dtype=dtype, optimizer=spec.name, budgets=budgets, device=dev,
+                            seq_len=seq_len, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size)
+        micro_batch_size = plan.train.micro_batch_size
     if plan is None:
-        # [swap to the planner: analyze_built + search.plan, once they land, replace this call]
         policy = fallback_memory_policy(model, named, dtype=dtype, num_state_tensors=len(spec.state_names), budgets=budgets)
     else:
         policy = plan.memory if isinstance(plan, Plan) else plan
@@ -416,14 +470,14 @@ def wrap(
                            prefetch_depth=depth).build()
         opt = OffloadedOptimizer(store, spec, **({} if host_kernel is None else {"host_kernel": host_kernel}))
         policies = {name: ActPolicy(p) for (name, _), p in zip(named, policy.activations)}
-        acts = _activation_manager(policies, named, store, device_ledger, host_ledger, nvme, depth, activation_manager)
+        # Activation swap-ins run one block ahead, as the simulator models them (SWAP_IN_LOOKAHEAD).
+        acts = _activation_manager(policies, named, store, device_ledger, host_ledger, nvme, SWAP_IN_LOOKAHEAD - 1,
+                                   activation_manager)
     except BaseException:
         if nvme is not None:
             nvme.close()
         raise
     scaler = LossScaler(**(loss_scale or {})) if DType(dtype) is DType.FP16 else None
-    if loss_fn is None:
-        from memtrain.models.gpt import causal_lm_loss as loss_fn
     if verbose:
         _print_summary(plan, policy, depth, dtype, spec.state_names)
     return Engine(model=model, blocks=named, store=store, optimizer=opt, activations=acts, loss_fn=loss_fn,

@@ -108,7 +108,8 @@ def test_custom_loop_equals_train_step(tmp_path):
     a.close(), b.close()
 
 
-def test_budget_holds_with_states_four_times_the_device(tmp_path):
+@pytest.mark.parametrize("planner", [False, True], ids=["built-in-policy", "planner-search"])
+def test_budget_holds_with_states_four_times_the_device(planner):
     cfg = gpt_config("tiny", num_layers=6)
     torch.manual_seed(0)
     model = GPT(cfg)
@@ -116,8 +117,9 @@ def test_budget_holds_with_states_four_times_the_device(tmp_path):
     device_budget = 1_200_000
     states_bytes = num_params * 16  # fp32 AdamW: params, grads, m, v
     assert states_bytes >= 4 * device_budget
+    shape = dict(seq_len=8, global_batch_size=2) if planner else dict(micro_batch_size=1)
     engine = wrap(model, optimizer=dict(name="adamw", lr=1e-3), memory={"device": device_budget, "host": "64MiB"},
-                  micro_batch_size=1, verbose=False)
+                  verbose=False, **shape)
     losses = [engine.train_step(_batch(cfg, step, batch=2, seq_len=8)) for step in range(4)]
     report = engine.memory_report()
     assert report["device"].peak_bytes <= device_budget
@@ -126,11 +128,15 @@ def test_budget_holds_with_states_four_times_the_device(tmp_path):
     engine.close()
 
 
-def test_too_small_device_budget_is_refused_before_training(tmp_path):
+def test_too_small_device_budget_is_refused_before_training():
     torch.manual_seed(0)
     model = GPT(gpt_config("tiny"))
     with pytest.raises(ValueError, match=r"memory\['device'\]"):
         wrap(model, optimizer="adamw", memory={"device": "64KiB", "host": "64MiB"}, verbose=False)
+    with pytest.raises(ValueError, match="memory"):  # the planner's search says what is missing
+        wrap(model, optimizer="adamw", memory={"device": "64KiB", "host": "64MiB"}, verbose=False, seq_len=8,
+             global_batch_size=2)
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # refused before touching the model
 
 
 @pytest.mark.parametrize("memory,key", [
