@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from memtrain.offload.ledger import Ledger
-from memtrain.offload.optim import STATE_NAMES
 from memtrain.offload.tiers import CopyHandle, copy_async, copy_stream
 from memtrain.planner.plan import ChunkPlan, Tier
 from memtrain.planner.stats import DType
@@ -173,29 +172,6 @@ class _NvmeFetch:
         self.future.result()
         self.store._copy(self.chunk.buf, self.staging).wait_stream()
         self.store._free(self.store.host_ledger, f"staging:{self.chunk.index}", self.staging)
-
-
-class _Staged:
-    """An nvme chunk's master/states read into host staging for its optimizer step."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor], futures: list) -> None:
-        self.tensors, self.futures = tensors, futures
-
-    def wait(self) -> dict[str, torch.Tensor]:
-        for f in self.futures:
-            f.result()
-        return self.tensors
-
-
-class _WriteBack:
-    def __init__(self, store: "ChunkStore", index: int, staged: _Staged, futures: list) -> None:
-        self.store, self.index, self.staged, self.futures = store, index, staged, futures
-
-    def wait(self) -> None:
-        for f in self.futures:
-            f.result()
-        for t in self.staged.tensors.values():
-            self.store._free(self.store.host_ledger, f"staging:{self.index}", t)
 
 
 def _tensors(obj: Any) -> Iterator[torch.Tensor]:
@@ -614,21 +590,6 @@ class ChunkStore:
         if self.mixed and c.home is not Tier.NVME:
             c.compute.copy_(c.master)
 
-    # --- nvme streaming for the optimizer -------------------------------------------------
-
-    def nvme_read_states(self, c: Chunk) -> _Staged:
-        owner, n = f"staging:{c.index}", c.num_elems
-        tensors = {"master": self._alloc(self.host_ledger, owner, n, torch.float32)}
-        tensors.update({k: self._alloc(self.host_ledger, owner, n, torch.float32) for k in self.state_names})
-        futures = [self.nvme.read(self.nvme_key(c, k), t) for k, t in tensors.items()]
-        if self.mixed:  # rewritten from the master after the step, so never read
-            tensors["compute"] = self._alloc(self.host_ledger, owner, n, self.compute_dtype)
-        return _Staged(tensors, futures)
-
-    def nvme_write_states(self, c: Chunk, staged: _Staged) -> _WriteBack:
-        futures = [self.nvme.write(self.nvme_key(c, k), t) for k, t in staged.tensors.items()]
-        return _WriteBack(self, c.index, staged, futures)
-
     # --- state gather / load --------------------------------------------------------------
 
     def param_order(self) -> list[str]:
@@ -675,38 +636,6 @@ class ChunkStore:
             self._write(c, "master", flat)
             if c.home is not Tier.DEVICE and c.buf is not None:
                 self._release(c)
-
-    def gather_states(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Optimizer state per parameter name, in torch's per-parameter format."""
-        out: dict[str, dict[str, torch.Tensor]] = {}
-        adam = self.state_names == STATE_NAMES["adamw"]
-        for c in self.chunks:
-            if c.step.item() == 0 or not self.state_names:
-                continue
-            flats = {k: self._read(c, k) for k in self.state_names}
-            for s in c.slots:
-                entry = {k: f[s.offset:s.offset + s.numel].view(s.shape).clone() for k, f in flats.items()}
-                if adam:
-                    entry["step"] = c.step.clone()
-                out[s.name] = entry
-        return out
-
-    def load_states(self, states: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-        for c in self.chunks:
-            present = [s.name for s in c.slots if s.name in states]
-            if not present:
-                continue
-            if len(present) != len(c.slots):
-                raise ValueError(f"optimizer state: {c.slots[0].name!r} and the parameters chunked with it must all have state or none")
-            steps = {float(states[s.name].get("step", torch.tensor(1.0))) for s in c.slots}
-            if len(steps) != 1:
-                raise ValueError(f"optimizer state: parameters of chunk {c.index} have different step counts {sorted(steps)}")
-            for k in self.state_names:
-                flat = torch.empty(c.num_elems, dtype=torch.float32)
-                for s in c.slots:
-                    flat[s.offset:s.offset + s.numel].copy_(states[s.name][k].reshape(-1))
-                self._write(c, k, flat)
-            c.step.fill_(steps.pop())
 
     def close(self) -> None:
         """Remove hooks, drop buffers, delete the chunk files."""

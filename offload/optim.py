@@ -222,6 +222,82 @@ def measure_host_adamw(num_elems: int = 64 * 2**20, reps: int = 3) -> list[Kerne
     return out
 
 
+# --- nvme streaming and per-parameter state (over a ChunkStore's chunks) --------------------
+
+
+class _Staged:
+    """An nvme chunk's master/states read into host staging (``staging:<i>``) for its step."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], futures: list) -> None:
+        self.tensors, self.futures = tensors, futures
+
+    def wait(self) -> dict[str, torch.Tensor]:
+        for f in self.futures:
+            f.result()
+        return self.tensors
+
+
+class _WriteBack:
+    def __init__(self, store: "ChunkStore", index: int, staged: _Staged, futures: list) -> None:
+        self.store, self.index, self.staged, self.futures = store, index, staged, futures
+
+    def wait(self) -> None:
+        for f in self.futures:
+            f.result()
+        for t in self.staged.tensors.values():
+            self.store._free(self.store.host_ledger, f"staging:{self.index}", t)
+
+
+def _read_states(store: "ChunkStore", c: "Chunk") -> _Staged:
+    """Start reading master and states of nvme chunk ``c`` (planner.cost.nvme_optim_staging_bytes)."""
+    owner, n = f"staging:{c.index}", c.num_elems
+    tensors = {"master": store._alloc(store.host_ledger, owner, n, torch.float32)}
+    tensors.update({k: store._alloc(store.host_ledger, owner, n, torch.float32) for k in store.state_names})
+    futures = [store.nvme.read(store.nvme_key(c, k), t) for k, t in tensors.items()]
+    if store.mixed:  # rewritten from the master after the step, so never read
+        tensors["compute"] = store._alloc(store.host_ledger, owner, n, store.compute_dtype)
+    return _Staged(tensors, futures)
+
+
+def _write_states(store: "ChunkStore", c: "Chunk", staged: _Staged) -> _WriteBack:
+    futures = [store.nvme.write(store.nvme_key(c, k), t) for k, t in staged.tensors.items()]
+    return _WriteBack(store, c.index, staged, futures)
+
+
+def _gather_states(store: "ChunkStore") -> dict[str, dict[str, torch.Tensor]]:
+    """Optimizer state per parameter name, in torch's per-parameter format."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    adam = store.state_names == STATE_NAMES["adamw"]
+    for c in store.chunks:
+        if c.step.item() == 0 or not store.state_names:
+            continue
+        flats = {k: store._read(c, k) for k in store.state_names}
+        for s in c.slots:
+            entry = {k: f[s.offset:s.offset + s.numel].view(s.shape).clone() for k, f in flats.items()}
+            if adam:
+                entry["step"] = c.step.clone()
+            out[s.name] = entry
+    return out
+
+
+def _load_states(store: "ChunkStore", states: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    for c in store.chunks:
+        present = [s.name for s in c.slots if s.name in states]
+        if not present:
+            continue
+        if len(present) != len(c.slots):
+            raise ValueError(f"optimizer state: {c.slots[0].name!r} and the parameters chunked with it must all have state or none")
+        steps = {float(states[s.name].get("step", torch.tensor(1.0))) for s in c.slots}
+        if len(steps) != 1:
+            raise ValueError(f"optimizer state: parameters of chunk {c.index} have different step counts {sorted(steps)}")
+        for k in store.state_names:
+            flat = torch.empty(c.num_elems, dtype=torch.float32)
+            for s in c.slots:
+                flat[s.offset:s.offset + s.numel].copy_(states[s.name][k].reshape(-1))
+            store._write(c, k, flat)
+        c.step.fill_(steps.pop())
+
+
 # --- the optimizer over a ChunkStore -----------------------------------------------------
 
 
@@ -273,15 +349,15 @@ class OffloadedOptimizer:
         """Stream NVMe chunks: read i+1 while stepping i; write i back while stepping i+1."""
         store = self.store
         writing: list = []  # (chunk, staging, futures) whose write-back is in flight
-        pending = store.nvme_read_states(chunks[0]) if chunks else None
+        pending = _read_states(store, chunks[0]) if chunks else None
         for pos, chunk in enumerate(chunks):
             staged = pending
-            pending = store.nvme_read_states(chunks[pos + 1]) if pos + 1 < len(chunks) else None
+            pending = _read_states(store, chunks[pos + 1]) if pos + 1 < len(chunks) else None
             tensors = staged.wait()
             self._update(chunk, tensors["master"], chunk.grad, tensors)
             if "compute" in tensors:
                 tensors["compute"].copy_(tensors["master"])
-            writing.append(store.nvme_write_states(chunk, staged))
+            writing.append(_write_states(store, chunk, staged))
             # Keep at most one write-back in flight besides the one just queued (bounded staging).
             while len(writing) > 1:
                 writing.pop(0).wait()
@@ -294,7 +370,7 @@ class OffloadedOptimizer:
         """``torch.optim.AdamW``/``SGD``'s format over ``store.param_order()`` (loads into them)."""
         state: dict[int, dict[str, torch.Tensor]] = {}
         names = self.store.param_order()
-        per_param = self.store.gather_states()
+        per_param = _gather_states(self.store)
         for idx, name in enumerate(names):
             entry = per_param.get(name)
             if entry is not None:
@@ -310,4 +386,4 @@ class OffloadedOptimizer:
                 f"optimizer state: expected one param group over {len(names)} parameters "
                 "(the format engine.state_dict() writes); got a different layout"
             )
-        self.store.load_states({names[int(i)]: s for i, s in sd.get("state", {}).items()})
+        _load_states(self.store, {names[int(i)]: s for i, s in sd.get("state", {}).items()})
