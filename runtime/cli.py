@@ -103,6 +103,16 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from memtrain.runtime.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from memtrain.runtime.train import train
+
+    train(cfg)
+    return 0
+
+
 def _not_yet(name: str):
     def run(args: argparse.Namespace) -> int:
         raise UsageError(f"'memtrain {name}' is not yet available in this version; 'memtrain plan' is")
@@ -113,7 +123,7 @@ def _not_yet(name: str):
 _COMMANDS = {
     "plan": _cmd_plan,
     "profile": _cmd_profile,
-    "run": _not_yet("run"),
+    "run": _cmd_run,
     "resume": _not_yet("resume"),
 }
 

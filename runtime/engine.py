@@ -13,6 +13,8 @@ offloaded optimizer (``offload.optim``) around the model's forward and backward.
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -309,6 +311,12 @@ class Engine:
             self.store.scale_grads(1.0 / used)
         self.optimizer.step()
         return True
+
+    def set_lr(self, lr: float) -> None:
+        """Learning rate for the following steps (a schedule calls this before each step)."""
+        if not lr > 0:
+            raise ValueError(f"lr: must be > 0, got {lr}")
+        self.optimizer.spec = dataclasses.replace(self.optimizer.spec, lr=float(lr))
 
     # --- the whole step -----------------------------------------------------------------
 
