@@ -62,7 +62,8 @@ class ModelConfig:
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
     source: str = "synthetic"
-    """``synthetic`` (seeded random tokens) or ``tokens`` (a flat .npy/.bin file of token ids)."""
+    """``synthetic`` (seeded walks of a random sparse Markov chain: learnable) or ``tokens`` (a flat
+    .npy/.bin file of token ids)."""
     path: str = ""
     """For ``tokens``: the file of token ids."""
     seed: int = 0

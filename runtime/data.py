@@ -1,4 +1,4 @@
-"""Training data: seeded synthetic tokens or a flat file of token ids, with a resumable position.
+"""Training data: seeded synthetic token walks or a flat file of token ids, with a resumable position.
 
 A batch is ``(input_ids, labels)`` of shape (batch, seq_len) with ``labels[t] = ids[t+1]``.
 ``state_dict()`` / ``load_state_dict()`` carry the position so a resumed run continues with the
@@ -14,7 +14,10 @@ import torch
 
 from memtrain.runtime.config import ConfigError, DataConfig
 
-__all__ = ["TokenBatches"]
+__all__ = ["TokenBatches", "SYNTHETIC_BRANCHING"]
+
+SYNTHETIC_BRANCHING = 4
+"""Successors per token in the synthetic Markov chain (loss floor ln 4 ≈ 1.39)."""
 
 
 class TokenBatches:
@@ -26,6 +29,7 @@ class TokenBatches:
         self.position = 0
         """Batches produced so far."""
         self._tokens: np.ndarray | None = None
+        self._successors: torch.Tensor | None = None
         if cfg.source == "tokens":
             self._tokens = self._open(Path(cfg.path))
 
@@ -54,12 +58,27 @@ class TokenBatches:
         """The ``index``-th batch; a pure function of (seed, index), so resuming is exact."""
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + index)
         if self._tokens is None:
-            seq = torch.randint(0, self.vocab_size, (self.batch_size, self.seq_len + 1), generator=g)
+            seq = self._synthetic(g)
         else:
             n = self._tokens.size - self.seq_len - 1
             starts = torch.randint(0, n + 1, (self.batch_size,), generator=g).tolist()
             seq = torch.from_numpy(np.stack([np.asarray(self._tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts]))
         return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+
+    def _synthetic(self, g: torch.Generator) -> torch.Tensor:
+        """Walks of a fixed sparse Markov chain: each token has ``SYNTHETIC_BRANCHING`` possible
+        successors drawn once from the data seed. The data has structure a model can learn (the
+        loss can fall from ln(vocab) towards ln(branching)), so a run shows learning."""
+        if self._successors is None:
+            table_gen = torch.Generator().manual_seed(self.cfg.seed)
+            self._successors = torch.randint(0, self.vocab_size, (self.vocab_size, SYNTHETIC_BRANCHING), generator=table_gen)
+        b, n = self.batch_size, self.seq_len + 1
+        choice = torch.randint(0, SYNTHETIC_BRANCHING, (b, n), generator=g)
+        seq = torch.empty(b, n, dtype=torch.long)
+        seq[:, 0] = torch.randint(0, self.vocab_size, (b,), generator=g)
+        for t in range(1, n):
+            seq[:, t] = self._successors[seq[:, t - 1], choice[:, t]]
+        return seq
 
     def state_dict(self) -> dict:
         return {"position": self.position, "seed": self.cfg.seed}
