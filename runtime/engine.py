@@ -260,18 +260,42 @@ class Engine:
     def __init__(
         self, *, model: nn.Module, blocks: list[tuple[str, nn.Module]], store: ChunkStore, optimizer: OffloadedOptimizer,
         activations, loss_fn: Callable, micro_batch_size: int | None, device: torch.device, nvme, scaler: LossScaler | None,
+        call: Callable | None = None,
     ) -> None:
         self.model, self.blocks, self.store, self.optimizer = model, blocks, store, optimizer
         self.activations, self.loss_fn, self.micro_batch_size, self.device = activations, loss_fn, micro_batch_size, device
         self.nvme, self.scaler = nvme, scaler
+        self.call = call
+        """How to run the model on input ids (``call(model, ids)``); None = ``model(ids)``."""
         self._microbatch = 0
         self._closed = False
+
+    @classmethod
+    def deferred(cls, build: Callable[..., "Engine"]) -> "Engine":
+        """An engine that plans and builds itself from the shape of the first batch it sees."""
+        engine = cls.__new__(cls)
+        engine._build, engine.store, engine._closed = build, None, False
+        return engine
+
+    def _ensure_built(self, inputs: torch.Tensor) -> None:
+        if self.store is None:
+            real = self._build(seq_len=inputs.shape[-1], global_batch_size=inputs.shape[0])
+            pending_lr = getattr(self, "_pending_lr", None)
+            vars(self).update(vars(real))
+            if pending_lr is not None:
+                self.set_lr(pending_lr)
+
+    def _require_built(self) -> None:
+        if self.store is None:
+            raise ValueError("engine: nothing to do yet: the plan is made from the first batch's shape; "
+                             "run a batch first, or pass seq_len= and global_batch_size= to wrap()")
 
     # --- custom loops -------------------------------------------------------------------
 
     def __call__(self, batch) -> torch.Tensor:
         """Forward one micro-batch: the loss for ``(input_ids, labels)``, else the model output."""
         inputs, labels = _split_batch(batch)
+        self._ensure_built(inputs)
         return self._forward(inputs, labels)
 
     def _forward(self, inputs: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
@@ -283,13 +307,15 @@ class Engine:
         self._microbatch += 1
         hooks = self.store.saved_tensors_hooks() if self.activations is None else contextlib.nullcontext()
         with hooks:
-            out = self.model(inputs.to(self.device))
+            inputs = inputs.to(self.device)
+            out = self.model(inputs) if self.call is None else self.call(self.model, inputs)
             if labels is None:
                 return out
             return self.loss_fn(out, labels.to(self.device))
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward through the chunk store; gradients add up until ``step()``."""
+        self._require_built()
         if self.scaler is not None:
             loss = loss * self.scaler.scale
         self.store.begin_backward()
@@ -300,6 +326,7 @@ class Engine:
 
     def step(self) -> bool:
         """Optimizer step over all chunks; False when fp16 overflow skipped it."""
+        self._require_built()
         self._microbatch = 0
         if self.scaler is not None:
             used = self.scaler.scale  # the scale this step's backward ran with
@@ -316,6 +343,9 @@ class Engine:
         """Learning rate for the following steps (a schedule calls this before each step)."""
         if not lr > 0:
             raise ValueError(f"lr: must be > 0, got {lr}")
+        if self.store is None:  # not built yet: applied when the first batch builds it
+            self._pending_lr = float(lr)
+            return
         self.optimizer.spec = dataclasses.replace(self.optimizer.spec, lr=float(lr))
 
     # --- the whole step -----------------------------------------------------------------
@@ -329,6 +359,7 @@ class Engine:
         inputs, labels = _split_batch(batch)
         if labels is None:
             raise ValueError("batch: train_step needs labels: pass (input_ids, labels)")
+        self._ensure_built(inputs)
         size = inputs.shape[0]
         mbs = self.micro_batch_size or size
         if size % mbs:
@@ -346,6 +377,7 @@ class Engine:
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """``model.state_dict()``'s keys (tied names included) with fp32 CPU values from any tier."""
+        self._require_built()
         params = self.store.gather_params()
         canon = {id(p): n for n, p in self.model.named_parameters()}
         out = {}
@@ -358,12 +390,14 @@ class Engine:
     def state_dict(self) -> dict[str, Any]:
         """``{"model": {name: tensor}, "optimizer": torch-format state}``: loads into a plain
         model (``model.load_state_dict(sd["model"])``) and ``torch.optim.AdamW``/``SGD``."""
+        self._require_built()
         sd = {"model": self.model_state_dict(), "optimizer": self.optimizer.state_dict()}
         if self.scaler is not None:
             sd["loss_scale"] = self.scaler.scale
         return sd
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        self._require_built()
         if "model" not in sd:
             sd = {"model": sd}
         self.store.load_params(sd["model"])
@@ -374,6 +408,7 @@ class Engine:
 
     def memory_report(self) -> dict[str, TierMemory]:
         """Per tier: budget, peak, bytes in use and the owners at the peak (from the ledgers)."""
+        self._require_built()
         ledgers = {"device": self.store.device_ledger, "host": self.store.host_ledger}
         if self.nvme is not None:
             ledgers["nvme"] = self.nvme.ledger
@@ -384,6 +419,8 @@ class Engine:
         }
 
     def close(self) -> None:
+        if self.store is None:
+            return
         """Give the parameters back to the model (fp32, CPU), remove hooks and chunk files."""
         if self._closed:
             return
@@ -428,6 +465,7 @@ def wrap(
     micro_batch_size: int | None = None, seed: int | None = None, verbose: bool = True,
     device: str | torch.device | None = None, host_kernel: str | None = None, loss_scale: Mapping[str, Any] | None = None,
     activation_manager: bool | None = None, seq_len: int | None = None, global_batch_size: int | None = None,
+    call: Callable | None = None,
 ) -> Engine:
     """Wrap ``model`` for memory-aware training; see the module doc.
 
@@ -442,6 +480,14 @@ def wrap(
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     spec = OptimizerSpec.from_value(optimizer)
     budgets = MemoryBudgets.parse(memory, dev)
+    if plan is None and seq_len is None and global_batch_size is None:
+        # [Note: plan on the first batch] The planner needs the batch shape; without a plan or
+        # the shape, plan when the first batch arrives (its sequence length and size).
+        kwargs = dict(optimizer=spec, memory=memory, blocks=blocks, loss_fn=loss_fn, dtype=dtype,
+                      micro_batch_size=micro_batch_size, seed=seed, verbose=verbose, device=device,
+                      host_kernel=host_kernel, loss_scale=loss_scale, activation_manager=activation_manager, call=call)
+        return Engine.deferred(lambda seq_len, global_batch_size: wrap(
+            model, seq_len=seq_len, global_batch_size=global_batch_size, **kwargs))
     if micro_batch_size is not None and micro_batch_size < 1:
         raise ValueError(f"micro_batch_size: must be >= 1, got {micro_batch_size}")
     if isinstance(plan, Plan):
@@ -489,7 +535,7 @@ def wrap(
     if verbose:
         _print_summary(plan, policy, depth, dtype, spec.state_names)
     return Engine(model=model, blocks=named, store=store, optimizer=opt, activations=acts, loss_fn=loss_fn,
-                  micro_batch_size=micro_batch_size, device=dev, nvme=nvme, scaler=scaler)
+                  micro_batch_size=micro_batch_size, device=dev, nvme=nvme, scaler=scaler, call=call)
 
 
 def _print_summary(plan, policy: MemoryPolicy, depth: int, dtype: str, state_names) -> None:
