@@ -80,9 +80,9 @@ def param_order(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]]) -> li
             if id(p) not in seen:
                 seen.add(id(p))
                 out.append((names[id(p)], p.numel()))
-    missing = [n for n, p in model.named_parameters() if id(p) not in seen]
-    if missing:
-        raise ValueError(f"blocks: parameter {missing[0]!r} is in no block; pass blocks that cover every parameter")
+    # [Note: loose parameters] A parameter outside every block (an HF model's final norm) counts
+    # with the last block, as planner.analyze attributes it when no block is running.
+    out.extend((n, p.numel()) for n, p in model.named_parameters() if id(p) not in seen)
     return out
 
 
@@ -215,6 +215,7 @@ class ChunkStore:
         self._phase = _Phase.IDLE
         self._by_ptr: dict[int, int] = {}
         self._handles: list = []
+        self._loose: list[tuple[nn.Module, tuple[int, ...]]] = []
         self._events: dict[int, tuple[torch.Tensor, list]] = {}
         self._placeholders: dict[torch.dtype, torch.Tensor] = {}
         self._built = False
@@ -289,6 +290,14 @@ class ChunkStore:
                 if b is not None:
                     mod._buffers[k] = b.to(self.device)
         self.uses = [tuple(sorted({placed[id(p)] for p in block.parameters()})) for _, block in self.blocks]
+        # [Note: loose parameters] Modules outside every block that own parameters fetch their
+        # chunks when they run; the chunks are released with the last block's.
+        in_blocks = {id(p) for _, block in self.blocks for p in block.parameters()}
+        for mod in self.model.modules():
+            loose = tuple(sorted({placed[id(p)] for p in mod.parameters(recurse=False) if id(p) not in in_blocks}))
+            if loose:
+                self.uses[-1] = tuple(sorted(set(self.uses[-1]) | set(loose)))
+                self._loose.append((mod, loose))
         self._install()
         self._built = True
         return self
@@ -349,6 +358,8 @@ class ChunkStore:
             self._handles.append(block.register_forward_pre_hook(
                 lambda m, a, k, pos=pos: self._pre_forward(pos, a, k), with_kwargs=True))
             self._handles.append(block.register_forward_hook(lambda m, a, o, pos=pos: self._post_forward(pos, o)))
+        for mod, loose in self._loose:
+            self._handles.append(mod.register_forward_pre_hook(lambda m, a, cs=loose: self._ensure_all(cs)))
         for c in self.chunks:
             for si, s in enumerate(c.slots):
                 self._handles.append(s.param.register_post_accumulate_grad_hook(
@@ -447,6 +458,10 @@ class ChunkStore:
             for s in c.slots:
                 s.param.data = c.buf[s.offset:s.offset + s.numel].view(s.shape)
         return c.buf
+
+    def _ensure_all(self, indices: tuple[int, ...]) -> None:
+        for ci in indices:
+            self._ensure(self.chunks[ci])
 
     def _prefetch(self, order: range) -> None:
         if self.prefetch_depth <= 1:

@@ -41,3 +41,39 @@ def test_wrap_plans_on_first_batch_and_matches_torch(capsys):
     report = engine.memory_report()
     assert 0 < report["device"].peak_bytes <= budget
     engine.close()
+
+
+def test_hf_model_with_loose_parameters_offloaded_matches_torch():
+    """An HF llama's final norm lies outside every block; offloaded, it is fetched when it runs."""
+    pytest.importorskip("transformers")
+    from memtrain.models import build_model
+    from memtrain.runtime.config import ModelConfig
+
+    model_cfg = ModelConfig(source="hf", hf_config=dict(
+        model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    torch.manual_seed(0)
+    built = build_model(model_cfg, max_seq_len=32)
+    torch.manual_seed(0)
+    ref = build_model(model_cfg, max_seq_len=32)
+    engine = wrap(built.module, optimizer=dict(name="adamw", lr=1e-3), blocks=list(built.blocks), loss_fn=built.loss_fn,
+                  call=lambda m, ids: built.forward(ids), memory={"device": "1MiB", "host": "64MiB"},
+                  host_kernel="single", verbose=False)
+    opt = torch.optim.AdamW(ref.module.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        ids = torch.randint(0, 256, (2, 32), generator=g)
+        labels = torch.roll(ids, -1, 1)
+        loss = engine.train_step((ids, labels))
+        mbs = engine.micro_batch_size
+        num, total = 2 // mbs, 0.0
+        for x, y in zip(ids.split(mbs), labels.split(mbs)):
+            ref_loss = ref.loss_fn(ref.forward(x), y)
+            total += ref_loss.item()
+            (ref_loss / num if num > 1 else ref_loss).backward()
+        opt.step()
+        opt.zero_grad()
+        assert loss == pytest.approx(total / num, abs=1e-6)
+    homes = {str(c.home) for c in engine.store.chunks}
+    assert "host" in homes  # the budget forced offload, so the loose norm was fetched on demand
+    engine.close()
