@@ -21,6 +21,7 @@ from memtrain.planner.plan import (
 )
 from memtrain.planner.schedule import add_activation_swaps, add_chunk_transfers, generate_single_device
 from memtrain.planner.simulate import SWAP_IN_LOOKAHEAD, SimResult, simulate_step, stream_work_s
+from memtrain.planner.units import format_bytes
 from memtrain.planner.stats import DType, ModelStats, Optimizer, dtype_bytes
 
 __all__ = ["plan", "CHUNK_SIZE_CANDIDATES", "MAX_SIMULATIONS", "MAX_TIMELINE_EVENTS", "NEAR_TIE"]
@@ -64,7 +65,7 @@ class _Context:
 
 
 def _gib(num_bytes: float) -> str:
-    return f"{num_bytes / 2**30:.1f} GiB"
+    return format_bytes(num_bytes)
 
 
 def _divisors_desc(n: int) -> list[int]:

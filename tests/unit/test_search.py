@@ -129,7 +129,7 @@ def test_activations_are_recomputed_or_swapped_when_keeping_them_does_not_fit():
 def test_host_shortfall_without_nvme_names_the_tier_and_amount():
     p = run(device_gib=1, host_gib=1, nvme=None, gbs=2)
     assert not p.fits
-    m = re.search(r"needs ([0-9.]+) GiB host memory or an NVMe path; has 0\.9 GiB \(1\.0 GiB budget", p.shortfall)
+    m = re.search(r"needs ([0-9.]+) GiB host memory or an NVMe path; has 921\.6 MiB \(1\.0 GiB budget", p.shortfall)
     assert m, p.shortfall
     need_gib = float(m.group(1))
     all_on_host = cost.chunk_bytes(Tier.HOST, SMALL.num_params, "bf16", "adamw")[Tier.HOST] / GiB
