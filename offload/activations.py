@@ -41,14 +41,8 @@ block's record back if it is not already, and starts bringing back the records o
 backward. An unpack that finds its record still away brings it back on the spot (a stall, never
 a wrong value).
 
-[Note: swap buffers and the ledger] A record's storages go into one buffer per tier (one copy
-in, one file on NVMe) at 16-byte offsets, so every dtype can be viewed in place; the ledger
-records ``A``, the sum of the storages' bytes, as the planner predicts it (the alignment adds at
-most 15 bytes per storage). A tensor saved by a swapped block and then changed in place before
-the block's forward ends is refused with an error: the swap copies at the end of the forward,
-and plain autograd would reject that backward too. On CUDA the device copy is dropped when the
-copy-out is seen finished (the next block boundary); a record needed again before that (the
-last blocks of the forward) keeps using its device copy.
+The per-record copies, the dedupe by storage and the rebuilding of saved views live in
+memtrain.offload.swap ([Note: swap buffers and the ledger] there).
 
 [Note: copies on CPU] Without CUDA the "device" is host memory (docs/DESIGN.md, the CPU-only
 path): copies are real, synchronous ``copy_`` calls into fresh buffers, so the numerics and the
@@ -61,7 +55,6 @@ import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -70,18 +63,10 @@ from torch.utils.checkpoint import checkpoint
 
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.nvme import NvmeStore
-from memtrain.offload.tiers import CopyHandle, copy_async
+from memtrain.offload.swap import _Kept, _Packed, _Record, _State, act_owner
 from memtrain.planner.plan import ActPolicy
 
 __all__ = ["ActivationManager", "BlockActivations", "ParamResolver", "act_owner"]
-
-_ALIGN_BYTES = 16
-"""Offsets of storages inside a swap buffer: a multiple of every dtype's item size (complex128)."""
-
-
-def act_owner(block: str, microbatch: int) -> str:
-    """The ledger owner of one block's activations for one micro-batch (docs/memory-accounting.md)."""
-    return f"act:{block}:{microbatch}"
 
 
 @runtime_checkable
@@ -116,251 +101,6 @@ class BlockActivations:
     """Saved tensors that were views of parameters or buffers, left in place."""
     swapped_data_ptrs: frozenset[int] = frozenset()
     """Device addresses of the storages copied out by the last swap (empty unless swapping)."""
-
-
-class _State(Enum):
-    PACKING = 1     # the block's forward is running
-    RESIDENT = 2    # on the device (kept, or brought back)
-    COPY_OUT = 3    # device -> host copy in flight
-    ON_HOST = 4
-    WRITING = 5     # host staging -> NVMe write in flight (the device copy is gone)
-    ON_NVME = 6
-    READING = 7     # NVMe -> host staging read in flight
-    COPY_IN = 8     # host -> device copy in flight
-    FREED = 9
-
-
-class _Storage:
-    """One distinct storage saved by a block."""
-
-    __slots__ = ("data", "nbytes", "offset", "data_ptr")
-
-    def __init__(self, data: torch.Tensor, offset: int) -> None:
-        self.data: torch.Tensor | None = data
-        """uint8 view of the whole original storage; dropped once it has been copied out."""
-        self.nbytes = data.numel()
-        self.offset = offset
-        """Byte offset of this storage inside the record's swap buffers."""
-        self.data_ptr = data.data_ptr()
-
-
-class _Packed:
-    """What autograd holds for one saved tensor of a block; its death is the release signal."""
-
-    __slots__ = ("record", "tensor", "storage", "dtype", "size", "stride", "storage_offset")
-
-    def __init__(self, record: _Record, tensor: torch.Tensor | None, storage: _Storage | None) -> None:
-        self.record = record
-        self.tensor = tensor  # kept policies and recompute inputs: the tensor itself
-        self.storage = storage  # swap policies: rebuilt from the storage at unpack
-        if storage is not None:
-            t = tensor
-            self.dtype, self.size, self.stride, self.storage_offset = t.dtype, t.shape, t.stride(), t.storage_offset()
-            self.tensor = None
-
-    def __del__(self) -> None:
-        self.record.release_one()
-
-
-class _Kept:
-    """A saved tensor left alone (a parameter view, another device, a tensor subclass), or a
-    ``ParamResolver`` token, unpacked over the parameter's memory as it is then."""
-
-    __slots__ = ("tensor", "resolver")
-
-    def __init__(self, tensor: Any, resolver: ParamResolver | None = None) -> None:
-        self.tensor, self.resolver = tensor, resolver
-
-
-class _Record:
-    """One block's saved activations for one micro-batch, and where they are now."""
-
-    def __init__(self, mgr: ActivationManager, index: int, name: str, mb: int, policy: ActPolicy) -> None:
-        self.mgr, self.index, self.name, self.mb, self.policy = mgr, index, name, mb, policy
-        self.owner = act_owner(name, mb)
-        self.lock = threading.RLock()
-        self.state = _State.PACKING
-        self.storages: dict[int, _Storage] = {}
-        self.versions: list[tuple[torch.Tensor, int]] = []  # (saved tensor, version at pack)
-        self.device: torch.device | None = None
-        self.flat_bytes = 0
-        self.num_live = 0
-        self.device_bytes = 0  # held on the device ledger now
-        self.host_bytes = 0  # held on the host ledger now
-        self.recompute_seen: set[int] = set()
-        self.host_buf: torch.Tensor | None = None
-        self.dev_buf: torch.Tensor | None = None
-        self.copy: CopyHandle | None = None  # the copy in flight (out or in)
-        self.pending_in: CopyHandle | None = None  # a copy whose end releases the host buffer
-        self.io = None  # concurrent.futures.Future of an NVMe write or read
-        self.nvme_key: str | None = None
-
-    # --- ledger windows ------------------------------------------------------------------
-
-    def take_device(self, n: int) -> None:
-        self.mgr.device_ledger.alloc(self.owner, n)
-        self.device_bytes += n
-
-    def give_device(self) -> None:
-        if self.device_bytes:
-            self.mgr.device_ledger.free(self.owner, self.device_bytes)
-            self.device_bytes = 0
-
-    def take_host(self, n: int) -> None:
-        self.mgr.host_ledger.alloc(self.owner, n)
-        self.host_bytes += n
-
-    def give_host(self) -> None:
-        if self.host_bytes:
-            self.mgr.host_ledger.free(self.owner, self.host_bytes)
-            self.host_bytes = 0
-
-    # --- autograd's side -----------------------------------------------------------------
-
-    def release_one(self) -> None:
-        with self.lock:
-            self.num_live -= 1
-            if self.num_live == 0 and self.state is not _State.PACKING:
-                self.free_all()
-
-    def free_all(self) -> None:
-        """Everything autograd saved for this block is gone (end of B, or the graph was dropped)."""
-        with self.lock:
-            for h in (self.copy, self.pending_in):
-                if h is not None:
-                    h.wait()  # never release memory a copy engine is still using
-            self.copy = self.pending_in = None
-            if self.io is not None:
-                try:
-                    self.io.result()
-                except Exception:  # noqa: BLE001 - the data is no longer wanted, so a failed write or read is moot
-                    pass
-                self.io = None
-            self.give_device()
-            self.give_host()
-            if self.nvme_key is not None and self.mgr.nvme is not None:
-                try:
-                    self.mgr.nvme.delete(self.nvme_key)
-                except Exception:  # noqa: BLE001 - a leftover file is removed by the store's next start()
-                    pass
-                self.nvme_key = None
-            self.storages.clear()
-            self.versions.clear()
-            self.host_buf = self.dev_buf = None
-            self.state = _State.FREED
-        self.mgr._forget(self)
-
-    def view(self, p: _Packed) -> torch.Tensor:
-        """The saved tensor ``p`` over the storage's memory as it is now (bringing it back first)."""
-        with self.lock:
-            if self.state not in (_State.PACKING, _State.RESIDENT):
-                self.start_bring_back()
-                self.advance_in(consumer=True)
-            s = p.storage
-            base = s.data if s.data is not None else self.dev_buf[s.offset : s.offset + s.nbytes]
-        self.mgr._advance_inbound()  # start the copy-in of a prefetched record whose read is done
-        flat = base.view(p.dtype)
-        return flat.as_strided(p.size, p.stride, flat.storage_offset() + p.storage_offset)
-
-    # --- copies --------------------------------------------------------------------------
-
-    def start_copy_out(self) -> None:
-        """End of F: copy every saved storage into one host buffer (side stream on CUDA)."""
-        self.take_host(self.saved_bytes())  # host: from the start of the copy-out
-        self.host_buf = torch.empty(self.flat_bytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-        handle = None
-        for s in self.storages.values():
-            handle = copy_async(self.host_buf[s.offset : s.offset + s.nbytes], s.data)
-        # Copies on one side stream finish in order: the last one's event marks them all.
-        self.copy = handle
-        self.state = _State.COPY_OUT
-        self.finish_copy_out(wait=False)
-
-    def finish_copy_out(self, wait: bool) -> None:
-        """If the device -> host copy is done: the device bytes go (and the NVMe write starts)."""
-        with self.lock:
-            if self.state is not _State.COPY_OUT or (not wait and not self.copy.done()):
-                return
-            self.copy.wait()
-            self.copy = None
-            for s in self.storages.values():
-                s.data = None  # the device copy is no longer referenced by us
-            self.give_device()
-            if self.policy is ActPolicy.SWAP_HOST:
-                self.state = _State.ON_HOST
-                return
-            self.nvme_key = self.mgr._nvme_key(self.owner)
-            self.state = _State.WRITING
-            self.io = self.mgr.nvme.write(self.nvme_key, self.host_buf)
-        self.io.add_done_callback(lambda fut, ref=weakref.ref(self): _after_write(ref, fut))
-
-    def finish_write(self, wait: bool = False) -> None:
-        """If the NVMe write is done: the host staging bytes go."""
-        with self.lock:
-            if self.state is not _State.WRITING or (not wait and not self.io.done()):
-                return
-            self.io.result()  # an NvmeError surfaces here, in the training thread
-            self.io = None
-            self.host_buf = None
-            self.give_host()
-            self.state = _State.ON_NVME
-
-    def start_bring_back(self) -> None:
-        """Start moving a swapped record back toward the device (no-op if it is not away)."""
-        with self.lock:
-            self.finish_copy_out(wait=False)
-            if self.state is _State.COPY_OUT:
-                # Needed again before its copy-out ended (the last blocks of the forward): the
-                # device copy is still there, so use it; the host copy goes when its copy ends.
-                self.pending_in, self.copy = self.copy, None
-                self.state = _State.RESIDENT
-                return
-            self.finish_write(wait=True)
-            if self.state is _State.ON_HOST:
-                self.start_copy_in()
-            elif self.state is _State.ON_NVME:
-                self.take_host(self.saved_bytes())  # host staging: from the read start
-                self.host_buf = torch.empty(self.flat_bytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-                self.io = self.mgr.nvme.read(self.nvme_key, self.host_buf)
-                self.state = _State.READING
-            if self.state in (_State.READING, _State.COPY_IN):
-                with self.mgr._lock:
-                    self.mgr._inbound.add(self)
-
-    def start_copy_in(self) -> None:
-        self.take_device(self.saved_bytes())  # device: from the start of the copy-in to the end of B
-        self.dev_buf = torch.empty(self.flat_bytes, dtype=torch.uint8, device=self.device)
-        self.copy = copy_async(self.dev_buf, self.host_buf)
-        self.state = _State.COPY_IN
-
-    def advance_in(self, consumer: bool) -> None:
-        """Move a record coming back along; a ``consumer`` (an unpack) needs it now."""
-        with self.lock:
-            if self.state is _State.READING and (consumer or self.io.done()):
-                self.io.result()
-                self.io = None
-                self.mgr.nvme.delete(self.nvme_key)  # NVMe bytes: from the write start to the read end
-                self.nvme_key = None
-                self.start_copy_in()
-            if self.state is _State.COPY_IN and (consumer or self.copy.done()):
-                # A consumer's stream waits for the copy on the GPU; the host does not block.
-                self.copy.wait_stream()
-                self.pending_in, self.copy = self.copy, None
-                self.state = _State.RESIDENT
-            if self.pending_in is not None and self.pending_in.done():
-                self.pending_in.wait()
-                self.pending_in = None
-                self.host_buf = None
-                self.give_host()  # host: until the end of the copy-in
-
-    def saved_bytes(self) -> int:
-        return sum(s.nbytes for s in self.storages.values())
-
-
-def _after_write(ref: weakref.ref, fut: Any) -> None:
-    rec = ref()
-    if rec is not None and fut.exception() is None:
-        rec.finish_write()
 
 
 class ActivationManager:
@@ -518,17 +258,7 @@ class ActivationManager:
             rec.device = t.device
         if t.device != rec.device or storage.nbytes() == 0:
             return _Kept(t)
-        with rec.lock:
-            s = rec.storages.get(ptr)
-            if s is None:
-                data = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
-                s = rec.storages[ptr] = _Storage(data, rec.flat_bytes)
-                rec.flat_bytes += -(-s.nbytes // _ALIGN_BYTES) * _ALIGN_BYTES
-            rec.num_live += 1
-        if rec.policy in (ActPolicy.KEEP, ActPolicy.RECOMPUTE):
-            return _Packed(rec, t, None)
-        rec.versions.append((t, t._version))
-        return _Packed(rec, t, s)
+        return rec.pack(t, storage)
 
     @staticmethod
     def _unpack(obj) -> torch.Tensor:
