@@ -24,10 +24,8 @@ Contract
 - Errors a user can act on (bad path, disk full, corrupt file, wrong ``out``) are ``NvmeError``
   (a ``ValueError``) naming the path or key and the fix.
 
-File format (version 1): a 4 KiB header (magic, version, flags, dtype, numel, payload length,
-payload CRC-32, header CRC-32), then the payload: the tensor's bytes, or with ``compress`` a
-sequence of frames ``[u32 stored_len][u32 raw_len][bytes]``, each frame one ``block_bytes`` slice
-compressed with zstandard (stored raw when compression does not shrink it).
+The file format (header, checksum, compressed frames, aligned block I/O) lives in
+memtrain.offload.nvme_format.
 
 [Note: durability and the page cache] Every file is written to ``.<name>.<id>.tmp`` in the same
 directory, ``fdatasync``-ed, and renamed over the final name, so a reader never sees a
@@ -37,11 +35,6 @@ page cache; buffers are page-aligned anonymous mmaps. Without it (``direct=False
 filesystems) writes are buffered, then ``fdatasync`` + ``POSIX_FADV_DONTNEED`` drop the file's
 pages, and reads drop them afterwards too: offloading to NVMe is meant to free host RAM, so the
 store must not keep a second, unaccounted copy in the page cache.
-
-[Note: checksum] CRC-32 (the zlib polynomial) over the stored payload: ``zlib.crc32`` runs at
-~6 GiB/s on one core here and releases the GIL, against ~1.2 GiB/s for blake2b; when the
-optional ``isal`` package is installed its ``crc32`` (same values, ~30 GiB/s) is used instead.
-It detects corruption, which is all that is asked of it (it is no defence against tampering).
 """
 
 from __future__ import annotations
@@ -50,13 +43,9 @@ import concurrent.futures as cf
 import errno
 import fcntl
 import math
-import mmap
 import os
-import struct
 import threading
 import uuid
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
 
@@ -64,82 +53,37 @@ import torch
 import zstandard
 
 from memtrain.offload.ledger import Ledger
+from memtrain.offload.nvme_format import (
+    _FRAME,
+    _ZSTD_LEVEL,
+    ALIGN_BYTES,
+    HEADER_BYTES,
+    NvmeEntry,
+    NvmeError,
+    _as_bytes,
+    _BlockReader,
+    _BlockWriter,
+    _crc32,  # noqa: F401 - re-exported: tools and tests check which CRC-32 the store computes
+    _disk_bytes,
+    _pack_header,
+    _parse_header,
+    _read_frames,
+    _Staging,
+    _write_frames,
+)
 
 __all__ = ["NvmeError", "NvmeEntry", "NvmeStore", "ALIGN_BYTES", "HEADER_BYTES"]
 
-ALIGN_BYTES = 4096
-"""O_DIRECT alignment of buffers, offsets and lengths (covers 512 B and 4 KiB sector disks)."""
-HEADER_BYTES = 4096
-_MAGIC = b"MTNVME\x00\x01"
-_FORMAT_VERSION = 1
-_FLAG_COMPRESSED = 1
-# magic, version, flags, numel, nbytes, stored_bytes, payload_crc, dtype name
-_HEADER = struct.Struct("<8sIIQQQI24s")
-_FRAME = struct.Struct("<II")
 _SUFFIX = ".mt"
 _LOCK_NAME = ".memtrain-nvme.lock"
-_ZSTD_LEVEL = 1  # the fastest standard level: the disk, not the ratio, is what we are saving
-
-
-class NvmeError(ValueError):
-    """An NVMe-tier failure a user can act on: bad path, disk full, corrupt or missing file."""
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-
-
-class NvmeEntry:
-    """One key's file as last written."""
-
-    key: str
-    """The key given to ``write``."""
-    dtype: torch.dtype
-    """The tensor's dtype; ``read`` requires ``out`` to have it."""
-    numel: int
-    """Elements in the tensor."""
-    nbytes: int
-    """Bytes of tensor data (uncompressed)."""
-    stored_bytes: int
-    """Payload bytes in the file (after compression and frame headers)."""
-    disk_bytes: int
-    """What the ledger records: header plus payload rounded up to ``ALIGN_BYTES``."""
-    compressed: bool
-    """Whether the payload is zstandard frames."""
-
-
-def _round_up(n: int, align: int = ALIGN_BYTES) -> int:
-    return (n + align - 1) // align * align
-
-
-def _disk_bytes(stored_bytes: int) -> int:
-    return HEADER_BYTES + _round_up(stored_bytes)
-
 
 _fdatasync = getattr(os, "fdatasync", os.fsync)
-
-try:  # ISA-L computes the same CRC-32 about 5x faster; files are identical either way.
-    from isal.isal_zlib import crc32 as _crc32
-except ImportError:  # pragma: no cover - depends on the environment
-    _crc32 = zlib.crc32
 
 
 def _drop_cache(fd: int) -> None:
     """Ask the kernel to drop a (clean) file's pages: see [Note: durability and the page cache]."""
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's storage as a flat uint8 tensor (no copy; ``t`` is contiguous)."""
-    return t.detach().reshape(-1).view(torch.uint8)
-
-
-class _Staging:
-    """A page-aligned bounce buffer owned by one worker thread (O_DIRECT needs alignment)."""
-
-    def __init__(self, num_bytes: int) -> None:
-        self.mm = mmap.mmap(-1, num_bytes)
-        self.mv = memoryview(self.mm)
 
 
 def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
@@ -149,100 +93,6 @@ def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
         if n <= 0:
             raise OSError(errno.EIO, "write returned 0 bytes")
         buf, offset = buf[n:], offset + n
-
-
-class _BlockWriter:
-    """Appends bytes to a file at ``offset`` in ``block`` sized, aligned writes; keeps a CRC."""
-
-    def __init__(self, fd: int, staging: _Staging, *, direct: bool, offset: int) -> None:
-        self.fd, self.staging, self.direct, self.offset = fd, staging, direct, offset
-        self.block = len(staging.mv)
-        self.fill = 0
-        self.crc = 0
-        self.total = 0
-
-    def append(self, data: memoryview) -> None:
-        self.crc = _crc32(data, self.crc)
-        self.total += len(data)
-        if not self.direct and self.fill == 0 and len(data) >= self.block:
-            # Buffered I/O needs no alignment: write straight from the caller's memory.
-            _pwrite_all(self.fd, data, self.offset)
-            self.offset += len(data)
-            return
-        while len(data):
-            take = min(len(data), self.block - self.fill)
-            self.staging.mv[self.fill:self.fill + take] = data[:take]
-            self.fill += take
-            data = data[take:]
-            if self.fill == self.block:
-                self._flush_staging()
-
-    def _flush_staging(self) -> None:
-        n = self.fill
-        if self.direct and n % ALIGN_BYTES:
-            padded = _round_up(n)
-            self.staging.mv[n:padded] = bytes(padded - n)
-            n = padded
-        _pwrite_all(self.fd, self.staging.mv[:n], self.offset)
-        self.offset += n
-        self.fill = 0
-
-    def finish(self) -> tuple[int, int]:
-        """Write what is left; return (payload bytes, CRC-32)."""
-        if self.fill:
-            self._flush_staging()
-        return self.total, self.crc
-
-
-class _BlockReader:
-    """Reads ``length`` payload bytes from ``offset`` in aligned blocks; keeps a CRC."""
-
-    def __init__(self, fd: int, staging: _Staging, *, direct: bool, offset: int, length: int, path: Path) -> None:
-        self.fd, self.staging, self.direct, self.path = fd, staging, direct, path
-        self.file_offset = offset
-        self.left = length  # payload bytes not yet read from the file
-        self.pos = self.end = 0
-        self.crc = 0
-
-    def _refill(self) -> None:
-        want = min(len(self.staging.mv), _round_up(self.left))
-        got = os.preadv(self.fd, [self.staging.mv[:want]], self.file_offset)
-        if got <= 0:
-            raise NvmeError(f"{self.path}: file is truncated ({self.left} payload bytes missing); delete it and write the key again")
-        self.file_offset += got
-        self.pos, self.end = 0, min(got, self.left)
-        self.left -= self.end
-
-    def readinto(self, dst: memoryview) -> None:
-        while len(dst):
-            if self.pos == self.end and not self.direct and len(dst) >= len(self.staging.mv):
-                got = os.preadv(self.fd, [dst[: min(len(dst), self.left)]], self.file_offset)
-                if got <= 0:
-                    raise NvmeError(f"{self.path}: file is truncated; delete it and write the key again")
-                self.crc = _crc32(dst[:got], self.crc)
-                self.file_offset += got
-                self.left -= got
-                dst = dst[got:]
-                continue
-            if self.pos == self.end:
-                self._refill()
-            take = min(len(dst), self.end - self.pos)
-            piece = self.staging.mv[self.pos:self.pos + take]
-            dst[:take] = piece
-            self.crc = _crc32(piece, self.crc)
-            self.pos += take
-            dst = dst[take:]
-
-    def read_exact(self, n: int) -> memoryview:
-        """``n`` bytes; a view into the staging buffer, valid until the next call."""
-        if self.end - self.pos >= n:
-            view = self.staging.mv[self.pos:self.pos + n]
-            self.pos += n
-            self.crc = _crc32(view, self.crc)
-            return view
-        buf = memoryview(bytearray(n))
-        self.readinto(buf)
-        return buf
 
 
 def _check_key(key: str) -> None:
@@ -264,48 +114,6 @@ def _after(prev: cf.Future | None, fn, *args):
     if prev is not None:
         cf.wait([prev])
     return fn(*args)
-
-
-def _parse_header(raw: bytes, path: Path, key: str) -> tuple[NvmeEntry, int]:
-    """The entry described by a file's header, and the payload's CRC-32."""
-    n = _HEADER.size
-    if len(raw) < n + 4:
-        raise NvmeError(f"{path}: truncated header; delete the file and write key {key!r} again")
-    (crc,) = struct.unpack_from("<I", raw, n)
-    magic, version, flags, numel, nbytes, stored, payload_crc, dtype_name = _HEADER.unpack_from(raw)
-    if magic != _MAGIC or _crc32(raw[:n]) != crc:
-        raise NvmeError(f"{path}: bad header (checksum mismatch or not a memtrain file); delete it and write key {key!r} again")
-    if version != _FORMAT_VERSION:
-        raise NvmeError(f"{path}: file format version {version}, this memtrain reads {_FORMAT_VERSION}")
-    dtype = getattr(torch, dtype_name.rstrip(b"\x00").decode(), None)
-    if not isinstance(dtype, torch.dtype):
-        raise NvmeError(f"{path}: unknown dtype {dtype_name!r} in header")
-    compressed = bool(flags & _FLAG_COMPRESSED)
-    if nbytes != numel * dtype.itemsize or (not compressed and stored != nbytes):
-        raise NvmeError(f"{path}: header sizes disagree (corrupt file); delete it and write key {key!r} again")
-    entry = NvmeEntry(
-        key=key, dtype=dtype, numel=numel, nbytes=nbytes, stored_bytes=stored,
-        disk_bytes=_disk_bytes(stored), compressed=compressed,
-    )
-    return entry, payload_crc
-
-
-def _read_frames(reader: _BlockReader, dst: memoryview, dctx: zstandard.ZstdDecompressor, path: Path) -> None:
-    """Decode ``[u32 stored_len][u32 raw_len][bytes]`` frames into ``dst``."""
-    pos = 0
-    while pos < len(dst):
-        stored_len, raw_len = _FRAME.unpack(bytes(reader.read_exact(_FRAME.size)))
-        if raw_len == 0 or pos + raw_len > len(dst) or stored_len > raw_len:
-            raise NvmeError(f"{path}: corrupt frame header at payload byte {pos}; delete the file and write it again")
-        body = reader.read_exact(stored_len)
-        if stored_len == raw_len:
-            dst[pos:pos + raw_len] = body
-        else:
-            try:
-                dst[pos:pos + raw_len] = dctx.decompress(body, max_output_size=raw_len)
-            except (zstandard.ZstdError, ValueError) as e:
-                raise NvmeError(f"{path}: corrupt compressed frame ({e}); delete the file and write it again") from None
-        pos += raw_len
 
 
 def _lock_directory(path: Path) -> int:
@@ -605,24 +413,16 @@ class NvmeStore:
         try:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | (os.O_DIRECT if self.direct else 0)
             fd = os.open(tmp, flags, 0o600)
-            writer = _BlockWriter(fd, staging, direct=bool(self.direct), offset=HEADER_BYTES)
+            writer = _BlockWriter(fd, staging, direct=bool(self.direct), offset=HEADER_BYTES, pwrite=_pwrite_all)
             if self.compress:
-                for start in range(0, len(src_mv), self.block_bytes):
-                    raw = src_mv[start:start + self.block_bytes]
-                    packed = cctx.compress(raw)
-                    # Incompressible data (most fp32 weights) is stored raw: never grows the file.
-                    body = memoryview(packed) if len(packed) < len(raw) else raw
-                    writer.append(memoryview(_FRAME.pack(len(body), len(raw))))
-                    writer.append(body)
+                _write_frames(writer, src_mv, self.block_bytes, cctx)
             else:
                 writer.append(src_mv)
             stored, crc = writer.finish()
-            header = _HEADER.pack(
-                _MAGIC, _FORMAT_VERSION, _FLAG_COMPRESSED if self.compress else 0, tensor.numel(),
-                len(src_mv), stored, crc, str(tensor.dtype).removeprefix("torch.").encode(),
+            staging.mv[:HEADER_BYTES] = _pack_header(
+                dtype=tensor.dtype, numel=tensor.numel(), nbytes=len(src_mv), stored_bytes=stored,
+                payload_crc=crc, compressed=self.compress,
             )
-            header += struct.pack("<I", _crc32(header))
-            staging.mv[:HEADER_BYTES] = header + bytes(HEADER_BYTES - len(header))
             _pwrite_all(fd, staging.mv[:HEADER_BYTES], 0)
             _fdatasync(fd)  # [Note: durability and the page cache]
             if not self.direct:
