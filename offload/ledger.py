@@ -31,6 +31,7 @@ class Ledger:
         self._in_use = 0
         self._peak = 0
         self._peak_breakdown: dict[str, int] = {}
+        self._window_peak = 0
 
     def alloc(self, owner: str, num_bytes: int) -> None:
         """Record ``num_bytes`` more under ``owner``; raise BudgetExceeded past the budget."""
@@ -49,6 +50,8 @@ class Ledger:
             if new > self._peak:
                 self._peak = new
                 self._peak_breakdown = dict(self._owners)
+            if new > self._window_peak:
+                self._window_peak = new
 
     def free(self, owner: str, num_bytes: int | None = None) -> int:
         """Release ``num_bytes`` of ``owner`` (all of them if None); returns bytes released."""
@@ -89,6 +92,16 @@ class Ledger:
         for owner, b in items.items():
             out[owner.split(":", 1)[0]] += b
         return dict(out)
+
+    @property
+    def window_peak_bytes(self) -> int:
+        """Peak since the last ``start_window()`` (e.g. this training step's peak)."""
+        return self._window_peak
+
+    def start_window(self) -> None:
+        """Start a new window for ``window_peak_bytes``; the overall peak is kept."""
+        with self._lock:
+            self._window_peak = self._in_use
 
     def reset_peak(self) -> None:
         """Start a new peak window (e.g. per step) from the bytes in use now."""

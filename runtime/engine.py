@@ -360,6 +360,8 @@ class Engine:
         if labels is None:
             raise ValueError("batch: train_step needs labels: pass (input_ids, labels)")
         self._ensure_built(inputs)
+        for ledger in self._ledgers().values():
+            ledger.start_window()
         size = inputs.shape[0]
         mbs = self.micro_batch_size or size
         if size % mbs:
@@ -406,12 +408,21 @@ class Engine:
         if self.scaler is not None and "loss_scale" in sd:
             self.scaler.scale = float(sd["loss_scale"])
 
-    def memory_report(self) -> dict[str, TierMemory]:
-        """Per tier: budget, peak, bytes in use and the owners at the peak (from the ledgers)."""
-        self._require_built()
+    def _ledgers(self) -> dict[str, Ledger]:
         ledgers = {"device": self.store.device_ledger, "host": self.store.host_ledger}
         if self.nvme is not None:
             ledgers["nvme"] = self.nvme.ledger
+        return ledgers
+
+    def step_peak_bytes(self) -> dict[str, int]:
+        """Per tier, the ledger's peak during the last ``train_step`` (the ledger's per-step peak)."""
+        self._require_built()
+        return {tier: led.window_peak_bytes for tier, led in self._ledgers().items()}
+
+    def memory_report(self) -> dict[str, TierMemory]:
+        """Per tier: budget, peak, bytes in use and the owners at the peak (from the ledgers)."""
+        self._require_built()
+        ledgers = self._ledgers()
         return {
             tier: TierMemory(budget_bytes=led.budget_bytes, peak_bytes=led.peak_bytes, in_use_bytes=led.in_use_bytes,
                              peak_breakdown=led.peak_breakdown())

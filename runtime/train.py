@@ -91,12 +91,13 @@ def train(cfg: Config, *, print_fn=print) -> dict:
                 dt = time.perf_counter() - t0
                 losses.append(loss)
                 step_times.append(dt)
-                mem = engine.memory_report()
+                peaks = engine.step_peak_bytes()
                 record = {"step": step + 1, "loss": loss, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
-                          "lr": lr_at(step, cfg), "peak_bytes": {t: m.peak_bytes for t, m in mem.items()}}
+                          "lr": lr_at(step, cfg), "peak_bytes": peaks}
                 metrics.write(json.dumps(record) + "\n")
                 print_fn(f"step {step + 1:>5}/{cfg.train.steps}  loss {loss:.4f}  {dt:6.3f} s  "
-                         f"{tokens_per_step / dt:10,.0f} tok/s  device peak {format_bytes(mem['device'].peak_bytes)}")
+                         f"{tokens_per_step / dt:10,.0f} tok/s  step peak: device {format_bytes(peaks['device'])}, "
+                         f"host {format_bytes(peaks['host'])}")
         mem = engine.memory_report()
     finally:
         engine.close()
