@@ -131,8 +131,12 @@ def test_budget_holds_with_states_four_times_the_device(planner):
 def test_too_small_device_budget_is_refused_before_training():
     torch.manual_seed(0)
     model = GPT(gpt_config("tiny"))
-    with pytest.raises(ValueError, match=r"memory\['device'\]"):
-        wrap(model, optimizer="adamw", memory={"device": "64KiB", "host": "64MiB"}, verbose=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = wrap(model, optimizer="adamw", memory={"device": "64KiB", "host": "64MiB"}, verbose=False)
+    ids = torch.randint(0, 256, (2, 8))
+    with pytest.raises(ValueError, match="memory"):  # planned from the first batch: refused before any step
+        engine.train_step((ids, ids))
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
     with pytest.raises(ValueError, match="memory"):  # the planner's search says what is missing
         wrap(model, optimizer="adamw", memory={"device": "64KiB", "host": "64MiB"}, verbose=False, seq_len=8,
              global_batch_size=2)
