@@ -233,9 +233,11 @@ class _Recorder:
             i = owner.get(id(p), used[1] if used else n - 1)
             # Used parameters in order of first use; unused ones after, in registration order.
             per_block[i].append((used[0] if used else len(self.first_use) + reg, reg, name, p))
+        canon = {id(p): name for name, p in self.built.module.named_parameters()}
         stats = []
-        for i, (name, _) in enumerate(self.built.blocks):
+        for i, (name, blk) in enumerate(self.built.blocks):
             params = sorted(per_block[i], key=lambda e: e[:2])
+            shared = tuple(dict.fromkeys(canon[id(p)] for p in blk.parameters() if owner[id(p)] != i))
             stats.append(
                 BlockStats(
                     name=name,
@@ -248,6 +250,7 @@ class _Recorder:
                     bwd_flops=self.bwd_flops[i],
                     param_names=tuple(e[2] for e in params),
                     param_numels=tuple(e[3].numel() for e in params),
+                    shared_param_names=shared,
                 )
             )
         return tuple(stats)

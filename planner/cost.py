@@ -24,12 +24,18 @@ __all__ = [
     "cpu_optimizer_time_s", "host_grad_accum_time_s",
     "chunk_bytes", "param_buffer_bytes", "grad_buffer_bytes", "host_grad_accum_bytes",
     "nvme_optim_staging_bytes", "chunk_disk_bytes", "activation_bytes", "workspace_bytes",
+    "NVME_HEADER_BYTES", "NVME_ALIGN_BYTES", "nvme_file_bytes", "nvme_chunk_file_bytes", "nvme_chunk_file_sizes",
+    "num_use_runs",
     "pack_params", "pack_chunks", "block_param_list", "block_chunk_ids",
 ]
 
 PCIE_LATENCY_S = 10e-6
 """Fixed cost of one host<->device copy: launch plus DMA setup, ~10 µs on PCIe 4/5 (measured
 ``cudaMemcpyAsync`` latencies for pinned memory are 5-15 µs)."""
+NVME_HEADER_BYTES = 4096
+"""Header of every file the NVMe store writes (``offload.nvme`` file format version 1)."""
+NVME_ALIGN_BYTES = 4096
+"""The store pads every payload to this multiple (O_DIRECT alignment), and its ledger counts it."""
 NVME_LATENCY_S = 100e-6
 """Fixed cost of one NVMe request: ~100 µs, the order of a datacenter NVMe's read latency at
 queue depth 1; large sequential transfers are bandwidth-bound after it."""
@@ -257,6 +263,42 @@ def nvme_optim_staging_bytes(num_elems: int, dtype: DType | str, optimizer: Opti
     return chunk_disk_bytes(num_elems, dtype, optimizer)
 
 
+def nvme_file_bytes(num_bytes: int) -> int:
+    """NVMe ledger bytes of one stored tensor of ``num_bytes``: the 4 KiB header plus the payload
+    rounded up to 4 KiB (``offload.nvme``: ``HEADER_BYTES + round_up(stored)``)."""
+    return NVME_HEADER_BYTES + -(-num_bytes // NVME_ALIGN_BYTES) * NVME_ALIGN_BYTES
+
+
+def nvme_chunk_file_sizes(num_elems: int, dtype: DType | str, optimizer: Optimizer | str) -> list[int]:
+    """Payload bytes of the files of an nvme-home chunk, one per ledger owner
+    ``chunk:<i>:<part>``: the fp32 master, one fp32 file per optimizer state tensor (AdamW: m
+    and v; SGD: momentum) and the compute-dtype copy when mixed (docs/memory-accounting.md)."""
+    sizes = [4 * num_elems] * (1 + optimizer_state_bytes_per_elem(optimizer) // 4)
+    if _mixed(dtype):
+        sizes.append(dtype_bytes(dtype) * num_elems)
+    return sizes
+
+
+def nvme_chunk_file_bytes(num_elems: int, dtype: DType | str, optimizer: Optimizer | str) -> int:
+    """NVMe ledger bytes of an nvme-home chunk: ``chunk_disk_bytes`` plus each file's header and
+    alignment (``nvme_file_bytes`` over ``nvme_chunk_file_sizes``)."""
+    return sum(nvme_file_bytes(b) for b in nvme_chunk_file_sizes(num_elems, dtype, optimizer))
+
+
+def num_use_runs(block_chunks: Sequence[Sequence[int]]) -> dict[int, int]:
+    """Per chunk, how many runs of consecutive blocks use it. The runtime releases a chunk's
+    param buffer after the last block of a run and fetches it again for the next run (a tied
+    embedding used by the first and the last block is fetched twice per pass)."""
+    runs: dict[int, int] = {}
+    prev: set[int] = set()
+    for cs in block_chunks:
+        for c in cs:
+            if c not in prev:
+                runs[c] = runs.get(c, 0) + 1
+        prev = set(cs)
+    return runs
+
+
 def activation_bytes(policy: ActPolicy | str, block: BlockStats) -> dict[Tier, int]:
     """Largest bytes one block's activations of one micro-batch hold per tier under a policy
     (table "Activations" of the accounting doc; when each is held is the simulator's job)."""
@@ -370,7 +412,9 @@ def pack_chunks(
 
 
 def block_chunk_ids(stats: ModelStats, chunks: Sequence[ChunkPlan]) -> tuple[tuple[int, ...], ...]:
-    """Per block, the indices of the chunks holding its parameters (ascending).
+    """Per block, the indices of the chunks holding its parameters (ascending), the chunks of
+    parameters it shares with an earlier block (``BlockStats.shared_param_names``) included:
+    the runtime brings those in for the block too.
 
     By parameter name when every block with parameters names them; otherwise by element
     ranges (blocks and chunks both cover the parameters in execution order).
@@ -384,10 +428,11 @@ def block_chunk_ids(stats: ModelStats, chunks: Sequence[ChunkPlan]) -> tuple[tup
                 where[name] = pos
         out = []
         for b in stats.blocks:
-            missing = [n for n in b.param_names if n not in where]
+            names = b.param_names + b.shared_param_names
+            missing = [n for n in names if n not in where]
             if missing:
                 raise ValueError(f"memory.chunks: parameter {missing[0]!r} of block {b.name!r} is in no chunk; re-plan")
-            out.append(tuple(sorted({where[n] for n in b.param_names})))
+            out.append(tuple(sorted({where[n] for n in names})))
         return tuple(out)
     bounds, start = [], 0
     for chunk in chunks:

@@ -24,7 +24,7 @@ from memtrain.planner.simulate import SWAP_IN_LOOKAHEAD, SimResult, simulate_ste
 from memtrain.planner.units import format_bytes
 from memtrain.planner.stats import DType, ModelStats, Optimizer, dtype_bytes
 
-__all__ = ["plan", "CHUNK_SIZE_CANDIDATES", "MAX_SIMULATIONS", "MAX_TIMELINE_EVENTS", "NEAR_TIE"]
+__all__ = ["plan", "tracked_peak_bytes", "OPTIM_STAGINGS", "CHUNK_SIZE_CANDIDATES", "MAX_SIMULATIONS", "MAX_TIMELINE_EVENTS", "NEAR_TIE"]
 
 CHUNK_SIZE_CANDIDATES = (32 << 20, 64 << 20, 128 << 20)
 """Chunk sizes tried, in elements (plus one block's worth, and finer cuts for small models)."""
@@ -38,6 +38,10 @@ NEAR_TIE = 0.01
 (fewest off-device parameters, then fewest blocks not kept, then the smallest prefetch depth),
 then the larger micro-batch. So offloading a sliver of parameters to shave the device
 optimizer step by a fraction of a percent does not happen."""
+OPTIM_STAGINGS = 3
+"""NVMe chunks staged in host memory at once by the optimizer step: the one being stepped, the
+next one being read, the previous one being written back (offload.optim; the simulator's
+``_StepBuilder._optimizer``)."""
 _MAX_CHUNKS_PER_BLOCK = 2
 """Chunk counts above 2 per block (+ 8) are not tried: more chunks cost simulation time and
 PCIe latency without saving device memory a larger prefetch depth would not."""
@@ -196,11 +200,14 @@ def _candidates_for(ctx: _Context, chunk_size: int, packed: list[tuple[tuple[str
     for b in host_bytes:
         host_pre.append(host_pre[-1] + b)
     accum_suf, nvme_suf, elems_max_suf, nvme_max_suf = [0] * (nc + 1), [0] * (nc + 1), [0] * (nc + 1), [0] * (nc + 1)
+    top: list[int] = []
     for c in range(nc - 1, -1, -1):
         accum_suf[c] = accum_suf[c + 1] + cost.host_grad_accum_bytes(elems[c])
         nvme_suf[c] = nvme_suf[c + 1] + nvme_bytes[c]
         elems_max_suf[c] = max(elems_max_suf[c + 1], elems[c])
-        nvme_max_suf[c] = max(nvme_max_suf[c + 1], cost.nvme_optim_staging_bytes(elems[c], dt, opt))
+        # the optimizer streams NVMe chunks with up to OPTIM_STAGINGS of them staged at once
+        top = sorted(top + [cost.nvme_optim_staging_bytes(elems[c], dt, opt)], reverse=True)[:OPTIM_STAGINGS]
+        nvme_max_suf[c] = sum(top)
 
     def min_depth(k: int) -> int:
         return max((sum(1 for c in cs if c >= k) for cs in bc), default=0)
@@ -269,6 +276,16 @@ def _peaks(ctx: _Context, sim: SimResult) -> tuple[dict[str, int], dict[str, dic
     return peaks, breakdown
 
 
+def tracked_peak_bytes(prediction: DevicePrediction) -> dict[str, int]:
+    """Per tier, the predicted peak of the ledger's own owners: ``prediction.peak_bytes`` less
+    the untracked ``workspace`` estimate that the budget check adds to the device tier. This is
+    the figure to compare with ``Ledger.peak_bytes`` (docs/memory-accounting.md)."""
+    out = dict(prediction.peak_bytes)
+    for tier, owners in prediction.breakdown.items():
+        out[tier] = out.get(tier, 0) - owners.get("workspace", 0)
+    return out
+
+
 def _overflow(peaks: dict[str, int], usable: dict[str, int]) -> str:
     """'' when every tier fits, else what does not, in user terms."""
     for tier in ("device", "host", "nvme"):
@@ -300,7 +317,7 @@ def _shortfall(stats: ModelStats, mbs: int, dtype: DType, optimizer: Optimizer, 
     host_all = cost.chunk_bytes(Tier.HOST, off, dtype, optimizer)[Tier.HOST]
     if nvme is None or usable["nvme"] <= 0:
         return f"needs {_gib(host_all)} host memory or an NVMe path; {has('host')}"
-    host_min = cost.host_grad_accum_bytes(off) + 2 * biggest * c_bytes + cost.nvme_optim_staging_bytes(biggest, dtype, optimizer)
+    host_min = cost.host_grad_accum_bytes(off) + 2 * biggest * c_bytes + cost.nvme_optim_staging_bytes(biggest, dtype, optimizer)  # at least one staged
     if host_min > usable["host"]:
         return (f"needs {_gib(host_min)} host memory for the gradient accumulators and staging of NVMe-resident "
                 f"parameters; {has('host')}")

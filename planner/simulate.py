@@ -20,18 +20,29 @@ from memtrain.planner.stats import ModelStats
 
 __all__ = [
     "STREAMS", "TaskGraph", "GraphResult", "simulate_graph", "SimResult", "simulate_step", "stream_work_s",
-    "SWAP_IN_LOOKAHEAD", "DISK_LOOKAHEAD", "cpu_stream",
+    "SWAP_IN_BLOCKS_AHEAD", "SWAP_IN_LOOKAHEAD", "cpu_stream", "copy_streams",
 ]
 
 STREAMS = ("compute", "h2d", "d2h", "disk", "cpu")
 
-SWAP_IN_LOOKAHEAD = 2
-"""A swapped block's copy-in may start when the backward of the block this many places above
-it has ended, i.e. while the block just above runs its backward (one block of prefetch)."""
-DISK_LOOKAHEAD = 3
-"""Likewise for the NVMe read of a ``swap_nvme`` block: one block earlier than its copy-in."""
+SWAP_IN_BLOCKS_AHEAD = 1
+"""[Note: swap-in lookahead] When block j's backward is about to start, the swapped activations
+of block j and of the ``SWAP_IN_BLOCKS_AHEAD`` blocks below it are brought back (host -> device
+copy, or NVMe read then copy), so block j-1's copy overlaps block j's backward. The runtime's
+activation manager takes this constant as its ``prefetch_depth``; the simulator issues its
+swap-ins at the same boundaries (docs/memory-accounting.md, "Activations")."""
+SWAP_IN_LOOKAHEAD = SWAP_IN_BLOCKS_AHEAD + 1
+"""Swapped blocks whose activations may be on the device at once besides the running block's
+(the search's footprint estimate): the one in backward and those brought back ahead."""
 
 _END_ALLOC, _END_FREE, _START_ALLOC = 0, 1, 2  # order of memory events at the same instant
+
+
+def copy_streams(device: DeviceSpec) -> tuple[str, str]:
+    """Streams of host -> device and device -> host copies: ``h2d``/``d2h`` side streams on a GPU;
+    on a CPU device ([Note: CPU as device]) a copy is a memcpy the training thread makes, so it
+    runs on the compute stream in program order."""
+    return ("compute", "compute") if device.kind == "cpu" else ("h2d", "d2h")
 
 
 def cpu_stream(device: DeviceSpec) -> str:
@@ -47,7 +58,7 @@ def cpu_stream(device: DeviceSpec) -> str:
 class TaskGraph:
     """Tasks in program order. A task may depend only on tasks added before it."""
 
-    __slots__ = ("names", "streams", "durations", "deps", "mem", "tags")
+    __slots__ = ("names", "streams", "durations", "deps", "mem", "tags", "last_on")
 
     def __init__(self) -> None:
         self.names: list[str] = []
@@ -56,6 +67,8 @@ class TaskGraph:
         self.deps: list[tuple[int, ...]] = []
         self.mem: list[tuple[tuple[int, str, str, int], ...]] = []
         self.tags: list[int] = []
+        self.last_on: dict[str, int] = {}
+        """Per stream, the last task added to it."""
 
     def __len__(self) -> int:
         return len(self.names)
@@ -91,6 +104,7 @@ class TaskGraph:
                    + tuple((_END_FREE, t, o, b) for t, o, b in free_end if b))
         self.mem.append(mem)
         self.tags.append(tag)
+        self.last_on[stream] = tid
         return tid
 
 
@@ -194,7 +208,15 @@ class SimResult:
 
 
 class _StepBuilder:
-    """Builds the task graph of one step (see simulate_step for the rules it follows)."""
+    """Builds the task graph of one step in the runtime's program order (see simulate_step).
+
+    [Note: program order] The ledgers record allocations when the training thread makes them,
+    so every allocation and free is put on a task that runs where the runtime's call runs:
+    zero-length markers on the compute stream hold the bytes taken at a block boundary (param
+    buffers, NVMe staging, grad buffers), and the copies and reads they start depend on them.
+    A task on another stream (a disk read, a GPU side-stream copy) then cannot shift an
+    allocation later than the runtime makes it.
+    """
 
     def __init__(self, stats: ModelStats, train: TrainShape, device: DeviceSpec, host: HostSpec,
                  nvme: NvmeSpec | None, policy: MemoryPolicy, num_microbatches: int) -> None:
@@ -209,8 +231,19 @@ class _StepBuilder:
         if policy.prefetch_depth < 1:
             raise ValueError(f"memory.prefetch_depth: must be >= 1, got {policy.prefetch_depth}")
         self.chunks = policy.chunks
-        self.bc = cost.block_chunk_ids(stats, self.chunks)
-        self.off = [c.home is not Tier.DEVICE for c in self.chunks]
+        off = [c.home is not Tier.DEVICE for c in self.chunks]
+        # Per block, the off-device chunks it uses (tied parameters included), as the runtime's uses.
+        self.uses = [tuple(c for c in cs if off[c]) for cs in cost.block_chunk_ids(stats, self.chunks)]
+        users: dict[int, list[int]] = defaultdict(list)
+        for j, cs in enumerate(self.uses):
+            for c in cs:
+                users[c].append(j)
+        # The grad buffer is taken at the chunk's first use in backward order; its gradients are
+        # complete (flush, release) at its last: the first block using it in forward order.
+        self.grad_at = {c: max(js) for c, js in users.items()}
+        self.flush_at: dict[int, list[int]] = defaultdict(list)
+        for c, js in users.items():
+            self.flush_at[min(js)].append(c)
         uses_nvme = any(c.home is Tier.NVME for c in self.chunks) or ActPolicy.SWAP_NVME in policy.activations
         if uses_nvme and nvme is None:
             raise ValueError("memory: the policy puts data on NVMe but no NVMe is configured; add cluster.nodes[].nvme")
@@ -218,199 +251,256 @@ class _StepBuilder:
         dt = train.dtype
         self.fwd = [cost.block_fwd_time_s(b, device, dt, stats.micro_batch_size) for b in blocks]
         self.bwd = [cost.block_bwd_time_s(b, device, dt, stats.micro_batch_size) for b in blocks]
-        # Fetch order and last use of each off-device chunk, per pass (forward, backward).
-        self.fwd_fetch, self.last_f = self._pass_order(range(len(blocks)))
-        self.bwd_fetch, self.last_b = self._pass_order(range(len(blocks) - 1, -1, -1))
-        # per chunk: buffer bytes (param and grad buffers are both N·c), copy times, owner names
         self.pbytes = [cost.param_buffer_bytes(c.num_elems, dt) for c in self.chunks]
         self.h2d_s = [cost.h2d_time_s(b, device) for b in self.pbytes]
-        self.d2h_s = [cost.d2h_time_s(b, device) for b in self.pbytes]
+        self.flush_s = [_flush_copy_s(b, device) for b in self.pbytes]
         self.read_s = [cost.disk_read_time_s(b, nvme, self.comp) if c.home is Tier.NVME else 0.0
                        for b, c in zip(self.pbytes, self.chunks)]
         self.accum_s = [cost.host_grad_accum_time_s(c.num_elems, dt, host) for c in self.chunks]
-        self.buf_owner = [f"buffer:param:{i}" for i in range(len(self.chunks))]
-        self.grad_owner = [f"buffer:grad:{i}" for i in range(len(self.chunks))]
-        self.staging_owner = [f"staging:{i}" for i in range(len(self.chunks))]
         self.cpu = cpu_stream(device)
-        need = max((sum(self.off[c] for c in cs) for cs in self.bc), default=0)
+        self.copy_in, self.copy_out = copy_streams(device)
+        need = max((len(cs) for cs in self.uses), default=0)
         if need > policy.prefetch_depth:
             raise ValueError(
                 f"memory.prefetch_depth: a block uses {need} off-device chunks at once but only "
                 f"{policy.prefetch_depth} param buffers may exist; set prefetch_depth >= {need} or use larger chunks"
             )
 
-    def _pass_order(self, order) -> tuple[list[int], dict[int, int]]:
-        fetch, last = [], {}
-        for j in order:
-            for c in (self.bc[j] if order.step > 0 else reversed(self.bc[j])):
-                if self.off[c]:
-                    if c not in last:
-                        fetch.append(c)
-                    last[c] = j
-        return fetch, last
+    # -- chunk residency (offload.chunks.ChunkStore: _start, _ensure, _prefetch, _release) ---
 
-    # -- fetch slots ------------------------------------------------------------------------
+    def _buf(self, c: int) -> tuple[str, str, int]:
+        return ("device", f"buffer:param:{c}", self.pbytes[c])
 
-    def _issue_fetches(self) -> None:
-        depth = self.policy.prefetch_depth
-        while self.next_fetch < len(self.fetch_seq):
-            k = self.next_fetch
-            slot_dep = ()
-            if k >= depth:
-                rel = self.release[k - depth]
-                if rel is None:
-                    return
-                slot_dep = (rel,)
-            m, p, c = self.fetch_seq[k]
-            buf = ("device", self.buf_owner[c], self.pbytes[c])
+    def _staging(self, c: int) -> tuple[str, str, int]:
+        return ("host", f"staging:{c}", self.pbytes[c])
+
+    def _start(self, m: int, p: int, chunks, extra: list | tuple = ()) -> None:
+        """Take the param buffers of ``chunks`` not resident (nvme: and host staging) at this
+        point of the program, with ``extra`` bytes, then begin their copies or disk reads."""
+        new = [c for c in dict.fromkeys(chunks) if c not in self.res]
+        allocs = list(extra)
+        for c in new:
+            allocs.append(self._buf(c))
             if self.chunks[c].home is Tier.NVME:
-                staging = ("host", self.staging_owner[c], self.pbytes[c])
-                rd = self.g.add(f"read{m}@c{c}:{'FB'[p]}", "disk", self.read_s[c], deps=slot_dep,
-                                alloc_start=(buf, staging), tag=m)
-                h = self.g.add(f"PREFETCH{m}@c{c}:{'FB'[p]}", "h2d", self.h2d_s[c], deps=(rd,), free_end=(staging,), tag=m)
+                allocs.append(self._staging(c))
+        if not allocs:
+            return
+        mark = self.g.add(f"alloc{m}:{'FB'[p]}", "compute", 0.0, alloc_start=allocs, tag=m)
+        for c in new:
+            if self.chunks[c].home is Tier.NVME:  # disk -> staging now; staging -> buffer when used
+                self.reads[c] = self.g.add(f"read{m}@c{c}:{'FB'[p]}", "disk", self.read_s[c], deps=(mark,), tag=m)
+                self.res[c] = None
             else:
-                h = self.g.add(f"PREFETCH{m}@c{c}:{'FB'[p]}", "h2d", self.h2d_s[c], deps=slot_dep, alloc_start=(buf,), tag=m)
-            self.fetch_task[(m, p, c)] = (k, h)
-            self.next_fetch += 1
+                self.res[c] = self.g.add(f"PREFETCH{m}@c{c}:{'FB'[p]}", self.copy_in, self.h2d_s[c], deps=(mark,), tag=m)
 
-    def _fetched(self, m: int, p: int, j: int) -> list[int]:
-        deps = []
-        for c in self.bc[j]:
-            if self.off[c]:
-                got = self.fetch_task.get((m, p, c))
-                assert got is not None, "a fetch was not issued before its use (prefetch depth check missed it)"
-                deps.append(got[1])
-        return deps
+    def _ensure(self, m: int, p: int, c: int) -> int:
+        """The task after which chunk ``c`` is usable (an nvme chunk's copy out of staging starts here)."""
+        ready = self.res[c]
+        if ready is None:
+            ready = self.res[c] = self.g.add(f"PREFETCH{m}@c{c}:{'FB'[p]}", self.copy_in, self.h2d_s[c],
+                                             deps=(self.reads.pop(c),), free_end=(self._staging(c),), tag=m)
+        return ready
 
-    def _released(self, m: int, p: int, j: int, tid: int) -> list:
+    def _prefetch_list(self, blocks) -> list[int]:
+        """Chunks the runtime starts after a block's own: ahead in the pass's block order while
+        fewer than ``prefetch_depth`` param buffers exist (none at depth 1)."""
+        depth = self.policy.prefetch_depth
+        out: list[int] = []
+        if depth <= 1:
+            return out
+        count = len(self.res)
+        for q in blocks:
+            for c in self.uses[q]:
+                if count >= depth:
+                    return out
+                if c not in self.res and c not in out:
+                    out.append(c)
+                    count += 1
+        return out
+
+    def _release(self, chunks) -> list:
         frees = []
-        last = self.last_f if p == 0 else self.last_b
-        for c in self.bc[j]:
-            if self.off[c] and last[c] == j:
-                k, _ = self.fetch_task[(m, p, c)]
-                self.release[k] = tid
-                frees.append(("device", self.buf_owner[c], self.pbytes[c]))
+        for c in chunks:
+            if c in self.res:
+                assert self.res[c] is not None, "a chunk released before it was used"
+                del self.res[c]
+                frees.append(self._buf(c))
         return frees
 
     # -- the step ---------------------------------------------------------------------------
 
     def build(self) -> TaskGraph:
         g, s, n, L = self.g, self.s, self.n, len(self.s.blocks)
-        dt, acts = self.train.dtype, self.policy.activations
-        self.fetch_seq = [(m, p, c) for m in range(n) for p, seq in ((0, self.fwd_fetch), (1, self.bwd_fetch)) for c in seq]
-        self.release: list[int | None] = [None] * len(self.fetch_seq)
-        self.fetch_task: dict[tuple[int, int, int], tuple[int, int]] = {}
-        self.next_fetch = 0
+        self.res: dict[int, int | None] = {}
+        self.reads: dict[int, int] = {}
         prev_accum: dict[int, int] = {}
-        self._issue_fetches()
-        dev, hst, nvm = Tier.DEVICE.value, Tier.HOST.value, Tier.NVME.value
         for m in range(n):
-            swap_out: dict[int, int] = {}
-            disk_write: dict[int, int] = {}
-            disk_read: dict[int, int] = {}
-            swap_in: dict[int, int] = {}
-            # forward, blocks in order
+            self.swap_out: dict[int, int] = {}
+            self.disk_write: dict[int, int] = {}
+            self.swap_in: dict[int, int] = {}
             for j in range(L):
-                b, pol, owner = s.blocks[j], acts[j], f"act:{s.blocks[j].name}:{m}"  # the runtime's act_owner
-                held = b.input_bytes if pol is ActPolicy.RECOMPUTE else b.activation_bytes
-                tid = len(g)  # the id this F will get (needed to record releases before adding it)
-                frees = self._released(m, 0, j, tid)
-                f = g.add(f"F{m}:{j}", "compute", self.fwd[j], deps=self._fetched(m, 0, j),
-                          alloc_end=[(dev, owner, held)], free_end=frees, tag=m)
-                assert f == tid
-                if j == L - 1:
-                    last_fwd_task = f
-                if pol in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME):
-                    a = b.activation_bytes
-                    so = g.add(f"SWAP_OUT{m}:{j}", "d2h", cost.d2h_time_s(a, self.device), deps=(f,),
-                               alloc_start=[(hst, owner, a)], free_end=[(dev, owner, a)], tag=m)
-                    swap_out[j] = so
-                    if pol is ActPolicy.SWAP_NVME:
-                        disk_write[j] = g.add(f"write{m}:{j}", "disk", cost.disk_write_time_s(a, self.nvme, self.comp),
-                                              deps=(so,), alloc_start=[(nvm, owner, a)], free_end=[(hst, owner, a)], tag=m)
-                self._issue_fetches()
-
-            def trigger(j: int, ahead: int, trig_b: dict[int, int]) -> int:
-                return trig_b[j + ahead] if j + ahead <= L - 1 else last_fwd_task
-
-            b_task: dict[int, int] = {}
-
-            def owner_of(j: int) -> str:
-                return f"act:{s.blocks[j].name}:{m}"
-
-            def issue_swaps(upto_read: int, upto_in: int) -> None:
-                # NVMe reads for blocks >= upto_read and copy-ins for blocks >= upto_in not yet issued
-                for j in range(L - 1, upto_read - 1, -1):
-                    if j >= 0 and acts[j] is ActPolicy.SWAP_NVME and j not in disk_read:
-                        a = s.blocks[j].activation_bytes
-                        disk_read[j] = g.add(f"read{m}:{j}", "disk", cost.disk_read_time_s(a, self.nvme, self.comp),
-                                             deps=(disk_write[j], trigger(j, DISK_LOOKAHEAD, b_task)),
-                                             alloc_start=[(hst, owner_of(j), a)], free_end=[(nvm, owner_of(j), a)], tag=m)
-                for j in range(L - 1, upto_in - 1, -1):
-                    if j >= 0 and acts[j] in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME) and j not in swap_in:
-                        a = s.blocks[j].activation_bytes
-                        src = disk_read[j] if acts[j] is ActPolicy.SWAP_NVME else swap_out[j]
-                        swap_in[j] = g.add(f"SWAP_IN{m}:{j}", "h2d", cost.h2d_time_s(a, self.device),
-                                           deps=(src, trigger(j, SWAP_IN_LOOKAHEAD, b_task)),
-                                           alloc_start=[(dev, owner_of(j), a)], free_end=[(hst, owner_of(j), a)], tag=m)
-
-            issue_swaps(L - DISK_LOOKAHEAD, L - SWAP_IN_LOOKAHEAD)
-            # backward, blocks in reverse
+                self._forward_block(m, j)
+            last_b = -1
             for j in range(L - 1, -1, -1):
-                b, pol, owner = s.blocks[j], acts[j], f"act:{s.blocks[j].name}:{m}"
-                deps = self._fetched(m, 1, j)
-                if j in swap_in:
-                    deps.append(swap_in[j])
-                if pol is ActPolicy.RECOMPUTE:
-                    g.add(f"R{m}:{j}", "compute", self.fwd[j], deps=deps, alloc_start=[(dev, owner, b.activation_bytes)], tag=m)
-                    deps = []
-                grads, host_acc = [], []
-                for c in self.bc[j]:
-                    if self.off[c] and self.last_f[c] == j:  # first use in backward order
-                        ne = self.chunks[c].num_elems
-                        grads.append((dev, f"buffer:grad:{c}", cost.grad_buffer_bytes(ne, dt)))
-                        if m == 0 and self.chunks[c].home is Tier.NVME:
-                            host_acc.append((hst, f"chunk:{c}", cost.host_grad_accum_bytes(ne)))
-                held = b.activation_bytes + (b.input_bytes if pol is ActPolicy.RECOMPUTE else 0)
-                tid = len(g)
-                frees = self._released(m, 1, j, tid)
-                bt = g.add(f"B{m}:{j}", "compute", self.bwd[j], deps=deps, alloc_start=grads + host_acc,
-                           free_end=[(dev, owner, held)] + frees, tag=m)
-                assert bt == tid
-                b_task[j] = bt
-                for c in self.bc[j]:
-                    if self.off[c] and self.last_b[c] == j:
-                        prev_accum[c] = self._grad_out(m, c, bt, prev_accum.get(c))
-                        if m == n - 1:
-                            self._optimizer(c, prev_accum[c])
-                issue_swaps(j - DISK_LOOKAHEAD, j - SWAP_IN_LOOKAHEAD)
-                self._issue_fetches()
-        resident = sum(c.num_elems for c in self.chunks if c.home is Tier.DEVICE)
-        if resident:
-            g.add("OPTIM@device", "compute", cost.device_optimizer_time_s(resident, dt, self.train.optimizer, self.device), tag=n)
+                last_b = self._backward_block(m, j, prev_accum)
+            # end_backward: anything still resident is released
+            left = self._release(list(self.res))
+            if left:
+                g.add(f"release{m}", "compute", 0.0, deps=(last_b,), free_end=left, tag=m)
+        self._optimizer(prev_accum)
         return g
 
+    def _forward_block(self, m: int, j: int) -> None:
+        g, b, pol = self.g, self.s.blocks[j], self.policy.activations[j]
+        dev, hst, nvm = Tier.DEVICE.value, Tier.HOST.value, Tier.NVME.value
+        owner = f"act:{b.name}:{m}"  # the runtime's act_owner
+        need = self.uses[j]
+        self._start(m, 0, need)
+        deps = [self._ensure(m, 0, c) for c in need]
+        self._start(m, 0, self._prefetch_list(range(j + 1, len(self.s.blocks))))
+        nxt = set(self.uses[j + 1]) if j + 1 < len(self.s.blocks) else set()
+        frees = self._release([c for c in need if c not in nxt])  # post-forward, after the block's swap-out
+        held = b.input_bytes if pol is ActPolicy.RECOMPUTE else b.activation_bytes
+        swaps = pol in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME)
+        on_f = frees if not (swaps and self.copy_out == "compute") else []
+        f = g.add(f"F{m}:{j}", "compute", self.fwd[j], deps=deps, alloc_end=[(dev, owner, held)], free_end=on_f, tag=m)
+        if swaps:
+            a = b.activation_bytes
+            file = [(nvm, owner, cost.nvme_file_bytes(a))] if pol is ActPolicy.SWAP_NVME else []
+            so = g.add(f"SWAP_OUT{m}:{j}", self.copy_out, cost.d2h_time_s(a, self.device), deps=(f,),
+                       alloc_start=[(hst, owner, a)], alloc_end=file,
+                       free_end=[(dev, owner, a)] + (frees if not on_f else []), tag=m)
+            self.swap_out[j] = so
+            if pol is ActPolicy.SWAP_NVME:  # submitted at the copy-out's end; staging freed when written
+                self.disk_write[j] = g.add(f"write{m}:{j}", "disk", cost.disk_write_time_s(a, self.nvme, self.comp),
+                                           deps=(so,), free_end=[(hst, owner, a)], tag=m)
+
+    def _bring_back(self, m: int, k: int) -> None:
+        """The activation manager brings block ``k``'s swapped activations back (see SWAP_IN_BLOCKS_AHEAD)."""
+        g, b, pol = self.g, self.s.blocks[k], self.policy.activations[k]
+        if pol not in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME) or k in self.swap_in:
+            return
+        a, owner = b.activation_bytes, f"act:{b.name}:{m}"
+        dev, hst, nvm = Tier.DEVICE.value, Tier.HOST.value, Tier.NVME.value
+        if pol is ActPolicy.SWAP_HOST:
+            self.swap_in[k] = g.add(f"SWAP_IN{m}:{k}", self.copy_in, cost.h2d_time_s(a, self.device),
+                                    deps=(self.swap_out[k], g.last_on["compute"]), alloc_start=[(dev, owner, a)],
+                                    free_end=[(hst, owner, a)], tag=m)
+            return
+        # [Note: NVMe swap-in] The training thread waits for the block's write, takes host staging
+        # and starts the read; the copy-in runs when the read is seen done, at the next unpack of
+        # any saved tensor, i.e. during the backward of the block above whenever the read ends
+        # within it. So the device bytes are counted from the read's start (never later than the
+        # runtime takes them), and the copy does not hold the compute stream (on a CPU device it
+        # is put on the otherwise idle h2d stream).
+        mark = g.add(f"alloc{m}:{k}:act", "compute", 0.0, deps=(self.disk_write[k],),
+                     alloc_start=[(hst, owner, a), (dev, owner, a)], tag=m)
+        rd = g.add(f"read{m}:{k}", "disk", cost.disk_read_time_s(a, self.nvme, self.comp), deps=(mark,),
+                   free_end=[(nvm, owner, cost.nvme_file_bytes(a))], tag=m)
+        self.swap_in[k] = g.add(f"SWAP_IN{m}:{k}", "h2d", cost.h2d_time_s(a, self.device), deps=(rd,),
+                                free_end=[(hst, owner, a)], tag=m)
+
+    def _backward_block(self, m: int, j: int, prev_accum: dict[int, int]) -> int:
+        g, s, b, pol = self.g, self.s, self.s.blocks[j], self.policy.activations[j]
+        dev, hst = Tier.DEVICE.value, Tier.HOST.value
+        owner, dt = f"act:{b.name}:{m}", self.train.dtype
+        for k in range(j, j - SWAP_IN_BLOCKS_AHEAD - 1, -1):
+            if k >= 0:
+                self._bring_back(m, k)
+        need = self.uses[j]
+        if j + 1 < len(s.blocks):  # chunks of the block above whose gradients are not complete yet
+            frees = self._release([c for c in self.uses[j + 1] if c not in need])
+            if frees:
+                g.add(f"release{m}:{j + 1}", "compute", 0.0, free_end=frees, tag=m)
+        self._start(m, 1, need)
+        deps = [self._ensure(m, 1, c) for c in need]
+        grads = [(dev, f"buffer:grad:{c}", cost.grad_buffer_bytes(self.chunks[c].num_elems, dt))
+                 for c in need if self.grad_at[c] == j]
+        self._start(m, 1, self._prefetch_list(range(j - 1, -1, -1)), extra=grads)
+        if j in self.swap_in:
+            deps.append(self.swap_in[j])
+        if pol is ActPolicy.RECOMPUTE:
+            g.add(f"R{m}:{j}", "compute", self.fwd[j], deps=deps, alloc_start=[(dev, owner, b.activation_bytes)], tag=m)
+            deps = []
+        held = b.activation_bytes + (b.input_bytes if pol is ActPolicy.RECOMPUTE else 0)
+        done = self.flush_at.get(j, [])  # gradients complete in this block: flush and release
+        bt = g.add(f"B{m}:{j}", "compute", self.bwd[j], deps=deps,
+                   free_end=[(dev, owner, held)] + self._release(done), tag=m)
+        for c in done:
+            prev_accum[c] = self._grad_out(m, c, bt, prev_accum.get(c))
+        return bt
+
     def _grad_out(self, m: int, c: int, bt: int, prev: int | None) -> int:
-        """Copy the chunk's grad buffer to the host and add it into the fp32 accumulator."""
+        """Add the chunk's grad buffer into its fp32 host accumulator, then free the buffer
+        (an nvme chunk's accumulator is taken at its first flush of the step)."""
         deps = (bt,) if prev is None else (bt, prev)  # the pinned landing buffer is reused
-        d = self.g.add(f"OFFLOAD{m}@c{c}", "d2h", self.d2h_s[c], deps=deps,
-                       free_end=(("device", self.grad_owner[c], self.pbytes[c]),), tag=m)
+        grad = ("device", f"buffer:grad:{c}", self.pbytes[c])
+        acc = [("host", f"chunk:{c}", cost.host_grad_accum_bytes(self.chunks[c].num_elems))] \
+            if m == 0 and self.chunks[c].home is Tier.NVME else []
+        if self.flush_s[c] == 0.0:  # a CPU device: the accumulator reads the buffer in place
+            return self.g.add(f"accum{m}@c{c}", self.cpu, self.accum_s[c], deps=deps, alloc_start=acc,
+                              free_end=(grad,), tag=m)
+        d = self.g.add(f"OFFLOAD{m}@c{c}", self.copy_out, self.flush_s[c], deps=deps, alloc_start=acc,
+                       free_end=(grad,), tag=m)
         return self.g.add(f"accum{m}@c{c}", self.cpu, self.accum_s[c], deps=(d,), tag=m)
 
-    def _optimizer(self, c: int, after: int) -> None:
-        chunk, dt, opt, tag = self.chunks[c], self.train.dtype, self.train.optimizer, self.n
-        if chunk.home is Tier.HOST:
-            self.g.add(f"OPTIM@c{c}", self.cpu, cost.cpu_optimizer_time_s(chunk.num_elems, opt, self.host),
-                                            deps=(after,), tag=tag)
+    def _optimizer(self, accum: dict[int, int]) -> None:
+        """The optimizer step after the last micro-batch's backward (offload.optim.OffloadedOptimizer.step):
+        device and host chunks in chunk order, then NVMe chunks streamed (read one ahead, at most
+        two write-backs in flight), then the NVMe chunks' host accumulators are freed."""
+        g, dt, opt, tag = self.g, self.train.dtype, self.train.optimizer, self.n
+        end = len(g) - 1
+        resident = sum(c.num_elems for c in self.chunks if c.home is Tier.DEVICE)
+        if resident:
+            end = g.add("OPTIM@device", "compute", cost.device_optimizer_time_s(resident, dt, opt, self.device),
+                        deps=(end,), tag=tag)
+        for c in self.chunks:
+            if c.home is Tier.HOST:
+                deps = (end, accum[c.index]) if c.index in accum else (end,)
+                g.add(f"OPTIM@c{c.index}", self.cpu, cost.cpu_optimizer_time_s(c.num_elems, opt, self.host), deps=deps, tag=tag)
+        streamed = [c for c in self.chunks if c.home is Tier.NVME and c.index in accum]
+        if not streamed:
             return
-        nbytes = cost.chunk_disk_bytes(chunk.num_elems, dt, opt)
-        staging = (Tier.HOST.value, f"staging:{c}", cost.nvme_optim_staging_bytes(chunk.num_elems, dt, opt))
-        rd = self.g.add(f"read-states@c{c}", "disk", cost.disk_read_time_s(nbytes, self.nvme, self.comp), deps=(after,),
-                        alloc_start=[staging], tag=tag)
-        op = self.g.add(f"OPTIM@c{c}", self.cpu, cost.cpu_optimizer_time_s(chunk.num_elems, opt, self.host), deps=(rd,), tag=tag)
-        acc = (Tier.HOST.value, f"chunk:{c}", cost.host_grad_accum_bytes(chunk.num_elems))
-        self.g.add(f"write-states@c{c}", "disk", cost.disk_write_time_s(nbytes, self.nvme, self.comp),
-                                        deps=(op,), free_end=[staging, acc], tag=tag)
+        hst, nvm = Tier.HOST.value, Tier.NVME.value
+
+        def staging(c) -> tuple[str, str, int]:
+            return (hst, f"staging:{c.index}", cost.nvme_optim_staging_bytes(c.num_elems, dt, opt))
+
+        def read(c, after: int) -> int:
+            mark = g.add(f"alloc@c{c.index}:states", self.cpu, 0.0, deps=(after,), alloc_start=[staging(c)], tag=tag)
+            nbytes = cost.chunk_disk_bytes(c.num_elems, dt, opt)
+            return g.add(f"read-states@c{c.index}", "disk", cost.disk_read_time_s(nbytes, self.nvme, self.comp),
+                         deps=(mark,), tag=tag)
+
+        reads = {0: read(streamed[0], end)}
+        writes: list[tuple[int, int]] = []  # (position, write task) in flight
+        point = end
+        for pos, c in enumerate(streamed):
+            if pos + 1 < len(streamed):
+                reads[pos + 1] = read(streamed[pos + 1], point)
+            # Each rewritten file holds its old and new copy until the rename (offload.nvme).
+            files = [(nvm, f"chunk:{c.index}:rewrite", cost.nvme_chunk_file_bytes(c.num_elems, dt, opt))]
+            op = g.add(f"OPTIM@c{c.index}", self.cpu, cost.cpu_optimizer_time_s(c.num_elems, opt, self.host),
+                       deps=(reads.pop(pos), accum[c.index]), alloc_end=files, tag=tag)
+            nbytes = cost.chunk_disk_bytes(c.num_elems, dt, opt)
+            writes.append((pos, g.add(f"write-states@c{c.index}", "disk",
+                                      cost.disk_write_time_s(nbytes, self.nvme, self.comp), deps=(op,),
+                                      free_end=files, tag=tag)))
+            point = op
+            while len(writes) > 1:
+                done_pos, wr = writes.pop(0)
+                point = g.add(f"wait@c{streamed[done_pos].index}", self.cpu, 0.0, deps=(point, wr),
+                              free_end=[staging(streamed[done_pos])], tag=tag)
+        for done_pos, wr in writes:
+            point = g.add(f"wait@c{streamed[done_pos].index}", self.cpu, 0.0, deps=(point, wr),
+                          free_end=[staging(streamed[done_pos])], tag=tag)
+        accs = [(hst, f"chunk:{c.index}", cost.host_grad_accum_bytes(c.num_elems)) for c in streamed]
+        g.add("zero_grad", self.cpu, 0.0, deps=(point,), free_end=accs, tag=tag)
+
+
+def _flush_copy_s(num_bytes: int, device: DeviceSpec) -> float:
+    """Device -> host copy of a grad buffer before it is added to the accumulator (none on a CPU device)."""
+    return 0.0 if device.kind == "cpu" else cost.d2h_time_s(num_bytes, device)
 
 
 def _resident(policy: MemoryPolicy, train: TrainShape) -> dict[str, int]:
@@ -418,6 +508,9 @@ def _resident(policy: MemoryPolicy, train: TrainShape) -> dict[str, int]:
     for c in policy.chunks:
         for tier, b in cost.chunk_bytes(c.home, c.num_elems, train.dtype, train.optimizer).items():
             out[tier.value] += b
+        if c.home is Tier.NVME:  # the store's files: each with a header and padded (offload.nvme)
+            out[Tier.NVME.value] += cost.nvme_chunk_file_bytes(c.num_elems, train.dtype, train.optimizer) - \
+                cost.chunk_disk_bytes(c.num_elems, train.dtype, train.optimizer)
     return out
 
 
@@ -434,15 +527,18 @@ def simulate_step(
 ) -> SimResult:
     """Simulate one optimizer step on one device.
 
-    Per micro-batch, forward blocks in order then backward blocks in reverse (F and B alternate
-    per micro-batch, so one micro-batch's activations are alive at a time). Off-device chunks
-    are fetched before their first use in each pass, at most ``prefetch_depth`` param buffers
-    at once (a fetch waits for the buffer freed ``prefetch_depth`` fetches earlier); nvme
-    chunks come disk -> host staging -> device. Activations follow the block's policy; swap-ins
-    are prefetched in backward order (``SWAP_IN_LOOKAHEAD``). After a chunk's last backward use
-    its grad buffer is copied to the host accumulator; after the last micro-batch each
-    off-device chunk's optimizer step runs on the CPU (nvme: read states, CPU Adam, write back)
-    overlapping the rest of the backward, and device chunks step on the device at the end.
+    The graph follows the runtime's program order ([Note: program order]) with the rules of
+    docs/memory-accounting.md. Per micro-batch, forward blocks in order then backward blocks in
+    reverse (one micro-batch's activations are alive at a time). At each block's start in either
+    pass its off-device chunks are fetched if not resident, then chunks of the following blocks
+    of that pass are prefetched while fewer than ``prefetch_depth`` param buffers exist; a
+    buffer is released after the last block of a run of consecutive blocks using the chunk (in
+    backward: as soon as the chunk's gradients are complete). nvme chunks come disk -> host
+    staging -> device, the copy out of staging when the block needs it. Activations follow the
+    block's policy; swap-ins follow ``SWAP_IN_BLOCKS_AHEAD``. A chunk's grad buffer is taken at
+    its first backward use and added into the host accumulator when its gradients are complete.
+    After the last micro-batch the optimizer steps device and host chunks, then streams NVMe
+    chunks (``_StepBuilder._optimizer``).
 
     [Note: steady-state extrapolation] With more than ``max_simulated_microbatches`` (>= 3)
     micro-batches, only that many are simulated: from the second micro-batch on the step is
@@ -511,31 +607,37 @@ def stream_work_s(
     comp = cost.zstd_model(host.num_cpus) if policy.compress_nvme else None
     work = dict.fromkeys(STREAMS, 0.0)
     cpu = cpu_stream(device)
+    copy_in, copy_out = copy_streams(device)
     bc = cost.block_chunk_ids(s, policy.chunks)
     for b, pol in zip(s.blocks, policy.activations):
         work["compute"] += n * cost.block_fwd_time_s(b, device, dt, s.micro_batch_size) * (2 if pol is ActPolicy.RECOMPUTE else 1)
         work["compute"] += n * cost.block_bwd_time_s(b, device, dt, s.micro_batch_size)
         if pol in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME):
-            work["d2h"] += n * cost.d2h_time_s(b.activation_bytes, device)
-            work["h2d"] += n * cost.h2d_time_s(b.activation_bytes, device)
+            work[copy_out] += n * cost.d2h_time_s(b.activation_bytes, device)
+            work[copy_in if pol is ActPolicy.SWAP_HOST else "h2d"] += n * cost.h2d_time_s(b.activation_bytes, device)
         if pol is ActPolicy.SWAP_NVME:
             work["disk"] += n * (cost.disk_write_time_s(b.activation_bytes, nvme, comp) + cost.disk_read_time_s(b.activation_bytes, nvme, comp))
-    used = {c for cs in bc for c in cs}
+    off = [c.home is not Tier.DEVICE for c in policy.chunks]
+    runs = cost.num_use_runs([tuple(c for c in cs if off[c]) for cs in bc])
     resident = 0
     for c in policy.chunks:
         ne = c.num_elems
         if c.home is Tier.DEVICE:
             resident += ne
             continue
+        if c.index not in runs:
+            continue
         nbytes = cost.param_buffer_bytes(ne, dt)
-        passes = 2 * n if c.index in used else 0
-        work["h2d"] += passes * cost.h2d_time_s(nbytes, device)
-        work["d2h"] += (n if c.index in used else 0) * cost.d2h_time_s(nbytes, device)
-        work[cpu] += (n if c.index in used else 0) * cost.host_grad_accum_time_s(ne, dt, host)
-        work[cpu] += cost.cpu_optimizer_time_s(ne, opt, host) if c.index in used else 0.0
-        if c.home is Tier.NVME and c.index in used:
+        fetches = 2 * n * runs[c.index]  # every run, in both passes, every micro-batch
+        work[copy_in] += fetches * cost.h2d_time_s(nbytes, device)
+        flush_s = _flush_copy_s(nbytes, device)
+        if flush_s:
+            work[copy_out] += n * flush_s
+        work[cpu] += n * cost.host_grad_accum_time_s(ne, dt, host)
+        work[cpu] += cost.cpu_optimizer_time_s(ne, opt, host)
+        if c.home is Tier.NVME:
             disk_bytes = cost.chunk_disk_bytes(ne, dt, opt)
-            work["disk"] += passes * cost.disk_read_time_s(nbytes, nvme, comp)
+            work["disk"] += fetches * cost.disk_read_time_s(nbytes, nvme, comp)
             work["disk"] += cost.disk_read_time_s(disk_bytes, nvme, comp) + cost.disk_write_time_s(disk_bytes, nvme, comp)
     work["compute"] += cost.device_optimizer_time_s(resident, dt, opt, device)
     return work

@@ -68,6 +68,9 @@ class BlockStats:
     """Fully qualified parameter names in execution order (the chunking order)."""
     param_numels: tuple[int, ...] = ()
     """Elements of each parameter in ``param_names`` (same order)."""
+    shared_param_names: tuple[str, ...] = ()
+    """Parameters an earlier block owns that this block's modules also hold (tied weights, e.g.
+    a head sharing the embedding matrix): their chunks are brought in for this block too."""
     fwd_fixed_s: float = 0.0
     """Measured forward time, fixed part: ``fwd_s = fwd_fixed_s + fwd_per_sample_s × micro_batch_size``
     (a least-squares fit over the profiled micro-batch sizes). Both 0 = not measured: the cost
