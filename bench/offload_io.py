@@ -1,11 +1,19 @@
 """Offload I/O benchmark: raw disk bandwidth vs memtrain's chunk streaming, side by side.
 
-    python bench/offload_io.py --path /mnt/nvme/tmp [--size 1GiB] [--chunk 64MiB]
+    python bench/offload_io.py --path /mnt/nvme/tmp [--size 1GiB] [--chunk 64MiB] [--train 100m]
 
 Part 1 (this file's ``measure_*`` functions): sequential write and read bandwidth of the disk
 at ``--path`` with plain large-file I/O, then the same bytes written and read as chunks through
 ``NvmeStore`` (O_DIRECT if the filesystem allows, and buffered), and the ratio store / raw
 (target >= 0.8). Every figure is measured in this run.
+
+Part 2 (``measure_training``): a training step with every chunk NVMe-home (params, grads and
+optimizer states streamed through ``NvmeStore``) against the two things it can at best overlap,
+each measured alone in the same run: the compute (the same model and batches with everything on
+the device) and the I/O (that step's chunk traffic, recorded op by op from the NVMe run, replayed
+through a fresh ``NvmeStore`` with no compute). The step cannot beat max(compute, I/O) (the
+overlap bound of ZeRO-Infinity, Rajbhandari et al. 2021, Sec. 6: time = max over the overlapped
+streams); the printed ratio step / bound is how close the engine's overlap comes (target <= 1.3).
 
 Cache treatment, the same for both: writes count until the data is on the disk (``fsync`` /
 ``fdatasync``); reads start after the file's pages were dropped from the page cache with
@@ -17,9 +25,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import wait
 from dataclasses import dataclass
 
@@ -28,7 +38,10 @@ import torch
 from memtrain.offload.nvme import NvmeStore
 from memtrain.planner.units import format_bytes, parse_bytes
 
-__all__ = ["IoResult", "measure_raw", "measure_store", "median_result", "print_table", "main"]
+__all__ = [
+    "IoResult", "measure_raw", "measure_store", "median_result", "print_table",
+    "IoOp", "TrainingResult", "record_step_traffic", "TrafficReplay", "measure_training", "print_training", "main",
+]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -153,6 +166,234 @@ def print_table(raw: IoResult, rows: list[IoResult], *, chunk_bytes: int, repeat
     print("target: NvmeStore >= 0.80 of raw")
 
 
+# --- part 2: a training step with NVMe-home chunks vs compute alone and I/O alone ---------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class IoOp:
+    """One ``NvmeStore`` operation a training step issued."""
+
+    kind: str
+    """``read`` or ``write``."""
+    key: str
+    """The store key (``chunk:<i>:<part>``)."""
+    numel: int
+    """Elements moved."""
+    dtype: torch.dtype
+    """Element type."""
+
+    @property
+    def num_bytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainingResult:
+    label: str
+    """Model and batch shape."""
+    num_params: int
+    """Parameters of the model."""
+    num_steps: int
+    """Timed steps per configuration (after one untimed warm-up step each)."""
+    step_s: float
+    """Median wall seconds of a step with every chunk NVMe-home."""
+    compute_s: float
+    """Median wall seconds of the same step with everything on the device."""
+    io_s: float
+    """Median wall seconds to replay one step's NVMe traffic through ``NvmeStore`` alone."""
+    compute_cpu_s: float
+    """Median CPU seconds (all threads) of the all-device step."""
+    io_cpu_s: float
+    """Median CPU seconds (all threads) of the I/O replay: copies, checksums, system calls."""
+    num_cpus: int
+    """CPU threads torch computes with (on a CPU-only machine compute and I/O share them)."""
+    read_bytes: int
+    """Bytes read from NVMe per step."""
+    write_bytes: int
+    """Bytes written to NVMe per step."""
+    num_ops: int
+    """NVMe operations per step."""
+    direct: bool
+    """Whether the store used O_DIRECT."""
+    max_loss_diff: float
+    """Max |Δloss| between the NVMe run and the all-device run (the default fused host AdamW
+    kernel differs from the device kernel by about one ulp per step; offload/optim.py)."""
+
+    @property
+    def bound_s(self) -> float:
+        return max(self.compute_s, self.io_s)
+
+    @property
+    def ratio(self) -> float:
+        return self.step_s / self.bound_s
+
+    @property
+    def cpu_bound_s(self) -> float:
+        """See [Note: shared CPUs]: the step's CPU work spread over every thread."""
+        return (self.compute_cpu_s + self.io_cpu_s) / self.num_cpus
+
+
+def record_step_traffic(store: NvmeStore) -> tuple[list[IoOp], Callable[[], None]]:
+    """Log every read and write issued on ``store`` from now on; returns (log, stop)."""
+    log: list[IoOp] = []
+    read, write = store.read, store.write
+
+    def rec_read(key, out):
+        log.append(IoOp(kind="read", key=key, numel=out.numel(), dtype=out.dtype))
+        return read(key, out)
+
+    def rec_write(key, tensor):
+        log.append(IoOp(kind="write", key=key, numel=tensor.numel(), dtype=tensor.dtype))
+        return write(key, tensor)
+
+    store.read, store.write = rec_read, rec_write  # instance attributes shadow the methods
+
+    def stop() -> None:
+        del store.read, store.write
+
+    return log, stop
+
+
+class TrafficReplay:
+    """Replays one step's NVMe operations through a fresh ``NvmeStore``, with no compute.
+
+    ``start()`` writes a file per key (untimed), as the chunk files exist before a training
+    step; each ``run()`` drops them from the page cache, then submits every operation at once
+    (the store keeps same-key order) and waits until all are read or durable.
+    """
+
+    def __init__(self, path: str, ops: list[IoOp], *, num_threads: int) -> None:
+        self.ops, self.path, self.num_threads = ops, path, num_threads
+        self.store: NvmeStore | None = None
+        self._sub: str | None = None
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def start(self) -> "TrafficReplay":
+        self._sub = tempfile.mkdtemp(prefix="memtrain-bench-replay-", dir=self.path)
+        self.store = NvmeStore(os.path.join(self._sub, "store"), budget_bytes=None, num_threads=self.num_threads).start()
+        gen = torch.Generator().manual_seed(0)
+        for op in self.ops:  # one buffer per key, as the engine stages one chunk part at a time
+            if op.key not in self._bufs:
+                self._bufs[op.key] = torch.randn(op.numel, generator=gen).to(op.dtype)
+        wait([self.store.write(k, b) for k, b in self._bufs.items()])
+        self.store.flush()
+        return self
+
+    def run(self) -> tuple[float, float]:
+        """(wall seconds, CPU seconds of this process's threads) for the step's traffic."""
+        for k in self._bufs:
+            _drop_cache(str(self.store.file_path(k)))
+        bufs, store = self._bufs, self.store
+        t0, c0 = time.perf_counter(), time.process_time()
+        wait([store.read(o.key, bufs[o.key]) if o.kind == "read" else store.write(o.key, bufs[o.key]) for o in self.ops])
+        store.flush()
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+        if self._sub is not None:
+            shutil.rmtree(self._sub, ignore_errors=True)
+
+
+def _timed_step(engine, batch) -> tuple[float, float, float]:
+    """(loss, wall seconds, CPU seconds of this process's threads) of one step."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    loss = engine.train_step(batch)
+    return loss, time.perf_counter() - t0, time.process_time() - c0
+
+
+def measure_training(
+    path: str, *, preset: str, seq_len: int, micro_batch_size: int, num_micro: int, num_steps: int,
+    chunk_elems: int, prefetch_depth: int, num_threads: int = 4,
+) -> TrainingResult:
+    """Step time of the all-NVMe plan, compute alone and I/O alone; see the module doc."""
+    from memtrain.models.gpt import GPT, gpt_config
+    from memtrain.offload.chunks import make_chunk_plans, named_blocks, param_order
+    from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier
+    from memtrain.runtime import wrap
+
+    cfg = gpt_config(preset, dropout=0.0)
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(num_steps + 1):  # +1: the untimed warm-up step
+        ids = torch.randint(0, cfg.vocab_size, (num_micro * micro_batch_size, seq_len + 1), generator=gen)
+        batches.append((ids[:, :-1], ids[:, 1:]))
+
+    def run(home: Tier, nvme_dir: str | None):
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        blocks = named_blocks(model, None)
+        plan = MemoryPolicy(chunk_size_elems=chunk_elems, prefetch_depth=prefetch_depth,
+                            chunks=make_chunk_plans(param_order(model, blocks), chunk_elems, home),
+                            activations=(ActPolicy.KEEP,) * len(blocks))
+        memory = {"device": "1TiB", "host": "1TiB", **({"nvme": nvme_dir} if nvme_dir else {})}
+        engine = wrap(model, optimizer=dict(name="adamw", lr=1e-4), memory=memory, plan=plan,
+                      micro_batch_size=micro_batch_size, verbose=False)
+        return engine, sum(p.numel() for p in model.parameters())
+
+    sub = tempfile.mkdtemp(prefix="memtrain-bench-train-", dir=path)
+    on_device = on_nvme = replay = None
+    try:
+        on_device, num_params = run(Tier.DEVICE, None)
+        on_nvme, _ = run(Tier.NVME, os.path.join(sub, "nvme"))
+        log, stop = record_step_traffic(on_nvme.nvme)
+        ref_losses = [_timed_step(on_device, batches[0])[0]]  # warm-up steps
+        losses = [_timed_step(on_nvme, batches[0])[0]]
+        ops = list(log)
+        replay = TrafficReplay(path, ops, num_threads=num_threads).start()
+        replay.run()  # warm-up
+        compute, step, io = [], [], []  # (wall s, CPU s) per timed step
+        # Interleaved, step by step, so load from other processes on the machine hits all three alike.
+        for b in batches[1:]:
+            loss, *t = _timed_step(on_device, b)
+            ref_losses.append(loss)
+            compute.append(t)
+            start = len(log)
+            loss, *t = _timed_step(on_nvme, b)
+            losses.append(loss)
+            step.append(t)
+            # Every step moves the same chunk parts the same way, so one replay stands for each.
+            assert sorted((o.kind, o.key) for o in log[start:]) == sorted((o.kind, o.key) for o in ops)
+            io.append(replay.run())
+        stop()
+        direct = bool(on_nvme.nvme.direct)
+    finally:
+        for closable in (on_device, on_nvme, replay):
+            if closable is not None:
+                closable.close()
+        shutil.rmtree(sub, ignore_errors=True)
+    return TrainingResult(
+        label=f"gpt {preset}, {num_micro} x {micro_batch_size} x {seq_len} tokens, chunks of {chunk_elems:,}",
+        num_params=num_params, num_steps=num_steps, step_s=statistics.median(t for t, _ in step),
+        compute_s=statistics.median(t for t, _ in compute), io_s=statistics.median(t for t, _ in io),
+        compute_cpu_s=statistics.median(c for _, c in compute), io_cpu_s=statistics.median(c for _, c in io),
+        num_cpus=torch.get_num_threads(),
+        read_bytes=sum(o.num_bytes for o in ops if o.kind == "read"),
+        write_bytes=sum(o.num_bytes for o in ops if o.kind == "write"), num_ops=len(ops), direct=direct,
+        max_loss_diff=max(abs(a - b) for a, b in zip(losses, ref_losses)),
+    )
+
+
+def print_training(r: TrainingResult) -> None:
+    mode = "O_DIRECT" if r.direct else "buffered"
+    print(f"\ntraining step with every chunk NVMe-home: {r.label} ({r.num_params / 1e6:.1f}M params), "
+          f"AdamW fp32, median of {r.num_steps} steps after a warm-up")
+    print(f"  per-step NVMe traffic: {format_bytes(r.read_bytes)} read + {format_bytes(r.write_bytes)} written "
+          f"in {r.num_ops} ops ({mode})")
+    print(f"  {'step, all chunks on NVMe':40s} {r.step_s:8.2f} s")
+    print(f"  {'compute alone (everything on device)':40s} {r.compute_s:8.2f} s")
+    print(f"  {'I/O alone (the step traffic replayed)':40s} {r.io_s:8.2f} s   "
+          f"({(r.read_bytes + r.write_bytes) / r.io_s / 1e9:.2f} GB/s)")
+    print(f"  {'lower bound max(compute, I/O)':40s} {r.bound_s:8.2f} s")
+    print(f"  step / lower bound = {r.ratio:.2f}  (target <= 1.30); max |Δloss| vs the all-device run: {r.max_loss_diff:.2g}")
+    # [Note: shared CPUs] Without a GPU the "device" is the CPU, and the I/O path (copies into
+    # aligned buffers, CRC-32, system calls) runs on the same cores; then compute and I/O can
+    # overlap only as far as their summed CPU time allows: (CPU_compute + CPU_io) / cores.
+    print(f"  CPU seconds: compute {r.compute_cpu_s:.2f}, I/O {r.io_cpu_s:.2f} on {r.num_cpus} threads -> "
+          f"CPU-shared bound {r.cpu_bound_s:.2f} s; step / max(both bounds) = {r.step_s / max(r.bound_s, r.cpu_bound_s):.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--path", default=tempfile.gettempdir(), help="directory on the disk to measure")
@@ -161,6 +402,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=4, help="NvmeStore I/O threads (default 4)")
     ap.add_argument("--compress", action="store_true", help="also measure zstd-compressed chunks")
     ap.add_argument("--repeat", type=int, default=3, help="runs per row; the median is printed (default 3)")
+    ap.add_argument("--train", default="100m", help="GPT preset for the training part, or 'none' (default 100m)")
+    ap.add_argument("--train-steps", type=int, default=5, help="timed steps per configuration (default 5)")
+    ap.add_argument("--train-seq-len", type=int, default=64, help="tokens per sequence (default 64)")
+    ap.add_argument("--train-micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
+    ap.add_argument("--train-num-micro", type=int, default=2, help="micro-batches per step (default 2)")
+    ap.add_argument("--train-chunk-elems", type=int, default=8 * 2**20, help="chunk size in elements (default 8Mi)")
+    ap.add_argument("--train-prefetch", type=int, default=2, help="prefetch depth (default 2)")
     args = ap.parse_args(argv)
     try:
         size_bytes = parse_bytes(args.size, field="--size")
@@ -171,6 +419,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--repeat and --threads: must be >= 1")
         if not os.path.isdir(args.path):
             raise ValueError(f"--path: {args.path} is not a directory")
+        if min(args.train_steps, args.train_seq_len, args.train_micro_batch, args.train_num_micro,
+               args.train_chunk_elems, args.train_prefetch) < 1:
+            raise ValueError("--train-*: counts and sizes must be >= 1")
+        if args.train != "none":
+            from memtrain.models.gpt import gpt_config
+
+            gpt_config(args.train)  # names the known presets if this one is not
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -188,6 +443,12 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(row)
     medians = [median_result([run[i] for run in runs]) for i in range(len(runs[0]))]
     print_table(medians[0], medians[1:], chunk_bytes=chunk_bytes, repeat=args.repeat)
+    if args.train != "none":
+        result = measure_training(
+            args.path, preset=args.train, seq_len=args.train_seq_len, micro_batch_size=args.train_micro_batch,
+            num_micro=args.train_num_micro, num_steps=args.train_steps, chunk_elems=args.train_chunk_elems,
+            prefetch_depth=args.train_prefetch, num_threads=args.threads)
+        print_training(result)
     return 0
 
 
