@@ -44,7 +44,8 @@ def _memory_for(plan, cfg: Config) -> dict:
     if uses_nvme:
         if plan.nvme is None:
             raise ConfigError("cluster.nodes[].nvme.path: the plan uses NVMe but no path is configured")
-        memory["nvme"] = str(Path(plan.nvme.path) / cfg.name)
+        memory["nvme"] = str(Path(plan.nvme.path) / f"memtrain-{cfg.name}")
+        memory["nvme_budget"] = budgets["nvme"]
     return memory
 
 
@@ -52,6 +53,7 @@ def train(cfg: Config, *, print_fn=print) -> dict:
     """Train ``cfg.train.steps`` steps; returns a summary (losses, timings, memory)."""
     from memtrain.models import build_model
     from memtrain.planner import report
+    from memtrain.planner.search import tracked_peak_bytes
     from memtrain.runtime.data import TokenBatches
     from memtrain.runtime.engine import wrap
     from memtrain.runtime.planning import plan_from_config, run_dir
@@ -106,9 +108,11 @@ def train(cfg: Config, *, print_fn=print) -> dict:
     predicted = plan.prediction
     print_fn(f"step time: measured {measured_s:.3f} s (median), predicted {predicted.step_time_s:.3f} s "
              f"({measured_s / predicted.step_time_s:.2f}×)")
+    tracked = tracked_peak_bytes(predicted.devices[0]) if predicted.devices else {}
     for tier, m in mem.items():
-        pred = predicted.devices[0].peak_bytes.get(tier, 0) if predicted.devices else 0
-        print_fn(f"{tier:>7} peak: measured {format_bytes(m.peak_bytes)}, predicted {format_bytes(pred)}, "
-                 f"budget {format_bytes(m.budget_bytes) if m.budget_bytes else 'none'}")
+        pred = tracked.get(tier, 0)
+        error = f" ({(m.peak_bytes - pred) / pred:+.1%})" if pred else ""
+        print_fn(f"{tier:>7} peak: measured {format_bytes(m.peak_bytes)}, predicted {format_bytes(pred)}{error}, "
+                 f"budget {format_bytes(m.budget_bytes) if m.budget_bytes else 'none'} (ledger-tracked bytes)")
     return {"losses": losses, "step_times_s": step_times, "plan": plan,
             "peak_bytes": {t: m.peak_bytes for t, m in mem.items()}}
