@@ -165,7 +165,7 @@ def _mixed(dtype: DType | str) -> bool:
     return DType(dtype) is not DType.FP32
 
 
-def optimizer_bytes_touched(num_elems: int, dtype: DType | str, optimizer: Optimizer | str) -> int:
+def optimizer_bytes_touched(num_elems: int, dtype: DType | str, optimizer: Optimizer | str, *, fused: bool = True) -> int:
     """Bytes an optimizer step reads and writes for ``num_elems`` parameters.
 
     The step is memory-bound (Williams et al. 2009, roofline: a handful of FLOPs per byte),
@@ -175,6 +175,17 @@ def optimizer_bytes_touched(num_elems: int, dtype: DType | str, optimizer: Optim
     SGD with momentum reads grad, param, momentum and writes param, momentum (+ copy).
     """
     c = dtype_bytes(dtype)
+    if not fused:
+        # [Note: unfused optimizer] torch's single-tensor and foreach AdamW (the kernels the
+        # runtime runs on the device: offload.optim) make one pass per op over fp32 tensors
+        # (torch/optim/adamw.py, _single_tensor_adamw): param.mul_(1 - lr·wd) r4 w4;
+        # exp_avg.lerp_(grad) r8 w4; exp_avg_sq.mul_ r4 w4 and .addcmul_(grad, grad) r8 w4;
+        # denom = sqrt(v) r4 w4, / bias_correction r4 w4, .add_(eps) r4 w4; param.addcdiv_(m, denom)
+        # r12 w4: 80 bytes. SGD (torch/optim/sgd.py): grad + wd·param r8 w4; buf.mul_ r4 w4,
+        # .add_(grad) r8 w4; param.add_(buf) r8 w4: 44 bytes. Mixed precision adds the grad's
+        # upcast (r c, w 4) and the refreshed compute copy (r 4, w c).
+        per_elem = 80 if Optimizer(optimizer) is Optimizer.ADAMW else 44
+        return num_elems * (per_elem + (2 * (c + 4) if _mixed(dtype) else 0))
     states = optimizer_state_bytes_per_elem(optimizer)  # m+v or momentum, read and written
     if _mixed(dtype):
         per_elem = c + 4 + states + 4 + states + c  # read grad, master, states; write master, states, copy
@@ -184,10 +195,11 @@ def optimizer_bytes_touched(num_elems: int, dtype: DType | str, optimizer: Optim
 
 
 def device_optimizer_time_s(num_elems: int, dtype: DType | str, optimizer: Optimizer | str, device: DeviceSpec) -> float:
-    """Bytes touched / device memory bandwidth (memory-bound step, see optimizer_bytes_touched)."""
+    """Bytes touched / device memory bandwidth (memory-bound step, see optimizer_bytes_touched),
+    for the unfused kernel the runtime steps device chunks with ([Note: unfused optimizer])."""
     if num_elems <= 0:
         return 0.0
-    return optimizer_bytes_touched(num_elems, dtype, optimizer) / (device.memory_bw_gbps * 1e9)
+    return optimizer_bytes_touched(num_elems, dtype, optimizer, fused=False) / (device.memory_bw_gbps * 1e9)
 
 
 def cpu_optimizer_time_s(num_elems: int, optimizer: Optimizer | str, host: HostSpec) -> float:
