@@ -434,6 +434,11 @@ def _truncate(timeline: tuple[TimelineEvent, ...]) -> tuple[TimelineEvent, ...]:
     return tuple(by_start[:head] + by_start[-(MAX_TIMELINE_EVENTS - head):])
 
 
+def _family(cand: _Candidate) -> tuple:
+    policy = cand.policy
+    return (cand.mbs, frozenset(c.home for c in policy.chunks), frozenset(policy.activations), policy.compress_nvme)
+
+
 def _build_plan(name: str, base: ModelStats, ctx: _Context, chosen: _Candidate, sim: SimResult,
                 tried: list[tuple[_Candidate, SimResult, str]], source: str, fits: bool, shortfall: str,
                 max_alternatives: int) -> Plan:
@@ -443,12 +448,14 @@ def _build_plan(name: str, base: ModelStats, ctx: _Context, chosen: _Candidate, 
     schedule = add_chunk_transfers(schedule, chosen.policy, bc)
     schedule = add_activation_swaps(schedule, chosen.policy.activations)
     alternatives: list[Alternative] = []
-    seen = {chosen.description}
-    losers = sorted((t for t in tried if t[0].description not in seen), key=lambda t: (bool(t[2]), t[1].step_time_s))
+    # One alternative per family (micro-batch, tiers used, activation policies, compression):
+    # the best of each, so the report shows different strategies, not prefetch-depth twins.
+    seen = {_family(chosen)}
+    losers = sorted(tried, key=lambda t: (bool(t[2]), t[1].step_time_s))
     for cand, other, why in losers:
-        if len(alternatives) >= max_alternatives or cand.description in seen:
+        if len(alternatives) >= max_alternatives or _family(cand) in seen:
             continue
-        seen.add(cand.description)
+        seen.add(_family(cand))
         if not why and other.step_time_s < sim.step_time_s:
             why = (f"{100 * (1 - other.step_time_s / sim.step_time_s):.1f}% faster in the model, within the "
                    f"{NEAR_TIE:.0%} tie margin; the chosen plan moves less data")

@@ -29,7 +29,7 @@ from memtrain.offload.chunks import ChunkStore, make_chunk_plans, named_blocks, 
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.optim import OffloadedOptimizer, OptimizerSpec
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, Plan, Tier
-from memtrain.planner.simulate import SWAP_IN_LOOKAHEAD
+from memtrain.planner.simulate import SWAP_IN_BLOCKS_AHEAD
 from memtrain.planner.stats import DType, dtype_bytes
 from memtrain.planner.units import format_bytes, parse_bytes
 
@@ -535,8 +535,8 @@ def wrap(
                            prefetch_depth=depth).build()
         opt = OffloadedOptimizer(store, spec, **({} if host_kernel is None else {"host_kernel": host_kernel}))
         policies = {name: ActPolicy(p) for (name, _), p in zip(named, policy.activations)}
-        # Activation swap-ins run one block ahead, as the simulator models them (SWAP_IN_LOOKAHEAD).
-        acts = _activation_manager(policies, named, store, device_ledger, host_ledger, nvme, SWAP_IN_LOOKAHEAD - 1,
+        # Activation swap-ins run SWAP_IN_BLOCKS_AHEAD blocks ahead, as the simulator models them.
+        acts = _activation_manager(policies, named, store, device_ledger, host_ledger, nvme, SWAP_IN_BLOCKS_AHEAD,
                                    activation_manager)
     except BaseException:
         if nvme is not None:
