@@ -10,8 +10,12 @@ micro-batch, recording per block:
 - **activation bytes**: what autograd saves for backward (``saved_tensors_hooks``), each
   storage counted once in the block that first saves it, parameter and buffer storages
   excluded. A layer's input is saved by its first norm, so it counts in the layer, as in
-  Korthikanti et al. 2022.
-- **FLOPs**: ``torch.utils.flop_counter.FlopCounterMode`` totals read at every block switch.
+  Korthikanti et al. 2022. What the work after the last block's forward saves (the loss:
+  cross entropy keeps its fp32 log-probabilities, b·s·V·4 bytes) goes to
+  ``ModelStats.loss_activation_bytes`` instead: it is outside every block, so the runtime's
+  activation manager neither tracks nor moves it (docs/memory-accounting.md).
+- **FLOPs**: ``torch.utils.flop_counter.FlopCounterMode`` totals read at every block switch
+  (the loss's FLOPs count toward the head, whose measured time includes the loss too).
   Forward switches come from module pre-hooks; backward switches from gradient hooks on each
   block's output, which fire when that block's backward is about to start.
 - **input/output bytes** of each block's primary tensor.
@@ -99,7 +103,7 @@ def analyze_built(
         with FlopCounterMode(display=False) as counter:
             rec.counter = counter
             with _AsOnAccelerator(rec), torch.autograd.graph.saved_tensors_hooks(rec.pack, _unpack):
-                loss = built.loss_fn(built.forward(ids), labels)  # the loss counts toward the head
+                loss = built.loss_fn(built.forward(ids), labels)
             rec.start_backward()
             loss.backward()
             rec.switch(rec.cur)  # flush the last block's backward FLOPs
@@ -115,6 +119,7 @@ def analyze_built(
         micro_batch_size=micro_batch_size,
         seq_len=seq_len,
         blocks=blocks,
+        loss_activation_bytes=rec.loss_activation_bytes,
     )
 
 
@@ -149,6 +154,10 @@ class _Recorder:
         self.fwd_flops = [0] * n
         self.bwd_flops = [0] * n
         self.activation_bytes = [0] * n
+        self.in_loss = False
+        """True once the last block's forward has returned: what the forward saves from then on
+        is the loss's (outside every block)."""
+        self.loss_activation_bytes = 0
         self.input_bytes: list[int | None] = [None] * n
         self.output_bytes: list[int | None] = [None] * n
         self.first_use: dict[int, tuple[int, int]] = {}
@@ -201,6 +210,8 @@ class _Recorder:
                 out.register_hook(lambda grad: self.switch(i))
             if i == last - 1:
                 self.switch(last)  # work between the last layer and the head (final norm) is the head's
+            if i == last:
+                self.in_loss = True
 
         return hook
 
@@ -208,7 +219,10 @@ class _Recorder:
         key, nbytes = _storage_key(t)
         if key not in self.excluded and key not in self.saved:
             self.saved[key] = t
-            self.activation_bytes[self.cur] += nbytes
+            if self.in_loss and not self.backward:
+                self.loss_activation_bytes += nbytes
+            else:
+                self.activation_bytes[self.cur] += nbytes
         return t
 
     def note_params(self, values: Any) -> None:

@@ -340,8 +340,15 @@ def workspace_bytes(stats: ModelStats) -> int:
     and the one it produces for its input (I) are both alive. So the estimate is
     max over blocks of A + I + O for one micro-batch of ``stats``. Fragmentation and library
     scratch are left to the safety margin.
+
+    The loss's saved tensors (``ModelStats.loss_activation_bytes``: cross entropy's fp32
+    log-probabilities) are added on top: they are outside every block, so the ledger never
+    records them, and they are alive from the end of the forward, when the tracked activations
+    are at their peak, until the loss's backward has produced the logits' gradient (the head's
+    O, already in the block term).
     """
-    return max((b.activation_bytes + b.input_bytes + b.output_bytes for b in stats.blocks), default=0)
+    blocks = max((b.activation_bytes + b.input_bytes + b.output_bytes for b in stats.blocks), default=0)
+    return blocks + stats.loss_activation_bytes
 
 
 # --- chunk packing ------------------------------------------------------------------------

@@ -98,6 +98,21 @@ class ModelStats:
     """Sequences per micro-batch the per-block figures were measured with."""
     seq_len: int
     blocks: tuple[BlockStats, ...]
+    loss_activation_bytes: int = 0
+    """Bytes the loss saves for backward for one micro-batch (work after the last block's
+    forward: cross entropy keeps fp32 log-probabilities, b·s·V·4). Outside every block, so the
+    runtime's ledger does not track it; the planner counts it in the workspace estimate."""
+    overhead_block_fwd_s: float = 0.0
+    """Measured runtime overhead of one block's forward call (chunk-store and activation-manager
+    hooks, saved-tensor packing), on top of the block's own time. 0 = not measured."""
+    overhead_block_bwd_s: float = 0.0
+    """Measured runtime overhead of one block's backward (hooks, saved-tensor unpacking)."""
+    overhead_param_s: float = 0.0
+    """Measured runtime overhead per parameter tensor per micro-batch backward (the chunk
+    store's post-accumulate-grad hook and its copy into the chunk's gradient)."""
+    overhead_microbatch_s: float = 0.0
+    """Measured runtime overhead per micro-batch outside every block (the engine's bookkeeping
+    around the forward and backward)."""
 
     @property
     def fwd_flops(self) -> int:
@@ -135,4 +150,5 @@ class ModelStats:
             )
             for b in self.blocks
         )
-        return dataclasses.replace(self, micro_batch_size=micro_batch_size, blocks=blocks)
+        return dataclasses.replace(self, micro_batch_size=micro_batch_size, blocks=blocks,
+                                   loss_activation_bytes=s(self.loss_activation_bytes))

@@ -128,6 +128,22 @@ def test_block_input_and_output_bytes():
     assert head.output_bytes == 2 * b * s * v  # logits
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_loss_saved_bytes_are_counted_apart_from_the_head(dtype):
+    h, s, b, v = 64, 32, 3, 256
+    stats = analyze(_gpt("tiny"), seq_len=s, micro_batch_size=b, dtype=dtype)
+    c = 4 if dtype == "fp32" else 2
+    # Cross entropy on fp32 logits: log_softmax saves its fp32 output (b·s·V·4); nll_loss saves
+    # the same log-probabilities, the int64 targets (b·s·8) and a fp32 total weight (4 bytes).
+    assert stats.loss_activation_bytes == b * s * v * 4 + b * s * 8 + 4
+    # The head keeps only its own: the final LayerNorm's input and statistics (2 × 4 bytes per
+    # token) and the normalised output the tied projection saves. No b·s·V term any more.
+    assert stats.blocks[-1].activation_bytes == 2 * c * b * s * h + 2 * 4 * b * s
+    # Linear in the micro-batch, like the blocks' figures.
+    one = analyze(_gpt("tiny"), seq_len=s, micro_batch_size=1, dtype=dtype)
+    assert abs(one.scaled(b).loss_activation_bytes - stats.loss_activation_bytes) <= 4 * b
+
+
 def test_figures_are_linear_in_the_micro_batch():
     # ModelStats.scaled relies on this (Korthikanti et al. 2022: activations are linear in b).
     one = analyze(_gpt("tiny", dropout=0.1), seq_len=32, micro_batch_size=1, dtype="bf16")
