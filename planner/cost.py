@@ -18,7 +18,7 @@ from memtrain.planner.stats import BlockStats, DType, ModelStats, Optimizer, dty
 
 __all__ = [
     "PCIE_LATENCY_S", "NVME_LATENCY_S", "CompressionModel", "zstd_model",
-    "compute_time_s", "block_fwd_time_s", "block_bwd_time_s", "recompute_time_s",
+    "compute_time_s", "block_fwd_time_s", "block_bwd_time_s", "recompute_time_s", "block_overhead_s",
     "transfer_time_s", "h2d_time_s", "d2h_time_s", "disk_read_time_s", "disk_write_time_s",
     "optimizer_state_bytes_per_elem", "optimizer_bytes_touched", "device_optimizer_time_s",
     "cpu_optimizer_time_s", "host_grad_accum_time_s",
@@ -113,6 +113,21 @@ def recompute_time_s(block: BlockStats, device: DeviceSpec, dtype: DType | str, 
     per checkpointed segment; Korthikanti et al. 2022, Sec. 5: full recompute adds one forward.
     """
     return block_fwd_time_s(block, device, dtype, micro_batch_size)
+
+
+def block_overhead_s(stats: ModelStats, block: BlockStats, *, backward: bool) -> float:
+    """The runtime's own time around one call of the block, on the thread that runs it.
+
+    Measured by the profiler ([Note: runtime overhead] in ``planner.profile``): per block call in
+    the forward (chunk-store hooks, one saved-tensor pack per saved tensor) and in the backward
+    (hooks, unpacks), plus, in the backward, one post-accumulate-grad hook and gradient copy per
+    parameter tensor the block owns. 0 without a profile. Added to the block's compute time
+    (on a CPU device the hooks run on the cores doing the compute; on a GPU it is an upper
+    bound, since host work can overlap kernels already queued).
+    """
+    if backward:
+        return stats.overhead_block_bwd_s + len(block.param_names) * stats.overhead_param_s
+    return stats.overhead_block_fwd_s
 
 
 def transfer_time_s(num_bytes: float, gbps: float, latency_s: float) -> float:

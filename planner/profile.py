@@ -4,14 +4,20 @@
 on the device (a CUDA GPU when present, else the CPU, which is then the device tier), host↔device
 copy bandwidth, device memory bandwidth, NVMe read/write bandwidth at the configured path (real
 files, fsync, page cache dropped before reading), the CPU AdamW throughput, and device facts
-(nvidia-ml-py, psutil). The result is a versioned Parquet file keyed by a machine fingerprint
-and a model key; ``memtrain plan`` and ``run`` use a matching profile instead of the catalog
-figures and say which they used.
+(nvidia-ml-py, psutil), and the runtime's own overhead per block call and per parameter tensor
+(``measure_runtime_overhead``). The result is a versioned Parquet file keyed by a machine
+fingerprint and a model key; ``memtrain plan`` and ``run`` use a matching profile instead of the
+catalog figures and say which they used.
 
-File format (``PROFILE_VERSION``): one row per (block, micro-batch size) with ``block``,
+The last block is timed together with the loss (``BuiltModel.loss_fn`` on its output): the
+runtime runs the loss between the head's forward and backward, and the analysis counts the
+loss's FLOPs with the head too.
+
+File format (``PROFILE_VERSION`` 2): one row per (block, micro-batch size) with ``block``,
 ``micro_batch_size``, ``fwd_s``, ``bwd_s``; the schema metadata key ``memtrain.profile`` holds
 JSON with ``version``, ``machine_id``, ``fingerprint``, ``model_key``, ``model_name``,
-``seq_len``, ``dtype``, ``created``, ``device`` and ``bandwidths``.
+``seq_len``, ``dtype``, ``created``, ``device``, ``bandwidths`` and ``overheads``. Version 1
+files (no overheads, head timed without the loss) are refused with a request to re-profile.
 """
 
 from __future__ import annotations
@@ -37,11 +43,15 @@ from memtrain.planner.stats import ModelStats
 __all__ = [
     "PROFILE_VERSION", "Profile", "ProfileError", "machine_fingerprint", "machine_id", "model_key",
     "measure_blocks", "measure_copy_gbps", "measure_disk_gbps", "measure_cpu_adam_params_per_s",
+    "measure_runtime_overhead", "OVERHEAD_KEYS",
     "run_profile", "save_profile", "load_profile", "apply_profile", "find_profile",
 ]
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
+"""2: ``overheads`` added and the last block timed with the loss; 1 is refused."""
 _META_KEY = b"memtrain.profile"
+OVERHEAD_KEYS = ("block_fwd_s", "block_bwd_s", "param_s", "microbatch_s")
+"""Keys of ``Profile.overheads``, applied to the ``ModelStats.overhead_*`` fields of the same names."""
 
 
 class ProfileError(ValueError):
@@ -75,6 +85,10 @@ class Profile:
     bandwidths: dict[str, float] = field(default_factory=dict)
     """Measured GB/s: ``h2d``, ``d2h``, ``device_memory``, ``nvme_read``, ``nvme_write``; and
     ``cpu_adam_params_per_s``."""
+    overheads: dict[str, float] = field(default_factory=dict)
+    """Measured runtime overhead, seconds (``measure_runtime_overhead``): ``block_fwd_s`` and
+    ``block_bwd_s`` per block call, ``param_s`` per parameter tensor per micro-batch backward,
+    ``microbatch_s`` per micro-batch. Absent keys are 0."""
     blocks: tuple[BlockTiming, ...] = ()
 
 
@@ -172,7 +186,8 @@ def measure_blocks(
     ``built`` is a ``memtrain.models.BuiltModel`` constructed on the meta device. Only one block
     of each distinct structure is materialised (a 70B model's 80 identical layers are timed
     once); the same figures are reported for its twins. Block inputs are captured as shapes by
-    a meta forward and filled with random values of the same dtype.
+    a meta forward and filled with random values of the same dtype. The last block is timed
+    with ``built.loss_fn`` on its output against random labels (see the module docstring).
     """
     module = built.module
     timings: list[BlockTiming] = []
@@ -191,18 +206,25 @@ def measure_blocks(
         finally:
             for h in hooks:
                 h.remove()
-        done: dict[str, tuple[float, float]] = {}
-        for name, blk in built.blocks:
-            sig = _block_signature(blk)
+        done: dict[tuple[str, bool], tuple[float, float]] = {}
+        last = len(built.blocks) - 1
+        for pos, (name, blk) in enumerate(built.blocks):
+            sig = (_block_signature(blk), pos == last)
             if sig not in done:
-                progress(f"  block {name} (micro-batch {mbs})")
-                done[sig] = _time_block(blk, captured[name], device=device, dtype=dtype, vocab=built.vocab_size, reps=reps)
+                progress(f"  block {name} (micro-batch {mbs}{', with the loss' if pos == last else ''})")
+                loss = None
+                if pos == last:
+                    labels = torch.randint(0, built.vocab_size, (mbs, seq_len), device=device)
+                    loss = lambda out, _labels=labels: built.loss_fn(out, _labels)  # noqa: E731
+                done[sig] = _time_block(blk, captured[name], device=device, dtype=dtype, vocab=built.vocab_size, reps=reps,
+                                        loss=loss)
             fwd_s, bwd_s = done[sig]
             timings.append(BlockTiming(block=name, micro_batch_size=mbs, fwd_s=fwd_s, bwd_s=bwd_s))
     return timings
 
 
-def _time_block(blk, captured, *, device, dtype, vocab, reps) -> tuple[float, float]:
+def _time_block(blk, captured, *, device, dtype, vocab, reps, loss=None) -> tuple[float, float]:
+    """(forward s, backward s) of one block; with ``loss``, of ``loss(block(...))``."""
     import copy
 
     real = copy.deepcopy(blk).to_empty(device=device).to(dtype)
@@ -217,11 +239,12 @@ def _time_block(blk, captured, *, device, dtype, vocab, reps) -> tuple[float, fl
         args = (args[0].to(dtype).requires_grad_(True), *args[1:])
 
     def fwd():
-        return real(*args, **kwargs)
+        out = real(*args, **kwargs)
+        return out if loss is None else loss(out)
 
     out = fwd()
     out = out[0] if isinstance(out, (tuple, list)) else out
-    grad = torch.randn_like(out)
+    grad = torch.randn_like(out) if loss is None else None  # a scalar loss backpropagates 1
     fwd_s = _median_time(fwd, device, reps)
 
     def fwd_bwd():
@@ -304,6 +327,114 @@ def measure_cpu_adam_params_per_s(num_elems: int = 16 * 2**20, reps: int = 3) ->
     return num_elems / _median_time(run, torch.device("cpu"), reps)
 
 
+def _fwd_bwd_min_s(forward: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor], None],
+                   device: torch.device, reps: int) -> tuple[float, float]:
+    """Least (forward s, backward s) over ``reps`` runs of one micro-batch, after a warm-up."""
+    fwd, bwd = [], []
+    for rep in range(reps + 2):
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = forward()
+        _sync(device)
+        t1 = time.perf_counter()
+        backward(loss)
+        _sync(device)
+        t2 = time.perf_counter()
+        if rep >= 2:
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+    return min(fwd), min(bwd)
+
+
+def _lstsq_nonneg(rows: list[list[float]], ys: list[float]) -> list[float]:
+    """Non-negative least squares ``ys ≈ rows @ x`` (an overhead is never negative; a negative
+    coefficient is timing noise around 0): fit, set the most negative coefficient to 0 and refit
+    the others without it, until none is negative (Lawson & Hanson's active set, 1974, Ch. 23)."""
+    a = torch.tensor(rows, dtype=torch.float64)
+    b = torch.tensor(ys, dtype=torch.float64).unsqueeze(1)
+    free = list(range(a.shape[1]))
+    x = torch.zeros(a.shape[1], dtype=torch.float64)
+    while free:
+        sol = torch.linalg.lstsq(a[:, free], b, driver="gelsd").solution.squeeze(1)
+        worst = int(torch.argmin(sol))
+        if sol[worst] >= 0:
+            x[free] = sol
+            break
+        free.pop(worst)
+    return [float(v) for v in x]
+
+
+def measure_runtime_overhead(
+    device: torch.device, dtype: str = "fp32", *, reps: int = 15, num_layers: Sequence[int] = (1, 3, 6),
+) -> dict[str, float]:
+    """Seconds the runtime adds around the blocks' own work (``Profile.overheads``).
+
+    [Note: runtime overhead] ``wrap()``'s engine runs every block call under the chunk store's
+    hooks (fetch and release bookkeeping, backward-start events on the block's inputs and
+    outputs) and the activation manager's saved-tensor hooks (a Python pack per saved tensor in
+    forward, an unpack in backward), and the chunk store copies every parameter's gradient into
+    its chunk in a post-accumulate-grad hook. None of it is in the per-block timings. It is
+    measured here on built-in GPTs so small that their arithmetic is negligible (hidden 32, 16
+    tokens, one sequence), all chunks on the device and every activation kept (the plan with no
+    copies: offload and swap copies are modelled separately), with 1, 3 and 6 layers, each with
+    and without biases (so the number of parameter tensors varies apart from the number of
+    blocks). For each model the least forward and backward time of one micro-batch through the
+    engine and through the same model in plain PyTorch (gradients set to None each time, as the
+    engine's hook does) are taken; the least, not the median, because the overhead is fixed CPU
+    work and the least time is the one other processes disturbed least. The differences are
+    fitted by least squares:
+        forward  = m_f + block_fwd_s × blocks
+        backward = m_b + block_bwd_s × blocks + param_s × parameter tensors
+    and ``microbatch_s = m_f + m_b`` (the engine's own bookkeeping per micro-batch).
+    """
+    from memtrain.models.gpt import GPT, causal_lm_loss, gpt_config
+    from memtrain.offload.chunks import make_chunk_plans, named_blocks, param_order
+    from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier
+    from memtrain.runtime.engine import wrap
+
+    if len(num_layers) < 2:
+        raise ValueError("num_layers: give at least two layer counts to separate per-block from fixed overhead")
+    tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    seq, vocab = 16, 64
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, seq + 1), generator=gen)
+    x, y = ids[:, :-1].to(device), ids[:, 1:].to(device)
+    fwd_rows, bwd_rows, fwd_ys, bwd_ys = [], [], [], []
+    for layers in num_layers:
+        for bias in (True, False):
+            cfg = gpt_config("tiny", num_layers=layers, hidden_size=32, num_heads=2, vocab_size=vocab, max_seq_len=seq,
+                             bias=bias, dropout=0.0)
+            torch.manual_seed(0)
+            plain = GPT(cfg).to(device=device, dtype=tdt)
+            num_blocks, num_tensors = len(plain.blocks), len(list(plain.parameters()))
+
+            def plain_fwd():
+                return causal_lm_loss(plain(x), y)
+
+            def plain_bwd(loss):
+                loss.backward()
+                plain.zero_grad(set_to_none=True)
+
+            pf, pb = _fwd_bwd_min_s(plain_fwd, plain_bwd, device, reps)
+            model = GPT(cfg)
+            params = param_order(model, named_blocks(model, None))
+            policy = MemoryPolicy(chunk_size_elems=10**9, chunks=make_chunk_plans(params, 10**9, Tier.DEVICE),
+                                  prefetch_depth=1, activations=(ActPolicy.KEEP,) * num_blocks)
+            engine = wrap(model, optimizer="adamw", memory={"device": 2**40, "host": 2**40}, plan=policy, dtype=dtype,
+                          micro_batch_size=1, verbose=False, device=device)
+            try:
+                ef, eb = _fwd_bwd_min_s(lambda: engine((x, y)), engine.backward, device, reps)
+            finally:
+                engine.close()
+            fwd_rows.append([1.0, float(num_blocks)])
+            fwd_ys.append(ef - pf)
+            bwd_rows.append([1.0, float(num_blocks), float(num_tensors)])
+            bwd_ys.append(eb - pb)
+    m_f, block_fwd = _lstsq_nonneg(fwd_rows, fwd_ys)
+    m_b, block_bwd, per_param = _lstsq_nonneg(bwd_rows, bwd_ys)
+    return {"block_fwd_s": block_fwd, "block_bwd_s": block_bwd, "param_s": per_param, "microbatch_s": m_f + m_b}
+
+
 # --- the whole profile ----------------------------------------------------------------------
 
 
@@ -332,12 +463,14 @@ def run_profile(cfg, *, progress: Callable[[str], None] = print) -> Profile:
         bw.update(measure_disk_gbps(nvme_cfg.path))
     progress("CPU AdamW throughput")
     bw["cpu_adam_params_per_s"] = measure_cpu_adam_params_per_s()
+    progress("runtime overhead per block call and parameter tensor")
+    overheads = measure_runtime_overhead(device, {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype])
     return Profile(
         machine_id=machine_id(fp), fingerprint=fp, model_key=model_key(cfg.model, cfg.train.seq_len, cfg.train.dtype),
         model_name=built.name, seq_len=cfg.train.seq_len, dtype=cfg.train.dtype,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         device=f"cuda:{torch.cuda.get_device_name()}" if device.type == "cuda" else "cpu",
-        bandwidths=bw, blocks=tuple(blocks),
+        bandwidths=bw, overheads=overheads, blocks=tuple(blocks),
     )
 
 
@@ -376,7 +509,9 @@ def load_profile(path: str | Path) -> Profile:
     except Exception as e:  # a truncated or foreign file
         raise ProfileError(f"{path}: not a memtrain profile ({e})") from None
     if meta.get("version") != PROFILE_VERSION:
-        raise ProfileError(f"{path}: profile version {meta.get('version')!r}; this memtrain reads {PROFILE_VERSION}; re-run 'memtrain profile'")
+        why = " (it has no runtime overheads and times the head without the loss)" if meta.get("version") == 1 else ""
+        raise ProfileError(f"{path}: profile version {meta.get('version')!r}{why}; this memtrain reads "
+                           f"{PROFILE_VERSION}; re-run 'memtrain profile'")
     meta["blocks"] = table.to_pylist()
     return from_dict(Profile, meta)
 
@@ -412,8 +547,12 @@ def _fit_line(points: list[tuple[int, float]]) -> tuple[float, float]:
 def apply_profile(
     profile: Profile | str | Path, stats: ModelStats, device: DeviceSpec, host: HostSpec, nvme: NvmeSpec | None
 ) -> tuple[ModelStats, DeviceSpec, HostSpec, NvmeSpec | None]:
-    """Replace catalog figures with measured ones: per-block times, bandwidths, CPU Adam rate."""
+    """Replace catalog figures with measured ones: per-block times, bandwidths, CPU Adam rate,
+    runtime overheads (``ModelStats.overhead_*``; 0 without a profile)."""
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
+    unknown = sorted(set(prof.overheads) - set(OVERHEAD_KEYS))
+    if unknown:
+        raise ProfileError(f"profile overheads: unknown key {unknown[0]!r} (known: {', '.join(OVERHEAD_KEYS)}); re-run 'memtrain profile'")
     by_block: dict[str, list[BlockTiming]] = {}
     for t in prof.blocks:
         by_block.setdefault(t.block, []).append(t)
@@ -436,4 +575,5 @@ def apply_profile(
     host = dataclasses.replace(host, cpu_adam_params_per_s=bw.get("cpu_adam_params_per_s", host.cpu_adam_params_per_s))
     if nvme is not None and "nvme_read" in bw:
         nvme = dataclasses.replace(nvme, read_gbps=bw["nvme_read"], write_gbps=bw["nvme_write"])
-    return dataclasses.replace(stats, blocks=tuple(blocks)), device, host, nvme
+    over = {f"overhead_{k}": float(prof.overheads.get(k, 0.0)) for k in OVERHEAD_KEYS}
+    return dataclasses.replace(stats, blocks=tuple(blocks), **over), device, host, nvme

@@ -249,8 +249,11 @@ class _StepBuilder:
             raise ValueError("memory: the policy puts data on NVMe but no NVMe is configured; add cluster.nodes[].nvme")
         self.comp = cost.zstd_model(host.num_cpus) if policy.compress_nvme else None
         dt = train.dtype
-        self.fwd = [cost.block_fwd_time_s(b, device, dt, stats.micro_batch_size) for b in blocks]
-        self.bwd = [cost.block_bwd_time_s(b, device, dt, stats.micro_batch_size) for b in blocks]
+        # Block compute plus the runtime's overhead around each call (0 without a profile).
+        self.fwd = [cost.block_fwd_time_s(b, device, dt, stats.micro_batch_size)
+                    + cost.block_overhead_s(stats, b, backward=False) for b in blocks]
+        self.bwd = [cost.block_bwd_time_s(b, device, dt, stats.micro_batch_size)
+                    + cost.block_overhead_s(stats, b, backward=True) for b in blocks]
         self.pbytes = [cost.param_buffer_bytes(c.num_elems, dt) for c in self.chunks]
         self.h2d_s = [cost.h2d_time_s(b, device) for b in self.pbytes]
         self.flush_s = [_flush_copy_s(b, device) for b in self.pbytes]
@@ -338,6 +341,8 @@ class _StepBuilder:
             self.swap_out: dict[int, int] = {}
             self.disk_write: dict[int, int] = {}
             self.swap_in: dict[int, int] = {}
+            if s.overhead_microbatch_s > 0:  # the engine's bookkeeping around the micro-batch
+                g.add(f"engine{m}", "compute", s.overhead_microbatch_s, tag=m)
             for j in range(L):
                 self._forward_block(m, j)
             last_b = -1
@@ -609,9 +614,11 @@ def stream_work_s(
     cpu = cpu_stream(device)
     copy_in, copy_out = copy_streams(device)
     bc = cost.block_chunk_ids(s, policy.chunks)
+    work["compute"] += n * s.overhead_microbatch_s
     for b, pol in zip(s.blocks, policy.activations):
-        work["compute"] += n * cost.block_fwd_time_s(b, device, dt, s.micro_batch_size) * (2 if pol is ActPolicy.RECOMPUTE else 1)
-        work["compute"] += n * cost.block_bwd_time_s(b, device, dt, s.micro_batch_size)
+        fwd_s = cost.block_fwd_time_s(b, device, dt, s.micro_batch_size) + cost.block_overhead_s(s, b, backward=False)
+        work["compute"] += n * fwd_s * (2 if pol is ActPolicy.RECOMPUTE else 1)
+        work["compute"] += n * (cost.block_bwd_time_s(b, device, dt, s.micro_batch_size) + cost.block_overhead_s(s, b, backward=True))
         if pol in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME):
             work[copy_out] += n * cost.d2h_time_s(b.activation_bytes, device)
             work[copy_in if pol is ActPolicy.SWAP_HOST else "h2d"] += n * cost.h2d_time_s(b.activation_bytes, device)

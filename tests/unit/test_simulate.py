@@ -114,6 +114,34 @@ def test_all_on_device_keep_peak_is_chunks_plus_one_microbatch_of_activations():
     assert r.mfu == pytest.approx(3 * 3 * 3 * FLOPS / (r.step_time_s * 100e12))
 
 
+def test_runtime_overhead_adds_to_every_block_call_and_micro_batch():
+    import dataclasses
+
+    acts = [100 * MB, 200 * MB, 300 * MB]
+    plain = make_stats(acts)
+    pol = policy(plain, [Tier.DEVICE] * 3, [ActPolicy.KEEP] * 3)
+    over = dataclasses.replace(plain, overhead_block_fwd_s=0.01, overhead_block_bwd_s=0.02, overhead_param_s=0.003,
+                               overhead_microbatch_s=0.05)
+    base = simulate_step(plain, train(3), DEV, HOST, None, pol)
+    r = simulate_step(over, train(3), DEV, HOST, None, pol)
+    # Per micro-batch: 3 forward calls, 3 backward calls, one parameter tensor per block, and
+    # the engine's own bookkeeping; all on the compute stream, so the step grows by exactly that.
+    per_mb = 3 * 0.01 + 3 * (0.02 + 1 * 0.003) + 0.05
+    assert r.step_time_s == pytest.approx(base.step_time_s + 3 * per_mb)
+    assert r.peak_bytes == base.peak_bytes  # time only
+    f = next(e for e in r.timeline if e.name == "F0:1")
+    b = next(e for e in r.timeline if e.name == "B0:1")
+    assert f.end_s - f.start_s == pytest.approx(0.1 + 0.01)
+    assert b.end_s - b.start_s == pytest.approx(0.2 + 0.02 + 0.003)
+    # The search's lower bound counts the same work.
+    assert stream_work_s(over, train(3), DEV, HOST, None, pol)["compute"] == pytest.approx(
+        stream_work_s(plain, train(3), DEV, HOST, None, pol)["compute"] + 3 * per_mb)
+    # The recompute's forward runs the hooks again.
+    rc = policy(plain, [Tier.DEVICE] * 3, [ActPolicy.RECOMPUTE] * 3)
+    rebuilt = next(e for e in simulate_step(over, train(2), DEV, HOST, None, rc).timeline if e.name == "R0:2")
+    assert rebuilt.end_s - rebuilt.start_s == pytest.approx(0.1 + 0.01)
+
+
 def test_recompute_holds_inputs_and_one_rebuilt_block():
     acts, inputs = [100 * MB, 200 * MB, 300 * MB], [10 * MB, 20 * MB, 30 * MB]
     stats = make_stats(acts, inputs)
