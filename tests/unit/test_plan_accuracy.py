@@ -5,8 +5,9 @@ peaks after the first, and compares the second step's peaks per tier with ``simu
 the same policy (docs/memory-accounting.md: within 5%, never more than 2% under the ledger).
 
 The per-block activation sizes fed to the simulator are the ones the runtime's activation
-manager recorded: the analysis describes the accelerator's attention kernels and counts the
-loss's saved logits with the head, which a CPU run does not save or does not track. This file
+manager recorded: the analysis describes the accelerator's attention kernels, which a CPU run
+does not use (the head, with no attention, agrees exactly; the loss's saved log-probabilities
+are counted apart, ``ModelStats.loss_activation_bytes``, untracked on both sides). This file
 tests the accounting rules (when each owner is taken and released), so it gives both sides
 the same sizes; bench/plan_accuracy.py measures the whole chain from the analysis.
 """
@@ -154,6 +155,34 @@ def test_prefetch_made_at_a_backward_block_start_is_counted(tmp_path):
     assert_agree(sims, measured)
     assert measured["device"] == sims[0].peak_bytes["device"]  # no disk here: exact
     assert measured["device"] > 5 * 20_000 * 4  # more than the param buffers alone: grads on top
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_head_saves_what_the_analysis_counts_and_the_loss_is_untracked(dtype):
+    # The analysis keeps the loss's saved tensors out of the head's activations because the
+    # activation manager only sees what block forwards save: the head's record must hold exactly
+    # the analysed bytes, and the device ledger's peak must leave the loss's bytes out.
+    mbs = 2
+    torch.manual_seed(0)
+    model = GPT(gpt_config("tiny"))
+    policy = _policy(model, Tier.DEVICE, K, 1, 10**9)
+    engine = wrap(model, optimizer="adamw", memory={"device": BIG, "host": BIG}, plan=policy, dtype=dtype,
+                  micro_batch_size=mbs, verbose=False, device="cpu")
+    ids = torch.randint(0, model.config.vocab_size, (mbs, SEQ + 1), generator=torch.Generator().manual_seed(1))
+    try:
+        engine.train_step((ids[:, :-1], ids[:, 1:]))
+        stats = analyze(ModelConfig(preset="tiny"), seq_len=SEQ, micro_batch_size=mbs, dtype=dtype)
+        head = stats.blocks[-1]
+        # CUDA's layer norm saves its mean and 1/std in fp32, the CPU kernel in the input dtype:
+        # with bf16 the CPU run saves 2 × (4 - 2) bytes per token less in the final norm.
+        cpu_norm_stats = 0 if dtype == "fp32" else 2 * (4 - 2) * mbs * SEQ
+        assert engine.activations.block_activations(head.name).saved_bytes == head.activation_bytes - cpu_norm_stats
+        recorded = sum(engine.activations.block_activations(b.name).saved_bytes for b in stats.blocks)
+        chunks = sum(cost.chunk_bytes(c.home, c.num_elems, dtype, "adamw")[Tier.DEVICE] for c in policy.chunks)
+        assert engine.store.device_ledger.peak_bytes == chunks + recorded
+        assert stats.loss_activation_bytes >= mbs * SEQ * model.config.vocab_size * 4
+    finally:
+        engine.close()
 
 
 def test_activation_manager_brings_back_as_many_blocks_ahead_as_simulated(tmp_path):
