@@ -109,7 +109,7 @@ def train(cfg: Config, *, print_fn=print) -> dict:
     print_fn(f"step time: measured {measured_s:.3f} s (median), predicted {predicted.step_time_s:.3f} s "
              f"({measured_s / predicted.step_time_s:.2f}×)")
     if not plan.source.startswith("profile:"):
-        print_fn(f"(predictions from {plan.source} figures; 'memtrain profile {cfg.name}.yaml' measures this machine "
+        print_fn(f"(predictions from {plan.source} figures; 'memtrain profile CONFIG' measures this machine "
                  "and model, and later plans use it)")
     tracked = tracked_peak_bytes(predicted.devices[0]) if predicted.devices else {}
     for tier, m in mem.items():
