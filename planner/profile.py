@@ -438,8 +438,14 @@ def measure_runtime_overhead(
 # --- the whole profile ----------------------------------------------------------------------
 
 
-def run_profile(cfg, *, progress: Callable[[str], None] = print) -> Profile:
-    """Measure everything for ``cfg`` (a ``memtrain.runtime.config.Config``) on this machine."""
+def run_profile(
+    cfg, *, progress: Callable[[str], None] = print, copy_bytes: int = 256 * 2**20, disk_bytes: int = 512 * 2**20,
+    adam_elems: int = 16 * 2**20,
+) -> Profile:
+    """Measure everything for ``cfg`` (a ``memtrain.runtime.config.Config``) on this machine.
+
+    ``copy_bytes``, ``disk_bytes`` and ``adam_elems`` size the bandwidth and CPU AdamW probes
+    (large enough to reach steady state on real hardware; tests pass small ones)."""
     from memtrain.models import build_model
 
     dtype_map = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -456,13 +462,13 @@ def run_profile(cfg, *, progress: Callable[[str], None] = print) -> Profile:
     blocks = measure_blocks(built, seq_len=cfg.train.seq_len, dtype=dtype, device=device,
                             micro_batch_sizes=mbs_list, progress=progress)
     progress("copy bandwidths")
-    bw = measure_copy_gbps(device)
-    nvme_cfg = next((n.nvme for n in cfg.cluster.nodes if n.nvme and n.nvme.path), None) if not cfg.cluster.auto else None
+    bw = measure_copy_gbps(device, copy_bytes)
+    nvme_cfg = next((n.nvme for n in cfg.cluster.nodes if n.nvme and n.nvme.path), None)
     if nvme_cfg is not None:
         progress(f"NVMe bandwidth at {nvme_cfg.path}")
-        bw.update(measure_disk_gbps(nvme_cfg.path))
+        bw.update(measure_disk_gbps(nvme_cfg.path, disk_bytes, min(disk_bytes, 64 * 2**20)))
     progress("CPU AdamW throughput")
-    bw["cpu_adam_params_per_s"] = measure_cpu_adam_params_per_s()
+    bw["cpu_adam_params_per_s"] = measure_cpu_adam_params_per_s(adam_elems)
     progress("runtime overhead per block call and parameter tensor")
     overheads = measure_runtime_overhead(device, {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype])
     return Profile(
