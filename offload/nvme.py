@@ -18,6 +18,8 @@ Contract
   rewrite of a key after an in-place update replaces it atomically). ``flush()`` waits for all.
 - Source tensors must be CPU, contiguous, and left unchanged until the write's future is done;
   nothing is copied at submit time, so no untracked host memory appears behind the ledger.
+  Tensors from ``aligned_empty`` (or pinned) move under O_DIRECT with no bounce copy at all
+  (memtrain.offload.nvme_format, [Note: zero-copy payload]).
 - ``.ledger`` (tier ``nvme``) holds the bytes on disk by key: header plus payload rounded up to
   4 KiB. A write reserves its upper bound before it is queued, so ``BudgetExceeded`` is raised
   in the caller, before any byte hits the disk; a rewrite holds both copies until the rename.
@@ -70,9 +72,11 @@ from memtrain.offload.nvme_format import (
     _read_frames,
     _Staging,
     _write_frames,
+    aligned_empty,
+    is_aligned,
 )
 
-__all__ = ["NvmeError", "NvmeEntry", "NvmeStore", "ALIGN_BYTES", "HEADER_BYTES"]
+__all__ = ["NvmeError", "NvmeEntry", "NvmeStore", "ALIGN_BYTES", "HEADER_BYTES", "aligned_empty", "is_aligned"]
 
 _SUFFIX = ".mt"
 _LOCK_NAME = ".memtrain-nvme.lock"
@@ -417,7 +421,7 @@ class NvmeStore:
             if self.compress:
                 _write_frames(writer, src_mv, self.block_bytes, cctx)
             else:
-                writer.append(src_mv)
+                writer.append(src_mv, aligned=is_aligned(tensor))
             stored, crc = writer.finish()
             staging.mv[:HEADER_BYTES] = _pack_header(
                 dtype=tensor.dtype, numel=tensor.numel(), nbytes=len(src_mv), stored_bytes=stored,
@@ -479,7 +483,7 @@ class NvmeStore:
             if entry.compressed:
                 _read_frames(reader, dst, dctx, path)
             else:
-                reader.readinto(dst)
+                reader.readinto(dst, aligned=is_aligned(out))
             if reader.crc != payload_crc or reader.left or reader.pos != reader.end:
                 raise NvmeError(f"{path}: checksum mismatch (file corrupt); delete it and write key {key!r} again")
             if not self.direct:

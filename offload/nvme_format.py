@@ -10,8 +10,17 @@ compressed with zstandard (stored raw when compression does not shrink it).
 
 [Note: alignment] With O_DIRECT every buffer, file offset and length must be a multiple of the
 sector size: ``ALIGN_BYTES`` (4 KiB) covers 512 B and 4 KiB sector disks. The header is one such
-block, payload I/O goes through a page-aligned bounce buffer (``_Staging``), and the last block
-is zero-padded on write; the header's payload length says where the data ends.
+block, and payload I/O goes through a page-aligned bounce buffer (``_Staging``), except where the
+caller's tensor is itself aligned (``aligned_empty``): then its whole 4 KiB blocks move straight
+between the disk and the tensor, and only the last partial block is bounced (see [Note: zero-copy
+payload]). The last block is zero-padded on write; the header's payload length says where the
+data ends.
+
+[Note: zero-copy payload] Copying a 28 MiB chunk through the bounce buffer costs as much CPU as
+the disk transfer itself on a busy host (memcpy measured at ~2.4 GB/s on 2 shared cores, the
+O_DIRECT read at ~2.8 GB/s), and on a CPU-only machine that CPU is taken from the compute the I/O
+should overlap. So an aligned tensor is read into and written from directly; the checksum is
+still computed over the same bytes, in the I/O thread.
 
 [Note: checksum] CRC-32 (the zlib polynomial) over the stored payload: ``zlib.crc32`` runs at
 ~6 GiB/s on one core here and releases the GIL, against ~1.2 GiB/s for blake2b; when the
@@ -32,7 +41,7 @@ from pathlib import Path
 import torch
 import zstandard
 
-__all__ = ["ALIGN_BYTES", "HEADER_BYTES", "NvmeEntry", "NvmeError"]
+__all__ = ["ALIGN_BYTES", "HEADER_BYTES", "NvmeEntry", "NvmeError", "aligned_empty", "is_aligned"]
 
 ALIGN_BYTES = 4096
 """O_DIRECT alignment of buffers, offsets and lengths (covers 512 B and 4 KiB sector disks)."""
@@ -89,6 +98,28 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(-1).view(torch.uint8)
 
 
+def is_aligned(t: torch.Tensor) -> bool:
+    """Whether ``t``'s first byte sits on an ``ALIGN_BYTES`` boundary (O_DIRECT can use it as is)."""
+    return t.device.type == "cpu" and t.data_ptr() % ALIGN_BYTES == 0
+
+
+def aligned_empty(numel: int, dtype: torch.dtype, *, pin_memory: bool = False) -> torch.Tensor:
+    """An uninitialised contiguous CPU tensor whose data starts on an ``ALIGN_BYTES`` boundary.
+
+    torch's CPU allocator aligns to 64 bytes only; this over-allocates one block and starts the
+    tensor at the first aligned byte, so ``NvmeStore`` can move it without a bounce copy
+    ([Note: zero-copy payload]). Pinned memory (CUDA's host allocator) is page-aligned already.
+    """
+    nbytes = numel * dtype.itemsize
+    if pin_memory:
+        return torch.empty(numel, dtype=dtype, pin_memory=True)
+    raw = torch.empty(nbytes + ALIGN_BYTES, dtype=torch.uint8)
+    skip = -raw.data_ptr() % ALIGN_BYTES
+    out = raw[skip:skip + nbytes].view(dtype)
+    assert out.data_ptr() % ALIGN_BYTES == 0 and out.numel() == numel
+    return out
+
+
 class _Staging:
     """A page-aligned bounce buffer owned by one worker thread (O_DIRECT needs alignment)."""
 
@@ -111,9 +142,16 @@ class _BlockWriter:
         self.crc = 0
         self.total = 0
 
-    def append(self, data: memoryview) -> None:
+    def append(self, data: memoryview, *, aligned: bool = False) -> None:
+        """Add ``data``; ``aligned`` says its first byte is on an ``ALIGN_BYTES`` boundary."""
         self.crc = _crc32(data, self.crc)
         self.total += len(data)
+        if self.direct and aligned and self.fill == 0 and len(data) >= ALIGN_BYTES:
+            # [Note: zero-copy payload] whole blocks straight from the caller's aligned memory.
+            n = len(data) - len(data) % ALIGN_BYTES
+            self.pwrite(self.fd, data[:n], self.offset)
+            self.offset += n
+            data = data[n:]
         if not self.direct and self.fill == 0 and len(data) >= self.block:
             # Buffered I/O needs no alignment: write straight from the caller's memory.
             self.pwrite(self.fd, data, self.offset)
@@ -163,8 +201,22 @@ class _BlockReader:
         self.pos, self.end = 0, min(got, self.left)
         self.left -= self.end
 
-    def readinto(self, dst: memoryview) -> None:
+    def readinto(self, dst: memoryview, *, aligned: bool = False) -> None:
+        """Fill ``dst``; ``aligned`` says its first byte is on an ``ALIGN_BYTES`` boundary."""
         while len(dst):
+            if self.pos == self.end and self.direct and aligned and min(len(dst), self.left) >= ALIGN_BYTES:
+                # [Note: zero-copy payload] whole blocks straight into the caller's aligned memory.
+                want = min(len(dst), self.left)
+                want -= want % ALIGN_BYTES
+                got = os.preadv(self.fd, [dst[:want]], self.file_offset)
+                if got <= 0:
+                    raise NvmeError(f"{self.path}: file is truncated ({self.left} payload bytes missing); delete it and write the key again")
+                self.crc = _crc32(dst[:got], self.crc)
+                self.file_offset += got
+                self.left -= got
+                dst = dst[got:]
+                aligned = got % ALIGN_BYTES == 0
+                continue
             if self.pos == self.end and not self.direct and len(dst) >= len(self.staging.mv):
                 got = os.preadv(self.fd, [dst[: min(len(dst), self.left)]], self.file_offset)
                 if got <= 0:

@@ -328,3 +328,77 @@ def test_checksum_is_the_zlib_crc32_whichever_implementation_runs():
     data = bytes(range(256)) * 4099
     assert nvme_mod._crc32(data) == zlib.crc32(data)
     assert nvme_mod._crc32(data[1000:], nvme_mod._crc32(data[:1000])) == zlib.crc32(data)
+
+
+# --- zero-copy payload (nvme_format [Note: zero-copy payload]) -------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8, torch.int64])
+@pytest.mark.parametrize("numel", [0, 1, 1023, 4096, 100_003])
+def test_aligned_empty_is_aligned_contiguous_and_sized(dtype, numel):
+    t = nvme_mod.aligned_empty(numel, dtype)
+    assert t.dtype == dtype and t.numel() == numel and t.is_contiguous() and t.device.type == "cpu"
+    assert nvme_mod.is_aligned(t) and t.data_ptr() % ALIGN_BYTES == 0
+    t.fill_(1)  # the whole extent is writable memory of the tensor's own storage
+    assert bool((t == 1).all())
+
+
+def _record_io(monkeypatch) -> dict[str, list[int]]:
+    """Lengths of every payload preadv/pwrite the store issues."""
+    from memtrain.offload import nvme_format
+
+    seen: dict[str, list[int]] = {"read": [], "write": []}
+    real_preadv, real_pwrite = nvme_format.os.preadv, nvme_mod._pwrite_all
+
+    def preadv(fd, bufs, offset):
+        seen["read"].append(sum(len(b) for b in bufs))
+        return real_preadv(fd, bufs, offset)
+
+    def pwrite(fd, buf, offset):
+        seen["write"].append(len(buf))
+        real_pwrite(fd, buf, offset)
+
+    monkeypatch.setattr(nvme_format.os, "preadv", preadv)
+    monkeypatch.setattr(nvme_mod, "_pwrite_all", pwrite)
+    return seen
+
+
+@pytest.mark.parametrize("numel", [1, 1024, 1025, 3 * SMALL_BLOCK // 4 + 5, 100_003])
+def test_aligned_tensors_move_whole_blocks_without_the_bounce_buffer(store_factory, monkeypatch, numel):
+    store = store_factory(direct=True)
+    src = nvme_mod.aligned_empty(numel, torch.float32)
+    src.copy_(_tensor(torch.float32, numel))
+    nbytes = numel * 4
+    whole = nbytes - nbytes % ALIGN_BYTES
+    seen = _record_io(monkeypatch)
+    store.write_sync("k", src)
+    # Whole blocks in one write straight from ``src`` (not SMALL_BLOCK pieces through staging),
+    # then the padded tail block, then the header.
+    tail = [ALIGN_BYTES] if nbytes % ALIGN_BYTES else []
+    assert seen["write"] == ([whole] if whole else []) + tail + [HEADER_BYTES]
+    out = nvme_mod.aligned_empty(numel, torch.float32).fill_(7)
+    store.read_sync("k", out)
+    assert seen["read"] == [HEADER_BYTES] + ([whole] if whole else []) + tail
+    assert torch.equal(_bits(out), _bits(src))
+    # The same bytes on disk as a write from unaligned memory, and readable into it.
+    plain = torch.empty(numel + 1)[1:]
+    plain.copy_(src)
+    assert not nvme_mod.is_aligned(plain)
+    store.write_sync("u", plain)
+    with open(store.file_path("k"), "rb") as a, open(store.file_path("u"), "rb") as b:
+        assert a.read() == b.read()
+    back = torch.empty(numel + 1)[1:]
+    assert torch.equal(store.read_sync("k", back), src)
+
+
+def test_corruption_is_detected_on_the_zero_copy_read(store_factory):
+    store = store_factory(direct=True)
+    src = nvme_mod.aligned_empty(50_000, torch.float32).copy_(_tensor(torch.float32, 50_000))
+    store.write_sync("k", src)
+    with open(store.file_path("k"), "r+b") as f:
+        f.seek(HEADER_BYTES + 8192 + 5)  # inside the whole blocks read straight into ``out``
+        b = f.read(1)
+        f.seek(HEADER_BYTES + 8192 + 5)
+        f.write(bytes([b[0] ^ 0x01]))
+    with pytest.raises(NvmeError, match="checksum mismatch"):
+        store.read_sync("k", nvme_mod.aligned_empty(50_000, torch.float32))
