@@ -164,3 +164,46 @@ def test_plan_mistakes_are_value_errors():
     with pytest.raises(ValueError, match="blocks"):
         named_blocks(torch.nn.Linear(2, 2), None)
     assert all(torch.isfinite(p).all() for p in model.parameters())  # a refused plan moved nothing
+
+
+def test_cpu_only_nvme_fetch_reads_into_the_buffer_with_the_ruled_staging_window(tmp_path, monkeypatch):
+    """[Note: CPU-only fetch]: no staging tensor and no copy, yet the host ledger holds
+    ``staging:<i>`` from the fetch's start to the block's use, as docs/memory-accounting.md says."""
+    from memtrain.offload.nvme import is_aligned
+
+    nvme = NvmeStore(tmp_path / "nvme", budget_bytes=None).start()
+    try:
+        store = _store(Tier.NVME, chunk_elems=9_000, depth=3, nvme=nvme)
+        torch.manual_seed(0)
+        plain = GPT(gpt_config("tiny"))
+        copies = []
+        monkeypatch.setattr(store, "_copy", lambda dst, src: copies.append(dst))
+        staged_at_use = []
+
+        def at_use(pos):
+            def hook(module, args, output):
+                owners = store.host_ledger.by_owner()
+                staged = {int(o.split(":")[1]): b for o, b in owners.items() if o.startswith("staging:")}
+                for ci, b in staged.items():  # N·c, the rule's staging bytes
+                    assert b == store.chunks[ci].num_elems * 4
+                staged_at_use.append(set(staged))
+                for ci in store.uses[pos]:
+                    assert is_aligned(store.chunks[ci].buf)  # O_DIRECT reads straight into it
+            return hook
+
+        for pos, (_, block) in enumerate(store.blocks):
+            block.register_forward_hook(at_use(pos), prepend=True)
+        x = torch.randint(0, 256, (2, 8))
+        with torch.no_grad():
+            got = store.model(x)
+            want = plain(x)
+        assert torch.equal(got, want)  # bitwise: the same parameters, read back from disk
+        assert copies == []
+        # While a block runs, only chunks fetched ahead of it (in flight) hold staging.
+        for pos, staged in enumerate(staged_at_use):
+            assert not staged & set(store.uses[pos])
+        assert any(staged_at_use), "depth 3 prefetches ahead, so some staging is in flight"
+        assert not any(o.startswith("staging") for o in store.host_ledger.by_owner())
+        store.close()
+    finally:
+        nvme.close()
