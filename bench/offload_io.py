@@ -35,12 +35,13 @@ from dataclasses import dataclass
 
 import torch
 
-from memtrain.offload.nvme import NvmeStore
+from memtrain.offload.nvme import NvmeStore, aligned_empty
 from memtrain.planner.units import format_bytes, parse_bytes
 
 __all__ = [
     "IoResult", "measure_raw", "measure_store", "median_result", "print_table",
-    "IoOp", "TrainingResult", "record_step_traffic", "TrafficReplay", "measure_training", "print_training", "main",
+    "IoOp", "TrainingResult", "record_step_traffic", "TrafficReplay", "overlap_prefetch_depth", "measure_training",
+    "print_training", "main",
 ]
 
 
@@ -108,10 +109,12 @@ def measure_store(
     numel = chunk_bytes // 4
     # Distinct random data per chunk: compression and dedup in the stack cannot flatter the figure.
     gen = torch.Generator().manual_seed(0)
-    chunks = [torch.randn(numel, generator=gen) for _ in range(num_chunks)]
+    # Page-aligned, as the chunk store allocates its staging and CPU buffers, so O_DIRECT moves
+    # them with no bounce copy (offload/nvme_format.py, [Note: zero-copy payload]).
+    chunks = [aligned_empty(numel, torch.float32).copy_(torch.randn(numel, generator=gen)) for _ in range(num_chunks)]
     # Zeroed, so their pages exist: tier buffers are resident in use, and the raw read reuses
     # one resident buffer too (first-touch page faults would otherwise dominate the read time).
-    outs = [torch.zeros(numel) for _ in range(num_chunks)]
+    outs = [aligned_empty(numel, torch.float32).zero_() for _ in range(num_chunks)]
     sub = tempfile.mkdtemp(prefix="memtrain-bench-", dir=path)
     store = NvmeStore(os.path.join(sub, "store"), budget_bytes=None, num_threads=num_threads,
                       compress=compress, direct=direct).start()
@@ -215,6 +218,8 @@ class TrainingResult:
     """NVMe operations per step."""
     direct: bool
     """Whether the store used O_DIRECT."""
+    prefetch_depth: int
+    """Param buffers the plan allows (``MemoryPolicy.prefetch_depth``)."""
     max_loss_diff: float
     """Max |Δloss| between the NVMe run and the all-device run (the default fused host AdamW
     kernel differs from the device kernel by about one ulp per step; offload/optim.py)."""
@@ -273,8 +278,8 @@ class TrafficReplay:
         self.store = NvmeStore(os.path.join(self._sub, "store"), budget_bytes=None, num_threads=self.num_threads).start()
         gen = torch.Generator().manual_seed(0)
         for op in self.ops:  # one buffer per key, as the engine stages one chunk part at a time
-            if op.key not in self._bufs:
-                self._bufs[op.key] = torch.randn(op.numel, generator=gen).to(op.dtype)
+            if op.key not in self._bufs:  # page-aligned, like the engine's buffers (zero-copy I/O)
+                self._bufs[op.key] = aligned_empty(op.numel, op.dtype).copy_(torch.randn(op.numel, generator=gen))
         wait([self.store.write(k, b) for k, b in self._bufs.items()])
         self.store.flush()
         return self
@@ -296,6 +301,18 @@ class TrafficReplay:
             shutil.rmtree(self._sub, ignore_errors=True)
 
 
+def overlap_prefetch_depth(uses: list[tuple[int, ...]]) -> int:
+    """The smallest ``prefetch_depth`` that lets a chunk be fetched ahead of every block.
+
+    ``uses[b]`` are the off-device chunks block ``b`` uses. A block keeps its own chunks in
+    buffers while it runs (docs/memory-accounting.md, "Fetch and prefetch"), so with
+    ``prefetch_depth`` equal to the most one block uses, a block using that many leaves no buffer
+    for the next block's chunk and every fetch waits for the disk in full. The planner's search
+    tries this depth as well (``planner.search``: the minimum, +1, +2).
+    """
+    return max(len(u) for u in uses) + 1
+
+
 def _timed_step(engine, batch) -> tuple[float, float, float]:
     """(loss, wall seconds, CPU seconds of this process's threads) of one step."""
     t0, c0 = time.perf_counter(), time.process_time()
@@ -305,9 +322,11 @@ def _timed_step(engine, batch) -> tuple[float, float, float]:
 
 def measure_training(
     path: str, *, preset: str, seq_len: int, micro_batch_size: int, num_micro: int, num_steps: int,
-    chunk_elems: int, prefetch_depth: int, num_threads: int = 4,
+    chunk_elems: int, prefetch_depth: int | None, num_threads: int = 4,
 ) -> TrainingResult:
-    """Step time of the all-NVMe plan, compute alone and I/O alone; see the module doc."""
+    """Step time of the all-NVMe plan, compute alone and I/O alone; see the module doc.
+
+    ``prefetch_depth`` None: ``overlap_prefetch_depth`` of the model's chunks."""
     from memtrain.models.gpt import GPT, gpt_config
     from memtrain.offload.chunks import make_chunk_plans, named_blocks, param_order
     from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier
@@ -319,6 +338,16 @@ def measure_training(
     for _ in range(num_steps + 1):  # +1: the untimed warm-up step
         ids = torch.randint(0, cfg.vocab_size, (num_micro * micro_batch_size, seq_len + 1), generator=gen)
         batches.append((ids[:, :-1], ids[:, 1:]))
+
+    if prefetch_depth is None:
+        with torch.device("meta"):  # only the layout is needed: no memory, no init time
+            model = GPT(cfg)
+        blocks = named_blocks(model, None)
+        chunk_of = {n: c.index for c in make_chunk_plans(param_order(model, blocks), chunk_elems, Tier.NVME)
+                    for n in c.param_names}
+        names = {id(p): n for n, p in model.named_parameters()}
+        prefetch_depth = overlap_prefetch_depth(
+            [tuple({chunk_of[names[id(p)]] for p in block.parameters()}) for _, block in blocks])
 
     def run(home: Tier, nvme_dir: str | None):
         torch.manual_seed(0)
@@ -371,6 +400,7 @@ def measure_training(
         num_cpus=torch.get_num_threads(),
         read_bytes=sum(o.num_bytes for o in ops if o.kind == "read"),
         write_bytes=sum(o.num_bytes for o in ops if o.kind == "write"), num_ops=len(ops), direct=direct,
+        prefetch_depth=prefetch_depth,
         max_loss_diff=max(abs(a - b) for a, b in zip(losses, ref_losses)),
     )
 
@@ -378,7 +408,7 @@ def measure_training(
 def print_training(r: TrainingResult) -> None:
     mode = "O_DIRECT" if r.direct else "buffered"
     print(f"\ntraining step with every chunk NVMe-home: {r.label} ({r.num_params / 1e6:.1f}M params), "
-          f"AdamW fp32, median of {r.num_steps} steps after a warm-up")
+          f"AdamW fp32, prefetch depth {r.prefetch_depth}, median of {r.num_steps} steps after a warm-up")
     print(f"  per-step NVMe traffic: {format_bytes(r.read_bytes)} read + {format_bytes(r.write_bytes)} written "
           f"in {r.num_ops} ops ({mode})")
     print(f"  {'step, all chunks on NVMe':40s} {r.step_s:8.2f} s")
@@ -408,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
     ap.add_argument("--train-num-micro", type=int, default=2, help="micro-batches per step (default 2)")
     ap.add_argument("--train-chunk-elems", type=int, default=8 * 2**20, help="chunk size in elements (default 8Mi)")
-    ap.add_argument("--train-prefetch", type=int, default=2, help="prefetch depth (default 2)")
+    ap.add_argument("--train-prefetch", default="auto",
+                    help="prefetch depths to measure, comma-separated, or 'auto': the smallest that leaves a "
+                         "buffer for fetching ahead (the most chunks one block uses + 1; default)")
     args = ap.parse_args(argv)
     try:
         size_bytes = parse_bytes(args.size, field="--size")
@@ -420,8 +452,16 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isdir(args.path):
             raise ValueError(f"--path: {args.path} is not a directory")
         if min(args.train_steps, args.train_seq_len, args.train_micro_batch, args.train_num_micro,
-               args.train_chunk_elems, args.train_prefetch) < 1:
+               args.train_chunk_elems) < 1:
             raise ValueError("--train-*: counts and sizes must be >= 1")
+        depths: list[int | None] = [None]
+        if args.train_prefetch != "auto":
+            try:
+                depths = [int(d) for d in args.train_prefetch.split(",")]
+            except ValueError:
+                depths = [0]
+            if min(depths) < 1:
+                raise ValueError(f"--train-prefetch: 'auto' or depths >= 1 such as 2,3; got {args.train_prefetch!r}")
         if args.train != "none":
             from memtrain.models.gpt import gpt_config
 
@@ -443,11 +483,11 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(row)
     medians = [median_result([run[i] for run in runs]) for i in range(len(runs[0]))]
     print_table(medians[0], medians[1:], chunk_bytes=chunk_bytes, repeat=args.repeat)
-    if args.train != "none":
+    for depth in depths if args.train != "none" else []:
         result = measure_training(
             args.path, preset=args.train, seq_len=args.train_seq_len, micro_batch_size=args.train_micro_batch,
             num_micro=args.train_num_micro, num_steps=args.train_steps, chunk_elems=args.train_chunk_elems,
-            prefetch_depth=args.train_prefetch, num_threads=args.threads)
+            prefetch_depth=depth, num_threads=args.threads)
         print_training(result)
     return 0
 
