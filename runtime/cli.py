@@ -99,6 +99,10 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         if key in bw:
             print(f"  {key:>14}: {bw[key]:8.2f} GB/s")
     print(f"  {'CPU AdamW':>14}: {bw['cpu_adam_params_per_s'] / 1e6:8.0f} M params/s")
+    if prof.overheads:
+        print("  memtrain's own cost per call, measured against plain PyTorch:")
+        for key, seconds in sorted(prof.overheads.items()):
+            print(f"  {key:>14}: {seconds * 1e6:8.1f} µs")
     print(f"  {len(prof.blocks)} block timings; wrote {out} (used by 'memtrain plan' and 'run' for this model on this machine)")
     return 0
 
