@@ -1,9 +1,8 @@
 """One discrete-event simulator with two users: the planner's cost and the user's dry run.
 
-docs/DESIGN.md rule 4. ``TaskGraph`` + ``simulate_graph`` are a generic engine: tasks run on
-streams (``compute``, ``h2d``, ``d2h``, ``disk``, ``cpu``), in order per stream like CUDA
-streams, after their dependencies, for a fixed duration, and allocate/free bytes per tier and
-owner. ``simulate_step`` builds the task graph of one training step on one device from a
+docs/DESIGN.md rule 4. The generic engine (``TaskGraph``, ``simulate_graph``: tasks on streams,
+in order per stream, after their dependencies, allocating and freeing bytes per tier and
+owner) lives in memtrain.planner.taskgraph and is re-exported here. ``simulate_step`` builds the task graph of one training step on one device from a
 ``MemoryPolicy``, counting memory exactly as docs/memory-accounting.md says (the runtime's
 ledger counts the same owners with the same rules).
 """
@@ -17,13 +16,13 @@ from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
 from memtrain.planner import cost
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, TimelineEvent, Tier, TrainShape
 from memtrain.planner.stats import ModelStats
+from memtrain.planner.taskgraph import STREAMS, GraphResult, TaskGraph, simulate_graph
 
 __all__ = [
     "STREAMS", "TaskGraph", "GraphResult", "simulate_graph", "SimResult", "simulate_step", "stream_work_s",
     "SWAP_IN_BLOCKS_AHEAD", "SWAP_IN_LOOKAHEAD", "cpu_stream", "copy_streams",
 ]
 
-STREAMS = ("compute", "h2d", "d2h", "disk", "cpu")
 
 SWAP_IN_BLOCKS_AHEAD = 1
 """[Note: swap-in lookahead] When block j's backward is about to start, the swapped activations
@@ -34,8 +33,6 @@ swap-ins at the same boundaries (docs/memory-accounting.md, "Activations")."""
 SWAP_IN_LOOKAHEAD = SWAP_IN_BLOCKS_AHEAD + 1
 """Swapped blocks whose activations may be on the device at once besides the running block's
 (the search's footprint estimate): the one in backward and those brought back ahead."""
-
-_END_ALLOC, _END_FREE, _START_ALLOC = 0, 1, 2  # order of memory events at the same instant
 
 
 def copy_streams(device: DeviceSpec) -> tuple[str, str]:
@@ -53,139 +50,6 @@ def cpu_stream(device: DeviceSpec) -> str:
     compute on the ``compute`` stream instead of overlapping it on its own ``cpu`` stream.
     """
     return "compute" if device.kind == "cpu" else "cpu"
-
-
-class TaskGraph:
-    """Tasks in program order. A task may depend only on tasks added before it."""
-
-    __slots__ = ("names", "streams", "durations", "deps", "mem", "tags", "last_on")
-
-    def __init__(self) -> None:
-        self.names: list[str] = []
-        self.streams: list[str] = []
-        self.durations: list[float] = []
-        self.deps: list[tuple[int, ...]] = []
-        self.mem: list[tuple[tuple[int, str, str, int], ...]] = []
-        self.tags: list[int] = []
-        self.last_on: dict[str, int] = {}
-        """Per stream, the last task added to it."""
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def add(
-        self,
-        name: str,
-        stream: str,
-        duration_s: float,
-        *,
-        deps: tuple[int, ...] | list[int] = (),
-        alloc_start: tuple | list = (),
-        alloc_end: tuple | list = (),
-        free_end: tuple | list = (),
-        tag: int = -1,
-    ) -> int:
-        """Add a task; memory items are ``(tier, owner, bytes)``. Returns the task's id.
-
-        ``alloc_start`` bytes are taken when the task starts, ``alloc_end`` and ``free_end``
-        when it ends (an owner allocated by one task is usually freed by another).
-        """
-        tid = len(self.names)
-        assert stream in STREAMS, stream
-        assert not deps or (min(deps) >= 0 and max(deps) < tid), (name, deps)
-        self.names.append(name)
-        self.streams.append(stream)
-        self.durations.append(duration_s)
-        self.deps.append(tuple(deps))
-        mem: tuple = ()
-        if alloc_start or alloc_end or free_end:
-            mem = (tuple((_START_ALLOC, t, o, b) for t, o, b in alloc_start if b)
-                   + tuple((_END_ALLOC, t, o, b) for t, o, b in alloc_end if b)
-                   + tuple((_END_FREE, t, o, b) for t, o, b in free_end if b))
-        self.mem.append(mem)
-        self.tags.append(tag)
-        self.last_on[stream] = tid
-        return tid
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class GraphResult:
-    """What ``simulate_graph`` found: task times and per-tier memory peaks."""
-
-    end_s: float
-    """When the last task ends."""
-    start_s: tuple[float, ...]
-    """Per task id."""
-    finish_s: tuple[float, ...]
-    """Per task id."""
-    peak_bytes: dict[str, int]
-    """Per tier, the most bytes held at once."""
-    peak_owners: dict[str, dict[str, int]]
-    """Per tier, bytes by owner at that tier's (first) peak."""
-
-    def breakdown(self) -> dict[str, dict[str, int]]:
-        """Per tier, bytes at the peak summed by owner kind (``chunk``, ``buffer``, ``act``,
-        ``staging``), as ``Ledger.peak_breakdown(group=True)`` reports them."""
-        out: dict[str, dict[str, int]] = {}
-        for tier, owners in self.peak_owners.items():
-            grouped: dict[str, int] = defaultdict(int)
-            for owner, b in owners.items():
-                grouped[owner.split(":", 1)[0]] += b
-            out[tier] = dict(grouped)
-        return out
-
-
-def simulate_graph(graph: TaskGraph) -> GraphResult:
-    """Run the graph: each task starts when its stream is free and its dependencies are done."""
-    n = len(graph)
-    start = [0.0] * n
-    finish = [0.0] * n
-    stream_free: dict[str, float] = dict.fromkeys(STREAMS, 0.0)
-    events: list[tuple[float, int, int, int, str, str, int]] = []
-    streams, durations, deps, mem = graph.streams, graph.durations, graph.deps, graph.mem
-    for tid in range(n):
-        t0 = stream_free[streams[tid]]
-        for d in deps[tid]:
-            if finish[d] > t0:
-                t0 = finish[d]
-        t1 = t0 + durations[tid]
-        start[tid], finish[tid] = t0, t1
-        stream_free[streams[tid]] = t1
-        for kind, tier, owner, b in mem[tid]:
-            signed = -b if kind == _END_FREE else b
-            if kind == _START_ALLOC:
-                events.append((t0, _START_ALLOC, tid, 0, tier, owner, signed))
-            elif t1 > t0:
-                events.append((t1, kind, tid, 0, tier, owner, signed))
-            else:  # a zero-length task ends right after its own start, before later tasks start
-                events.append((t1, _START_ALLOC, tid, 1 + kind, tier, owner, signed))
-    # At one instant: ends of running tasks (their allocations, then frees), then starts in
-    # program order; so a task waiting for bytes to be freed never counts them twice.
-    events.sort(key=lambda e: e[:4])
-
-    in_use: dict[str, int] = defaultdict(int)
-    peak: dict[str, int] = defaultdict(int)
-    peak_at: dict[str, int] = {}
-    for pos, (_, _, _, _, tier, _, b) in enumerate(events):
-        in_use[tier] += b
-        assert in_use[tier] >= 0, f"{tier}: more freed than allocated at event {pos}"
-        if in_use[tier] > peak[tier]:
-            peak[tier] = in_use[tier]
-            peak_at[tier] = pos
-    peak_owners: dict[str, dict[str, int]] = {}
-    for tier, at in peak_at.items():
-        owners: dict[str, int] = defaultdict(int)
-        for _, _, _, _, t, owner, b in events[: at + 1]:
-            if t == tier:
-                owners[owner] += b
-        peak_owners[tier] = {o: b for o, b in owners.items() if b}
-    return GraphResult(
-        end_s=max(finish, default=0.0),
-        start_s=tuple(start),
-        finish_s=tuple(finish),
-        peak_bytes=dict(peak),
-        peak_owners=peak_owners,
-    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
