@@ -35,11 +35,19 @@ times (q, k and v are views of one projection) is counted and moved once; each s
 rebuilt with ``as_strided`` over the restored storage (same dtype, size, stride and offset).
 
 [Note: when backward starts] A hook on the block's output tensors fires when the gradient of
-the output is complete, i.e. just before the block's own backward nodes run. It brings the
-block's record back if it is not already, and starts bringing back the records of the
-``prefetch_depth`` blocks before it (same micro-batch), so their copies overlap this block's
-backward. An unpack that finds its record still away brings it back on the spot (a stall, never
-a wrong value).
+the output is complete, i.e. just before the block's own backward nodes run. At the first such
+hook of a micro-batch the NVMe writes still in flight are waited for; then the block's record is
+claimed (brought back and waited for if it is not already) and the records of the
+``prefetch_depth`` blocks before it (same micro-batch) start coming back, so their reads and
+copies overlap this block's backward. An unpack that finds its record still away brings it
+back on the spot (a stall, never a wrong value).
+
+[Note: bounded NVMe writes] A swap_nvme block's host staging is held from its copy-out until
+its write is waited for, and the writes are waited for in program order: at the end of block
+``i``'s forward, before its own copy-out, every write of a block ``<= i - writes_in_flight``
+(``planner.simulate.MAX_NVME_SWAP_WRITES_IN_FLIGHT``); the rest at the backward's start. So at
+most ``writes_in_flight`` blocks' staging exist at once whatever the disk's speed; a disk slower
+than the forward stalls the forward rather than piling up host buffers.
 
 The per-record copies, the dedupe by storage and the rebuilding of saved views live in
 memtrain.offload.swap ([Note: swap buffers and the ledger] there).
@@ -65,6 +73,7 @@ from memtrain.offload.ledger import Ledger
 from memtrain.offload.nvme import NvmeStore
 from memtrain.offload.swap import _Kept, _Packed, _Record, _State, act_owner
 from memtrain.planner.plan import ActPolicy
+from memtrain.planner.simulate import MAX_NVME_SWAP_WRITES_IN_FLIGHT
 
 __all__ = ["ActivationManager", "BlockActivations", "ParamResolver", "act_owner"]
 
@@ -115,6 +124,7 @@ class ActivationManager:
         nvme: NvmeStore | None = None,
         param_resolver: ParamResolver | None = None,
         prefetch_depth: int = 1,
+        writes_in_flight: int = MAX_NVME_SWAP_WRITES_IN_FLIGHT,
     ) -> None:
         self.policies: dict[str, ActPolicy] = {}
         for name, p in policies.items():
@@ -131,6 +141,10 @@ class ActivationManager:
             )
         if isinstance(prefetch_depth, bool) or not isinstance(prefetch_depth, int) or prefetch_depth < 0:
             raise ValueError(f"prefetch_depth: must be an int >= 0 (blocks brought back ahead), got {prefetch_depth!r}")
+        if isinstance(writes_in_flight, bool) or not isinstance(writes_in_flight, int) or writes_in_flight < 1:
+            raise ValueError(
+                f"writes_in_flight: must be an int >= 1 (swap_nvme blocks staged at once), got {writes_in_flight!r}"
+            )
         if param_resolver is not None and not isinstance(param_resolver, ParamResolver):
             raise ValueError("param_resolver: must have pack(tensor) and unpack(token) methods (see ParamResolver)")
         self.device_ledger = device_ledger
@@ -138,6 +152,7 @@ class ActivationManager:
         self.nvme = nvme
         self.param_resolver = param_resolver
         self.prefetch_depth = prefetch_depth
+        self.writes_in_flight = writes_in_flight
         self.microbatch = 0
         self._blocks: list[tuple[str, nn.Module]] = []
         self._stats: dict[str, BlockActivations] = {}
@@ -145,6 +160,8 @@ class ActivationManager:
         """Records with saved activations alive, by (block index, micro-batch)."""
         self._inbound: set[_Record] = set()
         """Records on their way back (NVMe read or host -> device copy in flight)."""
+        self._staged: list[_Record] = []
+        """swap_nvme records whose write has not been waited for, in the order they were staged."""
         # Reentrant: a saved tensor's release (a __del__) may run inside a garbage collection
         # triggered while this thread already holds the lock.
         self._lock = threading.RLock()
@@ -195,9 +212,9 @@ class ActivationManager:
 
     def synchronize(self) -> None:
         """Wait for every copy-out and NVMe write in flight (swapped records come to rest)."""
+        self._wait_writes(lambda r: True)
         for rec in self._live_records():
             rec.finish_copy_out(wait=True)
-            rec.finish_write(wait=True)
 
     # --- forward -------------------------------------------------------------------------
 
@@ -296,6 +313,8 @@ class ActivationManager:
                     "activation policy to keep (or avoid the in-place op)"
                 )
         rec.versions.clear()
+        # [Note: bounded NVMe writes] before this block stages anything
+        self._wait_writes(lambda r: r.mb != rec.mb or r.index <= rec.index - self.writes_in_flight)
         with rec.lock:
             if rec.num_live == 0:  # nothing was saved (or it was already released)
                 rec.state = _State.FREED
@@ -306,6 +325,9 @@ class ActivationManager:
             if rec.policy in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME):
                 stats.swapped_data_ptrs = frozenset(s.data_ptr for s in rec.storages.values())
                 rec.start_copy_out()
+                if rec.policy is ActPolicy.SWAP_NVME:
+                    with self._lock:
+                        self._staged.append(rec)
 
     # --- backward ------------------------------------------------------------------------
 
@@ -325,9 +347,11 @@ class ActivationManager:
                 t.register_hook(on_grad)
 
     def _on_backward_start(self, rec: _Record) -> None:
-        """Block ``rec``'s backward is about to run: bring it back, and the blocks before it."""
+        """Block ``rec``'s backward is about to run: claim it, and bring back the blocks before it."""
         self._poll()
+        self._wait_writes(lambda r: True)  # the writes left from the forward ([Note: bounded NVMe writes])
         rec.start_bring_back()
+        rec.advance_in(consumer=True)  # a swap_nvme record's staging and file go here, not when the disk says
         for j in range(rec.index - 1, rec.index - 1 - self.prefetch_depth, -1):
             if j < 0:
                 break
@@ -352,8 +376,15 @@ class ActivationManager:
         """Advance records whose copies or I/O finished (cheap; called at block boundaries)."""
         for rec in self._live_records():
             rec.finish_copy_out(wait=False)
-            rec.finish_write()
             rec.advance_in(consumer=False)
+
+    def _wait_writes(self, due) -> None:
+        """Wait, in staging order, for the NVMe writes of the staged records ``due(record)`` picks."""
+        with self._lock:
+            ready = [r for r in self._staged if due(r)]
+            self._staged = [r for r in self._staged if not due(r)]
+        for r in ready:
+            r.wait_write()
 
     # --- bookkeeping ---------------------------------------------------------------------
 
@@ -366,6 +397,8 @@ class ActivationManager:
             if self._records.get((rec.index, rec.mb)) is rec:
                 del self._records[(rec.index, rec.mb)]
             self._inbound.discard(rec)
+            if rec in self._staged:
+                self._staged.remove(rec)
 
     def _live_records(self) -> list[_Record]:
         with self._lock:

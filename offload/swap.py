@@ -27,7 +27,6 @@ last blocks of the forward) keeps using its device copy.
 from __future__ import annotations
 
 import threading
-import weakref
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -239,12 +238,19 @@ class _Record:
             self.nvme_key = self.mgr._nvme_key(self.owner)
             self.state = _State.WRITING
             self.io = self.mgr.nvme.write(self.nvme_key, self.host_buf)
-        self.io.add_done_callback(lambda fut, ref=weakref.ref(self): _after_write(ref, fut))
 
-    def finish_write(self, wait: bool = False) -> None:
-        """If the NVMe write is done: the host staging bytes go."""
+    def wait_write(self) -> None:
+        """Wait for the copy-out and the NVMe write; then the host staging goes.
+
+        [Note: bounded NVMe writes] Only the training thread ends a write's window, at the
+        points ``planner.simulate.MAX_NVME_SWAP_WRITES_IN_FLIGHT`` names (the activation
+        manager calls this there), never a completion callback: so the host staging held at any
+        moment is the same on a fast and a slow disk, and a slow disk stalls the forward instead
+        of piling up staging buffers.
+        """
         with self.lock:
-            if self.state is not _State.WRITING or (not wait and not self.io.done()):
+            self.finish_copy_out(wait=True)
+            if self.state is not _State.WRITING:
                 return
             self.io.result()  # an NvmeError surfaces here, in the training thread
             self.io = None
@@ -262,12 +268,17 @@ class _Record:
                 self.pending_in, self.copy = self.copy, None
                 self.state = _State.RESIDENT
                 return
-            self.finish_write(wait=True)
+            self.wait_write()
             if self.state is _State.ON_HOST:
                 self.start_copy_in()
             elif self.state is _State.ON_NVME:
-                self.take_host(self.saved_bytes())  # host staging: from the read start
+                # Host staging and the device buffer both from the read's start: the copy-in
+                # may then run whenever the read is seen done without taking memory at a moment
+                # the disk decides (docs/memory-accounting.md, "Activations").
+                self.take_host(self.saved_bytes())
+                self.take_device(self.saved_bytes())
                 self.host_buf = torch.empty(self.flat_bytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+                self.dev_buf = torch.empty(self.flat_bytes, dtype=torch.uint8, device=self.device)
                 self.io = self.mgr.nvme.read(self.nvme_key, self.host_buf)
                 self.state = _State.READING
             if self.state in (_State.READING, _State.COPY_IN):
@@ -275,36 +286,40 @@ class _Record:
                     self.mgr._inbound.add(self)
 
     def start_copy_in(self) -> None:
-        self.take_device(self.saved_bytes())  # device: from the start of the copy-in to the end of B
-        self.dev_buf = torch.empty(self.flat_bytes, dtype=torch.uint8, device=self.device)
+        if self.dev_buf is None:  # swap_host: device from the start of the copy-in to the end of B
+            self.take_device(self.saved_bytes())
+            self.dev_buf = torch.empty(self.flat_bytes, dtype=torch.uint8, device=self.device)
         self.copy = copy_async(self.dev_buf, self.host_buf)
         self.state = _State.COPY_IN
 
     def advance_in(self, consumer: bool) -> None:
-        """Move a record coming back along; a ``consumer`` (an unpack) needs it now."""
+        """Move a record coming back along; a ``consumer`` (the block's backward start, or an
+        unpack) claims it now.
+
+        A swap_nvme record's copy-in starts as soon as its read is seen done, but the record
+        becomes resident, its file is deleted and its host staging goes only once it is claimed
+        (and the copy has ended): windows that end at a point of the program, not of the disk.
+        """
         with self.lock:
             if self.state is _State.READING and (consumer or self.io.done()):
                 self.io.result()
                 self.io = None
-                self.mgr.nvme.delete(self.nvme_key)  # NVMe bytes: from the write start to the read end
-                self.nvme_key = None
                 self.start_copy_in()
-            if self.state is _State.COPY_IN and (consumer or self.copy.done()):
+            claim = consumer or (self.policy is ActPolicy.SWAP_HOST and self.copy is not None and self.copy.done())
+            if self.state is _State.COPY_IN and claim:
                 # A consumer's stream waits for the copy on the GPU; the host does not block.
                 self.copy.wait_stream()
                 self.pending_in, self.copy = self.copy, None
                 self.state = _State.RESIDENT
-            if self.pending_in is not None and self.pending_in.done():
+                if self.nvme_key is not None:
+                    self.mgr.nvme.delete(self.nvme_key)  # NVMe bytes: from the write start to the claim
+                    self.nvme_key = None
+            if self.state is _State.RESIDENT and self.pending_in is not None and self.pending_in.done():
                 self.pending_in.wait()
                 self.pending_in = None
                 self.host_buf = None
-                self.give_host()  # host: until the end of the copy-in
+                self.give_host()  # host: until the copy-in ends and the record is claimed
 
     def saved_bytes(self) -> int:
         return sum(s.nbytes for s in self.storages.values())
 
-
-def _after_write(ref: weakref.ref, fut: Any) -> None:
-    rec = ref()
-    if rec is not None and fut.exception() is None:
-        rec.finish_write()

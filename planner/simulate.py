@@ -20,7 +20,7 @@ from memtrain.planner.taskgraph import STREAMS, GraphResult, TaskGraph, simulate
 
 __all__ = [
     "STREAMS", "TaskGraph", "GraphResult", "simulate_graph", "SimResult", "simulate_step", "stream_work_s",
-    "SWAP_IN_BLOCKS_AHEAD", "SWAP_IN_LOOKAHEAD", "cpu_stream", "copy_streams",
+    "SWAP_IN_BLOCKS_AHEAD", "SWAP_IN_LOOKAHEAD", "MAX_NVME_SWAP_WRITES_IN_FLIGHT", "cpu_stream", "copy_streams",
 ]
 
 
@@ -30,6 +30,15 @@ of block j and of the ``SWAP_IN_BLOCKS_AHEAD`` blocks below it are brought back 
 copy, or NVMe read then copy), so block j-1's copy overlaps block j's backward. The runtime's
 activation manager takes this constant as its ``prefetch_depth``; the simulator issues its
 swap-ins at the same boundaries (docs/memory-accounting.md, "Activations")."""
+MAX_NVME_SWAP_WRITES_IN_FLIGHT = 1
+"""[Note: bounded NVMe writes] A swap_nvme block's activations wait in host staging until their
+NVMe write is waited for, and the training thread waits in program order: at the end of block
+i's forward, before block i's own copy-out, for the writes of every block <= i -
+``MAX_NVME_SWAP_WRITES_IN_FLIGHT``; the writes left when the forward ends at the backward's
+start. So at most this many blocks' staging exist at once on any disk (a slow one stalls the
+forward instead), and the host peak is the same on a fast and a slow disk. The activation
+manager takes it as its ``writes_in_flight``; the simulator waits at the same points
+(docs/memory-accounting.md, "Activations")."""
 SWAP_IN_LOOKAHEAD = SWAP_IN_BLOCKS_AHEAD + 1
 """Swapped blocks whose activations may be on the device at once besides the running block's
 (the search's footprint estimate): the one in backward and those brought back ahead."""
@@ -204,6 +213,7 @@ class _StepBuilder:
         for m in range(n):
             self.swap_out: dict[int, int] = {}
             self.disk_write: dict[int, int] = {}
+            self.unwaited: list[int] = []  # swap_nvme blocks whose write is not waited for yet
             self.swap_in: dict[int, int] = {}
             if s.overhead_microbatch_s > 0:  # the engine's bookkeeping around the micro-batch
                 g.add(f"engine{m}", "compute", s.overhead_microbatch_s, tag=m)
@@ -232,17 +242,30 @@ class _StepBuilder:
         held = b.input_bytes if pol is ActPolicy.RECOMPUTE else b.activation_bytes
         swaps = pol in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME)
         on_f = frees if not (swaps and self.copy_out == "compute") else []
-        f = g.add(f"F{m}:{j}", "compute", self.fwd[j], deps=deps, alloc_end=[(dev, owner, held)], free_end=on_f, tag=m)
+        g.add(f"F{m}:{j}", "compute", self.fwd[j], deps=deps, alloc_end=[(dev, owner, held)], free_end=on_f, tag=m)
+        # [Note: bounded NVMe writes] before this block stages anything, the writes of the blocks
+        # MAX_NVME_SWAP_WRITES_IN_FLIGHT or more below it are waited for, on the training thread.
+        self._wait_writes(m, upto=j - MAX_NVME_SWAP_WRITES_IN_FLIGHT)
         if swaps:
             a = b.activation_bytes
             file = [(nvm, owner, cost.nvme_file_bytes(a))] if pol is ActPolicy.SWAP_NVME else []
-            so = g.add(f"SWAP_OUT{m}:{j}", self.copy_out, cost.d2h_time_s(a, self.device), deps=(f,),
+            so = g.add(f"SWAP_OUT{m}:{j}", self.copy_out, cost.d2h_time_s(a, self.device), deps=(g.last_on["compute"],),
                        alloc_start=[(hst, owner, a)], alloc_end=file,
                        free_end=[(dev, owner, a)] + (frees if not on_f else []), tag=m)
             self.swap_out[j] = so
-            if pol is ActPolicy.SWAP_NVME:  # submitted at the copy-out's end; staging freed when written
+            if pol is ActPolicy.SWAP_NVME:  # submitted at the copy-out's end; staging freed when waited for
                 self.disk_write[j] = g.add(f"write{m}:{j}", "disk", cost.disk_write_time_s(a, self.nvme, self.comp),
-                                           deps=(so,), free_end=[(hst, owner, a)], tag=m)
+                                           deps=(so,), tag=m)
+                self.unwaited.append(j)
+
+    def _wait_writes(self, m: int, upto: int) -> None:
+        """The training thread waits for the writes of the swap_nvme blocks ``<= upto``, in order;
+        each one's host staging goes when it is waited for ([Note: bounded NVMe writes])."""
+        while self.unwaited and self.unwaited[0] <= upto:
+            k = self.unwaited.pop(0)
+            b = self.s.blocks[k]
+            self.g.add(f"wait{m}:{k}", "compute", 0.0, deps=(self.disk_write[k],),
+                       free_end=[(Tier.HOST.value, f"act:{b.name}:{m}", b.activation_bytes)], tag=m)
 
     def _bring_back(self, m: int, k: int) -> None:
         """The activation manager brings block ``k``'s swapped activations back (see SWAP_IN_BLOCKS_AHEAD)."""
@@ -256,24 +279,35 @@ class _StepBuilder:
                                     deps=(self.swap_out[k], g.last_on["compute"]), alloc_start=[(dev, owner, a)],
                                     free_end=[(hst, owner, a)], tag=m)
             return
-        # [Note: NVMe swap-in] The training thread waits for the block's write, takes host staging
-        # and starts the read; the copy-in runs when the read is seen done, at the next unpack of
-        # any saved tensor, i.e. during the backward of the block above whenever the read ends
-        # within it. So the device bytes are counted from the read's start (never later than the
-        # runtime takes them), and the copy does not hold the compute stream (on a CPU device it
-        # is put on the otherwise idle h2d stream).
+        # [Note: NVMe swap-in] The training thread (its write waited for already) takes host
+        # staging and the device buffer and starts the read; the copy-in runs when the read is
+        # seen done, during the backward of the block above whenever the read ends within it, and
+        # does not hold the compute stream (on a CPU device it is put on the otherwise idle h2d
+        # stream). The staging and the file go when the block's backward claims it (_claim).
         mark = g.add(f"alloc{m}:{k}:act", "compute", 0.0, deps=(self.disk_write[k],),
                      alloc_start=[(hst, owner, a), (dev, owner, a)], tag=m)
-        rd = g.add(f"read{m}:{k}", "disk", cost.disk_read_time_s(a, self.nvme, self.comp), deps=(mark,),
-                   free_end=[(nvm, owner, cost.nvme_file_bytes(a))], tag=m)
-        self.swap_in[k] = g.add(f"SWAP_IN{m}:{k}", "h2d", cost.h2d_time_s(a, self.device), deps=(rd,),
-                                free_end=[(hst, owner, a)], tag=m)
+        rd = g.add(f"read{m}:{k}", "disk", cost.disk_read_time_s(a, self.nvme, self.comp), deps=(mark,), tag=m)
+        self.swap_in[k] = g.add(f"SWAP_IN{m}:{k}", "h2d", cost.h2d_time_s(a, self.device), deps=(rd,), tag=m)
+
+    def _claim(self, m: int, j: int) -> None:
+        """Block ``j``'s backward starts: a swap_nvme record is waited for (read and copy-in), then
+        its host staging and its file go, at this point of the program whatever the disk's speed."""
+        b = self.s.blocks[j]
+        if self.policy.activations[j] is not ActPolicy.SWAP_NVME:
+            return
+        owner, a = f"act:{b.name}:{m}", b.activation_bytes
+        self.g.add(f"claim{m}:{j}", "compute", 0.0, deps=(self.swap_in[j],),
+                   free_end=[(Tier.HOST.value, owner, a), (Tier.NVME.value, owner, cost.nvme_file_bytes(a))], tag=m)
 
     def _backward_block(self, m: int, j: int, prev_accum: dict[int, int]) -> int:
         g, s, b, pol = self.g, self.s, self.s.blocks[j], self.policy.activations[j]
         dev, hst = Tier.DEVICE.value, Tier.HOST.value
         owner, dt = f"act:{b.name}:{m}", self.train.dtype
-        for k in range(j, j - SWAP_IN_BLOCKS_AHEAD - 1, -1):
+        if j == len(s.blocks) - 1:  # the writes left from the forward are waited for first
+            self._wait_writes(m, upto=j)
+        self._bring_back(m, j)
+        self._claim(m, j)
+        for k in range(j - 1, j - SWAP_IN_BLOCKS_AHEAD - 1, -1):
             if k >= 0:
                 self._bring_back(m, k)
         need = self.uses[j]
