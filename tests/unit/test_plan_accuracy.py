@@ -14,7 +14,9 @@ the same sizes; bench/plan_accuracy.py measures the whole chain from the analysi
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
+import threading
 
 import pytest
 import torch
@@ -46,9 +48,28 @@ def _policy(model, homes, acts, depth: int, chunk_elems: int) -> MemoryPolicy:
                         prefetch_depth=depth, activations=tuple(acts))
 
 
+def _late(op, delay_s: float):
+    """``op`` (an NvmeStore's write or read) completing ``delay_s`` after the real operation."""
+
+    def run(*args):
+        inner, outer = op(*args), cf.Future()
+
+        def finish():
+            if inner.exception() is not None:
+                outer.set_exception(inner.exception())
+            else:
+                outer.set_result(inner.result())
+
+        inner.add_done_callback(lambda _f: threading.Timer(delay_s, finish).start())
+        return outer
+
+    return run
+
+
 def measure_and_predict(tmp_path, *, overrides=None, homes=Tier.HOST, acts=K, depth=1, chunk_elems=60_000,
-                        dtype="fp32", mbs=2, num_microbatches=2):
-    """(predicted, measured) peak bytes per tier, and the policy."""
+                        dtype="fp32", mbs=2, num_microbatches=2, disk_delay_s=0.0):
+    """(predicted, measured) peak bytes per tier, and the policy; ``disk_delay_s`` makes every
+    NVMe write and read of the run end that much later (a disk slower than the profile says)."""
     overrides = dict(overrides or {})
     torch.manual_seed(0)
     model = GPT(gpt_config("tiny", **overrides))
@@ -58,6 +79,9 @@ def measure_and_predict(tmp_path, *, overrides=None, homes=Tier.HOST, acts=K, de
     ids = torch.randint(0, model.config.vocab_size, (mbs * num_microbatches, SEQ + 1), generator=torch.Generator().manual_seed(1))
     batch = (ids[:, :-1], ids[:, 1:])
     ledgers = {"device": engine.store.device_ledger, "host": engine.store.host_ledger, "nvme": engine.nvme.ledger}
+    if disk_delay_s:
+        engine.nvme.write = _late(engine.nvme.write, disk_delay_s)
+        engine.nvme.read = _late(engine.nvme.read, disk_delay_s)
     try:
         engine.train_step(batch)  # the first step also builds; the prediction is of a step
         for led in ledgers.values():
@@ -83,19 +107,24 @@ def measure_and_predict(tmp_path, *, overrides=None, homes=Tier.HOST, acts=K, de
     return sims, measured, policy
 
 
-def assert_agree(sims, measured) -> None:
-    """Within 5% and never more than 2% under, per tier. [Note: disk-timed peaks] A few windows
-    end when an NVMe write or read completes (a swapped block's host staging, the second copy
-    of a rewritten chunk file, a swap-in read finishing within the block above's backward), so
-    how many overlap depends on the disk's speed that moment. Where the simulator's peak moves
-    between a very fast and a very slow disk, the ledger must lie between those two peaks."""
+def assert_agree(sims, measured, disk_timed: frozenset[str] = frozenset()) -> None:
+    """Within 5% and never more than 2% under, per tier, and a prediction that does not depend on
+    the disk's speed (the simulations with a 1e4 and a 1e-4 GB/s disk give the same peak).
+
+    [Note: disk-timed peaks] Activations swapped to NVMe hold their host staging and files until
+    the training thread waits for them (planner.simulate, [Note: bounded NVMe writes]), so their
+    windows end at points of the program. What is left timed by the disk is the optimizer's
+    write-back of nvme-home chunks (a rewritten file's second copy lives until its rename,
+    offload.optim): for those tiers, named in ``disk_timed``, the ledger must lie between the
+    peaks of a very fast and a very slow disk."""
     sim, fast, slow = sims
     for tier, got in measured.items():
         want = sim.peak_bytes[tier]
         lo, hi = sorted((fast.peak_bytes[tier], slow.peak_bytes[tier]))
-        if lo != hi:
+        if tier in disk_timed:
             assert lo <= got <= 1.02 * hi, f"{tier}: ledger {got} outside the disk-timed range [{lo}, {hi}]"
             continue
+        assert lo == want == hi, f"{tier}: the predicted peak depends on the disk's speed: [{lo}, {want}, {hi}]"
         assert abs(want - got) <= 0.05 * max(got, 1), f"{tier}: predicted {want}, ledger {got} ({sim.breakdown.get(tier)})"
         assert got <= 1.02 * want, f"{tier}: ledger {got} more than 2% above the prediction {want}"
 
@@ -126,10 +155,28 @@ CASES = {
 }
 
 
+# [Note: disk-timed peaks]: the nvme tier of cases whose chunks live on NVMe.
+DISK_TIMED = {name: frozenset({"nvme"}) for name in ("nvme-depth2", "nvme-mixed-3mb", "split-homes")}
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_ledger_peaks_match_the_simulator(tmp_path, case):
     sims, measured, _ = measure_and_predict(tmp_path, **CASES[case])
-    assert_agree(sims, measured)
+    assert_agree(sims, measured, DISK_TIMED.get(case, frozenset()))
+
+
+@pytest.mark.parametrize("case", ["swap_nvme", "mixed-bf16", "nvme-mixed-3mb"])
+def test_swap_nvme_peaks_hold_on_a_disk_slower_than_the_forward(tmp_path, case):
+    # Every NVMe operation ends 30 ms late: longer than any block's forward here, so unbounded
+    # writes would all be staged at once. The writes in flight are bounded and every staging
+    # window ends at a point of the program, so the host and device ledgers are exactly what the
+    # simulator predicts (CPU copies are synchronous; both sides use the recorded sizes).
+    sims, measured, _ = measure_and_predict(tmp_path, **CASES[case], disk_delay_s=0.03)
+    assert_agree(sims, measured, DISK_TIMED.get(case, frozenset()))
+    for tier in ("host", "device"):
+        assert measured[tier] == sims[0].peak_bytes[tier], (tier, sims[0].breakdown.get(tier))
+    if case != "nvme-mixed-3mb":  # there the host peaks in the optimizer's NVMe streaming
+        assert sims[0].breakdown["host"].get("act", 0) > 0  # the staging is part of the host peak
 
 
 def test_the_head_fetches_the_tied_embedding_chunk_in_both_passes(tmp_path):
