@@ -9,7 +9,9 @@ import pytest
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
 from memtrain.planner import cost
 from memtrain.planner.plan import ActPolicy, ChunkPlan, MemoryPolicy, Tier, TrainShape
-from memtrain.planner.simulate import TaskGraph, simulate_graph, simulate_step, stream_work_s
+from memtrain.planner.simulate import (
+    MAX_NVME_SWAP_WRITES_IN_FLIGHT, TaskGraph, simulate_graph, simulate_step, stream_work_s,
+)
 from memtrain.planner.stats import BlockStats, DType, ModelStats, Optimizer
 
 # 50 TFLOP/s achieved: a block of 5e12 forward FLOPs takes 0.1 s forward, 0.2 s backward
@@ -181,6 +183,32 @@ def test_swap_nvme_goes_through_host_staging_to_disk():
     assert streams["write0:0"] == "disk" and streams["read0:0"] == "disk"
     with pytest.raises(ValueError, match="NVMe"):
         simulate_step(stats, train(2), DEV, HOST, None, pol)
+
+
+def test_swap_nvme_staging_is_bounded_by_the_writes_in_flight_whatever_the_disk():
+    # [Note: bounded NVMe writes] four swap_nvme blocks: on a disk far slower than the forward the
+    # copy-out of block i waits for the write of block i - 1, so one block's staging exists at a
+    # time and the forward stalls; a fast disk gives the same peaks in less time.
+    assert MAX_NVME_SWAP_WRITES_IN_FLIGHT == 1
+    acts = [300 * MB, 100 * MB, 200 * MB, 250 * MB]
+    stats = make_stats(acts)
+    pol = policy(stats, [Tier.DEVICE] * 4, [ActPolicy.SWAP_NVME] * 4)
+    slow_disk = NvmeSpec(path="/tmp/nvme", capacity_bytes=10**13, read_gbps=0.5, write_gbps=0.5)
+    fast, slow = (simulate_step(stats, train(2), DEV, HOST, d, pol, max_simulated_microbatches=None) for d in (NVME, slow_disk))
+    assert fast.peak_bytes == slow.peak_bytes
+    assert slow.peak_bytes["host"] == max(acts)  # one staging while writing, one while reading
+    assert slow.step_time_s > fast.step_time_s
+    ev = {e.name: e for e in slow.timeline}
+    for i in range(1, 4):
+        assert ev[f"SWAP_OUT0:{i}"].start_s >= ev[f"write0:{i - 1}"].end_s
+        if i < 3:  # the training thread waits, so the next forward stalls too
+            assert ev[f"F0:{i + 1}"].start_s >= ev[f"write0:{i - 1}"].end_s > ev[f"F0:{i}"].end_s
+        assert ev[f"wait0:{i - 1}"].end_s == pytest.approx(ev[f"write0:{i - 1}"].end_s)
+    # the last write is waited for when the backward starts, each read's staging goes when its
+    # block's backward claims it, before the next read takes its own
+    assert ev["alloc0:3:act"].start_s >= ev["wait0:3"].end_s
+    for j in range(3, 0, -1):
+        assert ev[f"claim0:{j}"].end_s <= ev[f"alloc0:{j - 1}:act"].start_s <= ev[f"B0:{j}"].start_s
 
 
 def test_prefetch_depth_bounds_param_buffers_and_overlap():
