@@ -438,7 +438,8 @@ def simulate_step(
     buffer is released after the last block of a run of consecutive blocks using the chunk (in
     backward: as soon as the chunk's gradients are complete). nvme chunks come disk -> host
     staging -> device, the copy out of staging when the block needs it. Activations follow the
-    block's policy; swap-ins follow ``SWAP_IN_BLOCKS_AHEAD``. A chunk's grad buffer is taken at
+    block's policy; swap-ins follow ``SWAP_IN_BLOCKS_AHEAD``, NVMe swap writes
+    ``MAX_NVME_SWAP_WRITES_IN_FLIGHT``. A chunk's grad buffer is taken at
     its first backward use and added into the host accumulator when its gradients are complete.
     After the last micro-batch the optimizer steps device and host chunks, then streams NVMe
     chunks (``_StepBuilder._optimizer``).
