@@ -351,7 +351,7 @@ class ActivationManager:
         self._poll()
         self._wait_writes(lambda r: True)  # the writes left from the forward ([Note: bounded NVMe writes])
         rec.start_bring_back()
-        rec.advance_in(consumer=True)  # a swap_nvme record's staging and file go here, not when the disk says
+        rec.advance_in(consumer=True)  # [Note: NVMe swap-in claims] (memtrain.offload.swap)
         for j in range(rec.index - 1, rec.index - 1 - self.prefetch_depth, -1):
             if j < 0:
                 break

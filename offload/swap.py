@@ -272,13 +272,8 @@ class _Record:
             if self.state is _State.ON_HOST:
                 self.start_copy_in()
             elif self.state is _State.ON_NVME:
-                # Host staging and the device buffer both from the read's start: the copy-in
-                # may then run whenever the read is seen done without taking memory at a moment
-                # the disk decides (docs/memory-accounting.md, "Activations").
-                self.take_host(self.saved_bytes())
-                self.take_device(self.saved_bytes())
+                self.take_host(self.saved_bytes())  # host staging: from the read's start
                 self.host_buf = torch.empty(self.flat_bytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-                self.dev_buf = torch.empty(self.flat_bytes, dtype=torch.uint8, device=self.device)
                 self.io = self.mgr.nvme.read(self.nvme_key, self.host_buf)
                 self.state = _State.READING
             if self.state in (_State.READING, _State.COPY_IN):
@@ -286,9 +281,8 @@ class _Record:
                     self.mgr._inbound.add(self)
 
     def start_copy_in(self) -> None:
-        if self.dev_buf is None:  # swap_host: device from the start of the copy-in to the end of B
-            self.take_device(self.saved_bytes())
-            self.dev_buf = torch.empty(self.flat_bytes, dtype=torch.uint8, device=self.device)
+        self.take_device(self.saved_bytes())  # device: from the start of the copy-in to the end of B
+        self.dev_buf = torch.empty(self.flat_bytes, dtype=torch.uint8, device=self.device)
         self.copy = copy_async(self.dev_buf, self.host_buf)
         self.state = _State.COPY_IN
 
@@ -296,29 +290,28 @@ class _Record:
         """Move a record coming back along; a ``consumer`` (the block's backward start, or an
         unpack) claims it now.
 
-        A swap_nvme record's copy-in starts as soon as its read is seen done, but the record
-        becomes resident, its file is deleted and its host staging goes only once it is claimed
-        (and the copy has ended): windows that end at a point of the program, not of the disk.
+        [Note: NVMe swap-in claims] A swap_nvme record's read is waited for, its file deleted
+        and its copy-in started (taking its device bytes) only when it is claimed, never when
+        the disk happens to finish: the windows end and begin at points of the program. On a
+        GPU the host runs ahead of the kernels, so the copy still overlaps the backward above.
         """
         with self.lock:
-            if self.state is _State.READING and (consumer or self.io.done()):
-                self.io.result()
+            if self.state is _State.READING and consumer:
+                self.io.result()  # an NvmeError surfaces here, in the training thread
                 self.io = None
+                self.mgr.nvme.delete(self.nvme_key)  # NVMe bytes: from the write start to the claim
+                self.nvme_key = None
                 self.start_copy_in()
-            claim = consumer or (self.policy is ActPolicy.SWAP_HOST and self.copy is not None and self.copy.done())
-            if self.state is _State.COPY_IN and claim:
+            if self.state is _State.COPY_IN and (consumer or self.copy.done()):
                 # A consumer's stream waits for the copy on the GPU; the host does not block.
                 self.copy.wait_stream()
                 self.pending_in, self.copy = self.copy, None
                 self.state = _State.RESIDENT
-                if self.nvme_key is not None:
-                    self.mgr.nvme.delete(self.nvme_key)  # NVMe bytes: from the write start to the claim
-                    self.nvme_key = None
-            if self.state is _State.RESIDENT and self.pending_in is not None and self.pending_in.done():
+            if self.pending_in is not None and self.pending_in.done():
                 self.pending_in.wait()
                 self.pending_in = None
                 self.host_buf = None
-                self.give_host()  # host: until the copy-in ends and the record is claimed
+                self.give_host()  # host: until the end of the copy-in
 
     def saved_bytes(self) -> int:
         return sum(s.nbytes for s in self.storages.values())

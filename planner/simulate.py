@@ -215,6 +215,7 @@ class _StepBuilder:
             self.disk_write: dict[int, int] = {}
             self.unwaited: list[int] = []  # swap_nvme blocks whose write is not waited for yet
             self.swap_in: dict[int, int] = {}
+            self.disk_read: dict[int, int] = {}  # swap_nvme reads not claimed yet
             if s.overhead_microbatch_s > 0:  # the engine's bookkeeping around the micro-batch
                 g.add(f"engine{m}", "compute", s.overhead_microbatch_s, tag=m)
             for j in range(L):
@@ -270,34 +271,35 @@ class _StepBuilder:
     def _bring_back(self, m: int, k: int) -> None:
         """The activation manager brings block ``k``'s swapped activations back (see SWAP_IN_BLOCKS_AHEAD)."""
         g, b, pol = self.g, self.s.blocks[k], self.policy.activations[k]
-        if pol not in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME) or k in self.swap_in:
+        if pol not in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME) or k in self.swap_in or k in self.disk_read:
             return
         a, owner = b.activation_bytes, f"act:{b.name}:{m}"
-        dev, hst, nvm = Tier.DEVICE.value, Tier.HOST.value, Tier.NVME.value
+        dev, hst = Tier.DEVICE.value, Tier.HOST.value
         if pol is ActPolicy.SWAP_HOST:
             self.swap_in[k] = g.add(f"SWAP_IN{m}:{k}", self.copy_in, cost.h2d_time_s(a, self.device),
                                     deps=(self.swap_out[k], g.last_on["compute"]), alloc_start=[(dev, owner, a)],
                                     free_end=[(hst, owner, a)], tag=m)
             return
-        # [Note: NVMe swap-in] The training thread (its write waited for already) takes host
-        # staging and the device buffer and starts the read; the copy-in runs when the read is
-        # seen done, during the backward of the block above whenever the read ends within it, and
-        # does not hold the compute stream (on a CPU device it is put on the otherwise idle h2d
-        # stream). The staging and the file go when the block's backward claims it (_claim).
+        # The training thread (its write waited for already) takes host
+        # staging and starts the read; the rest waits for the block's claim (_claim).
         mark = g.add(f"alloc{m}:{k}:act", "compute", 0.0, deps=(self.disk_write[k],),
-                     alloc_start=[(hst, owner, a), (dev, owner, a)], tag=m)
-        rd = g.add(f"read{m}:{k}", "disk", cost.disk_read_time_s(a, self.nvme, self.comp), deps=(mark,), tag=m)
-        self.swap_in[k] = g.add(f"SWAP_IN{m}:{k}", "h2d", cost.h2d_time_s(a, self.device), deps=(rd,), tag=m)
+                     alloc_start=[(hst, owner, a)], tag=m)
+        self.disk_read[k] = g.add(f"read{m}:{k}", "disk", cost.disk_read_time_s(a, self.nvme, self.comp),
+                                  deps=(mark,), tag=m)
 
     def _claim(self, m: int, j: int) -> None:
-        """Block ``j``'s backward starts: a swap_nvme record is waited for (read and copy-in), then
-        its host staging and its file go, at this point of the program whatever the disk's speed."""
+        """Block ``j``'s backward starts: a swap_nvme record's read is waited for, its file goes and
+        its copy-in starts, taking its device bytes; the host staging goes when the copy ends
+        (memtrain.offload.swap, [Note: NVMe swap-in claims]): points of the program, not of the disk."""
         b = self.s.blocks[j]
         if self.policy.activations[j] is not ActPolicy.SWAP_NVME:
             return
         owner, a = f"act:{b.name}:{m}", b.activation_bytes
-        self.g.add(f"claim{m}:{j}", "compute", 0.0, deps=(self.swap_in[j],),
-                   free_end=[(Tier.HOST.value, owner, a), (Tier.NVME.value, owner, cost.nvme_file_bytes(a))], tag=m)
+        claim = self.g.add(f"claim{m}:{j}", "compute", 0.0, deps=(self.disk_read.pop(j),),
+                           alloc_start=[(Tier.DEVICE.value, owner, a)],
+                           free_end=[(Tier.NVME.value, owner, cost.nvme_file_bytes(a))], tag=m)
+        self.swap_in[j] = self.g.add(f"SWAP_IN{m}:{j}", self.copy_in, cost.h2d_time_s(a, self.device), deps=(claim,),
+                                     free_end=[(Tier.HOST.value, owner, a)], tag=m)
 
     def _backward_block(self, m: int, j: int, prev_accum: dict[int, int]) -> int:
         g, s, b, pol = self.g, self.s, self.s.blocks[j], self.policy.activations[j]
@@ -520,7 +522,7 @@ def stream_work_s(
         work["compute"] += n * (cost.block_bwd_time_s(b, device, dt, s.micro_batch_size) + cost.block_overhead_s(s, b, backward=True))
         if pol in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME):
             work[copy_out] += n * cost.d2h_time_s(b.activation_bytes, device)
-            work[copy_in if pol is ActPolicy.SWAP_HOST else "h2d"] += n * cost.h2d_time_s(b.activation_bytes, device)
+            work[copy_in] += n * cost.h2d_time_s(b.activation_bytes, device)
         if pol is ActPolicy.SWAP_NVME:
             work["disk"] += n * (cost.disk_write_time_s(b.activation_bytes, nvme, comp) + cost.disk_read_time_s(b.activation_bytes, nvme, comp))
     off = [c.home is not Tier.DEVICE for c in policy.chunks]

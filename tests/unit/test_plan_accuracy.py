@@ -142,8 +142,8 @@ CASES = {
     "host-depth5-6layers": dict(homes=Tier.HOST, depth=5, overrides={"num_layers": 6}),
     "nvme-depth2": dict(homes=Tier.NVME, depth=2),
     "swap_host": dict(homes=Tier.DEVICE, acts=SH, chunk_elems=10**9),
-    # [Note: NVMe swap-in] makes the device window of a swap_nvme block depend on its read ending
-    # within the backward of the block above; wider layers make that backward long enough.
+    # wider layers: reads and writes long enough to end inside other blocks' passes (the windows
+    # must not depend on it, [Note: bounded NVMe writes], [Note: NVMe swap-in claims])
     "swap_nvme": dict(homes=Tier.DEVICE, acts=SN, chunk_elems=10**9, overrides=WIDE),
     "recompute": dict(homes=Tier.DEVICE, acts=RC, chunk_elems=10**9),
     "mixed-bf16": dict(homes=Tier.HOST, depth=2, dtype="bf16", overrides={"num_layers": 4},
