@@ -235,6 +235,11 @@ class ChunkStore:
         self._events: dict[int, tuple[torch.Tensor, list]] = {}
         self._placeholders: dict[torch.dtype, torch.Tensor] = {}
         self._built = False
+        self.on_grads_final = None
+        """Called with a chunk whose gradients of the step are complete (its last micro-batch's
+        grad buffer was just added into the host accumulator and its param buffer released),
+        during a backward begun with ``final=True``; offload.optim [Note: early optimizer step]."""
+        self._final = False
 
     # --- memory helpers (a thin stand-in for offload.tiers: tensor + ledger entry) ----------
 
@@ -546,18 +551,30 @@ class ChunkStore:
     def begin_forward(self) -> None:
         self._phase = _Phase.FORWARD
 
-    def begin_backward(self) -> None:
+    def begin_backward(self, *, final: bool = False) -> None:
+        """``final``: the last backward before the optimizer step (see ``on_grads_final``)."""
         self._phase = _Phase.BACKWARD
+        self._final = final
         self._events.clear()  # the registered hooks hold their own event lists
 
     def end_backward(self) -> None:
         """Flush grad buffers of chunks whose parameters did not all get gradients; release all."""
-        for c in self.chunks:
-            if c.grad_buf is not None:
-                self._flush(c)
-            self._release(c)
-        self._phase = _Phase.IDLE
-        self._events.clear()
+        try:
+            for c in self.chunks:
+                flushed = c.grad_buf is not None
+                if flushed:
+                    self._flush(c)
+                self._release(c)
+                if flushed:
+                    self._grads_final(c)
+        finally:
+            self._phase = _Phase.IDLE
+            self._final = False
+            self._events.clear()
+
+    def _grads_final(self, c: Chunk) -> None:
+        if self._final and self.on_grads_final is not None and c.home is not Tier.DEVICE:
+            self.on_grads_final(c)
 
     # --- gradients ------------------------------------------------------------------------
 
@@ -586,6 +603,7 @@ class ChunkStore:
         if len(c.mb_seen) == len(c.slots):
             self._flush(c)
             self._release(c)
+            self._grads_final(c)
 
     def _flush(self, c: Chunk) -> None:
         """Add the micro-batch's grad buffer into the fp32 host accumulator; free the buffer."""

@@ -8,6 +8,21 @@ Sec. 4: the optimizer step follows the optimizer states):
 - nvme: streamed — master and states of chunk i+1 are read from disk while chunk i is stepped on
   the host, and chunk i is written back asynchronously (the step overlaps disk I/O).
 
+[Note: early optimizer step] As in ZeRO-Offload (Ren et al. 2021), a chunk's CPU update starts as
+soon as its gradients are complete, so the update and its NVMe traffic overlap the rest of the
+backward. Here: during the last
+micro-batch's backward, the chunk store reports each host- or nvme-home chunk whose gradients
+were just added into its accumulator (``ChunkStore.on_grads_final``); ``step_early`` queues its
+update on one background thread (one thread: chunks update in the order they complete, the
+same kernels on the same buffers, so results are bitwise those of ``step()``). An nvme chunk's
+states are read into host staging at that point of the training thread, and the training
+thread frees each staging when it waits for its write-back, before staging another chunk once
+``staged_chunks`` exist (so host windows begin and end at points of the program, as
+docs/memory-accounting.md rules). ``step()`` then steps the chunks not stepped early
+(device-home ones, and any chunk whose gradients were not reported) and waits for the rest.
+fp16 loss scaling needs every gradient before deciding to skip or unscale, so the engine does not
+step early under it.
+
 The update rules are torch's own functional kernels (``torch.optim.adam.adam`` with decoupled
 weight decay, i.e. AdamW; and the same arithmetic as ``torch.optim.sgd``'s single-tensor path),
 applied to flat buffers. Elementwise arithmetic on a flat buffer is the arithmetic on each
@@ -28,6 +43,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -304,7 +320,8 @@ def _load_states(store: "ChunkStore", states: Mapping[str, Mapping[str, torch.Te
 class OffloadedOptimizer:
     """Steps every chunk of a ``ChunkStore`` where its states live (see the module doc)."""
 
-    def __init__(self, store: "ChunkStore", spec: OptimizerSpec, *, host_kernel: str = DEFAULT_HOST_KERNEL) -> None:
+    def __init__(self, store: "ChunkStore", spec: OptimizerSpec, *, host_kernel: str = DEFAULT_HOST_KERNEL,
+                 staged_chunks: int = 3) -> None:
         if host_kernel not in HOST_KERNELS:
             raise ValueError(f"host_kernel: must be one of {', '.join(HOST_KERNELS)}, got {host_kernel!r}")
         if tuple(store.state_names) != spec.state_names:
@@ -319,6 +336,67 @@ class OffloadedOptimizer:
         self.device_kernel = "foreach" if store.device.type == "cuda" else "single"
         self.num_steps = 0
         """Optimizer steps taken (skipped fp16 overflow steps not counted)."""
+        if staged_chunks < 1:
+            raise ValueError(f"staged_chunks: must be >= 1, got {staged_chunks}")
+        self.staged_chunks = staged_chunks
+        """Most nvme chunks staged at once by early steps ([Note: early optimizer step])."""
+        self._worker: ThreadPoolExecutor | None = None
+        self._early: dict[int, Future] = {}  # chunk index -> its queued update
+        self._writing: list[Future] = []  # nvme early steps (-> _WriteBack) whose staging is held
+
+    @property
+    def num_early(self) -> int:
+        """Chunks queued by ``step_early`` since the last ``step()``."""
+        return len(self._early)
+
+    def step_early(self, chunk: "Chunk") -> None:
+        """Queue ``chunk``'s update now: its gradients for this step are complete ([Note: early
+        optimizer step]). Device-home chunks are left to ``step()``."""
+        if chunk.home is Tier.DEVICE or chunk.index in self._early or not chunk.has_grad:
+            return
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="memtrain-optim")
+        if chunk.home is Tier.HOST:
+            self._early[chunk.index] = self._worker.submit(self._step_resident, chunk)
+            return
+        # Bounded staging: the oldest write-backs are waited for (their staging freed) first.
+        while len(self._writing) >= self.staged_chunks:
+            self._writing.pop(0).result().wait()
+        staged = _read_states(self.store, chunk)
+        fut = self._worker.submit(self._step_staged, chunk, staged)
+        self._early[chunk.index] = fut
+        self._writing.append(fut)
+
+    def _step_resident(self, chunk: "Chunk") -> None:
+        self._update(chunk, chunk.master, chunk.grad, chunk.states)
+        self.store.refresh_compute(chunk)
+
+    def _step_staged(self, chunk: "Chunk", staged: _Staged) -> _WriteBack:
+        tensors = staged.wait()
+        self._update(chunk, tensors["master"], chunk.grad, tensors)
+        if "compute" in tensors:
+            tensors["compute"].copy_(tensors["master"])
+        return _write_states(self.store, chunk, staged)
+
+    def _wait_early(self) -> None:
+        """Wait for every queued update and write-back (errors surface here), in queue order."""
+        try:
+            for fut in self._early.values():
+                fut.result()
+            while self._writing:
+                self._writing.pop(0).result().wait()
+        finally:
+            self._early.clear()
+            self._writing.clear()
+
+    def close(self) -> None:
+        """Wait for queued work and stop the background thread."""
+        if self._worker is not None:
+            try:
+                self._wait_early()
+            finally:
+                self._worker.shutdown(wait=True)
+                self._worker = None
 
     def _update(self, chunk: "Chunk", master: torch.Tensor, grad: torch.Tensor, states: dict[str, torch.Tensor]) -> None:
         spec = self.spec
@@ -337,11 +415,15 @@ class OffloadedOptimizer:
         """Update every chunk that received gradients this step, then clear the gradients."""
         store = self.store
         store.finish_grads()
-        resident = [c for c in store.chunks if c.has_grad and c.home is not Tier.NVME]
-        for chunk in resident:
-            self._update(chunk, chunk.master, chunk.grad, chunk.states)
-            store.refresh_compute(chunk)
-        self._step_nvme([c for c in store.chunks if c.has_grad and c.home is Tier.NVME])
+        early = self._early
+        rest = [c for c in store.chunks if c.has_grad and c.index not in early]
+        try:
+            for chunk in rest:  # overlaps the early updates still running on the background thread
+                if chunk.home is not Tier.NVME:
+                    self._step_resident(chunk)
+        finally:
+            self._wait_early()
+        self._step_nvme([c for c in rest if c.home is Tier.NVME])
         self.num_steps += 1
         store.zero_grad()
 

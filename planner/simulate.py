@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
 from memtrain.planner import cost
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, TimelineEvent, Tier, TrainShape
-from memtrain.planner.stats import ModelStats
+from memtrain.planner.stats import DType, ModelStats
 from memtrain.planner.taskgraph import STREAMS, GraphResult, TaskGraph, simulate_graph
 
 __all__ = [
     "STREAMS", "TaskGraph", "GraphResult", "simulate_graph", "SimResult", "simulate_step", "stream_work_s",
-    "SWAP_IN_BLOCKS_AHEAD", "SWAP_IN_LOOKAHEAD", "MAX_NVME_SWAP_WRITES_IN_FLIGHT", "cpu_stream", "copy_streams",
+    "SWAP_IN_BLOCKS_AHEAD", "SWAP_IN_LOOKAHEAD", "MAX_NVME_SWAP_WRITES_IN_FLIGHT", "NVME_OPTIM_STAGED_CHUNKS", "cpu_stream", "copy_streams",
 ]
 
 
@@ -39,6 +39,14 @@ start. So at most this many blocks' staging exist at once on any disk (a slow on
 forward instead), and the host peak is the same on a fast and a slow disk. The activation
 manager takes it as its ``writes_in_flight``; the simulator waits at the same points
 (docs/memory-accounting.md, "Activations")."""
+NVME_OPTIM_STAGED_CHUNKS = 3
+"""[Note: early optimizer step] During the last micro-batch's backward, a host- or nvme-home
+chunk's optimizer update starts when its gradients are complete (its grad buffer was added into
+the host accumulator), on a background thread (the ``cpu`` stream); an nvme chunk's states are
+read into host staging taken at that point of the training thread, which first waits for the
+oldest write-backs (freeing their staging) while this many chunks are staged. The runtime's
+``OffloadedOptimizer`` takes it as its ``staged_chunks``. Not under fp16, whose loss scaling
+needs every gradient first (the optimizer then runs after the backward)."""
 SWAP_IN_LOOKAHEAD = SWAP_IN_BLOCKS_AHEAD + 1
 """Swapped blocks whose activations may be on the device at once besides the running block's
 (the search's footprint estimate): the one in backward and those brought back ahead."""
@@ -135,6 +143,9 @@ class _StepBuilder:
         self.accum_s = [cost.host_grad_accum_time_s(c.num_elems, dt, host) for c in self.chunks]
         self.cpu = cpu_stream(device)
         self.copy_in, self.copy_out = copy_streams(device)
+        self.early = DType(train.dtype) is not DType.FP16  # [Note: early optimizer step]
+        self.optim_tasks: list[int] = []  # early updates queued on the background thread
+        self.writing: list[tuple[int, int]] = []  # (chunk, update task) whose staging is held
         need = max((len(cs) for cs in self.uses), default=0)
         if need > policy.prefetch_depth:
             raise ValueError(
@@ -333,7 +344,54 @@ class _StepBuilder:
                    free_end=[(dev, owner, held)] + self._release(done), tag=m)
         for c in done:
             prev_accum[c] = self._grad_out(m, c, bt, prev_accum.get(c))
+            if self.early and m == self.n - 1:
+                self._optim_early(m, c, bt, prev_accum[c])
         return bt
+
+    def _states_staging(self, c: int) -> tuple[str, str, int]:
+        ch = self.chunks[c]
+        return (Tier.HOST.value, f"staging:{c}", cost.nvme_optim_staging_bytes(ch.num_elems, self.train.dtype, self.train.optimizer))
+
+    def _wait_write(self, m: int) -> int:
+        """The training thread waits for the oldest early write-back; its staging goes."""
+        k, op = self.writing.pop(0)
+        # The write is put on the in-order disk stream only here: placed at its update, it would
+        # hold back every backward fetch read behind an update still running, which the
+        # runtime's store (writes submitted when the update ends) does not.
+        ch = self.chunks[k]
+        nbytes = cost.chunk_disk_bytes(ch.num_elems, self.train.dtype, self.train.optimizer)
+        wr = self.g.add(f"write-states@c{k}", "disk", cost.disk_write_time_s(nbytes, self.nvme, self.comp), deps=(op,),
+                        tag=self.n)
+        return self.g.add(f"wait@c{k}", "compute", 0.0, deps=(wr,), free_end=[self._states_staging(k), self._rewrite(k)],
+                          tag=m)
+
+    def _rewrite(self, c: int) -> tuple[str, str, int]:
+        """The second copy of an nvme chunk's files while they are rewritten (offload.nvme keeps the
+        old copy until the rename). Early updates run on another thread, so the sim holds it over
+        the whole window the runtime's may fall in: from queueing to the write-back's wait."""
+        ch = self.chunks[c]
+        return (Tier.NVME.value, f"chunk:{c}:rewrite", cost.nvme_chunk_file_bytes(ch.num_elems, self.train.dtype, self.train.optimizer))
+
+    def _optim_early(self, m: int, c: int, bt: int, acc: int) -> None:
+        """Chunk ``c``'s gradients are complete in the last micro-batch: queue its update
+        (offload.optim.OffloadedOptimizer.step_early; [Note: early optimizer step]). The
+        training thread's marker follows the block's backward ``bt`` in program order; the
+        update itself waits for the accumulation ``acc`` (on a GPU the cpu stream also runs
+        accumulations, which a marker waiting on them would wrongly stall the compute behind)."""
+        g, ch, dt, opt = self.g, self.chunks[c], self.train.dtype, self.train.optimizer
+        upd_s = cost.cpu_optimizer_time_s(ch.num_elems, opt, self.host)  # ZeRO-Offload CPU Adam term
+        if ch.home is Tier.HOST:
+            self.optim_tasks.append(g.add(f"OPTIM@c{c}", self.cpu, upd_s, deps=(acc,), tag=self.n))
+            return
+        while len(self.writing) >= NVME_OPTIM_STAGED_CHUNKS:
+            self._wait_write(m)
+        mark = g.add(f"alloc@c{c}:states", "compute", 0.0, deps=(bt,),
+                     alloc_start=[self._states_staging(c), self._rewrite(c)], tag=m)
+        nbytes = cost.chunk_disk_bytes(ch.num_elems, dt, opt)
+        rd = g.add(f"read-states@c{c}", "disk", cost.disk_read_time_s(nbytes, self.nvme, self.comp), deps=(mark,), tag=self.n)
+        op = g.add(f"OPTIM@c{c}", self.cpu, upd_s, deps=(rd, acc), tag=self.n)
+        self.optim_tasks.append(op)
+        self.writing.append((c, op))
 
     def _grad_out(self, m: int, c: int, bt: int, prev: int | None) -> int:
         """Add the chunk's grad buffer into its fp32 host accumulator, then free the buffer
@@ -351,14 +409,24 @@ class _StepBuilder:
 
     def _optimizer(self, accum: dict[int, int]) -> None:
         """The optimizer step after the last micro-batch's backward (offload.optim.OffloadedOptimizer.step):
+        the device chunks, then a wait for the early updates and their write-backs; under fp16,
         device and host chunks in chunk order, then NVMe chunks streamed (read one ahead, at most
-        two write-backs in flight), then the NVMe chunks' host accumulators are freed."""
+        two write-backs in flight). Then the NVMe chunks' host accumulators are freed."""
         g, dt, opt, tag = self.g, self.train.dtype, self.train.optimizer, self.n
         end = len(g) - 1
         resident = sum(c.num_elems for c in self.chunks if c.home is Tier.DEVICE)
         if resident:
             end = g.add("OPTIM@device", "compute", cost.device_optimizer_time_s(resident, dt, opt, self.device),
                         deps=(end,), tag=tag)
+        if self.early:  # the early updates are waited for, then the write-backs in order
+            point = g.add("wait-updates", "compute", 0.0, deps=(end, *self.optim_tasks), tag=tag)
+            while self.writing:
+                point = self._wait_write(tag)
+            accs = [(Tier.HOST.value, f"chunk:{c.index}", cost.host_grad_accum_bytes(c.num_elems))
+                    for c in self.chunks if c.home is Tier.NVME and c.index in accum]
+            if accs:
+                g.add("zero_grad", "compute", 0.0, deps=(point,), free_end=accs, tag=tag)
+            return
         for c in self.chunks:
             if c.home is Tier.HOST:
                 deps = (end, accum[c.index]) if c.index in accum else (end,)
@@ -443,8 +511,10 @@ def simulate_step(
     block's policy; swap-ins follow ``SWAP_IN_BLOCKS_AHEAD``, NVMe swap writes
     ``MAX_NVME_SWAP_WRITES_IN_FLIGHT``. A chunk's grad buffer is taken at
     its first backward use and added into the host accumulator when its gradients are complete.
-    After the last micro-batch the optimizer steps device and host chunks, then streams NVMe
-    chunks (``_StepBuilder._optimizer``).
+    In the last micro-batch each host/NVMe chunk's update starts when its gradients are flushed
+    ([Note: early optimizer step]); after the backward the device chunks step and the early
+    updates are waited for. Under fp16 the optimizer runs after the last micro-batch: device and
+    host chunks, then NVMe chunks streamed (``_StepBuilder._optimizer``).
 
     [Note: steady-state extrapolation] With more than ``max_simulated_microbatches`` (>= 3)
     micro-batches, only that many are simulated: from the second micro-batch on the step is

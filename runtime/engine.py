@@ -29,7 +29,7 @@ from memtrain.offload.chunks import ChunkStore, make_chunk_plans, named_blocks, 
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.optim import OffloadedOptimizer, OptimizerSpec
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, Plan, Tier
-from memtrain.planner.simulate import SWAP_IN_BLOCKS_AHEAD
+from memtrain.planner.simulate import NVME_OPTIM_STAGED_CHUNKS, SWAP_IN_BLOCKS_AHEAD
 from memtrain.planner.stats import DType, dtype_bytes
 from memtrain.planner.units import format_bytes, parse_bytes
 
@@ -268,6 +268,8 @@ class Engine:
         self.call = call
         """How to run the model on input ids (``call(model, ids)``); None = ``model(ids)``."""
         self._microbatch = 0
+        self._early_pending = False
+        """A backward with ``last_microbatch=True`` ran and ``step()`` has not yet."""
         self._closed = False
 
     @classmethod
@@ -313,12 +315,24 @@ class Engine:
                 return out
             return self.loss_fn(out, labels.to(self.device))
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backward through the chunk store; gradients add up until ``step()``."""
+    def backward(self, loss: torch.Tensor, *, last_microbatch: bool = False) -> None:
+        """Backward through the chunk store; gradients add up until ``step()``.
+
+        ``last_microbatch=True`` says no other backward comes before ``step()``: host- and
+        NVMe-home chunks then start their optimizer update as soon as their gradients are complete,
+        overlapping the rest of this backward (offload.optim [Note: early optimizer step]); the
+        results are the same. Ignored with fp16 loss scaling, which needs every gradient first.
+        """
         self._require_built()
+        if self._early_pending:
+            raise ValueError("engine.backward: the previous backward had last_microbatch=True, so its "
+                             "optimizer updates are under way; call engine.step() before the next backward")
         if self.scaler is not None:
             loss = loss * self.scaler.scale
-        self.store.begin_backward()
+        early = last_microbatch and self.scaler is None
+        self.store.on_grads_final = self.optimizer.step_early if early else None
+        self.store.begin_backward(final=early)
+        self._early_pending = early
         try:
             loss.backward()
         finally:
@@ -328,6 +342,7 @@ class Engine:
         """Optimizer step over all chunks; False when fp16 overflow skipped it."""
         self._require_built()
         self._microbatch = 0
+        self._early_pending = False
         if self.scaler is not None:
             used = self.scaler.scale  # the scale this step's backward ran with
             found_inf = not self.store.grads_finite()
@@ -368,10 +383,10 @@ class Engine:
             raise ValueError(f"batch: {size} sequences do not split into micro-batches of {mbs}; pass a multiple of {mbs}")
         num = size // mbs
         total = 0.0
-        for x, y in zip(inputs.split(mbs), labels.split(mbs)):
+        for i, (x, y) in enumerate(zip(inputs.split(mbs), labels.split(mbs))):
             loss = self._forward(x, y)
             total += loss.item()
-            self.backward(loss / num if num > 1 else loss)
+            self.backward(loss / num if num > 1 else loss, last_microbatch=i == num - 1)
         self.step()
         return total / num
 
@@ -435,6 +450,7 @@ class Engine:
         """Give the parameters back to the model (fp32, CPU), remove hooks and chunk files."""
         if self._closed:
             return
+        self.optimizer.close()  # queued early updates finish before the parameters are read
         params = self.store.gather_params()
         if self.activations is not None:
             self.activations.unwrap()
@@ -533,7 +549,8 @@ def wrap(
         store = ChunkStore(model=model, blocks=named, chunks=policy.chunks, dtype=dtype, state_names=spec.state_names,
                            device=dev, device_ledger=device_ledger, host_ledger=host_ledger, nvme=nvme,
                            prefetch_depth=depth).build()
-        opt = OffloadedOptimizer(store, spec, **({} if host_kernel is None else {"host_kernel": host_kernel}))
+        opt = OffloadedOptimizer(store, spec, staged_chunks=NVME_OPTIM_STAGED_CHUNKS,
+                                 **({} if host_kernel is None else {"host_kernel": host_kernel}))
         policies = {name: ActPolicy(p) for (name, _), p in zip(named, policy.activations)}
         # Activation swap-ins run SWAP_IN_BLOCKS_AHEAD blocks ahead, as the simulator models them.
         acts = _activation_manager(policies, named, store, device_ledger, host_ledger, nvme, SWAP_IN_BLOCKS_AHEAD,

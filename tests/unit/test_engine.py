@@ -258,3 +258,74 @@ def test_parity_with_plain_pytorch_100m(home, tmp_path):
         opt.zero_grad()
         assert engine.train_step((x, y)) == loss.item()
     engine.close()
+
+
+def _count_early(engine) -> list[int]:
+    """Chunks queued early, recorded as each ``step()`` starts."""
+    seen: list[int] = []
+    step = engine.optimizer.step
+
+    def counting_step():
+        seen.append(engine.optimizer.num_early)
+        step()
+
+    engine.optimizer.step = counting_step
+    return seen
+
+
+@pytest.mark.parametrize("home,dtype", [(Tier.HOST, "fp32"), (Tier.NVME, "fp32"), (Tier.NVME, "bf16"), (Tier.HOST, "bf16")])
+def test_early_updates_in_the_last_backward_change_nothing(home, dtype, tmp_path):
+    # train_step queues each off-device chunk's update as its gradients complete in the last
+    # micro-batch (offload.optim [Note: early optimizer step]); a custom loop without
+    # last_microbatch steps after the backward. Same kernels on the same values: bitwise equal.
+    cfg = gpt_config("tiny")
+    early, _ = _engine(cfg, home, tmp_path / "a", dtype=dtype)
+    late, _ = _engine(cfg, home, tmp_path / "b", dtype=dtype)
+    counts, late_counts = _count_early(early), _count_early(late)
+    for step in range(3):
+        x, y = _batch(cfg, step)
+        got = early.train_step((x, y))
+        total = 0.0
+        for xm, ym in zip(x.split(MICRO), y.split(MICRO)):
+            loss = late((xm, ym))
+            total += loss.item()
+            late.backward(loss / 2)
+        late.step()
+        assert got == total / 2
+    num_chunks = len(early.store.chunks)
+    assert counts == [num_chunks] * 3 and late_counts == [0] * 3
+    a, b = early.state_dict(), late.state_dict()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for i, st in a["optimizer"]["state"].items():
+        assert all(torch.equal(v, b["optimizer"]["state"][i][k]) for k, v in st.items())
+    # host staging of the optimizer's NVMe reads is all given back when the step ends
+    assert all(early.store.host_ledger.holds(f"staging:{c.index}") == 0 for c in early.store.chunks)
+    early.close(), late.close()
+
+
+def test_custom_loop_marks_the_last_backward_and_must_step_before_the_next(tmp_path):
+    cfg = gpt_config("tiny")
+    engine, _ = _engine(cfg, Tier.NVME, tmp_path)
+    counts = _count_early(engine)
+    x, y = _batch(cfg, 0)
+    engine.backward(engine((x, y)), last_microbatch=True)
+    with pytest.raises(ValueError, match="engine.step"):
+        engine.backward(engine((x, y)))
+    assert engine.step() is True
+    assert counts == [len(engine.store.chunks)]
+    engine.backward(engine((x, y)))  # allowed again after the step
+    engine.step()
+    engine.close()
+
+
+def test_fp16_keeps_the_optimizer_after_the_backward(tmp_path):
+    # loss scaling needs every gradient before it skips or unscales: nothing is stepped early
+    cfg = gpt_config("tiny")
+    engine, _ = _engine(cfg, Tier.HOST, tmp_path, dtype="fp16", loss_scale={"scale": 1024.0})
+    counts = _count_early(engine)
+    engine.train_step(_batch(cfg, 0))
+    x, y = _batch(cfg, 1)
+    engine.backward(engine((x, y)), last_microbatch=True)
+    engine.step()
+    assert counts == [0, 0]
+    engine.close()

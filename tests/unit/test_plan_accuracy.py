@@ -27,7 +27,7 @@ from memtrain.offload.chunks import make_chunk_plans, named_blocks, param_order
 from memtrain.planner import catalog, cost
 from memtrain.planner.analyze import analyze
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier, TrainShape
-from memtrain.planner.simulate import SWAP_IN_BLOCKS_AHEAD, simulate_step
+from memtrain.planner.simulate import NVME_OPTIM_STAGED_CHUNKS, SWAP_IN_BLOCKS_AHEAD, simulate_step
 from memtrain.runtime.config import ModelConfig
 from memtrain.runtime.engine import wrap
 
@@ -107,24 +107,27 @@ def measure_and_predict(tmp_path, *, overrides=None, homes=Tier.HOST, acts=K, de
     return sims, measured, policy
 
 
-def assert_agree(sims, measured, disk_timed: frozenset[str] = frozenset()) -> None:
+def assert_agree(sims, measured, disk_timed: frozenset[str] = frozenset(), rewrite_slack: int = 0) -> None:
     """Within 5% and never more than 2% under, per tier, and a prediction that does not depend on
     the disk's speed (the simulations with a 1e4 and a 1e-4 GB/s disk give the same peak).
 
     [Note: disk-timed peaks] Activations swapped to NVMe hold their host staging and files until
     the training thread waits for them (planner.simulate, [Note: bounded NVMe writes]), so their
-    windows end at points of the program. What is left timed by the disk is the optimizer's
-    write-back of nvme-home chunks (a rewritten file's second copy lives until its rename,
-    offload.optim): for those tiers, named in ``disk_timed``, the ledger must lie between the
-    peaks of a very fast and a very slow disk."""
+    windows end at points of the program. What is left timed by the disk (and by the background
+    optimizer thread) is the optimizer's rewrite of nvme-home chunks (a rewritten file's second
+    copy lives until its rename); the simulator holds it from the chunk's queueing to the
+    training thread's wait for its write-back ([Note: early optimizer step]), an upper bound: for
+    the tiers named in ``disk_timed`` the ledger must lie in [prediction - ``rewrite_slack``,
+    prediction], ``rewrite_slack`` being the rewrites that may end before they are waited for."""
     sim, fast, slow = sims
     for tier, got in measured.items():
         want = sim.peak_bytes[tier]
         lo, hi = sorted((fast.peak_bytes[tier], slow.peak_bytes[tier]))
-        if tier in disk_timed:
-            assert lo <= got <= 1.02 * hi, f"{tier}: ledger {got} outside the disk-timed range [{lo}, {hi}]"
-            continue
         assert lo == want == hi, f"{tier}: the predicted peak depends on the disk's speed: [{lo}, {want}, {hi}]"
+        if tier in disk_timed:
+            assert want - rewrite_slack <= got <= 1.02 * want, \
+                f"{tier}: ledger {got} outside [{want - rewrite_slack}, {want}] ({sim.breakdown.get(tier)})"
+            continue
         assert abs(want - got) <= 0.05 * max(got, 1), f"{tier}: predicted {want}, ledger {got} ({sim.breakdown.get(tier)})"
         assert got <= 1.02 * want, f"{tier}: ledger {got} more than 2% above the prediction {want}"
 
@@ -159,10 +162,16 @@ CASES = {
 DISK_TIMED = {name: frozenset({"nvme"}) for name in ("nvme-depth2", "nvme-mixed-3mb", "split-homes")}
 
 
+def _rewrite_slack(policy: MemoryPolicy, dtype: str) -> int:
+    """The most rewrite bytes the simulator may hold past their rename ([Note: disk-timed peaks])."""
+    sizes = [cost.nvme_chunk_file_bytes(c.num_elems, dtype, "adamw") for c in policy.chunks if c.home is Tier.NVME]
+    return NVME_OPTIM_STAGED_CHUNKS * max(sizes, default=0)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_ledger_peaks_match_the_simulator(tmp_path, case):
-    sims, measured, _ = measure_and_predict(tmp_path, **CASES[case])
-    assert_agree(sims, measured, DISK_TIMED.get(case, frozenset()))
+    sims, measured, policy = measure_and_predict(tmp_path, **CASES[case])
+    assert_agree(sims, measured, DISK_TIMED.get(case, frozenset()), _rewrite_slack(policy, CASES[case].get("dtype", "fp32")))
 
 
 @pytest.mark.parametrize("case", ["swap_nvme", "mixed-bf16", "nvme-mixed-3mb"])
@@ -171,8 +180,8 @@ def test_swap_nvme_peaks_hold_on_a_disk_slower_than_the_forward(tmp_path, case):
     # writes would all be staged at once. The writes in flight are bounded and every staging
     # window ends at a point of the program, so the host and device ledgers are exactly what the
     # simulator predicts (CPU copies are synchronous; both sides use the recorded sizes).
-    sims, measured, _ = measure_and_predict(tmp_path, **CASES[case], disk_delay_s=0.03)
-    assert_agree(sims, measured, DISK_TIMED.get(case, frozenset()))
+    sims, measured, policy = measure_and_predict(tmp_path, **CASES[case], disk_delay_s=0.03)
+    assert_agree(sims, measured, DISK_TIMED.get(case, frozenset()), _rewrite_slack(policy, CASES[case].get("dtype", "fp32")))
     for tier in ("host", "device"):
         assert measured[tier] == sims[0].peak_bytes[tier], (tier, sims[0].breakdown.get(tier))
     if case != "nvme-mixed-3mb":  # there the host peaks in the optimizer's NVMe streaming
