@@ -242,7 +242,7 @@ class ActivationManager:
             if policy is ActPolicy.RECOMPUTE:
                 # Only checkpoint's saved inputs reach our pack hook; the block's own saved
                 # tensors are checkpoint's placeholders, rebuilt by the recompute.
-                body = self._recompute_body(rec, inner, param_ptrs, stats)
+                body = self._recompute_body(rec, inner, module, stats)
                 out = checkpoint(body, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
             else:
                 out = inner(*args, **kwargs)
@@ -283,13 +283,15 @@ class ActivationManager:
             return obj.tensor if obj.tensor is not None else obj.record.view(obj)
         return obj.tensor if obj.resolver is None else obj.resolver.unpack(obj.tensor)
 
-    def _recompute_body(self, rec: _Record, inner, param_ptrs: frozenset[int], stats: BlockActivations):
+    def _recompute_body(self, rec: _Record, inner, module: nn.Module, stats: BlockActivations):
         mgr = self
 
         def body(*args, **kwargs):
             if rec.state is _State.PACKING:
                 return inner(*args, **kwargs)  # the original forward
-            with _CountingHooks(mgr, rec, param_ptrs):
+            # Parameter storages are read again now: the chunk store may have moved them since
+            # the forward, and an activation may sit at a freed parameter buffer's old address.
+            with _CountingHooks(mgr, rec, mgr._param_ptrs(module)):
                 return inner(*args, **kwargs)
 
         return body
