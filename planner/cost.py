@@ -151,23 +151,25 @@ def disk_read_time_s(num_bytes: float, nvme: NvmeSpec, compression: CompressionM
     Read and decompression are pipelined over blocks, so the slower stage sets the pace
     (latency + max(compressed bytes / disk bandwidth, bytes / decompression throughput)).
     """
-    if num_bytes <= 0:
-        return 0.0
-    if compression is None:
-        return transfer_time_s(num_bytes, nvme.read_gbps, NVME_LATENCY_S)
-    disk_s = num_bytes / compression.ratio / (nvme.read_gbps * 1e9)
-    codec_s = num_bytes / (compression.decompress_gbps * 1e9)
-    return NVME_LATENCY_S + max(disk_s, codec_s)
+    codec_gbps = compression.decompress_gbps if compression is not None else 0.0
+    return _disk_time_s(num_bytes, nvme.read_gbps, compression, codec_gbps)
 
 
 def disk_write_time_s(num_bytes: float, nvme: NvmeSpec, compression: CompressionModel | None = None) -> float:
     """Write ``num_bytes`` to NVMe, compressing on the fly if enabled (pipelined as for reads)."""
+    codec_gbps = compression.compress_gbps if compression is not None else 0.0
+    return _disk_time_s(num_bytes, nvme.write_gbps, compression, codec_gbps)
+
+
+def _disk_time_s(num_bytes: float, disk_gbps: float, compression: CompressionModel | None, codec_gbps: float) -> float:
+    """latency + max(stored bytes / disk bandwidth, bytes / codec throughput): the codec and the
+    disk are pipelined over blocks, so the slower stage sets the pace."""
     if num_bytes <= 0:
         return 0.0
     if compression is None:
-        return transfer_time_s(num_bytes, nvme.write_gbps, NVME_LATENCY_S)
-    disk_s = num_bytes / compression.ratio / (nvme.write_gbps * 1e9)
-    codec_s = num_bytes / (compression.compress_gbps * 1e9)
+        return transfer_time_s(num_bytes, disk_gbps, NVME_LATENCY_S)
+    disk_s = num_bytes / compression.ratio / (disk_gbps * 1e9)
+    codec_s = num_bytes / (codec_gbps * 1e9)
     return NVME_LATENCY_S + max(disk_s, codec_s)
 
 
