@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memtrain.offload.chunk_layout import make_chunk_plans, named_blocks, param_order, torch_dtype
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.nvme_format import aligned_empty
 from memtrain.offload.tiers import CopyHandle, copy_async, copy_stream
@@ -49,66 +50,6 @@ from memtrain.planner.plan import ChunkPlan, Tier
 from memtrain.planner.stats import DType
 
 __all__ = ["ParamRef", "ParamSlot", "Chunk", "ChunkStore", "named_blocks", "param_order", "make_chunk_plans", "torch_dtype"]
-
-_TORCH_DTYPES = {DType.FP32: torch.float32, DType.BF16: torch.bfloat16, DType.FP16: torch.float16}
-
-
-def torch_dtype(dtype: DType | str) -> torch.dtype:
-    try:
-        return _TORCH_DTYPES[DType(dtype)]
-    except ValueError:
-        raise ValueError(f"dtype: must be 'fp32', 'bf16' or 'fp16', got {dtype!r}") from None
-
-
-def named_blocks(model: nn.Module, blocks: Sequence[nn.Module] | Sequence[tuple[str, nn.Module]] | None) -> list[tuple[str, nn.Module]]:
-    """``[(module path, block), ...]``; default ``model.blocks``. Names are paths inside ``model``."""
-    if blocks is None:
-        blocks = getattr(model, "blocks", None)
-        if blocks is None:
-            raise ValueError("blocks: the model has no .blocks; pass blocks=[module, ...] in execution order")
-    paths = {id(m): name for name, m in model.named_modules()}
-    out = []
-    for item in blocks:
-        name, mod = item if isinstance(item, tuple) else (paths.get(id(item)), item)
-        if not isinstance(mod, nn.Module) or id(mod) not in paths:
-            raise ValueError(f"blocks: {name or mod!r} is not a submodule of the model; pass the model's own blocks")
-        out.append((name or paths[id(mod)], mod))
-    if not out:
-        raise ValueError("blocks: empty; pass the model's blocks in execution order")
-    return out
-
-
-def param_order(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]]) -> list[tuple[str, int]]:
-    """``[(name, numel), ...]`` in execution order: blocks in order, each block's parameters in
-    registration order, a tied parameter at its first block, under ``model.named_parameters()``'s
-    name. Raises ValueError for a parameter outside every block."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    seen: set[int] = set()
-    out = []
-    for _, block in blocks:
-        for p in block.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                out.append((names[id(p)], p.numel()))
-    # [Note: loose parameters] A parameter outside every block (an HF model's final norm) counts
-    # with the last block, as planner.analyze attributes it when no block is running.
-    out.extend((n, p.numel()) for n, p in model.named_parameters() if id(p) not in seen)
-    return out
-
-
-def make_chunk_plans(params: Sequence[tuple[str, int]], chunk_size_elems: int, homes: Tier | str | Sequence[Tier | str]) -> tuple[ChunkPlan, ...]:
-    """Pack ``params`` (execution order) with the planner's rule; ``homes`` is one tier for all
-    chunks or one per chunk."""
-    from memtrain.planner.cost import pack_params
-
-    packed = pack_params(params, chunk_size_elems)
-    if isinstance(homes, (str, Tier)):
-        homes = [homes] * len(packed)
-    if len(homes) != len(packed):
-        raise ValueError(f"homes: {len(homes)} given for {len(packed)} chunks")
-    return tuple(ChunkPlan(index=i, num_elems=n, param_names=tuple(names), home=Tier(h))
-                 for i, ((names, n), h) in enumerate(zip(packed, homes)))
-
 
 @dataclass(frozen=True, slots=True)
 class ParamRef:
