@@ -337,18 +337,36 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return _build(Config, data, "")
 
 
+_PART_RE = __import__("re").compile(r"^([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)$")
+
+
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b[0].c`` in the raw config mapping; list items must already exist."""
+    node: Any = data
     parts = dotted.split(".")
-    node = data
-    for part in parts[:-1]:
-        nxt = node.get(part)
-        if nxt is None or nxt == "auto":
-            nxt = {}
-            node[part] = nxt
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"--set {dotted}: {part} is not a section")
-        node = nxt
-    node[parts[-1]] = value
+    for depth, part in enumerate(parts):
+        m = _PART_RE.match(part)
+        if not m:
+            raise ConfigError(f"--set {dotted}: cannot read {part!r}; write names and [index], e.g. cluster.nodes[0].host_memory")
+        name, indices = m.group(1), [int(i) for i in __import__("re").findall(r"\d+", m.group(2))]
+        last = depth == len(parts) - 1
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(parts[:depth])} is not a section")
+        if last and not indices:
+            node[name] = value
+            return
+        if name not in node or node[name] is None or node[name] == "auto":
+            if indices:
+                raise ConfigError(f"--set {dotted}: {name} has no item {indices[0]}; write the list in the config file")
+            node[name] = {}
+        node = node[name]
+        for k, i in enumerate(indices):
+            if not isinstance(node, list) or i >= len(node):
+                raise ConfigError(f"--set {dotted}: {name} has no item {i}; write the list in the config file")
+            if last and k == len(indices) - 1:
+                node[i] = value
+                return
+            node = node[i]
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -444,7 +462,7 @@ def config_reference_markdown() -> str:
         "# Configuration reference",
         "",
         "Generated from `runtime/config.py` by `python -m memtrain.runtime.config` (a test checks it is current).",
-        "Every field can be set on the command line with `--set dotted.name=value` (values are read as YAML).",
+        "Every field can be set on the command line with `--set dotted.name=value` (values are read as YAML; list items by index, e.g. `--set cluster.nodes[0].devices[0].kind=a100-80gb`).",
         "Sizes accept `24GiB`, `512MB`, `1.5TiB` or a number of bytes. `cluster: auto` reads this machine.",
         "",
         "| field | type | default | meaning |",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from memtrain.planner.plan import Plan
+from memtrain.planner.units import format_bytes
 from memtrain.planner.profile import apply_profile, find_profile
 from memtrain.runtime.config import Config, ConfigError
 
@@ -21,11 +22,17 @@ def budgets_for(cfg: Config, device, host, nvme) -> dict[str, int]:
         # [Note: CPU as device] On a CPU-only machine the device tier and the host tier are the
         # same RAM: split it (half each by default) and refuse budgets that add up to more.
         device_budget = cfg.memory.device if cfg.memory.device is not None else host.memory_bytes // 2
+        if device_budget > host.memory_bytes:
+            raise ConfigError(
+                f"memory.device: {format_bytes(device_budget)} is more than this machine's "
+                f"{format_bytes(host.memory_bytes)} of RAM (the device tier of a CPU-only machine); lower it"
+            )
         host_budget = cfg.memory.host if cfg.memory.host is not None else max(host.memory_bytes - device_budget, 0)
         if device_budget + host_budget > host.memory_bytes:
             raise ConfigError(
-                f"memory.host: device ({device_budget} bytes) + host ({host_budget} bytes) budgets exceed this "
-                f"machine's {host.memory_bytes} bytes of RAM, which both tiers share on a CPU-only machine; lower one"
+                f"memory.host: device ({format_bytes(device_budget)}) + host ({format_bytes(host_budget)}) budgets "
+                f"exceed this machine's {format_bytes(host.memory_bytes)} of RAM, which both tiers share on a "
+                "CPU-only machine; lower one"
             )
     else:
         device_budget = cfg.memory.device if cfg.memory.device is not None else device.memory_bytes
@@ -41,8 +48,8 @@ def budgets_for(cfg: Config, device, host, nvme) -> dict[str, int]:
         nvme_budget = cfg.memory.nvme if cfg.memory.nvme is not None else nvme.capacity_bytes
     if device_budget > device.memory_bytes:
         raise ConfigError(
-            f"memory.device: budget {device_budget} bytes exceeds the {device.kind}'s memory "
-            f"({device.memory_bytes} bytes); lower it or leave it unset"
+            f"memory.device: budget {format_bytes(device_budget)} exceeds the {device.kind}'s memory "
+            f"({format_bytes(device.memory_bytes)}); lower it or leave it unset"
         )
     return {"device": device_budget, "host": host_budget, "nvme": nvme_budget}
 

@@ -85,6 +85,17 @@ def test_bad_values_name_the_field(overrides, field):
     assert str(e.value).startswith(field), str(e.value)
 
 
+def test_overrides_reach_list_items():
+    cfg = load_config(ROOT / "examples" / "gpt-1b-on-4090.yaml",
+                      ["cluster.nodes[0].devices[0].kind=a100-80gb", "cluster.nodes[0].host_memory=32GiB"])
+    assert cfg.cluster.nodes[0].devices[0].kind == "a100-80gb"
+    assert cfg.cluster.nodes[0].host_memory == 32 * 2**30
+    with pytest.raises(ConfigError, match=r"nodes has no item 3"):
+        load_config(ROOT / "examples" / "gpt-1b-on-4090.yaml", ["cluster.nodes[3].host_memory=1GiB"])
+    with pytest.raises(ConfigError, match=r"cannot read"):
+        load_config(ROOT / "examples" / "gpt-1b-on-4090.yaml", ["cluster.nodes[x].host_memory=1GiB"])
+
+
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
