@@ -18,7 +18,6 @@ under-predicted by more than 2%.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shutil
 import statistics
 import tempfile

@@ -189,7 +189,6 @@ def measure_blocks(
     a meta forward and filled with random values of the same dtype. The last block is timed
     with ``built.loss_fn`` on its output against random labels (see the module docstring).
     """
-    module = built.module
     timings: list[BlockTiming] = []
     for mbs in micro_batch_sizes:
         captured: dict[str, tuple[tuple, dict]] = {}
@@ -253,7 +252,6 @@ def _time_block(blk, captured, *, device, dtype, vocab, reps, loss=None) -> tupl
         o.backward(grad)
 
     total_s = _median_time(fwd_bwd, device, reps)
-    del real
     return fwd_s, max(total_s - fwd_s, 1e-9)
 
 

@@ -314,7 +314,7 @@ class _StepBuilder:
 
     def _backward_block(self, m: int, j: int, prev_accum: dict[int, int]) -> int:
         g, s, b, pol = self.g, self.s, self.s.blocks[j], self.policy.activations[j]
-        dev, hst = Tier.DEVICE.value, Tier.HOST.value
+        dev = Tier.DEVICE.value
         owner, dt = f"act:{b.name}:{m}", self.train.dtype
         if j == len(s.blocks) - 1:  # the writes left from the forward are waited for first
             self._wait_writes(m, upto=j)

@@ -44,7 +44,8 @@ def test_plan_every_example(example, tmp_path):
 
 def test_plan_that_cannot_fit_exits_2_naming_the_shortfall(tmp_path):
     r = memtrain("plan", ROOT / "examples" / "gpt-1b-on-4090.yaml", "--set", "cluster.nodes[0]=x", "--set", f"run_dir={tmp_path}")
-    assert r.returncode == 2  # a --set into a list is a user error, reported cleanly
+    assert r.returncode == 2  # a node that is not a mapping is a user error, reported cleanly
+    assert "cluster.nodes[0]" in r.stderr and "Traceback" not in r.stderr
     r = memtrain("plan", ROOT / "examples" / "gpt-175b.yaml", "--set", "model.preset=175b",
                  "--set", f"run_dir={tmp_path}", "--set", "memory.host=64GiB", "--set", "memory.nvme=100GiB")
     assert r.returncode == 2, r.stdout + r.stderr

@@ -1,7 +1,5 @@
 """The profiler's file format and how measured figures replace catalog ones."""
 
-import dataclasses
-
 import pytest
 import torch
 

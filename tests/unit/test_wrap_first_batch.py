@@ -7,6 +7,18 @@ from memtrain.models.gpt import GPT, causal_lm_loss, gpt_config
 from memtrain.runtime import wrap
 
 
+def _plain_step(forward, loss_fn, opt, ids, labels, micro_batch_size) -> float:
+    """One plain-PyTorch step with gradient accumulation over micro-batches; the mean loss."""
+    num, total = ids.shape[0] // micro_batch_size, 0.0
+    for x, y in zip(ids.split(micro_batch_size), labels.split(micro_batch_size)):
+        loss = loss_fn(forward(x), y)
+        total += loss.item()
+        (loss / num if num > 1 else loss).backward()
+    opt.step()
+    opt.zero_grad()
+    return total / num
+
+
 def test_wrap_plans_on_first_batch_and_matches_torch(capsys):
     torch.manual_seed(0)
     cfg = gpt_config("tiny", dropout=0.1)
@@ -28,15 +40,8 @@ def test_wrap_plans_on_first_batch_and_matches_torch(capsys):
         torch.manual_seed(100 + step)
         loss = engine.train_step((ids, labels))
         torch.manual_seed(100 + step)
-        mbs = engine.micro_batch_size
-        num, total = 4 // mbs, 0.0
-        for x, y in zip(ids.split(mbs), labels.split(mbs)):
-            ref_loss = causal_lm_loss(ref(x), y)
-            total += ref_loss.item()
-            (ref_loss / num if num > 1 else ref_loss).backward()
-        opt.step()
-        opt.zero_grad()
-        assert loss == total / num  # single-tensor host kernel: bitwise
+        expected = _plain_step(ref, causal_lm_loss, opt, ids, labels, engine.micro_batch_size)
+        assert loss == expected  # single-tensor host kernel: bitwise
     assert "Memory per tier" in capsys.readouterr().out  # the plan summary was printed
     report = engine.memory_report()
     assert 0 < report["device"].peak_bytes <= budget
@@ -65,15 +70,8 @@ def test_hf_model_with_loose_parameters_offloaded_matches_torch():
         ids = torch.randint(0, 256, (2, 32), generator=g)
         labels = torch.roll(ids, -1, 1)
         loss = engine.train_step((ids, labels))
-        mbs = engine.micro_batch_size
-        num, total = 2 // mbs, 0.0
-        for x, y in zip(ids.split(mbs), labels.split(mbs)):
-            ref_loss = ref.loss_fn(ref.forward(x), y)
-            total += ref_loss.item()
-            (ref_loss / num if num > 1 else ref_loss).backward()
-        opt.step()
-        opt.zero_grad()
-        assert loss == pytest.approx(total / num, abs=1e-6)
+        expected = _plain_step(ref.forward, ref.loss_fn, opt, ids, labels, engine.micro_batch_size)
+        assert loss == pytest.approx(expected, abs=1e-6)
     homes = {str(c.home) for c in engine.store.chunks}
     assert "host" in homes  # the budget forced offload, so the loose norm was fetched on demand
     engine.close()
