@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memtrain.offload.nvme import NvmeStore, aligned_empty
+from memtrain.offload.nvme import URGENT, NvmeStore, aligned_empty
 from memtrain.planner.units import format_bytes, parse_bytes
 
 __all__ = [
@@ -184,6 +184,8 @@ class IoOp:
     """Elements moved."""
     dtype: torch.dtype
     """Element type."""
+    priority: int
+    """``URGENT`` or ``BACKGROUND`` (memtrain.offload.io_queue), as the step issued it."""
 
     @property
     def num_bytes(self) -> int:
@@ -243,13 +245,13 @@ def record_step_traffic(store: NvmeStore) -> tuple[list[IoOp], Callable[[], None
     log: list[IoOp] = []
     read, write = store.read, store.write
 
-    def rec_read(key, out):
-        log.append(IoOp(kind="read", key=key, numel=out.numel(), dtype=out.dtype))
-        return read(key, out)
+    def rec_read(key, out, *, priority=URGENT):
+        log.append(IoOp(kind="read", key=key, numel=out.numel(), dtype=out.dtype, priority=priority))
+        return read(key, out, priority=priority)
 
-    def rec_write(key, tensor):
-        log.append(IoOp(kind="write", key=key, numel=tensor.numel(), dtype=tensor.dtype))
-        return write(key, tensor)
+    def rec_write(key, tensor, *, priority=URGENT):
+        log.append(IoOp(kind="write", key=key, numel=tensor.numel(), dtype=tensor.dtype, priority=priority))
+        return write(key, tensor, priority=priority)
 
     store.read, store.write = rec_read, rec_write  # instance attributes shadow the methods
 
@@ -290,7 +292,8 @@ class TrafficReplay:
             _drop_cache(str(self.store.file_path(k)))
         bufs, store = self._bufs, self.store
         t0, c0 = time.perf_counter(), time.process_time()
-        wait([store.read(o.key, bufs[o.key]) if o.kind == "read" else store.write(o.key, bufs[o.key]) for o in self.ops])
+        wait([store.read(o.key, bufs[o.key], priority=o.priority) if o.kind == "read"
+              else store.write(o.key, bufs[o.key], priority=o.priority) for o in self.ops])
         store.flush()
         return time.perf_counter() - t0, time.process_time() - c0
 

@@ -13,9 +13,11 @@ swapped to NVMe are written and read here.
 Contract
 - ``write`` and ``read`` run on a pool of ``num_threads`` threads and return a
   ``concurrent.futures.Future``; the caller is never blocked by a write in flight (double
-  buffering is the caller writing chunk i+1 while chunk i is still going out). Operations on
-  the same key run in the order they were submitted (a read after a write sees that write; a
-  rewrite of a key after an in-place update replaces it atomically). ``flush()`` waits for all.
+  buffering is the caller writing chunk i+1 while chunk i is still going out). ``URGENT``
+  operations (the default: fetches the compute waits for) run before ``BACKGROUND`` ones
+  (optimizer-state traffic); operations on the same key run in the order they were submitted,
+  whatever their priorities (a read after a write sees that write; a rewrite of a key after an
+  in-place update replaces it atomically; memtrain.offload.io_queue). ``flush()`` waits for all.
 - Source tensors must be CPU, contiguous, and left unchanged until the write's future is done;
   nothing is copied at submit time, so no untracked host memory appears behind the ledger.
   Tensors from ``aligned_empty`` (or pinned) move under O_DIRECT with no bounce copy at all
@@ -54,6 +56,7 @@ from urllib.parse import quote, unquote
 import torch
 import zstandard
 
+from memtrain.offload.io_queue import BACKGROUND, URGENT, KeyedPool
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.nvme_format import (
     _FRAME,
@@ -76,7 +79,10 @@ from memtrain.offload.nvme_format import (
     is_aligned,
 )
 
-__all__ = ["NvmeError", "NvmeEntry", "NvmeStore", "ALIGN_BYTES", "HEADER_BYTES", "aligned_empty", "is_aligned"]
+__all__ = [
+    "NvmeError", "NvmeEntry", "NvmeStore", "ALIGN_BYTES", "HEADER_BYTES", "aligned_empty", "is_aligned", "URGENT",
+    "BACKGROUND",
+]
 
 _SUFFIX = ".mt"
 _LOCK_NAME = ".memtrain-nvme.lock"
@@ -112,12 +118,6 @@ def _check_out(entry: NvmeEntry, out: torch.Tensor) -> None:
             f"read({entry.key!r}): out is {out.dtype} x {out.numel()}, the stored tensor is "
             f"{entry.dtype} x {entry.numel}; pass a buffer of that dtype and size"
         )
-
-
-def _after(prev: cf.Future | None, fn, *args):
-    if prev is not None:
-        cf.wait([prev])
-    return fn(*args)
 
 
 def _lock_directory(path: Path) -> int:
@@ -199,7 +199,7 @@ class NvmeStore:
         self._pending: set[cf.Future] = set()
         self._failed: list[BaseException] = []
         self._local = threading.local()
-        self._pool: cf.ThreadPoolExecutor | None = None
+        self._pool: KeyedPool | None = None
         self._lock_fd = -1
         self._created_dir = False
 
@@ -229,7 +229,7 @@ class NvmeStore:
         except BaseException:
             self._release_lock()
             raise
-        self._pool = cf.ThreadPoolExecutor(self.num_threads, thread_name_prefix="memtrain-nvme")
+        self._pool = KeyedPool(self.num_threads, name="memtrain-nvme")
         return self
 
     def _adopt_existing(self) -> None:
@@ -250,7 +250,7 @@ class NvmeStore:
         if self._pool is None:
             return
         cf.wait(list(self._pending))
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown()
         self._pool = None
         if not keep_files:
             for key in list(self._entries):
@@ -280,10 +280,12 @@ class NvmeStore:
 
     # --- public operations ---------------------------------------------------------------
 
-    def write(self, key: str, tensor: torch.Tensor) -> cf.Future:
+    def write(self, key: str, tensor: torch.Tensor, *, priority: int = URGENT) -> cf.Future:
         """Write ``tensor`` under ``key`` (replacing any earlier version atomically).
 
         The future's result is the ``NvmeEntry``. ``tensor`` must stay unchanged until then.
+        ``priority``: ``URGENT`` (compute waits for it) runs before ``BACKGROUND``
+        (memtrain.offload.io_queue).
         """
         self._check_started()
         _check_key(key)
@@ -298,15 +300,16 @@ class NvmeStore:
         with self._lock:
             self._keys.add(key)
         try:
-            return self._submit(key, self._write_op, key, tensor, reserve)
+            return self._submit(key, priority, self._write_op, key, tensor, reserve)
         except BaseException:
             self.ledger.free(key, reserve)
             raise
 
-    def read(self, key: str, out: torch.Tensor) -> cf.Future:
+    def read(self, key: str, out: torch.Tensor, *, priority: int = URGENT) -> cf.Future:
         """Read ``key`` into ``out`` (CPU, contiguous, same dtype and numel); result is ``out``.
 
         The checksum is verified; on any error the contents of ``out`` are unspecified.
+        ``priority`` as for ``write``.
         """
         self._check_started()
         _check_key(key)
@@ -318,7 +321,7 @@ class NvmeStore:
             raise ValueError(f"read({key!r}): out must be a contiguous CPU tensor")
         if entry is not None:
             _check_out(entry, out)
-        return self._submit(key, self._read_op, key, out)
+        return self._submit(key, priority, self._read_op, key, out)
 
     def write_sync(self, key: str, tensor: torch.Tensor) -> NvmeEntry:
         return self.write(key, tensor).result()
@@ -334,7 +337,7 @@ class NvmeStore:
             if key not in self._keys:
                 raise NvmeError(f"delete({key!r}): no such key in {self.path}")
             self._keys.discard(key)
-        self._submit(key, self._delete_op, key).result()
+        self._submit(key, URGENT, self._delete_op, key).result()
 
     def flush(self) -> None:
         """Wait for every operation submitted so far; raise the first failure among them."""
@@ -387,13 +390,11 @@ class NvmeStore:
             )
         return st
 
-    def _submit(self, key: str, fn, *args) -> cf.Future:
+    def _submit(self, key: str, priority: int, fn, *args) -> cf.Future:
         assert self._pool is not None
         with self._lock:
-            prev = self._tails.get(key)
-            # FIFO pool + per-key chaining: ``prev`` was queued earlier, so it is running or done
-            # when this op starts, and waiting on it cannot deadlock the pool.
-            fut = self._pool.submit(_after, prev, fn, *args)
+            # The pool runs one op per key at a time, in submission order (io_queue [Note: per-key order]).
+            fut = self._pool.submit(key, priority, fn, *args)
             self._tails[key] = fut
             self._pending.add(fut)
         fut.add_done_callback(lambda f: self._on_done(key, f))

@@ -51,8 +51,8 @@ def _policy(model, homes, acts, depth: int, chunk_elems: int) -> MemoryPolicy:
 def _late(op, delay_s: float):
     """``op`` (an NvmeStore's write or read) completing ``delay_s`` after the real operation."""
 
-    def run(*args):
-        inner, outer = op(*args), cf.Future()
+    def run(*args, **kwargs):
+        inner, outer = op(*args, **kwargs), cf.Future()
 
         def finish():
             if inner.exception() is not None:
