@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memtrain.offload.bufpool import BufferPool
 from memtrain.offload.chunk_layout import make_chunk_plans, named_blocks, param_order, torch_dtype
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.nvme_format import aligned_empty
@@ -178,31 +179,50 @@ class ChunkStore:
         self._built = False
         self.on_grads_final = None
         """Called with a chunk whose gradients of the step are complete (its last micro-batch's
-        grad buffer was just added into the host accumulator and its param buffer released),
-        during a backward begun with ``final=True``; offload.optim [Note: early optimizer step]."""
+        grad buffer was just added into the host accumulator; its param buffer goes next) and the
+        buffer when it is the fp32 master, during a backward begun with ``final=True``;
+        offload.optim [Note: early optimizer step]."""
         self._final = False
+        # [Note: why pool CPU buffers] (offload.bufpool): per ledger whose memory is plain CPU RAM.
+        self.pools = {id(ledger): BufferPool(ledger) for ledger, pinned in
+                      ((host_ledger, self.device.type == "cuda"), (device_ledger, False))
+                      if not pinned and (ledger is host_ledger or self.device.type == "cpu")}
 
     # --- memory helpers (a thin stand-in for offload.tiers: tensor + ledger entry) ----------
 
     def _alloc(self, ledger: Ledger, owner: str, numel: int, dtype: torch.dtype, *, zero: bool = False,
                upload: bool = False) -> torch.Tensor:
+        pool = self.pools.get(id(ledger))
+        if pool is not None:
+            # Page-aligned, so the NVMe store moves it without a bounce copy ([Note: CPU-only fetch]),
+            # and reused (offload.bufpool [Note: why pool CPU buffers]). Taken before the ledger
+            # records it, so the ledger's growth does not evict the very buffer being reused.
+            t = pool.take(numel, dtype)
+            try:
+                ledger.alloc(owner, numel * dtype.itemsize)
+            except BaseException:
+                pool.give(t)
+                raise
+            return t.zero_() if zero else t
         ledger.alloc(owner, numel * dtype.itemsize)
         on_host = ledger is self.host_ledger
         dev = torch.device("cpu") if on_host else self.device
         pin = on_host and self.device.type == "cuda"
-        if dev.type == "cpu" and not pin:
-            # Page-aligned, so the NVMe store moves it without a bounce copy ([Note: CPU-only fetch]).
-            t = aligned_empty(numel, dtype)
-            return t.zero_() if zero else t
         make = torch.zeros if zero else torch.empty
         if on_host or not upload or self.device.type != "cuda":
             return make(numel, dtype=dtype, device=dev, pin_memory=pin)
         with torch.cuda.stream(copy_stream(self.device, "h2d")):  # uploads land here: see _copy
             return make(numel, dtype=dtype, device=dev)
 
-    @staticmethod
-    def _free(ledger: Ledger, owner: str, t: torch.Tensor) -> None:
+    def _free(self, ledger: Ledger, owner: str, t: torch.Tensor, *, reuse: bool = True) -> None:
+        """Give back ``t``'s bytes; ``reuse``: the caller is done with the tensor (False when it
+        was passed on and the new holder frees it later)."""
         ledger.free(owner, t.numel() * t.element_size())
+        if reuse:  # the pool that handed it out takes it back (a passed-on buffer changes ledger)
+            for pool in self.pools.values():
+                if pool.owns(t):
+                    pool.give(t)
+                    break
 
     def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> CopyHandle:
         """Host→device upload; on CUDA on the h2d side stream, where ``dst`` was allocated
@@ -442,7 +462,7 @@ class ChunkStore:
                     return
                 self._start(self.chunks[ci])
 
-    def _release(self, c: Chunk) -> None:
+    def _release(self, c: Chunk, *, reuse: bool = True) -> None:
         if c.home is Tier.DEVICE or c.buf is None:
             return
         if c.fetch is not None:
@@ -452,7 +472,7 @@ class ChunkStore:
         ph = self._placeholder(self.compute_dtype)
         for s in c.slots:
             s.param.data = ph.expand(s.shape)  # [Note: released parameters]
-        self._free(self.device_ledger, f"buffer:param:{c.index}", c.buf)
+        self._free(self.device_ledger, f"buffer:param:{c.index}", c.buf, reuse=reuse)
         c.buf = None
 
     # --- the resolver protocol ([Note: saved views of parameters]) -------------------------
@@ -502,20 +522,26 @@ class ChunkStore:
         """Flush grad buffers of chunks whose parameters did not all get gradients; release all."""
         try:
             for c in self.chunks:
-                flushed = c.grad_buf is not None
-                if flushed:
+                handed = False
+                if c.grad_buf is not None:
                     self._flush(c)
-                self._release(c)
-                if flushed:
-                    self._grads_final(c)
+                    handed = self._grads_final(c)
+                self._release(c, reuse=not handed)
         finally:
             self._phase = _Phase.IDLE
             self._final = False
             self._events.clear()
 
-    def _grads_final(self, c: Chunk) -> None:
-        if self._final and self.on_grads_final is not None and c.home is not Tier.DEVICE:
-            self.on_grads_final(c)
+    def _grads_final(self, c: Chunk) -> bool:
+        """Report ``c`` to ``on_grads_final``, before its param buffer is released: without mixed
+        precision an nvme chunk's buffer is its master (offload.optim [Note: master from the param
+        buffer]). True when the buffer was passed on (its new holder frees it)."""
+        if not (self._final and self.on_grads_final is not None and c.home is not Tier.DEVICE):
+            return False
+        resident = c.buf is not None and c.fetch is None
+        master = c.buf if c.home is Tier.NVME and not self.mixed and resident else None
+        self.on_grads_final(c, master)
+        return master is not None
 
     # --- gradients ------------------------------------------------------------------------
 
@@ -543,8 +569,7 @@ class ChunkStore:
         c.mb_seen.add(si)
         if len(c.mb_seen) == len(c.slots):
             self._flush(c)
-            self._release(c)
-            self._grads_final(c)
+            self._release(c, reuse=not self._grads_final(c))
 
     def _flush(self, c: Chunk) -> None:
         """Add the micro-batch's grad buffer into the fp32 host accumulator; free the buffer."""
@@ -638,6 +663,8 @@ class ChunkStore:
     def close(self) -> None:
         """Remove hooks, drop buffers, delete the chunk files."""
         self.uninstall()
+        for pool in self.pools.values():
+            pool.clear()
         if self.nvme is not None:
             for c in self.chunks:
                 if c.home is Tier.NVME:

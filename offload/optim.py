@@ -23,6 +23,14 @@ docs/memory-accounting.md rules). ``step()`` then steps the chunks not stepped e
 fp16 loss scaling needs every gradient before deciding to skip or unscale, so the engine does not
 step early under it.
 
+[Note: master from the param buffer] Without mixed precision the param buffer an nvme chunk was
+fetched into for the backward holds exactly its fp32 master (read from the ``master`` file, never
+written since). When the chunk's gradients are complete the store hands that buffer to
+``step_early`` before releasing it, so the update reads only the states from disk: one read of
+``4·N`` bytes less per chunk and step (the 100m all-NVMe step: 0.36 GB of 4.1 GB). On a CPU
+device the buffer itself becomes the master's staging (zero-copy: the device ledger frees it as the
+host ledger takes it, as the simulator books it); on CUDA it is copied into host staging first.
+
 The update rules are torch's own functional kernels (``torch.optim.adam.adam`` with decoupled
 weight decay, i.e. AdamW; and the same arithmetic as ``torch.optim.sgd``'s single-tensor path),
 applied to flat buffers. Elementwise arithmetic on a flat buffer is the arithmetic on each
@@ -50,6 +58,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.optim.adam import adam as _torch_adam
 
+from memtrain.offload.io_queue import BACKGROUND
+from memtrain.offload.nvme_format import is_aligned
 from memtrain.planner.plan import Tier
 
 if TYPE_CHECKING:
@@ -264,19 +274,32 @@ class _WriteBack:
             self.store._free(self.store.host_ledger, f"staging:{self.index}", t)
 
 
-def _read_states(store: "ChunkStore", c: "Chunk") -> _Staged:
-    """Start reading master and states of nvme chunk ``c`` (planner.cost.nvme_optim_staging_bytes)."""
+def _read_states(store: "ChunkStore", c: "Chunk", master: torch.Tensor | None = None) -> _Staged:
+    """Start reading master and states of nvme chunk ``c`` (planner.cost.nvme_optim_staging_bytes).
+
+    ``master``: the chunk's fp32 parameters already in memory ([Note: master from the param
+    buffer]); then only the states are read."""
     owner, n = f"staging:{c.index}", c.num_elems
-    tensors = {"master": store._alloc(store.host_ledger, owner, n, torch.float32)}
-    tensors.update({k: store._alloc(store.host_ledger, owner, n, torch.float32) for k in store.state_names})
-    futures = [store.nvme.read(store.nvme_key(c, k), t) for k, t in tensors.items()]
+    tensors, futures = {}, []
+    if master is not None and master.device.type == "cpu" and is_aligned(master):
+        store.host_ledger.alloc(owner, n * 4)  # the buffer itself becomes the staging (zero-copy)
+        tensors["master"] = master
+    elif master is not None:  # a CUDA buffer: copied into host staging before it is released
+        tensors["master"] = store._alloc(store.host_ledger, owner, n, torch.float32)
+        tensors["master"].copy_(master)
+    else:
+        tensors["master"] = store._alloc(store.host_ledger, owner, n, torch.float32)
+        futures.append(store.nvme.read(store.nvme_key(c, "master"), tensors["master"], priority=BACKGROUND))
+    for k in store.state_names:
+        tensors[k] = store._alloc(store.host_ledger, owner, n, torch.float32)
+        futures.append(store.nvme.read(store.nvme_key(c, k), tensors[k], priority=BACKGROUND))
     if store.mixed:  # rewritten from the master after the step, so never read
         tensors["compute"] = store._alloc(store.host_ledger, owner, n, store.compute_dtype)
     return _Staged(tensors, futures)
 
 
 def _write_states(store: "ChunkStore", c: "Chunk", staged: _Staged) -> _WriteBack:
-    futures = [store.nvme.write(store.nvme_key(c, k), t) for k, t in staged.tensors.items()]
+    futures = [store.nvme.write(store.nvme_key(c, k), t, priority=BACKGROUND) for k, t in staged.tensors.items()]
     return _WriteBack(store, c.index, staged, futures)
 
 
@@ -349,9 +372,10 @@ class OffloadedOptimizer:
         """Chunks queued by ``step_early`` since the last ``step()``."""
         return len(self._early)
 
-    def step_early(self, chunk: "Chunk") -> None:
+    def step_early(self, chunk: "Chunk", master: torch.Tensor | None = None) -> None:
         """Queue ``chunk``'s update now: its gradients for this step are complete ([Note: early
-        optimizer step]). Device-home chunks are left to ``step()``."""
+        optimizer step]). Device-home chunks are left to ``step()``. ``master``: an nvme chunk's
+        fp32 parameters still in its param buffer ([Note: master from the param buffer])."""
         if chunk.home is Tier.DEVICE or chunk.index in self._early or not chunk.has_grad:
             return
         if self._worker is None:
@@ -362,7 +386,7 @@ class OffloadedOptimizer:
         # Bounded staging: the oldest write-backs are waited for (their staging freed) first.
         while len(self._writing) >= self.staged_chunks:
             self._writing.pop(0).result().wait()
-        staged = _read_states(self.store, chunk)
+        staged = _read_states(self.store, chunk, master)
         fut = self._worker.submit(self._step_staged, chunk, staged)
         self._early[chunk.index] = fut
         self._writing.append(fut)

@@ -285,6 +285,14 @@ def chunk_disk_bytes(num_elems: int, dtype: DType | str, optimizer: Optimizer | 
     return chunk_bytes(Tier.NVME, num_elems, dtype, optimizer)[Tier.NVME]
 
 
+def nvme_optim_read_bytes(num_elems: int, dtype: DType | str, optimizer: Optimizer | str, *, early: bool) -> int:
+    """What an nvme-home chunk's optimizer step reads from disk: ``chunk_disk_bytes`` less the
+    fp32 master when the update starts early without mixed precision, for then the param buffer
+    fetched for the backward is the master (offload.optim [Note: master from the param buffer])."""
+    full = chunk_disk_bytes(num_elems, dtype, optimizer)
+    return full - 4 * num_elems if early and not _mixed(dtype) else full
+
+
 def nvme_optim_staging_bytes(num_elems: int, dtype: DType | str, optimizer: Optimizer | str) -> int:
     """Host staging (owner ``staging:<i>``) of an nvme-home chunk's optimizer step: its
     master, states and compute copy are read into host memory, updated by CPU Adam and written

@@ -387,7 +387,7 @@ class _StepBuilder:
             self._wait_write(m)
         mark = g.add(f"alloc@c{c}:states", "compute", 0.0, deps=(bt,),
                      alloc_start=[self._states_staging(c), self._rewrite(c)], tag=m)
-        nbytes = cost.chunk_disk_bytes(ch.num_elems, dt, opt)
+        nbytes = cost.nvme_optim_read_bytes(ch.num_elems, dt, opt, early=True)
         rd = g.add(f"read-states@c{c}", "disk", cost.disk_read_time_s(nbytes, self.nvme, self.comp), deps=(mark,), tag=self.n)
         op = g.add(f"OPTIM@c{c}", self.cpu, upd_s, deps=(rd, acc), tag=self.n)
         self.optim_tasks.append(op)
@@ -615,7 +615,8 @@ def stream_work_s(
         work[cpu] += cost.cpu_optimizer_time_s(ne, opt, host)
         if c.home is Tier.NVME:
             disk_bytes = cost.chunk_disk_bytes(ne, dt, opt)
+            read_bytes = cost.nvme_optim_read_bytes(ne, dt, opt, early=DType(dt) is not DType.FP16)
             work["disk"] += fetches * cost.disk_read_time_s(nbytes, nvme, comp)
-            work["disk"] += cost.disk_read_time_s(disk_bytes, nvme, comp) + cost.disk_write_time_s(disk_bytes, nvme, comp)
+            work["disk"] += cost.disk_read_time_s(read_bytes, nvme, comp) + cost.disk_write_time_s(disk_bytes, nvme, comp)
     work["compute"] += cost.device_optimizer_time_s(resident, dt, opt, device)
     return work

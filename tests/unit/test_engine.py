@@ -7,6 +7,7 @@ import torch
 
 from memtrain.models.gpt import GPT, causal_lm_loss, gpt_config
 from memtrain.offload.chunks import make_chunk_plans, named_blocks, param_order
+from memtrain.offload.nvme import BACKGROUND, URGENT
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier
 from memtrain.runtime import wrap
 
@@ -301,6 +302,48 @@ def test_early_updates_in_the_last_backward_change_nothing(home, dtype, tmp_path
     # host staging of the optimizer's NVMe reads is all given back when the step ends
     assert all(early.store.host_ledger.holds(f"staging:{c.index}") == 0 for c in early.store.chunks)
     early.close(), late.close()
+
+
+def _optimizer_master_reads(engine) -> list[str]:
+    """Keys of ``master`` files the optimizer reads (it reads at BACKGROUND priority)."""
+    keys: list[str] = []
+    read = engine.nvme.read
+
+    def logging_read(key, out, *, priority=URGENT):
+        if priority == BACKGROUND and key.endswith(":master"):
+            keys.append(key)
+        return read(key, out, priority=priority)
+
+    engine.nvme.read = logging_read
+    return keys
+
+
+@pytest.mark.parametrize("dtype,early,reads_master", [("fp32", True, False), ("fp32", False, True), ("bf16", True, True)])
+def test_early_fp32_update_takes_the_master_from_the_param_buffer(dtype, early, reads_master, tmp_path):
+    # offload.optim [Note: master from the param buffer]: without mixed precision the buffer the
+    # backward fetched is the master, so the early update reads only m and v from disk.
+    cfg = gpt_config("tiny")
+    engine, _ = _engine(cfg, Tier.NVME, tmp_path / "a", dtype=dtype)
+    ref, _ = _engine(cfg, Tier.NVME, tmp_path / "b", dtype=dtype)
+    keys = _optimizer_master_reads(engine)
+    for step in range(2):
+        batch = _batch(cfg, step)
+        if early:
+            engine.train_step(batch)
+        else:
+            x, y = batch
+            for xm, ym in zip(x.split(MICRO), y.split(MICRO)):
+                engine.backward(engine((xm, ym)) / 2)
+            engine.step()
+        ref.train_step(batch)
+    num_chunks = len(engine.store.chunks)
+    assert len(keys) == (2 * num_chunks if reads_master else 0)
+    a, b = engine.state_dict(), ref.state_dict()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for i, st in a["optimizer"]["state"].items():
+        assert all(torch.equal(v, b["optimizer"]["state"][i][k]) for k, v in st.items())
+    assert all(engine.store.host_ledger.holds(f"staging:{c.index}") == 0 for c in engine.store.chunks)
+    engine.close(), ref.close()
 
 
 def test_custom_loop_marks_the_last_backward_and_must_step_before_the_next(tmp_path):
