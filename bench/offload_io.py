@@ -331,7 +331,7 @@ def measure_training(
 
     ``prefetch_depth`` None: ``overlap_prefetch_depth`` of the model's chunks."""
     from memtrain.models.gpt import GPT, gpt_config
-    from memtrain.offload.chunks import make_chunk_plans, named_blocks, param_order
+    from memtrain.offload.chunks import block_param_order, make_chunk_plans, named_blocks
     from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier
     from memtrain.runtime import wrap
 
@@ -346,7 +346,7 @@ def measure_training(
         with torch.device("meta"):  # only the layout is needed: no memory, no init time
             model = GPT(cfg)
         blocks = named_blocks(model, None)
-        chunk_of = {n: c.index for c in make_chunk_plans(param_order(model, blocks), chunk_elems, Tier.NVME)
+        chunk_of = {n: c.index for c in make_chunk_plans(block_param_order(model, blocks), chunk_elems, Tier.NVME)
                     for n in c.param_names}
         names = {id(p): n for n, p in model.named_parameters()}
         prefetch_depth = overlap_prefetch_depth(
@@ -357,7 +357,7 @@ def measure_training(
         model = GPT(cfg)
         blocks = named_blocks(model, None)
         plan = MemoryPolicy(chunk_size_elems=chunk_elems, prefetch_depth=prefetch_depth,
-                            chunks=make_chunk_plans(param_order(model, blocks), chunk_elems, home),
+                            chunks=make_chunk_plans(block_param_order(model, blocks), chunk_elems, home),
                             activations=(ActPolicy.KEEP,) * len(blocks))
         memory = {"device": "1TiB", "host": "1TiB", **({"nvme": nvme_dir} if nvme_dir else {})}
         engine = wrap(model, optimizer=dict(name="adamw", lr=1e-4), memory=memory, plan=plan,

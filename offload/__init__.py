@@ -13,7 +13,7 @@ _EXPORTS = {
     "NvmeStore": "nvme", "NvmeError": "nvme",
     "ActivationManager": "activations", "ParamResolver": "activations",
     "ChunkStore": "chunks", "ParamRef": "chunks", "make_chunk_plans": "chunks", "named_blocks": "chunks",
-    "param_order": "chunks",
+    "param_order": "chunks", "block_param_order": "chunks",
     "OffloadedOptimizer": "optim", "OptimizerSpec": "optim", "host_adamw_step": "optim",
     "measure_host_adamw": "optim",
 }

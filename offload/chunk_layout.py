@@ -14,7 +14,7 @@ from torch import nn
 from memtrain.planner.plan import ChunkPlan, Tier
 from memtrain.planner.stats import DType
 
-__all__ = ["named_blocks", "param_order", "make_chunk_plans", "torch_dtype"]
+__all__ = ["named_blocks", "block_param_order", "param_order", "make_chunk_plans", "torch_dtype"]
 
 _TORCH_DTYPES = {DType.FP32: torch.float32, DType.BF16: torch.bfloat16, DType.FP16: torch.float16}
 
@@ -44,27 +44,36 @@ def named_blocks(model: nn.Module, blocks: Sequence[nn.Module] | Sequence[tuple[
     return out
 
 
-def param_order(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]]) -> list[tuple[str, int]]:
-    """``[(name, numel), ...]`` in execution order: blocks in order, each block's parameters in
+def block_param_order(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]]) -> list[list[tuple[str, int]]]:
+    """Per block, ``[(name, numel), ...]`` in execution order: each block's parameters in
     registration order, a tied parameter at its first block, under ``model.named_parameters()``'s
-    name. Raises ValueError for a parameter outside every block."""
+    name. [Note: loose parameters] A parameter outside every block (an HF model's final norm)
+    counts with the last block, as planner.analyze attributes it when no block is running."""
     names = {id(p): n for n, p in model.named_parameters()}
     seen: set[int] = set()
-    out = []
+    out: list[list[tuple[str, int]]] = []
     for _, block in blocks:
+        group = []
         for p in block.parameters():
             if id(p) not in seen:
                 seen.add(id(p))
-                out.append((names[id(p)], p.numel()))
-    # [Note: loose parameters] A parameter outside every block (an HF model's final norm) counts
-    # with the last block, as planner.analyze attributes it when no block is running.
-    out.extend((n, p.numel()) for n, p in model.named_parameters() if id(p) not in seen)
+                group.append((names[id(p)], p.numel()))
+        out.append(group)
+    out[-1].extend((n, p.numel()) for n, p in model.named_parameters() if id(p) not in seen)
     return out
 
 
-def make_chunk_plans(params: Sequence[tuple[str, int]], chunk_size_elems: int, homes: Tier | str | Sequence[Tier | str]) -> tuple[ChunkPlan, ...]:
-    """Pack ``params`` (execution order) with the planner's rule; ``homes`` is one tier for all
-    chunks or one per chunk."""
+def param_order(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]]) -> list[tuple[str, int]]:
+    """``block_param_order`` flattened: ``[(name, numel), ...]`` in execution order."""
+    return [p for group in block_param_order(model, blocks) for p in group]
+
+
+def make_chunk_plans(params: Sequence[tuple[str, int]] | Sequence[Sequence[tuple[str, int]]], chunk_size_elems: int,
+                     homes: Tier | str | Sequence[Tier | str]) -> tuple[ChunkPlan, ...]:
+    """Pack ``params`` with the planner's rule (``planner.cost.pack_params``): grouped by block
+    (``block_param_order``, the planner's chunks: blocks never straddle chunks needlessly) or flat
+    (``param_order``: parameters packed one by one). ``homes`` is one tier for all chunks or one
+    per chunk."""
     from memtrain.planner.cost import pack_params
 
     packed = pack_params(params, chunk_size_elems)

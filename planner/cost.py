@@ -379,37 +379,55 @@ def workspace_bytes(stats: ModelStats) -> int:
 # --- chunk packing ------------------------------------------------------------------------
 
 
-def _pack_units(units: Iterable[tuple[tuple[str, ...], int]], chunk_size_elems: int) -> list[tuple[tuple[str, ...], int]]:
+def _pack_units(blocks: Iterable[Sequence[tuple[tuple[str, ...], int]]], chunk_size_elems: int) -> list[tuple[tuple[str, ...], int]]:
+    """``blocks``: per block, its indivisible units ``(names, numel)`` in execution order."""
     if chunk_size_elems < 1:
         raise ValueError(f"chunk_size_elems: must be >= 1, got {chunk_size_elems}")
     chunks: list[tuple[tuple[str, ...], int]] = []
     names: list[str] = []
     count = 0
-    for unit_names, numel in units:
-        if numel <= 0:
-            continue
-        if count and count + numel > chunk_size_elems:
+    for units in blocks:
+        units = [(u, n) for u, n in units if n > 0]
+        total = sum(n for _, n in units)
+        # [Note: block-aligned chunks] a block that fits in one chunk never straddles two.
+        if count and total <= chunk_size_elems and count + total > chunk_size_elems:
             chunks.append((tuple(names), count))
             names, count = [], 0
-        names.extend(unit_names)
-        count += numel
-        if count >= chunk_size_elems:  # includes a unit larger than a chunk: a chunk of its own
-            chunks.append((tuple(names), count))
-            names, count = [], 0
+        for unit_names, numel in units:
+            if count and count + numel > chunk_size_elems:
+                chunks.append((tuple(names), count))
+                names, count = [], 0
+            names.extend(unit_names)
+            count += numel
+            if count >= chunk_size_elems:  # includes a unit larger than a chunk: a chunk of its own
+                chunks.append((tuple(names), count))
+                names, count = [], 0
     if count:
         chunks.append((tuple(names), count))
     return chunks
 
 
-def pack_params(params: Iterable[tuple[str, int]], chunk_size_elems: int) -> list[tuple[tuple[str, ...], int]]:
-    """Pack ``[(name, numel), ...]`` (execution order) into chunks of about ``chunk_size_elems``.
+def pack_params(params: Iterable[tuple[str, int]] | Iterable[Sequence[tuple[str, int]]],
+                chunk_size_elems: int) -> list[tuple[tuple[str, ...], int]]:
+    """Pack parameters (execution order) into chunks of about ``chunk_size_elems``.
 
     The single packing rule shared by planner and runtime (docs/memory-accounting.md, Chunks):
     parameters are taken in order and appended to the current chunk while it stays within the
     chunk size; a parameter is never split; one larger than the chunk size gets a chunk of its
-    own. Returns ``[(param_names, num_elems), ...]`` in chunk order.
+    own; and [Note: block-aligned chunks] when a block's parameters fit in one chunk but not in
+    what is left of the current one, the current chunk is closed first, so a block touches as
+    few chunks as it can (ProTrain, Yang et al. 2024, organises chunks by block for the same
+    reason: one block's fetch is one transfer, and prefetching a chunk brings in a whole block).
+    A block larger than a chunk is cut between parameters.
+
+    ``params``: per block, ``[(name, numel), ...]``; or a flat ``[(name, numel), ...]``, where
+    each parameter counts as a block of its own (no alignment). Returns
+    ``[(param_names, num_elems), ...]`` in chunk order.
     """
-    return _pack_units((((name,), numel) for name, numel in params), chunk_size_elems)
+    params = list(params)
+    grouped = bool(params) and not isinstance(params[0][0], str)
+    blocks = params if grouped else [[p] for p in params]
+    return _pack_units([[((name,), numel) for name, numel in b] for b in blocks], chunk_size_elems)
 
 
 def block_param_list(block: BlockStats, param_numels: Mapping[str, int] | None = None) -> list[tuple[str, int]] | None:
@@ -435,24 +453,24 @@ def pack_chunks(
 
     [Note: chunking without parameter sizes] When parameter sizes are known
     (``BlockStats.param_numels``, or the ``param_numels`` mapping) parameters are packed one by
-    one with ``pack_params``' rule, so the runtime gets the same chunks from
-    ``pack_params([(name, numel), ...])`` over the model's parameters in execution order. A block whose sizes are unknown is packed as
+    one with ``pack_params``' rule, so the runtime gets the same chunks from ``pack_params``
+    over the model's parameters grouped by block (``offload.chunk_layout.block_param_order``). A block whose sizes are unknown is packed as
     one indivisible unit of ``num_params`` elements (never split, a chunk of its own when larger
     than the chunk size); the runtime then uses the plan's ``ChunkPlan.param_names`` as is.
     """
-    units: list[tuple[tuple[str, ...], int]] = []
+    blocks: list[list[tuple[tuple[str, ...], int]]] = []
     for block in stats.blocks:
         params = block_param_list(block, param_numels)
         if params is None:
-            units.append((tuple(block.param_names), block.num_params))
+            blocks.append([(tuple(block.param_names), block.num_params)])
         else:
             if sum(n for _, n in params) != block.num_params:
                 raise ValueError(
                     f"param_numels: sizes of block {block.name!r} sum to {sum(n for _, n in params)}, "
                     f"but the block has {block.num_params} parameters; pass the model's own sizes"
                 )
-            units.extend(((name,), numel) for name, numel in params)
-    return _pack_units(units, chunk_size_elems)
+            blocks.append([((name,), numel) for name, numel in params])
+    return _pack_units(blocks, chunk_size_elems)
 
 
 def block_chunk_ids(stats: ModelStats, chunks: Sequence[ChunkPlan]) -> tuple[tuple[int, ...], ...]:

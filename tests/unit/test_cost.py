@@ -155,7 +155,22 @@ def test_pack_chunks_uses_sizes_carried_by_the_blocks():
                    output_bytes=1, fwd_flops=0, bwd_flops=0, param_names=b.param_names,
                    param_numels=tuple(sizes[n] for n in b.param_names)) for b in stats.blocks))
     assert cost.pack_chunks(sized, 4) == cost.pack_chunks(stats, 4, sizes)
-    assert cost.pack_chunks(sized, 4) == cost.pack_params(list(sizes.items()), 4)  # what the runtime calls
+    grouped = [[(n, sizes[n]) for n in b.param_names] for b in stats.blocks]
+    for size in (4, 8, 9, 100):  # what the runtime calls (offload.chunk_layout.block_param_order)
+        assert cost.pack_chunks(sized, size) == cost.pack_params(grouped, size)
+
+
+def test_a_block_that_fits_in_a_chunk_never_straddles_two():
+    # [Note: block-aligned chunks]: blocks of 6, 7 and 12 elements in chunks of 10
+    blocks = [[("a", 6)], [("b1", 3), ("b2", 4)], [("c1", 5), ("c2", 7)]]
+    # b (7) fits in a chunk but not beside a (6): a's chunk closes; c (12) is larger than a chunk
+    # and is cut between its parameters as before
+    assert cost.pack_params(blocks, 10) == [(("a",), 6), (("b1", "b2"), 7), (("c1",), 5), (("c2",), 7)]
+    # flat, each parameter is its own block: b1 joins a, b2 does not fit
+    flat = [p for b in blocks for p in b]
+    assert cost.pack_params(flat, 10) == [(("a", "b1"), 9), (("b2", "c1"), 9), (("c2",), 7)]
+    # blocks that fit together still share a chunk
+    assert cost.pack_params([[("x", 3)], [("y", 3)], [("z", 3)]], 10) == [(("x", "y", "z"), 9)]
 
 
 def test_block_chunk_ids_by_name_and_by_range_agree():
