@@ -21,6 +21,12 @@ if it was released; so releasing a buffer really frees it, and parameters are ne
 counted as activations. The activation manager installs this resolver; without it the store's
 own ``saved_tensors_hooks`` do the same.
 
+[Note: across pass ends] The forward's last block keeps its chunks when a backward follows (it
+starts with that block), and a backward that another micro-batch's forward follows at once
+(``begin_backward(next_forward=True)``: ``Engine.train_step``) keeps block 0's chunks and goes on
+prefetching in forward order: no fetch is repeated and the disk has work queued at each pass
+boundary. The simulator does the same (planner.simulate).
+
 [Note: CPU-only fetch] Without a GPU the device tier is host memory, so copying a chunk from host
 staging into its "device" buffer would be a memcpy on the cores the compute needs (12 ms per
 28 MiB chunk measured on 2 shared cores, 52 fetches per step of the 100m model). There the disk
@@ -33,8 +39,9 @@ memory really held (by ``N·c`` while a read is in flight).
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -43,14 +50,17 @@ import torch
 from torch import nn
 
 from memtrain.offload.bufpool import BufferPool
-from memtrain.offload.chunk_layout import make_chunk_plans, named_blocks, param_order, torch_dtype
+from memtrain.offload.chunk_layout import block_param_order, make_chunk_plans, named_blocks, param_order, torch_dtype
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.nvme_format import aligned_empty
 from memtrain.offload.tiers import CopyHandle, copy_async, copy_stream
 from memtrain.planner.plan import ChunkPlan, Tier
 from memtrain.planner.stats import DType
 
-__all__ = ["ParamRef", "ParamSlot", "Chunk", "ChunkStore", "named_blocks", "param_order", "make_chunk_plans", "torch_dtype"]
+__all__ = [
+    "ParamRef", "ParamSlot", "Chunk", "ChunkStore", "named_blocks", "block_param_order", "param_order", "make_chunk_plans",
+    "torch_dtype",
+]
 
 @dataclass(frozen=True, slots=True)
 class ParamRef:
@@ -183,6 +193,8 @@ class ChunkStore:
         buffer when it is the fp32 master, during a backward begun with ``final=True``;
         offload.optim [Note: early optimizer step]."""
         self._final = False
+        self._next_forward = False
+        self._held_for_backward = False
         # [Note: why pool CPU buffers] (offload.bufpool): per ledger whose memory is plain CPU RAM.
         self.pools = {id(ledger): BufferPool(ledger) for ledger, pinned in
                       ((host_ledger, self.device.type == "cuda"), (device_ledger, False))
@@ -393,7 +405,11 @@ class ChunkStore:
             for t in _tensors(output):
                 if t.requires_grad:
                     self._add_event(t, (1, pos))
-        nxt = set(self.uses[pos + 1]) if pos + 1 < len(self.blocks) else set()
+        if pos + 1 < len(self.blocks):
+            nxt = set(self.uses[pos + 1])
+        else:  # [Note: across pass ends] the backward starts with the last block's chunks
+            nxt = set(self.uses[pos]) if torch.is_grad_enabled() else set()
+            self._held_for_backward = bool(nxt)
         for ci in self.uses[pos]:
             if ci not in nxt:
                 self._release(self.chunks[ci])
@@ -406,10 +422,14 @@ class ChunkStore:
             self._ensure(c)
             if c.home is not Tier.DEVICE and c.grad_buf is None:
                 self._alloc_grad_buf(c)
-        self._prefetch(range(pos - 1, -1, -1))
+        ahead = range(pos - 1, -1, -1)
+        # [Note: across pass ends] then on into the next micro-batch's forward
+        self._prefetch(itertools.chain(ahead, range(len(self.blocks))) if self._next_forward else ahead)
 
     def _bwd_end(self, pos: int) -> None:
-        nxt = set(self.uses[pos - 1]) if pos > 0 else set()
+        nxt = set(self.uses[pos - 1]) if pos > 0 else (set(self.uses[0]) if self._next_forward else set())
+        if pos == len(self.blocks) - 1:  # loose modules' backward comes after the last block's
+            nxt.update(ci for _, cs in self._loose for ci in cs)
         for ci in self.uses[pos]:
             if ci not in nxt:
                 self._release(self.chunks[ci])
@@ -453,7 +473,7 @@ class ChunkStore:
         for ci in indices:
             self._ensure(self.chunks[ci])
 
-    def _prefetch(self, order: range) -> None:
+    def _prefetch(self, order: Iterable[int]) -> None:
         if self.prefetch_depth <= 1:
             return
         for q in order:
@@ -510,12 +530,19 @@ class ChunkStore:
     # --- passes ---------------------------------------------------------------------------
 
     def begin_forward(self) -> None:
+        if self._held_for_backward:  # the last forward kept chunks for a backward that never came
+            self.release_all()
         self._phase = _Phase.FORWARD
+        self._next_forward = False
 
-    def begin_backward(self, *, final: bool = False) -> None:
-        """``final``: the last backward before the optimizer step (see ``on_grads_final``)."""
+    def begin_backward(self, *, final: bool = False, next_forward: bool = False) -> None:
+        """``final``: the last backward before the optimizer step (see ``on_grads_final``);
+        ``next_forward``: another micro-batch's forward follows at once, so the chunks it starts
+        with stay and are prefetched ([Note: across pass ends])."""
         self._phase = _Phase.BACKWARD
         self._final = final
+        self._next_forward = next_forward and not final
+        self._held_for_backward = False
         self._events.clear()  # the registered hooks hold their own event lists
 
     def end_backward(self) -> None:
@@ -526,11 +553,18 @@ class ChunkStore:
                 if c.grad_buf is not None:
                     self._flush(c)
                     handed = self._grads_final(c)
-                self._release(c, reuse=not handed)
+                if not self._next_forward:  # else resident chunks are the next forward's first
+                    self._release(c, reuse=not handed)
         finally:
             self._phase = _Phase.IDLE
             self._final = False
             self._events.clear()
+
+    def release_all(self) -> None:
+        """Release every param buffer (chunks kept across a pass end that no pass used)."""
+        for c in self.chunks:
+            self._release(c)
+        self._held_for_backward = False
 
     def _grads_final(self, c: Chunk) -> bool:
         """Report ``c`` to ``on_grads_final``, before its param buffer is released: without mixed
@@ -569,7 +603,9 @@ class ChunkStore:
         c.mb_seen.add(si)
         if len(c.mb_seen) == len(c.slots):
             self._flush(c)
-            self._release(c, reuse=not self._grads_final(c))
+            handed = self._grads_final(c)
+            if not (self._next_forward and c.index in self.uses[0]):  # [Note: across pass ends]
+                self._release(c, reuse=not handed)
 
     def _flush(self, c: Chunk) -> None:
         """Add the micro-batch's grad buffer into the fp32 host accumulator; free the buffer."""

@@ -32,12 +32,14 @@ MAX_SIMULATIONS = 64
 """Simulations per search at most (candidates are simulated best bound first)."""
 MAX_TIMELINE_EVENTS = 2000
 """Timeline events kept in the plan: the first three quarters and the last quarter in time."""
-NEAR_TIE = 0.01
-"""[Note: near-ties] Plans within 1% of the fastest simulated time are treated as equally fast
-(the cost model is not that accurate); among them the one that moves the least data wins
+NEAR_TIE = 0.05
+"""[Note: near-ties] Plans within 5% of the fastest simulated time are treated as equally fast
+(the cost model is not that accurate: bench/plan_accuracy.py measures a median step-time error of
+about 13% on a shared CPU machine); among them the one that moves the least data wins
 (fewest off-device parameters, then fewest blocks not kept, then the smallest prefetch depth),
 then the larger micro-batch. So offloading a sliver of parameters to shave the device
-optimizer step by a fraction of a percent does not happen."""
+optimizer step by a few percent (hiding it behind the backward as CPU updates) does not happen
+when the model fits."""
 OPTIM_STAGINGS = 3
 """NVMe chunks staged in host memory at once by the optimizer step: the one being stepped, the
 next one being read, the previous one being written back (offload.optim; the simulator's

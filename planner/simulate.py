@@ -234,8 +234,8 @@ class _StepBuilder:
             last_b = -1
             for j in range(L - 1, -1, -1):
                 last_b = self._backward_block(m, j, prev_accum)
-            # end_backward: anything still resident is released
-            left = self._release(list(self.res))
+            # end_backward: anything still resident is released, unless the next forward starts with it
+            left = self._release(list(self.res)) if m == n - 1 else []
             if left:
                 g.add(f"release{m}", "compute", 0.0, deps=(last_b,), free_end=left, tag=m)
         self._optimizer(prev_accum)
@@ -249,7 +249,8 @@ class _StepBuilder:
         self._start(m, 0, need)
         deps = [self._ensure(m, 0, c) for c in need]
         self._start(m, 0, self._prefetch_list(range(j + 1, len(self.s.blocks))))
-        nxt = set(self.uses[j + 1]) if j + 1 < len(self.s.blocks) else set()
+        # offload.chunks [Note: across pass ends]: the last block's chunks stay for the backward
+        nxt = set(self.uses[j + 1]) if j + 1 < len(self.s.blocks) else set(need)
         frees = self._release([c for c in need if c not in nxt])  # post-forward, after the block's swap-out
         held = b.input_bytes if pol is ActPolicy.RECOMPUTE else b.activation_bytes
         swaps = pol in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME)
@@ -332,7 +333,10 @@ class _StepBuilder:
         deps = [self._ensure(m, 1, c) for c in need]
         grads = [(dev, f"buffer:grad:{c}", cost.grad_buffer_bytes(self.chunks[c].num_elems, dt))
                  for c in need if self.grad_at[c] == j]
-        self._start(m, 1, self._prefetch_list(range(j - 1, -1, -1)), extra=grads)
+        ahead = list(range(j - 1, -1, -1))
+        if m < self.n - 1:  # [Note: across pass ends] on into the next micro-batch's forward
+            ahead += range(len(s.blocks))
+        self._start(m, 1, self._prefetch_list(ahead), extra=grads)
         if j in self.swap_in:
             deps.append(self.swap_in[j])
         if pol is ActPolicy.RECOMPUTE:
@@ -340,8 +344,9 @@ class _StepBuilder:
             deps = []
         held = b.activation_bytes + (b.input_bytes if pol is ActPolicy.RECOMPUTE else 0)
         done = self.flush_at.get(j, [])  # gradients complete in this block: flush and release
+        keep = j == 0 and m < self.n - 1  # block 0's chunks stay for the next forward
         bt = g.add(f"B{m}:{j}", "compute", self.bwd[j], deps=deps,
-                   free_end=[(dev, owner, held)] + self._release(done), tag=m)
+                   free_end=[(dev, owner, held)] + ([] if keep else self._release(done)), tag=m)
         for c in done:
             prev_accum[c] = self._grad_out(m, c, bt, prev_accum.get(c))
             if self.early and m == self.n - 1:
@@ -596,7 +601,8 @@ def stream_work_s(
         if pol is ActPolicy.SWAP_NVME:
             work["disk"] += n * (cost.disk_write_time_s(b.activation_bytes, nvme, comp) + cost.disk_read_time_s(b.activation_bytes, nvme, comp))
     off = [c.home is not Tier.DEVICE for c in policy.chunks]
-    runs = cost.num_use_runs([tuple(c for c in cs if off[c]) for cs in bc])
+    uses = [tuple(c for c in cs if off[c]) for cs in bc]
+    runs = cost.num_use_runs(uses)
     resident = 0
     for c in policy.chunks:
         ne = c.num_elems
@@ -606,7 +612,10 @@ def stream_work_s(
         if c.index not in runs:
             continue
         nbytes = cost.param_buffer_bytes(ne, dt)
-        fetches = 2 * n * runs[c.index]  # every run, in both passes, every micro-batch
+        # Every run, in both passes, every micro-batch; less the fetches kept across pass ends
+        # (offload.chunks [Note: across pass ends]): the backward starts with the last block's
+        # chunks, and each micro-batch but the last leaves block 0's chunks to the next forward.
+        fetches = 2 * n * runs[c.index] - n * (c.index in uses[-1]) - (n - 1) * (c.index in uses[0])
         work[copy_in] += fetches * cost.h2d_time_s(nbytes, device)
         flush_s = _flush_copy_s(nbytes, device)
         if flush_s:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memtrain.offload.chunks import ChunkStore, make_chunk_plans, named_blocks, param_order
+from memtrain.offload.chunks import ChunkStore, block_param_order, make_chunk_plans, named_blocks
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.optim import OffloadedOptimizer, OptimizerSpec
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, Plan, Tier
@@ -109,9 +108,11 @@ def fallback_memory_policy(
     NVMe. Bytes per docs/memory-accounting.md. Activations are kept (they are not in the ledger
     without the activation manager, and the safety margin is left for them and the workspace).
     """
-    params = param_order(model, blocks)
+    grouped = block_param_order(model, blocks)
+    params = [p for g in grouped for p in g]
     total = sum(n for _, n in params)
     size = budgets.chunk_elems or max(max(n for _, n in params), -(-total // len(blocks)))
+    params = grouped  # packed block-aligned, as the planner packs (planner.cost.pack_params)
     plans = make_chunk_plans(params, size, Tier.HOST)
     where = {name: c.index for c in plans for name in c.param_names}
     names = {id(p): n for n, p in model.named_parameters()}
@@ -269,6 +270,7 @@ class Engine:
         """How to run the model on input ids (``call(model, ids)``); None = ``model(ids)``."""
         self._microbatch = 0
         self._early_pending = False
+        self.store.release_all()  # nothing stays resident over the optimizer step
         """A backward with ``last_microbatch=True`` ran and ``step()`` has not yet."""
         self._closed = False
 
@@ -307,15 +309,17 @@ class Engine:
         if self.activations is not None:
             self.activations.set_microbatch(self._microbatch)
         self._microbatch += 1
-        hooks = self.store.saved_tensors_hooks() if self.activations is None else contextlib.nullcontext()
-        with hooks:
+        # The store's hooks turn saved parameters into ParamRefs; inside a block the activation
+        # manager's hooks (innermost wins) do that and more; outside every block (a loose final
+        # norm, the loss) the store's apply, so a released chunk is fetched again, never read as NaN.
+        with self.store.saved_tensors_hooks():
             inputs = inputs.to(self.device)
             out = self.model(inputs) if self.call is None else self.call(self.model, inputs)
             if labels is None:
                 return out
             return self.loss_fn(out, labels.to(self.device))
 
-    def backward(self, loss: torch.Tensor, *, last_microbatch: bool = False) -> None:
+    def backward(self, loss: torch.Tensor, *, last_microbatch: bool = False, _next_forward: bool = False) -> None:
         """Backward through the chunk store; gradients add up until ``step()``.
 
         ``last_microbatch=True`` says no other backward comes before ``step()``: host- and
@@ -331,7 +335,7 @@ class Engine:
             loss = loss * self.scaler.scale
         early = last_microbatch and self.scaler is None
         self.store.on_grads_final = self.optimizer.step_early if early else None
-        self.store.begin_backward(final=early)
+        self.store.begin_backward(final=early, next_forward=_next_forward)
         self._early_pending = early
         try:
             loss.backward()
@@ -343,6 +347,7 @@ class Engine:
         self._require_built()
         self._microbatch = 0
         self._early_pending = False
+        self.store.release_all()  # nothing stays resident over the optimizer step
         if self.scaler is not None:
             used = self.scaler.scale  # the scale this step's backward ran with
             found_inf = not self.store.grads_finite()
@@ -386,7 +391,7 @@ class Engine:
         for i, (x, y) in enumerate(zip(inputs.split(mbs), labels.split(mbs))):
             loss = self._forward(x, y)
             total += loss.item()
-            self.backward(loss / num if num > 1 else loss, last_microbatch=i == num - 1)
+            self.backward(loss / num if num > 1 else loss, last_microbatch=i == num - 1, _next_forward=i < num - 1)
         self.step()
         return total / num
 
