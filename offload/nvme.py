@@ -280,12 +280,15 @@ class NvmeStore:
 
     # --- public operations ---------------------------------------------------------------
 
-    def write(self, key: str, tensor: torch.Tensor, *, priority: int = URGENT) -> cf.Future:
+    def write(self, key: str, tensor: torch.Tensor, *, priority: int = URGENT, reserved: bool = False) -> cf.Future:
         """Write ``tensor`` under ``key`` (replacing any earlier version atomically).
 
         The future's result is the ``NvmeEntry``. ``tensor`` must stay unchanged until then.
         ``priority``: ``URGENT`` (compute waits for it) runs before ``BACKGROUND``
-        (memtrain.offload.io_queue).
+        (memtrain.offload.io_queue). ``reserved``: the caller has reserved the new copy's bytes
+        in ``ledger`` under an owner of its own and frees them itself (offload.optim: a rewrite's
+        second copy over a window of the program, as the simulator books it); honoured for an
+        uncompressed rewrite of the same size, else the write reserves as usual.
         """
         self._check_started()
         _check_key(key)
@@ -296,6 +299,11 @@ class NvmeStore:
         nbytes = tensor.numel() * tensor.element_size()
         num_frames = math.ceil(nbytes / self.block_bytes)
         reserve = _disk_bytes(nbytes + (_FRAME.size * num_frames if self.compress else 0))
+        if reserved and not self.compress:
+            with self._lock:
+                old = self._entries.get(key)
+            if old is not None and old.disk_bytes == reserve:
+                reserve = 0  # the caller's reservation covers the second copy
         self.ledger.alloc(key, reserve)  # BudgetExceeded here, in the caller
         with self._lock:
             self._keys.add(key)

@@ -23,6 +23,13 @@ docs/memory-accounting.md rules). ``step()`` then steps the chunks not stepped e
 fp16 loss scaling needs every gradient before deciding to skip or unscale, so the engine does not
 step early under it.
 
+[Note: rewrite window] Rewriting a file holds its old and new copy on disk until the rename, a
+window that depends on the disk's timing. For an early update the second copy of the chunk's files
+is reserved on the NVMe ledger when the update is queued and freed when the training thread waits
+for the write-back (the writes take no reservation of their own), so the ledger's peak is a point
+of the program, the one the simulator books (planner.simulate ``_rewrite``), and an upper bound of
+what the disk holds.
+
 [Note: master from the param buffer] Without mixed precision the param buffer an nvme chunk was
 fetched into for the backward holds exactly its fp32 master (read from the ``master`` file, never
 written since). When the chunk's gradients are complete the store hands that buffer to
@@ -264,14 +271,16 @@ class _Staged:
 
 
 class _WriteBack:
-    def __init__(self, store: "ChunkStore", index: int, staged: _Staged, futures: list) -> None:
-        self.store, self.index, self.staged, self.futures = store, index, staged, futures
+    def __init__(self, store: "ChunkStore", index: int, staged: _Staged, futures: list, rewrite: str | None = None) -> None:
+        self.store, self.index, self.staged, self.futures, self.rewrite = store, index, staged, futures, rewrite
 
     def wait(self) -> None:
         for f in self.futures:
             f.result()
         for t in self.staged.tensors.values():
             self.store._free(self.store.host_ledger, f"staging:{self.index}", t)
+        if self.rewrite is not None:
+            self.store.nvme.ledger.free(self.rewrite)
 
 
 def _read_states(store: "ChunkStore", c: "Chunk", master: torch.Tensor | None = None) -> _Staged:
@@ -298,9 +307,17 @@ def _read_states(store: "ChunkStore", c: "Chunk", master: torch.Tensor | None = 
     return _Staged(tensors, futures)
 
 
-def _write_states(store: "ChunkStore", c: "Chunk", staged: _Staged) -> _WriteBack:
-    futures = [store.nvme.write(store.nvme_key(c, k), t, priority=BACKGROUND) for k, t in staged.tensors.items()]
-    return _WriteBack(store, c.index, staged, futures)
+def _reserve_rewrite(store: "ChunkStore", c: "Chunk", parts) -> str:
+    """[Note: rewrite window] Reserve the second copy of ``c``'s files on the NVMe ledger now."""
+    owner = f"chunk:{c.index}:rewrite"
+    store.nvme.ledger.alloc(owner, sum(store.nvme.entry(store.nvme_key(c, k)).disk_bytes for k in parts))
+    return owner
+
+
+def _write_states(store: "ChunkStore", c: "Chunk", staged: _Staged, rewrite: str | None = None) -> _WriteBack:
+    futures = [store.nvme.write(store.nvme_key(c, k), t, priority=BACKGROUND, reserved=rewrite is not None)
+               for k, t in staged.tensors.items()]
+    return _WriteBack(store, c.index, staged, futures, rewrite)
 
 
 def _gather_states(store: "ChunkStore") -> dict[str, dict[str, torch.Tensor]]:
@@ -387,7 +404,8 @@ class OffloadedOptimizer:
         while len(self._writing) >= self.staged_chunks:
             self._writing.pop(0).result().wait()
         staged = _read_states(self.store, chunk, master)
-        fut = self._worker.submit(self._step_staged, chunk, staged)
+        rewrite = None if self.store.nvme.compress else _reserve_rewrite(self.store, chunk, staged.tensors)
+        fut = self._worker.submit(self._step_staged, chunk, staged, rewrite)
         self._early[chunk.index] = fut
         self._writing.append(fut)
 
@@ -395,12 +413,12 @@ class OffloadedOptimizer:
         self._update(chunk, chunk.master, chunk.grad, chunk.states)
         self.store.refresh_compute(chunk)
 
-    def _step_staged(self, chunk: "Chunk", staged: _Staged) -> _WriteBack:
+    def _step_staged(self, chunk: "Chunk", staged: _Staged, rewrite: str | None = None) -> _WriteBack:
         tensors = staged.wait()
         self._update(chunk, tensors["master"], chunk.grad, tensors)
         if "compute" in tensors:
             tensors["compute"].copy_(tensors["master"])
-        return _write_states(self.store, chunk, staged)
+        return _write_states(self.store, chunk, staged, rewrite)
 
     def _wait_early(self) -> None:
         """Wait for every queued update and write-back (errors surface here), in queue order."""
