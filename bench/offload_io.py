@@ -249,9 +249,9 @@ def record_step_traffic(store: NvmeStore) -> tuple[list[IoOp], Callable[[], None
         log.append(IoOp(kind="read", key=key, numel=out.numel(), dtype=out.dtype, priority=priority))
         return read(key, out, priority=priority)
 
-    def rec_write(key, tensor, *, priority=URGENT):
+    def rec_write(key, tensor, *, priority=URGENT, **kw):
         log.append(IoOp(kind="write", key=key, numel=tensor.numel(), dtype=tensor.dtype, priority=priority))
-        return write(key, tensor, priority=priority)
+        return write(key, tensor, priority=priority, **kw)
 
     store.read, store.write = rec_read, rec_write  # instance attributes shadow the methods
 
