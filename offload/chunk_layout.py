@@ -1,12 +1,15 @@
 """How a model's parameters are laid out into chunks: blocks, execution order, chunk plans.
 
 Pure functions over an ``nn.Module`` (no memory is moved here); ``offload.chunks.ChunkStore``
-builds the chunks these describe. [Note: loose parameters] is in this file.
+builds the chunks these describe, as the records at the end of this file. [Note: loose
+parameters] is in this file; the notes the records cite are in offload.chunks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,7 +17,10 @@ from torch import nn
 from memtrain.planner.plan import ChunkPlan, Tier
 from memtrain.planner.stats import DType
 
-__all__ = ["named_blocks", "block_param_order", "param_order", "make_chunk_plans", "torch_dtype"]
+__all__ = [
+    "ParamRef", "ParamSlot", "Chunk", "named_blocks", "block_param_order", "param_order", "make_chunk_plans",
+    "torch_dtype",
+]
 
 _TORCH_DTYPES = {DType.FP32: torch.float32, DType.BF16: torch.bfloat16, DType.FP16: torch.float16}
 
@@ -83,3 +89,62 @@ def make_chunk_plans(params: Sequence[tuple[str, int]] | Sequence[Sequence[tuple
         raise ValueError(f"homes: {len(homes)} given for {len(packed)} chunks")
     return tuple(ChunkPlan(index=i, num_elems=n, param_names=tuple(names), home=Tier(h))
                  for i, ((names, n), h) in enumerate(zip(packed, homes)))
+
+
+# --- the chunk store's records (offload.chunks.ChunkStore builds and moves them) -------------
+
+
+@dataclass(frozen=True, slots=True)
+class ParamRef:
+    """A saved view of chunk memory: see [Note: saved views of parameters]."""
+
+    chunk: int
+    offset: int
+    """Elements from the start of the chunk's flat buffer."""
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+@dataclass(kw_only=True, slots=True)
+class ParamSlot:
+    name: str
+    """The parameter's name in ``model.named_parameters()``."""
+    param: nn.Parameter
+    offset: int
+    """First element of the parameter in the chunk's flat buffers."""
+    numel: int
+    shape: torch.Size
+
+
+@dataclass(kw_only=True, slots=True)
+class Chunk:
+    index: int
+    home: Tier
+    num_elems: int
+    slots: list[ParamSlot]
+    master: torch.Tensor | None = None
+    """fp32 master parameters on the home tier (None for nvme: on disk)."""
+    compute: torch.Tensor | None = None
+    """Compute-dtype copy on the home tier: the parameters' memory for device chunks (the master
+    itself in fp32); the copy fetched from for mixed-precision host chunks; else None."""
+    grad: torch.Tensor | None = None
+    """Accumulated gradients of this step: device chunks on the device in the compute dtype;
+    host and nvme chunks fp32 on the host (nvme: only from the first flush to the step's end)."""
+    states: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Optimizer states on the home tier (empty for nvme: on disk)."""
+    step: torch.Tensor = field(default_factory=lambda: torch.tensor(0.0))
+    """Optimizer steps taken (torch keeps this per parameter; here all of a chunk step together)."""
+    buf: torch.Tensor | None = None
+    """Device param buffer while resident (non-device homes)."""
+    grad_buf: torch.Tensor | None = None
+    """Device grad buffer of the current micro-batch (non-device homes)."""
+    fetch: Any = None
+    """Handle of the fetch in flight, if any."""
+    has_grad: bool = False
+    mb_seen: set[int] = field(default_factory=set)
+    step_seen: set[int] = field(default_factory=set)
+
+    @property
+    def memory(self) -> torch.Tensor | None:
+        """The flat tensor the parameters point into now (None when released)."""
+        return self.compute if self.home is Tier.DEVICE else (self.buf if self.fetch is None else None)

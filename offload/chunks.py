@@ -42,7 +42,6 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -50,9 +49,17 @@ import torch
 from torch import nn
 
 from memtrain.offload.bufpool import BufferPool
-from memtrain.offload.chunk_layout import block_param_order, make_chunk_plans, named_blocks, param_order, torch_dtype
+from memtrain.offload.chunk_layout import (
+    Chunk,
+    ParamRef,
+    ParamSlot,
+    block_param_order,
+    make_chunk_plans,
+    named_blocks,
+    param_order,
+    torch_dtype,
+)
 from memtrain.offload.ledger import Ledger
-from memtrain.offload.nvme_format import aligned_empty
 from memtrain.offload.tiers import CopyHandle, copy_async, copy_stream
 from memtrain.planner.plan import ChunkPlan, Tier
 from memtrain.planner.stats import DType
@@ -61,62 +68,6 @@ __all__ = [
     "ParamRef", "ParamSlot", "Chunk", "ChunkStore", "named_blocks", "block_param_order", "param_order", "make_chunk_plans",
     "torch_dtype",
 ]
-
-@dataclass(frozen=True, slots=True)
-class ParamRef:
-    """A saved view of chunk memory: see [Note: saved views of parameters]."""
-
-    chunk: int
-    offset: int
-    """Elements from the start of the chunk's flat buffer."""
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
-
-
-@dataclass(kw_only=True, slots=True)
-class ParamSlot:
-    name: str
-    """The parameter's name in ``model.named_parameters()``."""
-    param: nn.Parameter
-    offset: int
-    """First element of the parameter in the chunk's flat buffers."""
-    numel: int
-    shape: torch.Size
-
-
-@dataclass(kw_only=True, slots=True)
-class Chunk:
-    index: int
-    home: Tier
-    num_elems: int
-    slots: list[ParamSlot]
-    master: torch.Tensor | None = None
-    """fp32 master parameters on the home tier (None for nvme: on disk)."""
-    compute: torch.Tensor | None = None
-    """Compute-dtype copy on the home tier: the parameters' memory for device chunks (the master
-    itself in fp32); the copy fetched from for mixed-precision host chunks; else None."""
-    grad: torch.Tensor | None = None
-    """Accumulated gradients of this step: device chunks on the device in the compute dtype;
-    host and nvme chunks fp32 on the host (nvme: only from the first flush to the step's end)."""
-    states: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Optimizer states on the home tier (empty for nvme: on disk)."""
-    step: torch.Tensor = field(default_factory=lambda: torch.tensor(0.0))
-    """Optimizer steps taken (torch keeps this per parameter; here all of a chunk step together)."""
-    buf: torch.Tensor | None = None
-    """Device param buffer while resident (non-device homes)."""
-    grad_buf: torch.Tensor | None = None
-    """Device grad buffer of the current micro-batch (non-device homes)."""
-    fetch: Any = None
-    """Handle of the fetch in flight, if any."""
-    has_grad: bool = False
-    mb_seen: set[int] = field(default_factory=set)
-    step_seen: set[int] = field(default_factory=set)
-
-    @property
-    def memory(self) -> torch.Tensor | None:
-        """The flat tensor the parameters point into now (None when released)."""
-        return self.compute if self.home is Tier.DEVICE else (self.buf if self.fetch is None else None)
-
 
 class _Phase(Enum):
     IDLE = 0

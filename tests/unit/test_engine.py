@@ -346,6 +346,39 @@ def test_early_fp32_update_takes_the_master_from_the_param_buffer(dtype, early, 
     engine.close(), ref.close()
 
 
+def test_fetches_are_not_repeated_at_pass_ends(tmp_path):
+    # offload.chunks [Note: across pass ends]: per micro-batch every run of blocks using a chunk
+    # fetches it in both passes, less the backward's start (the last block's chunks stay) and,
+    # for all micro-batches but the last, the next forward's start (block 0's chunks stay); the
+    # simulator's stream_work_s counts the same.
+    from memtrain.planner.cost import num_use_runs
+
+    cfg = gpt_config("tiny")
+    engine, _ = _engine(cfg, Tier.NVME, tmp_path)
+    engine.train_step(_batch(cfg, 0))  # builds the store
+    fetched: list[str] = []
+    read = engine.nvme.read
+
+    def logging_read(key, out, *, priority=URGENT):
+        if priority == URGENT:
+            fetched.append(key)
+        return read(key, out, priority=priority)
+
+    engine.nvme.read = logging_read
+    engine.train_step(_batch(cfg, 1))
+    uses, n = engine.store.uses, BATCH // MICRO
+    runs = num_use_runs(uses)
+    expected = sum(2 * n * r - n * (c in uses[-1]) - (n - 1) * (c in uses[0]) for c, r in runs.items())
+    assert len(fetched) == expected and expected < sum(2 * n * r for r in runs.values())
+    # a forward that no backward follows gives its kept chunks back at the next forward
+    with torch.no_grad():
+        engine(_batch(cfg, 2))
+    engine((_batch(cfg, 2)))
+    engine.store.begin_forward()
+    assert not any(o.startswith("buffer:param") for o in engine.store.device_ledger.by_owner())
+    engine.close()
+
+
 def test_custom_loop_marks_the_last_backward_and_must_step_before_the_next(tmp_path):
     cfg = gpt_config("tiny")
     engine, _ = _engine(cfg, Tier.NVME, tmp_path)

@@ -402,3 +402,20 @@ def test_corruption_is_detected_on_the_zero_copy_read(store_factory):
         f.write(bytes([b[0] ^ 0x01]))
     with pytest.raises(NvmeError, match="checksum mismatch"):
         store.read_sync("k", nvme_mod.aligned_empty(50_000, torch.float32))
+
+
+def test_a_reserved_rewrite_takes_no_second_reservation(store_factory):
+    # offload.optim [Note: rewrite window]: the caller books the second copy itself
+    store = store_factory()
+    t = torch.arange(5000, dtype=torch.float32)
+    first = store.write("k", t, reserved=True).result()  # nothing to rewrite yet: reserves as usual
+    assert store.ledger.holds("k") == first.disk_bytes
+    seen = []
+    alloc = store.ledger.alloc
+    store.ledger.alloc = lambda owner, n: (seen.append((owner, n)), alloc(owner, n))[1]
+    store.write("k", t + 1, reserved=True).result()
+    store.write("k", t + 2).result()
+    assert seen == [("k", 0), ("k", first.disk_bytes)]  # the reserved rewrite added nothing
+    assert store.ledger.holds("k") == first.disk_bytes and store.ledger.in_use_bytes == first.disk_bytes
+    out = torch.empty(5000)
+    assert torch.equal(store.read("k", out).result(), t + 2)
