@@ -102,7 +102,7 @@ def measure_raw(path: str, *, size_bytes: int, chunk_bytes: int) -> IoResult:
 
 
 def measure_store(
-    path: str, *, size_bytes: int, chunk_bytes: int, direct: bool | None, compress: bool = False, num_threads: int = 4
+    path: str, *, size_bytes: int, chunk_bytes: int, direct: bool | None, compress: bool = False, num_threads: int = 8
 ) -> IoResult:
     """``size_bytes`` as ``chunk_bytes`` float32 chunks written then read through ``NvmeStore``."""
     num_chunks = max(1, size_bytes // chunk_bytes)
@@ -325,7 +325,7 @@ def _timed_step(engine, batch) -> tuple[float, float, float]:
 
 def measure_training(
     path: str, *, preset: str, seq_len: int, micro_batch_size: int, num_micro: int, num_steps: int,
-    chunk_elems: int, prefetch_depth: int | None, num_threads: int = 4,
+    chunk_elems: int, prefetch_depth: int | None, num_threads: int = 8,
 ) -> TrainingResult:
     """Step time of the all-NVMe plan, compute alone and I/O alone; see the module doc.
 
@@ -432,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--path", default=tempfile.gettempdir(), help="directory on the disk to measure")
     ap.add_argument("--size", default="1GiB", help="total bytes written then read (default 1GiB)")
     ap.add_argument("--chunk", default="64MiB", help="chunk size (default 64MiB)")
-    ap.add_argument("--threads", type=int, default=4, help="NvmeStore I/O threads (default 4)")
+    ap.add_argument("--threads", type=int, default=8,
+                    help="NvmeStore I/O threads, as the engine's store uses (default 8)")
     ap.add_argument("--compress", action="store_true", help="also measure zstd-compressed chunks")
     ap.add_argument("--repeat", type=int, default=3, help="runs per row; the median is printed (default 3)")
     ap.add_argument("--train", default="100m", help="GPT preset for the training part, or 'none' (default 100m)")
