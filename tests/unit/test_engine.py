@@ -295,27 +295,37 @@ def test_early_updates_in_the_last_backward_change_nothing(home, dtype, tmp_path
         assert got == total / 2
     num_chunks = len(early.store.chunks)
     assert counts == [num_chunks] * 3 and late_counts == [0] * 3
-    a, b = early.state_dict(), late.state_dict()
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    for i, st in a["optimizer"]["state"].items():
-        assert all(torch.equal(v, b["optimizer"]["state"][i][k]) for k, v in st.items())
-    # host staging of the optimizer's NVMe reads is all given back when the step ends
-    assert all(early.store.host_ledger.holds(f"staging:{c.index}") == 0 for c in early.store.chunks)
+    _assert_same_states(early, late)
     early.close(), late.close()
 
 
-def _optimizer_master_reads(engine) -> list[str]:
-    """Keys of ``master`` files the optimizer reads (it reads at BACKGROUND priority)."""
+def _assert_same_states(engine, ref) -> None:
+    """Bitwise equal model and optimizer states; the host staging of the optimizer's NVMe reads
+    all given back when the step ended."""
+    a, b = engine.state_dict(), ref.state_dict()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for i, st in a["optimizer"]["state"].items():
+        assert all(torch.equal(v, b["optimizer"]["state"][i][k]) for k, v in st.items())
+    assert all(engine.store.host_ledger.holds(f"staging:{c.index}") == 0 for c in engine.store.chunks)
+
+
+def _logged_reads(engine, want) -> list[str]:
+    """Keys of the NVMe reads from now on for which ``want(key, priority)`` holds."""
     keys: list[str] = []
     read = engine.nvme.read
 
     def logging_read(key, out, *, priority=URGENT):
-        if priority == BACKGROUND and key.endswith(":master"):
+        if want(key, priority):
             keys.append(key)
         return read(key, out, priority=priority)
 
     engine.nvme.read = logging_read
     return keys
+
+
+def _optimizer_master_reads(engine) -> list[str]:
+    """Keys of ``master`` files the optimizer reads (it reads at BACKGROUND priority)."""
+    return _logged_reads(engine, lambda key, priority: priority == BACKGROUND and key.endswith(":master"))
 
 
 @pytest.mark.parametrize("dtype,early,reads_master", [("fp32", True, False), ("fp32", False, True), ("bf16", True, True)])
@@ -338,11 +348,7 @@ def test_early_fp32_update_takes_the_master_from_the_param_buffer(dtype, early, 
         ref.train_step(batch)
     num_chunks = len(engine.store.chunks)
     assert len(keys) == (2 * num_chunks if reads_master else 0)
-    a, b = engine.state_dict(), ref.state_dict()
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    for i, st in a["optimizer"]["state"].items():
-        assert all(torch.equal(v, b["optimizer"]["state"][i][k]) for k, v in st.items())
-    assert all(engine.store.host_ledger.holds(f"staging:{c.index}") == 0 for c in engine.store.chunks)
+    _assert_same_states(engine, ref)
     engine.close(), ref.close()
 
 
@@ -356,15 +362,7 @@ def test_fetches_are_not_repeated_at_pass_ends(tmp_path):
     cfg = gpt_config("tiny")
     engine, _ = _engine(cfg, Tier.NVME, tmp_path)
     engine.train_step(_batch(cfg, 0))  # builds the store
-    fetched: list[str] = []
-    read = engine.nvme.read
-
-    def logging_read(key, out, *, priority=URGENT):
-        if priority == URGENT:
-            fetched.append(key)
-        return read(key, out, priority=priority)
-
-    engine.nvme.read = logging_read
+    fetched = _logged_reads(engine, lambda key, priority: priority == URGENT)
     engine.train_step(_batch(cfg, 1))
     uses, n = engine.store.uses, BATCH // MICRO
     runs = num_use_runs(uses)
