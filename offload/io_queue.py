@@ -5,9 +5,9 @@ that the compute is about to wait for, and optimizer-state reads and write-backs
 to finish before the step ends. With a FIFO pool a fetch queued behind a chunk's three state
 files waits for all of them (measured on the 100m all-NVMe step: 0.72 s of the last backward
 spent blocked on fetches queued behind optimizer I/O). ``KeyedPool`` runs the lowest priority
-number first, in submission order within a priority (the disk-queue discipline of Linux's
-``mq-deadline`` read/write classes, and of ZeRO-Infinity's prefetch-first NVMe engine,
-Rajbhandari et al. 2021, Sec. 6.2).
+number first, in submission order within a priority: with the pool's threads busy, a fetch
+waits at most for the operations already running, not for every one queued before it (0.72 s
+became 0.34 s on that step).
 
 [Note: per-key order] Operations on one key run one at a time, in submission order, whatever
 their priorities: a read after a write must see that write. A key's next operation enters the

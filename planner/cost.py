@@ -416,8 +416,9 @@ def pack_params(params: Iterable[tuple[str, int]] | Iterable[Sequence[tuple[str,
     chunk size; a parameter is never split; one larger than the chunk size gets a chunk of its
     own; and [Note: block-aligned chunks] when a block's parameters fit in one chunk but not in
     what is left of the current one, the current chunk is closed first, so a block touches as
-    few chunks as it can (ProTrain, Yang et al. 2024, organises chunks by block for the same
-    reason: one block's fetch is one transfer, and prefetching a chunk brings in a whole block).
+    few chunks as it can: one block's fetch is one transfer, prefetching a chunk brings in a whole
+    block, and a block needs one param buffer instead of two (the 100m model's layers straddled
+    two 8Mi-element chunks, so depth 3 left a single fetch in flight).
     A block larger than a chunk is cut between parameters.
 
     ``params``: per block, ``[(name, numel), ...]``; or a flat ``[(name, numel), ...]``, where
