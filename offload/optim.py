@@ -23,6 +23,21 @@ docs/memory-accounting.md rules). ``step()`` then steps the chunks not stepped e
 fp16 loss scaling needs every gradient before deciding to skip or unscale, so the engine does not
 step early under it.
 
+[Note: where early updates run] On a GPU the updates run on a background thread, overlapping the
+device's compute. When the device is the CPU itself its compute and the updates share the same
+cores, and a second thread running torch kernels costs more than the overlap gains: measured on
+2 cores (torch 2.13, OpenMP backend), a live thread that has run torch kernels, even with one
+intra-op thread, slows the training thread's own kernels (a 128x256 @ 256x768 matmul from
+0.34 ms to 0.55-0.62 ms) for as long as that thread exists, and the tiny GPT with host-home chunks
+(``bench/plan_accuracy.py``'s ``tiny/host-d2``) took 29 ms per step with the update thread against
+12-16 ms with the updates on the training thread. So on a CPU device (``inline``) a host chunk's
+update runs on the training thread where ``step_early`` is called; an nvme chunk's states read
+is started there (on the NVMe store's I/O threads, which run no torch kernels) and its update
+runs at the next ``step_early`` call, after the next chunk's read is started, or in ``step()``
+(one chunk of lag, so the read overlaps a block's backward), with its write-back then
+submitted. On a GPU the thread lives from the step's first early update to the end of ``step()``,
+so the training thread's kernels outside that window never share the cores with it.
+
 [Note: rewrite window] Rewriting a file holds its old and new copy on disk until the rename, a
 window that depends on the disk's timing. For an early update the second copy of the chunk's files
 is reserved on the NVMe ledger when the update is queued and freed when the training thread waits
@@ -283,6 +298,32 @@ class _WriteBack:
             self.store.nvme.ledger.free(self.rewrite)
 
 
+class _Deferred:
+    """An update queued to run on the training thread ([Note: where early updates run]):
+    ``result()`` runs it the first time and returns (or raises) what it did, like a Future's."""
+
+    def __init__(self, fn, *args) -> None:
+        self._call: tuple | None = (fn, args)
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self._call is not None
+
+    def result(self) -> Any:
+        if self._call is not None:
+            fn, args = self._call
+            self._call = None
+            try:
+                self._value = fn(*args)
+            except BaseException as e:
+                self._error = e
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 def _read_states(store: "ChunkStore", c: "Chunk", master: torch.Tensor | None = None) -> _Staged:
     """Start reading master and states of nvme chunk ``c`` (planner.cost.nvme_optim_staging_bytes).
 
@@ -380,9 +421,11 @@ class OffloadedOptimizer:
             raise ValueError(f"staged_chunks: must be >= 1, got {staged_chunks}")
         self.staged_chunks = staged_chunks
         """Most nvme chunks staged at once by early steps ([Note: early optimizer step])."""
+        self.inline = store.device.type == "cpu"
+        """Early updates run on the training thread ([Note: where early updates run])."""
         self._worker: ThreadPoolExecutor | None = None
-        self._early: dict[int, Future] = {}  # chunk index -> its queued update
-        self._writing: list[Future] = []  # nvme early steps (-> _WriteBack) whose staging is held
+        self._early: dict[int, Future | _Deferred] = {}  # chunk index -> its queued update
+        self._writing: list[Future | _Deferred] = []  # nvme early steps (-> _WriteBack) whose staging is held
 
     @property
     def num_early(self) -> int:
@@ -395,7 +438,11 @@ class OffloadedOptimizer:
         fp32 parameters still in its param buffer ([Note: master from the param buffer])."""
         if chunk.home is Tier.DEVICE or chunk.index in self._early or not chunk.has_grad:
             return
-        if self._worker is None:
+        if self.inline and chunk.home is Tier.HOST:
+            self._early[chunk.index] = update = _Deferred(self._step_resident, chunk)
+            update.result()
+            return
+        if self._worker is None and not self.inline:
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="memtrain-optim")
         if chunk.home is Tier.HOST:
             self._early[chunk.index] = self._worker.submit(self._step_resident, chunk)
@@ -405,9 +452,15 @@ class OffloadedOptimizer:
             self._writing.pop(0).result().wait()
         staged = _read_states(self.store, chunk, master)
         rewrite = None if self.store.nvme.compress else _reserve_rewrite(self.store, chunk, staged.tensors)
-        fut = self._worker.submit(self._step_staged, chunk, staged, rewrite)
-        self._early[chunk.index] = fut
-        self._writing.append(fut)
+        if self.inline:  # the updates queued before this one run now, this chunk's read under way
+            for earlier in self._writing:
+                if earlier.pending:
+                    earlier.result()
+            update: Future | _Deferred = _Deferred(self._step_staged, chunk, staged, rewrite)
+        else:
+            update = self._worker.submit(self._step_staged, chunk, staged, rewrite)
+        self._early[chunk.index] = update
+        self._writing.append(update)
 
     def _step_resident(self, chunk: "Chunk") -> None:
         self._update(chunk, chunk.master, chunk.grad, chunk.states)
@@ -430,15 +483,13 @@ class OffloadedOptimizer:
         finally:
             self._early.clear()
             self._writing.clear()
+            if self._worker is not None:  # [Note: where early updates run] one thread per step
+                self._worker.shutdown(wait=True)
+                self._worker = None
 
     def close(self) -> None:
         """Wait for queued work and stop the background thread."""
-        if self._worker is not None:
-            try:
-                self._wait_early()
-            finally:
-                self._worker.shutdown(wait=True)
-                self._worker = None
+        self._wait_early()  # shuts the thread down too
 
     def _update(self, chunk: "Chunk", master: torch.Tensor, grad: torch.Tensor, states: dict[str, torch.Tensor]) -> None:
         spec = self.spec

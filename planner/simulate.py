@@ -42,7 +42,9 @@ manager takes it as its ``writes_in_flight``; the simulator waits at the same po
 NVME_OPTIM_STAGED_CHUNKS = 3
 """[Note: early optimizer step] During the last micro-batch's backward, a host- or nvme-home
 chunk's optimizer update starts when its gradients are complete (its grad buffer was added into
-the host accumulator), on a background thread (the ``cpu`` stream); an nvme chunk's states are
+the host accumulator), on a background thread (the ``cpu`` stream; on a CPU device the compute
+stream, an nvme chunk's update run at the next chunk's queueing or at the step's end: offload.optim
+[Note: where early updates run]); an nvme chunk's states are
 read into host staging taken at that point of the training thread, which first waits for the
 oldest write-backs (freeing their staging) while this many chunks are staged. The runtime's
 ``OffloadedOptimizer`` takes it as its ``staged_chunks``. Not under fp16, whose loss scaling
@@ -145,7 +147,9 @@ class _StepBuilder:
         self.copy_in, self.copy_out = copy_streams(device)
         self.early = DType(train.dtype) is not DType.FP16  # [Note: early optimizer step]
         self.optim_tasks: list[int] = []  # early updates queued on the background thread
-        self.writing: list[tuple[int, int]] = []  # (chunk, update task) whose staging is held
+        self.writing: list[tuple[int, int | None]] = []  # (chunk, update task or None: deferred) whose staging is held
+        self.inline = device.kind == "cpu"  # offload.optim [Note: where early updates run]
+        self.deferred: dict[int, tuple[int, int]] = {}  # inline nvme chunk -> (its states read, its accumulation)
         need = max((len(cs) for cs in self.uses), default=0)
         if need > policy.prefetch_depth:
             raise ValueError(
@@ -363,6 +367,8 @@ class _StepBuilder:
         # The write is put on the in-order disk stream only here: placed at its update, it would
         # hold back every backward fetch read behind an update still running, which the
         # runtime's store (writes submitted when the update ends) does not.
+        if op is None:  # an update deferred to the training thread runs when first waited for
+            op = self._run_deferred(k)
         ch = self.chunks[k]
         nbytes = cost.chunk_disk_bytes(ch.num_elems, self.train.dtype, self.train.optimizer)
         wr = self.g.add(f"write-states@c{k}", "disk", cost.disk_write_time_s(nbytes, self.nvme, self.comp), deps=(op,),
@@ -394,9 +400,24 @@ class _StepBuilder:
                      alloc_start=[self._states_staging(c), self._rewrite(c)], tag=m)
         nbytes = cost.nvme_optim_read_bytes(ch.num_elems, dt, opt, early=True)
         rd = g.add(f"read-states@c{c}", "disk", cost.disk_read_time_s(nbytes, self.nvme, self.comp), deps=(mark,), tag=self.n)
+        if self.inline:  # offload.optim [Note: where early updates run]: one chunk late, on this thread
+            for k, _ in [w for w in self.writing if w[1] is None]:
+                self._run_deferred(k)
+            self.deferred[c] = (rd, acc)
+            self.writing.append((c, None))
+            return
         op = g.add(f"OPTIM@c{c}", self.cpu, upd_s, deps=(rd, acc), tag=self.n)
         self.optim_tasks.append(op)
         self.writing.append((c, op))
+
+    def _run_deferred(self, c: int) -> int:
+        """A CPU device's deferred nvme update runs now on the training thread (compute stream)."""
+        rd, acc = self.deferred.pop(c)
+        upd_s = cost.cpu_optimizer_time_s(self.chunks[c].num_elems, self.train.optimizer, self.host)
+        op = self.g.add(f"OPTIM@c{c}", self.cpu, upd_s, deps=(rd, acc), tag=self.n)
+        self.optim_tasks.append(op)
+        self.writing = [(k, op if k == c else o) for k, o in self.writing]
+        return op
 
     def _grad_out(self, m: int, c: int, bt: int, prev: int | None) -> int:
         """Add the chunk's grad buffer into its fp32 host accumulator, then free the buffer
@@ -423,7 +444,9 @@ class _StepBuilder:
         if resident:
             end = g.add("OPTIM@device", "compute", cost.device_optimizer_time_s(resident, dt, opt, self.device),
                         deps=(end,), tag=tag)
-        if self.early:  # the early updates are waited for, then the write-backs in order
+        if self.early:  # the early updates are waited for (a deferred one runs), then the write-backs in order
+            for c in list(self.deferred):
+                self._run_deferred(c)
             point = g.add("wait-updates", "compute", 0.0, deps=(end, *self.optim_tasks), tag=tag)
             while self.writing:
                 point = self._wait_write(tag)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -261,28 +263,43 @@ def test_parity_with_plain_pytorch_100m(home, tmp_path):
     engine.close()
 
 
-def _count_early(engine) -> list[int]:
-    """Chunks queued early, recorded as each ``step()`` starts."""
+def _update_threads() -> int:
+    return sum(t.name.startswith("memtrain-optim") for t in threading.enumerate())
+
+
+def _count_early(engine, threads: list | None = None, pending: list | None = None) -> list[int]:
+    """Chunks queued early, recorded as each ``step()`` starts (with, when given, the optimizer's
+    live update threads and its queued updates not yet run)."""
     seen: list[int] = []
     step = engine.optimizer.step
 
     def counting_step():
         seen.append(engine.optimizer.num_early)
+        if threads is not None:
+            threads.append(_update_threads())
+        if pending is not None:
+            pending.append(sum(getattr(u, "pending", False) for u in engine.optimizer._early.values()))
         step()
 
     engine.optimizer.step = counting_step
     return seen
 
 
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "thread"])
 @pytest.mark.parametrize("home,dtype", [(Tier.HOST, "fp32"), (Tier.NVME, "fp32"), (Tier.NVME, "bf16"), (Tier.HOST, "bf16")])
-def test_early_updates_in_the_last_backward_change_nothing(home, dtype, tmp_path):
+def test_early_updates_in_the_last_backward_change_nothing(home, dtype, inline, tmp_path):
     # train_step queues each off-device chunk's update as its gradients complete in the last
     # micro-batch (offload.optim [Note: early optimizer step]); a custom loop without
     # last_microbatch steps after the backward. Same kernels on the same values: bitwise equal.
+    # On a CPU device the updates run on the training thread (an nvme chunk's one chunk late);
+    # a GPU's background thread is forced here with inline=False ([Note: where early updates run]).
     cfg = gpt_config("tiny")
     early, _ = _engine(cfg, home, tmp_path / "a", dtype=dtype)
     late, _ = _engine(cfg, home, tmp_path / "b", dtype=dtype)
-    counts, late_counts = _count_early(early), _count_early(late)
+    assert early.optimizer.inline
+    early.optimizer.inline = inline
+    threads, pending = [], []
+    counts, late_counts = _count_early(early, threads, pending), _count_early(late)
     for step in range(3):
         x, y = _batch(cfg, step)
         got = early.train_step((x, y))
@@ -295,6 +312,10 @@ def test_early_updates_in_the_last_backward_change_nothing(home, dtype, tmp_path
         assert got == total / 2
     num_chunks = len(early.store.chunks)
     assert counts == [num_chunks] * 3 and late_counts == [0] * 3
+    # The thread exists only while a step's updates are under way; inline, none ever does, and
+    # only the last nvme chunk's update is left for step() to run.
+    assert threads == ([0] * 3 if inline else [1] * 3) and _update_threads() == 0
+    assert pending == ([int(home is Tier.NVME)] * 3 if inline else [0] * 3)
     _assert_same_states(early, late)
     early.close(), late.close()
 
