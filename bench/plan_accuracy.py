@@ -1,6 +1,6 @@
 """Planner accuracy: the simulator's predictions against measured runs on this machine.
 
-    python bench/plan_accuracy.py [--steps 6] [--warmup 2] [--nvme-path DIR] [--only NAME ...]
+    python bench/plan_accuracy.py [--steps 10] [--warmup 2] [--nvme-path DIR] [--only NAME ...]
 
 For each configuration (small GPTs on the CPU device: all on the device; host-home chunks
 under a device budget that forces offload; NVMe-home chunks in real files; swap_host,
@@ -134,7 +134,7 @@ def _err(pred: float, meas: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=6, help="steps per configuration, warm-up included")
+    ap.add_argument("--steps", type=int, default=10, help="steps per configuration, warm-up included")
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the timing and the peaks")
     ap.add_argument("--nvme-path", default=None, help="directory for NVMe files (default: a temporary directory)")
     ap.add_argument("--only", nargs="*", default=None, help="configuration names to run")

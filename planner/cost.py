@@ -37,8 +37,9 @@ NVME_HEADER_BYTES = 4096
 NVME_ALIGN_BYTES = 4096
 """The store pads every payload to this multiple (O_DIRECT alignment), and its ledger counts it."""
 NVME_LATENCY_S = 100e-6
-"""Fixed cost of one NVMe request: ~100 µs, the order of a datacenter NVMe's read latency at
-queue depth 1; large sequential transfers are bandwidth-bound after it."""
+"""The catalog's fixed cost of one NVMe request (``NvmeSpec.read_latency_s``/``write_latency_s``
+default): ~100 µs, the order of a datacenter NVMe's read latency at queue depth 1; large
+sequential transfers are bandwidth-bound after it. A profile measures both on the real path."""
 
 
 # --- compression --------------------------------------------------------------------------
@@ -152,25 +153,26 @@ def disk_read_time_s(num_bytes: float, nvme: NvmeSpec, compression: CompressionM
     (latency + max(compressed bytes / disk bandwidth, bytes / decompression throughput)).
     """
     codec_gbps = compression.decompress_gbps if compression is not None else 0.0
-    return _disk_time_s(num_bytes, nvme.read_gbps, compression, codec_gbps)
+    return _disk_time_s(num_bytes, nvme.read_gbps, nvme.read_latency_s, compression, codec_gbps)
 
 
 def disk_write_time_s(num_bytes: float, nvme: NvmeSpec, compression: CompressionModel | None = None) -> float:
     """Write ``num_bytes`` to NVMe, compressing on the fly if enabled (pipelined as for reads)."""
     codec_gbps = compression.compress_gbps if compression is not None else 0.0
-    return _disk_time_s(num_bytes, nvme.write_gbps, compression, codec_gbps)
+    return _disk_time_s(num_bytes, nvme.write_gbps, nvme.write_latency_s, compression, codec_gbps)
 
 
-def _disk_time_s(num_bytes: float, disk_gbps: float, compression: CompressionModel | None, codec_gbps: float) -> float:
+def _disk_time_s(num_bytes: float, disk_gbps: float, latency_s: float, compression: CompressionModel | None,
+                 codec_gbps: float) -> float:
     """latency + max(stored bytes / disk bandwidth, bytes / codec throughput): the codec and the
     disk are pipelined over blocks, so the slower stage sets the pace."""
     if num_bytes <= 0:
         return 0.0
     if compression is None:
-        return transfer_time_s(num_bytes, disk_gbps, NVME_LATENCY_S)
+        return transfer_time_s(num_bytes, disk_gbps, latency_s)
     disk_s = num_bytes / compression.ratio / (disk_gbps * 1e9)
     codec_s = num_bytes / (codec_gbps * 1e9)
-    return NVME_LATENCY_S + max(disk_s, codec_s)
+    return latency_s + max(disk_s, codec_s)
 
 
 def optimizer_state_bytes_per_elem(optimizer: Optimizer | str) -> int:

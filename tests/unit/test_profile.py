@@ -1,5 +1,7 @@
 """The profiler's file format and how measured figures replace catalog ones."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -32,6 +34,9 @@ def test_profile_measures_and_round_trips(tiny, tmp_path):
     assert all(t.fwd_s > 0 and t.bwd_s > 0 for t in p.blocks)
     for key in ("h2d", "d2h", "device_memory", "nvme_read", "nvme_write", "cpu_adam_params_per_s"):
         assert p.bandwidths[key] > 0, key
+    # a durable write (fdatasync) costs more than nothing on any disk; the probe left no file behind
+    assert 0 < p.bandwidths["nvme_write_latency_s"] < 1 and 0 <= p.bandwidths["nvme_read_latency_s"] < 1
+    assert list(Path(cfg.cluster.nodes[0].nvme.path).iterdir()) == []
     path = tmp_path / "profile.parquet"
     prof.save_profile(p, path)
     assert prof.load_profile(path) == p
@@ -49,6 +54,8 @@ def test_apply_profile_replaces_catalog_figures(tiny, tmp_path):
     assert d2.h2d_gbps == p.bandwidths["h2d"] and d2.memory_bw_gbps == p.bandwidths["device_memory"]
     assert h2.cpu_adam_params_per_s == p.bandwidths["cpu_adam_params_per_s"]
     assert n2.read_gbps == p.bandwidths["nvme_read"] and n2.write_gbps == p.bandwidths["nvme_write"]
+    assert n2.read_latency_s == p.bandwidths["nvme_read_latency_s"]
+    assert n2.write_latency_s == p.bandwidths["nvme_write_latency_s"]
     by_block = {}
     for t in p.blocks:
         by_block.setdefault(t.block, {})[t.micro_batch_size] = t
