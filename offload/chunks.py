@@ -131,6 +131,8 @@ class ChunkStore:
         """Per block position, the chunks holding its parameters (tied ones included)."""
         self.num_refetches = 0
         """Fetches forced by unpacking a saved view of a released chunk (a plan that releases too early)."""
+        self.num_fetches = 0
+        """Param-buffer fetches begun (host or NVMe to device), for the profiler's overhead fit."""
         self._phase = _Phase.IDLE
         self._by_ptr: dict[int, int] = {}
         self._handles: list = []
@@ -395,6 +397,7 @@ class ChunkStore:
         if c.home is Tier.DEVICE or c.buf is not None:
             return
         c.buf = self._alloc(self.device_ledger, f"buffer:param:{c.index}", c.num_elems, self.compute_dtype, upload=True)
+        self.num_fetches += 1
         if c.home is Tier.HOST:
             c.fetch = self._copy(c.buf, c.compute if self.mixed else c.master)
         else:

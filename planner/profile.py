@@ -52,7 +52,7 @@ __all__ = [
 PROFILE_VERSION = 2
 """2: ``overheads`` added and the last block timed with the loss; 1 is refused."""
 _META_KEY = b"memtrain.profile"
-OVERHEAD_KEYS = ("block_fwd_s", "block_bwd_s", "param_s", "microbatch_s")
+OVERHEAD_KEYS = ("block_fwd_s", "block_bwd_s", "param_s", "microbatch_s", "chunk_fetch_s")
 """Keys of ``Profile.overheads``, applied to the ``ModelStats.overhead_*`` fields of the same names."""
 
 
@@ -428,7 +428,12 @@ def measure_runtime_overhead(
     fitted by least squares:
         forward  = m_f + block_fwd_s × blocks
         backward = m_b + block_bwd_s × blocks + param_s × parameter tensors
-    and ``microbatch_s = m_f + m_b`` (the engine's own bookkeeping per micro-batch).
+    and ``microbatch_s = m_f + m_b`` (the engine's own bookkeeping per micro-batch). Then each
+    model with biases runs again with host-home chunks, one per block, prefetch depth 2: what that
+    adds to a micro-batch, over the chunk fetches it made (``ChunkStore.num_fetches``), fitted
+    through the origin, is ``chunk_fetch_s``, the training thread's own work per fetch (buffer,
+    copy issue, pointing the parameters in, the release and the gradient flush; measured ~150 µs
+    per fetch on 2 CPU cores). The copy itself is negligible at this size and modelled apart.
     """
     from memtrain.models.gpt import GPT, causal_lm_loss, gpt_config
     from memtrain.offload.chunks import make_chunk_plans, named_blocks, param_order
@@ -443,6 +448,7 @@ def measure_runtime_overhead(
     ids = torch.randint(0, vocab, (1, seq + 1), generator=gen)
     x, y = ids[:, :-1].to(device), ids[:, 1:].to(device)
     fwd_rows, bwd_rows, fwd_ys, bwd_ys = [], [], [], []
+    fetch_rows: list[tuple[float, float]] = []  # (fetches per micro-batch, seconds added)
     for layers in num_layers:
         for bias in (True, False):
             cfg = gpt_config("tiny", num_layers=layers, hidden_size=32, num_heads=2, vocab_size=vocab, max_seq_len=seq,
@@ -473,9 +479,37 @@ def measure_runtime_overhead(
             fwd_ys.append(ef - pf)
             bwd_rows.append([1.0, float(num_blocks), float(num_tensors)])
             bwd_ys.append(eb - pb)
+            if bias:
+                fetch_rows.append(_fetch_overhead(cfg, dtype, device, x, y, reps, ef + eb))
     m_f, block_fwd = _lstsq_nonneg(fwd_rows, fwd_ys)
     m_b, block_bwd, per_param = _lstsq_nonneg(bwd_rows, bwd_ys)
-    return {"block_fwd_s": block_fwd, "block_bwd_s": block_bwd, "param_s": per_param, "microbatch_s": m_f + m_b}
+    fetch_s = sum(n * t for n, t in fetch_rows) / sum(n * n for n, _ in fetch_rows) if fetch_rows else 0.0
+    return {"block_fwd_s": block_fwd, "block_bwd_s": block_bwd, "param_s": per_param, "microbatch_s": m_f + m_b,
+            "chunk_fetch_s": max(fetch_s, 0.0)}
+
+
+def _fetch_overhead(cfg, dtype: str, device: torch.device, x, y, reps: int, device_home_s: float) -> tuple[float, float]:
+    """(chunk fetches per micro-batch, seconds per micro-batch over ``device_home_s``) of ``cfg``
+    with host-home chunks, one per block ([Note: runtime overhead])."""
+    from memtrain.models.gpt import GPT
+    from memtrain.offload.chunks import block_param_order, make_chunk_plans, named_blocks
+    from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier
+    from memtrain.runtime.engine import wrap
+
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    blocks = named_blocks(model, None)
+    size = max(sum(p.numel() for p in b.parameters()) for _, b in blocks)
+    policy = MemoryPolicy(chunk_size_elems=size, chunks=make_chunk_plans(block_param_order(model, blocks), size, Tier.HOST),
+                          prefetch_depth=2, activations=(ActPolicy.KEEP,) * len(blocks))
+    engine = wrap(model, optimizer="adamw", memory={"device": 2**40, "host": 2**40}, plan=policy, dtype=dtype,
+                  micro_batch_size=1, verbose=False, device=device)
+    try:
+        hf, hb = _fwd_bwd_min_s(lambda: engine((x, y)), engine.backward, device, reps)
+        fetches = engine.store.num_fetches / (reps + 2)  # _fwd_bwd_min_s runs reps + 2 micro-batches
+    finally:
+        engine.close()
+    return fetches, hf + hb - device_home_s
 
 
 # --- the whole profile ----------------------------------------------------------------------

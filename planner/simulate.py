@@ -176,7 +176,9 @@ class _StepBuilder:
                 allocs.append(self._staging(c))
         if not allocs:
             return
-        mark = self.g.add(f"alloc{m}:{'FB'[p]}", "compute", 0.0, alloc_start=allocs, tag=m)
+        # The training thread's own work per fetch (planner.profile [Note: runtime overhead]).
+        mark = self.g.add(f"alloc{m}:{'FB'[p]}", "compute", len(new) * self.s.overhead_chunk_fetch_s,
+                          alloc_start=allocs, tag=m)
         for c in new:
             if self.chunks[c].home is Tier.NVME:  # disk -> staging now; staging -> buffer when used
                 self.reads[c] = self.g.add(f"read{m}@c{c}:{'FB'[p]}", "disk", self.read_s[c], deps=(mark,), tag=m)
@@ -640,6 +642,7 @@ def stream_work_s(
         # chunks, and each micro-batch but the last leaves block 0's chunks to the next forward.
         fetches = 2 * n * runs[c.index] - n * (c.index in uses[-1]) - (n - 1) * (c.index in uses[0])
         work[copy_in] += fetches * cost.h2d_time_s(nbytes, device)
+        work["compute"] += fetches * s.overhead_chunk_fetch_s
         flush_s = _flush_copy_s(nbytes, device)
         if flush_s:
             work[copy_out] += n * flush_s

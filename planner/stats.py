@@ -113,6 +113,9 @@ class ModelStats:
     overhead_microbatch_s: float = 0.0
     """Measured runtime overhead per micro-batch outside every block (the engine's bookkeeping
     around the forward and backward)."""
+    overhead_chunk_fetch_s: float = 0.0
+    """Measured work of the training thread per off-device chunk fetch (buffer, copy issue,
+    parameter pointers, release, gradient flush), on top of the copy itself."""
 
     @property
     def fwd_flops(self) -> int:

@@ -144,6 +144,23 @@ def test_runtime_overhead_adds_to_every_block_call_and_micro_batch():
     assert rebuilt.end_s - rebuilt.start_s == pytest.approx(0.1 + 0.01)
 
 
+def test_chunk_fetch_overhead_runs_on_the_training_thread_per_fetch():
+    import dataclasses
+
+    plain = make_stats([100 * MB, 200 * MB, 300 * MB])
+    pol = policy(plain, [Tier.HOST] * 3, [ActPolicy.KEEP] * 3, depth=2)
+    over = dataclasses.replace(plain, overhead_chunk_fetch_s=0.004)
+    r = simulate_step(over, train(3), DEV, HOST, None, pol)
+    fetches = sum(e.name.startswith("PREFETCH") for e in r.timeline)
+    # chunks kept across pass ends are not fetched again ([Note: across pass ends]): fewer than 2 per block and pass
+    assert 0 < fetches < 2 * 3 * 3
+    marks = [e for e in r.timeline if e.name.startswith("alloc") and e.stream == "compute"]
+    assert sum(e.end_s - e.start_s for e in marks) == pytest.approx(fetches * 0.004)
+    assert r.step_time_s > simulate_step(plain, train(3), DEV, HOST, None, pol).step_time_s
+    assert stream_work_s(over, train(3), DEV, HOST, None, pol)["compute"] == pytest.approx(
+        stream_work_s(plain, train(3), DEV, HOST, None, pol)["compute"] + fetches * 0.004)
+
+
 def test_recompute_holds_inputs_and_one_rebuilt_block():
     acts, inputs = [100 * MB, 200 * MB, 300 * MB], [10 * MB, 20 * MB, 30 * MB]
     stats = make_stats(acts, inputs)
