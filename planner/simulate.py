@@ -42,9 +42,10 @@ manager takes it as its ``writes_in_flight``; the simulator waits at the same po
 NVME_OPTIM_STAGED_CHUNKS = 3
 """[Note: early optimizer step] During the last micro-batch's backward, a host- or nvme-home
 chunk's optimizer update starts when its gradients are complete (its grad buffer was added into
-the host accumulator), on a background thread (the ``cpu`` stream; on a CPU device the compute
-stream, an nvme chunk's update run at the next chunk's queueing or at the step's end: offload.optim
-[Note: where early updates run]); an nvme chunk's states are
+the host accumulator), on a background thread (the ``cpu`` stream; on a CPU device on the
+training thread, the compute stream, where an nvme chunk's update runs at the next chunk's
+queueing or at the step's end: offload.optim [Note: where early updates run]); an nvme chunk's
+states are
 read into host staging taken at that point of the training thread, which first waits for the
 oldest write-backs (freeing their staging) while this many chunks are staged. The runtime's
 ``OffloadedOptimizer`` takes it as its ``staged_chunks``. Not under fp16, whose loss scaling
