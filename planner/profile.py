@@ -370,23 +370,34 @@ def measure_cpu_adam_params_per_s(num_elems: int = 16 * 2**20, reps: int = 3) ->
     return num_elems / _median_time(run, torch.device("cpu"), reps)
 
 
-def _fwd_bwd_min_s(forward: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor], None],
-                   device: torch.device, reps: int) -> tuple[float, float]:
-    """Least (forward s, backward s) over ``reps`` runs of one micro-batch, after a warm-up."""
-    fwd, bwd = [], []
+def _fwd_bwd_rounds_s(runs: list[tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], None]]],
+                      device: torch.device, reps: int) -> list[list[tuple[float, float]]]:
+    """(forward s, backward s) of one micro-batch of each (forward, backward) in ``runs``, for
+    ``reps`` rounds after two warm-up rounds, each round running every one once in turn: round
+    ``i`` of two runs is then timed over the same stretch of time."""
+    out: list[list[tuple[float, float]]] = []
     for rep in range(reps + 2):
-        _sync(device)
-        t0 = time.perf_counter()
-        loss = forward()
-        _sync(device)
-        t1 = time.perf_counter()
-        backward(loss)
-        _sync(device)
-        t2 = time.perf_counter()
+        row = []
+        for forward, backward in runs:
+            _sync(device)
+            t0 = time.perf_counter()
+            loss = forward()
+            _sync(device)
+            t1 = time.perf_counter()
+            backward(loss)
+            _sync(device)
+            t2 = time.perf_counter()
+            row.append((t1 - t0, t2 - t1))
         if rep >= 2:
-            fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
-    return min(fwd), min(bwd)
+            out.append(row)
+    return out
+
+
+def _least_diff_s(rounds: list[list[tuple[float, float]]], i: int, j: int, part: slice) -> float:
+    """Least time of run ``i`` − least time of run ``j``, each summed over ``part`` of (forward,
+    backward): the least, not the median, because the overhead is fixed CPU work and the least
+    time is the one other processes disturbed least."""
+    return min(sum(r[i][part]) for r in rounds) - min(sum(r[j][part]) for r in rounds)
 
 
 def _lstsq_nonneg(rows: list[list[float]], ys: list[float]) -> list[float]:
@@ -423,7 +434,9 @@ def measure_runtime_overhead(
     and without biases (so the number of parameter tensors varies apart from the number of
     blocks). For each model the least forward and backward time of one micro-batch through the
     engine and through the same model in plain PyTorch (gradients set to None each time, as the
-    engine's hook does) are taken; the least, not the median, because the overhead is fixed CPU
+    engine's hook does) are taken, the variants of one model timed in alternation (one micro-batch
+    of each in turn, so a burst of load from other processes slows all of them, not the one a
+    difference is taken against); the least, not the median, because the overhead is fixed CPU
     work and the least time is the one other processes disturbed least. The differences are
     fitted by least squares:
         forward  = m_f + block_fwd_s × blocks
@@ -464,23 +477,28 @@ def measure_runtime_overhead(
                 loss.backward()
                 plain.zero_grad(set_to_none=True)
 
-            pf, pb = _fwd_bwd_min_s(plain_fwd, plain_bwd, device, reps)
             model = GPT(cfg)
             params = param_order(model, named_blocks(model, None))
             policy = MemoryPolicy(chunk_size_elems=10**9, chunks=make_chunk_plans(params, 10**9, Tier.DEVICE),
                                   prefetch_depth=1, activations=(ActPolicy.KEEP,) * num_blocks)
             engine = wrap(model, optimizer="adamw", memory={"device": 2**40, "host": 2**40}, plan=policy, dtype=dtype,
                           micro_batch_size=1, verbose=False, device=device)
+            host = _host_home_engine(cfg, dtype, device) if bias else None
             try:
-                ef, eb = _fwd_bwd_min_s(lambda: engine((x, y)), engine.backward, device, reps)
+                runs = [(plain_fwd, plain_bwd), (lambda: engine((x, y)), engine.backward)]
+                if host is not None:
+                    runs.append((lambda: host((x, y)), host.backward))
+                rounds = _fwd_bwd_rounds_s(runs, device, reps)
+                if host is not None:
+                    fetch_rows.append((host.store.num_fetches / (reps + 2), _least_diff_s(rounds, 2, 1, slice(0, 2))))
             finally:
                 engine.close()
+                if host is not None:
+                    host.close()
             fwd_rows.append([1.0, float(num_blocks)])
-            fwd_ys.append(ef - pf)
+            fwd_ys.append(_least_diff_s(rounds, 1, 0, slice(0, 1)))
             bwd_rows.append([1.0, float(num_blocks), float(num_tensors)])
-            bwd_ys.append(eb - pb)
-            if bias:
-                fetch_rows.append(_fetch_overhead(cfg, dtype, device, x, y, reps, ef + eb))
+            bwd_ys.append(_least_diff_s(rounds, 1, 0, slice(1, 2)))
     m_f, block_fwd = _lstsq_nonneg(fwd_rows, fwd_ys)
     m_b, block_bwd, per_param = _lstsq_nonneg(bwd_rows, bwd_ys)
     fetch_s = sum(n * t for n, t in fetch_rows) / sum(n * n for n, _ in fetch_rows) if fetch_rows else 0.0
@@ -488,9 +506,10 @@ def measure_runtime_overhead(
             "chunk_fetch_s": max(fetch_s, 0.0)}
 
 
-def _fetch_overhead(cfg, dtype: str, device: torch.device, x, y, reps: int, device_home_s: float) -> tuple[float, float]:
-    """(chunk fetches per micro-batch, seconds per micro-batch over ``device_home_s``) of ``cfg``
-    with host-home chunks, one per block ([Note: runtime overhead])."""
+def _host_home_engine(cfg, dtype: str, device: torch.device):
+    """The engine of ``cfg`` with host-home chunks, one per block, prefetch depth 2: its chunk
+    fetches per micro-batch (``store.num_fetches``) and its time over the device-home engine's
+    give ``chunk_fetch_s`` ([Note: runtime overhead])."""
     from memtrain.models.gpt import GPT
     from memtrain.offload.chunks import block_param_order, make_chunk_plans, named_blocks
     from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier
@@ -502,14 +521,8 @@ def _fetch_overhead(cfg, dtype: str, device: torch.device, x, y, reps: int, devi
     size = max(sum(p.numel() for p in b.parameters()) for _, b in blocks)
     policy = MemoryPolicy(chunk_size_elems=size, chunks=make_chunk_plans(block_param_order(model, blocks), size, Tier.HOST),
                           prefetch_depth=2, activations=(ActPolicy.KEEP,) * len(blocks))
-    engine = wrap(model, optimizer="adamw", memory={"device": 2**40, "host": 2**40}, plan=policy, dtype=dtype,
-                  micro_batch_size=1, verbose=False, device=device)
-    try:
-        hf, hb = _fwd_bwd_min_s(lambda: engine((x, y)), engine.backward, device, reps)
-        fetches = engine.store.num_fetches / (reps + 2)  # _fwd_bwd_min_s runs reps + 2 micro-batches
-    finally:
-        engine.close()
-    return fetches, hf + hb - device_home_s
+    return wrap(model, optimizer="adamw", memory={"device": 2**40, "host": 2**40}, plan=policy, dtype=dtype,
+                micro_batch_size=1, verbose=False, device=device)
 
 
 # --- the whole profile ----------------------------------------------------------------------

@@ -100,7 +100,7 @@ def test_the_last_block_is_timed_with_the_loss():
 
 
 def test_runtime_overhead_is_measured_on_this_machine():
-    got = measure_runtime_overhead(torch.device("cpu"), reps=5, num_layers=(1, 4))
+    got = measure_runtime_overhead(torch.device("cpu"), reps=10, num_layers=(1, 4))
     assert set(got) == set(OVERHEAD_KEYS)
     assert all(v >= 0 for v in got.values())
     # The engine runs Python hooks around every block call: more than a microsecond each, and
