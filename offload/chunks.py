@@ -27,6 +27,17 @@ starts with that block), and a backward that another micro-batch's forward follo
 prefetching in forward order: no fetch is repeated and the disk has work queued at each pass
 boundary. The simulator does the same (planner.simulate).
 
+[Note: kept within the prefetch window] Where a block's chunk would be released (after the block
+in the forward; when its gradients are complete, or after the block, in the backward) its buffer
+stays if the chunk is among the first ``prefetch_depth`` distinct off-device chunks of the blocks
+still to run: the rest of the pass, then the backward after a forward (grad enabled) or the next
+micro-batch's forward after a backward that one follows (``planner.cost.within_prefetch_window``).
+Those are the buffers a prefetch of that depth holds next, so a chunk the forward's last blocks
+used is not read again at the start of the backward, nor a backward's last chunks at the next
+forward's start (up to ``prefetch_depth - 1`` fetches saved at each pass end). A kept chunk stays
+in the window until its use, and the buffers resident are always inside it, so no more buffers
+exist at once than before. The final backward keeps nothing: its chunks go to the optimizer.
+
 [Note: CPU-only fetch] Without a GPU the device tier is host memory, so copying a chunk from host
 staging into its "device" buffer would be a memcpy on the cores the compute needs (12 ms per
 28 MiB chunk measured on 2 shared cores, 52 fetches per step of the 100m model). There the disk
@@ -61,6 +72,7 @@ from memtrain.offload.chunk_layout import (
 )
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.tiers import CopyHandle, copy_async, copy_stream
+from memtrain.planner.cost import within_prefetch_window
 from memtrain.planner.plan import ChunkPlan, Tier
 from memtrain.planner.stats import DType
 
@@ -148,6 +160,8 @@ class ChunkStore:
         self._final = False
         self._next_forward = False
         self._held_for_backward = False
+        self._bwd_pos = 0  # the block whose backward runs (gradients completing release chunks there)
+        self._off_uses: list[tuple[int, ...]] = []  # per block, its chunks not home on the device
         # [Note: why pool CPU buffers] (offload.bufpool): per ledger whose memory is plain CPU RAM.
         self.pools = {id(ledger): BufferPool(ledger) for ledger, pinned in
                       ((host_ledger, self.device.type == "cuda"), (device_ledger, False))
@@ -249,6 +263,7 @@ class ChunkStore:
             if loose:
                 self.uses[-1] = tuple(sorted(set(self.uses[-1]) | set(loose)))
                 self._loose.append((mod, loose))
+        self._off_uses = [tuple(ci for ci in cs if self.chunks[ci].home is not Tier.DEVICE) for cs in self.uses]
         self._install()
         self._built = True
         return self
@@ -358,16 +373,21 @@ class ChunkStore:
             for t in _tensors(output):
                 if t.requires_grad:
                     self._add_event(t, (1, pos))
-        if pos + 1 < len(self.blocks):
+        num, grad = len(self.blocks), torch.is_grad_enabled()
+        if pos + 1 < num:
             nxt = set(self.uses[pos + 1])
         else:  # [Note: across pass ends] the backward starts with the last block's chunks
-            nxt = set(self.uses[pos]) if torch.is_grad_enabled() else set()
-            self._held_for_backward = bool(nxt)
+            nxt = set(self.uses[pos]) if grad else set()
         for ci in self.uses[pos]:
-            if ci not in nxt:
+            # [Note: kept within the prefetch window] the backward comes after the forward's end
+            if ci not in nxt and not self._kept(ci, itertools.chain(range(pos + 1, num), range(num - 1, -1, -1))
+                                                if grad else range(pos + 1, num)):
                 self._release(self.chunks[ci])
+        if pos + 1 == num:
+            self._held_for_backward = grad and self._num_buffers() > 0
 
     def _bwd_start(self, pos: int) -> None:
+        self._bwd_pos = pos
         for ci in self.uses[pos]:
             self._start(self.chunks[ci])
         for ci in self.uses[pos]:
@@ -384,8 +404,19 @@ class ChunkStore:
         if pos == len(self.blocks) - 1:  # loose modules' backward comes after the last block's
             nxt.update(ci for _, cs in self._loose for ci in cs)
         for ci in self.uses[pos]:
-            if ci not in nxt:
+            if ci not in nxt and not self._kept(ci, self._bwd_upcoming(pos - 1)):
                 self._release(self.chunks[ci])
+
+    def _bwd_upcoming(self, pos: int) -> Iterable[int]:
+        """The blocks the passes use from backward position ``pos`` down: then the next
+        micro-batch's forward, if one follows ([Note: across pass ends])."""
+        down = range(pos, -1, -1)
+        return itertools.chain(down, range(len(self.blocks))) if self._next_forward else down
+
+    def _kept(self, ci: int, upcoming: Iterable[int]) -> bool:
+        """[Note: kept within the prefetch window] Whether ``ci``'s buffer stays at a release point."""
+        return self.chunks[ci].home is not Tier.DEVICE and within_prefetch_window(
+            ci, upcoming, self._off_uses, self.prefetch_depth)
 
     # --- residency ------------------------------------------------------------------------
 
@@ -558,7 +589,8 @@ class ChunkStore:
         if len(c.mb_seen) == len(c.slots):
             self._flush(c)
             handed = self._grads_final(c)
-            if not (self._next_forward and c.index in self.uses[0]):  # [Note: across pass ends]
+            if not (self._next_forward and c.index in self.uses[0]) and not (  # [Note: across pass ends]
+                    not handed and c.index in self.uses[self._bwd_pos] and self._kept(c.index, self._bwd_upcoming(self._bwd_pos - 1))):
                 self._release(c, reuse=not handed)
 
     def _flush(self, c: Chunk) -> None:

@@ -25,7 +25,7 @@ __all__ = [
     "chunk_bytes", "param_buffer_bytes", "grad_buffer_bytes", "host_grad_accum_bytes",
     "nvme_optim_staging_bytes", "chunk_disk_bytes", "activation_bytes", "workspace_bytes",
     "NVME_HEADER_BYTES", "NVME_ALIGN_BYTES", "nvme_file_bytes", "nvme_chunk_file_bytes", "nvme_chunk_file_sizes",
-    "num_use_runs",
+    "num_use_runs", "within_prefetch_window",
     "pack_params", "pack_chunks", "block_param_list", "block_chunk_ids",
 ]
 
@@ -336,6 +336,24 @@ def num_use_runs(block_chunks: Sequence[Sequence[int]]) -> dict[int, int]:
                 runs[c] = runs.get(c, 0) + 1
         prev = set(cs)
     return runs
+
+
+def within_prefetch_window(c: int, upcoming: Iterable[int], uses: Sequence[Sequence[int]], depth: int) -> bool:
+    """Whether chunk ``c`` is among the first ``depth`` distinct chunks used by the blocks
+    ``upcoming``, in that order (``uses[q]``: block ``q``'s off-device chunks): the param buffers
+    a prefetch of that depth holds next. The runtime keeps such a chunk's buffer where it would
+    release it (offload.chunks [Note: kept within the prefetch window]). Once inside, a chunk stays
+    inside until its next use: the chunks before it only get fewer as blocks run."""
+    seen: set[int] = set()
+    for q in upcoming:
+        for x in uses[q]:
+            if x == c:
+                return True
+            if x not in seen:
+                seen.add(x)
+                if len(seen) >= depth:
+                    return False
+    return False
 
 
 def activation_bytes(policy: ActPolicy | str, block: BlockStats) -> dict[Tier, int]:

@@ -10,6 +10,7 @@ ledger counts the same owners with the same rules).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
@@ -19,7 +20,7 @@ from memtrain.planner.stats import DType, ModelStats
 from memtrain.planner.taskgraph import STREAMS, GraphResult, TaskGraph, simulate_graph
 
 __all__ = [
-    "STREAMS", "TaskGraph", "GraphResult", "simulate_graph", "SimResult", "simulate_step", "stream_work_s",
+    "STREAMS", "TaskGraph", "GraphResult", "simulate_graph", "SimResult", "simulate_step", "stream_work_s", "fetch_counts",
     "SWAP_IN_BLOCKS_AHEAD", "SWAP_IN_LOOKAHEAD", "MAX_NVME_SWAP_WRITES_IN_FLIGHT", "NVME_OPTIM_STAGED_CHUNKS", "cpu_stream", "copy_streams",
 ]
 
@@ -212,6 +213,15 @@ class _StepBuilder:
                     count += 1
         return out
 
+    def _bwd_upcoming(self, m: int, j: int) -> tuple[int, ...]:
+        """Blocks used from backward position ``j`` down, then the next micro-batch's forward."""
+        down = tuple(range(j, -1, -1))
+        return down + tuple(range(len(self.s.blocks))) if m < self.n - 1 else down
+
+    def _kept(self, c: int, upcoming) -> bool:
+        """offload.chunks [Note: kept within the prefetch window]."""
+        return cost.within_prefetch_window(c, upcoming, self.uses, self.policy.prefetch_depth)
+
     def _release(self, chunks) -> list:
         frees = []
         for c in chunks:
@@ -257,8 +267,10 @@ class _StepBuilder:
         deps = [self._ensure(m, 0, c) for c in need]
         self._start(m, 0, self._prefetch_list(range(j + 1, len(self.s.blocks))))
         # offload.chunks [Note: across pass ends]: the last block's chunks stay for the backward
-        nxt = set(self.uses[j + 1]) if j + 1 < len(self.s.blocks) else set(need)
-        frees = self._release([c for c in need if c not in nxt])  # post-forward, after the block's swap-out
+        L = len(self.s.blocks)
+        nxt = set(self.uses[j + 1]) if j + 1 < L else set(need)
+        upcoming = (*range(j + 1, L), *range(L - 1, -1, -1))
+        frees = self._release([c for c in need if c not in nxt and not self._kept(c, upcoming)])  # post-forward
         held = b.input_bytes if pol is ActPolicy.RECOMPUTE else b.activation_bytes
         swaps = pol in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME)
         on_f = frees if not (swaps and self.copy_out == "compute") else []
@@ -333,7 +345,7 @@ class _StepBuilder:
                 self._bring_back(m, k)
         need = self.uses[j]
         if j + 1 < len(s.blocks):  # chunks of the block above whose gradients are not complete yet
-            frees = self._release([c for c in self.uses[j + 1] if c not in need])
+            frees = self._release([c for c in self.uses[j + 1] if c not in need and not self._kept(c, self._bwd_upcoming(m, j))])
             if frees:
                 g.add(f"release{m}:{j + 1}", "compute", 0.0, free_end=frees, tag=m)
         self._start(m, 1, need)
@@ -352,8 +364,9 @@ class _StepBuilder:
         held = b.activation_bytes + (b.input_bytes if pol is ActPolicy.RECOMPUTE else 0)
         done = self.flush_at.get(j, [])  # gradients complete in this block: flush and release
         keep = j == 0 and m < self.n - 1  # block 0's chunks stay for the next forward
+        gone = [] if keep else [c for c in done if not self._kept(c, self._bwd_upcoming(m, j - 1))]
         bt = g.add(f"B{m}:{j}", "compute", self.bwd[j], deps=deps,
-                   free_end=[(dev, owner, held)] + ([] if keep else self._release(done)), tag=m)
+                   free_end=[(dev, owner, held)] + self._release(gone), tag=m)
         for c in done:
             prev_accum[c] = self._grad_out(m, c, bt, prev_accum.get(c))
             if self.early and m == self.n - 1:
@@ -628,20 +641,17 @@ def stream_work_s(
             work["disk"] += n * (cost.disk_write_time_s(b.activation_bytes, nvme, comp) + cost.disk_read_time_s(b.activation_bytes, nvme, comp))
     off = [c.home is not Tier.DEVICE for c in policy.chunks]
     uses = [tuple(c for c in cs if off[c]) for cs in bc]
-    runs = cost.num_use_runs(uses)
+    num_fetches = fetch_counts(uses, policy.prefetch_depth, n)
     resident = 0
     for c in policy.chunks:
         ne = c.num_elems
         if c.home is Tier.DEVICE:
             resident += ne
             continue
-        if c.index not in runs:
+        if c.index not in num_fetches:
             continue
         nbytes = cost.param_buffer_bytes(ne, dt)
-        # Every run, in both passes, every micro-batch; less the fetches kept across pass ends
-        # (offload.chunks [Note: across pass ends]): the backward starts with the last block's
-        # chunks, and each micro-batch but the last leaves block 0's chunks to the next forward.
-        fetches = 2 * n * runs[c.index] - n * (c.index in uses[-1]) - (n - 1) * (c.index in uses[0])
+        fetches = num_fetches[c.index]
         work[copy_in] += fetches * cost.h2d_time_s(nbytes, device)
         work["compute"] += fetches * s.overhead_chunk_fetch_s
         flush_s = _flush_copy_s(nbytes, device)
@@ -656,3 +666,58 @@ def stream_work_s(
             work["disk"] += cost.disk_read_time_s(read_bytes, nvme, comp) + cost.disk_write_time_s(disk_bytes, nvme, comp)
     work["compute"] += cost.device_optimizer_time_s(resident, dt, opt, device)
     return work
+
+
+def fetch_counts(uses: Sequence[Sequence[int]], prefetch_depth: int, num_microbatches: int) -> dict[int, int]:
+    """Param-buffer fetches per chunk over one step: the residency rules of ``_StepBuilder``
+    (offload.chunks: fetch at use, prefetch, release, [Note: across pass ends], [Note: kept within
+    the prefetch window]) walked without building a graph. ``uses[j]``: block ``j``'s off-device
+    chunks. The first micro-batch starts with nothing resident, the last releases everything, and
+    those between repeat one another (what each leaves resident depends only on the rules), so at
+    most three are walked and the middle one counts ``num_microbatches - 2`` times."""
+    num, depth, n = len(uses), prefetch_depth, num_microbatches
+    done_at: dict[int, list[int]] = defaultdict(list)  # gradients complete at the first block using the chunk
+    for c in {c for cs in uses for c in cs}:
+        done_at[min(j for j, cs in enumerate(uses) if c in cs)].append(c)
+    counts: dict[int, int] = defaultdict(int)
+    res: set[int] = set()
+    walked = min(n, 3)
+    for m in range(walked):
+        weight = n - 2 if walked == 3 and m == 1 else 1
+        more = m < walked - 1  # another micro-batch's forward follows this backward
+
+        def fetch(cs, ahead) -> None:
+            for c in cs:
+                if c not in res:
+                    res.add(c)
+                    counts[c] += weight
+            if depth <= 1:
+                return
+            for q in ahead:
+                for c in uses[q]:
+                    if len(res) >= depth:
+                        return
+                    if c not in res:
+                        res.add(c)
+                        counts[c] += weight
+
+        def bwd_upcoming(j: int) -> tuple[int, ...]:
+            return (*range(j, -1, -1), *(range(num) if more else ()))
+
+        for j in range(num):
+            fetch(uses[j], range(j + 1, num))
+            nxt = set(uses[j + 1]) if j + 1 < num else set(uses[j])
+            upcoming = (*range(j + 1, num), *range(num - 1, -1, -1))
+            res.difference_update(c for c in uses[j] if c not in nxt
+                                  and not cost.within_prefetch_window(c, upcoming, uses, depth))
+        for j in range(num - 1, -1, -1):
+            if j + 1 < num:
+                res.difference_update(c for c in uses[j + 1] if c not in uses[j]
+                                      and not cost.within_prefetch_window(c, bwd_upcoming(j), uses, depth))
+            fetch(uses[j], bwd_upcoming(j - 1))
+            if not (j == 0 and more):
+                res.difference_update(c for c in done_at.get(j, ())
+                                      if not cost.within_prefetch_window(c, bwd_upcoming(j - 1), uses, depth))
+        if not more:
+            res.clear()
+    return dict(counts)

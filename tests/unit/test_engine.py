@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import threading
 
 import pytest
@@ -373,22 +374,44 @@ def test_early_fp32_update_takes_the_master_from_the_param_buffer(dtype, early, 
     engine.close(), ref.close()
 
 
-def test_fetches_are_not_repeated_at_pass_ends(tmp_path):
-    # offload.chunks [Note: across pass ends]: per micro-batch every run of blocks using a chunk
-    # fetches it in both passes, less the backward's start (the last block's chunks stay) and,
-    # for all micro-batches but the last, the next forward's start (block 0's chunks stay); the
-    # simulator's stream_work_s counts the same.
+@pytest.mark.parametrize("depth", [2, 3])
+def test_fetches_are_not_repeated_at_pass_ends(depth, tmp_path):
+    # offload.chunks [Note: across pass ends] and [Note: kept within the prefetch window]: a chunk
+    # the next pass starts with keeps its buffer, so fewer fetches than one per run of blocks per
+    # pass; the engine fetches exactly what the simulator's walk counts (planner.simulate.fetch_counts,
+    # which stream_work_s uses and test_simulate checks against the simulated graph), and the
+    # param buffers never exceed what the simulator predicts.
     from memtrain.planner.cost import num_use_runs
+    from memtrain.planner.simulate import fetch_counts
 
-    cfg = gpt_config("tiny")
-    engine, _ = _engine(cfg, Tier.NVME, tmp_path)
-    engine.train_step(_batch(cfg, 0))  # builds the store
+    cfg = gpt_config("tiny", num_layers=4)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    memory = {"device": "64MiB", "host": "256MiB", "nvme": str(tmp_path / "nvme")}
+    engine = wrap(model, optimizer=dict(name="adamw", lr=1e-3), memory=memory, micro_batch_size=MICRO, verbose=False,
+                  plan=_policy(model, Tier.NVME, chunk_elems=40_000, depth=depth))
+    n = 3
+    engine.train_step(_batch(cfg, 0, batch=n * MICRO))  # builds the store
     fetched = _logged_reads(engine, lambda key, priority: priority == URGENT)
-    engine.train_step(_batch(cfg, 1))
-    uses, n = engine.store.uses, BATCH // MICRO
+    store, most = engine.store, [0]
+    start = store._start
+
+    def counting_start(c):
+        start(c)
+        most[0] = max(most[0], sum(o.startswith("buffer:param") for o in store.device_ledger.by_owner()))
+
+    store._start = counting_start
+    engine.train_step(_batch(cfg, 1, batch=n * MICRO))
+    uses = engine.store.uses
     runs = num_use_runs(uses)
-    expected = sum(2 * n * r - n * (c in uses[-1]) - (n - 1) * (c in uses[0]) for c, r in runs.items())
-    assert len(fetched) == expected and expected < sum(2 * n * r for r in runs.values())
+    expected = fetch_counts(uses, depth, n)
+    assert collections.Counter(int(k.split(":")[1]) for k in fetched) == expected
+    # fewer than before the window rule (one fetch per run and pass, less the pass-end chunks)
+    before = sum(2 * n * r - n * (c in uses[-1]) - (n - 1) * (c in uses[0]) for c, r in runs.items())
+    assert sum(expected.values()) < before
+    # no more param buffers at once than prefetch_depth, or than the chunks one block uses
+    assert 0 < most[0] <= max(depth, *map(len, uses))
+    del store._start
     # a forward that no backward follows gives its kept chunks back at the next forward
     with torch.no_grad():
         engine(_batch(cfg, 2))
