@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from memtrain.offload.nvme import URGENT, NvmeStore, aligned_empty
+from memtrain.planner.search import MAX_OPTIM_STAGINGS
 from memtrain.planner.units import format_bytes, parse_bytes
 
 __all__ = [
@@ -222,6 +223,10 @@ class TrainingResult:
     """Whether the store used O_DIRECT."""
     prefetch_depth: int
     """Param buffers the plan allows (``MemoryPolicy.prefetch_depth``)."""
+    optim_staged_chunks: int
+    """NVMe chunks the early optimizer updates may stage at once (``MemoryPolicy.optim_staged_chunks``)."""
+    host_peak_bytes: int
+    """The NVMe run's host ledger peak over its timed steps."""
     max_loss_diff: float
     """Max |Δloss| between the NVMe run and the all-device run (the default fused host AdamW
     kernel differs from the device kernel by about one ulp per step; offload/optim.py)."""
@@ -325,11 +330,13 @@ def _timed_step(engine, batch) -> tuple[float, float, float]:
 
 def measure_training(
     path: str, *, preset: str, seq_len: int, micro_batch_size: int, num_micro: int, num_steps: int,
-    chunk_elems: int, prefetch_depth: int | None, num_threads: int = 8,
+    chunk_elems: int, prefetch_depth: int | None, num_threads: int = 8, optim_staged_chunks: int = MAX_OPTIM_STAGINGS,
 ) -> TrainingResult:
     """Step time of the all-NVMe plan, compute alone and I/O alone; see the module doc.
 
-    ``prefetch_depth`` None: ``overlap_prefetch_depth`` of the model's chunks."""
+    ``prefetch_depth`` None: ``overlap_prefetch_depth`` of the model's chunks.
+    ``optim_staged_chunks``: as a plan with that much spare host memory would give
+    (planner.search [Note: spare host memory stages more])."""
     from memtrain.models.gpt import GPT, gpt_config
     from memtrain.offload.chunks import block_param_order, make_chunk_plans, named_blocks
     from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier
@@ -358,7 +365,7 @@ def measure_training(
         blocks = named_blocks(model, None)
         plan = MemoryPolicy(chunk_size_elems=chunk_elems, prefetch_depth=prefetch_depth,
                             chunks=make_chunk_plans(block_param_order(model, blocks), chunk_elems, home),
-                            activations=(ActPolicy.KEEP,) * len(blocks))
+                            activations=(ActPolicy.KEEP,) * len(blocks), optim_staged_chunks=optim_staged_chunks)
         memory = {"device": "1TiB", "host": "1TiB", **({"nvme": nvme_dir} if nvme_dir else {})}
         engine = wrap(model, optimizer=dict(name="adamw", lr=1e-4), memory=memory, plan=plan,
                       micro_batch_size=micro_batch_size, verbose=False)
@@ -373,6 +380,7 @@ def measure_training(
         ref_losses = [_timed_step(on_device, batches[0])[0]]  # warm-up steps
         losses = [_timed_step(on_nvme, batches[0])[0]]
         ops = list(log)
+        on_nvme.store.host_ledger.reset_peak()
         replay = TrafficReplay(path, ops, num_threads=num_threads).start()
         replay.run()  # warm-up
         compute, step, io = [], [], []  # (wall s, CPU s) per timed step
@@ -390,6 +398,7 @@ def measure_training(
             io.append(replay.run())
         stop()
         direct = bool(on_nvme.nvme.direct)
+        host_peak = on_nvme.store.host_ledger.peak_bytes
     finally:
         for closable in (on_device, on_nvme, replay):
             if closable is not None:
@@ -403,7 +412,7 @@ def measure_training(
         num_cpus=torch.get_num_threads(),
         read_bytes=sum(o.num_bytes for o in ops if o.kind == "read"),
         write_bytes=sum(o.num_bytes for o in ops if o.kind == "write"), num_ops=len(ops), direct=direct,
-        prefetch_depth=prefetch_depth,
+        prefetch_depth=prefetch_depth, optim_staged_chunks=optim_staged_chunks, host_peak_bytes=host_peak,
         max_loss_diff=max(abs(a - b) for a, b in zip(losses, ref_losses)),
     )
 
@@ -412,6 +421,8 @@ def print_training(r: TrainingResult) -> None:
     mode = "O_DIRECT" if r.direct else "buffered"
     print(f"\ntraining step with every chunk NVMe-home: {r.label} ({r.num_params / 1e6:.1f}M params), "
           f"AdamW fp32, prefetch depth {r.prefetch_depth}, median of {r.num_steps} steps after a warm-up")
+    print(f"  optimizer stages up to {r.optim_staged_chunks} NVMe chunks at once; host ledger peak "
+          f"{format_bytes(r.host_peak_bytes)}")
     print(f"  per-step NVMe traffic: {format_bytes(r.read_bytes)} read + {format_bytes(r.write_bytes)} written "
           f"in {r.num_ops} ops ({mode})")
     print(f"  {'step, all chunks on NVMe':40s} {r.step_s:8.2f} s")
@@ -442,6 +453,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
     ap.add_argument("--train-num-micro", type=int, default=2, help="micro-batches per step (default 2)")
     ap.add_argument("--train-chunk-elems", type=int, default=8 * 2**20, help="chunk size in elements (default 8Mi)")
+    ap.add_argument("--train-staged", type=int, default=MAX_OPTIM_STAGINGS,
+                    help="NVMe chunks the optimizer's early updates may stage in host memory at once "
+                         f"(MemoryPolicy.optim_staged_chunks; default {MAX_OPTIM_STAGINGS}, the most the planner gives "
+                         "when host memory is spare)")
     ap.add_argument("--train-prefetch", default="auto",
                     help="prefetch depths to measure, comma-separated, or 'auto': the smallest that leaves a "
                          "buffer for fetching ahead (the most chunks one block uses + 1; default)")
@@ -456,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isdir(args.path):
             raise ValueError(f"--path: {args.path} is not a directory")
         if min(args.train_steps, args.train_seq_len, args.train_micro_batch, args.train_num_micro,
-               args.train_chunk_elems) < 1:
+               args.train_chunk_elems, args.train_staged) < 1:
             raise ValueError("--train-*: counts and sizes must be >= 1")
         depths: list[int | None] = [None]
         if args.train_prefetch != "auto":
@@ -491,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         result = measure_training(
             args.path, preset=args.train, seq_len=args.train_seq_len, micro_batch_size=args.train_micro_batch,
             num_micro=args.train_num_micro, num_steps=args.train_steps, chunk_elems=args.train_chunk_elems,
-            prefetch_depth=depth, num_threads=args.threads)
+            prefetch_depth=depth, num_threads=args.threads, optim_staged_chunks=args.train_staged)
         print_training(result)
     return 0
 

@@ -156,6 +156,15 @@ class MemoryPolicy:
     """Per block, in block order."""
     compress_nvme: bool = False
     """Compress chunks written to NVMe with zstandard."""
+    optim_staged_chunks: int = 3
+    """NVMe chunks whose optimizer states may be in host staging at once during the early updates
+    of the last backward (read, updated, written back); the training thread waits for the oldest
+    write-back when this many are staged (planner.simulate [Note: early optimizer step]). More
+    keeps more reads and writes in flight, for host memory (the search uses what it has spare)."""
+
+    def __post_init__(self) -> None:
+        if self.optim_staged_chunks < 1:
+            raise ValueError(f"memory.optim_staged_chunks: must be >= 1, got {self.optim_staged_chunks}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -214,6 +214,8 @@ def _policy_table(plan: Plan) -> _Table:
         ("chunks", f"{len(mem.chunks)}: {home_text}"),
         ("prefetch depth", str(mem.prefetch_depth)),
         ("nvme compression", "zstd" if mem.compress_nvme else "off"),
+        ("optimizer staging", f"{mem.optim_staged_chunks} NVMe chunks at once" if any(c.home is Tier.NVME for c in mem.chunks)
+         else "no NVMe chunks"),
         ("activations", act_text),
     ]
     return _Table(title="Memory policy", columns=(), rows=tuple(rows))

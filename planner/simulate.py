@@ -41,15 +41,15 @@ forward instead), and the host peak is the same on a fast and a slow disk. The a
 manager takes it as its ``writes_in_flight``; the simulator waits at the same points
 (docs/memory-accounting.md, "Activations")."""
 NVME_OPTIM_STAGED_CHUNKS = 3
-"""[Note: early optimizer step] During the last micro-batch's backward, a host- or nvme-home
+"""The default of ``MemoryPolicy.optim_staged_chunks``. [Note: early optimizer step] During the last micro-batch's backward, a host- or nvme-home
 chunk's optimizer update starts when its gradients are complete (its grad buffer was added into
 the host accumulator), on a background thread (the ``cpu`` stream; on a CPU device on the
 training thread, the compute stream, where an nvme chunk's update runs at the next chunk's
 queueing or at the step's end: offload.optim [Note: where early updates run]); an nvme chunk's
 states are
 read into host staging taken at that point of the training thread, which first waits for the
-oldest write-backs (freeing their staging) while this many chunks are staged. The runtime's
-``OffloadedOptimizer`` takes it as its ``staged_chunks``. Not under fp16, whose loss scaling
+oldest write-backs (freeing their staging) while ``MemoryPolicy.optim_staged_chunks`` chunks are
+staged. The runtime's ``OffloadedOptimizer`` takes that as its ``staged_chunks``. Not under fp16, whose loss scaling
 needs every gradient first (the optimizer then runs after the backward)."""
 SWAP_IN_LOOKAHEAD = SWAP_IN_BLOCKS_AHEAD + 1
 """Swapped blocks whose activations may be on the device at once besides the running block's
@@ -410,7 +410,7 @@ class _StepBuilder:
         if ch.home is Tier.HOST:
             self.optim_tasks.append(g.add(f"OPTIM@c{c}", self.cpu, upd_s, deps=(acc,), tag=self.n))
             return
-        while len(self.writing) >= NVME_OPTIM_STAGED_CHUNKS:
+        while len(self.writing) >= self.policy.optim_staged_chunks:
             self._wait_write(m)
         mark = g.add(f"alloc@c{c}:states", "compute", 0.0, deps=(bt,),
                      alloc_start=[self._states_staging(c), self._rewrite(c)], tag=m)

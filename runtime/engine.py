@@ -28,7 +28,7 @@ from memtrain.offload.chunks import ChunkStore, block_param_order, make_chunk_pl
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.optim import OffloadedOptimizer, OptimizerSpec
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, Plan, Tier
-from memtrain.planner.simulate import NVME_OPTIM_STAGED_CHUNKS, SWAP_IN_BLOCKS_AHEAD
+from memtrain.planner.simulate import SWAP_IN_BLOCKS_AHEAD
 from memtrain.planner.stats import DType, dtype_bytes
 from memtrain.planner.units import format_bytes, parse_bytes
 
@@ -554,7 +554,7 @@ def wrap(
         store = ChunkStore(model=model, blocks=named, chunks=policy.chunks, dtype=dtype, state_names=spec.state_names,
                            device=dev, device_ledger=device_ledger, host_ledger=host_ledger, nvme=nvme,
                            prefetch_depth=depth).build()
-        opt = OffloadedOptimizer(store, spec, staged_chunks=NVME_OPTIM_STAGED_CHUNKS,
+        opt = OffloadedOptimizer(store, spec, staged_chunks=policy.optim_staged_chunks,
                                  **({} if host_kernel is None else {"host_kernel": host_kernel}))
         policies = {name: ActPolicy(p) for (name, _), p in zip(named, policy.activations)}
         # Activation swap-ins run SWAP_IN_BLOCKS_AHEAD blocks ahead, as the simulator models them.

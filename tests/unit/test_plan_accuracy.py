@@ -27,7 +27,7 @@ from memtrain.offload.chunks import make_chunk_plans, named_blocks, param_order
 from memtrain.planner import catalog, cost
 from memtrain.planner.analyze import analyze
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier, TrainShape
-from memtrain.planner.simulate import NVME_OPTIM_STAGED_CHUNKS, SWAP_IN_BLOCKS_AHEAD, simulate_step
+from memtrain.planner.simulate import SWAP_IN_BLOCKS_AHEAD, simulate_step
 from memtrain.runtime.config import ModelConfig
 from memtrain.runtime.engine import wrap
 
@@ -38,14 +38,14 @@ DEV = catalog.cpu_device_spec(num_cpus=2, memory_bytes=BIG)
 HOST = HostSpec(memory_bytes=2 * BIG, num_cpus=2, memory_bw_gbps=10.0, cpu_adam_params_per_s=1e8)
 
 
-def _policy(model, homes, acts, depth: int, chunk_elems: int) -> MemoryPolicy:
+def _policy(model, homes, acts, depth: int, chunk_elems: int, staged: int = 3) -> MemoryPolicy:
     params = param_order(model, named_blocks(model, None))
     num_chunks = len(make_chunk_plans(params, chunk_elems, Tier.HOST))
     homes = homes(num_chunks) if callable(homes) else [homes] * num_chunks
     num_blocks = len(model.blocks)
     acts = acts(num_blocks) if callable(acts) else [acts] * num_blocks
     return MemoryPolicy(chunk_size_elems=chunk_elems, chunks=make_chunk_plans(params, chunk_elems, homes),
-                        prefetch_depth=depth, activations=tuple(acts))
+                        prefetch_depth=depth, activations=tuple(acts), optim_staged_chunks=staged)
 
 
 def _late(op, delay_s: float):
@@ -67,13 +67,13 @@ def _late(op, delay_s: float):
 
 
 def measure_and_predict(tmp_path, *, overrides=None, homes=Tier.HOST, acts=K, depth=1, chunk_elems=60_000,
-                        dtype="fp32", mbs=2, num_microbatches=2, disk_delay_s=0.0):
+                        dtype="fp32", mbs=2, num_microbatches=2, disk_delay_s=0.0, staged=3):
     """(predicted, measured) peak bytes per tier, and the policy; ``disk_delay_s`` makes every
     NVMe write and read of the run end that much later (a disk slower than the profile says)."""
     overrides = dict(overrides or {})
     torch.manual_seed(0)
     model = GPT(gpt_config("tiny", **overrides))
-    policy = _policy(model, homes, acts, depth, chunk_elems)
+    policy = _policy(model, homes, acts, depth, chunk_elems, staged)
     engine = wrap(model, optimizer="adamw", memory={"device": BIG, "host": BIG, "nvme": str(tmp_path / "nvme")},
                   plan=policy, dtype=dtype, micro_batch_size=mbs, verbose=False, device="cpu")
     ids = torch.randint(0, model.config.vocab_size, (mbs * num_microbatches, SEQ + 1), generator=torch.Generator().manual_seed(1))
@@ -144,6 +144,9 @@ CASES = {
     "host-depth3-6layers": dict(homes=Tier.HOST, depth=3, overrides={"num_layers": 6}),
     "host-depth5-6layers": dict(homes=Tier.HOST, depth=5, overrides={"num_layers": 6}),
     "nvme-depth2": dict(homes=Tier.NVME, depth=2),
+    # MemoryPolicy.optim_staged_chunks: fewer and more NVMe chunks staged by the early updates
+    "nvme-staged1": dict(homes=Tier.NVME, depth=2, staged=1, overrides={"num_layers": 6}),
+    "nvme-staged6": dict(homes=Tier.NVME, depth=2, staged=6, overrides={"num_layers": 6}),
     "swap_host": dict(homes=Tier.DEVICE, acts=SH, chunk_elems=10**9),
     # wider layers: reads and writes long enough to end inside other blocks' passes (the windows
     # must not depend on it, [Note: bounded NVMe writes], [Note: NVMe swap-in claims])
@@ -159,13 +162,14 @@ CASES = {
 
 
 # [Note: disk-timed peaks]: the nvme tier of cases whose chunks live on NVMe.
-DISK_TIMED = {name: frozenset({"nvme"}) for name in ("nvme-depth2", "nvme-mixed-3mb", "split-homes")}
+DISK_TIMED = {name: frozenset({"nvme"}) for name in ("nvme-depth2", "nvme-staged1", "nvme-staged6", "nvme-mixed-3mb",
+                                                    "split-homes")}
 
 
 def _rewrite_slack(policy: MemoryPolicy, dtype: str) -> int:
     """The most rewrite bytes the simulator may hold past their rename ([Note: disk-timed peaks])."""
     sizes = [cost.nvme_chunk_file_bytes(c.num_elems, dtype, "adamw") for c in policy.chunks if c.home is Tier.NVME]
-    return NVME_OPTIM_STAGED_CHUNKS * max(sizes, default=0)
+    return policy.optim_staged_chunks * max(sizes, default=0)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -174,7 +178,7 @@ def test_ledger_peaks_match_the_simulator(tmp_path, case):
     assert_agree(sims, measured, DISK_TIMED.get(case, frozenset()), _rewrite_slack(policy, CASES[case].get("dtype", "fp32")))
 
 
-@pytest.mark.parametrize("case", ["swap_nvme", "mixed-bf16", "nvme-mixed-3mb"])
+@pytest.mark.parametrize("case", ["swap_nvme", "mixed-bf16", "nvme-mixed-3mb", "nvme-staged1", "nvme-staged6"])
 def test_swap_nvme_peaks_hold_on_a_disk_slower_than_the_forward(tmp_path, case):
     # Every NVMe operation ends 30 ms late: longer than any block's forward here, so unbounded
     # writes would all be staged at once. The writes in flight are bounded and every staging
@@ -184,7 +188,10 @@ def test_swap_nvme_peaks_hold_on_a_disk_slower_than_the_forward(tmp_path, case):
     assert_agree(sims, measured, DISK_TIMED.get(case, frozenset()), _rewrite_slack(policy, CASES[case].get("dtype", "fp32")))
     for tier in ("host", "device"):
         assert measured[tier] == sims[0].peak_bytes[tier], (tier, sims[0].breakdown.get(tier))
-    if case != "nvme-mixed-3mb":  # there the host peaks in the optimizer's NVMe streaming
+    if case.startswith("nvme-staged"):  # the early updates' staging makes the host peak
+        sizes = [cost.nvme_optim_staging_bytes(c.num_elems, "fp32", "adamw") for c in policy.chunks]
+        assert len(sizes) > 6 and sims[0].breakdown["host"].get("staging", 0) >= policy.optim_staged_chunks * min(sizes)
+    elif case != "nvme-mixed-3mb":  # there the host peaks in the optimizer's NVMe streaming
         assert sims[0].breakdown["host"].get("act", 0) > 0  # the staging is part of the host peak
 
 

@@ -270,18 +270,19 @@ def test_nvme_chunk_holds_host_accumulator_until_its_optimizer_step_ends():
     assert ev["zero_grad"].start_s >= ev["wait@c0"].end_s
 
 
-def test_nvme_chunks_stream_through_three_stagings():
+@pytest.mark.parametrize("staged", [1, NVME_OPTIM_STAGED_CHUNKS, 6])
+def test_nvme_chunks_stream_through_three_stagings(staged):
     import dataclasses
 
     n_elems = 10**8
     stats = make_stats([1 * MB] * 4, params=[n_elems] * 4)
-    pol = policy(stats, [Tier.NVME] * 4, [ActPolicy.KEEP] * 4, depth=2)
+    pol = dataclasses.replace(policy(stats, [Tier.NVME] * 4, [ActPolicy.KEEP] * 4, depth=2), optim_staged_chunks=staged)
     files = cost.nvme_chunk_file_bytes(n_elems, "bf16", "adamw")
-    # Early updates ([Note: early optimizer step]): at most NVME_OPTIM_STAGED_CHUNKS staged, each
+    # Early updates ([Note: early optimizer step]): at most optim_staged_chunks staged (of the 4), each
     # rewrite's second copy held from queueing to its wait (an upper bound of the runtime's).
     r = simulate_step(stats, train(1), DEV, HOST, NVME, pol)
-    assert r.peak_bytes["host"] == 4 * 4 * n_elems + NVME_OPTIM_STAGED_CHUNKS * 14 * n_elems
-    assert r.peak_bytes["nvme"] == (4 + NVME_OPTIM_STAGED_CHUNKS) * files
+    assert r.peak_bytes["host"] == 4 * 4 * n_elems + min(staged, 4) * 14 * n_elems
+    assert r.peak_bytes["nvme"] == (4 + min(staged, 4)) * files
     # fp16 steps after the backward: read one ahead while stepping one, the previous write-back in flight
     fp16 = dataclasses.replace(train(1), dtype=DType.FP16)
     r = simulate_step(stats, fp16, DEV, HOST, NVME, pol)
