@@ -20,7 +20,8 @@ from memtrain.planner.plan import (
     ActPolicy, Alternative, ChunkPlan, DevicePrediction, MemoryPolicy, Plan, Prediction, Tier, TimelineEvent, TrainShape,
 )
 from memtrain.planner.schedule import add_activation_swaps, add_chunk_transfers, generate_single_device
-from memtrain.planner.simulate import SWAP_IN_LOOKAHEAD, SimResult, simulate_step, stream_work_s
+from memtrain.planner.bounds import stream_work_s
+from memtrain.planner.simulate import SWAP_IN_LOOKAHEAD, SimResult, simulate_step
 from memtrain.planner.units import format_bytes
 from memtrain.planner.stats import DType, ModelStats, Optimizer, dtype_bytes
 

@@ -10,7 +10,6 @@ ledger counts the same owners with the same rules).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
@@ -20,7 +19,7 @@ from memtrain.planner.stats import DType, ModelStats
 from memtrain.planner.taskgraph import STREAMS, GraphResult, TaskGraph, simulate_graph
 
 __all__ = [
-    "STREAMS", "TaskGraph", "GraphResult", "simulate_graph", "SimResult", "simulate_step", "stream_work_s", "fetch_counts",
+    "STREAMS", "TaskGraph", "GraphResult", "simulate_graph", "SimResult", "simulate_step",
     "SWAP_IN_BLOCKS_AHEAD", "SWAP_IN_LOOKAHEAD", "MAX_NVME_SWAP_WRITES_IN_FLIGHT", "NVME_OPTIM_STAGED_CHUNKS", "cpu_stream", "copy_streams",
 ]
 
@@ -612,112 +611,3 @@ def simulate_step(
         timeline=events,
         num_simulated_microbatches=n_sim,
     )
-
-
-def stream_work_s(
-    stats: ModelStats, train: TrainShape, device: DeviceSpec, host: HostSpec, nvme: NvmeSpec | None, policy: MemoryPolicy
-) -> dict[str, float]:
-    """Total busy time per stream over one step, with the durations ``simulate_step`` uses.
-
-    Each stream runs its tasks one at a time, so the step takes at least the largest of these:
-    the search's lower bound for skipping candidates before simulating them.
-    """
-    s = stats.scaled(train.micro_batch_size)
-    n, dt, opt = train.num_microbatches, train.dtype, train.optimizer
-    comp = cost.zstd_model(host.num_cpus) if policy.compress_nvme else None
-    work = dict.fromkeys(STREAMS, 0.0)
-    cpu = cpu_stream(device)
-    copy_in, copy_out = copy_streams(device)
-    bc = cost.block_chunk_ids(s, policy.chunks)
-    work["compute"] += n * s.overhead_microbatch_s
-    for b, pol in zip(s.blocks, policy.activations):
-        fwd_s = cost.block_fwd_time_s(b, device, dt, s.micro_batch_size) + cost.block_overhead_s(s, b, backward=False)
-        work["compute"] += n * fwd_s * (2 if pol is ActPolicy.RECOMPUTE else 1)
-        work["compute"] += n * (cost.block_bwd_time_s(b, device, dt, s.micro_batch_size) + cost.block_overhead_s(s, b, backward=True))
-        if pol in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME):
-            work[copy_out] += n * cost.d2h_time_s(b.activation_bytes, device)
-            work[copy_in] += n * cost.h2d_time_s(b.activation_bytes, device)
-        if pol is ActPolicy.SWAP_NVME:
-            work["disk"] += n * (cost.disk_write_time_s(b.activation_bytes, nvme, comp) + cost.disk_read_time_s(b.activation_bytes, nvme, comp))
-    off = [c.home is not Tier.DEVICE for c in policy.chunks]
-    uses = [tuple(c for c in cs if off[c]) for cs in bc]
-    num_fetches = fetch_counts(uses, policy.prefetch_depth, n)
-    resident = 0
-    for c in policy.chunks:
-        ne = c.num_elems
-        if c.home is Tier.DEVICE:
-            resident += ne
-            continue
-        if c.index not in num_fetches:
-            continue
-        nbytes = cost.param_buffer_bytes(ne, dt)
-        fetches = num_fetches[c.index]
-        work[copy_in] += fetches * cost.h2d_time_s(nbytes, device)
-        work["compute"] += fetches * s.overhead_chunk_fetch_s
-        flush_s = _flush_copy_s(nbytes, device)
-        if flush_s:
-            work[copy_out] += n * flush_s
-        work[cpu] += n * cost.host_grad_accum_time_s(ne, dt, host)
-        work[cpu] += cost.cpu_optimizer_time_s(ne, opt, host)
-        if c.home is Tier.NVME:
-            disk_bytes = cost.chunk_disk_bytes(ne, dt, opt)
-            read_bytes = cost.nvme_optim_read_bytes(ne, dt, opt, early=DType(dt) is not DType.FP16)
-            work["disk"] += fetches * cost.disk_read_time_s(nbytes, nvme, comp)
-            work["disk"] += cost.disk_read_time_s(read_bytes, nvme, comp) + cost.disk_write_time_s(disk_bytes, nvme, comp)
-    work["compute"] += cost.device_optimizer_time_s(resident, dt, opt, device)
-    return work
-
-
-def fetch_counts(uses: Sequence[Sequence[int]], prefetch_depth: int, num_microbatches: int) -> dict[int, int]:
-    """Param-buffer fetches per chunk over one step: the residency rules of ``_StepBuilder``
-    (offload.chunks: fetch at use, prefetch, release, [Note: across pass ends], [Note: kept within
-    the prefetch window]) walked without building a graph. ``uses[j]``: block ``j``'s off-device
-    chunks. The first micro-batch starts with nothing resident, the last releases everything, and
-    those between repeat one another (what each leaves resident depends only on the rules), so at
-    most three are walked and the middle one counts ``num_microbatches - 2`` times."""
-    num, depth, n = len(uses), prefetch_depth, num_microbatches
-    done_at: dict[int, list[int]] = defaultdict(list)  # gradients complete at the first block using the chunk
-    for c in {c for cs in uses for c in cs}:
-        done_at[min(j for j, cs in enumerate(uses) if c in cs)].append(c)
-    counts: dict[int, int] = defaultdict(int)
-    res: set[int] = set()
-    walked = min(n, 3)
-    for m in range(walked):
-        weight = n - 2 if walked == 3 and m == 1 else 1
-        more = m < walked - 1  # another micro-batch's forward follows this backward
-
-        def fetch(cs, ahead) -> None:
-            for c in cs:
-                if c not in res:
-                    res.add(c)
-                    counts[c] += weight
-            if depth <= 1:
-                return
-            for q in ahead:
-                for c in uses[q]:
-                    if len(res) >= depth:
-                        return
-                    if c not in res:
-                        res.add(c)
-                        counts[c] += weight
-
-        def bwd_upcoming(j: int) -> tuple[int, ...]:
-            return (*range(j, -1, -1), *(range(num) if more else ()))
-
-        for j in range(num):
-            fetch(uses[j], range(j + 1, num))
-            nxt = set(uses[j + 1]) if j + 1 < num else set(uses[j])
-            upcoming = (*range(j + 1, num), *range(num - 1, -1, -1))
-            res.difference_update(c for c in uses[j] if c not in nxt
-                                  and not cost.within_prefetch_window(c, upcoming, uses, depth))
-        for j in range(num - 1, -1, -1):
-            if j + 1 < num:
-                res.difference_update(c for c in uses[j + 1] if c not in uses[j]
-                                      and not cost.within_prefetch_window(c, bwd_upcoming(j), uses, depth))
-            fetch(uses[j], bwd_upcoming(j - 1))
-            if not (j == 0 and more):
-                res.difference_update(c for c in done_at.get(j, ())
-                                      if not cost.within_prefetch_window(c, bwd_upcoming(j - 1), uses, depth))
-        if not more:
-            res.clear()
-    return dict(counts)

@@ -378,11 +378,11 @@ def test_early_fp32_update_takes_the_master_from_the_param_buffer(dtype, early, 
 def test_fetches_are_not_repeated_at_pass_ends(depth, tmp_path):
     # offload.chunks [Note: across pass ends] and [Note: kept within the prefetch window]: a chunk
     # the next pass starts with keeps its buffer, so fewer fetches than one per run of blocks per
-    # pass; the engine fetches exactly what the simulator's walk counts (planner.simulate.fetch_counts,
+    # pass; the engine fetches exactly what the simulator's walk counts (planner.bounds.fetch_counts,
     # which stream_work_s uses and test_simulate checks against the simulated graph), and the
     # param buffers never exceed what the simulator predicts.
     from memtrain.planner.cost import num_use_runs
-    from memtrain.planner.simulate import fetch_counts
+    from memtrain.planner.bounds import fetch_counts
 
     cfg = gpt_config("tiny", num_layers=4)
     torch.manual_seed(0)

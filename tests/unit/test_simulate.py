@@ -9,8 +9,9 @@ import pytest
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
 from memtrain.planner import cost
 from memtrain.planner.plan import ActPolicy, ChunkPlan, MemoryPolicy, Tier, TrainShape
+from memtrain.planner.bounds import stream_work_s
 from memtrain.planner.simulate import (
-    MAX_NVME_SWAP_WRITES_IN_FLIGHT, NVME_OPTIM_STAGED_CHUNKS, TaskGraph, simulate_graph, simulate_step, stream_work_s,
+    MAX_NVME_SWAP_WRITES_IN_FLIGHT, NVME_OPTIM_STAGED_CHUNKS, TaskGraph, simulate_graph, simulate_step,
 )
 from memtrain.planner.stats import BlockStats, DType, ModelStats, Optimizer
 
