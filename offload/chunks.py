@@ -35,8 +35,9 @@ micro-batch's forward after a backward that one follows (``planner.cost.within_p
 Those are the buffers a prefetch of that depth holds next, so a chunk the forward's last blocks
 used is not read again at the start of the backward, nor a backward's last chunks at the next
 forward's start (up to ``prefetch_depth - 1`` fetches saved at each pass end). A kept chunk stays
-in the window until its use, and the buffers resident are always inside it, so no more buffers
-exist at once than before. The final backward keeps nothing: its chunks go to the optimizer.
+in the window until its use (the chunks ahead of it only get fewer), and prefetch still stops at
+``prefetch_depth`` buffers; test_engine checks that the buffers never exceed that or the chunks
+one block uses. The final backward keeps nothing: its chunks go to the optimizer.
 
 [Note: CPU-only fetch] Without a GPU the device tier is host memory, so copying a chunk from host
 staging into its "device" buffer would be a memcpy on the cores the compute needs (12 ms per
@@ -589,8 +590,10 @@ class ChunkStore:
         if len(c.mb_seen) == len(c.slots):
             self._flush(c)
             handed = self._grads_final(c)
-            if not (self._next_forward and c.index in self.uses[0]) and not (  # [Note: across pass ends]
-                    not handed and c.index in self.uses[self._bwd_pos] and self._kept(c.index, self._bwd_upcoming(self._bwd_pos - 1))):
+            pos = self._bwd_pos
+            stays = ((self._next_forward and c.index in self.uses[0])  # [Note: across pass ends]
+                     or (not handed and c.index in self.uses[pos] and self._kept(c.index, self._bwd_upcoming(pos - 1))))
+            if not stays:
                 self._release(c, reuse=not handed)
 
     def _flush(self, c: Chunk) -> None:

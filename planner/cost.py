@@ -25,7 +25,7 @@ __all__ = [
     "chunk_bytes", "param_buffer_bytes", "grad_buffer_bytes", "host_grad_accum_bytes",
     "nvme_optim_staging_bytes", "chunk_disk_bytes", "activation_bytes", "workspace_bytes",
     "NVME_HEADER_BYTES", "NVME_ALIGN_BYTES", "nvme_file_bytes", "nvme_chunk_file_bytes", "nvme_chunk_file_sizes",
-    "num_use_runs", "within_prefetch_window",
+    "within_prefetch_window",
     "pack_params", "pack_chunks", "block_param_list", "block_chunk_ids",
 ]
 
@@ -322,20 +322,6 @@ def nvme_chunk_file_bytes(num_elems: int, dtype: DType | str, optimizer: Optimiz
     """NVMe ledger bytes of an nvme-home chunk: ``chunk_disk_bytes`` plus each file's header and
     alignment (``nvme_file_bytes`` over ``nvme_chunk_file_sizes``)."""
     return sum(nvme_file_bytes(b) for b in nvme_chunk_file_sizes(num_elems, dtype, optimizer))
-
-
-def num_use_runs(block_chunks: Sequence[Sequence[int]]) -> dict[int, int]:
-    """Per chunk, how many runs of consecutive blocks use it. The runtime releases a chunk's
-    param buffer after the last block of a run and fetches it again for the next run (a tied
-    embedding used by the first and the last block is fetched twice per pass)."""
-    runs: dict[int, int] = {}
-    prev: set[int] = set()
-    for cs in block_chunks:
-        for c in cs:
-            if c not in prev:
-                runs[c] = runs.get(c, 0) + 1
-        prev = set(cs)
-    return runs
 
 
 def within_prefetch_window(c: int, upcoming: Iterable[int], uses: Sequence[Sequence[int]], depth: int) -> bool:

@@ -381,7 +381,6 @@ def test_fetches_are_not_repeated_at_pass_ends(depth, tmp_path):
     # pass; the engine fetches exactly what the simulator's walk counts (planner.bounds.fetch_counts,
     # which stream_work_s uses and test_simulate checks against the simulated graph), and the
     # param buffers never exceed what the simulator predicts.
-    from memtrain.planner.cost import num_use_runs
     from memtrain.planner.bounds import fetch_counts
 
     cfg = gpt_config("tiny", num_layers=4)
@@ -403,7 +402,10 @@ def test_fetches_are_not_repeated_at_pass_ends(depth, tmp_path):
     store._start = counting_start
     engine.train_step(_batch(cfg, 1, batch=n * MICRO))
     uses = engine.store.uses
-    runs = num_use_runs(uses)
+    runs: dict[int, int] = {}  # per chunk, the runs of consecutive blocks using it
+    for j, cs in enumerate(uses):
+        for c in cs:
+            runs[c] = runs.get(c, 0) + (j == 0 or c not in uses[j - 1])
     expected = fetch_counts(uses, depth, n)
     assert collections.Counter(int(k.split(":")[1]) for k in fetched) == expected
     # fewer than before the window rule (one fetch per run and pass, less the pass-end chunks)
