@@ -14,6 +14,8 @@ the device) and the I/O (that step's chunk traffic, recorded op by op from the N
 through a fresh ``NvmeStore`` with no compute). The step cannot beat max(compute, I/O) (the
 overlap bound of ZeRO-Infinity, Rajbhandari et al. 2021, Sec. 6: time = max over the overlapped
 streams); the printed ratio step / bound is how close the engine's overlap comes (target <= 1.3).
+A step's NVMe write-backs run on into the next step, so NVMe steps are timed back to back in the
+steady state (``RUN_STEPS``), each period carrying one step's traffic, as the replay does.
 
 Cache treatment, the same for both: writes count until the data is on the disk (``fsync`` /
 ``fdatasync``); reads start after the file's pages were dropped from the page cache with
@@ -202,7 +204,8 @@ class TrainingResult:
     num_steps: int
     """Timed steps per configuration (after one untimed warm-up step each)."""
     step_s: float
-    """Median wall seconds of a step with every chunk NVMe-home."""
+    """Wall seconds per step with every chunk NVMe-home, in the steady state: the median over
+    runs of ``RUN_STEPS`` back-to-back steps (after a lead-in step) of the run's time per step."""
     compute_s: float
     """Median wall seconds of the same step with everything on the device."""
     io_s: float
@@ -309,6 +312,11 @@ class TrafficReplay:
             shutil.rmtree(self._sub, ignore_errors=True)
 
 
+RUN_STEPS = 3
+"""NVMe steps timed back to back in the steady state as one run, after an untimed lead-in step
+(``measure_training``)."""
+
+
 def overlap_prefetch_depth(uses: list[tuple[int, ...]]) -> int:
     """The smallest ``prefetch_depth`` that lets a chunk be fetched ahead of every block.
 
@@ -345,7 +353,8 @@ def measure_training(
     cfg = gpt_config(preset, dropout=0.0)
     gen = torch.Generator().manual_seed(0)
     batches = []
-    for _ in range(num_steps + 1):  # +1: the untimed warm-up step
+    num_runs = -(-num_steps // RUN_STEPS)
+    for _ in range(1 + num_runs * (RUN_STEPS + 1)):  # the warm-up step, then per run a lead-in and RUN_STEPS
         ids = torch.randint(0, cfg.vocab_size, (num_micro * micro_batch_size, seq_len + 1), generator=gen)
         batches.append((ids[:, :-1], ids[:, 1:]))
 
@@ -379,23 +388,36 @@ def measure_training(
         log, stop = record_step_traffic(on_nvme.nvme)
         ref_losses = [_timed_step(on_device, batches[0])[0]]  # warm-up steps
         losses = [_timed_step(on_nvme, batches[0])[0]]
+        on_nvme.optimizer.flush()  # the warm-up step's write-backs belong to its traffic
         ops = list(log)
         on_nvme.store.host_ledger.reset_peak()
         replay = TrafficReplay(path, ops, num_threads=num_threads).start()
         replay.run()  # warm-up
-        compute, step, io = [], [], []  # (wall s, CPU s) per timed step
-        # Interleaved, step by step, so load from other processes on the machine hits all three alike.
-        for b in batches[1:]:
-            loss, *t = _timed_step(on_device, b)
-            ref_losses.append(loss)
-            compute.append(t)
+        on_nvme.optimizer.flush()
+        compute, step, io = [], [], []  # (wall s, CPU s) per timed step; step: per run
+        # Interleaved, a run at a time, so load from other processes on the machine hits all three
+        # alike. A step's write-backs run on into the next step (offload.optim [Note: write-backs
+        # across the step end]), so the NVMe steps of a run go back to back and are timed in the
+        # steady state: from the start of the run's second step to the end of its last, per step.
+        # That window holds the write-backs its first step inherits and leaves out those its last
+        # step passes on, one step's worth each (the same chunks every step).
+        for r in range(num_runs):
+            run_batches = batches[1 + r * (RUN_STEPS + 1): 1 + (r + 1) * (RUN_STEPS + 1)]
+            for b in run_batches:
+                loss, *t = _timed_step(on_device, b)
+                ref_losses.append(loss)
+                compute.append(t)
+            losses.append(on_nvme.train_step(run_batches[0]))  # the lead-in, untimed
             start = len(log)
-            loss, *t = _timed_step(on_nvme, b)
-            losses.append(loss)
-            step.append(t)
+            t0, c0 = time.perf_counter(), time.process_time()
+            for b in run_batches[1:]:
+                losses.append(on_nvme.train_step(b))
+            step.append(((time.perf_counter() - t0) / RUN_STEPS, (time.process_time() - c0) / RUN_STEPS))
+            on_nvme.optimizer.flush()
             # Every step moves the same chunk parts the same way, so one replay stands for each.
-            assert sorted((o.kind, o.key) for o in log[start:]) == sorted((o.kind, o.key) for o in ops)
-            io.append(replay.run())
+            assert sorted((o.kind, o.key) for o in log[start:]) == sorted((o.kind, o.key) for o in ops * RUN_STEPS)
+            for _ in range(RUN_STEPS):
+                io.append(replay.run())
         stop()
         direct = bool(on_nvme.nvme.direct)
         host_peak = on_nvme.store.host_ledger.peak_bytes
@@ -406,7 +428,7 @@ def measure_training(
         shutil.rmtree(sub, ignore_errors=True)
     return TrainingResult(
         label=f"gpt {preset}, {num_micro} x {micro_batch_size} x {seq_len} tokens, chunks of {chunk_elems:,}",
-        num_params=num_params, num_steps=num_steps, step_s=statistics.median(t for t, _ in step),
+        num_params=num_params, num_steps=num_runs * RUN_STEPS, step_s=statistics.median(t for t, _ in step),
         compute_s=statistics.median(t for t, _ in compute), io_s=statistics.median(t for t, _ in io),
         compute_cpu_s=statistics.median(c for _, c in compute), io_cpu_s=statistics.median(c for _, c in io),
         num_cpus=torch.get_num_threads(),
@@ -420,7 +442,8 @@ def measure_training(
 def print_training(r: TrainingResult) -> None:
     mode = "O_DIRECT" if r.direct else "buffered"
     print(f"\ntraining step with every chunk NVMe-home: {r.label} ({r.num_params / 1e6:.1f}M params), "
-          f"AdamW fp32, prefetch depth {r.prefetch_depth}, median of {r.num_steps} steps after a warm-up")
+          f"AdamW fp32, prefetch depth {r.prefetch_depth}, {r.num_steps} steps after a warm-up "
+          f"(NVMe: steady state, median of runs of {RUN_STEPS} back-to-back steps after a lead-in)")
     print(f"  optimizer stages up to {r.optim_staged_chunks} NVMe chunks at once; host ledger peak "
           f"{format_bytes(r.host_peak_bytes)}")
     print(f"  per-step NVMe traffic: {format_bytes(r.read_bytes)} read + {format_bytes(r.write_bytes)} written "
@@ -448,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compress", action="store_true", help="also measure zstd-compressed chunks")
     ap.add_argument("--repeat", type=int, default=3, help="runs per row; the median is printed (default 3)")
     ap.add_argument("--train", default="100m", help="GPT preset for the training part, or 'none' (default 100m)")
-    ap.add_argument("--train-steps", type=int, default=5, help="timed steps per configuration (default 5)")
+    ap.add_argument("--train-steps", type=int, default=3 * RUN_STEPS,
+                    help=f"timed steps per configuration, NVMe ones in runs of {RUN_STEPS} (default {3 * RUN_STEPS})")
     ap.add_argument("--train-seq-len", type=int, default=64, help="tokens per sequence (default 64)")
     ap.add_argument("--train-micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
     ap.add_argument("--train-num-micro", type=int, default=2, help="micro-batches per step (default 2)")

@@ -158,6 +158,8 @@ class ChunkStore:
         grad buffer was just added into the host accumulator; its param buffer goes next) and the
         buffer when it is the fp32 master, during a backward begun with ``final=True``;
         offload.optim [Note: early optimizer step]."""
+        self.on_backward_block = None
+        """Called at each block's backward start, after its fetches began (offload.optim [Note: states read ahead])."""
         self._final = False
         self._next_forward = False
         self._held_for_backward = False
@@ -399,6 +401,8 @@ class ChunkStore:
         ahead = range(pos - 1, -1, -1)
         # [Note: across pass ends] then on into the next micro-batch's forward
         self._prefetch(itertools.chain(ahead, range(len(self.blocks))) if self._next_forward else ahead)
+        if self.on_backward_block is not None:
+            self.on_backward_block()
 
     def _bwd_end(self, pos: int) -> None:
         nxt = set(self.uses[pos - 1]) if pos > 0 else (set(self.uses[0]) if self._next_forward else set())

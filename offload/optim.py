@@ -38,6 +38,29 @@ runs at the next ``step_early`` call, after the next chunk's read is started, or
 submitted. On a GPU the thread lives from the step's first early update to the end of ``step()``,
 so the training thread's kernels outside that window never share the cores with it.
 
+[Note: states read ahead] The early updates' states reads would all fall in the last backward,
+which already carries every write-back, while the disk idles in the compute-bound backwards before
+it. So at each backward block's start of the step (after the block's own fetches are queued) the
+store calls ``read_ahead``, which starts reading one more nvme chunk's states into host staging,
+background priority, while fewer than ``planner.cost.optim_read_ahead_slots(staged_chunks)``
+(``staged_chunks`` less ``OPTIM_ROLLING_STAGINGS``) are read ahead and fewer than
+``staged_chunks`` are staged in all. The chunks go in the order of their first forward use,
+the reverse of the order their gradients complete: the last updates, which nothing is left to
+overlap, get their states first, and the first ones still stream with the rolling slots.
+``step_early`` then adds only the master. The simulator reads ahead at the same points
+(planner.simulate ``_read_ahead``). Measured on the 100m all-NVMe step (12 staged, depth 6, a
+scratch A/B of consecutive steps): 2.88 s without, 2.59 s with.
+
+[Note: write-backs across the step end] After the last update the step still had to wait for the
+write-backs of the last ``staged_chunks`` chunks, a tail of writes with nothing else on the disk.
+``step()`` now waits for the updates only; the write-backs run on and ``flush()`` waits for them
+(freeing their staging) at the next backward's start, so they overlap the next forward's fetches
+(the store runs a read after a write of the same key, so a fetch sees the new master). Anything
+that reads or replaces states (``Engine.state_dict``, ``load_state_dict``, ``close``) flushes
+first. The simulator's step begins with those writes (the same chunks every step) and holds
+their staging until the first backward (planner.simulate ``_carry_in``). The 100m step above:
+2.59 s, then 2.45 s with both.
+
 [Note: rewrite window] Rewriting a file holds its old and new copy on disk until the rename, a
 window that depends on the disk's timing. For an early update the second copy of the chunk's files
 is reserved on the NVMe ledger when the update is queued and freed when the training thread waits
@@ -82,6 +105,7 @@ from torch.optim.adam import adam as _torch_adam
 
 from memtrain.offload.io_queue import BACKGROUND
 from memtrain.offload.nvme_format import is_aligned
+from memtrain.planner.cost import optim_read_ahead_slots
 from memtrain.planner.plan import Tier
 
 if TYPE_CHECKING:
@@ -324,14 +348,20 @@ class _Deferred:
         return self._value
 
 
-def _read_states(store: "ChunkStore", c: "Chunk", master: torch.Tensor | None = None) -> _Staged:
+def _read_states(store: "ChunkStore", c: "Chunk", master: torch.Tensor | None = None, *,
+                 staged: "_Staged | None" = None) -> _Staged:
     """Start reading master and states of nvme chunk ``c`` (planner.cost.nvme_optim_staging_bytes).
 
     ``master``: the chunk's fp32 parameters already in memory ([Note: master from the param
-    buffer]); then only the states are read."""
+    buffer]); then only the states are read. ``staged``: the states read ahead ([Note: states
+    read ahead]); then only the master is added."""
     owner, n = f"staging:{c.index}", c.num_elems
-    tensors, futures = {}, []
-    if master is not None and master.device.type == "cpu" and is_aligned(master):
+    if staged is None:
+        staged = _read_ahead(store, c)
+    tensors, futures = staged.tensors, staged.futures
+    if "master" in tensors:
+        pass
+    elif master is not None and master.device.type == "cpu" and is_aligned(master):
         store.host_ledger.alloc(owner, n * 4)  # the buffer itself becomes the staging (zero-copy)
         tensors["master"] = master
     elif master is not None:  # a CUDA buffer: copied into host staging before it is released
@@ -340,10 +370,21 @@ def _read_states(store: "ChunkStore", c: "Chunk", master: torch.Tensor | None = 
     else:
         tensors["master"] = store._alloc(store.host_ledger, owner, n, torch.float32)
         futures.append(store.nvme.read(store.nvme_key(c, "master"), tensors["master"], priority=BACKGROUND))
+    return staged
+
+
+def _read_ahead(store: "ChunkStore", c: "Chunk") -> _Staged:
+    """Start reading ``c``'s optimizer states (and its master under mixed precision, where the
+    param buffer is not the master) into host staging."""
+    owner, n = f"staging:{c.index}", c.num_elems
+    tensors, futures = {}, []
+    if store.mixed:  # rewritten from the master after the step, so never read
+        tensors["master"] = store._alloc(store.host_ledger, owner, n, torch.float32)
+        futures.append(store.nvme.read(store.nvme_key(c, "master"), tensors["master"], priority=BACKGROUND))
     for k in store.state_names:
         tensors[k] = store._alloc(store.host_ledger, owner, n, torch.float32)
         futures.append(store.nvme.read(store.nvme_key(c, k), tensors[k], priority=BACKGROUND))
-    if store.mixed:  # rewritten from the master after the step, so never read
+    if store.mixed:
         tensors["compute"] = store._alloc(store.host_ledger, owner, n, store.compute_dtype)
     return _Staged(tensors, futures)
 
@@ -356,8 +397,9 @@ def _reserve_rewrite(store: "ChunkStore", c: "Chunk", parts) -> str:
 
 
 def _write_states(store: "ChunkStore", c: "Chunk", staged: _Staged, rewrite: str | None = None) -> _WriteBack:
-    futures = [store.nvme.write(store.nvme_key(c, k), t, priority=BACKGROUND, reserved=rewrite is not None)
-               for k, t in staged.tensors.items()]
+    order = sorted(staged.tensors, key=lambda k: k != "master")  # the next forward reads the master first
+    futures = [store.nvme.write(store.nvme_key(c, k), staged.tensors[k], priority=BACKGROUND, reserved=rewrite is not None)
+               for k in order]
     return _WriteBack(store, c.index, staged, futures, rewrite)
 
 
@@ -426,6 +468,13 @@ class OffloadedOptimizer:
         self._worker: ThreadPoolExecutor | None = None
         self._early: dict[int, Future | _Deferred] = {}  # chunk index -> its queued update
         self._writing: list[Future | _Deferred] = []  # nvme early steps (-> _WriteBack) whose staging is held
+        self._ahead: dict[int, _Staged] = {}  # chunk index -> its states read ahead ([Note: states read ahead])
+        self._ahead_order: list["Chunk"] | None = None
+        self.read_ahead_slots = optim_read_ahead_slots(staged_chunks)
+        """[Note: states read ahead]."""
+        self.write_behind = True
+        """[Note: write-backs across the step end]."""
+        self._behind: list[_WriteBack] = []  # write-backs carried over the step end
 
     @property
     def num_early(self) -> int:
@@ -447,10 +496,11 @@ class OffloadedOptimizer:
         if chunk.home is Tier.HOST:
             self._early[chunk.index] = self._worker.submit(self._step_resident, chunk)
             return
-        # Bounded staging: the oldest write-backs are waited for (their staging freed) first.
-        while len(self._writing) >= self.staged_chunks:
-            self._writing.pop(0).result().wait()
-        staged = _read_states(self.store, chunk, master)
+        ahead = self._ahead.pop(chunk.index, None)
+        if ahead is None:  # bounded staging: the oldest write-backs are waited for (their staging freed) first
+            while self._writing and len(self._writing) + len(self._ahead) >= self.staged_chunks:
+                self._writing.pop(0).result().wait()
+        staged = _read_states(self.store, chunk, master, staged=ahead)
         rewrite = None if self.store.nvme.compress else _reserve_rewrite(self.store, chunk, staged.tensors)
         if self.inline:  # the updates queued before this one run now, this chunk's read under way
             for earlier in self._writing:
@@ -461,6 +511,32 @@ class OffloadedOptimizer:
             update = self._worker.submit(self._step_staged, chunk, staged, rewrite)
         self._early[chunk.index] = update
         self._writing.append(update)
+
+    def read_ahead(self) -> None:
+        """[Note: states read ahead] Start reading the next chunk's states, if a slot is free."""
+        if self.read_ahead_slots == 0:
+            return
+        if self._ahead_order is None:
+            store = self.store
+            first = {}
+            for j, cs in enumerate(store.uses):
+                for ci in cs:
+                    first.setdefault(ci, j)
+            self._ahead_order = sorted((c for c in store.chunks if c.home is Tier.NVME and c.index in first),
+                                       key=lambda c: (first[c.index], c.index))
+        if len(self._ahead) >= self.read_ahead_slots or len(self._ahead) + len(self._writing) >= self.staged_chunks:
+            return
+        for c in self._ahead_order:
+            if c.index not in self._ahead and c.index not in self._early:
+                self._ahead[c.index] = _read_ahead(self.store, c)
+                return
+
+    def _drop_ahead(self) -> None:
+        for i, staged in self._ahead.items():
+            staged.wait()
+            for t in staged.tensors.values():
+                self.store._free(self.store.host_ledger, f"staging:{i}", t)
+        self._ahead.clear()
 
     def _step_resident(self, chunk: "Chunk") -> None:
         self._update(chunk, chunk.master, chunk.grad, chunk.states)
@@ -473,11 +549,15 @@ class OffloadedOptimizer:
             tensors["compute"].copy_(tensors["master"])
         return _write_states(self.store, chunk, staged, rewrite)
 
-    def _wait_early(self) -> None:
-        """Wait for every queued update and write-back (errors surface here), in queue order."""
+    def _wait_early(self, *, carry: bool = False) -> None:
+        """Wait for every queued update and write-back (errors surface here), in queue order.
+        ``carry``: the write-backs are left running ([Note: write-backs across the step end])."""
         try:
             for fut in self._early.values():
                 fut.result()
+            if carry:
+                self._behind.extend(w.result() for w in self._writing)
+                self._writing.clear()
             while self._writing:
                 self._writing.pop(0).result().wait()
         finally:
@@ -487,9 +567,27 @@ class OffloadedOptimizer:
                 self._worker.shutdown(wait=True)
                 self._worker = None
 
+    @property
+    def carried_chunks(self) -> list[int]:
+        """Chunks whose write-backs the last step left running ([Note: write-backs across the
+        step end]), in the order they were queued."""
+        return [w.index for w in self._behind]
+
+    def flush(self) -> None:
+        """Wait for the write-backs carried over from the last step ([Note: write-backs across
+        the step end]); their host staging goes."""
+        while self._behind:
+            self._behind.pop(0).wait()
+
     def close(self) -> None:
         """Wait for queued work and stop the background thread."""
-        self._wait_early()  # shuts the thread down too
+        try:
+            self._wait_early()  # shuts the thread down too
+        finally:
+            try:
+                self.flush()
+            finally:
+                self._drop_ahead()
 
     def _update(self, chunk: "Chunk", master: torch.Tensor, grad: torch.Tensor, states: dict[str, torch.Tensor]) -> None:
         spec = self.spec
@@ -515,8 +613,11 @@ class OffloadedOptimizer:
                 if chunk.home is not Tier.NVME:
                     self._step_resident(chunk)
         finally:
-            self._wait_early()
-        self._step_nvme([c for c in rest if c.home is Tier.NVME])
+            self._wait_early(carry=self.write_behind)
+        try:
+            self._step_nvme([c for c in rest if c.home is Tier.NVME])
+        finally:
+            self._drop_ahead()
         self.num_steps += 1
         store.zero_grad()
 
@@ -524,10 +625,12 @@ class OffloadedOptimizer:
         """Stream NVMe chunks: read i+1 while stepping i; write i back while stepping i+1."""
         store = self.store
         writing: list = []  # (chunk, staging, futures) whose write-back is in flight
-        pending = _read_states(store, chunks[0]) if chunks else None
+        ahead = self._ahead
+        pending = _read_states(store, chunks[0], staged=ahead.pop(chunks[0].index, None)) if chunks else None
         for pos, chunk in enumerate(chunks):
             staged = pending
-            pending = _read_states(store, chunks[pos + 1]) if pos + 1 < len(chunks) else None
+            pending = (_read_states(store, chunks[pos + 1], staged=ahead.pop(chunks[pos + 1].index, None))
+                       if pos + 1 < len(chunks) else None)
             tensors = staged.wait()
             self._update(chunk, tensors["master"], chunk.grad, tensors)
             if "compute" in tensors:
@@ -543,6 +646,7 @@ class OffloadedOptimizer:
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim.AdamW``/``SGD``'s format over ``store.param_order()`` (loads into them)."""
+        self.flush()
         state: dict[int, dict[str, torch.Tensor]] = {}
         names = self.store.param_order()
         per_param = _gather_states(self.store)
@@ -554,6 +658,7 @@ class OffloadedOptimizer:
         return {"state": state, "param_groups": [group]}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        self.flush()
         names = self.store.param_order()
         groups = sd.get("param_groups") or []
         if len(groups) != 1 or len(groups[0].get("params", ())) != len(names):

@@ -295,6 +295,16 @@ def nvme_optim_read_bytes(num_elems: int, dtype: DType | str, optimizer: Optimiz
     return full - 4 * num_elems if early and not _mixed(dtype) else full
 
 
+OPTIM_ROLLING_STAGINGS = 3
+"""Staging slots the early updates keep for the chunks not read ahead (offload.optim [Note:
+states read ahead]): with fewer, the training thread would wait for each write-back in turn."""
+
+
+def optim_read_ahead_slots(staged_chunks: int) -> int:
+    """NVMe chunks whose optimizer states are read ahead, of ``staged_chunks`` staged at once."""
+    return max(0, staged_chunks - OPTIM_ROLLING_STAGINGS)
+
+
 def nvme_optim_staging_bytes(num_elems: int, dtype: DType | str, optimizer: Optimizer | str) -> int:
     """Host staging (owner ``staging:<i>``) of an nvme-home chunk's optimizer step: its
     master, states and compute copy are read into host memory, updated by CPU Adam and written

@@ -151,6 +151,14 @@ class _StepBuilder:
         self.writing: list[tuple[int, int | None]] = []  # (chunk, update task or None: deferred) whose staging is held
         self.inline = device.kind == "cpu"  # offload.optim [Note: where early updates run]
         self.deferred: dict[int, tuple[int, int]] = {}  # inline nvme chunk -> (its states read, its accumulation)
+        # offload.optim [Note: states read ahead] and [Note: write-backs across the step end]
+        nvme_early = [c for j in range(len(blocks) - 1, -1, -1) for c in self.flush_at.get(j, [])
+                      if self.chunks[c].home is Tier.NVME] if self.early else []
+        self.carried = nvme_early[len(nvme_early) - min(len(nvme_early), policy.optim_staged_chunks):]
+        self.ahead_slots = cost.optim_read_ahead_slots(policy.optim_staged_chunks) if nvme_early else 0
+        self.ahead_order = sorted(nvme_early, key=lambda c: (min(users[c]), c))
+        self.ahead: dict[int, int] = {}  # chunk -> its states read ahead
+        self.stepped: set[int] = set()  # nvme chunks queued for their early update
         need = max((len(cs) for cs in self.uses), default=0)
         if need > policy.prefetch_depth:
             raise ValueError(
@@ -237,6 +245,7 @@ class _StepBuilder:
         self.res: dict[int, int | None] = {}
         self.reads: dict[int, int] = {}
         prev_accum: dict[int, int] = {}
+        carry = self._carry_in()
         for m in range(n):
             self.swap_out: dict[int, int] = {}
             self.disk_write: dict[int, int] = {}
@@ -247,6 +256,9 @@ class _StepBuilder:
                 g.add(f"engine{m}", "compute", s.overhead_microbatch_s, tag=m)
             for j in range(L):
                 self._forward_block(m, j)
+            if m == 0 and carry:  # the engine's backward first waits for them (optimizer.flush)
+                g.add("flush", "compute", 0.0, deps=tuple(wr for _, wr in carry),
+                      free_end=[x for c, _ in carry for x in (self._states_staging(c), self._rewrite(c))], tag=m)
             last_b = -1
             for j in range(L - 1, -1, -1):
                 last_b = self._backward_block(m, j, prev_accum)
@@ -256,6 +268,40 @@ class _StepBuilder:
                 g.add(f"release{m}", "compute", 0.0, deps=(last_b,), free_end=left, tag=m)
         self._optimizer(prev_accum)
         return g
+
+    def _carry_in(self) -> list[tuple[int, int]]:
+        """offload.optim [Note: write-backs across the step end]: the write-backs the last step
+        left running (the same chunks this step leaves), submitted before this step's first
+        fetch; their staging and rewrite copies are held until the first backward waits."""
+        out = []
+        for c in self.carried:
+            ch = self.chunks[c]
+            mark = self.g.add(f"carried@c{c}", "compute", 0.0, alloc_start=[self._states_staging(c), self._rewrite(c)], tag=0)
+            nbytes = cost.chunk_disk_bytes(ch.num_elems, self.train.dtype, self.train.optimizer)
+            out.append((c, self.g.add(f"write-states@c{c}:carried", "disk",
+                                      cost.disk_write_time_s(nbytes, self.nvme, self.comp), deps=(mark,), tag=0)))
+        return out
+
+    def _read_ahead(self, m: int) -> None:
+        """offload.optim [Note: states read ahead]: at a backward block's start, after its
+        fetches, the next chunk's states are read into staging if a slot is free."""
+        if (not self.ahead_slots or len(self.ahead) >= self.ahead_slots
+                or len(self.ahead) + len(self.writing) >= self.policy.optim_staged_chunks):
+            return
+        for c in self.ahead_order:
+            if c not in self.ahead and c not in self.stepped:
+                ch, dt, opt = self.chunks[c], self.train.dtype, self.train.optimizer
+                mark = self.g.add(f"alloc@c{c}:ahead", "compute", 0.0, alloc_start=[self._ahead_staging(c)], tag=m)
+                nbytes = cost.nvme_optim_read_bytes(ch.num_elems, dt, opt, early=True)
+                self.ahead[c] = self.g.add(f"read-states@c{c}:ahead", "disk",
+                                           cost.disk_read_time_s(nbytes, self.nvme, self.comp), deps=(mark,), tag=m)
+                return
+
+    def _ahead_staging(self, c: int) -> tuple[str, str, int]:
+        """The staging a read ahead takes: all of it but the master when the param buffer becomes
+        the master (offload.optim [Note: master from the param buffer])."""
+        tier, owner, nbytes = self._states_staging(c)
+        return (tier, owner, nbytes - (0 if DType(self.train.dtype) is not DType.FP32 else 4 * self.chunks[c].num_elems))
 
     def _forward_block(self, m: int, j: int) -> None:
         g, b, pol = self.g, self.s.blocks[j], self.policy.activations[j]
@@ -355,6 +401,7 @@ class _StepBuilder:
         if m < self.n - 1:  # [Note: across pass ends] on into the next micro-batch's forward
             ahead += range(len(s.blocks))
         self._start(m, 1, self._prefetch_list(ahead), extra=grads)
+        self._read_ahead(m)
         if j in self.swap_in:
             deps.append(self.swap_in[j])
         if pol is ActPolicy.RECOMPUTE:
@@ -409,12 +456,20 @@ class _StepBuilder:
         if ch.home is Tier.HOST:
             self.optim_tasks.append(g.add(f"OPTIM@c{c}", self.cpu, upd_s, deps=(acc,), tag=self.n))
             return
-        while len(self.writing) >= self.policy.optim_staged_chunks:
-            self._wait_write(m)
-        mark = g.add(f"alloc@c{c}:states", "compute", 0.0, deps=(bt,),
-                     alloc_start=[self._states_staging(c), self._rewrite(c)], tag=m)
-        nbytes = cost.nvme_optim_read_bytes(ch.num_elems, dt, opt, early=True)
-        rd = g.add(f"read-states@c{c}", "disk", cost.disk_read_time_s(nbytes, self.nvme, self.comp), deps=(mark,), tag=self.n)
+        self.stepped.add(c)
+        rd = self.ahead.pop(c, None)
+        if rd is None:
+            while self.writing and len(self.writing) + len(self.ahead) >= self.policy.optim_staged_chunks:
+                self._wait_write(m)
+            mark = g.add(f"alloc@c{c}:states", "compute", 0.0, deps=(bt,),
+                         alloc_start=[self._states_staging(c), self._rewrite(c)], tag=m)
+            nbytes = cost.nvme_optim_read_bytes(ch.num_elems, dt, opt, early=True)
+            rd = g.add(f"read-states@c{c}", "disk", cost.disk_read_time_s(nbytes, self.nvme, self.comp), deps=(mark,), tag=self.n)
+        else:  # the rest of the staging (the master, handed over from the param buffer) and the rewrite
+            tier, owner, full = self._states_staging(c)
+            rest = full - self._ahead_staging(c)[2]
+            g.add(f"alloc@c{c}:states", "compute", 0.0, deps=(bt,),
+                  alloc_start=([(tier, owner, rest)] if rest else []) + [self._rewrite(c)], tag=m)
         if self.inline:  # offload.optim [Note: where early updates run]: one chunk late, on this thread
             for k, _ in [w for w in self.writing if w[1] is None]:
                 self._run_deferred(k)
@@ -463,8 +518,8 @@ class _StepBuilder:
             for c in list(self.deferred):
                 self._run_deferred(c)
             point = g.add("wait-updates", "compute", 0.0, deps=(end, *self.optim_tasks), tag=tag)
-            while self.writing:
-                point = self._wait_write(tag)
+            # [Note: write-backs across the step end] the writes left run on into the next step
+            assert [c for c, _ in self.writing] == self.carried, (self.writing, self.carried)
             accs = [(Tier.HOST.value, f"chunk:{c.index}", cost.host_grad_accum_bytes(c.num_elems))
                     for c in self.chunks if c.home is Tier.NVME and c.index in accum]
             if accs:

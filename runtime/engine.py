@@ -334,7 +334,9 @@ class Engine:
         if self.scaler is not None:
             loss = loss * self.scaler.scale
         early = last_microbatch and self.scaler is None
+        self.optimizer.flush()  # offload.optim [Note: write-backs across the step end]
         self.store.on_grads_final = self.optimizer.step_early if early else None
+        self.store.on_backward_block = self.optimizer.read_ahead if self.scaler is None else None
         self.store.begin_backward(final=early, next_forward=_next_forward)
         self._early_pending = early
         try:
@@ -400,6 +402,7 @@ class Engine:
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """``model.state_dict()``'s keys (tied names included) with fp32 CPU values from any tier."""
         self._require_built()
+        self.optimizer.flush()  # offload.optim [Note: write-backs across the step end]
         params = self.store.gather_params()
         canon = {id(p): n for n, p in self.model.named_parameters()}
         out = {}
@@ -420,6 +423,7 @@ class Engine:
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         self._require_built()
+        self.optimizer.flush()  # offload.optim [Note: write-backs across the step end]
         if "model" not in sd:
             sd = {"model": sd}
         self.store.load_params(sd["model"])
