@@ -345,7 +345,9 @@ class Engine:
             self.store.end_backward()
 
     def step(self) -> bool:
-        """Optimizer step over all chunks; False when fp16 overflow skipped it."""
+        """Optimizer step over all chunks; False when fp16 overflow skipped it. The last NVMe
+        write-backs may still be running when it returns; the next backward, ``state_dict()``
+        and ``close()`` wait for them (offload.optim [Note: write-backs across the step end])."""
         self._require_built()
         self._microbatch = 0
         self._early_pending = False

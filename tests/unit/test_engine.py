@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from memtrain.models.gpt import GPT, causal_lm_loss, gpt_config
 from memtrain.offload.chunks import make_chunk_plans, named_blocks, param_order
 from memtrain.offload.nvme import BACKGROUND, URGENT
+from memtrain.planner import cost
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier
 from memtrain.runtime import wrap
 
@@ -449,3 +451,67 @@ def test_fp16_keeps_the_optimizer_after_the_backward(tmp_path):
     engine.step()
     assert counts == [0, 0]
     engine.close()
+
+
+def _nvme_engine(cfg, tmp_path, staged: int):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    plan = dataclasses.replace(_policy(model, Tier.NVME, chunk_elems=40_000), optim_staged_chunks=staged)
+    return wrap(model, optimizer=dict(name="adamw", lr=1e-3), plan=plan, micro_batch_size=MICRO, verbose=False,
+                memory={"device": "64MiB", "host": "256MiB", "nvme": str(tmp_path / "nvme")})
+
+
+@pytest.mark.parametrize("staged", [3, 5, 40])
+def test_states_are_read_ahead_in_the_first_backward(staged, tmp_path):
+    # offload.optim [Note: states read ahead]: staged - 3 chunks' states are read while the first
+    # micro-batch's backward runs (first forward use first), the rest as their gradients complete
+    # in the last; the states are the same and each is read once per step.
+    cfg = gpt_config("tiny")
+    engine, ref = _nvme_engine(cfg, tmp_path / "a", staged), _nvme_engine(cfg, tmp_path / "b", 1)
+    num_chunks = len(engine.store.chunks)
+    keys = _logged_reads(engine, lambda key, priority: key.endswith(":exp_avg"))
+    in_first: list[list[str]] = []
+    backward = engine.backward
+
+    def logging_backward(loss, *, last_microbatch=False, **kw):
+        start = len(keys)
+        backward(loss, last_microbatch=last_microbatch, **kw)
+        if not last_microbatch:
+            in_first.append(keys[start:])
+
+    engine.backward = logging_backward
+    for step in range(2):
+        engine.train_step(_batch(cfg, step))
+        ref.train_step(_batch(cfg, step))
+    want = min(cost.optim_read_ahead_slots(staged), num_chunks)
+    assert [len(k) for k in in_first] == [want, want]
+    assert in_first[0] == [f"chunk:{i}:exp_avg" for i in range(want)]  # chunks are in execution order
+    assert len(keys) == 2 * num_chunks
+    _assert_same_states(engine, ref)
+    engine.close(), ref.close()
+
+
+def test_write_backs_run_on_until_the_next_backward(tmp_path):
+    # offload.optim [Note: write-backs across the step end]: the step returns with the last
+    # updates' write-backs running, their staging held; the next forward leaves them, the next
+    # backward waits for them first. A state dict taken in between sees the new states.
+    cfg = gpt_config("tiny")
+    engine, ref = _nvme_engine(cfg, tmp_path / "a", 3), _nvme_engine(cfg, tmp_path / "b", 3)
+    engine.train_step(_batch(cfg, 0))
+    carried = engine.optimizer.carried_chunks
+    assert len(carried) == 3 and carried == sorted(carried, reverse=True)  # the last to complete: chunk 0 last
+    assert all(engine.store.host_ledger.holds(f"staging:{i}") > 0 for i in carried)
+    x, y = _batch(cfg, 1)
+    loss = engine((x[:MICRO], y[:MICRO]))
+    assert engine.optimizer.carried_chunks == carried
+    engine.backward(loss / 2)
+    assert engine.optimizer.carried_chunks == []
+    loss = engine((x[MICRO:], y[MICRO:]))
+    engine.backward(loss / 2, last_microbatch=True)
+    engine.step()
+    ref.train_step(_batch(cfg, 0)), ref.train_step(_batch(cfg, 1))
+    assert engine.optimizer.carried_chunks == ref.optimizer.carried_chunks != []
+    _assert_same_states(engine, ref)  # state_dict() waits for them (and frees their staging)
+    assert engine.optimizer.carried_chunks == []
+    engine.close(), ref.close()

@@ -400,3 +400,32 @@ def test_a_96_layer_step_simulates_in_tens_of_milliseconds():
     start = time.perf_counter()
     simulate_step(stats, train(8), DEV, HOST, NVME, pol)
     assert time.perf_counter() - start < 0.5
+
+
+@pytest.mark.parametrize("staged", [NVME_OPTIM_STAGED_CHUNKS, 5, 6])
+def test_states_read_ahead_in_the_first_backward_and_writes_carried_into_the_next_step(staged):
+    # offload.optim [Note: states read ahead]: staged - OPTIM_ROLLING_STAGINGS chunks' states are
+    # read during the first micro-batch's backward, those whose gradients complete last first
+    # (chunk 0, then 1, ...). [Note: write-backs across the step end]: the step starts with the
+    # write-backs of the last min(staged, 4) updates (chunks 0.. in reverse completion order) and
+    # ends without waiting for its own.
+    import dataclasses
+
+    n_elems = 10**8
+    stats = make_stats([1 * MB] * 4, params=[n_elems] * 4)
+    pol = dataclasses.replace(policy(stats, [Tier.NVME] * 4, [ActPolicy.KEEP] * 4, depth=2), optim_staged_chunks=staged)
+    r = simulate_step(stats, train(2), DEV, HOST, NVME, pol)
+    ev = {e.name: e for e in r.timeline}
+    ahead = sorted(int(n.split("@c")[1].split(":")[0]) for n in ev if n.endswith(":ahead") and n.startswith("read-states"))
+    assert ahead == list(range(cost.optim_read_ahead_slots(staged)))
+    for c in ahead:
+        assert ev[f"read-states@c{c}:ahead"].start_s < ev["B1:3"].start_s  # before the last backward
+        assert f"read-states@c{c}" not in ev  # read once
+    carried = sorted(int(n.split("@c")[1].split(":")[0]) for n in ev if n.endswith(":carried"))
+    assert carried == list(range(min(staged, 4)))
+    in_step = sorted(int(n.split("@c")[1]) for n in ev if n.startswith("write-states@c") and not n.endswith(":carried"))
+    assert in_step == list(range(min(staged, 4), 4))  # the first updates' write-backs, waited for in the step
+    assert ev["flush"].end_s <= ev["B0:3"].start_s
+    # every state byte still moves once per step: the disk's work equals the serial bound
+    disk = sum(e.end_s - e.start_s for e in r.timeline if e.stream == "disk")
+    assert disk == pytest.approx(stream_work_s(stats, train(2), DEV, HOST, NVME, pol)["disk"])
