@@ -61,16 +61,8 @@ import torch
 from torch import nn
 
 from memtrain.offload.bufpool import BufferPool
-from memtrain.offload.chunk_layout import (
-    Chunk,
-    ParamRef,
-    ParamSlot,
-    block_param_order,
-    make_chunk_plans,
-    named_blocks,
-    param_order,
-    torch_dtype,
-)
+from memtrain.offload.chunk_layout import (Chunk, ParamRef, ParamSlot, block_param_order, make_chunk_plans, named_blocks,
+                                           param_order, torch_dtype)
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.tiers import CopyHandle, copy_async, copy_stream
 from memtrain.planner.cost import within_prefetch_window
