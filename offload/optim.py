@@ -105,7 +105,7 @@ from torch.optim.adam import adam as _torch_adam
 
 from memtrain.offload.io_queue import BACKGROUND
 from memtrain.offload.nvme_format import is_aligned
-from memtrain.planner.cost import optim_read_ahead_slots
+from memtrain.planner.cost import optim_read_ahead_slots, read_ahead_order
 from memtrain.planner.plan import Tier
 
 if TYPE_CHECKING:
@@ -308,6 +308,11 @@ class _Staged:
             f.result()
         return self.tensors
 
+    def free(self, store: "ChunkStore", index: int) -> None:
+        """Give the staging back to the host ledger (after its reads or writes are done)."""
+        for t in self.tensors.values():
+            store._free(store.host_ledger, f"staging:{index}", t)
+
 
 class _WriteBack:
     def __init__(self, store: "ChunkStore", index: int, staged: _Staged, futures: list, rewrite: str | None = None) -> None:
@@ -316,8 +321,7 @@ class _WriteBack:
     def wait(self) -> None:
         for f in self.futures:
             f.result()
-        for t in self.staged.tensors.values():
-            self.store._free(self.store.host_ledger, f"staging:{self.index}", t)
+        self.staged.free(self.store, self.index)
         if self.rewrite is not None:
             self.store.nvme.ledger.free(self.rewrite)
 
@@ -359,9 +363,9 @@ def _read_states(store: "ChunkStore", c: "Chunk", master: torch.Tensor | None = 
     if staged is None:
         staged = _read_ahead(store, c)
     tensors, futures = staged.tensors, staged.futures
-    if "master" in tensors:
-        pass
-    elif master is not None and master.device.type == "cpu" and is_aligned(master):
+    if "master" in tensors:  # read ahead with the states (mixed precision)
+        return staged
+    if master is not None and master.device.type == "cpu" and is_aligned(master):
         store.host_ledger.alloc(owner, n * 4)  # the buffer itself becomes the staging (zero-copy)
         tensors["master"] = master
     elif master is not None:  # a CUDA buffer: copied into host staging before it is released
@@ -469,11 +473,10 @@ class OffloadedOptimizer:
         self._early: dict[int, Future | _Deferred] = {}  # chunk index -> its queued update
         self._writing: list[Future | _Deferred] = []  # nvme early steps (-> _WriteBack) whose staging is held
         self._ahead: dict[int, _Staged] = {}  # chunk index -> its states read ahead ([Note: states read ahead])
-        self._ahead_order: list["Chunk"] | None = None
         self.read_ahead_slots = optim_read_ahead_slots(staged_chunks)
         """[Note: states read ahead]."""
-        self.write_behind = True
-        """[Note: write-backs across the step end]."""
+        nvme = [c.index for c in store.chunks if c.home is Tier.NVME]
+        self._ahead_order = [store.chunks[i] for i in read_ahead_order(store.uses, nvme)] if self.read_ahead_slots else []
         self._behind: list[_WriteBack] = []  # write-backs carried over the step end
 
     @property
@@ -514,16 +517,6 @@ class OffloadedOptimizer:
 
     def read_ahead(self) -> None:
         """[Note: states read ahead] Start reading the next chunk's states, if a slot is free."""
-        if self.read_ahead_slots == 0:
-            return
-        if self._ahead_order is None:
-            store = self.store
-            first = {}
-            for j, cs in enumerate(store.uses):
-                for ci in cs:
-                    first.setdefault(ci, j)
-            self._ahead_order = sorted((c for c in store.chunks if c.home is Tier.NVME and c.index in first),
-                                       key=lambda c: (first[c.index], c.index))
         if len(self._ahead) >= self.read_ahead_slots or len(self._ahead) + len(self._writing) >= self.staged_chunks:
             return
         for c in self._ahead_order:
@@ -532,10 +525,10 @@ class OffloadedOptimizer:
                 return
 
     def _drop_ahead(self) -> None:
+        """Free the staging of states read ahead but not used (chunks that got no gradient)."""
         for i, staged in self._ahead.items():
             staged.wait()
-            for t in staged.tensors.values():
-                self.store._free(self.store.host_ledger, f"staging:{i}", t)
+            staged.free(self.store, i)
         self._ahead.clear()
 
     def _step_resident(self, chunk: "Chunk") -> None:
@@ -613,7 +606,7 @@ class OffloadedOptimizer:
                 if chunk.home is not Tier.NVME:
                     self._step_resident(chunk)
         finally:
-            self._wait_early(carry=self.write_behind)
+            self._wait_early(carry=True)
         try:
             self._step_nvme([c for c in rest if c.home is Tier.NVME])
         finally:
@@ -625,12 +618,13 @@ class OffloadedOptimizer:
         """Stream NVMe chunks: read i+1 while stepping i; write i back while stepping i+1."""
         store = self.store
         writing: list = []  # (chunk, staging, futures) whose write-back is in flight
-        ahead = self._ahead
-        pending = _read_states(store, chunks[0], staged=ahead.pop(chunks[0].index, None)) if chunks else None
+        def read(c: "Chunk") -> _Staged:
+            return _read_states(store, c, staged=self._ahead.pop(c.index, None))
+
+        pending = read(chunks[0]) if chunks else None
         for pos, chunk in enumerate(chunks):
             staged = pending
-            pending = (_read_states(store, chunks[pos + 1], staged=ahead.pop(chunks[pos + 1].index, None))
-                       if pos + 1 < len(chunks) else None)
+            pending = read(chunks[pos + 1]) if pos + 1 < len(chunks) else None
             tensors = staged.wait()
             self._update(chunk, tensors["master"], chunk.grad, tensors)
             if "compute" in tensors:

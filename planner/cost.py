@@ -305,6 +305,17 @@ def optim_read_ahead_slots(staged_chunks: int) -> int:
     return max(0, staged_chunks - OPTIM_ROLLING_STAGINGS)
 
 
+def read_ahead_order(uses: Sequence[Sequence[int]], chunks: Iterable[int]) -> list[int]:
+    """``chunks`` in the order their optimizer states are read ahead (offload.optim [Note: states
+    read ahead]): by their first forward use (``uses[q]``: block ``q``'s chunks), then index, the
+    reverse of the order their gradients complete."""
+    first: dict[int, int] = {}
+    for q, cs in enumerate(uses):
+        for c in cs:
+            first.setdefault(c, q)
+    return sorted((c for c in chunks if c in first), key=lambda c: (first[c], c))
+
+
 def nvme_optim_staging_bytes(num_elems: int, dtype: DType | str, optimizer: Optimizer | str) -> int:
     """Host staging (owner ``staging:<i>``) of an nvme-home chunk's optimizer step: its
     master, states and compute copy are read into host memory, updated by CPU Adam and written

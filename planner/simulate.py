@@ -154,9 +154,9 @@ class _StepBuilder:
         # offload.optim [Note: states read ahead] and [Note: write-backs across the step end]
         nvme_early = [c for j in range(len(blocks) - 1, -1, -1) for c in self.flush_at.get(j, [])
                       if self.chunks[c].home is Tier.NVME] if self.early else []
-        self.carried = nvme_early[len(nvme_early) - min(len(nvme_early), policy.optim_staged_chunks):]
+        self.carried = nvme_early[-policy.optim_staged_chunks:]  # the last updates' write-backs
         self.ahead_slots = cost.optim_read_ahead_slots(policy.optim_staged_chunks) if nvme_early else 0
-        self.ahead_order = sorted(nvme_early, key=lambda c: (min(users[c]), c))
+        self.ahead_order = cost.read_ahead_order(self.uses, nvme_early)
         self.ahead: dict[int, int] = {}  # chunk -> its states read ahead
         self.stepped: set[int] = set()  # nvme chunks queued for their early update
         need = max((len(cs) for cs in self.uses), default=0)
@@ -301,7 +301,9 @@ class _StepBuilder:
         """The staging a read ahead takes: all of it but the master when the param buffer becomes
         the master (offload.optim [Note: master from the param buffer])."""
         tier, owner, nbytes = self._states_staging(c)
-        return (tier, owner, nbytes - (0 if DType(self.train.dtype) is not DType.FP32 else 4 * self.chunks[c].num_elems))
+        n, dt, opt = self.chunks[c].num_elems, self.train.dtype, self.train.optimizer
+        master = cost.nvme_optim_read_bytes(n, dt, opt, early=False) - cost.nvme_optim_read_bytes(n, dt, opt, early=True)
+        return (tier, owner, nbytes - master)
 
     def _forward_block(self, m: int, j: int) -> None:
         g, b, pol = self.g, self.s.blocks[j], self.policy.activations[j]

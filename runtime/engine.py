@@ -270,8 +270,9 @@ class Engine:
         """How to run the model on input ids (``call(model, ids)``); None = ``model(ids)``."""
         self._microbatch = 0
         self._early_pending = False
-        self.store.release_all()  # nothing stays resident over the optimizer step
         """A backward with ``last_microbatch=True`` ran and ``step()`` has not yet."""
+        # offload.optim [Note: states read ahead]; not under fp16, whose optimizer runs after the backward
+        store.on_backward_block = optimizer.read_ahead if scaler is None else None
         self._closed = False
 
     @classmethod
@@ -336,7 +337,6 @@ class Engine:
         early = last_microbatch and self.scaler is None
         self.optimizer.flush()  # offload.optim [Note: write-backs across the step end]
         self.store.on_grads_final = self.optimizer.step_early if early else None
-        self.store.on_backward_block = self.optimizer.read_ahead if self.scaler is None else None
         self.store.begin_backward(final=early, next_forward=_next_forward)
         self._early_pending = early
         try:
