@@ -15,7 +15,8 @@ through a fresh ``NvmeStore`` with no compute). The step cannot beat max(compute
 overlap bound of ZeRO-Infinity, Rajbhandari et al. 2021, Sec. 6: time = max over the overlapped
 streams); the printed ratio step / bound is how close the engine's overlap comes (target <= 1.3).
 A step's NVMe write-backs run on into the next step, so NVMe steps are timed back to back in the
-steady state (``RUN_STEPS``), each period carrying one step's traffic, as the replay does.
+steady state (``RUN_STEPS``), each period carrying one step's traffic, as the replay does; the
+replayed traffic is that of a step after a step (a second warm-up step).
 
 Cache treatment, the same for both: writes count until the data is on the disk (``fsync`` /
 ``fdatasync``); reads start after the file's pages were dropped from the page cache with
@@ -202,7 +203,7 @@ class TrainingResult:
     num_params: int
     """Parameters of the model."""
     num_steps: int
-    """Timed steps per configuration (after one untimed warm-up step each)."""
+    """Timed steps per configuration (after two untimed warm-up steps each, the second one recorded)."""
     step_s: float
     """Wall seconds per step with every chunk NVMe-home, in the steady state: the median over
     runs of ``RUN_STEPS`` back-to-back steps (after a lead-in step) of the run's time per step."""
@@ -385,10 +386,15 @@ def measure_training(
     try:
         on_device, num_params = run(Tier.DEVICE, None)
         on_nvme, _ = run(Tier.NVME, os.path.join(sub, "nvme"))
-        log, stop = record_step_traffic(on_nvme.nvme)
         ref_losses = [_timed_step(on_device, batches[0])[0]]  # warm-up steps
         losses = [_timed_step(on_nvme, batches[0])[0]]
-        on_nvme.optimizer.flush()  # the warm-up step's write-backs belong to its traffic
+        # One steady-state step's traffic: a step after a step (its fetches of chunks whose
+        # write-backs the step before left running copy from their staging: offload.optim
+        # [Note: fetch from a write-back]), and its own write-backs, flushed after it.
+        log, stop = record_step_traffic(on_nvme.nvme)
+        ref_losses.append(_timed_step(on_device, batches[0])[0])
+        losses.append(_timed_step(on_nvme, batches[0])[0])
+        on_nvme.optimizer.flush()
         ops = list(log)
         on_nvme.store.host_ledger.reset_peak()
         replay = TrafficReplay(path, ops, num_threads=num_threads).start()
@@ -442,7 +448,7 @@ def measure_training(
 def print_training(r: TrainingResult) -> None:
     mode = "O_DIRECT" if r.direct else "buffered"
     print(f"\ntraining step with every chunk NVMe-home: {r.label} ({r.num_params / 1e6:.1f}M params), "
-          f"AdamW fp32, prefetch depth {r.prefetch_depth}, {r.num_steps} steps after a warm-up "
+          f"AdamW fp32, prefetch depth {r.prefetch_depth}, {r.num_steps} steps after two warm-up steps "
           f"(NVMe: steady state, median of runs of {RUN_STEPS} back-to-back steps after a lead-in)")
     print(f"  optimizer stages up to {r.optim_staged_chunks} NVMe chunks at once; host ledger peak "
           f"{format_bytes(r.host_peak_bytes)}")

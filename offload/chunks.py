@@ -152,6 +152,8 @@ class ChunkStore:
         offload.optim [Note: early optimizer step]."""
         self.on_backward_block = None
         """Called at each block's backward start, after its fetches began (offload.optim [Note: states read ahead])."""
+        self.fetch_carried = None
+        """Asked at each nvme fetch (chunk, buffer): a copy from host, or None (offload.optim [Note: fetch from a write-back])."""
         self._final = False
         self._next_forward = False
         self._held_for_backward = False
@@ -429,6 +431,9 @@ class ChunkStore:
         if c.home is Tier.HOST:
             c.fetch = self._copy(c.buf, c.compute if self.mixed else c.master)
         else:
+            c.fetch = self.fetch_carried(c, c.buf) if self.fetch_carried is not None else None
+            if c.fetch is not None:
+                return
             key = self.nvme_key(c, "compute" if self.mixed else "master")
             if self.device.type == "cpu":  # [Note: CPU-only fetch]
                 self.host_ledger.alloc(f"staging:{c.index}", c.num_elems * self.compute_dtype.itemsize)

@@ -316,6 +316,27 @@ def read_ahead_order(uses: Sequence[Sequence[int]], chunks: Iterable[int]) -> li
     return sorted((c for c in chunks if c in first), key=lambda c: (first[c], c))
 
 
+def early_update_order(uses: Sequence[Sequence[int]], chunks: Iterable[int]) -> list[int]:
+    """``chunks`` in the order their early optimizer updates run (offload.optim [Note: early
+    optimizer step]): as their gradients complete, at the first block using each (``uses[q]``:
+    block ``q``'s chunks in execution order), last block first and, within a block, its last
+    chunk first (the backward meets a block's parameters in reverse)."""
+    wanted, first = set(chunks), {}
+    for q, cs in enumerate(uses):
+        for c in cs:
+            first.setdefault(c, q)
+    return [c for q in range(len(uses) - 1, -1, -1) for c in reversed(dict.fromkeys(uses[q]))
+            if first[c] == q and c in wanted]
+
+
+def carried_write_backs(uses: Sequence[Sequence[int]], chunks: Iterable[int], staged_chunks: int) -> list[int]:
+    """The nvme ``chunks`` whose write-backs a step leaves running into the next (offload.optim
+    [Note: write-backs across the step end]): the last ``staged_chunks`` early updates, in the
+    order they run. The next step's first forward fetches their params from the staging they
+    hold ([Note: fetch from a write-back]) instead of reading the disk."""
+    return early_update_order(uses, chunks)[-staged_chunks:]
+
+
 def nvme_optim_staging_bytes(num_elems: int, dtype: DType | str, optimizer: Optimizer | str) -> int:
     """Host staging (owner ``staging:<i>``) of an nvme-home chunk's optimizer step: its
     master, states and compute copy are read into host memory, updated by CPU Adam and written

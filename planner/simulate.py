@@ -128,6 +128,8 @@ class _StepBuilder:
         self.flush_at: dict[int, list[int]] = defaultdict(list)
         for c, js in users.items():
             self.flush_at[min(js)].append(c)
+        for cs in self.flush_at.values():  # a block's last chunk first (cost.early_update_order)
+            cs.reverse()
         uses_nvme = any(c.home is Tier.NVME for c in self.chunks) or ActPolicy.SWAP_NVME in policy.activations
         if uses_nvme and nvme is None:
             raise ValueError("memory: the policy puts data on NVMe but no NVMe is configured; add cluster.nodes[].nvme")
@@ -152,9 +154,11 @@ class _StepBuilder:
         self.inline = device.kind == "cpu"  # offload.optim [Note: where early updates run]
         self.deferred: dict[int, tuple[int, int]] = {}  # inline nvme chunk -> (its states read, its accumulation)
         # offload.optim [Note: states read ahead] and [Note: write-backs across the step end]
-        nvme_early = [c for j in range(len(blocks) - 1, -1, -1) for c in self.flush_at.get(j, [])
-                      if self.chunks[c].home is Tier.NVME] if self.early else []
-        self.carried = nvme_early[-policy.optim_staged_chunks:]  # the last updates' write-backs
+        nvme_early = cost.early_update_order(self.uses, [c.index for c in self.chunks if c.home is Tier.NVME]
+                                             ) if self.early else []
+        self.carried = cost.carried_write_backs(self.uses, nvme_early, policy.optim_staged_chunks)
+        self.from_carried: set[int] = set()  # [Note: fetch from a write-back] until the first backward
+        self.carried_copies: list[int] = []
         self.ahead_slots = cost.optim_read_ahead_slots(policy.optim_staged_chunks) if nvme_early else 0
         self.ahead_order = cost.read_ahead_order(self.uses, nvme_early)
         self.ahead: dict[int, int] = {}  # chunk -> its states read ahead
@@ -181,7 +185,7 @@ class _StepBuilder:
         allocs = list(extra)
         for c in new:
             allocs.append(self._buf(c))
-            if self.chunks[c].home is Tier.NVME:
+            if self.chunks[c].home is Tier.NVME and c not in self.from_carried:
                 allocs.append(self._staging(c))
         if not allocs:
             return
@@ -189,11 +193,14 @@ class _StepBuilder:
         mark = self.g.add(f"alloc{m}:{'FB'[p]}", "compute", len(new) * self.s.overhead_chunk_fetch_s,
                           alloc_start=allocs, tag=m)
         for c in new:
-            if self.chunks[c].home is Tier.NVME:  # disk -> staging now; staging -> buffer when used
+            if self.chunks[c].home is Tier.NVME and c not in self.from_carried:
+                # disk -> staging now; staging -> buffer when used
                 self.reads[c] = self.g.add(f"read{m}@c{c}:{'FB'[p]}", "disk", self.read_s[c], deps=(mark,), tag=m)
                 self.res[c] = None
-            else:
+            else:  # a host chunk, or an nvme chunk copied out of its carried write-back's staging
                 self.res[c] = self.g.add(f"PREFETCH{m}@c{c}:{'FB'[p]}", self.copy_in, self.h2d_s[c], deps=(mark,), tag=m)
+                if c in self.from_carried:
+                    self.carried_copies.append(self.res[c])
 
     def _ensure(self, m: int, p: int, c: int) -> int:
         """The task after which chunk ``c`` is usable (an nvme chunk's copy out of staging starts here)."""
@@ -246,6 +253,7 @@ class _StepBuilder:
         self.reads: dict[int, int] = {}
         prev_accum: dict[int, int] = {}
         carry = self._carry_in()
+        self.from_carried = {c for c, _ in carry}
         for m in range(n):
             self.swap_out: dict[int, int] = {}
             self.disk_write: dict[int, int] = {}
@@ -257,8 +265,9 @@ class _StepBuilder:
             for j in range(L):
                 self._forward_block(m, j)
             if m == 0 and carry:  # the engine's backward first waits for them (optimizer.flush)
-                g.add("flush", "compute", 0.0, deps=tuple(wr for _, wr in carry),
+                g.add("flush", "compute", 0.0, deps=(*(wr for _, wr in carry), *self.carried_copies),
                       free_end=[x for c, _ in carry for x in (self._states_staging(c), self._rewrite(c))], tag=m)
+                self.from_carried = set()
             last_b = -1
             for j in range(L - 1, -1, -1):
                 last_b = self._backward_block(m, j, prev_accum)

@@ -273,6 +273,7 @@ class Engine:
         """A backward with ``last_microbatch=True`` ran and ``step()`` has not yet."""
         # offload.optim [Note: states read ahead]; not under fp16, whose optimizer runs after the backward
         store.on_backward_block = optimizer.read_ahead if scaler is None else None
+        store.fetch_carried = optimizer.fetch_carried  # offload.optim [Note: fetch from a write-back]
         self._closed = False
 
     @classmethod

@@ -87,3 +87,46 @@ def test_prefetches_are_outstanding_while_blocks_compute(tmp_path):
     engine.train_step(_batch(cfg, 0))
     assert max(in_flight) >= 1  # some fetch was still in flight while a block computed
     engine.close()
+
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_fetches_from_carried_write_backs_copy_from_pinned_staging(dtype, tmp_path):
+    # offload.optim [Note: fetch from a write-back] on CUDA: the first forward's fetches of the
+    # chunks whose write-backs run on copy the pinned staging on the h2d side stream. Losses are
+    # bitwise those of a run whose fetches all read the disk, and exactly those fetches read less.
+    from collections import Counter
+
+    from memtrain.planner.bounds import fetch_counts
+
+    cfg = gpt_config("tiny")
+
+    def build(sub):
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        blocks = named_blocks(model, None)
+        policy = MemoryPolicy(chunk_size_elems=20_000, chunks=make_chunk_plans(param_order(model, blocks), 20_000, Tier.NVME),
+                              prefetch_depth=2, activations=(ActPolicy.KEEP,) * len(blocks))
+        engine = wrap(model, optimizer=dict(name="adamw", lr=1e-3), plan=policy, micro_batch_size=MICRO, verbose=False,
+                      dtype=dtype, memory={"device": "1GiB", "host": "1GiB", "nvme": str(tmp_path / sub)})
+        reads, read = Counter(), engine.nvme.read
+
+        def logging_read(key, out, **kw):
+            reads[key] += 1
+            return read(key, out, **kw)
+
+        engine.nvme.read = logging_read
+        return engine, reads
+
+    (engine, reads), (ref, ref_reads) = build("a"), build("b")
+    ref.store.fetch_carried = None
+    part = "compute" if dtype == "bf16" else "master"
+    for step in range(4):
+        carried = engine.optimizer.carried_chunks
+        reads.clear(), ref_reads.clear()
+        assert engine.train_step(_batch(cfg, step)) == ref.train_step(_batch(cfg, step))
+        first = fetch_counts(engine.store.uses, 2, BATCH // MICRO, first_forward=True)
+        assert bool(carried) == (step > 0)
+        assert ref_reads - reads == Counter({f"chunk:{i}:{part}": first[i] for i in carried})
+        assert all(w.staged.tensors[part].is_pinned() for w in engine.optimizer._behind)
+    engine.close(), ref.close()

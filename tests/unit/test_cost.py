@@ -189,3 +189,16 @@ def test_block_chunk_ids_by_name_and_by_range_agree():
     assert cost.block_chunk_ids(stats, unnamed) == ((0,), (1, 2))
     one = [ChunkPlan(index=0, num_elems=12, param_names=("e.w", "l.w1", "l.w2"), home=Tier.HOST)]
     assert cost.block_chunk_ids(stats, one) == ((0,), (0,))
+
+
+def test_early_updates_run_as_gradients_complete_and_the_last_ones_are_carried():
+    # offload.optim [Note: early optimizer step]: a chunk's gradients complete at the first block
+    # using it, in backward order, a block's last chunk first; [Note: write-backs across the step
+    # end]: the last staged_chunks updates' write-backs run on into the next step
+    uses = [(0,), (0, 1), (1, 2, 3), (3, 4)]
+    assert cost.early_update_order(uses, range(5)) == [4, 3, 2, 1, 0]
+    assert cost.early_update_order(uses, [0, 2, 4]) == [4, 2, 0]
+    assert cost.carried_write_backs(uses, range(5), 2) == [1, 0]
+    assert cost.carried_write_backs(uses, range(5), 9) == [4, 3, 2, 1, 0]
+    # the states are read ahead in the reverse order
+    assert cost.read_ahead_order(uses, range(5)) == cost.early_update_order(uses, range(5))[::-1]

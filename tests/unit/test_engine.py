@@ -402,6 +402,15 @@ def test_fetches_are_not_repeated_at_pass_ends(depth, tmp_path):
         most[0] = max(most[0], sum(o.startswith("buffer:param") for o in store.device_ledger.by_owner()))
 
     store._start = counting_start
+    carried, copied = engine.optimizer.carried_chunks, collections.Counter()
+    fetch_carried = store.fetch_carried
+
+    def counting_fetch_carried(c, dst):
+        handle = fetch_carried(c, dst)
+        copied[c.index] += handle is not None
+        return handle
+
+    store.fetch_carried = counting_fetch_carried
     engine.train_step(_batch(cfg, 1, batch=n * MICRO))
     uses = engine.store.uses
     runs: dict[int, int] = {}  # per chunk, the runs of consecutive blocks using it
@@ -409,7 +418,12 @@ def test_fetches_are_not_repeated_at_pass_ends(depth, tmp_path):
         for c in cs:
             runs[c] = runs.get(c, 0) + (j == 0 or c not in uses[j - 1])
     expected = fetch_counts(uses, depth, n)
-    assert collections.Counter(int(k.split(":")[1]) for k in fetched) == expected
+    # offload.optim [Note: fetch from a write-back]: the first forward's fetches of the chunks
+    # whose write-backs the last step left running copy from their staging; the rest read the disk
+    first = fetch_counts(uses, depth, n, first_forward=True)
+    assert carried == cost.carried_write_backs(uses, range(len(store.chunks)), engine.optimizer.staged_chunks)
+    assert carried and +copied == {c: first[c] for c in carried}
+    assert collections.Counter(int(k.split(":")[1]) for k in fetched) + copied == expected
     # fewer than before the window rule (one fetch per run and pass, less the pass-end chunks)
     before = sum(2 * n * r - n * (c in uses[-1]) - (n - 1) * (c in uses[0]) for c, r in runs.items())
     assert sum(expected.values()) < before
@@ -495,16 +509,27 @@ def test_states_are_read_ahead_in_the_first_backward(staged, tmp_path):
 def test_write_backs_run_on_until_the_next_backward(tmp_path):
     # offload.optim [Note: write-backs across the step end]: the step returns with the last
     # updates' write-backs running, their staging held; the next forward leaves them, the next
-    # backward waits for them first. A state dict taken in between sees the new states.
+    # backward waits for them first. A state dict taken in between sees the new states, the same
+    # as those of a run whose forwards read every chunk from disk.
     cfg = gpt_config("tiny")
     engine, ref = _nvme_engine(cfg, tmp_path / "a", 3), _nvme_engine(cfg, tmp_path / "b", 3)
+    ref.store.fetch_carried = None
     engine.train_step(_batch(cfg, 0))
     carried = engine.optimizer.carried_chunks
     assert len(carried) == 3 and carried == sorted(carried, reverse=True)  # the last to complete: chunk 0 last
     assert all(engine.store.host_ledger.holds(f"staging:{i}") > 0 for i in carried)
     x, y = _batch(cfg, 1)
+    # [Note: fetch from a write-back]: the forward copies the carried chunks' params from the
+    # staging their write-backs hold, taking no staging of its own; the other chunks read the disk
+    reads = _logged_reads(engine, lambda key, priority: True)
+    staging_allocs, alloc = [], engine.store.host_ledger.alloc
+    engine.store.host_ledger.alloc = lambda owner, n: (staging_allocs.append(owner), alloc(owner, n))[1]
     loss = engine((x[:MICRO], y[:MICRO]))
+    del engine.store.host_ledger.alloc
     assert engine.optimizer.carried_chunks == carried
+    fetched = {int(k.split(":")[1]) for k in reads}
+    assert fetched == set(range(len(engine.store.chunks))) - set(carried)
+    assert {int(o.split(":")[1]) for o in staging_allocs} == fetched
     engine.backward(loss / 2)
     assert engine.optimizer.carried_chunks == []
     loss = engine((x[MICRO:], y[MICRO:]))

@@ -338,10 +338,12 @@ def test_compressed_nvme_reads_use_the_zstd_model():
     import dataclasses
 
     n_elems = 10**8
-    stats = make_stats([1 * MB], params=[n_elems])
-    pol = dataclasses.replace(policy(stats, [Tier.NVME], [ActPolicy.KEEP]), compress_nvme=True)
+    stats = make_stats([1 * MB] * 2, params=[n_elems] * 2)
+    # one staged chunk: chunk 0's write-back is carried (its first fetch copies from host), chunk 1's is not
+    pol = dataclasses.replace(policy(stats, [Tier.NVME] * 2, [ActPolicy.KEEP] * 2), compress_nvme=True,
+                              optim_staged_chunks=1)
     r = simulate_step(stats, train(1), DEV, HOST, NVME, pol)
-    read = next(e for e in r.timeline if e.name == "read0@c0:F")
+    read = next(e for e in r.timeline if e.name == "read0@c1:F")
     zstd = cost.zstd_model(HOST.num_cpus)
     assert read.end_s - read.start_s == pytest.approx(cost.disk_read_time_s(2 * n_elems, NVME, zstd))
     assert read.end_s - read.start_s < cost.disk_read_time_s(2 * n_elems, NVME)  # disk-bound: fewer bytes read
@@ -426,6 +428,12 @@ def test_states_read_ahead_in_the_first_backward_and_writes_carried_into_the_nex
     in_step = sorted(int(n.split("@c")[1]) for n in ev if n.startswith("write-states@c") and not n.endswith(":carried"))
     assert in_step == list(range(min(staged, 4), 4))  # the first updates' write-backs, waited for in the step
     assert ev["flush"].end_s <= ev["B0:3"].start_s
+    # [Note: fetch from a write-back]: the first forward copies the carried chunks from host, the
+    # flush waiting for the copies too; the other chunks are read from disk
+    for c in range(4):
+        assert (f"read0@c{c}:F" in ev) == (c not in carried)
+        if c in carried:
+            assert ev["flush"].start_s >= ev[f"PREFETCH0@c{c}:F"].end_s
     # every state byte still moves once per step: the disk's work equals the serial bound
     disk = sum(e.end_s - e.start_s for e in r.timeline if e.stream == "disk")
     assert disk == pytest.approx(stream_work_s(stats, train(2), DEV, HOST, NVME, pol)["disk"])
