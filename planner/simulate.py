@@ -126,10 +126,8 @@ class _StepBuilder:
         # complete (flush, release) at its last: the first block using it in forward order.
         self.grad_at = {c: max(js) for c, js in users.items()}
         self.flush_at: dict[int, list[int]] = defaultdict(list)
-        for c, js in users.items():
-            self.flush_at[min(js)].append(c)
-        for cs in self.flush_at.values():  # a block's last chunk first (cost.early_update_order)
-            cs.reverse()
+        for c in cost.early_update_order(self.uses, users):  # in the order they complete
+            self.flush_at[min(users[c])].append(c)
         uses_nvme = any(c.home is Tier.NVME for c in self.chunks) or ActPolicy.SWAP_NVME in policy.activations
         if uses_nvme and nvme is None:
             raise ValueError("memory: the policy puts data on NVMe but no NVMe is configured; add cluster.nodes[].nvme")
