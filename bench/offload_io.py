@@ -211,6 +211,10 @@ class TrainingResult:
     """Median wall seconds of the same step with everything on the device."""
     io_s: float
     """Median wall seconds to replay one step's NVMe traffic through ``NvmeStore`` alone."""
+    step_range_s: tuple[float, float]
+    """Least and most of the runs' step times (``step_s`` is their median): the disk's spread."""
+    io_range_s: tuple[float, float]
+    """Least and most of the replays' times (``io_s`` is their median)."""
     compute_cpu_s: float
     """Median CPU seconds (all threads) of the all-device step."""
     io_cpu_s: float
@@ -436,6 +440,7 @@ def measure_training(
         label=f"gpt {preset}, {num_micro} x {micro_batch_size} x {seq_len} tokens, chunks of {chunk_elems:,}",
         num_params=num_params, num_steps=num_runs * RUN_STEPS, step_s=statistics.median(t for t, _ in step),
         compute_s=statistics.median(t for t, _ in compute), io_s=statistics.median(t for t, _ in io),
+        step_range_s=(min(t for t, _ in step), max(t for t, _ in step)), io_range_s=(min(t for t, _ in io), max(t for t, _ in io)),
         compute_cpu_s=statistics.median(c for _, c in compute), io_cpu_s=statistics.median(c for _, c in io),
         num_cpus=torch.get_num_threads(),
         read_bytes=sum(o.num_bytes for o in ops if o.kind == "read"),
@@ -459,6 +464,8 @@ def print_training(r: TrainingResult) -> None:
     print(f"  {'I/O alone (the step traffic replayed)':40s} {r.io_s:8.2f} s   "
           f"({(r.read_bytes + r.write_bytes) / r.io_s / 1e9:.2f} GB/s)")
     print(f"  {'lower bound max(compute, I/O)':40s} {r.bound_s:8.2f} s")
+    print(f"  spread (least-most) over the run: step {r.step_range_s[0]:.2f}-{r.step_range_s[1]:.2f} s, "
+          f"I/O replay {r.io_range_s[0]:.2f}-{r.io_range_s[1]:.2f} s")
     print(f"  step / lower bound = {r.ratio:.2f}  (target <= 1.30); max |Δloss| vs the all-device run: {r.max_loss_diff:.2g}")
     # [Note: shared CPUs] Without a GPU the "device" is the CPU, and the I/O path (copies into
     # aligned buffers, CRC-32, system calls) runs on the same cores; then compute and I/O can
