@@ -418,9 +418,8 @@ def _reserve_rewrite(store: "ChunkStore", c: "Chunk", parts) -> str:
 
 
 def _write_states(store: "ChunkStore", c: "Chunk", staged: _Staged, rewrite: str | None = None) -> _WriteBack:
-    order = sorted(staged.tensors, key=lambda k: k != "master")  # the next forward reads the master first
-    futures = [store.nvme.write(store.nvme_key(c, k), staged.tensors[k], priority=BACKGROUND, reserved=rewrite is not None)
-               for k in order]
+    futures = [store.nvme.write(store.nvme_key(c, k), t, priority=BACKGROUND, reserved=rewrite is not None)
+               for k, t in staged.tensors.items()]
     return _WriteBack(store, c.index, staged, futures, rewrite)
 
 
@@ -589,7 +588,7 @@ class OffloadedOptimizer:
         for w in self._behind:
             if w.index == chunk.index:
                 handle = self.store._copy(dst, w.staged.tensors["compute" if self.store.mixed else "master"])
-                w.readers.append(handle)
+                w.readers.append(handle.detached())  # the fetch owns dst; the write-back only waits
                 return handle
         return None
 

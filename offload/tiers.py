@@ -227,6 +227,11 @@ class CopyHandle:
     def done(self) -> bool:
         return self._event is None or self._event.query()
 
+    def detached(self) -> "CopyHandle":
+        """A handle on the same copy that keeps no tensor alive: for a holder that only waits for
+        it, so it cannot keep a buffer the copy's owner has freed."""
+        return CopyHandle(self._event, self._device, ())
+
     def wait(self) -> None:
         """Block the calling thread until the copy has finished."""
         if self._event is not None:

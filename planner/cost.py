@@ -320,7 +320,10 @@ def early_update_order(uses: Sequence[Sequence[int]], chunks: Iterable[int]) -> 
     """``chunks`` in the order their early optimizer updates run (offload.optim [Note: early
     optimizer step]): as their gradients complete, at the first block using each (``uses[q]``:
     block ``q``'s chunks in execution order), last block first and, within a block, its last
-    chunk first (the backward meets a block's parameters in reverse)."""
+    chunk first (the backward meets a block's parameters in reverse). Parameters outside every
+    block count with the last block (offload.chunks [Note: loose parameters]): right for a final
+    norm or head, but a loose module that runs before the blocks (a position table) completes
+    last in the engine, which this order does not model."""
     wanted, first = set(chunks), {}
     for q, cs in enumerate(uses):
         for c in cs:

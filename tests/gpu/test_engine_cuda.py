@@ -129,4 +129,17 @@ def test_fetches_from_carried_write_backs_copy_from_pinned_staging(dtype, tmp_pa
         assert bool(carried) == (step > 0)
         assert ref_reads - reads == Counter({f"chunk:{i}:{part}": first[i] for i in carried})
         assert all(w.staged.tensors[part].is_pinned() for w in engine.optimizer._behind)
+    # The handles the write-backs keep, to wait for the copies, hold no device buffer: a forward
+    # grows device memory exactly as much as the reference's, whose fetches all read the disk.
+    x, y = _batch(cfg, 4)
+    grown = []
+    for e in (engine, ref):
+        assert e.optimizer.carried_chunks
+        before = torch.cuda.memory_allocated()
+        loss = e((x[:MICRO], y[:MICRO]))
+        grown.append(torch.cuda.memory_allocated() - before)
+        e.backward(loss / 2)
+        e.backward(e((x[MICRO:], y[MICRO:])) / 2, last_microbatch=True)
+        e.step()
+    assert grown[0] == grown[1] > 0
     engine.close(), ref.close()

@@ -467,13 +467,13 @@ def test_fp16_keeps_the_optimizer_after_the_backward(tmp_path):
     engine.close()
 
 
-def _nvme_engine(cfg, tmp_path, staged: int):
+def _nvme_engine(cfg, tmp_path, staged: int, dtype: str = "fp32"):
     tmp_path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = GPT(cfg)
     plan = dataclasses.replace(_policy(model, Tier.NVME, chunk_elems=40_000), optim_staged_chunks=staged)
     return wrap(model, optimizer=dict(name="adamw", lr=1e-3), plan=plan, micro_batch_size=MICRO, verbose=False,
-                memory={"device": "64MiB", "host": "256MiB", "nvme": str(tmp_path / "nvme")})
+                dtype=dtype, memory={"device": "64MiB", "host": "256MiB", "nvme": str(tmp_path / "nvme")})
 
 
 @pytest.mark.parametrize("staged", [3, 5, 40])
@@ -506,13 +506,14 @@ def test_states_are_read_ahead_in_the_first_backward(staged, tmp_path):
     engine.close(), ref.close()
 
 
-def test_write_backs_run_on_until_the_next_backward(tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_write_backs_run_on_until_the_next_backward(dtype, tmp_path):
     # offload.optim [Note: write-backs across the step end]: the step returns with the last
     # updates' write-backs running, their staging held; the next forward leaves them, the next
     # backward waits for them first. A state dict taken in between sees the new states, the same
     # as those of a run whose forwards read every chunk from disk.
     cfg = gpt_config("tiny")
-    engine, ref = _nvme_engine(cfg, tmp_path / "a", 3), _nvme_engine(cfg, tmp_path / "b", 3)
+    engine, ref = _nvme_engine(cfg, tmp_path / "a", 3, dtype), _nvme_engine(cfg, tmp_path / "b", 3, dtype)
     ref.store.fetch_carried = None
     engine.train_step(_batch(cfg, 0))
     carried = engine.optimizer.carried_chunks
@@ -530,8 +531,19 @@ def test_write_backs_run_on_until_the_next_backward(tmp_path):
     fetched = {int(k.split(":")[1]) for k in reads}
     assert fetched == set(range(len(engine.store.chunks))) - set(carried)
     assert {int(o.split(":")[1]) for o in staging_allocs} == fetched
+    held_when_waited = []  # a write-back frees its staging only after the copies out of it
+
+    class Reader:
+        def __init__(self, index):
+            self.index = index
+
+        def wait(self):
+            held_when_waited.append(engine.store.host_ledger.holds(f"staging:{self.index}") > 0)
+
+    for w in engine.optimizer._behind:
+        w.readers.append(Reader(w.index))
     engine.backward(loss / 2)
-    assert engine.optimizer.carried_chunks == []
+    assert engine.optimizer.carried_chunks == [] and held_when_waited == [True] * len(carried)
     loss = engine((x[MICRO:], y[MICRO:]))
     engine.backward(loss / 2, last_microbatch=True)
     engine.step()
