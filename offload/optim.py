@@ -55,7 +55,8 @@ scratch A/B of consecutive steps): 2.88 s without, 2.59 s with.
 write-backs of the last ``staged_chunks`` chunks, a tail of writes with nothing else on the disk.
 ``step()`` now waits for the updates only; the write-backs run on and ``flush()`` waits for them
 (freeing their staging) at the next backward's start, so they overlap the next forward's fetches
-(the store runs a read after a write of the same key, so a fetch sees the new master). Anything
+(the store runs a read after a write of the same key, so any read sees the new file; a fetch of
+those chunks copies from the staging instead: [Note: fetch from a write-back]). Anything
 that reads or replaces states (``Engine.state_dict``, ``load_state_dict``, ``close``) flushes
 first. The simulator's step begins with those writes (the same chunks every step) and holds
 their staging until the first backward (planner.simulate ``_carry_in``). The 100m step above:
