@@ -53,24 +53,34 @@ scratch A/B of consecutive steps): 2.88 s without, 2.59 s with.
 
 [Note: write-backs across the step end] After the last update the step still had to wait for the
 write-backs of the last ``staged_chunks`` chunks, a tail of writes with nothing else on the disk.
-``step()`` now waits for the updates only; the write-backs run on and ``flush()`` waits for them
-(freeing their staging) at the next backward's start, so they overlap the next forward's fetches
-(the store runs a read after a write of the same key, so any read sees the new file; a fetch of
-those chunks copies from the staging instead: [Note: fetch from a write-back]). Anything
-that reads or replaces states (``Engine.state_dict``, ``load_state_dict``, ``close``) flushes
-first. The simulator's step begins with those writes (the same chunks every step) and holds
-their staging until the first backward (planner.simulate ``_carry_in``). The 100m step above:
-2.59 s, then 2.45 s with both.
+``step()`` now waits for the updates only; the write-backs run on into the next step, overlapping
+its fetches (the store runs a read after a write of the same key, so any read sees the new file;
+a fetch of those chunks copies from the staging instead: [Note: fetch from a write-back]), and
+are waited for as [Note: carried write-backs released lazily] says. Anything that reads or
+replaces states (``Engine.state_dict``, ``load_state_dict``, ``close``) waits for all of them
+first (``flush()``). The simulator's step begins with those writes (the same chunks every step;
+planner.simulate ``_carry_in``). The 100m step above: 2.59 s, then 2.45 s with both.
+
+[Note: carried write-backs released lazily] A carried write-back holds its staging until the
+training thread waits for it, which it does only when a staging slot is needed (``read_ahead``
+and ``step_early`` take the oldest carried write-back's before waiting for this step's own) or
+when the chunk's next update is queued (``step_early``, first). Until then its chunk's fetches,
+in the first backward too, copy from that staging. These are points of the program, so the
+simulator mirrors them (planner.simulate ``_release_carried``); ``planner.bounds.stream_work_s``,
+which cannot tell how long a write-back stays, counts no disk read for those chunks' fetches (a
+lower bound). First they were all waited for at the next backward's start, which stalled it
+behind writes still running. The 100m all-NVMe step (a scratch A/B of consecutive steps, 12
+staged, alternating rounds): depth 3, 2.10 s then 1.97 s (faster in all 5 rounds); depth 6,
+2.00 s then 1.89 s (4 of 5).
 
 [Note: fetch from a write-back] The carried write-backs are of the last updates, the chunks the
 next forward fetches first, and a read of a file waits for its write (per-key order): the forward
-stood behind the writes and then read back bytes still in host memory. So until ``flush()``,
-``fetch_carried`` (the store's ``fetch_carried`` hook, asked at each nvme fetch) fills the param
+stood behind the writes and then read back bytes still in host memory. So while a write-back is
+carried, ``fetch_carried`` (the store's ``fetch_carried`` hook, asked at each nvme fetch) fills the param
 buffer from the write-back's staging (``compute`` under mixed precision, else ``master``): a memcpy
 on a CPU device, an h2d copy on CUDA. The copy takes no staging of its own, and the write-back
-waits for it before freeing its staging. The simulator does the same for the first forward's
-fetches of ``planner.cost.carried_write_backs`` (planner.simulate ``_start``), and
-``planner.bounds.stream_work_s`` counts those fetches as no disk reads. The 100m all-NVMe step
+waits for it before freeing its staging. The simulator does the same for fetches of the chunks
+of ``planner.cost.carried_write_backs`` not yet released (planner.simulate ``_start``). The 100m all-NVMe step
 above (a scratch A/B of consecutive steps, 12 staged, depth 6): 2.62 s without, 2.40 s with,
 and 0.39 GB less read per step.
 
@@ -116,8 +126,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.optim.adam import adam as _torch_adam
 
-from memtrain.offload.io_queue import BACKGROUND
-from memtrain.offload.nvme_format import is_aligned
+from memtrain.offload.staging import Deferred, Staged, WriteBack, read_ahead_states, read_states, reserve_rewrite, write_states
 from memtrain.planner.cost import optim_read_ahead_slots, read_ahead_order
 from memtrain.planner.plan import Tier
 
@@ -311,119 +320,6 @@ def measure_host_adamw(num_elems: int = 64 * 2**20, reps: int = 3) -> list[Kerne
 # --- nvme streaming and per-parameter state (over a ChunkStore's chunks) --------------------
 
 
-class _Staged:
-    """An nvme chunk's master/states read into host staging (``staging:<i>``) for its step."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor], futures: list) -> None:
-        self.tensors, self.futures = tensors, futures
-
-    def wait(self) -> dict[str, torch.Tensor]:
-        for f in self.futures:
-            f.result()
-        return self.tensors
-
-    def free(self, store: "ChunkStore", index: int) -> None:
-        """Give the staging back to the host ledger (after its reads or writes are done)."""
-        for t in self.tensors.values():
-            store._free(store.host_ledger, f"staging:{index}", t)
-
-
-class _WriteBack:
-    def __init__(self, store: "ChunkStore", index: int, staged: _Staged, futures: list, rewrite: str | None = None) -> None:
-        self.store, self.index, self.staged, self.futures, self.rewrite = store, index, staged, futures, rewrite
-        self.readers: list[CopyHandle] = []
-        """Fetches copying out of the staging ([Note: fetch from a write-back])."""
-
-    def wait(self) -> None:
-        for f in self.futures:
-            f.result()
-        for h in self.readers:
-            h.wait()
-        self.staged.free(self.store, self.index)
-        if self.rewrite is not None:
-            self.store.nvme.ledger.free(self.rewrite)
-
-
-class _Deferred:
-    """An update queued to run on the training thread ([Note: where early updates run]):
-    ``result()`` runs it the first time and returns (or raises) what it did, like a Future's."""
-
-    def __init__(self, fn, *args) -> None:
-        self._call: tuple | None = (fn, args)
-        self._value: Any = None
-        self._error: BaseException | None = None
-
-    @property
-    def pending(self) -> bool:
-        return self._call is not None
-
-    def result(self) -> Any:
-        if self._call is not None:
-            fn, args = self._call
-            self._call = None
-            try:
-                self._value = fn(*args)
-            except BaseException as e:
-                self._error = e
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
-def _read_states(store: "ChunkStore", c: "Chunk", master: torch.Tensor | None = None, *,
-                 staged: "_Staged | None" = None) -> _Staged:
-    """Start reading master and states of nvme chunk ``c`` (planner.cost.nvme_optim_staging_bytes).
-
-    ``master``: the chunk's fp32 parameters already in memory ([Note: master from the param
-    buffer]); then only the states are read. ``staged``: the states read ahead ([Note: states
-    read ahead]); then only the master is added."""
-    owner, n = f"staging:{c.index}", c.num_elems
-    if staged is None:
-        staged = _read_ahead(store, c)
-    tensors, futures = staged.tensors, staged.futures
-    if "master" in tensors:  # read ahead with the states (mixed precision)
-        return staged
-    if master is not None and master.device.type == "cpu" and is_aligned(master):
-        store.host_ledger.alloc(owner, n * 4)  # the buffer itself becomes the staging (zero-copy)
-        tensors["master"] = master
-    elif master is not None:  # a CUDA buffer: copied into host staging before it is released
-        tensors["master"] = store._alloc(store.host_ledger, owner, n, torch.float32)
-        tensors["master"].copy_(master)
-    else:
-        tensors["master"] = store._alloc(store.host_ledger, owner, n, torch.float32)
-        futures.append(store.nvme.read(store.nvme_key(c, "master"), tensors["master"], priority=BACKGROUND))
-    return staged
-
-
-def _read_ahead(store: "ChunkStore", c: "Chunk") -> _Staged:
-    """Start reading ``c``'s optimizer states (and its master under mixed precision, where the
-    param buffer is not the master) into host staging."""
-    owner, n = f"staging:{c.index}", c.num_elems
-    tensors, futures = {}, []
-    if store.mixed:  # rewritten from the master after the step, so never read
-        tensors["master"] = store._alloc(store.host_ledger, owner, n, torch.float32)
-        futures.append(store.nvme.read(store.nvme_key(c, "master"), tensors["master"], priority=BACKGROUND))
-    for k in store.state_names:
-        tensors[k] = store._alloc(store.host_ledger, owner, n, torch.float32)
-        futures.append(store.nvme.read(store.nvme_key(c, k), tensors[k], priority=BACKGROUND))
-    if store.mixed:
-        tensors["compute"] = store._alloc(store.host_ledger, owner, n, store.compute_dtype)
-    return _Staged(tensors, futures)
-
-
-def _reserve_rewrite(store: "ChunkStore", c: "Chunk", parts) -> str:
-    """[Note: rewrite window] Reserve the second copy of ``c``'s files on the NVMe ledger now."""
-    owner = f"chunk:{c.index}:rewrite"
-    store.nvme.ledger.alloc(owner, sum(store.nvme.entry(store.nvme_key(c, k)).disk_bytes for k in parts))
-    return owner
-
-
-def _write_states(store: "ChunkStore", c: "Chunk", staged: _Staged, rewrite: str | None = None) -> _WriteBack:
-    futures = [store.nvme.write(store.nvme_key(c, k), t, priority=BACKGROUND, reserved=rewrite is not None)
-               for k, t in staged.tensors.items()]
-    return _WriteBack(store, c.index, staged, futures, rewrite)
-
-
 def _gather_states(store: "ChunkStore") -> dict[str, dict[str, torch.Tensor]]:
     """Optimizer state per parameter name, in torch's per-parameter format."""
     out: dict[str, dict[str, torch.Tensor]] = {}
@@ -487,14 +383,14 @@ class OffloadedOptimizer:
         self.inline = store.device.type == "cpu"
         """Early updates run on the training thread ([Note: where early updates run])."""
         self._worker: ThreadPoolExecutor | None = None
-        self._early: dict[int, Future | _Deferred] = {}  # chunk index -> its queued update
-        self._writing: list[Future | _Deferred] = []  # nvme early steps (-> _WriteBack) whose staging is held
-        self._ahead: dict[int, _Staged] = {}  # chunk index -> its states read ahead ([Note: states read ahead])
+        self._early: dict[int, Future | Deferred] = {}  # chunk index -> its queued update
+        self._writing: list[Future | Deferred] = []  # nvme early steps (-> WriteBack) whose staging is held
+        self._ahead: dict[int, Staged] = {}  # chunk index -> its states read ahead ([Note: states read ahead])
         self.read_ahead_slots = optim_read_ahead_slots(staged_chunks)
         """[Note: states read ahead]."""
         nvme = [c.index for c in store.chunks if c.home is Tier.NVME]
         self._ahead_order = [store.chunks[i] for i in read_ahead_order(store.uses, nvme)] if self.read_ahead_slots else []
-        self._behind: list[_WriteBack] = []  # write-backs carried over the step end
+        self._behind: list[WriteBack] = []  # write-backs carried over the step end
 
     @property
     def num_early(self) -> int:
@@ -508,7 +404,7 @@ class OffloadedOptimizer:
         if chunk.home is Tier.DEVICE or chunk.index in self._early or not chunk.has_grad:
             return
         if self.inline and chunk.home is Tier.HOST:
-            self._early[chunk.index] = update = _Deferred(self._step_resident, chunk)
+            self._early[chunk.index] = update = Deferred(self._step_resident, chunk)
             update.result()
             return
         if self._worker is None and not self.inline:
@@ -516,30 +412,50 @@ class OffloadedOptimizer:
         if chunk.home is Tier.HOST:
             self._early[chunk.index] = self._worker.submit(self._step_resident, chunk)
             return
+        self._release_carried(chunk.index)  # [Note: carried write-backs released lazily]
         ahead = self._ahead.pop(chunk.index, None)
         if ahead is None:  # bounded staging: the oldest write-backs are waited for (their staging freed) first
-            while self._writing and len(self._writing) + len(self._ahead) >= self.staged_chunks:
-                self._writing.pop(0).result().wait()
-        staged = _read_states(self.store, chunk, master, staged=ahead)
-        rewrite = None if self.store.nvme.compress else _reserve_rewrite(self.store, chunk, staged.tensors)
+            while (self._behind or self._writing) and self._num_staged() >= self.staged_chunks:
+                if not self._release_carried():
+                    self._writing.pop(0).result().wait()
+        staged = read_states(self.store, chunk, master, staged=ahead)
+        rewrite = None if self.store.nvme.compress else reserve_rewrite(self.store, chunk, staged.tensors)
         if self.inline:  # the updates queued before this one run now, this chunk's read under way
             for earlier in self._writing:
                 if earlier.pending:
                     earlier.result()
-            update: Future | _Deferred = _Deferred(self._step_staged, chunk, staged, rewrite)
+            update: Future | Deferred = Deferred(self._step_staged, chunk, staged, rewrite)
         else:
             update = self._worker.submit(self._step_staged, chunk, staged, rewrite)
         self._early[chunk.index] = update
         self._writing.append(update)
 
     def read_ahead(self) -> None:
-        """[Note: states read ahead] Start reading the next chunk's states, if a slot is free."""
-        if len(self._ahead) >= self.read_ahead_slots or len(self._ahead) + len(self._writing) >= self.staged_chunks:
+        """[Note: states read ahead] Start reading the next chunk's states, if a slot is free
+        (carried write-backs give theirs up: [Note: carried write-backs released lazily])."""
+        if len(self._ahead) >= self.read_ahead_slots:
             return
-        for c in self._ahead_order:
-            if c.index not in self._ahead and c.index not in self._early:
-                self._ahead[c.index] = _read_ahead(self.store, c)
-                return
+        c = next((c for c in self._ahead_order if c.index not in self._ahead and c.index not in self._early), None)
+        if c is None:
+            return
+        while self._num_staged() >= self.staged_chunks and self._release_carried():
+            pass
+        if self._num_staged() < self.staged_chunks:
+            self._ahead[c.index] = read_ahead_states(self.store, c)
+
+    def _num_staged(self) -> int:
+        """Nvme chunks holding host staging: read ahead, being updated or written back, carried."""
+        return len(self._ahead) + len(self._writing) + len(self._behind)
+
+    def _release_carried(self, index: int | None = None) -> bool:
+        """[Note: carried write-backs released lazily] Wait for chunk ``index``'s carried
+        write-back (None: the oldest), freeing its staging; False when there is none."""
+        for pos, w in enumerate(self._behind):
+            if index is None or w.index == index:
+                del self._behind[pos]
+                w.wait()
+                return True
+        return False
 
     def _drop_ahead(self) -> None:
         """Free the staging of states read ahead but not used (chunks that got no gradient)."""
@@ -552,12 +468,12 @@ class OffloadedOptimizer:
         self._update(chunk, chunk.master, chunk.grad, chunk.states)
         self.store.refresh_compute(chunk)
 
-    def _step_staged(self, chunk: "Chunk", staged: _Staged, rewrite: str | None = None) -> _WriteBack:
+    def _step_staged(self, chunk: "Chunk", staged: Staged, rewrite: str | None = None) -> WriteBack:
         tensors = staged.wait()
         self._update(chunk, tensors["master"], chunk.grad, tensors)
         if "compute" in tensors:
             tensors["compute"].copy_(tensors["master"])
-        return _write_states(self.store, chunk, staged, rewrite)
+        return write_states(self.store, chunk, staged, rewrite)
 
     def _wait_early(self, *, carry: bool = False) -> None:
         """Wait for every queued update and write-back (errors surface here), in queue order.
@@ -645,8 +561,8 @@ class OffloadedOptimizer:
         """Stream NVMe chunks: read i+1 while stepping i; write i back while stepping i+1."""
         store = self.store
         writing: list = []  # (chunk, staging, futures) whose write-back is in flight
-        def read(c: "Chunk") -> _Staged:
-            return _read_states(store, c, staged=self._ahead.pop(c.index, None))
+        def read(c: "Chunk") -> Staged:
+            return read_states(store, c, staged=self._ahead.pop(c.index, None))
 
         pending = read(chunks[0]) if chunks else None
         for pos, chunk in enumerate(chunks):
@@ -656,7 +572,7 @@ class OffloadedOptimizer:
             self._update(chunk, tensors["master"], chunk.grad, tensors)
             if "compute" in tensors:
                 tensors["compute"].copy_(tensors["master"])
-            writing.append(_write_states(store, chunk, staged))
+            writing.append(write_states(store, chunk, staged))
             # Keep at most one write-back in flight besides the one just queued (bounded staging).
             while len(writing) > 1:
                 writing.pop(0).wait()

@@ -48,11 +48,12 @@ def stream_work_s(
     off = [c.home is not Tier.DEVICE for c in policy.chunks]
     uses = [tuple(c for c in cs if off[c]) for cs in bc]
     num_fetches = fetch_counts(uses, policy.prefetch_depth, n)
-    # offload.optim [Note: fetch from a write-back]: the first forward's fetches of these copy from host
+    # offload.optim [Note: fetch from a write-back]: these chunks' fetches copy from host until the
+    # training thread waits for their write-backs, which may be as late as their next update
+    # ([Note: carried write-backs released lazily]); so, for a lower bound, none of them reads.
     early = DType(dt) is not DType.FP16
     on_nvme = [c.index for c in policy.chunks if c.home is Tier.NVME]
     carried = set(cost.carried_write_backs(uses, on_nvme, policy.optim_staged_chunks)) if early and on_nvme else set()
-    from_host = fetch_counts(uses, policy.prefetch_depth, n, first_forward=True) if carried else {}
     resident = 0
     for c in policy.chunks:
         ne = c.num_elems
@@ -73,23 +74,20 @@ def stream_work_s(
         if c.home is Tier.NVME:
             disk_bytes = cost.chunk_disk_bytes(ne, dt, opt)
             read_bytes = cost.nvme_optim_read_bytes(ne, dt, opt, early=early)
-            disk_fetches = fetches - (from_host.get(c.index, 0) if c.index in carried else 0)
-            work["disk"] += disk_fetches * cost.disk_read_time_s(nbytes, nvme, comp)
+            if c.index not in carried:
+                work["disk"] += fetches * cost.disk_read_time_s(nbytes, nvme, comp)
             work["disk"] += cost.disk_read_time_s(read_bytes, nvme, comp) + cost.disk_write_time_s(disk_bytes, nvme, comp)
     work["compute"] += cost.device_optimizer_time_s(resident, dt, opt, device)
     return work
 
 
-def fetch_counts(uses: Sequence[Sequence[int]], prefetch_depth: int, num_microbatches: int, *,
-                 first_forward: bool = False) -> dict[int, int]:
+def fetch_counts(uses: Sequence[Sequence[int]], prefetch_depth: int, num_microbatches: int) -> dict[int, int]:
     """Param-buffer fetches per chunk over one step: the residency rules of ``_StepBuilder``
     (offload.chunks: fetch at use, prefetch, release, [Note: across pass ends], [Note: kept within
     the prefetch window]) walked without building a graph. ``uses[j]``: block ``j``'s off-device
     chunks. The first micro-batch starts with nothing resident, the last releases everything, and
     those between repeat one another (what each leaves resident depends only on the rules), so at
-    most three are walked and the middle one counts ``num_microbatches - 2`` times.
-    ``first_forward``: count only the first micro-batch's forward (its prefetches for the
-    backward included)."""
+    most three are walked and the middle one counts ``num_microbatches - 2`` times."""
     num, depth, n = len(uses), prefetch_depth, num_microbatches
     done_at: dict[int, list[int]] = defaultdict(list)  # gradients complete at the first block using the chunk
     for c in {c for cs in uses for c in cs}:
@@ -97,7 +95,7 @@ def fetch_counts(uses: Sequence[Sequence[int]], prefetch_depth: int, num_microba
     counts: dict[int, int] = defaultdict(int)
     res: set[int] = set()
     walked = min(n, 3)
-    for m in range(1 if first_forward else walked):
+    for m in range(walked):
         weight = n - 2 if walked == 3 and m == 1 else 1
         more = m < walked - 1  # another micro-batch's forward follows this backward
 
@@ -125,8 +123,6 @@ def fetch_counts(uses: Sequence[Sequence[int]], prefetch_depth: int, num_microba
             upcoming = (*range(j + 1, num), *range(num - 1, -1, -1))
             res.difference_update(c for c in uses[j] if c not in nxt
                                   and not cost.within_prefetch_window(c, upcoming, uses, depth))
-        if first_forward:
-            break
         for j in range(num - 1, -1, -1):
             if j + 1 < num:
                 res.difference_update(c for c in uses[j + 1] if c not in uses[j]

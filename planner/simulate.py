@@ -155,8 +155,9 @@ class _StepBuilder:
         nvme_early = cost.early_update_order(self.uses, [c.index for c in self.chunks if c.home is Tier.NVME]
                                              ) if self.early else []
         self.carried = cost.carried_write_backs(self.uses, nvme_early, policy.optim_staged_chunks)
-        self.from_carried: set[int] = set()  # [Note: fetch from a write-back] until the first backward
-        self.carried_copies: list[int] = []
+        self.behind: list[int] = []  # carried write-backs not yet waited for, oldest first
+        self.carry_write: dict[int, int] = {}  # carried chunk -> its write
+        self.carried_copies: dict[int, list[int]] = defaultdict(list)  # [Note: fetch from a write-back]
         self.ahead_slots = cost.optim_read_ahead_slots(policy.optim_staged_chunks) if nvme_early else 0
         self.ahead_order = cost.read_ahead_order(self.uses, nvme_early)
         self.ahead: dict[int, int] = {}  # chunk -> its states read ahead
@@ -183,7 +184,7 @@ class _StepBuilder:
         allocs = list(extra)
         for c in new:
             allocs.append(self._buf(c))
-            if self.chunks[c].home is Tier.NVME and c not in self.from_carried:
+            if self.chunks[c].home is Tier.NVME and c not in self.behind:
                 allocs.append(self._staging(c))
         if not allocs:
             return
@@ -191,14 +192,14 @@ class _StepBuilder:
         mark = self.g.add(f"alloc{m}:{'FB'[p]}", "compute", len(new) * self.s.overhead_chunk_fetch_s,
                           alloc_start=allocs, tag=m)
         for c in new:
-            if self.chunks[c].home is Tier.NVME and c not in self.from_carried:
+            if self.chunks[c].home is Tier.NVME and c not in self.behind:
                 # disk -> staging now; staging -> buffer when used
                 self.reads[c] = self.g.add(f"read{m}@c{c}:{'FB'[p]}", "disk", self.read_s[c], deps=(mark,), tag=m)
                 self.res[c] = None
             else:  # a host chunk, or an nvme chunk copied out of its carried write-back's staging
                 self.res[c] = self.g.add(f"PREFETCH{m}@c{c}:{'FB'[p]}", self.copy_in, self.h2d_s[c], deps=(mark,), tag=m)
-                if c in self.from_carried:
-                    self.carried_copies.append(self.res[c])
+                if c in self.behind:
+                    self.carried_copies[c].append(self.res[c])
 
     def _ensure(self, m: int, p: int, c: int) -> int:
         """The task after which chunk ``c`` is usable (an nvme chunk's copy out of staging starts here)."""
@@ -250,8 +251,7 @@ class _StepBuilder:
         self.res: dict[int, int | None] = {}
         self.reads: dict[int, int] = {}
         prev_accum: dict[int, int] = {}
-        carry = self._carry_in()
-        self.from_carried = {c for c, _ in carry}
+        self._carry_in()
         for m in range(n):
             self.swap_out: dict[int, int] = {}
             self.disk_write: dict[int, int] = {}
@@ -262,10 +262,6 @@ class _StepBuilder:
                 g.add(f"engine{m}", "compute", s.overhead_microbatch_s, tag=m)
             for j in range(L):
                 self._forward_block(m, j)
-            if m == 0 and carry:  # the engine's backward first waits for them (optimizer.flush)
-                g.add("flush", "compute", 0.0, deps=(*(wr for _, wr in carry), *self.carried_copies),
-                      free_end=[x for c, _ in carry for x in (self._states_staging(c), self._rewrite(c))], tag=m)
-                self.from_carried = set()
             last_b = -1
             for j in range(L - 1, -1, -1):
                 last_b = self._backward_block(m, j, prev_accum)
@@ -276,33 +272,53 @@ class _StepBuilder:
         self._optimizer(prev_accum)
         return g
 
-    def _carry_in(self) -> list[tuple[int, int]]:
+    def _carry_in(self) -> None:
         """offload.optim [Note: write-backs across the step end]: the write-backs the last step
         left running (the same chunks this step leaves), submitted before this step's first
-        fetch; their staging and rewrite copies are held until the first backward waits."""
-        out = []
+        fetch; their staging and rewrite copies are held until the training thread waits for
+        each ([Note: carried write-backs released lazily]: ``_release_carried``)."""
         for c in self.carried:
             ch = self.chunks[c]
             mark = self.g.add(f"carried@c{c}", "compute", 0.0, alloc_start=[self._states_staging(c), self._rewrite(c)], tag=0)
             nbytes = cost.chunk_disk_bytes(ch.num_elems, self.train.dtype, self.train.optimizer)
-            out.append((c, self.g.add(f"write-states@c{c}:carried", "disk",
-                                      cost.disk_write_time_s(nbytes, self.nvme, self.comp), deps=(mark,), tag=0)))
-        return out
+            self.carry_write[c] = self.g.add(f"write-states@c{c}:carried", "disk",
+                                             cost.disk_write_time_s(nbytes, self.nvme, self.comp), deps=(mark,), tag=0)
+            self.behind.append(c)
+
+    def _release_carried(self, m: int, c: int | None = None) -> bool:
+        """offload.optim [Note: carried write-backs released lazily]: the training thread waits for
+        chunk ``c``'s carried write-back (None: the oldest) and the copies out of its staging,
+        then frees the staging and the rewrite copy; False when there is none."""
+        if c is None and self.behind:
+            c = self.behind[0]
+        if c not in self.behind:
+            return False
+        self.behind.remove(c)
+        self.g.add(f"release@c{c}:carried", "compute", 0.0, deps=(self.carry_write.pop(c), *self.carried_copies.pop(c, ())),
+                   free_end=[self._states_staging(c), self._rewrite(c)], tag=m)
+        return True
+
+    def _num_staged(self) -> int:
+        return len(self.ahead) + len(self.writing) + len(self.behind)
 
     def _read_ahead(self, m: int) -> None:
         """offload.optim [Note: states read ahead]: at a backward block's start, after its
-        fetches, the next chunk's states are read into staging if a slot is free."""
-        if (not self.ahead_slots or len(self.ahead) >= self.ahead_slots
-                or len(self.ahead) + len(self.writing) >= self.policy.optim_staged_chunks):
+        fetches, the next chunk's states are read into staging if a slot is free (carried
+        write-backs give theirs up first)."""
+        if not self.ahead_slots or len(self.ahead) >= self.ahead_slots:
             return
-        for c in self.ahead_order:
-            if c not in self.ahead and c not in self.stepped:
-                ch, dt, opt = self.chunks[c], self.train.dtype, self.train.optimizer
-                mark = self.g.add(f"alloc@c{c}:ahead", "compute", 0.0, alloc_start=[self._ahead_staging(c)], tag=m)
-                nbytes = cost.nvme_optim_read_bytes(ch.num_elems, dt, opt, early=True)
-                self.ahead[c] = self.g.add(f"read-states@c{c}:ahead", "disk",
-                                           cost.disk_read_time_s(nbytes, self.nvme, self.comp), deps=(mark,), tag=m)
-                return
+        c = next((c for c in self.ahead_order if c not in self.ahead and c not in self.stepped), None)
+        if c is None:
+            return
+        while self._num_staged() >= self.policy.optim_staged_chunks and self._release_carried(m):
+            pass
+        if self._num_staged() >= self.policy.optim_staged_chunks:
+            return
+        ch, dt, opt = self.chunks[c], self.train.dtype, self.train.optimizer
+        mark = self.g.add(f"alloc@c{c}:ahead", "compute", 0.0, alloc_start=[self._ahead_staging(c)], tag=m)
+        nbytes = cost.nvme_optim_read_bytes(ch.num_elems, dt, opt, early=True)
+        self.ahead[c] = self.g.add(f"read-states@c{c}:ahead", "disk",
+                                   cost.disk_read_time_s(nbytes, self.nvme, self.comp), deps=(mark,), tag=m)
 
     def _ahead_staging(self, c: int) -> tuple[str, str, int]:
         """The staging a read ahead takes: all of it but the master when the param buffer becomes
@@ -466,10 +482,12 @@ class _StepBuilder:
             self.optim_tasks.append(g.add(f"OPTIM@c{c}", self.cpu, upd_s, deps=(acc,), tag=self.n))
             return
         self.stepped.add(c)
+        self._release_carried(m, c)  # offload.optim [Note: carried write-backs released lazily]
         rd = self.ahead.pop(c, None)
         if rd is None:
-            while self.writing and len(self.writing) + len(self.ahead) >= self.policy.optim_staged_chunks:
-                self._wait_write(m)
+            while (self.behind or self.writing) and self._num_staged() >= self.policy.optim_staged_chunks:
+                if not self._release_carried(m):
+                    self._wait_write(m)
             mark = g.add(f"alloc@c{c}:states", "compute", 0.0, deps=(bt,),
                          alloc_start=[self._states_staging(c), self._rewrite(c)], tag=m)
             nbytes = cost.nvme_optim_read_bytes(ch.num_elems, dt, opt, early=True)

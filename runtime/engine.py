@@ -336,7 +336,6 @@ class Engine:
         if self.scaler is not None:
             loss = loss * self.scaler.scale
         early = last_microbatch and self.scaler is None
-        self.optimizer.flush()  # offload.optim [Note: write-backs across the step end]
         self.store.on_grads_final = self.optimizer.step_early if early else None
         self.store.begin_backward(final=early, next_forward=_next_forward)
         self._early_pending = early
@@ -347,8 +346,9 @@ class Engine:
 
     def step(self) -> bool:
         """Optimizer step over all chunks; False when fp16 overflow skipped it. The last NVMe
-        write-backs may still be running when it returns; the next backward, ``state_dict()``
-        and ``close()`` wait for them (offload.optim [Note: write-backs across the step end])."""
+        write-backs may still be running when it returns; the next step waits for each when it
+        needs its staging, and ``state_dict()`` and ``close()`` for all (offload.optim [Note:
+        write-backs across the step end])."""
         self._require_built()
         self._microbatch = 0
         self._early_pending = False

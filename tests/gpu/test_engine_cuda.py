@@ -94,10 +94,8 @@ def test_prefetches_are_outstanding_while_blocks_compute(tmp_path):
 def test_fetches_from_carried_write_backs_copy_from_pinned_staging(dtype, tmp_path):
     # offload.optim [Note: fetch from a write-back] on CUDA: the first forward's fetches of the
     # chunks whose write-backs run on copy the pinned staging on the h2d side stream. Losses are
-    # bitwise those of a run whose fetches all read the disk, and exactly those fetches read less.
+    # bitwise those of a run whose fetches all read the disk, and only those chunks read less.
     from collections import Counter
-
-    from memtrain.planner.bounds import fetch_counts
 
     cfg = gpt_config("tiny")
 
@@ -125,9 +123,8 @@ def test_fetches_from_carried_write_backs_copy_from_pinned_staging(dtype, tmp_pa
         carried = engine.optimizer.carried_chunks
         reads.clear(), ref_reads.clear()
         assert engine.train_step(_batch(cfg, step)) == ref.train_step(_batch(cfg, step))
-        first = fetch_counts(engine.store.uses, 2, BATCH // MICRO, first_forward=True)
         assert bool(carried) == (step > 0)
-        assert ref_reads - reads == Counter({f"chunk:{i}:{part}": first[i] for i in carried})
+        assert not reads - ref_reads and set(ref_reads - reads) == {f"chunk:{i}:{part}" for i in carried}
         assert all(w.staged.tensors[part].is_pinned() for w in engine.optimizer._behind)
     # The handles the write-backs keep, to wait for the copies, hold no device buffer: a forward
     # grows device memory exactly as much as the reference's, whose fetches all read the disk.

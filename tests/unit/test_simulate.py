@@ -265,12 +265,13 @@ def test_nvme_chunk_holds_host_accumulator_until_its_optimizer_step_ends():
     # the states are read once the last micro-batch's backward of the chunk ends; the update
     # waits for them and for the gradient's accumulation. Its write-back runs on into the next
     # step (offload.optim [Note: write-backs across the step end]): the step begins with the last
-    # step's, whose staging goes when the first backward waits for it.
+    # step's, whose staging goes when the training thread waits for it: here at the chunk's own
+    # next update ([Note: carried write-backs released lazily]), before its new staging is taken.
     assert ev["read-states@c0"].start_s == pytest.approx(ev["B1:0"].end_s)
     assert ev["OPTIM@c0"].start_s == pytest.approx(max(ev["read-states@c0"].end_s, ev["accum1@c0"].end_s))
     assert ev["write-states@c0:carried"].start_s == 0.0
-    assert ev["flush"].start_s == pytest.approx(max(ev["write-states@c0:carried"].end_s, ev["F0:0"].end_s))
-    assert ev["flush"].end_s <= ev["B0:0"].start_s
+    assert ev["release@c0:carried"].start_s == pytest.approx(max(ev["write-states@c0:carried"].end_s, ev["B1:0"].end_s))
+    assert ev["release@c0:carried"].end_s <= ev["alloc@c0:states"].start_s
     assert ev["zero_grad"].start_s >= ev["wait-updates"].end_s
     assert "write-states@c0" not in ev and "wait@c0" not in ev
 
@@ -286,7 +287,9 @@ def test_nvme_chunks_stream_through_three_stagings(staged):
     # Early updates ([Note: early optimizer step]): at most optim_staged_chunks staged (of the 4), each
     # rewrite's second copy held from queueing to its wait (an upper bound of the runtime's).
     r = simulate_step(stats, train(1), DEV, HOST, NVME, pol)
-    assert r.peak_bytes["host"] == 4 * 4 * n_elems + min(staged, 4) * 14 * n_elems
+    # (with more slots than chunks, carried write-backs and states read ahead share them:
+    # offload.optim [Note: carried write-backs released lazily])
+    assert 4 * 4 * n_elems + min(staged, 4) * 14 * n_elems <= r.peak_bytes["host"] <= 4 * 4 * n_elems + staged * 14 * n_elems
     assert r.peak_bytes["nvme"] == (4 + min(staged, 4)) * files
     # fp16 steps after the backward: read one ahead while stepping one, the previous write-back in flight
     fp16 = dataclasses.replace(train(1), dtype=DType.FP16)
@@ -392,6 +395,7 @@ def test_stream_work_is_a_lower_bound_and_tight_for_compute_bound_steps():
     work = stream_work_s(stats, t, DEV, HOST, NVME, pol)
     r = simulate_step(stats, t, DEV, HOST, NVME, pol, max_simulated_microbatches=None)
     busy = {s: sum(e.end_s - e.start_s for e in r.timeline if e.stream == s) for s in work}
+    busy["disk"] -= _carried_fetch_reads_s(r)  # the bound counts none of them
     assert busy == pytest.approx(work, rel=1e-9)
     assert r.step_time_s >= max(work.values())
 
@@ -402,6 +406,16 @@ def test_a_96_layer_step_simulates_in_tens_of_milliseconds():
     start = time.perf_counter()
     simulate_step(stats, train(8), DEV, HOST, NVME, pol)
     assert time.perf_counter() - start < 0.5
+
+
+def _carried_fetch_reads_s(r) -> float:
+    """Disk seconds of the param fetches of chunks whose write-backs the step began with."""
+    import re
+
+    carried = {n.split("@c")[1].split(":")[0] for n in (e.name for e in r.timeline)
+               if n.startswith("write-states@c") and n.endswith(":carried")}
+    return sum(e.end_s - e.start_s for e in r.timeline
+               if (f := re.fullmatch(r"read\d+@c(\d+):[FB]", e.name)) and f.group(1) in carried)
 
 
 @pytest.mark.parametrize("staged", [NVME_OPTIM_STAGED_CHUNKS, 5, 6])
@@ -423,17 +437,20 @@ def test_states_read_ahead_in_the_first_backward_and_writes_carried_into_the_nex
     for c in ahead:
         assert ev[f"read-states@c{c}:ahead"].start_s < ev["B1:3"].start_s  # before the last backward
         assert f"read-states@c{c}" not in ev  # read once
-    carried = sorted(int(n.split("@c")[1].split(":")[0]) for n in ev if n.endswith(":carried"))
+    carried = sorted(int(n.split("@c")[1].split(":")[0]) for n in ev if n.startswith("write-states") and n.endswith(":carried"))
     assert carried == list(range(min(staged, 4)))
     in_step = sorted(int(n.split("@c")[1]) for n in ev if n.startswith("write-states@c") and not n.endswith(":carried"))
     assert in_step == list(range(min(staged, 4), 4))  # the first updates' write-backs, waited for in the step
-    assert ev["flush"].end_s <= ev["B0:3"].start_s
-    # [Note: fetch from a write-back]: the first forward copies the carried chunks from host, the
-    # flush waiting for the copies too; the other chunks are read from disk
+    # [Note: fetch from a write-back]: the first forward copies the carried chunks from host; the
+    # other chunks are read from disk. [Note: carried write-backs released lazily]: each carried
+    # staging goes after its write and the copies out of it, at the latest at the chunk's update.
     for c in range(4):
         assert (f"read0@c{c}:F" in ev) == (c not in carried)
-        if c in carried:
-            assert ev["flush"].start_s >= ev[f"PREFETCH0@c{c}:F"].end_s
-    # every state byte still moves once per step: the disk's work equals the serial bound
+    for c in carried:
+        release = ev[f"release@c{c}:carried"]
+        assert release.start_s >= max(ev[f"write-states@c{c}:carried"].end_s, ev[f"PREFETCH0@c{c}:F"].end_s)
+        assert release.end_s <= ev[f"alloc@c{c}:states"].start_s
+    # every state byte still moves once per step: the disk's work is the serial bound's plus the
+    # fetch reads of carried chunks made after their release (the bound counts none of them)
     disk = sum(e.end_s - e.start_s for e in r.timeline if e.stream == "disk")
-    assert disk == pytest.approx(stream_work_s(stats, train(2), DEV, HOST, NVME, pol)["disk"])
+    assert disk == pytest.approx(stream_work_s(stats, train(2), DEV, HOST, NVME, pol)["disk"] + _carried_fetch_reads_s(r))
