@@ -335,8 +335,9 @@ def early_update_order(uses: Sequence[Sequence[int]], chunks: Iterable[int]) -> 
 def carried_write_backs(uses: Sequence[Sequence[int]], chunks: Iterable[int], staged_chunks: int) -> list[int]:
     """The nvme ``chunks`` whose write-backs a step leaves running into the next (offload.optim
     [Note: write-backs across the step end]): the last ``staged_chunks`` early updates, in the
-    order they run. The next step's first forward fetches their params from the staging they
-    hold ([Note: fetch from a write-back]) instead of reading the disk."""
+    order they run. Until each is waited for ([Note: carried write-backs released lazily]), the
+    next step's fetches of its chunk copy from the staging it holds ([Note: fetch from a
+    write-back]) instead of reading the disk."""
     return early_update_order(uses, chunks)[-staged_chunks:]
 
 

@@ -155,8 +155,7 @@ class _StepBuilder:
         nvme_early = cost.early_update_order(self.uses, [c.index for c in self.chunks if c.home is Tier.NVME]
                                              ) if self.early else []
         self.carried = cost.carried_write_backs(self.uses, nvme_early, policy.optim_staged_chunks)
-        self.behind: list[int] = []  # carried write-backs not yet waited for, oldest first
-        self.carry_write: dict[int, int] = {}  # carried chunk -> its write
+        self.behind: dict[int, int] = {}  # carried chunk -> its write, not yet waited for; oldest first
         self.carried_copies: dict[int, list[int]] = defaultdict(list)  # [Note: fetch from a write-back]
         self.ahead_slots = cost.optim_read_ahead_slots(policy.optim_staged_chunks) if nvme_early else 0
         self.ahead_order = cost.read_ahead_order(self.uses, nvme_early)
@@ -281,20 +280,18 @@ class _StepBuilder:
             ch = self.chunks[c]
             mark = self.g.add(f"carried@c{c}", "compute", 0.0, alloc_start=[self._states_staging(c), self._rewrite(c)], tag=0)
             nbytes = cost.chunk_disk_bytes(ch.num_elems, self.train.dtype, self.train.optimizer)
-            self.carry_write[c] = self.g.add(f"write-states@c{c}:carried", "disk",
-                                             cost.disk_write_time_s(nbytes, self.nvme, self.comp), deps=(mark,), tag=0)
-            self.behind.append(c)
+            self.behind[c] = self.g.add(f"write-states@c{c}:carried", "disk",
+                                        cost.disk_write_time_s(nbytes, self.nvme, self.comp), deps=(mark,), tag=0)
 
     def _release_carried(self, m: int, c: int | None = None) -> bool:
         """offload.optim [Note: carried write-backs released lazily]: the training thread waits for
         chunk ``c``'s carried write-back (None: the oldest) and the copies out of its staging,
         then frees the staging and the rewrite copy; False when there is none."""
         if c is None and self.behind:
-            c = self.behind[0]
+            c = next(iter(self.behind))
         if c not in self.behind:
             return False
-        self.behind.remove(c)
-        self.g.add(f"release@c{c}:carried", "compute", 0.0, deps=(self.carry_write.pop(c), *self.carried_copies.pop(c, ())),
+        self.g.add(f"release@c{c}:carried", "compute", 0.0, deps=(self.behind.pop(c), *self.carried_copies.pop(c, ())),
                    free_end=[self._states_staging(c), self._rewrite(c)], tag=m)
         return True
 
