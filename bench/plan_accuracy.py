@@ -3,8 +3,9 @@
     python bench/plan_accuracy.py [--steps 10] [--warmup 2] [--nvme-path DIR] [--only NAME ...]
 
 For each configuration (small GPTs on the CPU device: all on the device; host-home chunks
-under a device budget that forces offload; NVMe-home chunks in real files; swap_host,
-swap_nvme and recompute activations; several micro-batches) it profiles the model and this
+under a device budget that forces offload; NVMe-home chunks in real files, also on a wider GPT
+whose step the disk's bandwidth bounds; swap_host, swap_nvme and recompute activations; several
+micro-batches) it profiles the model and this
 machine afresh (``planner.profile.run_profile`` + ``apply_profile``), predicts one step with
 ``simulate_step`` on a given memory policy (or plans one with the search under budgets), trains
 ``--steps`` steps with ``wrap(..., plan=...)``, and prints predicted against measured step time
@@ -43,6 +44,9 @@ TARGET_STEP_ERR = 0.15
 TARGET_PEAK_ERR = 0.05
 TARGET_UNDER = 0.02
 SMALL = {"num_layers": 4, "hidden_size": 256, "num_heads": 4, "vocab_size": 2048, "max_seq_len": 128}
+WIDE = {"num_layers": 4, "hidden_size": 768, "num_heads": 12, "vocab_size": 8192, "max_seq_len": 128}
+"""About 35M parameters: with every chunk NVMe-home the step is bound by the disk's bandwidth,
+not by its per-request cost as with SMALL."""
 
 # name: model overrides on the tiny preset, batch shape, and the memory policy (or budgets to plan under)
 CONFIGS = {
@@ -51,6 +55,7 @@ CONFIGS = {
     "small/device-keep": dict(model=SMALL, seq=128, gbs=4, mbs=2, homes=Tier.DEVICE, acts=K, depth=1, chunk=10**9),
     "small/host-d3": dict(model=SMALL, seq=128, gbs=4, mbs=2, homes=Tier.HOST, acts=K, depth=3, chunk=800_000),
     "small/nvme-d3": dict(model=SMALL, seq=128, gbs=4, mbs=2, homes=Tier.NVME, acts=K, depth=3, chunk=800_000),
+    "wide/nvme-d3": dict(model=WIDE, seq=128, gbs=4, mbs=2, homes=Tier.NVME, acts=K, depth=3, chunk=4 * 2**20),
     "small/swap_host": dict(model=SMALL, seq=128, gbs=4, mbs=2, homes=Tier.DEVICE, acts=SH, depth=1, chunk=10**9),
     "small/swap_nvme": dict(model=SMALL, seq=128, gbs=4, mbs=2, homes=Tier.DEVICE, acts=SN, depth=1, chunk=10**9),
     "small/recompute-4mb": dict(model=SMALL, seq=128, gbs=8, mbs=2, homes=Tier.DEVICE, acts=RC, depth=1, chunk=10**9),

@@ -97,7 +97,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     print(f"measured in {time.perf_counter() - t0:.1f} s on {prof.device}:")
     for key in ("h2d", "d2h", "device_memory", "nvme_read", "nvme_write"):
         if key in bw:
-            print(f"  {key:>14}: {bw[key]:8.2f} GB/s")
+            how = " (through memtrain's NVMe store, many chunk files in flight)" if key.startswith("nvme") else ""
+            print(f"  {key:>14}: {bw[key]:8.2f} GB/s{how}")
     print(f"  {'CPU AdamW':>14}: {bw['cpu_adam_params_per_s'] / 1e6:8.0f} M params/s")
     if prof.overheads:
         print("  memtrain's own cost per call, measured against plain PyTorch:")

@@ -1,5 +1,7 @@
 """The profiler's file format and how measured figures replace catalog ones."""
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,34 @@ def test_measure_blocks_times_each_distinct_block_once(tmp_path):
     assert len(calls) == 3  # embedding, one layer (its twins share it), head
     layer_times = {(t.fwd_s, t.bwd_s) for t in timings if t.block in ("blocks.1", "blocks.2", "blocks.3")}
     assert len(layer_times) == 1
+
+
+def test_disk_bandwidth_goes_through_the_store_with_files_in_flight(tmp_path, monkeypatch):
+    """[Note: the store's bandwidth, not one stream's]: the probe writes and reads its files
+    through ``NvmeStore``, all submitted at once (several in flight on its threads), verifies
+    every read, and leaves nothing behind."""
+    from memtrain.offload.nvme import NvmeStore
+
+    lock, running, most, calls = threading.Lock(), [0], [0], {"w": 0, "r": 0}
+
+    def spy(orig, kind):
+        def op(self, *a):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+                calls[kind] += 1
+            try:
+                time.sleep(0.02)  # long enough for the other threads to start theirs
+                return orig(self, *a)
+            finally:
+                with lock:
+                    running[0] -= 1
+        return op
+
+    monkeypatch.setattr(NvmeStore, "_write_op", spy(NvmeStore._write_op, "w"))
+    monkeypatch.setattr(NvmeStore, "_read_op", spy(NvmeStore._read_op, "r"))
+    bw = prof.measure_disk_gbps(tmp_path / "disk", num_bytes=4 * 2**20, file_bytes=2**20, reps=2)
+    assert bw["nvme_write"] > 0 and bw["nvme_read"] > 0
+    assert calls == {"w": 1 + 2 * 4, "r": 2 * 4}  # a warm-up write, then 4 files per round
+    assert most[0] > 1
+    assert list((tmp_path / "disk").iterdir()) == []

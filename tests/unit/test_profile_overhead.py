@@ -1,5 +1,6 @@
-"""The profiler's version-2 additions: overheads in the file, what apply_profile hands the planner,
-the head timed with the loss, and the runtime-overhead measurement and fit."""
+"""The profiler's version-2 additions (kept in version 3): overheads in the file, what
+apply_profile hands the planner, the head timed with the loss, and the runtime-overhead
+measurement and fit; older profiles refused."""
 
 from __future__ import annotations
 
@@ -41,17 +42,22 @@ def test_profile_round_trips_with_its_overheads(tmp_path):
     save_profile(prof, tmp_path / "p.parquet")
     back = load_profile(tmp_path / "p.parquet")
     assert back == prof
-    assert back.version == PROFILE_VERSION == 2
+    assert back.version == PROFILE_VERSION == 3
 
 
-def test_a_version_1_profile_is_refused_with_the_fix(tmp_path):
+@pytest.mark.parametrize("version, why", [
+    (1, r"version 1 \(it has no runtime overheads"),
+    (2, r"version 2 \(its NVMe bandwidths are of one buffered stream, not of the store\)"),
+])
+def test_an_older_profile_is_refused_with_the_fix(tmp_path, version, why):
     save_profile(_profile(), tmp_path / "p.parquet")
     table = pq.read_table(tmp_path / "p.parquet")
     meta = json.loads(table.schema.metadata[b"memtrain.profile"])
-    meta["version"] = 1
-    del meta["overheads"]
+    meta["version"] = version
+    if version == 1:
+        del meta["overheads"]
     pq.write_table(table.replace_schema_metadata({b"memtrain.profile": json.dumps(meta).encode()}), tmp_path / "old.parquet")
-    with pytest.raises(ProfileError, match=r"version 1 \(it has no runtime overheads.*re-run 'memtrain profile'"):
+    with pytest.raises(ProfileError, match=why + r".*re-run 'memtrain profile'"):
         load_profile(tmp_path / "old.parquet")
 
 
