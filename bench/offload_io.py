@@ -18,6 +18,11 @@ A step's NVMe write-backs run on into the next step, so NVMe steps are timed bac
 steady state (``RUN_STEPS``), each period carrying one step's traffic, as the replay does; the
 replayed traffic is that of a step after a step (a second warm-up step).
 
+It also prints how far this machine lets the two overlap at all: the all-device step and the
+replay started at once, with no dependency between them (``together_s``). Without a GPU the
+device is the CPU and both share its cores, so even this is above max(compute, I/O); the step
+cannot be expected below it.
+
 Cache treatment, the same for both: writes count until the data is on the disk (``fsync`` /
 ``fdatasync``); reads start after the file's pages were dropped from the page cache with
 ``posix_fadvise(POSIX_FADV_DONTNEED)`` (O_DIRECT reads bypass the cache anyway).
@@ -31,6 +36,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import wait
@@ -215,6 +221,9 @@ class TrainingResult:
     """Least and most of the runs' step times (``step_s`` is their median): the disk's spread."""
     io_range_s: tuple[float, float]
     """Least and most of the replays' times (``io_s`` is their median)."""
+    together_s: float
+    """Median wall seconds of the all-device step and the replay started at once, with no
+    dependency between them: the overlap this machine allows (see the module doc)."""
     compute_cpu_s: float
     """Median CPU seconds (all threads) of the all-device step."""
     io_cpu_s: float
@@ -334,6 +343,16 @@ def overlap_prefetch_depth(uses: list[tuple[int, ...]]) -> int:
     return max(len(u) for u in uses) + 1
 
 
+def _together(engine, batch, replay: "TrafficReplay") -> float:
+    """Wall seconds of one step of ``engine`` and one ``replay.run()`` started at once."""
+    io = threading.Thread(target=replay.run, name="memtrain-bench-replay")
+    t0 = time.perf_counter()
+    io.start()
+    engine.train_step(batch)
+    io.join()
+    return time.perf_counter() - t0
+
+
 def _timed_step(engine, batch) -> tuple[float, float, float]:
     """(loss, wall seconds, CPU seconds of this process's threads) of one step."""
     t0, c0 = time.perf_counter(), time.process_time()
@@ -428,6 +447,8 @@ def measure_training(
             assert sorted((o.kind, o.key) for o in log[start:]) == sorted((o.kind, o.key) for o in ops * RUN_STEPS)
             for _ in range(RUN_STEPS):
                 io.append(replay.run())
+        # After every compared step: these device steps' losses are not compared.
+        together = [_together(on_device, b, replay) for b in batches[1:1 + RUN_STEPS]]
         stop()
         direct = bool(on_nvme.nvme.direct)
         host_peak = on_nvme.store.host_ledger.peak_bytes
@@ -441,6 +462,7 @@ def measure_training(
         num_params=num_params, num_steps=num_runs * RUN_STEPS, step_s=statistics.median(t for t, _ in step),
         compute_s=statistics.median(t for t, _ in compute), io_s=statistics.median(t for t, _ in io),
         step_range_s=(min(t for t, _ in step), max(t for t, _ in step)), io_range_s=(min(t for t, _ in io), max(t for t, _ in io)),
+        together_s=statistics.median(together),
         compute_cpu_s=statistics.median(c for _, c in compute), io_cpu_s=statistics.median(c for _, c in io),
         num_cpus=torch.get_num_threads(),
         read_bytes=sum(o.num_bytes for o in ops if o.kind == "read"),
@@ -467,6 +489,8 @@ def print_training(r: TrainingResult) -> None:
     print(f"  spread (least-most) over the run: step {r.step_range_s[0]:.2f}-{r.step_range_s[1]:.2f} s, "
           f"I/O replay {r.io_range_s[0]:.2f}-{r.io_range_s[1]:.2f} s")
     print(f"  step / lower bound = {r.ratio:.2f}  (target <= 1.30); max |Δloss| vs the all-device run: {r.max_loss_diff:.2g}")
+    print(f"  {'compute and I/O at once, no dependencies':40s} {r.together_s:8.2f} s   ({r.together_s / r.bound_s:.2f} x the bound: "
+          f"the overlap this machine allows; step / it = {r.step_s / r.together_s:.2f})")
     # [Note: shared CPUs] Without a GPU the "device" is the CPU, and the I/O path (copies into
     # aligned buffers, CRC-32, system calls) runs on the same cores; then compute and I/O can
     # overlap only as far as their summed CPU time allows: (CPU_compute + CPU_io) / cores.

@@ -29,7 +29,7 @@ def test_runs_on_a_tiny_model_and_prints_every_figure(bench, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     for text in ("raw file", "NvmeStore O_DIRECT", "step, all chunks on NVMe", "compute alone", "I/O alone",
-                 "step / lower bound", "spread (least-most)", "optimizer stages up to 2 NVMe chunks at once; host ledger peak"):
+                 "step / lower bound", "spread (least-most)", "compute and I/O at once, no dependencies", "optimizer stages up to 2 NVMe chunks at once; host ledger peak"):
         assert text in out, text
     assert not list(tmp_path.iterdir())  # every file the bench wrote is gone
 
@@ -40,6 +40,7 @@ def test_training_result_reports_the_staging_it_ran_with(bench, tmp_path):
     assert r.optim_staged_chunks == 1 and r.host_peak_bytes > 0
     assert r.max_loss_diff < 1e-5 and r.step_s > 0 and r.io_s > 0 and r.read_bytes > 0 and r.write_bytes > 0
     assert r.step_range_s[0] <= r.step_s <= r.step_range_s[1] and r.io_range_s[0] <= r.io_s <= r.io_range_s[1]
+    assert r.together_s > 0
 
 
 @pytest.mark.parametrize("argv,field", [(["--train-staged", "0"], "--train-"), (["--train-prefetch", "x"], "--train-prefetch"),
