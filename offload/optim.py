@@ -64,7 +64,9 @@ planner.simulate ``_carry_in``). The 100m step above: 2.59 s, then 2.45 s with b
 [Note: carried write-backs released lazily] A carried write-back holds its staging until the
 training thread waits for it, which it does only when a staging slot is needed (``read_ahead``
 and ``step_early`` take the oldest carried write-back's before waiting for this step's own) or
-when the chunk's next update is queued (``step_early``, first). Until then its chunk's fetches,
+when the chunk's next update is queued (``step_early``, first; ``step()`` before it streams the
+chunks that had no early update: a staging left behind then would hold the old parameters, and
+the next fetch would copy them). Until then its chunk's fetches,
 in the first backward too, copy from that staging. These are points of the program, so the
 simulator mirrors them (planner.simulate ``_release_carried``); ``planner.bounds.stream_work_s``,
 which cannot tell how long a write-back stays, counts no disk read for those chunks' fetches (a
@@ -550,8 +552,11 @@ class OffloadedOptimizer:
                     self._step_resident(chunk)
         finally:
             self._wait_early(carry=True)
+        nvme = [c for c in rest if c.home is Tier.NVME]
+        for chunk in nvme:  # [Note: carried write-backs released lazily]: a carried staging
+            self._release_carried(chunk.index)  # would go stale when this step updates its chunk
         try:
-            self._step_nvme([c for c in rest if c.home is Tier.NVME])
+            self._step_nvme(nvme)
         finally:
             self._drop_ahead()
         self.num_steps += 1

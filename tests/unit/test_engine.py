@@ -554,3 +554,33 @@ def test_write_backs_run_on_until_the_next_backward(dtype, tmp_path):
     _assert_same_states(engine, ref)  # state_dict() waits for them (and frees their staging)
     assert engine.optimizer.carried_chunks == []
     engine.close(), ref.close()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_step_without_early_updates_releases_the_carried_write_backs(dtype, tmp_path):
+    # offload.optim [Note: carried write-backs released lazily]: a step whose chunks had no early
+    # update (a loop that never says last_microbatch=True) streams them in step(); a write-back
+    # carried from the step before would otherwise stay, holding the old parameters, and the next
+    # forward would copy those. Losses and states stay those of a run whose fetches read the disk.
+    cfg = gpt_config("tiny")
+    engine, ref = _nvme_engine(cfg, tmp_path / "a", 3, dtype), _nvme_engine(cfg, tmp_path / "b", 3, dtype)
+    ref.store.fetch_carried = None
+    losses = {id(engine): [], id(ref): []}
+    for e in (engine, ref):
+        losses[id(e)].append(e.train_step(_batch(cfg, 0)))  # early updates: write-backs carried
+    assert engine.optimizer.carried_chunks != []
+    for e in (engine, ref):
+        x, y = _batch(cfg, 1)
+        loss = e((x, y))
+        e.backward(loss)  # no last_microbatch: every chunk updates in step()
+        losses[id(e)].append(loss.item())
+        e.step()
+    assert engine.optimizer.carried_chunks == []
+    for e in (engine, ref):
+        losses[id(e)].append(e.train_step(_batch(cfg, 2)))
+        with torch.no_grad():
+            x, y = _batch(cfg, 3)
+            losses[id(e)].append(e((x, y)).item())
+    assert losses[id(engine)] == losses[id(ref)]
+    _assert_same_states(engine, ref)
+    engine.close(), ref.close()
