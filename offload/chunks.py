@@ -620,11 +620,6 @@ class ChunkStore:
         self.finish_grads()
         return all(bool(torch.isfinite(c.grad).all()) for c in self.chunks if c.has_grad)
 
-    def scale_grads(self, factor: float) -> None:
-        for c in self.chunks:
-            if c.has_grad:
-                c.grad.mul_(factor)
-
     def zero_grad(self) -> None:
         for c in self.chunks:
             c.has_grad = False

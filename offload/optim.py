@@ -114,6 +114,14 @@ is ~5x faster and within one ulp per step, so host and NVMe chunks default to it
 ``host_kernel="foreach"`` for bitwise equality with ``torch.optim.AdamW``. Device chunks use
 what torch uses by default on that device (single-tensor on CPU, foreach on CUDA), so the
 all-on-device case is bitwise equal to plain PyTorch.
+
+[Note: unscaling in fp32] fp16 loss scaling divides the gradients by the scale before the
+update. Device-home chunks keep their gradients in the compute dtype; unscaled in place there,
+any gradient below fp16's smallest subnormal (about 6e-8) times the scale would become 0 and
+those below 6e-5 times it would lose precision (torch's GradScaler refuses to unscale fp16
+gradients for that reason). So ``step(inv_scale)`` multiplies each chunk's gradient in ``_update``
+after its conversion to the master dtype (fp32): host and NVMe gradients, fp32 already, are
+scaled in place as before.
 """
 
 from __future__ import annotations
@@ -389,6 +397,7 @@ class OffloadedOptimizer:
         self._writing: list[Future | Deferred] = []  # nvme early steps (-> WriteBack) whose staging is held
         self._ahead: dict[int, Staged] = {}  # chunk index -> its states read ahead ([Note: states read ahead])
         self.read_ahead_slots = optim_read_ahead_slots(staged_chunks)
+        self._inv_scale = 1.0  # set by step() for its duration ([Note: unscaling in fp32])
         """[Note: states read ahead]."""
         nvme = [c.index for c in store.chunks if c.home is Tier.NVME]
         self._ahead_order = [store.chunks[i] for i in read_ahead_order(store.uses, nvme)] if self.read_ahead_slots else []
@@ -532,6 +541,8 @@ class OffloadedOptimizer:
         kernel = self.device_kernel if chunk.home is Tier.DEVICE else self.host_kernel
         if grad.dtype != master.dtype:
             grad = grad.to(master.dtype)  # mixed precision: compute-dtype grads, fp32 master
+        if self._inv_scale != 1.0:  # [Note: unscaling in fp32]
+            grad.mul_(self._inv_scale)
         if spec.name == "adamw":
             adamw_step(master, grad, states["exp_avg"], states["exp_avg_sq"], chunk.step, lr=spec.lr,
                        betas=spec.betas, eps=spec.eps, weight_decay=spec.decay, kernel=kernel)
@@ -540,10 +551,22 @@ class OffloadedOptimizer:
                      momentum=spec.momentum, dampening=spec.dampening, weight_decay=spec.decay, nesterov=spec.nesterov)
             chunk.step += 1
 
-    def step(self) -> None:
-        """Update every chunk that received gradients this step, then clear the gradients."""
+    def step(self, inv_scale: float = 1.0) -> None:
+        """Update every chunk that received gradients this step, then clear the gradients.
+
+        ``inv_scale``: fp16 loss scaling's 1 / scale, applied to each gradient in the master
+        dtype ([Note: unscaling in fp32]); no update may have run early then."""
         store = self.store
         store.finish_grads()
+        if inv_scale != 1.0 and self._early:
+            raise RuntimeError("OffloadedOptimizer.step: early updates ran on scaled gradients")
+        self._inv_scale = inv_scale
+        try:
+            self._step_all(store)
+        finally:
+            self._inv_scale = 1.0
+
+    def _step_all(self, store: "ChunkStore") -> None:
         early = self._early
         rest = [c for c in store.chunks if c.has_grad and c.index not in early]
         try:

@@ -307,6 +307,9 @@ class Engine:
     def _forward(self, inputs: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         if self._closed:
             raise ValueError("engine: closed; wrap the model again")
+        if self._early_pending:  # on a GPU those updates run on a thread, rewriting the weights now
+            raise ValueError("engine: the last backward had last_microbatch=True, so its optimizer updates are "
+                             "under way; call engine.step() before the next forward")
         self.store.begin_forward()
         if self.activations is not None:
             self.activations.set_microbatch(self._microbatch)
@@ -360,7 +363,8 @@ class Engine:
             if found_inf:
                 self.store.zero_grad()
                 return False
-            self.store.scale_grads(1.0 / used)
+            self.optimizer.step(inv_scale=1.0 / used)  # offload.optim [Note: unscaling in fp32]
+            return True
         self.optimizer.step()
         return True
 

@@ -276,13 +276,13 @@ def _count_early(engine, threads: list | None = None, pending: list | None = Non
     seen: list[int] = []
     step = engine.optimizer.step
 
-    def counting_step():
+    def counting_step(**kw):
         seen.append(engine.optimizer.num_early)
         if threads is not None:
             threads.append(_update_threads())
         if pending is not None:
             pending.append(sum(getattr(u, "pending", False) for u in engine.optimizer._early.values()))
-        step()
+        step(**kw)
 
     engine.optimizer.step = counting_step
     return seen
@@ -445,12 +445,30 @@ def test_custom_loop_marks_the_last_backward_and_must_step_before_the_next(tmp_p
     counts = _count_early(engine)
     x, y = _batch(cfg, 0)
     engine.backward(engine((x, y)), last_microbatch=True)
-    with pytest.raises(ValueError, match="engine.step"):
-        engine.backward(engine((x, y)))
+    # the early updates are under way (on a GPU on a thread, rewriting the weights): no forward
+    with pytest.raises(ValueError, match=r"call engine.step\(\) before the next forward"):
+        engine((x, y))
     assert engine.step() is True
     assert counts == [len(engine.store.chunks)]
     engine.backward(engine((x, y)))  # allowed again after the step
     engine.step()
+    engine.close()
+
+
+def test_fp16_unscales_device_gradients_in_fp32(tmp_path):
+    # offload.optim [Note: unscaling in fp32]: a device-home chunk keeps fp16 gradients. Tiny true
+    # gradients (the loss times 1e-9) survive the backward at a 2^16 scale, but divided by it in
+    # fp16 they would all be 0, and AdamW without weight decay would not move a single weight.
+    cfg = gpt_config("tiny")
+    engine, _ = _engine(cfg, Tier.DEVICE, tmp_path, dtype="fp16", loss_scale={"scale": 2.0**16},
+                        optimizer=dict(name="adamw", lr=1e-3, weight_decay=0.0))
+    before = engine.store.gather_params()
+    x, y = _batch(cfg, 0)
+    engine.backward(engine((x, y)) * 1e-9)
+    assert engine.step() is True
+    after = engine.store.gather_params()
+    moved = sum(int((after[k] != before[k]).sum()) for k in before)
+    assert moved > 0.5 * sum(v.numel() for v in before.values())
     engine.close()
 
 
