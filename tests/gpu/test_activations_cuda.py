@@ -33,8 +33,8 @@ def _model(**overrides) -> GPT:
     return GPT(cfg).cuda()
 
 
-def _train(policies, *, nvme=None, num_steps=20):
-    model = _model()
+def _train(policies, *, nvme=None, num_steps=20, shape=(2, 33), **overrides):
+    model = _model(**overrides)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     device, host = Ledger("device"), Ledger("host")
     if policies is not None:
@@ -45,7 +45,7 @@ def _train(policies, *, nvme=None, num_steps=20):
     g = torch.Generator().manual_seed(1)
     losses = []
     for _ in range(num_steps):
-        ids = torch.randint(0, 256, (2, 33), generator=g).cuda()
+        ids = torch.randint(0, 256, shape, generator=g).cuda()
         loss = causal_lm_loss(model(ids[:, :-1]), ids[:, 1:])
         loss.backward()
         torch.cuda.synchronize()
@@ -96,6 +96,18 @@ def _step_peak_bytes(policy: str | None) -> tuple[int, int]:
     causal_lm_loss(model(ids[:, :-1]), ids[:, 1:]).backward()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - start, device.peak_bytes
+
+
+def test_swap_in_buffers_are_not_reused_under_queued_kernels():
+    # [Note: copy streams] rule 2: a copy-in's device buffer comes from the copy stream's pool. From
+    # the compute stream's, it could be a block freed there whose kernels are still queued (the
+    # host runs ahead), and the side-stream copy would overwrite what they read. Wide blocks keep
+    # the GPU far behind the host through the backward, where copy-ins allocate.
+    wide = dict(hidden_size=1024, num_heads=16, max_seq_len=512, dropout=0.0)
+    want, want_params = _train(["keep"] * 4, num_steps=3, shape=(8, 513), **wide)
+    got, got_params = _train(["swap_host"] * 4, num_steps=3, shape=(8, 513), **wide)
+    assert got == want
+    assert all(torch.equal(a, b) for a, b in zip(got_params, want_params))
 
 
 def test_swap_host_saves_real_device_memory():
