@@ -524,6 +524,14 @@ def test_states_are_read_ahead_in_the_first_backward(staged, tmp_path):
     engine.close(), ref.close()
 
 
+def _carrying_pair(cfg, tmp_path, dtype: str):
+    """Two NVMe engines (3 staged): the second's fetches all read the disk ([Note: fetch from a
+    write-back] off), the reference for the first's."""
+    engine, ref = _nvme_engine(cfg, tmp_path / "a", 3, dtype), _nvme_engine(cfg, tmp_path / "b", 3, dtype)
+    ref.store.fetch_carried = None
+    return engine, ref
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_write_backs_run_on_until_the_next_backward(dtype, tmp_path):
     # offload.optim [Note: write-backs across the step end]: the step returns with the last
@@ -532,8 +540,7 @@ def test_write_backs_run_on_until_the_next_backward(dtype, tmp_path):
     # update starts ([Note: carried write-backs released lazily]). A state dict taken in between
     # sees the new states, the same as those of a run whose forwards read every chunk from disk.
     cfg = gpt_config("tiny")
-    engine, ref = _nvme_engine(cfg, tmp_path / "a", 3, dtype), _nvme_engine(cfg, tmp_path / "b", 3, dtype)
-    ref.store.fetch_carried = None
+    engine, ref = _carrying_pair(cfg, tmp_path, dtype)
     engine.train_step(_batch(cfg, 0))
     carried = engine.optimizer.carried_chunks
     assert len(carried) == 3 and carried == sorted(carried, reverse=True)  # the last to complete: chunk 0 last
@@ -581,8 +588,7 @@ def test_a_step_without_early_updates_releases_the_carried_write_backs(dtype, tm
     # carried from the step before would otherwise stay, holding the old parameters, and the next
     # forward would copy those. Losses and states stay those of a run whose fetches read the disk.
     cfg = gpt_config("tiny")
-    engine, ref = _nvme_engine(cfg, tmp_path / "a", 3, dtype), _nvme_engine(cfg, tmp_path / "b", 3, dtype)
-    ref.store.fetch_carried = None
+    engine, ref = _carrying_pair(cfg, tmp_path, dtype)
     losses = {id(engine): [], id(ref): []}
     for e in (engine, ref):
         losses[id(e)].append(e.train_step(_batch(cfg, 0)))  # early updates: write-backs carried
