@@ -397,8 +397,8 @@ class OffloadedOptimizer:
         self._writing: list[Future | Deferred] = []  # nvme early steps (-> WriteBack) whose staging is held
         self._ahead: dict[int, Staged] = {}  # chunk index -> its states read ahead ([Note: states read ahead])
         self.read_ahead_slots = optim_read_ahead_slots(staged_chunks)
-        self._inv_scale = 1.0  # set by step() for its duration ([Note: unscaling in fp32])
         """[Note: states read ahead]."""
+        self._inv_scale = 1.0  # set by step() for its duration ([Note: unscaling in fp32])
         nvme = [c.index for c in store.chunks if c.home is Tier.NVME]
         self._ahead_order = [store.chunks[i] for i in read_ahead_order(store.uses, nvme)] if self.read_ahead_slots else []
         self._behind: list[WriteBack] = []  # write-backs carried over the step end

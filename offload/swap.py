@@ -26,6 +26,7 @@ last blocks of the forward) keeps using its device copy.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -282,14 +283,12 @@ class _Record:
 
     def start_copy_in(self) -> None:
         self.take_device(self.saved_bytes())  # device: from the start of the copy-in to the end of B
-        if self.device.type == "cuda":
-            # [Note: copy streams] an upload's destination comes from the copy stream's pool: a
-            # block freed on the compute stream may still be in use by kernels queued there, and
-            # the side-stream copy does not wait for them. The consumer's wait_stream records
-            # the compute stream on it, so its later reuse waits too.
-            with torch.cuda.stream(copy_stream(self.device, "h2d")):
-                self.dev_buf = torch.empty(self.flat_bytes, dtype=torch.uint8, device=self.device)
-        else:
+        # [Note: copy streams] an upload's destination comes from the copy stream's pool: a block
+        # freed on the compute stream may still be in use by kernels queued there, and the
+        # side-stream copy does not wait for them. The consumer's wait_stream records the compute
+        # stream on it, so its later reuse waits too.
+        cuda = self.device.type == "cuda"
+        with torch.cuda.stream(copy_stream(self.device, "h2d")) if cuda else contextlib.nullcontext():
             self.dev_buf = torch.empty(self.flat_bytes, dtype=torch.uint8, device=self.device)
         self.copy = copy_async(self.dev_buf, self.host_buf)
         self.state = _State.COPY_IN
