@@ -30,9 +30,9 @@ API
   downloads use both copy engines) and an event marks its end; a download waits for the compute
   queued before it, an upload does not ([Note: copy streams] gives the rules that keep this
   safe). On CPU it is a plain synchronous copy. ``CopyHandle.wait()`` blocks the caller until
-  the copy is done (always safe, for CPU readers too); ``wait_stream(stream=None)`` instead
-  makes a CUDA stream (default: current) wait, without blocking the host: the cheap way to
-  consume a prefetch on the GPU. ``done()`` polls.
+  the copy is done (for host readers); ``wait_stream(stream=None)`` instead makes a CUDA stream
+  (default: current) wait, without blocking the host, and records that stream on the copy's
+  device tensors: the way to consume a copy on the GPU. ``done()`` polls.
 """
 
 from __future__ import annotations
@@ -233,7 +233,9 @@ class CopyHandle:
         return CopyHandle(self._event, self._device, ())
 
     def wait(self) -> None:
-        """Block the calling thread until the copy has finished."""
+        """Block the calling thread until the copy has finished. For host readers: a CUDA stream
+        that then uses a device tensor of the copy needs ``wait_stream`` instead, which also
+        records that stream on the tensor ([Note: copy streams]); this does not."""
         if self._event is not None:
             self._event.synchronize()
         self._refs = ()
