@@ -36,10 +36,9 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import wait
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -345,12 +344,12 @@ def overlap_prefetch_depth(uses: list[tuple[int, ...]]) -> int:
 
 def _together(engine, batch, replay: "TrafficReplay") -> float:
     """Wall seconds of one step of ``engine`` and one ``replay.run()`` started at once."""
-    io = threading.Thread(target=replay.run, name="memtrain-bench-replay")
-    t0 = time.perf_counter()
-    io.start()
-    engine.train_step(batch)
-    io.join()
-    return time.perf_counter() - t0
+    with ThreadPoolExecutor(1, thread_name_prefix="memtrain-bench-replay") as pool:
+        t0 = time.perf_counter()
+        io = pool.submit(replay.run)
+        engine.train_step(batch)
+        io.result()  # a failed replay raises here
+        return time.perf_counter() - t0
 
 
 def _timed_step(engine, batch) -> tuple[float, float, float]:
