@@ -3,15 +3,32 @@ measured through ``offload.nvme.NvmeStore`` as the runtime moves chunks."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 __all__ = ["measure_disk_gbps", "measure_disk_latency_s"]
+
+
+@contextlib.contextmanager
+def _probe_store(path: str | Path, **kw) -> Iterator:
+    """A started ``NvmeStore`` in a fresh directory under ``path``; closed and removed after."""
+    from memtrain.offload.nvme import NvmeStore
+
+    Path(path).mkdir(parents=True, exist_ok=True)
+    sub = tempfile.mkdtemp(prefix=".memtrain-profile-", dir=path)
+    store = NvmeStore(sub, budget_bytes=None, **kw).start()
+    try:
+        yield store
+    finally:
+        store.close()
+        shutil.rmtree(sub, ignore_errors=True)
 
 
 def measure_disk_gbps(path: str | Path, num_bytes: int = 512 * 2**20, file_bytes: int = 32 * 2**20,
@@ -28,15 +45,12 @@ def measure_disk_gbps(path: str | Path, num_bytes: int = 512 * 2**20, file_bytes
     is the one it needs. Profile version 2 timed one buffered stream with one ``fsync`` instead:
     on this machine's virtual disk that measured 0.30-0.61 GB/s of writes against the store's
     1.67, and the planner predicted 5.2 s for the 100m all-NVMe step of ``bench/offload_io.py``
-    that runs in 2.0-2.4 s.
+    that runs in 1.9-2.4 s.
     """
-    from memtrain.offload.nvme import NvmeStore, aligned_empty
+    from memtrain.offload.nvme import aligned_empty
 
     num_files = max(1, num_bytes // file_bytes)
-    Path(path).mkdir(parents=True, exist_ok=True)
-    sub = tempfile.mkdtemp(prefix=".memtrain-profile-", dir=path)
-    store = NvmeStore(sub, budget_bytes=None).start()
-    try:
+    with _probe_store(path) as store:
         bufs = [aligned_empty(file_bytes // 4, torch.float32) for _ in range(num_files)]
         gen = torch.Generator().manual_seed(0)
         for b in bufs:  # incompressible, like trained weights (the store does not compress here)
@@ -52,9 +66,6 @@ def measure_disk_gbps(path: str | Path, num_bytes: int = 512 * 2**20, file_bytes
             for f in [store.read(f"probe{i}", b) for i, b in enumerate(bufs)]:
                 f.result()
             read_s.append(time.perf_counter() - t0)
-    finally:
-        store.close()
-        shutil.rmtree(sub, ignore_errors=True)
     moved = num_files * file_bytes
     return {"nvme_write": moved / statistics.median(write_s) / 1e9, "nvme_read": moved / statistics.median(read_s) / 1e9}
 
@@ -69,13 +80,11 @@ def measure_disk_latency_s(path: str | Path, *, read_gbps: float, write_gbps: fl
     top of its bytes (``NvmeSpec.read_latency_s``/``write_latency_s``). Measured on this
     machine's virtual disk: 0.5 ms per read and 0.85 ms per write, against the catalog's 0.1 ms.
     """
-    from memtrain.offload.nvme import NvmeStore, aligned_empty
+    from memtrain.offload.nvme import aligned_empty
 
-    sub = tempfile.mkdtemp(prefix=".memtrain-profile-", dir=path)
-    store = NvmeStore(sub, budget_bytes=None, num_threads=1).start()
     buf = aligned_empty(num_bytes // 4, torch.float32).fill_(1.0)
     writes, reads = [], []
-    try:
+    with _probe_store(path, num_threads=1) as store:
         for rep in range(reps + 1):  # the first of each is a warm-up
             t0 = time.perf_counter()
             store.write("probe", buf).result()
@@ -85,8 +94,5 @@ def measure_disk_latency_s(path: str | Path, *, read_gbps: float, write_gbps: fl
             if rep:
                 writes.append(t1 - t0)
                 reads.append(t2 - t1)
-    finally:
-        store.close()
-        shutil.rmtree(sub, ignore_errors=True)
     return {"nvme_read_latency_s": max(statistics.median(reads) - num_bytes / (read_gbps * 1e9), 0.0),
             "nvme_write_latency_s": max(statistics.median(writes) - num_bytes / (write_gbps * 1e9), 0.0)}
