@@ -2,8 +2,8 @@
 
 Parameters are packed in execution order into flat chunks (``MemoryPolicy.chunks``; packing
 rule: ``planner.cost.pack_params``). Each chunk keeps, on its **home** tier, its fp32 master
-parameters, optimizer states and fp32 gradient accumulator (bytes and owners exactly as in
-docs/memory-accounting.md). A chunk whose home is not the device is brought into a device
+parameters, optimizer states and fp32 gradient accumulator ([Note: fp32 accumulators]; bytes
+and owners exactly as in docs/memory-accounting.md). A chunk whose home is not the device is brought into a device
 **param buffer** before a block uses it — prefetched up to ``prefetch_depth`` buffers, in forward
 order and again in reverse for backward — and ``param.data`` points into that buffer while it is
 resident. Gradients are copied, per parameter, by a post-accumulate-grad hook into the chunk's
@@ -47,6 +47,16 @@ read lands in the param buffer itself, with no bounce copy either (buffers come 
 accounting rule takes are still reserved in the host ledger for the same window (fetch start to
 the block's use), so the ledger keeps matching the simulator and stays an upper bound of the
 memory really held (by ``N·c`` while a read is in flight).
+
+[Note: fp32 accumulators] Every chunk accumulates its gradients over a step's micro-batches in
+fp32, whatever its home: a device-home chunk's ``grad`` is fp32 (``N·4``, not ``N·c``), as the
+host and NVMe accumulators always were. Each micro-batch's gradient still arrives in the compute
+dtype and is added in fp32, in the same order and arithmetic on every tier, so under mixed
+precision a chunk's placement does not change the losses (test_engine checks bf16 device against
+host, bitwise). With compute-dtype accumulators on the device, bf16's 8-bit mantissa would round
+every partial sum: the tier would change the numerics, and more so the more micro-batches. The
+cost is ``2·N`` device bytes per device-home chunk under bf16/fp16 (the layout Megatron-LM uses by
+default for bf16); docs/memory-accounting.md and ``planner.cost.chunk_bytes`` count it.
 """
 
 from __future__ import annotations
@@ -278,7 +288,7 @@ class ChunkStore:
             if self.mixed:
                 c.master = self._alloc(self.device_ledger, owner, n, torch.float32)
                 self._gather_flat(c, c.master)
-            c.grad = self._alloc(self.device_ledger, owner, n, cd, zero=True)
+            c.grad = self._alloc(self.device_ledger, owner, n, torch.float32, zero=True)  # [Note: fp32 accumulators]
             c.states = {k: self._alloc(self.device_ledger, owner, n, torch.float32, zero=True) for k in self.state_names}
             self._by_ptr[c.compute.untyped_storage().data_ptr()] = c.index
             for s in c.slots:
@@ -578,7 +588,8 @@ class ChunkStore:
         flat = g.reshape(-1)
         if c.home is Tier.DEVICE:
             dst = c.grad[s.offset:s.offset + s.numel]
-            # Same arithmetic as torch's AccumulateGrad over micro-batches: g1, then g1 + g2, ...
+            # Over micro-batches g1, then g1 + g2, ... in fp32 ([Note: fp32 accumulators]); without
+            # mixed precision the same arithmetic as torch's AccumulateGrad.
             dst.add_(flat) if si in c.step_seen else dst.copy_(flat)
             c.step_seen.add(si)
             c.has_grad = True

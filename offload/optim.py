@@ -116,12 +116,11 @@ what torch uses by default on that device (single-tensor on CPU, foreach on CUDA
 all-on-device case is bitwise equal to plain PyTorch.
 
 [Note: unscaling in fp32] fp16 loss scaling divides the gradients by the scale before the
-update. Device-home chunks keep their gradients in the compute dtype; unscaled in place there,
-any gradient below fp16's smallest subnormal (about 6e-8) times the scale would become 0 and
-those below 6e-5 times it would lose precision (torch's GradScaler refuses to unscale fp16
-gradients for that reason). So ``step(inv_scale)`` multiplies each chunk's gradient in ``_update``
-after its conversion to the master dtype (fp32): host and NVMe gradients, fp32 already, are
-scaled in place as before.
+update. Unscaled in fp16, any gradient below fp16's smallest subnormal (about 6e-8) times the
+scale would become 0 and those below 6e-5 times it would lose precision (torch's GradScaler
+refuses to unscale fp16 gradients for that reason). ``step(inv_scale)`` multiplies each chunk's
+gradient in ``_update``, in its fp32 accumulator (every tier's, offload.chunks [Note: fp32
+accumulators]).
 """
 
 from __future__ import annotations
@@ -539,8 +538,7 @@ class OffloadedOptimizer:
     def _update(self, chunk: "Chunk", master: torch.Tensor, grad: torch.Tensor, states: dict[str, torch.Tensor]) -> None:
         spec = self.spec
         kernel = self.device_kernel if chunk.home is Tier.DEVICE else self.host_kernel
-        if grad.dtype != master.dtype:
-            grad = grad.to(master.dtype)  # mixed precision: compute-dtype grads, fp32 master
+        assert grad.dtype == master.dtype == torch.float32, (grad.dtype, master.dtype)  # chunks [Note: fp32 accumulators]
         if self._inv_scale != 1.0:  # [Note: unscaling in fp32]
             grad.mul_(self._inv_scale)
         if spec.name == "adamw":

@@ -58,8 +58,8 @@ TORCH_DTYPES: dict[DType, torch.dtype] = {DType.FP32: torch.float32, DType.BF16:
 def model_state_bytes(stats: ModelStats, optimizer: Optimizer | str = Optimizer.ADAMW) -> int:
     """Bytes of parameters, gradients and optimizer states of the whole model.
 
-    Rajbhandari et al. 2020 (ZeRO), Sec. 3.1: mixed-precision AdamW keeps (2+2+12)Ψ bytes,
-    fp32 AdamW 16Ψ (see ``stats.model_state_bytes_per_param``).
+    Mixed-precision AdamW keeps (2+4+12)Ψ bytes (ZeRO's (2+2+12)Ψ with fp32 gradient
+    accumulators), fp32 AdamW 16Ψ (see ``stats.model_state_bytes_per_param``).
     """
     return stats.num_params * model_state_bytes_per_param(stats.dtype, optimizer)
 

@@ -189,8 +189,9 @@ def optimizer_bytes_touched(num_elems: int, dtype: DType | str, optimizer: Optim
 
     The step is memory-bound (Williams et al. 2009, roofline: a handful of FLOPs per byte),
     so its time is bytes / bandwidth. Tensors per element, as in ``torch.optim.AdamW``'s fused
-    path: AdamW reads grad, param (fp32 master if mixed), m, v and writes param, m, v, plus
-    the compute-dtype copy when mixed: fp32 4·4 + 3·4 = 28 bytes; mixed c + 3·4 + 3·4 + c.
+    path: AdamW reads grad (fp32 on every tier: offload.chunks [Note: fp32 accumulators]), param
+    (fp32 master if mixed), m, v and writes param, m, v, plus the compute-dtype copy when mixed:
+    fp32 4·4 + 3·4 = 28 bytes; mixed 4·4 + 3·4 + c.
     SGD with momentum reads grad, param, momentum and writes param, momentum (+ copy).
     """
     c = dtype_bytes(dtype)
@@ -201,13 +202,14 @@ def optimizer_bytes_touched(num_elems: int, dtype: DType | str, optimizer: Optim
         # exp_avg.lerp_(grad) r8 w4; exp_avg_sq.mul_ r4 w4 and .addcmul_(grad, grad) r8 w4;
         # denom = sqrt(v) r4 w4, / bias_correction r4 w4, .add_(eps) r4 w4; param.addcdiv_(m, denom)
         # r12 w4: 80 bytes. SGD (torch/optim/sgd.py): grad + wd·param r8 w4; buf.mul_ r4 w4,
-        # .add_(grad) r8 w4; param.add_(buf) r8 w4: 44 bytes. Mixed precision adds the grad's
-        # upcast (r c, w 4) and the refreshed compute copy (r 4, w c).
+        # .add_(grad) r8 w4; param.add_(buf) r8 w4: 44 bytes. Mixed precision adds the refreshed
+        # compute copy (r 4, w c); the gradient is fp32 already (offload.chunks [Note: fp32
+        # accumulators]).
         per_elem = 80 if Optimizer(optimizer) is Optimizer.ADAMW else 44
-        return num_elems * (per_elem + (2 * (c + 4) if _mixed(dtype) else 0))
+        return num_elems * (per_elem + (c + 4 if _mixed(dtype) else 0))
     states = optimizer_state_bytes_per_elem(optimizer)  # m+v or momentum, read and written
     if _mixed(dtype):
-        per_elem = c + 4 + states + 4 + states + c  # read grad, master, states; write master, states, copy
+        per_elem = 4 + 4 + states + 4 + states + c  # read grad, master, states; write master, states, copy
     else:
         per_elem = 4 + 4 + states + 4 + states  # read grad, param, states; write param, states
     return num_elems * per_elem
@@ -250,7 +252,8 @@ def host_grad_accum_time_s(num_elems: int, dtype: DType | str, host: HostSpec) -
 def chunk_bytes(home: Tier | str, num_elems: int, dtype: DType | str, optimizer: Optimizer | str) -> dict[Tier, int]:
     """Resident bytes of a chunk per tier, by its home (table "Chunks" of the accounting doc).
 
-    device: N·(c + c + 4·mixed + o); host: N·(4 + 4 + o) + N·c·mixed;
+    device: N·(c + 4 + 4·mixed + o) (the gradient accumulator is fp32 on every tier: offload.chunks
+    [Note: fp32 accumulators]); host: N·(4 + 4 + o) + N·c·mixed;
     nvme: N·(4 + o) + N·c·mixed on NVMe (its host accumulator is transient, see
     ``host_grad_accum_bytes``).
     """
@@ -258,7 +261,7 @@ def chunk_bytes(home: Tier | str, num_elems: int, dtype: DType | str, optimizer:
     home = Tier(home)
     out = {Tier.DEVICE: 0, Tier.HOST: 0, Tier.NVME: 0}
     if home is Tier.DEVICE:
-        out[Tier.DEVICE] = n * (c + c + 4 * mixed + o)
+        out[Tier.DEVICE] = n * (c + 4 + 4 * mixed + o)
     elif home is Tier.HOST:
         out[Tier.HOST] = n * (4 + 4 + o) + n * c * mixed
     else:

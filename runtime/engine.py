@@ -120,7 +120,7 @@ def fallback_memory_policy(
     c, o, mixed = dtype_bytes(dtype), 4 * num_state_tensors, DType(dtype) is not DType.FP32
     dev_budget = int(budgets.device_bytes * (1 - budgets.safety_margin))
     host_budget = int(budgets.host_bytes * (1 - budgets.safety_margin))
-    on_device = {Tier.DEVICE: lambda n: n * (c + c + 4 * mixed + o), Tier.HOST: lambda n: n * (4 + 4 + o) + n * c * mixed}
+    on_device = {Tier.DEVICE: lambda n: n * (c + 4 + 4 * mixed + o), Tier.HOST: lambda n: n * (4 + 4 + o) + n * c * mixed}
     if sum(on_device[Tier.DEVICE](p.num_elems) for p in plans) <= dev_budget:
         homes = [Tier.DEVICE] * len(plans)
         return MemoryPolicy(chunk_size_elems=size, chunks=make_chunk_plans(params, size, homes), prefetch_depth=1,
