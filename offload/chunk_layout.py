@@ -128,7 +128,7 @@ class Chunk:
     """Compute-dtype copy on the home tier: the parameters' memory for device chunks (the master
     itself in fp32); the copy fetched from for mixed-precision host chunks; else None."""
     grad: torch.Tensor | None = None
-    """Accumulated gradients of this step, fp32 on every tier (offload.chunks [Note: fp32
+    """Accumulated gradients of this step, fp32 on every tier (offload.grads [Note: fp32
     accumulators]): device chunks on the device; host and nvme chunks on the host (nvme: only from
     the first flush to the step's end)."""
     states: dict[str, torch.Tensor] = field(default_factory=dict)

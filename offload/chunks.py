@@ -2,7 +2,7 @@
 
 Parameters are packed in execution order into flat chunks (``MemoryPolicy.chunks``; packing
 rule: ``planner.cost.pack_params``). Each chunk keeps, on its **home** tier, its fp32 master
-parameters, optimizer states and fp32 gradient accumulator ([Note: fp32 accumulators]; bytes
+parameters, optimizer states and fp32 gradient accumulator (offload.grads [Note: fp32 accumulators]; bytes
 and owners exactly as in docs/memory-accounting.md). A chunk whose home is not the device is brought into a device
 **param buffer** before a block uses it — prefetched up to ``prefetch_depth`` buffers, in forward
 order and again in reverse for backward — and ``param.data`` points into that buffer while it is
@@ -47,16 +47,6 @@ read lands in the param buffer itself, with no bounce copy either (buffers come 
 accounting rule takes are still reserved in the host ledger for the same window (fetch start to
 the block's use), so the ledger keeps matching the simulator and stays an upper bound of the
 memory really held (by ``N·c`` while a read is in flight).
-
-[Note: fp32 accumulators] Every chunk accumulates its gradients over a step's micro-batches in
-fp32, whatever its home: a device-home chunk's ``grad`` is fp32 (``N·4``, not ``N·c``), as the
-host and NVMe accumulators always were. Each micro-batch's gradient still arrives in the compute
-dtype and is added in fp32, in the same order and arithmetic on every tier, so under mixed
-precision a chunk's placement does not change the losses (test_engine checks bf16 device against
-host, bitwise). With compute-dtype accumulators on the device, bf16's 8-bit mantissa would round
-every partial sum: the tier would change the numerics, and more so the more micro-batches. The
-cost is ``2·N`` device bytes per device-home chunk under bf16/fp16 (the layout Megatron-LM uses by
-default for bf16); docs/memory-accounting.md and ``planner.cost.chunk_bytes`` count it.
 """
 
 from __future__ import annotations
@@ -73,6 +63,7 @@ from torch import nn
 from memtrain.offload.bufpool import BufferPool
 from memtrain.offload.chunk_layout import (Chunk, ParamRef, ParamSlot, block_param_order, make_chunk_plans, named_blocks,
                                            param_order, torch_dtype)
+from memtrain.offload.grads import Gradients
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.tiers import CopyHandle, copy_async, copy_stream
 from memtrain.planner.cost import within_prefetch_window
@@ -169,6 +160,8 @@ class ChunkStore:
         self._held_for_backward = False
         self._bwd_pos = 0  # the block whose backward runs (gradients completing release chunks there)
         self._off_uses: list[tuple[int, ...]] = []  # per block, its chunks not home on the device
+        self.grads = Gradients(self, asynchronous=self.device.type == "cuda")
+        """The chunks' gradient accumulators (offload.grads)."""
         # [Note: why pool CPU buffers] (offload.bufpool): per ledger whose memory is plain CPU RAM.
         self.pools = {id(ledger): BufferPool(ledger) for ledger, pinned in
                       ((host_ledger, self.device.type == "cuda"), (device_ledger, False))
@@ -288,7 +281,7 @@ class ChunkStore:
             if self.mixed:
                 c.master = self._alloc(self.device_ledger, owner, n, torch.float32)
                 self._gather_flat(c, c.master)
-            c.grad = self._alloc(self.device_ledger, owner, n, torch.float32, zero=True)  # [Note: fp32 accumulators]
+            c.grad = self._alloc(self.device_ledger, owner, n, torch.float32, zero=True)  # offload.grads [Note: fp32 accumulators]
             c.states = {k: self._alloc(self.device_ledger, owner, n, torch.float32, zero=True) for k in self.state_names}
             self._by_ptr[c.compute.untyped_storage().data_ptr()] = c.index
             for s in c.slots:
@@ -548,7 +541,7 @@ class ChunkStore:
             for c in self.chunks:
                 handed = False
                 if c.grad_buf is not None:
-                    self._flush(c)
+                    self.grads.flush(c)
                     handed = self._grads_final(c)
                 if not self._next_forward:  # else resident chunks are the next forward's first
                     self._release(c, reuse=not handed)
@@ -588,7 +581,7 @@ class ChunkStore:
         flat = g.reshape(-1)
         if c.home is Tier.DEVICE:
             dst = c.grad[s.offset:s.offset + s.numel]
-            # Over micro-batches g1, then g1 + g2, ... in fp32 ([Note: fp32 accumulators]); without
+            # Over micro-batches g1, then g1 + g2, ... in fp32 (offload.grads [Note: fp32 accumulators]); without
             # mixed precision the same arithmetic as torch's AccumulateGrad.
             dst.add_(flat) if si in c.step_seen else dst.copy_(flat)
             c.step_seen.add(si)
@@ -600,45 +593,13 @@ class ChunkStore:
         dst.add_(flat) if si in c.mb_seen else dst.copy_(flat)
         c.mb_seen.add(si)
         if len(c.mb_seen) == len(c.slots):
-            self._flush(c)
+            self.grads.flush(c)
             handed = self._grads_final(c)
             pos = self._bwd_pos
             stays = ((self._next_forward and c.index in self.uses[0])  # [Note: across pass ends]
                      or (not handed and c.index in self.uses[pos] and self._kept(c.index, self._bwd_upcoming(pos - 1))))
             if not stays:
                 self._release(c, reuse=not handed)
-
-    def _flush(self, c: Chunk) -> None:
-        """Add the micro-batch's grad buffer into the fp32 host accumulator; free the buffer."""
-        if c.grad is None:  # nvme home: the accumulator lives from the first flush to the step's end
-            c.grad = self._alloc(self.host_ledger, f"chunk:{c.index}", c.num_elems, torch.float32)
-        src = c.grad_buf if self.device.type == "cpu" else c.grad_buf.to("cpu")
-        c.grad.add_(src) if c.has_grad else c.grad.copy_(src)
-        c.has_grad = True
-        c.mb_seen.clear()
-        self._free(self.device_ledger, f"buffer:grad:{c.index}", c.grad_buf)
-        c.grad_buf = None
-
-    def finish_grads(self) -> None:
-        """Before the optimizer: zero device-chunk slots that got no gradient this step."""
-        for c in self.chunks:
-            if c.home is Tier.DEVICE and c.has_grad and len(c.step_seen) < len(c.slots):
-                for si, s in enumerate(c.slots):
-                    if si not in c.step_seen:
-                        c.grad[s.offset:s.offset + s.numel].zero_()
-
-    def grads_finite(self) -> bool:
-        self.finish_grads()
-        return all(bool(torch.isfinite(c.grad).all()) for c in self.chunks if c.has_grad)
-
-    def zero_grad(self) -> None:
-        for c in self.chunks:
-            c.has_grad = False
-            c.step_seen.clear()
-            c.mb_seen.clear()
-            if c.home is Tier.NVME and c.grad is not None:
-                self._free(self.host_ledger, f"chunk:{c.index}", c.grad)
-                c.grad = None
 
     def refresh_compute(self, c: Chunk) -> None:
         """After the optimizer updated ``c.master``: refresh the compute copy (mixed precision)."""
@@ -694,12 +655,15 @@ class ChunkStore:
 
     def close(self) -> None:
         """Remove hooks, drop buffers, delete the chunk files."""
-        self.uninstall()
-        for pool in self.pools.values():
-            pool.clear()
-        if self.nvme is not None:
-            for c in self.chunks:
-                if c.home is Tier.NVME:
-                    for part in ("master", "compute", *self.state_names):
-                        if self.nvme_key(c, part) in self.nvme:
-                            self.nvme.delete(self.nvme_key(c, part))
+        try:
+            self.grads.drain(errors=False)
+        finally:
+            self.uninstall()
+            for pool in self.pools.values():
+                pool.clear()
+            if self.nvme is not None:
+                for c in self.chunks:
+                    if c.home is Tier.NVME:
+                        for part in ("master", "compute", *self.state_names):
+                            if self.nvme_key(c, part) in self.nvme:
+                                self.nvme.delete(self.nvme_key(c, part))

@@ -119,7 +119,7 @@ all-on-device case is bitwise equal to plain PyTorch.
 update. Unscaled in fp16, any gradient below fp16's smallest subnormal (about 6e-8) times the
 scale would become 0 and those below 6e-5 times it would lose precision (torch's GradScaler
 refuses to unscale fp16 gradients for that reason). ``step(inv_scale)`` multiplies each chunk's
-gradient in ``_update``, in its fp32 accumulator (every tier's, offload.chunks [Note: fp32
+gradient in ``_update``, in its fp32 accumulator (every tier's, offload.grads [Note: fp32
 accumulators]).
 """
 
@@ -538,7 +538,8 @@ class OffloadedOptimizer:
     def _update(self, chunk: "Chunk", master: torch.Tensor, grad: torch.Tensor, states: dict[str, torch.Tensor]) -> None:
         spec = self.spec
         kernel = self.device_kernel if chunk.home is Tier.DEVICE else self.host_kernel
-        assert grad.dtype == master.dtype == torch.float32, (grad.dtype, master.dtype)  # chunks [Note: fp32 accumulators]
+        self.store.grads.wait(chunk)  # offload.grads [Note: asynchronous gradient flush]
+        assert grad.dtype == master.dtype == torch.float32, (grad.dtype, master.dtype)  # offload.grads [Note: fp32 accumulators]
         if self._inv_scale != 1.0:  # [Note: unscaling in fp32]
             grad.mul_(self._inv_scale)
         if spec.name == "adamw":
@@ -555,7 +556,7 @@ class OffloadedOptimizer:
         ``inv_scale``: fp16 loss scaling's 1 / scale, applied to each gradient in the master
         dtype ([Note: unscaling in fp32]); no update may have run early then."""
         store = self.store
-        store.finish_grads()
+        store.grads.finish()
         if inv_scale != 1.0 and self._early:
             raise RuntimeError("OffloadedOptimizer.step: early updates ran on scaled gradients")
         self._inv_scale = inv_scale
@@ -581,7 +582,7 @@ class OffloadedOptimizer:
         finally:
             self._drop_ahead()
         self.num_steps += 1
-        store.zero_grad()
+        store.grads.zero()
 
     def _step_nvme(self, chunks: list["Chunk"]) -> None:
         """Stream NVMe chunks: read i+1 while stepping i; write i back while stepping i+1."""

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
 from memtrain.planner import cost
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier, TrainShape
-from memtrain.planner.simulate import STREAMS, _flush_copy_s, copy_streams, cpu_stream
+from memtrain.planner.simulate import STREAMS, _flush_copy_s, copy_streams, cpu_stream, grads_stream
 from memtrain.planner.stats import DType, ModelStats
 
 __all__ = ["stream_work_s", "fetch_counts"]
@@ -69,7 +69,7 @@ def stream_work_s(
         flush_s = _flush_copy_s(nbytes, device)
         if flush_s:
             work[copy_out] += n * flush_s
-        work[cpu] += n * cost.host_grad_accum_time_s(ne, dt, host)
+        work[grads_stream(device)] += n * cost.host_grad_accum_time_s(ne, dt, host)
         work[cpu] += cost.cpu_optimizer_time_s(ne, opt, host)
         if c.home is Tier.NVME:
             disk_bytes = cost.chunk_disk_bytes(ne, dt, opt)

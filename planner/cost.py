@@ -22,7 +22,7 @@ __all__ = [
     "transfer_time_s", "h2d_time_s", "d2h_time_s", "disk_read_time_s", "disk_write_time_s",
     "optimizer_state_bytes_per_elem", "optimizer_bytes_touched", "device_optimizer_time_s",
     "cpu_optimizer_time_s", "host_grad_accum_time_s",
-    "chunk_bytes", "param_buffer_bytes", "grad_buffer_bytes", "host_grad_accum_bytes",
+    "chunk_bytes", "param_buffer_bytes", "grad_buffer_bytes", "host_grad_accum_bytes", "grad_landing_bytes",
     "nvme_optim_staging_bytes", "chunk_disk_bytes", "activation_bytes", "workspace_bytes",
     "NVME_HEADER_BYTES", "NVME_ALIGN_BYTES", "nvme_file_bytes", "nvme_chunk_file_bytes", "nvme_chunk_file_sizes",
     "within_prefetch_window",
@@ -189,7 +189,7 @@ def optimizer_bytes_touched(num_elems: int, dtype: DType | str, optimizer: Optim
 
     The step is memory-bound (Williams et al. 2009, roofline: a handful of FLOPs per byte),
     so its time is bytes / bandwidth. Tensors per element, as in ``torch.optim.AdamW``'s fused
-    path: AdamW reads grad (fp32 on every tier: offload.chunks [Note: fp32 accumulators]), param
+    path: AdamW reads grad (fp32 on every tier: offload.grads [Note: fp32 accumulators]), param
     (fp32 master if mixed), m, v and writes param, m, v, plus the compute-dtype copy when mixed:
     fp32 4·4 + 3·4 = 28 bytes; mixed 4·4 + 3·4 + c.
     SGD with momentum reads grad, param, momentum and writes param, momentum (+ copy).
@@ -203,7 +203,7 @@ def optimizer_bytes_touched(num_elems: int, dtype: DType | str, optimizer: Optim
         # denom = sqrt(v) r4 w4, / bias_correction r4 w4, .add_(eps) r4 w4; param.addcdiv_(m, denom)
         # r12 w4: 80 bytes. SGD (torch/optim/sgd.py): grad + wd·param r8 w4; buf.mul_ r4 w4,
         # .add_(grad) r8 w4; param.add_(buf) r8 w4: 44 bytes. Mixed precision adds the refreshed
-        # compute copy (r 4, w c); the gradient is fp32 already (offload.chunks [Note: fp32
+        # compute copy (r 4, w c); the gradient is fp32 already (offload.grads [Note: fp32
         # accumulators]).
         per_elem = 80 if Optimizer(optimizer) is Optimizer.ADAMW else 44
         return num_elems * (per_elem + (c + 4 if _mixed(dtype) else 0))
@@ -282,6 +282,13 @@ def grad_buffer_bytes(num_elems: int, dtype: DType | str) -> int:
 def host_grad_accum_bytes(num_elems: int) -> int:
     """fp32 gradient accumulator on the host of an nvme-home chunk: N·4."""
     return num_elems * 4
+
+
+def grad_landing_bytes(num_elems: int, dtype: DType | str, device: DeviceSpec) -> int:
+    """Pinned host buffer a GPU's grad buffer is copied into before its add (owner
+    ``staging:grad:<i>``, offload.grads [Note: asynchronous gradient flush]): N·c; none on a
+    CPU device, whose accumulator adds the grad buffer in place."""
+    return 0 if device.kind == "cpu" else num_elems * dtype_bytes(dtype)
 
 
 def chunk_disk_bytes(num_elems: int, dtype: DType | str, optimizer: Optimizer | str) -> int:

@@ -30,7 +30,7 @@ __all__ = [
     "write_json", "write_html", "write_trace", "render_html", "trace_events",
 ]
 
-STREAMS = ("compute", "h2d", "d2h", "disk", "cpu")
+STREAMS = ("compute", "h2d", "d2h", "disk", "cpu", "grads")
 """Streams of the simulated timeline, in lane order (others follow, sorted by name)."""
 
 EVENT_KINDS = ("forward", "backward", "recompute", "fetch", "offload", "swap", "optimizer", "comm", "snapshot", "other")
@@ -61,7 +61,7 @@ _KEYWORD_KINDS = (
     ({"forward", "fwd"}, "forward"),
 )
 _FIRST_WORD_KINDS = {"f": "forward", "b": "backward", "w": "backward", "r": "recompute"}
-_STREAM_KINDS = {"h2d": "fetch", "d2h": "offload", "cpu": "optimizer"}
+_STREAM_KINDS = {"h2d": "fetch", "d2h": "offload", "cpu": "optimizer", "grads": "offload"}
 
 _MAX_TIMELINE_BOXES = 20_000
 """HTML boxes drawn at most (keeps the page a few MB for the largest plans; the trace has all)."""

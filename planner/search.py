@@ -258,7 +258,8 @@ def _candidates_for(ctx: _Context, chunk_size: int, packed: list[tuple[tuple[str
             host_room = ctx.usable["host"]
             split = None
             for h in range(nc, k - 1, -1):  # chunks [k, h) on host, [h, nc) on NVMe
-                host_base = host_pre[h] - host_pre[k] + accum_suf[h] + depth * elems_max_suf[h] * c_bytes
+                host_base = (host_pre[h] - host_pre[k] + accum_suf[h] + depth * elems_max_suf[h] * c_bytes
+                             + cost.grad_landing_bytes(elems_max_suf[k], dt, ctx.device))  # one flush in flight
                 host_need = host_base + staged_suf[h][OPTIM_STAGINGS - 1]
                 nvme_need = nvme_suf[h]
                 if host_need <= host_room and (h == nc or (ctx.nvme is not None and nvme_need <= nvme_usable)):
@@ -314,7 +315,7 @@ def _overflow(peaks: dict[str, int], usable: dict[str, int]) -> str:
 
 
 def _shortfall(stats: ModelStats, mbs: int, dtype: DType, optimizer: Optimizer, usable: dict[str, int],
-               budgets: Mapping[str, int], safety_margin: float, nvme: NvmeSpec | None) -> str:
+               budgets: Mapping[str, int], safety_margin: float, nvme: NvmeSpec | None, device: DeviceSpec) -> str:
     """What is missing, from the smallest footprint memtrain can run: the smallest micro-batch,
     every activation recomputed, buffers for the largest block's parameters, and as many
     parameters resident on the device as the rest of its budget holds."""
@@ -333,10 +334,12 @@ def _shortfall(stats: ModelStats, mbs: int, dtype: DType, optimizer: Optimizer, 
     total = sum(b.num_params for b in s.blocks)
     resident = min(total, (usable["device"] - device_min) // cost.chunk_bytes(Tier.DEVICE, 1, dtype, optimizer)[Tier.DEVICE])
     off = total - resident
-    host_all = cost.chunk_bytes(Tier.HOST, off, dtype, optimizer)[Tier.HOST]
+    landing = cost.grad_landing_bytes(min(off, biggest), dtype, device)  # one gradient flush in flight
+    host_all = cost.chunk_bytes(Tier.HOST, off, dtype, optimizer)[Tier.HOST] + landing
     if nvme is None or usable["nvme"] <= 0:
         return f"needs {_gib(host_all)} host memory or an NVMe path; {has('host')}"
-    host_min = cost.host_grad_accum_bytes(off) + 2 * biggest * c_bytes + cost.nvme_optim_staging_bytes(biggest, dtype, optimizer)  # at least one staged
+    host_min = (cost.host_grad_accum_bytes(off) + 2 * biggest * c_bytes + landing
+                + cost.nvme_optim_staging_bytes(biggest, dtype, optimizer))  # at least one staged
     if host_min > usable["host"]:
         return (f"needs {_gib(host_min)} host memory for the gradient accumulators and staging of NVMe-resident "
                 f"parameters; {has('host')}")
@@ -407,13 +410,24 @@ def plan(
     for mbs in mbs_options:
         for size, packed in partitions:
             candidates += _candidates_for(contexts[mbs], size, packed)
-    # best bound first; among equals, the larger micro-batch (better kernel efficiency in practice)
+    # best bound first; among equals, the larger micro-batch (better kernel efficiency in practice).
+    # The near-tie rule prefers the plan that moves least, so each micro-batch size's least-moving
+    # candidate is simulated first, whatever its bound: a loose bound of plans that offload (device
+    # optimizer work moved to the host) must not crowd it out of the MAX_SIMULATIONS.
     candidates.sort(key=lambda c: (c.bound_s, -c.mbs))
+    least: dict[int, _Candidate] = {}
+    for cand in candidates:
+        if cand.mbs not in least or _movement(cand.policy) < _movement(least[cand.mbs].policy):
+            least[cand.mbs] = cand
+    first = sorted(least.values(), key=lambda c: (c.bound_s, -c.mbs))
+    candidates = first + [c for c in candidates if all(c is not f for f in first)]
 
     fastest_s: float | None = None
     tried: list[tuple[_Candidate, SimResult, str]] = []
     for cand in candidates:
-        if len(tried) >= MAX_SIMULATIONS or (fastest_s is not None and cand.bound_s > fastest_s * (1 + NEAR_TIE)):
+        if len(tried) >= MAX_SIMULATIONS:
+            break
+        if len(tried) >= len(first) and fastest_s is not None and cand.bound_s > fastest_s * (1 + NEAR_TIE):
             break
         ctx = contexts[cand.mbs]
         sim = simulate_step(ctx.stats, ctx.train, device, host, nvme, cand.policy, timeline=False)
@@ -428,7 +442,7 @@ def plan(
 
     if best is None:
         mbs = min(mbs_options)
-        shortfall = _shortfall(base, mbs, dtype, optimizer, usable, budgets, safety_margin, nvme)
+        shortfall = _shortfall(base, mbs, dtype, optimizer, usable, budgets, safety_margin, nvme, device)
         if not shortfall:
             closest = min(tried, key=lambda t: t[1].peak_bytes.get("device", 0)) if tried else None
             shortfall = closest[2] if closest else "no memory policy fits the budgets; raise memory.device or add host/NVMe"

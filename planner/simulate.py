@@ -19,7 +19,7 @@ from memtrain.planner.stats import DType, ModelStats
 from memtrain.planner.taskgraph import STREAMS, GraphResult, TaskGraph, simulate_graph
 
 __all__ = [
-    "STREAMS", "TaskGraph", "GraphResult", "simulate_graph", "SimResult", "simulate_step",
+    "STREAMS", "TaskGraph", "GraphResult", "simulate_graph", "SimResult", "simulate_step", "grads_stream",
     "SWAP_IN_BLOCKS_AHEAD", "SWAP_IN_LOOKAHEAD", "MAX_NVME_SWAP_WRITES_IN_FLIGHT", "NVME_OPTIM_STAGED_CHUNKS", "cpu_stream", "copy_streams",
 ]
 
@@ -70,6 +70,12 @@ def cpu_stream(device: DeviceSpec) -> str:
     compute on the ``compute`` stream instead of overlapping it on its own ``cpu`` stream.
     """
     return "compute" if device.kind == "cpu" else "cpu"
+
+
+def grads_stream(device: DeviceSpec) -> str:
+    """The stream gradient adds into host accumulators run on: their own host thread on a GPU
+    (offload.grads [Note: asynchronous gradient flush]), the training thread's on a CPU device."""
+    return cpu_stream(device) if device.kind == "cpu" else "grads"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -515,17 +521,20 @@ class _StepBuilder:
 
     def _grad_out(self, m: int, c: int, bt: int, prev: int | None) -> int:
         """Add the chunk's grad buffer into its fp32 host accumulator, then free the buffer
-        (an nvme chunk's accumulator is taken at its first flush of the step)."""
-        deps = (bt,) if prev is None else (bt, prev)  # the pinned landing buffer is reused
+        (an nvme chunk's accumulator is taken at its first flush of the step). On a GPU the copy
+        lands in a pinned buffer held until the add (offload.grads [Note: asynchronous
+        gradient flush])."""
+        deps = (bt,) if prev is None else (bt, prev)  # a chunk's adds run in micro-batch order
         grad = ("device", f"buffer:grad:{c}", self.pbytes[c])
         acc = [("host", f"chunk:{c}", cost.host_grad_accum_bytes(self.chunks[c].num_elems))] \
             if m == 0 and self.chunks[c].home is Tier.NVME else []
         if self.flush_s[c] == 0.0:  # a CPU device: the accumulator reads the buffer in place
             return self.g.add(f"accum{m}@c{c}", self.cpu, self.accum_s[c], deps=deps, alloc_start=acc,
                               free_end=(grad,), tag=m)
-        d = self.g.add(f"OFFLOAD{m}@c{c}", self.copy_out, self.flush_s[c], deps=deps, alloc_start=acc,
+        landing = ("host", f"staging:grad:{c}", self.pbytes[c])
+        d = self.g.add(f"OFFLOAD{m}@c{c}", self.copy_out, self.flush_s[c], deps=deps, alloc_start=[*acc, landing],
                        free_end=(grad,), tag=m)
-        return self.g.add(f"accum{m}@c{c}", self.cpu, self.accum_s[c], deps=(d,), tag=m)
+        return self.g.add(f"accum{m}@c{c}", grads_stream(self.device), self.accum_s[c], deps=(d,), free_end=(landing,), tag=m)
 
     def _optimizer(self, accum: dict[int, int]) -> None:
         """The optimizer step after the last micro-batch's backward (offload.optim.OffloadedOptimizer.step):

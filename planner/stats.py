@@ -33,7 +33,7 @@ def model_state_bytes_per_param(dtype: DType | str, optimizer: Optimizer | str =
 
     Rajbhandari et al. 2020 (ZeRO), Sec. 3.1: mixed-precision Adam keeps fp16 params (2) and
     grads (2) plus fp32 master params, momentum and variance (4+4+4 = 12): (2+2+12)Ψ = 16Ψ.
-    memtrain accumulates gradients in fp32 on every tier (offload.chunks [Note: fp32
+    memtrain accumulates gradients in fp32 on every tier (offload.grads [Note: fp32
     accumulators]), so mixed precision costs (2+4+12)Ψ = 18Ψ, as in Megatron-LM's default for bf16.
     fp32 Adam: params 4 + grads 4 + momentum 4 + variance 4 = 16Ψ.
     SGD (momentum buffer kept): fp32 4+4+4 = 12Ψ; mixed 2+4+4+4 = 14Ψ.

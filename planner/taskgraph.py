@@ -1,6 +1,6 @@
 """The generic discrete-event engine behind the simulator (planner.simulate).
 
-Tasks run on streams (``compute``, ``h2d``, ``d2h``, ``disk``, ``cpu``), in order per stream
+Tasks run on streams (``compute``, ``h2d``, ``d2h``, ``disk``, ``cpu``, ``grads``), in order per stream
 like CUDA streams, after their dependencies, for a fixed duration, and allocate/free bytes per
 tier and owner. ``simulate_graph`` gives every task's start and end and each tier's peak with
 the owners holding it. Nothing here knows about models or policies: ``planner.simulate``
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 __all__ = ["STREAMS", "TaskGraph", "GraphResult", "simulate_graph"]
 
-STREAMS = ("compute", "h2d", "d2h", "disk", "cpu")
+STREAMS = ("compute", "h2d", "d2h", "disk", "cpu", "grads")
 
 _END_ALLOC, _END_FREE, _START_ALLOC = 0, 1, 2  # order of memory events at the same instant
 

@@ -358,10 +358,10 @@ class Engine:
         self.store.release_all()  # nothing stays resident over the optimizer step
         if self.scaler is not None:
             used = self.scaler.scale  # the scale this step's backward ran with
-            found_inf = not self.store.grads_finite()
+            found_inf = not self.store.grads.finite()
             self.scaler.update(found_inf)
             if found_inf:
-                self.store.zero_grad()
+                self.store.grads.zero()
                 return False
             self.optimizer.step(inv_scale=1.0 / used)  # offload.optim [Note: unscaling in fp32]
             return True
@@ -461,21 +461,24 @@ class Engine:
         }
 
     def close(self) -> None:
-        if self.store is None:
+        """Give the parameters back to the model (fp32, CPU), remove hooks and chunk files. An
+        error of work still queued (an early update, a gradient add) is raised after all that."""
+        if self.store is None or self._closed:
             return
-        """Give the parameters back to the model (fp32, CPU), remove hooks and chunk files."""
-        if self._closed:
-            return
-        self.optimizer.close()  # queued early updates finish before the parameters are read
-        params = self.store.gather_params()
-        if self.activations is not None:
-            self.activations.unwrap()
-        self.store.close()
-        for name, p in self.model.named_parameters():
-            p.data = params[name]
-        if self.nvme is not None:
-            self.nvme.close()
-        self._closed = True
+        try:
+            self.optimizer.close()  # queued early updates finish before the parameters are read
+        finally:
+            self._closed = True
+            try:
+                params = self.store.gather_params()
+                if self.activations is not None:
+                    self.activations.unwrap()
+                self.store.close()
+                for name, p in self.model.named_parameters():
+                    p.data = params[name]
+            finally:
+                if self.nvme is not None:
+                    self.nvme.close()
 
     def __enter__(self) -> "Engine":
         return self

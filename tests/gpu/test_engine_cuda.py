@@ -140,3 +140,46 @@ def test_fetches_from_carried_write_backs_copy_from_pinned_staging(dtype, tmp_pa
         e.step()
     assert grown[0] == grown[1] > 0
     engine.close(), ref.close()
+
+
+@pytest.mark.parametrize("home,dtype", [(Tier.HOST, "fp32"), (Tier.HOST, "bf16"), (Tier.NVME, "bf16")])
+def test_gradient_flush_lands_in_pinned_memory_off_the_training_thread(home, dtype, tmp_path, monkeypatch):
+    # offload.grads [Note: asynchronous gradient flush]: on CUDA each grad buffer is copied on the
+    # d2h side stream into a pinned landing buffer and added on the grads thread. Same adds in
+    # the same order as the synchronous flush: losses and states bitwise equal.
+    import threading
+
+    from memtrain.offload.grads import Gradients
+
+    cfg = gpt_config("tiny")
+
+    def build(sub):
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        blocks = named_blocks(model, None)
+        policy = MemoryPolicy(chunk_size_elems=20_000, chunks=make_chunk_plans(param_order(model, blocks), 20_000, home),
+                              prefetch_depth=2, activations=(ActPolicy.KEEP,) * len(blocks))
+        return wrap(model, optimizer=dict(name="adamw", lr=1e-3), plan=policy, micro_batch_size=MICRO, verbose=False,
+                    dtype=dtype, memory={"device": "1GiB", "host": "1GiB", "nvme": str(tmp_path / sub)})
+
+    drained, sync = build("a"), build("b")
+    assert drained.store.grads.asynchronous
+    sync.store.grads.asynchronous = False
+    seen = []
+    accumulate = Gradients._accumulate
+
+    def spying(self, c, owner, landing, handle, add):
+        seen.append((landing.is_pinned(), threading.current_thread().name))
+        return accumulate(self, c, owner, landing, handle, add)
+
+    monkeypatch.setattr(Gradients, "_accumulate", spying)
+    for step in range(4):
+        assert drained.train_step(_batch(cfg, step)) == sync.train_step(_batch(cfg, step))
+    assert len(seen) == 4 * (BATCH // MICRO) * len(drained.store.chunks)
+    assert all(pinned for pinned, _ in seen) and {name for _, name in seen} == {"memtrain-grads_0"}
+    a, b = drained.state_dict(), sync.state_dict()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for i, st in a["optimizer"]["state"].items():
+        assert all(torch.equal(v, b["optimizer"]["state"][i][k]) for k, v in st.items())
+    assert not any(o.startswith("staging:grad") for o in drained.store.host_ledger.by_owner())
+    drained.close(), sync.close()

@@ -71,7 +71,7 @@ def test_tied_parameter_counts_once_in_the_first_block_and_names_follow_first_us
 
 def test_model_state_bytes_are_zero_psi_with_fp32_gradients():
     # Rajbhandari et al. 2020, Sec. 3.1: mixed-precision Adam (2+2+12)Ψ, but memtrain's gradient
-    # accumulators are fp32 (offload.chunks [Note: fp32 accumulators]): (2+4+12)Ψ; fp32 Adam 4+4+8 = 16Ψ.
+    # accumulators are fp32 (offload.grads [Note: fp32 accumulators]): (2+4+12)Ψ; fp32 Adam 4+4+8 = 16Ψ.
     psi = gpt_num_params(gpt_config("1.3b"))
     bf16 = analyze(_gpt("1.3b"), seq_len=8, dtype="bf16")
     fp32 = analyze(_gpt("1.3b"), seq_len=8, dtype="fp32")

@@ -244,7 +244,7 @@ def test_bf16_tracks_fp32(home, tmp_path):
 
 
 def test_bf16_placement_does_not_change_the_numerics(tmp_path):
-    # offload.chunks [Note: fp32 accumulators]: 4 micro-batches of bf16 gradients summed in fp32 on
+    # offload.grads [Note: fp32 accumulators]: 4 micro-batches of bf16 gradients summed in fp32 on
     # every tier, and the same update kernel, so device, host and nvme homes train bit for bit alike.
     cfg = gpt_config("tiny")
     runs = {}
