@@ -520,10 +520,8 @@ class _StepBuilder:
         return op
 
     def _grad_out(self, m: int, c: int, bt: int, prev: int | None) -> int:
-        """Add the chunk's grad buffer into its fp32 host accumulator, then free the buffer
-        (an nvme chunk's accumulator is taken at its first flush of the step). On a GPU the copy
-        lands in a pinned buffer held until the add (offload.grads [Note: asynchronous
-        gradient flush])."""
+        """Add the chunk's grad buffer into its fp32 host accumulator, then free the buffer (an nvme
+        chunk's accumulator is taken at its first flush of the step; offload.grads)."""
         deps = (bt,) if prev is None else (bt, prev)  # a chunk's adds run in micro-batch order
         grad = ("device", f"buffer:grad:{c}", self.pbytes[c])
         acc = [("host", f"chunk:{c}", cost.host_grad_accum_bytes(self.chunks[c].num_elems))] \
