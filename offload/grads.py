@@ -5,8 +5,9 @@
 fp32, whatever its home: a device-home chunk's ``grad`` is fp32 (``N·4``, not ``N·c``), as the
 host and NVMe accumulators always were. Each micro-batch's gradient still arrives in the compute
 dtype and is added in fp32, in the same order and arithmetic on every tier, so under mixed
-precision a chunk's placement does not change the losses (test_engine checks bf16 device, host
-and nvme homes, bitwise). With compute-dtype accumulators on the device, bf16's 8-bit mantissa
+precision a chunk's placement does not change how its gradients add up (test_engine checks bf16
+device, host and nvme homes with one update kernel, bitwise; host chunks default to the fused CPU
+AdamW, offload.optim [Note: host kernel choice]). With compute-dtype accumulators on the device, bf16's 8-bit mantissa
 would round every partial sum: the tier would change the numerics, and more so the more
 micro-batches. The cost is ``2·N`` device bytes per device-home chunk under bf16/fp16 (the layout
 Megatron-LM uses by default for bf16); docs/memory-accounting.md and ``planner.cost.chunk_bytes``
@@ -68,6 +69,7 @@ class Gradients:
         self._worker: ThreadPoolExecutor | None = None
         self._queued: list[Future] = []  # in submission order; trimmed of finished ones at each flush
         self._latest: dict[int, Future] = {}  # chunk index -> its last queued add
+        self._error: BaseException | None = None  # an add's failure, raised by every wait until zero()
 
     @property
     def pending(self) -> int:
@@ -101,7 +103,9 @@ class Gradients:
             raise
         if self._worker is None:
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="memtrain-grads")
-        fut = self._worker.submit(self._accumulate, c, owner, landing, handle, add)
+        # detached: the grad buffer (freed in the device ledger now) is kept from reuse until the
+        # copy ends by the side stream recorded on it, not held alive until the add runs
+        fut = self._worker.submit(self._accumulate, c, owner, landing, handle.detached(), add)
         self._queued = [f for f in self._queued if not f.done() or f.exception() is not None]
         self._queued.append(fut)
         self._latest[c.index] = fut
@@ -128,6 +132,8 @@ class Gradients:
 
     def wait(self, c: "Chunk") -> None:
         """Until ``c``'s queued adds are done (its accumulator holds every flushed gradient)."""
+        if self._error is not None:
+            raise self._error
         fut = self._latest.get(c.index)
         if fut is not None:
             fut.result()
@@ -138,8 +144,10 @@ class Gradients:
         queued, self._queued, worker, self._worker = self._queued, [], self._worker, None
         try:
             for fut in queued:
-                if fut.exception() is not None and errors:
-                    raise fut.exception()
+                if fut.exception() is not None and self._error is None:
+                    self._error = fut.exception()
+            if self._error is not None and errors:
+                raise self._error
         finally:
             if worker is not None:
                 worker.shutdown(wait=True)
@@ -163,6 +171,7 @@ class Gradients:
     def zero(self) -> None:
         """Forget the step's gradients; nvme chunks give their accumulators back."""
         self.drain()
+        self._error = None
         store = self.store
         for c in store.chunks:
             c.has_grad = False

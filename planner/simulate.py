@@ -530,9 +530,10 @@ class _StepBuilder:
             return self.g.add(f"accum{m}@c{c}", self.cpu, self.accum_s[c], deps=deps, alloc_start=acc,
                               free_end=(grad,), tag=m)
         landing = ("host", f"staging:grad:{c}", self.pbytes[c])
-        d = self.g.add(f"OFFLOAD{m}@c{c}", self.copy_out, self.flush_s[c], deps=deps, alloc_start=[*acc, landing],
+        d = self.g.add(f"OFFLOAD{m}@c{c}", self.copy_out, self.flush_s[c], deps=(bt,), alloc_start=[*acc, landing],
                        free_end=(grad,), tag=m)
-        return self.g.add(f"accum{m}@c{c}", grads_stream(self.device), self.accum_s[c], deps=(d,), free_end=(landing,), tag=m)
+        return self.g.add(f"accum{m}@c{c}", grads_stream(self.device), self.accum_s[c], deps=(d, *deps[1:]),
+                          free_end=(landing,), tag=m)
 
     def _optimizer(self, accum: dict[int, int]) -> None:
         """The optimizer step after the last micro-batch's backward (offload.optim.OffloadedOptimizer.step):

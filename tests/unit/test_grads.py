@@ -5,6 +5,7 @@ tight host budget waits for landing buffers instead of overrunning."""
 from __future__ import annotations
 
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -47,6 +48,7 @@ def test_the_asynchronous_flush_changes_nothing(home, dtype, tmp_path, monkeypat
     accumulate = Gradients._accumulate
 
     def spying(self, c, owner, landing, handle, add):
+        time.sleep(0.005)  # a slow add: an update that did not wait for it would read a stale accumulator
         threads.append(threading.current_thread().name)
         size = landing.numel() * landing.element_size()
         assert self.store.host_ledger.holds(owner) >= size  # (two micro-batches' flushes may both be queued)
@@ -82,6 +84,8 @@ def test_an_error_on_the_thread_surfaces_in_the_step(tmp_path, monkeypatch):
     monkeypatch.setattr(Gradients, "_accumulate", failing)
     with pytest.raises(OSError, match="the add failed"):
         engine.train_step(_batch(cfg, 0))
+    with pytest.raises(OSError, match="the add failed"):  # no update reads an accumulator an add missed
+        engine.store.grads.wait(engine.store.chunks[0])
     with pytest.raises(OSError, match="the add failed"):  # the early update that met it fails again
         engine.close()
     # ... after everything was given back: parameters to the model, no thread, no chunk files left.
