@@ -7,9 +7,9 @@ host and NVMe accumulators always were. Each micro-batch's gradient still arrive
 dtype and is added in fp32, in the same order and arithmetic on every tier, so under mixed
 precision a chunk's placement does not change how its gradients add up (test_engine checks bf16
 device, host and nvme homes with one update kernel, bitwise; host chunks default to the fused CPU
-AdamW, offload.optim [Note: host kernel choice]). With compute-dtype accumulators on the device, bf16's 8-bit mantissa
-would round every partial sum: the tier would change the numerics, and more so the more
-micro-batches. The cost is ``2·N`` device bytes per device-home chunk under bf16/fp16 (the layout
+AdamW, offload.optim [Note: host kernel choice]). With compute-dtype accumulators on the device,
+bf16's 8-bit mantissa would round every partial sum: the tier would change the numerics, and more
+so the more micro-batches. The cost is ``2·N`` device bytes per device-home chunk under bf16/fp16 (the layout
 Megatron-LM uses by default for bf16); docs/memory-accounting.md and ``planner.cost.chunk_bytes``
 count it.
 
@@ -127,7 +127,6 @@ class Gradients:
             handle.wait()
             c.grad.add_(landing) if add else c.grad.copy_(landing)
         finally:
-            del handle
             store._free(store.host_ledger, owner, landing)
 
     def wait(self, c: "Chunk") -> None:

@@ -420,7 +420,8 @@ def plan(
         if cand.mbs not in least or _movement(cand.policy) < _movement(least[cand.mbs].policy):
             least[cand.mbs] = cand
     first = sorted(least.values(), key=lambda c: (c.bound_s, -c.mbs))
-    candidates = first + [c for c in candidates if all(c is not f for f in first)]
+    chosen = {id(c) for c in first}
+    candidates = first + [c for c in candidates if id(c) not in chosen]
 
     fastest_s: float | None = None
     tried: list[tuple[_Candidate, SimResult, str]] = []
