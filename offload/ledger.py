@@ -10,12 +10,13 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 
+from memtrain.errors import UserError
 from memtrain.planner.units import format_bytes
 
 __all__ = ["BudgetExceeded", "Ledger"]
 
 
-class BudgetExceeded(MemoryError):
+class BudgetExceeded(UserError, MemoryError):
     """An allocation would take a tier past its budget."""
 
 

@@ -41,6 +41,8 @@ from pathlib import Path
 import torch
 import zstandard
 
+from memtrain.errors import UserError
+
 __all__ = ["ALIGN_BYTES", "HEADER_BYTES", "NvmeEntry", "NvmeError", "aligned_empty", "is_aligned"]
 
 ALIGN_BYTES = 4096
@@ -55,7 +57,7 @@ _FRAME = struct.Struct("<II")
 _ZSTD_LEVEL = 1  # the fastest standard level: the disk, not the ratio, is what we are saving
 
 
-class NvmeError(ValueError):
+class NvmeError(UserError):
     """An NVMe-tier failure a user can act on: bad path, disk full, corrupt or missing file."""
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from memtrain.errors import UserError
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
 from memtrain.planner.serde import from_dict, to_dict
 from memtrain.planner.stats import DType, ModelStats, Optimizer
@@ -27,7 +28,7 @@ __all__ = [
 PLAN_VERSION = 1
 
 
-class PlanFormatError(ValueError):
+class PlanFormatError(UserError):
     """A plan file that cannot be read (wrong version, malformed JSON, unknown action)."""
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from memtrain.errors import UserError
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
 from memtrain.planner.disk_probe import measure_disk_gbps, measure_disk_latency_s
 from memtrain.planner.serde import from_dict, to_dict
@@ -57,7 +58,7 @@ OVERHEAD_KEYS = ("block_fwd_s", "block_bwd_s", "param_s", "microbatch_s", "chunk
 """Keys of ``Profile.overheads``, applied to the ``ModelStats.overhead_*`` fields of the same names."""
 
 
-class ProfileError(ValueError):
+class ProfileError(UserError):
     """A profile file that cannot be used (missing, wrong version, another machine or model)."""
 
 

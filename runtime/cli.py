@@ -11,12 +11,14 @@ import os
 import sys
 import time
 
+from memtrain.errors import UserError
+
 __all__ = ["main"]
 
 EXIT_USER_ERROR = 2
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """A mistake in how memtrain was called."""
 
 

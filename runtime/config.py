@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from memtrain.errors import UserError
 from memtrain.planner.units import parse_bytes
 
 __all__ = [
@@ -25,7 +26,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A user mistake in the configuration; the message names the field and the fix."""
 
 
