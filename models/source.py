@@ -83,11 +83,15 @@ class BuiltModel:
     call: Callable[[nn.Module, torch.Tensor], Any] | None = None
     """How to run ``module`` on input ids (HF: keyword arguments, no KV cache); None means
     ``module(input_ids)``."""
+    output: Callable[[Any], Any] = _logits_of
+    """What ``forward`` returns of the module's output, for ``loss_fn``: the logits by default;
+    ``wrap()`` passes the output on as it is, since its ``loss_fn`` reads that."""
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits of shape (batch, seq_len, vocab_size)."""
-        output = self.module(input_ids) if self.call is None else self.call(self.module, input_ids)
-        return _logits_of(output)
+    def forward(self, input_ids: torch.Tensor, module: nn.Module | None = None) -> Any:
+        """``output`` of the module's output: logits of shape (batch, seq_len, vocab_size) by default.
+        ``module``: run this module (a wrapped copy of ``self.module``) the same way instead."""
+        module = self.module if module is None else module
+        return self.output(module(input_ids) if self.call is None else self.call(module, input_ids))
 
     def make_batch(
         self, batch_size: int, seq_len: int, generator: torch.Generator

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memtrain.errors import UserError
 from memtrain.planner.plan import ChunkPlan, Tier
 from memtrain.planner.stats import DType
 
@@ -33,21 +34,39 @@ def torch_dtype(dtype: DType | str) -> torch.dtype:
 
 
 def named_blocks(model: nn.Module, blocks: Sequence[nn.Module] | Sequence[tuple[str, nn.Module]] | None) -> list[tuple[str, nn.Module]]:
-    """``[(module path, block), ...]``; default ``model.blocks``. Names are paths inside ``model``."""
+    """``[(label, block), ...]``; default ``model.blocks``. A block given without a label is
+    labelled with its path inside ``model``; a given label is any unique text (everything else
+    finds a block by the module itself, never by its label)."""
     if blocks is None:
         blocks = getattr(model, "blocks", None)
         if blocks is None:
-            raise ValueError("blocks: the model has no .blocks; pass blocks=[module, ...] in execution order")
+            raise UserError("blocks: the model has no .blocks; pass blocks=[module, ...] in execution order")
     paths = {id(m): name for name, m in model.named_modules()}
-    out = []
+    out: list[tuple[str, nn.Module]] = []
     for item in blocks:
-        name, mod = item if isinstance(item, tuple) else (paths.get(id(item)), item)
+        if isinstance(item, tuple):
+            if len(item) != 2 or not isinstance(item[0], str) or not item[0]:
+                raise UserError(f"blocks: {_show(item)} is not a (label, module) pair with a non-empty text label")
+            name, mod = item
+        else:
+            name, mod = paths.get(id(item)), item
         if not isinstance(mod, nn.Module) or id(mod) not in paths:
-            raise ValueError(f"blocks: {name or mod!r} is not a submodule of the model; pass the model's own blocks")
+            raise UserError(f"blocks: {_show(name or mod)} is not a submodule of the model; pass the model's own blocks")
         out.append((name or paths[id(mod)], mod))
     if not out:
-        raise ValueError("blocks: empty; pass the model's blocks in execution order")
+        raise UserError("blocks: empty; pass the model's blocks in execution order")
+    for kind, keys in (("label", [n for n, _ in out]), ("module", [id(m) for _, m in out])):
+        seen = set()
+        for (name, _), key in zip(out, keys):
+            if key in seen:
+                raise UserError(f"blocks: {kind} of block {name!r} appears twice; give each block once, with its own label")
+            seen.add(key)
     return out
+
+
+def _show(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def block_param_order(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]]) -> list[list[tuple[str, int]]]:

@@ -30,6 +30,14 @@ the analysis describe a CPU run rather than the GPU run being planned:
   memory-efficient attention, which save q, k, v, the output and the log-sum-exp only.
 During the pass a ``TorchFunctionMode`` sends both calls to the CUDA ops, whose meta kernels
 and autograd formulas are PyTorch's own, so the saved tensors and FLOPs are those of the GPU run.
+
+[Note: tensors made in forward]
+Models written for one device make tensors inside ``forward`` without ``device=`` (a causal
+mask ``torch.ones(s, s).triu(1)``, positions ``torch.arange(T)``), name a device outright, or
+move a tensor with ``.to(device)`` / ``.cpu()``. The pass runs under ``torch.device("meta")``
+and the same mode sends every ``device=`` and every move of a meta tensor to meta, so such a
+forward traces as it runs. What cannot run without values (``.item()``, ``if mask.any():``)
+raises a ``UserError`` naming the block and the ways out.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from memtrain.errors import UserError
 from memtrain.models.source import BuiltModel, build_model, first_tensor
 from memtrain.planner.stats import BlockStats, DType, ModelStats, Optimizer, model_state_bytes_per_param
 from memtrain.runtime.config import ConfigError
@@ -100,13 +109,18 @@ def analyze_built(
     labels = torch.zeros(micro_batch_size, seq_len, dtype=torch.long, device="meta")
     hooks = rec.install()
     try:
-        with FlopCounterMode(display=False) as counter:
+        # [Note: tensors made in forward] the default device and _AsOnAccelerator keep them on meta
+        with torch.device("meta"), FlopCounterMode(display=False) as counter:
             rec.counter = counter
             with _AsOnAccelerator(rec), torch.autograd.graph.saved_tensors_hooks(rec.pack, _unpack):
                 loss = built.loss_fn(built.forward(ids), labels)
             rec.start_backward()
             loss.backward()
             rec.switch(rec.cur)  # flush the last block's backward FLOPs
+    except (RuntimeError, NotImplementedError) as e:
+        if "meta" not in str(e).lower():
+            raise
+        raise rec.untraceable(e) from e
     finally:
         for h in hooks:
             h.remove()
@@ -148,6 +162,10 @@ class _Recorder:
         n = len(built.blocks)
         self.cur = 0
         """Index of the block whose work is being recorded."""
+        self.inside: int | None = None
+        """Index of the block whose forward is running; None between blocks."""
+        self.last_done: int | None = None
+        """Index of the block whose forward returned last."""
         self.backward = False
         self.counter: FlopCounterMode | None = None
         self.flops_seen = 0
@@ -187,6 +205,7 @@ class _Recorder:
     def _pre_hook(self, i: int):
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             self.switch(i)
+            self.inside = i
             if self.input_bytes[i] is None:
                 x = first_tensor(args)
                 if x is None:
@@ -201,6 +220,7 @@ class _Recorder:
         last = len(self.built.blocks) - 1
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            self.inside, self.last_done = None, i
             out = first_tensor(output)
             if self.output_bytes[i] is None:
                 self.output_bytes[i] = _nbytes(out)
@@ -234,6 +254,25 @@ class _Recorder:
                     self.first_use[id(v)] = (len(self.first_use), self.cur)
             elif isinstance(v, (list, tuple)):
                 self.note_params(v)
+
+    def untraceable(self, error: BaseException) -> UserError:
+        """The error for a forward that cannot run on the meta device, naming the block it was in."""
+        names = [name for name, _ in self.built.blocks]
+        if self.backward:
+            phase, where = "backward", f"in block {names[self.cur]!r}"
+        elif self.inside is not None:
+            phase, where = "forward", f"in block {names[self.inside]!r}"
+        elif self.last_done is not None:
+            phase, where = "forward", f"after block {names[self.last_done]!r}, outside every block,"
+        else:
+            phase, where = "forward", "before the first block"
+        return UserError(
+            f"model analysis: the {phase} pass {where} cannot run without weights on the 'meta' device "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}). memtrain plans from a weightless "
+            "trace, so forward must not read tensor values (.item(), if tensor: ...); compute such values "
+            "outside forward, or pass a plan to wrap(plan=...)"
+            + ("; and call= must run the model it is given, call(model, ids), not another one" if self.built.call else "")
+        )
 
     def block_stats(self) -> tuple[BlockStats, ...]:
         n = len(self.built.blocks)
@@ -286,7 +325,27 @@ class _AsOnAccelerator(TorchFunctionMode):
             return _dropout(*args, **kwargs)
         if func is F.scaled_dot_product_attention:
             return _attention(*args, **kwargs)
+        if func in _MOVES and args and isinstance(args[0], torch.Tensor) and args[0].device.type == "meta":
+            return _stay_on_meta(func, args, kwargs)  # [Note: tensors made in forward]
+        if kwargs.get("device") is not None:
+            kwargs = {**kwargs, "device": "meta"}
         return func(*args, **kwargs)
+
+
+_MOVES = (torch.Tensor.to, torch.Tensor.cpu, torch.Tensor.cuda)
+
+
+def _stay_on_meta(func, args: tuple, kwargs: dict) -> torch.Tensor:
+    """``t.to(...)``, ``t.cpu()`` or ``t.cuda()`` of a meta tensor: keep it on meta, apply only the
+    dtype (and memory format) that ``to`` asks for."""
+    tensor = args[0]
+    if func is not torch.Tensor.to:
+        return tensor
+    _, dtype, _, memory_format = torch._C._nn._parse_to(*args[1:], **kwargs)
+    if isinstance(args[1] if len(args) > 1 else None, torch.Tensor):
+        dtype = args[1].dtype  # t.to(other) takes other's dtype too
+    return tensor.to(dtype=dtype or tensor.dtype, copy=bool(kwargs.get("copy", False)),
+                     memory_format=memory_format or torch.preserve_format)
 
 
 def _dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:

@@ -159,6 +159,7 @@ def fallback_memory_policy(
 def planner_plan(
     model: nn.Module, blocks: Sequence[tuple[str, nn.Module]], *, loss_fn: Callable, dtype: DType | str, optimizer: str,
     budgets: MemoryBudgets, device: torch.device, seq_len: int, global_batch_size: int, micro_batch_size: int | None,
+    call: Callable | None = None,
 ) -> Plan:
     """Plan with the planner (``planner.analyze.analyze_built`` + ``planner.search.plan``) on a
     meta-device twin of ``model`` (no weight is copied) and this machine's hardware figures."""
@@ -170,15 +171,15 @@ def planner_plan(
     from memtrain.planner.analyze import analyze_built
     from memtrain.planner.search import plan as search_plan
 
-    # deepcopy with every tensor pre-mapped to a meta twin: ties and module structure kept.
+    # deepcopy with every tensor pre-mapped to a meta twin: ties and module structure kept. The
+    # memo then maps each module to its twin, so blocks are found by identity whatever their labels.
     memo: dict[int, Any] = {}
     for t in (*model.parameters(), *model.buffers()):
         twin = torch.empty_like(t, device="meta")
         memo[id(t)] = nn.Parameter(twin, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else twin
     twin_model = copy.deepcopy(model, memo)
-    modules = dict(twin_model.named_modules())
-    built = BuiltModel(name=type(model).__name__, module=twin_model, blocks=tuple((n, modules[n]) for n, _ in blocks),
-                       vocab_size=1, loss_fn=loss_fn)
+    built = BuiltModel(name=type(model).__name__, module=twin_model, blocks=tuple((n, memo[id(b)]) for n, b in blocks),
+                       vocab_size=1, loss_fn=loss_fn, call=call, output=lambda out: out)
     stats = analyze_built(built, seq_len=seq_len, micro_batch_size=1, dtype=dtype)
     node = local_node_spec()
     dev_spec = node.devices[0] if device.type == "cuda" else catalog.cpu_device_spec(
@@ -261,9 +262,11 @@ class Engine:
     def __init__(
         self, *, model: nn.Module, blocks: list[tuple[str, nn.Module]], store: ChunkStore, optimizer: OffloadedOptimizer,
         activations, loss_fn: Callable, micro_batch_size: int | None, device: torch.device, nvme, scaler: LossScaler | None,
-        call: Callable | None = None,
+        call: Callable | None = None, plan: Plan | None = None,
     ) -> None:
         self.model, self.blocks, self.store, self.optimizer = model, blocks, store, optimizer
+        self.plan = plan
+        """The planner's ``Plan`` this engine runs; None when it was given only a ``MemoryPolicy``."""
         self.activations, self.loss_fn, self.micro_batch_size, self.device = activations, loss_fn, micro_batch_size, device
         self.nvme, self.scaler = nvme, scaler
         self.call = call
@@ -547,7 +550,8 @@ def wrap(
         from memtrain.models.gpt import causal_lm_loss as loss_fn
     if plan is None and seq_len is not None and global_batch_size is not None:
         plan = planner_plan(model, named, loss_fn=loss_fn, dtype=dtype, optimizer=spec.name, budgets=budgets, device=dev,
-                            seq_len=seq_len, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size)
+                            seq_len=seq_len, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
+                            call=call)
         micro_batch_size = plan.train.micro_batch_size
     if plan is None:
         policy = fallback_memory_policy(model, named, dtype=dtype, num_state_tensors=len(spec.state_names), budgets=budgets)
@@ -582,7 +586,8 @@ def wrap(
     if verbose:
         _print_summary(plan, policy, depth, dtype, spec.state_names)
     return Engine(model=model, blocks=named, store=store, optimizer=opt, activations=acts, loss_fn=loss_fn,
-                  micro_batch_size=micro_batch_size, device=dev, nvme=nvme, scaler=scaler, call=call)
+                  micro_batch_size=micro_batch_size, device=dev, nvme=nvme, scaler=scaler, call=call,
+                  plan=plan if isinstance(plan, Plan) else None)
 
 
 def _print_summary(plan, policy: MemoryPolicy, depth: int, dtype: str, state_names) -> None:

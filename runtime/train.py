@@ -76,7 +76,7 @@ def train(cfg: Config, *, print_fn=print) -> dict:
         optimizer.update(momentum=opt.momentum)
     engine = wrap(
         built.module, optimizer=optimizer, memory=_memory_for(plan, cfg), plan=plan, blocks=list(built.blocks),
-        loss_fn=built.loss_fn, dtype=cfg.train.dtype, verbose=False, call=lambda m, ids: built.forward(ids),
+        loss_fn=built.loss_fn, dtype=cfg.train.dtype, verbose=False, call=lambda m, ids: built.forward(ids, module=m),
     )
     data = TokenBatches(cfg.data, batch_size=cfg.train.global_batch_size, seq_len=cfg.train.seq_len,
                         vocab_size=built.vocab_size)

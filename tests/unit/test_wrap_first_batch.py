@@ -62,7 +62,7 @@ def test_hf_model_with_loose_parameters_offloaded_matches_torch():
     torch.manual_seed(0)
     ref = build_model(model_cfg, max_seq_len=32)
     engine = wrap(built.module, optimizer=dict(name="adamw", lr=1e-3), blocks=list(built.blocks), loss_fn=built.loss_fn,
-                  call=lambda m, ids: built.forward(ids), memory={"device": "1MiB", "host": "64MiB"},
+                  call=lambda m, ids: built.forward(ids, module=m), memory={"device": "1MiB", "host": "64MiB"},
                   host_kernel="single", verbose=False)
     opt = torch.optim.AdamW(ref.module.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(2)
