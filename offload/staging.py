@@ -29,9 +29,12 @@ class Staged:
         return self.tensors
 
     def free(self, store: "ChunkStore", index: int) -> None:
-        """Give the staging back to the host ledger (after its reads or writes are done)."""
+        """Give the staging back to the host ledger (after its reads or writes are done) and drop
+        every reference to it, so that what the ledger frees is freed (an update's record may live
+        on until the step ends)."""
         for t in self.tensors.values():
             store._free(store.host_ledger, f"staging:{index}", t)
+        self.tensors, self.futures = {}, []  # a read's future holds its buffer as its result
 
 
 class WriteBack:
@@ -46,6 +49,7 @@ class WriteBack:
         for h in self.readers:
             h.wait()
         self.staged.free(self.store, self.index)
+        self.futures, self.readers = [], []
         if self.rewrite is not None:
             self.store.nvme.ledger.free(self.rewrite)
 
