@@ -115,6 +115,9 @@ def describe(e: yaml.YAMLError) -> str:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         what = "; ".join(x for x in (e.context, e.problem) if x) or type(e).__name__
         return where + _cut(what, 160)
+    if isinstance(e, yaml.reader.ReaderError):
+        code = f"U+{e.character:04X}" if isinstance(e.character, int) else show(e.character)
+        return f"character {e.position + 1}: {code} is not allowed in YAML ({e.reason})"
     return _cut(str(e), 200)
 
 
