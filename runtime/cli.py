@@ -67,6 +67,11 @@ def _shown(path: str) -> str:
     return repr(path) if len(path) <= 200 else repr(path[:197] + "...")
 
 
+def _unusable(where: str, e: OSError | ValueError) -> UsageError:
+    """A path the OS refuses to look at (a name too long, a NUL byte)."""
+    return UsageError(f"{where}: not a usable file name ({getattr(e, 'strerror', None) or e})")
+
+
 def _check_output(option: str, path: str | None) -> None:
     """Refuse an output path that cannot be written (a directory, under a file, a read-only or
     unwritable directory) before any work, naming ``option``. The write itself is atomic
@@ -76,35 +81,36 @@ def _check_output(option: str, path: str | None) -> None:
     where = f"{option} {_shown(path)}"
     try:
         p = Path(path)
-        if p.is_dir():
-            raise UsageError(f"{where}: is a directory; give the name of a file in it")
-        parent = p.absolute().parent
+        is_dir = p.is_dir()
+        parent = p.absolute().parent  # the nearest folder that exists: the write makes the rest
         while not parent.exists() and parent != parent.parent:
             parent = parent.parent
-        if not parent.is_dir():
-            raise UsageError(f"{where}: {_shown(str(parent))} is a file, not a directory; choose another path")
-        if not os.access(parent, os.W_OK):
-            raise UsageError(f"{where}: {_shown(str(parent))} is not writable (read-only or no permission); "
-                             "choose another path")
-    except (OSError, ValueError) as e:  # a name too long, a NUL byte
-        if isinstance(e, UserError):
-            raise
-        raise UsageError(f"{where}: not a usable file name ({getattr(e, 'strerror', None) or e})") from None
+        parent_is_dir, writable = parent.is_dir(), os.access(parent, os.W_OK)
+    except (OSError, ValueError) as e:
+        raise _unusable(where, e) from None
+    if is_dir:
+        raise UsageError(f"{where}: is a directory; give the name of a file in it")
+    if not parent_is_dir:
+        raise UsageError(f"{where}: {_shown(str(parent))} is a file, not a directory; choose another path")
+    if not writable:
+        raise UsageError(f"{where}: {_shown(str(parent))} is not writable (read-only or no permission); "
+                         "choose another path")
 
 
 def _check_input(option: str, path: str | None) -> None:
     if not path:
         return
+    where = f"{option} {_shown(path)}"
     try:
-        if Path(path).is_dir():
-            raise UsageError(f"{option} {_shown(path)}: is a directory; give a file")
+        is_dir = Path(path).is_dir()
     except (OSError, ValueError) as e:
-        if isinstance(e, UserError):
-            raise
-        raise UsageError(f"{option} {_shown(path)}: not a usable file name ({getattr(e, 'strerror', None) or e})") from None
+        raise _unusable(where, e) from None
+    if is_dir:
+        raise UsageError(f"{where}: is a directory; give a file")
 
 
 def _write(option: str, write, plan, path: str) -> None:
+    """``write(plan, path)``, its error (``planner.atomic``'s, naming the path) prefixed by ``option``."""
     try:
         write(plan, path)
     except UserError as e:
@@ -176,8 +182,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from memtrain.runtime.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    from memtrain.runtime.planning import run_dir
     from memtrain.runtime.train import train
 
+    _check_output("run_dir", str(run_dir(cfg) / "metrics.jsonl"))  # where the run writes its files
     train(cfg)
     return 0
 
