@@ -34,7 +34,7 @@ SECTIONS = ["model", "data", "train", "train.optimizer", "cluster", "cluster.nod
 NAMES = sorted({d.split(".")[-1].split("[")[0] for d in FIELDS + GPT_FIELDS + SECTIONS})
 
 SETTINGS = settings(
-    max_examples=60, deadline=timedelta(seconds=10), database=None,
+    max_examples=150, deadline=timedelta(seconds=10), database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
