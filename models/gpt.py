@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from memtrain.planner.units import show
+from memtrain.runtime.config import ConfigError
 
 __all__ = ["GPTConfig", "GPT", "PRESETS", "gpt_config", "gpt_num_params", "causal_lm_loss"]
 
@@ -50,26 +54,31 @@ class GPTConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
+        # Field names are those of the config's model.overrides, where a user sets them.
         for name in ("vocab_size", "num_layers", "hidden_size", "num_heads", "max_seq_len"):
             if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"model.overrides.{name}: must be >= 1, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})"
-            )
+            raise ConfigError(f"model.overrides.hidden_size: {self.hidden_size} must be divisible by "
+                              f"num_heads ({self.num_heads})")
         kv = self.kv_heads
         if kv < 1 or self.num_heads % kv:
-            raise ValueError(f"model.num_kv_heads ({kv}) must divide model.num_heads ({self.num_heads})")
+            raise ConfigError(f"model.overrides.num_kv_heads: {kv} must divide num_heads ({self.num_heads})")
         if self.position not in ("learned", "rotary"):
-            raise ValueError(f"model.position must be 'learned' or 'rotary', got {self.position!r}")
+            raise ConfigError(f"model.overrides.position: must be 'learned' or 'rotary', got {show(self.position)}")
         if self.norm not in ("layernorm", "rmsnorm"):
-            raise ValueError(f"model.norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
+            raise ConfigError(f"model.overrides.norm: must be 'layernorm' or 'rmsnorm', got {show(self.norm)}")
         if self.activation not in ("gelu", "swiglu"):
-            raise ValueError(f"model.activation must be 'gelu' or 'swiglu', got {self.activation!r}")
+            raise ConfigError(f"model.overrides.activation: must be 'gelu' or 'swiglu', got {show(self.activation)}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"model.overrides.dropout: must be in [0, 1), got {self.dropout}")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"model.overrides.{name}: must be a finite number > 0, got {value}")
         if self.position == "rotary" and self.head_dim % 2:
-            raise ValueError(f"rotary positions need an even head size, got {self.head_dim}")
+            raise ConfigError(f"model.overrides.hidden_size: rotary positions need an even head size "
+                              f"(hidden_size / num_heads), got {self.head_dim}")
 
     @property
     def head_dim(self) -> int:
@@ -116,13 +125,47 @@ PRESETS["1b"] = PRESETS["1.3b"]
 PRESETS["70b"] = PRESETS["llama-70b"]
 
 
+MAX_NUM_LAYERS = 256
+"""Layers an override may ask for at most: the deepest presets have 96, the deepest published
+transformers about 128, and planning time grows faster than linearly in the layers."""
+MAX_DIM = 1 << 24
+"""Any other whole-number override at most (sizes, heads, vocabulary, sequence length)."""
+
+
+def _check_overrides(overrides: dict) -> None:
+    """Refuse an override whose type is not its GPTConfig field's (``"2"`` for num_layers, ``abc``
+    for hidden_size), or a whole number out of range, naming ``model.overrides.<field>``."""
+    hints = typing.get_type_hints(GPTConfig)
+    for name, value in overrides.items():
+        where = f"model.overrides.{name}"
+        args = typing.get_args(hints[name])
+        if value is None and type(None) in args:
+            continue
+        kind = next((a for a in args if a is not type(None)), hints[name])
+        if kind is bool:
+            ok, want = isinstance(value, bool), "true or false"
+        elif kind is int:
+            top = MAX_NUM_LAYERS if name == "num_layers" else MAX_DIM
+            ok = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= top
+            want = f"a whole number from 1 to {top}" + (" (or null for the default)" if type(None) in args else "")
+        elif kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            want = "a finite number"
+        else:
+            ok, want = isinstance(value, str), "text"
+        if not ok:
+            raise ConfigError(f"{where}: must be {want}, got {show(value)}")
+
+
 def gpt_config(preset: str = "tiny", **overrides) -> GPTConfig:
+    """The preset's GPTConfig with ``overrides`` (model.overrides) in place of its fields."""
     if preset not in PRESETS:
-        raise ValueError(f"model.preset: unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+        raise ConfigError(f"model.preset: unknown preset {show(preset)}; choose one of {', '.join(sorted(PRESETS))}")
     fields = {f.name for f in dataclasses.fields(GPTConfig)}
-    unknown = sorted(set(overrides) - fields)
+    unknown = [k for k in overrides if k not in fields]
     if unknown:
-        raise ValueError(f"model.overrides: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+        raise ConfigError(f"model.overrides.{unknown[0][:60]}: unknown field; known: {', '.join(sorted(fields))}")
+    _check_overrides(overrides)
     return GPTConfig(**{**PRESETS[preset], **overrides})
 
 

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
+from memtrain.errors import UserError
 from memtrain.planner import cost
 from memtrain.planner.plan import (
     ActPolicy, Alternative, ChunkPlan, DevicePrediction, MemoryPolicy, Plan, Prediction, Tier, TimelineEvent, TrainShape,
@@ -25,8 +26,12 @@ from memtrain.planner.simulate import SWAP_IN_LOOKAHEAD, SimResult, simulate_ste
 from memtrain.planner.units import format_bytes
 from memtrain.planner.stats import DType, ModelStats, Optimizer, dtype_bytes
 
-__all__ = ["plan", "tracked_peak_bytes", "OPTIM_STAGINGS", "MAX_OPTIM_STAGINGS", "CHUNK_SIZE_CANDIDATES", "MAX_SIMULATIONS", "MAX_TIMELINE_EVENTS", "NEAR_TIE"]
+__all__ = ["plan", "tracked_peak_bytes", "MAX_GLOBAL_BATCH_SIZE", "OPTIM_STAGINGS", "MAX_OPTIM_STAGINGS", "CHUNK_SIZE_CANDIDATES", "MAX_SIMULATIONS", "MAX_TIMELINE_EVENTS", "NEAR_TIE"]
 
+MAX_GLOBAL_BATCH_SIZE = 1 << 20
+"""Sequences per optimizer step at most (train.global_batch_size). Every divisor is a micro-batch
+size to try; below this bound a number has at most 240 of them, and the search stays within
+seconds."""
 CHUNK_SIZE_CANDIDATES = (32 << 20, 64 << 20, 128 << 20)
 """Chunk sizes tried, in elements (plus one block's worth, and finer cuts for small models)."""
 MAX_SIMULATIONS = 64
@@ -85,7 +90,16 @@ def _gib(num_bytes: float) -> str:
 
 
 def _divisors_desc(n: int) -> list[int]:
-    return sorted((d for d in range(1, n + 1) if n % d == 0), reverse=True)
+    """The divisors of ``n``, largest first, in O(√n): each d <= √n that divides n gives n // d too."""
+    small, large = [], []
+    d = 1
+    while d * d <= n:
+        if n % d == 0:
+            small.append(d)
+            if d != n // d:
+                large.append(n // d)
+        d += 1
+    return large + small[::-1]
 
 
 def _chunk_partitions(stats: ModelStats, param_numels: Mapping[str, int] | None) -> list[tuple[int, list[tuple[tuple[str, ...], int]]]]:
@@ -377,20 +391,20 @@ def plan(
     fits, the Plan has ``fits=False`` and ``shortfall`` says which tier lacks how much.
     """
     dtype, optimizer = DType(dtype), Optimizer(optimizer)
-    if global_batch_size < 1:
-        raise ValueError(f"train.global_batch_size: must be >= 1, got {global_batch_size}")
+    if not 1 <= global_batch_size <= MAX_GLOBAL_BATCH_SIZE:
+        raise UserError(f"train.global_batch_size: must be from 1 to {MAX_GLOBAL_BATCH_SIZE}, got {global_batch_size}")
     if micro_batch_size < 0 or (micro_batch_size and global_batch_size % micro_batch_size):
-        raise ValueError(f"train.micro_batch_size: must divide train.global_batch_size ({global_batch_size}), "
-                         f"got {micro_batch_size}; use 0 to let the planner choose")
+        raise UserError(f"train.micro_batch_size: must divide train.global_batch_size ({global_batch_size}), "
+                        f"got {micro_batch_size}; use 0 to let the planner choose")
     if not 0 <= safety_margin < 1:
-        raise ValueError(f"memory.safety_margin: must be in [0, 1), got {safety_margin}")
+        raise UserError(f"memory.safety_margin: must be in [0, 1), got {safety_margin}")
     if DType(stats.dtype) is not dtype:
         raise ValueError(f"train.dtype: the model was analysed in {stats.dtype}, not {dtype}; analyse it in {dtype}")
     unknown = set(budgets) - {"device", "host", "nvme"}
     if unknown:
         raise ValueError(f"budgets: unknown tier {sorted(unknown)[0]!r}; use device, host and nvme")
     if device.peak_flops(str(dtype)) <= 0:
-        raise ValueError(f"train.dtype: {device.kind} has no {dtype} throughput; choose another dtype")
+        raise UserError(f"train.dtype: {device.kind} has no {dtype} throughput; choose another dtype")
     usable = {t: int(max(0, budgets.get(t, 0)) * (1 - safety_margin)) for t in ("device", "host", "nvme")}
     if nvme is None:
         usable["nvme"] = 0

@@ -1,7 +1,9 @@
 """The ``memtrain`` command: ``plan``, ``profile``, ``run``, ``resume``.
 
-User mistakes (bad config, path, size, a plan that cannot fit) print one message and exit 2;
-set ``MEMTRAIN_DEBUG=1`` to see the traceback. Failures of ours keep their traceback.
+User mistakes (bad config, path, size, a plan that cannot fit) are ``UserError``s: ``main``
+prints the one-line message and exits 2; set ``MEMTRAIN_DEBUG=1`` to see the traceback. Any
+other exception is a failure of ours and keeps its traceback. Output paths are checked before
+the work that fills them, so a mistyped ``--json`` fails at once rather than after planning.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from memtrain.errors import UserError
 
@@ -60,9 +63,66 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _shown(path: str) -> str:
+    return repr(path) if len(path) <= 200 else repr(path[:197] + "...")
+
+
+def _unusable(where: str, e: OSError | ValueError) -> UsageError:
+    """A path the OS refuses to look at (a name too long, a NUL byte)."""
+    return UsageError(f"{where}: not a usable file name ({getattr(e, 'strerror', None) or e})")
+
+
+def _check_output(option: str, path: str | None) -> None:
+    """Refuse an output path that cannot be written (a directory, under a file, a read-only or
+    unwritable directory) before any work, naming ``option``. The write itself is atomic
+    (``planner.atomic``) and reports what still fails then."""
+    if not path:
+        return
+    where = f"{option} {_shown(path)}"
+    try:
+        p = Path(path)
+        is_dir = p.is_dir()
+        parent = p.absolute().parent  # the nearest folder that exists: the write makes the rest
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        parent_is_dir, writable = parent.is_dir(), os.access(parent, os.W_OK)
+    except (OSError, ValueError) as e:
+        raise _unusable(where, e) from None
+    if is_dir:
+        raise UsageError(f"{where}: is a directory; give the name of a file in it")
+    if not parent_is_dir:
+        raise UsageError(f"{where}: {_shown(str(parent))} is a file, not a directory; choose another path")
+    if not writable:
+        raise UsageError(f"{where}: {_shown(str(parent))} is not writable (read-only or no permission); "
+                         "choose another path")
+
+
+def _check_input(option: str, path: str | None) -> None:
+    if not path:
+        return
+    where = f"{option} {_shown(path)}"
+    try:
+        is_dir = Path(path).is_dir()
+    except (OSError, ValueError) as e:
+        raise _unusable(where, e) from None
+    if is_dir:
+        raise UsageError(f"{where}: is a directory; give a file")
+
+
+def _write(option: str, write, plan, path: str) -> None:
+    """``write(plan, path)``, its error (``planner.atomic``'s, naming the path) prefixed by ``option``."""
+    try:
+        write(plan, path)
+    except UserError as e:
+        raise UsageError(f"{option}: {e}") from None
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from memtrain.runtime.config import load_config
 
+    for option in ("json", "html", "trace"):
+        _check_output(f"--{option}", getattr(args, option))
+    _check_input("--profile", args.profile)
     cfg = load_config(args.config, args.overrides)
     from memtrain.planner import report
     from memtrain.runtime.planning import plan_from_config
@@ -73,9 +133,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if not args.quiet:
         report.print_summary(plan)
         print(f"planned in {elapsed_s:.2f} s")
-    for path, write in ((args.json, report.write_json), (args.html, report.write_html), (args.trace, report.write_trace)):
+    for option, path, write in (("--json", args.json, report.write_json), ("--html", args.html, report.write_html),
+                                ("--trace", args.trace, report.write_trace)):
         if path:
-            write(plan, path)
+            _write(option, write, plan, path)
             if not args.quiet:
                 print(f"wrote {path}")
     if not plan.fits:
@@ -87,14 +148,21 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_profile(args: argparse.Namespace) -> int:
     from memtrain.runtime.config import load_config
 
+    _check_output("--out", args.out)
     cfg = load_config(args.config, args.overrides)
     from memtrain.planner.profile import run_profile, save_profile
     from memtrain.runtime.planning import run_dir
 
     out = args.out or str(run_dir(cfg) / "profile.parquet")
+    option = "--out" if args.out else "run_dir"
+    if not args.out:
+        _check_output(option, out)
     t0 = time.perf_counter()
     prof = run_profile(cfg, progress=print)
-    save_profile(prof, out)
+    try:
+        save_profile(prof, out)
+    except UserError as e:
+        raise UsageError(f"{option}: {e}") from None
     bw = prof.bandwidths
     print(f"measured in {time.perf_counter() - t0:.1f} s on {prof.device}:")
     for key in ("h2d", "d2h", "device_memory", "nvme_read", "nvme_write"):
@@ -114,8 +182,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from memtrain.runtime.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    from memtrain.runtime.planning import run_dir
     from memtrain.runtime.train import train
 
+    _check_output("run_dir", str(run_dir(cfg) / "metrics.jsonl"))  # where the run writes its files
     train(cfg)
     return 0
 
@@ -139,11 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        # User mistakes are ValueErrors with a message naming the field (docs/DESIGN.md rule 6).
+    except UserError as e:
+        # A user mistake: its message names the field or file and the fix (memtrain/errors.py).
         if os.environ.get("MEMTRAIN_DEBUG"):
             raise
-        print(f"memtrain: error: {e}", file=sys.stderr)
+        print(f"memtrain: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 

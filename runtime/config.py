@@ -1,28 +1,35 @@
 """The run configuration: YAML → validated dataclasses, with ``--set`` overrides.
 
 Every section is a ``kw_only, slots`` dataclass with a docstring per field (docs/config.md is
-the reference). A user mistake raises ``ConfigError`` naming the dotted field and the fix;
-the CLI prints it and exits 2.
+the reference). Each ``__post_init__`` checks its fields' values (finite, in range), so a
+config refused by ``run`` is refused by ``plan`` too; ``_build`` checks their types (whole
+numbers for ``int``, no size strings outside ``Size`` fields, bools are not numbers). A user
+mistake raises ``ConfigError`` naming the dotted field and the fix; the CLI prints it and exits
+2. Messages quote a user's value through ``units.show``, never whole.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NewType
 
 import yaml
 
 from memtrain.errors import UserError
-from memtrain.planner.units import parse_bytes
+from memtrain.planner.units import parse_bytes, show
+from memtrain.runtime.config_yaml import YamlRefused, describe, load_yaml
 
 __all__ = [
-    "ConfigError", "ModelConfig", "DataConfig", "OptimizerConfig", "TrainConfig", "DeviceConfig",
+    "ConfigError", "Size", "ModelConfig", "DataConfig", "OptimizerConfig", "TrainConfig", "DeviceConfig",
     "NvmeConfig", "NodeConfig", "ClusterConfig", "MemoryConfig", "SnapshotConfig", "Config",
-    "load_config", "apply_overrides", "config_from_dict",
+    "load_config", "apply_overrides", "config_from_dict", "MAX_CONFIG_BYTES",
 ]
 
 
@@ -30,7 +37,58 @@ class ConfigError(UserError):
     """A user mistake in the configuration; the message names the field and the fix."""
 
 
-Size = int  # a field annotated Size accepts "24GiB" strings
+Size = NewType("Size", int)
+"""A byte count: a field annotated ``Size`` accepts "24GiB" (``units.parse_bytes``); a plain
+``int`` field accepts whole numbers only. ``_build`` tells them apart by identity."""
+
+MAX_SEQ_LEN = 1 << 20
+"""Tokens per sequence at most (train.seq_len)."""
+MAX_STEPS = 10**9
+"""Optimizer steps at most (train.steps, train.warmup_steps, snapshot.interval_steps)."""
+MAX_SEED = 2**32 - 1
+MAX_DEVICES_PER_NODE = 1024
+MAX_NUM_CPUS = 1 << 16
+MAX_STRIPES = 256
+"""Data or parity stripes of a snapshot at most (snapshot.k, snapshot.m)."""
+MAX_TEXT = 4096
+"""Characters of a text field at most (names, paths, kinds)."""
+MAX_CONFIG_BYTES = 16 << 20
+"""Size of a config file at most; a config is a few KiB of YAML."""
+
+
+def _check_number(path: str, value: Any, what: str, ok: Callable[[float], bool]) -> None:
+    """Raise unless ``value`` (when not None) is a finite number, not a bool, for which ``ok`` holds."""
+    if value is None:
+        return
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not math.isfinite(value)) or not ok(value)):
+        raise ConfigError(f"{path}: must be {what}, got {show(value)}")
+
+
+def _positive(path: str, value: Any) -> None:
+    _check_number(path, value, "a finite number > 0", lambda v: v > 0)
+
+
+def _fraction(path: str, value: Any) -> None:
+    _check_number(path, value, "a number in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def _check_int(path: str, value: Any, lo: int, hi: int) -> None:
+    """Raise unless ``value`` (when not None) is a whole number in [lo, hi]."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(f"{path}: must be a whole number from {lo} to {hi}, got {show(value)}")
+
+
+def _check_path(path: str, value: str) -> None:
+    """Refuse a file name no filesystem takes (a NUL byte, a name too long, unencodable text)."""
+    try:
+        raw = os.fsencode(value)
+    except (UnicodeError, TypeError):
+        raise ConfigError(f"{path}: {show(value)} is not a valid file name") from None
+    if b"\0" in raw or len(raw) > 4096 or any(len(part) > 255 for part in raw.split(b"/")):
+        raise ConfigError(f"{path}: {show(value)} is not a valid file name (a NUL byte, or a name too long)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -53,11 +111,14 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.source not in ("gpt", "hf", "python"):
-            raise ConfigError(f"model.source: must be 'gpt', 'hf' or 'python', got {self.source!r}")
+            raise ConfigError(f"model.source: must be 'gpt', 'hf' or 'python', got {show(self.source)}")
         if self.source == "hf" and "model_type" not in self.hf_config:
             raise ConfigError("model.hf_config: needs a 'model_type' (e.g. llama, gpt2) for source 'hf'")
-        if self.source == "python" and ":" not in self.factory:
-            raise ConfigError("model.factory: write 'package.module:function' for source 'python'")
+        if self.source == "python" and not _FACTORY_RE.match(self.factory):
+            raise ConfigError(f"model.factory: write 'package.module:function' for source 'python', got {show(self.factory)}")
+
+
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -72,9 +133,12 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.source not in ("synthetic", "tokens"):
-            raise ConfigError(f"data.source: must be 'synthetic' or 'tokens', got {self.source!r}")
+            raise ConfigError(f"data.source: must be 'synthetic' or 'tokens', got {show(self.source)}")
         if self.source == "tokens" and not self.path:
             raise ConfigError("data.path: set the token file for data.source 'tokens'")
+        if self.path:
+            _check_path("data.path", self.path)
+        _check_int("data.seed", self.seed, 0, MAX_SEED)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -94,13 +158,15 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         if self.name not in ("adamw", "sgd"):
-            raise ConfigError(f"train.optimizer.name: must be 'adamw' or 'sgd', got {self.name!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"train.optimizer.lr: must be > 0, got {self.lr}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"train.optimizer.betas: two numbers in [0, 1), got {self.betas}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"train.optimizer.weight_decay: must be >= 0, got {self.weight_decay}")
+            raise ConfigError(f"train.optimizer.name: must be 'adamw' or 'sgd', got {show(self.name)}")
+        _positive("train.optimizer.lr", self.lr)
+        if not isinstance(self.betas, tuple) or len(self.betas) != 2:
+            raise ConfigError(f"train.optimizer.betas: two numbers in [0, 1), got {show(self.betas)}")
+        for i, beta in enumerate(self.betas):
+            _fraction(f"train.optimizer.betas[{i}]", beta)
+        _positive("train.optimizer.eps", self.eps)
+        _check_number("train.optimizer.weight_decay", self.weight_decay, "a finite number >= 0", lambda v: v >= 0)
+        _fraction("train.optimizer.momentum", self.momentum)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -125,20 +191,23 @@ class TrainConfig:
     """``constant`` or ``cosine`` (decay to 10% of lr over ``steps``)."""
 
     def __post_init__(self) -> None:
-        for name in ("global_batch_size", "seq_len", "steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.micro_batch_size < 0 or (self.micro_batch_size and self.global_batch_size % self.micro_batch_size):
+        from memtrain.planner.search import MAX_GLOBAL_BATCH_SIZE  # here: planner.search imports this module
+
+        _check_int("train.global_batch_size", self.global_batch_size, 1, MAX_GLOBAL_BATCH_SIZE)
+        _check_int("train.seq_len", self.seq_len, 1, MAX_SEQ_LEN)
+        _check_int("train.steps", self.steps, 1, MAX_STEPS)
+        _check_int("train.warmup_steps", self.warmup_steps, 0, MAX_STEPS)
+        _check_int("train.seed", self.seed, 0, MAX_SEED)
+        _check_int("train.micro_batch_size", self.micro_batch_size, 0, self.global_batch_size)
+        if self.micro_batch_size and self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"train.micro_batch_size: must divide train.global_batch_size ({self.global_batch_size}), "
                 f"got {self.micro_batch_size}; use 0 to let the planner choose"
             )
         if self.dtype not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"train.dtype: must be 'fp32', 'bf16' or 'fp16', got {self.dtype!r}")
+            raise ConfigError(f"train.dtype: must be 'fp32', 'bf16' or 'fp16', got {show(self.dtype)}")
         if self.lr_schedule not in ("constant", "cosine"):
-            raise ConfigError(f"train.lr_schedule: must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"train.warmup_steps: must be >= 0, got {self.warmup_steps}")
+            raise ConfigError(f"train.lr_schedule: must be 'constant' or 'cosine', got {show(self.lr_schedule)}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -166,12 +235,14 @@ class DeviceConfig:
     """Override the fraction of peak FLOP/s reached by transformer blocks (0, 1]."""
 
     def __post_init__(self) -> None:
-        if self.count < 1:
-            raise ConfigError(f"cluster.nodes[].devices[].count: must be >= 1, got {self.count}")
-        if self.compute_efficiency is not None and not 0 < self.compute_efficiency <= 1:
-            raise ConfigError(
-                f"cluster.nodes[].devices[].compute_efficiency: must be in (0, 1], got {self.compute_efficiency}"
-            )
+        where = "cluster.nodes[].devices[]"
+        _check_int(f"{where}.count", self.count, 1, MAX_DEVICES_PER_NODE)
+        _check_number(f"{where}.memory", self.memory, "a size > 0, e.g. 24GiB", lambda v: v > 0)
+        for name in ("bf16_tflops", "fp16_tflops"):  # 0 declares that the device lacks the dtype
+            _check_number(f"{where}.{name}", getattr(self, name), "a finite number >= 0", lambda v: v >= 0)
+        for name in ("fp32_tflops", "memory_bw_gbps", "h2d_gbps", "d2h_gbps"):
+            _positive(f"{where}.{name}", getattr(self, name))
+        _check_number(f"{where}.compute_efficiency", self.compute_efficiency, "a number in (0, 1]", lambda v: 0 < v <= 1)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -184,6 +255,13 @@ class NvmeConfig:
     """Override sequential read bandwidth, GB/s."""
     write_gbps: float | None = None
     """Override sequential write bandwidth, GB/s."""
+
+    def __post_init__(self) -> None:
+        if self.path:
+            _check_path("cluster.nodes[].nvme.path", self.path)
+        _check_number("cluster.nodes[].nvme.capacity", self.capacity, "a size >= 0", lambda v: v >= 0)
+        _positive("cluster.nodes[].nvme.read_gbps", self.read_gbps)
+        _positive("cluster.nodes[].nvme.write_gbps", self.write_gbps)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -203,6 +281,13 @@ class NodeConfig:
     nvme: NvmeConfig | None = None
     """Local NVMe used for offload (none by default)."""
 
+    def __post_init__(self) -> None:
+        where = "cluster.nodes[]"
+        _check_number(f"{where}.host_memory", self.host_memory, "a size > 0, e.g. 64GiB", lambda v: v > 0)
+        _check_int(f"{where}.num_cpus", self.num_cpus, 1, MAX_NUM_CPUS)
+        _positive(f"{where}.host_memory_bw_gbps", self.host_memory_bw_gbps)
+        _positive(f"{where}.cpu_adam_params_per_s", self.cpu_adam_params_per_s)
+
 
 @dataclass(kw_only=True, slots=True)
 class ClusterConfig:
@@ -214,6 +299,7 @@ class ClusterConfig:
     """Inter-node bandwidth, GB/s."""
 
     def __post_init__(self) -> None:
+        _positive("cluster.network_gbps", self.network_gbps)
         if not self.auto and not self.nodes:
             raise ConfigError("cluster.nodes: list at least one node, or write 'cluster: auto'")
 
@@ -230,8 +316,7 @@ class MemoryConfig:
     """Fraction of each budget kept free for fragmentation and untracked workspace."""
 
     def __post_init__(self) -> None:
-        if not 0 <= self.safety_margin < 1:
-            raise ConfigError(f"memory.safety_margin: must be in [0, 1), got {self.safety_margin}")
+        _fraction("memory.safety_margin", self.safety_margin)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -244,8 +329,9 @@ class SnapshotConfig:
     """Parity stripes (losses survived)."""
 
     def __post_init__(self) -> None:
-        if self.interval_steps < 0 or self.k < 1 or self.m < 0:
-            raise ConfigError("snapshot: interval_steps >= 0, k >= 1 and m >= 0 are required")
+        _check_int("snapshot.interval_steps", self.interval_steps, 0, MAX_STEPS)
+        _check_int("snapshot.k", self.k, 1, MAX_STRIPES)
+        _check_int("snapshot.m", self.m, 0, MAX_STRIPES)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -261,8 +347,41 @@ class Config:
     run_dir: str = "runs/{name}"
     """Where checkpoints, profiles and reports go; ``{name}`` is replaced by the run name."""
 
+    def __post_init__(self) -> None:
+        _check_path("run_dir", self.run_dir.replace("{name}", self.name))
+
 
 # --- loading ---------------------------------------------------------------------------
+
+_FLOAT_TEXT = re.compile(r"^\s*[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*$")
+"""A number written as text: YAML 1.1 reads ``1e-3`` (an exponent, no dot) as a string."""
+
+
+def _at(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _located(message: str, tp: type, path: str) -> str:
+    """Put the item's real path (``cluster.nodes[0].devices[1]``) for the generic one a section's
+    ``__post_init__`` names (``cluster.nodes[].devices[]``)."""
+    generic = _GENERIC_PATHS.get(tp)
+    if generic and path and message.startswith(generic + "."):
+        return path + message[len(generic):]
+    return message
+
+
+def _check_plain(value: Any, path: str) -> None:
+    """A free-form mapping (model.overrides, model.hf_config): text keys, no inf or NaN inside."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{path}: keys are names, got {show(k)}")
+            _check_plain(v, _at(path, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{path}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}: must be a finite number, got {show(value)}")
 
 
 def _build(tp: Any, data: Any, path: str) -> Any:
@@ -277,58 +396,71 @@ def _build(tp: Any, data: Any, path: str) -> Any:
     if tp is Size:
         try:
             return parse_bytes(data, field=path)
-        except ValueError as e:
+        except UserError as e:
             raise ConfigError(str(e)) from None
     if dataclasses.is_dataclass(tp):
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of fields, got {data!r}")
+            raise ConfigError(f"{path or 'config'}: expected a mapping of fields, got {show(data)}")
         hints = typing.get_type_hints(tp)
         names = [f.name for f in dataclasses.fields(tp)]
-        unknown = sorted(set(data) - set(names))
+        unknown = [k for k in data if k not in names]
         if unknown:
-            where = f"{path}." if path else ""
-            raise ConfigError(f"{where}{unknown[0]}: unknown field; known fields here: {', '.join(names)}")
-        kwargs = {k: _build(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
+            name = _cut(unknown[0]) if isinstance(unknown[0], str) else show(unknown[0])
+            raise ConfigError(f"{_at(path, name)}: unknown field; known fields here: {', '.join(names)}")
+        kwargs = {k: _build(hints[k], v, _at(path, k)) for k, v in data.items()}
         try:
             return tp(**kwargs)
-        except ConfigError:
-            raise
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{path or 'config'}: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(_located(str(e), tp, path)) from None
     if origin is list:
         if not isinstance(data, list):
-            raise ConfigError(f"{path}: expected a list, got {data!r}")
+            raise ConfigError(f"{path}: expected a list, got {show(data)}")
         return [_build(args[0], v, f"{path}[{i}]") for i, v in enumerate(data)]
     if origin is tuple:
         if not isinstance(data, (list, tuple)) or len(data) != len(args):
-            raise ConfigError(f"{path}: expected a list of {len(args)} values, got {data!r}")
-        return tuple(_build(a, v, path) for a, v in zip(args, data))
+            raise ConfigError(f"{path}: expected a list of {len(args)} values, got {show(data)}")
+        return tuple(_build(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, data)))
     if origin is dict:
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {data!r}")
+            raise ConfigError(f"{path}: expected a mapping, got {show(data)}")
+        _check_plain(data, path)
         return dict(data)
     if tp is bool:
         if not isinstance(data, bool):
-            raise ConfigError(f"{path}: expected true or false, got {data!r}")
+            raise ConfigError(f"{path}: expected true or false, got {show(data)}")
         return data
     if tp is int:
         if isinstance(data, bool) or not isinstance(data, int):
-            raise ConfigError(f"{path}: expected a whole number, got {data!r}")
+            hint = "; write it without a decimal point or exponent" if isinstance(data, float) else ""
+            raise ConfigError(f"{path}: expected a whole number, got {show(data)}{hint}")
         return data
     if tp is float:
+        if isinstance(data, str) and _FLOAT_TEXT.match(data):
+            data = float(data)
         if isinstance(data, bool) or not isinstance(data, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {data!r}")
-        return float(data)
+            raise ConfigError(f"{path}: expected a number such as 0.1 or 1e-3, got {show(data)}")
+        try:
+            value = float(data)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: must be a finite number, got {show(data)}")
+        return value
     if tp is str:
         if not isinstance(data, (str, int, float)) or isinstance(data, bool):
-            raise ConfigError(f"{path}: expected text, got {data!r}")
-        return str(data)
+            raise ConfigError(f"{path}: expected text, got {show(data)}")
+        text = str(data)
+        if len(text) > MAX_TEXT:
+            raise ConfigError(f"{path}: {len(text)} characters of text; at most {MAX_TEXT} are read here")
+        return text
     raise AssertionError(f"unhandled config type {tp} at {path}")
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config: the top level must be a mapping of sections (model, train, ...), got {show(data)}")
     data = dict(data or {})
     cluster = data.get("cluster")
     if cluster == "auto" or cluster is None:
@@ -338,32 +470,37 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return _build(Config, data, "")
 
 
-_PART_RE = __import__("re").compile(r"^([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)$")
+_PART_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)$")
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``a.b[0].c`` in the raw config mapping; list items must already exist."""
     node: Any = data
     parts = dotted.split(".")
+    opt = f"--set {_cut(dotted)}"
     for depth, part in enumerate(parts):
         m = _PART_RE.match(part)
         if not m:
-            raise ConfigError(f"--set {dotted}: cannot read {part!r}; write names and [index], e.g. cluster.nodes[0].host_memory")
-        name, indices = m.group(1), [int(i) for i in __import__("re").findall(r"\d+", m.group(2))]
+            raise ConfigError(f"{opt}: cannot read {show(part)}; write names and [index], e.g. cluster.nodes[0].host_memory")
+        name, indices = m.group(1), [int(i) for i in re.findall(r"\d+", m.group(2))]
         last = depth == len(parts) - 1
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: {'.'.join(parts[:depth])} is not a section")
+            raise ConfigError(f"{opt}: {_cut('.'.join(parts[:depth]))} is not a section")
         if last and not indices:
             node[name] = value
             return
         if name not in node or node[name] is None or node[name] == "auto":
             if indices:
-                raise ConfigError(f"--set {dotted}: {name} has no item {indices[0]}; write the list in the config file")
+                raise ConfigError(f"{opt}: {name} has no item {indices[0]}; write the list in the config file")
             node[name] = {}
         node = node[name]
         for k, i in enumerate(indices):
             if not isinstance(node, list) or i >= len(node):
-                raise ConfigError(f"--set {dotted}: {name} has no item {i}; write the list in the config file")
+                raise ConfigError(f"{opt}: {name} has no item {i}; write the list in the config file")
             if last and k == len(indices) - 1:
                 node[i] = value
                 return
@@ -371,13 +508,18 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.field=value`` overrides; values are read as YAML (``2``, ``bf16``, ``[0.9, 0.99]``)."""
+    """Apply ``section.field=value`` overrides; values are read as YAML (``2``, ``bf16``, ``[0.9, 0.99]``).
+
+    A value that is not YAML is taken as text; one that is refused (a repeated key, an alias
+    bomb) is an error."""
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set {item}: write section.field=value, e.g. --set train.steps=20")
+            raise ConfigError(f"--set {_cut(item)}: write section.field=value, e.g. --set train.steps=20")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            value = load_yaml(raw)
+        except YamlRefused as e:
+            raise ConfigError(f"--set {_cut(key.strip())}: {describe(e)}") from None
         except yaml.YAMLError:
             value = raw
         if key.strip() == "cluster" and value == "auto":
@@ -387,18 +529,50 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _read_config_file(p: Path) -> dict[str, Any]:
+    """The mapping in config file ``p``; each way a path can fail gets its own message naming it."""
+    where = f"config file {show(str(p), 200)}"
+    try:
+        if p.is_dir():
+            raise ConfigError(f"{where} is a directory; pass a YAML file such as examples/tiny-cpu.yaml")
+        with p.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except ConfigError:
+        raise
+    except FileNotFoundError:
+        raise ConfigError(f"{where} does not exist; pass a YAML file such as examples/tiny-cpu.yaml") from None
+    except PermissionError:
+        raise ConfigError(f"{where} cannot be read: permission denied; fix its permissions or copy it") from None
+    except OSError as e:
+        raise ConfigError(f"{where} cannot be read ({e.strerror or e}); pass a readable YAML file") from None
+    except ValueError:  # a NUL byte in the name
+        raise ConfigError(f"{where} is not a valid file name") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where} is larger than {MAX_CONFIG_BYTES >> 20} MiB; a config is a few KiB of YAML")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                          "save it as UTF-8") from None
+    try:
+        data = load_yaml(text)
+    except YamlRefused as e:
+        raise ConfigError(f"{where}: {describe(e)}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {describe(e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of sections (model, train, ...), got {show(data)}")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """The Config in YAML file ``path`` (None: the defaults) with ``--set`` ``overrides`` applied."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist; pass a YAML file such as examples/tiny-cpu.yaml")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections (model, train, ...)")
+        data = _read_config_file(p)
         data.setdefault("name", p.stem)
     return config_from_dict(apply_overrides(data, list(overrides)))
 
@@ -411,68 +585,10 @@ _SECTIONS: list[tuple[str, type]] = [
     ("cluster.nodes[].devices[]", DeviceConfig), ("cluster.nodes[].nvme", NvmeConfig),
     ("memory", MemoryConfig), ("snapshot", SnapshotConfig),
 ]
+_GENERIC_PATHS: dict[type, str] = {cls: prefix for prefix, cls in _SECTIONS if "[]" in prefix}
 
 
-def field_docs() -> list[tuple[str, str, str, str]]:
-    """``(dotted name, type, default, docstring)`` for every config field, read from this file."""
-    import ast
-    import inspect
+if __name__ == "__main__":  # python -m memtrain.runtime.config > docs/config.md
+    from memtrain.runtime.config_docs import config_reference_markdown
 
-    tree = ast.parse(inspect.getsource(__import__(__name__, fromlist=["_"])))
-    docs: dict[tuple[str, str], str] = {}
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef):
-            body = node.body
-            for a, b in zip(body, body[1:]):
-                if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-                    docs[(node.name, a.target.id)] = " ".join(str(b.value.value).split())
-    rows = []
-    for prefix, cls in _SECTIONS:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.name in ("model", "data", "train", "cluster", "memory", "snapshot", "optimizer", "nodes", "devices", "nvme") and prefix != "memory":
-                continue
-            if f.default is not dataclasses.MISSING:
-                default = repr(f.default)
-            elif f.default_factory is not dataclasses.MISSING:
-                default = repr(f.default_factory())
-            else:
-                default = "required"
-            type_name = "size" if f.name in _size_fields(cls) else _type_name(hints[f.name])
-            dotted = f"{prefix}.{f.name}" if prefix else f.name
-            rows.append((dotted, type_name, default, docs.get((cls.__name__, f.name), "")))
-    return rows
-
-
-def _type_name(tp: Any) -> str:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
-        return _type_name(args[0]) + " (optional)"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _size_fields(cls: type) -> set[str]:
-    import inspect
-
-    src = inspect.getsource(cls)
-    return {line.split(":")[0].strip() for line in src.splitlines() if ": Size" in line}
-
-
-def config_reference_markdown() -> str:
-    lines = [
-        "# Configuration reference",
-        "",
-        "Generated from `runtime/config.py` by `python -m memtrain.runtime.config` (a test checks it is current).",
-        "Every field can be set on the command line with `--set dotted.name=value` (values are read as YAML; list items by index, e.g. `--set cluster.nodes[0].devices[0].kind=a100-80gb`).",
-        "Sizes accept `24GiB`, `512MB`, `1.5TiB` or a number of bytes. `cluster: auto` reads this machine.",
-        "",
-        "| field | type | default | meaning |",
-        "|---|---|---|---|",
-    ]
-    for dotted, type_name, default, doc in field_docs():
-        lines.append(f"| `{dotted}` | {type_name} | `{default}` | {doc} |")
-    return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
     print(config_reference_markdown(), end="")
