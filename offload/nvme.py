@@ -371,7 +371,8 @@ class NvmeStore:
         return self.read(key, out).result()
 
     def delete(self, key: str) -> None:
-        """Remove ``key``'s file (after anything in flight on it) and release its bytes."""
+        """Remove ``key``'s file (after anything in flight on it) and release its bytes. If the
+        file cannot be removed (``NvmeError``), its bytes stay on the ledger until ``close()``."""
         self._check_started()
         _check_key(key)
         with self._lock:
@@ -538,8 +539,12 @@ class NvmeStore:
         return out
 
     def _delete_op(self, key: str) -> None:
+        path = self._file(key)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:  # the file and its bytes stay known, so close() tries again
+            raise self._io_error(e, "removing", path, key) from e
         with self._lock:
             entry = self._entries.pop(key, None)
-        self._file(key).unlink(missing_ok=True)
         if entry is not None:
             self.ledger.free(key, entry.disk_bytes)
