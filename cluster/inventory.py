@@ -3,9 +3,9 @@
 * Explicit nodes (``cluster.nodes``): each device starts from its catalog entry
   (``planner.catalog``) and every override in the config replaces the matching figure.
 * ``cluster: auto``: this machine, read with psutil (RAM, cores, honouring cgroup limits) and
-  nvidia-ml-py (GPUs). Without a usable nvml (no driver, no GPU, any error) the node gets one
-  ``cpu`` device whose memory is the host RAM: on a CPU-only machine the device tier is host
-  memory (docs/DESIGN.md, "The CPU-only path").
+  nvidia-ml-py (GPUs). A machine without GPUs gets one ``cpu`` device whose memory is the host
+  RAM: on a CPU-only machine the device tier is host memory (docs/DESIGN.md, "The CPU-only
+  path"). A driver that is there but fails is an error ([Note: no GPU or a broken driver]).
 
 Nothing here creates files or directories; the NVMe path is only inspected for free space.
 """
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from memtrain.cluster.spec import ClusterSpec, DeviceSpec, HostSpec, NodeSpec, NvmeSpec
+from memtrain.errors import UserError
 from memtrain.planner import catalog
 from memtrain.planner.units import format_bytes
 from memtrain.runtime.config import ConfigError
@@ -288,18 +289,41 @@ def _nvml_device(nvml: Any, handle: Any) -> DeviceSpec:
     )
 
 
+# [Note: no GPU or a broken driver] nvml answers three ways. No NVIDIA driver on this machine
+# (nvidia-ml-py not installed, the NVML library missing, the kernel driver not loaded) or a
+# driver that sees no GPU: a CPU-only machine, planned as one silently, as on every developer
+# and CI machine. A driver that is there but fails (nvmlInit or a device query raises anything
+# else: a library/driver version mismatch after an upgrade, no permission, a GPU fallen off the
+# bus): a UserError naming the failure. Planning such a GPU machine as CPU-only would give a
+# plan for the wrong hardware without a word.
+_NO_DRIVER_ERRORS = ("NVMLError_LibraryNotFound", "NVMLError_DriverNotLoaded")
+
+
+def _driver_error(call: str, error: BaseException) -> UserError:
+    return UserError(
+        f"cluster.auto: this machine's NVIDIA driver failed ({call}: {type(error).__name__}: {error}), so its "
+        "GPUs cannot be read; check the driver with nvidia-smi (a driver upgraded without a reboot fails this "
+        "way), or set cluster.auto: false and describe this machine in cluster.nodes"
+    )
+
+
 def _nvml_devices() -> tuple[DeviceSpec, ...]:
-    """The GPUs nvml reports, or () when nvml is missing, fails in any way, or sees none."""
+    """The GPUs nvml reports; () without an NVIDIA driver ([Note: no GPU or a broken driver])."""
     try:
         import pynvml as nvml
-
-        nvml.nvmlInit()
-    except Exception:  # no library, no driver, no permission: a CPU-only machine
+    except ImportError:
         return ()
     try:
+        nvml.nvmlInit()
+    except Exception as e:
+        no_driver = tuple(getattr(nvml, name) for name in _NO_DRIVER_ERRORS if hasattr(nvml, name))
+        if isinstance(e, no_driver):
+            return ()
+        raise _driver_error("nvmlInit", e) from e
+    try:
         return tuple(_nvml_device(nvml, nvml.nvmlDeviceGetHandleByIndex(i)) for i in range(nvml.nvmlDeviceGetCount()))
-    except Exception:
-        return ()
+    except getattr(nvml, "NVMLError", Exception) as e:  # an error of ours keeps its traceback
+        raise _driver_error("reading the GPUs", e) from e
     finally:
         _optional(nvml.nvmlShutdown)
 
@@ -319,7 +343,8 @@ def _local_node(overlay: NodeConfig | None) -> NodeSpec:
 
 def local_node_spec() -> NodeSpec:
     """This machine: RAM and cores from psutil (within cgroup limits), GPUs from nvml, else one
-    ``cpu`` device holding the host RAM. No NVMe (configure one in ``cluster.nodes[0].nvme``)."""
+    ``cpu`` device holding the host RAM; a failing driver raises ``UserError``. No NVMe
+    (configure one in ``cluster.nodes[0].nvme``)."""
     return _local_node(None)
 
 

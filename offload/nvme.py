@@ -5,7 +5,8 @@ storage (docs/memory-accounting.md, "nvme" column): chunks whose home is NVMe an
 swapped to NVMe are written and read here.
 
     store = NvmeStore("/mnt/nvme/memtrain/rank0", budget_bytes=200 * 2**30)
-    store.start()                       # creates the directory, probes O_DIRECT, takes a lock
+    store.start()                       # creates the directory, takes a lock, probes O_DIRECT,
+                                        # removes an earlier run's files ([Note: stale files])
     fut = store.write("chunk:3", t)     # returns at once; ``t`` must not change until fut is done
     store.read("chunk:3", out).result() # fills ``out`` (same dtype and numel), checksum verified
     store.delete("chunk:3"); store.close()
@@ -36,12 +37,21 @@ memtrain.offload.nvme_format.
 
 [Note: durability and the page cache] Every file is written to ``.<name>.<id>.tmp`` in the same
 directory, ``fdatasync``-ed, and renamed over the final name, so a reader never sees a
-half-written file and a crash leaves only temp files (removed by the next ``start()``). With
+half-written file; a crash leaves temp files and complete ones, both removed by the next
+``start()`` ([Note: stale files]). With
 O_DIRECT (used when the filesystem accepts it, probed once in ``start()``) data bypasses the
 page cache; buffers are page-aligned anonymous mmaps. Without it (``direct=False`` or tmpfs-like
 filesystems) writes are buffered, then ``fdatasync`` + ``POSIX_FADV_DONTNEED`` drop the file's
 pages, and reads drop them afterwards too: offloading to NVMe is meant to free host RAM, so the
 store must not keep a second, unaccounted copy in the page cache.
+
+[Note: stale files] Files are a store's working memory, not a format kept across runs: ``close()``
+removes them all. Files found by ``start()`` are therefore an earlier store's that never closed
+(a crash, a kill): the directory lock, which the kernel drops when a process dies, proves no
+live store uses them. ``start()`` removes them (the ``.mt`` files whose header is memtrain's, and
+temp files) and says so once with a ``StaleFilesWarning`` naming the directory, the number of
+files and their bytes; none of them enters the ledger, so leftovers never count against a new
+run's budget. Other files in the directory are left alone.
 """
 
 from __future__ import annotations
@@ -53,8 +63,9 @@ import math
 import os
 import threading
 import uuid
+import warnings
 from pathlib import Path
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 import torch
 import zstandard
@@ -63,6 +74,7 @@ from memtrain.offload.io_queue import BACKGROUND, URGENT, KeyedPool
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.nvme_format import (
     _FRAME,
+    _MAGIC,
     _ZSTD_LEVEL,
     ALIGN_BYTES,
     HEADER_BYTES,
@@ -81,16 +93,21 @@ from memtrain.offload.nvme_format import (
     aligned_empty,
     is_aligned,
 )
+from memtrain.planner.units import format_bytes
 
 __all__ = [
-    "NvmeError", "NvmeEntry", "NvmeStore", "ALIGN_BYTES", "HEADER_BYTES", "aligned_empty", "is_aligned", "URGENT",
-    "BACKGROUND",
+    "NvmeError", "NvmeEntry", "NvmeStore", "StaleFilesWarning", "ALIGN_BYTES", "HEADER_BYTES", "aligned_empty",
+    "is_aligned", "URGENT", "BACKGROUND",
 ]
 
 _SUFFIX = ".mt"
 _LOCK_NAME = ".memtrain-nvme.lock"
 
 _fdatasync = getattr(os, "fdatasync", os.fsync)
+
+
+class StaleFilesWarning(UserWarning):
+    """``start()`` removed files an earlier store left in its directory ([Note: stale files])."""
 
 
 def _drop_cache(fd: int) -> None:
@@ -209,7 +226,7 @@ class NvmeStore:
     # --- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> NvmeStore:
-        """Create the directory, check it is writable, probe O_DIRECT, adopt existing files."""
+        """Create the directory, lock it, probe O_DIRECT, remove an earlier run's files ([Note: stale files])."""
         if self._pool is not None:
             return self
         p = self.path
@@ -228,41 +245,54 @@ class NvmeStore:
         self._lock_fd = _lock_directory(p)
         try:
             self.direct = _probe_direct(p, self._direct_request)
-            self._adopt_existing()
+            self._remove_stale()
         except BaseException:
             self._release_lock()
             raise
         self._pool = KeyedPool(self.num_threads, name="memtrain-nvme")
         return self
 
-    def _adopt_existing(self) -> None:
-        """Remove temp files left by a crash; register complete files kept by an earlier store."""
+    def _remove_stale(self) -> None:
+        """Remove the files an earlier store left here, and say so ([Note: stale files])."""
+        num_files = num_bytes = 0
         for f in sorted(self.path.iterdir()):
-            if f.name.startswith(".") and f.name.endswith(".tmp"):
-                f.unlink(missing_ok=True)
-            elif f.name.endswith(_SUFFIX) and f.is_file():
-                key = unquote(f.name[: -len(_SUFFIX)])
-                with open(f, "rb") as fh:
-                    entry, _ = _parse_header(fh.read(HEADER_BYTES), f, key)
-                self.ledger.alloc(key, entry.disk_bytes)
-                self._entries[key] = entry
-                self._keys.add(key)
+            temp = f.name.startswith(".") and f.name.endswith(".tmp")
+            if not (temp or f.name.endswith(_SUFFIX)) or not f.is_file():
+                continue
+            try:
+                if not temp:
+                    with open(f, "rb") as fh:
+                        if fh.read(len(_MAGIC)) != _MAGIC:
+                            continue  # not a memtrain file: not ours to remove
+                size = f.stat().st_size
+                f.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise NvmeError(f"nvme path {self.path}: cannot remove {f.name}, left by an earlier run ({e.strerror}); "
+                                "remove it by hand or choose another directory") from None
+            num_files += 1
+            num_bytes += size
+        if num_files:
+            warnings.warn(
+                f"nvme path {self.path}: removed {num_files} file(s), {format_bytes(num_bytes)}, left by an earlier "
+                "run that did not close its store (a crash or a kill)", StaleFilesWarning, stacklevel=3,
+            )
 
-    def close(self, *, keep_files: bool = False) -> None:
-        """Wait for everything in flight, stop the threads, and remove the files (unless kept)."""
+    def close(self) -> None:
+        """Wait for everything in flight, stop the threads, and remove the files and the lock."""
         if self._pool is None:
             return
         cf.wait(list(self._pending))
         self._pool.shutdown()
         self._pool = None
-        if not keep_files:
-            for key in list(self._entries):
-                self._file(key).unlink(missing_ok=True)
-                self.ledger.free(key)
-            self._entries.clear()
-            self._keys.clear()
+        for key in list(self._entries):
+            self._file(key).unlink(missing_ok=True)
+            self.ledger.free(key)
+        self._entries.clear()
+        self._keys.clear()
         self._release_lock()
-        if self._created_dir and not keep_files:
+        if self._created_dir:
             try:
                 self.path.rmdir()
             except OSError:
@@ -341,7 +371,8 @@ class NvmeStore:
         return self.read(key, out).result()
 
     def delete(self, key: str) -> None:
-        """Remove ``key``'s file (after anything in flight on it) and release its bytes."""
+        """Remove ``key``'s file (after anything in flight on it) and release its bytes. If the
+        file cannot be removed (``NvmeError``), its bytes stay on the ledger until ``close()``."""
         self._check_started()
         _check_key(key)
         with self._lock:
@@ -508,8 +539,12 @@ class NvmeStore:
         return out
 
     def _delete_op(self, key: str) -> None:
+        path = self._file(key)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:  # the file and its bytes stay known, so close() tries again
+            raise self._io_error(e, "removing", path, key) from e
         with self._lock:
             entry = self._entries.pop(key, None)
-        self._file(key).unlink(missing_ok=True)
         if entry is not None:
             self.ledger.free(key, entry.disk_bytes)

@@ -22,17 +22,27 @@ the block's forward ends is refused with an error: the swap copies at the end of
 and plain autograd would reject that backward too. On CUDA the device copy is dropped when the
 copy-out is seen finished (the next block boundary); a record needed again before that (the
 last blocks of the forward) keeps using its device copy.
+
+[Note: swap I/O failures] A failed NVMe write or read of a record is raised in the training
+thread where the record's data is next needed (the forward that waits for the write, the
+backward's claim of the record), as an ``NvmeError`` naming the block and micro-batch, and again
+by any later claim of it: the data the backward needs is gone, so the step cannot go on. A
+record freed before that point never needed the data; its failure is still reported, as a
+warning, since the disk misbehaved. A file that cannot be deleted is reported as a warning too:
+it stays on the store's ledger and on disk until the store's ``close()`` removes it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from memtrain.offload.nvme_format import NvmeError
 from memtrain.offload.tiers import CopyHandle, copy_async, copy_stream
 from memtrain.planner.plan import ActPolicy
 
@@ -126,6 +136,7 @@ class _Record:
         self.pending_in: CopyHandle | None = None  # a copy whose end releases the host buffer
         self.io = None  # concurrent.futures.Future of an NVMe write or read
         self.nvme_key: str | None = None
+        self.failed: str | None = None  # the NVMe failure raised to the training thread
 
     # --- ledger windows ------------------------------------------------------------------
 
@@ -178,24 +189,49 @@ class _Record:
                     h.wait()  # never release memory a copy engine is still using
             self.copy = self.pending_in = None
             if self.io is not None:
-                try:
-                    self.io.result()
-                except Exception:  # noqa: BLE001 - the data is no longer wanted, so a failed write or read is moot
-                    pass
-                self.io = None
+                io, self.io = self.io, None
+                error = io.exception()  # waits: never free a buffer the disk is still using
+                if error is not None:  # [Note: swap I/O failures]: the data was never needed
+                    doing = "write" if self.state is _State.WRITING else "read"
+                    warnings.warn(f"{self._what()}: an NVMe {doing} failed after the data stopped being needed: "
+                                  f"{error}", stacklevel=2)
             self.give_device()
             self.give_host()
-            if self.nvme_key is not None and self.mgr.nvme is not None:
-                try:
-                    self.mgr.nvme.delete(self.nvme_key)
-                except Exception:  # noqa: BLE001 - a leftover file is removed by the store's next start()
-                    pass
-                self.nvme_key = None
+            self._delete_file()
             self.storages.clear()
             self.versions.clear()
             self.host_buf = self.dev_buf = None
             self.state = _State.FREED
         self.mgr._forget(self)
+
+    def _what(self) -> str:
+        return f"activations of block {self.name!r}, micro-batch {self.mb}"
+
+    def _wait_io(self, doing: str) -> None:
+        """Wait for the NVMe write or read in flight; raise its failure ([Note: swap I/O failures])."""
+        if self.failed is not None:
+            raise NvmeError(self.failed)
+        io, self.io = self.io, None
+        error = io.exception()  # waits
+        if error is None:
+            return
+        # Kept as a message and raised as a new exception: one raised in this thread would carry
+        # its frames, and so the saved tensors whose release frees this record, wherever the
+        # future's exception is kept (the store keeps failures until its flush()).
+        self.failed = f"{self._what()}: {doing} NVMe failed, so this step's backward cannot run: {error}"
+        if isinstance(error, NvmeError):
+            raise NvmeError(self.failed) from error
+        raise error
+
+    def _delete_file(self) -> None:
+        """Delete the record's NVMe file, if its write made one ([Note: swap I/O failures])."""
+        key, self.nvme_key = self.nvme_key, None
+        if key is None or self.mgr.nvme is None or key not in self.mgr.nvme:
+            return
+        try:
+            self.mgr.nvme.delete(key)
+        except NvmeError as e:
+            warnings.warn(f"{self._what()}: {e}; the NVMe store's close() removes the file", stacklevel=3)
 
     def view(self, p: _Packed) -> torch.Tensor:
         """The saved tensor ``p`` over the storage's memory as it is now (bringing it back first)."""
@@ -253,8 +289,7 @@ class _Record:
             self.finish_copy_out(wait=True)
             if self.state is not _State.WRITING:
                 return
-            self.io.result()  # an NvmeError surfaces here, in the training thread
-            self.io = None
+            self._wait_io("writing them to")  # an NvmeError surfaces here, in the training thread
             self.host_buf = None
             self.give_host()
             self.state = _State.ON_NVME
@@ -304,10 +339,8 @@ class _Record:
         """
         with self.lock:
             if self.state is _State.READING and consumer:
-                self.io.result()  # an NvmeError surfaces here, in the training thread
-                self.io = None
-                self.mgr.nvme.delete(self.nvme_key)  # NVMe bytes: from the write start to the claim
-                self.nvme_key = None
+                self._wait_io("reading them back from")  # an NvmeError surfaces here, in the training thread
+                self._delete_file()  # NVMe bytes: from the write start to the claim
                 self.start_copy_in()
             if self.state is _State.COPY_IN and (consumer or self.copy.done()):
                 # A consumer's stream waits for the copy on the GPU; the host does not block.

@@ -55,8 +55,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", metavar="PATH", help="profile file (default: <run_dir>/profile.parquet)")
 
-    p = sub.add_parser("run", help="train with the plan")
+    p = sub.add_parser(
+        "run", help="train with the plan",
+        description="Plan, then train in this process; writes plan.json and metrics.jsonl (one line per step) to "
+                    "the run directory. Exit status: 0 done, 2 a user mistake, 3 the loss became NaN or infinite.",
+    )
     _add_config_args(p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run's plan.json and metrics.jsonl in the run directory (without it, "
+                        "such a directory is refused); profile.parquet is kept")
 
     p = sub.add_parser("resume", help="resume a run from its latest snapshot or checkpoint")
     _add_config_args(p)
@@ -183,10 +190,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     from memtrain.runtime.planning import run_dir
-    from memtrain.runtime.train import train
+    from memtrain.runtime.train import EXIT_NON_FINITE_LOSS, NonFiniteLoss, train
 
     _check_output("run_dir", str(run_dir(cfg) / "metrics.jsonl"))  # where the run writes its files
-    train(cfg)
+    try:
+        train(cfg, overwrite=args.overwrite)
+    except NonFiniteLoss as e:  # training diverged: a clean stop with its own status
+        print(f"memtrain: error: {e}", file=sys.stderr)
+        return EXIT_NON_FINITE_LOSS
     return 0
 
 

@@ -2,21 +2,55 @@
 
 The distributed runtime (Ray actors) reuses the same engine per stage; this is the embedded
 single-process path.
+
+[Note: the run directory] A run writes ``plan.json`` (before its first step) and
+``metrics.jsonl`` (one line per step, flushed to the OS as the step ends, so a killed run keeps
+the lines of every finished step; no fsync, which would cost a disk flush per step) into its run
+directory, so the two always describe the same run: a directory holding an earlier run's
+``plan.json`` or ``metrics.jsonl`` is refused, and ``overwrite=True`` (``--overwrite``) removes
+them once the new plan fits. ``profile.parquet`` (``memtrain profile``'s, reused by later plans)
+is kept. A run that fails before its first step ends removes what it wrote there.
+
+[Note: closing the engine] Whatever fails after ``wrap()`` (the data source, a step, the loss
+turning non-finite, an interrupt) closes the engine before the error propagates, so the NVMe
+store's chunk files and lock are removed; a SIGKILL leaves them, and the next run's store
+removes them (offload.nvme [Note: stale files]).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
+from memtrain.errors import UserError
 from memtrain.planner.units import format_bytes
 from memtrain.runtime.config import Config, ConfigError
 
-__all__ = ["lr_at", "train"]
+__all__ = ["lr_at", "train", "NonFiniteLoss", "RUN_ARTIFACTS", "EXIT_NON_FINITE_LOSS"]
+
+RUN_ARTIFACTS = ("plan.json", "metrics.jsonl")
+"""What ``train`` writes to the run directory ([Note: the run directory])."""
+
+EXIT_NON_FINITE_LOSS = 3
+"""``memtrain run``'s exit status when the loss became NaN or infinite (2 is a user mistake)."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite at ``step``; the run stopped after writing its metrics line.
+
+    Neither a config mistake nor a failure of memtrain: training diverged, so ``memtrain run``
+    exits with ``EXIT_NON_FINITE_LOSS``. A step that fp16 loss scaling skipped for overflowing
+    gradients has a finite loss and is not one."""
+
+    def __init__(self, message: str, *, step: int) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -49,8 +83,62 @@ def _memory_for(plan, cfg: Config) -> dict:
     return memory
 
 
-def train(cfg: Config, *, print_fn=print) -> dict:
-    """Train ``cfg.train.steps`` steps; returns a summary (losses, timings, memory)."""
+def _check_run_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a run directory holding an earlier run's artifacts ([Note: the run directory])."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"run_dir: {out_dir} is a file; set run_dir (or name) to a directory")
+    found = [name for name in RUN_ARTIFACTS if (out_dir / name).exists()]
+    if found and not overwrite:
+        raise UserError(
+            f"run_dir: {out_dir} holds an earlier run's {' and '.join(found)}; pass --overwrite to replace them, "
+            "or give this run its own directory (--set name=... or --set run_dir=...)"
+        )
+
+
+def _remove_artifacts(out_dir: Path, created: bool) -> None:
+    for name in RUN_ARTIFACTS:
+        (out_dir / name).unlink(missing_ok=True)
+    if created:
+        with contextlib.suppress(OSError):  # something else was written there meanwhile: keep it
+            out_dir.rmdir()
+
+
+@contextlib.contextmanager
+def _store_notes_to(print_fn):
+    """Show the NVMe store's ``StaleFilesWarning`` as a line of the run's output."""
+    from memtrain.offload.nvme import StaleFilesWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", StaleFilesWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, StaleFilesWarning):
+                print_fn(f"memtrain: {message}")
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
+def _non_finite(loss: float, step: int, cfg: Config, metrics_path: Path) -> NonFiniteLoss:
+    fixes = [f"lower train.optimizer.lr (peak {cfg.train.optimizer.lr:g})",
+             f"add or lengthen train.warmup_steps (now {cfg.train.warmup_steps})"]
+    if cfg.train.dtype == "fp16":
+        fixes.append("train in bf16 (--set train.dtype=bf16), whose range does not overflow like fp16's")
+    return NonFiniteLoss(
+        f"step {step}: the loss is {loss} (not finite), so training stopped; likely fixes: {'; '.join(fixes)}. "
+        f"The metrics of steps 1-{step} are in {metrics_path}", step=step,
+    )
+
+
+def train(cfg: Config, *, overwrite: bool = False, print_fn=print) -> dict:
+    """Train ``cfg.train.steps`` steps; returns a summary (losses, timings, memory).
+
+    ``overwrite``: replace an earlier run's artifacts in the run directory instead of refusing
+    ([Note: the run directory]). Raises ``NonFiniteLoss`` when the loss turns NaN or infinite.
+    """
     from memtrain.models import build_model
     from memtrain.planner import report
     from memtrain.planner.search import tracked_peak_bytes
@@ -58,34 +146,40 @@ def train(cfg: Config, *, print_fn=print) -> dict:
     from memtrain.runtime.engine import wrap
     from memtrain.runtime.planning import plan_from_config, run_dir
 
+    out_dir = run_dir(cfg)
+    _check_run_dir(out_dir, overwrite)
     plan = plan_from_config(cfg)
     report.print_summary(plan)
     if not plan.fits:
         raise ConfigError(f"the model does not fit: {plan.shortfall}")
-    out_dir = run_dir(cfg)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    plan.save(out_dir / "plan.json")
-
-    torch.manual_seed(cfg.train.seed)
-    built = build_model(cfg.model, max_seq_len=cfg.train.seq_len)
-    opt = cfg.train.optimizer
-    optimizer = {"name": opt.name, "lr": opt.lr, "weight_decay": opt.weight_decay}
-    if opt.name == "adamw":
-        optimizer.update(betas=tuple(opt.betas), eps=opt.eps)
-    else:
-        optimizer.update(momentum=opt.momentum)
-    engine = wrap(
-        built.module, optimizer=optimizer, memory=_memory_for(plan, cfg), plan=plan, blocks=list(built.blocks),
-        loss_fn=built.loss_fn, dtype=cfg.train.dtype, verbose=False, call=lambda m, ids: built.forward(ids, module=m),
-    )
-    data = TokenBatches(cfg.data, batch_size=cfg.train.global_batch_size, seq_len=cfg.train.seq_len,
-                        vocab_size=built.vocab_size)
+    if overwrite:
+        _remove_artifacts(out_dir, created=False)
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
     losses, step_times = [], []
     metrics_path = out_dir / "metrics.jsonl"
-    print_fn(f"training {cfg.train.steps} steps of {tokens_per_step:,} tokens; run directory {out_dir}")
+    engine = None
     try:
-        with metrics_path.open("w") as metrics:
+        plan.save(out_dir / "plan.json")
+        torch.manual_seed(cfg.train.seed)
+        built = build_model(cfg.model, max_seq_len=cfg.train.seq_len)
+        opt = cfg.train.optimizer
+        optimizer = {"name": opt.name, "lr": opt.lr, "weight_decay": opt.weight_decay}
+        if opt.name == "adamw":
+            optimizer.update(betas=tuple(opt.betas), eps=opt.eps)
+        else:
+            optimizer.update(momentum=opt.momentum)
+        with _store_notes_to(print_fn):
+            engine = wrap(
+                built.module, optimizer=optimizer, memory=_memory_for(plan, cfg), plan=plan, blocks=list(built.blocks),
+                loss_fn=built.loss_fn, dtype=cfg.train.dtype, verbose=False, call=lambda m, ids: built.forward(ids, module=m),
+            )
+        # [Note: closing the engine] from here on
+        data = TokenBatches(cfg.data, batch_size=cfg.train.global_batch_size, seq_len=cfg.train.seq_len,
+                            vocab_size=built.vocab_size)
+        print_fn(f"training {cfg.train.steps} steps of {tokens_per_step:,} tokens; run directory {out_dir}")
+        with metrics_path.open("a") as metrics:
             for step in range(cfg.train.steps):
                 engine.set_lr(lr_at(step, cfg))
                 t0 = time.perf_counter()
@@ -94,15 +188,29 @@ def train(cfg: Config, *, print_fn=print) -> dict:
                 losses.append(loss)
                 step_times.append(dt)
                 peaks = engine.step_peak_bytes()
-                record = {"step": step + 1, "loss": loss, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
-                          "lr": lr_at(step, cfg), "peak_bytes": peaks}
+                finite = math.isfinite(loss)
+                record = {"step": step + 1, "loss": loss if finite else None, "step_time_s": dt,
+                          "tokens_per_s": tokens_per_step / dt, "lr": lr_at(step, cfg), "peak_bytes": peaks}
+                if not finite:
+                    record["non_finite_loss"] = str(loss)  # JSON has no NaN or Infinity
                 metrics.write(json.dumps(record) + "\n")
+                metrics.flush()  # [Note: the run directory]
+                if not finite:
+                    raise _non_finite(loss, step + 1, cfg, metrics_path)
                 print_fn(f"step {step + 1:>5}/{cfg.train.steps}  loss {loss:.4f}  {dt:6.3f} s  "
                          f"{tokens_per_step / dt:10,.0f} tok/s  step peak: device {format_bytes(peaks['device'])}, "
                          f"host {format_bytes(peaks['host'])}")
         mem = engine.memory_report()
-    finally:
-        engine.close()
+    except BaseException:
+        if engine is not None:
+            try:
+                engine.close()
+            except Exception as e:  # the first failure is the one to report; this one is a note
+                print_fn(f"memtrain: closing the engine after a failure also failed: {e!r}")
+        if not losses:
+            _remove_artifacts(out_dir, created)
+        raise
+    engine.close()
     steady = step_times[1:] or step_times
     measured_s = sorted(steady)[len(steady) // 2]
     predicted = plan.prediction

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import errno
+import gc
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ from torch import nn
 from memtrain.models.gpt import GPT, causal_lm_loss, gpt_config
 from memtrain.offload.activations import ActivationManager, act_owner
 from memtrain.offload.ledger import Ledger
-from memtrain.offload.nvme import NvmeError, NvmeStore
+from memtrain.offload.nvme import HEADER_BYTES, NvmeError, NvmeStore
 from memtrain.planner.plan import ActPolicy
 
 NUM_STEPS = 20
@@ -230,16 +233,88 @@ def test_swap_nvme_peaks_do_not_depend_on_the_disks_speed(writes_in_flight, base
     assert device_peak == max(a)
 
 
+def _swap_nvme_model(store: NvmeStore):
+    model = _model()
+    device, host = Ledger("device"), Ledger("host")
+    mgr = ActivationManager(policies={f"blocks.{i}": "swap_nvme" for i in range(4)}, device_ledger=device,
+                            host_ledger=host, nvme=store)
+    mgr.wrap_blocks(_blocks(model))
+    return model, mgr, device, host
+
+
 def test_a_failed_swap_write_surfaces_in_the_forward_that_waits_for_it(tmp_path):
+    """[Note: swap I/O failures] The failure names the block; nothing is left behind it."""
     with NvmeStore(tmp_path / "nvme", budget_bytes=None, num_threads=2) as s:
         _SlowDisk(s, 0.0, fail=NvmeError("disk full"))
-        model = _model()
-        mgr = ActivationManager(policies={f"blocks.{i}": "swap_nvme" for i in range(4)}, device_ledger=Ledger("device"),
-                                host_ledger=Ledger("host"), nvme=s)
-        mgr.wrap_blocks(_blocks(model))
+        model, mgr, device, host = _swap_nvme_model(s)
         ids = _batches(1)[0]
-        with pytest.raises(NvmeError, match="disk full"):
+        with pytest.raises(NvmeError, match=r"'blocks\.0', micro-batch 0: writing them to NVMe failed.*disk full"):
             model(ids[:, :-1])  # block 0's write is waited for at the end of block 1's forward
+        gc.collect()  # the forward's graph is gone: its records are freed
+        _ledgers_empty(mgr, device, host)
+        assert not list(s.path.glob("*.mt"))
+
+
+def test_a_failed_swap_read_surfaces_in_the_backward_that_claims_it(store):
+    model, mgr, device, host = _swap_nvme_model(store)
+    ids = _batches(1)[0]
+    loss = causal_lm_loss(model(ids[:, :-1]), ids[:, 1:])
+    mgr.synchronize()
+    path = store.file_path(act_owner("blocks.3", 0))
+    data = bytearray(path.read_bytes())
+    data[HEADER_BYTES + 10] ^= 0xFF  # a payload byte goes bad on the disk
+    path.write_bytes(bytes(data))
+    with pytest.raises(NvmeError, match=r"'blocks\.3', micro-batch 0: reading them back from NVMe failed.*checksum"):
+        loss.backward()  # block 3 is claimed first
+    del loss
+    gc.collect()
+    _ledgers_empty(mgr, device, host)  # every file deleted, the corrupt one included
+    assert not list(store.path.glob("*.mt"))
+
+
+def test_a_failed_write_of_activations_no_longer_needed_is_a_warning(store):
+    """A forward whose graph is dropped before its backward: its last block's write fails while
+    in flight; nothing needed the data, so it is a warning, not silence and not an error."""
+    write = store.write
+
+    def failing_write(key, tensor, **kw):
+        if key != act_owner("blocks.3", 0):
+            return write(key, tensor, **kw)
+        fut = cf.Future()
+        fut.set_exception(NvmeError("disk full"))
+        return fut
+
+    store.write = failing_write
+    model, mgr, device, host = _swap_nvme_model(store)
+    ids = _batches(1)[0]
+    loss = causal_lm_loss(model(ids[:, :-1]), ids[:, 1:])
+    with pytest.warns(UserWarning, match=r"'blocks\.3', micro-batch 0: an NVMe write failed .*disk full"):
+        del loss
+        gc.collect()
+    _ledgers_empty(mgr, device, host)
+
+
+def test_a_file_that_cannot_be_deleted_is_a_warning_and_close_removes_it(tmp_path, monkeypatch):
+    unlink = Path.unlink
+    refuse = [True]
+
+    def flaky_unlink(self, missing_ok=False):
+        if refuse[0] and self.name.startswith("act%3Ablocks.3"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", flaky_unlink)
+    store = NvmeStore(tmp_path / "nvme", budget_bytes=None, num_threads=2).start()
+    model, mgr, device, host = _swap_nvme_model(store)
+    ids = _batches(1)[0]
+    loss = causal_lm_loss(model(ids[:, :-1]), ids[:, 1:])
+    with pytest.warns(UserWarning, match=r"'blocks\.3', micro-batch 0: removing .* failed: Permission denied"):
+        loss.backward()  # the training goes on: the data was read back
+    assert [p.name for p in store.path.glob("*.mt")] == ["act%3Ablocks.3%3A0.mt"]
+    assert store.keys() == [act_owner("blocks.3", 0)] and store.ledger.in_use_bytes > 0  # still accounted
+    refuse[0] = False
+    store.close()
+    assert not (tmp_path / "nvme").exists()
 
 
 def test_recompute_holds_inputs_then_one_block_at_a_time():

@@ -257,10 +257,15 @@ def test_free_bytes_asks_nearest_existing_parent(tmp_path, monkeypatch):
 
 class _FailingNvml(types.ModuleType):
     def __init__(self):
+        import pynvml
+
         super().__init__("pynvml")
+        self.NVMLError_LibraryNotFound = pynvml.NVMLError_LibraryNotFound
 
     def nvmlInit(self):
-        raise RuntimeError("NVML Shared Library Not Found")
+        import pynvml
+
+        raise pynvml.NVMLError_LibraryNotFound()
 
 
 def _fake_nvml(gpus):
@@ -322,14 +327,6 @@ def test_auto_with_zero_gpus_falls_back(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", fake := _fake_nvml([]))
     assert [d.kind for d in local_node_spec().devices] == ["cpu"]
     assert fake.calls == ["init", "shutdown"]
-
-
-def test_auto_nvml_failure_mid_query_falls_back(monkeypatch):
-    fake = _fake_nvml([{"name": "NVIDIA A10", "memory": 24 * GIB}])
-    fake.nvmlDeviceGetMemoryInfo = lambda h: (_ for _ in ()).throw(RuntimeError("NVML_ERROR_GPU_IS_LOST"))
-    monkeypatch.setitem(sys.modules, "pynvml", fake)
-    assert [d.kind for d in local_node_spec().devices] == ["cpu"]
-    assert fake.calls[-1] == "shutdown"
 
 
 def test_auto_reads_gpus_from_nvml(monkeypatch):

@@ -106,13 +106,16 @@ def test_o_direct_refused_falls_back_to_buffered(tmp_path, monkeypatch):
 
 
 def test_files_are_interchangeable_between_direct_and_buffered(tmp_path):
+    """One file format whatever the I/O mode: a file written buffered reads back with O_DIRECT and
+    the reverse (both modes buffered where the filesystem refuses O_DIRECT)."""
     t = _tensor(torch.float32, 123_457)
-    with NvmeStore(tmp_path / "s", budget_bytes=None, direct=False) as a:
-        a.write_sync("k", t)
-        a.close(keep_files=True)
-    with NvmeStore(tmp_path / "s", budget_bytes=None, direct=None) as b:
-        out = torch.empty_like(t)
-        assert torch.equal(b.read_sync("k", out), t)
+    with NvmeStore(tmp_path / "s", budget_bytes=None, direct=None) as store:
+        probed = store.direct
+        for write_direct, read_direct in [(False, probed), (probed, False)]:
+            store.direct = write_direct
+            store.write_sync("k", t)
+            store.direct = read_direct
+            assert torch.equal(store.read_sync("k", torch.empty_like(t)), t)
 
 
 @pytest.mark.parametrize("compress", [False, True])
@@ -301,24 +304,52 @@ def test_keys_stay_inside_the_directory(store_factory):
     assert store.keys() == sorted(["act:layers/0:1", "../escape", "a b%c"])
 
 
-def test_close_removes_files_unless_kept_and_kept_files_are_adopted(tmp_path):
+def test_start_removes_an_earlier_runs_files_and_says_so(tmp_path):
+    """[Note: stale files] The files a killed run leaves (complete ones and temp files) are removed
+    by the next start(), which says so once; none is charged to the new store's budget, so a
+    budget with room for one run's data is enough; files that are not memtrain's stay."""
+    d = tmp_path / "s"
+    d.mkdir()
     t = _tensor(torch.float16, 77_777)
-    s = NvmeStore(tmp_path / "s", budget_bytes=None, compress=True).start()
+    s = NvmeStore(d, budget_bytes=None).start()
     s.write_sync("chunk:2", t)
-    disk = s.entry("chunk:2").disk_bytes
-    s.close(keep_files=True)
-    (tmp_path / "s" / ".stale.mt.0123.tmp").write_bytes(b"partial")  # as a crash would leave
-    s2 = NvmeStore(tmp_path / "s", budget_bytes=None).start()
-    assert not (tmp_path / "s" / ".stale.mt.0123.tmp").exists()
-    assert s2.ledger.by_owner() == {"chunk:2": disk}
-    out = torch.empty_like(t)
-    assert torch.equal(s2.read_sync("chunk:2", out), t)  # compressed file read by a plain store
+    s.write_sync("act:blocks.0:0", t)
+    left = {f.name: f.read_bytes() for f in d.glob("*.mt")}  # what a kill -9 would leave behind
+    budget = s.ledger.in_use_bytes
+    s.close()
+    for name, data in left.items():
+        (d / name).write_bytes(data)
+    (d / ".chunk%3A3.mt.0123.tmp").write_bytes(b"partial")  # a write cut short
+    (d / "notes.mt").write_bytes(b"not a memtrain file")
+    (d / "README").write_text("the user's")
+    stale_bytes = sum(len(b) for b in left.values()) + len(b"partial")
+    with pytest.warns(nvme_mod.StaleFilesWarning) as caught:
+        s2 = NvmeStore(d, budget_bytes=budget).start()
+    assert len(caught) == 1
+    msg = str(caught[0].message)
+    assert str(d) in msg and "removed 3 file(s)" in msg and nvme_mod.format_bytes(stale_bytes) in msg
+    assert sorted(f.name for f in d.iterdir()) == [".memtrain-nvme.lock", "README", "notes.mt"]
+    assert s2.ledger.in_use_bytes == 0 and s2.keys() == []
+    with pytest.raises(NvmeError, match="no such key"):
+        s2.read("chunk:2", torch.empty_like(t))
+    s2.write_sync("chunk:2", t)  # BudgetExceeded if the leftovers had been counted
+    s2.write_sync("act:blocks.0:0", t)
     s2.close()
-    assert list((tmp_path / "s").iterdir()) == []  # files and lock gone; the directory was not its own
-    s3 = NvmeStore(tmp_path / "fresh", budget_bytes=None).start()
-    s3.write_sync("k", t)
-    s3.close()
+    assert sorted(f.name for f in d.iterdir()) == ["README", "notes.mt"]  # files and lock gone
+
+
+def test_a_clean_start_says_nothing_and_close_removes_what_the_store_made(tmp_path, recwarn):
+    t = _tensor(torch.float16, 1000)
+    s = NvmeStore(tmp_path / "fresh", budget_bytes=None).start()
+    s.write_sync("k", t)
+    s.close()
     assert not (tmp_path / "fresh").exists()  # a directory the store created is removed with it
+    (tmp_path / "mine").mkdir()
+    s = NvmeStore(tmp_path / "mine", budget_bytes=None).start()
+    s.write_sync("k", t)
+    s.close()
+    assert list((tmp_path / "mine").iterdir()) == []  # files and lock gone; the directory was not its own
+    assert not [w for w in recwarn if issubclass(w.category, nvme_mod.StaleFilesWarning)]
 
 
 def test_checksum_is_the_zlib_crc32_whichever_implementation_runs():
