@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["measure_disk_gbps", "measure_disk_latency_s"]
+from memtrain.planner.measure import spread
+
+__all__ = ["measure_disk_gbps", "measure_disk_latency_s", "disk_probe", "disk_latency_probe"]
 
 
 @contextlib.contextmanager
@@ -33,7 +35,14 @@ def _probe_store(path: str | Path, **kw) -> Iterator:
 
 def measure_disk_gbps(path: str | Path, num_bytes: int = 512 * 2**20, file_bytes: int = 32 * 2**20,
                       reps: int = 3) -> dict[str, float]:
-    """Write and read bandwidth of the NVMe store at ``path``, GB/s, as the runtime streams chunks.
+    """Write and read bandwidth of the NVMe store at ``path``, GB/s (``disk_probe``'s figures)."""
+    return disk_probe(path, num_bytes, file_bytes, reps)[0]
+
+
+def disk_probe(path: str | Path, num_bytes: int = 512 * 2**20, file_bytes: int = 32 * 2**20,
+               reps: int = 3) -> tuple[dict[str, float], float]:
+    """Write and read bandwidth of the NVMe store at ``path``, GB/s, as the runtime streams
+    chunks, and the wider spread (``planner.measure.spread``) of the write and the read rounds.
 
     [Note: the store's bandwidth, not one stream's] ``num_bytes`` in files of ``file_bytes`` go
     through ``offload.nvme.NvmeStore`` with its default threads, all submitted at once: O_DIRECT
@@ -67,12 +76,21 @@ def measure_disk_gbps(path: str | Path, num_bytes: int = 512 * 2**20, file_bytes
                 f.result()
             read_s.append(time.perf_counter() - t0)
     moved = num_files * file_bytes
-    return {"nvme_write": moved / statistics.median(write_s) / 1e9, "nvme_read": moved / statistics.median(read_s) / 1e9}
+    return ({"nvme_write": moved / statistics.median(write_s) / 1e9, "nvme_read": moved / statistics.median(read_s) / 1e9},
+            max(spread(write_s), spread(read_s)))
 
 
 def measure_disk_latency_s(path: str | Path, *, read_gbps: float, write_gbps: float, num_bytes: int = 64 * 2**10,
                            reps: int = 9) -> dict[str, float]:
-    """Fixed seconds of one read and one durable write through the NVMe store at ``path``.
+    """Fixed seconds of one read and one durable write through the NVMe store at ``path``
+    (``disk_latency_probe``'s figures)."""
+    return disk_latency_probe(path, read_gbps=read_gbps, write_gbps=write_gbps, num_bytes=num_bytes, reps=reps)[0]
+
+
+def disk_latency_probe(path: str | Path, *, read_gbps: float, write_gbps: float, num_bytes: int = 64 * 2**10,
+                       reps: int = 9) -> tuple[dict[str, float], float]:
+    """Fixed seconds of one read and one durable write through the NVMe store at ``path``, and the
+    wider spread of the two's requests.
 
     The store's real path (a file per key, O_DIRECT where the filesystem allows, a checksummed
     header, ``fdatasync`` and a rename per write) on ``num_bytes`` requests: the median time of
@@ -94,5 +112,6 @@ def measure_disk_latency_s(path: str | Path, *, read_gbps: float, write_gbps: fl
             if rep:
                 writes.append(t1 - t0)
                 reads.append(t2 - t1)
-    return {"nvme_read_latency_s": max(statistics.median(reads) - num_bytes / (read_gbps * 1e9), 0.0),
-            "nvme_write_latency_s": max(statistics.median(writes) - num_bytes / (write_gbps * 1e9), 0.0)}
+    return ({"nvme_read_latency_s": max(statistics.median(reads) - num_bytes / (read_gbps * 1e9), 0.0),
+             "nvme_write_latency_s": max(statistics.median(writes) - num_bytes / (write_gbps * 1e9), 0.0)},
+            max(spread(reads), spread(writes)))

@@ -230,6 +230,9 @@ class Plan:
     alternatives: tuple[Alternative, ...] = ()
     source: str = "catalog"
     """Which hardware figures were used: ``catalog``, ``auto`` or ``profile:<path>``."""
+    source_notes: tuple[str, ...] = ()
+    """What is wrong with those figures, one line each: a profile skipped and why, one from
+    another machine, one measured under load."""
 
     def to_dict(self) -> dict:
         d = to_dict(self)

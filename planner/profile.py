@@ -15,147 +15,47 @@ The last block is timed together with the loss (``BuiltModel.loss_fn`` on its ou
 runtime runs the loss between the head's forward and backward, and the analysis counts the
 loss's FLOPs with the head too.
 
-File format (``PROFILE_VERSION`` 3): one row per (block, micro-batch size) with ``block``,
-``micro_batch_size``, ``fwd_s``, ``bwd_s``; the schema metadata key ``memtrain.profile`` holds
-JSON with ``version``, ``machine_id``, ``fingerprint``, ``model_key``, ``model_name``,
-``seq_len``, ``dtype``, ``created``, ``device``, ``bandwidths`` and ``overheads``. Older files
-are refused with a request to re-profile: version 1 has no overheads and times the head without
-the loss; version 2 measured NVMe bandwidth on one buffered stream, not through the store.
+Every probe repeats its measurement; one whose repeats spread too far, or that ran while other
+processes loaded the machine, is measured again, and if it stays unreliable the profile keeps it
+with a warning that ``memtrain plan`` and ``run`` show (``planner.measure``).
+
+The file and its identity (``Profile``, ``save_profile``/``load_profile``, ``find_profile``,
+``machine_id``, ``model_key``) are ``planner.profile_format``; the runtime-overhead probe is
+``planner.overhead_probe``, the NVMe probes ``planner.disk_probe``; all are re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from memtrain.errors import UserError
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
-from memtrain.planner.disk_probe import measure_disk_gbps, measure_disk_latency_s
-from memtrain.planner.serde import from_dict, to_dict
+from memtrain.planner.disk_probe import disk_latency_probe, disk_probe, measure_disk_gbps, measure_disk_latency_s
+from memtrain.planner.measure import (
+    MAX_DISK_SPREAD, MAX_ROUNDS, RETRY_WAIT_S, LoadMeter, ProbeQuality, measure_reliably, spread, timed_runs,
+)
+from memtrain.planner.overhead_probe import _lstsq_nonneg, measure_runtime_overhead  # noqa: F401  (re-exported)
+from memtrain.planner.profile_format import (
+    OVERHEAD_KEYS, PROBES, PROFILE_VERSION, BlockTiming, FoundProfile, Profile, ProfileError, _hash, find_profile,
+    load_profile, machine_fingerprint, machine_id, model_key, model_mismatch, other_machine, profile_flag, save_profile,
+)
 from memtrain.planner.stats import ModelStats
 
 __all__ = [
     "PROFILE_VERSION", "Profile", "ProfileError", "machine_fingerprint", "machine_id", "model_key",
     "measure_blocks", "measure_copy_gbps", "measure_disk_gbps", "measure_disk_latency_s", "measure_cpu_adam_params_per_s",
     "measure_runtime_overhead", "OVERHEAD_KEYS",
-    "run_profile", "save_profile", "load_profile", "apply_profile", "find_profile",
+    "run_profile", "save_profile", "load_profile", "apply_profile", "find_profile", "FoundProfile", "PROBES",
+    "copy_probe", "cpu_adam_probe", "blocks_spread", "model_mismatch", "other_machine", "profile_flag",
 ]
-
-PROFILE_VERSION = 3
-"""3: NVMe bandwidth measured through the store; 2: ``overheads`` added and the last block timed
-with the loss. Older versions are refused."""
-_META_KEY = b"memtrain.profile"
-OVERHEAD_KEYS = ("block_fwd_s", "block_bwd_s", "param_s", "microbatch_s", "chunk_fetch_s")
-"""Keys of ``Profile.overheads``, applied to the ``ModelStats.overhead_*`` fields of the same names."""
-
-
-class ProfileError(UserError):
-    """A profile file that cannot be used (missing, wrong version, another machine or model)."""
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class BlockTiming:
-    block: str
-    micro_batch_size: int
-    fwd_s: float
-    """Median forward time of the block for one micro-batch."""
-    bwd_s: float
-    """Median backward time (input and weight gradients)."""
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Profile:
-    version: int = PROFILE_VERSION
-    machine_id: str
-    """Hash of the fingerprint: profiles of another machine are not used."""
-    fingerprint: dict[str, str]
-    model_key: str
-    """Hash of the model config, sequence length and dtype."""
-    model_name: str
-    seq_len: int
-    dtype: str
-    created: str
-    device: str
-    """``cuda:<name>`` or ``cpu``."""
-    bandwidths: dict[str, float] = field(default_factory=dict)
-    """Measured GB/s: ``h2d``, ``d2h``, ``device_memory``, ``nvme_read``, ``nvme_write``; and
-    ``cpu_adam_params_per_s``, ``nvme_read_latency_s`` and ``nvme_write_latency_s`` (seconds)."""
-    overheads: dict[str, float] = field(default_factory=dict)
-    """Measured runtime overhead, seconds (``measure_runtime_overhead``): ``block_fwd_s`` and
-    ``block_bwd_s`` per block call, ``param_s`` per parameter tensor per micro-batch backward,
-    ``microbatch_s`` per micro-batch. Absent keys are 0."""
-    blocks: tuple[BlockTiming, ...] = ()
-
-
-# --- identity ------------------------------------------------------------------------------
-
-
-def machine_fingerprint() -> dict[str, str]:
-    import psutil
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    fp = {
-        "hostname": platform.node(),
-        "cpu": cpu,
-        "num_cpus": str(psutil.cpu_count(logical=True)),
-        "memory_bytes": str(psutil.virtual_memory().total),
-        "torch": torch.__version__.split("+")[0],
-    }
-    if torch.cuda.is_available():
-        fp["gpus"] = ",".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
-    return fp
-
-
-def _hash(obj: object) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def machine_id(fingerprint: dict[str, str] | None = None) -> str:
-    return _hash(fingerprint or machine_fingerprint())
-
-
-def model_key(model_cfg: object, seq_len: int, dtype: str) -> str:
-    cfg = to_dict(model_cfg) if dataclasses.is_dataclass(model_cfg) else model_cfg
-    return _hash({"model": cfg, "seq_len": seq_len, "dtype": dtype})
 
 
 # --- measurements --------------------------------------------------------------------------
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_time(fn: Callable[[], object], device: torch.device, reps: int, *, min_total_s: float = 0.0,
-                 max_reps: int = 200) -> float:
-    """Median seconds of ``fn`` after a warm-up: at least ``reps`` runs, and more (up to
-    ``max_reps``) until the runs add up to ``min_total_s``."""
-    fn()  # warm-up
-    times: list[float] = []
-    while len(times) < reps or (sum(times) < min_total_s and len(times) < max_reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _materialize(obj, device: torch.device, vocab_size: int):
@@ -219,7 +119,7 @@ def measure_blocks(
         finally:
             for h in hooks:
                 h.remove()
-        done: dict[tuple[str, bool], tuple[float, float]] = {}
+        done: dict[tuple[str, bool], tuple[float, float, float, float]] = {}
         last = len(built.blocks) - 1
         for pos, (name, blk) in enumerate(built.blocks):
             sig = (_block_signature(blk), pos == last)
@@ -231,13 +131,24 @@ def measure_blocks(
                     loss = lambda out, _labels=labels: built.loss_fn(out, _labels)  # noqa: E731
                 done[sig] = _time_block(blk, captured[name], device=device, dtype=dtype, vocab=built.vocab_size, reps=reps,
                                         loss=loss)
-            fwd_s, bwd_s = done[sig]
-            timings.append(BlockTiming(block=name, micro_batch_size=mbs, fwd_s=fwd_s, bwd_s=bwd_s))
+            fwd_s, bwd_s, fwd_spread, bwd_spread = done[sig]
+            timings.append(BlockTiming(block=name, micro_batch_size=mbs, fwd_s=fwd_s, bwd_s=bwd_s, fwd_spread=fwd_spread,
+                                       bwd_spread=bwd_spread))
     return timings
 
 
-def _time_block(blk, captured, *, device, dtype, vocab, reps, loss=None) -> tuple[float, float]:
-    """(forward s, backward s) of one block; with ``loss``, of ``loss(block(...))``."""
+def blocks_spread(timings: Sequence[BlockTiming]) -> float:
+    """The spread of the block timings as one figure: each timing's spread weighted by its time
+    (forward runs by the forward time, forward + backward runs by theirs), so a noisy block that
+    is a small part of the step counts little."""
+    weights = [(t.fwd_spread, t.fwd_s) for t in timings] + [(t.bwd_spread, t.fwd_s + t.bwd_s) for t in timings]
+    total = sum(w for _, w in weights)
+    return sum(sp * w for sp, w in weights) / total if total > 0 else 0.0
+
+
+def _time_block(blk, captured, *, device, dtype, vocab, reps, loss=None) -> tuple[float, float, float, float]:
+    """(forward s, backward s, forward spread, forward + backward spread) of one block; with
+    ``loss``, of ``loss(block(...))``."""
     import copy
 
     real = copy.deepcopy(blk).to_empty(device=device).to(dtype)
@@ -258,19 +169,26 @@ def _time_block(blk, captured, *, device, dtype, vocab, reps, loss=None) -> tupl
     out = fwd()
     out = out[0] if isinstance(out, (tuple, list)) else out
     grad = torch.randn_like(out) if loss is None else None  # a scalar loss backpropagates 1
-    fwd_s = _median_time(fwd, device, reps, min_total_s=BLOCK_TIMING_S)
+    fwd_runs = timed_runs(fwd, device, reps, min_total_s=BLOCK_TIMING_S)
 
     def fwd_bwd():
         o = fwd()
         o = o[0] if isinstance(o, (tuple, list)) else o
         o.backward(grad)
 
-    total_s = _median_time(fwd_bwd, device, reps, min_total_s=BLOCK_TIMING_S)
-    return fwd_s, max(total_s - fwd_s, 1e-9)
+    total_runs = timed_runs(fwd_bwd, device, reps, min_total_s=BLOCK_TIMING_S)
+    fwd_s, total_s = statistics.median(fwd_runs), statistics.median(total_runs)
+    return fwd_s, max(total_s - fwd_s, 1e-9), spread(fwd_runs), spread(total_runs)
 
 
 def measure_copy_gbps(device: torch.device, num_bytes: int = 256 * 2**20, reps: int = 5) -> dict[str, float]:
-    """Host→device, device→host and device-memory copy bandwidth, GB/s.
+    """Host→device, device→host and device-memory copy bandwidth, GB/s (``copy_probe``'s figures)."""
+    return copy_probe(device, num_bytes, reps)[0]
+
+
+def copy_probe(device: torch.device, num_bytes: int = 256 * 2**20, reps: int = 5) -> tuple[dict[str, float], float]:
+    """Host→device, device→host and device-memory copy bandwidth, GB/s, and the widest spread
+    of the three's repeats.
 
     On CUDA the host side is pinned memory; on a CPU-only machine the device tier is host
     memory, so "h2d"/"d2h" are memcpy between two host buffers (what the runtime does there).
@@ -280,15 +198,22 @@ def measure_copy_gbps(device: torch.device, num_bytes: int = 256 * 2**20, reps: 
     host = torch.empty(n, dtype=torch.float32, pin_memory=pin).fill_(1.0)
     dev = torch.empty(n, dtype=torch.float32, device=device)
     dev2 = torch.empty(n, dtype=torch.float32, device=device)
-    h2d = _median_time(lambda: dev.copy_(host, non_blocking=pin), device, reps)
-    d2h = _median_time(lambda: host.copy_(dev, non_blocking=pin), device, reps)
-    d2d = _median_time(lambda: dev2.copy_(dev), device, reps)
+    runs = [timed_runs(lambda: dev.copy_(host, non_blocking=pin), device, reps),
+            timed_runs(lambda: host.copy_(dev, non_blocking=pin), device, reps),
+            timed_runs(lambda: dev2.copy_(dev), device, reps)]
+    h2d, d2h, d2d = (statistics.median(r) for r in runs)
     # A device-to-device copy reads and writes every byte: 2 × bytes of memory traffic.
-    return {"h2d": num_bytes / h2d / 1e9, "d2h": num_bytes / d2h / 1e9, "device_memory": 2 * num_bytes / d2d / 1e9}
+    return ({"h2d": num_bytes / h2d / 1e9, "d2h": num_bytes / d2h / 1e9, "device_memory": 2 * num_bytes / d2d / 1e9},
+            max(spread(r) for r in runs))
 
 
 def measure_cpu_adam_params_per_s(num_elems: int = 16 * 2**20, reps: int = 3) -> float:
-    """Parameters per second of the host AdamW step over one flat fp32 chunk.
+    """Parameters per second of the host AdamW step over one flat fp32 chunk (``cpu_adam_probe``)."""
+    return cpu_adam_probe(num_elems, reps)[0]
+
+
+def cpu_adam_probe(num_elems: int = 16 * 2**20, reps: int = 3) -> tuple[float, float]:
+    """Parameters per second of the host AdamW step over one flat fp32 chunk, and its repeats' spread.
 
     Uses the same step the offloaded optimizer runs on host chunks (``memtrain.offload.optim``
     when present, else torch's fused CPU AdamW over one flat tensor).
@@ -310,162 +235,8 @@ def measure_cpu_adam_params_per_s(num_elems: int = 16 * 2**20, reps: int = 3) ->
             adamw([p], [g], [m], [v], [], [step], foreach=False, fused=True, capturable=False,
                   differentiable=False, grad_scale=None, found_inf=None, amsgrad=False,
                   beta1=0.9, beta2=0.95, lr=1e-4, weight_decay=0.1, eps=1e-8, maximize=False)
-    return num_elems / _median_time(run, torch.device("cpu"), reps)
-
-
-def _fwd_bwd_rounds_s(runs: list[tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], None]]],
-                      device: torch.device, reps: int) -> list[list[tuple[float, float]]]:
-    """(forward s, backward s) of one micro-batch of each (forward, backward) in ``runs``, for
-    ``reps`` rounds after two warm-up rounds, each round running every one once in turn: round
-    ``i`` of two runs is then timed over the same stretch of time."""
-    out: list[list[tuple[float, float]]] = []
-    for rep in range(reps + 2):
-        row = []
-        for forward, backward in runs:
-            _sync(device)
-            t0 = time.perf_counter()
-            loss = forward()
-            _sync(device)
-            t1 = time.perf_counter()
-            backward(loss)
-            _sync(device)
-            t2 = time.perf_counter()
-            row.append((t1 - t0, t2 - t1))
-        if rep >= 2:
-            out.append(row)
-    return out
-
-
-def _least_diff_s(rounds: list[list[tuple[float, float]]], i: int, j: int, part: slice) -> float:
-    """Least time of run ``i`` − least time of run ``j``, each summed over ``part`` of (forward,
-    backward): the least, not the median, because the overhead is fixed CPU work and the least
-    time is the one other processes disturbed least."""
-    return min(sum(r[i][part]) for r in rounds) - min(sum(r[j][part]) for r in rounds)
-
-
-def _lstsq_nonneg(rows: list[list[float]], ys: list[float]) -> list[float]:
-    """Non-negative least squares ``ys ≈ rows @ x`` (an overhead is never negative; a negative
-    coefficient is timing noise around 0): fit, set the most negative coefficient to 0 and refit
-    the others without it, until none is negative (Lawson & Hanson's active set, 1974, Ch. 23)."""
-    a = torch.tensor(rows, dtype=torch.float64)
-    b = torch.tensor(ys, dtype=torch.float64).unsqueeze(1)
-    free = list(range(a.shape[1]))
-    x = torch.zeros(a.shape[1], dtype=torch.float64)
-    while free:
-        sol = torch.linalg.lstsq(a[:, free], b, driver="gelsd").solution.squeeze(1)
-        worst = int(torch.argmin(sol))
-        if sol[worst] >= 0:
-            x[free] = sol
-            break
-        free.pop(worst)
-    return [float(v) for v in x]
-
-
-def measure_runtime_overhead(
-    device: torch.device, dtype: str = "fp32", *, reps: int = 15, num_layers: Sequence[int] = (1, 3, 6),
-) -> dict[str, float]:
-    """Seconds the runtime adds around the blocks' own work (``Profile.overheads``).
-
-    [Note: runtime overhead] ``wrap()``'s engine runs every block call under the chunk store's
-    hooks (fetch and release bookkeeping, backward-start events on the block's inputs and
-    outputs) and the activation manager's saved-tensor hooks (a Python pack per saved tensor in
-    forward, an unpack in backward), and the chunk store copies every parameter's gradient into
-    its chunk in a post-accumulate-grad hook. None of it is in the per-block timings. It is
-    measured here on built-in GPTs so small that their arithmetic is negligible (hidden 32, 16
-    tokens, one sequence), all chunks on the device and every activation kept (the plan with no
-    copies: offload and swap copies are modelled separately), with 1, 3 and 6 layers, each with
-    and without biases (so the number of parameter tensors varies apart from the number of
-    blocks). For each model the least forward and backward time of one micro-batch through the
-    engine and through the same model in plain PyTorch (gradients set to None each time, as the
-    engine's hook does) are taken, the variants of one model timed in alternation (one micro-batch
-    of each in turn, so a burst of load from other processes slows all of them, not the one a
-    difference is taken against); the least, not the median, because the overhead is fixed CPU
-    work and the least time is the one other processes disturbed least. The differences are
-    fitted by least squares:
-        forward  = m_f + block_fwd_s × blocks
-        backward = m_b + block_bwd_s × blocks + param_s × parameter tensors
-    and ``microbatch_s = m_f + m_b`` (the engine's own bookkeeping per micro-batch). Then each
-    model with biases runs again with host-home chunks, one per block, prefetch depth 2: what that
-    adds to a micro-batch, over the chunk fetches it made (``ChunkStore.num_fetches``), fitted
-    through the origin, is ``chunk_fetch_s``, the training thread's own work per fetch (buffer,
-    copy issue, pointing the parameters in, the release and the gradient flush; measured ~150 µs
-    per fetch on 2 CPU cores). The copy itself is negligible at this size and modelled apart.
-    """
-    from memtrain.models.gpt import GPT, causal_lm_loss, gpt_config
-    from memtrain.offload.chunks import make_chunk_plans, named_blocks, param_order
-    from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier
-    from memtrain.runtime.engine import wrap
-
-    if len(num_layers) < 2:
-        raise ValueError("num_layers: give at least two layer counts to separate per-block from fixed overhead")
-    tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    seq, vocab = 16, 64
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (1, seq + 1), generator=gen)
-    x, y = ids[:, :-1].to(device), ids[:, 1:].to(device)
-    fwd_rows, bwd_rows, fwd_ys, bwd_ys = [], [], [], []
-    fetch_rows: list[tuple[float, float]] = []  # (fetches per micro-batch, seconds added)
-    for layers in num_layers:
-        for bias in (True, False):
-            cfg = gpt_config("tiny", num_layers=layers, hidden_size=32, num_heads=2, vocab_size=vocab, max_seq_len=seq,
-                             bias=bias, dropout=0.0)
-            torch.manual_seed(0)
-            plain = GPT(cfg).to(device=device, dtype=tdt)
-            num_blocks, num_tensors = len(plain.blocks), len(list(plain.parameters()))
-
-            def plain_fwd():
-                return causal_lm_loss(plain(x), y)
-
-            def plain_bwd(loss):
-                loss.backward()
-                plain.zero_grad(set_to_none=True)
-
-            model = GPT(cfg)
-            params = param_order(model, named_blocks(model, None))
-            policy = MemoryPolicy(chunk_size_elems=10**9, chunks=make_chunk_plans(params, 10**9, Tier.DEVICE),
-                                  prefetch_depth=1, activations=(ActPolicy.KEEP,) * num_blocks)
-            engine = wrap(model, optimizer="adamw", memory={"device": 2**40, "host": 2**40}, plan=policy, dtype=dtype,
-                          micro_batch_size=1, verbose=False, device=device)
-            host = _host_home_engine(cfg, dtype, device) if bias else None
-            try:
-                runs = [(plain_fwd, plain_bwd), (lambda: engine((x, y)), engine.backward)]
-                if host is not None:
-                    runs.append((lambda: host((x, y)), host.backward))
-                rounds = _fwd_bwd_rounds_s(runs, device, reps)
-                if host is not None:
-                    fetch_rows.append((host.store.num_fetches / (reps + 2), _least_diff_s(rounds, 2, 1, slice(0, 2))))
-            finally:
-                engine.close()
-                if host is not None:
-                    host.close()
-            fwd_rows.append([1.0, float(num_blocks)])
-            fwd_ys.append(_least_diff_s(rounds, 1, 0, slice(0, 1)))
-            bwd_rows.append([1.0, float(num_blocks), float(num_tensors)])
-            bwd_ys.append(_least_diff_s(rounds, 1, 0, slice(1, 2)))
-    m_f, block_fwd = _lstsq_nonneg(fwd_rows, fwd_ys)
-    m_b, block_bwd, per_param = _lstsq_nonneg(bwd_rows, bwd_ys)
-    fetch_s = sum(n * t for n, t in fetch_rows) / sum(n * n for n, _ in fetch_rows) if fetch_rows else 0.0
-    return {"block_fwd_s": block_fwd, "block_bwd_s": block_bwd, "param_s": per_param, "microbatch_s": m_f + m_b,
-            "chunk_fetch_s": max(fetch_s, 0.0)}
-
-
-def _host_home_engine(cfg, dtype: str, device: torch.device):
-    """The engine of ``cfg`` with host-home chunks, one per block, prefetch depth 2: its chunk
-    fetches per micro-batch (``store.num_fetches``) and its time over the device-home engine's
-    give ``chunk_fetch_s`` ([Note: runtime overhead])."""
-    from memtrain.models.gpt import GPT
-    from memtrain.offload.chunks import block_param_order, make_chunk_plans, named_blocks
-    from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier
-    from memtrain.runtime.engine import wrap
-
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    blocks = named_blocks(model, None)
-    size = max(sum(p.numel() for p in b.parameters()) for _, b in blocks)
-    policy = MemoryPolicy(chunk_size_elems=size, chunks=make_chunk_plans(block_param_order(model, blocks), size, Tier.HOST),
-                          prefetch_depth=2, activations=(ActPolicy.KEEP,) * len(blocks))
-    return wrap(model, optimizer="adamw", memory={"device": 2**40, "host": 2**40}, plan=policy, dtype=dtype,
-                micro_batch_size=1, verbose=False, device=device)
+    runs = timed_runs(run, torch.device("cpu"), reps)
+    return num_elems / statistics.median(runs), spread(runs)
 
 
 # --- the whole profile ----------------------------------------------------------------------
@@ -473,12 +244,18 @@ def _host_home_engine(cfg, dtype: str, device: torch.device):
 
 def run_profile(
     cfg, *, progress: Callable[[str], None] = print, copy_bytes: int = 256 * 2**20, disk_bytes: int = 512 * 2**20,
-    adam_elems: int = 16 * 2**20,
+    adam_elems: int = 16 * 2**20, rounds: int = MAX_ROUNDS, wait_s: float = RETRY_WAIT_S,
+    meter: Callable[[], object] = LoadMeter,
 ) -> Profile:
     """Measure everything for ``cfg`` (a ``memtrain.runtime.config.Config``) on this machine.
 
     ``copy_bytes``, ``disk_bytes`` and ``adam_elems`` size the bandwidth and CPU AdamW probes
-    (large enough to reach steady state on real hardware; tests pass small ones)."""
+    (large enough to reach steady state on real hardware; tests pass small ones). Each probe runs
+    under ``planner.measure.measure_reliably``: re-measured up to ``rounds`` times, ``wait_s``
+    apart, while its repeats spread too far or other processes load the machine (read by
+    ``meter``); what is still unreliable is kept in ``Profile.warnings``. The runtime-overhead
+    probe keeps least times, not medians, so only its load is checked; the NVMe probes are
+    checked for spread only (the disk's own work shows as other processes' CPU time)."""
     from memtrain.models import build_model
 
     dtype_map = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -488,88 +265,51 @@ def run_profile(
         dtype = torch.float32  # CPU fp16 matmuls are not what a CPU run would use
     fp = machine_fingerprint()
     progress(f"profiling on {device.type} ({fp['cpu'] if device.type == 'cpu' else fp.get('gpus')})")
+    quality: dict[str, ProbeQuality] = {}
+
+    def reliably(name: str, probe, **kw):
+        figures, quality[name] = measure_reliably(PROBES[name], probe, rounds=rounds, wait_s=wait_s, meter=meter,
+                                                  progress=progress, **kw)
+        return figures
+
     with torch.device("meta"):
         built = build_model(cfg.model)
     mbs_list = sorted({1, 2, max(1, min(4, cfg.train.global_batch_size))})
     progress(f"per-block forward/backward, micro-batch sizes {mbs_list}, seq_len {cfg.train.seq_len}")
-    blocks = measure_blocks(built, seq_len=cfg.train.seq_len, dtype=dtype, device=device,
-                            micro_batch_sizes=mbs_list, progress=progress)
+
+    def blocks_probe():
+        timings = measure_blocks(built, seq_len=cfg.train.seq_len, dtype=dtype, device=device,
+                                 micro_batch_sizes=mbs_list, progress=progress)
+        return timings, blocks_spread(timings)
+
+    blocks = reliably("blocks", blocks_probe)
     progress("copy bandwidths")
-    bw = measure_copy_gbps(device, copy_bytes)
+    bw = dict(reliably("copy", lambda: copy_probe(device, copy_bytes)))
     nvme_cfg = next((n.nvme for n in cfg.cluster.nodes if n.nvme and n.nvme.path), None)
     if nvme_cfg is not None:
         progress(f"NVMe bandwidth at {nvme_cfg.path}")
-        bw.update(measure_disk_gbps(nvme_cfg.path, disk_bytes, min(disk_bytes, 32 * 2**20)))
+        bw.update(reliably("nvme", lambda: disk_probe(nvme_cfg.path, disk_bytes, min(disk_bytes, 32 * 2**20)),
+                           max_spread=MAX_DISK_SPREAD, check_load=False))
         progress(f"NVMe request latency at {nvme_cfg.path}")
-        bw.update(measure_disk_latency_s(nvme_cfg.path, read_gbps=bw["nvme_read"], write_gbps=bw["nvme_write"]))
+        bw.update(reliably("nvme_latency", lambda: disk_latency_probe(nvme_cfg.path, read_gbps=bw["nvme_read"],
+                                                                      write_gbps=bw["nvme_write"]),
+                           max_spread=MAX_DISK_SPREAD, check_load=False))
     progress("CPU AdamW throughput")
-    bw["cpu_adam_params_per_s"] = measure_cpu_adam_params_per_s(adam_elems)
+    bw["cpu_adam_params_per_s"] = reliably("cpu_adam", lambda: cpu_adam_probe(adam_elems))
     progress("runtime overhead per block call and parameter tensor")
-    overheads = measure_runtime_overhead(device, {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype])
+    tdt = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    overheads = reliably("overheads", lambda: (measure_runtime_overhead(device, tdt), 0.0))
+    warnings = tuple(f"{PROBES[name]}: {q.problem}" for name, q in quality.items() if q.problem)
+    if warnings:
+        progress(f"warning: unreliable figures kept: {'; '.join(warnings)}; 'memtrain plan' and 'run' will say so; "
+                 "re-run 'memtrain profile CONFIG' on a quiet machine")
     return Profile(
         machine_id=machine_id(fp), fingerprint=fp, model_key=model_key(cfg.model, cfg.train.seq_len, cfg.train.dtype),
         model_name=built.name, seq_len=cfg.train.seq_len, dtype=cfg.train.dtype,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         device=f"cuda:{torch.cuda.get_device_name()}" if device.type == "cuda" else "cpu",
-        bandwidths=bw, overheads=overheads, blocks=tuple(blocks),
+        bandwidths=bw, overheads=overheads, blocks=tuple(blocks), quality=quality, warnings=warnings,
     )
-
-
-def save_profile(profile: Profile, path: str | Path) -> None:
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from memtrain.planner.atomic import atomic_write_bytes
-
-    meta = to_dict(profile)
-    rows = meta.pop("blocks")
-    table = pa.table(
-        {
-            "block": pa.array([r["block"] for r in rows], pa.string()),
-            "micro_batch_size": pa.array([r["micro_batch_size"] for r in rows], pa.int32()),
-            "fwd_s": pa.array([r["fwd_s"] for r in rows], pa.float64()),
-            "bwd_s": pa.array([r["bwd_s"] for r in rows], pa.float64()),
-        }
-    ).replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def load_profile(path: str | Path) -> Profile:
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    if not path.is_file():
-        raise ProfileError(f"profile {str(path)!r} does not exist; create it with 'memtrain profile CONFIG'")
-    try:
-        table = pq.read_table(path)
-        meta = json.loads(table.schema.metadata[_META_KEY])
-    except Exception as e:  # a truncated or foreign file
-        raise ProfileError(f"{path}: not a memtrain profile ({e})") from None
-    if meta.get("version") != PROFILE_VERSION:
-        why = {1: " (it has no runtime overheads and times the head without the loss)",
-               2: " (its NVMe bandwidths are of one buffered stream, not of the store)"}.get(meta.get("version"), "")
-        raise ProfileError(f"{path}: profile version {meta.get('version')!r}{why}; this memtrain reads "
-                           f"{PROFILE_VERSION}; re-run 'memtrain profile'")
-    meta["blocks"] = table.to_pylist()
-    return from_dict(Profile, meta)
-
-
-def find_profile(run_dir: str | Path, model_cfg, seq_len: int, dtype: str) -> Path | None:
-    """The run directory's profile if it was measured on this machine for this model."""
-    path = Path(run_dir) / "profile.parquet"
-    if not path.is_file():
-        return None
-    try:
-        prof = load_profile(path)
-    except ProfileError:
-        return None
-    if prof.machine_id != machine_id() or prof.model_key != model_key(model_cfg, seq_len, dtype):
-        return None
-    return path
 
 
 def _fit_line(points: list[tuple[int, float]]) -> tuple[float, float]:

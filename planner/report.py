@@ -161,7 +161,7 @@ def _header_table(plan: Plan) -> _Table:
         ("host", f"{format_bytes(host.memory_bytes)} RAM, {host.num_cpus} CPUs"),
         ("nvme", "none" if nvme is None else f"{nvme.path}, {format_bytes(nvme.capacity_bytes)}, "
                                               f"read {nvme.read_gbps:g} GB/s, write {nvme.write_gbps:g} GB/s"),
-        ("figures from", plan.source),
+        ("figures from", " — ".join((plan.source, *plan.source_notes))),
     ]
     return _Table(title="Plan", columns=(), rows=tuple(rows))
 

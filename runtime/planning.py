@@ -6,10 +6,13 @@ from pathlib import Path
 
 from memtrain.planner.plan import Plan
 from memtrain.planner.units import format_bytes
-from memtrain.planner.profile import apply_profile, find_profile
+from memtrain.planner.profile import apply_profile
+from memtrain.planner.profile_format import (
+    Profile, ProfileError, find_profile, load_profile, model_mismatch, other_machine, profile_flag,
+)
 from memtrain.runtime.config import Config, ConfigError
 
-__all__ = ["plan_from_config", "budgets_for", "run_dir"]
+__all__ = ["plan_from_config", "profile_for", "budgets_for", "run_dir"]
 
 
 def run_dir(cfg: Config) -> Path:
@@ -55,6 +58,12 @@ def budgets_for(cfg: Config, device, host, nvme) -> dict[str, int]:
 
 
 def plan_from_config(cfg: Config, *, profile_path: str | None = None) -> Plan:
+    """Plan ``cfg`` with the figures of ``profile_path``, else of the run directory's profile when
+    it was measured on this machine for this model, else of the catalog. What the plan's figures
+    come from, and anything wrong with them (a profile skipped and why, one from another machine,
+    one measured under load), is in ``Plan.source`` and ``Plan.source_notes``."""
+    import dataclasses
+
     from memtrain.cluster.inventory import resolve_cluster
     from memtrain.planner.analyze import analyze
     from memtrain.planner.search import plan as search_plan
@@ -64,13 +73,11 @@ def plan_from_config(cfg: Config, *, profile_path: str | None = None) -> Plan:
     device, host, nvme = node.devices[0], node.host, node.nvme
     source = cluster.source
     stats = analyze(cfg.model, seq_len=cfg.train.seq_len, micro_batch_size=1, dtype=cfg.train.dtype)
-    if profile_path is None:
-        found = find_profile(run_dir(cfg), cfg.model, cfg.train.seq_len, cfg.train.dtype)
-        profile_path = str(found) if found else None
-    if profile_path is not None:
-        stats, device, host, nvme = apply_profile(profile_path, stats, device, host, nvme)
-        source = f"profile:{profile_path}"
-    return search_plan(
+    path, prof, notes = profile_for(cfg, profile_path)
+    if prof is not None:
+        stats, device, host, nvme = apply_profile(prof, stats, device, host, nvme)
+        source = f"profile:{path}"
+    plan = search_plan(
         stats,
         name=cfg.name,
         global_batch_size=cfg.train.global_batch_size,
@@ -84,3 +91,32 @@ def plan_from_config(cfg: Config, *, profile_path: str | None = None) -> Plan:
         safety_margin=cfg.memory.safety_margin,
         source=source,
     )
+    return dataclasses.replace(plan, source_notes=tuple(notes)) if notes else plan
+
+
+def profile_for(cfg: Config, profile_path: str | None = None) -> tuple[str | None, Profile | None, list[str]]:
+    """(path, profile, notes) of the profile to plan ``cfg`` with: ``profile_path`` when given (one
+    measured for another model or shape is refused, one from another machine is used with a
+    note naming both machines), else the run directory's when it matches (else a note saying
+    which file was skipped and why). The notes also carry the profile's own warnings."""
+    notes: list[str] = []
+    if profile_path is not None:
+        prof = load_profile(profile_path)
+        why = model_mismatch(prof, cfg.model, cfg.train.seq_len, cfg.train.dtype)
+        if why:
+            raise ProfileError(f"--profile {profile_path}: {why}; profile this config with 'memtrain profile CONFIG' "
+                               "(or plan without --profile)")
+        other = other_machine(prof)
+        if other:
+            notes.append(f"{profile_path} was {other}: its figures may not hold here; "
+                         "'memtrain profile CONFIG' measures this machine")
+        path = profile_path
+    else:
+        found = find_profile(run_dir(cfg), cfg.model, cfg.train.seq_len, cfg.train.dtype)
+        if found.skipped:
+            notes.append(found.skipped)
+        prof, path = found.profile, (str(found.path) if found.path else None)
+    flag = profile_flag(prof) if prof is not None else ""
+    if flag:
+        notes.append(f"profile flagged: {flag}; re-run 'memtrain profile CONFIG' on a quiet machine")
+    return path, prof, notes

@@ -141,10 +141,11 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print) -> dict:
     """
     from memtrain.models import build_model
     from memtrain.planner import report
-    from memtrain.planner.search import tracked_peak_bytes
+    from memtrain.planner.measure import LoadMeter
     from memtrain.runtime.data import TokenBatches
     from memtrain.runtime.engine import wrap
     from memtrain.runtime.planning import plan_from_config, run_dir
+    from memtrain.runtime.run_check import closing_lines
 
     out_dir = run_dir(cfg)
     _check_run_dir(out_dir, overwrite)
@@ -179,6 +180,7 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print) -> dict:
         data = TokenBatches(cfg.data, batch_size=cfg.train.global_batch_size, seq_len=cfg.train.seq_len,
                             vocab_size=built.vocab_size)
         print_fn(f"training {cfg.train.steps} steps of {tokens_per_step:,} tokens; run directory {out_dir}")
+        run_load = LoadMeter()  # what other processes do during the run, for closing_lines
         with metrics_path.open("a") as metrics:
             for step in range(cfg.train.steps):
                 engine.set_lr(lr_at(step, cfg))
@@ -211,19 +213,7 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print) -> dict:
             _remove_artifacts(out_dir, created)
         raise
     engine.close()
-    steady = step_times[1:] or step_times
-    measured_s = sorted(steady)[len(steady) // 2]
-    predicted = plan.prediction
-    print_fn(f"step time: measured {measured_s:.3f} s (median), predicted {predicted.step_time_s:.3f} s "
-             f"({measured_s / predicted.step_time_s:.2f}×)")
-    if not plan.source.startswith("profile:"):
-        print_fn(f"(predictions from {plan.source} figures; 'memtrain profile CONFIG' measures this machine "
-                 "and model, and later plans use it)")
-    tracked = tracked_peak_bytes(predicted.devices[0]) if predicted.devices else {}
-    for tier, m in mem.items():
-        pred = tracked.get(tier, 0)
-        error = f" ({(m.peak_bytes - pred) / pred:+.1%})" if pred else ""
-        print_fn(f"{tier:>7} peak: measured {format_bytes(m.peak_bytes)}, predicted {format_bytes(pred)}{error}, "
-                 f"budget {format_bytes(m.budget_bytes) if m.budget_bytes else 'none'} (ledger-tracked bytes)")
+    for line in closing_lines(plan, step_times_s=step_times, memory=mem, run_load=run_load.read()):
+        print_fn(line)
     return {"losses": losses, "step_times_s": step_times, "plan": plan,
             "peak_bytes": {t: m.peak_bytes for t, m in mem.items()}}

@@ -11,6 +11,7 @@ from memtrain.models import build_model
 from memtrain.planner import profile as prof
 from memtrain.planner.analyze import analyze
 from memtrain.planner.catalog import default_host_spec, default_nvme_spec, device_spec
+from memtrain.planner.measure import Load
 from memtrain.runtime.config import ModelConfig, config_from_dict
 
 
@@ -20,11 +21,20 @@ def tiny(tmp_path_factory):
     return _tiny_profile(tmp_path_factory.mktemp("profile"))
 
 
+class BusyMeter:
+    """A load meter that always reads other processes busy on 1.5 of 2 cores."""
+
+    def read(self):
+        return Load(other_cpus=1.5, num_cpus=2, load_avg=3.0)
+
+
 def _tiny_profile(tmp_path):
+    """One round per probe (no re-measuring: fast), under a load meter that always reads busy, so
+    the flags a loaded machine gets are in the profile whatever the load here."""
     cfg = config_from_dict({"model": {"preset": "tiny"}, "train": {"seq_len": 16, "global_batch_size": 2},
                             "cluster": {"auto": True, "nodes": [{"nvme": {"path": str(tmp_path)}}]}})
     return cfg, prof.run_profile(cfg, progress=lambda msg: None, copy_bytes=8 * 2**20, disk_bytes=16 * 2**20,
-                                 adam_elems=2**20)
+                                 adam_elems=2**20, rounds=1, meter=BusyMeter)
 
 
 def test_profile_measures_and_round_trips(tiny, tmp_path):
@@ -42,8 +52,29 @@ def test_profile_measures_and_round_trips(tiny, tmp_path):
     path = tmp_path / "profile.parquet"
     prof.save_profile(p, path)
     assert prof.load_profile(path) == p
-    assert prof.find_profile(tmp_path, cfg.model, 16, "fp32") == path
-    assert prof.find_profile(tmp_path, cfg.model, 32, "fp32") is None  # another shape: not this profile
+    found = prof.find_profile(tmp_path, cfg.model, 16, "fp32")
+    assert (found.path, found.profile, found.skipped) == (path, p, "")
+    other = prof.find_profile(tmp_path, cfg.model, 32, "fp32")  # another shape: not this profile, and said so
+    assert other.path is None and other.profile is None
+    assert other.skipped.startswith(f"skipped {path}: measured at seq_len 16, not this config's 32")
+
+
+def test_profile_records_each_probes_spread_and_load_and_flags_the_loaded_ones(tiny, tmp_path):
+    """Every probe's quality is in the file; the CPU-bound probes run under (injected) load are
+    flagged as measured under load, the NVMe ones are not (their load is not checked)."""
+    _, p = tiny
+    assert set(p.quality) == {"blocks", "copy", "nvme", "nvme_latency", "cpu_adam", "overheads"}
+    for name, q in p.quality.items():
+        assert q.rounds == 1 and q.other_cpus == 1.5 and q.num_cpus == 2 and q.spread >= 0
+        assert q.under_load == (name not in ("nvme", "nvme_latency")), name
+    loaded = [w for w in p.warnings if "measured under load (other processes used 1.5 of 2 cores" in w]
+    assert sorted(w.split(":")[0] for w in loaded) == ["CPU AdamW rate", "block times", "copy bandwidths",
+                                                        "runtime overheads"]
+    assert all(t.fwd_spread >= 0 and t.bwd_spread >= 0 for t in p.blocks)
+    assert prof.profile_flag(p).startswith("measured under load (other processes used up to 1.5 of 2 cores")
+    prof.save_profile(p, tmp_path / "flagged.parquet")
+    back = prof.load_profile(tmp_path / "flagged.parquet")
+    assert back.quality == p.quality and back.warnings == p.warnings
 
 
 def test_apply_profile_replaces_catalog_figures(tiny, tmp_path):

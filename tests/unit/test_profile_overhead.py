@@ -1,4 +1,4 @@
-"""The profiler's version-2 additions (kept in version 3): overheads in the file, what
+"""The profiler's version-2 additions (kept since): overheads in the file, what
 apply_profile hands the planner, the head timed with the loss, and the runtime-overhead
 measurement and fit; older profiles refused."""
 
@@ -42,12 +42,13 @@ def test_profile_round_trips_with_its_overheads(tmp_path):
     save_profile(prof, tmp_path / "p.parquet")
     back = load_profile(tmp_path / "p.parquet")
     assert back == prof
-    assert back.version == PROFILE_VERSION == 3
+    assert back.version == PROFILE_VERSION == 4
 
 
 @pytest.mark.parametrize("version, why", [
     (1, r"version 1 \(it has no runtime overheads"),
     (2, r"version 2 \(its NVMe bandwidths are of one buffered stream, not of the store\)"),
+    (3, r"version 3 \(it does not record how noisy its measurements were or the load they ran under\)"),
 ])
 def test_an_older_profile_is_refused_with_the_fix(tmp_path, version, why):
     save_profile(_profile(), tmp_path / "p.parquet")
@@ -57,7 +58,7 @@ def test_an_older_profile_is_refused_with_the_fix(tmp_path, version, why):
     if version == 1:
         del meta["overheads"]
     pq.write_table(table.replace_schema_metadata({b"memtrain.profile": json.dumps(meta).encode()}), tmp_path / "old.parquet")
-    with pytest.raises(ProfileError, match=why + r".*re-run 'memtrain profile'"):
+    with pytest.raises(ProfileError, match=why + r".*re-run 'memtrain profile CONFIG'"):
         load_profile(tmp_path / "old.parquet")
 
 
