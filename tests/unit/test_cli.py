@@ -220,7 +220,7 @@ def test_budget_exceeded_is_a_user_error(capsys, tmp_path, monkeypatch):
     import memtrain.runtime.train as train_module
     from memtrain.offload.ledger import BudgetExceeded
 
-    def over_budget(cfg):
+    def over_budget(cfg, **kwargs):
         raise BudgetExceeded("device: 2.0 GiB would exceed the budget of 1.0 GiB; raise memory.device")
 
     monkeypatch.setattr(train_module, "train", over_budget)

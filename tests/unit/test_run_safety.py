@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from memtrain.offload.nvme import NvmeStore
+from memtrain.planner.profile_format import FoundProfile
 from memtrain.runtime import engine as engine_mod
 from memtrain.runtime.cli import main
 from memtrain.runtime.config import load_config
@@ -145,7 +146,7 @@ def test_a_killed_run_keeps_its_metrics_and_the_next_run_clears_what_it_left(nvm
 
 def test_overwrite_replaces_only_the_earlier_runs_artifacts(tmp_path, capsys, monkeypatch):
     # The stand-in profile.parquet below must not be read as a measurement.
-    monkeypatch.setattr("memtrain.runtime.planning.find_profile", lambda *args: None)
+    monkeypatch.setattr("memtrain.runtime.planning.find_profile", lambda *args: FoundProfile())
     run_dir = tmp_path / "run"
     args = ["run", str(TINY), *SMALL, "--set", f"run_dir={run_dir}", "--set", "train.steps=2"]
     assert main(args) == 0
