@@ -398,7 +398,7 @@ def measure_training(
         plan = MemoryPolicy(chunk_size_elems=chunk_elems, prefetch_depth=prefetch_depth,
                             chunks=make_chunk_plans(block_param_order(model, blocks), chunk_elems, home),
                             activations=(ActPolicy.KEEP,) * len(blocks), optim_staged_chunks=optim_staged_chunks)
-        memory = {"device": "1TiB", "host": "1TiB", **({"nvme": nvme_dir} if nvme_dir else {})}
+        memory = {"device": "1TiB", "host": "1TiB", **({"nvme_path": nvme_dir} if nvme_dir else {})}
         engine = wrap(model, optimizer=dict(name="adamw", lr=1e-4), memory=memory, plan=plan,
                       micro_batch_size=micro_batch_size, verbose=False)
         return engine, sum(p.numel() for p in model.parameters())

@@ -38,7 +38,7 @@ from memtrain.planner.profile import apply_profile, profile_flag, run_profile
 from memtrain.planner.search import plan, tracked_peak_bytes
 from memtrain.planner.simulate import simulate_step
 from memtrain.runtime.config import ModelConfig, config_from_dict
-from memtrain.runtime.engine import wrap
+from memtrain.runtime.wrapping import wrap
 
 K, SH, SN, RC = ActPolicy.KEEP, ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME, ActPolicy.RECOMPUTE
 TARGET_STEP_ERR = 0.15
@@ -112,7 +112,7 @@ def _predict(name: str, spec: dict, model, nvme_dir: Path, quiet: bool):
 
 def _measure(spec: dict, model, policy: MemoryPolicy, nvme_dir: Path, steps: int, warmup: int):
     """(median step time after warm-up, ledger peaks per tier over those steps)."""
-    engine = wrap(model, optimizer="adamw", memory={"device": 2**40, "host": 2**40, "nvme": str(nvme_dir / "run")},
+    engine = wrap(model, optimizer="adamw", memory={"device": 2**40, "host": 2**40, "nvme_path": str(nvme_dir / "run")},
                   plan=policy, micro_batch_size=spec["mbs"], verbose=False, device="cpu")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (spec["gbs"], spec["seq"] + 1), generator=gen)

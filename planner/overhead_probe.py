@@ -95,7 +95,7 @@ def measure_runtime_overhead(
     from memtrain.models.gpt import GPT, causal_lm_loss, gpt_config
     from memtrain.offload.chunks import make_chunk_plans, named_blocks, param_order
     from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier
-    from memtrain.runtime.engine import wrap
+    from memtrain.runtime.wrapping import wrap
 
     if len(num_layers) < 2:
         raise ValueError("num_layers: give at least two layer counts to separate per-block from fixed overhead")
@@ -157,7 +157,7 @@ def _host_home_engine(cfg, dtype: str, device: torch.device):
     from memtrain.models.gpt import GPT
     from memtrain.offload.chunks import block_param_order, make_chunk_plans, named_blocks
     from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier
-    from memtrain.runtime.engine import wrap
+    from memtrain.runtime.wrapping import wrap
 
     torch.manual_seed(0)
     model = GPT(cfg)

@@ -102,10 +102,13 @@ def _divisors_desc(n: int) -> list[int]:
     return large + small[::-1]
 
 
-def _chunk_partitions(stats: ModelStats, param_numels: Mapping[str, int] | None) -> list[tuple[int, list[tuple[tuple[str, ...], int]]]]:
-    """Distinct chunkings to try, as ``(chunk_size_elems, packed)``."""
+def _chunk_partitions(stats: ModelStats, param_numels: Mapping[str, int] | None, *, only: int | None = None,
+                      ) -> list[tuple[int, list[tuple[tuple[str, ...], int]]]]:
+    """Distinct chunkings to try, as ``(chunk_size_elems, packed)``; just ``only``'s when given."""
     total = sum(b.num_params for b in stats.blocks)
     biggest = max((b.num_params for b in stats.blocks), default=1)
+    if only is not None:
+        return [(only, cost.pack_chunks(stats, only, param_numels))]
     sizes = set(CHUNK_SIZE_CANDIDATES) | {max(1, biggest)}
     if total < 8 * CHUNK_SIZE_CANDIDATES[0]:  # small model: also cuts into ~8 and ~16 chunks
         sizes |= {max(1, math.ceil(total / 8)), max(1, math.ceil(total / 16))}
@@ -209,7 +212,10 @@ def _describe(mbs: int, policy: MemoryPolicy) -> str:
     return text + (", zstd on NVMe" if policy.compress_nvme else "")
 
 
-def _candidates_for(ctx: _Context, chunk_size: int, packed: list[tuple[tuple[str, ...], int]]) -> list[_Candidate]:
+def _candidates_for(ctx: _Context, chunk_size: int, packed: list[tuple[tuple[str, ...], int]], *,
+                    fixed_depth: int | None = None) -> list[_Candidate]:
+    """Memory policies for one micro-batch size and chunking; ``fixed_depth`` fixes the prefetch
+    depth (a placement whose blocks need more buffers at once than that is left out)."""
     s, train, dt, opt = ctx.stats, ctx.train, ctx.train.dtype, ctx.train.optimizer
     nc, c_bytes = len(packed), dtype_bytes(dt)
     elems = [n for _, n in packed]
@@ -266,7 +272,8 @@ def _candidates_for(ctx: _Context, chunk_size: int, packed: list[tuple[tuple[str
     nvme_usable = ctx.usable["nvme"] if ctx.nvme is not None else 0
     for k in sorted(ks, reverse=True):
         d0 = max(1, min_depth(k))
-        for depth in ((1,) if k == nc else (d0, d0 + 1, d0 + 2)):
+        depths = (d0, d0 + 1, d0 + 2) if fixed_depth is None else (fixed_depth,) if fixed_depth >= d0 else ()
+        for depth in ((1,) if k == nc else depths):
             room = budget - fixed(k, depth)
             # host takes the off-device chunks nearest the front, NVMe the rest (as many on host as fit)
             host_room = ctx.usable["host"]
@@ -351,7 +358,7 @@ def _shortfall(stats: ModelStats, mbs: int, dtype: DType, optimizer: Optimizer, 
     landing = cost.grad_landing_bytes(min(off, biggest), dtype, device)  # one gradient flush in flight
     host_all = cost.chunk_bytes(Tier.HOST, off, dtype, optimizer)[Tier.HOST] + landing
     if nvme is None or usable["nvme"] <= 0:
-        return f"needs {_gib(host_all)} host memory or an NVMe path; {has('host')}"
+        return f"needs {_gib(host_all)} host memory or an NVMe path; {has('host')}" if host_all > usable["host"] else ""
     host_min = (cost.host_grad_accum_bytes(off) + 2 * biggest * c_bytes + landing
                 + cost.nvme_optim_staging_bytes(biggest, dtype, optimizer))  # at least one staged
     if host_min > usable["host"]:
@@ -379,6 +386,8 @@ def plan(
     source: str = "catalog",
     param_numels: Mapping[str, int] | None = None,
     max_alternatives: int = 6,
+    chunk_size_elems: int | None = None,
+    prefetch_depth: int | None = None,
 ) -> Plan:
     """The fastest single-device plan whose predicted peaks fit every tier's usable budget.
 
@@ -387,8 +396,10 @@ def plan(
     bytes (0 = tier unavailable); usable = budget × (1 − ``safety_margin``). The device peak
     includes the untracked ``workspace`` estimate (``cost.workspace_bytes``, listed in the
     breakdown) on top of the ledger's owners. ``param_numels`` (name -> numel) lets chunks
-    be cut between parameters instead of between blocks (``cost.pack_chunks``). When nothing
-    fits, the Plan has ``fits=False`` and ``shortfall`` says which tier lacks how much.
+    be cut between parameters instead of between blocks (``cost.pack_chunks``).
+    ``chunk_size_elems`` and ``prefetch_depth`` fix those choices (``memory.chunk_elems``,
+    ``memory.prefetch_depth``) instead of searching them. When nothing fits, the Plan has
+    ``fits=False`` and ``shortfall`` says which tier lacks how much.
     """
     dtype, optimizer = DType(dtype), Optimizer(optimizer)
     if not 1 <= global_batch_size <= MAX_GLOBAL_BATCH_SIZE:
@@ -398,6 +409,9 @@ def plan(
                         f"got {micro_batch_size}; use 0 to let the planner choose")
     if not 0 <= safety_margin < 1:
         raise UserError(f"memory.safety_margin: must be in [0, 1), got {safety_margin}")
+    for field, value in (("memory.chunk_elems", chunk_size_elems), ("memory.prefetch_depth", prefetch_depth)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UserError(f"{field}: must be a whole number >= 1, got {value!r}")
     if DType(stats.dtype) is not dtype:
         raise ValueError(f"train.dtype: the model was analysed in {stats.dtype}, not {dtype}; analyse it in {dtype}")
     unknown = set(budgets) - {"device", "host", "nvme"}
@@ -410,7 +424,7 @@ def plan(
         usable["nvme"] = 0
     base = stats.scaled(1) if stats.micro_batch_size != 1 else stats
     mbs_options = [micro_batch_size] if micro_batch_size else _divisors_desc(global_batch_size)
-    partitions = _chunk_partitions(base, param_numels)
+    partitions = _chunk_partitions(base, param_numels, only=chunk_size_elems)
 
     def context(mbs: int) -> _Context:
         s = base.scaled(mbs)
@@ -423,7 +437,7 @@ def plan(
     candidates: list[_Candidate] = []
     for mbs in mbs_options:
         for size, packed in partitions:
-            candidates += _candidates_for(contexts[mbs], size, packed)
+            candidates += _candidates_for(contexts[mbs], size, packed, fixed_depth=prefetch_depth)
     # best bound first; among equals, the larger micro-batch (better kernel efficiency in practice).
     # The near-tie rule prefers the plan that moves least, so each micro-batch size's least-moving
     # candidate is simulated first, whatever its bound: a loose bound of plans that offload (device
@@ -458,6 +472,12 @@ def plan(
     if best is None:
         mbs = min(mbs_options)
         shortfall = _shortfall(base, mbs, dtype, optimizer, usable, budgets, safety_margin, nvme, device)
+        if not shortfall and not candidates and (chunk_size_elems or prefetch_depth):
+            fixed = " and ".join(f"memory.{k} = {v}" for k, v in (("chunk_elems", chunk_size_elems),
+                                                                  ("prefetch_depth", prefetch_depth)) if v)
+            shortfall = (f"no placement fits with {fixed} (a block may use more off-device chunks at once than "
+                         "the prefetch depth, or their buffers may not fit the device budget); unset them to let "
+                         "the planner choose")
         if not shortfall:
             closest = min(tried, key=lambda t: t[1].peak_bytes.get("device", 0)) if tried else None
             shortfall = closest[2] if closest else "no memory policy fits the budgets; raise memory.device or add host/NVMe"

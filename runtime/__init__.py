@@ -11,9 +11,9 @@ __all__ = ["wrap", "Engine"]
 
 def __getattr__(name: str):
     if name in __all__:
-        from memtrain.runtime import engine
+        from memtrain.runtime import engine, wrapping
 
-        value = getattr(engine, name)
+        value = getattr(wrapping if name == "wrap" else engine, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'memtrain.runtime' has no attribute {name!r}")

@@ -125,7 +125,7 @@ def _write(option: str, write, plan, path: str) -> None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from memtrain.runtime.config import load_config
+    from memtrain.runtime.config_file import load_config
 
     for option in ("json", "html", "trace"):
         _check_output(f"--{option}", getattr(args, option))
@@ -153,7 +153,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from memtrain.runtime.config import load_config
+    from memtrain.runtime.config_file import load_config
 
     _check_output("--out", args.out)
     cfg = load_config(args.config, args.overrides)
@@ -186,7 +186,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from memtrain.runtime.config import load_config
+    from memtrain.runtime.config_file import load_config
 
     cfg = load_config(args.config, args.overrides)
     from memtrain.runtime.planning import run_dir

@@ -1,4 +1,5 @@
-"""The run configuration: YAML → validated dataclasses, with ``--set`` overrides.
+"""The run configuration: validated dataclasses, built from a mapping (``runtime.config_file``
+reads the YAML file and ``--set`` overrides into one).
 
 Every section is a ``kw_only, slots`` dataclass with a docstring per field (docs/config.md is
 the reference). Each ``__post_init__`` checks its fields' values (finite, in range), so a
@@ -17,19 +18,15 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, NewType
-
-import yaml
 
 from memtrain.errors import UserError
 from memtrain.planner.units import parse_bytes, show
-from memtrain.runtime.config_yaml import YamlRefused, describe, load_yaml
 
 __all__ = [
     "ConfigError", "Size", "ModelConfig", "DataConfig", "OptimizerConfig", "TrainConfig", "DeviceConfig",
     "NvmeConfig", "NodeConfig", "ClusterConfig", "MemoryConfig", "SnapshotConfig", "Config",
-    "load_config", "apply_overrides", "config_from_dict", "MAX_CONFIG_BYTES",
+    "config_from_dict", "section_from_dict", "MAX_CONFIG_BYTES",
 ]
 
 
@@ -54,6 +51,8 @@ MAX_TEXT = 4096
 """Characters of a text field at most (names, paths, kinds)."""
 MAX_CONFIG_BYTES = 16 << 20
 """Size of a config file at most; a config is a few KiB of YAML."""
+MAX_CHUNK_ELEMS = 1 << 40
+MAX_PREFETCH_DEPTH = 1024
 
 
 def _check_number(path: str, value: Any, what: str, ok: Callable[[float], bool]) -> None:
@@ -314,9 +313,17 @@ class MemoryConfig:
     """NVMe-tier budget; default: the NVMe capacity (0 without an NVMe path)."""
     safety_margin: float = 0.1
     """Fraction of each budget kept free for fragmentation and untracked workspace."""
+    chunk_elems: int | None = None
+    """Elements per chunk of parameters (with their gradients and optimizer states); default: the
+    planner tries several sizes and keeps the fastest."""
+    prefetch_depth: int | None = None
+    """Off-device chunks held in device buffers at most, fetched ahead of use; at least the most
+    off-device chunks one block uses. Default: the planner chooses."""
 
     def __post_init__(self) -> None:
         _fraction("memory.safety_margin", self.safety_margin)
+        _check_int("memory.chunk_elems", self.chunk_elems, 1, MAX_CHUNK_ELEMS)
+        _check_int("memory.prefetch_depth", self.prefetch_depth, 1, MAX_PREFETCH_DEPTH)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -355,6 +362,10 @@ class Config:
 
 _FLOAT_TEXT = re.compile(r"^\s*[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*$")
 """A number written as text: YAML 1.1 reads ``1e-3`` (an exponent, no dot) as a string."""
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _at(path: str, name: str) -> str:
@@ -458,6 +469,12 @@ def _build(tp: Any, data: Any, path: str) -> Any:
     raise AssertionError(f"unhandled config type {tp} at {path}")
 
 
+def section_from_dict(tp: type, data: Any, path: str) -> Any:
+    """One config section (``MemoryConfig``, ...) from a mapping, read and checked as in a config
+    file; messages name fields as ``<path>.<field>``. ``wrap(memory=...)`` reads its budgets so."""
+    return _build(tp, data, path)
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"config: the top level must be a mapping of sections (model, train, ...), got {show(data)}")
@@ -468,113 +485,6 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     elif isinstance(cluster, dict):
         data["cluster"] = {"auto": False, **cluster}
     return _build(Config, data, "")
-
-
-_PART_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)$")
-
-
-def _cut(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``a.b[0].c`` in the raw config mapping; list items must already exist."""
-    node: Any = data
-    parts = dotted.split(".")
-    opt = f"--set {_cut(dotted)}"
-    for depth, part in enumerate(parts):
-        m = _PART_RE.match(part)
-        if not m:
-            raise ConfigError(f"{opt}: cannot read {show(part)}; write names and [index], e.g. cluster.nodes[0].host_memory")
-        name, indices = m.group(1), [int(i) for i in re.findall(r"\d+", m.group(2))]
-        last = depth == len(parts) - 1
-        if not isinstance(node, dict):
-            raise ConfigError(f"{opt}: {_cut('.'.join(parts[:depth]))} is not a section")
-        if last and not indices:
-            node[name] = value
-            return
-        if name not in node or node[name] is None or node[name] == "auto":
-            if indices:
-                raise ConfigError(f"{opt}: {name} has no item {indices[0]}; write the list in the config file")
-            node[name] = {}
-        node = node[name]
-        for k, i in enumerate(indices):
-            if not isinstance(node, list) or i >= len(node):
-                raise ConfigError(f"{opt}: {name} has no item {i}; write the list in the config file")
-            if last and k == len(indices) - 1:
-                node[i] = value
-                return
-            node = node[i]
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.field=value`` overrides; values are read as YAML (``2``, ``bf16``, ``[0.9, 0.99]``).
-
-    A value that is not YAML is taken as text; one that is refused (a repeated key, an alias
-    bomb) is an error."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {_cut(item)}: write section.field=value, e.g. --set train.steps=20")
-        key, raw = item.split("=", 1)
-        try:
-            value = load_yaml(raw)
-        except YamlRefused as e:
-            raise ConfigError(f"--set {_cut(key.strip())}: {describe(e)}") from None
-        except yaml.YAMLError:
-            value = raw
-        if key.strip() == "cluster" and value == "auto":
-            data["cluster"] = "auto"
-            continue
-        _set_dotted(data, key.strip(), value)
-    return data
-
-
-def _read_config_file(p: Path) -> dict[str, Any]:
-    """The mapping in config file ``p``; each way a path can fail gets its own message naming it."""
-    where = f"config file {show(str(p), 200)}"
-    try:
-        if p.is_dir():
-            raise ConfigError(f"{where} is a directory; pass a YAML file such as examples/tiny-cpu.yaml")
-        with p.open("rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-    except ConfigError:
-        raise
-    except FileNotFoundError:
-        raise ConfigError(f"{where} does not exist; pass a YAML file such as examples/tiny-cpu.yaml") from None
-    except PermissionError:
-        raise ConfigError(f"{where} cannot be read: permission denied; fix its permissions or copy it") from None
-    except OSError as e:
-        raise ConfigError(f"{where} cannot be read ({e.strerror or e}); pass a readable YAML file") from None
-    except ValueError:  # a NUL byte in the name
-        raise ConfigError(f"{where} is not a valid file name") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{where} is larger than {MAX_CONFIG_BYTES >> 20} MiB; a config is a few KiB of YAML")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{where} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
-                          "save it as UTF-8") from None
-    try:
-        data = load_yaml(text)
-    except YamlRefused as e:
-        raise ConfigError(f"{where}: {describe(e)}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: not valid YAML: {describe(e)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: the top level must be a mapping of sections (model, train, ...), got {show(data)}")
-    return data
-
-
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """The Config in YAML file ``path`` (None: the defaults) with ``--set`` ``overrides`` applied."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        data = _read_config_file(p)
-        data.setdefault("name", p.stem)
-    return config_from_dict(apply_overrides(data, list(overrides)))
 
 
 # --- reference documentation -------------------------------------------------------------

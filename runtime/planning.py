@@ -90,6 +90,8 @@ def plan_from_config(cfg: Config, *, profile_path: str | None = None) -> Plan:
         budgets=budgets_for(cfg, device, host, nvme),
         safety_margin=cfg.memory.safety_margin,
         source=source,
+        chunk_size_elems=cfg.memory.chunk_elems,
+        prefetch_depth=cfg.memory.prefetch_depth,
     )
     return dataclasses.replace(plan, source_notes=tuple(notes)) if notes else plan
 

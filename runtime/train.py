@@ -76,10 +76,14 @@ def _memory_for(plan, cfg: Config) -> dict:
     memory: dict = {"device": budgets["device"], "host": budgets["host"]}
     uses_nvme = any(c.home == "nvme" for c in plan.memory.chunks) or any(a == "swap_nvme" for a in plan.memory.activations)
     if uses_nvme:
+        field = "cluster.nodes[0].nvme.path"
         if plan.nvme is None:
-            raise ConfigError("cluster.nodes[].nvme.path: the plan uses NVMe but no path is configured")
-        memory["nvme"] = str(Path(plan.nvme.path) / f"memtrain-{cfg.name}")
-        memory["nvme_budget"] = budgets["nvme"]
+            raise ConfigError(f"{field}: the plan uses NVMe but no path is configured")
+        if not Path(plan.nvme.path).is_dir():
+            raise ConfigError(f"{field}: {plan.nvme.path!r} is not a directory; create it (on a fast local disk) or "
+                              "point the path at one")
+        memory["nvme_path"] = str(Path(plan.nvme.path) / f"memtrain-{cfg.name}")
+        memory["nvme"] = budgets["nvme"]
     return memory
 
 
@@ -143,7 +147,7 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print) -> dict:
     from memtrain.planner import report
     from memtrain.planner.measure import LoadMeter
     from memtrain.runtime.data import TokenBatches
-    from memtrain.runtime.engine import wrap
+    from memtrain.runtime.wrapping import wrap
     from memtrain.runtime.planning import plan_from_config, run_dir
     from memtrain.runtime.run_check import closing_lines
 

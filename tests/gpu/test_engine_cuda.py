@@ -53,7 +53,7 @@ def test_parity_on_cuda(home, tol, tmp_path):
     policy = MemoryPolicy(chunk_size_elems=20_000, chunks=chunks, prefetch_depth=2,
                           activations=(ActPolicy.KEEP,) * len(blocks))
     engine = wrap(model, optimizer=dict(name="adamw", lr=1e-3), plan=policy, micro_batch_size=MICRO, verbose=False,
-                  host_kernel="single", memory={"device": "1GiB", "host": "1GiB", "nvme": str(tmp_path / "nvme")})
+                  host_kernel="single", memory={"device": "1GiB", "host": "1GiB", "nvme_path": str(tmp_path / "nvme")})
     torch.cuda.reset_peak_memory_stats()
     got = [engine.train_step(_batch(cfg, step)) for step in range(STEPS)]
     assert max(abs(a - b) for a, b in zip(got, want)) <= tol
@@ -106,7 +106,7 @@ def test_fetches_from_carried_write_backs_copy_from_pinned_staging(dtype, tmp_pa
         policy = MemoryPolicy(chunk_size_elems=20_000, chunks=make_chunk_plans(param_order(model, blocks), 20_000, Tier.NVME),
                               prefetch_depth=2, activations=(ActPolicy.KEEP,) * len(blocks))
         engine = wrap(model, optimizer=dict(name="adamw", lr=1e-3), plan=policy, micro_batch_size=MICRO, verbose=False,
-                      dtype=dtype, memory={"device": "1GiB", "host": "1GiB", "nvme": str(tmp_path / sub)})
+                      dtype=dtype, memory={"device": "1GiB", "host": "1GiB", "nvme_path": str(tmp_path / sub)})
         reads, read = Counter(), engine.nvme.read
 
         def logging_read(key, out, **kw):
@@ -160,7 +160,7 @@ def test_gradient_flush_lands_in_pinned_memory_off_the_training_thread(home, dty
         policy = MemoryPolicy(chunk_size_elems=20_000, chunks=make_chunk_plans(param_order(model, blocks), 20_000, home),
                               prefetch_depth=2, activations=(ActPolicy.KEEP,) * len(blocks))
         return wrap(model, optimizer=dict(name="adamw", lr=1e-3), plan=policy, micro_batch_size=MICRO, verbose=False,
-                    dtype=dtype, memory={"device": "1GiB", "host": "1GiB", "nvme": str(tmp_path / sub)})
+                    dtype=dtype, memory={"device": "1GiB", "host": "1GiB", "nvme_path": str(tmp_path / sub)})
 
     drained, sync = build("a"), build("b")
     assert drained.store.grads.asynchronous

@@ -85,7 +85,7 @@ def test_chunk_store_reuses_its_buffers_and_losses_stay_bitwise(tmp_path):
                             chunks=make_chunk_plans(param_order(model, blocks), 40_000, Tier.NVME),
                             activations=(ActPolicy.KEEP,) * len(blocks))
         engine = wrap(model, optimizer=dict(name="adamw", lr=1e-3), host_kernel="single",
-                      memory={"device": "64MiB", "host": "256MiB", "nvme": str(tmp_path / f"n{pooled}")},
+                      memory={"device": "64MiB", "host": "256MiB", "nvme_path": str(tmp_path / f"n{pooled}")},
                       plan=plan, micro_batch_size=2, verbose=False)
         store = engine.store
         pools = {"device": store.pools[id(store.device_ledger)], "host": store.pools[id(store.host_ledger)]}

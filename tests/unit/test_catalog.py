@@ -417,7 +417,7 @@ def test_format_cluster_one_line_per_device():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_examples_resolve(path, monkeypatch):
-    from memtrain.runtime.config import load_config
+    from memtrain.runtime.config_file import load_config
 
     monkeypatch.setitem(sys.modules, "pynvml", _FailingNvml())
     spec = resolve_cluster(load_config(path).cluster)

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from memtrain.planner.units import format_bytes, parse_bytes
-from memtrain.runtime.config import ConfigError, config_from_dict, load_config
+from memtrain.runtime.config import ConfigError, config_from_dict
+from memtrain.runtime.config_file import load_config
 from memtrain.runtime.config_docs import config_reference_markdown, field_docs
 
 ROOT = Path(__file__).resolve().parents[2]

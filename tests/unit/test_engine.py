@@ -9,6 +9,8 @@ import threading
 import pytest
 import torch
 
+from memtrain.errors import UserError
+
 from memtrain.models.gpt import GPT, causal_lm_loss, gpt_config
 from memtrain.offload.chunks import make_chunk_plans, named_blocks, param_order
 from memtrain.offload.nvme import BACKGROUND, URGENT
@@ -54,7 +56,7 @@ def _engine(cfg, home: Tier, tmp_path, *, seed: int = 0, optimizer=None, **kw):
     tmp_path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = GPT(cfg)
-    memory = {"device": "64MiB", "host": "256MiB", "nvme": str(tmp_path / "nvme")}
+    memory = {"device": "64MiB", "host": "256MiB", "nvme_path": str(tmp_path / "nvme")}
     engine = wrap(model, optimizer=optimizer or dict(name="adamw", lr=1e-3), memory=memory, plan=_policy(model, home, chunk_elems=40_000 if home is Tier.NVME else 20_000),
                   micro_batch_size=MICRO, verbose=False, **kw)
     return engine, model
@@ -150,14 +152,14 @@ def test_too_small_device_budget_is_refused_before_training():
 
 
 @pytest.mark.parametrize("memory,key", [
-    ({"device": "2 bananas"}, "memory['device']"),
+    ({"device": "2 bananas"}, "memory.device"),
     ({"device": "1GiB", "hots": "1GiB"}, "memory['hots']"),
-    ({"device": "1GiB", "safety_margin": 1.5}, "memory['safety_margin']"),
+    ({"device": "1GiB", "safety_margin": 1.5}, "memory.safety_margin"),
     ({"device": "1GiB", "nvme_budget": "1GiB"}, "memory['nvme_budget']"),
 ])
 def test_bad_memory_settings_name_the_key(memory, key):
     model = GPT(gpt_config("tiny"))
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(UserError) as err:
         wrap(model, optimizer="adamw", memory=memory, verbose=False)
     assert key in str(err.value)
 
@@ -273,7 +275,7 @@ def test_parity_with_plain_pytorch_100m(home, tmp_path):
     model = GPT(cfg)
     policy = _policy(model, home, chunk_elems=8 * 2**20)
     engine = wrap(model, optimizer=dict(name="adamw", lr=1e-4), plan=policy, host_kernel="single", verbose=False,
-                  memory={"device": "8GiB", "host": "8GiB", "nvme": str(tmp_path / "nvme")})
+                  memory={"device": "8GiB", "host": "8GiB", "nvme_path": str(tmp_path / "nvme")})
     for step in range(steps):
         x, y = _batch(cfg, step, batch=1, seq_len=seq)
         loss = causal_lm_loss(ref(x), y)
@@ -406,7 +408,7 @@ def test_fetches_are_not_repeated_at_pass_ends(depth, tmp_path):
     cfg = gpt_config("tiny", num_layers=4)
     torch.manual_seed(0)
     model = GPT(cfg)
-    memory = {"device": "64MiB", "host": "256MiB", "nvme": str(tmp_path / "nvme")}
+    memory = {"device": "64MiB", "host": "256MiB", "nvme_path": str(tmp_path / "nvme")}
     engine = wrap(model, optimizer=dict(name="adamw", lr=1e-3), memory=memory, micro_batch_size=MICRO, verbose=False,
                   plan=_policy(model, Tier.NVME, chunk_elems=40_000, depth=depth))
     n = 3
@@ -509,7 +511,7 @@ def _nvme_engine(cfg, tmp_path, staged: int, dtype: str = "fp32"):
     model = GPT(cfg)
     plan = dataclasses.replace(_policy(model, Tier.NVME, chunk_elems=40_000), optim_staged_chunks=staged)
     return wrap(model, optimizer=dict(name="adamw", lr=1e-3), plan=plan, micro_batch_size=MICRO, verbose=False,
-                dtype=dtype, memory={"device": "64MiB", "host": "256MiB", "nvme": str(tmp_path / "nvme")})
+                dtype=dtype, memory={"device": "64MiB", "host": "256MiB", "nvme_path": str(tmp_path / "nvme")})
 
 
 @pytest.mark.parametrize("staged", [3, 5, 40])

@@ -35,7 +35,7 @@ def _engine(cfg, home: Tier, tmp_path, dtype: str):
     policy = MemoryPolicy(chunk_size_elems=20_000, chunks=make_chunk_plans(param_order(model, blocks), 20_000, home),
                           prefetch_depth=2, activations=(ActPolicy.KEEP,) * len(blocks))
     return wrap(model, optimizer=dict(name="adamw", lr=1e-3), plan=policy, micro_batch_size=MICRO, verbose=False,
-                dtype=dtype, memory={"device": "64MiB", "host": "256MiB", "nvme": str(tmp_path / "nvme")})
+                dtype=dtype, memory={"device": "64MiB", "host": "256MiB", "nvme_path": str(tmp_path / "nvme")})
 
 
 @pytest.mark.parametrize("home,dtype", [(Tier.HOST, "fp32"), (Tier.HOST, "bf16"), (Tier.NVME, "bf16")])

@@ -135,7 +135,7 @@ def _engine_run(setup: Setup, cfg, tmp_path: Path, *, homes, acts, host_kernel=N
         homes = homes(model)
     plan = _policy(model, setup, homes, acts)
     memory = memory or {"device": "64GiB", "host": "64GiB"}
-    engine = wrap(model, optimizer=dict(name="adamw", lr=setup.lr), memory={**memory, "nvme": str(tmp_path / "nvme")},
+    engine = wrap(model, optimizer=dict(name="adamw", lr=setup.lr), memory={**memory, "nvme_path": str(tmp_path / "nvme")},
                   plan=plan, micro_batch_size=setup.micro_batch_size, host_kernel=host_kernel, verbose=False)
     torch.manual_seed(SEED + 1)
     losses = []

@@ -29,7 +29,7 @@ from memtrain.planner.analyze import analyze
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier, TrainShape
 from memtrain.planner.simulate import SWAP_IN_BLOCKS_AHEAD, simulate_step
 from memtrain.runtime.config import ModelConfig
-from memtrain.runtime.engine import wrap
+from memtrain.runtime.wrapping import wrap
 
 K, SH, SN, RC = ActPolicy.KEEP, ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME, ActPolicy.RECOMPUTE
 SEQ = 32
@@ -74,7 +74,7 @@ def measure_and_predict(tmp_path, *, overrides=None, homes=Tier.HOST, acts=K, de
     torch.manual_seed(0)
     model = GPT(gpt_config("tiny", **overrides))
     policy = _policy(model, homes, acts, depth, chunk_elems, staged)
-    engine = wrap(model, optimizer="adamw", memory={"device": BIG, "host": BIG, "nvme": str(tmp_path / "nvme")},
+    engine = wrap(model, optimizer="adamw", memory={"device": BIG, "host": BIG, "nvme_path": str(tmp_path / "nvme")},
                   plan=policy, dtype=dtype, micro_batch_size=mbs, verbose=False, device="cpu")
     ids = torch.randint(0, model.config.vocab_size, (mbs * num_microbatches, SEQ + 1), generator=torch.Generator().manual_seed(1))
     batch = (ids[:, :-1], ids[:, 1:])

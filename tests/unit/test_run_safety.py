@@ -24,8 +24,9 @@ import torch
 from memtrain.offload.nvme import NvmeStore
 from memtrain.planner.profile_format import FoundProfile
 from memtrain.runtime import engine as engine_mod
+from memtrain.runtime import wrapping as wrapping_mod
 from memtrain.runtime.cli import main
-from memtrain.runtime.config import load_config
+from memtrain.runtime.config_file import load_config
 from memtrain.runtime.planning import plan_from_config
 from memtrain.runtime.train import EXIT_NON_FINITE_LOSS
 
@@ -184,7 +185,7 @@ def test_a_non_finite_loss_stops_the_run_with_status_3_naming_the_step(tmp_path,
 def test_an_fp16_step_skipped_by_the_loss_scaler_is_not_a_failure(tmp_path, capsys, monkeypatch):
     """A loss scale so large that every step's fp16 gradients overflow: the scaler skips each
     step by design (its loss is finite), and the run ends normally."""
-    monkeypatch.setattr(engine_mod, "wrap", functools.partial(engine_mod.wrap, loss_scale={"scale": 2.0**40}))
+    monkeypatch.setattr(wrapping_mod, "wrap", functools.partial(wrapping_mod.wrap, loss_scale={"scale": 2.0**40}))
     stepped = []
     step = engine_mod.Engine.step
     monkeypatch.setattr(engine_mod.Engine, "step", lambda self: stepped.append(step(self)) or stepped[-1])

@@ -83,7 +83,7 @@ def test_a_user_written_model_trains_like_plain_torch(tmp_path, tier, memory, ex
     model, ref = TinyLM(explicit_device), TinyLM(explicit_device)
     ref.load_state_dict(model.state_dict())
     if tier == "nvme":
-        memory = {**memory, "nvme": str(tmp_path / "nvme")}
+        memory = {**memory, "nvme_path": str(tmp_path / "nvme")}
     engine = wrap(model, optimizer={"name": "adamw", "lr": 1e-3}, memory=memory, blocks=_labelled(model),
                   call=lambda m, ids: m(ids, None)[0], host_kernel="single", micro_batch_size=4, verbose=False)
     opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
