@@ -45,16 +45,23 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best[2], best[3]
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
 def build_hf(cfg: ModelConfig, *, max_seq_len: int | None = None) -> BuiltModel:
     """``AutoConfig.for_model(**cfg.hf_config)`` + ``AutoModelForCausalLM.from_config`` on the
     current default device."""
     transformers = _import_transformers()
     hf_config = dict(cfg.hf_config)
     model_type = hf_config.pop("model_type")
+    # [Note: transformers' refusals] transformers checks a config with exceptions of many kinds
+    # (ValueError, TypeError, huggingface_hub's StrictDataclassError, torch's RuntimeError for a
+    # negative size): each is the config's fault here, so each becomes the field's message.
     try:
         config = transformers.AutoConfig.for_model(model_type, **hf_config)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"model.hf_config: transformers rejected it ({e}); fix model_type or the fields") from e
+    except Exception as e:
+        raise ConfigError(f"model.hf_config: transformers rejected it ({_one_line(e)}); fix model_type or the fields") from e
     positions = getattr(config, "max_position_embeddings", None)
     if max_seq_len is not None and isinstance(positions, int) and max_seq_len > positions:
         raise ConfigError(
@@ -64,7 +71,14 @@ def build_hf(cfg: ModelConfig, *, max_seq_len: int | None = None) -> BuiltModel:
     try:
         model = transformers.AutoModelForCausalLM.from_config(config)
     except ValueError as e:
-        raise ConfigError(f"model.hf_config: {model_type!r} has no causal-LM model in transformers ({e})") from e
+        if "Unrecognized configuration class" in str(e):
+            raise ConfigError(f"model.hf_config: {model_type!r} has no causal-LM model in transformers ({_one_line(e)})") from e
+        raise ConfigError(f"model.hf_config: transformers cannot build {model_type!r} from it ({_one_line(e)}); fix the fields") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # [Note: transformers' refusals]
+        raise ConfigError(f"model.hf_config: transformers cannot build {model_type!r} from it "
+                          f"({type(e).__name__}: {_one_line(e)}); fix the fields") from e
 
     names = first_names(model)
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()

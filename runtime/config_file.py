@@ -42,7 +42,8 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
         if name not in node or node[name] is None or node[name] == "auto":
             if indices:
                 raise ConfigError(f"{opt}: {name} has no item {indices[0]}; write the list in the config file")
-            node[name] = {}
+            # 'cluster: auto' stays auto: --set cluster.network_gbps=50 changes that field only
+            node[name] = {"auto": True} if node.get(name) == "auto" else {}
         node = node[name]
         for k, i in enumerate(indices):
             if not isinstance(node, list) or i >= len(node):

@@ -43,7 +43,8 @@ class TokenBatches:
         if tokens.ndim != 1 or tokens.size < self.seq_len + 1:
             raise ConfigError(f"data.path: {path} must hold a flat array of at least seq_len+1 = {self.seq_len + 1} token ids")
         if int(tokens.max()) >= self.vocab_size:
-            raise ConfigError(f"data.path: token id {int(tokens.max())} is outside the model's vocabulary ({self.vocab_size})")
+            raise ConfigError(f"data.path: {path} holds token id {int(tokens.max())}, outside the model's vocabulary "
+                              f"(ids 0 to {self.vocab_size - 1}); tokenize for this model or raise its vocab_size")
         return tokens
 
     def __iter__(self):

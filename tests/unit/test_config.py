@@ -78,7 +78,7 @@ def test_overrides_apply_with_yaml_values():
         (["model.source=python"], "model.factory"),
         (["train.seq_len=abc"], "train.seq_len"),
         (["steps"], "--set steps"),
-        (["cluster.nodes=[]"], "cluster.nodes"),
+        (["cluster.auto=false", "cluster.nodes=[]"], "cluster.nodes"),
     ],
 )
 def test_bad_values_name_the_field(overrides, field):
@@ -327,3 +327,14 @@ def test_yaml_errors_are_one_line_naming_file_and_place(tmp_path):
     with pytest.raises(ConfigError, match=r"not valid YAML: line 2, column 1: .*'\\t'") as e:
         load_config(path)
     assert "\n" not in str(e.value)
+
+
+def test_setting_a_cluster_field_keeps_cluster_auto(tmp_path):
+    """--set cluster.network_gbps on a 'cluster: auto' file changes that field and keeps reading
+    this machine (it used to turn auto off, then refuse the config for listing no node)."""
+    p = tmp_path / "c.yaml"
+    p.write_text("model: {preset: tiny}\ncluster: auto\n")
+    cfg = load_config(p, ["cluster.network_gbps=50"])
+    assert cfg.cluster.auto is True and cfg.cluster.network_gbps == 50
+    cfg = load_config(p, ["cluster.auto=false", "cluster.nodes=[{host_memory: 8GiB}]"])
+    assert cfg.cluster.auto is False and cfg.cluster.nodes[0].host_memory == 8 * 2**30

@@ -45,5 +45,5 @@ def test_token_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="data.path"):
         TokenBatches(DataConfig(source="tokens", path=str(tmp_path / "none.npy")), batch_size=2, seq_len=8, vocab_size=50)
     np.save(tmp_path / "big.npy", np.arange(100, dtype=np.int64))
-    with pytest.raises(ConfigError, match="vocabulary"):
+    with pytest.raises(ConfigError, match=r"big\.npy holds token id 99, outside the model's vocabulary \(ids 0 to 49\)"):
         TokenBatches(DataConfig(source="tokens", path=str(tmp_path / "big.npy")), batch_size=2, seq_len=8, vocab_size=50)

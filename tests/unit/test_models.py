@@ -232,3 +232,15 @@ def test_hf_unknown_model_type_is_a_config_error():
     pytest.importorskip("transformers")
     with pytest.raises(ConfigError, match="model.hf_config"):
         build_model(ModelConfig(source="hf", hf_config={"model_type": "no-such-model-type"}))
+
+
+@pytest.mark.parametrize("hf_config, says", [
+    ({"model_type": "llama", "hidden_size": -5}, "transformers rejected it"),  # huggingface_hub's validator
+    ({"model_type": "gpt2", "n_embd": -5}, "cannot build 'gpt2'"),  # torch's negative dimension
+    ({"model_type": "gpt2", "n_layer": "two"}, "model.hf_config"),
+])
+def test_hf_invalid_values_are_config_errors_naming_the_field(hf_config, says):
+    pytest.importorskip("transformers")
+    with pytest.raises(ConfigError, match=says) as e:
+        build_model(ModelConfig(source="hf", hf_config=hf_config))
+    assert str(e.value).startswith("model.hf_config:") and "\n" not in str(e.value)
