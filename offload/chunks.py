@@ -163,9 +163,11 @@ class ChunkStore:
         self.grads = Gradients(self, asynchronous=self.device.type == "cuda")
         """The chunks' gradient accumulators (offload.grads)."""
         # [Note: why pool CPU buffers] (offload.bufpool): per ledger whose memory is plain CPU RAM.
-        self.pools = {id(ledger): BufferPool(ledger) for ledger, pinned in
-                      ((host_ledger, self.device.type == "cuda"), (device_ledger, False))
-                      if not pinned and (ledger is host_ledger or self.device.type == "cpu")}
+        # Page-aligned CPU buffers for the ledgers whose tier is plain CPU memory: on a CPU device
+        # both tiers, one pool, since they are the same memory (offload.bufpool); on CUDA none
+        # (device memory and pinned host memory have caching allocators of their own).
+        pool = BufferPool() if self.device.type == "cpu" else None
+        self.pools = {} if pool is None else {id(host_ledger): pool, id(device_ledger): pool}
 
     # --- memory helpers (a thin stand-in for offload.tiers: tensor + ledger entry) ----------
 
@@ -174,8 +176,7 @@ class ChunkStore:
         pool = self.pools.get(id(ledger))
         if pool is not None:
             # Page-aligned, so the NVMe store moves it without a bounce copy ([Note: CPU-only fetch]),
-            # and reused (offload.bufpool [Note: why pool CPU buffers]). Taken before the ledger
-            # records it, so the ledger's growth does not evict the very buffer being reused.
+            # and reused (offload.bufpool [Note: why pool CPU buffers]); given back if the ledger refuses it.
             t = pool.take(numel, dtype)
             try:
                 ledger.alloc(owner, numel * dtype.itemsize)
@@ -591,6 +592,7 @@ class ChunkStore:
             self._alloc_grad_buf(c)
         dst = c.grad_buf[s.offset:s.offset + s.numel]
         dst.add_(flat) if si in c.mb_seen else dst.copy_(flat)
+        del g, flat, dst  # autograd's gradient and a view of the grad buffer: nothing may outlive the flush below
         c.mb_seen.add(si)
         if len(c.mb_seen) == len(c.slots):
             self.grads.flush(c)

@@ -33,9 +33,6 @@ class Ledger:
         self._peak = 0
         self._peak_breakdown: dict[str, int] = {}
         self._window_peak = 0
-        self.on_alloc = None
-        """Called with the bytes in use after each ``alloc`` (outside the lock): a buffer pool
-        trims its idle buffers with it (offload.bufpool)."""
 
     def alloc(self, owner: str, num_bytes: int) -> None:
         """Record ``num_bytes`` more under ``owner``; raise BudgetExceeded past the budget."""
@@ -56,8 +53,6 @@ class Ledger:
                 self._peak_breakdown = dict(self._owners)
             if new > self._window_peak:
                 self._window_peak = new
-        if self.on_alloc is not None:
-            self.on_alloc(new)
 
     def free(self, owner: str, num_bytes: int | None = None) -> int:
         """Release ``num_bytes`` of ``owner`` (all of them if None); returns bytes released."""

@@ -23,7 +23,7 @@ __all__ = [
     "optimizer_state_bytes_per_elem", "optimizer_bytes_touched", "device_optimizer_time_s",
     "cpu_optimizer_time_s", "host_grad_accum_time_s",
     "chunk_bytes", "param_buffer_bytes", "grad_buffer_bytes", "host_grad_accum_bytes", "grad_landing_bytes",
-    "nvme_optim_staging_bytes", "chunk_disk_bytes", "activation_bytes", "workspace_bytes",
+    "nvme_optim_staging_bytes", "chunk_disk_bytes", "activation_bytes",
     "NVME_HEADER_BYTES", "NVME_ALIGN_BYTES", "nvme_file_bytes", "nvme_chunk_file_bytes", "nvme_chunk_file_sizes",
     "within_prefetch_window",
     "pack_params", "pack_chunks", "block_param_list", "block_chunk_ids",
@@ -416,26 +416,6 @@ def activation_bytes(policy: ActPolicy | str, block: BlockStats) -> dict[Tier, i
         out[Tier.HOST] = a
         out[Tier.NVME] = a
     return out
-
-
-def workspace_bytes(stats: ModelStats) -> int:
-    """Untracked temporaries inside one block's forward or backward (owner ``workspace``).
-
-    [Note: workspace estimate] The largest transient of a block is its backward: autograd
-    materialises gradients for the block's saved tensors one after another (bounded by the
-    block's saved-activation bytes A), while the gradient arriving at the block's output (O)
-    and the one it produces for its input (I) are both alive. So the estimate is
-    max over blocks of A + I + O for one micro-batch of ``stats``. Fragmentation and library
-    scratch are left to the safety margin.
-
-    The loss's saved tensors (``ModelStats.loss_activation_bytes``: cross entropy's fp32
-    log-probabilities) are added on top: they are outside every block, so the ledger never
-    records them, and they are alive from the end of the forward, when the tracked activations
-    are at their peak, until the loss's backward has produced the logits' gradient (the head's
-    O, already in the block term).
-    """
-    blocks = max((b.activation_bytes + b.input_bytes + b.output_bytes for b in stats.blocks), default=0)
-    return blocks + stats.loss_activation_bytes
 
 
 # --- chunk packing ------------------------------------------------------------------------

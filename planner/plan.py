@@ -188,6 +188,9 @@ class DevicePrediction:
     """Budget per tier after the safety margin (0 = tier unavailable)."""
     breakdown: dict[str, dict[str, int]]
     """Per tier, bytes by owner at that tier's peak (e.g. ``chunks``, ``activations``, ``buffers``)."""
+    process_bytes: int = 0
+    """The process's memory at its peak above its baseline (planner.footprint [Note: process
+    memory]): RSS on a CPU device, the device's reserved bytes on a GPU. 0 in older plans."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -195,6 +195,12 @@ def _step_table(plan: Plan) -> _Table:
                   f"{train.tokens_per_step:,} tokens/step)"),
         ("precision", f"{train.dtype.value}, {train.optimizer.value}"),
     ]
+    for dev in pred.devices:
+        if dev.process_bytes:
+            what = "RSS" if dev.device == "cpu" else "reserved device memory"
+            rank = f" (rank {dev.rank})" if len(pred.devices) > 1 else ""
+            rows.append((f"process memory{rank}", f"{format_bytes(dev.process_bytes)} above the process's "
+                                                  f"baseline ({what}; docs/memory-accounting.md)"))
     return _Table(title="Predicted step", columns=(), rows=tuple(rows))
 
 

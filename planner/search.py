@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
 from memtrain.errors import UserError
-from memtrain.planner import cost
+from memtrain.planner import cost, footprint
 from memtrain.planner.plan import (
     ActPolicy, Alternative, ChunkPlan, DevicePrediction, MemoryPolicy, Plan, Prediction, Tier, TimelineEvent, TrainShape,
 )
@@ -26,7 +26,7 @@ from memtrain.planner.simulate import SWAP_IN_LOOKAHEAD, SimResult, simulate_ste
 from memtrain.planner.units import format_bytes
 from memtrain.planner.stats import DType, ModelStats, Optimizer, dtype_bytes
 
-__all__ = ["plan", "tracked_peak_bytes", "MAX_GLOBAL_BATCH_SIZE", "OPTIM_STAGINGS", "MAX_OPTIM_STAGINGS", "CHUNK_SIZE_CANDIDATES", "MAX_SIMULATIONS", "MAX_TIMELINE_EVENTS", "NEAR_TIE"]
+__all__ = ["plan", "tracked_peak_bytes", "predicted_process_bytes", "MAX_GLOBAL_BATCH_SIZE", "OPTIM_STAGINGS", "MAX_OPTIM_STAGINGS", "CHUNK_SIZE_CANDIDATES", "MAX_SIMULATIONS", "MAX_TIMELINE_EVENTS", "NEAR_TIE"]
 
 MAX_GLOBAL_BATCH_SIZE = 1 << 20
 """Sequences per optimizer step at most (train.global_batch_size). Every divisor is a micro-batch
@@ -309,12 +309,31 @@ def _candidates_for(ctx: _Context, chunk_size: int, packed: list[tuple[tuple[str
     return out
 
 
-def _peaks(ctx: _Context, sim: SimResult) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+def _peaks(ctx: _Context, sim: SimResult, policy: MemoryPolicy) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """Per tier, the peak with the untracked workspace on the device tier: the backward's
+    (``ctx.workspace_bytes``) or, when larger, the device chunks' optimizer temporaries."""
+    workspace = max(ctx.workspace_bytes, footprint.optimizer_workspace_bytes(policy, ctx.device))
     peaks = dict(sim.peak_bytes)
-    peaks["device"] = peaks.get("device", 0) + ctx.workspace_bytes
+    peaks["device"] = peaks.get("device", 0) + workspace
     breakdown = {t: dict(d) for t, d in sim.breakdown.items()}
-    breakdown.setdefault("device", {})["workspace"] = ctx.workspace_bytes
+    breakdown.setdefault("device", {})["workspace"] = workspace
     return peaks, breakdown
+
+
+def _process_bytes(ctx: _Context, policy: MemoryPolicy, peaks: Mapping[str, int], breakdown, sim: SimResult) -> int:
+    uses_nvme = any(c.home is Tier.NVME for c in policy.chunks) or ActPolicy.SWAP_NVME in policy.activations
+    return footprint.process_bytes(device_peak_bytes=peaks["device"], pooled_peak_bytes=sim.pooled_peak_bytes,
+                                   act_peak_bytes=sim.act_peak_bytes, workspace_bytes=breakdown["device"]["workspace"],
+                                   device=ctx.device, uses_nvme=uses_nvme)
+
+
+def predicted_process_bytes(stats: ModelStats, train: TrainShape, device: DeviceSpec, policy: MemoryPolicy,
+                            sim: SimResult) -> int:
+    """``DevicePrediction.process_bytes`` of ``sim``, a step of ``policy`` simulated without the
+    search (``stats`` at micro-batch size 1, as ``plan`` takes it)."""
+    ctx = _Context(stats=stats.scaled(train.micro_batch_size), train=train, device=device, host=None, nvme=None,
+                   usable={}, workspace_bytes=footprint.workspace_bytes(stats.scaled(train.micro_batch_size)))
+    return _process_bytes(ctx, policy, *_peaks(ctx, sim, policy), sim)
 
 
 def tracked_peak_bytes(prediction: DevicePrediction) -> dict[str, int]:
@@ -344,7 +363,7 @@ def _shortfall(stats: ModelStats, mbs: int, dtype: DType, optimizer: Optimizer, 
     c_bytes = dtype_bytes(dtype)
     biggest = max((b.num_params for b in s.blocks), default=0)
     # workspace + recompute footprint + param and grad buffers of the largest block, twice over
-    device_min = (cost.workspace_bytes(s) + sum(b.input_bytes for b in s.blocks)
+    device_min = (footprint.workspace_bytes(s) + sum(b.input_bytes for b in s.blocks)
                   + max((b.activation_bytes for b in s.blocks), default=0) + 2 * 2 * biggest * c_bytes)
 
     def has(tier: str) -> str:
@@ -394,7 +413,7 @@ def plan(
     ``stats`` is the analysis at micro-batch size 1; ``micro_batch_size`` 0 lets the search
     choose a divisor of ``global_batch_size``. ``budgets`` maps ``device``/``host``/``nvme`` to
     bytes (0 = tier unavailable); usable = budget × (1 − ``safety_margin``). The device peak
-    includes the untracked ``workspace`` estimate (``cost.workspace_bytes``, listed in the
+    includes the untracked ``workspace`` estimate (``footprint.workspace_bytes``, listed in the
     breakdown) on top of the ledger's owners. ``param_numels`` (name -> numel) lets chunks
     be cut between parameters instead of between blocks (``cost.pack_chunks``).
     ``chunk_size_elems`` and ``prefetch_depth`` fix those choices (``memory.chunk_elems``,
@@ -431,7 +450,7 @@ def plan(
         train = TrainShape(global_batch_size=global_batch_size, micro_batch_size=mbs,
                            num_microbatches=global_batch_size // mbs, seq_len=base.seq_len, dtype=dtype, optimizer=optimizer)
         return _Context(stats=s, train=train, device=device, host=host, nvme=nvme, usable=usable,
-                        workspace_bytes=cost.workspace_bytes(s))
+                        workspace_bytes=footprint.workspace_bytes(s))
 
     contexts = {mbs: context(mbs) for mbs in mbs_options}
     candidates: list[_Candidate] = []
@@ -460,7 +479,7 @@ def plan(
             break
         ctx = contexts[cand.mbs]
         sim = simulate_step(ctx.stats, ctx.train, device, host, nvme, cand.policy, timeline=False)
-        why = _overflow(_peaks(ctx, sim)[0], usable)
+        why = _overflow(_peaks(ctx, sim, cand.policy)[0], usable)
         tried.append((cand, sim, why))
         if not why and (fastest_s is None or sim.step_time_s < fastest_s):
             fastest_s = sim.step_time_s
@@ -510,7 +529,7 @@ def _family(cand: _Candidate) -> tuple:
 def _build_plan(name: str, base: ModelStats, ctx: _Context, chosen: _Candidate, sim: SimResult,
                 tried: list[tuple[_Candidate, SimResult, str]], source: str, fits: bool, shortfall: str,
                 max_alternatives: int) -> Plan:
-    peaks, breakdown = _peaks(ctx, sim)
+    peaks, breakdown = _peaks(ctx, sim, chosen.policy)
     bc = cost.block_chunk_ids(ctx.stats, chosen.policy.chunks)
     schedule = generate_single_device(ctx.train.num_microbatches)
     schedule = add_chunk_transfers(schedule, chosen.policy, bc)
@@ -542,7 +561,8 @@ def _build_plan(name: str, base: ModelStats, ctx: _Context, chosen: _Candidate, 
     prediction = Prediction(
         step_time_s=sim.step_time_s, tokens_per_s=sim.tokens_per_s, mfu=sim.mfu,
         devices=(DevicePrediction(rank=0, device=ctx.device.kind, peak_bytes=peaks, budget_bytes=dict(ctx.usable),
-                                  breakdown=breakdown),),
+                                  breakdown=breakdown,
+                                  process_bytes=_process_bytes(ctx, chosen.policy, peaks, breakdown, sim)),),
         timeline=_truncate(sim.timeline),
     )
     return Plan(name=name, fits=fits, shortfall=shortfall, model=base, train=ctx.train, device=ctx.device,

@@ -90,6 +90,11 @@ class SimResult:
     """Per tier (``device``, ``host``, ``nvme``), peak bytes of the ledger's owners (no workspace)."""
     breakdown: dict[str, dict[str, int]]
     """Per tier, bytes at the peak by owner kind (``chunk``, ``buffer``, ``act``, ``staging``)."""
+    pooled_peak_bytes: int
+    """The most bytes the device and host tiers' chunks, buffers and staging held at once (on a
+    CPU device the chunk store's buffer pool serves them all: offload.bufpool)."""
+    act_peak_bytes: int
+    """The most bytes activations held at once, on every tier together (torch allocates them)."""
     timeline: tuple[TimelineEvent, ...]
     """Every simulated task; with extrapolation, the last simulated micro-batch and the
     optimizer are shifted to where they fall in the full step."""
@@ -617,6 +622,14 @@ def _resident(policy: MemoryPolicy, train: TrainShape) -> dict[str, int]:
     return out
 
 
+def _memory_group(tier: str, owner: str) -> str | None:
+    """Activations (torch's allocations) apart from the chunk store's own bytes on the device and
+    host tiers (planner.footprint [Note: process memory])."""
+    if owner.startswith("act"):
+        return "act"
+    return "pooled" if tier in (Tier.DEVICE.value, Tier.HOST.value) else None
+
+
 def simulate_step(
     stats: ModelStats,
     train: TrainShape,
@@ -662,7 +675,7 @@ def simulate_step(
         raise ValueError("max_simulated_microbatches: must be >= 3 (or None to simulate all)")
     n_sim = n if max_simulated_microbatches is None else min(n, max_simulated_microbatches)
     graph = _StepBuilder(s, train, device, host, nvme, policy, n_sim).build()
-    r = simulate_graph(graph)
+    r = simulate_graph(graph, group=_memory_group)
     shift = 0.0
     if n_sim < n:
         mb_end = [0.0] * (n_sim + 1)
@@ -695,6 +708,8 @@ def simulate_step(
         mfu=model_flops / (step_time_s * peak_flops) if step_time_s > 0 and peak_flops > 0 else 0.0,
         peak_bytes=peak,
         breakdown=breakdown,
+        pooled_peak_bytes=r.group_peak_bytes.get("pooled", 0) + resident[Tier.DEVICE.value] + resident[Tier.HOST.value],
+        act_peak_bytes=r.group_peak_bytes.get("act", 0),
         timeline=events,
         num_simulated_microbatches=n_sim,
     )

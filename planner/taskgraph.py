@@ -10,6 +10,7 @@ builds the graph of a training step.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["STREAMS", "TaskGraph", "GraphResult", "simulate_graph"]
@@ -86,6 +87,9 @@ class GraphResult:
     """Per tier, the most bytes held at once."""
     peak_owners: dict[str, dict[str, int]]
     """Per tier, bytes by owner at that tier's (first) peak."""
+    group_peak_bytes: dict[str, int]
+    """Per group of ``simulate_graph``'s ``group`` (owners across tiers), the most bytes the group
+    held at once, whenever that was."""
 
     def breakdown(self) -> dict[str, dict[str, int]]:
         """Per tier, bytes at the peak summed by owner kind (``chunk``, ``buffer``, ``act``,
@@ -99,8 +103,10 @@ class GraphResult:
         return out
 
 
-def simulate_graph(graph: TaskGraph) -> GraphResult:
-    """Run the graph: each task starts when its stream is free and its dependencies are done."""
+def simulate_graph(graph: TaskGraph, group: Callable[[str, str], str | None] | None = None) -> GraphResult:
+    """Run the graph: each task starts when its stream is free and its dependencies are done.
+    ``group(tier, owner)`` names the group an owner's bytes count in (None: none) for
+    ``GraphResult.group_peak_bytes``."""
     n = len(graph)
     start = [0.0] * n
     finish = [0.0] * n
@@ -130,12 +136,19 @@ def simulate_graph(graph: TaskGraph) -> GraphResult:
     in_use: dict[str, int] = defaultdict(int)
     peak: dict[str, int] = defaultdict(int)
     peak_at: dict[str, int] = {}
-    for pos, (_, _, _, _, tier, _, b) in enumerate(events):
+    group_use: dict[str, int] = defaultdict(int)
+    group_peak: dict[str, int] = defaultdict(int)
+    for pos, (_, _, _, _, tier, owner, b) in enumerate(events):
         in_use[tier] += b
         assert in_use[tier] >= 0, f"{tier}: more freed than allocated at event {pos}"
         if in_use[tier] > peak[tier]:
             peak[tier] = in_use[tier]
             peak_at[tier] = pos
+        name = group(tier, owner) if group is not None else None
+        if name is not None:
+            group_use[name] += b
+            if group_use[name] > group_peak[name]:
+                group_peak[name] = group_use[name]
     peak_owners: dict[str, dict[str, int]] = {}
     for tier, at in peak_at.items():
         owners: dict[str, int] = defaultdict(int)
@@ -149,4 +162,5 @@ def simulate_graph(graph: TaskGraph) -> GraphResult:
         finish_s=tuple(finish),
         peak_bytes=dict(peak),
         peak_owners=peak_owners,
+        group_peak_bytes=dict(group_peak),
     )

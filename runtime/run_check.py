@@ -17,7 +17,7 @@ from memtrain.planner.plan import Plan
 from memtrain.planner.profile_format import Profile, ProfileError, load_profile, other_machine, profile_flag
 from memtrain.planner.units import format_bytes
 
-__all__ = ["STEP_TIME_TOLERANCE", "closing_lines", "likely_cause"]
+__all__ = ["STEP_TIME_TOLERANCE", "closing_lines", "likely_cause", "process_line"]
 
 STEP_TIME_TOLERANCE = 0.25
 """How far the measured step time may be from the predicted, as a fraction of the prediction,
@@ -30,13 +30,17 @@ _PROFILE = "memtrain profile CONFIG"
 def closing_lines(
     plan: Plan, *, step_times_s: Sequence[float], memory: dict, run_load: Load | None = None,
     fingerprint: dict[str, str] | None = None, read_profile: Callable[[str], Profile] = load_profile,
+    process: tuple[int, int, bool] | None = None,
 ) -> list[str]:
     """The lines ``memtrain run`` prints after training: measured (median of the steps after the
     first) against predicted step time, a warning with the likely cause and its fix when they
     differ by more than ``STEP_TIME_TOLERANCE``, and each tier's measured against predicted peak.
 
     ``memory`` is the engine's ``memory_report()``; ``run_load`` what other processes did during
-    the run (``planner.measure.LoadMeter``); ``fingerprint`` this machine's (default: measured).
+    the run (``planner.measure.LoadMeter``); ``fingerprint`` this machine's (default: measured);
+    ``process`` (peak above the baseline, the baseline, whether the peak was reset at the
+    baseline: ``runtime.process_memory.ProcessPeak``) adds the process's line, set against the
+    plan's ``process_bytes`` (planner.footprint [Note: process memory]).
     """
     from memtrain.planner.search import tracked_peak_bytes
 
@@ -65,7 +69,21 @@ def closing_lines(
         error = f" ({(m.peak_bytes - pred) / pred:+.1%})" if pred else ""
         lines.append(f"{tier:>7} peak: measured {format_bytes(m.peak_bytes)}, predicted {format_bytes(pred)}{error}, "
                      f"budget {format_bytes(m.budget_bytes) if m.budget_bytes else 'none'} (ledger-tracked bytes)")
+    if process is not None and predicted.devices and predicted.devices[0].process_bytes:
+        lines.append(process_line(predicted.devices[0].process_bytes, *process))
     return lines
+
+
+def process_line(predicted_bytes: int, measured_bytes: int, baseline_bytes: int, exact: bool = True) -> str:
+    """The process's peak (RSS on a CPU, reserved device memory on a GPU) against the baseline
+    measured before the model was built plus the plan's ``process_bytes``."""
+    total_m, total_p = baseline_bytes + measured_bytes, baseline_bytes + predicted_bytes
+    line = (f"process peak: measured {format_bytes(total_m)}, predicted {format_bytes(total_p)} "
+            f"({(total_p - total_m) / total_m:+.1%}): the {format_bytes(baseline_bytes)} baseline measured "
+            f"before the model was built + {format_bytes(measured_bytes)} measured, {format_bytes(predicted_bytes)} planned")
+    if not exact:
+        line += " (this system cannot reset the peak: the measured figure covers the whole process)"
+    return line
 
 
 def likely_cause(plan: Plan, ratio: float, *, profile: Profile | None, profile_error: str = "",

@@ -149,6 +149,7 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print) -> dict:
     from memtrain.runtime.data import TokenBatches
     from memtrain.runtime.wrapping import wrap
     from memtrain.runtime.planning import plan_from_config, run_dir
+    from memtrain.runtime.process_memory import ProcessPeak
     from memtrain.runtime.run_check import closing_lines
 
     out_dir = run_dir(cfg)
@@ -167,6 +168,8 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print) -> dict:
     engine = None
     try:
         plan.save(out_dir / "plan.json")
+        # the baseline: the interpreter, torch, memtrain and what planning left (closing_lines)
+        process = ProcessPeak("cuda" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(cfg.train.seed)
         built = build_model(cfg.model, max_seq_len=cfg.train.seq_len)
         opt = cfg.train.optimizer
@@ -207,6 +210,7 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print) -> dict:
                          f"{tokens_per_step / dt:10,.0f} tok/s  step peak: device {format_bytes(peaks['device'])}, "
                          f"host {format_bytes(peaks['host'])}")
         mem = engine.memory_report()
+        process_peak = process.peak_bytes()
     except BaseException:
         if engine is not None:
             try:
@@ -217,7 +221,10 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print) -> dict:
             _remove_artifacts(out_dir, created)
         raise
     engine.close()
-    for line in closing_lines(plan, step_times_s=step_times, memory=mem, run_load=run_load.read()):
+    for line in closing_lines(plan, step_times_s=step_times, memory=mem, run_load=run_load.read(),
+                              process=(process_peak, process.baseline_bytes, process.exact)):
         print_fn(line)
     return {"losses": losses, "step_times_s": step_times, "plan": plan,
-            "peak_bytes": {t: m.peak_bytes for t, m in mem.items()}}
+            "peak_bytes": {t: m.peak_bytes for t, m in mem.items()},
+            "process_bytes": {"baseline": process.baseline_bytes, "peak_above_baseline": process_peak,
+                              "predicted": plan.prediction.devices[0].process_bytes if plan.prediction.devices else 0}}

@@ -31,6 +31,7 @@ from memtrain.planner.stats import DType
 from memtrain.planner.units import show
 from memtrain.runtime.config import MemoryConfig, section_from_dict
 from memtrain.runtime.engine import Engine, LossScaler
+from memtrain.runtime.process_memory import return_large_frees
 
 __all__ = ["WRAP_MEMORY_KEYS", "MemoryBudgets", "check_nvme_dir", "planner_plan", "wrap"]
 
@@ -200,6 +201,8 @@ def wrap(
       every activation.
     """
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cpu":
+        return_large_frees()  # runtime.process_memory [Note: the C heap's threshold]
     spec = OptimizerSpec.from_value(optimizer)
     budgets = MemoryBudgets.parse(memory, dev)
     if plan is None and seq_len is None and global_batch_size is None:

@@ -110,22 +110,6 @@ def test_activation_bytes_per_policy():
     assert cost.activation_bytes(ActPolicy.SWAP_NVME, b)[Tier.NVME] == 100
 
 
-def test_workspace_is_the_largest_block_backward_transient():
-    stats = ModelStats(name="m", num_params=2, dtype=DType.BF16, micro_batch_size=1, seq_len=4, blocks=(
-        block("a", {"x": 1}, act=100, inp=10, out=20), block("b", {"y": 1}, act=50, inp=90, out=5)))
-    assert cost.workspace_bytes(stats) == max(100 + 10 + 20, 50 + 90 + 5)
-
-
-def test_workspace_adds_the_loss_saved_bytes_the_ledger_never_sees():
-    blocks = (block("a", {"x": 1}, act=100, inp=10, out=20), block("b", {"y": 1}, act=50, inp=90, out=5))
-    stats = ModelStats(name="m", num_params=2, dtype=DType.BF16, micro_batch_size=2, seq_len=4, blocks=blocks,
-                       loss_activation_bytes=1000)
-    assert cost.workspace_bytes(stats) == 145 + 1000
-    # Per micro-batch: scaling the micro-batch scales the loss's bytes with the blocks'.
-    assert stats.scaled(4).loss_activation_bytes == 2000
-    assert cost.workspace_bytes(stats.scaled(4)) == 290 + 2000
-
-
 def test_pack_params_never_splits_and_gives_big_params_their_own_chunk():
     params = [("a", 3), ("b", 4), ("c", 2), ("big", 25), ("d", 5), ("e", 6)]
     chunks = cost.pack_params(params, 10)

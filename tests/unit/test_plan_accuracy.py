@@ -24,7 +24,7 @@ import torch
 from memtrain.cluster.spec import HostSpec, NvmeSpec
 from memtrain.models.gpt import GPT, gpt_config
 from memtrain.offload.chunks import make_chunk_plans, named_blocks, param_order
-from memtrain.planner import catalog, cost
+from memtrain.planner import catalog, cost, footprint
 from memtrain.planner.analyze import analyze
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier, TrainShape
 from memtrain.planner.simulate import SWAP_IN_BLOCKS_AHEAD, simulate_step
@@ -286,7 +286,7 @@ def test_tracked_peak_leaves_out_only_the_workspace_estimate():
     pred = p.prediction.devices[0]
     tracked = tracked_peak_bytes(pred)
     workspace = pred.breakdown["device"]["workspace"]
-    assert workspace == cost.workspace_bytes(stats.scaled(2)) > 0
+    assert workspace == footprint.workspace_bytes(stats.scaled(2)) > 0
     assert tracked["device"] == pred.peak_bytes["device"] - workspace
     assert tracked["host"] == pred.peak_bytes["host"]
     sim = simulate_step(p.model, p.train, p.device, p.host, p.nvme, p.memory)

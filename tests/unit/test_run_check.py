@@ -120,3 +120,17 @@ def test_far_off_with_a_profile_gone_since_planning(base_plan, tmp_path):
     plan = dataclasses.replace(base_plan, source=f"profile:{tmp_path / 'gone.parquet'}")
     w = _warning(_close(plan, 3.0))
     assert "the plan's profile cannot be read now" in w and "gone.parquet" in w
+
+
+def test_the_process_line_sets_baseline_plus_plan_against_the_measured_peak(base_plan):
+    from memtrain.runtime.run_check import process_line
+
+    planned = base_plan.prediction.devices[0].process_bytes
+    assert planned > 0
+    lines = _close(base_plan, 1.0, process=(planned * 2, 100 * 2**20, True))
+    assert lines[-1] == process_line(planned, planned * 2, 100 * 2**20)
+    assert lines[-1].startswith("process peak: measured ")
+    expected = (100 * 2**20 + planned - (100 * 2**20 + 2 * planned)) / (100 * 2**20 + 2 * planned)
+    assert f"({expected:+.1%})" in lines[-1] and "100.0 MiB baseline" in lines[-1]
+    assert "cannot reset the peak" in process_line(10, 10, 10, exact=False)
+    assert not any(line.startswith("process peak") for line in _close(base_plan, 1.0))  # not measured: no line

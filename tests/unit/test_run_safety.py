@@ -44,7 +44,7 @@ cluster:
   auto: true
   nodes:
     - nvme: {{path: {nvme}}}
-memory: {{device: 1600KiB, host: 1600KiB, nvme: 3MiB}}
+memory: {{device: 1800KiB, host: 1600KiB, nvme: 3MiB}}
 run_dir: {run_dir}
 """
 
@@ -195,3 +195,14 @@ def test_an_fp16_step_skipped_by_the_loss_scaler_is_not_a_failure(tmp_path, caps
     assert rc == 0, capsys.readouterr().err
     assert stepped == [False, False, False]  # every step skipped for overflow
     assert [x["step"] for x in _metrics(run_dir)] == [1, 2, 3]
+
+
+def test_a_run_ends_with_the_process_peak_within_10_percent_of_baseline_plus_plan(tmp_path, capsys):
+    """issue: the plan's process figure plus the baseline measured before the model is built is
+    within 10% of the process's real peak (RSS on this CPU machine)."""
+    run_dir = tmp_path / "run"
+    assert main(["run", str(TINY), *SMALL, "--set", f"run_dir={run_dir}", "--set", "train.steps=3"]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("process peak:")]
+    assert len(line) == 1
+    error = float(re.search(r"\(([+-][\d.]+)%\)", line[0]).group(1)) / 100
+    assert abs(error) <= 0.10, line[0]

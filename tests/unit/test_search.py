@@ -9,7 +9,7 @@ import time
 import pytest
 
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
-from memtrain.planner import cost
+from memtrain.planner import cost, footprint
 from memtrain.planner.plan import ActPolicy, Op, Plan, Tier
 from memtrain.planner.schedule import validate
 from memtrain.planner.search import MAX_TIMELINE_EVENTS, NEAR_TIE, plan
@@ -90,7 +90,7 @@ def test_prediction_is_the_simulation_of_the_chosen_policy():
     sim = simulate_step(p.model, p.train, p.device, p.host, p.nvme, p.memory)
     dev = p.prediction.devices[0]
     assert p.prediction.step_time_s == pytest.approx(sim.step_time_s)
-    ws = cost.workspace_bytes(p.model.scaled(p.train.micro_batch_size))
+    ws = footprint.workspace_bytes(p.model.scaled(p.train.micro_batch_size))
     assert dev.peak_bytes == {**sim.peak_bytes, "device": sim.peak_bytes["device"] + ws}
     assert dev.breakdown["device"]["workspace"] == ws
     assert dev.budget_bytes == {"device": int(int(2.5 * GiB) * 0.9), "host": int(1024 * GiB * 0.9), "nvme": int(8000 * GiB * 0.9)}

@@ -1,0 +1,90 @@
+"""What a training process holds beyond the ledgers' owners, and its memory at its peak.
+
+The ledgers count what memtrain allocates (docs/memory-accounting.md). Around them the process
+holds autograd's temporaries, the loss's tensors and parameters' gradients in flight (the
+``workspace`` the planner adds to the device tier), the optimizer kernels' temporaries, what the
+C allocator keeps of freed memory and the NVMe store's threads. ``process_bytes`` puts them
+together into the figure a run compares with its process's real peak (RSS on a CPU device, the
+device's reserved bytes on a GPU) above the baseline measured before the model is built.
+"""
+
+from __future__ import annotations
+
+from memtrain.cluster.spec import DeviceSpec
+from memtrain.planner.plan import MemoryPolicy, Tier
+from memtrain.planner.stats import ModelStats, dtype_bytes
+
+__all__ = ["workspace_bytes", "param_grad_bytes", "optimizer_workspace_bytes", "NVME_IO_BYTES", "POOL_SLACK",
+           "process_bytes"]
+
+
+def workspace_bytes(stats: ModelStats) -> int:
+    """Untracked temporaries inside one block's forward or backward (owner ``workspace``).
+
+    [Note: workspace estimate] The largest transient of a block is its backward: autograd
+    materialises gradients for the block's saved tensors one after another (bounded by the
+    block's saved-activation bytes A), while the gradient arriving at the block's output (O)
+    and the one it produces for its input (I) are both alive. So the estimate is
+    max over blocks of A + I + O for one micro-batch of ``stats``, plus the parameters'
+    gradients autograd holds (``param_grad_bytes``).
+
+    The loss's saved tensors (``ModelStats.loss_activation_bytes``: cross entropy's fp32
+    log-probabilities) are added on top: they are outside every block, so the ledger never
+    records them, and they are alive from the end of the forward, when the tracked activations
+    are at their peak, until the loss's backward has produced the logits' gradient (the head's
+    O, already in the block term). What the C allocator keeps of freed memory is not counted
+    here but in ``process_bytes``.
+    """
+    blocks = max((b.activation_bytes + b.input_bytes + b.output_bytes for b in stats.blocks), default=0)
+    return blocks + stats.loss_activation_bytes + param_grad_bytes(stats)
+
+
+def param_grad_bytes(stats: ModelStats) -> int:
+    """[Note: parameter gradients in flight] Autograd makes each parameter's whole gradient (N·c)
+    before the chunk store's hook adds it into the grad buffer, one parameter at a time. A
+    parameter two blocks use (a tied embedding and head) keeps its first gradient from the later
+    block's backward until the earlier block's arrives, and the two are summed: 2·N·c."""
+    c = dtype_bytes(stats.dtype)
+    numel = {name: n for b in stats.blocks for name, n in zip(b.param_names, b.param_numels)}
+    shared = {name for b in stats.blocks for name in b.shared_param_names if name in numel}
+    held = sum(numel[n] for n in shared) + max((numel[n] for n in shared), default=0)
+    return c * max(max(numel.values(), default=0), held)
+
+
+def optimizer_workspace_bytes(policy: MemoryPolicy, device: DeviceSpec) -> int:
+    """Temporaries of the device chunks' optimizer update, the largest chunk's (fp32 N·4 each):
+    torch's single-tensor AdamW on a CPU makes two, the foreach kernel on a GPU one (measured:
+    ``offload.optim.adamw_step`` on a flat tensor). Host and NVMe chunks use the fused kernel,
+    which makes none."""
+    largest = max((c.num_elems for c in policy.chunks if c.home is Tier.DEVICE), default=0)
+    return largest * 4 * (2 if device.kind == "cpu" else 1)
+
+
+NVME_IO_BYTES = 40 << 20
+"""What an NVMe run's process holds beyond the pool and the C heap's live bytes: its store's 8
+threads with their stacks, bounce buffers and allocator arenas, and what the heap keeps of small
+frees. Measured 17-62 MiB (bench/plan_accuracy.py's NVMe configurations, the C heap's threshold
+fixed: runtime.process_memory)."""
+
+
+POOL_SLACK = 0.25
+"""``offload.bufpool.SLACK``: the buffer pool holds up to this much more than the most it had
+handed out at once ([Note: pool slack])."""
+
+
+def process_bytes(*, device_peak_bytes: int, pooled_peak_bytes: int, act_peak_bytes: int, workspace_bytes: int,
+                  device: DeviceSpec, uses_nvme: bool) -> int:
+    """[Note: process memory] The process's memory above its baseline at its peak, predicted.
+
+    On a GPU: the device's reserved bytes, the device tier's peak (``device_peak_bytes``,
+    workspace included). On a CPU device both tiers are RAM, held in two ways that peak at
+    different times, so their peaks add: the chunk store's buffers, chunks and staging come from
+    one buffer pool, which keeps what it freed up to its high-water (``pooled_peak_bytes``) and
+    ``POOL_SLACK`` more; torch allocates activations and temporaries in the C heap, which keeps
+    its high-water too (``act_peak_bytes`` + the workspace). Plus the NVMe store's threads
+    (``NVME_IO_BYTES``).
+    """
+    if device.kind != "cpu":
+        return device_peak_bytes
+    return (int(pooled_peak_bytes * (1 + POOL_SLACK)) + act_peak_bytes + workspace_bytes
+            + (NVME_IO_BYTES if uses_nvme else 0))

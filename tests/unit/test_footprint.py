@@ -1,0 +1,77 @@
+"""The process's footprint beyond the ledgers (planner.footprint), checked against hand-worked figures."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from memtrain.cluster.spec import DeviceSpec
+from memtrain.offload import bufpool
+from memtrain.planner import footprint
+from memtrain.planner.plan import ActPolicy, ChunkPlan, MemoryPolicy, Tier
+from memtrain.planner.stats import BlockStats, DType, ModelStats
+
+GPU = DeviceSpec(kind="toy", name="Toy", memory_bytes=10**10, bf16_flops=100e12, fp16_flops=100e12, fp32_flops=0.0,
+                 memory_bw_gbps=1000.0, h2d_gbps=25.0, d2h_gbps=20.0, compute_efficiency=0.5)
+CPU = dataclasses.replace(GPU, kind="cpu", name="CPU")
+
+
+def block(name: str, params: dict[str, int], act: int = 100, inp: int = 10, out: int = 10,
+          shared: tuple[str, ...] = ()) -> BlockStats:
+    return BlockStats(name=name, num_params=sum(params.values()), param_bytes=2 * sum(params.values()),
+                      activation_bytes=act, input_bytes=inp, output_bytes=out, fwd_flops=0, bwd_flops=0,
+                      param_names=tuple(params), param_numels=tuple(params.values()), shared_param_names=shared)
+
+
+def stats_of(*blocks: BlockStats, loss: int = 0, dtype: DType = DType.BF16) -> ModelStats:
+    return ModelStats(name="m", num_params=sum(b.num_params for b in blocks), dtype=dtype, micro_batch_size=1,
+                      seq_len=4, blocks=blocks, loss_activation_bytes=loss)
+
+
+def test_workspace_is_the_largest_block_backward_transient_plus_the_largest_gradient():
+    stats = stats_of(block("a", {"x": 1}, act=100, inp=10, out=20), block("b", {"y": 3}, act=50, inp=90, out=5))
+    # max(A + I + O) over blocks, plus the largest parameter's gradient (3 elements of bf16)
+    assert footprint.workspace_bytes(stats) == max(100 + 10 + 20, 50 + 90 + 5) + 3 * 2
+
+
+def test_workspace_adds_the_loss_saved_bytes_the_ledger_never_sees():
+    stats = dataclasses.replace(stats_of(block("a", {"x": 1}, act=100, inp=10, out=20),
+                                         block("b", {"y": 1}, act=50, inp=90, out=5), loss=1000), micro_batch_size=2)
+    assert footprint.workspace_bytes(stats) == 145 + 1000 + 2
+    # Per micro-batch: scaling the micro-batch scales the loss's bytes with the blocks'.
+    assert stats.scaled(4).loss_activation_bytes == 2000
+    assert footprint.workspace_bytes(stats.scaled(4)) == 290 + 2000 + 2
+
+
+def test_a_tied_parameter_holds_two_gradients_until_they_are_summed():
+    # the embedding (wte, 100) is used again by the head: its first gradient waits for the second
+    emb = block("emb", {"wte": 100, "wpe": 10})
+    head = block("head", {"wte": 100, "ln": 4}, shared=("wte",))
+    assert footprint.param_grad_bytes(stats_of(emb, head, dtype=DType.FP32)) == 4 * 2 * 100
+    # untied, only the largest single gradient is in flight at a time
+    assert footprint.param_grad_bytes(stats_of(emb, block("head", {"w2": 100, "ln": 4}), dtype=DType.FP32)) == 4 * 100
+
+
+def test_optimizer_workspace_is_the_largest_device_chunk_kernels_temporaries():
+    chunks = (ChunkPlan(index=0, num_elems=1000, param_names=("a",), home=Tier.DEVICE),
+              ChunkPlan(index=1, num_elems=5000, param_names=("b",), home=Tier.HOST),
+              ChunkPlan(index=2, num_elems=300, param_names=("c",), home=Tier.DEVICE))
+    policy = MemoryPolicy(chunk_size_elems=5000, chunks=chunks, prefetch_depth=1, activations=(ActPolicy.KEEP,))
+    assert footprint.optimizer_workspace_bytes(policy, CPU) == 1000 * 4 * 2
+    assert footprint.optimizer_workspace_bytes(policy, GPU) == 1000 * 4
+    host_only = dataclasses.replace(policy, chunks=tuple(dataclasses.replace(c, home=Tier.HOST) for c in chunks))
+    assert footprint.optimizer_workspace_bytes(host_only, CPU) == 0
+
+
+def test_process_bytes_on_a_gpu_is_the_device_peak():
+    assert footprint.process_bytes(device_peak_bytes=7000, pooled_peak_bytes=10**9, act_peak_bytes=10**9,
+                                   workspace_bytes=500, device=GPU, uses_nvme=True) == 7000
+
+
+def test_process_bytes_on_a_cpu_adds_the_pool_with_its_slack_the_heap_and_the_nvme_threads():
+    kw = dict(device_peak_bytes=1, pooled_peak_bytes=8000, act_peak_bytes=3000, workspace_bytes=500, device=CPU)
+    assert footprint.process_bytes(**kw, uses_nvme=False) == 10000 + 3000 + 500
+    assert footprint.process_bytes(**kw, uses_nvme=True) == 10000 + 3000 + 500 + footprint.NVME_IO_BYTES
+
+
+def test_the_planner_slack_is_the_pools():
+    assert footprint.POOL_SLACK == bufpool.SLACK
