@@ -83,6 +83,8 @@ class _Context:
     nvme: NvmeSpec | None
     usable: dict[str, int]
     workspace_bytes: int
+    ram_bytes: int = 0
+    """On a CPU device, the device and host budgets together (before the safety margin)."""
 
 
 def _gib(num_bytes: float) -> str:
@@ -354,6 +356,23 @@ def _overflow(peaks: dict[str, int], usable: dict[str, int]) -> str:
     return ""
 
 
+def _ram_overflow(ctx: _Context, policy: MemoryPolicy, peaks: Mapping[str, int], breakdown, sim: SimResult) -> str:
+    """On a CPU device both tiers are one RAM: '' when what the process holds for the model (both
+    tiers' peaks, the buffer pool's slack, the C heap: ``process_bytes`` less the NVMe store's
+    fixed threads, which like the interpreter are no part of any budget) fits the two budgets
+    together, else why not. Each tier's peak fits its budget less the safety margin, the margin
+    kept for what the allocators hold; this checks that what they hold fits the budgets."""
+    if ctx.device.kind != "cpu":
+        return ""
+    need = footprint.process_bytes(device_peak_bytes=peaks["device"], pooled_peak_bytes=sim.pooled_peak_bytes,
+                                   act_peak_bytes=sim.act_peak_bytes, workspace_bytes=breakdown["device"]["workspace"],
+                                   device=ctx.device, uses_nvme=False)
+    if need <= ctx.ram_bytes:
+        return ""
+    return (f"does not fit: the process needs {_gib(need)} of RAM (both tiers, the buffer pool's slack, "
+            f"temporaries), the device and host budgets together {_gib(ctx.ram_bytes)}")
+
+
 def _shortfall(stats: ModelStats, mbs: int, dtype: DType, optimizer: Optimizer, usable: dict[str, int],
                budgets: Mapping[str, int], safety_margin: float, nvme: NvmeSpec | None, device: DeviceSpec) -> str:
     """What is missing, from the smallest footprint memtrain can run: the smallest micro-batch,
@@ -450,6 +469,7 @@ def plan(
         train = TrainShape(global_batch_size=global_batch_size, micro_batch_size=mbs,
                            num_microbatches=global_batch_size // mbs, seq_len=base.seq_len, dtype=dtype, optimizer=optimizer)
         return _Context(stats=s, train=train, device=device, host=host, nvme=nvme, usable=usable,
+                        ram_bytes=budgets.get("device", 0) + budgets.get("host", 0),
                         workspace_bytes=footprint.workspace_bytes(s))
 
     contexts = {mbs: context(mbs) for mbs in mbs_options}
@@ -479,7 +499,8 @@ def plan(
             break
         ctx = contexts[cand.mbs]
         sim = simulate_step(ctx.stats, ctx.train, device, host, nvme, cand.policy, timeline=False)
-        why = _overflow(_peaks(ctx, sim, cand.policy)[0], usable)
+        peaks, breakdown = _peaks(ctx, sim, cand.policy)
+        why = _overflow(peaks, usable) or _ram_overflow(ctx, cand.policy, peaks, breakdown, sim)
         tried.append((cand, sim, why))
         if not why and (fastest_s is None or sim.step_time_s < fastest_s):
             fastest_s = sim.step_time_s

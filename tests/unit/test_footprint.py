@@ -75,3 +75,33 @@ def test_process_bytes_on_a_cpu_adds_the_pool_with_its_slack_the_heap_and_the_nv
 
 def test_the_planner_slack_is_the_pools():
     assert footprint.POOL_SLACK == bufpool.SLACK
+
+
+def test_on_a_cpu_device_the_whole_process_must_fit_both_budgets_together():
+    """Each tier can fit its own budget while the process (the buffer pool's slack included) does
+    not: on a CPU device, where both tiers are one RAM, such a plan is refused."""
+    from memtrain.cluster.spec import HostSpec
+    from memtrain.planner import catalog
+    from memtrain.planner.analyze import analyze
+    from memtrain.planner.search import plan
+    from memtrain.runtime.config import ModelConfig
+
+    cpu = catalog.cpu_device_spec(num_cpus=2, memory_bytes=8 << 30)
+    host = HostSpec(memory_bytes=8 << 30, num_cpus=2, memory_bw_gbps=10.0, cpu_adam_params_per_s=1e8)
+    stats = analyze(ModelConfig(preset="tiny"), seq_len=64)
+
+    def plan_with(device_bytes):
+        return plan(stats, name="t", global_batch_size=4, micro_batch_size=2, dtype="fp32", optimizer="adamw",
+                    device=cpu, host=host, nvme=None, budgets={"device": device_bytes, "host": 0, "nvme": 0},
+                    safety_margin=0.1)
+
+    roomy = plan_with(1 << 30).prediction.devices[0]
+    assert roomy.process_bytes > roomy.peak_bytes["device"]  # the pool's slack is on top of the tier's peak
+    # a budget whose usable part (less the 10% margin) holds the device peak, while the process is above the budget
+    budget = (roomy.peak_bytes["device"] / 0.9 + roomy.process_bytes) // 2
+    assert roomy.peak_bytes["device"] <= budget * 0.9 and budget < roomy.process_bytes
+    tight = plan_with(int(budget))
+    assert not tight.fits
+    assert any("the process needs" in a.reason and "budgets together" in a.reason for a in tight.alternatives)
+    fits = plan_with(roomy.process_bytes)
+    assert fits.fits and fits.prediction.devices[0].process_bytes <= roomy.process_bytes
