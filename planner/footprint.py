@@ -73,18 +73,20 @@ handed out at once ([Note: pool slack])."""
 
 
 def process_bytes(*, device_peak_bytes: int, pooled_peak_bytes: int, act_peak_bytes: int, workspace_bytes: int,
-                  device: DeviceSpec, uses_nvme: bool) -> int:
+                  device: DeviceSpec, uses_nvme: bool, pooled_resident_bytes: int = 0) -> int:
     """[Note: process memory] The process's memory above its baseline at its peak, predicted.
 
     On a GPU: the device's reserved bytes, the device tier's peak (``device_peak_bytes``,
     workspace included). On a CPU device both tiers are RAM, held in two ways that peak at
-    different times, so their peaks add: the chunk store's buffers, chunks and staging come from
-    one buffer pool, which keeps what it freed up to its high-water (``pooled_peak_bytes``) and
-    ``POOL_SLACK`` more; torch allocates activations and temporaries in the C heap, which keeps
-    its high-water too (``act_peak_bytes`` + the workspace). Plus the NVMe store's threads
-    (``NVME_IO_BYTES``).
+    different times, so their peaks add: the chunk store's chunks, buffers and staging come from
+    one buffer pool (``pooled_peak_bytes`` at most at once, ``pooled_resident_bytes`` of them
+    chunks that live all step), which keeps what was freed: at most ``POOL_SLACK`` of its
+    high-water, and never more than the freed part, the peak less the resident chunks. torch
+    allocates activations and temporaries in the C heap, which keeps its high-water too
+    (``act_peak_bytes`` + the workspace). Plus the NVMe store's threads (``NVME_IO_BYTES``).
     """
     if device.kind != "cpu":
         return device_peak_bytes
-    return (int(pooled_peak_bytes * (1 + POOL_SLACK)) + act_peak_bytes + workspace_bytes
+    idle = min(int(pooled_peak_bytes * POOL_SLACK), pooled_peak_bytes - pooled_resident_bytes)
+    return (pooled_peak_bytes + idle + act_peak_bytes + workspace_bytes
             + (NVME_IO_BYTES if uses_nvme else 0))

@@ -325,6 +325,7 @@ def _peaks(ctx: _Context, sim: SimResult, policy: MemoryPolicy) -> tuple[dict[st
 def _process_bytes(ctx: _Context, policy: MemoryPolicy, peaks: Mapping[str, int], breakdown, sim: SimResult) -> int:
     uses_nvme = any(c.home is Tier.NVME for c in policy.chunks) or ActPolicy.SWAP_NVME in policy.activations
     return footprint.process_bytes(device_peak_bytes=peaks["device"], pooled_peak_bytes=sim.pooled_peak_bytes,
+                                   pooled_resident_bytes=sim.pooled_resident_bytes,
                                    act_peak_bytes=sim.act_peak_bytes, workspace_bytes=breakdown["device"]["workspace"],
                                    device=ctx.device, uses_nvme=uses_nvme)
 
@@ -356,6 +357,9 @@ def _overflow(peaks: dict[str, int], usable: dict[str, int]) -> str:
     return ""
 
 
+_RAM_SHORT = "does not fit: the process needs "
+
+
 def _ram_overflow(ctx: _Context, policy: MemoryPolicy, peaks: Mapping[str, int], breakdown, sim: SimResult) -> str:
     """On a CPU device both tiers are one RAM: '' when what the process holds for the model (both
     tiers' peaks, the buffer pool's slack, the C heap: ``process_bytes`` less the NVMe store's
@@ -365,11 +369,12 @@ def _ram_overflow(ctx: _Context, policy: MemoryPolicy, peaks: Mapping[str, int],
     if ctx.device.kind != "cpu":
         return ""
     need = footprint.process_bytes(device_peak_bytes=peaks["device"], pooled_peak_bytes=sim.pooled_peak_bytes,
+                                   pooled_resident_bytes=sim.pooled_resident_bytes,
                                    act_peak_bytes=sim.act_peak_bytes, workspace_bytes=breakdown["device"]["workspace"],
                                    device=ctx.device, uses_nvme=False)
     if need <= ctx.ram_bytes:
         return ""
-    return (f"does not fit: the process needs {_gib(need)} of RAM (both tiers, the buffer pool's slack, "
+    return (f"{_RAM_SHORT}{_gib(need)} of RAM (both tiers, the buffer pool's slack, "
             f"temporaries), the device and host budgets together {_gib(ctx.ram_bytes)}")
 
 
@@ -511,7 +516,10 @@ def plan(
 
     if best is None:
         mbs = min(mbs_options)
-        shortfall = _shortfall(base, mbs, dtype, optimizer, usable, budgets, safety_margin, nvme, device)
+        # a placement whose every tier fitted but not the process as a whole: the RAM is what is short
+        ram = [why for _, _, why in tried if why.startswith(_RAM_SHORT)]
+        shortfall = (ram[0][len("does not fit: "):] + "; raise memory.device or memory.host" if ram
+                     else _shortfall(base, mbs, dtype, optimizer, usable, budgets, safety_margin, nvme, device))
         if not shortfall and not candidates and (chunk_size_elems or prefetch_depth):
             fixed = " and ".join(f"memory.{k} = {v}" for k, v in (("chunk_elems", chunk_size_elems),
                                                                   ("prefetch_depth", prefetch_depth)) if v)

@@ -93,6 +93,8 @@ class SimResult:
     pooled_peak_bytes: int
     """The most bytes the device and host tiers' chunks, buffers and staging held at once (on a
     CPU device the chunk store's buffer pool serves them all: offload.bufpool)."""
+    pooled_resident_bytes: int
+    """Of ``pooled_peak_bytes``, the chunks that live on the device and host tiers all step."""
     act_peak_bytes: int
     """The most bytes activations held at once, on every tier together (torch allocates them)."""
     timeline: tuple[TimelineEvent, ...]
@@ -709,6 +711,7 @@ def simulate_step(
         peak_bytes=peak,
         breakdown=breakdown,
         pooled_peak_bytes=r.group_peak_bytes.get("pooled", 0) + resident[Tier.DEVICE.value] + resident[Tier.HOST.value],
+        pooled_resident_bytes=resident[Tier.DEVICE.value] + resident[Tier.HOST.value],
         act_peak_bytes=r.group_peak_bytes.get("act", 0),
         timeline=events,
         num_simulated_microbatches=n_sim,
