@@ -67,7 +67,7 @@ from memtrain.offload.grads import Gradients
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.tiers import CopyHandle, copy_async, copy_stream
 from memtrain.planner.cost import within_prefetch_window
-from memtrain.planner.plan import ChunkPlan, Tier
+from memtrain.planner.plan import Action, ChunkPlan, Op, Tier
 from memtrain.planner.stats import DType
 
 __all__ = [
@@ -139,6 +139,13 @@ class ChunkStore:
         """Fetches forced by unpacking a saved view of a released chunk (a plan that releases too early)."""
         self.num_fetches = 0
         """Param-buffer fetches begun (host or NVMe to device), for the profiler's overhead fit."""
+        self.microbatch = 0
+        """The micro-batch the passes run (the engine sets it), for ``executed``."""
+        self.executed: list[Action] = []
+        """What the store did, as program actions (planner.program): each param-buffer fetch begun
+        (``PREFETCH``) and release (``OFFLOAD``) and each block's forward and backward start (the
+        compute markers). The engine clears it at each ``train_step``; the golden test sets it
+        against the program the planner lowers."""
         self._phase = _Phase.IDLE
         self._by_ptr: dict[int, int] = {}
         self._handles: list = []
@@ -362,6 +369,7 @@ class ChunkStore:
         for ci in self.uses[pos]:
             self._ensure(self.chunks[ci])
         self._prefetch(range(pos + 1, len(self.blocks)))
+        self.executed.append(Action(0, Op.F, self.microbatch, block=pos))
         if torch.is_grad_enabled():
             for t in _tensors((args, kwargs)):
                 if t.requires_grad:
@@ -399,6 +407,7 @@ class ChunkStore:
         ahead = range(pos - 1, -1, -1)
         # [Note: across pass ends] then on into the next micro-batch's forward
         self._prefetch(itertools.chain(ahead, range(len(self.blocks))) if self._next_forward else ahead)
+        self.executed.append(Action(0, Op.B, self.microbatch, block=pos))
         if self.on_backward_block is not None:
             self.on_backward_block()
 
@@ -432,6 +441,7 @@ class ChunkStore:
             return
         c.buf = self._alloc(self.device_ledger, f"buffer:param:{c.index}", c.num_elems, self.compute_dtype, upload=True)
         self.num_fetches += 1
+        self.executed.append(Action(0, Op.PREFETCH, self.microbatch, c.index))
         if c.home is Tier.HOST:
             c.fetch = self._copy(c.buf, c.compute if self.mixed else c.master)
         else:
@@ -485,6 +495,7 @@ class ChunkStore:
             s.param.data = ph.expand(s.shape)  # [Note: released parameters]
         self._free(self.device_ledger, f"buffer:param:{c.index}", c.buf, reuse=reuse)
         c.buf = None
+        self.executed.append(Action(0, Op.OFFLOAD, self.microbatch, c.index))
 
     # --- the resolver protocol ([Note: saved views of parameters]) -------------------------
 

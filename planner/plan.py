@@ -64,26 +64,30 @@ class Op(StrEnum):
     OPTIM = "OPTIM"
 
 
-_ACTION_RE = re.compile(r"^(\d+)([A-Z_]+?)(\d+)?(?:@c(\d+))?$")
+_ACTION_RE = re.compile(r"^(\d+)([A-Z_]+?)(\d+)?(?:/b(\d+))?(?:@c(\d+))?$")
 
 
 @dataclass(frozen=True, slots=True)
 class Action:
-    """One step of a rank's schedule: ``(stage, op, microbatch)``, optionally on a chunk.
+    """One step of a rank's schedule: ``(stage, op, microbatch)``, optionally on one block and
+    on a chunk.
 
-    Short form: ``"0F3"`` (stage 0, forward, micro-batch 3); ``"0PREFETCH@c5"`` (stage 0,
-    prefetch chunk 5); ``"0OPTIM"``. (Model: torch.distributed.pipelining ``_Action``.)
+    Short form: ``"0F3"`` (stage 0, forward, micro-batch 3); ``"0F3/b2"`` (its block 2);
+    ``"0PREFETCH3@c5"`` (stage 0, fetch chunk 5 during micro-batch 3); ``"0OPTIM"``. (Model:
+    torch.distributed.pipelining ``_Action``.)
     """
 
     stage: int
     op: Op
     microbatch: int | None = None
     chunk: int | None = None
+    block: int | None = None
 
     def __str__(self) -> str:
         mb = "" if self.microbatch is None else str(self.microbatch)
+        blk = "" if self.block is None else f"/b{self.block}"
         ch = "" if self.chunk is None else f"@c{self.chunk}"
-        return f"{self.stage}{self.op.value}{mb}{ch}"
+        return f"{self.stage}{self.op.value}{mb}{blk}{ch}"
 
     @staticmethod
     def parse(text: str) -> "Action":
@@ -94,6 +98,7 @@ class Action:
             int(m.group(1)),
             Op(m.group(2)),
             None if m.group(3) is None else int(m.group(3)),
+            None if m.group(5) is None else int(m.group(5)),
             None if m.group(4) is None else int(m.group(4)),
         )
 

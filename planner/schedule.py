@@ -1,17 +1,16 @@
 """Schedules of one step: generate a compute-only order, then lower it with pure passes.
 
 docs/DESIGN.md rules 1-2 (model: ``torch.distributed.pipelining`` schedules). A schedule is
-``{rank: (Action, ...)}``. Actions are at micro-batch level: ``0F3`` is the forward of every
-block of micro-batch 3; the chunk and swap actions around it say what moves for that pass:
+``{rank: (Action, ...)}``. ``generate_single_device`` gives the compute order at micro-batch
+level (``0F3``: the forward of micro-batch 3); ``lower_chunks`` expands each pass into the
+program the engine runs, block by block (planner.program: ``0F3/b2`` markers, ``0PREFETCH3@c5``
+fetches and ``0OFFLOAD3@c5`` releases, chunks kept across pass ends), and adds:
 
-- ``0PREFETCH3@c5`` before ``0F3`` (or ``0B3``): fetch chunk 5 for that pass; the listed order is
-  the order fetches are issued, and the runtime keeps at most ``prefetch_depth`` in flight.
-- ``0OFFLOAD3@c5`` after the pass: free chunk 5's param buffer after its last block in the pass;
-  after a ``B`` it also copies the chunk's grad buffer to its host accumulator.
-- ``0SWAP_OUT3`` after ``0F3`` / ``0SWAP_IN3`` before ``0B3``: move micro-batch 3's activations of
-  the blocks whose policy is ``swap_host`` / ``swap_nvme`` out and back, block by block.
 - ``0OPTIM@c5``: chunk 5's optimizer step where its home is (CPU, or NVMe through the host),
-  issued as soon as its last gradient is in, overlapping the rest of the backward.
+  issued as soon as its last gradient is in, overlapping the rest of the backward;
+- ``0SWAP_OUT3`` after micro-batch 3's forward / ``0SWAP_IN3`` before its backward
+  (``add_activation_swaps``): the blocks whose policy is ``swap_host`` / ``swap_nvme`` move their
+  activations out and back, block by block;
 - ``0OPTIM`` (last): the device chunks' optimizer step; the step ends when all have finished.
 """
 
@@ -20,10 +19,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from memtrain.planner.plan import Action, ActPolicy, MemoryPolicy, Op, Tier
+from memtrain.planner.program import Layout, lower_backward, lower_forward
 
 __all__ = [
-    "Schedule", "generate_single_device", "add_chunk_transfers", "add_activation_swaps", "validate", "format_grid",
+    "Schedule", "generate_single_device", "lower_chunks", "add_activation_swaps", "validate", "format_grid",
+    "ENGINE_OPS", "engine_program",
 ]
+
+ENGINE_OPS = frozenset({Op.F, Op.B, Op.PREFETCH, Op.OFFLOAD})
+"""The ops the engine's chunk store executes and records (``ChunkStore.executed``), with the
+final ``OPTIM``; the others in a single-device schedule describe what runs beside them."""
 
 Schedule = dict[int, tuple[Action, ...]]
 
@@ -42,65 +47,74 @@ def generate_single_device(num_microbatches: int) -> Schedule:
     return {0: tuple(acts)}
 
 
-def _pass_chunks(block_chunks: Sequence[Sequence[int]], off: set[int], backward: bool) -> tuple[list[int], list[int]]:
-    """Off-device chunks of one pass in first-use order and in last-use (release) order."""
-    order = range(len(block_chunks) - 1, -1, -1) if backward else range(len(block_chunks))
-    first: list[int] = []
-    last_use: dict[int, int] = {}
-    for step, j in enumerate(order):
-        for c in (reversed(block_chunks[j]) if backward else block_chunks[j]):
-            if c in off:
-                if c not in last_use:
-                    first.append(c)
-                last_use[c] = step
-    released = sorted(last_use, key=lambda c: (last_use[c], first.index(c)))
-    return first, released
-
-
-def add_chunk_transfers(schedule: Schedule, memory_policy: MemoryPolicy, block_chunks: Sequence[Sequence[int]]) -> Schedule:
-    """Insert PREFETCH/OFFLOAD around each F and B for chunks whose home is not the device,
-    and an ``OPTIM@c<i>`` for each such chunk after its last backward use in the step.
-
-    ``block_chunks[j]`` lists the chunks block ``j`` uses (``cost.block_chunk_ids``).
-    """
-    off = {c.index for c in memory_policy.chunks if c.home is not Tier.DEVICE}
-    fwd_first, fwd_released = _pass_chunks(block_chunks, off, backward=False)
-    bwd_first, bwd_released = _pass_chunks(block_chunks, off, backward=True)
+def lower_chunks(schedule: Schedule, memory_policy: MemoryPolicy, block_chunks: Sequence[Sequence[int]], *,
+                 hand_off: bool = False, loose: Sequence[int] = ()) -> Schedule:
+    """Expand each micro-batch ``F``/``B`` into its blocks' program (planner.program), passes
+    lowered one after another from the buffers the last one left (a backward followed at once by
+    a forward keeps what that forward starts with), and add an ``OPTIM@c<i>`` for each chunk not
+    home on the device after the last backward, in the order the backward completes their
+    gradients. ``block_chunks[j]`` lists the chunks block ``j`` uses (``cost.block_chunk_ids``);
+    ``hand_off`` as ``program.lower_backward``'s (an fp32 step with early updates)."""
+    layout = Layout.of(memory_policy, block_chunks, loose)
     out: Schedule = {}
     for rank, acts in schedule.items():
-        last_b = max((a.microbatch for a in acts if a.op is Op.B), default=None)
+        last_b = max((i for i, a in enumerate(acts) if a.op is Op.B and a.block is None), default=None)
         new: list[Action] = []
-        for a in acts:
-            if a.op in (Op.F, Op.B) and a.chunk is None:
-                first, released = (fwd_first, fwd_released) if a.op is Op.F else (bwd_first, bwd_released)
-                new += [Action(a.stage, Op.PREFETCH, a.microbatch, c) for c in first]
-                new.append(a)
-                new += [Action(a.stage, Op.OFFLOAD, a.microbatch, c) for c in released]
-                if a.op is Op.B and a.microbatch == last_b:
-                    new += [Action(a.stage, Op.OPTIM, None, c) for c in released]
+        resident: tuple[int, ...] = ()
+        held = False
+        for i, a in enumerate(acts):
+            if a.op is Op.F and a.block is None:
+                r = lower_forward(layout, a.microbatch, resident, held=held)
+                new += [_on_stage(x, a.stage) for x in r.actions]
+                resident, held = r.resident, r.held
+            elif a.op is Op.B and a.block is None:
+                follows = next((b for b in acts[i + 1:] if b.op in (Op.F, Op.B)), None)
+                r = lower_backward(layout, a.microbatch, resident, next_forward=follows is not None and follows.op is Op.F,
+                                   hand_off=hand_off and i == last_b)
+                new += [_on_stage(x, a.stage) for x in r.actions]
+                resident, held = r.resident, False
+                if i == last_b:
+                    order = sorted(layout.off, key=lambda c: (-layout.complete_at(c), -c))
+                    new += [Action(a.stage, Op.OPTIM, None, c) for c in order]
             else:
                 new.append(a)
         out[rank] = tuple(new)
     return out
 
 
+def _on_stage(a: Action, stage: int) -> Action:
+    return a if a.stage == stage else Action(stage, a.op, a.microbatch, a.chunk, a.block)
+
+
+def engine_program(schedule: Schedule, rank: int = 0) -> tuple[Action, ...]:
+    """The part of ``rank``'s schedule the engine executes and records: ``ENGINE_OPS`` and the
+    final ``OPTIM``."""
+    return tuple(a for a in schedule[rank] if a.op in ENGINE_OPS or (a.op is Op.OPTIM and a.chunk is None))
+
+
 def add_activation_swaps(schedule: Schedule, activations: Sequence[ActPolicy]) -> Schedule:
-    """Insert ``SWAP_OUT<m>`` after each F and ``SWAP_IN<m>`` before each B when any block's
-    policy swaps (to host or NVMe); the runtime moves those blocks' activations one by one."""
+    """Insert ``SWAP_OUT<m>`` after micro-batch ``m``'s forward (its last block's) and
+    ``SWAP_IN<m>`` before its backward (before the fetches ahead of its first block) when any
+    block's policy swaps (to host or NVMe); the runtime moves those blocks' activations one by one."""
     if not any(ActPolicy(p) in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME) for p in activations):
         return dict(schedule)
     out: Schedule = {}
     for rank, acts in schedule.items():
         new: list[Action] = []
-        for a in acts:
+        last_f = {a.microbatch: i for i, a in enumerate(acts) if a.op is Op.F}
+        first_b = {}
+        for i, a in enumerate(acts):
             if a.op is Op.B:
-                # before the B's prefetches too, so copy-ins are queued first (blocks at the top first)
+                first_b.setdefault(a.microbatch, i)
+        for i, a in enumerate(acts):
+            if a.op is Op.B and first_b[a.microbatch] == i:
+                # before the B's fetches too, so copy-ins are queued first (blocks at the top first)
                 pos = len(new)
                 while pos and new[pos - 1].op is Op.PREFETCH and new[pos - 1].microbatch == a.microbatch:
                     pos -= 1
                 new.insert(pos, Action(a.stage, Op.SWAP_IN, a.microbatch))
                 new.append(a)
-            elif a.op is Op.F:
+            elif a.op is Op.F and last_f[a.microbatch] == i:
                 new += [a, Action(a.stage, Op.SWAP_OUT, a.microbatch)]
             else:
                 new.append(a)
@@ -117,8 +131,8 @@ def _label(action: Action) -> str:
 def validate(schedule: Schedule) -> list[str]:
     """Problems with a single-device schedule, each naming the rank and step; [] when sound.
 
-    Checks: only known ops; every F has a B after it (same micro-batch) and every B an F
-    before it; SWAP_IN after SWAP_OUT; each PREFETCH of a chunk is followed by its OFFLOAD
+    Checks: only known ops; every F has a B after it (same micro-batch, same block when the
+    schedule is lowered to blocks) and every B an F before it; SWAP_IN after SWAP_OUT; each PREFETCH of a chunk is followed by its OFFLOAD
     before the chunk is fetched again; no F after a chunk's optimizer step; OPTIM last, once.
     """
     problems: list[str] = []
@@ -135,6 +149,8 @@ def validate(schedule: Schedule) -> list[str]:
                 problems.append(f"{where(i)}: unknown op {a.op!r} for a single-device schedule")
                 continue
             key = (a.stage, a.microbatch)
+            if a.op in (Op.F, Op.B):
+                key = (a.stage, a.microbatch, a.block)
             if a.op is Op.F:
                 if key in seen_f:
                     problems.append(f"{where(i)}: micro-batch {a.microbatch} runs forward twice")
@@ -161,8 +177,9 @@ def validate(schedule: Schedule) -> list[str]:
                     problems.append(f"{where(i)}: OFFLOAD of chunk {a.chunk} without a PREFETCH before it")
             elif a.op is Op.OPTIM and a.chunk is not None and chunk_optim_at is None:
                 chunk_optim_at = i
-        for stage, mb in sorted(seen_f - seen_b, key=str):
-            problems.append(f"rank {rank}: forward of micro-batch {mb} (stage {stage}) has no backward after it")
+        for stage, mb, block in sorted(seen_f - seen_b, key=str):
+            what = f"micro-batch {mb}" + ("" if block is None else f" block {block}")
+            problems.append(f"rank {rank}: forward of {what} (stage {stage}) has no backward after it")
         for (stage, c), i in sorted(open_fetch.items()):
             problems.append(f"{where(i)}: chunk {c} is never offloaded after this PREFETCH")
         if len(final_optims) != 1:

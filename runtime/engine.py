@@ -26,7 +26,7 @@ from memtrain.errors import UserError
 from memtrain.offload.chunks import ChunkStore
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.optim import OffloadedOptimizer
-from memtrain.planner.plan import Plan
+from memtrain.planner.plan import Action, Op, Plan
 
 __all__ = ["LossScaler", "TierMemory", "Engine"]
 
@@ -141,6 +141,7 @@ class Engine:
         if self._early_pending:  # on a GPU those updates run on a thread, rewriting the weights now
             raise UserError("engine: the last backward had last_microbatch=True, so its optimizer updates are "
                              "under way; call engine.step() before the next forward")
+        self.store.microbatch = self._microbatch
         self.store.begin_forward()
         if self.activations is not None:
             self.activations.set_microbatch(self._microbatch)
@@ -170,6 +171,7 @@ class Engine:
         if self.scaler is not None:
             loss = loss * self.scaler.scale
         early = last_microbatch and self.scaler is None
+        self.store.microbatch = max(self._microbatch - 1, 0)
         self.store.on_grads_final = self.optimizer.step_early if early else None
         self.store.begin_backward(final=early, next_forward=_next_forward)
         self._early_pending = early
@@ -187,6 +189,7 @@ class Engine:
         self._microbatch = 0
         self._early_pending = False
         self.store.release_all()  # nothing stays resident over the optimizer step
+        self.store.executed.append(Action(0, Op.OPTIM))
         if self.scaler is not None:
             used = self.scaler.scale  # the scale this step's backward ran with
             found_inf = not self.store.grads.finite()
@@ -222,6 +225,7 @@ class Engine:
         self._ensure_built(inputs)
         for ledger in self._ledgers().values():
             ledger.start_window()
+        self.store.executed.clear()  # this step's program, as executed (planner.program)
         size = inputs.shape[0]
         mbs = self.micro_batch_size or size
         if size % mbs:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from memtrain.planner.plan import Action, ActPolicy, ChunkPlan, MemoryPolicy, Op, Tier, schedule_from_csv, schedule_to_csv
 from memtrain.planner.schedule import (
-    add_activation_swaps, add_chunk_transfers, format_grid, generate_single_device, validate,
+    add_activation_swaps, engine_program, format_grid, generate_single_device, lower_chunks, validate,
 )
 
 # chunk 0 on the device, chunk 1 on the host, chunk 2 on NVMe; block 2 uses chunks 1 and 2
@@ -28,19 +28,21 @@ def test_generate_single_device_alternates_f_and_b_then_optim():
     assert validate(generate_single_device(3)) == []
 
 
-def test_add_chunk_transfers_alone():
-    lowered = add_chunk_transfers(generate_single_device(2), POLICY, BLOCK_CHUNKS)
+def test_lower_chunks_alone():
+    lowered = lower_chunks(generate_single_device(2), POLICY, BLOCK_CHUNKS)
+    # blocks 1 and 2 share chunk 1; with depth 2 both off-device chunks stay from the forward into
+    # the backward and from the first backward into the second forward: fetched once per step
     assert text(lowered) == (
-        "0PREFETCH0@c1 0PREFETCH0@c2 0F0 0OFFLOAD0@c1 0OFFLOAD0@c2 "
-        "0PREFETCH0@c2 0PREFETCH0@c1 0B0 0OFFLOAD0@c2 0OFFLOAD0@c1 "
-        "0PREFETCH1@c1 0PREFETCH1@c2 0F1 0OFFLOAD1@c1 0OFFLOAD1@c2 "
-        "0PREFETCH1@c2 0PREFETCH1@c1 0B1 0OFFLOAD1@c2 0OFFLOAD1@c1 "
+        "0PREFETCH0@c1 0PREFETCH0@c2 0F0/b0 0F0/b1 0F0/b2 "
+        "0B0/b2 0B0/b1 0B0/b0 "
+        "0F1/b0 0F1/b1 0F1/b2 "
+        "0B1/b2 0OFFLOAD1@c2 0B1/b1 0OFFLOAD1@c1 0B1/b0 "
         "0OPTIM@c2 0OPTIM@c1 0OPTIM"
     )
     assert validate(lowered) == []
     # nothing to move when every chunk lives on the device
     on_device = MemoryPolicy(chunk_size_elems=10, chunks=(POLICY.chunks[0],), prefetch_depth=1, activations=(ActPolicy.KEEP,))
-    assert add_chunk_transfers(generate_single_device(2), on_device, ((0,),)) == generate_single_device(2)
+    assert text(lower_chunks(generate_single_device(1), on_device, ((0,),))) == "0F0/b0 0B0/b0 0OPTIM"
 
 
 def test_add_activation_swaps_alone():
@@ -50,12 +52,16 @@ def test_add_activation_swaps_alone():
 
 
 def test_passes_compose_with_swap_ins_queued_before_the_backward_fetches():
-    lowered = add_activation_swaps(add_chunk_transfers(generate_single_device(1), POLICY, BLOCK_CHUNKS), POLICY.activations)
+    depth1 = MemoryPolicy(chunk_size_elems=10, chunks=POLICY.chunks, prefetch_depth=1, activations=POLICY.activations)
+    lowered = add_activation_swaps(lower_chunks(generate_single_device(1), depth1, BLOCK_CHUNKS), POLICY.activations)
     assert text(lowered) == (
-        "0PREFETCH0@c1 0PREFETCH0@c2 0F0 0SWAP_OUT0 0OFFLOAD0@c1 0OFFLOAD0@c2 "
-        "0SWAP_IN0 0PREFETCH0@c2 0PREFETCH0@c1 0B0 0OFFLOAD0@c2 0OFFLOAD0@c1 0OPTIM@c2 0OPTIM@c1 0OPTIM"
+        "0F0/b0 0PREFETCH0@c1 0F0/b1 0PREFETCH0@c2 0F0/b2 0SWAP_OUT0 0SWAP_IN0 "
+        "0B0/b2 0OFFLOAD0@c2 0B0/b1 0OFFLOAD0@c1 0B0/b0 0OPTIM@c2 0OPTIM@c1 0OPTIM"
     )
     assert validate(lowered) == []
+    # what the engine's chunk store runs: all but the swaps and the chunks' optimizer steps
+    assert " ".join(map(str, engine_program(lowered))) == (
+        "0F0/b0 0PREFETCH0@c1 0F0/b1 0PREFETCH0@c2 0F0/b2 0B0/b2 0OFFLOAD0@c2 0B0/b1 0OFFLOAD0@c1 0B0/b0 0OPTIM")
 
 
 def _problems(actions: str) -> list[str]:
@@ -79,8 +85,9 @@ def test_validate_finds_broken_schedules():
 
 
 def test_schedule_round_trips_through_csv():
-    lowered = add_activation_swaps(add_chunk_transfers(generate_single_device(3), POLICY, BLOCK_CHUNKS), POLICY.activations)
+    lowered = add_activation_swaps(lower_chunks(generate_single_device(3), POLICY, BLOCK_CHUNKS), POLICY.activations)
     assert schedule_from_csv(schedule_to_csv(lowered)) == lowered
+    assert Action.parse("0F3/b2") == Action(0, Op.F, 3, block=2) and str(Action(0, Op.B, 1, 5, 2)) == "0B1/b2@c5"
 
 
 def test_format_grid_golden():

@@ -1,0 +1,104 @@
+"""The step's program (planner.program, planner.schedule.lower_chunks) against what the engine
+does: for every parity case the chunk store's record of its fetches, releases and block passes
+(``ChunkStore.executed``) equals the program lowered from the plan, action for action."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memtrain.models.gpt import GPT, gpt_config
+from memtrain.offload.chunks import make_chunk_plans, named_blocks, param_order
+from memtrain.planner import cost
+from memtrain.planner.analyze import analyze
+from memtrain.planner.plan import Action, ActPolicy, ChunkPlan, MemoryPolicy, Op, Tier
+from memtrain.planner.program import Layout, lower_backward, lower_forward, lower_step
+from memtrain.planner.schedule import engine_program, generate_single_device, lower_chunks, validate
+from memtrain.runtime import wrap
+from memtrain.runtime.config import ModelConfig
+
+# chunk 0 on the device, 1 on the host, 2 and 3 on NVMe; blocks use (0), (1), (1, 2), (3)
+POLICY = MemoryPolicy(
+    chunk_size_elems=10, prefetch_depth=2, activations=(ActPolicy.KEEP,) * 4,
+    chunks=tuple(ChunkPlan(index=i, num_elems=10, param_names=(n,), home=h)
+                 for i, (n, h) in enumerate(zip("abcd", (Tier.DEVICE, Tier.HOST, Tier.NVME, Tier.NVME))))
+)
+LAYOUT = Layout.of(POLICY, ((0,), (1,), (1, 2), (3,)))
+
+
+def text(actions) -> str:
+    return " ".join(map(str, actions))
+
+
+def test_a_forward_fetches_ahead_to_the_depth_and_keeps_what_the_backward_starts_with():
+    fwd = lower_forward(LAYOUT, 0)
+    # block 0 (a device chunk) fetches ahead chunks 1 and 2 (depth 2); block 1 keeps 1 for block 2;
+    # after block 2, chunk 1 is among the next two distinct chunks (3, then the backward's 3, 1):
+    # kept; chunk 2 is not: released
+    assert text(fwd.actions) == "0PREFETCH0@c1 0PREFETCH0@c2 0F0/b0 0F0/b1 0F0/b2 0OFFLOAD0@c2 0PREFETCH0@c3 0F0/b3"
+    assert fwd.resident == (1, 3) and fwd.held
+
+
+def test_a_backward_releases_each_chunk_where_its_gradients_complete():
+    fwd = lower_forward(LAYOUT, 0)
+    last = lower_backward(LAYOUT, 0, fwd.resident)
+    # chunk 3's gradients complete in block 3's backward, 2's in block 2's, 1's in block 1's
+    assert text(last.actions) == "0B0/b3 0OFFLOAD0@c3 0PREFETCH0@c2 0B0/b2 0OFFLOAD0@c2 0B0/b1 0OFFLOAD0@c1 0B0/b0"
+    assert last.resident == ()
+    # followed by a forward, the chunks it starts with (1, then 2) stay
+    more = lower_backward(LAYOUT, 0, fwd.resident, next_forward=True)
+    assert text(more.actions) == "0B0/b3 0OFFLOAD0@c3 0PREFETCH0@c2 0B0/b2 0B0/b1 0B0/b0" and more.resident == (1, 2)
+    # the optimizer takes an nvme chunk's buffer when its gradients are complete: it goes then
+    handed = lower_backward(LAYOUT, 0, (2, 3), hand_off=True)
+    assert text(handed.actions) == "0B0/b3 0OFFLOAD0@c3 0PREFETCH0@c1 0B0/b2 0OFFLOAD0@c2 0B0/b1 0OFFLOAD0@c1 0B0/b0"
+
+
+def test_lower_chunks_strings_the_passes_together_and_validates():
+    sched = lower_chunks(generate_single_device(2), POLICY, LAYOUT.uses)
+    assert validate(sched) == []
+    prog = engine_program(sched)
+    assert prog == lower_step(LAYOUT, 2)
+    assert [a for a in sched[0] if a.op is Op.OPTIM] == [Action(0, Op.OPTIM, None, c) for c in (3, 2, 1)] + [Action(0, Op.OPTIM)]
+    # nothing moves when every chunk lives on the device: the program is the blocks' passes
+    on_device = MemoryPolicy(chunk_size_elems=10, chunks=(POLICY.chunks[0],), prefetch_depth=1, activations=(ActPolicy.KEEP,))
+    assert text(engine_program(lower_chunks(generate_single_device(1), on_device, ((0,),)))) == "0F0/b0 0B0/b0 0OPTIM"
+
+
+def _cycle(n: int) -> list[Tier]:
+    return [(Tier.NVME, Tier.HOST, Tier.DEVICE)[i % 3] for i in range(n)]
+
+
+K, SH, SN, RC = ActPolicy.KEEP, ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME, ActPolicy.RECOMPUTE
+GOLDEN = [  # (homes, activations, micro-batches, dtype, prefetch depth)
+    (Tier.DEVICE, K, 2, "fp32", 2), (Tier.HOST, K, 1, "fp32", 2), (Tier.HOST, K, 3, "fp32", 2),
+    (Tier.NVME, K, 2, "fp32", 2), (Tier.NVME, SH, 2, "fp32", 2), (Tier.NVME, SN, 2, "fp32", 3),
+    (Tier.NVME, RC, 3, "fp32", 1), ("cycle", RC, 2, "fp32", 5), ("cycle", SH, 2, "bf16", 2),
+    (Tier.NVME, K, 2, "bf16", 2), (Tier.HOST, RC, 2, "fp16", 2), ("cycle", K, 3, "fp16", 3),
+]
+
+
+@pytest.mark.parametrize("homes, act, num_micro, dtype, depth", GOLDEN,
+                         ids=[f"{h if isinstance(h, str) else h.value}-{a.value}-m{m}-{d}-p{p}" for h, a, m, d, p in GOLDEN])
+def test_the_engine_runs_the_plans_program(tmp_path, homes, act, num_micro, dtype, depth):
+    chunk = 8000
+    torch.manual_seed(0)
+    cfg = gpt_config("tiny", dropout=0.1)
+    model = GPT(cfg)
+    params = param_order(model, named_blocks(model, None))
+    homes = _cycle(len(make_chunk_plans(params, chunk, Tier.HOST))) if homes == "cycle" else homes
+    policy = MemoryPolicy(chunk_size_elems=chunk, chunks=make_chunk_plans(params, chunk, homes), prefetch_depth=depth,
+                          activations=(act,) * len(model.blocks))
+    # the plan's program, from the analysis as the planner makes it
+    stats = analyze(ModelConfig(preset="tiny", overrides={"dropout": 0.1}), seq_len=16)
+    sched = lower_chunks(generate_single_device(num_micro), policy, cost.block_chunk_ids(stats, policy.chunks),
+                         hand_off=dtype == "fp32")
+    assert validate(sched) == []
+    engine = wrap(model, optimizer={"name": "adamw", "lr": 1e-3}, plan=policy, micro_batch_size=2, dtype=dtype,
+                  memory={"device": "64GiB", "host": "64GiB", "nvme_path": str(tmp_path / "nvme")}, verbose=False)
+    try:
+        for step in range(2):
+            ids = torch.randint(0, cfg.vocab_size, (2 * num_micro, 17), generator=torch.Generator().manual_seed(step))
+            engine.train_step((ids[:, :-1], ids[:, 1:]))
+            assert [str(a) for a in engine.store.executed] == [str(a) for a in engine_program(sched)]
+    finally:
+        engine.close()
