@@ -5,8 +5,8 @@ rule: ``planner.cost.pack_params``). Each chunk keeps, on its **home** tier, its
 parameters, optimizer states and fp32 gradient accumulator (offload.grads [Note: fp32 accumulators]; bytes
 and owners exactly as in docs/memory-accounting.md). A chunk whose home is not the device is brought into a device
 **param buffer** before a block uses it — prefetched up to ``prefetch_depth`` buffers, in forward
-order and again in reverse for backward — and ``param.data`` points into that buffer while it is
-resident. Gradients are copied, per parameter, by a post-accumulate-grad hook into the chunk's
+order and again in reverse for backward, as the pass's program says — and ``param.data`` points
+into that buffer while it is resident. Gradients are copied, per parameter, by a post-accumulate-grad hook into the chunk's
 device **grad buffer**; once all of a chunk's parameters have their gradient for the micro-batch
 the buffer is added into the home accumulator and freed.
 
@@ -21,23 +21,12 @@ if it was released; so releasing a buffer really frees it, and parameters are ne
 counted as activations. The activation manager installs this resolver; without it the store's
 own ``saved_tensors_hooks`` do the same.
 
-[Note: across pass ends] The forward's last block keeps its chunks when a backward follows (it
-starts with that block), and a backward that another micro-batch's forward follows at once
-(``begin_backward(next_forward=True)``: ``Engine.train_step``) keeps block 0's chunks and goes on
-prefetching in forward order: no fetch is repeated and the disk has work queued at each pass
-boundary. The simulator does the same (planner.simulate).
-
-[Note: kept within the prefetch window] Where a block's chunk would be released (after the block
-in the forward; when its gradients are complete, or after the block, in the backward) its buffer
-stays if the chunk is among the first ``prefetch_depth`` distinct off-device chunks of the blocks
-still to run: the rest of the pass, then the backward after a forward (grad enabled) or the next
-micro-batch's forward after a backward that one follows (``planner.cost.within_prefetch_window``).
-Those are the buffers a prefetch of that depth holds next, so a chunk the forward's last blocks
-used is not read again at the start of the backward, nor a backward's last chunks at the next
-forward's start (up to ``prefetch_depth - 1`` fetches saved at each pass end). A kept chunk stays
-in the window until its use (the chunks ahead of it only get fewer), and prefetch still stops at
-``prefetch_depth`` buffers; test_engine checks that the buffers never exceed that or the chunks
-one block uses. The final backward keeps nothing: its chunks go to the optimizer.
+[Note: across pass ends] [Note: kept within the prefetch window] When each buffer is fetched and
+released is not decided here: the engine hands each pass its program (planner.program, rules in
+[Note: the residency rules]: fetch ahead to ``prefetch_depth`` buffers, keep a chunk the next
+blocks use within that window, so no fetch is repeated at a forward's end or between
+micro-batches), and the block hooks run it ([Note: the program's interpreter]). ``executed``
+records what ran; the golden test sets it against the plan's program.
 
 [Note: CPU-only fetch] Without a GPU the device tier is host memory, so copying a chunk from host
 staging into its "device" buffer would be a memcpy on the cores the compute needs (12 ms per
@@ -51,7 +40,6 @@ memory really held (by ``N·c`` while a read is in flight).
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from enum import Enum
@@ -66,7 +54,6 @@ from memtrain.offload.chunk_layout import (Chunk, ParamRef, ParamSlot, block_par
 from memtrain.offload.grads import Gradients
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.tiers import CopyHandle, copy_async, copy_stream
-from memtrain.planner.cost import within_prefetch_window
 from memtrain.planner.plan import Action, ChunkPlan, Op, Tier
 from memtrain.planner.stats import DType
 
@@ -150,6 +137,7 @@ class ChunkStore:
         self._by_ptr: dict[int, int] = {}
         self._handles: list = []
         self._loose: list[tuple[nn.Module, tuple[int, ...]]] = []
+        self._loose_chunks: tuple[int, ...] = ()
         self._events: dict[int, tuple[torch.Tensor, list]] = {}
         self._placeholders: dict[torch.dtype, torch.Tensor] = {}
         self._built = False
@@ -163,10 +151,16 @@ class ChunkStore:
         self.fetch_carried = None
         """Asked at each nvme fetch (chunk, buffer): a copy from host, or None (offload.optim [Note: fetch from a write-back])."""
         self._final = False
-        self._next_forward = False
         self._held_for_backward = False
-        self._bwd_pos = 0  # the block whose backward runs (gradients completing release chunks there)
-        self._off_uses: list[tuple[int, ...]] = []  # per block, its chunks not home on the device
+        self._program: tuple[Action, ...] = ()  # the pass running ([Note: the program's interpreter])
+        self._cursor = 0
+        self._complete: set[int] = set()  # chunks whose gradients of this backward are complete
+        self._handed: set[int] = set()  # chunks whose param buffer the optimizer took as its master
+        self.num_unplanned = 0
+        """Blocks run where the program has another (a block called twice, blocks in another order):
+        their chunks are made resident anyway, and the record shows it."""
+        self._handlers = {Op.PREFETCH: lambda a: self._start(self.chunks[a.chunk]),
+                          Op.OFFLOAD: lambda a: self._release(self.chunks[a.chunk], reuse=a.chunk not in self._handed)}
         self.grads = Gradients(self, asynchronous=self.device.type == "cuda")
         """The chunks' gradient accumulators (offload.grads)."""
         # [Note: why pool CPU buffers] (offload.bufpool): per ledger whose memory is plain CPU RAM.
@@ -271,7 +265,7 @@ class ChunkStore:
             if loose:
                 self.uses[-1] = tuple(sorted(set(self.uses[-1]) | set(loose)))
                 self._loose.append((mod, loose))
-        self._off_uses = [tuple(ci for ci in cs if self.chunks[ci].home is not Tier.DEVICE) for cs in self.uses]
+        self._loose_chunks = tuple(sorted({ci for _, cs in self._loose for ci in cs}))
         self._install()
         self._built = True
         return self
@@ -364,11 +358,9 @@ class ChunkStore:
                 self._ensure(self.chunks[ci])
             return
         self._phase = _Phase.FORWARD
-        for ci in self.uses[pos]:
-            self._start(self.chunks[ci])
+        self._run_to(Op.F, pos)
         for ci in self.uses[pos]:
             self._ensure(self.chunks[ci])
-        self._prefetch(range(pos + 1, len(self.blocks)))
         self.executed.append(Action(0, Op.F, self.microbatch, block=pos))
         if torch.is_grad_enabled():
             for t in _tensors((args, kwargs)):
@@ -382,53 +374,82 @@ class ChunkStore:
             for t in _tensors(output):
                 if t.requires_grad:
                     self._add_event(t, (1, pos))
-        num, grad = len(self.blocks), torch.is_grad_enabled()
-        if pos + 1 < num:
-            nxt = set(self.uses[pos + 1])
-        else:  # [Note: across pass ends] the backward starts with the last block's chunks
-            nxt = set(self.uses[pos]) if grad else set()
-        for ci in self.uses[pos]:
-            # [Note: kept within the prefetch window] the backward comes after the forward's end
-            if ci not in nxt and not self._kept(ci, itertools.chain(range(pos + 1, num), range(num - 1, -1, -1))
-                                                if grad else range(pos + 1, num)):
-                self._release(self.chunks[ci])
-        if pos + 1 == num:
-            self._held_for_backward = grad and self._num_buffers() > 0
+        self._run_releases()
+        if pos + 1 == len(self.blocks):
+            self._held_for_backward = torch.is_grad_enabled() and self._num_buffers() > 0
 
     def _bwd_start(self, pos: int) -> None:
-        self._bwd_pos = pos
-        for ci in self.uses[pos]:
-            self._start(self.chunks[ci])
+        self._run_to(Op.B, pos)
         for ci in self.uses[pos]:
             c = self.chunks[ci]
             self._ensure(c)
             if c.home is not Tier.DEVICE and c.grad_buf is None:
                 self._alloc_grad_buf(c)
-        ahead = range(pos - 1, -1, -1)
-        # [Note: across pass ends] then on into the next micro-batch's forward
-        self._prefetch(itertools.chain(ahead, range(len(self.blocks))) if self._next_forward else ahead)
         self.executed.append(Action(0, Op.B, self.microbatch, block=pos))
         if self.on_backward_block is not None:
             self.on_backward_block()
 
     def _bwd_end(self, pos: int) -> None:
-        nxt = set(self.uses[pos - 1]) if pos > 0 else (set(self.uses[0]) if self._next_forward else set())
-        if pos == len(self.blocks) - 1:  # loose modules' backward comes after the last block's
-            nxt.update(ci for _, cs in self._loose for ci in cs)
-        for ci in self.uses[pos]:
-            if ci not in nxt and not self._kept(ci, self._bwd_upcoming(pos - 1)):
-                self._release(self.chunks[ci])
+        self._run_releases(wait_for_grads=True)
 
-    def _bwd_upcoming(self, pos: int) -> Iterable[int]:
-        """The blocks the passes use from backward position ``pos`` down: then the next
-        micro-batch's forward, if one follows ([Note: across pass ends])."""
-        down = range(pos, -1, -1)
-        return itertools.chain(down, range(len(self.blocks))) if self._next_forward else down
+    # --- the program ------------------------------------------------------------------------
 
-    def _kept(self, ci: int, upcoming: Iterable[int]) -> bool:
-        """[Note: kept within the prefetch window] Whether ``ci``'s buffer stays at a release point."""
-        return self.chunks[ci].home is not Tier.DEVICE and within_prefetch_window(
-            ci, upcoming, self._off_uses, self.prefetch_depth)
+    def _run_to(self, op: Op, pos: int) -> None:
+        """[Note: the program's interpreter] The pass's program (``begin_forward``,
+        ``begin_backward``: planner.program) is a list of actions between compute markers. A
+        block's hook runs the actions up to its marker (fetches) when that marker is the next
+        one, and the releases after it when the block is done; the store decides nothing of its
+        own. A block the program does not have next is counted (``num_unplanned``) and only made
+        resident."""
+        prog, i = self._program, self._cursor
+        while i < len(prog) and prog[i].block is None:
+            i += 1
+        if i == len(prog) or prog[i].op is not op or prog[i].block != pos:
+            self.num_unplanned += 1
+            return
+        for a in prog[self._cursor:i]:
+            self._execute(a)
+        self._cursor = i + 1
+
+    def _run_releases(self, *, wait_for_grads: bool = False, complete_only: bool = False) -> None:
+        """Run the ``OFFLOAD``s at the cursor. ``wait_for_grads`` (a block's backward is done):
+        stop at a chunk whose gradients are still on their way (some arrived; or a loose module's,
+        whose backward comes after the block's): its gradient hook runs it when they are complete.
+        ``complete_only`` (a chunk's gradients just completed, inside a block's backward): stop at
+        the first chunk whose gradients are not complete, since the block may still read it."""
+        prog = self._program
+        while self._cursor < len(prog) and prog[self._cursor].op is Op.OFFLOAD:
+            a = prog[self._cursor]
+            if (wait_for_grads and self._awaiting_grads(a.chunk)) or (complete_only and a.chunk not in self._complete):
+                return
+            self._cursor += 1
+            self._execute(a)
+
+    def _awaiting_grads(self, ci: int) -> bool:
+        c = self.chunks[ci]
+        return ci not in self._complete and (0 < len(c.mb_seen) < len(c.slots) or ci in self._loose_chunks)
+
+    def _execute(self, a: Action) -> None:
+        handler = self._handlers.get(a.op)
+        if handler is None:
+            raise RuntimeError(f"program: the chunk store cannot run {a} (op {a.op.value}); it runs "
+                               f"{', '.join(sorted(op.value for op in self._handlers))} and the compute markers")
+        handler(a)
+
+    @property
+    def resident_chunks(self) -> tuple[int, ...]:
+        """Chunks with a param buffer now (what the next pass's program starts from)."""
+        return tuple(c.index for c in self.chunks if c.buf is not None)
+
+    @property
+    def held_for_backward(self) -> bool:
+        """The last forward kept buffers for a backward that has not come."""
+        return self._held_for_backward
+
+    @property
+    def loose_chunks(self) -> tuple[int, ...]:
+        """Chunks of modules outside every block ([Note: loose parameters])."""
+        return self._loose_chunks
 
     # --- residency ------------------------------------------------------------------------
 
@@ -473,15 +494,6 @@ class ChunkStore:
     def _ensure_all(self, indices: tuple[int, ...]) -> None:
         for ci in indices:
             self._ensure(self.chunks[ci])
-
-    def _prefetch(self, order: Iterable[int]) -> None:
-        if self.prefetch_depth <= 1:
-            return
-        for q in order:
-            for ci in self.uses[q]:
-                if self._num_buffers() >= self.prefetch_depth:
-                    return
-                self._start(self.chunks[ci])
 
     def _release(self, c: Chunk, *, reuse: bool = True) -> None:
         if c.home is Tier.DEVICE or c.buf is None:
@@ -531,32 +543,38 @@ class ChunkStore:
 
     # --- passes ---------------------------------------------------------------------------
 
-    def begin_forward(self) -> None:
-        if self._held_for_backward:  # the last forward kept chunks for a backward that never came
-            self.release_all()
+    def begin_forward(self, program: Sequence[Action] = ()) -> None:
+        """A forward starts; ``program``: its actions (planner.program ``lower_forward``)."""
         self._phase = _Phase.FORWARD
-        self._next_forward = False
+        self._program, self._cursor = tuple(program), 0
 
-    def begin_backward(self, *, final: bool = False, next_forward: bool = False) -> None:
-        """``final``: the last backward before the optimizer step (see ``on_grads_final``);
-        ``next_forward``: another micro-batch's forward follows at once, so the chunks it starts
-        with stay and are prefetched ([Note: across pass ends])."""
+    def begin_backward(self, program: Sequence[Action] = (), *, final: bool = False) -> None:
+        """A backward starts; ``program``: its actions (planner.program ``lower_backward``);
+        ``final``: the last backward before the optimizer step (see ``on_grads_final``)."""
         self._phase = _Phase.BACKWARD
         self._final = final
-        self._next_forward = next_forward and not final
         self._held_for_backward = False
+        self._program, self._cursor = tuple(program), 0
+        self._complete.clear()
+        self._handed.clear()
         self._events.clear()  # the registered hooks hold their own event lists
 
     def end_backward(self) -> None:
-        """Flush grad buffers of chunks whose parameters did not all get gradients; release all."""
+        """Flush grad buffers of chunks whose parameters did not all get gradients; run the rest
+        of the pass's program (the releases at its end; a first block's input carries no gradient,
+        so its releases come here too)."""
         try:
             for c in self.chunks:
-                handed = False
                 if c.grad_buf is not None:
                     self.grads.flush(c)
-                    handed = self._grads_final(c)
-                if not self._next_forward:  # else resident chunks are the next forward's first
-                    self._release(c, reuse=not handed)
+                    if self._grads_final(c):
+                        self._handed.add(c.index)
+            for a in self._program[self._cursor:]:
+                if a.block is None:
+                    self._execute(a)
+                else:
+                    self.num_unplanned += 1  # a block whose backward never started
+            self._cursor = len(self._program)
         finally:
             self._phase = _Phase.IDLE
             self._final = False
@@ -607,12 +625,10 @@ class ChunkStore:
         c.mb_seen.add(si)
         if len(c.mb_seen) == len(c.slots):
             self.grads.flush(c)
-            handed = self._grads_final(c)
-            pos = self._bwd_pos
-            stays = ((self._next_forward and c.index in self.uses[0])  # [Note: across pass ends]
-                     or (not handed and c.index in self.uses[pos] and self._kept(c.index, self._bwd_upcoming(pos - 1))))
-            if not stays:
-                self._release(c, reuse=not handed)
+            if self._grads_final(c):
+                self._handed.add(c.index)
+            self._complete.add(c.index)
+            self._run_releases(complete_only=True)  # [Note: releases in the backward] (planner.program)
 
     def refresh_compute(self, c: Chunk) -> None:
         """After the optimizer updated ``c.master``: refresh the compute copy (mixed precision)."""

@@ -59,6 +59,14 @@ class Layout:
                       off=frozenset(c.index for c in policy.chunks if c.home is not Tier.DEVICE),
                       nvme=frozenset(c.index for c in policy.chunks if c.home is Tier.NVME))
 
+    @staticmethod
+    def of_store(store) -> "Layout":
+        """The layout of a built ``offload.chunks.ChunkStore`` (its blocks' chunks, homes, depth)."""
+        homes = {c.index: c.home for c in store.chunks}
+        return Layout(uses=tuple(tuple(u) for u in store.uses), prefetch_depth=store.prefetch_depth,
+                      loose=tuple(store.loose_chunks), off=frozenset(i for i, h in homes.items() if h is not Tier.DEVICE),
+                      nvme=frozenset(i for i, h in homes.items() if h is Tier.NVME))
+
     def complete_at(self, c: int) -> int:
         """The block whose backward completes chunk ``c``'s gradients: the first block using it."""
         return min(q for q, u in enumerate(self.uses) if c in u)

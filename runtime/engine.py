@@ -27,6 +27,7 @@ from memtrain.offload.chunks import ChunkStore
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.optim import OffloadedOptimizer
 from memtrain.planner.plan import Action, Op, Plan
+from memtrain.planner.program import Layout, lower_backward, lower_forward
 
 __all__ = ["LossScaler", "TierMemory", "Engine"]
 
@@ -100,6 +101,7 @@ class Engine:
         self.call = call
         """How to run the model on input ids (``call(model, ids)``); None = ``model(ids)``."""
         self._microbatch = 0
+        self._program_layout: Layout | None = None
         self._early_pending = False
         """A backward with ``last_microbatch=True`` ran and ``step()`` has not yet."""
         # offload.optim [Note: states read ahead]; not under fp16, whose optimizer runs after the backward
@@ -142,7 +144,8 @@ class Engine:
             raise UserError("engine: the last backward had last_microbatch=True, so its optimizer updates are "
                              "under way; call engine.step() before the next forward")
         self.store.microbatch = self._microbatch
-        self.store.begin_forward()
+        self.store.begin_forward(lower_forward(self._layout(), self._microbatch, self.store.resident_chunks,
+                                               grad=torch.is_grad_enabled(), held=self.store.held_for_backward).actions)
         if self.activations is not None:
             self.activations.set_microbatch(self._microbatch)
         self._microbatch += 1
@@ -173,12 +176,20 @@ class Engine:
         early = last_microbatch and self.scaler is None
         self.store.microbatch = max(self._microbatch - 1, 0)
         self.store.on_grads_final = self.optimizer.step_early if early else None
-        self.store.begin_backward(final=early, next_forward=_next_forward)
+        program = lower_backward(self._layout(), self.store.microbatch, self.store.resident_chunks,
+                                 next_forward=_next_forward and not early, hand_off=early and not self.store.mixed)
+        self.store.begin_backward(program.actions, final=early)
         self._early_pending = early
         try:
             loss.backward()
         finally:
             self.store.end_backward()
+
+    def _layout(self) -> Layout:
+        """What the program's lowering needs of the chunk store (planner.program)."""
+        if self._program_layout is None:
+            self._program_layout = Layout.of_store(self.store)
+        return self._program_layout
 
     def step(self) -> bool:
         """Optimizer step over all chunks; False when fp16 overflow skipped it. The last NVMe

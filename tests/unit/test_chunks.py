@@ -12,6 +12,7 @@ from memtrain.offload.nvme import NvmeStore
 from memtrain.offload.optim import STATE_NAMES
 from memtrain.planner.cost import chunk_bytes
 from memtrain.planner.plan import Tier
+from memtrain.planner.program import Layout, lower_backward, lower_forward
 
 
 def _store(home: Tier, *, chunk_elems: int = 20_000, depth: int = 1, dtype: str = "fp32", optimizer: str = "adamw",
@@ -23,6 +24,15 @@ def _store(home: Tier, *, chunk_elems: int = 20_000, depth: int = 1, dtype: str 
     return ChunkStore(model=model, blocks=blocks, chunks=plans, dtype=dtype, state_names=STATE_NAMES[optimizer],
                       device="cpu", device_ledger=Ledger("device"), host_ledger=Ledger("host"), nvme=nvme,
                       prefetch_depth=depth).build()
+
+
+def _forward(store: ChunkStore, *, grad: bool = False) -> None:
+    """Give the store its forward's program (planner.program), as the engine does."""
+    store.begin_forward(lower_forward(Layout.of_store(store), 0, store.resident_chunks, grad=grad).actions)
+
+
+def _backward(store: ChunkStore) -> None:
+    store.begin_backward(lower_backward(Layout.of_store(store), 0, store.resident_chunks).actions)
 
 
 def test_packing_follows_execution_order_and_never_splits():
@@ -54,6 +64,7 @@ def test_forward_fetches_each_block_and_releases_after():
     for pos, (_, block) in enumerate(store.blocks):
         block.register_forward_hook(check(pos), prepend=True)  # before the store releases
     with torch.no_grad():
+        _forward(store)
         logits = store.model(torch.randint(0, 256, (2, 8)))
     assert seen == [0, 1, 2, 3] and torch.isfinite(logits).all()
     assert store.device_ledger.in_use_bytes == 0  # every param buffer released
@@ -78,6 +89,7 @@ def test_prefetch_depth_bounds_buffers(depth):
     for pos, (_, block) in enumerate(store.blocks):
         block.register_forward_pre_hook(count(pos))
     with torch.no_grad():
+        _forward(store)
         store.model(torch.randint(0, 256, (2, 8)))
     needed = max(len(u) for u in store.uses)
     assert most[0] <= max(depth, needed)
@@ -110,13 +122,14 @@ def test_backward_with_released_chunks_matches_plain_autograd():
     x = torch.randint(0, 256, (2, 8))
     y = torch.randint(0, 256, (2, 8))
     causal_lm_loss(plain(x), y).backward()
+    _forward(store, grad=True)
     with store.saved_tensors_hooks():
         loss = causal_lm_loss(store.model(x), y)
     # Before backward only the last block's chunks are left (its backward starts with them,
     # offload.chunks [Note: across pass ends]); saved views of the others hold tokens, not memory.
     held = {o for o in store.device_ledger.by_owner() if o.startswith("buffer:param")}
     assert held == {f"buffer:param:{ci}" for ci in store.uses[-1]}
-    store.begin_backward()
+    _backward(store)
     loss.backward()
     store.end_backward()
     assert store.device_ledger.in_use_bytes == 0 and store.num_refetches == 0
@@ -197,6 +210,7 @@ def test_cpu_only_nvme_fetch_reads_into_the_buffer_with_the_ruled_staging_window
             block.register_forward_hook(at_use(pos), prepend=True)
         x = torch.randint(0, 256, (2, 8))
         with torch.no_grad():
+            _forward(store)
             got = store.model(x)
             want = plain(x)
         assert torch.equal(got, want)  # bitwise: the same parameters, read back from disk

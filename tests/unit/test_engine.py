@@ -15,7 +15,8 @@ from memtrain.models.gpt import GPT, causal_lm_loss, gpt_config
 from memtrain.offload.chunks import make_chunk_plans, named_blocks, param_order
 from memtrain.offload.nvme import BACKGROUND, URGENT
 from memtrain.planner import cost
-from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier
+from memtrain.planner.plan import Action, ActPolicy, MemoryPolicy, Op, Tier
+from memtrain.planner.program import Layout, lower_forward
 from memtrain.runtime import wrap
 
 SEQ_LEN, BATCH, MICRO = 16, 4, 2
@@ -454,7 +455,12 @@ def test_fetches_are_not_repeated_at_pass_ends(depth, tmp_path):
     with torch.no_grad():
         engine(_batch(cfg, 2))
     engine((_batch(cfg, 2)))
-    engine.store.begin_forward()
+    held = engine.store.resident_chunks
+    assert held and engine.store.held_for_backward
+    program = lower_forward(Layout.of_store(engine.store), 0, held, held=True).actions
+    assert program[:len(held)] == tuple(Action(0, Op.OFFLOAD, 0, c) for c in held)  # released first
+    with torch.no_grad():
+        engine(_batch(cfg, 2))
     assert not any(o.startswith("buffer:param") for o in engine.store.device_ledger.by_owner())
     engine.close()
 
