@@ -41,7 +41,7 @@ memory really held (by ``N·c`` while a read is in flight).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from enum import Enum
 from typing import Any
 
@@ -49,10 +49,12 @@ import torch
 from torch import nn
 
 from memtrain.offload.bufpool import BufferPool
+from memtrain.offload.chunk_build import block_uses, fill_chunk, gather_params, lay_out, load_params
 from memtrain.offload.chunk_layout import (Chunk, ParamRef, ParamSlot, block_param_order, make_chunk_plans, named_blocks,
                                            param_order, torch_dtype)
 from memtrain.offload.grads import Gradients
 from memtrain.offload.ledger import Ledger
+from memtrain.offload.program_runner import ProgramRunner
 from memtrain.offload.tiers import CopyHandle, copy_async, copy_stream
 from memtrain.planner.plan import Action, ChunkPlan, Op, Tier
 from memtrain.planner.stats import DType
@@ -152,15 +154,11 @@ class ChunkStore:
         """Asked at each nvme fetch (chunk, buffer): a copy from host, or None (offload.optim [Note: fetch from a write-back])."""
         self._final = False
         self._held_for_backward = False
-        self._program: tuple[Action, ...] = ()  # the pass running ([Note: the program's interpreter])
-        self._cursor = 0
         self._complete: set[int] = set()  # chunks whose gradients of this backward are complete
         self._handed: set[int] = set()  # chunks whose param buffer the optimizer took as its master
-        self.num_unplanned = 0
-        """Blocks run where the program has another (a block called twice, blocks in another order):
-        their chunks are made resident anyway, and the record shows it."""
-        self._handlers = {Op.PREFETCH: lambda a: self._start(self.chunks[a.chunk]),
-                          Op.OFFLOAD: lambda a: self._release(self.chunks[a.chunk], reuse=a.chunk not in self._handed)}
+        self._runner = ProgramRunner({  # the pass running ([Note: the program's interpreter])
+            Op.PREFETCH: lambda a: self._start(self.chunks[a.chunk]),
+            Op.OFFLOAD: lambda a: self._release(self.chunks[a.chunk], reuse=a.chunk not in self._handed)})
         self.grads = Gradients(self, asynchronous=self.device.type == "cuda")
         """The chunks' gradient accumulators (offload.grads)."""
         # [Note: why pool CPU buffers] (offload.bufpool): per ledger whose memory is plain CPU RAM.
@@ -224,100 +222,19 @@ class ChunkStore:
     def build(self) -> "ChunkStore":
         """Copy the parameters into their chunks, point them at device memory, install hooks."""
         assert not self._built
-        by_name = dict(self.model.named_parameters())
-        placed: dict[int, int] = {}
-        n_state = len(self.state_names)
-        layout: list[Chunk] = []
-        for pos, plan in enumerate(self.plans):
-            if plan.index != pos:
-                raise ValueError(f"memory.chunks: chunk at position {pos} has index {plan.index}; indices must be 0..n-1 in order")
-            slots, offset = [], 0
-            for name in plan.param_names:
-                p = by_name.get(name)
-                if p is None:
-                    raise ValueError(f"memory.chunks[{pos}]: no parameter {name!r} in the model; re-plan for this model")
-                if id(p) in placed:
-                    raise ValueError(f"memory.chunks[{pos}]: parameter {name!r} is already in chunk {placed[id(p)]}")
-                if not p.requires_grad:
-                    raise ValueError(f"parameter {name!r} has requires_grad=False; memtrain trains every parameter of the wrapped blocks")
-                placed[id(p)] = pos
-                slots.append(ParamSlot(name=name, param=p, offset=offset, numel=p.numel(), shape=p.shape))
-                offset += p.numel()
-            if offset != plan.num_elems:
-                raise ValueError(f"memory.chunks[{pos}]: num_elems {plan.num_elems} but its parameters hold {offset}; re-plan")
-            layout.append(Chunk(index=pos, home=plan.home, num_elems=offset, slots=slots))
-        missing = [n for n, p in by_name.items() if id(p) not in placed]
-        if missing:
-            raise ValueError(f"memory.chunks: parameter {missing[0]!r} is in no chunk; re-plan for this model")
+        layout, placed = lay_out(self.model, self.plans)
         for chunk in layout:  # the plan is valid: only now move the parameters
-            self._build_chunk(chunk, n_state)
+            fill_chunk(self, chunk)
             self.chunks.append(chunk)
         for mod in self.model.modules():  # buffers (not model states) just move to the device
             for k, b in list(mod._buffers.items()):
                 if b is not None:
                     mod._buffers[k] = b.to(self.device)
-        self.uses = [tuple(sorted({placed[id(p)] for p in block.parameters()})) for _, block in self.blocks]
-        # [Note: loose parameters] Modules outside every block that own parameters fetch their
-        # chunks when they run; the chunks are released with the last block's.
-        in_blocks = {id(p) for _, block in self.blocks for p in block.parameters()}
-        for mod in self.model.modules():
-            loose = tuple(sorted({placed[id(p)] for p in mod.parameters(recurse=False) if id(p) not in in_blocks}))
-            if loose:
-                self.uses[-1] = tuple(sorted(set(self.uses[-1]) | set(loose)))
-                self._loose.append((mod, loose))
+        self.uses, self._loose = block_uses(self.model, self.blocks, placed)
         self._loose_chunks = tuple(sorted({ci for _, cs in self._loose for ci in cs}))
         self._install()
         self._built = True
         return self
-
-    def _gather_flat(self, chunk: Chunk, out: torch.Tensor) -> None:
-        for s in chunk.slots:
-            out[s.offset:s.offset + s.numel].copy_(s.param.detach().reshape(-1))
-
-    def _build_chunk(self, c: Chunk, n_state: int) -> None:
-        n, cd, owner = c.num_elems, self.compute_dtype, f"chunk:{c.index}"
-        if c.home is Tier.DEVICE:
-            c.compute = self._alloc(self.device_ledger, owner, n, cd)
-            self._gather_flat(c, c.compute)
-            c.master = c.compute
-            if self.mixed:
-                c.master = self._alloc(self.device_ledger, owner, n, torch.float32)
-                self._gather_flat(c, c.master)
-            c.grad = self._alloc(self.device_ledger, owner, n, torch.float32, zero=True)  # offload.grads [Note: fp32 accumulators]
-            c.states = {k: self._alloc(self.device_ledger, owner, n, torch.float32, zero=True) for k in self.state_names}
-            self._by_ptr[c.compute.untyped_storage().data_ptr()] = c.index
-            for s in c.slots:
-                s.param.data = c.compute[s.offset:s.offset + s.numel].view(s.shape)
-                s.param.grad = None
-            return
-        if c.home is Tier.HOST:
-            c.master = self._alloc(self.host_ledger, owner, n, torch.float32)
-            self._gather_flat(c, c.master)
-            c.grad = self._alloc(self.host_ledger, owner, n, torch.float32, zero=True)
-            c.states = {k: self._alloc(self.host_ledger, owner, n, torch.float32, zero=True) for k in self.state_names}
-            if self.mixed:
-                c.compute = self._alloc(self.host_ledger, owner, n, cd)
-                c.compute.copy_(c.master)
-        else:
-            staging = f"staging:{c.index}"
-            master = self._alloc(self.host_ledger, staging, n, torch.float32)
-            self._gather_flat(c, master)
-            zeros = self._alloc(self.host_ledger, staging, n, torch.float32, zero=True) if n_state else None
-            futs = [self.nvme.write(self.nvme_key(c, "master"), master)]
-            futs += [self.nvme.write(self.nvme_key(c, k), zeros) for k in self.state_names]
-            compute = None
-            if self.mixed:
-                compute = self._alloc(self.host_ledger, staging, n, cd)
-                compute.copy_(master)
-                futs.append(self.nvme.write(self.nvme_key(c, "compute"), compute))
-            for f in futs:
-                f.result()
-            for t in (master, zeros, compute):
-                if t is not None:
-                    self._free(self.host_ledger, staging, t)
-        for s in c.slots:
-            s.param.data = self._placeholder(cd).expand(s.shape)
-            s.param.grad = None
 
     # --- hooks ----------------------------------------------------------------------------
 
@@ -358,7 +275,7 @@ class ChunkStore:
                 self._ensure(self.chunks[ci])
             return
         self._phase = _Phase.FORWARD
-        self._run_to(Op.F, pos)
+        self._runner.run_to(Op.F, pos)
         for ci in self.uses[pos]:
             self._ensure(self.chunks[ci])
         self.executed.append(Action(0, Op.F, self.microbatch, block=pos))
@@ -379,7 +296,7 @@ class ChunkStore:
             self._held_for_backward = torch.is_grad_enabled() and self._num_buffers() > 0
 
     def _bwd_start(self, pos: int) -> None:
-        self._run_to(Op.B, pos)
+        self._runner.run_to(Op.B, pos)
         for ci in self.uses[pos]:
             c = self.chunks[ci]
             self._ensure(c)
@@ -392,49 +309,27 @@ class ChunkStore:
     def _bwd_end(self, pos: int) -> None:
         self._run_releases(wait_for_grads=True)
 
-    # --- the program ------------------------------------------------------------------------
-
-    def _run_to(self, op: Op, pos: int) -> None:
-        """[Note: the program's interpreter] The pass's program (``begin_forward``,
-        ``begin_backward``: planner.program) is a list of actions between compute markers. A
-        block's hook runs the actions up to its marker (fetches) when that marker is the next
-        one, and the releases after it when the block is done; the store decides nothing of its
-        own. A block the program does not have next is counted (``num_unplanned``) and only made
-        resident."""
-        prog, i = self._program, self._cursor
-        while i < len(prog) and prog[i].block is None:
-            i += 1
-        if i == len(prog) or prog[i].op is not op or prog[i].block != pos:
-            self.num_unplanned += 1
-            return
-        for a in prog[self._cursor:i]:
-            self._execute(a)
-        self._cursor = i + 1
+    # --- the program ([Note: the program's interpreter], offload.program_runner) -----------
 
     def _run_releases(self, *, wait_for_grads: bool = False, complete_only: bool = False) -> None:
-        """Run the ``OFFLOAD``s at the cursor. ``wait_for_grads`` (a block's backward is done):
-        stop at a chunk whose gradients are still on their way (some arrived; or a loose module's,
-        whose backward comes after the block's): its gradient hook runs it when they are complete.
-        ``complete_only`` (a chunk's gradients just completed, inside a block's backward): stop at
-        the first chunk whose gradients are not complete, since the block may still read it."""
-        prog = self._program
-        while self._cursor < len(prog) and prog[self._cursor].op is Op.OFFLOAD:
-            a = prog[self._cursor]
-            if (wait_for_grads and self._awaiting_grads(a.chunk)) or (complete_only and a.chunk not in self._complete):
-                return
-            self._cursor += 1
-            self._execute(a)
+        """Run the releases at the program's cursor. ``wait_for_grads`` (a block's backward is
+        done): stop at a chunk whose gradients are still on their way (some arrived; or a loose
+        module's, whose backward comes after the block's): its gradient hook runs it when they
+        are complete. ``complete_only`` (a chunk's gradients just completed, inside a block's
+        backward): stop at the first chunk whose gradients are not complete, since the block may
+        still read it."""
+        def ready(ci: int) -> bool:
+            if complete_only:
+                return ci in self._complete
+            c = self.chunks[ci]
+            return not (wait_for_grads and ci not in self._complete
+                        and (0 < len(c.mb_seen) < len(c.slots) or ci in self._loose_chunks))
+        self._runner.run_releases(ready)
 
-    def _awaiting_grads(self, ci: int) -> bool:
-        c = self.chunks[ci]
-        return ci not in self._complete and (0 < len(c.mb_seen) < len(c.slots) or ci in self._loose_chunks)
-
-    def _execute(self, a: Action) -> None:
-        handler = self._handlers.get(a.op)
-        if handler is None:
-            raise RuntimeError(f"program: the chunk store cannot run {a} (op {a.op.value}); it runs "
-                               f"{', '.join(sorted(op.value for op in self._handlers))} and the compute markers")
-        handler(a)
+    @property
+    def num_unplanned(self) -> int:
+        """Blocks run where the program has another: their chunks were made resident anyway."""
+        return self._runner.num_unplanned
 
     @property
     def resident_chunks(self) -> tuple[int, ...]:
@@ -546,7 +441,7 @@ class ChunkStore:
     def begin_forward(self, program: Sequence[Action] = ()) -> None:
         """A forward starts; ``program``: its actions (planner.program ``lower_forward``)."""
         self._phase = _Phase.FORWARD
-        self._program, self._cursor = tuple(program), 0
+        self._runner.load(program)
 
     def begin_backward(self, program: Sequence[Action] = (), *, final: bool = False) -> None:
         """A backward starts; ``program``: its actions (planner.program ``lower_backward``);
@@ -554,7 +449,7 @@ class ChunkStore:
         self._phase = _Phase.BACKWARD
         self._final = final
         self._held_for_backward = False
-        self._program, self._cursor = tuple(program), 0
+        self._runner.load(program)
         self._complete.clear()
         self._handed.clear()
         self._events.clear()  # the registered hooks hold their own event lists
@@ -569,12 +464,7 @@ class ChunkStore:
                     self.grads.flush(c)
                     if self._grads_final(c):
                         self._handed.add(c.index)
-            for a in self._program[self._cursor:]:
-                if a.block is None:
-                    self._execute(a)
-                else:
-                    self.num_unplanned += 1  # a block whose backward never started
-            self._cursor = len(self._program)
+            self._runner.finish()
         finally:
             self._phase = _Phase.IDLE
             self._final = False
@@ -661,26 +551,11 @@ class ChunkStore:
 
     def gather_params(self) -> dict[str, torch.Tensor]:
         """fp32 master parameters by name, on the CPU, whichever tier holds them."""
-        out = {}
-        for c in self.chunks:
-            flat = self._read(c, "master")
-            for s in c.slots:
-                out[s.name] = flat[s.offset:s.offset + s.numel].view(s.shape).clone()
-        return out
+        return gather_params(self)
 
     def load_params(self, params: Mapping[str, torch.Tensor]) -> None:
-        for c in self.chunks:
-            flat = self._read(c, "master")
-            for s in c.slots:
-                v = params.get(s.name)
-                if v is None:
-                    raise ValueError(f"state_dict: parameter {s.name!r} is missing; pass a full state dict")
-                if tuple(v.shape) != tuple(s.shape):
-                    raise ValueError(f"state_dict: {s.name!r} has shape {tuple(v.shape)}, the model's is {tuple(s.shape)}")
-                flat[s.offset:s.offset + s.numel].copy_(v.detach().reshape(-1))
-            self._write(c, "master", flat)
-            if c.home is not Tier.DEVICE and c.buf is not None:
-                self._release(c)
+        """Replace every chunk's master parameters with ``params`` (by name; all of them)."""
+        load_params(self, params)
 
     def close(self) -> None:
         """Remove hooks, drop buffers, delete the chunk files."""

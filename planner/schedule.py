@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from memtrain.planner.plan import Action, ActPolicy, MemoryPolicy, Op, Tier
+from memtrain.planner.plan import Action, ActPolicy, MemoryPolicy, Op
 from memtrain.planner.program import Layout, lower_backward, lower_forward
 
 __all__ = [

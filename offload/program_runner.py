@@ -1,0 +1,67 @@
+"""The interpreter of a pass's program (planner.program) for the chunk store.
+
+[Note: the program's interpreter] A pass's program is a list of actions between compute markers
+(``0F3/b2``). The store's block hooks move through it: a block's pre-hook runs the actions up to
+its marker when that marker is the next one (the fetches), and after the block the releases
+that follow it; the store decides nothing of its own. Each op has one handler; an op without
+one fails loudly. A block the program does not have next is counted (``num_unplanned``) and
+the store only makes its chunks resident.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+from memtrain.planner.plan import Action, Op
+
+__all__ = ["ProgramRunner"]
+
+
+class ProgramRunner:
+    def __init__(self, handlers: Mapping[Op, Callable[[Action], None]]) -> None:
+        self.handlers = dict(handlers)
+        self.program: tuple[Action, ...] = ()
+        self.cursor = 0
+        self.num_unplanned = 0
+        """Blocks run where the program has another (a block called twice, blocks in another order)."""
+
+    def load(self, program: Sequence[Action]) -> None:
+        self.program, self.cursor = tuple(program), 0
+
+    def run_to(self, op: Op, block: int) -> None:
+        """Run the actions before the marker of ``block``'s ``op`` when it is the next marker."""
+        prog, i = self.program, self.cursor
+        while i < len(prog) and prog[i].block is None:
+            i += 1
+        if i == len(prog) or prog[i].op is not op or prog[i].block != block:
+            self.num_unplanned += 1
+            return
+        for a in prog[self.cursor:i]:
+            self.execute(a)
+        self.cursor = i + 1
+
+    def run_releases(self, ready: Callable[[int], bool] | None = None) -> None:
+        """Run the ``OFFLOAD``s at the cursor, stopping at the first whose chunk is not ``ready``."""
+        prog = self.program
+        while self.cursor < len(prog) and prog[self.cursor].op is Op.OFFLOAD:
+            a = prog[self.cursor]
+            if ready is not None and not ready(a.chunk):
+                return
+            self.cursor += 1
+            self.execute(a)
+
+    def finish(self) -> None:
+        """Run what is left of the pass's program; a marker left means a block that never ran."""
+        for a in self.program[self.cursor:]:
+            if a.block is None:
+                self.execute(a)
+            else:
+                self.num_unplanned += 1
+        self.cursor = len(self.program)
+
+    def execute(self, a: Action) -> None:
+        handler = self.handlers.get(a.op)
+        if handler is None:
+            raise RuntimeError(f"program: the chunk store cannot run {a} (op {a.op.value}); it runs "
+                               f"{', '.join(sorted(op.value for op in self.handlers))} and the compute markers")
+        handler(a)
