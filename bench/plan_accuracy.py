@@ -42,7 +42,7 @@ from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier, TrainShape
 from memtrain.planner.profile import apply_profile, profile_flag, run_profile
 from memtrain.planner.search import plan, predicted_process_bytes, tracked_peak_bytes
 from memtrain.planner.simulate import simulate_step
-from memtrain.runtime.config import ModelConfig, config_from_dict
+from memtrain.config import ModelConfig, config_from_dict
 from memtrain.runtime.process_memory import ProcessPeak
 from memtrain.runtime.wrapping import wrap
 

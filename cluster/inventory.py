@@ -26,11 +26,11 @@ import psutil
 from memtrain.cluster.spec import ClusterSpec, DeviceSpec, HostSpec, NodeSpec, NvmeSpec
 from memtrain.errors import UserError
 from memtrain.planner import catalog
-from memtrain.planner.units import format_bytes
-from memtrain.runtime.config import ConfigError
+from memtrain.units import format_bytes
+from memtrain.config import ConfigError
 
 if TYPE_CHECKING:
-    from memtrain.runtime.config import ClusterConfig, DeviceConfig, NodeConfig, NvmeConfig
+    from memtrain.config import ClusterConfig, DeviceConfig, NodeConfig, NvmeConfig
 
 __all__ = ["resolve_cluster", "local_node_spec", "gpu_kind_from_name", "free_bytes_at", "format_cluster"]
 
@@ -189,7 +189,7 @@ def resolve_cluster(cfg: ClusterConfig) -> ClusterSpec:
 
 def _lists_devices(nc: NodeConfig) -> bool:
     """Whether the node config lists devices other than the default single plain ``cpu`` entry."""
-    from memtrain.runtime.config import DeviceConfig
+    from memtrain.config import DeviceConfig
 
     return [dataclasses.asdict(d) for d in nc.devices] != [dataclasses.asdict(DeviceConfig())]
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from memtrain.models.source import BuiltModel, first_names
-from memtrain.runtime.config import ConfigError, ModelConfig
+from memtrain.config import ConfigError, ModelConfig
 
 __all__ = ["build_hf", "decoder_layers"]
 

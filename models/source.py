@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from memtrain.models.gpt import GPT, causal_lm_loss, gpt_config
-from memtrain.runtime.config import ConfigError, ModelConfig
+from memtrain.config import ConfigError, ModelConfig
 
 __all__ = ["BuiltModel", "build_model", "first_tensor", "first_names"]
 

@@ -247,7 +247,7 @@ def run_profile(
     adam_elems: int = 16 * 2**20, rounds: int = MAX_ROUNDS, wait_s: float = RETRY_WAIT_S,
     meter: Callable[[], object] = LoadMeter,
 ) -> Profile:
-    """Measure everything for ``cfg`` (a ``memtrain.runtime.config.Config``) on this machine.
+    """Measure everything for ``cfg`` (a ``memtrain.config.Config``) on this machine.
 
     ``copy_bytes``, ``disk_bytes`` and ``adam_elems`` size the bandwidth and CPU AdamW probes
     (large enough to reach steady state on real hardware; tests pass small ones). Each probe runs

@@ -28,8 +28,8 @@ from memtrain.offload.optim import OffloadedOptimizer, OptimizerSpec
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, Plan, Tier
 from memtrain.planner.simulate import SWAP_IN_BLOCKS_AHEAD
 from memtrain.planner.stats import DType
-from memtrain.planner.units import show
-from memtrain.runtime.config import MemoryConfig, section_from_dict
+from memtrain.units import show
+from memtrain.config import MemoryConfig, section_from_dict
 from memtrain.runtime.engine import Engine, LossScaler
 from memtrain.runtime.process_memory import return_large_frees
 

@@ -14,7 +14,7 @@ from memtrain.cluster import format_cluster, free_bytes_at, gpu_kind_from_name, 
 from memtrain.cluster import inventory
 from memtrain.planner import catalog
 from memtrain.planner.catalog import KNOWN_DEVICES, device_spec
-from memtrain.runtime.config import ClusterConfig, ConfigError, DeviceConfig, NodeConfig, NvmeConfig, config_from_dict
+from memtrain.config import ClusterConfig, ConfigError, DeviceConfig, NodeConfig, NvmeConfig, config_from_dict
 
 GIB = 2**30
 ROOT = Path(__file__).resolve().parents[2]

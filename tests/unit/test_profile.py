@@ -12,7 +12,7 @@ from memtrain.planner import profile as prof
 from memtrain.planner.analyze import analyze
 from memtrain.planner.catalog import default_host_spec, default_nvme_spec, device_spec
 from memtrain.planner.measure import Load
-from memtrain.runtime.config import ModelConfig, config_from_dict
+from memtrain.config import ModelConfig, config_from_dict
 
 
 @pytest.fixture(scope="module")

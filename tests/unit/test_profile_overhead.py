@@ -19,7 +19,7 @@ from memtrain.planner.profile import (
     OVERHEAD_KEYS, PROFILE_VERSION, BlockTiming, Profile, ProfileError, _lstsq_nonneg, apply_profile, load_profile,
     measure_blocks, measure_runtime_overhead, save_profile,
 )
-from memtrain.runtime.config import ModelConfig
+from memtrain.config import ModelConfig
 
 TINY = ModelConfig(preset="tiny")
 DEV = catalog.cpu_device_spec(num_cpus=2, memory_bytes=2**34)

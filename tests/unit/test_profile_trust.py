@@ -16,7 +16,7 @@ from memtrain.planner.profile import (
     BlockTiming, Profile, ProfileError, blocks_spread, find_profile, machine_fingerprint, machine_id, model_key,
     save_profile,
 )
-from memtrain.runtime.config import config_from_dict
+from memtrain.config import config_from_dict
 from memtrain.runtime.planning import plan_from_config
 
 QUIET = Load(other_cpus=0.05, num_cpus=2, load_avg=0.1)
