@@ -36,7 +36,7 @@ import torch
 from memtrain.cluster.inventory import local_node_spec
 from memtrain.models.gpt import GPT, gpt_config
 from memtrain.offload.chunks import make_chunk_plans, named_blocks, param_order
-from memtrain.planner import catalog
+from memtrain.cluster import catalog
 from memtrain.planner.analyze import analyze
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier, TrainShape
 from memtrain.planner.profile import apply_profile, profile_flag, run_profile

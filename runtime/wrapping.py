@@ -122,7 +122,7 @@ def planner_plan(
 
     from memtrain.cluster.inventory import local_node_spec
     from memtrain.models.source import BuiltModel
-    from memtrain.planner import catalog
+    from memtrain.cluster import catalog
     from memtrain.planner.analyze import analyze_built
     from memtrain.planner.search import plan as search_plan
 

@@ -81,7 +81,7 @@ def test_on_a_cpu_device_the_whole_process_must_fit_both_budgets_together():
     """Each tier can fit its own budget while the process (the buffer pool's slack included) does
     not: on a CPU device, where both tiers are one RAM, such a plan is refused."""
     from memtrain.cluster.spec import HostSpec
-    from memtrain.planner import catalog
+    from memtrain.cluster import catalog
     from memtrain.planner.analyze import analyze
     from memtrain.planner.search import plan
     from memtrain.config import ModelConfig

@@ -24,7 +24,8 @@ import torch
 from memtrain.cluster.spec import HostSpec, NvmeSpec
 from memtrain.models.gpt import GPT, gpt_config
 from memtrain.offload.chunks import make_chunk_plans, named_blocks, param_order
-from memtrain.planner import catalog, cost, footprint
+from memtrain.cluster import catalog
+from memtrain.planner import cost, footprint
 from memtrain.planner.analyze import analyze
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier, TrainShape
 from memtrain.planner.simulate import SWAP_IN_BLOCKS_AHEAD, simulate_step

@@ -10,7 +10,7 @@ import torch
 from memtrain.models import build_model
 from memtrain.planner import profile as prof
 from memtrain.planner.analyze import analyze
-from memtrain.planner.catalog import default_host_spec, default_nvme_spec, device_spec
+from memtrain.cluster.catalog import default_host_spec, default_nvme_spec, device_spec
 from memtrain.planner.measure import Load
 from memtrain.config import ModelConfig, config_from_dict
 

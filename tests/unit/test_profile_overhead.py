@@ -13,7 +13,7 @@ import torch
 
 from memtrain.cluster.spec import HostSpec
 from memtrain.models import build_model
-from memtrain.planner import catalog
+from memtrain.cluster import catalog
 from memtrain.planner.analyze import analyze
 from memtrain.planner.profile import (
     OVERHEAD_KEYS, PROFILE_VERSION, BlockTiming, Profile, ProfileError, _lstsq_nonneg, apply_profile, load_profile,
