@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from memtrain.models.source import BuiltModel, first_names
+from memtrain.models.built import BuiltModel, first_names
 from memtrain.config import ConfigError, ModelConfig
 
 __all__ = ["build_hf", "decoder_layers"]

@@ -51,7 +51,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from memtrain.errors import UserError
-from memtrain.models.source import BuiltModel, build_model, first_tensor
+from memtrain.models.built import BuiltModel, first_tensor
+from memtrain.models.source import build_model
 from memtrain.planner.stats import BlockStats, DType, ModelStats, Optimizer, model_state_bytes_per_param
 from memtrain.config import ConfigError
 

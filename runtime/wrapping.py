@@ -121,7 +121,7 @@ def planner_plan(
     import copy
 
     from memtrain.cluster.inventory import local_node_spec
-    from memtrain.models.source import BuiltModel
+    from memtrain.models.built import BuiltModel
     from memtrain.cluster import catalog
     from memtrain.planner.analyze import analyze_built
     from memtrain.planner.search import plan as search_plan
