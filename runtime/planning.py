@@ -6,7 +6,7 @@ from pathlib import Path
 
 from memtrain.planner.plan import Plan
 from memtrain.units import format_bytes
-from memtrain.planner.profile import apply_profile
+from memtrain.planner.profile_inputs import apply_profile
 from memtrain.planner.profile_format import (
     Profile, ProfileError, find_profile, load_profile, model_mismatch, other_machine, profile_flag,
 )

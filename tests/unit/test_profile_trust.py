@@ -12,7 +12,7 @@ import pytest
 from memtrain.planner import report
 from memtrain.planner.analyze import analyze
 from memtrain.planner.measure import MAX_SPREAD, Load, LoadMeter, ProbeQuality, measure_reliably, spread
-from memtrain.planner.profile import (
+from memtrain.runtime.profiling import (
     BlockTiming, Profile, ProfileError, blocks_spread, find_profile, machine_fingerprint, machine_id, model_key,
     save_profile,
 )
