@@ -45,7 +45,7 @@ import torch
 
 from memtrain.offload.nvme import URGENT, NvmeStore, aligned_empty
 from memtrain.planner.search import MAX_OPTIM_STAGINGS
-from memtrain.planner.units import format_bytes, parse_bytes
+from memtrain.units import format_bytes, parse_bytes
 
 __all__ = [
     "IoResult", "measure_raw", "measure_store", "median_result", "print_table",

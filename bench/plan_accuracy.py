@@ -6,7 +6,7 @@ For each configuration (small GPTs on the CPU device: all on the device; host-ho
 under a device budget that forces offload; NVMe-home chunks in real files, also on a wider GPT
 whose step the disk's bandwidth bounds; swap_host, swap_nvme and recompute activations; several
 micro-batches) it profiles the model and this
-machine afresh (``planner.profile.run_profile`` + ``apply_profile``), predicts one step with
+machine afresh (``runtime.profiling.run_profile`` + ``apply_profile``), predicts one step with
 ``simulate_step`` on a given memory policy (or plans one with the search under budgets), trains
 ``--steps`` steps with ``wrap(..., plan=...)``, and prints predicted against measured step time
 (median of the steps after ``--warmup``) and per-tier ledger peaks (over the same steps), with
@@ -36,14 +36,16 @@ import torch
 from memtrain.cluster.inventory import local_node_spec
 from memtrain.models.gpt import GPT, gpt_config
 from memtrain.offload.chunks import make_chunk_plans, named_blocks, param_order
-from memtrain.planner import catalog
+from memtrain.cluster import catalog
 from memtrain.planner.analyze import analyze
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier, TrainShape
-from memtrain.planner.profile import apply_profile, profile_flag, run_profile
+from memtrain.planner.profile_format import profile_flag
+from memtrain.planner.profile_inputs import apply_profile
 from memtrain.planner.search import plan, predicted_process_bytes, tracked_peak_bytes
 from memtrain.planner.simulate import simulate_step
-from memtrain.runtime.config import ModelConfig, config_from_dict
+from memtrain.config import ModelConfig, config_from_dict
 from memtrain.runtime.process_memory import ProcessPeak
+from memtrain.runtime.profiling import run_profile
 from memtrain.runtime.wrapping import wrap
 
 K, SH, SN, RC = ActPolicy.KEEP, ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME, ActPolicy.RECOMPUTE

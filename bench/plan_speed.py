@@ -16,7 +16,7 @@ import sys
 _CHILD = r"""
 import json, resource, sys, time
 from memtrain.cluster.inventory import resolve_cluster
-from memtrain.runtime.config import config_from_dict
+from memtrain.config import config_from_dict
 from memtrain.runtime.planning import budgets_for
 from memtrain.planner.analyze import analyze
 from memtrain.planner.search import plan

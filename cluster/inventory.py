@@ -1,7 +1,7 @@
 """From the ``cluster`` config section to a ``ClusterSpec``: catalog figures, overrides, this machine.
 
 * Explicit nodes (``cluster.nodes``): each device starts from its catalog entry
-  (``planner.catalog``) and every override in the config replaces the matching figure.
+  (``cluster.catalog``) and every override in the config replaces the matching figure.
 * ``cluster: auto``: this machine, read with psutil (RAM, cores, honouring cgroup limits) and
   nvidia-ml-py (GPUs). A machine without GPUs gets one ``cpu`` device whose memory is the host
   RAM: on a CPU-only machine the device tier is host memory (docs/DESIGN.md, "The CPU-only
@@ -25,12 +25,12 @@ import psutil
 
 from memtrain.cluster.spec import ClusterSpec, DeviceSpec, HostSpec, NodeSpec, NvmeSpec
 from memtrain.errors import UserError
-from memtrain.planner import catalog
-from memtrain.planner.units import format_bytes
-from memtrain.runtime.config import ConfigError
+from memtrain.cluster import catalog
+from memtrain.units import format_bytes
+from memtrain.config import ConfigError
 
 if TYPE_CHECKING:
-    from memtrain.runtime.config import ClusterConfig, DeviceConfig, NodeConfig, NvmeConfig
+    from memtrain.config import ClusterConfig, DeviceConfig, NodeConfig, NvmeConfig
 
 __all__ = ["resolve_cluster", "local_node_spec", "gpu_kind_from_name", "free_bytes_at", "format_cluster"]
 
@@ -189,7 +189,7 @@ def resolve_cluster(cfg: ClusterConfig) -> ClusterSpec:
 
 def _lists_devices(nc: NodeConfig) -> bool:
     """Whether the node config lists devices other than the default single plain ``cpu`` entry."""
-    from memtrain.runtime.config import DeviceConfig
+    from memtrain.config import DeviceConfig
 
     return [dataclasses.asdict(d) for d in nc.devices] != [dataclasses.asdict(DeviceConfig())]
 
@@ -274,7 +274,7 @@ def _nvml_device(nvml: Any, handle: Any) -> DeviceSpec:
             changes["h2d_gbps"] = min(spec.h2d_gbps, link)
             changes["d2h_gbps"] = min(spec.d2h_gbps, link)
         return dataclasses.replace(spec, **changes)
-    # [Note: unknown GPUs] in planner/catalog.py: fp32 = CUDA cores x 2 FLOP (FMA) x max SM
+    # [Note: unknown GPUs] in cluster/catalog.py: fp32 = CUDA cores x 2 FLOP (FMA) x max SM
     # clock; memory bandwidth = bus width x memory clock x 2 (double data rate).
     cores = _optional(nvml.nvmlDeviceGetNumGpuCores, handle)
     sm_mhz = _optional(nvml.nvmlDeviceGetMaxClockInfo, handle, nvml.NVML_CLOCK_SM)

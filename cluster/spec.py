@@ -1,6 +1,6 @@
 """Hardware specs the planner reasons with: devices, host, NVMe, nodes, the cluster.
 
-Values come from the catalog (``planner.catalog``), from the config's overrides, from the
+Values come from the catalog (``cluster.catalog``), from the config's overrides, from the
 local machine (``cluster.inventory``), or from a measured profile. Units are in the names.
 """
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memtrain.planner.units import show
-from memtrain.runtime.config import ConfigError
+from memtrain.units import show
+from memtrain.config import ConfigError
 
 __all__ = ["GPTConfig", "GPT", "PRESETS", "gpt_config", "gpt_num_params", "causal_lm_loss"]
 

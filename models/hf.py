@@ -15,8 +15,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from memtrain.models.source import BuiltModel, first_names
-from memtrain.runtime.config import ConfigError, ModelConfig
+from memtrain.models.built import BuiltModel, first_names
+from memtrain.config import ConfigError, ModelConfig
 
 __all__ = ["build_hf", "decoder_layers"]
 

@@ -44,7 +44,7 @@ there; tests turn ``asynchronous`` on to run this path on a CPU.
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -54,15 +54,30 @@ from memtrain.planner.plan import Tier
 
 if TYPE_CHECKING:
     from memtrain.offload.chunk_layout import Chunk
-    from memtrain.offload.chunks import ChunkStore
+    from memtrain.offload.ledger import Ledger
 
 __all__ = ["Gradients"]
+
+
+class _Store(Protocol):
+    """What the accumulators use of their chunk store (``offload.chunks.ChunkStore``): its
+    chunks, device, ledgers and buffer helpers. A protocol, so this module does not import the
+    store's module, which imports this one."""
+
+    device: torch.device
+    chunks: list[Chunk]
+    device_ledger: Ledger
+    host_ledger: Ledger
+
+    def _alloc(self, ledger: Ledger, owner: str, numel: int, dtype: torch.dtype, *, zero: bool = False,
+               upload: bool = False) -> torch.Tensor: ...
+    def _free(self, ledger: Ledger, owner: str, t: torch.Tensor, *, reuse: bool = True) -> None: ...
 
 
 class Gradients:
     """The gradient accumulators of one ``ChunkStore``'s chunks (``Chunk.grad``)."""
 
-    def __init__(self, store: "ChunkStore", *, asynchronous: bool) -> None:
+    def __init__(self, store: _Store, *, asynchronous: bool) -> None:
         self.store = store
         self.asynchronous = asynchronous
         """[Note: asynchronous gradient flush] (default: on a CUDA device)."""

@@ -11,7 +11,7 @@ import threading
 from collections import defaultdict
 
 from memtrain.errors import UserError
-from memtrain.planner.units import format_bytes
+from memtrain.units import format_bytes
 
 __all__ = ["BudgetExceeded", "Ledger"]
 

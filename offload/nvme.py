@@ -93,7 +93,7 @@ from memtrain.offload.nvme_format import (
     aligned_empty,
     is_aligned,
 )
-from memtrain.planner.units import format_bytes
+from memtrain.units import format_bytes
 
 __all__ = [
     "NvmeError", "NvmeEntry", "NvmeStore", "StaleFilesWarning", "ALIGN_BYTES", "HEADER_BYTES", "aligned_empty",

@@ -38,7 +38,7 @@ import contextlib
 import threading
 import warnings
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -47,9 +47,32 @@ from memtrain.offload.tiers import CopyHandle, copy_async, copy_stream
 from memtrain.planner.plan import ActPolicy
 
 if TYPE_CHECKING:
-    from memtrain.offload.activations import ActivationManager, ParamResolver
+    from memtrain.offload.ledger import Ledger
+    from memtrain.offload.nvme import NvmeStore
 
 __all__ = ["act_owner"]
+
+
+class _Manager(Protocol):
+    """What a record uses of the manager that owns it (``offload.activations.ActivationManager``):
+    its ledgers and NVMe store, and its bookkeeping of records coming back. A protocol, so this
+    module does not import the manager's module, which imports this one."""
+
+    device_ledger: Ledger
+    host_ledger: Ledger
+    nvme: NvmeStore | None
+    _lock: threading.RLock
+    _inbound: set[_Record]
+
+    def _forget(self, rec: _Record) -> None: ...
+    def _advance_inbound(self) -> None: ...
+    def _nvme_key(self, owner: str) -> str: ...
+
+
+class _Resolver(Protocol):
+    """The part of a ``ParamResolver`` (offload.activations) a kept token needs: its unpacking."""
+
+    def unpack(self, token: object) -> torch.Tensor: ...
 
 _ALIGN_BYTES = 16
 """Offsets of storages inside a swap buffer: a multiple of every dtype's item size (complex128)."""
@@ -110,14 +133,14 @@ class _Kept:
 
     __slots__ = ("tensor", "resolver")
 
-    def __init__(self, tensor: Any, resolver: ParamResolver | None = None) -> None:
+    def __init__(self, tensor: Any, resolver: _Resolver | None = None) -> None:
         self.tensor, self.resolver = tensor, resolver
 
 
 class _Record:
     """One block's saved activations for one micro-batch, and where they are now."""
 
-    def __init__(self, mgr: ActivationManager, index: int, name: str, mb: int, policy: ActPolicy) -> None:
+    def __init__(self, mgr: _Manager, index: int, name: str, mb: int, policy: ActPolicy) -> None:
         self.mgr, self.index, self.name, self.mb, self.policy = mgr, index, name, mb, policy
         self.owner = act_owner(name, mb)
         self.lock = threading.RLock()

@@ -51,12 +51,13 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from memtrain.errors import UserError
-from memtrain.models.source import BuiltModel, build_model, first_tensor
+from memtrain.models.built import BuiltModel, first_tensor
+from memtrain.models.source import build_model
 from memtrain.planner.stats import BlockStats, DType, ModelStats, Optimizer, model_state_bytes_per_param
-from memtrain.runtime.config import ConfigError
+from memtrain.config import ConfigError
 
 if TYPE_CHECKING:
-    from memtrain.runtime.config import ModelConfig
+    from memtrain.config import ModelConfig
 
 __all__ = ["analyze", "analyze_built", "model_state_bytes", "TORCH_DTYPES"]
 

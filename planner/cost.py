@@ -119,7 +119,7 @@ def recompute_time_s(block: BlockStats, device: DeviceSpec, dtype: DType | str, 
 def block_overhead_s(stats: ModelStats, block: BlockStats, *, backward: bool) -> float:
     """The runtime's own time around one call of the block, on the thread that runs it.
 
-    Measured by the profiler ([Note: runtime overhead] in ``planner.profile``): per block call in
+    Measured by the profiler ([Note: runtime overhead] in ``runtime.overhead_probe``): per block call in
     the forward (chunk-store hooks, one saved-tensor pack per saved tensor) and in the backward
     (hooks, unpacks), plus, in the backward, one post-accumulate-grad hook and gradient copy per
     parameter tensor the block owns. 0 without a profile. Added to the block's compute time

@@ -32,7 +32,7 @@ a quiet machine agree within a few percent, and a spread this wide means somethi
 running in the middle of them."""
 MAX_DISK_SPREAD = 0.5
 """The same for the NVMe probes: a shared virtual disk varies by tens of percent from one second
-to the next on its own (``planner.disk_probe``), so only a wider spread is a sign of trouble."""
+to the next on its own (``runtime.disk_probe``), so only a wider spread is a sign of trouble."""
 MAX_OTHER_CPU_SHARE = 0.25
 """Share of the machine's cores other processes may keep busy during a CPU-bound probe: above it
 they take cores the timed work needs (on 2 cores, half a core), and every timing is slower than

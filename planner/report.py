@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from memtrain.planner.atomic import atomic_write_text
 from memtrain.planner.plan import Action, ActPolicy, Op, Plan, Tier, TimelineEvent
-from memtrain.planner.units import format_bytes, format_seconds
+from memtrain.units import format_bytes, format_seconds
 
 if TYPE_CHECKING:
     from rich.console import Console

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
+from memtrain.config import MAX_GLOBAL_BATCH_SIZE
 from memtrain.errors import UserError
 from memtrain.planner import cost, footprint
 from memtrain.planner.plan import (
@@ -23,15 +24,11 @@ from memtrain.planner.plan import (
 from memtrain.planner.schedule import add_activation_swaps, generate_single_device, lower_chunks
 from memtrain.planner.bounds import stream_work_s
 from memtrain.planner.simulate import SWAP_IN_LOOKAHEAD, SimResult, simulate_step
-from memtrain.planner.units import format_bytes
+from memtrain.units import format_bytes
 from memtrain.planner.stats import DType, ModelStats, Optimizer, dtype_bytes
 
 __all__ = ["plan", "tracked_peak_bytes", "predicted_process_bytes", "MAX_GLOBAL_BATCH_SIZE", "OPTIM_STAGINGS", "MAX_OPTIM_STAGINGS", "CHUNK_SIZE_CANDIDATES", "MAX_SIMULATIONS", "MAX_TIMELINE_EVENTS", "NEAR_TIE"]
 
-MAX_GLOBAL_BATCH_SIZE = 1 << 20
-"""Sequences per optimizer step at most (train.global_batch_size). Every divisor is a micro-batch
-size to try; below this bound a number has at most 240 of them, and the search stays within
-seconds."""
 CHUNK_SIZE_CANDIDATES = (32 << 20, 64 << 20, 128 << 20)
 """Chunk sizes tried, in elements (plus one block's worth, and finer cuts for small models)."""
 MAX_SIMULATIONS = 64

@@ -157,7 +157,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
     _check_output("--out", args.out)
     cfg = load_config(args.config, args.overrides)
-    from memtrain.planner.profile import run_profile, save_profile
+    from memtrain.runtime.profiling import run_profile, save_profile
     from memtrain.runtime.planning import run_dir
 
     out = args.out or str(run_dir(cfg) / "profile.parquet")

@@ -1,7 +1,7 @@
-"""The configuration reference, docs/config.md, generated from the dataclasses of runtime/config.py.
+"""The configuration reference, docs/config.md, generated from the dataclasses of memtrain/config.py.
 
 Each field's row is its dotted name, type, default and the docstring under it (read from the
-source with ``ast``). ``python -m memtrain.runtime.config > docs/config.md`` writes the page; a
+source with ``ast``). ``python -m memtrain.runtime.config_docs > docs/config.md`` writes the page; a
 test checks it is current.
 """
 
@@ -12,14 +12,14 @@ import types
 import typing
 from typing import Any
 
-from memtrain.runtime import config
-from memtrain.runtime.config import _SECTIONS, Size
+from memtrain import config
+from memtrain.config import _SECTIONS, Size
 
 __all__ = ["field_docs", "config_reference_markdown"]
 
 
 def field_docs() -> list[tuple[str, str, str, str]]:
-    """``(dotted name, type, default, docstring)`` for every config field, read from runtime/config.py."""
+    """``(dotted name, type, default, docstring)`` for every config field, read from memtrain/config.py."""
     import ast
     import inspect
 
@@ -64,7 +64,7 @@ def config_reference_markdown() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from `runtime/config.py` by `python -m memtrain.runtime.config` (a test checks it is current).",
+        "Generated from `memtrain/config.py` by `python -m memtrain.runtime.config_docs` (a test checks it is current).",
         "Every field can be set on the command line with `--set dotted.name=value` (values are read as YAML; list items by index, e.g. `--set cluster.nodes[0].devices[0].kind=a100-80gb`).",
         "Sizes accept `24GiB`, `512MB`, `1.5TiB` or a number of bytes. `cluster: auto` reads this machine.",
         "An `int` is a whole number (`2`, not `2.0` or `2GiB`); a `float` accepts `0.1`, `1e-3` or `3.0e-4`; "
@@ -76,3 +76,7 @@ def config_reference_markdown() -> str:
     for dotted, type_name, default, doc in field_docs():
         lines.append(f"| `{dotted}` | {type_name} | `{default}` | {doc} |")
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m memtrain.runtime.config_docs > docs/config.md
+    print(config_reference_markdown(), end="")

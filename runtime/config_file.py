@@ -1,4 +1,4 @@
-"""A run's config from its YAML file and ``--set`` overrides (the sections are runtime.config's).
+"""A run's config from its YAML file and ``--set`` overrides (the sections are memtrain.config's).
 
 The file is read strictly (runtime.config_yaml: repeated keys, alias bombs and oversized files
 are refused); each way a path can fail gets its own message naming the file; an override
@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from memtrain.planner.units import show
-from memtrain.runtime.config import MAX_CONFIG_BYTES, Config, ConfigError, _cut, config_from_dict
+from memtrain.units import show
+from memtrain.config import MAX_CONFIG_BYTES, Config, ConfigError, _cut, config_from_dict
 from memtrain.runtime.config_yaml import YamlRefused, describe, load_yaml
 
 __all__ = ["load_config", "apply_overrides"]

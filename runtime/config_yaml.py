@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from memtrain.planner.units import show
+from memtrain.units import show
 
 __all__ = ["MAX_NODES", "YamlRefused", "load_yaml", "describe"]
 

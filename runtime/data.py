@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memtrain.runtime.config import ConfigError, DataConfig
+from memtrain.config import ConfigError, DataConfig
 
 __all__ = ["TokenBatches", "SYNTHETIC_BRANCHING"]
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from memtrain.planner.plan import Plan
-from memtrain.planner.units import format_bytes
-from memtrain.planner.profile import apply_profile
+from memtrain.units import format_bytes
+from memtrain.planner.profile_inputs import apply_profile
 from memtrain.planner.profile_format import (
     Profile, ProfileError, find_profile, load_profile, model_mismatch, other_machine, profile_flag,
 )
-from memtrain.runtime.config import Config, ConfigError
+from memtrain.config import Config, ConfigError
 
 __all__ = ["plan_from_config", "profile_for", "budgets_for", "run_dir"]
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from memtrain.planner.measure import Load
 from memtrain.planner.plan import Plan
 from memtrain.planner.profile_format import Profile, ProfileError, load_profile, other_machine, profile_flag
-from memtrain.planner.units import format_bytes
+from memtrain.units import format_bytes
 
 __all__ = ["STEP_TIME_TOLERANCE", "closing_lines", "likely_cause", "process_line"]
 

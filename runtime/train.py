@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from memtrain.errors import UserError
-from memtrain.planner.units import format_bytes
-from memtrain.runtime.config import Config, ConfigError
+from memtrain.units import format_bytes
+from memtrain.config import Config, ConfigError
 
 __all__ = ["lr_at", "train", "NonFiniteLoss", "RUN_ARTIFACTS", "EXIT_NON_FINITE_LOSS"]
 

@@ -28,8 +28,8 @@ from memtrain.offload.optim import OffloadedOptimizer, OptimizerSpec
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, Plan, Tier
 from memtrain.planner.simulate import SWAP_IN_BLOCKS_AHEAD
 from memtrain.planner.stats import DType
-from memtrain.planner.units import show
-from memtrain.runtime.config import MemoryConfig, section_from_dict
+from memtrain.units import show
+from memtrain.config import MemoryConfig, section_from_dict
 from memtrain.runtime.engine import Engine, LossScaler
 from memtrain.runtime.process_memory import return_large_frees
 
@@ -121,8 +121,8 @@ def planner_plan(
     import copy
 
     from memtrain.cluster.inventory import local_node_spec
-    from memtrain.models.source import BuiltModel
-    from memtrain.planner import catalog
+    from memtrain.models.built import BuiltModel
+    from memtrain.cluster import catalog
     from memtrain.planner.analyze import analyze_built
     from memtrain.planner.search import plan as search_plan
 

@@ -14,7 +14,7 @@ import torch
 from memtrain.models import build_model, gpt_config, gpt_num_params
 from memtrain.planner.analyze import analyze, analyze_built, model_state_bytes
 from memtrain.planner.stats import DType
-from memtrain.runtime.config import ConfigError, ModelConfig
+from memtrain.config import ConfigError, ModelConfig
 
 LLAMA_STYLE = dict(position="rotary", norm="rmsnorm", activation="swiglu", num_kv_heads=2, tie_embeddings=False,
                    bias=False, hidden_size=256, num_heads=8, ffn_hidden_size=688, num_layers=3, vocab_size=1000)
@@ -300,7 +300,7 @@ def test_175b_analyses_in_seconds_without_allocating():
     script = textwrap.dedent("""
         import json, resource, time
         from memtrain.planner.analyze import analyze
-        from memtrain.runtime.config import ModelConfig
+        from memtrain.config import ModelConfig
         t0 = time.perf_counter()
         stats = analyze(ModelConfig(preset="175b"), seq_len=2048, micro_batch_size=1, dtype="bf16")
         elapsed = time.perf_counter() - t0

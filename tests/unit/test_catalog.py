@@ -12,9 +12,9 @@ import pytest
 
 from memtrain.cluster import format_cluster, free_bytes_at, gpu_kind_from_name, local_node_spec, resolve_cluster
 from memtrain.cluster import inventory
-from memtrain.planner import catalog
-from memtrain.planner.catalog import KNOWN_DEVICES, device_spec
-from memtrain.runtime.config import ClusterConfig, ConfigError, DeviceConfig, NodeConfig, NvmeConfig, config_from_dict
+from memtrain.cluster import catalog
+from memtrain.cluster.catalog import KNOWN_DEVICES, device_spec
+from memtrain.config import ClusterConfig, ConfigError, DeviceConfig, NodeConfig, NvmeConfig, config_from_dict
 
 GIB = 2**30
 ROOT = Path(__file__).resolve().parents[2]
@@ -425,7 +425,15 @@ def test_examples_resolve(path, monkeypatch):
 
 
 def test_imports_in_either_order():
-    # planner.catalog imports cluster.spec, whose package imports the inventory, which uses the catalog.
-    for first in ("memtrain.planner.catalog", "memtrain.cluster", "memtrain.cluster.inventory"):
-        code = f"import {first}; from memtrain.cluster import resolve_cluster; from memtrain.planner.catalog import device_spec"
+    # The inventory uses the catalog, which uses cluster.spec; the package loads its names lazily.
+    for first in ("memtrain.cluster.catalog", "memtrain.cluster", "memtrain.cluster.inventory"):
+        code = f"import {first}; from memtrain.cluster import resolve_cluster; from memtrain.cluster.catalog import device_spec"
         subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_spec_and_catalog_load_without_the_inventory():
+    # The planner imports cluster.spec and cluster.catalog; neither may pull in the inventory
+    # (psutil, nvml) through the package's __init__.
+    code = ("import sys, memtrain.cluster.catalog, memtrain.cluster.spec; "
+            "assert 'memtrain.cluster.inventory' not in sys.modules, 'inventory loaded'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -157,7 +157,8 @@ def test_huge_global_batch_is_refused_at_once(capsys, tmp_path):
 def test_divisors_are_found_in_square_root_time():
     import time
 
-    from memtrain.planner.search import MAX_GLOBAL_BATCH_SIZE, _divisors_desc
+    from memtrain.config import MAX_GLOBAL_BATCH_SIZE
+    from memtrain.planner.search import _divisors_desc
 
     for n in range(1, 500):
         assert _divisors_desc(n) == sorted((d for d in range(1, n + 1) if n % d == 0), reverse=True)
@@ -231,7 +232,7 @@ def test_budget_exceeded_is_a_user_error(capsys, tmp_path, monkeypatch):
 def test_only_user_errors_are_caught(capsys, tmp_path, monkeypatch):
     import memtrain.runtime.planning as planning
     from memtrain.runtime.cli import main
-    from memtrain.runtime.config import ConfigError
+    from memtrain.config import ConfigError
 
     def ours(*args, **kwargs):
         raise ValueError("a bug of ours")

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from memtrain.planner.units import format_bytes, parse_bytes
-from memtrain.runtime.config import ConfigError, config_from_dict
+from memtrain.units import format_bytes, parse_bytes
+from memtrain.config import ConfigError, config_from_dict
 from memtrain.runtime.config_file import load_config
 from memtrain.runtime.config_docs import config_reference_markdown, field_docs
 
@@ -109,7 +109,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 def test_config_reference_is_current():
     assert (ROOT / "docs" / "config.md").read_text() == config_reference_markdown(), (
-        "docs/config.md is stale: run `python -m memtrain.runtime.config > docs/config.md`"
+        "docs/config.md is stale: run `python -m memtrain.runtime.config_docs > docs/config.md`"
     )
     assert all(doc for _, _, _, doc in field_docs())
 
@@ -130,7 +130,7 @@ def test_cli_bad_input_exits_2_without_traceback(tmp_path):
 
 
 def test_size_is_a_type_of_its_own_and_int_fields_take_whole_numbers_only():
-    from memtrain.runtime.config import Size
+    from memtrain.config import Size
 
     assert Size is not int
     assert config_from_dict({"memory": {"device": "5GiB"}}).memory.device == 5 * 2**30
@@ -304,7 +304,7 @@ def test_each_config_path_failure_has_its_own_message(tmp_path, monkeypatch):
 
 
 def test_show_and_parse_bytes_bound_what_they_quote():
-    from memtrain.planner.units import MAX_BYTES, show
+    from memtrain.units import MAX_BYTES, show
 
     assert len(show("x" * 10_000)) <= 60
     assert show(10**5000) == "a number of about 5001 digits"

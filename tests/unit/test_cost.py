@@ -50,7 +50,7 @@ def test_transfers_are_latency_plus_bytes_over_bandwidth():
     assert cost.h2d_time_s(0, DEV) == 0.0
     assert cost.disk_read_time_s(8e9, NVME) == pytest.approx(2.0 + cost.NVME_LATENCY_S)
     assert cost.disk_write_time_s(8e9, NVME) == pytest.approx(4.0 + cost.NVME_LATENCY_S)
-    # a measured per-request cost (planner.profile.measure_disk_latency_s) replaces the catalog's
+    # a measured per-request cost (runtime.disk_probe.measure_disk_latency_s) replaces the catalog's
     slow = dataclasses.replace(NVME, read_latency_s=0.5e-3, write_latency_s=0.9e-3)
     assert NVME.read_latency_s == NVME.write_latency_s == cost.NVME_LATENCY_S
     assert cost.disk_read_time_s(4e6, slow) == pytest.approx(1e-3 + 0.5e-3)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from memtrain.runtime.config import ConfigError, DataConfig
+from memtrain.config import ConfigError, DataConfig
 from memtrain.runtime.data import SYNTHETIC_BRANCHING, TokenBatches
 
 

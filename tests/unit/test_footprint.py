@@ -84,10 +84,10 @@ def test_on_a_cpu_device_the_whole_process_must_fit_both_budgets_together():
     """Each tier can fit its own budget while the process (the buffer pool's slack included) does
     not: on a CPU device, where both tiers are one RAM, such a plan is refused."""
     from memtrain.cluster.spec import HostSpec
-    from memtrain.planner import catalog
+    from memtrain.cluster import catalog
     from memtrain.planner.analyze import analyze
     from memtrain.planner.search import plan
-    from memtrain.runtime.config import ModelConfig
+    from memtrain.config import ModelConfig
 
     cpu = catalog.cpu_device_spec(num_cpus=2, memory_bytes=8 << 30)
     host = HostSpec(memory_bytes=8 << 30, num_cpus=2, memory_bw_gbps=10.0, cpu_adam_params_per_s=1e8)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from memtrain.models import BuiltModel, build_model, causal_lm_loss, gpt_config
-from memtrain.runtime.config import ConfigError, ModelConfig
+from memtrain.config import ConfigError, ModelConfig
 
 FACTORY_MODULE = "mt_test_model_factories"
 

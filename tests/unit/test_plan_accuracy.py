@@ -24,11 +24,12 @@ import torch
 from memtrain.cluster.spec import HostSpec, NvmeSpec
 from memtrain.models.gpt import GPT, gpt_config
 from memtrain.offload.chunks import make_chunk_plans, named_blocks, param_order
-from memtrain.planner import catalog, cost, footprint
+from memtrain.cluster import catalog
+from memtrain.planner import cost, footprint
 from memtrain.planner.analyze import analyze
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier, TrainShape
 from memtrain.planner.simulate import SWAP_IN_BLOCKS_AHEAD, simulate_step
-from memtrain.runtime.config import ModelConfig
+from memtrain.config import ModelConfig
 from memtrain.runtime.wrapping import wrap
 
 K, SH, SN, RC = ActPolicy.KEEP, ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME, ActPolicy.RECOMPUTE

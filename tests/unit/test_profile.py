@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from memtrain.models import build_model
-from memtrain.planner import profile as prof
+from memtrain.planner import profile_inputs
+from memtrain.runtime import profiling as prof
 from memtrain.planner.analyze import analyze
-from memtrain.planner.catalog import default_host_spec, default_nvme_spec, device_spec
+from memtrain.cluster.catalog import default_host_spec, default_nvme_spec, device_spec
 from memtrain.planner.measure import Load
-from memtrain.runtime.config import ModelConfig, config_from_dict
+from memtrain.config import ModelConfig, config_from_dict
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def test_apply_profile_replaces_catalog_figures(tiny, tmp_path):
     device = device_spec("rtx4090")
     host = default_host_spec(8, 32 * 2**30)
     nvme = default_nvme_spec(str(tmp_path), 2**40)
-    s2, d2, h2, n2 = prof.apply_profile(p, stats, device, host, nvme)
+    s2, d2, h2, n2 = profile_inputs.apply_profile(p, stats, device, host, nvme)
     assert d2.h2d_gbps == p.bandwidths["h2d"] and d2.memory_bw_gbps == p.bandwidths["device_memory"]
     assert h2.cpu_adam_params_per_s == p.bandwidths["cpu_adam_params_per_s"]
     assert n2.read_gbps == p.bandwidths["nvme_read"] and n2.write_gbps == p.bandwidths["nvme_write"]
@@ -95,14 +96,14 @@ def test_apply_profile_replaces_catalog_figures(tiny, tmp_path):
     for b in s2.blocks:
         assert b.measured
         points = sorted(by_block[b.name].items())
-        assert (b.fwd_fixed_s, b.fwd_per_sample_s) == prof._fit_line([(m, t.fwd_s) for m, t in points])
-        assert (b.bwd_fixed_s, b.bwd_per_sample_s) == prof._fit_line([(m, t.bwd_s) for m, t in points])
+        assert (b.fwd_fixed_s, b.fwd_per_sample_s) == profile_inputs._fit_line([(m, t.fwd_s) for m, t in points])
+        assert (b.bwd_fixed_s, b.bwd_per_sample_s) == profile_inputs._fit_line([(m, t.bwd_s) for m, t in points])
 
 
 def test_fit_line_is_least_squares_and_never_negative():
-    a, b = prof._fit_line([(1, 3.0), (2, 5.0), (4, 9.0)])
+    a, b = profile_inputs._fit_line([(1, 3.0), (2, 5.0), (4, 9.0)])
     assert (a, b) == pytest.approx((1.0, 2.0))
-    a, b = prof._fit_line([(1, 1.0), (2, 4.0), (4, 10.0)])  # a negative intercept is refused
+    a, b = profile_inputs._fit_line([(1, 1.0), (2, 4.0), (4, 10.0)])  # a negative intercept is refused
     assert a == 0.0 and b > 0
 
 
@@ -115,7 +116,7 @@ def test_bad_profile_files_are_clear_errors(tiny, tmp_path):
     _, p = tiny
     stats = analyze(ModelConfig(preset="tiny", overrides={"num_layers": 3}), seq_len=16, micro_batch_size=1)
     with pytest.raises(prof.ProfileError, match="another model"):
-        prof.apply_profile(p, stats, device_spec("rtx4090"), default_host_spec(8, 2**35), None)
+        profile_inputs.apply_profile(p, stats, device_spec("rtx4090"), default_host_spec(8, 2**35), None)
 
 
 def test_measure_blocks_times_each_distinct_block_once(tmp_path):

@@ -13,13 +13,15 @@ import torch
 
 from memtrain.cluster.spec import HostSpec
 from memtrain.models import build_model
-from memtrain.planner import catalog
+from memtrain.cluster import catalog
 from memtrain.planner.analyze import analyze
-from memtrain.planner.profile import (
-    OVERHEAD_KEYS, PROFILE_VERSION, BlockTiming, Profile, ProfileError, _lstsq_nonneg, apply_profile, load_profile,
-    measure_blocks, measure_runtime_overhead, save_profile,
+from memtrain.planner.profile_format import (
+    OVERHEAD_KEYS, PROFILE_VERSION, BlockTiming, Profile, ProfileError, load_profile, save_profile,
 )
-from memtrain.runtime.config import ModelConfig
+from memtrain.planner.profile_inputs import apply_profile
+from memtrain.runtime.overhead_probe import _lstsq_nonneg, measure_runtime_overhead
+from memtrain.runtime.profiling import measure_blocks
+from memtrain.config import ModelConfig
 
 TINY = ModelConfig(preset="tiny")
 DEV = catalog.cpu_device_spec(num_cpus=2, memory_bytes=2**34)

@@ -12,11 +12,11 @@ import pytest
 from memtrain.planner import report
 from memtrain.planner.analyze import analyze
 from memtrain.planner.measure import MAX_SPREAD, Load, LoadMeter, ProbeQuality, measure_reliably, spread
-from memtrain.planner.profile import (
+from memtrain.runtime.profiling import (
     BlockTiming, Profile, ProfileError, blocks_spread, find_profile, machine_fingerprint, machine_id, model_key,
     save_profile,
 )
-from memtrain.runtime.config import config_from_dict
+from memtrain.config import config_from_dict
 from memtrain.runtime.planning import plan_from_config
 
 QUIET = Load(other_cpus=0.05, num_cpus=2, load_avg=0.1)

@@ -12,7 +12,7 @@ from memtrain.planner.plan import (
     TimelineEvent, TrainShape,
 )
 from memtrain.planner.stats import BlockStats, DType, ModelStats, Optimizer
-from memtrain.planner.units import format_bytes, format_seconds
+from memtrain.units import format_bytes, format_seconds
 
 GiB = 1024**3
 MiB = 1024**2

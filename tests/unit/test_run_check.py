@@ -11,8 +11,8 @@ import pytest
 
 from memtrain.planner.analyze import analyze
 from memtrain.planner.measure import Load, ProbeQuality
-from memtrain.planner.profile import BlockTiming, Profile, machine_fingerprint, machine_id, model_key, save_profile
-from memtrain.runtime.config import config_from_dict
+from memtrain.planner.profile_format import BlockTiming, Profile, machine_fingerprint, machine_id, model_key, save_profile
+from memtrain.config import config_from_dict
 from memtrain.runtime.planning import plan_from_config
 from memtrain.runtime.run_check import STEP_TIME_TOLERANCE, closing_lines
 

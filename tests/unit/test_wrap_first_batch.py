@@ -52,7 +52,7 @@ def test_hf_model_with_loose_parameters_offloaded_matches_torch():
     """An HF llama's final norm lies outside every block; offloaded, it is fetched when it runs."""
     pytest.importorskip("transformers")
     from memtrain.models import build_model
-    from memtrain.runtime.config import ModelConfig
+    from memtrain.config import ModelConfig
 
     model_cfg = ModelConfig(source="hf", hf_config=dict(
         model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

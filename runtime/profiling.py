@@ -4,7 +4,7 @@
 on the device (a CUDA GPU when present, else the CPU, which is then the device tier), host↔device
 copy bandwidth, device memory bandwidth, NVMe read/write bandwidth at the configured path through
 the NVMe store as the runtime streams chunks (real files, O_DIRECT or the page cache dropped,
-fdatasync; ``planner.disk_probe`` [Note: the store's bandwidth, not one stream's]) and the fixed
+fdatasync; ``runtime.disk_probe`` [Note: the store's bandwidth, not one stream's]) and the fixed
 cost of one request there, the CPU AdamW throughput, and device facts (nvidia-ml-py, psutil),
 and the runtime's own overhead per block call and per parameter tensor
 (``measure_runtime_overhead``). The result is a versioned Parquet file keyed by a machine
@@ -21,36 +21,35 @@ with a warning that ``memtrain plan`` and ``run`` show (``planner.measure``).
 
 The file and its identity (``Profile``, ``save_profile``/``load_profile``, ``find_profile``,
 ``machine_id``, ``model_key``) are ``planner.profile_format``; the runtime-overhead probe is
-``planner.overhead_probe``, the NVMe probes ``planner.disk_probe``; all are re-exported here.
+``runtime.overhead_probe``, the NVMe probes ``runtime.disk_probe``; all are re-exported here.
+How the planner uses a profile is ``planner.profile_inputs.apply_profile``. The profiler lives in
+``runtime/`` because it runs the runtime's own machinery (the engine through ``wrap()``, the NVMe
+store, the host AdamW kernel), which the planner's layers may not import (docs/DESIGN.md, Layers).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
-from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
-from memtrain.planner.disk_probe import disk_latency_probe, disk_probe, measure_disk_gbps, measure_disk_latency_s
 from memtrain.planner.measure import (
     MAX_DISK_SPREAD, MAX_ROUNDS, RETRY_WAIT_S, LoadMeter, ProbeQuality, measure_reliably, spread, timed_runs,
 )
-from memtrain.planner.overhead_probe import _lstsq_nonneg, measure_runtime_overhead  # noqa: F401  (re-exported)
 from memtrain.planner.profile_format import (
     OVERHEAD_KEYS, PROBES, PROFILE_VERSION, BlockTiming, FoundProfile, Profile, ProfileError, _hash, find_profile,
     load_profile, machine_fingerprint, machine_id, model_key, model_mismatch, other_machine, profile_flag, save_profile,
 )
-from memtrain.planner.stats import ModelStats
+from memtrain.runtime.disk_probe import disk_latency_probe, disk_probe, measure_disk_gbps, measure_disk_latency_s
+from memtrain.runtime.overhead_probe import measure_runtime_overhead
 
 __all__ = [
     "PROFILE_VERSION", "Profile", "ProfileError", "machine_fingerprint", "machine_id", "model_key",
     "measure_blocks", "measure_copy_gbps", "measure_disk_gbps", "measure_disk_latency_s", "measure_cpu_adam_params_per_s",
     "measure_runtime_overhead", "OVERHEAD_KEYS",
-    "run_profile", "save_profile", "load_profile", "apply_profile", "find_profile", "FoundProfile", "PROBES",
+    "run_profile", "save_profile", "load_profile", "find_profile", "FoundProfile", "PROBES",
     "copy_probe", "cpu_adam_probe", "blocks_spread", "model_mismatch", "other_machine", "profile_flag",
 ]
 
@@ -247,7 +246,7 @@ def run_profile(
     adam_elems: int = 16 * 2**20, rounds: int = MAX_ROUNDS, wait_s: float = RETRY_WAIT_S,
     meter: Callable[[], object] = LoadMeter,
 ) -> Profile:
-    """Measure everything for ``cfg`` (a ``memtrain.runtime.config.Config``) on this machine.
+    """Measure everything for ``cfg`` (a ``memtrain.config.Config``) on this machine.
 
     ``copy_bytes``, ``disk_bytes`` and ``adam_elems`` size the bandwidth and CPU AdamW probes
     (large enough to reach steady state on real hardware; tests pass small ones). Each probe runs
@@ -310,54 +309,3 @@ def run_profile(
         device=f"cuda:{torch.cuda.get_device_name()}" if device.type == "cuda" else "cpu",
         bandwidths=bw, overheads=overheads, blocks=tuple(blocks), quality=quality, warnings=warnings,
     )
-
-
-def _fit_line(points: list[tuple[int, float]]) -> tuple[float, float]:
-    """Least-squares ``t = a + b·mbs``; clamps to a non-negative intercept."""
-    if len(points) == 1:
-        return 0.0, points[0][1] / points[0][0]
-    xs, ys = zip(*points)
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (y - my) for x, y in points) / sxx
-    a = my - b * mx
-    if a < 0:  # force through the origin rather than predict negative time at small batches
-        return 0.0, sum(x * y for x, y in points) / sum(x * x for x in xs)
-    return a, max(b, 0.0)
-
-
-def apply_profile(
-    profile: Profile | str | Path, stats: ModelStats, device: DeviceSpec, host: HostSpec, nvme: NvmeSpec | None
-) -> tuple[ModelStats, DeviceSpec, HostSpec, NvmeSpec | None]:
-    """Replace catalog figures with measured ones: per-block times, bandwidths, CPU Adam rate,
-    runtime overheads (``ModelStats.overhead_*``; 0 without a profile)."""
-    prof = profile if isinstance(profile, Profile) else load_profile(profile)
-    unknown = sorted(set(prof.overheads) - set(OVERHEAD_KEYS))
-    if unknown:
-        raise ProfileError(f"profile overheads: unknown key {unknown[0]!r} (known: {', '.join(OVERHEAD_KEYS)}); re-run 'memtrain profile'")
-    by_block: dict[str, list[BlockTiming]] = {}
-    for t in prof.blocks:
-        by_block.setdefault(t.block, []).append(t)
-    missing = [b.name for b in stats.blocks if b.name not in by_block]
-    if missing:
-        raise ProfileError(f"profile has no timings for blocks {missing[:3]}; it was measured for another model")
-    blocks = []
-    for b in stats.blocks:
-        ts = by_block[b.name]
-        fa, fb = _fit_line([(t.micro_batch_size, t.fwd_s) for t in ts])
-        ba, bb = _fit_line([(t.micro_batch_size, t.bwd_s) for t in ts])
-        blocks.append(dataclasses.replace(b, fwd_fixed_s=fa, fwd_per_sample_s=fb, bwd_fixed_s=ba, bwd_per_sample_s=bb))
-    bw = prof.bandwidths
-    device = dataclasses.replace(
-        device,
-        h2d_gbps=bw.get("h2d", device.h2d_gbps),
-        d2h_gbps=bw.get("d2h", device.d2h_gbps),
-        memory_bw_gbps=bw.get("device_memory", device.memory_bw_gbps),
-    )
-    host = dataclasses.replace(host, cpu_adam_params_per_s=bw.get("cpu_adam_params_per_s", host.cpu_adam_params_per_s))
-    if nvme is not None and "nvme_read" in bw:
-        nvme = dataclasses.replace(nvme, read_gbps=bw["nvme_read"], write_gbps=bw["nvme_write"],
-                                   read_latency_s=bw.get("nvme_read_latency_s", nvme.read_latency_s),
-                                   write_latency_s=bw.get("nvme_write_latency_s", nvme.write_latency_s))
-    over = {f"overhead_{k}": float(prof.overheads.get(k, 0.0)) for k in OVERHEAD_KEYS}
-    return dataclasses.replace(stats, blocks=tuple(blocks), **over), device, host, nvme

@@ -1,5 +1,7 @@
 """The run configuration: validated dataclasses, built from a mapping (``runtime.config_file``
-reads the YAML file and ``--set`` overrides into one).
+reads the YAML file and ``--set`` overrides into one). It sits at the bottom of the layers
+(docs/DESIGN.md, Layers): every layer may read config types, and this module imports only
+``memtrain.errors`` and ``memtrain.units``.
 
 Every section is a ``kw_only, slots`` dataclass with a docstring per field (docs/config.md is
 the reference). Each ``__post_init__`` checks its fields' values (finite, in range), so a
@@ -21,12 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, NewType
 
 from memtrain.errors import UserError
-from memtrain.planner.units import parse_bytes, show
+from memtrain.units import parse_bytes, show
 
 __all__ = [
     "ConfigError", "Size", "ModelConfig", "DataConfig", "OptimizerConfig", "TrainConfig", "DeviceConfig",
     "NvmeConfig", "NodeConfig", "ClusterConfig", "MemoryConfig", "SnapshotConfig", "Config",
-    "config_from_dict", "section_from_dict", "MAX_CONFIG_BYTES",
+    "config_from_dict", "section_from_dict", "MAX_CONFIG_BYTES", "MAX_GLOBAL_BATCH_SIZE",
 ]
 
 
@@ -38,6 +40,10 @@ Size = NewType("Size", int)
 """A byte count: a field annotated ``Size`` accepts "24GiB" (``units.parse_bytes``); a plain
 ``int`` field accepts whole numbers only. ``_build`` tells them apart by identity."""
 
+MAX_GLOBAL_BATCH_SIZE = 1 << 20
+"""Sequences per optimizer step at most (train.global_batch_size). Every divisor is a micro-batch
+size to try; below this bound a number has at most 240 of them, and the search stays within
+seconds."""
 MAX_SEQ_LEN = 1 << 20
 """Tokens per sequence at most (train.seq_len)."""
 MAX_STEPS = 10**9
@@ -190,8 +196,6 @@ class TrainConfig:
     """``constant`` or ``cosine`` (decay to 10% of lr over ``steps``)."""
 
     def __post_init__(self) -> None:
-        from memtrain.planner.search import MAX_GLOBAL_BATCH_SIZE  # here: planner.search imports this module
-
         _check_int("train.global_batch_size", self.global_batch_size, 1, MAX_GLOBAL_BATCH_SIZE)
         _check_int("train.seq_len", self.seq_len, 1, MAX_SEQ_LEN)
         _check_int("train.steps", self.steps, 1, MAX_STEPS)
@@ -496,9 +500,3 @@ _SECTIONS: list[tuple[str, type]] = [
     ("memory", MemoryConfig), ("snapshot", SnapshotConfig),
 ]
 _GENERIC_PATHS: dict[type, str] = {cls: prefix for prefix, cls in _SECTIONS if "[]" in prefix}
-
-
-if __name__ == "__main__":  # python -m memtrain.runtime.config > docs/config.md
-    from memtrain.runtime.config_docs import config_reference_markdown
-
-    print(config_reference_markdown(), end="")

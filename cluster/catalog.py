@@ -1,7 +1,7 @@
 """Hardware catalog: datasheet figures of common GPUs, a CPU-as-device entry, default host and NVMe.
 
 The planner starts from these figures when no measured profile exists; ``cluster.inventory``
-applies the config's overrides on top, and the profiler (``planner.profile``) replaces them
+applies the config's overrides on top, and the profiler (``runtime.profiling``) replaces them
 with measurements. Every entry cites the vendor document its numbers come from.
 
 Conventions used by every entry:

@@ -1,4 +1,4 @@
-"""NVMe probes of the profiler (``planner.profile``): bandwidth and per-request cost at a path,
+"""NVMe probes of the profiler (``runtime.profiling``): bandwidth and per-request cost at a path,
 measured through ``offload.nvme.NvmeStore`` as the runtime moves chunks."""
 
 from __future__ import annotations
