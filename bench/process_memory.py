@@ -29,12 +29,12 @@ def _one(home: str, args) -> dict:
     from memtrain.models.gpt import GPT, gpt_config
     from memtrain.offload.chunks import make_chunk_plans, named_blocks, param_order
     from memtrain.planner.analyze import analyze
-    from memtrain.planner import catalog
+    from memtrain.cluster import catalog
     from memtrain.cluster.inventory import local_node_spec
     from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier, TrainShape
     from memtrain.planner.search import predicted_process_bytes
     from memtrain.planner.simulate import simulate_step
-    from memtrain.runtime.config import ModelConfig
+    from memtrain.config import ModelConfig
     from memtrain.runtime.process_memory import ProcessPeak, return_large_frees
     from memtrain.runtime.wrapping import wrap
 

@@ -1,20 +1,16 @@
 """Building a chunk store and reading its parameters back: the plan's chunks checked against the
 model, each chunk's memory on its home filled with the parameters, the chunks each block uses;
-the fp32 master parameters gathered by name and loaded (offload.chunks)."""
+the fp32 master parameters gathered by name and loaded. ``store`` is an ``offload.chunks.ChunkStore``
+(not imported: the store imports this module)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from memtrain.offload.chunk_layout import Chunk, ParamSlot
 from memtrain.planner.plan import ChunkPlan, Tier
-
-if TYPE_CHECKING:
-    from memtrain.offload.chunks import ChunkStore
 
 __all__ = ["lay_out", "fill_chunk", "gather_flat", "block_uses", "gather_params", "load_params"]
 
@@ -70,7 +66,7 @@ def gather_flat(chunk: Chunk, out: torch.Tensor) -> None:
         out[s.offset:s.offset + s.numel].copy_(s.param.detach().reshape(-1))
 
 
-def fill_chunk(store: "ChunkStore", c: Chunk) -> None:
+def fill_chunk(store, c: Chunk) -> None:
     """Allocate ``c``'s memory on its home (bytes and owners: docs/memory-accounting.md), copy its
     parameters in (an nvme chunk's go to its files through host staging) and point each
     parameter at the device copy, or at the released placeholder ([Note: released parameters])."""
@@ -120,7 +116,7 @@ def fill_chunk(store: "ChunkStore", c: Chunk) -> None:
         s.param.grad = None
 
 
-def gather_params(store: "ChunkStore") -> dict[str, torch.Tensor]:
+def gather_params(store) -> dict[str, torch.Tensor]:
     """fp32 master parameters by name, on the CPU, whichever tier holds them."""
     out = {}
     for c in store.chunks:
@@ -130,7 +126,7 @@ def gather_params(store: "ChunkStore") -> dict[str, torch.Tensor]:
     return out
 
 
-def load_params(store: "ChunkStore", params: Mapping[str, torch.Tensor]) -> None:
+def load_params(store, params: Mapping[str, torch.Tensor]) -> None:
     """Replace every chunk's master parameters with ``params`` (by name; all of them); a resident
     param buffer is released, so the next use fetches the new values."""
     for c in store.chunks:

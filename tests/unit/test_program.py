@@ -15,7 +15,7 @@ from memtrain.planner.plan import Action, ActPolicy, ChunkPlan, MemoryPolicy, Op
 from memtrain.planner.program import Layout, lower_backward, lower_forward, lower_step
 from memtrain.planner.schedule import engine_program, generate_single_device, lower_chunks, validate
 from memtrain.runtime import wrap
-from memtrain.runtime.config import ModelConfig
+from memtrain.config import ModelConfig
 
 # chunk 0 on the device, 1 on the host, 2 and 3 on NVMe; blocks use (0), (1), (1, 2), (3)
 POLICY = MemoryPolicy(
