@@ -99,7 +99,7 @@ def test_the_contract_lists_name_every_module():
     assert set(CONTRACTS["offload-plan-types"]["forbidden_modules"]) == _children("memtrain.planner") - plan_types
     layers = {m.strip() for layer in CONTRACTS["layers"]["layers"] for m in layer.split("|")}
     assert {f"memtrain.{m}" for m in layers} == _children("memtrain")
-    # No offload → planner import is exempt but the four the engine rewrite removes.
+    # No offload → planner import is exempt but those the engine rewrite removes.
     for contract in ("offload-plan-types", "offload-no-cost"):
         assert set(CONTRACTS[contract].get("ignore_imports", ())) <= ENGINE_REWRITE_IGNORES
     assert all("ignore_imports" not in CONTRACTS[c] for c in ("layers", "acyclic", "ray"))
