@@ -45,7 +45,7 @@ back on the spot (a stall, never a wrong value).
 [Note: bounded NVMe writes] A swap_nvme block's host staging is held from its copy-out until
 its write is waited for, and the writes are waited for in program order: at the end of block
 ``i``'s forward, before its own copy-out, every write of a block ``<= i - writes_in_flight``
-(``planner.simulate.MAX_NVME_SWAP_WRITES_IN_FLIGHT``); the rest at the backward's start. So at
+(the plan's ``MemoryPolicy.swap_writes_in_flight``); the rest at the backward's start. So at
 most ``writes_in_flight`` blocks' staging exist at once whatever the disk's speed; a disk slower
 than the forward stalls the forward rather than piling up host buffers.
 
@@ -73,7 +73,6 @@ from memtrain.offload.ledger import Ledger
 from memtrain.offload.nvme import NvmeStore
 from memtrain.offload.swap import _Kept, _Packed, _Record, _State, act_owner
 from memtrain.planner.plan import ActPolicy
-from memtrain.planner.simulate import MAX_NVME_SWAP_WRITES_IN_FLIGHT
 
 __all__ = ["ActivationManager", "BlockActivations", "ParamResolver", "act_owner"]
 
@@ -124,7 +123,7 @@ class ActivationManager:
         nvme: NvmeStore | None = None,
         param_resolver: ParamResolver | None = None,
         prefetch_depth: int = 1,
-        writes_in_flight: int = MAX_NVME_SWAP_WRITES_IN_FLIGHT,
+        writes_in_flight: int = 1,
     ) -> None:
         self.policies: dict[str, ActPolicy] = {}
         for name, p in policies.items():

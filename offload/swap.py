@@ -303,7 +303,7 @@ class _Record:
         """Wait for the copy-out and the NVMe write; then the host staging goes.
 
         [Note: bounded NVMe writes] Only the training thread ends a write's window, at the
-        points ``planner.simulate.MAX_NVME_SWAP_WRITES_IN_FLIGHT`` names (the activation
+        points ``MemoryPolicy.swap_writes_in_flight`` names (the activation
         manager calls this there), never a completion callback: so the host staging held at any
         moment is the same on a fast and a slow disk, and a slow disk stalls the forward instead
         of piling up staging buffers.

@@ -151,6 +151,12 @@ class ChunkPlan:
     streamed from NVMe through host)."""
 
 
+DEFAULT_SWAP_IN_AHEAD = 1
+"""``MemoryPolicy.swap_in_ahead``'s default."""
+DEFAULT_SWAP_WRITES_IN_FLIGHT = 1
+"""``MemoryPolicy.swap_writes_in_flight``'s default."""
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class MemoryPolicy:
     chunk_size_elems: int
@@ -167,10 +173,27 @@ class MemoryPolicy:
     of the last backward (read, updated, written back); the training thread waits for the oldest
     write-back when this many are staged (planner.simulate [Note: early optimizer step]). More
     keeps more reads and writes in flight, for host memory (the search uses what it has spare)."""
+    swap_in_ahead: int = DEFAULT_SWAP_IN_AHEAD
+    """[Note: swap-in lookahead] When block j's backward is about to start, the swapped activations
+    of block j and of this many blocks below it are brought back (host -> device copy, or NVMe
+    read then copy), so block j-1's copy overlaps block j's backward. The activation manager
+    takes it as its ``prefetch_depth``; the simulator issues its swap-ins at the same boundaries
+    (docs/memory-accounting.md, "Activations")."""
+    swap_writes_in_flight: int = DEFAULT_SWAP_WRITES_IN_FLIGHT
+    """[Note: bounded NVMe writes] A swap_nvme block's activations wait in host staging until their
+    NVMe write is waited for, and the training thread waits in program order: at the end of block
+    i's forward, before block i's own copy-out, for the writes of every block <= i - this; the
+    writes left when the forward ends at the backward's start. So at most this many blocks'
+    staging exist at once on any disk (a slow one stalls the forward instead), and the host peak
+    is the same on a fast and a slow disk. The activation manager takes it as its
+    ``writes_in_flight``; the simulator waits at the same points."""
 
     def __post_init__(self) -> None:
-        if self.optim_staged_chunks < 1:
-            raise ValueError(f"memory.optim_staged_chunks: must be >= 1, got {self.optim_staged_chunks}")
+        for name in ("optim_staged_chunks", "swap_writes_in_flight"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"memory.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.swap_in_ahead < 0:
+            raise ValueError(f"memory.swap_in_ahead: must be >= 0, got {self.swap_in_ahead}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
 from memtrain.planner import cost
-from memtrain.planner.plan import ActPolicy, MemoryPolicy, TimelineEvent, Tier, TrainShape
+from memtrain.planner.plan import (
+    DEFAULT_SWAP_IN_AHEAD, DEFAULT_SWAP_WRITES_IN_FLIGHT, ActPolicy, MemoryPolicy, TimelineEvent, Tier, TrainShape,
+)
 from memtrain.planner.stats import DType, ModelStats
 from memtrain.planner.taskgraph import STREAMS, GraphResult, TaskGraph, simulate_graph
 
@@ -24,21 +26,10 @@ __all__ = [
 ]
 
 
-SWAP_IN_BLOCKS_AHEAD = 1
-"""[Note: swap-in lookahead] When block j's backward is about to start, the swapped activations
-of block j and of the ``SWAP_IN_BLOCKS_AHEAD`` blocks below it are brought back (host -> device
-copy, or NVMe read then copy), so block j-1's copy overlaps block j's backward. The runtime's
-activation manager takes this constant as its ``prefetch_depth``; the simulator issues its
-swap-ins at the same boundaries (docs/memory-accounting.md, "Activations")."""
-MAX_NVME_SWAP_WRITES_IN_FLIGHT = 1
-"""[Note: bounded NVMe writes] A swap_nvme block's activations wait in host staging until their
-NVMe write is waited for, and the training thread waits in program order: at the end of block
-i's forward, before block i's own copy-out, for the writes of every block <= i -
-``MAX_NVME_SWAP_WRITES_IN_FLIGHT``; the writes left when the forward ends at the backward's
-start. So at most this many blocks' staging exist at once on any disk (a slow one stalls the
-forward instead), and the host peak is the same on a fast and a slow disk. The activation
-manager takes it as its ``writes_in_flight``; the simulator waits at the same points
-(docs/memory-accounting.md, "Activations")."""
+SWAP_IN_BLOCKS_AHEAD = DEFAULT_SWAP_IN_AHEAD
+"""The default of ``MemoryPolicy.swap_in_ahead`` ([Note: swap-in lookahead])."""
+MAX_NVME_SWAP_WRITES_IN_FLIGHT = DEFAULT_SWAP_WRITES_IN_FLIGHT
+"""The default of ``MemoryPolicy.swap_writes_in_flight`` ([Note: bounded NVMe writes])."""
 NVME_OPTIM_STAGED_CHUNKS = 3
 """The default of ``MemoryPolicy.optim_staged_chunks``. [Note: early optimizer step] During the last micro-batch's backward, a host- or nvme-home
 chunk's optimizer update starts when its gradients are complete (its grad buffer was added into
@@ -356,8 +347,8 @@ class _StepBuilder:
         on_f = frees if not (swaps and self.copy_out == "compute") else []
         g.add(f"F{m}:{j}", "compute", self.fwd[j], deps=deps, alloc_end=[(dev, owner, held)], free_end=on_f, tag=m)
         # [Note: bounded NVMe writes] before this block stages anything, the writes of the blocks
-        # MAX_NVME_SWAP_WRITES_IN_FLIGHT or more below it are waited for, on the training thread.
-        self._wait_writes(m, upto=j - MAX_NVME_SWAP_WRITES_IN_FLIGHT)
+        # policy.swap_writes_in_flight or more below it are waited for, on the training thread.
+        self._wait_writes(m, upto=j - self.policy.swap_writes_in_flight)
         if swaps:
             a = b.activation_bytes
             file = [(nvm, owner, cost.nvme_file_bytes(a))] if pol is ActPolicy.SWAP_NVME else []
@@ -380,7 +371,7 @@ class _StepBuilder:
                        free_end=[(Tier.HOST.value, f"act:{b.name}:{m}", b.activation_bytes)], tag=m)
 
     def _bring_back(self, m: int, k: int) -> None:
-        """The activation manager brings block ``k``'s swapped activations back (see SWAP_IN_BLOCKS_AHEAD)."""
+        """The activation manager brings block ``k``'s swapped activations back (see MemoryPolicy.swap_in_ahead)."""
         g, b, pol = self.g, self.s.blocks[k], self.policy.activations[k]
         if pol not in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME) or k in self.swap_in or k in self.disk_read:
             return
@@ -420,7 +411,7 @@ class _StepBuilder:
             self._wait_writes(m, upto=j)
         self._bring_back(m, j)
         self._claim(m, j)
-        for k in range(j - 1, j - SWAP_IN_BLOCKS_AHEAD - 1, -1):
+        for k in range(j - 1, j - self.policy.swap_in_ahead - 1, -1):
             if k >= 0:
                 self._bring_back(m, k)
         need = self.uses[j]
@@ -653,8 +644,8 @@ def simulate_step(
     buffer is released after the last block of a run of consecutive blocks using the chunk (in
     backward: as soon as the chunk's gradients are complete). nvme chunks come disk -> host
     staging -> device, the copy out of staging when the block needs it. Activations follow the
-    block's policy; swap-ins follow ``SWAP_IN_BLOCKS_AHEAD``, NVMe swap writes
-    ``MAX_NVME_SWAP_WRITES_IN_FLIGHT``. A chunk's grad buffer is taken at
+    block's policy; swap-ins follow ``policy.swap_in_ahead``, NVMe swap writes
+    ``policy.swap_writes_in_flight``. A chunk's grad buffer is taken at
     its first backward use and added into the host accumulator when its gradients are complete.
     In the last micro-batch each host/NVMe chunk's update starts when its gradients are flushed
     ([Note: early optimizer step]); after the backward the device chunks step and the early

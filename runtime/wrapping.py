@@ -26,7 +26,6 @@ from memtrain.offload.chunks import ChunkStore, named_blocks
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.optim import OffloadedOptimizer, OptimizerSpec
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, Plan, Tier
-from memtrain.planner.simulate import SWAP_IN_BLOCKS_AHEAD
 from memtrain.planner.stats import DType
 from memtrain.units import show
 from memtrain.config import MemoryConfig, section_from_dict
@@ -158,7 +157,7 @@ def planner_plan(
     return plan
 
 
-def _activation_manager(policies, blocks, store, device_ledger, host_ledger, nvme, depth, use):
+def _activation_manager(policies, blocks, store, device_ledger, host_ledger, nvme, policy: MemoryPolicy, use):
     """The activation manager (offload.activations) when present; required for non-keep policies."""
     try:
         from memtrain.offload.activations import ActivationManager
@@ -171,7 +170,8 @@ def _activation_manager(policies, blocks, store, device_ledger, host_ledger, nvm
     if ActivationManager is None:
         raise UserError("activation manager requested but memtrain.offload.activations is not available")
     manager = ActivationManager(policies=policies, device_ledger=device_ledger, host_ledger=host_ledger, nvme=nvme,
-                                param_resolver=store, prefetch_depth=depth)
+                                param_resolver=store, prefetch_depth=policy.swap_in_ahead,
+                                writes_in_flight=policy.swap_writes_in_flight)
     manager.wrap_blocks(blocks)
     return manager
 
@@ -255,9 +255,8 @@ def wrap(
         opt = OffloadedOptimizer(store, spec, staged_chunks=policy.optim_staged_chunks,
                                  **({} if host_kernel is None else {"host_kernel": host_kernel}))
         policies = {name: ActPolicy(p) for (name, _), p in zip(named, policy.activations)}
-        # Activation swap-ins run SWAP_IN_BLOCKS_AHEAD blocks ahead, as the simulator models them.
-        acts = _activation_manager(policies, named, store, device_ledger, host_ledger, nvme, SWAP_IN_BLOCKS_AHEAD,
-                                   activation_manager)
+        # Swap-ins run policy.swap_in_ahead blocks ahead and NVMe swap writes wait as the plan says.
+        acts = _activation_manager(policies, named, store, device_ledger, host_ledger, nvme, policy, activation_manager)
     except BaseException:
         if nvme is not None:
             nvme.close()
