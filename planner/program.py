@@ -29,6 +29,7 @@ come, ``lower_step`` strings a whole step of ``train_step`` together.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -69,10 +70,10 @@ class Layout:
 
     def complete_at(self, c: int) -> int:
         """The block whose backward completes chunk ``c``'s gradients: the first block using it."""
-        return min(q for q, u in enumerate(self.uses) if c in u)
+        return _index(self)[1][c]
 
     def off_uses(self, pos: int) -> tuple[int, ...]:
-        return tuple(c for c in self.uses[pos] if c in self.off)
+        return _index(self)[0][pos]
 
     def within_window(self, c: int, upcoming: Iterable[int]) -> bool:
         """Whether ``c`` is among the first ``prefetch_depth`` distinct off-device chunks the blocks
@@ -88,6 +89,17 @@ class Layout:
                     if len(seen) >= self.prefetch_depth:
                         return False
         return False
+
+
+@functools.lru_cache(maxsize=64)
+def _index(layout: Layout) -> tuple[tuple[tuple[int, ...], ...], dict[int, int]]:
+    """Per block its off-device chunks; per chunk the first block using it."""
+    off_uses = tuple(tuple(c for c in u if c in layout.off) for u in layout.uses)
+    first: dict[int, int] = {}
+    for q, u in enumerate(layout.uses):
+        for c in u:
+            first.setdefault(c, q)
+    return off_uses, first
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +188,7 @@ def lower_backward(layout: Layout, mb: int, resident: Sequence[int], *, next_for
 
     for pos in range(n - 1, -1, -1):
         low.block(Op.B, pos, after(pos - 1))
-        done = sorted((c for c in layout.off if layout.complete_at(c) == pos), reverse=True)
+        done = sorted((c for c in layout.off_uses(pos) if layout.complete_at(c) == pos), reverse=True)
         for c in done:
             handed = hand_off and c in layout.nvme
             stays = (next_forward and c in layout.uses[0]) or (not handed and layout.within_window(c, after(pos - 1)))

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
 from memtrain.planner import cost
 from memtrain.planner.plan import (
-    DEFAULT_SWAP_IN_AHEAD, DEFAULT_SWAP_WRITES_IN_FLIGHT, ActPolicy, MemoryPolicy, TimelineEvent, Tier, TrainShape,
+    DEFAULT_SWAP_IN_AHEAD, DEFAULT_SWAP_WRITES_IN_FLIGHT, ActPolicy, MemoryPolicy, Op, TimelineEvent, Tier, TrainShape,
 )
 from memtrain.planner.stats import DType, ModelStats
+from memtrain.planner.program import Layout, lower_step
 from memtrain.planner.taskgraph import STREAMS, GraphResult, TaskGraph, simulate_graph
 
 __all__ = [
@@ -165,6 +166,20 @@ class _StepBuilder:
         self.ahead_order = cost.read_ahead_order(self.uses, nvme_early)
         self.ahead: dict[int, int] = {}  # chunk -> its states read ahead
         self.stepped: set[int] = set()  # nvme chunks queued for their early update
+        # The step's program (planner.program), which the engine runs: per pass and block, the
+        # chunks fetched before the block and released after it.
+        hand_off = self.early and DType(train.dtype) is DType.FP32
+        self.fetch_at: dict[tuple[int, str, int], list[int]] = defaultdict(list)
+        self.release_at: dict[tuple[int, str, int], list[int]] = defaultdict(list)
+        pending: list[int] = []
+        for a in lower_step(Layout.of(policy, self.uses), num_microbatches, hand_off=hand_off):
+            if a.op is Op.PREFETCH:
+                pending.append(a.chunk)
+            elif a.op in (Op.F, Op.B) and a.block is not None:
+                where = (a.microbatch, a.op.value, a.block)
+                self.fetch_at[where], pending = pending, []
+            elif a.op is Op.OFFLOAD:
+                self.release_at[where].append(a.chunk)
         need = max((len(cs) for cs in self.uses), default=0)
         if need > policy.prefetch_depth:
             raise ValueError(
@@ -211,32 +226,6 @@ class _StepBuilder:
             ready = self.res[c] = self.g.add(f"PREFETCH{m}@c{c}:{'FB'[p]}", self.copy_in, self.h2d_s[c],
                                              deps=(self.reads.pop(c),), free_end=(self._staging(c),), tag=m)
         return ready
-
-    def _prefetch_list(self, blocks) -> list[int]:
-        """Chunks the runtime starts after a block's own: ahead in the pass's block order while
-        fewer than ``prefetch_depth`` param buffers exist (none at depth 1)."""
-        depth = self.policy.prefetch_depth
-        out: list[int] = []
-        if depth <= 1:
-            return out
-        count = len(self.res)
-        for q in blocks:
-            for c in self.uses[q]:
-                if count >= depth:
-                    return out
-                if c not in self.res and c not in out:
-                    out.append(c)
-                    count += 1
-        return out
-
-    def _bwd_upcoming(self, m: int, j: int) -> tuple[int, ...]:
-        """Blocks used from backward position ``j`` down, then the next micro-batch's forward."""
-        down = tuple(range(j, -1, -1))
-        return down + tuple(range(len(self.s.blocks))) if m < self.n - 1 else down
-
-    def _kept(self, c: int, upcoming) -> bool:
-        """offload.chunks [Note: kept within the prefetch window]."""
-        return cost.within_prefetch_window(c, upcoming, self.uses, self.policy.prefetch_depth)
 
     def _release(self, chunks) -> list:
         frees = []
@@ -334,14 +323,11 @@ class _StepBuilder:
         dev, hst, nvm = Tier.DEVICE.value, Tier.HOST.value, Tier.NVME.value
         owner = f"act:{b.name}:{m}"  # the runtime's act_owner
         need = self.uses[j]
-        self._start(m, 0, need)
+        fetch = self.fetch_at[(m, "F", j)]  # the program's fetches: the block's own, then ahead
+        self._start(m, 0, [c for c in fetch if c in need])
         deps = [self._ensure(m, 0, c) for c in need]
-        self._start(m, 0, self._prefetch_list(range(j + 1, len(self.s.blocks))))
-        # offload.chunks [Note: across pass ends]: the last block's chunks stay for the backward
-        L = len(self.s.blocks)
-        nxt = set(self.uses[j + 1]) if j + 1 < L else set(need)
-        upcoming = (*range(j + 1, L), *range(L - 1, -1, -1))
-        frees = self._release([c for c in need if c not in nxt and not self._kept(c, upcoming)])  # post-forward
+        self._start(m, 0, [c for c in fetch if c not in need])
+        frees = self._release(self.release_at[(m, "F", j)])  # post-forward
         held = b.input_bytes if pol is ActPolicy.RECOMPUTE else b.activation_bytes
         swaps = pol in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME)
         on_f = frees if not (swaps and self.copy_out == "compute") else []
@@ -415,18 +401,17 @@ class _StepBuilder:
             if k >= 0:
                 self._bring_back(m, k)
         need = self.uses[j]
-        if j + 1 < len(s.blocks):  # chunks of the block above whose gradients are not complete yet
-            frees = self._release([c for c in self.uses[j + 1] if c not in need and not self._kept(c, self._bwd_upcoming(m, j))])
+        if j + 1 < len(s.blocks):  # the block above's releases after its backward (not at its gradients)
+            above = set(self.flush_at.get(j + 1, []))
+            frees = self._release([c for c in self.release_at[(m, "B", j + 1)] if c not in above])
             if frees:
                 g.add(f"release{m}:{j + 1}", "compute", 0.0, free_end=frees, tag=m)
-        self._start(m, 1, need)
+        fetch = self.fetch_at[(m, "B", j)]  # the program's fetches: the block's own, then ahead
+        self._start(m, 1, [c for c in fetch if c in need])
         deps = [self._ensure(m, 1, c) for c in need]
         grads = [(dev, f"buffer:grad:{c}", cost.grad_buffer_bytes(self.chunks[c].num_elems, dt))
                  for c in need if self.grad_at[c] == j]
-        ahead = list(range(j - 1, -1, -1))
-        if m < self.n - 1:  # [Note: across pass ends] on into the next micro-batch's forward
-            ahead += range(len(s.blocks))
-        self._start(m, 1, self._prefetch_list(ahead), extra=grads)
+        self._start(m, 1, [c for c in fetch if c not in need], extra=grads)
         self._read_ahead(m)
         if j in self.swap_in:
             deps.append(self.swap_in[j])
@@ -435,8 +420,7 @@ class _StepBuilder:
             deps = []
         held = b.activation_bytes + (b.input_bytes if pol is ActPolicy.RECOMPUTE else 0)
         done = self.flush_at.get(j, [])  # gradients complete in this block: flush and release
-        keep = j == 0 and m < self.n - 1  # block 0's chunks stay for the next forward
-        gone = [] if keep else [c for c in done if not self._kept(c, self._bwd_upcoming(m, j - 1))]
+        gone = [c for c in self.release_at[(m, "B", j)] if c in done]
         bt = g.add(f"B{m}:{j}", "compute", self.bwd[j], deps=deps,
                    free_end=[(dev, owner, held)] + self._release(gone), tag=m)
         for c in done:
