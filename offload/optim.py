@@ -226,17 +226,18 @@ class OffloadedOptimizer:
         """Nvme chunks holding host staging: read ahead, being updated or written back, carried."""
         return len(self._ahead) + len(self._writing) + len(self._behind)
 
-    # [Note: carried write-backs released lazily] A carried write-back ([Note: write-backs across
-    # the step end]) holds its staging until the training thread waits for it, which it does only
-    # when a staging slot is needed (``read_ahead`` and ``step_early`` take the oldest carried
-    # write-back's before waiting for this step's own) or when the chunk's next update is queued
-    # (``step_early``, first; ``step()`` before it streams the chunks that had no early update: a
-    # staging left behind then would hold the old parameters, and the next fetch would copy
-    # them). Until then its chunk's fetches, in the first backward too, copy from that staging;
-    # waiting for them all at the next backward's start stalled it behind writes still running.
-    # These are points of the program, so the simulator mirrors them (planner.simulate
-    # ``_release_carried``); ``planner.bounds.stream_work_s``, which cannot tell how long a
-    # write-back stays, counts no disk read for those chunks' fetches (a lower bound).
+    # [Note: carried write-backs released lazily] A write-back carried into the next step
+    # ([Note: write-backs across the step end]) holds its staging until the training thread
+    # waits for it, which it does only when a staging slot is needed (``read_ahead`` and
+    # ``step_early`` take the oldest carried write-back's before waiting for this step's own) or
+    # when the chunk's next update is queued (``step_early``, first; ``step()`` before it streams
+    # the chunks that had no early update: a staging left behind then would hold the old
+    # parameters, and the next fetch would copy them). Until then its chunk's fetches, in the
+    # first backward too, copy from that staging; waiting for them all at the next backward's
+    # start would stall it behind writes still running. These are points of the program, so the
+    # simulator mirrors them (planner.simulate ``_release_carried``); ``planner.bounds.stream_work_s``,
+    # which cannot tell how long a write-back stays, counts no disk read for those chunks'
+    # fetches (a lower bound).
 
     def _release_carried(self, index: int | None = None) -> bool:
         """[Note: carried write-backs released lazily] Wait for chunk ``index``'s carried

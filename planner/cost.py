@@ -207,8 +207,8 @@ def optimizer_bytes_touched(num_elems: int, dtype: DType | str, optimizer: Optim
 
 def device_optimizer_time_s(num_elems: int, dtype: DType | str, optimizer: Optimizer | str, device: DeviceSpec) -> float:
     """Bytes touched / device memory bandwidth (memory-bound step, see optimizer_bytes_touched),
-    for the unfused kernel the runtime steps device chunks with (memtrain.optimizers [Note: unfused
-    optimizer])."""
+    for the unfused kernel the runtime steps device chunks with (memtrain.optimizers
+    [Note: unfused optimizer])."""
     if num_elems <= 0:
         return 0.0
     return optimizer_bytes_touched(num_elems, dtype, optimizer, fused=False) / (device.memory_bw_gbps * 1e9)
