@@ -24,6 +24,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
+from memtrain.optimizers import ADAMW
 
 __all__ = [
     "KNOWN_DEVICES", "DEVICE_ALIASES", "DEFAULT_HOST_NUM_CPUS", "DEFAULT_HOST_MEMORY_BYTES",
@@ -262,11 +263,11 @@ def generic_gpu_spec(
 def adamw_bytes_per_param(*, mixed: bool = False) -> int:
     """Bytes of host memory traffic of one CPU AdamW update of one parameter.
 
-    Reads fp32 param, grad, m, v (16 B) and writes param, m, v (12 B); in mixed precision it
-    also writes the 2-byte compute copy (Ren et al. 2021, ZeRO-Offload, Sec. 5.1: the fp16
-    parameter copy is produced by the CPU step).
+    Reads fp32 param, grad, m, v (16 B) and writes param, m, v (12 B: the descriptor's
+    ``fused_bytes_per_elem``); in mixed precision it also writes the 2-byte compute copy (Ren et
+    al. 2021, ZeRO-Offload, Sec. 5.1: the fp16 parameter copy is produced by the CPU step).
     """
-    return 28 + (2 if mixed else 0)
+    return ADAMW.fused_bytes_per_elem + (2 if mixed else 0)
 
 
 def default_host_spec(

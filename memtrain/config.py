@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, NewType
 
 from memtrain.errors import UserError
+from memtrain.optimizers import OptimizerSpec, lookup
 from memtrain.units import parse_bytes, show
 
 __all__ = [
@@ -146,24 +147,29 @@ class DataConfig:
         _check_int("data.seed", self.seed, 0, MAX_SEED)
 
 
+_OPTIMIZER = OptimizerSpec()  # the defaults: torch's (memtrain.optimizers, docs/optimizer.md)
+
+
 @dataclass(kw_only=True, slots=True)
 class OptimizerConfig:
-    name: str = "adamw"
-    """``adamw`` or ``sgd``."""
-    lr: float = 3e-4
+    """The optimizer's hyper-parameters; the defaults are torch's, as in ``wrap()``."""
+
+    name: str = _OPTIMIZER.name
+    """``adamw`` or ``sgd``; every other key defaults to torch's value (docs/wrap.md, "Optimizer")."""
+    lr: float = _OPTIMIZER.lr
     """Peak learning rate."""
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = _OPTIMIZER.betas
     """AdamW coefficients of the running averages of the gradient and its square."""
-    eps: float = 1e-8
+    eps: float = _OPTIMIZER.eps
     """AdamW term added to the denominator."""
-    weight_decay: float = 0.1
-    """Decoupled weight decay (Loshchilov & Hutter 2019)."""
-    momentum: float = 0.9
-    """For ``sgd``."""
+    weight_decay: float | None = _OPTIMIZER.weight_decay
+    """Weight decay; unset: the optimizer's default (adamw 0.01, decoupled, Loshchilov & Hutter
+    2019; sgd 0, L2)."""
+    momentum: float = _OPTIMIZER.momentum
+    """For ``sgd`` (0: no momentum buffer)."""
 
     def __post_init__(self) -> None:
-        if self.name not in ("adamw", "sgd"):
-            raise ConfigError(f"train.optimizer.name: must be 'adamw' or 'sgd', got {show(self.name)}")
+        lookup(self.name, "train.optimizer.name", error=ConfigError)
         _positive("train.optimizer.lr", self.lr)
         if not isinstance(self.betas, tuple) or len(self.betas) != 2:
             raise ConfigError(f"train.optimizer.betas: two numbers in [0, 1), got {show(self.betas)}")
@@ -172,6 +178,11 @@ class OptimizerConfig:
         _positive("train.optimizer.eps", self.eps)
         _check_number("train.optimizer.weight_decay", self.weight_decay, "a finite number >= 0", lambda v: v >= 0)
         _fraction("train.optimizer.momentum", self.momentum)
+
+    def spec(self) -> OptimizerSpec:
+        """These hyper-parameters as ``wrap()`` takes them."""
+        return OptimizerSpec(name=self.name, lr=self.lr, betas=tuple(self.betas), eps=self.eps,
+                             weight_decay=self.weight_decay, momentum=self.momentum)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -2,12 +2,11 @@
 
 ``NvmeStore`` moves two kinds of traffic over one disk: parameter fetches and activation reads
 that the compute is about to wait for, and optimizer-state reads and write-backs that only have
-to finish before the step ends. With a FIFO pool a fetch queued behind a chunk's three state
-files waits for all of them (measured on the 100m all-NVMe step: 0.72 s of the last backward
-spent blocked on fetches queued behind optimizer I/O). ``KeyedPool`` runs the lowest priority
-number first, in submission order within a priority: with the pool's threads busy, a fetch
-waits at most for the operations already running, not for every one queued before it (0.72 s
-became 0.34 s on that step).
+to finish before the step ends. With a FIFO pool a fetch queued behind a chunk's state files
+waits for all of them, and the backward with it. ``KeyedPool`` runs the lowest priority number
+first, in submission order within a priority: with the pool's threads busy, a fetch waits at
+most for the operations already running, not for every one queued before it (docs/nvme.md has
+the measurements).
 
 [Note: per-key order] Operations on one key run one at a time, in submission order, whatever
 their priorities: a read after a write must see that write. A key's next operation enters the

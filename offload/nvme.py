@@ -19,9 +19,8 @@ Contract
   (optimizer-state traffic); operations on the same key run in the order they were submitted,
   whatever their priorities (a read after a write sees that write; a rewrite of a key after an
   in-place update replaces it atomically; memtrain.offload.io_queue). ``flush()`` waits for all.
-  ``num_threads`` defaults to 8: on the 100m all-NVMe step (bench/offload_io.py, paired runs on
-  a virtio disk) 8 threads gave steps of 3.08-3.20 s against 3.39-3.58 s with 4, the fetches
-  having more reads in flight beside the optimizer's.
+  ``num_threads`` defaults to 8, so the fetches have reads in flight beside the optimizer's
+  (docs/nvme.md).
 - Source tensors must be CPU, contiguous, and left unchanged until the write's future is done;
   nothing is copied at submit time, so no untracked host memory appears behind the ledger.
   Tensors from ``aligned_empty`` (or pinned) move under O_DIRECT with no bounce copy at all

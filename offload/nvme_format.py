@@ -16,16 +16,16 @@ between the disk and the tensor, and only the last partial block is bounced (see
 payload]). The last block is zero-padded on write; the header's payload length says where the
 data ends.
 
-[Note: zero-copy payload] Copying a 28 MiB chunk through the bounce buffer costs as much CPU as
-the disk transfer itself on a busy host (memcpy measured at ~2.4 GB/s on 2 shared cores, the
-O_DIRECT read at ~2.8 GB/s), and on a CPU-only machine that CPU is taken from the compute the I/O
-should overlap. So an aligned tensor is read into and written from directly; the checksum is
-still computed over the same bytes, in the I/O thread.
+[Note: zero-copy payload] Copying a chunk through the bounce buffer costs about as much CPU as
+the disk transfer itself on a busy host, and on a CPU-only machine that CPU is taken from the
+compute the I/O should overlap. So an aligned tensor is read into and written from directly;
+the checksum is still computed over the same bytes, in the I/O thread.
 
-[Note: checksum] CRC-32 (the zlib polynomial) over the stored payload: ``zlib.crc32`` runs at
-~6 GiB/s on one core here and releases the GIL, against ~1.2 GiB/s for blake2b; when the
-optional ``isal`` package is installed its ``crc32`` (same values, ~30 GiB/s) is used instead.
-It detects corruption, which is all that is asked of it (it is no defence against tampering).
+[Note: checksum] CRC-32 (the zlib polynomial) over the stored payload: ``zlib.crc32`` is several
+times faster than a cryptographic hash such as blake2b and releases the GIL; when the ``isal``
+package is installed its ``crc32`` (same values, faster still) is used instead. It detects
+corruption, which is all that is asked of it (it is no defence against tampering). docs/nvme.md
+has the figures.
 """
 
 from __future__ import annotations

@@ -1,141 +1,30 @@
-"""The offloaded optimizer: AdamW and SGD stepping each chunk where its states live.
+"""The offloaded optimizer: every chunk stepped where its states live, by its optimizer's kernels.
 
 A chunk's home (``ChunkPlan.home``) decides where its step runs (ZeRO-Offload, Ren et al. 2021,
-Sec. 4: the optimizer step follows the optimizer states):
-
-- device: on the device, over the chunk's flat tensors;
-- host: a vectorised CPU step over the flat fp32 master, gradient accumulator and states;
-- nvme: streamed — master and states of chunk i+1 are read from disk while chunk i is stepped on
-  the host, and chunk i is written back asynchronously (the step overlaps disk I/O).
-
-[Note: early optimizer step] As in ZeRO-Offload (Ren et al. 2021), a chunk's CPU update starts as
-soon as its gradients are complete, so the update and its NVMe traffic overlap the rest of the
-backward. Here: during the last
-micro-batch's backward, the chunk store reports each host- or nvme-home chunk whose gradients
-were just added into its accumulator (``ChunkStore.on_grads_final``); ``step_early`` queues its
-update on one background thread (one thread: chunks update in the order they complete, the
-same kernels on the same buffers, so results are bitwise those of ``step()``). An nvme chunk's
-states are read into host staging at that point of the training thread, and the training
-thread frees each staging when it waits for its write-back, before staging another chunk once
-``staged_chunks`` exist (so host windows begin and end at points of the program, as
-docs/memory-accounting.md rules). ``step()`` then steps the chunks not stepped early
-(device-home ones, and any chunk whose gradients were not reported) and waits for the rest.
-fp16 loss scaling needs every gradient before deciding to skip or unscale, so the engine does not
-step early under it.
-
-[Note: where early updates run] On a GPU the updates run on a background thread, overlapping the
-device's compute. When the device is the CPU itself its compute and the updates share the same
-cores, and a second thread running torch kernels costs more than the overlap gains: measured on
-2 cores (torch 2.13, OpenMP backend), a live thread that has run torch kernels, even with one
-intra-op thread, slows the training thread's own kernels (a 128x256 @ 256x768 matmul from
-0.34 ms to 0.55-0.62 ms) for as long as that thread exists, and the tiny GPT with host-home chunks
-(``bench/plan_accuracy.py``'s ``tiny/host-d2``) took 29 ms per step with the update thread against
-12-16 ms with the updates on the training thread. So on a CPU device (``inline``) a host chunk's
-update runs on the training thread where ``step_early`` is called; an nvme chunk's states read
-is started there (on the NVMe store's I/O threads, which run no torch kernels) and its update
-runs at the next ``step_early`` call, after the next chunk's read is started, or in ``step()``
-(one chunk of lag, so the read overlaps a block's backward), with its write-back then
-submitted. On a GPU the thread lives from the step's first early update to the end of ``step()``,
-so the training thread's kernels outside that window never share the cores with it.
-
-[Note: states read ahead] The early updates' states reads would all fall in the last backward,
-which already carries every write-back, while the disk idles in the compute-bound backwards before
-it. So at each backward block's start of the step (after the block's own fetches are queued) the
-store calls ``read_ahead``, which starts reading one more nvme chunk's states into host staging,
-background priority, while fewer than ``planner.cost.optim_read_ahead_slots(staged_chunks)``
-(``staged_chunks`` less ``OPTIM_ROLLING_STAGINGS``) are read ahead and fewer than
-``staged_chunks`` are staged in all. The chunks go in the order of their first forward use,
-the reverse of the order their gradients complete: the last updates, which nothing is left to
-overlap, get their states first, and the first ones still stream with the rolling slots.
-``step_early`` then adds only the master. The simulator reads ahead at the same points
-(planner.simulate ``_read_ahead``). Measured on the 100m all-NVMe step (12 staged, depth 6, a
-scratch A/B of consecutive steps): 2.88 s without, 2.59 s with.
-
-[Note: write-backs across the step end] After the last update the step still had to wait for the
-write-backs of the last ``staged_chunks`` chunks, a tail of writes with nothing else on the disk.
-``step()`` now waits for the updates only; the write-backs run on into the next step, overlapping
-its fetches (the store runs a read after a write of the same key, so any read sees the new file;
-a fetch of those chunks copies from the staging instead: [Note: fetch from a write-back]), and
-are waited for as [Note: carried write-backs released lazily] says. Anything that reads or
-replaces states (``Engine.state_dict``, ``load_state_dict``, ``close``) waits for all of them
-first (``flush()``). The simulator's step begins with those writes (the same chunks every step;
-planner.simulate ``_carry_in``). The 100m step above: 2.59 s, then 2.45 s with both.
-
-[Note: carried write-backs released lazily] A carried write-back holds its staging until the
-training thread waits for it, which it does only when a staging slot is needed (``read_ahead``
-and ``step_early`` take the oldest carried write-back's before waiting for this step's own) or
-when the chunk's next update is queued (``step_early``, first; ``step()`` before it streams the
-chunks that had no early update: a staging left behind then would hold the old parameters, and
-the next fetch would copy them). Until then its chunk's fetches,
-in the first backward too, copy from that staging. These are points of the program, so the
-simulator mirrors them (planner.simulate ``_release_carried``); ``planner.bounds.stream_work_s``,
-which cannot tell how long a write-back stays, counts no disk read for those chunks' fetches (a
-lower bound). First they were all waited for at the next backward's start, which stalled it
-behind writes still running. The 100m all-NVMe step (a scratch A/B of consecutive steps, 12
-staged, alternating rounds): depth 3, 2.10 s then 1.97 s (faster in all 5 rounds); depth 6,
-2.00 s then 1.89 s (4 of 5).
-
-[Note: fetch from a write-back] The carried write-backs are of the last updates, the chunks the
-next forward fetches first, and a read of a file waits for its write (per-key order): the forward
-stood behind the writes and then read back bytes still in host memory. So while a write-back is
-carried, ``fetch_carried`` (the store's ``fetch_carried`` hook, asked at each nvme fetch) fills the param
-buffer from the write-back's staging (``compute`` under mixed precision, else ``master``): a memcpy
-on a CPU device, an h2d copy on CUDA. The copy takes no staging of its own, and the write-back
-waits for it before freeing its staging. The simulator does the same for fetches of the chunks
-of ``planner.cost.carried_write_backs`` not yet released (planner.simulate ``_start``). The 100m all-NVMe step
-above (a scratch A/B of consecutive steps, 12 staged, depth 6): 2.62 s without, 2.40 s with,
-and 0.39 GB less read per step.
-
-[Note: rewrite window] Rewriting a file holds its old and new copy on disk until the rename, a
-window that depends on the disk's timing. For an early update the second copy of the chunk's files
-is reserved on the NVMe ledger when the update is queued and freed when the training thread waits
-for the write-back (the writes take no reservation of their own), so the ledger's peak is a point
-of the program, the one the simulator books (planner.simulate ``_rewrite``), and an upper bound of
-what the disk holds.
-
-[Note: master from the param buffer] Without mixed precision the param buffer an nvme chunk was
-fetched into for the backward holds exactly its fp32 master (read from the ``master`` file, never
-written since). When the chunk's gradients are complete the store hands that buffer to
-``step_early`` before releasing it, so the update reads only the states from disk: one read of
-``4·N`` bytes less per chunk and step (the 100m all-NVMe step: 0.36 GB of 4.1 GB). On a CPU
-device the buffer itself becomes the master's staging (zero-copy: the device ledger frees it as the
-host ledger takes it, as the simulator books it); on CUDA it is copied into host staging first.
-
-The update rules are torch's own functional kernels (``torch.optim.adam.adam`` with decoupled
-weight decay, i.e. AdamW; and the same arithmetic as ``torch.optim.sgd``'s single-tensor path),
-applied to flat buffers. Elementwise arithmetic on a flat buffer is the arithmetic on each
-parameter, so results equal ``torch.optim.AdamW``/``SGD`` on the model's parameters bitwise with
-the ``single``/``foreach`` kernels; the ``fused`` CPU kernel orders the AdamW arithmetic
-differently (measured: max |Δparam| ≈ 1.2e-7 after 5 steps, see ``measure_host_adamw``).
-
-[Note: host kernel choice] On a 64M-element flat chunk, 2 shared CPU cores, torch 2.13:
-single-tensor 0.213 s, foreach 0.154 s, fused 0.032 s (``measure_host_adamw``). The fused kernel
-is ~5x faster and within one ulp per step, so host and NVMe chunks default to it; pass
-``host_kernel="foreach"`` for bitwise equality with ``torch.optim.AdamW``. Device chunks use
-what torch uses by default on that device (single-tensor on CPU, foreach on CUDA), so the
-all-on-device case is bitwise equal to plain PyTorch.
-
-[Note: unscaling in fp32] fp16 loss scaling divides the gradients by the scale before the
-update. Unscaled in fp16, any gradient below fp16's smallest subnormal (about 6e-8) times the
-scale would become 0 and those below 6e-5 times it would lose precision (torch's GradScaler
-refuses to unscale fp16 gradients for that reason). ``step(inv_scale)`` multiplies each chunk's
-gradient in ``_update``, in its fp32 accumulator (every tier's, offload.grads [Note: fp32
-accumulators]).
+Sec. 4: the optimizer step follows the optimizer states): device chunks on the device, over
+their flat tensors; host chunks on the CPU, over their flat fp32 master, gradient accumulator
+and states; nvme chunks streamed, their master and states read into host staging
+(offload.staging), stepped on the CPU and written back while the next chunk is read. What an
+optimizer keeps and how it updates comes from its descriptor (``memtrain.optimizers``): torch's
+own arithmetic on flat buffers, which is the arithmetic on each parameter, so results equal
+``torch.optim`` on the model's parameters. The notes below give each rule of the step's
+overlap with the backward and the disk; docs/optimizer.md tells how each was measured.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.optim.adam import adam as _torch_adam
 
+from memtrain.errors import UserError
 from memtrain.offload.staging import Deferred, Staged, WriteBack, read_ahead_states, read_states, reserve_rewrite, write_states
+from memtrain.optimizers import (
+    DEFAULT_HOST_KERNEL, KERNELS as HOST_KERNELS, OptimizerKind, OptimizerSpec, adamw_step, host_adamw_step,
+    measure_host_adamw, sgd_step,
+)
 from memtrain.planner.cost import optim_read_ahead_slots, read_ahead_order
 from memtrain.planner.plan import Tier
 
@@ -143,203 +32,25 @@ if TYPE_CHECKING:
     from memtrain.offload.chunks import Chunk, ChunkStore
     from memtrain.offload.tiers import CopyHandle
 
-__all__ = [
-    "OptimizerSpec", "STATE_NAMES", "HOST_KERNELS", "DEFAULT_HOST_KERNEL", "adamw_step", "host_adamw_step",
-    "sgd_step", "measure_host_adamw", "OffloadedOptimizer",
+__all__ = [  # the optimizer's kernels and hyper-parameters are memtrain.optimizers', re-exported
+    "OptimizerSpec", "HOST_KERNELS", "DEFAULT_HOST_KERNEL", "adamw_step", "host_adamw_step", "sgd_step",
+    "measure_host_adamw", "OffloadedOptimizer",
 ]
-
-STATE_NAMES: dict[str, tuple[str, ...]] = {"adamw": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
-"""Per optimizer, its fp32 state tensors per element (torch's state names, so state dicts load
-into ``torch.optim.AdamW``/``SGD``)."""
-HOST_KERNELS = ("single", "foreach", "fused")
-DEFAULT_HOST_KERNEL = "fused"
-"""See [Note: host kernel choice]."""
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class OptimizerSpec:
-    """Hyper-parameters; defaults are torch's, so ``{"name": "adamw", "lr": 3e-4}`` means what
-    ``torch.optim.AdamW(params, lr=3e-4)`` means."""
-
-    name: str = "adamw"
-    """``adamw`` or ``sgd``."""
-    lr: float = 1e-3
-    """Learning rate."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW coefficients of the running averages of the gradient and its square."""
-    eps: float = 1e-8
-    """AdamW term added to the denominator."""
-    weight_decay: float | None = None
-    """AdamW: decoupled decay (Loshchilov & Hutter 2019), default 0.01; SGD: L2 added to the
-    gradient, default 0."""
-    momentum: float = 0.0
-    """SGD momentum (0 = plain SGD, no state)."""
-    dampening: float = 0.0
-    """SGD dampening of the gradient added to the momentum buffer."""
-    nesterov: bool = False
-    """SGD Nesterov momentum."""
-
-    def __post_init__(self) -> None:
-        if self.name not in STATE_NAMES:
-            raise ValueError(f"optimizer.name: must be 'adamw' or 'sgd', got {self.name!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"optimizer.lr: must be a number > 0, got {self.lr!r}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"optimizer.betas: two numbers in [0, 1), got {self.betas!r}")
-        if not self.eps >= 0:
-            raise ValueError(f"optimizer.eps: must be >= 0, got {self.eps!r}")
-        if self.weight_decay is not None and self.weight_decay < 0:
-            raise ValueError(f"optimizer.weight_decay: must be >= 0, got {self.weight_decay!r}")
-        if self.momentum < 0:
-            raise ValueError(f"optimizer.momentum: must be >= 0, got {self.momentum!r}")
-        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
-            raise ValueError("optimizer.nesterov: needs momentum > 0 and dampening 0")
-
-    @property
-    def decay(self) -> float:
-        if self.weight_decay is not None:
-            return float(self.weight_decay)
-        return 0.01 if self.name == "adamw" else 0.0
-
-    @property
-    def state_names(self) -> tuple[str, ...]:
-        if self.name == "sgd" and self.momentum == 0:
-            return ()
-        return STATE_NAMES[self.name]
-
-    @staticmethod
-    def from_value(value: "OptimizerSpec | Mapping[str, Any] | str") -> "OptimizerSpec":
-        """From a spec, a dict (``{"name": "adamw", "lr": 3e-4}``) or a name."""
-        if isinstance(value, OptimizerSpec):
-            return value
-        if isinstance(value, str):
-            return OptimizerSpec(name=value)
-        if not isinstance(value, Mapping):
-            raise ValueError(f"optimizer: expected a dict such as {{'name': 'adamw', 'lr': 3e-4}}, got {value!r}")
-        known = set(OptimizerSpec.__dataclass_fields__)
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"optimizer.{unknown[0]}: unknown field; known: {', '.join(sorted(known))}")
-        kw = dict(value)
-        if "betas" in kw:
-            kw["betas"] = tuple(kw["betas"])
-        return OptimizerSpec(**kw)
-
-    def torch_group(self) -> dict[str, Any]:
-        """The hyper-parameters as a ``torch.optim`` param group (without ``params``)."""
-        if self.name == "adamw":
-            return dict(lr=self.lr, betas=tuple(self.betas), eps=self.eps, weight_decay=self.decay, amsgrad=False,
-                        foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-                        decoupled_weight_decay=True)
-        return dict(lr=self.lr, momentum=self.momentum, dampening=self.dampening, weight_decay=self.decay,
-                    nesterov=self.nesterov, maximize=False, foreach=None, differentiable=False, fused=None)
-
-
-# --- kernels over flat tensors -----------------------------------------------------------
-
-
-def adamw_step(
-    param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: torch.Tensor,
-    *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, kernel: str = "single",
-) -> None:
-    """One AdamW update of flat fp32 tensors in place; ``step`` (a 0-d float tensor) is incremented.
-
-    Loshchilov & Hutter 2019, Algorithm 2 (AdamW), computed by torch's own kernels so the
-    result is ``torch.optim.AdamW``'s.
-    """
-    if kernel not in HOST_KERNELS:
-        raise ValueError(f"kernel: must be one of {', '.join(HOST_KERNELS)}, got {kernel!r}")
-    _torch_adam(
-        [param], [grad], [exp_avg], [exp_avg_sq], [], [step], foreach=kernel == "foreach", fused=kernel == "fused",
-        capturable=False, differentiable=False, grad_scale=None, found_inf=None, decoupled_weight_decay=True,
-        amsgrad=False, beta1=betas[0], beta2=betas[1], lr=lr, weight_decay=weight_decay, eps=eps, maximize=False,
-    )
-
-
-def host_adamw_step(
-    param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: torch.Tensor,
-    *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, kernel: str = DEFAULT_HOST_KERNEL,
-) -> None:
-    """The host-chunk AdamW step (the one ``planner.profile`` times for ``cpu_adam_params_per_s``)."""
-    adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, kernel=kernel)
-
-
-def sgd_step(
-    param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Tensor | None, *, first: bool, lr: float,
-    momentum: float, dampening: float, weight_decay: float, nesterov: bool,
-) -> None:
-    """One SGD update in place, the arithmetic of ``torch.optim.sgd._single_tensor_sgd``.
-
-    Sutskever et al. 2013 momentum as torch writes it: ``b = μb + (1-τ)g`` (``b = g`` on the
-    first step), ``p -= lr·b`` (or ``lr·(g + μb)`` with Nesterov); L2 decay adds ``λp`` to g.
-    """
-    if weight_decay != 0:
-        grad = grad.add(param, alpha=weight_decay)
-    if momentum != 0:
-        assert momentum_buffer is not None
-        if first:
-            momentum_buffer.copy_(grad)
-        else:
-            momentum_buffer.mul_(momentum).add_(grad, alpha=1 - dampening)
-        grad = grad.add(momentum_buffer, alpha=momentum) if nesterov else momentum_buffer
-    param.add_(grad, alpha=-lr)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class KernelTiming:
-    kernel: str
-    """``single``, ``foreach`` or ``fused``."""
-    step_s: float
-    """Best of the timed steps."""
-    params_per_s: float
-    """Elements updated per second."""
-    max_abs_diff: float
-    """Largest |Δ| of the updated parameters against the single-tensor kernel (torch's CPU default)."""
-
-
-def measure_host_adamw(num_elems: int = 64 * 2**20, reps: int = 3) -> list[KernelTiming]:
-    """Time the AdamW kernels on one flat fp32 chunk of ``num_elems`` on the CPU.
-
-    The profiler calls this to pick (and report) the host kernel; see [Note: host kernel choice].
-    """
-    if num_elems < 1 or reps < 1:
-        raise ValueError(f"num_elems and reps must be >= 1, got {num_elems}, {reps}")
-    gen = torch.Generator().manual_seed(0)
-    p0 = torch.randn(num_elems, generator=gen)
-    g = torch.randn(num_elems, generator=gen)
-    out: list[KernelTiming] = []
-    reference: torch.Tensor | None = None
-    for kernel in HOST_KERNELS:
-        p, m, v, step = p0.clone(), torch.zeros(num_elems), torch.zeros(num_elems), torch.tensor(0.0)
-        hp = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, kernel=kernel)
-        adamw_step(p, g, m, v, step, **hp)  # warm-up; also the step compared below
-        first = p.clone()
-        best = math.inf
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            adamw_step(p, g, m, v, step, **hp)
-            best = min(best, time.perf_counter() - t0)
-        if reference is None:
-            reference = first
-        diff = (first - reference).abs().max().item()
-        out.append(KernelTiming(kernel=kernel, step_s=best, params_per_s=num_elems / best, max_abs_diff=diff))
-    return out
 
 
 # --- nvme streaming and per-parameter state (over a ChunkStore's chunks) --------------------
 
 
-def _gather_states(store: "ChunkStore") -> dict[str, dict[str, torch.Tensor]]:
+def _gather_states(store: "ChunkStore", kind: OptimizerKind) -> dict[str, dict[str, torch.Tensor]]:
     """Optimizer state per parameter name, in torch's per-parameter format."""
     out: dict[str, dict[str, torch.Tensor]] = {}
-    adam = store.state_names == STATE_NAMES["adamw"]
     for c in store.chunks:
         if c.step.item() == 0 or not store.state_names:
             continue
         flats = {k: store._read(c, k) for k in store.state_names}
         for s in c.slots:
             entry = {k: f[s.offset:s.offset + s.numel].view(s.shape).clone() for k, f in flats.items()}
-            if adam:
+            if kind.counts_steps:
                 entry["step"] = c.step.clone()
             out[s.name] = entry
     return out
@@ -369,10 +80,18 @@ def _load_states(store: "ChunkStore", states: Mapping[str, Mapping[str, torch.Te
 class OffloadedOptimizer:
     """Steps every chunk of a ``ChunkStore`` where its states live (see the module doc)."""
 
+    # [Note: host kernel choice] Host and NVMe chunks default to torch's fused CPU kernel
+    # (memtrain.optimizers.DEFAULT_HOST_KERNEL): several times faster than the single-tensor and
+    # foreach kernels on a large flat chunk, and within one ulp per step of them, since it orders
+    # the AdamW arithmetic differently. ``host_kernel="foreach"`` gives results bitwise equal to
+    # ``torch.optim.AdamW``. Device chunks use what torch uses by default on that device
+    # (single-tensor on a CPU, foreach on CUDA), so the all-on-device case is bitwise plain PyTorch.
+    # An optimizer without the kernel asked for runs its own (``OptimizerKind.kernel``).
+
     def __init__(self, store: "ChunkStore", spec: OptimizerSpec, *, host_kernel: str = DEFAULT_HOST_KERNEL,
                  staged_chunks: int = 3) -> None:
         if host_kernel not in HOST_KERNELS:
-            raise ValueError(f"host_kernel: must be one of {', '.join(HOST_KERNELS)}, got {host_kernel!r}")
+            raise UserError(f"host_kernel: must be one of {', '.join(HOST_KERNELS)}, got {host_kernel!r}")
         if tuple(store.state_names) != spec.state_names:
             raise ValueError(
                 f"optimizer.name: the chunk store holds states {store.state_names} but the optimizer "
@@ -380,8 +99,10 @@ class OffloadedOptimizer:
             )
         self.store = store
         self.spec = spec
+        self.kind: OptimizerKind = spec.kind
+        """The optimizer's descriptor: its states, update kernels and state-dict format."""
         self.host_kernel = host_kernel
-        # torch's default kernel on the device (see [Note: host kernel choice]).
+        # torch's default kernel on the device ([Note: host kernel choice]).
         self.device_kernel = "foreach" if store.device.type == "cuda" else "single"
         self.num_steps = 0
         """Optimizer steps taken (skipped fp16 overflow steps not counted)."""
@@ -406,6 +127,43 @@ class OffloadedOptimizer:
     def num_early(self) -> int:
         """Chunks queued by ``step_early`` since the last ``step()``."""
         return len(self._early)
+
+    # [Note: early optimizer step] As in ZeRO-Offload (Ren et al. 2021), a host or nvme chunk's
+    # update starts as soon as its gradients for the step are complete, so the update and its
+    # NVMe traffic overlap the rest of the backward: during the last micro-batch's backward the
+    # store reports each such chunk (``ChunkStore.on_grads_final``) and ``step_early`` queues its
+    # update. Updates run one at a time in the order chunks complete, with the same kernels on the
+    # same buffers, so results are bitwise those of ``step()``. An nvme chunk's states are read
+    # into host staging at that point of the training thread; once ``staged_chunks`` are staged,
+    # the oldest write-back is waited for (its staging freed) first, so host windows begin and end
+    # at points of the program (docs/memory-accounting.md). ``step()`` then steps the chunks not
+    # stepped early (device chunks, chunks whose gradients were not reported) and waits for the
+    # rest. Not under fp16 loss scaling, which needs every gradient to decide to skip or unscale.
+    #
+    # [Note: where early updates run] On a GPU the updates run on one background thread, alive
+    # from the step's first early update to the end of ``step()``, overlapping the device's
+    # compute. On a CPU device (``inline``) compute and updates share the cores, and a live
+    # thread that has run torch kernels slows the training thread's own kernels for as long as
+    # it exists, which costs more than the overlap gains. So there a host chunk's update runs on
+    # the training thread in ``step_early``; an nvme chunk's states read is started there (on the
+    # NVMe store's I/O threads, which run no torch kernels) and its update runs at the next
+    # ``step_early`` call, after the next chunk's read has started, or in ``step()``: one chunk
+    # of lag, so the read overlaps a block's backward.
+    #
+    # [Note: master from the param buffer] Without mixed precision the param buffer an nvme chunk
+    # was fetched into for the backward holds exactly its fp32 master (read from the ``master``
+    # file, never written since). The store hands that buffer to ``step_early`` before releasing
+    # it, so the update reads only the states from disk (4·N bytes less per chunk and step). On a
+    # CPU device the buffer itself becomes the master's staging (zero-copy: the device ledger
+    # frees it as the host ledger takes it, as the simulator books it); on CUDA it is copied into
+    # host staging first.
+    #
+    # [Note: rewrite window] Rewriting a file holds its old and new copy on disk until the
+    # rename, a window that depends on the disk's timing. For an early update the second copy of
+    # the chunk's files is reserved on the NVMe ledger when the update is queued and freed when
+    # the training thread waits for the write-back (the writes take no reservation of their own),
+    # so the ledger's peak is a point of the program, the one the simulator books
+    # (planner.simulate ``_rewrite``), and an upper bound of what the disk holds.
 
     def step_early(self, chunk: "Chunk", master: torch.Tensor | None = None) -> None:
         """Queue ``chunk``'s update now: its gradients for this step are complete ([Note: early
@@ -440,6 +198,17 @@ class OffloadedOptimizer:
         self._early[chunk.index] = update
         self._writing.append(update)
 
+    # [Note: states read ahead] Left to ``step_early``, every states read would fall in the last
+    # backward, which already carries every write-back, while the disk idles through the
+    # compute-bound backwards before it. So at each backward block's start of the step (after the
+    # block's own fetches are queued) the store calls ``read_ahead``, which starts reading one
+    # more nvme chunk's states into host staging, at background priority, while fewer than
+    # ``planner.cost.optim_read_ahead_slots(staged_chunks)`` are read ahead and fewer than
+    # ``staged_chunks`` are staged in all. Chunks go in the order of their first forward use, the
+    # reverse of the order their gradients complete: the last updates, which nothing is left to
+    # overlap, get their states first. ``step_early`` then reads only the master. The simulator
+    # reads ahead at the same points (planner.simulate ``_read_ahead``).
+
     def read_ahead(self) -> None:
         """[Note: states read ahead] Start reading the next chunk's states, if a slot is free
         (carried write-backs give theirs up: [Note: carried write-backs released lazily])."""
@@ -456,6 +225,19 @@ class OffloadedOptimizer:
     def _num_staged(self) -> int:
         """Nvme chunks holding host staging: read ahead, being updated or written back, carried."""
         return len(self._ahead) + len(self._writing) + len(self._behind)
+
+    # [Note: carried write-backs released lazily] A write-back carried into the next step
+    # ([Note: write-backs across the step end]) holds its staging until the training thread
+    # waits for it, which it does only when a staging slot is needed (``read_ahead`` and
+    # ``step_early`` take the oldest carried write-back's before waiting for this step's own) or
+    # when the chunk's next update is queued (``step_early``, first; ``step()`` before it streams
+    # the chunks that had no early update: a staging left behind then would hold the old
+    # parameters, and the next fetch would copy them). Until then its chunk's fetches, in the
+    # first backward too, copy from that staging; waiting for them all at the next backward's
+    # start would stall it behind writes still running. These are points of the program, so the
+    # simulator mirrors them (planner.simulate ``_release_carried``); ``planner.bounds.stream_work_s``,
+    # which cannot tell how long a write-back stays, counts no disk read for those chunks'
+    # fetches (a lower bound).
 
     def _release_carried(self, index: int | None = None) -> bool:
         """[Note: carried write-backs released lazily] Wait for chunk ``index``'s carried
@@ -485,6 +267,16 @@ class OffloadedOptimizer:
             tensors["compute"].copy_(tensors["master"])
         return write_states(self.store, chunk, staged, rewrite)
 
+    # [Note: write-backs across the step end] ``step()`` waits for the updates only: the
+    # write-backs of the last ``staged_chunks`` chunks run on into the next step, overlapping its
+    # fetches, instead of ending the step with a tail of writes alone on the disk. The store runs
+    # a read after a write of the same key, so any read sees the new file; a fetch of those
+    # chunks copies from the staging instead ([Note: fetch from a write-back]), and they are
+    # waited for as [Note: carried write-backs released lazily] says. Anything that reads or
+    # replaces states (``Engine.state_dict``, ``load_state_dict``, ``close``) waits for all of
+    # them first (``flush()``). The simulator's step begins with those writes (the same chunks
+    # every step; planner.simulate ``_carry_in``).
+
     def _wait_early(self, *, carry: bool = False) -> None:
         """Wait for every queued update and write-back (errors surface here), in queue order.
         ``carry``: the write-backs are left running ([Note: write-backs across the step end])."""
@@ -508,6 +300,16 @@ class OffloadedOptimizer:
         """Chunks whose write-backs the last step left running ([Note: write-backs across the
         step end]), in the order they were queued."""
         return [w.index for w in self._behind]
+
+    # [Note: fetch from a write-back] The carried write-backs are of the last updates, the chunks
+    # the next forward fetches first, and a read of a file waits for its write (per-key order):
+    # the forward would stand behind the writes and then read back bytes still in host memory.
+    # So while a write-back is carried, ``fetch_carried`` (the store's hook, asked at each nvme
+    # fetch) fills the param buffer from the write-back's staging (``compute`` under mixed
+    # precision, else ``master``): a memcpy on a CPU device, an h2d copy on CUDA. The copy takes
+    # no staging of its own, and the write-back waits for it before freeing its staging. The
+    # simulator does the same for fetches of the chunks of ``planner.cost.carried_write_backs``
+    # not yet released (planner.simulate ``_start``).
 
     def fetch_carried(self, chunk: "Chunk", dst: torch.Tensor) -> "CopyHandle | None":
         """[Note: fetch from a write-back] Copy ``chunk``'s params into ``dst`` from the staging of
@@ -535,20 +337,20 @@ class OffloadedOptimizer:
             finally:
                 self._drop_ahead()
 
+    # [Note: unscaling in fp32] fp16 loss scaling divides the gradients by the scale before the
+    # update. Unscaled in fp16, any gradient below fp16's smallest subnormal (about 6e-8) times
+    # the scale would become 0 and those below 6e-5 times it would lose precision (torch's
+    # GradScaler refuses to unscale fp16 gradients for that reason). ``step(inv_scale)``
+    # multiplies each chunk's gradient in ``_update``, in its fp32 accumulator (every tier's,
+    # offload.grads [Note: fp32 accumulators]).
+
     def _update(self, chunk: "Chunk", master: torch.Tensor, grad: torch.Tensor, states: dict[str, torch.Tensor]) -> None:
-        spec = self.spec
         kernel = self.device_kernel if chunk.home is Tier.DEVICE else self.host_kernel
         self.store.grads.wait(chunk)  # offload.grads [Note: asynchronous gradient flush]
         assert grad.dtype == master.dtype == torch.float32, (grad.dtype, master.dtype)  # offload.grads [Note: fp32 accumulators]
         if self._inv_scale != 1.0:  # [Note: unscaling in fp32]
             grad.mul_(self._inv_scale)
-        if spec.name == "adamw":
-            adamw_step(master, grad, states["exp_avg"], states["exp_avg_sq"], chunk.step, lr=spec.lr,
-                       betas=spec.betas, eps=spec.eps, weight_decay=spec.decay, kernel=kernel)
-        else:
-            sgd_step(master, grad, states.get("momentum_buffer"), first=int(chunk.step.item()) == 0, lr=spec.lr,
-                     momentum=spec.momentum, dampening=spec.dampening, weight_decay=spec.decay, nesterov=spec.nesterov)
-            chunk.step += 1
+        self.kind.update(master, grad, states, chunk.step, self.spec, self.kind.kernel(kernel))
 
     def step(self, inv_scale: float = 1.0) -> None:
         """Update every chunk that received gradients this step, then clear the gradients.
@@ -613,7 +415,7 @@ class OffloadedOptimizer:
         self.flush()
         state: dict[int, dict[str, torch.Tensor]] = {}
         names = self.store.param_order()
-        per_param = _gather_states(self.store)
+        per_param = _gather_states(self.store, self.kind)
         for idx, name in enumerate(names):
             entry = per_param.get(name)
             if entry is not None:

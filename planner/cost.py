@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
+from memtrain.optimizers import ADAMW, lookup
 from memtrain.planner.plan import ActPolicy, ChunkPlan, Tier
 from memtrain.planner.stats import BlockStats, DType, ModelStats, Optimizer, dtype_bytes
 
@@ -176,8 +177,9 @@ def _disk_time_s(num_bytes: float, disk_gbps: float, latency_s: float, compressi
 
 
 def optimizer_state_bytes_per_elem(optimizer: Optimizer | str) -> int:
-    """``o`` of docs/memory-accounting.md: AdamW 8 (fp32 m + v), SGD 4 (fp32 momentum)."""
-    return 8 if Optimizer(optimizer) is Optimizer.ADAMW else 4
+    """``o`` of docs/memory-accounting.md, the descriptor's (memtrain.optimizers): AdamW 8 (fp32
+    m + v), SGD 4 (fp32 momentum)."""
+    return lookup(optimizer).state_bytes_per_elem
 
 
 def _mixed(dtype: DType | str) -> bool:
@@ -188,36 +190,25 @@ def optimizer_bytes_touched(num_elems: int, dtype: DType | str, optimizer: Optim
     """Bytes an optimizer step reads and writes for ``num_elems`` parameters.
 
     The step is memory-bound (Williams et al. 2009, roofline: a handful of FLOPs per byte),
-    so its time is bytes / bandwidth. Tensors per element, as in ``torch.optim.AdamW``'s fused
-    path: AdamW reads grad (fp32 on every tier: offload.grads [Note: fp32 accumulators]), param
-    (fp32 master if mixed), m, v and writes param, m, v, plus the compute-dtype copy when mixed:
-    fp32 4·4 + 3·4 = 28 bytes; mixed 4·4 + 3·4 + c.
-    SGD with momentum reads grad, param, momentum and writes param, momentum (+ copy).
+    so its time is bytes / bandwidth. The optimizer's fp32 figures are its descriptor's
+    (memtrain.optimizers): fused, one pass reading grad (fp32 on every tier: offload.grads
+    [Note: fp32 accumulators]), master and states and writing master and states (AdamW 28,
+    SGD 20); unfused, one pass per op (AdamW 80, SGD 44). Mixed precision adds the compute copy.
     """
-    c = dtype_bytes(dtype)
+    c, kind = dtype_bytes(dtype), lookup(optimizer)
     if not fused:
-        # [Note: unfused optimizer] torch's single-tensor and foreach AdamW (the kernels the
-        # runtime runs on the device: offload.optim) make one pass per op over fp32 tensors
-        # (torch/optim/adamw.py, _single_tensor_adamw): param.mul_(1 - lr·wd) r4 w4;
-        # exp_avg.lerp_(grad) r8 w4; exp_avg_sq.mul_ r4 w4 and .addcmul_(grad, grad) r8 w4;
-        # denom = sqrt(v) r4 w4, / bias_correction r4 w4, .add_(eps) r4 w4; param.addcdiv_(m, denom)
-        # r12 w4: 80 bytes. SGD (torch/optim/sgd.py): grad + wd·param r8 w4; buf.mul_ r4 w4,
-        # .add_(grad) r8 w4; param.add_(buf) r8 w4: 44 bytes. Mixed precision adds the refreshed
-        # compute copy (r 4, w c); the gradient is fp32 already (offload.grads [Note: fp32
-        # accumulators]).
-        per_elem = 80 if Optimizer(optimizer) is Optimizer.ADAMW else 44
-        return num_elems * (per_elem + (c + 4 if _mixed(dtype) else 0))
-    states = optimizer_state_bytes_per_elem(optimizer)  # m+v or momentum, read and written
-    if _mixed(dtype):
-        per_elem = 4 + 4 + states + 4 + states + c  # read grad, master, states; write master, states, copy
-    else:
-        per_elem = 4 + 4 + states + 4 + states  # read grad, param, states; write param, states
-    return num_elems * per_elem
+        # One pass per op (memtrain.optimizers [Note: unfused optimizer]); mixed precision adds
+        # the refreshed compute copy (r 4, w c); the gradient is fp32 already (offload.grads
+        # [Note: fp32 accumulators]).
+        return num_elems * (kind.unfused_bytes_per_elem + (c + 4 if _mixed(dtype) else 0))
+    # read grad, master, states; write master, states (OptimizerKind.fused_bytes_per_elem), and the copy
+    return num_elems * (kind.fused_bytes_per_elem + (c if _mixed(dtype) else 0))
 
 
 def device_optimizer_time_s(num_elems: int, dtype: DType | str, optimizer: Optimizer | str, device: DeviceSpec) -> float:
     """Bytes touched / device memory bandwidth (memory-bound step, see optimizer_bytes_touched),
-    for the unfused kernel the runtime steps device chunks with ([Note: unfused optimizer])."""
+    for the unfused kernel the runtime steps device chunks with (memtrain.optimizers
+    [Note: unfused optimizer])."""
     if num_elems <= 0:
         return 0.0
     return optimizer_bytes_touched(num_elems, dtype, optimizer, fused=False) / (device.memory_bw_gbps * 1e9)
@@ -227,15 +218,13 @@ def cpu_optimizer_time_s(num_elems: int, optimizer: Optimizer | str, host: HostS
     """Parameters / CPU-Adam throughput.
 
     Ren et al. 2021 (ZeRO-Offload), Sec. 5.1: a vectorised CPU Adam updates parameters at a
-    measured rate (``HostSpec.cpu_adam_params_per_s``). SGD touches fewer bytes per element
-    (also memory-bound), so its rate is scaled by the fp32 bytes-touched ratio 28/20.
+    measured rate (``HostSpec.cpu_adam_params_per_s``). Another optimizer's step is memory-bound
+    too, so the rate is scaled by the fp32 bytes-touched ratio to AdamW's (SGD: 20/28).
     """
     if num_elems <= 0:
         return 0.0
-    time_s = num_elems / host.cpu_adam_params_per_s
-    if Optimizer(optimizer) is Optimizer.SGD:
-        time_s *= optimizer_bytes_touched(1, DType.FP32, Optimizer.SGD) / optimizer_bytes_touched(1, DType.FP32, Optimizer.ADAMW)
-    return time_s
+    scale = lookup(optimizer).fused_bytes_per_elem / ADAMW.fused_bytes_per_elem
+    return num_elems / host.cpu_adam_params_per_s * scale
 
 
 def host_grad_accum_time_s(num_elems: int, dtype: DType | str, host: HostSpec) -> float:
@@ -368,7 +357,7 @@ def nvme_chunk_file_sizes(num_elems: int, dtype: DType | str, optimizer: Optimiz
     """Payload bytes of the files of an nvme-home chunk, one per ledger owner
     ``chunk:<i>:<part>``: the fp32 master, one fp32 file per optimizer state tensor (AdamW: m
     and v; SGD: momentum) and the compute-dtype copy when mixed (docs/memory-accounting.md)."""
-    sizes = [4 * num_elems] * (1 + optimizer_state_bytes_per_elem(optimizer) // 4)
+    sizes = [4 * num_elems] * (1 + len(lookup(optimizer).state_names))
     if _mixed(dtype):
         sizes.append(dtype_bytes(dtype) * num_elems)
     return sizes

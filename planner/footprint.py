@@ -54,7 +54,7 @@ def param_grad_bytes(stats: ModelStats) -> int:
 def optimizer_workspace_bytes(policy: MemoryPolicy, device: DeviceSpec) -> int:
     """Temporaries of the device chunks' optimizer update, the largest chunk's (fp32 N·4 each):
     torch's single-tensor AdamW on a CPU makes two, the foreach kernel on a GPU one (measured:
-    ``offload.optim.adamw_step`` on a flat tensor). Host and NVMe chunks use the fused kernel,
+    ``memtrain.optimizers.adamw_step`` on a flat tensor). Host and NVMe chunks use the fused kernel,
     which makes none."""
     largest = max((c.num_elems for c in policy.chunks if c.home is Tier.DEVICE), default=0)
     return largest * 4 * (2 if device.kind == "cpu" else 1)

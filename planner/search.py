@@ -50,10 +50,8 @@ the previous one being written back (offload.optim; the simulator's ``_StepBuild
 MAX_OPTIM_STAGINGS = 12
 """[Note: spare host memory stages more] The most NVMe chunks a candidate lets the optimizer stage
 at once. More staged chunks keep more state reads and write-backs in flight during the last
-backward, and the training thread waits for a write-back less often: on the 100m all-NVMe step
-of bench/offload_io.py (2 micro-batches, 13 chunks of 32 MiB, prefetch depth 6, this 2-core
-machine's virtual disk), 3, 6 and 12 staged took 3.15, 2.96 and 2.71 s (medians of 6 steps,
-the three run in alternation), for host peaks of 775, 1018 and 1415 MiB. A candidate with NVMe chunks takes
+backward, and the training thread waits for a write-back less often, for more host memory
+(docs/optimizer.md has the measurements). A candidate with NVMe chunks takes
 the largest count up to this that its host estimate still fits (never fewer than OPTIM_STAGINGS),
 and the same candidate with OPTIM_STAGINGS follows it, in case the simulated host peak says no."""
 _MAX_CHUNKS_PER_BLOCK = 2

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from enum import StrEnum
 
+from memtrain.optimizers import Optimizer, lookup
+
 __all__ = ["DType", "Optimizer", "BlockStats", "ModelStats", "dtype_bytes", "model_state_bytes_per_param"]
 
 
@@ -17,11 +19,6 @@ class DType(StrEnum):
     FP32 = "fp32"
     BF16 = "bf16"
     FP16 = "fp16"
-
-
-class Optimizer(StrEnum):
-    ADAMW = "adamw"
-    SGD = "sgd"
 
 
 def dtype_bytes(dtype: DType | str) -> int:
@@ -36,10 +33,10 @@ def model_state_bytes_per_param(dtype: DType | str, optimizer: Optimizer | str =
     memtrain accumulates gradients in fp32 on every tier (offload.grads [Note: fp32
     accumulators]), so mixed precision costs (2+4+12)Ψ = 18Ψ, as in Megatron-LM's default for bf16.
     fp32 Adam: params 4 + grads 4 + momentum 4 + variance 4 = 16Ψ.
-    SGD (momentum buffer kept): fp32 4+4+4 = 12Ψ; mixed 2+4+4+4 = 14Ψ.
+    SGD (momentum buffer kept): fp32 4+4+4 = 12Ψ; mixed 2+4+4+4 = 14Ψ. The optimizer's states
+    are its descriptor's (memtrain.optimizers).
     """
-    opt = Optimizer(optimizer)
-    optim_state = 8 if opt is Optimizer.ADAMW else 4  # m, v | momentum, fp32 each
+    optim_state = lookup(optimizer).state_bytes_per_elem  # AdamW m, v | SGD momentum, fp32 each
     if DType(dtype) is DType.FP32:
         return 4 + 4 + optim_state
     return dtype_bytes(dtype) + 4 + 4 + optim_state

@@ -95,8 +95,8 @@ def disk_latency_probe(path: str | Path, *, read_gbps: float, write_gbps: float,
     The store's real path (a file per key, O_DIRECT where the filesystem allows, a checksummed
     header, ``fdatasync`` and a rename per write) on ``num_bytes`` requests: the median time of
     each, less the bytes' transfer at the measured bandwidths, is what every request costs on
-    top of its bytes (``NvmeSpec.read_latency_s``/``write_latency_s``). Measured on this
-    machine's virtual disk: 0.5 ms per read and 0.85 ms per write, against the catalog's 0.1 ms.
+    top of its bytes (``NvmeSpec.read_latency_s``/``write_latency_s``); on a virtual disk it can
+    be several times the catalog's 0.1 ms (docs/nvme.md).
     """
     from memtrain.offload.nvme import aligned_empty
 

@@ -172,16 +172,11 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print) -> dict:
         process = ProcessPeak("cuda" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(cfg.train.seed)
         built = build_model(cfg.model, max_seq_len=cfg.train.seq_len)
-        opt = cfg.train.optimizer
-        optimizer = {"name": opt.name, "lr": opt.lr, "weight_decay": opt.weight_decay}
-        if opt.name == "adamw":
-            optimizer.update(betas=tuple(opt.betas), eps=opt.eps)
-        else:
-            optimizer.update(momentum=opt.momentum)
         with _store_notes_to(print_fn):
             engine = wrap(
-                built.module, optimizer=optimizer, memory=_memory_for(plan, cfg), plan=plan, blocks=list(built.blocks),
-                loss_fn=built.loss_fn, dtype=cfg.train.dtype, verbose=False, call=lambda m, ids: built.forward(ids, module=m),
+                built.module, optimizer=cfg.train.optimizer.spec(), memory=_memory_for(plan, cfg), plan=plan,
+                blocks=list(built.blocks), loss_fn=built.loss_fn, dtype=cfg.train.dtype, verbose=False,
+                call=lambda m, ids: built.forward(ids, module=m),
             )
         # [Note: closing the engine] from here on
         data = TokenBatches(cfg.data, batch_size=cfg.train.global_batch_size, seq_len=cfg.train.seq_len,

@@ -9,7 +9,7 @@ from memtrain.models.gpt import GPT, causal_lm_loss, gpt_config
 from memtrain.offload.chunks import ChunkStore, ParamRef, make_chunk_plans, named_blocks, param_order
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.nvme import NvmeStore
-from memtrain.offload.optim import STATE_NAMES
+from memtrain.optimizers import lookup
 from memtrain.planner.cost import chunk_bytes
 from memtrain.planner.plan import Tier
 from memtrain.planner.program import Layout, lower_backward, lower_forward
@@ -21,7 +21,7 @@ def _store(home: Tier, *, chunk_elems: int = 20_000, depth: int = 1, dtype: str 
     model = GPT(gpt_config("tiny"))
     blocks = named_blocks(model, None)
     plans = make_chunk_plans(param_order(model, blocks), chunk_elems, home)
-    return ChunkStore(model=model, blocks=blocks, chunks=plans, dtype=dtype, state_names=STATE_NAMES[optimizer],
+    return ChunkStore(model=model, blocks=blocks, chunks=plans, dtype=dtype, state_names=lookup(optimizer).state_names,
                       device="cpu", device_ledger=Ledger("device"), host_ledger=Ledger("host"), nvme=nvme,
                       prefetch_depth=depth).build()
 

@@ -1,12 +1,13 @@
-"""The offloaded optimizer's kernels equal torch.optim on flat chunk buffers."""
+"""The optimizers' kernels (memtrain.optimizers) equal torch.optim on flat chunk buffers."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from memtrain.offload.optim import (
-    HOST_KERNELS, OptimizerSpec, adamw_step, host_adamw_step, measure_host_adamw, sgd_step,
+from memtrain.errors import UserError
+from memtrain.optimizers import (
+    KERNELS as HOST_KERNELS, OptimizerSpec, adamw_step, host_adamw_step, measure_host_adamw, sgd_step,
 )
 
 SIZES = [17, 64 * 64, 5, 1000, 3 * 64 * 64 + 7]
@@ -80,11 +81,11 @@ def test_spec_defaults_are_torchs_and_mistakes_name_the_field():
     assert spec.decay == 0.01 and spec.betas == (0.9, 0.999) and spec.state_names == ("exp_avg", "exp_avg_sq")
     assert OptimizerSpec.from_value("sgd").state_names == ()
     assert OptimizerSpec(name="sgd", momentum=0.9).state_names == ("momentum_buffer",)
-    with pytest.raises(ValueError, match=r"optimizer\.name"):
+    with pytest.raises(UserError, match=r"optimizer\.name"):
         OptimizerSpec.from_value({"name": "adam-ish"})
-    with pytest.raises(ValueError, match=r"optimizer\.lr"):
+    with pytest.raises(UserError, match=r"optimizer\.lr"):
         OptimizerSpec.from_value({"name": "adamw", "lr": -1})
-    with pytest.raises(ValueError, match=r"optimizer\.lrr"):
+    with pytest.raises(UserError, match=r"optimizer\.lrr"):
         OptimizerSpec.from_value({"name": "adamw", "lrr": 1e-3})
-    with pytest.raises(ValueError, match=r"optimizer\.betas"):
+    with pytest.raises(UserError, match=r"optimizer\.betas"):
         OptimizerSpec.from_value({"betas": [0.9, 1.5]})

@@ -39,7 +39,8 @@ SMALL = ["--set", "train.global_batch_size=2", "--set", "train.seq_len=32"]
 NVME_CONFIG = """\
 name: nvtest
 model: {{source: gpt, preset: tiny}}
-train: {{global_batch_size: 2, seq_len: 32, steps: 2, optimizer: {{name: adamw, lr: 1.0e-3}}}}
+train: {{global_batch_size: 2, seq_len: 32, steps: 2,
+        optimizer: {{name: adamw, lr: 1.0e-3, betas: [0.9, 0.95], weight_decay: 0.1}}}}
 cluster:
   auto: true
   nodes:
