@@ -275,9 +275,7 @@ class ChunkStore:
                 self._ensure(self.chunks[ci])
             return
         self._phase = _Phase.FORWARD
-        self._runner.run_to(Op.F, pos)
-        for ci in self.uses[pos]:
-            self._ensure(self.chunks[ci])
+        self._fetch_for(Op.F, pos)
         self.executed.append(Action(0, Op.F, self.microbatch, block=pos))
         if torch.is_grad_enabled():
             for t in _tensors((args, kwargs)):
@@ -296,12 +294,7 @@ class ChunkStore:
             self._held_for_backward = torch.is_grad_enabled() and self._num_buffers() > 0
 
     def _bwd_start(self, pos: int) -> None:
-        self._runner.run_to(Op.B, pos)
-        for ci in self.uses[pos]:
-            c = self.chunks[ci]
-            self._ensure(c)
-            if c.home is not Tier.DEVICE and c.grad_buf is None:
-                self._alloc_grad_buf(c)
+        self._fetch_for(Op.B, pos)
         self.executed.append(Action(0, Op.B, self.microbatch, block=pos))
         if self.on_backward_block is not None:
             self.on_backward_block()
@@ -310,6 +303,26 @@ class ChunkStore:
         self._run_releases(wait_for_grads=True)
 
     # --- the program ([Note: the program's interpreter], offload.program_runner) -----------
+
+    def _fetch_for(self, op: Op, pos: int) -> None:
+        """Run the fetches before block ``pos``'s ``op``: the block's own, then (once its chunks
+        are resident and, in a backward, its grad buffers taken) those ahead, so a fetched-ahead
+        chunk's staging is not taken while the block's own still holds its."""
+        own = self.uses[pos]
+        ready = [False]
+
+        def make_ready(a: Action | None = None) -> None:
+            if ready[0] or (a is not None and (a.op is not Op.PREFETCH or a.chunk in own)):
+                return
+            ready[0] = True
+            for ci in own:
+                c = self.chunks[ci]
+                self._ensure(c)
+                if op is Op.B and c.home is not Tier.DEVICE and c.grad_buf is None:
+                    self._alloc_grad_buf(c)
+
+        self._runner.run_to(op, pos, before=make_ready)
+        make_ready()
 
     def _run_releases(self, *, wait_for_grads: bool = False, complete_only: bool = False) -> None:
         """Run the releases at the program's cursor. ``wait_for_grads`` (a block's backward is

@@ -28,8 +28,9 @@ class ProgramRunner:
     def load(self, program: Sequence[Action]) -> None:
         self.program, self.cursor = tuple(program), 0
 
-    def run_to(self, op: Op, block: int) -> None:
-        """Run the actions before the marker of ``block``'s ``op`` when it is the next marker."""
+    def run_to(self, op: Op, block: int, before: Callable[[Action], None] | None = None) -> None:
+        """Run the actions before the marker of ``block``'s ``op`` when it is the next marker;
+        ``before(action)`` is called ahead of each."""
         prog, i = self.program, self.cursor
         while i < len(prog) and prog[i].block is None:
             i += 1
@@ -37,6 +38,8 @@ class ProgramRunner:
             self.num_unplanned += 1
             return
         for a in prog[self.cursor:i]:
+            if before is not None:
+                before(a)
             self.execute(a)
         self.cursor = i + 1
 

@@ -145,6 +145,8 @@ CASES = {
     "host-depth3-6layers": dict(homes=Tier.HOST, depth=3, overrides={"num_layers": 6}),
     "host-depth5-6layers": dict(homes=Tier.HOST, depth=5, overrides={"num_layers": 6}),
     "nvme-depth2": dict(homes=Tier.NVME, depth=2),
+    # fetches ahead while a block's own chunk is read: staging taken in program order, own first
+    "nvme-depth3-6layers": dict(homes=Tier.NVME, depth=3, overrides={"num_layers": 6}),
     # MemoryPolicy.optim_staged_chunks: fewer and more NVMe chunks staged by the early updates
     "nvme-staged1": dict(homes=Tier.NVME, depth=2, staged=1, overrides={"num_layers": 6}),
     "nvme-staged6": dict(homes=Tier.NVME, depth=2, staged=6, overrides={"num_layers": 6}),
@@ -163,7 +165,7 @@ CASES = {
 
 
 # [Note: disk-timed peaks]: the nvme tier of cases whose chunks live on NVMe.
-DISK_TIMED = {name: frozenset({"nvme"}) for name in ("nvme-depth2", "nvme-staged1", "nvme-staged6", "nvme-mixed-3mb",
+DISK_TIMED = {name: frozenset({"nvme"}) for name in ("nvme-depth2", "nvme-depth3-6layers", "nvme-staged1", "nvme-staged6", "nvme-mixed-3mb",
                                                     "split-homes")}
 
 
