@@ -71,7 +71,7 @@ def host_adamw_step(
     step: "torch.Tensor", *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
     kernel: str = DEFAULT_HOST_KERNEL,
 ) -> None:
-    """The host-chunk AdamW step (the one ``planner.profile`` times for ``cpu_adam_params_per_s``)."""
+    """The host-chunk AdamW step (the one ``runtime.profiling`` times for ``cpu_adam_params_per_s``)."""
     adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                kernel=kernel)
 

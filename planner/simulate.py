@@ -206,7 +206,7 @@ class _StepBuilder:
                 allocs.append(self._staging(c))
         if not allocs:
             return
-        # The training thread's own work per fetch (planner.profile [Note: runtime overhead]).
+        # The training thread's own work per fetch (runtime.overhead_probe [Note: runtime overhead]).
         mark = self.g.add(f"alloc{m}:{'FB'[p]}", "compute", len(new) * self.s.overhead_chunk_fetch_s,
                           alloc_start=allocs, tag=m)
         for c in new:
