@@ -372,8 +372,8 @@ def nvme_chunk_file_bytes(num_elems: int, dtype: DType | str, optimizer: Optimiz
 def within_prefetch_window(c: int, upcoming: Iterable[int], uses: Sequence[Sequence[int]], depth: int) -> bool:
     """Whether chunk ``c`` is among the first ``depth`` distinct chunks used by the blocks
     ``upcoming``, in that order (``uses[q]``: block ``q``'s off-device chunks): the param buffers
-    a prefetch of that depth holds next. The runtime keeps such a chunk's buffer where it would
-    release it (offload.chunks [Note: kept within the prefetch window]). Once inside, a chunk stays
+    a prefetch of that depth holds next. The step's program keeps such a chunk's buffer where it
+    would release it (planner.program [Note: the residency rules]). Once inside, a chunk stays
     inside until its next use: the chunks before it only get fewer as blocks run."""
     seen: set[int] = set()
     for q in upcoming:

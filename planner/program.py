@@ -34,6 +34,7 @@ import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from memtrain.planner.cost import within_prefetch_window
 from memtrain.planner.plan import Action, MemoryPolicy, Op, Tier
 
 __all__ = ["Layout", "PassResult", "lower_forward", "lower_backward", "lower_step", "compute_markers"]
@@ -77,18 +78,8 @@ class Layout:
 
     def within_window(self, c: int, upcoming: Iterable[int]) -> bool:
         """Whether ``c`` is among the first ``prefetch_depth`` distinct off-device chunks the blocks
-        ``upcoming`` use, in that order: the buffers a prefetch of that depth holds next. Once
-        inside, a chunk stays inside until its next use."""
-        seen: set[int] = set()
-        for q in upcoming:
-            for x in self.off_uses(q):
-                if x == c:
-                    return True
-                if x not in seen:
-                    seen.add(x)
-                    if len(seen) >= self.prefetch_depth:
-                        return False
-        return False
+        ``upcoming`` use (``cost.within_prefetch_window``)."""
+        return within_prefetch_window(c, upcoming, _index(self)[0], self.prefetch_depth)
 
 
 @functools.lru_cache(maxsize=64)

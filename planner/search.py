@@ -317,8 +317,10 @@ def _peaks(ctx: _Context, sim: SimResult, policy: MemoryPolicy) -> tuple[dict[st
     return peaks, breakdown
 
 
-def _process_bytes(ctx: _Context, policy: MemoryPolicy, peaks: Mapping[str, int], breakdown, sim: SimResult) -> int:
-    uses_nvme = any(c.home is Tier.NVME for c in policy.chunks) or ActPolicy.SWAP_NVME in policy.activations
+def _process_bytes(ctx: _Context, policy: MemoryPolicy, peaks: Mapping[str, int], breakdown, sim: SimResult, *,
+                   threads: bool = True) -> int:
+    """``footprint.process_bytes`` of a simulated step; ``threads``: with the NVMe store's threads."""
+    uses_nvme = threads and (any(c.home is Tier.NVME for c in policy.chunks) or ActPolicy.SWAP_NVME in policy.activations)
     return footprint.process_bytes(device_peak_bytes=peaks["device"], pooled_peak_bytes=sim.pooled_peak_bytes,
                                    pooled_resident_bytes=sim.pooled_resident_bytes,
                                    act_peak_bytes=sim.act_peak_bytes, workspace_bytes=breakdown["device"]["workspace"],
@@ -363,10 +365,7 @@ def _ram_overflow(ctx: _Context, policy: MemoryPolicy, peaks: Mapping[str, int],
     kept for what the allocators hold; this checks that what they hold fits the budgets."""
     if ctx.device.kind != "cpu":
         return ""
-    need = footprint.process_bytes(device_peak_bytes=peaks["device"], pooled_peak_bytes=sim.pooled_peak_bytes,
-                                   pooled_resident_bytes=sim.pooled_resident_bytes,
-                                   act_peak_bytes=sim.act_peak_bytes, workspace_bytes=breakdown["device"]["workspace"],
-                                   device=ctx.device, uses_nvme=False)
+    need = _process_bytes(ctx, policy, peaks, breakdown, sim, threads=False)
     if need <= ctx.ram_bytes:
         return ""
     return (f"{_RAM_SHORT}{_gib(need)} of RAM (both tiers, the buffer pool's slack, "

@@ -19,6 +19,7 @@ from memtrain.planner.plan import (
 )
 from memtrain.planner.stats import DType, ModelStats
 from memtrain.planner.program import Layout, lower_step
+from memtrain.planner.simulate_optim import _OptimizerSteps
 from memtrain.planner.taskgraph import STREAMS, GraphResult, TaskGraph, simulate_graph
 
 __all__ = [
@@ -96,7 +97,7 @@ class SimResult:
     """Micro-batches simulated event by event (the rest are extrapolated)."""
 
 
-class _StepBuilder:
+class _StepBuilder(_OptimizerSteps):
     """Builds the task graph of one step in the runtime's program order (see simulate_step).
 
     [Note: program order] The ledgers record allocations when the training thread makes them,
@@ -150,6 +151,7 @@ class _StepBuilder:
                        for b, c in zip(self.pbytes, self.chunks)]
         self.accum_s = [cost.host_grad_accum_time_s(c.num_elems, dt, host) for c in self.chunks]
         self.cpu = cpu_stream(device)
+        self.grads = grads_stream(device)
         self.copy_in, self.copy_out = copy_streams(device)
         self.early = DType(train.dtype) is not DType.FP16  # [Note: early optimizer step]
         self.optim_tasks: list[int] = []  # early updates queued on the background thread
@@ -264,60 +266,6 @@ class _StepBuilder:
         self._optimizer(prev_accum)
         return g
 
-    def _carry_in(self) -> None:
-        """offload.optim [Note: write-backs across the step end]: the write-backs the last step
-        left running (the same chunks this step leaves), submitted before this step's first
-        fetch; their staging and rewrite copies are held until the training thread waits for
-        each ([Note: carried write-backs released lazily]: ``_release_carried``)."""
-        for c in self.carried:
-            ch = self.chunks[c]
-            mark = self.g.add(f"carried@c{c}", "compute", 0.0, alloc_start=[self._states_staging(c), self._rewrite(c)], tag=0)
-            nbytes = cost.chunk_disk_bytes(ch.num_elems, self.train.dtype, self.train.optimizer)
-            self.behind[c] = self.g.add(f"write-states@c{c}:carried", "disk",
-                                        cost.disk_write_time_s(nbytes, self.nvme, self.comp), deps=(mark,), tag=0)
-
-    def _release_carried(self, m: int, c: int | None = None) -> bool:
-        """offload.optim [Note: carried write-backs released lazily]: the training thread waits for
-        chunk ``c``'s carried write-back (None: the oldest) and the copies out of its staging,
-        then frees the staging and the rewrite copy; False when there is none."""
-        if c is None and self.behind:
-            c = next(iter(self.behind))
-        if c not in self.behind:
-            return False
-        self.g.add(f"release@c{c}:carried", "compute", 0.0, deps=(self.behind.pop(c), *self.carried_copies.pop(c, ())),
-                   free_end=[self._states_staging(c), self._rewrite(c)], tag=m)
-        return True
-
-    def _num_staged(self) -> int:
-        return len(self.ahead) + len(self.writing) + len(self.behind)
-
-    def _read_ahead(self, m: int) -> None:
-        """offload.optim [Note: states read ahead]: at a backward block's start, after its
-        fetches, the next chunk's states are read into staging if a slot is free (carried
-        write-backs give theirs up first)."""
-        if not self.ahead_slots or len(self.ahead) >= self.ahead_slots:
-            return
-        c = next((c for c in self.ahead_order if c not in self.ahead and c not in self.stepped), None)
-        if c is None:
-            return
-        while self._num_staged() >= self.policy.optim_staged_chunks and self._release_carried(m):
-            pass
-        if self._num_staged() >= self.policy.optim_staged_chunks:
-            return
-        ch, dt, opt = self.chunks[c], self.train.dtype, self.train.optimizer
-        mark = self.g.add(f"alloc@c{c}:ahead", "compute", 0.0, alloc_start=[self._ahead_staging(c)], tag=m)
-        nbytes = cost.nvme_optim_read_bytes(ch.num_elems, dt, opt, early=True)
-        self.ahead[c] = self.g.add(f"read-states@c{c}:ahead", "disk",
-                                   cost.disk_read_time_s(nbytes, self.nvme, self.comp), deps=(mark,), tag=m)
-
-    def _ahead_staging(self, c: int) -> tuple[str, str, int]:
-        """The staging a read ahead takes: all of it but the master when the param buffer becomes
-        the master (offload.optim [Note: master from the param buffer])."""
-        tier, owner, nbytes = self._states_staging(c)
-        n, dt, opt = self.chunks[c].num_elems, self.train.dtype, self.train.optimizer
-        master = cost.nvme_optim_read_bytes(n, dt, opt, early=False) - cost.nvme_optim_read_bytes(n, dt, opt, early=True)
-        return (tier, owner, nbytes - master)
-
     def _forward_block(self, m: int, j: int) -> None:
         g, b, pol = self.g, self.s.blocks[j], self.policy.activations[j]
         dev, hst, nvm = Tier.DEVICE.value, Tier.HOST.value, Tier.NVME.value
@@ -428,159 +376,6 @@ class _StepBuilder:
             if self.early and m == self.n - 1:
                 self._optim_early(m, c, bt, prev_accum[c])
         return bt
-
-    def _states_staging(self, c: int) -> tuple[str, str, int]:
-        ch = self.chunks[c]
-        return (Tier.HOST.value, f"staging:{c}", cost.nvme_optim_staging_bytes(ch.num_elems, self.train.dtype, self.train.optimizer))
-
-    def _wait_write(self, m: int) -> int:
-        """The training thread waits for the oldest early write-back; its staging goes."""
-        k, op = self.writing.pop(0)
-        # The write is put on the in-order disk stream only here: placed at its update, it would
-        # hold back every backward fetch read behind an update still running, which the
-        # runtime's store (writes submitted when the update ends) does not.
-        if op is None:  # an update deferred to the training thread runs when first waited for
-            op = self._run_deferred(k)
-        ch = self.chunks[k]
-        nbytes = cost.chunk_disk_bytes(ch.num_elems, self.train.dtype, self.train.optimizer)
-        wr = self.g.add(f"write-states@c{k}", "disk", cost.disk_write_time_s(nbytes, self.nvme, self.comp), deps=(op,),
-                        tag=self.n)
-        return self.g.add(f"wait@c{k}", "compute", 0.0, deps=(wr,), free_end=[self._states_staging(k), self._rewrite(k)],
-                          tag=m)
-
-    def _rewrite(self, c: int) -> tuple[str, str, int]:
-        """The second copy of an nvme chunk's files while they are rewritten (offload.nvme keeps the
-        old copy until the rename). Early updates run on another thread, so the sim holds it over
-        the whole window the runtime's may fall in: from queueing to the write-back's wait."""
-        ch = self.chunks[c]
-        return (Tier.NVME.value, f"chunk:{c}:rewrite", cost.nvme_chunk_file_bytes(ch.num_elems, self.train.dtype, self.train.optimizer))
-
-    def _optim_early(self, m: int, c: int, bt: int, acc: int) -> None:
-        """Chunk ``c``'s gradients are complete in the last micro-batch: queue its update
-        (offload.optim.OffloadedOptimizer.step_early; [Note: early optimizer step]). The
-        training thread's marker follows the block's backward ``bt`` in program order; the
-        update itself waits for the accumulation ``acc`` (on a GPU the cpu stream also runs
-        accumulations, which a marker waiting on them would wrongly stall the compute behind)."""
-        g, ch, dt, opt = self.g, self.chunks[c], self.train.dtype, self.train.optimizer
-        upd_s = cost.cpu_optimizer_time_s(ch.num_elems, opt, self.host)  # ZeRO-Offload CPU Adam term
-        if ch.home is Tier.HOST:
-            self.optim_tasks.append(g.add(f"OPTIM@c{c}", self.cpu, upd_s, deps=(acc,), tag=self.n))
-            return
-        self.stepped.add(c)
-        self._release_carried(m, c)  # offload.optim [Note: carried write-backs released lazily]
-        rd = self.ahead.pop(c, None)
-        if rd is None:
-            while (self.behind or self.writing) and self._num_staged() >= self.policy.optim_staged_chunks:
-                if not self._release_carried(m):
-                    self._wait_write(m)
-            mark = g.add(f"alloc@c{c}:states", "compute", 0.0, deps=(bt,),
-                         alloc_start=[self._states_staging(c), self._rewrite(c)], tag=m)
-            nbytes = cost.nvme_optim_read_bytes(ch.num_elems, dt, opt, early=True)
-            rd = g.add(f"read-states@c{c}", "disk", cost.disk_read_time_s(nbytes, self.nvme, self.comp), deps=(mark,), tag=self.n)
-        else:  # the rest of the staging (the master, handed over from the param buffer) and the rewrite
-            tier, owner, full = self._states_staging(c)
-            rest = full - self._ahead_staging(c)[2]
-            g.add(f"alloc@c{c}:states", "compute", 0.0, deps=(bt,),
-                  alloc_start=([(tier, owner, rest)] if rest else []) + [self._rewrite(c)], tag=m)
-        if self.inline:  # offload.optim [Note: where early updates run]: one chunk late, on this thread
-            for k, _ in [w for w in self.writing if w[1] is None]:
-                self._run_deferred(k)
-            self.deferred[c] = (rd, acc)
-            self.writing.append((c, None))
-            return
-        op = g.add(f"OPTIM@c{c}", self.cpu, upd_s, deps=(rd, acc), tag=self.n)
-        self.optim_tasks.append(op)
-        self.writing.append((c, op))
-
-    def _run_deferred(self, c: int) -> int:
-        """A CPU device's deferred nvme update runs now on the training thread (compute stream)."""
-        rd, acc = self.deferred.pop(c)
-        upd_s = cost.cpu_optimizer_time_s(self.chunks[c].num_elems, self.train.optimizer, self.host)
-        op = self.g.add(f"OPTIM@c{c}", self.cpu, upd_s, deps=(rd, acc), tag=self.n)
-        self.optim_tasks.append(op)
-        self.writing = [(k, op if k == c else o) for k, o in self.writing]
-        return op
-
-    def _grad_out(self, m: int, c: int, bt: int, prev: int | None) -> int:
-        """Add the chunk's grad buffer into its fp32 host accumulator, then free the buffer (an nvme
-        chunk's accumulator is taken at its first flush of the step; offload.grads)."""
-        deps = (bt,) if prev is None else (bt, prev)  # a chunk's adds run in micro-batch order
-        grad = ("device", f"buffer:grad:{c}", self.pbytes[c])
-        acc = [("host", f"chunk:{c}", cost.host_grad_accum_bytes(self.chunks[c].num_elems))] \
-            if m == 0 and self.chunks[c].home is Tier.NVME else []
-        if self.flush_s[c] == 0.0:  # a CPU device: the accumulator reads the buffer in place
-            return self.g.add(f"accum{m}@c{c}", self.cpu, self.accum_s[c], deps=deps, alloc_start=acc,
-                              free_end=(grad,), tag=m)
-        landing = ("host", f"staging:grad:{c}", self.pbytes[c])
-        d = self.g.add(f"OFFLOAD{m}@c{c}", self.copy_out, self.flush_s[c], deps=(bt,), alloc_start=[*acc, landing],
-                       free_end=(grad,), tag=m)
-        return self.g.add(f"accum{m}@c{c}", grads_stream(self.device), self.accum_s[c], deps=(d, *deps[1:]),
-                          free_end=(landing,), tag=m)
-
-    def _optimizer(self, accum: dict[int, int]) -> None:
-        """The optimizer step after the last micro-batch's backward (offload.optim.OffloadedOptimizer.step):
-        the device chunks, then a wait for the early updates and their write-backs; under fp16,
-        device and host chunks in chunk order, then NVMe chunks streamed (read one ahead, at most
-        two write-backs in flight). Then the NVMe chunks' host accumulators are freed."""
-        g, dt, opt, tag = self.g, self.train.dtype, self.train.optimizer, self.n
-        end = len(g) - 1
-        resident = sum(c.num_elems for c in self.chunks if c.home is Tier.DEVICE)
-        if resident:
-            end = g.add("OPTIM@device", "compute", cost.device_optimizer_time_s(resident, dt, opt, self.device),
-                        deps=(end,), tag=tag)
-        if self.early:  # the early updates are waited for (a deferred one runs), then the write-backs in order
-            for c in list(self.deferred):
-                self._run_deferred(c)
-            point = g.add("wait-updates", "compute", 0.0, deps=(end, *self.optim_tasks), tag=tag)
-            # [Note: write-backs across the step end] the writes left run on into the next step
-            assert [c for c, _ in self.writing] == self.carried, (self.writing, self.carried)
-            accs = [(Tier.HOST.value, f"chunk:{c.index}", cost.host_grad_accum_bytes(c.num_elems))
-                    for c in self.chunks if c.home is Tier.NVME and c.index in accum]
-            if accs:
-                g.add("zero_grad", "compute", 0.0, deps=(point,), free_end=accs, tag=tag)
-            return
-        for c in self.chunks:
-            if c.home is Tier.HOST:
-                deps = (end, accum[c.index]) if c.index in accum else (end,)
-                g.add(f"OPTIM@c{c.index}", self.cpu, cost.cpu_optimizer_time_s(c.num_elems, opt, self.host), deps=deps, tag=tag)
-        streamed = [c for c in self.chunks if c.home is Tier.NVME and c.index in accum]
-        if not streamed:
-            return
-        hst, nvm = Tier.HOST.value, Tier.NVME.value
-
-        def staging(c) -> tuple[str, str, int]:
-            return (hst, f"staging:{c.index}", cost.nvme_optim_staging_bytes(c.num_elems, dt, opt))
-
-        def read(c, after: int) -> int:
-            mark = g.add(f"alloc@c{c.index}:states", self.cpu, 0.0, deps=(after,), alloc_start=[staging(c)], tag=tag)
-            nbytes = cost.chunk_disk_bytes(c.num_elems, dt, opt)
-            return g.add(f"read-states@c{c.index}", "disk", cost.disk_read_time_s(nbytes, self.nvme, self.comp),
-                         deps=(mark,), tag=tag)
-
-        reads = {0: read(streamed[0], end)}
-        writes: list[tuple[int, int]] = []  # (position, write task) in flight
-        point = end
-        for pos, c in enumerate(streamed):
-            if pos + 1 < len(streamed):
-                reads[pos + 1] = read(streamed[pos + 1], point)
-            # Each rewritten file holds its old and new copy until the rename (offload.nvme).
-            files = [(nvm, f"chunk:{c.index}:rewrite", cost.nvme_chunk_file_bytes(c.num_elems, dt, opt))]
-            op = g.add(f"OPTIM@c{c.index}", self.cpu, cost.cpu_optimizer_time_s(c.num_elems, opt, self.host),
-                       deps=(reads.pop(pos), accum[c.index]), alloc_end=files, tag=tag)
-            nbytes = cost.chunk_disk_bytes(c.num_elems, dt, opt)
-            writes.append((pos, g.add(f"write-states@c{c.index}", "disk",
-                                      cost.disk_write_time_s(nbytes, self.nvme, self.comp), deps=(op,),
-                                      free_end=files, tag=tag)))
-            point = op
-            while len(writes) > 1:
-                done_pos, wr = writes.pop(0)
-                point = g.add(f"wait@c{streamed[done_pos].index}", self.cpu, 0.0, deps=(point, wr),
-                              free_end=[staging(streamed[done_pos])], tag=tag)
-        for done_pos, wr in writes:
-            point = g.add(f"wait@c{streamed[done_pos].index}", self.cpu, 0.0, deps=(point, wr),
-                          free_end=[staging(streamed[done_pos])], tag=tag)
-        accs = [(hst, f"chunk:{c.index}", cost.host_grad_accum_bytes(c.num_elems)) for c in streamed]
-        g.add("zero_grad", self.cpu, 0.0, deps=(point,), free_end=accs, tag=tag)
 
 
 def _flush_copy_s(num_bytes: int, device: DeviceSpec) -> float:
