@@ -1,8 +1,8 @@
 """Per-stream work of a step without simulating it, and the param-buffer fetches it makes.
 
 ``stream_work_s`` is the search's lower bound (planner.search screens candidates with it before
-simulating them); ``fetch_counts`` walks the simulator's residency rules (planner.simulate,
-offload.chunks) to count the fetches. Both use the durations ``simulate_step`` uses, and the
+simulating them); ``fetch_counts`` counts the fetches of the step's program (planner.program),
+which the engine runs and the simulator times. Both use the durations ``simulate_step`` uses, and the
 tests check them against the simulated graph.
 """
 
@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
 from memtrain.planner import cost
-from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier, TrainShape
+from memtrain.planner.plan import ActPolicy, MemoryPolicy, Op, Tier, TrainShape
+from memtrain.planner.program import Layout, lower_backward, lower_forward
 from memtrain.planner.simulate import STREAMS, _flush_copy_s, copy_streams, cpu_stream, grads_stream
 from memtrain.planner.stats import DType, ModelStats
 
@@ -82,55 +83,24 @@ def stream_work_s(
 
 
 def fetch_counts(uses: Sequence[Sequence[int]], prefetch_depth: int, num_microbatches: int) -> dict[int, int]:
-    """Param-buffer fetches per chunk over one step: the residency rules of ``_StepBuilder``
-    (offload.chunks: fetch at use, prefetch, release, [Note: across pass ends], [Note: kept within
-    the prefetch window]) walked without building a graph. ``uses[j]``: block ``j``'s off-device
-    chunks. The first micro-batch starts with nothing resident, the last releases everything, and
-    those between repeat one another (what each leaves resident depends only on the rules), so at
-    most three are walked and the middle one counts ``num_microbatches - 2`` times."""
-    num, depth, n = len(uses), prefetch_depth, num_microbatches
-    done_at: dict[int, list[int]] = defaultdict(list)  # gradients complete at the first block using the chunk
-    for c in {c for cs in uses for c in cs}:
-        done_at[min(j for j, cs in enumerate(uses) if c in cs)].append(c)
-    counts: dict[int, int] = defaultdict(int)
-    res: set[int] = set()
+    """Param-buffer fetches per chunk over one step: the ``PREFETCH`` actions of the step's
+    program (planner.program), counted without building a graph. ``uses[j]``: block ``j``'s
+    off-device chunks. The first micro-batch starts with nothing resident, the last releases
+    everything, and those between repeat one another (what each leaves resident depends only on
+    the rules), so at most three are lowered and the middle one counts ``num_microbatches - 2``
+    times."""
+    layout = Layout(uses=tuple(tuple(u) for u in uses), off=frozenset(c for u in uses for c in u),
+                    prefetch_depth=prefetch_depth)
+    n = num_microbatches
     walked = min(n, 3)
+    counts: dict[int, int] = defaultdict(int)
+    resident: tuple[int, ...] = ()
     for m in range(walked):
         weight = n - 2 if walked == 3 and m == 1 else 1
-        more = m < walked - 1  # another micro-batch's forward follows this backward
-
-        def fetch(cs, ahead) -> None:
-            for c in cs:
-                if c not in res:
-                    res.add(c)
-                    counts[c] += weight
-            if depth <= 1:
-                return
-            for q in ahead:
-                for c in uses[q]:
-                    if len(res) >= depth:
-                        return
-                    if c not in res:
-                        res.add(c)
-                        counts[c] += weight
-
-        def bwd_upcoming(j: int) -> tuple[int, ...]:
-            return (*range(j, -1, -1), *(range(num) if more else ()))
-
-        for j in range(num):
-            fetch(uses[j], range(j + 1, num))
-            nxt = set(uses[j + 1]) if j + 1 < num else set(uses[j])
-            upcoming = (*range(j + 1, num), *range(num - 1, -1, -1))
-            res.difference_update(c for c in uses[j] if c not in nxt
-                                  and not cost.within_prefetch_window(c, upcoming, uses, depth))
-        for j in range(num - 1, -1, -1):
-            if j + 1 < num:
-                res.difference_update(c for c in uses[j + 1] if c not in uses[j]
-                                      and not cost.within_prefetch_window(c, bwd_upcoming(j), uses, depth))
-            fetch(uses[j], bwd_upcoming(j - 1))
-            if not (j == 0 and more):
-                res.difference_update(c for c in done_at.get(j, ())
-                                      if not cost.within_prefetch_window(c, bwd_upcoming(j - 1), uses, depth))
-        if not more:
-            res.clear()
+        fwd = lower_forward(layout, m, resident)
+        bwd = lower_backward(layout, m, fwd.resident, next_forward=m < walked - 1)
+        for a in fwd.actions + bwd.actions:
+            if a.op is Op.PREFETCH:
+                counts[a.chunk] += weight
+        resident = bwd.resident
     return dict(counts)

@@ -29,10 +29,9 @@ come, ``lower_step`` strings a whole step of ``train_step`` together.
 
 from __future__ import annotations
 
-import functools
 import itertools
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from memtrain.planner.cost import within_prefetch_window
 from memtrain.planner.plan import Action, MemoryPolicy, Op, Tier
@@ -54,6 +53,8 @@ class Layout:
     """Chunks whose home is NVMe."""
     loose: tuple[int, ...] = ()
     """Chunks of modules outside every block: kept past the last block's backward."""
+    _memo: dict = field(default_factory=dict, init=False, compare=False, hash=False, repr=False)
+    """``_index``'s result, kept on the instance: hashing the layout for a cache costs as much."""
 
     @staticmethod
     def of(policy: MemoryPolicy, uses: Sequence[Sequence[int]], loose: Sequence[int] = ()) -> "Layout":
@@ -82,14 +83,17 @@ class Layout:
         return within_prefetch_window(c, upcoming, _index(self)[0], self.prefetch_depth)
 
 
-@functools.lru_cache(maxsize=64)
 def _index(layout: Layout) -> tuple[tuple[tuple[int, ...], ...], dict[int, int]]:
     """Per block its off-device chunks; per chunk the first block using it."""
+    memo = layout._memo.get("index")
+    if memo is not None:
+        return memo
     off_uses = tuple(tuple(c for c in u if c in layout.off) for u in layout.uses)
     first: dict[int, int] = {}
     for q, u in enumerate(layout.uses):
         for c in u:
             first.setdefault(c, q)
+    layout._memo["index"] = off_uses, first
     return off_uses, first
 
 
@@ -121,8 +125,9 @@ class _Lowering:
     def prefetch(self, order: Iterable[int]) -> None:
         if self.layout.prefetch_depth <= 1:
             return
+        off_uses = _index(self.layout)[0]
         for q in order:
-            for c in self.layout.uses[q]:
+            for c in off_uses[q]:
                 if len(self.resident) >= self.layout.prefetch_depth:
                     return
                 self.fetch(c)
@@ -135,7 +140,7 @@ class _Lowering:
 
     def release_after(self, pos: int, nxt: set[int], upcoming) -> None:
         for c in self.layout.uses[pos]:
-            if c not in nxt and not self.layout.within_window(c, upcoming()):
+            if c in self.resident and c not in nxt and not self.layout.within_window(c, upcoming()):
                 self.release(c)
 
 
@@ -181,6 +186,8 @@ def lower_backward(layout: Layout, mb: int, resident: Sequence[int], *, next_for
         low.block(Op.B, pos, after(pos - 1))
         done = sorted((c for c in layout.off_uses(pos) if layout.complete_at(c) == pos), reverse=True)
         for c in done:
+            if c not in low.resident:
+                continue
             handed = hand_off and c in layout.nvme
             stays = (next_forward and c in layout.uses[0]) or (not handed and layout.within_window(c, after(pos - 1)))
             if not stays:
