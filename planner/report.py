@@ -224,6 +224,11 @@ def _policy_table(plan: Plan) -> _Table:
          else "no NVMe chunks"),
         ("activations", act_text),
     ]
+    if ActPolicy.SWAP_HOST in mem.activations or ActPolicy.SWAP_NVME in mem.activations:
+        pacing = f"swap-ins {mem.swap_in_ahead} block(s) ahead of the backward"
+        if ActPolicy.SWAP_NVME in mem.activations:
+            pacing += f", {mem.swap_writes_in_flight} NVMe write(s) in flight"
+        rows.append(("swap pacing", pacing))
     return _Table(title="Memory policy", columns=(), rows=tuple(rows))
 
 

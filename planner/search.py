@@ -10,6 +10,7 @@ candidate whose bound is no better than the best simulated time is never simulat
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from memtrain.config import MAX_GLOBAL_BATCH_SIZE
 from memtrain.errors import UserError
 from memtrain.planner import cost, footprint
 from memtrain.planner.plan import (
-    ActPolicy, Alternative, ChunkPlan, DevicePrediction, MemoryPolicy, Plan, Prediction, Tier, TimelineEvent, TrainShape,
+    DEFAULT_SWAP_IN_AHEAD, DEFAULT_SWAP_WRITES_IN_FLIGHT, ActPolicy, Alternative, ChunkPlan, DevicePrediction, MemoryPolicy, Plan, Prediction, Tier, TimelineEvent, TrainShape,
 )
 from memtrain.planner.schedule import add_activation_swaps, generate_single_device, lower_chunks
 from memtrain.planner.bounds import stream_work_s
@@ -123,7 +124,8 @@ def _chunk_partitions(stats: ModelStats, param_numels: Mapping[str, int] | None,
     return out
 
 
-def _greedy_activations(ctx: _Context, room_bytes: int, off_elems_per_mb: int, nvme_room: int, host_room: int) -> tuple[ActPolicy, ...] | None:
+def _greedy_activations(ctx: _Context, room_bytes: int, off_elems_per_mb: int, nvme_room: int, host_room: int, *,
+                        swaps: bool = True) -> tuple[ActPolicy, ...] | None:
     """Per-block activation policies whose device footprint fits ``room_bytes``, cheapest first.
 
     Estimated device footprint of one micro-batch (F and B alternate per micro-batch):
@@ -133,6 +135,8 @@ def _greedy_activations(ctx: _Context, room_bytes: int, off_elems_per_mb: int, n
     the block's F and B, and the stream's spare time per micro-batch cover them), earliest
     blocks first since their window is longest; (2) recompute, cheapest forward per byte saved
     first (Chen et al. 2016); (3) recompute the swapped blocks too. None when nothing fits.
+    ``swaps=False`` skips (1): the search tries both, since a swap the estimate hides may not
+    hide in the simulation.
     """
     s, dev, dt = ctx.stats, ctx.device, ctx.train.dtype
     blocks = s.blocks
@@ -155,7 +159,7 @@ def _greedy_activations(ctx: _Context, room_bytes: int, off_elems_per_mb: int, n
     for j in range(len(blocks) - 2, -1, -1):
         after[j] = after[j + 1] + fwd[j + 1] + bwd[j + 1]
     disk_spare = compute_mb
-    for j, b in enumerate(blocks):
+    for j, b in enumerate(blocks if swaps else ()):
         a = b.activation_bytes
         copy_s = cost.h2d_time_s(a, dev)
         if a <= b.input_bytes or copy_s > pcie_spare or 2 * copy_s > after[j]:
@@ -206,6 +210,11 @@ def _describe(mbs: int, policy: MemoryPolicy) -> str:
     if Tier.NVME in homes:
         text += f", optimizer stages {policy.optim_staged_chunks} NVMe chunks"
     text += f"; activations: {acts}"
+    if any(p in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME) for p in policy.activations):
+        text += f" (swap-ins {policy.swap_in_ahead} block{'s' * (policy.swap_in_ahead != 1)} ahead"
+        if ActPolicy.SWAP_NVME in policy.activations:
+            text += f", {policy.swap_writes_in_flight} NVMe write{'s' * (policy.swap_writes_in_flight != 1)} in flight"
+        text += ")"
     return text + (", zstd on NVMe" if policy.compress_nvme else "")
 
 
@@ -291,19 +300,47 @@ def _candidates_for(ctx: _Context, chunk_size: int, packed: list[tuple[tuple[str
             j = split - k
             off = list(range(k, nc))
             homes = [Tier.DEVICE] * k + [Tier.HOST] * j + [Tier.NVME] * (len(off) - j)
-            acts = _greedy_activations(ctx, room, sum(elems[c] for c in off), nvme_usable - nvme_need, host_room - host_need)
-            if acts is None:
-                continue
+            options = [_greedy_activations(ctx, room, sum(elems[c] for c in off), nvme_usable - nvme_need,
+                                           host_room - host_need, swaps=swaps) for swaps in (True, False)]
             chunks = tuple(ChunkPlan(index=i, num_elems=n, param_names=names, home=homes[i]) for i, (names, n) in enumerate(packed))
-            uses_nvme = Tier.NVME in homes or ActPolicy.SWAP_NVME in acts
-            for compress in ((False, True) if uses_nvme else (False,)):
-                for stages in dict.fromkeys((staged, OPTIM_STAGINGS)):
-                    policy = MemoryPolicy(chunk_size_elems=chunk_size, chunks=chunks, prefetch_depth=depth,
-                                          activations=acts, compress_nvme=compress, optim_staged_chunks=stages)
-                    work = stream_work_s(s, train, ctx.device, ctx.host, ctx.nvme, policy)
-                    out.append(_Candidate(description=_describe(train.micro_batch_size, policy),
-                                          policy=policy, mbs=train.micro_batch_size, bound_s=max(work.values())))
+            for acts in dict.fromkeys(a for a in options if a is not None):
+                out += _policies(ctx, chunk_size, chunks, depth, acts, staged)
     return out
+
+
+def _policies(ctx: _Context, chunk_size: int, chunks: tuple[ChunkPlan, ...], depth: int, acts: tuple[ActPolicy, ...],
+              staged: int) -> list[_Candidate]:
+    """The candidates of one placement and activation choice: with and without zstd where NVMe
+    is used, and the optimizer's staging."""
+    s, train = ctx.stats, ctx.train
+    out = []
+    uses_nvme = any(c.home is Tier.NVME for c in chunks) or ActPolicy.SWAP_NVME in acts
+    for compress in ((False, True) if uses_nvme else (False,)):
+        for stages in dict.fromkeys((staged, OPTIM_STAGINGS)):
+            policy = MemoryPolicy(chunk_size_elems=chunk_size, chunks=chunks, prefetch_depth=depth,
+                                  activations=acts, compress_nvme=compress, optim_staged_chunks=stages)
+            work = stream_work_s(s, train, ctx.device, ctx.host, ctx.nvme, policy)
+            out.append(_Candidate(description=_describe(train.micro_batch_size, policy),
+                                  policy=policy, mbs=train.micro_batch_size, bound_s=max(work.values())))
+    return out
+
+
+def _swap_pacing(policy: MemoryPolicy) -> list[MemoryPolicy]:
+    """[Note: swap pacing] The pacings tried for the chosen policy when it swaps activations,
+    besides its own (the defaults): one block more brought back ahead of the backward (a
+    swap-in hides better behind compute, for one more block's activations on the device) and,
+    with swap_nvme blocks, two NVMe writes in flight (the disk has queued work while the next
+    block runs, for one more block's host staging). Pacing changes no stream's total work, so
+    no candidate's bound tells them apart: the search simulates these after choosing the policy
+    and keeps the fastest that fits (their peaks are checked like any candidate's)."""
+    acts = policy.activations
+    if not any(p in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME) for p in acts):
+        return []
+    aheads = (DEFAULT_SWAP_IN_AHEAD, DEFAULT_SWAP_IN_AHEAD + 1)
+    writes = (DEFAULT_SWAP_WRITES_IN_FLIGHT, DEFAULT_SWAP_WRITES_IN_FLIGHT + 1) if ActPolicy.SWAP_NVME in acts \
+        else (DEFAULT_SWAP_WRITES_IN_FLIGHT,)
+    return [dataclasses.replace(policy, swap_in_ahead=a, swap_writes_in_flight=w) for a in aheads for w in writes
+            if (a, w) != (policy.swap_in_ahead, policy.swap_writes_in_flight)]
 
 
 def _peaks(ctx: _Context, sim: SimResult, policy: MemoryPolicy) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
@@ -507,6 +544,13 @@ def plan(
     if fastest_s is not None:
         near = [(c, r) for c, r, why in tried if not why and r.step_time_s <= fastest_s * (1 + NEAR_TIE)]
         best = min(near, key=lambda t: (_movement(t[0].policy), -t[0].mbs, t[1].step_time_s))
+        ctx = contexts[best[0].mbs]
+        for paced in _swap_pacing(best[0].policy):  # [Note: swap pacing]
+            sim = simulate_step(ctx.stats, ctx.train, device, host, nvme, paced, timeline=False)
+            peaks, breakdown = _peaks(ctx, sim, paced)
+            if sim.step_time_s < best[1].step_time_s and not (
+                    _overflow(peaks, usable) or _ram_overflow(ctx, paced, peaks, breakdown, sim)):
+                best = (dataclasses.replace(best[0], policy=paced, description=_describe(best[0].mbs, paced)), sim)
 
     if best is None:
         mbs = min(mbs_options)
