@@ -1,7 +1,7 @@
 """Chunked model states (PatrickStar, Fang et al. 2022; ProTrain, Yang et al. 2024).
 
 Parameters are packed in execution order into flat chunks (``MemoryPolicy.chunks``; packing
-rule: ``planner.cost.pack_params``). Each chunk keeps, on its **home** tier, its fp32 master
+rule: ``planner.plan.pack_params``). Each chunk keeps, on its **home** tier, its fp32 master
 parameters, optimizer states and fp32 gradient accumulator (offload.grads [Note: fp32 accumulators]; bytes
 and owners exactly as in docs/memory-accounting.md). A chunk whose home is not the device is brought into a device
 **param buffer** before a block uses it — prefetched up to ``prefetch_depth`` buffers, in forward
