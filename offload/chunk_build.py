@@ -112,7 +112,7 @@ def fill_chunk(store, c: Chunk) -> None:
             if t is not None:
                 store._free(store.host_ledger, staging, t)
     for s in c.slots:
-        s.param.data = store._placeholder(cd).expand(s.shape)
+        s.param.data = store.placeholder.expand(s.shape)
         s.param.grad = None
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from memtrain.errors import UserError
-from memtrain.planner.plan import ChunkPlan, Tier
+from memtrain.planner.plan import ChunkPlan, Tier, pack_params
 from memtrain.planner.stats import DType
 
 __all__ = [
@@ -95,12 +95,10 @@ def param_order(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]]) -> li
 
 def make_chunk_plans(params: Sequence[tuple[str, int]] | Sequence[Sequence[tuple[str, int]]], chunk_size_elems: int,
                      homes: Tier | str | Sequence[Tier | str]) -> tuple[ChunkPlan, ...]:
-    """Pack ``params`` with the planner's rule (``planner.cost.pack_params``): grouped by block
+    """Pack ``params`` with the planner's rule (``planner.plan.pack_params``): grouped by block
     (``block_param_order``, the planner's chunks: blocks never straddle chunks needlessly) or flat
     (``param_order``: parameters packed one by one). ``homes`` is one tier for all chunks or one
     per chunk."""
-    from memtrain.planner.cost import pack_params
-
     packed = pack_params(params, chunk_size_elems)
     if isinstance(homes, (str, Tier)):
         homes = [homes] * len(packed)

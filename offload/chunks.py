@@ -1,7 +1,7 @@
 """Chunked model states (PatrickStar, Fang et al. 2022; ProTrain, Yang et al. 2024).
 
 Parameters are packed in execution order into flat chunks (``MemoryPolicy.chunks``; packing
-rule: ``planner.cost.pack_params``). Each chunk keeps, on its **home** tier, its fp32 master
+rule: ``planner.plan.pack_params``). Each chunk keeps, on its **home** tier, its fp32 master
 parameters, optimizer states and fp32 gradient accumulator (offload.grads [Note: fp32 accumulators]; bytes
 and owners exactly as in docs/memory-accounting.md). A chunk whose home is not the device is brought into a device
 **param buffer** before a block uses it — prefetched up to ``prefetch_depth`` buffers, in forward
@@ -28,6 +28,13 @@ blocks use within that window, so no fetch is repeated at a forward's end or bet
 micro-batches), and the block hooks run it ([Note: the program's interpreter]). ``executed``
 records what ran; the golden test sets it against the plan's program.
 
+The store's pieces: this file holds the chunks' memory and residency (fetch and release: the
+handlers of the program's ``PREFETCH`` and ``OFFLOAD``), the saved-view resolver and the state
+reads and writes; ``chunk_hooks.py`` the block and gradient hooks that move the pass's program
+along (``ChunkStore.hooks``; other mechanisms' ops join its interpreter through
+``add_handlers``); ``chunk_build.py`` building the chunks and reading the parameters back;
+``chunk_layout.py`` the layout rules and the records.
+
 [Note: CPU-only fetch] Without a GPU the device tier is host memory, so copying a chunk from host
 staging into its "device" buffer would be a memcpy on the cores the compute needs (12 ms per
 28 MiB chunk measured on 2 shared cores, 52 fetches per step of the 100m model). There the disk
@@ -41,20 +48,18 @@ memory really held (by ``N·c`` while a read is in flight).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from enum import Enum
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from memtrain.offload.bufpool import BufferPool
 from memtrain.offload.chunk_build import block_uses, fill_chunk, gather_params, lay_out, load_params
+from memtrain.offload.chunk_hooks import ChunkHooks
 from memtrain.offload.chunk_layout import (Chunk, ParamRef, ParamSlot, block_param_order, make_chunk_plans, named_blocks,
                                            param_order, torch_dtype)
 from memtrain.offload.grads import Gradients
 from memtrain.offload.ledger import Ledger
-from memtrain.offload.program_runner import ProgramRunner
 from memtrain.offload.tiers import CopyHandle, copy_async, copy_stream
 from memtrain.planner.plan import Action, ChunkPlan, Op, Tier
 from memtrain.planner.stats import DType
@@ -63,11 +68,6 @@ __all__ = [
     "ParamRef", "ParamSlot", "Chunk", "ChunkStore", "named_blocks", "block_param_order", "param_order", "make_chunk_plans",
     "torch_dtype",
 ]
-
-class _Phase(Enum):
-    IDLE = 0
-    FORWARD = 1
-    BACKWARD = 2
 
 
 class _NvmeFetch:
@@ -86,17 +86,6 @@ class _NvmeFetch:
             return
         self.store._copy(self.chunk.buf, self.staging).wait_stream()
         self.store._free(self.store.host_ledger, owner, self.staging)
-
-
-def _tensors(obj: Any) -> Iterator[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _tensors(o)
-    elif isinstance(obj, Mapping):
-        for o in obj.values():
-            yield from _tensors(o)
 
 
 class ChunkStore:
@@ -135,13 +124,13 @@ class ChunkStore:
         (``PREFETCH``) and release (``OFFLOAD``) and each block's forward and backward start (the
         compute markers). The engine clears it at each ``train_step``; the golden test sets it
         against the program the planner lowers."""
-        self._phase = _Phase.IDLE
+        self.loose_chunks: tuple[int, ...] = ()
+        """Chunks of modules outside every block ([Note: loose parameters])."""
+        self.held_for_backward = False
+        """The last forward kept buffers for a backward that has not come."""
+        self.placeholder: torch.Tensor | None = None
+        """The NaN scalar a released parameter's ``.data`` expands ([Note: released parameters])."""
         self._by_ptr: dict[int, int] = {}
-        self._handles: list = []
-        self._loose: list[tuple[nn.Module, tuple[int, ...]]] = []
-        self._loose_chunks: tuple[int, ...] = ()
-        self._events: dict[int, tuple[torch.Tensor, list]] = {}
-        self._placeholders: dict[torch.dtype, torch.Tensor] = {}
         self._built = False
         self.on_grads_final = None
         """Called with a chunk whose gradients of the step are complete (its last micro-batch's
@@ -152,13 +141,10 @@ class ChunkStore:
         """Called at each block's backward start, after its fetches began (offload.optim [Note: states read ahead])."""
         self.fetch_carried = None
         """Asked at each nvme fetch (chunk, buffer): a copy from host, or None (offload.optim [Note: fetch from a write-back])."""
-        self._final = False
-        self._held_for_backward = False
-        self._complete: set[int] = set()  # chunks whose gradients of this backward are complete
-        self._handed: set[int] = set()  # chunks whose param buffer the optimizer took as its master
-        self._runner = ProgramRunner({  # the pass running ([Note: the program's interpreter])
-            Op.PREFETCH: lambda a: self._start(self.chunks[a.chunk]),
-            Op.OFFLOAD: lambda a: self._release(self.chunks[a.chunk], reuse=a.chunk not in self._handed)})
+        self.hooks = ChunkHooks(self)
+        """The block and gradient hooks and the pass they run (offload.chunk_hooks)."""
+        self.runner = self.hooks.runner
+        """The pass's program interpreter (offload.program_runner): one handler per op."""
         self.grads = Gradients(self, asynchronous=self.device.type == "cuda")
         """The chunks' gradient accumulators (offload.grads)."""
         # [Note: why pool CPU buffers] (offload.bufpool): per ledger whose memory is plain CPU RAM.
@@ -208,12 +194,6 @@ class ChunkStore:
         (offload.tiers [Note: copy streams]); ``wait_stream()`` orders the compute stream after it."""
         return copy_async(dst, src, after_current=False)
 
-    def _placeholder(self, dtype: torch.dtype) -> torch.Tensor:
-        ph = self._placeholders.get(dtype)
-        if ph is None:
-            ph = self._placeholders[dtype] = torch.full((), math.nan, dtype=dtype, device=self.device)
-        return ph
-
     def nvme_key(self, chunk: Chunk, part: str) -> str:
         return f"chunk:{chunk.index}:{part}"
 
@@ -223,6 +203,7 @@ class ChunkStore:
         """Copy the parameters into their chunks, point them at device memory, install hooks."""
         assert not self._built
         layout, placed = lay_out(self.model, self.plans)
+        self.placeholder = torch.full((), math.nan, dtype=self.compute_dtype, device=self.device)
         for chunk in layout:  # the plan is valid: only now move the parameters
             fill_chunk(self, chunk)
             self.chunks.append(chunk)
@@ -230,139 +211,13 @@ class ChunkStore:
             for k, b in list(mod._buffers.items()):
                 if b is not None:
                     mod._buffers[k] = b.to(self.device)
-        self.uses, self._loose = block_uses(self.model, self.blocks, placed)
-        self._loose_chunks = tuple(sorted({ci for _, cs in self._loose for ci in cs}))
-        self._install()
+        self.uses, loose = block_uses(self.model, self.blocks, placed)
+        self.loose_chunks = tuple(sorted({ci for _, cs in loose for ci in cs}))
+        self.hooks.install(loose)
         self._built = True
         return self
 
-    # --- hooks ----------------------------------------------------------------------------
-
-    def _install(self) -> None:
-        for pos, (_, block) in enumerate(self.blocks):
-            self._handles.append(block.register_forward_pre_hook(
-                lambda m, a, k, pos=pos: self._pre_forward(pos, a, k), with_kwargs=True))
-            self._handles.append(block.register_forward_hook(lambda m, a, o, pos=pos: self._post_forward(pos, o)))
-        for mod, loose in self._loose:
-            self._handles.append(mod.register_forward_pre_hook(lambda m, a, cs=loose: self._ensure_all(cs)))
-        for c in self.chunks:
-            for si, s in enumerate(c.slots):
-                self._handles.append(s.param.register_post_accumulate_grad_hook(
-                    lambda p, c=c, si=si: self._on_grad(c, si, p)))
-
-    def uninstall(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def _add_event(self, t: torch.Tensor, event: tuple[int, int]) -> None:
-        """Run ``event`` when ``t``'s gradient is computed; ends (0) before starts (1) on one tensor."""
-        entry = self._events.get(id(t))
-        if entry is None or entry[0] is not t:
-            events: list = []
-            entry = self._events[id(t)] = (t, events)
-
-            def hook(grad, events=events):
-                for kind, pos in sorted(events):
-                    (self._bwd_end if kind == 0 else self._bwd_start)(pos)
-
-            t.register_hook(hook)
-        entry[1].append(event)
-
-    def _pre_forward(self, pos: int, args, kwargs) -> None:
-        if self._phase is _Phase.BACKWARD:  # recompute inside backward: just make it resident
-            for ci in self.uses[pos]:
-                self._ensure(self.chunks[ci])
-            return
-        self._phase = _Phase.FORWARD
-        self._fetch_for(Op.F, pos)
-        self.executed.append(Action(0, Op.F, self.microbatch, block=pos))
-        if torch.is_grad_enabled():
-            for t in _tensors((args, kwargs)):
-                if t.requires_grad:
-                    self._add_event(t, (0, pos))
-
-    def _post_forward(self, pos: int, output) -> None:
-        if self._phase is _Phase.BACKWARD:
-            return
-        if torch.is_grad_enabled():
-            for t in _tensors(output):
-                if t.requires_grad:
-                    self._add_event(t, (1, pos))
-        self._run_releases()
-        if pos + 1 == len(self.blocks):
-            self._held_for_backward = torch.is_grad_enabled() and self._num_buffers() > 0
-
-    def _bwd_start(self, pos: int) -> None:
-        self._fetch_for(Op.B, pos)
-        self.executed.append(Action(0, Op.B, self.microbatch, block=pos))
-        if self.on_backward_block is not None:
-            self.on_backward_block()
-
-    def _bwd_end(self, pos: int) -> None:
-        self._run_releases(wait_for_grads=True)
-
-    # --- the program ([Note: the program's interpreter], offload.program_runner) -----------
-
-    def _fetch_for(self, op: Op, pos: int) -> None:
-        """Run the fetches before block ``pos``'s ``op``: the block's own, then (once its chunks
-        are resident and, in a backward, its grad buffers taken) those ahead, so a fetched-ahead
-        chunk's staging is not taken while the block's own still holds its."""
-        own = self.uses[pos]
-        ready = [False]
-
-        def make_ready(a: Action | None = None) -> None:
-            if ready[0] or (a is not None and (a.op is not Op.PREFETCH or a.chunk in own)):
-                return
-            ready[0] = True
-            for ci in own:
-                c = self.chunks[ci]
-                self._ensure(c)
-                if op is Op.B and c.home is not Tier.DEVICE and c.grad_buf is None:
-                    self._alloc_grad_buf(c)
-
-        self._runner.run_to(op, pos, before=make_ready)
-        make_ready()
-
-    def _run_releases(self, *, wait_for_grads: bool = False, complete_only: bool = False) -> None:
-        """Run the releases at the program's cursor. ``wait_for_grads`` (a block's backward is
-        done): stop at a chunk whose gradients are still on their way (some arrived; or a loose
-        module's, whose backward comes after the block's): its gradient hook runs it when they
-        are complete. ``complete_only`` (a chunk's gradients just completed, inside a block's
-        backward): stop at the first chunk whose gradients are not complete, since the block may
-        still read it."""
-        def ready(ci: int) -> bool:
-            if complete_only:
-                return ci in self._complete
-            c = self.chunks[ci]
-            return not (wait_for_grads and ci not in self._complete
-                        and (0 < len(c.mb_seen) < len(c.slots) or ci in self._loose_chunks))
-        self._runner.run_releases(ready)
-
-    @property
-    def num_unplanned(self) -> int:
-        """Blocks run where the program has another: their chunks were made resident anyway."""
-        return self._runner.num_unplanned
-
-    @property
-    def resident_chunks(self) -> tuple[int, ...]:
-        """Chunks with a param buffer now (what the next pass's program starts from)."""
-        return tuple(c.index for c in self.chunks if c.buf is not None)
-
-    @property
-    def held_for_backward(self) -> bool:
-        """The last forward kept buffers for a backward that has not come."""
-        return self._held_for_backward
-
-    @property
-    def loose_chunks(self) -> tuple[int, ...]:
-        """Chunks of modules outside every block ([Note: loose parameters])."""
-        return self._loose_chunks
-
     # --- residency ------------------------------------------------------------------------
-
-    def _num_buffers(self) -> int:
-        return sum(1 for c in self.chunks if c.buf is not None)
 
     def _start(self, c: Chunk) -> None:
         """Begin fetching ``c`` into a device param buffer (no-op when resident or in flight)."""
@@ -399,10 +254,6 @@ class ChunkStore:
                 s.param.data = c.buf[s.offset:s.offset + s.numel].view(s.shape)
         return c.buf
 
-    def _ensure_all(self, indices: tuple[int, ...]) -> None:
-        for ci in indices:
-            self._ensure(self.chunks[ci])
-
     def _release(self, c: Chunk, *, reuse: bool = True) -> None:
         if c.home is Tier.DEVICE or c.buf is None:
             return
@@ -410,12 +261,22 @@ class ChunkStore:
             c.fetch.wait_stream()
             c.fetch = None
         self._by_ptr.pop(c.buf.untyped_storage().data_ptr(), None)
-        ph = self._placeholder(self.compute_dtype)
         for s in c.slots:
-            s.param.data = ph.expand(s.shape)  # [Note: released parameters]
+            s.param.data = self.placeholder.expand(s.shape)  # [Note: released parameters]
         self._free(self.device_ledger, f"buffer:param:{c.index}", c.buf, reuse=reuse)
         c.buf = None
         self.executed.append(Action(0, Op.OFFLOAD, self.microbatch, c.index))
+
+    def release_all(self) -> None:
+        """Release every param buffer (chunks kept across a pass end that no pass used)."""
+        for c in self.chunks:
+            self._release(c)
+        self.held_for_backward = False
+
+    @property
+    def resident_chunks(self) -> tuple[int, ...]:
+        """Chunks with a param buffer now (what the next pass's program starts from)."""
+        return tuple(c.index for c in self.chunks if c.buf is not None)
 
     # --- the resolver protocol ([Note: saved views of parameters]) -------------------------
 
@@ -453,92 +314,33 @@ class ChunkStore:
 
     def begin_forward(self, program: Sequence[Action] = ()) -> None:
         """A forward starts; ``program``: its actions (planner.program ``lower_forward``)."""
-        self._phase = _Phase.FORWARD
-        self._runner.load(program)
+        self.hooks.begin_forward(program)
 
     def begin_backward(self, program: Sequence[Action] = (), *, final: bool = False) -> None:
         """A backward starts; ``program``: its actions (planner.program ``lower_backward``);
         ``final``: the last backward before the optimizer step (see ``on_grads_final``)."""
-        self._phase = _Phase.BACKWARD
-        self._final = final
-        self._held_for_backward = False
-        self._runner.load(program)
-        self._complete.clear()
-        self._handed.clear()
-        self._events.clear()  # the registered hooks hold their own event lists
+        self.hooks.begin_backward(program, final=final)
 
     def end_backward(self) -> None:
         """Flush grad buffers of chunks whose parameters did not all get gradients; run the rest
         of the pass's program (the releases at its end; a first block's input carries no gradient,
         so its releases come here too)."""
-        try:
-            for c in self.chunks:
-                if c.grad_buf is not None:
-                    self.grads.flush(c)
-                    if self._grads_final(c):
-                        self._handed.add(c.index)
-            self._runner.finish()
-        finally:
-            self._phase = _Phase.IDLE
-            self._final = False
-            self._events.clear()
+        self.hooks.end_backward()
 
-    def release_all(self) -> None:
-        """Release every param buffer (chunks kept across a pass end that no pass used)."""
-        for c in self.chunks:
-            self._release(c)
-        self._held_for_backward = False
+    def add_handlers(self, handlers: Mapping[Op, Callable[[Action], None]]) -> None:
+        """Handlers for more of the program's ops (another mechanism's: the optimizer's points,
+        activation swaps), run by the pass's interpreter like the store's own; one per op."""
+        taken = sorted(op.value for op in handlers if op in self.runner.handlers)
+        if taken:
+            raise RuntimeError(f"program: op {', '.join(taken)} has a handler already; each op has one")
+        self.runner.handlers.update(handlers)
 
-    def _grads_final(self, c: Chunk) -> bool:
-        """Report ``c`` to ``on_grads_final``, before its param buffer is released: without mixed
-        precision an nvme chunk's buffer is its master (offload.optim [Note: master from the param
-        buffer]). True when the buffer was passed on (its new holder frees it)."""
-        if not (self._final and self.on_grads_final is not None and c.home is not Tier.DEVICE):
-            return False
-        resident = c.buf is not None and c.fetch is None
-        master = c.buf if c.home is Tier.NVME and not self.mixed and resident else None
-        self.on_grads_final(c, master)
-        return master is not None
-
-    # --- gradients ------------------------------------------------------------------------
-
-    def _alloc_grad_buf(self, c: Chunk) -> None:
-        c.grad_buf = self._alloc(self.device_ledger, f"buffer:grad:{c.index}", c.num_elems, self.compute_dtype, zero=True)
-
-    def _on_grad(self, c: Chunk, si: int, param: nn.Parameter) -> None:
-        g = param.grad
-        if g is None:
-            return
-        param.grad = None
-        s = c.slots[si]
-        flat = g.reshape(-1)
-        if c.home is Tier.DEVICE:
-            dst = c.grad[s.offset:s.offset + s.numel]
-            # Over micro-batches g1, then g1 + g2, ... in fp32 (offload.grads [Note: fp32 accumulators]); without
-            # mixed precision the same arithmetic as torch's AccumulateGrad.
-            dst.add_(flat) if si in c.step_seen else dst.copy_(flat)
-            c.step_seen.add(si)
-            c.has_grad = True
-            return
-        if c.grad_buf is None:
-            self._alloc_grad_buf(c)
-        dst = c.grad_buf[s.offset:s.offset + s.numel]
-        dst.add_(flat) if si in c.mb_seen else dst.copy_(flat)
-        del g, flat, dst  # autograd's gradient and a view of the grad buffer: nothing may outlive the flush below
-        c.mb_seen.add(si)
-        if len(c.mb_seen) == len(c.slots):
-            self.grads.flush(c)
-            if self._grads_final(c):
-                self._handed.add(c.index)
-            self._complete.add(c.index)
-            self._run_releases(complete_only=True)  # [Note: releases in the backward] (planner.program)
+    # --- state reads and writes -----------------------------------------------------------
 
     def refresh_compute(self, c: Chunk) -> None:
         """After the optimizer updated ``c.master``: refresh the compute copy (mixed precision)."""
         if self.mixed and c.home is not Tier.NVME:
             c.compute.copy_(c.master)
-
-    # --- state gather / load --------------------------------------------------------------
 
     def param_order(self) -> list[str]:
         """Parameter names in ``model.parameters()`` order (torch optimizers' state indices)."""
@@ -575,7 +377,7 @@ class ChunkStore:
         try:
             self.grads.drain(errors=False)
         finally:
-            self.uninstall()
+            self.hooks.uninstall()
             for pool in self.pools.values():
                 pool.clear()
             if self.nvme is not None:

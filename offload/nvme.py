@@ -182,6 +182,34 @@ def _probe_direct(path: Path, request: bool | None) -> bool:
         probe.unlink(missing_ok=True)
 
 
+def _remove_stale(path: Path) -> None:
+    """Remove the files an earlier store left in ``path``, and say so ([Note: stale files])."""
+    num_files = num_bytes = 0
+    for f in sorted(path.iterdir()):
+        temp = f.name.startswith(".") and f.name.endswith(".tmp")
+        if not (temp or f.name.endswith(_SUFFIX)) or not f.is_file():
+            continue
+        try:
+            if not temp:
+                with open(f, "rb") as fh:
+                    if fh.read(len(_MAGIC)) != _MAGIC:
+                        continue  # not a memtrain file: not ours to remove
+            size = f.stat().st_size
+            f.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise NvmeError(f"nvme path {path}: cannot remove {f.name}, left by an earlier run ({e.strerror}); "
+                            "remove it by hand or choose another directory") from None
+        num_files += 1
+        num_bytes += size
+    if num_files:
+        warnings.warn(
+            f"nvme path {path}: removed {num_files} file(s), {format_bytes(num_bytes)}, left by an earlier "
+            "run that did not close its store (a crash or a kill)", StaleFilesWarning, stacklevel=3,
+        )
+
+
 class NvmeStore:
     """Tensors in files under one directory, written and read by a thread pool. See module doc."""
 
@@ -244,39 +272,12 @@ class NvmeStore:
         self._lock_fd = _lock_directory(p)
         try:
             self.direct = _probe_direct(p, self._direct_request)
-            self._remove_stale()
+            _remove_stale(p)
         except BaseException:
             self._release_lock()
             raise
         self._pool = KeyedPool(self.num_threads, name="memtrain-nvme")
         return self
-
-    def _remove_stale(self) -> None:
-        """Remove the files an earlier store left here, and say so ([Note: stale files])."""
-        num_files = num_bytes = 0
-        for f in sorted(self.path.iterdir()):
-            temp = f.name.startswith(".") and f.name.endswith(".tmp")
-            if not (temp or f.name.endswith(_SUFFIX)) or not f.is_file():
-                continue
-            try:
-                if not temp:
-                    with open(f, "rb") as fh:
-                        if fh.read(len(_MAGIC)) != _MAGIC:
-                            continue  # not a memtrain file: not ours to remove
-                size = f.stat().st_size
-                f.unlink()
-            except FileNotFoundError:
-                continue
-            except OSError as e:
-                raise NvmeError(f"nvme path {self.path}: cannot remove {f.name}, left by an earlier run ({e.strerror}); "
-                                "remove it by hand or choose another directory") from None
-            num_files += 1
-            num_bytes += size
-        if num_files:
-            warnings.warn(
-                f"nvme path {self.path}: removed {num_files} file(s), {format_bytes(num_bytes)}, left by an earlier "
-                "run that did not close its store (a crash or a kill)", StaleFilesWarning, stacklevel=3,
-            )
 
     def close(self) -> None:
         """Wait for everything in flight, stop the threads, and remove the files and the lock."""

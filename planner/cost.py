@@ -3,8 +3,8 @@
 Time formulas (compute, PCIe copies, disk, optimizer steps) feed the simulator
 (``planner.simulate``); byte formulas follow docs/memory-accounting.md exactly, so the
 simulator's predicted peaks and the runtime ledger count the same owners. The chunk packing
-function lives here too, in one place, because the planner and the runtime must cut the
-parameters into exactly the same chunks.
+rule itself is ``planner.plan.pack_params`` (re-exported here): the planner and the engine must
+cut the parameters into exactly the same chunks, so it lives with the Plan's types.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
 from memtrain.optimizers import ADAMW, lookup
-from memtrain.planner.plan import ActPolicy, ChunkPlan, Tier
+from memtrain.planner.plan import ActPolicy, ChunkPlan, Tier, pack_params, pack_units
 from memtrain.planner.stats import BlockStats, DType, ModelStats, Optimizer, dtype_bytes
 
 __all__ = [
@@ -407,59 +407,7 @@ def activation_bytes(policy: ActPolicy | str, block: BlockStats) -> dict[Tier, i
     return out
 
 
-# --- chunk packing ------------------------------------------------------------------------
-
-
-def _pack_units(blocks: Iterable[Sequence[tuple[tuple[str, ...], int]]], chunk_size_elems: int) -> list[tuple[tuple[str, ...], int]]:
-    """``blocks``: per block, its indivisible units ``(names, numel)`` in execution order."""
-    if chunk_size_elems < 1:
-        raise ValueError(f"chunk_size_elems: must be >= 1, got {chunk_size_elems}")
-    chunks: list[tuple[tuple[str, ...], int]] = []
-    names: list[str] = []
-    count = 0
-    for units in blocks:
-        units = [(u, n) for u, n in units if n > 0]
-        total = sum(n for _, n in units)
-        # [Note: block-aligned chunks] a block that fits in one chunk never straddles two.
-        if count and total <= chunk_size_elems and count + total > chunk_size_elems:
-            chunks.append((tuple(names), count))
-            names, count = [], 0
-        for unit_names, numel in units:
-            if count and count + numel > chunk_size_elems:
-                chunks.append((tuple(names), count))
-                names, count = [], 0
-            names.extend(unit_names)
-            count += numel
-            if count >= chunk_size_elems:  # includes a unit larger than a chunk: a chunk of its own
-                chunks.append((tuple(names), count))
-                names, count = [], 0
-    if count:
-        chunks.append((tuple(names), count))
-    return chunks
-
-
-def pack_params(params: Iterable[tuple[str, int]] | Iterable[Sequence[tuple[str, int]]],
-                chunk_size_elems: int) -> list[tuple[tuple[str, ...], int]]:
-    """Pack parameters (execution order) into chunks of about ``chunk_size_elems``.
-
-    The single packing rule shared by planner and runtime (docs/memory-accounting.md, Chunks):
-    parameters are taken in order and appended to the current chunk while it stays within the
-    chunk size; a parameter is never split; one larger than the chunk size gets a chunk of its
-    own; and [Note: block-aligned chunks] when a block's parameters fit in one chunk but not in
-    what is left of the current one, the current chunk is closed first, so a block touches as
-    few chunks as it can: one block's fetch is one transfer, prefetching a chunk brings in a whole
-    block, and a block needs one param buffer instead of two (the 100m model's layers straddled
-    two 8Mi-element chunks, so depth 3 left a single fetch in flight).
-    A block larger than a chunk is cut between parameters.
-
-    ``params``: per block, ``[(name, numel), ...]``; or a flat ``[(name, numel), ...]``, where
-    each parameter counts as a block of its own (no alignment). Returns
-    ``[(param_names, num_elems), ...]`` in chunk order.
-    """
-    params = list(params)
-    grouped = bool(params) and not isinstance(params[0][0], str)
-    blocks = params if grouped else [[p] for p in params]
-    return _pack_units([[((name,), numel) for name, numel in b] for b in blocks], chunk_size_elems)
+# --- chunks of a model (the packing rule itself is planner.plan.pack_params) ------------
 
 
 def block_param_list(block: BlockStats, param_numels: Mapping[str, int] | None = None) -> list[tuple[str, int]] | None:
@@ -502,7 +450,7 @@ def pack_chunks(
                     f"but the block has {block.num_params} parameters; pass the model's own sizes"
                 )
             blocks.append([((name,), numel) for name, numel in params])
-    return _pack_units(blocks, chunk_size_elems)
+    return pack_units(blocks, chunk_size_elems)
 
 
 def block_chunk_ids(stats: ModelStats, chunks: Sequence[ChunkPlan]) -> tuple[tuple[int, ...], ...]:

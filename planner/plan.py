@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -22,7 +23,7 @@ from memtrain.planner.stats import DType, ModelStats, Optimizer
 __all__ = [
     "PLAN_VERSION", "Tier", "ActPolicy", "Op", "Action", "TrainShape", "ChunkPlan", "MemoryPolicy",
     "TimelineEvent", "DevicePrediction", "Prediction", "Alternative", "Plan", "PlanFormatError",
-    "schedule_to_csv", "schedule_from_csv",
+    "schedule_to_csv", "schedule_from_csv", "pack_params", "pack_units",
 ]
 
 PLAN_VERSION = 1
@@ -149,6 +150,59 @@ class ChunkPlan:
     """Where the chunk's fp32 master parameters, optimizer states and accumulated gradients
     live between uses, and so where its optimizer step runs (device, CPU Adam on host, or
     streamed from NVMe through host)."""
+
+
+def pack_units(blocks: Iterable[Sequence[tuple[tuple[str, ...], int]]], chunk_size_elems: int) -> list[tuple[tuple[str, ...], int]]:
+    """``pack_params``' rule over indivisible units. ``blocks``: per block, its units
+    ``(names, numel)`` in execution order (a parameter, or a block whose sizes are unknown)."""
+    if chunk_size_elems < 1:
+        raise ValueError(f"chunk_size_elems: must be >= 1, got {chunk_size_elems}")
+    chunks: list[tuple[tuple[str, ...], int]] = []
+    names: list[str] = []
+    count = 0
+    for units in blocks:
+        units = [(u, n) for u, n in units if n > 0]
+        total = sum(n for _, n in units)
+        # [Note: block-aligned chunks] a block that fits in one chunk never straddles two.
+        if count and total <= chunk_size_elems and count + total > chunk_size_elems:
+            chunks.append((tuple(names), count))
+            names, count = [], 0
+        for unit_names, numel in units:
+            if count and count + numel > chunk_size_elems:
+                chunks.append((tuple(names), count))
+                names, count = [], 0
+            names.extend(unit_names)
+            count += numel
+            if count >= chunk_size_elems:  # includes a unit larger than a chunk: a chunk of its own
+                chunks.append((tuple(names), count))
+                names, count = [], 0
+    if count:
+        chunks.append((tuple(names), count))
+    return chunks
+
+
+def pack_params(params: Iterable[tuple[str, int]] | Iterable[Sequence[tuple[str, int]]],
+                chunk_size_elems: int) -> list[tuple[tuple[str, ...], int]]:
+    """Pack parameters (execution order) into chunks of about ``chunk_size_elems``.
+
+    The single packing rule shared by planner and runtime (docs/memory-accounting.md, Chunks):
+    parameters are taken in order and appended to the current chunk while it stays within the
+    chunk size; a parameter is never split; one larger than the chunk size gets a chunk of its
+    own; and [Note: block-aligned chunks] when a block's parameters fit in one chunk but not in
+    what is left of the current one, the current chunk is closed first, so a block touches as
+    few chunks as it can: one block's fetch is one transfer, prefetching a chunk brings in a whole
+    block, and a block needs one param buffer instead of two (the 100m model's layers straddled
+    two 8Mi-element chunks, so depth 3 left a single fetch in flight).
+    A block larger than a chunk is cut between parameters.
+
+    ``params``: per block, ``[(name, numel), ...]``; or a flat ``[(name, numel), ...]``, where
+    each parameter counts as a block of its own (no alignment). Returns
+    ``[(param_names, num_elems), ...]`` in chunk order.
+    """
+    params = list(params)
+    grouped = bool(params) and not isinstance(params[0][0], str)
+    blocks = params if grouped else [[p] for p in params]
+    return pack_units([[((name,), numel) for name, numel in b] for b in blocks], chunk_size_elems)
 
 
 DEFAULT_SWAP_IN_AHEAD = 1

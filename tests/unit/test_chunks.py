@@ -223,3 +223,23 @@ def test_cpu_only_nvme_fetch_reads_into_the_buffer_with_the_ruled_staging_window
         store.close()
     finally:
         nvme.close()
+
+
+def test_another_mechanisms_op_runs_at_its_place_in_the_program():
+    # ChunkStore.add_handlers: an op the store does not run itself (here SNAPSHOT) is run by the
+    # pass's interpreter where the program puts it, ahead of the marker it precedes; an op keeps one handler.
+    from memtrain.planner.plan import Action, Op
+
+    store = _store(Tier.HOST)
+    ran: list[list[str]] = []
+    store.add_handlers({Op.SNAPSHOT: lambda a: ran.append([str(x) for x in store.executed])})
+    program = list(lower_forward(Layout.of_store(store), 0, store.resident_chunks, grad=False).actions)
+    marker = program.index(Action(0, Op.F, 0, block=2))
+    program.insert(marker, Action(0, Op.SNAPSHOT, 0))
+    store.begin_forward(program)
+    with torch.no_grad():
+        store.model(torch.randint(0, 256, (2, 8)))
+    assert len(ran) == 1
+    assert "0F0/b1" in ran[0] and "0F0/b2" not in ran[0]  # after block 1 started, before block 2
+    with pytest.raises(RuntimeError, match="PREFETCH has a handler already"):
+        store.add_handlers({Op.PREFETCH: lambda a: None})

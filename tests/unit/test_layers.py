@@ -17,8 +17,6 @@ CONTRACTS = {c["id"]: c for c in PYPROJECT["tool"]["importlinter"]["contracts"]}
 ENGINE_REWRITE_IGNORES = {
     "memtrain.offload.optim -> memtrain.planner.cost",
     "memtrain.offload.activations -> memtrain.planner.simulate",
-    "memtrain.offload.chunks -> memtrain.planner.cost",
-    "memtrain.offload.chunk_layout -> memtrain.planner.cost",
 }
 """The offload → planner imports left for the one-program rewrite of the engine, which removes them."""
 
