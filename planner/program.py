@@ -84,23 +84,24 @@ class Layout:
 
     def complete_at(self, c: int) -> int:
         """The block whose backward completes chunk ``c``'s gradients: the first block using it."""
-        return _index(self)[1][c]
+        return _index(self.uses, self.off)[1][c]
 
     def off_uses(self, pos: int) -> tuple[int, ...]:
-        return _index(self)[0][pos]
+        return _index(self.uses, self.off)[0][pos]
 
     def within_window(self, c: int, upcoming: Iterable[int]) -> bool:
         """Whether ``c`` is among the first ``prefetch_depth`` distinct off-device chunks the blocks
         ``upcoming`` use (``cost.within_prefetch_window``)."""
-        return within_prefetch_window(c, upcoming, _index(self)[0], self.prefetch_depth)
+        return within_prefetch_window(c, upcoming, _index(self.uses, self.off)[0], self.prefetch_depth)
 
 
 @functools.lru_cache(maxsize=64)
-def _index(layout: Layout) -> tuple[tuple[tuple[int, ...], ...], dict[int, int]]:
-    """Per block its off-device chunks; per chunk the first block using it."""
-    off_uses = tuple(tuple(c for c in u if c in layout.off) for u in layout.uses)
+def _index(uses: tuple[tuple[int, ...], ...], off: frozenset[int]) -> tuple[tuple[tuple[int, ...], ...], dict[int, int]]:
+    """Per block its off-device chunks; per chunk the first block using it (keyed on the chunk
+    part of the layout only: hashing the blocks' activation policies each call costs more)."""
+    off_uses = tuple(tuple(c for c in u if c in off) for u in uses)
     first: dict[int, int] = {}
-    for q, u in enumerate(layout.uses):
+    for q, u in enumerate(uses):
         for c in u:
             first.setdefault(c, q)
     return off_uses, first
