@@ -1,23 +1,25 @@
 """Activations between forward and backward: keep, swap to host, swap to NVMe, or recompute.
 
 ``ActivationManager`` carries out the plan's per-block activation policy (``ActPolicy``) with
-``torch.autograd.graph.saved_tensors_hooks`` installed around each block's forward:
+``torch.autograd.graph.saved_tensors_hooks`` installed around each block's forward. It is a
+mechanism: when a swapped block's activations go out and come back is the program's
+(planner.program_swaps [Note: the swap rules]); the engine hands it the program's actions:
 
     acts = ActivationManager(policies={"blocks.0": "keep", "blocks.1": "swap_host", ...},
                              device_ledger=device.ledger, host_ledger=host.ledger, nvme=store)
     acts.wrap_blocks(list(model.blocks.named_children()))   # (name, module) pairs, in order
-    for mb, batch in enumerate(microbatches):
-        acts.set_microbatch(mb)
-        loss = loss_fn(model(batch)); loss.backward()
-    acts.unwrap()
+    acts.set_microbatch(mb)              # before each micro-batch's forward
+    acts.swap_out(block, mb)             # 0SWAP_OUT<mb>/b<block>, after the block's forward
+    acts.swap_in(block, mb)              # 0SWAP_IN<mb>/b<block>, ahead of its backward
+    acts.claim(block, mb)                # at 0B<mb>/b<block>, the block's backward start
 
 Policies (accounting windows: docs/memory-accounting.md, "Activations", owner ``act:<block>:<mb>``):
 
 - ``keep``: saved tensors stay where they are; the device ledger holds the block's saved bytes
   ``A`` from the end of its forward until autograd has released the last of them (end of B).
-- ``swap_host`` (Rhu et al. 2016 vDNN; MEMO, Zhao et al. 2024): at the end of the block's
-  forward every saved storage is copied into one host buffer (pinned, on a side stream, on
-  CUDA) and the device copy is dropped; in backward it is brought back ahead of use.
+- ``swap_host`` (Rhu et al. 2016 vDNN; MEMO, Zhao et al. 2024): at ``swap_out`` every saved
+  storage is copied into one host buffer (pinned, on a side stream, on CUDA) and the device
+  copy is dropped; ``swap_in`` brings it back ahead of use.
 - ``swap_nvme`` (SSDTrain, Wu et al. 2024): the same through a host staging buffer to an
   ``NvmeStore`` file written asynchronously, read back ahead of use in backward.
 - ``recompute`` (Chen et al. 2016): the block runs under non-reentrant
@@ -34,19 +36,17 @@ Tensors saved outside any wrapped block (the loss) are not seen at all. A storag
 times (q, k and v are views of one projection) is counted and moved once; each saved view is
 rebuilt with ``as_strided`` over the restored storage (same dtype, size, stride and offset).
 
-[Note: when backward starts] A hook on the block's output tensors fires when the gradient of
-the output is complete, i.e. just before the block's own backward nodes run. At the first such
-hook of a micro-batch the NVMe writes still in flight are waited for; then the block's record is
-claimed (brought back and waited for if it is not already) and the records of the
-``prefetch_depth`` blocks before it (same micro-batch) start coming back, so their reads and
-copies overlap this block's backward. An unpack that finds its record still away brings it
-back on the spot (a stall, never a wrong value).
+[Note: when backward starts] ``claim`` (the program's ``B`` marker) makes the block's record
+usable: a swap_nvme record's read is waited for and its copy to the device started (offload.swap
+[Note: NVMe swap-in claims]), before the swap-ins the program has after that marker. An unpack
+that finds its record still away brings it back on the spot (a stall, never a wrong value).
 
 [Note: bounded NVMe writes] A swap_nvme block's host staging is held from its copy-out until
-its write is waited for, and the writes are waited for in program order: at the end of block
-``i``'s forward, before its own copy-out, every write of a block ``<= i - writes_in_flight``
-(the plan's ``MemoryPolicy.swap_writes_in_flight``); the rest at the backward's start. So at
-most ``writes_in_flight`` blocks' staging exist at once whatever the disk's speed; a disk slower
+its write is waited for; the writes are waited for in staging order, by a fixed rule of the
+swap actions (planner.program_swaps [Note: the swap rules], rule 4): ``swap_out`` of a
+swap_nvme block first waits for the oldest until fewer than ``writes_in_flight`` (the plan's
+``MemoryPolicy.swap_writes_in_flight``) remain, ``swap_in`` for all of them. So at most
+``writes_in_flight`` blocks' staging exist at once whatever the disk's speed; a disk slower
 than the forward stalls the forward rather than piling up host buffers.
 
 The per-record copies, the dedupe by storage and the rebuilding of saved views live in
@@ -60,10 +60,9 @@ ledger windows are exercised exactly; only the overlap needs a GPU (tests/gpu).
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -122,7 +121,6 @@ class ActivationManager:
         host_ledger: Ledger,
         nvme: NvmeStore | None = None,
         param_resolver: ParamResolver | None = None,
-        prefetch_depth: int = 1,
         writes_in_flight: int = 1,
     ) -> None:
         self.policies: dict[str, ActPolicy] = {}
@@ -138,8 +136,6 @@ class ActivationManager:
                 f"policies: block(s) {', '.join(needs_nvme)} swap to NVMe but no nvme store was given; "
                 "pass nvme=NvmeStore(...) or choose swap_host for them"
             )
-        if isinstance(prefetch_depth, bool) or not isinstance(prefetch_depth, int) or prefetch_depth < 0:
-            raise ValueError(f"prefetch_depth: must be an int >= 0 (blocks brought back ahead), got {prefetch_depth!r}")
         if isinstance(writes_in_flight, bool) or not isinstance(writes_in_flight, int) or writes_in_flight < 1:
             raise ValueError(
                 f"writes_in_flight: must be an int >= 1 (swap_nvme blocks staged at once), got {writes_in_flight!r}"
@@ -150,7 +146,6 @@ class ActivationManager:
         self.host_ledger = host_ledger
         self.nvme = nvme
         self.param_resolver = param_resolver
-        self.prefetch_depth = prefetch_depth
         self.writes_in_flight = writes_in_flight
         self.microbatch = 0
         self._blocks: list[tuple[str, nn.Module]] = []
@@ -211,9 +206,52 @@ class ActivationManager:
 
     def synchronize(self) -> None:
         """Wait for every copy-out and NVMe write in flight (swapped records come to rest)."""
-        self._wait_writes(lambda r: True)
+        self._wait_writes(0)
         for rec in self._live_records():
             rec.finish_copy_out(wait=True)
+
+    # --- the program's swap actions (planner.program_swaps [Note: the swap rules]) --------
+
+    def swap_out(self, block: int, mb: int) -> bool:
+        """Start copying block ``block``'s saved activations of micro-batch ``mb`` out (host, or
+        host then NVMe, by its policy); False when it has no record resident to move."""
+        rec = self._swapped_record(block, mb)
+        if rec is None or rec.state is not _State.RESIDENT:
+            return False
+        if rec.policy is ActPolicy.SWAP_NVME:
+            self._wait_writes(self.writes_in_flight - 1)  # [Note: bounded NVMe writes]
+        with rec.lock:
+            if rec.state is not _State.RESIDENT:
+                return False
+            self._stats[rec.name].swapped_data_ptrs = frozenset(s.data_ptr for s in rec.storages.values())
+            rec.start_copy_out()
+            if rec.policy is ActPolicy.SWAP_NVME:
+                with self._lock:
+                    self._staged.append(rec)
+        return True
+
+    def swap_in(self, block: int, mb: int) -> bool:
+        """Start bringing block ``block``'s activations of micro-batch ``mb`` back toward the
+        device (after every write still staged is waited for); False when it has no record."""
+        self._poll()
+        self._wait_writes(0)  # [Note: bounded NVMe writes]
+        rec = self._swapped_record(block, mb)
+        if rec is None or rec.state in (_State.PACKING, _State.RESIDENT, _State.FREED):
+            return False  # not away
+        rec.start_bring_back()
+        return True
+
+    def claim(self, block: int, mb: int) -> None:
+        """Block ``block``'s backward of micro-batch ``mb`` starts: its record is made usable
+        ([Note: when backward starts]); a no-op for a record not swapped or not coming back."""
+        rec = self._swapped_record(block, mb)
+        if rec is not None:
+            rec.advance_in(consumer=True)  # [Note: NVMe swap-in claims] (memtrain.offload.swap)
+
+    def _swapped_record(self, block: int, mb: int) -> _Record | None:
+        with self._lock:
+            rec = self._records.get((block, mb))
+        return rec if rec is not None and rec.policy in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME) else None
 
     # --- forward -------------------------------------------------------------------------
 
@@ -246,7 +284,6 @@ class ActivationManager:
             else:
                 out = inner(*args, **kwargs)
         self._end_forward(rec, stats)
-        self._watch_backward(rec, out)
         return out
 
     def _param_ptrs(self, module: nn.Module) -> frozenset[int]:
@@ -296,7 +333,7 @@ class ActivationManager:
         return body
 
     def _end_forward(self, rec: _Record, stats: BlockActivations) -> None:
-        """The block's forward is done: open its ledger window and start any swap-out."""
+        """The block's forward is done: open its ledger window (a swap-out is the program's)."""
         saved = sum(s.nbytes for s in rec.storages.values())
         if rec.policy is ActPolicy.RECOMPUTE:
             stats.input_bytes = saved
@@ -314,8 +351,6 @@ class ActivationManager:
                     "activation policy to keep (or avoid the in-place op)"
                 )
         rec.versions.clear()
-        # [Note: bounded NVMe writes] before this block stages anything
-        self._wait_writes(lambda r: r.mb != rec.mb or r.index <= rec.index - self.writes_in_flight)
         with rec.lock:
             if rec.num_live == 0:  # nothing was saved (or it was already released)
                 rec.state = _State.FREED
@@ -323,43 +358,8 @@ class ActivationManager:
             rec.take_device(saved)  # device: from the end of F
             rec.state = _State.RESIDENT
             self._remember(rec)
-            if rec.policy in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME):
-                stats.swapped_data_ptrs = frozenset(s.data_ptr for s in rec.storages.values())
-                rec.start_copy_out()
-                if rec.policy is ActPolicy.SWAP_NVME:
-                    with self._lock:
-                        self._staged.append(rec)
 
-    # --- backward ------------------------------------------------------------------------
-
-    def _watch_backward(self, rec: _Record, out) -> None:
-        ref = weakref.ref(rec)
-        fired = [False]
-
-        def on_grad(_grad):
-            if not fired[0]:
-                fired[0] = True
-                r = ref()
-                if r is not None:
-                    self._on_backward_start(r)
-
-        for t in _tensors(out):
-            if t.requires_grad:
-                t.register_hook(on_grad)
-
-    def _on_backward_start(self, rec: _Record) -> None:
-        """Block ``rec``'s backward is about to run: claim it, and bring back the blocks before it."""
-        self._poll()
-        self._wait_writes(lambda r: True)  # the writes left from the forward ([Note: bounded NVMe writes])
-        rec.start_bring_back()
-        rec.advance_in(consumer=True)  # [Note: NVMe swap-in claims] (memtrain.offload.swap)
-        for j in range(rec.index - 1, rec.index - 1 - self.prefetch_depth, -1):
-            if j < 0:
-                break
-            with self._lock:
-                prev = self._records.get((j, rec.mb))
-            if prev is not None:
-                prev.start_bring_back()
+    # --- polling -------------------------------------------------------------------------
 
     def _advance_inbound(self) -> None:
         """Move prefetched records along (their NVMe read or host copy may have finished)."""
@@ -379,11 +379,11 @@ class ActivationManager:
             rec.finish_copy_out(wait=False)
             rec.advance_in(consumer=False)
 
-    def _wait_writes(self, due) -> None:
-        """Wait, in staging order, for the NVMe writes of the staged records ``due(record)`` picks."""
+    def _wait_writes(self, keep: int) -> None:
+        """Wait, in staging order, for the oldest NVMe writes until ``keep`` are left staged."""
         with self._lock:
-            ready = [r for r in self._staged if due(r)]
-            self._staged = [r for r in self._staged if not due(r)]
+            n = max(0, len(self._staged) - keep)
+            ready, self._staged = self._staged[:n], self._staged[n:]
         for r in ready:
             r.wait_write()
 
@@ -457,14 +457,3 @@ class _CountingHooks:
         stats = self.mgr._stats.get(self.rec.name)
         if stats is not None:
             stats.saved_bytes = self.saved_bytes
-
-
-def _tensors(out: Any) -> list[torch.Tensor]:
-    """The tensors in a block's output (a tensor, or tuples, lists and dicts of them)."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for x in out for t in _tensors(x)]
-    if isinstance(out, dict):
-        return [t for x in out.values() for t in _tensors(x)]
-    return []

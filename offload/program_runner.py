@@ -3,9 +3,11 @@
 [Note: the program's interpreter] A pass's program is a list of actions between compute markers
 (``0F3/b2``). The store's block hooks move through it: a block's pre-hook runs the actions up to
 its marker when that marker is the next one (the fetches), and after the block the releases
-that follow it; the store decides nothing of its own. Each op has one handler; an op without
-one fails loudly. A block the program does not have next is counted (``num_unplanned``) and
-the store only makes its chunks resident.
+that follow it (and a swapped block's ``SWAP_OUT``); the store decides nothing of its own.
+Each op has one handler; an op without one fails loudly. The actions right after a backward
+marker (the ``SWAP_IN``s ahead, planner.program_swaps [Note: the swap rules]) run when the
+engine calls ``run_following`` at the block's backward start. A block the program does not have
+next is counted (``num_unplanned``) and the store only makes its chunks resident.
 """
 
 from __future__ import annotations
@@ -14,7 +16,12 @@ from collections.abc import Callable, Mapping, Sequence
 
 from memtrain.planner.plan import Action, Op
 
-__all__ = ["ProgramRunner"]
+__all__ = ["ProgramRunner", "MARKERS"]
+
+MARKERS = frozenset({Op.F, Op.B})
+"""The compute markers (``0F3/b2``): a block's forward or backward, run by the model itself."""
+_AFTER_BLOCK = frozenset({Op.OFFLOAD, Op.SWAP_OUT})
+"""Ops that follow a marker and run once its block is done (``run_releases``)."""
 
 
 class ProgramRunner:
@@ -24,39 +31,50 @@ class ProgramRunner:
         self.cursor = 0
         self.num_unplanned = 0
         """Blocks run where the program has another (a block called twice, blocks in another order)."""
+        self.marker: Action | None = None
+        """The marker the last ``run_to`` reached (None when the block was not the program's next)."""
 
     def load(self, program: Sequence[Action]) -> None:
-        self.program, self.cursor = tuple(program), 0
+        self.program, self.cursor, self.marker = tuple(program), 0, None
 
     def run_to(self, op: Op, block: int, before: Callable[[Action], None] | None = None) -> None:
         """Run the actions before the marker of ``block``'s ``op`` when it is the next marker;
         ``before(action)`` is called ahead of each."""
         prog, i = self.program, self.cursor
-        while i < len(prog) and prog[i].block is None:
+        while i < len(prog) and prog[i].op not in MARKERS:
             i += 1
         if i == len(prog) or prog[i].op is not op or prog[i].block != block:
             self.num_unplanned += 1
+            self.marker = None
             return
         for a in prog[self.cursor:i]:
             if before is not None:
                 before(a)
             self.execute(a)
-        self.cursor = i + 1
+        self.cursor, self.marker = i + 1, prog[i]
 
     def run_releases(self, ready: Callable[[int], bool] | None = None) -> None:
-        """Run the ``OFFLOAD``s at the cursor, stopping at the first whose chunk is not ``ready``."""
+        """Run the ``OFFLOAD``s (and ``SWAP_OUT``s) at the cursor, stopping at the first release
+        whose chunk is not ``ready``."""
         prog = self.program
-        while self.cursor < len(prog) and prog[self.cursor].op is Op.OFFLOAD:
+        while self.cursor < len(prog) and prog[self.cursor].op in _AFTER_BLOCK:
             a = prog[self.cursor]
-            if ready is not None and not ready(a.chunk):
+            if a.op is Op.OFFLOAD and ready is not None and not ready(a.chunk):
                 return
             self.cursor += 1
             self.execute(a)
 
+    def run_following(self, op: Op) -> None:
+        """Run the actions of ``op`` at the cursor (the swap-ins right after a backward marker)."""
+        prog = self.program
+        while self.cursor < len(prog) and prog[self.cursor].op is op:
+            self.cursor += 1
+            self.execute(prog[self.cursor - 1])
+
     def finish(self) -> None:
         """Run what is left of the pass's program; a marker left means a block that never ran."""
         for a in self.program[self.cursor:]:
-            if a.block is None:
+            if a.op not in MARKERS:
                 self.execute(a)
             else:
                 self.num_unplanned += 1

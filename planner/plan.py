@@ -228,19 +228,20 @@ class MemoryPolicy:
     write-back when this many are staged (planner.simulate [Note: early optimizer step]). More
     keeps more reads and writes in flight, for host memory (the search uses what it has spare)."""
     swap_in_ahead: int = DEFAULT_SWAP_IN_AHEAD
-    """[Note: swap-in lookahead] When block j's backward is about to start, the swapped activations
-    of block j and of this many blocks below it are brought back (host -> device copy, or NVMe
-    read then copy), so block j-1's copy overlaps block j's backward. The activation manager
-    takes it as its ``prefetch_depth``; the simulator issues its swap-ins at the same boundaries
-    (docs/memory-accounting.md, "Activations")."""
+    """[Note: swap-in lookahead] A swapped block's activations start coming back (host -> device
+    copy, or NVMe read then copy) this many blocks ahead of its backward: the program's
+    ``SWAP_IN`` of block k follows the backward marker of block k + this (planner.program_swaps
+    [Note: the swap rules]), so its copy overlaps that block's backward. The engine and the
+    simulator both act on those actions (docs/memory-accounting.md, "Activations")."""
     swap_writes_in_flight: int = DEFAULT_SWAP_WRITES_IN_FLIGHT
     """[Note: bounded NVMe writes] A swap_nvme block's activations wait in host staging until their
-    NVMe write is waited for, and the training thread waits in program order: at the end of block
-    i's forward, before block i's own copy-out, for the writes of every block <= i - this; the
-    writes left when the forward ends at the backward's start. So at most this many blocks'
-    staging exist at once on any disk (a slow one stalls the forward instead), and the host peak
-    is the same on a fast and a slow disk. The activation manager takes it as its
-    ``writes_in_flight``; the simulator waits at the same points."""
+    NVMe write is waited for, and the training thread waits in program order: at a swap_nvme
+    block's ``SWAP_OUT``, before its own copy-out, for the oldest writes until fewer than this
+    remain; the writes left when the forward ends at the backward's first ``SWAP_IN``
+    (planner.program_swaps [Note: the swap rules] 4). So at most this many blocks' staging exist
+    at once on any disk (a slow one stalls the forward instead), and the host peak is the same on
+    a fast and a slow disk. The activation manager takes it as its ``writes_in_flight``; the
+    simulator waits at the same points."""
 
     def __post_init__(self) -> None:
         for name in ("optim_staged_chunks", "swap_writes_in_flight"):

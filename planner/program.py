@@ -8,7 +8,10 @@ them at its block hooks) and the report shows:
 - ``0F3/b2``, ``0B3/b2``: block 2's forward or backward of micro-batch 3 (the compute markers);
 - ``0PREFETCH3@c5`` before a marker: start fetching chunk 5's parameters into a device buffer
   (host copy or NVMe read); the block that needs it waits for it at its marker;
-- ``0OFFLOAD3@c5`` after a marker: free chunk 5's param buffer.
+- ``0OFFLOAD3@c5`` after a marker: free chunk 5's param buffer;
+- ``0SWAP_OUT3/b2``, ``0SWAP_IN3/b2``: start moving block 2's saved activations of micro-batch 3
+  out after its forward and back ahead of its backward, for blocks whose activation policy
+  swaps (planner.program_swaps, [Note: the swap rules] there).
 
 [Note: the residency rules] What the lowering decides, block by block, from the chunks each
 block uses (``Layout.uses``) and ``prefetch_depth``:
@@ -34,7 +37,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from memtrain.planner.cost import within_prefetch_window
-from memtrain.planner.plan import Action, MemoryPolicy, Op, Tier
+from memtrain.planner.plan import DEFAULT_SWAP_IN_AHEAD, Action, ActPolicy, MemoryPolicy, Op, Tier
+from memtrain.planner.program_swaps import add_swap_ins, add_swap_outs
 
 __all__ = ["Layout", "PassResult", "lower_forward", "lower_backward", "lower_step", "compute_markers"]
 
@@ -53,6 +57,12 @@ class Layout:
     """Chunks whose home is NVMe."""
     loose: tuple[int, ...] = ()
     """Chunks of modules outside every block: kept past the last block's backward."""
+    acts: tuple[ActPolicy, ...] = ()
+    """Per block, its activation policy (``MemoryPolicy.activations``): swapped blocks get swap
+    actions; empty when nothing swaps."""
+    swap_in_ahead: int = DEFAULT_SWAP_IN_AHEAD
+    """Blocks ahead of its backward a swapped block's activations start coming back
+    (``MemoryPolicy.swap_in_ahead``)."""
     _memo: dict = field(default_factory=dict, init=False, compare=False, hash=False, repr=False)
     """``_index``'s result, kept on the instance: hashing the layout for a cache costs as much."""
 
@@ -60,15 +70,18 @@ class Layout:
     def of(policy: MemoryPolicy, uses: Sequence[Sequence[int]], loose: Sequence[int] = ()) -> "Layout":
         return Layout(uses=tuple(tuple(u) for u in uses), prefetch_depth=policy.prefetch_depth, loose=tuple(loose),
                       off=frozenset(c.index for c in policy.chunks if c.home is not Tier.DEVICE),
-                      nvme=frozenset(c.index for c in policy.chunks if c.home is Tier.NVME))
+                      nvme=frozenset(c.index for c in policy.chunks if c.home is Tier.NVME),
+                      acts=tuple(ActPolicy(p) for p in policy.activations), swap_in_ahead=policy.swap_in_ahead)
 
     @staticmethod
-    def of_store(store) -> "Layout":
-        """The layout of a built ``offload.chunks.ChunkStore`` (its blocks' chunks, homes, depth)."""
+    def of_store(store, acts: Sequence[ActPolicy] = (), swap_in_ahead: int = DEFAULT_SWAP_IN_AHEAD) -> "Layout":
+        """The layout of a built ``offload.chunks.ChunkStore`` (its blocks' chunks, homes, depth),
+        with the blocks' activation policies ``acts`` and ``swap_in_ahead`` of the plan."""
         homes = {c.index: c.home for c in store.chunks}
         return Layout(uses=tuple(tuple(u) for u in store.uses), prefetch_depth=store.prefetch_depth,
                       loose=tuple(store.loose_chunks), off=frozenset(i for i, h in homes.items() if h is not Tier.DEVICE),
-                      nvme=frozenset(i for i, h in homes.items() if h is Tier.NVME))
+                      nvme=frozenset(i for i, h in homes.items() if h is Tier.NVME),
+                      acts=tuple(ActPolicy(p) for p in acts), swap_in_ahead=swap_in_ahead)
 
     def complete_at(self, c: int) -> int:
         """The block whose backward completes chunk ``c``'s gradients: the first block using it."""
@@ -159,7 +172,8 @@ def lower_forward(layout: Layout, mb: int, resident: Sequence[int] = (), *, grad
         nxt = set(layout.uses[pos + 1]) if pos + 1 < n else (set(layout.uses[pos]) if grad else set())
         low.release_after(pos, nxt, lambda pos=pos: itertools.chain(range(pos + 1, n), range(n - 1, -1, -1))
                           if grad else range(pos + 1, n))
-    return PassResult(actions=tuple(low.out), resident=tuple(low.resident), held=grad and bool(low.resident))
+    actions = add_swap_outs(low.out, layout.acts, mb) if grad else tuple(low.out)
+    return PassResult(actions=actions, resident=tuple(low.resident), held=grad and bool(low.resident))
 
 
 def lower_backward(layout: Layout, mb: int, resident: Sequence[int], *, next_forward: bool = False,
@@ -201,12 +215,12 @@ def lower_backward(layout: Layout, mb: int, resident: Sequence[int], *, next_for
     if not next_forward:
         for c in sorted(low.resident):
             low.release(c)
-    return PassResult(actions=tuple(low.out), resident=tuple(low.resident))
+    return PassResult(actions=add_swap_ins(low.out, layout.acts, mb, layout.swap_in_ahead), resident=tuple(low.resident))
 
 
 def lower_step(layout: Layout, num_microbatches: int, *, hand_off: bool = False) -> tuple[Action, ...]:
-    """``train_step``'s program: F then B of each micro-batch, the last B releasing every buffer,
-    then ``0OPTIM``; ``hand_off`` as ``lower_backward``'s, for the last backward."""
+    """``train_step``'s program: F then B of each micro-batch (with their swaps), the last B
+    releasing every buffer, then ``0OPTIM``; ``hand_off`` as ``lower_backward``'s, for the last backward."""
     if num_microbatches < 1:
         raise ValueError(f"num_microbatches: must be >= 1, got {num_microbatches}")
     out: list[Action] = []

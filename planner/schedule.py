@@ -4,13 +4,12 @@ docs/DESIGN.md rules 1-2 (model: ``torch.distributed.pipelining`` schedules). A 
 ``{rank: (Action, ...)}``. ``generate_single_device`` gives the compute order at micro-batch
 level (``0F3``: the forward of micro-batch 3); ``lower_chunks`` expands each pass into the
 program the engine runs, block by block (planner.program: ``0F3/b2`` markers, ``0PREFETCH3@c5``
-fetches and ``0OFFLOAD3@c5`` releases, chunks kept across pass ends), and adds:
+fetches and ``0OFFLOAD3@c5`` releases, chunks kept across pass ends, and the swapped blocks'
+``0SWAP_OUT3/b2`` after their forward and ``0SWAP_IN3/b2`` ahead of their backward:
+planner.program_swaps), and adds:
 
 - ``0OPTIM@c5``: chunk 5's optimizer step where its home is (CPU, or NVMe through the host),
   issued as soon as its last gradient is in, overlapping the rest of the backward;
-- ``0SWAP_OUT3`` after micro-batch 3's forward / ``0SWAP_IN3`` before its backward
-  (``add_activation_swaps``): the blocks whose policy is ``swap_host`` / ``swap_nvme`` move their
-  activations out and back, block by block;
 - ``0OPTIM`` (last): the device chunks' optimizer step; the step ends when all have finished.
 """
 
@@ -18,17 +17,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from memtrain.planner.plan import Action, ActPolicy, MemoryPolicy, Op
+from memtrain.planner.plan import Action, MemoryPolicy, Op
 from memtrain.planner.program import Layout, lower_backward, lower_forward
 
 __all__ = [
-    "Schedule", "generate_single_device", "lower_chunks", "add_activation_swaps", "validate", "format_grid",
+    "Schedule", "generate_single_device", "lower_chunks", "validate", "format_grid",
     "ENGINE_OPS", "engine_program",
 ]
 
-ENGINE_OPS = frozenset({Op.F, Op.B, Op.PREFETCH, Op.OFFLOAD})
-"""The ops the engine's chunk store executes and records (``ChunkStore.executed``), with the
-final ``OPTIM``; the others in a single-device schedule describe what runs beside them."""
+ENGINE_OPS = frozenset({Op.F, Op.B, Op.PREFETCH, Op.OFFLOAD, Op.SWAP_OUT, Op.SWAP_IN})
+"""The ops the engine executes and records (``ChunkStore.executed``), with the final ``OPTIM``;
+the others in a single-device schedule describe what runs beside them."""
 
 Schedule = dict[int, tuple[Action, ...]]
 
@@ -49,7 +48,8 @@ def generate_single_device(num_microbatches: int) -> Schedule:
 
 def lower_chunks(schedule: Schedule, memory_policy: MemoryPolicy, block_chunks: Sequence[Sequence[int]], *,
                  hand_off: bool = False, loose: Sequence[int] = ()) -> Schedule:
-    """Expand each micro-batch ``F``/``B`` into its blocks' program (planner.program), passes
+    """Expand each micro-batch ``F``/``B`` into its blocks' program (planner.program, with the
+    swaps of the blocks whose ``memory_policy.activations`` swap), passes
     lowered one after another from the buffers the last one left (a backward followed at once by
     a forward keeps what that forward starts with), and add an ``OPTIM@c<i>`` for each chunk not
     home on the device after the last backward, in the order the backward completes their
@@ -92,36 +92,6 @@ def engine_program(schedule: Schedule, rank: int = 0) -> tuple[Action, ...]:
     return tuple(a for a in schedule[rank] if a.op in ENGINE_OPS or (a.op is Op.OPTIM and a.chunk is None))
 
 
-def add_activation_swaps(schedule: Schedule, activations: Sequence[ActPolicy]) -> Schedule:
-    """Insert ``SWAP_OUT<m>`` after micro-batch ``m``'s forward (its last block's) and
-    ``SWAP_IN<m>`` before its backward (before the fetches ahead of its first block) when any
-    block's policy swaps (to host or NVMe); the runtime moves those blocks' activations one by one."""
-    if not any(ActPolicy(p) in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME) for p in activations):
-        return dict(schedule)
-    out: Schedule = {}
-    for rank, acts in schedule.items():
-        new: list[Action] = []
-        last_f = {a.microbatch: i for i, a in enumerate(acts) if a.op is Op.F}
-        first_b = {}
-        for i, a in enumerate(acts):
-            if a.op is Op.B:
-                first_b.setdefault(a.microbatch, i)
-        for i, a in enumerate(acts):
-            if a.op is Op.B and first_b[a.microbatch] == i:
-                # before the B's fetches too, so copy-ins are queued first (blocks at the top first)
-                pos = len(new)
-                while pos and new[pos - 1].op is Op.PREFETCH and new[pos - 1].microbatch == a.microbatch:
-                    pos -= 1
-                new.insert(pos, Action(a.stage, Op.SWAP_IN, a.microbatch))
-                new.append(a)
-            elif a.op is Op.F and last_f[a.microbatch] == i:
-                new += [a, Action(a.stage, Op.SWAP_OUT, a.microbatch)]
-            else:
-                new.append(a)
-        out[rank] = tuple(new)
-    return out
-
-
 def _label(action: Action) -> str:
     if isinstance(action.op, Op):
         return str(action)
@@ -132,7 +102,9 @@ def validate(schedule: Schedule) -> list[str]:
     """Problems with a single-device schedule, each naming the rank and step; [] when sound.
 
     Checks: only known ops; every F has a B after it (same micro-batch, same block when the
-    schedule is lowered to blocks) and every B an F before it; SWAP_IN after SWAP_OUT; each PREFETCH of a chunk is followed by its OFFLOAD
+    schedule is lowered to blocks) and every B an F before it; SWAP_IN after SWAP_OUT (same
+    micro-batch and block), SWAP_OUT after its F and SWAP_IN before its B when lowered to blocks;
+    each PREFETCH of a chunk is followed by its OFFLOAD
     before the chunk is fetched again; no F after a chunk's optimizer step; OPTIM last, once.
     """
     problems: list[str] = []
@@ -149,7 +121,7 @@ def validate(schedule: Schedule) -> list[str]:
                 problems.append(f"{where(i)}: unknown op {a.op!r} for a single-device schedule")
                 continue
             key = (a.stage, a.microbatch)
-            if a.op in (Op.F, Op.B):
+            if a.op in (Op.F, Op.B, Op.SWAP_OUT, Op.SWAP_IN):
                 key = (a.stage, a.microbatch, a.block)
             if a.op is Op.F:
                 if key in seen_f:
@@ -162,9 +134,14 @@ def validate(schedule: Schedule) -> list[str]:
                     problems.append(f"{where(i)}: backward of micro-batch {a.microbatch} before its forward")
                 seen_b.add(key)
             elif a.op is Op.SWAP_OUT:
+                if a.block is not None and key not in seen_f:
+                    problems.append(f"{where(i)}: SWAP_OUT of micro-batch {a.microbatch} block {a.block} before its forward")
                 swapped_out.add(key)
-            elif a.op is Op.SWAP_IN and key not in swapped_out:
-                problems.append(f"{where(i)}: SWAP_IN of micro-batch {a.microbatch} without a SWAP_OUT before it")
+            elif a.op is Op.SWAP_IN:
+                if key not in swapped_out:
+                    problems.append(f"{where(i)}: SWAP_IN of micro-batch {a.microbatch} without a SWAP_OUT before it")
+                if a.block is not None and key in seen_b:
+                    problems.append(f"{where(i)}: SWAP_IN of micro-batch {a.microbatch} block {a.block} after its backward")
             elif a.op is Op.PREFETCH:
                 if a.chunk is None:
                     problems.append(f"{where(i)}: PREFETCH needs a chunk (e.g. 0PREFETCH0@c3)")

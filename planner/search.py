@@ -22,7 +22,7 @@ from memtrain.planner import cost, footprint
 from memtrain.planner.plan import (
     DEFAULT_SWAP_IN_AHEAD, DEFAULT_SWAP_WRITES_IN_FLIGHT, ActPolicy, Alternative, ChunkPlan, DevicePrediction, MemoryPolicy, Plan, Prediction, Tier, TimelineEvent, TrainShape,
 )
-from memtrain.planner.schedule import add_activation_swaps, generate_single_device, lower_chunks
+from memtrain.planner.schedule import generate_single_device, lower_chunks
 from memtrain.planner.bounds import stream_work_s
 from memtrain.planner.simulate import SWAP_IN_LOOKAHEAD, SimResult, simulate_step
 from memtrain.units import format_bytes
@@ -600,7 +600,6 @@ def _build_plan(name: str, base: ModelStats, ctx: _Context, chosen: _Candidate, 
     bc = cost.block_chunk_ids(ctx.stats, chosen.policy.chunks)
     schedule = generate_single_device(ctx.train.num_microbatches)
     schedule = lower_chunks(schedule, chosen.policy, bc, hand_off=ctx.train.dtype is DType.FP32)
-    schedule = add_activation_swaps(schedule, chosen.policy.activations)
     alternatives: list[Alternative] = []
     # One alternative per family (micro-batch, tiers used, activation policies, compression):
     # the best of each, so the report shows different strategies, not prefetch-depth twins.

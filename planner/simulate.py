@@ -173,15 +173,31 @@ class _StepBuilder(_OptimizerSteps):
         hand_off = self.early and DType(train.dtype) is DType.FP32
         self.fetch_at: dict[tuple[int, str, int], list[int]] = defaultdict(list)
         self.release_at: dict[tuple[int, str, int], list[int]] = defaultdict(list)
+        # and its swaps (planner.program_swaps [Note: the swap rules]): the blocks swapped out
+        # after their forward; per backward block, the swap-ins before its fetches and after its marker
+        self.swap_out_at: set[tuple[int, int]] = set()
+        self.swap_in_before: dict[tuple[int, int], list[int]] = defaultdict(list)
+        self.swap_in_after: dict[tuple[int, int], list[int]] = defaultdict(list)
         pending: list[int] = []
+        swap_ins: list[int] = []
+        where: tuple[int, str, int] | None = None
         for a in lower_step(Layout.of(policy, self.uses), num_microbatches, hand_off=hand_off):
             if a.op is Op.PREFETCH:
                 pending.append(a.chunk)
             elif a.op in (Op.F, Op.B) and a.block is not None:
                 where = (a.microbatch, a.op.value, a.block)
                 self.fetch_at[where], pending = pending, []
+                if swap_ins:
+                    self.swap_in_before[(a.microbatch, a.block)], swap_ins = swap_ins, []
             elif a.op is Op.OFFLOAD:
                 self.release_at[where].append(a.chunk)
+            elif a.op is Op.SWAP_OUT:
+                self.swap_out_at.add((a.microbatch, a.block))
+            elif a.op is Op.SWAP_IN:
+                if where is not None and where[1] == "B" and where[0] == a.microbatch:
+                    self.swap_in_after[(a.microbatch, where[2])].append(a.block)
+                else:
+                    swap_ins.append(a.block)
         need = max((len(cs) for cs in self.uses), default=0)
         if need > policy.prefetch_depth:
             raise ValueError(
@@ -277,13 +293,12 @@ class _StepBuilder(_OptimizerSteps):
         self._start(m, 0, [c for c in fetch if c not in need])
         frees = self._release(self.release_at[(m, "F", j)])  # post-forward
         held = b.input_bytes if pol is ActPolicy.RECOMPUTE else b.activation_bytes
-        swaps = pol in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME)
+        swaps = (m, j) in self.swap_out_at  # the program's SWAP_OUT, right after the marker
         on_f = frees if not (swaps and self.copy_out == "compute") else []
         g.add(f"F{m}:{j}", "compute", self.fwd[j], deps=deps, alloc_end=[(dev, owner, held)], free_end=on_f, tag=m)
-        # [Note: bounded NVMe writes] before this block stages anything, the writes of the blocks
-        # policy.swap_writes_in_flight or more below it are waited for, on the training thread.
-        self._wait_writes(m, upto=j - self.policy.swap_writes_in_flight)
         if swaps:
+            if pol is ActPolicy.SWAP_NVME:  # [Note: the swap rules] 4: the oldest writes are waited for
+                self._wait_writes(m, keep=self.policy.swap_writes_in_flight - 1)
             a = b.activation_bytes
             file = [(nvm, owner, cost.nvme_file_bytes(a))] if pol is ActPolicy.SWAP_NVME else []
             so = g.add(f"SWAP_OUT{m}:{j}", self.copy_out, cost.d2h_time_s(a, self.device), deps=(g.last_on["compute"],),
@@ -295,18 +310,20 @@ class _StepBuilder(_OptimizerSteps):
                                            deps=(so,), tag=m)
                 self.unwaited.append(j)
 
-    def _wait_writes(self, m: int, upto: int) -> None:
-        """The training thread waits for the writes of the swap_nvme blocks ``<= upto``, in order;
-        each one's host staging goes when it is waited for ([Note: bounded NVMe writes])."""
-        while self.unwaited and self.unwaited[0] <= upto:
+    def _wait_writes(self, m: int, keep: int) -> None:
+        """The training thread waits for the oldest swap_nvme writes until ``keep`` are left; each
+        one's host staging goes when it is waited for ([Note: bounded NVMe writes])."""
+        while len(self.unwaited) > keep:
             k = self.unwaited.pop(0)
             b = self.s.blocks[k]
             self.g.add(f"wait{m}:{k}", "compute", 0.0, deps=(self.disk_write[k],),
                        free_end=[(Tier.HOST.value, f"act:{b.name}:{m}", b.activation_bytes)], tag=m)
 
     def _bring_back(self, m: int, k: int) -> None:
-        """The activation manager brings block ``k``'s swapped activations back (see MemoryPolicy.swap_in_ahead)."""
+        """The program's SWAP_IN of block ``k``: every write still staged is waited for, then the
+        activation manager starts bringing its activations back ([Note: the swap rules] 2, 4)."""
         g, b, pol = self.g, self.s.blocks[k], self.policy.activations[k]
+        self._wait_writes(m, keep=0)
         if pol not in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME) or k in self.swap_in or k in self.disk_read:
             return
         a, owner = b.activation_bytes, f"act:{b.name}:{m}"
@@ -328,7 +345,7 @@ class _StepBuilder(_OptimizerSteps):
         its copy-in starts, taking its device bytes; the host staging goes when the copy ends
         (memtrain.offload.swap, [Note: NVMe swap-in claims]): points of the program, not of the disk."""
         b = self.s.blocks[j]
-        if self.policy.activations[j] is not ActPolicy.SWAP_NVME:
+        if self.policy.activations[j] is not ActPolicy.SWAP_NVME or j not in self.disk_read:
             return
         owner, a = f"act:{b.name}:{m}", b.activation_bytes
         claim = self.g.add(f"claim{m}:{j}", "compute", 0.0, deps=(self.disk_read.pop(j),),
@@ -341,25 +358,29 @@ class _StepBuilder(_OptimizerSteps):
         g, s, b, pol = self.g, self.s, self.s.blocks[j], self.policy.activations[j]
         dev = Tier.DEVICE.value
         owner, dt = f"act:{b.name}:{m}", self.train.dtype
-        if j == len(s.blocks) - 1:  # the writes left from the forward are waited for first
-            self._wait_writes(m, upto=j)
-        self._bring_back(m, j)
-        self._claim(m, j)
-        for k in range(j - 1, j - self.policy.swap_in_ahead - 1, -1):
-            if k >= 0:
-                self._bring_back(m, k)
         need = self.uses[j]
         if j + 1 < len(s.blocks):  # the block above's releases after its backward (not at its gradients)
             above = set(self.flush_at.get(j + 1, []))
             frees = self._release([c for c in self.release_at[(m, "B", j + 1)] if c not in above])
             if frees:
                 g.add(f"release{m}:{j + 1}", "compute", 0.0, free_end=frees, tag=m)
+        for k in self.swap_in_before[(m, j)]:  # the program's swap-ins before the block's fetches
+            self._bring_back(m, k)
         fetch = self.fetch_at[(m, "B", j)]  # the program's fetches: the block's own, then ahead
         self._start(m, 1, [c for c in fetch if c in need])
         deps = [self._ensure(m, 1, c) for c in need]
         grads = [(dev, f"buffer:grad:{c}", cost.grad_buffer_bytes(self.chunks[c].num_elems, dt))
                  for c in need if self.grad_at[c] == j]
         self._start(m, 1, [c for c in fetch if c not in need], extra=grads)
+        # The marker claims the block's record, then the swap-ins after it run ([Note: the swap
+        # rules] 3); a record coming back only from those is claimed by its first use.
+        after = self.swap_in_after[(m, j)]
+        if j not in after:
+            self._claim(m, j)
+        for k in after:
+            self._bring_back(m, k)
+        if j in after:
+            self._claim(m, j)
         self._read_ahead(m)
         if j in self.swap_in:
             deps.append(self.swap_in[j])
@@ -423,9 +444,11 @@ def simulate_step(
     buffer is released after the last block of a run of consecutive blocks using the chunk (in
     backward: as soon as the chunk's gradients are complete). nvme chunks come disk -> host
     staging -> device, the copy out of staging when the block needs it. Activations follow the
-    block's policy; swap-ins follow ``policy.swap_in_ahead``, NVMe swap writes
-    ``policy.swap_writes_in_flight``. A chunk's grad buffer is taken at
-    its first backward use and added into the host accumulator when its gradients are complete.
+    block's policy; a swapped block's copies out and back start at the program's ``SWAP_OUT`` and
+    ``SWAP_IN`` (planner.program_swaps [Note: the swap rules], from ``policy.swap_in_ahead``),
+    NVMe swap writes are waited for by its rule 4 (``policy.swap_writes_in_flight``). A chunk's
+    grad buffer is taken at its first backward use and added into the host accumulator when its
+    gradients are complete.
     In the last micro-batch each host/NVMe chunk's update starts when its gradients are flushed
     ([Note: early optimizer step]); after the backward the device chunks step and the early
     updates are waited for. Under fp16 the optimizer runs after the last micro-batch: device and

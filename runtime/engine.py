@@ -8,7 +8,9 @@
 The engine interprets a memory policy (docs/DESIGN.md rule 3): chunk homes, prefetch depth and
 activation policies come from the plan; the engine only wires the chunk store
 (``offload.chunks``), the activation manager (``offload.activations``, when present) and the
-offloaded optimizer (``offload.optim``) around the model's forward and backward.
+offloaded optimizer (``offload.optim``) around the model's forward and backward. It lowers each
+pass's program (planner.program) and the chunk store's block hooks run it; the program's
+``SWAP_OUT``/``SWAP_IN`` actions go to the activation manager.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from memtrain.errors import UserError
 from memtrain.offload.chunks import ChunkStore
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.optim import OffloadedOptimizer
-from memtrain.planner.plan import Action, Op, Plan
+from memtrain.planner.plan import DEFAULT_SWAP_IN_AHEAD, Action, Op, Plan
 from memtrain.planner.program import Layout, lower_backward, lower_forward
 
 __all__ = ["LossScaler", "TierMemory", "Engine"]
@@ -91,7 +93,7 @@ class Engine:
     def __init__(
         self, *, model: nn.Module, blocks: list[tuple[str, nn.Module]], store: ChunkStore, optimizer: OffloadedOptimizer,
         activations, loss_fn: Callable, micro_batch_size: int | None, device: torch.device, nvme, scaler: LossScaler | None,
-        call: Callable | None = None, plan: Plan | None = None,
+        call: Callable | None = None, plan: Plan | None = None, swap_in_ahead: int = DEFAULT_SWAP_IN_AHEAD,
     ) -> None:
         self.model, self.blocks, self.store, self.optimizer = model, blocks, store, optimizer
         self.plan = plan
@@ -102,10 +104,15 @@ class Engine:
         """How to run the model on input ids (``call(model, ids)``); None = ``model(ids)``."""
         self._microbatch = 0
         self._program_layout: Layout | None = None
+        self._swap_in_ahead = swap_in_ahead
+        """``MemoryPolicy.swap_in_ahead``: where the program's swap-ins go (planner.program_swaps)."""
         self._early_pending = False
         """A backward with ``last_microbatch=True`` ran and ``step()`` has not yet."""
         # offload.optim [Note: states read ahead]; not under fp16, whose optimizer runs after the backward
-        store.on_backward_block = optimizer.read_ahead if scaler is None else None
+        self._read_ahead = optimizer.read_ahead if scaler is None else None
+        store.on_backward_block = self._backward_block
+        if activations is not None:  # the program's swaps (the chunk store's runner: offload.program_runner)
+            store.add_handlers({Op.SWAP_OUT: self._swap, Op.SWAP_IN: self._swap})
         store.fetch_carried = optimizer.fetch_carried  # offload.optim [Note: fetch from a write-back]
         self._closed = False
 
@@ -186,10 +193,30 @@ class Engine:
             self.store.end_backward()
 
     def _layout(self) -> Layout:
-        """What the program's lowering needs of the chunk store (planner.program)."""
+        """What the program's lowering needs of the chunk store and the blocks' activation
+        policies (planner.program)."""
         if self._program_layout is None:
-            self._program_layout = Layout.of_store(self.store)
+            acts = () if self.activations is None else [self.activations.policies[n] for n, _ in self.blocks]
+            self._program_layout = Layout.of_store(self.store, acts, self._swap_in_ahead)
         return self._program_layout
+
+    def _swap(self, a: Action) -> None:
+        """``SWAP_OUT``/``SWAP_IN`` of the program: the activation manager moves the block's
+        record; recorded in ``store.executed`` when there was one to move."""
+        move = self.activations.swap_out if a.op is Op.SWAP_OUT else self.activations.swap_in
+        if move(a.block, a.microbatch):
+            self.store.executed.append(a)
+
+    def _backward_block(self) -> None:
+        """A block's backward starts, its fetches begun: the ``B`` marker claims the block's
+        activations, then the swap-ins the program has right after it run (planner.program_swaps
+        [Note: the swap rules], rule 3); then the optimizer reads ahead."""
+        runner = self.store.runner
+        if self.activations is not None and runner.marker is not None and runner.marker.op is Op.B:
+            self.activations.claim(runner.marker.block, runner.marker.microbatch)
+            runner.run_following(Op.SWAP_IN)
+        if self._read_ahead is not None:
+            self._read_ahead()
 
     def step(self) -> bool:
         """Optimizer step over all chunks; False when fp16 overflow skipped it. The last NVMe

@@ -170,8 +170,7 @@ def _activation_manager(policies, blocks, store, device_ledger, host_ledger, nvm
     if ActivationManager is None:
         raise UserError("activation manager requested but memtrain.offload.activations is not available")
     manager = ActivationManager(policies=policies, device_ledger=device_ledger, host_ledger=host_ledger, nvme=nvme,
-                                param_resolver=store, prefetch_depth=policy.swap_in_ahead,
-                                writes_in_flight=policy.swap_writes_in_flight)
+                                param_resolver=store, writes_in_flight=policy.swap_writes_in_flight)
     manager.wrap_blocks(blocks)
     return manager
 
@@ -255,7 +254,7 @@ def wrap(
         opt = OffloadedOptimizer(store, spec, staged_chunks=policy.optim_staged_chunks,
                                  **({} if host_kernel is None else {"host_kernel": host_kernel}))
         policies = {name: ActPolicy(p) for (name, _), p in zip(named, policy.activations)}
-        # Swap-ins run policy.swap_in_ahead blocks ahead and NVMe swap writes wait as the plan says.
+        # The program places swap-ins policy.swap_in_ahead blocks ahead; NVMe swap writes wait as the plan says.
         acts = _activation_manager(policies, named, store, device_ledger, host_ledger, nvme, policy, activation_manager)
     except BaseException:
         if nvme is not None:
@@ -266,7 +265,7 @@ def wrap(
         _print_summary(plan, policy, depth, dtype, spec.state_names)
     return Engine(model=model, blocks=named, store=store, optimizer=opt, activations=acts, loss_fn=loss_fn,
                   micro_batch_size=micro_batch_size, device=dev, nvme=nvme, scaler=scaler, call=call,
-                  plan=plan if isinstance(plan, Plan) else None)
+                  plan=plan if isinstance(plan, Plan) else None, swap_in_ahead=policy.swap_in_ahead)
 
 
 def _print_summary(plan, policy: MemoryPolicy, depth: int, dtype: str, state_names) -> None:

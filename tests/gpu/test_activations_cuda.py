@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,9 @@ from memtrain.models.gpt import GPT, causal_lm_loss, gpt_config
 from memtrain.offload.activations import ActivationManager
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.nvme import NvmeStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+from swap_driver import SwapDriver  # noqa: E402  (runs the program's swaps, as the engine does)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -42,6 +47,7 @@ def _train(policies, *, nvme=None, num_steps=20, shape=(2, 33), **overrides):
         mgr = ActivationManager(policies={n: p for (n, _), p in zip(blocks, policies)},
                                 device_ledger=device, host_ledger=host, nvme=nvme)
         mgr.wrap_blocks(blocks)
+        SwapDriver(mgr, blocks)
     g = torch.Generator().manual_seed(1)
     losses = []
     for _ in range(num_steps):
@@ -87,6 +93,7 @@ def _step_peak_bytes(policy: str | None) -> tuple[int, int]:
         mgr = ActivationManager(policies={n: policy for n, _ in _blocks(model)}, device_ledger=device,
                                 host_ledger=Ledger("host"))
         mgr.wrap_blocks(_blocks(model))
+        SwapDriver(mgr, _blocks(model))
     causal_lm_loss(model(ids[:, :-1]), ids[:, 1:]).backward()  # warm-up (allocator, kernels)
     model.zero_grad(set_to_none=False)
     torch.cuda.synchronize()
@@ -147,6 +154,7 @@ def test_swap_copies_overlap_compute(tmp_path):
     mgr = ActivationManager(policies={n: "swap_host" for n, _ in _blocks(model)}, device_ledger=Ledger("device"),
                             host_ledger=Ledger("host"))
     mgr.wrap_blocks(_blocks(model))
+    SwapDriver(mgr, _blocks(model))
     causal_lm_loss(model(ids[:, :-1]), ids[:, 1:]).backward()  # warm-up
     torch.cuda.synchronize()
     from torch.profiler import ProfilerActivity, profile

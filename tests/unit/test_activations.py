@@ -1,4 +1,7 @@
-"""ActivationManager on CPU: parity with plain PyTorch, ledger windows, dedupe, parameters."""
+"""ActivationManager on CPU: parity with plain PyTorch, ledger windows, dedupe, parameters.
+
+The manager moves records when the program says (planner.program_swaps); ``swap_driver`` runs
+the program's swaps for it here, as the engine's chunk store does in ``wrap()``."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from memtrain.offload.activations import ActivationManager, act_owner
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.nvme import HEADER_BYTES, NvmeError, NvmeStore
 from memtrain.planner.plan import ActPolicy
+from swap_driver import SwapDriver
 
 NUM_STEPS = 20
 BATCH, SEQ = 2, 16
@@ -36,7 +40,13 @@ def _blocks(model: GPT) -> list[tuple[str, nn.Module]]:
     return [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
 
 
-def _train(policies: list[str] | None, *, nvme: NvmeStore | None = None, prefetch_depth: int = 1,
+def _wrap(mgr: ActivationManager, blocks, ahead: int = 1) -> SwapDriver:
+    """Wrap ``blocks`` and run the program's swaps for them (``ahead``: ``swap_in_ahead``)."""
+    mgr.wrap_blocks(blocks)
+    return SwapDriver(mgr, blocks, ahead=ahead)
+
+
+def _train(policies: list[str] | None, *, nvme: NvmeStore | None = None, ahead: int = 1,
            num_steps: int = NUM_STEPS, check=None):
     """Train the tiny GPT with AdamW; returns (losses, final params, manager, device, host ledgers)."""
     model = _model()
@@ -47,9 +57,9 @@ def _train(policies: list[str] | None, *, nvme: NvmeStore | None = None, prefetc
         blocks = _blocks(model)
         mgr = ActivationManager(
             policies={name: p for (name, _), p in zip(blocks, policies)},
-            device_ledger=device, host_ledger=host, nvme=nvme, prefetch_depth=prefetch_depth,
+            device_ledger=device, host_ledger=host, nvme=nvme,
         )
-        mgr.wrap_blocks(blocks)
+        _wrap(mgr, blocks, ahead)
     losses = []
     for ids in _batches(num_steps):
         loss = causal_lm_loss(model(ids[:, :-1]), ids[:, 1:])
@@ -119,18 +129,18 @@ def test_keep_peak_is_the_sum_of_the_blocks_saved_bytes():
     assert host.peak_bytes == 0
 
 
-@pytest.mark.parametrize("prefetch_depth", [0, 1, 2])
-def test_swap_host_device_peak_is_only_the_blocks_being_brought_back(prefetch_depth):
+@pytest.mark.parametrize("ahead", [0, 1, 2])
+def test_swap_host_device_peak_is_only_the_blocks_being_brought_back(ahead):
     """On CPU copies are synchronous, so the windows are exact: a record is on the device from
-    the start of its copy-in (when the backward of the block ``prefetch_depth`` after it starts)
-    to the end of its own backward; all of A is on the host after the forward."""
+    the start of its copy-in (its SWAP_IN, when the backward of the block ``ahead`` after it
+    starts) to the end of its own backward; all of A is on the host after the forward."""
     a = _keep_bytes()
-    *_, mgr, device, host = _train(["swap_host"] * 4, prefetch_depth=prefetch_depth, num_steps=1)
+    *_, mgr, device, host = _train(["swap_host"] * 4, ahead=ahead, num_steps=1)
     assert [mgr.block_activations(f"blocks.{i}").saved_bytes for i in range(4)] == a
-    windows = [sum(a[max(0, i - prefetch_depth): i + 1]) for i in range(4)]
+    windows = [sum(a[max(0, i - ahead): i + 1]) for i in range(4)]
     assert device.peak_bytes == max(windows)
     assert sum(a) - device.peak_bytes == sum(a) - max(windows) > 0
-    if prefetch_depth == 0:
+    if ahead == 0:
         assert device.peak_bytes == max(a)  # 4 blocks' A kept -> the largest one at a time
     assert host.peak_bytes == sum(a)
 
@@ -141,7 +151,7 @@ def test_swap_nvme_moves_activations_to_real_files_and_back(store):
     device, host = Ledger("device"), Ledger("host")
     mgr = ActivationManager(policies={f"blocks.{i}": "swap_nvme" for i in range(4)},
                             device_ledger=device, host_ledger=host, nvme=store)
-    mgr.wrap_blocks(_blocks(model))
+    _wrap(mgr, _blocks(model))
     ids = _batches(1)[0]
     loss = causal_lm_loss(model(ids[:, :-1]), ids[:, 1:])
     mgr.synchronize()
@@ -153,7 +163,7 @@ def test_swap_nvme_moves_activations_to_real_files_and_back(store):
         assert entry.nbytes >= a[i]  # storages at 16-byte offsets in one buffer
         assert store.file_path(entry.key).stat().st_size >= entry.nbytes
     # [Note: bounded NVMe writes] one block's staging at a time: block i's write is waited for
-    # (and its staging released) at the end of block i+1's forward, before i+1 stages its own.
+    # (and its staging released) at block i+1's SWAP_OUT, before i+1 stages its own.
     assert host.peak_bytes == max(a)
     loss.backward()
     assert store.keys() == [] and store.ledger.in_use_bytes == 0
@@ -200,7 +210,7 @@ def _swap_nvme_peaks(store: NvmeStore, writes_in_flight: int) -> tuple[list[floa
     device, host = Ledger("device"), Ledger("host")
     mgr = ActivationManager(policies={f"blocks.{i}": "swap_nvme" for i in range(4)}, device_ledger=device,
                             host_ledger=host, nvme=store, writes_in_flight=writes_in_flight)
-    mgr.wrap_blocks(_blocks(model))
+    _wrap(mgr, _blocks(model))
     losses = []
     for ids in _batches(2):
         loss = causal_lm_loss(model(ids[:, :-1]), ids[:, 1:])
@@ -238,7 +248,7 @@ def _swap_nvme_model(store: NvmeStore):
     device, host = Ledger("device"), Ledger("host")
     mgr = ActivationManager(policies={f"blocks.{i}": "swap_nvme" for i in range(4)}, device_ledger=device,
                             host_ledger=host, nvme=store)
-    mgr.wrap_blocks(_blocks(model))
+    _wrap(mgr, _blocks(model))
     return model, mgr, device, host
 
 
@@ -249,7 +259,7 @@ def test_a_failed_swap_write_surfaces_in_the_forward_that_waits_for_it(tmp_path)
         model, mgr, device, host = _swap_nvme_model(s)
         ids = _batches(1)[0]
         with pytest.raises(NvmeError, match=r"'blocks\.0', micro-batch 0: writing them to NVMe failed.*disk full"):
-            model(ids[:, :-1])  # block 0's write is waited for at the end of block 1's forward
+            model(ids[:, :-1])  # block 0's write is waited for at block 1's SWAP_OUT
         gc.collect()  # the forward's graph is gone: its records are freed
         _ledgers_empty(mgr, device, host)
         assert not list(s.path.glob("*.mt"))
@@ -361,7 +371,7 @@ def test_a_storage_saved_twice_is_stored_once(policy, store):
     device, host = Ledger("device"), Ledger("host")
     mgr = ActivationManager(policies={"sq": policy}, device_ledger=device, host_ledger=host,
                             nvme=store if policy == "swap_nvme" else None)
-    mgr.wrap_blocks([("sq", block)])
+    _wrap(mgr, [("sq", block)])
     out = block(x)
     mgr.synchronize()
     stats = mgr.block_activations("sq")
@@ -383,7 +393,7 @@ def test_parameters_are_never_swapped():
     model = _model()
     mgr = ActivationManager(policies={f"blocks.{i}": "swap_host" for i in range(4)},
                             device_ledger=Ledger("device"), host_ledger=Ledger("host"))
-    mgr.wrap_blocks(_blocks(model))
+    _wrap(mgr, _blocks(model))
     ids = _batches(1)[0]
     loss = causal_lm_loss(model(ids[:, :-1]), ids[:, 1:])
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -424,7 +434,7 @@ def test_param_resolver_unpacks_over_the_parameters_current_memory():
     resolver = _MovingResolver(model)
     mgr = ActivationManager(policies={f"blocks.{i}": p for i, p in enumerate(MIXED[1:] + ["swap_host"])},
                             device_ledger=Ledger("device"), host_ledger=Ledger("host"), param_resolver=resolver)
-    mgr.wrap_blocks(_blocks(model))
+    _wrap(mgr, _blocks(model))
     loss = causal_lm_loss(model(ids[:, :-1]), ids[:, 1:])
     with torch.no_grad():  # the chunk store evicts and re-fetches: new memory, old memory poisoned
         for p in model.parameters():
@@ -442,7 +452,7 @@ def test_tensors_outside_wrapped_blocks_are_left_alone():
     device = Ledger("device")
     mgr = ActivationManager(policies={"blocks.1": "swap_host", "blocks.2": "keep"},
                             device_ledger=device, host_ledger=Ledger("host"))
-    mgr.wrap_blocks(_blocks(model)[1:3])
+    _wrap(mgr, _blocks(model)[1:3])
     ids = _batches(1)[0]
     loss = causal_lm_loss(model(ids[:, :-1]), ids[:, 1:])
     assert set(device.by_owner()) == {act_owner("blocks.2", 0)}
@@ -461,7 +471,7 @@ def test_microbatches_have_their_own_owners(store):
     device, host = Ledger("device"), Ledger("host")
     mgr = ActivationManager(policies=dict(zip((f"blocks.{i}" for i in range(4)), MIXED)),
                             device_ledger=device, host_ledger=host, nvme=store)
-    mgr.wrap_blocks(_blocks(model))
+    _wrap(mgr, _blocks(model))
     losses = []
     for mb, b in enumerate(ids):  # both forwards first, as a pipeline stage does
         mgr.set_microbatch(mb)
@@ -481,7 +491,7 @@ def test_no_grad_forward_and_unwrap_leave_no_trace():
     device = Ledger("device")
     mgr = ActivationManager(policies={f"blocks.{i}": "swap_host" for i in range(4)},
                             device_ledger=device, host_ledger=Ledger("host"))
-    mgr.wrap_blocks(_blocks(model))
+    _wrap(mgr, _blocks(model))
     ids = _batches(1)[0][:, :-1]
     with torch.no_grad():
         wrapped = model(ids)
@@ -504,7 +514,7 @@ class _InPlaceAfterSave(nn.Module):
 def test_in_place_change_of_a_swapped_tensor_is_refused():
     mgr = ActivationManager(policies={"b": "swap_host"}, device_ledger=Ledger("device"), host_ledger=Ledger("host"))
     block = _InPlaceAfterSave()
-    mgr.wrap_blocks([("b", block)])
+    _wrap(mgr, [("b", block)])
     with pytest.raises(RuntimeError, match="block 'b'.*modified in place"):
         block(torch.randn(3, requires_grad=True))
 
@@ -515,8 +525,6 @@ def test_user_mistakes_raise_value_errors(store):
         ActivationManager(policies={"a": "offload"}, **led)
     with pytest.raises(ValueError, match="nvme=NvmeStore"):
         ActivationManager(policies={"a": ActPolicy.SWAP_NVME}, **led)
-    with pytest.raises(ValueError, match="prefetch_depth"):
-        ActivationManager(policies={"a": "keep"}, prefetch_depth=-1, **led)
     with pytest.raises(ValueError, match="writes_in_flight: must be an int >= 1"):
         ActivationManager(policies={"a": "keep"}, writes_in_flight=0, **led)
     mgr = ActivationManager(policies={"a": "keep"}, **led)

@@ -267,7 +267,8 @@ def test_activation_manager_brings_back_as_many_blocks_ahead_as_simulated(tmp_pa
     policy = _policy(model, Tier.DEVICE, SH, 1, 10**9)
     engine = wrap(model, optimizer="adamw", memory={"device": BIG, "host": BIG}, plan=policy, verbose=False, device="cpu")
     try:
-        assert engine.activations.prefetch_depth == SWAP_IN_BLOCKS_AHEAD == policy.swap_in_ahead
+        # the engine's program places the swap-ins (planner.program_swaps) as the simulator reads them
+        assert engine._layout().swap_in_ahead == SWAP_IN_BLOCKS_AHEAD == policy.swap_in_ahead
     finally:
         engine.close()
 
@@ -275,7 +276,8 @@ def test_activation_manager_brings_back_as_many_blocks_ahead_as_simulated(tmp_pa
 @pytest.mark.parametrize("ahead, writes", [(2, 2), (0, 3)])
 def test_the_plans_swap_fields_drive_the_engine_and_the_simulator(tmp_path, ahead, writes):
     """Swap-in look-ahead and NVMe swap writes in flight are Plan fields (MemoryPolicy), not
-    constants: the activation manager takes them from the plan; a bad value is refused."""
+    constants: the engine's program takes the look-ahead, the activation manager the writes in
+    flight; a bad value is refused."""
     import dataclasses
 
     torch.manual_seed(0)
@@ -285,7 +287,7 @@ def test_the_plans_swap_fields_drive_the_engine_and_the_simulator(tmp_path, ahea
     engine = wrap(model, optimizer="adamw", memory={"device": BIG, "host": BIG, "nvme_path": str(tmp_path / "n")},
                   plan=policy, verbose=False, device="cpu")
     try:
-        assert (engine.activations.prefetch_depth, engine.activations.writes_in_flight) == (ahead, writes)
+        assert (engine._layout().swap_in_ahead, engine.activations.writes_in_flight) == (ahead, writes)
     finally:
         engine.close()
     with pytest.raises(ValueError, match="memory.swap_writes_in_flight: must be >= 1"):

@@ -1,5 +1,5 @@
 """The step's program (planner.program, planner.schedule.lower_chunks) against what the engine
-does: for every parity case the chunk store's record of its fetches, releases and block passes
+does: for every parity case the engine's record of its fetches, releases, swaps and block passes
 (``ChunkStore.executed``) equals the program lowered from the plan, action for action."""
 
 from __future__ import annotations
@@ -69,30 +69,41 @@ def _cycle(n: int) -> list[Tier]:
 
 
 K, SH, SN, RC = ActPolicy.KEEP, ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME, ActPolicy.RECOMPUTE
-GOLDEN = [  # (homes, activations, micro-batches, dtype, prefetch depth)
-    (Tier.DEVICE, K, 2, "fp32", 2), (Tier.HOST, K, 1, "fp32", 2), (Tier.HOST, K, 3, "fp32", 2),
-    (Tier.NVME, K, 2, "fp32", 2), (Tier.NVME, SH, 2, "fp32", 2), (Tier.NVME, SN, 2, "fp32", 3),
-    (Tier.NVME, RC, 3, "fp32", 1), ("cycle", RC, 2, "fp32", 5), ("cycle", SH, 2, "bf16", 2),
-    (Tier.NVME, K, 2, "bf16", 2), (Tier.HOST, RC, 2, "fp16", 2), ("cycle", K, 3, "fp16", 3),
+MIXED = (K, SN, RC, SH)  # per block, cycled: swapped blocks apart, the top one swapped to host
+GOLDEN = [  # (homes, activations, micro-batches, dtype, prefetch depth, swap-in look-ahead)
+    (Tier.DEVICE, K, 2, "fp32", 2, 1), (Tier.HOST, K, 1, "fp32", 2, 1), (Tier.HOST, K, 3, "fp32", 2, 1),
+    (Tier.NVME, K, 2, "fp32", 2, 1), (Tier.NVME, SH, 2, "fp32", 2, 1), (Tier.NVME, SN, 2, "fp32", 3, 1),
+    (Tier.NVME, RC, 3, "fp32", 1, 1), ("cycle", RC, 2, "fp32", 5, 1), ("cycle", SH, 2, "bf16", 2, 1),
+    (Tier.NVME, K, 2, "bf16", 2, 1), (Tier.HOST, RC, 2, "fp16", 2, 1), ("cycle", K, 3, "fp16", 3, 1),
+    ("cycle", SN, 3, "bf16", 3, 2), (Tier.HOST, SN, 3, "fp32", 2, 0), ("cycle", MIXED, 3, "fp32", 2, 1),
+    (Tier.DEVICE, MIXED, 2, "fp16", 1, 2),
 ]
 
 
-@pytest.mark.parametrize("homes, act, num_micro, dtype, depth", GOLDEN,
-                         ids=[f"{h if isinstance(h, str) else h.value}-{a.value}-m{m}-{d}-p{p}" for h, a, m, d, p in GOLDEN])
-def test_the_engine_runs_the_plans_program(tmp_path, homes, act, num_micro, dtype, depth):
+def _golden_id(h, a, m, d, p, ahead) -> str:
+    acts = "mixed" if isinstance(a, tuple) else a.value
+    return f"{h if isinstance(h, str) else h.value}-{acts}-m{m}-{d}-p{p}-a{ahead}"
+
+
+@pytest.mark.parametrize("homes, act, num_micro, dtype, depth, ahead", GOLDEN, ids=[_golden_id(*g) for g in GOLDEN])
+def test_the_engine_runs_the_plans_program(tmp_path, homes, act, num_micro, dtype, depth, ahead):
     chunk = 8000
     torch.manual_seed(0)
     cfg = gpt_config("tiny", dropout=0.1)
     model = GPT(cfg)
     params = param_order(model, named_blocks(model, None))
     homes = _cycle(len(make_chunk_plans(params, chunk, Tier.HOST))) if homes == "cycle" else homes
+    acts = tuple(act[j % len(act)] for j in range(len(model.blocks))) if isinstance(act, tuple) else (act,) * len(model.blocks)
     policy = MemoryPolicy(chunk_size_elems=chunk, chunks=make_chunk_plans(params, chunk, homes), prefetch_depth=depth,
-                          activations=(act,) * len(model.blocks))
+                          activations=acts, swap_in_ahead=ahead)
     # the plan's program, from the analysis as the planner makes it
     stats = analyze(ModelConfig(preset="tiny", overrides={"dropout": 0.1}), seq_len=16)
     sched = lower_chunks(generate_single_device(num_micro), policy, cost.block_chunk_ids(stats, policy.chunks),
                          hand_off=dtype == "fp32")
     assert validate(sched) == []
+    swapped = {j for j, p in enumerate(acts) if p in (SH, SN)}
+    swaps = [a for a in sched[0] if a.op in (Op.SWAP_OUT, Op.SWAP_IN)]
+    assert len(swaps) == 2 * num_micro * len(swapped) and {a.block for a in swaps} == swapped
     engine = wrap(model, optimizer={"name": "adamw", "lr": 1e-3}, plan=policy, micro_batch_size=2, dtype=dtype,
                   memory={"device": "64GiB", "host": "64GiB", "nvme_path": str(tmp_path / "nvme")}, verbose=False)
     try:

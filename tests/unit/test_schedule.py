@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from memtrain.planner.plan import Action, ActPolicy, ChunkPlan, MemoryPolicy, Op, Tier, schedule_from_csv, schedule_to_csv
-from memtrain.planner.schedule import (
-    add_activation_swaps, engine_program, format_grid, generate_single_device, lower_chunks, validate,
-)
+from memtrain.planner.schedule import engine_program, format_grid, generate_single_device, lower_chunks, validate
 
 # chunk 0 on the device, chunk 1 on the host, chunk 2 on NVMe; block 2 uses chunks 1 and 2
 POLICY = MemoryPolicy(
@@ -14,7 +14,7 @@ POLICY = MemoryPolicy(
             ChunkPlan(index=1, num_elems=10, param_names=("b",), home=Tier.HOST),
             ChunkPlan(index=2, num_elems=10, param_names=("c",), home=Tier.NVME)),
     prefetch_depth=2,
-    activations=(ActPolicy.KEEP, ActPolicy.SWAP_HOST, ActPolicy.RECOMPUTE),
+    activations=(ActPolicy.KEEP, ActPolicy.KEEP, ActPolicy.RECOMPUTE),
 )
 BLOCK_CHUNKS = ((0,), (1,), (1, 2))
 
@@ -45,23 +45,33 @@ def test_lower_chunks_alone():
     assert text(lower_chunks(generate_single_device(1), on_device, ((0,),))) == "0F0/b0 0B0/b0 0OPTIM"
 
 
-def test_add_activation_swaps_alone():
-    swapped = add_activation_swaps(generate_single_device(2), POLICY.activations)
-    assert text(swapped) == "0F0 0SWAP_OUT0 0SWAP_IN0 0B0 0F1 0SWAP_OUT1 0SWAP_IN1 0B1 0OPTIM"
-    assert add_activation_swaps(generate_single_device(2), (ActPolicy.KEEP, ActPolicy.RECOMPUTE)) == generate_single_device(2)
-
-
-def test_passes_compose_with_swap_ins_queued_before_the_backward_fetches():
-    depth1 = MemoryPolicy(chunk_size_elems=10, chunks=POLICY.chunks, prefetch_depth=1, activations=POLICY.activations)
-    lowered = add_activation_swaps(lower_chunks(generate_single_device(1), depth1, BLOCK_CHUNKS), POLICY.activations)
+def test_swaps_are_lowered_per_block_with_their_look_ahead():
+    """planner.program_swaps [Note: the swap rules]: a SWAP_OUT right after its block's forward; a
+    SWAP_IN right after the backward marker swap_in_ahead blocks above (the top block's at the
+    backward's start), or right after its own marker without a look-ahead."""
+    swapping = MemoryPolicy(chunk_size_elems=10, chunks=POLICY.chunks, prefetch_depth=1,
+                            activations=(ActPolicy.SWAP_NVME, ActPolicy.SWAP_HOST, ActPolicy.SWAP_HOST))
+    lowered = lower_chunks(generate_single_device(1), swapping, BLOCK_CHUNKS)
     assert text(lowered) == (
-        "0F0/b0 0PREFETCH0@c1 0F0/b1 0PREFETCH0@c2 0F0/b2 0SWAP_OUT0 0SWAP_IN0 "
-        "0B0/b2 0OFFLOAD0@c2 0B0/b1 0OFFLOAD0@c1 0B0/b0 0OPTIM@c2 0OPTIM@c1 0OPTIM"
+        "0F0/b0 0SWAP_OUT0/b0 0PREFETCH0@c1 0F0/b1 0SWAP_OUT0/b1 0PREFETCH0@c2 0F0/b2 0SWAP_OUT0/b2 "
+        "0SWAP_IN0/b2 0B0/b2 0SWAP_IN0/b1 0OFFLOAD0@c2 0B0/b1 0SWAP_IN0/b0 0OFFLOAD0@c1 0B0/b0 "
+        "0OPTIM@c2 0OPTIM@c1 0OPTIM"
     )
     assert validate(lowered) == []
-    # what the engine's chunk store runs: all but the swaps and the chunks' optimizer steps
-    assert " ".join(map(str, engine_program(lowered))) == (
-        "0F0/b0 0PREFETCH0@c1 0F0/b1 0PREFETCH0@c2 0F0/b2 0B0/b2 0OFFLOAD0@c2 0B0/b1 0OFFLOAD0@c1 0B0/b0 0OPTIM")
+    # the engine runs and records all of it but the chunks' optimizer steps
+    assert engine_program(lowered) == tuple(a for a in lowered[0] if a.op is not Op.OPTIM or a.chunk is None)
+    # no look-ahead: each SWAP_IN right after its own marker (its first use claims it)
+    none_ahead = lower_chunks(generate_single_device(1), dataclasses.replace(swapping, swap_in_ahead=0), BLOCK_CHUNKS)
+    assert text(none_ahead).split(" 0OPTIM@")[0].split("0SWAP_OUT0/b2 ")[1] == (
+        "0B0/b2 0SWAP_IN0/b2 0OFFLOAD0@c2 0B0/b1 0SWAP_IN0/b1 0OFFLOAD0@c1 0B0/b0 0SWAP_IN0/b0")
+    # two ahead, one keep block in the middle: block 0's comes back at the top block's start
+    mixed = dataclasses.replace(swapping, activations=(ActPolicy.SWAP_NVME, ActPolicy.KEEP, ActPolicy.SWAP_HOST),
+                                swap_in_ahead=2)
+    swaps = [str(a) for a in lower_chunks(generate_single_device(1), mixed, BLOCK_CHUNKS)[0]
+             if a.op in (Op.SWAP_IN, Op.B)]
+    assert swaps == ["0SWAP_IN0/b2", "0B0/b2", "0SWAP_IN0/b0", "0B0/b1", "0B0/b0"]
+    # nothing swaps when no block's policy does
+    assert not any(a.op in (Op.SWAP_OUT, Op.SWAP_IN) for a in lower_chunks(generate_single_device(2), POLICY, BLOCK_CHUNKS)[0])
 
 
 def _problems(actions: str) -> list[str]:
@@ -72,6 +82,11 @@ def test_validate_finds_broken_schedules():
     assert any("no backward" in p for p in _problems("0F0 0OPTIM"))
     assert any("before its forward" in p for p in _problems("0B0 0F0 0B0 0OPTIM"))
     assert any("SWAP_IN" in p for p in _problems("0F0 0SWAP_IN0 0B0 0OPTIM"))
+    # block-level swaps pair per block: out after the block's forward, in before its backward
+    assert any("without a SWAP_OUT" in p for p in _problems("0F0/b0 0F0/b1 0SWAP_OUT0/b1 0SWAP_IN0/b0 0B0/b1 0B0/b0 0OPTIM"))
+    assert any("before its forward" in p for p in _problems("0SWAP_OUT0/b0 0F0/b0 0SWAP_IN0/b0 0B0/b0 0OPTIM"))
+    assert any("after its backward" in p for p in _problems("0F0/b0 0SWAP_OUT0/b0 0B0/b0 0SWAP_IN0/b0 0OPTIM"))
+    assert _problems("0F0/b0 0SWAP_OUT0/b0 0SWAP_IN0/b0 0B0/b0 0OPTIM") == []
     assert any("never offloaded" in p for p in _problems("0PREFETCH0@c1 0F0 0B0 0OPTIM"))
     assert any("fetched again" in p for p in _problems("0PREFETCH0@c1 0PREFETCH0@c1 0F0 0OFFLOAD0@c1 0B0 0OPTIM"))
     assert any("without a PREFETCH" in p for p in _problems("0F0 0OFFLOAD0@c1 0B0 0OPTIM"))
@@ -85,19 +100,24 @@ def test_validate_finds_broken_schedules():
 
 
 def test_schedule_round_trips_through_csv():
-    lowered = add_activation_swaps(lower_chunks(generate_single_device(3), POLICY, BLOCK_CHUNKS), POLICY.activations)
+    swapping = dataclasses.replace(POLICY, activations=(ActPolicy.SWAP_NVME, ActPolicy.KEEP, ActPolicy.SWAP_HOST))
+    lowered = lower_chunks(generate_single_device(3), swapping, BLOCK_CHUNKS)
+    assert any(a.op is Op.SWAP_IN for a in lowered[0])
     assert schedule_from_csv(schedule_to_csv(lowered)) == lowered
     assert Action.parse("0F3/b2") == Action(0, Op.F, 3, block=2) and str(Action(0, Op.B, 1, 5, 2)) == "0B1/b2@c5"
+    assert Action.parse("0SWAP_OUT3/b2") == Action(0, Op.SWAP_OUT, 3, block=2)
+    assert str(Action.parse("0SWAP_IN13/b12")) == "0SWAP_IN13/b12"
 
 
 def test_format_grid_golden():
-    grid = format_grid(add_activation_swaps(generate_single_device(1), POLICY.activations))
+    grid = format_grid({0: (Action(0, Op.F, 0, block=0), Action(0, Op.SWAP_OUT, 0, block=0), Action(0, Op.SWAP_IN, 0, block=0),
+                            Action(0, Op.B, 0, block=0), Action(0, Op.OPTIM))})
     assert grid == (
         "step  rank 0\n"
-        "0     0F0\n"
-        "1     0SWAP_OUT0\n"
-        "2     0SWAP_IN0\n"
-        "3     0B0\n"
+        "0     0F0/b0\n"
+        "1     0SWAP_OUT0/b0\n"
+        "2     0SWAP_IN0/b0\n"
+        "3     0B0/b0\n"
         "4     0OPTIM\n"
     )
     two = format_grid({0: (Action(0, Op.F, 0), Action(0, Op.B, 0)), 1: (Action(1, Op.F, 0),)})

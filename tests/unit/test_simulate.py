@@ -233,6 +233,29 @@ def test_swap_nvme_staging_is_bounded_by_the_writes_in_flight_whatever_the_disk(
         assert ev[f"claim0:{j}"].end_s <= ev[f"alloc0:{j - 1}:act"].start_s <= ev[f"B0:{j}"].start_s
 
 
+@pytest.mark.parametrize("ahead", [0, 1, 2])
+def test_swap_ins_start_where_the_program_puts_them(ahead):
+    """planner.program_swaps [Note: the swap rules]: block k's SWAP_IN follows the backward marker
+    of block k + swap_in_ahead (the top blocks' at the backward's start), and the simulator
+    starts its copy there: when that block's backward starts, so the copy overlaps it."""
+    import dataclasses
+
+    acts = [300 * MB, 100 * MB, 200 * MB, 250 * MB, 50 * MB]
+    stats = make_stats(acts)
+    pol = dataclasses.replace(policy(stats, [Tier.DEVICE] * 5, [ActPolicy.SWAP_HOST] * 5), swap_in_ahead=ahead)
+    r = simulate_step(stats, train(1), DEV, HOST, None, pol)
+    ev = {e.name: e for e in r.timeline}
+    for k in range(5):
+        if k + ahead + 1 < 5:  # when block k + ahead's backward starts (the one above has ended)
+            assert ev[f"SWAP_IN0:{k}"].start_s == pytest.approx(ev[f"B0:{k + ahead + 1}"].end_s)
+        else:  # issued at the backward's start, queued behind the copies issued before it
+            assert ev[f"SWAP_IN0:{k}"].start_s < ev["B0:4"].end_s
+        assert ev[f"SWAP_IN0:{k}"].end_s <= ev[f"B0:{k}"].start_s
+    # the blocks brought back ahead are on the device together with the one in backward
+    chunks = sum(cost.chunk_bytes(Tier.DEVICE, b.num_params, "bf16", "adamw")[Tier.DEVICE] for b in stats.blocks)
+    assert r.peak_bytes["device"] == chunks + max(sum(acts[max(0, j - ahead): j + 1]) for j in range(5))
+
+
 def test_prefetch_depth_bounds_param_buffers_and_overlap():
     n_elems = 10**9  # 2 GB bf16 buffers: 0.08 s to copy in, 0.1 s out
     stats = make_stats([1 * MB, 1 * MB], params=[n_elems, n_elems])
