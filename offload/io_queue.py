@@ -40,9 +40,9 @@ class _Task:
     key: str
     priority: int
     seq: int
-    fn: Callable[..., Any]
+    fn: Callable[..., Any] | None
     args: tuple
-    future: cf.Future = field(default_factory=cf.Future)
+    future: cf.Future | None = field(default_factory=cf.Future)
     queued: bool = False
     """In the heap (possibly more than once after a boost; the first pop runs it)."""
     taken: bool = False
@@ -105,6 +105,13 @@ class KeyedPool:
                     task.future.set_exception(e)
                 else:
                     task.future.set_result(result)
+                    del result
+            # [Note: a finished task keeps nothing] A worker's locals outlive its task while it
+            # waits for the next one (``cand``, a boosted task's older heap entry), and a task's
+            # arguments and result (a read returns its buffer) are the caller's buffers: held
+            # there, a swap's host staging outlived its record, and a pooled buffer could not be
+            # reused (offload.bufpool: exclusive).
+            task.fn, task.args, task.future = None, (), None
             with self._cv:
                 chain = self._chains[task.key]
                 chain.popleft()

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from memtrain.offload.nvme_format import NvmeError
+from memtrain.offload.nvme_format import NvmeError, aligned_empty
 from memtrain.offload.tiers import CopyHandle, copy_async, copy_stream
 from memtrain.planner.plan import ActPolicy
 
@@ -273,7 +273,7 @@ class _Record:
     def start_copy_out(self) -> None:
         """End of F: copy every saved storage into one host buffer (side stream on CUDA)."""
         self.take_host(self.saved_bytes())  # host: from the start of the copy-out
-        self.host_buf = torch.empty(self.flat_bytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        self.host_buf = self._host_buffer()
         handle = None
         for s in self.storages.values():
             handle = copy_async(self.host_buf[s.offset : s.offset + s.nbytes], s.data)
@@ -332,12 +332,22 @@ class _Record:
                 self.start_copy_in()
             elif self.state is _State.ON_NVME:
                 self.take_host(self.saved_bytes())  # host staging: from the read's start
-                self.host_buf = torch.empty(self.flat_bytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+                self.host_buf = self._host_buffer()
                 self.io = self.mgr.nvme.read(self.nvme_key, self.host_buf)
                 self.state = _State.READING
             if self.state in (_State.READING, _State.COPY_IN):
                 with self.mgr._lock:
                     self.mgr._inbound.add(self)
+
+    def _host_buffer(self) -> torch.Tensor:
+        """The record's host buffer (pinned on CUDA). [Note: swap staging is aligned] A
+        swap_nvme record's is aligned for O_DIRECT, so the store moves it with no bounce copy:
+        through a worker's bounce buffer, each of the store's threads kept as many pages
+        resident as the largest record it had moved (offload.nvme_format [Note: zero-copy payload])."""
+        pin = self.device.type == "cuda"
+        if self.policy is ActPolicy.SWAP_NVME:
+            return aligned_empty(self.flat_bytes, torch.uint8, pin_memory=pin)
+        return torch.empty(self.flat_bytes, dtype=torch.uint8, pin_memory=pin)
 
     def start_copy_in(self) -> None:
         self.take_device(self.saved_bytes())  # device: from the start of the copy-in to the end of B

@@ -14,8 +14,9 @@ from memtrain.cluster.spec import DeviceSpec
 from memtrain.planner.plan import MemoryPolicy, Tier
 from memtrain.planner.stats import ModelStats, dtype_bytes
 
-__all__ = ["workspace_bytes", "param_grad_bytes", "optimizer_workspace_bytes", "NVME_IO_BYTES", "POOL_SLACK",
-           "process_bytes"]
+__all__ = ["workspace_bytes", "param_grad_bytes", "optimizer_workspace_bytes", "optimizer_temporary_bytes",
+           "NVME_IO_BYTES", "POOL_SLACK",
+           "HEAP_MMAP_THRESHOLD_BYTES", "process_bytes"]
 
 
 def workspace_bytes(stats: ModelStats) -> int:
@@ -52,19 +53,30 @@ def param_grad_bytes(stats: ModelStats) -> int:
 
 
 def optimizer_workspace_bytes(policy: MemoryPolicy, device: DeviceSpec) -> int:
-    """Temporaries of the device chunks' optimizer update, the largest chunk's (fp32 N·4 each):
-    torch's single-tensor AdamW on a CPU makes two, the foreach kernel on a GPU one (measured:
-    ``memtrain.optimizers.adamw_step`` on a flat tensor). Host and NVMe chunks use the fused kernel,
-    which makes none."""
-    largest = max((c.num_elems for c in policy.chunks if c.home is Tier.DEVICE), default=0)
-    return largest * 4 * (2 if device.kind == "cpu" else 1)
+    """Temporaries of the device chunks' optimizer update, the largest chunk's (fp32 N·4 each,
+    ``optimizer_temporary_bytes``): torch's single-tensor AdamW on a CPU makes two, the foreach
+    kernel on a GPU one (measured: ``memtrain.optimizers.adamw_step`` on a flat tensor). Host and
+    NVMe chunks use the fused kernel, which makes none."""
+    return optimizer_temporary_bytes(policy) * (2 if device.kind == "cpu" else 1)
 
 
-NVME_IO_BYTES = 40 << 20
-"""What an NVMe run's process holds beyond the pool and the C heap's live bytes: its store's 8
-threads with their stacks, bounce buffers and allocator arenas, and what the heap keeps of small
-frees. Measured 17-62 MiB (bench/plan_accuracy.py's NVMe configurations, the C heap's threshold
-fixed: runtime.process_memory)."""
+def optimizer_temporary_bytes(policy: MemoryPolicy) -> int:
+    """One temporary of the largest device chunk's optimizer update: its N elements in fp32."""
+    return max((c.num_elems for c in policy.chunks if c.home is Tier.DEVICE), default=0) * 4
+
+
+NVME_IO_BYTES = 2 << 20
+"""What an NVMe run's process holds beyond the pool and the C heap: its store's 8 threads, each
+with its stack and thread state and the pages of its bounce buffer that a file's header and an
+unaligned tail pass through (payloads are aligned and move without it: offload.nvme_format
+[Note: zero-copy payload]). Measured 0.6-1.0 MiB (bench/plan_accuracy.py small/swap_nvme and
+small/nvme-d3 against small/device-keep, the C heap's threshold fixed: runtime.process_memory)."""
+
+
+HEAP_MMAP_THRESHOLD_BYTES = 4 << 20
+"""On a CPU device the C heap serves allocations below this size and keeps them when freed; one
+at least this large gets a mapping of its own, returned when freed (runtime.process_memory fixes
+glibc's threshold here: [Note: the C heap's threshold])."""
 
 
 POOL_SLACK = 0.25
@@ -73,20 +85,29 @@ handed out at once ([Note: pool slack])."""
 
 
 def process_bytes(*, device_peak_bytes: int, pooled_peak_bytes: int, act_peak_bytes: int, workspace_bytes: int,
-                  device: DeviceSpec, uses_nvme: bool, pooled_resident_bytes: int = 0) -> int:
+                  device: DeviceSpec, uses_nvme: bool, pooled_resident_bytes: int = 0,
+                  optimizer_workspace_bytes: int = 0, optimizer_temporary_bytes: int = 0) -> int:
     """[Note: process memory] The process's memory above its baseline at its peak, predicted.
 
     On a GPU: the device's reserved bytes, the device tier's peak (``device_peak_bytes``,
-    workspace included). On a CPU device both tiers are RAM, held in two ways that peak at
-    different times, so their peaks add: the chunk store's chunks, buffers and staging come from
-    one buffer pool (``pooled_peak_bytes`` at most at once, ``pooled_resident_bytes`` of them
-    chunks that live all step), which keeps what was freed: at most ``POOL_SLACK`` of its
-    high-water, and never more than the freed part, the peak less the resident chunks. torch
-    allocates activations and temporaries in the C heap, which keeps its high-water too
-    (``act_peak_bytes`` + the workspace). Plus the NVMe store's threads (``NVME_IO_BYTES``).
+    workspace included). On a CPU device both tiers are RAM, held in ways that peak at different
+    times, so their peaks add: the chunk store's chunks, buffers and staging come from one buffer
+    pool (``pooled_peak_bytes`` at most at once, ``pooled_resident_bytes`` of them chunks that
+    live all step), which keeps what was freed: at most ``POOL_SLACK`` of its high-water, and
+    never more than the freed part, the peak less the resident chunks. torch allocates
+    activations and the backward's temporaries in the C heap, which keeps its high-water
+    (``act_peak_bytes`` in memory + ``workspace_bytes``, the backward's). The device chunks'
+    optimizer temporaries (``optimizer_workspace_bytes``, each ``optimizer_temporary_bytes``) come
+    after the backward: at least ``HEAP_MMAP_THRESHOLD_BYTES`` each, they are mappings of their
+    own on top of what the heap kept; smaller, they reuse it. Plus the NVMe store's threads
+    (``NVME_IO_BYTES``).
     """
     if device.kind != "cpu":
         return device_peak_bytes
     idle = min(int(pooled_peak_bytes * POOL_SLACK), pooled_peak_bytes - pooled_resident_bytes)
-    return (pooled_peak_bytes + idle + act_peak_bytes + workspace_bytes
-            + (NVME_IO_BYTES if uses_nvme else 0))
+    heap = act_peak_bytes + workspace_bytes
+    if optimizer_temporary_bytes >= HEAP_MMAP_THRESHOLD_BYTES:
+        heap += optimizer_workspace_bytes
+    else:
+        heap = max(heap, optimizer_workspace_bytes)
+    return pooled_peak_bytes + idle + heap + (NVME_IO_BYTES if uses_nvme else 0)

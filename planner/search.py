@@ -354,13 +354,15 @@ def _peaks(ctx: _Context, sim: SimResult, policy: MemoryPolicy) -> tuple[dict[st
     return peaks, breakdown
 
 
-def _process_bytes(ctx: _Context, policy: MemoryPolicy, peaks: Mapping[str, int], breakdown, sim: SimResult, *,
+def _process_bytes(ctx: _Context, policy: MemoryPolicy, peaks: Mapping[str, int], sim: SimResult, *,
                    threads: bool = True) -> int:
     """``footprint.process_bytes`` of a simulated step; ``threads``: with the NVMe store's threads."""
     uses_nvme = threads and (any(c.home is Tier.NVME for c in policy.chunks) or ActPolicy.SWAP_NVME in policy.activations)
     return footprint.process_bytes(device_peak_bytes=peaks["device"], pooled_peak_bytes=sim.pooled_peak_bytes,
                                    pooled_resident_bytes=sim.pooled_resident_bytes,
-                                   act_peak_bytes=sim.act_peak_bytes, workspace_bytes=breakdown["device"]["workspace"],
+                                   act_peak_bytes=sim.act_peak_bytes, workspace_bytes=ctx.workspace_bytes,
+                                   optimizer_workspace_bytes=footprint.optimizer_workspace_bytes(policy, ctx.device),
+                                   optimizer_temporary_bytes=footprint.optimizer_temporary_bytes(policy),
                                    device=ctx.device, uses_nvme=uses_nvme)
 
 
@@ -370,7 +372,7 @@ def predicted_process_bytes(stats: ModelStats, train: TrainShape, device: Device
     search (``stats`` at micro-batch size 1, as ``plan`` takes it)."""
     ctx = _Context(stats=stats.scaled(train.micro_batch_size), train=train, device=device, host=None, nvme=None,
                    usable={}, workspace_bytes=footprint.workspace_bytes(stats.scaled(train.micro_batch_size)))
-    return _process_bytes(ctx, policy, *_peaks(ctx, sim, policy), sim)
+    return _process_bytes(ctx, policy, _peaks(ctx, sim, policy)[0], sim)
 
 
 def tracked_peak_bytes(prediction: DevicePrediction) -> dict[str, int]:
@@ -402,7 +404,7 @@ def _ram_overflow(ctx: _Context, policy: MemoryPolicy, peaks: Mapping[str, int],
     kept for what the allocators hold; this checks that what they hold fits the budgets."""
     if ctx.device.kind != "cpu":
         return ""
-    need = _process_bytes(ctx, policy, peaks, breakdown, sim, threads=False)
+    need = _process_bytes(ctx, policy, peaks, sim, threads=False)
     if need <= ctx.ram_bytes:
         return ""
     return (f"{_RAM_SHORT}{_gib(need)} of RAM (both tiers, the buffer pool's slack, "
@@ -628,7 +630,7 @@ def _build_plan(name: str, base: ModelStats, ctx: _Context, chosen: _Candidate, 
         step_time_s=sim.step_time_s, tokens_per_s=sim.tokens_per_s, mfu=sim.mfu,
         devices=(DevicePrediction(rank=0, device=ctx.device.kind, peak_bytes=peaks, budget_bytes=dict(ctx.usable),
                                   breakdown=breakdown,
-                                  process_bytes=_process_bytes(ctx, chosen.policy, peaks, breakdown, sim)),),
+                                  process_bytes=_process_bytes(ctx, chosen.policy, peaks, sim)),),
         timeline=_truncate(sim.timeline),
     )
     return Plan(name=name, fits=fits, shortfall=shortfall, model=base, train=ctx.train, device=ctx.device,

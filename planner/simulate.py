@@ -89,7 +89,8 @@ class SimResult:
     pooled_resident_bytes: int
     """Of ``pooled_peak_bytes``, the chunks that live on the device and host tiers all step."""
     act_peak_bytes: int
-    """The most bytes activations held at once, on every tier together (torch allocates them)."""
+    """The most bytes activations held at once in memory, the device and host tiers together
+    (torch allocates them; a swap_nvme block's file is on disk)."""
     timeline: tuple[TimelineEvent, ...]
     """Every simulated task; with extrapolation, the last simulated micro-batch and the
     optimizer are shifted to where they fall in the full step."""
@@ -416,11 +417,12 @@ def _resident(policy: MemoryPolicy, train: TrainShape) -> dict[str, int]:
 
 
 def _memory_group(tier: str, owner: str) -> str | None:
-    """Activations (torch's allocations) apart from the chunk store's own bytes on the device and
-    host tiers (planner.footprint [Note: process memory])."""
-    if owner.startswith("act"):
-        return "act"
-    return "pooled" if tier in (Tier.DEVICE.value, Tier.HOST.value) else None
+    """Activations (torch's allocations) apart from the chunk store's own bytes, on the device and
+    host tiers: the NVMe tier's files are on disk, not in the process (planner.footprint [Note:
+    process memory])."""
+    if tier not in (Tier.DEVICE.value, Tier.HOST.value):
+        return None
+    return "act" if owner.startswith("act") else "pooled"
 
 
 def simulate_step(

@@ -15,13 +15,15 @@ import os
 import resource
 import sys
 
+from memtrain.planner.footprint import HEAP_MMAP_THRESHOLD_BYTES
+
 __all__ = ["rss_bytes", "peak_rss_bytes", "reset_peak", "release_free_memory", "MMAP_THRESHOLD_BYTES",
            "return_large_frees", "warm_up_torch", "ProcessPeak"]
 
 _PAGE = resource.getpagesize()
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
-MMAP_THRESHOLD_BYTES = 4 << 20
+MMAP_THRESHOLD_BYTES = HEAP_MMAP_THRESHOLD_BYTES
 """[Note: the C heap's threshold] glibc serves an allocation of at least this size with a mapping
 of its own, returned to the system when freed. Left to itself glibc raises the threshold to the
 size of each large block freed (up to 32 MiB), so the activations and temporaries of a CPU-device

@@ -18,7 +18,7 @@ from torch import nn
 from memtrain.models.gpt import GPT, causal_lm_loss, gpt_config
 from memtrain.offload.activations import ActivationManager, act_owner
 from memtrain.offload.ledger import Ledger
-from memtrain.offload.nvme import HEADER_BYTES, NvmeError, NvmeStore
+from memtrain.offload.nvme import HEADER_BYTES, NvmeError, NvmeStore, is_aligned
 from memtrain.planner.plan import ActPolicy
 from swap_driver import SwapDriver
 
@@ -172,6 +172,19 @@ def test_swap_nvme_moves_activations_to_real_files_and_back(store):
     # A record comes to the device when its backward starts and claims it ([Note: NVMe swap-in
     # claims]); the one below is read meanwhile into host staging: one block at a time on each.
     assert device.peak_bytes == max(a) < sum(a)
+
+
+def test_swap_nvme_staging_is_aligned_so_the_store_bounces_nothing(store):
+    # [Note: swap staging is aligned] (offload.swap): an unaligned buffer goes through a store
+    # thread's bounce buffer, whose pages then stay resident in every thread that moved one.
+    moved = []
+    for op in ("write", "read"):
+        inner = getattr(store, op)
+        setattr(store, op, lambda key, t, *a, _inner=inner, **k: (moved.append(is_aligned(t)), _inner(key, t, *a, **k))[1])
+    model, mgr, device, host = _swap_nvme_model(store)
+    ids = _batches(1)[0]
+    causal_lm_loss(model(ids[:, :-1]), ids[:, 1:]).backward()
+    assert len(moved) == 8 and all(moved)
 
 
 class _SlowDisk:

@@ -76,6 +76,62 @@ def test_process_bytes_on_a_cpu_adds_the_pool_with_its_slack_the_heap_and_the_nv
     assert footprint.process_bytes(**kw, uses_nvme=False, pooled_resident_bytes=8000) == 8000 + 3000 + 500
 
 
+def test_optimizer_temporaries_past_the_heaps_threshold_come_on_top_of_what_the_heap_kept():
+    kw = dict(device_peak_bytes=1, pooled_peak_bytes=8000, pooled_resident_bytes=8000, act_peak_bytes=3000,
+              workspace_bytes=500, device=CPU, uses_nvme=False)
+    big = footprint.HEAP_MMAP_THRESHOLD_BYTES
+    # mappings of their own: the heap still holds the activations' and the backward's high-water
+    assert footprint.process_bytes(**kw, optimizer_workspace_bytes=2 * big, optimizer_temporary_bytes=big) == \
+        8000 + 3000 + 500 + 2 * big
+    # below the threshold they reuse what the heap kept
+    assert footprint.process_bytes(**kw, optimizer_workspace_bytes=2000, optimizer_temporary_bytes=1000) == \
+        8000 + 3000 + 500
+    assert footprint.process_bytes(**kw, optimizer_workspace_bytes=6000, optimizer_temporary_bytes=3000) == 8000 + 6000
+
+
+def test_the_heaps_threshold_is_the_one_the_runtime_sets():
+    from memtrain.runtime import process_memory
+
+    assert process_memory.MMAP_THRESHOLD_BYTES == footprint.HEAP_MMAP_THRESHOLD_BYTES
+
+
+def test_a_swap_nvme_plans_process_bytes_count_its_memory_not_its_files():
+    """Every block on swap_nvme, every chunk on the device: the activations in memory at once are
+    one block's device copy and its host staging, or a block being read back beside the one in
+    backward, never the files; the device chunk's optimizer temporaries (two N·4, each past the
+    heap's threshold) come on top of the heap's high-water."""
+    from memtrain.cluster import catalog
+    from memtrain.cluster.spec import HostSpec
+    from memtrain.planner.analyze import analyze
+    from memtrain.planner.plan import TrainShape
+    from memtrain.planner.search import predicted_process_bytes
+    from memtrain.planner.simulate import simulate_step
+    from memtrain.config import ModelConfig
+
+    over = {"num_layers": 4, "hidden_size": 256, "num_heads": 4, "vocab_size": 2048, "max_seq_len": 128}
+    stats = analyze(ModelConfig(preset="tiny", overrides=over), seq_len=128, micro_batch_size=1, dtype="fp32")
+    cpu = catalog.cpu_device_spec(num_cpus=2, memory_bytes=8 << 30)
+    host = HostSpec(memory_bytes=8 << 30, num_cpus=2, memory_bw_gbps=10.0, cpu_adam_params_per_s=1e8)
+    nvme = catalog.default_nvme_spec("/tmp", 1 << 40)
+    n = stats.num_params
+    chunk = ChunkPlan(index=0, num_elems=n, param_names=tuple(p for b in stats.blocks for p in b.param_names
+                                                              if p not in b.shared_param_names), home=Tier.DEVICE)
+    policy = MemoryPolicy(chunk_size_elems=n, chunks=(chunk,), prefetch_depth=1,
+                          activations=(ActPolicy.SWAP_NVME,) * len(stats.blocks))
+    train = TrainShape(global_batch_size=4, micro_batch_size=2, num_microbatches=2, seq_len=128, dtype="fp32",
+                       optimizer="adamw")
+    sim = simulate_step(stats, train, cpu, host, nvme, policy, timeline=False)
+    a = [b.activation_bytes for b in stats.scaled(2).blocks]
+    assert sim.act_peak_bytes == max(a[i] + a[i + 1] for i in range(len(a) - 1)) < sum(a)
+    assert sim.peak_bytes["nvme"] > 0  # the files, which the process does not hold
+    temporary = n * 4
+    assert temporary >= footprint.HEAP_MMAP_THRESHOLD_BYTES
+    chunk_bytes = n * (4 + 4 + 8)  # fp32 params, gradient accumulator, AdamW's m and v
+    assert predicted_process_bytes(stats, train, cpu, policy, sim) == (
+        chunk_bytes + sim.act_peak_bytes + footprint.workspace_bytes(stats.scaled(2)) + 2 * temporary
+        + footprint.NVME_IO_BYTES)
+
+
 def test_the_planner_slack_is_the_pools():
     assert footprint.POOL_SLACK == bufpool.SLACK
 

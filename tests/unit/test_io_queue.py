@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import threading
+import time
+import weakref
 
 import pytest
+import torch
 
 from memtrain.offload.io_queue import BACKGROUND, URGENT, KeyedPool
 
@@ -87,3 +91,21 @@ def test_shutdown_runs_what_was_submitted_then_refuses_more():
         pool.submit("k", URGENT, done.append, 0)
     with pytest.raises(ValueError, match="num_threads"):
         KeyedPool(0)
+
+
+def test_a_finished_task_keeps_neither_its_arguments_nor_its_result():
+    # [Note: a finished task keeps nothing]: an idle worker held its last task, so a read's
+    # buffer (its argument and its result) outlived the caller's last reference to it.
+    pool = KeyedPool(1)
+    buf = torch.empty(16)
+    ref = weakref.ref(buf)
+    fut = pool.submit("k", URGENT, lambda out: out.fill_(1.0), buf)
+    assert fut.result(5) is buf
+    del buf, fut
+    for _ in range(200):  # the worker drops it just after the future is done
+        gc.collect()
+        if ref() is None:
+            break
+        time.sleep(0.01)
+    assert ref() is None, "the idle worker still holds its last task's buffer"
+    pool.shutdown()
