@@ -103,7 +103,8 @@ def validate(schedule: Schedule) -> list[str]:
 
     Checks: only known ops; every F has a B after it (same micro-batch, same block when the
     schedule is lowered to blocks) and every B an F before it; SWAP_IN after SWAP_OUT (same
-    micro-batch and block), SWAP_OUT after its F and SWAP_IN before its B when lowered to blocks;
+    micro-batch and block), SWAP_OUT after its F when lowered to blocks (a SWAP_IN may follow its
+    own B marker: without a look-ahead the block's first use claims it);
     each PREFETCH of a chunk is followed by its OFFLOAD
     before the chunk is fetched again; no F after a chunk's optimizer step; OPTIM last, once.
     """
@@ -140,8 +141,6 @@ def validate(schedule: Schedule) -> list[str]:
             elif a.op is Op.SWAP_IN:
                 if key not in swapped_out:
                     problems.append(f"{where(i)}: SWAP_IN of micro-batch {a.microbatch} without a SWAP_OUT before it")
-                if a.block is not None and key in seen_b:
-                    problems.append(f"{where(i)}: SWAP_IN of micro-batch {a.microbatch} block {a.block} after its backward")
             elif a.op is Op.PREFETCH:
                 if a.chunk is None:
                     problems.append(f"{where(i)}: PREFETCH needs a chunk (e.g. 0PREFETCH0@c3)")
