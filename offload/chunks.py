@@ -41,7 +41,7 @@ memory really held (by ``N·c`` while a read is in flight).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from enum import Enum
 from typing import Any
 
@@ -132,9 +132,10 @@ class ChunkStore:
         """The micro-batch the passes run (the engine sets it), for ``executed``."""
         self.executed: list[Action] = []
         """What the store did, as program actions (planner.program): each param-buffer fetch begun
-        (``PREFETCH``) and release (``OFFLOAD``) and each block's forward and backward start (the
-        compute markers). The engine clears it at each ``train_step``; the golden test sets it
-        against the program the planner lowers."""
+        (``PREFETCH``) and release (``OFFLOAD``), each block's forward and backward start (the
+        compute markers), and the optimizer's points its handlers ran (offload.optim). The engine
+        clears it at each ``train_step``; the golden test sets it against the program the planner
+        lowers."""
         self._phase = _Phase.IDLE
         self._by_ptr: dict[int, int] = {}
         self._handles: list = []
@@ -143,16 +144,8 @@ class ChunkStore:
         self._events: dict[int, tuple[torch.Tensor, list]] = {}
         self._placeholders: dict[torch.dtype, torch.Tensor] = {}
         self._built = False
-        self.on_grads_final = None
-        """Called with a chunk whose gradients of the step are complete (its last micro-batch's
-        grad buffer was just added into the host accumulator; its param buffer goes next) and the
-        buffer when it is the fp32 master, during a backward begun with ``final=True``;
-        offload.optim [Note: early optimizer step]."""
-        self.on_backward_block = None
-        """Called at each block's backward start, after its fetches began (offload.optim [Note: states read ahead])."""
         self.fetch_carried = None
         """Asked at each nvme fetch (chunk, buffer): a copy from host, or None (offload.optim [Note: fetch from a write-back])."""
-        self._final = False
         self._held_for_backward = False
         self._complete: set[int] = set()  # chunks whose gradients of this backward are complete
         self._handed: set[int] = set()  # chunks whose param buffer the optimizer took as its master
@@ -296,8 +289,7 @@ class ChunkStore:
     def _bwd_start(self, pos: int) -> None:
         self._fetch_for(Op.B, pos)
         self.executed.append(Action(0, Op.B, self.microbatch, block=pos))
-        if self.on_backward_block is not None:
-            self.on_backward_block()
+        self._run_releases(complete_only=True)  # the optimizer's points at the block's start
 
     def _bwd_end(self, pos: int) -> None:
         self._run_releases(wait_for_grads=True)
@@ -338,6 +330,10 @@ class ChunkStore:
             return not (wait_for_grads and ci not in self._complete
                         and (0 < len(c.mb_seen) < len(c.slots) or ci in self._loose_chunks))
         self._runner.run_releases(ready)
+
+    def add_handlers(self, handlers: Mapping[Op, Callable[[Action], None]]) -> None:
+        """Handlers for more of the program's ops (the optimizer's points: runtime.engine)."""
+        self._runner.handlers.update(handlers)
 
     @property
     def num_unplanned(self) -> int:
@@ -456,11 +452,10 @@ class ChunkStore:
         self._phase = _Phase.FORWARD
         self._runner.load(program)
 
-    def begin_backward(self, program: Sequence[Action] = (), *, final: bool = False) -> None:
-        """A backward starts; ``program``: its actions (planner.program ``lower_backward``);
-        ``final``: the last backward before the optimizer step (see ``on_grads_final``)."""
+    def begin_backward(self, program: Sequence[Action] = ()) -> None:
+        """A backward starts; ``program``: its actions (planner.program ``lower_backward``, with
+        the optimizer's points of planner.program_optim)."""
         self._phase = _Phase.BACKWARD
-        self._final = final
         self._held_for_backward = False
         self._runner.load(program)
         self._complete.clear()
@@ -475,12 +470,10 @@ class ChunkStore:
             for c in self.chunks:
                 if c.grad_buf is not None:
                     self.grads.flush(c)
-                    if self._grads_final(c):
-                        self._handed.add(c.index)
+                    self._complete.add(c.index)
             self._runner.finish()
         finally:
             self._phase = _Phase.IDLE
-            self._final = False
             self._events.clear()
 
     def release_all(self) -> None:
@@ -489,16 +482,19 @@ class ChunkStore:
             self._release(c)
         self._held_for_backward = False
 
-    def _grads_final(self, c: Chunk) -> bool:
-        """Report ``c`` to ``on_grads_final``, before its param buffer is released: without mixed
-        precision an nvme chunk's buffer is its master (offload.optim [Note: master from the param
-        buffer]). True when the buffer was passed on (its new holder frees it)."""
-        if not (self._final and self.on_grads_final is not None and c.home is not Tier.DEVICE):
-            return False
-        resident = c.buf is not None and c.fetch is None
-        master = c.buf if c.home is Tier.NVME and not self.mixed and resident else None
-        self.on_grads_final(c, master)
-        return master is not None
+    def master_for_update(self, c: Chunk) -> torch.Tensor | None:
+        """Before ``c``'s early update (an ``OPTIM`` action, offload.optim): a grad buffer some of
+        whose parameters got no gradient is added in now, as ``end_backward`` would; and without
+        mixed precision an nvme chunk's resident param buffer is returned as its fp32 master, handed
+        over (offload.optim [Note: master from the param buffer]: its ``OFFLOAD`` then leaves the
+        buffer to the optimizer)."""
+        if c.grad_buf is not None:
+            self.grads.flush(c)
+            self._complete.add(c.index)
+        if c.home is not Tier.NVME or self.mixed or c.buf is None or c.fetch is not None:
+            return None
+        self._handed.add(c.index)
+        return c.buf
 
     # --- gradients ------------------------------------------------------------------------
 
@@ -528,10 +524,9 @@ class ChunkStore:
         c.mb_seen.add(si)
         if len(c.mb_seen) == len(c.slots):
             self.grads.flush(c)
-            if self._grads_final(c):
-                self._handed.add(c.index)
             self._complete.add(c.index)
-            self._run_releases(complete_only=True)  # [Note: releases in the backward] (planner.program)
+            # [Note: releases in the backward] (planner.program): its update and release, if next
+            self._run_releases(complete_only=True)
 
     def refresh_compute(self, c: Chunk) -> None:
         """After the optimizer updated ``c.master``: refresh the compute copy (mixed precision)."""

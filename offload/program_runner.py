@@ -2,8 +2,10 @@
 
 [Note: the program's interpreter] A pass's program is a list of actions between compute markers
 (``0F3/b2``). The store's block hooks move through it: a block's pre-hook runs the actions up to
-its marker when that marker is the next one (the fetches), and after the block the releases
-that follow it; the store decides nothing of its own. Each op has one handler; an op without
+its marker when that marker is the next one (the fetches), and after the marker the releases and
+the optimizer's points that follow it, each once the chunk it is about has its gradients (at the
+block's start, its backward's end, or a chunk's last gradient); the store decides nothing of its
+own. Each op has one handler; an op without
 one fails loudly. A block the program does not have next is counted (``num_unplanned``) and
 the store only makes its chunks resident.
 """
@@ -15,6 +17,9 @@ from collections.abc import Callable, Mapping, Sequence
 from memtrain.planner.plan import Action, Op
 
 __all__ = ["ProgramRunner"]
+
+_AFTER_MARKER = frozenset({Op.OFFLOAD, Op.OPTIM, Op.OPTIM_READ, Op.OPTIM_WAIT})
+"""Ops a marker's hooks run at the cursor (``run_releases``); the rest run before the next marker."""
 
 
 class ProgramRunner:
@@ -44,12 +49,17 @@ class ProgramRunner:
         self.cursor = i + 1
 
     def run_releases(self, ready: Callable[[int], bool] | None = None) -> None:
-        """Run the ``OFFLOAD``s at the cursor, stopping at the first whose chunk is not ``ready``."""
+        """Run the actions at the cursor that follow a marker: the ``OFFLOAD``s and the optimizer's
+        points (``OPTIM`` on a chunk, ``OPTIM_READ``, ``OPTIM_WAIT``), stopping at the first
+        ``OFFLOAD`` or ``OPTIM`` whose chunk is not ``ready``; an ``OPTIM_WAIT`` runs with the
+        action after it (the wait is for that update or read)."""
         prog = self.program
-        while self.cursor < len(prog) and prog[self.cursor].op is Op.OFFLOAD:
-            a = prog[self.cursor]
-            if ready is not None and not ready(a.chunk):
+        while self.cursor < len(prog) and prog[self.cursor].op in _AFTER_MARKER and prog[self.cursor].block is None:
+            gate = next((a for a in prog[self.cursor:] if a.op is not Op.OPTIM_WAIT), None)
+            if (ready is not None and gate is not None and gate.op in (Op.OFFLOAD, Op.OPTIM) and gate.chunk is not None
+                    and not ready(gate.chunk)):
                 return
+            a = prog[self.cursor]
             self.cursor += 1
             self.execute(a)
 

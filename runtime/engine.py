@@ -28,6 +28,7 @@ from memtrain.offload.ledger import Ledger
 from memtrain.offload.optim import OffloadedOptimizer
 from memtrain.planner.plan import Action, Op, Plan
 from memtrain.planner.program import Layout, lower_backward, lower_forward
+from memtrain.planner.program_optim import OptimLayout, Staging, add_optim_points, early_updates
 
 __all__ = ["LossScaler", "TierMemory", "Engine"]
 
@@ -104,8 +105,8 @@ class Engine:
         self._program_layout: Layout | None = None
         self._early_pending = False
         """A backward with ``last_microbatch=True`` ran and ``step()`` has not yet."""
-        # offload.optim [Note: states read ahead]; not under fp16, whose optimizer runs after the backward
-        store.on_backward_block = optimizer.read_ahead if scaler is None else None
+        self._optim_layout = OptimLayout(staged_chunks=optimizer.staged_chunks, early=early_updates(store.dtype))
+        store.add_handlers(optimizer.handlers())  # the program's optimizer points (planner.program_optim)
         store.fetch_carried = optimizer.fetch_carried  # offload.optim [Note: fetch from a write-back]
         self._closed = False
 
@@ -173,12 +174,14 @@ class Engine:
                              "optimizer updates are under way; call engine.step() before the next backward")
         if self.scaler is not None:
             loss = loss * self.scaler.scale
-        early = last_microbatch and self.scaler is None
-        self.store.microbatch = max(self._microbatch - 1, 0)
-        self.store.on_grads_final = self.optimizer.step_early if early else None
-        program = lower_backward(self._layout(), self.store.microbatch, self.store.resident_chunks,
+        early = last_microbatch and self._optim_layout.early
+        mb = self.store.microbatch = max(self._microbatch - 1, 0)
+        program = lower_backward(self._layout(), mb, self.store.resident_chunks,
                                  next_forward=_next_forward and not early, hand_off=early and not self.store.mixed)
-        self.store.begin_backward(program.actions, final=early)
+        ahead, writing, carried, updated = self.optimizer.staging
+        actions, _ = add_optim_points(self._layout(), self._optim_layout, program.actions, mb,
+                                      Staging(ahead, writing, carried, frozenset(updated)), final=early)
+        self.store.begin_backward(actions)
         self._early_pending = early
         try:
             loss.backward()

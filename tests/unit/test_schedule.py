@@ -29,17 +29,24 @@ def test_generate_single_device_alternates_f_and_b_then_optim():
 
 
 def test_lower_chunks_alone():
-    lowered = lower_chunks(generate_single_device(2), POLICY, BLOCK_CHUNKS)
+    lowered = lower_chunks(generate_single_device(2), POLICY, BLOCK_CHUNKS, dtype="fp32")
     # blocks 1 and 2 share chunk 1; with depth 2 both off-device chunks stay from the forward into
-    # the backward and from the first backward into the second forward: fetched once per step
+    # the backward and from the first backward into the second forward: fetched once per step.
+    # Each off-device chunk updates where its gradients complete in the last backward, the nvme
+    # chunk after its write-back carried from the last step is waited for (planner.program_optim)
     assert text(lowered) == (
         "0PREFETCH0@c1 0PREFETCH0@c2 0F0/b0 0F0/b1 0F0/b2 "
         "0B0/b2 0B0/b1 0B0/b0 "
         "0F1/b0 0F1/b1 0F1/b2 "
-        "0B1/b2 0OFFLOAD1@c2 0B1/b1 0OFFLOAD1@c1 0B1/b0 "
-        "0OPTIM@c2 0OPTIM@c1 0OPTIM"
+        "0B1/b2 0OPTIM_WAIT1@c2 0OPTIM1@c2 0OFFLOAD1@c2 0B1/b1 0OPTIM1@c1 0OFFLOAD1@c1 0B1/b0 "
+        "0OPTIM"
     )
     assert validate(lowered) == []
+    first = lower_chunks(generate_single_device(2), POLICY, BLOCK_CHUNKS, dtype="fp32", first_step=True)
+    assert [a for a in first[0] if a.op is Op.OPTIM_WAIT] == []  # nothing carried into the first step
+    # under fp16 the optimizer runs after the backward: only the final OPTIM
+    assert text(lower_chunks(generate_single_device(2), POLICY, BLOCK_CHUNKS, dtype="fp16")).endswith(
+        "0B1/b2 0OFFLOAD1@c2 0B1/b1 0OFFLOAD1@c1 0B1/b0 0OPTIM")
     # nothing to move when every chunk lives on the device
     on_device = MemoryPolicy(chunk_size_elems=10, chunks=(POLICY.chunks[0],), prefetch_depth=1, activations=(ActPolicy.KEEP,))
     assert text(lower_chunks(generate_single_device(1), on_device, ((0,),))) == "0F0/b0 0B0/b0 0OPTIM"
@@ -56,10 +63,10 @@ def test_passes_compose_with_swap_ins_queued_before_the_backward_fetches():
     lowered = add_activation_swaps(lower_chunks(generate_single_device(1), depth1, BLOCK_CHUNKS), POLICY.activations)
     assert text(lowered) == (
         "0F0/b0 0PREFETCH0@c1 0F0/b1 0PREFETCH0@c2 0F0/b2 0SWAP_OUT0 0SWAP_IN0 "
-        "0B0/b2 0OFFLOAD0@c2 0B0/b1 0OFFLOAD0@c1 0B0/b0 0OPTIM@c2 0OPTIM@c1 0OPTIM"
+        "0B0/b2 0OFFLOAD0@c2 0B0/b1 0OFFLOAD0@c1 0B0/b0 0OPTIM"
     )
     assert validate(lowered) == []
-    # what the engine's chunk store runs: all but the swaps and the chunks' optimizer steps
+    # what the engine runs: all but the swaps
     assert " ".join(map(str, engine_program(lowered))) == (
         "0F0/b0 0PREFETCH0@c1 0F0/b1 0PREFETCH0@c2 0F0/b2 0B0/b2 0OFFLOAD0@c2 0B0/b1 0OFFLOAD0@c1 0B0/b0 0OPTIM")
 
@@ -78,6 +85,7 @@ def test_validate_finds_broken_schedules():
     assert any("last action" in p for p in _problems("0F0 0OPTIM 0B0"))
     assert any("exactly one OPTIM" in p for p in _problems("0F0 0B0"))
     assert any("forward after an optimizer step" in p for p in _problems("0F0 0B0 0OPTIM@c1 0F1 0B1 0OPTIM"))
+    assert any("OPTIM_READ needs a chunk" in p for p in _problems("0F0 0B0 0OPTIM_READ0 0OPTIM"))
     assert any("unknown op" in p for p in _problems("0F0 0SEND_F0 0B0 0OPTIM"))
     assert any("unknown op" in p for p in validate({0: (Action(0, "JUMP", 0), Action(0, Op.OPTIM))}))  # type: ignore[arg-type]
     # a problem names the rank and the step
@@ -85,8 +93,10 @@ def test_validate_finds_broken_schedules():
 
 
 def test_schedule_round_trips_through_csv():
-    lowered = add_activation_swaps(lower_chunks(generate_single_device(3), POLICY, BLOCK_CHUNKS), POLICY.activations)
-    assert schedule_from_csv(schedule_to_csv(lowered)) == lowered
+    lowered = add_activation_swaps(lower_chunks(generate_single_device(3), POLICY, BLOCK_CHUNKS, dtype="bf16"),
+                                   POLICY.activations)
+    assert any(a.op is Op.OPTIM_WAIT for a in lowered[0]) and schedule_from_csv(schedule_to_csv(lowered)) == lowered
+    assert str(Action.parse("0OPTIM_READ1@c5")) == "0OPTIM_READ1@c5" and Action.parse("0OPTIM_WAIT@c2").chunk == 2
     assert Action.parse("0F3/b2") == Action(0, Op.F, 3, block=2) and str(Action(0, Op.B, 1, 5, 2)) == "0B1/b2@c5"
 
 
