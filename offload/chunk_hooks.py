@@ -54,7 +54,6 @@ class ChunkHooks:
         self._phase = _Phase.IDLE
         self._handles: list = []
         self._events: dict[int, tuple[torch.Tensor, list]] = {}
-        self._final = False
         self._complete: set[int] = set()  # chunks whose gradients of this backward are complete
         self._handed: set[int] = set()  # chunks whose param buffer the optimizer took as its master
 
@@ -85,9 +84,8 @@ class ChunkHooks:
         self._phase = _Phase.FORWARD
         self.runner.load(program)
 
-    def begin_backward(self, program: Sequence[Action], *, final: bool) -> None:
+    def begin_backward(self, program: Sequence[Action]) -> None:
         self._phase = _Phase.BACKWARD
-        self._final = final
         self.store.held_for_backward = False
         self.runner.load(program)
         self._complete.clear()
@@ -99,12 +97,10 @@ class ChunkHooks:
             for c in self.store.chunks:
                 if c.grad_buf is not None:
                     self.store.grads.flush(c)
-                    if self._grads_final(c):
-                        self._handed.add(c.index)
+                    self._complete.add(c.index)
             self.runner.finish()
         finally:
             self._phase = _Phase.IDLE
-            self._final = False
             self._events.clear()
 
     # --- block hooks ----------------------------------------------------------------------
@@ -151,8 +147,9 @@ class ChunkHooks:
         store = self.store
         self._fetch_for(Op.B, pos)
         store.executed.append(Action(0, Op.B, store.microbatch, block=pos))
-        if store.on_backward_block is not None:
+        if store.on_backward_block is not None:  # the block's claim and the swap-ins after its marker
             store.on_backward_block()
+        self._run_releases(complete_only=True)  # the optimizer's points at the block's start
 
     def _bwd_end(self, pos: int) -> None:
         self._run_releases(wait_for_grads=True)
@@ -203,17 +200,20 @@ class ChunkHooks:
 
     # --- gradients ------------------------------------------------------------------------
 
-    def _grads_final(self, c: Chunk) -> bool:
-        """Report ``c`` to ``on_grads_final``, before its param buffer is released: without mixed
-        precision an nvme chunk's buffer is its master (offload.optim [Note: master from the param
-        buffer]). True when the buffer was passed on (its new holder frees it)."""
+    def master_for_update(self, c: Chunk) -> torch.Tensor | None:
+        """Before ``c``'s early update (an ``OPTIM`` action, offload.optim): a grad buffer some of
+        whose parameters got no gradient is added in now, as ``end_backward`` would; and without
+        mixed precision an nvme chunk's resident param buffer is returned as its fp32 master, handed
+        over (offload.optim [Note: master from the param buffer]: its ``OFFLOAD`` then leaves the
+        buffer to the optimizer)."""
         store = self.store
-        if not (self._final and store.on_grads_final is not None and c.home is not Tier.DEVICE):
-            return False
-        resident = c.buf is not None and c.fetch is None
-        master = c.buf if c.home is Tier.NVME and not store.mixed and resident else None
-        store.on_grads_final(c, master)
-        return master is not None
+        if c.grad_buf is not None:
+            store.grads.flush(c)
+            self._complete.add(c.index)
+        if c.home is not Tier.NVME or store.mixed or c.buf is None or c.fetch is not None:
+            return None
+        self._handed.add(c.index)
+        return c.buf
 
     def _alloc_grad_buf(self, c: Chunk) -> None:
         store = self.store
@@ -243,7 +243,6 @@ class ChunkHooks:
         c.mb_seen.add(si)
         if len(c.mb_seen) == len(c.slots):
             self.store.grads.flush(c)
-            if self._grads_final(c):
-                self._handed.add(c.index)
             self._complete.add(c.index)
-            self._run_releases(complete_only=True)  # [Note: releases in the backward] (planner.program)
+            # [Note: releases in the backward] (planner.program): its update and release, if next
+            self._run_releases(complete_only=True)

@@ -121,8 +121,9 @@ class ChunkStore:
         """The micro-batch the passes run (the engine sets it), for ``executed``."""
         self.executed: list[Action] = []
         """What the store did, as program actions (planner.program): each param-buffer fetch begun
-        (``PREFETCH``) and release (``OFFLOAD``) and each block's forward and backward start (the
-        compute markers). The engine clears it at each ``train_step``; the golden test sets it
+        (``PREFETCH``) and release (``OFFLOAD``), each block's forward and backward start (the
+        compute markers), and the swaps and optimizer's points their handlers ran (runtime.engine,
+        offload.optim). The engine clears it at each ``train_step``; the golden test sets it
         against the program the planner lowers."""
         self.loose_chunks: tuple[int, ...] = ()
         """Chunks of modules outside every block ([Note: loose parameters])."""
@@ -132,13 +133,9 @@ class ChunkStore:
         """The NaN scalar a released parameter's ``.data`` expands ([Note: released parameters])."""
         self._by_ptr: dict[int, int] = {}
         self._built = False
-        self.on_grads_final = None
-        """Called with a chunk whose gradients of the step are complete (its last micro-batch's
-        grad buffer was just added into the host accumulator; its param buffer goes next) and the
-        buffer when it is the fp32 master, during a backward begun with ``final=True``;
-        offload.optim [Note: early optimizer step]."""
         self.on_backward_block = None
-        """Called at each block's backward start, after its fetches began (offload.optim [Note: states read ahead])."""
+        """Called at each block's backward start, after its fetches began and before the
+        optimizer's points there run (the activation manager's claim and swap-ins: runtime.engine)."""
         self.fetch_carried = None
         """Asked at each nvme fetch (chunk, buffer): a copy from host, or None (offload.optim [Note: fetch from a write-back])."""
         self.hooks = ChunkHooks(self)
@@ -316,10 +313,10 @@ class ChunkStore:
         """A forward starts; ``program``: its actions (planner.program ``lower_forward``)."""
         self.hooks.begin_forward(program)
 
-    def begin_backward(self, program: Sequence[Action] = (), *, final: bool = False) -> None:
-        """A backward starts; ``program``: its actions (planner.program ``lower_backward``);
-        ``final``: the last backward before the optimizer step (see ``on_grads_final``)."""
-        self.hooks.begin_backward(program, final=final)
+    def begin_backward(self, program: Sequence[Action] = ()) -> None:
+        """A backward starts; ``program``: its actions (planner.program ``lower_backward``, with
+        the swaps of planner.program_swaps and the optimizer's points of planner.program_optim)."""
+        self.hooks.begin_backward(program)
 
     def end_backward(self) -> None:
         """Flush grad buffers of chunks whose parameters did not all get gradients; run the rest

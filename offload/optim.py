@@ -13,7 +13,7 @@ overlap with the backward and the disk; docs/optimizer.md tells how each was mea
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +25,7 @@ from memtrain.optimizers import (
     DEFAULT_HOST_KERNEL, KERNELS as HOST_KERNELS, OptimizerKind, OptimizerSpec, adamw_step, host_adamw_step,
     measure_host_adamw, sgd_step,
 )
-from memtrain.planner.cost import optim_read_ahead_slots, read_ahead_order
-from memtrain.planner.plan import Tier
+from memtrain.planner.plan import Action, Op, Tier
 
 if TYPE_CHECKING:
     from memtrain.offload.chunks import Chunk, ChunkStore
@@ -109,51 +108,70 @@ class OffloadedOptimizer:
         if staged_chunks < 1:
             raise ValueError(f"staged_chunks: must be >= 1, got {staged_chunks}")
         self.staged_chunks = staged_chunks
-        """Most nvme chunks staged at once by early steps ([Note: early optimizer step])."""
+        """``MemoryPolicy.optim_staged_chunks``, which the program's points are lowered with
+        (planner.program_optim); the optimizer itself waits only where the program says."""
         self.inline = store.device.type == "cpu"
         """Early updates run on the training thread ([Note: where early updates run])."""
         self._worker: ThreadPoolExecutor | None = None
         self._early: dict[int, Future | Deferred] = {}  # chunk index -> its queued update
-        self._writing: list[Future | Deferred] = []  # nvme early steps (-> WriteBack) whose staging is held
+        self._writing: dict[int, Future | Deferred] = {}  # nvme early steps (-> WriteBack) whose staging is held
         self._ahead: dict[int, Staged] = {}  # chunk index -> its states read ahead ([Note: states read ahead])
-        self.read_ahead_slots = optim_read_ahead_slots(staged_chunks)
-        """[Note: states read ahead]."""
         self._inv_scale = 1.0  # set by step() for its duration ([Note: unscaling in fp32])
-        nvme = [c.index for c in store.chunks if c.home is Tier.NVME]
-        self._ahead_order = [store.chunks[i] for i in read_ahead_order(store.uses, nvme)] if self.read_ahead_slots else []
         self._behind: list[WriteBack] = []  # write-backs carried over the step end
 
     @property
     def num_early(self) -> int:
-        """Chunks queued by ``step_early`` since the last ``step()``."""
+        """Chunks queued by ``update`` since the last ``step()``."""
         return len(self._early)
+
+    @property
+    def staging(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """The nvme chunks holding host staging now: states read ahead, this step's write-backs
+        not waited for, carried write-backs (oldest first), and the chunks updated early this
+        step. The next pass's points are lowered from them (planner.program_optim ``Staging``)."""
+        return tuple(self._ahead), tuple(self._writing), tuple(self.carried_chunks), tuple(self._early)
+
+    def handlers(self) -> dict[Op, Callable[[Action], None]]:
+        """The program's optimizer points (planner.program_optim), for the chunk store's
+        interpreter: each runs this optimizer's mechanism on its chunk and is recorded in
+        ``store.executed``."""
+        store = self.store
+
+        def run(fn):
+            def handler(a: Action) -> None:
+                store.executed.append(a)
+                fn(store.chunks[a.chunk])
+            return handler
+        return {Op.OPTIM_READ: run(self.read_ahead), Op.OPTIM_WAIT: run(self.wait_write_back),
+                Op.OPTIM: run(lambda c: self.update(c, store.hooks.master_for_update(c)))}
 
     # [Note: early optimizer step] As in ZeRO-Offload (Ren et al. 2021), a host or nvme chunk's
     # update starts as soon as its gradients for the step are complete, so the update and its
-    # NVMe traffic overlap the rest of the backward: during the last micro-batch's backward the
-    # store reports each such chunk (``ChunkStore.on_grads_final``) and ``step_early`` queues its
-    # update. Updates run one at a time in the order chunks complete, with the same kernels on the
-    # same buffers, so results are bitwise those of ``step()``. An nvme chunk's states are read
-    # into host staging at that point of the training thread; once ``staged_chunks`` are staged,
-    # the oldest write-back is waited for (its staging freed) first, so host windows begin and end
-    # at points of the program (docs/memory-accounting.md). ``step()`` then steps the chunks not
-    # stepped early (device chunks, chunks whose gradients were not reported) and waits for the
-    # rest. Not under fp16 loss scaling, which needs every gradient to decide to skip or unscale.
+    # NVMe traffic overlap the rest of the backward: the last backward's program has an
+    # ``OPTIM<mb>@c<i>`` where chunk i's gradients complete (planner.program_optim [Note: the
+    # optimizer's points]), and ``update`` queues it there. Updates run one at a time in program
+    # order, with the same kernels on the same buffers, so results are bitwise those of
+    # ``step()``. An nvme chunk's states are read into host staging at that point of the training
+    # thread, after the ``OPTIM_WAIT``s the program puts before it (each frees a write-back's
+    # staging, so at most ``staged_chunks`` are staged), so host windows begin and end at points
+    # of the program (docs/memory-accounting.md). ``step()`` then steps the chunks not stepped
+    # early (device chunks, and all of them under fp16 loss scaling, which needs every gradient to
+    # decide to skip or unscale: the program has no early updates then) and waits for the rest.
     #
     # [Note: where early updates run] On a GPU the updates run on one background thread, alive
     # from the step's first early update to the end of ``step()``, overlapping the device's
     # compute. On a CPU device (``inline``) compute and updates share the cores, and a live
     # thread that has run torch kernels slows the training thread's own kernels for as long as
     # it exists, which costs more than the overlap gains. So there a host chunk's update runs on
-    # the training thread in ``step_early``; an nvme chunk's states read is started there (on the
+    # the training thread in ``update``; an nvme chunk's states read is started there (on the
     # NVMe store's I/O threads, which run no torch kernels) and its update runs at the next
-    # ``step_early`` call, after the next chunk's read has started, or in ``step()``: one chunk
+    # ``update`` call, after the next chunk's read has started, or in ``step()``: one chunk
     # of lag, so the read overlaps a block's backward.
     #
     # [Note: master from the param buffer] Without mixed precision the param buffer an nvme chunk
     # was fetched into for the backward holds exactly its fp32 master (read from the ``master``
-    # file, never written since). The store hands that buffer to ``step_early`` before releasing
-    # it, so the update reads only the states from disk (4·N bytes less per chunk and step). On a
+    # file, never written since). The store hands that buffer to ``update`` before releasing it
+    # (``ChunkHooks.master_for_update``), so the update reads only the states from disk (4·N bytes less per chunk and step). On a
     # CPU device the buffer itself becomes the master's staging (zero-copy: the device ledger
     # frees it as the host ledger takes it, as the simulator books it); on CUDA it is copied into
     # host staging first.
@@ -165,9 +183,9 @@ class OffloadedOptimizer:
     # so the ledger's peak is a point of the program, the one the simulator books
     # (planner.simulate ``_rewrite``), and an upper bound of what the disk holds.
 
-    def step_early(self, chunk: "Chunk", master: torch.Tensor | None = None) -> None:
-        """Queue ``chunk``'s update now: its gradients for this step are complete ([Note: early
-        optimizer step]). Device-home chunks are left to ``step()``. ``master``: an nvme chunk's
+    def update(self, chunk: "Chunk", master: torch.Tensor | None = None) -> None:
+        """Queue ``chunk``'s update now, its gradients for this step complete (an ``OPTIM`` action:
+        [Note: early optimizer step]); nothing to do without gradients. ``master``: an nvme chunk's
         fp32 parameters still in its param buffer ([Note: master from the param buffer])."""
         if chunk.home is Tier.DEVICE or chunk.index in self._early or not chunk.has_grad:
             return
@@ -180,62 +198,55 @@ class OffloadedOptimizer:
         if chunk.home is Tier.HOST:
             self._early[chunk.index] = self._worker.submit(self._step_resident, chunk)
             return
-        self._release_carried(chunk.index)  # [Note: carried write-backs released lazily]
-        ahead = self._ahead.pop(chunk.index, None)
-        if ahead is None:  # bounded staging: the oldest write-backs are waited for (their staging freed) first
-            while (self._behind or self._writing) and self._num_staged() >= self.staged_chunks:
-                if not self._release_carried():
-                    self._writing.pop(0).result().wait()
-        staged = read_states(self.store, chunk, master, staged=ahead)
+        if chunk.index in self.carried_chunks:  # its staging would go stale: the program waits first
+            raise RuntimeError(f"program: chunk {chunk.index}'s update comes before its carried write-back is waited for")
+        staged = read_states(self.store, chunk, master, staged=self._ahead.pop(chunk.index, None))
         rewrite = None if self.store.nvme.compress else reserve_rewrite(self.store, chunk, staged.tensors)
         if self.inline:  # the updates queued before this one run now, this chunk's read under way
-            for earlier in self._writing:
+            for earlier in self._writing.values():
                 if earlier.pending:
                     earlier.result()
             update: Future | Deferred = Deferred(self._step_staged, chunk, staged, rewrite)
         else:
             update = self._worker.submit(self._step_staged, chunk, staged, rewrite)
         self._early[chunk.index] = update
-        self._writing.append(update)
+        self._writing[chunk.index] = update
 
-    # [Note: states read ahead] Left to ``step_early``, every states read would fall in the last
+    # [Note: states read ahead] Left to the updates, every states read would fall in the last
     # backward, which already carries every write-back, while the disk idles through the
-    # compute-bound backwards before it. So at each backward block's start of the step (after the
-    # block's own fetches are queued) the store calls ``read_ahead``, which starts reading one
-    # more nvme chunk's states into host staging, at background priority, while fewer than
+    # compute-bound backwards before it. So the program reads some nvme chunks' states ahead, at
+    # backward blocks' starts (after the block's own fetches are queued), while fewer than
     # ``planner.cost.optim_read_ahead_slots(staged_chunks)`` are read ahead and fewer than
-    # ``staged_chunks`` are staged in all. Chunks go in the order of their first forward use, the
-    # reverse of the order their gradients complete: the last updates, which nothing is left to
-    # overlap, get their states first. ``step_early`` then reads only the master. The simulator
-    # reads ahead at the same points (planner.simulate ``_read_ahead``).
+    # ``staged_chunks`` are staged in all, in the order of their first forward use, the reverse of
+    # the order their gradients complete: the last updates, which nothing is left to overlap, get
+    # their states first (planner.program_optim [Note: the optimizer's points]). ``read_ahead``
+    # starts the read, at background priority; ``update`` then reads only the master.
 
-    def read_ahead(self) -> None:
-        """[Note: states read ahead] Start reading the next chunk's states, if a slot is free
-        (carried write-backs give theirs up: [Note: carried write-backs released lazily])."""
-        if len(self._ahead) >= self.read_ahead_slots:
-            return
-        c = next((c for c in self._ahead_order if c.index not in self._ahead and c.index not in self._early), None)
-        if c is None:
-            return
-        while self._num_staged() >= self.staged_chunks and self._release_carried():
-            pass
-        if self._num_staged() < self.staged_chunks:
-            self._ahead[c.index] = read_ahead_states(self.store, c)
+    def read_ahead(self, chunk: "Chunk") -> None:
+        """[Note: states read ahead] Start reading ``chunk``'s states into host staging (an
+        ``OPTIM_READ`` action)."""
+        if chunk.index not in self._ahead and chunk.index not in self._early:
+            self._ahead[chunk.index] = read_ahead_states(self.store, chunk)
 
-    def _num_staged(self) -> int:
-        """Nvme chunks holding host staging: read ahead, being updated or written back, carried."""
-        return len(self._ahead) + len(self._writing) + len(self._behind)
+    def wait_write_back(self, chunk: "Chunk") -> None:
+        """Wait for ``chunk``'s write-back, carried from the last step or this step's, freeing its
+        staging (an ``OPTIM_WAIT`` action); nothing to wait for when it has none in flight."""
+        if self._release_carried(chunk.index):
+            return
+        update = self._writing.pop(chunk.index, None)
+        if update is not None:
+            update.result().wait()
 
     # [Note: carried write-backs released lazily] A write-back carried into the next step
     # ([Note: write-backs across the step end]) holds its staging until the training thread
-    # waits for it, which it does only when a staging slot is needed (``read_ahead`` and
-    # ``step_early`` take the oldest carried write-back's before waiting for this step's own) or
-    # when the chunk's next update is queued (``step_early``, first; ``step()`` before it streams
-    # the chunks that had no early update: a staging left behind then would hold the old
-    # parameters, and the next fetch would copy them). Until then its chunk's fetches, in the
-    # first backward too, copy from that staging; waiting for them all at the next backward's
-    # start would stall it behind writes still running. These are points of the program, so the
-    # simulator mirrors them (planner.simulate ``_release_carried``); ``planner.bounds.stream_work_s``,
+    # waits for it, which it does only where the program says (``OPTIM_WAIT``: when a staging
+    # slot is needed for a read ahead or an update, the oldest carried write-back's before this
+    # step's own, or before the chunk's next update, planner.program_optim) or in ``step()``
+    # before it streams the chunks that had no early update: a staging left behind then would
+    # hold the old parameters, and the next fetch would copy them. Until then its chunk's
+    # fetches, in the first backward too, copy from that staging; waiting for them all at the
+    # next backward's start would stall it behind writes still running. The simulator waits at
+    # the same actions (planner.simulate_optim ``_release_carried``); ``planner.bounds.stream_work_s``,
     # which cannot tell how long a write-back stays, counts no disk read for those chunks'
     # fetches (a lower bound).
 
@@ -275,7 +286,7 @@ class OffloadedOptimizer:
     # waited for as [Note: carried write-backs released lazily] says. Anything that reads or
     # replaces states (``Engine.state_dict``, ``load_state_dict``, ``close``) waits for all of
     # them first (``flush()``). The simulator's step begins with those writes (the same chunks
-    # every step; planner.simulate ``_carry_in``).
+    # every step, ``planner.program_optim.steady_carried``; planner.simulate_optim ``_carry_in``).
 
     def _wait_early(self, *, carry: bool = False) -> None:
         """Wait for every queued update and write-back (errors surface here), in queue order.
@@ -284,10 +295,10 @@ class OffloadedOptimizer:
             for fut in self._early.values():
                 fut.result()
             if carry:
-                self._behind.extend(w.result() for w in self._writing)
+                self._behind.extend(w.result() for w in self._writing.values())
                 self._writing.clear()
-            while self._writing:
-                self._writing.pop(0).result().wait()
+            for update in list(self._writing.values()):
+                update.result().wait()
         finally:
             self._early.clear()
             self._writing.clear()
@@ -308,7 +319,7 @@ class OffloadedOptimizer:
     # fetch) fills the param buffer from the write-back's staging (``compute`` under mixed
     # precision, else ``master``): a memcpy on a CPU device, an h2d copy on CUDA. The copy takes
     # no staging of its own, and the write-back waits for it before freeing its staging. The
-    # simulator does the same for fetches of the chunks of ``planner.cost.carried_write_backs``
+    # simulator does the same for fetches of the chunks carried into its step (``steady_carried``)
     # not yet released (planner.simulate ``_start``).
 
     def fetch_carried(self, chunk: "Chunk", dst: torch.Tensor) -> "CopyHandle | None":

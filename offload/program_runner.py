@@ -2,12 +2,13 @@
 
 [Note: the program's interpreter] A pass's program is a list of actions between compute markers
 (``0F3/b2``). The store's block hooks move through it: a block's pre-hook runs the actions up to
-its marker when that marker is the next one (the fetches), and after the block the releases
-that follow it (and a swapped block's ``SWAP_OUT``); the store decides nothing of its own.
-Each op has one handler; an op without one fails loudly. The actions right after a backward
-marker (the ``SWAP_IN``s ahead, planner.program_swaps [Note: the swap rules]) run when the
-engine calls ``run_following`` at the block's backward start. A block the program does not have
-next is counted (``num_unplanned``) and the store only makes its chunks resident.
+its marker when that marker is the next one (the fetches), and after the marker the releases, a
+swapped block's ``SWAP_OUT`` and the optimizer's points that follow it, each once the chunk it is
+about has its gradients (at the block's start, its backward's end, or a chunk's last gradient);
+the store decides nothing of its own. Each op has one handler; an op without one fails loudly.
+The ``SWAP_IN``s right after a backward marker (planner.program_swaps [Note: the swap rules]) run
+when the engine calls ``run_following`` at the block's backward start. A block the program does
+not have next is counted (``num_unplanned``) and the store only makes its chunks resident.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ __all__ = ["ProgramRunner", "MARKERS"]
 
 MARKERS = frozenset({Op.F, Op.B})
 """The compute markers (``0F3/b2``): a block's forward or backward, run by the model itself."""
-_AFTER_BLOCK = frozenset({Op.OFFLOAD, Op.SWAP_OUT})
-"""Ops that follow a marker and run once its block is done (``run_releases``)."""
+_AFTER_MARKER = frozenset({Op.OFFLOAD, Op.SWAP_OUT, Op.OPTIM, Op.OPTIM_READ, Op.OPTIM_WAIT})
+"""Ops a marker's hooks run at the cursor (``run_releases``); the rest run before the next marker."""
 
 
 class ProgramRunner:
@@ -54,13 +55,19 @@ class ProgramRunner:
         self.cursor, self.marker = i + 1, prog[i]
 
     def run_releases(self, ready: Callable[[int], bool] | None = None) -> None:
-        """Run the ``OFFLOAD``s (and ``SWAP_OUT``s) at the cursor, stopping at the first release
-        whose chunk is not ``ready``."""
+        """Run the actions at the cursor that follow a marker: the ``OFFLOAD``s, a swapped block's
+        ``SWAP_OUT`` and the optimizer's points (``OPTIM`` on a chunk, ``OPTIM_READ``,
+        ``OPTIM_WAIT``), stopping at the first ``OFFLOAD`` or ``OPTIM`` whose chunk is not
+        ``ready``; an ``OPTIM_WAIT`` runs with the action after it (the wait is for that update or
+        read)."""
         prog = self.program
-        while self.cursor < len(prog) and prog[self.cursor].op in _AFTER_BLOCK:
-            a = prog[self.cursor]
-            if a.op is Op.OFFLOAD and ready is not None and not ready(a.chunk):
+        while self.cursor < len(prog) and prog[self.cursor].op in _AFTER_MARKER and (
+                prog[self.cursor].op is Op.SWAP_OUT or prog[self.cursor].block is None):
+            gate = next((a for a in prog[self.cursor:] if a.op is not Op.OPTIM_WAIT), None)
+            if (ready is not None and gate is not None and gate.op in (Op.OFFLOAD, Op.OPTIM) and gate.chunk is not None
+                    and not ready(gate.chunk)):
                 return
+            a = prog[self.cursor]
             self.cursor += 1
             self.execute(a)
 

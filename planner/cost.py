@@ -296,7 +296,8 @@ def nvme_optim_read_bytes(num_elems: int, dtype: DType | str, optimizer: Optimiz
 
 OPTIM_ROLLING_STAGINGS = 3
 """Staging slots the early updates keep for the chunks not read ahead (offload.optim [Note:
-states read ahead]): with fewer, the training thread would wait for each write-back in turn."""
+states read ahead], planner.program_optim): with fewer, the training thread would wait for each
+write-back in turn."""
 
 
 def optim_read_ahead_slots(staged_chunks: int) -> int:
@@ -306,7 +307,7 @@ def optim_read_ahead_slots(staged_chunks: int) -> int:
 
 def read_ahead_order(uses: Sequence[Sequence[int]], chunks: Iterable[int]) -> list[int]:
     """``chunks`` in the order their optimizer states are read ahead (offload.optim [Note: states
-    read ahead]): by their first forward use (``uses[q]``: block ``q``'s chunks), then index, the
+    read ahead]; planner.program_optim places the reads): by their first forward use (``uses[q]``: block ``q``'s chunks), then index, the
     reverse of the order their gradients complete."""
     first: dict[int, int] = {}
     for q, cs in enumerate(uses):

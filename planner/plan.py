@@ -63,6 +63,8 @@ class Op(StrEnum):
     SNAPSHOT = "SNAPSHOT"
     ALLREDUCE = "ALLREDUCE"
     OPTIM = "OPTIM"
+    OPTIM_READ = "OPTIM_READ"
+    OPTIM_WAIT = "OPTIM_WAIT"
 
 
 _ACTION_RE = re.compile(r"^(\d+)([A-Z_]+?)(\d+)?(?:/b(\d+))?(?:@c(\d+))?$")
@@ -74,7 +76,9 @@ class Action:
     on a chunk.
 
     Short form: ``"0F3"`` (stage 0, forward, micro-batch 3); ``"0F3/b2"`` (its block 2);
-    ``"0PREFETCH3@c5"`` (stage 0, fetch chunk 5 during micro-batch 3); ``"0OPTIM"``. (Model:
+    ``"0PREFETCH3@c5"`` (stage 0, fetch chunk 5 during micro-batch 3); ``"0OPTIM1@c5"`` (chunk 5's
+    early update in micro-batch 1's backward); ``"0OPTIM_READ0@c5"`` (its optimizer states read
+    ahead); ``"0OPTIM_WAIT1@c5"`` (its write-back waited for); ``"0OPTIM"``. (Model:
     torch.distributed.pipelining ``_Action``.)
     """
 

@@ -8,9 +8,12 @@ fetches and ``0OFFLOAD3@c5`` releases, chunks kept across pass ends, and the swa
 ``0SWAP_OUT3/b2`` after their forward and ``0SWAP_IN3/b2`` ahead of their backward:
 planner.program_swaps), and adds:
 
-- ``0OPTIM@c5``: chunk 5's optimizer step where its home is (CPU, or NVMe through the host),
-  issued as soon as its last gradient is in, overlapping the rest of the backward;
-- ``0OPTIM`` (last): the device chunks' optimizer step; the step ends when all have finished.
+- ``0OPTIM3@c5``: chunk 5's optimizer step where its home is (CPU, or NVMe through the host),
+  issued in the last backward as soon as its last gradient is in, overlapping the rest of the
+  backward, with the states read ahead (``0OPTIM_READ``) and the write-backs waited for
+  (``0OPTIM_WAIT``) around it (planner.program_optim; not under fp16);
+- ``0OPTIM`` (last): the optimizer step of the chunks not updated early (the device chunks; all
+  under fp16); the step ends when all have finished.
 """
 
 from __future__ import annotations
@@ -19,19 +22,22 @@ from collections.abc import Sequence
 
 from memtrain.planner.plan import Action, MemoryPolicy, Op
 from memtrain.planner.program import Layout, lower_backward, lower_forward
+from memtrain.planner.program_optim import OptimLayout, Staging, add_optim_points, early_updates
+from memtrain.planner.stats import DType
 
 __all__ = [
     "Schedule", "generate_single_device", "lower_chunks", "validate", "format_grid",
     "ENGINE_OPS", "engine_program",
 ]
 
-ENGINE_OPS = frozenset({Op.F, Op.B, Op.PREFETCH, Op.OFFLOAD, Op.SWAP_OUT, Op.SWAP_IN})
-"""The ops the engine executes and records (``ChunkStore.executed``), with the final ``OPTIM``;
-the others in a single-device schedule describe what runs beside them."""
+ENGINE_OPS = frozenset({Op.F, Op.B, Op.PREFETCH, Op.OFFLOAD, Op.SWAP_OUT, Op.SWAP_IN, Op.OPTIM, Op.OPTIM_READ,
+                        Op.OPTIM_WAIT})
+"""The ops the engine executes and records (``ChunkStore.executed``); the others in a
+single-device schedule describe what runs beside them."""
 
 Schedule = dict[int, tuple[Action, ...]]
 
-_SINGLE_DEVICE_OPS = {Op.F, Op.B, Op.PREFETCH, Op.OFFLOAD, Op.SWAP_OUT, Op.SWAP_IN, Op.OPTIM}
+_SINGLE_DEVICE_OPS = {Op.F, Op.B, Op.PREFETCH, Op.OFFLOAD, Op.SWAP_OUT, Op.SWAP_IN, Op.OPTIM, Op.OPTIM_READ, Op.OPTIM_WAIT}
 
 
 def generate_single_device(num_microbatches: int) -> Schedule:
@@ -47,39 +53,49 @@ def generate_single_device(num_microbatches: int) -> Schedule:
 
 
 def lower_chunks(schedule: Schedule, memory_policy: MemoryPolicy, block_chunks: Sequence[Sequence[int]], *,
-                 hand_off: bool = False, loose: Sequence[int] = ()) -> Schedule:
+                 dtype: DType | str | None = None, loose: Sequence[int] = (), first_step: bool = False) -> Schedule:
     """Expand each micro-batch ``F``/``B`` into its blocks' program (planner.program, with the
     swaps of the blocks whose ``memory_policy.activations`` swap), passes
     lowered one after another from the buffers the last one left (a backward followed at once by
-    a forward keeps what that forward starts with), and add an ``OPTIM@c<i>`` for each chunk not
-    home on the device after the last backward, in the order the backward completes their
-    gradients. ``block_chunks[j]`` lists the chunks block ``j`` uses (``cost.block_chunk_ids``);
-    ``hand_off`` as ``program.lower_backward``'s (an fp32 step with early updates)."""
+    a forward keeps what that forward starts with), with the optimizer's points in the backwards
+    (planner.program_optim) when ``dtype`` is given: early updates in the last backward unless it
+    is fp16, the param buffer handed over as the master under fp32. ``block_chunks[j]`` lists the
+    chunks block ``j`` uses (``cost.block_chunk_ids``). A step begins with the write-backs the
+    last one left running (``program_optim.steady_carried``); none for ``first_step``."""
     layout = Layout.of(memory_policy, block_chunks, loose)
+    early = dtype is not None and early_updates(dtype)
+    opt = OptimLayout(staged_chunks=memory_policy.optim_staged_chunks, early=early)
+    hand_off = early and DType(dtype) is DType.FP32
     out: Schedule = {}
     for rank, acts in schedule.items():
-        last_b = max((i for i, a in enumerate(acts) if a.op is Op.B and a.block is None), default=None)
-        new: list[Action] = []
-        resident: tuple[int, ...] = ()
-        held = False
-        for i, a in enumerate(acts):
-            if a.op is Op.F and a.block is None:
-                r = lower_forward(layout, a.microbatch, resident, held=held)
-                new += [_on_stage(x, a.stage) for x in r.actions]
-                resident, held = r.resident, r.held
-            elif a.op is Op.B and a.block is None:
-                follows = next((b for b in acts[i + 1:] if b.op in (Op.F, Op.B)), None)
-                r = lower_backward(layout, a.microbatch, resident, next_forward=follows is not None and follows.op is Op.F,
-                                   hand_off=hand_off and i == last_b)
-                new += [_on_stage(x, a.stage) for x in r.actions]
-                resident, held = r.resident, False
-                if i == last_b:
-                    order = sorted(layout.off, key=lambda c: (-layout.complete_at(c), -c))
-                    new += [Action(a.stage, Op.OPTIM, None, c) for c in order]
-            else:
-                new.append(a)
+        new, end = _lower_rank(acts, layout, opt, hand_off, Staging())
+        if not first_step and end.writing:
+            new, _ = _lower_rank(acts, layout, opt, hand_off, Staging(carried=end.writing))
         out[rank] = tuple(new)
     return out
+
+
+def _lower_rank(acts: Sequence[Action], layout: Layout, opt: OptimLayout, hand_off: bool,
+                state: Staging) -> tuple[list[Action], Staging]:
+    last_b = max((i for i, a in enumerate(acts) if a.op is Op.B and a.block is None), default=None)
+    new: list[Action] = []
+    resident: tuple[int, ...] = ()
+    held = False
+    for i, a in enumerate(acts):
+        if a.op is Op.F and a.block is None:
+            r = lower_forward(layout, a.microbatch, resident, held=held)
+            new += [_on_stage(x, a.stage) for x in r.actions]
+            resident, held = r.resident, r.held
+        elif a.op is Op.B and a.block is None:
+            follows = next((b for b in acts[i + 1:] if b.op in (Op.F, Op.B)), None)
+            r = lower_backward(layout, a.microbatch, resident, next_forward=follows is not None and follows.op is Op.F,
+                               hand_off=hand_off and i == last_b)
+            points, state = add_optim_points(layout, opt, r.actions, a.microbatch, state, final=i == last_b)
+            new += [_on_stage(x, a.stage) for x in points]
+            resident, held = r.resident, False
+        else:
+            new.append(a)
+    return new, state
 
 
 def _on_stage(a: Action, stage: int) -> Action:
@@ -87,9 +103,8 @@ def _on_stage(a: Action, stage: int) -> Action:
 
 
 def engine_program(schedule: Schedule, rank: int = 0) -> tuple[Action, ...]:
-    """The part of ``rank``'s schedule the engine executes and records: ``ENGINE_OPS`` and the
-    final ``OPTIM``."""
-    return tuple(a for a in schedule[rank] if a.op in ENGINE_OPS or (a.op is Op.OPTIM and a.chunk is None))
+    """The part of ``rank``'s schedule the engine executes and records: ``ENGINE_OPS``."""
+    return tuple(a for a in schedule[rank] if a.op in ENGINE_OPS)
 
 
 def _label(action: Action) -> str:
@@ -106,7 +121,7 @@ def validate(schedule: Schedule) -> list[str]:
     micro-batch and block), SWAP_OUT after its F when lowered to blocks (a SWAP_IN may follow its
     own B marker: without a look-ahead the block's first use claims it);
     each PREFETCH of a chunk is followed by its OFFLOAD
-    before the chunk is fetched again; no F after a chunk's optimizer step; OPTIM last, once.
+    before the chunk is fetched again; no F after a chunk's optimizer step; OPTIM_READ and OPTIM_WAIT name a chunk; OPTIM last, once.
     """
     problems: list[str] = []
     for rank, acts in sorted(schedule.items()):
@@ -151,6 +166,8 @@ def validate(schedule: Schedule) -> list[str]:
             elif a.op is Op.OFFLOAD:
                 if open_fetch.pop((a.stage, a.chunk), None) is None:
                     problems.append(f"{where(i)}: OFFLOAD of chunk {a.chunk} without a PREFETCH before it")
+            elif a.op in (Op.OPTIM_READ, Op.OPTIM_WAIT) and a.chunk is None:
+                problems.append(f"{where(i)}: {a.op.value} needs a chunk (e.g. 0{a.op.value}1@c3)")
             elif a.op is Op.OPTIM and a.chunk is not None and chunk_optim_at is None:
                 chunk_optim_at = i
         for stage, mb, block in sorted(seen_f - seen_b, key=str):

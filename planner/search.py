@@ -601,7 +601,7 @@ def _build_plan(name: str, base: ModelStats, ctx: _Context, chosen: _Candidate, 
     peaks, breakdown = _peaks(ctx, sim, chosen.policy)
     bc = cost.block_chunk_ids(ctx.stats, chosen.policy.chunks)
     schedule = generate_single_device(ctx.train.num_microbatches)
-    schedule = lower_chunks(schedule, chosen.policy, bc, hand_off=ctx.train.dtype is DType.FP32)
+    schedule = lower_chunks(schedule, chosen.policy, bc, dtype=ctx.train.dtype)
     alternatives: list[Alternative] = []
     # One alternative per family (micro-batch, tiers used, activation policies, compression):
     # the best of each, so the report shows different strategies, not prefetch-depth twins.

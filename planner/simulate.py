@@ -18,7 +18,8 @@ from memtrain.planner.plan import (
     DEFAULT_SWAP_IN_AHEAD, DEFAULT_SWAP_WRITES_IN_FLIGHT, ActPolicy, MemoryPolicy, Op, TimelineEvent, Tier, TrainShape,
 )
 from memtrain.planner.stats import DType, ModelStats
-from memtrain.planner.program import Layout, lower_step
+from memtrain.planner.program import Layout
+from memtrain.planner.program_optim import OPTIM_OPS, OptimLayout, lower_steady_step
 from memtrain.planner.simulate_optim import _OptimizerSteps
 from memtrain.planner.taskgraph import STREAMS, GraphResult, TaskGraph, simulate_graph
 
@@ -39,10 +40,11 @@ the host accumulator), on a background thread (the ``cpu`` stream; on a CPU devi
 training thread, the compute stream, where an nvme chunk's update runs at the next chunk's
 queueing or at the step's end: offload.optim [Note: where early updates run]); an nvme chunk's
 states are
-read into host staging taken at that point of the training thread, which first waits for the
-oldest write-backs (freeing their staging) while ``MemoryPolicy.optim_staged_chunks`` chunks are
-staged. The runtime's ``OffloadedOptimizer`` takes that as its ``staged_chunks``. Not under fp16, whose loss scaling
-needs every gradient first (the optimizer then runs after the backward)."""
+read into host staging taken at that point of the training thread, after the write-backs the
+program waits for there (``OPTIM_WAIT``, so at most ``MemoryPolicy.optim_staged_chunks`` chunks are
+staged). Those points are the program's (planner.program_optim), which the engine runs and this
+simulator times. Not under fp16, whose loss scaling needs every gradient first (the optimizer
+then runs after the backward)."""
 SWAP_IN_LOOKAHEAD = SWAP_IN_BLOCKS_AHEAD + 1
 """Swapped blocks whose activations may be on the device at once besides the running block's
 (the search's footprint estimate): the one in backward and those brought back ahead."""
@@ -159,21 +161,19 @@ class _StepBuilder(_OptimizerSteps):
         self.writing: list[tuple[int, int | None]] = []  # (chunk, update task or None: deferred) whose staging is held
         self.inline = device.kind == "cpu"  # offload.optim [Note: where early updates run]
         self.deferred: dict[int, tuple[int, int]] = {}  # inline nvme chunk -> (its states read, its accumulation)
-        # offload.optim [Note: states read ahead] and [Note: write-backs across the step end]
-        nvme_early = cost.early_update_order(self.uses, [c.index for c in self.chunks if c.home is Tier.NVME]
-                                             ) if self.early else []
-        self.carried = cost.carried_write_backs(self.uses, nvme_early, policy.optim_staged_chunks)
+        # offload.optim [Note: write-backs across the step end]: those the last step left running
+        layout = Layout.of(policy, self.uses)
+        opt = OptimLayout(staged_chunks=policy.optim_staged_chunks, early=self.early)
         self.behind: dict[int, int] = {}  # carried chunk -> its write, not yet waited for; oldest first
         self.carried_copies: dict[int, list[int]] = defaultdict(list)  # [Note: fetch from a write-back]
-        self.ahead_slots = cost.optim_read_ahead_slots(policy.optim_staged_chunks) if nvme_early else 0
-        self.ahead_order = cost.read_ahead_order(self.uses, nvme_early)
         self.ahead: dict[int, int] = {}  # chunk -> its states read ahead
-        self.stepped: set[int] = set()  # nvme chunks queued for their early update
-        # The step's program (planner.program), which the engine runs: per pass and block, the
-        # chunks fetched before the block and released after it.
+        # The step's program (planner.program, planner.program_optim), which the engine runs: per
+        # pass and block, the chunks fetched before the block and released after it, and the
+        # optimizer's points after a backward block's marker.
         hand_off = self.early and DType(train.dtype) is DType.FP32
         self.fetch_at: dict[tuple[int, str, int], list[int]] = defaultdict(list)
         self.release_at: dict[tuple[int, str, int], list[int]] = defaultdict(list)
+        self.optim_at: dict[tuple[int, int], list] = defaultdict(list)
         # and its swaps (planner.program_swaps [Note: the swap rules]): the blocks swapped out
         # after their forward; per backward block, the swap-ins before its fetches and after its marker
         self.swap_out_at: set[tuple[int, int]] = set()
@@ -182,7 +182,9 @@ class _StepBuilder(_OptimizerSteps):
         pending: list[int] = []
         swap_ins: list[int] = []
         where: tuple[int, str, int] | None = None
-        for a in lower_step(Layout.of(policy, self.uses), num_microbatches, hand_off=hand_off):
+        program, carried = lower_steady_step(layout, opt, num_microbatches, hand_off=hand_off)
+        self.carried = list(carried)
+        for a in program:
             if a.op is Op.PREFETCH:
                 pending.append(a.chunk)
             elif a.op in (Op.F, Op.B) and a.block is not None:
@@ -199,6 +201,8 @@ class _StepBuilder(_OptimizerSteps):
                     self.swap_in_after[(a.microbatch, where[2])].append(a.block)
                 else:
                     swap_ins.append(a.block)
+            elif a.op in OPTIM_OPS or (a.op is Op.OPTIM and a.chunk is not None):
+                self.optim_at[(where[0], where[2])].append(a)
         need = max((len(cs) for cs in self.uses), default=0)
         if need > policy.prefetch_depth:
             raise ValueError(
@@ -374,7 +378,8 @@ class _StepBuilder(_OptimizerSteps):
                  for c in need if self.grad_at[c] == j]
         self._start(m, 1, [c for c in fetch if c not in need], extra=grads)
         # The marker claims the block's record, then the swap-ins after it run ([Note: the swap
-        # rules] 3); a record coming back only from those is claimed by its first use.
+        # rules] 3); a record coming back only from those is claimed by its first use. Then the
+        # optimizer's points at the block's start: read-aheads and their waits.
         after = self.swap_in_after[(m, j)]
         if j not in after:
             self._claim(m, j)
@@ -382,7 +387,8 @@ class _StepBuilder(_OptimizerSteps):
             self._bring_back(m, k)
         if j in after:
             self._claim(m, j)
-        self._read_ahead(m)
+        points = self.optim_at.get((m, j), [])
+        self._optim_points(m, points, upto=None)
         if j in self.swap_in:
             deps.append(self.swap_in[j])
         if pol is ActPolicy.RECOMPUTE:
@@ -395,8 +401,7 @@ class _StepBuilder(_OptimizerSteps):
                    free_end=[(dev, owner, held)] + self._release(gone), tag=m)
         for c in done:
             prev_accum[c] = self._grad_out(m, c, bt, prev_accum.get(c))
-            if self.early and m == self.n - 1:
-                self._optim_early(m, c, bt, prev_accum[c])
+            self._optim_points(m, points, upto=c, bt=bt, acc=prev_accum[c])
         return bt
 
 

@@ -3,13 +3,15 @@ accumulators, the early updates of host and NVMe chunks during the last backward
 read ahead, staged and written back (carried into the next step), and the final update.
 
 ``_OptimizerSteps`` is a part of ``simulate._StepBuilder``: it uses the builder's graph, chunks
-and streams, and mirrors offload.optim's order (its notes are named where they apply).
+and streams, and times the optimizer's points of the step's program where they come
+(planner.program_optim [Note: the optimizer's points]); offload.optim's notes are named where
+they apply.
 """
 
 from __future__ import annotations
 
 from memtrain.planner import cost
-from memtrain.planner.plan import Tier
+from memtrain.planner.plan import Action, Op, Tier
 
 __all__ = ["_OptimizerSteps"]
 
@@ -39,22 +41,30 @@ class _OptimizerSteps:
                    free_end=[self._states_staging(c), self._rewrite(c)], tag=m)
         return True
 
-    def _num_staged(self) -> int:
-        return len(self.ahead) + len(self.writing) + len(self.behind)
+    def _optim_points(self, m: int, points: list[Action], *, upto: int | None, bt: int | None = None,
+                      acc: int | None = None) -> None:
+        """Time the program's optimizer points after a backward block's marker, from the first not
+        yet timed: at the block's start (``upto`` None) those up to the first update; when chunk
+        ``upto``'s gradients are flushed (its backward ``bt``, its accumulation ``acc``) those up
+        to and including its update."""
+        while points:
+            a = points[0]
+            gate = next((b for b in points if b.op is not Op.OPTIM_WAIT), a)  # a wait goes with what follows it
+            if gate.op is Op.OPTIM and gate.chunk != upto:
+                return
+            points.pop(0)
+            if a.op is Op.OPTIM_WAIT:
+                if not self._release_carried(m, a.chunk):
+                    self._wait_write(m, a.chunk)
+            elif a.op is Op.OPTIM_READ:
+                self._read_ahead(m, a.chunk)
+            else:
+                self._optim_early(m, a.chunk, bt, acc)
+                return
 
-    def _read_ahead(self, m: int) -> None:
-        """offload.optim [Note: states read ahead]: at a backward block's start, after its
-        fetches, the next chunk's states are read into staging if a slot is free (carried
-        write-backs give theirs up first)."""
-        if not self.ahead_slots or len(self.ahead) >= self.ahead_slots:
-            return
-        c = next((c for c in self.ahead_order if c not in self.ahead and c not in self.stepped), None)
-        if c is None:
-            return
-        while self._num_staged() >= self.policy.optim_staged_chunks and self._release_carried(m):
-            pass
-        if self._num_staged() >= self.policy.optim_staged_chunks:
-            return
+    def _read_ahead(self, m: int, c: int) -> None:
+        """offload.optim [Note: states read ahead]: an ``OPTIM_READ``: chunk ``c``'s states are read
+        into staging."""
         ch, dt, opt = self.chunks[c], self.train.dtype, self.train.optimizer
         mark = self.g.add(f"alloc@c{c}:ahead", "compute", 0.0, alloc_start=[self._ahead_staging(c)], tag=m)
         nbytes = cost.nvme_optim_read_bytes(ch.num_elems, dt, opt, early=True)
@@ -73,9 +83,13 @@ class _OptimizerSteps:
         ch = self.chunks[c]
         return (Tier.HOST.value, f"staging:{c}", cost.nvme_optim_staging_bytes(ch.num_elems, self.train.dtype, self.train.optimizer))
 
-    def _wait_write(self, m: int) -> int:
-        """The training thread waits for the oldest early write-back; its staging goes."""
-        k, op = self.writing.pop(0)
+    def _wait_write(self, m: int, c: int) -> int | None:
+        """An ``OPTIM_WAIT``: the training thread waits for chunk ``c``'s early write-back; its
+        staging goes (None when it has none in flight)."""
+        pos = next((i for i, (k, _) in enumerate(self.writing) if k == c), None)
+        if pos is None:
+            return None
+        k, op = self.writing.pop(pos)
         # The write is put on the in-order disk stream only here: placed at its update, it would
         # hold back every backward fetch read behind an update still running, which the
         # runtime's store (writes submitted when the update ends) does not.
@@ -106,13 +120,8 @@ class _OptimizerSteps:
         if ch.home is Tier.HOST:
             self.optim_tasks.append(g.add(f"OPTIM@c{c}", self.cpu, upd_s, deps=(acc,), tag=self.n))
             return
-        self.stepped.add(c)
-        self._release_carried(m, c)  # offload.optim [Note: carried write-backs released lazily]
         rd = self.ahead.pop(c, None)
-        if rd is None:
-            while (self.behind or self.writing) and self._num_staged() >= self.policy.optim_staged_chunks:
-                if not self._release_carried(m):
-                    self._wait_write(m)
+        if rd is None:  # the program waited for write-backs before it where staging was needed
             mark = g.add(f"alloc@c{c}:states", "compute", 0.0, deps=(bt,),
                          alloc_start=[self._states_staging(c), self._rewrite(c)], tag=m)
             nbytes = cost.nvme_optim_read_bytes(ch.num_elems, dt, opt, early=True)

@@ -30,6 +30,7 @@ from memtrain.offload.ledger import Ledger
 from memtrain.offload.optim import OffloadedOptimizer
 from memtrain.planner.plan import DEFAULT_SWAP_IN_AHEAD, Action, Op, Plan
 from memtrain.planner.program import Layout, lower_backward, lower_forward
+from memtrain.planner.program_optim import OptimLayout, Staging, add_optim_points, early_updates
 
 __all__ = ["LossScaler", "TierMemory", "Engine"]
 
@@ -108,10 +109,10 @@ class Engine:
         """``MemoryPolicy.swap_in_ahead``: where the program's swap-ins go (planner.program_swaps)."""
         self._early_pending = False
         """A backward with ``last_microbatch=True`` ran and ``step()`` has not yet."""
-        # offload.optim [Note: states read ahead]; not under fp16, whose optimizer runs after the backward
-        self._read_ahead = optimizer.read_ahead if scaler is None else None
-        store.on_backward_block = self._backward_block
+        self._optim_layout = OptimLayout(staged_chunks=optimizer.staged_chunks, early=early_updates(store.dtype))
+        store.add_handlers(optimizer.handlers())  # the program's optimizer points (planner.program_optim)
         if activations is not None:  # the program's swaps (the chunk store's runner: offload.program_runner)
+            store.on_backward_block = self._backward_block
             store.add_handlers({Op.SWAP_OUT: self._swap, Op.SWAP_IN: self._swap})
         store.fetch_carried = optimizer.fetch_carried  # offload.optim [Note: fetch from a write-back]
         self._closed = False
@@ -180,12 +181,14 @@ class Engine:
                              "optimizer updates are under way; call engine.step() before the next backward")
         if self.scaler is not None:
             loss = loss * self.scaler.scale
-        early = last_microbatch and self.scaler is None
-        self.store.microbatch = max(self._microbatch - 1, 0)
-        self.store.on_grads_final = self.optimizer.step_early if early else None
-        program = lower_backward(self._layout(), self.store.microbatch, self.store.resident_chunks,
+        early = last_microbatch and self._optim_layout.early
+        mb = self.store.microbatch = max(self._microbatch - 1, 0)
+        program = lower_backward(self._layout(), mb, self.store.resident_chunks,
                                  next_forward=_next_forward and not early, hand_off=early and not self.store.mixed)
-        self.store.begin_backward(program.actions, final=early)
+        ahead, writing, carried, updated = self.optimizer.staging
+        actions, _ = add_optim_points(self._layout(), self._optim_layout, program.actions, mb,
+                                      Staging(ahead, writing, carried, frozenset(updated)), final=early)
+        self.store.begin_backward(actions)
         self._early_pending = early
         try:
             loss.backward()
@@ -210,13 +213,11 @@ class Engine:
     def _backward_block(self) -> None:
         """A block's backward starts, its fetches begun: the ``B`` marker claims the block's
         activations, then the swap-ins the program has right after it run (planner.program_swaps
-        [Note: the swap rules], rule 3); then the optimizer reads ahead."""
+        [Note: the swap rules], rule 3); the store then runs the optimizer's points after them."""
         runner = self.store.runner
-        if self.activations is not None and runner.marker is not None and runner.marker.op is Op.B:
+        if runner.marker is not None and runner.marker.op is Op.B:
             self.activations.claim(runner.marker.block, runner.marker.microbatch)
             runner.run_following(Op.SWAP_IN)
-        if self._read_ahead is not None:
-            self._read_ahead()
 
     def step(self) -> bool:
         """Optimizer step over all chunks; False when fp16 overflow skipped it. The last NVMe

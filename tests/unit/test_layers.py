@@ -15,7 +15,6 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PACKAGE_DIRS: dict[str, str] = PYPROJECT["tool"]["setuptools"]["package-dir"]
 CONTRACTS = {c["id"]: c for c in PYPROJECT["tool"]["importlinter"]["contracts"]}
 ENGINE_REWRITE_IGNORES = {
-    "memtrain.offload.optim -> memtrain.planner.cost",
     "memtrain.offload.activations -> memtrain.planner.simulate",
 }
 """The offload → planner imports left for the one-program rewrite of the engine, which removes them."""

@@ -4,6 +4,8 @@ does: for every parity case the engine's record of its fetches, releases, swaps 
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from memtrain.planner import cost
 from memtrain.planner.analyze import analyze
 from memtrain.planner.plan import Action, ActPolicy, ChunkPlan, MemoryPolicy, Op, Tier
 from memtrain.planner.program import Layout, lower_backward, lower_forward, lower_step
+from memtrain.planner.program_optim import OptimLayout, lower_step_optim
 from memtrain.planner.schedule import engine_program, generate_single_device, lower_chunks, validate
 from memtrain.runtime import wrap
 from memtrain.config import ModelConfig
@@ -57,8 +60,15 @@ def test_lower_chunks_strings_the_passes_together_and_validates():
     sched = lower_chunks(generate_single_device(2), POLICY, LAYOUT.uses)
     assert validate(sched) == []
     prog = engine_program(sched)
-    assert prog == lower_step(LAYOUT, 2)
-    assert [a for a in sched[0] if a.op is Op.OPTIM] == [Action(0, Op.OPTIM, None, c) for c in (3, 2, 1)] + [Action(0, Op.OPTIM)]
+    assert prog == lower_step(LAYOUT, 2)  # without a dtype: no optimizer points
+    # with one, the early updates sit in the last backward, where each chunk's gradients complete
+    sched = lower_chunks(generate_single_device(2), POLICY, LAYOUT.uses, dtype="fp32")
+    assert validate(sched) == []
+    opt = OptimLayout(staged_chunks=POLICY.optim_staged_chunks, early=True)
+    assert engine_program(sched) == lower_step_optim(LAYOUT, opt, 2, hand_off=True)
+    assert [a for a in sched[0] if a.op is Op.OPTIM] == [Action(0, Op.OPTIM, 1, c) for c in (3, 2, 1)] + [Action(0, Op.OPTIM)]
+    assert not any(a.op is Op.OPTIM and a.chunk is not None
+                   for a in lower_chunks(generate_single_device(2), POLICY, LAYOUT.uses, dtype="fp16")[0])
     # nothing moves when every chunk lives on the device: the program is the blocks' passes
     on_device = MemoryPolicy(chunk_size_elems=10, chunks=(POLICY.chunks[0],), prefetch_depth=1, activations=(ActPolicy.KEEP,))
     assert text(engine_program(lower_chunks(generate_single_device(1), on_device, ((0,),)))) == "0F0/b0 0B0/b0 0OPTIM"
@@ -70,23 +80,25 @@ def _cycle(n: int) -> list[Tier]:
 
 K, SH, SN, RC = ActPolicy.KEEP, ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME, ActPolicy.RECOMPUTE
 MIXED = (K, SN, RC, SH)  # per block, cycled: swapped blocks apart, the top one swapped to host
-GOLDEN = [  # (homes, activations, micro-batches, dtype, prefetch depth, swap-in look-ahead)
-    (Tier.DEVICE, K, 2, "fp32", 2, 1), (Tier.HOST, K, 1, "fp32", 2, 1), (Tier.HOST, K, 3, "fp32", 2, 1),
-    (Tier.NVME, K, 2, "fp32", 2, 1), (Tier.NVME, SH, 2, "fp32", 2, 1), (Tier.NVME, SN, 2, "fp32", 3, 1),
-    (Tier.NVME, RC, 3, "fp32", 1, 1), ("cycle", RC, 2, "fp32", 5, 1), ("cycle", SH, 2, "bf16", 2, 1),
-    (Tier.NVME, K, 2, "bf16", 2, 1), (Tier.HOST, RC, 2, "fp16", 2, 1), ("cycle", K, 3, "fp16", 3, 1),
-    ("cycle", SN, 3, "bf16", 3, 2), (Tier.HOST, SN, 3, "fp32", 2, 0), ("cycle", MIXED, 3, "fp32", 2, 1),
-    (Tier.DEVICE, MIXED, 2, "fp16", 1, 2),
+GOLDEN = [  # (homes, activations, micro-batches, dtype, prefetch depth, swap-in look-ahead, optimizer staged chunks)
+    (Tier.DEVICE, K, 2, "fp32", 2, 1, 3), (Tier.HOST, K, 1, "fp32", 2, 1, 3), (Tier.HOST, K, 3, "fp32", 2, 1, 3),
+    (Tier.NVME, K, 2, "fp32", 2, 1, 3), (Tier.NVME, SH, 2, "fp32", 2, 1, 3), (Tier.NVME, SN, 2, "fp32", 3, 1, 3),
+    (Tier.NVME, RC, 3, "fp32", 1, 1, 3), ("cycle", RC, 2, "fp32", 5, 1, 3), ("cycle", SH, 2, "bf16", 2, 1, 3),
+    (Tier.NVME, K, 2, "bf16", 2, 1, 3), (Tier.HOST, RC, 2, "fp16", 2, 1, 3), ("cycle", K, 3, "fp16", 3, 1, 3),
+    ("cycle", SN, 3, "bf16", 3, 2, 3), (Tier.HOST, SN, 3, "fp32", 2, 0, 3), ("cycle", MIXED, 3, "fp32", 2, 1, 3),
+    (Tier.DEVICE, MIXED, 2, "fp16", 1, 2, 3),
+    (Tier.NVME, K, 2, "fp32", 2, 1, 6), (Tier.NVME, K, 1, "bf16", 2, 1, 5),  # states read ahead (staged > 3)
+    (Tier.NVME, MIXED, 2, "fp32", 2, 2, 6),  # read-aheads and swap-ins after the same markers
 ]
 
 
-def _golden_id(h, a, m, d, p, ahead) -> str:
+def _golden_id(h, a, m, d, p, ahead, staged) -> str:
     acts = "mixed" if isinstance(a, tuple) else a.value
-    return f"{h if isinstance(h, str) else h.value}-{acts}-m{m}-{d}-p{p}-a{ahead}"
+    return f"{h if isinstance(h, str) else h.value}-{acts}-m{m}-{d}-p{p}-a{ahead}" + (f"-s{staged}" if staged != 3 else "")
 
 
-@pytest.mark.parametrize("homes, act, num_micro, dtype, depth, ahead", GOLDEN, ids=[_golden_id(*g) for g in GOLDEN])
-def test_the_engine_runs_the_plans_program(tmp_path, homes, act, num_micro, dtype, depth, ahead):
+@pytest.mark.parametrize("homes, act, num_micro, dtype, depth, ahead, staged", GOLDEN, ids=[_golden_id(*g) for g in GOLDEN])
+def test_the_engine_runs_the_plans_program(tmp_path, homes, act, num_micro, dtype, depth, ahead, staged):
     chunk = 8000
     torch.manual_seed(0)
     cfg = gpt_config("tiny", dropout=0.1)
@@ -95,21 +107,26 @@ def test_the_engine_runs_the_plans_program(tmp_path, homes, act, num_micro, dtyp
     homes = _cycle(len(make_chunk_plans(params, chunk, Tier.HOST))) if homes == "cycle" else homes
     acts = tuple(act[j % len(act)] for j in range(len(model.blocks))) if isinstance(act, tuple) else (act,) * len(model.blocks)
     policy = MemoryPolicy(chunk_size_elems=chunk, chunks=make_chunk_plans(params, chunk, homes), prefetch_depth=depth,
-                          activations=acts, swap_in_ahead=ahead)
+                          activations=acts, swap_in_ahead=ahead, optim_staged_chunks=staged)
     # the plan's program, from the analysis as the planner makes it
     stats = analyze(ModelConfig(preset="tiny", overrides={"dropout": 0.1}), seq_len=16)
-    sched = lower_chunks(generate_single_device(num_micro), policy, cost.block_chunk_ids(stats, policy.chunks),
-                         hand_off=dtype == "fp32")
-    assert validate(sched) == []
+    lower = functools.partial(lower_chunks, generate_single_device(num_micro), policy,
+                              cost.block_chunk_ids(stats, policy.chunks), dtype=dtype)
+    # the first step has no write-backs carried in; the next ones wait for those the last left
+    programs = [engine_program(lower(first_step=True)), engine_program(lower())]
+    assert all(validate({0: p}) == [] for p in programs)
     swapped = {j for j, p in enumerate(acts) if p in (SH, SN)}
-    swaps = [a for a in sched[0] if a.op in (Op.SWAP_OUT, Op.SWAP_IN)]
+    swaps = [a for a in programs[1] if a.op in (Op.SWAP_OUT, Op.SWAP_IN)]
     assert len(swaps) == 2 * num_micro * len(swapped) and {a.block for a in swaps} == swapped
+    if homes is not Tier.DEVICE and dtype != "fp16":  # the optimizer's points are in the record
+        assert all(any(a.op is Op.OPTIM and a.chunk is not None for a in p) for p in programs)
+        assert any(a.op is Op.OPTIM_READ for a in programs[0]) == (staged > 3)
     engine = wrap(model, optimizer={"name": "adamw", "lr": 1e-3}, plan=policy, micro_batch_size=2, dtype=dtype,
                   memory={"device": "64GiB", "host": "64GiB", "nvme_path": str(tmp_path / "nvme")}, verbose=False)
     try:
         for step in range(2):
             ids = torch.randint(0, cfg.vocab_size, (2 * num_micro, 17), generator=torch.Generator().manual_seed(step))
             engine.train_step((ids[:, :-1], ids[:, 1:]))
-            assert [str(a) for a in engine.store.executed] == [str(a) for a in engine_program(sched)]
+            assert [str(a) for a in engine.store.executed] == [str(a) for a in programs[step]]
     finally:
         engine.close()
