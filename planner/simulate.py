@@ -19,8 +19,9 @@ from memtrain.planner.plan import (
 )
 from memtrain.planner.stats import DType, ModelStats
 from memtrain.planner.program import Layout
-from memtrain.planner.program_optim import OPTIM_OPS, OptimLayout, lower_steady_step
+from memtrain.planner.program_optim import OptimLayout, lower_steady_step
 from memtrain.planner.simulate_optim import _OptimizerSteps
+from memtrain.planner.simulate_program import index_program
 from memtrain.planner.taskgraph import STREAMS, GraphResult, TaskGraph, simulate_graph
 
 __all__ = [
@@ -171,38 +172,13 @@ class _StepBuilder(_OptimizerSteps):
         # pass and block, the chunks fetched before the block and released after it, and the
         # optimizer's points after a backward block's marker.
         hand_off = self.early and DType(train.dtype) is DType.FP32
-        self.fetch_at: dict[tuple[int, str, int], list[int]] = defaultdict(list)
-        self.release_at: dict[tuple[int, str, int], list[int]] = defaultdict(list)
-        self.optim_at: dict[tuple[int, int], list] = defaultdict(list)
-        # and its swaps (planner.program_swaps [Note: the swap rules]): the blocks swapped out
-        # after their forward; per backward block, the swap-ins before its fetches and after its marker
-        self.swap_out_at: set[tuple[int, int]] = set()
-        self.swap_in_before: dict[tuple[int, int], list[int]] = defaultdict(list)
-        self.swap_in_after: dict[tuple[int, int], list[int]] = defaultdict(list)
-        pending: list[int] = []
-        swap_ins: list[int] = []
-        where: tuple[int, str, int] | None = None
         program, carried = lower_steady_step(layout, opt, num_microbatches, hand_off=hand_off)
         self.carried = list(carried)
-        for a in program:
-            if a.op is Op.PREFETCH:
-                pending.append(a.chunk)
-            elif a.op in (Op.F, Op.B) and a.block is not None:
-                where = (a.microbatch, a.op.value, a.block)
-                self.fetch_at[where], pending = pending, []
-                if swap_ins:
-                    self.swap_in_before[(a.microbatch, a.block)], swap_ins = swap_ins, []
-            elif a.op is Op.OFFLOAD:
-                self.release_at[where].append(a.chunk)
-            elif a.op is Op.SWAP_OUT:
-                self.swap_out_at.add((a.microbatch, a.block))
-            elif a.op is Op.SWAP_IN:
-                if where is not None and where[1] == "B" and where[0] == a.microbatch:
-                    self.swap_in_after[(a.microbatch, where[2])].append(a.block)
-                else:
-                    swap_ins.append(a.block)
-            elif a.op in OPTIM_OPS or (a.op is Op.OPTIM and a.chunk is not None):
-                self.optim_at[(where[0], where[2])].append(a)
+        # and its swaps (planner.program_swaps [Note: the swap rules]), filed per marker
+        # (planner.simulate_program: one handler per op; an op without a cost fails)
+        at = index_program(program)
+        self.fetch_at, self.release_at, self.optim_at = at.fetch_at, at.release_at, at.optim_at
+        self.swap_out_at, self.swap_in_before, self.swap_in_after = at.swap_out_at, at.swap_in_before, at.swap_in_after
         need = max((len(cs) for cs in self.uses), default=0)
         if need > policy.prefetch_depth:
             raise ValueError(

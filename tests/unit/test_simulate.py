@@ -483,3 +483,18 @@ def test_states_read_ahead_in_the_first_backward_and_writes_carried_into_the_nex
     # fetch reads of carried chunks made after their release (the bound counts none of them)
     disk = sum(e.end_s - e.start_s for e in r.timeline if e.stream == "disk")
     assert disk == pytest.approx(stream_work_s(stats, train(2), DEV, HOST, NVME, pol)["disk"] + _carried_fetch_reads_s(r))
+
+
+def test_the_simulator_reads_the_program_by_op_and_refuses_an_op_it_cannot_time():
+    from memtrain.planner.plan import Action, Op
+    from memtrain.planner.simulate_program import index_program
+
+    prog = [Action.parse(t) for t in (
+        "0PREFETCH0@c1 0F0/b0 0SWAP_OUT0/b0 0OFFLOAD0@c1 0SWAP_IN0/b0 0PREFETCH0@c1 0B0/b0 0OPTIM_READ0@c2 "
+        "0OPTIM0@c1 0OFFLOAD0@c1 0OPTIM").split()]
+    at = index_program(prog)
+    assert at.fetch_at[(0, "F", 0)] == [1] and at.release_at[(0, "F", 0)] == [1] and at.swap_out_at == {(0, 0)}
+    assert at.swap_in_before[(0, 0)] == [0] and at.fetch_at[(0, "B", 0)] == [1]
+    assert [str(a) for a in at.optim_at[(0, 0)]] == ["0OPTIM_READ0@c2", "0OPTIM0@c1"] and at.final_optim == 1
+    with pytest.raises(ValueError, match="no cost for 0SNAPSHOT0"):
+        index_program(prog[:2] + [Action(0, Op.SNAPSHOT, 0)])
