@@ -158,7 +158,7 @@ def test_divisors_are_found_in_square_root_time():
     import time
 
     from memtrain.config import MAX_GLOBAL_BATCH_SIZE
-    from memtrain.planner.search import _divisors_desc
+    from memtrain.planner.candidates import divisors_desc as _divisors_desc
 
     for n in range(1, 500):
         assert _divisors_desc(n) == sorted((d for d in range(1, n + 1) if n % d == 0), reverse=True)

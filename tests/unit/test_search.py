@@ -231,11 +231,11 @@ def test_a_swap_the_estimate_hides_does_not_crowd_out_recompute():
 
 
 def test_the_chosen_swap_pacing_is_the_fastest_that_fits():
-    from memtrain.planner.search import _swap_pacing
+    from memtrain.planner.candidates import swap_pacing
 
     p = _slow_device_plan(12, 10e12)
     assert {ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME} & set(p.memory.activations), "this budget swaps activations"
-    variants = _swap_pacing(p.memory)
+    variants = swap_pacing(p.memory)
     pacings = {(v.swap_in_ahead, v.swap_writes_in_flight) for v in variants} | {(p.memory.swap_in_ahead, p.memory.swap_writes_in_flight)}
     assert {(1, 1), (2, 1)} <= pacings  # swap_host only here: the writes in flight are not varied
     stats = p.model.scaled(p.train.micro_batch_size)
