@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
 from memtrain.planner import cost
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, Op, Tier, TrainShape
-from memtrain.planner.program import Layout, lower_backward, lower_forward
+from memtrain.planner.program import Layout, lower_passes
 from memtrain.planner.simulate import STREAMS, _flush_copy_s, copy_streams, cpu_stream, grads_stream
 from memtrain.planner.stats import DType, ModelStats
 
@@ -94,13 +94,9 @@ def fetch_counts(uses: Sequence[Sequence[int]], prefetch_depth: int, num_microba
     n = num_microbatches
     walked = min(n, 3)
     counts: dict[int, int] = defaultdict(int)
-    resident: tuple[int, ...] = ()
-    for m in range(walked):
+    for m, (fwd, bwd) in enumerate(lower_passes(layout, walked)):
         weight = n - 2 if walked == 3 and m == 1 else 1
-        fwd = lower_forward(layout, m, resident)
-        bwd = lower_backward(layout, m, fwd.resident, next_forward=m < walked - 1)
-        for a in fwd.actions + bwd.actions:
+        for a in fwd + bwd:
             if a.op is Op.PREFETCH:
                 counts[a.chunk] += weight
-        resident = bwd.resident
     return dict(counts)

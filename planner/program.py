@@ -40,7 +40,7 @@ from memtrain.planner.cost import within_prefetch_window
 from memtrain.planner.plan import DEFAULT_SWAP_IN_AHEAD, Action, ActPolicy, MemoryPolicy, Op, Tier
 from memtrain.planner.program_swaps import add_swap_ins, add_swap_outs
 
-__all__ = ["Layout", "PassResult", "lower_forward", "lower_backward", "lower_step", "compute_markers"]
+__all__ = ["Layout", "PassResult", "lower_forward", "lower_backward", "lower_passes", "lower_step", "compute_markers"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,21 +218,28 @@ def lower_backward(layout: Layout, mb: int, resident: Sequence[int], *, next_for
     return PassResult(actions=add_swap_ins(low.out, layout.acts, mb, layout.swap_in_ahead), resident=tuple(low.resident))
 
 
-def lower_step(layout: Layout, num_microbatches: int, *, hand_off: bool = False) -> tuple[Action, ...]:
-    """``train_step``'s program: F then B of each micro-batch (with their swaps), the last B
-    releasing every buffer, then ``0OPTIM``; ``hand_off`` as ``lower_backward``'s, for the last backward."""
+def lower_passes(layout: Layout, num_microbatches: int, *, hand_off: bool = False,
+                 ) -> list[tuple[tuple[Action, ...], tuple[Action, ...]]]:
+    """Each micro-batch's forward and backward actions in ``train_step``'s order (F then B per
+    micro-batch, with their swaps), each pass from the buffers the last left, the last B
+    releasing every buffer; ``hand_off`` as ``lower_backward``'s, for the last backward."""
     if num_microbatches < 1:
         raise ValueError(f"num_microbatches: must be >= 1, got {num_microbatches}")
-    out: list[Action] = []
+    out = []
     resident: tuple[int, ...] = ()
     for mb in range(num_microbatches):
         fwd = lower_forward(layout, mb, resident)
         last = mb == num_microbatches - 1
         bwd = lower_backward(layout, mb, fwd.resident, next_forward=not last, hand_off=hand_off and last)
-        out += fwd.actions + bwd.actions
+        out.append((fwd.actions, bwd.actions))
         resident = bwd.resident
-    out.append(Action(0, Op.OPTIM))
-    return tuple(out)
+    return out
+
+
+def lower_step(layout: Layout, num_microbatches: int, *, hand_off: bool = False) -> tuple[Action, ...]:
+    """``train_step``'s program: ``lower_passes``' actions, then ``0OPTIM``."""
+    passes = lower_passes(layout, num_microbatches, hand_off=hand_off)
+    return tuple(a for fwd, bwd in passes for a in fwd + bwd) + (Action(0, Op.OPTIM),)
 
 
 def compute_markers(actions: Iterable[Action]) -> list[Action]:

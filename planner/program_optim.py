@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from memtrain.planner.cost import optim_read_ahead_slots, read_ahead_order
 from memtrain.planner.plan import Action, Op
-from memtrain.planner.program import Layout, lower_backward, lower_forward
+from memtrain.planner.program import Layout, lower_passes
 from memtrain.planner.stats import DType
 
 __all__ = ["OptimLayout", "Staging", "early_updates", "add_optim_points", "lower_step_optim", "lower_steady_step",
@@ -179,7 +179,7 @@ def add_optim_points(layout: Layout, opt: OptimLayout, actions: Sequence[Action]
 def steady_carried(layout: Layout, opt: OptimLayout, num_microbatches: int) -> tuple[int, ...]:
     """The write-backs a step leaves running into the next (rule 4): the same every step, since
     carried ones only change where the next step waits, not what it reads or updates."""
-    return _with_points(layout, opt, _passes(layout, num_microbatches, False), Staging())[1].writing
+    return _with_points(layout, opt, lower_passes(layout, num_microbatches), Staging())[1].writing
 
 
 def lower_step_optim(layout: Layout, opt: OptimLayout, num_microbatches: int, *, hand_off: bool = False,
@@ -194,24 +194,10 @@ def lower_steady_step(layout: Layout, opt: OptimLayout, num_microbatches: int, *
                       carried: Sequence[int] | None = None) -> tuple[tuple[Action, ...], tuple[int, ...]]:
     """``lower_step_optim``'s program and the write-backs carried into it (one lowering of the
     passes for both)."""
-    passes = _passes(layout, num_microbatches, hand_off)
+    passes = lower_passes(layout, num_microbatches, hand_off=hand_off)
     if carried is None:
         carried = _with_points(layout, opt, passes, Staging())[1].writing
     return _with_points(layout, opt, passes, Staging(carried=tuple(carried)))[0], tuple(carried)
-
-
-def _passes(layout: Layout, n: int, hand_off: bool) -> list[tuple[tuple[Action, ...], tuple[Action, ...]]]:
-    """Each micro-batch's forward and backward actions (``program.lower_step``'s passes)."""
-    if n < 1:
-        raise ValueError(f"num_microbatches: must be >= 1, got {n}")
-    out = []
-    resident: tuple[int, ...] = ()
-    for mb in range(n):
-        fwd = lower_forward(layout, mb, resident)
-        bwd = lower_backward(layout, mb, fwd.resident, next_forward=mb < n - 1, hand_off=hand_off and mb == n - 1)
-        out.append((fwd.actions, bwd.actions))
-        resident = bwd.resident
-    return out
 
 
 def _with_points(layout: Layout, opt: OptimLayout, passes, state: Staging) -> tuple[tuple[Action, ...], Staging]:

@@ -101,6 +101,13 @@ def _overflow(peaks: dict[str, int], usable: dict[str, int]) -> str:
 _RAM_SHORT = "does not fit: the process needs "
 
 
+def _simulate(ctx: Context, policy: MemoryPolicy) -> tuple[SimResult, str]:
+    """Simulate ``policy`` (no timeline) and say why it does not fit ("" when it does)."""
+    sim = simulate_step(ctx.stats, ctx.train, ctx.device, ctx.host, ctx.nvme, policy, timeline=False)
+    peaks, breakdown = _peaks(ctx, sim, policy)
+    return sim, _overflow(peaks, ctx.usable) or _ram_overflow(ctx, policy, peaks, breakdown, sim)
+
+
 def _ram_overflow(ctx: Context, policy: MemoryPolicy, peaks: Mapping[str, int], breakdown, sim: SimResult) -> str:
     """On a CPU device both tiers are one RAM: '' when what the process holds for the model (both
     tiers' peaks, the buffer pool's slack, the C heap: ``process_bytes`` less the NVMe store's
@@ -240,10 +247,7 @@ def plan(
             break
         if len(tried) >= len(first) and fastest_s is not None and cand.bound_s > fastest_s * (1 + NEAR_TIE):
             break
-        ctx = contexts[cand.mbs]
-        sim = simulate_step(ctx.stats, ctx.train, device, host, nvme, cand.policy, timeline=False)
-        peaks, breakdown = _peaks(ctx, sim, cand.policy)
-        why = _overflow(peaks, usable) or _ram_overflow(ctx, cand.policy, peaks, breakdown, sim)
+        sim, why = _simulate(contexts[cand.mbs], cand.policy)
         tried.append((cand, sim, why))
         if not why and (fastest_s is None or sim.step_time_s < fastest_s):
             fastest_s = sim.step_time_s
@@ -253,10 +257,8 @@ def plan(
         best = min(near, key=lambda t: (movement(t[0].policy), -t[0].mbs, t[1].step_time_s))
         ctx = contexts[best[0].mbs]
         for paced in swap_pacing(best[0].policy):  # [Note: swap pacing]
-            sim = simulate_step(ctx.stats, ctx.train, device, host, nvme, paced, timeline=False)
-            peaks, breakdown = _peaks(ctx, sim, paced)
-            if sim.step_time_s < best[1].step_time_s and not (
-                    _overflow(peaks, usable) or _ram_overflow(ctx, paced, peaks, breakdown, sim)):
+            sim, why = _simulate(ctx, paced)
+            if not why and sim.step_time_s < best[1].step_time_s:
                 best = (dataclasses.replace(best[0], policy=paced, description=describe(best[0].mbs, paced)), sim)
 
     if best is None:
