@@ -74,6 +74,7 @@ class BufferPool:
         self._out_bytes = 0  # bytes of the buffers handed out and still mapped, not given back
         self._high = 0  # the most bytes handed out at once
         self._mapped_bytes = 0  # every mapping of this pool still alive: handed out, idle or viewed elsewhere
+        self._mapped_high = 0  # the most _mapped_bytes has been
         self._sizes: dict[int, int] = {}  # token -> size of every live mapping
         self._tokens: dict[int, int] = {}  # data_ptr -> token of the mapping handed out or idle there
         self._next_token = 0
@@ -95,6 +96,11 @@ class BufferPool:
     def mapped_bytes(self) -> int:
         """The memory the pool's buffers hold now, whoever holds them."""
         return self._mapped_bytes
+
+    @property
+    def mapped_high_bytes(self) -> int:
+        """The most memory the pool's buffers have held at once: ``mapped_bytes``' high-water."""
+        return self._mapped_high
 
     @property
     def high_bytes(self) -> int:
@@ -128,6 +134,7 @@ class BufferPool:
                 token = self._next_token
                 self._sizes[token] = size
                 self._mapped_bytes += size
+                self._mapped_high = max(self._mapped_high, self._mapped_bytes)
             # An address may be mapped again before the old mapping's callback runs: the token,
             # not the address, names the mapping.
             weakref.finalize(mm, self._unmapped, token, raw.data_ptr())

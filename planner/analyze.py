@@ -9,7 +9,8 @@ micro-batch, recording per block:
   last block. Names are fully qualified, in order of first use in the forward.
 - **activation bytes**: what autograd saves for backward (``saved_tensors_hooks``), each
   storage counted once in the block that first saves it, parameter and buffer storages
-  excluded. A layer's input is saved by its first norm, so it counts in the layer, as in
+  excluded, with each storage's size (the process's memory depends on it: planner.footprint
+  [Note: process memory]). A layer's input is saved by its first norm, so it counts in the layer, as in
   Korthikanti et al. 2022. What the work after the last block's forward saves (the loss:
   cross entropy keeps its fp32 log-probabilities, b·s·V·4 bytes) goes to
   ``ModelStats.loss_activation_bytes`` instead: it is outside every block, so the runtime's
@@ -173,6 +174,7 @@ class _Recorder:
         self.fwd_flops = [0] * n
         self.bwd_flops = [0] * n
         self.activation_bytes = [0] * n
+        self.saved_sizes: list[list[int]] = [[] for _ in range(n)]
         self.in_loss = False
         """True once the last block's forward has returned: what the forward saves from then on
         is the loss's (outside every block)."""
@@ -244,6 +246,7 @@ class _Recorder:
                 self.loss_activation_bytes += nbytes
             else:
                 self.activation_bytes[self.cur] += nbytes
+                self.saved_sizes[self.cur].append(nbytes)
         return t
 
     def note_params(self, values: Any) -> None:
@@ -298,6 +301,7 @@ class _Recorder:
                     num_params=sum(p.numel() for *_, p in params),
                     param_bytes=sum(p.numel() * p.element_size() for *_, p in params),
                     activation_bytes=self.activation_bytes[i],
+                    saved_storage_bytes=tuple(self.saved_sizes[i]),
                     input_bytes=self.input_bytes[i] or 0,
                     output_bytes=self.output_bytes[i] or 0,
                     fwd_flops=self.fwd_flops[i],

@@ -10,13 +10,15 @@ device's reserved bytes on a GPU) above the baseline measured before the model i
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from memtrain.cluster.spec import DeviceSpec
 from memtrain.planner.plan import MemoryPolicy, Tier
 from memtrain.planner.stats import ModelStats, dtype_bytes
 
 __all__ = ["workspace_bytes", "param_grad_bytes", "optimizer_workspace_bytes", "optimizer_temporary_bytes",
            "NVME_IO_BYTES", "POOL_SLACK",
-           "HEAP_MMAP_THRESHOLD_BYTES", "process_bytes"]
+           "HEAP_MMAP_THRESHOLD_BYTES", "returned_bytes", "process_bytes"]
 
 
 def workspace_bytes(stats: ModelStats) -> int:
@@ -79,6 +81,13 @@ at least this large gets a mapping of its own, returned when freed (runtime.proc
 glibc's threshold here: [Note: the C heap's threshold])."""
 
 
+def returned_bytes(storage_bytes: Iterable[int]) -> int:
+    """Of these storages, the bytes in those of at least ``HEAP_MMAP_THRESHOLD_BYTES``: on a CPU
+    device each is a mapping of its own, returned to the system when freed, where the C heap
+    keeps a smaller one's memory for reuse."""
+    return sum(b for b in storage_bytes if b >= HEAP_MMAP_THRESHOLD_BYTES)
+
+
 POOL_SLACK = 0.25
 """``offload.bufpool.SLACK``: the buffer pool holds up to this much more than the most it had
 handed out at once ([Note: pool slack])."""
@@ -86,28 +95,37 @@ handed out at once ([Note: pool slack])."""
 
 def process_bytes(*, device_peak_bytes: int, pooled_peak_bytes: int, act_peak_bytes: int, workspace_bytes: int,
                   device: DeviceSpec, uses_nvme: bool, pooled_resident_bytes: int = 0,
-                  optimizer_workspace_bytes: int = 0, optimizer_temporary_bytes: int = 0) -> int:
+                  optimizer_workspace_bytes: int = 0, optimizer_temporary_bytes: int = 0,
+                  mapped_peak_bytes: int | None = None, heap_act_peak_bytes: int | None = None) -> int:
     """[Note: process memory] The process's memory above its baseline at its peak, predicted.
 
     On a GPU: the device's reserved bytes, the device tier's peak (``device_peak_bytes``,
-    workspace included). On a CPU device both tiers are RAM, held in ways that peak at different
-    times, so their peaks add: the chunk store's chunks, buffers and staging come from one buffer
-    pool (``pooled_peak_bytes`` at most at once, ``pooled_resident_bytes`` of them chunks that
-    live all step), which keeps what was freed: at most ``POOL_SLACK`` of its high-water, and
-    never more than the freed part, the peak less the resident chunks. torch allocates
-    activations and the backward's temporaries in the C heap, which keeps its high-water
-    (``act_peak_bytes`` in memory + ``workspace_bytes``, the backward's). The device chunks'
-    optimizer temporaries (``optimizer_workspace_bytes``, each ``optimizer_temporary_bytes``) come
-    after the backward: at least ``HEAP_MMAP_THRESHOLD_BYTES`` each, they are mappings of their
-    own on top of what the heap kept; smaller, they reuse it. Plus the NVMe store's threads
-    (``NVME_IO_BYTES``).
+    workspace included). On a CPU device both tiers are RAM, held in two ways:
+
+    - **Mappings, returned when freed.** The chunk store's chunks, buffers and staging come from
+      one buffer pool (``pooled_peak_bytes`` at most at once, ``pooled_resident_bytes`` of them
+      chunks that live all step); activations in storages of at least
+      ``HEAP_MMAP_THRESHOLD_BYTES`` are mappings of their own. These are counted at the most they
+      held together (``mapped_peak_bytes``: the pool peaks in the optimizer's phase, large
+      activations at the end of the forward). The pool also keeps what was freed: at most
+      ``POOL_SLACK`` of its high-water, and never more than the freed part, the peak less the
+      resident chunks.
+    - **The C heap, which keeps its high-water.** Smaller activations (``heap_act_peak_bytes``)
+      and the backward's temporaries (``workspace_bytes``) add whenever they peak. The device
+      chunks' optimizer temporaries (``optimizer_workspace_bytes``, each
+      ``optimizer_temporary_bytes``) come after the backward: at least the threshold each, they
+      are mappings of their own on top of what the heap kept; smaller, they reuse it.
+
+    Plus the NVMe store's threads (``NVME_IO_BYTES``). Without the split (None), every
+    activation counts as the heap's and the mapped peak is the pool's.
     """
     if device.kind != "cpu":
         return device_peak_bytes
+    mapped = pooled_peak_bytes if mapped_peak_bytes is None else mapped_peak_bytes
     idle = min(int(pooled_peak_bytes * POOL_SLACK), pooled_peak_bytes - pooled_resident_bytes)
-    heap = act_peak_bytes + workspace_bytes
+    heap = (act_peak_bytes if heap_act_peak_bytes is None else heap_act_peak_bytes) + workspace_bytes
     if optimizer_temporary_bytes >= HEAP_MMAP_THRESHOLD_BYTES:
         heap += optimizer_workspace_bytes
     else:
         heap = max(heap, optimizer_workspace_bytes)
-    return pooled_peak_bytes + idle + heap + (NVME_IO_BYTES if uses_nvme else 0)
+    return mapped + idle + heap + (NVME_IO_BYTES if uses_nvme else 0)

@@ -66,6 +66,7 @@ def _process_bytes(ctx: Context, policy: MemoryPolicy, peaks: Mapping[str, int],
     return footprint.process_bytes(device_peak_bytes=peaks["device"], pooled_peak_bytes=sim.pooled_peak_bytes,
                                    pooled_resident_bytes=sim.pooled_resident_bytes,
                                    act_peak_bytes=sim.act_peak_bytes, workspace_bytes=ctx.workspace_bytes,
+                                   mapped_peak_bytes=sim.mapped_peak_bytes, heap_act_peak_bytes=sim.heap_act_peak_bytes,
                                    optimizer_workspace_bytes=footprint.optimizer_workspace_bytes(policy, ctx.device),
                                    optimizer_temporary_bytes=footprint.optimizer_temporary_bytes(policy),
                                    device=ctx.device, uses_nvme=uses_nvme)

@@ -10,14 +10,15 @@ ledger counts the same owners with the same rules).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
-from memtrain.planner import cost
+from memtrain.planner import cost, footprint
 from memtrain.planner.plan import (
     DEFAULT_SWAP_IN_AHEAD, DEFAULT_SWAP_WRITES_IN_FLIGHT, ActPolicy, MemoryPolicy, Op, TimelineEvent, Tier, TrainShape,
 )
-from memtrain.planner.stats import DType, ModelStats
+from memtrain.planner.stats import BlockStats, DType, ModelStats
 from memtrain.planner.program import Layout
 from memtrain.planner.program_optim import OptimLayout, lower_steady_step
 from memtrain.planner.simulate_optim import _OptimizerSteps
@@ -94,6 +95,11 @@ class SimResult:
     act_peak_bytes: int
     """The most bytes activations held at once in memory, the device and host tiers together
     (torch allocates them; a swap_nvme block's file is on disk)."""
+    mapped_peak_bytes: int
+    """The most bytes the pooled owners (resident chunks included) and the activations in
+    storages of their own mapping held at once ([Note: process memory])."""
+    heap_act_peak_bytes: int
+    """The most bytes activations in storages from the C heap held at once ([Note: process memory])."""
     timeline: tuple[TimelineEvent, ...]
     """Every simulated task; with extrapolation, the last simulated micro-batch and the
     optimizer are shifted to where they fall in the full step."""
@@ -370,11 +376,12 @@ class _StepBuilder(_OptimizerSteps):
         if pol is ActPolicy.RECOMPUTE:
             g.add(f"R{m}:{j}", "compute", self.fwd[j], deps=deps, alloc_start=[(dev, owner, b.activation_bytes)], tag=m)
             deps = []
-        held = b.activation_bytes + (b.input_bytes if pol is ActPolicy.RECOMPUTE else 0)
+        held = [(dev, owner, b.activation_bytes)]  # as allocated: a recompute block's input apart
+        if pol is ActPolicy.RECOMPUTE:
+            held.append((dev, owner, b.input_bytes))
         done = self.flush_at.get(j, [])  # gradients complete in this block: flush and release
         gone = [c for c in self.release_at[(m, "B", j)] if c in done]
-        bt = g.add(f"B{m}:{j}", "compute", self.bwd[j], deps=deps,
-                   free_end=[(dev, owner, held)] + self._release(gone), tag=m)
+        bt = g.add(f"B{m}:{j}", "compute", self.bwd[j], deps=deps, free_end=held + self._release(gone), tag=m)
         for c in done:
             prev_accum[c] = self._grad_out(m, c, bt, prev_accum.get(c))
             self._optim_points(m, points, upto=c, bt=bt, acc=prev_accum[c])
@@ -397,13 +404,28 @@ def _resident(policy: MemoryPolicy, train: TrainShape) -> dict[str, int]:
     return out
 
 
-def _memory_group(tier: str, owner: str) -> str | None:
-    """Activations (torch's allocations) apart from the chunk store's own bytes, on the device and
-    host tiers: the NVMe tier's files are on disk, not in the process (planner.footprint [Note:
-    process memory])."""
-    if tier not in (Tier.DEVICE.value, Tier.HOST.value):
-        return None
-    return "act" if owner.startswith("act") else "pooled"
+def _memory_groups(blocks: Sequence[BlockStats]) -> Callable[[str, str, int], tuple[tuple[str, int], ...]]:
+    """The groups ``simulate_graph`` sums for the process's memory (planner.footprint [Note:
+    process memory]), on the device and host tiers only (the NVMe tier's files are on disk):
+    ``pooled``, the chunk store's own bytes; ``act``, activations (torch's allocations); of these,
+    ``heap_act`` in storages the C heap keeps when freed; and ``mapped``, the pooled bytes with
+    the activations in storages of their own mapping, returned when freed. A block's activations
+    as its forward saved them split by ``footprint.returned_bytes`` of their storages; any other
+    activation bytes (a recompute block's input, a swap's flat copy) are one storage."""
+    returned = {b.name: (b.activation_bytes, footprint.returned_bytes(b.saved_storage_bytes))
+                for b in blocks if b.saved_storage_bytes}
+
+    def groups(tier: str, owner: str, nbytes: int) -> tuple[tuple[str, int], ...]:
+        if tier not in (Tier.DEVICE.value, Tier.HOST.value):
+            return ()
+        if not owner.startswith("act"):
+            return (("pooled", nbytes), ("mapped", nbytes))
+        whole, part = returned.get(owner[4:].rsplit(":", 1)[0], (None, 0))
+        if tier != Tier.DEVICE.value or nbytes != whole:
+            part = footprint.returned_bytes((nbytes,))
+        return ("act", nbytes), ("mapped", part), ("heap_act", nbytes - part)
+
+    return groups
 
 
 def simulate_step(
@@ -453,7 +475,7 @@ def simulate_step(
         raise ValueError("max_simulated_microbatches: must be >= 3 (or None to simulate all)")
     n_sim = n if max_simulated_microbatches is None else min(n, max_simulated_microbatches)
     graph = _StepBuilder(s, train, device, host, nvme, policy, n_sim).build()
-    r = simulate_graph(graph, group=_memory_group)
+    r = simulate_graph(graph, group=_memory_groups(s.blocks))
     shift = 0.0
     if n_sim < n:
         mb_end = [0.0] * (n_sim + 1)
@@ -489,6 +511,8 @@ def simulate_step(
         pooled_peak_bytes=r.group_peak_bytes.get("pooled", 0) + resident[Tier.DEVICE.value] + resident[Tier.HOST.value],
         pooled_resident_bytes=resident[Tier.DEVICE.value] + resident[Tier.HOST.value],
         act_peak_bytes=r.group_peak_bytes.get("act", 0),
+        mapped_peak_bytes=r.group_peak_bytes.get("mapped", 0) + resident[Tier.DEVICE.value] + resident[Tier.HOST.value],
+        heap_act_peak_bytes=r.group_peak_bytes.get("heap_act", 0),
         timeline=events,
         num_simulated_microbatches=n_sim,
     )

@@ -67,6 +67,10 @@ class BlockStats:
     """Fully qualified parameter names in execution order (the chunking order)."""
     param_numels: tuple[int, ...] = ()
     """Elements of each parameter in ``param_names`` (same order)."""
+    saved_storage_bytes: tuple[int, ...] = ()
+    """Bytes of each storage that ``activation_bytes`` sums, in the order autograd saved them
+    (empty: not recorded). Their sizes tell which of them a CPU process's C heap keeps when freed
+    and which it returns (planner.footprint [Note: process memory])."""
     shared_param_names: tuple[str, ...] = ()
     """Parameters an earlier block owns that this block's modules also hold (tied weights, e.g.
     a head sharing the embedding matrix): their chunks are brought in for this block too."""
@@ -145,6 +149,7 @@ class ModelStats:
             dataclasses.replace(
                 b,
                 activation_bytes=s(b.activation_bytes),
+                saved_storage_bytes=tuple(s(v) for v in b.saved_storage_bytes),
                 input_bytes=s(b.input_bytes),
                 output_bytes=s(b.output_bytes),
                 fwd_flops=s(b.fwd_flops),

@@ -10,7 +10,7 @@ builds the graph of a training step.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 __all__ = ["STREAMS", "TaskGraph", "GraphResult", "simulate_graph"]
@@ -103,10 +103,11 @@ class GraphResult:
         return out
 
 
-def simulate_graph(graph: TaskGraph, group: Callable[[str, str], str | None] | None = None) -> GraphResult:
+def simulate_graph(graph: TaskGraph,
+                   group: Callable[[str, str, int], Iterable[tuple[str, int]]] | None = None) -> GraphResult:
     """Run the graph: each task starts when its stream is free and its dependencies are done.
-    ``group(tier, owner)`` names the group an owner's bytes count in (None: none) for
-    ``GraphResult.group_peak_bytes``."""
+    ``group(tier, owner, bytes)`` names the groups an allocation of ``bytes`` (or its free)
+    counts in, with the part of it each one counts, for ``GraphResult.group_peak_bytes``."""
     n = len(graph)
     start = [0.0] * n
     finish = [0.0] * n
@@ -144,11 +145,13 @@ def simulate_graph(graph: TaskGraph, group: Callable[[str, str], str | None] | N
         if in_use[tier] > peak[tier]:
             peak[tier] = in_use[tier]
             peak_at[tier] = pos
-        name = group(tier, owner) if group is not None else None
-        if name is not None:
-            group_use[name] += b
-            if group_use[name] > group_peak[name]:
-                group_peak[name] = group_use[name]
+        if group is not None:
+            sign = -1 if b < 0 else 1
+            for name, part in group(tier, owner, abs(b)):
+                group_use[name] += sign * part
+                assert group_use[name] >= 0, f"group {name}: more freed than allocated at event {pos}"
+                if group_use[name] > group_peak[name]:
+                    group_peak[name] = group_use[name]
     peak_owners: dict[str, dict[str, int]] = {}
     for tier, at in peak_at.items():
         owners: dict[str, int] = defaultdict(int)

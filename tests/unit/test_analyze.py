@@ -121,6 +121,22 @@ def test_layer_activations_with_fused_attention_drop_the_5as2b_term(shape):
     assert explicit.blocks[1].activation_bytes - layer.activation_bytes > 4.9 * a * s * s * b
 
 
+def test_each_saved_storage_is_recorded_and_scales_with_the_micro_batch():
+    """The storages a layer saves (explicit attention, bf16, Korthikanti's terms): their sizes sum
+    to the block's activation bytes; the largest is the s×s attention scores of all heads
+    (2·a·s²·b: the softmax output and the dropped-out probabilities), and the smallest terms are
+    LayerNorm's per-token statistics (4·s·b each). ``scaled`` scales each one."""
+    h, a, s, b = 128, 4, 256, 2
+    stats = analyze(_layer_model(h=h, a=a, s=s, fused=False), seq_len=s, micro_batch_size=b, dtype="bf16")
+    for blk in stats.blocks:
+        assert sum(blk.saved_storage_bytes) == blk.activation_bytes
+    layer = stats.blocks[1]
+    assert max(layer.saved_storage_bytes) == 2 * a * s * s * b
+    assert layer.saved_storage_bytes.count(2 * a * s * s * b) == 2
+    assert layer.saved_storage_bytes.count(4 * s * b) == 4  # two LayerNorms' mean and 1/std
+    assert stats.scaled(3 * b).blocks[1].saved_storage_bytes == tuple(3 * v for v in layer.saved_storage_bytes)
+
+
 def test_block_input_and_output_bytes():
     h, s, b, v = 64, 32, 3, 256
     stats = analyze(_gpt("tiny"), seq_len=s, micro_batch_size=b, dtype="bf16")

@@ -67,6 +67,24 @@ def test_buffers_held_never_exceed_the_most_handed_out_at_once():
     assert pool.idle_bytes == 40_960 + 81_920 <= pool.high_bytes
 
 
+def test_the_memory_held_at_once_counts_idle_buffers_within_the_slack():
+    """Two buffers given back stay idle while a smaller fresh one fits the slack: the pool then
+    holds more than it ever handed out at once, and ``mapped_high_bytes`` says how much."""
+    pool = BufferPool()
+    a, b = _take(pool, "a"), _take(pool, "b")
+    _give(pool, "a", a)
+    _give(pool, "b", b)
+    del a, b
+    c = _take(pool, "c", N // 4)  # 10,000 bytes -> 12,288: within 2 × 40,960 × SLACK
+    assert pool.num_dropped == 0 and pool.high_bytes == 2 * 40_960
+    assert pool.mapped_bytes == pool.mapped_high_bytes == 2 * 40_960 + 12_288
+    _give(pool, "c", c)
+    del c
+    pool.clear()
+    gc.collect()
+    assert pool.mapped_bytes == 0 and pool.mapped_high_bytes == 2 * 40_960 + 12_288
+
+
 def test_a_buffer_is_its_own_mapping_and_goes_back_to_the_system_when_freed():
     def mapped_bytes() -> int:
         with open("/proc/self/maps") as f:

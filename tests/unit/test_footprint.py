@@ -76,6 +76,41 @@ def test_process_bytes_on_a_cpu_adds_the_pool_with_its_slack_the_heap_and_the_nv
     assert footprint.process_bytes(**kw, uses_nvme=False, pooled_resident_bytes=8000) == 8000 + 3000 + 500
 
 
+def test_mappings_count_at_their_joint_peak_and_the_heaps_activations_at_their_own():
+    """The pool (8000 at its peak) and large activations, each a mapping of its own, peak apart:
+    they count as the most they held together (9000), not 8000 + 3000; the activations the heap
+    keeps (1000 of the 3000) and the backward's temporaries add whenever they peaked."""
+    kw = dict(device_peak_bytes=1, pooled_peak_bytes=8000, act_peak_bytes=3000, workspace_bytes=500, device=CPU,
+              uses_nvme=False)
+    assert footprint.process_bytes(**kw, mapped_peak_bytes=9000, heap_act_peak_bytes=1000) == 9000 + 2000 + 1000 + 500
+    # without the split every activation is the heap's, as before
+    assert footprint.process_bytes(**kw) == footprint.process_bytes(**kw, mapped_peak_bytes=8000,
+                                                                     heap_act_peak_bytes=3000)
+
+
+def test_storages_from_the_heaps_threshold_up_are_returned_when_freed():
+    t = footprint.HEAP_MMAP_THRESHOLD_BYTES
+    assert footprint.returned_bytes((t - 1, t, 3 * t, 10)) == 4 * t
+    assert footprint.returned_bytes(()) == 0
+
+
+def test_the_simulator_splits_activations_by_their_storages_and_a_copy_is_one_storage():
+    """A block saved one storage past the heap's threshold and one below: as its forward saved
+    them they split; a swap's flat copy on the host and a recompute block's input are each one
+    storage; chunks are pooled mappings; files on the NVMe tier are no memory at all."""
+    from memtrain.planner.simulate import _memory_groups
+
+    t = footprint.HEAP_MMAP_THRESHOLD_BYTES
+    blk = dataclasses.replace(block("blocks.1", {"w": 4}, act=t + 100), saved_storage_bytes=(t, 100))
+    groups = _memory_groups([blk, block("blocks.2", {"v": 4}, act=50)])
+    assert dict(groups("device", "act:blocks.1:0", t + 100)) == {"act": t + 100, "mapped": t, "heap_act": 100}
+    assert dict(groups("host", "act:blocks.1:0", t + 100)) == {"act": t + 100, "mapped": t + 100, "heap_act": 0}
+    assert dict(groups("device", "act:blocks.1:3", 100)) == {"act": 100, "mapped": 0, "heap_act": 100}
+    assert dict(groups("device", "act:blocks.2:0", 50)) == {"act": 50, "mapped": 0, "heap_act": 50}  # not recorded
+    assert dict(groups("host", "buffer:c3", 7)) == {"pooled": 7, "mapped": 7}
+    assert groups("nvme", "act:blocks.1:0", t + 100) == ()
+
+
 def test_optimizer_temporaries_past_the_heaps_threshold_come_on_top_of_what_the_heap_kept():
     kw = dict(device_peak_bytes=1, pooled_peak_bytes=8000, pooled_resident_bytes=8000, act_peak_bytes=3000,
               workspace_bytes=500, device=CPU, uses_nvme=False)
@@ -98,7 +133,7 @@ def test_the_heaps_threshold_is_the_one_the_runtime_sets():
 def test_a_swap_nvme_plans_process_bytes_count_its_memory_not_its_files():
     """Every block on swap_nvme, every chunk on the device: the activations in memory at once are
     one block's device copy and its host staging, or a block being read back beside the one in
-    backward, never the files; the device chunk's optimizer temporaries (two N·4, each past the
+    backward, never the files; the heap keeps the device copies' high-water; the device chunk's optimizer temporaries (two N·4, each past the
     heap's threshold) come on top of the heap's high-water."""
     from memtrain.cluster import catalog
     from memtrain.cluster.spec import HostSpec
@@ -127,8 +162,15 @@ def test_a_swap_nvme_plans_process_bytes_count_its_memory_not_its_files():
     temporary = n * 4
     assert temporary >= footprint.HEAP_MMAP_THRESHOLD_BYTES
     chunk_bytes = n * (4 + 4 + 8)  # fp32 params, gradient accumulator, AdamW's m and v
+    # A layer's host staging (one flat storage past the heap's threshold) is a mapping of its own,
+    # counted with the chunk; its device copy (storages under it) and the embedding's small
+    # activations are the heap's, which keeps their high-water.
+    embed, layer = a[0], a[1]
+    assert max(stats.scaled(2).blocks[1].saved_storage_bytes) < footprint.HEAP_MMAP_THRESHOLD_BYTES <= layer
+    assert sim.mapped_peak_bytes == chunk_bytes + layer
+    assert sim.heap_act_peak_bytes == layer + embed
     assert predicted_process_bytes(stats, train, cpu, policy, sim) == (
-        chunk_bytes + sim.act_peak_bytes + footprint.workspace_bytes(stats.scaled(2)) + 2 * temporary
+        chunk_bytes + layer + layer + embed + footprint.workspace_bytes(stats.scaled(2)) + 2 * temporary
         + footprint.NVME_IO_BYTES)
 
 
