@@ -184,6 +184,7 @@ class _StepBuilder(_OptimizerSteps):
         # (planner.simulate_program: one handler per op; an op without a cost fails)
         at = index_program(program)
         self.fetch_at, self.release_at, self.optim_at = at.fetch_at, at.release_at, at.optim_at
+        self.markers = at.markers
         self.swap_out_at, self.swap_in_before, self.swap_in_after = at.swap_out_at, at.swap_in_before, at.swap_in_after
         need = max((len(cs) for cs in self.uses), default=0)
         if need > policy.prefetch_depth:
@@ -244,28 +245,37 @@ class _StepBuilder(_OptimizerSteps):
     # -- the step ---------------------------------------------------------------------------
 
     def build(self) -> TaskGraph:
-        g, s, n, L = self.g, self.s, self.n, len(self.s.blocks)
+        g, s, n = self.g, self.s, self.n
         self.res: dict[int, int | None] = {}
         self.reads: dict[int, int] = {}
         prev_accum: dict[int, int] = {}
         self._carry_in()
-        for m in range(n):
-            self.swap_out: dict[int, int] = {}
-            self.disk_write: dict[int, int] = {}
-            self.unwaited: list[int] = []  # swap_nvme blocks whose write is not waited for yet
-            self.swap_in: dict[int, int] = {}
-            self.disk_read: dict[int, int] = {}  # swap_nvme reads not claimed yet
-            if s.overhead_microbatch_s > 0:  # the engine's bookkeeping around the micro-batch
-                g.add(f"engine{m}", "compute", s.overhead_microbatch_s, tag=m)
-            for j in range(L):
+        # Per (micro-batch, block): a swapped block's copy out, write, copy in and read; the
+        # swap_nvme blocks whose write is not waited for yet, oldest first.
+        self.swap_out: dict[tuple[int, int], int] = {}
+        self.disk_write: dict[tuple[int, int], int] = {}
+        self.unwaited: list[tuple[int, int]] = []
+        self.swap_in: dict[tuple[int, int], int] = {}
+        self.disk_read: dict[tuple[int, int], int] = {}  # swap_nvme reads not claimed yet
+        self.prev_b: dict[int, int] = {}  # per micro-batch, the block of its last backward marker
+        started: set[int] = set()
+        last_b = -1
+        # The program's compute markers in its order ([Note: program order]): nothing here
+        # assumes which pass or micro-batch comes next.
+        for m, p, j in self.markers:
+            if m not in started:
+                started.add(m)
+                if s.overhead_microbatch_s > 0:  # the engine's bookkeeping around the micro-batch
+                    g.add(f"engine{m}", "compute", s.overhead_microbatch_s, tag=m)
+            if p == "F":
                 self._forward_block(m, j)
-            last_b = -1
-            for j in range(L - 1, -1, -1):
+            else:
                 last_b = self._backward_block(m, j, prev_accum)
-            # end_backward: anything still resident is released, unless the next forward starts with it
-            left = self._release(list(self.res)) if m == n - 1 else []
-            if left:
-                g.add(f"release{m}", "compute", 0.0, deps=(last_b,), free_end=left, tag=m)
+                self.prev_b[m] = j
+        # end_backward: anything still resident at the step's end is released
+        left = self._release(list(self.res))
+        if left:
+            g.add(f"release{n - 1}", "compute", 0.0, deps=(last_b,), free_end=left, tag=n - 1)
         self._optimizer(prev_accum)
         return g
 
@@ -291,40 +301,40 @@ class _StepBuilder(_OptimizerSteps):
             so = g.add(f"SWAP_OUT{m}:{j}", self.copy_out, cost.d2h_time_s(a, self.device), deps=(g.last_on["compute"],),
                        alloc_start=[(hst, owner, a)], alloc_end=file,
                        free_end=[(dev, owner, a)] + (frees if not on_f else []), tag=m)
-            self.swap_out[j] = so
+            self.swap_out[(m, j)] = so
             if pol is ActPolicy.SWAP_NVME:  # submitted at the copy-out's end; staging freed when waited for
-                self.disk_write[j] = g.add(f"write{m}:{j}", "disk", cost.disk_write_time_s(a, self.nvme, self.comp),
-                                           deps=(so,), tag=m)
-                self.unwaited.append(j)
+                self.disk_write[(m, j)] = g.add(f"write{m}:{j}", "disk",
+                                                cost.disk_write_time_s(a, self.nvme, self.comp), deps=(so,), tag=m)
+                self.unwaited.append((m, j))
 
     def _wait_writes(self, m: int, keep: int) -> None:
         """The training thread waits for the oldest swap_nvme writes until ``keep`` are left; each
         one's host staging goes when it is waited for ([Note: bounded NVMe writes])."""
         while len(self.unwaited) > keep:
-            k = self.unwaited.pop(0)
+            mk, k = self.unwaited.pop(0)
             b = self.s.blocks[k]
-            self.g.add(f"wait{m}:{k}", "compute", 0.0, deps=(self.disk_write[k],),
-                       free_end=[(Tier.HOST.value, f"act:{b.name}:{m}", b.activation_bytes)], tag=m)
+            self.g.add(f"wait{m}:{k}", "compute", 0.0, deps=(self.disk_write[(mk, k)],),
+                       free_end=[(Tier.HOST.value, f"act:{b.name}:{mk}", b.activation_bytes)], tag=m)
 
     def _bring_back(self, m: int, k: int) -> None:
         """The program's SWAP_IN of block ``k``: every write still staged is waited for, then the
         activation manager starts bringing its activations back ([Note: the swap rules] 2, 4)."""
         g, b, pol = self.g, self.s.blocks[k], self.policy.activations[k]
         self._wait_writes(m, keep=0)
-        if pol not in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME) or k in self.swap_in or k in self.disk_read:
+        if pol not in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME) or (m, k) in self.swap_in or (m, k) in self.disk_read:
             return
         a, owner = b.activation_bytes, f"act:{b.name}:{m}"
         dev, hst = Tier.DEVICE.value, Tier.HOST.value
         if pol is ActPolicy.SWAP_HOST:
-            self.swap_in[k] = g.add(f"SWAP_IN{m}:{k}", self.copy_in, cost.h2d_time_s(a, self.device),
-                                    deps=(self.swap_out[k], g.last_on["compute"]), alloc_start=[(dev, owner, a)],
+            self.swap_in[(m, k)] = g.add(f"SWAP_IN{m}:{k}", self.copy_in, cost.h2d_time_s(a, self.device),
+                                         deps=(self.swap_out[(m, k)], g.last_on["compute"]), alloc_start=[(dev, owner, a)],
                                     free_end=[(hst, owner, a)], tag=m)
             return
         # The training thread (its write waited for already) takes host
         # staging and starts the read; the rest waits for the block's claim (_claim).
-        mark = g.add(f"alloc{m}:{k}:act", "compute", 0.0, deps=(self.disk_write[k],),
+        mark = g.add(f"alloc{m}:{k}:act", "compute", 0.0, deps=(self.disk_write[(m, k)],),
                      alloc_start=[(hst, owner, a)], tag=m)
-        self.disk_read[k] = g.add(f"read{m}:{k}", "disk", cost.disk_read_time_s(a, self.nvme, self.comp),
+        self.disk_read[(m, k)] = g.add(f"read{m}:{k}", "disk", cost.disk_read_time_s(a, self.nvme, self.comp),
                                   deps=(mark,), tag=m)
 
     def _claim(self, m: int, j: int) -> None:
@@ -332,13 +342,13 @@ class _StepBuilder(_OptimizerSteps):
         its copy-in starts, taking its device bytes; the host staging goes when the copy ends
         (memtrain.offload.swap, [Note: NVMe swap-in claims]): points of the program, not of the disk."""
         b = self.s.blocks[j]
-        if self.policy.activations[j] is not ActPolicy.SWAP_NVME or j not in self.disk_read:
+        if self.policy.activations[j] is not ActPolicy.SWAP_NVME or (m, j) not in self.disk_read:
             return
         owner, a = f"act:{b.name}:{m}", b.activation_bytes
-        claim = self.g.add(f"claim{m}:{j}", "compute", 0.0, deps=(self.disk_read.pop(j),),
+        claim = self.g.add(f"claim{m}:{j}", "compute", 0.0, deps=(self.disk_read.pop((m, j)),),
                            alloc_start=[(Tier.DEVICE.value, owner, a)],
                            free_end=[(Tier.NVME.value, owner, cost.nvme_file_bytes(a))], tag=m)
-        self.swap_in[j] = self.g.add(f"SWAP_IN{m}:{j}", self.copy_in, cost.h2d_time_s(a, self.device), deps=(claim,),
+        self.swap_in[(m, j)] = self.g.add(f"SWAP_IN{m}:{j}", self.copy_in, cost.h2d_time_s(a, self.device), deps=(claim,),
                                      free_end=[(Tier.HOST.value, owner, a)], tag=m)
 
     def _backward_block(self, m: int, j: int, prev_accum: dict[int, int]) -> int:
@@ -346,11 +356,12 @@ class _StepBuilder(_OptimizerSteps):
         dev = Tier.DEVICE.value
         owner, dt = f"act:{b.name}:{m}", self.train.dtype
         need = self.uses[j]
-        if j + 1 < len(s.blocks):  # the block above's releases after its backward (not at its gradients)
-            above = set(self.flush_at.get(j + 1, []))
-            frees = self._release([c for c in self.release_at[(m, "B", j + 1)] if c not in above])
+        above = self.prev_b.get(m)  # the previous backward block's releases (not at its gradients)
+        if above is not None:
+            done_above = set(self.flush_at.get(above, []))
+            frees = self._release([c for c in self.release_at[(m, "B", above)] if c not in done_above])
             if frees:
-                g.add(f"release{m}:{j + 1}", "compute", 0.0, free_end=frees, tag=m)
+                g.add(f"release{m}:{above}", "compute", 0.0, free_end=frees, tag=m)
         for k in self.swap_in_before[(m, j)]:  # the program's swap-ins before the block's fetches
             self._bring_back(m, k)
         fetch = self.fetch_at[(m, "B", j)]  # the program's fetches: the block's own, then ahead
@@ -371,8 +382,8 @@ class _StepBuilder(_OptimizerSteps):
             self._claim(m, j)
         points = self.optim_at.get((m, j), [])
         self._optim_points(m, points, upto=None)
-        if j in self.swap_in:
-            deps.append(self.swap_in[j])
+        if (m, j) in self.swap_in:
+            deps.append(self.swap_in[(m, j)])
         if pol is ActPolicy.RECOMPUTE:
             g.add(f"R{m}:{j}", "compute", self.fwd[j], deps=deps, alloc_start=[(dev, owner, b.activation_bytes)], tag=m)
             deps = []
@@ -441,9 +452,9 @@ def simulate_step(
 ) -> SimResult:
     """Simulate one optimizer step on one device.
 
-    The graph follows the runtime's program order ([Note: program order]) with the rules of
-    docs/memory-accounting.md. Per micro-batch, forward blocks in order then backward blocks in
-    reverse (one micro-batch's activations are alive at a time). At each block's start in either
+    The graph follows the step's program ([Note: program order]), its compute markers in the
+    program's order (the engine's: per micro-batch, forward blocks in order, then backward
+    blocks in reverse), with the rules of docs/memory-accounting.md. At each block's start in either
     pass its off-device chunks are fetched if not resident, then chunks of the following blocks
     of that pass are prefetched while fewer than ``prefetch_depth`` param buffers exist; a
     buffer is released after the last block of a run of consecutive blocks using the chunk (in

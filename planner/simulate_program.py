@@ -25,6 +25,8 @@ Where = tuple[int, str, int]
 
 @dataclass
 class ProgramIndex:
+    markers: list[Where] = field(default_factory=list)
+    """The compute markers in program order: the order the simulator builds the blocks' tasks in."""
     fetch_at: dict[Where, list[int]] = field(default_factory=lambda: defaultdict(list))
     """The chunks fetched before a marker's block, in program order (its own, then ahead)."""
     release_at: dict[Where, list[int]] = field(default_factory=lambda: defaultdict(list))
@@ -65,6 +67,7 @@ class _Reader:
             raise ValueError(f"simulate: {a} is not lowered to blocks (planner.program)")
         ix = self.index
         self.where = (a.microbatch, a.op.value, a.block)
+        ix.markers.append(self.where)
         ix.fetch_at[self.where], self.pending = self.pending, []
         if self.swap_ins:
             ix.swap_in_before[(a.microbatch, a.block)], self.swap_ins = self.swap_ins, []

@@ -498,3 +498,33 @@ def test_the_simulator_reads_the_program_by_op_and_refuses_an_op_it_cannot_time(
     assert [str(a) for a in at.optim_at[(0, 0)]] == ["0OPTIM_READ0@c2", "0OPTIM0@c1"] and at.final_optim == 1
     with pytest.raises(ValueError, match="no cost for 0SNAPSHOT0"):
         index_program(prog[:2] + [Action(0, Op.SNAPSHOT, 0)])
+
+
+def test_the_step_is_built_in_the_programs_order_not_an_assumed_one(monkeypatch):
+    """The same device-resident step, its program reordered as a GPipe stage runs it (both
+    micro-batches' forwards, then both backwards): the simulator follows the program, so both
+    micro-batches' activations are held at once, where alternating passes hold one."""
+    from memtrain.planner import simulate
+    from memtrain.planner.plan import Op
+
+    acts = [100 * MB, 200 * MB, 300 * MB]
+    stats = make_stats(acts)
+    pol = policy(stats, [Tier.DEVICE] * 3, [ActPolicy.KEEP] * 3)
+    alternating = simulate_step(stats, train(2), DEV, HOST, None, pol)
+    lower = simulate.lower_steady_step
+
+    def gpipe(*args, **kwargs):
+        program, carried = lower(*args, **kwargs)
+        marks = [a for a in program if a.op in (Op.F, Op.B)]
+        assert [(a.op, a.microbatch) for a in marks[::3]] == [(Op.F, 0), (Op.B, 0), (Op.F, 1), (Op.B, 1)]
+        rest = [a for a in program if a.op not in (Op.F, Op.B)]
+        order = [a for a in marks if a.op is Op.F] + [a for a in marks if a.op is Op.B and a.microbatch == 1] + \
+            [a for a in marks if a.op is Op.B and a.microbatch == 0]
+        return tuple(order + rest), carried
+
+    monkeypatch.setattr(simulate, "lower_steady_step", gpipe)
+    r = simulate_step(stats, train(2), DEV, HOST, None, pol)
+    assert alternating.act_peak_bytes == sum(acts)
+    assert r.act_peak_bytes == 2 * sum(acts)
+    assert r.peak_bytes["device"] == alternating.peak_bytes["device"] + sum(acts)
+    assert r.step_time_s == pytest.approx(alternating.step_time_s)  # the same work, one stream
