@@ -13,7 +13,7 @@ overlap with the backward and the disk; docs/optimizer.md tells how each was mea
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -105,6 +105,8 @@ class OffloadedOptimizer:
         self.device_kernel = "foreach" if store.device.type == "cuda" else "single"
         self.num_steps = 0
         """Optimizer steps taken (skipped fp16 overflow steps not counted)."""
+        self.num_unplanned = 0
+        """Chunk updates the step's end ran without a point of the program (see ``step``)."""
         if staged_chunks < 1:
             raise ValueError(f"staged_chunks: must be >= 1, got {staged_chunks}")
         self.staged_chunks = staged_chunks
@@ -363,8 +365,12 @@ class OffloadedOptimizer:
             grad.mul_(self._inv_scale)
         self.kind.update(master, grad, states, chunk.step, self.spec, self.kind.kernel(kernel))
 
-    def step(self, inv_scale: float = 1.0) -> None:
-        """Update every chunk that received gradients this step, then clear the gradients.
+    def step(self, points: Sequence[Action] = (), inv_scale: float = 1.0) -> None:
+        """Run the step's end, ``points`` (planner.program_optim [Note: the step's end]: the
+        updates that did not run early, each recorded in ``store.executed``), wait for the early
+        updates, then clear the gradients. A chunk with gradients that neither updated early nor
+        has its point (a pass that left the program) is updated after them, in chunk order, and
+        counted in ``num_unplanned``.
 
         ``inv_scale``: fp16 loss scaling's 1 / scale, applied to each gradient in the master
         dtype ([Note: unscaling in fp32]); no update may have run early then."""
@@ -374,23 +380,57 @@ class OffloadedOptimizer:
             raise RuntimeError("OffloadedOptimizer.step: early updates ran on scaled gradients")
         self._inv_scale = inv_scale
         try:
-            self._step_all(store)
+            self._run_end(points)
         finally:
             self._inv_scale = 1.0
 
-    def _step_all(self, store: "ChunkStore") -> None:
-        early = self._early
-        rest = [c for c in store.chunks if c.has_grad and c.index not in early]
+    def _run_end(self, points: Sequence[Action]) -> None:
+        store = self.store
+        done = set(self._early)
+        staged: dict[int, Staged] = {}  # nvme chunks' states read for their update
+        writing: dict[int, WriteBack] = {}  # their write-backs, until their OPTIM_WAIT
         try:
-            for chunk in rest:  # overlaps the early updates still running on the background thread
+            try:
+                for a in points:
+                    if a.chunk is None:  # the step's own OPTIM: what follows
+                        continue
+                    chunk = store.chunks[a.chunk]
+                    if a.op is Op.OPTIM_READ:
+                        # [Note: carried write-backs released lazily]: a carried staging would go stale
+                        self._release_carried(chunk.index)
+                        staged[chunk.index] = read_states(store, chunk, staged=self._ahead.pop(chunk.index, None))
+                    elif a.op is Op.OPTIM_WAIT:
+                        writing.pop(chunk.index).wait()
+                    elif a.op is Op.OPTIM:
+                        if not chunk.has_grad:  # no gradient this step: nothing to update
+                            unused = staged.pop(chunk.index, None)
+                            if unused is not None:
+                                unused.wait()
+                                unused.free(store, chunk.index)
+                            continue
+                        done.add(chunk.index)
+                        if chunk.index in staged:
+                            writing[chunk.index] = self._step_staged(chunk, staged.pop(chunk.index))
+                        else:
+                            self._step_resident(chunk)
+                    else:
+                        raise RuntimeError(f"program: the optimizer's step end cannot run {a}")
+                    store.executed.append(a)
+            finally:
+                for w in writing.values():
+                    w.wait()
+                for i, st in staged.items():
+                    st.wait()
+                    st.free(store, i)
+                self._wait_early(carry=True)
+            missed = [c for c in store.chunks if c.has_grad and c.index not in done]
+            self.num_unplanned += len(missed)
+            for chunk in missed:
                 if chunk.home is not Tier.NVME:
                     self._step_resident(chunk)
-        finally:
-            self._wait_early(carry=True)
-        nvme = [c for c in rest if c.home is Tier.NVME]
-        for chunk in nvme:  # [Note: carried write-backs released lazily]: a carried staging
-            self._release_carried(chunk.index)  # would go stale when this step updates its chunk
-        try:
+            nvme = [c for c in missed if c.home is Tier.NVME]
+            for chunk in nvme:  # [Note: carried write-backs released lazily]
+                self._release_carried(chunk.index)
             self._step_nvme(nvme)
         finally:
             self._drop_ahead()
@@ -398,7 +438,8 @@ class OffloadedOptimizer:
         store.grads.zero()
 
     def _step_nvme(self, chunks: list["Chunk"]) -> None:
-        """Stream NVMe chunks: read i+1 while stepping i; write i back while stepping i+1."""
+        """Stream NVMe chunks the program had no point for: read i+1 while stepping i; write i back
+        while stepping i+1."""
         store = self.store
         writing: list = []  # (chunk, staging, futures) whose write-back is in flight
         def read(c: "Chunk") -> Staged:
@@ -408,11 +449,7 @@ class OffloadedOptimizer:
         for pos, chunk in enumerate(chunks):
             staged = pending
             pending = read(chunks[pos + 1]) if pos + 1 < len(chunks) else None
-            tensors = staged.wait()
-            self._update(chunk, tensors["master"], chunk.grad, tensors)
-            if "compute" in tensors:
-                tensors["compute"].copy_(tensors["master"])
-            writing.append(write_states(store, chunk, staged))
+            writing.append(self._step_staged(chunk, staged))
             # Keep at most one write-back in flight besides the one just queued (bounded staging).
             while len(writing) > 1:
                 writing.pop(0).wait()

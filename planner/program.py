@@ -63,6 +63,8 @@ class Layout:
     swap_in_ahead: int = DEFAULT_SWAP_IN_AHEAD
     """Blocks ahead of its backward a swapped block's activations start coming back
     (``MemoryPolicy.swap_in_ahead``)."""
+    num_chunks: int = 0
+    """Chunks of the store, device ones included (0: those ``uses`` and ``loose`` name)."""
     _memo: dict = field(default_factory=dict, init=False, compare=False, hash=False, repr=False)
     """``_index``'s result, kept on the instance: hashing the layout for a cache costs as much."""
 
@@ -71,7 +73,8 @@ class Layout:
         return Layout(uses=tuple(tuple(u) for u in uses), prefetch_depth=policy.prefetch_depth, loose=tuple(loose),
                       off=frozenset(c.index for c in policy.chunks if c.home is not Tier.DEVICE),
                       nvme=frozenset(c.index for c in policy.chunks if c.home is Tier.NVME),
-                      acts=tuple(ActPolicy(p) for p in policy.activations), swap_in_ahead=policy.swap_in_ahead)
+                      acts=tuple(ActPolicy(p) for p in policy.activations), swap_in_ahead=policy.swap_in_ahead,
+                      num_chunks=len(policy.chunks))
 
     @staticmethod
     def of_store(store, acts: Sequence[ActPolicy] = (), swap_in_ahead: int = DEFAULT_SWAP_IN_AHEAD) -> "Layout":
@@ -81,7 +84,13 @@ class Layout:
         return Layout(uses=tuple(tuple(u) for u in store.uses), prefetch_depth=store.prefetch_depth,
                       loose=tuple(store.loose_chunks), off=frozenset(i for i, h in homes.items() if h is not Tier.DEVICE),
                       nvme=frozenset(i for i, h in homes.items() if h is Tier.NVME),
-                      acts=tuple(ActPolicy(p) for p in acts), swap_in_ahead=swap_in_ahead)
+                      acts=tuple(ActPolicy(p) for p in acts), swap_in_ahead=swap_in_ahead, num_chunks=len(store.chunks))
+
+    @property
+    def chunks(self) -> range:
+        """Every chunk's index, device chunks included."""
+        return range(max(self.num_chunks, 1 + max((c for u in self.uses for c in u), default=-1),
+                         1 + max(self.loose, default=-1)))
 
     def complete_at(self, c: int) -> int:
         """The block whose backward completes chunk ``c``'s gradients: the first block using it."""

@@ -11,7 +11,9 @@ by planner.program the actions the engine's ``OffloadedOptimizer`` runs and the 
   end) and before its release: its update, on the host (offload.optim [Note: early optimizer
   step]);
 - ``0OPTIM_WAIT3@c5`` before one of those: wait for chunk 5's write-back (this step's, or one
-  carried from the last step) and free its host staging.
+  carried from the last step) and free its host staging;
+- after the last backward, the updates that did not run early, each on its chunk with no
+  micro-batch (``final_optim_points``, [Note: the step's end]), then ``0OPTIM``.
 
 [Note: the optimizer's points] What the lowering decides, from the staging held when the pass
 starts (``Staging``, which the engine reads off its optimizer as it reads the resident chunks
@@ -38,8 +40,8 @@ from memtrain.planner.plan import Action, Op
 from memtrain.planner.program import Layout, lower_passes
 from memtrain.planner.stats import DType
 
-__all__ = ["OptimLayout", "Staging", "early_updates", "add_optim_points", "lower_step_optim", "lower_steady_step",
-           "steady_carried",
+__all__ = ["OptimLayout", "Staging", "early_updates", "add_optim_points", "final_optim_points", "lower_step_optim",
+           "lower_steady_step", "steady_carried",
            "OPTIM_OPS"]
 
 OPTIM_OPS = frozenset({Op.OPTIM_READ, Op.OPTIM_WAIT})
@@ -200,10 +202,39 @@ def lower_steady_step(layout: Layout, opt: OptimLayout, num_microbatches: int, *
     return _with_points(layout, opt, passes, Staging(carried=tuple(carried)))[0], tuple(carried)
 
 
+def final_optim_points(layout: Layout, opt: OptimLayout) -> tuple[Action, ...]:
+    """[Note: the step's end] What the optimizer runs after the last backward, in order, then
+    ``0OPTIM`` (the early updates waited for, the gradients cleared):
+
+    - ``0OPTIM@c<i>`` (no micro-batch) for each chunk that did not update early, in chunk order:
+      the device chunks, and under fp16 (``early_updates``) the host chunks too;
+    - under fp16 the nvme chunks streamed through staging: ``0OPTIM_READ@c<i+1>`` (the next
+      chunk's states read while this one updates), ``0OPTIM@c<i>``, and ``0OPTIM_WAIT@c<i-1>``
+      once two write-backs are in flight; the last ones are waited for before ``0OPTIM``.
+    """
+    chunks = layout.chunks
+    out = [Action(0, Op.OPTIM, None, c) for c in chunks
+           if c not in layout.nvme and (c not in layout.off or not opt.early)]
+    streamed = [] if opt.early else [c for c in chunks if c in layout.nvme]
+    if streamed:
+        out.append(Action(0, Op.OPTIM_READ, None, streamed[0]))
+    writing: list[int] = []
+    for pos, c in enumerate(streamed):
+        if pos + 1 < len(streamed):
+            out.append(Action(0, Op.OPTIM_READ, None, streamed[pos + 1]))
+        out.append(Action(0, Op.OPTIM, None, c))
+        writing.append(c)
+        while len(writing) > 1:  # one write-back in flight besides the one just queued
+            out.append(Action(0, Op.OPTIM_WAIT, None, writing.pop(0)))
+    out += [Action(0, Op.OPTIM_WAIT, None, c) for c in writing]
+    out.append(Action(0, Op.OPTIM))
+    return tuple(out)
+
+
 def _with_points(layout: Layout, opt: OptimLayout, passes, state: Staging) -> tuple[tuple[Action, ...], Staging]:
     out: list[Action] = []
     for mb, (fwd, bwd) in enumerate(passes):
         acts, state = add_optim_points(layout, opt, bwd, mb, state, final=mb == len(passes) - 1)
         out += fwd + acts
-    out.append(Action(0, Op.OPTIM))
+    out += final_optim_points(layout, opt)
     return tuple(out), state

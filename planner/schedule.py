@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from memtrain.planner.plan import Action, MemoryPolicy, Op
 from memtrain.planner.program import Layout, lower_backward, lower_forward
-from memtrain.planner.program_optim import OptimLayout, Staging, add_optim_points, early_updates
+from memtrain.planner.program_optim import OptimLayout, Staging, add_optim_points, early_updates, final_optim_points
 from memtrain.planner.stats import DType
 
 __all__ = [
@@ -59,7 +59,8 @@ def lower_chunks(schedule: Schedule, memory_policy: MemoryPolicy, block_chunks: 
     lowered one after another from the buffers the last one left (a backward followed at once by
     a forward keeps what that forward starts with), with the optimizer's points in the backwards
     (planner.program_optim) when ``dtype`` is given: early updates in the last backward unless it
-    is fp16, the param buffer handed over as the master under fp32. ``block_chunks[j]`` lists the
+    is fp16, the param buffer handed over as the master under fp32, and the step's end
+    (``program_optim.final_optim_points``). ``block_chunks[j]`` lists the
     chunks block ``j`` uses (``cost.block_chunk_ids``). A step begins with the write-backs the
     last one left running (``program_optim.steady_carried``); none for ``first_step``."""
     layout = Layout.of(memory_policy, block_chunks, loose)
@@ -68,15 +69,15 @@ def lower_chunks(schedule: Schedule, memory_policy: MemoryPolicy, block_chunks: 
     hand_off = early and DType(dtype) is DType.FP32
     out: Schedule = {}
     for rank, acts in schedule.items():
-        new, end = _lower_rank(acts, layout, opt, hand_off, Staging())
+        new, end = _lower_rank(acts, layout, opt, hand_off, Staging(), dtype is not None)
         if not first_step and end.writing:
-            new, _ = _lower_rank(acts, layout, opt, hand_off, Staging(carried=end.writing))
+            new, _ = _lower_rank(acts, layout, opt, hand_off, Staging(carried=end.writing), True)
         out[rank] = tuple(new)
     return out
 
 
 def _lower_rank(acts: Sequence[Action], layout: Layout, opt: OptimLayout, hand_off: bool,
-                state: Staging) -> tuple[list[Action], Staging]:
+                state: Staging, optim_points: bool) -> tuple[list[Action], Staging]:
     last_b = max((i for i, a in enumerate(acts) if a.op is Op.B and a.block is None), default=None)
     new: list[Action] = []
     resident: tuple[int, ...] = ()
@@ -93,6 +94,8 @@ def _lower_rank(acts: Sequence[Action], layout: Layout, opt: OptimLayout, hand_o
             points, state = add_optim_points(layout, opt, r.actions, a.microbatch, state, final=i == last_b)
             new += [_on_stage(x, a.stage) for x in points]
             resident, held = r.resident, False
+        elif a.op is Op.OPTIM and a.chunk is None and optim_points:
+            new += [_on_stage(x, a.stage) for x in final_optim_points(layout, opt)]
         else:
             new.append(a)
     return new, state

@@ -184,7 +184,7 @@ class _StepBuilder(_OptimizerSteps):
         # (planner.simulate_program: one handler per op; an op without a cost fails)
         at = index_program(program)
         self.fetch_at, self.release_at, self.optim_at = at.fetch_at, at.release_at, at.optim_at
-        self.markers = at.markers
+        self.markers, self.final_points = at.markers, at.final_points
         self.swap_out_at, self.swap_in_before, self.swap_in_after = at.swap_out_at, at.swap_in_before, at.swap_in_after
         need = max((len(cs) for cs in self.uses), default=0)
         if need > policy.prefetch_depth:
@@ -468,7 +468,8 @@ def simulate_step(
     In the last micro-batch each host/NVMe chunk's update starts when its gradients are flushed
     ([Note: early optimizer step]); after the backward the device chunks step and the early
     updates are waited for. Under fp16 the optimizer runs after the last micro-batch: device and
-    host chunks, then NVMe chunks streamed (``_StepBuilder._optimizer``).
+    host chunks, then NVMe chunks streamed, at the program's final points (planner.program_optim
+    [Note: the step's end]; ``_StepBuilder._optimizer``).
 
     [Note: steady-state extrapolation] With more than ``max_simulated_microbatches`` (>= 3)
     micro-batches, only that many are simulated: from the second micro-batch on the step is

@@ -167,66 +167,62 @@ class _OptimizerSteps:
                           free_end=(landing,), tag=m)
 
     def _optimizer(self, accum: dict[int, int]) -> None:
-        """The optimizer step after the last micro-batch's backward (offload.optim.OffloadedOptimizer.step):
-        the device chunks, then a wait for the early updates and their write-backs; under fp16,
-        device and host chunks in chunk order, then NVMe chunks streamed (read one ahead, at most
-        two write-backs in flight). Then the NVMe chunks' host accumulators are freed."""
+        """The step's end (offload.optim.OffloadedOptimizer.step), as the program's final points
+        say (planner.program_optim [Note: the step's end]): each ``OPTIM`` on a chunk that did
+        not update early (a device chunk on the compute stream, one after another; a host chunk
+        on the cpu stream after its accumulation; an nvme chunk from its states read by an
+        ``OPTIM_READ``, then written back until its ``OPTIM_WAIT``), then the early updates are
+        waited for, and the NVMe chunks' host accumulators are freed."""
         g, dt, opt, tag = self.g, self.train.dtype, self.train.optimizer, self.n
-        end = len(g) - 1
-        resident = sum(c.num_elems for c in self.chunks if c.home is Tier.DEVICE)
-        if resident:
-            end = g.add("OPTIM@device", "compute", cost.device_optimizer_time_s(resident, dt, opt, self.device),
-                        deps=(end,), tag=tag)
+        dev_point = len(g) - 1  # the last device update, or the step's last task
+        point = None  # the training thread's last wait in the nvme stream
+        reads: dict[int, int] = {}
+        writes: dict[int, int] = {}
+        streamed: list[int] = []
+        hst, nvm = Tier.HOST.value, Tier.NVME.value
+
+        def staging(c: int) -> tuple[str, str, int]:
+            return (hst, f"staging:{c}", cost.nvme_optim_staging_bytes(self.chunks[c].num_elems, dt, opt))
+
+        for a in self.final_points:
+            c = a.chunk
+            ch = self.chunks[c]
+            if a.op is Op.OPTIM_READ:
+                mark = g.add(f"alloc@c{c}:states", self.cpu, 0.0, deps=(dev_point if point is None else point,),
+                             alloc_start=[staging(c)], tag=tag)
+                nbytes = cost.chunk_disk_bytes(ch.num_elems, dt, opt)
+                reads[c] = g.add(f"read-states@c{c}", "disk", cost.disk_read_time_s(nbytes, self.nvme, self.comp),
+                                 deps=(mark,), tag=tag)
+            elif a.op is Op.OPTIM_WAIT:
+                point = g.add(f"wait@c{c}", self.cpu, 0.0, deps=(point, writes.pop(c)), free_end=[staging(c)], tag=tag)
+            elif ch.home is Tier.DEVICE:
+                dev_point = g.add(f"OPTIM@c{c}", "compute", cost.device_optimizer_time_s(ch.num_elems, dt, opt, self.device),
+                                  deps=(dev_point,), tag=tag)
+            elif ch.home is Tier.HOST:
+                deps = (dev_point, accum[c]) if c in accum else (dev_point,)
+                g.add(f"OPTIM@c{c}", self.cpu, cost.cpu_optimizer_time_s(ch.num_elems, opt, self.host), deps=deps, tag=tag)
+            elif c in accum:  # nvme: [Note: the step's end] streamed through staging
+                # Each rewritten file holds its old and new copy until the rename (offload.nvme).
+                files = [(nvm, f"chunk:{c}:rewrite", cost.nvme_chunk_file_bytes(ch.num_elems, dt, opt))]
+                op = g.add(f"OPTIM@c{c}", self.cpu, cost.cpu_optimizer_time_s(ch.num_elems, opt, self.host),
+                           deps=(reads.pop(c), accum[c]), alloc_end=files, tag=tag)
+                nbytes = cost.chunk_disk_bytes(ch.num_elems, dt, opt)
+                writes[c] = g.add(f"write-states@c{c}", "disk", cost.disk_write_time_s(nbytes, self.nvme, self.comp),
+                                  deps=(op,), free_end=files, tag=tag)
+                point = op
+                streamed.append(c)
+        assert not reads and not writes, ("the program's step end leaves reads or writes unwaited", reads, writes)
         if self.early:  # the early updates are waited for (a deferred one runs), then the write-backs in order
             for c in list(self.deferred):
                 self._run_deferred(c)
-            point = g.add("wait-updates", "compute", 0.0, deps=(end, *self.optim_tasks), tag=tag)
+            point = g.add("wait-updates", "compute", 0.0, deps=(dev_point, *self.optim_tasks), tag=tag)
             # [Note: write-backs across the step end] the writes left run on into the next step
             assert [c for c, _ in self.writing] == self.carried, (self.writing, self.carried)
-            accs = [(Tier.HOST.value, f"chunk:{c.index}", cost.host_grad_accum_bytes(c.num_elems))
+            accs = [(hst, f"chunk:{c.index}", cost.host_grad_accum_bytes(c.num_elems))
                     for c in self.chunks if c.home is Tier.NVME and c.index in accum]
             if accs:
                 g.add("zero_grad", "compute", 0.0, deps=(point,), free_end=accs, tag=tag)
             return
-        for c in self.chunks:
-            if c.home is Tier.HOST:
-                deps = (end, accum[c.index]) if c.index in accum else (end,)
-                g.add(f"OPTIM@c{c.index}", self.cpu, cost.cpu_optimizer_time_s(c.num_elems, opt, self.host), deps=deps, tag=tag)
-        streamed = [c for c in self.chunks if c.home is Tier.NVME and c.index in accum]
-        if not streamed:
-            return
-        hst, nvm = Tier.HOST.value, Tier.NVME.value
-
-        def staging(c) -> tuple[str, str, int]:
-            return (hst, f"staging:{c.index}", cost.nvme_optim_staging_bytes(c.num_elems, dt, opt))
-
-        def read(c, after: int) -> int:
-            mark = g.add(f"alloc@c{c.index}:states", self.cpu, 0.0, deps=(after,), alloc_start=[staging(c)], tag=tag)
-            nbytes = cost.chunk_disk_bytes(c.num_elems, dt, opt)
-            return g.add(f"read-states@c{c.index}", "disk", cost.disk_read_time_s(nbytes, self.nvme, self.comp),
-                         deps=(mark,), tag=tag)
-
-        reads = {0: read(streamed[0], end)}
-        writes: list[tuple[int, int]] = []  # (position, write task) in flight
-        point = end
-        for pos, c in enumerate(streamed):
-            if pos + 1 < len(streamed):
-                reads[pos + 1] = read(streamed[pos + 1], point)
-            # Each rewritten file holds its old and new copy until the rename (offload.nvme).
-            files = [(nvm, f"chunk:{c.index}:rewrite", cost.nvme_chunk_file_bytes(c.num_elems, dt, opt))]
-            op = g.add(f"OPTIM@c{c.index}", self.cpu, cost.cpu_optimizer_time_s(c.num_elems, opt, self.host),
-                       deps=(reads.pop(pos), accum[c.index]), alloc_end=files, tag=tag)
-            nbytes = cost.chunk_disk_bytes(c.num_elems, dt, opt)
-            writes.append((pos, g.add(f"write-states@c{c.index}", "disk",
-                                      cost.disk_write_time_s(nbytes, self.nvme, self.comp), deps=(op,),
-                                      free_end=files, tag=tag)))
-            point = op
-            while len(writes) > 1:
-                done_pos, wr = writes.pop(0)
-                point = g.add(f"wait@c{streamed[done_pos].index}", self.cpu, 0.0, deps=(point, wr),
-                              free_end=[staging(streamed[done_pos])], tag=tag)
-        for done_pos, wr in writes:
-            point = g.add(f"wait@c{streamed[done_pos].index}", self.cpu, 0.0, deps=(point, wr),
-                          free_end=[staging(streamed[done_pos])], tag=tag)
-        accs = [(hst, f"chunk:{c.index}", cost.host_grad_accum_bytes(c.num_elems)) for c in streamed]
-        g.add("zero_grad", self.cpu, 0.0, deps=(point,), free_end=accs, tag=tag)
+        if streamed:
+            accs = [(hst, f"chunk:{c}", cost.host_grad_accum_bytes(self.chunks[c].num_elems)) for c in streamed]
+            g.add("zero_grad", self.cpu, 0.0, deps=(point,), free_end=accs, tag=tag)

@@ -41,6 +41,9 @@ class ProgramIndex:
     """Per backward block, the optimizer's points after its marker (read-aheads, updates, waits)."""
     final_optim: int = 0
     """The step's final ``OPTIM`` actions (one)."""
+    final_points: list[Action] = field(default_factory=list)
+    """The optimizer's points after the last backward, in order (planner.program_optim [Note:
+    the step's end]): updates, reads and waits on chunks, with no micro-batch."""
 
 
 class _Reader:
@@ -89,8 +92,11 @@ class _Reader:
             self.swap_ins.append(a.block)
 
     def optim(self, a: Action) -> None:
-        if a.op is Op.OPTIM and a.chunk is None:  # the step's end: the rest of the optimizer step
+        if a.op is Op.OPTIM and a.chunk is None:  # the step's end: the early updates waited for
             self.index.final_optim += 1
+            return
+        if a.microbatch is None:  # after the last backward ([Note: the step's end])
+            self.index.final_points.append(a)
             return
         w = self._after(a)
         self.index.optim_at[(w[0], w[2])].append(a)

@@ -30,7 +30,7 @@ from memtrain.offload.ledger import Ledger
 from memtrain.offload.optim import OffloadedOptimizer
 from memtrain.planner.plan import DEFAULT_SWAP_IN_AHEAD, Action, Op, Plan
 from memtrain.planner.program import Layout, lower_backward, lower_forward
-from memtrain.planner.program_optim import OptimLayout, Staging, add_optim_points, early_updates
+from memtrain.planner.program_optim import OptimLayout, Staging, add_optim_points, early_updates, final_optim_points
 
 __all__ = ["LossScaler", "TierMemory", "Engine"]
 
@@ -228,18 +228,22 @@ class Engine:
         self._microbatch = 0
         self._early_pending = False
         self.store.release_all()  # nothing stays resident over the optimizer step
-        self.store.executed.append(Action(0, Op.OPTIM))
-        if self.scaler is not None:
-            used = self.scaler.scale  # the scale this step's backward ran with
-            found_inf = not self.store.grads.finite()
-            self.scaler.update(found_inf)
-            if found_inf:
-                self.store.grads.zero()
-                return False
-            self.optimizer.step(inv_scale=1.0 / used)  # offload.optim [Note: unscaling in fp32]
+        # The program's step end (planner.program_optim [Note: the step's end]), then 0OPTIM.
+        points = final_optim_points(self._layout(), self._optim_layout)
+        try:
+            if self.scaler is not None:
+                used = self.scaler.scale  # the scale this step's backward ran with
+                found_inf = not self.store.grads.finite()
+                self.scaler.update(found_inf)
+                if found_inf:
+                    self.store.grads.zero()
+                    return False
+                self.optimizer.step(points, inv_scale=1.0 / used)  # offload.optim [Note: unscaling in fp32]
+                return True
+            self.optimizer.step(points)
             return True
-        self.optimizer.step()
-        return True
+        finally:
+            self.store.executed.append(Action(0, Op.OPTIM))
 
     def set_lr(self, lr: float) -> None:
         """Learning rate for the following steps (a schedule calls this before each step)."""

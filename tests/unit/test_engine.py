@@ -297,13 +297,13 @@ def _count_early(engine, threads: list | None = None, pending: list | None = Non
     seen: list[int] = []
     step = engine.optimizer.step
 
-    def counting_step(**kw):
+    def counting_step(*args, **kw):
         seen.append(engine.optimizer.num_early)
         if threads is not None:
             threads.append(_update_threads())
         if pending is not None:
             pending.append(sum(getattr(u, "pending", False) for u in engine.optimizer._early.values()))
-        step(**kw)
+        step(*args, **kw)
 
     engine.optimizer.step = counting_step
     return seen

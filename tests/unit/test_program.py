@@ -66,9 +66,19 @@ def test_lower_chunks_strings_the_passes_together_and_validates():
     assert validate(sched) == []
     opt = OptimLayout(staged_chunks=POLICY.optim_staged_chunks, early=True)
     assert engine_program(sched) == lower_step_optim(LAYOUT, opt, 2, hand_off=True)
-    assert [a for a in sched[0] if a.op is Op.OPTIM] == [Action(0, Op.OPTIM, 1, c) for c in (3, 2, 1)] + [Action(0, Op.OPTIM)]
-    assert not any(a.op is Op.OPTIM and a.chunk is not None
-                   for a in lower_chunks(generate_single_device(2), POLICY, LAYOUT.uses, dtype="fp16")[0])
+    # the device chunk after the backward ([Note: the step's end])
+    assert [a for a in sched[0] if a.op is Op.OPTIM] == \
+        [Action(0, Op.OPTIM, 1, c) for c in (3, 2, 1)] + [Action(0, Op.OPTIM, None, 0), Action(0, Op.OPTIM)]
+    # under fp16 every update waits for the backward's end: resident chunks in chunk order, then
+    # the nvme ones streamed, the next one's states read during each update
+    fp16 = lower_chunks(generate_single_device(2), POLICY, LAYOUT.uses, dtype="fp16")[0]
+    assert not any(a.op is Op.OPTIM and a.microbatch is not None for a in fp16)
+    homes = {c.index: c.home for c in POLICY.chunks}
+    resident = [c for c in sorted(homes) if homes[c] is not Tier.NVME]
+    nvme = [c for c in sorted(homes) if homes[c] is Tier.NVME]
+    assert [a.chunk for a in fp16 if a.op is Op.OPTIM and a.chunk is not None] == resident + nvme
+    tail = [str(a) for a in fp16 if a.microbatch is None and a.chunk in nvme]
+    assert tail[:2] == [f"0OPTIM_READ@c{nvme[0]}", f"0OPTIM_READ@c{nvme[1]}"] and tail[-1] == f"0OPTIM_WAIT@c{nvme[-1]}"
     # nothing moves when every chunk lives on the device: the program is the blocks' passes
     on_device = MemoryPolicy(chunk_size_elems=10, chunks=(POLICY.chunks[0],), prefetch_depth=1, activations=(ActPolicy.KEEP,))
     assert text(engine_program(lower_chunks(generate_single_device(1), on_device, ((0,),)))) == "0F0/b0 0B0/b0 0OPTIM"
@@ -128,5 +138,7 @@ def test_the_engine_runs_the_plans_program(tmp_path, homes, act, num_micro, dtyp
             ids = torch.randint(0, cfg.vocab_size, (2 * num_micro, 17), generator=torch.Generator().manual_seed(step))
             engine.train_step((ids[:, :-1], ids[:, 1:]))
             assert [str(a) for a in engine.store.executed] == [str(a) for a in programs[step]]
+        # every update ran at a point of the program, the step's end included ([Note: the step's end])
+        assert engine.optimizer.num_unplanned == 0 and engine.store.runner.num_unplanned == 0
     finally:
         engine.close()

@@ -39,14 +39,15 @@ def test_lower_chunks_alone():
         "0B0/b2 0B0/b1 0B0/b0 "
         "0F1/b0 0F1/b1 0F1/b2 "
         "0B1/b2 0OPTIM_WAIT1@c2 0OPTIM1@c2 0OFFLOAD1@c2 0B1/b1 0OPTIM1@c1 0OFFLOAD1@c1 0B1/b0 "
-        "0OPTIM"
+        "0OPTIM@c0 0OPTIM"  # the device chunk updates after the backward
     )
     assert validate(lowered) == []
     first = lower_chunks(generate_single_device(2), POLICY, BLOCK_CHUNKS, dtype="fp32", first_step=True)
     assert [a for a in first[0] if a.op is Op.OPTIM_WAIT] == []  # nothing carried into the first step
-    # under fp16 the optimizer runs after the backward: only the final OPTIM
+    # under fp16 the optimizer runs after the backward: the resident chunks, then the nvme one
+    # through staging, then the final OPTIM
     assert text(lower_chunks(generate_single_device(2), POLICY, BLOCK_CHUNKS, dtype="fp16")).endswith(
-        "0B1/b2 0OFFLOAD1@c2 0B1/b1 0OFFLOAD1@c1 0B1/b0 0OPTIM")
+        "0B1/b2 0OFFLOAD1@c2 0B1/b1 0OFFLOAD1@c1 0B1/b0 0OPTIM@c0 0OPTIM@c1 0OPTIM_READ@c2 0OPTIM@c2 0OPTIM_WAIT@c2 0OPTIM")
     # nothing to move when every chunk lives on the device
     on_device = MemoryPolicy(chunk_size_elems=10, chunks=(POLICY.chunks[0],), prefetch_depth=1, activations=(ActPolicy.KEEP,))
     assert text(lower_chunks(generate_single_device(1), on_device, ((0,),))) == "0F0/b0 0B0/b0 0OPTIM"
