@@ -12,8 +12,10 @@ planner.program_swaps), and adds:
   issued in the last backward as soon as its last gradient is in, overlapping the rest of the
   backward, with the states read ahead (``0OPTIM_READ``) and the write-backs waited for
   (``0OPTIM_WAIT``) around it (planner.program_optim; not under fp16);
-- ``0OPTIM`` (last): the optimizer step of the chunks not updated early (the device chunks; all
-  under fp16); the step ends when all have finished.
+- ``0OPTIM@c5`` (no micro-batch) after the last backward: the update of a chunk not updated
+  early (the device chunks; all under fp16, the nvme ones streamed with their reads and waits:
+  planner.program_optim [Note: the step's end]), then ``0OPTIM`` (last): the early updates
+  waited for; the step ends when all have finished.
 """
 
 from __future__ import annotations
@@ -185,11 +187,13 @@ def validate(schedule: Schedule) -> list[str]:
     return problems
 
 
-def format_grid(schedule: Schedule) -> str:
-    """A step × rank grid, one row per step (torch pipelining's ``_format_pipeline_order``)."""
+def format_grid(schedule: Schedule, marks: set[tuple[int, int]] = frozenset()) -> str:
+    """A step × rank grid, one row per step (torch pipelining's ``_format_pipeline_order``); the
+    cells ``marks`` names, (rank, step), start with ``>>``."""
     ranks = sorted(schedule)
     num_steps = max((len(a) for a in schedule.values()), default=0)
-    cells = [[str(schedule[r][i]) if i < len(schedule[r]) else "" for r in ranks] for i in range(num_steps)]
+    cells = [[(">>" if (r, i) in marks else "") + (str(schedule[r][i]) if i < len(schedule[r]) else "")
+              for r in ranks] for i in range(num_steps)]
     header = ["step"] + [f"rank {r}" for r in ranks]
     widths = [max(len(header[0]), len(str(max(num_steps - 1, 0))))]
     widths += [max([len(header[k + 1])] + [len(row[k]) for row in cells]) for k in range(len(ranks))]

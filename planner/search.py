@@ -38,8 +38,8 @@ MAX_TIMELINE_EVENTS = 2000
 """Timeline events kept in the plan: the first three quarters and the last quarter in time."""
 NEAR_TIE = 0.05
 """[Note: near-ties] Plans within 5% of the fastest simulated time are treated as equally fast
-(the cost model is not that accurate: bench/plan_accuracy.py measures a median step-time error of
-5-9% on a shared CPU machine, up to 16% on single configurations); among them the one that moves the least data wins
+(the cost model is not that accurate: bench/plan_accuracy.py's median step-time error is about
+10% on a 2-core CPU machine, and single configurations are off by up to a third); among them the one that moves the least data wins
 (fewest off-device parameters, then fewest blocks not kept, then the smallest prefetch depth),
 then the larger micro-batch. So offloading a sliver of parameters to shave the device
 optimizer step by a few percent (hiding it behind the backward as CPU updates) does not happen
