@@ -12,16 +12,19 @@ stage 2's forward of micro-batch 5 on whichever rank holds stage 2 (``Placement`
 - ``zb-h1``: the backward split into ``B`` (input gradients, which the previous stage waits
   for) and ``W`` (weight gradients, which nothing waits for), each ``W`` put off to fill the
   rank's idle time, no rank holding more micro-batches than 1F1B's peak (Qi et al. 2023,
-  "Zero Bubble Pipeline Parallelism", ZB-H1's memory rule; the list scheduler below gets about
-  half of 1F1B's bubble with F = B = W, where the paper's hand-made order gets a third);
+  "Zero Bubble Pipeline Parallelism", ZB-H1): with F = B = W the list scheduler below idles
+  the paper's (p - 1)(F + B - W), a third of 1F1B's, or one tick more (m >= p: exactly on
+  about half the shapes of p = 2..16; the rank orders were chosen by trying every order per
+  part of the ranks on those shapes);
 - ``v-half``, ``v-min``: two stages per rank in a V (stage ``r`` and ``2p - 1 - r``), ``B`` and
   ``W`` split, each rank holding at most about a half (``v-half``) or a third (``v-min``) of
   1F1B's activations (Qi et al. 2024, "Pipeline Parallelism with Controllable Memory").
 
 The last three come from one list scheduler (``_greedy``) run on unit times (F = B = W): at
 each tick a rank runs its ready ``B`` first, else a ready ``F`` (a micro-batch enters a rank only
-while its limit has room for all its stages there), else its oldest pending ``W``; the order it
-produces is the schedule (timing itself is the simulator's). ``add_p2p`` adds the sends and receives between ranks;
+while its limit has room for all its stages there), else its oldest pending ``W`` (ZB-H1's
+first ranks try F, W, B instead); the order it produces is the schedule (timing itself is the
+simulator's). ``add_p2p`` adds the sends and receives between ranks;
 ``validate_pipeline`` runs a schedule by its dependencies alone and reports a deadlock or an
 activation overrun on a step × rank grid that marks the failing cell.
 """
@@ -126,7 +129,10 @@ def generate(kind: str, num_ranks: int, num_microbatches: int, *, stages_per_ran
             out[r] = _one_f_one_b(fwd, bwd, min((p - r - 1) * 2 + (v - 1) * p, m * v))
         return out
     place = placement(kind, p)
-    return _greedy(place, m, activation_limits(kind, p), split_w=kind in _SPLIT_W)
+    # ZB-H1: the first half of the ranks (rounded up) feed the pipeline (an F, else a W to make
+    # room, else a B), the second half send gradients back first (a B, else an F, else a W)
+    orders = ["FWB" if r < (p + 1) // 2 else "BFW" for r in range(p)] if kind == "zb-h1" else None
+    return _greedy(place, m, activation_limits(kind, p), split_w=kind in _SPLIT_W, orders=orders)
 
 
 def _check_kind(kind: str) -> None:
@@ -156,8 +162,10 @@ def _deps(a: Action, last_stage: int) -> list[tuple[Op, int, int]]:
     return []
 
 
-def _greedy(place: Placement, m: int, limits: Sequence[int] | None, *, split_w: bool) -> Schedule:
-    """The list scheduler of the module doc, on unit times."""
+def _greedy(place: Placement, m: int, limits: Sequence[int] | None, *, split_w: bool,
+            orders: Sequence[str] | None = None) -> Schedule:
+    """The list scheduler of the module doc, on unit times; ``orders[r]``: the order rank ``r``
+    tries its ready passes in (default ``"BFW"``: a B, else an F, else a W)."""
     p, n = place.num_ranks, place.num_stages
     last = n - 1
     done: set[tuple[Op, int, int]] = set()
@@ -167,6 +175,31 @@ def _greedy(place: Placement, m: int, limits: Sequence[int] | None, *, split_w: 
     pending_w: dict[int, list[tuple[int, int]]] = {r: [] for r in range(p)}  # (stage, mb) whose W is due
     held = [0] * p  # micro-batch stages whose activations a rank holds (F run, W or B not yet)
     reserved = [0] * p  # forwards of micro-batches under way on a rank that it still has to run
+
+    def ready_b(r: int, stages: tuple[int, ...]) -> Action | None:
+        for s in sorted(stages, reverse=True):  # the later stage first (it frees downstream work)
+            i = next_b[s]
+            if i < m and all(d in done for d in _deps(Action(s, Op.B, i), last)):
+                return Action(s, Op.B, i)
+        return None
+
+    def ready_f(r: int, stages: tuple[int, ...]) -> Action | None:
+        # the later stage first (a V's way back); a micro-batch enters the rank only if the
+        # limit has room for its stages here ahead (reserved), so a V's way back never waits for
+        # memory its own way down took
+        for s in sorted(stages, key=lambda s: (-s, next_f[s])):
+            i = next_f[s]
+            later = sum(1 for t in stages if t > s)
+            if s == stages[0] and limits is not None and held[r] + reserved[r] + 1 + later > limits[r]:
+                continue
+            if i < m and all(d in done for d in _deps(Action(s, Op.F, i), last)):
+                return Action(s, Op.F, i)
+        return None
+
+    def ready_w(r: int, stages: tuple[int, ...]) -> Action | None:
+        return Action(pending_w[r][0][0], Op.W, pending_w[r][0][1]) if pending_w[r] else None
+
+    tries = {"B": ready_b, "F": ready_f, "W": ready_w}
     total = n * m * (3 if split_w else 2)
     ran = 0
     while ran < total:
@@ -174,34 +207,17 @@ def _greedy(place: Placement, m: int, limits: Sequence[int] | None, *, split_w: 
         for r in range(p):
             stages = place.stages_of(r)
             pick = None
-            # a ready B first, the last stage's first (it frees the most downstream work)
-            for s in sorted(stages, reverse=True):
-                i = next_b[s]
-                if i < m and all(d in done for d in _deps(Action(s, Op.B, i), last)):
-                    pick = Action(s, Op.B, i)
+            for kind in orders[r] if orders is not None else "BFW":
+                pick = tries[kind](r, stages)
+                if pick is not None:
                     break
-            if pick is None:
-                # a ready F, the later stage first (a V's way back), then the earliest micro-batch;
-                # a micro-batch enters the rank only if the limit has room for its stages here
-                # ahead (reserved), so a V's way back never waits for memory its own way down took
-                for s in sorted(stages, key=lambda s: (-s, next_f[s])):
-                    i = next_f[s]
-                    later = sum(1 for t in stages if t > s)
-                    enters = s == stages[0]
-                    if enters and limits is not None and held[r] + reserved[r] + 1 + later > limits[r]:
-                        continue
-                    if i < m and all(d in done for d in _deps(Action(s, Op.F, i), last)):
-                        pick = Action(s, Op.F, i)
-                        reserved[r] += later if enters else -1
-                        break
-            if pick is None and pending_w[r]:
-                s, i = pending_w[r].pop(0)
-                pick = Action(s, Op.W, i)
             if pick is None:
                 continue
             out[r].append(pick)
             this_tick.append((pick.op, pick.stage, pick.microbatch))
             if pick.op is Op.F:
+                later = sum(1 for t in stages if t > pick.stage)
+                reserved[r] += later if pick.stage == stages[0] else -1
                 next_f[pick.stage] += 1
                 held[r] += 1
             elif pick.op is Op.B:
@@ -211,6 +227,7 @@ def _greedy(place: Placement, m: int, limits: Sequence[int] | None, *, split_w: 
                 else:
                     held[r] -= 1
             else:
+                pending_w[r].pop(0)
                 held[r] -= 1
         if not this_tick:
             raise RuntimeError(f"pipeline: the list scheduler is stuck with limits {limits} "
