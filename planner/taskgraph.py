@@ -1,6 +1,7 @@
 """The generic discrete-event engine behind the simulator (planner.simulate).
 
-Tasks run on streams (``compute``, ``h2d``, ``d2h``, ``disk``, ``cpu``, ``grads``), in order per stream
+Tasks run on streams (``compute``, ``h2d``, ``d2h``, ``disk``, ``cpu``, ``grads``; one of them
+per rank as ``compute:2``, and links as ``link:0>1``, in a multi-rank graph), in order per stream
 like CUDA streams, after their dependencies, for a fixed duration, and allocate/free bytes per
 tier and owner. ``simulate_graph`` gives every task's start and end and each tier's peak with
 the owners holding it. Nothing here knows about models or policies: ``planner.simulate``
@@ -56,7 +57,7 @@ class TaskGraph:
         when it ends (an owner allocated by one task is usually freed by another).
         """
         tid = len(self.names)
-        assert stream in STREAMS, stream
+        assert stream in STREAMS or stream.split(":", 1)[0] in STREAMS + ("link",), stream
         assert not deps or (min(deps) >= 0 and max(deps) < tid), (name, deps)
         self.names.append(name)
         self.streams.append(stream)
@@ -111,7 +112,7 @@ def simulate_graph(graph: TaskGraph,
     n = len(graph)
     start = [0.0] * n
     finish = [0.0] * n
-    stream_free: dict[str, float] = dict.fromkeys(STREAMS, 0.0)
+    stream_free: dict[str, float] = defaultdict(float)
     events: list[tuple[float, int, int, int, str, str, int]] = []
     streams, durations, deps, mem = graph.streams, graph.durations, graph.deps, graph.mem
     for tid in range(n):

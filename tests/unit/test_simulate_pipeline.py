@@ -1,0 +1,79 @@
+"""planner.simulate_pipeline: pipeline schedules timed over ranks and links."""
+
+from __future__ import annotations
+
+import pytest
+
+from memtrain.planner.pipeline import SCHEDULES, add_p2p, bubble_fraction, generate, placement, pass_times
+from memtrain.planner.plan import Action, Op
+from memtrain.planner.simulate_pipeline import Link, StageCost, simulate_pipeline
+
+FREE = Link(gbps=1e9)
+A = 1000  # activation bytes per stage and micro-batch
+
+
+def _stages(kind: str, n: int) -> list[StageCost]:
+    """Equal stages: F 1, B 2 (or B 1 and W 1 when split)."""
+    if kind in ("zb-h1", "v-half", "v-min"):
+        return [StageCost(fwd_s=1.0, bwd_s=1.0, wgrad_s=1.0, activation_bytes=A, output_bytes=10)] * n
+    return [StageCost(fwd_s=1.0, bwd_s=2.0, activation_bytes=A, output_bytes=10)] * n
+
+
+@pytest.mark.parametrize("kind", SCHEDULES)
+@pytest.mark.parametrize("p2p", [False, True])
+def test_with_free_links_the_step_is_the_schedules_own_timing(kind, p2p):
+    """The task graph over ranks agrees with planner.pipeline's pass timing when links cost
+    nothing, sends and receives in the lists or not; 1F1B/GPipe give (p - 1)/(m + p - 1)."""
+    p, m = 4, 8
+    place = placement(kind, p, 2)
+    sched = generate(kind, p, m)
+    stages = _stages(kind, place.num_stages)
+    durations = {Op.F: 1.0, Op.B: stages[0].bwd_s} | ({Op.W: 1.0} if stages[0].wgrad_s else {})
+    r = simulate_pipeline(add_p2p(sched, place) if p2p else sched, place, stages, FREE)
+    ends = pass_times(sched, place, durations)
+    assert r.step_time_s == pytest.approx(max(e for _, e in ends.values()), abs=1e-6)
+    assert r.bubble_fraction == pytest.approx(bubble_fraction(sched, place, durations), abs=1e-6)
+    if kind in ("gpipe", "1f1b"):
+        assert r.bubble_fraction == pytest.approx((p - 1) / (m + p - 1), abs=1e-6)
+
+
+def test_each_hop_adds_the_links_time_on_the_critical_path():
+    """One micro-batch over two ranks: F, a send, F and B on rank 1, a send back, B on rank 0."""
+    place = placement("1f1b", 2)
+    sched = add_p2p(generate("1f1b", 2, 1), place)
+    link = Link(gbps=1.0, latency_s=0.5)
+    stages = [StageCost(fwd_s=1.0, bwd_s=2.0, output_bytes=10**9)] * 2
+    r = simulate_pipeline(sched, place, stages, link)
+    assert r.step_time_s == pytest.approx(1 + (0.5 + 1.0) + 1 + 2 + (0.5 + 1.0) + 2)
+    assert r.pass_times[(Op.B, 0, 0)][0] == pytest.approx(1 + 1.5 + 1 + 2 + 1.5)
+
+
+@pytest.mark.parametrize("p", [2, 4, 8])
+def test_1f1b_holds_p_minus_r_micro_batches_and_gpipe_all(p):
+    m = 2 * p
+    one = simulate_pipeline(generate("1f1b", p, m), placement("1f1b", p), _stages("1f1b", p), FREE)
+    assert one.peak_bytes == {r: (p - r) * A for r in range(p)}
+    gp = simulate_pipeline(generate("gpipe", p, m), placement("gpipe", p), _stages("gpipe", p), FREE)
+    assert gp.peak_bytes == {r: m * A for r in range(p)}
+
+
+@pytest.mark.parametrize("p", [4, 8])
+def test_v_half_holds_about_half_of_1f1bs_first_rank(p):
+    """Qi et al. 2024: a V's stages are half a 1F1B stage (A/2 each); V-Half's ranks hold about
+    half of 1F1B's first rank (p·A), V-Min about a third."""
+    m = 2 * p
+    one = simulate_pipeline(generate("1f1b", p, m), placement("1f1b", p), _stages("1f1b", p), FREE)
+    for kind, share in (("v-half", 1 / 2), ("v-min", 1 / 3)):
+        half = [StageCost(fwd_s=0.5, bwd_s=0.5, wgrad_s=0.5, activation_bytes=A // 2, output_bytes=10)] * (2 * p)
+        v = simulate_pipeline(generate(kind, p, m), placement(kind, p), half, FREE)
+        assert max(v.peak_bytes.values()) <= share * one.peak_bytes[0] + A
+
+
+def test_a_deadlock_or_a_wrong_stage_count_is_refused():
+    place = placement("1f1b", 2)
+    bad = {0: (Action(0, Op.F, 0), Action(0, Op.B, 0), Action(0, Op.B, 1), Action(0, Op.F, 1)),
+           1: generate("1f1b", 2, 2)[1]}
+    with pytest.raises(ValueError, match=r"deadlocks: rank 0 at step 4 \(0RECV_B1\); rank 1 at step 4 \(1RECV_F1\)"):
+        simulate_pipeline(add_p2p(bad, place), place, _stages("1f1b", 2), FREE)
+    with pytest.raises(ValueError, match="stages: 3 stage costs for 2 stages"):
+        simulate_pipeline(generate("1f1b", 2, 2), place, _stages("1f1b", 3), FREE)
