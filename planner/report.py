@@ -33,13 +33,14 @@ __all__ = [
 STREAMS = ("compute", "h2d", "d2h", "disk", "cpu", "grads")
 """Streams of the simulated timeline, in lane order (others follow, sorted by name)."""
 
-EVENT_KINDS = ("forward", "backward", "recompute", "fetch", "offload", "swap", "optimizer", "comm", "snapshot", "other")
+EVENT_KINDS = ("forward", "backward", "recompute", "fetch", "offload", "swap", "optimizer", "comm", "snapshot",
+               "elided", "other")
 """What a timeline box is doing; the colour of its box in the HTML page and its trace category."""
 
 _KIND_COLOURS = {
     "forward": "#4e79a7", "backward": "#f28e2b", "recompute": "#b07aa1", "fetch": "#59a14f",
     "offload": "#e15759", "swap": "#edc948", "optimizer": "#76b7b2", "comm": "#9c755f",
-    "snapshot": "#bab0ac", "other": "#999999",
+    "snapshot": "#bab0ac", "elided": "#e8e8e8", "other": "#999999",
 }
 _OWNER_PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
 _OP_KINDS = {
@@ -50,6 +51,7 @@ _OP_KINDS = {
 # Keyword → kind, tried in this order: "recompute" before "forward" (a recompute is a forward
 # pass), "swap" before "fetch" (a swap-in reads), so the more specific word wins.
 _KEYWORD_KINDS = (
+    ({"repeated", "omitted"}, "elided"),  # what the timeline stands for without drawing it
     ({"recompute", "recomp"}, "recompute"),
     ({"optim", "optimizer", "optimiser", "adam", "adamw", "sgd"}, "optimizer"),
     ({"swap", "swapin", "swapout"}, "swap"),

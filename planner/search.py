@@ -293,9 +293,17 @@ def plan(
 def _truncate(timeline: tuple[TimelineEvent, ...]) -> tuple[TimelineEvent, ...]:
     if len(timeline) <= MAX_TIMELINE_EVENTS:
         return timeline
-    by_start = sorted(timeline, key=lambda e: (e.start_s, e.end_s))
-    head = MAX_TIMELINE_EVENTS * 3 // 4
-    return tuple(by_start[:head] + by_start[-(MAX_TIMELINE_EVENTS - head):])
+    marks = [e for e in timeline if e.name.startswith("repeated:")]  # always kept (simulate_step)
+    by_start = sorted((e for e in timeline if not e.name.startswith("repeated:")), key=lambda e: (e.start_s, e.end_s))
+    room = MAX_TIMELINE_EVENTS - len(marks) - 1
+    head = room * 3 // 4
+    kept_head, kept_tail = by_start[:head], by_start[head - room:]
+    left = by_start[head:len(by_start) - len(kept_tail)]
+    start = max(e.end_s for e in kept_head)
+    gap = TimelineEvent(stream="compute", start_s=min(start, kept_tail[0].start_s), end_s=kept_tail[0].start_s,
+                        name=f"omitted: {len(left):,} events not kept in the plan (the first three quarters "
+                             f"and the last quarter of {MAX_TIMELINE_EVENTS:,} are)")
+    return tuple(sorted(kept_head + [gap] + marks + kept_tail, key=lambda e: (e.start_s, e.end_s)))
 
 
 def _family(cand: Candidate) -> tuple:

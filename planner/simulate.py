@@ -475,7 +475,9 @@ def simulate_step(
     micro-batches, only that many are simulated: from the second micro-batch on the step is
     periodic (same tasks, same dependencies across the boundary), so the step time is the
     simulated end plus (n - simulated) times the period measured between the ends of the
-    middle micro-batches; memory peaks repeat each period, so they are the simulated ones.
+    middle micro-batches; memory peaks repeat each period, so they are the simulated ones. The
+    timeline marks the micro-batches not simulated with one ``repeated: ...`` event over the
+    time they take.
     ``None`` simulates every micro-batch (tests compare both). ``timeline=False`` skips
     building the event list (the search screens candidates without it).
     """
@@ -502,6 +504,12 @@ def simulate_step(
                       end_s=r.finish_s[t] + (shift if graph.tags[t] >= n_sim - 1 else 0.0))
         for t in range(len(graph))
     ) if timeline else ()
+    if timeline and shift > 0:  # the micro-batches not simulated, marked where they would run
+        period = shift / (n - n_sim)
+        events += (TimelineEvent(
+            stream="compute", start_s=mb_end[n_sim - 2], end_s=mb_end[n_sim - 2] + shift,
+            name=f"repeated: micro-batches {n_sim - 1}-{n - 2}, each as micro-batch {n_sim - 2} "
+                 f"({period:.3g} s each; not drawn)"),)
     peak = {t.value: 0 for t in Tier}
     peak.update(r.peak_bytes)
     resident = _resident(policy, train)

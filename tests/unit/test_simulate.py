@@ -418,6 +418,44 @@ def test_steady_state_extrapolation_matches_full_simulation(n):
     assert fast.timeline[-1].end_s <= fast.step_time_s + 1e-9
 
 
+def test_the_timeline_marks_the_micro_batches_it_does_not_simulate_where_they_run():
+    """Micro-batches 3-7 of 9 are extrapolated, not simulated: one event, kind "elided", stands for
+    them on the compute lane, over exactly the time the full simulation runs their blocks in."""
+    from memtrain.planner.report import event_kind
+
+    stats, pol = _mixed_case()
+    fast = simulate_step(stats, train(9), DEV, HOST, NVME, pol, max_simulated_microbatches=4)
+    full = simulate_step(stats, train(9), DEV, HOST, NVME, pol, max_simulated_microbatches=None)
+    marks = [e for e in fast.timeline if event_kind(e) == "elided"]
+    assert len(marks) == 1 and marks[0].stream == "compute"
+    mark = marks[0]
+    assert mark.name.startswith("repeated: micro-batches 3-7, each as micro-batch 2")
+    blocks = [e for e in full.timeline if e.stream == "compute" and e.name[:1] in "FB" and ":" in e.name
+              and 3 <= int(e.name[1:].split(":")[0]) <= 7]
+    assert blocks and all(mark.start_s - 1e-9 <= e.start_s and e.end_s <= mark.end_s + 1e-9 for e in blocks)
+    assert not [e for e in full.timeline if event_kind(e) == "elided"]
+
+
+def test_a_plan_that_keeps_part_of_the_timeline_marks_what_it_left_out():
+    from memtrain.planner.plan import TimelineEvent
+    from memtrain.planner.report import event_kind
+    from memtrain.planner.search import MAX_TIMELINE_EVENTS, _truncate
+
+    n = MAX_TIMELINE_EVENTS + 500
+    events = tuple(TimelineEvent(stream="compute", name=f"F{i}:0", start_s=float(i), end_s=i + 1.0) for i in range(n))
+    kept = _truncate(events)
+    assert len(kept) == MAX_TIMELINE_EVENTS
+    gap = [e for e in kept if event_kind(e) == "elided"]
+    head = (MAX_TIMELINE_EVENTS - 1) * 3 // 4
+    assert len(gap) == 1 and gap[0].name.startswith("omitted: 501 events")
+    assert (gap[0].start_s, gap[0].end_s) == (float(head), float(head + 501))  # exactly where they ran
+    assert _truncate(events[:100]) == events[:100]
+    # a mark of micro-batches not simulated is kept wherever it falls
+    mark = TimelineEvent(stream="compute", name="repeated: micro-batches 3-7", start_s=1500.5, end_s=1600.5)
+    kept = _truncate(events + (mark,))
+    assert mark in kept and len(kept) == MAX_TIMELINE_EVENTS
+
+
 def test_stream_work_is_a_lower_bound_and_tight_for_compute_bound_steps():
     stats, pol = _mixed_case()
     t = train(6)
