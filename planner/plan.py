@@ -22,7 +22,7 @@ from memtrain.planner.stats import DType, ModelStats, Optimizer
 
 __all__ = [
     "PLAN_VERSION", "Tier", "ActPolicy", "Op", "Action", "TrainShape", "ChunkPlan", "MemoryPolicy",
-    "TimelineEvent", "DevicePrediction", "Prediction", "Alternative", "Plan", "PlanFormatError",
+    "TimelineEvent", "MemoryPoint", "DevicePrediction", "Prediction", "Alternative", "Plan", "PlanFormatError",
     "schedule_to_csv", "schedule_from_csv", "pack_params", "pack_units",
 ]
 
@@ -265,6 +265,15 @@ class TimelineEvent:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class MemoryPoint:
+    """A tier's bytes in use from ``t_s`` on (the ledger's owners: no workspace)."""
+
+    tier: str
+    t_s: float
+    bytes: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class DevicePrediction:
     rank: int
     device: str
@@ -278,6 +287,10 @@ class DevicePrediction:
     process_bytes: int = 0
     """The process's memory at its peak above its baseline (planner.footprint [Note: process
     memory]): RSS on a CPU device, the device's reserved bytes on a GPU. 0 in older plans."""
+    memory_timeline: tuple[MemoryPoint, ...] = ()
+    """Per tier, the ledger's bytes in use over the simulated step, at each change (at most
+    ``planner.simulate.MAX_MEMORY_POINTS`` per tier: a longer line keeps each stretch's highest
+    point). Empty in older plans."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

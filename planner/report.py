@@ -491,14 +491,23 @@ def trace_events(plan: Plan) -> list[dict]:
         out.append({"name": e.name, "cat": kind, "ph": "X", "pid": pid, "tid": tid[e.stream],
                     "ts": e.start_s * 1e6, "dur": (e.end_s - e.start_s) * 1e6,
                     "args": {"stream": e.stream, "kind": kind}})
-    # The timeline holds intervals, not memory over time, so the counters show each tier's
-    # predicted peak and budget as flat tracks over the step: context, not a memory curve.
+    # Memory over the step: each tier's bytes in use at each change (the ledger's owners, so the
+    # device line leaves out the workspace the peak adds), beside its budget. A plan from before
+    # the line was kept shows the peak and the budget as flat tracks instead.
     if events and plan.prediction.devices:
         dev = plan.prediction.devices[0]
         t_first = min(e.start_s for e in events) * 1e6
         t_last = max(e.end_s for e in events) * 1e6
         for tier in _tiers_of(plan, 0):
-            args = {"peak_bytes": dev.peak_bytes.get(tier, 0), "budget_bytes": dev.budget_bytes.get(tier, 0)}
+            budget = dev.budget_bytes.get(tier, 0)
+            line = [p for p in dev.memory_timeline if p.tier == tier]
+            if line:
+                out += [{"name": f"memory {tier}", "ph": "C", "pid": pid, "ts": p.t_s * 1e6,
+                         "args": {"in_use_bytes": p.bytes}} for p in line]
+                out += [{"name": f"budget {tier}", "ph": "C", "pid": pid, "ts": ts, "args": {"budget_bytes": budget}}
+                        for ts in (t_first, t_last)]
+                continue
+            args = {"peak_bytes": dev.peak_bytes.get(tier, 0), "budget_bytes": budget}
             for ts in (t_first, t_last):
                 out.append({"name": f"memory {tier}", "ph": "C", "pid": pid, "ts": ts, "args": args})
     return out

@@ -346,7 +346,8 @@ def _build_plan(name: str, base: ModelStats, ctx: Context, chosen: Candidate, si
         step_time_s=sim.step_time_s, tokens_per_s=sim.tokens_per_s, mfu=sim.mfu,
         devices=(DevicePrediction(rank=0, device=ctx.device.kind, peak_bytes=peaks, budget_bytes=dict(ctx.usable),
                                   breakdown=breakdown,
-                                  process_bytes=_process_bytes(ctx, chosen.policy, peaks, sim)),),
+                                  process_bytes=_process_bytes(ctx, chosen.policy, peaks, sim),
+                                  memory_timeline=sim.memory_timeline),),
         timeline=_truncate(sim.timeline),
     )
     return Plan(name=name, fits=fits, shortfall=shortfall, model=base, train=ctx.train, device=ctx.device,

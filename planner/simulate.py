@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
 from memtrain.planner import cost, footprint
 from memtrain.planner.plan import (
-    DEFAULT_SWAP_IN_AHEAD, DEFAULT_SWAP_WRITES_IN_FLIGHT, ActPolicy, MemoryPolicy, Op, TimelineEvent, Tier, TrainShape,
+    DEFAULT_SWAP_IN_AHEAD, DEFAULT_SWAP_WRITES_IN_FLIGHT, ActPolicy, MemoryPoint, MemoryPolicy, Op, TimelineEvent, Tier,
+    TrainShape,
 )
 from memtrain.planner.stats import BlockStats, DType, ModelStats
 from memtrain.planner.program import Layout
@@ -103,6 +104,8 @@ class SimResult:
     timeline: tuple[TimelineEvent, ...]
     """Every simulated task; with extrapolation, the last simulated micro-batch and the
     optimizer are shifted to where they fall in the full step."""
+    memory_timeline: tuple[MemoryPoint, ...]
+    """Per tier, the ledger's bytes in use over the step (``_memory_line``); empty without a timeline."""
     num_simulated_microbatches: int
     """Micro-batches simulated event by event (the rest are extrapolated)."""
 
@@ -489,7 +492,7 @@ def simulate_step(
         raise ValueError("max_simulated_microbatches: must be >= 3 (or None to simulate all)")
     n_sim = n if max_simulated_microbatches is None else min(n, max_simulated_microbatches)
     graph = _StepBuilder(s, train, device, host, nvme, policy, n_sim).build()
-    r = simulate_graph(graph, group=_memory_groups(s.blocks))
+    r = simulate_graph(graph, group=_memory_groups(s.blocks), record=timeline)
     shift = 0.0
     if n_sim < n:
         mb_end = [0.0] * (n_sim + 1)
@@ -513,6 +516,7 @@ def simulate_step(
     peak = {t.value: 0 for t in Tier}
     peak.update(r.peak_bytes)
     resident = _resident(policy, train)
+    memory = _memory_line(graph, r, resident, shift, n_sim) if timeline else ()
     # Resident chunks are held all step; the graph only carries transient owners.
     breakdown = r.breakdown()
     for tier in peak:
@@ -534,5 +538,38 @@ def simulate_step(
         mapped_peak_bytes=r.group_peak_bytes.get("mapped", 0) + resident[Tier.DEVICE.value] + resident[Tier.HOST.value],
         heap_act_peak_bytes=r.group_peak_bytes.get("heap_act", 0),
         timeline=events,
+        memory_timeline=memory,
         num_simulated_microbatches=n_sim,
     )
+
+
+MAX_MEMORY_POINTS = 2000
+"""Points kept per tier in ``SimResult.memory_timeline``."""
+
+
+def _memory_line(graph: TaskGraph, r: GraphResult, resident: dict[str, int], shift: float,
+                 n_sim: int) -> tuple[MemoryPoint, ...]:
+    """Per tier, the bytes in use (resident chunks included) at each change over the step, the
+    last simulated micro-batch and the optimizer shifted as the timeline is ([Note: steady-state
+    extrapolation]; the micro-batches not simulated repeat the one before). A line longer than
+    ``MAX_MEMORY_POINTS`` keeps the highest point of each stretch, so the peak stays on it."""
+    moves: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    for t, tid, tier, b in r.memory_events:
+        moves[tier].append((t + (shift if graph.tags[tid] >= n_sim - 1 else 0.0), b))
+    out: list[MemoryPoint] = []
+    for tier in sorted(set(moves) | {k for k, v in resident.items() if v}):
+        level = resident.get(tier, 0)
+        line: list[tuple[float, int]] = [(0.0, level)]
+        high = level  # the most held within the current instant
+        for k, (t, b) in enumerate(ordered := sorted(moves.get(tier, []), key=lambda m: m[0])):  # stable
+            level += b
+            high = max(high, level) if k and ordered[k - 1][0] == t else level
+            if k + 1 == len(ordered) or ordered[k + 1][0] != t:  # the instant's last move
+                line.append((t, high))
+                if level != high:  # an allocation freed within the same instant: up, then down
+                    line.append((t, level))
+        if len(line) > MAX_MEMORY_POINTS:
+            size = -(-len(line) // MAX_MEMORY_POINTS)
+            line = [max(line[k:k + size], key=lambda p: p[1]) for k in range(0, len(line), size)]
+        out += [MemoryPoint(tier=tier, t_s=t, bytes=v) for t, v in line]
+    return tuple(out)

@@ -91,6 +91,9 @@ class GraphResult:
     group_peak_bytes: dict[str, int]
     """Per group of ``simulate_graph``'s ``group`` (owners across tiers), the most bytes the group
     held at once, whenever that was."""
+    memory_events: tuple[tuple[float, int, str, int], ...] = ()
+    """With ``simulate_graph(record=True)``: every allocation and free as (time, task id, tier,
+    signed bytes), in the order they count."""
 
     def breakdown(self) -> dict[str, dict[str, int]]:
         """Per tier, bytes at the peak summed by owner kind (``chunk``, ``buffer``, ``act``,
@@ -105,10 +108,12 @@ class GraphResult:
 
 
 def simulate_graph(graph: TaskGraph,
-                   group: Callable[[str, str, int], Iterable[tuple[str, int]]] | None = None) -> GraphResult:
+                   group: Callable[[str, str, int], Iterable[tuple[str, int]]] | None = None,
+                   record: bool = False) -> GraphResult:
     """Run the graph: each task starts when its stream is free and its dependencies are done.
     ``group(tier, owner, bytes)`` names the groups an allocation of ``bytes`` (or its free)
-    counts in, with the part of it each one counts, for ``GraphResult.group_peak_bytes``."""
+    counts in, with the part of it each one counts, for ``GraphResult.group_peak_bytes``;
+    ``record`` keeps every memory event (``GraphResult.memory_events``)."""
     n = len(graph)
     start = [0.0] * n
     finish = [0.0] * n
@@ -167,4 +172,5 @@ def simulate_graph(graph: TaskGraph,
         peak_bytes=dict(peak),
         peak_owners=peak_owners,
         group_peak_bytes=dict(group_peak),
+        memory_events=tuple((e[0], e[2], e[4], e[6]) for e in events) if record else (),
     )

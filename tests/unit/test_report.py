@@ -262,3 +262,38 @@ def test_trace_events_match_timeline(plan, tmp_path):
 ])
 def test_event_kind(name, stream, kind):
     assert report.event_kind(TimelineEvent(stream=stream, name=name, start_s=0, end_s=1)) == kind
+
+
+def test_a_searched_plans_trace_draws_each_tiers_memory_as_a_line(tmp_path):
+    """The plan carries each tier's bytes in use over the step; the trace's counters follow it, so
+    the peak shows when it happens: the line's highest point is the tier's tracked peak, and the
+    device line goes up and down with the buffers and activations of the step."""
+    from memtrain.cluster import catalog
+    from memtrain.cluster.spec import HostSpec
+    from memtrain.config import ModelConfig
+    from memtrain.planner.analyze import analyze
+    from memtrain.planner.search import plan as search_plan, tracked_peak_bytes
+
+    cpu = catalog.cpu_device_spec(num_cpus=2, memory_bytes=8 << 30)
+    host = HostSpec(memory_bytes=8 << 30, num_cpus=2, memory_bw_gbps=10.0, cpu_adam_params_per_s=1e8)
+    stats = analyze(ModelConfig(preset="tiny"), seq_len=64)
+    p = search_plan(stats, name="t", global_batch_size=4, micro_batch_size=2, dtype="fp32", optimizer="adamw",
+                    device=cpu, host=host, nvme=None, budgets={"device": 2700 << 10, "host": 8 << 20, "nvme": 0},
+                    safety_margin=0.1)
+    assert p.fits
+    dev = p.prediction.devices[0]
+    peaks = tracked_peak_bytes(dev)
+    path = tmp_path / "trace.json"
+    report.write_trace(p, path)
+    counters = [e for e in json.loads(path.read_text())["traceEvents"] if e["ph"] == "C"]
+    for tier in ("device", "host"):
+        line = [c["args"]["in_use_bytes"] for c in counters if c["name"] == f"memory {tier}"]
+        assert line and max(line) == peaks[tier] == max(q.bytes for q in dev.memory_timeline if q.tier == tier)
+        assert [c["args"]["budget_bytes"] for c in counters if c["name"] == f"budget {tier}"] == [dev.budget_bytes[tier]] * 2
+    device_line = [c["args"]["in_use_bytes"] for c in counters if c["name"] == "memory device"]
+    assert len(device_line) > 10 and min(device_line[1:]) < max(device_line) > device_line[0]
+    # and the plan keeps it through its JSON form
+    from memtrain.planner.plan import Plan
+
+    report.write_json(p, tmp_path / "plan.json")
+    assert Plan.load(tmp_path / "plan.json").prediction.devices[0].memory_timeline == dev.memory_timeline

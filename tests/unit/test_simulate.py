@@ -456,6 +456,21 @@ def test_a_plan_that_keeps_part_of_the_timeline_marks_what_it_left_out():
     assert mark in kept and len(kept) == MAX_TIMELINE_EVENTS
 
 
+@pytest.mark.parametrize("n", [3, 9])
+def test_each_tiers_memory_line_reaches_its_peak_and_never_goes_below_zero(n):
+    """SimResult.memory_timeline: per tier, the bytes in use at each change, in time order, with
+    the resident chunks; its highest point is the tier's peak (with or without extrapolation)."""
+    stats, pol = _mixed_case()
+    r = simulate_step(stats, train(n), DEV, HOST, NVME, pol)
+    for tier in ("device", "host", "nvme"):
+        line = [p for p in r.memory_timeline if p.tier == tier]
+        assert len(line) > 10 and line[0].t_s == 0.0
+        assert [p.t_s for p in line] == sorted(p.t_s for p in line)
+        assert max(p.bytes for p in line) == r.peak_bytes[tier] and min(p.bytes for p in line) >= 0
+        assert line[-1].t_s <= r.step_time_s + 1e-9
+    assert simulate_step(stats, train(n), DEV, HOST, NVME, pol, timeline=False).memory_timeline == ()
+
+
 def test_stream_work_is_a_lower_bound_and_tight_for_compute_bound_steps():
     stats, pol = _mixed_case()
     t = train(6)
