@@ -401,6 +401,55 @@ def _memory_svg(plan: Plan) -> str:
     return "\n".join(parts) + "\n" + _legend(legend)
 
 
+def _memory_lines_svg(plan: Plan) -> str:
+    """Per (rank, tier), the bytes in use over the simulated step as a step line under its
+    budget, on the timeline's time axis; each row has its own scale, as ``_memory_svg``'s bars."""
+    devices = [d for d in plan.prediction.devices[:_MAX_RANKS_DRAWN] if d.memory_timeline]
+    if not devices:
+        return '<p class="note">The plan carries no memory over time.</p>'
+    events = plan.prediction.timeline
+    t0 = min([e.start_s for e in events] + [p.t_s for d in devices for p in d.memory_timeline])
+    t1 = max([e.end_s for e in events] + [p.t_s for d in devices for p in d.memory_timeline])
+    span_s = max(t1 - t0, 1e-12)
+    label_w, plot_w, row_h = 80, 1000, 70
+    rows = [(d, t) for d in devices for t in _tiers_of(plan, plan.prediction.devices.index(d))
+            if any(p.tier == t for p in d.memory_timeline)]
+    parts = [f'<svg id="memory-line-chart" xmlns="http://www.w3.org/2000/svg" width="{label_w + plot_w + 10}" '
+             f'height="{row_h * len(rows) + 4}" role="img" aria-label="memory in use over the step">']
+    for r, (dev, tier) in enumerate(rows):
+        y0 = r * row_h + 4
+        line = [p for p in dev.memory_timeline if p.tier == tier]
+        budget = dev.budget_bytes.get(tier, 0)
+        top = max([p.bytes for p in line] + [budget, 1])
+        h = row_h - 14
+
+        def x(t: float) -> float:
+            return label_w + plot_w * (t - t0) / span_s
+
+        def y(b: int) -> float:
+            return y0 + h - h * b / top
+
+        label = f"rank {dev.rank} {tier}" if len(devices) > 1 else tier
+        parts.append(f'<text x="0" y="{y0 + 16}">{_e(label)}</text>')
+        parts.append(f'<rect x="{label_w}" y="{y0}" width="{plot_w}" height="{h}" fill="#f7f7f7"/>')
+        pts = []
+        for k, p in enumerate(line):
+            if k:
+                pts.append(f"{x(p.t_s):.1f},{y(line[k - 1].bytes):.1f}")
+            pts.append(f"{x(p.t_s):.1f},{y(p.bytes):.1f}")
+        pts.append(f"{x(t1):.1f},{y(line[-1].bytes):.1f}")
+        peak = max(line, key=lambda p: p.bytes)
+        parts.append(f'<polyline fill="none" stroke="#4e79a7" stroke-width="1.5" points="{" ".join(pts)}">'
+                     f"<title>{_e(f'{tier} in use; peak {format_bytes(peak.bytes)} at {format_seconds(peak.t_s - t0)}')}"
+                     "</title></polyline>")
+        if budget:
+            parts.append(f'<line x1="{label_w}" x2="{label_w + plot_w}" y1="{y(budget):.1f}" y2="{y(budget):.1f}" '
+                         f'stroke="#c62828" stroke-dasharray="4 2"><title>{_e(f"{tier} budget {format_bytes(budget)}")}'
+                         "</title></line>")
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n" + _legend([("in use", "#4e79a7"), ("budget", "#c62828")])
+
+
 def _ordered_streams(events: tuple[TimelineEvent, ...]) -> list[str]:
     present = {e.stream for e in events}
     return [s for s in STREAMS if s in present] + sorted(present - set(STREAMS))
@@ -460,6 +509,8 @@ def render_html(plan: Plan) -> str:
     body.extend(_html_table(s) for s in sections[1:])
     body.append("<h2>Simulated step</h2>")
     body.append(_timeline_svg(plan))
+    body.append("<h2>Memory over the step</h2>")
+    body.append(_memory_lines_svg(plan))
     template = Template(resources.files("memtrain.planner").joinpath("report_template.html").read_text())
     return template.substitute(title=_e(f"memtrain plan: {plan.name}"), version=_e(plan.version), body="\n".join(body))
 

@@ -214,6 +214,7 @@ def test_html_without_timeline_says_so(plan):
     empty = dataclasses.replace(plan, prediction=dataclasses.replace(plan.prediction, timeline=()))
     page = report.render_html(empty)
     assert 'id="timeline-chart"' not in page and "no simulated timeline" in page
+    assert 'id="memory-line-chart"' not in page and "no memory over time" in page  # a plan without the line
 
 
 def test_html_size_bounded_for_long_timelines(plan):
@@ -292,6 +293,12 @@ def test_a_searched_plans_trace_draws_each_tiers_memory_as_a_line(tmp_path):
         assert [c["args"]["budget_bytes"] for c in counters if c["name"] == f"budget {tier}"] == [dev.budget_bytes[tier]] * 2
     device_line = [c["args"]["in_use_bytes"] for c in counters if c["name"] == "memory device"]
     assert len(device_line) > 10 and min(device_line[1:]) < max(device_line) > device_line[0]
+    # the HTML page draws it under each tier's budget
+    page = report.render_html(p)
+    chart = page[page.index('<svg id="memory-line-chart"'):]
+    chart = chart[:chart.index("</svg>")]
+    assert chart.count("<polyline") == len({q.tier for q in dev.memory_timeline})
+    assert f"peak {format_bytes(peaks['device'])}" in chart
     # and the plan keeps it through its JSON form
     from memtrain.planner.plan import Plan
 
