@@ -33,14 +33,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from memtrain.planner.plan import Action, Op
 from memtrain.planner.schedule import Schedule, format_grid
 
 __all__ = ["SCHEDULES", "Placement", "placement", "generate", "add_p2p", "validate_pipeline", "PipelineProblem",
-           "activation_limits", "schedule_from_text", "pass_times", "bubble_fraction"]
+           "activation_limits", "schedule_from_text", "pass_times", "bubble_fraction", "run_in_order"]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "v-half", "v-min")
 """The pipeline schedules ``generate`` makes."""
@@ -306,33 +306,45 @@ def validate_pipeline(schedule: Schedule, place: Placement, num_microbatches: in
                                   f"({len(missing)} passes missing)", [])
     done: set[tuple[Op, int, int]] = set()
     sent: set[tuple[Op, int, int]] = set()
-    pos = {r: 0 for r in schedule}
     held = {r: 0 for r in schedule}
-    progressed = True
-    while progressed:
-        progressed = False
-        for r, acts in schedule.items():
-            while pos[r] < len(acts):
-                a = acts[pos[r]]
-                if not _ready(a, done, sent, last):
-                    break
-                k = pos[r]
-                pos[r] += 1
-                progressed = True
-                if a.op in (Op.SEND_F, Op.SEND_B):
-                    sent.add((a.op, a.stage, a.microbatch))
-                    continue
-                if a.op in (Op.F, Op.B, Op.W):
-                    done.add((a.op, a.stage, a.microbatch))
-                    held[r] += 1 if a.op is Op.F else (-1 if a.op is Op.W or not split_w else 0)
-                    if limits is not None and held[r] > limits[r]:
-                        return _problem(schedule, f"rank {r} step {k} ({a}): holds {held[r]} micro-batch stages' "
-                                                  f"activations, over its limit of {limits[r]}", [(r, k)])
+    overrun: list[PipelineProblem] = []
+
+    def run(r: int, k: int, a: Action) -> bool:
+        if overrun or not _ready(a, done, sent, last):
+            return False
+        if a.op in (Op.SEND_F, Op.SEND_B):
+            sent.add((a.op, a.stage, a.microbatch))
+        elif a.op in (Op.F, Op.B, Op.W):
+            done.add((a.op, a.stage, a.microbatch))
+            held[r] += 1 if a.op is Op.F else (-1 if a.op is Op.W or not split_w else 0)
+            if limits is not None and held[r] > limits[r]:
+                overrun.append(_problem(schedule, f"rank {r} step {k} ({a}): holds {held[r]} micro-batch stages' "
+                                                  f"activations, over its limit of {limits[r]}", [(r, k)]))
+        return True
+
+    pos = run_in_order(schedule, run)
+    if overrun:
+        return overrun[0]
     blocked = [(r, pos[r]) for r, acts in schedule.items() if pos[r] < len(acts)]
     if blocked:
         what = "; ".join(f"rank {r} waits at step {k} ({schedule[r][k]})" for r, k in blocked)
         return _problem(schedule, f"deadlock: {what}", blocked)
     return None
+
+
+def run_in_order(lists: Mapping[int, Sequence[Action]], run: Callable[[int, int, Action], bool]) -> dict[int, int]:
+    """Each rank runs its list in order, the ranks in turn, each action as soon as
+    ``run(rank, step, action)`` can run it (True: it ran; False: not yet), until no rank can go
+    on. Returns where each rank stopped: its list's length when it ran all of it."""
+    pos = {r: 0 for r in lists}
+    progressed = True
+    while progressed:
+        progressed = False
+        for r, acts in lists.items():
+            while pos[r] < len(acts) and run(r, pos[r], acts[pos[r]]):
+                pos[r] += 1
+                progressed = True
+    return pos
 
 
 def _ready(a: Action, done: set, sent: set, last: int) -> bool:
@@ -353,22 +365,18 @@ def pass_times(schedule: Schedule, place: Placement, durations: dict[Op, float])
     compute = {r: [a for a in acts if a.op in (Op.F, Op.B, Op.W)] for r, acts in schedule.items()}
     ends: dict[tuple[Op, int, int], tuple[float, float]] = {}
     free = {r: 0.0 for r in compute}
-    pos = {r: 0 for r in compute}
-    progressed = True
-    while progressed:
-        progressed = False
-        for r, acts in compute.items():
-            while pos[r] < len(acts):
-                a = acts[pos[r]]
-                deps = _deps(a, last)
-                if not all(d in ends for d in deps):
-                    break
-                t = durations[a.op] + (durations.get(Op.W, 0.0) if a.op is Op.B and not split_w else 0.0)
-                start = max([free[r]] + [ends[d][1] for d in deps])
-                ends[(a.op, a.stage, a.microbatch)] = (start, start + t)
-                free[r] = start + t
-                pos[r] += 1
-                progressed = True
+
+    def run(r: int, k: int, a: Action) -> bool:
+        deps = _deps(a, last)
+        if not all(d in ends for d in deps):
+            return False
+        t = durations[a.op] + (durations.get(Op.W, 0.0) if a.op is Op.B and not split_w else 0.0)
+        start = max([free[r]] + [ends[d][1] for d in deps])
+        ends[(a.op, a.stage, a.microbatch)] = (start, start + t)
+        free[r] = start + t
+        return True
+
+    pos = run_in_order(compute, run)
     if any(pos[r] < len(acts) for r, acts in compute.items()):
         raise ValueError("pass_times: the schedule deadlocks (validate_pipeline names where)")
     return ends

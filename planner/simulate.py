@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate, groupby
 
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
 from memtrain.planner import cost, footprint
@@ -560,14 +561,12 @@ def _memory_line(graph: TaskGraph, r: GraphResult, resident: dict[str, int], shi
     for tier in sorted(set(moves) | {k for k, v in resident.items() if v}):
         level = resident.get(tier, 0)
         line: list[tuple[float, int]] = [(0.0, level)]
-        high = level  # the most held within the current instant
-        for k, (t, b) in enumerate(ordered := sorted(moves.get(tier, []), key=lambda m: m[0])):  # stable
-            level += b
-            high = max(high, level) if k and ordered[k - 1][0] == t else level
-            if k + 1 == len(ordered) or ordered[k + 1][0] != t:  # the instant's last move
-                line.append((t, high))
-                if level != high:  # an allocation freed within the same instant: up, then down
-                    line.append((t, level))
+        for t, at in groupby(sorted(moves.get(tier, []), key=lambda m: m[0]), key=lambda m: m[0]):  # stable
+            levels = list(accumulate((b for _, b in at), initial=level))[1:]
+            high, level = max(levels), levels[-1]  # the most held within the instant, and after it
+            line.append((t, high))
+            if level != high:  # an allocation freed within the same instant: up, then down
+                line.append((t, level))
         if len(line) > MAX_MEMORY_POINTS:
             size = -(-len(line) // MAX_MEMORY_POINTS)
             line = [max(line[k:k + size], key=lambda p: p[1]) for k in range(0, len(line), size)]

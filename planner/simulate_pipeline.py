@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from memtrain.planner.pipeline import Placement, _deps
+from memtrain.planner.pipeline import Placement, _deps, run_in_order
 from memtrain.planner.plan import Action, Op
 from memtrain.planner.schedule import Schedule
 from memtrain.planner.taskgraph import TaskGraph, simulate_graph
@@ -71,26 +71,22 @@ def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[Sta
     has_p2p = any(a.op in (Op.SEND_F, Op.RECV_F, Op.SEND_B, Op.RECV_B) for acts in schedule.values() for a in acts)
     g = TaskGraph()
     task: dict[tuple[Op, int, int], int] = {}
-    pos = {r: 0 for r in schedule}
-    progressed = True
-    while progressed:
-        progressed = False
-        for r, acts in schedule.items():
-            while pos[r] < len(acts):
-                a = acts[pos[r]]
-                deps = _task_deps(a, task, place, r, last, has_p2p)
-                if deps is None:
-                    break
-                _add(g, task, a, r, deps, place, stages, link, split_w)
-                pos[r] += 1
-                progressed = True
+
+    def run(r: int, k: int, a: Action) -> bool:
+        deps = _task_deps(a, task, place, r, last, has_p2p)
+        if deps is None:
+            return False
+        _add(g, task, a, r, deps, place, stages, link, split_w)
+        return True
+
+    pos = run_in_order(schedule, run)
     stuck = [f"rank {r} at step {k} ({schedule[r][k]})" for r, k in pos.items() if k < len(schedule[r])]
     if stuck:
         raise ValueError(f"simulate_pipeline: the schedule deadlocks: {'; '.join(stuck)} (validate_pipeline shows where)")
     res = simulate_graph(g)
     step = res.end_s
-    busy = sum(res.finish_s[t] - res.start_s[t] for key, t in task.items() if key[0] in (Op.F, Op.B, Op.W))
     passes = {k: (res.start_s[t], res.finish_s[t]) for k, t in task.items() if k[0] in (Op.F, Op.B, Op.W)}
+    busy = sum(end - start for start, end in passes.values())
     peaks = {r: res.peak_bytes.get(f"rank{r}", 0) for r in schedule}
     return PipelineResult(step_time_s=step, bubble_fraction=1.0 - busy / (step * len(schedule)) if step else 0.0,
                           peak_bytes=peaks, pass_times=passes)
