@@ -28,7 +28,7 @@ from memtrain.units import parse_bytes, show
 
 __all__ = [
     "ConfigError", "Size", "ModelConfig", "DataConfig", "OptimizerConfig", "TrainConfig", "DeviceConfig",
-    "NvmeConfig", "NodeConfig", "ClusterConfig", "MemoryConfig", "SnapshotConfig", "Config",
+    "NvmeConfig", "NodeConfig", "ClusterConfig", "MemoryConfig", "SnapshotConfig", "CheckpointConfig", "Config",
     "config_from_dict", "section_from_dict", "MAX_CONFIG_BYTES", "MAX_GLOBAL_BATCH_SIZE",
 ]
 
@@ -54,6 +54,8 @@ MAX_DEVICES_PER_NODE = 1024
 MAX_NUM_CPUS = 1 << 16
 MAX_STRIPES = 256
 """Data or parity stripes of a snapshot at most (snapshot.k, snapshot.m)."""
+MAX_CHECKPOINTS_KEPT = 1000
+"""Checkpoints kept at most (checkpoint.keep)."""
 MAX_TEXT = 4096
 """Characters of a text field at most (names, paths, kinds)."""
 MAX_CONFIG_BYTES = 16 << 20
@@ -334,9 +336,20 @@ class MemoryConfig:
     prefetch_depth: int | None = None
     """Off-device chunks held in device buffers at most, fetched ahead of use; at least the most
     off-device chunks one block uses. Default: the planner chooses."""
+    offload: str = "auto"
+    """Where every chunk of parameters, gradients and optimizer states lives: ``device``,
+    ``host`` or ``nvme``; ``auto`` lets the planner choose per chunk."""
+    activations: str = "auto"
+    """What every block does with its activations: ``keep``, ``swap_host``, ``swap_nvme`` or
+    ``recompute``; ``auto`` lets the planner choose per block."""
 
     def __post_init__(self) -> None:
         _fraction("memory.safety_margin", self.safety_margin)
+        if self.offload not in ("auto", "device", "host", "nvme"):
+            raise ConfigError(f"memory.offload: must be 'auto', 'device', 'host' or 'nvme', got {show(self.offload)}")
+        if self.activations not in ("auto", "keep", "swap_host", "swap_nvme", "recompute"):
+            raise ConfigError("memory.activations: must be 'auto', 'keep', 'swap_host', 'swap_nvme' or 'recompute', "
+                              f"got {show(self.activations)}")
         _check_int("memory.chunk_elems", self.chunk_elems, 1, MAX_CHUNK_ELEMS)
         _check_int("memory.prefetch_depth", self.prefetch_depth, 1, MAX_PREFETCH_DEPTH)
 
@@ -357,6 +370,25 @@ class SnapshotConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    interval_steps: int = 0
+    """Write a durable checkpoint every N steps; 0 = only at the end of the run and when the run is
+    stopped by SIGTERM or SIGINT (which it always does)."""
+    keep: int = 2
+    """Newest checkpoints kept; older ones are removed once a newer one is complete."""
+    compress: bool = False
+    """Compress the checkpoint's state with zstandard (smaller files, more CPU time)."""
+    dir: str = ""
+    """Where checkpoints go; default: ``<run_dir>/checkpoints``."""
+
+    def __post_init__(self) -> None:
+        _check_int("checkpoint.interval_steps", self.interval_steps, 0, MAX_STEPS)
+        _check_int("checkpoint.keep", self.keep, 1, MAX_CHECKPOINTS_KEPT)
+        if self.dir:
+            _check_path("checkpoint.dir", self.dir)
+
+
+@dataclass(kw_only=True, slots=True)
 class Config:
     name: str = "run"
     """Run name (used in reports and the run directory)."""
@@ -366,6 +398,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run_dir: str = "runs/{name}"
     """Where checkpoints, profiles and reports go; ``{name}`` is replaced by the run name."""
 
@@ -509,5 +542,6 @@ _SECTIONS: list[tuple[str, type]] = [
     ("train.optimizer", OptimizerConfig), ("cluster", ClusterConfig), ("cluster.nodes[]", NodeConfig),
     ("cluster.nodes[].devices[]", DeviceConfig), ("cluster.nodes[].nvme", NvmeConfig),
     ("memory", MemoryConfig), ("snapshot", SnapshotConfig),
+    ("checkpoint", CheckpointConfig),
 ]
 _GENERIC_PATHS: dict[type, str] = {cls: prefix for prefix, cls in _SECTIONS if "[]" in prefix}

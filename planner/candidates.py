@@ -290,6 +290,28 @@ def candidates_for(ctx: Context, chunk_size: int, packed: list[tuple[tuple[str, 
     return out
 
 
+def fixed_candidates(ctx: Context, chunk_size: int, packed: list[tuple[tuple[str, ...], int]], *, home: Tier | None,
+                     acts: ActPolicy | None, fixed_depth: int | None = None) -> list[Candidate]:
+    """The candidates that keep every chunk on ``home`` and/or give every block ``acts``
+    (``memory.offload``, ``memory.activations``; None leaves that choice to ``candidates_for``)."""
+    nb = len(ctx.stats.blocks)
+    if home is None:  # activations fixed: the placements the search would try, with those activations
+        out = []
+        for cand in candidates_for(ctx, chunk_size, packed, fixed_depth=fixed_depth):
+            p = cand.policy
+            if p.activations != (acts,) * nb:
+                out += _policies(ctx, chunk_size, p.chunks, p.prefetch_depth, (acts,) * nb, p.optim_staged_chunks)
+        return list({c.policy: c for c in out}.values())
+    chunks = tuple(ChunkPlan(index=i, num_elems=n, param_names=names, home=home) for i, (names, n) in enumerate(packed))
+    if home is Tier.DEVICE:
+        depths: tuple[int, ...] = (1,)
+    else:
+        d0 = max((len(cs) for cs in cost.block_chunk_ids(ctx.stats, chunks)), default=1)
+        depths = (d0, d0 + 1) if fixed_depth is None else (fixed_depth,) if fixed_depth >= d0 else ()
+    act_options = [(acts,) * nb] if acts is not None else [(a,) * nb for a in (ActPolicy.KEEP, ActPolicy.RECOMPUTE)]
+    return [c for d in depths for a in act_options for c in _policies(ctx, chunk_size, chunks, d, a, OPTIM_STAGINGS)]
+
+
 def _policies(ctx: Context, chunk_size: int, chunks: tuple[ChunkPlan, ...], depth: int, acts: tuple[ActPolicy, ...],
               staged: int) -> list[Candidate]:
     """The candidates of one placement and activation choice: with and without zstd where NVMe

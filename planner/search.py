@@ -23,7 +23,7 @@ from memtrain.planner.plan import (
 )
 from memtrain.planner.candidates import (
     CHUNK_SIZE_CANDIDATES, MAX_OPTIM_STAGINGS, OPTIM_STAGINGS, Candidate, Context, candidates_for, chunk_partitions,
-    describe, divisors_desc, movement, swap_pacing,
+    describe, divisors_desc, fixed_candidates, movement, swap_pacing,
 )
 from memtrain.planner.schedule import generate_single_device, lower_chunks
 from memtrain.planner.simulate import SimResult, simulate_step
@@ -177,6 +177,8 @@ def plan(
     max_alternatives: int = 6,
     chunk_size_elems: int | None = None,
     prefetch_depth: int | None = None,
+    offload: Tier | str | None = None,
+    activations: ActPolicy | str | None = None,
 ) -> Plan:
     """The fastest single-device plan whose predicted peaks fit every tier's usable budget.
 
@@ -187,7 +189,9 @@ def plan(
     breakdown) on top of the ledger's owners. ``param_numels`` (name -> numel) lets chunks
     be cut between parameters instead of between blocks (``cost.pack_chunks``).
     ``chunk_size_elems`` and ``prefetch_depth`` fix those choices (``memory.chunk_elems``,
-    ``memory.prefetch_depth``) instead of searching them. When nothing fits, the Plan has
+    ``memory.prefetch_depth``) instead of searching them; ``offload`` (a tier) and ``activations``
+    (a policy) fix every chunk's home and every block's activations (``memory.offload``,
+    ``memory.activations``; None or ``auto`` searches them). When nothing fits, the Plan has
     ``fits=False`` and ``shortfall`` says which tier lacks how much.
     """
     dtype, optimizer = DType(dtype), Optimizer(optimizer)
@@ -208,6 +212,11 @@ def plan(
         raise ValueError(f"budgets: unknown tier {sorted(unknown)[0]!r}; use device, host and nvme")
     if device.peak_flops(str(dtype)) <= 0:
         raise UserError(f"train.dtype: {device.kind} has no {dtype} throughput; choose another dtype")
+    home = None if offload in (None, "auto") else Tier(offload)
+    act = None if activations in (None, "auto") else ActPolicy(activations)
+    if nvme is None and (home is Tier.NVME or act is ActPolicy.SWAP_NVME):
+        field = "memory.offload" if home is Tier.NVME else "memory.activations"
+        raise UserError(f"{field}: uses NVMe but no NVMe path is configured; add cluster.nodes[].nvme.path")
     usable = {t: int(max(0, budgets.get(t, 0)) * (1 - safety_margin)) for t in ("device", "host", "nvme")}
     if nvme is None:
         usable["nvme"] = 0
@@ -227,7 +236,10 @@ def plan(
     candidates: list[Candidate] = []
     for mbs in mbs_options:
         for size, packed in partitions:
-            candidates += candidates_for(contexts[mbs], size, packed, fixed_depth=prefetch_depth)
+            if home is None and act is None:
+                candidates += candidates_for(contexts[mbs], size, packed, fixed_depth=prefetch_depth)
+            else:
+                candidates += fixed_candidates(contexts[mbs], size, packed, home=home, acts=act, fixed_depth=prefetch_depth)
     # best bound first; among equals, the larger micro-batch (better kernel efficiency in practice).
     # The near-tie rule prefers the plan that moves least, so each micro-batch size's least-moving
     # candidate is simulated first, whatever its bound: a loose bound of plans that offload (device
@@ -268,6 +280,8 @@ def plan(
         ram = [why for _, _, why in tried if why.startswith(_RAM_SHORT)]
         shortfall = (ram[0][len("does not fit: "):] + "; raise memory.device or memory.host" if ram
                      else _shortfall(base, mbs, dtype, optimizer, usable, budgets, safety_margin, nvme, device))
+        if not shortfall and (home is not None or act is not None) and tried:
+            shortfall = f"{tried[0][2]}; with memory.offload = {offload} and memory.activations = {activations}: set them to auto"
         if not shortfall and not candidates and (chunk_size_elems or prefetch_depth):
             fixed = " and ".join(f"memory.{k} = {v}" for k, v in (("chunk_elems", chunk_size_elems),
                                                                   ("prefetch_depth", prefetch_depth)) if v)

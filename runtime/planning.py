@@ -92,6 +92,8 @@ def plan_from_config(cfg: Config, *, profile_path: str | None = None) -> Plan:
         source=source,
         chunk_size_elems=cfg.memory.chunk_elems,
         prefetch_depth=cfg.memory.prefetch_depth,
+        offload=cfg.memory.offload,
+        activations=cfg.memory.activations,
     )
     return dataclasses.replace(plan, source_notes=tuple(notes)) if notes else plan
 

@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from memtrain.errors import UserError
+
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
 from memtrain.planner import cost, footprint
 from memtrain.planner.plan import ActPolicy, Op, Plan, Tier
@@ -59,11 +61,11 @@ SMALL = gpt_stats(768, 1024, 12, 50304)  # GPT-2 small: 124M parameters, ~2 GB o
 
 
 def run(stats: ModelStats = SMALL, *, device_gib: float = 80, host_gib: float = 1024, nvme_gib: float = 8000,
-        nvme: NvmeSpec | None = NVME, gbs: int = 8, mbs: int = 0, margin: float = 0.1) -> Plan:
+        nvme: NvmeSpec | None = NVME, gbs: int = 8, mbs: int = 0, margin: float = 0.1, **fixed) -> Plan:
     return plan(stats, name="t", global_batch_size=gbs, micro_batch_size=mbs, dtype="bf16", optimizer="adamw",
                 device=H100, host=HOST, nvme=nvme,
                 budgets={"device": int(device_gib * GiB), "host": int(host_gib * GiB), "nvme": int(nvme_gib * GiB)},
-                safety_margin=margin, source="catalog")
+                safety_margin=margin, source="catalog", **fixed)
 
 
 def assert_within_budgets(p: Plan) -> None:
@@ -84,6 +86,34 @@ def test_a_model_that_fits_stays_on_the_device():
     # chunks cover every parameter once, in execution order
     names = [n for c in p.memory.chunks for n in c.param_names]
     assert names == [n for b in SMALL.blocks for n in b.param_names]
+
+
+@pytest.mark.parametrize("offload, activations", [("nvme", "recompute"), ("host", "auto"), ("auto", "swap_host"),
+                                                   ("device", "swap_nvme")])
+def test_memory_offload_and_activations_fix_every_chunk_home_and_block_policy(offload, activations):
+    free = run(gbs=4)  # on an 80 GiB device the search keeps everything there
+    assert {c.home for c in free.memory.chunks} == {Tier.DEVICE} and set(free.memory.activations) == {ActPolicy.KEEP}
+    p = run(gbs=4, offload=offload, activations=activations)
+    assert p.fits, p.shortfall
+    if offload != "auto":
+        assert {c.home for c in p.memory.chunks} == {Tier(offload)}
+    if activations != "auto":
+        assert set(p.memory.activations) == {ActPolicy(activations)}
+    sim = simulate_step(p.model, p.train, p.device, p.host, p.nvme, p.memory)
+    assert p.prediction.step_time_s == pytest.approx(sim.step_time_s)
+    assert_within_budgets(p)
+
+
+def test_a_fixed_nvme_choice_without_an_nvme_path_names_the_field():
+    with pytest.raises(UserError, match=r"^memory.offload: uses NVMe but no NVMe path"):
+        run(nvme=None, offload="nvme")
+    with pytest.raises(UserError, match=r"^memory.activations: uses NVMe"):
+        run(nvme=None, activations="swap_nvme")
+
+
+def test_a_fixed_choice_that_cannot_fit_says_so_and_names_the_fields():
+    p = run(device_gib=2.5, gbs=4, offload="device")
+    assert not p.fits and "memory.offload = device" in p.shortfall and "set them to auto" in p.shortfall
 
 
 def test_prediction_is_the_simulation_of_the_chosen_policy():
