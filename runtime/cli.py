@@ -65,8 +65,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="replace an earlier run's plan.json and metrics.jsonl in the run directory (without it, "
                         "such a directory is refused); profile.parquet is kept")
 
-    p = sub.add_parser("resume", help="resume a run from its latest snapshot or checkpoint")
-    _add_config_args(p)
+    p = sub.add_parser(
+        "resume", help="continue a run from its newest valid checkpoint",
+        description="Continue the run in RUN_DIR from its newest checkpoint whose checksums match (corrupt or "
+                    "partial ones are skipped, each named), with the config and plan it ran; the per-step losses "
+                    "continue exactly as an uninterrupted run's. Exit status as for 'run'.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (holds config.json, plan.json, checkpoints/)")
+    p.add_argument("--config", metavar="CONFIG", help="a config to resume with instead of the run's own; it may "
+                                                      "change only train.steps and the checkpoint section")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a field of the run's config, e.g. --set train.steps=100")
     return parser
 
 
@@ -190,29 +199,39 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     from memtrain.runtime.planning import run_dir
-    from memtrain.runtime.train import EXIT_NON_FINITE_LOSS, NonFiniteLoss, train
+    from memtrain.runtime.train import train
 
     _check_output("run_dir", str(run_dir(cfg) / "metrics.jsonl"))  # where the run writes its files
+    return _training(lambda: train(cfg, overwrite=args.overwrite), str(run_dir(cfg)))
+
+
+def _training(run, run_dir: str) -> int:
+    """Run a training call; a diverged loss and a stop by signal end it with their own statuses."""
+    from memtrain.runtime.train import EXIT_NON_FINITE_LOSS, NonFiniteLoss, Stopped
+
     try:
-        train(cfg, overwrite=args.overwrite)
+        run()
     except NonFiniteLoss as e:  # training diverged: a clean stop with its own status
         print(f"memtrain: error: {e}", file=sys.stderr)
         return EXIT_NON_FINITE_LOSS
+    except Stopped as e:  # preempted: the checkpoint is written; 128 + the signal, as the shell reports it
+        print(f"memtrain: {e}; continue with: memtrain resume {run_dir}", file=sys.stderr)
+        return 128 + e.signum
     return 0
 
 
-def _not_yet(name: str):
-    def run(args: argparse.Namespace) -> int:
-        raise UsageError(f"'memtrain {name}' is not yet available in this version; 'memtrain plan' is")
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from memtrain.runtime.resume import resume
 
-    return run
+    _check_input("--config", args.config)
+    return _training(lambda: resume(args.run_dir, config_path=args.config, overrides=args.overrides), args.run_dir)
 
 
 _COMMANDS = {
     "plan": _cmd_plan,
     "profile": _cmd_profile,
     "run": _cmd_run,
-    "resume": _not_yet("resume"),
+    "resume": _cmd_resume,
 }
 
 

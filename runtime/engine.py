@@ -304,6 +304,7 @@ class Engine:
         sd = {"model": self.model_state_dict(), "optimizer": self.optimizer.state_dict()}
         if self.scaler is not None:
             sd["loss_scale"] = self.scaler.scale
+            sd["loss_scaler"] = {"scale": self.scaler.scale, "good_steps": self.scaler.good_steps}
         return sd
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
@@ -314,7 +315,10 @@ class Engine:
         self.store.load_params(sd["model"])
         if "optimizer" in sd:
             self.optimizer.load_state_dict(sd["optimizer"])
-        if self.scaler is not None and "loss_scale" in sd:
+        if self.scaler is not None and "loss_scaler" in sd:
+            self.scaler.scale = float(sd["loss_scaler"]["scale"])
+            self.scaler.good_steps = int(sd["loss_scaler"]["good_steps"])
+        elif self.scaler is not None and "loss_scale" in sd:
             self.scaler.scale = float(sd["loss_scale"])
 
     def _ledgers(self) -> dict[str, Ledger]:

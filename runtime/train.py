@@ -15,13 +15,25 @@ is kept. A run that fails before its first step ends removes what it wrote there
 turning non-finite, an interrupt) closes the engine before the error propagates, so the NVMe
 store's chunk files and lock are removed; a SIGKILL leaves them, and the next run's store
 removes them (offload.nvme [Note: stale files]).
+
+[Note: checkpoints of a run] A run also writes ``config.json`` (the config it ran, which
+``memtrain resume`` reads) and checkpoints under ``checkpoint.dir`` (default
+``<run_dir>/checkpoints``, runtime.checkpoint [Note: checkpoint layout]): every
+``checkpoint.interval_steps`` steps, at the end, and after the step in progress when SIGTERM or
+SIGINT arrives (preemption), after which the run stops with ``Stopped``. A second SIGINT
+interrupts at once. Writes overlap the next steps (``Checkpointer``). A resumed run
+(``resume_from``) runs the plan it saved, loads the state, truncates ``metrics.jsonl`` to the
+checkpoint's step and continues with the next step, so its lines equal an uninterrupted run's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
+import os
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -32,9 +44,9 @@ from memtrain.errors import UserError
 from memtrain.units import format_bytes
 from memtrain.config import Config, ConfigError
 
-__all__ = ["lr_at", "train", "NonFiniteLoss", "RUN_ARTIFACTS", "EXIT_NON_FINITE_LOSS"]
+__all__ = ["lr_at", "train", "NonFiniteLoss", "Stopped", "RUN_ARTIFACTS", "EXIT_NON_FINITE_LOSS", "checkpoint_root"]
 
-RUN_ARTIFACTS = ("plan.json", "metrics.jsonl")
+RUN_ARTIFACTS = ("plan.json", "metrics.jsonl", "config.json")
 """What ``train`` writes to the run directory ([Note: the run directory])."""
 
 EXIT_NON_FINITE_LOSS = 3
@@ -51,6 +63,61 @@ class NonFiniteLoss(RuntimeError):
     def __init__(self, message: str, *, step: int) -> None:
         super().__init__(message)
         self.step = step
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT stopped the run after ``step`` steps, with a checkpoint written at
+    ``path`` ([Note: checkpoints of a run])."""
+
+    def __init__(self, signum: int, *, step: int, path: Path) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {path}")
+        self.signum, self.step, self.path = signum, step, path
+
+
+def checkpoint_root(cfg: Config) -> Path:
+    from memtrain.runtime.planning import run_dir
+
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir(cfg) / "checkpoints"
+
+
+class _StopSignals:
+    """SIGTERM and SIGINT set ``signum`` (the run checkpoints after the step in progress); a
+    second SIGINT raises KeyboardInterrupt. Only the main thread can take signals: elsewhere
+    nothing is installed."""
+
+    def __init__(self, print_fn) -> None:
+        self.signum: int | None = None
+        self.print_fn = print_fn
+        self._old: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.print_fn(f"memtrain: {signal.Signals(signum).name} received: checkpointing after this step, then stopping "
+                      "(press Ctrl-C again to stop at once)")
+
+    def __enter__(self) -> "_StopSignals":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the lines of steps 1..``step`` (a resumed run rewrites what came after its checkpoint)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -87,11 +154,15 @@ def _memory_for(plan, cfg: Config) -> dict:
     return memory
 
 
-def _check_run_dir(out_dir: Path, overwrite: bool) -> None:
+def _check_run_dir(out_dir: Path, overwrite: bool, checkpoints: Path) -> None:
     """Refuse a run directory holding an earlier run's artifacts ([Note: the run directory])."""
+    from memtrain.runtime.checkpoint import list_checkpoints
+
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"run_dir: {out_dir} is a file; set run_dir (or name) to a directory")
     found = [name for name in RUN_ARTIFACTS if (out_dir / name).exists()]
+    if list_checkpoints(checkpoints):
+        found.append(f"checkpoints in {checkpoints}")
     if found and not overwrite:
         raise UserError(
             f"run_dir: {out_dir} holds an earlier run's {' and '.join(found)}; pass --overwrite to replace them, "
@@ -99,9 +170,13 @@ def _check_run_dir(out_dir: Path, overwrite: bool) -> None:
         )
 
 
-def _remove_artifacts(out_dir: Path, created: bool) -> None:
+def _remove_artifacts(out_dir: Path, created: bool, checkpoints: Path | None = None) -> None:
     for name in RUN_ARTIFACTS:
         (out_dir / name).unlink(missing_ok=True)
+    if checkpoints is not None and checkpoints.is_dir():
+        import shutil
+
+        shutil.rmtree(checkpoints)
     if created:
         with contextlib.suppress(OSError):  # something else was written there meanwhile: keep it
             out_dir.rmdir()
@@ -137,15 +212,18 @@ def _non_finite(loss: float, step: int, cfg: Config, metrics_path: Path) -> NonF
     )
 
 
-def train(cfg: Config, *, overwrite: bool = False, print_fn=print) -> dict:
+def train(cfg: Config, *, overwrite: bool = False, print_fn=print, resume_from=None, plan=None) -> dict:
     """Train ``cfg.train.steps`` steps; returns a summary (losses, timings, memory).
 
     ``overwrite``: replace an earlier run's artifacts in the run directory instead of refusing
-    ([Note: the run directory]). Raises ``NonFiniteLoss`` when the loss turns NaN or infinite.
+    ([Note: the run directory]). ``resume_from`` (a ``runtime.checkpoint.Loaded``) with the
+    ``plan`` the run saved continues that run ([Note: checkpoints of a run]). Raises
+    ``NonFiniteLoss`` when the loss turns NaN or infinite, ``Stopped`` after SIGTERM or SIGINT.
     """
     from memtrain.models import build_model
     from memtrain.planner import report
     from memtrain.planner.measure import LoadMeter
+    from memtrain.runtime.checkpoint import Checkpointer, engine_state, restore_engine_state
     from memtrain.runtime.data import TokenBatches
     from memtrain.runtime.wrapping import wrap
     from memtrain.runtime.planning import plan_from_config, run_dir
@@ -153,21 +231,27 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print) -> dict:
     from memtrain.runtime.run_check import closing_lines
 
     out_dir = run_dir(cfg)
-    _check_run_dir(out_dir, overwrite)
-    plan = plan_from_config(cfg)
+    ckpt_root = checkpoint_root(cfg)
+    resuming = resume_from is not None
+    if not resuming:
+        _check_run_dir(out_dir, overwrite, ckpt_root)
+        plan = plan_from_config(cfg)
     report.print_summary(plan)
     if not plan.fits:
         raise ConfigError(f"the model does not fit: {plan.shortfall}")
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     if overwrite:
-        _remove_artifacts(out_dir, created=False)
+        _remove_artifacts(out_dir, created=False, checkpoints=ckpt_root)
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+    start = resume_from.step if resuming else 0
     losses, step_times = [], []
     metrics_path = out_dir / "metrics.jsonl"
     engine = None
     try:
-        plan.save(out_dir / "plan.json")
+        if not resuming:
+            plan.save(out_dir / "plan.json")
+            _write_config(out_dir / "config.json", cfg)
         # the baseline: the interpreter, torch, memtrain and what planning left (closing_lines)
         process = ProcessPeak("cuda" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(cfg.train.seed)
@@ -181,10 +265,23 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print) -> dict:
         # [Note: closing the engine] from here on
         data = TokenBatches(cfg.data, batch_size=cfg.train.global_batch_size, seq_len=cfg.train.seq_len,
                             vocab_size=built.vocab_size)
-        print_fn(f"training {cfg.train.steps} steps of {tokens_per_step:,} tokens; run directory {out_dir}")
+        if resuming:
+            state = resume_from.states[0]
+            restore_engine_state(engine, state)
+            data.load_state_dict(state["data"])
+            _truncate_metrics(metrics_path, start)
+            print_fn(f"resuming after step {start} from {resume_from.path}")
+        checkpoints = Checkpointer(ckpt_root, keep=cfg.checkpoint.keep, compress=cfg.checkpoint.compress,
+                                   meta={"config": dataclasses.asdict(cfg)})
+
+        def checkpoint(done: int) -> None:
+            checkpoints.save(done, {0: engine_state(engine, step=done, data=data.state_dict())})
+
+        print_fn(f"training {cfg.train.steps - start} steps of {tokens_per_step:,} tokens; run directory {out_dir}")
         run_load = LoadMeter()  # what other processes do during the run, for closing_lines
-        with metrics_path.open("a") as metrics:
-            for step in range(cfg.train.steps):
+        interval = cfg.checkpoint.interval_steps
+        with metrics_path.open("a") as metrics, _StopSignals(print_fn) as stop:
+            for step in range(start, cfg.train.steps):
                 engine.set_lr(lr_at(step, cfg))
                 t0 = time.perf_counter()
                 loss = engine.train_step(next(data))
@@ -204,6 +301,13 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print) -> dict:
                 print_fn(f"step {step + 1:>5}/{cfg.train.steps}  loss {loss:.4f}  {dt:6.3f} s  "
                          f"{tokens_per_step / dt:10,.0f} tok/s  step peak: device {format_bytes(peaks['device'])}, "
                          f"host {format_bytes(peaks['host'])}")
+                done = step + 1
+                if stop.signum is not None or done == cfg.train.steps or (interval and done % interval == 0):
+                    checkpoint(done)
+                if stop.signum is not None:
+                    checkpoints.wait()
+                    raise Stopped(stop.signum, step=done, path=ckpt_root / f"step-{done:08d}")
+            checkpoints.wait()
         mem = engine.memory_report()
         process_peak = process.peak_bytes()
     except BaseException:
@@ -212,14 +316,24 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print) -> dict:
                 engine.close()
             except Exception as e:  # the first failure is the one to report; this one is a note
                 print_fn(f"memtrain: closing the engine after a failure also failed: {e!r}")
-        if not losses:
+        if not losses and not resuming:
             _remove_artifacts(out_dir, created)
         raise
     engine.close()
+    if checkpoints.saved:
+        print_fn(f"checkpoint {checkpoints.saved[-1]} ({checkpoints.seconds_blocked:.2f} s of training time spent on "
+                 "checkpoints)")
     for line in closing_lines(plan, step_times_s=step_times, memory=mem, run_load=run_load.read(),
                               process=(process_peak, process.baseline_bytes, process.exact)):
         print_fn(line)
-    return {"losses": losses, "step_times_s": step_times, "plan": plan,
+    return {"losses": losses, "step_times_s": step_times, "plan": plan, "first_step": start + 1,
             "peak_bytes": {t: m.peak_bytes for t, m in mem.items()},
             "process_bytes": {"baseline": process.baseline_bytes, "peak_above_baseline": process_peak,
                               "predicted": plan.prediction.devices[0].process_bytes if plan.prediction.devices else 0}}
+
+
+def _write_config(path: Path, cfg: Config) -> None:
+    """The config the run ran, as JSON ``config_from_dict`` reads back (``memtrain resume``)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    os.replace(tmp, path)

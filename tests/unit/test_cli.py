@@ -77,9 +77,10 @@ def test_profile_then_plan_uses_it(tmp_path):
     assert not Plan.load(tmp_path / "q.json").source.startswith("profile:")
 
 
-def test_resume_not_yet_available_is_a_clear_message():
+def test_resume_of_something_not_a_run_directory_is_a_clear_message():
     r = memtrain("resume", ROOT / "examples" / "tiny-cpu.yaml")
-    assert r.returncode == 2 and "not yet available" in r.stderr
+    assert r.returncode == 2 and "is not a directory; give the run directory" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 # --- bad input (issue 16, section 3): exit 2 and one line naming the field or file -------------
