@@ -275,7 +275,7 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print, resume_from=N
                                    meta={"config": dataclasses.asdict(cfg)})
 
         def checkpoint(done: int) -> None:
-            checkpoints.save(done, {0: engine_state(engine, step=done, data=data.state_dict())})
+            checkpoints.save(done, {0: engine_state(engine, step=done, data=data.state_dict())}, copy=False)
 
         print_fn(f"training {cfg.train.steps - start} steps of {tokens_per_step:,} tokens; run directory {out_dir}")
         run_load = LoadMeter()  # what other processes do during the run, for closing_lines

@@ -99,3 +99,28 @@ def test_the_rng_states_round_trip_so_every_generator_continues_its_sequence():
     ck.restore_rng(state)
     got = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
+
+
+def test_engine_state_holds_copies_so_the_next_steps_change_nothing_in_it():
+    from memtrain.models.gpt import GPT, gpt_config
+    from memtrain.runtime.wrapping import wrap
+
+    torch.manual_seed(0)
+    model = GPT(gpt_config("tiny"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    engine = wrap(model, optimizer="adamw", memory={"device": 2**30, "host": 2**30}, micro_batch_size=2, verbose=False,
+                  device="cpu", seq_len=16, global_batch_size=2)
+    try:
+        engine.train_step((ids[:, :-1], ids[:, 1:]))
+        state = ck.engine_state(engine, step=1)
+        frozen = ck._copied(state)
+        engine.train_step((ids[:, :-1], ids[:, 1:]))
+        for name, t in frozen["engine"]["model"].items():
+            assert torch.equal(state["engine"]["model"][name], t), name
+        for idx, entry in frozen["engine"]["optimizer"]["state"].items():
+            for k, t in entry.items():
+                assert torch.equal(state["engine"]["optimizer"]["state"][idx][k], t), (idx, k)
+        assert not torch.equal(ck.engine_state(engine, step=2)["engine"]["model"]["blocks.2.mlp.proj.weight"],
+                               frozen["engine"]["model"]["blocks.2.mlp.proj.weight"])
+    finally:
+        engine.close()

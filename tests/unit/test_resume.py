@@ -139,3 +139,17 @@ def test_resume_refuses_a_change_that_breaks_exact_continuation_naming_the_field
     assert "already finished its 6 steps" in lines[-1]
     with pytest.raises(UserError, match="no config.json"):
         resume(tmp_path, print_fn=lambda s: None)
+
+
+def test_the_plain_loop_example_stopped_and_run_again_gives_an_uninterrupted_runs_losses(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("wrap_resume", Path(__file__).parents[2] / "examples" / "wrap_resume.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(["--dir", str(tmp_path / "whole"), "--steps", "12", "--every", "5"]) == 0
+    assert example.main(["--dir", str(tmp_path / "parts"), "--steps", "12", "--every", "5", "--stop-after", "7"]) == 0
+    assert len(json.loads((tmp_path / "parts" / "losses.json").read_text())) == 7
+    assert example.main(["--dir", str(tmp_path / "parts"), "--steps", "12", "--every", "5"]) == 0
+    whole = json.loads((tmp_path / "whole" / "losses.json").read_text())
+    assert len(whole) == 12 and json.loads((tmp_path / "parts" / "losses.json").read_text()) == whole
