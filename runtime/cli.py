@@ -57,8 +57,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "run", help="train with the plan",
-        description="Plan, then train in this process; writes plan.json and metrics.jsonl (one line per step) to "
-                    "the run directory. Exit status: 0 done, 2 a user mistake, 3 the loss became NaN or infinite.",
+        description="Plan, then train in this process; writes plan.json, config.json, metrics.jsonl (one line per "
+                    "step) and checkpoints (every checkpoint.interval_steps, at the end, and on SIGTERM/SIGINT) to "
+                    "the run directory. Exit status: 0 done, 2 a user mistake, 3 the loss became NaN or infinite, "
+                    "128 + the signal when stopped by SIGTERM or SIGINT after checkpointing.",
     )
     _add_config_args(p)
     p.add_argument("--overwrite", action="store_true",
