@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     start = 0
     loaded = checkpoint.latest(out / "checkpoints")  # None on the first run; a corrupt one is skipped, named
     if loaded is not None:
-        checkpoint.restore_engine_state(engine, loaded.states[0])
+        checkpoint.restore_engine_state(engine, loaded)
         start = loaded.step
         losses = json.loads(losses_path.read_text())[:start]
         print(f"resumed after step {start} from {loaded.path}")

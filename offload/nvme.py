@@ -57,12 +57,11 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import errno
-import fcntl
 import math
 import os
+import shutil
 import threading
 import uuid
-import warnings
 from pathlib import Path
 from urllib.parse import quote
 
@@ -73,7 +72,6 @@ from memtrain.offload.io_queue import BACKGROUND, URGENT, KeyedPool
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.nvme_format import (
     _FRAME,
-    _MAGIC,
     _ZSTD_LEVEL,
     ALIGN_BYTES,
     HEADER_BYTES,
@@ -92,36 +90,23 @@ from memtrain.offload.nvme_format import (
     aligned_empty,
     is_aligned,
 )
-from memtrain.units import format_bytes
+from memtrain.offload.nvme_dir import (
+    _LOCK_NAME, _SUFFIX, StaleFilesWarning, _lock_directory, _probe_direct, _pwrite_all, _remove_stale,
+)
 
 __all__ = [
     "NvmeError", "NvmeEntry", "NvmeStore", "StaleFilesWarning", "ALIGN_BYTES", "HEADER_BYTES", "aligned_empty",
     "is_aligned", "URGENT", "BACKGROUND",
 ]
 
-_SUFFIX = ".mt"
-_LOCK_NAME = ".memtrain-nvme.lock"
 
 _fdatasync = getattr(os, "fdatasync", os.fsync)
-
-
-class StaleFilesWarning(UserWarning):
-    """``start()`` removed files an earlier store left in its directory ([Note: stale files])."""
 
 
 def _drop_cache(fd: int) -> None:
     """Ask the kernel to drop a (clean) file's pages: see [Note: durability and the page cache]."""
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
-    """Write all of ``buf`` at ``offset`` (a short write is retried from where it stopped)."""
-    while len(buf):
-        n = os.pwrite(fd, buf, offset)
-        if n <= 0:
-            raise OSError(errno.EIO, "write returned 0 bytes")
-        buf, offset = buf[n:], offset + n
 
 
 def _check_key(key: str) -> None:
@@ -136,77 +121,6 @@ def _check_out(entry: NvmeEntry, out: torch.Tensor) -> None:
         raise ValueError(
             f"read({entry.key!r}): out is {out.dtype} x {out.numel()}, the stored tensor is "
             f"{entry.dtype} x {entry.numel}; pass a buffer of that dtype and size"
-        )
-
-
-def _lock_directory(path: Path) -> int:
-    """An exclusive lock on ``path`` for this store's life: two stores must not share a directory."""
-    try:
-        fd = os.open(path / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as e:
-        raise NvmeError(f"nvme path {path} is not writable ({e.strerror}); choose a writable directory") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise NvmeError(f"nvme path {path} is in use by another NvmeStore; give each worker its own directory") from None
-    return fd
-
-
-def _probe_direct(path: Path, request: bool | None) -> bool:
-    """Write one aligned block to a probe file: O_DIRECT if asked for (or None) and accepted."""
-    has_direct = hasattr(os, "O_DIRECT")
-    if request and not has_direct:
-        raise NvmeError("direct=True: this platform has no O_DIRECT; pass direct=None or False")
-    probe = path / f".probe-{uuid.uuid4().hex}.tmp"
-    block = _Staging(ALIGN_BYTES).mv
-    try:
-        for direct in ([True, False] if request is None and has_direct else [bool(request)]):
-            try:
-                fd = os.open(probe, os.O_WRONLY | os.O_CREAT | (os.O_DIRECT if direct else 0), 0o600)
-                try:
-                    _pwrite_all(fd, block, 0)
-                finally:
-                    os.close(fd)
-                return direct
-            except OSError as e:
-                if not direct or e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
-                if request:
-                    raise NvmeError(f"direct=True: the filesystem at {path} does not accept O_DIRECT; "
-                                    "pass direct=None (probe) or direct=False") from None
-        raise AssertionError("unreachable: the buffered probe returns or raises")
-    except OSError as e:
-        raise NvmeError(f"nvme path {path} is not writable ({e.strerror}); choose a writable directory") from None
-    finally:
-        probe.unlink(missing_ok=True)
-
-
-def _remove_stale(path: Path) -> None:
-    """Remove the files an earlier store left in ``path``, and say so ([Note: stale files])."""
-    num_files = num_bytes = 0
-    for f in sorted(path.iterdir()):
-        temp = f.name.startswith(".") and f.name.endswith(".tmp")
-        if not (temp or f.name.endswith(_SUFFIX)) or not f.is_file():
-            continue
-        try:
-            if not temp:
-                with open(f, "rb") as fh:
-                    if fh.read(len(_MAGIC)) != _MAGIC:
-                        continue  # not a memtrain file: not ours to remove
-            size = f.stat().st_size
-            f.unlink()
-        except FileNotFoundError:
-            continue
-        except OSError as e:
-            raise NvmeError(f"nvme path {path}: cannot remove {f.name}, left by an earlier run ({e.strerror}); "
-                            "remove it by hand or choose another directory") from None
-        num_files += 1
-        num_bytes += size
-    if num_files:
-        warnings.warn(
-            f"nvme path {path}: removed {num_files} file(s), {format_bytes(num_bytes)}, left by an earlier "
-            "run that did not close its store (a crash or a kill)", StaleFilesWarning, stacklevel=3,
         )
 
 
@@ -393,6 +307,60 @@ class NvmeStore:
             failed, self._failed = self._failed, []
         if failed:
             raise failed[0]
+
+    def snapshot(self, key: str) -> int:
+        """A read-only descriptor of ``key``'s file as it is now, once the key's queued operations
+        are done. [Note: file snapshots] Every write goes to a new file renamed over the old one
+        (never in place), so the descriptor keeps this version's bytes readable even after a later
+        write replaces the name: a checkpoint can copy it while training goes on. The caller
+        closes it."""
+        self._check_started()
+        with self._lock:
+            tail = self._tails.get(key)
+        if tail is not None:
+            tail.result()
+        with self._lock:
+            if key not in self._entries:
+                raise NvmeError(f"snapshot({key!r}): no data for this key in {self.path}")
+        return os.open(self._file(key), os.O_RDONLY)
+
+    def adopt(self, key: str, src: str | os.PathLike[str]) -> NvmeEntry:
+        """Make the store file ``src`` (written by a store, e.g. kept in a checkpoint) the data of
+        ``key``: copied in under a temporary name and renamed into place, its header checked and
+        its bytes charged to the ledger; reads verify its payload's checksum as for any file."""
+        self._check_started()
+        src = Path(src)
+        with open(src, "rb") as fh:
+            entry, _ = _parse_header(fh.read(HEADER_BYTES), src, key)
+        final = self._file(key)
+        tmp = self.path / f".{final.name}.{uuid.uuid4().hex}.tmp"
+        with self._lock:
+            tail = self._tails.get(key)
+        if tail is not None:
+            tail.result()
+        self.ledger.alloc(key, entry.disk_bytes)
+        try:
+            shutil.copyfile(src, tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                _fdatasync(fd)
+                _drop_cache(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            self.ledger.free(key, entry.disk_bytes)
+            if isinstance(e, OSError):
+                raise self._io_error(e, "adopting", src, key) from e
+            raise
+        with self._lock:
+            old = self._entries.get(key)
+            self._entries[key] = entry
+            self._keys.add(key)
+        if old is not None:
+            self.ledger.free(key, old.disk_bytes)
+        return entry
 
     def entry(self, key: str) -> NvmeEntry:
         """The last completed write of ``key``."""

@@ -38,11 +38,13 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
 
 import numpy as np
 import torch
 
 from memtrain.errors import UserError
+from memtrain.offload.chunk_state import NvmeFile
 
 __all__ = ["FORMAT_VERSION", "CheckpointError", "Loaded", "save", "latest", "list_checkpoints", "Checkpointer",
            "capture_rng", "restore_rng", "engine_state", "restore_engine_state"]
@@ -64,6 +66,8 @@ class Loaded:
     manifest: dict
     states: dict[int, dict]
     """Per rank, its state dict."""
+    nvme_files: dict[int, dict[str, Path]] = dataclasses.field(default_factory=dict)
+    """Per rank, each NVMe store file the checkpoint keeps, by store key."""
 
 
 def step_dir_name(step: int) -> str:
@@ -111,11 +115,61 @@ def _deserialize(data: bytes, compressed: bool) -> dict:
     return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
 
 
+def _nvme_name(rank: int, key: str) -> str:
+    return f"rank-{rank:05d}/nvme/{quote(key, safe='')}.mt"
+
+
+def _take_files(rank: int, value: Any, found: dict[str, Any]) -> Any:
+    """``value`` with each ``NvmeFile`` replaced by a reference to where the checkpoint keeps it
+    (collected in ``found``: name -> NvmeFile)."""
+    if isinstance(value, NvmeFile):
+        name = _nvme_name(rank, value.key)
+        found[name] = value
+        return {"nvme_file": name, "key": value.key}
+    if isinstance(value, Mapping):
+        return {k: _take_files(rank, v, found) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_take_files(rank, v, found) for v in value)
+    return value
+
+
+def _copy_fd(src: NvmeFile, path: Path) -> str:
+    """Stream ``src`` into ``path`` durably, block by block; the SHA-256 of its bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with open(path, "wb") as out:
+        offset = 0
+        while True:
+            block = os.pread(src.fd, _HASH_BLOCK, offset)
+            if not block:
+                break
+            digest.update(block)
+            out.write(block)
+            offset += len(block)
+        out.flush()
+        os.fsync(out.fileno())
+    if offset != src.size:
+        raise OSError(f"{src.key}: read {offset} of {src.size} bytes")
+    return digest.hexdigest()
+
+
 def save(root: str | Path, step: int, states: Mapping[int, Mapping[str, Any]], *, meta: Mapping[str, Any] | None = None,
          compress: bool = False, keep: int | None = None) -> Path:
     """Write the checkpoint of ``step`` (``states``: per rank, its state dict) under ``root``
-    atomically ([Note: atomic checkpoints]); prune to the newest ``keep``. Returns its path."""
-    root = Path(root)
+    atomically ([Note: atomic checkpoints]); prune to the newest ``keep``. Returns its path.
+    An ``NvmeFile`` in a state is streamed into ``rank-<r>/nvme/`` and closed
+    (offload.chunk_state [Note: NVMe chunks in a checkpoint])."""
+    files_in: dict[str, NvmeFile] = {}
+    states = {rank: _take_files(rank, state, files_in) for rank, state in states.items()}
+    try:
+        return _save(Path(root), step, states, files_in, meta, compress, keep)
+    finally:
+        for f in files_in.values():
+            f.close()
+
+
+def _save(root: Path, step: int, states: Mapping[int, Mapping[str, Any]], nvme_in: Mapping[str, NvmeFile],
+          meta: Mapping[str, Any] | None, compress: bool, keep: int | None) -> Path:
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
     try:
@@ -129,6 +183,10 @@ def save(root: str | Path, step: int, states: Mapping[int, Mapping[str, Any]], *
             name = _rank_file(rank, compress)
             files[name] = {"bytes": len(data), "sha256": _write_file(tmp / name, data)}
             _fsync_dir((tmp / name).parent)
+        for name, src in sorted(nvme_in.items()):
+            files[name] = {"bytes": src.size, "sha256": _copy_fd(src, tmp / name), "kind": "nvme"}
+        for sub in {(tmp / name).parent for name in nvme_in}:
+            _fsync_dir(sub)
         manifest = {"format": FORMAT_VERSION, "step": step, "world_size": len(states), "compression": "zstd" if compress else None,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files, **dict(meta or {})}
         _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
@@ -163,7 +221,7 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _verify(path: Path) -> tuple[dict, dict[int, dict]]:
+def _verify(path: Path) -> tuple[dict, dict[int, dict], dict[int, dict[str, Path]]]:
     """The manifest and the states of the checkpoint at ``path``; ValueError naming what is wrong."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
@@ -171,19 +229,37 @@ def _verify(path: Path) -> tuple[dict, dict[int, dict]]:
         raise ValueError(f"its {MANIFEST} cannot be read ({e})") from None
     if manifest.get("format") != FORMAT_VERSION:
         raise ValueError(f"format {manifest.get('format')!r}, this memtrain reads format {FORMAT_VERSION}")
-    states = {}
+    states, nvme_files = {}, {}
     for name, entry in manifest["files"].items():
+        rank = int(name.split("/")[0].split("-")[1])
+        if entry.get("kind") == "nvme":
+            if _file_sha256(path / name) != (entry["bytes"], entry["sha256"]):
+                raise ValueError(f"{name} does not match its checksum")
+            nvme_files.setdefault(rank, {})[unquote(Path(name).name[:-len(".mt")])] = path / name
+            continue
         try:
             data = (path / name).read_bytes()
         except OSError as e:
             raise ValueError(f"{name} cannot be read ({e.strerror or e})") from None
         if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise ValueError(f"{name} does not match its checksum")
-        rank = int(name.split("/")[0].split("-")[1])
         states[rank] = _deserialize(data, manifest.get("compression") == "zstd")
     if len(states) != manifest.get("world_size"):
         raise ValueError(f"it holds {len(states)} of {manifest.get('world_size')} ranks' states")
-    return manifest, states
+    return manifest, states, nvme_files
+
+
+def _file_sha256(path: Path) -> tuple[int, str] | None:
+    """(size, SHA-256) of a file read block by block; None when it cannot be read."""
+    digest, size = hashlib.sha256(), 0
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(_HASH_BLOCK):
+                digest.update(block)
+                size += len(block)
+    except OSError:
+        return None
+    return size, digest.hexdigest()
 
 
 def latest(root: str | Path, *, warn: Callable[[str], None] = print) -> Loaded | None:
@@ -197,11 +273,11 @@ def latest(root: str | Path, *, warn: Callable[[str], None] = print) -> Loaded |
         warn(f"memtrain: skipping {tmp}: a partial checkpoint (its write did not finish)")
     for path in reversed(list_checkpoints(root)):
         try:
-            manifest, states = _verify(path)
+            manifest, states, nvme_files = _verify(path)
         except ValueError as e:
             warn(f"memtrain: skipping checkpoint {path}: {e}; trying the one before it")
             continue
-        return Loaded(path=path, step=int(manifest["step"]), manifest=manifest, states=states)
+        return Loaded(path=path, step=int(manifest["step"]), manifest=manifest, states=states, nvme_files=nvme_files)
     return None
 
 
@@ -239,9 +315,11 @@ def _numpy_rng_state() -> tuple:
 
 
 def engine_state(engine, *, step: int, data: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> dict:
-    """A rank's state after ``step`` steps ([Note: checkpoint layout]). Its tensors are copies
-    (``Engine.state_dict`` gathers them), so training on changes nothing in it."""
-    state = {"step": step, "engine": engine.state_dict(), "rng": capture_rng()}
+    """A rank's state after ``step`` steps ([Note: checkpoint layout]): ``Engine.checkpoint_state``
+    (NVMe chunks as their files), the generators, the data position and ``extra``. Its tensors
+    are copies, so training on changes nothing in it; give it to ``save`` or
+    ``Checkpointer.save(..., copy=False)``, which close its files."""
+    state = {"step": step, "engine": engine.checkpoint_state(), "rng": capture_rng()}
     if data is not None:
         state["data"] = dict(data)
     if extra:
@@ -249,14 +327,19 @@ def engine_state(engine, *, step: int, data: Mapping[str, Any] | None = None, ex
     return state
 
 
-def restore_engine_state(engine, state: Mapping[str, Any]) -> None:
-    """Load a rank's state into a built engine and restore the generators."""
-    engine.load_state_dict(state["engine"])
+def restore_engine_state(engine, loaded: Loaded, rank: int = 0) -> dict:
+    """Load rank ``rank``'s state of ``loaded`` into a built engine (the same plan) and restore
+    the generators; returns that state (its ``data`` and ``extra``)."""
+    state = loaded.states[rank]
+    engine.load_checkpoint_state(state["engine"], loaded.nvme_files.get(rank, {}))
     restore_rng(state["rng"])
+    return state
 
 
 def _copied(value: Any) -> Any:
     """A deep copy of the tensors in a state (the training goes on changing the live ones)."""
+    if isinstance(value, NvmeFile):  # already a snapshot (offload.nvme [Note: file snapshots])
+        return value
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", copy=True)
     if isinstance(value, Mapping):
@@ -283,8 +366,14 @@ class Checkpointer:
         """Write ``states`` as step ``step``'s checkpoint. ``copy=False`` when no tensor in them is
         the training's own (``engine_state`` gathers copies), so they are not copied twice."""
         t0 = time.perf_counter()
-        self.wait()
-        copied = {r: _copied(s) for r, s in states.items()} if copy else dict(states)
+        try:
+            self.wait()
+            copied = {r: _copied(s) for r, s in states.items()} if copy else dict(states)
+        except BaseException:
+            _take_files(0, states, found := {})
+            for f in found.values():
+                f.close()
+            raise
 
         def write() -> None:
             try:

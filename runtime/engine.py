@@ -27,6 +27,7 @@ from torch import nn
 from memtrain.errors import UserError
 from memtrain.offload.chunks import ChunkStore
 from memtrain.offload.ledger import Ledger
+from memtrain.offload.chunk_state import chunk_state, load_chunk_state
 from memtrain.offload.optim import OffloadedOptimizer
 from memtrain.planner.plan import DEFAULT_SWAP_IN_AHEAD, Action, Op, Plan
 from memtrain.planner.program import Layout, lower_backward, lower_forward
@@ -320,6 +321,31 @@ class Engine:
             self.scaler.good_steps = int(sd["loss_scaler"]["good_steps"])
         elif self.scaler is not None and "loss_scale" in sd:
             self.scaler.scale = float(sd["loss_scale"])
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The state a checkpoint keeps, by chunk: NVMe chunks as their store files, not gathered
+        into memory (offload.chunk_state [Note: NVMe chunks in a checkpoint]); the model's
+        buffers and the loss scaler beside them. Every tensor in it is a copy."""
+        self._require_built()
+        self.optimizer.flush()  # offload.optim [Note: write-backs across the step end]
+        sd = {"chunks": chunk_state(self.store)["chunks"],
+              "buffers": {n: b.detach().to("cpu", copy=True) for n, b in self.model.named_buffers()}}
+        if self.scaler is not None:
+            sd["loss_scaler"] = {"scale": self.scaler.scale, "good_steps": self.scaler.good_steps}
+        return sd
+
+    def load_checkpoint_state(self, sd: Mapping[str, Any], nvme_files: Mapping[str, Any] | None = None) -> None:
+        """Put back a ``checkpoint_state`` (same chunk layout); ``nvme_files`` maps each NVMe
+        file's key to where the checkpoint keeps it."""
+        self._require_built()
+        self.optimizer.flush()
+        load_chunk_state(self.store, sd, nvme_files)
+        buffers = dict(self.model.named_buffers())
+        for name, value in sd.get("buffers", {}).items():
+            buffers[name].copy_(value)
+        if self.scaler is not None and "loss_scaler" in sd:
+            self.scaler.scale = float(sd["loss_scaler"]["scale"])
+            self.scaler.good_steps = int(sd["loss_scaler"]["good_steps"])
 
     def _ledgers(self) -> dict[str, Ledger]:
         ledgers = {"device": self.store.device_ledger, "host": self.store.host_ledger}

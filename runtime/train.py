@@ -266,8 +266,7 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print, resume_from=N
         data = TokenBatches(cfg.data, batch_size=cfg.train.global_batch_size, seq_len=cfg.train.seq_len,
                             vocab_size=built.vocab_size)
         if resuming:
-            state = resume_from.states[0]
-            restore_engine_state(engine, state)
+            state = restore_engine_state(engine, resume_from)
             data.load_state_dict(state["data"])
             _truncate_metrics(metrics_path, start)
             print_fn(f"resuming after step {start} from {resume_from.path}")

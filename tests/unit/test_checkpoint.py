@@ -101,26 +101,80 @@ def test_the_rng_states_round_trip_so_every_generator_continues_its_sequence():
     assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
 
 
-def test_engine_state_holds_copies_so_the_next_steps_change_nothing_in_it():
+def _engine(memory: dict):
     from memtrain.models.gpt import GPT, gpt_config
     from memtrain.runtime.wrapping import wrap
 
     torch.manual_seed(0)
     model = GPT(gpt_config("tiny"))
-    ids = torch.randint(0, model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
-    engine = wrap(model, optimizer="adamw", memory={"device": 2**30, "host": 2**30}, micro_batch_size=2, verbose=False,
-                  device="cpu", seq_len=16, global_batch_size=2)
+    return wrap(model, optimizer="adamw", memory=memory, micro_batch_size=2, verbose=False, device="cpu", seq_len=16,
+                global_batch_size=2)
+
+
+BATCH = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
+
+
+def _tensors(state: dict) -> dict:
+    return {(c["index"], k): t for c in state["engine"]["chunks"]
+            for k, t in [("master", c.get("master")), *c.get("states", {}).items()] if t is not None}
+
+
+def test_engine_state_holds_copies_so_the_next_steps_change_nothing_in_it():
+    engine = _engine({"device": 2**30, "host": 2**30, "offload": "host"})
     try:
-        engine.train_step((ids[:, :-1], ids[:, 1:]))
+        engine.train_step((BATCH[:, :-1], BATCH[:, 1:]))
         state = ck.engine_state(engine, step=1)
         frozen = ck._copied(state)
-        engine.train_step((ids[:, :-1], ids[:, 1:]))
-        for name, t in frozen["engine"]["model"].items():
-            assert torch.equal(state["engine"]["model"][name], t), name
-        for idx, entry in frozen["engine"]["optimizer"]["state"].items():
-            for k, t in entry.items():
-                assert torch.equal(state["engine"]["optimizer"]["state"][idx][k], t), (idx, k)
-        assert not torch.equal(ck.engine_state(engine, step=2)["engine"]["model"]["blocks.2.mlp.proj.weight"],
-                               frozen["engine"]["model"]["blocks.2.mlp.proj.weight"])
+        assert len(_tensors(state)) == 3 * len(engine.store.chunks)  # master, exp_avg, exp_avg_sq of each
+        engine.train_step((BATCH[:, :-1], BATCH[:, 1:]))
+        for key, t in _tensors(frozen).items():
+            assert torch.equal(_tensors(state)[key], t), key
+        assert not all(torch.equal(_tensors(ck.engine_state(engine, step=2))[k], t) for k, t in _tensors(frozen).items())
     finally:
         engine.close()
+
+
+def test_nvme_chunks_are_kept_as_the_stores_files_and_come_back_exactly(tmp_path):
+    """offload.chunk_state [Note: NVMe chunks in a checkpoint]: no NVMe chunk's tensors in the
+    state; its files as they were at the checkpoint, though training goes on rewriting them."""
+    memory = {"device": 2**30, "host": 2**30, "offload": "nvme", "nvme_path": str(tmp_path / "nvme")}
+    engine = _engine(memory)
+    try:
+        engine.train_step((BATCH[:, :-1], BATCH[:, 1:]))
+        writer = ck.Checkpointer(tmp_path / "ckpt")
+        writer.save(1, {0: ck.engine_state(engine, step=1)}, copy=False)
+        after = [engine.train_step((BATCH[:, :-1], BATCH[:, 1:])) for _ in range(2)]  # rewrites every chunk file
+        writer.wait()
+    finally:
+        engine.close()
+    loaded = ck.latest(tmp_path / "ckpt", warn=pytest.fail)
+    chunks = loaded.states[0]["engine"]["chunks"]
+    assert {c["home"] for c in chunks} == {"nvme"} and all("master" not in c for c in chunks)
+    parts = {k.rsplit(":", 1)[1] for k in loaded.nvme_files[0]}
+    assert parts == {"master", "exp_avg", "exp_avg_sq"} and len(loaded.nvme_files[0]) == 3 * len(chunks)
+    manifest = loaded.manifest["files"]
+    assert sum(e.get("kind") == "nvme" for e in manifest.values()) == 3 * len(chunks)
+    engine = _engine({**memory, "nvme_path": str(tmp_path / "nvme2")})
+    try:
+        ck.restore_engine_state(engine, loaded)
+        again = [engine.train_step((BATCH[:, :-1], BATCH[:, 1:])) for _ in range(2)]
+    finally:
+        engine.close()
+    assert again == after
+
+
+def test_a_corrupt_nvme_file_in_a_checkpoint_is_caught_by_its_checksum(tmp_path):
+    memory = {"device": 2**30, "host": 2**30, "offload": "nvme", "nvme_path": str(tmp_path / "nvme")}
+    engine = _engine(memory)
+    try:
+        engine.train_step((BATCH[:, :-1], BATCH[:, 1:]))
+        ck.save(tmp_path / "ckpt", 1, {0: ck.engine_state(engine, step=1)})
+    finally:
+        engine.close()
+    f = next((tmp_path / "ckpt" / "step-00000001" / "rank-00000" / "nvme").iterdir())
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1
+    f.write_bytes(bytes(data))
+    warnings = []
+    assert ck.latest(tmp_path / "ckpt", warn=warnings.append) is None
+    assert f.name in warnings[0] and "checksum" in warnings[0]

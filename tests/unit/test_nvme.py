@@ -11,6 +11,7 @@ import torch
 from memtrain.offload import nvme as nvme_mod
 from memtrain.offload.ledger import BudgetExceeded
 from memtrain.offload.nvme import ALIGN_BYTES, HEADER_BYTES, NvmeError, NvmeStore
+from memtrain.units import format_bytes
 
 SMALL_BLOCK = 64 * 1024  # several blocks per tensor, so block boundaries are exercised
 
@@ -327,7 +328,7 @@ def test_start_removes_an_earlier_runs_files_and_says_so(tmp_path):
         s2 = NvmeStore(d, budget_bytes=budget).start()
     assert len(caught) == 1
     msg = str(caught[0].message)
-    assert str(d) in msg and "removed 3 file(s)" in msg and nvme_mod.format_bytes(stale_bytes) in msg
+    assert str(d) in msg and "removed 3 file(s)" in msg and format_bytes(stale_bytes) in msg
     assert sorted(f.name for f in d.iterdir()) == [".memtrain-nvme.lock", "README", "notes.mt"]
     assert s2.ledger.in_use_bytes == 0 and s2.keys() == []
     with pytest.raises(NvmeError, match="no such key"):
