@@ -191,7 +191,8 @@ def _save(root: Path, step: int, states: Mapping[int, Mapping[str, Any]], nvme_i
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files, **dict(meta or {})}
         _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
         _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (a resumed run): replace it as one rename
+        if final.exists():  # the same step saved again: the old one moves aside first (a crash between the
+            # two renames leaves the earlier checkpoints, which latest() then takes)
             old = root / f".old-{step_dir_name(step)}-{os.getpid()}"
             final.rename(old)
             tmp.rename(final)
@@ -369,8 +370,9 @@ class Checkpointer:
         try:
             self.wait()
             copied = {r: _copied(s) for r, s in states.items()} if copy else dict(states)
-        except BaseException:
-            _take_files(0, states, found := {})
+        except BaseException:  # the state's NVMe file descriptors are ours to close
+            found: dict[str, NvmeFile] = {}
+            _take_files(0, states, found)
             for f in found.values():
                 f.close()
             raise
