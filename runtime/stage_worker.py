@@ -18,10 +18,14 @@ the single-process value by construction. The cost is the whole model's weights 
 at start-up; a model too big for that needs an initialisation that replays the seeded stream
 block by block instead.
 
-[Note: B and W] Where the schedule splits the backward, ``B`` computes the stage input's gradient
-only (``torch.autograd.grad`` with the graph retained) and ``W`` walks the same graph again to
-the stage's weights, accumulating their gradients in micro-batch order. The weight gradients are
-the same arithmetic as a whole backward; ``W`` repeats the input-gradient part of the walk.
+[Note: B and W] Where the schedule splits the backward, ``F`` keeps the output of every module
+that owns parameters (a forward hook); ``B`` walks the graph from the stage's output to its input
+and to those outputs (``torch.autograd.grad``, the graph retained), so it computes the input's
+gradient and the gradient reaching each such module, but no weight gradient; ``W`` walks from
+each module's output to that module's own parameters only (so no gradient is counted twice
+where one kept output feeds another), accumulating them in micro-batch order. Each node computes
+the same values as in a whole backward, from the same incoming gradient. It assumes a parameter
+is used by the module that owns it (true of the built-in GPT's blocks).
 """
 
 from __future__ import annotations
@@ -183,12 +187,26 @@ class StageWorker:
             for m in self.blocks[s]:
                 m.train()
         self.optims = {s: torch.optim.AdamW(self.owns[s], lr=spec.lr) for s in self.stages if self.owns[s]}
+        self._kept: list[tuple[tuple[nn.Parameter, ...], torch.Tensor]] | None = None
+        if self.split_w:
+            for s in self.stages:
+                for block in self.blocks[s]:
+                    for mod in block.modules():
+                        if any(True for _ in mod.parameters(recurse=False)):
+                            mod.register_forward_hook(self._keep_output)
+
+    def _keep_output(self, module: nn.Module, args: object, output: object) -> None:
+        """[Note: B and W] a parameter-owning module's output, for the split backward."""
+        if self._kept is not None:
+            assert isinstance(output, torch.Tensor), f"{type(module).__name__} returned {type(output).__name__}"
+            self._kept.append((tuple(module.parameters(recurse=False)), output))
 
     def _new_step_state(self) -> None:
         self.inbox: dict[tuple[str, int, int], torch.Tensor] = {}  # received or handed over locally
         self.outbox: dict[tuple[str, int, int], torch.Tensor] = {}  # waiting for their SEND
-        self.saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}  # F → B: (input leaf, output)
-        self.for_w: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}  # B → W: (output, its grad)
+        # F → B: (input leaf, output, kept (module params, module output)); B → W: (kept, output grads)
+        self.saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor, list]] = {}
+        self.for_w: dict[tuple[int, int], tuple[list, list[torch.Tensor]]] = {}
         self.losses: dict[int, float] = {}
 
     # ---- one step ------------------------------------------------------------------------
@@ -248,8 +266,11 @@ class StageWorker:
         else:
             leaf = self.inbox.pop(("F", s, i)).requires_grad_()
             x = leaf
+        kept: list[tuple[tuple[nn.Parameter, ...], torch.Tensor]] = []
+        self._kept = kept if self.split_w else None
         for block in self.blocks[s]:
             x = block(x)
+        self._kept = None
         if s == last:
             loss = self.loss_fn(x, self.labels[i])
             self.losses[i] = loss.item()
@@ -260,18 +281,20 @@ class StageWorker:
                 self.inbox[("F", s + 1, i)] = out
             else:
                 self.outbox[("F", s, i)] = out
-        self.saved[(s, i)] = (leaf, x)
+        self.saved[(s, i)] = (leaf, x, kept)
 
     def _backward(self, a: Action) -> None:
         s, i = a.stage, a.microbatch
         last = self.spec.num_stages - 1
-        leaf, out = self.saved.pop((s, i))
+        leaf, out, kept = self.saved.pop((s, i))
         grad = None if s == last else self.inbox.pop(("B", s, i))
-        if self.split_w:
-            self.for_w[(s, i)] = (out, grad)
+        if self.split_w:  # [Note: B and W]
+            inputs = ([] if leaf is None else [leaf]) + [o for _, o in kept]
+            grads = torch.autograd.grad(out, inputs, grad, retain_graph=True)
+            self.for_w[(s, i)] = (kept, list(grads[len(inputs) - len(kept):]))
             if leaf is None:
-                return  # the first stage's input is token ids: W does the whole walk
-            (grad_in,) = torch.autograd.grad(out, leaf, grad, retain_graph=True)
+                return
+            grad_in = grads[0]
         else:
             torch.autograd.backward(out, grad)
             if leaf is None:
@@ -284,16 +307,13 @@ class StageWorker:
 
     def _weights(self, a: Action) -> None:
         """[Note: B and W]"""
-        out, grad = self.for_w.pop((a.stage, a.microbatch))
-        params = self.uses[a.stage]
-        grads = torch.autograd.grad(out, params, grad, allow_unused=True)
-        for q, g in zip(params, grads):
-            if g is None:
-                continue
-            if q.grad is None:
-                q.grad = g
-            else:
-                q.grad.add_(g)
+        kept, kept_grads = self.for_w.pop((a.stage, a.microbatch))
+        for (params, out), grad in zip(kept, kept_grads, strict=True):
+            for q, g in zip(params, torch.autograd.grad(out, params, grad)):
+                if q.grad is None:
+                    q.grad = g
+                else:
+                    q.grad.add_(g)
 
     def _send_f(self, a: Action) -> None:
         s, i = a.stage, a.microbatch
