@@ -15,6 +15,10 @@ those cases allow max |Δloss| <= 1e-5 (measured: 0 for tied embeddings, 9.5e-7 
 
 from __future__ import annotations
 
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import ray
 from pipeline_reference import reference_losses
@@ -60,7 +64,7 @@ def test_two_stages_bitwise(local_ray, schedule: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1", "v-min"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
 def test_four_stages_bitwise(local_ray, schedule: str) -> None:
     _check(UNTIED_6, schedule, p=4, dp=1, tol=0.0)
 
@@ -87,16 +91,35 @@ def _run(programs_edit=None, *, timeout_s: float = 30.0, step_timeout_s: float =
     return PipelineRun(spec, programs, step_timeout_s=step_timeout_s)
 
 
-def test_killed_worker_is_named(local_ray) -> None:
+def _receive_never_sent(programs):
+    return {0: programs[0], 1: (Action(1, Op.RECV_F, 9),) + programs[1]}
+
+
+def test_worker_killed_mid_step_is_named_without_waiting_for_timeouts(local_ray) -> None:
+    """Rank 1 waits on a receive (comm timeout 60 s) when rank 0 is killed: the run stops within
+    seconds, naming rank 0's death first and rank 1's lost transfer."""
+    with _run(_receive_never_sent, timeout_s=60.0) as run:
+        run.step_timeout_s = 60.0
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(run.step, 0)
+            time.sleep(1.0)
+            t0 = time.monotonic()
+            ray.kill(run.workers[0], no_restart=True)
+            with pytest.raises(PipelineError) as err:
+                future.result()
+        assert time.monotonic() - t0 < 30.0
+    assert re.match(r"pipeline: rank 0 \(stages 0\) died during step 0: .*; "
+                    r"rank 1 \(stages 1\) failed during step 0: CommError: rank 1: 1RECV_F9 from rank 0 failed", str(err.value)), \
+        str(err.value)
+
+
+@pytest.mark.slow
+def test_killed_worker_is_named_at_the_next_step(local_ray) -> None:
     with _run() as run:
         run.step(0)
         ray.kill(run.workers[1], no_restart=True)
         with pytest.raises(PipelineError, match=r"rank 1 \(stages 1\) died during step 1"):
             run.step(1)
-
-
-def _receive_never_sent(programs):
-    return {0: programs[0], 1: (Action(1, Op.RECV_F, 9),) + programs[1]}
 
 
 @pytest.mark.slow
