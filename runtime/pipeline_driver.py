@@ -213,6 +213,11 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     if len(parts) != place.num_stages or any(n < 1 for n in parts) or sum(parts) != num_blocks:
         raise ConfigError(f"partition: {schedule} over {num_ranks} ranks has {place.num_stages} stages; give "
                           f"{place.num_stages} block counts >= 1 summing to the model's {num_blocks} blocks, got {parts}")
+    need = num_ranks * dp * num_cpus_per_worker
+    have = ray.cluster_resources().get("CPU", 0.0)
+    if need > have:
+        raise ConfigError(f"num_ranks × dp: {num_ranks * dp} workers of {num_cpus_per_worker:g} CPU need {need:g} CPUs, "
+                          f"the Ray cluster has {have:g}; lower num_ranks or dp, or num_cpus_per_worker")
     spec = PipelineSpec(model=model_cfg, partition=parts, rank_of=place.rank_of, num_ranks=num_ranks, dp=dp,
                         num_microbatches=num_microbatches, micro_batch_size=micro_batch_size, seq_len=seq_len,
                         seed=seed, data=data or DataConfig(), lr=lr, timeout_s=timeout_s, num_threads=num_threads)

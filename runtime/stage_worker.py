@@ -178,7 +178,16 @@ class StageWorker:
             self.uses[s] = params
             self.owns[s] = [q for q in params if id(q) not in seen]
             seen.update(id(q) for q in params)
-        # parameters the first and last stages share (tied embeddings) on two different ranks
+        # parameters the first and last stages share (tied embeddings) on two different ranks; no
+        # other sharing across ranks is summed, so it is refused
+        ranks_using: dict[int, set[int]] = {}
+        for s, blocks_of in enumerate(ranges):
+            for q in {id(q) for i in blocks_of for q in blocks[i].parameters()}:
+                ranks_using.setdefault(q, set()).add(spec.rank_of[s])
+        ends = {spec.rank_of[0], spec.rank_of[last]}
+        if any(len(r) > 1 and r != ends for r in ranks_using.values()):
+            raise ValueError("model: a parameter is shared by stages on different ranks other than the first and "
+                             "last stage's (tied embeddings); the pipeline sums only those")
         last_ids = {id(q) for i in ranges[last] for q in blocks[i].parameters()}
         self.tied = {s: [q for q in self.owns[s] if id(q) in first_ids and id(q) in last_ids]
                      for s in self.stages if s in (0, last)} if self.tie_group is not None else {}

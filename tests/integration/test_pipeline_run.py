@@ -136,6 +136,8 @@ def test_hung_worker_is_named(local_ray) -> None:
             run.step(0)
 
 
-def test_bad_partition_is_a_config_error() -> None:
+def test_bad_partition_or_too_few_cpus_is_a_config_error(local_ray) -> None:
     with pytest.raises(ConfigError, match=r"partition: 1f1b over 2 ranks has 2 stages"):
         run_pipeline(model=UNTIED_2, schedule="1f1b", num_ranks=2, partition=(1, 1, 2))
+    with pytest.raises(ConfigError, match=r"num_ranks × dp: 8 workers of 1 CPU need 8 CPUs, the Ray cluster has 4"):
+        run_pipeline(model=UNTIED_6, schedule="1f1b", num_ranks=4, dp=2)
