@@ -1,0 +1,101 @@
+"""Pipeline point-to-point transfers and gradient sums, each wait bounded by a timeout.
+
+A tensor travels as two messages on its tag: a fixed-size header (dtype, number of dims, shape)
+and the payload, so the receiver needs no prior knowledge of what comes. Sends are asynchronous
+(a pipeline schedule assumes a send never waits for its receiver); ``Channel.flush`` waits for
+them at the step's end. A transfer or collective that fails or outlasts the timeout raises
+``CommError`` naming this rank, the peer and the action.
+
+[Note: tags] Gloo matches a receive to a send by (peer, tag), so the two sides may reach their
+transfers in different orders. NCCL ignores tags and matches the transfers between two ranks in
+the order they are posted; on NCCL the schedule must send and receive in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from memtrain.comm.group import CommError
+
+__all__ = ["Channel", "all_reduce_", "DTYPES", "MAX_DIMS"]
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8,
+          torch.bool)
+"""The dtypes a header can name (by index)."""
+MAX_DIMS = 8
+"""The most dimensions a sent tensor may have."""
+_HEADER = 2 + MAX_DIMS
+
+
+def _wait(work: dist.Work, rank: int, what: str, timeout_s: float) -> None:
+    """Wait for ``work``; a timeout or a lost peer becomes a ``CommError`` naming ``what``."""
+    try:
+        done = work.wait(timedelta(seconds=timeout_s))
+    except RuntimeError as e:
+        text = str(e)
+        if "timeout" in text.lower() or "timed out" in text.lower():
+            raise CommError(f"rank {rank}: {what} timed out after {timeout_s:g} s") from e
+        raise CommError(f"rank {rank}: {what} failed: {text.splitlines()[0] if text else type(e).__name__}") from e
+    if done is False:
+        raise CommError(f"rank {rank}: {what} timed out after {timeout_s:g} s")
+
+
+class Channel:
+    """This rank's pipeline transfers: ``send`` and ``recv`` of tensors of any shape and dtype."""
+
+    def __init__(self, rank: int, *, timeout_s: float, device: torch.device | str = "cpu") -> None:
+        self.rank = rank
+        self.timeout_s = timeout_s
+        self.device = torch.device(device)
+        self._pending: list[tuple[dist.Work, str, tuple[torch.Tensor, ...]]] = []
+
+    def send(self, tensor: torch.Tensor, peer: int, tag: int, what: str) -> None:
+        """Start sending ``tensor`` to rank ``peer`` on ``tag`` (``what`` names the action in errors)."""
+        if tensor.dim() > MAX_DIMS:
+            raise ValueError(f"{what}: tensors of at most {MAX_DIMS} dims can be sent, got {tensor.dim()}")
+        header = torch.zeros(_HEADER, dtype=torch.int64)
+        header[0] = DTYPES.index(tensor.dtype)
+        header[1] = tensor.dim()
+        header[2:2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
+        header = header.to(self.device)
+        payload = tensor.detach().contiguous()
+        for t, t_tag in ((header, 2 * tag), (payload, 2 * tag + 1)):
+            try:
+                work = dist.isend(t, peer, tag=t_tag)
+            except RuntimeError as e:
+                raise CommError(f"rank {self.rank}: {what} to rank {peer} failed: {e}") from e
+            self._pending.append((work, f"{what} to rank {peer}", (t,)))
+
+    def recv(self, peer: int, tag: int, what: str) -> torch.Tensor:
+        """The tensor rank ``peer`` sends on ``tag``; waits at most the timeout."""
+        where = f"{what} from rank {peer}"
+        header = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
+        _wait(dist.irecv(header, peer, tag=2 * tag), self.rank, where, self.timeout_s)
+        head = header.tolist()
+        shape = tuple(head[2:2 + head[1]])
+        out = torch.empty(shape, dtype=DTYPES[head[0]], device=self.device)
+        _wait(dist.irecv(out, peer, tag=2 * tag + 1), self.rank, where, self.timeout_s)
+        return out
+
+    def flush(self) -> None:
+        """Wait for every send started so far (their tensors are kept alive until then)."""
+        pending, self._pending = self._pending, []
+        for work, what, _ in pending:
+            _wait(work, self.rank, what, self.timeout_s)
+
+
+def all_reduce_(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup, *, rank: int, what: str,
+                timeout_s: float) -> None:
+    """Sum ``tensors`` in place across ``group``, as one flat buffer (one collective)."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    _wait(dist.all_reduce(flat, group=group, async_op=True), rank, what, timeout_s)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()

@@ -1,0 +1,241 @@
+"""Run a pipeline-parallel (and data-parallel) training job on the current Ray cluster.
+
+``run_pipeline`` takes plain values (model, partition, schedule, degrees, micro-batches, steps,
+seed, learning rate), lowers the schedule to one program per rank (``stage_programs``: the
+generator's compute order, its sends and receives, then each stage's gradient sum and optimizer
+step), starts one ``StageWorker`` actor per rank on the Ray the caller connected to, wires their
+process groups through rank 0's store, runs the steps and returns the per-step losses, each
+rank's executed record and step times.
+
+A worker that dies, fails or outlasts ``step_timeout_s`` stops the run with a ``PipelineError``
+naming it (the actor's death first: a dead rank's peers then fail on their transfers); the
+actors are killed on the way out, so nothing is left waiting.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from memtrain.config import ConfigError, DataConfig, ModelConfig
+from memtrain.models.gpt import gpt_config
+from memtrain.planner.pipeline import SCHEDULES, Placement, add_p2p, generate, placement, validate_pipeline
+from memtrain.planner.plan import Action, Op
+from memtrain.planner.schedule import Schedule
+from memtrain.runtime.stage_worker import PipelineSpec, StageWorker, StepResult
+
+__all__ = ["run_pipeline", "PipelineRun", "PipelineResult", "PipelineError", "stage_programs", "even_partition"]
+
+
+class PipelineError(RuntimeError):
+    """A worker of a pipeline run died, failed or hung; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineResult:
+    """What a pipeline run measured."""
+
+    losses: tuple[float, ...]
+    """Per step, the mean loss over the global batch's micro-batches."""
+    microbatch_losses: tuple[tuple[float, ...], ...]
+    """Per step, each global micro-batch's loss (replica ``d``'s micro-batch ``i`` at ``d * m + i``)."""
+    records: tuple[tuple[tuple[str, ...], ...], ...]
+    """Per step, per world rank, the actions it ran."""
+    step_times_s: tuple[tuple[float, ...], ...]
+    """Per step, per world rank, its wall time."""
+    programs: tuple[tuple[str, ...], ...]
+    """Per pipeline rank, its program (short forms)."""
+
+
+def stage_programs(kind: str, num_ranks: int, num_microbatches: int, *,
+                   stages_per_rank: int = 2) -> tuple[Placement, Schedule]:
+    """Schedule ``kind``'s placement and per-rank programs: its compute order with sends and
+    receives (``planner.pipeline.add_p2p``), then, per stage the rank holds, ``ALLREDUCE`` (the
+    gradient sums) and ``OPTIM`` (the optimizer step). A schedule that cannot run raises."""
+    place = placement(kind, num_ranks, stages_per_rank)
+    compute = generate(kind, num_ranks, num_microbatches, stages_per_rank=stages_per_rank)
+    with_p2p = add_p2p(compute, place)
+    problem = validate_pipeline(with_p2p, place, num_microbatches)
+    if problem is not None:
+        raise ValueError(f"schedule {kind}: {problem}")
+    programs = {}
+    for r, acts in with_p2p.items():
+        end = [Action(s, op) for s in place.stages_of(r) for op in (Op.ALLREDUCE, Op.OPTIM)]
+        programs[r] = tuple(acts) + tuple(end)
+    return place, programs
+
+
+def even_partition(num_blocks: int, num_stages: int) -> tuple[int, ...]:
+    """Blocks per stage as even as they go, the extra ones on the first stages."""
+    if not 1 <= num_stages <= num_blocks:
+        raise ConfigError(f"partition: {num_stages} stages need between 1 and {num_blocks} (the model's blocks)")
+    q, r = divmod(num_blocks, num_stages)
+    return tuple(q + (s < r) for s in range(num_stages))
+
+
+class PipelineRun:
+    """The actors of one pipeline run: ``start()``, ``step(k)`` per step, ``close()``."""
+
+    def __init__(self, spec: PipelineSpec, programs: Schedule, *, step_timeout_s: float = 300.0,
+                 start_timeout_s: float = 300.0, num_cpus_per_worker: float = 1.0) -> None:
+        self.spec = spec
+        self.programs = programs
+        self.step_timeout_s = step_timeout_s
+        self.start_timeout_s = start_timeout_s
+        self.num_cpus_per_worker = num_cpus_per_worker
+        self.workers: list[Any] = []
+        self.failed = False
+        """A step or the start-up failed: ``close`` ends the actors without asking them."""
+
+    def name(self, rank: int) -> str:
+        """How errors name world rank ``rank``."""
+        p = self.spec.num_ranks
+        stages = ",".join(str(s) for s, r in enumerate(self.spec.rank_of) if r == rank % p)
+        extra = f", replica {rank // p}" if self.spec.dp > 1 else ""
+        return f"rank {rank} (stages {stages}{extra})"
+
+    def start(self) -> None:
+        actor = ray.remote(StageWorker).options(num_cpus=self.num_cpus_per_worker, max_restarts=0)
+        p = self.spec.num_ranks
+        self.workers = [actor.remote(self.spec, rank, self.programs[rank % p]) for rank in range(self.spec.world_size)]
+        (host, port), = self._gather({0: self.workers[0].open_store.remote()}, "start-up (hosting the store)",
+                                     self.start_timeout_s)
+        self._gather({r: w.build.remote(host, port) for r, w in enumerate(self.workers)}, "start-up (build)",
+                     self.start_timeout_s)
+
+    def step(self, step: int) -> list[StepResult]:
+        """Run step ``step`` on every rank; their results by world rank."""
+        return self._gather({r: w.run_step.remote(step) for r, w in enumerate(self.workers)}, f"step {step}",
+                            self.step_timeout_s)
+
+    def close(self) -> None:
+        """Let the workers leave their world, then end the actors (also after a failure)."""
+        if not self.workers:
+            return
+        try:
+            if not self.failed:
+                ray.wait([w.close.remote() for w in self.workers], num_returns=len(self.workers), timeout=5.0)
+        finally:
+            for w in self.workers:
+                ray.kill(w, no_restart=True)
+            self.workers = []
+
+    def __enter__(self) -> "PipelineRun":
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.failed = self.failed or exc_type is not None
+        self.close()
+
+    def _gather(self, refs: dict[int, Any], what: str, timeout_s: float, grace_s: float = 3.0) -> list[Any]:
+        """Every rank's result of ``refs`` in rank order, waiting at most ``timeout_s``. The first
+        failure gives the others ``grace_s`` to report theirs; then a ``PipelineError`` names each
+        failed rank (deaths first) and each still running."""
+        by_ref = {ref: r for r, ref in refs.items()}
+        pending = list(refs.values())
+        results: dict[int, Any] = {}
+        failures: list[tuple[int, int, str]] = []  # (order: death first, rank, message)
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            for ref in ready:
+                r = by_ref[ref]
+                try:
+                    results[r] = ray.get(ref)
+                except RayActorError as e:
+                    failures.append((0, r, f"{self.name(r)} died during {what}: {_first_line(e)}"))
+                except RayTaskError as e:
+                    failures.append((1, r, f"{self.name(r)} failed during {what}: {_cause(e)}"))
+                except GetTimeoutError:  # pragma: no cover (ray.wait said it was ready)
+                    pending.append(ref)
+            if failures and deadline > time.monotonic() + grace_s:
+                deadline = time.monotonic() + grace_s
+        if failures or pending:
+            hung = sorted(by_ref[ref] for ref in pending)
+            lines = [msg for _, _, msg in sorted(failures)]
+            if hung:
+                limit = "" if failures else f" within {timeout_s:g} s"
+                lines.append(f"{', '.join(self.name(r) for r in hung)} did not finish {what}{limit}")
+            self.failed = True
+            raise PipelineError("pipeline: " + "; ".join(lines))
+        return [results[r] for r in sorted(results)]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _cause(e: RayTaskError) -> str:
+    """The worker's own exception, not Ray's wrapping of it."""
+    cause = e.as_instanceof_cause() if hasattr(e, "as_instanceof_cause") else e
+    inner = getattr(cause, "cause", None)
+    if isinstance(inner, BaseException):
+        return f"{type(inner).__name__}: {_first_line(inner)}"
+    return _first_line(e)
+
+
+def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f1b", num_ranks: int = 2,
+                 dp: int = 1, num_microbatches: int = 4, micro_batch_size: int = 2, seq_len: int = 16,
+                 num_steps: int = 3, seed: int = 0, lr: float = 1e-3, partition: Sequence[int] | None = None,
+                 stages_per_rank: int = 2, data: DataConfig | None = None, timeout_s: float = 60.0,
+                 step_timeout_s: float = 300.0, num_threads: int = 1,
+                 num_cpus_per_worker: float = 1.0) -> PipelineResult:
+    """Train ``num_steps`` steps of ``model`` over ``num_ranks`` pipeline ranks × ``dp``
+    replicas on the current Ray (the caller ran ``ray.init``). ``model``: a ``ModelConfig`` or its
+    fields as a dict (default: the tiny GPT); ``partition``: blocks per stage (default: even);
+    ``timeout_s``: the longest a transfer or collective waits; ``step_timeout_s``: the longest the
+    driver waits for a step."""
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"schedule: must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    for name, value in (("num_ranks", num_ranks), ("dp", dp), ("num_microbatches", num_microbatches),
+                        ("micro_batch_size", micro_batch_size), ("seq_len", seq_len), ("num_steps", num_steps)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name}: must be a whole number >= 1, got {value!r}")
+    model_cfg = model if isinstance(model, ModelConfig) else ModelConfig(**(model or {}))
+    if model_cfg.source != "gpt":
+        raise ConfigError(f"model.source: the pipeline runs the built-in gpt family, got {model_cfg.source!r}")
+    try:
+        place, programs = stage_programs(schedule, num_ranks, num_microbatches, stages_per_rank=stages_per_rank)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    num_blocks = _num_blocks(model_cfg)
+    parts = tuple(partition) if partition is not None else even_partition(num_blocks, place.num_stages)
+    if len(parts) != place.num_stages or any(n < 1 for n in parts) or sum(parts) != num_blocks:
+        raise ConfigError(f"partition: {schedule} over {num_ranks} ranks has {place.num_stages} stages; give "
+                          f"{place.num_stages} block counts >= 1 summing to the model's {num_blocks} blocks, got {parts}")
+    need = num_ranks * dp * num_cpus_per_worker
+    have = ray.cluster_resources().get("CPU", 0.0)
+    if need > have:
+        raise ConfigError(f"num_ranks × dp: {num_ranks * dp} workers of {num_cpus_per_worker:g} CPU need {need:g} CPUs, "
+                          f"the Ray cluster has {have:g}; lower num_ranks or dp, or num_cpus_per_worker")
+    spec = PipelineSpec(model=model_cfg, partition=parts, rank_of=place.rank_of, num_ranks=num_ranks, dp=dp,
+                        num_microbatches=num_microbatches, micro_batch_size=micro_batch_size, seq_len=seq_len,
+                        seed=seed, data=data or DataConfig(), lr=lr, timeout_s=timeout_s, num_threads=num_threads)
+    losses, mb_losses, records, times = [], [], [], []
+    with PipelineRun(spec, programs, step_timeout_s=step_timeout_s, num_cpus_per_worker=num_cpus_per_worker) as run:
+        for k in range(num_steps):
+            results = run.step(k)
+            last = [results[d * num_ranks + place.rank_of[-1]] for d in range(dp)]
+            mbs = tuple(x for res in last for x in res.losses)
+            mb_losses.append(mbs)
+            losses.append(sum(mbs) / len(mbs))
+            records.append(tuple(res.record for res in results))
+            times.append(tuple(res.time_s for res in results))
+    return PipelineResult(losses=tuple(losses), microbatch_losses=tuple(mb_losses), records=tuple(records),
+                          step_times_s=tuple(times),
+                          programs=tuple(tuple(str(a) for a in programs[r]) for r in range(num_ranks)))
+
+
+def _num_blocks(cfg: ModelConfig) -> int:
+    """The model's blocks: embedding, each layer, head."""
+    return gpt_config(cfg.preset, **cfg.overrides).num_layers + 2

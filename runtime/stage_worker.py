@@ -1,0 +1,381 @@
+"""One pipeline rank: its stages of the model, run by interpreting its action list.
+
+A ``StageWorker`` (made a Ray actor by ``runtime.pipeline_driver``; plain Python here so it can
+be tested and read without Ray) holds the stages its rank runs, contiguous ranges of the model's
+blocks (the first stage owns the embedding, the last the head and the loss), and runs each step
+by walking its rank's program through one op → handler table; an op without a handler fails
+loudly, and the actions run are recorded (``StepResult.record``), which must equal the program.
+
+Numerics follow one process with the same global batch (docs/DESIGN.md rule 8): the loss of each
+micro-batch is divided by the number of micro-batches in the global batch before its backward,
+gradients accumulate over the micro-batches in their order, data-parallel replicas sum theirs,
+and each stage steps its own ``torch.optim.AdamW``. Dropout draws from each worker's own random
+stream, so parity with one process holds for models without dropout.
+
+[Note: same initial weights] Every worker builds the whole model on CPU under the run's seed,
+exactly as one process does, keeps its stages' blocks and drops the rest, so each parameter has
+the single-process value by construction. The cost is the whole model's weights once per worker
+at start-up; a model too big for that needs an initialisation that replays the seeded stream
+block by block instead.
+
+[Note: B and W] Where the schedule splits the backward, ``F`` keeps the output of every module
+that owns parameters (a forward hook); ``B`` walks the graph from the stage's output to its input
+and to those outputs (``torch.autograd.grad``, the graph retained), so it computes the input's
+gradient and the gradient reaching each such module, but no weight gradient; ``W`` walks from
+each module's output to that module's own parameters only (so no gradient is counted twice
+where one kept output feeds another), accumulating them in micro-batch order. Each node computes
+the same values as in a whole backward, from the same incoming gradient. It assumes a parameter
+is used by the module that owns it (true of the built-in GPT's blocks).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from memtrain.comm import Channel, Rendezvous, all_reduce_, host_store, join, leave, subgroups
+from memtrain.config import DataConfig, ModelConfig
+from memtrain.models.source import build_model
+from memtrain.planner.plan import Action, Op
+from memtrain.runtime.data import TokenBatches
+
+__all__ = ["PipelineSpec", "StageWorker", "StepResult", "block_ranges"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PipelineSpec:
+    """What every rank of one pipeline run shares; plain values, so Ray can ship it."""
+
+    model: ModelConfig
+    """The model (``gpt`` source: its blocks run one after another)."""
+    partition: tuple[int, ...]
+    """Blocks per stage, in stage order; they sum to the model's blocks."""
+    rank_of: tuple[int, ...]
+    """Per stage, the pipeline rank that runs it."""
+    num_ranks: int
+    """Pipeline ranks per replica (``p``)."""
+    dp: int
+    """Data-parallel replicas; world rank ``replica * p + pipeline rank``."""
+    num_microbatches: int
+    """Micro-batches per replica per step (``m``)."""
+    micro_batch_size: int
+    """Sequences per micro-batch."""
+    seq_len: int
+    """Tokens per sequence."""
+    seed: int
+    """``torch.manual_seed`` before the model is built."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The training data; step ``k`` reads ``TokenBatches.batch(k)`` of the global batch."""
+    lr: float = 1e-3
+    """AdamW learning rate (torch's defaults for the rest)."""
+    timeout_s: float = 60.0
+    """The longest a transfer or collective may wait."""
+    num_threads: int = 1
+    """``torch.set_num_threads`` on each worker."""
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.rank_of)
+
+    @property
+    def world_size(self) -> int:
+        return self.num_ranks * self.dp
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """One rank's step: what it ran and what it measured."""
+
+    record: tuple[str, ...]
+    """The actions run, in order (short forms)."""
+    losses: tuple[float, ...]
+    """The last stage's per-micro-batch losses (before scaling), else empty."""
+    time_s: float
+    """Wall time of the step on this rank."""
+
+
+def block_ranges(partition: tuple[int, ...]) -> list[range]:
+    """Per stage, the indices of its blocks."""
+    out, start = [], 0
+    for n in partition:
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+class StageWorker:
+    """One world rank: its pipeline rank's stages of one data-parallel replica."""
+
+    def __init__(self, spec: PipelineSpec, rank: int, program: tuple[Action, ...]) -> None:
+        self.spec = spec
+        self.rank = rank
+        self.pipe_rank = rank % spec.num_ranks
+        self.replica = rank // spec.num_ranks
+        self.program = program
+        self.stages = tuple(s for s, r in enumerate(spec.rank_of) if r == self.pipe_rank)
+        self.split_w = any(a.op is Op.W for a in program)
+        self._store = None
+        self.handlers: dict[Op, Callable[[Action], None]] = {
+            Op.F: self._forward, Op.B: self._backward, Op.W: self._weights,
+            Op.SEND_F: self._send_f, Op.RECV_F: self._recv_f, Op.SEND_B: self._send_b, Op.RECV_B: self._recv_b,
+            Op.ALLREDUCE: self._all_reduce, Op.OPTIM: self._optim,
+        }
+
+    # ---- start-up --------------------------------------------------------------------------
+
+    def open_store(self, host: str | None = None) -> tuple[str, int]:
+        """Rank 0: host the world's TCP store on ``host`` (default: this node's address as Ray
+        knows it); returns its (host, port) for the others."""
+        assert self.rank == 0, "rank 0 hosts the store"
+        host = host or _node_ip()
+        self._store = host_store(host, self.spec.world_size, self.spec.timeout_s)
+        return host, self._store.port
+
+    def build(self, host: str, port: int) -> None:
+        """Join the world, make the groups, build this rank's stages and their optimizers."""
+        spec = self.spec
+        torch.set_num_threads(spec.num_threads)
+        join(self.rank, Rendezvous(host=host, port=port, world_size=spec.world_size, timeout_s=spec.timeout_s),
+             self._store)
+        self.channel = Channel(self.rank, timeout_s=spec.timeout_s)
+        p, last = spec.num_ranks, spec.num_stages - 1
+        # every rank makes every group in the same order (creating a group is collective)
+        dp_lists = [[d * p + r for d in range(spec.dp)] for r in range(p)]
+        ends = (spec.rank_of[0], spec.rank_of[last])
+        tie_lists = [[d * p + ends[0], d * p + ends[1]] for d in range(spec.dp)] if ends[0] != ends[1] else []
+        groups = subgroups(dp_lists + tie_lists, spec.timeout_s)
+        self.dp_group = groups.get(tuple(dp_lists[self.pipe_rank]))
+        self.tie_group = next((g for k, g in groups.items() if k in map(tuple, tie_lists)), None)
+        self._build_stages()
+        self._new_step_state()
+
+    def _build_stages(self) -> None:
+        """[Note: same initial weights]"""
+        spec = self.spec
+        torch.manual_seed(spec.seed)
+        built = build_model(spec.model, max_seq_len=spec.seq_len)
+        blocks = [m for _, m in built.blocks]
+        if sum(spec.partition) != len(blocks):
+            raise ValueError(f"partition: {sum(spec.partition)} blocks in all, the model has {len(blocks)}")
+        ranges = block_ranges(spec.partition)
+        last = spec.num_stages - 1
+        first_ids = {id(q) for i in ranges[0] for q in blocks[i].parameters()}
+        self.loss_fn = built.loss_fn
+        self.vocab_size = built.vocab_size
+        self.blocks: dict[int, list[nn.Module]] = {s: [blocks[i] for i in ranges[s]] for s in self.stages}
+        # every parameter a stage's blocks use (its W's targets), and those it owns (its
+        # optimizer's and all-reduce's): a parameter two stages of this rank share is the first's
+        self.uses: dict[int, list[nn.Parameter]] = {}
+        self.owns: dict[int, list[nn.Parameter]] = {}
+        seen: set[int] = set()
+        for s in self.stages:
+            params = list(dict.fromkeys(q for m in self.blocks[s] for q in m.parameters()))
+            self.uses[s] = params
+            self.owns[s] = [q for q in params if id(q) not in seen]
+            seen.update(id(q) for q in params)
+        # parameters the first and last stages share (tied embeddings) on two different ranks; no
+        # other sharing across ranks is summed, so it is refused
+        ranks_using: dict[int, set[int]] = {}
+        for s, blocks_of in enumerate(ranges):
+            for q in {id(q) for i in blocks_of for q in blocks[i].parameters()}:
+                ranks_using.setdefault(q, set()).add(spec.rank_of[s])
+        ends = {spec.rank_of[0], spec.rank_of[last]}
+        if any(len(r) > 1 and r != ends for r in ranks_using.values()):
+            raise ValueError("model: a parameter is shared by stages on different ranks other than the first and "
+                             "last stage's (tied embeddings); the pipeline sums only those")
+        last_ids = {id(q) for i in ranges[last] for q in blocks[i].parameters()}
+        self.tied = {s: [q for q in self.owns[s] if id(q) in first_ids and id(q) in last_ids]
+                     for s in self.stages if s in (0, last)} if self.tie_group is not None else {}
+        del built, blocks
+        for s in self.stages:
+            for m in self.blocks[s]:
+                m.train()
+        self.optims = {s: torch.optim.AdamW(self.owns[s], lr=spec.lr) for s in self.stages if self.owns[s]}
+        self._kept: list[tuple[tuple[nn.Parameter, ...], torch.Tensor]] | None = None
+        if self.split_w:
+            for s in self.stages:
+                for block in self.blocks[s]:
+                    for mod in block.modules():
+                        if any(True for _ in mod.parameters(recurse=False)):
+                            mod.register_forward_hook(self._keep_output)
+
+    def _keep_output(self, module: nn.Module, args: object, output: object) -> None:
+        """[Note: B and W] a parameter-owning module's output, for the split backward."""
+        if self._kept is not None:
+            assert isinstance(output, torch.Tensor), f"{type(module).__name__} returned {type(output).__name__}"
+            self._kept.append((tuple(module.parameters(recurse=False)), output))
+
+    def _new_step_state(self) -> None:
+        self.inbox: dict[tuple[str, int, int], torch.Tensor] = {}  # received or handed over locally
+        self.outbox: dict[tuple[str, int, int], torch.Tensor] = {}  # waiting for their SEND
+        # F → B: (input leaf, output, kept (module params, module output)); B → W: (kept, output grads)
+        self.saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor, list]] = {}
+        self.for_w: dict[tuple[int, int], tuple[list, list[torch.Tensor]]] = {}
+        self.losses: dict[int, float] = {}
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def run_step(self, step: int) -> StepResult:
+        """Run the program once on step ``step``'s batch."""
+        t0 = time.perf_counter()
+        self._load_batch(step)
+        record: list[str] = []
+        for a in self.program:
+            handler = self.handlers.get(a.op)
+            if handler is None:
+                raise RuntimeError(f"rank {self.rank}: no handler for op {a.op.value} ({a}) in its program")
+            handler(a)
+            record.append(str(a))
+        self.channel.flush()
+        left = [k for k, v in (("inbox", self.inbox), ("outbox", self.outbox), ("saved", self.saved),
+                               ("for_w", self.for_w)) if v]
+        assert not left, f"rank {self.rank}: step {step} ended with tensors left in {left}"
+        losses = tuple(self.losses[i] for i in sorted(self.losses))
+        self._new_step_state()
+        return StepResult(record=tuple(record), losses=losses, time_s=time.perf_counter() - t0)
+
+    def _load_batch(self, step: int) -> None:
+        """This replica's micro-batches of step ``step``'s global batch (rows in order: replica
+        ``d``'s micro-batch ``i`` is global micro-batch ``d * m + i``)."""
+        spec = self.spec
+        m, b = spec.num_microbatches, spec.micro_batch_size
+        last = spec.num_stages - 1
+        self.ids: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+        if 0 not in self.stages and last not in self.stages:
+            return
+        source = TokenBatches(spec.data, batch_size=spec.dp * m * b, seq_len=spec.seq_len, vocab_size=self.vocab_size)
+        ids, labels = source.batch(step)
+        rows = [slice((self.replica * m + i) * b, (self.replica * m + i + 1) * b) for i in range(m)]
+        if 0 in self.stages:
+            self.ids = [ids[r] for r in rows]
+        if last in self.stages:
+            self.labels = [labels[r] for r in rows]
+
+    def _peer(self, stage: int) -> int:
+        """The world rank of this replica that runs ``stage``."""
+        return self.replica * self.spec.num_ranks + self.spec.rank_of[stage]
+
+    def _tag(self, kind: str, stage: int, mb: int) -> int:
+        """The tag of the activation (``F``) or gradient (``B``) that ``stage`` receives for ``mb``."""
+        return (mb * self.spec.num_stages + stage) * 2 + (kind == "B")
+
+    # ---- handlers --------------------------------------------------------------------------
+
+    def _forward(self, a: Action) -> None:
+        s, i = a.stage, a.microbatch
+        last = self.spec.num_stages - 1
+        if s == 0:
+            x, leaf = self.ids[i], None
+        else:
+            leaf = self.inbox.pop(("F", s, i)).requires_grad_()
+            x = leaf
+        kept: list[tuple[tuple[nn.Parameter, ...], torch.Tensor]] = []
+        self._kept = kept if self.split_w else None
+        for block in self.blocks[s]:
+            x = block(x)
+        self._kept = None
+        if s == last:
+            loss = self.loss_fn(x, self.labels[i])
+            self.losses[i] = loss.item()
+            x = loss / (self.spec.num_microbatches * self.spec.dp)
+        else:
+            out = x.detach()
+            if self.spec.rank_of[s + 1] == self.pipe_rank:
+                self.inbox[("F", s + 1, i)] = out
+            else:
+                self.outbox[("F", s, i)] = out
+        self.saved[(s, i)] = (leaf, x, kept)
+
+    def _backward(self, a: Action) -> None:
+        s, i = a.stage, a.microbatch
+        last = self.spec.num_stages - 1
+        leaf, out, kept = self.saved.pop((s, i))
+        grad = None if s == last else self.inbox.pop(("B", s, i))
+        if self.split_w:  # [Note: B and W]
+            inputs = ([] if leaf is None else [leaf]) + [o for _, o in kept]
+            grads = torch.autograd.grad(out, inputs, grad, retain_graph=True)
+            self.for_w[(s, i)] = (kept, list(grads[len(inputs) - len(kept):]))
+            if leaf is None:
+                return
+            grad_in = grads[0]
+        else:
+            torch.autograd.backward(out, grad)
+            if leaf is None:
+                return
+            grad_in = leaf.grad
+        if self.spec.rank_of[s - 1] == self.pipe_rank:
+            self.inbox[("B", s - 1, i)] = grad_in
+        else:
+            self.outbox[("B", s, i)] = grad_in
+
+    def _weights(self, a: Action) -> None:
+        """[Note: B and W]"""
+        kept, kept_grads = self.for_w.pop((a.stage, a.microbatch))
+        for (params, out), grad in zip(kept, kept_grads, strict=True):
+            for q, g in zip(params, torch.autograd.grad(out, params, grad)):
+                if q.grad is None:
+                    q.grad = g
+                else:
+                    q.grad.add_(g)
+
+    def _send_f(self, a: Action) -> None:
+        s, i = a.stage, a.microbatch
+        self.channel.send(self.outbox.pop(("F", s, i)), self._peer(s + 1), self._tag("F", s + 1, i), str(a))
+
+    def _send_b(self, a: Action) -> None:
+        s, i = a.stage, a.microbatch
+        self.channel.send(self.outbox.pop(("B", s, i)), self._peer(s - 1), self._tag("B", s - 1, i), str(a))
+
+    def _recv_f(self, a: Action) -> None:
+        s, i = a.stage, a.microbatch
+        self.inbox[("F", s, i)] = self.channel.recv(self._peer(s - 1), self._tag("F", s, i), str(a))
+
+    def _recv_b(self, a: Action) -> None:
+        s, i = a.stage, a.microbatch
+        self.inbox[("B", s, i)] = self.channel.recv(self._peer(s + 1), self._tag("B", s, i), str(a))
+
+    def _all_reduce(self, a: Action) -> None:
+        """Sum the stage's gradients: a weight the first and last stages share across the two
+        ends' ranks, then across the replicas (each replica's loss was already divided by the
+        global batch's micro-batches, so the sum is the mean)."""
+        s = a.stage
+        for q in self.owns[s]:
+            if q.grad is None:
+                q.grad = torch.zeros_like(q)
+        tied = self.tied.get(s, [])
+        if tied:
+            all_reduce_([q.grad for q in tied], self.tie_group, rank=self.rank, what=f"{a} (tied weights)",
+                        timeout_s=self.spec.timeout_s)
+        if self.spec.dp > 1:
+            all_reduce_([q.grad for q in self.owns[s]], self.dp_group, rank=self.rank, what=str(a),
+                        timeout_s=self.spec.timeout_s)
+
+    def _optim(self, a: Action) -> None:
+        opt = self.optims.get(a.stage)
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    # ---- end ------------------------------------------------------------------------------
+
+    def ping(self) -> int:
+        """This worker's process id (the driver checks it is alive)."""
+        return os.getpid()
+
+    def close(self) -> None:
+        """Leave the world."""
+        leave()
+        self._store = None
+
+
+def _node_ip() -> str:
+    """This node's address as Ray knows it (127.0.0.1 on a loopback cluster)."""
+    import ray
+
+    return ray.util.get_node_ip_address()

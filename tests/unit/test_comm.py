@@ -1,0 +1,96 @@
+"""comm/: p2p with shape and dtype metadata, gradient sums, and timeouts that name the rank and
+the action, on a real two-process gloo world over loopback."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import traceback
+
+import pytest
+import torch
+
+from memtrain.comm import Channel, CommError, Rendezvous, all_reduce_, host_store, join, leave
+
+
+def _scenario(rank: int, port_q, result_q, scenario: str) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    try:
+        timeout_s = 1.0
+        store = None
+        if rank == 0:
+            store = host_store("127.0.0.1", 2, timeout_s=10.0)
+            port_q.put(store.port)
+            port = store.port
+        else:
+            port = port_q.get(timeout=30)
+        join(rank, Rendezvous(host="127.0.0.1", port=port, world_size=2, timeout_s=timeout_s), store)
+        chan = Channel(rank, timeout_s=timeout_s)
+        out: object = None
+        if scenario == "roundtrip":
+            sent = [torch.arange(6, dtype=torch.float32).reshape(2, 3), torch.tensor([1, 2, 3], dtype=torch.int64),
+                    torch.ones(2, 1, 4, dtype=torch.bfloat16), torch.tensor(3.5, dtype=torch.float64)]
+            if rank == 0:
+                for tag, t in enumerate(sent):
+                    chan.send(t, 1, tag, f"0SEND_F{tag}")
+                chan.flush()
+            else:
+                # received in the reverse order of the sends: the tags match them up
+                got = {tag: chan.recv(0, tag, f"1RECV_F{tag}") for tag in reversed(range(len(sent)))}
+                out = all(torch.equal(got[i], t) and got[i].dtype == t.dtype for i, t in enumerate(sent))
+            g = torch.full((3,), float(rank + 1))
+            all_reduce_([g], torch.distributed.group.WORLD, rank=rank, what="0ALLREDUCE", timeout_s=timeout_s)
+            out = (out, g.tolist())
+        elif scenario == "timeout":
+            if rank == 1:
+                try:
+                    chan.recv(0, 3, "0RECV_F3")
+                except CommError as e:
+                    out = str(e)
+            else:
+                port_q.get(timeout=30)  # stay alive until rank 1 has timed out
+        elif scenario == "dead":
+            if rank == 0:
+                os._exit(0)
+            try:
+                chan.recv(0, 3, "1RECV_F3")
+            except CommError as e:
+                out = str(e)
+        if scenario == "timeout" and rank == 1:
+            port_q.put("done")
+        result_q.put((rank, out))
+        if scenario != "dead":
+            leave()
+    except BaseException:
+        result_q.put((rank, traceback.format_exc()))
+
+
+def _run(scenario: str) -> dict[int, object]:
+    ctx = mp.get_context("spawn")
+    port_q, result_q = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_scenario, args=(r, port_q, result_q, scenario)) for r in range(2)]
+    for p in procs:
+        p.start()
+    want = 1 if scenario == "dead" else 2
+    results = dict(result_q.get(timeout=60) for _ in range(want))
+    for p in procs:
+        p.join(timeout=30)
+        if p.is_alive():
+            p.kill()
+    return results
+
+
+def test_send_recv_carries_shape_and_dtype_and_all_reduce_sums() -> None:
+    results = _run("roundtrip")
+    assert results[1] == (True, [3.0, 3.0, 3.0]), results
+    assert results[0] == (None, [3.0, 3.0, 3.0]), results
+
+
+def test_receive_that_never_comes_names_rank_action_and_timeout() -> None:
+    results = _run("timeout")
+    assert results[1] == "rank 1: 0RECV_F3 from rank 0 timed out after 1 s", results
+
+
+def test_receive_from_dead_peer_is_an_error_not_a_hang() -> None:
+    results = _run("dead")
+    assert isinstance(results[1], str) and results[1].startswith("rank 1: 1RECV_F3 from rank 0 "), results
