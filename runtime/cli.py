@@ -57,13 +57,19 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "run", help="train with the plan",
-        description="Plan, then train in this process; writes plan.json and metrics.jsonl (one line per step) to "
+        description="Plan, then train: in this process for one device, on Ray workers (one per device) when "
+                    "parallel.pipeline x parallel.data > 1; writes plan.json and metrics.jsonl (one line per step) to "
                     "the run directory. Exit status: 0 done, 2 a user mistake, 3 the loss became NaN or infinite.",
     )
     _add_config_args(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run's plan.json and metrics.jsonl in the run directory (without it, "
                         "such a directory is refused); profile.parquet is kept")
+    p.add_argument("--address", metavar="ADDR", default=None,
+                   help="Ray cluster to join when parallel.pipeline x parallel.data > 1, host:port of its head "
+                        "(default: $RAY_ADDRESS, which 'ray job submit' sets; else an embedded local Ray). Token "
+                        "authentication stays on: the cluster's token must be in ~/.ray/auth_token, "
+                        "RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN")
 
     p = sub.add_parser("resume", help="resume a run from its latest snapshot or checkpoint")
     _add_config_args(p)
@@ -193,8 +199,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from memtrain.runtime.train import EXIT_NON_FINITE_LOSS, NonFiniteLoss, train
 
     _check_output("run_dir", str(run_dir(cfg) / "metrics.jsonl"))  # where the run writes its files
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
     try:
-        train(cfg, overwrite=args.overwrite)
+        if cfg.parallel.num_workers > 1:
+            from memtrain.runtime.distributed import run_distributed
+
+            run_distributed(cfg, address, overwrite=args.overwrite)
+        else:  # one device: this process, also as the driver of a Ray job
+            train(cfg, overwrite=args.overwrite)
     except NonFiniteLoss as e:  # training diverged: a clean stop with its own status
         print(f"memtrain: error: {e}", file=sys.stderr)
         return EXIT_NON_FINITE_LOSS
