@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,15 +64,16 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> str:
     if ray.is_initialized():
         return f"using the Ray cluster this process is connected to ({ray.get_runtime_context().gcs_address})"
     address, source = _address_source(address)
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    _keep_token_auth_on()
     if address is None:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(_node_ip_address=_LOOPBACK, include_dashboard=False, num_cpus=num_cpus,
+        _loopback_only()
+        ray.init(address="local", _node_ip_address=_LOOPBACK, include_dashboard=False, num_cpus=num_cpus,
                  logging_level="WARNING", configure_logging=True)
         return f"started the embedded Ray on {_LOOPBACK} ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
     if address.startswith(("http://", "https://")):
         raise UserError(f"{source} {address!r}: that is a dashboard's address (for 'ray job submit'); give the "
                         "cluster's address, host:port of the head node (6379 unless 'ray start --port' changed it)")
+    _probe(address, source)
     try:
         ray.init(address=address, logging_level="WARNING")
     except ray.exceptions.AuthenticationError as e:
@@ -81,6 +83,27 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> str:
         raise UserError(f"{source} {address!r}: no Ray cluster answers there ({_first_line(e)}); start one with "
                         "'ray start --head' or fix the address") from None
     return f"joined the Ray cluster at {address}"
+
+
+def _loopback_only() -> None:
+    """Ray's switch that keeps a local Ray on loopback ([Note: loopback and token auth]): for the
+    processes it starts (the variable) and for this one, which read it when ``ray`` was imported."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _keep_token_auth_on() -> None:
+    """``RAY_AUTH_MODE=token`` where the user left it unset ([Note: loopback and token auth]);
+    Ray reads the mode once per process, so it is told to read it again."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    except ImportError:  # a Ray without token authentication
+        return
+    _enable_token_auth()  # sets RAY_AUTH_MODE=token here (and for the processes Ray starts) and re-reads it
 
 
 @contextlib.contextmanager
@@ -94,6 +117,21 @@ def connected(address: str | None = None, *, num_cpus: int | None = None) -> Ite
     finally:
         if owned:
             ray.shutdown()
+
+
+_PROBE_TIMEOUT_S = 5.0
+
+
+def _probe(address: str, source: str) -> None:
+    """Refuse a ``host:port`` nothing listens on within seconds: Ray itself retries for minutes."""
+    host, sep, port = address.rpartition(":")
+    if address.startswith("ray://") or address == "auto" or not sep or not port.isdigit():
+        return  # Ray's client mode and "auto" find their own way; Ray reports a malformed address
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=_PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        raise UserError(f"{source} {address!r}: no Ray cluster answers there ({e.strerror or e}); start one with "
+                        "'ray start --head' or fix the address") from None
 
 
 def _first_line(e: BaseException) -> str:
@@ -286,8 +324,9 @@ class Workers:
             why = ("its node has left the cluster" if not alive else
                    "its process exited (its node is still alive; see the worker's log in the Ray session's logs)")
             return WorkerFailure(f"rank {rank} on {label} died during {what}: {why}", rank=rank, node=label)
-        return WorkerFailure(f"rank {rank} on {label} failed during {what}: {_first_line(error)}", rank=rank,
-                             node=label)
+        cause = getattr(error, "cause", None) or error  # a RayTaskError carries the worker's exception
+        return WorkerFailure(f"rank {rank} on {label} failed during {what}: {type(cause).__name__}: "
+                             f"{_first_line(cause)} (the worker's traceback is chained below)", rank=rank, node=label)
 
     def get(self, refs: Sequence[Any], *, timeout_s: float, what: str = "the call") -> list[Any]:
         """The results of ``refs`` (one per rank, in rank order). The first worker to die or fail
