@@ -61,11 +61,10 @@ def run_distributed(cfg: Config, address: str | None = None, *, overwrite: bool 
     block for every stage, join the cluster at ``address`` (else ``RAY_ADDRESS``, else start the
     embedded one), check it has a device per worker, and run the pipeline driver; returns what
     ``run_pipeline`` returns (per-step losses)."""
-    from memtrain.runtime import ray_cluster
-
     num_blocks, model_name = _num_blocks(cfg)
     cfg.parallel.check_blocks(num_blocks, model_name)
     run_pipeline = _pipeline_runner()
+    from memtrain.runtime import ray_cluster  # Ray, once the run is known to need it
     with ray_cluster.connected(address) as line:
         print_fn(f"memtrain: {line}")
         inventory = ray_cluster.cluster_inventory(cfg.cluster.network_gbps)
