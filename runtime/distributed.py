@@ -37,7 +37,7 @@ def check_devices(cfg: Config, inventory: Any) -> list[Any]:
         raise ConfigError(
             f"parallel.pipeline × parallel.data: {p.pipeline} × {p.data} = {p.num_workers} workers need one device "
             f"each, but the Ray cluster has {len(slots)} ({inventory.describe()}); lower parallel.pipeline or "
-            "parallel.data, or add nodes (a CPU-only node offers one device per CPU Ray gives it)")
+            "parallel.data, or add nodes (in a cluster without GPUs each CPU Ray gives a node is a device)")
     return list(slots[: p.num_workers])
 
 

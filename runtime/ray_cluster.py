@@ -68,7 +68,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> str:
     if address is None:
         _loopback_only()
         ray.init(address="local", _node_ip_address=_LOOPBACK, include_dashboard=False, num_cpus=num_cpus,
-                 logging_level="WARNING", configure_logging=True)
+                 logging_level="WARNING")
         return f"started the embedded Ray on {_LOOPBACK} ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
     if address.startswith(("http://", "https://")):
         raise UserError(f"{source} {address!r}: that is a dashboard's address (for 'ray job submit'); give the "
@@ -146,9 +146,11 @@ def _first_line(e: BaseException) -> str:
 #    GPUs Ray cannot name and for clusters simulated in tests;
 # 2. ``GPU: N`` with Ray's ``accelerator_type:<T>`` resource: N devices of the catalog kind for T
 #    (an unknown T asks for a ``device:<kind>`` resource);
-# 3. neither: one CPU device per core of Ray's ``CPU`` resource, each with its share of the
-#    node's memory, as ``cluster.nodes[].devices`` splits a node's CPU devices: a CPU pipeline
-#    runs one single-threaded worker per core.
+# 3. neither, in a cluster where no node has either (a CPU cluster): one CPU device per core of
+#    Ray's ``CPU`` resource, each with its share of the node's memory, as ``cluster.nodes[].devices``
+#    splits a node's CPU devices: a CPU pipeline runs one single-threaded worker per core. In a
+#    cluster with GPUs such a node (a head without GPUs, say) offers none; ``device:cpu: N`` opts
+#    it in.
 # Host memory is Ray's ``memory`` resource: what the node lets tasks and actors use.
 
 
@@ -223,8 +225,8 @@ def _accelerator_kind(accel: str, where: str) -> DeviceSpec:
     return catalog.device_spec(kind)
 
 
-def _node_devices(res: Mapping[str, float], num_cpus: int, memory_bytes: int, where: str,
-                  node_id: str) -> tuple[list[DeviceSpec], list[DeviceSlot]]:
+def _node_devices(res: Mapping[str, float], num_cpus: int, memory_bytes: int, where: str, node_id: str,
+                  cpu_cores_are_devices: bool) -> tuple[list[DeviceSpec], list[DeviceSlot]]:
     """[Note: devices of a Ray node]"""
     devices: list[DeviceSpec] = []
     slots: list[DeviceSlot] = []
@@ -247,7 +249,7 @@ def _node_devices(res: Mapping[str, float], num_cpus: int, memory_bytes: int, wh
                             f"ray start --resources '{{\"{DEVICE_RESOURCE_PREFIX}<kind>\": {num_gpus}}}'")
         spec = _accelerator_kind(accel[0], where)
         return [spec] * num_gpus, [DeviceSlot(node_id, spec.kind, {"CPU": 1.0, "GPU": 1.0})] * num_gpus
-    if num_cpus:
+    if num_cpus and cpu_cores_are_devices:
         spec = catalog.cpu_device_spec(num_cpus=1, memory_bytes=max(memory_bytes // num_cpus, 1))
         return [spec] * num_cpus, [DeviceSlot(node_id, "cpu", {"CPU": 1.0})] * num_cpus
     return [], []
@@ -256,16 +258,17 @@ def _node_devices(res: Mapping[str, float], num_cpus: int, memory_bytes: int, wh
 def cluster_inventory(network_gbps: float = 12.5) -> RayInventory:
     """The alive nodes of the connected cluster, their devices ([Note: devices of a Ray node])
     and hosts, as the planner's ``ClusterSpec`` (``source='ray'``) and placement slots. Nodes
-    with no device (a head started with ``--num-cpus=0``) are left out."""
+    with no device (a head started with ``--num-cpus=0``, a CPU node beside GPU nodes) are left out."""
     nodes = []
-    for info in sorted(ray.nodes(), key=lambda n: n["NodeID"]):
-        if not info.get("Alive"):
-            continue
+    alive = sorted((n for n in ray.nodes() if n.get("Alive")), key=lambda n: n["NodeID"])
+    cpu_cluster = not any(k == "GPU" or k.startswith(DEVICE_RESOURCE_PREFIX)
+                          for n in alive for k, v in n.get("Resources", {}).items() if v > 0)
+    for info in alive:
         res = info.get("Resources", {})
         node_id, address = info["NodeID"], info.get("NodeManagerAddress", "?")
         num_cpus, memory = int(res.get("CPU", 0)), int(res.get("memory", 0))
         where = f"Ray node {address} (node {node_id[:8]})"
-        devices, slots = _node_devices(res, num_cpus, memory, where, node_id)
+        devices, slots = _node_devices(res, num_cpus, memory, where, node_id, cpu_cluster)
         if not devices:
             continue
         host = catalog.default_host_spec(max(num_cpus, 1), max(memory, 1))

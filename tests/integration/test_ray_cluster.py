@@ -35,7 +35,9 @@ def cluster():
         nodes = {
             "a100": c.add_node(num_cpus=2, num_gpus=2, resources={"device:a100": 2}, memory=4 * GIB),
             "rtx4090": c.add_node(num_cpus=1, num_gpus=1, resources={"device:rtx4090": 1}, memory=2 * GIB),
-            "cpu": c.add_node(num_cpus=2, memory=2 * GIB),
+            "cpu": c.add_node(num_cpus=2, resources={"device:cpu": 2}, memory=2 * GIB),
+            "t4": c.add_node(num_cpus=1, num_gpus=1, resources={"accelerator_type:T4": 1}, memory=1 * GIB),  # Ray's GPU type
+            "plain": c.add_node(num_cpus=1, memory=1 * GIB),  # no device beside GPU nodes: left out
         }
         ray.init(address=c.address, log_to_driver=False)
         c.wait_for_nodes()
@@ -69,7 +71,9 @@ def test_inventory_reads_device_kinds_cpus_and_memory(cluster):
     inv = cluster_inventory(network_gbps=25.0)
     assert inv.spec.source == "ray" and inv.spec.network_gbps == 25.0
     by_id = {n.node_id: n for n in inv.nodes}
-    assert set(by_id) == set(node_of.values())  # the head offers no device
+    assert set(by_id) == {node_of[k] for k in ("a100", "rtx4090", "cpu", "t4")}  # not the head, not "plain"
+    assert [d.kind for d in by_id[node_of["t4"]].spec.devices] == ["t4"]
+    assert [s.resources for s in by_id[node_of["t4"]].slots] == [{"CPU": 1.0, "GPU": 1.0}]
     a100, rtx, cpu = (by_id[node_of[k]] for k in ("a100", "rtx4090", "cpu"))
     assert [d.kind for d in a100.spec.devices] == ["a100-80gb", "a100-80gb"]
     assert [d.kind for d in rtx.spec.devices] == ["rtx4090"]
@@ -79,10 +83,10 @@ def test_inventory_reads_device_kinds_cpus_and_memory(cluster):
     assert (a100.num_cpus, a100.num_gpus, a100.memory_bytes) == (2, 2, 4 * GIB)
     assert a100.spec.host.num_cpus == 2 and a100.spec.host.memory_bytes == 4 * GIB
     assert [s.resources for s in a100.slots] == [{"CPU": 1.0, "device:a100": 1.0, "GPU": 1.0}] * 2
-    assert [s.resources for s in cpu.slots] == [{"CPU": 1.0}] * 2
+    assert [s.resources for s in cpu.slots] == [{"CPU": 1.0, "device:cpu": 1.0}] * 2
     head, devices = inv.describe().split(": ", 1)
-    assert head == "3 node(s)" and sorted(devices.split(", ")) == ["1 rtx4090", "2 a100-80gb", "2 cpu"]
-    assert len(inv.slots) == 5
+    assert head == "4 node(s)" and sorted(devices.split(", ")) == ["1 rtx4090", "1 t4", "2 a100-80gb", "2 cpu"]
+    assert len(inv.slots) == 6
 
 
 def test_placement_puts_each_rank_on_a_node_with_its_device_kind(cluster):
@@ -178,7 +182,7 @@ def test_run_distributed_checks_blocks_and_devices_then_calls_the_driver(cluster
     assert kw["cfg"] is cfg and [a.rank for a in kw["assignments"]] == [0, 1, 2, 3]
     assert {s.node_id for s in kw["inventory"].slots} >= {a.node_id for a in kw["assignments"]}
     assert ray.is_initialized()  # a connection made before the run is left alone
-    with pytest.raises(ConfigError, match=r"parallel.pipeline × parallel.data: 4 × 2 = 8 workers .* has 5 \("):
+    with pytest.raises(ConfigError, match=r"parallel.pipeline × parallel.data: 4 × 2 = 8 workers .* has 6 \(4 node\(s\)"):
         run_distributed(config_from_dict({"parallel": {"pipeline": 4, "data": 2}}), print_fn=lambda line: None)
     with pytest.raises(ConfigError, match="parallel.pipeline: 5 rank.*gpt-tiny has 4 blocks"):
         run_distributed(config_from_dict({"parallel": {"pipeline": 5}, "train": {"global_batch_size": 10}}))

@@ -97,8 +97,13 @@ def test_memtrain_run_as_a_ray_job_with_token_auth(head, tmp_path):
 
     submit = ["ray", "job", "submit", "--address", head["dashboard"], "--working-dir", str(work), "--",
               "memtrain", "run", "examples/tiny-cpu.yaml", "--set", "train.steps=3", "--set", f"run_dir={run_dir}"]
-    r = subprocess.run(submit, env=head["env"], capture_output=True, text=True, timeout=240)
-    out = r.stdout + r.stderr
+    deadline = time.monotonic() + 90
+    while True:  # the dashboard answers before its job agent is up: Ray says to try again
+        r = subprocess.run(submit, env=head["env"], capture_output=True, text=True, timeout=240)
+        out = r.stdout + r.stderr
+        if "No available agent to submit job" not in out or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert r.returncode == 0, out[-3000:]
     assert "succeeded" in out and "step     3/3" in out
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
