@@ -15,7 +15,6 @@ from ray.cluster_utils import Cluster
 
 from memtrain.config import ConfigError, config_from_dict
 from memtrain.errors import UserError
-from memtrain.runtime import ray_cluster
 from memtrain.runtime.distributed import run_distributed
 from memtrain.runtime.ray_cluster import Assignment, WorkerFailure, cluster_inventory, place_workers
 
