@@ -28,8 +28,8 @@ from memtrain.units import parse_bytes, show
 
 __all__ = [
     "ConfigError", "Size", "ModelConfig", "DataConfig", "OptimizerConfig", "TrainConfig", "DeviceConfig",
-    "NvmeConfig", "NodeConfig", "ClusterConfig", "MemoryConfig", "SnapshotConfig", "CheckpointConfig", "Config",
-    "config_from_dict", "section_from_dict", "MAX_CONFIG_BYTES", "MAX_GLOBAL_BATCH_SIZE",
+    "NvmeConfig", "NodeConfig", "ClusterConfig", "MemoryConfig", "SnapshotConfig", "CheckpointConfig", "ParallelConfig",
+    "Config", "config_from_dict", "section_from_dict", "MAX_CONFIG_BYTES", "MAX_GLOBAL_BATCH_SIZE", "PIPELINE_SCHEDULES",
 ]
 
 
@@ -62,6 +62,13 @@ MAX_CONFIG_BYTES = 16 << 20
 """Size of a config file at most; a config is a few KiB of YAML."""
 MAX_CHUNK_ELEMS = 1 << 40
 MAX_PREFETCH_DEPTH = 1024
+MAX_PARALLEL_DEGREE = 1 << 16
+"""Pipeline or data-parallel degree at most (parallel.pipeline, parallel.data)."""
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "v-half", "v-min")
+"""The schedules ``parallel.schedule`` accepts: ``planner.pipeline.SCHEDULES``, repeated here because
+this module is below planner/ (a unit test checks the two are equal)."""
+_V_SCHEDULES = ("v-half", "v-min")
 
 
 def _check_number(path: str, value: Any, what: str, ok: Callable[[float], bool]) -> None:
@@ -389,6 +396,98 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class ParallelConfig:
+    """How the model is spread over devices: ``pipeline`` × ``data`` workers, one per device.
+
+    1 × 1 trains in this process; more runs one Ray actor per device (docs/DESIGN.md, Runtime)."""
+
+    pipeline: int = 1
+    """Pipeline degree: ranks the model's blocks are split over, in order."""
+    data: int = 1
+    """Data-parallel degree: copies of the pipeline, each on its share of the global batch."""
+    schedule: str = "1f1b"
+    """Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1, v-half or v-min."""
+    microbatches: int = 0
+    """Micro-batches per pipeline per step; 0: global batch / (data × micro_batch_size), or the
+    planner's choice when train.micro_batch_size is 0 too."""
+    stages_per_rank: int = 2
+    """Model stages per rank for ``interleaved-1f1b`` (v-half and v-min always hold 2; the others 1)."""
+    partition: list[int] | None = None
+    """Blocks per stage, in order (embedding and head count as blocks); default: the planner balances them."""
+    comm_timeout_s: float = 300.0
+    """Seconds a worker waits for a peer's message or a collective before failing with an error naming it."""
+
+    def __post_init__(self) -> None:
+        _check_int("parallel.pipeline", self.pipeline, 1, MAX_PARALLEL_DEGREE)
+        _check_int("parallel.data", self.data, 1, MAX_PARALLEL_DEGREE)
+        if self.schedule not in PIPELINE_SCHEDULES:
+            raise ConfigError(f"parallel.schedule: one of {', '.join(PIPELINE_SCHEDULES)}, got {show(self.schedule)}")
+        _check_int("parallel.microbatches", self.microbatches, 0, MAX_GLOBAL_BATCH_SIZE)
+        _check_int("parallel.stages_per_rank", self.stages_per_rank, 1, MAX_PARALLEL_DEGREE)
+        _check_number("parallel.comm_timeout_s", self.comm_timeout_s, f"a number of seconds in (0, {MAX_TIMEOUT_S:g}]",
+                      lambda v: 0 < v <= MAX_TIMEOUT_S)
+        if self.partition is not None:
+            for i, count in enumerate(self.partition):
+                _check_int(f"parallel.partition[{i}]", count, 1, MAX_PARALLEL_DEGREE)
+            if len(self.partition) != self.num_stages:
+                raise ConfigError(
+                    f"parallel.partition: lists {len(self.partition)} stage(s), but parallel.schedule "
+                    f"{self.schedule!r} over parallel.pipeline {self.pipeline} has {self.num_stages}; "
+                    f"give one block count per stage, or remove it to let the planner split the blocks")
+
+    @property
+    def num_workers(self) -> int:
+        """Devices the run needs: one worker per pipeline rank per data-parallel copy."""
+        return self.pipeline * self.data
+    @property
+    def num_stages(self) -> int:
+        """Model stages of one pipeline: ``pipeline`` ranks times the stages each holds."""
+        if self.schedule in _V_SCHEDULES:
+            return 2 * self.pipeline
+        if self.schedule == "interleaved-1f1b":
+            return self.stages_per_rank * self.pipeline
+        return self.pipeline
+
+    def check_batch(self, train: TrainConfig) -> None:
+        """The global batch splits into ``data`` shares of whole micro-batches (and, for
+        ``interleaved-1f1b``, into groups of ``pipeline`` micro-batches)."""
+        gbs, mbs, m = train.global_batch_size, train.micro_batch_size, self.microbatches
+        if self.num_workers == 1:
+            return
+        if gbs % self.data:
+            raise ConfigError(f"train.global_batch_size: {gbs} does not split over parallel.data {self.data} "
+                              f"copies; make it a multiple of {self.data}")
+        share = gbs // self.data
+        if m and share % m:
+            raise ConfigError(f"parallel.microbatches: {m} does not divide each data-parallel share of "
+                              f"{share} sequences (train.global_batch_size {gbs} / parallel.data {self.data}); "
+                              "choose a divisor, or 0 to derive it from train.micro_batch_size")
+        if mbs and share % mbs:
+            raise ConfigError(f"train.micro_batch_size: {mbs} does not divide each data-parallel share of "
+                              f"{share} sequences (train.global_batch_size {gbs} / parallel.data {self.data}); "
+                              "choose a divisor, or 0 to let the planner choose")
+        if m and mbs and m * mbs != share:
+            raise ConfigError(f"parallel.microbatches: {m} micro-batches of train.micro_batch_size {mbs} make {m * mbs} "
+                              f"sequences, not the {share} of each data-parallel share; set one of them to 0")
+        count = m or (share // mbs if mbs else 0)
+        if self.schedule == "interleaved-1f1b" and count and count % self.pipeline:
+            raise ConfigError(f"parallel.microbatches: interleaved-1f1b runs micro-batches in groups of "
+                              f"parallel.pipeline ({self.pipeline}); {count} is not a multiple of it")
+
+    def check_blocks(self, num_blocks: int, model: str = "the model") -> None:
+        """Every stage gets at least one of the model's ``num_blocks`` blocks, and ``partition``
+        (when given) shares out exactly those; called where the model is known."""
+        if self.num_stages > num_blocks:
+            raise ConfigError(
+                f"parallel.pipeline: {self.pipeline} rank(s) of schedule {self.schedule!r} make {self.num_stages} "
+                f"stages, but {model} has {num_blocks} blocks (embedding, layers, head); lower parallel.pipeline to "
+                f"at most {num_blocks // (self.num_stages // self.pipeline)} or use a model with more layers")
+        if self.partition is not None and sum(self.partition) != num_blocks:
+            raise ConfigError(f"parallel.partition: the block counts add up to {sum(self.partition)}, but {model} "
+                              f"has {num_blocks} blocks (embedding, layers, head); make them add up to {num_blocks}")
+
+
+@dataclass(kw_only=True, slots=True)
 class Config:
     name: str = "run"
     """Run name (used in reports and the run directory)."""
@@ -399,11 +498,13 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     run_dir: str = "runs/{name}"
     """Where checkpoints, profiles and reports go; ``{name}`` is replaced by the run name."""
 
     def __post_init__(self) -> None:
         _check_path("run_dir", self.run_dir.replace("{name}", self.name))
+        self.parallel.check_batch(self.train)
 
 
 # --- loading ---------------------------------------------------------------------------
@@ -541,7 +642,7 @@ _SECTIONS: list[tuple[str, type]] = [
     ("", Config), ("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig),
     ("train.optimizer", OptimizerConfig), ("cluster", ClusterConfig), ("cluster.nodes[]", NodeConfig),
     ("cluster.nodes[].devices[]", DeviceConfig), ("cluster.nodes[].nvme", NvmeConfig),
-    ("memory", MemoryConfig), ("snapshot", SnapshotConfig),
-    ("checkpoint", CheckpointConfig),
+    ("memory", MemoryConfig), ("snapshot", SnapshotConfig), ("checkpoint", CheckpointConfig),
+    ("parallel", ParallelConfig),
 ]
 _GENERIC_PATHS: dict[type, str] = {cls: prefix for prefix, cls in _SECTIONS if "[]" in prefix}

@@ -57,15 +57,21 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "run", help="train with the plan",
-        description="Plan, then train in this process; writes plan.json, config.json, metrics.jsonl (one line per "
-                    "step) and checkpoints (every checkpoint.interval_steps, at the end, and on SIGTERM/SIGINT) to "
-                    "the run directory. Exit status: 0 done, 2 a user mistake, 3 the loss became NaN or infinite, "
+        description="Plan, then train: in this process for one device, on Ray workers (one per device) when "
+                    "parallel.pipeline x parallel.data > 1; writes plan.json, config.json, metrics.jsonl (one line "
+                    "per step) and checkpoints (every checkpoint.interval_steps, at the end, and on SIGTERM/SIGINT) "
+                    "to the run directory. Exit status: 0 done, 2 a user mistake, 3 the loss became NaN or infinite, "
                     "128 + the signal when stopped by SIGTERM or SIGINT after checkpointing.",
     )
     _add_config_args(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run's plan.json and metrics.jsonl in the run directory (without it, "
                         "such a directory is refused); profile.parquet is kept")
+    p.add_argument("--address", metavar="ADDR", default=None,
+                   help="Ray cluster to join when parallel.pipeline x parallel.data > 1, host:port of its head "
+                        "(default: $RAY_ADDRESS, which 'ray job submit' sets; else an embedded local Ray). Token "
+                        "authentication stays on: the cluster's token must be in ~/.ray/auth_token, "
+                        "RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN")
 
     p = sub.add_parser(
         "resume", help="continue a run from its newest valid checkpoint",
@@ -204,7 +210,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from memtrain.runtime.train import train
 
     _check_output("run_dir", str(run_dir(cfg) / "metrics.jsonl"))  # where the run writes its files
-    return _training(lambda: train(cfg, overwrite=args.overwrite), str(run_dir(cfg)))
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+
+    def run() -> None:
+        if cfg.parallel.num_workers > 1:
+            from memtrain.runtime.distributed import run_distributed
+
+            run_distributed(cfg, address, overwrite=args.overwrite)
+        else:  # one device: this process, also as the driver of a Ray job
+            train(cfg, overwrite=args.overwrite)
+
+    return _training(run, str(run_dir(cfg)))
 
 
 def _training(run, run_dir: str) -> int:
