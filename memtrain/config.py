@@ -1,7 +1,8 @@
 """The run configuration: validated dataclasses, built from a mapping (``runtime.config_file``
 reads the YAML file and ``--set`` overrides into one). It sits at the bottom of the layers
 (docs/DESIGN.md, Layers): every layer may read config types, and this module imports only
-``memtrain.errors`` and ``memtrain.units``.
+``memtrain.errors``, ``memtrain.units``, ``memtrain.optimizers`` and its limits and checks
+(``memtrain.config_checks``).
 
 Every section is a ``kw_only, slots`` dataclass with a docstring per field (docs/config.md is
 the reference). Each ``__post_init__`` checks its fields' values (finite, in range), so a
@@ -15,13 +16,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, NewType
+from typing import Any
 
+from memtrain.config_checks import (  # noqa: F401 - re-exported: the sections' limits and checks
+    ConfigError, Size, MAX_GLOBAL_BATCH_SIZE, MAX_SEQ_LEN, MAX_STEPS, MAX_SEED, MAX_DEVICES_PER_NODE,
+    MAX_NUM_CPUS, MAX_STRIPES, MAX_CHECKPOINTS_KEPT, MAX_TEXT, MAX_CONFIG_BYTES, MAX_CHUNK_ELEMS,
+    MAX_PREFETCH_DEPTH, MAX_PARALLEL_DEGREE, MAX_TIMEOUT_S, PIPELINE_SCHEDULES, _V_SCHEDULES, _check_number,
+    _positive, _fraction, _check_int, _check_path,
+)
 from memtrain.errors import UserError
 from memtrain.optimizers import OptimizerSpec, lookup
 from memtrain.units import parse_bytes, show
@@ -31,79 +37,6 @@ __all__ = [
     "NvmeConfig", "NodeConfig", "ClusterConfig", "MemoryConfig", "SnapshotConfig", "CheckpointConfig", "ParallelConfig",
     "Config", "config_from_dict", "section_from_dict", "MAX_CONFIG_BYTES", "MAX_GLOBAL_BATCH_SIZE", "PIPELINE_SCHEDULES",
 ]
-
-
-class ConfigError(UserError):
-    """A user mistake in the configuration; the message names the field and the fix."""
-
-
-Size = NewType("Size", int)
-"""A byte count: a field annotated ``Size`` accepts "24GiB" (``units.parse_bytes``); a plain
-``int`` field accepts whole numbers only. ``_build`` tells them apart by identity."""
-
-MAX_GLOBAL_BATCH_SIZE = 1 << 20
-"""Sequences per optimizer step at most (train.global_batch_size). Every divisor is a micro-batch
-size to try; below this bound a number has at most 240 of them, and the search stays within
-seconds."""
-MAX_SEQ_LEN = 1 << 20
-"""Tokens per sequence at most (train.seq_len)."""
-MAX_STEPS = 10**9
-"""Optimizer steps at most (train.steps, train.warmup_steps, snapshot.interval_steps)."""
-MAX_SEED = 2**32 - 1
-MAX_DEVICES_PER_NODE = 1024
-MAX_NUM_CPUS = 1 << 16
-MAX_STRIPES = 256
-"""Data or parity stripes of a snapshot at most (snapshot.k, snapshot.m)."""
-MAX_CHECKPOINTS_KEPT = 1000
-"""Checkpoints kept at most (checkpoint.keep)."""
-MAX_TEXT = 4096
-"""Characters of a text field at most (names, paths, kinds)."""
-MAX_CONFIG_BYTES = 16 << 20
-"""Size of a config file at most; a config is a few KiB of YAML."""
-MAX_CHUNK_ELEMS = 1 << 40
-MAX_PREFETCH_DEPTH = 1024
-MAX_PARALLEL_DEGREE = 1 << 16
-"""Pipeline or data-parallel degree at most (parallel.pipeline, parallel.data)."""
-MAX_TIMEOUT_S = 7 * 24 * 3600.0
-PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "v-half", "v-min")
-"""The schedules ``parallel.schedule`` accepts: ``planner.pipeline.SCHEDULES``, repeated here because
-this module is below planner/ (a unit test checks the two are equal)."""
-_V_SCHEDULES = ("v-half", "v-min")
-
-
-def _check_number(path: str, value: Any, what: str, ok: Callable[[float], bool]) -> None:
-    """Raise unless ``value`` (when not None) is a finite number, not a bool, for which ``ok`` holds."""
-    if value is None:
-        return
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or (isinstance(value, float) and not math.isfinite(value)) or not ok(value)):
-        raise ConfigError(f"{path}: must be {what}, got {show(value)}")
-
-
-def _positive(path: str, value: Any) -> None:
-    _check_number(path, value, "a finite number > 0", lambda v: v > 0)
-
-
-def _fraction(path: str, value: Any) -> None:
-    _check_number(path, value, "a number in [0, 1)", lambda v: 0 <= v < 1)
-
-
-def _check_int(path: str, value: Any, lo: int, hi: int) -> None:
-    """Raise unless ``value`` (when not None) is a whole number in [lo, hi]."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ConfigError(f"{path}: must be a whole number from {lo} to {hi}, got {show(value)}")
-
-
-def _check_path(path: str, value: str) -> None:
-    """Refuse a file name no filesystem takes (a NUL byte, a name too long, unencodable text)."""
-    try:
-        raw = os.fsencode(value)
-    except (UnicodeError, TypeError):
-        raise ConfigError(f"{path}: {show(value)} is not a valid file name") from None
-    if b"\0" in raw or len(raw) > 4096 or any(len(part) > 255 for part in raw.split(b"/")):
-        raise ConfigError(f"{path}: {show(value)} is not a valid file name (a NUL byte, or a name too long)")
 
 
 @dataclass(kw_only=True, slots=True)
