@@ -165,3 +165,33 @@ def test_96_layers_over_64_mixed_gpus_plans_in_under_10_s():
     kinds = counts(plan)
     # an A100 is about twice a 4090's speed (312 TFLOP/s at 0.5 against 165 at 0.45): more blocks
     assert sum(kinds["a100-80gb"]) > sum(kinds["rtx4090"])
+
+
+def test_report_shows_ranks_gantt_memory_and_runners_up():
+    from memtrain.planner import report
+
+    plan = _short_of_memory(h2d_gbps=400.0)
+    text = report.summary_text(plan)
+    assert "Ranks (replica 0" in text and "Runners-up" in text and "deciding difference" in text
+    assert "small (n0)" in text and "params off" in text
+    page = report.render_html(plan)
+    assert 'id="gantt-chart"' in page and 'id="memory-line-chart"' in page
+    # one lane per rank, each with forward and backward boxes, and the sends between them
+    assert page.count("<text x=\"0\" y=") >= 2 and "rank 0 0F0" in page and "rank 1 1B15" in page
+    assert 'class="box-send"' in page
+    events = report.trace_events(plan)
+    names = {(e["pid"], e["args"]["name"]) for e in events if e.get("name") == "process_name"}
+    assert names == {(0, "rank 0 (small)"), (1, "rank 1 (a100-80gb)")}
+    assert {e["pid"] for e in events if e.get("name") == "memory device"} == {0, 1}
+
+
+def test_a_single_device_plan_has_no_pipeline_key():
+    from memtrain.planner.search import plan as single
+
+    stats = uniform_stats(2)
+    one = single(stats, name="one", global_batch_size=2, dtype="bf16", optimizer="adamw", device=A100,
+                 host=default_host_spec(), nvme=None, budgets={"device": 80 * GIB, "host": 64 * GIB, "nvme": 0},
+                 safety_margin=0.1)
+    assert one.pipeline is None and '"pipeline"' not in one.to_json()
+    assert Plan.from_json(one.to_json()) == one
+    assert list(one.to_dict())[-1] == "source_notes"  # the same keys, in the same order, as before
