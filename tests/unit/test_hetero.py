@@ -195,3 +195,25 @@ def test_a_single_device_plan_has_no_pipeline_key():
     assert one.pipeline is None and '"pipeline"' not in one.to_json()
     assert Plan.from_json(one.to_json()) == one
     assert list(one.to_dict())[-1] == "source_notes"  # the same keys, in the same order, as before
+
+
+def test_the_mixed_example_pipelines_over_both_kinds():
+    from pathlib import Path
+
+    from memtrain.cluster.inventory import resolve_cluster
+    from memtrain.planner.analyze import analyze
+    from memtrain.runtime.config_file import load_config
+
+    cfg = load_config(Path(__file__).parents[2] / "examples" / "mixed-a100-4090.yaml")
+    cluster = resolve_cluster(cfg.cluster)
+    stats = analyze(cfg.model, seq_len=cfg.train.seq_len, micro_batch_size=1, dtype=cfg.train.dtype)
+    plan = plan_cluster(stats, cluster, name=cfg.name, global_batch_size=cfg.train.global_batch_size,
+                        dtype=cfg.train.dtype, optimizer=cfg.train.optimizer.name, schedules=("1f1b", "zb-h1"),
+                        safety_margin=cfg.memory.safety_margin)
+    assert plan.fits and len(plan.pipeline.ranks) == 16
+    per_rank = counts(plan)
+    # an A100 stage holds more blocks than a 4090 one: it is faster and has more memory
+    assert min(per_rank["a100-80gb"]) > max(per_rank["rtx4090"][:-1])
+    assert plan.pipeline.pipeline_degree > 1  # 13B's states fit no single device
+    for pred in plan.prediction.devices:
+        assert pred.peak_bytes["device"] <= pred.budget_bytes["device"]
