@@ -34,10 +34,12 @@ from memtrain.planner.plan import Plan, TrainShape
 from memtrain.planner.stage_cost import StageModel
 from memtrain.planner.stats import DType, ModelStats, Optimizer
 
-__all__ = ["plan_cluster", "NUM_SIMULATED", "PRUNE_MARGIN"]
+__all__ = ["plan_cluster", "NUM_SIMULATED", "MAX_SIMULATED", "PRUNE_MARGIN"]
 
 NUM_SIMULATED = 4
 """Candidates simulated over their ranks after the estimate ranks them."""
+MAX_SIMULATED = 12
+"""Candidates simulated at most when the best ones do not fit once simulated."""
 PRUNE_MARGIN = 0.15
 """A shape whose lower bound is this much above the best estimate is not partitioned (the
 estimate's bubble is the equal-stage one, so it can be off by about this much)."""
@@ -102,7 +104,12 @@ def plan_cluster(
     ranked = sorted((c for c in candidates if not c.problem), key=lambda c: c.estimate_s)
     if not ranked:
         raise UserError(_nothing_fits(candidates, cluster))
-    simulated = [simulate_candidate(c, cluster) for c in ranked[:NUM_SIMULATED]]
+    # the best estimates, and past them until one fits (a refined stage may not fit after all)
+    simulated = []
+    for c in ranked[:MAX_SIMULATED]:
+        if len(simulated) >= NUM_SIMULATED and any(s.fits for s in simulated):
+            break
+        simulated.append(simulate_candidate(c, cluster))
     return build_plan(name, base, cluster, simulated, ranked, candidates, source, max_alternatives)
 
 

@@ -314,7 +314,7 @@ def partition(cand: Candidate) -> None:
     m = shape.num_microbatches
     p = shape.pipeline
 
-    canon, estimate = model._canon, model.estimate
+    canon, estimate = model.range_ids, model.estimate
     keys = [(cand.where[s], cand.in_flight[s], cand.stage_ranks[s]) for s in range(len(cand.stage_ranks))]
     seen: dict[tuple, float] = {}
 

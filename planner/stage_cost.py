@@ -132,7 +132,8 @@ class StageModel:
         self.max_work = _RangeMax([b.activation_bytes + b.input_bytes + b.output_bytes for b in blocks])
         self.max_param = _RangeMax([max(b.param_numels, default=b.num_params) for b in blocks])
         self.max_block_params = _RangeMax([b.num_params for b in blocks])
-        self._canon = self._canonical_ranges()
+        self.range_ids = self._canonical_ranges()
+        """Per [first][end], the id of ranges with the same blocks (``_canonical_ranges``)."""
         self.state_per_param = cost.chunk_bytes(Tier.DEVICE, 1, self.dtype, self.optimizer)[Tier.DEVICE]
         self.host_per_param = cost.chunk_bytes(Tier.HOST, 1, self.dtype, self.optimizer)[Tier.HOST]
         self.nvme_per_param = cost.chunk_bytes(Tier.NVME, 1, self.dtype, self.optimizer)[Tier.NVME]
@@ -190,7 +191,7 @@ class StageModel:
     def estimate(self, first: int, end: int, where: int, in_flight: int, num_microbatches: int) -> StageEstimate:
         """The cheapest way found to run blocks ``[first, end)`` on ``where`` (``place``) holding
         ``in_flight`` micro-batches' activations at once (memoised; see the module doc)."""
-        key = (self._canon[first][end], where, in_flight, num_microbatches)
+        key = (self.range_ids[first][end], where, in_flight, num_microbatches)
         hit = self._memo.get(key)
         if hit is None:
             hit = self._memo[key] = self._estimate(first, end, *self._where[where], in_flight, num_microbatches)
@@ -257,18 +258,17 @@ class StageModel:
                              fits=fits)
 
     def refine(self, first: int, end: int, where: int, in_flight: int, num_microbatches: int) -> StageEstimate:
-        """The estimate, or for a stage that offloads, the single-device planner's figures: the
-        search on the stage's blocks with the device budget less the other held micro-batches'
-        activations (kept, the most they can take), simulated with one and two micro-batches
-        (per micro-batch: the difference; tail: the rest). Memoised."""
+        """The estimate, or for a stage whose parameters leave the device, the single-device
+        planner's figures: the search on the stage's blocks with the device budget less what the
+        other held micro-batches keep ([Note: held micro-batches in a stage]), simulated with
+        one and two micro-batches (per micro-batch: the difference; tail: the rest). When the
+        search finds nothing that holds them all, the estimate stays. Memoised."""
         est = self.estimate(first, end, where, in_flight, num_microbatches)
-        if not est.offload or not est.fits:
+        if "params" not in est.offload or not est.fits:  # on the device: the estimate is the cost model's
             return est
-        key = (self._canon[first][end], where, in_flight, num_microbatches)
+        key = (self.range_ids[first][end], where, in_flight, num_microbatches)
         if key not in self._refined:
-            self._refined[key] = (self._simulated(first, end, *self._where[where], in_flight)
-                                  or dataclasses.replace(est, fits=False, offload=f"{est.offload}; the single-device "
-                                                         "planner finds no policy that fits"))
+            self._refined[key] = self._simulated(first, end, *self._where[where], in_flight) or est
         return self._refined[key]
 
     def _simulated(self, first: int, end: int, device: DeviceSpec, host: HostSpec, nvme: NvmeSpec | None,
@@ -286,7 +286,8 @@ class StageModel:
 
         # [Note: held micro-batches in a stage] the single-device search holds one micro-batch;
         # the other k - 1 take what its policy keeps of each, reserved from its device budget
-        # (from the least, every block's input, up to what the policy found keeps)
+        # (from the least, every block's input, up to what the policy found keeps; a search that
+        # then finds nothing leaves the stage to the estimate)
         reserve = (k - 1) * (self.inputs[end] - self.inputs[first])
         two = None
         for _ in range(3):
