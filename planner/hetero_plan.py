@@ -31,6 +31,15 @@ from memtrain.units import format_bytes, format_seconds
 __all__ = ["Simulated", "simulate_candidate", "build_plan", "deciding_difference"]
 
 _SPLIT_W = ("zb-h1", "v-half", "v-min")
+TIE = 0.01
+"""[Note: pipeline ties] Candidates within 1% of the fastest simulated step are a tie (their
+stages' figures, offload above all, are not that precise); among them the one with
+fewer pipeline stages wins (fewer transfers and programs to run), then the larger micro-batch
+(better kernel efficiency in practice), then the faster."""
+
+
+def _tie_key(sim: "Simulated") -> tuple:
+    return (sim.cand.shape.pipeline, -sim.cand.shape.micro_batch_size, sim.step_s)
 
 
 @dataclass(slots=True)
@@ -171,8 +180,12 @@ def deciding_difference(chosen: Simulated, other: Simulated) -> str:
     """Why ``other`` lost to ``chosen``: it does not fit, or the part of its step that grew most."""
     if not other.fits:
         return f"does not fit: {other.problem}"
-    if other.step_s < chosen.step_s:
-        return "faster in the simulation but the chosen plan fits"
+    if other.step_s <= chosen.step_s * (1 + TIE):
+        ours, theirs = chosen.cand.shape, other.cand.shape
+        rule = ("fewer pipeline stages" if ours.pipeline != theirs.pipeline
+                else "larger micro-batches" if ours.micro_batch_size != theirs.micro_batch_size else "the faster")
+        return (f"a tie within {TIE:.0%} ({format_seconds(other.step_s)} vs {format_seconds(chosen.step_s)}); "
+                f"the chosen plan has {rule}")
     a, b = _parts(chosen), _parts(other)
     part = max(a, key=lambda k: b[k] - a[k])
     pct = 100 * (other.step_s / chosen.step_s - 1) if chosen.step_s else 0.0
@@ -241,10 +254,11 @@ def build_plan(name: str, base: ModelStats, cluster: ClusterSpec, simulated: lis
         worst = simulated[0]
         raise UserError(f"the model does not fit the cluster: the best candidate ({worst.cand.shape.describe()}) "
                         f"{worst.problem}; add devices, host memory or an NVMe path (cluster.nodes[].nvme)")
-    best = fitting[0]
+    best = min((s for s in fitting if s.step_s <= fitting[0].step_s * (1 + TIE)), key=_tie_key)  # [Note: pipeline ties]
     cand, shape = best.cand, best.cand.shape
     p, m, mbs = shape.pipeline, shape.num_microbatches, shape.micro_batch_size
     others = [s for s in sorted(simulated, key=lambda s: (not s.fits, s.step_s)) if s is not best]
+    runner = next((o for o in others if o.fits), None)
     alternatives = [PipelineAlternative(description=o.cand.shape.describe(), fits=o.fits, step_time_s=o.step_s,
                                         peak_fraction=o.peak_fraction, bubble_fraction=o.bubble,
                                         reason=deciding_difference(best, o)) for o in others]
@@ -256,8 +270,8 @@ def build_plan(name: str, base: ModelStats, cluster: ClusterSpec, simulated: lis
             reason=f"estimated {format_seconds(c.estimate_s)}, against the simulated {format_seconds(best.step_s)}; "
                    "not simulated"))
     why = (f"fastest of {len(simulated)} simulated candidates ({len(candidates)} shapes weighed)"
-           + (f": {format_seconds(best.step_s)} against {format_seconds(others[0].step_s)} for the runner-up "
-              f"({others[0].cand.shape.describe()})" if others else ""))
+           + (f": {format_seconds(best.step_s)} against {format_seconds(runner.step_s)} for the runner-up "
+              f"({runner.cand.shape.describe()}), {deciding_difference(best, runner)}" if runner else ""))
     model = cand.model
     assert model is not None
     train = TrainShape(global_batch_size=m * mbs * shape.data_parallel, micro_batch_size=mbs, num_microbatches=m,
