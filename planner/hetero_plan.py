@@ -242,10 +242,6 @@ def _timeline(sim: Simulated) -> tuple[TimelineEvent, ...]:
     return tuple(sorted(events, key=lambda e: (e.start_s, e.end_s, e.stream)))
 
 
-def _policy(est: StageEstimate) -> MemoryPolicy | None:
-    return est.policy
-
-
 def build_plan(name: str, base: ModelStats, cluster: ClusterSpec, simulated: list[Simulated],
                ranked: list[Candidate], candidates: list[Candidate], source: str, max_alternatives: int) -> Plan:
     """The Plan of the fastest simulated candidate that fits, with its runners-up."""
@@ -300,7 +296,7 @@ def build_plan(name: str, base: ModelStats, cluster: ClusterSpec, simulated: lis
             ests = [best.estimates[s] for s in stages]
             ranks.append(RankPlan(
                 rank=j * p + r, replica=j, pipeline_rank=r, node=cluster.nodes[node_i].name, device=dev,
-                stages=stages, policies=tuple(_policy(e) for e in ests),
+                stages=stages, policies=tuple(e.policy for e in ests),
                 offload="; ".join(f"stage {s}: {e.offload}" for s, e in zip(stages, ests) if e.offload),
                 fwd_s=sum(e.fwd_s for e in ests), bwd_s=sum(e.bwd_s for e in ests), busy_s=best.busy_s[r],
                 bubble_fraction=1.0 - best.busy_s[r] / best.pipeline_end_s if best.pipeline_end_s else 0.0,

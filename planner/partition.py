@@ -199,12 +199,12 @@ def device_groups(devices: Sequence[tuple[int, DeviceSpec]]) -> dict[DeviceSpec,
     return out
 
 
-def link_between(cluster: ClusterSpec, a: tuple[int, DeviceSpec], b: tuple[int, DeviceSpec], sharing: int = 1) -> Link:
-    """Between two devices: over PCIe on one node (the slower end's copy bandwidth), else the
-    network, its bandwidth shared by ``sharing`` devices of a node sending at once."""
+def link_between(cluster: ClusterSpec, a: tuple[int, DeviceSpec], b: tuple[int, DeviceSpec]) -> Link:
+    """Between two devices (node index, spec): over PCIe on one node (the slower end's copy
+    bandwidth), else the network."""
     if a[0] == b[0]:
         return Link(gbps=min(a[1].d2h_gbps, b[1].h2d_gbps), latency_s=INTRA_NODE_LATENCY_S)
-    return Link(gbps=cluster.network_gbps / max(sharing, 1), latency_s=INTER_NODE_LATENCY_S)
+    return Link(gbps=cluster.network_gbps, latency_s=INTER_NODE_LATENCY_S)
 
 
 def allreduce_time_s(num_bytes: int, num_replicas: int, link: Link) -> float:
@@ -298,7 +298,8 @@ def layout(shape: Shape, counts: Mapping[str, list[int]], devices, cluster: Clus
         ring = [devices[rep[r]] for rep in replicas]
         crosses = len({a[0] for a in ring}) > 1
         # across nodes, the node's devices all-reduce at once and share its network
-        cand.ar_links.append(link_between(cluster, ring[0], (-1, ring[0][1]), sharing=len(cluster.nodes[ring[0][0]].devices))
+        sharing = len(cluster.nodes[ring[0][0]].devices)
+        cand.ar_links.append(Link(gbps=cluster.network_gbps / sharing, latency_s=INTER_NODE_LATENCY_S)
                              if crosses else link_between(cluster, ring[0], ring[0]))
     # bound: the model's compute spread over the ranks by speed, the schedule's bubble on top
     full = [model.compute_s(dev, 0, model.num_blocks) for _, dev, _, _, _ in ranks]

@@ -71,7 +71,7 @@ _MAX_TIMELINE_BOXES = 20_000
 _MAX_BLOCK_ROWS = 16
 """The per-block activation table is shown up to this many blocks (counts are always shown)."""
 _MAX_ALTERNATIVES = 5
-_MAX_RANKS_DRAWN = 8
+_MAX_RANKS_DRAWN = 32
 
 
 def event_kind(event: TimelineEvent) -> str:

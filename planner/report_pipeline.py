@@ -75,7 +75,7 @@ def pipeline_tables(plan: Plan) -> list[Table]:
                      f"{100 * r.bubble_fraction:.1f}%", format_seconds(r.allreduce_s + r.optimizer_s),
                      r.offload or "—"))
     ranks = ("Ranks (replica 0; every replica runs the same)",
-             ("rank", "device", "stages", "blocks", "device memory / budget", "busy", "bubble", "tail", "offload"),
+             ("rank", "device (node)", "stages", "blocks", "memory / budget", "busy", "bubble", "tail", "offload"),
              tuple(rows), (4, 5, 6, 7))
     out: list[Table] = [("Pipeline", (), shape, ()), ranks]
     if pipe.alternatives:

@@ -102,6 +102,7 @@ def test_a_stage_short_of_memory_offloads_when_the_link_is_fast():
     assert any(p is not None for p in small.policies)  # the single-device planner's policy
     pred = plan.prediction.devices[small.pipeline_rank]
     assert pred.peak_bytes["device"] <= pred.budget_bytes["device"]
+    assert Plan.from_json(plan.to_json()) == plan  # the stage's policy goes with it
 
 
 def test_a_stage_short_of_memory_moves_blocks_when_the_link_is_slow():
