@@ -5,8 +5,9 @@ the single-device planner's figures, planner.stage_cost ``refine``) and simulate
 ranks and links (planner.simulate_pipeline). [Note: pipeline step] A rank's step ends with its
 last pass, then its gradients' all-reduce over the replicas, then its optimizer step; the step
 is the latest rank's. A long candidate (more than ``MAX_EXACT_PASSES`` passes) is simulated
-over two shorter runs whose difference is the steady state's, extrapolated to its micro-batches,
-and its timeline marks the micro-batches it does not draw. A rank's device memory is its stages'
+over ``p + 4`` micro-batches (``2p`` interleaved: its warm-up and a steady stretch) and the rest added at the steady
+state's period (Narayanan et al. 2021, Sec. 2.2: in 1F1B's steady state the slowest stage sets
+the pace), and its timeline marks the micro-batches it does not draw. A rank's device memory is its stages'
 states, buffers and workspace, plus the activations the simulation has it hold at its peak.
 """
 
@@ -90,12 +91,14 @@ def _stage_costs(cand: Candidate, estimates: list[StageEstimate]) -> list[StageC
 
 
 def _links(cand: Candidate, cluster: ClusterSpec) -> dict[tuple[int, int], Link]:
+    """Both directions between the ranks of every two consecutive stages (an interleaved
+    schedule's last rank sends back to the first)."""
     out = {}
-    ranks = cand.ranks
-    for a in range(len(ranks)):
-        for b in (a - 1, a + 1):
-            if 0 <= b < len(ranks):
-                out[(a, b)] = link_between(cluster, (ranks[a][0], ranks[a][1]), (ranks[b][0], ranks[b][1]))
+    ranks, order = cand.ranks, cand.stage_ranks
+    for a, b in zip(order, order[1:]):
+        if a != b:
+            out[(a, b)] = link_between(cluster, (ranks[a][0], ranks[a][1]), (ranks[b][0], ranks[b][1]))
+            out[(b, a)] = link_between(cluster, (ranks[b][0], ranks[b][1]), (ranks[a][0], ranks[a][1]))
     return out
 
 
@@ -103,6 +106,7 @@ def _run(cand: Candidate, costs: list[StageCost], links, m: int) -> PipelineResu
     shape = cand.shape
     place = pipeline.Placement(cand.stage_ranks)
     sched = pipeline.add_p2p(pipeline.generate(shape.schedule, shape.pipeline, m), place)
+    # unused default: every pair of ranks that sends has its link in ``links`` (_links)
     return simulate_pipeline(sched, place, costs, Link(gbps=1.0), links=links)
 
 
@@ -124,16 +128,27 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
     costs = _stage_costs(cand, estimates)
     links = _links(cand, cluster)
     passes = len(cand.stage_ranks) * m * (3 if shape.schedule in _SPLIT_W else 2)
-    # the steady state's period: a group of p micro-batches for interleaved 1F1B, else one
-    m1, extra = p, (p if shape.schedule == "interleaved-1f1b" else min(p, 8))
-    if passes > MAX_EXACT_PASSES and m1 + extra < m:
-        first, second = _run(cand, costs, links, m1), _run(cand, costs, links, m1 + extra)
-        e1, b1 = _rank_ends(first, cand.stage_ranks, p)
-        e2, b2 = _rank_ends(second, cand.stage_ranks, p)
-        scale = (m - m1) / extra
-        ends = [a + (b - a) * scale for a, b in zip(e1, e2)]
-        busy = [a + (b - a) * scale for a, b in zip(b1, b2)]
-        result, simulated = first, m1
+    # the warm-up and a few steady micro-batches (interleaved: whole groups of p)
+    m1 = 2 * p if shape.schedule == "interleaved-1f1b" else p + 4
+    if passes > MAX_EXACT_PASSES and m1 < m:
+        # [Note: pipeline step] past the warm-up, each further micro-batch moves every rank's
+        # end on by the steady state's period: the busiest rank's compute for one micro-batch,
+        # or the busiest link's transfers, whichever is longer
+        result = _run(cand, costs, links, m1)
+        ends, busy = _rank_ends(result, cand.stage_ranks, p)
+        per_rank = [0.0] * p
+        for s, c in enumerate(costs):
+            per_rank[cand.stage_ranks[s]] += c.fwd_s + c.bwd_s + c.wgrad_s
+        per_link: dict[tuple[int, int], float] = defaultdict(float)
+        for s, c in enumerate(costs[:-1]):
+            a, b = cand.stage_ranks[s], cand.stage_ranks[s + 1]
+            if a != b:
+                per_link[(a, b)] += links[(a, b)].time_s(c.output_bytes)
+                per_link[(b, a)] += links[(b, a)].time_s(c.output_bytes)
+        period = max(max(per_rank), max(per_link.values(), default=0.0))
+        ends = [e + (m - m1) * period for e in ends]
+        busy = [b + (m - m1) * r for b, r in zip(busy, per_rank)]
+        simulated = m1
     else:
         result = _run(cand, costs, links, m)
         ends, busy = _rank_ends(result, cand.stage_ranks, p)

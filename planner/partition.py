@@ -39,7 +39,7 @@ INTER_NODE_LATENCY_S = 30e-6
 send/receive handshake, ~20-50 µs for small messages over 100 Gb/s Ethernet or InfiniBand."""
 MAX_MICROBATCH_SIZES = 4
 """Micro-batch sizes tried per data-parallel degree (the smallest divisors of the replica's batch)."""
-_MAX_V_TASKS = 512
+_MAX_V_TASKS = 256
 """V schedules' bubble comes from their list scheduler on unit times, for p × m up to this."""
 MAX_GREEDY_TASKS = 4096
 """ZB-H1 and the V schedules come from a list scheduler whose time grows with p × m (about a

@@ -218,3 +218,20 @@ def test_the_mixed_example_pipelines_over_both_kinds():
     assert plan.pipeline.pipeline_degree > 1  # 13B's states fit no single device
     for pred in plan.prediction.devices:
         assert pred.peak_bytes["device"] <= pred.budget_bytes["device"]
+
+
+def test_a_long_pipeline_extrapolated_from_its_steady_state_matches_the_full_simulation(monkeypatch):
+    import memtrain.planner.hetero_plan as hp
+
+    fast = dataclasses.replace(A100, kind="fast", bf16_flops=1.5 * A100.bf16_flops)
+    cluster = one_node(fast, fast, A100, A100)
+    kwargs = dict(name="long", global_batch_size=48, dtype="bf16", optimizer="adamw", micro_batch_size=1,
+                  schedules=("1f1b",), pipeline_degree=4)
+    exact = plan_cluster(uniform_stats(16, out=8 * 2**20), cluster, **kwargs)
+    monkeypatch.setattr(hp, "MAX_EXACT_PASSES", 0)
+    short = plan_cluster(uniform_stats(16, out=8 * 2**20), cluster, **kwargs)
+    assert short.pipeline.partition == exact.pipeline.partition
+    assert short.prediction.step_time_s == pytest.approx(exact.prediction.step_time_s, rel=0.01)
+    # the timeline says which micro-batches it does not draw
+    assert any(e.name.startswith("repeated: micro-batches 8-47") for e in short.prediction.timeline)
+    assert not any(e.name.startswith("repeated") for e in exact.prediction.timeline)
