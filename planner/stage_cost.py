@@ -170,7 +170,8 @@ class StageModel:
         for first in range(n):
             node = -1
             for end in range(first + 1, n + 1):
-                key = (node, kind[end - 1], self.num_params(first, end))
+                # the last stage also holds the loss's activations: its ranges are its own
+                key = (node, kind[end - 1], self.num_params(first, end), end == n)
                 node = trie.setdefault(key, len(trie))
                 out[first][end] = node
         return out
