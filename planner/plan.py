@@ -22,7 +22,8 @@ from memtrain.planner.stats import DType, ModelStats, Optimizer
 
 __all__ = [
     "PLAN_VERSION", "Tier", "ActPolicy", "Op", "Action", "TrainShape", "ChunkPlan", "MemoryPolicy",
-    "TimelineEvent", "MemoryPoint", "DevicePrediction", "Prediction", "Alternative", "Plan", "PlanFormatError",
+    "TimelineEvent", "MemoryPoint", "DevicePrediction", "Prediction", "Alternative", "RankPlan",
+    "PipelineAlternative", "PipelinePlan", "Plan", "PlanFormatError",
     "schedule_to_csv", "schedule_from_csv", "pack_params", "pack_units",
 ]
 
@@ -314,6 +315,78 @@ class Alternative:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class RankPlan:
+    """One rank of a pipeline plan: its device, the stages it runs and how, what it costs."""
+
+    rank: int
+    """Global rank: ``replica * pipeline_degree + pipeline_rank``."""
+    replica: int
+    """Data-parallel replica (every replica runs the same stages and program)."""
+    pipeline_rank: int
+    """Position in its replica's pipeline; the key of its program in ``Plan.schedule``."""
+    node: str
+    device: DeviceSpec
+    stages: tuple[int, ...]
+    """The model stages it runs (two for interleaved and V schedules)."""
+    policies: tuple[MemoryPolicy | None, ...] = ()
+    """Per stage it runs, the single-device memory policy when that stage offloads (None: all
+    on the device, activations kept)."""
+    offload: str = ""
+    """What its stages move off the device or recompute, in words ('' when nothing)."""
+    fwd_s: float = 0.0
+    """Forward time of one micro-batch through its stages."""
+    bwd_s: float = 0.0
+    """Backward time of one micro-batch through its stages (recompute included)."""
+    busy_s: float = 0.0
+    """Its compute over the step's pipeline passes."""
+    bubble_fraction: float = 0.0
+    """The share of the pipeline part of the step it is idle."""
+    allreduce_s: float = 0.0
+    """Its gradients' all-reduce across the replicas after its last backward (0 without data parallelism)."""
+    optimizer_s: float = 0.0
+    """Its optimizer step after the all-reduce."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PipelineAlternative:
+    """A pipeline candidate the heterogeneous planner did not choose."""
+
+    description: str
+    fits: bool
+    step_time_s: float | None
+    peak_fraction: float
+    """The fullest rank's predicted device peak over its budget."""
+    bubble_fraction: float
+    reason: str
+    """The deciding difference against the chosen plan."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PipelinePlan:
+    """How a pipeline plan spreads the model over ranks (planner.hetero). ``Plan.schedule`` holds
+    each pipeline rank's program with its sends and receives; every replica runs the same one."""
+
+    schedule_kind: str
+    """One of ``planner.pipeline.SCHEDULES``."""
+    pipeline_degree: int
+    data_parallel_degree: int
+    stage_ranks: tuple[int, ...]
+    """Per stage, the pipeline rank that runs it."""
+    partition: tuple[tuple[int, int], ...]
+    """Per stage, its blocks ``[first, end)``."""
+    ranks: tuple[RankPlan, ...]
+    """Every rank of every replica, by global rank."""
+    bubble_fraction: float
+    """The ranks' idle share of the pipeline part of the step."""
+    why: str = ""
+    """Why this candidate won, in a line."""
+    alternatives: tuple[PipelineAlternative, ...] = ()
+    """The runners-up, fastest first."""
+    num_candidates: int = 0
+    """Pipeline shapes (degrees, device order, micro-batch, schedule) the planner weighed."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Plan:
     version: int = PLAN_VERSION
     name: str
@@ -336,9 +409,16 @@ class Plan:
     source_notes: tuple[str, ...] = ()
     """What is wrong with those figures, one line each: a profile skipped and why, one from
     another machine, one measured under load."""
+    pipeline: PipelinePlan | None = None
+    """A plan over several devices (planner.hetero); None for one device, whose JSON then has
+    no such key (single-device plans read and write as before). In a pipeline plan ``device``,
+    ``host``, ``nvme`` and ``memory`` are pipeline rank 0's, ``prediction.devices`` holds one
+    entry per pipeline rank of replica 0, and ``train.num_microbatches`` is per replica."""
 
     def to_dict(self) -> dict:
         d = to_dict(self)
+        if self.pipeline is None:
+            del d["pipeline"]
         d["schedule"] = {str(rank): [str(a) for a in acts] for rank, acts in self.schedule.items()}
         return d
 

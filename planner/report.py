@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from memtrain.planner.atomic import atomic_write_text
 from memtrain.planner.plan import Action, ActPolicy, Op, Plan, Tier, TimelineEvent
+from memtrain.planner.report_pipeline import gantt_svg, pipeline_tables, pipeline_trace_events
 from memtrain.units import format_bytes, format_seconds
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ _MAX_TIMELINE_BOXES = 20_000
 _MAX_BLOCK_ROWS = 16
 """The per-block activation table is shown up to this many blocks (counts are always shown)."""
 _MAX_ALTERNATIVES = 5
-_MAX_RANKS_DRAWN = 8
+_MAX_RANKS_DRAWN = 32
 
 
 def event_kind(event: TimelineEvent) -> str:
@@ -264,6 +265,9 @@ def _alternatives_table(plan: Plan) -> _Table | None:
 
 
 def _sections(plan: Plan) -> list[_Table]:
+    if plan.pipeline is not None:  # per rank instead of one device's policy (planner.report_pipeline)
+        pipe = [_Table(title=t, columns=c, rows=r, numeric=n) for t, c, r, n in pipeline_tables(plan)]
+        return [_header_table(plan), *pipe[:2], _memory_table(plan), _step_table(plan), *pipe[2:]]
     tables = [_header_table(plan), _memory_table(plan), _step_table(plan), _policy_table(plan),
               _blocks_table(plan), _alternatives_table(plan)]
     return [t for t in tables if t is not None]
@@ -508,7 +512,7 @@ def render_html(plan: Plan) -> str:
     body.append(_memory_svg(plan))
     body.extend(_html_table(s) for s in sections[1:])
     body.append("<h2>Simulated step</h2>")
-    body.append(_timeline_svg(plan))
+    body.append(gantt_svg(plan) if plan.pipeline is not None else _timeline_svg(plan))
     body.append("<h2>Memory over the step</h2>")
     body.append(_memory_lines_svg(plan))
     template = Template(resources.files("memtrain.planner").joinpath("report_template.html").read_text())
@@ -525,7 +529,10 @@ def write_html(plan: Plan, path: str | Path) -> None:
 
 
 def trace_events(plan: Plan) -> list[dict]:
-    """Trace Event Format events for the plan's timeline: metadata, one "X" per event, counters."""
+    """Trace Event Format events for the plan's timeline: metadata, one "X" per event, counters
+    (a pipeline plan: one process per rank, planner.report_pipeline)."""
+    if plan.pipeline is not None:
+        return pipeline_trace_events(plan)
     pid = plan.prediction.devices[0].rank if plan.prediction.devices else 0
     events = plan.prediction.timeline
     streams = _ordered_streams(events) if events else list(STREAMS)

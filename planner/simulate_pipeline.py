@@ -13,8 +13,8 @@ is the activation part only; chunks and offload per stage are the single-device 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from memtrain.planner.pipeline import Placement, _deps, run_in_order
 from memtrain.planner.plan import Action, Op
@@ -59,11 +59,15 @@ class PipelineResult:
     """Per rank, the most activation bytes held at once."""
     pass_times: dict[tuple[Op, int, int], tuple[float, float]]
     """Each pass's (start, end)."""
+    send_times: dict[tuple[Op, int, int], tuple[float, float]] = field(default_factory=dict)
+    """Each send's (start, end) on its link (``SEND_F``/``SEND_B``, stage, micro-batch)."""
 
 
-def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[StageCost], link: Link) -> PipelineResult:
+def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[StageCost], link: Link,
+                      links: Mapping[tuple[int, int], Link] | None = None) -> PipelineResult:
     """Simulate one step of ``schedule`` (see the module doc); raises ``ValueError`` when it
-    deadlocks or its stages and costs do not match."""
+    deadlocks or its stages and costs do not match. ``links[(src, dst)]``, where given, is the
+    link between two ranks instead of ``link`` (ranks on one node and across nodes differ)."""
     if len(stages) != place.num_stages:
         raise ValueError(f"stages: {len(stages)} stage costs for {place.num_stages} stages; give one per stage")
     last = place.num_stages - 1
@@ -76,7 +80,7 @@ def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[Sta
         deps = _task_deps(a, task, place, r, last, has_p2p)
         if deps is None:
             return False
-        _add(g, task, a, r, deps, place, stages, link, split_w)
+        _add(g, task, a, r, deps, place, stages, link, split_w, links or {})
         return True
 
     pos = run_in_order(schedule, run)
@@ -88,8 +92,9 @@ def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[Sta
     passes = {k: (res.start_s[t], res.finish_s[t]) for k, t in task.items() if k[0] in (Op.F, Op.B, Op.W)}
     busy = sum(end - start for start, end in passes.values())
     peaks = {r: res.peak_bytes.get(f"rank{r}", 0) for r in schedule}
+    sends = {k: (res.start_s[t], res.finish_s[t]) for k, t in task.items() if k[0] in (Op.SEND_F, Op.SEND_B)}
     return PipelineResult(step_time_s=step, bubble_fraction=1.0 - busy / (step * len(schedule)) if step else 0.0,
-                          peak_bytes=peaks, pass_times=passes)
+                          peak_bytes=peaks, pass_times=passes, send_times=sends)
 
 
 def _task_deps(a: Action, task: dict, place: Placement, r: int, last: int, has_p2p: bool) -> list[int] | None:
@@ -116,7 +121,7 @@ def _task_deps(a: Action, task: dict, place: Placement, r: int, last: int, has_p
 
 
 def _add(g: TaskGraph, task: dict, a: Action, r: int, deps: list[int], place: Placement,
-         stages: Sequence[StageCost], link: Link, split_w: bool) -> None:
+         stages: Sequence[StageCost], link: Link, split_w: bool, links: Mapping[tuple[int, int], Link]) -> None:
     s, i = a.stage, a.microbatch
     cost = stages[s]
     tier, owner = f"rank{r}", f"act:{s}:{i}"
@@ -131,7 +136,7 @@ def _add(g: TaskGraph, task: dict, a: Action, r: int, deps: list[int], place: Pl
     elif a.op in (Op.SEND_F, Op.SEND_B):
         dst = place.rank_of[s + 1] if a.op is Op.SEND_F else place.rank_of[s - 1]
         nbytes = cost.output_bytes if a.op is Op.SEND_F else stages[s - 1].output_bytes
-        t = g.add(str(a), f"link:{r}>{dst}", link.time_s(nbytes), deps=deps)
+        t = g.add(str(a), f"link:{r}>{dst}", links.get((r, dst), link).time_s(nbytes), deps=deps)
     elif a.op in (Op.RECV_F, Op.RECV_B):
         t = g.add(str(a), compute, 0.0, deps=deps)
     else:

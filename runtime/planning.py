@@ -12,7 +12,7 @@ from memtrain.planner.profile_format import (
 )
 from memtrain.config import Config, ConfigError
 
-__all__ = ["plan_from_config", "profile_for", "budgets_for", "run_dir"]
+__all__ = ["plan_from_config", "plan_cluster_from_config", "profile_for", "budgets_for", "run_dir"]
 
 
 def run_dir(cfg: Config) -> Path:
@@ -96,6 +96,28 @@ def plan_from_config(cfg: Config, *, profile_path: str | None = None) -> Plan:
         activations=cfg.memory.activations,
     )
     return dataclasses.replace(plan, source_notes=tuple(notes)) if notes else plan
+
+
+def plan_cluster_from_config(cfg: Config, *, pipeline_degree: int | None = None,
+                             data_parallel_degree: int | None = None, schedules: tuple[str, ...] | None = None) -> Plan:
+    """A pipeline plan of ``cfg`` over every device its cluster lists (planner.hetero): the
+    degrees, device order, partition, schedule and micro-batches chosen for the shortest
+    predicted step; ``pipeline_degree``, ``data_parallel_degree`` and ``schedules`` fix those
+    choices (the config's ``parallel`` section). Figures from the catalog or this machine; a
+    profile measures one machine, so none is applied here."""
+    from memtrain.cluster.inventory import resolve_cluster
+    from memtrain.planner.analyze import analyze
+    from memtrain.planner.hetero import plan_cluster
+    from memtrain.planner.pipeline import SCHEDULES
+
+    cluster = resolve_cluster(cfg.cluster)
+    stats = analyze(cfg.model, seq_len=cfg.train.seq_len, micro_batch_size=1, dtype=cfg.train.dtype)
+    return plan_cluster(
+        stats, cluster, name=cfg.name, global_batch_size=cfg.train.global_batch_size,
+        micro_batch_size=cfg.train.micro_batch_size, dtype=cfg.train.dtype, optimizer=cfg.train.optimizer.name,
+        safety_margin=cfg.memory.safety_margin, device_budget=cfg.memory.device, host_budget=cfg.memory.host,
+        nvme_budget=cfg.memory.nvme, schedules=schedules or SCHEDULES, pipeline_degree=pipeline_degree,
+        data_parallel_degree=data_parallel_degree, source=cluster.source)
 
 
 def profile_for(cfg: Config, profile_path: str | None = None) -> tuple[str | None, Profile | None, list[str]]:

@@ -1,0 +1,334 @@
+"""The heterogeneous planner's second half: simulate its best candidates, pick, build the Plan.
+
+A candidate of planner.hetero (a shape and its partition) is refined (an offloading stage gets
+the single-device planner's figures, planner.stage_cost ``refine``) and simulated over its
+ranks and links (planner.simulate_pipeline). [Note: pipeline step] A rank's step ends with its
+last pass, then its gradients' all-reduce over the replicas, then its optimizer step; the step
+is the latest rank's. A long candidate (more than ``MAX_EXACT_PASSES`` passes) is simulated
+over ``p + 4`` micro-batches (``2p`` interleaved: its warm-up and a steady stretch) and the rest added at the steady
+state's period (Narayanan et al. 2021, Sec. 2.2: in 1F1B's steady state the slowest stage sets
+the pace), and its timeline marks the micro-batches it does not draw. A rank's device memory is its stages'
+states, buffers and workspace, plus the activations the simulation has it hold at its peak.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from memtrain.cluster.spec import ClusterSpec
+from memtrain.errors import UserError
+from memtrain.planner import pipeline
+from memtrain.planner.partition import MAX_EXACT_PASSES, Candidate, allreduce_time_s, link_between
+from memtrain.planner.plan import (
+    Action, ActPolicy, DevicePrediction, MemoryPoint, MemoryPolicy, Op, PipelineAlternative, PipelinePlan, Plan,
+    Prediction, RankPlan, TimelineEvent, TrainShape,
+)
+from memtrain.planner.simulate_pipeline import Link, PipelineResult, StageCost, simulate_pipeline
+from memtrain.planner.stage_cost import StageEstimate
+from memtrain.planner.stats import ModelStats
+from memtrain.units import format_bytes, format_seconds
+
+__all__ = ["Simulated", "simulate_candidate", "build_plan", "deciding_difference"]
+
+_SPLIT_W = ("zb-h1", "v-half", "v-min")
+TIE = 0.01
+"""[Note: pipeline ties] Candidates within 1% of the fastest simulated step are a tie (their
+stages' figures, offload above all, are not that precise); among them the one with
+fewer pipeline stages wins (fewer transfers and programs to run), then the larger micro-batch
+(better kernel efficiency in practice), then the faster."""
+
+
+def _tie_key(sim: "Simulated") -> tuple:
+    return (sim.cand.shape.pipeline, -sim.cand.shape.micro_batch_size, sim.step_s)
+
+
+@dataclass(slots=True)
+class Simulated:
+    cand: Candidate
+    estimates: list[StageEstimate]
+    result: PipelineResult | None
+    step_s: float
+    pipeline_end_s: float
+    """When the last pass of any rank ends."""
+    busy_s: list[float]
+    """Per pipeline rank, its passes' time over the whole step."""
+    end_s: list[float]
+    allreduce_s: list[float]
+    optimizer_s: list[float]
+    device_bytes: list[int]
+    static_bytes: list[int]
+    host_bytes: list[int]
+    nvme_bytes: list[int]
+    simulated_microbatches: int
+    problem: str = ""
+
+    @property
+    def fits(self) -> bool:
+        return not self.problem
+
+    @property
+    def peak_fraction(self) -> float:
+        return max(b / max(self.cand.ranks[r][4].device, 1) for r, b in enumerate(self.device_bytes))
+
+    @property
+    def bubble(self) -> float:
+        p = len(self.busy_s)
+        return 1.0 - sum(self.busy_s) / (self.pipeline_end_s * p) if self.pipeline_end_s else 0.0
+
+
+def _stage_costs(cand: Candidate, estimates: list[StageEstimate]) -> list[StageCost]:
+    model = cand.model
+    assert model is not None
+    split = cand.shape.schedule in _SPLIT_W
+    out = []
+    for (first, end), est in zip(cand.partition, estimates):
+        out_bytes = model.stats.blocks[end - 1].output_bytes
+        out.append(StageCost(fwd_s=est.fwd_s, bwd_s=est.bwd_s / 2 if split else est.bwd_s,
+                             wgrad_s=est.bwd_s / 2 if split else 0.0, activation_bytes=est.act_bytes,
+                             output_bytes=out_bytes))
+    return out
+
+
+def _links(cand: Candidate, cluster: ClusterSpec) -> dict[tuple[int, int], Link]:
+    """Both directions between the ranks of every two consecutive stages (an interleaved
+    schedule's last rank sends back to the first)."""
+    out = {}
+    ranks, order = cand.ranks, cand.stage_ranks
+    for a, b in zip(order, order[1:]):
+        if a != b:
+            out[(a, b)] = link_between(cluster, (ranks[a][0], ranks[a][1]), (ranks[b][0], ranks[b][1]))
+            out[(b, a)] = link_between(cluster, (ranks[b][0], ranks[b][1]), (ranks[a][0], ranks[a][1]))
+    return out
+
+
+def _run(cand: Candidate, costs: list[StageCost], links, m: int) -> PipelineResult:
+    shape = cand.shape
+    place = pipeline.Placement(cand.stage_ranks)
+    sched = pipeline.add_p2p(pipeline.generate(shape.schedule, shape.pipeline, m), place)
+    # unused default: every pair of ranks that sends has its link in ``links`` (_links)
+    return simulate_pipeline(sched, place, costs, Link(gbps=1.0), links=links)
+
+
+def _rank_ends(result: PipelineResult, stage_ranks: tuple[int, ...], p: int) -> tuple[list[float], list[float]]:
+    ends, busy = [0.0] * p, [0.0] * p
+    for (_, s, _), (start, end) in result.pass_times.items():
+        r = stage_ranks[s]
+        ends[r] = max(ends[r], end)
+        busy[r] += end - start
+    return ends, busy
+
+
+def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
+    """Refine and simulate ``cand`` ([Note: pipeline step])."""
+    model, shape = cand.model, cand.shape
+    assert model is not None
+    p, m = shape.pipeline, shape.num_microbatches
+    estimates = [model.refine(f, e, cand.where[s], cand.in_flight[s], m) for s, (f, e) in enumerate(cand.partition)]
+    costs = _stage_costs(cand, estimates)
+    links = _links(cand, cluster)
+    passes = len(cand.stage_ranks) * m * (3 if shape.schedule in _SPLIT_W else 2)
+    # the warm-up and a few steady micro-batches (interleaved: whole groups of p)
+    m1 = 2 * p if shape.schedule == "interleaved-1f1b" else p + 4
+    if passes > MAX_EXACT_PASSES and m1 < m:
+        # [Note: pipeline step] past the warm-up, each further micro-batch moves every rank's
+        # end on by the steady state's period: the busiest rank's compute for one micro-batch,
+        # or the busiest link's transfers, whichever is longer
+        result = _run(cand, costs, links, m1)
+        ends, busy = _rank_ends(result, cand.stage_ranks, p)
+        per_rank = [0.0] * p
+        for s, c in enumerate(costs):
+            per_rank[cand.stage_ranks[s]] += c.fwd_s + c.bwd_s + c.wgrad_s
+        per_link: dict[tuple[int, int], float] = defaultdict(float)
+        for s, c in enumerate(costs[:-1]):
+            a, b = cand.stage_ranks[s], cand.stage_ranks[s + 1]
+            if a != b:
+                per_link[(a, b)] += links[(a, b)].time_s(c.output_bytes)
+                per_link[(b, a)] += links[(b, a)].time_s(c.output_bytes)
+        period = max(max(per_rank), max(per_link.values(), default=0.0))
+        ends = [e + (m - m1) * period for e in ends]
+        busy = [b + (m - m1) * r for b, r in zip(busy, per_rank)]
+        simulated = m1
+    else:
+        result = _run(cand, costs, links, m)
+        ends, busy = _rank_ends(result, cand.stage_ranks, p)
+        simulated = m
+    opt = [0.0] * p
+    ar = [0.0] * p
+    static, host, nvme = [0] * p, [0] * p, [0] * p
+    act_gpipe = [0] * p
+    for s, ((f, e), est) in enumerate(zip(cand.partition, estimates)):
+        r = cand.stage_ranks[s]
+        opt[r] += est.tail_s
+        ar[r] += allreduce_time_s(4 * model.num_params(f, e), shape.data_parallel, cand.ar_links[r])
+        static[r] += est.device_bytes - cand.in_flight[s] * est.act_bytes
+        host[r] += est.host_bytes
+        nvme[r] += est.nvme_bytes
+        act_gpipe[r] += m * est.act_bytes
+    acts = [result.peak_bytes.get(r, 0) for r in range(p)]
+    if simulated < m and shape.schedule == "gpipe":
+        acts = act_gpipe  # GPipe holds every micro-batch: the short run holds fewer
+    device = [a + b for a, b in zip(static, acts)]
+    step = max(end + a + o for end, a, o in zip(ends, ar, opt))
+    problem = next((f"stage {s}: {est.offload}" for s, est in enumerate(estimates) if not est.fits), "")
+    for r in range(p):
+        node_i, dev, _, _, budget = cand.ranks[r]
+        for tier, need, have in (("device", device[r], budget.device), ("host", host[r], budget.host),
+                                 ("NVMe", nvme[r], budget.nvme)):
+            if not problem and need > have:
+                problem = (f"rank {r} ({dev.kind} on {cluster.nodes[node_i].name}) needs {format_bytes(need)} of "
+                           f"{tier} memory, budget {format_bytes(have)}")
+    return Simulated(cand=cand, estimates=estimates, result=result, step_s=step, pipeline_end_s=max(ends),
+                     busy_s=busy, end_s=ends, allreduce_s=ar, optimizer_s=opt, device_bytes=device,
+                     static_bytes=static, host_bytes=host, nvme_bytes=nvme, simulated_microbatches=simulated,
+                     problem=problem)
+
+
+def _parts(sim: Simulated) -> dict[str, float]:
+    """A step's parts: the busiest rank's compute, the pipeline's idle on top, what comes after."""
+    busiest = max(sim.busy_s)
+    return {"the busiest rank's compute": busiest, "pipeline bubble and transfers": sim.pipeline_end_s - busiest,
+            "all-reduce and optimizer after the last pass": sim.step_s - sim.pipeline_end_s}
+
+
+def deciding_difference(chosen: Simulated, other: Simulated) -> str:
+    """Why ``other`` lost to ``chosen``: it does not fit, or the part of its step that grew most."""
+    if not other.fits:
+        return f"does not fit: {other.problem}"
+    if other.step_s <= chosen.step_s * (1 + TIE):
+        ours, theirs = chosen.cand.shape, other.cand.shape
+        rule = ("fewer pipeline stages" if ours.pipeline != theirs.pipeline
+                else "larger micro-batches" if ours.micro_batch_size != theirs.micro_batch_size else "the faster")
+        return (f"a tie within {TIE:.0%} ({format_seconds(other.step_s)} vs {format_seconds(chosen.step_s)}); "
+                f"the chosen plan has {rule}")
+    a, b = _parts(chosen), _parts(other)
+    part = max(a, key=lambda k: b[k] - a[k])
+    pct = 100 * (other.step_s / chosen.step_s - 1) if chosen.step_s else 0.0
+    return f"slower by {pct:.1f}%: {part} {format_seconds(b[part])} vs {format_seconds(a[part])}"
+
+
+def _memory_line(sim: Simulated, r: int) -> tuple[MemoryPoint, ...]:
+    """Rank ``r``'s device bytes over the simulated passes: its static bytes, plus each held
+    micro-batch's activations from the end of its forward to the end of its backward (or W)."""
+    if sim.result is None:
+        return ()
+    split = sim.cand.shape.schedule in _SPLIT_W
+    moves: list[tuple[float, int]] = []
+    for (op, s, _), (_, end) in sim.result.pass_times.items():
+        if sim.cand.stage_ranks[s] != r:
+            continue
+        act = sim.estimates[s].act_bytes
+        if op is Op.F:
+            moves.append((end, act))
+        elif op is (Op.W if split else Op.B):
+            moves.append((end, -act))
+    level = sim.static_bytes[r]
+    out = [MemoryPoint(tier="device", t_s=0.0, bytes=level)]
+    for t, b in sorted(moves, key=lambda x: (x[0], x[1] > 0)):
+        level += b
+        if out[-1].t_s == t:
+            out[-1] = MemoryPoint(tier="device", t_s=t, bytes=max(level, out[-1].bytes) if b > 0 else level)
+        else:
+            out.append(MemoryPoint(tier="device", t_s=t, bytes=level))
+    return tuple(out)
+
+
+def _timeline(sim: Simulated) -> tuple[TimelineEvent, ...]:
+    res, cand = sim.result, sim.cand
+    if res is None:
+        return ()
+    events = [TimelineEvent(stream=f"compute:{cand.stage_ranks[s]}", name=str(Action(s, op, i)), start_s=a, end_s=b)
+              for (op, s, i), (a, b) in res.pass_times.items()]
+    for (op, s, i), (a, b) in res.send_times.items():
+        src = cand.stage_ranks[s]
+        dst = cand.stage_ranks[s + 1] if op is Op.SEND_F else cand.stage_ranks[s - 1]
+        events.append(TimelineEvent(stream=f"link:{src}>{dst}", name=str(Action(s, op, i)), start_s=a, end_s=b))
+    m, shown = cand.shape.num_microbatches, sim.simulated_microbatches
+    for r, end in enumerate(sim.end_s):
+        last = max(b for (_, s, _), (_, b) in res.pass_times.items() if cand.stage_ranks[s] == r)
+        if shown < m:
+            events.append(TimelineEvent(stream=f"compute:{r}", start_s=last, end_s=end,
+                                        name=f"repeated: micro-batches {shown}-{m - 1}, the steady state of those before"))
+        t = end
+        for what, dur in (("allreduce", sim.allreduce_s[r]), ("optimizer step", sim.optimizer_s[r])):
+            if dur > 0:
+                events.append(TimelineEvent(stream=f"compute:{r}", name=what, start_s=t, end_s=t + dur))
+                t += dur
+    return tuple(sorted(events, key=lambda e: (e.start_s, e.end_s, e.stream)))
+
+
+def build_plan(name: str, base: ModelStats, cluster: ClusterSpec, simulated: list[Simulated],
+               ranked: list[Candidate], candidates: list[Candidate], source: str, max_alternatives: int) -> Plan:
+    """The Plan of the fastest simulated candidate that fits, with its runners-up."""
+    fitting = sorted((s for s in simulated if s.fits), key=lambda s: s.step_s)
+    if not fitting:
+        worst = simulated[0]
+        raise UserError(f"the model does not fit the cluster: the best candidate ({worst.cand.shape.describe()}) "
+                        f"{worst.problem}; add devices, host memory or an NVMe path (cluster.nodes[].nvme)")
+    best = min((s for s in fitting if s.step_s <= fitting[0].step_s * (1 + TIE)), key=_tie_key)  # [Note: pipeline ties]
+    cand, shape = best.cand, best.cand.shape
+    p, m, mbs = shape.pipeline, shape.num_microbatches, shape.micro_batch_size
+    others = [s for s in sorted(simulated, key=lambda s: (not s.fits, s.step_s)) if s is not best]
+    runner = next((o for o in others if o.fits), None)
+    alternatives = [PipelineAlternative(description=o.cand.shape.describe(), fits=o.fits, step_time_s=o.step_s,
+                                        peak_fraction=o.peak_fraction, bubble_fraction=o.bubble,
+                                        reason=deciding_difference(best, o)) for o in others]
+    for c in ranked[len(simulated):]:
+        if len(alternatives) >= max_alternatives:
+            break
+        alternatives.append(PipelineAlternative(
+            description=c.shape.describe(), fits=True, step_time_s=None, peak_fraction=0.0, bubble_fraction=0.0,
+            reason=f"estimated {format_seconds(c.estimate_s)}, against the simulated {format_seconds(best.step_s)}; "
+                   "not simulated"))
+    why = (f"fastest of {len(simulated)} simulated candidates ({len(candidates)} shapes weighed)"
+           + (f": {format_seconds(best.step_s)} against {format_seconds(runner.step_s)} for the runner-up "
+              f"({runner.cand.shape.describe()}), {deciding_difference(best, runner)}" if runner else ""))
+    model = cand.model
+    assert model is not None
+    train = TrainShape(global_batch_size=m * mbs * shape.data_parallel, micro_batch_size=mbs, num_microbatches=m,
+                       seq_len=base.seq_len, dtype=model.dtype, optimizer=model.optimizer)
+    place = pipeline.Placement(cand.stage_ranks)
+    schedule = pipeline.add_p2p(pipeline.generate(shape.schedule, p, m), place)
+    rank_stages = defaultdict(list)
+    for s, r in enumerate(cand.stage_ranks):
+        rank_stages[r].append(s)
+    devices_pred = []
+    for r in range(p):
+        _, dev, _, _, budget = cand.ranks[r]
+        acts = best.device_bytes[r] - best.static_bytes[r]
+        devices_pred.append(DevicePrediction(
+            rank=r, device=dev.kind,
+            peak_bytes={"device": best.device_bytes[r], "host": best.host_bytes[r], "nvme": best.nvme_bytes[r]},
+            budget_bytes={"device": budget.device, "host": budget.host, "nvme": budget.nvme},
+            breakdown={"device": {"states, buffers, workspace": best.static_bytes[r], "activations": acts}},
+            memory_timeline=_memory_line(best, r)))
+    flat = [(i, dev) for i, node in enumerate(cluster.nodes) for dev in node.devices]
+    ranks = []
+    for j, replica in enumerate(cand.replicas):
+        for r, idx in enumerate(replica):
+            node_i, dev = flat[idx]
+            stages = tuple(rank_stages[r])
+            ests = [best.estimates[s] for s in stages]
+            ranks.append(RankPlan(
+                rank=j * p + r, replica=j, pipeline_rank=r, node=cluster.nodes[node_i].name, device=dev,
+                stages=stages, policies=tuple(e.policy for e in ests),
+                offload="; ".join(f"stage {s}: {e.offload}" for s, e in zip(stages, ests) if e.offload),
+                fwd_s=sum(e.fwd_s for e in ests), bwd_s=sum(e.bwd_s for e in ests), busy_s=best.busy_s[r],
+                bubble_fraction=1.0 - best.busy_s[r] / best.pipeline_end_s if best.pipeline_end_s else 0.0,
+                allreduce_s=best.allreduce_s[r], optimizer_s=best.optimizer_s[r]))
+    flops = (base.fwd_flops + base.bwd_flops) * train.global_batch_size
+    peak = sum(dev.peak_flops(str(model.dtype)) for _, dev in flat)
+    prediction = Prediction(step_time_s=best.step_s, tokens_per_s=train.tokens_per_step / best.step_s,
+                            mfu=flops / (best.step_s * peak) if peak else 0.0, devices=tuple(devices_pred),
+                            timeline=_timeline(best))
+    node0, dev0, host0, nvme0, _ = cand.ranks[0]
+    first, end = cand.partition[0]
+    memory = best.estimates[0].policy or MemoryPolicy(chunk_size_elems=max(1, model.num_params(first, end)), chunks=(),
+                                                      prefetch_depth=1, activations=(ActPolicy.KEEP,) * (end - first))
+    pipe = PipelinePlan(schedule_kind=shape.schedule, pipeline_degree=p, data_parallel_degree=shape.data_parallel,
+                        stage_ranks=cand.stage_ranks, partition=cand.partition, ranks=tuple(ranks),
+                        bubble_fraction=best.bubble, why=why, alternatives=tuple(alternatives[:max_alternatives]),
+                        num_candidates=len(candidates))
+    return Plan(name=name, fits=True, model=base, train=train, device=dev0, host=host0, nvme=nvme0, memory=memory,
+                schedule=schedule, prediction=prediction, source=source, pipeline=pipe)
+

@@ -1,0 +1,328 @@
+"""What one pipeline stage costs on one device: per-micro-batch time, the step's tail, memory.
+
+The heterogeneous planner (planner.hetero) asks this for every layer range it considers, so the
+screening estimate (``StageModel.estimate``) is O(1) per call from prefix sums over the blocks,
+memoised per (range, device, in-flight micro-batches). It is the single-device cost model
+(planner.cost) applied to a range of blocks:
+
+- everything on the device, activations kept: time is the blocks' compute, the tail the device
+  optimizer step; the device holds the range's model states, ``in_flight`` micro-batches'
+  activations and the backward's workspace (planner.footprint [Note: workspace estimate]);
+- where that does not fit, [Note: offload within a stage]: activations recomputed (each held
+  micro-batch keeps only the blocks' inputs) and/or parameters homed on the host, then NVMe,
+  as many as the device cannot hold; their param copies cross PCIe twice per micro-batch and
+  their gradients once, overlapped with the compute, and their update runs on the CPU after
+  the last backward. The cheapest that fits wins.
+
+``StageModel.refine`` replaces a stage's offload estimate with the single-device planner's
+figures (planner.search ``plan`` on the stage's blocks, simulated by planner.simulate) for the
+candidates the heterogeneous planner keeps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from itertools import accumulate
+
+from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
+from memtrain.planner import cost
+from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier, TrainShape
+from memtrain.planner.stats import BlockStats, DType, ModelStats, Optimizer, dtype_bytes
+
+__all__ = ["StageBudget", "StageEstimate", "StageModel", "stage_stats"]
+
+
+@dataclass(frozen=True, slots=True)
+class StageBudget:
+    """Usable bytes of one stage's device, its share of the node's host memory and NVMe."""
+
+    device: int
+    host: int
+    nvme: int
+
+
+@dataclass(frozen=True, slots=True)
+class StageEstimate:
+    """One stage on one device, per micro-batch of the plan's size."""
+
+    fwd_s: float
+    bwd_s: float
+    """The whole backward (input and weight gradients), recompute included."""
+    tail_s: float
+    """The optimizer step after the stage's last backward."""
+    device_bytes: int
+    """Peak device bytes: states, buffers, the held micro-batches' activations, workspace."""
+    host_bytes: int
+    nvme_bytes: int
+    act_bytes: int
+    """Device bytes one held micro-batch's activations take under the stage's policy."""
+    offload: str
+    """'' when everything stays on the device, else what moves (for reports)."""
+    fits: bool
+    policy: MemoryPolicy | None = None
+    """The single-device planner's policy, once refined; None for the estimate."""
+    refined: bool = False
+
+    def work_s(self, num_microbatches: int) -> float:
+        return num_microbatches * (self.fwd_s + self.bwd_s) + self.tail_s
+
+
+def stage_stats(stats: ModelStats, first: int, end: int) -> ModelStats:
+    """The blocks ``[first, end)`` as a model of their own. A parameter shared with a block
+    outside the range (a head tied to the embedding) becomes the stage's own copy, as a
+    pipeline keeps one per stage; the loss's activations belong to the last stage only."""
+    owned = {n for b in stats.blocks[first:end] for n in b.param_names}
+    numel = {n: k for b in stats.blocks for n, k in zip(b.param_names, b.param_numels)}
+    blocks: list[BlockStats] = []
+    for b in stats.blocks[first:end]:
+        copies = tuple(n for n in b.shared_param_names if n not in owned and n in numel)
+        if copies:
+            extra = sum(numel[n] for n in copies)
+            b = dataclasses.replace(
+                b, param_names=b.param_names + copies, param_numels=b.param_numels + tuple(numel[n] for n in copies),
+                num_params=b.num_params + extra, param_bytes=b.param_bytes + extra * dtype_bytes(stats.dtype),
+                shared_param_names=tuple(n for n in b.shared_param_names if n not in copies))
+            owned.update(copies)
+        blocks.append(b)
+    return dataclasses.replace(stats, name=f"{stats.name}[{first}:{end}]", blocks=tuple(blocks),
+                               num_params=sum(b.num_params for b in blocks),
+                               loss_activation_bytes=stats.loss_activation_bytes if end == len(stats.blocks) else 0)
+
+
+class _RangeMax:
+    """Maximum over a range of a fixed list in O(1) (a sparse table)."""
+
+    def __init__(self, values: list[int]) -> None:
+        self.table = [list(values)]
+        k = 1
+        while 2 * k <= len(values):
+            prev = self.table[-1]
+            self.table.append([max(prev[i], prev[i + k]) for i in range(len(values) - 2 * k + 1)])
+            k *= 2
+
+    def __call__(self, first: int, end: int) -> int:
+        level = (end - first).bit_length() - 1
+        row = self.table[level]
+        return max(row[first], row[end - (1 << level)])
+
+
+def _prefix(values) -> list:
+    return list(accumulate(values, initial=0))
+
+
+class StageModel:
+    """Stage costs of one model at one micro-batch size (see the module doc)."""
+
+    def __init__(self, stats: ModelStats, train: TrainShape) -> None:
+        self.stats, self.train = stats, train
+        self.dtype, self.optimizer = DType(train.dtype), Optimizer(train.optimizer)
+        blocks = stats.blocks
+        self.num_blocks = len(blocks)
+        c = dtype_bytes(self.dtype)
+        self.c = c
+        numel = {n: k for b in blocks for n, k in zip(b.param_names, b.param_numels)}
+        owner = {n: q for q, b in enumerate(blocks) for n in b.param_names}
+        # a shared parameter counts again in a stage that uses it without holding its owner
+        self.shared = [(q, owner[n], numel[n]) for q, b in enumerate(blocks) for n in b.shared_param_names if n in owner]
+        self.params = _prefix(b.num_params for b in blocks)
+        self.acts = _prefix(b.activation_bytes for b in blocks)
+        self.inputs = _prefix(b.input_bytes for b in blocks)
+        self.max_act = _RangeMax([b.activation_bytes for b in blocks])
+        self.max_work = _RangeMax([b.activation_bytes + b.input_bytes + b.output_bytes for b in blocks])
+        self.max_param = _RangeMax([max(b.param_numels, default=b.num_params) for b in blocks])
+        self.max_block_params = _RangeMax([b.num_params for b in blocks])
+        self.range_ids = self._canonical_ranges()
+        """Per [first][end], the id of ranges with the same blocks (``_canonical_ranges``)."""
+        self.state_per_param = cost.chunk_bytes(Tier.DEVICE, 1, self.dtype, self.optimizer)[Tier.DEVICE]
+        self.host_per_param = cost.chunk_bytes(Tier.HOST, 1, self.dtype, self.optimizer)[Tier.HOST]
+        self.nvme_per_param = cost.chunk_bytes(Tier.NVME, 1, self.dtype, self.optimizer)[Tier.NVME]
+        self._times: dict[DeviceSpec, tuple[list[float], list[float]]] = {}
+        self._places: dict[tuple, int] = {}
+        self._where: list[tuple[DeviceSpec, HostSpec, NvmeSpec | None, StageBudget]] = []
+        self._memo: dict[tuple, StageEstimate] = {}
+        self._refined: dict[tuple, StageEstimate] = {}
+
+    def place(self, device: DeviceSpec, host: HostSpec, nvme: NvmeSpec | None, budget: StageBudget) -> int:
+        """A handle for a stage's hardware and budget, for ``estimate`` and ``refine`` (hashing
+        the specs on every call would cost more than the estimate)."""
+        key = (device, host, nvme, budget)
+        if key not in self._places:
+            self._places[key] = len(self._where)
+            self._where.append(key)
+        return self._places[key]
+
+    def num_params(self, first: int, end: int) -> int:
+        extra = sum(n for q, o, n in self.shared if first <= q < end and not first <= o < end)
+        return self.params[end] - self.params[first] + extra
+
+    def _canonical_ranges(self) -> list[list[int]]:
+        """Per range ``[first, end)``, an id shared by every range with the same blocks' figures
+        in the same order and the same parameters (a trie over the blocks' figures): the layers
+        of a transformer are alike, so the estimate of 5 layers is made once, not at every
+        position."""
+        kinds: dict[tuple, int] = {}
+        kind = [kinds.setdefault(dataclasses.astuple(dataclasses.replace(b, name="", param_names=())), len(kinds))
+                for b in self.stats.blocks]
+        trie: dict[tuple[int, int, int], int] = {}
+        n = self.num_blocks
+        out = [[-1] * (n + 1) for _ in range(n + 1)]
+        for first in range(n):
+            node = -1
+            for end in range(first + 1, n + 1):
+                # the last stage also holds the loss's activations: its ranges are its own
+                key = (node, kind[end - 1], self.num_params(first, end), end == n)
+                node = trie.setdefault(key, len(trie))
+                out[first][end] = node
+        return out
+
+    def compute_s(self, device: DeviceSpec, first: int, end: int) -> float:
+        """Forward and backward compute of one micro-batch through blocks ``[first, end)``."""
+        fwd, bwd = self._compute(device)
+        return fwd[end] - fwd[first] + bwd[end] - bwd[first]
+
+    def _compute(self, device: DeviceSpec) -> tuple[list[float], list[float]]:
+        if device not in self._times:
+            s, mbs, dt = self.stats, self.stats.micro_batch_size, self.dtype
+            fwd = [cost.block_fwd_time_s(b, device, dt, mbs) + cost.block_overhead_s(s, b, backward=False) for b in s.blocks]
+            bwd = [cost.block_bwd_time_s(b, device, dt, mbs) + cost.block_overhead_s(s, b, backward=True) for b in s.blocks]
+            self._times[device] = (_prefix(fwd), _prefix(bwd))
+        return self._times[device]
+
+    def estimate(self, first: int, end: int, where: int, in_flight: int, num_microbatches: int) -> StageEstimate:
+        """The cheapest way found to run blocks ``[first, end)`` on ``where`` (``place``) holding
+        ``in_flight`` micro-batches' activations at once (memoised; see the module doc)."""
+        key = (self.range_ids[first][end], where, in_flight, num_microbatches)
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = self._memo[key] = self._estimate(first, end, *self._where[where], in_flight, num_microbatches)
+        return hit
+
+    def _estimate(self, first: int, end: int, device: DeviceSpec, host: HostSpec, nvme: NvmeSpec | None,
+                  budget: StageBudget, k: int, m: int) -> StageEstimate:
+        fwd, bwd = self._compute(device)
+        f_s, b_s = fwd[end] - fwd[first], bwd[end] - bwd[first]
+        n = self.num_params(first, end)
+        c, dt, opt = self.c, self.dtype, self.optimizer
+        last = end == self.num_blocks
+        work = self.max_work(first, end) + (self.stats.loss_activation_bytes if last else 0) + c * self.max_param(first, end)
+        acts, inputs = self.acts[end] - self.acts[first], self.inputs[end] - self.inputs[first]
+        best: StageEstimate | None = None
+        # [Note: offload within a stage] each activation policy, then as many parameters on the
+        # device as fit, the rest homed on the host, then NVMe
+        for recompute in (False, True):
+            held = inputs if recompute else acts
+            extra = self.max_act(first, end) if recompute else 0
+            bwd_s = b_s + (f_s if recompute else 0.0)
+            room = budget.device - k * held - extra - work
+            if room >= n * self.state_per_param:
+                est = StageEstimate(fwd_s=f_s, bwd_s=bwd_s, tail_s=cost.device_optimizer_time_s(n, dt, opt, device),
+                                    device_bytes=budget.device - room + n * self.state_per_param, host_bytes=0,
+                                    nvme_bytes=0, act_bytes=held, offload="activations recomputed" if recompute else "",
+                                    fits=True)
+            else:
+                est = self._offloaded(n, f_s, bwd_s, room, device, host, nvme, budget, first, end, held, recompute)
+            if est.fits and (best is None or est.work_s(m) < best.work_s(m)):
+                best = est
+            elif best is None and not recompute:
+                fallback = est
+        return best if best is not None else fallback
+
+    def _offloaded(self, n: int, f_s: float, b_s: float, room: int, device: DeviceSpec, host: HostSpec,
+                   nvme: NvmeSpec | None, budget: StageBudget, first: int, end: int, held: int,
+                   recompute: bool) -> StageEstimate:
+        c, dt, opt = self.c, self.dtype, self.optimizer
+        buffers = 4 * c * self.max_block_params(first, end)  # param and grad buffers, two blocks deep
+        resident = max(0, min(n, (room - buffers) // self.state_per_param))
+        off = n - resident
+        on_host = min(off, max(0, budget.host - buffers) // (self.host_per_param + c))
+        on_nvme = off - on_host
+        host_bytes = on_host * self.host_per_param + on_nvme * 4 + buffers
+        nvme_bytes = on_nvme * self.nvme_per_param
+        fits = (room - buffers >= 0 and host_bytes <= budget.host
+                and (on_nvme == 0 or (nvme is not None and nvme_bytes <= budget.nvme)))
+        copy_in = cost.h2d_time_s(off * c, device)
+        copy_out = cost.d2h_time_s(off * c, device)
+        read_s = cost.disk_read_time_s(on_nvme * c, nvme) if on_nvme and nvme is not None else 0.0
+        fwd_s = max(f_s, copy_in + read_s)
+        bwd_s = max(b_s, copy_in + read_s + copy_out)
+        tail = (cost.device_optimizer_time_s(resident, dt, opt, device) + cost.cpu_optimizer_time_s(off, opt, host))
+        if on_nvme and nvme is not None:
+            disk = cost.chunk_disk_bytes(on_nvme, dt, opt)
+            tail += cost.disk_read_time_s(disk, nvme) + cost.disk_write_time_s(disk, nvme)
+        what = [f"{off:,} params off the device ({on_nvme:,} on NVMe)" if on_nvme else f"{off:,} params on the host"]
+        if recompute:
+            what.insert(0, "activations recomputed")
+        return StageEstimate(fwd_s=fwd_s, bwd_s=bwd_s, tail_s=tail,
+                             device_bytes=budget.device - room + resident * self.state_per_param + buffers,
+                             host_bytes=host_bytes, nvme_bytes=nvme_bytes, act_bytes=held, offload=", ".join(what),
+                             fits=fits)
+
+    def refine(self, first: int, end: int, where: int, in_flight: int, num_microbatches: int) -> StageEstimate:
+        """The estimate, or for a stage whose parameters leave the device, the single-device
+        planner's figures: the search on the stage's blocks with the device budget less what the
+        other held micro-batches keep ([Note: held micro-batches in a stage]), simulated with
+        one and two micro-batches (per micro-batch: the difference; tail: the rest). When the
+        search finds nothing that holds them all, the estimate stays. Memoised."""
+        est = self.estimate(first, end, where, in_flight, num_microbatches)
+        if "params" not in est.offload or not est.fits:  # on the device: the estimate is the cost model's
+            return est
+        key = (self.range_ids[first][end], where, in_flight, num_microbatches)
+        if key not in self._refined:
+            self._refined[key] = self._simulated(first, end, *self._where[where], in_flight) or est
+        return self._refined[key]
+
+    def _simulated(self, first: int, end: int, device: DeviceSpec, host: HostSpec, nvme: NvmeSpec | None,
+                   budget: StageBudget, k: int) -> StageEstimate | None:
+        from memtrain.planner.search import plan as search_plan
+        from memtrain.planner.simulate import simulate_step
+
+        sub = stage_stats(self.stats, first, end)
+        mbs = sub.micro_batch_size
+        base = sub.scaled(1) if mbs != 1 else sub
+
+        def held_by(policy: MemoryPolicy) -> int:
+            return sum(b.activation_bytes if p is ActPolicy.KEEP else b.input_bytes if p is ActPolicy.RECOMPUTE else 0
+                       for b, p in zip(sub.blocks, policy.activations))
+
+        # [Note: held micro-batches in a stage] the single-device search holds one micro-batch;
+        # the other k - 1 take what its policy keeps of each, reserved from its device budget
+        # (from the least, every block's input, up to what the policy found keeps; a search that
+        # then finds nothing leaves the stage to the estimate)
+        reserve = (k - 1) * (self.inputs[end] - self.inputs[first])
+        two = None
+        for _ in range(3):
+            if budget.device - reserve <= 0:
+                return None
+            two = search_plan(base, name=sub.name, global_batch_size=2 * mbs, micro_batch_size=mbs, dtype=self.dtype,
+                              optimizer=self.optimizer, device=device, host=host, nvme=nvme,
+                              budgets={"device": budget.device - reserve, "host": budget.host, "nvme": budget.nvme},
+                              safety_margin=0.0, chunk_size_elems=max(b.num_params for b in sub.blocks) or None)
+            if not two.fits:
+                return None
+            need = (k - 1) * held_by(two.memory)
+            if need <= reserve:
+                break
+            reserve = need
+        assert two is not None
+        one_train = dataclasses.replace(two.train, global_batch_size=mbs, num_microbatches=1)
+        one = simulate_step(sub, one_train, device, host, nvme, two.memory, timeline=False)
+        per_mb = max(two.prediction.step_time_s - one.step_time_s, 0.0)
+        fwd, bwd = self._compute(device)
+        f_c, b_c = fwd[end] - fwd[first], bwd[end] - bwd[first]
+        share = f_c / (f_c + b_c) if f_c + b_c > 0 else 0.5
+        peaks = two.prediction.devices[0].peak_bytes
+        held = held_by(two.memory)
+        homes = [c.home for c in two.memory.chunks]
+        off = sum(c.num_elems for c in two.memory.chunks if c.home is not Tier.DEVICE)
+        what = []
+        if ActPolicy.KEEP not in two.memory.activations or set(two.memory.activations) != {ActPolicy.KEEP}:
+            what.append("activations " + "/".join(sorted({p.value for p in two.memory.activations})))
+        if off:
+            what.append(f"{off:,} params off the device" + (" (NVMe)" if Tier.NVME in homes else ""))
+        device_bytes = peaks.get("device", 0) + (k - 1) * held
+        return StageEstimate(fwd_s=per_mb * share, bwd_s=per_mb * (1 - share),
+                             tail_s=max(one.step_time_s - per_mb, 0.0), device_bytes=device_bytes,
+                             host_bytes=peaks.get("host", 0), nvme_bytes=peaks.get("nvme", 0), act_bytes=held,
+                             offload=", ".join(what) or "none", fits=device_bytes <= budget.device,
+                             policy=two.memory, refined=True)
