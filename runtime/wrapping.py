@@ -60,6 +60,10 @@ class MemoryBudgets:
     """Fixed prefetch depth; overrides a given plan's."""
     chunk_elems: int | None
     """Fixed chunk size for the planner."""
+    offload: str = "auto"
+    """``memory['offload']``: every chunk's home (``device``, ``host``, ``nvme``); ``auto`` searches."""
+    activations: str = "auto"
+    """``memory['activations']``: every block's activation policy; ``auto`` searches."""
 
     @staticmethod
     def parse(memory: Mapping[str, Any] | None, device: torch.device) -> "MemoryBudgets":
@@ -99,7 +103,8 @@ class MemoryBudgets:
         return MemoryBudgets(
             device_bytes=device_bytes, host_bytes=cfg.host if cfg.host is not None else psutil.virtual_memory().total,
             nvme_path=None if nvme_path is None else str(nvme_path), nvme_bytes=cfg.nvme,
-            safety_margin=cfg.safety_margin, prefetch_depth=cfg.prefetch_depth, chunk_elems=cfg.chunk_elems)
+            safety_margin=cfg.safety_margin, prefetch_depth=cfg.prefetch_depth, chunk_elems=cfg.chunk_elems,
+            offload=cfg.offload, activations=cfg.activations)
 
 
 def check_nvme_dir(path: str | os.PathLike, field: str) -> None:
@@ -151,6 +156,7 @@ def planner_plan(
         budgets={"device": budgets.device_bytes, "host": budgets.host_bytes, "nvme": 0 if nvme is None else nvme.capacity_bytes},
         safety_margin=budgets.safety_margin, source="auto", param_numels={n: p.numel() for n, p in model.named_parameters()},
         chunk_size_elems=budgets.chunk_elems, prefetch_depth=budgets.prefetch_depth,
+        offload=budgets.offload, activations=budgets.activations,
     )
     if not plan.fits:
         raise UserError(f"memory: nothing fits these budgets: {plan.shortfall}")
