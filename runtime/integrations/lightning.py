@@ -107,6 +107,12 @@ class MemtrainStrategy(SingleDeviceStrategy):
         engine = self._lazy.get(self._inner(), ids)
         return self._call.run(engine, ids, lambda: super(MemtrainStrategy, self).training_step(*args, **kwargs))
 
+    def validation_step(self, *args: Any, **kwargs: Any):
+        if self._lazy is not None and self._lazy.built:  # the module's weights are in memtrain's chunks now
+            raise UserError("MemtrainStrategy: validation during fit is not supported yet; pass no val_dataloaders "
+                            "to fit() and call trainer.validate() after it")
+        return super().validation_step(*args, **kwargs)
+
     def backward(self, closure_loss: torch.Tensor, optimizer, *args: Any, **kwargs: Any) -> torch.Tensor:
         # The precision plugin's backward would call loss.backward(); the engine's runs it.
         self.pre_backward(closure_loss)

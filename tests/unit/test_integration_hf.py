@@ -17,10 +17,11 @@ STEPS, SAVE_AT = 6, 3
 
 def _model():
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   bos_token_id=0, eos_token_id=1)
-    return transformers.LlamaForCausalLM(cfg)
+    # GPT-2 (tied input and output embeddings): its meta-device trace, which plans, runs on
+    # transformers 4.57 and 5.x alike.
+    cfg = transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                  bos_token_id=0, eos_token_id=1)
+    return transformers.GPT2LMHeadModel(cfg)
 
 
 def _data():
