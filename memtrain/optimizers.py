@@ -265,8 +265,9 @@ class OptimizerSpec:
 
     def __post_init__(self) -> None:
         lookup(self.name, "optimizer.name")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise UserError(f"optimizer.lr: must be a number > 0, got {self.lr!r}")
+        # 0 is torch's lower bound too: a warmup schedule's first step runs with lr 0.
+        if isinstance(self.lr, bool) or not (isinstance(self.lr, (int, float)) and 0 <= self.lr < math.inf):
+            raise UserError(f"optimizer.lr: must be a finite number >= 0, got {self.lr!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise UserError(f"optimizer.betas: two numbers in [0, 1), got {self.betas!r}")
         if not self.eps >= 0:

@@ -133,6 +133,11 @@ class Engine:
             if pending_lr is not None:
                 self.set_lr(pending_lr)
 
+    def prepare(self, batch) -> None:
+        """Plan and build now from this batch's shape, without running it (a no-op once built):
+        an integration restoring a checkpoint loads it between this and the first forward."""
+        self._ensure_built(_split_batch(batch)[0])
+
     def _require_built(self) -> None:
         if self.store is None:
             raise UserError("engine: nothing to do yet: the plan is made from the first batch's shape; "
@@ -247,9 +252,10 @@ class Engine:
             self.store.executed.append(Action(0, Op.OPTIM))
 
     def set_lr(self, lr: float) -> None:
-        """Learning rate for the following steps (a schedule calls this before each step)."""
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
-            raise UserError(f"lr: must be a finite number > 0, got {lr!r}")
+        """Learning rate for the following steps (a schedule calls this before each step). 0 is
+        allowed: a warmup's first step still advances the optimizer states, as torch's does."""
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 <= lr < math.inf:
+            raise UserError(f"lr: must be a finite number >= 0, got {lr!r}")
         if self.store is None:  # not built yet: applied when the first batch builds it
             self._pending_lr = float(lr)
             return
@@ -294,8 +300,10 @@ class Engine:
         out = {}
         for name, p in self.model.named_parameters(remove_duplicate=False):
             out[name] = params[canon[id(p)]]
+        persistent = self.model.state_dict(keep_vars=True).keys()  # not a rotary table made at init
         for name, b in self.model.named_buffers():
-            out[name] = b.detach().to("cpu", copy=True)
+            if name in persistent:
+                out[name] = b.detach().to("cpu", copy=True)
         return out
 
     def state_dict(self) -> dict[str, Any]:

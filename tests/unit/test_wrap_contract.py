@@ -123,3 +123,11 @@ def test_a_given_plan_with_another_chunk_size_is_refused():
     with pytest.raises(UserError, match="memory.chunk_elems: 7 but the plan given packs chunks of"):
         wrap(_tiny(), optimizer="adamw", plan=plan, memory={"device": "2MiB", "host": "64MiB", "chunk_elems": 7},
              verbose=False)
+
+
+def test_memory_offload_and_activations_fix_the_plans_choices():
+    engine = wrap(_tiny(), optimizer="adamw", memory={"offload": "host", "activations": "recompute"}, seq_len=32,
+                  global_batch_size=4, verbose=False)
+    assert {str(c.home) for c in engine.plan.memory.chunks} == {"host"}  # plenty of device memory: auto keeps them there
+    assert {str(a) for a in engine.plan.memory.activations} == {"recompute"}
+    engine.close()

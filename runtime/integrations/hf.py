@@ -1,0 +1,168 @@
+"""memtrain in a Hugging Face ``transformers.Trainer`` script: ``Trainer`` → ``MemtrainTrainer``.
+
+    from memtrain.runtime.integrations.hf import MemtrainTrainer
+    trainer = MemtrainTrainer(model=model, args=args, train_dataset=ds,
+                              memory={"device": "8GiB", "host": "64GiB"})   # or plan="plan.json"
+    trainer.train()                                   # or train(resume_from_checkpoint=True)
+
+As transformers' DeepSpeed and FSDP integrations do, the Trainer keeps its loop, data, logging,
+LR schedule and checkpoints, and memtrain takes the model's forward, backward and optimizer step:
+``training_step`` runs the Trainer's ``compute_loss`` inside the engine's forward ([Note: the
+trainer's step inside the engine]) and the engine's backward; the optimizer is a stand-in whose
+``step`` sets the scheduler's learning rate and runs the engine's offloaded step. A checkpoint
+holds the model's fp32 weights from every tier (``model.safetensors``, through ``_save`` as the
+DeepSpeed path does) and the optimizer states in ``torch.optim.AdamW``'s format
+(``optimizer.pt``), so ``resume_from_checkpoint`` loads the weights into the model before the
+engine is built and the states into it before its first batch. At the end of ``train`` the
+parameters go back to the model, so ``evaluate``, ``predict`` and ``save_model`` afterwards see
+the trained weights. What is refused (and why) is listed in docs/integrations.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+import transformers
+
+from memtrain.errors import UserError
+from memtrain.models.built import first_names
+from memtrain.models.hf import _call_causal_lm, decoder_layers
+from memtrain.runtime.integrations.common import LazyEngine, StepCall, load_plan, restore_group, with_group
+
+__all__ = ["MemtrainTrainer", "hf_blocks"]
+
+_ADAMW_OPTIMS = ("adamw_torch", "adamw_torch_fused")
+
+
+def hf_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """A causal LM's blocks in order: input embeddings, each decoder layer, output embeddings."""
+    names = first_names(model)
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embed is None or head is None:
+        raise UserError(f"MemtrainTrainer: {type(model).__name__} has no input/output embeddings; pass blocks=")
+    layers_name, layers = decoder_layers(model)
+    return [(names[id(embed)], embed), *((f"{layers_name}.{i}", m) for i, m in enumerate(layers)),
+            (names[id(head)], head)]
+
+
+def _trace(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The planner's forward of the weightless twin: the logits, for next-token cross entropy."""
+    return _call_causal_lm(model, input_ids).logits
+
+
+def _check_args(args: transformers.TrainingArguments) -> dict[str, Any]:
+    """wrap's ``optimizer=`` from the arguments; a setting memtrain would not honour is refused."""
+    refuse = [
+        (args.max_grad_norm and args.max_grad_norm > 0, "max_grad_norm",
+         "memtrain does not clip gradients yet; set max_grad_norm=0"),
+        (args.weight_decay != 0, "weight_decay",
+         "the Trainer exempts biases and norms from decay and memtrain has one group for all parameters; set 0"),
+        (args.optim not in _ADAMW_OPTIMS, "optim", f"memtrain runs AdamW; use one of {', '.join(_ADAMW_OPTIMS)}"),
+        (args.fp16 or args.bf16, "fp16/bf16", "mixed precision is memtrain's wrap(dtype=) and not wired here yet; "
+                                              "train in fp32"),
+        (args.world_size > 1, "world_size", "MemtrainTrainer runs one process; launch without torchrun/accelerate"),
+        (args.gradient_checkpointing, "gradient_checkpointing",
+         "memtrain chooses recompute per block; set memory={'activations': 'recompute'} instead"),
+        (str(args.eval_strategy) not in ("no", "IntervalStrategy.NO"), "eval_strategy",
+         "evaluation during training is not supported yet; evaluate after train()"),
+    ]
+    for bad, field, fix in refuse:
+        if bad:
+            raise UserError(f"TrainingArguments.{field}: {fix}")
+    return {"name": "adamw", "lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
+            "eps": args.adam_epsilon, "weight_decay": 0.0}
+
+
+class _EngineOptimizer(torch.optim.Optimizer):
+    """The Trainer's optimizer: its one parameter group carries the learning rate the scheduler
+    sets; ``step`` runs the engine's step with it; its state is the engine's optimizer states."""
+
+    def __init__(self, lazy: LazyEngine, lr: float) -> None:
+        super().__init__([torch.zeros(0, requires_grad=True)], {"lr": lr})
+        self._lazy = lazy
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        assert closure is None, "the Trainer calls step() without a closure"
+        engine = self._lazy.engine
+        engine.set_lr(float(self.param_groups[0]["lr"]))
+        engine.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return with_group(self._lazy.optimizer_state(), self.param_groups[0])
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        if not state_dict:  # accelerate's prepare() loads back the empty state of an engine not built yet
+            return
+        restore_group(self.param_groups[0], state_dict)
+        self._lazy.load({"optimizer": dict(state_dict)})
+
+
+class MemtrainTrainer(transformers.Trainer):
+    """A ``transformers.Trainer`` whose forward, backward and optimizer step run on memtrain.
+
+    ``memory``: wrap's ``memory=`` (``device``/``host``/``nvme`` budgets, ``offload``,
+    ``activations``, ...; docs/wrap.md); ``plan``: a ``Plan`` or the path of ``memtrain plan
+    --json``'s file instead of planning; ``blocks``: the model's blocks (default: embeddings,
+    decoder layers, output head); ``host_kernel``: the AdamW kernel of host and NVMe chunks.
+    """
+
+    def __init__(self, *args, memory: Mapping[str, Any] | None = None, plan=None, blocks=None,
+                 host_kernel: str | None = None, **kwargs) -> None:
+        if kwargs.get("optimizers", (None, None)) != (None, None) or kwargs.get("optimizer_cls_and_kwargs"):
+            raise UserError("MemtrainTrainer: optimizers=: memtrain runs the optimizer; set it through "
+                            "TrainingArguments (optim, learning_rate, adam_beta1/2, adam_epsilon)")
+        super().__init__(*args, **kwargs)
+        optimizer = _check_args(self.args)
+        self._memtrain_call = StepCall(self.model, _trace)
+        self._memtrain = LazyEngine(
+            optimizer=optimizer, memory=memory, plan=load_plan(plan), call=self._memtrain_call,
+            blocks=blocks if blocks is not None else hf_blocks(self.model), host_kernel=host_kernel, verbose=False)
+
+    @property
+    def memtrain_engine(self):
+        """The engine while ``train`` runs (built at its first batch); None otherwise."""
+        return self._memtrain.engine
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            self.optimizer = _EngineOptimizer(self._memtrain, self.args.learning_rate)
+        return self.optimizer
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:  # the trained weights go back to the model; a later train() wraps it again
+            self._memtrain.close()
+            self.optimizer, self.lr_scheduler = None, None
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        """The Trainer's step (``compute_loss``, the loss scaled for gradient accumulation as the
+        Trainer scales it) with the engine's forward and backward."""
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        ids = inputs["input_ids"]
+        engine = self._memtrain.get(self.model, ids)
+
+        def compute() -> torch.Tensor:
+            with self.compute_loss_context_manager():
+                return self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+
+        loss = self._memtrain_call.run(engine, ids, compute)
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        if not scaled:
+            loss = loss / self.current_gradient_accumulation_steps
+        engine.backward(loss)
+        return loss.detach()
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # As the DeepSpeed path of save_model: the weights come from the engine (every tier).
+        if state_dict is None and self._memtrain.built:
+            state_dict = self._memtrain.engine.model_state_dict()
+        super()._save(output_dir, state_dict=state_dict)
