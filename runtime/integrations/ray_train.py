@@ -63,13 +63,13 @@ def restore(engine, *, batch=None) -> int:
     found = ray.train.get_checkpoint()
     if found is None:
         return 0
-    with found.as_directory() as directory:
+    with found.as_directory() as directory:  # NVMe chunk files are read from it: load inside
         loaded = ckpt.latest(directory)
-    if loaded is None:
-        raise UserError(f"ray.train.get_checkpoint(): {found.path} holds no valid memtrain checkpoint; it was not "
-                        "written by memtrain.runtime.integrations.ray_train.report")
-    if batch is not None:
-        engine.prepare(batch)
-    ckpt.restore_engine_state(engine, loaded.states[0])
+        if loaded is None:
+            raise UserError(f"ray.train.get_checkpoint(): {found.path} holds no valid memtrain checkpoint; it was "
+                            "not written by memtrain.runtime.integrations.ray_train.report")
+        if batch is not None:
+            engine.prepare(batch)
+        ckpt.restore_engine_state(engine, loaded)
     return loaded.step
 
