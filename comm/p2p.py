@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from memtrain.comm.group import CommError
 
-__all__ = ["Channel", "all_reduce_", "DTYPES", "MAX_DIMS"]
+__all__ = ["Channel", "all_reduce_", "all_gather", "DTYPES", "MAX_DIMS"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8,
           torch.bool)
@@ -99,3 +99,11 @@ def all_reduce_(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup, *, ra
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def all_gather(shard: torch.Tensor, group: dist.ProcessGroup, *, rank: int, what: str, timeout_s: float) -> torch.Tensor:
+    """Every rank's ``shard`` (all the same size), concatenated in group-rank order (one
+    collective): a sharded optimizer's updated parameters put back together on each replica."""
+    parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
+    _wait(dist.all_gather(parts, shard.contiguous(), group=group, async_op=True), rank, what, timeout_s)
+    return torch.cat(parts)

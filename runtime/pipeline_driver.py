@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -25,10 +26,11 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from memtrain.config import ConfigError, DataConfig, ModelConfig
 from memtrain.models.gpt import gpt_config
 from memtrain.optimizers import OptimizerSpec
-from memtrain.planner.pipeline import (SCHEDULES, Placement, add_p2p, add_step_end, generate, placement,
-                                       validate_pipeline)
+from memtrain.planner.pipeline import (SCHEDULES, Placement, add_offload_points, add_p2p, add_step_end, generate,
+                                       placement, validate_pipeline)
 from memtrain.planner.plan import Action, Op
 from memtrain.planner.schedule import Schedule
+from memtrain.runtime.stage_offload import OFFLOAD_HOMES
 from memtrain.runtime.stage_worker import PipelineSpec, StageWorker, StepResult
 
 __all__ = ["run_pipeline", "PipelineRun", "PipelineResult", "PipelineError", "stage_programs", "even_partition"]
@@ -56,6 +58,8 @@ class PipelineResult:
     """Per step, per world rank, its peak bytes per tier (``StepResult.peak_bytes``)."""
     nodes: tuple[str, ...] = ()
     """Per world rank, the node it ran on (when placed on given nodes)."""
+    state_bytes: tuple[dict[str, int], ...] = ()
+    """Per world rank, its model states after the last step (``StageWorker.state_bytes``)."""
 
 
 def stage_programs(kind: str, num_ranks: int, num_microbatches: int, *,
@@ -130,6 +134,11 @@ class PipelineRun:
         their results by world rank."""
         return self._gather({r: w.run_step.remote(step, lr) for r, w in enumerate(self.workers)},
                             f"step {step + 1}", self.step_timeout_s)
+
+    def state_bytes(self) -> list[dict[str, int]]:
+        """Per world rank, its model states' bytes per tier now (``StageWorker.state_bytes``)."""
+        return self._gather({r: w.state_bytes.remote() for r, w in enumerate(self.workers)}, "state_bytes",
+                            self.step_timeout_s)
 
     def close(self) -> None:
         """Let the workers leave their world, then end the actors (also after a failure)."""
@@ -213,7 +222,9 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                  num_cpus_per_worker: float = 1.0, optimizer: OptimizerSpec | Mapping[str, Any] | None = None,
                  lr_at: Callable[[int], float] | None = None, programs: Schedule | None = None,
                  assignments: Sequence[Any] | None = None,
-                 on_step: Callable[[int, float, list[StepResult]], None] | None = None) -> PipelineResult:
+                 on_step: Callable[[int, float, list[StepResult]], None] | None = None,
+                 offload: str | Sequence[str] | None = None, nvme_dir: str | None = None,
+                 offload_chunk_elems: int | None = None, zero: int = 0) -> PipelineResult:
     """Train ``num_steps`` steps of ``model`` over ``num_ranks`` pipeline ranks × ``dp``
     replicas on the current Ray (the caller ran ``ray.init``). ``model``: a ``ModelConfig`` or its
     fields as a dict (default: the tiny GPT); ``partition``: blocks per stage (default: even);
@@ -223,7 +234,11 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     lowering, ``stage_programs``); ``assignments``: per world rank, a ``ray_cluster.Assignment``
     (its node and resources; default: anywhere with ``num_cpus_per_worker`` CPUs);
     ``on_step(step, loss, results)`` after each step; ``timeout_s``: the longest a transfer or
-    collective waits; ``step_timeout_s``: the longest the driver waits for a step."""
+    collective waits; ``step_timeout_s``: the longest the driver waits for a step;
+    ``offload``: where each stage's model states live between steps (one of ``device``, ``host``,
+    ``nvme`` for all, or one per stage; ``PipelineSpec.offload``), ``nvme_dir`` the directory of
+    the ``nvme`` ones on every node; ``zero``: 1 shards the optimizer states across the replicas
+    (ZeRO-1, ``PipelineSpec.zero``)."""
     if schedule not in SCHEDULES:
         raise ConfigError(f"schedule: must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     for name, value in (("num_ranks", num_ranks), ("dp", dp), ("num_microbatches", num_microbatches),
@@ -242,7 +257,7 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
         programs = lowered
     else:
         programs = {r: tuple(programs[r]) for r in range(num_ranks)}
-        problem = validate_pipeline({r: tuple(a for a in acts if a.op not in (Op.ALLREDUCE, Op.OPTIM))
+        problem = validate_pipeline({r: tuple(a for a in acts if a.op not in _STEP_POINTS)
                                      for r, acts in programs.items()}, place, num_microbatches)
         if problem is not None:
             raise ConfigError(f"programs: {schedule} over {num_ranks} ranks cannot run them: {problem}")
@@ -259,10 +274,14 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                               f"CPUs, the Ray cluster has {have:g}; lower num_ranks or dp, or num_cpus_per_worker")
     elif len(assignments) != num_ranks * dp:
         raise ConfigError(f"assignments: one per worker ({num_ranks} × {dp}), got {len(assignments)}")
+    homes = _offload_homes(offload, place, model_cfg, nvme_dir, zero, offload_chunk_elems)
+    if any(h != "device" for h in homes):
+        programs = add_offload_points(programs, [s for s, h in enumerate(homes) if h != "device"])
     spec = PipelineSpec(model=model_cfg, partition=parts, rank_of=place.rank_of, num_ranks=num_ranks, dp=dp,
                         num_microbatches=num_microbatches, micro_batch_size=micro_batch_size, seq_len=seq_len,
                         seed=seed, data=data or DataConfig(), optimizer=optim, timeout_s=timeout_s,
-                        num_threads=num_threads)
+                        num_threads=num_threads, offload=homes, nvme_dir=nvme_dir,
+                        offload_chunk_elems=offload_chunk_elems, zero=zero)
     losses, mb_losses, records, times, peaks = [], [], [], [], []
     with PipelineRun(spec, programs, step_timeout_s=step_timeout_s, num_cpus_per_worker=num_cpus_per_worker,
                      assignments=assignments) as run:
@@ -278,10 +297,41 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
             if on_step is not None:
                 on_step(k, losses[-1], results)
         nodes = run.nodes
+        held = tuple(run.state_bytes())
     return PipelineResult(losses=tuple(losses), microbatch_losses=tuple(mb_losses), records=tuple(records),
                           step_times_s=tuple(times),
                           programs=tuple(tuple(str(a) for a in programs[r]) for r in range(num_ranks)),
-                          peak_bytes=tuple(peaks), nodes=nodes)
+                          peak_bytes=tuple(peaks), nodes=nodes, state_bytes=held)
+
+
+_STEP_POINTS = (Op.ALLREDUCE, Op.OPTIM, Op.PREFETCH, Op.OFFLOAD)
+"""A program's actions outside the schedule's compute and transfers (what ``validate_pipeline`` skips)."""
+
+
+def _offload_homes(offload: str | Sequence[str] | None, place: Placement, model: ModelConfig, nvme_dir: str | None,
+                   zero: int, chunk_elems: int | None) -> tuple[str, ...]:
+    """``offload`` checked, one home per stage."""
+    n = place.num_stages
+    homes = (offload or "device",) * n if offload is None or isinstance(offload, str) else tuple(offload)
+    if len(homes) != n or any(h not in OFFLOAD_HOMES for h in homes):
+        raise ConfigError(f"offload: one of {', '.join(OFFLOAD_HOMES)} for all stages, or one per stage ({n}), "
+                          f"got {offload!r}")
+    if zero not in (0, 1) or isinstance(zero, bool):
+        raise ConfigError(f"zero: 0 (every replica keeps all optimizer states) or 1 (ZeRO-1), got {zero!r}")
+    if zero and any(h != "device" for h in homes):
+        raise ConfigError("zero: ZeRO-1 shards the optimizer states of device stages; offloaded stages (host, nvme) "
+                          "keep theirs whole. Use zero 0 with offload, or offload device")
+    if chunk_elems is not None and (not isinstance(chunk_elems, int) or chunk_elems < 1):
+        raise ConfigError(f"offload_chunk_elems: a whole number >= 1 or None, got {chunk_elems!r}")
+    if "nvme" in homes and (nvme_dir is None or not Path(nvme_dir).is_dir()):
+        raise ConfigError(f"nvme_dir: nvme stages keep their files there; give an existing directory on a local "
+                          f"disk, got {nvme_dir!r}")
+    last = n - 1
+    tied = gpt_config(model.preset, **model.overrides).tie_embeddings
+    if tied and place.rank_of[0] == place.rank_of[last] and {homes[0], homes[last]} != {"device"}:
+        raise ConfigError(f"offload: stages 0 and {last} share the tied embeddings on rank {place.rank_of[0]}; keep "
+                          "both on the device, or set model.overrides.tie_embeddings: false")
+    return homes
 
 
 def _num_blocks(cfg: ModelConfig) -> int:

@@ -11,7 +11,11 @@ micro-batch is divided by the number of micro-batches in the global batch before
 gradients accumulate over the micro-batches in their order, data-parallel replicas sum theirs,
 and each stage steps its own ``torch.optim`` optimizer of the run's kind and hyper-parameters
 (``PipelineSpec.optimizer``), at the step's learning rate the driver passes. Dropout draws from each worker's own random
-stream, so parity with one process holds for models without dropout.
+stream, so parity with one process holds for models without dropout. A stage may instead keep its
+model states in host-memory chunks or NVMe files between steps and step them with memtrain's
+offloaded optimizer (``PipelineSpec.offload``, runtime.stage_offload [Note: a stage's step]: the
+program's ``PREFETCH`` and ``OFFLOAD`` move them), and with ``PipelineSpec.zero`` 1 each replica
+keeps the optimizer states of a shard of each stage only (runtime.stage_zero, ZeRO-1).
 
 [Note: same initial weights] Every worker builds the whole model on CPU under the run's seed,
 exactly as one process does, keeps its stages' blocks and drops the rest, so each parameter has
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -45,6 +50,8 @@ from memtrain.optimizers import Optimizer, OptimizerSpec
 from memtrain.models.source import build_model
 from memtrain.planner.plan import Action, Op
 from memtrain.runtime.data import TokenBatches
+from memtrain.runtime.stage_offload import OffloadedStage
+from memtrain.runtime.stage_zero import ShardedOptimizer
 
 __all__ = ["PipelineSpec", "StageWorker", "StepResult", "block_ranges"]
 
@@ -80,10 +87,27 @@ class PipelineSpec:
     """The longest a transfer or collective may wait."""
     num_threads: int = 1
     """``torch.set_num_threads`` on each worker."""
+    offload: tuple[str, ...] = ()
+    """Per stage, where its model states live between steps: ``device`` (the worker's own
+    tensors, a ``torch.optim`` optimizer), ``host`` (host-memory chunks) or ``nvme`` (files in
+    ``nvme_dir``), the last two stepped by memtrain's offloaded optimizer
+    (runtime.stage_offload); empty: every stage on the device."""
+    nvme_dir: str | None = None
+    """Where ``nvme`` stages keep their files: world rank ``r``'s stage ``s`` in
+    ``nvme_dir/rank<r>/stage<s>`` on the worker's node (the directory must exist there)."""
+    offload_chunk_elems: int | None = None
+    """Elements per chunk of an offloaded stage; None: about one block a chunk."""
+    zero: int = 0
+    """1: ZeRO-1, each replica keeps the optimizer states of its shard of each device stage
+    (runtime.stage_zero); 0: every replica keeps them all."""
 
     @property
     def num_stages(self) -> int:
         return len(self.rank_of)
+
+    def home(self, stage: int) -> str:
+        """Where ``stage``'s model states live between steps (``offload``)."""
+        return self.offload[stage] if self.offload else "device"
 
     @property
     def world_size(self) -> int:
@@ -129,7 +153,11 @@ class StageWorker:
             Op.F: self._forward, Op.B: self._backward, Op.W: self._weights,
             Op.SEND_F: self._send_f, Op.RECV_F: self._recv_f, Op.SEND_B: self._send_b, Op.RECV_B: self._recv_b,
             Op.ALLREDUCE: self._all_reduce, Op.OPTIM: self._optim,
+            Op.PREFETCH: self._prefetch, Op.OFFLOAD: self._offload,
         }
+        self.offloaded: dict[int, OffloadedStage] = {}
+        """The stages whose states live in a chunk store (runtime.stage_offload)."""
+        self._lr = spec.optimizer.lr
 
     # ---- start-up --------------------------------------------------------------------------
 
@@ -203,7 +231,14 @@ class StageWorker:
         optim_cls = {Optimizer.ADAMW: torch.optim.AdamW, Optimizer.SGD: torch.optim.SGD}[Optimizer(spec.optimizer.name)]
         kind = spec.optimizer.kind
         group = {k: v for k, v in spec.optimizer.torch_group().items() if k in kind.defaults}  # hyper-parameters
-        self.optims = {s: optim_cls(self.owns[s], **group) for s in self.stages if self.owns[s]}
+        on_device = [s for s in self.stages if spec.home(s) == "device" and self.owns[s]]
+        self._build_offloaded([s for s in self.stages if spec.home(s) != "device"])
+        if spec.zero:
+            self.optims = {s: ShardedOptimizer(self.owns[s], lambda ps: optim_cls(ps, **group), replica=self.replica,
+                                               dp=spec.dp, group=self.dp_group, rank=self.rank, what=f"{s}OPTIM",
+                                               timeout_s=spec.timeout_s) for s in on_device}
+        else:
+            self.optims = {s: optim_cls(self.owns[s], **group) for s in on_device}
         self._kept: list[tuple[tuple[nn.Parameter, ...], torch.Tensor]] | None = None
         if self.split_w:
             for s in self.stages:
@@ -211,6 +246,28 @@ class StageWorker:
                     for mod in block.modules():
                         if any(True for _ in mod.parameters(recurse=False)):
                             mod.register_forward_hook(self._keep_output)
+
+    def _build_offloaded(self, stages: list[int]) -> None:
+        """The chunk stores of this rank's offloaded stages (runtime.stage_offload). A stage's
+        store holds every parameter its blocks use, so it may share none with another stage of
+        this rank."""
+        spec = self.spec
+        for s in stages:
+            mine = {id(q) for q in self.uses[s]}
+            other = next((t for t in self.stages if t != s and mine & {id(q) for q in self.uses[t]}), None)
+            if other is not None:
+                raise ValueError(f"offload: stages {min(s, other)} and {max(s, other)} on rank {self.rank} share a "
+                                 "parameter (tied embeddings); keep both on the device, or untie the embeddings")
+        for s in stages:
+            nvme_dir = None
+            if spec.home(s) == "nvme":
+                if spec.nvme_dir is None:
+                    raise ValueError(f"nvme_dir: stage {s} is offloaded to nvme; give a directory")
+                rank_dir = Path(spec.nvme_dir) / f"rank{self.rank}"
+                rank_dir.mkdir(exist_ok=True)
+                nvme_dir = rank_dir / f"stage{s}"
+            self.offloaded[s] = OffloadedStage(s, self.blocks[s], spec.home(s), spec.optimizer,
+                                               chunk_elems=spec.offload_chunk_elems, nvme_dir=nvme_dir)
 
     def _keep_output(self, module: nn.Module, args: object, output: object) -> None:
         """[Note: B and W] a parameter-owning module's output, for the split backward."""
@@ -232,9 +289,10 @@ class StageWorker:
         """Run the program once on step ``step``'s batch, its optimizer steps at ``lr`` (None:
         the spec's)."""
         t0 = time.perf_counter()
+        self._lr = self.spec.optimizer.lr if lr is None else float(lr)
         for opt in self.optims.values():
             for g in opt.param_groups:
-                g["lr"] = self.spec.optimizer.lr if lr is None else float(lr)
+                g["lr"] = self._lr
         self._load_batch(step)
         record: list[str] = []
         for a in self.program:
@@ -288,6 +346,8 @@ class StageWorker:
         else:
             leaf = self.inbox.pop(("F", s, i)).requires_grad_()
             x = leaf
+        if s in self.offloaded:  # runtime.stage_offload [Note: a stage's step]
+            self.offloaded[s].ensure()
         kept: list[tuple[tuple[nn.Parameter, ...], torch.Tensor]] = []
         self._kept = kept if self.split_w else None
         for block in self.blocks[s]:
@@ -370,10 +430,27 @@ class StageWorker:
                         timeout_s=self.spec.timeout_s)
 
     def _optim(self, a: Action) -> None:
+        if a.stage in self.offloaded:
+            self.offloaded[a.stage].step(self._lr)
+            return
         opt = self.optims.get(a.stage)
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
+
+    def _prefetch(self, a: Action) -> None:
+        """runtime.stage_offload [Note: a stage's step]."""
+        self._offloaded(a).prefetch()
+
+    def _offload(self, a: Action) -> None:
+        """runtime.stage_offload [Note: a stage's step]."""
+        self._offloaded(a).offload()
+
+    def _offloaded(self, a: Action) -> OffloadedStage:
+        stage = self.offloaded.get(a.stage)
+        if stage is None:
+            raise RuntimeError(f"rank {self.rank}: {a} in its program, but stage {a.stage} is on the device")
+        return stage
 
     # ---- end ------------------------------------------------------------------------------
 
@@ -381,10 +458,37 @@ class StageWorker:
         """This worker's process id (the driver checks it is alive)."""
         return os.getpid()
 
+    def state_bytes(self) -> dict[str, int]:
+        """This rank's model states now, in bytes: per tier (``device``: the stages' own
+        parameters, gradients and optimizer states, and the offloaded stages' param and grad
+        buffers; ``host`` and ``nvme``: the offloaded stages' chunks, by their ledgers), the
+        optimizer states wherever they are (``optimizer_states``) and the size of the chunk files
+        on disk (``nvme_files``)."""
+        out = {"device": 0, "host": 0, "nvme": 0, "optimizer_states": 0, "nvme_files": 0}
+        for st in self.offloaded.values():
+            for k, v in st.state_bytes().items():
+                out[k] += v
+        for s, opt in self.optims.items():
+            held = [q for q in self.owns[s]] + [q.grad for q in self.owns[s] if q.grad is not None]
+            states = [t for st in opt.state.values() for k, t in st.items() if k != "step"]
+            held += states + ([opt.master] if isinstance(opt, ShardedOptimizer) else [])
+            out["device"] += sum(t.numel() * t.element_size() for t in held)
+            out["optimizer_states"] += sum(t.numel() * t.element_size() for t in states)
+        return out
+
     def close(self) -> None:
-        """Leave the world."""
-        leave()
-        self._store = None
+        """Drop the offloaded stages' chunks (their files too), leave the world."""
+        try:
+            for st in self.offloaded.values():
+                st.close()
+            if self.offloaded and self.spec.nvme_dir is not None:
+                rank_dir = Path(self.spec.nvme_dir) / f"rank{self.rank}"
+                if rank_dir.is_dir() and not any(rank_dir.iterdir()):
+                    rank_dir.rmdir()
+        finally:
+            self.offloaded = {}
+            leave()
+            self._store = None
 
 
 def _peak_bytes() -> dict[str, int]:
