@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from memtrain.config import ConfigError, ModelConfig
+from memtrain.planner.pipeline import add_offload_points
 from memtrain.planner.plan import Action, Op
 from memtrain.runtime.pipeline_driver import even_partition, stage_programs
 from memtrain.runtime.stage_worker import PipelineSpec, StageWorker, block_ranges
@@ -32,10 +33,11 @@ def test_even_partition() -> None:
         even_partition(8, 9)
 
 
-def _one_rank(program: tuple[Action, ...]) -> StageWorker:
+def _one_rank(program: tuple[Action, ...], **kw) -> StageWorker:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     spec = PipelineSpec(model=ModelConfig(preset="tiny", overrides={"num_layers": 1}), partition=(3,), rank_of=(0,),
-                        num_ranks=1, dp=1, num_microbatches=2, micro_batch_size=1, seq_len=8, seed=0, timeout_s=10)
+                        num_ranks=1, dp=1, num_microbatches=2, micro_batch_size=1, seq_len=8, seed=0, timeout_s=10,
+                        **kw)
     worker = StageWorker(spec, 0, program)
     worker.build(*worker.open_store("127.0.0.1"))
     return worker
@@ -56,3 +58,52 @@ def test_one_rank_records_its_program_and_fails_loudly_on_an_unknown_op() -> Non
     finally:
         worker.close()
         torch.set_num_threads(threads)
+
+
+def test_offload_points_bracket_each_offloaded_stage() -> None:
+    place, programs = stage_programs("v-half", 2, 2)
+    with_points = add_offload_points(programs, [1, 3])
+    assert add_offload_points(with_points, [1, 3]) == with_points  # a program that has them stays
+    r0, r1 = ([str(a) for a in with_points[r]] for r in (0, 1))
+    assert [a for a in r0 if "PREFETCH" in a or "OFFLOAD" in a] == ["3PREFETCH", "3OFFLOAD"]
+    assert r0[r0.index("3PREFETCH") + 1] == next(str(a) for a in programs[0] if a.stage == 3)
+    assert r0[r0.index("3OFFLOAD") - 1] == "3ALLREDUCE" and r0[r0.index("3OFFLOAD") + 1] == "3OPTIM"
+    assert r1[0] == "1PREFETCH" and r1[r1.index("1OFFLOAD") + 1] == "1OPTIM"
+    assert with_points[0][:len(programs[0])] != programs[0] and len(r0) == len(programs[0]) + 2
+
+
+@pytest.mark.parametrize("home", ["host", "nvme"])
+def test_one_rank_offloaded_is_bitwise_the_device_run(tmp_path, home: str) -> None:
+    """One rank's stage in host chunks or NVMe files: the device run's losses bit for bit, its
+    states between steps in the store's ledger (none on the device), the optimizer's points run."""
+    threads = torch.get_num_threads()
+    _, programs = stage_programs("1f1b", 1, 2)
+    device = _one_rank(programs[0])
+    try:
+        want = [device.run_step(k).losses for k in range(3)]
+        n = sum(q.numel() for q in device.owns[0])
+    finally:
+        device.close()
+    program = add_offload_points(programs, [0])[0]
+    worker = _one_rank(program, offload=(home,), nvme_dir=str(tmp_path))
+    try:
+        got = []
+        for k in range(3):
+            res = worker.run_step(k)
+            assert res.record == tuple(str(a) for a in program)
+            got.append(res.losses)
+            held = worker.state_bytes()
+            assert held["device"] == 0 and held["optimizer_states"] == 8 * n
+            if home == "host":
+                assert held["host"] == 16 * n and held["nvme"] == 0  # master, grads, 2 states
+                assert [a.op for a in worker.offloaded[0].store.executed] == [Op.OPTIM] * 3
+            else:
+                assert held["host"] == 0 and 12 * n <= held["nvme"] == held["nvme_files"]
+                assert len(list((tmp_path / "rank0" / "stage0").glob("*.mt"))) == 3 * 3  # 3 chunks' files
+                ops = [a.op for a in worker.offloaded[0].store.executed]
+                assert ops.count(Op.OPTIM_READ) == ops.count(Op.OPTIM) == ops.count(Op.OPTIM_WAIT) == 3
+        assert got == want
+    finally:
+        worker.close()
+        torch.set_num_threads(threads)
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,199 @@
+"""Per-stage offload and ZeRO-1 in the pipeline runtime, on a local Ray, against one process.
+
+Same cases as test_pipeline_run.py (the tiny GPT, 3 steps of 4 micro-batches of 2 sequences of
+16 tokens per replica, AdamW, seed 0). An offloaded stage keeps its model states in host chunks
+or NVMe files between steps and steps them with memtrain's offloaded optimizer
+(runtime.stage_offload); on this machine the "device" is the CPU too, so each case also checks
+where the bytes are: the chunk store's ledgers per tier, and the chunk files in the worker's
+directory while the run is on.
+
+Tolerances: offload keeps every sum in one process's order and the host/NVMe AdamW is elementwise
+torch's (offload.optim [Note: host kernel choice]): bitwise. ZeRO-1 adds the replicas' gradients
+as data parallelism without sharding does: test_pipeline_run.py's 1e-5 against one process
+([Note: pipeline tolerances]), and bitwise against the same run without sharding
+(runtime.stage_zero [Note: ZeRO-1 parity]).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from pipeline_reference import reference_losses
+
+from memtrain.config import ConfigError, ModelConfig
+from memtrain.models.source import build_model
+from memtrain.planner.pipeline import SCHEDULES, placement
+from memtrain.runtime.pipeline_driver import PipelineResult, even_partition, run_pipeline
+from memtrain.runtime.stage_worker import block_ranges
+
+STEPS, M, B, SEQ, SEED, LR = 3, 4, 2, 16, 0, 1e-3
+UNTIED_2 = {"preset": "tiny", "overrides": {"num_layers": 2, "tie_embeddings": False}}
+UNTIED_6 = {"preset": "tiny", "overrides": {"num_layers": 6, "tie_embeddings": False}}
+TIED_2 = {"preset": "tiny", "overrides": {"num_layers": 2}}
+STATES = 2
+"""AdamW's states per parameter (exp_avg, exp_avg_sq)."""
+
+
+def _stage_params(model: dict, num_stages: int) -> list[int]:
+    """Parameters per stage under the even partition."""
+    built = build_model(ModelConfig(**model), max_seq_len=SEQ)
+    blocks = [m for _, m in built.blocks]
+    return [sum(q.numel() for i in r for q in blocks[i].parameters())
+            for r in block_ranges(even_partition(len(blocks), num_stages))]
+
+
+def _run(model: dict, schedule: str, p: int, dp: int = 1, **kw) -> PipelineResult:
+    return run_pipeline(model=model, schedule=schedule, num_ranks=p, dp=dp, num_microbatches=M, micro_batch_size=B,
+                        seq_len=SEQ, num_steps=STEPS, seed=SEED, lr=LR, timeout_s=30, step_timeout_s=120, **kw)
+
+
+def _max_diff(got: PipelineResult, want: list[list[float]]) -> float:
+    return max(abs(a - b) for g, w in zip(got.microbatch_losses, want) for a, b in zip(g, w, strict=True))
+
+
+def _check_offload(model: dict, schedule: str, p: int, homes: tuple[str, ...], nvme_dir: Path, *, dp: int = 1,
+                   want: list[list[float]] | None = None) -> PipelineResult:
+    """Run with ``homes``; losses bitwise ``want`` (default: one process's), records their
+    programs, the offloaded stages' programs with their PREFETCH and OFFLOAD, the NVMe files
+    there while the run is on."""
+    on_disk: list[dict[str, int]] = []
+
+    def files(step: int, loss: float, results: list) -> None:
+        on_disk.append({str(f.relative_to(nvme_dir)): f.stat().st_size for f in nvme_dir.rglob("*.mt")})
+
+    got = _run(model, schedule, p, dp=dp, offload=homes, nvme_dir=str(nvme_dir), on_step=files)
+    if want is None:
+        want = reference_losses(model, num_steps=STEPS, num_microbatches=M, micro_batch_size=B, seq_len=SEQ,
+                                seed=SEED, lr=LR)
+    assert [list(x) for x in got.microbatch_losses] == want, f"{schedule} {homes}: max |Δ| {_max_diff(got, want)}"
+    for step in got.records:
+        for rank, record in enumerate(step):
+            assert record == got.programs[rank % p], f"rank {rank}: the record differs from its program"
+    place = placement(schedule, p, 2)
+    for s, home in enumerate(homes):
+        prog = got.programs[place.rank_of[s]]
+        first = next(k for k, a in enumerate(prog) if a.startswith(str(s)) and a[len(str(s))].isalpha())
+        if home == "device":
+            assert f"{s}PREFETCH" not in prog and f"{s}OFFLOAD" not in prog
+        else:  # fetched before the stage's first action, sent home right before its step
+            assert prog[first] == f"{s}PREFETCH"
+            assert prog[prog.index(f"{s}OPTIM") - 1] == f"{s}OFFLOAD"
+    # the chunk files of each nvme stage, under its rank's directory, at every step; none after
+    want_dirs = {f"rank{d * p + place.rank_of[s]}/stage{s}" for s, h in enumerate(homes) if h == "nvme"
+                 for d in range(dp)}
+    for seen in on_disk:
+        assert {str(Path(f).parent) for f in seen} == want_dirs
+        for d in want_dirs:
+            parts = sorted(Path(f).name.split("%3A")[2] for f in seen if f.startswith(d + "/"))
+            assert parts and set(parts) == {"master.mt", "exp_avg.mt", "exp_avg_sq.mt"}
+    assert not list(nvme_dir.iterdir()), "the files and directories go with the run"
+    return got
+
+
+def _check_bytes(got: PipelineResult, model: dict, homes: tuple[str, ...], rank_of: tuple[int, ...]) -> None:
+    """Between steps an offloaded stage holds nothing on the device: host chunks hold master,
+    gradient accumulator and states (16 bytes a parameter), NVMe files master and states (12,
+    block-aligned) and the host nothing; ``nvme_files`` is what the disk holds."""
+    params = _stage_params(model, len(homes))
+    p = max(rank_of) + 1
+    for rank, held in enumerate(got.state_bytes):
+        stages = [s for s, r in enumerate(rank_of) if r == rank % p]
+        host = sum(params[s] * 4 * (2 + STATES) for s in stages if homes[s] == "host")
+        nvme = sum(params[s] * 4 * (1 + STATES) for s in stages if homes[s] == "nvme")
+        device = sum(params[s] * 4 * (1 + STATES) for s in stages if homes[s] == "device")
+        assert held["host"] == host, (rank, held)
+        assert held["device"] == device, (rank, held)  # parameters and states of device stages only
+        assert nvme <= held["nvme"] <= nvme + 3 * 4096 * 8, (rank, held)  # files are padded to 4 KiB blocks
+        assert held["nvme_files"] == held["nvme"], (rank, held)
+        assert held["optimizer_states"] == sum(params[s] * 4 * STATES for s in stages), (rank, held)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
+def test_two_stages_host_and_nvme_bitwise(local_ray, tmp_path: Path, schedule: str) -> None:
+    """Stage 0's states in host chunks, stage 1's in NVMe files: the losses of one process."""
+    homes = ("host", "nvme")
+    got = _check_offload(UNTIED_2, schedule, 2, homes, tmp_path)
+    _check_bytes(got, UNTIED_2, homes, (0, 1))
+
+
+def test_four_stages_mixed_homes_bitwise(local_ray, tmp_path: Path) -> None:
+    homes = ("nvme", "device", "host", "nvme")
+    got = _check_offload(UNTIED_6, "1f1b", 4, homes, tmp_path)
+    _check_bytes(got, UNTIED_6, homes, (0, 1, 2, 3))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_two_ranks_every_schedule_offloaded_bitwise(local_ray, tmp_path: Path, schedule: str) -> None:
+    """Every schedule with its stages' states alternately in host chunks and NVMe files."""
+    place = placement(schedule, 2, 2)
+    homes = tuple(("host", "nvme")[s % 2] for s in range(place.num_stages))
+    got = _check_offload(UNTIED_2, schedule, 2, homes, tmp_path)
+    _check_bytes(got, UNTIED_2, homes, place.rank_of)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_four_ranks_every_schedule_offloaded_bitwise(local_ray, tmp_path: Path, schedule: str) -> None:
+    """Four ranks (8 stages for the interleaved and V schedules), homes nvme, host, device in turn."""
+    place = placement(schedule, 4, 2)
+    homes = tuple(("nvme", "host", "device")[s % 3] for s in range(place.num_stages))
+    got = _check_offload(UNTIED_6, schedule, 4, homes, tmp_path)
+    _check_bytes(got, UNTIED_6, homes, place.rank_of)
+
+
+@pytest.mark.slow
+def test_offload_with_two_replicas(local_ray, tmp_path: Path) -> None:
+    """Host and NVMe stages in 2 replicas: bitwise the same data-parallel run without offload (its
+    sums are the same), so within its 1e-5 of one process."""
+    plain = _run(UNTIED_2, "1f1b", 2, dp=2)
+    homes = ("host", "nvme")
+    got = _check_offload(UNTIED_2, "1f1b", 2, homes, tmp_path, dp=2, want=[list(x) for x in plain.microbatch_losses])
+    _check_bytes(got, UNTIED_2, homes, (0, 1))
+    want = reference_losses(UNTIED_2, num_steps=STEPS, num_microbatches=M * 2, micro_batch_size=B, seq_len=SEQ,
+                            seed=SEED, lr=LR)
+    assert _max_diff(got, want) <= 1e-5
+
+
+def test_zero1_two_replicas(local_ray) -> None:
+    """ZeRO-1 over 2 replicas of a 2-stage 1f1b: the losses of one process within the dp
+    tolerance, each rank holding half its stage's optimizer states."""
+    got = _run(UNTIED_2, "1f1b", 2, dp=2, zero=1)
+    want = reference_losses(UNTIED_2, num_steps=STEPS, num_microbatches=M * 2, micro_batch_size=B, seq_len=SEQ,
+                            seed=SEED, lr=LR)
+    assert _max_diff(got, want) <= 1e-5, _max_diff(got, want)
+    assert got.losses[-1] < got.losses[0]
+    params = _stage_params(UNTIED_2, 2)
+    for rank, held in enumerate(got.state_bytes):
+        n, replica = params[rank % 2], rank // 2
+        shard = math.ceil(n / 2)
+        mine = shard if replica == 0 else n - shard
+        assert held["optimizer_states"] == mine * 4 * STATES, (rank, held, n)
+        # the parameters stay whole on every replica, besides the shard's fp32 copy and its states
+        assert held["device"] == n * 4 + mine * 4 * (1 + STATES), (rank, held)
+
+
+@pytest.mark.slow
+def test_zero1_is_bitwise_data_parallelism_without_sharding(local_ray) -> None:
+    """[Note: ZeRO-1 parity] and the measured halving: per rank, the optimizer states with
+    ZeRO-1 over 2 replicas are half of those without."""
+    plain = _run(UNTIED_2, "1f1b", 2, dp=2, zero=0)
+    sharded = _run(UNTIED_2, "1f1b", 2, dp=2, zero=1)
+    assert sharded.microbatch_losses == plain.microbatch_losses
+    for full, half in zip(plain.state_bytes, sharded.state_bytes):
+        assert abs(half["optimizer_states"] * 2 - full["optimizer_states"]) <= 8 * STATES, (full, half)
+
+
+def test_offload_and_zero_mistakes_are_config_errors(local_ray, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"offload: one of device, host, nvme for all stages, or one per stage \(2\)"):
+        _run(UNTIED_2, "1f1b", 2, offload=("host",))
+    with pytest.raises(ConfigError, match=r"nvme_dir: nvme stages keep their files there"):
+        _run(UNTIED_2, "1f1b", 2, offload="nvme", nvme_dir=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match=r"zero: ZeRO-1 shards the optimizer states of device stages"):
+        _run(UNTIED_2, "1f1b", 2, dp=2, zero=1, offload="host")
+    with pytest.raises(ConfigError, match=r"zero: 0 \(every replica"):
+        _run(UNTIED_2, "1f1b", 2, zero=2)
+    with pytest.raises(ConfigError, match=r"offload: stages 0 and 3 share the tied embeddings on rank 0"):
+        _run(TIED_2, "v-half", 2, offload=("host", "device", "device", "device"))
