@@ -139,6 +139,11 @@ class OffloadedStage:
                 "nvme": self.nvme.ledger.in_use_bytes if self.nvme else 0, "optimizer_states": n_states,
                 "nvme_files": files}
 
+    def start_window(self) -> None:
+        """A step starts: its ledgers' peaks (``window_peak_bytes``) count from here."""
+        for ledger in (self.store.device_ledger, self.store.host_ledger, *((self.nvme.ledger,) if self.nvme else ())):
+            ledger.start_window()
+
     def close(self) -> None:
         """Wait for the optimizer's work, drop the chunks and delete their files."""
         try:

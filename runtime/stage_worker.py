@@ -37,9 +37,9 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -125,7 +125,8 @@ class StepResult:
     time_s: float
     """Wall time of the step on this rank."""
     peak_bytes: dict[str, int] = field(default_factory=dict)
-    """``host``: the worker process's peak resident memory so far (the stages train on CPU)."""
+    """``host``: the worker process's peak resident memory so far (the stages train on CPU);
+    ``nvme`` (a rank with ``nvme`` stages): the most bytes its chunk files held during the step."""
 
 
 def block_ranges(partition: tuple[int, ...]) -> list[range]:
@@ -294,6 +295,8 @@ class StageWorker:
             for g in opt.param_groups:
                 g["lr"] = self._lr
         self._load_batch(step)
+        for st in self.offloaded.values():
+            st.start_window()
         record: list[str] = []
         for a in self.program:
             handler = self.handlers.get(a.op)
@@ -308,7 +311,10 @@ class StageWorker:
         losses = tuple(self.losses[i] for i in sorted(self.losses))
         self._new_step_state()
         elapsed = time.perf_counter() - t0
-        return StepResult(record=tuple(record), losses=losses, time_s=elapsed, peak_bytes=_peak_bytes())
+        peaks = _peak_bytes()
+        if any(st.nvme is not None for st in self.offloaded.values()):
+            peaks["nvme"] = sum(st.nvme.ledger.window_peak_bytes for st in self.offloaded.values() if st.nvme)
+        return StepResult(record=tuple(record), losses=losses, time_s=elapsed, peak_bytes=peaks)
 
     def _load_batch(self, step: int) -> None:
         """This replica's micro-batches of step ``step``'s global batch (rows in order: replica

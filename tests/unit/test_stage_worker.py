@@ -98,7 +98,7 @@ def test_one_rank_offloaded_is_bitwise_the_device_run(tmp_path, home: str) -> No
                 assert held["host"] == 16 * n and held["nvme"] == 0  # master, grads, 2 states
                 assert [a.op for a in worker.offloaded[0].store.executed] == [Op.OPTIM] * 3
             else:
-                assert held["host"] == 0 and 12 * n <= held["nvme"] == held["nvme_files"]
+                assert held["host"] == 0 and 12 * n <= held["nvme"] == held["nvme_files"] <= res.peak_bytes["nvme"]
                 assert len(list((tmp_path / "rank0" / "stage0").glob("*.mt"))) == 3 * 3  # 3 chunks' files
                 ops = [a.op for a in worker.offloaded[0].store.executed]
                 assert ops.count(Op.OPTIM_READ) == ops.count(Op.OPTIM) == ops.count(Op.OPTIM_WAIT) == 3
