@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from memtrain.comm.group import CommError
 
-__all__ = ["Channel", "all_reduce_", "all_gather", "DTYPES", "MAX_DIMS"]
+__all__ = ["Channel", "all_reduce_", "all_gather", "reduce_scatter", "DTYPES", "MAX_DIMS"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8,
           torch.bool)
@@ -107,3 +107,16 @@ def all_gather(shard: torch.Tensor, group: dist.ProcessGroup, *, rank: int, what
     parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
     _wait(dist.all_gather(parts, shard.contiguous(), group=group, async_op=True), rank, what, timeout_s)
     return torch.cat(parts)
+
+
+def reduce_scatter(flat: torch.Tensor, group: dist.ProcessGroup, *, rank: int, what: str,
+                   timeout_s: float) -> torch.Tensor:
+    """This rank's shard of the sum of ``flat`` across ``group`` (one collective): ``flat`` is
+    cut into as many equal shards as the group has ranks (its size must divide), and group rank
+    ``d`` gets the sum of every rank's shard ``d``."""
+    n = dist.get_world_size(group)
+    if flat.numel() % n:
+        raise ValueError(f"{what}: {flat.numel()} elements do not cut into {n} equal shards")
+    out = torch.empty(flat.numel() // n, dtype=flat.dtype, device=flat.device)
+    _wait(dist.reduce_scatter_tensor(out, flat.contiguous(), group=group, async_op=True), rank, what, timeout_s)
+    return out

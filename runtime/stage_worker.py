@@ -236,7 +236,7 @@ class StageWorker:
         self._build_offloaded([s for s in self.stages if spec.home(s) != "device"])
         if spec.zero:
             self.optims = {s: ShardedOptimizer(self.owns[s], lambda ps: optim_cls(ps, **group), replica=self.replica,
-                                               dp=spec.dp, group=self.dp_group, rank=self.rank, what=f"{s}OPTIM",
+                                               dp=spec.dp, group=self.dp_group, rank=self.rank,
                                                timeout_s=spec.timeout_s) for s in on_device}
         else:
             self.optims = {s: optim_cls(self.owns[s], **group) for s in on_device}
@@ -422,7 +422,8 @@ class StageWorker:
     def _all_reduce(self, a: Action) -> None:
         """Sum the stage's gradients: a weight the first and last stages share across the two
         ends' ranks, then across the replicas (each replica's loss was already divided by the
-        global batch's micro-batches, so the sum is the mean)."""
+        global batch's micro-batches, so the sum is the mean); under ZeRO-1 a reduce-scatter,
+        each replica getting the sums of its shard only (runtime.stage_zero)."""
         s = a.stage
         for q in self.owns[s]:
             if q.grad is None:
@@ -431,7 +432,10 @@ class StageWorker:
         if tied:
             all_reduce_([q.grad for q in tied], self.tie_group, rank=self.rank, what=f"{a} (tied weights)",
                         timeout_s=self.spec.timeout_s)
-        if self.spec.dp > 1:
+        opt = self.optims.get(s)
+        if isinstance(opt, ShardedOptimizer):  # ZeRO-1: a reduce-scatter (runtime.stage_zero)
+            opt.reduce_grads(str(a))
+        elif self.spec.dp > 1:
             all_reduce_([q.grad for q in self.owns[s]], self.dp_group, rank=self.rank, what=str(a),
                         timeout_s=self.spec.timeout_s)
 
@@ -440,7 +444,9 @@ class StageWorker:
             self.offloaded[a.stage].step(self._lr)
             return
         opt = self.optims.get(a.stage)
-        if opt is not None:
+        if isinstance(opt, ShardedOptimizer):
+            opt.step(str(a))
+        elif opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
 

@@ -3,16 +3,18 @@
 ZeRO stage 1 (Rajbhandari et al. 2020, Sec. 5.1, P_os): each of the ``dp`` replicas of a stage
 keeps the optimizer states of one contiguous shard of the stage's parameters, flattened in
 ``owns`` order (shard ``d`` of ``ceil(N / dp)`` elements, the last one shorter), and so about
-``1 / dp`` of them. At ``OPTIM`` each replica updates its shard, from an fp32 copy of the
-shard's parameters and the gradients ``ALLREDUCE`` already summed, with the stage's own
-``torch.optim`` optimizer, then the replicas all-gather the updated shards and every replica
-copies the whole back into its parameters.
+``1 / dp`` of them. The stage's ``ALLREDUCE`` is a reduce-scatter instead (``reduce_grads``):
+each replica receives the sum of its shard's gradients only. Its ``OPTIM`` updates the shard,
+from an fp32 copy of the shard's parameters, with the stage's own ``torch.optim`` optimizer,
+then the replicas all-gather the updated shards and every replica copies the whole back into
+its parameters. A reduce-scatter and an all-gather move what one all-reduce moves, so the
+sharding costs no extra traffic (Sec. 7.2.1).
 
-[Note: ZeRO-1 parity] The update is elementwise and reads the same summed gradient on every
-replica, so each element gets the arithmetic it gets without sharding: losses are bitwise those
-of data parallelism without sharding. The gradients are summed by the all-reduce the stage runs
-anyway (not a reduce-scatter), which keeps that sum, and so parity, the same; the cost is
-moving the whole gradient where a reduce-scatter would move a shard of it.
+[Note: ZeRO-1 parity] The update is elementwise, so each element gets the arithmetic it gets
+without sharding, from the same summed gradient when the reduce-scatter sums in the all-reduce's
+order. With 2 replicas every sum is of two terms, the same in any order: the losses are bitwise
+those of data parallelism without sharding. With more, gloo may add the replicas in another
+order: within the data-parallel tolerance (test_pipeline_run.py [Note: pipeline tolerances]).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from memtrain.comm import all_gather
+from memtrain.comm import all_gather, reduce_scatter
 
 __all__ = ["ShardedOptimizer"]
 
@@ -33,13 +35,12 @@ __all__ = ["ShardedOptimizer"]
 class ShardedOptimizer:
     """A stage's optimizer over this replica's shard (see the module doc); ``step``,
     ``zero_grad``, ``param_groups`` and ``state`` as a ``torch.optim`` optimizer's, so the
-    worker drives it as one."""
+    worker drives it as one, plus ``reduce_grads`` for the stage's ``ALLREDUCE``."""
 
     def __init__(self, params: list[nn.Parameter], make: Callable[[list[nn.Parameter]], torch.optim.Optimizer], *,
-                 replica: int, dp: int, group: dist.ProcessGroup | None, rank: int, what: str,
-                 timeout_s: float) -> None:
+                 replica: int, dp: int, group: dist.ProcessGroup | None, rank: int, timeout_s: float) -> None:
         self.params = params
-        self.dp, self.group, self.rank, self.what, self.timeout_s = dp, group, rank, what, timeout_s
+        self.dp, self.group, self.rank, self.timeout_s = dp, group, rank, timeout_s
         total = sum(p.numel() for p in params)
         self.shard_elems = math.ceil(total / dp)
         self.lo = min(total, replica * self.shard_elems)
@@ -48,6 +49,7 @@ class ShardedOptimizer:
         self.master = nn.Parameter(flat[self.lo:self.hi].clone())
         """The shard's parameters, fp32: what the optimizer updates."""
         self.optimizer = make([self.master])
+        self._grad: torch.Tensor | None = None  # the shard's summed gradients, from reduce_grads
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -57,19 +59,37 @@ class ShardedOptimizer:
     def state(self) -> Any:
         return self.optimizer.state
 
-    def step(self) -> None:
-        """Update this shard from the summed gradients, then gather every shard into the
+    def reduce_grads(self, what: str) -> None:
+        """``ALLREDUCE``: this shard's gradients summed across the replicas (a reduce-scatter of
+        the flat gradients, padded to ``dp`` equal shards); the parameters' own are dropped."""
+        flat = torch.zeros(self.shard_elems * self.dp, dtype=self.master.dtype)
+        offset = 0
+        for p in self.params:
+            if p.grad is not None:
+                flat[offset:offset + p.numel()] = p.grad.reshape(-1)
+            offset += p.numel()
+            p.grad = None
+        if self.group is None:  # one replica: its shard is the whole
+            self._grad = flat
+        else:
+            self._grad = reduce_scatter(flat, self.group, rank=self.rank, what=what, timeout_s=self.timeout_s)
+        self._grad = self._grad[:self.hi - self.lo]
+
+    def step(self, what: str = "OPTIM") -> None:
+        """Update this shard from its summed gradients, then gather every shard into the
         parameters ([Note: ZeRO-1 parity])."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        self.master.grad = torch.cat([g.reshape(-1) for g in grads])[self.lo:self.hi]
+        if self._grad is None:
+            raise RuntimeError(f"rank {self.rank}: {what} before its ALLREDUCE: a sharded stage's gradients are "
+                               "summed there")
+        self.master.grad, self._grad = self._grad, None
         self.optimizer.step()
         self.master.grad = None
         shard = torch.zeros(self.shard_elems, dtype=self.master.dtype)
         shard[:self.hi - self.lo] = self.master.detach()
-        if self.group is None:  # one replica: the shard is the whole
+        if self.group is None:
             whole = shard
         else:
-            whole = all_gather(shard, self.group, rank=self.rank, what=f"{self.what} (gathering the shards)",
+            whole = all_gather(shard, self.group, rank=self.rank, what=f"{what} (gathering the shards)",
                                timeout_s=self.timeout_s)
         offset = 0
         with torch.no_grad():
@@ -80,3 +100,4 @@ class ShardedOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
             p.grad = None
+        self._grad = None

@@ -9,9 +9,9 @@ directory while the run is on.
 
 Tolerances: offload keeps every sum in one process's order and the host/NVMe AdamW is elementwise
 torch's (offload.optim [Note: host kernel choice]): bitwise. ZeRO-1 adds the replicas' gradients
-as data parallelism without sharding does: test_pipeline_run.py's 1e-5 against one process
-([Note: pipeline tolerances]), and bitwise against the same run without sharding
-(runtime.stage_zero [Note: ZeRO-1 parity]).
+as data parallelism without sharding does (a reduce-scatter): test_pipeline_run.py's 1e-5
+against one process ([Note: pipeline tolerances]); with 2 replicas bitwise against the same run
+without sharding, with 4 within 1e-5 of it (runtime.stage_zero [Note: ZeRO-1 parity]).
 """
 
 from __future__ import annotations
@@ -173,6 +173,24 @@ def test_zero1_two_replicas(local_ray) -> None:
         assert held["optimizer_states"] == mine * 4 * STATES, (rank, held, n)
         # the parameters stay whole on every replica, besides the shard's fp32 copy and its states
         assert held["device"] == n * 4 + mine * 4 * (1 + STATES), (rank, held)
+
+
+@pytest.mark.slow
+def test_zero1_four_replicas(local_ray) -> None:
+    """One stage in 4 replicas: ZeRO-1's reduce-scatter may sum in another order than the
+    all-reduce, so within the dp tolerance of one process and of the unsharded run; a quarter of
+    the optimizer states per rank."""
+    plain = _run(UNTIED_2, "1f1b", 1, dp=4, zero=0)
+    sharded = _run(UNTIED_2, "1f1b", 1, dp=4, zero=1)
+    want = reference_losses(UNTIED_2, num_steps=STEPS, num_microbatches=M * 4, micro_batch_size=B, seq_len=SEQ,
+                            seed=SEED, lr=LR)
+    assert _max_diff(sharded, want) <= 1e-5 and _max_diff(plain, want) <= 1e-5
+    assert _max_diff(sharded, [list(x) for x in plain.microbatch_losses]) <= 1e-5
+    n = _stage_params(UNTIED_2, 1)[0]
+    shard = math.ceil(n / 4)
+    assert [h["optimizer_states"] for h in sharded.state_bytes] == [
+        min(shard, n - d * shard) * 4 * STATES for d in range(4)]
+    assert all(h["optimizer_states"] == n * 4 * STATES for h in plain.state_bytes)
 
 
 @pytest.mark.slow
