@@ -10,7 +10,8 @@ import traceback
 import pytest
 import torch
 
-from memtrain.comm import Channel, CommError, Rendezvous, all_gather, all_reduce_, host_store, join, leave
+from memtrain.comm import (Channel, CommError, Rendezvous, all_gather, all_reduce_, host_store, join, leave,
+                           reduce_scatter)
 
 
 def _scenario(rank: int, port_q, result_q, scenario: str) -> None:
@@ -42,7 +43,9 @@ def _scenario(rank: int, port_q, result_q, scenario: str) -> None:
             all_reduce_([g], torch.distributed.group.WORLD, rank=rank, what="0ALLREDUCE", timeout_s=timeout_s)
             whole = all_gather(torch.full((2,), float(rank)), torch.distributed.group.WORLD, rank=rank,
                                what="0OPTIM (gathering the shards)", timeout_s=timeout_s)
-            out = (out, g.tolist(), whole.tolist())
+            mine = reduce_scatter(torch.arange(4.0) + 10 * rank, torch.distributed.group.WORLD, rank=rank,
+                                  what="0ALLREDUCE", timeout_s=timeout_s)
+            out = (out, g.tolist(), whole.tolist(), mine.tolist())
         elif scenario == "gather_timeout":
             if rank == 1:
                 try:
@@ -93,8 +96,8 @@ def _run(scenario: str) -> dict[int, object]:
 
 def test_send_recv_carries_shape_and_dtype_and_all_reduce_sums() -> None:
     results = _run("roundtrip")
-    assert results[1] == (True, [3.0, 3.0, 3.0], [0.0, 0.0, 1.0, 1.0]), results
-    assert results[0] == (None, [3.0, 3.0, 3.0], [0.0, 0.0, 1.0, 1.0]), results
+    assert results[1] == (True, [3.0, 3.0, 3.0], [0.0, 0.0, 1.0, 1.0], [14.0, 16.0]), results
+    assert results[0] == (None, [3.0, 3.0, 3.0], [0.0, 0.0, 1.0, 1.0], [10.0, 12.0]), results
 
 
 def test_receive_that_never_comes_names_rank_action_and_timeout() -> None:
