@@ -101,7 +101,8 @@ def all_reduce_(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup, *, ra
         offset += t.numel()
 
 
-def all_gather(shard: torch.Tensor, group: dist.ProcessGroup, *, rank: int, what: str, timeout_s: float) -> torch.Tensor:
+def all_gather(shard: torch.Tensor, group: dist.ProcessGroup, *, rank: int, what: str,
+               timeout_s: float) -> torch.Tensor:
     """Every rank's ``shard`` (all the same size), concatenated in group-rank order (one
     collective): a sharded optimizer's updated parameters put back together on each replica."""
     parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
