@@ -50,7 +50,7 @@ from memtrain.optimizers import Optimizer, OptimizerSpec
 from memtrain.models.source import build_model
 from memtrain.planner.plan import Action, Op
 from memtrain.runtime.data import TokenBatches
-from memtrain.runtime.stage_offload import OffloadedStage
+from memtrain.runtime.stage_offload import OFFLOAD_HOMES, OffloadedStage
 from memtrain.runtime.stage_zero import ShardedOptimizer
 
 __all__ = ["PipelineSpec", "StageWorker", "StepResult", "block_ranges"]
@@ -100,6 +100,13 @@ class PipelineSpec:
     zero: int = 0
     """1: ZeRO-1, each replica keeps the optimizer states of its shard of each device stage
     (runtime.stage_zero); 0: every replica keeps them all."""
+
+    def __post_init__(self) -> None:
+        if self.offload and (len(self.offload) != len(self.rank_of) or not set(self.offload) <= set(OFFLOAD_HOMES)):
+            raise ValueError(f"offload: one of {', '.join(OFFLOAD_HOMES)} per stage ({len(self.rank_of)}), "
+                             f"got {self.offload!r}")
+        if self.zero not in (0, 1):
+            raise ValueError(f"zero: 0 or 1, got {self.zero!r}")
 
     @property
     def num_stages(self) -> int:
