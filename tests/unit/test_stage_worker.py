@@ -3,6 +3,7 @@ world (gloo over loopback) runs its program through the handler table and record
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -75,13 +76,16 @@ def test_offload_points_bracket_each_offloaded_stage() -> None:
 @pytest.mark.parametrize("home", ["host", "nvme"])
 def test_one_rank_offloaded_is_bitwise_the_device_run(tmp_path, home: str) -> None:
     """One rank's stage in host chunks or NVMe files: the device run's losses bit for bit, its
-    states between steps in the store's ledger (none on the device), the optimizer's points run."""
+    states between steps in the store's ledger (none on the device), the optimizer's points run,
+    the parameters released between steps, the updated ones in the chunks (the files), and the
+    next step computing from there: chunks overwritten with NaN make its losses NaN."""
     threads = torch.get_num_threads()
     _, programs = stage_programs("1f1b", 1, 2)
     device = _one_rank(programs[0])
     try:
         want = [device.run_step(k).losses for k in range(3)]
         n = sum(q.numel() for q in device.owns[0])
+        trained = {name: q.detach().clone() for name, q in torch.nn.ModuleList(device.blocks[0]).named_parameters()}
     finally:
         device.close()
     program = add_offload_points(programs, [0])[0]
@@ -103,6 +107,14 @@ def test_one_rank_offloaded_is_bitwise_the_device_run(tmp_path, home: str) -> No
                 ops = [a.op for a in worker.offloaded[0].store.executed]
                 assert ops.count(Op.OPTIM_READ) == ops.count(Op.OPTIM) == ops.count(Op.OPTIM_WAIT) == 3
         assert got == want
+        store = worker.offloaded[0].store
+        assert all(q.stride() == (0,) * q.dim() and q.isnan().all() for q in worker.owns[0])  # released
+        assert all(q.grad is None for q in worker.owns[0])
+        on_home = store.gather_params()  # the chunks' masters: host tensors, or read from the files
+        assert on_home.keys() == trained.keys() and all(torch.equal(on_home[k], trained[k]) for k in trained)
+        for c in store.chunks:
+            store._write(c, "master", torch.full((c.num_elems,), float("nan")))
+        assert all(math.isnan(x) for x in worker.run_step(3).losses)
     finally:
         worker.close()
         torch.set_num_threads(threads)
