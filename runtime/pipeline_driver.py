@@ -318,9 +318,6 @@ def _offload_homes(offload: str | Sequence[str] | None, place: Placement, model:
                           f"got {offload!r}")
     if zero not in (0, 1) or isinstance(zero, bool):
         raise ConfigError(f"zero: 0 (every replica keeps all optimizer states) or 1 (ZeRO-1), got {zero!r}")
-    if zero and any(h != "device" for h in homes):
-        raise ConfigError("zero: ZeRO-1 shards the optimizer states of device stages; offloaded stages (host, nvme) "
-                          "keep theirs whole. Use zero 0 with offload, or offload device")
     if chunk_elems is not None and (not isinstance(chunk_elems, int) or chunk_elems < 1):
         raise ConfigError(f"offload_chunk_elems: a whole number >= 1 or None, got {chunk_elems!r}")
     if "nvme" in homes and (nvme_dir is None or not Path(nvme_dir).is_dir()):

@@ -21,6 +21,16 @@ placeholder of offload.chunks [Note: released parameters]) and no gradient is he
   chunks updated in place; nvme chunks' master and states read into host staging, updated, and
   written back, one read ahead and one write-back in flight), recorded in ``store.executed``.
 
+[Note: ZeRO-1 of an offloaded stage] Under ``PipelineSpec.zero`` 1 each of the ``dp``
+replicas keeps the optimizer states (and the gradient accumulators) of a contiguous run of the
+stage's chunks only, about ``1 / dp`` of its elements (``split_owners``: no chunk straddles two
+replicas), as ZeRO-Offload
+partitions them (Ren et al. 2021, Sec. 4.1); the others' states are dropped after the build.
+``OFFLOAD`` adds the all-reduced gradients of its own chunks only, ``OPTIM`` updates them, then
+the replicas all-gather the updated masters and each writes the others' chunks into its own
+home (host tensors or NVMe files): every replica keeps the whole parameters, as ZeRO-1 does.
+Each chunk gets the arithmetic of the unsharded run, so losses are bitwise its.
+
 Host and NVMe chunks step with ``host_kernel="foreach"``, elementwise torch's single-tensor
 arithmetic (offload.optim [Note: host kernel choice]), so a stage's losses stay bitwise those of
 one process running ``torch.optim``. The chunk store's block and gradient hooks are removed: a
@@ -31,31 +41,78 @@ program of fetches and releases.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from memtrain.offload.chunk_layout import block_param_order, make_chunk_plans
+from memtrain.comm import all_gather
+from memtrain.offload.chunk_layout import block_param_order
 from memtrain.offload.chunks import ChunkStore
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.optim import OffloadedOptimizer
 from memtrain.optimizers import OptimizerSpec
-from memtrain.planner.plan import Action, Tier
+from memtrain.planner.plan import Action, ChunkPlan, Tier, pack_params
 from memtrain.planner.program import Layout
 from memtrain.planner.program_optim import OptimLayout, final_optim_points
 
-__all__ = ["OFFLOAD_HOMES", "OffloadedStage"]
+__all__ = ["OFFLOAD_HOMES", "OffloadedStage", "ZeroGroup", "split_owners"]
 
 OFFLOAD_HOMES = ("device", "host", "nvme")
 """Where a stage's model states may live between steps (``PipelineSpec.offload``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ZeroGroup:
+    """The replicas an offloaded stage's optimizer states are sharded over ([Note: ZeRO-1 of an
+    offloaded stage])."""
+
+    replica: int
+    dp: int
+    group: Any
+    """The stage's data-parallel process group."""
+    rank: int
+    """This world rank (for errors)."""
+    timeout_s: float
+
+
+def split_owners(sizes: list[int], dp: int) -> list[int]:
+    """Per item (its elements ``sizes``, in order), the replica it goes to: the one whose ``1 / dp``
+    share of all the elements holds the item's middle, so each replica gets a contiguous run of
+    about ``1 / dp`` of the elements."""
+    total, acc, out = max(sum(sizes), 1), 0, []
+    for n in sizes:
+        out.append(min(dp - 1, (2 * acc + n) * dp // (2 * total)))
+        acc += n
+    return out
+
+
+def _chunk_plans(groups: list[list[tuple[str, int]]], chunk_elems: int, home: Tier,
+                 dp: int) -> tuple[tuple[ChunkPlan, ...], tuple[int, ...]]:
+    """The stage's chunks (the planner's packing rule, ``planner.plan.pack_params``, over its
+    blocks' parameters) and per chunk the replica keeping its optimizer states: the parameters are
+    split in order into ``dp`` runs of about equal elements (``split_owners``) and each run is
+    packed on its own, so no chunk straddles two replicas. ``dp`` 1: every chunk is replica 0's."""
+    flat = [(b, name, n) for b, group in enumerate(groups) for name, n in group]
+    owner = split_owners([n for _, _, n in flat], dp)
+    plans: list[ChunkPlan] = []
+    owners: list[int] = []
+    for d in range(dp):
+        run = [[(name, n) for (b2, name, n), o in zip(flat, owner) if b2 == b and o == d] for b in range(len(groups))]
+        for names, n in pack_params([g for g in run if g], chunk_elems):
+            plans.append(ChunkPlan(index=len(plans), num_elems=n, param_names=tuple(names), home=home))
+            owners.append(d)
+    return tuple(plans), tuple(owners)
 
 
 class OffloadedStage:
     """One stage's blocks over a chunk store of one home (see the module doc)."""
 
     def __init__(self, stage: int, blocks: list[nn.Module], home: str, optimizer: OptimizerSpec, *,
-                 chunk_elems: int | None = None, nvme_dir: Path | None = None, staged_chunks: int = 2) -> None:
+                 chunk_elems: int | None = None, nvme_dir: Path | None = None, staged_chunks: int = 2,
+                 zero: ZeroGroup | None = None) -> None:
         self.stage = stage
         self.home = Tier(home)
         if self.home is Tier.DEVICE:
@@ -64,7 +121,7 @@ class OffloadedStage:
         named = [(f"block{i}", b) for i, b in enumerate(blocks)]
         groups = block_param_order(self.module, named)
         elems = chunk_elems or max(sum(n for _, n in g) for g in groups)  # default: about a block a chunk
-        plans = make_chunk_plans(groups, elems, self.home)
+        plans, owners = _chunk_plans(groups, elems, self.home, zero.dp if zero else 1)
         self.nvme = None
         if self.home is Tier.NVME:
             if nvme_dir is None:
@@ -84,9 +141,30 @@ class OffloadedStage:
             if self.nvme is not None:
                 self.nvme.close()
             raise
-        self.points: tuple[Action, ...] = final_optim_points(
-            Layout.of_store(self.store), OptimLayout(staged_chunks=staged_chunks, early=False))
-        """The optimizer's step end ([Note: a stage's step]); its last action is the step's ``0OPTIM``."""
+        self.zero = zero
+        self.owners = owners
+        """Per chunk, the replica keeping its optimizer states (all 0 without ZeRO-1)."""
+        self.owned = frozenset(i for i, d in enumerate(owners) if d == (zero.replica if zero else 0))
+        """The chunks whose optimizer states this replica keeps (all without ZeRO-1)."""
+        for c in self.store.chunks:
+            if c.index not in self.owned:
+                self._drop_states(c)
+        points = final_optim_points(Layout.of_store(self.store), OptimLayout(staged_chunks=staged_chunks, early=False))
+        self.points: tuple[Action, ...] = tuple(a for a in points if a.chunk is None or a.chunk in self.owned)
+        """The optimizer's step end ([Note: a stage's step]) over this replica's chunks; its last
+        action is the step's ``0OPTIM``."""
+
+    def _drop_states(self, c) -> None:
+        """[Note: ZeRO-1 of an offloaded stage] Give back chunk ``c``'s optimizer states and
+        gradient accumulator: another replica keeps them."""
+        store = self.store
+        if c.home is Tier.HOST:
+            for t in (*c.states.values(), c.grad):
+                store._free(store.host_ledger, f"chunk:{c.index}", t)
+            c.states, c.grad = {}, None
+        else:
+            for k in store.state_names:
+                store.nvme.delete(store.nvme_key(c, k))
 
     # ---- the program's points ([Note: a stage's step]) ----------------------------------
 
@@ -109,6 +187,11 @@ class OffloadedStage:
         for c in store.chunks:
             if c.buf is None:  # not fetched this step (the stage ran nothing): no gradient
                 continue
+            if c.index not in self.owned:  # another replica updates it
+                for s in c.slots:
+                    s.param.grad = None
+                store._release(c)
+                continue
             buf = store._alloc(store.device_ledger, f"buffer:grad:{c.index}", c.num_elems, torch.float32)
             for s in c.slots:
                 g = s.param.grad
@@ -125,6 +208,27 @@ class OffloadedStage:
         opt.spec = dataclasses.replace(opt.spec, lr=float(lr))
         self.store.executed.clear()
         opt.step(self.points)
+        if self.zero is not None:
+            self._gather_masters()
+
+    def _gather_masters(self) -> None:
+        """[Note: ZeRO-1 of an offloaded stage] Every replica's updated chunks into every home."""
+        z, store = self.zero, self.store
+        runs = [[c for c in store.chunks if self.owners[c.index] == d] for d in range(z.dp)]
+        width = max(sum(c.num_elems for c in run) for run in runs)
+        mine = torch.zeros(width)
+        offset = 0
+        for c in runs[z.replica]:
+            mine[offset:offset + c.num_elems] = store._read(c, "master")
+            offset += c.num_elems
+        whole = all_gather(mine, z.group, rank=z.rank, what=f"{self.stage}OPTIM (gathering the chunks)",
+                           timeout_s=z.timeout_s)
+        for d, run in enumerate(runs):
+            offset = d * width
+            for c in run:
+                if d != z.replica:
+                    store._write(c, "master", whole[offset:offset + c.num_elems].clone())
+                offset += c.num_elems
 
     # ---- what it holds ------------------------------------------------------------------
 
@@ -133,7 +237,7 @@ class OffloadedStage:
         ``host`` chunks and staging, ``nvme`` files), the optimizer states' wherever they are,
         and the size of the chunk files on disk."""
         store = self.store
-        n_states = sum(c.num_elems for c in store.chunks) * 4 * len(store.state_names)
+        n_states = sum(c.num_elems for c in store.chunks if c.index in self.owned) * 4 * len(store.state_names)
         files = sum(store.nvme.file_path(k).stat().st_size for k in store.nvme.keys()) if self.nvme else 0
         return {"device": store.device_ledger.in_use_bytes, "host": store.host_ledger.in_use_bytes,
                 "nvme": self.nvme.ledger.in_use_bytes if self.nvme else 0, "optimizer_states": n_states,

@@ -50,7 +50,7 @@ from memtrain.optimizers import Optimizer, OptimizerSpec
 from memtrain.models.source import build_model
 from memtrain.planner.plan import Action, Op
 from memtrain.runtime.data import TokenBatches
-from memtrain.runtime.stage_offload import OFFLOAD_HOMES, OffloadedStage
+from memtrain.runtime.stage_offload import OFFLOAD_HOMES, OffloadedStage, ZeroGroup
 from memtrain.runtime.stage_zero import ShardedOptimizer
 
 __all__ = ["PipelineSpec", "StageWorker", "StepResult", "block_ranges"]
@@ -98,8 +98,9 @@ class PipelineSpec:
     offload_chunk_elems: int | None = None
     """Elements per chunk of an offloaded stage; None: about one block a chunk."""
     zero: int = 0
-    """1: ZeRO-1, each replica keeps the optimizer states of its shard of each device stage
-    (runtime.stage_zero); 0: every replica keeps them all."""
+    """1: ZeRO-1, each replica keeps the optimizer states of its shard of each stage
+    (runtime.stage_zero; an offloaded stage's: runtime.stage_offload [Note: ZeRO-1 of an
+    offloaded stage]); 0: every replica keeps them all."""
 
     def __post_init__(self) -> None:
         if self.offload and (len(self.offload) != len(self.rank_of) or not set(self.offload) <= set(OFFLOAD_HOMES)):
@@ -274,8 +275,9 @@ class StageWorker:
                 rank_dir = Path(spec.nvme_dir) / f"rank{self.rank}"
                 rank_dir.mkdir(exist_ok=True)
                 nvme_dir = rank_dir / f"stage{s}"
+            zero = ZeroGroup(self.replica, spec.dp, self.dp_group, self.rank, spec.timeout_s) if spec.zero else None
             self.offloaded[s] = OffloadedStage(s, self.blocks[s], spec.home(s), spec.optimizer,
-                                               chunk_elems=spec.offload_chunk_elems, nvme_dir=nvme_dir)
+                                               chunk_elems=spec.offload_chunk_elems, nvme_dir=nvme_dir, zero=zero)
 
     def _keep_output(self, module: nn.Module, args: object, output: object) -> None:
         """[Note: B and W] a parameter-owning module's output, for the split backward."""

@@ -119,3 +119,20 @@ def test_one_rank_offloaded_is_bitwise_the_device_run(tmp_path, home: str) -> No
         worker.close()
         torch.set_num_threads(threads)
     assert not list(tmp_path.iterdir())
+
+
+def test_zero_splits_an_offloaded_stage_into_whole_chunks_of_about_equal_elements() -> None:
+    from memtrain.planner.plan import Tier
+    from memtrain.runtime.stage_offload import _chunk_plans, split_owners
+
+    assert split_owners([1] * 10, 2) == [0] * 5 + [1] * 5
+    assert split_owners([6, 1, 1, 1, 1], 2) == [0, 1, 1, 1, 1]  # a parameter is never split
+    assert split_owners([3, 3, 3], 4) == [0, 2, 3]  # a replica may get nothing (its share holds no middle)
+    groups = [[("a", 4), ("b", 4)], [("c", 4), ("d", 4)], [("e", 8)]]
+    plans, owners = _chunk_plans(groups, 8, Tier.HOST, 2)  # 12 elements each: a, b, c and d, e
+    assert [p.param_names for p in plans] == [("a", "b"), ("c",), ("d",), ("e",)] and owners == (0, 0, 1, 1)
+    plans, owners = _chunk_plans(groups, 16, Tier.HOST, 2)  # no chunk straddles the two replicas
+    assert [p.param_names for p in plans] == [("a", "b", "c"), ("d", "e")] and owners == (0, 1)
+    plans, owners = _chunk_plans(groups, 16, Tier.HOST, 1)
+    assert [p.param_names for p in plans] == [("a", "b", "c", "d"), ("e",)] and owners == (0, 0)
+    assert [p.index for p in plans] == [0, 1] and {p.home for p in plans} == {Tier.HOST}
