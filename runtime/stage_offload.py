@@ -23,9 +23,9 @@ placeholder of offload.chunks [Note: released parameters]) and no gradient is he
 
 [Note: ZeRO-1 of an offloaded stage] Under ``PipelineSpec.zero`` 1 each of the ``dp``
 replicas keeps the optimizer states (and the gradient accumulators) of a contiguous run of the
-stage's chunks only, about ``1 / dp`` of its elements (``split_owners``: no chunk straddles two
-replicas), as ZeRO-Offload
-partitions them (Ren et al. 2021, Sec. 4.1); the others' states are dropped after the build.
+stage's chunks only, about ``1 / dp`` of its elements (``split_owners``; no chunk straddles two
+replicas), as ZeRO-Offload partitions them (Ren et al. 2021, Sec. 4.1); the others' states are
+dropped after the build.
 ``OFFLOAD`` adds the all-reduced gradients of its own chunks only, ``OPTIM`` updates them, then
 the replicas all-gather the updated masters and each writes the others' chunks into its own
 home (host tensors or NVMe files): every replica keeps the whole parameters, as ZeRO-1 does.
