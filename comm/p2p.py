@@ -119,5 +119,6 @@ def reduce_scatter(flat: torch.Tensor, group: dist.ProcessGroup, *, rank: int, w
     if flat.numel() % n:
         raise ValueError(f"{what}: {flat.numel()} elements do not cut into {n} equal shards")
     out = torch.empty(flat.numel() // n, dtype=flat.dtype, device=flat.device)
-    _wait(dist.reduce_scatter_tensor(out, flat.contiguous(), group=group, async_op=True), rank, what, timeout_s)
+    collective = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # the new name, torch 2.13
+    _wait(collective(out, flat.contiguous(), group=group, async_op=True), rank, what, timeout_s)
     return out
