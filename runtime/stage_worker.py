@@ -195,6 +195,10 @@ class StageWorker:
         self.tie_group = next((g for k, g in groups.items() if k in map(tuple, tie_lists)), None)
         self._build_stages()
         self._new_step_state()
+        try:  # torch's first backward imports this (0.5 s measured), as a torch.optim optimizer's construction
+            import torch.fx.experimental.symbolic_shapes  # noqa: F401  # does: here, not in the first step's time
+        except ImportError:  # pragma: no cover (a torch without it)
+            pass
 
     def _build_stages(self) -> None:
         """[Note: same initial weights]"""
