@@ -35,6 +35,7 @@ is used by the module that owns it (true of the built-in GPT's blocks).
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 from collections.abc import Callable
@@ -195,8 +196,11 @@ class StageWorker:
         self.tie_group = next((g for k, g in groups.items() if k in map(tuple, tie_lists)), None)
         self._build_stages()
         self._new_step_state()
-        try:  # torch's first backward imports this (0.5 s measured), as a torch.optim optimizer's construction
-            import torch.fx.experimental.symbolic_shapes  # noqa: F401  # does: here, not in the first step's time
+        # torch's first backward imports this (0.5 s measured), as a torch.optim optimizer's
+        # construction does: at build, so a rank with only offloaded stages times its first step
+        # like the others
+        try:
+            importlib.import_module("torch.fx.experimental.symbolic_shapes")
         except ImportError:  # pragma: no cover (a torch without it)
             pass
 
