@@ -213,7 +213,7 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                  num_cpus_per_worker: float = 1.0, optimizer: OptimizerSpec | Mapping[str, Any] | None = None,
                  lr_at: Callable[[int], float] | None = None, programs: Schedule | None = None,
                  assignments: Sequence[Any] | None = None,
-                 on_step: Callable[[int, float, list[StepResult]], None] | None = None) -> PipelineResult:
+                 on_step: Callable[[int, float, list[StepResult], float], None] | None = None) -> PipelineResult:
     """Train ``num_steps`` steps of ``model`` over ``num_ranks`` pipeline ranks × ``dp``
     replicas on the current Ray (the caller ran ``ray.init``). ``model``: a ``ModelConfig`` or its
     fields as a dict (default: the tiny GPT); ``partition``: blocks per stage (default: even);
@@ -222,7 +222,7 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     ``programs``: each pipeline rank's program (a plan's ``schedule``; default: the schedule's
     lowering, ``stage_programs``); ``assignments``: per world rank, a ``ray_cluster.Assignment``
     (its node and resources; default: anywhere with ``num_cpus_per_worker`` CPUs);
-    ``on_step(step, loss, results)`` after each step; ``timeout_s``: the longest a transfer or
+    ``on_step(step, loss, results, wall_s)`` after each step (``wall_s``: the driver's wait for it); ``timeout_s``: the longest a transfer or
     collective waits; ``step_timeout_s``: the longest the driver waits for a step."""
     if schedule not in SCHEDULES:
         raise ConfigError(f"schedule: must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
@@ -267,7 +267,9 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     with PipelineRun(spec, programs, step_timeout_s=step_timeout_s, num_cpus_per_worker=num_cpus_per_worker,
                      assignments=assignments) as run:
         for k in range(num_steps):
+            t0 = time.perf_counter()
             results = run.step(k, lr_at(k) if lr_at is not None else None)
+            wall = time.perf_counter() - t0
             last = [results[d * num_ranks + place.rank_of[-1]] for d in range(dp)]
             mbs = tuple(x for res in last for x in res.losses)
             mb_losses.append(mbs)
@@ -276,7 +278,7 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
             times.append(tuple(res.time_s for res in results))
             peaks.append(tuple(res.peak_bytes for res in results))
             if on_step is not None:
-                on_step(k, losses[-1], results)
+                on_step(k, losses[-1], results, wall)
         nodes = run.nodes
     return PipelineResult(losses=tuple(losses), microbatch_losses=tuple(mb_losses), records=tuple(records),
                           step_times_s=tuple(times),
