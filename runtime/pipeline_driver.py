@@ -265,6 +265,10 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                                      for r, acts in programs.items()}, place, num_microbatches)
         if problem is not None:
             raise ConfigError(f"programs: {schedule} over {num_ranks} ranks cannot run them: {problem}")
+    gcfg = gpt_config(model_cfg.preset, **model_cfg.overrides)
+    if gcfg.position == "learned" and seq_len > gcfg.max_seq_len:
+        raise ConfigError(f"train.seq_len ({seq_len}) exceeds the model's learned position table ({gcfg.max_seq_len}); "
+                          f"lower train.seq_len or set model.overrides.max_seq_len: {seq_len}")
     num_blocks = _num_blocks(model_cfg)
     parts = tuple(partition) if partition is not None else even_partition(num_blocks, place.num_stages)
     if len(parts) != place.num_stages or any(n < 1 for n in parts) or sum(parts) != num_blocks:

@@ -13,11 +13,10 @@ and each stage steps its own ``torch.optim`` optimizer of the run's kind and hyp
 (``PipelineSpec.optimizer``), at the step's learning rate the driver passes. Dropout draws from each worker's own random
 stream, so parity with one process holds for models without dropout.
 
-[Note: same initial weights] Every worker builds the whole model on CPU under the run's seed,
-exactly as one process does, keeps its stages' blocks and drops the rest, so each parameter has
-the single-process value by construction. The cost is the whole model's weights once per worker
-at start-up; a model too big for that needs an initialisation that replays the seeded stream
-block by block instead.
+[Note: same initial weights] Every worker builds only its stages' blocks, on the meta device and
+then materialised by replaying the run's seeded random stream (``models.gpt_blocks``), so each
+parameter has the single-process value bit for bit while a worker holds its blocks plus, at
+start-up, the largest single module of the others.
 
 [Note: B and W] Where the schedule splits the backward, ``F`` keeps the output of every module
 that owns parameters (a forward hook); ``B`` walks the graph from the stage's output to its input
@@ -42,7 +41,8 @@ from torch import nn
 from memtrain.comm import Channel, Rendezvous, all_reduce_, host_store, join, leave, subgroups
 from memtrain.config import DataConfig, ModelConfig
 from memtrain.optimizers import Optimizer, OptimizerSpec
-from memtrain.models.source import build_model
+from memtrain.models.gpt import causal_lm_loss, gpt_config
+from memtrain.models.gpt_blocks import TIED_NAMES, build_blocks
 from memtrain.planner.plan import Action, Op
 from memtrain.runtime.data import TokenBatches
 
@@ -162,16 +162,15 @@ class StageWorker:
     def _build_stages(self) -> None:
         """[Note: same initial weights]"""
         spec = self.spec
-        torch.manual_seed(spec.seed)
-        built = build_model(spec.model, max_seq_len=spec.seq_len)
-        blocks = [m for _, m in built.blocks]
-        if sum(spec.partition) != len(blocks):
-            raise ValueError(f"partition: {sum(spec.partition)} blocks in all, the model has {len(blocks)}")
+        gcfg = gpt_config(spec.model.preset, **spec.model.overrides)
+        num_blocks = gcfg.num_layers + 2
+        if sum(spec.partition) != num_blocks:
+            raise ValueError(f"partition: {sum(spec.partition)} blocks in all, the model has {num_blocks}")
         ranges = block_ranges(spec.partition)
         last = spec.num_stages - 1
-        first_ids = {id(q) for i in ranges[0] for q in blocks[i].parameters()}
-        self.loss_fn = built.loss_fn
-        self.vocab_size = built.vocab_size
+        blocks = build_blocks(gcfg, {i for s in self.stages for i in ranges[s]}, spec.seed)
+        self.loss_fn = causal_lm_loss
+        self.vocab_size = gcfg.vocab_size
         self.blocks: dict[int, list[nn.Module]] = {s: [blocks[i] for i in ranges[s]] for s in self.stages}
         # every parameter a stage's blocks use (its W's targets), and those it owns (its
         # optimizer's and all-reduce's): a parameter two stages of this rank share is the first's
@@ -183,20 +182,15 @@ class StageWorker:
             self.uses[s] = params
             self.owns[s] = [q for q in params if id(q) not in seen]
             seen.update(id(q) for q in params)
-        # parameters the first and last stages share (tied embeddings) on two different ranks; no
-        # other sharing across ranks is summed, so it is refused
-        ranks_using: dict[int, set[int]] = {}
-        for s, blocks_of in enumerate(ranges):
-            for q in {id(q) for i in blocks_of for q in blocks[i].parameters()}:
-                ranks_using.setdefault(q, set()).add(spec.rank_of[s])
-        ends = {spec.rank_of[0], spec.rank_of[last]}
-        if any(len(r) > 1 and r != ends for r in ranks_using.values()):
-            raise ValueError("model: a parameter is shared by stages on different ranks other than the first and "
-                             "last stage's (tied embeddings); the pipeline sums only those")
-        last_ids = {id(q) for i in ranges[last] for q in blocks[i].parameters()}
-        self.tied = {s: [q for q in self.owns[s] if id(q) in first_ids and id(q) in last_ids]
-                     for s in self.stages if s in (0, last)} if self.tie_group is not None else {}
-        del built, blocks
+        # the built-in GPT shares one table between its first and last blocks (tied embeddings);
+        # where the two ends sit on different ranks, each holds a copy and their gradients are summed
+        self.tied: dict[int, list[nn.Parameter]] = {}
+        if gcfg.tie_embeddings and self.tie_group is not None:
+            if 0 in self.stages:
+                self.tied[0] = [blocks[0].get_parameter(TIED_NAMES[0])]
+            if last in self.stages:
+                self.tied[last] = [blocks[num_blocks - 1].get_parameter(TIED_NAMES[1])]
+        del blocks
         for s in self.stages:
             for m in self.blocks[s]:
                 m.train()
