@@ -205,7 +205,10 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
                                meta={"config": dataclasses.asdict(cfg), "pipeline": True})
     interval = cfg.checkpoint.interval_steps
     step_times: list[float] = []
-    with metrics_path.open("a") as metrics, _StopSignals(print_fn) as stop:
+    from memtrain.runtime.progress import StepProgress
+
+    with (metrics_path.open("a") as metrics, _StopSignals(print_fn) as stop,
+          StepProgress(steps, start, print_fn) as progress):
         def on_step(k: int, loss: float, results: list[Any], dt: float) -> None:
             step_times.append(dt)
             peaks = [dict(r.peak_bytes) for r in results]
@@ -222,8 +225,8 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
 
                 raise _non_finite(loss, k + 1, cfg, metrics_path)
             host = max(p.get("host", 0) for p in peaks)
-            print_fn(f"step {k + 1:>5}/{steps}  loss {loss:.4f}  {dt:6.3f} s  {tokens_per_step / dt:10,.0f} tok/s  "
-                     f"peak per rank: host {format_bytes(host)}")
+            progress.step(k + 1, f"step {k + 1:>5}/{steps}  loss {loss:.4f}  {dt:6.3f} s  "
+                                 f"{tokens_per_step / dt:10,.0f} tok/s  peak per rank: host {format_bytes(host)}", loss)
 
         def save_after(done: int) -> bool:
             return stop.signum is not None or done == steps or bool(interval and done % interval == 0)
