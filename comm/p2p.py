@@ -94,6 +94,8 @@ def all_reduce_(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup, *, ra
     if not tensors:
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
+    if flat.is_cuda and dist.get_backend(group) == "gloo":
+        flat = flat.cpu()  # gloo sums host memory; the result is copied back below
     _wait(dist.all_reduce(flat, group=group, async_op=True), rank, what, timeout_s)
     offset = 0
     for t in tensors:
@@ -105,9 +107,12 @@ def all_gather(shard: torch.Tensor, group: dist.ProcessGroup, *, rank: int, what
                timeout_s: float) -> torch.Tensor:
     """Every rank's ``shard`` (all the same size), concatenated in group-rank order (one
     collective): a sharded optimizer's updated parameters put back together on each replica."""
+    home = shard.device
+    if shard.is_cuda and dist.get_backend(group) == "gloo":
+        shard = shard.cpu()  # gloo gathers host memory; the result goes back below
     parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
     _wait(dist.all_gather(parts, shard.contiguous(), group=group, async_op=True), rank, what, timeout_s)
-    return torch.cat(parts)
+    return torch.cat(parts).to(home)
 
 
 def reduce_scatter(flat: torch.Tensor, group: dist.ProcessGroup, *, rank: int, what: str,
@@ -118,7 +123,10 @@ def reduce_scatter(flat: torch.Tensor, group: dist.ProcessGroup, *, rank: int, w
     n = dist.get_world_size(group)
     if flat.numel() % n:
         raise ValueError(f"{what}: {flat.numel()} elements do not cut into {n} equal shards")
+    home = flat.device
+    if flat.is_cuda and dist.get_backend(group) == "gloo":
+        flat = flat.cpu()  # gloo sums host memory; the result goes back below
     out = torch.empty(flat.numel() // n, dtype=flat.dtype, device=flat.device)
     collective = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # the new name, torch 2.13
     _wait(collective(out, flat.contiguous(), group=group, async_op=True), rank, what, timeout_s)
-    return out
+    return out.to(home)

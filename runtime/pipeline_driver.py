@@ -28,10 +28,10 @@ from memtrain.models.gpt import gpt_config
 from memtrain.optimizers import OptimizerSpec
 from memtrain.planner.pipeline import (SCHEDULES, Placement, add_offload_points, add_p2p, add_step_end, generate,
                                        placement, validate_pipeline)
-from memtrain.planner.plan import Action, Op
+from memtrain.planner.plan import Op
 from memtrain.planner.schedule import Schedule
 from memtrain.runtime.stage_offload import OFFLOAD_HOMES
-from memtrain.runtime.stage_worker import PipelineSpec, StageWorker, StepResult
+from memtrain.runtime.stage_worker import PIPELINE_DTYPES, PipelineSpec, StageWorker, StepResult
 
 __all__ = ["run_pipeline", "PipelineRun", "PipelineResult", "PipelineError", "stage_programs", "even_partition"]
 
@@ -58,6 +58,8 @@ class PipelineResult:
     """Per step, per world rank, its peak bytes per tier (``StepResult.peak_bytes``)."""
     nodes: tuple[str, ...] = ()
     """Per world rank, the node it ran on (when placed on given nodes)."""
+    devices: tuple[str, ...] = ()
+    """Per world rank, where it computed (``StepResult.device``)."""
     state_bytes: tuple[dict[str, int], ...] = ()
     """Per world rank, its model states after the last step (``StageWorker.state_bytes``)."""
 
@@ -134,6 +136,19 @@ class PipelineRun:
         their results by world rank."""
         return self._gather({r: w.run_step.remote(step, lr) for r, w in enumerate(self.workers)},
                             f"step {step + 1}", self.step_timeout_s)
+
+    def states(self) -> dict[int, dict]:
+        """Every rank's checkpoint state (``StageWorker.state``), by world rank."""
+        got = self._gather({r: w.state.remote() for r, w in enumerate(self.workers)}, "a checkpoint",
+                           self.step_timeout_s)
+        return dict(enumerate(got))
+
+    def load_states(self, states: dict[int, dict]) -> None:
+        """Give each rank its state of a checkpoint (``StageWorker.load_state``)."""
+        if sorted(states) != list(range(len(self.workers))):
+            raise ConfigError(f"the checkpoint holds ranks {sorted(states)}, the run has {len(self.workers)}")
+        self._gather({r: w.load_state.remote(states[r]) for r, w in enumerate(self.workers)},
+                     "loading the checkpoint", self.start_timeout_s)
 
     def state_bytes(self) -> list[dict[str, int]]:
         """Per world rank, its model states' bytes per tier now (``StageWorker.state_bytes``)."""
@@ -222,8 +237,11 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                  num_cpus_per_worker: float = 1.0, optimizer: OptimizerSpec | Mapping[str, Any] | None = None,
                  lr_at: Callable[[int], float] | None = None, programs: Schedule | None = None,
                  assignments: Sequence[Any] | None = None,
-                 on_step: Callable[[int, float, list[StepResult]], None] | None = None,
-                 offload: str | Sequence[str] | None = None, nvme_dir: str | None = None,
+                 on_step: Callable[[int, float, list[StepResult], float], None] | None = None,
+                 start_step: int = 0, states: Mapping[int, dict] | None = None,
+                 save_after: Callable[[int], bool] | None = None,
+                 on_states: Callable[[int, dict[int, dict]], None] | None = None,
+                 dtype: str = "fp32", offload: str | Sequence[str] | None = None, nvme_dir: str | None = None,
                  offload_chunk_elems: int | None = None, zero: int = 0) -> PipelineResult:
     """Train ``num_steps`` steps of ``model`` over ``num_ranks`` pipeline ranks × ``dp``
     replicas on the current Ray (the caller ran ``ray.init``). ``model``: a ``ModelConfig`` or its
@@ -233,14 +251,21 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     ``programs``: each pipeline rank's program (a plan's ``schedule``; default: the schedule's
     lowering, ``stage_programs``); ``assignments``: per world rank, a ``ray_cluster.Assignment``
     (its node and resources; default: anywhere with ``num_cpus_per_worker`` CPUs);
-    ``on_step(step, loss, results)`` after each step; ``timeout_s``: the longest a transfer or
-    collective waits; ``step_timeout_s``: the longest the driver waits for a step;
-    ``offload``: where each stage's model states live between steps (one of ``device``, ``host``,
-    ``nvme`` for all, or one per stage; ``PipelineSpec.offload``), ``nvme_dir`` the directory of
-    the ``nvme`` ones on every node; ``zero``: 1 shards the optimizer states across the replicas
-    (ZeRO-1, ``PipelineSpec.zero``)."""
+    ``on_step(step, loss, results, wall_s)`` after each step (``wall_s``: the driver's wait for it); ``timeout_s``: the longest a transfer or
+    collective waits; ``step_timeout_s``: the longest the driver waits for a step.
+    ``start_step`` and ``states`` (per world rank, ``StageWorker.state``) continue a run from a
+    checkpoint; after each step ``k`` (1-based count of steps done) for which ``save_after(k)``,
+    the ranks' states go to ``on_states(k, states)``. ``dtype``: ``fp32`` or ``bf16`` (autocast).
+    Each worker computes on the GPU its placement gave it, else on the CPU. ``offload``: where
+    each stage's model states live between steps (one of ``device``, ``host``, ``nvme`` for all,
+    or one per stage; ``PipelineSpec.offload``), ``nvme_dir`` the directory of the ``nvme`` ones
+    on every node; ``zero``: 1 shards the optimizer states across the replicas (ZeRO-1,
+    ``PipelineSpec.zero``)."""
     if schedule not in SCHEDULES:
         raise ConfigError(f"schedule: must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if dtype not in PIPELINE_DTYPES:
+        raise ConfigError(f"train.dtype: the pipeline workers train in {' or '.join(PIPELINE_DTYPES)}, got {dtype!r}; "
+                          "fp16 needs a loss scale the ranks agree on (not yet): use bf16")
     for name, value in (("num_ranks", num_ranks), ("dp", dp), ("num_microbatches", num_microbatches),
                         ("micro_batch_size", micro_batch_size), ("seq_len", seq_len), ("num_steps", num_steps)):
         if not isinstance(value, int) or value < 1:
@@ -261,6 +286,10 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                                      for r, acts in programs.items()}, place, num_microbatches)
         if problem is not None:
             raise ConfigError(f"programs: {schedule} over {num_ranks} ranks cannot run them: {problem}")
+    gcfg = gpt_config(model_cfg.preset, **model_cfg.overrides)
+    if gcfg.position == "learned" and seq_len > gcfg.max_seq_len:
+        raise ConfigError(f"train.seq_len ({seq_len}) exceeds the model's learned position table ({gcfg.max_seq_len}); "
+                          f"lower train.seq_len or set model.overrides.max_seq_len: {seq_len}")
     num_blocks = _num_blocks(model_cfg)
     parts = tuple(partition) if partition is not None else even_partition(num_blocks, place.num_stages)
     if len(parts) != place.num_stages or any(n < 1 for n in parts) or sum(parts) != num_blocks:
@@ -280,13 +309,17 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     spec = PipelineSpec(model=model_cfg, partition=parts, rank_of=place.rank_of, num_ranks=num_ranks, dp=dp,
                         num_microbatches=num_microbatches, micro_batch_size=micro_batch_size, seq_len=seq_len,
                         seed=seed, data=data or DataConfig(), optimizer=optim, timeout_s=timeout_s,
-                        num_threads=num_threads, offload=homes, nvme_dir=nvme_dir,
+                        num_threads=num_threads, dtype=dtype, offload=homes, nvme_dir=nvme_dir,
                         offload_chunk_elems=offload_chunk_elems, zero=zero)
     losses, mb_losses, records, times, peaks = [], [], [], [], []
     with PipelineRun(spec, programs, step_timeout_s=step_timeout_s, num_cpus_per_worker=num_cpus_per_worker,
                      assignments=assignments) as run:
-        for k in range(num_steps):
+        if states is not None:
+            run.load_states(dict(states))
+        for k in range(start_step, num_steps):
+            t0 = time.perf_counter()
             results = run.step(k, lr_at(k) if lr_at is not None else None)
+            wall = time.perf_counter() - t0
             last = [results[d * num_ranks + place.rank_of[-1]] for d in range(dp)]
             mbs = tuple(x for res in last for x in res.losses)
             mb_losses.append(mbs)
@@ -295,13 +328,16 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
             times.append(tuple(res.time_s for res in results))
             peaks.append(tuple(res.peak_bytes for res in results))
             if on_step is not None:
-                on_step(k, losses[-1], results)
+                on_step(k, losses[-1], results, wall)
+            if save_after is not None and on_states is not None and save_after(k + 1):
+                on_states(k + 1, run.states())
         nodes = run.nodes
         held = tuple(run.state_bytes())
+    devices = tuple(r.device for r in results) if num_steps > start_step else ()
     return PipelineResult(losses=tuple(losses), microbatch_losses=tuple(mb_losses), records=tuple(records),
                           step_times_s=tuple(times),
                           programs=tuple(tuple(str(a) for a in programs[r]) for r in range(num_ranks)),
-                          peak_bytes=tuple(peaks), nodes=nodes, state_bytes=held)
+                          peak_bytes=tuple(peaks), nodes=nodes, devices=devices, state_bytes=held)
 
 
 _STEP_POINTS = (Op.ALLREDUCE, Op.OPTIM, Op.PREFETCH, Op.OFFLOAD)

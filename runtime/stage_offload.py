@@ -112,7 +112,7 @@ class OffloadedStage:
 
     def __init__(self, stage: int, blocks: list[nn.Module], home: str, optimizer: OptimizerSpec, *,
                  chunk_elems: int | None = None, nvme_dir: Path | None = None, staged_chunks: int = 2,
-                 zero: ZeroGroup | None = None) -> None:
+                 zero: ZeroGroup | None = None, device: torch.device | str = "cpu") -> None:
         self.stage = stage
         self.home = Tier(home)
         if self.home is Tier.DEVICE:
@@ -131,7 +131,7 @@ class OffloadedStage:
             self.nvme = NvmeStore(nvme_dir, budget_bytes=None).start()
         try:
             self.store = ChunkStore(model=self.module, blocks=named, chunks=plans, dtype="fp32",
-                                    state_names=optimizer.state_names, device=torch.device("cpu"),
+                                    state_names=optimizer.state_names, device=torch.device(device),
                                     device_ledger=Ledger("device"), host_ledger=Ledger("host"), nvme=self.nvme,
                                     prefetch_depth=len(plans)).build()
             self.store.hooks.uninstall()  # residency is the step's (module doc)
@@ -192,7 +192,7 @@ class OffloadedStage:
                     s.param.grad = None
                 store._release(c)
                 continue
-            buf = store._alloc(store.device_ledger, f"buffer:grad:{c.index}", c.num_elems, torch.float32)
+            buf = store._alloc(store.device_ledger, f"buffer:grad:{c.index}", c.num_elems, store.compute_dtype)
             for s in c.slots:
                 g = s.param.grad
                 part = buf[s.offset:s.offset + s.numel]
@@ -229,6 +229,21 @@ class OffloadedStage:
                 if d != z.replica:
                     store._write(c, "master", whole[offset:offset + c.num_elems].clone())
                 offset += c.num_elems
+
+    # ---- checkpoints --------------------------------------------------------------------
+
+    def parameters(self) -> list[torch.Tensor]:
+        """The fp32 master parameters (host copies), in ``module.parameters()`` order: the stage's
+        ``owns`` (it shares none with another stage of its rank)."""
+        self.optimizer.flush()
+        got = self.store.gather_params()
+        return [got[name] for name, _ in self.module.named_parameters()]
+
+    def load_parameters(self, values: list[torch.Tensor]) -> None:
+        """Replace the master parameters (``parameters()``'s order) in the chunks."""
+        self.optimizer.flush()
+        names = [name for name, _ in self.module.named_parameters()]
+        self.store.load_params(dict(zip(names, values, strict=True)))
 
     # ---- what it holds ------------------------------------------------------------------
 

@@ -62,7 +62,7 @@ class ShardedOptimizer:
     def reduce_grads(self, what: str) -> None:
         """``ALLREDUCE``: this shard's gradients summed across the replicas (a reduce-scatter of
         the flat gradients, padded to ``dp`` equal shards); the parameters' own are dropped."""
-        flat = torch.zeros(self.shard_elems * self.dp, dtype=self.master.dtype)
+        flat = torch.zeros(self.shard_elems * self.dp, dtype=self.master.dtype)  # gloo sums host memory
         offset = 0
         for p in self.params:
             if p.grad is not None:
@@ -73,7 +73,7 @@ class ShardedOptimizer:
             self._grad = flat
         else:
             self._grad = reduce_scatter(flat, self.group, rank=self.rank, what=what, timeout_s=self.timeout_s)
-        self._grad = self._grad[:self.hi - self.lo]
+        self._grad = self._grad[:self.hi - self.lo].to(self.master.device)
 
     def step(self, what: str = "OPTIM") -> None:
         """Update this shard from its summed gradients, then gather every shard into the
@@ -96,6 +96,17 @@ class ShardedOptimizer:
             for p in self.params:
                 p.copy_(whole[offset:offset + p.numel()].view_as(p))
                 offset += p.numel()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The shard's optimizer state (a checkpoint keeps one per rank)."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The shard's optimizer state back; the shard's fp32 parameters taken again from the
+        parameters (loaded before it)."""
+        with torch.no_grad():
+            self.master.copy_(torch.cat([p.detach().reshape(-1) for p in self.params])[self.lo:self.hi])
+        self.optimizer.load_state_dict(state)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:

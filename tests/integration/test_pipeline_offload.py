@@ -60,7 +60,7 @@ def _check_offload(model: dict, schedule: str, p: int, homes: tuple[str, ...], n
     there while the run is on."""
     on_disk: list[dict[str, int]] = []
 
-    def files(step: int, loss: float, results: list) -> None:
+    def files(step: int, loss: float, results: list, wall_s: float) -> None:
         on_disk.append({str(f.relative_to(nvme_dir)): f.stat().st_size for f in nvme_dir.rglob("*.mt")})
 
     got = _run(model, schedule, p, dp=dp, offload=homes, nvme_dir=str(nvme_dir), on_step=files)

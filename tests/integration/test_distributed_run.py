@@ -1,0 +1,111 @@
+"""``memtrain run`` over Ray workers (``runtime.distributed.run_distributed``) on the embedded
+local Ray: the config's optimizer, learning-rate schedule and data reach every stage, so the
+losses equal plain PyTorch's on one process; the run directory holds the plan, config and a
+metrics line per step; the program each worker ran is its rank's list in the saved plan."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from memtrain.config import ConfigError
+from memtrain.errors import UserError
+from memtrain.planner.plan import Plan
+from memtrain.runtime.config_file import load_config
+from memtrain.runtime.distributed import run_distributed
+from memtrain.runtime.train import lr_at
+
+from pipeline_reference import reference_losses
+from ray_helpers import subprocess_env
+
+MEMTRAIN = [sys.executable, "-m", "memtrain.runtime.cli"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _config(tmp_path, *sets):
+    return load_config("examples/gpt-tiny-pp2.yaml", ["train.steps=4", "train.warmup_steps=2",
+                                                      "train.lr_schedule=cosine", f"run_dir={tmp_path}/run", *sets])
+
+
+def test_the_readme_pipeline_example_trains_as_one_process_does(local_ray, tmp_path):
+    cfg = _config(tmp_path)
+    lines: list[str] = []
+    out = run_distributed(cfg, print_fn=lines.append)
+    opt = cfg.train.optimizer
+    ref = reference_losses({"source": "gpt", "preset": "tiny"}, num_steps=4, num_microbatches=4, micro_batch_size=2,
+                           seq_len=cfg.train.seq_len, seed=0, lr=opt.lr,
+                           adamw={"betas": tuple(opt.betas), "weight_decay": opt.weight_decay},
+                           lr_at=lambda k: lr_at(k, cfg))
+    # the tiny GPT ties its embedding to its head across the two ranks: their gradients are summed
+    # in another order than one process's autograd does, so equal to rounding (docs/DESIGN.md)
+    assert [list(x) for x in out["result"].microbatch_losses] == [pytest.approx(x, rel=1e-6, abs=0) for x in ref]
+    run = tmp_path / "run"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert [m["loss"] for m in metrics] == list(out["result"].losses)
+    assert [m["lr"] for m in metrics] == [lr_at(k, cfg) for k in range(4)]
+    assert all(m["peak_bytes"][r]["host"] > 0 for m in metrics for r in range(2))
+    plan = Plan.load(run / "plan.json")
+    assert plan.pipeline is not None and plan.pipeline.schedule_kind == "1f1b"
+    for step in out["result"].records:
+        assert [list(r) for r in step] == [[str(a) for a in plan.schedule[rank]] for rank in range(2)]
+    assert json.loads((run / "config.json").read_text())["parallel"]["pipeline"] == 2
+    assert any(line.startswith("step     4/4  loss") for line in lines)
+    assert any(line.startswith("step time: measured") and "predicted" in line for line in lines)
+    with pytest.raises(UserError, match="run_dir: .* holds an earlier run.s"):  # nothing overwritten
+        run_distributed(cfg, print_fn=lines.append)
+
+
+def test_bf16_trains_as_one_process_under_autocast(local_ray, tmp_path):
+    cfg = _config(tmp_path, "train.dtype=bf16", "train.steps=3")
+    out = run_distributed(cfg, print_fn=lambda line: None)
+    opt = cfg.train.optimizer
+    ref = reference_losses({"source": "gpt", "preset": "tiny"}, num_steps=3, num_microbatches=4, micro_batch_size=2,
+                           seq_len=cfg.train.seq_len, seed=0, lr=opt.lr,
+                           adamw={"betas": tuple(opt.betas), "weight_decay": opt.weight_decay},
+                           lr_at=lambda k: lr_at(k, cfg), bf16=True)
+    assert out["result"].microbatch_losses[0] == tuple(ref[0])  # the first step: the same arithmetic
+    # later steps: the tied table's gradient summed in another order, then rounded to bfloat16
+    assert [list(x) for x in out["result"].microbatch_losses] == [pytest.approx(x, rel=1e-3, abs=0) for x in ref]
+    assert out["result"].devices == ("cpu", "cpu")
+
+
+def test_fp16_is_refused_naming_the_field(local_ray, tmp_path):
+    with pytest.raises(ConfigError, match="train.dtype: the pipeline workers train in fp32 or bf16; fp16 needs"):
+        run_distributed(_config(tmp_path, "train.dtype=fp16"), print_fn=lambda line: None)
+
+
+def test_a_pipeline_run_stopped_by_sigterm_resumes_to_the_uninterrupted_losses(local_ray, tmp_path):
+    """SIGTERM mid-run: the workers' states are checkpointed after the step in progress and the
+    run exits 143; ``memtrain resume`` continues on a new embedded Ray, and the six steps' losses
+    equal an uninterrupted run's bitwise."""
+    run = tmp_path / "run"
+    sets = ["--set", "train.steps=6", "--set", "checkpoint.interval_steps=2", "--set", f"run_dir={run}",
+            "--set", "train.warmup_steps=2", "--set", "train.lr_schedule=cosine"]
+    env = subprocess_env(HOME=str(tmp_path))
+    proc = subprocess.Popen([*MEMTRAIN, "run", "examples/gpt-tiny-pp2.yaml", *sets], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    stopped_at = len(metrics.read_text().splitlines())
+    assert 3 <= stopped_at < 6 and f"step-{stopped_at:08d}" in out, out[-3000:]
+    r = subprocess.run([*MEMTRAIN, "resume", str(run)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert f"resuming after step {stopped_at}" in r.stdout
+    whole = [s for s in sets if s != "--set" and not s.startswith("run_dir=")] + [f"run_dir={tmp_path}/whole"]
+    uninterrupted = run_distributed(load_config(ROOT / "examples/gpt-tiny-pp2.yaml", whole), print_fn=lambda line: None)
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
+    assert [m["loss"] for m in lines] == uninterrupted["losses"]
