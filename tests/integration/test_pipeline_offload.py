@@ -228,3 +228,23 @@ def test_offload_and_zero_mistakes_are_config_errors(local_ray, tmp_path: Path) 
         _run(UNTIED_2, "1f1b", 2, zero=2)
     with pytest.raises(ConfigError, match=r"offload: stages 0 and 3 share the tied embeddings on rank 0"):
         _run(TIED_2, "v-half", 2, offload=("host", "device", "device", "device"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("homes", "dp", "zero"), [(("host", "nvme"), 1, 0), (("host", "device"), 2, 1)])
+def test_resume_from_a_checkpoint_of_offloaded_and_sharded_stages(local_ray, tmp_path: Path, homes, dp, zero) -> None:
+    """A checkpoint after step 1 (an offloaded stage's parameters and optimizer states read from its
+    chunks, a ZeRO-1 shard's per rank) continues bitwise as the run that went on."""
+    saved: dict[int, dict] = {}
+
+    def keep(k: int, states: dict) -> None:
+        saved.update(states)
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    whole = _run(UNTIED_2, "1f1b", 2, dp=dp, zero=zero, offload=homes, nvme_dir=str(tmp_path / "a"),
+                 save_after=lambda k: k == 1, on_states=keep)
+    assert sorted(saved) == list(range(2 * dp))
+    resumed = _run(UNTIED_2, "1f1b", 2, dp=dp, zero=zero, offload=homes, nvme_dir=str(tmp_path / "b"),
+                   start_step=1, states=saved)
+    assert resumed.microbatch_losses == whole.microbatch_losses[1:]
