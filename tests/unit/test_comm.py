@@ -64,8 +64,10 @@ def _scenario(rank: int, port_q, result_q, scenario: str) -> None:
             else:
                 port_q.get(timeout=30)  # stay alive until rank 1 has timed out
         elif scenario == "dead":
-            if rank == 0:
+            if rank == 0:  # dies once rank 1 has joined (an earlier exit would fail rank 1's join instead)
+                port_q.get(timeout=30)
                 os._exit(0)
+            port_q.put("joined")
             try:
                 chan.recv(0, 3, "1RECV_F3")
             except CommError as e:
