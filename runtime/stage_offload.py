@@ -58,7 +58,8 @@ from memtrain.planner.plan import Action, ChunkPlan, Tier, pack_params
 from memtrain.planner.program import Layout
 from memtrain.planner.program_optim import OptimLayout, final_optim_points
 
-__all__ = ["OFFLOAD_HOMES", "OffloadedStage", "ZeroGroup", "split_owners"]
+__all__ = ["OFFLOAD_HOMES", "OffloadedStage", "ZeroGroup", "split_owners", "build_offloaded", "close_offloaded",
+           "state_bytes"]
 
 OFFLOAD_HOMES = ("device", "host", "nvme")
 """Where a stage's model states may live between steps (``PipelineSpec.offload``)."""
@@ -273,3 +274,60 @@ class OffloadedStage:
             finally:
                 if self.nvme is not None:
                     self.nvme.close()
+
+
+# ---- a worker's offloaded stages (runtime.stage_worker) ----------------------------------------
+
+
+def build_offloaded(worker: Any, stages: list[int]) -> dict[int, OffloadedStage]:
+    """The chunk stores of ``worker``'s (a ``StageWorker``'s) offloaded ``stages``. A stage's
+    store holds every parameter its blocks use, so it may share none with another stage of the
+    rank; an ``nvme`` stage's files go in ``nvme_dir/rank<r>/stage<s>``."""
+    spec = worker.spec
+    for s in stages:
+        mine = {id(q) for q in worker.uses[s]}
+        other = next((t for t in worker.stages if t != s and mine & {id(q) for q in worker.uses[t]}), None)
+        if other is not None:
+            raise ValueError(f"offload: stages {min(s, other)} and {max(s, other)} on rank {worker.rank} share a "
+                             "parameter (tied embeddings); keep both on the device, or untie the embeddings")
+    out: dict[int, OffloadedStage] = {}
+    for s in stages:
+        nvme_dir = None
+        if spec.home(s) == "nvme":
+            if spec.nvme_dir is None:
+                raise ValueError(f"nvme_dir: stage {s} is offloaded to nvme; give a directory")
+            rank_dir = Path(spec.nvme_dir) / f"rank{worker.rank}"
+            rank_dir.mkdir(exist_ok=True)
+            nvme_dir = rank_dir / f"stage{s}"
+        zero = ZeroGroup(worker.replica, spec.dp, worker.dp_group, worker.rank, spec.timeout_s) if spec.zero else None
+        out[s] = OffloadedStage(s, worker.blocks[s], spec.home(s), spec.optimizer, chunk_elems=spec.offload_chunk_elems,
+                                nvme_dir=nvme_dir, zero=zero, device=worker.device)
+    return out
+
+
+def close_offloaded(offloaded: dict[int, OffloadedStage], nvme_dir: str | None, rank: int) -> None:
+    """Close each stage (its chunk files go), then the rank's directory if empty."""
+    for st in offloaded.values():
+        st.close()
+    if offloaded and nvme_dir is not None:
+        rank_dir = Path(nvme_dir) / f"rank{rank}"
+        if rank_dir.is_dir() and not any(rank_dir.iterdir()):
+            rank_dir.rmdir()
+
+
+def state_bytes(offloaded, on_device: dict[int, tuple[Any, list[nn.Parameter]]]) -> dict[str, int]:
+    """A rank's model states now, in bytes (``StageWorker.state_bytes``): its ``offloaded``
+    stages' by their ledgers and files, and per device stage (its optimizer, the parameters it
+    owns) the parameters, gradients, optimizer states and a ZeRO-1 shard's fp32 copy."""
+    out = {"device": 0, "host": 0, "nvme": 0, "optimizer_states": 0, "nvme_files": 0}
+    for st in offloaded:
+        for k, v in st.state_bytes().items():
+            out[k] += v
+    for opt, owns in on_device.values():
+        held = list(owns) + [q.grad for q in owns if q.grad is not None]
+        states = [t for st in opt.state.values() for k, t in st.items() if k != "step"]
+        master = getattr(opt, "master", None)  # runtime.stage_zero's shard
+        held += states + ([master] if master is not None else [])
+        out["device"] += sum(t.numel() * t.element_size() for t in held)
+        out["optimizer_states"] += sum(t.numel() * t.element_size() for t in states)
+    return out

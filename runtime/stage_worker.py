@@ -45,7 +45,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -57,7 +56,8 @@ from memtrain.models.gpt import causal_lm_loss, gpt_config
 from memtrain.models.gpt_blocks import TIED_NAMES, build_blocks
 from memtrain.planner.plan import Action, Op
 from memtrain.runtime.data import TokenBatches
-from memtrain.runtime.stage_offload import OFFLOAD_HOMES, OffloadedStage, ZeroGroup
+from memtrain.runtime.stage_offload import (OFFLOAD_HOMES, OffloadedStage, build_offloaded, close_offloaded,
+                                           state_bytes)
 from memtrain.runtime.stage_zero import ShardedOptimizer
 
 __all__ = ["PipelineSpec", "StageWorker", "StepResult", "block_ranges", "PIPELINE_DTYPES"]
@@ -111,7 +111,6 @@ class PipelineSpec:
     """1: ZeRO-1, each replica keeps the optimizer states of its shard of each stage
     (runtime.stage_zero; an offloaded stage's: runtime.stage_offload [Note: ZeRO-1 of an
     offloaded stage]); 0: every replica keeps them all."""
-
     dtype: str = "fp32"
     """``fp32``, or ``bf16``: each block's forward under ``torch.autocast`` in bfloat16 (fp32
     parameters, gradients and optimizer states; the loss in fp32)."""
@@ -181,7 +180,8 @@ class StageWorker:
             Op.F: self._forward, Op.B: self._backward, Op.W: self._weights,
             Op.SEND_F: self._send_f, Op.RECV_F: self._recv_f, Op.SEND_B: self._send_b, Op.RECV_B: self._recv_b,
             Op.ALLREDUCE: self._all_reduce, Op.OPTIM: self._optim,
-            Op.PREFETCH: self._prefetch, Op.OFFLOAD: self._offload,
+            Op.PREFETCH: lambda a: self._offloaded(a).prefetch(),  # runtime.stage_offload [Note: a stage's step]
+            Op.OFFLOAD: lambda a: self._offloaded(a).offload(),
         }
         self.offloaded: dict[int, OffloadedStage] = {}
         """The stages whose states live in a chunk store (runtime.stage_offload)."""
@@ -265,7 +265,7 @@ class StageWorker:
         kind = spec.optimizer.kind
         group = {k: v for k, v in spec.optimizer.torch_group().items() if k in kind.defaults}  # hyper-parameters
         on_device = [s for s in self.stages if spec.home(s) == "device" and self.owns[s]]
-        self._build_offloaded([s for s in self.stages if spec.home(s) != "device"])
+        self.offloaded = build_offloaded(self, [s for s in self.stages if spec.home(s) != "device"])
         if spec.zero:
             self.optims = {s: ShardedOptimizer(self.owns[s], lambda ps: optim_cls(ps, **group), replica=self.replica,
                                                dp=spec.dp, group=self.dp_group, rank=self.rank,
@@ -279,30 +279,6 @@ class StageWorker:
                     for mod in block.modules():
                         if any(True for _ in mod.parameters(recurse=False)):
                             mod.register_forward_hook(self._keep_output)
-
-    def _build_offloaded(self, stages: list[int]) -> None:
-        """The chunk stores of this rank's offloaded stages (runtime.stage_offload). A stage's
-        store holds every parameter its blocks use, so it may share none with another stage of
-        this rank."""
-        spec = self.spec
-        for s in stages:
-            mine = {id(q) for q in self.uses[s]}
-            other = next((t for t in self.stages if t != s and mine & {id(q) for q in self.uses[t]}), None)
-            if other is not None:
-                raise ValueError(f"offload: stages {min(s, other)} and {max(s, other)} on rank {self.rank} share a "
-                                 "parameter (tied embeddings); keep both on the device, or untie the embeddings")
-        for s in stages:
-            nvme_dir = None
-            if spec.home(s) == "nvme":
-                if spec.nvme_dir is None:
-                    raise ValueError(f"nvme_dir: stage {s} is offloaded to nvme; give a directory")
-                rank_dir = Path(spec.nvme_dir) / f"rank{self.rank}"
-                rank_dir.mkdir(exist_ok=True)
-                nvme_dir = rank_dir / f"stage{s}"
-            zero = ZeroGroup(self.replica, spec.dp, self.dp_group, self.rank, spec.timeout_s) if spec.zero else None
-            self.offloaded[s] = OffloadedStage(s, self.blocks[s], spec.home(s), spec.optimizer,
-                                               chunk_elems=spec.offload_chunk_elems, nvme_dir=nvme_dir, zero=zero,
-                                               device=self.device)
 
     def _keep_output(self, module: nn.Module, args: object, output: object) -> None:
         """[Note: B and W] a parameter-owning module's output, for the split backward."""
@@ -490,14 +466,6 @@ class StageWorker:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    def _prefetch(self, a: Action) -> None:
-        """runtime.stage_offload [Note: a stage's step]."""
-        self._offloaded(a).prefetch()
-
-    def _offload(self, a: Action) -> None:
-        """runtime.stage_offload [Note: a stage's step]."""
-        self._offloaded(a).offload()
-
     def _offloaded(self, a: Action) -> OffloadedStage:
         stage = self.offloaded.get(a.stage)
         if stage is None:
@@ -563,27 +531,12 @@ class StageWorker:
         buffers; ``host`` and ``nvme``: the offloaded stages' chunks, by their ledgers), the
         optimizer states wherever they are (``optimizer_states``) and the size of the chunk files
         on disk (``nvme_files``)."""
-        out = {"device": 0, "host": 0, "nvme": 0, "optimizer_states": 0, "nvme_files": 0}
-        for st in self.offloaded.values():
-            for k, v in st.state_bytes().items():
-                out[k] += v
-        for s, opt in self.optims.items():
-            held = [q for q in self.owns[s]] + [q.grad for q in self.owns[s] if q.grad is not None]
-            states = [t for st in opt.state.values() for k, t in st.items() if k != "step"]
-            held += states + ([opt.master] if isinstance(opt, ShardedOptimizer) else [])
-            out["device"] += sum(t.numel() * t.element_size() for t in held)
-            out["optimizer_states"] += sum(t.numel() * t.element_size() for t in states)
-        return out
+        return state_bytes(self.offloaded.values(), {s: (opt, self.owns[s]) for s, opt in self.optims.items()})
 
     def close(self) -> None:
         """Drop the offloaded stages' chunks (their files too), leave the world."""
         try:
-            for st in self.offloaded.values():
-                st.close()
-            if self.offloaded and self.spec.nvme_dir is not None:
-                rank_dir = Path(self.spec.nvme_dir) / f"rank{self.rank}"
-                if rank_dir.is_dir() and not any(rank_dir.iterdir()):
-                    rank_dir.rmdir()
+            close_offloaded(self.offloaded, self.spec.nvme_dir, self.rank)
         finally:
             self.offloaded = {}
             leave()
