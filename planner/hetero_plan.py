@@ -208,8 +208,11 @@ def deciding_difference(chosen: Simulated, other: Simulated) -> str:
 
 
 def _memory_line(sim: Simulated, r: int) -> tuple[MemoryPoint, ...]:
-    """Rank ``r``'s device bytes over the simulated passes: its static bytes, plus each held
-    micro-batch's activations from the end of its forward to the end of its backward (or W)."""
+    """Rank ``r``'s bytes in use per tier over the whole step. Device: its static bytes (states,
+    buffers, workspace), plus each held micro-batch's activations from the end of its forward to
+    the end of its backward (or W), held at the static level after its last pass to the step's
+    end (an extrapolated run's repeated micro-batches are marked on the timeline, not drawn).
+    Host and NVMe: what its stages offload, held all step."""
     if sim.result is None:
         return ()
     split = sim.cand.shape.schedule in _SPLIT_W
@@ -230,6 +233,11 @@ def _memory_line(sim: Simulated, r: int) -> tuple[MemoryPoint, ...]:
             out[-1] = MemoryPoint(tier="device", t_s=t, bytes=max(level, out[-1].bytes) if b > 0 else level)
         else:
             out.append(MemoryPoint(tier="device", t_s=t, bytes=level))
+    if out[-1].t_s < sim.step_s:
+        out.append(MemoryPoint(tier="device", t_s=sim.step_s, bytes=level))
+    for tier, held in (("host", sim.host_bytes[r]), ("nvme", sim.nvme_bytes[r])):
+        if held:
+            out += [MemoryPoint(tier=tier, t_s=0.0, bytes=held), MemoryPoint(tier=tier, t_s=sim.step_s, bytes=held)]
     return tuple(out)
 
 

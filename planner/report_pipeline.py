@@ -135,7 +135,7 @@ def gantt_svg(plan: Plan) -> str:
 
 def pipeline_trace_events(plan: Plan) -> list[dict]:
     """Trace Event Format: one process per rank (its compute thread, a thread per link it sends
-    on) and its device memory over the step as a counter beside its budget."""
+    on) and, per tier it uses, its bytes in use over the step as a counter beside its budget."""
     out: list[dict] = []
     threads: dict[tuple[int, str], int] = {}
     kinds = {r.pipeline_rank: r.device.kind for r in plan.pipeline.ranks} if plan.pipeline else {}
@@ -156,8 +156,11 @@ def pipeline_trace_events(plan: Plan) -> list[dict]:
         out.append({"name": e.name, "cat": kind, "ph": "X", "pid": rank, "tid": threads[(rank, e.stream)],
                     "ts": e.start_s * 1e6, "dur": (e.end_s - e.start_s) * 1e6, "args": {"stream": e.stream}})
     for dev in plan.prediction.devices:
-        budget = dev.budget_bytes.get("device", 0)
-        for p in dev.memory_timeline:
-            out.append({"name": f"memory {p.tier}", "ph": "C", "pid": dev.rank, "ts": p.t_s * 1e6,
-                        "args": {"in_use_bytes": p.bytes, "budget_bytes": budget}})
+        for tier in sorted({p.tier for p in dev.memory_timeline}, key=("device", "host", "nvme").index):
+            line = [p for p in dev.memory_timeline if p.tier == tier]
+            out += [{"name": f"memory {tier}", "ph": "C", "pid": dev.rank, "ts": p.t_s * 1e6,
+                     "args": {"in_use_bytes": p.bytes}} for p in line]
+            budget = dev.budget_bytes.get(tier, 0)
+            out += [{"name": f"budget {tier}", "ph": "C", "pid": dev.rank, "ts": ts * 1e6,
+                     "args": {"budget_bytes": budget}} for ts in (line[0].t_s, line[-1].t_s)]
     return out
