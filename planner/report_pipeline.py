@@ -38,6 +38,9 @@ def elided_label(name: str) -> str:
     m = re.match(r"repeated: micro-batches (\d+)-(\d+), each as micro-batch (\d+)", name)
     if m:
         return f"micro-batches {m.group(1)}–{m.group(2)}: same as {m.group(3)}"
+    m = re.match(r"repeated: micro-batches (\d+)-(\d+), each as the one before", name)
+    if m:
+        return f"micro-batches {m.group(1)}–{m.group(2)}: each as the one before"
     m = re.match(r"repeated: micro-batches (\d+)-(\d+)", name)
     if m:
         return f"micro-batches {m.group(1)}–{m.group(2)}: the steady state repeated, not drawn"
