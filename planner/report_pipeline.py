@@ -86,6 +86,13 @@ def _box_kind(e: TimelineEvent) -> str:
     return op.value if op.value in _COLOURS else "F"
 
 
+def _used_of(used: int, budget: int) -> str:
+    """``46.4 / 72.0 GiB`` (one unit written once when both share it)."""
+    a, b = format_bytes(used), format_bytes(budget)
+    unit = b.rsplit(" ", 1)[-1]
+    return f"{a.rsplit(' ', 1)[0]} / {b}" if a.endswith(" " + unit) else f"{a} / {b}"
+
+
 def pipeline_tables(plan: Plan) -> list[Table]:
     """The pipeline's shape, one row per pipeline rank, and the runners-up."""
     pipe = plan.pipeline
@@ -104,18 +111,18 @@ def pipeline_tables(plan: Plan) -> list[Table]:
     rows = []
     preds = {d.rank: d for d in plan.prediction.devices}
     for r in pipe.ranks[:pipe.pipeline_degree]:
-        blocks = ", ".join(f"{pipe.partition[s][0]}-{pipe.partition[s][1] - 1}" for s in r.stages)
+        blocks = "; ".join(f"{s}: {pipe.partition[s][0]}-{pipe.partition[s][1] - 1}" for s in r.stages)
         pred = preds.get(r.pipeline_rank)
         used = budget = 0
         if pred is not None:
             used, budget = pred.peak_bytes.get("device", 0), pred.budget_bytes.get("device", 0)
-        rows.append((str(r.pipeline_rank), f"{r.device.kind} ({r.node})", ",".join(map(str, r.stages)), blocks,
-                     f"{format_bytes(used)} / {format_bytes(budget)}", format_seconds(r.busy_s),
+        rows.append((str(r.pipeline_rank), f"{r.device.kind} ({r.node})", blocks,
+                     _used_of(used, budget), format_seconds(r.busy_s),
                      f"{100 * r.bubble_fraction:.1f}%", format_seconds(r.allreduce_s + r.optimizer_s),
                      r.offload or "—"))
     ranks = ("Ranks (replica 0; every replica runs the same)",
-             ("rank", "device (node)", "stages", "blocks", "memory / budget", "busy", "bubble", "tail", "offload"),
-             tuple(rows), (4, 5, 6, 7))
+             ("rank", "device (node)", "stage: blocks", "memory / budget", "busy", "bubble", "tail", "offload"),
+             tuple(rows), (3, 4, 5, 6))
     out: list[Table] = [("Pipeline", (), shape, ()), ranks]
     if pipe.alternatives:
         alts = tuple((a.description, "yes" if a.fits else "no",
