@@ -107,6 +107,11 @@ def plan_cluster(
         if not cand.problem:
             best_s = min(best_s, cand.estimate_s)
     ranked = sorted((c for c in candidates if not c.problem), key=lambda c: c.estimate_s)
+    if not candidates and num_microbatches:
+        raise UserError(f"parallel.microbatches: {num_microbatches} micro-batches split no data-parallel share of "
+                        f"train.global_batch_size {global_batch_size} over the cluster's {len(devices)} devices into "
+                        "whole micro-batches (of train.micro_batch_size, when set); choose another count, or 0 to let "
+                        "the planner choose")
     if not ranked:
         raise UserError(_nothing_fits(candidates, cluster))
     # the best estimates, and past them until one fits (a refined stage may not fit after all)

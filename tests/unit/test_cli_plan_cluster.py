@@ -139,6 +139,7 @@ def test_a_fixed_partition_is_kept_and_one_that_does_not_fit_names_the_field(cap
     (["parallel.pipeline=16", "parallel.schedule=interleaved-1f1b", "parallel.stages_per_rank=3"],
      "parallel.stages_per_rank: the planner lays interleaved-1f1b out with 2 stages per rank"),
     (["model.preset=175b"], "the model does not fit the cluster"),
+    (["parallel.microbatches=5"], "parallel.microbatches: 5 micro-batches split no data-parallel share"),
 ])
 def test_mistakes_exit_2_with_one_message_naming_the_field(capsys, sets, message):
     args = [a for s in sets for a in ("--set", s)]
