@@ -250,8 +250,9 @@ def _memory_line(sim: Simulated, r: int) -> tuple[MemoryPoint, ...]:
     the end of its backward (or W). An extrapolated run's repeated micro-batches are drawn ([Note:
     repeated micro-batches in the picture]): each (pass, stage) of the rank's first after the
     cut, once a period for each of them, before it runs itself (moved on by all of them);
-    without a cut they are held level (the timeline marks them "not drawn"). Host and NVMe:
-    what its stages offload, held all step."""
+    without a cut they are held level (the timeline marks them "not drawn"). Host and NVMe: what
+    its stages offload at their peak, drawn level over the step (a stage's offload figures do
+    not say when within it; states homed there are held all step)."""
     if sim.result is None:
         return ()
     split = sim.cand.shape.schedule in _SPLIT_W
