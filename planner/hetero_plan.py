@@ -365,7 +365,7 @@ def build_plan(name: str, base: ModelStats, cluster: ClusterSpec, simulated: lis
     train = TrainShape(global_batch_size=m * mbs * shape.data_parallel, micro_batch_size=mbs, num_microbatches=m,
                        seq_len=base.seq_len, dtype=model.dtype, optimizer=model.optimizer)
     place = pipeline.Placement(cand.stage_ranks)
-    schedule = pipeline.add_p2p(pipeline.generate(shape.schedule, p, m), place)
+    schedule = pipeline.add_step_end(pipeline.add_p2p(pipeline.generate(shape.schedule, p, m), place), place)
     rank_stages = defaultdict(list)
     for s, r in enumerate(cand.stage_ranks):
         rank_stages[r].append(s)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from memtrain.planner.plan import Action, Op
 from memtrain.planner.schedule import Schedule, format_grid
 
-__all__ = ["SCHEDULES", "Placement", "placement", "generate", "add_p2p", "validate_pipeline", "PipelineProblem",
+__all__ = ["SCHEDULES", "Placement", "placement", "generate", "add_p2p", "add_step_end", "validate_pipeline", "PipelineProblem",
            "activation_limits", "schedule_from_text", "pass_times", "bubble_fraction", "run_in_order"]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "v-half", "v-min")
@@ -272,6 +272,13 @@ class PipelineProblem:
 
     def __str__(self) -> str:
         return f"{self.message}\n{self.grid}"
+
+
+def add_step_end(schedule: Schedule, place: Placement) -> Schedule:
+    """Each rank's program closed by, per stage it holds, ``ALLREDUCE`` (its gradients summed
+    across the replicas, and tied weights across the two end ranks) then ``OPTIM`` (its step)."""
+    return {r: tuple(acts) + tuple(Action(s, op) for s in place.stages_of(r) for op in (Op.ALLREDUCE, Op.OPTIM))
+            for r, acts in schedule.items()}
 
 
 def validate_pipeline(schedule: Schedule, place: Placement, num_microbatches: int, *,

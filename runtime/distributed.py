@@ -8,12 +8,17 @@ one worker trains in the calling process (``train.train``), inside a Ray job too
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
 from typing import Any, Callable
 
 from memtrain.config import Config, ConfigError
 from memtrain.errors import UserError
+from memtrain.runtime.planning import run_dir
+from memtrain.units import format_bytes, format_seconds
 
-__all__ = ["run_distributed", "check_devices", "PIPELINE_DRIVER"]
+__all__ = ["run_distributed", "check_devices", "plan_run", "assignments_for", "PIPELINE_DRIVER"]
 
 PIPELINE_DRIVER = "memtrain.runtime.pipeline_driver"
 """The module whose ``run_pipeline`` runs the workers (imported when a run needs it)."""
@@ -27,10 +32,11 @@ def _num_blocks(cfg: Config) -> tuple[int, str]:
     return len(stats.blocks), stats.name
 
 
-def check_devices(cfg: Config, inventory: Any) -> list[Any]:
-    """The first ``parallel.pipeline × parallel.data`` device slots of ``inventory`` (a
-    ``ray_cluster.RayInventory``), one per rank in order; ``ConfigError`` naming both degrees
-    and what the cluster has when it holds fewer."""
+def check_devices(cfg: Config, inventory: Any) -> list[int]:
+    """Indices into ``inventory.slots`` of the ``parallel.pipeline × parallel.data`` devices the
+    run uses: the first ones, or with data parallelism whole multiples of ``parallel.data`` of
+    each kind (the most plentiful kinds first), so every replica can get the same devices.
+    ``ConfigError`` naming both degrees and what the cluster has when it holds fewer."""
     p = cfg.parallel
     slots = inventory.slots
     if len(slots) < p.num_workers:
@@ -38,7 +44,19 @@ def check_devices(cfg: Config, inventory: Any) -> list[Any]:
             f"parallel.pipeline × parallel.data: {p.pipeline} × {p.data} = {p.num_workers} workers need one device "
             f"each, but the Ray cluster has {len(slots)} ({inventory.describe()}); lower parallel.pipeline or "
             "parallel.data, or add nodes (in a cluster without GPUs each CPU Ray gives a node is a device)")
-    return list(slots[: p.num_workers])
+    first = list(range(p.num_workers))
+    if p.data == 1:
+        return first
+    by_kind: dict[str, list[int]] = {}
+    for i, slot in enumerate(slots):
+        by_kind.setdefault(slot.kind, []).append(i)
+    chosen, need = [], p.num_workers
+    for kind in sorted(by_kind, key=lambda k: -len(by_kind[k])):
+        take = min(len(by_kind[kind]) // p.data * p.data, need)
+        take -= take % p.data
+        chosen += by_kind[kind][:take]
+        need -= take
+    return sorted(chosen) if need == 0 else first  # else: the planner says what the replicas lack
 
 
 def _pipeline_runner() -> Callable[..., Any]:
@@ -55,21 +73,165 @@ def _pipeline_runner() -> Callable[..., Any]:
     return module.run_pipeline
 
 
+def _micro_batch_size(cfg: Config) -> int:
+    """The micro-batch size the config fixes (``parallel.microbatches`` or ``train.micro_batch_size``);
+    0 leaves it to the planner."""
+    p, t = cfg.parallel, cfg.train
+    if p.microbatches:
+        return t.global_batch_size // (p.data * p.microbatches)
+    return t.micro_batch_size
+
+
+def _chosen_cluster(inventory: Any, chosen: list[int]) -> Any:
+    """The planner's ``ClusterSpec`` of the devices the run uses (``chosen``: indices into
+    ``inventory.slots``), node by node."""
+    from memtrain.cluster.spec import ClusterSpec, NodeSpec
+
+    wanted, start, nodes = set(chosen), 0, []
+    for node in inventory.nodes:
+        devices = tuple(dev for j, dev in enumerate(node.spec.devices) if start + j in wanted)
+        start += len(node.slots)
+        if devices:
+            nodes.append(NodeSpec(name=node.spec.name, host=node.spec.host, devices=devices, nvme=node.spec.nvme))
+    return ClusterSpec(nodes=tuple(nodes), network_gbps=inventory.spec.network_gbps, source="ray")
+
+
+def plan_run(cfg: Config, inventory: Any, chosen: list[int]) -> Any:
+    """The pipeline plan of ``cfg`` over the devices ``chosen`` (indices into ``inventory.slots``;
+    the heterogeneous planner, ``planner.hetero``): the config's degrees and schedule fixed, the
+    partition balanced for the devices (or the config's ``parallel.partition``), the programs the
+    workers run."""
+    from memtrain.planner.analyze import analyze
+    from memtrain.planner.hetero import plan_cluster
+
+    stats = analyze(cfg.model, seq_len=cfg.train.seq_len, micro_batch_size=1, dtype=cfg.train.dtype)
+    plan = plan_cluster(
+        stats, _chosen_cluster(inventory, chosen), name=cfg.name, global_batch_size=cfg.train.global_batch_size,
+        micro_batch_size=_micro_batch_size(cfg), dtype=cfg.train.dtype, optimizer=cfg.train.optimizer.name,
+        safety_margin=cfg.memory.safety_margin, device_budget=cfg.memory.device, host_budget=cfg.memory.host,
+        nvme_budget=cfg.memory.nvme, schedules=(cfg.parallel.schedule,), pipeline_degree=cfg.parallel.pipeline,
+        data_parallel_degree=cfg.parallel.data, source="ray")
+    if plan.pipeline is None or not plan.fits:
+        raise ConfigError(f"the model does not fit the cluster's devices: {plan.shortfall}")
+    if len(plan.pipeline.stage_ranks) != cfg.parallel.num_stages:
+        raise ConfigError(
+            f"parallel.stages_per_rank: the planner runs {cfg.parallel.schedule} with "
+            f"{len(plan.pipeline.stage_ranks) // cfg.parallel.pipeline} stage(s) per rank, the config asks for "
+            f"{cfg.parallel.stages_per_rank}; set parallel.stages_per_rank to "
+            f"{len(plan.pipeline.stage_ranks) // cfg.parallel.pipeline}")
+    return plan
+
+
+def assignments_for(plan: Any, inventory: Any, chosen: list[int]) -> list[Any]:
+    """Per world rank, where it runs: a chosen slot of the node and device kind the plan gave it."""
+    from memtrain.runtime import ray_cluster
+
+    free = [inventory.slots[i] for i in chosen]
+    out = []
+    for rp in plan.pipeline.ranks:
+        node_ids = [n.node_id for n in inventory.nodes if n.spec.name == rp.node]
+        i = next((i for i, s in enumerate(free) if s.node_id in node_ids and s.kind == rp.device.kind), None)
+        if i is None:  # a device the plan made up: a bug of the planner, not of the user
+            raise AssertionError(f"plan rank {rp.rank}: no free {rp.device.kind} on {rp.node}")
+        out.append(ray_cluster.Assignment.of_slot(rp.rank, free.pop(i)))
+    return out
+
+
 def run_distributed(cfg: Config, address: str | None = None, *, overwrite: bool = False,
-                    print_fn: Callable[[str], None] = print) -> Any:
+                    print_fn: Callable[[str], None] = print) -> dict:
     """Train ``cfg`` on ``parallel.pipeline × parallel.data`` Ray workers: check the model has a
     block for every stage, join the cluster at ``address`` (else ``RAY_ADDRESS``, else start the
-    embedded one), check it has a device per worker, and run the pipeline driver; returns what
-    ``run_pipeline`` returns (per-step losses)."""
+    embedded one), check it has a device per worker, plan the pipeline over those devices, place
+    one worker per device and train, writing ``plan.json``, ``config.json`` and a line per step
+    to ``metrics.jsonl`` in the run directory; returns a summary (losses, step times, plan)."""
     num_blocks, model_name = _num_blocks(cfg)
     cfg.parallel.check_blocks(num_blocks, model_name)
+    if cfg.train.dtype != "fp32":
+        raise ConfigError(f"train.dtype: the pipeline workers train in fp32 for now, got {cfg.train.dtype}; set "
+                          "train.dtype: fp32, or parallel.pipeline and parallel.data to 1 to train in one process")
+    from memtrain.runtime.train import _check_run_dir, checkpoint_root
+
+    out_dir = run_dir(cfg)
+    _check_run_dir(out_dir, overwrite, checkpoint_root(cfg))
     run_pipeline = _pipeline_runner()
     from memtrain.runtime import ray_cluster  # Ray, once the run is known to need it
     with ray_cluster.connected(address) as line:
         print_fn(f"memtrain: {line}")
         inventory = ray_cluster.cluster_inventory(cfg.cluster.network_gbps)
-        slots = check_devices(cfg, inventory)
-        assignments = [ray_cluster.Assignment.of_slot(rank, slot) for rank, slot in enumerate(slots)]
-        print_fn(f"memtrain: {cfg.parallel.num_workers} workers on {inventory.describe()}")
-        return run_pipeline(cfg=cfg, inventory=inventory, assignments=assignments, overwrite=overwrite,
-                            print_fn=print_fn)
+        chosen = check_devices(cfg, inventory)
+        plan = plan_run(cfg, inventory, chosen)
+        assignments = assignments_for(plan, inventory, chosen)
+        return _train(cfg, plan, assignments, run_pipeline, out_dir, overwrite, print_fn,
+                      f"{cfg.parallel.num_workers} workers on {inventory.describe()}")
+
+
+def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callable[..., Any], out_dir: Path,
+           overwrite: bool, print_fn: Callable[[str], None], where: str) -> dict:
+    from memtrain.planner import report
+    from memtrain.runtime.train import RUN_ARTIFACTS, _write_config, lr_at
+
+    report.print_summary(plan)
+    pipe, train = plan.pipeline, plan.train
+    partition = tuple(cfg.parallel.partition) if cfg.parallel.partition else tuple(e - b for b, e in pipe.partition)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for name in RUN_ARTIFACTS:
+            (out_dir / name).unlink(missing_ok=True)
+    plan.save(out_dir / "plan.json")
+    _write_config(out_dir / "config.json", cfg)
+    tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+    steps = cfg.train.steps
+    print_fn(f"memtrain: {where}; {pipe.schedule_kind}, partition {list(partition)}, "
+             f"{train.num_microbatches} micro-batches of {train.micro_batch_size}")
+    print_fn(f"training {steps} steps of {tokens_per_step:,} tokens; run directory {out_dir}")
+    step_times: list[float] = []
+    with (out_dir / "metrics.jsonl").open("w") as metrics:
+        def on_step(k: int, loss: float, results: list[Any], dt: float) -> None:
+            step_times.append(dt)
+            peaks = [dict(r.peak_bytes) for r in results]
+            finite = math.isfinite(loss)
+            record = {"step": k + 1, "loss": loss if finite else None, "step_time_s": dt,
+                      "tokens_per_s": tokens_per_step / dt, "lr": lr_at(k, cfg),
+                      "rank_step_time_s": [r.time_s for r in results], "peak_bytes": peaks}
+            if not finite:
+                record["non_finite_loss"] = str(loss)
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            if not finite:
+                from memtrain.runtime.train import _non_finite
+
+                raise _non_finite(loss, k + 1, cfg, out_dir / "metrics.jsonl")
+            host = max(p.get("host", 0) for p in peaks)
+            print_fn(f"step {k + 1:>5}/{steps}  loss {loss:.4f}  {dt:6.3f} s  {tokens_per_step / dt:10,.0f} tok/s  "
+                     f"peak per rank: host {format_bytes(host)}")
+
+        result = run_pipeline(
+            model=cfg.model, schedule=pipe.schedule_kind, num_ranks=pipe.pipeline_degree, dp=pipe.data_parallel_degree,
+            num_microbatches=train.num_microbatches, micro_batch_size=train.micro_batch_size,
+            seq_len=cfg.train.seq_len, num_steps=steps, seed=cfg.train.seed, partition=partition,
+            stages_per_rank=cfg.parallel.stages_per_rank, data=cfg.data, timeout_s=cfg.parallel.comm_timeout_s,
+            step_timeout_s=max(cfg.parallel.comm_timeout_s * 2, 60.0), optimizer=cfg.train.optimizer.spec(),
+            lr_at=lambda k: lr_at(k, cfg), programs=plan.schedule, assignments=assignments, on_step=on_step)
+    for line in closing_lines(plan, step_times, result):
+        print_fn(line)
+    return {"losses": list(result.losses), "step_times_s": step_times, "plan": plan, "result": result}
+
+
+def closing_lines(plan: Any, step_times: list[float], result: Any) -> list[str]:
+    """Measured against predicted: the median step time (after the first step, which warms up)
+    and, per rank, its share of the step spent idle (waiting on its peers)."""
+    import statistics
+
+    timed = step_times[1:] or step_times
+    measured = statistics.median(timed)
+    predicted = plan.prediction.step_time_s
+    lines = [f"step time: measured {format_seconds(measured)} (median of {len(timed)}), predicted "
+             f"{format_seconds(predicted)} ({measured / predicted:.2f}x)" if predicted else
+             f"step time: measured {format_seconds(measured)} (median of {len(timed)})"]
+    per_rank = list(zip(*result.step_times_s[1:] or result.step_times_s))
+    busy = {rp.rank: rp.busy_s for rp in plan.pipeline.ranks}
+    for rank, times in enumerate(per_rank):
+        node = f" on {result.nodes[rank]}" if rank < len(result.nodes) else ""
+        lines.append(f"rank {rank}{node}: step {format_seconds(statistics.median(times))} measured, "
+                     f"predicted busy {format_seconds(busy.get(rank, 0.0))} of it")
+    return lines

@@ -15,7 +15,7 @@ actors are killed on the way out, so nothing is left waiting.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,9 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from memtrain.config import ConfigError, DataConfig, ModelConfig
 from memtrain.models.gpt import gpt_config
-from memtrain.planner.pipeline import SCHEDULES, Placement, add_p2p, generate, placement, validate_pipeline
+from memtrain.optimizers import OptimizerSpec
+from memtrain.planner.pipeline import (SCHEDULES, Placement, add_p2p, add_step_end, generate, placement,
+                                       validate_pipeline)
 from memtrain.planner.plan import Action, Op
 from memtrain.planner.schedule import Schedule
 from memtrain.runtime.stage_worker import PipelineSpec, StageWorker, StepResult
@@ -50,6 +52,10 @@ class PipelineResult:
     """Per step, per world rank, its wall time."""
     programs: tuple[tuple[str, ...], ...]
     """Per pipeline rank, its program (short forms)."""
+    peak_bytes: tuple[tuple[dict[str, int], ...], ...] = ()
+    """Per step, per world rank, its peak bytes per tier (``StepResult.peak_bytes``)."""
+    nodes: tuple[str, ...] = ()
+    """Per world rank, the node it ran on (when placed on given nodes)."""
 
 
 def stage_programs(kind: str, num_ranks: int, num_microbatches: int, *,
@@ -63,11 +69,7 @@ def stage_programs(kind: str, num_ranks: int, num_microbatches: int, *,
     problem = validate_pipeline(with_p2p, place, num_microbatches)
     if problem is not None:
         raise ValueError(f"schedule {kind}: {problem}")
-    programs = {}
-    for r, acts in with_p2p.items():
-        end = [Action(s, op) for s in place.stages_of(r) for op in (Op.ALLREDUCE, Op.OPTIM)]
-        programs[r] = tuple(acts) + tuple(end)
-    return place, programs
+    return place, add_step_end(with_p2p, place)
 
 
 def even_partition(num_blocks: int, num_stages: int) -> tuple[int, ...]:
@@ -82,12 +84,17 @@ class PipelineRun:
     """The actors of one pipeline run: ``start()``, ``step(k)`` per step, ``close()``."""
 
     def __init__(self, spec: PipelineSpec, programs: Schedule, *, step_timeout_s: float = 300.0,
-                 start_timeout_s: float = 300.0, num_cpus_per_worker: float = 1.0) -> None:
+                 start_timeout_s: float = 300.0, num_cpus_per_worker: float = 1.0,
+                 assignments: Sequence[Any] | None = None) -> None:
         self.spec = spec
         self.programs = programs
         self.step_timeout_s = step_timeout_s
         self.start_timeout_s = start_timeout_s
         self.num_cpus_per_worker = num_cpus_per_worker
+        self.assignments = assignments
+        """``ray_cluster.Assignment`` per world rank (its node and resources), or None: anywhere."""
+        self.placed: Any = None
+        self.nodes: tuple[str, ...] = ()
         self.workers: list[Any] = []
         self.failed = False
         """A step or the start-up failed: ``close`` ends the actors without asking them."""
@@ -97,21 +104,32 @@ class PipelineRun:
         p = self.spec.num_ranks
         stages = ",".join(str(s) for s, r in enumerate(self.spec.rank_of) if r == rank % p)
         extra = f", replica {rank // p}" if self.spec.dp > 1 else ""
-        return f"rank {rank} (stages {stages}{extra})"
+        node = f" on {self.nodes[rank]}" if rank < len(self.nodes) else ""
+        return f"rank {rank} (stages {stages}{extra}){node}"
 
     def start(self) -> None:
-        actor = ray.remote(StageWorker).options(num_cpus=self.num_cpus_per_worker, max_restarts=0)
         p = self.spec.num_ranks
-        self.workers = [actor.remote(self.spec, rank, self.programs[rank % p]) for rank in range(self.spec.world_size)]
+        if self.assignments is not None:  # one bundle per rank, pinned to its node
+            from memtrain.runtime.ray_cluster import place_workers
+
+            self.placed = place_workers(StageWorker, self.assignments, timeout_s=self.start_timeout_s,
+                                        kwargs_of=lambda r: {"spec": self.spec, "rank": r, "program": self.programs[r % p]})
+            self.workers = list(self.placed.actors)
+            self.nodes = tuple(self.placed.node_label(r) for r in range(len(self.workers)))
+        else:
+            actor = ray.remote(StageWorker).options(num_cpus=self.num_cpus_per_worker, max_restarts=0)
+            self.workers = [actor.remote(self.spec, rank, self.programs[rank % p])
+                            for rank in range(self.spec.world_size)]
         (host, port), = self._gather({0: self.workers[0].open_store.remote()}, "start-up (hosting the store)",
                                      self.start_timeout_s)
         self._gather({r: w.build.remote(host, port) for r, w in enumerate(self.workers)}, "start-up (build)",
                      self.start_timeout_s)
 
-    def step(self, step: int) -> list[StepResult]:
-        """Run step ``step`` on every rank; their results by world rank."""
-        return self._gather({r: w.run_step.remote(step) for r, w in enumerate(self.workers)}, f"step {step}",
-                            self.step_timeout_s)
+    def step(self, step: int, lr: float | None = None) -> list[StepResult]:
+        """Run step ``step`` (0-based) on every rank at learning rate ``lr`` (None: the spec's);
+        their results by world rank."""
+        return self._gather({r: w.run_step.remote(step, lr) for r, w in enumerate(self.workers)},
+                            f"step {step + 1}", self.step_timeout_s)
 
     def close(self) -> None:
         """Let the workers leave their world, then end the actors (also after a failure)."""
@@ -124,6 +142,9 @@ class PipelineRun:
             for w in self.workers:
                 ray.kill(w, no_restart=True)
             self.workers = []
+            if self.placed is not None:
+                ray.util.remove_placement_group(self.placed.placement_group)
+                self.placed = None
 
     def __enter__(self) -> "PipelineRun":
         self.start()
@@ -189,12 +210,20 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                  num_steps: int = 3, seed: int = 0, lr: float = 1e-3, partition: Sequence[int] | None = None,
                  stages_per_rank: int = 2, data: DataConfig | None = None, timeout_s: float = 60.0,
                  step_timeout_s: float = 300.0, num_threads: int = 1,
-                 num_cpus_per_worker: float = 1.0) -> PipelineResult:
+                 num_cpus_per_worker: float = 1.0, optimizer: OptimizerSpec | Mapping[str, Any] | None = None,
+                 lr_at: Callable[[int], float] | None = None, programs: Schedule | None = None,
+                 assignments: Sequence[Any] | None = None,
+                 on_step: Callable[[int, float, list[StepResult], float], None] | None = None) -> PipelineResult:
     """Train ``num_steps`` steps of ``model`` over ``num_ranks`` pipeline ranks × ``dp``
     replicas on the current Ray (the caller ran ``ray.init``). ``model``: a ``ModelConfig`` or its
     fields as a dict (default: the tiny GPT); ``partition``: blocks per stage (default: even);
-    ``timeout_s``: the longest a transfer or collective waits; ``step_timeout_s``: the longest the
-    driver waits for a step."""
+    ``optimizer``: each stage's optimizer (default: AdamW at ``lr``, torch's defaults);
+    ``lr_at(step)``: the learning rate of each 0-based step (default: constant);
+    ``programs``: each pipeline rank's program (a plan's ``schedule``; default: the schedule's
+    lowering, ``stage_programs``); ``assignments``: per world rank, a ``ray_cluster.Assignment``
+    (its node and resources; default: anywhere with ``num_cpus_per_worker`` CPUs);
+    ``on_step(step, loss, results, wall_s)`` after each step (``wall_s``: the driver's wait for it); ``timeout_s``: the longest a transfer or
+    collective waits; ``step_timeout_s``: the longest the driver waits for a step."""
     if schedule not in SCHEDULES:
         raise ConfigError(f"schedule: must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     for name, value in (("num_ranks", num_ranks), ("dp", dp), ("num_microbatches", num_microbatches),
@@ -204,36 +233,57 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     model_cfg = model if isinstance(model, ModelConfig) else ModelConfig(**(model or {}))
     if model_cfg.source != "gpt":
         raise ConfigError(f"model.source: the pipeline runs the built-in gpt family, got {model_cfg.source!r}")
+    optim = OptimizerSpec.from_value(optimizer) if optimizer is not None else OptimizerSpec(lr=lr)
     try:
-        place, programs = stage_programs(schedule, num_ranks, num_microbatches, stages_per_rank=stages_per_rank)
+        place, lowered = stage_programs(schedule, num_ranks, num_microbatches, stages_per_rank=stages_per_rank)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    if programs is None:
+        programs = lowered
+    else:
+        programs = {r: tuple(programs[r]) for r in range(num_ranks)}
+        problem = validate_pipeline({r: tuple(a for a in acts if a.op not in (Op.ALLREDUCE, Op.OPTIM))
+                                     for r, acts in programs.items()}, place, num_microbatches)
+        if problem is not None:
+            raise ConfigError(f"programs: {schedule} over {num_ranks} ranks cannot run them: {problem}")
     num_blocks = _num_blocks(model_cfg)
     parts = tuple(partition) if partition is not None else even_partition(num_blocks, place.num_stages)
     if len(parts) != place.num_stages or any(n < 1 for n in parts) or sum(parts) != num_blocks:
         raise ConfigError(f"partition: {schedule} over {num_ranks} ranks has {place.num_stages} stages; give "
                           f"{place.num_stages} block counts >= 1 summing to the model's {num_blocks} blocks, got {parts}")
-    need = num_ranks * dp * num_cpus_per_worker
-    have = ray.cluster_resources().get("CPU", 0.0)
-    if need > have:
-        raise ConfigError(f"num_ranks × dp: {num_ranks * dp} workers of {num_cpus_per_worker:g} CPU need {need:g} CPUs, "
-                          f"the Ray cluster has {have:g}; lower num_ranks or dp, or num_cpus_per_worker")
+    if assignments is None:
+        need = num_ranks * dp * num_cpus_per_worker
+        have = ray.cluster_resources().get("CPU", 0.0)
+        if need > have:
+            raise ConfigError(f"num_ranks × dp: {num_ranks * dp} workers of {num_cpus_per_worker:g} CPU need {need:g} "
+                              f"CPUs, the Ray cluster has {have:g}; lower num_ranks or dp, or num_cpus_per_worker")
+    elif len(assignments) != num_ranks * dp:
+        raise ConfigError(f"assignments: one per worker ({num_ranks} × {dp}), got {len(assignments)}")
     spec = PipelineSpec(model=model_cfg, partition=parts, rank_of=place.rank_of, num_ranks=num_ranks, dp=dp,
                         num_microbatches=num_microbatches, micro_batch_size=micro_batch_size, seq_len=seq_len,
-                        seed=seed, data=data or DataConfig(), lr=lr, timeout_s=timeout_s, num_threads=num_threads)
-    losses, mb_losses, records, times = [], [], [], []
-    with PipelineRun(spec, programs, step_timeout_s=step_timeout_s, num_cpus_per_worker=num_cpus_per_worker) as run:
+                        seed=seed, data=data or DataConfig(), optimizer=optim, timeout_s=timeout_s,
+                        num_threads=num_threads)
+    losses, mb_losses, records, times, peaks = [], [], [], [], []
+    with PipelineRun(spec, programs, step_timeout_s=step_timeout_s, num_cpus_per_worker=num_cpus_per_worker,
+                     assignments=assignments) as run:
         for k in range(num_steps):
-            results = run.step(k)
+            t0 = time.perf_counter()
+            results = run.step(k, lr_at(k) if lr_at is not None else None)
+            wall = time.perf_counter() - t0
             last = [results[d * num_ranks + place.rank_of[-1]] for d in range(dp)]
             mbs = tuple(x for res in last for x in res.losses)
             mb_losses.append(mbs)
             losses.append(sum(mbs) / len(mbs))
             records.append(tuple(res.record for res in results))
             times.append(tuple(res.time_s for res in results))
+            peaks.append(tuple(res.peak_bytes for res in results))
+            if on_step is not None:
+                on_step(k, losses[-1], results, wall)
+        nodes = run.nodes
     return PipelineResult(losses=tuple(losses), microbatch_losses=tuple(mb_losses), records=tuple(records),
                           step_times_s=tuple(times),
-                          programs=tuple(tuple(str(a) for a in programs[r]) for r in range(num_ranks)))
+                          programs=tuple(tuple(str(a) for a in programs[r]) for r in range(num_ranks)),
+                          peak_bytes=tuple(peaks), nodes=nodes)
 
 
 def _num_blocks(cfg: ModelConfig) -> int:

@@ -9,7 +9,8 @@ loudly, and the actions run are recorded (``StepResult.record``), which must equ
 Numerics follow one process with the same global batch (docs/DESIGN.md rule 8): the loss of each
 micro-batch is divided by the number of micro-batches in the global batch before its backward,
 gradients accumulate over the micro-batches in their order, data-parallel replicas sum theirs,
-and each stage steps its own ``torch.optim.AdamW``. Dropout draws from each worker's own random
+and each stage steps its own ``torch.optim`` optimizer of the run's kind and hyper-parameters
+(``PipelineSpec.optimizer``), at the step's learning rate the driver passes. Dropout draws from each worker's own random
 stream, so parity with one process holds for models without dropout.
 
 [Note: same initial weights] Every worker builds the whole model on CPU under the run's seed,
@@ -40,6 +41,7 @@ from torch import nn
 
 from memtrain.comm import Channel, Rendezvous, all_reduce_, host_store, join, leave, subgroups
 from memtrain.config import DataConfig, ModelConfig
+from memtrain.optimizers import Optimizer, OptimizerSpec
 from memtrain.models.source import build_model
 from memtrain.planner.plan import Action, Op
 from memtrain.runtime.data import TokenBatches
@@ -71,8 +73,9 @@ class PipelineSpec:
     """``torch.manual_seed`` before the model is built."""
     data: DataConfig = field(default_factory=DataConfig)
     """The training data; step ``k`` reads ``TokenBatches.batch(k)`` of the global batch."""
-    lr: float = 1e-3
-    """AdamW learning rate (torch's defaults for the rest)."""
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    """Each stage's optimizer (``adamw`` or ``sgd``) and its hyper-parameters; ``lr`` is the
+    rate of a step run without one."""
     timeout_s: float = 60.0
     """The longest a transfer or collective may wait."""
     num_threads: int = 1
@@ -97,6 +100,8 @@ class StepResult:
     """The last stage's per-micro-batch losses (before scaling), else empty."""
     time_s: float
     """Wall time of the step on this rank."""
+    peak_bytes: dict[str, int] = field(default_factory=dict)
+    """``host``: the worker process's peak resident memory so far (the stages train on CPU)."""
 
 
 def block_ranges(partition: tuple[int, ...]) -> list[range]:
@@ -195,7 +200,10 @@ class StageWorker:
         for s in self.stages:
             for m in self.blocks[s]:
                 m.train()
-        self.optims = {s: torch.optim.AdamW(self.owns[s], lr=spec.lr) for s in self.stages if self.owns[s]}
+        optim_cls = {Optimizer.ADAMW: torch.optim.AdamW, Optimizer.SGD: torch.optim.SGD}[Optimizer(spec.optimizer.name)]
+        kind = spec.optimizer.kind
+        group = {k: v for k, v in spec.optimizer.torch_group().items() if k in kind.defaults}  # hyper-parameters
+        self.optims = {s: optim_cls(self.owns[s], **group) for s in self.stages if self.owns[s]}
         self._kept: list[tuple[tuple[nn.Parameter, ...], torch.Tensor]] | None = None
         if self.split_w:
             for s in self.stages:
@@ -220,9 +228,13 @@ class StageWorker:
 
     # ---- one step ------------------------------------------------------------------------
 
-    def run_step(self, step: int) -> StepResult:
-        """Run the program once on step ``step``'s batch."""
+    def run_step(self, step: int, lr: float | None = None) -> StepResult:
+        """Run the program once on step ``step``'s batch, its optimizer steps at ``lr`` (None:
+        the spec's)."""
         t0 = time.perf_counter()
+        for opt in self.optims.values():
+            for g in opt.param_groups:
+                g["lr"] = self.spec.optimizer.lr if lr is None else float(lr)
         self._load_batch(step)
         record: list[str] = []
         for a in self.program:
@@ -237,7 +249,8 @@ class StageWorker:
         assert not left, f"rank {self.rank}: step {step} ended with tensors left in {left}"
         losses = tuple(self.losses[i] for i in sorted(self.losses))
         self._new_step_state()
-        return StepResult(record=tuple(record), losses=losses, time_s=time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        return StepResult(record=tuple(record), losses=losses, time_s=elapsed, peak_bytes=_peak_bytes())
 
     def _load_batch(self, step: int) -> None:
         """This replica's micro-batches of step ``step``'s global batch (rows in order: replica
@@ -372,6 +385,12 @@ class StageWorker:
         """Leave the world."""
         leave()
         self._store = None
+
+
+def _peak_bytes() -> dict[str, int]:
+    import resource
+
+    return {"host": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
 
 
 def _node_ip() -> str:

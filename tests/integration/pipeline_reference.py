@@ -1,6 +1,7 @@
 """The single-process reference of the pipeline parity tests: plain PyTorch, the model built the
 ordinary way under the seed, the same global batch as micro-batches in order, each loss divided
-by their number before its backward, ``torch.optim.AdamW`` with the same learning rate."""
+by their number before its backward, ``torch.optim.AdamW`` with the same hyper-parameters and
+learning rate per step."""
 
 from __future__ import annotations
 
@@ -12,18 +13,21 @@ from memtrain.runtime.data import TokenBatches
 
 
 def reference_losses(model: dict, *, num_steps: int, num_microbatches: int, micro_batch_size: int, seq_len: int,
-                     seed: int, lr: float) -> list[list[float]]:
+                     seed: int, lr: float, adamw: dict | None = None, lr_at=None) -> list[list[float]]:
     """Per step, each micro-batch's loss, on one thread (as each worker runs)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(seed)
         built = build_model(ModelConfig(**model), max_seq_len=seq_len)
-        opt = torch.optim.AdamW(built.module.parameters(), lr=lr)
+        opt = torch.optim.AdamW(built.module.parameters(), lr=lr, **(adamw or {}))
         m, b = num_microbatches, micro_batch_size
         data = TokenBatches(DataConfig(), batch_size=m * b, seq_len=seq_len, vocab_size=built.vocab_size)
         out = []
         for step in range(num_steps):
+            if lr_at is not None:
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step)
             ids, labels = data.batch(step)
             losses = []
             for i in range(m):

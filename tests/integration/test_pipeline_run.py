@@ -108,8 +108,8 @@ def test_worker_killed_mid_step_is_named_without_waiting_for_timeouts(local_ray)
             with pytest.raises(PipelineError) as err:
                 future.result()
         assert time.monotonic() - t0 < 30.0
-    assert re.match(r"pipeline: rank 0 \(stages 0\) died during step 0: .*; "
-                    r"rank 1 \(stages 1\) failed during step 0: CommError: rank 1: 1RECV_F9 from rank 0 failed", str(err.value)), \
+    assert re.match(r"pipeline: rank 0 \(stages 0\) died during step 1: .*; "
+                    r"rank 1 \(stages 1\) failed during step 1: CommError: rank 1: 1RECV_F9 from rank 0 failed", str(err.value)), \
         str(err.value)
 
 
@@ -118,7 +118,7 @@ def test_killed_worker_is_named_at_the_next_step(local_ray) -> None:
     with _run() as run:
         run.step(0)
         ray.kill(run.workers[1], no_restart=True)
-        with pytest.raises(PipelineError, match=r"rank 1 \(stages 1\) died during step 1"):
+        with pytest.raises(PipelineError, match=r"rank 1 \(stages 1\) died during step 2"):
             run.step(1)
 
 
@@ -132,7 +132,7 @@ def test_comm_timeout_names_rank_peer_and_action(local_ray) -> None:
 @pytest.mark.slow
 def test_hung_worker_is_named(local_ray) -> None:
     with _run(_receive_never_sent, timeout_s=600.0, step_timeout_s=3.0) as run:
-        with pytest.raises(PipelineError, match=r"rank 0 \(stages 0\), rank 1 \(stages 1\) did not finish step 0 within 3 s"):
+        with pytest.raises(PipelineError, match=r"rank 0 \(stages 0\), rank 1 \(stages 1\) did not finish step 1 within 3 s"):
             run.step(0)
 
 

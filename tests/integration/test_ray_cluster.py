@@ -4,6 +4,8 @@ placement puts each rank, and how a dead or silent worker is reported."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import sys
 import time
@@ -170,19 +172,28 @@ def test_the_cluster_listens_on_loopback_only(cluster):
     assert listening_beyond_loopback(procs) == []
 
 
-def test_run_distributed_checks_blocks_and_devices_then_calls_the_driver(cluster, monkeypatch):
-    calls = []
-    fake = types.ModuleType("memtrain.runtime.pipeline_driver")
-    fake.run_pipeline = lambda **kw: calls.append(kw) or [1.0, 0.5]
-    monkeypatch.setitem(sys.modules, "memtrain.runtime.pipeline_driver", fake)
-    cfg = config_from_dict({"parallel": {"pipeline": 2, "data": 2}})
-    assert run_distributed(cfg, print_fn=lambda line: None) == [1.0, 0.5]
-    (kw,) = calls
-    assert kw["cfg"] is cfg and [a.rank for a in kw["assignments"]] == [0, 1, 2, 3]
-    assert {s.node_id for s in kw["inventory"].slots} >= {a.node_id for a in kw["assignments"]}
+def test_run_distributed_plans_places_and_trains_over_device_kinds_on_several_nodes(cluster, tmp_path):
+    """pp 2 × dp 2 over the simulated nodes' devices (the stages compute on this CPU): each rank
+    runs on a node holding the device kind the plan gave it, and every step is in the metrics."""
+    c, ids = cluster
+    cfg = config_from_dict({"parallel": {"pipeline": 2, "data": 2, "comm_timeout_s": 60},
+                            "train": {"steps": 2, "global_batch_size": 8, "micro_batch_size": 2},
+                            "run_dir": str(tmp_path / "run")})
+    out = run_distributed(cfg, print_fn=lambda line: None)
+    result, plan = out["result"], out["plan"]
+    assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
+    kind_of_node = {node_id: kind for kind, node_id in ids.items()}
+    labels = {n["NodeID"]: f"{n['NodeManagerAddress']} (node {n['NodeID'][:8]})" for n in ray.nodes()}
+    for rp, node in zip(plan.pipeline.ranks, result.nodes, strict=True):
+        node_id = next(i for i, label in labels.items() if label == node)
+        assert kind_of_node[node_id].startswith(rp.device.kind[:4]), (rp, node)
+    for step_records in result.records:  # the program is what runs
+        for rank, record in enumerate(step_records):
+            assert list(record) == [str(a) for a in plan.schedule[rank % 2]]
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and len(metrics[0]["peak_bytes"]) == 4
     assert ray.is_initialized()  # a connection made before the run is left alone
     with pytest.raises(ConfigError, match=r"parallel.pipeline × parallel.data: 4 × 2 = 8 workers .* has 6 \(4 node\(s\)"):
         run_distributed(config_from_dict({"parallel": {"pipeline": 4, "data": 2}}), print_fn=lambda line: None)
     with pytest.raises(ConfigError, match="parallel.pipeline: 5 rank.*gpt-tiny has 4 blocks"):
         run_distributed(config_from_dict({"parallel": {"pipeline": 5}, "train": {"global_batch_size": 10}}))
-    assert len(calls) == 1

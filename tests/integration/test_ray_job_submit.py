@@ -90,13 +90,15 @@ def head(tmp_path):
 def test_memtrain_run_as_a_ray_job_with_token_auth(head, tmp_path):
     work = tmp_path / "work"
     (work / "examples").mkdir(parents=True)
-    shutil.copy(ROOT / "examples" / "tiny-cpu.yaml", work / "examples")
+    shutil.copy(ROOT / "examples" / "gpt-tiny-pp2.yaml", work / "examples")  # the README example
     run_dir = tmp_path / "run"
-    tree = process_tree([head["proc"].pid])
+    deadline = time.monotonic() + 30  # the head's services open their ports one after another
+    while listening_ports(tree := process_tree([head["proc"].pid])) < 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert listening_ports(tree) >= 3 and listening_beyond_loopback(tree) == []
 
     submit = ["ray", "job", "submit", "--address", head["dashboard"], "--working-dir", str(work), "--",
-              "memtrain", "run", "examples/tiny-cpu.yaml", "--set", "train.steps=3", "--set", f"run_dir={run_dir}"]
+              "memtrain", "run", "examples/gpt-tiny-pp2.yaml", "--set", "train.steps=3", "--set", f"run_dir={run_dir}"]
     deadline = time.monotonic() + 90
     while True:  # the dashboard answers before its job agent is up: Ray says to try again
         r = subprocess.run(submit, env=head["env"], capture_output=True, text=True, timeout=240)
@@ -105,7 +107,7 @@ def test_memtrain_run_as_a_ray_job_with_token_auth(head, tmp_path):
             break
         time.sleep(2)
     assert r.returncode == 0, out[-3000:]
-    assert "succeeded" in out and "step     3/3" in out
+    assert "succeeded" in out and "step     3/3" in out and "2 workers on 1 node(s): 2 cpu" in out
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3] and all(m["loss"] > 0 for m in lines)
     assert (run_dir / "plan.json").exists()
