@@ -12,7 +12,7 @@ from memtrain.planner.profile_format import (
 )
 from memtrain.config import Config, ConfigError
 
-__all__ = ["plan_config", "plans_a_cluster", "plan_from_config", "plan_cluster_from_config", "profile_for", "budgets_for", "run_dir"]
+__all__ = ["plan_config", "plans_a_cluster", "run_devices", "plan_from_config", "plan_cluster_from_config", "profile_for", "budgets_for", "run_dir"]
 
 
 def run_dir(cfg: Config) -> Path:
@@ -128,7 +128,7 @@ def plan_cluster_from_config(cfg: Config, *, pipeline_degree: int | None = None,
     """A pipeline plan of ``cfg`` over the devices of its cluster (planner.hetero): the degrees,
     device order, partition, schedule and micro-batches chosen for the shortest predicted step.
     The config's ``parallel`` section fixes what it sets: degrees other than 0 (the first
-    ``pipeline × data`` devices are used when both are fixed, as ``memtrain run`` does), a
+    ``pipeline × data`` devices ``memtrain run`` would use are planned over when both are fixed), a
     schedule other than ``auto``, ``microbatches`` and ``partition``; ``pipeline_degree``,
     ``data_parallel_degree`` and ``schedules`` override it. Figures from the catalog or this
     machine; a profile measures one device, so none is applied here."""
@@ -157,6 +157,27 @@ def plan_cluster_from_config(cfg: Config, *, pipeline_degree: int | None = None,
     return dataclasses.replace(plan, source_notes=tuple(notes)) if notes else plan
 
 
+def run_devices(kinds: list[str], pipeline: int, data: int) -> list[int]:
+    """Indices of the ``pipeline × data`` devices (of ``kinds``, node by node) a run with these
+    degrees uses, as ``runtime.distributed.check_devices`` chooses Ray's device slots: the first
+    ones, or with data parallelism whole multiples of ``data`` of each kind (the most plentiful
+    kinds first) so every replica can get the same devices, else the first ones."""
+    need = pipeline * data
+    first = list(range(need))
+    if data == 1:
+        return first
+    by_kind: dict[str, list[int]] = {}
+    for i, kind in enumerate(kinds):
+        by_kind.setdefault(kind, []).append(i)
+    chosen = []
+    for kind in sorted(by_kind, key=lambda k: -len(by_kind[k])):
+        take = min(len(by_kind[kind]) // data * data, need)
+        take -= take % data
+        chosen += by_kind[kind][:take]
+        need -= take
+    return sorted(chosen) if need == 0 else first
+
+
 def _schedules(cfg: Config) -> tuple[str, ...]:
     """The schedules to weigh: the config's, or with ``auto`` every one the planner lays out."""
     from memtrain.planner.pipeline import SCHEDULES
@@ -171,10 +192,10 @@ def _schedules(cfg: Config) -> tuple[str, ...]:
 
 
 def _devices_for(cluster, num_workers: int, cfg: Config):
-    """The cluster cut to the ``num_workers`` devices a run with fixed degrees uses (the first
-    ones, node by node, as ``memtrain run`` places its workers), and a note saying so. This
-    machine's CPU alone (``cluster: auto`` without a GPU) is shared by the workers as Ray's CPU
-    workers share it: each gets 1/n of its compute and of each half of its RAM ([Note: CPU as device])."""
+    """The cluster cut to the ``num_workers`` devices a run with fixed degrees uses
+    (``run_devices``), and a note saying so. This machine's CPU alone (``cluster: auto`` without
+    a GPU) is shared by the workers as Ray's CPU workers share it: each gets 1/n of its compute
+    and of each half of its RAM ([Note: CPU as device])."""
     import dataclasses
 
     from memtrain.cluster.spec import ClusterSpec
@@ -200,14 +221,15 @@ def _devices_for(cluster, num_workers: int, cfg: Config):
             "choose, or list more devices under cluster.nodes")
     if n == num_workers:
         return cluster, []
-    nodes, left = [], num_workers
+    chosen = set(run_devices([d.kind for _, d in devices], cfg.parallel.pipeline, cfg.parallel.data))
+    nodes, k = [], 0
     for node in cluster.nodes:
-        if left <= 0:
-            break
-        nodes.append(dataclasses.replace(node, devices=node.devices[:left]))
-        left -= len(nodes[-1].devices)
-    note = (f"planned over the first {num_workers} of the cluster's {n} devices (parallel.pipeline × parallel.data; "
-            "0 for either lets the planner use them all)")
+        kept = tuple(d for j, d in enumerate(node.devices) if k + j in chosen)
+        k += len(node.devices)
+        if kept:
+            nodes.append(dataclasses.replace(node, devices=kept))
+    note = (f"planned over {num_workers} of the cluster's {n} devices, those 'memtrain run' would use "
+            "(parallel.pipeline × parallel.data; 0 for either lets the planner use them all)")
     return ClusterSpec(nodes=tuple(nodes), network_gbps=cluster.network_gbps, source=cluster.source), [note]
 
 

@@ -169,3 +169,21 @@ def test_run_refuses_choices_left_to_the_planner(capsys, tmp_path):
     err = capsys.readouterr().err
     assert code == 2 and "leave choices to the planner, which 'memtrain plan' makes but 'memtrain run' does not" in err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kinds,pipeline,data", [
+    (["a"] * 4 + ["b"] * 4, 2, 1), (["a"] * 4 + ["b"] * 4, 2, 2), (["a"] * 8 + ["b"] * 4, 3, 4),
+    (["a", "b", "a", "b", "a", "b"], 3, 2), (["a"] * 3 + ["b"] * 3, 2, 2), (["a"] * 5 + ["b"] * 2, 3, 2),
+])
+def test_plan_uses_the_devices_run_would(kinds, pipeline, data):
+    """With both degrees fixed, ``memtrain plan`` plans over the devices ``memtrain run`` takes
+    from Ray's (runtime.distributed.check_devices), so the two show the same plan."""
+    from types import SimpleNamespace
+
+    from memtrain.config import config_from_dict
+    from memtrain.runtime.distributed import check_devices
+    from memtrain.runtime.planning import run_devices
+
+    cfg = config_from_dict({"train": {"global_batch_size": 48}, "parallel": {"pipeline": pipeline, "data": data}})
+    inventory = SimpleNamespace(slots=[SimpleNamespace(kind=k) for k in kinds], describe=lambda: "")
+    assert run_devices(kinds, pipeline, data) == check_devices(cfg, inventory)
