@@ -69,21 +69,31 @@ class ModelConfig:
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
+DATA_SOURCES = ("synthetic", "tokens", "parquet", "arrow")
+"""The kinds of training data ``data.source`` names."""
+
+
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
     source: str = "synthetic"
-    """``synthetic`` (seeded walks of a random sparse Markov chain: learnable) or ``tokens`` (a flat
-    .npy/.bin file of token ids)."""
+    """``synthetic`` (seeded walks of a random sparse Markov chain: learnable), ``tokens`` (a flat
+    .npy/.bin file of token ids), ``parquet`` (a Parquet file, or a folder of them read in name
+    order) or ``arrow`` (an Arrow IPC/Feather file) whose ``column`` holds token ids."""
     path: str = ""
-    """For ``tokens``: the file of token ids."""
+    """For ``tokens``, ``parquet`` and ``arrow``: the file (or, for ``parquet``, folder) to read."""
+    column: str = "input_ids"
+    """For ``parquet`` and ``arrow``: the column of token ids, a list of ids per row (a tokenized
+    document; rows are joined end to end) or one id per row."""
     seed: int = 0
     """Seed of the synthetic data and the sampling order."""
 
     def __post_init__(self) -> None:
-        if self.source not in ("synthetic", "tokens"):
-            raise ConfigError(f"data.source: must be 'synthetic' or 'tokens', got {show(self.source)}")
-        if self.source == "tokens" and not self.path:
-            raise ConfigError("data.path: set the token file for data.source 'tokens'")
+        if self.source not in DATA_SOURCES:
+            raise ConfigError(f"data.source: must be one of {', '.join(DATA_SOURCES)}, got {show(self.source)}")
+        if self.source != "synthetic" and not self.path:
+            raise ConfigError(f"data.path: set the file to read for data.source {self.source!r}")
+        if not isinstance(self.column, str) or not self.column:
+            raise ConfigError(f"data.column: the name of the column of token ids, got {show(self.column)}")
         if self.path:
             _check_path("data.path", self.path)
         _check_int("data.seed", self.seed, 0, MAX_SEED)

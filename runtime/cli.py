@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
                                                       "change only train.steps and the checkpoint section")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a field of the run's config, e.g. --set train.steps=100")
+    p.add_argument("--address", metavar="ADDR", default=None,
+                   help="a pipeline run: the Ray cluster to continue on (else RAY_ADDRESS, else the embedded local "
+                        "Ray); its nodes need the devices of the run's plan")
     return parser
 
 
@@ -258,7 +261,9 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     from memtrain.runtime.resume import resume
 
     _check_input("--config", args.config)
-    return _training(lambda: resume(args.run_dir, config_path=args.config, overrides=args.overrides), args.run_dir)
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    return _training(lambda: resume(args.run_dir, config_path=args.config, overrides=args.overrides, address=address),
+                     args.run_dir)
 
 
 _COMMANDS = {

@@ -8,6 +8,7 @@ one worker trains in the calling process (``train.train``), inside a Ray job too
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -123,7 +124,8 @@ def plan_run(cfg: Config, inventory: Any, chosen: list[int]) -> Any:
 
 
 def assignments_for(plan: Any, inventory: Any, chosen: list[int]) -> list[Any]:
-    """Per world rank, where it runs: a chosen slot of the node and device kind the plan gave it."""
+    """Per world rank, where it runs: a chosen slot of the node and device kind the plan gave it
+    (of that kind on any node when the node is gone: a resumed run on a new cluster)."""
     from memtrain.runtime import ray_cluster
 
     free = [inventory.slots[i] for i in chosen]
@@ -131,19 +133,24 @@ def assignments_for(plan: Any, inventory: Any, chosen: list[int]) -> list[Any]:
     for rp in plan.pipeline.ranks:
         node_ids = [n.node_id for n in inventory.nodes if n.spec.name == rp.node]
         i = next((i for i, s in enumerate(free) if s.node_id in node_ids and s.kind == rp.device.kind), None)
-        if i is None:  # a device the plan made up: a bug of the planner, not of the user
-            raise AssertionError(f"plan rank {rp.rank}: no free {rp.device.kind} on {rp.node}")
+        if i is None:  # a resumed run's plan names the nodes of another cluster: its kind anywhere
+            i = next((i for i, s in enumerate(free) if s.kind == rp.device.kind), None)
+        if i is None:
+            raise ConfigError(f"cluster: the plan puts rank {rp.rank} on a {rp.device.kind}, which the Ray cluster "
+                              f"has no free one of ({inventory.describe()}); run on a cluster with the plan's devices")
         out.append(ray_cluster.Assignment.of_slot(rp.rank, free.pop(i)))
     return out
 
 
 def run_distributed(cfg: Config, address: str | None = None, *, overwrite: bool = False,
-                    print_fn: Callable[[str], None] = print) -> dict:
+                    print_fn: Callable[[str], None] = print, resume_from: Any = None, plan: Any = None) -> dict:
     """Train ``cfg`` on ``parallel.pipeline × parallel.data`` Ray workers: check the model has a
     block for every stage, join the cluster at ``address`` (else ``RAY_ADDRESS``, else start the
     embedded one), check it has a device per worker, plan the pipeline over those devices, place
-    one worker per device and train, writing ``plan.json``, ``config.json`` and a line per step
-    to ``metrics.jsonl`` in the run directory; returns a summary (losses, step times, plan)."""
+    one worker per device and train, writing ``plan.json``, ``config.json``, a line per step to
+    ``metrics.jsonl`` and checkpoints (``checkpoint`` section, SIGTERM/SIGINT, the end) in the
+    run directory; returns a summary (losses, step times, plan). ``resume_from`` (a
+    ``runtime.checkpoint.Loaded``) with the ``plan`` the run saved continues that run."""
     num_blocks, model_name = _num_blocks(cfg)
     cfg.parallel.check_blocks(num_blocks, model_name)
     if cfg.train.dtype != "fp32":
@@ -152,40 +159,53 @@ def run_distributed(cfg: Config, address: str | None = None, *, overwrite: bool 
     from memtrain.runtime.train import _check_run_dir, checkpoint_root
 
     out_dir = run_dir(cfg)
-    _check_run_dir(out_dir, overwrite, checkpoint_root(cfg))
+    if resume_from is None:
+        _check_run_dir(out_dir, overwrite, checkpoint_root(cfg))
     run_pipeline = _pipeline_runner()
     from memtrain.runtime import ray_cluster  # Ray, once the run is known to need it
     with ray_cluster.connected(address) as line:
         print_fn(f"memtrain: {line}")
         inventory = ray_cluster.cluster_inventory(cfg.cluster.network_gbps)
         chosen = check_devices(cfg, inventory)
-        plan = plan_run(cfg, inventory, chosen)
+        if plan is None:
+            plan = plan_run(cfg, inventory, chosen)
         assignments = assignments_for(plan, inventory, chosen)
         return _train(cfg, plan, assignments, run_pipeline, out_dir, overwrite, print_fn,
-                      f"{cfg.parallel.num_workers} workers on {inventory.describe()}")
+                      f"{cfg.parallel.num_workers} workers on {inventory.describe()}", resume_from)
 
 
 def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callable[..., Any], out_dir: Path,
-           overwrite: bool, print_fn: Callable[[str], None], where: str) -> dict:
+           overwrite: bool, print_fn: Callable[[str], None], where: str, resume_from: Any) -> dict:
     from memtrain.planner import report
-    from memtrain.runtime.train import RUN_ARTIFACTS, _write_config, lr_at
+    from memtrain.runtime.checkpoint import Checkpointer
+    from memtrain.runtime.train import (Stopped, _StopSignals, _remove_artifacts, _truncate_metrics, _write_config,
+                                        checkpoint_root, lr_at)
 
     report.print_summary(plan)
     pipe, train = plan.pipeline, plan.train
     partition = tuple(cfg.parallel.partition) if cfg.parallel.partition else tuple(e - b for b, e in pipe.partition)
+    ckpt_root = checkpoint_root(cfg)
+    start = resume_from.step if resume_from is not None else 0
+    metrics_path = out_dir / "metrics.jsonl"
     out_dir.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for name in RUN_ARTIFACTS:
-            (out_dir / name).unlink(missing_ok=True)
-    plan.save(out_dir / "plan.json")
-    _write_config(out_dir / "config.json", cfg)
+    if resume_from is None:
+        if overwrite:
+            _remove_artifacts(out_dir, created=False, checkpoints=ckpt_root)
+        plan.save(out_dir / "plan.json")
+        _write_config(out_dir / "config.json", cfg)
+    else:
+        _truncate_metrics(metrics_path, start)
+        print_fn(f"resuming after step {start} from {resume_from.path}")
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
     steps = cfg.train.steps
     print_fn(f"memtrain: {where}; {pipe.schedule_kind}, partition {list(partition)}, "
              f"{train.num_microbatches} micro-batches of {train.micro_batch_size}")
-    print_fn(f"training {steps} steps of {tokens_per_step:,} tokens; run directory {out_dir}")
+    print_fn(f"training {steps - start} steps of {tokens_per_step:,} tokens; run directory {out_dir}")
+    checkpoints = Checkpointer(ckpt_root, keep=cfg.checkpoint.keep, compress=cfg.checkpoint.compress,
+                               meta={"config": dataclasses.asdict(cfg), "pipeline": True})
+    interval = cfg.checkpoint.interval_steps
     step_times: list[float] = []
-    with (out_dir / "metrics.jsonl").open("w") as metrics:
+    with metrics_path.open("a") as metrics, _StopSignals(print_fn) as stop:
         def on_step(k: int, loss: float, results: list[Any], dt: float) -> None:
             step_times.append(dt)
             peaks = [dict(r.peak_bytes) for r in results]
@@ -200,21 +220,39 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
             if not finite:
                 from memtrain.runtime.train import _non_finite
 
-                raise _non_finite(loss, k + 1, cfg, out_dir / "metrics.jsonl")
+                raise _non_finite(loss, k + 1, cfg, metrics_path)
             host = max(p.get("host", 0) for p in peaks)
             print_fn(f"step {k + 1:>5}/{steps}  loss {loss:.4f}  {dt:6.3f} s  {tokens_per_step / dt:10,.0f} tok/s  "
                      f"peak per rank: host {format_bytes(host)}")
 
+        def save_after(done: int) -> bool:
+            return stop.signum is not None or done == steps or bool(interval and done % interval == 0)
+
+        def on_states(done: int, states: dict[int, dict]) -> None:
+            checkpoints.save(done, {r: {"step": done, "worker": st} for r, st in states.items()}, copy=False)
+            if stop.signum is not None:
+                checkpoints.wait()
+                raise Stopped(stop.signum, step=done, path=ckpt_root / f"step-{done:08d}")
+
+        states = None
+        if resume_from is not None:
+            states = {r: st["worker"] for r, st in resume_from.states.items()}
         result = run_pipeline(
             model=cfg.model, schedule=pipe.schedule_kind, num_ranks=pipe.pipeline_degree, dp=pipe.data_parallel_degree,
             num_microbatches=train.num_microbatches, micro_batch_size=train.micro_batch_size,
             seq_len=cfg.train.seq_len, num_steps=steps, seed=cfg.train.seed, partition=partition,
             stages_per_rank=cfg.parallel.stages_per_rank, data=cfg.data, timeout_s=cfg.parallel.comm_timeout_s,
             step_timeout_s=max(cfg.parallel.comm_timeout_s * 2, 60.0), optimizer=cfg.train.optimizer.spec(),
-            lr_at=lambda k: lr_at(k, cfg), programs=plan.schedule, assignments=assignments, on_step=on_step)
+            lr_at=lambda k: lr_at(k, cfg), programs=plan.schedule, assignments=assignments, on_step=on_step,
+            start_step=start, states=states, save_after=save_after, on_states=on_states)
+        checkpoints.wait()
+    if checkpoints.saved:
+        print_fn(f"checkpoint {checkpoints.saved[-1]} ({checkpoints.seconds_blocked:.2f} s of training time spent on "
+                 "checkpoints)")
     for line in closing_lines(plan, step_times, result):
         print_fn(line)
-    return {"losses": list(result.losses), "step_times_s": step_times, "plan": plan, "result": result}
+    return {"losses": list(result.losses), "step_times_s": step_times, "plan": plan, "result": result,
+            "first_step": start + 1}
 
 
 def closing_lines(plan: Any, step_times: list[float], result: Any) -> list[str]:

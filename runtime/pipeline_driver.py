@@ -27,7 +27,7 @@ from memtrain.models.gpt import gpt_config
 from memtrain.optimizers import OptimizerSpec
 from memtrain.planner.pipeline import (SCHEDULES, Placement, add_p2p, add_step_end, generate, placement,
                                        validate_pipeline)
-from memtrain.planner.plan import Action, Op
+from memtrain.planner.plan import Op
 from memtrain.planner.schedule import Schedule
 from memtrain.runtime.stage_worker import PipelineSpec, StageWorker, StepResult
 
@@ -131,6 +131,19 @@ class PipelineRun:
         return self._gather({r: w.run_step.remote(step, lr) for r, w in enumerate(self.workers)},
                             f"step {step + 1}", self.step_timeout_s)
 
+    def states(self) -> dict[int, dict]:
+        """Every rank's checkpoint state (``StageWorker.state``), by world rank."""
+        got = self._gather({r: w.state.remote() for r, w in enumerate(self.workers)}, "a checkpoint",
+                           self.step_timeout_s)
+        return dict(enumerate(got))
+
+    def load_states(self, states: dict[int, dict]) -> None:
+        """Give each rank its state of a checkpoint (``StageWorker.load_state``)."""
+        if sorted(states) != list(range(len(self.workers))):
+            raise ConfigError(f"the checkpoint holds ranks {sorted(states)}, the run has {len(self.workers)}")
+        self._gather({r: w.load_state.remote(states[r]) for r, w in enumerate(self.workers)},
+                     "loading the checkpoint", self.start_timeout_s)
+
     def close(self) -> None:
         """Let the workers leave their world, then end the actors (also after a failure)."""
         if not self.workers:
@@ -213,7 +226,10 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                  num_cpus_per_worker: float = 1.0, optimizer: OptimizerSpec | Mapping[str, Any] | None = None,
                  lr_at: Callable[[int], float] | None = None, programs: Schedule | None = None,
                  assignments: Sequence[Any] | None = None,
-                 on_step: Callable[[int, float, list[StepResult], float], None] | None = None) -> PipelineResult:
+                 on_step: Callable[[int, float, list[StepResult], float], None] | None = None,
+                 start_step: int = 0, states: Mapping[int, dict] | None = None,
+                 save_after: Callable[[int], bool] | None = None,
+                 on_states: Callable[[int, dict[int, dict]], None] | None = None) -> PipelineResult:
     """Train ``num_steps`` steps of ``model`` over ``num_ranks`` pipeline ranks × ``dp``
     replicas on the current Ray (the caller ran ``ray.init``). ``model``: a ``ModelConfig`` or its
     fields as a dict (default: the tiny GPT); ``partition``: blocks per stage (default: even);
@@ -223,7 +239,10 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     lowering, ``stage_programs``); ``assignments``: per world rank, a ``ray_cluster.Assignment``
     (its node and resources; default: anywhere with ``num_cpus_per_worker`` CPUs);
     ``on_step(step, loss, results, wall_s)`` after each step (``wall_s``: the driver's wait for it); ``timeout_s``: the longest a transfer or
-    collective waits; ``step_timeout_s``: the longest the driver waits for a step."""
+    collective waits; ``step_timeout_s``: the longest the driver waits for a step.
+    ``start_step`` and ``states`` (per world rank, ``StageWorker.state``) continue a run from a
+    checkpoint; after each step ``k`` (1-based count of steps done) for which ``save_after(k)``,
+    the ranks' states go to ``on_states(k, states)``."""
     if schedule not in SCHEDULES:
         raise ConfigError(f"schedule: must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     for name, value in (("num_ranks", num_ranks), ("dp", dp), ("num_microbatches", num_microbatches),
@@ -266,7 +285,9 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     losses, mb_losses, records, times, peaks = [], [], [], [], []
     with PipelineRun(spec, programs, step_timeout_s=step_timeout_s, num_cpus_per_worker=num_cpus_per_worker,
                      assignments=assignments) as run:
-        for k in range(num_steps):
+        if states is not None:
+            run.load_states(dict(states))
+        for k in range(start_step, num_steps):
             t0 = time.perf_counter()
             results = run.step(k, lr_at(k) if lr_at is not None else None)
             wall = time.perf_counter() - t0
@@ -279,6 +300,8 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
             peaks.append(tuple(res.peak_bytes for res in results))
             if on_step is not None:
                 on_step(k, losses[-1], results, wall)
+            if save_after is not None and on_states is not None and save_after(k + 1):
+                on_states(k + 1, run.states())
         nodes = run.nodes
     return PipelineResult(losses=tuple(losses), microbatch_losses=tuple(mb_losses), records=tuple(records),
                           step_times_s=tuple(times),

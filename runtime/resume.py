@@ -69,9 +69,11 @@ def resume_config(run_dir: Path, config_path: str | None, overrides: list[str]) 
     return new
 
 
-def resume(run_dir: str | Path, *, config_path: str | None = None, overrides: list[str] = (), print_fn=print) -> dict:
+def resume(run_dir: str | Path, *, config_path: str | None = None, overrides: list[str] = (), print_fn=print,
+           address: str | None = None) -> dict:
     """Continue the run in ``run_dir`` from its newest valid checkpoint (corrupt or partial ones
-    are skipped, each named); returns ``train``'s summary."""
+    are skipped, each named); returns the run's summary. A pipeline run continues on the Ray
+    cluster at ``address`` (else ``RAY_ADDRESS``, else the embedded one)."""
     from memtrain.planner.plan import Plan
     from memtrain.runtime.checkpoint import latest
     from memtrain.runtime.train import checkpoint_root, train
@@ -91,4 +93,8 @@ def resume(run_dir: str | Path, *, config_path: str | None = None, overrides: li
         plan = Plan.load(run_dir / "plan.json")
     except FileNotFoundError:
         raise UserError(f"RUN_DIR: {run_dir} has no plan.json; the run cannot continue with the plan it ran") from None
+    if cfg.parallel.num_workers > 1:
+        from memtrain.runtime.distributed import run_distributed
+
+        return run_distributed(cfg, address, print_fn=print_fn, resume_from=loaded, plan=plan)
     return train(cfg, print_fn=print_fn, resume_from=loaded, plan=plan)

@@ -375,6 +375,36 @@ class StageWorker:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    def state(self) -> dict:
+        """This rank's part of a checkpoint: per stage it holds, the parameters it owns and its
+        optimizer's state, and the random generators' states (``runtime.checkpoint``)."""
+        from memtrain.runtime.checkpoint import capture_rng
+
+        return {"stages": {s: {"params": [q.detach().clone() for q in self.owns[s]],
+                               "optim": self.optims[s].state_dict() if s in self.optims else None}
+                           for s in self.stages},
+                "rng": capture_rng()}
+
+    def load_state(self, state: dict) -> None:
+        """Continue from ``state`` (``state()`` of the same rank of a run with the same plan)."""
+        from memtrain.runtime.checkpoint import restore_rng
+
+        if sorted(state["stages"]) != sorted(self.stages):
+            raise ValueError(f"rank {self.rank}: the checkpoint holds stages {sorted(state['stages'])}, "
+                             f"this rank runs {list(self.stages)}")
+        with torch.no_grad():
+            for s, saved in state["stages"].items():
+                if len(saved["params"]) != len(self.owns[s]):
+                    raise ValueError(f"rank {self.rank}: stage {s} holds {len(self.owns[s])} parameters, the "
+                                     f"checkpoint {len(saved['params'])}")
+                for q, value in zip(self.owns[s], saved["params"], strict=True):
+                    q.copy_(value)
+                if saved["optim"] is not None:
+                    self.optims[s].load_state_dict(saved["optim"])
+        restore_rng(state["rng"])
+
     # ---- end ------------------------------------------------------------------------------
 
     def ping(self) -> int:

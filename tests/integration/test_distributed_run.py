@@ -6,6 +6,11 @@ metrics line per step; the program each worker ran is its rank's list in the sav
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +22,10 @@ from memtrain.runtime.distributed import run_distributed
 from memtrain.runtime.train import lr_at
 
 from pipeline_reference import reference_losses
+from ray_helpers import subprocess_env
+
+MEMTRAIN = [sys.executable, "-m", "memtrain.runtime.cli"]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _config(tmp_path, *sets):
@@ -33,11 +42,13 @@ def test_the_readme_pipeline_example_trains_as_one_process_does(local_ray, tmp_p
                            seq_len=cfg.train.seq_len, seed=0, lr=opt.lr,
                            adamw={"betas": tuple(opt.betas), "weight_decay": opt.weight_decay},
                            lr_at=lambda k: lr_at(k, cfg))
-    assert [list(x) for x in out["result"].microbatch_losses] == ref  # bitwise: the same arithmetic in order
+    # the tiny GPT ties its embedding to its head across the two ranks: their gradients are summed
+    # in another order than one process's autograd does, so equal to rounding (docs/DESIGN.md)
+    assert [list(x) for x in out["result"].microbatch_losses] == [pytest.approx(x, rel=1e-6, abs=0) for x in ref]
     run = tmp_path / "run"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
-    assert [m["loss"] for m in metrics] == pytest.approx([sum(x) / 4 for x in ref], rel=1e-12)
+    assert [m["loss"] for m in metrics] == list(out["result"].losses)
     assert [m["lr"] for m in metrics] == [lr_at(k, cfg) for k in range(4)]
     assert all(m["peak_bytes"][r]["host"] > 0 for m in metrics for r in range(2))
     plan = Plan.load(run / "plan.json")
@@ -54,3 +65,33 @@ def test_the_readme_pipeline_example_trains_as_one_process_does(local_ray, tmp_p
 def test_a_pipeline_in_mixed_precision_is_refused_naming_the_field(local_ray, tmp_path):
     with pytest.raises(ConfigError, match="train.dtype: the pipeline workers train in fp32 for now, got bf16"):
         run_distributed(_config(tmp_path, "train.dtype=bf16"), print_fn=lambda line: None)
+
+
+def test_a_pipeline_run_stopped_by_sigterm_resumes_to_the_uninterrupted_losses(local_ray, tmp_path):
+    """SIGTERM mid-run: the workers' states are checkpointed after the step in progress and the
+    run exits 143; ``memtrain resume`` continues on a new embedded Ray, and the six steps' losses
+    equal an uninterrupted run's bitwise."""
+    run = tmp_path / "run"
+    sets = ["--set", "train.steps=6", "--set", "checkpoint.interval_steps=2", "--set", f"run_dir={run}",
+            "--set", "train.warmup_steps=2", "--set", "train.lr_schedule=cosine"]
+    env = subprocess_env(HOME=str(tmp_path))
+    proc = subprocess.Popen([*MEMTRAIN, "run", "examples/gpt-tiny-pp2.yaml", *sets], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    stopped_at = len(metrics.read_text().splitlines())
+    assert 3 <= stopped_at < 6 and f"step-{stopped_at:08d}" in out, out[-3000:]
+    r = subprocess.run([*MEMTRAIN, "resume", str(run)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert f"resuming after step {stopped_at}" in r.stdout
+    whole = [s for s in sets if s != "--set" and not s.startswith("run_dir=")] + [f"run_dir={tmp_path}/whole"]
+    uninterrupted = run_distributed(load_config(ROOT / "examples/gpt-tiny-pp2.yaml", whole), print_fn=lambda line: None)
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
+    assert [m["loss"] for m in lines] == uninterrupted["losses"]

@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
-import types
 
 import pytest
 import ray
