@@ -5,7 +5,7 @@ the single-device planner's figures, planner.stage_cost ``refine``) and simulate
 ranks and links (planner.simulate_pipeline). [Note: pipeline step] A rank's step ends with its
 last pass, then its gradients' all-reduce over the replicas, then its optimizer step; the step
 is the latest rank's. A long candidate (more than ``MAX_EXACT_PASSES`` passes) is simulated
-over ``p + 4`` micro-batches (``2p`` interleaved: its warm-up and a steady stretch) and the rest added at the steady
+over ``p + 4`` micro-batches (``3p`` interleaved: its longer warm-up and a steady stretch) and the rest added at the steady
 state's period (Narayanan et al. 2021, Sec. 2.2: in 1F1B's steady state the slowest stage sets
 the pace; a schedule that holds back for memory, V-Min, paces slower, as the short run shows).
 Its timeline marks the micro-batches it does not draw where they run, in the steady state, and
@@ -138,7 +138,7 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
     links = _links(cand, cluster)
     passes = len(cand.stage_ranks) * m * (3 if shape.schedule in _SPLIT_W else 2)
     # the warm-up and a few steady micro-batches (interleaved: whole groups of p)
-    m1 = 2 * p if shape.schedule == "interleaved-1f1b" else p + 4
+    m1 = 3 * p if shape.schedule == "interleaved-1f1b" else p + 4
     if passes > MAX_EXACT_PASSES and m1 < m:
         # [Note: pipeline step] past the warm-up, each further micro-batch moves every rank's
         # end on by the steady state's period: the busiest rank's compute for one micro-batch,
@@ -244,12 +244,19 @@ def _placed(sim: Simulated, start: float, item: tuple[Op, int, int]) -> tuple[fl
     return sim.shift_s, (op, s, i + sim.cand.shape.num_microbatches - sim.simulated_microbatches)
 
 
+PATTERN_MICROBATCHES = 2
+"""Micro-batches after which a steady state repeats itself: two (ZB-H1's deferred W and V-Min's
+held-back forwards alternate from one micro-batch to the next; the others repeat every one);
+interleaved 1F1B a group of ``p``. The memory lines repeat that many before the cut."""
+
+
 def _memory_line(sim: Simulated, r: int) -> tuple[MemoryPoint, ...]:
     """Rank ``r``'s bytes in use per tier over the whole step. Device: its static bytes (states,
     buffers, workspace), plus each held micro-batch's activations from the end of its forward to
     the end of its backward (or W). An extrapolated run's repeated micro-batches are drawn ([Note:
-    repeated micro-batches in the picture]): each (pass, stage) of the rank's first after the
-    cut, once a period for each of them, before it runs itself (moved on by all of them);
+    repeated micro-batches in the picture]): each (pass, stage) of the rank repeats its last
+    ``PATTERN_MICROBATCHES`` before the cut (interleaved: a group of ``p``) as many periods
+    apart, before its first after the cut runs, moved on by all of them;
     without a cut they are held level (the timeline marks them "not drawn"). Host and NVMe: what
     its stages offload at their peak, drawn level over the step (a stage's offload figures do
     not say when within it; states homed there are held all step)."""
@@ -258,19 +265,27 @@ def _memory_line(sim: Simulated, r: int) -> tuple[MemoryPoint, ...]:
     split = sim.cand.shape.schedule in _SPLIT_W
     frees = Op.W if split else Op.B
     moves: list[tuple[float, int]] = []
-    first: dict[tuple[Op, int], tuple[float, float]] = {}
+    ends: dict[tuple[Op, int], dict[int, float]] = defaultdict(dict)
+    first: dict[tuple[Op, int], int] = {}
     for (op, s, i), (start, end) in sim.result.pass_times.items():
         if sim.cand.stage_ranks[s] != r or op not in (Op.F, frees):
             continue
         act = sim.estimates[s].act_bytes if op is Op.F else -sim.estimates[s].act_bytes
         shift, _ = _placed(sim, start, (op, s, i))
         moves.append((end + shift, act))
-        if shift and start < first.get((op, s), (float("inf"),))[0]:
-            first[(op, s)] = (start, end)
-    repeats = sim.cand.shape.num_microbatches - sim.simulated_microbatches
-    for (op, s), (_, end) in first.items():
+        ends[(op, s)][i] = end
+        if shift:
+            first[(op, s)] = min(first.get((op, s), i), i)
+    # the missing passes i0 .. i0+k-1 of each (pass, stage) repeat its last g before the cut,
+    # g periods apart (the first after the cut, a period apart, where fewer came before)
+    g = sim.cand.shape.pipeline if sim.cand.shape.schedule == "interleaved-1f1b" else PATTERN_MICROBATCHES
+    k = sim.cand.shape.num_microbatches - sim.simulated_microbatches
+    for (op, s), i0 in first.items():
         act = sim.estimates[s].act_bytes if op is Op.F else -sim.estimates[s].act_bytes
-        moves += [(end + k * sim.period_s, act) for k in range(repeats)]
+        if all(i in ends[(op, s)] for i in range(i0 - g, i0)):
+            moves += [(ends[(op, s)][i0 - g + j % g] + (j // g + 1) * g * sim.period_s, act) for j in range(k)]
+        else:
+            moves += [(ends[(op, s)][i0] + j * sim.period_s, act) for j in range(k)]
     level = sim.static_bytes[r]
     out = [MemoryPoint(tier="device", t_s=0.0, bytes=level)]
     for t, b in sorted(moves, key=lambda x: (x[0], x[1] > 0)):
