@@ -94,6 +94,8 @@ def all_reduce_(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup, *, ra
     if not tensors:
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
+    if flat.is_cuda and dist.get_backend(group) == "gloo":
+        flat = flat.cpu()  # gloo sums host memory; the result is copied back below
     _wait(dist.all_reduce(flat, group=group, async_op=True), rank, what, timeout_s)
     offset = 0
     for t in tensors:

@@ -153,9 +153,9 @@ def run_distributed(cfg: Config, address: str | None = None, *, overwrite: bool 
     ``runtime.checkpoint.Loaded``) with the ``plan`` the run saved continues that run."""
     num_blocks, model_name = _num_blocks(cfg)
     cfg.parallel.check_blocks(num_blocks, model_name)
-    if cfg.train.dtype != "fp32":
-        raise ConfigError(f"train.dtype: the pipeline workers train in fp32 for now, got {cfg.train.dtype}; set "
-                          "train.dtype: fp32, or parallel.pipeline and parallel.data to 1 to train in one process")
+    if cfg.train.dtype == "fp16":
+        raise ConfigError("train.dtype: the pipeline workers train in fp32 or bf16; fp16 needs a loss scale the ranks "
+                          "agree on (not yet): set train.dtype: bf16, or parallel.pipeline and parallel.data to 1")
     from memtrain.runtime.train import _check_run_dir, checkpoint_root
 
     out_dir = run_dir(cfg)
@@ -205,14 +205,18 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
                                meta={"config": dataclasses.asdict(cfg), "pipeline": True})
     interval = cfg.checkpoint.interval_steps
     step_times: list[float] = []
-    with metrics_path.open("a") as metrics, _StopSignals(print_fn) as stop:
+    from memtrain.runtime.progress import StepProgress
+
+    with (metrics_path.open("a") as metrics, _StopSignals(print_fn) as stop,
+          StepProgress(steps, start, print_fn) as progress):
         def on_step(k: int, loss: float, results: list[Any], dt: float) -> None:
             step_times.append(dt)
             peaks = [dict(r.peak_bytes) for r in results]
             finite = math.isfinite(loss)
             record = {"step": k + 1, "loss": loss if finite else None, "step_time_s": dt,
                       "tokens_per_s": tokens_per_step / dt, "lr": lr_at(k, cfg),
-                      "rank_step_time_s": [r.time_s for r in results], "peak_bytes": peaks}
+                      "rank_step_time_s": [r.time_s for r in results], "peak_bytes": peaks,
+                      "rank_device": [r.device for r in results]}
             if not finite:
                 record["non_finite_loss"] = str(loss)
             metrics.write(json.dumps(record) + "\n")
@@ -222,8 +226,8 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
 
                 raise _non_finite(loss, k + 1, cfg, metrics_path)
             host = max(p.get("host", 0) for p in peaks)
-            print_fn(f"step {k + 1:>5}/{steps}  loss {loss:.4f}  {dt:6.3f} s  {tokens_per_step / dt:10,.0f} tok/s  "
-                     f"peak per rank: host {format_bytes(host)}")
+            progress.step(k + 1, f"step {k + 1:>5}/{steps}  loss {loss:.4f}  {dt:6.3f} s  "
+                                 f"{tokens_per_step / dt:10,.0f} tok/s  peak per rank: host {format_bytes(host)}", loss)
 
         def save_after(done: int) -> bool:
             return stop.signum is not None or done == steps or bool(interval and done % interval == 0)
@@ -244,7 +248,7 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
             stages_per_rank=cfg.parallel.stages_per_rank, data=cfg.data, timeout_s=cfg.parallel.comm_timeout_s,
             step_timeout_s=max(cfg.parallel.comm_timeout_s * 2, 60.0), optimizer=cfg.train.optimizer.spec(),
             lr_at=lambda k: lr_at(k, cfg), programs=plan.schedule, assignments=assignments, on_step=on_step,
-            start_step=start, states=states, save_after=save_after, on_states=on_states)
+            start_step=start, states=states, save_after=save_after, on_states=on_states, dtype=cfg.train.dtype)
         checkpoints.wait()
     if checkpoints.saved:
         print_fn(f"checkpoint {checkpoints.saved[-1]} ({checkpoints.seconds_blocked:.2f} s of training time spent on "
@@ -267,9 +271,14 @@ def closing_lines(plan: Any, step_times: list[float], result: Any) -> list[str]:
              f"{format_seconds(predicted)} ({measured / predicted:.2f}x)" if predicted else
              f"step time: measured {format_seconds(measured)} (median of {len(timed)})"]
     per_rank = list(zip(*result.step_times_s[1:] or result.step_times_s))
-    busy = {rp.rank: rp.busy_s for rp in plan.pipeline.ranks}
+    ranks = {rp.rank: rp for rp in plan.pipeline.ranks}
     for rank, times in enumerate(per_rank):
         node = f" on {result.nodes[rank]}" if rank < len(result.nodes) else ""
-        lines.append(f"rank {rank}{node}: step {format_seconds(statistics.median(times))} measured, "
-                     f"predicted busy {format_seconds(busy.get(rank, 0.0))} of it")
+        device = result.devices[rank] if rank < len(result.devices) else "?"
+        rp = ranks.get(rank)
+        lines.append(f"rank {rank}{node} ({device}): step {format_seconds(statistics.median(times))} measured, "
+                     f"predicted busy {format_seconds(rp.busy_s if rp else 0.0)} of it")
+        if rp is not None and rp.device.kind != "cpu" and device == "cpu":
+            lines.append(f"  note: rank {rank} computed on the CPU although the plan puts it on a {rp.device.kind}: torch "
+                         "in its worker sees no GPU (CUDA_VISIBLE_DEVICES, the driver, or a simulated device)")
     return lines

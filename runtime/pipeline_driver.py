@@ -29,7 +29,7 @@ from memtrain.planner.pipeline import (SCHEDULES, Placement, add_p2p, add_step_e
                                        validate_pipeline)
 from memtrain.planner.plan import Op
 from memtrain.planner.schedule import Schedule
-from memtrain.runtime.stage_worker import PipelineSpec, StageWorker, StepResult
+from memtrain.runtime.stage_worker import PIPELINE_DTYPES, PipelineSpec, StageWorker, StepResult
 
 __all__ = ["run_pipeline", "PipelineRun", "PipelineResult", "PipelineError", "stage_programs", "even_partition"]
 
@@ -56,6 +56,8 @@ class PipelineResult:
     """Per step, per world rank, its peak bytes per tier (``StepResult.peak_bytes``)."""
     nodes: tuple[str, ...] = ()
     """Per world rank, the node it ran on (when placed on given nodes)."""
+    devices: tuple[str, ...] = ()
+    """Per world rank, where it computed (``StepResult.device``)."""
 
 
 def stage_programs(kind: str, num_ranks: int, num_microbatches: int, *,
@@ -229,7 +231,8 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                  on_step: Callable[[int, float, list[StepResult], float], None] | None = None,
                  start_step: int = 0, states: Mapping[int, dict] | None = None,
                  save_after: Callable[[int], bool] | None = None,
-                 on_states: Callable[[int, dict[int, dict]], None] | None = None) -> PipelineResult:
+                 on_states: Callable[[int, dict[int, dict]], None] | None = None,
+                 dtype: str = "fp32") -> PipelineResult:
     """Train ``num_steps`` steps of ``model`` over ``num_ranks`` pipeline ranks × ``dp``
     replicas on the current Ray (the caller ran ``ray.init``). ``model``: a ``ModelConfig`` or its
     fields as a dict (default: the tiny GPT); ``partition``: blocks per stage (default: even);
@@ -242,9 +245,13 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     collective waits; ``step_timeout_s``: the longest the driver waits for a step.
     ``start_step`` and ``states`` (per world rank, ``StageWorker.state``) continue a run from a
     checkpoint; after each step ``k`` (1-based count of steps done) for which ``save_after(k)``,
-    the ranks' states go to ``on_states(k, states)``."""
+    the ranks' states go to ``on_states(k, states)``. ``dtype``: ``fp32`` or ``bf16`` (autocast).
+    Each worker computes on the GPU its placement gave it, else on the CPU."""
     if schedule not in SCHEDULES:
         raise ConfigError(f"schedule: must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if dtype not in PIPELINE_DTYPES:
+        raise ConfigError(f"train.dtype: the pipeline workers train in {' or '.join(PIPELINE_DTYPES)}, got {dtype!r}; "
+                          "fp16 needs a loss scale the ranks agree on (not yet): use bf16")
     for name, value in (("num_ranks", num_ranks), ("dp", dp), ("num_microbatches", num_microbatches),
                         ("micro_batch_size", micro_batch_size), ("seq_len", seq_len), ("num_steps", num_steps)):
         if not isinstance(value, int) or value < 1:
@@ -265,6 +272,10 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                                      for r, acts in programs.items()}, place, num_microbatches)
         if problem is not None:
             raise ConfigError(f"programs: {schedule} over {num_ranks} ranks cannot run them: {problem}")
+    gcfg = gpt_config(model_cfg.preset, **model_cfg.overrides)
+    if gcfg.position == "learned" and seq_len > gcfg.max_seq_len:
+        raise ConfigError(f"train.seq_len ({seq_len}) exceeds the model's learned position table ({gcfg.max_seq_len}); "
+                          f"lower train.seq_len or set model.overrides.max_seq_len: {seq_len}")
     num_blocks = _num_blocks(model_cfg)
     parts = tuple(partition) if partition is not None else even_partition(num_blocks, place.num_stages)
     if len(parts) != place.num_stages or any(n < 1 for n in parts) or sum(parts) != num_blocks:
@@ -281,7 +292,7 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     spec = PipelineSpec(model=model_cfg, partition=parts, rank_of=place.rank_of, num_ranks=num_ranks, dp=dp,
                         num_microbatches=num_microbatches, micro_batch_size=micro_batch_size, seq_len=seq_len,
                         seed=seed, data=data or DataConfig(), optimizer=optim, timeout_s=timeout_s,
-                        num_threads=num_threads)
+                        num_threads=num_threads, dtype=dtype)
     losses, mb_losses, records, times, peaks = [], [], [], [], []
     with PipelineRun(spec, programs, step_timeout_s=step_timeout_s, num_cpus_per_worker=num_cpus_per_worker,
                      assignments=assignments) as run:
@@ -303,10 +314,11 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
             if save_after is not None and on_states is not None and save_after(k + 1):
                 on_states(k + 1, run.states())
         nodes = run.nodes
+    devices = tuple(r.device for r in results) if num_steps > start_step else ()
     return PipelineResult(losses=tuple(losses), microbatch_losses=tuple(mb_losses), records=tuple(records),
                           step_times_s=tuple(times),
                           programs=tuple(tuple(str(a) for a in programs[r]) for r in range(num_ranks)),
-                          peak_bytes=tuple(peaks), nodes=nodes)
+                          peak_bytes=tuple(peaks), nodes=nodes, devices=devices)
 
 
 def _num_blocks(cfg: ModelConfig) -> int:

@@ -21,7 +21,7 @@ __all__ = ["STEP_TIME_TOLERANCE", "closing_lines", "likely_cause", "process_line
 
 STEP_TIME_TOLERANCE = 0.25
 """How far the measured step time may be from the predicted, as a fraction of the prediction,
-before ``memtrain run`` warns: the planner aims at a median error of 15% (``bench/plan_accuracy.py``),
+before ``memtrain run`` warns: the planner aims at a median error of 10% (``bench/plan_accuracy.py``),
 so a run further off than this points at the figures the plan was made with."""
 
 _PROFILE = "memtrain profile CONFIG"

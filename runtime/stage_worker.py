@@ -13,11 +13,16 @@ and each stage steps its own ``torch.optim`` optimizer of the run's kind and hyp
 (``PipelineSpec.optimizer``), at the step's learning rate the driver passes. Dropout draws from each worker's own random
 stream, so parity with one process holds for models without dropout.
 
-[Note: same initial weights] Every worker builds the whole model on CPU under the run's seed,
-exactly as one process does, keeps its stages' blocks and drops the rest, so each parameter has
-the single-process value by construction. The cost is the whole model's weights once per worker
-at start-up; a model too big for that needs an initialisation that replays the seeded stream
-block by block instead.
+[Note: same initial weights] Every worker builds only its stages' blocks, on the meta device and
+then materialised by replaying the run's seeded random stream (``models.gpt_blocks``), so each
+parameter has the single-process value bit for bit while a worker holds its blocks plus, at
+start-up, the largest single module of the others.
+
+[Note: devices of a worker] A worker computes on the GPU Ray gave its actor (the bundle's ``GPU``
+resource: Ray sets ``CUDA_VISIBLE_DEVICES``), else on the CPU; ``StepResult.device`` says which,
+so a run whose plan assumed GPUs that torch cannot see says so. Transfers and collectives go
+through gloo in host memory (a tensor on the GPU is copied out before a send and in after a
+receive); NCCL between GPUs is not used yet.
 
 [Note: B and W] Where the schedule splits the backward, ``F`` keeps the output of every module
 that owns parameters (a forward hook); ``B`` walks the graph from the stage's output to its input
@@ -42,11 +47,15 @@ from torch import nn
 from memtrain.comm import Channel, Rendezvous, all_reduce_, host_store, join, leave, subgroups
 from memtrain.config import DataConfig, ModelConfig
 from memtrain.optimizers import Optimizer, OptimizerSpec
-from memtrain.models.source import build_model
+from memtrain.models.gpt import causal_lm_loss, gpt_config
+from memtrain.models.gpt_blocks import TIED_NAMES, build_blocks
 from memtrain.planner.plan import Action, Op
 from memtrain.runtime.data import TokenBatches
 
-__all__ = ["PipelineSpec", "StageWorker", "StepResult", "block_ranges"]
+__all__ = ["PipelineSpec", "StageWorker", "StepResult", "block_ranges", "PIPELINE_DTYPES"]
+
+PIPELINE_DTYPES = ("fp32", "bf16")
+"""What the stages compute in (fp16 needs a loss scale agreed across the ranks: not yet)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -80,6 +89,13 @@ class PipelineSpec:
     """The longest a transfer or collective may wait."""
     num_threads: int = 1
     """``torch.set_num_threads`` on each worker."""
+    dtype: str = "fp32"
+    """``fp32``, or ``bf16``: each block's forward under ``torch.autocast`` in bfloat16 (fp32
+    parameters, gradients and optimizer states; the loss in fp32)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in PIPELINE_DTYPES:
+            raise ValueError(f"dtype: one of {', '.join(PIPELINE_DTYPES)}, got {self.dtype!r}")
 
     @property
     def num_stages(self) -> int:
@@ -101,7 +117,10 @@ class StepResult:
     time_s: float
     """Wall time of the step on this rank."""
     peak_bytes: dict[str, int] = field(default_factory=dict)
-    """``host``: the worker process's peak resident memory so far (the stages train on CPU)."""
+    """``host``: the worker process's peak resident memory so far; ``device``: on a GPU, the
+    step's peak CUDA allocation."""
+    device: str = "cpu"
+    """Where the stages computed: ``cpu``, or ``cuda:0 (<GPU name>)``."""
 
 
 def block_ranges(partition: tuple[int, ...]) -> list[range]:
@@ -145,6 +164,8 @@ class StageWorker:
         """Join the world, make the groups, build this rank's stages and their optimizers."""
         spec = self.spec
         torch.set_num_threads(spec.num_threads)
+        # [Note: devices of a worker] the GPU Ray gave the actor (CUDA_VISIBLE_DEVICES), else the CPU
+        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         join(self.rank, Rendezvous(host=host, port=port, world_size=spec.world_size, timeout_s=spec.timeout_s),
              self._store)
         self.channel = Channel(self.rank, timeout_s=spec.timeout_s)
@@ -162,16 +183,17 @@ class StageWorker:
     def _build_stages(self) -> None:
         """[Note: same initial weights]"""
         spec = self.spec
-        torch.manual_seed(spec.seed)
-        built = build_model(spec.model, max_seq_len=spec.seq_len)
-        blocks = [m for _, m in built.blocks]
-        if sum(spec.partition) != len(blocks):
-            raise ValueError(f"partition: {sum(spec.partition)} blocks in all, the model has {len(blocks)}")
+        gcfg = gpt_config(spec.model.preset, **spec.model.overrides)
+        num_blocks = gcfg.num_layers + 2
+        if sum(spec.partition) != num_blocks:
+            raise ValueError(f"partition: {sum(spec.partition)} blocks in all, the model has {num_blocks}")
         ranges = block_ranges(spec.partition)
         last = spec.num_stages - 1
-        first_ids = {id(q) for i in ranges[0] for q in blocks[i].parameters()}
-        self.loss_fn = built.loss_fn
-        self.vocab_size = built.vocab_size
+        blocks = build_blocks(gcfg, {i for s in self.stages for i in ranges[s]}, spec.seed)
+        for block in blocks.values():
+            block.to(self.device)  # in place: a table tied across two kept blocks stays one
+        self.loss_fn = causal_lm_loss
+        self.vocab_size = gcfg.vocab_size
         self.blocks: dict[int, list[nn.Module]] = {s: [blocks[i] for i in ranges[s]] for s in self.stages}
         # every parameter a stage's blocks use (its W's targets), and those it owns (its
         # optimizer's and all-reduce's): a parameter two stages of this rank share is the first's
@@ -183,20 +205,15 @@ class StageWorker:
             self.uses[s] = params
             self.owns[s] = [q for q in params if id(q) not in seen]
             seen.update(id(q) for q in params)
-        # parameters the first and last stages share (tied embeddings) on two different ranks; no
-        # other sharing across ranks is summed, so it is refused
-        ranks_using: dict[int, set[int]] = {}
-        for s, blocks_of in enumerate(ranges):
-            for q in {id(q) for i in blocks_of for q in blocks[i].parameters()}:
-                ranks_using.setdefault(q, set()).add(spec.rank_of[s])
-        ends = {spec.rank_of[0], spec.rank_of[last]}
-        if any(len(r) > 1 and r != ends for r in ranks_using.values()):
-            raise ValueError("model: a parameter is shared by stages on different ranks other than the first and "
-                             "last stage's (tied embeddings); the pipeline sums only those")
-        last_ids = {id(q) for i in ranges[last] for q in blocks[i].parameters()}
-        self.tied = {s: [q for q in self.owns[s] if id(q) in first_ids and id(q) in last_ids]
-                     for s in self.stages if s in (0, last)} if self.tie_group is not None else {}
-        del built, blocks
+        # the built-in GPT shares one table between its first and last blocks (tied embeddings);
+        # where the two ends sit on different ranks, each holds a copy and their gradients are summed
+        self.tied: dict[int, list[nn.Parameter]] = {}
+        if gcfg.tie_embeddings and self.tie_group is not None:
+            if 0 in self.stages:
+                self.tied[0] = [blocks[0].get_parameter(TIED_NAMES[0])]
+            if last in self.stages:
+                self.tied[last] = [blocks[num_blocks - 1].get_parameter(TIED_NAMES[1])]
+        del blocks
         for s in self.stages:
             for m in self.blocks[s]:
                 m.train()
@@ -235,6 +252,8 @@ class StageWorker:
         for opt in self.optims.values():
             for g in opt.param_groups:
                 g["lr"] = self.spec.optimizer.lr if lr is None else float(lr)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         self._load_batch(step)
         record: list[str] = []
         for a in self.program:
@@ -249,8 +268,11 @@ class StageWorker:
         assert not left, f"rank {self.rank}: step {step} ended with tensors left in {left}"
         losses = tuple(self.losses[i] for i in sorted(self.losses))
         self._new_step_state()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - t0
-        return StepResult(record=tuple(record), losses=losses, time_s=elapsed, peak_bytes=_peak_bytes())
+        return StepResult(record=tuple(record), losses=losses, time_s=elapsed, peak_bytes=_peak_bytes(self.device),
+                          device=_device_name(self.device))
 
     def _load_batch(self, step: int) -> None:
         """This replica's micro-batches of step ``step``'s global batch (rows in order: replica
@@ -266,9 +288,9 @@ class StageWorker:
         ids, labels = source.batch(step)
         rows = [slice((self.replica * m + i) * b, (self.replica * m + i + 1) * b) for i in range(m)]
         if 0 in self.stages:
-            self.ids = [ids[r] for r in rows]
+            self.ids = [ids[r].to(self.device) for r in rows]
         if last in self.stages:
-            self.labels = [labels[r] for r in rows]
+            self.labels = [labels[r].to(self.device) for r in rows]
 
     def _peer(self, stage: int) -> int:
         """The world rank of this replica that runs ``stage``."""
@@ -290,11 +312,12 @@ class StageWorker:
             x = leaf
         kept: list[tuple[tuple[nn.Parameter, ...], torch.Tensor]] = []
         self._kept = kept if self.split_w else None
-        for block in self.blocks[s]:
-            x = block(x)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.spec.dtype == "bf16"):
+            for block in self.blocks[s]:
+                x = block(x)
         self._kept = None
         if s == last:
-            loss = self.loss_fn(x, self.labels[i])
+            loss = self.loss_fn(x, self.labels[i])  # in fp32 (the loss upcasts the logits)
             self.losses[i] = loss.item()
             x = loss / (self.spec.num_microbatches * self.spec.dp)
         else:
@@ -339,19 +362,19 @@ class StageWorker:
 
     def _send_f(self, a: Action) -> None:
         s, i = a.stage, a.microbatch
-        self.channel.send(self.outbox.pop(("F", s, i)), self._peer(s + 1), self._tag("F", s + 1, i), str(a))
+        self.channel.send(self.outbox.pop(("F", s, i)).cpu(), self._peer(s + 1), self._tag("F", s + 1, i), str(a))
 
     def _send_b(self, a: Action) -> None:
         s, i = a.stage, a.microbatch
-        self.channel.send(self.outbox.pop(("B", s, i)), self._peer(s - 1), self._tag("B", s - 1, i), str(a))
+        self.channel.send(self.outbox.pop(("B", s, i)).cpu(), self._peer(s - 1), self._tag("B", s - 1, i), str(a))
 
     def _recv_f(self, a: Action) -> None:
         s, i = a.stage, a.microbatch
-        self.inbox[("F", s, i)] = self.channel.recv(self._peer(s - 1), self._tag("F", s, i), str(a))
+        self.inbox[("F", s, i)] = self.channel.recv(self._peer(s - 1), self._tag("F", s, i), str(a)).to(self.device)
 
     def _recv_b(self, a: Action) -> None:
         s, i = a.stage, a.microbatch
-        self.inbox[("B", s, i)] = self.channel.recv(self._peer(s + 1), self._tag("B", s, i), str(a))
+        self.inbox[("B", s, i)] = self.channel.recv(self._peer(s + 1), self._tag("B", s, i), str(a)).to(self.device)
 
     def _all_reduce(self, a: Action) -> None:
         """Sum the stage's gradients: a weight the first and last stages share across the two
@@ -382,8 +405,17 @@ class StageWorker:
         optimizer's state, and the random generators' states (``runtime.checkpoint``)."""
         from memtrain.runtime.checkpoint import capture_rng
 
-        return {"stages": {s: {"params": [q.detach().clone() for q in self.owns[s]],
-                               "optim": self.optims[s].state_dict() if s in self.optims else None}
+        def host(value):  # the driver may have no GPU: tensors travel in host memory
+            if isinstance(value, torch.Tensor):
+                return value.detach().to("cpu", copy=True)
+            if isinstance(value, dict):
+                return {k: host(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [host(v) for v in value]
+            return value
+
+        return {"stages": {s: {"params": [host(q) for q in self.owns[s]],
+                               "optim": host(self.optims[s].state_dict()) if s in self.optims else None}
                            for s in self.stages},
                 "rng": capture_rng()}
 
@@ -417,10 +449,17 @@ class StageWorker:
         self._store = None
 
 
-def _peak_bytes() -> dict[str, int]:
+def _peak_bytes(device: torch.device) -> dict[str, int]:
     import resource
 
-    return {"host": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
+    out = {"host": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
+    if device.type == "cuda":
+        out["device"] = int(torch.cuda.max_memory_allocated(device))
+    return out
+
+
+def _device_name(device: torch.device) -> str:
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
 
 
 def _node_ip() -> str:

@@ -279,7 +279,10 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print, resume_from=N
         print_fn(f"training {cfg.train.steps - start} steps of {tokens_per_step:,} tokens; run directory {out_dir}")
         run_load = LoadMeter()  # what other processes do during the run, for closing_lines
         interval = cfg.checkpoint.interval_steps
-        with metrics_path.open("a") as metrics, _StopSignals(print_fn) as stop:
+        from memtrain.runtime.progress import StepProgress
+
+        with (metrics_path.open("a") as metrics, _StopSignals(print_fn) as stop,
+              StepProgress(cfg.train.steps, start, print_fn) as progress):
             for step in range(start, cfg.train.steps):
                 engine.set_lr(lr_at(step, cfg))
                 t0 = time.perf_counter()
@@ -297,9 +300,9 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print, resume_from=N
                 metrics.flush()  # [Note: the run directory]
                 if not finite:
                     raise _non_finite(loss, step + 1, cfg, metrics_path)
-                print_fn(f"step {step + 1:>5}/{cfg.train.steps}  loss {loss:.4f}  {dt:6.3f} s  "
-                         f"{tokens_per_step / dt:10,.0f} tok/s  step peak: device {format_bytes(peaks['device'])}, "
-                         f"host {format_bytes(peaks['host'])}")
+                progress.step(step + 1, f"step {step + 1:>5}/{cfg.train.steps}  loss {loss:.4f}  {dt:6.3f} s  "
+                              f"{tokens_per_step / dt:10,.0f} tok/s  step peak: device {format_bytes(peaks['device'])}, "
+                              f"host {format_bytes(peaks['host'])}", loss)
                 done = step + 1
                 if stop.signum is not None or done == cfg.train.steps or (interval and done % interval == 0):
                     checkpoint(done)

@@ -1,7 +1,7 @@
 """The single-process reference of the pipeline parity tests: plain PyTorch, the model built the
 ordinary way under the seed, the same global batch as micro-batches in order, each loss divided
 by their number before its backward, ``torch.optim.AdamW`` with the same hyper-parameters and
-learning rate per step."""
+learning rate per step (``bf16``: the forward under ``torch.autocast``, the loss in fp32)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from memtrain.runtime.data import TokenBatches
 
 
 def reference_losses(model: dict, *, num_steps: int, num_microbatches: int, micro_batch_size: int, seq_len: int,
-                     seed: int, lr: float, adamw: dict | None = None, lr_at=None) -> list[list[float]]:
+                     seed: int, lr: float, adamw: dict | None = None, lr_at=None, bf16: bool = False) -> list[list[float]]:
     """Per step, each micro-batch's loss, on one thread (as each worker runs)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -32,7 +32,9 @@ def reference_losses(model: dict, *, num_steps: int, num_microbatches: int, micr
             losses = []
             for i in range(m):
                 rows = slice(i * b, (i + 1) * b)
-                loss = built.loss_fn(built.forward(ids[rows]), labels[rows])
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    logits = built.forward(ids[rows])
+                loss = built.loss_fn(logits, labels[rows])
                 (loss / m).backward()
                 losses.append(loss.item())
             opt.step()

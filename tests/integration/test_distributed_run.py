@@ -62,9 +62,23 @@ def test_the_readme_pipeline_example_trains_as_one_process_does(local_ray, tmp_p
         run_distributed(cfg, print_fn=lines.append)
 
 
-def test_a_pipeline_in_mixed_precision_is_refused_naming_the_field(local_ray, tmp_path):
-    with pytest.raises(ConfigError, match="train.dtype: the pipeline workers train in fp32 for now, got bf16"):
-        run_distributed(_config(tmp_path, "train.dtype=bf16"), print_fn=lambda line: None)
+def test_bf16_trains_as_one_process_under_autocast(local_ray, tmp_path):
+    cfg = _config(tmp_path, "train.dtype=bf16", "train.steps=3")
+    out = run_distributed(cfg, print_fn=lambda line: None)
+    opt = cfg.train.optimizer
+    ref = reference_losses({"source": "gpt", "preset": "tiny"}, num_steps=3, num_microbatches=4, micro_batch_size=2,
+                           seq_len=cfg.train.seq_len, seed=0, lr=opt.lr,
+                           adamw={"betas": tuple(opt.betas), "weight_decay": opt.weight_decay},
+                           lr_at=lambda k: lr_at(k, cfg), bf16=True)
+    assert out["result"].microbatch_losses[0] == tuple(ref[0])  # the first step: the same arithmetic
+    # later steps: the tied table's gradient summed in another order, then rounded to bfloat16
+    assert [list(x) for x in out["result"].microbatch_losses] == [pytest.approx(x, rel=1e-3, abs=0) for x in ref]
+    assert out["result"].devices == ("cpu", "cpu")
+
+
+def test_fp16_is_refused_naming_the_field(local_ray, tmp_path):
+    with pytest.raises(ConfigError, match="train.dtype: the pipeline workers train in fp32 or bf16; fp16 needs"):
+        run_distributed(_config(tmp_path, "train.dtype=fp16"), print_fn=lambda line: None)
 
 
 def test_a_pipeline_run_stopped_by_sigterm_resumes_to_the_uninterrupted_losses(local_ray, tmp_path):
