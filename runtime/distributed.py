@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from memtrain.config import Config, ConfigError
 from memtrain.errors import UserError
-from memtrain.runtime.planning import run_dir
+from memtrain.runtime.planning import run_devices, run_dir
 from memtrain.units import format_bytes, format_seconds
 
 __all__ = ["run_distributed", "check_devices", "plan_run", "assignments_for", "PIPELINE_DRIVER"]
@@ -45,19 +45,7 @@ def check_devices(cfg: Config, inventory: Any) -> list[int]:
             f"parallel.pipeline × parallel.data: {p.pipeline} × {p.data} = {p.num_workers} workers need one device "
             f"each, but the Ray cluster has {len(slots)} ({inventory.describe()}); lower parallel.pipeline or "
             "parallel.data, or add nodes (in a cluster without GPUs each CPU Ray gives a node is a device)")
-    first = list(range(p.num_workers))
-    if p.data == 1:
-        return first
-    by_kind: dict[str, list[int]] = {}
-    for i, slot in enumerate(slots):
-        by_kind.setdefault(slot.kind, []).append(i)
-    chosen, need = [], p.num_workers
-    for kind in sorted(by_kind, key=lambda k: -len(by_kind[k])):
-        take = min(len(by_kind[kind]) // p.data * p.data, need)
-        take -= take % p.data
-        chosen += by_kind[kind][:take]
-        need -= take
-    return sorted(chosen) if need == 0 else first  # else: the planner says what the replicas lack
+    return run_devices([slot.kind for slot in slots], p.pipeline, p.data)  # as 'memtrain plan' chooses
 
 
 def _pipeline_runner() -> Callable[..., Any]:
@@ -111,7 +99,8 @@ def plan_run(cfg: Config, inventory: Any, chosen: list[int]) -> Any:
         micro_batch_size=_micro_batch_size(cfg), dtype=cfg.train.dtype, optimizer=cfg.train.optimizer.name,
         safety_margin=cfg.memory.safety_margin, device_budget=cfg.memory.device, host_budget=cfg.memory.host,
         nvme_budget=cfg.memory.nvme, schedules=(cfg.parallel.schedule,), pipeline_degree=cfg.parallel.pipeline,
-        data_parallel_degree=cfg.parallel.data, source="ray")
+        data_parallel_degree=cfg.parallel.data, num_microbatches=cfg.parallel.microbatches,
+        stage_blocks=cfg.parallel.partition, source="ray")
     if plan.pipeline is None or not plan.fits:
         raise ConfigError(f"the model does not fit the cluster's devices: {plan.shortfall}")
     if len(plan.pipeline.stage_ranks) != cfg.parallel.num_stages:
@@ -183,7 +172,7 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
 
     report.print_summary(plan)
     pipe, train = plan.pipeline, plan.train
-    partition = tuple(cfg.parallel.partition) if cfg.parallel.partition else tuple(e - b for b, e in pipe.partition)
+    partition = tuple(e - b for b, e in pipe.partition)  # the config's parallel.partition when it sets one
     ckpt_root = checkpoint_root(cfg)
     start = resume_from.step if resume_from is not None else 0
     metrics_path = out_dir / "metrics.jsonl"
