@@ -21,11 +21,13 @@ def bench():
     spec = importlib.util.spec_from_file_location("pipeline_bench", _PATH)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there
+    path = list(sys.path)
     try:
-        spec.loader.exec_module(mod)
+        spec.loader.exec_module(mod)  # puts bench/ on sys.path for its sibling benches
         yield mod
     finally:
         del sys.modules[spec.name]
+        sys.path[:] = path
 
 
 def _costs(bench, n: int, *, last: float = 1.0, w: float = 0.0):
