@@ -48,10 +48,23 @@ def test_equal_stages_give_the_textbook_bubble(bench, kind):
 
 def test_the_balanced_partition_moves_blocks_off_the_heavy_head(bench):
     costs = _costs(bench, 8, last=3.0)  # the head weighs three layers
-    assert bench.balanced_partition(costs, 2, split=False) == (5, 3)
+    assert bench.min_max_partition(costs, 2, split=False) == (5, 3)
+    assert bench.balanced_partition("1f1b", 2, 8, 1, costs, Link(gbps=1.0)) == (5, 3)
     even = bench.simulate("1f1b", 2, 8, 1, (4, 4), costs, Link(gbps=1.0))
     balanced = bench.simulate("1f1b", 2, 8, 1, (5, 3), costs, Link(gbps=1.0))
     assert balanced.step_s < even.step_s and balanced.bubble < even.bubble
+
+
+def test_the_balanced_partition_is_the_simulators_fastest(bench):
+    """The min-max split leaves the first rank's tail (its last backward, its heavy optimizer
+    step) after the last rank's work: the simulator moves a block off the first stage."""
+    costs = _costs(bench, 8, last=3.0)
+    costs = bench.BlockCosts(**{**{f: getattr(costs, f) for f in bench.BlockCosts.__slots__},
+                                "optim_s": (12.0,) + (0.0,) * 7})
+    best = bench.balanced_partition("1f1b", 2, 8, 1, costs, Link(gbps=1.0))
+    every = [(k, 8 - k) for k in range(1, 8)]
+    steps = {parts: bench.simulate("1f1b", 2, 8, 1, parts, costs, Link(gbps=1.0)).step_s for parts in every}
+    assert steps[best] == min(steps.values()) and best != bench.min_max_partition(costs, 2, split=False)
 
 
 def test_split_stages_carry_b_and_w(bench):
