@@ -66,10 +66,12 @@ TARGET_ERR = 0.10
 """Median |simulated / measured - 1| over the schedules (issue 18)."""
 TARGET_RATIO = 1.0
 """memtrain's step (Ray included) over torch.distributed.pipelining's."""
-LOSS_TOL = 1e-4
-"""|memtrain - torch| per step's mean loss. Step 0 is the same arithmetic (same weights, batch,
-one thread: 0 in practice); after it torch scales the summed gradients by 1/m where memtrain
-scales each loss before its backward, so AdamW's updates differ in the last bits."""
+LOSS_TOL = 1e-5
+"""|memtrain - torch| per step's mean loss. The runs start from the same weights and read the same
+batches on one thread each; the means are taken differently (memtrain's in float64 over the
+micro-batch losses, the torch bench's a float32 ``torch.mean``: about 1e-6 apart at a loss near
+9), and torch scales the summed gradients by 1/m where memtrain scales each loss before its
+backward, which AdamW nearly cancels (measured: at most 1.1e-6 over 6 steps)."""
 TORCH_SAME = ("gpipe", "1f1b", "interleaved-1f1b")
 """Schedules torch has with memtrain's split (its zero-bubble ones are interleaved or ZBV)."""
 _SPLIT_W = ("zb-h1", "v-half", "v-min")

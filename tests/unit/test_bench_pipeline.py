@@ -106,9 +106,11 @@ _ROW = re.compile(r"^(gpipe|1f1b)\s+(\d+,\d+)\s+([\d.]+) ms\s+([\d.]+)%\s+([\d.]
                   r"\s+([\d.]+) ms\s+([\d.]+)×\s+(\S+)\s+[\d.]+$", re.M)
 
 
+@pytest.mark.slow
 def test_quick_run_prints_every_column_and_matches_torchs_losses(bench, ray_env, capsys):
-    """memtrain's per-step mean loss equals torch's within ``LOSS_TOL`` (1e-4) on both schedules.
-    About 30 s on 2 busy cores (Ray, 4 pipeline runs, 2 torch runs), so in the default suite."""
+    """memtrain's per-step mean loss equals torch's within ``LOSS_TOL`` (1e-5) on both schedules.
+    Slow: 30-65 s on 2 shared cores (Ray, 2 pipeline runs, 2 torch runs, the probes), mostly
+    starting processes."""
     import ray
 
     rc = bench.main(["--quick"])
