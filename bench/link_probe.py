@@ -5,8 +5,9 @@
 Two processes (``torch.multiprocessing``, one thread each) join a gloo group over a TCP store on
 127.0.0.1 and pass tensors back and forth with memtrain's own ``comm.Channel`` (a header and a
 payload per tensor, as the pipeline's transfers go). Half the median round trip of a 4-byte
-tensor is the latency; the bandwidth comes from the median one-way time of a large tensor less
-that latency. ``probe`` returns them as the simulator's ``Link``.
+tensor is the latency (what a transfer waits for, the scheduler's delays included); the
+bandwidth comes from the fastest round trips of a large tensor and of the small one. ``probe``
+returns them as the simulator's ``Link``.
 """
 
 from __future__ import annotations
@@ -82,8 +83,11 @@ def probe(*, num_bytes: int = 4 << 20, repeats: int = 20, timeout_s: float = 60.
                            start_method="spawn")
         res = torch.load(out)
     latency_s = statistics.median(res["small"]) / 2
-    one_way_s = statistics.median(res["large"]) / 2
-    return Link(gbps=num_bytes / max(one_way_s - latency_s, 1e-9) / 1e9, latency_s=latency_s)
+    # the bandwidth from the fastest rounds, whose difference the scheduler's delays touch least
+    # (on a busy machine a median small round can take longer than the fastest large one)
+    fastest_small, fastest_large = min(res["small"]) / 2, min(res["large"]) / 2
+    transfer_s = fastest_large - fastest_small if fastest_large > 2 * fastest_small else fastest_large
+    return Link(gbps=num_bytes / transfer_s / 1e9, latency_s=latency_s)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,7 +59,7 @@ from memtrain.planner.partition import partition_min_max  # noqa: E402
 from memtrain.planner.pipeline import SCHEDULES, add_p2p, generate, placement  # noqa: E402
 from memtrain.planner.plan import Action, Op  # noqa: E402
 from memtrain.planner.simulate_pipeline import Link, StageCost, simulate_pipeline  # noqa: E402
-from memtrain.runtime.pipeline_driver import even_partition, run_pipeline  # noqa: E402
+from memtrain.runtime.pipeline_driver import even_partition, run_pipeline, stage_programs  # noqa: E402
 from memtrain.runtime.stage_worker import PipelineSpec, StageWorker, block_ranges  # noqa: E402
 
 TARGET_ERR = 0.10
@@ -153,16 +153,31 @@ def _time_actions(model: ModelConfig, num_blocks: int, *, m: int, b: int, seq: i
     return {k: statistics.median(v) for k, v in by_action.items()}, statistics.median(rests)
 
 
-def measure_blocks(model: ModelConfig, *, m: int, b: int, seq: int, seed: int, lr: float, steps: int) -> BlockCosts:
-    """Each block's costs (see ``BlockCosts``): one run with the backward whole, one split."""
+def measure_blocks(model: ModelConfig, *, m: int, b: int, seq: int, seed: int, lr: float, steps: int,
+                   split: bool | None = None, base: BlockCosts | None = None) -> BlockCosts:
+    """Each block's costs (see ``BlockCosts``): one run with the backward whole, one split; or,
+    with ``split``, only that form's run, the other form's figures kept from ``base``."""
     cfg = gpt_config(model.preset, **model.overrides)
     n = cfg.num_layers + 2
-    whole, rest = _time_actions(model, n, m=m, b=b, seq=seq, seed=seed, lr=lr, split=False, steps=steps)
-    split, _ = _time_actions(model, n, m=m, b=b, seq=seq, seed=seed, lr=lr, split=True, steps=steps)
-    return BlockCosts(fwd_s=tuple(whole[(Op.F, s)] for s in range(n)), bwd_s=tuple(whole[(Op.B, s)] for s in range(n)),
-                      b_s=tuple(split[(Op.B, s)] for s in range(n)), w_s=tuple(split[(Op.W, s)] for s in range(n)),
-                      optim_s=tuple(whole[(Op.ALLREDUCE, s)] + whole[(Op.OPTIM, s)] for s in range(n)),
-                      rest_s=rest, output_bytes=b * seq * cfg.hidden_size * 4)
+    runs = {mode: _time_actions(model, n, m=m, b=b, seq=seq, seed=seed, lr=lr, split=mode, steps=steps)
+            for mode in ((False, True) if split is None else (split,))}
+    if base is None and len(runs) < 2:
+        raise ValueError("measure_blocks: a single form of the backward needs the base costs of the other")
+
+    def per_block(mode: bool, *ops: Op) -> tuple[float, ...]:
+        return tuple(sum(runs[mode][0][(op, s)] for op in ops) for s in range(n))
+
+    main = False if False in runs else True
+    return BlockCosts(fwd_s=per_block(main, Op.F), bwd_s=per_block(False, Op.B) if False in runs else base.bwd_s,
+                      b_s=per_block(True, Op.B) if True in runs else base.b_s,
+                      w_s=per_block(True, Op.W) if True in runs else base.w_s,
+                      optim_s=per_block(main, Op.ALLREDUCE, Op.OPTIM), rest_s=runs[main][1],
+                      output_bytes=b * seq * cfg.hidden_size * 4)
+
+
+def pass_total_s(costs: BlockCosts, split: bool) -> float:
+    """One micro-batch's passes through every block: what the load moves between measurements."""
+    return sum(costs.fwd_s) + (sum(costs.b_s) + sum(costs.w_s) if split else sum(costs.bwd_s))
 
 
 def ray_round_trip_s(repeats: int = 20) -> float:
@@ -244,7 +259,8 @@ def balanced_partition(kind: str, p: int, m: int, v: int, costs: BlockCosts, lin
     min_max = min_max_partition(costs, k, kind in _SPLIT_W)
     if math.comb(n - 1, k - 1) > MAX_SIMULATED_SPLITS:
         return min_max
-    splits = [tuple(e - a for a, e in zip((0, *cuts), (*cuts, n))) for cuts in itertools.combinations(range(1, n), k - 1)]
+    splits = [tuple(e - a for a, e in zip((0, *cuts), (*cuts, n)))
+              for cuts in itertools.combinations(range(1, n), k - 1)]
     return min(splits, key=lambda parts: (simulate(kind, p, m, v, parts, costs, link).step_s, parts != min_max))
 
 
@@ -267,7 +283,8 @@ def measure(kind: str, args: argparse.Namespace, model: ModelConfig, partition: 
 
 
 def measure_torch(kind: str, args: argparse.Namespace, model: ModelConfig, partition: tuple[int, ...]) -> dict:
-    res = torch_pipeline.run(kind, args.ranks, args.microbatches, args.steps, model={"preset": model.preset, **model.overrides},
+    res = torch_pipeline.run(kind, args.ranks, args.microbatches, args.steps,
+                             model={"preset": model.preset, **model.overrides},
                              global_batch_size=args.microbatches * args.micro_batch_size, seq_len=args.seq_len,
                              partition=list(partition), seed=args.seed, lr=args.lr, data_seed=0)
     return {"step_s": statistics.median(res["times"][args.warmup:]), "losses": tuple(res["losses"])}
@@ -283,7 +300,8 @@ def _pct(x: float) -> str:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=None, help="default: all six (--quick: gpipe 1f1b)")
+    ap.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=None,
+                    help="default: all six (--quick: gpipe 1f1b)")
     ap.add_argument("--ranks", type=int, default=2, help="pipeline ranks, one Ray worker of one thread each")
     ap.add_argument("--microbatches", type=int, default=None, help="micro-batches per step (default 8; --quick 4)")
     ap.add_argument("--micro-batch-size", type=int, default=2)
@@ -315,6 +333,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         raise UserError(f"--warmup: must be from 0 to --steps - 1 ({args.steps - 1}), got {args.warmup}")
     if args.balance != "none" and args.balance not in SCHEDULES:
         raise UserError(f"--balance: one of {', '.join(SCHEDULES)} or 'none', got {args.balance!r}")
+    for kind in {*args.schedules, *([args.balance] if args.balance != "none" else [])}:
+        try:
+            place, _ = stage_programs(kind, args.ranks, args.microbatches, stages_per_rank=args.stages_per_rank)
+        except ValueError as e:
+            raise UserError(f"--microbatches/--ranks: {kind}: {e}") from None
+        if place.num_stages > args.layers + 2:
+            raise UserError(f"--layers: {kind} over {args.ranks} ranks has {place.num_stages} stages, more than the "
+                            f"model's {args.layers + 2} blocks (the layers, the embedding, the head); give --layers "
+                            f"{place.num_stages - 2} or more")
     return args
 
 
@@ -355,10 +382,13 @@ def run(args: argparse.Namespace) -> int:
     print(head)
     errors, ratios, loss_diffs, even_runs = [], [], [], {}
     ok = True
+    totals = [pass_total_s(costs, False), pass_total_s(costs, True)]
     for kind in args.schedules:
         stages = placement(kind, p, v).num_stages
         parts = even_partition(n, stages)
-        sim = simulate(kind, p, m, v, parts, costs, link)
+        fresh = _fresh_costs(args, model, kind, costs)
+        totals.append(pass_total_s(fresh, kind in _SPLIT_W))
+        sim = simulate(kind, p, m, v, parts, fresh, link)
         got = measure(kind, args, model, parts)
         even_runs[kind] = (parts, got, sim)
         bubble = 1.0 - sum(sim.busy_s) / (p * got.step_s)
@@ -386,41 +416,48 @@ def run(args: argparse.Namespace) -> int:
         ok = ok and max(loss_diffs) <= LOSS_TOL
     print("every rank ran its program: " + ("yes" if all(r[1].records_match for r in even_runs.values()) else "NO"))
     if args.balance != "none":
-        _balanced_against_even(args, model, costs, link, even_runs)
-    again = measure_blocks(model, m=m, b=args.micro_batch_size, seq=args.seq_len, seed=args.seed, lr=args.lr,
-                           steps=args.cost_steps)
-    before, after = sum(costs.fwd_s) + sum(costs.bwd_s), sum(again.fwd_s) + sum(again.bwd_s)
-    print(f"\nthe block costs again at the end: F + B of a micro-batch through every block {_ms(after)}, "
-          f"{_pct(after / before - 1.0)} on the start's {_ms(before)} (the machine's load moved the figures by about "
-          f"that); load average (1 min) {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, this bench's {p} workers "
-          f"included")
+        totals.append(_balanced_against_even(args, model, costs, link, even_runs))
+    print(f"\nthe block costs, timed afresh before each run: a micro-batch's passes through every block took "
+          f"{_ms(min(totals))} to {_ms(max(totals))} (the machine's load moves the figures by about "
+          f"{(max(totals) / min(totals) - 1) * 100:.0f}%); load average (1 min) {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} cores, this bench's {p} workers included")
     return 0 if ok else 1
 
 
+def _fresh_costs(args: argparse.Namespace, model: ModelConfig, kind: str, base: BlockCosts) -> BlockCosts:
+    """The block costs timed again just before ``kind``'s run (the backward form it uses), so the
+    simulation and the run see the machine in about the same state."""
+    return measure_blocks(model, m=args.microbatches, b=args.micro_batch_size, seq=args.seq_len, seed=args.seed,
+                          lr=args.lr, steps=args.cost_steps, split=kind in _SPLIT_W, base=base)
+
+
 def _balanced_against_even(args: argparse.Namespace, model: ModelConfig, costs: BlockCosts, link: Link,
-                           even_runs: dict) -> None:
+                           even_runs: dict) -> float:
+    """Prints the section; returns the pass total of the block costs it timed."""
     kind, p, m, v = args.balance, args.ranks, args.microbatches, args.stages_per_rank
     stages = placement(kind, p, v).num_stages
-    n = args.layers + 2
+    fresh = _fresh_costs(args, model, kind, costs)
+    even = even_partition(args.layers + 2, stages)
+    balanced = balanced_partition(kind, p, m, v, fresh, link)
     print()
     print(f"balanced against even ({kind}): per rank, its idle share of the measured step")
     print(f"{'partition':<22}{'measured':>11}{'simulated':>11}{'error':>8}   idle per rank: measured step, simulated")
-    rows = [("even", even_partition(n, stages)), ("balanced", balanced_partition(kind, p, m, v, costs, link))]
-    steps = {}
-    for label, parts in rows:
+    runs = {}
+    for label, parts in (("even", even), ("balanced", balanced)):
         if label == "even" and kind in even_runs:
             got, sim = even_runs[kind][1], even_runs[kind][2]
-        elif label == "balanced" and parts == rows[0][1]:
-            got, sim = steps["even"]
+        elif label == "balanced" and parts == even:
+            got, sim = runs["even"]
         else:
-            got, sim = measure(kind, args, model, parts), simulate(kind, p, m, v, parts, costs, link)
-        steps[label] = (got, sim)
+            got, sim = measure(kind, args, model, parts), simulate(kind, p, m, v, parts, fresh, link)
+        runs[label] = (got, sim)
         idle = (" ".join(f"{max(0.0, 1.0 - b / got.step_s) * 100:5.1f}%" for b in sim.busy_s) + "  |"
                 + " ".join(f"{(1.0 - b / sim.step_s) * 100:5.1f}%" for b in sim.busy_s))
         print(f"{label + ' ' + ','.join(map(str, parts)):<22}{_ms(got.step_s):>11}{_ms(sim.step_s):>11}"
               f"{_pct(sim.step_s / got.step_s - 1.0):>8}   {idle}")
-    gain = steps["even"][0].step_s / steps["balanced"][0].step_s
-    print(f"balanced step: {gain:.2f}× faster than even (measured)")
+    print(f"balanced step: {runs['even'][0].step_s / runs['balanced'][0].step_s:.2f}× faster than even (measured), "
+          f"{runs['even'][1].step_s / runs['balanced'][1].step_s:.2f}× (simulated)")
+    return pass_total_s(fresh, kind in _SPLIT_W)
 
 
 def main(argv: list[str] | None = None) -> int:

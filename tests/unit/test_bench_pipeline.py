@@ -75,7 +75,9 @@ def test_split_stages_carry_b_and_w(bench):
 
 
 @pytest.mark.parametrize("argv,flag", [(["--steps", "2", "--warmup", "2"], "--warmup"), (["--ranks", "0"], "--ranks"),
-                                       (["--balance", "x"], "--balance"), (["--hidden", "66"], "--hidden")])
+                                       (["--balance", "x"], "--balance"), (["--hidden", "66"], "--hidden"),
+                                       (["--layers", "1", "--schedules", "v-half"], "--layers"),
+                                       (["--microbatches", "3", "--schedules", "interleaved-1f1b"], "--microbatches")])
 def test_bad_input_exits_2_naming_the_flag(bench, capsys, argv, flag):
     assert bench.main(["--quick", *argv]) == 2
     err = capsys.readouterr().err
@@ -120,7 +122,7 @@ def test_quick_run_prints_every_column_and_matches_torchs_losses(bench, ray_env,
     for text in ("per block F", "per block W split", "per block optimizer", "gloo on loopback", "Ray actor call",
                  "memtrain/torch", "max|Δloss|", "median |error| over 2 schedules", "target <= 10%",
                  "every rank ran its program: yes", "balanced against even (1f1b)", "idle per rank",
-                 "the block costs again at the end"):
+                 "the block costs, timed afresh before each run"):
         assert text in out, text
     rows = {m.group(1): m for m in _ROW.finditer(out)}
     assert set(rows) == {"gpipe", "1f1b"}, out
