@@ -364,8 +364,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: gpt {args.layers} layers × {args.hidden} hidden, vocabulary {args.vocab}, untied ({n} blocks); "
           f"{p} ranks × 1 thread; {m} micro-batches of {args.micro_batch_size} × {args.seq_len} tokens; "
           f"{args.steps} steps, {args.warmup} warm-up")
-    print(f"Ray: {int(ray.cluster_resources().get('CPU', 0))} CPUs, {os.cpu_count()} cores; one run on a machine "
-          f"others may share: every figure is noisy, rerun on a quiet one to quote")
+    load = os.getloadavg()[0]
+    print(f"Ray: {int(ray.cluster_resources().get('CPU', 0))} CPUs, {os.cpu_count()} cores, load average {load:.1f} "
+          f"before the bench" + (" (others are using the cores: every figure below is noisy; rerun on a quiet "
+                                 "machine to quote them)" if load > 0.5 * (os.cpu_count() or 1) else ""))
     costs = measure_blocks(model, m=m, b=args.micro_batch_size, seq=args.seq_len, seed=args.seed, lr=args.lr,
                            steps=args.cost_steps)
     for label, vals in (("F", costs.fwd_s), ("B whole", costs.bwd_s), ("B split", costs.b_s), ("W split", costs.w_s),
