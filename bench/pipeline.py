@@ -473,6 +473,10 @@ def main(argv: list[str] | None = None) -> int:
     from memtrain.runtime.ray_cluster import connected
 
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # the Ray workers inherit it from the raylet
+    # [Note: worker niceness] Ray starts its workers 15 nicer than the raylet, so that on a busy
+    # machine the raylet and GCS come first; the bench's own timings (the block costs, torch's
+    # processes) run at this process's niceness, so the embedded Ray's workers are started at it too
+    os.environ.setdefault("RAY_worker_niceness", "0")
     try:
         with connected(num_cpus=args.ranks) as line:
             print(line)
