@@ -10,8 +10,10 @@ one ``StageWorker`` per core with one thread each (``runtime.pipeline_driver.run
 1. **Costs.** Each block's forward ``F``, whole backward, input-gradient ``B``, weight-gradient
    ``W`` and optimizer step, timed in this process on one thread by the worker's own handlers
    (a ``StageWorker`` of one rank holding every block as a stage of its own), plus the rest of
-   its step (the batch, the bookkeeping); a gloo probe between two processes on loopback
-   (``bench/link_probe.py``) for the link; an actor call's round trip for Ray's part of a step.
+   its step (the batch, the bookkeeping): once for the table at the top, then afresh before each
+   run (the form of backward it uses), so a simulation and its run see the machine in about the
+   same state; a gloo probe between two processes on loopback (``bench/link_probe.py``) for the
+   link; an actor call's round trip for Ray's part of a step.
 2. **Simulated.** Per schedule, the stages' sums of those costs over the even partition go to the
    multi-rank simulator (``planner.simulate_pipeline``, one link per pair of ranks as
    ``planner.hetero_plan`` gives it); a rank's step ends with its optimizer steps, and the step
@@ -30,7 +32,9 @@ one ``StageWorker`` per core with one thread each (``runtime.pipeline_driver.run
    costs (starting from ``planner.partition.partition_min_max``'s) is run and shown beside the
    even one, with each rank's idle share.
 
-The machine's load moves every figure: run it on a quiet machine for numbers to quote.
+The machine's load moves every figure: run it on a quiet machine for numbers to quote (it prints
+the load and the spread of its cost timings). [Note: worker niceness] keeps the Ray workers,
+the cost timings and torch's processes at one niceness.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ MAX_SIMULATED_SPLITS = 2000
 DEFAULT_MODEL = {"num_layers": 6, "hidden_size": 256, "num_heads": 4, "vocab_size": 8192, "max_seq_len": 64,
                  "tie_embeddings": False}
 """About 0.5 s a step per rank at the default shapes on one core of a 2020s x86 CPU; a large
-vocabulary so the head weighs like two layers (the even split's imbalance)."""
+vocabulary, so the head (with the loss) weighs about three layers: the even split's imbalance."""
 QUICK_MODEL = {"num_layers": 2, "hidden_size": 64, "num_heads": 4, "vocab_size": 256, "max_seq_len": 16,
                "tie_embeddings": False}
 
@@ -106,6 +110,8 @@ class BlockCosts:
 
 
 def _one_rank_program(num_blocks: int, m: int, split: bool) -> tuple[Action, ...]:
+    """One rank holding every block as a stage of its own: per micro-batch, the forwards through
+    every block, then the backwards (and ``W``s) back; then each block's gradient sum and step."""
     acts: list[Action] = []
     for i in range(m):
         acts += [Action(s, Op.F, i) for s in range(num_blocks)]
