@@ -428,7 +428,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nthe block costs, timed afresh before each run: a micro-batch's passes through every block took "
           f"{_ms(min(totals))} to {_ms(max(totals))} (the machine's load moves the figures by about "
           f"{(max(totals) / min(totals) - 1) * 100:.0f}%); load average (1 min) {os.getloadavg()[0]:.1f} on "
-          f"{os.cpu_count()} cores, this bench's {p} workers included")
+          f"{os.cpu_count()} cores, this bench's {p} worker{'s' if p > 1 else ''} included")
     return 0 if ok else 1
 
 
