@@ -374,6 +374,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"Ray: {int(ray.cluster_resources().get('CPU', 0))} CPUs, {os.cpu_count()} cores, load average {load:.1f} "
           f"before the bench" + (" (others are using the cores: every figure below is noisy; rerun on a quiet "
                                  "machine to quote them)" if load > 0.5 * (os.cpu_count() or 1) else ""))
+    if p > (os.cpu_count() or 1):
+        print(f"  {p} ranks on {os.cpu_count()} cores: the workers share cores, which the simulator does not model")
     costs = measure_blocks(model, m=m, b=args.micro_batch_size, seq=args.seq_len, seed=args.seed, lr=args.lr,
                            steps=args.cost_steps)
     for label, vals in (("F", costs.fwd_s), ("B whole", costs.bwd_s), ("B split", costs.b_s), ("W split", costs.w_s),
