@@ -16,8 +16,9 @@ one ``StageWorker`` per core with one thread each (``runtime.pipeline_driver.run
    link; an actor call's round trip for Ray's part of a step.
 2. **Simulated.** Per schedule, the stages' sums of those costs over the even partition go to the
    multi-rank simulator (``planner.simulate_pipeline``, one link per pair of ranks as
-   ``planner.hetero_plan`` gives it); a rank's step ends with its optimizer steps, and the step
-   is the latest rank's plus the rest of the step.
+   ``planner.hetero_plan`` gives it; each receive costs its rank a late receive's time, gloo's
+   transfers being rendezvous: ``simulate``); a rank's step ends with its optimizer steps, and
+   the step is the latest rank's plus the rest of the step.
 3. **Measured.** The same run on Ray: step time is the median, over the steps after the warm-up,
    of the slowest rank's wall time; the bubble is ``1 - Σ busy / (ranks × step)`` with each rank's
    busy time its passes' and optimizer steps' costs from 1 (the workers report no per-action
@@ -40,6 +41,7 @@ the cost timings and torch's processes at one niceness.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import math
 import os
@@ -227,20 +229,33 @@ def stage_costs(costs: BlockCosts, partition: tuple[int, ...], split: bool) -> l
     return out
 
 
-def simulate(kind: str, p: int, m: int, v: int, partition: tuple[int, ...], costs: BlockCosts,
-             link: Link) -> Simulated:
-    """Schedule ``kind``'s step from the block costs and the link (see the module doc, 2)."""
+def simulate(kind: str, p: int, m: int, v: int, partition: tuple[int, ...], costs: BlockCosts, link: Link,
+             recv_s: float = 0.0) -> Simulated:
+    """Schedule ``kind``'s step from the block costs and the link (see the module doc, 2).
+
+    ``recv_s``: what a receive costs its rank once both sides are ready (bench/link_probe.py,
+    [Note: rendezvous]). The simulator's receive is free once its send is done, so that time is
+    added to the pass right after each receive (a forward whose input comes from another rank,
+    a backward whose gradient does) and taken off the link's latency, which keeps the rest."""
     place = placement(kind, p, v)
     sched = add_p2p(generate(kind, p, m, stages_per_rank=v), place)
-    links = {(a, c): link for a in range(p) for c in range(p) if a != c}  # loopback: every pair alike
-    res = simulate_pipeline(sched, place, stage_costs(costs, partition, kind in _SPLIT_W), link, links=links)
-    ends, busy = [0.0] * p, [0.0] * p
-    for (_, s, _), (start, end) in res.pass_times.items():
-        r = place.rank_of[s]
-        ends[r], busy[r] = max(ends[r], end), busy[r] + end - start
+    last = place.num_stages - 1
+    plain = stage_costs(costs, partition, kind in _SPLIT_W)
+    rank = place.rank_of
+    remote = [(s > 0 and rank[s - 1] != rank[s], s < last and rank[s + 1] != rank[s]) for s in range(len(rank))]
+    stages = [dataclasses.replace(c, fwd_s=c.fwd_s + recv_s * before, bwd_s=c.bwd_s + recv_s * after)
+              for c, (before, after) in zip(plain, remote)]
+    wire = Link(gbps=link.gbps, latency_s=max(link.latency_s - recv_s, 0.0))
+    links = {(a, c): wire for a in range(p) for c in range(p) if a != c}  # loopback: every pair alike
+    res = simulate_pipeline(sched, place, stages, wire, links=links)
+    ends = [0.0] * p
+    for (_, s, _), (_, end) in res.pass_times.items():
+        ends[place.rank_of[s]] = max(ends[place.rank_of[s]], end)
     ranges = block_ranges(partition)
     tail = [sum(costs.optim_s[i] for s in place.stages_of(r) for i in ranges[s]) for r in range(p)]
-    busy = [x + t for x, t in zip(busy, tail)]
+    # busy: the passes themselves (each once per micro-batch) and the optimizer steps, no receives
+    busy = [m * sum(plain[s].fwd_s + plain[s].bwd_s + plain[s].wgrad_s for s in place.stages_of(r)) + tail[r]
+            for r in range(p)]
     step = costs.rest_s + max(e + t for e, t in zip(ends, tail))
     return Simulated(step_s=step, bubble=1.0 - sum(busy) / (p * step), busy_s=tuple(busy))
 
@@ -256,7 +271,8 @@ def min_max_partition(costs: BlockCosts, num_stages: int, split: bool) -> tuple[
     return tuple(end - first for first, end in bounds)
 
 
-def balanced_partition(kind: str, p: int, m: int, v: int, costs: BlockCosts, link: Link) -> tuple[int, ...]:
+def balanced_partition(kind: str, p: int, m: int, v: int, costs: BlockCosts, link: Link,
+                       recv_s: float = 0.0) -> tuple[int, ...]:
     """The contiguous split the simulator finds fastest, among all of them where there are at
     most ``MAX_SIMULATED_SPLITS`` (ties: the min-max split), else the min-max split. Summed stage
     costs miss what a schedule adds (the first rank's last backward and optimizer step come
@@ -267,7 +283,8 @@ def balanced_partition(kind: str, p: int, m: int, v: int, costs: BlockCosts, lin
         return min_max
     splits = [tuple(e - a for a, e in zip((0, *cuts), (*cuts, n)))
               for cuts in itertools.combinations(range(1, n), k - 1)]
-    return min(splits, key=lambda parts: (simulate(kind, p, m, v, parts, costs, link).step_s, parts != min_max))
+    return min(splits, key=lambda parts: (simulate(kind, p, m, v, parts, costs, link, recv_s).step_s,
+                                          parts != min_max))
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,10 +399,10 @@ def run(args: argparse.Namespace) -> int:
                         ("optimizer", costs.optim_s)):
         print(f"  per block {label:<10} " + " ".join(f"{x * 1e3:7.2f}" for x in vals) + " ms")
     print(f"  rest of a step (batch, bookkeeping): {_ms(costs.rest_s)}")
-    link = link_probe.probe()
+    probe = link_probe.probe()
     rtt = ray_round_trip_s()
-    print(f"  gloo on loopback: latency {link.latency_s * 1e6:.0f} µs, {link.gbps:.2f} GB/s; "
-          f"Ray actor call round trip {_ms(rtt)}")
+    print(f"  gloo on loopback: latency {probe.link.latency_s * 1e6:.0f} µs, {probe.link.gbps:.2f} GB/s, a late "
+          f"receive {probe.recv_s * 1e6:.0f} µs; Ray actor call round trip {_ms(rtt)}")
     print()
     head = (f"{'schedule':<17}{'partition':<14}{'measured':>11}{'bubble':>8}{'simulated':>11}{'bubble':>8}"
             f"{'error':>8}{'torch':>11}{'memtrain/torch':>16}{'max|Δloss|':>12}{'load':>6}")
@@ -398,7 +415,7 @@ def run(args: argparse.Namespace) -> int:
         parts = even_partition(n, stages)
         fresh = _fresh_costs(args, model, kind, costs)
         totals.append(pass_total_s(fresh, kind in _SPLIT_W))
-        sim = simulate(kind, p, m, v, parts, fresh, link)
+        sim = simulate(kind, p, m, v, parts, fresh, probe.link, probe.recv_s)
         got = measure(kind, args, model, parts)
         even_runs[kind] = (parts, got, sim)
         bubble = 1.0 - sum(sim.busy_s) / (p * got.step_s)
@@ -426,7 +443,7 @@ def run(args: argparse.Namespace) -> int:
         ok = ok and max(loss_diffs) <= LOSS_TOL
     print("every rank ran its program: " + ("yes" if all(r[1].records_match for r in even_runs.values()) else "NO"))
     if args.balance != "none":
-        totals.append(_balanced_against_even(args, model, costs, link, even_runs))
+        totals.append(_balanced_against_even(args, model, costs, probe, even_runs))
     print(f"\nthe block costs, timed afresh before each run: a micro-batch's passes through every block took "
           f"{_ms(min(totals))} to {_ms(max(totals))} (the machine's load moves the figures by about "
           f"{(max(totals) / min(totals) - 1) * 100:.0f}%); load average (1 min) {os.getloadavg()[0]:.1f} on "
@@ -441,14 +458,14 @@ def _fresh_costs(args: argparse.Namespace, model: ModelConfig, kind: str, base: 
                           lr=args.lr, steps=args.cost_steps, split=kind in _SPLIT_W, base=base)
 
 
-def _balanced_against_even(args: argparse.Namespace, model: ModelConfig, costs: BlockCosts, link: Link,
-                           even_runs: dict) -> float:
+def _balanced_against_even(args: argparse.Namespace, model: ModelConfig, costs: BlockCosts,
+                           probe: link_probe.Probe, even_runs: dict) -> float:
     """Prints the section; returns the pass total of the block costs it timed."""
     kind, p, m, v = args.balance, args.ranks, args.microbatches, args.stages_per_rank
     stages = placement(kind, p, v).num_stages
     fresh = _fresh_costs(args, model, kind, costs)
     even = even_partition(args.layers + 2, stages)
-    balanced = balanced_partition(kind, p, m, v, fresh, link)
+    balanced = balanced_partition(kind, p, m, v, fresh, probe.link, probe.recv_s)
     print()
     print(f"balanced against even ({kind}): per rank, its idle share of the measured step")
     print(f"{'partition':<22}{'measured':>11}{'simulated':>11}{'error':>8}   idle per rank: measured step, simulated")
@@ -459,7 +476,8 @@ def _balanced_against_even(args: argparse.Namespace, model: ModelConfig, costs: 
         elif label == "balanced" and parts == even:
             got, sim = runs["even"]
         else:
-            got, sim = measure(kind, args, model, parts), simulate(kind, p, m, v, parts, fresh, link)
+            got = measure(kind, args, model, parts)
+            sim = simulate(kind, p, m, v, parts, fresh, probe.link, probe.recv_s)
         runs[label] = (got, sim)
         idle = (" ".join(f"{max(0.0, 1.0 - b / got.step_s) * 100:5.1f}%" for b in sim.busy_s) + "  |"
                 + " ".join(f"{(1.0 - b / sim.step_s) * 100:5.1f}%" for b in sim.busy_s))

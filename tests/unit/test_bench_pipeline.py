@@ -46,6 +46,15 @@ def test_equal_stages_give_the_textbook_bubble(bench, kind):
     assert sim.busy_s == pytest.approx((m * 4.0, m * 4.0))
 
 
+def test_a_receive_costs_its_rank_the_late_receive_time(bench):
+    """GPipe, 2 ranks, 4 micro-batches, stages of F = B = 2: rank 1's forwards and rank 0's
+    backwards each wait h for their receive, so the step is 20 + 8h; busy time leaves h out."""
+    h = 0.5
+    sim = bench.simulate("gpipe", 2, 4, 1, (2, 2), _costs(bench, 4), Link(gbps=1.0, latency_s=h), recv_s=h)
+    assert sim.step_s == pytest.approx(20 + 8 * h)
+    assert sim.busy_s == pytest.approx((16.0, 16.0))
+
+
 def test_the_balanced_partition_moves_blocks_off_the_heavy_head(bench):
     costs = _costs(bench, 8, last=3.0)  # the head weighs three layers
     assert bench.min_max_partition(costs, 2, split=False) == (5, 3)
