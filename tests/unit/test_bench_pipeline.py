@@ -98,6 +98,7 @@ def ray_env(monkeypatch):
     """Loopback Ray and gloo, token authentication with a token of this test's (restored after)."""
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    monkeypatch.setenv("RAY_worker_niceness", "0")  # what the bench sets (its [Note: worker niceness])
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
