@@ -183,11 +183,6 @@ def measure_blocks(model: ModelConfig, *, m: int, b: int, seq: int, seed: int, l
                       output_bytes=b * seq * cfg.hidden_size * 4)
 
 
-def pass_total_s(costs: BlockCosts, split: bool) -> float:
-    """One micro-batch's passes through every block: what the load moves between measurements."""
-    return sum(costs.fwd_s) + (sum(costs.b_s) + sum(costs.w_s) if split else sum(costs.bwd_s))
-
-
 def ray_round_trip_s(repeats: int = 20) -> float:
     """The median round trip of a no-op actor call: Ray's part of each step (the driver calls
     every worker and waits for them), which the workers' own step times leave out."""
@@ -409,12 +404,12 @@ def run(args: argparse.Namespace) -> int:
     print(head)
     errors, ratios, loss_diffs, even_runs = [], [], [], {}
     ok = True
-    totals = [pass_total_s(costs, False), pass_total_s(costs, True)]
+    totals = [sum(costs.fwd_s)]  # a micro-batch's forward through every block, per timing: the load's mark
     for kind in args.schedules:
         stages = placement(kind, p, v).num_stages
         parts = even_partition(n, stages)
         fresh = _fresh_costs(args, model, kind, costs)
-        totals.append(pass_total_s(fresh, kind in _SPLIT_W))
+        totals.append(sum(fresh.fwd_s))
         sim = simulate(kind, p, m, v, parts, fresh, probe.link, probe.recv_s)
         got = measure(kind, args, model, parts)
         even_runs[kind] = (parts, got, sim)
@@ -444,7 +439,7 @@ def run(args: argparse.Namespace) -> int:
     print("every rank ran its program: " + ("yes" if all(r[1].records_match for r in even_runs.values()) else "NO"))
     if args.balance != "none":
         totals.append(_balanced_against_even(args, model, costs, probe, even_runs))
-    print(f"\nthe block costs, timed afresh before each run: a micro-batch's passes through every block took "
+    print(f"\nthe block costs, timed afresh before each run: a micro-batch's forward through every block took "
           f"{_ms(min(totals))} to {_ms(max(totals))} (the machine's load moves the figures by about "
           f"{(max(totals) / min(totals) - 1) * 100:.0f}%); load average (1 min) {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores, this bench's {p} worker{'s' if p > 1 else ''} included")
@@ -460,7 +455,7 @@ def _fresh_costs(args: argparse.Namespace, model: ModelConfig, kind: str, base: 
 
 def _balanced_against_even(args: argparse.Namespace, model: ModelConfig, costs: BlockCosts,
                            probe: link_probe.Probe, even_runs: dict) -> float:
-    """Prints the section; returns the pass total of the block costs it timed."""
+    """Prints the section; returns the forward through every block of the costs it timed."""
     kind, p, m, v = args.balance, args.ranks, args.microbatches, args.stages_per_rank
     stages = placement(kind, p, v).num_stages
     fresh = _fresh_costs(args, model, kind, costs)
@@ -486,7 +481,7 @@ def _balanced_against_even(args: argparse.Namespace, model: ModelConfig, costs: 
               f"{_pct(sim.step_s / got.step_s - 1.0):>8}   {idle}")
     print(f"balanced step: {runs['even'][0].step_s / runs['balanced'][0].step_s:.2f}× faster than even (measured), "
           f"{runs['even'][1].step_s / runs['balanced'][1].step_s:.2f}× (simulated)")
-    return pass_total_s(fresh, kind in _SPLIT_W)
+    return sum(fresh.fwd_s)
 
 
 def main(argv: list[str] | None = None) -> int:
