@@ -195,11 +195,11 @@ def ray_round_trip_s(repeats: int = 20) -> float:
 
     actor = Echo.remote()
     try:
-        ray.get(actor.ping.remote())
+        ray.get(actor.ping.remote(), timeout=120)  # the actor's start
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            ray.get(actor.ping.remote())
+            ray.get(actor.ping.remote(), timeout=30)
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
     finally:
