@@ -204,7 +204,8 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
             finite = math.isfinite(loss)
             record = {"step": k + 1, "loss": loss if finite else None, "step_time_s": dt,
                       "tokens_per_s": tokens_per_step / dt, "lr": lr_at(k, cfg),
-                      "rank_step_time_s": [r.time_s for r in results], "peak_bytes": peaks,
+                      "rank_step_time_s": [r.time_s for r in results], "rank_busy_s": [r.busy_s for r in results],
+                      "peak_bytes": peaks,
                       "rank_device": [r.device for r in results]}
             if not finite:
                 record["non_finite_loss"] = str(loss)
@@ -265,8 +266,11 @@ def closing_lines(plan: Any, step_times: list[float], result: Any) -> list[str]:
         node = f" on {result.nodes[rank]}" if rank < len(result.nodes) else ""
         device = result.devices[rank] if rank < len(result.devices) else "?"
         rp = ranks.get(rank)
-        lines.append(f"rank {rank}{node} ({device}): step {format_seconds(statistics.median(times))} measured, "
-                     f"predicted busy {format_seconds(rp.busy_s if rp else 0.0)} of it")
+        busy = statistics.median(b[rank] for b in (result.busy_s[1:] or result.busy_s))
+        step = statistics.median(times)
+        lines.append(f"rank {rank}{node} ({device}): busy {format_seconds(busy)} of its {format_seconds(step)} step, "
+                     f"idle {1 - busy / step:.0%} measured; predicted busy {format_seconds(rp.busy_s if rp else 0.0)}, "
+                     f"idle {rp.bubble_fraction if rp else 0.0:.0%}")
         if rp is not None and rp.device.kind != "cpu" and device == "cpu":
             lines.append(f"  note: rank {rank} computed on the CPU although the plan puts it on a {rp.device.kind}: torch "
                          "in its worker sees no GPU (CUDA_VISIBLE_DEVICES, the driver, or a simulated device)")

@@ -58,6 +58,10 @@ class PipelineResult:
     """Per world rank, the node it ran on (when placed on given nodes)."""
     devices: tuple[str, ...] = ()
     """Per world rank, where it computed (``StepResult.device``)."""
+    step_wall_s: tuple[float, ...] = ()
+    """Per step, the driver's wait for it (the slowest rank plus Ray's round trip)."""
+    busy_s: tuple[tuple[float, ...], ...] = ()
+    """Per step, per world rank, its time in compute actions (``StepResult.busy_s``)."""
 
 
 def stage_programs(kind: str, num_ranks: int, num_microbatches: int, *,
@@ -293,7 +297,7 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                         num_microbatches=num_microbatches, micro_batch_size=micro_batch_size, seq_len=seq_len,
                         seed=seed, data=data or DataConfig(), optimizer=optim, timeout_s=timeout_s,
                         num_threads=num_threads, dtype=dtype)
-    losses, mb_losses, records, times, peaks = [], [], [], [], []
+    losses, mb_losses, records, times, peaks, walls, busy = [], [], [], [], [], [], []
     with PipelineRun(spec, programs, step_timeout_s=step_timeout_s, num_cpus_per_worker=num_cpus_per_worker,
                      assignments=assignments) as run:
         if states is not None:
@@ -309,6 +313,8 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
             records.append(tuple(res.record for res in results))
             times.append(tuple(res.time_s for res in results))
             peaks.append(tuple(res.peak_bytes for res in results))
+            walls.append(wall)
+            busy.append(tuple(res.busy_s for res in results))
             if on_step is not None:
                 on_step(k, losses[-1], results, wall)
             if save_after is not None and on_states is not None and save_after(k + 1):
@@ -318,7 +324,8 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     return PipelineResult(losses=tuple(losses), microbatch_losses=tuple(mb_losses), records=tuple(records),
                           step_times_s=tuple(times),
                           programs=tuple(tuple(str(a) for a in programs[r]) for r in range(num_ranks)),
-                          peak_bytes=tuple(peaks), nodes=nodes, devices=devices)
+                          peak_bytes=tuple(peaks), nodes=nodes, devices=devices, step_wall_s=tuple(walls),
+                          busy_s=tuple(busy))
 
 
 def _num_blocks(cfg: ModelConfig) -> int:

@@ -54,6 +54,7 @@ from memtrain.runtime.data import TokenBatches
 
 __all__ = ["PipelineSpec", "StageWorker", "StepResult", "block_ranges", "PIPELINE_DTYPES"]
 
+_COMPUTE = ("F", "B", "W", "OPTIM")
 PIPELINE_DTYPES = ("fp32", "bf16")
 """What the stages compute in (fp16 needs a loss scale agreed across the ranks: not yet)."""
 
@@ -121,6 +122,13 @@ class StepResult:
     step's peak CUDA allocation."""
     device: str = "cpu"
     """Where the stages computed: ``cpu``, or ``cuda:0 (<GPU name>)``."""
+    action_s: tuple[float, ...] = ()
+    """Wall time of each action of ``record`` (a receive's includes its wait for the peer)."""
+
+    @property
+    def busy_s(self) -> float:
+        """Time in compute actions (F, B, W, OPTIM): the step less waits and transfers."""
+        return sum(t for a, t in zip(self.record, self.action_s) if a.strip("0123456789") in _COMPUTE)
 
 
 def block_ranges(partition: tuple[int, ...]) -> list[range]:
@@ -256,11 +264,14 @@ class StageWorker:
             torch.cuda.reset_peak_memory_stats(self.device)
         self._load_batch(step)
         record: list[str] = []
+        times: list[float] = []
         for a in self.program:
             handler = self.handlers.get(a.op)
             if handler is None:
                 raise RuntimeError(f"rank {self.rank}: no handler for op {a.op.value} ({a}) in its program")
+            t = time.perf_counter()
             handler(a)
+            times.append(time.perf_counter() - t)
             record.append(str(a))
         self.channel.flush()
         left = [k for k, v in (("inbox", self.inbox), ("outbox", self.outbox), ("saved", self.saved),
@@ -272,7 +283,7 @@ class StageWorker:
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - t0
         return StepResult(record=tuple(record), losses=losses, time_s=elapsed, peak_bytes=_peak_bytes(self.device),
-                          device=_device_name(self.device))
+                          device=_device_name(self.device), action_s=tuple(times))
 
     def _load_batch(self, step: int) -> None:
         """This replica's micro-batches of step ``step``'s global batch (rows in order: replica

@@ -56,3 +56,11 @@ def test_one_rank_records_its_program_and_fails_loudly_on_an_unknown_op() -> Non
     finally:
         worker.close()
         torch.set_num_threads(threads)
+
+
+def test_busy_time_counts_compute_actions_only():
+    from memtrain.runtime.stage_worker import StepResult
+
+    r = StepResult(record=("0F0", "0SEND_F0", "1RECV_B0", "0B0", "0W0", "0ALLREDUCE", "0OPTIM"), losses=(), time_s=30.0,
+                   action_s=(1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0))
+    assert r.busy_s == 1.0 + 8.0 + 16.0 + 64.0
