@@ -6,6 +6,8 @@ One process per rank (``torch.multiprocessing``, one thread each), a gloo group 
 store on 127.0.0.1, the built-in GPT (untied embeddings, so every parameter lives on one stage)
 cut into contiguous block ranges, ``torch.optim.AdamW`` per stage. Prints the median step time
 after the warm-up and the losses; ``run`` returns them for ``bench/pipeline.py`` and the tests.
+With ``data_seed`` each step reads the batch memtrain's pipeline reads (``runtime.data.TokenBatches``),
+so the two runs' losses can be compared; without it, uniform random token ids.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def _stage_ids(kind: str, rank: int, ranks: int) -> list[int]:
 
 
 def _worker(rank: int, ranks: int, port: int, kind: str, m: int, steps: int, model: dict, gbs: int, seq: int,
-            partition: list[int] | None, seed: int, lr: float, out: str) -> None:
+            partition: list[int] | None, seed: int, lr: float, data_seed: int | None, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed import pipelining as pp
 
@@ -76,9 +78,18 @@ def _worker(rank: int, ranks: int, port: int, kind: str, m: int, steps: int, mod
         holds_first = any(s.is_first for s in stages)
         holds_last = any(s.is_last for s in stages)
         losses, times = [], []
+        data = None
+        if data_seed is not None:
+            from memtrain.config import DataConfig
+            from memtrain.runtime.data import TokenBatches
+
+            data = TokenBatches(DataConfig(seed=data_seed), batch_size=gbs, seq_len=seq, vocab_size=full.config.vocab_size)
         for step in range(steps):
-            ids = torch.randint(0, full.config.vocab_size, (gbs, seq + 1), generator=torch.Generator().manual_seed(seed * 1000 + step))
-            x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+            if data is not None:
+                x, y = data.batch(step)
+            else:
+                ids = torch.randint(0, full.config.vocab_size, (gbs, seq + 1), generator=torch.Generator().manual_seed(seed * 1000 + step))
+                x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
             dist.barrier()
             t0 = time.perf_counter()
             mb_losses: list = []
@@ -100,15 +111,17 @@ def _worker(rank: int, ranks: int, port: int, kind: str, m: int, steps: int, mod
 
 
 def run(kind: str, ranks: int, num_microbatches: int, steps: int, *, model: dict | None = None, global_batch_size: int = 8,
-        seq_len: int = 32, partition: list[int] | None = None, seed: int = 0, lr: float = 1e-3) -> dict:
-    """Train ``steps`` steps under torch's ``kind`` schedule; {"losses": per step, "times": per step (s)}."""
+        seq_len: int = 32, partition: list[int] | None = None, seed: int = 0, lr: float = 1e-3,
+        data_seed: int | None = None) -> dict:
+    """Train ``steps`` steps under torch's ``kind`` schedule; {"losses": per step, "times": per step (s)}.
+    ``data_seed``: read memtrain's synthetic batches with this data seed (see the module doc)."""
     if kind not in TORCH_SCHEDULES:
         raise ValueError(f"schedule {kind!r}: torch.distributed.pipelining has {sorted(TORCH_SCHEDULES)} here")
     model = model or {"preset": "tiny"}
     with tempfile.TemporaryDirectory(prefix="memtrain-torch-pp-") as tmp:
         out = str(Path(tmp) / "result.pt")
         mp.start_processes(_worker, args=(ranks, _free_port(), kind, num_microbatches, steps, model, global_batch_size,
-                                          seq_len, partition, seed, lr, out), nprocs=ranks, start_method="spawn")
+                                          seq_len, partition, seed, lr, data_seed, out), nprocs=ranks, start_method="spawn")
         return torch.load(out)
 
 

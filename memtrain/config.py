@@ -26,7 +26,7 @@ from memtrain.config_checks import (  # noqa: F401 - re-exported: the sections' 
     ConfigError, Size, MAX_GLOBAL_BATCH_SIZE, MAX_SEQ_LEN, MAX_STEPS, MAX_SEED, MAX_DEVICES_PER_NODE,
     MAX_NUM_CPUS, MAX_STRIPES, MAX_CHECKPOINTS_KEPT, MAX_TEXT, MAX_CONFIG_BYTES, MAX_CHUNK_ELEMS,
     MAX_PREFETCH_DEPTH, MAX_PARALLEL_DEGREE, MAX_TIMEOUT_S, PIPELINE_SCHEDULES, _V_SCHEDULES, _check_number,
-    _positive, _fraction, _check_int, _check_path,
+    _positive, _fraction, _check_int, _check_path, check_parallel_batch,
 )
 from memtrain.errors import UserError
 from memtrain.optimizers import OptimizerSpec, lookup
@@ -35,7 +35,7 @@ from memtrain.units import parse_bytes, show
 __all__ = [
     "ConfigError", "Size", "ModelConfig", "DataConfig", "OptimizerConfig", "TrainConfig", "DeviceConfig",
     "NvmeConfig", "NodeConfig", "ClusterConfig", "MemoryConfig", "SnapshotConfig", "CheckpointConfig", "ParallelConfig",
-    "Config", "config_from_dict", "section_from_dict", "MAX_CONFIG_BYTES", "MAX_GLOBAL_BATCH_SIZE", "PIPELINE_SCHEDULES",
+    "Config", "config_from_dict", "section_from_dict", "PARALLEL_AUTO", "MAX_CONFIG_BYTES", "MAX_GLOBAL_BATCH_SIZE", "PIPELINE_SCHEDULES",
 ]
 
 
@@ -342,14 +342,19 @@ class CheckpointConfig:
 class ParallelConfig:
     """How the model is spread over devices: ``pipeline`` × ``data`` workers, one per device.
 
-    1 × 1 trains in this process; more runs one Ray actor per device (docs/DESIGN.md, Runtime)."""
+    1 × 1 trains in this process; more runs one Ray actor per device (docs/DESIGN.md, Runtime).
+    0 for a degree, or ``auto`` for the schedule, leaves that choice to ``memtrain plan``'s
+    cluster planner (``parallel: auto`` leaves all three); ``memtrain run`` needs them fixed."""
 
     pipeline: int = 1
-    """Pipeline degree: ranks the model's blocks are split over, in order."""
+    """Pipeline degree: ranks the model's blocks are split over, in order; 0: the planner chooses
+    (``memtrain plan``, over every device of the cluster)."""
     data: int = 1
-    """Data-parallel degree: copies of the pipeline, each on its share of the global batch."""
+    """Data-parallel degree: copies of the pipeline, each on its share of the global batch; 0: the
+    planner chooses (``memtrain plan``)."""
     schedule: str = "1f1b"
-    """Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1, v-half or v-min."""
+    """Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1, v-half or v-min; auto: the planner
+    chooses (``memtrain plan``)."""
     microbatches: int = 0
     """Micro-batches per pipeline per step; 0: global batch / (data × micro_batch_size), or the
     planner's choice when train.micro_batch_size is 0 too."""
@@ -361,10 +366,11 @@ class ParallelConfig:
     """Seconds a worker waits for a peer's message or a collective before failing with an error naming it."""
 
     def __post_init__(self) -> None:
-        _check_int("parallel.pipeline", self.pipeline, 1, MAX_PARALLEL_DEGREE)
-        _check_int("parallel.data", self.data, 1, MAX_PARALLEL_DEGREE)
-        if self.schedule not in PIPELINE_SCHEDULES:
-            raise ConfigError(f"parallel.schedule: one of {', '.join(PIPELINE_SCHEDULES)}, got {show(self.schedule)}")
+        _check_int("parallel.pipeline", self.pipeline, 0, MAX_PARALLEL_DEGREE)
+        _check_int("parallel.data", self.data, 0, MAX_PARALLEL_DEGREE)
+        if self.schedule not in (*PIPELINE_SCHEDULES, "auto"):
+            raise ConfigError(f"parallel.schedule: one of {', '.join(PIPELINE_SCHEDULES)} or auto, "
+                              f"got {show(self.schedule)}")
         _check_int("parallel.microbatches", self.microbatches, 0, MAX_GLOBAL_BATCH_SIZE)
         _check_int("parallel.stages_per_rank", self.stages_per_rank, 1, MAX_PARALLEL_DEGREE)
         _check_number("parallel.comm_timeout_s", self.comm_timeout_s, f"a number of seconds in (0, {MAX_TIMEOUT_S:g}]",
@@ -372,6 +378,9 @@ class ParallelConfig:
         if self.partition is not None:
             for i, count in enumerate(self.partition):
                 _check_int(f"parallel.partition[{i}]", count, 1, MAX_PARALLEL_DEGREE)
+            if self.pipeline == 0 or self.schedule == "auto":
+                raise ConfigError("parallel.partition: fixes the blocks of each stage, so it needs a fixed "
+                                  "parallel.pipeline and parallel.schedule; set both, or remove the partition")
             if len(self.partition) != self.num_stages:
                 raise ConfigError(
                     f"parallel.partition: lists {len(self.partition)} stage(s), but parallel.schedule "
@@ -380,8 +389,14 @@ class ParallelConfig:
 
     @property
     def num_workers(self) -> int:
-        """Devices the run needs: one worker per pipeline rank per data-parallel copy."""
+        """Devices the run needs: one worker per pipeline rank per data-parallel copy (0 when a
+        degree is left to the planner)."""
         return self.pipeline * self.data
+
+    @property
+    def planner_chooses(self) -> bool:
+        """A degree, or the schedule of several workers, is left to ``memtrain plan``."""
+        return self.pipeline == 0 or self.data == 0 or (self.schedule == "auto" and self.num_workers > 1)
     @property
     def num_stages(self) -> int:
         """Model stages of one pipeline: ``pipeline`` ranks times the stages each holds."""
@@ -393,29 +408,9 @@ class ParallelConfig:
 
     def check_batch(self, train: TrainConfig) -> None:
         """The global batch splits into ``data`` shares of whole micro-batches (and, for
-        ``interleaved-1f1b``, into groups of ``pipeline`` micro-batches)."""
-        gbs, mbs, m = train.global_batch_size, train.micro_batch_size, self.microbatches
-        if self.num_workers == 1:
-            return
-        if gbs % self.data:
-            raise ConfigError(f"train.global_batch_size: {gbs} does not split over parallel.data {self.data} "
-                              f"copies; make it a multiple of {self.data}")
-        share = gbs // self.data
-        if m and share % m:
-            raise ConfigError(f"parallel.microbatches: {m} does not divide each data-parallel share of "
-                              f"{share} sequences (train.global_batch_size {gbs} / parallel.data {self.data}); "
-                              "choose a divisor, or 0 to derive it from train.micro_batch_size")
-        if mbs and share % mbs:
-            raise ConfigError(f"train.micro_batch_size: {mbs} does not divide each data-parallel share of "
-                              f"{share} sequences (train.global_batch_size {gbs} / parallel.data {self.data}); "
-                              "choose a divisor, or 0 to let the planner choose")
-        if m and mbs and m * mbs != share:
-            raise ConfigError(f"parallel.microbatches: {m} micro-batches of train.micro_batch_size {mbs} make {m * mbs} "
-                              f"sequences, not the {share} of each data-parallel share; set one of them to 0")
-        count = m or (share // mbs if mbs else 0)
-        if self.schedule == "interleaved-1f1b" and count and count % self.pipeline:
-            raise ConfigError(f"parallel.microbatches: interleaved-1f1b runs micro-batches in groups of "
-                              f"parallel.pipeline ({self.pipeline}); {count} is not a multiple of it")
+        ``interleaved-1f1b``, into groups of ``pipeline`` micro-batches); a degree left to the
+        planner (0) is checked by the planner."""
+        check_parallel_batch(self, train.global_batch_size, train.micro_batch_size)
 
     def check_blocks(self, num_blocks: int, model: str = "the model") -> None:
         """Every stage gets at least one of the model's ``num_blocks`` blocks, and ``partition``
@@ -451,6 +446,9 @@ class Config:
 
 
 # --- loading ---------------------------------------------------------------------------
+
+PARALLEL_AUTO = {"pipeline": 0, "data": 0, "schedule": "auto"}
+"""What ``parallel: auto`` stands for: every choice the cluster planner can make, left to it."""
 
 _FLOAT_TEXT = re.compile(r"^\s*[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*$")
 """A number written as text: YAML 1.1 reads ``1e-3`` (an exponent, no dot) as a string."""
@@ -576,6 +574,8 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         data["cluster"] = {"auto": True}
     elif isinstance(cluster, dict):
         data["cluster"] = {"auto": False, **cluster}
+    if data.get("parallel") == "auto":
+        data["parallel"] = dict(PARALLEL_AUTO)
     return _build(Config, data, "")
 
 

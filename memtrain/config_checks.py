@@ -10,7 +10,7 @@ from typing import Any, Callable, NewType
 from memtrain.errors import UserError
 from memtrain.units import show
 
-__all__ = ["ConfigError", "Size", "PIPELINE_SCHEDULES"]
+__all__ = ["ConfigError", "Size", "PIPELINE_SCHEDULES", "check_parallel_batch"]
 
 
 class ConfigError(UserError):
@@ -84,3 +84,31 @@ def _check_path(path: str, value: str) -> None:
         raise ConfigError(f"{path}: {show(value)} is not a valid file name") from None
     if b"\0" in raw or len(raw) > 4096 or any(len(part) > 255 for part in raw.split(b"/")):
         raise ConfigError(f"{path}: {show(value)} is not a valid file name (a NUL byte, or a name too long)")
+
+
+def check_parallel_batch(p: Any, gbs: int, mbs: int) -> None:
+    """``ParallelConfig.check_batch``: the global batch ``gbs`` splits into ``p.data`` shares of
+    whole micro-batches (of ``mbs`` sequences when set); ``interleaved-1f1b`` runs them in groups
+    of ``p.pipeline``. A degree of 0 is the planner's to choose, and its shares the planner's to check."""
+    m = p.microbatches
+    if p.num_workers == 1 or p.data == 0:
+        return
+    if gbs % p.data:
+        raise ConfigError(f"train.global_batch_size: {gbs} does not split over parallel.data {p.data} "
+                          f"copies; make it a multiple of {p.data}")
+    share = gbs // p.data
+    if m and share % m:
+        raise ConfigError(f"parallel.microbatches: {m} does not divide each data-parallel share of "
+                          f"{share} sequences (train.global_batch_size {gbs} / parallel.data {p.data}); "
+                          "choose a divisor, or 0 to derive it from train.micro_batch_size")
+    if mbs and share % mbs:
+        raise ConfigError(f"train.micro_batch_size: {mbs} does not divide each data-parallel share of "
+                          f"{share} sequences (train.global_batch_size {gbs} / parallel.data {p.data}); "
+                          "choose a divisor, or 0 to let the planner choose")
+    if m and mbs and m * mbs != share:
+        raise ConfigError(f"parallel.microbatches: {m} micro-batches of train.micro_batch_size {mbs} make {m * mbs} "
+                          f"sequences, not the {share} of each data-parallel share; set one of them to 0")
+    count = m or (share // mbs if mbs else 0)
+    if p.schedule == "interleaved-1f1b" and count and p.pipeline and count % p.pipeline:
+        raise ConfigError(f"parallel.microbatches: interleaved-1f1b runs micro-batches in groups of "
+                          f"parallel.pipeline ({p.pipeline}); {count} is not a multiple of it")

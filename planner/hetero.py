@@ -61,6 +61,8 @@ def plan_cluster(
     schedules: Sequence[str] = pipeline.SCHEDULES,
     pipeline_degree: int | None = None,
     data_parallel_degree: int | None = None,
+    num_microbatches: int = 0,
+    stage_blocks: Sequence[int] | None = None,
     source: str = "catalog",
     max_alternatives: int = 5,
 ) -> Plan:
@@ -68,12 +70,14 @@ def plan_cluster(
     every device of ``cluster`` (see the module doc). ``device_budget`` caps each device's
     memory, ``host_budget`` and ``nvme_budget`` each node's (config ``memory.device``/``host``/
     ``nvme``); each is used less ``safety_margin``, a node's host and NVMe shared evenly by
-    its devices. ``pipeline_degree``/``data_parallel_degree`` fix those choices (config:
+    its devices. ``pipeline_degree``/``data_parallel_degree``, ``num_microbatches`` (per
+    replica) and ``stage_blocks`` (blocks per stage, in order) fix those choices (config:
     ``parallel`` section). Raises ``UserError`` naming what does not fit when nothing does."""
     dtype, optimizer = DType(dtype), Optimizer(optimizer)
     devices = flat_devices(cluster)
     _check(stats, cluster, devices, global_batch_size, micro_batch_size, dtype, safety_margin, schedules,
            pipeline_degree, data_parallel_degree)
+    fixed = _fixed_partition(stats, stage_blocks, schedules, pipeline_degree)
     base = stats.scaled(1) if stats.micro_batch_size != 1 else stats
     groups = device_groups(devices)
     counts: dict[str, list[int]] = {}
@@ -83,7 +87,7 @@ def plan_cluster(
     models: dict[int, StageModel] = {}
     candidates: list[Candidate] = []
     for shape in shapes(base, counts, global_batch_size, micro_batch_size, schedules, pipeline_degree,
-                         data_parallel_degree):
+                        data_parallel_degree, num_microbatches):
         if shape.micro_batch_size not in models:
             train = TrainShape(global_batch_size=global_batch_size, micro_batch_size=shape.micro_batch_size,
                                num_microbatches=shape.num_microbatches, seq_len=base.seq_len, dtype=dtype,
@@ -91,6 +95,7 @@ def plan_cluster(
             models[shape.micro_batch_size] = StageModel(base.scaled(shape.micro_batch_size), train)
         cand = layout(shape, counts, devices, cluster, budgets, models[shape.micro_batch_size])
         if cand is not None:
+            cand.fixed = fixed
             candidates.append(cand)
     candidates.sort(key=lambda c: c.bound_s)
     best_s = math.inf
@@ -102,6 +107,11 @@ def plan_cluster(
         if not cand.problem:
             best_s = min(best_s, cand.estimate_s)
     ranked = sorted((c for c in candidates if not c.problem), key=lambda c: c.estimate_s)
+    if not candidates and num_microbatches:
+        raise UserError(f"parallel.microbatches: {num_microbatches} micro-batches split no data-parallel share of "
+                        f"train.global_batch_size {global_batch_size} over the cluster's {len(devices)} devices into "
+                        "whole micro-batches (of train.micro_batch_size, when set); choose another count, or 0 to let "
+                        "the planner choose")
     if not ranked:
         raise UserError(_nothing_fits(candidates, cluster))
     # the best estimates, and past them until one fits (a refined stage may not fit after all)
@@ -137,11 +147,30 @@ def _check(stats: ModelStats, cluster: ClusterSpec, devices, global_batch_size: 
         raise UserError(f"parallel.schedule: must be among {', '.join(pipeline.SCHEDULES)}, got {list(schedules)}")
     n = len(devices)
     if data_parallel_degree is not None and (data_parallel_degree < 1 or n % data_parallel_degree):
-        raise UserError(f"parallel.data_parallel: must divide the {n} devices, got {data_parallel_degree}")
+        raise UserError(f"parallel.data: must divide the {n} devices, got {data_parallel_degree}")
     if pipeline_degree is not None and (pipeline_degree < 1 or n % pipeline_degree
                                         or pipeline_degree > len(stats.blocks)):
         raise UserError(f"parallel.pipeline: must divide the {n} devices and be at most the model's "
                         f"{len(stats.blocks)} blocks, got {pipeline_degree}")
+
+
+def _fixed_partition(stats: ModelStats, stage_blocks: Sequence[int] | None, schedules: Sequence[str],
+                     pipeline_degree: int | None) -> tuple[tuple[int, int], ...]:
+    """``stage_blocks`` as (first, end) block ranges, checked against the model and the fixed shape."""
+    if stage_blocks is None:
+        return ()
+    if pipeline_degree is None or len(schedules) != 1:
+        raise UserError("parallel.partition: fixes the blocks of each stage, so it needs a fixed parallel.pipeline "
+                        "and parallel.schedule; set both, or remove the partition")
+    stages = pipeline_degree * (2 if schedules[0] in ("interleaved-1f1b", "v-half", "v-min") and pipeline_degree > 1
+                                else 1)
+    n = len(stats.blocks)
+    if len(stage_blocks) != stages or min(stage_blocks, default=0) < 1 or sum(stage_blocks) != n:
+        raise UserError(f"parallel.partition: {schedules[0]} over {pipeline_degree} ranks has {stages} stages over the "
+                        f"model's {n} blocks (embedding, layers, head); give {stages} counts of at least 1 that add "
+                        f"up to {n}, got {list(stage_blocks)}")
+    ends = [sum(stage_blocks[:i + 1]) for i in range(len(stage_blocks))]
+    return tuple(zip([0] + ends[:-1], ends))
 
 
 def _nothing_fits(candidates: Sequence[Candidate], cluster: ClusterSpec) -> str:
@@ -152,6 +181,9 @@ def _nothing_fits(candidates: Sequence[Candidate], cluster: ClusterSpec) -> str:
                 "train.global_batch_size against the devices and the model's blocks)")
     # the candidate that came closest: the most pipeline stages spread the model thinnest
     closest = max(tried, key=lambda c: (c.shape.pipeline, -c.shape.micro_batch_size))
+    if closest.fixed:
+        return (f"parallel.partition: {closest.problem} ({closest.shape.describe()}); give that stage fewer blocks, "
+                "or remove the partition to let the planner balance the stages")
     return (f"the model does not fit the cluster's {num_devices} devices even in the thinnest pipeline "
             f"({closest.shape.describe()}): {closest.problem}; add devices, host memory or an NVMe path "
             "(cluster.nodes[].nvme), or lower train.seq_len")

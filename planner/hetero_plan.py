@@ -5,10 +5,13 @@ the single-device planner's figures, planner.stage_cost ``refine``) and simulate
 ranks and links (planner.simulate_pipeline). [Note: pipeline step] A rank's step ends with its
 last pass, then its gradients' all-reduce over the replicas, then its optimizer step; the step
 is the latest rank's. A long candidate (more than ``MAX_EXACT_PASSES`` passes) is simulated
-over ``p + 4`` micro-batches (``2p`` interleaved: its warm-up and a steady stretch) and the rest added at the steady
+over ``p + 4`` micro-batches (``3p`` interleaved: its longer warm-up and a steady stretch) and the rest added at the steady
 state's period (Narayanan et al. 2021, Sec. 2.2: in 1F1B's steady state the slowest stage sets
-the pace), and its timeline marks the micro-batches it does not draw. A rank's device memory is its stages'
-states, buffers and workspace, plus the activations the simulation has it hold at its peak.
+the pace; a schedule that holds back for memory, V-Min, paces slower, as the short run shows).
+Its timeline marks the micro-batches it does not draw where they run, in the steady state, and
+its memory lines draw them ([Note: repeated micro-batches in the picture]). A rank's device
+memory is its stages' states, buffers and workspace, plus the activations the simulation has it
+hold at its peak.
 """
 
 from __future__ import annotations
@@ -62,6 +65,12 @@ class Simulated:
     nvme_bytes: list[int]
     simulated_microbatches: int
     problem: str = ""
+    cut_s: float | None = None
+    """An extrapolated run's time where the micro-batches not simulated go ([Note: repeated
+    micro-batches in the picture]); None: after its last pass."""
+    shift_s: float = 0.0
+    """How long they take: (micro-batches - simulated) × the steady state's period."""
+    period_s: float = 0.0
 
     @property
     def fits(self) -> bool:
@@ -129,7 +138,7 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
     links = _links(cand, cluster)
     passes = len(cand.stage_ranks) * m * (3 if shape.schedule in _SPLIT_W else 2)
     # the warm-up and a few steady micro-batches (interleaved: whole groups of p)
-    m1 = 2 * p if shape.schedule == "interleaved-1f1b" else p + 4
+    m1 = 3 * p if shape.schedule == "interleaved-1f1b" else p + 4
     if passes > MAX_EXACT_PASSES and m1 < m:
         # [Note: pipeline step] past the warm-up, each further micro-batch moves every rank's
         # end on by the steady state's period: the busiest rank's compute for one micro-batch,
@@ -146,13 +155,18 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
                 per_link[(a, b)] += links[(a, b)].time_s(c.output_bytes)
                 per_link[(b, a)] += links[(b, a)].time_s(c.output_bytes)
         period = max(max(per_rank), max(per_link.values(), default=0.0))
+        # a schedule that holds back for memory (V-Min) paces slower than its busiest rank: the
+        # first stage's last forwards show the pace the short run settled into
+        (a, _), (b, _) = result.pass_times[(Op.F, 0, m1 - 3)], result.pass_times[(Op.F, 0, m1 - 1)]
+        period = max(period, (b - a) / 2)
         ends = [e + (m - m1) * period for e in ends]
         busy = [b + (m - m1) * r for b, r in zip(busy, per_rank)]
         simulated = m1
+        cut = _steady_cut(result, m1)
     else:
         result = _run(cand, costs, links, m)
         ends, busy = _rank_ends(result, cand.stage_ranks, p)
-        simulated = m
+        simulated, cut, period = m, None, 0.0
     opt = [0.0] * p
     ar = [0.0] * p
     static, host, nvme = [0] * p, [0] * p, [0] * p
@@ -181,7 +195,20 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
     return Simulated(cand=cand, estimates=estimates, result=result, step_s=step, pipeline_end_s=max(ends),
                      busy_s=busy, end_s=ends, allreduce_s=ar, optimizer_s=opt, device_bytes=device,
                      static_bytes=static, host_bytes=host, nvme_bytes=nvme, simulated_microbatches=simulated,
-                     problem=problem)
+                     problem=problem, cut_s=cut, shift_s=(m - simulated) * period, period_s=period)
+
+
+def _steady_cut(result: PipelineResult, m1: int) -> float | None:
+    """[Note: repeated micro-batches in the picture] A time of the short run where every rank is
+    in its steady state: after the first stage's first backward starts (the last rank to leave its
+    warm-up) and before its last forward starts (the first to enter its drain); the micro-batches
+    not simulated go there, each a period, and what comes after moves on by all of them. None
+    when the schedule has no such stretch (GPipe: all forwards, then all backwards)."""
+    lo = result.pass_times.get((Op.B, 0, 0), (None,))[0]
+    hi = result.pass_times.get((Op.F, 0, m1 - 1), (None,))[0]
+    if lo is None or hi is None or hi <= lo:
+        return None
+    return hi  # the drain's start: every pass that starts from here on is a later micro-batch's
 
 
 def _parts(sim: Simulated) -> dict[str, float]:
@@ -207,21 +234,58 @@ def deciding_difference(chosen: Simulated, other: Simulated) -> str:
     return f"slower by {pct:.1f}%: {part} {format_seconds(b[part])} vs {format_seconds(a[part])}"
 
 
+def _placed(sim: Simulated, start: float, item: tuple[Op, int, int]) -> tuple[float, tuple[Op, int, int]]:
+    """Where a pass or send of the short run goes in the whole step: one that starts at or after
+    the cut moves on by the repeated micro-batches and becomes theirs that many later ([Note:
+    repeated micro-batches in the picture])."""
+    if sim.cut_s is None or start < sim.cut_s:
+        return 0.0, item
+    op, s, i = item
+    return sim.shift_s, (op, s, i + sim.cand.shape.num_microbatches - sim.simulated_microbatches)
+
+
+PATTERN_MICROBATCHES = 2
+"""Micro-batches after which a steady state repeats itself: two (ZB-H1's deferred W and V-Min's
+held-back forwards alternate from one micro-batch to the next; the others repeat every one);
+interleaved 1F1B a group of ``p``. The memory lines repeat that many before the cut."""
+
+
 def _memory_line(sim: Simulated, r: int) -> tuple[MemoryPoint, ...]:
-    """Rank ``r``'s device bytes over the simulated passes: its static bytes, plus each held
-    micro-batch's activations from the end of its forward to the end of its backward (or W)."""
+    """Rank ``r``'s bytes in use per tier over the whole step. Device: its static bytes (states,
+    buffers, workspace), plus each held micro-batch's activations from the end of its forward to
+    the end of its backward (or W). An extrapolated run's repeated micro-batches are drawn ([Note:
+    repeated micro-batches in the picture]): each (pass, stage) of the rank repeats its last
+    ``PATTERN_MICROBATCHES`` before the cut (interleaved: a group of ``p``) as many periods
+    apart, before its first after the cut runs, moved on by all of them;
+    without a cut they are held level (the timeline marks them "not drawn"). Host and NVMe: what
+    its stages offload at their peak, drawn level over the step (a stage's offload figures do
+    not say when within it; states homed there are held all step)."""
     if sim.result is None:
         return ()
     split = sim.cand.shape.schedule in _SPLIT_W
+    frees = Op.W if split else Op.B
     moves: list[tuple[float, int]] = []
-    for (op, s, _), (_, end) in sim.result.pass_times.items():
-        if sim.cand.stage_ranks[s] != r:
+    ends: dict[tuple[Op, int], dict[int, float]] = defaultdict(dict)
+    first: dict[tuple[Op, int], int] = {}
+    for (op, s, i), (start, end) in sim.result.pass_times.items():
+        if sim.cand.stage_ranks[s] != r or op not in (Op.F, frees):
             continue
-        act = sim.estimates[s].act_bytes
-        if op is Op.F:
-            moves.append((end, act))
-        elif op is (Op.W if split else Op.B):
-            moves.append((end, -act))
+        act = sim.estimates[s].act_bytes if op is Op.F else -sim.estimates[s].act_bytes
+        shift, _ = _placed(sim, start, (op, s, i))
+        moves.append((end + shift, act))
+        ends[(op, s)][i] = end
+        if shift:
+            first[(op, s)] = min(first.get((op, s), i), i)
+    # the missing passes i0 .. i0+k-1 of each (pass, stage) repeat its last g before the cut,
+    # g periods apart (the first after the cut, a period apart, where fewer came before)
+    g = sim.cand.shape.pipeline if sim.cand.shape.schedule == "interleaved-1f1b" else PATTERN_MICROBATCHES
+    k = sim.cand.shape.num_microbatches - sim.simulated_microbatches
+    for (op, s), i0 in first.items():
+        act = sim.estimates[s].act_bytes if op is Op.F else -sim.estimates[s].act_bytes
+        if all(i in ends[(op, s)] for i in range(i0 - g, i0)):
+            moves += [(ends[(op, s)][i0 - g + j % g] + (j // g + 1) * g * sim.period_s, act) for j in range(k)]
+        else:
+            moves += [(ends[(op, s)][i0] + j * sim.period_s, act) for j in range(k)]
     level = sim.static_bytes[r]
     out = [MemoryPoint(tier="device", t_s=0.0, bytes=level)]
     for t, b in sorted(moves, key=lambda x: (x[0], x[1] > 0)):
@@ -230,25 +294,53 @@ def _memory_line(sim: Simulated, r: int) -> tuple[MemoryPoint, ...]:
             out[-1] = MemoryPoint(tier="device", t_s=t, bytes=max(level, out[-1].bytes) if b > 0 else level)
         else:
             out.append(MemoryPoint(tier="device", t_s=t, bytes=level))
+    if out[-1].t_s < sim.step_s:
+        out.append(MemoryPoint(tier="device", t_s=sim.step_s, bytes=level))
+    for tier, held in (("host", sim.host_bytes[r]), ("nvme", sim.nvme_bytes[r])):
+        if held:
+            out += [MemoryPoint(tier=tier, t_s=0.0, bytes=held), MemoryPoint(tier=tier, t_s=sim.step_s, bytes=held)]
     return tuple(out)
 
 
 def _timeline(sim: Simulated) -> tuple[TimelineEvent, ...]:
+    """Per rank its passes, sends, all-reduce and optimizer step; an extrapolated run's repeated
+    micro-batches as one ``repeated:`` event per rank where they run ([Note: repeated
+    micro-batches in the picture]), or after its last pass when the schedule has no steady stretch."""
     res, cand = sim.result, sim.cand
     if res is None:
         return ()
-    events = [TimelineEvent(stream=f"compute:{cand.stage_ranks[s]}", name=str(Action(s, op, i)), start_s=a, end_s=b)
-              for (op, s, i), (a, b) in res.pass_times.items()]
+    events = []
+    first_after: dict[int, int] = {}
+    before_cut: dict[int, float] = {}
+    for (op, s, i), (a, b) in res.pass_times.items():
+        r = cand.stage_ranks[s]
+        shift, (op2, s2, i2) = _placed(sim, a, (op, s, i))
+        events.append(TimelineEvent(stream=f"compute:{r}", name=str(Action(s2, op2, i2)), start_s=a + shift,
+                                    end_s=b + shift))
+        if sim.cut_s is not None and a >= sim.cut_s and op is Op.F:
+            first_after[r] = min(first_after.get(r, i), i)
+        elif sim.cut_s is not None and a < sim.cut_s:
+            before_cut[r] = max(before_cut.get(r, 0.0), b)
     for (op, s, i), (a, b) in res.send_times.items():
         src = cand.stage_ranks[s]
         dst = cand.stage_ranks[s + 1] if op is Op.SEND_F else cand.stage_ranks[s - 1]
-        events.append(TimelineEvent(stream=f"link:{src}>{dst}", name=str(Action(s, op, i)), start_s=a, end_s=b))
+        shift, (op2, s2, i2) = _placed(sim, a, (op, s, i))
+        events.append(TimelineEvent(stream=f"link:{src}>{dst}", name=str(Action(s2, op2, i2)), start_s=a + shift,
+                                    end_s=b + shift))
     m, shown = cand.shape.num_microbatches, sim.simulated_microbatches
     for r, end in enumerate(sim.end_s):
-        last = max(b for (_, s, _), (_, b) in res.pass_times.items() if cand.stage_ranks[s] == r)
-        if shown < m:
+        if shown < m and sim.cut_s is not None:
+            a = first_after.get(r, shown)
+            start = max(sim.cut_s, before_cut.get(r, 0.0))
+            events.append(TimelineEvent(
+                stream=f"compute:{r}", start_s=start, end_s=sim.cut_s + sim.shift_s,
+                name=f"repeated: micro-batches {a}-{a + m - shown - 1}, each as the one before "
+                     f"({format_seconds(sim.period_s)} each; not drawn)"))
+        elif shown < m:
+            last = max(b for (_, s, _), (_, b) in res.pass_times.items() if cand.stage_ranks[s] == r)
             events.append(TimelineEvent(stream=f"compute:{r}", start_s=last, end_s=end,
-                                        name=f"repeated: micro-batches {shown}-{m - 1}, the steady state of those before"))
+                                        name=f"repeated: micro-batches {shown}-{m - 1}, the steady state of those "
+                                             "before (not drawn)"))
         t = end
         for what, dur in (("allreduce", sim.allreduce_s[r]), ("optimizer step", sim.optimizer_s[r])):
             if dur > 0:

@@ -92,6 +92,8 @@ class Candidate:
     model: StageModel | None = None
     problem: str = ""
     """Why it cannot run ('' when it can)."""
+    fixed: tuple[tuple[int, int], ...] = ()
+    """A partition given by the user (config ``parallel.partition``): used as is, not searched."""
 
 
 def bubble_ratio(kind: str, p: int, m: int, *, bound: bool = False) -> float | None:
@@ -233,7 +235,10 @@ def stage_budgets(cluster: ClusterSpec, devices, margin: float, device_budget: i
 
 
 def shapes(stats: ModelStats, counts: Mapping[str, list[int]], global_batch_size: int, micro_batch_size: int,
-            schedules: Sequence[str], pipeline_degree: int | None, data_parallel_degree: int | None):
+            schedules: Sequence[str], pipeline_degree: int | None, data_parallel_degree: int | None,
+            num_microbatches: int = 0):
+    """Every shape over the device groups ``counts``; a given micro-batch size or count (else
+    the ``MAX_MICROBATCH_SIZES`` smallest sizes) and degrees are kept to."""
     n = sum(len(v) for v in counts.values())
     blocks = len(stats.blocks)
     common = math.gcd(*(len(v) for v in counts.values()))
@@ -246,6 +251,9 @@ def shapes(stats: ModelStats, counts: Mapping[str, list[int]], global_batch_size
             continue
         per_replica = global_batch_size // d
         sizes = [micro_batch_size] if micro_batch_size else _divisors(per_replica)[:MAX_MICROBATCH_SIZES]
+        if num_microbatches:
+            sizes = [per_replica // num_microbatches] if per_replica % num_microbatches == 0 else []
+            sizes = [b for b in sizes if not micro_batch_size or b == micro_batch_size]
         if micro_batch_size and per_replica % micro_batch_size:
             continue
         for order in orders if p > 1 else orders[:1]:
@@ -329,7 +337,14 @@ def partition(cand: Candidate) -> None:
             seen[key] = got
         return got
 
-    worst, bounds = partition_min_max(model.num_blocks, len(cand.stage_ranks), stage_cost)
+    if cand.fixed:
+        bounds = cand.fixed
+        for s, (first, end) in enumerate(bounds):
+            if math.isinf(stage_cost(s, first, end)):
+                cand.problem = why_not(cand, s, first, end)
+                return
+    else:
+        _, bounds = partition_min_max(model.num_blocks, len(cand.stage_ranks), stage_cost)
     if not bounds:
         cand.problem = why_not(cand)
         return
@@ -345,9 +360,9 @@ def partition(cand: Candidate) -> None:
     cand.estimate_s = max(busy) * (1 + ratio) + max(tail)
 
 
-def why_not(cand: Candidate) -> str:
+def why_not(cand: Candidate, *stage: int) -> str:
     """What does not fit, for a shape without a partition: the first stage that cannot hold even
-    an equal share of the blocks."""
+    an equal share of the blocks; or for ``stage`` (its index, first and end block) that one."""
     model = cand.model
     assert model is not None
     k = len(cand.stage_ranks)
@@ -355,6 +370,8 @@ def why_not(cand: Candidate) -> str:
     for s in range(k):
         first = min(s * size, model.num_blocks - 1)
         end = model.num_blocks if s == k - 1 else min(first + size, model.num_blocks)
+        if stage:
+            s, first, end = stage
         est = model.estimate(first, end, cand.where[s], cand.in_flight[s], cand.shape.num_microbatches)
         if not est.fits:
             _, dev, _, _, budget = cand.ranks[cand.stage_ranks[s]]

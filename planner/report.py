@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING
 
 from memtrain.planner.atomic import atomic_write_text
 from memtrain.planner.plan import Action, ActPolicy, Op, Plan, Tier, TimelineEvent
-from memtrain.planner.report_pipeline import gantt_svg, pipeline_tables, pipeline_trace_events
+from memtrain.planner.report_pipeline import (
+    ELIDED_DEFS, elided_svg, gantt_svg, pipeline_tables, pipeline_trace_events, rank_of_stream,
+)
 from memtrain.units import format_bytes, format_seconds
 
 if TYPE_CHECKING:
@@ -419,7 +421,7 @@ def _memory_lines_svg(plan: Plan) -> str:
     rows = [(d, t) for d in devices for t in _tiers_of(plan, plan.prediction.devices.index(d))
             if any(p.tier == t for p in d.memory_timeline)]
     parts = [f'<svg id="memory-line-chart" xmlns="http://www.w3.org/2000/svg" width="{label_w + plot_w + 10}" '
-             f'height="{row_h * len(rows) + 4}" role="img" aria-label="memory in use over the step">']
+             f'height="{row_h * len(rows) + 4}" role="img" aria-label="memory in use over the step">', ELIDED_DEFS]
     for r, (dev, tier) in enumerate(rows):
         y0 = r * row_h + 4
         line = [p for p in dev.memory_timeline if p.tier == tier]
@@ -436,6 +438,9 @@ def _memory_lines_svg(plan: Plan) -> str:
         label = f"rank {dev.rank} {tier}" if len(devices) > 1 else tier
         parts.append(f'<text x="0" y="{y0 + 16}">{_e(label)}</text>')
         parts.append(f'<rect x="{label_w}" y="{y0}" width="{plot_w}" height="{h}" fill="#f7f7f7"/>')
+        for e in _repeated_marks(plan, dev.rank):  # the micro-batches the simulator extrapolated
+            parts.append(elided_svg(x(e.start_s), y0, max(x(e.end_s) - x(e.start_s), 0.5), h, e.name,
+                                    f"{e.name} ({format_seconds(e.start_s - t0)} → {format_seconds(e.end_s - t0)})"))
         pts = []
         for k, p in enumerate(line):
             if k:
@@ -452,6 +457,13 @@ def _memory_lines_svg(plan: Plan) -> str:
                          "</title></line>")
     parts.append("</svg>")
     return "\n".join(parts) + "\n" + _legend([("in use", "#4e79a7"), ("budget", "#c62828")])
+
+
+def _repeated_marks(plan: Plan, rank: int) -> list[TimelineEvent]:
+    """The ``repeated:`` marks on ``rank``'s compute lane (its own for a pipeline plan)."""
+    def mine(e: TimelineEvent) -> bool:
+        return e.stream == "compute" if plan.pipeline is None else rank_of_stream(e.stream) == (rank, "compute")
+    return [e for e in plan.prediction.timeline if e.name.startswith("repeated:") and mine(e)]
 
 
 def _ordered_streams(events: tuple[TimelineEvent, ...]) -> list[str]:
@@ -471,7 +483,7 @@ def _timeline_svg(plan: Plan) -> str:
     label_w, plot_w, lane_h, axis_h = 80, 1000, 24, 24
     height = lane_h * len(streams) + axis_h
     parts = [f'<svg id="timeline-chart" xmlns="http://www.w3.org/2000/svg" width="{label_w + plot_w + 10}" '
-             f'height="{height}" role="img" aria-label="simulated timeline">']
+             f'height="{height}" role="img" aria-label="simulated timeline">', ELIDED_DEFS]
     for s, i in lane.items():
         y = i * lane_h
         parts.append(f'<rect x="{label_w}" y="{y + 2}" width="{plot_w}" height="{lane_h - 4}" fill="#f7f7f7"/>')
@@ -489,6 +501,9 @@ def _timeline_svg(plan: Plan) -> str:
         kind = event_kind(e)
         title = (f"{e.name} [{kind}, {e.stream}] {format_seconds(e.start_s - t0)} → "
                  f"{format_seconds(e.end_s - t0)} ({format_seconds(e.end_s - e.start_s)})")
+        if kind == "elided":  # hatched and labelled where it happens: what this stretch stands for
+            parts.append(elided_svg(x, lane[e.stream] * lane_h + 4, w, lane_h - 8, e.name, title))
+            continue
         parts.append(f'<rect x="{x:.2f}" y="{lane[e.stream] * lane_h + 4}" width="{w:.2f}" height="{lane_h - 8}" '
                      f'fill="{_KIND_COLOURS[kind]}"><title>{_e(title)}</title></rect>')
     parts.append("</svg>")

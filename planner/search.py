@@ -305,19 +305,43 @@ def plan(
 
 
 def _truncate(timeline: tuple[TimelineEvent, ...]) -> tuple[TimelineEvent, ...]:
+    """At most ``MAX_TIMELINE_EVENTS``: the first three quarters and the last quarter in time, the
+    ``repeated:`` marks of micro-batches not simulated, and ``omitted:`` marks over the stretch
+    left out, one on each side of a ``repeated:`` mark inside it (each counting its events), so
+    every stretch of the picture says what it stands for."""
     if len(timeline) <= MAX_TIMELINE_EVENTS:
         return timeline
     marks = [e for e in timeline if e.name.startswith("repeated:")]  # always kept (simulate_step)
     by_start = sorted((e for e in timeline if not e.name.startswith("repeated:")), key=lambda e: (e.start_s, e.end_s))
-    room = MAX_TIMELINE_EVENTS - len(marks) - 1
+    room = MAX_TIMELINE_EVENTS - 2 * len(marks) - 1  # a mark inside the gap cuts it in two
     head = room * 3 // 4
     kept_head, kept_tail = by_start[:head], by_start[head - room:]
     left = by_start[head:len(by_start) - len(kept_tail)]
-    start = max(e.end_s for e in kept_head)
-    gap = TimelineEvent(stream="compute", start_s=min(start, kept_tail[0].start_s), end_s=kept_tail[0].start_s,
-                        name=f"omitted: {len(left):,} events not kept in the plan (the first three quarters "
-                             f"and the last quarter of {MAX_TIMELINE_EVENTS:,} are)")
-    return tuple(sorted(kept_head + [gap] + marks + kept_tail, key=lambda e: (e.start_s, e.end_s)))
+    start = min(max(e.end_s for e in kept_head), kept_tail[0].start_s)
+    pieces, t = [], start
+    for m in sorted(marks, key=lambda e: e.start_s):
+        if t < m.start_s < kept_tail[0].start_s:
+            pieces.append((t, m.start_s))
+        t = max(t, m.end_s)
+    if t < kept_tail[0].start_s or not pieces:
+        pieces.append((min(t, kept_tail[0].start_s), kept_tail[0].start_s))
+    gaps = []
+    for k, (a, b) in enumerate(pieces):
+        count = sum(1 for e in left if _piece_of(e.start_s, pieces) == k)
+        gaps.append(TimelineEvent(stream="compute", start_s=a, end_s=b,
+                                  name=f"omitted: {count:,} events not kept in the plan (the first three quarters "
+                                       f"and the last quarter of {MAX_TIMELINE_EVENTS:,} are)"))
+    return tuple(sorted(kept_head + gaps + marks + kept_tail, key=lambda e: (e.start_s, e.end_s)))
+
+
+def _piece_of(t: float, pieces: list[tuple[float, float]]) -> int:
+    """The stretch of ``pieces`` an event starting at ``t`` is counted in: the last that starts at
+    or before it (the first for one before them all)."""
+    k = 0
+    for i, (a, _) in enumerate(pieces):
+        if a <= t:
+            k = i
+    return k
 
 
 def _family(cand: Candidate) -> tuple:

@@ -517,7 +517,7 @@ def simulate_step(
     peak = {t.value: 0 for t in Tier}
     peak.update(r.peak_bytes)
     resident = _resident(policy, train)
-    memory = _memory_line(graph, r, resident, shift, n_sim) if timeline else ()
+    memory = _memory_line(graph, r, resident, shift, n_sim, n) if timeline else ()
     # Resident chunks are held all step; the graph only carries transient owners.
     breakdown = r.breakdown()
     for tier in peak:
@@ -549,14 +549,20 @@ MAX_MEMORY_POINTS = 2000
 
 
 def _memory_line(graph: TaskGraph, r: GraphResult, resident: dict[str, int], shift: float,
-                 n_sim: int) -> tuple[MemoryPoint, ...]:
-    """Per tier, the bytes in use (resident chunks included) at each change over the step, the
-    last simulated micro-batch and the optimizer shifted as the timeline is ([Note: steady-state
-    extrapolation]; the micro-batches not simulated repeat the one before). A line longer than
-    ``MAX_MEMORY_POINTS`` keeps the highest point of each stretch, so the peak stays on it."""
+                 n_sim: int, n: int) -> tuple[MemoryPoint, ...]:
+    """Per tier, the bytes in use (resident chunks included) at each change over the whole step,
+    the last simulated micro-batch and the optimizer shifted as the timeline is ([Note:
+    steady-state extrapolation]). The micro-batches not simulated are drawn: each repeats the
+    one before them (``n_sim - 2``), so its allocations and frees are that one's, a period later
+    each. A line longer than ``MAX_MEMORY_POINTS`` keeps the highest point of each stretch, so
+    the peak stays on it."""
     moves: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    period = shift / (n - n_sim) if n > n_sim else 0.0
     for t, tid, tier, b in r.memory_events:
-        moves[tier].append((t + (shift if graph.tags[tid] >= n_sim - 1 else 0.0), b))
+        tag = graph.tags[tid]
+        moves[tier].append((t + (shift if tag >= n_sim - 1 else 0.0), b))
+        if tag == n_sim - 2 and period > 0:
+            moves[tier] += [(t + k * period, b) for k in range(1, n - n_sim + 1)]
     out: list[MemoryPoint] = []
     for tier in sorted(set(moves) | {k for k, v in resident.items() if v}):
         level = resident.get(tier, 0)

@@ -43,12 +43,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("plan", help="dry run: will it fit, how, how fast (no GPU needed)")
+    p = sub.add_parser(
+        "plan", help="dry run: will it fit, how, how fast (no GPU needed)",
+        description="Plan without training: one device, or a pipeline over the cluster's devices when "
+                    "parallel.pipeline x parallel.data > 1 or when the config leaves a degree to the planner "
+                    "(parallel.pipeline or parallel.data 0, or 'parallel: auto') over several devices. A pipeline "
+                    "plan chooses what the config leaves open (degrees, device order, partition, schedule, "
+                    "micro-batches) and reports per rank. Exit status: 0 it fits, 2 a user mistake or a plan "
+                    "that does not fit.",
+    )
     _add_config_args(p)
     p.add_argument("--json", metavar="PATH", help="write the plan and its predictions as JSON")
-    p.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")
-    p.add_argument("--trace", metavar="PATH", help="write a Chrome/Perfetto trace of the simulated step")
-    p.add_argument("--profile", metavar="PATH", help="use this measured profile instead of catalog figures")
+    p.add_argument("--html", metavar="PATH", help="write a self-contained HTML report (a pipeline plan: a Gantt "
+                                                  "chart per rank and its memory over the step)")
+    p.add_argument("--trace", metavar="PATH", help="write a Chrome/Perfetto trace of the simulated step (a pipeline "
+                                                   "plan: a process per rank with its memory counters)")
+    p.add_argument("--profile", metavar="PATH", help="use this measured profile instead of catalog figures "
+                                                     "(one-device plans)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
     p = sub.add_parser("profile", help="measure this machine and the configured model")
@@ -152,10 +163,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     _check_input("--profile", args.profile)
     cfg = load_config(args.config, args.overrides)
     from memtrain.planner import report
-    from memtrain.runtime.planning import plan_from_config
+    from memtrain.runtime.planning import plan_config
 
     t0 = time.perf_counter()
-    plan = plan_from_config(cfg, profile_path=args.profile)
+    plan = plan_config(cfg, profile_path=args.profile)
     elapsed_s = time.perf_counter() - t0
     if not args.quiet:
         report.print_summary(plan)
@@ -212,6 +223,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from memtrain.runtime.planning import run_dir
     from memtrain.runtime.train import train
 
+    if cfg.parallel.planner_chooses:
+        p = cfg.parallel
+        raise UsageError(f"parallel: pipeline {p.pipeline}, data {p.data}, schedule {p.schedule} leave choices to the "
+                         "planner, which 'memtrain plan' makes but 'memtrain run' does not; run 'memtrain plan "
+                         "CONFIG' and set parallel.pipeline, parallel.data and parallel.schedule to its choice")
     _check_output("run_dir", str(run_dir(cfg) / "metrics.jsonl"))  # where the run writes its files
     address = args.address or os.environ.get("RAY_ADDRESS") or None
 

@@ -66,7 +66,9 @@ def config_reference_markdown() -> str:
         "",
         "Generated from `memtrain/config.py` by `python -m memtrain.runtime.config_docs` (a test checks it is current).",
         "Every field can be set on the command line with `--set dotted.name=value` (values are read as YAML; list items by index, e.g. `--set cluster.nodes[0].devices[0].kind=a100-80gb`).",
-        "Sizes accept `24GiB`, `512MB`, `1.5TiB` or a number of bytes. `cluster: auto` reads this machine.",
+        "Sizes accept `24GiB`, `512MB`, `1.5TiB` or a number of bytes. `cluster: auto` reads this machine. "
+        "`parallel: auto` stands for `{pipeline: 0, data: 0, schedule: auto}`: `memtrain plan` chooses the degrees "
+        "and the schedule over the cluster's devices (`memtrain run` needs them fixed).",
         "An `int` is a whole number (`2`, not `2.0` or `2GiB`); a `float` accepts `0.1`, `1e-3` or `3.0e-4`; "
         "`.inf` and `.nan` are refused everywhere. A YAML key given twice in one mapping is an error.",
         "",

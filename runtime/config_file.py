@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from memtrain.units import show
-from memtrain.config import MAX_CONFIG_BYTES, Config, ConfigError, _cut, config_from_dict
+from memtrain.config import MAX_CONFIG_BYTES, PARALLEL_AUTO, Config, ConfigError, _cut, config_from_dict
 from memtrain.runtime.config_yaml import YamlRefused, describe, load_yaml
 
 __all__ = ["load_config", "apply_overrides"]
@@ -42,8 +42,9 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
         if name not in node or node[name] is None or node[name] == "auto":
             if indices:
                 raise ConfigError(f"{opt}: {name} has no item {indices[0]}; write the list in the config file")
-            # 'cluster: auto' stays auto: --set cluster.network_gbps=50 changes that field only
-            node[name] = {"auto": True} if node.get(name) == "auto" else {}
+            # 'cluster: auto' (or 'parallel: auto') stays auto: --set cluster.network_gbps=50 changes that field only
+            auto = {"cluster": {"auto": True}, "parallel": PARALLEL_AUTO}.get(name, {}) if node.get(name) == "auto" else {}
+            node[name] = dict(auto)
         node = node[name]
         for k, i in enumerate(indices):
             if not isinstance(node, list) or i >= len(node):

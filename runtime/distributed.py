@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from memtrain.config import Config, ConfigError
 from memtrain.errors import UserError
-from memtrain.runtime.planning import run_dir
+from memtrain.runtime.planning import run_devices, run_dir
 from memtrain.units import format_bytes, format_seconds
 
 __all__ = ["run_distributed", "check_devices", "plan_run", "assignments_for", "PIPELINE_DRIVER"]
@@ -45,19 +45,7 @@ def check_devices(cfg: Config, inventory: Any) -> list[int]:
             f"parallel.pipeline × parallel.data: {p.pipeline} × {p.data} = {p.num_workers} workers need one device "
             f"each, but the Ray cluster has {len(slots)} ({inventory.describe()}); lower parallel.pipeline or "
             "parallel.data, or add nodes (in a cluster without GPUs each CPU Ray gives a node is a device)")
-    first = list(range(p.num_workers))
-    if p.data == 1:
-        return first
-    by_kind: dict[str, list[int]] = {}
-    for i, slot in enumerate(slots):
-        by_kind.setdefault(slot.kind, []).append(i)
-    chosen, need = [], p.num_workers
-    for kind in sorted(by_kind, key=lambda k: -len(by_kind[k])):
-        take = min(len(by_kind[kind]) // p.data * p.data, need)
-        take -= take % p.data
-        chosen += by_kind[kind][:take]
-        need -= take
-    return sorted(chosen) if need == 0 else first  # else: the planner says what the replicas lack
+    return run_devices([slot.kind for slot in slots], p.pipeline, p.data)  # as 'memtrain plan' chooses
 
 
 def _pipeline_runner() -> Callable[..., Any]:
@@ -111,7 +99,8 @@ def plan_run(cfg: Config, inventory: Any, chosen: list[int]) -> Any:
         micro_batch_size=_micro_batch_size(cfg), dtype=cfg.train.dtype, optimizer=cfg.train.optimizer.name,
         safety_margin=cfg.memory.safety_margin, device_budget=cfg.memory.device, host_budget=cfg.memory.host,
         nvme_budget=cfg.memory.nvme, schedules=(cfg.parallel.schedule,), pipeline_degree=cfg.parallel.pipeline,
-        data_parallel_degree=cfg.parallel.data, source="ray")
+        data_parallel_degree=cfg.parallel.data, num_microbatches=cfg.parallel.microbatches,
+        stage_blocks=cfg.parallel.partition, source="ray")
     if plan.pipeline is None or not plan.fits:
         raise ConfigError(f"the model does not fit the cluster's devices: {plan.shortfall}")
     if len(plan.pipeline.stage_ranks) != cfg.parallel.num_stages:
@@ -183,7 +172,7 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
 
     report.print_summary(plan)
     pipe, train = plan.pipeline, plan.train
-    partition = tuple(cfg.parallel.partition) if cfg.parallel.partition else tuple(e - b for b, e in pipe.partition)
+    partition = tuple(e - b for b, e in pipe.partition)  # the config's parallel.partition when it sets one
     ckpt_root = checkpoint_root(cfg)
     start = resume_from.step if resume_from is not None else 0
     metrics_path = out_dir / "metrics.jsonl"
@@ -215,7 +204,8 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
             finite = math.isfinite(loss)
             record = {"step": k + 1, "loss": loss if finite else None, "step_time_s": dt,
                       "tokens_per_s": tokens_per_step / dt, "lr": lr_at(k, cfg),
-                      "rank_step_time_s": [r.time_s for r in results], "peak_bytes": peaks,
+                      "rank_step_time_s": [r.time_s for r in results], "rank_busy_s": [r.busy_s for r in results],
+                      "peak_bytes": peaks,
                       "rank_device": [r.device for r in results]}
             if not finite:
                 record["non_finite_loss"] = str(loss)
@@ -276,8 +266,11 @@ def closing_lines(plan: Any, step_times: list[float], result: Any) -> list[str]:
         node = f" on {result.nodes[rank]}" if rank < len(result.nodes) else ""
         device = result.devices[rank] if rank < len(result.devices) else "?"
         rp = ranks.get(rank)
-        lines.append(f"rank {rank}{node} ({device}): step {format_seconds(statistics.median(times))} measured, "
-                     f"predicted busy {format_seconds(rp.busy_s if rp else 0.0)} of it")
+        busy = statistics.median(b[rank] for b in (result.busy_s[1:] or result.busy_s))
+        step = statistics.median(times)
+        lines.append(f"rank {rank}{node} ({device}): busy {format_seconds(busy)} of its {format_seconds(step)} step, "
+                     f"idle {1 - busy / step:.0%} measured; predicted busy {format_seconds(rp.busy_s if rp else 0.0)}, "
+                     f"idle {rp.bubble_fraction if rp else 0.0:.0%}")
         if rp is not None and rp.device.kind != "cpu" and device == "cpu":
             lines.append(f"  note: rank {rank} computed on the CPU although the plan puts it on a {rp.device.kind}: torch "
                          "in its worker sees no GPU (CUDA_VISIBLE_DEVICES, the driver, or a simulated device)")

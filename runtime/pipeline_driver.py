@@ -60,6 +60,10 @@ class PipelineResult:
     """Per world rank, the node it ran on (when placed on given nodes)."""
     devices: tuple[str, ...] = ()
     """Per world rank, where it computed (``StepResult.device``)."""
+    step_wall_s: tuple[float, ...] = ()
+    """Per step, the driver's wait for it (the slowest rank plus Ray's round trip)."""
+    busy_s: tuple[tuple[float, ...], ...] = ()
+    """Per step, per world rank, its time in compute actions (``StepResult.busy_s``)."""
     state_bytes: tuple[dict[str, int], ...] = ()
     """Per world rank, its model states after the last step (``StageWorker.state_bytes``)."""
 
@@ -311,7 +315,7 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                         seed=seed, data=data or DataConfig(), optimizer=optim, timeout_s=timeout_s,
                         num_threads=num_threads, dtype=dtype, offload=homes, nvme_dir=nvme_dir,
                         offload_chunk_elems=offload_chunk_elems, zero=zero)
-    losses, mb_losses, records, times, peaks = [], [], [], [], []
+    losses, mb_losses, records, times, peaks, walls, busy = [], [], [], [], [], [], []
     with PipelineRun(spec, programs, step_timeout_s=step_timeout_s, num_cpus_per_worker=num_cpus_per_worker,
                      assignments=assignments) as run:
         if states is not None:
@@ -327,6 +331,8 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
             records.append(tuple(res.record for res in results))
             times.append(tuple(res.time_s for res in results))
             peaks.append(tuple(res.peak_bytes for res in results))
+            walls.append(wall)
+            busy.append(tuple(res.busy_s for res in results))
             if on_step is not None:
                 on_step(k, losses[-1], results, wall)
             if save_after is not None and on_states is not None and save_after(k + 1):
@@ -337,7 +343,8 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     return PipelineResult(losses=tuple(losses), microbatch_losses=tuple(mb_losses), records=tuple(records),
                           step_times_s=tuple(times),
                           programs=tuple(tuple(str(a) for a in programs[r]) for r in range(num_ranks)),
-                          peak_bytes=tuple(peaks), nodes=nodes, devices=devices, state_bytes=held)
+                          peak_bytes=tuple(peaks), nodes=nodes, devices=devices, step_wall_s=tuple(walls),
+                          busy_s=tuple(busy), state_bytes=held)
 
 
 _STEP_POINTS = (Op.ALLREDUCE, Op.OPTIM, Op.PREFETCH, Op.OFFLOAD)

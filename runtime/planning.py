@@ -12,7 +12,7 @@ from memtrain.planner.profile_format import (
 )
 from memtrain.config import Config, ConfigError
 
-__all__ = ["plan_from_config", "plan_cluster_from_config", "profile_for", "budgets_for", "run_dir"]
+__all__ = ["plan_config", "plans_a_cluster", "run_devices", "plan_from_config", "plan_cluster_from_config", "profile_for", "budgets_for", "run_dir"]
 
 
 def run_dir(cfg: Config) -> Path:
@@ -98,26 +98,139 @@ def plan_from_config(cfg: Config, *, profile_path: str | None = None) -> Plan:
     return dataclasses.replace(plan, source_notes=tuple(notes)) if notes else plan
 
 
+def plans_a_cluster(cfg: Config, num_devices: int) -> bool:
+    """[Note: which planner] ``memtrain plan`` plans a pipeline over the cluster when the config
+    asks for more than one worker (``parallel.pipeline × parallel.data > 1``), or leaves a degree
+    to the planner (0, ``parallel: auto``) over a cluster of ``num_devices`` > 1; else one device."""
+    p = cfg.parallel
+    if max(p.pipeline, 1) * max(p.data, 1) > 1:
+        return True
+    return (p.pipeline == 0 or p.data == 0) and num_devices > 1
+
+
+def plan_config(cfg: Config, *, profile_path: str | None = None) -> Plan:
+    """The plan ``memtrain plan`` shows: a cluster plan or a one-device plan ([Note: which planner])."""
+    from memtrain.cluster.inventory import resolve_cluster
+
+    cluster = resolve_cluster(cfg.cluster)
+    if not plans_a_cluster(cfg, sum(len(n.devices) for n in cluster.nodes)):
+        return plan_from_config(cfg, profile_path=profile_path)
+    if profile_path is not None:
+        raise ConfigError("--profile: a measured profile describes one device of one machine, and this config plans "
+                          "a pipeline over the cluster (parallel section) with the catalog's figures; drop --profile, "
+                          "or set parallel.pipeline and parallel.data to 1 to plan one device with it")
+    return plan_cluster_from_config(cfg, cluster=cluster)
+
+
 def plan_cluster_from_config(cfg: Config, *, pipeline_degree: int | None = None,
-                             data_parallel_degree: int | None = None, schedules: tuple[str, ...] | None = None) -> Plan:
-    """A pipeline plan of ``cfg`` over every device its cluster lists (planner.hetero): the
-    degrees, device order, partition, schedule and micro-batches chosen for the shortest
-    predicted step; ``pipeline_degree``, ``data_parallel_degree`` and ``schedules`` fix those
-    choices (the config's ``parallel`` section). Figures from the catalog or this machine; a
-    profile measures one machine, so none is applied here."""
+                             data_parallel_degree: int | None = None, schedules: tuple[str, ...] | None = None,
+                             cluster=None) -> Plan:
+    """A pipeline plan of ``cfg`` over the devices of its cluster (planner.hetero): the degrees,
+    device order, partition, schedule and micro-batches chosen for the shortest predicted step.
+    The config's ``parallel`` section fixes what it sets: degrees other than 0 (the first
+    ``pipeline × data`` devices ``memtrain run`` would use are planned over when both are fixed), a
+    schedule other than ``auto``, ``microbatches`` and ``partition``; ``pipeline_degree``,
+    ``data_parallel_degree`` and ``schedules`` override it. Figures from the catalog or this
+    machine; a profile measures one device, so none is applied here."""
+    import dataclasses
+
     from memtrain.cluster.inventory import resolve_cluster
     from memtrain.planner.analyze import analyze
     from memtrain.planner.hetero import plan_cluster
-    from memtrain.planner.pipeline import SCHEDULES
 
-    cluster = resolve_cluster(cfg.cluster)
+    par = cfg.parallel
+    pipeline_degree = pipeline_degree or par.pipeline or None
+    data_parallel_degree = data_parallel_degree or par.data or None
+    schedules = schedules or _schedules(cfg)
+    cluster = cluster if cluster is not None else resolve_cluster(cfg.cluster)
+    notes: list[str] = []
+    if pipeline_degree and data_parallel_degree:
+        cluster, notes = _devices_for(cluster, pipeline_degree * data_parallel_degree, cfg)
     stats = analyze(cfg.model, seq_len=cfg.train.seq_len, micro_batch_size=1, dtype=cfg.train.dtype)
-    return plan_cluster(
+    plan = plan_cluster(
         stats, cluster, name=cfg.name, global_batch_size=cfg.train.global_batch_size,
         micro_batch_size=cfg.train.micro_batch_size, dtype=cfg.train.dtype, optimizer=cfg.train.optimizer.name,
         safety_margin=cfg.memory.safety_margin, device_budget=cfg.memory.device, host_budget=cfg.memory.host,
-        nvme_budget=cfg.memory.nvme, schedules=schedules or SCHEDULES, pipeline_degree=pipeline_degree,
-        data_parallel_degree=data_parallel_degree, source=cluster.source)
+        nvme_budget=cfg.memory.nvme, schedules=schedules, pipeline_degree=pipeline_degree,
+        data_parallel_degree=data_parallel_degree, num_microbatches=par.microbatches, stage_blocks=par.partition,
+        source=cluster.source)
+    return dataclasses.replace(plan, source_notes=tuple(notes)) if notes else plan
+
+
+def run_devices(kinds: list[str], pipeline: int, data: int) -> list[int]:
+    """Indices of the ``pipeline × data`` devices (of ``kinds``, node by node) a run with these
+    degrees uses, as ``runtime.distributed.check_devices`` chooses Ray's device slots: the first
+    ones, or with data parallelism whole multiples of ``data`` of each kind (the most plentiful
+    kinds first) so every replica can get the same devices, else the first ones."""
+    need = pipeline * data
+    first = list(range(need))
+    if data == 1:
+        return first
+    by_kind: dict[str, list[int]] = {}
+    for i, kind in enumerate(kinds):
+        by_kind.setdefault(kind, []).append(i)
+    chosen = []
+    for kind in sorted(by_kind, key=lambda k: -len(by_kind[k])):
+        take = min(len(by_kind[kind]) // data * data, need)
+        take -= take % data
+        chosen += by_kind[kind][:take]
+        need -= take
+    return sorted(chosen) if need == 0 else first
+
+
+def _schedules(cfg: Config) -> tuple[str, ...]:
+    """The schedules to weigh: the config's, or with ``auto`` every one the planner lays out."""
+    from memtrain.planner.pipeline import SCHEDULES
+
+    par = cfg.parallel
+    if par.schedule == "interleaved-1f1b" and par.stages_per_rank != 2:
+        raise ConfigError(f"parallel.stages_per_rank: the planner lays interleaved-1f1b out with 2 stages per rank, "
+                          f"got {par.stages_per_rank}; set it to 2 to plan it, or choose another parallel.schedule")
+    if par.schedule != "auto":
+        return (par.schedule,)
+    return tuple(s for s in SCHEDULES if s != "interleaved-1f1b" or par.stages_per_rank == 2)
+
+
+def _devices_for(cluster, num_workers: int, cfg: Config):
+    """The cluster cut to the ``num_workers`` devices a run with fixed degrees uses
+    (``run_devices``), and a note saying so. This machine's CPU alone (``cluster: auto`` without
+    a GPU) is shared by the workers as Ray's CPU workers share it: each gets 1/n of its compute
+    and of each half of its RAM ([Note: CPU as device])."""
+    import dataclasses
+
+    from memtrain.cluster.spec import ClusterSpec
+
+    devices = [(i, d) for i, node in enumerate(cluster.nodes) for d in node.devices]
+    n = len(devices)
+    if n == 1 and devices[0][1].kind == "cpu" and cfg.cluster.auto:
+        node, cpu = cluster.nodes[0], devices[0][1]
+        share = dataclasses.replace(
+            cpu, name=f"{cpu.name}, 1/{num_workers}", memory_bytes=cpu.memory_bytes // (2 * num_workers),
+            bf16_flops=cpu.bf16_flops / num_workers, fp16_flops=cpu.fp16_flops / num_workers,
+            fp32_flops=cpu.fp32_flops / num_workers)
+        host = dataclasses.replace(node.host, memory_bytes=node.host.memory_bytes // 2)
+        node = dataclasses.replace(node, host=host, devices=(share,) * num_workers)
+        note = (f"this machine's CPU shared by the {num_workers} workers (parallel.pipeline × parallel.data): "
+                f"each 1/{num_workers} of its compute and of each half of its RAM")
+        return dataclasses.replace(cluster, nodes=(node,)), [note]
+    if n < num_workers:
+        p = cfg.parallel
+        raise ConfigError(
+            f"parallel.pipeline × parallel.data: {p.pipeline} × {p.data} = {num_workers} workers need one device each, "
+            f"but the cluster lists {n}; lower parallel.pipeline or parallel.data, set them to 0 to let the planner "
+            "choose, or list more devices under cluster.nodes")
+    if n == num_workers:
+        return cluster, []
+    chosen = set(run_devices([d.kind for _, d in devices], cfg.parallel.pipeline, cfg.parallel.data))
+    nodes, k = [], 0
+    for node in cluster.nodes:
+        kept = tuple(d for j, d in enumerate(node.devices) if k + j in chosen)
+        k += len(node.devices)
+        if kept:
+            nodes.append(dataclasses.replace(node, devices=kept))
+    note = (f"planned over {num_workers} of the cluster's {n} devices, those 'memtrain run' would use "
+            "(parallel.pipeline × parallel.data; 0 for either lets the planner use them all)")
+    return ClusterSpec(nodes=tuple(nodes), network_gbps=cluster.network_gbps, source=cluster.source), [note]
 
 
 def profile_for(cfg: Config, profile_path: str | None = None) -> tuple[str | None, Profile | None, list[str]]:

@@ -62,6 +62,7 @@ from memtrain.runtime.stage_zero import ShardedOptimizer
 
 __all__ = ["PipelineSpec", "StageWorker", "StepResult", "block_ranges", "PIPELINE_DTYPES"]
 
+_COMPUTE = ("F", "B", "W", "OPTIM")
 PIPELINE_DTYPES = ("fp32", "bf16")
 """What the stages compute in (fp16 needs a loss scale agreed across the ranks: not yet)."""
 
@@ -153,6 +154,13 @@ class StepResult:
     files held during the step."""
     device: str = "cpu"
     """Where the stages computed: ``cpu``, or ``cuda:0 (<GPU name>)``."""
+    action_s: tuple[float, ...] = ()
+    """Wall time of each action of ``record`` (a receive's includes its wait for the peer)."""
+
+    @property
+    def busy_s(self) -> float:
+        """Time in compute actions (F, B, W, OPTIM): the step less waits and transfers."""
+        return sum(t for a, t in zip(self.record, self.action_s) if a.strip("0123456789") in _COMPUTE)
 
 
 def block_ranges(partition: tuple[int, ...]) -> list[range]:
@@ -310,11 +318,14 @@ class StageWorker:
         for st in self.offloaded.values():
             st.start_window()
         record: list[str] = []
+        times: list[float] = []
         for a in self.program:
             handler = self.handlers.get(a.op)
             if handler is None:
                 raise RuntimeError(f"rank {self.rank}: no handler for op {a.op.value} ({a}) in its program")
+            t = time.perf_counter()
             handler(a)
+            times.append(time.perf_counter() - t)
             record.append(str(a))
         self.channel.flush()
         left = [k for k, v in (("inbox", self.inbox), ("outbox", self.outbox), ("saved", self.saved),
@@ -329,7 +340,7 @@ class StageWorker:
         if any(st.nvme is not None for st in self.offloaded.values()):
             peaks["nvme"] = sum(st.nvme.ledger.window_peak_bytes for st in self.offloaded.values() if st.nvme)
         return StepResult(record=tuple(record), losses=losses, time_s=elapsed, peak_bytes=peaks,
-                          device=_device_name(self.device))
+                          device=_device_name(self.device), action_s=tuple(times))
 
     def _load_batch(self, step: int) -> None:
         """This replica's micro-batches of step ``step``'s global batch (rows in order: replica

@@ -48,6 +48,7 @@ def token_auth():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        AuthenticationTokenLoader.instance().reset_cache()  # a later Ray in this process reads its own token
 
 
 def process_tree(pids) -> list[psutil.Process]:

@@ -51,6 +51,7 @@ def test_the_readme_pipeline_example_trains_as_one_process_does(local_ray, tmp_p
     assert [m["loss"] for m in metrics] == list(out["result"].losses)
     assert [m["lr"] for m in metrics] == [lr_at(k, cfg) for k in range(4)]
     assert all(m["peak_bytes"][r]["host"] > 0 for m in metrics for r in range(2))
+    assert all(0 < m["rank_busy_s"][r] < m["rank_step_time_s"][r] for m in metrics for r in range(2))
     plan = Plan.load(run / "plan.json")
     assert plan.pipeline is not None and plan.pipeline.schedule_kind == "1f1b"
     for step in out["result"].records:

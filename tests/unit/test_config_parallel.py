@@ -28,7 +28,7 @@ def test_num_stages_follows_the_schedule(schedule, spr, stages):
 
 
 @pytest.mark.parametrize("parallel,field", [
-    ({"pipeline": 0}, "parallel.pipeline"), ({"data": -1}, "parallel.data"), ({"pipeline": 1.5}, "parallel.pipeline"),
+    ({"pipeline": -1}, "parallel.pipeline"), ({"data": -1}, "parallel.data"), ({"pipeline": 1.5}, "parallel.pipeline"),
     ({"schedule": "1f2b"}, "parallel.schedule"), ({"microbatches": -2}, "parallel.microbatches"),
     ({"stages_per_rank": 0}, "parallel.stages_per_rank"), ({"comm_timeout_s": 0}, "parallel.comm_timeout_s"),
     ({"comm_timeout_s": "soon"}, "parallel.comm_timeout_s"), ({"partition": [2, 0], "pipeline": 2}, r"parallel.partition\[1\]"),
@@ -75,3 +75,25 @@ def test_check_blocks_where_the_model_is_known():
         v.check_blocks(5)
     with pytest.raises(ConfigError, match="parallel.partition: the block counts add up to 5.*add up to 6"):
         ParallelConfig(pipeline=2, partition=[2, 3]).check_blocks(6)
+
+
+def test_auto_leaves_the_degrees_and_the_schedule_to_the_planner(tmp_path):
+    from memtrain.runtime.config_file import load_config
+
+    p = config_from_dict({"train": {"global_batch_size": 7}, "parallel": "auto"}).parallel
+    assert (p.pipeline, p.data, p.schedule, p.planner_chooses) == (0, 0, "auto", True)
+    assert not config_from_dict({}).parallel.planner_chooses  # no section: one device, as before
+    assert not _cfg({"schedule": "auto"}).parallel.planner_chooses  # one worker has no schedule to choose
+    assert _cfg({"pipeline": 2, "schedule": "auto"}).parallel.planner_chooses
+    path = tmp_path / "c.yaml"
+    path.write_text("parallel: auto\n")
+    p = load_config(path, ["parallel.pipeline=4"]).parallel  # an override fixes one choice, the rest stay open
+    assert (p.pipeline, p.data, p.schedule) == (4, 0, "auto")
+    with pytest.raises(ConfigError, match="parallel.partition: fixes the blocks of each stage, so it needs a fixed"):
+        _cfg({"pipeline": 0, "partition": [1, 1]})
+    with pytest.raises(ConfigError, match="parallel.partition: fixes the blocks"):
+        _cfg({"pipeline": 2, "schedule": "auto", "partition": [1, 1]})
+    # a data degree of 0 leaves the batch's split to the planner; a fixed one is still checked
+    assert _cfg({"data": 0, "microbatches": 3}).parallel.data == 0
+    with pytest.raises(ConfigError, match="train.global_batch_size: 8 does not split over parallel.data 3"):
+        _cfg({"pipeline": 0, "data": 3})

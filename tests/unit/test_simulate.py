@@ -436,6 +436,25 @@ def test_the_timeline_marks_the_micro_batches_it_does_not_simulate_where_they_ru
     assert not [e for e in full.timeline if event_kind(e) == "elided"]
 
 
+@pytest.mark.parametrize("n", [5, 9])
+def test_the_memory_line_draws_the_micro_batches_it_does_not_simulate(n):
+    """The extrapolated step's memory line is the full simulation's, point for point: each
+    micro-batch not simulated repeats the one before them a period later, so the line moves
+    over the whole step instead of standing still where the timeline marks them."""
+    stats, pol = _mixed_case()
+    fast = simulate_step(stats, train(n), DEV, HOST, NVME, pol, max_simulated_microbatches=4)
+    full = simulate_step(stats, train(n), DEV, HOST, NVME, pol, max_simulated_microbatches=None)
+    assert fast.num_simulated_microbatches == 4 < n
+    mark = next(e for e in fast.timeline if e.name.startswith("repeated:"))
+    for tier in ("device", "host", "nvme"):
+        ours = [(p.t_s, p.bytes) for p in fast.memory_timeline if p.tier == tier]
+        theirs = [(p.t_s, p.bytes) for p in full.memory_timeline if p.tier == tier]
+        assert [b for _, b in ours] == [b for _, b in theirs], tier
+        assert [t for t, _ in ours] == pytest.approx([t for t, _ in theirs], rel=1e-9, abs=1e-9), tier
+    inside = {p.bytes for p in fast.memory_timeline if p.tier == "device" and mark.start_s < p.t_s < mark.end_s}
+    assert len(inside) > 2
+
+
 def test_a_plan_that_keeps_part_of_the_timeline_marks_what_it_left_out():
     from memtrain.planner.plan import TimelineEvent
     from memtrain.planner.report import event_kind
@@ -453,7 +472,14 @@ def test_a_plan_that_keeps_part_of_the_timeline_marks_what_it_left_out():
     # a mark of micro-batches not simulated is kept wherever it falls
     mark = TimelineEvent(stream="compute", name="repeated: micro-batches 3-7", start_s=1500.5, end_s=1600.5)
     kept = _truncate(events + (mark,))
-    assert mark in kept and len(kept) == MAX_TIMELINE_EVENTS
+    assert mark in kept and len(kept) <= MAX_TIMELINE_EVENTS
+    # the stretch left out is marked on both sides of it, never under it: each stretch says one thing
+    gaps = sorted((e for e in kept if e.name.startswith("omitted")), key=lambda e: e.start_s)
+    assert len(gaps) == 2 and gaps[0].end_s == mark.start_s and gaps[1].start_s == mark.end_s
+    drawn = {e.name for e in kept if e.name.startswith("F")}
+    counts = [int(g.name.split()[1].replace(",", "")) for g in gaps]
+    assert sum(counts) == n - len(drawn)
+    assert counts[0] == sum(1 for i in range(n) if f"F{i}:0" not in drawn and i < mark.end_s)
 
 
 @pytest.mark.parametrize("n", [3, 9])

@@ -136,3 +136,11 @@ def test_zero_splits_an_offloaded_stage_into_whole_chunks_of_about_equal_element
     plans, owners = _chunk_plans(groups, 16, Tier.HOST, 1)
     assert [p.param_names for p in plans] == [("a", "b", "c", "d"), ("e",)] and owners == (0, 0)
     assert [p.index for p in plans] == [0, 1] and {p.home for p in plans} == {Tier.HOST}
+
+
+def test_busy_time_counts_compute_actions_only():
+    from memtrain.runtime.stage_worker import StepResult
+
+    r = StepResult(record=("0F0", "0SEND_F0", "1RECV_B0", "0B0", "0W0", "0ALLREDUCE", "0OPTIM"), losses=(), time_s=30.0,
+                   action_s=(1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0))
+    assert r.busy_s == 1.0 + 8.0 + 16.0 + 64.0
