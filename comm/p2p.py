@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from memtrain.comm.group import CommError
 
-__all__ = ["Channel", "all_reduce_", "DTYPES", "MAX_DIMS"]
+__all__ = ["Channel", "all_reduce_", "all_gather", "reduce_scatter", "DTYPES", "MAX_DIMS"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8,
           torch.bool)
@@ -101,3 +101,32 @@ def all_reduce_(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup, *, ra
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def all_gather(shard: torch.Tensor, group: dist.ProcessGroup, *, rank: int, what: str,
+               timeout_s: float) -> torch.Tensor:
+    """Every rank's ``shard`` (all the same size), concatenated in group-rank order (one
+    collective): a sharded optimizer's updated parameters put back together on each replica."""
+    home = shard.device
+    if shard.is_cuda and dist.get_backend(group) == "gloo":
+        shard = shard.cpu()  # gloo gathers host memory; the result goes back below
+    parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
+    _wait(dist.all_gather(parts, shard.contiguous(), group=group, async_op=True), rank, what, timeout_s)
+    return torch.cat(parts).to(home)
+
+
+def reduce_scatter(flat: torch.Tensor, group: dist.ProcessGroup, *, rank: int, what: str,
+                   timeout_s: float) -> torch.Tensor:
+    """This rank's shard of the sum of ``flat`` across ``group`` (one collective): ``flat`` is
+    cut into as many equal shards as the group has ranks (its size must divide), and group rank
+    ``d`` gets the sum of every rank's shard ``d``."""
+    n = dist.get_world_size(group)
+    if flat.numel() % n:
+        raise ValueError(f"{what}: {flat.numel()} elements do not cut into {n} equal shards")
+    home = flat.device
+    if flat.is_cuda and dist.get_backend(group) == "gloo":
+        flat = flat.cpu()  # gloo sums host memory; the result goes back below
+    out = torch.empty(flat.numel() // n, dtype=flat.dtype, device=flat.device)
+    collective = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # the new name, torch 2.13
+    _wait(collective(out, flat.contiguous(), group=group, async_op=True), rank, what, timeout_s)
+    return out.to(home)

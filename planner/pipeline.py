@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from memtrain.planner.plan import Action, Op
 from memtrain.planner.schedule import Schedule, format_grid
 
-__all__ = ["SCHEDULES", "Placement", "placement", "generate", "add_p2p", "add_step_end", "validate_pipeline", "PipelineProblem",
+__all__ = ["SCHEDULES", "Placement", "placement", "generate", "add_p2p", "add_step_end", "add_offload_points",
+           "validate_pipeline", "PipelineProblem",
            "activation_limits", "schedule_from_text", "pass_times", "bubble_fraction", "run_in_order"]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "v-half", "v-min")
@@ -279,6 +280,32 @@ def add_step_end(schedule: Schedule, place: Placement) -> Schedule:
     across the replicas, and tied weights across the two end ranks) then ``OPTIM`` (its step)."""
     return {r: tuple(acts) + tuple(Action(s, op) for s in place.stages_of(r) for op in (Op.ALLREDUCE, Op.OPTIM))
             for r, acts in schedule.items()}
+
+
+def add_offload_points(schedule: Schedule, offloaded: Iterable[int]) -> Schedule:
+    """Each offloaded stage's model states brought in and sent home once per step (per-stage
+    offload in a pipeline worker, runtime.stage_offload): ``sPREFETCH`` (the fetches of the
+    stage's chunks begin) before the first action of stage ``s`` in its rank's program, and
+    ``sOFFLOAD`` (the stage's summed gradients added into its chunks' accumulators, its param
+    buffers released) right before its ``sOPTIM``, which then steps the chunks where they live.
+    A stage whose program has them already is left as it is."""
+    stages = set(offloaded)
+    out: Schedule = {}
+    for r, acts in schedule.items():
+        new: list[Action] = []
+        mine = {a.stage for a in acts} & stages
+        has = {(a.stage, a.op) for a in acts if a.op in (Op.PREFETCH, Op.OFFLOAD)}
+        started: set[int] = set()
+        for a in acts:
+            s = a.stage
+            if s in mine and s not in started and (s, Op.PREFETCH) not in has:
+                new.append(Action(s, Op.PREFETCH))
+            started.add(s)
+            if a.op is Op.OPTIM and a.chunk is None and s in mine and (s, Op.OFFLOAD) not in has:
+                new.append(Action(s, Op.OFFLOAD))
+            new.append(a)
+        out[r] = tuple(new)
+    return out
 
 
 def validate_pipeline(schedule: Schedule, place: Placement, num_microbatches: int, *,

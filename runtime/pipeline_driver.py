@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -25,10 +26,11 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from memtrain.config import ConfigError, DataConfig, ModelConfig
 from memtrain.models.gpt import gpt_config
 from memtrain.optimizers import OptimizerSpec
-from memtrain.planner.pipeline import (SCHEDULES, Placement, add_p2p, add_step_end, generate, placement,
-                                       validate_pipeline)
+from memtrain.planner.pipeline import (SCHEDULES, Placement, add_offload_points, add_p2p, add_step_end, generate,
+                                       placement, validate_pipeline)
 from memtrain.planner.plan import Op
 from memtrain.planner.schedule import Schedule
+from memtrain.runtime.stage_offload import OFFLOAD_HOMES
 from memtrain.runtime.stage_worker import PIPELINE_DTYPES, PipelineSpec, StageWorker, StepResult
 
 __all__ = ["run_pipeline", "PipelineRun", "PipelineResult", "PipelineError", "stage_programs", "even_partition"]
@@ -62,6 +64,8 @@ class PipelineResult:
     """Per step, the driver's wait for it (the slowest rank plus Ray's round trip)."""
     busy_s: tuple[tuple[float, ...], ...] = ()
     """Per step, per world rank, its time in compute actions (``StepResult.busy_s``)."""
+    state_bytes: tuple[dict[str, int], ...] = ()
+    """Per world rank, its model states after the last step (``StageWorker.state_bytes``)."""
 
 
 def stage_programs(kind: str, num_ranks: int, num_microbatches: int, *,
@@ -150,6 +154,11 @@ class PipelineRun:
         self._gather({r: w.load_state.remote(states[r]) for r, w in enumerate(self.workers)},
                      "loading the checkpoint", self.start_timeout_s)
 
+    def state_bytes(self) -> list[dict[str, int]]:
+        """Per world rank, its model states' bytes per tier now (``StageWorker.state_bytes``)."""
+        return self._gather({r: w.state_bytes.remote() for r, w in enumerate(self.workers)}, "state_bytes",
+                            self.step_timeout_s)
+
     def close(self) -> None:
         """Let the workers leave their world, then end the actors (also after a failure)."""
         if not self.workers:
@@ -236,7 +245,8 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                  start_step: int = 0, states: Mapping[int, dict] | None = None,
                  save_after: Callable[[int], bool] | None = None,
                  on_states: Callable[[int, dict[int, dict]], None] | None = None,
-                 dtype: str = "fp32") -> PipelineResult:
+                 dtype: str = "fp32", offload: str | Sequence[str] | None = None, nvme_dir: str | None = None,
+                 offload_chunk_elems: int | None = None, zero: int = 0) -> PipelineResult:
     """Train ``num_steps`` steps of ``model`` over ``num_ranks`` pipeline ranks × ``dp``
     replicas on the current Ray (the caller ran ``ray.init``). ``model``: a ``ModelConfig`` or its
     fields as a dict (default: the tiny GPT); ``partition``: blocks per stage (default: even);
@@ -250,7 +260,11 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     ``start_step`` and ``states`` (per world rank, ``StageWorker.state``) continue a run from a
     checkpoint; after each step ``k`` (1-based count of steps done) for which ``save_after(k)``,
     the ranks' states go to ``on_states(k, states)``. ``dtype``: ``fp32`` or ``bf16`` (autocast).
-    Each worker computes on the GPU its placement gave it, else on the CPU."""
+    Each worker computes on the GPU its placement gave it, else on the CPU. ``offload``: where
+    each stage's model states live between steps (one of ``device``, ``host``, ``nvme`` for all,
+    or one per stage; ``PipelineSpec.offload``), ``nvme_dir`` the directory of the ``nvme`` ones
+    on every node; ``zero``: 1 shards the optimizer states across the replicas (ZeRO-1,
+    ``PipelineSpec.zero``)."""
     if schedule not in SCHEDULES:
         raise ConfigError(f"schedule: must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if dtype not in PIPELINE_DTYPES:
@@ -272,7 +286,7 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
         programs = lowered
     else:
         programs = {r: tuple(programs[r]) for r in range(num_ranks)}
-        problem = validate_pipeline({r: tuple(a for a in acts if a.op not in (Op.ALLREDUCE, Op.OPTIM))
+        problem = validate_pipeline({r: tuple(a for a in acts if a.op not in _STEP_POINTS)
                                      for r, acts in programs.items()}, place, num_microbatches)
         if problem is not None:
             raise ConfigError(f"programs: {schedule} over {num_ranks} ranks cannot run them: {problem}")
@@ -293,10 +307,14 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                               f"CPUs, the Ray cluster has {have:g}; lower num_ranks or dp, or num_cpus_per_worker")
     elif len(assignments) != num_ranks * dp:
         raise ConfigError(f"assignments: one per worker ({num_ranks} × {dp}), got {len(assignments)}")
+    homes = _offload_homes(offload, place, model_cfg, nvme_dir, zero, offload_chunk_elems)
+    if any(h != "device" for h in homes):
+        programs = add_offload_points(programs, [s for s, h in enumerate(homes) if h != "device"])
     spec = PipelineSpec(model=model_cfg, partition=parts, rank_of=place.rank_of, num_ranks=num_ranks, dp=dp,
                         num_microbatches=num_microbatches, micro_batch_size=micro_batch_size, seq_len=seq_len,
                         seed=seed, data=data or DataConfig(), optimizer=optim, timeout_s=timeout_s,
-                        num_threads=num_threads, dtype=dtype)
+                        num_threads=num_threads, dtype=dtype, offload=homes, nvme_dir=nvme_dir,
+                        offload_chunk_elems=offload_chunk_elems, zero=zero)
     losses, mb_losses, records, times, peaks, walls, busy = [], [], [], [], [], [], []
     with PipelineRun(spec, programs, step_timeout_s=step_timeout_s, num_cpus_per_worker=num_cpus_per_worker,
                      assignments=assignments) as run:
@@ -320,12 +338,40 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
             if save_after is not None and on_states is not None and save_after(k + 1):
                 on_states(k + 1, run.states())
         nodes = run.nodes
+        held = tuple(run.state_bytes())
     devices = tuple(r.device for r in results) if num_steps > start_step else ()
     return PipelineResult(losses=tuple(losses), microbatch_losses=tuple(mb_losses), records=tuple(records),
                           step_times_s=tuple(times),
                           programs=tuple(tuple(str(a) for a in programs[r]) for r in range(num_ranks)),
                           peak_bytes=tuple(peaks), nodes=nodes, devices=devices, step_wall_s=tuple(walls),
-                          busy_s=tuple(busy))
+                          busy_s=tuple(busy), state_bytes=held)
+
+
+_STEP_POINTS = (Op.ALLREDUCE, Op.OPTIM, Op.PREFETCH, Op.OFFLOAD)
+"""A program's actions outside the schedule's compute and transfers (what ``validate_pipeline`` skips)."""
+
+
+def _offload_homes(offload: str | Sequence[str] | None, place: Placement, model: ModelConfig, nvme_dir: str | None,
+                   zero: int, chunk_elems: int | None) -> tuple[str, ...]:
+    """``offload`` checked, one home per stage."""
+    n = place.num_stages
+    homes = (offload or "device",) * n if offload is None or isinstance(offload, str) else tuple(offload)
+    if len(homes) != n or any(h not in OFFLOAD_HOMES for h in homes):
+        raise ConfigError(f"offload: one of {', '.join(OFFLOAD_HOMES)} for all stages, or one per stage ({n}), "
+                          f"got {offload!r}")
+    if zero not in (0, 1) or isinstance(zero, bool):
+        raise ConfigError(f"zero: 0 (every replica keeps all optimizer states) or 1 (ZeRO-1), got {zero!r}")
+    if chunk_elems is not None and (not isinstance(chunk_elems, int) or chunk_elems < 1):
+        raise ConfigError(f"offload_chunk_elems: a whole number >= 1 or None, got {chunk_elems!r}")
+    if "nvme" in homes and (nvme_dir is None or not Path(nvme_dir).is_dir()):
+        raise ConfigError(f"nvme_dir: nvme stages keep their files there; give an existing directory on a local "
+                          f"disk, got {nvme_dir!r}")
+    last = n - 1
+    tied = gpt_config(model.preset, **model.overrides).tie_embeddings
+    if tied and place.rank_of[0] == place.rank_of[last] and {homes[0], homes[last]} != {"device"}:
+        raise ConfigError(f"offload: stages 0 and {last} share the tied embeddings on rank {place.rank_of[0]}; keep "
+                          "both on the device, or set model.overrides.tie_embeddings: false")
+    return homes
 
 
 def _num_blocks(cfg: ModelConfig) -> int:

@@ -11,7 +11,11 @@ micro-batch is divided by the number of micro-batches in the global batch before
 gradients accumulate over the micro-batches in their order, data-parallel replicas sum theirs,
 and each stage steps its own ``torch.optim`` optimizer of the run's kind and hyper-parameters
 (``PipelineSpec.optimizer``), at the step's learning rate the driver passes. Dropout draws from each worker's own random
-stream, so parity with one process holds for models without dropout.
+stream, so parity with one process holds for models without dropout. A stage may instead keep its
+model states in host-memory chunks or NVMe files between steps and step them with memtrain's
+offloaded optimizer (``PipelineSpec.offload``, runtime.stage_offload [Note: a stage's step]: the
+program's ``PREFETCH`` and ``OFFLOAD`` move them), and with ``PipelineSpec.zero`` 1 each replica
+keeps the optimizer states of a shard of each stage only (runtime.stage_zero, ZeRO-1).
 
 [Note: same initial weights] Every worker builds only its stages' blocks, on the meta device and
 then materialised by replaying the run's seeded random stream (``models.gpt_blocks``), so each
@@ -36,6 +40,7 @@ is used by the module that owns it (true of the built-in GPT's blocks).
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 from collections.abc import Callable
@@ -51,6 +56,9 @@ from memtrain.models.gpt import causal_lm_loss, gpt_config
 from memtrain.models.gpt_blocks import TIED_NAMES, build_blocks
 from memtrain.planner.plan import Action, Op
 from memtrain.runtime.data import TokenBatches
+from memtrain.runtime.stage_offload import (OFFLOAD_HOMES, OffloadedStage, build_offloaded, close_offloaded,
+                                           state_bytes)
+from memtrain.runtime.stage_zero import ShardedOptimizer
 
 __all__ = ["PipelineSpec", "StageWorker", "StepResult", "block_ranges", "PIPELINE_DTYPES"]
 
@@ -90,6 +98,20 @@ class PipelineSpec:
     """The longest a transfer or collective may wait."""
     num_threads: int = 1
     """``torch.set_num_threads`` on each worker."""
+    offload: tuple[str, ...] = ()
+    """Per stage, where its model states live between steps: ``device`` (the worker's own
+    tensors, a ``torch.optim`` optimizer), ``host`` (host-memory chunks) or ``nvme`` (files in
+    ``nvme_dir``), the last two stepped by memtrain's offloaded optimizer
+    (runtime.stage_offload); empty: every stage on the device."""
+    nvme_dir: str | None = None
+    """Where ``nvme`` stages keep their files: world rank ``r``'s stage ``s`` in
+    ``nvme_dir/rank<r>/stage<s>`` on the worker's node (the directory must exist there)."""
+    offload_chunk_elems: int | None = None
+    """Elements per chunk of an offloaded stage; None: about one block a chunk."""
+    zero: int = 0
+    """1: ZeRO-1, each replica keeps the optimizer states of its shard of each stage
+    (runtime.stage_zero; an offloaded stage's: runtime.stage_offload [Note: ZeRO-1 of an
+    offloaded stage]); 0: every replica keeps them all."""
     dtype: str = "fp32"
     """``fp32``, or ``bf16``: each block's forward under ``torch.autocast`` in bfloat16 (fp32
     parameters, gradients and optimizer states; the loss in fp32)."""
@@ -97,10 +119,19 @@ class PipelineSpec:
     def __post_init__(self) -> None:
         if self.dtype not in PIPELINE_DTYPES:
             raise ValueError(f"dtype: one of {', '.join(PIPELINE_DTYPES)}, got {self.dtype!r}")
+        if self.offload and (len(self.offload) != len(self.rank_of) or not set(self.offload) <= set(OFFLOAD_HOMES)):
+            raise ValueError(f"offload: one of {', '.join(OFFLOAD_HOMES)} per stage ({len(self.rank_of)}), "
+                             f"got {self.offload!r}")
+        if self.zero not in (0, 1):
+            raise ValueError(f"zero: 0 or 1, got {self.zero!r}")
 
     @property
     def num_stages(self) -> int:
         return len(self.rank_of)
+
+    def home(self, stage: int) -> str:
+        """Where ``stage``'s model states live between steps (``offload``)."""
+        return self.offload[stage] if self.offload else "device"
 
     @property
     def world_size(self) -> int:
@@ -119,7 +150,8 @@ class StepResult:
     """Wall time of the step on this rank."""
     peak_bytes: dict[str, int] = field(default_factory=dict)
     """``host``: the worker process's peak resident memory so far; ``device``: on a GPU, the
-    step's peak CUDA allocation."""
+    step's peak CUDA allocation; ``nvme`` (a rank with ``nvme`` stages): the most bytes its chunk
+    files held during the step."""
     device: str = "cpu"
     """Where the stages computed: ``cpu``, or ``cuda:0 (<GPU name>)``."""
     action_s: tuple[float, ...] = ()
@@ -156,7 +188,12 @@ class StageWorker:
             Op.F: self._forward, Op.B: self._backward, Op.W: self._weights,
             Op.SEND_F: self._send_f, Op.RECV_F: self._recv_f, Op.SEND_B: self._send_b, Op.RECV_B: self._recv_b,
             Op.ALLREDUCE: self._all_reduce, Op.OPTIM: self._optim,
+            Op.PREFETCH: lambda a: self._offloaded(a).prefetch(),  # runtime.stage_offload [Note: a stage's step]
+            Op.OFFLOAD: lambda a: self._offloaded(a).offload(),
         }
+        self.offloaded: dict[int, OffloadedStage] = {}
+        """The stages whose states live in a chunk store (runtime.stage_offload)."""
+        self._lr = spec.optimizer.lr
 
     # ---- start-up --------------------------------------------------------------------------
 
@@ -187,6 +224,13 @@ class StageWorker:
         self.tie_group = next((g for k, g in groups.items() if k in map(tuple, tie_lists)), None)
         self._build_stages()
         self._new_step_state()
+        # torch's first backward imports this (0.5 s measured), as a torch.optim optimizer's
+        # construction does: at build, so a rank with only offloaded stages times its first step
+        # like the others
+        try:
+            importlib.import_module("torch.fx.experimental.symbolic_shapes")
+        except ImportError:  # pragma: no cover (a torch without it)
+            pass
 
     def _build_stages(self) -> None:
         """[Note: same initial weights]"""
@@ -228,7 +272,14 @@ class StageWorker:
         optim_cls = {Optimizer.ADAMW: torch.optim.AdamW, Optimizer.SGD: torch.optim.SGD}[Optimizer(spec.optimizer.name)]
         kind = spec.optimizer.kind
         group = {k: v for k, v in spec.optimizer.torch_group().items() if k in kind.defaults}  # hyper-parameters
-        self.optims = {s: optim_cls(self.owns[s], **group) for s in self.stages if self.owns[s]}
+        on_device = [s for s in self.stages if spec.home(s) == "device" and self.owns[s]]
+        self.offloaded = build_offloaded(self, [s for s in self.stages if spec.home(s) != "device"])
+        if spec.zero:
+            self.optims = {s: ShardedOptimizer(self.owns[s], lambda ps: optim_cls(ps, **group), replica=self.replica,
+                                               dp=spec.dp, group=self.dp_group, rank=self.rank,
+                                               timeout_s=spec.timeout_s) for s in on_device}
+        else:
+            self.optims = {s: optim_cls(self.owns[s], **group) for s in on_device}
         self._kept: list[tuple[tuple[nn.Parameter, ...], torch.Tensor]] | None = None
         if self.split_w:
             for s in self.stages:
@@ -257,12 +308,15 @@ class StageWorker:
         """Run the program once on step ``step``'s batch, its optimizer steps at ``lr`` (None:
         the spec's)."""
         t0 = time.perf_counter()
+        self._lr = self.spec.optimizer.lr if lr is None else float(lr)
         for opt in self.optims.values():
             for g in opt.param_groups:
-                g["lr"] = self.spec.optimizer.lr if lr is None else float(lr)
+                g["lr"] = self._lr
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self._load_batch(step)
+        for st in self.offloaded.values():
+            st.start_window()
         record: list[str] = []
         times: list[float] = []
         for a in self.program:
@@ -282,7 +336,10 @@ class StageWorker:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - t0
-        return StepResult(record=tuple(record), losses=losses, time_s=elapsed, peak_bytes=_peak_bytes(self.device),
+        peaks = _peak_bytes(self.device)
+        if any(st.nvme is not None for st in self.offloaded.values()):
+            peaks["nvme"] = sum(st.nvme.ledger.window_peak_bytes for st in self.offloaded.values() if st.nvme)
+        return StepResult(record=tuple(record), losses=losses, time_s=elapsed, peak_bytes=peaks,
                           device=_device_name(self.device), action_s=tuple(times))
 
     def _load_batch(self, step: int) -> None:
@@ -321,6 +378,8 @@ class StageWorker:
         else:
             leaf = self.inbox.pop(("F", s, i)).requires_grad_()
             x = leaf
+        if s in self.offloaded:  # runtime.stage_offload [Note: a stage's step]
+            self.offloaded[s].ensure()
         kept: list[tuple[tuple[nn.Parameter, ...], torch.Tensor]] = []
         self._kept = kept if self.split_w else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.spec.dtype == "bf16"):
@@ -390,7 +449,8 @@ class StageWorker:
     def _all_reduce(self, a: Action) -> None:
         """Sum the stage's gradients: a weight the first and last stages share across the two
         ends' ranks, then across the replicas (each replica's loss was already divided by the
-        global batch's micro-batches, so the sum is the mean)."""
+        global batch's micro-batches, so the sum is the mean); under ZeRO-1 a reduce-scatter,
+        each replica getting the sums of its shard only (runtime.stage_zero)."""
         s = a.stage
         for q in self.owns[s]:
             if q.grad is None:
@@ -399,15 +459,29 @@ class StageWorker:
         if tied:
             all_reduce_([q.grad for q in tied], self.tie_group, rank=self.rank, what=f"{a} (tied weights)",
                         timeout_s=self.spec.timeout_s)
-        if self.spec.dp > 1:
+        opt = self.optims.get(s)
+        if isinstance(opt, ShardedOptimizer):  # ZeRO-1: a reduce-scatter (runtime.stage_zero)
+            opt.reduce_grads(str(a))
+        elif self.spec.dp > 1:
             all_reduce_([q.grad for q in self.owns[s]], self.dp_group, rank=self.rank, what=str(a),
                         timeout_s=self.spec.timeout_s)
 
     def _optim(self, a: Action) -> None:
+        if a.stage in self.offloaded:
+            self.offloaded[a.stage].step(self._lr)
+            return
         opt = self.optims.get(a.stage)
-        if opt is not None:
+        if isinstance(opt, ShardedOptimizer):
+            opt.step(str(a))
+        elif opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
+
+    def _offloaded(self, a: Action) -> OffloadedStage:
+        stage = self.offloaded.get(a.stage)
+        if stage is None:
+            raise RuntimeError(f"rank {self.rank}: {a} in its program, but stage {a.stage} is on the device")
+        return stage
 
     # ---- checkpoints -----------------------------------------------------------------------
 
@@ -425,10 +499,13 @@ class StageWorker:
                 return [host(v) for v in value]
             return value
 
-        return {"stages": {s: {"params": [host(q) for q in self.owns[s]],
-                               "optim": host(self.optims[s].state_dict()) if s in self.optims else None}
-                           for s in self.stages},
-                "rng": capture_rng()}
+        def stage_state(s: int) -> dict:
+            if s in self.offloaded:  # from its chunks (runtime.stage_offload)
+                return {"params": self.offloaded[s].parameters(), "optim": self.offloaded[s].optimizer.state_dict()}
+            return {"params": [host(q) for q in self.owns[s]],
+                    "optim": host(self.optims[s].state_dict()) if s in self.optims else None}
+
+        return {"stages": {s: stage_state(s) for s in self.stages}, "rng": capture_rng()}
 
     def load_state(self, state: dict) -> None:
         """Continue from ``state`` (``state()`` of the same rank of a run with the same plan)."""
@@ -442,6 +519,11 @@ class StageWorker:
                 if len(saved["params"]) != len(self.owns[s]):
                     raise ValueError(f"rank {self.rank}: stage {s} holds {len(self.owns[s])} parameters, the "
                                      f"checkpoint {len(saved['params'])}")
+                if s in self.offloaded:  # into its chunks (runtime.stage_offload)
+                    self.offloaded[s].load_parameters(saved["params"])
+                    if saved["optim"] is not None:
+                        self.offloaded[s].optimizer.load_state_dict(saved["optim"])
+                    continue
                 for q, value in zip(self.owns[s], saved["params"], strict=True):
                     q.copy_(value)
                 if saved["optim"] is not None:
@@ -454,10 +536,22 @@ class StageWorker:
         """This worker's process id (the driver checks it is alive)."""
         return os.getpid()
 
+    def state_bytes(self) -> dict[str, int]:
+        """This rank's model states now, in bytes: per tier (``device``: the stages' own
+        parameters, gradients and optimizer states, and the offloaded stages' param and grad
+        buffers; ``host`` and ``nvme``: the offloaded stages' chunks, by their ledgers), the
+        optimizer states wherever they are (``optimizer_states``) and the size of the chunk files
+        on disk (``nvme_files``)."""
+        return state_bytes(self.offloaded.values(), {s: (opt, self.owns[s]) for s, opt in self.optims.items()})
+
     def close(self) -> None:
-        """Leave the world."""
-        leave()
-        self._store = None
+        """Drop the offloaded stages' chunks (their files too), leave the world."""
+        try:
+            close_offloaded(self.offloaded, self.spec.nvme_dir, self.rank)
+        finally:
+            self.offloaded = {}
+            leave()
+            self._store = None
 
 
 def _peak_bytes(device: torch.device) -> dict[str, int]:

@@ -10,7 +10,8 @@ import traceback
 import pytest
 import torch
 
-from memtrain.comm import Channel, CommError, Rendezvous, all_reduce_, host_store, join, leave
+from memtrain.comm import (Channel, CommError, Rendezvous, all_gather, all_reduce_, host_store, join, leave,
+                           reduce_scatter)
 
 
 def _scenario(rank: int, port_q, result_q, scenario: str) -> None:
@@ -40,7 +41,20 @@ def _scenario(rank: int, port_q, result_q, scenario: str) -> None:
                 out = all(torch.equal(got[i], t) and got[i].dtype == t.dtype for i, t in enumerate(sent))
             g = torch.full((3,), float(rank + 1))
             all_reduce_([g], torch.distributed.group.WORLD, rank=rank, what="0ALLREDUCE", timeout_s=timeout_s)
-            out = (out, g.tolist())
+            whole = all_gather(torch.full((2,), float(rank)), torch.distributed.group.WORLD, rank=rank,
+                               what="0OPTIM (gathering the shards)", timeout_s=timeout_s)
+            mine = reduce_scatter(torch.arange(4.0) + 10 * rank, torch.distributed.group.WORLD, rank=rank,
+                                  what="0ALLREDUCE", timeout_s=timeout_s)
+            out = (out, g.tolist(), whole.tolist(), mine.tolist())
+        elif scenario == "gather_timeout":
+            if rank == 1:
+                try:
+                    all_gather(torch.zeros(2), torch.distributed.group.WORLD, rank=rank,
+                               what="1OPTIM (gathering the shards)", timeout_s=timeout_s)
+                except CommError as e:
+                    out = str(e)
+            else:
+                port_q.get(timeout=30)  # stay alive until rank 1 has timed out
         elif scenario == "timeout":
             if rank == 1:
                 try:
@@ -50,13 +64,15 @@ def _scenario(rank: int, port_q, result_q, scenario: str) -> None:
             else:
                 port_q.get(timeout=30)  # stay alive until rank 1 has timed out
         elif scenario == "dead":
-            if rank == 0:
+            if rank == 0:  # dies once rank 1 has joined (an earlier exit would fail rank 1's join instead)
+                port_q.get(timeout=30)
                 os._exit(0)
+            port_q.put("joined")
             try:
                 chan.recv(0, 3, "1RECV_F3")
             except CommError as e:
                 out = str(e)
-        if scenario == "timeout" and rank == 1:
+        if scenario in ("timeout", "gather_timeout") and rank == 1:
             port_q.put("done")
         result_q.put((rank, out))
         if scenario != "dead":
@@ -82,13 +98,18 @@ def _run(scenario: str) -> dict[int, object]:
 
 def test_send_recv_carries_shape_and_dtype_and_all_reduce_sums() -> None:
     results = _run("roundtrip")
-    assert results[1] == (True, [3.0, 3.0, 3.0]), results
-    assert results[0] == (None, [3.0, 3.0, 3.0]), results
+    assert results[1] == (True, [3.0, 3.0, 3.0], [0.0, 0.0, 1.0, 1.0], [14.0, 16.0]), results
+    assert results[0] == (None, [3.0, 3.0, 3.0], [0.0, 0.0, 1.0, 1.0], [10.0, 12.0]), results
 
 
 def test_receive_that_never_comes_names_rank_action_and_timeout() -> None:
     results = _run("timeout")
     assert results[1] == "rank 1: 0RECV_F3 from rank 0 timed out after 1 s", results
+
+
+def test_all_gather_that_never_completes_names_rank_action_and_timeout() -> None:
+    results = _run("gather_timeout")
+    assert results[1] == "rank 1: 1OPTIM (gathering the shards) timed out after 1 s", results
 
 
 def test_receive_from_dead_peer_is_an_error_not_a_hang() -> None:

@@ -3,12 +3,14 @@ world (gloo over loopback) runs its program through the handler table and record
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
 import torch
 
 from memtrain.config import ConfigError, ModelConfig
+from memtrain.planner.pipeline import add_offload_points
 from memtrain.planner.plan import Action, Op
 from memtrain.runtime.pipeline_driver import even_partition, stage_programs
 from memtrain.runtime.stage_worker import PipelineSpec, StageWorker, block_ranges
@@ -32,10 +34,11 @@ def test_even_partition() -> None:
         even_partition(8, 9)
 
 
-def _one_rank(program: tuple[Action, ...]) -> StageWorker:
+def _one_rank(program: tuple[Action, ...], **kw) -> StageWorker:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     spec = PipelineSpec(model=ModelConfig(preset="tiny", overrides={"num_layers": 1}), partition=(3,), rank_of=(0,),
-                        num_ranks=1, dp=1, num_microbatches=2, micro_batch_size=1, seq_len=8, seed=0, timeout_s=10)
+                        num_ranks=1, dp=1, num_microbatches=2, micro_batch_size=1, seq_len=8, seed=0, timeout_s=10,
+                        **kw)
     worker = StageWorker(spec, 0, program)
     worker.build(*worker.open_store("127.0.0.1"))
     return worker
@@ -56,6 +59,83 @@ def test_one_rank_records_its_program_and_fails_loudly_on_an_unknown_op() -> Non
     finally:
         worker.close()
         torch.set_num_threads(threads)
+
+
+def test_offload_points_bracket_each_offloaded_stage() -> None:
+    place, programs = stage_programs("v-half", 2, 2)
+    with_points = add_offload_points(programs, [1, 3])
+    assert add_offload_points(with_points, [1, 3]) == with_points  # a program that has them stays
+    r0, r1 = ([str(a) for a in with_points[r]] for r in (0, 1))
+    assert [a for a in r0 if "PREFETCH" in a or "OFFLOAD" in a] == ["3PREFETCH", "3OFFLOAD"]
+    assert r0[r0.index("3PREFETCH") + 1] == next(str(a) for a in programs[0] if a.stage == 3)
+    assert r0[r0.index("3OFFLOAD") - 1] == "3ALLREDUCE" and r0[r0.index("3OFFLOAD") + 1] == "3OPTIM"
+    assert r1[0] == "1PREFETCH" and r1[r1.index("1OFFLOAD") + 1] == "1OPTIM"
+    assert with_points[0][:len(programs[0])] != programs[0] and len(r0) == len(programs[0]) + 2
+
+
+@pytest.mark.parametrize("home", ["host", "nvme"])
+def test_one_rank_offloaded_is_bitwise_the_device_run(tmp_path, home: str) -> None:
+    """One rank's stage in host chunks or NVMe files: the device run's losses bit for bit, its
+    states between steps in the store's ledger (none on the device), the optimizer's points run,
+    the parameters released between steps, the updated ones in the chunks (the files), and the
+    next step computing from there: chunks overwritten with NaN make its losses NaN."""
+    threads = torch.get_num_threads()
+    _, programs = stage_programs("1f1b", 1, 2)
+    device = _one_rank(programs[0])
+    try:
+        want = [device.run_step(k).losses for k in range(3)]
+        n = sum(q.numel() for q in device.owns[0])
+        trained = {name: q.detach().clone() for name, q in torch.nn.ModuleList(device.blocks[0]).named_parameters()}
+    finally:
+        device.close()
+    program = add_offload_points(programs, [0])[0]
+    worker = _one_rank(program, offload=(home,), nvme_dir=str(tmp_path))
+    try:
+        got = []
+        for k in range(3):
+            res = worker.run_step(k)
+            assert res.record == tuple(str(a) for a in program)
+            got.append(res.losses)
+            held = worker.state_bytes()
+            assert held["device"] == 0 and held["optimizer_states"] == 8 * n
+            if home == "host":
+                assert held["host"] == 16 * n and held["nvme"] == 0  # master, grads, 2 states
+                assert [a.op for a in worker.offloaded[0].store.executed] == [Op.OPTIM] * 3
+            else:
+                assert held["host"] == 0 and 12 * n <= held["nvme"] == held["nvme_files"] <= res.peak_bytes["nvme"]
+                assert len(list((tmp_path / "rank0" / "stage0").glob("*.mt"))) == 3 * 3  # 3 chunks' files
+                ops = [a.op for a in worker.offloaded[0].store.executed]
+                assert ops.count(Op.OPTIM_READ) == ops.count(Op.OPTIM) == ops.count(Op.OPTIM_WAIT) == 3
+        assert got == want
+        store = worker.offloaded[0].store
+        assert all(q.stride() == (0,) * q.dim() and q.isnan().all() for q in worker.owns[0])  # released
+        assert all(q.grad is None for q in worker.owns[0])
+        on_home = store.gather_params()  # the chunks' masters: host tensors, or read from the files
+        assert on_home.keys() == trained.keys() and all(torch.equal(on_home[k], trained[k]) for k in trained)
+        for c in store.chunks:
+            store._write(c, "master", torch.full((c.num_elems,), float("nan")))
+        assert all(math.isnan(x) for x in worker.run_step(3).losses)
+    finally:
+        worker.close()
+        torch.set_num_threads(threads)
+    assert not list(tmp_path.iterdir())
+
+
+def test_zero_splits_an_offloaded_stage_into_whole_chunks_of_about_equal_elements() -> None:
+    from memtrain.planner.plan import Tier
+    from memtrain.runtime.stage_offload import _chunk_plans, split_owners
+
+    assert split_owners([1] * 10, 2) == [0] * 5 + [1] * 5
+    assert split_owners([6, 1, 1, 1, 1], 2) == [0, 1, 1, 1, 1]  # a parameter is never split
+    assert split_owners([3, 3, 3], 4) == [0, 2, 3]  # a replica may get nothing (its share holds no middle)
+    groups = [[("a", 4), ("b", 4)], [("c", 4), ("d", 4)], [("e", 8)]]
+    plans, owners = _chunk_plans(groups, 8, Tier.HOST, 2)  # 12 elements each: a, b, c and d, e
+    assert [p.param_names for p in plans] == [("a", "b"), ("c",), ("d",), ("e",)] and owners == (0, 0, 1, 1)
+    plans, owners = _chunk_plans(groups, 16, Tier.HOST, 2)  # no chunk straddles the two replicas
+    assert [p.param_names for p in plans] == [("a", "b", "c"), ("d", "e")] and owners == (0, 1)
+    plans, owners = _chunk_plans(groups, 16, Tier.HOST, 1)
+    assert [p.param_names for p in plans] == [("a", "b", "c", "d"), ("e",)] and owners == (0, 0)
+    assert [p.index for p in plans] == [0, 1] and {p.home for p in plans} == {Tier.HOST}
 
 
 def test_busy_time_counts_compute_actions_only():
