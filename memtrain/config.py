@@ -364,6 +364,12 @@ class ParallelConfig:
     """Blocks per stage, in order (embedding and head count as blocks); default: the planner balances them."""
     comm_timeout_s: float = 300.0
     """Seconds a worker waits for a peer's message or a collective before failing with an error naming it."""
+    zero: int = 0
+    """Optimizer-state sharding across the ``data`` copies: 0 none, 1 each copy keeps and updates
+    its share of every stage's optimizer states (ZeRO-1; the gradients are reduce-scattered)."""
+    nvme_dir: str = ""
+    """For stages whose states live on NVMe (``memory.offload: nvme``, or a plan that puts them
+    there): a directory on each node's local NVMe; each worker writes under it."""
 
     def __post_init__(self) -> None:
         _check_int("parallel.pipeline", self.pipeline, 0, MAX_PARALLEL_DEGREE)
@@ -373,6 +379,9 @@ class ParallelConfig:
                               f"got {show(self.schedule)}")
         _check_int("parallel.microbatches", self.microbatches, 0, MAX_GLOBAL_BATCH_SIZE)
         _check_int("parallel.stages_per_rank", self.stages_per_rank, 1, MAX_PARALLEL_DEGREE)
+        _check_int("parallel.zero", self.zero, 0, 1)
+        if self.nvme_dir:
+            _check_path("parallel.nvme_dir", self.nvme_dir)
         _check_number("parallel.comm_timeout_s", self.comm_timeout_s, f"a number of seconds in (0, {MAX_TIMEOUT_S:g}]",
                       lambda v: 0 < v <= MAX_TIMEOUT_S)
         if self.partition is not None:

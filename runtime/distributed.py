@@ -163,6 +163,27 @@ def run_distributed(cfg: Config, address: str | None = None, *, overwrite: bool 
                       f"{cfg.parallel.num_workers} workers on {inventory.describe()}", resume_from)
 
 
+def stage_homes(cfg: Config, plan: Any) -> tuple[str, ...]:
+    """Per stage, where its model states live between steps: ``memory.offload`` when it fixes
+    one home, else (``auto``) the plan's choice for the stage (a stage whose policy moves chunks
+    to NVMe: ``nvme``; to the host: ``host``; none: ``device``)."""
+    n = len(plan.pipeline.stage_ranks)
+    if cfg.memory.offload != "auto":
+        homes = (cfg.memory.offload,) * n
+    else:
+        found = ["device"] * n
+        for rp in plan.pipeline.ranks[: plan.pipeline.pipeline_degree]:
+            for stage, policy in zip(rp.stages, rp.policies or (None,) * len(rp.stages)):
+                chunk_homes = {str(c.home) for c in policy.chunks} if policy is not None else set()
+                found[stage] = "nvme" if "nvme" in chunk_homes else "host" if "host" in chunk_homes else "device"
+        homes = tuple(found)
+    if "nvme" in homes and not cfg.parallel.nvme_dir:
+        raise ConfigError("parallel.nvme_dir: stages keep their states on NVMe "
+                          f"({'memory.offload: nvme' if cfg.memory.offload == 'nvme' else 'the plan puts them there'}); "
+                          "set parallel.nvme_dir to a directory on each node's local NVMe")
+    return homes
+
+
 def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callable[..., Any], out_dir: Path,
            overwrite: bool, print_fn: Callable[[str], None], where: str, resume_from: Any) -> dict:
     from memtrain.planner import report
@@ -172,6 +193,7 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
 
     report.print_summary(plan)
     pipe, train = plan.pipeline, plan.train
+    homes = stage_homes(cfg, plan)
     partition = tuple(e - b for b, e in pipe.partition)  # the config's parallel.partition when it sets one
     ckpt_root = checkpoint_root(cfg)
     start = resume_from.step if resume_from is not None else 0
@@ -187,8 +209,11 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
         print_fn(f"resuming after step {start} from {resume_from.path}")
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
     steps = cfg.train.steps
+    offloaded = ", ".join(f"stage {i}: {h}" for i, h in enumerate(homes) if h != "device")
     print_fn(f"memtrain: {where}; {pipe.schedule_kind}, partition {list(partition)}, "
-             f"{train.num_microbatches} micro-batches of {train.micro_batch_size}")
+             f"{train.num_microbatches} micro-batches of {train.micro_batch_size}"
+             + (f"; states offloaded ({offloaded})" if offloaded else "")
+             + (f"; ZeRO-{cfg.parallel.zero} over {pipe.data_parallel_degree} copies" if cfg.parallel.zero else ""))
     print_fn(f"training {steps - start} steps of {tokens_per_step:,} tokens; run directory {out_dir}")
     checkpoints = Checkpointer(ckpt_root, keep=cfg.checkpoint.keep, compress=cfg.checkpoint.compress,
                                meta={"config": dataclasses.asdict(cfg), "pipeline": True})
@@ -238,7 +263,9 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
             stages_per_rank=cfg.parallel.stages_per_rank, data=cfg.data, timeout_s=cfg.parallel.comm_timeout_s,
             step_timeout_s=max(cfg.parallel.comm_timeout_s * 2, 60.0), optimizer=cfg.train.optimizer.spec(),
             lr_at=lambda k: lr_at(k, cfg), programs=plan.schedule, assignments=assignments, on_step=on_step,
-            start_step=start, states=states, save_after=save_after, on_states=on_states, dtype=cfg.train.dtype)
+            start_step=start, states=states, save_after=save_after, on_states=on_states, dtype=cfg.train.dtype,
+            offload=homes, nvme_dir=(str(Path(cfg.parallel.nvme_dir) / f"memtrain-{cfg.name}")
+                                     if cfg.parallel.nvme_dir else None), zero=cfg.parallel.zero)
         checkpoints.wait()
     if checkpoints.saved:
         print_fn(f"checkpoint {checkpoints.saved[-1]} ({checkpoints.seconds_blocked:.2f} s of training time spent on "

@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -363,9 +362,8 @@ def _offload_homes(offload: str | Sequence[str] | None, place: Placement, model:
         raise ConfigError(f"zero: 0 (every replica keeps all optimizer states) or 1 (ZeRO-1), got {zero!r}")
     if chunk_elems is not None and (not isinstance(chunk_elems, int) or chunk_elems < 1):
         raise ConfigError(f"offload_chunk_elems: a whole number >= 1 or None, got {chunk_elems!r}")
-    if "nvme" in homes and (nvme_dir is None or not Path(nvme_dir).is_dir()):
-        raise ConfigError(f"nvme_dir: nvme stages keep their files there; give an existing directory on a local "
-                          f"disk, got {nvme_dir!r}")
+    if "nvme" in homes and not nvme_dir:  # each worker checks its node has the directory's parent
+        raise ConfigError("nvme_dir: nvme stages keep their files there; give a directory on each node's local disk")
     last = n - 1
     tied = gpt_config(model.preset, **model.overrides).tie_embeddings
     if tied and place.rank_of[0] == place.rank_of[last] and {homes[0], homes[last]} != {"device"}:

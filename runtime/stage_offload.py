@@ -296,7 +296,12 @@ def build_offloaded(worker: Any, stages: list[int]) -> dict[int, OffloadedStage]
         if spec.home(s) == "nvme":
             if spec.nvme_dir is None:
                 raise ValueError(f"nvme_dir: stage {s} is offloaded to nvme; give a directory")
-            rank_dir = Path(spec.nvme_dir) / f"rank{worker.rank}"
+            run_dir = Path(spec.nvme_dir)
+            if not run_dir.parent.is_dir():  # the configured directory: made by the user on every node
+                raise ValueError(f"nvme_dir: {run_dir.parent} is not a directory on this rank's node; create it on "
+                                 "a local NVMe disk of every node")
+            run_dir.mkdir(exist_ok=True)
+            rank_dir = run_dir / f"rank{worker.rank}"
             rank_dir.mkdir(exist_ok=True)
             nvme_dir = rank_dir / f"stage{s}"
         zero = ZeroGroup(worker.replica, spec.dp, worker.dp_group, worker.rank, spec.timeout_s) if spec.zero else None

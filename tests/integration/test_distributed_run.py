@@ -110,3 +110,29 @@ def test_a_pipeline_run_stopped_by_sigterm_resumes_to_the_uninterrupted_losses(l
     lines = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
     assert [m["loss"] for m in lines] == uninterrupted["losses"]
+
+
+def test_states_offloaded_to_nvme_train_as_one_process(local_ray, tmp_path):
+    (tmp_path / "nvme").mkdir()
+    cfg = _config(tmp_path, "memory.offload=nvme", f"parallel.nvme_dir={tmp_path}/nvme", "train.steps=3")
+    lines: list[str] = []
+    out = run_distributed(cfg, print_fn=lines.append)
+    assert any("states offloaded (stage 0: nvme, stage 1: nvme)" in line for line in lines)
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["peak_bytes"][r].get("nvme", 0) > 0 for m in metrics for r in range(2))  # the files held the states
+    opt = cfg.train.optimizer
+    ref = reference_losses({"source": "gpt", "preset": "tiny"}, num_steps=3, num_microbatches=4, micro_batch_size=2,
+                           seq_len=cfg.train.seq_len, seed=0, lr=opt.lr,
+                           adamw={"betas": tuple(opt.betas), "weight_decay": opt.weight_decay},
+                           lr_at=lambda k: lr_at(k, cfg))
+    assert [list(x) for x in out["result"].microbatch_losses] == [pytest.approx(x, rel=1e-6, abs=0) for x in ref]
+    with pytest.raises(ConfigError, match="parallel.nvme_dir: stages keep their states on NVMe"):
+        run_distributed(_config(tmp_path / "again", "memory.offload=nvme"), print_fn=lambda line: None)
+
+
+@pytest.mark.slow
+def test_zero1_over_two_copies_trains_as_plain_data_parallelism(local_ray, tmp_path):
+    sets = ("parallel.data=2", "train.global_batch_size=16", "train.steps=3")
+    plain = run_distributed(_config(tmp_path / "plain", *sets), print_fn=lambda line: None)
+    sharded = run_distributed(_config(tmp_path / "zero", *sets, "parallel.zero=1"), print_fn=lambda line: None)
+    assert sharded["losses"] == plain["losses"]  # bitwise: the same sums, each copy updating its share
