@@ -25,7 +25,7 @@ from pipeline_reference import reference_losses
 from memtrain.config import ConfigError, ModelConfig
 from memtrain.models.source import build_model
 from memtrain.planner.pipeline import SCHEDULES, placement
-from memtrain.runtime.pipeline_driver import PipelineResult, even_partition, run_pipeline
+from memtrain.runtime.pipeline_driver import PipelineError, PipelineResult, even_partition, run_pipeline
 from memtrain.runtime.stage_worker import block_ranges
 
 STEPS, M, B, SEQ, SEED, LR = 3, 4, 2, 16, 0, 1e-3
@@ -223,7 +223,10 @@ def test_offload_and_zero_mistakes_are_config_errors(local_ray, tmp_path: Path) 
     with pytest.raises(ConfigError, match=r"offload: one of device, host, nvme for all stages, or one per stage \(2\)"):
         _run(UNTIED_2, "1f1b", 2, offload=("host",))
     with pytest.raises(ConfigError, match=r"nvme_dir: nvme stages keep their files there"):
-        _run(UNTIED_2, "1f1b", 2, offload="nvme", nvme_dir=str(tmp_path / "missing"))
+        _run(UNTIED_2, "1f1b", 2, offload="nvme", nvme_dir=None)
+    # the directory is checked where the files go, on each rank's node, and the error names it
+    with pytest.raises(PipelineError, match=r"nvme_dir: .*/missing is not a directory on this rank's node"):
+        _run(UNTIED_2, "1f1b", 2, offload="nvme", nvme_dir=str(tmp_path / "missing" / "run"))
     with pytest.raises(ConfigError, match=r"zero: 0 \(every replica"):
         _run(UNTIED_2, "1f1b", 2, zero=2)
     with pytest.raises(ConfigError, match=r"offload: stages 0 and 3 share the tied embeddings on rank 0"):

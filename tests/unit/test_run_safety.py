@@ -164,7 +164,9 @@ def test_overwrite_replaces_only_the_earlier_runs_artifacts(tmp_path, capsys, mo
     assert main([*args, "--overwrite", "--set", "train.steps=3"]) == 0
     assert [x["step"] for x in _metrics(run_dir)] == [1, 2, 3]
     assert (run_dir / "profile.parquet").read_bytes() == b"measured by memtrain profile"
-    assert sorted(f.name for f in run_dir.iterdir()) == ["metrics.jsonl", "plan.json", "profile.parquet"]
+    assert sorted(f.name for f in run_dir.iterdir()) == ["checkpoints", "config.json", "metrics.jsonl", "plan.json",
+                                                         "profile.parquet"]
+    assert sorted(f.name for f in (run_dir / "checkpoints").iterdir()) == ["step-00000003"]  # the earlier run's went
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
