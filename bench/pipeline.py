@@ -58,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benches,
 import link_probe  # noqa: E402
 import torch_pipeline  # noqa: E402
 
+from memtrain.optimizers import OptimizerSpec
 from memtrain.config import ConfigError, ModelConfig  # noqa: E402
 from memtrain.errors import UserError  # noqa: E402
 from memtrain.models.gpt import gpt_config  # noqa: E402
@@ -127,7 +128,7 @@ def _time_actions(model: ModelConfig, num_blocks: int, *, m: int, b: int, seq: i
                   split: bool, steps: int) -> tuple[dict[tuple[Op, int], float], float]:
     """Median time per (op, block) over ``steps`` steps after one warm-up, and the median rest."""
     spec = PipelineSpec(model=model, partition=(1,) * num_blocks, rank_of=(0,) * num_blocks, num_ranks=1, dp=1,
-                        num_microbatches=m, micro_batch_size=b, seq_len=seq, seed=seed, lr=lr, timeout_s=60.0,
+                        num_microbatches=m, micro_batch_size=b, seq_len=seq, seed=seed, optimizer=OptimizerSpec(lr=lr), timeout_s=60.0,
                         num_threads=1)
     worker = StageWorker(spec, 0, _one_rank_program(num_blocks, m, split))
     threads = torch.get_num_threads()
