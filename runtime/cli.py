@@ -223,16 +223,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from memtrain.runtime.planning import run_dir
     from memtrain.runtime.train import train
 
-    if cfg.parallel.planner_chooses:
-        p = cfg.parallel
-        raise UsageError(f"parallel: pipeline {p.pipeline}, data {p.data}, schedule {p.schedule} leave choices to the "
-                         "planner, which 'memtrain plan' makes but 'memtrain run' does not; run 'memtrain plan "
-                         "CONFIG' and set parallel.pipeline, parallel.data and parallel.schedule to its choice")
     _check_output("run_dir", str(run_dir(cfg) / "metrics.jsonl"))  # where the run writes its files
     address = args.address or os.environ.get("RAY_ADDRESS") or None
 
     def run() -> None:
-        if cfg.parallel.num_workers > 1:
+        if cfg.parallel.num_workers > 1 or cfg.parallel.planner_chooses:
             from memtrain.runtime.distributed import run_distributed
 
             run_distributed(cfg, address, overwrite=args.overwrite)

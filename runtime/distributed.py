@@ -93,16 +93,21 @@ def plan_run(cfg: Config, inventory: Any, chosen: list[int]) -> Any:
     from memtrain.planner.analyze import analyze
     from memtrain.planner.hetero import plan_cluster
 
+    from memtrain.planner.pipeline import SCHEDULES
+
+    par = cfg.parallel
     stats = analyze(cfg.model, seq_len=cfg.train.seq_len, micro_batch_size=1, dtype=cfg.train.dtype)
     plan = plan_cluster(
         stats, _chosen_cluster(inventory, chosen), name=cfg.name, global_batch_size=cfg.train.global_batch_size,
         micro_batch_size=_micro_batch_size(cfg), dtype=cfg.train.dtype, optimizer=cfg.train.optimizer.name,
         safety_margin=cfg.memory.safety_margin, device_budget=cfg.memory.device, host_budget=cfg.memory.host,
-        nvme_budget=cfg.memory.nvme, schedules=(cfg.parallel.schedule,), pipeline_degree=cfg.parallel.pipeline,
-        data_parallel_degree=cfg.parallel.data, num_microbatches=cfg.parallel.microbatches,
-        stage_blocks=cfg.parallel.partition, source="ray")
+        nvme_budget=cfg.memory.nvme, schedules=SCHEDULES if par.schedule == "auto" else (par.schedule,),
+        pipeline_degree=par.pipeline or None, data_parallel_degree=par.data or None,
+        num_microbatches=par.microbatches, stage_blocks=par.partition, source="ray")
     if plan.pipeline is None or not plan.fits:
         raise ConfigError(f"the model does not fit the cluster's devices: {plan.shortfall}")
+    if par.planner_chooses:
+        return plan
     if len(plan.pipeline.stage_ranks) != cfg.parallel.num_stages:
         raise ConfigError(
             f"parallel.stages_per_rank: the planner runs {cfg.parallel.schedule} with "
@@ -110,6 +115,16 @@ def plan_run(cfg: Config, inventory: Any, chosen: list[int]) -> Any:
             f"{cfg.parallel.stages_per_rank}; set parallel.stages_per_rank to "
             f"{len(plan.pipeline.stage_ranks) // cfg.parallel.pipeline}")
     return plan
+
+
+def _with_choices(cfg: Config, plan: Any) -> Config:
+    """``cfg`` with what its ``parallel`` section left to the planner set to the plan's choice
+    (what the run directory's config.json then says, so a resume runs the same)."""
+    pipe = plan.pipeline
+    parallel = dataclasses.replace(cfg.parallel, pipeline=pipe.pipeline_degree, data=pipe.data_parallel_degree,
+                                   schedule=pipe.schedule_kind, microbatches=plan.train.num_microbatches)
+    train = dataclasses.replace(cfg.train, micro_batch_size=plan.train.micro_batch_size)
+    return dataclasses.replace(cfg, parallel=parallel, train=train)
 
 
 def assignments_for(plan: Any, inventory: Any, chosen: list[int]) -> list[Any]:
@@ -155,9 +170,15 @@ def run_distributed(cfg: Config, address: str | None = None, *, overwrite: bool 
     with ray_cluster.connected(address) as line:
         print_fn(f"memtrain: {line}")
         inventory = ray_cluster.cluster_inventory(cfg.cluster.network_gbps)
-        chosen = check_devices(cfg, inventory)
-        if plan is None:
+        if plan is None and cfg.parallel.planner_chooses:  # over every device; the plan's choices then fixed
+            chosen = list(range(len(inventory.slots)))
             plan = plan_run(cfg, inventory, chosen)
+            cfg = _with_choices(cfg, plan)
+            print_fn(f"memtrain: the planner chose {plan.pipeline.why or plan.pipeline.schedule_kind}")
+        else:
+            chosen = check_devices(cfg, inventory)
+            if plan is None:
+                plan = plan_run(cfg, inventory, chosen)
         assignments = assignments_for(plan, inventory, chosen)
         return _train(cfg, plan, assignments, run_pipeline, out_dir, overwrite, print_fn,
                       f"{cfg.parallel.num_workers} workers on {inventory.describe()}", resume_from)

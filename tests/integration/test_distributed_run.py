@@ -136,3 +136,18 @@ def test_zero1_over_two_copies_trains_as_plain_data_parallelism(local_ray, tmp_p
     plain = run_distributed(_config(tmp_path / "plain", *sets), print_fn=lambda line: None)
     sharded = run_distributed(_config(tmp_path / "zero", *sets, "parallel.zero=1"), print_fn=lambda line: None)
     assert sharded["losses"] == plain["losses"]  # bitwise: the same sums, each copy updating its share
+
+
+def test_choices_left_to_the_planner_are_planned_over_every_device_and_kept(local_ray, tmp_path):
+    """``parallel: auto`` with ``memtrain run``: the planner chooses over the local Ray's 4 CPU
+    devices, the run trains its choice, and config.json holds it for a resume."""
+    cfg = _config(tmp_path, "parallel.pipeline=0", "parallel.data=0", "parallel.schedule=auto",
+                  "parallel.microbatches=0", "train.micro_batch_size=0", "train.steps=2")
+    lines: list[str] = []
+    out = run_distributed(cfg, print_fn=lines.append)
+    pipe = out["plan"].pipeline
+    assert pipe.pipeline_degree * pipe.data_parallel_degree == 4  # every device
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["parallel"]
+    assert (saved["pipeline"], saved["data"], saved["schedule"]) == (pipe.pipeline_degree, pipe.data_parallel_degree,
+                                                                     pipe.schedule_kind)
+    assert len(out["losses"]) == 2 and any(line.startswith("memtrain: the planner chose") for line in lines)

@@ -164,13 +164,6 @@ def test_one_device_configs_keep_their_one_device_plan(capsys):
     assert "Memory policy" in out and "Pipeline" not in out and "Ranks (replica" not in out
 
 
-def test_run_refuses_choices_left_to_the_planner(capsys, tmp_path):
-    code = main(["run", MIXED, "--set", f"run_dir={tmp_path}"])
-    err = capsys.readouterr().err
-    assert code == 2 and "leave choices to the planner, which 'memtrain plan' makes but 'memtrain run' does not" in err
-    assert not list(tmp_path.iterdir())
-
-
 @pytest.mark.parametrize("kinds,pipeline,data", [
     (["a"] * 4 + ["b"] * 4, 2, 1), (["a"] * 4 + ["b"] * 4, 2, 2), (["a"] * 8 + ["b"] * 4, 3, 4),
     (["a", "b", "a", "b", "a", "b"], 3, 2), (["a"] * 3 + ["b"] * 3, 2, 2), (["a"] * 5 + ["b"] * 2, 3, 2),
