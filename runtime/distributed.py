@@ -1,9 +1,11 @@
-"""``memtrain run`` over several devices: connect to Ray, read the cluster, check it can hold the
-run, then hand over to the pipeline driver (``runtime.pipeline_driver.run_pipeline``), which
-creates the StageWorker actors and trains.
+"""``memtrain run`` over several devices: connect to Ray, read the cluster, choose the devices,
+plan the pipeline over them, place one worker per device and hand over to the pipeline driver
+(``runtime.pipeline_driver.run_pipeline``); the run directory gets the plan, the config, a
+metrics line per step and checkpoints, and ``memtrain resume`` continues it.
 
-``cli.py`` calls ``run_distributed`` when ``parallel.pipeline × parallel.data`` is more than 1;
-one worker trains in the calling process (``train.train``), inside a Ray job too.
+``cli.py`` calls ``run_distributed`` when ``parallel.pipeline × parallel.data`` is more than 1
+or the config leaves a choice to the planner; one worker trains in the calling process
+(``train.train``), inside a Ray job too.
 """
 
 from __future__ import annotations
