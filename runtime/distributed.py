@@ -162,11 +162,11 @@ def run_distributed(cfg: Config, address: str | None = None, *, overwrite: bool 
     if cfg.train.dtype == "fp16":
         raise ConfigError("train.dtype: the pipeline workers train in fp32 or bf16; fp16 needs a loss scale the ranks "
                           "agree on (not yet): set train.dtype: bf16, or parallel.pipeline and parallel.data to 1")
-    from memtrain.runtime.train import _check_run_dir, checkpoint_root
+    from memtrain.runtime.train import check_run_dir, checkpoint_root
 
     out_dir = run_dir(cfg)
     if resume_from is None:
-        _check_run_dir(out_dir, overwrite, checkpoint_root(cfg))
+        check_run_dir(out_dir, overwrite, checkpoint_root(cfg))
     run_pipeline = _pipeline_runner()
     from memtrain.runtime import ray_cluster  # Ray, once the run is known to need it
     with ray_cluster.connected(address) as line:
@@ -211,12 +211,17 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
            overwrite: bool, print_fn: Callable[[str], None], where: str, resume_from: Any) -> dict:
     from memtrain.planner import report
     from memtrain.runtime.checkpoint import Checkpointer
-    from memtrain.runtime.train import (Stopped, _StopSignals, _remove_artifacts, _truncate_metrics, _write_config,
-                                        checkpoint_root, lr_at)
+    from memtrain.runtime.train import (StopSignals, Stopped, checkpoint_root, lr_at, non_finite, remove_artifacts,
+                                        truncate_metrics, write_config)
 
     report.print_summary(plan)
     pipe, train = plan.pipeline, plan.train
     homes = stage_homes(cfg, plan)
+    offloaded = [s for s, h in enumerate(homes) if h != "device"]
+    if offloaded:  # the program that runs, PREFETCH and OFFLOAD included, is the one plan.json keeps
+        from memtrain.planner.pipeline import add_offload_points
+
+        plan = dataclasses.replace(plan, schedule=add_offload_points(plan.schedule, offloaded))
     partition = tuple(e - b for b, e in pipe.partition)  # the config's parallel.partition when it sets one
     ckpt_root = checkpoint_root(cfg)
     start = resume_from.step if resume_from is not None else 0
@@ -224,11 +229,11 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
     out_dir.mkdir(parents=True, exist_ok=True)
     if resume_from is None:
         if overwrite:
-            _remove_artifacts(out_dir, created=False, checkpoints=ckpt_root)
+            remove_artifacts(out_dir, created=False, checkpoints=ckpt_root)
         plan.save(out_dir / "plan.json")
-        _write_config(out_dir / "config.json", cfg)
+        write_config(out_dir / "config.json", cfg)
     else:
-        _truncate_metrics(metrics_path, start)
+        truncate_metrics(metrics_path, start)
         print_fn(f"resuming after step {start} from {resume_from.path}")
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
     steps = cfg.train.steps
@@ -244,7 +249,7 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
     step_times: list[float] = []
     from memtrain.runtime.progress import StepProgress
 
-    with (metrics_path.open("a") as metrics, _StopSignals(print_fn) as stop,
+    with (metrics_path.open("a") as metrics, StopSignals(print_fn) as stop,
           StepProgress(steps, start, print_fn) as progress):
         def on_step(k: int, loss: float, results: list[Any], dt: float) -> None:
             step_times.append(dt)
@@ -260,9 +265,7 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             if not finite:
-                from memtrain.runtime.train import _non_finite
-
-                raise _non_finite(loss, k + 1, cfg, metrics_path)
+                raise non_finite(loss, k + 1, cfg, metrics_path)
             host = max(p.get("host", 0) for p in peaks)
             progress.step(k + 1, f"step {k + 1:>5}/{steps}  loss {loss:.4f}  {dt:6.3f} s  "
                                  f"{tokens_per_step / dt:10,.0f} tok/s  peak per rank: host {format_bytes(host)}", loss)

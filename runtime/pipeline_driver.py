@@ -254,8 +254,9 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     ``programs``: each pipeline rank's program (a plan's ``schedule``; default: the schedule's
     lowering, ``stage_programs``); ``assignments``: per world rank, a ``ray_cluster.Assignment``
     (its node and resources; default: anywhere with ``num_cpus_per_worker`` CPUs);
-    ``on_step(step, loss, results, wall_s)`` after each step (``wall_s``: the driver's wait for it); ``timeout_s``: the longest a transfer or
-    collective waits; ``step_timeout_s``: the longest the driver waits for a step.
+    ``on_step(step, loss, results, wall_s)`` after each step (``wall_s``: the driver's wait for
+    it); ``timeout_s``: the longest a transfer or collective waits; ``step_timeout_s``: the
+    longest the driver waits for a step.
     ``start_step`` and ``states`` (per world rank, ``StageWorker.state``) continue a run from a
     checkpoint; after each step ``k`` (1-based count of steps done) for which ``save_after(k)``,
     the ranks' states go to ``on_states(k, states)``. ``dtype``: ``fp32`` or ``bf16`` (autocast).

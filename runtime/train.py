@@ -44,7 +44,8 @@ from memtrain.errors import UserError
 from memtrain.units import format_bytes
 from memtrain.config import Config, ConfigError
 
-__all__ = ["lr_at", "train", "NonFiniteLoss", "Stopped", "RUN_ARTIFACTS", "EXIT_NON_FINITE_LOSS", "checkpoint_root"]
+__all__ = ["lr_at", "train", "NonFiniteLoss", "Stopped", "StopSignals", "RUN_ARTIFACTS", "EXIT_NON_FINITE_LOSS", "checkpoint_root",
+           "check_run_dir", "remove_artifacts", "truncate_metrics", "write_config", "non_finite"]
 
 RUN_ARTIFACTS = ("plan.json", "metrics.jsonl", "config.json")
 """What ``train`` writes to the run directory ([Note: the run directory])."""
@@ -80,7 +81,7 @@ def checkpoint_root(cfg: Config) -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir(cfg) / "checkpoints"
 
 
-class _StopSignals:
+class StopSignals:
     """SIGTERM and SIGINT set ``signum`` (the run checkpoints after the step in progress); a
     second SIGINT raises KeyboardInterrupt. Only the main thread can take signals: elsewhere
     nothing is installed."""
@@ -97,7 +98,7 @@ class _StopSignals:
         self.print_fn(f"memtrain: {signal.Signals(signum).name} received: checkpointing after this step, then stopping "
                       "(press Ctrl-C again to stop at once)")
 
-    def __enter__(self) -> "_StopSignals":
+    def __enter__(self) -> "StopSignals":
         import threading
 
         if threading.current_thread() is threading.main_thread():
@@ -110,7 +111,7 @@ class _StopSignals:
             signal.signal(sig, old)
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int) -> None:
     """Keep the lines of steps 1..``step`` (a resumed run rewrites what came after its checkpoint)."""
     if not path.exists():
         return
@@ -154,7 +155,7 @@ def _memory_for(plan, cfg: Config) -> dict:
     return memory
 
 
-def _check_run_dir(out_dir: Path, overwrite: bool, checkpoints: Path) -> None:
+def check_run_dir(out_dir: Path, overwrite: bool, checkpoints: Path) -> None:
     """Refuse a run directory holding an earlier run's artifacts ([Note: the run directory])."""
     from memtrain.runtime.checkpoint import list_checkpoints
 
@@ -170,7 +171,7 @@ def _check_run_dir(out_dir: Path, overwrite: bool, checkpoints: Path) -> None:
         )
 
 
-def _remove_artifacts(out_dir: Path, created: bool, checkpoints: Path | None = None) -> None:
+def remove_artifacts(out_dir: Path, created: bool, checkpoints: Path | None = None) -> None:
     for name in RUN_ARTIFACTS:
         (out_dir / name).unlink(missing_ok=True)
     if checkpoints is not None and checkpoints.is_dir():
@@ -201,7 +202,7 @@ def _store_notes_to(print_fn):
         yield
 
 
-def _non_finite(loss: float, step: int, cfg: Config, metrics_path: Path) -> NonFiniteLoss:
+def non_finite(loss: float, step: int, cfg: Config, metrics_path: Path) -> NonFiniteLoss:
     fixes = [f"lower train.optimizer.lr (peak {cfg.train.optimizer.lr:g})",
              f"add or lengthen train.warmup_steps (now {cfg.train.warmup_steps})"]
     if cfg.train.dtype == "fp16":
@@ -234,7 +235,7 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print, resume_from=N
     ckpt_root = checkpoint_root(cfg)
     resuming = resume_from is not None
     if not resuming:
-        _check_run_dir(out_dir, overwrite, ckpt_root)
+        check_run_dir(out_dir, overwrite, ckpt_root)
         plan = plan_from_config(cfg)
     report.print_summary(plan)
     if not plan.fits:
@@ -242,7 +243,7 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print, resume_from=N
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     if overwrite:
-        _remove_artifacts(out_dir, created=False, checkpoints=ckpt_root)
+        remove_artifacts(out_dir, created=False, checkpoints=ckpt_root)
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
     start = resume_from.step if resuming else 0
     losses, step_times = [], []
@@ -251,7 +252,7 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print, resume_from=N
     try:
         if not resuming:
             plan.save(out_dir / "plan.json")
-            _write_config(out_dir / "config.json", cfg)
+            write_config(out_dir / "config.json", cfg)
         # the baseline: the interpreter, torch, memtrain and what planning left (closing_lines)
         process = ProcessPeak("cuda" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(cfg.train.seed)
@@ -268,7 +269,7 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print, resume_from=N
         if resuming:
             state = restore_engine_state(engine, resume_from)
             data.load_state_dict(state["data"])
-            _truncate_metrics(metrics_path, start)
+            truncate_metrics(metrics_path, start)
             print_fn(f"resuming after step {start} from {resume_from.path}")
         checkpoints = Checkpointer(ckpt_root, keep=cfg.checkpoint.keep, compress=cfg.checkpoint.compress,
                                    meta={"config": dataclasses.asdict(cfg)})
@@ -281,7 +282,7 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print, resume_from=N
         interval = cfg.checkpoint.interval_steps
         from memtrain.runtime.progress import StepProgress
 
-        with (metrics_path.open("a") as metrics, _StopSignals(print_fn) as stop,
+        with (metrics_path.open("a") as metrics, StopSignals(print_fn) as stop,
               StepProgress(cfg.train.steps, start, print_fn) as progress):
             for step in range(start, cfg.train.steps):
                 engine.set_lr(lr_at(step, cfg))
@@ -299,7 +300,7 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print, resume_from=N
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()  # [Note: the run directory]
                 if not finite:
-                    raise _non_finite(loss, step + 1, cfg, metrics_path)
+                    raise non_finite(loss, step + 1, cfg, metrics_path)
                 progress.step(step + 1, f"step {step + 1:>5}/{cfg.train.steps}  loss {loss:.4f}  {dt:6.3f} s  "
                               f"{tokens_per_step / dt:10,.0f} tok/s  step peak: device {format_bytes(peaks['device'])}, "
                               f"host {format_bytes(peaks['host'])}", loss)
@@ -319,7 +320,7 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print, resume_from=N
             except Exception as e:  # the first failure is the one to report; this one is a note
                 print_fn(f"memtrain: closing the engine after a failure also failed: {e!r}")
         if not losses and not resuming:
-            _remove_artifacts(out_dir, created)
+            remove_artifacts(out_dir, created)
         raise
     engine.close()
     if checkpoints.saved:
@@ -334,7 +335,7 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print, resume_from=N
                               "predicted": plan.prediction.devices[0].process_bytes if plan.prediction.devices else 0}}
 
 
-def _write_config(path: Path, cfg: Config) -> None:
+def write_config(path: Path, cfg: Config) -> None:
     """The config the run ran, as JSON ``config_from_dict`` reads back (``memtrain resume``)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=1))

@@ -26,7 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-import transformers
+try:
+    import transformers
+except ImportError as e:  # an extra, not a dependency of memtrain
+    raise ImportError('memtrain.runtime.integrations.hf needs transformers: pip install "memtrain[hf]"') from e
 
 from memtrain.errors import UserError
 from memtrain.models.built import first_names

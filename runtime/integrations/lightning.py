@@ -25,8 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-import lightning.pytorch as pl
-from lightning.pytorch.strategies import SingleDeviceStrategy
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+except ImportError as e:  # an extra, not a dependency of memtrain
+    raise ImportError('memtrain.runtime.integrations.lightning needs Lightning: pip install "memtrain[lightning]"') from e
 
 from memtrain.errors import UserError
 from memtrain.runtime.integrations.common import LazyEngine, StepCall, load_plan, optimizer_of, restore_group, with_group

@@ -33,15 +33,20 @@ def _config(tmp_path, *sets):
                                                       "train.lr_schedule=cosine", f"run_dir={tmp_path}/run", *sets])
 
 
+def _reference(cfg, *, bf16: bool = False) -> list[list[float]]:
+    """Plain PyTorch's per-micro-batch losses for ``cfg`` (the tiny GPT, 4 micro-batches of 2)."""
+    opt = cfg.train.optimizer
+    return reference_losses({"source": "gpt", "preset": "tiny"}, num_steps=cfg.train.steps, num_microbatches=4,
+                            micro_batch_size=2, seq_len=cfg.train.seq_len, seed=0, lr=opt.lr,
+                            adamw={"betas": tuple(opt.betas), "weight_decay": opt.weight_decay},
+                            lr_at=lambda k: lr_at(k, cfg), bf16=bf16)
+
+
 def test_the_readme_pipeline_example_trains_as_one_process_does(local_ray, tmp_path):
     cfg = _config(tmp_path)
     lines: list[str] = []
     out = run_distributed(cfg, print_fn=lines.append)
-    opt = cfg.train.optimizer
-    ref = reference_losses({"source": "gpt", "preset": "tiny"}, num_steps=4, num_microbatches=4, micro_batch_size=2,
-                           seq_len=cfg.train.seq_len, seed=0, lr=opt.lr,
-                           adamw={"betas": tuple(opt.betas), "weight_decay": opt.weight_decay},
-                           lr_at=lambda k: lr_at(k, cfg))
+    ref = _reference(cfg)
     # the tiny GPT ties its embedding to its head across the two ranks: their gradients are summed
     # in another order than one process's autograd does, so equal to rounding (docs/DESIGN.md)
     assert [list(x) for x in out["result"].microbatch_losses] == [pytest.approx(x, rel=1e-6, abs=0) for x in ref]
@@ -66,11 +71,7 @@ def test_the_readme_pipeline_example_trains_as_one_process_does(local_ray, tmp_p
 def test_bf16_trains_as_one_process_under_autocast(local_ray, tmp_path):
     cfg = _config(tmp_path, "train.dtype=bf16", "train.steps=3")
     out = run_distributed(cfg, print_fn=lambda line: None)
-    opt = cfg.train.optimizer
-    ref = reference_losses({"source": "gpt", "preset": "tiny"}, num_steps=3, num_microbatches=4, micro_batch_size=2,
-                           seq_len=cfg.train.seq_len, seed=0, lr=opt.lr,
-                           adamw={"betas": tuple(opt.betas), "weight_decay": opt.weight_decay},
-                           lr_at=lambda k: lr_at(k, cfg), bf16=True)
+    ref = _reference(cfg, bf16=True)
     assert out["result"].microbatch_losses[0] == tuple(ref[0])  # the first step: the same arithmetic
     # later steps: the tied table's gradient summed in another order, then rounded to bfloat16
     assert [list(x) for x in out["result"].microbatch_losses] == [pytest.approx(x, rel=1e-3, abs=0) for x in ref]
@@ -118,13 +119,13 @@ def test_states_offloaded_to_nvme_train_as_one_process(local_ray, tmp_path):
     lines: list[str] = []
     out = run_distributed(cfg, print_fn=lines.append)
     assert any("states offloaded (stage 0: nvme, stage 1: nvme)" in line for line in lines)
+    saved = Plan.load(tmp_path / "run" / "plan.json").schedule  # the program run, its PREFETCH and OFFLOAD too
+    for step in out["result"].records:
+        assert [list(r) for r in step] == [[str(a) for a in saved[rank]] for rank in range(2)]
+    assert any("PREFETCH" in a for a in out["result"].records[0][0])
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(m["peak_bytes"][r].get("nvme", 0) > 0 for m in metrics for r in range(2))  # the files held the states
-    opt = cfg.train.optimizer
-    ref = reference_losses({"source": "gpt", "preset": "tiny"}, num_steps=3, num_microbatches=4, micro_batch_size=2,
-                           seq_len=cfg.train.seq_len, seed=0, lr=opt.lr,
-                           adamw={"betas": tuple(opt.betas), "weight_decay": opt.weight_decay},
-                           lr_at=lambda k: lr_at(k, cfg))
+    ref = _reference(cfg)
     assert [list(x) for x in out["result"].microbatch_losses] == [pytest.approx(x, rel=1e-6, abs=0) for x in ref]
     with pytest.raises(ConfigError, match="parallel.nvme_dir: stages keep their states on NVMe"):
         run_distributed(_config(tmp_path / "again", "memory.offload=nvme"), print_fn=lambda line: None)
