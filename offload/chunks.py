@@ -53,7 +53,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from memtrain.offload.bufpool import BufferPool
+from memtrain.offload.bufpool import BufferPool, keep_heap_top
 from memtrain.offload.chunk_build import block_uses, fill_chunk, gather_params, lay_out, load_params
 from memtrain.offload.chunk_hooks import ChunkHooks
 from memtrain.offload.chunk_layout import (Chunk, ParamRef, ParamSlot, block_param_order, make_chunk_plans, named_blocks,
@@ -149,6 +149,8 @@ class ChunkStore:
         # both tiers, one pool, since they are the same memory (offload.bufpool); on CUDA none
         # (device memory and pinned host memory have caching allocators of their own).
         pool = BufferPool() if self.device.type == "cpu" else None
+        if pool is not None:
+            keep_heap_top()  # torch's own CPU allocations: offload.bufpool [Note: the C heap's top]
         self.pools = {} if pool is None else {id(host_ledger): pool, id(device_ledger): pool}
 
     # --- memory helpers (a thin stand-in for offload.tiers: tensor + ledger entry) ----------

@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from memtrain.offload.bufpool import keep_heap_top
 from memtrain.planner.measure import (
     MAX_DISK_SPREAD, MAX_ROUNDS, RETRY_WAIT_S, LoadMeter, ProbeQuality, measure_reliably, spread, timed_runs,
 )
@@ -262,6 +263,8 @@ def run_profile(
     dtype = dtype_map[cfg.train.dtype]
     if device.type == "cpu" and dtype == torch.float16:
         dtype = torch.float32  # CPU fp16 matmuls are not what a CPU run would use
+    if device.type == "cpu":  # time blocks as the engine runs them: offload.bufpool [Note: the C heap's top]
+        keep_heap_top()
     fp = machine_fingerprint()
     progress(f"profiling on {device.type} ({fp['cpu'] if device.type == 'cpu' else fp.get('gpus')})")
     quality: dict[str, ProbeQuality] = {}

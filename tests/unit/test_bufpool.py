@@ -4,7 +4,10 @@ store reusing its buffers."""
 from __future__ import annotations
 
 import gc
+import os
+import platform
 
+import pytest
 import torch
 
 from memtrain.models.gpt import GPT, gpt_config
@@ -161,3 +164,48 @@ def test_chunk_store_reuses_its_buffers_and_losses_stay_bitwise(tmp_path):
         per_step = (fresh[-1][name] - fresh[0][name]) / (len(fresh) - 1)
         ref_per_step = (ref_fresh[-1][name] - ref_fresh[0][name]) / (len(ref_fresh) - 1)
         assert reused[name] > ref_reused[name] and per_step < 0.65 * ref_per_step, (name, per_step, ref_per_step)
+
+
+_HEAP_TOP_SCRIPT = """
+import resource, sys, torch
+from memtrain.offload import bufpool
+
+kept = bufpool.keep_heap_top() if sys.argv[1] == "keep" else False
+small = [torch.ones(4096) for _ in range(64)]  # the heap grows (by the pad too, when kept)
+
+def faults():
+    # torch CPU tensors of 40 MiB, freed in between (over glibc's largest dynamic mmap threshold)
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        t = torch.empty(40 * 2**20, dtype=torch.uint8); t.fill_(1); del t
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+
+faults()
+print(kept, bufpool.keep_heap_top(), faults())
+"""
+
+
+def _heap_top_run(how: str, env: dict[str, str]) -> list[str]:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_TOP_PAD_"} | env
+    out = subprocess.run([sys.executable, "-c", _HEAP_TOP_SCRIPT, how], capture_output=True, text=True, env=env, check=True)
+    return out.stdout.split()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the C heap's top pad is a glibc setting")
+def test_keeping_the_heaps_top_stops_torch_allocations_from_faulting_in_again():
+    """[Note: the C heap's top] set once per process: an allocation the heap's top serves
+    again costs no page faults; without it every one faults its pages in afresh."""
+    _, _, faults = _heap_top_run("plain", {})
+    assert int(faults) > 5 * 40 * 2**20 // 4096 // 2  # at least half the pages faulted in each time
+    kept, again, faults = _heap_top_run("keep", {})
+    assert (kept, again) == ("True", "False")
+    assert int(faults) < 100
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the C heap's top pad is a glibc setting")
+def test_the_users_own_top_pad_setting_is_left_alone():
+    kept, again, _ = _heap_top_run("keep", {"MALLOC_TOP_PAD_": "131072"})
+    assert (kept, again) == ("False", "False")
