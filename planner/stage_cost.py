@@ -61,11 +61,20 @@ class StageEstimate:
     """'' when everything stays on the device, else what moves (for reports)."""
     fits: bool
     policy: MemoryPolicy | None = None
-    """The single-device planner's policy, once refined; None for the estimate."""
+    """The single-device planner's policy, once refined; for an estimate that keeps the stage on
+    the device with its activations recomputed, every block ``recompute`` (no chunks); else None
+    (all on the device, activations kept). The pipeline's workers run what it says
+    (runtime.stage_activations)."""
     refined: bool = False
 
     def work_s(self, num_microbatches: int) -> float:
         return num_microbatches * (self.fwd_s + self.bwd_s) + self.tail_s
+
+
+def _recompute_policy(num_params: int, num_blocks: int) -> MemoryPolicy:
+    """A stage on the device with every block's activations recomputed."""
+    return MemoryPolicy(chunk_size_elems=max(1, num_params), chunks=(), prefetch_depth=1,
+                        activations=(ActPolicy.RECOMPUTE,) * num_blocks)
 
 
 def stage_stats(stats: ModelStats, first: int, end: int) -> ModelStats:
@@ -219,7 +228,7 @@ class StageModel:
                 est = StageEstimate(fwd_s=f_s, bwd_s=bwd_s, tail_s=cost.device_optimizer_time_s(n, dt, opt, device),
                                     device_bytes=budget.device - room + n * self.state_per_param, host_bytes=0,
                                     nvme_bytes=0, act_bytes=held, offload="activations recomputed" if recompute else "",
-                                    fits=True)
+                                    fits=True, policy=_recompute_policy(n, end - first) if recompute else None)
             else:
                 est = self._offloaded(n, f_s, bwd_s, room, device, host, nvme, budget, first, end, held, recompute)
             if est.fits and (best is None or est.work_s(m) < best.work_s(m)):
