@@ -383,7 +383,7 @@ def _offload_homes(offload: str | Sequence[str] | None, place: Placement, model:
 def _activation_policies(activations: str | Sequence[Sequence[str]] | None, parts: tuple[int, ...], schedule: str,
                          nvme_dir: str | None) -> tuple[tuple[str, ...], ...]:
     """``activations`` checked, per stage a policy per block (empty: every block keeps them)."""
-    if activations is None or activations == "keep":
+    if not activations or activations == "keep":
         return ()
     acts = (tuple((activations,) * n for n in parts) if isinstance(activations, str)
             else tuple(tuple(str(p) for p in ps) for ps in activations))

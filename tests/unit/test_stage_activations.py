@@ -127,3 +127,18 @@ def test_a_split_backward_schedule_is_not_planned_with_recomputed_stages():
     assert plan.pipeline.schedule_kind == "1f1b"
     zb = next(a for a in plan.pipeline.alternatives if a.description.startswith("zb-h1") or "zb-h1" in a.description)
     assert "split backward" in zb.reason, zb.reason
+
+
+@pytest.mark.parametrize("fixed", ["keep", "recompute", "swap_host"])
+def test_memory_activations_fixes_every_stages_policy_in_the_plan(fixed, tmp_path):
+    stats = analyze(ModelConfig(preset="tiny"), seq_len=16, micro_batch_size=1, dtype="fp32")
+    plan = plan_cluster(stats, _cpu_cluster(), name="t", global_batch_size=8, micro_batch_size=2, dtype="fp32",
+                        optimizer="adamw", schedules=("1f1b",), pipeline_degree=2, data_parallel_degree=1,
+                        num_microbatches=4, source="t", activations=fixed)
+    got = [p.activations if p is not None else None for rp in plan.pipeline.ranks for p in rp.policies]
+    want = None if fixed == "keep" else (ActPolicy(fixed),) * 2
+    assert got == [want, want]
+    words = {"keep": "", "recompute": "activations recomputed", "swap_host": "activations swapped to the host"}[fixed]
+    assert [rp.offload for rp in plan.pipeline.ranks] == [f"stage {s}: {words}" if words else "" for s in (0, 1)]
+    cfg = load_config("examples/gpt-tiny-pp2.yaml", [f"run_dir={tmp_path}/run", f"memory.activations={fixed}"])
+    assert stage_activations(cfg, plan) == (() if fixed == "keep" else ((fixed,) * 2,) * 2)
