@@ -12,7 +12,9 @@ memoised per (range, device, in-flight micro-batches). It is the single-device c
   micro-batch keeps only the blocks' inputs) and/or parameters homed on the host, then NVMe,
   as many as the device cannot hold; their param copies cross PCIe twice per micro-batch and
   their gradients once, overlapped with the compute, and their update runs on the CPU after
-  the last backward. The cheapest that fits wins.
+  the last backward. The cheapest that fits wins. A stage recomputing its activations carries
+  that as its policy (``StageEstimate.policy``), which the pipeline's workers run;
+  ``memory.activations`` fixes the choice ([Note: fixed activations in a stage]).
 
 ``StageModel.refine`` replaces a stage's offload estimate with the single-device planner's
 figures (planner.search ``plan`` on the stage's blocks, simulated by planner.simulate) for the

@@ -15,7 +15,9 @@ stream, so parity with one process holds for models without dropout. A stage may
 model states in host-memory chunks or NVMe files between steps and step them with memtrain's
 offloaded optimizer (``PipelineSpec.offload``, runtime.stage_offload [Note: a stage's step]: the
 program's ``PREFETCH`` and ``OFFLOAD`` move them), and with ``PipelineSpec.zero`` 1 each replica
-keeps the optimizer states of a shard of each stage only (runtime.stage_zero, ZeRO-1).
+keeps the optimizer states of a shard of each stage only (runtime.stage_zero, ZeRO-1). Each
+block keeps, recomputes or swaps its saved activations as ``PipelineSpec.activations`` says
+(runtime.stage_activations; a recompute replays its forward's random draws, so bitwise keep's).
 
 [Note: same initial weights] Every worker builds only its stages' blocks, on the meta device and
 then materialised by replaying the run's seeded random stream (``models.gpt_blocks``), so each
