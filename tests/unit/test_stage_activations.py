@@ -25,7 +25,7 @@ TINY_2 = {"num_layers": 2, "tie_embeddings": False}
 
 
 def _run(acts: tuple[str, ...], *, dropout: float = 0.0, nvme_dir: str | None = None, steps: int = 2,
-         schedule: str = "1f1b"):
+         schedule: str = "1f1b", dtype: str = "fp32"):
     """One rank running the whole tiny GPT (4 blocks) as one stage with ``acts``: its program,
     its step results."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -33,7 +33,7 @@ def _run(acts: tuple[str, ...], *, dropout: float = 0.0, nvme_dir: str | None = 
     program = add_swap_points(programs, {0: acts})[0]
     spec = PipelineSpec(model=ModelConfig(preset="tiny", overrides={**TINY_2, "dropout": dropout}), partition=(4,),
                         rank_of=(0,), num_ranks=1, dp=1, num_microbatches=2, micro_batch_size=2, seq_len=16, seed=0,
-                        timeout_s=10, activations=(acts,), nvme_dir=nvme_dir)
+                        timeout_s=10, activations=(acts,), nvme_dir=nvme_dir, dtype=dtype)
     worker = StageWorker(spec, 0, program)
     worker.build(*worker.open_store("127.0.0.1"))
     try:
@@ -42,13 +42,14 @@ def _run(acts: tuple[str, ...], *, dropout: float = 0.0, nvme_dir: str | None = 
         worker.close()
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_recompute_and_swaps_give_keeps_losses_bitwise(dropout, tmp_path):
-    keep_prog, keep = _run(("keep",) * 4, dropout=dropout)
+@pytest.mark.parametrize("dropout,dtype", [(0.0, "fp32"), (0.1, "fp32"), (0.1, "bf16")])
+def test_recompute_and_swaps_give_keeps_losses_bitwise(dropout, dtype, tmp_path):
+    keep_prog, keep = _run(("keep",) * 4, dropout=dropout, dtype=dtype)
     (tmp_path / "nvme").mkdir()
     for acts in [("recompute",) * 4, ("keep", "swap_host", "recompute", "swap_nvme")]:
-        program, got = _run(acts, dropout=dropout, nvme_dir=str(tmp_path / "nvme" / "run"))
-        # the dropout masks are replayed by the recompute, the swapped tensors copied byte for byte
+        program, got = _run(acts, dropout=dropout, nvme_dir=str(tmp_path / "nvme" / "run"), dtype=dtype)
+        # the dropout masks are replayed by the recompute (under the same autocast), the swapped
+        # tensors copied byte for byte
         assert [r.losses for r in got] == [r.losses for r in keep], acts
         assert all(r.record == tuple(str(a) for a in program) for r in got)
         assert ("activations_host" in got[-1].peak_bytes) == ("swap_host" in acts)
