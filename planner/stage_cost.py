@@ -63,10 +63,10 @@ class StageEstimate:
     """'' when everything stays on the device, else what moves (for reports)."""
     fits: bool
     policy: MemoryPolicy | None = None
-    """The single-device planner's policy, once refined; for an estimate that keeps the stage on
-    the device with its activations recomputed, every block ``recompute`` (no chunks); else None
-    (all on the device, activations kept). The pipeline's workers run what it says
-    (runtime.stage_activations)."""
+    """The single-device planner's policy, once refined; for an estimate whose activations are
+    recomputed or swapped, every block's policy and no chunks (where its parameters go is then
+    the estimate's figures only); else None (activations kept). The pipeline's workers run its
+    activation policies (runtime.stage_activations)."""
     refined: bool = False
 
     def work_s(self, num_microbatches: int) -> float:
@@ -300,7 +300,7 @@ class StageModel:
         return StageEstimate(fwd_s=fwd_s, bwd_s=bwd_s, tail_s=tail,
                              device_bytes=budget.device - room + resident * self.state_per_param + buffers,
                              host_bytes=host_bytes, nvme_bytes=nvme_bytes, act_bytes=held, offload=", ".join(what),
-                             fits=fits)
+                             fits=fits, policy=_act_policy(n, end - first, ActPolicy.RECOMPUTE) if recompute else None)
 
     def refine(self, first: int, end: int, where: int, in_flight: int, num_microbatches: int) -> StageEstimate:
         """The estimate, or for a stage whose parameters leave the device, the single-device
