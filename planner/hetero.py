@@ -77,6 +77,10 @@ def plan_cluster(
     activation policy in every stage (``auto``: keep, or recompute where a stage is short).
     Raises ``UserError`` naming what does not fit when nothing does."""
     dtype, optimizer = DType(dtype), Optimizer(optimizer)
+    if activations not in ("auto", "keep") and set(schedules) <= pipeline.SPLIT_W_SCHEDULES:
+        raise UserError(f"memory.activations: {activations} needs a schedule that does not split the backward; "
+                        f"{', '.join(schedules)} keep every activation: set parallel.schedule to gpipe, 1f1b or "
+                        "interleaved-1f1b, or memory.activations: keep")
     devices = flat_devices(cluster)
     _check(stats, cluster, devices, global_batch_size, micro_batch_size, dtype, safety_margin, schedules,
            pipeline_degree, data_parallel_degree)

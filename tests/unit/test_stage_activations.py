@@ -12,6 +12,7 @@ import pytest
 from memtrain.cluster.catalog import default_host_spec, device_spec
 from memtrain.cluster.spec import ClusterSpec, NodeSpec
 from memtrain.config import ConfigError, ModelConfig
+from memtrain.errors import UserError
 from memtrain.planner.analyze import analyze
 from memtrain.planner.hetero import plan_cluster
 from memtrain.planner.pipeline import add_swap_points
@@ -143,3 +144,12 @@ def test_memory_activations_fixes_every_stages_policy_in_the_plan(fixed, tmp_pat
     assert [rp.offload for rp in plan.pipeline.ranks] == [f"stage {s}: {words}" if words else "" for s in (0, 1)]
     cfg = load_config("examples/gpt-tiny-pp2.yaml", [f"run_dir={tmp_path}/run", f"memory.activations={fixed}"])
     assert stage_activations(cfg, plan) == (() if fixed == "keep" else ((fixed,) * 2,) * 2)
+
+
+def test_fixed_recompute_with_only_split_backward_schedules_is_a_user_error():
+    stats = analyze(ModelConfig(preset="tiny"), seq_len=16, micro_batch_size=1, dtype="fp32")
+    with pytest.raises(UserError, match=r"memory.activations: recompute needs a schedule that does not split the "
+                                        r"backward; zb-h1, v-half keep every activation: set parallel.schedule"):
+        plan_cluster(stats, _cpu_cluster(), name="t", global_batch_size=8, micro_batch_size=2, dtype="fp32",
+                     optimizer="adamw", schedules=("zb-h1", "v-half"), pipeline_degree=2, data_parallel_degree=1,
+                     num_microbatches=4, activations="recompute")
