@@ -189,8 +189,8 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
         moved = next((s for s, est in enumerate(estimates)  # (runtime.stage_activations)
                       if est.policy is not None and set(est.policy.activations) != {ActPolicy.KEEP}), None)
         if moved is not None:
-            problem = (f"stage {moved}: activations {'/'.join(sorted({str(a) for a in estimates[moved].policy.activations}))}"
-                       f", which {shape.schedule}'s split backward (B and W) cannot run")
+            what = "/".join(sorted({str(a) for a in estimates[moved].policy.activations}))
+            problem = f"stage {moved}: activations {what}, which {shape.schedule}'s split backward (B and W) cannot run"
     for r in range(p):
         node_i, dev, _, _, budget = cand.ranks[r]
         for tier, need, have in (("device", device[r], budget.device), ("host", host[r], budget.host),

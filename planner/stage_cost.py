@@ -236,7 +236,8 @@ class StageModel:
                 est = StageEstimate(fwd_s=f_s, bwd_s=bwd_s, tail_s=cost.device_optimizer_time_s(n, dt, opt, device),
                                     device_bytes=budget.device - room + n * self.state_per_param, host_bytes=0,
                                     nvme_bytes=0, act_bytes=held, offload="activations recomputed" if recompute else "",
-                                    fits=True, policy=_act_policy(n, end - first, ActPolicy.RECOMPUTE) if recompute else None)
+                                    fits=True,
+                                    policy=_act_policy(n, end - first, ActPolicy.RECOMPUTE) if recompute else None)
             else:
                 est = self._offloaded(n, f_s, bwd_s, room, device, host, nvme, budget, first, end, held, recompute)
             if est.fits and (best is None or est.work_s(m) < best.work_s(m)):
@@ -250,10 +251,11 @@ class StageModel:
         """[Note: fixed activations in a stage] ``memory.activations`` other than ``auto`` fixes
         every block's policy: ``keep`` or ``recompute`` is then the only one tried (parameters
         still offloaded where the device is short; the refinement searches with it fixed);
-        ``swap_host``/``swap_nvme``, costed here: a worker swaps a stage's activations out after its forward and in before its backward
-        (runtime.stage_activations), so the device holds one micro-batch's while it runs and the
-        host (or NVMe) the held ones; the copies overlap the compute where they can. Parameters
-        stay on the device (a stage short of room for them is not planned this way)."""
+        ``swap_host``/``swap_nvme``, costed here: a worker swaps a stage's activations out after
+        its forward and in before its backward (runtime.stage_activations), so the device holds
+        one micro-batch's while it runs and the host (or NVMe) the held ones; the copies overlap
+        the compute where they can. Parameters stay on the device (a stage short of room for
+        them is not planned this way)."""
         acts = self.acts[end] - self.acts[first]
         swap_nvme = self.activations is ActPolicy.SWAP_NVME
         out_s, in_s = cost.d2h_time_s(acts, device), cost.h2d_time_s(acts, device)

@@ -225,8 +225,8 @@ def stage_activations(cfg: Config, plan: Any) -> tuple[tuple[str, ...], ...]:
     if all(p == "keep" for ps in acts for p in ps):
         return ()
     if "swap_nvme" in {p for ps in acts for p in ps} and not cfg.parallel.nvme_dir:
-        raise ConfigError("parallel.nvme_dir: stages swap activations to NVMe "
-                          f"({'memory.activations: swap_nvme' if cfg.memory.activations == 'swap_nvme' else 'the plan swaps them there'}); "
+        why = "memory.activations: swap_nvme" if cfg.memory.activations == "swap_nvme" else "the plan swaps them there"
+        raise ConfigError(f"parallel.nvme_dir: stages swap activations to NVMe ({why}); "
                           "set parallel.nvme_dir to a directory on each node's local NVMe")
     return acts
 

@@ -25,8 +25,8 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from memtrain.config import ConfigError, DataConfig, ModelConfig
 from memtrain.models.gpt import gpt_config
 from memtrain.optimizers import OptimizerSpec
-from memtrain.planner.pipeline import (SCHEDULES, SPLIT_W_SCHEDULES, Placement, add_offload_points, add_p2p, add_step_end,
-                                       add_swap_points, generate, placement, validate_pipeline)
+from memtrain.planner.pipeline import (SCHEDULES, SPLIT_W_SCHEDULES, Placement, add_offload_points, add_p2p,
+                                       add_step_end, add_swap_points, generate, placement, validate_pipeline)
 from memtrain.planner.plan import Op
 from memtrain.planner.schedule import Schedule
 from memtrain.runtime.stage_activations import ACT_POLICIES, SPLIT_SCHEDULE_ERROR

@@ -105,8 +105,8 @@ def test_memtrain_run_recomputes_as_the_config_and_plan_say(local_ray, tmp_path:
     timing say so), the workers do, the run's plan.json keeps the program they ran, and the
     losses are one process's. (A stage the planner chooses to recompute reaches the workers the
     same way: tests/unit/test_stage_activations.py.)"""
-    cfg = load_config("examples/gpt-tiny-pp2.yaml", ["train.steps=2", "train.seq_len=16", "memory.activations=recompute",
-                                                     f"run_dir={tmp_path}/run"])
+    cfg = load_config("examples/gpt-tiny-pp2.yaml", ["train.steps=2", "train.seq_len=16",
+                                                     "memory.activations=recompute", f"run_dir={tmp_path}/run"])
     lines: list[str] = []
     out = run_distributed(cfg, print_fn=lines.append)
     plan = Plan.load(tmp_path / "run" / "plan.json")
