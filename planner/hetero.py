@@ -65,6 +65,7 @@ def plan_cluster(
     stage_blocks: Sequence[int] | None = None,
     source: str = "catalog",
     max_alternatives: int = 5,
+    activations: str = "auto",
 ) -> Plan:
     """The fastest predicted pipeline plan of ``stats`` (analysed at micro-batch size 1) over
     every device of ``cluster`` (see the module doc). ``device_budget`` caps each device's
@@ -72,8 +73,14 @@ def plan_cluster(
     ``nvme``); each is used less ``safety_margin``, a node's host and NVMe shared evenly by
     its devices. ``pipeline_degree``/``data_parallel_degree``, ``num_microbatches`` (per
     replica) and ``stage_blocks`` (blocks per stage, in order) fix those choices (config:
-    ``parallel`` section). Raises ``UserError`` naming what does not fit when nothing does."""
+    ``parallel`` section); ``activations`` (config ``memory.activations``) fixes every block's
+    activation policy in every stage (``auto``: keep, or recompute where a stage is short).
+    Raises ``UserError`` naming what does not fit when nothing does."""
     dtype, optimizer = DType(dtype), Optimizer(optimizer)
+    if activations not in ("auto", "keep") and set(schedules) <= pipeline.SPLIT_W_SCHEDULES:
+        raise UserError(f"memory.activations: {activations} needs a schedule that does not split the backward; "
+                        f"{', '.join(schedules)} keep every activation: set parallel.schedule to gpipe, 1f1b or "
+                        "interleaved-1f1b, or memory.activations: keep")
     devices = flat_devices(cluster)
     _check(stats, cluster, devices, global_batch_size, micro_batch_size, dtype, safety_margin, schedules,
            pipeline_degree, data_parallel_degree)
@@ -92,7 +99,7 @@ def plan_cluster(
             train = TrainShape(global_batch_size=global_batch_size, micro_batch_size=shape.micro_batch_size,
                                num_microbatches=shape.num_microbatches, seq_len=base.seq_len, dtype=dtype,
                                optimizer=optimizer)
-            models[shape.micro_batch_size] = StageModel(base.scaled(shape.micro_batch_size), train)
+            models[shape.micro_batch_size] = StageModel(base.scaled(shape.micro_batch_size), train, activations)
         cand = layout(shape, counts, devices, cluster, budgets, models[shape.micro_batch_size])
         if cand is not None:
             cand.fixed = fixed

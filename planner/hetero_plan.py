@@ -185,6 +185,12 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
     device = [a + b for a, b in zip(static, acts)]
     step = max(end + a + o for end, a, o in zip(ends, ar, opt))
     problem = next((f"stage {s}: {est.offload}" for s, est in enumerate(estimates) if not est.fits), "")
+    if not problem and shape.schedule in _SPLIT_W:  # the workers keep every activation under a split backward
+        moved = next((s for s, est in enumerate(estimates)  # (runtime.stage_activations)
+                      if est.policy is not None and set(est.policy.activations) != {ActPolicy.KEEP}), None)
+        if moved is not None:
+            what = "/".join(sorted({str(a) for a in estimates[moved].policy.activations}))
+            problem = f"stage {moved}: activations {what}, which {shape.schedule}'s split backward (B and W) cannot run"
     for r in range(p):
         node_i, dev, _, _, budget = cand.ranks[r]
         for tier, need, have in (("device", device[r], budget.device), ("host", host[r], budget.host),

@@ -36,10 +36,11 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from memtrain.planner.plan import Action, Op
+from memtrain.planner.plan import Action, ActPolicy, Op
 from memtrain.planner.schedule import Schedule, format_grid
 
 __all__ = ["SCHEDULES", "Placement", "placement", "generate", "add_p2p", "add_step_end", "add_offload_points",
+           "add_swap_points", "SPLIT_W_SCHEDULES",
            "validate_pipeline", "PipelineProblem",
            "activation_limits", "schedule_from_text", "pass_times", "bubble_fraction", "run_in_order"]
 
@@ -48,6 +49,7 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "v-half", "v-min")
 
 _SPLIT_W = frozenset({"zb-h1", "v-half", "v-min"})
 """Schedules whose backward is split into ``B`` and ``W``."""
+SPLIT_W_SCHEDULES = _SPLIT_W
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,6 +306,41 @@ def add_offload_points(schedule: Schedule, offloaded: Iterable[int]) -> Schedule
             if a.op is Op.OPTIM and a.chunk is None and s in mine and (s, Op.OFFLOAD) not in has:
                 new.append(Action(s, Op.OFFLOAD))
             new.append(a)
+        out[r] = tuple(new)
+    return out
+
+
+def add_swap_points(schedule: Schedule, acts: Mapping[int, Sequence[ActPolicy | str]]) -> Schedule:
+    """Each swapped block's activations moved out after its stage's forward and back before its
+    backward (per-stage activation policies in a pipeline worker, runtime.stage_activations),
+    the stage-level form of planner.program_swaps' rules: ``sSWAP_OUT<i>/b<j>`` right after
+    ``sF<i>``, for each block ``j`` (the block's index within stage ``s``) whose policy in
+    ``acts[s]`` is ``swap_host`` or ``swap_nvme``, in block order; ``sSWAP_IN<i>/b<j>`` before
+    ``sB<i>`` (before the receive of its gradient when that comes right before it, so the copy
+    overlaps the wait), top block first. Recomputed and kept blocks need no action: recompute
+    happens inside the ``B``. A program with swap actions already is left as it is."""
+    swapped = {s: [j for j, p in enumerate(ps) if ActPolicy(p) in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME)]
+               for s, ps in acts.items()}
+    swapped = {s: js for s, js in swapped.items() if js}
+    out: Schedule = {}
+    for r, program in schedule.items():
+        if not swapped or any(a.op in (Op.SWAP_OUT, Op.SWAP_IN) for a in program):
+            out[r] = tuple(program)
+            continue
+        new: list[Action] = []
+        for k, a in enumerate(program):
+            js = swapped.get(a.stage, [])
+            ins = [Action(a.stage, Op.SWAP_IN, a.microbatch, block=j) for j in reversed(js)]
+            nxt = program[k + 1] if k + 1 < len(program) else None
+            if (a.op is Op.RECV_B and nxt is not None and nxt.op is Op.B and nxt.stage == a.stage
+                    and nxt.microbatch == a.microbatch):
+                new += ins
+            elif a.op is Op.B and not (new and new[-1].op is Op.RECV_B and new[-1].stage == a.stage
+                                       and new[-1].microbatch == a.microbatch):
+                new += ins
+            new.append(a)
+            if a.op is Op.F:
+                new += [Action(a.stage, Op.SWAP_OUT, a.microbatch, block=j) for j in js]
         out[r] = tuple(new)
     return out
 

@@ -329,8 +329,9 @@ class RankPlan:
     stages: tuple[int, ...]
     """The model stages it runs (two for interleaved and V schedules)."""
     policies: tuple[MemoryPolicy | None, ...] = ()
-    """Per stage it runs, the single-device memory policy when that stage offloads (None: all
-    on the device, activations kept)."""
+    """Per stage it runs, the single-device memory policy when that stage offloads or recomputes
+    (its ``activations``: each block's policy, what the stage's worker runs); None: all on the
+    device, activations kept."""
     offload: str = ""
     """What its stages move off the device or recompute, in words ('' when nothing)."""
     fwd_s: float = 0.0

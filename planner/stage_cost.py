@@ -12,7 +12,9 @@ memoised per (range, device, in-flight micro-batches). It is the single-device c
   micro-batch keeps only the blocks' inputs) and/or parameters homed on the host, then NVMe,
   as many as the device cannot hold; their param copies cross PCIe twice per micro-batch and
   their gradients once, overlapped with the compute, and their update runs on the CPU after
-  the last backward. The cheapest that fits wins.
+  the last backward. The cheapest that fits wins. A stage recomputing its activations carries
+  that as its policy (``StageEstimate.policy``), which the pipeline's workers run;
+  ``memory.activations`` fixes the choice ([Note: fixed activations in a stage]).
 
 ``StageModel.refine`` replaces a stage's offload estimate with the single-device planner's
 figures (planner.search ``plan`` on the stage's blocks, simulated by planner.simulate) for the
@@ -61,11 +63,20 @@ class StageEstimate:
     """'' when everything stays on the device, else what moves (for reports)."""
     fits: bool
     policy: MemoryPolicy | None = None
-    """The single-device planner's policy, once refined; None for the estimate."""
+    """The single-device planner's policy, once refined; for an estimate whose activations are
+    recomputed or swapped, every block's policy and no chunks (where its parameters go is then
+    the estimate's figures only); else None (activations kept). The pipeline's workers run its
+    activation policies (runtime.stage_activations)."""
     refined: bool = False
 
     def work_s(self, num_microbatches: int) -> float:
         return num_microbatches * (self.fwd_s + self.bwd_s) + self.tail_s
+
+
+def _act_policy(num_params: int, num_blocks: int, act: ActPolicy) -> MemoryPolicy:
+    """A stage on the device with every block's activations under ``act``."""
+    return MemoryPolicy(chunk_size_elems=max(1, num_params), chunks=(), prefetch_depth=1,
+                        activations=(act,) * num_blocks)
 
 
 def stage_stats(stats: ModelStats, first: int, end: int) -> ModelStats:
@@ -114,8 +125,11 @@ def _prefix(values) -> list:
 class StageModel:
     """Stage costs of one model at one micro-batch size (see the module doc)."""
 
-    def __init__(self, stats: ModelStats, train: TrainShape) -> None:
+    def __init__(self, stats: ModelStats, train: TrainShape, activations: ActPolicy | str = "auto") -> None:
         self.stats, self.train = stats, train
+        self.activations = None if activations == "auto" else ActPolicy(activations)
+        """Every block's policy when the config fixes it (``memory.activations``), else None
+        ([Note: fixed activations in a stage])."""
         self.dtype, self.optimizer = DType(train.dtype), Optimizer(train.optimizer)
         blocks = stats.blocks
         self.num_blocks = len(blocks)
@@ -208,9 +222,12 @@ class StageModel:
         work = self.max_work(first, end) + (self.stats.loss_activation_bytes if last else 0) + c * self.max_param(first, end)
         acts, inputs = self.acts[end] - self.acts[first], self.inputs[end] - self.inputs[first]
         best: StageEstimate | None = None
+        if self.activations in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME):
+            return self._swapped(first, end, f_s, b_s, n, device, host, nvme, budget, k, work)
         # [Note: offload within a stage] each activation policy, then as many parameters on the
         # device as fit, the rest homed on the host, then NVMe
-        for recompute in (False, True):
+        options = (False, True) if self.activations is None else (self.activations is ActPolicy.RECOMPUTE,)
+        for recompute in options:
             held = inputs if recompute else acts
             extra = self.max_act(first, end) if recompute else 0
             bwd_s = b_s + (f_s if recompute else 0.0)
@@ -219,14 +236,43 @@ class StageModel:
                 est = StageEstimate(fwd_s=f_s, bwd_s=bwd_s, tail_s=cost.device_optimizer_time_s(n, dt, opt, device),
                                     device_bytes=budget.device - room + n * self.state_per_param, host_bytes=0,
                                     nvme_bytes=0, act_bytes=held, offload="activations recomputed" if recompute else "",
-                                    fits=True)
+                                    fits=True,
+                                    policy=_act_policy(n, end - first, ActPolicy.RECOMPUTE) if recompute else None)
             else:
                 est = self._offloaded(n, f_s, bwd_s, room, device, host, nvme, budget, first, end, held, recompute)
             if est.fits and (best is None or est.work_s(m) < best.work_s(m)):
                 best = est
-            elif best is None and not recompute:
+            elif best is None and recompute is options[0]:
                 fallback = est
         return best if best is not None else fallback
+
+    def _swapped(self, first: int, end: int, f_s: float, b_s: float, n: int, device: DeviceSpec, host: HostSpec,
+                 nvme: NvmeSpec | None, budget: StageBudget, k: int, work: int) -> StageEstimate:
+        """[Note: fixed activations in a stage] ``memory.activations`` other than ``auto`` fixes
+        every block's policy: ``keep`` or ``recompute`` is then the only one tried (parameters
+        still offloaded where the device is short; the refinement searches with it fixed);
+        ``swap_host``/``swap_nvme``, costed here: a worker swaps a stage's activations out after
+        its forward and in before its backward (runtime.stage_activations), so the device holds
+        one micro-batch's while it runs and the host (or NVMe) the held ones; the copies overlap
+        the compute where they can. Parameters stay on the device (a stage short of room for
+        them is not planned this way)."""
+        acts = self.acts[end] - self.acts[first]
+        swap_nvme = self.activations is ActPolicy.SWAP_NVME
+        out_s, in_s = cost.d2h_time_s(acts, device), cost.h2d_time_s(acts, device)
+        if swap_nvme and nvme is not None:
+            out_s += cost.disk_write_time_s(acts, nvme)
+            in_s += cost.disk_read_time_s(acts, nvme)
+        states = n * self.state_per_param
+        device_bytes = states + 2 * acts + work  # one micro-batch running, one coming back
+        host_bytes = acts if swap_nvme else k * acts  # NVMe: one micro-batch's staging at a time
+        nvme_bytes = k * acts if swap_nvme else 0
+        fits = (device_bytes <= budget.device and host_bytes <= budget.host
+                and (not swap_nvme or (nvme is not None and nvme_bytes <= budget.nvme)))
+        return StageEstimate(fwd_s=max(f_s, out_s), bwd_s=max(b_s, in_s),
+                             tail_s=cost.device_optimizer_time_s(n, self.dtype, self.optimizer, device),
+                             device_bytes=device_bytes, host_bytes=host_bytes, nvme_bytes=nvme_bytes, act_bytes=0,
+                             offload=f"activations swapped to {'NVMe' if swap_nvme else 'the host'}", fits=fits,
+                             policy=_act_policy(n, end - first, self.activations))
 
     def _offloaded(self, n: int, f_s: float, b_s: float, room: int, device: DeviceSpec, host: HostSpec,
                    nvme: NvmeSpec | None, budget: StageBudget, first: int, end: int, held: int,
@@ -256,7 +302,7 @@ class StageModel:
         return StageEstimate(fwd_s=fwd_s, bwd_s=bwd_s, tail_s=tail,
                              device_bytes=budget.device - room + resident * self.state_per_param + buffers,
                              host_bytes=host_bytes, nvme_bytes=nvme_bytes, act_bytes=held, offload=", ".join(what),
-                             fits=fits)
+                             fits=fits, policy=_act_policy(n, end - first, ActPolicy.RECOMPUTE) if recompute else None)
 
     def refine(self, first: int, end: int, where: int, in_flight: int, num_microbatches: int) -> StageEstimate:
         """The estimate, or for a stage whose parameters leave the device, the single-device
@@ -297,7 +343,8 @@ class StageModel:
             two = search_plan(base, name=sub.name, global_batch_size=2 * mbs, micro_batch_size=mbs, dtype=self.dtype,
                               optimizer=self.optimizer, device=device, host=host, nvme=nvme,
                               budgets={"device": budget.device - reserve, "host": budget.host, "nvme": budget.nvme},
-                              safety_margin=0.0, chunk_size_elems=max(b.num_params for b in sub.blocks) or None)
+                              safety_margin=0.0, chunk_size_elems=max(b.num_params for b in sub.blocks) or None,
+                              activations=self.activations)
             if not two.fits:
                 return None
             need = (k - 1) * held_by(two.memory)

@@ -105,7 +105,7 @@ def plan_run(cfg: Config, inventory: Any, chosen: list[int]) -> Any:
         safety_margin=cfg.memory.safety_margin, device_budget=cfg.memory.device, host_budget=cfg.memory.host,
         nvme_budget=cfg.memory.nvme, schedules=SCHEDULES if par.schedule == "auto" else (par.schedule,),
         pipeline_degree=par.pipeline or None, data_parallel_degree=par.data or None,
-        num_microbatches=par.microbatches, stage_blocks=par.partition, source="ray")
+        num_microbatches=par.microbatches, stage_blocks=par.partition, source="ray", activations=cfg.memory.activations)
     if plan.pipeline is None or not plan.fits:
         raise ConfigError(f"the model does not fit the cluster's devices: {plan.shortfall}")
     if par.planner_chooses:
@@ -207,6 +207,30 @@ def stage_homes(cfg: Config, plan: Any) -> tuple[str, ...]:
     return homes
 
 
+def stage_activations(cfg: Config, plan: Any) -> tuple[tuple[str, ...], ...]:
+    """Per stage, per block of it, what it does with its saved activations: ``memory.activations``
+    when it fixes one policy for every block, else (``auto``) the plan's per-stage policy
+    (``RankPlan.policies``: planner.stage_cost [Note: offload within a stage]; a stage without
+    one keeps them). Empty when every block keeps them."""
+    partition = plan.pipeline.partition
+    if cfg.memory.activations != "auto":
+        acts = tuple((cfg.memory.activations,) * (e - b) for b, e in partition)
+    else:
+        found: list[tuple[str, ...]] = [("keep",) * (e - b) for b, e in partition]
+        for rp in plan.pipeline.ranks[: plan.pipeline.pipeline_degree]:
+            for stage, policy in zip(rp.stages, rp.policies or (None,) * len(rp.stages)):
+                if policy is not None and len(policy.activations) == len(found[stage]):
+                    found[stage] = tuple(str(p) for p in policy.activations)
+        acts = tuple(found)
+    if all(p == "keep" for ps in acts for p in ps):
+        return ()
+    if "swap_nvme" in {p for ps in acts for p in ps} and not cfg.parallel.nvme_dir:
+        why = "memory.activations: swap_nvme" if cfg.memory.activations == "swap_nvme" else "the plan swaps them there"
+        raise ConfigError(f"parallel.nvme_dir: stages swap activations to NVMe ({why}); "
+                          "set parallel.nvme_dir to a directory on each node's local NVMe")
+    return acts
+
+
 def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callable[..., Any], out_dir: Path,
            overwrite: bool, print_fn: Callable[[str], None], where: str, resume_from: Any) -> dict:
     from memtrain.planner import report
@@ -222,6 +246,11 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
         from memtrain.planner.pipeline import add_offload_points
 
         plan = dataclasses.replace(plan, schedule=add_offload_points(plan.schedule, offloaded))
+    acts = stage_activations(cfg, plan)
+    if acts:  # and its SWAP_OUT/SWAP_IN (runtime.stage_activations)
+        from memtrain.planner.pipeline import add_swap_points
+
+        plan = dataclasses.replace(plan, schedule=add_swap_points(plan.schedule, dict(enumerate(acts))))
     partition = tuple(e - b for b, e in pipe.partition)  # the config's parallel.partition when it sets one
     ckpt_root = checkpoint_root(cfg)
     start = resume_from.step if resume_from is not None else 0
@@ -238,9 +267,11 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
     steps = cfg.train.steps
     offloaded = ", ".join(f"stage {i}: {h}" for i, h in enumerate(homes) if h != "device")
+    moved = ", ".join(f"stage {i}: {'/'.join(sorted(set(ps)))}" for i, ps in enumerate(acts) if set(ps) != {"keep"})
     print_fn(f"memtrain: {where}; {pipe.schedule_kind}, partition {list(partition)}, "
              f"{train.num_microbatches} micro-batches of {train.micro_batch_size}"
              + (f"; states offloaded ({offloaded})" if offloaded else "")
+             + (f"; activations {moved}" if moved else "")
              + (f"; ZeRO-{cfg.parallel.zero} over {pipe.data_parallel_degree} copies" if cfg.parallel.zero else ""))
     print_fn(f"training {steps - start} steps of {tokens_per_step:,} tokens; run directory {out_dir}")
     checkpoints = Checkpointer(ckpt_root, keep=cfg.checkpoint.keep, compress=cfg.checkpoint.compress,
@@ -291,7 +322,7 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
             lr_at=lambda k: lr_at(k, cfg), programs=plan.schedule, assignments=assignments, on_step=on_step,
             start_step=start, states=states, save_after=save_after, on_states=on_states, dtype=cfg.train.dtype,
             offload=homes, nvme_dir=(str(Path(cfg.parallel.nvme_dir) / f"memtrain-{cfg.name}")
-                                     if cfg.parallel.nvme_dir else None), zero=cfg.parallel.zero)
+                                     if cfg.parallel.nvme_dir else None), zero=cfg.parallel.zero, activations=acts)
         checkpoints.wait()
     if checkpoints.saved:
         print_fn(f"checkpoint {checkpoints.saved[-1]} ({checkpoints.seconds_blocked:.2f} s of training time spent on "

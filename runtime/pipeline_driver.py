@@ -25,10 +25,11 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from memtrain.config import ConfigError, DataConfig, ModelConfig
 from memtrain.models.gpt import gpt_config
 from memtrain.optimizers import OptimizerSpec
-from memtrain.planner.pipeline import (SCHEDULES, Placement, add_offload_points, add_p2p, add_step_end, generate,
-                                       placement, validate_pipeline)
+from memtrain.planner.pipeline import (SCHEDULES, SPLIT_W_SCHEDULES, Placement, add_offload_points, add_p2p,
+                                       add_step_end, add_swap_points, generate, placement, validate_pipeline)
 from memtrain.planner.plan import Op
 from memtrain.planner.schedule import Schedule
+from memtrain.runtime.stage_activations import ACT_POLICIES, SPLIT_SCHEDULE_ERROR
 from memtrain.runtime.stage_offload import OFFLOAD_HOMES
 from memtrain.runtime.stage_worker import PIPELINE_DTYPES, PipelineSpec, StageWorker, StepResult
 
@@ -245,7 +246,8 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                  save_after: Callable[[int], bool] | None = None,
                  on_states: Callable[[int, dict[int, dict]], None] | None = None,
                  dtype: str = "fp32", offload: str | Sequence[str] | None = None, nvme_dir: str | None = None,
-                 offload_chunk_elems: int | None = None, zero: int = 0) -> PipelineResult:
+                 offload_chunk_elems: int | None = None, zero: int = 0,
+                 activations: str | Sequence[Sequence[str]] | None = None) -> PipelineResult:
     """Train ``num_steps`` steps of ``model`` over ``num_ranks`` pipeline ranks × ``dp``
     replicas on the current Ray (the caller ran ``ray.init``). ``model``: a ``ModelConfig`` or its
     fields as a dict (default: the tiny GPT); ``partition``: blocks per stage (default: even);
@@ -264,7 +266,10 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     each stage's model states live between steps (one of ``device``, ``host``, ``nvme`` for all,
     or one per stage; ``PipelineSpec.offload``), ``nvme_dir`` the directory of the ``nvme`` ones
     on every node; ``zero``: 1 shards the optimizer states across the replicas (ZeRO-1,
-    ``PipelineSpec.zero``)."""
+    ``PipelineSpec.zero``); ``activations``: what each block does with its saved activations
+    (``keep``, ``recompute``, ``swap_host``, ``swap_nvme``: one for every block, or per stage a
+    policy per block; ``PipelineSpec.activations``, runtime.stage_activations); swapped blocks
+    add their ``SWAP_OUT``/``SWAP_IN`` to the programs (planner.pipeline ``add_swap_points``)."""
     if schedule not in SCHEDULES:
         raise ConfigError(f"schedule: must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if dtype not in PIPELINE_DTYPES:
@@ -310,11 +315,13 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     homes = _offload_homes(offload, place, model_cfg, nvme_dir, zero, offload_chunk_elems)
     if any(h != "device" for h in homes):
         programs = add_offload_points(programs, [s for s, h in enumerate(homes) if h != "device"])
+    acts = _activation_policies(activations, parts, schedule, nvme_dir)
+    programs = add_swap_points(programs, dict(enumerate(acts)))
     spec = PipelineSpec(model=model_cfg, partition=parts, rank_of=place.rank_of, num_ranks=num_ranks, dp=dp,
                         num_microbatches=num_microbatches, micro_batch_size=micro_batch_size, seq_len=seq_len,
                         seed=seed, data=data or DataConfig(), optimizer=optim, timeout_s=timeout_s,
                         num_threads=num_threads, dtype=dtype, offload=homes, nvme_dir=nvme_dir,
-                        offload_chunk_elems=offload_chunk_elems, zero=zero)
+                        offload_chunk_elems=offload_chunk_elems, zero=zero, activations=acts)
     losses, mb_losses, records, times, peaks, walls, busy = [], [], [], [], [], [], []
     with PipelineRun(spec, programs, step_timeout_s=step_timeout_s, num_cpus_per_worker=num_cpus_per_worker,
                      assignments=assignments) as run:
@@ -347,7 +354,7 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                           busy_s=tuple(busy), state_bytes=held)
 
 
-_STEP_POINTS = (Op.ALLREDUCE, Op.OPTIM, Op.PREFETCH, Op.OFFLOAD)
+_STEP_POINTS = (Op.ALLREDUCE, Op.OPTIM, Op.PREFETCH, Op.OFFLOAD, Op.SWAP_OUT, Op.SWAP_IN)
 """A program's actions outside the schedule's compute and transfers (what ``validate_pipeline`` skips)."""
 
 
@@ -371,6 +378,25 @@ def _offload_homes(offload: str | Sequence[str] | None, place: Placement, model:
         raise ConfigError(f"offload: stages 0 and {last} share the tied embeddings on rank {place.rank_of[0]}; keep "
                           "both on the device, or set model.overrides.tie_embeddings: false")
     return homes
+
+
+def _activation_policies(activations: str | Sequence[Sequence[str]] | None, parts: tuple[int, ...], schedule: str,
+                         nvme_dir: str | None) -> tuple[tuple[str, ...], ...]:
+    """``activations`` checked, per stage a policy per block (empty: every block keeps them)."""
+    if not activations or activations == "keep":
+        return ()
+    acts = (tuple((activations,) * n for n in parts) if isinstance(activations, str)
+            else tuple(tuple(str(p) for p in ps) for ps in activations))
+    if len(acts) != len(parts) or any(len(ps) != n or not set(ps) <= set(ACT_POLICIES) for ps, n in zip(acts, parts)):
+        raise ConfigError(f"activations: one of {', '.join(ACT_POLICIES)} for every block, or per stage one per block "
+                          f"(blocks per stage {list(parts)}), got {activations!r}")
+    if schedule in SPLIT_W_SCHEDULES and any(p != "keep" for ps in acts for p in ps):
+        raise ConfigError(f"activations: {SPLIT_SCHEDULE_ERROR} (schedule {schedule}); set parallel.schedule, or "
+                          "memory.activations: keep")
+    if "swap_nvme" in {p for ps in acts for p in ps} and not nvme_dir:
+        raise ConfigError("nvme_dir: swap_nvme blocks write their activations there; give a directory on each "
+                          "node's local disk (parallel.nvme_dir)")
+    return acts
 
 
 def _num_blocks(cfg: ModelConfig) -> int:

@@ -15,7 +15,9 @@ stream, so parity with one process holds for models without dropout. A stage may
 model states in host-memory chunks or NVMe files between steps and step them with memtrain's
 offloaded optimizer (``PipelineSpec.offload``, runtime.stage_offload [Note: a stage's step]: the
 program's ``PREFETCH`` and ``OFFLOAD`` move them), and with ``PipelineSpec.zero`` 1 each replica
-keeps the optimizer states of a shard of each stage only (runtime.stage_zero, ZeRO-1).
+keeps the optimizer states of a shard of each stage only (runtime.stage_zero, ZeRO-1). Each
+block keeps, recomputes or swaps its saved activations as ``PipelineSpec.activations`` says
+(runtime.stage_activations; a recompute replays its forward's random draws, so bitwise keep's).
 
 [Note: same initial weights] Every worker builds only its stages' blocks, on the meta device and
 then materialised by replaying the run's seeded random stream (``models.gpt_blocks``), so each
@@ -56,6 +58,7 @@ from memtrain.models.gpt import causal_lm_loss, gpt_config
 from memtrain.models.gpt_blocks import TIED_NAMES, build_blocks
 from memtrain.planner.plan import Action, Op
 from memtrain.runtime.data import TokenBatches
+from memtrain.runtime.stage_activations import SPLIT_SCHEDULE_ERROR, RankActivations, check_activations
 from memtrain.runtime.stage_offload import (OFFLOAD_HOMES, OffloadedStage, build_offloaded, close_offloaded,
                                            state_bytes)
 from memtrain.runtime.stage_zero import ShardedOptimizer
@@ -115,6 +118,10 @@ class PipelineSpec:
     dtype: str = "fp32"
     """``fp32``, or ``bf16``: each block's forward under ``torch.autocast`` in bfloat16 (fp32
     parameters, gradients and optimizer states; the loss in fp32)."""
+    activations: tuple[tuple[str, ...], ...] = ()
+    """Per stage, per block of it, ``keep``, ``recompute``, ``swap_host`` or ``swap_nvme`` (files in
+    ``nvme_dir``): what the block does with its saved activations between F and B
+    (runtime.stage_activations); empty: every block keeps them."""
 
     def __post_init__(self) -> None:
         if self.dtype not in PIPELINE_DTYPES:
@@ -124,6 +131,7 @@ class PipelineSpec:
                              f"got {self.offload!r}")
         if self.zero not in (0, 1):
             raise ValueError(f"zero: 0 or 1, got {self.zero!r}")
+        check_activations(self.activations, self.partition, nvme_dir=self.nvme_dir)
 
     @property
     def num_stages(self) -> int:
@@ -151,7 +159,8 @@ class StepResult:
     peak_bytes: dict[str, int] = field(default_factory=dict)
     """``host``: the worker process's peak resident memory so far; ``device``: on a GPU, the
     step's peak CUDA allocation; ``nvme`` (a rank with ``nvme`` stages): the most bytes its chunk
-    files held during the step."""
+    files held during the step; ``activations``: the most bytes its stages' saved activations held
+    at once on the device (runtime.stage_activations; ``activations_host``: swapped ones on the host)."""
     device: str = "cpu"
     """Where the stages computed: ``cpu``, or ``cuda:0 (<GPU name>)``."""
     action_s: tuple[float, ...] = ()
@@ -190,6 +199,7 @@ class StageWorker:
             Op.ALLREDUCE: self._all_reduce, Op.OPTIM: self._optim,
             Op.PREFETCH: lambda a: self._offloaded(a).prefetch(),  # runtime.stage_offload [Note: a stage's step]
             Op.OFFLOAD: lambda a: self._offloaded(a).offload(),
+            Op.SWAP_OUT: lambda a: self.acts.swap(a), Op.SWAP_IN: lambda a: self.acts.swap(a),  # stage_activations
         }
         self.offloaded: dict[int, OffloadedStage] = {}
         """The stages whose states live in a chunk store (runtime.stage_offload)."""
@@ -269,6 +279,9 @@ class StageWorker:
         for s in self.stages:
             for m in self.blocks[s]:
                 m.train()
+        self.acts = RankActivations(self.rank, self.blocks, spec.activations, nvme_dir=spec.nvme_dir)
+        if self.split_w and self.acts.any_moved():  # runtime.stage_activations [Note: no split backward ...]
+            raise ValueError(f"rank {self.rank}: activations: {SPLIT_SCHEDULE_ERROR}")
         optim_cls = {Optimizer.ADAMW: torch.optim.AdamW, Optimizer.SGD: torch.optim.SGD}[Optimizer(spec.optimizer.name)]
         kind = spec.optimizer.kind
         group = {k: v for k, v in spec.optimizer.torch_group().items() if k in kind.defaults}  # hyper-parameters
@@ -317,6 +330,7 @@ class StageWorker:
         self._load_batch(step)
         for st in self.offloaded.values():
             st.start_window()
+        self.acts.start_window()
         record: list[str] = []
         times: list[float] = []
         for a in self.program:
@@ -336,7 +350,7 @@ class StageWorker:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - t0
-        peaks = _peak_bytes(self.device)
+        peaks = _peak_bytes(self.device) | self.acts.peak_bytes()
         if any(st.nvme is not None for st in self.offloaded.values()):
             peaks["nvme"] = sum(st.nvme.ledger.window_peak_bytes for st in self.offloaded.values() if st.nvme)
         return StepResult(record=tuple(record), losses=losses, time_s=elapsed, peak_bytes=peaks,
@@ -382,6 +396,7 @@ class StageWorker:
             self.offloaded[s].ensure()
         kept: list[tuple[tuple[nn.Parameter, ...], torch.Tensor]] = []
         self._kept = kept if self.split_w else None
+        self.acts.set_microbatch(s, i)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.spec.dtype == "bf16"):
             for block in self.blocks[s]:
                 x = block(x)
@@ -403,6 +418,7 @@ class StageWorker:
         last = self.spec.num_stages - 1
         leaf, out, kept = self.saved.pop((s, i))
         grad = None if s == last else self.inbox.pop(("B", s, i))
+        self.acts.claim(s, i)
         if self.split_w:  # [Note: B and W]
             inputs = ([] if leaf is None else [leaf]) + [o for _, o in kept]
             grads = torch.autograd.grad(out, inputs, grad, retain_graph=True)
@@ -547,6 +563,8 @@ class StageWorker:
     def close(self) -> None:
         """Drop the offloaded stages' chunks (their files too), leave the world."""
         try:
+            if getattr(self, "acts", None) is not None:
+                self.acts.close()
             close_offloaded(self.offloaded, self.spec.nvme_dir, self.rank)
         finally:
             self.offloaded = {}

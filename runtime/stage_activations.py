@@ -1,0 +1,143 @@
+"""Per-stage activation policies in a pipeline worker: keep, recompute or swap, block by block.
+
+A pipeline stage's plan (``RankPlan.policies``, planner.stage_cost [Note: offload within a
+stage]) says per block what happens to its saved activations between the stage's ``F`` and
+``B`` of a micro-batch; ``PipelineSpec.activations`` carries it to the workers. Each rank runs
+it with the single-process engine's mechanism, ``offload.activations.ActivationManager``: one
+manager per stage wraps the stage's blocks (names ``<stage>.<block>``, the block's index within
+its stage), all of the rank's managers counting into one device ledger, so the rank's peak of
+activation bytes is measured (``StepResult.peak_bytes["activations"]``) by the rules of
+docs/memory-accounting.md ("Activations"), the same for every policy, keep included.
+
+- ``keep``: autograd's saved tensors stay as they are;
+- ``recompute``: the block runs under non-reentrant ``torch.utils.checkpoint`` with its RNG
+  state preserved, holding only its input per micro-batch in flight; the stage's ``B`` rebuilds
+  its activations (dropout masks replayed), so gradients and losses are bitwise keep's;
+- ``swap_host`` / ``swap_nvme``: the program's ``sSWAP_OUT<i>/b<j>`` after ``sF<i>`` copies the
+  block's saved tensors to host memory (then to a file in ``nvme_dir/rank<r>/acts<s>``),
+  ``sSWAP_IN<i>/b<j>`` before ``sB<i>`` brings them back (planner.pipeline ``add_swap_points``);
+  the ``B`` claims each record before the backward runs.
+
+[Note: no split backward with recompute or swap] A schedule that splits ``B`` from ``W``
+(zb-h1, v-half, v-min) walks the graph twice, from kept module outputs
+(runtime.stage_worker [Note: B and W]); a recomputed block's outputs are rebuilt by the first
+walk and a swapped block's record is freed after it, so such a stage is refused with a clear
+error rather than run differently from its plan.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch import nn
+
+from memtrain.offload.activations import ActivationManager
+from memtrain.offload.ledger import Ledger
+from memtrain.offload.nvme import NvmeStore
+from memtrain.planner.plan import Action, ActPolicy, Op
+
+__all__ = ["ACT_POLICIES", "RankActivations", "check_activations", "SPLIT_SCHEDULE_ERROR"]
+
+ACT_POLICIES = tuple(p.value for p in ActPolicy)
+SPLIT_SCHEDULE_ERROR = ("schedules that split the backward into B and W (zb-h1, v-half, v-min) keep every "
+                        "activation; recomputed or swapped stages need gpipe, 1f1b or interleaved-1f1b")
+
+
+def check_activations(acts: Sequence[Sequence[str]], partition: Sequence[int], *, nvme_dir: str | None) -> None:
+    """``PipelineSpec.activations`` checked against the partition: empty, or per stage one
+    policy per block (ValueError naming the stage otherwise)."""
+    if not acts:
+        return
+    if len(acts) != len(partition):
+        raise ValueError(f"activations: one tuple of block policies per stage ({len(partition)}), got {len(acts)}")
+    for s, (ps, n) in enumerate(zip(acts, partition)):
+        if len(ps) != n or any(p not in ACT_POLICIES for p in ps):
+            raise ValueError(f"activations: stage {s} has {n} blocks; give one of {', '.join(ACT_POLICIES)} per block, "
+                             f"got {tuple(ps)!r}")
+    if not nvme_dir and any(p == ActPolicy.SWAP_NVME for ps in acts for p in ps):
+        raise ValueError("activations: swap_nvme blocks need nvme_dir (a directory on each node's local NVMe)")
+
+
+class RankActivations:
+    """One rank's activation managers, one per stage it runs (see the module doc)."""
+
+    def __init__(self, rank: int, blocks: dict[int, list[nn.Module]], acts: Sequence[Sequence[str]], *,
+                 nvme_dir: str | None) -> None:
+        self.device_ledger = Ledger("device")
+        """The rank's activation bytes on the device (every stage's managers count here)."""
+        self.host_ledger = Ledger("host")
+        self.nvme: dict[int, NvmeStore] = {}
+        self.managers: dict[int, ActivationManager] = {}
+        self._dirs: list[Path] = []
+        for s, stage_blocks in blocks.items():
+            policies = {f"{s}.{j}": ActPolicy(acts[s][j]) if acts else ActPolicy.KEEP for j in range(len(stage_blocks))}
+            nvme = None
+            if ActPolicy.SWAP_NVME in policies.values():
+                assert nvme_dir, "checked by PipelineSpec"
+                root = Path(nvme_dir) / f"rank{rank}" / f"acts{s}"
+                if not Path(nvme_dir).parent.is_dir():  # the configured directory: made by the user on every node
+                    raise ValueError(f"nvme_dir: {Path(nvme_dir).parent} is not a directory on this rank's node; "
+                                     "create it on a local NVMe disk of every node")
+                root.mkdir(parents=True, exist_ok=True)
+                self._dirs.append(root)
+                nvme = self.nvme[s] = NvmeStore(root, budget_bytes=None).start()
+            mgr = ActivationManager(policies=policies, device_ledger=self.device_ledger, host_ledger=self.host_ledger,
+                                    nvme=nvme)
+            mgr.wrap_blocks([(f"{s}.{j}", b) for j, b in enumerate(stage_blocks)])
+            self.managers[s] = mgr
+
+    def policies(self, stage: int) -> list[ActPolicy]:
+        mgr = self.managers[stage]
+        return [mgr.policies[f"{stage}.{j}"] for j in range(len(mgr.policies))]
+
+    def any_moved(self) -> bool:
+        """Some block of the rank is recomputed or swapped."""
+        return any(p is not ActPolicy.KEEP for mgr in self.managers.values() for p in mgr.policies.values())
+
+    def set_microbatch(self, stage: int, mb: int) -> None:
+        """Before ``stage``'s forward of micro-batch ``mb``: the records it makes are ``mb``'s."""
+        self.managers[stage].set_microbatch(mb)
+
+    def swap(self, a: Action) -> None:
+        """``sSWAP_OUT<i>/b<j>`` or ``sSWAP_IN<i>/b<j>`` of the program (a block not swapped by its
+        policy is an error: the program and the policies disagree)."""
+        mgr = self.managers.get(a.stage)
+        name = f"{a.stage}.{a.block}"
+        if mgr is None or a.block is None or mgr.policies.get(name) not in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME):
+            raise RuntimeError(f"{a} in the program, but block {a.block} of stage {a.stage} does not swap its "
+                               "activations on this rank")
+        (mgr.swap_out if a.op is Op.SWAP_OUT else mgr.swap_in)(a.block, a.microbatch)
+
+    def claim(self, stage: int, mb: int) -> None:
+        """``stage``'s backward of ``mb`` starts: its swapped records are made usable, top block first."""
+        mgr = self.managers[stage]
+        for j in reversed(range(len(mgr.policies))):
+            mgr.claim(j, mb)
+
+    def start_window(self) -> None:
+        self.device_ledger.start_window()
+        self.host_ledger.start_window()
+
+    def peak_bytes(self) -> dict[str, int]:
+        """The step's peaks: ``activations`` (device) and, with swapped blocks, ``activations_host``."""
+        out = {"activations": self.device_ledger.window_peak_bytes}
+        if any(p in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME) for m in self.managers.values()
+               for p in m.policies.values()):
+            out["activations_host"] = self.host_ledger.window_peak_bytes
+        return out
+
+    def close(self) -> None:
+        """Wait for swaps in flight, unwrap the blocks, remove the swap files."""
+        for mgr in self.managers.values():
+            mgr.synchronize()
+            mgr.unwrap()
+        for store in self.nvme.values():
+            store.close()
+        for root in self._dirs:
+            shutil.rmtree(root, ignore_errors=True)
+            if root.parent.is_dir() and not any(root.parent.iterdir()):
+                root.parent.rmdir()
+        self.managers, self.nvme, self._dirs = {}, {}, []
+
