@@ -41,7 +41,6 @@ the cost timings and torch's processes at one niceness.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import math
 import os
@@ -230,20 +229,14 @@ def simulate(kind: str, p: int, m: int, v: int, partition: tuple[int, ...], cost
     """Schedule ``kind``'s step from the block costs and the link (see the module doc, 2).
 
     ``recv_s``: what a receive costs its rank once both sides are ready (bench/link_probe.py,
-    [Note: rendezvous]). The simulator's receive is free once its send is done, so that time is
-    added to the pass right after each receive (a forward whose input comes from another rank,
-    a backward whose gradient does) and taken off the link's latency, which keeps the rest."""
+    [Note: rendezvous]): the simulator's receive takes it (``Link.recv_s``), and it is taken off
+    the link's latency, which keeps the rest."""
     place = placement(kind, p, v)
     sched = add_p2p(generate(kind, p, m, stages_per_rank=v), place)
-    last = place.num_stages - 1
     plain = stage_costs(costs, partition, kind in _SPLIT_W)
-    rank = place.rank_of
-    remote = [(s > 0 and rank[s - 1] != rank[s], s < last and rank[s + 1] != rank[s]) for s in range(len(rank))]
-    stages = [dataclasses.replace(c, fwd_s=c.fwd_s + recv_s * before, bwd_s=c.bwd_s + recv_s * after)
-              for c, (before, after) in zip(plain, remote)]
-    wire = Link(gbps=link.gbps, latency_s=max(link.latency_s - recv_s, 0.0))
+    wire = Link(gbps=link.gbps, latency_s=max(link.latency_s - recv_s, 0.0), recv_s=recv_s)
     links = {(a, c): wire for a in range(p) for c in range(p) if a != c}  # loopback: every pair alike
-    res = simulate_pipeline(sched, place, stages, wire, links=links)
+    res = simulate_pipeline(sched, place, plain, wire, links=links)
     ends = [0.0] * p
     for (_, s, _), (_, end) in res.pass_times.items():
         ends[place.rank_of[s]] = max(ends[place.rank_of[s]], end)

@@ -4,8 +4,10 @@ The multi-rank half of the simulator: each rank's list (planner.pipeline, with o
 sends and receives) becomes tasks on that rank's compute stream (``compute:<rank>``) and on a
 stream per directed link (``link:<src>>dst``), in the task graph of planner.taskgraph. A pass
 takes its stage's time; a send takes the link's latency plus the bytes at its bandwidth, after
-the pass that produced them, and its receive (a zero-length task on the receiving rank) waits
-for it. Without sends and receives in the lists, a pass waits for the pass it needs directly.
+the pass that produced them, and its receive, a task on the receiving rank, waits for it and
+then takes the link's ``recv_s``: what a receive costs its rank once both sides are ready (under
+gloo a rendezvous round, bench/link_probe.py [Note: rendezvous]; 0 where the data lands without
+the receiver's help). Without sends and receives in the lists, a pass waits for the pass it needs directly.
 A stage's activations are held on its rank (tier ``rank<r>``) from the end of its forward to the
 end of its backward, or of its ``W`` when the backward is split. The per-rank memory this gives
 is the activation part only; chunks and offload per stage are the single-device simulator's.
@@ -45,6 +47,9 @@ class Link:
 
     gbps: float
     latency_s: float = 0.0
+    recv_s: float = 0.0
+    """The receiving rank's own time per receive, from when both sides are ready (see the module
+    doc); the wire's ``latency_s`` is what is left of a transfer's fixed cost."""
 
     def time_s(self, num_bytes: int) -> float:
         return self.latency_s + num_bytes / (self.gbps * 1e9)
@@ -138,7 +143,8 @@ def _add(g: TaskGraph, task: dict, a: Action, r: int, deps: list[int], place: Pl
         nbytes = cost.output_bytes if a.op is Op.SEND_F else stages[s - 1].output_bytes
         t = g.add(str(a), f"link:{r}>{dst}", links.get((r, dst), link).time_s(nbytes), deps=deps)
     elif a.op in (Op.RECV_F, Op.RECV_B):
-        t = g.add(str(a), compute, 0.0, deps=deps)
+        src = place.rank_of[s - 1] if a.op is Op.RECV_F else place.rank_of[s + 1]
+        t = g.add(str(a), compute, links.get((src, r), link).recv_s, deps=deps)
     else:
         raise ValueError(f"simulate_pipeline: no cost for {a} (op {a.op.value})")
     task[(a.op, s, i)] = t

@@ -223,7 +223,7 @@ class StageWorker:
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         join(self.rank, Rendezvous(host=host, port=port, world_size=spec.world_size, timeout_s=spec.timeout_s),
              self._store)
-        self.channel = Channel(self.rank, timeout_s=spec.timeout_s)
+        self.channel = Channel(self.rank, timeout_s=spec.timeout_s, fixed_shapes=True)  # comm [Note: fixed shapes]
         p, last = spec.num_ranks, spec.num_stages - 1
         # every rank makes every group in the same order (creating a group is collective)
         dp_lists = [[d * p + r for d in range(spec.dp)] for r in range(p)]

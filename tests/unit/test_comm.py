@@ -46,6 +46,25 @@ def _scenario(rank: int, port_q, result_q, scenario: str) -> None:
             mine = reduce_scatter(torch.arange(4.0) + 10 * rank, torch.distributed.group.WORLD, rank=rank,
                                   what="0ALLREDUCE", timeout_s=timeout_s)
             out = (out, g.tolist(), whole.tolist(), mine.tolist())
+        elif scenario == "fixed":
+            # [Note: fixed shapes]: a tag's header goes once; the second and third transfers are
+            # payloads only (a header where the receiver waits for a payload would not match it)
+            chan = Channel(rank, timeout_s=timeout_s, fixed_shapes=True)
+            sent = [torch.full((2, 3), float(k)) for k in range(3)]
+            if rank == 0:
+                for t in sent:
+                    chan.send(t, 1, 5, "0SEND_F5")
+                chan.send(torch.ones(4), 1, 6, "0SEND_F6")
+                messages = len(chan._pending)  # 4 payloads and one header per tag
+                chan.flush()
+                try:
+                    chan.send(torch.ones(5), 1, 6, "0SEND_F6")
+                except CommError as e:
+                    out = (messages, str(e))
+            else:
+                got = [chan.recv(0, 5, "1RECV_F5") for _ in sent]
+                one = chan.recv(0, 6, "1RECV_F6")
+                out = all(torch.equal(g, t) for g, t in zip(got, sent, strict=True)) and torch.equal(one, torch.ones(4))
         elif scenario == "gather_timeout":
             if rank == 1:
                 try:
@@ -100,6 +119,14 @@ def test_send_recv_carries_shape_and_dtype_and_all_reduce_sums() -> None:
     results = _run("roundtrip")
     assert results[1] == (True, [3.0, 3.0, 3.0], [0.0, 0.0, 1.0, 1.0], [14.0, 16.0]), results
     assert results[0] == (None, [3.0, 3.0, 3.0], [0.0, 0.0, 1.0, 1.0], [10.0, 12.0]), results
+
+
+def test_a_channel_with_fixed_shapes_sends_a_tags_header_once_and_refuses_a_changed_shape() -> None:
+    results = _run("fixed")
+    assert results[1] is True, results
+    assert results[0] == (6, "rank 0: 0SEND_F6 to rank 1: a torch.float32 tensor of shape [5] where this transfer "
+                          "carried torch.float32 of shape [4] before; a channel with fixed shapes sends the same "
+                          "shapes on a tag every step"), results
 
 
 def test_receive_that_never_comes_names_rank_action_and_timeout() -> None:

@@ -48,6 +48,22 @@ def test_each_hop_adds_the_links_time_on_the_critical_path():
     assert r.pass_times[(Op.B, 0, 0)][0] == pytest.approx(1 + 1.5 + 1 + 2 + 1.5)
 
 
+def test_a_receive_takes_its_ranks_time_once_its_send_is_done():
+    """Link.recv_s: each of the two receives (rank 1's F input, rank 0's gradient) holds its
+    rank's compute stream after the send, before the pass that needs it; busy time is the passes'."""
+    place = placement("1f1b", 2)
+    sched = add_p2p(generate("1f1b", 2, 1), place)
+    stages = [StageCost(fwd_s=1.0, bwd_s=2.0, output_bytes=10**9)] * 2
+    r = simulate_pipeline(sched, place, stages, Link(gbps=1.0, latency_s=0.5, recv_s=0.25))
+    assert r.step_time_s == pytest.approx(1 + 1.5 + 0.25 + 1 + 2 + 1.5 + 0.25 + 2)
+    assert r.pass_times[(Op.F, 1, 0)][0] == pytest.approx(1 + 1.5 + 0.25)
+    assert r.bubble_fraction == pytest.approx(1 - 6 / (2 * r.step_time_s))
+    # a link given per pair is the one the receive takes its cost from
+    slow = Link(gbps=1.0, latency_s=0.5, recv_s=1.0)
+    r2 = simulate_pipeline(sched, place, stages, Link(gbps=1.0, latency_s=0.5, recv_s=0.25), links={(1, 0): slow})
+    assert r2.step_time_s == pytest.approx(r.step_time_s + 0.75)
+
+
 @pytest.mark.parametrize("p", [2, 4, 8])
 def test_1f1b_holds_p_minus_r_micro_batches_and_gpipe_all(p):
     m = 2 * p
