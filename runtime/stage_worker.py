@@ -15,7 +15,9 @@ stream, so parity with one process holds for models without dropout. A stage may
 model states in host-memory chunks or NVMe files between steps and step them with memtrain's
 offloaded optimizer (``PipelineSpec.offload``, runtime.stage_offload [Note: a stage's step]: the
 program's ``PREFETCH`` and ``OFFLOAD`` move them), and with ``PipelineSpec.zero`` 1 each replica
-keeps the optimizer states of a shard of each stage only (runtime.stage_zero, ZeRO-1).
+keeps the optimizer states of a shard of each stage only (runtime.stage_zero, ZeRO-1); with 2 the
+gradients too, reduce-scattered under the last micro-batch's backward from the program's
+``REDUCE_SCATTER`` on (runtime.stage_zero [Note: ZeRO-2 in a pipeline]).
 
 [Note: same initial weights] Every worker builds only its stages' blocks, on the meta device and
 then materialised by replaying the run's seeded random stream (``models.gpt_blocks``), so each
@@ -58,7 +60,7 @@ from memtrain.planner.plan import Action, Op
 from memtrain.runtime.data import TokenBatches
 from memtrain.runtime.stage_offload import (OFFLOAD_HOMES, OffloadedStage, build_offloaded, close_offloaded,
                                            state_bytes)
-from memtrain.runtime.stage_zero import ShardedOptimizer
+from memtrain.runtime.stage_zero import BUCKET_ELEMS, ShardedOptimizer, zero2_buckets
 
 __all__ = ["PipelineSpec", "StageWorker", "StepResult", "block_ranges", "PIPELINE_DTYPES"]
 
@@ -111,7 +113,10 @@ class PipelineSpec:
     zero: int = 0
     """1: ZeRO-1, each replica keeps the optimizer states of its shard of each stage
     (runtime.stage_zero; an offloaded stage's: runtime.stage_offload [Note: ZeRO-1 of an
-    offloaded stage]); 0: every replica keeps them all."""
+    offloaded stage]); 2: ZeRO-2, the gradients too (stages on the device only); 0: every
+    replica keeps them all."""
+    zero_bucket_elems: int = BUCKET_ELEMS
+    """ZeRO-2: elements per gradient bucket (runtime.stage_zero)."""
     dtype: str = "fp32"
     """``fp32``, or ``bf16``: each block's forward under ``torch.autocast`` in bfloat16 (fp32
     parameters, gradients and optimizer states; the loss in fp32)."""
@@ -122,8 +127,10 @@ class PipelineSpec:
         if self.offload and (len(self.offload) != len(self.rank_of) or not set(self.offload) <= set(OFFLOAD_HOMES)):
             raise ValueError(f"offload: one of {', '.join(OFFLOAD_HOMES)} per stage ({len(self.rank_of)}), "
                              f"got {self.offload!r}")
-        if self.zero not in (0, 1):
-            raise ValueError(f"zero: 0 or 1, got {self.zero!r}")
+        if self.zero not in (0, 1, 2):
+            raise ValueError(f"zero: 0, 1 or 2, got {self.zero!r}")
+        if self.zero == 2 and set(self.offload) - {"device"}:
+            raise ValueError(f"zero: 2 shards the gradients of stages on the device; offload is {self.offload!r}")
 
     @property
     def num_stages(self) -> int:
@@ -156,6 +163,11 @@ class StepResult:
     """Where the stages computed: ``cpu``, or ``cuda:0 (<GPU name>)``."""
     action_s: tuple[float, ...] = ()
     """Wall time of each action of ``record`` (a receive's includes its wait for the peer)."""
+    grad_bytes: dict[str, int] = field(default_factory=dict)
+    """The device stages' gradient bytes: ``reduce_peak``, the most held while they were summed
+    (from a ZeRO-2 stage's ``REDUCE_SCATTER``, else its ``ALLREDUCE``, to the sum's end; the
+    parameters' ``.grad`` included), and ``at_optim``, what they held when the first ``OPTIM``
+    began (ZeRO-1 and -2: the shards' sums)."""
 
     @property
     def busy_s(self) -> float:
@@ -187,7 +199,7 @@ class StageWorker:
         self.handlers: dict[Op, Callable[[Action], None]] = {
             Op.F: self._forward, Op.B: self._backward, Op.W: self._weights,
             Op.SEND_F: self._send_f, Op.RECV_F: self._recv_f, Op.SEND_B: self._send_b, Op.RECV_B: self._recv_b,
-            Op.ALLREDUCE: self._all_reduce, Op.OPTIM: self._optim,
+            Op.ALLREDUCE: self._all_reduce, Op.OPTIM: self._optim, Op.REDUCE_SCATTER: self._reduce_scatter,
             Op.PREFETCH: lambda a: self._offloaded(a).prefetch(),  # runtime.stage_offload [Note: a stage's step]
             Op.OFFLOAD: lambda a: self._offloaded(a).offload(),
         }
@@ -275,9 +287,14 @@ class StageWorker:
         on_device = [s for s in self.stages if spec.home(s) == "device" and self.owns[s]]
         self.offloaded = build_offloaded(self, [s for s in self.stages if spec.home(s) != "device"])
         if spec.zero:
-            self.optims = {s: ShardedOptimizer(self.owns[s], lambda ps: optim_cls(ps, **group), replica=self.replica,
-                                               dp=spec.dp, group=self.dp_group, rank=self.rank,
-                                               timeout_s=spec.timeout_s) for s in on_device}
+            # ZeRO-2: a parameter another stage of this rank uses, or tied across ranks, is final only at ALLREDUCE
+            late = {id(q) for s in self.stages for q in self.uses[s] if all(q is not o for o in self.owns[s])}
+            late |= {id(q) for qs in self.tied.values() for q in qs}
+            self.optims = {s: ShardedOptimizer(
+                self.owns[s], lambda ps: optim_cls(ps, **group), replica=self.replica, dp=spec.dp, group=self.dp_group,
+                rank=self.rank, timeout_s=spec.timeout_s, deferred=late,
+                buckets=zero2_buckets(self.owns[s], late, spec.zero_bucket_elems) if spec.zero == 2 else None)
+                for s in on_device}
         else:
             self.optims = {s: optim_cls(self.owns[s], **group) for s in on_device}
         self._kept: list[tuple[tuple[nn.Parameter, ...], torch.Tensor]] | None = None
@@ -301,6 +318,7 @@ class StageWorker:
         self.saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor, list]] = {}
         self.for_w: dict[tuple[int, int], tuple[list, list[torch.Tensor]]] = {}
         self.losses: dict[int, float] = {}
+        self.grad_bytes: dict[str, int] = {}
 
     # ---- one step ------------------------------------------------------------------------
 
@@ -332,6 +350,7 @@ class StageWorker:
                                ("for_w", self.for_w)) if v]
         assert not left, f"rank {self.rank}: step {step} ended with tensors left in {left}"
         losses = tuple(self.losses[i] for i in sorted(self.losses))
+        grads = self.grad_bytes
         self._new_step_state()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -340,7 +359,7 @@ class StageWorker:
         if any(st.nvme is not None for st in self.offloaded.values()):
             peaks["nvme"] = sum(st.nvme.ledger.window_peak_bytes for st in self.offloaded.values() if st.nvme)
         return StepResult(record=tuple(record), losses=losses, time_s=elapsed, peak_bytes=peaks,
-                          device=_device_name(self.device), action_s=tuple(times))
+                          device=_device_name(self.device), action_s=tuple(times), grad_bytes=grads)
 
     def _load_batch(self, step: int) -> None:
         """This replica's micro-batches of step ``step``'s global batch (rows in order: replica
@@ -421,14 +440,20 @@ class StageWorker:
             self.outbox[("B", s, i)] = grad_in
 
     def _weights(self, a: Action) -> None:
-        """[Note: B and W]"""
+        """[Note: B and W] The last module first, as a whole backward finishes them (each
+        module's gradients are its own, so the order changes no value), each parameter reported
+        to a ZeRO-2 stage's buckets as it is final (runtime.stage_zero)."""
         kept, kept_grads = self.for_w.pop((a.stage, a.microbatch))
-        for (params, out), grad in zip(kept, kept_grads, strict=True):
+        opt = self.optims.get(a.stage)
+        ready = opt.grad_ready if isinstance(opt, ShardedOptimizer) and opt.zero2 else None
+        for (params, out), grad in reversed(list(zip(kept, kept_grads, strict=True))):
             for q, g in zip(params, torch.autograd.grad(out, params, grad)):
                 if q.grad is None:
                     q.grad = g
                 else:
                     q.grad.add_(g)
+                if ready is not None:
+                    ready(q)
 
     def _send_f(self, a: Action) -> None:
         s, i = a.stage, a.microbatch
@@ -452,21 +477,42 @@ class StageWorker:
         global batch's micro-batches, so the sum is the mean); under ZeRO-1 a reduce-scatter,
         each replica getting the sums of its shard only (runtime.stage_zero)."""
         s = a.stage
-        for q in self.owns[s]:
+        opt = self.optims.get(s)
+        tied = self.tied.get(s, [])
+        # ZeRO-2 dropped the .grad of the buckets it started: only the tied ones are needed here
+        for q in tied if isinstance(opt, ShardedOptimizer) and opt.zero2 else self.owns[s]:
             if q.grad is None:
                 q.grad = torch.zeros_like(q)
-        tied = self.tied.get(s, [])
         if tied:
             all_reduce_([q.grad for q in tied], self.tie_group, rank=self.rank, what=f"{a} (tied weights)",
                         timeout_s=self.spec.timeout_s)
-        opt = self.optims.get(s)
-        if isinstance(opt, ShardedOptimizer):  # ZeRO-1: a reduce-scatter (runtime.stage_zero)
+        if isinstance(opt, ShardedOptimizer):  # ZeRO-1: a reduce-scatter; ZeRO-2: the rest, then the waits
             opt.reduce_grads(str(a))
-        elif self.spec.dp > 1:
+            self._count_grads("reduce_peak", opt.peak_grad_bytes)
+            return
+        held = sum(q.grad.numel() * q.grad.element_size() for q in self.owns[s])
+        if self.spec.dp > 1:  # all_reduce_ sums one flat copy of them
             all_reduce_([q.grad for q in self.owns[s]], self.dp_group, rank=self.rank, what=str(a),
                         timeout_s=self.spec.timeout_s)
+        self._count_grads("reduce_peak", held * (2 if self.spec.dp > 1 else 1))
+
+    def _reduce_scatter(self, a: Action) -> None:
+        """ZeRO-2: the stage's buckets reduce-scattered from here on (runtime.stage_zero)."""
+        opt = self.optims.get(a.stage)
+        if not isinstance(opt, ShardedOptimizer) or not opt.zero2:
+            raise RuntimeError(f"rank {self.rank}: {a} in its program, but stage {a.stage} is not under ZeRO-2")
+        opt.arm(str(a))
+
+    def _count_grads(self, key: str, num_bytes: int) -> None:
+        """StepResult.grad_bytes: the stages' figures added up."""
+        self.grad_bytes[key] = self.grad_bytes.get(key, 0) + num_bytes
 
     def _optim(self, a: Action) -> None:
+        if "at_optim" not in self.grad_bytes:
+            self.grad_bytes["at_optim"] = sum(
+                opt.grad_bytes if isinstance(opt, ShardedOptimizer)
+                else sum(q.grad.numel() * q.grad.element_size() for q in self.owns[s] if q.grad is not None)
+                for s, opt in self.optims.items())
         if a.stage in self.offloaded:
             self.offloaded[a.stage].step(self._lr)
             return

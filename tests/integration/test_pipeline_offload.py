@@ -227,8 +227,8 @@ def test_offload_and_zero_mistakes_are_config_errors(local_ray, tmp_path: Path) 
     # the directory is checked where the files go, on each rank's node, and the error names it
     with pytest.raises(PipelineError, match=r"nvme_dir: .*/missing is not a directory on this rank's node"):
         _run(UNTIED_2, "1f1b", 2, offload="nvme", nvme_dir=str(tmp_path / "missing" / "run"))
-    with pytest.raises(ConfigError, match=r"zero: 0 \(every replica"):
-        _run(UNTIED_2, "1f1b", 2, zero=2)
+    with pytest.raises(ConfigError, match=r"zero: 0 \(every replica keeps all optimizer states\), 1 \(ZeRO-1\) or 2"):
+        _run(UNTIED_2, "1f1b", 2, zero=3)
     with pytest.raises(ConfigError, match=r"offload: stages 0 and 3 share the tied embeddings on rank 0"):
         _run(TIED_2, "v-half", 2, offload=("host", "device", "device", "device"))
 
