@@ -60,6 +60,7 @@ from memtrain.planner.plan import Action, Op
 from memtrain.runtime.data import TokenBatches
 from memtrain.runtime.stage_offload import (OFFLOAD_HOMES, OffloadedStage, build_offloaded, close_offloaded,
                                            state_bytes)
+from memtrain.runtime.stage_state import load_rank_state, rank_state
 from memtrain.runtime.stage_zero import BUCKET_ELEMS, ShardedOptimizer, zero2_buckets
 
 __all__ = ["PipelineSpec", "StageWorker", "StepResult", "block_ranges", "PIPELINE_DTYPES"]
@@ -532,49 +533,12 @@ class StageWorker:
     # ---- checkpoints -----------------------------------------------------------------------
 
     def state(self) -> dict:
-        """This rank's part of a checkpoint: per stage it holds, the parameters it owns and its
-        optimizer's state, and the random generators' states (``runtime.checkpoint``)."""
-        from memtrain.runtime.checkpoint import capture_rng
-
-        def host(value):  # the driver may have no GPU: tensors travel in host memory
-            if isinstance(value, torch.Tensor):
-                return value.detach().to("cpu", copy=True)
-            if isinstance(value, dict):
-                return {k: host(v) for k, v in value.items()}
-            if isinstance(value, list):
-                return [host(v) for v in value]
-            return value
-
-        def stage_state(s: int) -> dict:
-            if s in self.offloaded:  # from its chunks (runtime.stage_offload)
-                return {"params": self.offloaded[s].parameters(), "optim": self.offloaded[s].optimizer.state_dict()}
-            return {"params": [host(q) for q in self.owns[s]],
-                    "optim": host(self.optims[s].state_dict()) if s in self.optims else None}
-
-        return {"stages": {s: stage_state(s) for s in self.stages}, "rng": capture_rng()}
+        """This rank's part of a checkpoint (runtime.stage_state ``rank_state``)."""
+        return rank_state(self)
 
     def load_state(self, state: dict) -> None:
         """Continue from ``state`` (``state()`` of the same rank of a run with the same plan)."""
-        from memtrain.runtime.checkpoint import restore_rng
-
-        if sorted(state["stages"]) != sorted(self.stages):
-            raise ValueError(f"rank {self.rank}: the checkpoint holds stages {sorted(state['stages'])}, "
-                             f"this rank runs {list(self.stages)}")
-        with torch.no_grad():
-            for s, saved in state["stages"].items():
-                if len(saved["params"]) != len(self.owns[s]):
-                    raise ValueError(f"rank {self.rank}: stage {s} holds {len(self.owns[s])} parameters, the "
-                                     f"checkpoint {len(saved['params'])}")
-                if s in self.offloaded:  # into its chunks (runtime.stage_offload)
-                    self.offloaded[s].load_parameters(saved["params"])
-                    if saved["optim"] is not None:
-                        self.offloaded[s].optimizer.load_state_dict(saved["optim"])
-                    continue
-                for q, value in zip(self.owns[s], saved["params"], strict=True):
-                    q.copy_(value)
-                if saved["optim"] is not None:
-                    self.optims[s].load_state_dict(saved["optim"])
-        restore_rng(state["rng"])
+        load_rank_state(self, state)
 
     # ---- end ------------------------------------------------------------------------------
 

@@ -20,8 +20,9 @@ right before the stage's last gradient pass (its last ``B``, or ``W`` where the 
 split), arms hooks on the parameters (``register_post_accumulate_grad_hook``; a ``W`` reports
 its parameters itself, last module first); as each bucket's gradients are final, in the order the
 backward finishes them, the bucket is copied out, its parameters' ``.grad`` dropped and its
-reduce-scatter started asynchronously (buckets in one fixed order on every replica; at most
-``MAX_IN_FLIGHT`` under way, the oldest waited for with the timeout). ``sALLREDUCE`` starts the
+reduce-scatter started asynchronously, buckets in one fixed order on every replica. A bucket
+whose turn comes while ``MAX_IN_FLIGHT`` are under way keeps its gradients until one has ended
+(looked at in each hook: the backward never waits for the network). ``sALLREDUCE`` starts the
 buckets left (parameters shared with another stage or tied across ranks, which are final only
 there) and waits for every one, before ``OPTIM``. What it saves (measured, tests/integration/
 test_pipeline_zero2.py): the reduce no longer doubles the gradients (ZeRO-0 and ZeRO-1 copy the
@@ -50,11 +51,12 @@ import torch.distributed as dist
 from torch import nn
 
 from memtrain.comm import PendingReduce, all_gather, reduce_scatter, start_reduce_scatter
+from memtrain.planner.simulate_pipeline import REDUCE_IN_FLIGHT
 
 __all__ = ["ShardedOptimizer", "zero2_buckets", "MAX_IN_FLIGHT", "BUCKET_ELEMS"]
 
-MAX_IN_FLIGHT = 2
-"""ZeRO-2: reduce-scatters under way at once; starting one more first waits for the oldest."""
+MAX_IN_FLIGHT = REDUCE_IN_FLIGHT
+"""ZeRO-2: a stage's reduce-scatters under way at once (the simulator's figure too)."""
 BUCKET_ELEMS = 1 << 22
 """ZeRO-2: elements per gradient bucket by default (16 MiB of fp32; a parameter larger than it is
 a bucket of its own)."""
@@ -113,7 +115,7 @@ class ShardedOptimizer:
         self._armed: str | None = None
         self._left: list[int] = []  # per bucket, its parameters not final yet
         self._next = 0  # the next bucket to start (every replica starts them in this order)
-        self._pending: list[tuple[int, PendingReduce | torch.Tensor]] = []
+        self._pending: list[tuple[int, PendingReduce]] = []
         self._pieces: dict[int, torch.Tensor] = {}
         self._held = 0  # gradient bytes held while armed: parameters' .grad, buckets under way, shard pieces
         self.peak_grad_bytes = 0
@@ -157,7 +159,10 @@ class ShardedOptimizer:
         k = self._bucket_of[id(param)]
         self._left[k] -= 1
         self._note(0)  # the .grad just grown (a first micro-batch's) counts
-        while self._next < len(self.buckets) and self._left[self._next] == 0 and self._is_early(self._next):
+        while self._pending and self._pending[0][1].done():  # never waits here: the backward goes on
+            self._finish_oldest()
+        while (self._next < len(self.buckets) and self._left[self._next] == 0 and self._is_early(self._next)
+               and len(self._pending) < MAX_IN_FLIGHT):
             self._start(self._next)
 
     def _is_early(self, k: int) -> bool:
@@ -168,8 +173,7 @@ class ShardedOptimizer:
         self.peak_grad_bytes = max(self.peak_grad_bytes, self._held)
 
     def _in_flight(self) -> int:
-        return sum(p.input_bytes if isinstance(p, PendingReduce) else p.numel() * p.element_size()
-                   for _, p in self._pending) + sum(
+        return sum(p.input_bytes for _, p in self._pending) + sum(
             t.numel() * t.element_size() for t in self._pieces.values())
 
     def _start(self, k: int) -> None:
@@ -188,8 +192,8 @@ class ShardedOptimizer:
         for i in self.buckets[k]:
             self.params[i].grad = None
         what = f"{self._armed or 'ALLREDUCE'} (bucket {k})"
-        if self.group is None:
-            self._pending.append((k, flat))
+        if self.group is None:  # one replica: its slice is the whole bucket
+            self._pieces[k] = flat[:self.slices[k][2]]
         else:
             self._pending.append((k, start_reduce_scatter(flat, self.group, rank=self.rank, what=what,
                                                           timeout_s=self.timeout_s)))
@@ -198,8 +202,7 @@ class ShardedOptimizer:
 
     def _finish_oldest(self) -> None:
         k, p = self._pending.pop(0)
-        shard = p if isinstance(p, torch.Tensor) else p.wait()
-        self._pieces[k] = shard[:self.slices[k][2]].to(self.master.device)
+        self._pieces[k] = p.wait()[:self.slices[k][2]].to(self.master.device)
 
     # ---- the step --------------------------------------------------------------------------
 
