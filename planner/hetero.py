@@ -65,6 +65,7 @@ def plan_cluster(
     stage_blocks: Sequence[int] | None = None,
     source: str = "catalog",
     max_alternatives: int = 5,
+    zero: int = 0,
 ) -> Plan:
     """The fastest predicted pipeline plan of ``stats`` (analysed at micro-batch size 1) over
     every device of ``cluster`` (see the module doc). ``device_budget`` caps each device's
@@ -72,7 +73,10 @@ def plan_cluster(
     ``nvme``); each is used less ``safety_margin``, a node's host and NVMe shared evenly by
     its devices. ``pipeline_degree``/``data_parallel_degree``, ``num_microbatches`` (per
     replica) and ``stage_blocks`` (blocks per stage, in order) fix those choices (config:
-    ``parallel`` section). Raises ``UserError`` naming what does not fit when nothing does."""
+    ``parallel`` section); ``zero`` (``parallel.zero``) shards the states of each shape's
+    data-parallel copies (planner.stage_cost [Note: ZeRO in a stage's estimate]; ZeRO-2's
+    reduce under the last backward, planner.hetero_plan). Raises ``UserError`` naming what does
+    not fit when nothing does."""
     dtype, optimizer = DType(dtype), Optimizer(optimizer)
     devices = flat_devices(cluster)
     _check(stats, cluster, devices, global_batch_size, micro_batch_size, dtype, safety_margin, schedules,
@@ -84,16 +88,17 @@ def plan_cluster(
     for idx, (_, dev) in enumerate(devices):
         counts.setdefault(groups[dev], []).append(idx)
     budgets = stage_budgets(cluster, devices, safety_margin, device_budget, host_budget, nvme_budget)
-    models: dict[int, StageModel] = {}
+    models: dict[tuple[int, int], StageModel] = {}
     candidates: list[Candidate] = []
     for shape in shapes(base, counts, global_batch_size, micro_batch_size, schedules, pipeline_degree,
                         data_parallel_degree, num_microbatches):
-        if shape.micro_batch_size not in models:
+        key = (shape.micro_batch_size, shape.data_parallel if zero else 1)
+        if key not in models:
             train = TrainShape(global_batch_size=global_batch_size, micro_batch_size=shape.micro_batch_size,
                                num_microbatches=shape.num_microbatches, seq_len=base.seq_len, dtype=dtype,
                                optimizer=optimizer)
-            models[shape.micro_batch_size] = StageModel(base.scaled(shape.micro_batch_size), train)
-        cand = layout(shape, counts, devices, cluster, budgets, models[shape.micro_batch_size])
+            models[key] = StageModel(base.scaled(shape.micro_batch_size), train, shards=key[1], zero=zero)
+        cand = layout(shape, counts, devices, cluster, budgets, models[key])
         if cand is not None:
             cand.fixed = fixed
             candidates.append(cand)

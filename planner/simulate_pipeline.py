@@ -32,11 +32,24 @@ from memtrain.planner.plan import Action, Op
 from memtrain.planner.schedule import Schedule
 from memtrain.planner.taskgraph import TaskGraph, simulate_graph
 
-__all__ = ["StageCost", "Link", "PipelineResult", "simulate_pipeline", "REDUCE_IN_FLIGHT"]
+__all__ = ["StageCost", "Link", "PipelineResult", "simulate_pipeline", "REDUCE_IN_FLIGHT", "REDUCE_BUCKET_ELEMS",
+           "zero2_exposed_s"]
 
 REDUCE_IN_FLIGHT = 2
 """ZeRO-2: a stage's bucket reduce-scatters under way at once (runtime.stage_zero's limit; the
 runtime keeps a bucket's gradients until a slot frees, so the backward never waits for it)."""
+REDUCE_BUCKET_ELEMS = 1 << 22
+"""ZeRO-2: elements per gradient bucket (runtime.stage_zero's default; 16 MiB of fp32)."""
+
+
+def zero2_exposed_s(reduce_s: float, grad_pass_s: float, buckets: int) -> float:
+    """[Note: ZeRO-2 overlap] for one stage, in closed form: of a reduce-scatter of ``reduce_s``
+    in ``buckets`` parts, each started as its part of a ``grad_pass_s`` pass ends, the time left
+    after the pass: bucket ``j`` is ready at ``(j + 1) / k`` of the pass, the link sums them one
+    at a time, so the last ends ``max(r / k, r - b (k - 1) / k)`` after the pass (what
+    ``simulate_pipeline`` gives when nothing else holds the link)."""
+    k = max(1, buckets)
+    return max(reduce_s / k, reduce_s - grad_pass_s * (k - 1) / k)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,14 @@ memoised per (range, device, in-flight micro-batches). It is the single-device c
   their gradients once, overlapped with the compute, and their update runs on the CPU after
   the last backward. The cheapest that fits wins.
 
+[Note: ZeRO in a stage's estimate] With ZeRO (``StageModel(shards=d, zero=z)``, config
+``parallel.zero`` over ``d`` data-parallel copies) a stage kept on the device holds its
+parameters and its fp32 gradient whole (the gradient accumulates over the micro-batches: ZeRO-2
+drops it to its ``1 / d`` share only after the last backward, runtime.stage_zero [Note: ZeRO-2
+in a pipeline]) and ``1 / d`` of its optimizer states with their fp32 parameter copy, and its
+update steps ``1 / d`` of its parameters; the sum's time and the gradient after the step are
+planner.hetero_plan's. A stage that offloads is costed unsharded (an upper bound).
+
 ``StageModel.refine`` replaces a stage's offload estimate with the single-device planner's
 figures (planner.search ``plan`` on the stage's blocks, simulated by planner.simulate) for the
 candidates the heterogeneous planner keeps.
@@ -114,8 +122,10 @@ def _prefix(values) -> list:
 class StageModel:
     """Stage costs of one model at one micro-batch size (see the module doc)."""
 
-    def __init__(self, stats: ModelStats, train: TrainShape) -> None:
+    def __init__(self, stats: ModelStats, train: TrainShape, *, shards: int = 1, zero: int = 0) -> None:
         self.stats, self.train = stats, train
+        self.shards, self.zero = (shards, zero) if zero and shards > 1 else (1, 0)
+        """[Note: ZeRO in a stage's estimate] the data-parallel copies the states are sharded over."""
         self.dtype, self.optimizer = DType(train.dtype), Optimizer(train.optimizer)
         blocks = stats.blocks
         self.num_blocks = len(blocks)
@@ -135,6 +145,7 @@ class StageModel:
         self.range_ids = self._canonical_ranges()
         """Per [first][end], the id of ranges with the same blocks (``_canonical_ranges``)."""
         self.state_per_param = cost.chunk_bytes(Tier.DEVICE, 1, self.dtype, self.optimizer)[Tier.DEVICE]
+        self.shared_per_param = dtype_bytes(self.dtype) + 4  # ZeRO: the parameter and its fp32 gradient, whole
         self.host_per_param = cost.chunk_bytes(Tier.HOST, 1, self.dtype, self.optimizer)[Tier.HOST]
         self.nvme_per_param = cost.chunk_bytes(Tier.NVME, 1, self.dtype, self.optimizer)[Tier.NVME]
         self._times: dict[DeviceSpec, tuple[list[float], list[float]]] = {}
@@ -215,9 +226,10 @@ class StageModel:
             extra = self.max_act(first, end) if recompute else 0
             bwd_s = b_s + (f_s if recompute else 0.0)
             room = budget.device - k * held - extra - work
-            if room >= n * self.state_per_param:
-                est = StageEstimate(fwd_s=f_s, bwd_s=bwd_s, tail_s=cost.device_optimizer_time_s(n, dt, opt, device),
-                                    device_bytes=budget.device - room + n * self.state_per_param, host_bytes=0,
+            if room >= self.device_state_bytes(n):
+                est = StageEstimate(fwd_s=f_s, bwd_s=bwd_s,
+                                    tail_s=cost.device_optimizer_time_s(-(-n // self.shards), dt, opt, device),
+                                    device_bytes=budget.device - room + self.device_state_bytes(n), host_bytes=0,
                                     nvme_bytes=0, act_bytes=held, offload="activations recomputed" if recompute else "",
                                     fits=True)
             else:
@@ -227,6 +239,14 @@ class StageModel:
             elif best is None and not recompute:
                 fallback = est
         return best if best is not None else fallback
+
+    def device_state_bytes(self, n: int) -> int:
+        """A stage of ``n`` parameters kept on the device: its model states' bytes ([Note: ZeRO in
+        a stage's estimate]: under ZeRO, the optimizer states and fp32 copy of a ``1 / shards`` share)."""
+        if self.shards == 1:
+            return n * self.state_per_param
+        return n * self.shared_per_param + -(-n // self.shards) * (self.state_per_param - self.shared_per_param
+                                                                   + 4 * (self.dtype is DType.FP32))
 
     def _offloaded(self, n: int, f_s: float, b_s: float, room: int, device: DeviceSpec, host: HostSpec,
                    nvme: NvmeSpec | None, budget: StageBudget, first: int, end: int, held: int,

@@ -105,7 +105,7 @@ def plan_run(cfg: Config, inventory: Any, chosen: list[int]) -> Any:
         safety_margin=cfg.memory.safety_margin, device_budget=cfg.memory.device, host_budget=cfg.memory.host,
         nvme_budget=cfg.memory.nvme, schedules=SCHEDULES if par.schedule == "auto" else (par.schedule,),
         pipeline_degree=par.pipeline or None, data_parallel_degree=par.data or None,
-        num_microbatches=par.microbatches, stage_blocks=par.partition, source="ray")
+        num_microbatches=par.microbatches, stage_blocks=par.partition, source="ray", zero=par.zero)
     if plan.pipeline is None or not plan.fits:
         raise ConfigError(f"the model does not fit the cluster's devices: {plan.shortfall}")
     if par.planner_chooses:

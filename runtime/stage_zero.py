@@ -51,15 +51,15 @@ import torch.distributed as dist
 from torch import nn
 
 from memtrain.comm import PendingReduce, all_gather, reduce_scatter, start_reduce_scatter
-from memtrain.planner.simulate_pipeline import REDUCE_IN_FLIGHT
+from memtrain.planner.simulate_pipeline import REDUCE_BUCKET_ELEMS, REDUCE_IN_FLIGHT
 
 __all__ = ["ShardedOptimizer", "zero2_buckets", "MAX_IN_FLIGHT", "BUCKET_ELEMS"]
 
 MAX_IN_FLIGHT = REDUCE_IN_FLIGHT
 """ZeRO-2: a stage's reduce-scatters under way at once (the simulator's figure too)."""
-BUCKET_ELEMS = 1 << 22
+BUCKET_ELEMS = REDUCE_BUCKET_ELEMS
 """ZeRO-2: elements per gradient bucket by default (16 MiB of fp32; a parameter larger than it is
-a bucket of its own)."""
+a bucket of its own; the planner's figure too)."""
 
 
 def zero2_buckets(params: Sequence[nn.Parameter], deferred: set[int], bucket_elems: int) -> list[list[int]]:
