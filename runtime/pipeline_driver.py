@@ -67,6 +67,8 @@ class PipelineResult:
     """Per world rank, its model states after the last step (``StageWorker.state_bytes``)."""
     grad_bytes: tuple[tuple[dict[str, int], ...], ...] = ()
     """Per step, per world rank, its gradient bytes while summing and after (``StepResult.grad_bytes``)."""
+    action_s: tuple[tuple[tuple[float, ...], ...], ...] = ()
+    """Per step, per world rank, each action's wall time (``StepResult.action_s``, as ``records``)."""
 
 
 def stage_programs(kind: str, num_ranks: int, num_microbatches: int, *,
@@ -327,7 +329,7 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                         num_threads=num_threads, dtype=dtype, offload=homes, nvme_dir=nvme_dir,
                         offload_chunk_elems=offload_chunk_elems, zero=zero,
                         **({"zero_bucket_elems": zero_bucket_elems} if zero_bucket_elems is not None else {}))
-    losses, mb_losses, records, times, peaks, walls, busy, grads = [], [], [], [], [], [], [], []
+    losses, mb_losses, records, times, peaks, walls, busy, grads, action_s = [], [], [], [], [], [], [], [], []
     with PipelineRun(spec, programs, step_timeout_s=step_timeout_s, num_cpus_per_worker=num_cpus_per_worker,
                      assignments=assignments) as run:
         if states is not None:
@@ -346,6 +348,7 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
             walls.append(wall)
             busy.append(tuple(res.busy_s for res in results))
             grads.append(tuple(res.grad_bytes for res in results))
+            action_s.append(tuple(res.action_s for res in results))
             if on_step is not None:
                 on_step(k, losses[-1], results, wall)
             if save_after is not None and on_states is not None and save_after(k + 1):
@@ -357,7 +360,8 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                           step_times_s=tuple(times),
                           programs=tuple(tuple(str(a) for a in programs[r]) for r in range(num_ranks)),
                           peak_bytes=tuple(peaks), nodes=nodes, devices=devices, step_wall_s=tuple(walls),
-                          busy_s=tuple(busy), state_bytes=held, grad_bytes=tuple(grads))
+                          busy_s=tuple(busy), state_bytes=held, grad_bytes=tuple(grads),
+                          action_s=tuple(action_s))
 
 
 _STEP_POINTS = (Op.ALLREDUCE, Op.OPTIM, Op.PREFETCH, Op.OFFLOAD, Op.REDUCE_SCATTER)
