@@ -24,13 +24,19 @@ reduce-scatter started asynchronously, buckets in one fixed order on every repli
 whose turn comes while ``MAX_IN_FLIGHT`` are under way keeps its gradients until one has ended
 (looked at in each hook: the backward never waits for the network). ``sALLREDUCE`` starts the
 buckets left (parameters shared with another stage or tied across ranks, which are final only
-there) and waits for every one, before ``OPTIM``. What it saves (measured, tests/integration/
-test_pipeline_zero2.py): the reduce no longer doubles the gradients (ZeRO-0 and ZeRO-1 copy the
-whole gradient into one flat buffer next to it: 2x the stage's gradient bytes at that moment;
-ZeRO-2: the gradient plus at most ``MAX_IN_FLIGHT`` buckets, shrinking to the ``1 / dp`` shard),
-and the reduce-scatter runs under the last backward instead of after it. What it does not save:
-the peak during accumulation (every earlier micro-batch's backward still holds the whole
-gradient), and after the step ZeRO-1 already keeps only the ``1 / dp`` shard too.
+there) and waits for every one, before ``OPTIM``.
+
+What it saves: the sum no longer holds the gradient twice (ZeRO-0 and ZeRO-1 copy the whole
+gradient into one flat buffer beside it; ZeRO-2 holds it plus at most ``MAX_IN_FLIGHT`` buckets,
+shrinking to the shard), and the reduce-scatter can run under the last backward. Measured
+(``bench/pipeline_zero.py``: pp 2 × dp 2, 4 layers × 128, 2 MiB of gradients per rank, buckets of
+64k elements; ``StepResult.grad_bytes``): most gradient bytes while summing 2.00x the gradient
+for ZeRO-0 and -1, 1.12-1.25x for ZeRO-2 (the head's table is a bucket of its own); at
+``OPTIM`` 1.00x, 0.50x, 0.50x. What it does not save: the peak while gradients accumulate
+(each earlier micro-batch's backward holds the whole gradient, as under ZeRO-1), and after the
+sum ZeRO-1 already keeps only the ``1 / dp`` shard. On CPU workers sharing few cores the overlap
+gains no time (gloo's thread competes with the backward); the simulator's figure is
+planner.simulate_pipeline [Note: ZeRO-2 overlap].
 
 [Note: ZeRO-1 parity] The update is elementwise, so each element gets the arithmetic it gets
 without sharding, from the same summed gradient when the reduce-scatter sums in the all-reduce's
