@@ -447,13 +447,15 @@ class StageWorker:
         kept, kept_grads = self.for_w.pop((a.stage, a.microbatch))
         opt = self.optims.get(a.stage)
         ready = opt.grad_ready if isinstance(opt, ShardedOptimizer) and opt.zero2 else None
-        for (params, out), grad in reversed(list(zip(kept, kept_grads, strict=True))):
+        todo = list(reversed(list(zip(kept, kept_grads, strict=True))))
+        final = {id(q): j for j, ((params, _), _) in enumerate(todo) for q in params}  # a module run twice: its last
+        for j, ((params, out), grad) in enumerate(todo):
             for q, g in zip(params, torch.autograd.grad(out, params, grad)):
                 if q.grad is None:
                     q.grad = g
                 else:
                     q.grad.add_(g)
-                if ready is not None:
+                if ready is not None and final[id(q)] == j:
                     ready(q)
 
     def _send_f(self, a: Action) -> None:
@@ -476,7 +478,8 @@ class StageWorker:
         """Sum the stage's gradients: a weight the first and last stages share across the two
         ends' ranks, then across the replicas (each replica's loss was already divided by the
         global batch's micro-batches, so the sum is the mean); under ZeRO-1 a reduce-scatter,
-        each replica getting the sums of its shard only (runtime.stage_zero)."""
+        each replica getting the sums of its shard only, under ZeRO-2 the buckets not started
+        since its ``REDUCE_SCATTER`` and the wait for all (runtime.stage_zero)."""
         s = a.stage
         opt = self.optims.get(s)
         tied = self.tied.get(s, [])
