@@ -111,3 +111,17 @@ def test_zero2_reduce_scatter_overlaps_the_last_backward(kind):
             assert two.step_time_s == pytest.approx(one.step_time_s - 0.75)
         if kind == "1f1b" and buckets == 1:
             assert two.step_time_s == pytest.approx(one.step_time_s)
+
+
+@pytest.mark.parametrize(("reduce_s", "bwd_s", "buckets"), [(1.0, 2.0, 4), (3.0, 1.0, 4), (1.0, 1.0, 1), (0.5, 4.0, 8)])
+def test_zero2_exposed_s_is_the_simulators_time_after_the_pass(reduce_s, bwd_s, buckets):
+    """The planner's closed form (hetero_plan) against the task graph: one rank, one stage."""
+    from memtrain.planner.pipeline import add_reduce_scatter_points, add_step_end
+    from memtrain.planner.simulate_pipeline import zero2_exposed_s
+
+    place = placement("1f1b", 1)
+    program = add_reduce_scatter_points(add_step_end(generate("1f1b", 1, 2), place), [0])
+    stage = StageCost(fwd_s=1.0, bwd_s=bwd_s, reduce_s=reduce_s, reduce_buckets=buckets)
+    r = simulate_pipeline(program, place, [stage], FREE)
+    last_b = r.pass_times[(Op.B, 0, 1)][1]
+    assert r.reduce_times[0][1] - last_b == pytest.approx(zero2_exposed_s(reduce_s, bwd_s, buckets))
