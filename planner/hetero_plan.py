@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from memtrain.cluster.spec import ClusterSpec
 from memtrain.errors import UserError
 from memtrain.planner import pipeline
-from memtrain.planner.partition import MAX_EXACT_PASSES, Candidate, allreduce_time_s, link_between
+from memtrain.planner.partition import MAX_EXACT_PASSES, Candidate, link_between, reduce_time_s
 from memtrain.planner.plan import (
     Action, ActPolicy, DevicePrediction, MemoryPoint, MemoryPolicy, Op, PipelineAlternative, PipelinePlan, Plan,
     Prediction, RankPlan, TimelineEvent, TrainShape,
 )
 from memtrain.planner.simulate_pipeline import (REDUCE_BUCKET_ELEMS, REDUCE_IN_FLIGHT, Link, PipelineResult, StageCost,
-                                                simulate_pipeline, zero2_exposed_s)
+                                                simulate_pipeline)
 from memtrain.planner.stage_cost import StageEstimate
 from memtrain.planner.stats import ModelStats
 from memtrain.units import format_bytes, format_seconds
@@ -184,19 +184,14 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
     static, host, nvme = [0] * p, [0] * p, [0] * p
     act_gpipe = [0] * p
     grads, copy = [0] * p, [0] * p
-    split = shape.schedule in _SPLIT_W
     for s, ((f, e), est) in enumerate(zip(cand.partition, estimates)):
         r, n = cand.stage_ranks[s], model.num_params(f, e)
         opt[r] += est.tail_s
-        full = allreduce_time_s(4 * n, shape.data_parallel, cand.ar_links[r])
+        # [Note: ZeRO at the step's end] ZeRO-2's reduce-scatter mostly under the last gradient pass
+        ar[r] += reduce_time_s(model, shape.schedule, est, n, shape.data_parallel, cand.ar_links[r])
         on_device = model.zero and "params" not in est.offload
-        if on_device and model.zero == 2:  # [Note: ZeRO at the step's end] the reduce-scatter under the last pass
-            pass_s = costs[s].wgrad_s if split else costs[s].bwd_s
-            ar[r] += full / 2 + zero2_exposed_s(full / 2, pass_s, -(-n // REDUCE_BUCKET_ELEMS))
-            copy[r] = max(copy[r], 4 * min(n, REDUCE_IN_FLIGHT * REDUCE_BUCKET_ELEMS))
-        else:
-            ar[r] += full
-            copy[r] = max(copy[r], 4 * n if on_device else 0)
+        if on_device:  # the sum's copy of the gradient: ZeRO-2's buckets under way, ZeRO-1's whole
+            copy[r] = max(copy[r], 4 * (min(n, REDUCE_IN_FLIGHT * REDUCE_BUCKET_ELEMS) if model.zero == 2 else n))
         grads[r] += 4 * n if on_device else 0
         static[r] += est.device_bytes - cand.in_flight[s] * est.act_bytes
         host[r] += est.host_bytes
