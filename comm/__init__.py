@@ -7,7 +7,7 @@ naming the rank, the peer and the action, never a hang.
 """
 
 from memtrain.comm.group import CommError, Rendezvous, backend_for, host_store, join, leave, subgroups
-from memtrain.comm.p2p import Channel, all_gather, all_reduce_, reduce_scatter
+from memtrain.comm.p2p import Channel, PendingReduce, all_gather, all_reduce_, reduce_scatter, start_reduce_scatter
 
 __all__ = ["CommError", "Rendezvous", "backend_for", "host_store", "join", "leave", "subgroups", "Channel",
-           "all_gather", "all_reduce_", "reduce_scatter"]
+           "all_gather", "all_reduce_", "reduce_scatter", "start_reduce_scatter", "PendingReduce"]

@@ -30,7 +30,8 @@ import torch.distributed as dist
 
 from memtrain.comm.group import CommError
 
-__all__ = ["Channel", "all_reduce_", "all_gather", "reduce_scatter", "DTYPES", "MAX_DIMS"]
+__all__ = ["Channel", "all_reduce_", "all_gather", "reduce_scatter", "start_reduce_scatter", "PendingReduce", "DTYPES",
+           "MAX_DIMS"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8,
           torch.bool)
@@ -148,13 +149,46 @@ def reduce_scatter(flat: torch.Tensor, group: dist.ProcessGroup, *, rank: int, w
     """This rank's shard of the sum of ``flat`` across ``group`` (one collective): ``flat`` is
     cut into as many equal shards as the group has ranks (its size must divide), and group rank
     ``d`` gets the sum of every rank's shard ``d``."""
+    return start_reduce_scatter(flat, group, rank=rank, what=what, timeout_s=timeout_s).wait()
+
+
+class PendingReduce:
+    """A reduce-scatter under way (``start_reduce_scatter``); ``wait`` gives this rank's shard.
+    Its input is kept alive until then (the collective reads it in the background)."""
+
+    def __init__(self, work: dist.Work, flat: torch.Tensor, out: torch.Tensor, home: torch.device, *, rank: int,
+                 what: str, timeout_s: float) -> None:
+        self.work, self.flat, self.out, self.home = work, flat, out, home
+        self.rank, self.what, self.timeout_s = rank, what, timeout_s
+
+    @property
+    def input_bytes(self) -> int:
+        """Bytes of the input still held (0 once waited for)."""
+        return 0 if self.flat is None else self.flat.numel() * self.flat.element_size()
+
+    def done(self) -> bool:
+        """Whether the collective has finished (no wait)."""
+        return self.work.is_completed()
+
+    def wait(self) -> torch.Tensor:
+        """This rank's shard of the sum, on the input's device; the input is released."""
+        _wait(self.work, self.rank, self.what, self.timeout_s)
+        self.flat = None
+        return self.out.to(self.home)
+
+
+def start_reduce_scatter(flat: torch.Tensor, group: dist.ProcessGroup, *, rank: int, what: str,
+                         timeout_s: float) -> PendingReduce:
+    """``reduce_scatter`` started, not waited for: every rank of ``group`` must start its
+    reduce-scatters in the same order; ``PendingReduce.wait`` (with ``timeout_s``) ends one."""
     n = dist.get_world_size(group)
     if flat.numel() % n:
         raise ValueError(f"{what}: {flat.numel()} elements do not cut into {n} equal shards")
     home = flat.device
     if flat.is_cuda and dist.get_backend(group) == "gloo":
-        flat = flat.cpu()  # gloo sums host memory; the result goes back below
+        flat = flat.cpu()  # gloo sums host memory; the result goes back in wait
+    flat = flat.contiguous()
     out = torch.empty(flat.numel() // n, dtype=flat.dtype, device=flat.device)
     collective = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # the new name, torch 2.13
-    _wait(collective(out, flat.contiguous(), group=group, async_op=True), rank, what, timeout_s)
-    return out.to(home)
+    work = collective(out, flat, group=group, async_op=True)
+    return PendingReduce(work, flat, out, home, rank=rank, what=what, timeout_s=timeout_s)

@@ -26,7 +26,7 @@ from memtrain.config_checks import (  # noqa: F401 - re-exported: the sections' 
     ConfigError, Size, MAX_GLOBAL_BATCH_SIZE, MAX_SEQ_LEN, MAX_STEPS, MAX_SEED, MAX_DEVICES_PER_NODE,
     MAX_NUM_CPUS, MAX_STRIPES, MAX_CHECKPOINTS_KEPT, MAX_TEXT, MAX_CONFIG_BYTES, MAX_CHUNK_ELEMS,
     MAX_PREFETCH_DEPTH, MAX_PARALLEL_DEGREE, MAX_TIMEOUT_S, PIPELINE_SCHEDULES, _V_SCHEDULES, _check_number,
-    _positive, _fraction, _check_int, _check_path, check_parallel_batch,
+    _positive, _fraction, _check_int, _check_path, check_parallel_batch, check_parallel,
 )
 from memtrain.errors import UserError
 from memtrain.optimizers import OptimizerSpec, lookup
@@ -365,8 +365,8 @@ class ParallelConfig:
     comm_timeout_s: float = 300.0
     """Seconds a worker waits for a peer's message or a collective before failing with an error naming it."""
     zero: int = 0
-    """Optimizer-state sharding across the ``data`` copies: 0 none, 1 each copy keeps and updates
-    its share of every stage's optimizer states (ZeRO-1; the gradients are reduce-scattered)."""
+    """Sharding across the ``data`` copies: 0 none; 1 each copy keeps its share of every stage's optimizer
+    states (ZeRO-1); 2 also of its gradients, reduce-scattered under the last micro-batch's backward (ZeRO-2)."""
     nvme_dir: str = ""
     """For stages whose states live on NVMe (``memory.offload: nvme``, or a plan that puts them
     there): a directory on each node's local NVMe; each worker writes under it."""
@@ -379,7 +379,7 @@ class ParallelConfig:
                               f"got {show(self.schedule)}")
         _check_int("parallel.microbatches", self.microbatches, 0, MAX_GLOBAL_BATCH_SIZE)
         _check_int("parallel.stages_per_rank", self.stages_per_rank, 1, MAX_PARALLEL_DEGREE)
-        _check_int("parallel.zero", self.zero, 0, 1)
+        _check_int("parallel.zero", self.zero, 0, 2)
         if self.nvme_dir:
             _check_path("parallel.nvme_dir", self.nvme_dir)
         _check_number("parallel.comm_timeout_s", self.comm_timeout_s, f"a number of seconds in (0, {MAX_TIMEOUT_S:g}]",
@@ -451,7 +451,7 @@ class Config:
 
     def __post_init__(self) -> None:
         _check_path("run_dir", self.run_dir.replace("{name}", self.name))
-        self.parallel.check_batch(self.train)
+        check_parallel(self)
 
 
 # --- loading ---------------------------------------------------------------------------

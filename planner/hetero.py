@@ -66,6 +66,7 @@ def plan_cluster(
     source: str = "catalog",
     max_alternatives: int = 5,
     activations: str = "auto",
+    zero: int = 0,
 ) -> Plan:
     """The fastest predicted pipeline plan of ``stats`` (analysed at micro-batch size 1) over
     every device of ``cluster`` (see the module doc). ``device_budget`` caps each device's
@@ -74,8 +75,10 @@ def plan_cluster(
     its devices. ``pipeline_degree``/``data_parallel_degree``, ``num_microbatches`` (per
     replica) and ``stage_blocks`` (blocks per stage, in order) fix those choices (config:
     ``parallel`` section); ``activations`` (config ``memory.activations``) fixes every block's
-    activation policy in every stage (``auto``: keep, or recompute where a stage is short).
-    Raises ``UserError`` naming what does not fit when nothing does."""
+    activation policy in every stage (``auto``: keep, or recompute where a stage is short);
+    ``zero`` (``parallel.zero``) shards the states of each shape's data-parallel copies
+    (planner.stage_cost [Note: ZeRO in a stage's estimate]; ZeRO-2's reduce under the last
+    backward, planner.hetero_plan). Raises ``UserError`` naming what does not fit when nothing does."""
     dtype, optimizer = DType(dtype), Optimizer(optimizer)
     if activations not in ("auto", "keep") and set(schedules) <= pipeline.SPLIT_W_SCHEDULES:
         raise UserError(f"memory.activations: {activations} needs a schedule that does not split the backward; "
@@ -91,16 +94,17 @@ def plan_cluster(
     for idx, (_, dev) in enumerate(devices):
         counts.setdefault(groups[dev], []).append(idx)
     budgets = stage_budgets(cluster, devices, safety_margin, device_budget, host_budget, nvme_budget)
-    models: dict[int, StageModel] = {}
+    models: dict[tuple[int, int], StageModel] = {}
     candidates: list[Candidate] = []
     for shape in shapes(base, counts, global_batch_size, micro_batch_size, schedules, pipeline_degree,
                         data_parallel_degree, num_microbatches):
-        if shape.micro_batch_size not in models:
+        key = (shape.micro_batch_size, shape.data_parallel if zero else 1)
+        if key not in models:
             train = TrainShape(global_batch_size=global_batch_size, micro_batch_size=shape.micro_batch_size,
                                num_microbatches=shape.num_microbatches, seq_len=base.seq_len, dtype=dtype,
                                optimizer=optimizer)
-            models[shape.micro_batch_size] = StageModel(base.scaled(shape.micro_batch_size), train, activations)
-        cand = layout(shape, counts, devices, cluster, budgets, models[shape.micro_batch_size])
+            models[key] = StageModel(base.scaled(shape.micro_batch_size), train, activations, shards=key[1], zero=zero)
+        cand = layout(shape, counts, devices, cluster, budgets, models[key])
         if cand is not None:
             cand.fixed = fixed
             candidates.append(cand)

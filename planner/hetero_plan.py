@@ -12,6 +12,15 @@ Its timeline marks the micro-batches it does not draw where they run, in the ste
 its memory lines draw them ([Note: repeated micro-batches in the picture]). A rank's device
 memory is its stages' states, buffers and workspace, plus the activations the simulation has it
 hold at its peak.
+
+[Note: ZeRO at the step's end] Under ``parallel.zero`` (``StageModel.zero``, over the shape's
+``d`` copies) a rank's gradient sum is a reduce-scatter and an all-gather, an all-reduce's time
+in all. ZeRO-1 runs both after the last pass, copying the whole gradient into one flat buffer
+next to it first (its device peak is the larger of the activations' and that copy's); ZeRO-2
+starts the reduce-scatter under each device stage's last gradient pass, in buckets
+(planner.simulate_pipeline ``zero2_exposed_s``: only what the pass does not hide is added) and
+copies at most ``REDUCE_IN_FLIGHT`` buckets. Both keep ``1 / d`` of the gradients after the sum:
+the memory line drops there.
 """
 
 from __future__ import annotations
@@ -22,12 +31,13 @@ from dataclasses import dataclass
 from memtrain.cluster.spec import ClusterSpec
 from memtrain.errors import UserError
 from memtrain.planner import pipeline
-from memtrain.planner.partition import MAX_EXACT_PASSES, Candidate, allreduce_time_s, link_between
+from memtrain.planner.partition import MAX_EXACT_PASSES, Candidate, link_between, reduce_time_s
 from memtrain.planner.plan import (
     Action, ActPolicy, DevicePrediction, MemoryPoint, MemoryPolicy, Op, PipelineAlternative, PipelinePlan, Plan,
     Prediction, RankPlan, TimelineEvent, TrainShape,
 )
-from memtrain.planner.simulate_pipeline import Link, PipelineResult, StageCost, simulate_pipeline
+from memtrain.planner.simulate_pipeline import (REDUCE_BUCKET_ELEMS, REDUCE_IN_FLIGHT, Link, PipelineResult, StageCost,
+                                                simulate_pipeline)
 from memtrain.planner.stage_cost import StageEstimate
 from memtrain.planner.stats import ModelStats
 from memtrain.units import format_bytes, format_seconds
@@ -71,6 +81,8 @@ class Simulated:
     shift_s: float = 0.0
     """How long they take: (micro-batches - simulated) × the steady state's period."""
     period_s: float = 0.0
+    grad_bytes: list[int] | None = None
+    """Per rank under ZeRO, its device stages' whole gradient bytes (what the sum leaves ``1 / d`` of)."""
 
     @property
     def fits(self) -> bool:
@@ -171,10 +183,16 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
     ar = [0.0] * p
     static, host, nvme = [0] * p, [0] * p, [0] * p
     act_gpipe = [0] * p
+    grads, copy = [0] * p, [0] * p
     for s, ((f, e), est) in enumerate(zip(cand.partition, estimates)):
-        r = cand.stage_ranks[s]
+        r, n = cand.stage_ranks[s], model.num_params(f, e)
         opt[r] += est.tail_s
-        ar[r] += allreduce_time_s(4 * model.num_params(f, e), shape.data_parallel, cand.ar_links[r])
+        # [Note: ZeRO at the step's end] ZeRO-2's reduce-scatter mostly under the last gradient pass
+        ar[r] += reduce_time_s(model, shape.schedule, est, n, shape.data_parallel, cand.ar_links[r])
+        on_device = model.zero and "params" not in est.offload
+        if on_device:  # the sum's copy of the gradient: ZeRO-2's buckets under way, ZeRO-1's whole
+            copy[r] = max(copy[r], 4 * (min(n, REDUCE_IN_FLIGHT * REDUCE_BUCKET_ELEMS) if model.zero == 2 else n))
+        grads[r] += 4 * n if on_device else 0
         static[r] += est.device_bytes - cand.in_flight[s] * est.act_bytes
         host[r] += est.host_bytes
         nvme[r] += est.nvme_bytes
@@ -182,7 +200,7 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
     acts = [result.peak_bytes.get(r, 0) for r in range(p)]
     if simulated < m and shape.schedule == "gpipe":
         acts = act_gpipe  # GPipe holds every micro-batch: the short run holds fewer
-    device = [a + b for a, b in zip(static, acts)]
+    device = [a + max(b, c) for a, b, c in zip(static, acts, copy)]  # ZeRO: the sum's copy comes after the passes
     step = max(end + a + o for end, a, o in zip(ends, ar, opt))
     problem = next((f"stage {s}: {est.offload}" for s, est in enumerate(estimates) if not est.fits), "")
     if not problem and shape.schedule in _SPLIT_W:  # the workers keep every activation under a split backward
@@ -201,7 +219,8 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
     return Simulated(cand=cand, estimates=estimates, result=result, step_s=step, pipeline_end_s=max(ends),
                      busy_s=busy, end_s=ends, allreduce_s=ar, optimizer_s=opt, device_bytes=device,
                      static_bytes=static, host_bytes=host, nvme_bytes=nvme, simulated_microbatches=simulated,
-                     problem=problem, cut_s=cut, shift_s=(m - simulated) * period, period_s=period)
+                     problem=problem, cut_s=cut, shift_s=(m - simulated) * period, period_s=period,
+                     grad_bytes=grads if model.zero else None)
 
 
 def _steady_cut(result: PipelineResult, m1: int) -> float | None:
@@ -292,6 +311,13 @@ def _memory_line(sim: Simulated, r: int) -> tuple[MemoryPoint, ...]:
             moves += [(ends[(op, s)][i0 - g + j % g] + (j // g + 1) * g * sim.period_s, act) for j in range(k)]
         else:
             moves += [(ends[(op, s)][i0] + j * sim.period_s, act) for j in range(k)]
+    if sim.grad_bytes is not None and sim.grad_bytes[r]:  # [Note: ZeRO at the step's end]
+        d, end, whole = sim.cand.shape.data_parallel, sim.end_s[r], sim.grad_bytes[r]
+        if sim.cand.model is not None and sim.cand.model.zero == 1:
+            moves.append((end, whole))  # the flat copy, then the sum leaves the shard
+            moves.append((end + sim.allreduce_s[r] / 2, -whole - (whole - whole // d)))
+        else:
+            moves.append((end, -(whole - whole // d)))
     level = sim.static_bytes[r]
     out = [MemoryPoint(tier="device", t_s=0.0, bytes=level)]
     for t, b in sorted(moves, key=lambda x: (x[0], x[1] > 0)):
@@ -387,6 +413,9 @@ def build_plan(name: str, base: ModelStats, cluster: ClusterSpec, simulated: lis
                        seq_len=base.seq_len, dtype=model.dtype, optimizer=model.optimizer)
     place = pipeline.Placement(cand.stage_ranks)
     schedule = pipeline.add_step_end(pipeline.add_p2p(pipeline.generate(shape.schedule, p, m), place), place)
+    if model.zero == 2:  # the program that runs (runtime.stage_zero [Note: ZeRO-2 in a pipeline])
+        schedule = pipeline.add_reduce_scatter_points(
+            schedule, [s for s, e in enumerate(best.estimates) if "params" not in e.offload])
     rank_stages = defaultdict(list)
     for s, r in enumerate(cand.stage_ranks):
         rank_stages[r].append(s)

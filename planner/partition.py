@@ -22,7 +22,7 @@ from itertools import permutations
 from memtrain.cluster.spec import ClusterSpec, DeviceSpec, HostSpec, NvmeSpec
 from memtrain.planner import pipeline
 from memtrain.planner.plan import Op
-from memtrain.planner.simulate_pipeline import Link
+from memtrain.planner.simulate_pipeline import REDUCE_BUCKET_ELEMS, Link, zero2_exposed_s
 from memtrain.planner.stage_cost import StageBudget, StageEstimate, StageModel
 from memtrain.planner.stats import ModelStats
 from memtrain.units import format_bytes
@@ -218,6 +218,19 @@ def allreduce_time_s(num_bytes: int, num_replicas: int, link: Link) -> float:
     return 2 * (d - 1) * link.latency_s + 2 * (d - 1) / d * num_bytes / (link.gbps * 1e9)
 
 
+def reduce_time_s(model: StageModel, schedule: str, est: StageEstimate, num_params: int, num_replicas: int,
+                  link: Link) -> float:
+    """A stage's gradient sum over the replicas after its last pass: a ring all-reduce (ZeRO-1: a
+    reduce-scatter and an all-gather, the same time); under ZeRO-2 the all-gather and what the
+    stage's last gradient pass does not hide of the reduce-scatter (planner.hetero_plan [Note:
+    ZeRO at the step's end]; its buckets: planner.simulate_pipeline ``REDUCE_BUCKET_ELEMS``)."""
+    full = allreduce_time_s(4 * num_params, num_replicas, link)
+    if model.zero != 2 or "params" in est.offload:
+        return full
+    pass_s = est.bwd_s / 2 if schedule in ("zb-h1", "v-half", "v-min") else est.bwd_s  # W, or the whole B
+    return full / 2 + zero2_exposed_s(full / 2, pass_s, -(-num_params // REDUCE_BUCKET_ELEMS))
+
+
 def stage_budgets(cluster: ClusterSpec, devices, margin: float, device_budget: int | None, host_budget: int | None,
              nvme_budget: int | None) -> list[StageBudget]:
     """Per device, its usable memory and its share of its node's host memory and NVMe."""
@@ -332,8 +345,9 @@ def partition(cand: Candidate) -> None:
         got = seen.get(key)
         if got is None:
             est = estimate(first, end, cand.where[s], cand.in_flight[s], m)
-            got = math.inf if not est.fits else est.work_s(m) + allreduce_time_s(
-                4 * model.num_params(first, end), shape.data_parallel, cand.ar_links[cand.stage_ranks[s]])
+            got = math.inf if not est.fits else est.work_s(m) + reduce_time_s(
+                model, shape.schedule, est, model.num_params(first, end), shape.data_parallel,
+                cand.ar_links[cand.stage_ranks[s]])
             seen[key] = got
         return got
 
@@ -355,7 +369,8 @@ def partition(cand: Candidate) -> None:
     for s, est in enumerate(cand.estimates):
         r = cand.stage_ranks[s]
         busy[r] += m * (est.fwd_s + est.bwd_s)
-        tail[r] += est.tail_s + allreduce_time_s(4 * model.num_params(*bounds[s]), shape.data_parallel, cand.ar_links[r])
+        tail[r] += est.tail_s + reduce_time_s(model, shape.schedule, est, model.num_params(*bounds[s]),
+                                              shape.data_parallel, cand.ar_links[r])
     ratio = bubble_ratio(shape.schedule, p, m) or 0.0
     cand.estimate_s = max(busy) * (1 + ratio) + max(tail)
 

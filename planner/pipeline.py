@@ -40,7 +40,7 @@ from memtrain.planner.plan import Action, ActPolicy, Op
 from memtrain.planner.schedule import Schedule, format_grid
 
 __all__ = ["SCHEDULES", "Placement", "placement", "generate", "add_p2p", "add_step_end", "add_offload_points",
-           "add_swap_points", "SPLIT_W_SCHEDULES",
+           "add_swap_points", "SPLIT_W_SCHEDULES", "add_reduce_scatter_points",
            "validate_pipeline", "PipelineProblem",
            "activation_limits", "schedule_from_text", "pass_times", "bubble_fraction", "run_in_order"]
 
@@ -282,6 +282,32 @@ def add_step_end(schedule: Schedule, place: Placement) -> Schedule:
     across the replicas, and tied weights across the two end ranks) then ``OPTIM`` (its step)."""
     return {r: tuple(acts) + tuple(Action(s, op) for s in place.stages_of(r) for op in (Op.ALLREDUCE, Op.OPTIM))
             for r, acts in schedule.items()}
+
+
+def add_reduce_scatter_points(schedule: Schedule, stages: Iterable[int]) -> Schedule:
+    """ZeRO-2 (runtime.stage_zero [Note: ZeRO-2 in a pipeline]): per stage of ``stages``,
+    ``sREDUCE_SCATTER<i>`` right before the stage's last gradient pass in its rank's program (its
+    last ``W`` where the backward is split, else its last ``B``; ``i`` that pass's micro-batch):
+    the stage's buckets are reduce-scattered from there on as that pass finishes their gradients,
+    and its ``sALLREDUCE`` waits for them. A stage whose program has one already is left as it is."""
+    wanted = set(stages)
+    out: Schedule = {}
+    for r, acts in schedule.items():
+        mine = {a.stage for a in acts} & wanted
+        done = {a.stage for a in acts if a.op is Op.REDUCE_SCATTER}
+        last: dict[int, int] = {}
+        split = {a.stage for a in acts if a.op is Op.W}
+        for k, a in enumerate(acts):
+            if a.stage in mine and a.stage not in done and a.op is (Op.W if a.stage in split else Op.B):
+                last[a.stage] = k
+        at = {k: s for s, k in last.items()}
+        new: list[Action] = []
+        for k, a in enumerate(acts):
+            if k in at:
+                new.append(Action(at[k], Op.REDUCE_SCATTER, a.microbatch))
+            new.append(a)
+        out[r] = tuple(new)
+    return out
 
 
 def add_offload_points(schedule: Schedule, offloaded: Iterable[int]) -> Schedule:

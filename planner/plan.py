@@ -63,6 +63,9 @@ class Op(StrEnum):
     SWAP_IN = "SWAP_IN"
     SNAPSHOT = "SNAPSHOT"
     ALLREDUCE = "ALLREDUCE"
+    REDUCE_SCATTER = "REDUCE_SCATTER"
+    """ZeRO-2: the stage's gradients reduce-scattered bucket by bucket from here on, as the
+    backward that follows finishes them; its ``ALLREDUCE`` waits for them (runtime.stage_zero)."""
     OPTIM = "OPTIM"
     OPTIM_READ = "OPTIM_READ"
     OPTIM_WAIT = "OPTIM_WAIT"

@@ -11,6 +11,17 @@ the receiver's help). Without sends and receives in the lists, a pass waits for 
 A stage's activations are held on its rank (tier ``rank<r>``) from the end of its forward to the
 end of its backward, or of its ``W`` when the backward is split. The per-rank memory this gives
 is the activation part only; chunks and offload per stage are the single-device simulator's.
+
+A program's step end, where it has one (planner.pipeline ``add_step_end``): ``ALLREDUCE`` holds
+the rank for the stage's ``reduce_s`` (its gradients summed over the replicas) and ``OPTIM`` for
+its ``optim_s``. [Note: ZeRO-2 overlap] After ``sREDUCE_SCATTER`` (planner.pipeline
+``add_reduce_scatter_points``) the stage's next gradient pass runs as ``reduce_buckets`` equal
+parts, each bucket's reduce-scatter (``reduce_s / reduce_buckets``) starting on the rank's
+data-parallel link (``link:dp<r>``) once its part has ended and the bucket before it is done
+(the runtime starts up to ``REDUCE_IN_FLIGHT`` and keeps the rest for later; the link sums one
+at a time either way), the backward never waiting for them; the ``ALLREDUCE`` waits for the last
+bucket. The reduce runs under the backward instead of after it: with a backward long enough the
+step loses all but the last bucket's time, and it is never later than ZeRO-1's.
 """
 
 from __future__ import annotations
@@ -23,7 +34,24 @@ from memtrain.planner.plan import Action, Op
 from memtrain.planner.schedule import Schedule
 from memtrain.planner.taskgraph import TaskGraph, simulate_graph
 
-__all__ = ["StageCost", "Link", "PipelineResult", "simulate_pipeline"]
+__all__ = ["StageCost", "Link", "PipelineResult", "simulate_pipeline", "REDUCE_IN_FLIGHT", "REDUCE_BUCKET_ELEMS",
+           "zero2_exposed_s"]
+
+REDUCE_IN_FLIGHT = 2
+"""ZeRO-2: a stage's bucket reduce-scatters under way at once (runtime.stage_zero's limit; the
+runtime keeps a bucket's gradients until a slot frees, so the backward never waits for it)."""
+REDUCE_BUCKET_ELEMS = 1 << 22
+"""ZeRO-2: elements per gradient bucket (runtime.stage_zero's default; 16 MiB of fp32)."""
+
+
+def zero2_exposed_s(reduce_s: float, grad_pass_s: float, buckets: int) -> float:
+    """[Note: ZeRO-2 overlap] for one stage, in closed form: of a reduce-scatter of ``reduce_s``
+    in ``buckets`` parts, each started as its part of a ``grad_pass_s`` pass ends, the time left
+    after the pass: bucket ``j`` is ready at ``(j + 1) / k`` of the pass, the link sums them one
+    at a time, so the last ends ``max(r / k, r - b (k - 1) / k)`` after the pass (what
+    ``simulate_pipeline`` gives when nothing else holds the link)."""
+    k = max(1, buckets)
+    return max(reduce_s / k, reduce_s - grad_pass_s * (k - 1) / k)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +67,12 @@ class StageCost:
     """Held from the end of the forward to the end of the backward (or of ``W``)."""
     output_bytes: int = 0
     """Sent to the next stage after the forward; its gradient, as large, comes back."""
+    reduce_s: float = 0.0
+    """``ALLREDUCE``: the stage's gradients summed over the replicas (ZeRO: a reduce-scatter)."""
+    optim_s: float = 0.0
+    """``OPTIM``: its optimizer step (ZeRO: the shard's, and the all-gather of the shards)."""
+    reduce_buckets: int = 1
+    """ZeRO-2: the buckets its reduce-scatter comes in ([Note: ZeRO-2 overlap])."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +100,9 @@ class PipelineResult:
     """Each pass's (start, end)."""
     send_times: dict[tuple[Op, int, int], tuple[float, float]] = field(default_factory=dict)
     """Each send's (start, end) on its link (``SEND_F``/``SEND_B``, stage, micro-batch)."""
+    reduce_times: dict[int, tuple[float, float]] = field(default_factory=dict)
+    """Per stage with an ``ALLREDUCE``, its gradients' sum: (start, end) (ZeRO-2: from its first
+    bucket's reduce-scatter to its last's)."""
 
 
 def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[StageCost], link: Link,
@@ -80,12 +117,13 @@ def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[Sta
     has_p2p = any(a.op in (Op.SEND_F, Op.RECV_F, Op.SEND_B, Op.RECV_B) for acts in schedule.values() for a in acts)
     g = TaskGraph()
     task: dict[tuple[Op, int, int], int] = {}
+    first: dict[tuple, int] = {}  # a pass run in parts, or a stage's reduce: its first task
 
     def run(r: int, k: int, a: Action) -> bool:
         deps = _task_deps(a, task, place, r, last, has_p2p)
         if deps is None:
             return False
-        _add(g, task, a, r, deps, place, stages, link, split_w, links or {})
+        _add(g, task, a, r, deps, place, stages, link, split_w, links or {}, first)
         return True
 
     pos = run_in_order(schedule, run)
@@ -94,12 +132,15 @@ def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[Sta
         raise ValueError(f"simulate_pipeline: the schedule deadlocks: {'; '.join(stuck)} (validate_pipeline shows where)")
     res = simulate_graph(g)
     step = res.end_s
-    passes = {k: (res.start_s[t], res.finish_s[t]) for k, t in task.items() if k[0] in (Op.F, Op.B, Op.W)}
+    passes = {k: (res.start_s[first.get(k, t)], res.finish_s[t]) for k, t in task.items()
+              if k[0] in (Op.F, Op.B, Op.W)}
+    reduces = {k[1]: (res.start_s[first.get(("reduce", k[1]), t)], res.finish_s[t]) for k, t in task.items()
+               if k[0] is Op.ALLREDUCE}
     busy = sum(end - start for start, end in passes.values())
     peaks = {r: res.peak_bytes.get(f"rank{r}", 0) for r in schedule}
     sends = {k: (res.start_s[t], res.finish_s[t]) for k, t in task.items() if k[0] in (Op.SEND_F, Op.SEND_B)}
     return PipelineResult(step_time_s=step, bubble_fraction=1.0 - busy / (step * len(schedule)) if step else 0.0,
-                          peak_bytes=peaks, pass_times=passes, send_times=sends)
+                          peak_bytes=peaks, pass_times=passes, send_times=sends, reduce_times=reduces)
 
 
 def _task_deps(a: Action, task: dict, place: Placement, r: int, last: int, has_p2p: bool) -> list[int] | None:
@@ -126,12 +167,37 @@ def _task_deps(a: Action, task: dict, place: Placement, r: int, last: int, has_p
 
 
 def _add(g: TaskGraph, task: dict, a: Action, r: int, deps: list[int], place: Placement,
-         stages: Sequence[StageCost], link: Link, split_w: bool, links: Mapping[tuple[int, int], Link]) -> None:
+         stages: Sequence[StageCost], link: Link, split_w: bool, links: Mapping[tuple[int, int], Link],
+         first: dict) -> None:
     s, i = a.stage, a.microbatch
     cost = stages[s]
     tier, owner = f"rank{r}", f"act:{s}:{i}"
     compute = f"compute:{r}"
-    if a.op is Op.F:
+    armed = ("armed", s) in first and a.op in (Op.B, Op.W) and a.op is (Op.W if split_w else Op.B)
+    if armed:  # [Note: ZeRO-2 overlap] the gradient pass in parts, each part's bucket reduce-scattered after it
+        del first[("armed", s)]
+        k = max(1, cost.reduce_buckets)
+        dur = cost.wgrad_s if a.op is Op.W else cost.bwd_s
+        frees = [(tier, owner, cost.activation_bytes)] if a.op is Op.W or not split_w else []
+        buckets: list[int] = []
+        t = -1
+        for j in range(k):
+            t = g.add(f"{a}#{j}", compute, dur / k, deps=deps if j == 0 else [], free_end=frees if j == k - 1 else [])
+            first.setdefault((a.op, s, i), t)
+            buckets.append(g.add(f"{s}REDUCE_SCATTER#{j}", f"link:dp{r}", cost.reduce_s / k, deps=[t]))
+        first[("reduce", s)] = buckets[0]
+        first[("buckets", s)] = buckets[-1]
+    elif a.op is Op.REDUCE_SCATTER:
+        first[("armed", s)] = 0
+        t = g.add(str(a), compute, 0.0, deps=deps)
+    elif a.op is Op.ALLREDUCE:
+        if ("buckets", s) in first:  # ZeRO-2: the buckets' reduce-scatters waited for
+            t = g.add(str(a), compute, 0.0, deps=deps + [first.pop(("buckets", s))])
+        else:
+            t = g.add(str(a), compute, cost.reduce_s, deps=deps)
+    elif a.op is Op.OPTIM:
+        t = g.add(str(a), compute, cost.optim_s, deps=deps)
+    elif a.op is Op.F:
         t = g.add(str(a), compute, cost.fwd_s, deps=deps, alloc_end=[(tier, owner, cost.activation_bytes)])
     elif a.op is Op.B:
         frees = [] if split_w else [(tier, owner, cost.activation_bytes)]

@@ -16,6 +16,14 @@ memoised per (range, device, in-flight micro-batches). It is the single-device c
   that as its policy (``StageEstimate.policy``), which the pipeline's workers run;
   ``memory.activations`` fixes the choice ([Note: fixed activations in a stage]).
 
+[Note: ZeRO in a stage's estimate] With ZeRO (``StageModel(shards=d, zero=z)``, config
+``parallel.zero`` over ``d`` data-parallel copies) a stage kept on the device holds its
+parameters and its fp32 gradient whole (the gradient accumulates over the micro-batches: ZeRO-2
+drops it to its ``1 / d`` share only after the last backward, runtime.stage_zero [Note: ZeRO-2
+in a pipeline]) and ``1 / d`` of its optimizer states with their fp32 parameter copy, and its
+update steps ``1 / d`` of its parameters; the sum's time and the gradient after the step are
+planner.hetero_plan's. A stage that offloads is costed unsharded (an upper bound).
+
 ``StageModel.refine`` replaces a stage's offload estimate with the single-device planner's
 figures (planner.search ``plan`` on the stage's blocks, simulated by planner.simulate) for the
 candidates the heterogeneous planner keeps.
@@ -125,11 +133,14 @@ def _prefix(values) -> list:
 class StageModel:
     """Stage costs of one model at one micro-batch size (see the module doc)."""
 
-    def __init__(self, stats: ModelStats, train: TrainShape, activations: ActPolicy | str = "auto") -> None:
+    def __init__(self, stats: ModelStats, train: TrainShape, activations: ActPolicy | str = "auto", *,
+                 shards: int = 1, zero: int = 0) -> None:
         self.stats, self.train = stats, train
         self.activations = None if activations == "auto" else ActPolicy(activations)
         """Every block's policy when the config fixes it (``memory.activations``), else None
         ([Note: fixed activations in a stage])."""
+        self.shards, self.zero = (shards, zero) if zero and shards > 1 else (1, 0)
+        """[Note: ZeRO in a stage's estimate] the data-parallel copies the states are sharded over."""
         self.dtype, self.optimizer = DType(train.dtype), Optimizer(train.optimizer)
         blocks = stats.blocks
         self.num_blocks = len(blocks)
@@ -149,6 +160,7 @@ class StageModel:
         self.range_ids = self._canonical_ranges()
         """Per [first][end], the id of ranges with the same blocks (``_canonical_ranges``)."""
         self.state_per_param = cost.chunk_bytes(Tier.DEVICE, 1, self.dtype, self.optimizer)[Tier.DEVICE]
+        self.shared_per_param = dtype_bytes(self.dtype) + 4  # ZeRO: the parameter and its fp32 gradient, whole
         self.host_per_param = cost.chunk_bytes(Tier.HOST, 1, self.dtype, self.optimizer)[Tier.HOST]
         self.nvme_per_param = cost.chunk_bytes(Tier.NVME, 1, self.dtype, self.optimizer)[Tier.NVME]
         self._times: dict[DeviceSpec, tuple[list[float], list[float]]] = {}
@@ -232,9 +244,10 @@ class StageModel:
             extra = self.max_act(first, end) if recompute else 0
             bwd_s = b_s + (f_s if recompute else 0.0)
             room = budget.device - k * held - extra - work
-            if room >= n * self.state_per_param:
-                est = StageEstimate(fwd_s=f_s, bwd_s=bwd_s, tail_s=cost.device_optimizer_time_s(n, dt, opt, device),
-                                    device_bytes=budget.device - room + n * self.state_per_param, host_bytes=0,
+            if room >= self.device_state_bytes(n):
+                est = StageEstimate(fwd_s=f_s, bwd_s=bwd_s,
+                                    tail_s=cost.device_optimizer_time_s(-(-n // self.shards), dt, opt, device),
+                                    device_bytes=budget.device - room + self.device_state_bytes(n), host_bytes=0,
                                     nvme_bytes=0, act_bytes=held, offload="activations recomputed" if recompute else "",
                                     fits=True,
                                     policy=_act_policy(n, end - first, ActPolicy.RECOMPUTE) if recompute else None)
@@ -262,7 +275,7 @@ class StageModel:
         if swap_nvme and nvme is not None:
             out_s += cost.disk_write_time_s(acts, nvme)
             in_s += cost.disk_read_time_s(acts, nvme)
-        states = n * self.state_per_param
+        states = self.device_state_bytes(n)
         device_bytes = states + 2 * acts + work  # one micro-batch running, one coming back
         host_bytes = acts if swap_nvme else k * acts  # NVMe: one micro-batch's staging at a time
         nvme_bytes = k * acts if swap_nvme else 0
@@ -273,6 +286,14 @@ class StageModel:
                              device_bytes=device_bytes, host_bytes=host_bytes, nvme_bytes=nvme_bytes, act_bytes=0,
                              offload=f"activations swapped to {'NVMe' if swap_nvme else 'the host'}", fits=fits,
                              policy=_act_policy(n, end - first, self.activations))
+
+    def device_state_bytes(self, n: int) -> int:
+        """A stage of ``n`` parameters kept on the device: its model states' bytes ([Note: ZeRO in
+        a stage's estimate]: under ZeRO, the optimizer states and fp32 copy of a ``1 / shards`` share)."""
+        if self.shards == 1:
+            return n * self.state_per_param
+        return n * self.shared_per_param + -(-n // self.shards) * (self.state_per_param - self.shared_per_param
+                                                                   + 4 * (self.dtype is DType.FP32))
 
     def _offloaded(self, n: int, f_s: float, b_s: float, room: int, device: DeviceSpec, host: HostSpec,
                    nvme: NvmeSpec | None, budget: StageBudget, first: int, end: int, held: int,

@@ -105,7 +105,8 @@ def plan_run(cfg: Config, inventory: Any, chosen: list[int]) -> Any:
         safety_margin=cfg.memory.safety_margin, device_budget=cfg.memory.device, host_budget=cfg.memory.host,
         nvme_budget=cfg.memory.nvme, schedules=SCHEDULES if par.schedule == "auto" else (par.schedule,),
         pipeline_degree=par.pipeline or None, data_parallel_degree=par.data or None,
-        num_microbatches=par.microbatches, stage_blocks=par.partition, source="ray", activations=cfg.memory.activations)
+        num_microbatches=par.microbatches, stage_blocks=par.partition, source="ray", activations=cfg.memory.activations,
+        zero=par.zero)
     if plan.pipeline is None or not plan.fits:
         raise ConfigError(f"the model does not fit the cluster's devices: {plan.shortfall}")
     if par.planner_chooses:
@@ -124,7 +125,8 @@ def _with_choices(cfg: Config, plan: Any) -> Config:
     (what the run directory's config.json then says, so a resume runs the same)."""
     pipe = plan.pipeline
     parallel = dataclasses.replace(cfg.parallel, pipeline=pipe.pipeline_degree, data=pipe.data_parallel_degree,
-                                   schedule=pipe.schedule_kind, microbatches=plan.train.num_microbatches)
+                                   schedule=pipe.schedule_kind, microbatches=plan.train.num_microbatches,
+                                   zero=cfg.parallel.zero if pipe.data_parallel_degree > 1 else 0)  # one copy: none
     train = dataclasses.replace(cfg.train, micro_batch_size=plan.train.micro_batch_size)
     return dataclasses.replace(cfg, parallel=parallel, train=train)
 
@@ -242,15 +244,22 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
     pipe, train = plan.pipeline, plan.train
     homes = stage_homes(cfg, plan)
     offloaded = [s for s, h in enumerate(homes) if h != "device"]
-    if offloaded:  # the program that runs, PREFETCH and OFFLOAD included, is the one plan.json keeps
-        from memtrain.planner.pipeline import add_offload_points
+    if cfg.parallel.zero == 2 and offloaded:
+        raise ConfigError(f"parallel.zero: 2 reduce-scatters the gradients of stages kept on the device, and the plan "
+                          f"keeps stage(s) {', '.join(map(str, offloaded))} off it (memory.offload: auto); set "
+                          "parallel.zero: 1, memory.offload: device, or give the devices more memory")
+    # the program that runs, PREFETCH, OFFLOAD and REDUCE_SCATTER included, is the one plan.json keeps
+    from memtrain.planner.pipeline import add_offload_points, add_reduce_scatter_points
 
+    if offloaded:
         plan = dataclasses.replace(plan, schedule=add_offload_points(plan.schedule, offloaded))
     acts = stage_activations(cfg, plan)
     if acts:  # and its SWAP_OUT/SWAP_IN (runtime.stage_activations)
         from memtrain.planner.pipeline import add_swap_points
 
         plan = dataclasses.replace(plan, schedule=add_swap_points(plan.schedule, dict(enumerate(acts))))
+    if cfg.parallel.zero == 2:
+        plan = dataclasses.replace(plan, schedule=add_reduce_scatter_points(plan.schedule, range(len(homes))))
     partition = tuple(e - b for b, e in pipe.partition)  # the config's parallel.partition when it sets one
     ckpt_root = checkpoint_root(cfg)
     start = resume_from.step if resume_from is not None else 0

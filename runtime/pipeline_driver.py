@@ -26,7 +26,8 @@ from memtrain.config import ConfigError, DataConfig, ModelConfig
 from memtrain.models.gpt import gpt_config
 from memtrain.optimizers import OptimizerSpec
 from memtrain.planner.pipeline import (SCHEDULES, SPLIT_W_SCHEDULES, Placement, add_offload_points, add_p2p,
-                                       add_step_end, add_swap_points, generate, placement, validate_pipeline)
+                                       add_reduce_scatter_points, add_step_end, add_swap_points, generate, placement,
+                                       validate_pipeline)
 from memtrain.planner.plan import Op
 from memtrain.planner.schedule import Schedule
 from memtrain.runtime.stage_activations import ACT_POLICIES, SPLIT_SCHEDULE_ERROR
@@ -66,20 +67,27 @@ class PipelineResult:
     """Per step, per world rank, its time in compute actions (``StepResult.busy_s``)."""
     state_bytes: tuple[dict[str, int], ...] = ()
     """Per world rank, its model states after the last step (``StageWorker.state_bytes``)."""
+    grad_bytes: tuple[tuple[dict[str, int], ...], ...] = ()
+    """Per step, per world rank, its gradient bytes while summing and after (``StepResult.grad_bytes``)."""
+    action_s: tuple[tuple[tuple[float, ...], ...], ...] = ()
+    """Per step, per world rank, each action's wall time (``StepResult.action_s``, as ``records``)."""
 
 
 def stage_programs(kind: str, num_ranks: int, num_microbatches: int, *,
-                   stages_per_rank: int = 2) -> tuple[Placement, Schedule]:
+                   stages_per_rank: int = 2, zero: int = 0) -> tuple[Placement, Schedule]:
     """Schedule ``kind``'s placement and per-rank programs: its compute order with sends and
     receives (``planner.pipeline.add_p2p``), then, per stage the rank holds, ``ALLREDUCE`` (the
-    gradient sums) and ``OPTIM`` (the optimizer step). A schedule that cannot run raises."""
+    gradient sums) and ``OPTIM`` (the optimizer step); ``zero`` 2: each stage's
+    ``REDUCE_SCATTER`` before its last gradient pass (``add_reduce_scatter_points``). A schedule
+    that cannot run raises."""
     place = placement(kind, num_ranks, stages_per_rank)
     compute = generate(kind, num_ranks, num_microbatches, stages_per_rank=stages_per_rank)
     with_p2p = add_p2p(compute, place)
     problem = validate_pipeline(with_p2p, place, num_microbatches)
     if problem is not None:
         raise ValueError(f"schedule {kind}: {problem}")
-    return place, add_step_end(with_p2p, place)
+    programs = add_step_end(with_p2p, place)
+    return place, add_reduce_scatter_points(programs, range(place.num_stages)) if zero == 2 else programs
 
 
 def even_partition(num_blocks: int, num_stages: int) -> tuple[int, ...]:
@@ -247,7 +255,8 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                  on_states: Callable[[int, dict[int, dict]], None] | None = None,
                  dtype: str = "fp32", offload: str | Sequence[str] | None = None, nvme_dir: str | None = None,
                  offload_chunk_elems: int | None = None, zero: int = 0,
-                 activations: str | Sequence[Sequence[str]] | None = None) -> PipelineResult:
+                 activations: str | Sequence[Sequence[str]] | None = None,
+                 zero_bucket_elems: int | None = None) -> PipelineResult:
     """Train ``num_steps`` steps of ``model`` over ``num_ranks`` pipeline ranks × ``dp``
     replicas on the current Ray (the caller ran ``ray.init``). ``model``: a ``ModelConfig`` or its
     fields as a dict (default: the tiny GPT); ``partition``: blocks per stage (default: even);
@@ -266,10 +275,12 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     each stage's model states live between steps (one of ``device``, ``host``, ``nvme`` for all,
     or one per stage; ``PipelineSpec.offload``), ``nvme_dir`` the directory of the ``nvme`` ones
     on every node; ``zero``: 1 shards the optimizer states across the replicas (ZeRO-1,
-    ``PipelineSpec.zero``); ``activations``: what each block does with its saved activations
-    (``keep``, ``recompute``, ``swap_host``, ``swap_nvme``: one for every block, or per stage a
-    policy per block; ``PipelineSpec.activations``, runtime.stage_activations); swapped blocks
-    add their ``SWAP_OUT``/``SWAP_IN`` to the programs (planner.pipeline ``add_swap_points``)."""
+    ``PipelineSpec.zero``), 2 the gradients too (ZeRO-2, device stages only, in buckets of
+    ``zero_bucket_elems`` elements, default ``stage_zero.BUCKET_ELEMS``); ``activations``: what
+    each block does with its saved activations (``keep``, ``recompute``, ``swap_host``,
+    ``swap_nvme``: one for every block, or per stage a policy per block;
+    ``PipelineSpec.activations``, runtime.stage_activations); swapped blocks add their
+    ``SWAP_OUT``/``SWAP_IN`` to the programs (planner.pipeline ``add_swap_points``)."""
     if schedule not in SCHEDULES:
         raise ConfigError(f"schedule: must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if dtype not in PIPELINE_DTYPES:
@@ -284,7 +295,8 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
         raise ConfigError(f"model.source: the pipeline runs the built-in gpt family, got {model_cfg.source!r}")
     optim = OptimizerSpec.from_value(optimizer) if optimizer is not None else OptimizerSpec(lr=lr)
     try:
-        place, lowered = stage_programs(schedule, num_ranks, num_microbatches, stages_per_rank=stages_per_rank)
+        place, lowered = stage_programs(schedule, num_ranks, num_microbatches, stages_per_rank=stages_per_rank,
+                                        zero=zero if zero in (0, 1, 2) else 0)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     if programs is None:
@@ -295,6 +307,8 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                                      for r, acts in programs.items()}, place, num_microbatches)
         if problem is not None:
             raise ConfigError(f"programs: {schedule} over {num_ranks} ranks cannot run them: {problem}")
+        if zero == 2:  # a plan's programs: each stage's REDUCE_SCATTER, where the plan has none
+            programs = add_reduce_scatter_points(programs, range(place.num_stages))
     gcfg = gpt_config(model_cfg.preset, **model_cfg.overrides)
     if gcfg.position == "learned" and seq_len > gcfg.max_seq_len:
         raise ConfigError(f"train.seq_len ({seq_len}) exceeds the model's learned position table ({gcfg.max_seq_len}); "
@@ -313,6 +327,7 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     elif len(assignments) != num_ranks * dp:
         raise ConfigError(f"assignments: one per worker ({num_ranks} × {dp}), got {len(assignments)}")
     homes = _offload_homes(offload, place, model_cfg, nvme_dir, zero, offload_chunk_elems)
+    _check_zero(zero, dp, homes, zero_bucket_elems)
     if any(h != "device" for h in homes):
         programs = add_offload_points(programs, [s for s, h in enumerate(homes) if h != "device"])
     acts = _activation_policies(activations, parts, schedule, nvme_dir)
@@ -321,8 +336,9 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                         num_microbatches=num_microbatches, micro_batch_size=micro_batch_size, seq_len=seq_len,
                         seed=seed, data=data or DataConfig(), optimizer=optim, timeout_s=timeout_s,
                         num_threads=num_threads, dtype=dtype, offload=homes, nvme_dir=nvme_dir,
-                        offload_chunk_elems=offload_chunk_elems, zero=zero, activations=acts)
-    losses, mb_losses, records, times, peaks, walls, busy = [], [], [], [], [], [], []
+                        offload_chunk_elems=offload_chunk_elems, zero=zero, activations=acts,
+                        **({"zero_bucket_elems": zero_bucket_elems} if zero_bucket_elems is not None else {}))
+    losses, mb_losses, records, times, peaks, walls, busy, grads, action_s = [], [], [], [], [], [], [], [], []
     with PipelineRun(spec, programs, step_timeout_s=step_timeout_s, num_cpus_per_worker=num_cpus_per_worker,
                      assignments=assignments) as run:
         if states is not None:
@@ -340,6 +356,8 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
             peaks.append(tuple(res.peak_bytes for res in results))
             walls.append(wall)
             busy.append(tuple(res.busy_s for res in results))
+            grads.append(tuple(res.grad_bytes for res in results))
+            action_s.append(tuple(res.action_s for res in results))
             if on_step is not None:
                 on_step(k, losses[-1], results, wall)
             if save_after is not None and on_states is not None and save_after(k + 1):
@@ -351,10 +369,11 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                           step_times_s=tuple(times),
                           programs=tuple(tuple(str(a) for a in programs[r]) for r in range(num_ranks)),
                           peak_bytes=tuple(peaks), nodes=nodes, devices=devices, step_wall_s=tuple(walls),
-                          busy_s=tuple(busy), state_bytes=held)
+                          busy_s=tuple(busy), state_bytes=held, grad_bytes=tuple(grads),
+                          action_s=tuple(action_s))
 
 
-_STEP_POINTS = (Op.ALLREDUCE, Op.OPTIM, Op.PREFETCH, Op.OFFLOAD, Op.SWAP_OUT, Op.SWAP_IN)
+_STEP_POINTS = (Op.ALLREDUCE, Op.OPTIM, Op.PREFETCH, Op.OFFLOAD, Op.SWAP_OUT, Op.SWAP_IN, Op.REDUCE_SCATTER)
 """A program's actions outside the schedule's compute and transfers (what ``validate_pipeline`` skips)."""
 
 
@@ -366,8 +385,8 @@ def _offload_homes(offload: str | Sequence[str] | None, place: Placement, model:
     if len(homes) != n or any(h not in OFFLOAD_HOMES for h in homes):
         raise ConfigError(f"offload: one of {', '.join(OFFLOAD_HOMES)} for all stages, or one per stage ({n}), "
                           f"got {offload!r}")
-    if zero not in (0, 1) or isinstance(zero, bool):
-        raise ConfigError(f"zero: 0 (every replica keeps all optimizer states) or 1 (ZeRO-1), got {zero!r}")
+    if zero not in (0, 1, 2) or isinstance(zero, bool):
+        raise ConfigError(f"zero: 0 (every replica keeps all optimizer states), 1 (ZeRO-1) or 2 (ZeRO-2), got {zero!r}")
     if chunk_elems is not None and (not isinstance(chunk_elems, int) or chunk_elems < 1):
         raise ConfigError(f"offload_chunk_elems: a whole number >= 1 or None, got {chunk_elems!r}")
     if "nvme" in homes and not nvme_dir:  # each worker checks its node has the directory's parent
@@ -397,6 +416,19 @@ def _activation_policies(activations: str | Sequence[Sequence[str]] | None, part
         raise ConfigError("nvme_dir: swap_nvme blocks write their activations there; give a directory on each "
                           "node's local disk (parallel.nvme_dir)")
     return acts
+
+
+def _check_zero(zero: int, dp: int, homes: tuple[str, ...], bucket_elems: int | None) -> None:
+    """ZeRO shards across replicas (dp >= 2); ZeRO-2's gradient buckets are device stages' only."""
+    if zero and dp == 1:
+        raise ConfigError(f"zero: {zero} shards across the data-parallel replicas and dp is 1; use dp >= 2 or zero 0")
+    off = [s for s, h in enumerate(homes) if h != "device"]
+    if zero == 2 and off:
+        raise ConfigError(f"zero: 2 reduce-scatters the gradients of stages on the device, and stage(s) "
+                          f"{', '.join(map(str, off))} keep their states off it; use zero 1 or keep them on the device")
+    if bucket_elems is not None and (isinstance(bucket_elems, bool) or not isinstance(bucket_elems, int)
+                                     or bucket_elems < 1):
+        raise ConfigError(f"zero_bucket_elems: a whole number >= 1 or None, got {bucket_elems!r}")
 
 
 def _num_blocks(cfg: ModelConfig) -> int:

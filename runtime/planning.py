@@ -153,7 +153,7 @@ def plan_cluster_from_config(cfg: Config, *, pipeline_degree: int | None = None,
         safety_margin=cfg.memory.safety_margin, device_budget=cfg.memory.device, host_budget=cfg.memory.host,
         nvme_budget=cfg.memory.nvme, schedules=schedules, pipeline_degree=pipeline_degree,
         data_parallel_degree=data_parallel_degree, num_microbatches=par.microbatches, stage_blocks=par.partition,
-        source=cluster.source, activations=cfg.memory.activations)
+        source=cluster.source, activations=cfg.memory.activations, zero=par.zero)
     return dataclasses.replace(plan, source_notes=tuple(notes)) if notes else plan
 
 

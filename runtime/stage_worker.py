@@ -15,8 +15,10 @@ stream, so parity with one process holds for models without dropout. A stage may
 model states in host-memory chunks or NVMe files between steps and step them with memtrain's
 offloaded optimizer (``PipelineSpec.offload``, runtime.stage_offload [Note: a stage's step]: the
 program's ``PREFETCH`` and ``OFFLOAD`` move them), and with ``PipelineSpec.zero`` 1 each replica
-keeps the optimizer states of a shard of each stage only (runtime.stage_zero, ZeRO-1). Each
-block keeps, recomputes or swaps its saved activations as ``PipelineSpec.activations`` says
+keeps the optimizer states of a shard of each stage only (runtime.stage_zero, ZeRO-1); with 2 the
+gradients too, reduce-scattered under the last micro-batch's backward from the program's
+``REDUCE_SCATTER`` on (runtime.stage_zero [Note: ZeRO-2 in a pipeline]). Each block keeps,
+recomputes or swaps its saved activations as ``PipelineSpec.activations`` says
 (runtime.stage_activations; a recompute replays its forward's random draws, so bitwise keep's).
 
 [Note: same initial weights] Every worker builds only its stages' blocks, on the meta device and
@@ -46,139 +48,23 @@ import importlib
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from memtrain.comm import Channel, Rendezvous, all_reduce_, host_store, join, leave, subgroups
-from memtrain.config import DataConfig, ModelConfig
-from memtrain.optimizers import Optimizer, OptimizerSpec
+from memtrain.optimizers import Optimizer
 from memtrain.models.gpt import causal_lm_loss, gpt_config
 from memtrain.models.gpt_blocks import TIED_NAMES, build_blocks
 from memtrain.planner.plan import Action, Op
 from memtrain.runtime.data import TokenBatches
-from memtrain.runtime.stage_activations import SPLIT_SCHEDULE_ERROR, RankActivations, check_activations
-from memtrain.runtime.stage_offload import (OFFLOAD_HOMES, OffloadedStage, build_offloaded, close_offloaded,
-                                           state_bytes)
-from memtrain.runtime.stage_zero import ShardedOptimizer
+from memtrain.runtime.stage_activations import SPLIT_SCHEDULE_ERROR, RankActivations
+from memtrain.runtime.stage_offload import OffloadedStage, build_offloaded, close_offloaded, state_bytes
+from memtrain.runtime.stage_state import load_rank_state, rank_state
+from memtrain.runtime.stage_spec import PIPELINE_DTYPES, PipelineSpec, StepResult, block_ranges
+from memtrain.runtime.stage_zero import ShardedOptimizer, zero2_buckets
 
 __all__ = ["PipelineSpec", "StageWorker", "StepResult", "block_ranges", "PIPELINE_DTYPES"]
-
-_COMPUTE = ("F", "B", "W", "OPTIM")
-PIPELINE_DTYPES = ("fp32", "bf16")
-"""What the stages compute in (fp16 needs a loss scale agreed across the ranks: not yet)."""
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class PipelineSpec:
-    """What every rank of one pipeline run shares; plain values, so Ray can ship it."""
-
-    model: ModelConfig
-    """The model (``gpt`` source: its blocks run one after another)."""
-    partition: tuple[int, ...]
-    """Blocks per stage, in stage order; they sum to the model's blocks."""
-    rank_of: tuple[int, ...]
-    """Per stage, the pipeline rank that runs it."""
-    num_ranks: int
-    """Pipeline ranks per replica (``p``)."""
-    dp: int
-    """Data-parallel replicas; world rank ``replica * p + pipeline rank``."""
-    num_microbatches: int
-    """Micro-batches per replica per step (``m``)."""
-    micro_batch_size: int
-    """Sequences per micro-batch."""
-    seq_len: int
-    """Tokens per sequence."""
-    seed: int
-    """``torch.manual_seed`` before the model is built."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """The training data; step ``k`` reads ``TokenBatches.batch(k)`` of the global batch."""
-    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
-    """Each stage's optimizer (``adamw`` or ``sgd``) and its hyper-parameters; ``lr`` is the
-    rate of a step run without one."""
-    timeout_s: float = 60.0
-    """The longest a transfer or collective may wait."""
-    num_threads: int = 1
-    """``torch.set_num_threads`` on each worker."""
-    offload: tuple[str, ...] = ()
-    """Per stage, where its model states live between steps: ``device`` (the worker's own
-    tensors, a ``torch.optim`` optimizer), ``host`` (host-memory chunks) or ``nvme`` (files in
-    ``nvme_dir``), the last two stepped by memtrain's offloaded optimizer
-    (runtime.stage_offload); empty: every stage on the device."""
-    nvme_dir: str | None = None
-    """Where ``nvme`` stages keep their files: world rank ``r``'s stage ``s`` in
-    ``nvme_dir/rank<r>/stage<s>`` on the worker's node (the directory must exist there)."""
-    offload_chunk_elems: int | None = None
-    """Elements per chunk of an offloaded stage; None: about one block a chunk."""
-    zero: int = 0
-    """1: ZeRO-1, each replica keeps the optimizer states of its shard of each stage
-    (runtime.stage_zero; an offloaded stage's: runtime.stage_offload [Note: ZeRO-1 of an
-    offloaded stage]); 0: every replica keeps them all."""
-    dtype: str = "fp32"
-    """``fp32``, or ``bf16``: each block's forward under ``torch.autocast`` in bfloat16 (fp32
-    parameters, gradients and optimizer states; the loss in fp32)."""
-    activations: tuple[tuple[str, ...], ...] = ()
-    """Per stage, per block of it, ``keep``, ``recompute``, ``swap_host`` or ``swap_nvme`` (files in
-    ``nvme_dir``): what the block does with its saved activations between F and B
-    (runtime.stage_activations); empty: every block keeps them."""
-
-    def __post_init__(self) -> None:
-        if self.dtype not in PIPELINE_DTYPES:
-            raise ValueError(f"dtype: one of {', '.join(PIPELINE_DTYPES)}, got {self.dtype!r}")
-        if self.offload and (len(self.offload) != len(self.rank_of) or not set(self.offload) <= set(OFFLOAD_HOMES)):
-            raise ValueError(f"offload: one of {', '.join(OFFLOAD_HOMES)} per stage ({len(self.rank_of)}), "
-                             f"got {self.offload!r}")
-        if self.zero not in (0, 1):
-            raise ValueError(f"zero: 0 or 1, got {self.zero!r}")
-        check_activations(self.activations, self.partition, nvme_dir=self.nvme_dir)
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.rank_of)
-
-    def home(self, stage: int) -> str:
-        """Where ``stage``'s model states live between steps (``offload``)."""
-        return self.offload[stage] if self.offload else "device"
-
-    @property
-    def world_size(self) -> int:
-        return self.num_ranks * self.dp
-
-
-@dataclass(frozen=True, slots=True)
-class StepResult:
-    """One rank's step: what it ran and what it measured."""
-
-    record: tuple[str, ...]
-    """The actions run, in order (short forms)."""
-    losses: tuple[float, ...]
-    """The last stage's per-micro-batch losses (before scaling), else empty."""
-    time_s: float
-    """Wall time of the step on this rank."""
-    peak_bytes: dict[str, int] = field(default_factory=dict)
-    """``host``: the worker process's peak resident memory so far; ``device``: on a GPU, the
-    step's peak CUDA allocation; ``nvme`` (a rank with ``nvme`` stages): the most bytes its chunk
-    files held during the step; ``activations``: the most bytes its stages' saved activations held
-    at once on the device (runtime.stage_activations; ``activations_host``: swapped ones on the host)."""
-    device: str = "cpu"
-    """Where the stages computed: ``cpu``, or ``cuda:0 (<GPU name>)``."""
-    action_s: tuple[float, ...] = ()
-    """Wall time of each action of ``record`` (a receive's includes its wait for the peer)."""
-
-    @property
-    def busy_s(self) -> float:
-        """Time in compute actions (F, B, W, OPTIM): the step less waits and transfers."""
-        return sum(t for a, t in zip(self.record, self.action_s) if a.strip("0123456789") in _COMPUTE)
-
-
-def block_ranges(partition: tuple[int, ...]) -> list[range]:
-    """Per stage, the indices of its blocks."""
-    out, start = [], 0
-    for n in partition:
-        out.append(range(start, start + n))
-        start += n
-    return out
 
 
 class StageWorker:
@@ -196,7 +82,7 @@ class StageWorker:
         self.handlers: dict[Op, Callable[[Action], None]] = {
             Op.F: self._forward, Op.B: self._backward, Op.W: self._weights,
             Op.SEND_F: self._send_f, Op.RECV_F: self._recv_f, Op.SEND_B: self._send_b, Op.RECV_B: self._recv_b,
-            Op.ALLREDUCE: self._all_reduce, Op.OPTIM: self._optim,
+            Op.ALLREDUCE: self._all_reduce, Op.OPTIM: self._optim, Op.REDUCE_SCATTER: self._reduce_scatter,
             Op.PREFETCH: lambda a: self._offloaded(a).prefetch(),  # runtime.stage_offload [Note: a stage's step]
             Op.OFFLOAD: lambda a: self._offloaded(a).offload(),
             Op.SWAP_OUT: lambda a: self.acts.swap(a), Op.SWAP_IN: lambda a: self.acts.swap(a),  # stage_activations
@@ -288,9 +174,14 @@ class StageWorker:
         on_device = [s for s in self.stages if spec.home(s) == "device" and self.owns[s]]
         self.offloaded = build_offloaded(self, [s for s in self.stages if spec.home(s) != "device"])
         if spec.zero:
-            self.optims = {s: ShardedOptimizer(self.owns[s], lambda ps: optim_cls(ps, **group), replica=self.replica,
-                                               dp=spec.dp, group=self.dp_group, rank=self.rank,
-                                               timeout_s=spec.timeout_s) for s in on_device}
+            # ZeRO-2: a parameter another stage of this rank uses, or tied across ranks, is final only at ALLREDUCE
+            late = {id(q) for s in self.stages for q in self.uses[s] if all(q is not o for o in self.owns[s])}
+            late |= {id(q) for qs in self.tied.values() for q in qs}
+            self.optims = {s: ShardedOptimizer(
+                self.owns[s], lambda ps: optim_cls(ps, **group), replica=self.replica, dp=spec.dp, group=self.dp_group,
+                rank=self.rank, timeout_s=spec.timeout_s, deferred=late,
+                buckets=zero2_buckets(self.owns[s], late, spec.zero_bucket_elems) if spec.zero == 2 else None)
+                for s in on_device}
         else:
             self.optims = {s: optim_cls(self.owns[s], **group) for s in on_device}
         self._kept: list[tuple[tuple[nn.Parameter, ...], torch.Tensor]] | None = None
@@ -314,6 +205,7 @@ class StageWorker:
         self.saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor, list]] = {}
         self.for_w: dict[tuple[int, int], tuple[list, list[torch.Tensor]]] = {}
         self.losses: dict[int, float] = {}
+        self.grad_bytes: dict[str, int] = {}
 
     # ---- one step ------------------------------------------------------------------------
 
@@ -346,6 +238,7 @@ class StageWorker:
                                ("for_w", self.for_w)) if v]
         assert not left, f"rank {self.rank}: step {step} ended with tensors left in {left}"
         losses = tuple(self.losses[i] for i in sorted(self.losses))
+        grads = self.grad_bytes
         self._new_step_state()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -354,7 +247,7 @@ class StageWorker:
         if any(st.nvme is not None for st in self.offloaded.values()):
             peaks["nvme"] = sum(st.nvme.ledger.window_peak_bytes for st in self.offloaded.values() if st.nvme)
         return StepResult(record=tuple(record), losses=losses, time_s=elapsed, peak_bytes=peaks,
-                          device=_device_name(self.device), action_s=tuple(times))
+                          device=_device_name(self.device), action_s=tuple(times), grad_bytes=grads)
 
     def _load_batch(self, step: int) -> None:
         """This replica's micro-batches of step ``step``'s global batch (rows in order: replica
@@ -437,14 +330,22 @@ class StageWorker:
             self.outbox[("B", s, i)] = grad_in
 
     def _weights(self, a: Action) -> None:
-        """[Note: B and W]"""
+        """[Note: B and W] The last module first, as a whole backward finishes them (each
+        module's gradients are its own, so the order changes no value), each parameter reported
+        to a ZeRO-2 stage's buckets as it is final (runtime.stage_zero)."""
         kept, kept_grads = self.for_w.pop((a.stage, a.microbatch))
-        for (params, out), grad in zip(kept, kept_grads, strict=True):
+        opt = self.optims.get(a.stage)
+        ready = opt.grad_ready if isinstance(opt, ShardedOptimizer) and opt.zero2 else None
+        todo = list(reversed(list(zip(kept, kept_grads, strict=True))))
+        final = {id(q): j for j, ((params, _), _) in enumerate(todo) for q in params}  # a module run twice: its last
+        for j, ((params, out), grad) in enumerate(todo):
             for q, g in zip(params, torch.autograd.grad(out, params, grad)):
                 if q.grad is None:
                     q.grad = g
                 else:
                     q.grad.add_(g)
+                if ready is not None and final[id(q)] == j:
+                    ready(q)
 
     def _send_f(self, a: Action) -> None:
         s, i = a.stage, a.microbatch
@@ -466,23 +367,45 @@ class StageWorker:
         """Sum the stage's gradients: a weight the first and last stages share across the two
         ends' ranks, then across the replicas (each replica's loss was already divided by the
         global batch's micro-batches, so the sum is the mean); under ZeRO-1 a reduce-scatter,
-        each replica getting the sums of its shard only (runtime.stage_zero)."""
+        each replica getting the sums of its shard only, under ZeRO-2 the buckets not started
+        since its ``REDUCE_SCATTER`` and the wait for all (runtime.stage_zero)."""
         s = a.stage
-        for q in self.owns[s]:
+        opt = self.optims.get(s)
+        tied = self.tied.get(s, [])
+        # ZeRO-2 dropped the .grad of the buckets it started: only the tied ones are needed here
+        for q in tied if isinstance(opt, ShardedOptimizer) and opt.zero2 else self.owns[s]:
             if q.grad is None:
                 q.grad = torch.zeros_like(q)
-        tied = self.tied.get(s, [])
         if tied:
             all_reduce_([q.grad for q in tied], self.tie_group, rank=self.rank, what=f"{a} (tied weights)",
                         timeout_s=self.spec.timeout_s)
-        opt = self.optims.get(s)
-        if isinstance(opt, ShardedOptimizer):  # ZeRO-1: a reduce-scatter (runtime.stage_zero)
+        if isinstance(opt, ShardedOptimizer):  # ZeRO-1: a reduce-scatter; ZeRO-2: the rest, then the waits
             opt.reduce_grads(str(a))
-        elif self.spec.dp > 1:
+            self._count_grads("reduce_peak", opt.peak_grad_bytes)
+            return
+        held = sum(q.grad.numel() * q.grad.element_size() for q in self.owns[s])
+        if self.spec.dp > 1:  # all_reduce_ sums one flat copy of them
             all_reduce_([q.grad for q in self.owns[s]], self.dp_group, rank=self.rank, what=str(a),
                         timeout_s=self.spec.timeout_s)
+        self._count_grads("reduce_peak", held * (2 if self.spec.dp > 1 else 1))
+
+    def _reduce_scatter(self, a: Action) -> None:
+        """ZeRO-2: the stage's buckets reduce-scattered from here on (runtime.stage_zero)."""
+        opt = self.optims.get(a.stage)
+        if not isinstance(opt, ShardedOptimizer) or not opt.zero2:
+            raise RuntimeError(f"rank {self.rank}: {a} in its program, but stage {a.stage} is not under ZeRO-2")
+        opt.arm(str(a))
+
+    def _count_grads(self, key: str, num_bytes: int) -> None:
+        """StepResult.grad_bytes: the stages' figures added up."""
+        self.grad_bytes[key] = self.grad_bytes.get(key, 0) + num_bytes
 
     def _optim(self, a: Action) -> None:
+        if "at_optim" not in self.grad_bytes:
+            self.grad_bytes["at_optim"] = sum(
+                opt.grad_bytes if isinstance(opt, ShardedOptimizer)
+                else sum(q.grad.numel() * q.grad.element_size() for q in self.owns[s] if q.grad is not None)
+                for s, opt in self.optims.items())
         if a.stage in self.offloaded:
             self.offloaded[a.stage].step(self._lr)
             return
@@ -502,49 +425,12 @@ class StageWorker:
     # ---- checkpoints -----------------------------------------------------------------------
 
     def state(self) -> dict:
-        """This rank's part of a checkpoint: per stage it holds, the parameters it owns and its
-        optimizer's state, and the random generators' states (``runtime.checkpoint``)."""
-        from memtrain.runtime.checkpoint import capture_rng
-
-        def host(value):  # the driver may have no GPU: tensors travel in host memory
-            if isinstance(value, torch.Tensor):
-                return value.detach().to("cpu", copy=True)
-            if isinstance(value, dict):
-                return {k: host(v) for k, v in value.items()}
-            if isinstance(value, list):
-                return [host(v) for v in value]
-            return value
-
-        def stage_state(s: int) -> dict:
-            if s in self.offloaded:  # from its chunks (runtime.stage_offload)
-                return {"params": self.offloaded[s].parameters(), "optim": self.offloaded[s].optimizer.state_dict()}
-            return {"params": [host(q) for q in self.owns[s]],
-                    "optim": host(self.optims[s].state_dict()) if s in self.optims else None}
-
-        return {"stages": {s: stage_state(s) for s in self.stages}, "rng": capture_rng()}
+        """This rank's part of a checkpoint (runtime.stage_state ``rank_state``)."""
+        return rank_state(self)
 
     def load_state(self, state: dict) -> None:
         """Continue from ``state`` (``state()`` of the same rank of a run with the same plan)."""
-        from memtrain.runtime.checkpoint import restore_rng
-
-        if sorted(state["stages"]) != sorted(self.stages):
-            raise ValueError(f"rank {self.rank}: the checkpoint holds stages {sorted(state['stages'])}, "
-                             f"this rank runs {list(self.stages)}")
-        with torch.no_grad():
-            for s, saved in state["stages"].items():
-                if len(saved["params"]) != len(self.owns[s]):
-                    raise ValueError(f"rank {self.rank}: stage {s} holds {len(self.owns[s])} parameters, the "
-                                     f"checkpoint {len(saved['params'])}")
-                if s in self.offloaded:  # into its chunks (runtime.stage_offload)
-                    self.offloaded[s].load_parameters(saved["params"])
-                    if saved["optim"] is not None:
-                        self.offloaded[s].optimizer.load_state_dict(saved["optim"])
-                    continue
-                for q, value in zip(self.owns[s], saved["params"], strict=True):
-                    q.copy_(value)
-                if saved["optim"] is not None:
-                    self.optims[s].load_state_dict(saved["optim"])
-        restore_rng(state["rng"])
+        load_rank_state(self, state)
 
     # ---- end ------------------------------------------------------------------------------
 

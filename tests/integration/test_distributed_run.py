@@ -132,11 +132,19 @@ def test_states_offloaded_to_nvme_train_as_one_process(local_ray, tmp_path):
 
 
 @pytest.mark.slow
-def test_zero1_over_two_copies_trains_as_plain_data_parallelism(local_ray, tmp_path):
+def test_zero1_and_zero2_over_two_copies_train_as_plain_data_parallelism(local_ray, tmp_path):
     sets = ("parallel.data=2", "train.global_batch_size=16", "train.steps=3")
     plain = run_distributed(_config(tmp_path / "plain", *sets), print_fn=lambda line: None)
     sharded = run_distributed(_config(tmp_path / "zero", *sets, "parallel.zero=1"), print_fn=lambda line: None)
     assert sharded["losses"] == plain["losses"]  # bitwise: the same sums, each copy updating its share
+    zero2 = run_distributed(_config(tmp_path / "zero2", *sets, "parallel.zero=2"), print_fn=lambda line: None)
+    assert zero2["losses"] == plain["losses"]
+    # plan.json keeps the program that ran, each stage's REDUCE_SCATTER included
+    saved = Plan.load(tmp_path / "zero2" / "run" / "plan.json")
+    programs = {r: tuple(str(a) for a in acts) for r, acts in saved.schedule.items()}
+    assert all("REDUCE_SCATTER" in " ".join(p) for p in programs.values())
+    p = saved.pipeline.pipeline_degree
+    assert all(rec == programs[r % p] for step in zero2["result"].records for r, rec in enumerate(step))
 
 
 def test_choices_left_to_the_planner_are_planned_over_every_device_and_kept(local_ray, tmp_path):

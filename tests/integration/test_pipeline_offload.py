@@ -227,17 +227,18 @@ def test_offload_and_zero_mistakes_are_config_errors(local_ray, tmp_path: Path) 
     # the directory is checked where the files go, on each rank's node, and the error names it
     with pytest.raises(PipelineError, match=r"nvme_dir: .*/missing is not a directory on this rank's node"):
         _run(UNTIED_2, "1f1b", 2, offload="nvme", nvme_dir=str(tmp_path / "missing" / "run"))
-    with pytest.raises(ConfigError, match=r"zero: 0 \(every replica"):
-        _run(UNTIED_2, "1f1b", 2, zero=2)
+    with pytest.raises(ConfigError, match=r"zero: 0 \(every replica keeps all optimizer states\), 1 \(ZeRO-1\) or 2"):
+        _run(UNTIED_2, "1f1b", 2, zero=3)
     with pytest.raises(ConfigError, match=r"offload: stages 0 and 3 share the tied embeddings on rank 0"):
         _run(TIED_2, "v-half", 2, offload=("host", "device", "device", "device"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("homes", "dp", "zero"), [(("host", "nvme"), 1, 0), (("host", "device"), 2, 1)])
+@pytest.mark.parametrize(("homes", "dp", "zero"), [(("host", "nvme"), 1, 0), (("host", "device"), 2, 1),
+                                                   (("device", "device"), 2, 2)])
 def test_resume_from_a_checkpoint_of_offloaded_and_sharded_stages(local_ray, tmp_path: Path, homes, dp, zero) -> None:
     """A checkpoint after step 1 (an offloaded stage's parameters and optimizer states read from its
-    chunks, a ZeRO-1 shard's per rank) continues bitwise as the run that went on."""
+    chunks, a ZeRO-1 or ZeRO-2 shard's per rank) continues bitwise as the run that went on."""
     saved: dict[int, dict] = {}
 
     def keep(k: int, states: dict) -> None:

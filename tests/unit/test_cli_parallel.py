@@ -42,3 +42,9 @@ def test_a_batch_that_does_not_split_over_the_copies_is_refused(tmp_path):
 def test_run_help_names_address_and_the_token():
     r = memtrain("run", "--help")
     assert r.returncode == 0 and "--address ADDR" in r.stdout and "RAY_AUTH_TOKEN" in r.stdout
+
+
+def test_zero_without_data_parallel_copies_exits_2_naming_the_field(tmp_path):
+    r = memtrain("run", "examples/gpt-tiny-pp2.yaml", "--set", "parallel.zero=2", "--set", f"run_dir={tmp_path}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "parallel.zero: 2 shards the optimizer states across the parallel.data copies, and there is one" in r.stderr

@@ -97,3 +97,23 @@ def test_auto_leaves_the_degrees_and_the_schedule_to_the_planner(tmp_path):
     assert _cfg({"data": 0, "microbatches": 3}).parallel.data == 0
     with pytest.raises(ConfigError, match="train.global_batch_size: 8 does not split over parallel.data 3"):
         _cfg({"pipeline": 0, "data": 3})
+
+
+def test_zero_levels_and_what_they_do_not_combine_with():
+    """parallel.zero: 0, 1 or 2; sharding needs more than one data-parallel copy (0 leaves the
+    count to the planner); ZeRO-2 reduces the gradients of stages on the device, so it refuses
+    memory.offload host or nvme (ZeRO-1 shards offloaded stages too)."""
+    assert _cfg({"pipeline": 2, "data": 2, "zero": 2}).parallel.zero == 2
+    assert _cfg({"pipeline": 0, "data": 0, "zero": 2}).parallel.zero == 2
+    with pytest.raises(ConfigError, match=r"parallel.zero: must be|parallel.zero: .*3"):
+        _cfg({"pipeline": 2, "data": 2, "zero": 3})
+    for zero in (1, 2):
+        with pytest.raises(ConfigError, match=rf"^parallel.zero: {zero} shards the optimizer states across the "
+                                              r"parallel.data copies, and there is one; set parallel.data to 2"):
+            _cfg({"pipeline": 2, "zero": zero})
+    with pytest.raises(ConfigError, match=r"^parallel.zero: 2 reduce-scatters the gradients of stages kept on the "
+                                          r"device, and memory.offload: host moves"):
+        config_from_dict({"train": {"global_batch_size": 8}, "memory": {"offload": "host"},
+                          "parallel": {"pipeline": 2, "data": 2, "zero": 2}})
+    assert config_from_dict({"train": {"global_batch_size": 8}, "memory": {"offload": "host"},
+                             "parallel": {"pipeline": 2, "data": 2, "zero": 1}}).parallel.zero == 1

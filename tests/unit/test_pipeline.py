@@ -206,3 +206,24 @@ def test_golden_schedules(kind):
         path.write_text(text)
     assert text == path.read_text()
     assert schedule_from_text(path.read_text()) == sched
+
+
+@pytest.mark.parametrize("kind", SCHEDULES)
+def test_reduce_scatter_points_go_before_each_stages_last_gradient_pass(kind):
+    """ZeRO-2's ``sREDUCE_SCATTER<i>`` (add_reduce_scatter_points): one per stage, right before
+    the stage's last W (split backward) or B, ``i`` that pass's micro-batch; again, nothing changes."""
+    from memtrain.planner.pipeline import add_reduce_scatter_points, add_step_end
+
+    p, m = 2, 4
+    place = placement(kind, p, 2)
+    program = add_step_end(add_p2p(generate(kind, p, m), place), place)
+    got = add_reduce_scatter_points(program, range(place.num_stages))
+    assert add_reduce_scatter_points(got, range(place.num_stages)) == got
+    for r, acts in got.items():
+        assert [a for a in acts if a.op is not Op.REDUCE_SCATTER] == list(program[r])
+        for s in place.stages_of(r):
+            grad = Op.W if any(a.op is Op.W for a in acts) else Op.B
+            last = max(k for k, a in enumerate(acts) if a.stage == s and a.op is grad)
+            assert acts[last - 1] == Action(s, Op.REDUCE_SCATTER, acts[last].microbatch)
+            assert sum(1 for a in acts if a.op is Op.REDUCE_SCATTER and a.stage == s) == 1
+    assert Action.parse("3REDUCE_SCATTER7") == Action(3, Op.REDUCE_SCATTER, 7)

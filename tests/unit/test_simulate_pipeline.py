@@ -93,3 +93,51 @@ def test_a_deadlock_or_a_wrong_stage_count_is_refused():
         simulate_pipeline(add_p2p(bad, place), place, _stages("1f1b", 2), FREE)
     with pytest.raises(ValueError, match="stages: 3 stage costs for 2 stages"):
         simulate_pipeline(generate("1f1b", 2, 2), place, _stages("1f1b", 3), FREE)
+
+
+@pytest.mark.parametrize("kind", ["1f1b", "zb-h1", "interleaved-1f1b", "v-half"])
+def test_zero2_reduce_scatter_overlaps_the_last_backward(kind):
+    """[Note: ZeRO-2 overlap] The same stages with ZeRO-1's program (the reduce-scatter at
+    ALLREDUCE, after the last pass) and ZeRO-2's (sREDUCE_SCATTER before the last gradient pass):
+    ZeRO-2's reduce starts under the stage's last gradient pass when it comes in more than one
+    bucket, and its step is never longer; with a backward long enough to hide all but the last
+    bucket it is shorter by the rest of the reduce (1f1b: exactly that)."""
+    from memtrain.planner.pipeline import add_reduce_scatter_points, add_step_end
+
+    p, m = 2, 4
+    place = placement(kind, p, 2)
+    program = add_step_end(add_p2p(generate(kind, p, m), place), place)
+    zero2 = add_reduce_scatter_points(program, range(place.num_stages))
+    split = kind in ("zb-h1", "v-half")
+    for reduce_s, buckets in ((1.0, 4), (1.0, 1), (2.0, 8), (20.0, 4)):
+        stages = [StageCost(fwd_s=1.0, bwd_s=1.0 if split else 2.0, wgrad_s=1.0 if split else 0.0,
+                            activation_bytes=A, output_bytes=10, reduce_s=reduce_s, optim_s=0.5,
+                            reduce_buckets=buckets)] * place.num_stages
+        one = simulate_pipeline(program, place, stages, FREE)
+        two = simulate_pipeline(zero2, place, stages, FREE)
+        assert two.step_time_s <= one.step_time_s + 1e-9, (reduce_s, buckets)
+        for s in range(place.num_stages):  # ZeRO-1 reduces after its stage's last pass; ZeRO-2 under it
+            last = max(end for (_, t, _), (_, end) in one.pass_times.items() if t == s)
+            assert one.reduce_times[s][0] >= last - 1e-9
+            last2 = max(end for (_, t, _), (_, end) in two.pass_times.items() if t == s)
+            if reduce_s == 1.0:  # (a longer one may find the rank's link busy with its other stage's buckets)
+                assert (two.reduce_times[s][0] < last2) == (buckets > 1)
+        if kind == "1f1b" and buckets == 4 and reduce_s == 1.0:
+            # rank 0 ends the step; its last B (2 s) hides 3 of its 4 buckets (0.25 s each)
+            assert two.step_time_s == pytest.approx(one.step_time_s - 0.75)
+        if kind == "1f1b" and buckets == 1:
+            assert two.step_time_s == pytest.approx(one.step_time_s)
+
+
+@pytest.mark.parametrize(("reduce_s", "bwd_s", "buckets"), [(1.0, 2.0, 4), (3.0, 1.0, 4), (1.0, 1.0, 1), (0.5, 4.0, 8)])
+def test_zero2_exposed_s_is_the_simulators_time_after_the_pass(reduce_s, bwd_s, buckets):
+    """The planner's closed form (hetero_plan) against the task graph: one rank, one stage."""
+    from memtrain.planner.pipeline import add_reduce_scatter_points, add_step_end
+    from memtrain.planner.simulate_pipeline import zero2_exposed_s
+
+    place = placement("1f1b", 1)
+    program = add_reduce_scatter_points(add_step_end(generate("1f1b", 1, 2), place), [0])
+    stage = StageCost(fwd_s=1.0, bwd_s=bwd_s, reduce_s=reduce_s, reduce_buckets=buckets)
+    r = simulate_pipeline(program, place, [stage], FREE)
+    last_b = r.pass_times[(Op.B, 0, 1)][1]
+    assert r.reduce_times[0][1] - last_b == pytest.approx(zero2_exposed_s(reduce_s, bwd_s, buckets))
