@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from memtrain.errors import UserError
+from memtrain.offload.clip import clip_coefficient, param_grads, total_norm
 from memtrain.offload.staging import Deferred, Staged, WriteBack, read_ahead_states, read_states, reserve_rewrite, write_states
 from memtrain.optimizers import (
     DEFAULT_HOST_KERNEL, KERNELS as HOST_KERNELS, OptimizerKind, OptimizerSpec, adamw_step, host_adamw_step,
@@ -73,6 +74,44 @@ def _load_states(store: "ChunkStore", states: Mapping[str, Mapping[str, torch.Te
         c.step.fill_(steps.pop())
 
 
+# [Note: parameter groups] torch's param groups give parameters their own lr and weight decay
+# (the Hugging Face Trainer's default: no decay for biases and norms). A chunk packs parameters
+# of several groups, so a chunk's update runs once per stretch of consecutive slots of one group,
+# on views of its flat master, gradient and states, with that group's values; every stretch
+# advances its own copy of the chunk's step count, all to the same value. AdamW's and SGD's
+# updates are elementwise, so each element gets torch's arithmetic with its group's values.
+# A chunk of one group updates whole, as without groups.
+
+
+def _group_runs(store: "ChunkStore", spec: OptimizerSpec) -> dict[int, list[tuple[int, int, int]]]:
+    """Per chunk, its stretches ``(start, end, group)`` covering the flat buffer (padding goes with
+    the stretch before it); a group names an unknown parameter or misses one: a ``UserError``."""
+    group_of: dict[str, int] = {}
+    for gi, g in enumerate(spec.param_groups):
+        for name in g.params:
+            group_of[name] = gi
+    if spec.param_groups:
+        names = {s.name for c in store.chunks for s in c.slots}
+        unknown = next((n for n in group_of if n not in names), None)
+        if unknown is not None:
+            raise UserError(f"optimizer.param_groups: {unknown!r} is not a trainable parameter of the model "
+                            f"(names as model.named_parameters() gives them)")
+        missing = next((n for n in store.param_order() if n in names and n not in group_of), None)
+        if missing is not None:
+            raise UserError(f"optimizer.param_groups: parameter {missing!r} is in no group; put every trainable "
+                            "parameter in one group")
+    out: dict[int, list[tuple[int, int, int]]] = {}
+    for c in store.chunks:
+        runs: list[tuple[int, int, int]] = []
+        for s in sorted(c.slots, key=lambda s: s.offset):
+            gi = group_of.get(s.name, 0)
+            if not runs or runs[-1][2] != gi:
+                runs.append((0 if not runs else s.offset, 0, gi))
+        ends = [r[0] for r in runs[1:]] + [c.num_elems]
+        out[c.index] = [(lo, hi, gi) for (lo, _, gi), hi in zip(runs, ends)] or [(0, c.num_elems, 0)]
+    return out
+
+
 # --- the optimizer over a ChunkStore -----------------------------------------------------
 
 
@@ -88,7 +127,7 @@ class OffloadedOptimizer:
     # An optimizer without the kernel asked for runs its own (``OptimizerKind.kernel``).
 
     def __init__(self, store: "ChunkStore", spec: OptimizerSpec, *, host_kernel: str = DEFAULT_HOST_KERNEL,
-                 staged_chunks: int = 3) -> None:
+                 staged_chunks: int = 3, max_grad_norm: float | None = None) -> None:
         if host_kernel not in HOST_KERNELS:
             raise UserError(f"host_kernel: must be one of {', '.join(HOST_KERNELS)}, got {host_kernel!r}")
         if tuple(store.state_names) != spec.state_names:
@@ -120,6 +159,15 @@ class OffloadedOptimizer:
         self._ahead: dict[int, Staged] = {}  # chunk index -> its states read ahead ([Note: states read ahead])
         self._inv_scale = 1.0  # set by step() for its duration ([Note: unscaling in fp32])
         self._behind: list[WriteBack] = []  # write-backs carried over the step end
+        self.max_grad_norm = max_grad_norm
+        """Clip the step's gradients to this global norm (offload.clip); None: no clipping, and
+        host and nvme chunks update early ([Note: early optimizer step])."""
+        self.last_grad_norm: float | None = None
+        """The global gradient norm of the last step, before clipping (None: not computed)."""
+        self._norm: torch.Tensor | None = None  # this step's, once computed (``grad_norm``)
+        self._coef: torch.Tensor | None = None  # the clip coefficient, during step()
+        self._unscaled = False  # grad_norm unscaled this step's gradients (fp16)
+        self._runs = _group_runs(store, spec)  # [Note: parameter groups]
 
     @property
     def num_early(self) -> int:
@@ -363,7 +411,35 @@ class OffloadedOptimizer:
         assert grad.dtype == master.dtype == torch.float32, (grad.dtype, master.dtype)  # offload.grads [Note: fp32 accumulators]
         if self._inv_scale != 1.0:  # [Note: unscaling in fp32]
             grad.mul_(self._inv_scale)
-        self.kind.update(master, grad, states, chunk.step, self.spec, self.kind.kernel(kernel))
+        if self._coef is not None:  # offload.clip [Note: the norm of the chunks]
+            grad.mul_(self._coef.to(grad.device))
+        kernel = self.kind.kernel(kernel)
+        specs = self.spec.group_specs()
+        runs = self._runs[chunk.index]
+        if len(runs) == 1:  # one group: the whole flat chunk at once
+            self.kind.update(master, grad, states, chunk.step, specs[runs[0][2]], kernel)
+            return
+        step = chunk.step
+        for lo, hi, gi in runs:  # [Note: parameter groups]
+            step = chunk.step.clone()
+            self.kind.update(master[lo:hi], grad[lo:hi], {k: v[lo:hi] for k, v in states.items()}, step, specs[gi], kernel)
+        chunk.step.copy_(step)
+
+    def grad_norm(self, inv_scale: float = 1.0) -> torch.Tensor:
+        """The global 2-norm of this step's gradients, as ``torch.nn.utils.clip_grad_norm_``
+        returns it (offload.clip [Note: the norm of the chunks]); computed once per step, after
+        the last backward, and the value the step clips with. ``inv_scale``: fp16 loss scaling's
+        1 / scale, applied to every gradient first ([Note: unscaling in fp32])."""
+        if self._norm is None:
+            self.store.grads.finish()
+            if inv_scale != 1.0:
+                for c in self.store.chunks:
+                    if c.has_grad:
+                        c.grad.mul_(inv_scale)
+                self._unscaled = True
+            self._norm = total_norm(param_grads(self.store))
+            self.last_grad_norm = float(self._norm)
+        return self._norm
 
     def step(self, points: Sequence[Action] = (), inv_scale: float = 1.0) -> None:
         """Run the step's end, ``points`` (planner.program_optim [Note: the step's end]: the
@@ -378,11 +454,20 @@ class OffloadedOptimizer:
         store.grads.finish()
         if inv_scale != 1.0 and self._early:
             raise RuntimeError("OffloadedOptimizer.step: early updates ran on scaled gradients")
-        self._inv_scale = inv_scale
+        if self.max_grad_norm is not None:  # offload.clip: every gradient, unscaled, before any update
+            if self._early:
+                raise RuntimeError("OffloadedOptimizer.step: early updates ran before the gradients were clipped")
+            self._coef = clip_coefficient(self.max_grad_norm, self.grad_norm(inv_scale))
+        self._inv_scale = 1.0 if self._unscaled else inv_scale  # grad_norm unscaled them already
         try:
             self._run_end(points)
         finally:
-            self._inv_scale = 1.0
+            self._inv_scale, self._coef = 1.0, None
+            self.discard_norm()
+
+    def discard_norm(self) -> None:
+        """Forget this step's norm (the step ran, or fp16 overflow skipped it)."""
+        self._norm, self._unscaled = None, False
 
     def _run_end(self, points: Sequence[Action]) -> None:
         store = self.store
@@ -462,22 +547,33 @@ class OffloadedOptimizer:
         """``torch.optim.AdamW``/``SGD``'s format over ``store.param_order()`` (loads into them)."""
         self.flush()
         state: dict[int, dict[str, torch.Tensor]] = {}
-        names = self.store.param_order()
+        groups = self._group_names()
+        names = [n for g in groups for n in g]
         per_param = _gather_states(self.store, self.kind)
         for idx, name in enumerate(names):
             entry = per_param.get(name)
             if entry is not None:
                 state[idx] = entry
-        group = dict(self.spec.torch_group(), params=list(range(len(names))))
-        return {"state": state, "param_groups": [group]}
+        out, start = [], 0
+        for spec, g in zip(self.spec.group_specs(), groups):
+            out.append(dict(spec.torch_group(), params=list(range(start, start + len(g)))))
+            start += len(g)
+        return {"state": state, "param_groups": out}
+
+    def _group_names(self) -> list[list[str]]:
+        """Parameter names per group, as torch numbers a state dict's parameters (group by group)."""
+        if not self.spec.param_groups:
+            return [self.store.param_order()]
+        return [list(g.params) for g in self.spec.param_groups]
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         self.flush()
-        names = self.store.param_order()
+        mine = self._group_names()
+        names = [n for g in mine for n in g]
         groups = sd.get("param_groups") or []
-        if len(groups) != 1 or len(groups[0].get("params", ())) != len(names):
+        if [len(g.get("params", ())) for g in groups] != [len(g) for g in mine]:
             raise ValueError(
-                f"optimizer state: expected one param group over {len(names)} parameters "
-                "(the format engine.state_dict() writes); got a different layout"
+                f"optimizer state: expected {len(mine)} param group(s) of {[len(g) for g in mine]} parameters "
+                f"(the format engine.state_dict() writes); got {[len(g.get('params', ())) for g in groups]}"
             )
         _load_states(self.store, {names[int(i)]: s for i, s in sd.get("state", {}).items()})
