@@ -7,8 +7,9 @@ stacked), and the coefficient is ``clamp(max_norm / (total + 1e-6), max=1)``, mu
 every gradient. Here each parameter's gradient is its slot's view of its chunk's fp32
 accumulator (offload.grads [Note: fp32 accumulators]: a device chunk's on the device, a host or
 nvme chunk's on the host, an nvme one's until the step's end), so the same per-parameter norms
-come out of the same kernels, in ``model.parameters()`` order, and the same reduction of them: on
-a CPU the norm and the clipped gradients are bitwise torch's. Parameters without a gradient this
+come out of the same kernels, in ``model.parameters()`` order (or the optimizer's groups' order,
+``clip_order="groups"``, which Lightning's ``clip_gradients`` passes), and the same reduction of
+them: on a CPU the norm and the clipped gradients are bitwise torch's. Parameters without a gradient this
 step are left out, as torch leaves out a ``None`` grad. The coefficient is applied to a chunk's
 whole accumulator before its update (elementwise, so the same products). It needs every gradient
 of the step first, so a clipped step has no early updates (planner.program_optim
@@ -40,9 +41,10 @@ def check_max_norm(value: object, field: str = "max_grad_norm") -> float | None:
     return float(value) if value > 0 else None
 
 
-def param_grads(store: "ChunkStore") -> list[torch.Tensor]:
+def param_grads(store: "ChunkStore", order: list[str] | None = None) -> list[torch.Tensor]:
     """Each parameter's gradient of this step, a view of its chunk's accumulator shaped as the
-    parameter, in ``model.parameters()`` order; parameters that got none are left out."""
+    parameter, in ``order`` (parameter names; default ``model.parameters()``'s); parameters that
+    got none are left out."""
     by_name: dict[str, torch.Tensor] = {}
     for c in store.chunks:
         if not c.has_grad:
@@ -50,7 +52,7 @@ def param_grads(store: "ChunkStore") -> list[torch.Tensor]:
         for si, s in enumerate(c.slots):
             if si in c.step_seen:
                 by_name[s.name] = c.grad[s.offset:s.offset + s.numel].view(s.shape)
-    return [by_name[n] for n in store.param_order() if n in by_name]
+    return [by_name[n] for n in (store.param_order() if order is None else order) if n in by_name]
 
 
 def total_norm(grads: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:

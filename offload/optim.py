@@ -127,7 +127,7 @@ class OffloadedOptimizer:
     # An optimizer without the kernel asked for runs its own (``OptimizerKind.kernel``).
 
     def __init__(self, store: "ChunkStore", spec: OptimizerSpec, *, host_kernel: str = DEFAULT_HOST_KERNEL,
-                 staged_chunks: int = 3, max_grad_norm: float | None = None) -> None:
+                 staged_chunks: int = 3, max_grad_norm: float | None = None, clip_order: str = "model") -> None:
         if host_kernel not in HOST_KERNELS:
             raise UserError(f"host_kernel: must be one of {', '.join(HOST_KERNELS)}, got {host_kernel!r}")
         if tuple(store.state_names) != spec.state_names:
@@ -162,6 +162,11 @@ class OffloadedOptimizer:
         self.max_grad_norm = max_grad_norm
         """Clip the step's gradients to this global norm (offload.clip); None: no clipping, and
         host and nvme chunks update early ([Note: early optimizer step])."""
+        if clip_order not in ("model", "groups"):
+            raise UserError(f"clip_order: 'model' (model.parameters()' order) or 'groups' (the param groups'), "
+                            f"got {clip_order!r}")
+        self.clip_order = clip_order
+        """The order of the per-parameter norms (offload.clip [Note: the norm of the chunks])."""
         self.last_grad_norm: float | None = None
         """The global gradient norm of the last step, before clipping (None: not computed)."""
         self._norm: torch.Tensor | None = None  # this step's, once computed (``grad_norm``)
@@ -437,7 +442,8 @@ class OffloadedOptimizer:
                     if c.has_grad:
                         c.grad.mul_(inv_scale)
                 self._unscaled = True
-            self._norm = total_norm(param_grads(self.store))
+            order = [n for g in self._group_names() for n in g] if self.clip_order == "groups" else None
+            self._norm = total_norm(param_grads(self.store, order))
             self.last_grad_norm = float(self._norm)
         return self._norm
 

@@ -210,7 +210,7 @@ def wrap(
     micro_batch_size: int | None = None, seed: int | None = None, verbose: bool = True,
     device: str | torch.device | None = None, host_kernel: str | None = None, loss_scale: Mapping[str, Any] | None = None,
     activation_manager: bool | None = None, seq_len: int | None = None, global_batch_size: int | None = None,
-    call: Callable | None = None, max_grad_norm: float | None = None,
+    call: Callable | None = None, max_grad_norm: float | None = None, clip_order: str = "model",
 ) -> Engine:
     """Wrap ``model`` for memory-aware training (docs/wrap.md is the reference).
 
@@ -228,7 +228,8 @@ def wrap(
     - ``loss_scale``: fp16 loss scaling (``LossScaler`` fields); ``activation_manager`` False keeps
       every activation.
     - ``max_grad_norm``: clip each step's gradients to this global 2-norm, as
-      ``torch.nn.utils.clip_grad_norm_`` (offload.clip); None or 0: no clipping.
+      ``torch.nn.utils.clip_grad_norm_`` (offload.clip); None or 0: no clipping. ``clip_order``
+      ``"groups"`` takes the per-parameter norms in the param groups' order instead of the model's.
     - ``optimizer``: a name, an ``OptimizerSpec`` or a dict of its fields; ``param_groups`` lists
       torch-style groups (``{"params": [names or parameters], "weight_decay": 0.0, "lr": ...}``).
     """
@@ -244,7 +245,7 @@ def wrap(
         kwargs = dict(optimizer=spec, memory=memory, blocks=blocks, loss_fn=loss_fn, dtype=dtype,
                       micro_batch_size=micro_batch_size, seed=seed, verbose=verbose, device=device,
                       host_kernel=host_kernel, loss_scale=loss_scale, activation_manager=activation_manager, call=call,
-                      max_grad_norm=clip)
+                      max_grad_norm=clip, clip_order=clip_order)
         return Engine.deferred(lambda seq_len, global_batch_size: wrap(
             model, seq_len=seq_len, global_batch_size=global_batch_size, **kwargs))
     if plan is None and (seq_len is None) != (global_batch_size is None):
@@ -291,6 +292,7 @@ def wrap(
                            device=dev, device_ledger=device_ledger, host_ledger=host_ledger, nvme=nvme,
                            prefetch_depth=depth).build()
         opt = OffloadedOptimizer(store, spec, staged_chunks=policy.optim_staged_chunks, max_grad_norm=clip,
+                                 clip_order=clip_order,
                                  **({} if host_kernel is None else {"host_kernel": host_kernel}))
         policies = {name: ActPolicy(p) for (name, _), p in zip(named, policy.activations)}
         # The program places swap-ins policy.swap_in_ahead blocks ahead; NVMe swap writes wait as the plan says.
