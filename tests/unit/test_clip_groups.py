@@ -239,3 +239,38 @@ def test_a_clipped_plan_has_no_early_updates_and_the_engine_runs_it(tmp_path):
     assert again.train.clip_grad_norm and again.schedule == plan.schedule
     with pytest.raises(UserError, match="max_grad_norm: the plan was made with gradient clipping"):
         wrap(GPT(CFG), optimizer="adamw", memory=memory, plan=plan, verbose=False)
+
+
+def _fp16_engine(tmp_path, max_norm):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    blocks = named_blocks(model, None)
+    policy = MemoryPolicy(chunk_size_elems=20_000, chunks=make_chunk_plans(param_order(model, blocks), 20_000, Tier.HOST),
+                          prefetch_depth=2, activations=(ActPolicy.KEEP,) * len(blocks))
+    return wrap(model, optimizer="adamw", memory={"device": "64MiB", "host": "256MiB"}, plan=policy, dtype="fp16",
+                loss_scale={"scale": 1024.0}, micro_batch_size=MICRO, verbose=False, host_kernel="single",
+                max_grad_norm=max_norm)
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.05])
+def test_fp16_norm_is_of_the_unscaled_gradients_and_asking_for_it_changes_nothing(max_norm, tmp_path):
+    fp32, _ = _engine(tmp_path / "fp32", Tier.HOST, max_norm=0.05)
+    asked, quiet = _fp16_engine(tmp_path / "a", max_norm), _fp16_engine(tmp_path / "b", max_norm)
+    try:
+        fp32.train_step(_batch(0))
+        for engine, ask in ((asked, True), (quiet, False)):
+            x, y = _batch(0)
+            for i, (xm, ym) in enumerate(zip(x.split(MICRO), y.split(MICRO))):
+                engine.backward(engine((xm, ym)) / 2, last_microbatch=i == 1)
+            if ask:
+                norm = engine.grad_norm()  # unscales the gradients once; the step must not again
+            assert engine.step() is True
+        # fp16 compute: the norm of the unscaled gradients is fp32's within fp16's precision
+        assert norm == pytest.approx(fp32.last_grad_norm, rel=1e-2)
+        a, b = asked.store.gather_params(), quiet.store.gather_params()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert (quiet.last_grad_norm is None) == (max_norm is None)
+    finally:
+        for engine in (fp32, asked, quiet):
+            engine.close()
