@@ -72,14 +72,14 @@ def stream_work_s(
         if flush_s:
             work[copy_out] += n * flush_s
         work[grads_stream(device)] += n * cost.host_grad_accum_time_s(ne, dt, host)
-        work[cpu] += cost.cpu_optimizer_time_s(ne, opt, host)
+        work[cpu] += cost.cpu_optimizer_time_s(ne, opt, host, clip=train.clip_grad_norm)
         if c.home is Tier.NVME:
             disk_bytes = cost.chunk_disk_bytes(ne, dt, opt)
             read_bytes = cost.nvme_optim_read_bytes(ne, dt, opt, early=early)
             if c.index not in carried:
                 work["disk"] += fetches * cost.disk_read_time_s(nbytes, nvme, comp)
             work["disk"] += cost.disk_read_time_s(read_bytes, nvme, comp) + cost.disk_write_time_s(disk_bytes, nvme, comp)
-    work["compute"] += cost.device_optimizer_time_s(resident, dt, opt, device)
+    work["compute"] += cost.device_optimizer_time_s(resident, dt, opt, device, clip=train.clip_grad_norm)
     return work
 
 
