@@ -28,7 +28,7 @@ from memtrain.errors import UserError
 if TYPE_CHECKING:
     from memtrain.offload.chunks import ChunkStore
 
-__all__ = ["check_max_norm", "param_grads", "total_norm", "clip_coefficient"]
+__all__ = ["check_max_norm", "param_grads", "total_norm", "clip_coefficient", "GradClip"]
 
 
 def check_max_norm(value: object, field: str = "max_grad_norm") -> float | None:
@@ -76,3 +76,48 @@ def clip_coefficient(max_norm: float, total: torch.Tensor) -> torch.Tensor:
     """``clamp(max_norm / (total + 1e-6), max=1)``, the expression torch evaluates."""
     clip_coef = max_norm / (total + 1e-6)
     return torch.clamp(clip_coef, max=1.0)
+
+
+class GradClip:
+    """A step's gradient norm and clipping for ``offload.optim.OffloadedOptimizer``: the norm is
+    computed once per step (asked for before the step, or by it), the step's updates multiply by
+    the coefficient, and ``reset`` ends the step."""
+
+    def __init__(self, max_norm: float | None, order: str = "model") -> None:
+        if order not in ("model", "groups"):
+            raise UserError(f"clip_order: 'model' (model.parameters()' order) or 'groups' (the param groups'), "
+                            f"got {order!r}")
+        self.max_norm = max_norm
+        """The largest global norm; None: no clipping (the norm is still given when asked)."""
+        self.order = order
+        """The per-parameter norms' order: ``model`` or the parameter ``groups``' ([Note: the norm of the chunks])."""
+        self.last_norm: float | None = None
+        """The norm of the last step it was computed for, before clipping."""
+        self.coef: torch.Tensor | None = None
+        """The coefficient the updates multiply by, while the step runs (``start``)."""
+        self.unscaled = False
+        """``norm`` unscaled this step's gradients (fp16): the step must not again."""
+        self._norm: torch.Tensor | None = None
+
+    def norm(self, store: "ChunkStore", order: list[str] | None, inv_scale: float = 1.0) -> torch.Tensor:
+        """This step's global norm, computed at the first call after every gradient is in; under
+        fp16 the gradients are first unscaled by ``inv_scale``, in their fp32 accumulators."""
+        if self._norm is None:
+            store.grads.finish()
+            if inv_scale != 1.0:
+                for c in store.chunks:
+                    if c.has_grad:
+                        c.grad.mul_(inv_scale)
+                self.unscaled = True
+            self._norm = total_norm(param_grads(store, order if self.order == "groups" else None))
+            self.last_norm = float(self._norm)
+        return self._norm
+
+    def start(self, store: "ChunkStore", order: list[str] | None, inv_scale: float) -> None:
+        """At the step's start, when clipping: the coefficient of this step's norm."""
+        if self.max_norm is not None:
+            self.coef = clip_coefficient(self.max_norm, self.norm(store, order, inv_scale))
+
+    def reset(self) -> None:
+        """The step ran, or fp16 overflow skipped it: the next step computes its own norm."""
+        self._norm, self.coef, self.unscaled = None, None, False

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from memtrain.errors import UserError
-from memtrain.offload.clip import clip_coefficient, param_grads, total_norm
+from memtrain.offload.clip import GradClip
 from memtrain.offload.staging import Deferred, Staged, WriteBack, read_ahead_states, read_states, reserve_rewrite, write_states
 from memtrain.optimizers import (
     DEFAULT_HOST_KERNEL, KERNELS as HOST_KERNELS, OptimizerKind, OptimizerSpec, adamw_step, host_adamw_step,
@@ -159,19 +159,9 @@ class OffloadedOptimizer:
         self._ahead: dict[int, Staged] = {}  # chunk index -> its states read ahead ([Note: states read ahead])
         self._inv_scale = 1.0  # set by step() for its duration ([Note: unscaling in fp32])
         self._behind: list[WriteBack] = []  # write-backs carried over the step end
-        self.max_grad_norm = max_grad_norm
-        """Clip the step's gradients to this global norm (offload.clip); None: no clipping, and
-        host and nvme chunks update early ([Note: early optimizer step])."""
-        if clip_order not in ("model", "groups"):
-            raise UserError(f"clip_order: 'model' (model.parameters()' order) or 'groups' (the param groups'), "
-                            f"got {clip_order!r}")
-        self.clip_order = clip_order
-        """The order of the per-parameter norms (offload.clip [Note: the norm of the chunks])."""
-        self.last_grad_norm: float | None = None
-        """The global gradient norm of the last step, before clipping (None: not computed)."""
-        self._norm: torch.Tensor | None = None  # this step's, once computed (``grad_norm``)
-        self._coef: torch.Tensor | None = None  # the clip coefficient, during step()
-        self._unscaled = False  # grad_norm unscaled this step's gradients (fp16)
+        self.clip = GradClip(max_grad_norm, clip_order)
+        """The step's gradient norm, and its clipping when ``max_grad_norm`` is set (offload.clip);
+        without it host and nvme chunks update early ([Note: early optimizer step])."""
         self._runs = _group_runs(store, spec)  # [Note: parameter groups]
 
     @property
@@ -416,8 +406,8 @@ class OffloadedOptimizer:
         assert grad.dtype == master.dtype == torch.float32, (grad.dtype, master.dtype)  # offload.grads [Note: fp32 accumulators]
         if self._inv_scale != 1.0:  # [Note: unscaling in fp32]
             grad.mul_(self._inv_scale)
-        if self._coef is not None:  # offload.clip [Note: the norm of the chunks]
-            grad.mul_(self._coef.to(grad.device))
+        if self.clip.coef is not None:  # offload.clip [Note: the norm of the chunks]
+            grad.mul_(self.clip.coef.to(grad.device))
         kernel = self.kind.kernel(kernel)
         specs = self.spec.group_specs()
         runs = self._runs[chunk.index]
@@ -430,22 +420,17 @@ class OffloadedOptimizer:
             self.kind.update(master[lo:hi], grad[lo:hi], {k: v[lo:hi] for k, v in states.items()}, step, specs[gi], kernel)
         chunk.step.copy_(step)
 
+    @property
+    def max_grad_norm(self) -> float | None:
+        """The global norm the step clips the gradients to; None: no clipping."""
+        return self.clip.max_norm
+
     def grad_norm(self, inv_scale: float = 1.0) -> torch.Tensor:
         """The global 2-norm of this step's gradients, as ``torch.nn.utils.clip_grad_norm_``
         returns it (offload.clip [Note: the norm of the chunks]); computed once per step, after
         the last backward, and the value the step clips with. ``inv_scale``: fp16 loss scaling's
         1 / scale, applied to every gradient first ([Note: unscaling in fp32])."""
-        if self._norm is None:
-            self.store.grads.finish()
-            if inv_scale != 1.0:
-                for c in self.store.chunks:
-                    if c.has_grad:
-                        c.grad.mul_(inv_scale)
-                self._unscaled = True
-            order = [n for g in self._group_names() for n in g] if self.clip_order == "groups" else None
-            self._norm = total_norm(param_grads(self.store, order))
-            self.last_grad_norm = float(self._norm)
-        return self._norm
+        return self.clip.norm(self.store, [n for g in self._group_names() for n in g], inv_scale)
 
     def step(self, points: Sequence[Action] = (), inv_scale: float = 1.0) -> None:
         """Run the step's end, ``points`` (planner.program_optim [Note: the step's end]: the
@@ -460,20 +445,15 @@ class OffloadedOptimizer:
         store.grads.finish()
         if inv_scale != 1.0 and self._early:
             raise RuntimeError("OffloadedOptimizer.step: early updates ran on scaled gradients")
-        if self.max_grad_norm is not None:  # offload.clip: every gradient, unscaled, before any update
-            if self._early:
-                raise RuntimeError("OffloadedOptimizer.step: early updates ran before the gradients were clipped")
-            self._coef = clip_coefficient(self.max_grad_norm, self.grad_norm(inv_scale))
-        self._inv_scale = 1.0 if self._unscaled else inv_scale  # grad_norm unscaled them already
+        if self.max_grad_norm is not None and self._early:  # offload.clip: every gradient before any update
+            raise RuntimeError("OffloadedOptimizer.step: early updates ran before the gradients were clipped")
+        self.clip.start(store, [n for g in self._group_names() for n in g], inv_scale)
+        self._inv_scale = 1.0 if self.clip.unscaled else inv_scale  # the norm unscaled them already
         try:
             self._run_end(points)
         finally:
-            self._inv_scale, self._coef = 1.0, None
-            self.discard_norm()
-
-    def discard_norm(self) -> None:
-        """Forget this step's norm (the step ran, or fp16 overflow skipped it)."""
-        self._norm, self._unscaled = None, False
+            self._inv_scale = 1.0
+            self.clip.reset()
 
     def _run_end(self, points: Sequence[Action]) -> None:
         store = self.store

@@ -239,7 +239,7 @@ class Engine:
     def last_grad_norm(self) -> float | None:
         """The global gradient norm of the last step, before clipping: computed by every clipped
         step and by ``grad_norm()``; None otherwise."""
-        return None if self.store is None else self.optimizer.last_grad_norm
+        return None if self.store is None else self.optimizer.clip.last_norm
 
     def step(self) -> bool:
         """Optimizer step over all chunks; False when fp16 overflow skipped it. With
@@ -261,7 +261,7 @@ class Engine:
                 self.scaler.update(found_inf)
                 if found_inf:
                     self.store.grads.zero()
-                    self.optimizer.discard_norm()
+                    self.optimizer.clip.reset()
                     return False
                 self.optimizer.step(points, inv_scale=1.0 / used)  # offload.optim [Note: unscaling in fp32]
                 return True
