@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "Optimizer", "OptimizerKind", "OptimizerSpec", "ParamGroup", "GROUP_KEYS", "KINDS", "ADAMW", "SGD", "lookup", "KERNELS",
+    "Optimizer", "OptimizerKind", "OptimizerSpec", "ParamGroup", "GROUP_KEYS", "KINDS", "ADAMW", "SGD", "lookup",
+    "KERNELS",
     "DEFAULT_HOST_KERNEL", "adamw_step", "host_adamw_step", "sgd_step", "KernelTiming", "measure_host_adamw",
 ]
 
@@ -279,7 +280,8 @@ class ParamGroup:
             raise UserError(f"{field}.{unknown[0]}: not settable per parameter group in memtrain; a group sets "
                             f"{', '.join(GROUP_KEYS)} and the rest is the optimizer's, the same for every group")
         params = value.get("params")
-        if isinstance(params, str) or not isinstance(params, (list, tuple)) or not all(isinstance(n, str) for n in params):
+        if (isinstance(params, str) or not isinstance(params, (list, tuple))
+                or not all(isinstance(n, str) for n in params)):
             raise UserError(f"{field}.params: a list of parameter names, got {reprlib.repr(params)}")
         lr, wd = value.get("lr"), value.get("weight_decay")
         if lr is not None:

@@ -417,7 +417,8 @@ class OffloadedOptimizer:
         step = chunk.step
         for lo, hi, gi in runs:  # [Note: parameter groups]
             step = chunk.step.clone()
-            self.kind.update(master[lo:hi], grad[lo:hi], {k: v[lo:hi] for k, v in states.items()}, step, specs[gi], kernel)
+            views = {k: v[lo:hi] for k, v in states.items()}
+            self.kind.update(master[lo:hi], grad[lo:hi], views, step, specs[gi], kernel)
         chunk.step.copy_(step)
 
     @property

@@ -193,7 +193,8 @@ def plan(
     ``memory.prefetch_depth``) instead of searching them; ``offload`` (a tier) and ``activations``
     (a policy) fix every chunk's home and every block's activations (``memory.offload``,
     ``memory.activations``; None or ``auto`` searches them); ``clip_grad_norm``: the step clips
-    gradients by their global norm, so no update runs early (``TrainShape.clip_grad_norm``). When nothing fits, the Plan has
+    gradients by their global norm, so no update runs early (``TrainShape.clip_grad_norm``).
+    When nothing fits, the Plan has
     ``fits=False`` and ``shortfall`` says which tier lacks how much.
     """
     dtype, optimizer = DType(dtype), Optimizer(optimizer)
@@ -229,8 +230,8 @@ def plan(
     def context(mbs: int) -> Context:
         s = base.scaled(mbs)
         train = TrainShape(global_batch_size=global_batch_size, micro_batch_size=mbs,
-                           num_microbatches=global_batch_size // mbs, seq_len=base.seq_len, dtype=dtype, optimizer=optimizer,
-                           clip_grad_norm=clip_grad_norm)
+                           num_microbatches=global_batch_size // mbs, seq_len=base.seq_len, dtype=dtype,
+                           optimizer=optimizer, clip_grad_norm=clip_grad_norm)
         return Context(stats=s, train=train, device=device, host=host, nvme=nvme, usable=usable,
                         ram_bytes=budgets.get("device", 0) + budgets.get("host", 0),
                         workspace_bytes=footprint.workspace_bytes(s))

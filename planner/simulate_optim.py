@@ -198,11 +198,12 @@ class _OptimizerSteps:
             elif a.op is Op.OPTIM_WAIT:
                 point = g.add(f"wait@c{c}", self.cpu, 0.0, deps=(point, writes.pop(c)), free_end=[staging(c)], tag=tag)
             elif ch.home is Tier.DEVICE:
-                dev_point = g.add(f"OPTIM@c{c}", "compute", cost.device_optimizer_time_s(ch.num_elems, dt, opt, self.device, clip=clip),
-                                  deps=(dev_point,), tag=tag)
+                upd_s = cost.device_optimizer_time_s(ch.num_elems, dt, opt, self.device, clip=clip)
+                dev_point = g.add(f"OPTIM@c{c}", "compute", upd_s, deps=(dev_point,), tag=tag)
             elif ch.home is Tier.HOST:
                 deps = (dev_point, accum[c]) if c in accum else (dev_point,)
-                g.add(f"OPTIM@c{c}", self.cpu, cost.cpu_optimizer_time_s(ch.num_elems, opt, self.host, clip=clip), deps=deps, tag=tag)
+                upd_s = cost.cpu_optimizer_time_s(ch.num_elems, opt, self.host, clip=clip)
+                g.add(f"OPTIM@c{c}", self.cpu, upd_s, deps=deps, tag=tag)
             elif c in accum:  # nvme: [Note: the step's end] streamed through staging
                 # Each rewritten file holds its old and new copy until the rename (offload.nvme).
                 files = [(nvm, f"chunk:{c}:rewrite", cost.nvme_chunk_file_bytes(ch.num_elems, dt, opt))]

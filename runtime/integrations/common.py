@@ -114,8 +114,9 @@ def with_group(state: dict[str, Any], groups: Sequence[Mapping[str, Any]]) -> di
     initial_lr, ...), one for each, or one for all: as torch's, the saved lr is the next step's,
     which the scheduler has already set."""
     if state:
-        state["param_groups"] = [{**saved, **{k: v for k, v in groups[min(i, len(groups) - 1)].items() if k != "params"}}
-                                 for i, saved in enumerate(state["param_groups"])]
+        state["param_groups"] = [
+            {**saved, **{k: v for k, v in groups[min(i, len(groups) - 1)].items() if k != "params"}}
+            for i, saved in enumerate(state["param_groups"])]
     return state
 
 

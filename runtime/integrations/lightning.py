@@ -13,10 +13,11 @@ trainer's step inside the engine]), the strategy's ``backward`` is the engine's,
 and its parameter groups (each its own lr and weight decay), and each group's lr, which
 Lightning's LR schedulers set, is that group's lr at each step; its own ``step`` never runs.
 ``gradient_clip_val`` clips by the global norm in the engine's step, over the optimizer's
-parameters in its groups' order, as Lightning's ``clip_gradients`` does. Checkpoints hold the module's state dict with the wrapped model's fp32
-weights from every tier, and ``optimizer_states`` in torch's format from every tier; restoring
-loads the weights into the module before it is wrapped and the states at its first batch. What
-is refused (and why) is listed in docs/integrations.md.
+parameters in its groups' order, as Lightning's ``clip_gradients`` does. Checkpoints hold the
+module's state dict with the wrapped model's fp32 weights from every tier, and
+``optimizer_states`` in torch's format from every tier; restoring loads the weights into the
+module before it is wrapped and the states at its first batch. What is refused (and why) is
+listed in docs/integrations.md.
 """
 
 from __future__ import annotations
@@ -95,9 +96,10 @@ class MemtrainStrategy(SingleDeviceStrategy):
             (not lm.automatic_optimization, "automatic_optimization",
              "manual optimization is not supported yet; use automatic optimization"),
             (len(self.optimizers) != 1, "configure_optimizers", "return exactly one optimizer"),
-            (clip and str(trainer.gradient_clip_algorithm or "norm").lower().endswith("value"), "gradient_clip_algorithm",
-             "memtrain clips by the global norm only; use gradient_clip_algorithm='norm'"),
-            (clip and is_overridden("configure_gradient_clipping", lm, pl.LightningModule), "configure_gradient_clipping",
+            (clip and str(trainer.gradient_clip_algorithm or "norm").lower().endswith("value"),
+             "gradient_clip_algorithm", "memtrain clips by the global norm only; use gradient_clip_algorithm='norm'"),
+            (clip and is_overridden("configure_gradient_clipping", lm, pl.LightningModule),
+             "configure_gradient_clipping",
              "a custom configure_gradient_clipping does not run under memtrain, which clips by the global norm; "
              "remove the override and set gradient_clip_val"),
             (str(trainer.precision) != "32-true", "precision", "mixed precision is not wired here yet; use 32-true"),

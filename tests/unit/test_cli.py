@@ -136,7 +136,8 @@ def test_scientific_notation_lr_is_accepted(capsys, tmp_path):
 @pytest.mark.parametrize("override,field", [
     ("train.optimizer.lr=.inf", "train.optimizer.lr"), ("train.optimizer.weight_decay=.nan", "train.optimizer.weight_decay"),
     ("train.optimizer.eps=-1", "train.optimizer.eps"), ("train.optimizer.momentum=1.5", "train.optimizer.momentum"),
-    ("train.optimizer.betas=[0.9, .inf]", "train.optimizer.betas[1]"), ("train.max_grad_norm=-1", "train.max_grad_norm"),
+    ("train.optimizer.betas=[0.9, .inf]", "train.optimizer.betas[1]"),
+    ("train.max_grad_norm=-1", "train.max_grad_norm"),
 ])
 def test_plan_and_run_refuse_the_same_hyper_parameters_before_any_work(capsys, tmp_path, command, override, field):
     run_dir = tmp_path / "run"

@@ -101,13 +101,15 @@ GOLDEN = [  # (homes, activations, micro-batches, dtype, prefetch depth, swap-in
     (Tier.NVME, MIXED, 2, "fp32", 2, 2, 6),  # read-aheads and swap-ins after the same markers
 ]
 GOLDEN = [(*g, False) for g in GOLDEN] + [  # gradient clipping: no early updates (offload.clip)
-    ("cycle", K, 2, "fp32", 2, 1, 3, True), (Tier.NVME, RC, 2, "fp32", 2, 1, 6, True), (Tier.HOST, SH, 1, "bf16", 2, 1, 3, True),
+    ("cycle", K, 2, "fp32", 2, 1, 3, True), (Tier.NVME, RC, 2, "fp32", 2, 1, 6, True),
+    (Tier.HOST, SH, 1, "bf16", 2, 1, 3, True),
 ]
 
 
 def _golden_id(h, a, m, d, p, ahead, staged, clip) -> str:
     acts = "mixed" if isinstance(a, tuple) else a.value
-    return (f"{h if isinstance(h, str) else h.value}-{acts}-m{m}-{d}-p{p}-a{ahead}" + (f"-s{staged}" if staged != 3 else "")
+    home = h if isinstance(h, str) else h.value
+    return (f"{home}-{acts}-m{m}-{d}-p{p}-a{ahead}" + (f"-s{staged}" if staged != 3 else "")
             + ("-clip" if clip else ""))
 
 
@@ -137,7 +139,8 @@ def test_the_engine_runs_the_plans_program(tmp_path, homes, act, num_micro, dtyp
         assert all(any(a.op is Op.OPTIM and a.chunk is not None for a in p) for p in programs)
         assert any(a.op is Op.OPTIM_READ for a in programs[0]) == (staged > 3)
     if clip:  # every update at the step's end, after the last backward
-        assert all(a.microbatch is None for p in programs for a in p if a.op in (Op.OPTIM, Op.OPTIM_READ, Op.OPTIM_WAIT))
+        points = [a for p in programs for a in p if a.op in (Op.OPTIM, Op.OPTIM_READ, Op.OPTIM_WAIT)]
+        assert all(a.microbatch is None for a in points)
     engine = wrap(model, optimizer={"name": "adamw", "lr": 1e-3}, plan=policy, micro_batch_size=2, dtype=dtype,
                   memory={"device": "64GiB", "host": "64GiB", "nvme_path": str(tmp_path / "nvme")}, verbose=False,
                   max_grad_norm=0.5 if clip else None)
