@@ -55,22 +55,25 @@ class RecordingMemtrainTrainer(_Recording, MemtrainTrainer):
     losses: list
 
 
-def _run(cls, out, resume=None, args=None, **kw):
+def _run(cls, out, resume=None, **kw):
+    """The losses and the trained model; the logged grad norms in ``_run.grad_norms``."""
     model = _model()
-    trainer = cls(model=model, args=args or _args(out), train_dataset=_data(), **kw)
+    trainer = cls(model=model, args=_args(out), train_dataset=_data(), **kw)
     trainer.losses = []
     trainer.train(resume_from_checkpoint=resume)
-    trainer.grad_norms = [x["grad_norm"] for x in trainer.state.log_history if "grad_norm" in x]
+    _run.grad_norms = [x["grad_norm"] for x in trainer.state.log_history if "grad_norm" in x]
     return trainer.losses, model
 
 
 def test_memtrain_trainer_gives_the_trainers_losses_and_resumes_from_its_checkpoint(tmp_path):
     plain, plain_model = _run(PlainTrainer, tmp_path / "plain")
+    plain_norms = _run.grad_norms
     # Every chunk on the host: parameters, gradients and AdamW states offloaded. The "single"
     # host kernel is the plain AdamW's CPU arithmetic, so losses and weights are bitwise equal.
     mt = dict(memory={"offload": "host"}, host_kernel="single")
     losses, model = _run(RecordingMemtrainTrainer, tmp_path / "mt", **mt)
     assert len(plain) == 2 * STEPS and losses == plain
+    assert len(plain_norms) == STEPS and _run.grad_norms == plain_norms  # logged without clipping too
     for (name, a), b in zip(plain_model.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
     ckpt = tmp_path / "mt" / f"checkpoint-{SAVE_AT}"
