@@ -414,7 +414,6 @@ class OffloadedOptimizer:
         if len(runs) == 1:  # one group: the whole flat chunk at once
             self.kind.update(master, grad, states, chunk.step, specs[runs[0][2]], kernel)
             return
-        step = chunk.step
         for lo, hi, gi in runs:  # [Note: parameter groups]
             step = chunk.step.clone()
             views = {k: v[lo:hi] for k, v in states.items()}
@@ -531,7 +530,8 @@ class OffloadedOptimizer:
     # --- state dict ---------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """``torch.optim.AdamW``/``SGD``'s format over ``store.param_order()`` (loads into them)."""
+        """``torch.optim.AdamW``/``SGD``'s format over ``store.param_order()``, or with parameter
+        groups over the groups' parameters in order, one param group each (loads into them)."""
         self.flush()
         state: dict[int, dict[str, torch.Tensor]] = {}
         groups = self._group_names()
