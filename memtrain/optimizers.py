@@ -15,10 +15,11 @@ imports torch only when a kernel runs, so the planner and the config stay free o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import reprlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from types import MappingProxyType
@@ -30,7 +31,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "Optimizer", "OptimizerKind", "OptimizerSpec", "KINDS", "ADAMW", "SGD", "lookup", "KERNELS",
+    "Optimizer", "OptimizerKind", "OptimizerSpec", "ParamGroup", "GROUP_KEYS", "KINDS", "ADAMW", "SGD", "lookup",
+    "KERNELS",
     "DEFAULT_HOST_KERNEL", "adamw_step", "host_adamw_step", "sgd_step", "KernelTiming", "measure_host_adamw",
 ]
 
@@ -240,6 +242,56 @@ def lookup(name: object, field: str = "optimizer", *, error: type[UserError] = U
 # --- hyper-parameters -----------------------------------------------------------------------------
 
 
+GROUP_KEYS = ("params", "lr", "weight_decay")
+"""What a parameter group may set (``OptimizerSpec.param_groups``); every other hyper-parameter
+is the optimizer's, the same for all groups."""
+
+
+def _check_lr(field: str, lr: object) -> None:
+    # 0 is torch's lower bound too: a warmup schedule's first step runs with lr 0.
+    if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and 0 <= lr < math.inf):
+        raise UserError(f"{field}: must be a finite number >= 0, got {reprlib.repr(lr)}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ParamGroup:
+    """One ``torch.optim`` parameter group: its parameters by ``model.named_parameters()`` name,
+    and the learning rate and weight decay it sets (None: the optimizer's). AdamW's decoupled
+    decay and the update are elementwise, so a chunk holding parameters of several groups steps
+    each group's slots with that group's values and the result is torch's (offload.optim)."""
+
+    params: tuple[str, ...]
+    """Parameter names, in the group's order (a state dict's indices run over the groups in order)."""
+    lr: float | None = None
+    """This group's learning rate; None: the optimizer's ``lr``."""
+    weight_decay: float | None = None
+    """This group's weight decay; None: the optimizer's."""
+
+    @staticmethod
+    def from_value(value: object, field: str) -> "ParamGroup":
+        """From a mapping such as ``{"params": ["h.0.ln.bias"], "weight_decay": 0.0}``."""
+        if isinstance(value, ParamGroup):
+            return value
+        if not isinstance(value, Mapping):
+            raise UserError(f"{field}: a mapping with 'params' (parameter names) and optionally 'lr' and "
+                            f"'weight_decay', got {reprlib.repr(value)}")
+        unknown = sorted(str(k) for k in set(value) - set(GROUP_KEYS))
+        if unknown:
+            raise UserError(f"{field}.{unknown[0]}: not settable per parameter group in memtrain; a group sets "
+                            f"{', '.join(GROUP_KEYS)} and the rest is the optimizer's, the same for every group")
+        params = value.get("params")
+        if (isinstance(params, str) or not isinstance(params, (list, tuple))
+                or not all(isinstance(n, str) for n in params)):
+            raise UserError(f"{field}.params: a list of parameter names, got {reprlib.repr(params)}")
+        lr, wd = value.get("lr"), value.get("weight_decay")
+        if lr is not None:
+            _check_lr(f"{field}.lr", lr)
+        if wd is not None and (isinstance(wd, bool) or not isinstance(wd, (int, float)) or not 0 <= wd < math.inf):
+            raise UserError(f"{field}.weight_decay: must be a finite number >= 0, got {reprlib.repr(wd)}")
+        return ParamGroup(params=tuple(params), lr=None if lr is None else float(lr),
+                          weight_decay=None if wd is None else float(wd))
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class OptimizerSpec:
     """Hyper-parameters; defaults are torch's, so ``{"name": "adamw", "lr": 3e-4}`` means what
@@ -262,12 +314,13 @@ class OptimizerSpec:
     """SGD dampening of the gradient added to the momentum buffer."""
     nesterov: bool = SGD.defaults["nesterov"]
     """SGD Nesterov momentum."""
+    param_groups: tuple[ParamGroup, ...] = ()
+    """torch's parameter groups, each with its own lr and weight decay (``ParamGroup``); () is one
+    group of every parameter. When given, every trainable parameter is in exactly one group."""
 
     def __post_init__(self) -> None:
         lookup(self.name, "optimizer.name")
-        # 0 is torch's lower bound too: a warmup schedule's first step runs with lr 0.
-        if isinstance(self.lr, bool) or not (isinstance(self.lr, (int, float)) and 0 <= self.lr < math.inf):
-            raise UserError(f"optimizer.lr: must be a finite number >= 0, got {self.lr!r}")
+        _check_lr("optimizer.lr", self.lr)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise UserError(f"optimizer.betas: two numbers in [0, 1), got {self.betas!r}")
         if not self.eps >= 0:
@@ -295,6 +348,33 @@ class OptimizerSpec:
         """The state tensors a chunk holds under these hyper-parameters."""
         return self.kind.states_for(self)
 
+    def group_specs(self) -> list["OptimizerSpec"]:
+        """One spec per parameter group (one when there are no groups), each with that group's lr
+        and weight decay and no groups of its own: what updates the group's parameters."""
+        if not self.param_groups:
+            return [self]
+        return [dataclasses.replace(self, param_groups=(), lr=self.lr if g.lr is None else g.lr,
+                                    weight_decay=self.weight_decay if g.weight_decay is None else g.weight_decay)
+                for g in self.param_groups]
+
+    def with_lr(self, lr: "float | Sequence[float]") -> "OptimizerSpec":
+        """The spec with a new learning rate: a number for every group, or one per group (as a
+        scheduler sets each of ``torch.optim``'s ``param_groups``)."""
+        if isinstance(lr, (int, float)):
+            _check_lr("lr", lr)
+            return dataclasses.replace(self, lr=float(lr), param_groups=tuple(
+                dataclasses.replace(g, lr=None) for g in self.param_groups))
+        lrs = list(lr)
+        if len(lrs) != max(1, len(self.param_groups)):
+            raise UserError(f"lr: {len(lrs)} learning rates for {max(1, len(self.param_groups))} parameter group(s); "
+                            "give one per group, or one number for all")
+        for i, v in enumerate(lrs):
+            _check_lr(f"lr[{i}]", v)
+        if not self.param_groups:
+            return dataclasses.replace(self, lr=float(lrs[0]))
+        return dataclasses.replace(self, param_groups=tuple(
+            dataclasses.replace(g, lr=float(v)) for g, v in zip(self.param_groups, lrs)))
+
     def torch_group(self) -> dict[str, Any]:
         """The hyper-parameters as a ``torch.optim`` param group (without ``params``)."""
         return self.kind.torch_group(self)
@@ -315,6 +395,19 @@ class OptimizerSpec:
         kw = dict(value)
         if "betas" in kw:
             kw["betas"] = tuple(kw["betas"])
+        if "param_groups" in kw:
+            groups = kw["param_groups"]
+            if isinstance(groups, (str, Mapping)) or not isinstance(groups, (list, tuple)):
+                raise UserError(f"optimizer.param_groups: a list of groups, got {reprlib.repr(groups)}")
+            kw["param_groups"] = tuple(ParamGroup.from_value(g, f"optimizer.param_groups[{i}]")
+                                       for i, g in enumerate(groups))
+            seen: set[str] = set()
+            for i, g in enumerate(kw["param_groups"]):
+                twice = next((n for n in g.params if n in seen), None)
+                if twice is not None:
+                    raise UserError(f"optimizer.param_groups[{i}].params: {twice!r} is in an earlier group too; "
+                                    "put each parameter in one group")
+                seen.update(g.params)
         return OptimizerSpec(**kw)
 
 

@@ -241,6 +241,7 @@ class ChunkHooks:
         dst.add_(flat) if si in c.mb_seen else dst.copy_(flat)
         del g, flat, dst  # autograd's gradient and a view of the grad buffer: nothing may outlive the flush below
         c.mb_seen.add(si)
+        c.step_seen.add(si)  # the parameters with a gradient this step (offload.clip [Note: the norm of the chunks])
         if len(c.mb_seen) == len(c.slots):
             self.store.grads.flush(c)
             self._complete.add(c.index)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from memtrain.errors import UserError
+from memtrain.offload.clip import GradClip
 from memtrain.offload.staging import Deferred, Staged, WriteBack, read_ahead_states, read_states, reserve_rewrite, write_states
 from memtrain.optimizers import (
     DEFAULT_HOST_KERNEL, KERNELS as HOST_KERNELS, OptimizerKind, OptimizerSpec, adamw_step, host_adamw_step,
@@ -73,6 +74,44 @@ def _load_states(store: "ChunkStore", states: Mapping[str, Mapping[str, torch.Te
         c.step.fill_(steps.pop())
 
 
+# [Note: parameter groups] torch's param groups give parameters their own lr and weight decay
+# (the Hugging Face Trainer's default: no decay for biases and norms). A chunk packs parameters
+# of several groups, so a chunk's update runs once per stretch of consecutive slots of one group,
+# on views of its flat master, gradient and states, with that group's values; every stretch
+# advances its own copy of the chunk's step count, all to the same value. AdamW's and SGD's
+# updates are elementwise, so each element gets torch's arithmetic with its group's values.
+# A chunk of one group updates whole, as without groups.
+
+
+def _group_runs(store: "ChunkStore", spec: OptimizerSpec) -> dict[int, list[tuple[int, int, int]]]:
+    """Per chunk, its stretches ``(start, end, group)`` covering the flat buffer (padding goes with
+    the stretch before it); a group names an unknown parameter or misses one: a ``UserError``."""
+    group_of: dict[str, int] = {}
+    for gi, g in enumerate(spec.param_groups):
+        for name in g.params:
+            group_of[name] = gi
+    if spec.param_groups:
+        names = {s.name for c in store.chunks for s in c.slots}
+        unknown = next((n for n in group_of if n not in names), None)
+        if unknown is not None:
+            raise UserError(f"optimizer.param_groups: {unknown!r} is not a trainable parameter of the model "
+                            f"(names as model.named_parameters() gives them)")
+        missing = next((n for n in store.param_order() if n in names and n not in group_of), None)
+        if missing is not None:
+            raise UserError(f"optimizer.param_groups: parameter {missing!r} is in no group; put every trainable "
+                            "parameter in one group")
+    out: dict[int, list[tuple[int, int, int]]] = {}
+    for c in store.chunks:
+        runs: list[tuple[int, int, int]] = []
+        for s in sorted(c.slots, key=lambda s: s.offset):
+            gi = group_of.get(s.name, 0)
+            if not runs or runs[-1][2] != gi:
+                runs.append((0 if not runs else s.offset, 0, gi))
+        ends = [r[0] for r in runs[1:]] + [c.num_elems]
+        out[c.index] = [(lo, hi, gi) for (lo, _, gi), hi in zip(runs, ends)] or [(0, c.num_elems, 0)]
+    return out
+
+
 # --- the optimizer over a ChunkStore -----------------------------------------------------
 
 
@@ -88,7 +127,7 @@ class OffloadedOptimizer:
     # An optimizer without the kernel asked for runs its own (``OptimizerKind.kernel``).
 
     def __init__(self, store: "ChunkStore", spec: OptimizerSpec, *, host_kernel: str = DEFAULT_HOST_KERNEL,
-                 staged_chunks: int = 3) -> None:
+                 staged_chunks: int = 3, max_grad_norm: float | None = None, clip_order: str = "model") -> None:
         if host_kernel not in HOST_KERNELS:
             raise UserError(f"host_kernel: must be one of {', '.join(HOST_KERNELS)}, got {host_kernel!r}")
         if tuple(store.state_names) != spec.state_names:
@@ -120,6 +159,10 @@ class OffloadedOptimizer:
         self._ahead: dict[int, Staged] = {}  # chunk index -> its states read ahead ([Note: states read ahead])
         self._inv_scale = 1.0  # set by step() for its duration ([Note: unscaling in fp32])
         self._behind: list[WriteBack] = []  # write-backs carried over the step end
+        self.clip = GradClip(max_grad_norm, clip_order)
+        """The step's gradient norm, and its clipping when ``max_grad_norm`` is set (offload.clip);
+        without it host and nvme chunks update early ([Note: early optimizer step])."""
+        self._runs = _group_runs(store, spec)  # [Note: parameter groups]
 
     @property
     def num_early(self) -> int:
@@ -363,7 +406,31 @@ class OffloadedOptimizer:
         assert grad.dtype == master.dtype == torch.float32, (grad.dtype, master.dtype)  # offload.grads [Note: fp32 accumulators]
         if self._inv_scale != 1.0:  # [Note: unscaling in fp32]
             grad.mul_(self._inv_scale)
-        self.kind.update(master, grad, states, chunk.step, self.spec, self.kind.kernel(kernel))
+        if self.clip.coef is not None:  # offload.clip [Note: the norm of the chunks]
+            grad.mul_(self.clip.coef.to(grad.device))
+        kernel = self.kind.kernel(kernel)
+        specs = self.spec.group_specs()
+        runs = self._runs[chunk.index]
+        if len(runs) == 1:  # one group: the whole flat chunk at once
+            self.kind.update(master, grad, states, chunk.step, specs[runs[0][2]], kernel)
+            return
+        for lo, hi, gi in runs:  # [Note: parameter groups]
+            step = chunk.step.clone()
+            views = {k: v[lo:hi] for k, v in states.items()}
+            self.kind.update(master[lo:hi], grad[lo:hi], views, step, specs[gi], kernel)
+        chunk.step.copy_(step)
+
+    @property
+    def max_grad_norm(self) -> float | None:
+        """The global norm the step clips the gradients to; None: no clipping."""
+        return self.clip.max_norm
+
+    def grad_norm(self, inv_scale: float = 1.0) -> torch.Tensor:
+        """The global 2-norm of this step's gradients, as ``torch.nn.utils.clip_grad_norm_``
+        returns it (offload.clip [Note: the norm of the chunks]); computed once per step, after
+        the last backward, and the value the step clips with. ``inv_scale``: fp16 loss scaling's
+        1 / scale, applied to every gradient first ([Note: unscaling in fp32])."""
+        return self.clip.norm(self.store, [n for g in self._group_names() for n in g], inv_scale)
 
     def step(self, points: Sequence[Action] = (), inv_scale: float = 1.0) -> None:
         """Run the step's end, ``points`` (planner.program_optim [Note: the step's end]: the
@@ -378,11 +445,15 @@ class OffloadedOptimizer:
         store.grads.finish()
         if inv_scale != 1.0 and self._early:
             raise RuntimeError("OffloadedOptimizer.step: early updates ran on scaled gradients")
-        self._inv_scale = inv_scale
+        if self.max_grad_norm is not None and self._early:  # offload.clip: every gradient before any update
+            raise RuntimeError("OffloadedOptimizer.step: early updates ran before the gradients were clipped")
+        self.clip.start(store, [n for g in self._group_names() for n in g], inv_scale)
+        self._inv_scale = 1.0 if self.clip.unscaled else inv_scale  # the norm unscaled them already
         try:
             self._run_end(points)
         finally:
             self._inv_scale = 1.0
+            self.clip.reset()
 
     def _run_end(self, points: Sequence[Action]) -> None:
         store = self.store
@@ -459,25 +530,37 @@ class OffloadedOptimizer:
     # --- state dict ---------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """``torch.optim.AdamW``/``SGD``'s format over ``store.param_order()`` (loads into them)."""
+        """``torch.optim.AdamW``/``SGD``'s format over ``store.param_order()``, or with parameter
+        groups over the groups' parameters in order, one param group each (loads into them)."""
         self.flush()
         state: dict[int, dict[str, torch.Tensor]] = {}
-        names = self.store.param_order()
+        groups = self._group_names()
+        names = [n for g in groups for n in g]
         per_param = _gather_states(self.store, self.kind)
         for idx, name in enumerate(names):
             entry = per_param.get(name)
             if entry is not None:
                 state[idx] = entry
-        group = dict(self.spec.torch_group(), params=list(range(len(names))))
-        return {"state": state, "param_groups": [group]}
+        out, start = [], 0
+        for spec, g in zip(self.spec.group_specs(), groups):
+            out.append(dict(spec.torch_group(), params=list(range(start, start + len(g)))))
+            start += len(g)
+        return {"state": state, "param_groups": out}
+
+    def _group_names(self) -> list[list[str]]:
+        """Parameter names per group, as torch numbers a state dict's parameters (group by group)."""
+        if not self.spec.param_groups:
+            return [self.store.param_order()]
+        return [list(g.params) for g in self.spec.param_groups]
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         self.flush()
-        names = self.store.param_order()
+        mine = self._group_names()
+        names = [n for g in mine for n in g]
         groups = sd.get("param_groups") or []
-        if len(groups) != 1 or len(groups[0].get("params", ())) != len(names):
+        if [len(g.get("params", ())) for g in groups] != [len(g) for g in mine]:
             raise ValueError(
-                f"optimizer state: expected one param group over {len(names)} parameters "
-                "(the format engine.state_dict() writes); got a different layout"
+                f"optimizer state: expected {len(mine)} param group(s) of {[len(g) for g in mine]} parameters "
+                f"(the format engine.state_dict() writes); got {[len(g.get('params', ())) for g in groups]}"
             )
         _load_states(self.store, {names[int(i)]: s for i, s in sd.get("state", {}).items()})

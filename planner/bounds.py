@@ -15,8 +15,9 @@ from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
 from memtrain.planner import cost
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, Op, Tier, TrainShape
 from memtrain.planner.program import Layout, lower_passes
+from memtrain.planner.program_optim import early_updates
 from memtrain.planner.simulate import STREAMS, _flush_copy_s, copy_streams, cpu_stream, grads_stream
-from memtrain.planner.stats import DType, ModelStats
+from memtrain.planner.stats import ModelStats
 
 __all__ = ["stream_work_s", "fetch_counts"]
 
@@ -52,7 +53,7 @@ def stream_work_s(
     # offload.optim [Note: fetch from a write-back]: these chunks' fetches copy from host until the
     # training thread waits for their write-backs, which may be as late as their next update
     # ([Note: carried write-backs released lazily]); so, for a lower bound, none of them reads.
-    early = DType(dt) is not DType.FP16
+    early = early_updates(dt, train.clip_grad_norm)
     on_nvme = [c.index for c in policy.chunks if c.home is Tier.NVME]
     carried = set(cost.carried_write_backs(uses, on_nvme, policy.optim_staged_chunks)) if early and on_nvme else set()
     resident = 0
@@ -71,14 +72,14 @@ def stream_work_s(
         if flush_s:
             work[copy_out] += n * flush_s
         work[grads_stream(device)] += n * cost.host_grad_accum_time_s(ne, dt, host)
-        work[cpu] += cost.cpu_optimizer_time_s(ne, opt, host)
+        work[cpu] += cost.cpu_optimizer_time_s(ne, opt, host, clip=train.clip_grad_norm)
         if c.home is Tier.NVME:
             disk_bytes = cost.chunk_disk_bytes(ne, dt, opt)
             read_bytes = cost.nvme_optim_read_bytes(ne, dt, opt, early=early)
             if c.index not in carried:
                 work["disk"] += fetches * cost.disk_read_time_s(nbytes, nvme, comp)
             work["disk"] += cost.disk_read_time_s(read_bytes, nvme, comp) + cost.disk_write_time_s(disk_bytes, nvme, comp)
-    work["compute"] += cost.device_optimizer_time_s(resident, dt, opt, device)
+    work["compute"] += cost.device_optimizer_time_s(resident, dt, opt, device, clip=train.clip_grad_norm)
     return work
 
 

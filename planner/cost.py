@@ -22,7 +22,7 @@ __all__ = [
     "compute_time_s", "block_fwd_time_s", "block_bwd_time_s", "recompute_time_s", "block_overhead_s",
     "transfer_time_s", "h2d_time_s", "d2h_time_s", "disk_read_time_s", "disk_write_time_s",
     "optimizer_state_bytes_per_elem", "optimizer_bytes_touched", "device_optimizer_time_s",
-    "cpu_optimizer_time_s", "host_grad_accum_time_s",
+    "cpu_optimizer_time_s", "host_grad_accum_time_s", "CLIP_BYTES_PER_ELEM",
     "chunk_bytes", "param_buffer_bytes", "grad_buffer_bytes", "host_grad_accum_bytes", "grad_landing_bytes",
     "nvme_optim_staging_bytes", "chunk_disk_bytes", "activation_bytes",
     "NVME_HEADER_BYTES", "NVME_ALIGN_BYTES", "nvme_file_bytes", "nvme_chunk_file_bytes", "nvme_chunk_file_sizes",
@@ -205,25 +205,33 @@ def optimizer_bytes_touched(num_elems: int, dtype: DType | str, optimizer: Optim
     return num_elems * (kind.fused_bytes_per_elem + (c if _mixed(dtype) else 0))
 
 
-def device_optimizer_time_s(num_elems: int, dtype: DType | str, optimizer: Optimizer | str, device: DeviceSpec) -> float:
+CLIP_BYTES_PER_ELEM = 12
+"""fp32 bytes gradient clipping adds per element (offload.clip): the norm reads the gradient (4),
+the coefficient's multiply reads and writes it (8)."""
+
+
+def device_optimizer_time_s(num_elems: int, dtype: DType | str, optimizer: Optimizer | str, device: DeviceSpec,
+                            *, clip: bool = False) -> float:
     """Bytes touched / device memory bandwidth (memory-bound step, see optimizer_bytes_touched),
     for the unfused kernel the runtime steps device chunks with (memtrain.optimizers
-    [Note: unfused optimizer])."""
+    [Note: unfused optimizer]); ``clip`` adds gradient clipping's pass (``CLIP_BYTES_PER_ELEM``)."""
     if num_elems <= 0:
         return 0.0
-    return optimizer_bytes_touched(num_elems, dtype, optimizer, fused=False) / (device.memory_bw_gbps * 1e9)
+    nbytes = optimizer_bytes_touched(num_elems, dtype, optimizer, fused=False) + clip * CLIP_BYTES_PER_ELEM * num_elems
+    return nbytes / (device.memory_bw_gbps * 1e9)
 
 
-def cpu_optimizer_time_s(num_elems: int, optimizer: Optimizer | str, host: HostSpec) -> float:
+def cpu_optimizer_time_s(num_elems: int, optimizer: Optimizer | str, host: HostSpec, *, clip: bool = False) -> float:
     """Parameters / CPU-Adam throughput.
 
     Ren et al. 2021 (ZeRO-Offload), Sec. 5.1: a vectorised CPU Adam updates parameters at a
     measured rate (``HostSpec.cpu_adam_params_per_s``). Another optimizer's step is memory-bound
-    too, so the rate is scaled by the fp32 bytes-touched ratio to AdamW's (SGD: 20/28).
+    too, so the rate is scaled by the fp32 bytes-touched ratio to AdamW's (SGD: 20/28); ``clip``
+    adds gradient clipping's bytes (``CLIP_BYTES_PER_ELEM``) the same way.
     """
     if num_elems <= 0:
         return 0.0
-    scale = lookup(optimizer).fused_bytes_per_elem / ADAMW.fused_bytes_per_elem
+    scale = (lookup(optimizer).fused_bytes_per_elem + clip * CLIP_BYTES_PER_ELEM) / ADAMW.fused_bytes_per_elem
     return num_elems / host.cpu_adam_params_per_s * scale
 
 

@@ -140,6 +140,9 @@ class TrainShape:
     seq_len: int
     dtype: DType
     optimizer: Optimizer
+    clip_grad_norm: bool = False
+    """The step clips gradients by their global norm (``train.max_grad_norm``): every gradient is
+    needed before any update, so its program has no early updates (planner.program_optim)."""
 
     @property
     def tokens_per_step(self) -> int:

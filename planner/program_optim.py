@@ -18,7 +18,8 @@ by planner.program the actions the engine's ``OffloadedOptimizer`` runs and the 
 [Note: the optimizer's points] What the lowering decides, from the staging held when the pass
 starts (``Staging``, which the engine reads off its optimizer as it reads the resident chunks
 off its store) and ``MemoryPolicy.optim_staged_chunks`` (S):
-1. Early updates apply unless fp16 loss scaling needs every gradient first (``early_updates``).
+1. Early updates apply unless fp16 loss scaling or gradient clipping needs every gradient first
+   (``early_updates``).
 2. At each backward block's start, while fewer than ``read_ahead_slots(S)`` states are read
    ahead, the next nvme chunk's are, in the order of ``cost.read_ahead_order`` (the last to
    update first), if fewer than S chunks are staged once carried write-backs are waited for.
@@ -48,10 +49,11 @@ OPTIM_OPS = frozenset({Op.OPTIM_READ, Op.OPTIM_WAIT})
 """With ``OPTIM`` on a chunk, the ops of the optimizer's points."""
 
 
-def early_updates(dtype: DType | str) -> bool:
+def early_updates(dtype: DType | str, clip_grad_norm: bool = False) -> bool:
     """Whether host and nvme chunks update as their gradients complete in the last backward: not
-    under fp16, whose loss scaling needs every gradient to skip or unscale the step."""
-    return DType(dtype) is not DType.FP16
+    under fp16, whose loss scaling needs every gradient to skip or unscale the step, nor when
+    the step clips gradients by their global norm, which needs every gradient too (offload.clip)."""
+    return DType(dtype) is not DType.FP16 and not clip_grad_norm
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +63,7 @@ class OptimLayout:
     staged_chunks: int
     """``MemoryPolicy.optim_staged_chunks``: nvme chunks holding host staging at once."""
     early: bool
-    """``early_updates(dtype)``."""
+    """``early_updates(dtype, clip_grad_norm)``."""
 
 
 @dataclass(frozen=True, slots=True)

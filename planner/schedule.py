@@ -11,9 +11,9 @@ planner.program_swaps), and adds:
 - ``0OPTIM3@c5``: chunk 5's optimizer step where its home is (CPU, or NVMe through the host),
   issued in the last backward as soon as its last gradient is in, overlapping the rest of the
   backward, with the states read ahead (``0OPTIM_READ``) and the write-backs waited for
-  (``0OPTIM_WAIT``) around it (planner.program_optim; not under fp16);
+  (``0OPTIM_WAIT``) around it (planner.program_optim; not under fp16 or gradient clipping);
 - ``0OPTIM@c5`` (no micro-batch) after the last backward: the update of a chunk not updated
-  early (the device chunks; all under fp16, the nvme ones streamed with their reads and waits:
+  early (the device chunks; all under fp16 or clipping, the nvme ones streamed with their reads and waits:
   planner.program_optim [Note: the step's end]), then ``0OPTIM`` (last): the early updates
   waited for; the step ends when all have finished.
 """
@@ -55,18 +55,20 @@ def generate_single_device(num_microbatches: int) -> Schedule:
 
 
 def lower_chunks(schedule: Schedule, memory_policy: MemoryPolicy, block_chunks: Sequence[Sequence[int]], *,
-                 dtype: DType | str | None = None, loose: Sequence[int] = (), first_step: bool = False) -> Schedule:
+                 dtype: DType | str | None = None, loose: Sequence[int] = (), first_step: bool = False,
+                 clip_grad_norm: bool = False) -> Schedule:
     """Expand each micro-batch ``F``/``B`` into its blocks' program (planner.program, with the
     swaps of the blocks whose ``memory_policy.activations`` swap), passes
     lowered one after another from the buffers the last one left (a backward followed at once by
     a forward keeps what that forward starts with), with the optimizer's points in the backwards
     (planner.program_optim) when ``dtype`` is given: early updates in the last backward unless it
-    is fp16, the param buffer handed over as the master under fp32, and the step's end
+    is fp16 or ``clip_grad_norm`` (the step clips gradients by their global norm), the param
+    buffer handed over as the master under fp32, and the step's end
     (``program_optim.final_optim_points``). ``block_chunks[j]`` lists the
     chunks block ``j`` uses (``cost.block_chunk_ids``). A step begins with the write-backs the
     last one left running (``program_optim.steady_carried``); none for ``first_step``."""
     layout = Layout.of(memory_policy, block_chunks, loose)
-    early = dtype is not None and early_updates(dtype)
+    early = dtype is not None and early_updates(dtype, clip_grad_norm)
     opt = OptimLayout(staged_chunks=memory_policy.optim_staged_chunks, early=early)
     hand_off = early and DType(dtype) is DType.FP32
     out: Schedule = {}

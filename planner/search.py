@@ -179,6 +179,7 @@ def plan(
     prefetch_depth: int | None = None,
     offload: Tier | str | None = None,
     activations: ActPolicy | str | None = None,
+    clip_grad_norm: bool = False,
 ) -> Plan:
     """The fastest single-device plan whose predicted peaks fit every tier's usable budget.
 
@@ -191,7 +192,9 @@ def plan(
     ``chunk_size_elems`` and ``prefetch_depth`` fix those choices (``memory.chunk_elems``,
     ``memory.prefetch_depth``) instead of searching them; ``offload`` (a tier) and ``activations``
     (a policy) fix every chunk's home and every block's activations (``memory.offload``,
-    ``memory.activations``; None or ``auto`` searches them). When nothing fits, the Plan has
+    ``memory.activations``; None or ``auto`` searches them); ``clip_grad_norm``: the step clips
+    gradients by their global norm, so no update runs early (``TrainShape.clip_grad_norm``).
+    When nothing fits, the Plan has
     ``fits=False`` and ``shortfall`` says which tier lacks how much.
     """
     dtype, optimizer = DType(dtype), Optimizer(optimizer)
@@ -227,7 +230,8 @@ def plan(
     def context(mbs: int) -> Context:
         s = base.scaled(mbs)
         train = TrainShape(global_batch_size=global_batch_size, micro_batch_size=mbs,
-                           num_microbatches=global_batch_size // mbs, seq_len=base.seq_len, dtype=dtype, optimizer=optimizer)
+                           num_microbatches=global_batch_size // mbs, seq_len=base.seq_len, dtype=dtype,
+                           optimizer=optimizer, clip_grad_norm=clip_grad_norm)
         return Context(stats=s, train=train, device=device, host=host, nvme=nvme, usable=usable,
                         ram_bytes=budgets.get("device", 0) + budgets.get("host", 0),
                         workspace_bytes=footprint.workspace_bytes(s))
@@ -355,7 +359,7 @@ def _build_plan(name: str, base: ModelStats, ctx: Context, chosen: Candidate, si
     peaks, breakdown = _peaks(ctx, sim, chosen.policy)
     bc = cost.block_chunk_ids(ctx.stats, chosen.policy.chunks)
     schedule = generate_single_device(ctx.train.num_microbatches)
-    schedule = lower_chunks(schedule, chosen.policy, bc, dtype=ctx.train.dtype)
+    schedule = lower_chunks(schedule, chosen.policy, bc, dtype=ctx.train.dtype, clip_grad_norm=ctx.train.clip_grad_norm)
     alternatives: list[Alternative] = []
     # One alternative per family (micro-batch, tiers used, activation policies, compression):
     # the best of each, so the report shows different strategies, not prefetch-depth twins.

@@ -22,7 +22,7 @@ from memtrain.planner.plan import (
 )
 from memtrain.planner.stats import BlockStats, DType, ModelStats
 from memtrain.planner.program import Layout
-from memtrain.planner.program_optim import OptimLayout, lower_steady_step
+from memtrain.planner.program_optim import OptimLayout, early_updates, lower_steady_step
 from memtrain.planner.simulate_optim import _OptimizerSteps
 from memtrain.planner.simulate_program import index_program
 from memtrain.planner.taskgraph import STREAMS, GraphResult, TaskGraph, simulate_graph
@@ -167,7 +167,7 @@ class _StepBuilder(_OptimizerSteps):
         self.cpu = cpu_stream(device)
         self.grads = grads_stream(device)
         self.copy_in, self.copy_out = copy_streams(device)
-        self.early = DType(train.dtype) is not DType.FP16  # [Note: early optimizer step]
+        self.early = early_updates(train.dtype, train.clip_grad_norm)  # [Note: early optimizer step]
         self.optim_tasks: list[int] = []  # early updates queued on the background thread
         self.writing: list[tuple[int, int | None]] = []  # (chunk, update task or None: deferred) whose staging is held
         self.inline = device.kind == "cpu"  # offload.optim [Note: where early updates run]

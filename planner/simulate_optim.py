@@ -172,8 +172,10 @@ class _OptimizerSteps:
         not update early (a device chunk on the compute stream, one after another; a host chunk
         on the cpu stream after its accumulation; an nvme chunk from its states read by an
         ``OPTIM_READ``, then written back until its ``OPTIM_WAIT``), then the early updates are
-        waited for, and the NVMe chunks' host accumulators are freed."""
+        waited for, and the NVMe chunks' host accumulators are freed. A clipped step's updates
+        each carry clipping's pass over their gradients (``cost.CLIP_BYTES_PER_ELEM``)."""
         g, dt, opt, tag = self.g, self.train.dtype, self.train.optimizer, self.n
+        clip = self.train.clip_grad_norm  # offload.clip: the norm and the coefficient's multiply per chunk
         dev_point = len(g) - 1  # the last device update, or the step's last task
         point = None  # the training thread's last wait in the nvme stream
         reads: dict[int, int] = {}
@@ -196,15 +198,16 @@ class _OptimizerSteps:
             elif a.op is Op.OPTIM_WAIT:
                 point = g.add(f"wait@c{c}", self.cpu, 0.0, deps=(point, writes.pop(c)), free_end=[staging(c)], tag=tag)
             elif ch.home is Tier.DEVICE:
-                dev_point = g.add(f"OPTIM@c{c}", "compute", cost.device_optimizer_time_s(ch.num_elems, dt, opt, self.device),
-                                  deps=(dev_point,), tag=tag)
+                upd_s = cost.device_optimizer_time_s(ch.num_elems, dt, opt, self.device, clip=clip)
+                dev_point = g.add(f"OPTIM@c{c}", "compute", upd_s, deps=(dev_point,), tag=tag)
             elif ch.home is Tier.HOST:
                 deps = (dev_point, accum[c]) if c in accum else (dev_point,)
-                g.add(f"OPTIM@c{c}", self.cpu, cost.cpu_optimizer_time_s(ch.num_elems, opt, self.host), deps=deps, tag=tag)
+                upd_s = cost.cpu_optimizer_time_s(ch.num_elems, opt, self.host, clip=clip)
+                g.add(f"OPTIM@c{c}", self.cpu, upd_s, deps=deps, tag=tag)
             elif c in accum:  # nvme: [Note: the step's end] streamed through staging
                 # Each rewritten file holds its old and new copy until the rename (offload.nvme).
                 files = [(nvm, f"chunk:{c}:rewrite", cost.nvme_chunk_file_bytes(ch.num_elems, dt, opt))]
-                op = g.add(f"OPTIM@c{c}", self.cpu, cost.cpu_optimizer_time_s(ch.num_elems, opt, self.host),
+                op = g.add(f"OPTIM@c{c}", self.cpu, cost.cpu_optimizer_time_s(ch.num_elems, opt, self.host, clip=clip),
                            deps=(reads.pop(c), accum[c]), alloc_end=files, tag=tag)
                 nbytes = cost.chunk_disk_bytes(ch.num_elems, dt, opt)
                 writes[c] = g.add(f"write-states@c{c}", "disk", cost.disk_write_time_s(nbytes, self.nvme, self.comp),

@@ -1,4 +1,5 @@
-"""The configuration reference, docs/config.md, generated from the dataclasses of memtrain/config.py.
+"""The configuration reference, docs/config.md, generated from the config sections' dataclasses
+(memtrain/config.py and memtrain/config_train.py).
 
 Each field's row is its dotted name, type, default and the docstring under it (read from the
 source with ``ast``). ``python -m memtrain.runtime.config_docs > docs/config.md`` writes the page; a
@@ -12,20 +13,19 @@ import types
 import typing
 from typing import Any
 
-from memtrain import config
 from memtrain.config import _SECTIONS, Size
 
 __all__ = ["field_docs", "config_reference_markdown"]
 
 
 def field_docs() -> list[tuple[str, str, str, str]]:
-    """``(dotted name, type, default, docstring)`` for every config field, read from memtrain/config.py."""
+    """``(dotted name, type, default, docstring)`` for every config field, read from the sections' source."""
     import ast
     import inspect
 
-    tree = ast.parse(inspect.getsource(config))
     docs: dict[tuple[str, str], str] = {}
-    for node in tree.body:
+    modules = dict.fromkeys(inspect.getmodule(cls) for _, cls in _SECTIONS)  # config.py and config_train.py
+    for node in (n for m in modules for n in ast.parse(inspect.getsource(m)).body):
         if isinstance(node, ast.ClassDef):
             body = node.body
             for a, b in zip(body, body[1:]):

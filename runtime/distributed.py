@@ -164,6 +164,9 @@ def run_distributed(cfg: Config, address: str | None = None, *, overwrite: bool 
     if cfg.train.dtype == "fp16":
         raise ConfigError("train.dtype: the pipeline workers train in fp32 or bf16; fp16 needs a loss scale the ranks "
                           "agree on (not yet): set train.dtype: bf16, or parallel.pipeline and parallel.data to 1")
+    if cfg.train.max_grad_norm:
+        raise ConfigError("train.max_grad_norm: clipping by the global norm of a pipeline's gradients needs the norm "
+                          "summed over its ranks (not yet): set it to 0, or parallel.pipeline and parallel.data to 1")
     from memtrain.runtime.train import check_run_dir, checkpoint_root
 
     out_dir = run_dir(cfg)

@@ -15,9 +15,8 @@ pass's program (planner.program) and the chunk store's block hooks run it; the p
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,7 +109,9 @@ class Engine:
         """``MemoryPolicy.swap_in_ahead``: where the program's swap-ins go (planner.program_swaps)."""
         self._early_pending = False
         """A backward with ``last_microbatch=True`` ran and ``step()`` has not yet."""
-        self._optim_layout = OptimLayout(staged_chunks=optimizer.staged_chunks, early=early_updates(store.dtype))
+        # No early updates under fp16 or clipping: both need every gradient first (offload.clip).
+        self._optim_layout = OptimLayout(staged_chunks=optimizer.staged_chunks,
+                                         early=early_updates(store.dtype, optimizer.max_grad_norm is not None))
         store.add_handlers(optimizer.handlers())  # the program's optimizer points (planner.program_optim)
         if activations is not None:  # the program's swaps (the chunk store's runner: offload.program_runner)
             store.on_backward_block = self._backward_block
@@ -179,7 +180,8 @@ class Engine:
         ``last_microbatch=True`` says no other backward comes before ``step()``: host- and
         NVMe-home chunks then start their optimizer update as soon as their gradients are complete,
         overlapping the rest of this backward (offload.optim [Note: early optimizer step]); the
-        results are the same. Ignored with fp16 loss scaling, which needs every gradient first.
+        results are the same. Ignored with fp16 loss scaling or gradient clipping (``wrap(...,
+        max_grad_norm=)``), which need every gradient first.
         """
         self._require_built()
         if self._early_pending:
@@ -225,11 +227,27 @@ class Engine:
             self.activations.claim(runner.marker.block, runner.marker.microbatch)
             runner.run_following(Op.SWAP_IN)
 
+    def grad_norm(self) -> float:
+        """The global 2-norm of this step's gradients (``torch.nn.utils.clip_grad_norm_``'s return
+        value, before clipping), once every backward of the step has run; the step clips with
+        this value (offload.clip [Note: the norm of the chunks]). Under fp16 the gradients are
+        unscaled first."""
+        self._require_built()
+        return float(self.optimizer.grad_norm(1.0 / self.scaler.scale if self.scaler is not None else 1.0))
+
+    @property
+    def last_grad_norm(self) -> float | None:
+        """The global gradient norm of the last step, before clipping: computed by every clipped
+        step and by ``grad_norm()``; None otherwise."""
+        return None if self.store is None else self.optimizer.clip.last_norm
+
     def step(self) -> bool:
-        """Optimizer step over all chunks; False when fp16 overflow skipped it. The last NVMe
-        write-backs may still be running when it returns; the next step waits for each when it
-        needs its staging, and ``state_dict()`` and ``close()`` for all (offload.optim [Note:
-        write-backs across the step end])."""
+        """Optimizer step over all chunks; False when fp16 overflow skipped it. With
+        ``max_grad_norm`` the gradients are first clipped to that global norm, as
+        ``torch.nn.utils.clip_grad_norm_`` does (``last_grad_norm`` is the norm before clipping).
+        The last NVMe write-backs may still be running when it returns; the next step waits for
+        each when it needs its staging, and ``state_dict()`` and ``close()`` for all
+        (offload.optim [Note: write-backs across the step end])."""
         self._require_built()
         self._microbatch = 0
         self._early_pending = False
@@ -243,6 +261,7 @@ class Engine:
                 self.scaler.update(found_inf)
                 if found_inf:
                     self.store.grads.zero()
+                    self.optimizer.clip.reset()
                     return False
                 self.optimizer.step(points, inv_scale=1.0 / used)  # offload.optim [Note: unscaling in fp32]
                 return True
@@ -251,15 +270,19 @@ class Engine:
         finally:
             self.store.executed.append(Action(0, Op.OPTIM))
 
-    def set_lr(self, lr: float) -> None:
-        """Learning rate for the following steps (a schedule calls this before each step). 0 is
-        allowed: a warmup's first step still advances the optimizer states, as torch's does."""
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 <= lr < math.inf:
+    def set_lr(self, lr: float | Sequence[float]) -> None:
+        """Learning rate for the following steps (a schedule calls this before each step): one
+        number for every parameter group, or one per group (``optimizer.param_groups``, as a
+        scheduler sets each of torch's). 0 is allowed: a warmup's first step still advances the
+        optimizer states, as torch's does."""
+        if isinstance(lr, bool) or not isinstance(lr, (int, float, Sequence)) or isinstance(lr, str):
+            raise UserError(f"lr: must be a finite number >= 0 or one per parameter group, got {lr!r}")
+        if isinstance(lr, (int, float)) and not 0 <= lr < math.inf:
             raise UserError(f"lr: must be a finite number >= 0, got {lr!r}")
         if self.store is None:  # not built yet: applied when the first batch builds it
-            self._pending_lr = float(lr)
+            self._pending_lr = lr if isinstance(lr, (int, float)) else tuple(lr)
             return
-        self.optimizer.spec = dataclasses.replace(self.optimizer.spec, lr=float(lr))
+        self.optimizer.spec = self.optimizer.spec.with_lr(lr)
 
     # --- the whole step -----------------------------------------------------------------
 

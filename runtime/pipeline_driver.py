@@ -294,6 +294,9 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     if model_cfg.source != "gpt":
         raise ConfigError(f"model.source: the pipeline runs the built-in gpt family, got {model_cfg.source!r}")
     optim = OptimizerSpec.from_value(optimizer) if optimizer is not None else OptimizerSpec(lr=lr)
+    if optim.param_groups:
+        raise ConfigError("optimizer.param_groups: the pipeline's stages step one group of all their parameters "
+                          "(not yet several); leave param_groups out")
     try:
         place, lowered = stage_programs(schedule, num_ranks, num_microbatches, stages_per_rank=stages_per_rank,
                                         zero=zero if zero in (0, 1, 2) else 0)

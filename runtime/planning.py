@@ -94,6 +94,7 @@ def plan_from_config(cfg: Config, *, profile_path: str | None = None) -> Plan:
         prefetch_depth=cfg.memory.prefetch_depth,
         offload=cfg.memory.offload,
         activations=cfg.memory.activations,
+        clip_grad_norm=cfg.train.max_grad_norm > 0,
     )
     return dataclasses.replace(plan, source_notes=tuple(notes)) if notes else plan
 

@@ -261,7 +261,7 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print, resume_from=N
             engine = wrap(
                 built.module, optimizer=cfg.train.optimizer.spec(), memory=_memory_for(plan, cfg), plan=plan,
                 blocks=list(built.blocks), loss_fn=built.loss_fn, dtype=cfg.train.dtype, verbose=False,
-                call=lambda m, ids: built.forward(ids, module=m),
+                call=lambda m, ids: built.forward(ids, module=m), max_grad_norm=cfg.train.max_grad_norm,
             )
         # [Note: closing the engine] from here on
         data = TokenBatches(cfg.data, batch_size=cfg.train.global_batch_size, seq_len=cfg.train.seq_len,
@@ -295,6 +295,8 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print, resume_from=N
                 finite = math.isfinite(loss)
                 record = {"step": step + 1, "loss": loss if finite else None, "step_time_s": dt,
                           "tokens_per_s": tokens_per_step / dt, "lr": lr_at(step, cfg), "peak_bytes": peaks}
+                if cfg.train.max_grad_norm:
+                    record["grad_norm"] = engine.last_grad_norm  # before clipping, as the trainers log it
                 if not finite:
                     record["non_finite_loss"] = str(loss)  # JSON has no NaN or Infinity
                 metrics.write(json.dumps(record) + "\n")

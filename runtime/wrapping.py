@@ -23,6 +23,7 @@ from torch import nn
 
 from memtrain.errors import UserError
 from memtrain.offload.chunks import ChunkStore, named_blocks
+from memtrain.offload.clip import check_max_norm
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.optim import OffloadedOptimizer, OptimizerSpec
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, Plan, Tier
@@ -118,7 +119,7 @@ def check_nvme_dir(path: str | os.PathLike, field: str) -> None:
 def planner_plan(
     model: nn.Module, blocks: Sequence[tuple[str, nn.Module]], *, loss_fn: Callable, dtype: DType | str, optimizer: str,
     budgets: MemoryBudgets, device: torch.device, seq_len: int, global_batch_size: int, micro_batch_size: int | None,
-    call: Callable | None = None,
+    call: Callable | None = None, clip_grad_norm: bool = False,
 ) -> Plan:
     """Plan with the planner (``planner.analyze.analyze_built`` + ``planner.search.plan``) on a
     meta-device twin of ``model`` (no weight is copied) and this machine's hardware figures."""
@@ -156,11 +157,33 @@ def planner_plan(
         budgets={"device": budgets.device_bytes, "host": budgets.host_bytes, "nvme": 0 if nvme is None else nvme.capacity_bytes},
         safety_margin=budgets.safety_margin, source="auto", param_numels={n: p.numel() for n, p in model.named_parameters()},
         chunk_size_elems=budgets.chunk_elems, prefetch_depth=budgets.prefetch_depth,
-        offload=budgets.offload, activations=budgets.activations,
+        offload=budgets.offload, activations=budgets.activations, clip_grad_norm=clip_grad_norm,
     )
     if not plan.fits:
         raise UserError(f"memory: nothing fits these budgets: {plan.shortfall}")
     return plan
+
+
+def _named_groups(optimizer: Any, model: nn.Module) -> Any:
+    """``optimizer`` with the parameters of its ``param_groups`` given by name (a group may list
+    the model's parameters themselves, as torch's do)."""
+    if not isinstance(optimizer, Mapping) or not isinstance(optimizer.get("param_groups"), (list, tuple)):
+        return optimizer
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = []
+    for i, g in enumerate(optimizer["param_groups"]):
+        if isinstance(g, Mapping) and isinstance(g.get("params"), (list, tuple)):
+            params = []
+            for p in g["params"]:
+                if isinstance(p, torch.Tensor):
+                    if id(p) not in names:
+                        raise UserError(f"optimizer.param_groups[{i}].params: a tensor that is not a parameter of "
+                                        "the model; list the model's parameters or their names")
+                    p = names[id(p)]
+                params.append(p)
+            g = {**g, "params": params}
+        groups.append(g)
+    return {**optimizer, "param_groups": groups}
 
 
 def _activation_manager(policies, blocks, store, device_ledger, host_ledger, nvme, policy: MemoryPolicy, use):
@@ -187,7 +210,7 @@ def wrap(
     micro_batch_size: int | None = None, seed: int | None = None, verbose: bool = True,
     device: str | torch.device | None = None, host_kernel: str | None = None, loss_scale: Mapping[str, Any] | None = None,
     activation_manager: bool | None = None, seq_len: int | None = None, global_batch_size: int | None = None,
-    call: Callable | None = None,
+    call: Callable | None = None, max_grad_norm: float | None = None, clip_order: str = "model",
 ) -> Engine:
     """Wrap ``model`` for memory-aware training (docs/wrap.md is the reference).
 
@@ -204,18 +227,25 @@ def wrap(
       its output into the loss (default: next-token cross entropy of the logits).
     - ``loss_scale``: fp16 loss scaling (``LossScaler`` fields); ``activation_manager`` False keeps
       every activation.
+    - ``max_grad_norm``: clip each step's gradients to this global 2-norm, as
+      ``torch.nn.utils.clip_grad_norm_`` (offload.clip); None or 0: no clipping. ``clip_order``
+      ``"groups"`` takes the per-parameter norms in the param groups' order instead of the model's.
+    - ``optimizer``: a name, an ``OptimizerSpec`` or a dict of its fields; ``param_groups`` lists
+      torch-style groups (``{"params": [names or parameters], "weight_decay": 0.0, "lr": ...}``).
     """
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cpu":
         return_large_frees()  # runtime.process_memory [Note: the C heap's threshold]
-    spec = OptimizerSpec.from_value(optimizer)
+    spec = OptimizerSpec.from_value(_named_groups(optimizer, model))
+    clip = check_max_norm(max_grad_norm)
     budgets = MemoryBudgets.parse(memory, dev)
     if plan is None and seq_len is None and global_batch_size is None:
         # [Note: plan on the first batch] The planner needs the batch shape; without a plan or
         # the shape, plan when the first batch arrives (its sequence length and size).
         kwargs = dict(optimizer=spec, memory=memory, blocks=blocks, loss_fn=loss_fn, dtype=dtype,
                       micro_batch_size=micro_batch_size, seed=seed, verbose=verbose, device=device,
-                      host_kernel=host_kernel, loss_scale=loss_scale, activation_manager=activation_manager, call=call)
+                      host_kernel=host_kernel, loss_scale=loss_scale, activation_manager=activation_manager, call=call,
+                      max_grad_norm=clip, clip_order=clip_order)
         return Engine.deferred(lambda seq_len, global_batch_size: wrap(
             model, seq_len=seq_len, global_batch_size=global_batch_size, **kwargs))
     if plan is None and (seq_len is None) != (global_batch_size is None):
@@ -227,6 +257,10 @@ def wrap(
     if isinstance(plan, Plan):
         if plan.train.optimizer != spec.name or str(plan.train.dtype) != str(DType(dtype)):
             raise UserError(f"plan: made for {plan.train.optimizer}/{plan.train.dtype}, wrap asked for {spec.name}/{dtype}; re-plan")
+        if plan.train.clip_grad_norm != (clip is not None):
+            raise UserError(f"max_grad_norm: the plan was made {'with' if plan.train.clip_grad_norm else 'without'} "
+                            "gradient clipping (its program updates early only without it); re-plan with "
+                            "train.max_grad_norm set as here, or pass a MemoryPolicy")
         micro_batch_size = micro_batch_size or plan.train.micro_batch_size
     if seed is not None:
         torch.manual_seed(seed)
@@ -236,7 +270,7 @@ def wrap(
     if plan is None and seq_len is not None and global_batch_size is not None:
         plan = planner_plan(model, named, loss_fn=loss_fn, dtype=dtype, optimizer=spec.name, budgets=budgets, device=dev,
                             seq_len=seq_len, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
-                            call=call)
+                            call=call, clip_grad_norm=clip is not None)
         micro_batch_size = plan.train.micro_batch_size
     policy = plan.memory if isinstance(plan, Plan) else plan
     if budgets.chunk_elems is not None and budgets.chunk_elems != policy.chunk_size_elems:
@@ -257,7 +291,8 @@ def wrap(
         store = ChunkStore(model=model, blocks=named, chunks=policy.chunks, dtype=dtype, state_names=spec.state_names,
                            device=dev, device_ledger=device_ledger, host_ledger=host_ledger, nvme=nvme,
                            prefetch_depth=depth).build()
-        opt = OffloadedOptimizer(store, spec, staged_chunks=policy.optim_staged_chunks,
+        opt = OffloadedOptimizer(store, spec, staged_chunks=policy.optim_staged_chunks, max_grad_norm=clip,
+                                 clip_order=clip_order,
                                  **({} if host_kernel is None else {"host_kernel": host_kernel}))
         policies = {name: ActPolicy(p) for (name, _), p in zip(named, policy.activations)}
         # The program places swap-ins policy.swap_in_ahead blocks ahead; NVMe swap writes wait as the plan says.

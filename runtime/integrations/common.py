@@ -11,13 +11,14 @@ the trainer's batch lives on a real device and the twin on ``meta``.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from memtrain.errors import UserError
+from memtrain.optimizers import GROUP_KEYS
 
 __all__ = ["StepCall", "LazyEngine", "load_plan", "optimizer_of", "with_group", "restore_group"]
 
@@ -108,18 +109,22 @@ class LazyEngine:
         self.engine = None
 
 
-def with_group(state: dict[str, Any], group: Mapping[str, Any]) -> dict[str, Any]:
-    """An optimizer state whose one parameter group carries ``group``'s values (lr, initial_lr):
-    as torch's, the saved lr is the next step's, which the scheduler has already set."""
+def with_group(state: dict[str, Any], groups: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """An optimizer state whose parameter groups carry the trainer's ``groups``' values (lr,
+    initial_lr, ...), one for each, or one for all: as torch's, the saved lr is the next step's,
+    which the scheduler has already set."""
     if state:
-        state["param_groups"] = [{**state["param_groups"][0], **{k: v for k, v in group.items() if k != "params"}}]
+        state["param_groups"] = [
+            {**saved, **{k: v for k, v in groups[min(i, len(groups) - 1)].items() if k != "params"}}
+            for i, saved in enumerate(state["param_groups"])]
     return state
 
 
-def restore_group(group: dict[str, Any], state: Mapping[str, Any]) -> None:
-    """Set ``group``'s values (lr, initial_lr, ...) from a state saved by ``with_group``."""
-    saved = state["param_groups"][0]
-    group.update({k: saved[k] for k in group if k != "params" and k in saved})
+def restore_group(groups: Sequence[dict[str, Any]], state: Mapping[str, Any]) -> None:
+    """Set the trainer's ``groups``' values (lr, initial_lr, ...) from a state saved by
+    ``with_group``, each from its saved group."""
+    for group, saved in zip(groups, state["param_groups"]):
+        group.update({k: saved[k] for k in group if k != "params" and k in saved})
 
 
 _ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
@@ -128,7 +133,8 @@ _SGD_KEYS = ("lr", "momentum", "dampening", "nesterov", "weight_decay")
 
 def optimizer_of(opt: torch.optim.Optimizer, where: str) -> dict[str, Any]:
     """wrap's ``optimizer=`` for a ``torch.optim.AdamW`` or ``SGD`` the user built: its
-    hyper-parameters, one set for all parameters (memtrain has no parameter groups yet)."""
+    hyper-parameters, and with several parameter groups each group's parameters, lr and weight
+    decay (memtrain.optimizers ``ParamGroup``); the rest must be the same for every group."""
     if type(opt) is torch.optim.AdamW:
         name, keys = "adamw", _ADAMW_KEYS
         unsupported = ("amsgrad", "maximize", "capturable", "differentiable")
@@ -140,11 +146,15 @@ def optimizer_of(opt: torch.optim.Optimizer, where: str) -> dict[str, Any]:
                         "return one of those")
     first = opt.param_groups[0]
     for group in opt.param_groups[1:]:
-        differ = [k for k in keys if group[k] != first[k]]
+        differ = [k for k in keys if k not in GROUP_KEYS and group[k] != first[k]]
         if differ:
-            raise UserError(f"{where}: parameter groups with different {differ[0]} are not supported by memtrain "
-                            "yet; use one group")
-    on = [k for k in unsupported if first.get(k)]
-    if on:
-        raise UserError(f"{where}: {type(opt).__name__}({on[0]}=True) is not supported by memtrain; leave it off")
-    return {"name": name, **{k: first[k] for k in keys}}
+            raise UserError(f"{where}: parameter groups with different {differ[0]} are not supported by memtrain; "
+                            f"a group may set only {', '.join(k for k in GROUP_KEYS if k != 'params')}")
+    for group in opt.param_groups:
+        on = [k for k in unsupported if group.get(k)]
+        if on:
+            raise UserError(f"{where}: {type(opt).__name__}({on[0]}=True) is not supported by memtrain; leave it off")
+    out = {"name": name, **{k: first[k] for k in keys}}
+    if len(opt.param_groups) > 1:
+        out["param_groups"] = [{k: g[k] for k in GROUP_KEYS} for g in opt.param_groups]
+    return out

@@ -15,7 +15,11 @@ DeepSpeed path does) and the optimizer states in ``torch.optim.AdamW``'s format
 (``optimizer.pt``), so ``resume_from_checkpoint`` loads the weights into the model before the
 engine is built and the states into it before its first batch. At the end of ``train`` the
 parameters go back to the model, so ``evaluate``, ``predict`` and ``save_model`` afterwards see
-the trained weights. What is refused (and why) is listed in docs/integrations.md.
+the trained weights. ``max_grad_norm`` clips in the engine's step, by the global norm of every
+gradient (the Trainer's ``_clip_grad_norm`` returns the engine's norm, which it logs as
+``grad_norm``), and ``weight_decay`` applies to the Trainer's decay group (all but biases and
+norms, ``get_decay_parameter_names``), as its ``create_optimizer`` groups them. What is refused
+(and why) is listed in docs/integrations.md.
 """
 
 from __future__ import annotations
@@ -57,13 +61,13 @@ def _trace(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return _call_causal_lm(model, input_ids).logits
 
 
-def _check_args(args: transformers.TrainingArguments) -> dict[str, Any]:
-    """wrap's ``optimizer=`` from the arguments; a setting memtrain would not honour is refused."""
+def _check_args(args: transformers.TrainingArguments, decay: list[str] | None = None) -> dict[str, Any]:
+    """wrap's ``optimizer=`` from the arguments, with the Trainer's two parameter groups when
+    ``weight_decay`` is set (decay on the parameters ``decay`` names, none on the rest); a
+    setting memtrain would not honour is refused."""
     refuse = [
-        (args.max_grad_norm and args.max_grad_norm > 0, "max_grad_norm",
-         "memtrain does not clip gradients yet; set max_grad_norm=0"),
-        (args.weight_decay != 0, "weight_decay",
-         "the Trainer exempts biases and norms from decay and memtrain has one group for all parameters; set 0"),
+        (args.max_grad_norm is not None and args.max_grad_norm < 0, "max_grad_norm",
+         "must be >= 0 (0: no clipping)"),
         (args.optim not in _ADAMW_OPTIMS, "optim", f"memtrain runs AdamW; use one of {', '.join(_ADAMW_OPTIMS)}"),
         (args.fp16 or args.bf16, "fp16/bf16", "mixed precision is memtrain's wrap(dtype=) and not wired here yet; "
                                               "train in fp32"),
@@ -76,32 +80,46 @@ def _check_args(args: transformers.TrainingArguments) -> dict[str, Any]:
     for bad, field, fix in refuse:
         if bad:
             raise UserError(f"TrainingArguments.{field}: {fix}")
-    return {"name": "adamw", "lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
-            "eps": args.adam_epsilon, "weight_decay": 0.0}
+    optimizer = {"name": "adamw", "lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
+                 "eps": args.adam_epsilon, "weight_decay": args.weight_decay}
+    if args.weight_decay and decay is not None:
+        optimizer["param_groups"] = [{"params": decay[0], "weight_decay": args.weight_decay},
+                                     {"params": decay[1], "weight_decay": 0.0}]
+    return optimizer
+
+
+def _decay_groups(trainer: transformers.Trainer) -> tuple[list[str], list[str]]:
+    """The names the Trainer's ``create_optimizer`` puts in its decay and no-decay groups (in
+    ``named_parameters`` order), from its own ``get_decay_parameter_names``."""
+    decay = set(trainer.get_decay_parameter_names(trainer.model))
+    named = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
+    return [n for n, _ in named if n in decay], [n for n, _ in named if n not in decay]
 
 
 class _EngineOptimizer(torch.optim.Optimizer):
-    """The Trainer's optimizer: its one parameter group carries the learning rate the scheduler
-    sets; ``step`` runs the engine's step with it; its state is the engine's optimizer states."""
+    """The Trainer's optimizer: a parameter group per engine group (so the scheduler's state is
+    the plain Trainer's), each carrying the learning rate the scheduler sets; ``step`` runs the
+    engine's step with them; its state is the engine's optimizer states."""
 
-    def __init__(self, lazy: LazyEngine, lr: float) -> None:
-        super().__init__([torch.zeros(0, requires_grad=True)], {"lr": lr})
+    def __init__(self, lazy: LazyEngine, lr: float, num_groups: int = 1) -> None:
+        super().__init__([{"params": [torch.zeros(0, requires_grad=True)]} for _ in range(num_groups)], {"lr": lr})
         self._lazy = lazy
 
     @torch.no_grad()
     def step(self, closure=None):
         assert closure is None, "the Trainer calls step() without a closure"
         engine = self._lazy.engine
-        engine.set_lr(float(self.param_groups[0]["lr"]))
+        lrs = [float(g["lr"]) for g in self.param_groups]
+        engine.set_lr(lrs[0] if len(lrs) == 1 else lrs)
         engine.step()
 
     def state_dict(self) -> dict[str, Any]:
-        return with_group(self._lazy.optimizer_state(), self.param_groups[0])
+        return with_group(self._lazy.optimizer_state(), self.param_groups)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         if not state_dict:  # accelerate's prepare() loads back the empty state of an engine not built yet
             return
-        restore_group(self.param_groups[0], state_dict)
+        restore_group(self.param_groups, state_dict)
         self._lazy.load({"optimizer": dict(state_dict)})
 
 
@@ -120,11 +138,12 @@ class MemtrainTrainer(transformers.Trainer):
             raise UserError("MemtrainTrainer: optimizers=: memtrain runs the optimizer; set it through "
                             "TrainingArguments (optim, learning_rate, adam_beta1/2, adam_epsilon)")
         super().__init__(*args, **kwargs)
-        optimizer = _check_args(self.args)
+        optimizer = _check_args(self.args, _decay_groups(self))
         self._memtrain_call = StepCall(self.model, _trace)
         self._memtrain = LazyEngine(
             optimizer=optimizer, memory=memory, plan=load_plan(plan), call=self._memtrain_call,
-            blocks=blocks if blocks is not None else hf_blocks(self.model), host_kernel=host_kernel, verbose=False)
+            blocks=blocks if blocks is not None else hf_blocks(self.model), host_kernel=host_kernel, verbose=False,
+            max_grad_norm=self.args.max_grad_norm or None)
 
     @property
     def memtrain_engine(self):
@@ -133,8 +152,18 @@ class MemtrainTrainer(transformers.Trainer):
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            self.optimizer = _EngineOptimizer(self._memtrain, self.args.learning_rate)
+            groups = len(self._memtrain.wrap_kwargs["optimizer"].get("param_groups", ())) or 1
+            self.optimizer = _EngineOptimizer(self._memtrain, self.args.learning_rate, groups)
         return self.optimizer
+
+    def _clip_grad_norm(self, model):
+        """The Trainer's clip (transformers >= 5): the engine's step clips with this norm, the
+        norm of every gradient before clipping, which the Trainer logs as ``grad_norm``."""
+        return self._memtrain.engine.grad_norm()
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The Trainer's ``grad_norm`` without clipping: the engine's gradients' global norm."""
+        return self._memtrain.engine.grad_norm() if grad_norm is None else grad_norm
 
     def train(self, *args, **kwargs):
         try:

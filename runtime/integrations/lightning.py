@@ -9,12 +9,15 @@ A single-device strategy: the LightningModule's ``model`` attribute (``module=``
 the first batch; the module's ``training_step`` runs inside the engine's forward ([Note: the
 trainer's step inside the engine]), the strategy's ``backward`` is the engine's, and
 ``optimizer_step`` runs the closure then the engine's offloaded step. The optimizer
-``configure_optimizers`` returns (``torch.optim.AdamW`` or ``SGD``) gives the hyper-parameters,
-and its param group's lr, which Lightning's LR schedulers set, is each step's lr; its own
-``step`` never runs. Checkpoints hold the module's state dict with the wrapped model's fp32
-weights from every tier, and ``optimizer_states`` in torch's format from every tier; restoring
-loads the weights into the module before it is wrapped and the states at its first batch. What
-is refused (and why) is listed in docs/integrations.md.
+``configure_optimizers`` returns (``torch.optim.AdamW`` or ``SGD``) gives the hyper-parameters
+and its parameter groups (each its own lr and weight decay), and each group's lr, which
+Lightning's LR schedulers set, is that group's lr at each step; its own ``step`` never runs.
+``gradient_clip_val`` clips by the global norm in the engine's step, over the optimizer's
+parameters in its groups' order, as Lightning's ``clip_gradients`` does. Checkpoints hold the
+module's state dict with the wrapped model's fp32 weights from every tier, and
+``optimizer_states`` in torch's format from every tier; restoring loads the weights into the
+module before it is wrapped and the states at its first batch. What is refused (and why) is
+listed in docs/integrations.md.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch import nn
 try:
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import SingleDeviceStrategy
+    from lightning.pytorch.utilities.model_helpers import is_overridden
 except ImportError as e:  # an extra, not a dependency of memtrain
     raise ImportError('memtrain.runtime.integrations.lightning needs Lightning: pip install "memtrain[lightning]"') from e
 
@@ -87,11 +91,17 @@ class MemtrainStrategy(SingleDeviceStrategy):
         if trainer.state.fn != "fit":
             return
         lm = self.lightning_module
+        clip = trainer.gradient_clip_val or None
         refuse = [
             (not lm.automatic_optimization, "automatic_optimization",
              "manual optimization is not supported yet; use automatic optimization"),
             (len(self.optimizers) != 1, "configure_optimizers", "return exactly one optimizer"),
-            (trainer.gradient_clip_val, "gradient_clip_val", "memtrain does not clip gradients yet; leave it unset"),
+            (clip and str(trainer.gradient_clip_algorithm or "norm").lower().endswith("value"),
+             "gradient_clip_algorithm", "memtrain clips by the global norm only; use gradient_clip_algorithm='norm'"),
+            (clip and is_overridden("configure_gradient_clipping", lm, pl.LightningModule),
+             "configure_gradient_clipping",
+             "a custom configure_gradient_clipping does not run under memtrain, which clips by the global norm; "
+             "remove the override and set gradient_clip_val"),
             (str(trainer.precision) != "32-true", "precision", "mixed precision is not wired here yet; use 32-true"),
         ]
         for bad, field, fix in refuse:
@@ -101,7 +111,9 @@ class MemtrainStrategy(SingleDeviceStrategy):
         optimizer = optimizer_of(self.optimizers[0], "configure_optimizers")
         if self._lazy is None:
             self._lazy = LazyEngine(optimizer=optimizer, **self._wrap_kwargs)
-        self._lazy.wrap_kwargs.update(optimizer=optimizer, call=StepCall(inner, self._trace))
+        # clip_gradients passes the optimizer's parameters, group by group (offload.clip)
+        self._lazy.wrap_kwargs.update(optimizer=optimizer, call=StepCall(inner, self._trace), max_grad_norm=clip,
+                                      clip_order="groups")
         self._call = self._lazy.wrap_kwargs["call"]
 
     def training_step(self, *args: Any, **kwargs: Any):
@@ -128,7 +140,8 @@ class MemtrainStrategy(SingleDeviceStrategy):
     def optimizer_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
         result = closure()  # training_step and backward of the batch (each accumulated one's ran before)
         engine = self._lazy.engine
-        engine.set_lr(float(optimizer.param_groups[0]["lr"]))
+        groups = optimizer.param_groups
+        engine.set_lr(float(groups[0]["lr"]) if len(groups) == 1 else [float(g["lr"]) for g in groups])
         engine.step()
         return result
 
@@ -144,7 +157,7 @@ class MemtrainStrategy(SingleDeviceStrategy):
     def optimizer_state(self, optimizer) -> dict[str, Any]:
         if self._lazy is None:
             return super().optimizer_state(optimizer)
-        return with_group(self._lazy.optimizer_state(), getattr(optimizer, "_optimizer", optimizer).param_groups[0])
+        return with_group(self._lazy.optimizer_state(), getattr(optimizer, "_optimizer", optimizer).param_groups)
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         if self._lazy is not None and self._lazy.built:
@@ -157,8 +170,7 @@ class MemtrainStrategy(SingleDeviceStrategy):
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         (state,) = checkpoint["optimizer_states"]
         if state:
-            for group in self.optimizers[0].param_groups:
-                restore_group(group, state)
+            restore_group(self.optimizers[0].param_groups, state)
             self._lazy.load({"optimizer": state})
 
     def teardown(self) -> None:

@@ -137,6 +137,7 @@ def test_scientific_notation_lr_is_accepted(capsys, tmp_path):
     ("train.optimizer.lr=.inf", "train.optimizer.lr"), ("train.optimizer.weight_decay=.nan", "train.optimizer.weight_decay"),
     ("train.optimizer.eps=-1", "train.optimizer.eps"), ("train.optimizer.momentum=1.5", "train.optimizer.momentum"),
     ("train.optimizer.betas=[0.9, .inf]", "train.optimizer.betas[1]"),
+    ("train.max_grad_norm=-1", "train.max_grad_norm"),
 ])
 def test_plan_and_run_refuse_the_same_hyper_parameters_before_any_work(capsys, tmp_path, command, override, field):
     run_dir = tmp_path / "run"
@@ -293,3 +294,14 @@ def test_run_dir_under_a_file_exits_2_before_training(capsys, tmp_path):
     rc, out, err = cli(capsys, "run", TINY, "--set", f"run_dir={tmp_path / 'file' / 'run'}")
     assert_one_error(rc, err, "run_dir", "is a file, not a directory")
     assert out == "" and listing(tmp_path) == ["file"]
+
+
+def test_run_with_max_grad_norm_clips_without_early_updates_and_logs_the_norm(capsys, tmp_path):
+    rc, _, err = cli(capsys, "run", TINY, "--set", "train.steps=3", "--set", "train.max_grad_norm=0.5",
+                     "--set", f"run_dir={tmp_path}")
+    assert rc == 0, err
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(x["grad_norm"] > 0 for x in lines)
+    plan = Plan.load(tmp_path / "plan.json")
+    assert plan.train.clip_grad_norm
+    assert not any(a.op.value == "OPTIM" and a.microbatch is not None for a in plan.schedule[0])

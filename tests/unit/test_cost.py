@@ -80,6 +80,9 @@ def test_optimizer_bytes_touched_and_times():
     assert cost.device_optimizer_time_s(10**9, "bf16", "adamw", DEV) == pytest.approx(86e9 / 1000e9)
     assert cost.cpu_optimizer_time_s(2 * 10**9, "adamw", HOST) == pytest.approx(2.0)
     assert cost.cpu_optimizer_time_s(2 * 10**9, "sgd", HOST) == pytest.approx(2.0 * 20 / 28)
+    # gradient clipping reads each gradient for the norm and rewrites it once: 12 B/elem more
+    assert cost.cpu_optimizer_time_s(2 * 10**9, "adamw", HOST, clip=True) == pytest.approx(2.0 * 40 / 28)
+    assert cost.device_optimizer_time_s(10**9, "bf16", "adamw", DEV, clip=True) == pytest.approx(98e9 / 1000e9)
     # host accumulation: read bf16 grad 2 + read/write fp32 8 = 10 bytes per element at 100 GB/s
     assert cost.host_grad_accum_time_s(10**9, "bf16", HOST) == pytest.approx(0.1)
 

@@ -100,15 +100,22 @@ GOLDEN = [  # (homes, activations, micro-batches, dtype, prefetch depth, swap-in
     (Tier.NVME, K, 2, "fp32", 2, 1, 6), (Tier.NVME, K, 1, "bf16", 2, 1, 5),  # states read ahead (staged > 3)
     (Tier.NVME, MIXED, 2, "fp32", 2, 2, 6),  # read-aheads and swap-ins after the same markers
 ]
+GOLDEN = [(*g, False) for g in GOLDEN] + [  # gradient clipping: no early updates (offload.clip)
+    ("cycle", K, 2, "fp32", 2, 1, 3, True), (Tier.NVME, RC, 2, "fp32", 2, 1, 6, True),
+    (Tier.HOST, SH, 1, "bf16", 2, 1, 3, True),
+]
 
 
-def _golden_id(h, a, m, d, p, ahead, staged) -> str:
+def _golden_id(h, a, m, d, p, ahead, staged, clip) -> str:
     acts = "mixed" if isinstance(a, tuple) else a.value
-    return f"{h if isinstance(h, str) else h.value}-{acts}-m{m}-{d}-p{p}-a{ahead}" + (f"-s{staged}" if staged != 3 else "")
+    home = h if isinstance(h, str) else h.value
+    return (f"{home}-{acts}-m{m}-{d}-p{p}-a{ahead}" + (f"-s{staged}" if staged != 3 else "")
+            + ("-clip" if clip else ""))
 
 
-@pytest.mark.parametrize("homes, act, num_micro, dtype, depth, ahead, staged", GOLDEN, ids=[_golden_id(*g) for g in GOLDEN])
-def test_the_engine_runs_the_plans_program(tmp_path, homes, act, num_micro, dtype, depth, ahead, staged):
+@pytest.mark.parametrize("homes, act, num_micro, dtype, depth, ahead, staged, clip", GOLDEN,
+                         ids=[_golden_id(*g) for g in GOLDEN])
+def test_the_engine_runs_the_plans_program(tmp_path, homes, act, num_micro, dtype, depth, ahead, staged, clip):
     chunk = 8000
     torch.manual_seed(0)
     cfg = gpt_config("tiny", dropout=0.1)
@@ -121,18 +128,22 @@ def test_the_engine_runs_the_plans_program(tmp_path, homes, act, num_micro, dtyp
     # the plan's program, from the analysis as the planner makes it
     stats = analyze(ModelConfig(preset="tiny", overrides={"dropout": 0.1}), seq_len=16)
     lower = functools.partial(lower_chunks, generate_single_device(num_micro), policy,
-                              cost.block_chunk_ids(stats, policy.chunks), dtype=dtype)
+                              cost.block_chunk_ids(stats, policy.chunks), dtype=dtype, clip_grad_norm=clip)
     # the first step has no write-backs carried in; the next ones wait for those the last left
     programs = [engine_program(lower(first_step=True)), engine_program(lower())]
     assert all(validate({0: p}) == [] for p in programs)
     swapped = {j for j, p in enumerate(acts) if p in (SH, SN)}
     swaps = [a for a in programs[1] if a.op in (Op.SWAP_OUT, Op.SWAP_IN)]
     assert len(swaps) == 2 * num_micro * len(swapped) and {a.block for a in swaps} == swapped
-    if homes is not Tier.DEVICE and dtype != "fp16":  # the optimizer's points are in the record
+    if homes is not Tier.DEVICE and dtype != "fp16" and not clip:  # the optimizer's points are in the record
         assert all(any(a.op is Op.OPTIM and a.chunk is not None for a in p) for p in programs)
         assert any(a.op is Op.OPTIM_READ for a in programs[0]) == (staged > 3)
+    if clip:  # every update at the step's end, after the last backward
+        points = [a for p in programs for a in p if a.op in (Op.OPTIM, Op.OPTIM_READ, Op.OPTIM_WAIT)]
+        assert all(a.microbatch is None for a in points)
     engine = wrap(model, optimizer={"name": "adamw", "lr": 1e-3}, plan=policy, micro_batch_size=2, dtype=dtype,
-                  memory={"device": "64GiB", "host": "64GiB", "nvme_path": str(tmp_path / "nvme")}, verbose=False)
+                  memory={"device": "64GiB", "host": "64GiB", "nvme_path": str(tmp_path / "nvme")}, verbose=False,
+                  max_grad_norm=0.5 if clip else None)
     try:
         for step in range(2):
             ids = torch.randint(0, cfg.vocab_size, (2 * num_micro, 17), generator=torch.Generator().manual_seed(step))

@@ -327,7 +327,7 @@ def test_nvme_chunks_stream_through_three_stagings(staged):
 
 
 @pytest.mark.parametrize("home", [Tier.HOST, Tier.NVME])
-def test_offloaded_updates_start_in_the_last_backward_except_under_fp16(home):
+def test_offloaded_updates_start_in_the_last_backward_except_under_fp16_or_clipping(home):
     import dataclasses
 
     n_elems = 10**9  # CPU Adam at 1e9/s: 1 s per chunk, against 0.2 s per block's backward
@@ -347,6 +347,11 @@ def test_offloaded_updates_start_in_the_last_backward_except_under_fp16(home):
     ev16 = {e.name: e for e in fp16.timeline}
     assert min(e.start_s for e in fp16.timeline if e.name.startswith("OPTIM")) >= ev16["B1:0"].end_s
     assert early.step_time_s < fp16.step_time_s
+    # gradient clipping needs every gradient first too (offload.clip): the updates wait for the backward
+    clipped = simulate_step(stats, dataclasses.replace(train(2), clip_grad_norm=True), DEV, host, nvme, pol)
+    evc = {e.name: e for e in clipped.timeline}
+    assert min(e.start_s for e in clipped.timeline if e.name.startswith("OPTIM")) >= evc["B1:0"].end_s
+    assert early.step_time_s < clipped.step_time_s
 
 
 def test_on_a_cpu_device_host_cpu_work_shares_the_compute_stream():
