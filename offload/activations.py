@@ -160,6 +160,9 @@ class ActivationManager:
         # triggered while this thread already holds the lock.
         self._lock = threading.RLock()
         self._key_serial = 0
+        self._deletes: list = []
+        """NVMe deletes started and not yet waited for (memtrain.offload.swap [Note: swap files
+        deleted in the background])."""
 
     # --- public --------------------------------------------------------------------------
 
@@ -205,10 +208,11 @@ class ActivationManager:
         return self._stats[name]
 
     def synchronize(self) -> None:
-        """Wait for every copy-out and NVMe write in flight (swapped records come to rest)."""
+        """Wait for every copy-out, NVMe write and delete in flight (swapped records come to rest)."""
         self._wait_writes(0)
         for rec in self._live_records():
             rec.finish_copy_out(wait=True)
+        self._wait_deletes()
 
     # --- the program's swap actions (planner.program_swaps [Note: the swap rules]) --------
 
@@ -220,6 +224,7 @@ class ActivationManager:
             return False
         if rec.policy is ActPolicy.SWAP_NVME:
             self._wait_writes(self.writes_in_flight - 1)  # [Note: bounded NVMe writes]
+            self._wait_deletes()  # [Note: swap files deleted in the background]
         with rec.lock:
             if rec.state is not _State.RESIDENT:
                 return False
@@ -389,6 +394,17 @@ class ActivationManager:
 
     # --- bookkeeping ---------------------------------------------------------------------
 
+    def _deleting(self, fut) -> None:
+        with self._lock:
+            self._deletes = [f for f in self._deletes if not f.done()] + [fut]
+
+    def _wait_deletes(self) -> None:
+        """Wait for the deletes in flight; their failures were warned about (offload.swap)."""
+        with self._lock:
+            pending, self._deletes = self._deletes, []
+        for f in pending:
+            f.exception()  # waits; a failure is the done-callback's warning
+
     def _remember(self, rec: _Record) -> None:
         with self._lock:
             self._records[(rec.index, rec.mb)] = rec
@@ -400,6 +416,9 @@ class ActivationManager:
             self._inbound.discard(rec)
             if rec in self._staged:
                 self._staged.remove(rec)
+            rested = not self._records
+        if rested:  # the last record of the backward: nothing swapped is left, on disk either
+            self._wait_deletes()
 
     def _live_records(self) -> list[_Record]:
         with self._lock:

@@ -284,16 +284,21 @@ class NvmeStore:
     def read_sync(self, key: str, out: torch.Tensor) -> torch.Tensor:
         return self.read(key, out).result()
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str, *, wait: bool = True) -> cf.Future:
         """Remove ``key``'s file (after anything in flight on it) and release its bytes. If the
-        file cannot be removed (``NvmeError``), its bytes stay on the ledger until ``close()``."""
+        file cannot be removed (``NvmeError``), its bytes stay on the ledger until ``close()``.
+        ``wait=False`` returns at once: the key is gone (a new write may reuse it), and its file
+        and ledger bytes go when the returned future is done."""
         self._check_started()
         _check_key(key)
         with self._lock:
             if key not in self._keys:
                 raise NvmeError(f"delete({key!r}): no such key in {self.path}")
             self._keys.discard(key)
-        self._submit(key, URGENT, self._delete_op, key).result()
+        fut = self._submit(key, URGENT, self._delete_op, key)
+        if wait:
+            fut.result()
+        return fut
 
     def flush(self) -> None:
         """Wait for every operation submitted so far; raise the first failure among them."""
