@@ -109,6 +109,14 @@ class StageWorker:
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         join(self.rank, Rendezvous(host=host, port=port, world_size=spec.world_size, timeout_s=spec.timeout_s),
              self._store)
+        try:
+            self._build_after_join()
+        except BaseException:
+            self.close()  # a stage that cannot be built leaves the world it joined
+            raise
+
+    def _build_after_join(self) -> None:
+        spec = self.spec
         self.channel = Channel(self.rank, timeout_s=spec.timeout_s, fixed_shapes=True)  # comm [Note: fixed shapes]
         p, last = spec.num_ranks, spec.num_stages - 1
         # every rank makes every group in the same order (creating a group is collective)
