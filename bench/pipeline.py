@@ -1,6 +1,6 @@
 """Pipeline schedules on local Ray workers: measured step and bubble beside the simulator's and the peer's.
 
-    python bench/pipeline.py [--schedules gpipe 1f1b ...] [--steps 6] [--warmup 2] [--layers 6]
+    python bench/pipeline.py [--schedules gpipe 1f1b ...] [--steps 8] [--warmup 3] [--layers 6]
                              [--hidden 256] [--vocab 8192] [--microbatches 8] [--balance 1f1b]
     python bench/pipeline.py --quick      # a tiny model, 2 steps, 2 schedules (the test's run)
 
@@ -322,8 +322,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--hidden", type=int, default=None, help="hidden size (default 256; --quick 64)")
     ap.add_argument("--vocab", type=int, default=None, help="vocabulary (default 8192; --quick 256)")
     ap.add_argument("--stages-per-rank", type=int, default=2, help="interleaved-1f1b's stages per rank")
-    ap.add_argument("--steps", type=int, default=None, help="steps per run, warm-up included (default 6; --quick 2)")
-    ap.add_argument("--warmup", type=int, default=None, help="steps left out of the timing (default 2; --quick 1)")
+    ap.add_argument("--steps", type=int, default=None, help="steps per run, warm-up included (default 8; --quick 2)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="steps left out of the timing (default 3, as a run's first steps took up to 1.3x the later "
+                         "ones here; --quick 1)")
     ap.add_argument("--cost-steps", type=int, default=2, help="steps timed for the block costs, after a warm-up")
     ap.add_argument("--balance", default="1f1b", help="schedule of the balanced-against-even runs, or 'none'")
     ap.add_argument("--no-torch", action="store_true", help="leave out torch.distributed.pipelining")
@@ -334,7 +336,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     quick = args.quick
     for name, full, small in (("schedules", list(SCHEDULES), ["gpipe", "1f1b"]), ("microbatches", 8, 4),
                               ("seq_len", 64, 16), ("layers", 6, 2), ("hidden", 256, 64), ("vocab", 8192, 256),
-                              ("steps", 6, 2), ("warmup", 2, 1)):
+                              ("steps", 8, 2), ("warmup", 3, 1)):
         if getattr(args, name) is None:
             setattr(args, name, small if quick else full)
     for name in ("ranks", "microbatches", "micro_batch_size", "seq_len", "layers", "hidden", "vocab",
