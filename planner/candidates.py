@@ -204,7 +204,7 @@ def candidates_for(ctx: Context, chunk_size: int, packed: list[tuple[tuple[str, 
                     fixed_depth: int | None = None) -> list[Candidate]:
     """Memory policies for one micro-batch size and chunking; ``fixed_depth`` fixes the prefetch
     depth (a placement whose blocks need more buffers at once than that is left out)."""
-    s, train, dt, opt = ctx.stats, ctx.train, ctx.train.dtype, ctx.train.optimizer
+    s, dt, opt = ctx.stats, ctx.train.dtype, ctx.train.optimizer
     nc, c_bytes = len(packed), dtype_bytes(dt)
     elems = [n for _, n in packed]
     proto = tuple(ChunkPlan(index=i, num_elems=n, param_names=names, home=Tier.DEVICE) for i, (names, n) in enumerate(packed))

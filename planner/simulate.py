@@ -17,7 +17,7 @@ from itertools import accumulate, groupby
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
 from memtrain.planner import cost, footprint
 from memtrain.planner.plan import (
-    DEFAULT_SWAP_IN_AHEAD, DEFAULT_SWAP_WRITES_IN_FLIGHT, ActPolicy, MemoryPoint, MemoryPolicy, Op, TimelineEvent, Tier,
+    DEFAULT_SWAP_IN_AHEAD, DEFAULT_SWAP_WRITES_IN_FLIGHT, ActPolicy, MemoryPoint, MemoryPolicy, TimelineEvent, Tier,
     TrainShape,
 )
 from memtrain.planner.stats import BlockStats, DType, ModelStats
@@ -356,7 +356,7 @@ class _StepBuilder(_OptimizerSteps):
                                      free_end=[(Tier.HOST.value, owner, a)], tag=m)
 
     def _backward_block(self, m: int, j: int, prev_accum: dict[int, int]) -> int:
-        g, s, b, pol = self.g, self.s, self.s.blocks[j], self.policy.activations[j]
+        g, b, pol = self.g, self.s.blocks[j], self.policy.activations[j]
         dev = Tier.DEVICE.value
         owner, dt = f"act:{b.name}:{m}", self.train.dtype
         need = self.uses[j]
