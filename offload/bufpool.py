@@ -84,6 +84,9 @@ def keep_heap_top(nbytes: int = HEAP_TOP_PAD_BYTES) -> bool:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
+    # It takes effect when the heap next grows (the step's first allocations): requests up to
+    # the pad are then served from the heap's top, the ones past the mmap threshold
+    # (runtime.process_memory [Note: the C heap's threshold]) included, instead of fresh mappings.
     _heap_top_kept = bool(mallopt(-2, int(nbytes)))  # -2: M_TOP_PAD in malloc.h
     return _heap_top_kept
 
