@@ -60,6 +60,7 @@ ledger windows are exercised exactly; only the overlap needs a GPU (tests/gpu).
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -161,7 +162,7 @@ class ActivationManager:
         self._lock = threading.RLock()
         self._key_serial = 0
         self._deletes: list = []
-        """NVMe deletes started and not yet waited for (memtrain.offload.swap [Note: swap files
+        """(future, record) of the NVMe deletes started and not yet waited for (memtrain.offload.swap [Note: swap files
         deleted in the background])."""
 
     # --- public --------------------------------------------------------------------------
@@ -394,16 +395,19 @@ class ActivationManager:
 
     # --- bookkeeping ---------------------------------------------------------------------
 
-    def _deleting(self, fut) -> None:
+    def _deleting(self, fut, what: str) -> None:
         with self._lock:
-            self._deletes = [f for f in self._deletes if not f.done()] + [fut]
+            self._deletes.append((fut, what))
 
     def _wait_deletes(self) -> None:
-        """Wait for the deletes in flight; their failures were warned about (offload.swap)."""
+        """Wait for the deletes started; warn of those that failed ([Note: swap I/O failures]:
+        the data was no longer needed; the file stays on the store's ledger until its close())."""
         with self._lock:
             pending, self._deletes = self._deletes, []
-        for f in pending:
-            f.exception()  # waits; a failure is the done-callback's warning
+        for fut, what in pending:
+            error = fut.exception()  # waits
+            if error is not None:
+                warnings.warn(f"{what}: {error}; the NVMe store's close() removes the file", stacklevel=3)
 
     def _remember(self, rec: _Record) -> None:
         with self._lock:

@@ -25,11 +25,11 @@ last blocks of the forward) keeps using its device copy.
 
 [Note: swap files deleted in the background] A claimed or freed swap_nvme record's file is
 deleted on the store's threads, not waited for by the training thread (an unlink took about
-0.5 ms here, twelve per step of bench/plan_accuracy.py's small/swap_nvme); the manager waits for
+1 ms here, twelve per step of bench/plan_accuracy.py's small/swap_nvme); the manager waits for
 the deletes in flight before its next NVMe write starts (``ActivationManager.swap_out``), when
 its last record is freed (the end of a micro-batch's backward) and in ``synchronize()``, so the
 NVMe ledger never holds a deleted record's bytes beside a new write's, as the plan counts them,
-and is empty after each backward.
+and is empty after each backward; a delete that failed is warned about there.
 
 [Note: swap I/O failures] A failed NVMe write or read of a record is raised in the training
 thread where the record's data is next needed (the forward that waits for the write, the
@@ -75,7 +75,7 @@ class _Manager(Protocol):
     def _forget(self, rec: _Record) -> None: ...
     def _advance_inbound(self) -> None: ...
     def _nvme_key(self, owner: str) -> str: ...
-    def _deleting(self, fut: Any) -> None: ...
+    def _deleting(self, fut: Any, what: str) -> None: ...
 
 
 class _Resolver(Protocol):
@@ -261,19 +261,12 @@ class _Record:
         key, self.nvme_key = self.nvme_key, None
         if key is None or self.mgr.nvme is None or key not in self.mgr.nvme:
             return
-        what = self._what()
         try:
             fut = self.mgr.nvme.delete(key, wait=False)
         except NvmeError as e:
-            warnings.warn(f"{what}: {e}; the NVMe store's close() removes the file", stacklevel=3)
+            warnings.warn(f"{self._what()}: {e}; the NVMe store's close() removes the file", stacklevel=3)
             return
-
-        def reported(f) -> None:
-            if not f.cancelled() and f.exception() is not None:
-                warnings.warn(f"{what}: {f.exception()}; the NVMe store's close() removes the file", stacklevel=2)
-
-        fut.add_done_callback(reported)
-        self.mgr._deleting(fut)
+        self.mgr._deleting(fut, self._what())
 
     def view(self, p: _Packed) -> torch.Tensor:
         """The saved tensor ``p`` over the storage's memory as it is now (bringing it back first)."""
