@@ -21,8 +21,7 @@ one ``StageWorker`` per core with one thread each (``runtime.pipeline_driver.run
    the step is the latest rank's plus the rest of the step.
 3. **Measured.** The same run on Ray: step time is the median, over the steps after the warm-up,
    of the slowest rank's wall time; the bubble is ``1 - Σ busy / (ranks × step)`` with each rank's
-   busy time its passes' and optimizer steps' costs from 1 (the workers report no per-action
-   time), as the simulator counts it. Error = simulated / measured - 1; target: median |error|
+   busy time its passes' and optimizer steps' costs from 1, as the simulator counts it. Error = simulated / measured - 1; target: median |error|
    over the schedules <= 10%.
 4. **The peer.** ``torch.distributed.pipelining`` on gloo (``bench/torch_pipeline.py``) with the
    same model, split, batches and seed where torch has the schedule (GPipe, 1F1B, interleaved

@@ -64,16 +64,13 @@ def keep_heap_top(nbytes: int = HEAP_TOP_PAD_BYTES) -> bool:
     """Have glibc keep ``nbytes`` of freed memory at the top of its heap; True if set now.
 
     [Note: the C heap's top] On a CPU device torch's activations and temporaries come from the
-    C heap, and glibc gives the heap's freed top back to the system whenever it passes the trim
-    threshold: the next step's allocations fault every page in again (zeroed, 3-6 us per 4 KiB
-    page here). With the top padded, requests up to the pad are served from the heap's top and
-    nothing is returned between steps: bench/plan_accuracy.py's small/device-keep went from
-    about 8,800 minor faults per step to none, small/swap_nvme from about 31,000 to none. The
-    heap's peak is what it was (the pad's untouched pages are not resident); what changes is
-    that the heap no longer shrinks between steps, which planner.footprint [Note: process
-    memory] already assumes. Process-wide and kept for the process's life, so it is set once,
-    and never over the user's own ``MALLOC_TOP_PAD_`` or ``glibc.malloc.top_pad`` tunable.
-    Only on glibc; elsewhere a no-op.
+    C heap, and glibc hands the heap's freed top back to the system at each trim, so the next
+    step faults every page in again. With the top padded, requests up to the pad (those past the
+    mmap threshold of runtime.process_memory included) are served from the kept top and the heap
+    no longer shrinks between steps; planner.footprint [Note: process memory] does not count the
+    pad yet (docs/memory-accounting.md has the figures). Process-wide and kept for the process's
+    life, so it is set once, and never over the user's own ``MALLOC_TOP_PAD_`` or
+    ``glibc.malloc.top_pad`` tunable. Only on glibc; elsewhere a no-op.
     """
     global _heap_top_kept
     if _heap_top_kept or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
