@@ -61,6 +61,12 @@ class NvmeSpec:
     default is a datacenter NVMe's ~100 µs at queue depth 1, a profile measures it."""
     write_latency_s: float = 100e-6
     """Fixed cost of one durable write (open, header, ``fdatasync``, rename), as for reads."""
+    read_cpu_share: float = 0.0
+    """CPU seconds the store's threads spend per second of reading (checksums, the kernel's side
+    of each request): on a CPU device they take it from the compute, which uses every core. The
+    catalog's 0 charges nothing; a profile measures it (``runtime.disk_probe``)."""
+    write_cpu_share: float = 0.0
+    """The same for durable writes."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

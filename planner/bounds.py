@@ -38,6 +38,7 @@ def stream_work_s(
     copy_in, copy_out = copy_streams(device)
     bc = cost.block_chunk_ids(s, policy.chunks)
     work["compute"] += n * s.overhead_microbatch_s
+    disk_r = disk_w = 0.0  # seconds of NVMe reads and writes
     for b, pol in zip(s.blocks, policy.activations):
         fwd_s = cost.block_fwd_time_s(b, device, dt, s.micro_batch_size) + cost.block_overhead_s(s, b, backward=False)
         work["compute"] += n * fwd_s * (2 if pol is ActPolicy.RECOMPUTE else 1)
@@ -46,7 +47,8 @@ def stream_work_s(
             work[copy_out] += n * cost.d2h_time_s(b.activation_bytes, device)
             work[copy_in] += n * cost.h2d_time_s(b.activation_bytes, device)
         if pol is ActPolicy.SWAP_NVME:
-            work["disk"] += n * (cost.disk_write_time_s(b.activation_bytes, nvme, comp) + cost.disk_read_time_s(b.activation_bytes, nvme, comp))
+            disk_w += n * cost.disk_write_time_s(b.activation_bytes, nvme, comp)
+            disk_r += n * cost.disk_read_time_s(b.activation_bytes, nvme, comp)
     off = [c.home is not Tier.DEVICE for c in policy.chunks]
     uses = [tuple(c for c in cs if off[c]) for cs in bc]
     num_fetches = fetch_counts(uses, policy.prefetch_depth, n)
@@ -77,9 +79,13 @@ def stream_work_s(
             disk_bytes = cost.chunk_disk_bytes(ne, dt, opt)
             read_bytes = cost.nvme_optim_read_bytes(ne, dt, opt, early=early)
             if c.index not in carried:
-                work["disk"] += fetches * cost.disk_read_time_s(nbytes, nvme, comp)
-            work["disk"] += cost.disk_read_time_s(read_bytes, nvme, comp) + cost.disk_write_time_s(disk_bytes, nvme, comp)
+                disk_r += fetches * cost.disk_read_time_s(nbytes, nvme, comp)
+            disk_r += cost.disk_read_time_s(read_bytes, nvme, comp)
+            disk_w += cost.disk_write_time_s(disk_bytes, nvme, comp)
     work["compute"] += cost.device_optimizer_time_s(resident, dt, opt, device, clip=train.clip_grad_norm)
+    work["disk"] += disk_r + disk_w
+    if device.kind == "cpu" and nvme is not None:  # simulate [Note: the store's CPU on a CPU device]
+        work["compute"] += nvme.read_cpu_share * disk_r + nvme.write_cpu_share * disk_w
     return work
 
 

@@ -87,7 +87,8 @@ class Profile:
     """``cuda:<name>`` or ``cpu``."""
     bandwidths: dict[str, float] = field(default_factory=dict)
     """Measured GB/s: ``h2d``, ``d2h``, ``device_memory``, ``nvme_read``, ``nvme_write``; and
-    ``cpu_adam_params_per_s``, ``nvme_read_latency_s`` and ``nvme_write_latency_s`` (seconds)."""
+    ``cpu_adam_params_per_s``, ``nvme_read_latency_s`` and ``nvme_write_latency_s`` (seconds),
+    ``nvme_read_cpu_share`` and ``nvme_write_cpu_share`` (CPU seconds per second of NVMe transfer)."""
     overheads: dict[str, float] = field(default_factory=dict)
     """Measured runtime overhead, seconds (``measure_runtime_overhead``): ``block_fwd_s`` and
     ``block_bwd_s`` per block call, ``param_s`` per parameter tensor per micro-batch backward,

@@ -61,6 +61,8 @@ def apply_profile(
     if nvme is not None and "nvme_read" in bw:
         nvme = dataclasses.replace(nvme, read_gbps=bw["nvme_read"], write_gbps=bw["nvme_write"],
                                    read_latency_s=bw.get("nvme_read_latency_s", nvme.read_latency_s),
-                                   write_latency_s=bw.get("nvme_write_latency_s", nvme.write_latency_s))
+                                   write_latency_s=bw.get("nvme_write_latency_s", nvme.write_latency_s),
+                                   read_cpu_share=bw.get("nvme_read_cpu_share", nvme.read_cpu_share),
+                                   write_cpu_share=bw.get("nvme_write_cpu_share", nvme.write_cpu_share))
     over = {f"overhead_{k}": float(prof.overheads.get(k, 0.0)) for k in OVERHEAD_KEYS}
     return dataclasses.replace(stats, blocks=tuple(blocks), **over), device, host, nvme

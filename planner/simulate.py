@@ -197,6 +197,25 @@ class _StepBuilder(_OptimizerSteps):
                 f"{policy.prefetch_depth} param buffers may exist; set prefetch_depth >= {need} or use larger chunks"
             )
 
+    def _disk_read(self, name: str, seconds: float, **kw) -> int:
+        """A read on the in-order disk stream ([Note: the store's CPU on a CPU device])."""
+        return self._disk(name, seconds, self.nvme.read_cpu_share, **kw)
+
+    def _disk_write(self, name: str, seconds: float, **kw) -> int:
+        """A durable write on the in-order disk stream ([Note: the store's CPU on a CPU device])."""
+        return self._disk(name, seconds, self.nvme.write_cpu_share, **kw)
+
+    def _disk(self, name: str, seconds: float, cpu_share: float, *, deps: tuple[int, ...], tag: int, **mem) -> int:
+        """[Note: the store's CPU on a CPU device] The NVMe store's threads spend ``cpu_share`` CPU
+        seconds per second of transfer (checksums, the kernel's side: ``runtime.disk_probe``). A
+        CPU device's compute uses every core, its threads meeting at each op's end, so that time is
+        taken from it one for one: a task of that length joins the compute stream where the
+        transfer is issued (free where the compute would wait for the transfer anyway)."""
+        task = self.g.add(name, "disk", seconds, deps=deps, tag=tag, **mem)
+        if self.device.kind == "cpu" and cpu_share > 0:
+            self.g.add(f"io-cpu:{name}", "compute", cpu_share * seconds, deps=deps, tag=tag)
+        return task
+
     # -- chunk residency (offload.chunks.ChunkStore: _start, _ensure, _prefetch, _release) ---
 
     def _buf(self, c: int) -> tuple[str, str, int]:
@@ -222,7 +241,7 @@ class _StepBuilder(_OptimizerSteps):
         for c in new:
             if self.chunks[c].home is Tier.NVME and c not in self.behind:
                 # disk -> staging now; staging -> buffer when used
-                self.reads[c] = self.g.add(f"read{m}@c{c}:{'FB'[p]}", "disk", self.read_s[c], deps=(mark,), tag=m)
+                self.reads[c] = self._disk_read(f"read{m}@c{c}:{'FB'[p]}", self.read_s[c], deps=(mark,), tag=m)
                 self.res[c] = None
             else:  # a host chunk, or an nvme chunk copied out of its carried write-back's staging
                 self.res[c] = self.g.add(f"PREFETCH{m}@c{c}:{'FB'[p]}", self.copy_in, self.h2d_s[c], deps=(mark,), tag=m)
@@ -307,7 +326,7 @@ class _StepBuilder(_OptimizerSteps):
                        free_end=[(dev, owner, a)] + (frees if not on_f else []), tag=m)
             self.swap_out[(m, j)] = so
             if pol is ActPolicy.SWAP_NVME:  # submitted at the copy-out's end; staging freed when waited for
-                self.disk_write[(m, j)] = g.add(f"write{m}:{j}", "disk",
+                self.disk_write[(m, j)] = self._disk_write(f"write{m}:{j}",
                                                 cost.disk_write_time_s(a, self.nvme, self.comp), deps=(so,), tag=m)
                 self.unwaited.append((m, j))
 
@@ -338,7 +357,7 @@ class _StepBuilder(_OptimizerSteps):
         # staging and starts the read; the rest waits for the block's claim (_claim).
         mark = g.add(f"alloc{m}:{k}:act", "compute", 0.0, deps=(self.disk_write[(m, k)],),
                      alloc_start=[(hst, owner, a)], tag=m)
-        self.disk_read[(m, k)] = g.add(f"read{m}:{k}", "disk", cost.disk_read_time_s(a, self.nvme, self.comp),
+        self.disk_read[(m, k)] = self._disk_read(f"read{m}:{k}", cost.disk_read_time_s(a, self.nvme, self.comp),
                                   deps=(mark,), tag=m)
 
     def _claim(self, m: int, j: int) -> None:

@@ -26,7 +26,7 @@ class _OptimizerSteps:
             ch = self.chunks[c]
             mark = self.g.add(f"carried@c{c}", "compute", 0.0, alloc_start=[self._states_staging(c), self._rewrite(c)], tag=0)
             nbytes = cost.chunk_disk_bytes(ch.num_elems, self.train.dtype, self.train.optimizer)
-            self.behind[c] = self.g.add(f"write-states@c{c}:carried", "disk",
+            self.behind[c] = self._disk_write(f"write-states@c{c}:carried",
                                         cost.disk_write_time_s(nbytes, self.nvme, self.comp), deps=(mark,), tag=0)
 
     def _release_carried(self, m: int, c: int | None = None) -> bool:
@@ -68,7 +68,7 @@ class _OptimizerSteps:
         ch, dt, opt = self.chunks[c], self.train.dtype, self.train.optimizer
         mark = self.g.add(f"alloc@c{c}:ahead", "compute", 0.0, alloc_start=[self._ahead_staging(c)], tag=m)
         nbytes = cost.nvme_optim_read_bytes(ch.num_elems, dt, opt, early=True)
-        self.ahead[c] = self.g.add(f"read-states@c{c}:ahead", "disk",
+        self.ahead[c] = self._disk_read(f"read-states@c{c}:ahead",
                                    cost.disk_read_time_s(nbytes, self.nvme, self.comp), deps=(mark,), tag=m)
 
     def _ahead_staging(self, c: int) -> tuple[str, str, int]:
@@ -97,7 +97,7 @@ class _OptimizerSteps:
             op = self._run_deferred(k)
         ch = self.chunks[k]
         nbytes = cost.chunk_disk_bytes(ch.num_elems, self.train.dtype, self.train.optimizer)
-        wr = self.g.add(f"write-states@c{k}", "disk", cost.disk_write_time_s(nbytes, self.nvme, self.comp), deps=(op,),
+        wr = self._disk_write(f"write-states@c{k}", cost.disk_write_time_s(nbytes, self.nvme, self.comp), deps=(op,),
                         tag=self.n)
         return self.g.add(f"wait@c{k}", "compute", 0.0, deps=(wr,), free_end=[self._states_staging(k), self._rewrite(k)],
                           tag=m)
@@ -125,7 +125,7 @@ class _OptimizerSteps:
             mark = g.add(f"alloc@c{c}:states", "compute", 0.0, deps=(bt,),
                          alloc_start=[self._states_staging(c), self._rewrite(c)], tag=m)
             nbytes = cost.nvme_optim_read_bytes(ch.num_elems, dt, opt, early=True)
-            rd = g.add(f"read-states@c{c}", "disk", cost.disk_read_time_s(nbytes, self.nvme, self.comp), deps=(mark,), tag=self.n)
+            rd = self._disk_read(f"read-states@c{c}", cost.disk_read_time_s(nbytes, self.nvme, self.comp), deps=(mark,), tag=self.n)
         else:  # the rest of the staging (the master, handed over from the param buffer) and the rewrite
             tier, owner, full = self._states_staging(c)
             rest = full - self._ahead_staging(c)[2]
@@ -193,7 +193,7 @@ class _OptimizerSteps:
                 mark = g.add(f"alloc@c{c}:states", self.cpu, 0.0, deps=(dev_point if point is None else point,),
                              alloc_start=[staging(c)], tag=tag)
                 nbytes = cost.chunk_disk_bytes(ch.num_elems, dt, opt)
-                reads[c] = g.add(f"read-states@c{c}", "disk", cost.disk_read_time_s(nbytes, self.nvme, self.comp),
+                reads[c] = self._disk_read(f"read-states@c{c}", cost.disk_read_time_s(nbytes, self.nvme, self.comp),
                                  deps=(mark,), tag=tag)
             elif a.op is Op.OPTIM_WAIT:
                 point = g.add(f"wait@c{c}", self.cpu, 0.0, deps=(point, writes.pop(c)), free_end=[staging(c)], tag=tag)
@@ -210,7 +210,7 @@ class _OptimizerSteps:
                 op = g.add(f"OPTIM@c{c}", self.cpu, cost.cpu_optimizer_time_s(ch.num_elems, opt, self.host, clip=clip),
                            deps=(reads.pop(c), accum[c]), alloc_end=files, tag=tag)
                 nbytes = cost.chunk_disk_bytes(ch.num_elems, dt, opt)
-                writes[c] = g.add(f"write-states@c{c}", "disk", cost.disk_write_time_s(nbytes, self.nvme, self.comp),
+                writes[c] = self._disk_write(f"write-states@c{c}", cost.disk_write_time_s(nbytes, self.nvme, self.comp),
                                   deps=(op,), free_end=files, tag=tag)
                 point = op
                 streamed.append(c)

@@ -51,7 +51,9 @@ def disk_probe(path: str | Path, num_bytes: int = 512 * 2**20, file_bytes: int =
     every file is durable, then every file is read back and verified; each figure is the median
     of ``reps`` rounds (a shared virtual disk varies by tens of percent from one second to the
     next). The simulator puts NVMe transfers on one in-order disk stream, so this aggregate rate
-    is the one it needs. Profile version 2 timed one buffered stream with one ``fsync`` instead:
+    is the one it needs. The process's CPU seconds per second of each round (the store's threads:
+    checksums and the kernel's side of each request; nothing else runs) are its CPU shares
+    (``NvmeSpec.read_cpu_share``/``write_cpu_share``, [Note: the store's CPU on a CPU device]). Profile version 2 timed one buffered stream with one ``fsync`` instead:
     on this machine's virtual disk that measured 0.30-0.61 GB/s of writes against the store's
     1.67, and the planner predicted 5.2 s for the 100m all-NVMe step of ``bench/offload_io.py``
     that runs in 1.9-2.4 s.
@@ -65,18 +67,22 @@ def disk_probe(path: str | Path, num_bytes: int = 512 * 2**20, file_bytes: int =
         for b in bufs:  # incompressible, like trained weights (the store does not compress here)
             b.uniform_(generator=gen)
         store.write("warm-up", bufs[0][: 2**20]).result()
-        write_s, read_s = [], []
+        write_s, read_s, write_cpu, read_cpu = [], [], [], []
         for _ in range(reps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for f in [store.write(f"probe{i}", b) for i, b in enumerate(bufs)]:
                 f.result()
-            write_s.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             for f in [store.read(f"probe{i}", b) for i, b in enumerate(bufs)]:
                 f.result()
-            read_s.append(time.perf_counter() - t0)
+            t2, c2 = time.perf_counter(), time.process_time()
+            write_s.append(t1 - t0)
+            read_s.append(t2 - t1)
+            write_cpu.append((c1 - c0) / (t1 - t0))
+            read_cpu.append((c2 - c1) / (t2 - t1))
     moved = num_files * file_bytes
-    return ({"nvme_write": moved / statistics.median(write_s) / 1e9, "nvme_read": moved / statistics.median(read_s) / 1e9},
+    return ({"nvme_write": moved / statistics.median(write_s) / 1e9, "nvme_read": moved / statistics.median(read_s) / 1e9,
+             "nvme_write_cpu_share": statistics.median(write_cpu), "nvme_read_cpu_share": statistics.median(read_cpu)},
             max(spread(write_s), spread(read_s)))
 
 

@@ -49,6 +49,9 @@ def test_profile_measures_and_round_trips(tiny, tmp_path):
         assert p.bandwidths[key] > 0, key
     # a durable write (fdatasync) costs more than nothing on any disk; the probe left no file behind
     assert 0 < p.bandwidths["nvme_write_latency_s"] < 1 and 0 <= p.bandwidths["nvme_read_latency_s"] < 1
+    # the store's threads use some CPU per second of transfer (checksums, the kernel's side), at
+    # most all of its 8 threads' worth (runtime.disk_probe)
+    assert 0 < p.bandwidths["nvme_write_cpu_share"] <= 8 and 0 < p.bandwidths["nvme_read_cpu_share"] <= 8
     assert list(Path(cfg.cluster.nodes[0].nvme.path).iterdir()) == []
     path = tmp_path / "profile.parquet"
     prof.save_profile(p, path)
@@ -90,6 +93,8 @@ def test_apply_profile_replaces_catalog_figures(tiny, tmp_path):
     assert n2.read_gbps == p.bandwidths["nvme_read"] and n2.write_gbps == p.bandwidths["nvme_write"]
     assert n2.read_latency_s == p.bandwidths["nvme_read_latency_s"]
     assert n2.write_latency_s == p.bandwidths["nvme_write_latency_s"]
+    assert n2.read_cpu_share == p.bandwidths["nvme_read_cpu_share"]
+    assert n2.write_cpu_share == p.bandwidths["nvme_write_cpu_share"]
     by_block = {}
     for t in p.blocks:
         by_block.setdefault(t.block, {})[t.micro_batch_size] = t
