@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -26,11 +25,11 @@ from torch import nn
 from memtrain.errors import UserError
 from memtrain.offload.chunks import ChunkStore
 from memtrain.offload.ledger import Ledger
-from memtrain.offload.chunk_state import chunk_state, load_chunk_state
 from memtrain.offload.optim import OffloadedOptimizer
 from memtrain.planner.plan import DEFAULT_SWAP_IN_AHEAD, Action, Op, Plan
 from memtrain.planner.program import Layout, lower_backward, lower_forward
 from memtrain.planner.program_optim import OptimLayout, Staging, add_optim_points, early_updates, final_optim_points
+from memtrain.runtime.engine_state import EngineStates
 
 __all__ = ["LossScaler", "TierMemory", "Engine"]
 
@@ -88,7 +87,7 @@ def _split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     raise UserError("batch: pass (input_ids, labels), {'input_ids': ..., 'labels': ...} or an input tensor")
 
 
-class Engine:
+class Engine(EngineStates):
     """Runs forward/backward/step of a wrapped model; build it with ``wrap()``."""
 
     def __init__(
@@ -311,72 +310,6 @@ class Engine:
             self.backward(loss / num if num > 1 else loss, last_microbatch=i == num - 1, _next_forward=i < num - 1)
         self.step()
         return total / num
-
-    # --- state ----------------------------------------------------------------------------
-
-    def model_state_dict(self) -> dict[str, torch.Tensor]:
-        """``model.state_dict()``'s keys (tied names included) with fp32 CPU values from any tier."""
-        self._require_built()
-        self.optimizer.flush()  # offload.optim [Note: write-backs across the step end]
-        params = self.store.gather_params()
-        canon = {id(p): n for n, p in self.model.named_parameters()}
-        out = {}
-        for name, p in self.model.named_parameters(remove_duplicate=False):
-            out[name] = params[canon[id(p)]]
-        persistent = self.model.state_dict(keep_vars=True).keys()  # not a rotary table made at init
-        for name, b in self.model.named_buffers():
-            if name in persistent:
-                out[name] = b.detach().to("cpu", copy=True)
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        """``{"model": {name: tensor}, "optimizer": torch-format state}``: loads into a plain
-        model (``model.load_state_dict(sd["model"])``) and ``torch.optim.AdamW``/``SGD``."""
-        self._require_built()
-        sd = {"model": self.model_state_dict(), "optimizer": self.optimizer.state_dict()}
-        if self.scaler is not None:
-            sd["loss_scale"] = self.scaler.scale
-            sd["loss_scaler"] = {"scale": self.scaler.scale, "good_steps": self.scaler.good_steps}
-        return sd
-
-    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
-        self._require_built()
-        self.optimizer.flush()  # offload.optim [Note: write-backs across the step end]
-        if "model" not in sd:
-            sd = {"model": sd}
-        self.store.load_params(sd["model"])
-        if "optimizer" in sd:
-            self.optimizer.load_state_dict(sd["optimizer"])
-        if self.scaler is not None and "loss_scaler" in sd:
-            self.scaler.scale = float(sd["loss_scaler"]["scale"])
-            self.scaler.good_steps = int(sd["loss_scaler"]["good_steps"])
-        elif self.scaler is not None and "loss_scale" in sd:
-            self.scaler.scale = float(sd["loss_scale"])
-
-    def checkpoint_state(self) -> dict[str, Any]:
-        """The state a checkpoint keeps, by chunk: NVMe chunks as their store files, not gathered
-        into memory (offload.chunk_state [Note: NVMe chunks in a checkpoint]); the model's
-        buffers and the loss scaler beside them. Every tensor in it is a copy."""
-        self._require_built()
-        self.optimizer.flush()  # offload.optim [Note: write-backs across the step end]
-        sd = {"chunks": chunk_state(self.store)["chunks"],
-              "buffers": {n: b.detach().to("cpu", copy=True) for n, b in self.model.named_buffers()}}
-        if self.scaler is not None:
-            sd["loss_scaler"] = {"scale": self.scaler.scale, "good_steps": self.scaler.good_steps}
-        return sd
-
-    def load_checkpoint_state(self, sd: Mapping[str, Any], nvme_files: Mapping[str, Any] | None = None) -> None:
-        """Put back a ``checkpoint_state`` (same chunk layout); ``nvme_files`` maps each NVMe
-        file's key to where the checkpoint keeps it."""
-        self._require_built()
-        self.optimizer.flush()
-        load_chunk_state(self.store, sd, nvme_files)
-        buffers = dict(self.model.named_buffers())
-        for name, value in sd.get("buffers", {}).items():
-            buffers[name].copy_(value)
-        if self.scaler is not None and "loss_scaler" in sd:
-            self.scaler.scale = float(sd["loss_scaler"]["scale"])
-            self.scaler.good_steps = int(sd["loss_scaler"]["good_steps"])
 
     def _ledgers(self) -> dict[str, Ledger]:
         ledgers = {"device": self.store.device_ledger, "host": self.store.host_ledger}
