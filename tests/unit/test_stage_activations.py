@@ -86,13 +86,11 @@ def test_swap_points_follow_the_forward_and_precede_the_backward():
     assert Action.parse("0SWAP_IN0/b2") == Action(0, Op.SWAP_IN, 0, block=2)
 
 
-def test_wrong_policies_and_split_backward_are_refused():
+def test_wrong_policies_are_refused():
     with pytest.raises(ValueError, match=r"activations: stage 0 has 4 blocks"):
         _run(("recompute",) * 3)
     with pytest.raises(ValueError, match="swap_nvme blocks need nvme_dir"):
         _run(("swap_nvme",) * 4)
-    with pytest.raises(ValueError, match="split the backward into B and W"):
-        _run(("recompute",) * 4, schedule="zb-h1")
 
 
 def _cpu_cluster() -> ClusterSpec:

@@ -1,0 +1,83 @@
+"""Recompute and swap under the schedules that split the backward (zb-h1, v-half, v-min), in one
+process without Ray: a one-rank world runs the tiny GPT's four blocks as one stage (zb-h1) or
+as a V's two stages (v-half, v-min); runtime.stage_activations [Note: recompute and swap under a
+split backward], offload.recompute [Note: recompute across B and W]."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from torch import nn
+
+from memtrain.config import ModelConfig
+from memtrain.planner.pipeline import add_swap_points
+from memtrain.runtime.pipeline_driver import stage_programs
+from memtrain.runtime.stage_worker import PipelineSpec, StageWorker
+
+TINY_2 = {"num_layers": 2, "tie_embeddings": False}
+M = 3
+
+
+def _run(acts: tuple[str, ...], schedule: str, *, dropout: float = 0.1, dtype: str = "fp32",
+         nvme_dir: str | None = None, steps: int = 2, probe=None):
+    """The tiny GPT (4 blocks) on one rank under ``schedule`` with ``acts`` per block (split
+    over the stages as the partition says): its program and step results. ``probe(worker)``
+    runs after the build."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    place, programs = stage_programs(schedule, 1, M)
+    partition = (4,) if place.num_stages == 1 else (2, 2)
+    per_stage = (acts,) if place.num_stages == 1 else (acts[:2], acts[2:])
+    program = add_swap_points(programs, dict(enumerate(per_stage)))[0]
+    spec = PipelineSpec(model=ModelConfig(preset="tiny", overrides={**TINY_2, "dropout": dropout}),
+                        partition=partition, rank_of=place.rank_of, num_ranks=1, dp=1, num_microbatches=M,
+                        micro_batch_size=2, seq_len=16, seed=0, timeout_s=10, activations=per_stage,
+                        nvme_dir=nvme_dir, dtype=dtype)
+    worker = StageWorker(spec, 0, program)
+    worker.build(*worker.open_store("127.0.0.1"))
+    try:
+        if probe is not None:
+            probe(worker)
+        results = [worker.run_step(k) for k in range(steps)]
+        assert worker.acts.device_ledger.in_use_bytes == 0  # every record went with its W
+        return program, results
+    finally:
+        worker.close()
+
+
+MIXES = [("recompute",) * 4, ("swap_host",) * 4, ("keep", "swap_nvme", "recompute", "swap_host"),
+         ("recompute", "swap_nvme", "swap_nvme", "recompute")]
+
+
+@pytest.mark.parametrize("schedule,dtype", [("zb-h1", "fp32"), ("v-half", "fp32"), ("v-min", "fp32"),
+                                            ("zb-h1", "bf16")])
+def test_split_backward_with_recompute_and_swaps_is_bitwise_keep(schedule, dtype, tmp_path):
+    _, keep = _run(("keep",) * 4, schedule, dtype=dtype)
+    (tmp_path / "nvme").mkdir()
+    for acts in MIXES:
+        program, got = _run(acts, schedule, dtype=dtype, nvme_dir=str(tmp_path / "nvme" / "run"))
+        # dropout masks replayed (same RNG and autocast state), swapped bytes copied back as they were
+        assert [r.losses for r in got] == [r.losses for r in keep], (schedule, acts)
+        assert all(r.record == tuple(str(a) for a in program) for r in got)
+        assert any(a.endswith("W0") for a in got[0].record)  # the split backward ran
+        swaps = [a for a in got[0].record if "SWAP" in a]
+        assert bool(swaps) == any(p.startswith("swap") for p in acts)
+    left = sorted(str(f.relative_to(tmp_path)) for f in (tmp_path / "nvme").rglob("*"))
+    assert left == ["nvme/run"], left  # the swap files went with their records
+
+
+def test_recompute_replays_each_forward_once_at_the_b():
+    """A recomputed block's forward runs twice per micro-batch (its F, and the replay at its B's
+    claim), not once per walk of the graph (torch.utils.checkpoint would run it at B and at W)."""
+    calls: list[int] = []
+
+    def probe(worker: StageWorker) -> None:
+        layer = worker.blocks[0][1]
+        assert isinstance(layer, nn.Module)
+        layer.mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+
+    _run(("keep", "recompute", "keep", "keep"), "zb-h1", steps=1, probe=probe)
+    assert len(calls) == 2 * M
+    calls.clear()
+    _run(("keep",) * 4, "zb-h1", steps=1, probe=probe)
+    assert len(calls) == M
