@@ -105,9 +105,12 @@ def _stage_costs(cand: Candidate, estimates: list[StageEstimate]) -> list[StageC
     out = []
     for (first, end), est in zip(cand.partition, estimates):
         out_bytes = model.stats.blocks[end - 1].output_bytes
-        out.append(StageCost(fwd_s=est.fwd_s, bwd_s=est.bwd_s / 2 if split else est.bwd_s,
-                             wgrad_s=est.bwd_s / 2 if split else 0.0, activation_bytes=est.act_bytes,
-                             output_bytes=out_bytes))
+        # a split backward: B and W halve the backward; B replays the recomputed forwards and
+        # holds what it brings back until W (planner.stage_cost [Note: activations between B and W])
+        grads = est.bwd_s - est.recompute_s
+        out.append(StageCost(fwd_s=est.fwd_s, bwd_s=grads / 2 + est.recompute_s if split else est.bwd_s,
+                             wgrad_s=grads / 2 if split else 0.0, activation_bytes=est.act_bytes,
+                             bw_bytes=est.bw_bytes if split else 0, output_bytes=out_bytes))
     return out
 
 
@@ -145,7 +148,8 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
     model, shape = cand.model, cand.shape
     assert model is not None
     p, m = shape.pipeline, shape.num_microbatches
-    estimates = [model.refine(f, e, cand.where[s], cand.in_flight[s], m) for s, (f, e) in enumerate(cand.partition)]
+    estimates = [model.refine(f, e, cand.where[s], cand.in_flight[s], m, cand.in_bw[s])
+                 for s, (f, e) in enumerate(cand.partition)]
     costs = _stage_costs(cand, estimates)
     links = _links(cand, cluster)
     passes = len(cand.stage_ranks) * m * (3 if shape.schedule in _SPLIT_W else 2)
@@ -193,7 +197,8 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
         if on_device:  # the sum's copy of the gradient: ZeRO-2's buckets under way, ZeRO-1's whole
             copy[r] = max(copy[r], 4 * (min(n, REDUCE_IN_FLIGHT * REDUCE_BUCKET_ELEMS) if model.zero == 2 else n))
         grads[r] += 4 * n if on_device else 0
-        static[r] += est.device_bytes - cand.in_flight[s] * est.act_bytes
+        # the simulated peak replaces the estimate's held micro-batches ([Note: activations between B and W])
+        static[r] += est.device_bytes - cand.in_flight[s] * est.act_bytes - cand.in_bw[s] * est.bw_bytes
         host[r] += est.host_bytes
         nvme[r] += est.nvme_bytes
         act_gpipe[r] += m * est.act_bytes
@@ -203,12 +208,6 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
     device = [a + max(b, c) for a, b, c in zip(static, acts, copy)]  # ZeRO: the sum's copy comes after the passes
     step = max(end + a + o for end, a, o in zip(ends, ar, opt))
     problem = next((f"stage {s}: {est.offload}" for s, est in enumerate(estimates) if not est.fits), "")
-    if not problem and shape.schedule in _SPLIT_W:  # the workers keep every activation under a split backward
-        moved = next((s for s, est in enumerate(estimates)  # (runtime.stage_activations)
-                      if est.policy is not None and set(est.policy.activations) != {ActPolicy.KEEP}), None)
-        if moved is not None:
-            what = "/".join(sorted({str(a) for a in estimates[moved].policy.activations}))
-            problem = f"stage {moved}: activations {what}, which {shape.schedule}'s split backward (B and W) cannot run"
     for r in range(p):
         node_i, dev, _, _, budget = cand.ranks[r]
         for tier, need, have in (("device", device[r], budget.device), ("host", host[r], budget.host),
