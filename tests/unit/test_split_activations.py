@@ -11,7 +11,9 @@ import pytest
 from torch import nn
 
 from memtrain.config import ModelConfig
+from memtrain.planner.analyze import analyze
 from memtrain.planner.pipeline import add_swap_points
+from memtrain.planner.simulate_pipeline import Link, StageCost, simulate_pipeline
 from memtrain.runtime.pipeline_driver import stage_programs
 from memtrain.runtime.stage_worker import PipelineSpec, StageWorker
 
@@ -81,3 +83,26 @@ def test_recompute_replays_each_forward_once_at_the_b():
     calls.clear()
     _run(("keep",) * 4, "zb-h1", steps=1, probe=probe)
     assert len(calls) == M
+
+
+@pytest.mark.parametrize("schedule", ["zb-h1", "v-half", "v-min"])
+@pytest.mark.parametrize("acts", [("keep",) * 4, ("recompute",) * 4, ("swap_host",) * 4,
+                                  ("keep", "recompute", "swap_host", "recompute")])
+def test_measured_activation_peak_is_the_simulated_one(schedule, acts):
+    """The rank's measured peak of activation bytes (the ledger) against the pipeline
+    simulator's on the same program with analyze's per-block bytes: a stage holds its kept
+    blocks' ``A`` and its recomputed blocks' ``I`` from F to W, and from B to W its recomputed
+    and swapped blocks' ``A`` (planner.stage_cost [Note: activations between B and W])."""
+    stats = analyze(ModelConfig(preset="tiny", overrides=TINY_2), seq_len=16, micro_batch_size=2, dtype="fp32")
+    place, programs = stage_programs(schedule, 1, M)
+    parts = [range(4)] if place.num_stages == 1 else [range(2), range(2, 4)]
+    costs = []
+    for blocks in parts:
+        b = [stats.blocks[j] for j in blocks]
+        held = sum(x.activation_bytes if acts[j] == "keep" else x.input_bytes if acts[j] == "recompute" else 0
+                   for j, x in zip(blocks, b))
+        back = sum(x.activation_bytes for j, x in zip(blocks, b) if acts[j] != "keep")
+        costs.append(StageCost(fwd_s=1.0, bwd_s=1.0, wgrad_s=1.0, activation_bytes=held, bw_bytes=back))
+    want = simulate_pipeline(programs, place, costs, Link(gbps=1.0)).peak_bytes[0]
+    _, got = _run(acts, schedule, dropout=0.0)
+    assert got[-1].peak_bytes["activations"] == pytest.approx(want, rel=0.1), (got[-1].peak_bytes, want)
