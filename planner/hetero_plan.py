@@ -277,7 +277,8 @@ interleaved 1F1B a group of ``p``. The memory lines repeat that many before the 
 def _memory_line(sim: Simulated, r: int) -> tuple[MemoryPoint, ...]:
     """Rank ``r``'s bytes in use per tier over the whole step. Device: its static bytes (states,
     buffers, workspace), plus each held micro-batch's activations from the end of its forward to
-    the end of its backward (or W). An extrapolated run's repeated micro-batches are drawn ([Note:
+    the end of its backward (or W), and under a split backward what its B brings back from the
+    B's start to the W's end (planner.stage_cost [Note: activations between B and W]). An extrapolated run's repeated micro-batches are drawn ([Note:
     repeated micro-batches in the picture]): each (pass, stage) of the rank repeats its last
     ``PATTERN_MICROBATCHES`` before the cut (interleaved: a group of ``p``) as many periods
     apart, before its first after the cut runs, moved on by all of them;
@@ -288,16 +289,26 @@ def _memory_line(sim: Simulated, r: int) -> tuple[MemoryPoint, ...]:
         return ()
     split = sim.cand.shape.schedule in _SPLIT_W
     frees = Op.W if split else Op.B
+
+    def delta(op: Op, s: int) -> int:
+        est = sim.estimates[s]
+        if op is Op.F:
+            return est.act_bytes
+        if op is frees:
+            return -est.act_bytes - (est.bw_bytes if split else 0)
+        return est.bw_bytes  # a split backward's B, from its start
+
     moves: list[tuple[float, int]] = []
-    ends: dict[tuple[Op, int], dict[int, float]] = defaultdict(dict)
+    ends: dict[tuple[Op, int], dict[int, float]] = defaultdict(dict)  # when each pass moves the line
     first: dict[tuple[Op, int], int] = {}
     for (op, s, i), (start, end) in sim.result.pass_times.items():
-        if sim.cand.stage_ranks[s] != r or op not in (Op.F, frees):
+        brings = split and op is Op.B and sim.estimates[s].bw_bytes > 0
+        if sim.cand.stage_ranks[s] != r or (op not in (Op.F, frees) and not brings):
             continue
-        act = sim.estimates[s].act_bytes if op is Op.F else -sim.estimates[s].act_bytes
+        at = start if brings else end
         shift, _ = _placed(sim, start, (op, s, i))
-        moves.append((end + shift, act))
-        ends[(op, s)][i] = end
+        moves.append((at + shift, delta(op, s)))
+        ends[(op, s)][i] = at
         if shift:
             first[(op, s)] = min(first.get((op, s), i), i)
     # the missing passes i0 .. i0+k-1 of each (pass, stage) repeat its last g before the cut,
@@ -305,7 +316,7 @@ def _memory_line(sim: Simulated, r: int) -> tuple[MemoryPoint, ...]:
     g = sim.cand.shape.pipeline if sim.cand.shape.schedule == "interleaved-1f1b" else PATTERN_MICROBATCHES
     k = sim.cand.shape.num_microbatches - sim.simulated_microbatches
     for (op, s), i0 in first.items():
-        act = sim.estimates[s].act_bytes if op is Op.F else -sim.estimates[s].act_bytes
+        act = delta(op, s)
         if all(i in ends[(op, s)] for i in range(i0 - g, i0)):
             moves += [(ends[(op, s)][i0 - g + j % g] + (j // g + 1) * g * sim.period_s, act) for j in range(k)]
         else:

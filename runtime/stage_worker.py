@@ -204,7 +204,7 @@ class StageWorker:
                             mod.register_forward_hook(self._keep_output)
 
     def _keep_output(self, module: nn.Module, args: object, output: object) -> None:
-        """[Note: B and W] a parameter-owning module's output, for the split backward."""
+        """[Note: B and W] a parameter-owning module's gradient edge, for the split backward."""
         if self._kept is not None:
             assert isinstance(output, torch.Tensor), f"{type(module).__name__} returned {type(output).__name__}"
             self._kept.append((tuple(module.parameters(recurse=False)), get_gradient_edge(output)))

@@ -155,3 +155,8 @@ def test_memory_activations_is_planned_with_split_backward_schedules(fixed):
                         num_microbatches=4, activations=fixed)
     assert plan.pipeline.schedule_kind in ("zb-h1", "v-half")
     assert {p.activations for rp in plan.pipeline.ranks for p in rp.policies} == {(ActPolicy(fixed),) * 2}
+    for dev in plan.prediction.devices:
+        # the memory line draws what each B brings back until its W: its top is the rank's peak
+        line = [q.bytes for q in dev.memory_timeline if q.tier == "device"]
+        assert max(line) == dev.peak_bytes["device"], (line, dev.peak_bytes)
+        assert dev.breakdown["device"]["activations"] > 0  # B..W is charged, whatever the F keeps
