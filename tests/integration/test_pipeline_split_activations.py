@@ -19,9 +19,12 @@ from pipeline_reference import reference_losses
 from memtrain.config import ModelConfig
 from memtrain.planner.analyze import analyze
 from memtrain.planner.pipeline import placement
-from memtrain.planner.plan import Action, Op
+from memtrain.planner.plan import Action, Op, Plan
 from memtrain.planner.simulate_pipeline import Link, StageCost, simulate_pipeline
+from memtrain.runtime.config_file import load_config
+from memtrain.runtime.distributed import run_distributed
 from memtrain.runtime.pipeline_driver import PipelineResult, run_pipeline
+from memtrain.runtime.train import lr_at
 
 STEPS, M, B, SEQ, SEED, LR = 2, 4, 2, 16, 0, 1e-3
 UNTIED_2 = {"preset": "tiny", "overrides": {"num_layers": 2, "tie_embeddings": False}}
@@ -79,3 +82,25 @@ def test_bf16_recompute_with_dropout_is_bitwise_keep(local_ray) -> None:
     rec = _run("zb-h1", model, dtype="bf16", activations="recompute")
     assert rec.microbatch_losses == keep.microbatch_losses  # the masks replayed, under the same autocast
     assert rec.programs == keep.programs  # the replay is inside the B: no action of its own
+
+
+def test_memtrain_run_swaps_under_zb_h1_as_its_plan_says(local_ray, tmp_path: Path) -> None:
+    """``parallel.schedule: zb-h1`` with ``memory.activations: swap_host``: planned (no longer
+    refused), its program's ``SWAP_OUT``/``SWAP_IN`` in plan.json are what each rank ran."""
+    cfg = load_config("examples/gpt-tiny-pp2.yaml", ["train.steps=2", "train.seq_len=16", "parallel.schedule=zb-h1",
+                                                     "memory.activations=swap_host", f"run_dir={tmp_path}/run"])
+    out = run_distributed(cfg, print_fn=lambda _: None)
+    plan = Plan.load(tmp_path / "run" / "plan.json")
+    assert plan.pipeline.schedule_kind == "zb-h1"
+    assert [rp.offload for rp in plan.pipeline.ranks] == [f"stage {s}: activations swapped to the host" for s in (0, 1)]
+    ops = {a.op for prog in plan.schedule.values() for a in prog}
+    assert {Op.W, Op.SWAP_OUT, Op.SWAP_IN} <= ops
+    for step in out["result"].records:
+        assert [list(r) for r in step] == [[str(a) for a in plan.schedule[rank]] for rank in range(2)]
+    opt = cfg.train.optimizer
+    ref = reference_losses({"source": "gpt", "preset": "tiny"}, num_steps=2, num_microbatches=4, micro_batch_size=2,
+                           seq_len=16, seed=0, lr=opt.lr, adamw={"betas": tuple(opt.betas),
+                                                                   "weight_decay": opt.weight_decay},
+                           lr_at=lambda k: lr_at(k, cfg))
+    # tied embeddings across the two ranks: their gradients are summed in another order (1e-6)
+    assert [list(x) for x in out["result"].microbatch_losses] == [pytest.approx(x, rel=1e-6, abs=0) for x in ref]
