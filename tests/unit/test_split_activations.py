@@ -13,6 +13,7 @@ from torch import nn
 from memtrain.config import ModelConfig
 from memtrain.planner.analyze import analyze
 from memtrain.planner.pipeline import add_swap_points
+from memtrain.planner.plan import Action, Op
 from memtrain.planner.simulate_pipeline import Link, StageCost, simulate_pipeline
 from memtrain.runtime.pipeline_driver import stage_programs
 from memtrain.runtime.stage_worker import PipelineSpec, StageWorker
@@ -106,3 +107,23 @@ def test_measured_activation_peak_is_the_simulated_one(schedule, acts):
     want = simulate_pipeline(programs, place, costs, Link(gbps=1.0)).peak_bytes[0]
     _, got = _run(acts, schedule, dropout=0.0)
     assert got[-1].peak_bytes["activations"] == pytest.approx(want, rel=0.1), (got[-1].peak_bytes, want)
+
+
+@pytest.mark.parametrize("schedule", ["zb-h1", "v-half"])
+def test_swap_points_of_a_split_schedule(schedule):
+    """Over 2 ranks: one ``SWAP_OUT`` per swapped block right after each ``F``, one ``SWAP_IN``
+    before each ``B`` (before its gradient's receive where that comes first), none about ``W``."""
+    place, programs = stage_programs(schedule, 2, 4)
+    acts = {s: ("swap_host", "keep") if s % 2 == 0 else ("keep", "swap_nvme") for s in range(place.num_stages)}
+    out = add_swap_points(programs, acts)
+    for r, prog in out.items():
+        assert [a for a in prog if a.op not in (Op.SWAP_OUT, Op.SWAP_IN)] == list(programs[r])
+        for k, a in enumerate(prog):
+            j = 0 if a.stage % 2 == 0 else 1
+            if a.op is Op.F:
+                assert prog[k + 1] == Action(a.stage, Op.SWAP_OUT, a.microbatch, block=j)
+            if a.op is Op.B:
+                before = prog[k - 2:k] if prog[k - 1].op is Op.RECV_B else prog[k - 1:k]
+                assert before[0] == Action(a.stage, Op.SWAP_IN, a.microbatch, block=j), (r, k, prog[k - 2:k + 1])
+            if a.op is Op.W:
+                assert prog[k - 1].op not in (Op.SWAP_IN, Op.SWAP_OUT) or prog[k - 1].stage != a.stage
