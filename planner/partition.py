@@ -145,28 +145,34 @@ def in_flight(kind: str, p: int, m: int, rank: int) -> int:
     return min(limit if kind == "zb-h1" else -(-limit // 2), m)
 
 
-_IN_BACKWARD: dict[tuple[str, int, int, int], int] = {}
+_IN_BACKWARD: dict[tuple[str, int, int], tuple[int, ...]] = {}
 
 
 def in_backward(kind: str, p: int, m: int, rank: int) -> int:
     """Under a split backward, the micro-batches one of ``rank``'s stages holds between its ``B``
     and its ``W`` at most (planner.stage_cost [Note: activations between B and W]), read from the
     schedule's list (a V's two stages share the rank's count, as ``in_flight``); 0 without a
-    split. A schedule too long to make here gets ``in_flight``'s count (``B`` to ``W`` lies
-    within ``F`` to ``W``)."""
+    split. ZB-H1's list repeats itself after ``2p + 2`` micro-batches, so a longer one is read
+    from that many; a V too long to make here (not planned, ``layout``) gets ``in_flight``'s
+    count (``B`` to ``W`` lies within ``F`` to ``W``)."""
     if kind not in pipeline.SPLIT_W_SCHEDULES:
         return 0
-    if p * m > _MAX_V_TASKS:
+    if kind == "zb-h1":
+        m = min(m, 2 * p + 2)
+    elif p * m > _MAX_V_TASKS:
         return in_flight(kind, p, m, rank)
-    key = (kind, p, m, rank)
+    key = (kind, p, m)
     if key not in _IN_BACKWARD:
-        between = most = 0
-        for a in pipeline.generate(kind, p, m)[rank]:
-            between += (a.op is Op.B) - (a.op is Op.W)
-            most = max(most, between)
         per_stage = 2 if kind in ("v-half", "v-min") else 1
-        _IN_BACKWARD[key] = min(-(-most // per_stage), m)
-    return _IN_BACKWARD[key]
+        counts = []
+        for r, program in sorted(pipeline.generate(kind, p, m).items()):
+            between = most = 0
+            for a in program:
+                between += (a.op is Op.B) - (a.op is Op.W)
+                most = max(most, between)
+            counts.append(min(-(-most // per_stage), m))
+        _IN_BACKWARD[key] = tuple(counts)
+    return _IN_BACKWARD[key][rank]
 
 
 def partition_min_max(num_blocks: int, num_stages: int,
@@ -337,7 +343,6 @@ def layout(shape: Shape, counts: Mapping[str, list[int]], devices, cluster: Clus
         share = StageBudget(device=budget.device // v, host=budget.host // v, nvme=budget.nvme // v)
         cand.where.append(model.place(dev, host, nvme, share))
         cand.in_flight.append(in_flight(shape.schedule, p, m, r))
-        cand.in_bw.append(in_backward(shape.schedule, p, m, r))
     # all-reduce of each pipeline rank's gradients (fp32 accumulators) over its replicas' devices
     per_node: dict[int, int] = {}
     for idx in replicas[0]:
@@ -364,6 +369,8 @@ def partition(cand: Candidate) -> None:
     p = shape.pipeline
 
     canon, estimate = model.range_ids, model.estimate
+    # made here, for the candidates not pruned: a long zb-h1 list is made to read it
+    cand.in_bw = [in_backward(shape.schedule, p, m, r) for r in cand.stage_ranks]
     keys = [(cand.where[s], cand.in_flight[s], cand.in_bw[s], cand.stage_ranks[s])
             for s in range(len(cand.stage_ranks))]
     seen: dict[tuple, float] = {}

@@ -205,10 +205,11 @@ def _greedy(place: Placement, m: int, limits: Sequence[int] | None, *, split_w: 
     tries = {"B": ready_b, "F": ready_f, "W": ready_w}
     total = n * m * (3 if split_w else 2)
     ran = 0
+    stages_by_rank = [place.stages_of(r) for r in range(p)]
     while ran < total:
         this_tick: list[tuple[Op, int, int]] = []
         for r in range(p):
-            stages = place.stages_of(r)
+            stages = stages_by_rank[r]
             pick = None
             for kind in orders[r] if orders is not None else "BFW":
                 pick = tries[kind](r, stages)

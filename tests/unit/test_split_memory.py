@@ -45,6 +45,11 @@ def test_in_backward_reads_the_schedule(kind, p, m):
     assert in_backward("1f1b", 4, 8, 0) == in_backward("interleaved-1f1b", 4, 8, 0) == 0
 
 
+def test_in_backward_of_a_long_zb_h1_is_read_from_its_repeating_start():
+    assert [in_backward("zb-h1", 16, 80, r) for r in range(16)] == [_between("zb-h1", 16, 80, r) for r in range(16)]
+    assert [in_backward("zb-h1", 8, 40, r) for r in range(8)] == [1, 1, 1, 1, 4, 5, 6, 8]  # the later ranks put W off
+
+
 def test_simulator_holds_what_b_brings_back_until_w():
     """zb-h1 over 2 ranks, 4 micro-batches: rank 0 runs ``F0 F1 B0 W0 F2 B1 W1 ..`` (two held,
     one between B and W), rank 1 ``F0 B0 F1 B1 W0 ..`` (two between B and W); each held
