@@ -1,4 +1,4 @@
-"""Recompute and swap under the split-backward schedules on a local Ray, 2 ranks, against one
+"""Recompute and swap under the split-backward schedules (zb-h1, v-half, v-min) on a local Ray, 2 ranks, against one
 process (runtime.stage_activations [Note: recompute and swap under a split backward]).
 
 The tiny GPT (4 blocks, untied), 2 steps of 4 micro-batches of 2 sequences of 16 tokens, AdamW,
@@ -56,10 +56,11 @@ def _predicted(schedule: str, got: PipelineResult, acts: tuple[tuple[str, ...], 
 
 
 MIXED = {"zb-h1": (("recompute", "swap_host"), ("swap_nvme", "recompute")),
-         "v-half": (("recompute",), ("swap_host",), ("swap_nvme",), ("recompute",))}
+         "v-half": (("recompute",), ("swap_host",), ("swap_nvme",), ("recompute",)),
+         "v-min": (("swap_host",), ("recompute",), ("recompute",), ("swap_nvme",))}
 
 
-@pytest.mark.parametrize("schedule", ["zb-h1", "v-half"])
+@pytest.mark.parametrize("schedule", ["zb-h1", "v-half", "v-min"])
 def test_split_backward_recompute_and_swaps_are_one_process(local_ray, schedule, tmp_path: Path) -> None:
     acts = MIXED[schedule]
     (tmp_path / "nvme").mkdir()
