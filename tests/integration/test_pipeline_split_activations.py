@@ -1,5 +1,6 @@
-"""Recompute and swap under the split-backward schedules (zb-h1, v-half, v-min) on a local Ray, 2 ranks, against one
-process (runtime.stage_activations [Note: recompute and swap under a split backward]).
+"""Recompute and swap under the split-backward schedules (zb-h1, v-half, v-min) on a local Ray,
+2 ranks, against one process (runtime.stage_activations [Note: recompute and swap under a split
+backward]).
 
 The tiny GPT (4 blocks, untied), 2 steps of 4 micro-batches of 2 sequences of 16 tokens, AdamW,
 seed 0. Every stage's blocks recompute, swap to the host or swap to NVMe files (under a tmp
