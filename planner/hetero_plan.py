@@ -278,8 +278,9 @@ def _memory_line(sim: Simulated, r: int) -> tuple[MemoryPoint, ...]:
     """Rank ``r``'s bytes in use per tier over the whole step. Device: its static bytes (states,
     buffers, workspace), plus each held micro-batch's activations from the end of its forward to
     the end of its backward (or W), and under a split backward what its B brings back from the
-    B's start to the W's end (planner.stage_cost [Note: activations between B and W]). An extrapolated run's repeated micro-batches are drawn ([Note:
-    repeated micro-batches in the picture]): each (pass, stage) of the rank repeats its last
+    B's start to the W's end (planner.stage_cost [Note: activations between B and W]). An
+    extrapolated run's repeated micro-batches are drawn ([Note: repeated micro-batches in the
+    picture]): each (pass, stage) of the rank repeats its last
     ``PATTERN_MICROBATCHES`` before the cut (interleaved: a group of ``p``) as many periods
     apart, before its first after the cut runs, moved on by all of them;
     without a cut they are held level (the timeline marks them "not drawn"). Host and NVMe: what

@@ -240,7 +240,8 @@ class StageModel:
         key = (self.range_ids[first][end], where, in_flight, num_microbatches, in_bw)
         hit = self._memo.get(key)
         if hit is None:
-            hit = self._memo[key] = self._estimate(first, end, *self._where[where], in_flight, num_microbatches, in_bw)
+            hit = self._memo[key] = self._estimate(first, end, *self._where[where], in_flight, num_microbatches,
+                                                   in_bw)
         return hit
 
     def _estimate(self, first: int, end: int, device: DeviceSpec, host: HostSpec, nvme: NvmeSpec | None,
