@@ -127,3 +127,39 @@ def test_swap_points_of_a_split_schedule(schedule):
                 assert before[0] == Action(a.stage, Op.SWAP_IN, a.microbatch, block=j), (r, k, prog[k - 2:k + 1])
             if a.op is Op.W:
                 assert prog[k - 1].op not in (Op.SWAP_IN, Op.SWAP_OUT) or prog[k - 1].stage != a.stage
+
+
+def test_manager_windows_of_a_replayed_recompute():
+    """The mechanism alone (offload.recompute [Note: recompute across B and W]): after the F the
+    ledger holds the block's input ``I``; the claim replays the forward and adds ``A``; both walks
+    read the rebuilt tensors (gradients bitwise keep's, dropout included); the W's end frees all."""
+    import torch
+
+    from memtrain.offload.activations import ActivationManager
+    from memtrain.offload.ledger import Ledger
+
+    def grads(policy: str, split: bool):
+        torch.manual_seed(0)
+        block = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Dropout(0.5), nn.Linear(32, 8))
+        ledger = Ledger("device")
+        mgr = ActivationManager(policies={"b": policy}, device_ledger=ledger, host_ledger=Ledger("host"),
+                                split_backward=split)
+        mgr.wrap_blocks([("b", block)])
+        x = torch.randn(4, 8, requires_grad=True)
+        edges = []  # the first Linear's output edge: W walks from it to that Linear's parameters
+        block[0].register_forward_hook(lambda m, a, o: edges.append(torch.autograd.graph.get_gradient_edge(o)))
+        y = block(x)
+        after_f = ledger.in_use_bytes
+        mgr.claim(0, 0)
+        after_claim = ledger.in_use_bytes
+        gx, ge = torch.autograd.grad(y.sum(), [x, edges[0]], retain_graph=True)  # B
+        gw = torch.autograd.grad(edges[0], list(block[0].parameters()), ge)  # W
+        del y, edges
+        return (gx, *gw), after_f, after_claim, ledger.in_use_bytes, mgr.block_activations("b")
+
+    keep, *_ = grads("keep", True)
+    got, after_f, after_claim, after_w, stats = grads("recompute", True)
+    assert all(torch.equal(a, b) for a, b in zip(got, keep))
+    assert after_f == stats.input_bytes == 4 * 8 * 4  # I: the input only
+    assert after_claim == after_f + stats.saved_bytes and stats.saved_bytes > 4 * 32 * 4  # A: rebuilt at the claim
+    assert after_w == 0
