@@ -262,7 +262,7 @@ class ActivationManager:
         with self._lock:
             rec = self._records.get((block, mb))
         if rec is not None and rec.replay is not None:
-            self._rebuild(rec)
+            rec.rebuild()
             return
         rec = self._swapped_record(block, mb)
         if rec is not None:
@@ -364,37 +364,6 @@ class ActivationManager:
                 return inner(*args, **kwargs)
 
         return body
-
-    def _rebuild(self, rec: _Record) -> None:
-        """Replay a recompute block's forward (offload.recompute [Note: recompute across B and
-        W]): its dropped saves rebuilt in order, their storages ``A`` taken until the record goes."""
-        with rec.lock:
-            if rec.rebuilt is not None or rec.replay is None:
-                return
-            rebuilt: dict[int, torch.Tensor] = {}
-            seen: set[int] = set()
-            count = [0, 0]  # saves, bytes
-
-            def pack(t: torch.Tensor) -> None:
-                k = count[0]
-                count[0] += 1
-                if k in rec.slots:
-                    rebuilt[k] = t.detach()
-                    ptr = t.untyped_storage().data_ptr()
-                    if ptr not in seen:
-                        seen.add(ptr)
-                        count[1] += t.untyped_storage().nbytes()
-
-            rec.replay.run(pack)
-            if count[0] != rec.num_packs:
-                raise RuntimeError(f"block {rec.name!r}: its recompute saved {count[0]} tensors for backward, its "
-                                   f"forward {rec.num_packs}; a forward that depends on more than its inputs and RNG "
-                                   "cannot be replayed: set this block's activation policy to keep")
-            rec.take_device(count[1])  # A: from the replay (the B's start) until the graph goes (W's end)
-            rec.rebuilt = rebuilt
-            stats = self._stats.get(rec.name)
-            if stats is not None:
-                stats.saved_bytes = count[1]
 
     def _end_forward(self, rec: _Record, stats: BlockActivations) -> None:
         """The block's forward is done: open its ledger window (a swap-out is the program's)."""

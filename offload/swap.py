@@ -71,12 +71,12 @@ class _Manager(Protocol):
     nvme: NvmeStore | None
     _lock: threading.RLock
     _inbound: set[_Record]
+    _stats: dict[str, Any]
 
     def _forget(self, rec: _Record) -> None: ...
     def _advance_inbound(self) -> None: ...
     def _nvme_key(self, owner: str) -> str: ...
     def _deleting(self, fut: Any, what: str) -> None: ...
-    def _rebuild(self, rec: _Record) -> None: ...
 
 
 class _Resolver(Protocol):
@@ -198,9 +198,40 @@ class _Record:
         """Saved tensor ``slot`` of a replayed recompute; an unpack before the claim replays now."""
         with self.lock:
             if self.rebuilt is None:
-                self.mgr._rebuild(self)
+                self.rebuild()
             assert self.rebuilt is not None, f"{self._what()}: unpacked after it was freed"
             return self.rebuilt[slot]
+
+    def rebuild(self) -> None:
+        """Replay a recompute block's forward (offload.recompute [Note: recompute across B and
+        W]): its dropped saves rebuilt in order, their storages ``A`` taken until the record goes."""
+        with self.lock:
+            if self.rebuilt is not None or self.replay is None:
+                return
+            rebuilt: dict[int, torch.Tensor] = {}
+            seen: set[int] = set()
+            count = [0, 0]  # saves, bytes
+
+            def pack(t: torch.Tensor) -> None:
+                k = count[0]
+                count[0] += 1
+                if k in self.slots:
+                    rebuilt[k] = t.detach()
+                    ptr = t.untyped_storage().data_ptr()
+                    if ptr not in seen:
+                        seen.add(ptr)
+                        count[1] += t.untyped_storage().nbytes()
+
+            self.replay.run(pack)
+            if count[0] != self.num_packs:
+                raise RuntimeError(f"block {self.name!r}: its recompute saved {count[0]} tensors for backward, its "
+                                   f"forward {self.num_packs}; a forward that depends on more than its inputs and RNG "
+                                   "cannot be replayed: set this block's activation policy to keep")
+            self.take_device(count[1])  # A: from the replay (the B's start) until the graph goes (W's end)
+            self.rebuilt = rebuilt
+            stats = self.mgr._stats.get(self.name)
+            if stats is not None:
+                stats.saved_bytes = count[1]
 
     # --- ledger windows ------------------------------------------------------------------
 
