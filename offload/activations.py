@@ -25,6 +25,9 @@ Policies (accounting windows: docs/memory-accounting.md, "Activations", owner ``
 - ``recompute`` (Chen et al. 2016): the block runs under non-reentrant
   ``torch.utils.checkpoint`` with its RNG state preserved (so dropout masks match); the ledger
   holds the block's inputs ``I`` from F to B and the recomputed ``A`` during recompute + B.
+  With ``split_backward`` (a backward walked as B, then W) the forward is replayed at the
+  block's claim instead and ``A`` held until its graph goes, after W (offload.recompute
+  [Note: recompute across B and W]).
 
 [Note: what counts as an activation] Every tensor autograd saves while a wrapped block's forward
 runs belongs to that block's record, except (a) views of parameter memory: those the
@@ -71,6 +74,7 @@ from torch.utils.checkpoint import checkpoint
 
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.nvme import NvmeStore
+from memtrain.offload.recompute import Replay
 from memtrain.offload.swap import _Kept, _Packed, _Record, _State, act_owner
 from memtrain.planner.plan import ActPolicy
 
@@ -123,6 +127,7 @@ class ActivationManager:
         nvme: NvmeStore | None = None,
         param_resolver: ParamResolver | None = None,
         writes_in_flight: int = 1,
+        split_backward: bool = False,
     ) -> None:
         self.policies: dict[str, ActPolicy] = {}
         for name, p in policies.items():
@@ -148,6 +153,9 @@ class ActivationManager:
         self.nvme = nvme
         self.param_resolver = param_resolver
         self.writes_in_flight = writes_in_flight
+        self.split_backward = split_backward
+        """The backward is walked twice (B, then W): recompute blocks replay at their claim
+        (offload.recompute [Note: recompute across B and W])."""
         self.microbatch = 0
         self._blocks: list[tuple[str, nn.Module]] = []
         self._stats: dict[str, BlockActivations] = {}
@@ -249,7 +257,13 @@ class ActivationManager:
 
     def claim(self, block: int, mb: int) -> None:
         """Block ``block``'s backward of micro-batch ``mb`` starts: its record is made usable
-        ([Note: when backward starts]); a no-op for a record not swapped or not coming back."""
+        ([Note: when backward starts]), a replayed recompute's forward run again; a no-op for a
+        record kept, or not coming back."""
+        with self._lock:
+            rec = self._records.get((block, mb))
+        if rec is not None and rec.replay is not None:
+            rec.rebuild()
+            return
         rec = self._swapped_record(block, mb)
         if rec is not None:
             rec.advance_in(consumer=True)  # [Note: NVMe swap-in claims] (memtrain.offload.swap)
@@ -281,8 +295,15 @@ class ActivationManager:
         hooks = torch.autograd.graph.saved_tensors_hooks(
             lambda t: self._pack(rec, t, param_ptrs, stats), self._unpack
         )
+        if policy is ActPolicy.RECOMPUTE and self.split_backward:  # offload.recompute
+            rec.replay = Replay(inner, args, kwargs)
+            for t in rec.replay.inputs():
+                if rec.device is None:
+                    rec.device = t.device
+                if t.device == rec.device and t.untyped_storage().data_ptr() not in param_ptrs:
+                    rec.hold(t)
         with hooks:
-            if policy is ActPolicy.RECOMPUTE:
+            if policy is ActPolicy.RECOMPUTE and not self.split_backward:
                 # Only checkpoint's saved inputs reach our pack hook; the block's own saved
                 # tensors are checkpoint's placeholders, rebuilt by the recompute.
                 body = self._recompute_body(rec, inner, module, stats)
@@ -301,6 +322,8 @@ class ActivationManager:
 
     def _pack(self, rec: _Record, t: torch.Tensor, param_ptrs: frozenset[int], stats: BlockActivations):
         stats.num_saved_tensors += 1
+        if rec.replay is not None:  # a replayed recompute: each save's place, for the replay
+            slot, rec.num_packs = rec.num_packs, rec.num_packs + 1
         if self.param_resolver is not None:
             token = self.param_resolver.pack(t)
             if token is not None:
@@ -312,17 +335,21 @@ class ActivationManager:
         ptr = storage.data_ptr()
         if ptr in param_ptrs:
             stats.num_param_tensors += 1
-            return _Kept(t)
+            return _Kept(t.detach())
         if rec.device is None:
             rec.device = t.device
         if t.device != rec.device or storage.nbytes() == 0:
-            return _Kept(t)
+            return _Kept(t.detach())  # swap.py [Note: saved outputs are detached]
+        if rec.replay is not None:
+            return rec.placeholder(slot)
         return rec.pack(t, storage)
 
     @staticmethod
     def _unpack(obj) -> torch.Tensor:
         if type(obj) is _Packed:
-            return obj.tensor if obj.tensor is not None else obj.record.view(obj)
+            if obj.tensor is not None:
+                return obj.tensor
+            return obj.record.replayed(obj.slot) if obj.slot is not None else obj.record.view(obj)
         return obj.tensor if obj.resolver is None else obj.resolver.unpack(obj.tensor)
 
     def _recompute_body(self, rec: _Record, inner, module: nn.Module, stats: BlockActivations):

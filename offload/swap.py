@@ -71,6 +71,7 @@ class _Manager(Protocol):
     nvme: NvmeStore | None
     _lock: threading.RLock
     _inbound: set[_Record]
+    _stats: dict[str, Any]
 
     def _forget(self, rec: _Record) -> None: ...
     def _advance_inbound(self) -> None: ...
@@ -121,12 +122,14 @@ class _Storage:
 class _Packed:
     """What autograd holds for one saved tensor of a block; its death is the release signal."""
 
-    __slots__ = ("record", "tensor", "storage", "dtype", "size", "stride", "storage_offset")
+    __slots__ = ("record", "tensor", "storage", "slot", "dtype", "size", "stride", "storage_offset")
 
-    def __init__(self, record: _Record, tensor: torch.Tensor | None, storage: _Storage | None) -> None:
+    def __init__(self, record: _Record, tensor: torch.Tensor | None, storage: _Storage | None,
+                 slot: int | None = None) -> None:
         self.record = record
         self.tensor = tensor  # kept policies and recompute inputs: the tensor itself
         self.storage = storage  # swap policies: rebuilt from the storage at unpack
+        self.slot = slot  # a replayed recompute: its place in the block's saves (offload.recompute)
         if storage is not None:
             t = tensor
             self.dtype, self.size, self.stride, self.storage_offset = t.dtype, t.shape, t.stride(), t.storage_offset()
@@ -169,6 +172,66 @@ class _Record:
         self.io = None  # concurrent.futures.Future of an NVMe write or read
         self.nvme_key: str | None = None
         self.failed: str | None = None  # the NVMe failure raised to the training thread
+        # a recompute replayed at its claim (offload.recompute [Note: recompute across B and W])
+        self.replay: Any = None  # what runs the block's forward again
+        self.num_packs = 0  # the forward's saves so far, in order
+        self.slots: set[int] = set()  # which of them were dropped, to be rebuilt
+        self.rebuilt: dict[int, torch.Tensor] | None = None  # the replay's tensors, by slot
+
+    def placeholder(self, slot: int) -> _Packed:
+        """A replayed recompute's saved tensor ``slot``, dropped until the replay rebuilds it."""
+        with self.lock:
+            self.slots.add(slot)
+            self.num_live += 1
+        return _Packed(self, None, None, slot)
+
+    def hold(self, t: torch.Tensor) -> None:
+        """A replayed recompute's input, held for the replay (``I`` on the ledger)."""
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        with self.lock:
+            if ptr not in self.storages and storage.nbytes():
+                data = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
+                self.storages[ptr] = _Storage(data, 0)
+
+    def replayed(self, slot: int) -> torch.Tensor:
+        """Saved tensor ``slot`` of a replayed recompute; an unpack before the claim replays now."""
+        with self.lock:
+            if self.rebuilt is None:
+                self.rebuild()
+            assert self.rebuilt is not None, f"{self._what()}: unpacked after it was freed"
+            return self.rebuilt[slot]
+
+    def rebuild(self) -> None:
+        """Replay a recompute block's forward (offload.recompute [Note: recompute across B and
+        W]): its dropped saves rebuilt in order, their storages ``A`` taken until the record goes."""
+        with self.lock:
+            if self.rebuilt is not None or self.replay is None:
+                return
+            rebuilt: dict[int, torch.Tensor] = {}
+            seen: set[int] = set()
+            count = [0, 0]  # saves, bytes
+
+            def pack(t: torch.Tensor) -> None:
+                k = count[0]
+                count[0] += 1
+                if k in self.slots:
+                    rebuilt[k] = t.detach()
+                    ptr = t.untyped_storage().data_ptr()
+                    if ptr not in seen:
+                        seen.add(ptr)
+                        count[1] += t.untyped_storage().nbytes()
+
+            self.replay.run(pack)
+            if count[0] != self.num_packs:
+                raise RuntimeError(f"block {self.name!r}: its recompute saved {count[0]} tensors for backward, its "
+                                   f"forward {self.num_packs}; a forward that depends on more than its inputs and RNG "
+                                   "cannot be replayed: set this block's activation policy to keep")
+            self.take_device(count[1])  # A: from the replay (the B's start) until the graph goes (W's end)
+            self.rebuilt = rebuilt
+            stats = self.mgr._stats.get(self.name)
+            if stats is not None:
+                stats.saved_bytes = count[1]
 
     # --- ledger windows ------------------------------------------------------------------
 
@@ -203,7 +266,12 @@ class _Record:
                 self.flat_bytes += -(-s.nbytes // _ALIGN_BYTES) * _ALIGN_BYTES
             self.num_live += 1
         if self.policy in (ActPolicy.KEEP, ActPolicy.RECOMPUTE):
-            return _Packed(self, t, None)
+            # [Note: saved outputs are detached] autograd hands a node's own output to the pack
+            # hook with its grad_fn: held as is, node -> saved variable -> this -> tensor -> node
+            # is a cycle that only running the node breaks, and a node that a split backward's
+            # second walk never runs (offload.recompute [Note: recompute across B and W]) would
+            # keep the record forever. Unpacking gives autograd the data; it needs nothing else.
+            return _Packed(self, t.detach(), None)
         self.versions.append((t, t._version))
         return _Packed(self, t, s)
 
@@ -233,6 +301,7 @@ class _Record:
             self.storages.clear()
             self.versions.clear()
             self.host_buf = self.dev_buf = None
+            self.replay = self.rebuilt = None
             self.state = _State.FREED
         self.mgr._forget(self)
 

@@ -80,10 +80,6 @@ def plan_cluster(
     (planner.stage_cost [Note: ZeRO in a stage's estimate]; ZeRO-2's reduce under the last
     backward, planner.hetero_plan). Raises ``UserError`` naming what does not fit when nothing does."""
     dtype, optimizer = DType(dtype), Optimizer(optimizer)
-    if activations not in ("auto", "keep") and set(schedules) <= pipeline.SPLIT_W_SCHEDULES:
-        raise UserError(f"memory.activations: {activations} needs a schedule that does not split the backward; "
-                        f"{', '.join(schedules)} keep every activation: set parallel.schedule to gpipe, 1f1b or "
-                        "interleaved-1f1b, or memory.activations: keep")
     devices = flat_devices(cluster)
     _check(stats, cluster, devices, global_batch_size, micro_batch_size, dtype, safety_margin, schedules,
            pipeline_degree, data_parallel_degree)

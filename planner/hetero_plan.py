@@ -105,9 +105,12 @@ def _stage_costs(cand: Candidate, estimates: list[StageEstimate]) -> list[StageC
     out = []
     for (first, end), est in zip(cand.partition, estimates):
         out_bytes = model.stats.blocks[end - 1].output_bytes
-        out.append(StageCost(fwd_s=est.fwd_s, bwd_s=est.bwd_s / 2 if split else est.bwd_s,
-                             wgrad_s=est.bwd_s / 2 if split else 0.0, activation_bytes=est.act_bytes,
-                             output_bytes=out_bytes))
+        # a split backward: B and W halve the backward; B replays the recomputed forwards and
+        # holds what it brings back until W (planner.stage_cost [Note: activations between B and W])
+        grads = est.bwd_s - est.recompute_s
+        out.append(StageCost(fwd_s=est.fwd_s, bwd_s=grads / 2 + est.recompute_s if split else est.bwd_s,
+                             wgrad_s=grads / 2 if split else 0.0, activation_bytes=est.act_bytes,
+                             bw_bytes=est.bw_bytes if split else 0, output_bytes=out_bytes))
     return out
 
 
@@ -145,7 +148,8 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
     model, shape = cand.model, cand.shape
     assert model is not None
     p, m = shape.pipeline, shape.num_microbatches
-    estimates = [model.refine(f, e, cand.where[s], cand.in_flight[s], m) for s, (f, e) in enumerate(cand.partition)]
+    estimates = [model.refine(f, e, cand.where[s], cand.in_flight[s], m, cand.in_bw[s])
+                 for s, (f, e) in enumerate(cand.partition)]
     costs = _stage_costs(cand, estimates)
     links = _links(cand, cluster)
     passes = len(cand.stage_ranks) * m * (3 if shape.schedule in _SPLIT_W else 2)
@@ -193,7 +197,8 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
         if on_device:  # the sum's copy of the gradient: ZeRO-2's buckets under way, ZeRO-1's whole
             copy[r] = max(copy[r], 4 * (min(n, REDUCE_IN_FLIGHT * REDUCE_BUCKET_ELEMS) if model.zero == 2 else n))
         grads[r] += 4 * n if on_device else 0
-        static[r] += est.device_bytes - cand.in_flight[s] * est.act_bytes
+        # the simulated peak replaces the estimate's held micro-batches ([Note: activations between B and W])
+        static[r] += est.device_bytes - cand.in_flight[s] * est.act_bytes - cand.in_bw[s] * est.bw_bytes
         host[r] += est.host_bytes
         nvme[r] += est.nvme_bytes
         act_gpipe[r] += m * est.act_bytes
@@ -203,12 +208,6 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
     device = [a + max(b, c) for a, b, c in zip(static, acts, copy)]  # ZeRO: the sum's copy comes after the passes
     step = max(end + a + o for end, a, o in zip(ends, ar, opt))
     problem = next((f"stage {s}: {est.offload}" for s, est in enumerate(estimates) if not est.fits), "")
-    if not problem and shape.schedule in _SPLIT_W:  # the workers keep every activation under a split backward
-        moved = next((s for s, est in enumerate(estimates)  # (runtime.stage_activations)
-                      if est.policy is not None and set(est.policy.activations) != {ActPolicy.KEEP}), None)
-        if moved is not None:
-            what = "/".join(sorted({str(a) for a in estimates[moved].policy.activations}))
-            problem = f"stage {moved}: activations {what}, which {shape.schedule}'s split backward (B and W) cannot run"
     for r in range(p):
         node_i, dev, _, _, budget = cand.ranks[r]
         for tier, need, have in (("device", device[r], budget.device), ("host", host[r], budget.host),
@@ -278,8 +277,10 @@ interleaved 1F1B a group of ``p``. The memory lines repeat that many before the 
 def _memory_line(sim: Simulated, r: int) -> tuple[MemoryPoint, ...]:
     """Rank ``r``'s bytes in use per tier over the whole step. Device: its static bytes (states,
     buffers, workspace), plus each held micro-batch's activations from the end of its forward to
-    the end of its backward (or W). An extrapolated run's repeated micro-batches are drawn ([Note:
-    repeated micro-batches in the picture]): each (pass, stage) of the rank repeats its last
+    the end of its backward (or W), and under a split backward what its B brings back from the
+    B's start to the W's end (planner.stage_cost [Note: activations between B and W]). An
+    extrapolated run's repeated micro-batches are drawn ([Note: repeated micro-batches in the
+    picture]): each (pass, stage) of the rank repeats its last
     ``PATTERN_MICROBATCHES`` before the cut (interleaved: a group of ``p``) as many periods
     apart, before its first after the cut runs, moved on by all of them;
     without a cut they are held level (the timeline marks them "not drawn"). Host and NVMe: what
@@ -289,16 +290,26 @@ def _memory_line(sim: Simulated, r: int) -> tuple[MemoryPoint, ...]:
         return ()
     split = sim.cand.shape.schedule in _SPLIT_W
     frees = Op.W if split else Op.B
+
+    def delta(op: Op, s: int) -> int:
+        est = sim.estimates[s]
+        if op is Op.F:
+            return est.act_bytes
+        if op is frees:
+            return -est.act_bytes - (est.bw_bytes if split else 0)
+        return est.bw_bytes  # a split backward's B, from its start
+
     moves: list[tuple[float, int]] = []
-    ends: dict[tuple[Op, int], dict[int, float]] = defaultdict(dict)
+    ends: dict[tuple[Op, int], dict[int, float]] = defaultdict(dict)  # when each pass moves the line
     first: dict[tuple[Op, int], int] = {}
     for (op, s, i), (start, end) in sim.result.pass_times.items():
-        if sim.cand.stage_ranks[s] != r or op not in (Op.F, frees):
+        brings = split and op is Op.B and sim.estimates[s].bw_bytes > 0
+        if sim.cand.stage_ranks[s] != r or (op not in (Op.F, frees) and not brings):
             continue
-        act = sim.estimates[s].act_bytes if op is Op.F else -sim.estimates[s].act_bytes
+        at = start if brings else end
         shift, _ = _placed(sim, start, (op, s, i))
-        moves.append((end + shift, act))
-        ends[(op, s)][i] = end
+        moves.append((at + shift, delta(op, s)))
+        ends[(op, s)][i] = at
         if shift:
             first[(op, s)] = min(first.get((op, s), i), i)
     # the missing passes i0 .. i0+k-1 of each (pass, stage) repeat its last g before the cut,
@@ -306,7 +317,7 @@ def _memory_line(sim: Simulated, r: int) -> tuple[MemoryPoint, ...]:
     g = sim.cand.shape.pipeline if sim.cand.shape.schedule == "interleaved-1f1b" else PATTERN_MICROBATCHES
     k = sim.cand.shape.num_microbatches - sim.simulated_microbatches
     for (op, s), i0 in first.items():
-        act = sim.estimates[s].act_bytes if op is Op.F else -sim.estimates[s].act_bytes
+        act = delta(op, s)
         if all(i in ends[(op, s)] for i in range(i0 - g, i0)):
             moves += [(ends[(op, s)][i0 - g + j % g] + (j // g + 1) * g * sim.period_s, act) for j in range(k)]
         else:

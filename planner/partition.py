@@ -27,7 +27,7 @@ from memtrain.planner.stage_cost import StageBudget, StageEstimate, StageModel
 from memtrain.planner.stats import ModelStats
 from memtrain.units import format_bytes
 
-__all__ = ["Shape", "Candidate", "bubble_ratio", "in_flight", "partition_min_max", "allreduce_time_s", "link_between",
+__all__ = ["Shape", "Candidate", "bubble_ratio", "in_flight", "in_backward", "partition_min_max", "allreduce_time_s", "link_between",
            "flat_devices", "device_groups", "stage_budgets", "shapes", "layout", "partition", "why_not",
            "INTRA_NODE_LATENCY_S", "INTER_NODE_LATENCY_S", "MAX_MICROBATCH_SIZES", "MAX_EXACT_PASSES"]
 
@@ -84,6 +84,8 @@ class Candidate:
     partition: tuple[tuple[int, int], ...] = ()
     estimates: list[StageEstimate] = field(default_factory=list)
     in_flight: list[int] = field(default_factory=list)
+    in_bw: list[int] = field(default_factory=list)
+    """Per stage, the micro-batches it holds between ``B`` and ``W`` at its peak (``in_backward``)."""
     where: list[int] = field(default_factory=list)
     ar_links: list[Link] = field(default_factory=list)
     """Per pipeline rank, the slowest link of the ring its replicas all-reduce over."""
@@ -141,6 +143,36 @@ def in_flight(kind: str, p: int, m: int, rank: int) -> int:
         return min(-(-held // 2), m)
     limit = pipeline.activation_limits(kind, p)[rank]
     return min(limit if kind == "zb-h1" else -(-limit // 2), m)
+
+
+_IN_BACKWARD: dict[tuple[str, int, int], tuple[int, ...]] = {}
+
+
+def in_backward(kind: str, p: int, m: int, rank: int) -> int:
+    """Under a split backward, the micro-batches one of ``rank``'s stages holds between its ``B``
+    and its ``W`` at most (planner.stage_cost [Note: activations between B and W]), read from the
+    schedule's list (a V's two stages share the rank's count, as ``in_flight``); 0 without a
+    split. ZB-H1's list repeats itself after ``2p + 2`` micro-batches, so a longer one is read
+    from that many; a V too long to make here (not planned, ``layout``) gets ``in_flight``'s
+    count (``B`` to ``W`` lies within ``F`` to ``W``)."""
+    if kind not in pipeline.SPLIT_W_SCHEDULES:
+        return 0
+    if kind == "zb-h1":
+        m = min(m, 2 * p + 2)
+    elif p * m > _MAX_V_TASKS:
+        return in_flight(kind, p, m, rank)
+    key = (kind, p, m)
+    if key not in _IN_BACKWARD:
+        per_stage = 2 if kind in ("v-half", "v-min") else 1
+        counts = []
+        for r, program in sorted(pipeline.generate(kind, p, m).items()):
+            between = most = 0
+            for a in program:
+                between += (a.op is Op.B) - (a.op is Op.W)
+                most = max(most, between)
+            counts.append(min(-(-most // per_stage), m))
+        _IN_BACKWARD[key] = tuple(counts)
+    return _IN_BACKWARD[key][rank]
 
 
 def partition_min_max(num_blocks: int, num_stages: int,
@@ -337,14 +369,17 @@ def partition(cand: Candidate) -> None:
     p = shape.pipeline
 
     canon, estimate = model.range_ids, model.estimate
-    keys = [(cand.where[s], cand.in_flight[s], cand.stage_ranks[s]) for s in range(len(cand.stage_ranks))]
+    # made here, for the candidates not pruned: a long zb-h1 list is made to read it
+    cand.in_bw = [in_backward(shape.schedule, p, m, r) for r in cand.stage_ranks]
+    keys = [(cand.where[s], cand.in_flight[s], cand.in_bw[s], cand.stage_ranks[s])
+            for s in range(len(cand.stage_ranks))]
     seen: dict[tuple, float] = {}
 
     def stage_cost(s: int, first: int, end: int) -> float:
         key = (canon[first][end],) + keys[s]
         got = seen.get(key)
         if got is None:
-            est = estimate(first, end, cand.where[s], cand.in_flight[s], m)
+            est = estimate(first, end, cand.where[s], cand.in_flight[s], m, cand.in_bw[s])
             got = math.inf if not est.fits else est.work_s(m) + reduce_time_s(
                 model, shape.schedule, est, model.num_params(first, end), shape.data_parallel,
                 cand.ar_links[cand.stage_ranks[s]])
@@ -363,7 +398,8 @@ def partition(cand: Candidate) -> None:
         cand.problem = why_not(cand)
         return
     cand.partition = bounds
-    cand.estimates = [model.estimate(f, e, cand.where[s], cand.in_flight[s], m) for s, (f, e) in enumerate(bounds)]
+    cand.estimates = [model.estimate(f, e, cand.where[s], cand.in_flight[s], m, cand.in_bw[s])
+                      for s, (f, e) in enumerate(bounds)]
     busy = [0.0] * p
     tail = [0.0] * p
     for s, est in enumerate(cand.estimates):
@@ -387,7 +423,8 @@ def why_not(cand: Candidate, *stage: int) -> str:
         end = model.num_blocks if s == k - 1 else min(first + size, model.num_blocks)
         if stage:
             s, first, end = stage
-        est = model.estimate(first, end, cand.where[s], cand.in_flight[s], cand.shape.num_microbatches)
+        est = model.estimate(first, end, cand.where[s], cand.in_flight[s], cand.shape.num_microbatches,
+                             cand.in_bw[s])
         if not est.fits:
             _, dev, _, _, budget = cand.ranks[cand.stage_ranks[s]]
             return (f"stage {s} (blocks {first}-{end - 1}) on {dev.kind}: needs {format_bytes(est.device_bytes)} of "

@@ -205,10 +205,11 @@ def _greedy(place: Placement, m: int, limits: Sequence[int] | None, *, split_w: 
     tries = {"B": ready_b, "F": ready_f, "W": ready_w}
     total = n * m * (3 if split_w else 2)
     ran = 0
+    stages_by_rank = [place.stages_of(r) for r in range(p)]
     while ran < total:
         this_tick: list[tuple[Op, int, int]] = []
         for r in range(p):
-            stages = place.stages_of(r)
+            stages = stages_by_rank[r]
             pick = None
             for kind in orders[r] if orders is not None else "BFW":
                 pick = tries[kind](r, stages)
@@ -344,7 +345,10 @@ def add_swap_points(schedule: Schedule, acts: Mapping[int, Sequence[ActPolicy | 
     ``acts[s]`` is ``swap_host`` or ``swap_nvme``, in block order; ``sSWAP_IN<i>/b<j>`` before
     ``sB<i>`` (before the receive of its gradient when that comes right before it, so the copy
     overlaps the wait), top block first. Recomputed and kept blocks need no action: recompute
-    happens inside the ``B``. A program with swap actions already is left as it is."""
+    happens inside the ``B``. Under a split backward a block brought back stays until the
+    micro-batch's ``W`` (its graph's end), and a recomputed one is replayed at the ``B``'s start,
+    so ``W`` needs no action either (runtime.stage_activations [Note: recompute and swap under a
+    split backward]). A program with swap actions already is left as it is."""
     swapped = {s: [j for j, p in enumerate(ps) if ActPolicy(p) in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME)]
                for s, ps in acts.items()}
     swapped = {s: js for s, js in swapped.items() if js}

@@ -9,8 +9,11 @@ then takes the link's ``recv_s``: what a receive costs its rank once both sides 
 gloo a rendezvous round, bench/link_probe.py [Note: rendezvous]; 0 where the data lands without
 the receiver's help). Without sends and receives in the lists, a pass waits for the pass it needs directly.
 A stage's activations are held on its rank (tier ``rank<r>``) from the end of its forward to the
-end of its backward, or of its ``W`` when the backward is split. The per-rank memory this gives
-is the activation part only; chunks and offload per stage are the single-device simulator's.
+end of its backward, or of its ``W`` when the backward is split; under a split backward, what a
+recompute rebuilds or a swap brings back (``bw_bytes``) is taken when the ``B`` starts and held
+to the end of the ``W`` too (planner.stage_cost [Note: activations between B and W]). The
+per-rank memory this gives is the activation part only; chunks and offload per stage are the
+single-device simulator's.
 
 A program's step end, where it has one (planner.pipeline ``add_step_end``): ``ALLREDUCE`` holds
 the rank for the stage's ``reduce_s`` (its gradients summed over the replicas) and ``OPTIM`` for
@@ -65,6 +68,10 @@ class StageCost:
     """The weight gradients (``W``) of a split backward."""
     activation_bytes: int = 0
     """Held from the end of the forward to the end of the backward (or of ``W``)."""
+    bw_bytes: int = 0
+    """Under a split backward: taken at the start of ``B`` and held to the end of ``W`` (the
+    activations of recomputed blocks, rebuilt by the ``B``, and of swapped ones, brought back
+    before it); without a split, 0 (the backward's own, the stage's workspace)."""
     output_bytes: int = 0
     """Sent to the next stage after the forward; its gradient, as large, comes back."""
     reduce_s: float = 0.0
@@ -178,11 +185,13 @@ def _add(g: TaskGraph, task: dict, a: Action, r: int, deps: list[int], place: Pl
         del first[("armed", s)]
         k = max(1, cost.reduce_buckets)
         dur = cost.wgrad_s if a.op is Op.W else cost.bwd_s
-        frees = [(tier, owner, cost.activation_bytes)] if a.op is Op.W or not split_w else []
+        frees = [(tier, owner, cost.activation_bytes + (cost.bw_bytes if split_w else 0))] \
+            if a.op is Op.W or not split_w else []
         buckets: list[int] = []
         t = -1
         for j in range(k):
-            t = g.add(f"{a}#{j}", compute, dur / k, deps=deps if j == 0 else [], free_end=frees if j == k - 1 else [])
+            t = g.add(f"{a}#{j}", compute, dur / k, deps=deps if j == 0 else [], free_end=frees if j == k - 1 else [],
+                      alloc_start=[(tier, owner, cost.bw_bytes)] if j == 0 and a.op is Op.B and split_w else [])
             first.setdefault((a.op, s, i), t)
             buckets.append(g.add(f"{s}REDUCE_SCATTER#{j}", f"link:dp{r}", cost.reduce_s / k, deps=[t]))
         first[("reduce", s)] = buckets[0]
@@ -201,9 +210,11 @@ def _add(g: TaskGraph, task: dict, a: Action, r: int, deps: list[int], place: Pl
         t = g.add(str(a), compute, cost.fwd_s, deps=deps, alloc_end=[(tier, owner, cost.activation_bytes)])
     elif a.op is Op.B:
         frees = [] if split_w else [(tier, owner, cost.activation_bytes)]
-        t = g.add(str(a), compute, cost.bwd_s, deps=deps, free_end=frees)
+        t = g.add(str(a), compute, cost.bwd_s, deps=deps, free_end=frees,
+                  alloc_start=[(tier, owner, cost.bw_bytes)] if split_w else [])
     elif a.op is Op.W:
-        t = g.add(str(a), compute, cost.wgrad_s, deps=deps, free_end=[(tier, owner, cost.activation_bytes)])
+        t = g.add(str(a), compute, cost.wgrad_s, deps=deps,
+                  free_end=[(tier, owner, cost.activation_bytes + cost.bw_bytes)])
     elif a.op in (Op.SEND_F, Op.SEND_B):
         dst = place.rank_of[s + 1] if a.op is Op.SEND_F else place.rank_of[s - 1]
         nbytes = cost.output_bytes if a.op is Op.SEND_F else stages[s - 1].output_bytes

@@ -16,6 +16,18 @@ memoised per (range, device, in-flight micro-batches). It is the single-device c
   that as its policy (``StageEstimate.policy``), which the pipeline's workers run;
   ``memory.activations`` fixes the choice ([Note: fixed activations in a stage]).
 
+[Note: activations between B and W] Under a schedule that splits the backward (zb-h1, v-half,
+v-min) a micro-batch's ``B`` brings back what its stage's policy let go after the ``F``, and
+the ``W`` needs it too (runtime.stage_activations [Note: recompute and swap under a split
+backward]): a recomputed block's activations ``A``, rebuilt by replaying its forward at the
+start of the ``B`` (that forward's time is the ``B``'s, ``StageEstimate.recompute_s``), and a
+swapped block's, copied back before it, stay on the device until the ``W`` ends. So each of the
+``in_bw`` micro-batches a stage holds between its ``B`` and its ``W`` at once (planner.partition
+``in_backward``, read from the schedule) is charged ``A`` (``StageEstimate.bw_bytes``) on top
+of what it holds from its ``F`` (the inputs ``I`` of its recomputed blocks), instead of one
+block's ``A`` while it is rebuilt (recompute) or one micro-batch's coming back (swap); the
+pipeline simulator takes ``bw_bytes`` at the ``B``'s start and frees it at the ``W``'s end.
+
 [Note: ZeRO in a stage's estimate] With ZeRO (``StageModel(shards=d, zero=z)``, config
 ``parallel.zero`` over ``d`` data-parallel copies) a stage kept on the device holds its
 parameters and its fp32 gradient whole (the gradient accumulates over the micro-batches: ZeRO-2
@@ -76,6 +88,11 @@ class StageEstimate:
     the estimate's figures only); else None (activations kept). The pipeline's workers run its
     activation policies (runtime.stage_activations)."""
     refined: bool = False
+    bw_bytes: int = 0
+    """Under a split backward, device bytes one micro-batch holds from its ``B`` to its ``W`` on
+    top of ``act_bytes`` ([Note: activations between B and W]); 0 otherwise."""
+    recompute_s: float = 0.0
+    """Of ``bwd_s``, the recomputed blocks' forward run again (a split backward's ``B`` runs it)."""
 
     def work_s(self, num_microbatches: int) -> float:
         return num_microbatches * (self.fwd_s + self.bwd_s) + self.tail_s
@@ -215,17 +232,20 @@ class StageModel:
             self._times[device] = (_prefix(fwd), _prefix(bwd))
         return self._times[device]
 
-    def estimate(self, first: int, end: int, where: int, in_flight: int, num_microbatches: int) -> StageEstimate:
+    def estimate(self, first: int, end: int, where: int, in_flight: int, num_microbatches: int,
+                 in_bw: int = 0) -> StageEstimate:
         """The cheapest way found to run blocks ``[first, end)`` on ``where`` (``place``) holding
-        ``in_flight`` micro-batches' activations at once (memoised; see the module doc)."""
-        key = (self.range_ids[first][end], where, in_flight, num_microbatches)
+        ``in_flight`` micro-batches' activations at once, ``in_bw`` of them between a split
+        backward's ``B`` and ``W`` (memoised; see the module doc)."""
+        key = (self.range_ids[first][end], where, in_flight, num_microbatches, in_bw)
         hit = self._memo.get(key)
         if hit is None:
-            hit = self._memo[key] = self._estimate(first, end, *self._where[where], in_flight, num_microbatches)
+            hit = self._memo[key] = self._estimate(first, end, *self._where[where], in_flight, num_microbatches,
+                                                   in_bw)
         return hit
 
     def _estimate(self, first: int, end: int, device: DeviceSpec, host: HostSpec, nvme: NvmeSpec | None,
-                  budget: StageBudget, k: int, m: int) -> StageEstimate:
+                  budget: StageBudget, k: int, m: int, kb: int = 0) -> StageEstimate:
         fwd, bwd = self._compute(device)
         f_s, b_s = fwd[end] - fwd[first], bwd[end] - bwd[first]
         n = self.num_params(first, end)
@@ -235,13 +255,15 @@ class StageModel:
         acts, inputs = self.acts[end] - self.acts[first], self.inputs[end] - self.inputs[first]
         best: StageEstimate | None = None
         if self.activations in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME):
-            return self._swapped(first, end, f_s, b_s, n, device, host, nvme, budget, k, work)
+            return self._swapped(first, end, f_s, b_s, n, device, host, nvme, budget, k, work, kb)
         # [Note: offload within a stage] each activation policy, then as many parameters on the
         # device as fit, the rest homed on the host, then NVMe
         options = (False, True) if self.activations is None else (self.activations is ActPolicy.RECOMPUTE,)
         for recompute in options:
             held = inputs if recompute else acts
-            extra = self.max_act(first, end) if recompute else 0
+            # one block's A while it is rebuilt, or under a split backward every held B..W micro-batch's
+            # ([Note: activations between B and W])
+            extra = (kb * acts if kb else self.max_act(first, end)) if recompute else 0
             bwd_s = b_s + (f_s if recompute else 0.0)
             room = budget.device - k * held - extra - work
             if room >= self.device_state_bytes(n):
@@ -253,6 +275,8 @@ class StageModel:
                                     policy=_act_policy(n, end - first, ActPolicy.RECOMPUTE) if recompute else None)
             else:
                 est = self._offloaded(n, f_s, bwd_s, room, device, host, nvme, budget, first, end, held, recompute)
+            if recompute:
+                est = dataclasses.replace(est, recompute_s=f_s, bw_bytes=acts if kb else 0)
             if est.fits and (best is None or est.work_s(m) < best.work_s(m)):
                 best = est
             elif best is None and recompute is options[0]:
@@ -260,7 +284,7 @@ class StageModel:
         return best if best is not None else fallback
 
     def _swapped(self, first: int, end: int, f_s: float, b_s: float, n: int, device: DeviceSpec, host: HostSpec,
-                 nvme: NvmeSpec | None, budget: StageBudget, k: int, work: int) -> StageEstimate:
+                 nvme: NvmeSpec | None, budget: StageBudget, k: int, work: int, kb: int = 0) -> StageEstimate:
         """[Note: fixed activations in a stage] ``memory.activations`` other than ``auto`` fixes
         every block's policy: ``keep`` or ``recompute`` is then the only one tried (parameters
         still offloaded where the device is short; the refinement searches with it fixed);
@@ -268,7 +292,9 @@ class StageModel:
         its forward and in before its backward (runtime.stage_activations), so the device holds
         one micro-batch's while it runs and the host (or NVMe) the held ones; the copies overlap
         the compute where they can. Parameters stay on the device (a stage short of room for
-        them is not planned this way)."""
+        them is not planned this way). Under a split backward each of the ``kb`` micro-batches
+        between ``B`` and ``W`` holds its activations on the device ([Note: activations between B
+        and W]), beside the one whose forward runs."""
         acts = self.acts[end] - self.acts[first]
         swap_nvme = self.activations is ActPolicy.SWAP_NVME
         out_s, in_s = cost.d2h_time_s(acts, device), cost.h2d_time_s(acts, device)
@@ -276,7 +302,7 @@ class StageModel:
             out_s += cost.disk_write_time_s(acts, nvme)
             in_s += cost.disk_read_time_s(acts, nvme)
         states = self.device_state_bytes(n)
-        device_bytes = states + 2 * acts + work  # one micro-batch running, one coming back
+        device_bytes = states + (kb + 1 if kb else 2) * acts + work  # one running, one (or kb) back
         host_bytes = acts if swap_nvme else k * acts  # NVMe: one micro-batch's staging at a time
         nvme_bytes = k * acts if swap_nvme else 0
         fits = (device_bytes <= budget.device and host_bytes <= budget.host
@@ -284,6 +310,7 @@ class StageModel:
         return StageEstimate(fwd_s=max(f_s, out_s), bwd_s=max(b_s, in_s),
                              tail_s=cost.device_optimizer_time_s(n, self.dtype, self.optimizer, device),
                              device_bytes=device_bytes, host_bytes=host_bytes, nvme_bytes=nvme_bytes, act_bytes=0,
+                             bw_bytes=acts if kb else 0,
                              offload=f"activations swapped to {'NVMe' if swap_nvme else 'the host'}", fits=fits,
                              policy=_act_policy(n, end - first, self.activations))
 
@@ -325,22 +352,23 @@ class StageModel:
                              host_bytes=host_bytes, nvme_bytes=nvme_bytes, act_bytes=held, offload=", ".join(what),
                              fits=fits, policy=_act_policy(n, end - first, ActPolicy.RECOMPUTE) if recompute else None)
 
-    def refine(self, first: int, end: int, where: int, in_flight: int, num_microbatches: int) -> StageEstimate:
+    def refine(self, first: int, end: int, where: int, in_flight: int, num_microbatches: int,
+               in_bw: int = 0) -> StageEstimate:
         """The estimate, or for a stage whose parameters leave the device, the single-device
         planner's figures: the search on the stage's blocks with the device budget less what the
         other held micro-batches keep ([Note: held micro-batches in a stage]), simulated with
         one and two micro-batches (per micro-batch: the difference; tail: the rest). When the
         search finds nothing that holds them all, the estimate stays. Memoised."""
-        est = self.estimate(first, end, where, in_flight, num_microbatches)
+        est = self.estimate(first, end, where, in_flight, num_microbatches, in_bw)
         if "params" not in est.offload or not est.fits:  # on the device: the estimate is the cost model's
             return est
-        key = (self.range_ids[first][end], where, in_flight, num_microbatches)
+        key = (self.range_ids[first][end], where, in_flight, num_microbatches, in_bw)
         if key not in self._refined:
-            self._refined[key] = self._simulated(first, end, *self._where[where], in_flight) or est
+            self._refined[key] = self._simulated(first, end, *self._where[where], in_flight, in_bw) or est
         return self._refined[key]
 
     def _simulated(self, first: int, end: int, device: DeviceSpec, host: HostSpec, nvme: NvmeSpec | None,
-                   budget: StageBudget, k: int) -> StageEstimate | None:
+                   budget: StageBudget, k: int, kb: int = 0) -> StageEstimate | None:
         from memtrain.planner.search import plan as search_plan
         from memtrain.planner.simulate import simulate_step
 
@@ -389,8 +417,14 @@ class StageModel:
         if off:
             what.append(f"{off:,} params off the device" + (" (NVMe)" if Tier.NVME in homes else ""))
         device_bytes = peaks.get("device", 0) + (k - 1) * held
+        # [Note: activations between B and W] what the B brings back, held to the W
+        moved = sum(b.activation_bytes for b, p in zip(sub.blocks, two.memory.activations) if p is not ActPolicy.KEEP)
+        device_bytes += kb * moved
+        rec_s = sum(fwd[first + j + 1] - fwd[first + j]
+                    for j, p in enumerate(two.memory.activations) if p is ActPolicy.RECOMPUTE)
         return StageEstimate(fwd_s=per_mb * share, bwd_s=per_mb * (1 - share),
                              tail_s=max(one.step_time_s - per_mb, 0.0), device_bytes=device_bytes,
                              host_bytes=peaks.get("host", 0), nvme_bytes=peaks.get("nvme", 0), act_bytes=held,
                              offload=", ".join(what) or "none", fits=device_bytes <= budget.device,
-                             policy=two.memory, refined=True)
+                             policy=two.memory, refined=True, bw_bytes=moved if kb else 0,
+                             recompute_s=min(rec_s, per_mb * (1 - share)))

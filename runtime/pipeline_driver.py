@@ -25,12 +25,12 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from memtrain.config import ConfigError, DataConfig, ModelConfig
 from memtrain.models.gpt import gpt_config
 from memtrain.optimizers import OptimizerSpec
-from memtrain.planner.pipeline import (SCHEDULES, SPLIT_W_SCHEDULES, Placement, add_offload_points, add_p2p,
+from memtrain.planner.pipeline import (SCHEDULES, Placement, add_offload_points, add_p2p,
                                        add_reduce_scatter_points, add_step_end, add_swap_points, generate, placement,
                                        validate_pipeline)
 from memtrain.planner.plan import Op
 from memtrain.planner.schedule import Schedule
-from memtrain.runtime.stage_activations import ACT_POLICIES, SPLIT_SCHEDULE_ERROR
+from memtrain.runtime.stage_activations import ACT_POLICIES
 from memtrain.runtime.stage_offload import OFFLOAD_HOMES
 from memtrain.runtime.stage_worker import PIPELINE_DTYPES, PipelineSpec, StageWorker, StepResult
 
@@ -333,7 +333,7 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     _check_zero(zero, dp, homes, zero_bucket_elems)
     if any(h != "device" for h in homes):
         programs = add_offload_points(programs, [s for s, h in enumerate(homes) if h != "device"])
-    acts = _activation_policies(activations, parts, schedule, nvme_dir)
+    acts = _activation_policies(activations, parts, nvme_dir)
     programs = add_swap_points(programs, dict(enumerate(acts)))
     spec = PipelineSpec(model=model_cfg, partition=parts, rank_of=place.rank_of, num_ranks=num_ranks, dp=dp,
                         num_microbatches=num_microbatches, micro_batch_size=micro_batch_size, seq_len=seq_len,
@@ -402,7 +402,7 @@ def _offload_homes(offload: str | Sequence[str] | None, place: Placement, model:
     return homes
 
 
-def _activation_policies(activations: str | Sequence[Sequence[str]] | None, parts: tuple[int, ...], schedule: str,
+def _activation_policies(activations: str | Sequence[Sequence[str]] | None, parts: tuple[int, ...],
                          nvme_dir: str | None) -> tuple[tuple[str, ...], ...]:
     """``activations`` checked, per stage a policy per block (empty: every block keeps them)."""
     if not activations or activations == "keep":
@@ -412,9 +412,6 @@ def _activation_policies(activations: str | Sequence[Sequence[str]] | None, part
     if len(acts) != len(parts) or any(len(ps) != n or not set(ps) <= set(ACT_POLICIES) for ps, n in zip(acts, parts)):
         raise ConfigError(f"activations: one of {', '.join(ACT_POLICIES)} for every block, or per stage one per block "
                           f"(blocks per stage {list(parts)}), got {activations!r}")
-    if schedule in SPLIT_W_SCHEDULES and any(p != "keep" for ps in acts for p in ps):
-        raise ConfigError(f"activations: {SPLIT_SCHEDULE_ERROR} (schedule {schedule}); set parallel.schedule, or "
-                          "memory.activations: keep")
     if "swap_nvme" in {p for ps in acts for p in ps} and not nvme_dir:
         raise ConfigError("nvme_dir: swap_nvme blocks write their activations there; give a directory on each "
                           "node's local disk (parallel.nvme_dir)")

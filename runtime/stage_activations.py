@@ -18,11 +18,14 @@ docs/memory-accounting.md ("Activations"), the same for every policy, keep inclu
   ``sSWAP_IN<i>/b<j>`` before ``sB<i>`` brings them back (planner.pipeline ``add_swap_points``);
   the ``B`` claims each record before the backward runs.
 
-[Note: no split backward with recompute or swap] A schedule that splits ``B`` from ``W``
-(zb-h1, v-half, v-min) walks the graph twice, from kept module outputs
-(runtime.stage_worker [Note: B and W]); a recomputed block's outputs are rebuilt by the first
-walk and a swapped block's record is freed after it, so such a stage is refused with a clear
-error rather than run differently from its plan.
+[Note: recompute and swap under a split backward] A schedule that splits ``B`` from ``W``
+(zb-h1, v-half, v-min) walks the graph twice (runtime.stage_worker [Note: B and W]), so what
+the ``B`` brings back is held until the micro-batch's ``W``: a recomputed block's forward is
+replayed at the ``B``'s claim, not inside the walk (offload.recompute [Note: recompute across B
+and W]: the managers get ``split_backward``), and a swapped block's record, brought back by the
+program's ``SWAP_IN`` before the ``B``, stays on the device until its graph goes at the end of
+the ``W``. The planner charges those bytes from ``B`` to ``W`` (planner.stage_cost [Note:
+activations between B and W]).
 """
 
 from __future__ import annotations
@@ -38,11 +41,9 @@ from memtrain.offload.ledger import Ledger
 from memtrain.offload.nvme import NvmeStore
 from memtrain.planner.plan import Action, ActPolicy, Op
 
-__all__ = ["ACT_POLICIES", "RankActivations", "check_activations", "SPLIT_SCHEDULE_ERROR"]
+__all__ = ["ACT_POLICIES", "RankActivations", "check_activations"]
 
 ACT_POLICIES = tuple(p.value for p in ActPolicy)
-SPLIT_SCHEDULE_ERROR = ("schedules that split the backward into B and W (zb-h1, v-half, v-min) keep every "
-                        "activation; recomputed or swapped stages need gpipe, 1f1b or interleaved-1f1b")
 
 
 def check_activations(acts: Sequence[Sequence[str]], partition: Sequence[int], *, nvme_dir: str | None) -> None:
@@ -64,7 +65,7 @@ class RankActivations:
     """One rank's activation managers, one per stage it runs (see the module doc)."""
 
     def __init__(self, rank: int, blocks: dict[int, list[nn.Module]], acts: Sequence[Sequence[str]], *,
-                 nvme_dir: str | None) -> None:
+                 nvme_dir: str | None, split_backward: bool = False) -> None:
         self.device_ledger = Ledger("device")
         """The rank's activation bytes on the device (every stage's managers count here)."""
         self.host_ledger = Ledger("host")
@@ -84,17 +85,13 @@ class RankActivations:
                 self._dirs.append(root)
                 nvme = self.nvme[s] = NvmeStore(root, budget_bytes=None).start()
             mgr = ActivationManager(policies=policies, device_ledger=self.device_ledger, host_ledger=self.host_ledger,
-                                    nvme=nvme)
+                                    nvme=nvme, split_backward=split_backward)
             mgr.wrap_blocks([(f"{s}.{j}", b) for j, b in enumerate(stage_blocks)])
             self.managers[s] = mgr
 
     def policies(self, stage: int) -> list[ActPolicy]:
         mgr = self.managers[stage]
         return [mgr.policies[f"{stage}.{j}"] for j in range(len(mgr.policies))]
-
-    def any_moved(self) -> bool:
-        """Some block of the rank is recomputed or swapped."""
-        return any(p is not ActPolicy.KEEP for mgr in self.managers.values() for p in mgr.policies.values())
 
     def set_microbatch(self, stage: int, mb: int) -> None:
         """Before ``stage``'s forward of micro-batch ``mb``: the records it makes are ``mb``'s."""
@@ -111,7 +108,8 @@ class RankActivations:
         (mgr.swap_out if a.op is Op.SWAP_OUT else mgr.swap_in)(a.block, a.microbatch)
 
     def claim(self, stage: int, mb: int) -> None:
-        """``stage``'s backward of ``mb`` starts: its swapped records are made usable, top block first."""
+        """``stage``'s backward of ``mb`` starts: its swapped records are made usable (under a
+        split backward, its recomputed blocks replayed), top block first."""
         mgr = self.managers[stage]
         for j in reversed(range(len(mgr.policies))):
             mgr.claim(j, mb)

@@ -32,11 +32,13 @@ so a run whose plan assumed GPUs that torch cannot see says so. Transfers and co
 through gloo in host memory (a tensor on the GPU is copied out before a send and in after a
 receive); NCCL between GPUs is not used yet.
 
-[Note: B and W] Where the schedule splits the backward, ``F`` keeps the output of every module
-that owns parameters (a forward hook); ``B`` walks the graph from the stage's output to its input
-and to those outputs (``torch.autograd.grad``, the graph retained), so it computes the input's
-gradient and the gradient reaching each such module, but no weight gradient; ``W`` walks from
-each module's output to that module's own parameters only (so no gradient is counted twice
+[Note: B and W] Where the schedule splits the backward, ``F`` keeps the gradient edge of every
+module that owns parameters (a forward hook; ``get_gradient_edge``: the graph node of its
+output, not the tensor, whose memory would otherwise stay from ``F`` to ``W`` beside what the
+activation policy holds); ``B`` walks the graph from the stage's output to its input and to
+those edges (``torch.autograd.grad``, the graph retained), so it computes the input's gradient
+and the gradient reaching each such module, but no weight gradient; ``W`` walks from each
+module's edge to that module's own parameters only (so no gradient is counted twice
 where one kept output feeds another), accumulating them in micro-batch order. Each node computes
 the same values as in a whole backward, from the same incoming gradient. It assumes a parameter
 is used by the module that owns it (true of the built-in GPT's blocks).
@@ -51,6 +53,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from memtrain.comm import Channel, Rendezvous, all_reduce_, host_store, join, leave, subgroups
 from memtrain.optimizers import Optimizer
@@ -58,7 +61,7 @@ from memtrain.models.gpt import causal_lm_loss, gpt_config
 from memtrain.models.gpt_blocks import TIED_NAMES, build_blocks
 from memtrain.planner.plan import Action, Op
 from memtrain.runtime.data import TokenBatches
-from memtrain.runtime.stage_activations import SPLIT_SCHEDULE_ERROR, RankActivations
+from memtrain.runtime.stage_activations import RankActivations
 from memtrain.runtime.stage_offload import OffloadedStage, build_offloaded, close_offloaded, state_bytes
 from memtrain.runtime.stage_state import load_rank_state, rank_state
 from memtrain.runtime.stage_spec import PIPELINE_DTYPES, PipelineSpec, StepResult, block_ranges
@@ -173,9 +176,9 @@ class StageWorker:
         for s in self.stages:
             for m in self.blocks[s]:
                 m.train()
-        self.acts = RankActivations(self.rank, self.blocks, spec.activations, nvme_dir=spec.nvme_dir)
-        if self.split_w and self.acts.any_moved():  # runtime.stage_activations [Note: no split backward ...]
-            raise ValueError(f"rank {self.rank}: activations: {SPLIT_SCHEDULE_ERROR}")
+        # runtime.stage_activations [Note: recompute and swap under a split backward]
+        self.acts = RankActivations(self.rank, self.blocks, spec.activations, nvme_dir=spec.nvme_dir,
+                                    split_backward=self.split_w)
         optim_cls = {Optimizer.ADAMW: torch.optim.AdamW, Optimizer.SGD: torch.optim.SGD}[Optimizer(spec.optimizer.name)]
         kind = spec.optimizer.kind
         group = {k: v for k, v in spec.optimizer.torch_group().items() if k in kind.defaults}  # hyper-parameters
@@ -192,7 +195,7 @@ class StageWorker:
                 for s in on_device}
         else:
             self.optims = {s: optim_cls(self.owns[s], **group) for s in on_device}
-        self._kept: list[tuple[tuple[nn.Parameter, ...], torch.Tensor]] | None = None
+        self._kept: list[tuple[tuple[nn.Parameter, ...], GradientEdge]] | None = None
         if self.split_w:
             for s in self.stages:
                 for block in self.blocks[s]:
@@ -201,10 +204,10 @@ class StageWorker:
                             mod.register_forward_hook(self._keep_output)
 
     def _keep_output(self, module: nn.Module, args: object, output: object) -> None:
-        """[Note: B and W] a parameter-owning module's output, for the split backward."""
+        """[Note: B and W] a parameter-owning module's gradient edge, for the split backward."""
         if self._kept is not None:
             assert isinstance(output, torch.Tensor), f"{type(module).__name__} returned {type(output).__name__}"
-            self._kept.append((tuple(module.parameters(recurse=False)), output))
+            self._kept.append((tuple(module.parameters(recurse=False)), get_gradient_edge(output)))
 
     def _new_step_state(self) -> None:
         self.inbox: dict[tuple[str, int, int], torch.Tensor] = {}  # received or handed over locally
@@ -295,7 +298,7 @@ class StageWorker:
             x = leaf
         if s in self.offloaded:  # runtime.stage_offload [Note: a stage's step]
             self.offloaded[s].ensure()
-        kept: list[tuple[tuple[nn.Parameter, ...], torch.Tensor]] = []
+        kept: list[tuple[tuple[nn.Parameter, ...], GradientEdge]] = []
         self._kept = kept if self.split_w else None
         self.acts.set_microbatch(s, i)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.spec.dtype == "bf16"):

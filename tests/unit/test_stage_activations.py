@@ -12,7 +12,6 @@ import pytest
 from memtrain.cluster.catalog import default_host_spec, device_spec
 from memtrain.cluster.spec import ClusterSpec, NodeSpec
 from memtrain.config import ConfigError, ModelConfig
-from memtrain.errors import UserError
 from memtrain.planner.analyze import analyze
 from memtrain.planner.hetero import plan_cluster
 from memtrain.planner.pipeline import add_swap_points
@@ -86,13 +85,11 @@ def test_swap_points_follow_the_forward_and_precede_the_backward():
     assert Action.parse("0SWAP_IN0/b2") == Action(0, Op.SWAP_IN, 0, block=2)
 
 
-def test_wrong_policies_and_split_backward_are_refused():
+def test_wrong_policies_are_refused():
     with pytest.raises(ValueError, match=r"activations: stage 0 has 4 blocks"):
         _run(("recompute",) * 3)
     with pytest.raises(ValueError, match="swap_nvme blocks need nvme_dir"):
         _run(("swap_nvme",) * 4)
-    with pytest.raises(ValueError, match="split the backward into B and W"):
-        _run(("recompute",) * 4, schedule="zb-h1")
 
 
 def _cpu_cluster() -> ClusterSpec:
@@ -124,11 +121,15 @@ def test_the_plans_recomputed_stage_reaches_the_workers(tmp_path):
         stage_activations(nvme, plan)
 
 
-def test_a_split_backward_schedule_is_not_planned_with_recomputed_stages():
-    plan = _plan(1_700_000, schedules=("zb-h1", "1f1b"))
-    assert plan.pipeline.schedule_kind == "1f1b"
-    zb = next(a for a in plan.pipeline.alternatives if a.description.startswith("zb-h1") or "zb-h1" in a.description)
-    assert "split backward" in zb.reason, zb.reason
+def test_a_split_backward_schedule_is_planned_with_recomputed_stages(tmp_path):
+    """zb-h1 under the budget that makes 1F1B recompute stage 0: it recomputes there too, its
+    rebuilt activations charged from B to W (planner.stage_cost [Note: activations between B
+    and W]), and the workers get the policy."""
+    plan = _plan(1_700_000, schedules=("zb-h1",))
+    assert plan.pipeline.schedule_kind == "zb-h1"
+    assert plan.pipeline.ranks[0].offload == "stage 0: activations recomputed"
+    cfg = load_config("examples/gpt-tiny-pp2.yaml", [f"run_dir={tmp_path}/run"])
+    assert stage_activations(cfg, plan)[0] == ("recompute", "recompute")
 
 
 @pytest.mark.parametrize("fixed", ["keep", "recompute", "swap_host"])
@@ -146,10 +147,16 @@ def test_memory_activations_fixes_every_stages_policy_in_the_plan(fixed, tmp_pat
     assert stage_activations(cfg, plan) == (() if fixed == "keep" else ((fixed,) * 2,) * 2)
 
 
-def test_fixed_recompute_with_only_split_backward_schedules_is_a_user_error():
+@pytest.mark.parametrize("fixed", ["recompute", "swap_host"])
+def test_memory_activations_is_planned_with_split_backward_schedules(fixed):
     stats = analyze(ModelConfig(preset="tiny"), seq_len=16, micro_batch_size=1, dtype="fp32")
-    with pytest.raises(UserError, match=r"memory.activations: recompute needs a schedule that does not split the "
-                                        r"backward; zb-h1, v-half keep every activation: set parallel.schedule"):
-        plan_cluster(stats, _cpu_cluster(), name="t", global_batch_size=8, micro_batch_size=2, dtype="fp32",
-                     optimizer="adamw", schedules=("zb-h1", "v-half"), pipeline_degree=2, data_parallel_degree=1,
-                     num_microbatches=4, activations="recompute")
+    plan = plan_cluster(stats, _cpu_cluster(), name="t", global_batch_size=8, micro_batch_size=2, dtype="fp32",
+                        optimizer="adamw", schedules=("zb-h1", "v-half"), pipeline_degree=2, data_parallel_degree=1,
+                        num_microbatches=4, activations=fixed)
+    assert plan.pipeline.schedule_kind in ("zb-h1", "v-half")
+    assert {p.activations for rp in plan.pipeline.ranks for p in rp.policies} == {(ActPolicy(fixed),) * 2}
+    for dev in plan.prediction.devices:
+        # the memory line draws what each B brings back until its W: its top is the rank's peak
+        line = [q.bytes for q in dev.memory_timeline if q.tier == "device"]
+        assert max(line) == dev.peak_bytes["device"], (line, dev.peak_bytes)
+        assert dev.breakdown["device"]["activations"] > 0  # B..W is charged, whatever the F keeps
