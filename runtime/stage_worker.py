@@ -55,10 +55,12 @@ from torch import nn
 from memtrain.comm import Channel, Rendezvous, all_reduce_, host_store, join, leave, subgroups
 from memtrain.optimizers import Optimizer
 from memtrain.models.gpt import causal_lm_loss, gpt_config
-from memtrain.models.gpt_blocks import TIED_NAMES, build_blocks
+from memtrain.models.gpt_blocks import TIED_NAMES, build_blocks, global_names, param_names
 from memtrain.planner.plan import Action, Op
 from memtrain.runtime.data import TokenBatches
 from memtrain.runtime.stage_activations import SPLIT_SCHEDULE_ERROR, RankActivations
+from memtrain.runtime.stage_clip import exchange_and_clip
+from memtrain.runtime.stage_groups import group_lr, stage_groups
 from memtrain.runtime.stage_offload import OffloadedStage, build_offloaded, close_offloaded, state_bytes
 from memtrain.runtime.stage_state import load_rank_state, rank_state
 from memtrain.runtime.stage_spec import PIPELINE_DTYPES, PipelineSpec, StepResult, block_ranges
@@ -83,13 +85,16 @@ class StageWorker:
             Op.F: self._forward, Op.B: self._backward, Op.W: self._weights,
             Op.SEND_F: self._send_f, Op.RECV_F: self._recv_f, Op.SEND_B: self._send_b, Op.RECV_B: self._recv_b,
             Op.ALLREDUCE: self._all_reduce, Op.OPTIM: self._optim, Op.REDUCE_SCATTER: self._reduce_scatter,
+            Op.CLIP: self._clip,  # runtime.stage_clip [Note: the global norm of a pipeline]
             Op.PREFETCH: lambda a: self._offloaded(a).prefetch(),  # runtime.stage_offload [Note: a stage's step]
             Op.OFFLOAD: lambda a: self._offloaded(a).offload(),
             Op.SWAP_OUT: lambda a: self.acts.swap(a), Op.SWAP_IN: lambda a: self.acts.swap(a),  # stage_activations
         }
         self.offloaded: dict[int, OffloadedStage] = {}
         """The stages whose states live in a chunk store (runtime.stage_offload)."""
-        self._lr = spec.optimizer.lr
+        self._lr: float | None = None
+        """The step's learning rate for every group; None: each group's own (runtime.stage_groups)."""
+        self._grad_norm: float | None = None
 
     # ---- start-up --------------------------------------------------------------------------
 
@@ -169,6 +174,12 @@ class StageWorker:
                 self.tied[0] = [blocks[0].get_parameter(TIED_NAMES[0])]
             if last in self.stages:
                 self.tied[last] = [blocks[num_blocks - 1].get_parameter(TIED_NAMES[1])]
+        # each parameter's name and index in the whole model (runtime.stage_groups, stage_clip)
+        self.names = param_names(gcfg)
+        self.gname = global_names(blocks, gcfg)
+        index = {n: j for j, n in enumerate(self.names)}
+        copy = {id(q) for q in self.tied.get(last, [])} if 0 not in self.stages else set()  # counted on rank 0
+        self.gindex = {q: index[n] for q, n in self.gname.items() if q not in copy}
         del blocks
         for s in self.stages:
             for m in self.blocks[s]:
@@ -178,10 +189,16 @@ class StageWorker:
             raise ValueError(f"rank {self.rank}: activations: {SPLIT_SCHEDULE_ERROR}")
         optim_cls = {Optimizer.ADAMW: torch.optim.AdamW, Optimizer.SGD: torch.optim.SGD}[Optimizer(spec.optimizer.name)]
         kind = spec.optimizer.kind
-        group = {k: v for k, v in spec.optimizer.torch_group().items() if k in kind.defaults}  # hyper-parameters
+        hyper = [{k: v for k, v in g.torch_group().items() if k in kind.defaults} for g in spec.optimizer.group_specs()]
+        group = hyper[0]  # hyper-parameters (per parameter group: runtime.stage_groups)
         on_device = [s for s in self.stages if spec.home(s) == "device" and self.owns[s]]
+        self.group_ids = {s: [gi for gi, _ in stage_groups(spec.optimizer, self.owns[s], self.gname)] for s in on_device}
         self.offloaded = build_offloaded(self, [s for s in self.stages if spec.home(s) != "device"])
+        if spec.zero and on_device and spec.optimizer.param_groups:
+            raise ValueError("optimizer.param_groups: a ZeRO stage on the device steps one flat shard as one group "
+                             "(not yet several)")
         if spec.zero:
+            self.group_ids = {s: [0] for s in on_device}
             # ZeRO-2: a parameter another stage of this rank uses, or tied across ranks, is final only at ALLREDUCE
             late = {id(q) for s in self.stages for q in self.uses[s] if all(q is not o for o in self.owns[s])}
             late |= {id(q) for qs in self.tied.values() for q in qs}
@@ -191,7 +208,9 @@ class StageWorker:
                 buckets=zero2_buckets(self.owns[s], late, spec.zero_bucket_elems) if spec.zero == 2 else None)
                 for s in on_device}
         else:
-            self.optims = {s: optim_cls(self.owns[s], **group) for s in on_device}
+            self.optims = {s: optim_cls([{"params": ps, **hyper[gi]}
+                                         for gi, ps in stage_groups(spec.optimizer, self.owns[s], self.gname)])
+                           for s in on_device}
         self._kept: list[tuple[tuple[nn.Parameter, ...], torch.Tensor]] | None = None
         if self.split_w:
             for s in self.stages:
@@ -221,10 +240,10 @@ class StageWorker:
         """Run the program once on step ``step``'s batch, its optimizer steps at ``lr`` (None:
         the spec's)."""
         t0 = time.perf_counter()
-        self._lr = self.spec.optimizer.lr if lr is None else float(lr)
-        for opt in self.optims.values():
-            for g in opt.param_groups:
-                g["lr"] = self._lr
+        self._lr, self._grad_norm = (None if lr is None else float(lr)), None
+        for s, opt in self.optims.items():
+            for g, gi in zip(opt.param_groups, self.group_ids[s], strict=True):
+                g["lr"] = group_lr(self.spec.optimizer, gi, self._lr)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self._load_batch(step)
@@ -255,7 +274,8 @@ class StageWorker:
         if any(st.nvme is not None for st in self.offloaded.values()):
             peaks["nvme"] = sum(st.nvme.ledger.window_peak_bytes for st in self.offloaded.values() if st.nvme)
         return StepResult(record=tuple(record), losses=losses, time_s=elapsed, peak_bytes=peaks,
-                          device=_device_name(self.device), action_s=tuple(times), grad_bytes=grads)
+                          device=_device_name(self.device), action_s=tuple(times), grad_bytes=grads,
+                          grad_norm=self._grad_norm)
 
     def _load_batch(self, step: int) -> None:
         """This replica's micro-batches of step ``step``'s global batch (rows in order: replica
@@ -423,6 +443,34 @@ class StageWorker:
         elif opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
+
+    def _clip(self, a: Action) -> None:
+        """``CLIP`` ([Note: the global norm of a pipeline] in runtime.stage_clip): this rank's
+        per-parameter norms exchanged, the global norm taken, every gradient of its stages
+        multiplied by the coefficient (a ZeRO stage's shard of the sums)."""
+        entries: list[tuple[int, torch.Tensor, bool]] = []
+        for s in self.stages:
+            opt = self.optims.get(s)
+            if isinstance(opt, ShardedOptimizer):
+                entries += [(self.gindex[id(opt.params[i])], g, whole) for i, g, whole in opt.grad_pieces()
+                            if id(opt.params[i]) in self.gindex]
+            else:
+                entries += [(self.gindex[id(q)], q.grad, True) for q in self.owns[s]
+                            if q.grad is not None and id(q) in self.gindex]
+        entries.sort(key=lambda e: e[0])  # the whole model's order, as torch's list of gradients
+        total, coef = exchange_and_clip(entries, len(self.names), self.spec.max_grad_norm, device=self.device,
+                                        group=None, rank=self.rank, what=str(a), timeout_s=self.spec.timeout_s)
+        self._grad_norm = float(total)
+        if coef is None:
+            return
+        for s in self.stages:
+            opt = self.optims.get(s)
+            if isinstance(opt, ShardedOptimizer):
+                opt.scale_grads(coef)
+            else:
+                for q in self.owns[s]:
+                    if q.grad is not None:
+                        q.grad.mul_(coef.to(q.grad.device))
 
     def _offloaded(self, a: Action) -> OffloadedStage:
         stage = self.offloaded.get(a.stage)

@@ -249,6 +249,29 @@ class ShardedOptimizer:
             self._grad = reduce_scatter(flat, self.group, rank=self.rank, what=what, timeout_s=self.timeout_s)
         self._grad = self._grad[:mine].to(self.master.device)
 
+    def grad_pieces(self) -> list[tuple[int, torch.Tensor, bool]]:
+        """After ``reduce_grads``: per parameter with elements in this replica's shard, its index
+        in ``params``, the shard's (flat) view of its summed gradient there and whether that is the
+        whole parameter (runtime.stage_clip [Note: the global norm of a pipeline])."""
+        if self._grad is None:
+            return []
+        out, got = [], 0
+        for (n, per, mine), idx in zip(self.slices, self.buckets):
+            lo, offset = min(n, self.replica * per), 0
+            for i in idx:
+                size = self.params[i].numel()
+                a, b = max(offset, lo), min(offset + size, lo + mine)
+                if b > a:
+                    out.append((i, self._grad[got + a - lo:got + b - lo], a == offset and b == offset + size))
+                offset += size
+            got += mine
+        return out
+
+    def scale_grads(self, coef: torch.Tensor) -> None:
+        """The shard's summed gradients multiplied by ``coef`` (a clipped step)."""
+        if self._grad is not None:
+            self._grad.mul_(coef.to(self._grad.device))
+
     def step(self, what: str = "OPTIM") -> None:
         """Update this shard from its summed gradients, then gather every shard into the
         parameters ([Note: ZeRO-1 parity])."""
