@@ -4,11 +4,12 @@ A candidate of planner.hetero (a shape and its partition) is refined (an offload
 the single-device planner's figures, planner.stage_cost ``refine``) and simulated over its
 ranks and links (planner.simulate_pipeline). [Note: pipeline step] A rank's step ends with its
 last pass, then its gradients' all-reduce over the replicas, then its optimizer step; the step
-is the latest rank's. A long candidate (more than ``MAX_EXACT_PASSES`` passes) is simulated
-over ``p + 4`` micro-batches (``3p`` interleaved: its longer warm-up and a steady stretch) and the rest added at the steady
-state's period; with gradient clipping (``TrainShape.clip_grad_norm``) every rank's optimizer
-step waits for the slowest rank's all-reduce and the norm exchange after it
-(planner.simulate_pipeline [Note: the clip collective], ``clip_time_s``) (Narayanan et al. 2021, Sec. 2.2: in 1F1B's steady state the slowest stage sets
+is the latest rank's; with gradient clipping (``TrainShape.clip_grad_norm``) every rank's
+optimizer step waits for the slowest rank's all-reduce and the norm exchange after it
+(planner.simulate_pipeline [Note: the clip collective], ``clip_time_s``). A long candidate
+(more than ``MAX_EXACT_PASSES`` passes) is simulated over ``p + 4`` micro-batches (``3p``
+interleaved: its longer warm-up and a steady stretch) and the rest added at the steady state's
+period (Narayanan et al. 2021, Sec. 2.2: in 1F1B's steady state the slowest stage sets
 the pace; a schedule that holds back for memory, V-Min, paces slower, as the short run shows).
 Its timeline marks the micro-batches it does not draw where they run, in the steady state, and
 its memory lines draw them ([Note: repeated micro-batches in the picture]). A rank's device

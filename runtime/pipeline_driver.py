@@ -27,9 +27,9 @@ from memtrain.models.gpt import gpt_config
 from memtrain.optimizers import OptimizerSpec
 from memtrain.models.gpt_blocks import param_names
 from memtrain.offload.clip import check_max_norm
-from memtrain.planner.pipeline import (SCHEDULES, SPLIT_W_SCHEDULES, Placement, add_clip_points, add_offload_points, add_p2p,
-                                       add_reduce_scatter_points, add_step_end, add_swap_points, generate, placement,
-                                       validate_pipeline)
+from memtrain.planner.pipeline import (SCHEDULES, SPLIT_W_SCHEDULES, Placement, add_clip_points, add_offload_points,
+                                       add_p2p, add_reduce_scatter_points, add_step_end, add_swap_points, generate,
+                                       placement, validate_pipeline)
 from memtrain.planner.plan import Op
 from memtrain.planner.schedule import Schedule
 from memtrain.runtime.stage_activations import ACT_POLICIES, SPLIT_SCHEDULE_ERROR

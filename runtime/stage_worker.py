@@ -20,6 +20,9 @@ gradients too, reduce-scattered under the last micro-batch's backward from the p
 ``REDUCE_SCATTER`` on (runtime.stage_zero [Note: ZeRO-2 in a pipeline]). Each block keeps,
 recomputes or swaps its saved activations as ``PipelineSpec.activations`` says
 (runtime.stage_activations; a recompute replays its forward's random draws, so bitwise keep's).
+With ``PipelineSpec.max_grad_norm`` the program's ``CLIP`` clips every gradient by the global
+norm all ranks agree on (runtime.stage_clip); ``optimizer.param_groups`` name the whole model's
+parameters, and each stage's optimizer steps the groups it holds (runtime.stage_groups).
 
 [Note: same initial weights] Every worker builds only its stages' blocks, on the meta device and
 then materialised by replaying the run's seeded random stream (``models.gpt_blocks``), so each
