@@ -334,10 +334,6 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                           f"{place.num_stages} block counts >= 1 summing to the model's {num_blocks} blocks, got {parts}")
     homes = _offload_homes(offload, place, model_cfg, nvme_dir, zero, offload_chunk_elems)
     _check_zero(zero, dp, homes, zero_bucket_elems)
-    if zero and optim.param_groups and "device" in homes:
-        raise ConfigError(f"optimizer.param_groups: ZeRO-{zero} steps a device stage's shard as one flat group (not yet "
-                          "several); leave param_groups out, or use zero 0 (or offload every stage: its chunks keep "
-                          "the groups)")
     if assignments is None:
         need = num_ranks * dp * num_cpus_per_worker
         have = ray.cluster_resources().get("CPU", 0.0)

@@ -195,25 +195,26 @@ class StageWorker:
         hyper = [{k: v for k, v in g.torch_group().items() if k in kind.defaults} for g in spec.optimizer.group_specs()]
         group = hyper[0]  # hyper-parameters (per parameter group: runtime.stage_groups)
         on_device = [s for s in self.stages if spec.home(s) == "device" and self.owns[s]]
-        self.group_ids = {s: [gi for gi, _ in stage_groups(spec.optimizer, self.owns[s], self.gname)] for s in on_device}
+        by_group = {s: stage_groups(spec.optimizer, self.owns[s], self.gname) for s in on_device}
+        self.group_ids = {s: [gi for gi, _ in by_group[s]] for s in on_device}
         self.offloaded = build_offloaded(self, [s for s in self.stages if spec.home(s) != "device"])
-        if spec.zero and on_device and spec.optimizer.param_groups:
-            raise ValueError("optimizer.param_groups: a ZeRO stage on the device steps one flat shard as one group "
-                             "(not yet several)")
         if spec.zero:
-            self.group_ids = {s: [0] for s in on_device}
+            group_of = {id(q): gi for s in on_device for gi, ps in by_group[s] for q in ps}
+
+            def make(ps: list) -> torch.optim.Optimizer:  # stage_zero [Note: groups of a shard]
+                return optim_cls([{**p, **hyper[p["group"]]} if isinstance(p, dict) else p for p in ps], **group)
             # ZeRO-2: a parameter another stage of this rank uses, or tied across ranks, is final only at ALLREDUCE
             late = {id(q) for s in self.stages for q in self.uses[s] if all(q is not o for o in self.owns[s])}
             late |= {id(q) for qs in self.tied.values() for q in qs}
             self.optims = {s: ShardedOptimizer(
-                self.owns[s], lambda ps: optim_cls(ps, **group), replica=self.replica, dp=spec.dp, group=self.dp_group,
+                self.owns[s], make, replica=self.replica, dp=spec.dp, group=self.dp_group,
                 rank=self.rank, timeout_s=spec.timeout_s, deferred=late,
-                buckets=zero2_buckets(self.owns[s], late, spec.zero_bucket_elems) if spec.zero == 2 else None)
+                buckets=zero2_buckets(self.owns[s], late, spec.zero_bucket_elems) if spec.zero == 2 else None,
+                group_of=[group_of[id(q)] for q in self.owns[s]] if spec.optimizer.param_groups else None)
                 for s in on_device}
+            self.group_ids = {s: [g.get("group", 0) for g in opt.param_groups] for s, opt in self.optims.items()}
         else:
-            self.optims = {s: optim_cls([{"params": ps, **hyper[gi]}
-                                         for gi, ps in stage_groups(spec.optimizer, self.owns[s], self.gname)])
-                           for s in on_device}
+            self.optims = {s: optim_cls([{"params": ps, **hyper[gi]} for gi, ps in by_group[s]]) for s in on_device}
         self._kept: list[tuple[tuple[nn.Parameter, ...], torch.Tensor]] | None = None
         if self.split_w:
             for s in self.stages:
