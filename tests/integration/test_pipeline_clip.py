@@ -70,7 +70,8 @@ def _executed_is_the_program(got, p: int) -> None:
     assert all(sum(a.endswith("CLIP") for a in prog) == 1 for prog in got.programs)
 
 
-@pytest.mark.parametrize(("schedule", "offload"), [("gpipe", None), ("1f1b", ("host", "device")), ("zb-h1", None)])
+@pytest.mark.parametrize(("schedule", "offload"), [pytest.param("gpipe", None, marks=pytest.mark.slow),
+                                                  ("1f1b", ("host", "device")), ("zb-h1", None)])
 def test_two_ranks_clip_and_step_their_groups_as_one_process_bitwise(local_ray, schedule: str, offload) -> None:
     states: dict = {}
     got = _pipeline(schedule, states=states, offload=offload)
