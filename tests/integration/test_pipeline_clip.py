@@ -39,10 +39,11 @@ GROUPS = [{"params": DECAY, "weight_decay": 0.1}, {"params": [n for n in NAMES i
 """Hugging Face's default split (no decay for biases and norms), the second group at its own rate."""
 
 
-def _pipeline(schedule: str, *, dp: int = 1, groups: list | None = GROUPS, states: dict | None = None, **kw):
+def _pipeline(schedule: str, *, dp: int = 1, groups: list | None = GROUPS, states: dict | None = None,
+              model: dict = UNTIED_2, **kw):
     """The run's result; ``states`` receives every world rank's state after the last step."""
     optimizer = {"name": "adamw", "lr": LR, **({"param_groups": groups} if groups else {})}
-    return run_pipeline(model=UNTIED_2, schedule=schedule, num_ranks=2, dp=dp, num_microbatches=M, micro_batch_size=B,
+    return run_pipeline(model=model, schedule=schedule, num_ranks=2, dp=dp, num_microbatches=M, micro_batch_size=B,
                         seq_len=SEQ, num_steps=STEPS, seed=SEED, optimizer=optimizer, max_grad_norm=CLIP,
                         timeout_s=30, step_timeout_s=120, save_after=lambda k: k == STEPS,
                         on_states=lambda k, st: states.update(st) if states is not None else None, **kw)
@@ -56,9 +57,9 @@ def _weights(states: dict, p: int) -> dict[str, torch.Tensor]:
     return dict(zip(NAMES, flat, strict=True))
 
 
-def _reference(dp: int = 1, groups: list | None = GROUPS) -> tuple[list, dict]:
+def _reference(dp: int = 1, groups: list | None = GROUPS, model: dict = UNTIED_2) -> tuple[list, dict]:
     out: dict = {}
-    losses = reference_losses(UNTIED_2, num_steps=STEPS, num_microbatches=M * dp, micro_batch_size=B, seq_len=SEQ,
+    losses = reference_losses(model, num_steps=STEPS, num_microbatches=M * dp, micro_batch_size=B, seq_len=SEQ,
                               seed=SEED, lr=LR, max_grad_norm=CLIP, param_groups=groups, out=out)
     return losses, out
 
@@ -71,7 +72,9 @@ def _executed_is_the_program(got, p: int) -> None:
 
 
 @pytest.mark.parametrize(("schedule", "offload"), [pytest.param("gpipe", None, marks=pytest.mark.slow),
-                                                  ("1f1b", ("host", "device")), ("zb-h1", None)])
+                                                  ("1f1b", ("host", "device")), ("zb-h1", None),
+                                                  pytest.param("v-half", None, marks=pytest.mark.slow),
+                                                  pytest.param("interleaved-1f1b", None, marks=pytest.mark.slow)])
 def test_two_ranks_clip_and_step_their_groups_as_one_process_bitwise(local_ray, schedule: str, offload) -> None:
     states: dict = {}
     got = _pipeline(schedule, states=states, offload=offload)
@@ -81,6 +84,20 @@ def test_two_ranks_clip_and_step_their_groups_as_one_process_bitwise(local_ray, 
     weights = _weights(states, 2)
     diff = max((weights[n] - ref["weights"][n]).abs().max().item() for n in NAMES)
     assert diff == 0.0, f"{schedule}: final weights max |Δ| {diff}"
+    _executed_is_the_program(got, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["1f1b", "v-half"])
+def test_tied_embeddings_count_the_table_once(local_ray, schedule: str) -> None:
+    """1f1b: the table on ranks 0 and 1, its copies' gradients summed by ALLREDUCE (the head's copy
+    is not counted); v-half: one table on rank 0. Within the tied tolerance of test_pipeline_run.py."""
+    tied = {"preset": "tiny", "overrides": {"num_layers": 2}}
+    got = _pipeline(schedule, groups=None, model=tied)
+    want, ref = _reference(groups=None, model=tied)
+    diff = max(abs(a - b) for g, w in zip(got.microbatch_losses, want) for a, b in zip(g, w, strict=True))
+    rel = max(abs(a - b) / b for a, b in zip(got.grad_norms, ref["grad_norms"], strict=True))
+    assert diff <= 1e-5 and rel <= 1e-6, f"{schedule} tied: max |Δloss| {diff}, relative Δnorm {rel}"
     _executed_is_the_program(got, 2)
 
 
