@@ -25,14 +25,16 @@ goes through exactly.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from memtrain.comm import all_gather
 from memtrain.offload.clip import clip_coefficient
+from memtrain.runtime.stage_zero import ShardedOptimizer
 
-__all__ = ["WHOLE", "PIECE", "local_norms", "combine", "global_norm", "exchange_and_clip"]
+__all__ = ["WHOLE", "PIECE", "local_norms", "combine", "global_norm", "exchange_and_clip", "clip_rank"]
 
 WHOLE, PIECE = 1.0, 2.0
 """What a rank's entry for a parameter is: its whole gradient's norm, or a shard's piece's sum of
@@ -94,3 +96,34 @@ def exchange_and_clip(entries: Sequence[tuple[int, torch.Tensor, bool]], num_par
     whole = all_gather(mine.reshape(1, 2, num_params), group, rank=rank, what=what, timeout_s=timeout_s)
     total = global_norm(combine(whole), device)
     return total, (clip_coefficient(max_norm, total) if max_norm is not None else None)
+
+
+def clip_rank(worker: Any, what: str) -> float:
+    """A ``StageWorker``'s ``CLIP``: its stages' parameters' gradients (a ZeRO stage's pieces of
+    its shard, runtime.stage_zero ``grad_pieces``) by their index in the whole model, in that
+    order as torch lists them, exchanged over the world; every gradient it holds, a tied copy's
+    too, multiplied by the coefficient (``PipelineSpec.max_grad_norm``; None: measured only).
+    Returns the global norm before clipping."""
+    entries: list[tuple[int, torch.Tensor, bool]] = []
+    for s in worker.stages:
+        opt = worker.optims.get(s)
+        if isinstance(opt, ShardedOptimizer):
+            entries += [(worker.gindex[id(opt.params[i])], g, whole) for i, g, whole in opt.grad_pieces()
+                        if id(opt.params[i]) in worker.gindex]
+        else:
+            entries += [(worker.gindex[id(q)], q.grad, True) for q in worker.owns[s]
+                        if q.grad is not None and id(q) in worker.gindex]
+    entries.sort(key=lambda e: e[0])  # the whole model's order, as torch's list of gradients
+    spec = worker.spec
+    total, coef = exchange_and_clip(entries, len(worker.names), spec.max_grad_norm, device=worker.device, group=None,
+                                    rank=worker.rank, what=what, timeout_s=spec.timeout_s)
+    if coef is not None:
+        for s in worker.stages:
+            opt = worker.optims.get(s)
+            if isinstance(opt, ShardedOptimizer):
+                opt.scale_grads(coef)
+            else:
+                for q in worker.owns[s]:
+                    if q.grad is not None:
+                        q.grad.mul_(coef.to(q.grad.device))
+    return float(total)

@@ -62,7 +62,7 @@ from memtrain.models.gpt_blocks import TIED_NAMES, build_blocks, global_names, p
 from memtrain.planner.plan import Action, Op
 from memtrain.runtime.data import TokenBatches
 from memtrain.runtime.stage_activations import SPLIT_SCHEDULE_ERROR, RankActivations
-from memtrain.runtime.stage_clip import exchange_and_clip
+from memtrain.runtime.stage_clip import clip_rank
 from memtrain.runtime.stage_groups import group_lr, stage_groups
 from memtrain.runtime.stage_offload import OffloadedStage, build_offloaded, close_offloaded, state_bytes
 from memtrain.runtime.stage_state import load_rank_state, rank_state
@@ -449,32 +449,8 @@ class StageWorker:
             opt.zero_grad(set_to_none=True)
 
     def _clip(self, a: Action) -> None:
-        """``CLIP`` ([Note: the global norm of a pipeline] in runtime.stage_clip): this rank's
-        per-parameter norms exchanged, the global norm taken, every gradient of its stages
-        multiplied by the coefficient (a ZeRO stage's shard of the sums)."""
-        entries: list[tuple[int, torch.Tensor, bool]] = []
-        for s in self.stages:
-            opt = self.optims.get(s)
-            if isinstance(opt, ShardedOptimizer):
-                entries += [(self.gindex[id(opt.params[i])], g, whole) for i, g, whole in opt.grad_pieces()
-                            if id(opt.params[i]) in self.gindex]
-            else:
-                entries += [(self.gindex[id(q)], q.grad, True) for q in self.owns[s]
-                            if q.grad is not None and id(q) in self.gindex]
-        entries.sort(key=lambda e: e[0])  # the whole model's order, as torch's list of gradients
-        total, coef = exchange_and_clip(entries, len(self.names), self.spec.max_grad_norm, device=self.device,
-                                        group=None, rank=self.rank, what=str(a), timeout_s=self.spec.timeout_s)
-        self._grad_norm = float(total)
-        if coef is None:
-            return
-        for s in self.stages:
-            opt = self.optims.get(s)
-            if isinstance(opt, ShardedOptimizer):
-                opt.scale_grads(coef)
-            else:
-                for q in self.owns[s]:
-                    if q.grad is not None:
-                        q.grad.mul_(coef.to(q.grad.device))
+        """``CLIP``: the rank's gradients clipped by the global norm (runtime.stage_clip ``clip_rank``)."""
+        self._grad_norm = clip_rank(self, str(a))
 
     def _offloaded(self, a: Action) -> OffloadedStage:
         stage = self.offloaded.get(a.stage)
