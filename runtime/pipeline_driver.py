@@ -33,7 +33,7 @@ from memtrain.planner.pipeline import (SCHEDULES, SPLIT_W_SCHEDULES, Placement, 
 from memtrain.planner.plan import Op
 from memtrain.planner.schedule import Schedule
 from memtrain.runtime.stage_activations import ACT_POLICIES, SPLIT_SCHEDULE_ERROR
-from memtrain.runtime.stage_groups import check_groups
+from memtrain.runtime.stage_groups import check_groups, step_lr
 from memtrain.runtime.stage_offload import OFFLOAD_HOMES
 from memtrain.runtime.stage_worker import PIPELINE_DTYPES, PipelineSpec, StageWorker, StepResult
 
@@ -149,9 +149,9 @@ class PipelineRun:
         self._gather({r: w.build.remote(host, port) for r, w in enumerate(self.workers)}, "start-up (build)",
                      self.start_timeout_s)
 
-    def step(self, step: int, lr: float | None = None) -> list[StepResult]:
-        """Run step ``step`` (0-based) on every rank at learning rate ``lr`` (None: the spec's);
-        their results by world rank."""
+    def step(self, step: int, lr: float | Sequence[float] | None = None) -> list[StepResult]:
+        """Run step ``step`` (0-based) on every rank at learning rate ``lr`` (one number, one per
+        parameter group, or None: each group's own); their results by world rank."""
         return self._gather({r: w.run_step.remote(step, lr) for r, w in enumerate(self.workers)},
                             f"step {step + 1}", self.step_timeout_s)
 
@@ -253,7 +253,7 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                  stages_per_rank: int = 2, data: DataConfig | None = None, timeout_s: float = 60.0,
                  step_timeout_s: float = 300.0, num_threads: int = 1,
                  num_cpus_per_worker: float = 1.0, optimizer: OptimizerSpec | Mapping[str, Any] | None = None,
-                 lr_at: Callable[[int], float] | None = None, programs: Schedule | None = None,
+                 lr_at: Callable[[int], float | Sequence[float]] | None = None, programs: Schedule | None = None,
                  assignments: Sequence[Any] | None = None,
                  on_step: Callable[[int, float, list[StepResult], float], None] | None = None,
                  start_step: int = 0, states: Mapping[int, dict] | None = None,
@@ -267,7 +267,8 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     replicas on the current Ray (the caller ran ``ray.init``). ``model``: a ``ModelConfig`` or its
     fields as a dict (default: the tiny GPT); ``partition``: blocks per stage (default: even);
     ``optimizer``: each stage's optimizer (default: AdamW at ``lr``, torch's defaults);
-    ``lr_at(step)``: the learning rate of each 0-based step (default: constant);
+    ``lr_at(step)``: the learning rate of each 0-based step, one number or one per parameter
+    group (default: each group's own);
     ``programs``: each pipeline rank's program (a plan's ``schedule``; default: the schedule's
     lowering, ``stage_programs``); ``assignments``: per world rank, a ``ray_cluster.Assignment``
     (its node and resources; default: anywhere with ``num_cpus_per_worker`` CPUs);
@@ -360,7 +361,7 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
             run.load_states(dict(states))
         for k in range(start_step, num_steps):
             t0 = time.perf_counter()
-            results = run.step(k, lr_at(k) if lr_at is not None else None)
+            results = run.step(k, step_lr(optim, lr_at(k)) if lr_at is not None else None)
             wall = time.perf_counter() - t0
             last = [results[d * num_ranks + place.rank_of[-1]] for d in range(dp)]
             mbs = tuple(x for res in last for x in res.losses)

@@ -7,9 +7,9 @@ parameter in no group, is refused naming the field). Each stage then steps only 
 it holds: a device stage's ``torch.optim`` optimizer gets one param group per group with some
 parameter on the stage (a group with none there is left out of that stage's optimizer), an
 offloaded stage's ``OffloadedOptimizer`` the groups by its store's local names. Each group keeps
-its own learning rate and weight decay; a step's learning rate from the driver (one number) is
-every group's, as ``engine.set_lr`` and a ``torch.optim`` scheduler without per-group factors set
-it, and a step without one runs each group at its own.
+its own learning rate and weight decay; a step's learning rate from the driver is one number for
+every group or one per group, as ``engine.set_lr`` takes them, and a step without one runs each
+group at its own.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from memtrain.config import ConfigError
 from memtrain.optimizers import OptimizerSpec, ParamGroup
 
-__all__ = ["check_groups", "stage_groups", "local_spec", "group_lr"]
+__all__ = ["check_groups", "stage_groups", "local_spec", "group_lr", "step_lr"]
 
 
 def check_groups(optim: OptimizerSpec, names: Sequence[str]) -> None:
@@ -64,10 +64,27 @@ def local_spec(optim: OptimizerSpec, local: Mapping[str, str]) -> OptimizerSpec:
     return dataclasses.replace(optim, param_groups=groups)
 
 
-def group_lr(optim: OptimizerSpec, group: int, lr: float | None) -> float:
-    """The learning rate of group ``group`` in a step at ``lr`` (None: the group's own)."""
-    if lr is not None:
+def step_lr(optim: OptimizerSpec, lr: object) -> float | tuple[float, ...] | None:
+    """A step's learning rate as the driver passes it, checked: None (each group's own), one
+    number for every group, or one per group (as ``engine.set_lr`` takes them)."""
+    if lr is None:
+        return None
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool):
         return float(lr)
+    lrs = tuple(float(v) for v in lr)  # type: ignore[union-attr]
+    if len(lrs) != max(1, len(optim.param_groups)):
+        raise ConfigError(f"lr_at: {len(lrs)} learning rates for {max(1, len(optim.param_groups))} parameter "
+                          "group(s); give one per group, or one number for all")
+    return lrs
+
+
+def group_lr(optim: OptimizerSpec, group: int, lr: float | Sequence[float] | None) -> float:
+    """The learning rate of group ``group`` in a step at ``lr`` (``step_lr``'s: None, the
+    group's own; a number, every group's; a sequence, one per group)."""
+    if isinstance(lr, (int, float)):
+        return float(lr)
+    if lr is not None:
+        return float(lr[group])
     if not optim.param_groups:
         return float(optim.lr)
     g: ParamGroup = optim.param_groups[group]

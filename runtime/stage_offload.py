@@ -205,11 +205,11 @@ class OffloadedStage:
             store.grads.flush(c)
             store._release(c)
 
-    def step(self, lr: float | None) -> None:
-        """``OPTIM``: every chunk with gradients stepped where it lives, at ``lr`` for every
-        parameter group (None: each group's own, runtime.stage_groups)."""
+    def step(self, lr: float | tuple[float, ...] | None) -> None:
+        """``OPTIM``: every chunk with gradients stepped where it lives, at ``lr``: one number for
+        every parameter group, one per group, or None: each group's own (runtime.stage_groups)."""
         opt = self.optimizer
-        opt.spec = self.spec if lr is None else self.spec.with_lr(float(lr))
+        opt.spec = self.spec if lr is None else self.spec.with_lr(lr)
         self.store.executed.clear()
         opt.step(self.points)
         if self.zero is not None:

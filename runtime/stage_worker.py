@@ -50,7 +50,7 @@ from __future__ import annotations
 import importlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -63,7 +63,7 @@ from memtrain.planner.plan import Action, Op
 from memtrain.runtime.data import TokenBatches
 from memtrain.runtime.stage_activations import SPLIT_SCHEDULE_ERROR, RankActivations
 from memtrain.runtime.stage_clip import clip_rank
-from memtrain.runtime.stage_groups import group_lr, stage_groups
+from memtrain.runtime.stage_groups import group_lr, stage_groups, step_lr
 from memtrain.runtime.stage_offload import OffloadedStage, build_offloaded, close_offloaded, state_bytes
 from memtrain.runtime.stage_state import load_rank_state, rank_state
 from memtrain.runtime.stage_spec import PIPELINE_DTYPES, PipelineSpec, StepResult, block_ranges
@@ -95,7 +95,7 @@ class StageWorker:
         }
         self.offloaded: dict[int, OffloadedStage] = {}
         """The stages whose states live in a chunk store (runtime.stage_offload)."""
-        self._lr: float | None = None
+        self._lr: float | tuple[float, ...] | None = None
         """The step's learning rate for every group; None: each group's own (runtime.stage_groups)."""
         self._grad_norm: float | None = None
 
@@ -240,11 +240,11 @@ class StageWorker:
 
     # ---- one step ------------------------------------------------------------------------
 
-    def run_step(self, step: int, lr: float | None = None) -> StepResult:
-        """Run the program once on step ``step``'s batch, its optimizer steps at ``lr`` (None:
-        the spec's)."""
+    def run_step(self, step: int, lr: float | Sequence[float] | None = None) -> StepResult:
+        """Run the program once on step ``step``'s batch, its optimizer steps at ``lr``: one
+        number, one per parameter group, or None: each group's own (runtime.stage_groups)."""
         t0 = time.perf_counter()
-        self._lr, self._grad_norm = (None if lr is None else float(lr)), None
+        self._lr, self._grad_norm = step_lr(self.spec.optimizer, lr), None
         for s, opt in self.optims.items():
             for g, gi in zip(opt.param_groups, self.group_ids[s], strict=True):
                 g["lr"] = group_lr(self.spec.optimizer, gi, self._lr)

@@ -23,6 +23,7 @@ from memtrain.planner.simulate_pipeline import Link, StageCost, clip_time_s, sim
 from memtrain.runtime.data import TokenBatches
 from memtrain.runtime.pipeline_driver import run_pipeline, stage_programs
 from memtrain.runtime.stage_clip import PIECE, WHOLE, combine, global_norm, local_norms
+from memtrain.runtime.stage_groups import group_lr, step_lr
 from memtrain.runtime.stage_worker import PipelineSpec, StageWorker
 from memtrain.runtime.stage_zero import ShardedOptimizer, zero2_buckets
 
@@ -123,7 +124,8 @@ def test_global_names_are_the_whole_models_and_a_tied_copy_is_the_tables() -> No
 # ---- one rank against plain PyTorch --------------------------------------------------------------
 
 
-def _reference(groups: list[dict], max_norm: float, steps: int, m: int, b: int, seq: int) -> tuple[list, list, dict]:
+def _reference(groups: list[dict], max_norm: float, steps: int, m: int, b: int, seq: int,
+               lrs: dict[int, list[float]]) -> tuple[list, list, dict]:
     torch.manual_seed(0)
     built = build_model(ModelConfig(**TINY), max_seq_len=seq)
     named = dict(built.module.named_parameters())
@@ -131,7 +133,10 @@ def _reference(groups: list[dict], max_norm: float, steps: int, m: int, b: int, 
                               **{k: v for k, v in g.items() if k != "params"}} for g in groups], lr=1e-2)
     data = TokenBatches(DataConfig(), batch_size=m * b, seq_len=seq, vocab_size=built.vocab_size)
     losses, norms = [], []
+    own = [g["lr"] for g in opt.param_groups]
     for step in range(steps):
+        for g, lr in zip(opt.param_groups, lrs.get(step, own)):
+            g["lr"] = lr
         ids, labels = data.batch(step)
         for i in range(m):
             rows = slice(i * b, (i + 1) * b)
@@ -151,6 +156,7 @@ def test_one_rank_clips_and_steps_its_groups_as_torch_bitwise() -> None:
     groups = [{"params": decay, "weight_decay": 0.1}, {"params": [n for n in names if n not in decay],
                                                         "weight_decay": 0.0, "lr": 3e-3}]
     steps, m, b, seq, max_norm = 3, 2, 2, 8, 0.5
+    lrs = {1: [5e-3, 2e-2]}  # step 1 at one rate per group (the driver's lr_at may give them); the others each its own
     _, programs = stage_programs("1f1b", 1, m)
     threads = torch.get_num_threads()
     spec = PipelineSpec(model=ModelConfig(**TINY), partition=(4,), rank_of=(0,), num_ranks=1, dp=1, num_microbatches=m,
@@ -159,14 +165,14 @@ def test_one_rank_clips_and_steps_its_groups_as_torch_bitwise() -> None:
     worker = StageWorker(spec, 0, add_clip_points(programs)[0])
     worker.build(*worker.open_store("127.0.0.1"))
     try:
-        results = [worker.run_step(k) for k in range(steps)]
+        results = [worker.run_step(k, lrs.get(k)) for k in range(steps)]
         got = {worker.gname[id(q)]: q.detach().clone() for blk in worker.blocks[0] for q in blk.parameters()}
     finally:
         worker.close()
         torch.set_num_threads(threads)
     torch.set_num_threads(1)
     try:
-        losses, norms, weights = _reference(groups, max_norm, steps, m, b, seq)
+        losses, norms, weights = _reference(groups, max_norm, steps, m, b, seq, lrs)
     finally:
         torch.set_num_threads(threads)
     assert results[0].record[-3:] == ("0ALLREDUCE", "0CLIP", "0OPTIM") and Action.parse("0CLIP") == Action(0, Op.CLIP)
@@ -201,6 +207,16 @@ def test_a_shard_steps_each_groups_stretch_as_torchs_groups_bitwise() -> None:
 
 
 # ---- refusals ------------------------------------------------------------------------------------
+
+
+def test_a_step_rate_is_one_number_or_one_per_group() -> None:
+    spec = OptimizerSpec.from_value({"name": "adamw", "lr": 1e-3, "param_groups": [
+        {"params": ["a"], "lr": 2e-3}, {"params": ["b"]}]})
+    assert step_lr(spec, None) is None and step_lr(spec, 1) == 1.0 and step_lr(spec, [1e-4, 2e-4]) == (1e-4, 2e-4)
+    assert [group_lr(spec, g, None) for g in (0, 1)] == [2e-3, 1e-3]
+    assert [group_lr(spec, g, (1e-4, 2e-4)) for g in (0, 1)] == [1e-4, 2e-4]
+    with pytest.raises(UserError, match=r"lr_at: 3 learning rates for 2 parameter group\(s\)"):
+        step_lr(spec, [1e-4, 2e-4, 3e-4])
 
 
 @pytest.mark.parametrize(("kw", "match"), [
