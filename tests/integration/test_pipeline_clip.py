@@ -88,6 +88,17 @@ def test_two_ranks_clip_and_step_their_groups_as_one_process_bitwise(local_ray, 
 
 
 @pytest.mark.slow
+def test_an_nvme_stage_clips_bitwise(local_ray, tmp_path) -> None:
+    """The last stage's states in NVMe files: its CLIP reads the gradients before its OFFLOAD."""
+    states: dict = {}
+    got = _pipeline("1f1b", states=states, offload=("device", "nvme"), nvme_dir=str(tmp_path / "nvme"))
+    want, ref = _reference()
+    assert [list(x) for x in got.microbatch_losses] == want and list(got.grad_norms) == ref["grad_norms"]
+    weights = _weights(states, 2)
+    assert all(torch.equal(weights[n], ref["weights"][n]) for n in NAMES)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["1f1b", "v-half"])
 def test_tied_embeddings_count_the_table_once(local_ray, schedule: str) -> None:
     """1f1b: the table on ranks 0 and 1, its copies' gradients summed by ALLREDUCE (the head's copy
