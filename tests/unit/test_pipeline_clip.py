@@ -6,7 +6,9 @@ tests/integration/test_pipeline_clip.py."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from memtrain.models.gpt_blocks import build_blocks, global_names, param_names
 from memtrain.models.source import build_model
 from memtrain.optimizers import OptimizerSpec
 from memtrain.planner.pipeline import add_clip_points, add_offload_points, placement
-from memtrain.planner.plan import Action, Op
+from memtrain.planner.plan import Action, Op, Plan
 from memtrain.planner.simulate_pipeline import Link, StageCost, clip_time_s, simulate_pipeline
 from memtrain.runtime.data import TokenBatches
 from memtrain.runtime.pipeline_driver import run_pipeline, stage_programs
@@ -77,6 +79,19 @@ def test_a_clipped_plan_carries_clip_in_its_programs_and_costs_it() -> None:
     assert clipped.schedule == add_clip_points(plain.schedule)
     assert clipped.prediction.step_time_s > plain.prediction.step_time_s
     assert Plan.from_json(clipped.to_json()) == clipped
+
+
+def test_memtrain_plan_shows_the_clip_a_clipped_pipeline_runs(capsys, tmp_path) -> None:
+    from memtrain.runtime.cli import main
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "gpt-tiny-pp2.yaml"
+    code = main(["plan", str(example), "--set", "train.max_grad_norm=1.0", "--json",
+                 str(tmp_path / "p.json"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert data["train"]["clip_grad_norm"] is True
+    plan = Plan.from_json((tmp_path / "p.json").read_text())
+    assert [str(a) for a in plan.schedule[0][-3:]] == ["0ALLREDUCE", "0CLIP", "0OPTIM"]
 
 
 # ---- the exchange's arithmetic -------------------------------------------------------------------
