@@ -377,7 +377,8 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
             if results[0].grad_norm is not None:
                 got = {res.grad_norm for res in results}
                 if len(got) != 1:  # runtime.stage_clip: every rank takes the same norm
-                    raise PipelineError(f"pipeline: step {k + 1}: the ranks' global gradient norms differ: {sorted(got)}")
+                    raise PipelineError(f"pipeline: step {k + 1}: the ranks' global gradient norms differ: "
+                                        f"{sorted(got)}")
                 norms.append(results[0].grad_norm)
             if on_step is not None:
                 on_step(k, losses[-1], results, wall)
