@@ -47,17 +47,19 @@ def local_norms(entries: Sequence[tuple[int, torch.Tensor, bool]], num_params: i
     whole gradient). Whole gradients' norms come from ``torch._foreach_norm``, grouped by device
     and dtype as torch groups them, in the entries' order."""
     out = torch.zeros(2, num_params, dtype=torch.float64)
-    whole = [(j, g) for j, g, w in entries if w]
     groups: dict[tuple[torch.device, torch.dtype], list[tuple[int, torch.Tensor]]] = {}
-    for j, g in whole:
-        groups.setdefault((g.device, g.dtype), []).append((j, g))
-    for items in groups.values():
-        for (j, _), n in zip(items, torch._foreach_norm([g for _, g in items], 2.0)):
-            out[0, j] = float(n)
-            out[1, j] = WHOLE
     for j, g, w in entries:
-        if not w:
-            out[0, j] += float(g.detach().double().pow(2).sum())
+        if w:
+            groups.setdefault((g.device, g.dtype), []).append((j, g))
+    for items in groups.values():  # one copy to the host per group (fp32 -> fp64 is exact)
+        norms = torch.stack(torch._foreach_norm([g for _, g in items], 2.0)).to("cpu", torch.float64)
+        idx = torch.tensor([j for j, _ in items])
+        out[0, idx], out[1, idx] = norms, WHOLE
+    pieces = [(j, g) for j, g, w in entries if not w]
+    if pieces:
+        sums = torch.stack([g.detach().double().pow(2).sum().cpu() for _, g in pieces])
+        for (j, _), v in zip(pieces, sums):
+            out[0, j] += v
             out[1, j] = PIECE
     return out
 
