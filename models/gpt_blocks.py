@@ -24,7 +24,7 @@ from torch import nn
 
 from memtrain.models.gpt import GPT, GPTConfig, RMSNorm
 
-__all__ = ["build_blocks", "TIED_NAMES"]
+__all__ = ["build_blocks", "TIED_NAMES", "param_names", "global_names"]
 
 TIED_NAMES = ("wte.weight", "lm_head.weight")
 """With ``tie_embeddings``: the names, in the first and in the last block, of the one table."""
@@ -85,4 +85,28 @@ def build_blocks(cfg: GPTConfig, keep: Collection[int], seed: int) -> dict[int, 
     last = n - 1
     if cfg.tie_embeddings and 0 in out and last in out:
         out[last].lm_head.weight = out[0].wte.weight
+    return out
+
+
+def param_names(cfg: GPTConfig) -> tuple[str, ...]:
+    """The parameters of ``GPT(cfg)`` by name, in ``model.parameters()`` order (a tied table once,
+    as the embedding's ``blocks.0.wte.weight``): the order one process clips them in, and the
+    names its ``optimizer.param_groups`` use. Built on the meta device."""
+    with torch.device("meta"):
+        meta = GPT(cfg)
+    return tuple(n for n, _ in meta.named_parameters())
+
+
+def global_names(blocks: dict[int, nn.Module], cfg: GPTConfig) -> dict[int, str]:
+    """Per parameter of ``blocks`` (``build_blocks``'s; by ``id``), its name in the whole model
+    (``param_names``): block ``i``'s ``name`` is ``blocks.<i>.<name>``, and the head's copy of a
+    tied table, on another rank than the embedding, is named as the table
+    (``blocks.0.wte.weight``)."""
+    last = cfg.num_layers + 1
+    out: dict[int, str] = {}
+    for i in sorted(blocks):
+        for name, q in blocks[i].named_parameters():
+            if id(q) not in out:
+                out[id(q)] = f"blocks.0.{TIED_NAMES[0]}" if cfg.tie_embeddings and i == last and name == TIED_NAMES[1] \
+                    else f"blocks.{i}.{name}"
     return out

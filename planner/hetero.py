@@ -67,6 +67,7 @@ def plan_cluster(
     max_alternatives: int = 5,
     activations: str = "auto",
     zero: int = 0,
+    clip_grad_norm: bool = False,
 ) -> Plan:
     """The fastest predicted pipeline plan of ``stats`` (analysed at micro-batch size 1) over
     every device of ``cluster`` (see the module doc). ``device_budget`` caps each device's
@@ -78,7 +79,9 @@ def plan_cluster(
     activation policy in every stage (``auto``: keep, or recompute where a stage is short);
     ``zero`` (``parallel.zero``) shards the states of each shape's data-parallel copies
     (planner.stage_cost [Note: ZeRO in a stage's estimate]; ZeRO-2's reduce under the last
-    backward, planner.hetero_plan). Raises ``UserError`` naming what does not fit when nothing does."""
+    backward, planner.hetero_plan); ``clip_grad_norm`` (``train.max_grad_norm``): every rank's
+    programs get their ``CLIP``, costed as the collective it is (planner.hetero_plan [Note:
+    pipeline step]). Raises ``UserError`` naming what does not fit when nothing does."""
     dtype, optimizer = DType(dtype), Optimizer(optimizer)
     devices = flat_devices(cluster)
     _check(stats, cluster, devices, global_batch_size, micro_batch_size, dtype, safety_margin, schedules,
@@ -98,7 +101,7 @@ def plan_cluster(
         if key not in models:
             train = TrainShape(global_batch_size=global_batch_size, micro_batch_size=shape.micro_batch_size,
                                num_microbatches=shape.num_microbatches, seq_len=base.seq_len, dtype=dtype,
-                               optimizer=optimizer)
+                               optimizer=optimizer, clip_grad_norm=clip_grad_norm)
             models[key] = StageModel(base.scaled(shape.micro_batch_size), train, activations, shards=key[1], zero=zero)
         cand = layout(shape, counts, devices, cluster, budgets, models[key])
         if cand is not None:

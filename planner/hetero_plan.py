@@ -4,9 +4,12 @@ A candidate of planner.hetero (a shape and its partition) is refined (an offload
 the single-device planner's figures, planner.stage_cost ``refine``) and simulated over its
 ranks and links (planner.simulate_pipeline). [Note: pipeline step] A rank's step ends with its
 last pass, then its gradients' all-reduce over the replicas, then its optimizer step; the step
-is the latest rank's. A long candidate (more than ``MAX_EXACT_PASSES`` passes) is simulated
-over ``p + 4`` micro-batches (``3p`` interleaved: its longer warm-up and a steady stretch) and the rest added at the steady
-state's period (Narayanan et al. 2021, Sec. 2.2: in 1F1B's steady state the slowest stage sets
+is the latest rank's; with gradient clipping (``TrainShape.clip_grad_norm``) every rank's
+optimizer step waits for the slowest rank's all-reduce and the norm exchange after it
+(planner.simulate_pipeline [Note: the clip collective], ``clip_time_s``). A long candidate
+(more than ``MAX_EXACT_PASSES`` passes) is simulated over ``p + 4`` micro-batches (``3p``
+interleaved: its longer warm-up and a steady stretch) and the rest added at the steady state's
+period (Narayanan et al. 2021, Sec. 2.2: in 1F1B's steady state the slowest stage sets
 the pace; a schedule that holds back for memory, V-Min, paces slower, as the short run shows).
 Its timeline marks the micro-batches it does not draw where they run, in the steady state, and
 its memory lines draw them ([Note: repeated micro-batches in the picture]). A rank's device
@@ -37,7 +40,7 @@ from memtrain.planner.plan import (
     Prediction, RankPlan, TimelineEvent, TrainShape,
 )
 from memtrain.planner.simulate_pipeline import (REDUCE_BUCKET_ELEMS, REDUCE_IN_FLIGHT, Link, PipelineResult, StageCost,
-                                                simulate_pipeline)
+                                                clip_time_s, simulate_pipeline)
 from memtrain.planner.stage_cost import StageEstimate
 from memtrain.planner.stats import ModelStats
 from memtrain.units import format_bytes, format_seconds
@@ -134,6 +137,21 @@ def _run(cand: Candidate, costs: list[StageCost], links, m: int) -> PipelineResu
     return simulate_pipeline(sched, place, costs, Link(gbps=1.0), links=links)
 
 
+def _clip_s(cand: Candidate, links: dict[tuple[int, int], Link]) -> float:
+    """The norm exchange of a clipped step (planner.simulate_pipeline ``clip_time_s``): over the
+    slowest link between the ranks, the busiest rank's gradients read at its memory bandwidth."""
+    model = cand.model
+    assert model is not None
+    p = cand.shape.pipeline
+    slow = min(links.values(), key=lambda lk: lk.gbps, default=Link(gbps=1.0))
+    tensors = sum(len(b.param_names) for b in model.stats.blocks)
+    worst = 0.0
+    for r in range(p):
+        n = sum(model.num_params(f, e) for s, (f, e) in enumerate(cand.partition) if cand.stage_ranks[s] == r)
+        worst = max(worst, clip_time_s(p, tensors, 4 * n, slow, cand.ranks[r][1].memory_bw_gbps))
+    return worst
+
+
 def _rank_ends(result: PipelineResult, stage_ranks: tuple[int, ...], p: int) -> tuple[list[float], list[float]]:
     ends, busy = [0.0] * p, [0.0] * p
     for (_, s, _), (start, end) in result.pass_times.items():
@@ -207,6 +225,8 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
         acts = act_gpipe  # GPipe holds every micro-batch: the short run holds fewer
     device = [a + max(b, c) for a, b, c in zip(static, acts, copy)]  # ZeRO: the sum's copy comes after the passes
     step = max(end + a + o for end, a, o in zip(ends, ar, opt))
+    if model.train.clip_grad_norm:  # [Note: pipeline step] every update after the norm exchange
+        step = max(end + a for end, a in zip(ends, ar)) + _clip_s(cand, links) + max(opt)
     problem = next((f"stage {s}: {est.offload}" for s, est in enumerate(estimates) if not est.fits), "")
     for r in range(p):
         node_i, dev, _, _, budget = cand.ranks[r]
@@ -421,12 +441,15 @@ def build_plan(name: str, base: ModelStats, cluster: ClusterSpec, simulated: lis
     model = cand.model
     assert model is not None
     train = TrainShape(global_batch_size=m * mbs * shape.data_parallel, micro_batch_size=mbs, num_microbatches=m,
-                       seq_len=base.seq_len, dtype=model.dtype, optimizer=model.optimizer)
+                       seq_len=base.seq_len, dtype=model.dtype, optimizer=model.optimizer,
+                       clip_grad_norm=model.train.clip_grad_norm)
     place = pipeline.Placement(cand.stage_ranks)
     schedule = pipeline.add_step_end(pipeline.add_p2p(pipeline.generate(shape.schedule, p, m), place), place)
     if model.zero == 2:  # the program that runs (runtime.stage_zero [Note: ZeRO-2 in a pipeline])
         schedule = pipeline.add_reduce_scatter_points(
             schedule, [s for s, e in enumerate(best.estimates) if "params" not in e.offload])
+    if model.train.clip_grad_norm:  # the norm exchange before the updates (runtime.stage_clip)
+        schedule = pipeline.add_clip_points(schedule)
     rank_stages = defaultdict(list)
     for s, r in enumerate(cand.stage_ranks):
         rank_stages[r].append(s)

@@ -40,7 +40,7 @@ from memtrain.planner.plan import Action, ActPolicy, Op
 from memtrain.planner.schedule import Schedule, format_grid
 
 __all__ = ["SCHEDULES", "Placement", "placement", "generate", "add_p2p", "add_step_end", "add_offload_points",
-           "add_swap_points", "SPLIT_W_SCHEDULES", "add_reduce_scatter_points",
+           "add_swap_points", "SPLIT_W_SCHEDULES", "add_reduce_scatter_points", "add_clip_points",
            "validate_pipeline", "PipelineProblem",
            "activation_limits", "schedule_from_text", "pass_times", "bubble_fraction", "run_in_order"]
 
@@ -283,6 +283,35 @@ def add_step_end(schedule: Schedule, place: Placement) -> Schedule:
     across the replicas, and tied weights across the two end ranks) then ``OPTIM`` (its step)."""
     return {r: tuple(acts) + tuple(Action(s, op) for s in place.stages_of(r) for op in (Op.ALLREDUCE, Op.OPTIM))
             for r, acts in schedule.items()}
+
+
+_STEP_END = (Op.ALLREDUCE, Op.OFFLOAD, Op.OPTIM)
+
+
+def add_clip_points(schedule: Schedule) -> Schedule:
+    """Gradient clipping by the global norm (``Op.CLIP``, runtime.stage_clip): each rank's step
+    end (the run of ``ALLREDUCE``/``OFFLOAD``/``OPTIM`` closing its program) reordered so that
+    every ``ALLREDUCE`` of its stages comes first, then one ``sCLIP`` (``s``: the rank's first
+    stage there), then the ``OFFLOAD``s and ``OPTIM``s in their order: the norm needs every
+    stage's summed gradient, on every rank, before any update, and an offloaded stage's whole
+    gradients are still on its parameters before its ``OFFLOAD``. The ``ALLREDUCE``s keep their
+    order (the tied-weight and replica collectives pair up as before). A program with a ``CLIP``
+    already, or without a step end, is left as it is."""
+    out: Schedule = {}
+    for r, acts in schedule.items():
+        acts = tuple(acts)
+        k = len(acts)
+        while k > 0 and acts[k - 1].op in _STEP_END and acts[k - 1].chunk is None:
+            k -= 1
+        tail = acts[k:]
+        if any(a.op is Op.CLIP for a in acts) or not any(a.op is Op.OPTIM for a in tail):
+            out[r] = acts
+            continue
+        sums = tuple(a for a in tail if a.op is Op.ALLREDUCE)
+        rest = tuple(a for a in tail if a.op is not Op.ALLREDUCE)
+        first = min(a.stage for a in tail)
+        out[r] = acts[:k] + sums + (Action(first, Op.CLIP),) + rest
+    return out
 
 
 def add_reduce_scatter_points(schedule: Schedule, stages: Iterable[int]) -> Schedule:

@@ -66,6 +66,12 @@ class Op(StrEnum):
     REDUCE_SCATTER = "REDUCE_SCATTER"
     """ZeRO-2: the stage's gradients reduce-scattered bucket by bucket from here on, as the
     backward that follows finishes them; its ``ALLREDUCE`` waits for them (runtime.stage_zero)."""
+    CLIP = "CLIP"
+    """Gradient clipping by the global norm across a pipeline's ranks: after every ``ALLREDUCE``
+    of the rank's stages and before their ``OFFLOAD``/``OPTIM``, the rank's per-parameter gradient
+    norms are exchanged with every other rank's (one small all-gather), each rank takes the same
+    global norm and multiplies its gradients by the same coefficient (runtime.stage_clip). One
+    per rank, on its first stage: ``0CLIP``."""
     OPTIM = "OPTIM"
     OPTIM_READ = "OPTIM_READ"
     OPTIM_WAIT = "OPTIM_WAIT"

@@ -49,7 +49,7 @@ _OWNER_PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc94
 _OP_KINDS = {
     Op.F: "forward", Op.B: "backward", Op.W: "backward", Op.PREFETCH: "fetch", Op.OFFLOAD: "offload",
     Op.SWAP_OUT: "swap", Op.SWAP_IN: "swap", Op.OPTIM: "optimizer", Op.SEND_F: "comm", Op.RECV_F: "comm",
-    Op.SEND_B: "comm", Op.RECV_B: "comm", Op.ALLREDUCE: "comm", Op.SNAPSHOT: "snapshot",
+    Op.SEND_B: "comm", Op.RECV_B: "comm", Op.ALLREDUCE: "comm", Op.CLIP: "comm", Op.SNAPSHOT: "snapshot",
 }
 # Keyword → kind, tried in this order: "recompute" before "forward" (a recompute is a forward
 # pass), "swap" before "fetch" (a swap-in reads), so the more specific word wins.

@@ -38,7 +38,7 @@ from memtrain.planner.schedule import Schedule
 from memtrain.planner.taskgraph import TaskGraph, simulate_graph
 
 __all__ = ["StageCost", "Link", "PipelineResult", "simulate_pipeline", "REDUCE_IN_FLIGHT", "REDUCE_BUCKET_ELEMS",
-           "zero2_exposed_s"]
+           "zero2_exposed_s", "clip_time_s"]
 
 REDUCE_IN_FLIGHT = 2
 """ZeRO-2: a stage's bucket reduce-scatters under way at once (runtime.stage_zero's limit; the
@@ -55,6 +55,15 @@ def zero2_exposed_s(reduce_s: float, grad_pass_s: float, buckets: int) -> float:
     ``simulate_pipeline`` gives when nothing else holds the link)."""
     k = max(1, buckets)
     return max(reduce_s / k, reduce_s - grad_pass_s * (k - 1) / k)
+
+
+def clip_time_s(num_ranks: int, num_params: int, grad_bytes: int, link: "Link", mem_gbps: float) -> float:
+    """[Note: the clip collective] One rank's ``CLIP``: a ring all-gather of 16 bytes per
+    parameter (its norm and whether it is whole or a shard's piece, fp64) over ``num_ranks`` ranks,
+    ``num_ranks - 1`` messages on ``link``, plus the rank's ``grad_bytes`` of gradients read for
+    their norms and read and written to scale them at ``mem_gbps``."""
+    gather = (num_ranks - 1) * link.time_s(16 * num_params) if num_ranks > 1 else 0.0
+    return gather + 3 * grad_bytes / (mem_gbps * 1e9)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,10 +122,12 @@ class PipelineResult:
 
 
 def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[StageCost], link: Link,
-                      links: Mapping[tuple[int, int], Link] | None = None) -> PipelineResult:
+                      links: Mapping[tuple[int, int], Link] | None = None, clip_s: float = 0.0) -> PipelineResult:
     """Simulate one step of ``schedule`` (see the module doc); raises ``ValueError`` when it
     deadlocks or its stages and costs do not match. ``links[(src, dst)]``, where given, is the
-    link between two ranks instead of ``link`` (ranks on one node and across nodes differ)."""
+    link between two ranks instead of ``link`` (ranks on one node and across nodes differ);
+    ``clip_s``: each rank's ``CLIP`` once every rank has reached its own ([Note: the clip
+    collective])."""
     if len(stages) != place.num_stages:
         raise ValueError(f"stages: {len(stages)} stage costs for {place.num_stages} stages; give one per stage")
     last = place.num_stages - 1
@@ -125,8 +136,17 @@ def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[Sta
     g = TaskGraph()
     task: dict[tuple[Op, int, int], int] = {}
     first: dict[tuple, int] = {}  # a pass run in parts, or a stage's reduce: its first task
+    clipping = {r for r, acts in schedule.items() if any(a.op is Op.CLIP for a in acts)}
+    arrived: dict[int, int] = {}  # [Note: the clip collective] per rank at its CLIP, its arrival
 
     def run(r: int, k: int, a: Action) -> bool:
+        if a.op is Op.CLIP:
+            if r not in arrived:
+                arrived[r] = g.add(f"{a}:arrive", f"compute:{r}", 0.0)
+            if len(arrived) < len(clipping):
+                return False
+            task[(a.op, a.stage, r)] = g.add(str(a), f"compute:{r}", clip_s, deps=sorted(arrived.values()))
+            return True
         deps = _task_deps(a, task, place, r, last, has_p2p)
         if deps is None:
             return False

@@ -106,7 +106,7 @@ def plan_run(cfg: Config, inventory: Any, chosen: list[int]) -> Any:
         nvme_budget=cfg.memory.nvme, schedules=SCHEDULES if par.schedule == "auto" else (par.schedule,),
         pipeline_degree=par.pipeline or None, data_parallel_degree=par.data or None,
         num_microbatches=par.microbatches, stage_blocks=par.partition, source="ray", activations=cfg.memory.activations,
-        zero=par.zero)
+        zero=par.zero, clip_grad_norm=cfg.train.max_grad_norm > 0)
     if plan.pipeline is None or not plan.fits:
         raise ConfigError(f"the model does not fit the cluster's devices: {plan.shortfall}")
     if par.planner_chooses:
@@ -164,9 +164,6 @@ def run_distributed(cfg: Config, address: str | None = None, *, overwrite: bool 
     if cfg.train.dtype == "fp16":
         raise ConfigError("train.dtype: the pipeline workers train in fp32 or bf16; fp16 needs a loss scale the ranks "
                           "agree on (not yet): set train.dtype: bf16, or parallel.pipeline and parallel.data to 1")
-    if cfg.train.max_grad_norm:
-        raise ConfigError("train.max_grad_norm: clipping by the global norm of a pipeline's gradients needs the norm "
-                          "summed over its ranks (not yet): set it to 0, or parallel.pipeline and parallel.data to 1")
     from memtrain.runtime.train import check_run_dir, checkpoint_root
 
     out_dir = run_dir(cfg)
@@ -252,7 +249,7 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
                           f"keeps stage(s) {', '.join(map(str, offloaded))} off it (memory.offload: auto); set "
                           "parallel.zero: 1, memory.offload: device, or give the devices more memory")
     # the program that runs, PREFETCH, OFFLOAD and REDUCE_SCATTER included, is the one plan.json keeps
-    from memtrain.planner.pipeline import add_offload_points, add_reduce_scatter_points
+    from memtrain.planner.pipeline import add_clip_points, add_offload_points, add_reduce_scatter_points
 
     if offloaded:
         plan = dataclasses.replace(plan, schedule=add_offload_points(plan.schedule, offloaded))
@@ -263,6 +260,8 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
         plan = dataclasses.replace(plan, schedule=add_swap_points(plan.schedule, dict(enumerate(acts))))
     if cfg.parallel.zero == 2:
         plan = dataclasses.replace(plan, schedule=add_reduce_scatter_points(plan.schedule, range(len(homes))))
+    if cfg.train.max_grad_norm:  # the norm exchange before the updates (runtime.stage_clip)
+        plan = dataclasses.replace(plan, schedule=add_clip_points(plan.schedule))
     partition = tuple(e - b for b, e in pipe.partition)  # the config's parallel.partition when it sets one
     ckpt_root = checkpoint_root(cfg)
     start = resume_from.step if resume_from is not None else 0
@@ -303,6 +302,8 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
                       "rank_step_time_s": [r.time_s for r in results], "rank_busy_s": [r.busy_s for r in results],
                       "peak_bytes": peaks,
                       "rank_device": [r.device for r in results]}
+            if cfg.train.max_grad_norm:
+                record["grad_norm"] = results[0].grad_norm  # before clipping, as one process logs it
             if not finite:
                 record["non_finite_loss"] = str(loss)
             metrics.write(json.dumps(record) + "\n")
@@ -334,7 +335,8 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
             lr_at=lambda k: lr_at(k, cfg), programs=plan.schedule, assignments=assignments, on_step=on_step,
             start_step=start, states=states, save_after=save_after, on_states=on_states, dtype=cfg.train.dtype,
             offload=homes, nvme_dir=(str(Path(cfg.parallel.nvme_dir) / f"memtrain-{cfg.name}")
-                                     if cfg.parallel.nvme_dir else None), zero=cfg.parallel.zero, activations=acts)
+                                     if cfg.parallel.nvme_dir else None), zero=cfg.parallel.zero, activations=acts,
+            max_grad_norm=cfg.train.max_grad_norm or None)
         checkpoints.wait()
     if checkpoints.saved:
         print_fn(f"checkpoint {checkpoints.saved[-1]} ({checkpoints.seconds_blocked:.2f} s of training time spent on "

@@ -25,12 +25,15 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from memtrain.config import ConfigError, DataConfig, ModelConfig
 from memtrain.models.gpt import gpt_config
 from memtrain.optimizers import OptimizerSpec
-from memtrain.planner.pipeline import (SCHEDULES, Placement, add_offload_points, add_p2p,
-                                       add_reduce_scatter_points, add_step_end, add_swap_points, generate, placement,
-                                       validate_pipeline)
+from memtrain.models.gpt_blocks import param_names
+from memtrain.offload.clip import check_max_norm
+from memtrain.planner.pipeline import (SCHEDULES, Placement, add_clip_points, add_offload_points,
+                                       add_p2p, add_reduce_scatter_points, add_step_end, add_swap_points, generate,
+                                       placement, validate_pipeline)
 from memtrain.planner.plan import Op
 from memtrain.planner.schedule import Schedule
 from memtrain.runtime.stage_activations import ACT_POLICIES
+from memtrain.runtime.stage_groups import check_groups, step_lr
 from memtrain.runtime.stage_offload import OFFLOAD_HOMES
 from memtrain.runtime.stage_worker import PIPELINE_DTYPES, PipelineSpec, StageWorker, StepResult
 
@@ -71,6 +74,9 @@ class PipelineResult:
     """Per step, per world rank, its gradient bytes while summing and after (``StepResult.grad_bytes``)."""
     action_s: tuple[tuple[tuple[float, ...], ...], ...] = ()
     """Per step, per world rank, each action's wall time (``StepResult.action_s``, as ``records``)."""
+    grad_norms: tuple[float, ...] = ()
+    """Per step, the global gradient norm before clipping (``max_grad_norm`` runs; every rank's is
+    the same number, checked)."""
 
 
 def stage_programs(kind: str, num_ranks: int, num_microbatches: int, *,
@@ -143,9 +149,9 @@ class PipelineRun:
         self._gather({r: w.build.remote(host, port) for r, w in enumerate(self.workers)}, "start-up (build)",
                      self.start_timeout_s)
 
-    def step(self, step: int, lr: float | None = None) -> list[StepResult]:
-        """Run step ``step`` (0-based) on every rank at learning rate ``lr`` (None: the spec's);
-        their results by world rank."""
+    def step(self, step: int, lr: float | Sequence[float] | None = None) -> list[StepResult]:
+        """Run step ``step`` (0-based) on every rank at learning rate ``lr`` (one number, one per
+        parameter group, or None: each group's own); their results by world rank."""
         return self._gather({r: w.run_step.remote(step, lr) for r, w in enumerate(self.workers)},
                             f"step {step + 1}", self.step_timeout_s)
 
@@ -247,7 +253,7 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                  stages_per_rank: int = 2, data: DataConfig | None = None, timeout_s: float = 60.0,
                  step_timeout_s: float = 300.0, num_threads: int = 1,
                  num_cpus_per_worker: float = 1.0, optimizer: OptimizerSpec | Mapping[str, Any] | None = None,
-                 lr_at: Callable[[int], float] | None = None, programs: Schedule | None = None,
+                 lr_at: Callable[[int], float | Sequence[float]] | None = None, programs: Schedule | None = None,
                  assignments: Sequence[Any] | None = None,
                  on_step: Callable[[int, float, list[StepResult], float], None] | None = None,
                  start_step: int = 0, states: Mapping[int, dict] | None = None,
@@ -256,12 +262,13 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                  dtype: str = "fp32", offload: str | Sequence[str] | None = None, nvme_dir: str | None = None,
                  offload_chunk_elems: int | None = None, zero: int = 0,
                  activations: str | Sequence[Sequence[str]] | None = None,
-                 zero_bucket_elems: int | None = None) -> PipelineResult:
+                 zero_bucket_elems: int | None = None, max_grad_norm: float | None = None) -> PipelineResult:
     """Train ``num_steps`` steps of ``model`` over ``num_ranks`` pipeline ranks × ``dp``
     replicas on the current Ray (the caller ran ``ray.init``). ``model``: a ``ModelConfig`` or its
     fields as a dict (default: the tiny GPT); ``partition``: blocks per stage (default: even);
     ``optimizer``: each stage's optimizer (default: AdamW at ``lr``, torch's defaults);
-    ``lr_at(step)``: the learning rate of each 0-based step (default: constant);
+    ``lr_at(step)``: the learning rate of each 0-based step, one number or one per parameter
+    group (default: each group's own);
     ``programs``: each pipeline rank's program (a plan's ``schedule``; default: the schedule's
     lowering, ``stage_programs``); ``assignments``: per world rank, a ``ray_cluster.Assignment``
     (its node and resources; default: anywhere with ``num_cpus_per_worker`` CPUs);
@@ -280,7 +287,11 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     each block does with its saved activations (``keep``, ``recompute``, ``swap_host``,
     ``swap_nvme``: one for every block, or per stage a policy per block;
     ``PipelineSpec.activations``, runtime.stage_activations); swapped blocks add their
-    ``SWAP_OUT``/``SWAP_IN`` to the programs (planner.pipeline ``add_swap_points``)."""
+    ``SWAP_OUT``/``SWAP_IN`` to the programs (planner.pipeline ``add_swap_points``).
+    ``max_grad_norm``: clip each step's gradients to that global 2-norm, as one process's
+    ``torch.nn.utils.clip_grad_norm_`` (the programs get their ``CLIP``, planner.pipeline
+    ``add_clip_points``; runtime.stage_clip); ``optimizer.param_groups`` name the whole model's
+    parameters (runtime.stage_groups)."""
     if schedule not in SCHEDULES:
         raise ConfigError(f"schedule: must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if dtype not in PIPELINE_DTYPES:
@@ -294,16 +305,14 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     if model_cfg.source != "gpt":
         raise ConfigError(f"model.source: the pipeline runs the built-in gpt family, got {model_cfg.source!r}")
     optim = OptimizerSpec.from_value(optimizer) if optimizer is not None else OptimizerSpec(lr=lr)
-    if optim.param_groups:
-        raise ConfigError("optimizer.param_groups: the pipeline's stages step one group of all their parameters "
-                          "(not yet several); leave param_groups out")
+    clip = check_max_norm(max_grad_norm)
     try:
         place, lowered = stage_programs(schedule, num_ranks, num_microbatches, stages_per_rank=stages_per_rank,
                                         zero=zero if zero in (0, 1, 2) else 0)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     if programs is None:
-        programs = lowered
+        programs = add_clip_points(lowered) if clip is not None else lowered
     else:
         programs = {r: tuple(programs[r]) for r in range(num_ranks)}
         problem = validate_pipeline({r: tuple(a for a in acts if a.op not in _STEP_POINTS)
@@ -312,7 +321,10 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
             raise ConfigError(f"programs: {schedule} over {num_ranks} ranks cannot run them: {problem}")
         if zero == 2:  # a plan's programs: each stage's REDUCE_SCATTER, where the plan has none
             programs = add_reduce_scatter_points(programs, range(place.num_stages))
+        if clip is not None:  # and its CLIP (a plan made with clipping has one already)
+            programs = add_clip_points(programs)
     gcfg = gpt_config(model_cfg.preset, **model_cfg.overrides)
+    check_groups(optim, param_names(gcfg))
     if gcfg.position == "learned" and seq_len > gcfg.max_seq_len:
         raise ConfigError(f"train.seq_len ({seq_len}) exceeds the model's learned position table ({gcfg.max_seq_len}); "
                           f"lower train.seq_len or set model.overrides.max_seq_len: {seq_len}")
@@ -321,6 +333,8 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     if len(parts) != place.num_stages or any(n < 1 for n in parts) or sum(parts) != num_blocks:
         raise ConfigError(f"partition: {schedule} over {num_ranks} ranks has {place.num_stages} stages; give "
                           f"{place.num_stages} block counts >= 1 summing to the model's {num_blocks} blocks, got {parts}")
+    homes = _offload_homes(offload, place, model_cfg, nvme_dir, zero, offload_chunk_elems)
+    _check_zero(zero, dp, homes, zero_bucket_elems)
     if assignments is None:
         need = num_ranks * dp * num_cpus_per_worker
         have = ray.cluster_resources().get("CPU", 0.0)
@@ -329,8 +343,6 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                               f"CPUs, the Ray cluster has {have:g}; lower num_ranks or dp, or num_cpus_per_worker")
     elif len(assignments) != num_ranks * dp:
         raise ConfigError(f"assignments: one per worker ({num_ranks} × {dp}), got {len(assignments)}")
-    homes = _offload_homes(offload, place, model_cfg, nvme_dir, zero, offload_chunk_elems)
-    _check_zero(zero, dp, homes, zero_bucket_elems)
     if any(h != "device" for h in homes):
         programs = add_offload_points(programs, [s for s, h in enumerate(homes) if h != "device"])
     acts = _activation_policies(activations, parts, nvme_dir)
@@ -339,16 +351,17 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                         num_microbatches=num_microbatches, micro_batch_size=micro_batch_size, seq_len=seq_len,
                         seed=seed, data=data or DataConfig(), optimizer=optim, timeout_s=timeout_s,
                         num_threads=num_threads, dtype=dtype, offload=homes, nvme_dir=nvme_dir,
-                        offload_chunk_elems=offload_chunk_elems, zero=zero, activations=acts,
+                        offload_chunk_elems=offload_chunk_elems, zero=zero, activations=acts, max_grad_norm=clip,
                         **({"zero_bucket_elems": zero_bucket_elems} if zero_bucket_elems is not None else {}))
     losses, mb_losses, records, times, peaks, walls, busy, grads, action_s = [], [], [], [], [], [], [], [], []
+    norms: list[float] = []
     with PipelineRun(spec, programs, step_timeout_s=step_timeout_s, num_cpus_per_worker=num_cpus_per_worker,
                      assignments=assignments) as run:
         if states is not None:
             run.load_states(dict(states))
         for k in range(start_step, num_steps):
             t0 = time.perf_counter()
-            results = run.step(k, lr_at(k) if lr_at is not None else None)
+            results = run.step(k, step_lr(optim, lr_at(k)) if lr_at is not None else None)
             wall = time.perf_counter() - t0
             last = [results[d * num_ranks + place.rank_of[-1]] for d in range(dp)]
             mbs = tuple(x for res in last for x in res.losses)
@@ -361,6 +374,12 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
             busy.append(tuple(res.busy_s for res in results))
             grads.append(tuple(res.grad_bytes for res in results))
             action_s.append(tuple(res.action_s for res in results))
+            if results[0].grad_norm is not None:
+                got = {res.grad_norm for res in results}
+                if len(got) != 1:  # runtime.stage_clip: every rank takes the same norm
+                    raise PipelineError(f"pipeline: step {k + 1}: the ranks' global gradient norms differ: "
+                                        f"{sorted(got)}")
+                norms.append(results[0].grad_norm)
             if on_step is not None:
                 on_step(k, losses[-1], results, wall)
             if save_after is not None and on_states is not None and save_after(k + 1):
@@ -373,10 +392,10 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                           programs=tuple(tuple(str(a) for a in programs[r]) for r in range(num_ranks)),
                           peak_bytes=tuple(peaks), nodes=nodes, devices=devices, step_wall_s=tuple(walls),
                           busy_s=tuple(busy), state_bytes=held, grad_bytes=tuple(grads),
-                          action_s=tuple(action_s))
+                          action_s=tuple(action_s), grad_norms=tuple(norms))
 
 
-_STEP_POINTS = (Op.ALLREDUCE, Op.OPTIM, Op.PREFETCH, Op.OFFLOAD, Op.SWAP_OUT, Op.SWAP_IN, Op.REDUCE_SCATTER)
+_STEP_POINTS = (Op.ALLREDUCE, Op.OPTIM, Op.PREFETCH, Op.OFFLOAD, Op.SWAP_OUT, Op.SWAP_IN, Op.REDUCE_SCATTER, Op.CLIP)
 """A program's actions outside the schedule's compute and transfers (what ``validate_pipeline`` skips)."""
 
 

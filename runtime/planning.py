@@ -154,7 +154,8 @@ def plan_cluster_from_config(cfg: Config, *, pipeline_degree: int | None = None,
         safety_margin=cfg.memory.safety_margin, device_budget=cfg.memory.device, host_budget=cfg.memory.host,
         nvme_budget=cfg.memory.nvme, schedules=schedules, pipeline_degree=pipeline_degree,
         data_parallel_degree=data_parallel_degree, num_microbatches=par.microbatches, stage_blocks=par.partition,
-        source=cluster.source, activations=cfg.memory.activations, zero=par.zero)
+        source=cluster.source, activations=cfg.memory.activations, zero=par.zero,
+        clip_grad_norm=cfg.train.max_grad_norm > 0)
     return dataclasses.replace(plan, source_notes=tuple(notes)) if notes else plan
 
 

@@ -40,7 +40,6 @@ program of fetches and releases.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +56,7 @@ from memtrain.optimizers import OptimizerSpec
 from memtrain.planner.plan import Action, ChunkPlan, Tier, pack_params
 from memtrain.planner.program import Layout
 from memtrain.planner.program_optim import OptimLayout, final_optim_points
+from memtrain.runtime.stage_groups import local_spec
 
 __all__ = ["OFFLOAD_HOMES", "OffloadedStage", "ZeroGroup", "split_owners", "build_offloaded", "close_offloaded",
            "state_bytes"]
@@ -142,6 +142,8 @@ class OffloadedStage:
             if self.nvme is not None:
                 self.nvme.close()
             raise
+        self.spec = optimizer
+        """The stage's optimizer and its groups, by the store's names; ``step`` sets each step's rate."""
         self.zero = zero
         self.owners = owners
         """Per chunk, the replica keeping its optimizer states (all 0 without ZeRO-1)."""
@@ -203,10 +205,11 @@ class OffloadedStage:
             store.grads.flush(c)
             store._release(c)
 
-    def step(self, lr: float) -> None:
-        """``OPTIM``: every chunk with gradients stepped where it lives, at ``lr``."""
+    def step(self, lr: float | tuple[float, ...] | None) -> None:
+        """``OPTIM``: every chunk with gradients stepped where it lives, at ``lr``: one number for
+        every parameter group, one per group, or None: each group's own (runtime.stage_groups)."""
         opt = self.optimizer
-        opt.spec = dataclasses.replace(opt.spec, lr=float(lr))
+        opt.spec = self.spec if lr is None else self.spec.with_lr(lr)
         self.store.executed.clear()
         opt.step(self.points)
         if self.zero is not None:
@@ -305,7 +308,9 @@ def build_offloaded(worker: Any, stages: list[int]) -> dict[int, OffloadedStage]
             rank_dir.mkdir(exist_ok=True)
             nvme_dir = rank_dir / f"stage{s}"
         zero = ZeroGroup(worker.replica, spec.dp, worker.dp_group, worker.rank, spec.timeout_s) if spec.zero else None
-        out[s] = OffloadedStage(s, worker.blocks[s], spec.home(s), spec.optimizer, chunk_elems=spec.offload_chunk_elems,
+        local = {n: worker.gname[id(q)] for n, q in nn.ModuleList(worker.blocks[s]).named_parameters()}
+        optim = local_spec(spec.optimizer, local)  # the groups by the store's names (runtime.stage_groups)
+        out[s] = OffloadedStage(s, worker.blocks[s], spec.home(s), optim, chunk_elems=spec.offload_chunk_elems,
                                 nvme_dir=nvme_dir, zero=zero, device=worker.device)
     return out
 

@@ -71,6 +71,9 @@ class PipelineSpec:
     dtype: str = "fp32"
     """``fp32``, or ``bf16``: each block's forward under ``torch.autocast`` in bfloat16 (fp32
     parameters, gradients and optimizer states; the loss in fp32)."""
+    max_grad_norm: float | None = None
+    """Clip each step's gradients to this global 2-norm at the program's ``CLIP`` (runtime.stage_clip);
+    None: no clipping (a ``CLIP`` still measures the norm)."""
     activations: tuple[tuple[str, ...], ...] = ()
     """Per stage, per block of it, ``keep``, ``recompute``, ``swap_host`` or ``swap_nvme`` (files in
     ``nvme_dir``): what the block does with its saved activations between F and B
@@ -125,6 +128,8 @@ class StepResult:
     (from a ZeRO-2 stage's ``REDUCE_SCATTER``, else its ``ALLREDUCE``, to the sum's end; the
     parameters' ``.grad`` included), and ``at_optim``, what they held when the first ``OPTIM``
     began (ZeRO-1 and -2: the shards' sums)."""
+    grad_norm: float | None = None
+    """The step's global gradient norm before clipping (its program's ``CLIP``; None without one)."""
 
     @property
     def busy_s(self) -> float:

@@ -20,6 +20,9 @@ gradients too, reduce-scattered under the last micro-batch's backward from the p
 ``REDUCE_SCATTER`` on (runtime.stage_zero [Note: ZeRO-2 in a pipeline]). Each block keeps,
 recomputes or swaps its saved activations as ``PipelineSpec.activations`` says
 (runtime.stage_activations; a recompute replays its forward's random draws, so bitwise keep's).
+With ``PipelineSpec.max_grad_norm`` the program's ``CLIP`` clips every gradient by the global
+norm all ranks agree on (runtime.stage_clip); ``optimizer.param_groups`` name the whole model's
+parameters, and each stage's optimizer steps the groups it holds (runtime.stage_groups).
 
 [Note: same initial weights] Every worker builds only its stages' blocks, on the meta device and
 then materialised by replaying the run's seeded random stream (``models.gpt_blocks``), so each
@@ -49,7 +52,7 @@ from __future__ import annotations
 import importlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -58,10 +61,12 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from memtrain.comm import Channel, Rendezvous, all_reduce_, host_store, join, leave, subgroups
 from memtrain.optimizers import Optimizer
 from memtrain.models.gpt import causal_lm_loss, gpt_config
-from memtrain.models.gpt_blocks import TIED_NAMES, build_blocks
+from memtrain.models.gpt_blocks import TIED_NAMES, build_blocks, global_names, param_names
 from memtrain.planner.plan import Action, Op
 from memtrain.runtime.data import TokenBatches
 from memtrain.runtime.stage_activations import RankActivations
+from memtrain.runtime.stage_clip import clip_rank
+from memtrain.runtime.stage_groups import group_lr, stage_groups, step_lr
 from memtrain.runtime.stage_offload import OffloadedStage, build_offloaded, close_offloaded, state_bytes
 from memtrain.runtime.stage_state import load_rank_state, rank_state
 from memtrain.runtime.stage_spec import PIPELINE_DTYPES, PipelineSpec, StepResult, block_ranges
@@ -86,13 +91,16 @@ class StageWorker:
             Op.F: self._forward, Op.B: self._backward, Op.W: self._weights,
             Op.SEND_F: self._send_f, Op.RECV_F: self._recv_f, Op.SEND_B: self._send_b, Op.RECV_B: self._recv_b,
             Op.ALLREDUCE: self._all_reduce, Op.OPTIM: self._optim, Op.REDUCE_SCATTER: self._reduce_scatter,
+            Op.CLIP: self._clip,  # runtime.stage_clip [Note: the global norm of a pipeline]
             Op.PREFETCH: lambda a: self._offloaded(a).prefetch(),  # runtime.stage_offload [Note: a stage's step]
             Op.OFFLOAD: lambda a: self._offloaded(a).offload(),
             Op.SWAP_OUT: lambda a: self.acts.swap(a), Op.SWAP_IN: lambda a: self.acts.swap(a),  # stage_activations
         }
         self.offloaded: dict[int, OffloadedStage] = {}
         """The stages whose states live in a chunk store (runtime.stage_offload)."""
-        self._lr = spec.optimizer.lr
+        self._lr: float | tuple[float, ...] | None = None
+        """The step's learning rate for every group; None: each group's own (runtime.stage_groups)."""
+        self._grad_norm: float | None = None
 
     # ---- start-up --------------------------------------------------------------------------
 
@@ -172,6 +180,12 @@ class StageWorker:
                 self.tied[0] = [blocks[0].get_parameter(TIED_NAMES[0])]
             if last in self.stages:
                 self.tied[last] = [blocks[num_blocks - 1].get_parameter(TIED_NAMES[1])]
+        # each parameter's name and index in the whole model (runtime.stage_groups, stage_clip)
+        self.names = param_names(gcfg)
+        self.gname = global_names(blocks, gcfg)
+        index = {n: j for j, n in enumerate(self.names)}
+        copy = {id(q) for q in self.tied.get(last, [])} if 0 not in self.stages else set()  # counted on rank 0
+        self.gindex = {q: index[n] for q, n in self.gname.items() if q not in copy}
         del blocks
         for s in self.stages:
             for m in self.blocks[s]:
@@ -181,20 +195,29 @@ class StageWorker:
                                     split_backward=self.split_w)
         optim_cls = {Optimizer.ADAMW: torch.optim.AdamW, Optimizer.SGD: torch.optim.SGD}[Optimizer(spec.optimizer.name)]
         kind = spec.optimizer.kind
-        group = {k: v for k, v in spec.optimizer.torch_group().items() if k in kind.defaults}  # hyper-parameters
+        hyper = [{k: v for k, v in g.torch_group().items() if k in kind.defaults} for g in spec.optimizer.group_specs()]
+        group = hyper[0]  # hyper-parameters (per parameter group: runtime.stage_groups)
         on_device = [s for s in self.stages if spec.home(s) == "device" and self.owns[s]]
+        by_group = {s: stage_groups(spec.optimizer, self.owns[s], self.gname) for s in on_device}
+        self.group_ids = {s: [gi for gi, _ in by_group[s]] for s in on_device}
         self.offloaded = build_offloaded(self, [s for s in self.stages if spec.home(s) != "device"])
         if spec.zero:
+            group_of = {id(q): gi for s in on_device for gi, ps in by_group[s] for q in ps}
+
+            def make(ps: list) -> torch.optim.Optimizer:  # stage_zero [Note: groups of a shard]
+                return optim_cls([{**p, **hyper[p["group"]]} if isinstance(p, dict) else p for p in ps], **group)
             # ZeRO-2: a parameter another stage of this rank uses, or tied across ranks, is final only at ALLREDUCE
             late = {id(q) for s in self.stages for q in self.uses[s] if all(q is not o for o in self.owns[s])}
             late |= {id(q) for qs in self.tied.values() for q in qs}
             self.optims = {s: ShardedOptimizer(
-                self.owns[s], lambda ps: optim_cls(ps, **group), replica=self.replica, dp=spec.dp, group=self.dp_group,
+                self.owns[s], make, replica=self.replica, dp=spec.dp, group=self.dp_group,
                 rank=self.rank, timeout_s=spec.timeout_s, deferred=late,
-                buckets=zero2_buckets(self.owns[s], late, spec.zero_bucket_elems) if spec.zero == 2 else None)
+                buckets=zero2_buckets(self.owns[s], late, spec.zero_bucket_elems) if spec.zero == 2 else None,
+                group_of=[group_of[id(q)] for q in self.owns[s]] if spec.optimizer.param_groups else None)
                 for s in on_device}
+            self.group_ids = {s: [g.get("group", 0) for g in opt.param_groups] for s, opt in self.optims.items()}
         else:
-            self.optims = {s: optim_cls(self.owns[s], **group) for s in on_device}
+            self.optims = {s: optim_cls([{"params": ps, **hyper[gi]} for gi, ps in by_group[s]]) for s in on_device}
         self._kept: list[tuple[tuple[nn.Parameter, ...], GradientEdge]] | None = None
         if self.split_w:
             for s in self.stages:
@@ -220,14 +243,14 @@ class StageWorker:
 
     # ---- one step ------------------------------------------------------------------------
 
-    def run_step(self, step: int, lr: float | None = None) -> StepResult:
-        """Run the program once on step ``step``'s batch, its optimizer steps at ``lr`` (None:
-        the spec's)."""
+    def run_step(self, step: int, lr: float | Sequence[float] | None = None) -> StepResult:
+        """Run the program once on step ``step``'s batch, its optimizer steps at ``lr``: one
+        number, one per parameter group, or None: each group's own (runtime.stage_groups)."""
         t0 = time.perf_counter()
-        self._lr = self.spec.optimizer.lr if lr is None else float(lr)
-        for opt in self.optims.values():
-            for g in opt.param_groups:
-                g["lr"] = self._lr
+        self._lr, self._grad_norm = step_lr(self.spec.optimizer, lr), None
+        for s, opt in self.optims.items():
+            for g, gi in zip(opt.param_groups, self.group_ids[s], strict=True):
+                g["lr"] = group_lr(self.spec.optimizer, gi, self._lr)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self._load_batch(step)
@@ -258,7 +281,8 @@ class StageWorker:
         if any(st.nvme is not None for st in self.offloaded.values()):
             peaks["nvme"] = sum(st.nvme.ledger.window_peak_bytes for st in self.offloaded.values() if st.nvme)
         return StepResult(record=tuple(record), losses=losses, time_s=elapsed, peak_bytes=peaks,
-                          device=_device_name(self.device), action_s=tuple(times), grad_bytes=grads)
+                          device=_device_name(self.device), action_s=tuple(times), grad_bytes=grads,
+                          grad_norm=self._grad_norm)
 
     def _load_batch(self, step: int) -> None:
         """This replica's micro-batches of step ``step``'s global batch (rows in order: replica
@@ -426,6 +450,10 @@ class StageWorker:
         elif opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
+
+    def _clip(self, a: Action) -> None:
+        """``CLIP``: the rank's gradients clipped by the global norm (runtime.stage_clip ``clip_rank``)."""
+        self._grad_norm = clip_rank(self, str(a))
 
     def _offloaded(self, a: Action) -> OffloadedStage:
         stage = self.offloaded.get(a.stage)

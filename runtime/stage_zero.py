@@ -94,7 +94,8 @@ class ShardedOptimizer:
 
     def __init__(self, params: list[nn.Parameter], make: Callable[[list[nn.Parameter]], torch.optim.Optimizer], *,
                  replica: int, dp: int, group: dist.ProcessGroup | None, rank: int, timeout_s: float,
-                 buckets: list[list[int]] | None = None, deferred: set[int] = frozenset()) -> None:
+                 buckets: list[list[int]] | None = None, deferred: set[int] = frozenset(),
+                 group_of: Sequence[int] | None = None) -> None:
         self.params = params
         self.replica, self.dp, self.group, self.rank, self.timeout_s = replica, dp, group, rank, timeout_s
         self.zero2 = buckets is not None
@@ -113,7 +114,11 @@ class ShardedOptimizer:
         flat = torch.cat(pieces) if pieces else params[0].detach().new_zeros(0)
         self.master = nn.Parameter(flat.clone())
         """The shard's parameters, fp32: what the optimizer updates."""
-        self.optimizer = make([self.master])
+        self.parts = self._group_parts(group_of) if group_of is not None else []
+        """[Note: groups of a shard] ``(start, end, group)`` stretches of ``master``; empty: one group."""
+        self._views = [nn.Parameter(self.master.detach()[a:b]) for a, b, _ in self.parts]
+        self.optimizer = make([{"params": [v], "group": g} for v, (_, _, g) in zip(self._views, self.parts)]
+                              if self.parts else [self.master])
         self._grad: torch.Tensor | None = None  # the shard's summed gradients, from reduce_grads
         # ZeRO-2: per parameter id its bucket; hooks on the parameters of the buckets that can go early
         self._bucket_of = {id(params[i]): k for k, idx in enumerate(self.buckets) for i in idx}
@@ -131,6 +136,28 @@ class ShardedOptimizer:
             for q in params:
                 if id(q) in self._early:
                     q.register_post_accumulate_grad_hook(self.grad_ready)
+
+    def _group_parts(self, group_of: Sequence[int]) -> list[tuple[int, int, int]]:
+        """[Note: groups of a shard] With parameter groups (``group_of``: per parameter its group),
+        the shard is cut into stretches of one group each, every one a parameter of the optimizer
+        (a view of ``master``, so the update lands there) in a param group tagged ``group``; the
+        update is elementwise, so each element gets its group's arithmetic as unsharded."""
+        parts: list[tuple[int, int, int]] = []
+        at = 0
+        for (n, per, mine), idx in zip(self.slices, self.buckets):
+            lo, offset = min(n, self.replica * per), 0
+            for i in idx:
+                size = self.params[i].numel()
+                a, b = max(offset, lo), min(offset + size, lo + mine)
+                if b > a:
+                    start, end, g = at + a - lo, at + b - lo, group_of[i]
+                    if parts and parts[-1][2] == g and parts[-1][1] == start:
+                        parts[-1] = (parts[-1][0], end, g)
+                    else:
+                        parts.append((start, end, g))
+                offset += size
+            at += mine
+        return parts
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -249,15 +276,45 @@ class ShardedOptimizer:
             self._grad = reduce_scatter(flat, self.group, rank=self.rank, what=what, timeout_s=self.timeout_s)
         self._grad = self._grad[:mine].to(self.master.device)
 
+    def grad_pieces(self) -> list[tuple[int, torch.Tensor, bool]]:
+        """After ``reduce_grads``: per parameter with elements in this replica's shard, its index
+        in ``params``, the shard's (flat) view of its summed gradient there and whether that is the
+        whole parameter (runtime.stage_clip [Note: the global norm of a pipeline])."""
+        if self._grad is None:
+            return []
+        out, got = [], 0
+        for (n, per, mine), idx in zip(self.slices, self.buckets):
+            lo, offset = min(n, self.replica * per), 0
+            for i in idx:
+                size = self.params[i].numel()
+                a, b = max(offset, lo), min(offset + size, lo + mine)
+                if b > a:
+                    out.append((i, self._grad[got + a - lo:got + b - lo], a == offset and b == offset + size))
+                offset += size
+            got += mine
+        return out
+
+    def scale_grads(self, coef: torch.Tensor) -> None:
+        """The shard's summed gradients multiplied by ``coef`` (a clipped step)."""
+        if self._grad is not None:
+            self._grad.mul_(coef.to(self._grad.device))
+
     def step(self, what: str = "OPTIM") -> None:
         """Update this shard from its summed gradients, then gather every shard into the
         parameters ([Note: ZeRO-1 parity])."""
         if self._grad is None:
             raise RuntimeError(f"rank {self.rank}: {what} before its ALLREDUCE: a sharded stage's gradients are "
                                "summed there")
-        self.master.grad, self._grad = self._grad, None
+        if self.parts:  # [Note: groups of a shard]
+            for v, (a, b, _) in zip(self._views, self.parts):
+                v.grad = self._grad[a:b]
+        else:
+            self.master.grad = self._grad
+        self._grad = None
         self.optimizer.step()
         self.master.grad = None
+        for v in self._views:
+            v.grad = None
         shard = torch.zeros(sum(per for _, per, _ in self.slices), dtype=self.master.dtype)
         offsets, at, got = [], 0, 0
         for _, per, mine in self.slices:  # this replica's slice of each bucket, padded to the bucket's slice length

@@ -1,7 +1,10 @@
 """The single-process reference of the pipeline parity tests: plain PyTorch, the model built the
 ordinary way under the seed, the same global batch as micro-batches in order, each loss divided
 by their number before its backward, ``torch.optim.AdamW`` with the same hyper-parameters and
-learning rate per step (``bf16``: the forward under ``torch.autocast``, the loss in fp32)."""
+learning rate per step (``bf16``: the forward under ``torch.autocast``, the loss in fp32);
+with ``max_grad_norm`` each step first ``torch.nn.utils.clip_grad_norm_(model.parameters())``, with
+``param_groups`` (dicts of parameter names, ``lr``, ``weight_decay``) AdamW's groups by name.
+``out``, when given, receives the steps' norms (``grad_norms``) and the final ``weights`` by name."""
 
 from __future__ import annotations
 
@@ -13,17 +16,23 @@ from memtrain.runtime.data import TokenBatches
 
 
 def reference_losses(model: dict, *, num_steps: int, num_microbatches: int, micro_batch_size: int, seq_len: int,
-                     seed: int, lr: float, adamw: dict | None = None, lr_at=None, bf16: bool = False) -> list[list[float]]:
+                     seed: int, lr: float, adamw: dict | None = None, lr_at=None, bf16: bool = False,
+                     max_grad_norm: float | None = None, param_groups: list[dict] | None = None,
+                     out: dict | None = None) -> list[list[float]]:
     """Per step, each micro-batch's loss, on one thread (as each worker runs)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(seed)
         built = build_model(ModelConfig(**model), max_seq_len=seq_len)
-        opt = torch.optim.AdamW(built.module.parameters(), lr=lr, **(adamw or {}))
+        named = dict(built.module.named_parameters())
+        params = ([{**g, "params": [named[n] for n in g["params"]]} for g in param_groups] if param_groups
+                  else built.module.parameters())
+        opt = torch.optim.AdamW(params, lr=lr, **(adamw or {}))
+        norms = []
         m, b = num_microbatches, micro_batch_size
         data = TokenBatches(DataConfig(), batch_size=m * b, seq_len=seq_len, vocab_size=built.vocab_size)
-        out = []
+        losses_out = []
         for step in range(num_steps):
             if lr_at is not None:
                 for g in opt.param_groups:
@@ -37,9 +46,14 @@ def reference_losses(model: dict, *, num_steps: int, num_microbatches: int, micr
                 loss = built.loss_fn(logits, labels[rows])
                 (loss / m).backward()
                 losses.append(loss.item())
+            if max_grad_norm is not None:
+                norms.append(float(torch.nn.utils.clip_grad_norm_(built.module.parameters(), max_grad_norm)))
             opt.step()
             opt.zero_grad()
-            out.append(losses)
-        return out
+            losses_out.append(losses)
+        if out is not None:
+            out["grad_norms"] = norms
+            out["weights"] = {n: p.detach().clone() for n, p in built.module.named_parameters()}
+        return losses_out
     finally:
         torch.set_num_threads(threads)

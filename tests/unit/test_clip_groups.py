@@ -275,15 +275,3 @@ def test_fp16_norm_is_of_the_unscaled_gradients_and_asking_for_it_changes_nothin
         for engine in (fp32, asked, quiet):
             engine.close()
 
-
-def test_the_pipeline_runtime_refuses_param_groups_and_clipping_before_starting_workers():
-    from memtrain.config import ConfigError, config_from_dict
-    from memtrain.runtime.distributed import run_distributed
-    from memtrain.runtime.pipeline_driver import run_pipeline
-
-    groups = [{"params": ["blocks.0.wte.weight"]}]
-    with pytest.raises(ConfigError, match="optimizer.param_groups: the pipeline"):
-        run_pipeline(optimizer={"name": "adamw", "param_groups": groups})
-    cfg = config_from_dict({"train": {"max_grad_norm": 1.0}, "parallel": {"pipeline": 2}})
-    with pytest.raises(ConfigError, match="train.max_grad_norm: clipping by the global norm of a pipeline"):
-        run_distributed(cfg)
