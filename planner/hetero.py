@@ -27,6 +27,7 @@ from memtrain.cluster.spec import ClusterSpec
 from memtrain.errors import UserError
 from memtrain.planner import pipeline
 from memtrain.planner.hetero_plan import build_plan, simulate_candidate
+from memtrain.planner.measured import MeasuredPipeline
 from memtrain.planner.partition import (
     Candidate, device_groups, flat_devices, layout, partition, shapes, stage_budgets,
 )
@@ -67,6 +68,7 @@ def plan_cluster(
     max_alternatives: int = 5,
     activations: str = "auto",
     zero: int = 0,
+    measured: MeasuredPipeline | None = None,
 ) -> Plan:
     """The fastest predicted pipeline plan of ``stats`` (analysed at micro-batch size 1) over
     every device of ``cluster`` (see the module doc). ``device_budget`` caps each device's
@@ -78,7 +80,9 @@ def plan_cluster(
     activation policy in every stage (``auto``: keep, or recompute where a stage is short);
     ``zero`` (``parallel.zero``) shards the states of each shape's data-parallel copies
     (planner.stage_cost [Note: ZeRO in a stage's estimate]; ZeRO-2's reduce under the last
-    backward, planner.hetero_plan). Raises ``UserError`` naming what does not fit when nothing does."""
+    backward, planner.hetero_plan); ``measured`` (runtime.pipeline_probe) replaces the catalog's
+    figures for the devices of its kind, their links and the step's own time (planner.measured
+    [Note: measured pipeline]). Raises ``UserError`` naming what does not fit when nothing does."""
     dtype, optimizer = DType(dtype), Optimizer(optimizer)
     if activations not in ("auto", "keep") and set(schedules) <= pipeline.SPLIT_W_SCHEDULES:
         raise UserError(f"memory.activations: {activations} needs a schedule that does not split the backward; "
@@ -103,7 +107,8 @@ def plan_cluster(
             train = TrainShape(global_batch_size=global_batch_size, micro_batch_size=shape.micro_batch_size,
                                num_microbatches=shape.num_microbatches, seq_len=base.seq_len, dtype=dtype,
                                optimizer=optimizer)
-            models[key] = StageModel(base.scaled(shape.micro_batch_size), train, activations, shards=key[1], zero=zero)
+            models[key] = StageModel(base.scaled(shape.micro_batch_size), train, activations, shards=key[1], zero=zero,
+                                     measured=measured)
         cand = layout(shape, counts, devices, cluster, budgets, models[key])
         if cand is not None:
             cand.fixed = fixed

@@ -105,8 +105,8 @@ def _stage_costs(cand: Candidate, estimates: list[StageEstimate]) -> list[StageC
     out = []
     for (first, end), est in zip(cand.partition, estimates):
         out_bytes = model.stats.blocks[end - 1].output_bytes
-        out.append(StageCost(fwd_s=est.fwd_s, bwd_s=est.bwd_s / 2 if split else est.bwd_s,
-                             wgrad_s=est.bwd_s / 2 if split else 0.0, activation_bytes=est.act_bytes,
+        w = model.w_share(first, end) if split else 0.0
+        out.append(StageCost(fwd_s=est.fwd_s, bwd_s=est.bwd_s * (1 - w), wgrad_s=est.bwd_s * w, activation_bytes=est.act_bytes,
                              output_bytes=out_bytes))
     return out
 
@@ -118,8 +118,9 @@ def _links(cand: Candidate, cluster: ClusterSpec) -> dict[tuple[int, int], Link]
     ranks, order = cand.ranks, cand.stage_ranks
     for a, b in zip(order, order[1:]):
         if a != b:
-            out[(a, b)] = link_between(cluster, (ranks[a][0], ranks[a][1]), (ranks[b][0], ranks[b][1]))
-            out[(b, a)] = link_between(cluster, (ranks[b][0], ranks[b][1]), (ranks[a][0], ranks[a][1]))
+            measured = cand.model.measured if cand.model is not None else None
+            out[(a, b)] = link_between(cluster, (ranks[a][0], ranks[a][1]), (ranks[b][0], ranks[b][1]), measured)
+            out[(b, a)] = link_between(cluster, (ranks[b][0], ranks[b][1]), (ranks[a][0], ranks[a][1]), measured)
     return out
 
 
@@ -201,7 +202,8 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
     if simulated < m and shape.schedule == "gpipe":
         acts = act_gpipe  # GPipe holds every micro-batch: the short run holds fewer
     device = [a + max(b, c) for a, b, c in zip(static, acts, copy)]  # ZeRO: the sum's copy comes after the passes
-    step = max(end + a + o for end, a, o in zip(ends, ar, opt))
+    # a measured run's own time per step outside its passes (planner.measured [Note: measured pipeline])
+    step = max(end + a + o for end, a, o in zip(ends, ar, opt)) + model.step_overhead_s
     problem = next((f"stage {s}: {est.offload}" for s, est in enumerate(estimates) if not est.fits), "")
     if not problem and shape.schedule in _SPLIT_W:  # the workers keep every activation under a split backward
         moved = next((s for s, est in enumerate(estimates)  # (runtime.stage_activations)
