@@ -203,7 +203,7 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
         acts = act_gpipe  # GPipe holds every micro-batch: the short run holds fewer
     device = [a + max(b, c) for a, b, c in zip(static, acts, copy)]  # ZeRO: the sum's copy comes after the passes
     # a measured run's own time per step outside its passes (planner.measured [Note: measured pipeline])
-    step = max(end + a + o for end, a, o in zip(ends, ar, opt)) + model.step_overhead_s
+    step = max(end + a + o for end, a, o in zip(ends, ar, opt)) + model.step_overhead_s([r[1] for r in cand.ranks])
     problem = next((f"stage {s}: {est.offload}" for s, est in enumerate(estimates) if not est.fits), "")
     if not problem and shape.schedule in _SPLIT_W:  # the workers keep every activation under a split backward
         moved = next((s for s, est in enumerate(estimates)  # (runtime.stage_activations)

@@ -32,6 +32,7 @@ candidates the heterogeneous planner keeps.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -239,11 +240,12 @@ class StageModel:
             return whole * min(1.0, n / max(self.num_params(first, end), 1))
         return cost.device_optimizer_time_s(n, self.dtype, self.optimizer, device)
 
-    @property
-    def step_overhead_s(self) -> float:
-        """Per step, outside the pipeline's passes: measured (a worker's rest of the step and Ray's
-        round trip, planner.measured), else 0."""
-        return self.measured.step_overhead_s if self.measured is not None else 0.0
+    def step_overhead_s(self, devices: Sequence[DeviceSpec]) -> float:
+        """Per step, outside the pipeline's passes, for ranks on ``devices``: measured (a worker's
+        rest of the step and Ray's round trip, planner.measured) where one is of the measured
+        kind, else 0."""
+        m = self.measured
+        return m.step_overhead_s if m is not None and any(d.kind == m.device_kind for d in devices) else 0.0
 
     def w_share(self, first: int, end: int) -> float:
         """Of a split backward of blocks ``[first, end)``, the ``W`` part's share: measured, else half."""
