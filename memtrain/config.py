@@ -261,7 +261,7 @@ class CheckpointConfig:
             _check_path("checkpoint.dir", self.dir)
 
 
-PROFILE_MODES = ("auto", "measure", "off")
+PROFILE_MODES = ("auto", "measure", "catalog")
 """``parallel.profile``'s words; anything else is a file."""
 
 
@@ -300,7 +300,7 @@ class ParallelConfig:
     profile: str = "auto"
     """Figures a pipeline run plans with: ``auto`` measures the blocks, the link and Ray's round trip on
     the workers first when they compute on CPUs (the catalog's figures for a CPU are rough), ``measure``
-    on any devices, ``off`` uses the catalog's; or the path of a ``pipeline-profile.json`` an earlier
+    on any devices, ``catalog`` uses the catalog's; or the path of a ``pipeline-profile.json`` an earlier
     run wrote in its run directory (used as is, nothing measured; ``memtrain plan`` uses it too)."""
 
     def __post_init__(self) -> None:
@@ -315,7 +315,7 @@ class ParallelConfig:
         if self.nvme_dir:
             _check_path("parallel.nvme_dir", self.nvme_dir)
         if not self.profile:
-            raise ConfigError("parallel.profile: auto, measure, off or the path of a pipeline-profile.json; got ''")
+            raise ConfigError("parallel.profile: auto, measure, catalog or the path of a pipeline-profile.json; got ''")
         _check_path("parallel.profile", self.profile)
         _check_number("parallel.comm_timeout_s", self.comm_timeout_s, f"a number of seconds in (0, {MAX_TIMEOUT_S:g}]",
                       lambda v: 0 < v <= MAX_TIMEOUT_S)
@@ -339,7 +339,7 @@ class ParallelConfig:
 
     @property
     def profile_file(self) -> str | None:
-        """``profile`` when it names a file (not ``auto``, ``measure`` or ``off``)."""
+        """``profile`` when it names a file (not ``auto``, ``measure`` or ``catalog``)."""
         return None if self.profile in PROFILE_MODES else self.profile
 
     @property

@@ -257,7 +257,7 @@ def measured_for_run(cfg: Any, kinds: Sequence[str], assignments: Sequence[Any],
     """The measured figures ``cfg``'s pipeline run plans with (config ``parallel.profile``): the
     file it names; or, under ``auto`` when the run's devices (``kinds``, one per worker placed as
     ``assignments``) are all CPUs, or under ``measure``, measured now on the first two workers'
-    places and kept in ``out_dir/pipeline-profile.json``; None under ``off`` or when ``auto``
+    places and kept in ``out_dir/pipeline-profile.json``; None under ``catalog`` or when ``auto``
     finds a device that is not a CPU. Progress goes to ``print_fn``."""
     from pathlib import Path
 
@@ -278,14 +278,14 @@ def measured_for_run(cfg: Any, kinds: Sequence[str], assignments: Sequence[Any],
         print_fn(f"memtrain: figures measured on the workers from {par.profile_file} ({measured.created}): "
                  f"{measured.summary()}")
         return measured
-    if par.profile == "off" or (par.profile == "auto" and any(k != "cpu" for k in kinds)) or len(assignments) < 2:
+    if par.profile == "catalog" or (par.profile == "auto" and any(k != "cpu" for k in kinds)) or len(assignments) < 2:
         return None
     d = max(par.data, 1)
     mbs = (train.global_batch_size // (d * par.microbatches) if par.microbatches else train.micro_batch_size) or 1
     m = par.microbatches or max(train.global_batch_size // (d * mbs), 1)
     split = par.schedule in SPLIT_W_SCHEDULES or par.schedule == "auto"
     why = "the workers compute on CPUs" if par.profile == "auto" else "parallel.profile: measure"
-    print_fn(f"memtrain: measuring the pipeline's costs on the workers before planning ({why}; parallel.profile: off "
+    print_fn(f"memtrain: measuring the pipeline's costs on the workers before planning ({why}; parallel.profile: catalog "
              "uses the catalog's figures)")
     stats = analyze(cfg.model, seq_len=train.seq_len, micro_batch_size=1, dtype=train.dtype)
     measured = measure_pipeline(

@@ -164,7 +164,7 @@ def test_the_file_round_trips_and_a_wrong_one_names_the_field(tmp_path):
 
 def test_config_field():
     assert ParallelConfig().profile == "auto" and ParallelConfig().profile_file is None
-    assert ParallelConfig(profile="off").profile_file is None
+    assert ParallelConfig(profile="catalog").profile_file is None
     assert ParallelConfig(profile="runs/a/pipeline-profile.json").profile_file == "runs/a/pipeline-profile.json"
     with pytest.raises(ConfigError, match=r"parallel\.profile"):
         ParallelConfig(profile="")
@@ -183,7 +183,7 @@ def test_the_driver_measures_cpus_only_unless_asked(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(pipeline_probe, "measure_pipeline", lambda **kw: calls.append(kw) or measured())
     slots = ["a", "b"]
-    assert pipeline_probe.measured_for_run(_cfg(profile="off"), ["cpu", "cpu"], slots, tmp_path, print) is None
+    assert pipeline_probe.measured_for_run(_cfg(profile="catalog"), ["cpu", "cpu"], slots, tmp_path, print) is None
     assert pipeline_probe.measured_for_run(_cfg(), ["a100-80gb", "cpu"], slots, tmp_path, print) is None
     assert not calls
     lines: list[str] = []
