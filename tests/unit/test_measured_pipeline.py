@@ -232,3 +232,20 @@ def test_measure_blocks_times_every_block_and_repeats_the_timed_layers():
     assert all(x > 0 for x in costs.bwd_s + costs.optim_s) and costs.rest_s >= 0
     assert costs.b_s == costs.w_s == tuple(x / 2 for x in costs.bwd_s)  # not timed split: halves
     assert costs.output_bytes == 1 * 8 * 64 * 4
+
+
+def test_memtrain_plan_uses_the_kept_figures_a_run_would(tmp_path):
+    from memtrain.runtime.planning import plan_cluster_from_config
+
+    cfg = _cfg()
+    mine = dataclasses.replace(measured(n=4, rest=7e-3), model_key=model_key(cfg.model, cfg.train.seq_len,
+                                                                               cfg.train.dtype))
+    save_measured(mine, tmp_path / "mine.json")
+    catalog = plan_cluster_from_config(cfg)
+    got = plan_cluster_from_config(_cfg(profile=str(tmp_path / "mine.json")))
+    assert "measured on the workers" in got.source and "measured" not in catalog.source
+    assert got.prediction.step_time_s > 7e-3 + M * 2 * 3e-3  # the rest, and a rank's measured passes (2 blocks)
+    assert got.prediction.step_time_s != pytest.approx(catalog.prediction.step_time_s, rel=0.01)
+    save_measured(measured(n=4), tmp_path / "other.json")
+    with pytest.raises(ConfigError, match=r"parallel\.profile: .*another model"):
+        plan_cluster_from_config(_cfg(profile=str(tmp_path / "other.json")))
