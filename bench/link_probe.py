@@ -63,7 +63,7 @@ def probe(*, num_bytes: int = 4 << 20, repeats: int = 20, timeout_s: float = 60.
         mp.start_processes(_worker, args=(_free_port(), num_bytes, repeats, timeout_s, out), nprocs=2,
                            start_method="spawn")
         rank0, rank1 = torch.load(out + ".0"), torch.load(out + ".1")
-    latency_s, gbps, recv_s = link_figures(rank0, rank1, num_bytes)
+    latency_s, gbps, recv_s, _ = link_figures(rank0, rank1, num_bytes)
     return Probe(link=Link(gbps=gbps, latency_s=latency_s), recv_s=recv_s)
 
 

@@ -18,7 +18,8 @@ in 10% of the samples at each end. On a quiet machine the two are alike.
 data moves after that: a receive posted long after its send still waits for a round of messages
 (measured: the sender's flush lasted as long as the receiver kept away). So the probe also
 times a *late* receive, one posted well after its send: what every receive costs its rank once
-both sides are ready (``planner.simulate_pipeline`` ``Link.recv_s``).
+both sides are ready (``planner.simulate_pipeline`` ``Link.recv_s``); and each send's own time,
+the call that starts it while the receiver waits (``Link.send_s``).
 """
 
 from __future__ import annotations
@@ -106,11 +107,13 @@ def trimmed_mean(values: list[float], cut: float = 0.1) -> float:
     return statistics.fmean(ordered[k:len(ordered) - k] or ordered)
 
 
-def link_figures(rank0: dict, rank1: dict, num_bytes: int) -> tuple[float, float, float]:
-    """(latency s, bandwidth GB/s of 1e9 bytes, a late receive's s) from ``probe_rank``'s samples."""
+def link_figures(rank0: dict, rank1: dict, num_bytes: int) -> tuple[float, float, float, float]:
+    """(latency s, bandwidth GB/s of 1e9 bytes, a late receive's s, a send's own s) from
+    ``probe_rank``'s samples."""
     latency_s = trimmed_mean(rank0["small"]) / 2
     # the bandwidth from the fastest rounds, whose difference the scheduler's delays touch least
     # (on a busy machine a median small round can take longer than the fastest large one)
     fastest_small, fastest_large = min(rank0["small"]) / 2, min(rank0["large"]) / 2
     transfer_s = fastest_large - fastest_small if fastest_large > 2 * fastest_small else fastest_large
-    return latency_s, num_bytes / transfer_s / 1e9, trimmed_mean(rank1["late"])
+    send_s = trimmed_mean(rank0["send"]) if rank0.get("send") else 0.0
+    return latency_s, num_bytes / transfer_s / 1e9, trimmed_mean(rank1["late"]), send_s

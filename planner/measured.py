@@ -14,7 +14,8 @@ driver waits for on every step. [Note: measured pipeline] The planner then takes
 - its optimizer step: the sum of its blocks' measured steps (ZeRO: ``1 / d`` of it);
 - a split backward's ``B`` and ``W``: the measured shares, where the split form was timed;
 - the link between two workers of that kind: the measured one, the wire's latency less the
-  receive's own cost, which the receiving rank pays (``wire``);
+  receive's own cost, which the receiving rank pays, and a send's own cost, which the sending
+  rank pays (``wire``);
 - the step: the simulated pipeline's plus ``step_overhead_s`` (the rest of a worker's step and
   Ray's round trip), so the prediction is the driver's wall time per step, as the run measures it.
 
@@ -86,6 +87,8 @@ class MeasuredPipeline:
     """A late receive's time on the receiving worker (comm.link_probe [Note: rendezvous])."""
     round_trip_s: float
     """The median round trip of a no-op actor call from the driver."""
+    link_send_s: float = 0.0
+    """A send's own time on the sending worker while its receiver waits (``Link.send_s``)."""
     link_across_nodes: bool = False
     """The two probing workers were on different nodes: the link is the network's; else a node's."""
     machine: str = ""
@@ -105,8 +108,9 @@ class MeasuredPipeline:
 
     def wire(self) -> Link:
         """The link between two workers as the simulator takes it ([Note: measured pipeline])."""
-        return Link(gbps=self.link_gbps, latency_s=max(self.link_latency_s - self.link_recv_s, 0.0),
-                    recv_s=self.link_recv_s)
+        # half a round trip holds a send's and a receive's own times, which the ranks pay; the wire the rest
+        wire_s = max(self.link_latency_s - self.link_recv_s - self.link_send_s, 0.0)
+        return Link(gbps=self.link_gbps, latency_s=wire_s, recv_s=self.link_recv_s, send_s=self.link_send_s)
 
     @property
     def step_overhead_s(self) -> float:
@@ -130,8 +134,8 @@ class MeasuredPipeline:
         c = self.blocks
         return (f"per micro-batch of {self.micro_batch_size} through all {len(c.fwd_s)} blocks: forward "
                 f"{_ms(sum(c.fwd_s))}, backward {_ms(sum(c.bwd_s))}; optimizer {_ms(sum(c.optim_s))}; rest of a step "
-                f"{_ms(c.rest_s)}; link latency {self.link_latency_s * 1e6:.0f} µs, {self.link_gbps:.2f} GB/s, a "
-                f"receive {self.link_recv_s * 1e6:.0f} µs; Ray round trip {_ms(self.round_trip_s)}")
+                f"{_ms(c.rest_s)}; link latency {self.link_latency_s * 1e6:.0f} µs, {self.link_gbps:.2f} GB/s, a send "
+                f"{self.link_send_s * 1e6:.0f} µs, a receive {self.link_recv_s * 1e6:.0f} µs; Ray round trip {_ms(self.round_trip_s)}")
 
     def mismatch(self, model_key: str) -> str:
         """Why these figures are not this model's (empty when they are)."""

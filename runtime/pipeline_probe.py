@@ -227,7 +227,7 @@ def measure_pipeline(*, model: ModelConfig, device_kind: str, micro_batch_size: 
                       timeout=timeout_s * 4)
         from memtrain.comm.link_probe import link_figures
 
-        latency, gbps, recv = link_figures(got[0], got[1], LINK_BYTES)
+        latency, gbps, recv, send = link_figures(got[0], got[1], LINK_BYTES)
         rtt = ray_round_trip_s((a, b), repeats)
         progress(f"  blocks on both workers at once ({'both forms of the backward, ' if split else ''}{steps} steps of "
                  f"{num_microbatches} micro-batches after a warm-up)")
@@ -246,7 +246,8 @@ def measure_pipeline(*, model: ModelConfig, device_kind: str, micro_batch_size: 
     return MeasuredPipeline(
         device_kind=device_kind, device=device, num_threads=num_threads, model_key=model_key, model_name=model_name,
         seq_len=seq_len, dtype=dtype, micro_batch_size=micro_batch_size, num_microbatches=num_microbatches,
-        blocks=costs, split_timed=split, link_latency_s=latency, link_gbps=gbps, link_recv_s=recv, round_trip_s=rtt,
+        blocks=costs, split_timed=split, link_latency_s=latency, link_gbps=gbps, link_recv_s=recv, link_send_s=send,
+        round_trip_s=rtt,
         link_across_nodes=placed.node_ids[0] != placed.node_ids[1], machine=nodes[0]["address"],
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), load_avg=nodes[0]["load_avg"],
         num_cpus=nodes[0]["num_cpus"], elapsed_s=time.perf_counter() - t0)

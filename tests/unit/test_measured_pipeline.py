@@ -85,6 +85,8 @@ def test_the_prediction_is_the_simulated_pipeline_of_the_measured_costs_plus_the
     expected = max(e + t for e, t in zip(ends, tails)) + meas.blocks.rest_s + meas.round_trip_s
     assert got.prediction.step_time_s == pytest.approx(expected, rel=1e-9)
     assert meas.wire().latency_s == pytest.approx(0.5e-3) and meas.wire().recv_s == pytest.approx(0.3e-3)
+    sends = dataclasses.replace(meas, link_send_s=0.2e-3)
+    assert sends.wire().latency_s == pytest.approx(0.3e-3) and sends.wire().send_s == pytest.approx(0.2e-3)
     assert "measured" not in got.source  # plan_cluster keeps the caller's source (runtime.distributed names it)
 
 
@@ -215,10 +217,11 @@ def test_a_given_profile_is_used_without_measuring_and_must_be_this_models(tmp_p
 def test_link_figures_take_the_trimmed_mean_of_bimodal_round_trips():
     """[Note: mean, not median] 30% of the rounds a scheduler's slice: the median misses them."""
     rounds = [1e-4] * 14 + [4e-3] * 6
-    latency, gbps, recv = link_figures({"small": rounds, "large": [2e-3] * 20}, {"late": [1e-4, 3e-4]}, 4 << 20)
+    latency, gbps, recv, send = link_figures({"small": rounds, "large": [2e-3] * 20, "send": [1e-5, 3e-5]},
+                                             {"late": [1e-4, 3e-4]}, 4 << 20)
     assert latency == pytest.approx(trimmed_mean(rounds) / 2)
     assert latency > 5 * 1e-4 / 2  # well above the median's half round trip
-    assert recv == pytest.approx(2e-4) and gbps > 0
+    assert recv == pytest.approx(2e-4) and send == pytest.approx(2e-5) and gbps > 0
     assert trimmed_mean([1.0] * 8 + [100.0, -100.0]) == pytest.approx(1.0)
 
 
@@ -249,3 +252,21 @@ def test_memtrain_plan_uses_the_kept_figures_a_run_would(tmp_path):
     save_measured(measured(n=4), tmp_path / "other.json")
     with pytest.raises(ConfigError, match=r"parallel\.profile: .*another model"):
         plan_cluster_from_config(_cfg(profile=str(tmp_path / "other.json")))
+
+
+def test_a_sends_own_time_holds_its_rank():
+    """GPipe over 2 ranks, 2 micro-batches, F = B = 1: each send holds its rank for ``send_s``
+    before its transfer, so rank 0's second forward starts after the first send's part and the
+    step grows by the sends on the critical path."""
+    from memtrain.planner.plan import Op
+    from memtrain.planner.simulate_pipeline import Link
+
+    place = pipeline.Placement((0, 1))
+    sched = pipeline.add_p2p(pipeline.generate("gpipe", 2, 2), place)
+    costs = [StageCost(fwd_s=1.0, bwd_s=1.0)] * 2
+    plain = simulate_pipeline(sched, place, costs, Link(gbps=1.0))
+    held = simulate_pipeline(sched, place, costs, Link(gbps=1.0, send_s=0.25))
+    assert held.pass_times[(Op.F, 0, 1)][0] == pytest.approx(plain.pass_times[(Op.F, 0, 1)][0] + 0.25)
+    # on the critical path: rank 0's two sends (F0's before F1, F1's before rank 1's F1) and rank
+    # 1's two (B0's before its B1, B1's before rank 0's last B)
+    assert held.step_time_s == pytest.approx(plain.step_time_s + 4 * 0.25)
