@@ -217,11 +217,17 @@ def measure_pipeline(*, model: ModelConfig, device_kind: str, micro_batch_size: 
 
     assert len(assignments) >= 2, "the link is probed between two workers"
     t0 = time.perf_counter()
+
+    def at() -> str:
+        return f"{time.perf_counter() - t0:.1f} s"
+
+    progress("  starting two probes where the first two workers will run")
     placed = place_workers(ProbeActor, list(assignments)[:2], timeout_s=timeout_s)
     try:
         a, b = placed.actors
         ray.get([a.ping.remote(), b.ping.remote()], timeout=timeout_s)
-        progress(f"  link between two workers ({repeats} round trips, a {LINK_BYTES >> 20} MiB tensor)")
+        progress(f"  [{at()}] the link between them ({repeats} round trips of 4 bytes and of {LINK_BYTES >> 20} MiB, "
+                 f"{repeats} late receives)")
         host, port = ray.get(a.open_store.remote(timeout_s), timeout=timeout_s)
         got = ray.get([w.link.remote(r, host, port, timeout_s, LINK_BYTES, repeats) for r, w in enumerate((a, b))],
                       timeout=timeout_s * 4)
@@ -229,7 +235,7 @@ def measure_pipeline(*, model: ModelConfig, device_kind: str, micro_batch_size: 
 
         latency, gbps, recv, send = link_figures(got[0], got[1], LINK_BYTES)
         rtt = ray_round_trip_s((a, b), repeats)
-        progress(f"  blocks on both workers at once ({'both forms of the backward, ' if split else ''}{steps} steps of "
+        progress(f"  [{at()}] the blocks on both at once ({'both forms of the backward, ' if split else ''}{steps} steps of "
                  f"{num_microbatches} micro-batches after a warm-up)")
         # both at once, as the run's workers compute: on a machine whose cores others use too, they
         # slow each other as they will in the run
