@@ -33,11 +33,19 @@ from memtrain.errors import UserError
 from memtrain.planner.serde import from_dict, to_dict
 from memtrain.planner.simulate_pipeline import Link
 
-__all__ = ["MEASURED_VERSION", "MEASURED_FILE", "BlockCosts", "MeasuredPipeline", "save_measured", "load_measured"]
+__all__ = ["MEASURED_VERSION", "MEASURED_FILE", "MEASURED_SOURCE", "BlockCosts", "MeasuredPipeline", "save_measured",
+           "load_measured", "planned_from_measured"]
 
 MEASURED_VERSION = 1
 MEASURED_FILE = "pipeline-profile.json"
 """Where a run keeps what it measured, in its run directory."""
+MEASURED_SOURCE = "measured on the workers"
+"""What a plan made with measured costs says in its ``source``."""
+
+
+def planned_from_measured(plan) -> bool:
+    """``plan`` was made with measured costs (its ``source`` says so; a resumed run's saved plan too)."""
+    return MEASURED_SOURCE in plan.source
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

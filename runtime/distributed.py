@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from memtrain.config import Config, ConfigError
 from memtrain.errors import UserError
+from memtrain.planner.measured import planned_from_measured
 from memtrain.runtime.planning import run_devices, run_dir
 from memtrain.units import format_bytes, format_seconds
 
@@ -94,7 +95,7 @@ def plan_run(cfg: Config, inventory: Any, chosen: list[int], measured: Any = Non
     workers run; ``measured`` (runtime.pipeline_probe) in place of the catalog's figures."""
     from memtrain.planner.analyze import analyze
     from memtrain.planner.hetero import plan_cluster
-
+    from memtrain.planner.measured import MEASURED_SOURCE
     from memtrain.planner.pipeline import SCHEDULES
 
     par = cfg.parallel
@@ -106,7 +107,7 @@ def plan_run(cfg: Config, inventory: Any, chosen: list[int], measured: Any = Non
         nvme_budget=cfg.memory.nvme, schedules=SCHEDULES if par.schedule == "auto" else (par.schedule,),
         pipeline_degree=par.pipeline or None, data_parallel_degree=par.data or None,
         num_microbatches=par.microbatches, stage_blocks=par.partition, activations=cfg.memory.activations,
-        source="ray; measured on the workers" if measured is not None else "ray", zero=par.zero, measured=measured)
+        source=f"ray; {MEASURED_SOURCE}" if measured is not None else "ray", zero=par.zero, measured=measured)
     if plan.pipeline is None or not plan.fits:
         raise ConfigError(f"the model does not fit the cluster's devices: {plan.shortfall}")
     if par.planner_chooses:
@@ -344,12 +345,12 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
     if checkpoints.saved:
         print_fn(f"checkpoint {checkpoints.saved[-1]} ({checkpoints.seconds_blocked:.2f} s of training time spent on "
                  "checkpoints)")
-    for line in closing_lines(plan, step_times, result, measured):
+    for line in closing_lines(plan, step_times, result):
         print_fn(line)
     return {"losses": list(result.losses), "step_times_s": step_times, "plan": plan, "result": result,
             "first_step": start + 1, "measured_step_time_s": _median_step(step_times),
             "predicted_step_time_s": plan.prediction.step_time_s,
-            "predicted_from": "measured" if measured is not None else "catalog", "measured_costs": measured}
+            "predicted_from": "measured" if planned_from_measured(plan) else "catalog", "measured_costs": measured}
 
 
 def _median_step(step_times: list[float]) -> float:
@@ -359,16 +360,16 @@ def _median_step(step_times: list[float]) -> float:
     return statistics.median(step_times[1:] or step_times) if step_times else 0.0
 
 
-def closing_lines(plan: Any, step_times: list[float], result: Any, measured: Any = None) -> list[str]:
-    """Measured against predicted: the median step time (after the first step, which warms up;
-    ``measured``: the costs the prediction was made from, runtime.pipeline_probe) and, per rank,
-    its share of the step spent idle (waiting on its peers)."""
+def closing_lines(plan: Any, step_times: list[float], result: Any) -> list[str]:
+    """Measured against predicted: the median step time (after the first step, which warms up),
+    with what the prediction was made from (costs measured on the workers, runtime.pipeline_probe,
+    or the catalog's figures), and, per rank, its share of the step spent idle (waiting on its peers)."""
     import statistics
 
     timed = step_times[1:] or step_times
     got = _median_step(step_times)
     predicted = plan.prediction.step_time_s
-    source = "costs measured on the workers" if measured is not None else "the catalog's figures"
+    source = "costs measured on the workers" if planned_from_measured(plan) else "the catalog's figures"
     lines = [f"step time: measured {format_seconds(got)} (median of {len(timed)}), predicted "
              f"{format_seconds(predicted)} from {source} ({got / predicted:.2f}x)" if predicted else
              f"step time: measured {format_seconds(got)} (median of {len(timed)})"]

@@ -151,7 +151,7 @@ def plan_cluster_from_config(cfg: Config, *, pipeline_degree: int | None = None,
     stats = analyze(cfg.model, seq_len=cfg.train.seq_len, micro_batch_size=1, dtype=cfg.train.dtype)
     measured, source = None, cluster.source
     if par.profile_file is not None:
-        from memtrain.planner.measured import load_measured
+        from memtrain.planner.measured import MEASURED_SOURCE, load_measured
         from memtrain.planner.profile_format import model_key
 
         measured = load_measured(par.profile_file)
@@ -159,7 +159,7 @@ def plan_cluster_from_config(cfg: Config, *, pipeline_degree: int | None = None,
         if why:
             raise ConfigError(f"parallel.profile: {par.profile_file} was {why}, not this config's; set "
                               "parallel.profile: auto (a run measures) or catalog")
-        source = f"{cluster.source}; measured on the workers ({par.profile_file})"
+        source = f"{cluster.source}; {MEASURED_SOURCE} ({par.profile_file})"
     plan = plan_cluster(
         stats, cluster, name=cfg.name, global_batch_size=cfg.train.global_batch_size,
         micro_batch_size=cfg.train.micro_batch_size, dtype=cfg.train.dtype, optimizer=cfg.train.optimizer.name,
