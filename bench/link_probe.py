@@ -30,7 +30,7 @@ __all__ = ["probe", "Probe"]
 @dataclass(frozen=True, slots=True)
 class Probe:
     link: Link
-    """Latency (half the mean round trip) and bandwidth."""
+    """Latency (half the mean round trip), bandwidth and a send's own time."""
     recv_s: float
     """The mean time of a receive posted late after its send ([Note: rendezvous])."""
 
@@ -63,8 +63,8 @@ def probe(*, num_bytes: int = 4 << 20, repeats: int = 20, timeout_s: float = 60.
         mp.start_processes(_worker, args=(_free_port(), num_bytes, repeats, timeout_s, out), nprocs=2,
                            start_method="spawn")
         rank0, rank1 = torch.load(out + ".0"), torch.load(out + ".1")
-    latency_s, gbps, recv_s, _ = link_figures(rank0, rank1, num_bytes)
-    return Probe(link=Link(gbps=gbps, latency_s=latency_s), recv_s=recv_s)
+    latency_s, gbps, recv_s, send_s = link_figures(rank0, rank1, num_bytes)
+    return Probe(link=Link(gbps=gbps, latency_s=latency_s, send_s=send_s), recv_s=recv_s)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     res = probe(num_bytes=args.mib << 20, repeats=args.repeats)
     print(f"gloo on loopback: latency {res.link.latency_s * 1e6:.0f} µs, bandwidth {res.link.gbps:.2f} GB/s, "
-          f"a late receive {res.recv_s * 1e6:.0f} µs")
+          f"a late receive {res.recv_s * 1e6:.0f} µs, a send {res.link.send_s * 1e6:.0f} µs")
     return 0
 
 

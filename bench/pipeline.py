@@ -130,7 +130,9 @@ def simulate(kind: str, p: int, m: int, v: int, partition: tuple[int, ...], cost
     place = placement(kind, p, v)
     sched = add_p2p(generate(kind, p, m, stages_per_rank=v), place)
     plain = stage_costs(costs, partition, kind in _SPLIT_W)
-    wire = Link(gbps=link.gbps, latency_s=max(link.latency_s - recv_s, 0.0), recv_s=recv_s)
+    # a send's own time (``link.send_s``) holds its sender, and is taken off the latency too
+    wire = Link(gbps=link.gbps, latency_s=max(link.latency_s - recv_s - link.send_s, 0.0), recv_s=recv_s,
+                send_s=link.send_s)
     links = {(a, c): wire for a in range(p) for c in range(p) if a != c}  # loopback: every pair alike
     res = simulate_pipeline(sched, place, plain, wire, links=links)
     ends = [0.0] * p
@@ -289,7 +291,8 @@ def run(args: argparse.Namespace) -> int:
     probe = link_probe.probe()
     rtt = pipeline_probe.ray_round_trip_s()
     print(f"  gloo on loopback: latency {probe.link.latency_s * 1e6:.0f} µs, {probe.link.gbps:.2f} GB/s, a late "
-          f"receive {probe.recv_s * 1e6:.0f} µs; Ray actor call round trip {_ms(rtt)}")
+          f"receive {probe.recv_s * 1e6:.0f} µs, a send {probe.link.send_s * 1e6:.0f} µs; Ray actor call round trip "
+          f"{_ms(rtt)}")
     print()
     head = (f"{'schedule':<17}{'partition':<14}{'measured':>11}{'bubble':>8}{'simulated':>11}{'bubble':>8}"
             f"{'error':>8}{'torch':>11}{'memtrain/torch':>16}{'max|Δloss|':>12}{'load':>6}")
