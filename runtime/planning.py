@@ -160,6 +160,11 @@ def plan_cluster_from_config(cfg: Config, *, pipeline_degree: int | None = None,
             raise ConfigError(f"parallel.profile: {par.profile_file} was {why}, not this config's; set "
                               "parallel.profile: auto (a run measures) or catalog")
         source = f"{cluster.source}; {MEASURED_SOURCE} ({par.profile_file})"
+    elif par.profile == "measure" or (par.profile == "auto" and all(d.kind == "cpu" for n in cluster.nodes
+                                                                     for d in n.devices)):
+        notes.append(f"'memtrain run' measures the workers first (parallel.profile: {par.profile}) and plans with "
+                     f"what it measures; parallel.profile: {run_dir(cfg) / 'pipeline-profile.json'} plans with a "
+                     "run's figures here")
     plan = plan_cluster(
         stats, cluster, name=cfg.name, global_batch_size=cfg.train.global_batch_size,
         micro_batch_size=cfg.train.micro_batch_size, dtype=cfg.train.dtype, optimizer=cfg.train.optimizer.name,
