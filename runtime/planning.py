@@ -149,9 +149,10 @@ def plan_cluster_from_config(cfg: Config, *, pipeline_degree: int | None = None,
     if pipeline_degree and data_parallel_degree:
         cluster, notes = _devices_for(cluster, pipeline_degree * data_parallel_degree, cfg)
     stats = analyze(cfg.model, seq_len=cfg.train.seq_len, micro_batch_size=1, dtype=cfg.train.dtype)
+    from memtrain.planner.measured import MEASURED_FILE, MEASURED_SOURCE, load_measured
+
     measured, source = None, cluster.source
     if par.profile_file is not None:
-        from memtrain.planner.measured import MEASURED_SOURCE, load_measured
         from memtrain.planner.profile_format import model_key
 
         measured = load_measured(par.profile_file)
@@ -163,7 +164,7 @@ def plan_cluster_from_config(cfg: Config, *, pipeline_degree: int | None = None,
     elif par.profile == "measure" or (par.profile == "auto" and all(d.kind == "cpu" for n in cluster.nodes
                                                                      for d in n.devices)):
         notes.append(f"'memtrain run' measures the workers first (parallel.profile: {par.profile}) and plans with "
-                     f"what it measures; parallel.profile: {run_dir(cfg) / 'pipeline-profile.json'} plans with a "
+                     f"what it measures; parallel.profile: {run_dir(cfg) / MEASURED_FILE} plans with a "
                      "run's figures here")
     plan = plan_cluster(
         stats, cluster, name=cfg.name, global_batch_size=cfg.train.global_batch_size,
