@@ -74,6 +74,8 @@ def _time_actions(model: ModelConfig, num_blocks: int, *, m: int, b: int, seq: i
     device = "cpu"
     try:
         worker.build(*worker.open_store("127.0.0.1"))
+        if worker.device.type == "cuda":  # each action's time is its kernels' too: wait for them in it
+            worker.handlers = {op: _synced(h, worker.device) for op, h in worker.handlers.items()}
         for k in range(steps + 1):
             res = worker.run_step(k)
             device = res.device
@@ -87,6 +89,13 @@ def _time_actions(model: ModelConfig, num_blocks: int, *, m: int, b: int, seq: i
         torch.set_num_threads(threads)
     # [Note: mean, not median] (comm.link_probe): a step pays every action's time, preempted or not
     return {k: trimmed_mean(v) for k, v in by_action.items()}, trimmed_mean(rests), device
+
+
+def _synced(handler: Callable[[Action], None], device: torch.device) -> Callable[[Action], None]:
+    def run(a: Action) -> None:
+        handler(a)
+        torch.cuda.synchronize(device)
+    return run
 
 
 def measure_blocks(model: ModelConfig, *, m: int, b: int, seq: int, seed: int = 0,
