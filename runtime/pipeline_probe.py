@@ -304,11 +304,21 @@ def measured_for_run(cfg: Any, kinds: Sequence[str], assignments: Sequence[Any],
     print_fn(f"memtrain: measuring the pipeline's costs on the workers before planning ({why}; parallel.profile: catalog "
              "uses the catalog's figures)")
     stats = analyze(cfg.model, seq_len=train.seq_len, micro_batch_size=1, dtype=train.dtype)
-    measured = measure_pipeline(
-        model=cfg.model, device_kind=kinds[0], micro_batch_size=mbs, num_microbatches=m, seq_len=train.seq_len,
-        dtype=train.dtype, model_key=key, model_name=stats.name, optimizer=train.optimizer.spec(), split=split,
-        assignments=assignments, seed=train.seed, data=cfg.data, timeout_s=min(par.comm_timeout_s, 120.0),
-        progress=lambda line: print_fn(f"memtrain: {line.strip()}"))
+    import ray
+
+    from memtrain.comm import CommError
+
+    try:
+        measured = measure_pipeline(
+            model=cfg.model, device_kind=kinds[0], micro_batch_size=mbs, num_microbatches=m, seq_len=train.seq_len,
+            dtype=train.dtype, model_key=key, model_name=stats.name, optimizer=train.optimizer.spec(), split=split,
+            assignments=assignments, seed=train.seed, data=cfg.data, timeout_s=min(par.comm_timeout_s, 120.0),
+            progress=lambda line: print_fn(f"memtrain: {line.strip()}"))
+    except (ray.exceptions.RayError, CommError) as e:  # a probe that failed: the run can still train
+        text = str(e).strip().splitlines()
+        print_fn(f"memtrain: warning: measuring failed ({type(e).__name__}: {text[0] if text else ''}); planning with "
+                 "the catalog's figures (parallel.profile: catalog skips measuring)")
+        return None
     out = Path(out_dir) / MEASURED_FILE
     save_measured(measured, out)
     print_fn(f"memtrain: measured in {measured.elapsed_s:.1f} s (load average {measured.load_avg:.1f} on "

@@ -270,3 +270,19 @@ def test_a_sends_own_time_holds_its_rank():
     # on the critical path: rank 0's two sends (F0's before F1, F1's before rank 1's F1) and rank
     # 1's two (B0's before its B1, B1's before rank 0's last B)
     assert held.step_time_s == pytest.approx(plain.step_time_s + 4 * 0.25)
+
+
+def test_a_failed_measurement_leaves_the_catalogs_figures_with_a_warning(tmp_path, monkeypatch):
+    from ray.exceptions import GetTimeoutError
+
+    from memtrain.runtime import pipeline_probe
+
+    def fail(**kw):
+        raise GetTimeoutError("the probe did not answer within 60 s")
+
+    monkeypatch.setattr(pipeline_probe, "measure_pipeline", fail)
+    lines: list[str] = []
+    assert pipeline_probe.measured_for_run(_cfg(), ["cpu"] * 2, ["a", "b"], tmp_path, lines.append) is None
+    assert any(line.startswith("memtrain: warning: measuring failed (GetTimeoutError: the probe did not answer")
+               for line in lines)
+    assert not (tmp_path / "pipeline-profile.json").exists()
