@@ -42,6 +42,8 @@ MAX_TIMED_LAYERS = 2
 """Layers of a GPT timed; a deeper one repeats the timed layers' mean for the others."""
 LINK_BYTES = 4 << 20
 """The bandwidth probe's tensor."""
+TRIM = 0.25
+"""The share of an action's timings left out at each end (the interquartile mean)."""
 
 
 def _one_rank_program(num_blocks: int, m: int, split: bool) -> tuple[Action, ...]:
@@ -59,8 +61,8 @@ def _one_rank_program(num_blocks: int, m: int, split: bool) -> tuple[Action, ...
 def _time_actions(model: ModelConfig, num_blocks: int, *, m: int, b: int, seq: int, seed: int,
                   optimizer: OptimizerSpec, split: bool, steps: int, dtype: str, num_threads: int,
                   data: DataConfig | None) -> tuple[dict[tuple[Op, int], float], float, str]:
-    """Mean time per (op, block) over ``steps`` steps after one warm-up (the extremes left out),
-    the mean rest, and where the worker computed."""
+    """Mean time per (op, block) over ``steps`` steps after one warm-up (the interquartile mean),
+    the rest's likewise, and where the worker computed."""
     from memtrain.runtime.stage_worker import PipelineSpec, StageWorker
 
     spec = PipelineSpec(model=model, partition=(1,) * num_blocks, rank_of=(0,) * num_blocks, num_ranks=1, dp=1,
@@ -87,8 +89,10 @@ def _time_actions(model: ModelConfig, num_blocks: int, *, m: int, b: int, seq: i
     finally:
         worker.close()
         torch.set_num_threads(threads)
-    # [Note: mean, not median] (comm.link_probe): a step pays every action's time, preempted or not
-    return {k: trimmed_mean(v) for k, v in by_action.items()}, trimmed_mean(rests), device
+    # [Note: mean, not median] (comm.link_probe): a step pays every action's time, preempted or not;
+    # but an action once per step (an optimizer step, the rest) has a few samples, one of which a
+    # preemption can take to 5x the others (measured): the interquartile mean
+    return {k: trimmed_mean(v, TRIM) for k, v in by_action.items()}, trimmed_mean(rests, TRIM), device
 
 
 def _synced(handler: Callable[[Action], None], device: torch.device) -> Callable[[Action], None]:
