@@ -106,8 +106,8 @@ def _stage_costs(cand: Candidate, estimates: list[StageEstimate]) -> list[StageC
     for (first, end), est in zip(cand.partition, estimates):
         out_bytes = model.stats.blocks[end - 1].output_bytes
         w = model.w_share(first, end) if split else 0.0
-        out.append(StageCost(fwd_s=est.fwd_s, bwd_s=est.bwd_s * (1 - w), wgrad_s=est.bwd_s * w, activation_bytes=est.act_bytes,
-                             output_bytes=out_bytes))
+        out.append(StageCost(fwd_s=est.fwd_s, bwd_s=est.bwd_s * (1 - w), wgrad_s=est.bwd_s * w,
+                             activation_bytes=est.act_bytes, output_bytes=out_bytes))
     return out
 
 

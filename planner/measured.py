@@ -143,7 +143,8 @@ class MeasuredPipeline:
         return (f"per micro-batch of {self.micro_batch_size} through all {len(c.fwd_s)} blocks: forward "
                 f"{_ms(sum(c.fwd_s))}, backward {_ms(sum(c.bwd_s))}; optimizer {_ms(sum(c.optim_s))}; rest of a step "
                 f"{_ms(c.rest_s)}; link latency {self.link_latency_s * 1e6:.0f} µs, {self.link_gbps:.2f} GB/s, a send "
-                f"{self.link_send_s * 1e6:.0f} µs, a receive {self.link_recv_s * 1e6:.0f} µs; Ray round trip {_ms(self.round_trip_s)}")
+                f"{self.link_send_s * 1e6:.0f} µs, a receive {self.link_recv_s * 1e6:.0f} µs; Ray round trip "
+                f"{_ms(self.round_trip_s)}")
 
     def mismatch(self, model_key: str) -> str:
         """Why these figures are not this model's (empty when they are)."""

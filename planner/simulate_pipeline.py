@@ -7,7 +7,8 @@ takes its stage's time; a send takes the link's latency plus the bytes at its ba
 the pass that produced them, and its receive, a task on the receiving rank, waits for it and
 then takes the link's ``recv_s``: what a receive costs its rank once both sides are ready (under
 gloo a rendezvous round, bench/link_probe.py [Note: rendezvous]; 0 where the data lands without
-the receiver's help); a send may hold its own rank for the link's ``send_s`` before it starts. Without sends and receives in the lists, a pass waits for the pass it needs directly.
+the receiver's help); a send may hold its own rank for the link's ``send_s`` before it starts.
+Without sends and receives in the lists, a pass waits for the pass it needs directly.
 A stage's activations are held on its rank (tier ``rank<r>``) from the end of its forward to the
 end of its backward, or of its ``W`` when the backward is split. The per-rank memory this gives
 is the activation part only; chunks and offload per stage are the single-device simulator's.

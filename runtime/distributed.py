@@ -242,7 +242,8 @@ def stage_activations(cfg: Config, plan: Any) -> tuple[tuple[str, ...], ...]:
 
 
 def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callable[..., Any], out_dir: Path,
-           overwrite: bool, print_fn: Callable[[str], None], where: str, resume_from: Any, measured: Any = None) -> dict:
+           overwrite: bool, print_fn: Callable[[str], None], where: str, resume_from: Any,
+           measured: Any = None) -> dict:
     from memtrain.planner import report
     from memtrain.runtime.checkpoint import Checkpointer
     from memtrain.runtime.train import (StopSignals, Stopped, checkpoint_root, lr_at, non_finite, remove_artifacts,

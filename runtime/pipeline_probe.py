@@ -248,7 +248,8 @@ def measure_pipeline(*, model: ModelConfig, device_kind: str, micro_batch_size: 
 
         latency, gbps, recv, send = link_figures(got[0], got[1], LINK_BYTES)
         rtt = ray_round_trip_s((a, b), repeats)
-        progress(f"  [{at()}] the blocks on both at once ({'both forms of the backward, ' if split else ''}{steps} steps of "
+        forms = "both forms of the backward, " if split else ""
+        progress(f"  [{at()}] the blocks on both at once ({forms}{steps} steps of "
                  f"{num_microbatches} micro-batches after a warm-up)")
         # both at once, as the run's workers compute: on a machine whose cores others use too, they
         # slow each other as they will in the run
@@ -305,8 +306,8 @@ def measured_for_run(cfg: Any, kinds: Sequence[str], assignments: Sequence[Any],
     m = par.microbatches or max(train.global_batch_size // (d * mbs), 1)
     split = par.schedule in SPLIT_W_SCHEDULES or par.schedule == "auto"
     why = "the workers compute on CPUs" if par.profile == "auto" else "parallel.profile: measure"
-    print_fn(f"memtrain: measuring the pipeline's costs on the workers before planning ({why}; parallel.profile: catalog "
-             "uses the catalog's figures)")
+    print_fn(f"memtrain: measuring the pipeline's costs on the workers before planning ({why}; "
+             "parallel.profile: catalog uses the catalog's figures)")
     stats = analyze(cfg.model, seq_len=train.seq_len, micro_batch_size=1, dtype=train.dtype)
     import ray
 
