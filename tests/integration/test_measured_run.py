@@ -40,7 +40,8 @@ def test_a_cpu_pipeline_is_planned_from_costs_measured_on_its_workers(local_ray,
     per_rank = [sum(m * (meas.blocks.fwd_s[i] + meas.blocks.bwd_s[i]) + meas.blocks.optim_s[i]
                     for s in rp.stages for i in range(*plan.pipeline.partition[s])) for rp in plan.pipeline.ranks]
     assert predicted > max(per_rank) + meas.step_overhead_s
-    assert predicted < 10 * (sum(per_rank) + meas.step_overhead_s + 4 * m * meas.link_latency_s)
+    transfer = meas.link_latency_s + meas.link_send_s + meas.link_recv_s
+    assert predicted < 10 * (sum(per_rank) + meas.step_overhead_s + 4 * m * transfer)
     metrics = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["predicted_step_time_s"] for r in metrics] == [predicted] * 3
     assert all(r["step_time_s"] > 0 for r in metrics)
