@@ -13,6 +13,13 @@ its memory lines draw them ([Note: repeated micro-batches in the picture]). A ra
 memory is its stages' states, buffers and workspace, plus the activations the simulation has it
 hold at its peak.
 
+[Note: tied weights at the step's end] A parameter the last stage shares with the first (the
+built-in GPT's head tied to its embedding) has its gradient summed over the two ranks holding
+them (runtime.stage_worker's ``ALLREDUCE``, before the replicas' sum): both end ranks wait for
+the later of them, then a two-rank all-reduce of its fp32 gradient over their link, each
+message with the link's send and receive times (the V schedules keep both stages on one rank:
+no sum).
+
 [Note: ZeRO at the step's end] Under ``parallel.zero`` (``StageModel.zero``, over the shape's
 ``d`` copies) a rank's gradient sum is a reduce-scatter and an all-gather, an all-reduce's time
 in all. ZeRO-1 runs both after the last pass, copying the whole gradient into one flat buffer
@@ -31,7 +38,7 @@ from dataclasses import dataclass
 from memtrain.cluster.spec import ClusterSpec
 from memtrain.errors import UserError
 from memtrain.planner import pipeline
-from memtrain.planner.partition import MAX_EXACT_PASSES, Candidate, link_between, reduce_time_s
+from memtrain.planner.partition import MAX_EXACT_PASSES, Candidate, allreduce_time_s, link_between, reduce_time_s
 from memtrain.planner.plan import (
     Action, ActPolicy, DevicePrediction, MemoryPoint, MemoryPolicy, Op, PipelineAlternative, PipelinePlan, Plan,
     Prediction, RankPlan, TimelineEvent, TrainShape,
@@ -182,6 +189,16 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
         simulated, cut, period = m, None, 0.0
     opt = [0.0] * p
     ar = [0.0] * p
+    # [Note: tied weights at the step's end] a parameter the last stage shares with the first (a
+    # head tied to the embedding) has its gradient summed over the two ranks that hold them first
+    # (runtime.stage_worker's ALLREDUCE): both wait for the later of them, then the sum
+    first_r, last_r = cand.stage_ranks[0], cand.stage_ranks[-1]
+    tied = model.shared_numel(cand.partition[0], cand.partition[-1]) if first_r != last_r else 0
+    if tied:
+        link = link_between(cluster, cand.ranks[last_r][:2], cand.ranks[first_r][:2], model.measured)
+        both = max(ends[first_r], ends[last_r])
+        for r in (first_r, last_r):
+            ar[r] += both - ends[r] + allreduce_time_s(4 * tied, 2, link) + 2 * (link.send_s + link.recv_s)
     static, host, nvme = [0] * p, [0] * p, [0] * p
     act_gpipe = [0] * p
     grads, copy = [0] * p, [0] * p

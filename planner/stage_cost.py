@@ -183,6 +183,11 @@ class StageModel:
             self._where.append(key)
         return self._places[key]
 
+    def shared_numel(self, a: tuple[int, int], b: tuple[int, int]) -> int:
+        """Parameters the blocks of range ``b`` use that blocks of range ``a`` own (a head tied to
+        the embedding): what two stages holding them sum the gradients of."""
+        return sum(n for q, o, n in self.shared if b[0] <= q < b[1] and a[0] <= o < a[1])
+
     def num_params(self, first: int, end: int) -> int:
         extra = sum(n for q, o, n in self.shared if first <= q < end and not first <= o < end)
         return self.params[end] - self.params[first] + extra

@@ -18,6 +18,7 @@ from memtrain.planner import pipeline
 from memtrain.planner.analyze import analyze
 from memtrain.planner.hetero import plan_cluster
 from memtrain.planner.measured import BlockCosts, MeasuredPipeline, load_measured, planned_from_measured, save_measured
+from memtrain.planner.partition import allreduce_time_s
 from memtrain.planner.profile_format import model_key
 from memtrain.planner.simulate_pipeline import StageCost, simulate_pipeline
 
@@ -82,7 +83,11 @@ def test_the_prediction_is_the_simulated_pipeline_of_the_measured_costs_plus_the
                             links={(0, 1): meas.wire(), (1, 0): meas.wire()})
     ends = [max(end for (_, s, _), (_, end) in res.pass_times.items() if s == r) for r in range(2)]
     tails = [sum(meas.blocks.optim_s[b:e]) for b, e in bounds]
-    expected = max(e + t for e, t in zip(ends, tails)) + meas.blocks.rest_s + meas.round_trip_s
+    # the tied embedding's gradient summed over the two ends once both are there ([Note: tied
+    # weights at the step's end]): a 2-rank all-reduce of its fp32 gradient, each message's own times
+    wire = meas.wire()
+    tied_s = allreduce_time_s(4 * 256 * 64, 2, wire) + 2 * (wire.send_s + wire.recv_s)
+    expected = max(ends) + tied_s + max(tails) + meas.blocks.rest_s + meas.round_trip_s
     assert got.prediction.step_time_s == pytest.approx(expected, rel=1e-9)
     assert meas.wire().latency_s == pytest.approx(0.5e-3) and meas.wire().recv_s == pytest.approx(0.3e-3)
     sends = dataclasses.replace(meas, link_send_s=0.2e-3)
@@ -286,3 +291,21 @@ def test_a_failed_measurement_leaves_the_catalogs_figures_with_a_warning(tmp_pat
     assert any(line.startswith("memtrain: warning: measuring failed (GetTimeoutError: the probe did not answer")
                for line in lines)
     assert not (tmp_path / "pipeline-profile.json").exists()
+
+
+def test_tied_weights_are_summed_over_the_two_ends_after_both_reach_the_step_end():
+    """[Note: tied weights at the step's end] The same model untied has no such sum; tied, both
+    end ranks wait for the later one and then sum the table's gradient over the measured link."""
+    untied_model = ModelConfig(preset="tiny", overrides={"num_layers": 6, "tie_embeddings": False})
+    tied_stats = analyze(MODEL, seq_len=16, micro_batch_size=1, dtype="fp32")
+    untied_stats = analyze(untied_model, seq_len=16, micro_batch_size=1, dtype="fp32")
+    meas = measured(latency=1e-3, recv=0.2e-3)
+    tied = plan(tied_stats, cpus(), meas, stage_blocks=(4, 4))
+    untied = plan(untied_stats, cpus(), meas, stage_blocks=(4, 4))
+    wire = meas.wire()
+    tied_s = allreduce_time_s(4 * 256 * 64, 2, wire) + 2 * (wire.send_s + wire.recv_s)
+    # (the passes and optimizer steps are the measured ones, the same for both models)
+    ranks_t, ranks_u = tied.pipeline.ranks, untied.pipeline.ranks
+    assert [r.allreduce_s for r in ranks_u] == [0.0, 0.0]
+    assert all(r.allreduce_s >= tied_s - 1e-12 for r in ranks_t)
+    assert tied.prediction.step_time_s == pytest.approx(untied.prediction.step_time_s + tied_s, rel=1e-9)
