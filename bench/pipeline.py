@@ -13,7 +13,9 @@ one ``StageWorker`` per core with one thread each (``runtime.pipeline_driver.run
    its step (the batch, the bookkeeping): once for the table at the top, then afresh before each
    run (the form of backward it uses), so a simulation and its run see the machine in about the
    same state; a gloo probe between two processes on loopback (``bench/link_probe.py``) for the
-   link; an actor call's round trip for Ray's part of a step.
+   link; an actor call's round trip for Ray's part of a step. The timings are
+   ``runtime.pipeline_probe``'s and ``comm.link_probe``'s, what ``memtrain run`` measures on its
+   workers before it plans a pipeline of CPUs (planner.measured [Note: measured pipeline]).
 2. **Simulated.** Per schedule, the stages' sums of those costs over the even partition go to the
    multi-rank simulator (``planner.simulate_pipeline``, one link per pair of ranks as
    ``planner.hetero_plan`` gives it; each receive costs its rank a late receive's time, gloo's
@@ -45,27 +47,25 @@ import math
 import os
 import statistics
 import sys
-import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benches, also in spawned children
 import link_probe  # noqa: E402
 import torch_pipeline  # noqa: E402
 
-from memtrain.optimizers import OptimizerSpec
+from memtrain.optimizers import OptimizerSpec  # noqa: E402
 from memtrain.config import ConfigError, ModelConfig  # noqa: E402
 from memtrain.errors import UserError  # noqa: E402
 from memtrain.models.gpt import gpt_config  # noqa: E402
+from memtrain.planner.measured import BlockCosts  # noqa: E402
 from memtrain.planner.partition import partition_min_max  # noqa: E402
 from memtrain.planner.pipeline import SCHEDULES, add_p2p, generate, placement  # noqa: E402
-from memtrain.planner.plan import Action, Op  # noqa: E402
 from memtrain.planner.simulate_pipeline import Link, StageCost, simulate_pipeline  # noqa: E402
 from memtrain.runtime.pipeline_driver import even_partition, run_pipeline, stage_programs  # noqa: E402
-from memtrain.runtime.stage_worker import PipelineSpec, StageWorker, block_ranges  # noqa: E402
+from memtrain.runtime import pipeline_probe  # noqa: E402
+from memtrain.runtime.stage_worker import block_ranges  # noqa: E402
 
 TARGET_ERR = 0.10
 """Median |simulated / measured - 1| over the schedules (issue 18)."""
@@ -91,118 +91,13 @@ QUICK_MODEL = {"num_layers": 2, "hidden_size": 64, "num_heads": 4, "vocab_size":
                "tie_embeddings": False}
 
 
-@dataclass(frozen=True, slots=True)
-class BlockCosts:
-    """Per block, one micro-batch's passes (s), measured on one thread."""
-
-    fwd_s: tuple[float, ...]
-    bwd_s: tuple[float, ...]
-    """The whole backward (unsplit schedules)."""
-    b_s: tuple[float, ...]
-    """The input-gradient part of a split backward."""
-    w_s: tuple[float, ...]
-    """The weight-gradient part."""
-    optim_s: tuple[float, ...]
-    """The block's ``ALLREDUCE`` (one replica: the missing gradients zeroed) and ``OPTIM``."""
-    rest_s: float
-    """A step's time outside the actions: the batch, the bookkeeping."""
-    output_bytes: int
-    """A block's output for one micro-batch, what a stage sends."""
-
-
-def _one_rank_program(num_blocks: int, m: int, split: bool) -> tuple[Action, ...]:
-    """One rank holding every block as a stage of its own: per micro-batch, the forwards through
-    every block, then the backwards (and ``W``s) back; then each block's gradient sum and step."""
-    acts: list[Action] = []
-    for i in range(m):
-        acts += [Action(s, Op.F, i) for s in range(num_blocks)]
-        acts += [Action(s, Op.B, i) for s in reversed(range(num_blocks))]
-        if split:
-            acts += [Action(s, Op.W, i) for s in reversed(range(num_blocks))]
-    return tuple(acts) + tuple(Action(s, op) for s in range(num_blocks) for op in (Op.ALLREDUCE, Op.OPTIM))
-
-
-def _time_actions(model: ModelConfig, num_blocks: int, *, m: int, b: int, seq: int, seed: int, lr: float,
-                  split: bool, steps: int) -> tuple[dict[tuple[Op, int], float], float]:
-    """Median time per (op, block) over ``steps`` steps after one warm-up, and the median rest."""
-    spec = PipelineSpec(model=model, partition=(1,) * num_blocks, rank_of=(0,) * num_blocks, num_ranks=1, dp=1,
-                        num_microbatches=m, micro_batch_size=b, seq_len=seq, seed=seed, optimizer=OptimizerSpec(lr=lr), timeout_s=60.0,
-                        num_threads=1)
-    worker = StageWorker(spec, 0, _one_rank_program(num_blocks, m, split))
-    threads = torch.get_num_threads()
-    samples: list[tuple[Op, int, float]] = []
-
-    def timed(handler):
-        def run(a: Action) -> None:
-            t0 = time.perf_counter()
-            handler(a)
-            samples.append((a.op, a.stage, time.perf_counter() - t0))
-        return run
-
-    try:
-        worker.build(*worker.open_store("127.0.0.1"))
-        worker.handlers = {op: timed(h) for op, h in worker.handlers.items()}
-        by_action: dict[tuple[Op, int], list[float]] = defaultdict(list)
-        rests = []
-        for k in range(steps + 1):
-            samples.clear()
-            t0 = time.perf_counter()
-            worker.run_step(k)
-            wall = time.perf_counter() - t0
-            if k == 0:
-                continue  # warm-up: allocator, first-call paths
-            rests.append(wall - sum(dt for _, _, dt in samples))
-            for op, s, dt in samples:
-                by_action[(op, s)].append(dt)
-    finally:
-        worker.close()
-        torch.set_num_threads(threads)
-    return {k: statistics.median(v) for k, v in by_action.items()}, statistics.median(rests)
-
-
 def measure_blocks(model: ModelConfig, *, m: int, b: int, seq: int, seed: int, lr: float, steps: int,
                    split: bool | None = None, base: BlockCosts | None = None) -> BlockCosts:
-    """Each block's costs (see ``BlockCosts``): one run with the backward whole, one split; or,
-    with ``split``, only that form's run, the other form's figures kept from ``base``."""
-    cfg = gpt_config(model.preset, **model.overrides)
-    n = cfg.num_layers + 2
-    runs = {mode: _time_actions(model, n, m=m, b=b, seq=seq, seed=seed, lr=lr, split=mode, steps=steps)
-            for mode in ((False, True) if split is None else (split,))}
-    if base is None and len(runs) < 2:
-        raise ValueError("measure_blocks: a single form of the backward needs the base costs of the other")
-
-    def per_block(mode: bool, *ops: Op) -> tuple[float, ...]:
-        return tuple(sum(runs[mode][0][(op, s)] for op in ops) for s in range(n))
-
-    main = False if False in runs else True
-    return BlockCosts(fwd_s=per_block(main, Op.F), bwd_s=per_block(False, Op.B) if False in runs else base.bwd_s,
-                      b_s=per_block(True, Op.B) if True in runs else base.b_s,
-                      w_s=per_block(True, Op.W) if True in runs else base.w_s,
-                      optim_s=per_block(main, Op.ALLREDUCE, Op.OPTIM), rest_s=runs[main][1],
-                      output_bytes=b * seq * cfg.hidden_size * 4)
-
-
-def ray_round_trip_s(repeats: int = 20) -> float:
-    """The median round trip of a no-op actor call: Ray's part of each step (the driver calls
-    every worker and waits for them), which the workers' own step times leave out."""
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class Echo:
-        def ping(self) -> int:
-            return 0
-
-    actor = Echo.remote()
-    try:
-        ray.get(actor.ping.remote(), timeout=120)  # the actor's start
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            ray.get(actor.ping.remote(), timeout=30)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-    finally:
-        ray.kill(actor)
+    """Each block's costs on one thread in this process: ``runtime.pipeline_probe.measure_blocks``,
+    what ``memtrain run`` measures on its workers before planning (every layer timed here)."""
+    costs, _ = pipeline_probe.measure_blocks(model, m=m, b=b, seq=seq, seed=seed, optimizer=OptimizerSpec(lr=lr),
+                                             steps=steps, split=split, base=base, num_threads=1)
+    return costs
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,7 +128,9 @@ def simulate(kind: str, p: int, m: int, v: int, partition: tuple[int, ...], cost
     place = placement(kind, p, v)
     sched = add_p2p(generate(kind, p, m, stages_per_rank=v), place)
     plain = stage_costs(costs, partition, kind in _SPLIT_W)
-    wire = Link(gbps=link.gbps, latency_s=max(link.latency_s - recv_s, 0.0), recv_s=recv_s)
+    # a send's own time (``link.send_s``) holds its sender, and is taken off the latency too
+    wire = Link(gbps=link.gbps, latency_s=max(link.latency_s - recv_s - link.send_s, 0.0), recv_s=recv_s,
+                send_s=link.send_s)
     links = {(a, c): wire for a in range(p) for c in range(p) if a != c}  # loopback: every pair alike
     res = simulate_pipeline(sched, place, plain, wire, links=links)
     ends = [0.0] * p
@@ -390,9 +287,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"  per block {label:<10} " + " ".join(f"{x * 1e3:7.2f}" for x in vals) + " ms")
     print(f"  rest of a step (batch, bookkeeping): {_ms(costs.rest_s)}")
     probe = link_probe.probe()
-    rtt = ray_round_trip_s()
+    rtt = pipeline_probe.ray_round_trip_s()
     print(f"  gloo on loopback: latency {probe.link.latency_s * 1e6:.0f} µs, {probe.link.gbps:.2f} GB/s, a late "
-          f"receive {probe.recv_s * 1e6:.0f} µs; Ray actor call round trip {_ms(rtt)}")
+          f"receive {probe.recv_s * 1e6:.0f} µs, a send {probe.link.send_s * 1e6:.0f} µs; Ray actor call round trip "
+          f"{_ms(rtt)}")
     print()
     head = (f"{'schedule':<17}{'partition':<14}{'measured':>11}{'bubble':>8}{'simulated':>11}{'bubble':>8}"
             f"{'error':>8}{'torch':>11}{'memtrain/torch':>16}{'max|Δloss|':>12}{'load':>6}")

@@ -261,6 +261,10 @@ class CheckpointConfig:
             _check_path("checkpoint.dir", self.dir)
 
 
+PROFILE_MODES = ("auto", "measure", "catalog")
+"""``parallel.profile``'s words; anything else is a file."""
+
+
 @dataclass(kw_only=True, slots=True)
 class ParallelConfig:
     """How the model is spread over devices: ``pipeline`` × ``data`` workers, one per device.
@@ -293,6 +297,11 @@ class ParallelConfig:
     nvme_dir: str = ""
     """For stages whose states live on NVMe (``memory.offload: nvme``, or a plan that puts them
     there): a directory on each node's local NVMe; each worker writes under it."""
+    profile: str = "auto"
+    """Figures a pipeline run plans with: ``auto`` measures the blocks, the link and Ray's round trip on
+    the workers first when they compute on CPUs (the catalog's figures for a CPU are rough), ``measure``
+    on any devices, ``catalog`` uses the catalog's; or the path of a ``pipeline-profile.json`` an earlier
+    run wrote in its run directory (used as is, nothing measured; ``memtrain plan`` uses it too)."""
 
     def __post_init__(self) -> None:
         _check_int("parallel.pipeline", self.pipeline, 0, MAX_PARALLEL_DEGREE)
@@ -305,6 +314,9 @@ class ParallelConfig:
         _check_int("parallel.zero", self.zero, 0, 2)
         if self.nvme_dir:
             _check_path("parallel.nvme_dir", self.nvme_dir)
+        if not self.profile:
+            raise ConfigError("parallel.profile: auto, measure, catalog or the path of a pipeline-profile.json; got ''")
+        _check_path("parallel.profile", self.profile)
         _check_number("parallel.comm_timeout_s", self.comm_timeout_s, f"a number of seconds in (0, {MAX_TIMEOUT_S:g}]",
                       lambda v: 0 < v <= MAX_TIMEOUT_S)
         if self.partition is not None:
@@ -324,6 +336,11 @@ class ParallelConfig:
         """Devices the run needs: one worker per pipeline rank per data-parallel copy (0 when a
         degree is left to the planner)."""
         return self.pipeline * self.data
+
+    @property
+    def profile_file(self) -> str | None:
+        """``profile`` when it names a file (not ``auto``, ``measure`` or ``catalog``)."""
+        return None if self.profile in PROFILE_MODES else self.profile
 
     @property
     def planner_chooses(self) -> bool:

@@ -27,6 +27,7 @@ from memtrain.cluster.spec import ClusterSpec
 from memtrain.errors import UserError
 from memtrain.planner import pipeline
 from memtrain.planner.hetero_plan import build_plan, simulate_candidate
+from memtrain.planner.measured import MeasuredPipeline
 from memtrain.planner.partition import (
     Candidate, device_groups, flat_devices, layout, partition, shapes, stage_budgets,
 )
@@ -68,6 +69,7 @@ def plan_cluster(
     activations: str = "auto",
     zero: int = 0,
     clip_grad_norm: bool = False,
+    measured: MeasuredPipeline | None = None,
 ) -> Plan:
     """The fastest predicted pipeline plan of ``stats`` (analysed at micro-batch size 1) over
     every device of ``cluster`` (see the module doc). ``device_budget`` caps each device's
@@ -81,7 +83,9 @@ def plan_cluster(
     (planner.stage_cost [Note: ZeRO in a stage's estimate]; ZeRO-2's reduce under the last
     backward, planner.hetero_plan); ``clip_grad_norm`` (``train.max_grad_norm``): every rank's
     programs get their ``CLIP``, costed as the collective it is (planner.hetero_plan [Note:
-    pipeline step]). Raises ``UserError`` naming what does not fit when nothing does."""
+    pipeline step]); ``measured`` (runtime.pipeline_probe) replaces the catalog's figures for the
+    devices of its kind, their links and the step's own time (planner.measured [Note: measured
+    pipeline]). Raises ``UserError`` naming what does not fit when nothing does."""
     dtype, optimizer = DType(dtype), Optimizer(optimizer)
     devices = flat_devices(cluster)
     _check(stats, cluster, devices, global_batch_size, micro_batch_size, dtype, safety_margin, schedules,
@@ -102,7 +106,8 @@ def plan_cluster(
             train = TrainShape(global_batch_size=global_batch_size, micro_batch_size=shape.micro_batch_size,
                                num_microbatches=shape.num_microbatches, seq_len=base.seq_len, dtype=dtype,
                                optimizer=optimizer, clip_grad_norm=clip_grad_norm)
-            models[key] = StageModel(base.scaled(shape.micro_batch_size), train, activations, shards=key[1], zero=zero)
+            models[key] = StageModel(base.scaled(shape.micro_batch_size), train, activations, shards=key[1], zero=zero,
+                                     measured=measured)
         cand = layout(shape, counts, devices, cluster, budgets, models[key])
         if cand is not None:
             cand.fixed = fixed

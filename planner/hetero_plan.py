@@ -16,6 +16,13 @@ its memory lines draw them ([Note: repeated micro-batches in the picture]). A ra
 memory is its stages' states, buffers and workspace, plus the activations the simulation has it
 hold at its peak.
 
+[Note: tied weights at the step's end] A parameter the last stage shares with the first (the
+built-in GPT's head tied to its embedding) has its gradient summed over the two ranks holding
+them (runtime.stage_worker's ``ALLREDUCE``, before the replicas' sum): both end ranks wait for
+the later of them, then a two-rank all-reduce of its fp32 gradient over their link, each
+message with the link's send and receive times (the V schedules keep both stages on one rank:
+no sum).
+
 [Note: ZeRO at the step's end] Under ``parallel.zero`` (``StageModel.zero``, over the shape's
 ``d`` copies) a rank's gradient sum is a reduce-scatter and an all-gather, an all-reduce's time
 in all. ZeRO-1 runs both after the last pass, copying the whole gradient into one flat buffer
@@ -34,7 +41,7 @@ from dataclasses import dataclass
 from memtrain.cluster.spec import ClusterSpec
 from memtrain.errors import UserError
 from memtrain.planner import pipeline
-from memtrain.planner.partition import MAX_EXACT_PASSES, Candidate, link_between, reduce_time_s
+from memtrain.planner.partition import MAX_EXACT_PASSES, Candidate, allreduce_time_s, link_between, reduce_time_s
 from memtrain.planner.plan import (
     Action, ActPolicy, DevicePrediction, MemoryPoint, MemoryPolicy, Op, PipelineAlternative, PipelinePlan, Plan,
     Prediction, RankPlan, TimelineEvent, TrainShape,
@@ -108,11 +115,13 @@ def _stage_costs(cand: Candidate, estimates: list[StageEstimate]) -> list[StageC
     out = []
     for (first, end), est in zip(cand.partition, estimates):
         out_bytes = model.stats.blocks[end - 1].output_bytes
-        # a split backward: B and W halve the backward; B replays the recomputed forwards and
-        # holds what it brings back until W (planner.stage_cost [Note: activations between B and W])
+        # a split backward: B and W share the backward (measured, else half each); B replays the
+        # recomputed forwards and holds what it brings back until W (planner.stage_cost [Note:
+        # activations between B and W])
         grads = est.bwd_s - est.recompute_s
-        out.append(StageCost(fwd_s=est.fwd_s, bwd_s=grads / 2 + est.recompute_s if split else est.bwd_s,
-                             wgrad_s=grads / 2 if split else 0.0, activation_bytes=est.act_bytes,
+        w = model.w_share(first, end) if split else 0.0
+        out.append(StageCost(fwd_s=est.fwd_s, bwd_s=grads * (1 - w) + est.recompute_s if split else est.bwd_s,
+                             wgrad_s=grads * w, activation_bytes=est.act_bytes,
                              bw_bytes=est.bw_bytes if split else 0, output_bytes=out_bytes))
     return out
 
@@ -124,8 +133,9 @@ def _links(cand: Candidate, cluster: ClusterSpec) -> dict[tuple[int, int], Link]
     ranks, order = cand.ranks, cand.stage_ranks
     for a, b in zip(order, order[1:]):
         if a != b:
-            out[(a, b)] = link_between(cluster, (ranks[a][0], ranks[a][1]), (ranks[b][0], ranks[b][1]))
-            out[(b, a)] = link_between(cluster, (ranks[b][0], ranks[b][1]), (ranks[a][0], ranks[a][1]))
+            measured = cand.model.measured if cand.model is not None else None
+            out[(a, b)] = link_between(cluster, (ranks[a][0], ranks[a][1]), (ranks[b][0], ranks[b][1]), measured)
+            out[(b, a)] = link_between(cluster, (ranks[b][0], ranks[b][1]), (ranks[a][0], ranks[a][1]), measured)
     return out
 
 
@@ -203,6 +213,16 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
         simulated, cut, period = m, None, 0.0
     opt = [0.0] * p
     ar = [0.0] * p
+    # [Note: tied weights at the step's end] a parameter the last stage shares with the first (a
+    # head tied to the embedding) has its gradient summed over the two ranks that hold them first
+    # (runtime.stage_worker's ALLREDUCE): both wait for the later of them, then the sum
+    first_r, last_r = cand.stage_ranks[0], cand.stage_ranks[-1]
+    tied = model.shared_numel(cand.partition[0], cand.partition[-1]) if first_r != last_r else 0
+    if tied:
+        link = link_between(cluster, cand.ranks[last_r][:2], cand.ranks[first_r][:2], model.measured)
+        both = max(ends[first_r], ends[last_r])
+        for r in (first_r, last_r):
+            ar[r] += both - ends[r] + allreduce_time_s(4 * tied, 2, link) + 2 * (link.send_s + link.recv_s)
     static, host, nvme = [0] * p, [0] * p, [0] * p
     act_gpipe = [0] * p
     grads, copy = [0] * p, [0] * p
@@ -227,6 +247,8 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
     step = max(end + a + o for end, a, o in zip(ends, ar, opt))
     if model.train.clip_grad_norm:  # [Note: pipeline step] every update after the norm exchange
         step = max(end + a for end, a in zip(ends, ar)) + _clip_s(cand, links) + max(opt)
+    # a measured run's own time per step outside its passes (planner.measured [Note: measured pipeline])
+    step += model.step_overhead_s([r[1] for r in cand.ranks])
     problem = next((f"stage {s}: {est.offload}" for s, est in enumerate(estimates) if not est.fits), "")
     for r in range(p):
         node_i, dev, _, _, budget = cand.ranks[r]

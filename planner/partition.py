@@ -21,6 +21,7 @@ from itertools import permutations
 
 from memtrain.cluster.spec import ClusterSpec, DeviceSpec, HostSpec, NvmeSpec
 from memtrain.planner import pipeline
+from memtrain.planner.measured import MeasuredPipeline
 from memtrain.planner.plan import Op
 from memtrain.planner.simulate_pipeline import REDUCE_BUCKET_ELEMS, Link, zero2_exposed_s
 from memtrain.planner.stage_cost import StageBudget, StageEstimate, StageModel
@@ -233,9 +234,15 @@ def device_groups(devices: Sequence[tuple[int, DeviceSpec]]) -> dict[DeviceSpec,
     return out
 
 
-def link_between(cluster: ClusterSpec, a: tuple[int, DeviceSpec], b: tuple[int, DeviceSpec]) -> Link:
-    """Between two devices (node index, spec): over PCIe on one node (the slower end's copy
-    bandwidth), else the network."""
+def link_between(cluster: ClusterSpec, a: tuple[int, DeviceSpec], b: tuple[int, DeviceSpec],
+                 measured: MeasuredPipeline | None = None) -> Link:
+    """Between two devices (node index, spec): the link ``measured`` on the workers where it
+    has one for two devices of their kind (planner.measured [Note: measured pipeline]); else over
+    PCIe on one node (the slower end's copy bandwidth), else the network."""
+    if measured is not None and a[1].kind == b[1].kind == measured.device_kind:
+        link = measured.link_for(a[0] == b[0])
+        if link is not None:
+            return link
     if a[0] == b[0]:
         return Link(gbps=min(a[1].d2h_gbps, b[1].h2d_gbps), latency_s=INTRA_NODE_LATENCY_S)
     return Link(gbps=cluster.network_gbps, latency_s=INTER_NODE_LATENCY_S)
@@ -352,13 +359,17 @@ def layout(shape: Shape, counts: Mapping[str, list[int]], devices, cluster: Clus
         crosses = len({a[0] for a in ring}) > 1
         # across nodes, the node's devices all-reduce at once and share its network
         sharing = len(cluster.nodes[ring[0][0]].devices)
-        cand.ar_links.append(Link(gbps=cluster.network_gbps / sharing, latency_s=INTER_NODE_LATENCY_S)
-                             if crosses else link_between(cluster, ring[0], ring[0]))
+        measured = model.measured.link_for(not crosses) if model.measured is not None else None
+        if measured is not None and all(dev.kind == model.measured.device_kind for _, dev in ring):
+            cand.ar_links.append(measured)
+        else:
+            cand.ar_links.append(Link(gbps=cluster.network_gbps / sharing, latency_s=INTER_NODE_LATENCY_S)
+                                 if crosses else link_between(cluster, ring[0], ring[0]))
     # bound: the model's compute spread over the ranks by speed, the schedule's bubble on top
     full = [model.compute_s(dev, 0, model.num_blocks) for _, dev, _, _, _ in ranks]
     share = model.num_params(0, model.num_blocks) // p  # the average rank's parameters: its all-reduce
     tail = min(allreduce_time_s(4 * share, d, link) for link in cand.ar_links)
-    cand.bound_s = m / sum(1.0 / t for t in full) * (1 + ratio) + tail
+    cand.bound_s = m / sum(1.0 / t for t in full) * (1 + ratio) + tail + model.step_overhead_s([r[1] for r in ranks])
     return cand
 
 
@@ -408,7 +419,7 @@ def partition(cand: Candidate) -> None:
         tail[r] += est.tail_s + reduce_time_s(model, shape.schedule, est, model.num_params(*bounds[s]),
                                               shape.data_parallel, cand.ar_links[r])
     ratio = bubble_ratio(shape.schedule, p, m) or 0.0
-    cand.estimate_s = max(busy) * (1 + ratio) + max(tail)
+    cand.estimate_s = max(busy) * (1 + ratio) + max(tail) + model.step_overhead_s([r[1] for r in cand.ranks])
 
 
 def why_not(cand: Candidate, *stage: int) -> str:

@@ -7,7 +7,8 @@ takes its stage's time; a send takes the link's latency plus the bytes at its ba
 the pass that produced them, and its receive, a task on the receiving rank, waits for it and
 then takes the link's ``recv_s``: what a receive costs its rank once both sides are ready (under
 gloo a rendezvous round, bench/link_probe.py [Note: rendezvous]; 0 where the data lands without
-the receiver's help). Without sends and receives in the lists, a pass waits for the pass it needs directly.
+the receiver's help); a send may hold its own rank for the link's ``send_s`` before it starts.
+Without sends and receives in the lists, a pass waits for the pass it needs directly.
 A stage's activations are held on its rank (tier ``rank<r>``) from the end of its forward to the
 end of its backward, or of its ``W`` when the backward is split; under a split backward, what a
 recompute rebuilds or a swap brings back (``bw_bytes``) is taken when the ``B`` starts and held
@@ -100,6 +101,10 @@ class Link:
     recv_s: float = 0.0
     """The receiving rank's own time per receive, from when both sides are ready (see the module
     doc); the wire's ``latency_s`` is what is left of a transfer's fixed cost."""
+    send_s: float = 0.0
+    """The sending rank's own time per send, before the transfer starts (the call that starts it:
+    where other processes share the cores, waking a waiting receiver costs the sender a slice,
+    comm.link_probe [Note: mean, not median]); 0 where a send costs nothing measurable."""
 
     def time_s(self, num_bytes: int) -> float:
         return self.latency_s + num_bytes / (self.gbps * 1e9)
@@ -238,7 +243,10 @@ def _add(g: TaskGraph, task: dict, a: Action, r: int, deps: list[int], place: Pl
     elif a.op in (Op.SEND_F, Op.SEND_B):
         dst = place.rank_of[s + 1] if a.op is Op.SEND_F else place.rank_of[s - 1]
         nbytes = cost.output_bytes if a.op is Op.SEND_F else stages[s - 1].output_bytes
-        t = g.add(str(a), f"link:{r}>{dst}", links.get((r, dst), link).time_s(nbytes), deps=deps)
+        wire = links.get((r, dst), link)
+        if wire.send_s > 0:  # the sender's own part, on its compute stream, then the transfer
+            deps = [g.add(f"{a}:post", compute, wire.send_s, deps=deps)]
+        t = g.add(str(a), f"link:{r}>{dst}", wire.time_s(nbytes), deps=deps)
     elif a.op in (Op.RECV_F, Op.RECV_B):
         src = place.rank_of[s - 1] if a.op is Op.RECV_F else place.rank_of[s + 1]
         t = g.add(str(a), compute, links.get((src, r), link).recv_s, deps=deps)

@@ -44,11 +44,13 @@ candidates the heterogeneous planner keeps.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
 from memtrain.planner import cost
+from memtrain.planner.measured import MeasuredPipeline
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier, TrainShape
 from memtrain.planner.stats import BlockStats, DType, ModelStats, Optimizer, dtype_bytes
 
@@ -151,8 +153,11 @@ class StageModel:
     """Stage costs of one model at one micro-batch size (see the module doc)."""
 
     def __init__(self, stats: ModelStats, train: TrainShape, activations: ActPolicy | str = "auto", *,
-                 shards: int = 1, zero: int = 0) -> None:
+                 shards: int = 1, zero: int = 0, measured: MeasuredPipeline | None = None) -> None:
         self.stats, self.train = stats, train
+        self.measured = measured
+        """Costs measured on the workers (planner.measured [Note: measured pipeline]): a device of
+        their kind takes its blocks' passes and optimizer steps from them."""
         self.activations = None if activations == "auto" else ActPolicy(activations)
         """Every block's policy when the config fixes it (``memory.activations``), else None
         ([Note: fixed activations in a stage])."""
@@ -195,6 +200,11 @@ class StageModel:
             self._where.append(key)
         return self._places[key]
 
+    def shared_numel(self, a: tuple[int, int], b: tuple[int, int]) -> int:
+        """Parameters the blocks of range ``b`` use that blocks of range ``a`` own (a head tied to
+        the embedding): what two stages holding them sum the gradients of."""
+        return sum(n for q, o, n in self.shared if b[0] <= q < b[1] and a[0] <= o < a[1])
+
     def num_params(self, first: int, end: int) -> int:
         extra = sum(n for q, o, n in self.shared if first <= q < end and not first <= o < end)
         return self.params[end] - self.params[first] + extra
@@ -227,10 +237,41 @@ class StageModel:
     def _compute(self, device: DeviceSpec) -> tuple[list[float], list[float]]:
         if device not in self._times:
             s, mbs, dt = self.stats, self.stats.micro_batch_size, self.dtype
-            fwd = [cost.block_fwd_time_s(b, device, dt, mbs) + cost.block_overhead_s(s, b, backward=False) for b in s.blocks]
-            bwd = [cost.block_bwd_time_s(b, device, dt, mbs) + cost.block_overhead_s(s, b, backward=True) for b in s.blocks]
+            if self._measures(device):
+                assert self.measured is not None
+                fwd, bwd = self.measured.block_times(mbs)
+            else:
+                fwd = [cost.block_fwd_time_s(b, device, dt, mbs) + cost.block_overhead_s(s, b, backward=False)
+                       for b in s.blocks]
+                bwd = [cost.block_bwd_time_s(b, device, dt, mbs) + cost.block_overhead_s(s, b, backward=True)
+                       for b in s.blocks]
             self._times[device] = (_prefix(fwd), _prefix(bwd))
         return self._times[device]
+
+    def _measures(self, device: DeviceSpec) -> bool:
+        """The measured costs apply to ``device`` (its kind, and one figure per block)."""
+        m = self.measured
+        return m is not None and device.kind == m.device_kind and len(m.blocks.fwd_s) == self.num_blocks
+
+    def device_optim_s(self, first: int, end: int, n: int, device: DeviceSpec) -> float:
+        """The optimizer step of ``n`` of blocks ``[first, end)``'s parameters kept on ``device``
+        (ZeRO: the shard's): measured where the costs were, else the device's memory bandwidth."""
+        if self._measures(device) and n:
+            assert self.measured is not None
+            whole = sum(self.measured.blocks.optim_s[first:end])
+            return whole * min(1.0, n / max(self.num_params(first, end), 1))
+        return cost.device_optimizer_time_s(n, self.dtype, self.optimizer, device)
+
+    def step_overhead_s(self, devices: Sequence[DeviceSpec]) -> float:
+        """Per step, outside the pipeline's passes, for ranks on ``devices``: measured (a worker's
+        rest of the step and Ray's round trip, planner.measured) where one is of the measured
+        kind, else 0."""
+        m = self.measured
+        return m.step_overhead_s if m is not None and any(d.kind == m.device_kind for d in devices) else 0.0
+
+    def w_share(self, first: int, end: int) -> float:
+        """Of a split backward of blocks ``[first, end)``, the ``W`` part's share: measured, else half."""
+        return self.measured.w_share(first, end) if self.measured is not None else 0.5
 
     def estimate(self, first: int, end: int, where: int, in_flight: int, num_microbatches: int,
                  in_bw: int = 0) -> StageEstimate:
@@ -249,7 +290,7 @@ class StageModel:
         fwd, bwd = self._compute(device)
         f_s, b_s = fwd[end] - fwd[first], bwd[end] - bwd[first]
         n = self.num_params(first, end)
-        c, dt, opt = self.c, self.dtype, self.optimizer
+        c = self.c
         last = end == self.num_blocks
         work = self.max_work(first, end) + (self.stats.loss_activation_bytes if last else 0) + c * self.max_param(first, end)
         acts, inputs = self.acts[end] - self.acts[first], self.inputs[end] - self.inputs[first]
@@ -268,7 +309,7 @@ class StageModel:
             room = budget.device - k * held - extra - work
             if room >= self.device_state_bytes(n):
                 est = StageEstimate(fwd_s=f_s, bwd_s=bwd_s,
-                                    tail_s=cost.device_optimizer_time_s(-(-n // self.shards), dt, opt, device),
+                                    tail_s=self.device_optim_s(first, end, -(-n // self.shards), device),
                                     device_bytes=budget.device - room + self.device_state_bytes(n), host_bytes=0,
                                     nvme_bytes=0, act_bytes=held, offload="activations recomputed" if recompute else "",
                                     fits=True,
@@ -308,7 +349,7 @@ class StageModel:
         fits = (device_bytes <= budget.device and host_bytes <= budget.host
                 and (not swap_nvme or (nvme is not None and nvme_bytes <= budget.nvme)))
         return StageEstimate(fwd_s=max(f_s, out_s), bwd_s=max(b_s, in_s),
-                             tail_s=cost.device_optimizer_time_s(n, self.dtype, self.optimizer, device),
+                             tail_s=self.device_optim_s(first, end, n, device),
                              device_bytes=device_bytes, host_bytes=host_bytes, nvme_bytes=nvme_bytes, act_bytes=0,
                              bw_bytes=acts if kb else 0,
                              offload=f"activations swapped to {'NVMe' if swap_nvme else 'the host'}", fits=fits,
@@ -340,7 +381,7 @@ class StageModel:
         read_s = cost.disk_read_time_s(on_nvme * c, nvme) if on_nvme and nvme is not None else 0.0
         fwd_s = max(f_s, copy_in + read_s)
         bwd_s = max(b_s, copy_in + read_s + copy_out)
-        tail = (cost.device_optimizer_time_s(resident, dt, opt, device) + cost.cpu_optimizer_time_s(off, opt, host))
+        tail = self.device_optim_s(first, end, resident, device) + cost.cpu_optimizer_time_s(off, opt, host)
         if on_nvme and nvme is not None:
             disk = cost.chunk_disk_bytes(on_nvme, dt, opt)
             tail += cost.disk_read_time_s(disk, nvme) + cost.disk_write_time_s(disk, nvme)

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from memtrain.config import Config, ConfigError
 from memtrain.errors import UserError
+from memtrain.planner.measured import planned_from_measured
 from memtrain.runtime.planning import run_devices, run_dir
 from memtrain.units import format_bytes, format_seconds
 
@@ -87,14 +88,14 @@ def _chosen_cluster(inventory: Any, chosen: list[int]) -> Any:
     return ClusterSpec(nodes=tuple(nodes), network_gbps=inventory.spec.network_gbps, source="ray")
 
 
-def plan_run(cfg: Config, inventory: Any, chosen: list[int]) -> Any:
+def plan_run(cfg: Config, inventory: Any, chosen: list[int], measured: Any = None) -> Any:
     """The pipeline plan of ``cfg`` over the devices ``chosen`` (indices into ``inventory.slots``;
     the heterogeneous planner, ``planner.hetero``): the config's degrees and schedule fixed, the
     partition balanced for the devices (or the config's ``parallel.partition``), the programs the
-    workers run."""
+    workers run; ``measured`` (runtime.pipeline_probe) in place of the catalog's figures."""
     from memtrain.planner.analyze import analyze
     from memtrain.planner.hetero import plan_cluster
-
+    from memtrain.planner.measured import MEASURED_SOURCE
     from memtrain.planner.pipeline import SCHEDULES
 
     par = cfg.parallel
@@ -105,8 +106,9 @@ def plan_run(cfg: Config, inventory: Any, chosen: list[int]) -> Any:
         safety_margin=cfg.memory.safety_margin, device_budget=cfg.memory.device, host_budget=cfg.memory.host,
         nvme_budget=cfg.memory.nvme, schedules=SCHEDULES if par.schedule == "auto" else (par.schedule,),
         pipeline_degree=par.pipeline or None, data_parallel_degree=par.data or None,
-        num_microbatches=par.microbatches, stage_blocks=par.partition, source="ray", activations=cfg.memory.activations,
-        zero=par.zero, clip_grad_norm=cfg.train.max_grad_norm > 0)
+        num_microbatches=par.microbatches, stage_blocks=par.partition, activations=cfg.memory.activations,
+        source=f"ray; {MEASURED_SOURCE}" if measured is not None else "ray", zero=par.zero, measured=measured,
+        clip_grad_norm=cfg.train.max_grad_norm > 0)
     if plan.pipeline is None or not plan.fits:
         raise ConfigError(f"the model does not fit the cluster's devices: {plan.shortfall}")
     if par.planner_chooses:
@@ -174,18 +176,22 @@ def run_distributed(cfg: Config, address: str | None = None, *, overwrite: bool 
     with ray_cluster.connected(address) as line:
         print_fn(f"memtrain: {line}")
         inventory = ray_cluster.cluster_inventory(cfg.cluster.network_gbps)
-        if plan is None and cfg.parallel.planner_chooses:  # over every device; the plan's choices then fixed
-            chosen = list(range(len(inventory.slots)))
-            plan = plan_run(cfg, inventory, chosen)
+        chooses = plan is None and cfg.parallel.planner_chooses
+        chosen = list(range(len(inventory.slots))) if chooses else check_devices(cfg, inventory)
+        measured = None
+        if plan is None:  # the figures to plan with (runtime.pipeline_probe; a resumed run has its plan)
+            from memtrain.runtime.pipeline_probe import measured_for_run
+
+            measured = measured_for_run(cfg, [inventory.slots[i].kind for i in chosen],
+                                        [ray_cluster.Assignment.of_slot(r, inventory.slots[i])
+                                         for r, i in enumerate(chosen[:2])], out_dir, print_fn)
+            plan = plan_run(cfg, inventory, chosen, measured)
+        if chooses:  # over every device; the plan's choices then fixed
             cfg = _with_choices(cfg, plan)
             print_fn(f"memtrain: the planner chose {plan.pipeline.why or plan.pipeline.schedule_kind}")
-        else:
-            chosen = check_devices(cfg, inventory)
-            if plan is None:
-                plan = plan_run(cfg, inventory, chosen)
         assignments = assignments_for(plan, inventory, chosen)
         return _train(cfg, plan, assignments, run_pipeline, out_dir, overwrite, print_fn,
-                      f"{cfg.parallel.num_workers} workers on {inventory.describe()}", resume_from)
+                      f"{cfg.parallel.num_workers} workers on {inventory.describe()}", resume_from, measured)
 
 
 def stage_homes(cfg: Config, plan: Any) -> tuple[str, ...]:
@@ -234,7 +240,8 @@ def stage_activations(cfg: Config, plan: Any) -> tuple[tuple[str, ...], ...]:
 
 
 def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callable[..., Any], out_dir: Path,
-           overwrite: bool, print_fn: Callable[[str], None], where: str, resume_from: Any) -> dict:
+           overwrite: bool, print_fn: Callable[[str], None], where: str, resume_from: Any,
+           measured: Any = None) -> dict:
     from memtrain.planner import report
     from memtrain.runtime.checkpoint import Checkpointer
     from memtrain.runtime.train import (StopSignals, Stopped, checkpoint_root, lr_at, non_finite, remove_artifacts,
@@ -299,6 +306,7 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
             finite = math.isfinite(loss)
             record = {"step": k + 1, "loss": loss if finite else None, "step_time_s": dt,
                       "tokens_per_s": tokens_per_step / dt, "lr": lr_at(k, cfg),
+                      "predicted_step_time_s": plan.prediction.step_time_s,
                       "rank_step_time_s": [r.time_s for r in results], "rank_busy_s": [r.busy_s for r in results],
                       "peak_bytes": peaks,
                       "rank_device": [r.device for r in results]}
@@ -344,20 +352,31 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
     for line in closing_lines(plan, step_times, result):
         print_fn(line)
     return {"losses": list(result.losses), "step_times_s": step_times, "plan": plan, "result": result,
-            "first_step": start + 1}
+            "first_step": start + 1, "measured_step_time_s": _median_step(step_times),
+            "predicted_step_time_s": plan.prediction.step_time_s,
+            "predicted_from": "measured" if planned_from_measured(plan) else "catalog", "measured_costs": measured}
+
+
+def _median_step(step_times: list[float]) -> float:
+    """The median step time after the first step, which warms up."""
+    import statistics
+
+    return statistics.median(step_times[1:] or step_times) if step_times else 0.0
 
 
 def closing_lines(plan: Any, step_times: list[float], result: Any) -> list[str]:
-    """Measured against predicted: the median step time (after the first step, which warms up)
-    and, per rank, its share of the step spent idle (waiting on its peers)."""
+    """Measured against predicted: the median step time (after the first step, which warms up),
+    with what the prediction was made from (costs measured on the workers, runtime.pipeline_probe,
+    or the catalog's figures), and, per rank, its share of the step spent idle (waiting on its peers)."""
     import statistics
 
     timed = step_times[1:] or step_times
-    measured = statistics.median(timed)
+    got = _median_step(step_times)
     predicted = plan.prediction.step_time_s
-    lines = [f"step time: measured {format_seconds(measured)} (median of {len(timed)}), predicted "
-             f"{format_seconds(predicted)} ({measured / predicted:.2f}x)" if predicted else
-             f"step time: measured {format_seconds(measured)} (median of {len(timed)})"]
+    source = "costs measured on the workers" if planned_from_measured(plan) else "the catalog's figures"
+    lines = [f"step time: measured {format_seconds(got)} (median of {len(timed)}), predicted "
+             f"{format_seconds(predicted)} from {source} ({got / predicted:.2f}x)" if predicted else
+             f"step time: measured {format_seconds(got)} (median of {len(timed)})"]
     per_rank = list(zip(*result.step_times_s[1:] or result.step_times_s))
     ranks = {rp.rank: rp for rp in plan.pipeline.ranks}
     for rank, times in enumerate(per_rank):
@@ -367,7 +386,8 @@ def closing_lines(plan: Any, step_times: list[float], result: Any) -> list[str]:
         busy = statistics.median(b[rank] for b in (result.busy_s[1:] or result.busy_s))
         step = statistics.median(times)
         lines.append(f"rank {rank}{node} ({device}): busy {format_seconds(busy)} of its {format_seconds(step)} step, "
-                     f"idle {1 - busy / step:.0%} measured; predicted busy {format_seconds(rp.busy_s if rp else 0.0)}, "
+                     f"idle {1 - busy / step:.0%} measured; predicted busy "
+                     f"{format_seconds(rp.busy_s + rp.optimizer_s if rp else 0.0)}, "
                      f"idle {rp.bubble_fraction if rp else 0.0:.0%}")
         if rp is not None and rp.device.kind != "cpu" and device == "cpu":
             lines.append(f"  note: rank {rank} computed on the CPU although the plan puts it on a {rp.device.kind}: torch "

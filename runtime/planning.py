@@ -132,7 +132,8 @@ def plan_cluster_from_config(cfg: Config, *, pipeline_degree: int | None = None,
     ``pipeline × data`` devices ``memtrain run`` would use are planned over when both are fixed), a
     schedule other than ``auto``, ``microbatches`` and ``partition``; ``pipeline_degree``,
     ``data_parallel_degree`` and ``schedules`` override it. Figures from the catalog or this
-    machine; a profile measures one device, so none is applied here."""
+    machine; a profile measures one device, so none is applied here, but a pipeline's measured
+    costs are when ``parallel.profile`` names the file a run kept (planner.measured)."""
     import dataclasses
 
     from memtrain.cluster.inventory import resolve_cluster
@@ -148,13 +149,30 @@ def plan_cluster_from_config(cfg: Config, *, pipeline_degree: int | None = None,
     if pipeline_degree and data_parallel_degree:
         cluster, notes = _devices_for(cluster, pipeline_degree * data_parallel_degree, cfg)
     stats = analyze(cfg.model, seq_len=cfg.train.seq_len, micro_batch_size=1, dtype=cfg.train.dtype)
+    from memtrain.planner.measured import MEASURED_FILE, MEASURED_SOURCE, load_measured
+
+    measured, source = None, cluster.source
+    if par.profile_file is not None:
+        from memtrain.planner.profile_format import model_key
+
+        measured = load_measured(par.profile_file)
+        why = measured.mismatch(model_key(cfg.model, cfg.train.seq_len, cfg.train.dtype))
+        if why:
+            raise ConfigError(f"parallel.profile: {par.profile_file} was {why}, not this config's; set "
+                              "parallel.profile: auto (a run measures) or catalog")
+        source = f"{cluster.source}; {MEASURED_SOURCE} ({par.profile_file})"
+    elif par.profile == "measure" or (par.profile == "auto" and all(d.kind == "cpu" for n in cluster.nodes
+                                                                     for d in n.devices)):
+        notes.append(f"'memtrain run' measures the workers first (parallel.profile: {par.profile}) and plans with "
+                     f"what it measures; parallel.profile: {run_dir(cfg) / MEASURED_FILE} plans with a "
+                     "run's figures here")
     plan = plan_cluster(
         stats, cluster, name=cfg.name, global_batch_size=cfg.train.global_batch_size,
         micro_batch_size=cfg.train.micro_batch_size, dtype=cfg.train.dtype, optimizer=cfg.train.optimizer.name,
         safety_margin=cfg.memory.safety_margin, device_budget=cfg.memory.device, host_budget=cfg.memory.host,
         nvme_budget=cfg.memory.nvme, schedules=schedules, pipeline_degree=pipeline_degree,
         data_parallel_degree=data_parallel_degree, num_microbatches=par.microbatches, stage_blocks=par.partition,
-        source=cluster.source, activations=cfg.memory.activations, zero=par.zero,
+        source=source, activations=cfg.memory.activations, zero=par.zero, measured=measured,
         clip_grad_norm=cfg.train.max_grad_norm > 0)
     return dataclasses.replace(plan, source_notes=tuple(notes)) if notes else plan
 

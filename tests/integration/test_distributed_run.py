@@ -29,8 +29,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _config(tmp_path, *sets):
+    # the catalog's figures: these runs check what is trained, not the prediction (test_measured_run.py)
     return load_config("examples/gpt-tiny-pp2.yaml", ["train.steps=4", "train.warmup_steps=2",
-                                                      "train.lr_schedule=cosine", f"run_dir={tmp_path}/run", *sets])
+                                                      "train.lr_schedule=cosine", f"run_dir={tmp_path}/run",
+                                                      "parallel.profile=catalog", *sets])
 
 
 def _reference(cfg, *, bf16: bool = False) -> list[list[float]]:

@@ -1,0 +1,331 @@
+"""Measure a pipeline's costs on the workers before planning it: the blocks' passes and optimizer
+steps, the link between two workers and Ray's round trip (planner.measured [Note: measured
+pipeline]); ``memtrain run`` plans with them (runtime.distributed), and bench/pipeline.py times
+with the same functions.
+
+- **Blocks** (``measure_blocks``): a ``StageWorker`` of one rank holding every block as a stage of
+  its own runs the step's program (per micro-batch the forwards through every block, then the
+  backwards, then each block's gradient sum and optimizer step) for a warm-up and a few steps, on
+  the workers' threads; each action's time is the worker's own (``StepResult.action_s``), the
+  step's rest (the batch, the bookkeeping) what is left of its wall time. A model of more than
+  ``MAX_TIMED_LAYERS`` layers is timed with that many (a GPT's layers are alike), the figures of
+  its layers repeated, so the timing is short and fits one worker.
+- **Link** (comm.link_probe): two actors on the first two devices of the run join a gloo world and
+  pass tensors as the workers do.
+- **Round trip**: a no-op call of an actor, the driver's part of every step.
+
+``measure_pipeline`` does all three on two ``ProbeActor`` actors placed as the run's first two
+workers will be (rank 0's times the blocks), in a few seconds for a small model.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from memtrain.comm.link_probe import trimmed_mean
+from memtrain.config import DataConfig, ModelConfig
+from memtrain.models.gpt import gpt_config
+from memtrain.optimizers import OptimizerSpec
+from memtrain.planner.measured import BlockCosts, MeasuredPipeline
+from memtrain.planner.plan import Action, Op
+
+__all__ = ["measure_blocks", "ray_round_trip_s", "ProbeActor", "measure_pipeline", "MAX_TIMED_LAYERS"]
+
+MAX_TIMED_LAYERS = 2
+"""Layers of a GPT timed; a deeper one repeats the timed layers' mean for the others."""
+LINK_BYTES = 4 << 20
+"""The bandwidth probe's tensor."""
+TRIM = 0.25
+"""The share of an action's timings left out at each end (the interquartile mean)."""
+
+
+def _one_rank_program(num_blocks: int, m: int, split: bool) -> tuple[Action, ...]:
+    """One rank holding every block as a stage of its own: per micro-batch, the forwards through
+    every block, then the backwards (and ``W``s) back; then each block's gradient sum and step."""
+    acts: list[Action] = []
+    for i in range(m):
+        acts += [Action(s, Op.F, i) for s in range(num_blocks)]
+        acts += [Action(s, Op.B, i) for s in reversed(range(num_blocks))]
+        if split:
+            acts += [Action(s, Op.W, i) for s in reversed(range(num_blocks))]
+    return tuple(acts) + tuple(Action(s, op) for s in range(num_blocks) for op in (Op.ALLREDUCE, Op.OPTIM))
+
+
+def _time_actions(model: ModelConfig, num_blocks: int, *, m: int, b: int, seq: int, seed: int,
+                  optimizer: OptimizerSpec, split: bool, steps: int, dtype: str, num_threads: int,
+                  data: DataConfig | None) -> tuple[dict[tuple[Op, int], float], float, str]:
+    """Mean time per (op, block) over ``steps`` steps after one warm-up (the interquartile mean),
+    the rest's likewise, and where the worker computed."""
+    from memtrain.runtime.stage_worker import PipelineSpec, StageWorker
+
+    spec = PipelineSpec(model=model, partition=(1,) * num_blocks, rank_of=(0,) * num_blocks, num_ranks=1, dp=1,
+                        num_microbatches=m, micro_batch_size=b, seq_len=seq, seed=seed, optimizer=optimizer,
+                        timeout_s=60.0, num_threads=num_threads, dtype=dtype, data=data or DataConfig())
+    program = _one_rank_program(num_blocks, m, split)
+    worker = StageWorker(spec, 0, program)
+    threads = torch.get_num_threads()
+    by_action: dict[tuple[Op, int], list[float]] = defaultdict(list)
+    rests: list[float] = []
+    device = "cpu"
+    try:
+        worker.build(*worker.open_store("127.0.0.1"))
+        if worker.device.type == "cuda":  # each action's time is its kernels' too: wait for them in it
+            worker.handlers = {op: _synced(h, worker.device) for op, h in worker.handlers.items()}
+        for k in range(steps + 1):
+            res = worker.run_step(k)
+            device = res.device
+            if k == 0:
+                continue  # warm-up: allocator, first-call paths
+            rests.append(res.time_s - sum(res.action_s))
+            for a, dt in zip(program, res.action_s):
+                by_action[(a.op, a.stage)].append(dt)
+    finally:
+        worker.close()
+        torch.set_num_threads(threads)
+    # [Note: mean, not median] (comm.link_probe): a step pays every action's time, preempted or not;
+    # but an action once per step (an optimizer step, the rest) has a few samples, one of which a
+    # preemption can take to 5x the others (measured): the interquartile mean
+    return {k: trimmed_mean(v, TRIM) for k, v in by_action.items()}, trimmed_mean(rests, TRIM), device
+
+
+def _synced(handler: Callable[[Action], None], device: torch.device) -> Callable[[Action], None]:
+    def run(a: Action) -> None:
+        handler(a)
+        torch.cuda.synchronize(device)
+    return run
+
+
+def measure_blocks(model: ModelConfig, *, m: int, b: int, seq: int, seed: int = 0,
+                   optimizer: OptimizerSpec | None = None, steps: int = 2, split: bool | None = None,
+                   base: BlockCosts | None = None, dtype: str = "fp32", num_threads: int = 1,
+                   data: DataConfig | None = None, max_layers: int | None = None) -> tuple[BlockCosts, str]:
+    """Each block's costs (``BlockCosts``) and where they were timed: one run with the backward
+    whole, one split; or, with ``split``, only that form's run, the other form's figures kept
+    from ``base`` (without it, a split backward's parts are half the whole one). ``max_layers``:
+    time at most that many layers and repeat their mean for the others (module doc)."""
+    cfg = gpt_config(model.preset, **model.overrides)
+    layers = cfg.num_layers if max_layers is None else max(1, min(cfg.num_layers, max_layers))
+    timed = model if layers == cfg.num_layers else ModelConfig(
+        source=model.source, preset=model.preset, overrides={**model.overrides, "num_layers": layers})
+    n = layers + 2
+    optimizer = optimizer or OptimizerSpec()
+    runs, device = {}, "cpu"
+    for mode in ((False, True) if split is None else (split,)):
+        times, rest, device = _time_actions(timed, n, m=m, b=b, seq=seq, seed=seed, optimizer=optimizer, split=mode,
+                                            steps=steps, dtype=dtype, num_threads=num_threads, data=data)
+        runs[mode] = (times, rest)
+
+    def per_block(mode: bool, *ops: Op) -> tuple[float, ...]:
+        times = [sum(runs[mode][0][(op, s)] for op in ops) for s in range(n)]
+        if layers == cfg.num_layers:
+            return tuple(times)
+        mean = statistics.fmean(times[1:-1])  # the layers are alike: the timed ones' mean for each
+        return (times[0], *([mean] * cfg.num_layers), times[-1])
+
+    main = False if False in runs else True
+    whole = per_block(False, Op.B) if False in runs else base.bwd_s if base is not None else None
+    b_s = per_block(True, Op.B) if True in runs else base.b_s if base is not None else None
+    w_s = per_block(True, Op.W) if True in runs else base.w_s if base is not None else None
+    if whole is None:  # only the split form timed, no base
+        whole = tuple(x + y for x, y in zip(b_s, w_s))
+    if b_s is None or w_s is None:
+        b_s = w_s = tuple(x / 2 for x in whole)
+    costs = BlockCosts(fwd_s=per_block(main, Op.F), bwd_s=whole, b_s=b_s, w_s=w_s,
+                       optim_s=per_block(main, Op.ALLREDUCE, Op.OPTIM), rest_s=runs[main][1],
+                       output_bytes=b * seq * cfg.hidden_size * (2 if dtype == "bf16" else 4))
+    return costs, device
+
+
+def mean_costs(runs: Sequence[BlockCosts]) -> BlockCosts:
+    """The figures of several workers' timings, each the mean of theirs."""
+    def mean(name: str) -> tuple[float, ...]:
+        return tuple(statistics.fmean(vals) for vals in zip(*(getattr(c, name) for c in runs)))
+
+    return BlockCosts(fwd_s=mean("fwd_s"), bwd_s=mean("bwd_s"), b_s=mean("b_s"), w_s=mean("w_s"),
+                      optim_s=mean("optim_s"), rest_s=statistics.fmean(c.rest_s for c in runs),
+                      output_bytes=runs[0].output_bytes)
+
+
+def ray_round_trip_s(actors: Sequence[Any] = (), repeats: int = 20) -> float:
+    """The median time of a no-op call of every one of ``actors`` at once, waited for together
+    (actors with a ``ping`` method; default: one new one): Ray's part of each step (the driver
+    calls every worker and waits for them all), which the workers' own step times leave out."""
+    import ray
+
+    own = not actors
+    if own:
+        actors = [ray.remote(num_cpus=0)(ProbeActor).remote()]
+    try:
+        ray.get([a.ping.remote() for a in actors], timeout=120)  # the actors' start
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            ray.get([a.ping.remote() for a in actors], timeout=30)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    finally:
+        if own:
+            ray.kill(actors[0])
+
+
+class ProbeActor:
+    """A Ray actor that measures where a worker of the run will be: the link (as one of two
+    ranks of a gloo world), the blocks (``measure_blocks``), its node's load."""
+
+    def __init__(self) -> None:
+        self._store = None
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def node(self) -> dict:
+        """This node's address, cores and 1-minute load average."""
+        from memtrain.runtime.stage_worker import _node_ip
+
+        return {"address": _node_ip(), "num_cpus": os.cpu_count() or 1, "load_avg": os.getloadavg()[0]}
+
+    def open_store(self, timeout_s: float) -> tuple[str, int]:
+        from memtrain.comm import host_store
+        from memtrain.runtime.stage_worker import _node_ip
+
+        host = _node_ip()
+        self._store = host_store(host, 2, timeout_s)
+        return host, self._store.port
+
+    def link(self, rank: int, host: str, port: int, timeout_s: float, num_bytes: int, repeats: int) -> dict:
+        """Join the two-rank world, probe the link (comm.link_probe), leave."""
+        from memtrain.comm import Rendezvous, join, leave
+        from memtrain.comm.link_probe import probe_rank
+
+        torch.set_num_threads(1)
+        join(rank, Rendezvous(host=host, port=port, world_size=2, timeout_s=timeout_s), self._store)
+        try:
+            return probe_rank(rank, num_bytes=num_bytes, repeats=repeats, timeout_s=timeout_s)
+        finally:
+            leave()
+            self._store = None
+
+    def blocks(self, **kwargs: Any) -> tuple[BlockCosts, str]:
+        return measure_blocks(**kwargs)
+
+
+def measure_pipeline(*, model: ModelConfig, device_kind: str, micro_batch_size: int, num_microbatches: int,
+                     seq_len: int, dtype: str, model_key: str, model_name: str, optimizer: OptimizerSpec,
+                     split: bool, assignments: Sequence[Any], seed: int = 0, num_threads: int = 1,
+                     data: DataConfig | None = None, timeout_s: float = 60.0, steps: int = 4, repeats: int = 20,
+                     progress: Callable[[str], None] = print) -> MeasuredPipeline:
+    """Measure the blocks, the link and the round trip on two ``ProbeActor``s placed as
+    ``assignments`` (``ray_cluster.Assignment``s of the run's first two workers), both timing
+    the blocks (``split``: the split backward too); Ray must be connected."""
+    import ray
+
+    from memtrain.runtime.ray_cluster import place_workers
+
+    assert len(assignments) >= 2, "the link is probed between two workers"
+    t0 = time.perf_counter()
+
+    def at() -> str:
+        return f"{time.perf_counter() - t0:.1f} s"
+
+    progress("  starting two probes where the first two workers will run")
+    placed = place_workers(ProbeActor, list(assignments)[:2], timeout_s=timeout_s)
+    try:
+        a, b = placed.actors
+        ray.get([a.ping.remote(), b.ping.remote()], timeout=timeout_s)
+        progress(f"  [{at()}] the link between them ({repeats} round trips of 4 bytes and of {LINK_BYTES >> 20} MiB, "
+                 f"{repeats} late receives)")
+        host, port = ray.get(a.open_store.remote(timeout_s), timeout=timeout_s)
+        got = ray.get([w.link.remote(r, host, port, timeout_s, LINK_BYTES, repeats) for r, w in enumerate((a, b))],
+                      timeout=timeout_s * 4)
+        from memtrain.comm.link_probe import link_figures
+
+        latency, gbps, recv, send = link_figures(got[0], got[1], LINK_BYTES)
+        rtt = ray_round_trip_s((a, b), repeats)
+        forms = "both forms of the backward, " if split else ""
+        progress(f"  [{at()}] the blocks on both at once ({forms}{steps} steps of "
+                 f"{num_microbatches} micro-batches after a warm-up)")
+        # both at once, as the run's workers compute: on a machine whose cores others use too, they
+        # slow each other as they will in the run
+        both = ray.get([w.blocks.remote(
+            model=model, m=num_microbatches, b=micro_batch_size, seq=seq_len, seed=seed, optimizer=optimizer,
+            steps=steps, split=None if split else False, dtype=dtype, num_threads=num_threads, data=data,
+            max_layers=MAX_TIMED_LAYERS) for w in (a, b)], timeout=max(timeout_s, 300.0))
+        costs, device = mean_costs([c for c, _ in both]), both[0][1]
+        nodes = ray.get([a.node.remote(), b.node.remote()], timeout=timeout_s)
+    finally:
+        for actor in placed.actors:
+            ray.kill(actor, no_restart=True)
+        ray.util.remove_placement_group(placed.placement_group)
+    return MeasuredPipeline(
+        device_kind=device_kind, device=device, num_threads=num_threads, model_key=model_key, model_name=model_name,
+        seq_len=seq_len, dtype=dtype, micro_batch_size=micro_batch_size, num_microbatches=num_microbatches,
+        blocks=costs, split_timed=split, link_latency_s=latency, link_gbps=gbps, link_recv_s=recv, link_send_s=send,
+        round_trip_s=rtt,
+        link_across_nodes=placed.node_ids[0] != placed.node_ids[1], machine=nodes[0]["address"],
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), load_avg=nodes[0]["load_avg"],
+        num_cpus=nodes[0]["num_cpus"], elapsed_s=time.perf_counter() - t0)
+
+
+def measured_for_run(cfg: Any, kinds: Sequence[str], assignments: Sequence[Any], out_dir: Any,
+                     print_fn: Callable[[str], None] = print) -> MeasuredPipeline | None:
+    """The measured figures ``cfg``'s pipeline run plans with (config ``parallel.profile``): the
+    file it names; or, under ``auto`` when the run's devices (``kinds``, one per worker placed as
+    ``assignments``) are all CPUs, or under ``measure``, measured now on the first two workers'
+    places and kept in ``out_dir/pipeline-profile.json``; None under ``catalog`` or when ``auto``
+    finds a device that is not a CPU. Progress goes to ``print_fn``."""
+    from pathlib import Path
+
+    from memtrain.errors import UserError
+    from memtrain.planner.analyze import analyze
+    from memtrain.planner.measured import MEASURED_FILE, load_measured, save_measured
+    from memtrain.planner.pipeline import SPLIT_W_SCHEDULES
+    from memtrain.planner.profile_format import model_key
+
+    par, train = cfg.parallel, cfg.train
+    key = model_key(cfg.model, train.seq_len, train.dtype)
+    if par.profile_file is not None:
+        measured = load_measured(par.profile_file)
+        why = measured.mismatch(key)
+        if why:
+            raise UserError(f"parallel.profile: {par.profile_file} was {why}, not this config's; set parallel.profile: "
+                            "auto to measure this model")
+        print_fn(f"memtrain: figures measured on the workers from {par.profile_file} ({measured.created}): "
+                 f"{measured.summary()}")
+        return measured
+    if par.profile == "catalog" or (par.profile == "auto" and any(k != "cpu" for k in kinds)) or len(assignments) < 2:
+        return None
+    d = max(par.data, 1)
+    mbs = (train.global_batch_size // (d * par.microbatches) if par.microbatches else train.micro_batch_size) or 1
+    m = par.microbatches or max(train.global_batch_size // (d * mbs), 1)
+    split = par.schedule in SPLIT_W_SCHEDULES or par.schedule == "auto"
+    why = "the workers compute on CPUs" if par.profile == "auto" else "parallel.profile: measure"
+    print_fn(f"memtrain: measuring the pipeline's costs on the workers before planning ({why}; "
+             "parallel.profile: catalog uses the catalog's figures)")
+    stats = analyze(cfg.model, seq_len=train.seq_len, micro_batch_size=1, dtype=train.dtype)
+    import ray
+
+    from memtrain.comm import CommError
+
+    try:
+        measured = measure_pipeline(
+            model=cfg.model, device_kind=kinds[0], micro_batch_size=mbs, num_microbatches=m, seq_len=train.seq_len,
+            dtype=train.dtype, model_key=key, model_name=stats.name, optimizer=train.optimizer.spec(), split=split,
+            assignments=assignments, seed=train.seed, data=cfg.data, timeout_s=min(par.comm_timeout_s, 120.0),
+            progress=lambda line: print_fn(f"memtrain: {line.strip()}"))
+    except (ray.exceptions.RayError, CommError) as e:  # a probe that failed: the run can still train
+        text = str(e).strip().splitlines()
+        print_fn(f"memtrain: warning: measuring failed ({type(e).__name__}: {text[0] if text else ''}); planning with "
+                 "the catalog's figures (parallel.profile: catalog skips measuring)")
+        return None
+    out = Path(out_dir) / MEASURED_FILE
+    save_measured(measured, out)
+    print_fn(f"memtrain: measured in {measured.elapsed_s:.1f} s (load average {measured.load_avg:.1f} on "
+             f"{measured.num_cpus} cores): {measured.summary()}; kept in {out} (parallel.profile: {out} reuses it)")
+    return measured

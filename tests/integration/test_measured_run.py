@@ -1,0 +1,67 @@
+"""``memtrain run`` of a CPU pipeline measures its costs on the workers before planning
+(runtime.pipeline_probe, planner.measured [Note: measured pipeline]): the plan's predicted step
+comes from those figures, the closing line and metrics.jsonl carry it beside the measured step,
+and a run given the kept figures (``parallel.profile: PATH``) plans the same without measuring.
+Timings on a shared machine are noisy: the checks are of structure and plausible ranges."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memtrain.planner.measured import MEASURED_FILE, load_measured
+from memtrain.planner.plan import Plan
+from memtrain.runtime.config_file import load_config
+from memtrain.runtime.distributed import run_distributed
+
+
+def _config(run, *sets):
+    return load_config("examples/gpt-tiny-pp2.yaml", ["train.steps=3", f"run_dir={run}", *sets])
+
+
+def test_a_cpu_pipeline_is_planned_from_costs_measured_on_its_workers(local_ray, tmp_path):
+    lines: list[str] = []
+    out = run_distributed(_config(tmp_path / "a"), print_fn=lines.append)
+    assert any(line.startswith("memtrain: measuring the pipeline's costs on the workers") for line in lines)
+    meas = load_measured(tmp_path / "a" / MEASURED_FILE)
+    assert out["measured_costs"] == meas and out["predicted_from"] == "measured"
+    assert meas.device_kind == "cpu" and len(meas.blocks.fwd_s) == 4  # embedding, 2 layers, head
+    assert all(t > 0 for t in meas.blocks.fwd_s + meas.blocks.bwd_s + meas.blocks.optim_s)
+    assert meas.link_latency_s > 0 and meas.link_gbps > 0 and meas.round_trip_s > 0
+    assert 0 < meas.elapsed_s < 120  # a few seconds on a quiet machine; actor start-up dominates
+    plan = Plan.load(tmp_path / "a" / "plan.json")
+    predicted = plan.prediction.step_time_s
+    assert "measured on the workers" in plan.source
+    assert out["predicted_step_time_s"] == predicted
+    # the prediction holds the measured passes of the busiest rank, its optimizer step and the
+    # step's own time, and, as a simulated pipeline, the bubble on top
+    m = plan.train.num_microbatches
+    per_rank = [sum(m * (meas.blocks.fwd_s[i] + meas.blocks.bwd_s[i]) + meas.blocks.optim_s[i]
+                    for s in rp.stages for i in range(*plan.pipeline.partition[s])) for rp in plan.pipeline.ranks]
+    assert predicted > max(per_rank) + meas.step_overhead_s
+    transfer = meas.link_latency_s + meas.link_send_s + meas.link_recv_s
+    assert predicted < 10 * (sum(per_rank) + meas.step_overhead_s + 4 * m * transfer)
+    metrics = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["predicted_step_time_s"] for r in metrics] == [predicted] * 3
+    assert all(r["step_time_s"] > 0 for r in metrics)
+    closing = next(line for line in lines if line.startswith("step time: measured"))
+    assert "from costs measured on the workers" in closing
+    assert 0 < out["measured_step_time_s"] and 0.05 < out["measured_step_time_s"] / predicted < 20  # plausible
+
+    # the kept figures, given back: nothing measured, the same plan and prediction
+    again: list[str] = []
+    reused = run_distributed(_config(tmp_path / "b", f"parallel.profile={tmp_path / 'a' / MEASURED_FILE}"),
+                             print_fn=again.append)
+    assert not any("measuring" in line for line in again)
+    assert any("figures measured on the workers from" in line for line in again)
+    assert reused["predicted_step_time_s"] == pytest.approx(predicted, rel=1e-12)
+    assert reused["plan"].pipeline.partition == plan.pipeline.partition
+
+
+def test_profile_catalog_plans_with_the_catalogs_figures(local_ray, tmp_path):
+    lines: list[str] = []
+    out = run_distributed(_config(tmp_path, "parallel.profile=catalog", "train.steps=2"), print_fn=lines.append)
+    assert out["predicted_from"] == "catalog" and out["measured_costs"] is None
+    assert not (tmp_path / MEASURED_FILE).exists() and not any("measuring" in line for line in lines)
+    assert any("from the catalog's figures" in line for line in lines)
