@@ -94,7 +94,8 @@ def test_a_split_backwards_b_replays_the_recomputed_forward():
     stats = analyze(ModelConfig(preset="tiny"), seq_len=16, micro_batch_size=2, dtype="fp32")
 
     def cand(kind: str):
-        return SimpleNamespace(model=SimpleNamespace(stats=stats), shape=SimpleNamespace(schedule=kind),
+        model = SimpleNamespace(stats=stats, w_share=lambda first, end: 0.5)  # nothing measured: half each
+        return SimpleNamespace(model=model, shape=SimpleNamespace(schedule=kind),
                                partition=((0, 2), (2, 4)))
 
     zb, = _stage_costs(cand("zb-h1"), [est, est])[:1]
