@@ -80,3 +80,16 @@ def test_zero2_of_offloaded_tied_stages_under_a_split_backward(local_ray, tmp_pa
     zero1, zero2 = (_run(TIED_2, "zb-h1", z, homes, tmp_path) for z in (1, 2))
     assert zero2.microbatch_losses == zero1.microbatch_losses
     _check_records(zero2)
+
+
+@pytest.mark.slow
+def test_zero2_of_an_offloaded_stage_clips_as_zero1(local_ray, tmp_path: Path) -> None:
+    """``max_grad_norm``: the CLIP takes an offloaded ZeRO-2 stage's norms from its own chunks'
+    sums (runtime.stage_clip) and scales them: norms and losses bitwise ZeRO-1's."""
+    homes = ("host", "device")
+    got = {z: run_pipeline(model=UNTIED_2, schedule="1f1b", num_ranks=2, dp=2, num_microbatches=M,
+                           micro_batch_size=B, seq_len=SEQ, num_steps=STEPS, seed=SEED, lr=LR, timeout_s=30,
+                           step_timeout_s=120, zero=z, offload=homes, offload_chunk_elems=CHUNK, max_grad_norm=0.05)
+           for z in (1, 2)}
+    assert got[2].grad_norms == got[1].grad_norms and all(n > 0.05 for n in got[2].grad_norms)
+    assert got[2].microbatch_losses == got[1].microbatch_losses
