@@ -29,7 +29,10 @@ dropped after the build.
 ``OFFLOAD`` adds the all-reduced gradients of its own chunks only, ``OPTIM`` updates them, then
 the replicas all-gather the updated masters and each writes the others' chunks into its own
 home (host tensors or NVMe files): every replica keeps the whole parameters, as ZeRO-1 does.
-Each chunk gets the arithmetic of the unsharded run, so losses are bitwise its.
+Each chunk gets the arithmetic of the unsharded run, so losses are bitwise its. Under ZeRO-2
+the gradients are sharded too: each chunk's are reduced to its owner under the last backward
+(``reducer``, runtime.stage_offload_zero [Note: ZeRO-2 of an offloaded stage]) and ``OFFLOAD``
+adds those sums, the replica's own chunks', only.
 
 Host and NVMe chunks step with ``host_kernel="foreach"``, elementwise torch's single-tensor
 arithmetic (offload.optim [Note: host kernel choice]), so a stage's losses stay bitwise those of
