@@ -213,8 +213,8 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
         # [Note: ZeRO at the step's end] ZeRO-2's reduce-scatter mostly under the last gradient pass
         ar[r] += reduce_time_s(model, shape.schedule, est, n, shape.data_parallel, cand.ar_links[r])
         on_device = model.zero and "params" not in est.offload
-        if on_device or model.zero == 2:  # the sum's copy: ZeRO-2's buckets (an offloaded stage's chunks) under way,
-            # ZeRO-1's whole
+        if on_device or model.zero == 2:  # the sum's copy: ZeRO-2's buckets (an offloaded stage's chunks) under
+            # way, ZeRO-1's whole
             copy[r] = max(copy[r], 4 * (min(n, REDUCE_IN_FLIGHT * REDUCE_BUCKET_ELEMS) if model.zero == 2 else n))
         grads[r] += 4 * n if on_device else 0
         # the simulated peak replaces the estimate's held micro-batches ([Note: activations between B and W])
