@@ -7,7 +7,9 @@ naming the rank, the peer and the action, never a hang.
 """
 
 from memtrain.comm.group import CommError, Rendezvous, backend_for, host_store, join, leave, subgroups
-from memtrain.comm.p2p import Channel, PendingReduce, all_gather, all_reduce_, reduce_scatter, start_reduce_scatter
+from memtrain.comm.p2p import (Channel, PendingReduce, all_gather, all_reduce_, reduce_scatter, start_reduce,
+                              start_reduce_scatter)
 
 __all__ = ["CommError", "Rendezvous", "backend_for", "host_store", "join", "leave", "subgroups", "Channel",
-           "all_gather", "all_reduce_", "reduce_scatter", "start_reduce_scatter", "PendingReduce"]
+           "all_gather", "all_reduce_", "reduce_scatter", "start_reduce_scatter", "start_reduce",
+           "PendingReduce"]

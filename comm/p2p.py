@@ -192,3 +192,17 @@ def start_reduce_scatter(flat: torch.Tensor, group: dist.ProcessGroup, *, rank: 
     collective = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # the new name, torch 2.13
     work = collective(out, flat, group=group, async_op=True)
     return PendingReduce(work, flat, out, home, rank=rank, what=what, timeout_s=timeout_s)
+
+
+def start_reduce(flat: torch.Tensor, dst: int, group: dist.ProcessGroup, *, rank: int, what: str,
+                 timeout_s: float) -> PendingReduce:
+    """The sum of ``flat`` across ``group`` into group rank ``dst``'s copy, started, not waited
+    for (every rank of ``group`` starts its reduces in the same order); ``PendingReduce.wait``
+    gives the sum on ``dst`` (another rank's result is not meaningful): a ZeRO-2 offloaded
+    stage's chunk summed on the replica that updates it (runtime.stage_offload_zero)."""
+    home = flat.device
+    if flat.is_cuda and dist.get_backend(group) == "gloo":
+        flat = flat.cpu()  # gloo sums host memory; the result goes back in wait
+    flat = flat.contiguous()
+    work = dist.reduce(flat, dist.get_global_rank(group, dst), group=group, async_op=True)
+    return PendingReduce(work, flat, flat, home, rank=rank, what=what, timeout_s=timeout_s)

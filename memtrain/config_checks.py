@@ -117,14 +117,10 @@ def check_parallel_batch(p: Any, gbs: int, mbs: int) -> None:
 def check_parallel(cfg: Any) -> None:
     """``Config``'s cross-section checks of ``parallel``: the batch splits (``check_parallel_batch``);
     ``parallel.zero`` shards across data-parallel copies, so it needs more than one (0: the
-    planner's choice, which runs without sharding where it picks one copy); ZeRO-2 reduces the
-    gradients of stages whose states stay on the device (runtime.stage_zero), not offloaded ones."""
+    planner's choice, which runs without sharding where it picks one copy); ZeRO-1 and -2 shard
+    offloaded stages too (runtime.stage_offload, runtime.stage_offload_zero)."""
     p = cfg.parallel
     p.check_batch(cfg.train)
     if p.zero and p.data == 1:
         raise ConfigError(f"parallel.zero: {p.zero} shards the optimizer states across the parallel.data copies, "
                           "and there is one; set parallel.data to 2 or more, or parallel.zero: 0")
-    if p.zero == 2 and cfg.memory.offload in ("host", "nvme"):
-        raise ConfigError(f"parallel.zero: 2 reduce-scatters the gradients of stages kept on the device, and "
-                          f"memory.offload: {cfg.memory.offload} moves every stage's states off it; set "
-                          "parallel.zero: 1 (which shards offloaded stages too) or memory.offload: device")

@@ -27,7 +27,8 @@ no sum).
 ``d`` copies) a rank's gradient sum is a reduce-scatter and an all-gather, an all-reduce's time
 in all. ZeRO-1 runs both after the last pass, copying the whole gradient into one flat buffer
 next to it first (its device peak is the larger of the activations' and that copy's); ZeRO-2
-starts the reduce-scatter under each device stage's last gradient pass, in buckets
+starts the reduce-scatter under each stage's last gradient pass, in buckets (an offloaded
+stage's chunks, reduced to their owners, runtime.stage_offload_zero; counted as buckets)
 (planner.simulate_pipeline ``zero2_exposed_s``: only what the pass does not hide is added) and
 copies at most ``REDUCE_IN_FLIGHT`` buckets. Both keep ``1 / d`` of the gradients after the sum:
 the memory line drops there.
@@ -232,7 +233,8 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
         # [Note: ZeRO at the step's end] ZeRO-2's reduce-scatter mostly under the last gradient pass
         ar[r] += reduce_time_s(model, shape.schedule, est, n, shape.data_parallel, cand.ar_links[r])
         on_device = model.zero and "params" not in est.offload
-        if on_device:  # the sum's copy of the gradient: ZeRO-2's buckets under way, ZeRO-1's whole
+        if on_device or model.zero == 2:  # the sum's copy: ZeRO-2's buckets (an offloaded stage's chunks) under
+            # way, ZeRO-1's whole
             copy[r] = max(copy[r], 4 * (min(n, REDUCE_IN_FLIGHT * REDUCE_BUCKET_ELEMS) if model.zero == 2 else n))
         grads[r] += 4 * n if on_device else 0
         # the simulated peak replaces the estimate's held micro-batches ([Note: activations between B and W])
@@ -467,9 +469,9 @@ def build_plan(name: str, base: ModelStats, cluster: ClusterSpec, simulated: lis
                        clip_grad_norm=model.train.clip_grad_norm)
     place = pipeline.Placement(cand.stage_ranks)
     schedule = pipeline.add_step_end(pipeline.add_p2p(pipeline.generate(shape.schedule, p, m), place), place)
-    if model.zero == 2:  # the program that runs (runtime.stage_zero [Note: ZeRO-2 in a pipeline])
-        schedule = pipeline.add_reduce_scatter_points(
-            schedule, [s for s, e in enumerate(best.estimates) if "params" not in e.offload])
+    if model.zero == 2:  # the program that runs (runtime.stage_zero [Note: ZeRO-2 in a pipeline]; an
+        # offloaded stage's: runtime.stage_offload_zero)
+        schedule = pipeline.add_reduce_scatter_points(schedule, range(len(best.estimates)))
     if model.train.clip_grad_norm:  # the norm exchange before the updates (runtime.stage_clip)
         schedule = pipeline.add_clip_points(schedule)
     rank_stages = defaultdict(list)

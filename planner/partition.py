@@ -264,7 +264,7 @@ def reduce_time_s(model: StageModel, schedule: str, est: StageEstimate, num_para
     stage's last gradient pass does not hide of the reduce-scatter (planner.hetero_plan [Note:
     ZeRO at the step's end]; its buckets: planner.simulate_pipeline ``REDUCE_BUCKET_ELEMS``)."""
     full = allreduce_time_s(4 * num_params, num_replicas, link)
-    if model.zero != 2 or "params" in est.offload:
+    if model.zero != 2:  # an offloaded stage's chunks too (runtime.stage_offload_zero), counted as buckets
         return full
     pass_s = est.bwd_s / 2 if schedule in ("zb-h1", "v-half", "v-min") else est.bwd_s  # W, or the whole B
     return full / 2 + zero2_exposed_s(full / 2, pass_s, -(-num_params // REDUCE_BUCKET_ELEMS))

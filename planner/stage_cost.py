@@ -34,7 +34,14 @@ parameters and its fp32 gradient whole (the gradient accumulates over the micro-
 drops it to its ``1 / d`` share only after the last backward, runtime.stage_zero [Note: ZeRO-2
 in a pipeline]) and ``1 / d`` of its optimizer states with their fp32 parameter copy, and its
 update steps ``1 / d`` of its parameters; the sum's time and the gradient after the step are
-planner.hetero_plan's. A stage that offloads is costed unsharded (an upper bound).
+planner.hetero_plan's. A stage that offloads keeps, under ZeRO-1 or -2, the optimizer states
+and the fp32 gradient accumulators of ``1 / d`` of its offloaded parameters on the host (or
+NVMe) and its masters whole (runtime.stage_offload [Note: ZeRO-1 of an offloaded stage]); its
+CPU optimizer steps ``1 / d`` of them, and an NVMe stage reads and writes ``1 / d`` of the
+states and writes the others' updated masters, gathered, into its files. Under ZeRO-2 its
+gradients are reduced to their owners under the last backward, chunk by chunk, as a device
+stage's buckets (runtime.stage_offload_zero; the time and the copies under way are
+planner.hetero_plan's).
 
 ``StageModel.refine`` replaces a stage's offload estimate with the single-device planner's
 figures (planner.search ``plan`` on the stage's blocks, simulated by planner.simulate) for the
@@ -370,10 +377,16 @@ class StageModel:
         buffers = 4 * c * self.max_block_params(first, end)  # param and grad buffers, two blocks deep
         resident = max(0, min(n, (room - buffers) // self.state_per_param))
         off = n - resident
-        on_host = min(off, max(0, budget.host - buffers) // (self.host_per_param + c))
+        host_per, nvme_per, accum = self.host_per_param, self.nvme_per_param, 4
+        if self.shards > 1:  # [Note: ZeRO in a stage's estimate] states and accumulators of 1 / d
+            d, sharded = self.shards, 4 + cost.optimizer_state_bytes_per_elem(opt)
+            host_per = host_per - sharded + -(-sharded // d)
+            nvme_per = nvme_per - (sharded - 4) + -(-(sharded - 4) // d)
+            accum = -(-4 // d)
+        on_host = min(off, max(0, budget.host - buffers) // (host_per + c))
         on_nvme = off - on_host
-        host_bytes = on_host * self.host_per_param + on_nvme * 4 + buffers
-        nvme_bytes = on_nvme * self.nvme_per_param
+        host_bytes = on_host * host_per + on_nvme * accum + buffers
+        nvme_bytes = on_nvme * nvme_per
         fits = (room - buffers >= 0 and host_bytes <= budget.host
                 and (on_nvme == 0 or (nvme is not None and nvme_bytes <= budget.nvme)))
         copy_in = cost.h2d_time_s(off * c, device)
@@ -381,10 +394,13 @@ class StageModel:
         read_s = cost.disk_read_time_s(on_nvme * c, nvme) if on_nvme and nvme is not None else 0.0
         fwd_s = max(f_s, copy_in + read_s)
         bwd_s = max(b_s, copy_in + read_s + copy_out)
-        tail = self.device_optim_s(first, end, resident, device) + cost.cpu_optimizer_time_s(off, opt, host)
+        mine = -(-off // self.shards)  # the offloaded parameters this copy updates (all without ZeRO)
+        tail = self.device_optim_s(first, end, resident, device) + cost.cpu_optimizer_time_s(mine, opt, host)
         if on_nvme and nvme is not None:
-            disk = cost.chunk_disk_bytes(on_nvme, dt, opt)
+            own = -(-on_nvme // self.shards)
+            disk = cost.chunk_disk_bytes(own, dt, opt)
             tail += cost.disk_read_time_s(disk, nvme) + cost.disk_write_time_s(disk, nvme)
+            tail += cost.disk_write_time_s(4 * (on_nvme - own), nvme)  # the others' masters, gathered
         what = [f"{off:,} params off the device ({on_nvme:,} on NVMe)" if on_nvme else f"{off:,} params on the host"]
         if recompute:
             what.insert(0, "activations recomputed")
@@ -407,6 +423,25 @@ class StageModel:
         if key not in self._refined:
             self._refined[key] = self._simulated(first, end, *self._where[where], in_flight, in_bw) or est
         return self._refined[key]
+
+    def _unsharded(self, on_host: int, on_nvme: int, host: HostSpec, nvme: NvmeSpec | None) -> tuple[int, int, float]:
+        """[Note: ZeRO in a stage's estimate] What a refined stage's single-device figures count
+        and a ZeRO copy does not: the other copies' share of the optimizer states and gradient
+        accumulators of its ``on_host`` and ``on_nvme`` offloaded parameters (host bytes, NVMe
+        bytes) and of their CPU update and NVMe state traffic (seconds; the others' masters it
+        writes back are added)."""
+        if self.shards == 1 or on_host + on_nvme == 0:
+            return 0, 0, 0.0
+        d, o = self.shards, cost.optimizer_state_bytes_per_elem(self.optimizer)
+        others_host, others_nvme = on_host - -(-on_host // d), on_nvme - -(-on_nvme // d)
+        off = on_host + on_nvme
+        tail = cost.cpu_optimizer_time_s(off, self.optimizer, host) - cost.cpu_optimizer_time_s(
+            -(-off // d), self.optimizer, host)
+        if on_nvme and nvme is not None:
+            disk = cost.chunk_disk_bytes(others_nvme, self.dtype, self.optimizer)
+            tail += (cost.disk_read_time_s(disk, nvme) + cost.disk_write_time_s(disk, nvme)
+                     - cost.disk_write_time_s(4 * others_nvme, nvme))
+        return others_host * (4 + o) + others_nvme * 4, others_nvme * o, tail
 
     def _simulated(self, first: int, end: int, device: DeviceSpec, host: HostSpec, nvme: NvmeSpec | None,
                    budget: StageBudget, k: int, kb: int = 0) -> StageEstimate | None:
@@ -463,9 +498,13 @@ class StageModel:
         device_bytes += kb * moved
         rec_s = sum(fwd[first + j + 1] - fwd[first + j]
                     for j, p in enumerate(two.memory.activations) if p is ActPolicy.RECOMPUTE)
+        on_host = sum(c.num_elems for c in two.memory.chunks if c.home is Tier.HOST)
+        on_nvme = sum(c.num_elems for c in two.memory.chunks if c.home is Tier.NVME)
+        host_less, nvme_less, tail_less = self._unsharded(on_host, on_nvme, host, nvme)
         return StageEstimate(fwd_s=per_mb * share, bwd_s=per_mb * (1 - share),
-                             tail_s=max(one.step_time_s - per_mb, 0.0), device_bytes=device_bytes,
-                             host_bytes=peaks.get("host", 0), nvme_bytes=peaks.get("nvme", 0), act_bytes=held,
+                             tail_s=max(one.step_time_s - per_mb - tail_less, 0.0), device_bytes=device_bytes,
+                             host_bytes=peaks.get("host", 0) - host_less, nvme_bytes=peaks.get("nvme", 0) - nvme_less,
+                             act_bytes=held,
                              offload=", ".join(what) or "none", fits=device_bytes <= budget.device,
                              policy=two.memory, refined=True, bw_bytes=moved if kb else 0,
                              recompute_s=min(rec_s, per_mb * (1 - share)))

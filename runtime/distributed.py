@@ -251,10 +251,6 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
     pipe, train = plan.pipeline, plan.train
     homes = stage_homes(cfg, plan)
     offloaded = [s for s, h in enumerate(homes) if h != "device"]
-    if cfg.parallel.zero == 2 and offloaded:
-        raise ConfigError(f"parallel.zero: 2 reduce-scatters the gradients of stages kept on the device, and the plan "
-                          f"keeps stage(s) {', '.join(map(str, offloaded))} off it (memory.offload: auto); set "
-                          "parallel.zero: 1, memory.offload: device, or give the devices more memory")
     # the program that runs, PREFETCH, OFFLOAD and REDUCE_SCATTER included, is the one plan.json keeps
     from memtrain.planner.pipeline import add_clip_points, add_offload_points, add_reduce_scatter_points
 

@@ -282,8 +282,9 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     each stage's model states live between steps (one of ``device``, ``host``, ``nvme`` for all,
     or one per stage; ``PipelineSpec.offload``), ``nvme_dir`` the directory of the ``nvme`` ones
     on every node; ``zero``: 1 shards the optimizer states across the replicas (ZeRO-1,
-    ``PipelineSpec.zero``), 2 the gradients too (ZeRO-2, device stages only, in buckets of
-    ``zero_bucket_elems`` elements, default ``stage_zero.BUCKET_ELEMS``); ``activations``: what
+    ``PipelineSpec.zero``), 2 the gradients too (ZeRO-2: a device stage's in buckets of
+    ``zero_bucket_elems`` elements, default ``stage_zero.BUCKET_ELEMS``, an offloaded stage's
+    chunk by chunk, runtime.stage_offload_zero); ``activations``: what
     each block does with its saved activations (``keep``, ``recompute``, ``swap_host``,
     ``swap_nvme``: one for every block, or per stage a policy per block;
     ``PipelineSpec.activations``, runtime.stage_activations); swapped blocks add their
@@ -438,13 +439,9 @@ def _activation_policies(activations: str | Sequence[Sequence[str]] | None, part
 
 
 def _check_zero(zero: int, dp: int, homes: tuple[str, ...], bucket_elems: int | None) -> None:
-    """ZeRO shards across replicas (dp >= 2); ZeRO-2's gradient buckets are device stages' only."""
+    """ZeRO shards across replicas (dp >= 2); ZeRO-2's buckets have a size >= 1."""
     if zero and dp == 1:
         raise ConfigError(f"zero: {zero} shards across the data-parallel replicas and dp is 1; use dp >= 2 or zero 0")
-    off = [s for s, h in enumerate(homes) if h != "device"]
-    if zero == 2 and off:
-        raise ConfigError(f"zero: 2 reduce-scatters the gradients of stages on the device, and stage(s) "
-                          f"{', '.join(map(str, off))} keep their states off it; use zero 1 or keep them on the device")
     if bucket_elems is not None and (isinstance(bucket_elems, bool) or not isinstance(bucket_elems, int)
                                      or bucket_elems < 1):
         raise ConfigError(f"zero_bucket_elems: a whole number >= 1 or None, got {bucket_elems!r}")

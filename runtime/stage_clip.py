@@ -109,7 +109,10 @@ def clip_rank(worker: Any, what: str) -> float:
     entries: list[tuple[int, torch.Tensor, bool]] = []
     for s in worker.stages:
         opt = worker.optims.get(s)
-        if isinstance(opt, ShardedOptimizer):
+        reducer = worker.offloaded[s].reducer if s in worker.offloaded else None
+        if reducer is not None:  # ZeRO-2 of an offloaded stage: its own chunks' sums, whole parameters
+            entries += [(worker.gindex[id(q)], g, True) for q, g in reducer.entries() if id(q) in worker.gindex]
+        elif isinstance(opt, ShardedOptimizer):
             entries += [(worker.gindex[id(opt.params[i])], g, whole) for i, g, whole in opt.grad_pieces()
                         if id(opt.params[i]) in worker.gindex]
         else:
@@ -122,7 +125,9 @@ def clip_rank(worker: Any, what: str) -> float:
     if coef is not None:
         for s in worker.stages:
             opt = worker.optims.get(s)
-            if isinstance(opt, ShardedOptimizer):
+            if s in worker.offloaded and worker.offloaded[s].reducer is not None:
+                worker.offloaded[s].reducer.scale(coef)
+            elif isinstance(opt, ShardedOptimizer):
                 opt.scale_grads(coef)
             else:
                 for q in worker.owns[s]:

@@ -29,7 +29,10 @@ dropped after the build.
 ``OFFLOAD`` adds the all-reduced gradients of its own chunks only, ``OPTIM`` updates them, then
 the replicas all-gather the updated masters and each writes the others' chunks into its own
 home (host tensors or NVMe files): every replica keeps the whole parameters, as ZeRO-1 does.
-Each chunk gets the arithmetic of the unsharded run, so losses are bitwise its.
+Each chunk gets the arithmetic of the unsharded run, so losses are bitwise its. Under ZeRO-2
+the gradients are sharded too: each chunk's are reduced to its owner under the last backward
+(``reducer``, runtime.stage_offload_zero [Note: ZeRO-2 of an offloaded stage]) and ``OFFLOAD``
+adds those sums, the replica's own chunks', only.
 
 Host and NVMe chunks step with ``host_kernel="foreach"``, elementwise torch's single-tensor
 arithmetic (offload.optim [Note: host kernel choice]), so a stage's losses stay bitwise those of
@@ -57,6 +60,7 @@ from memtrain.planner.plan import Action, ChunkPlan, Tier, pack_params
 from memtrain.planner.program import Layout
 from memtrain.planner.program_optim import OptimLayout, final_optim_points
 from memtrain.runtime.stage_groups import local_spec
+from memtrain.runtime.stage_offload_zero import ChunkReducer
 
 __all__ = ["OFFLOAD_HOMES", "OffloadedStage", "ZeroGroup", "split_owners", "build_offloaded", "close_offloaded",
            "state_bytes"]
@@ -77,6 +81,11 @@ class ZeroGroup:
     rank: int
     """This world rank (for errors)."""
     timeout_s: float
+    level: int = 1
+    """``PipelineSpec.zero``: 1 the optimizer states, 2 the gradients too ([Note: ZeRO-2 of an
+    offloaded stage] in runtime.stage_offload_zero)."""
+    deferred: frozenset[int] = frozenset()
+    """ZeRO-2: ids of parameters final only at ``ALLREDUCE`` (tied across ranks)."""
 
 
 def split_owners(sizes: list[int], dp: int) -> list[int]:
@@ -152,6 +161,10 @@ class OffloadedStage:
         for c in self.store.chunks:
             if c.index not in self.owned:
                 self._drop_states(c)
+        self.reducer = (ChunkReducer(self.store.chunks, owners, replica=zero.replica, group=zero.group,
+                                     rank=zero.rank, timeout_s=zero.timeout_s, deferred=set(zero.deferred))
+                        if zero is not None and zero.level == 2 else None)
+        """ZeRO-2: the chunks' gradients reduced to their owners under the last backward."""
         points = final_optim_points(Layout.of_store(self.store), OptimLayout(staged_chunks=staged_chunks, early=False))
         self.points: tuple[Action, ...] = tuple(a for a in points if a.chunk is None or a.chunk in self.owned)
         """The optimizer's step end ([Note: a stage's step]) over this replica's chunks; its last
@@ -184,11 +197,20 @@ class OffloadedStage:
 
     def offload(self) -> None:
         """``OFFLOAD``: the parameters' gradients (summed by ``ALLREDUCE``) into each chunk's fp32
-        accumulator, through a grad buffer as the store's gradient hooks would; the param buffers
-        released."""
+        accumulator, through a grad buffer as the store's gradient hooks would (ZeRO-2: the
+        reduced sums of this replica's chunks are the buffers); the param buffers released."""
         store = self.store
+        summed = self.reducer.summed if self.reducer is not None else None
         for c in store.chunks:
             if c.buf is None:  # not fetched this step (the stage ran nothing): no gradient
+                continue
+            if summed is not None:
+                if c.index in self.owned:
+                    buf = summed.pop(c.index).to(store.compute_dtype)
+                    store.device_ledger.alloc(f"buffer:grad:{c.index}", buf.numel() * buf.element_size())
+                    c.grad_buf = buf
+                    store.grads.flush(c)
+                store._release(c)
                 continue
             if c.index not in self.owned:  # another replica updates it
                 for s in c.slots:
@@ -307,7 +329,9 @@ def build_offloaded(worker: Any, stages: list[int]) -> dict[int, OffloadedStage]
             rank_dir = run_dir / f"rank{worker.rank}"
             rank_dir.mkdir(exist_ok=True)
             nvme_dir = rank_dir / f"stage{s}"
-        zero = ZeroGroup(worker.replica, spec.dp, worker.dp_group, worker.rank, spec.timeout_s) if spec.zero else None
+        tied = frozenset(id(q) for q in worker.tied.get(s, []))  # final only at ALLREDUCE, after the tie's sum
+        zero = (ZeroGroup(worker.replica, spec.dp, worker.dp_group, worker.rank, spec.timeout_s, level=spec.zero,
+                          deferred=tied) if spec.zero else None)
         local = {n: worker.gname[id(q)] for n, q in nn.ModuleList(worker.blocks[s]).named_parameters()}
         optim = local_spec(spec.optimizer, local)  # the groups by the store's names (runtime.stage_groups)
         out[s] = OffloadedStage(s, worker.blocks[s], spec.home(s), optim, chunk_elems=spec.offload_chunk_elems,

@@ -64,7 +64,8 @@ class PipelineSpec:
     zero: int = 0
     """1: ZeRO-1, each replica keeps the optimizer states of its shard of each stage
     (runtime.stage_zero; an offloaded stage's: runtime.stage_offload [Note: ZeRO-1 of an
-    offloaded stage]); 2: ZeRO-2, the gradients too (stages on the device only); 0: every
+    offloaded stage]); 2: ZeRO-2, the gradients too (an offloaded stage's chunk by chunk,
+    runtime.stage_offload_zero); 0: every
     replica keeps them all."""
     zero_bucket_elems: int = BUCKET_ELEMS
     """ZeRO-2: elements per gradient bucket (runtime.stage_zero)."""
@@ -87,8 +88,6 @@ class PipelineSpec:
                              f"got {self.offload!r}")
         if self.zero not in (0, 1, 2):
             raise ValueError(f"zero: 0, 1 or 2, got {self.zero!r}")
-        if self.zero == 2 and set(self.offload) - {"device"}:
-            raise ValueError(f"zero: 2 shards the gradients of stages on the device; offload is {self.offload!r}")
         check_activations(self.activations, self.partition, nvme_dir=self.nvme_dir)
 
     @property

@@ -371,6 +371,8 @@ class StageWorker:
         kept, kept_grads = self.for_w.pop((a.stage, a.microbatch))
         opt = self.optims.get(a.stage)
         ready = opt.grad_ready if isinstance(opt, ShardedOptimizer) and opt.zero2 else None
+        reducer = self.offloaded[a.stage].reducer if a.stage in self.offloaded else None
+        ready = reducer.grad_ready if reducer is not None else ready  # runtime.stage_offload_zero
         todo = list(reversed(list(zip(kept, kept_grads, strict=True))))
         final = {id(q): j for j, ((params, _), _) in enumerate(todo) for q in params}  # a module run twice: its last
         for j, ((params, out), grad) in enumerate(todo):
@@ -407,13 +409,19 @@ class StageWorker:
         s = a.stage
         opt = self.optims.get(s)
         tied = self.tied.get(s, [])
+        reducer = self.offloaded[s].reducer if s in self.offloaded else None
         # ZeRO-2 dropped the .grad of the buckets it started: only the tied ones are needed here
-        for q in tied if isinstance(opt, ShardedOptimizer) and opt.zero2 else self.owns[s]:
+        for q in tied if isinstance(opt, ShardedOptimizer) and opt.zero2 or reducer is not None else self.owns[s]:
             if q.grad is None:
                 q.grad = torch.zeros_like(q)
         if tied:
             all_reduce_([q.grad for q in tied], self.tie_group, rank=self.rank, what=f"{a} (tied weights)",
                         timeout_s=self.spec.timeout_s)
+        if reducer is not None:  # ZeRO-2 of an offloaded stage: the chunks left, then the waits
+            reducer.reduce(str(a))
+            self._count_grads("reduce_peak", reducer.peak_grad_bytes)
+            self._count_grads("offloaded_after", reducer.grad_bytes)
+            return
         if isinstance(opt, ShardedOptimizer):  # ZeRO-1: a reduce-scatter; ZeRO-2: the rest, then the waits
             opt.reduce_grads(str(a))
             self._count_grads("reduce_peak", opt.peak_grad_bytes)
@@ -423,9 +431,16 @@ class StageWorker:
             all_reduce_([q.grad for q in self.owns[s]], self.dp_group, rank=self.rank, what=str(a),
                         timeout_s=self.spec.timeout_s)
         self._count_grads("reduce_peak", held * (2 if self.spec.dp > 1 else 1))
+        if s in self.offloaded:  # what its OFFLOAD moves to the home: every gradient, summed
+            self._count_grads("offloaded_after", held)
 
     def _reduce_scatter(self, a: Action) -> None:
-        """ZeRO-2: the stage's buckets reduce-scattered from here on (runtime.stage_zero)."""
+        """ZeRO-2: the stage's buckets reduce-scattered from here on (runtime.stage_zero), an
+        offloaded stage's chunks reduced to their owners (runtime.stage_offload_zero)."""
+        st = self.offloaded.get(a.stage)
+        if st is not None and st.reducer is not None:
+            st.reducer.arm(str(a))
+            return
         opt = self.optims.get(a.stage)
         if not isinstance(opt, ShardedOptimizer) or not opt.zero2:
             raise RuntimeError(f"rank {self.rank}: {a} in its program, but stage {a.stage} is not under ZeRO-2")

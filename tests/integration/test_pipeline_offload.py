@@ -235,10 +235,10 @@ def test_offload_and_zero_mistakes_are_config_errors(local_ray, tmp_path: Path) 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("homes", "dp", "zero"), [(("host", "nvme"), 1, 0), (("host", "device"), 2, 1),
-                                                   (("device", "device"), 2, 2)])
+                                                   (("device", "device"), 2, 2), (("host", "nvme"), 2, 2)])
 def test_resume_from_a_checkpoint_of_offloaded_and_sharded_stages(local_ray, tmp_path: Path, homes, dp, zero) -> None:
     """A checkpoint after step 1 (an offloaded stage's parameters and optimizer states read from its
-    chunks, a ZeRO-1 or ZeRO-2 shard's per rank) continues bitwise as the run that went on."""
+    chunks, a ZeRO-1 or ZeRO-2 shard's per rank, an offloaded ZeRO-2 stage's own chunks') continues bitwise as the run that went on."""
     saved: dict[int, dict] = {}
 
     def keep(k: int, states: dict) -> None:
