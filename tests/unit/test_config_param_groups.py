@@ -109,13 +109,21 @@ def test_each_groups_rate_is_its_peak_times_the_schedules_factor():
     assert step_lrs(0, plain) == lr_at(0, plain) == 1e-3  # without groups: one number, as before
 
 
-@pytest.mark.parametrize("command", ["plan", "run"])
-def test_the_cli_exits_2_naming_the_entry(tmp_path, capsys, command):
+@pytest.mark.parametrize("command, pipeline", [("plan", 1), ("run", 1), ("plan", 2), ("run", 2)])
+def test_the_cli_exits_2_naming_the_entry(tmp_path, capsys, command, pipeline):
+    """One process and a pipeline alike (refused before Ray starts)."""
     path = tmp_path / "bad.yaml"
     groups = [{"params": ["*.bias"], "weight_decay": 0.0}, {"params": ["*.weigth"]}]
     path.write_text(yaml.safe_dump({"model": UNTIED, "train": {"optimizer": _optimizer(groups)},
-                                    "run_dir": str(tmp_path / "run")}))
+                                    "parallel": {"pipeline": pipeline}, "run_dir": str(tmp_path / "run")}))
+    import sys
+
+    had_ray = "ray" in sys.modules
     assert main([command, str(path)]) == 2
+    if not had_ray:
+        import ray
+
+        assert not ray.is_initialized()
     err = capsys.readouterr().err
     assert "train.optimizer.param_groups[1].params[0]: the pattern '*.weigth' matches no parameter" in err
     assert not (tmp_path / "run").exists()  # refused before anything was written
