@@ -209,6 +209,8 @@ def test_a_run_with_groups_resumed_from_a_checkpoint_continues_exactly(tmp_path)
     cut = tmp_path / "runs" / "cut"
     shutil.copytree(run, cut)
     shutil.rmtree(cut / "checkpoints" / f"step-{STEPS:08d}")  # as if stopped after step 3
+    with pytest.raises(ConfigError, match=r"train\.optimizer\.param_groups"):  # another group rate: not exact
+        resume(cut, overrides=["train.optimizer.param_groups[1].lr=1e-2"], print_fn=lambda s: None)
     lines: list[str] = []
     resume(cut, print_fn=lines.append)
     assert any(line.startswith("resuming after step 3 ") for line in lines)
