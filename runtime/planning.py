@@ -11,8 +11,10 @@ from memtrain.planner.profile_format import (
     Profile, ProfileError, find_profile, load_profile, model_mismatch, other_machine, profile_flag,
 )
 from memtrain.config import Config, ConfigError
+from memtrain.optimizers import OptimizerSpec
 
-__all__ = ["optimizer_spec", "param_names", "plan_config", "plans_a_cluster", "run_devices", "plan_from_config", "plan_cluster_from_config", "profile_for", "budgets_for", "run_dir"]
+__all__ = ["optimizer_spec", "param_names", "plan_config", "plans_a_cluster", "run_devices", "plan_from_config",
+           "plan_cluster_from_config", "profile_for", "budgets_for", "run_dir"]
 
 
 def run_dir(cfg: Config) -> Path:
@@ -32,7 +34,7 @@ def param_names(cfg: Config) -> tuple[str, ...]:
     return tuple(n for n, q in built.module.named_parameters() if q.requires_grad)
 
 
-def optimizer_spec(cfg: Config, names: "tuple[str, ...] | None" = None):
+def optimizer_spec(cfg: Config, names: tuple[str, ...] | None = None) -> OptimizerSpec:
     """``train.optimizer`` as ``wrap()`` and ``run_pipeline`` take it (``OptimizerSpec``), its
     ``param_groups`` resolved against ``names`` (default: ``param_names(cfg)``); a group naming no
     parameter, or a parameter in no group, is a ``ConfigError`` naming the field."""

@@ -44,7 +44,8 @@ from memtrain.errors import UserError
 from memtrain.units import format_bytes
 from memtrain.config import Config, ConfigError
 
-__all__ = ["lr_factor", "lr_at", "step_lrs", "train", "NonFiniteLoss", "Stopped", "StopSignals", "RUN_ARTIFACTS", "EXIT_NON_FINITE_LOSS", "checkpoint_root",
+__all__ = ["lr_factor", "lr_at", "step_lrs", "train",
+           "NonFiniteLoss", "Stopped", "StopSignals", "RUN_ARTIFACTS", "EXIT_NON_FINITE_LOSS", "checkpoint_root",
            "check_run_dir", "remove_artifacts", "truncate_metrics", "write_config", "non_finite"]
 
 RUN_ARTIFACTS = ("plan.json", "metrics.jsonl", "config.json")
