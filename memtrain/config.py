@@ -28,12 +28,12 @@ from memtrain.config_checks import (  # noqa: F401 - re-exported: the sections' 
     MAX_PREFETCH_DEPTH, MAX_PARALLEL_DEGREE, MAX_TIMEOUT_S, PIPELINE_SCHEDULES, _V_SCHEDULES, _check_number,
     _positive, _fraction, _check_int, _check_path, check_parallel_batch, check_parallel,
 )
-from memtrain.config_train import OptimizerConfig, TrainConfig
+from memtrain.config_train import OptimizerConfig, ParamGroupConfig, TrainConfig
 from memtrain.errors import UserError
 from memtrain.units import parse_bytes, show
 
 __all__ = [
-    "ConfigError", "Size", "ModelConfig", "DataConfig", "OptimizerConfig", "TrainConfig", "DeviceConfig",
+    "ConfigError", "Size", "ModelConfig", "DataConfig", "OptimizerConfig", "ParamGroupConfig", "TrainConfig", "DeviceConfig",
     "NvmeConfig", "NodeConfig", "ClusterConfig", "MemoryConfig", "SnapshotConfig", "CheckpointConfig", "ParallelConfig",
     "Config", "config_from_dict", "section_from_dict", "PARALLEL_AUTO", "MAX_CONFIG_BYTES", "MAX_GLOBAL_BATCH_SIZE", "PIPELINE_SCHEDULES",
 ]
@@ -532,7 +532,8 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 _SECTIONS: list[tuple[str, type]] = [
     ("", Config), ("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig),
-    ("train.optimizer", OptimizerConfig), ("cluster", ClusterConfig), ("cluster.nodes[]", NodeConfig),
+    ("train.optimizer", OptimizerConfig), ("train.optimizer.param_groups[]", ParamGroupConfig),
+    ("cluster", ClusterConfig), ("cluster.nodes[]", NodeConfig),
     ("cluster.nodes[].devices[]", DeviceConfig), ("cluster.nodes[].nvme", NvmeConfig),
     ("memory", MemoryConfig), ("snapshot", SnapshotConfig), ("checkpoint", CheckpointConfig),
     ("parallel", ParallelConfig),

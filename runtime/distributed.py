@@ -19,7 +19,7 @@ from typing import Any, Callable
 from memtrain.config import Config, ConfigError
 from memtrain.errors import UserError
 from memtrain.planner.measured import planned_from_measured
-from memtrain.runtime.planning import run_devices, run_dir
+from memtrain.runtime.planning import optimizer_spec, run_devices, run_dir
 from memtrain.units import format_bytes, format_seconds
 
 __all__ = ["run_distributed", "check_devices", "plan_run", "assignments_for", "PIPELINE_DRIVER"]
@@ -171,6 +171,7 @@ def run_distributed(cfg: Config, address: str | None = None, *, overwrite: bool 
     out_dir = run_dir(cfg)
     if resume_from is None:
         check_run_dir(out_dir, overwrite, checkpoint_root(cfg))
+    optimizer = optimizer_spec(cfg)  # param_groups by the whole model's names, refused before Ray starts
     run_pipeline = _pipeline_runner()
     from memtrain.runtime import ray_cluster  # Ray, once the run is known to need it
     with ray_cluster.connected(address) as line:
@@ -191,7 +192,8 @@ def run_distributed(cfg: Config, address: str | None = None, *, overwrite: bool 
             print_fn(f"memtrain: the planner chose {plan.pipeline.why or plan.pipeline.schedule_kind}")
         assignments = assignments_for(plan, inventory, chosen)
         return _train(cfg, plan, assignments, run_pipeline, out_dir, overwrite, print_fn,
-                      f"{cfg.parallel.num_workers} workers on {inventory.describe()}", resume_from, measured)
+                      f"{cfg.parallel.num_workers} workers on {inventory.describe()}", resume_from, optimizer,
+                      measured)
 
 
 def stage_homes(cfg: Config, plan: Any) -> tuple[str, ...]:
@@ -240,12 +242,12 @@ def stage_activations(cfg: Config, plan: Any) -> tuple[tuple[str, ...], ...]:
 
 
 def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callable[..., Any], out_dir: Path,
-           overwrite: bool, print_fn: Callable[[str], None], where: str, resume_from: Any,
+           overwrite: bool, print_fn: Callable[[str], None], where: str, resume_from: Any, optimizer: Any,
            measured: Any = None) -> dict:
     from memtrain.planner import report
     from memtrain.runtime.checkpoint import Checkpointer
     from memtrain.runtime.train import (StopSignals, Stopped, checkpoint_root, lr_at, non_finite, remove_artifacts,
-                                        truncate_metrics, write_config)
+                                        step_lrs, truncate_metrics, write_config)
 
     report.print_summary(plan)
     pipe, train = plan.pipeline, plan.train
@@ -306,6 +308,8 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
                       "rank_step_time_s": [r.time_s for r in results], "rank_busy_s": [r.busy_s for r in results],
                       "peak_bytes": peaks,
                       "rank_device": [r.device for r in results]}
+            if cfg.train.optimizer.param_groups:
+                record["group_lrs"] = list(step_lrs(k, cfg))
             if cfg.train.max_grad_norm:
                 record["grad_norm"] = results[0].grad_norm  # before clipping, as one process logs it
             if not finite:
@@ -335,8 +339,8 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
             num_microbatches=train.num_microbatches, micro_batch_size=train.micro_batch_size,
             seq_len=cfg.train.seq_len, num_steps=steps, seed=cfg.train.seed, partition=partition,
             stages_per_rank=cfg.parallel.stages_per_rank, data=cfg.data, timeout_s=cfg.parallel.comm_timeout_s,
-            step_timeout_s=max(cfg.parallel.comm_timeout_s * 2, 60.0), optimizer=cfg.train.optimizer.spec(),
-            lr_at=lambda k: lr_at(k, cfg), programs=plan.schedule, assignments=assignments, on_step=on_step,
+            step_timeout_s=max(cfg.parallel.comm_timeout_s * 2, 60.0), optimizer=optimizer,
+            lr_at=lambda k: step_lrs(k, cfg), programs=plan.schedule, assignments=assignments, on_step=on_step,
             start_step=start, states=states, save_after=save_after, on_states=on_states, dtype=cfg.train.dtype,
             offload=homes, nvme_dir=(str(Path(cfg.parallel.nvme_dir) / f"memtrain-{cfg.name}")
                                      if cfg.parallel.nvme_dir else None), zero=cfg.parallel.zero, activations=acts,

@@ -11,12 +11,37 @@ from memtrain.planner.profile_format import (
     Profile, ProfileError, find_profile, load_profile, model_mismatch, other_machine, profile_flag,
 )
 from memtrain.config import Config, ConfigError
+from memtrain.optimizers import OptimizerSpec
 
-__all__ = ["plan_config", "plans_a_cluster", "run_devices", "plan_from_config", "plan_cluster_from_config", "profile_for", "budgets_for", "run_dir"]
+__all__ = ["optimizer_spec", "param_names", "plan_config", "plans_a_cluster", "run_devices", "plan_from_config",
+           "plan_cluster_from_config", "profile_for", "budgets_for", "run_dir"]
 
 
 def run_dir(cfg: Config) -> Path:
     return Path(cfg.run_dir.replace("{name}", cfg.name))
+
+
+def param_names(cfg: Config) -> tuple[str, ...]:
+    """The model's trainable parameters by ``named_parameters()`` name, in its order, built on the
+    meta device (no weights): the names ``train.optimizer.param_groups`` use. For the built-in gpt
+    they are the pipeline's too (``models.gpt_blocks.param_names``: ``blocks.<i>.<name>``)."""
+    import torch
+
+    from memtrain.models import build_model
+
+    with torch.device("meta"):
+        built = build_model(cfg.model, max_seq_len=cfg.train.seq_len)
+    return tuple(n for n, q in built.module.named_parameters() if q.requires_grad)
+
+
+def optimizer_spec(cfg: Config, names: tuple[str, ...] | None = None) -> OptimizerSpec:
+    """``train.optimizer`` as ``wrap()`` and ``run_pipeline`` take it (``OptimizerSpec``), its
+    ``param_groups`` resolved against ``names`` (default: ``param_names(cfg)``); a group naming no
+    parameter, or a parameter in no group, is a ``ConfigError`` naming the field."""
+    opt = cfg.train.optimizer
+    if opt.param_groups and names is None:
+        names = param_names(cfg)
+    return opt.spec(names)
 
 
 def budgets_for(cfg: Config, device, host, nvme) -> dict[str, int]:
@@ -110,8 +135,11 @@ def plans_a_cluster(cfg: Config, num_devices: int) -> bool:
 
 
 def plan_config(cfg: Config, *, profile_path: str | None = None) -> Plan:
-    """The plan ``memtrain plan`` shows: a cluster plan or a one-device plan ([Note: which planner])."""
+    """The plan ``memtrain plan`` shows: a cluster plan or a one-device plan ([Note: which planner]).
+    The optimizer's ``param_groups`` are checked against the model first, as ``memtrain run`` does."""
     from memtrain.cluster.inventory import resolve_cluster
+
+    optimizer_spec(cfg)
 
     cluster = resolve_cluster(cfg.cluster)
     if not plans_a_cluster(cfg, sum(len(n.devices) for n in cluster.nodes)):

@@ -44,7 +44,8 @@ from memtrain.errors import UserError
 from memtrain.units import format_bytes
 from memtrain.config import Config, ConfigError
 
-__all__ = ["lr_at", "train", "NonFiniteLoss", "Stopped", "StopSignals", "RUN_ARTIFACTS", "EXIT_NON_FINITE_LOSS", "checkpoint_root",
+__all__ = ["lr_factor", "lr_at", "step_lrs", "train",
+           "NonFiniteLoss", "Stopped", "StopSignals", "RUN_ARTIFACTS", "EXIT_NON_FINITE_LOSS", "checkpoint_root",
            "check_run_dir", "remove_artifacts", "truncate_metrics", "write_config", "non_finite"]
 
 RUN_ARTIFACTS = ("plan.json", "metrics.jsonl", "config.json")
@@ -121,18 +122,34 @@ def truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def lr_at(step: int, cfg: Config) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then constant or
-    cosine decay to 10% of the peak over the remaining steps (GPT-3, Brown et al. 2020, Sec. B)."""
-    peak = cfg.train.optimizer.lr
+def lr_factor(step: int, cfg: Config) -> float:
+    """The schedule's factor at optimizer step ``step`` (0-based): linear warm-up, then constant
+    or cosine decay to 0.1 over the remaining steps (GPT-3, Brown et al. 2020, Sec. B). Every
+    group's rate is its peak times this, as torch's ``LambdaLR`` scales each param group."""
     warm = cfg.train.warmup_steps
     if step < warm:
-        return peak * (step + 1) / warm
+        return (step + 1) / warm
     if cfg.train.lr_schedule == "constant":
-        return peak
+        return 1.0
     span = max(cfg.train.steps - warm, 1)
     progress = min((step - warm) / span, 1.0)
-    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): ``train.optimizer.lr`` × ``lr_factor``
+    (a group without its own ``lr`` runs at this; ``metrics.jsonl``'s ``lr``)."""
+    return cfg.train.optimizer.lr * lr_factor(step, cfg)
+
+
+def step_lrs(step: int, cfg: Config) -> float | tuple[float, ...]:
+    """What a step sets (``engine.set_lr``, ``run_pipeline``'s ``lr_at``): ``lr_at`` without
+    ``train.optimizer.param_groups``, else one rate per group, its peak × ``lr_factor``."""
+    opt = cfg.train.optimizer
+    if not opt.param_groups:
+        return lr_at(step, cfg)
+    factor = lr_factor(step, cfg)
+    return tuple((opt.lr if g.lr is None else g.lr) * factor for g in opt.param_groups)
 
 
 def _memory_for(plan, cfg: Config) -> dict:
@@ -227,7 +244,7 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print, resume_from=N
     from memtrain.runtime.checkpoint import Checkpointer, engine_state, restore_engine_state
     from memtrain.runtime.data import TokenBatches
     from memtrain.runtime.wrapping import wrap
-    from memtrain.runtime.planning import plan_from_config, run_dir
+    from memtrain.runtime.planning import optimizer_spec, plan_from_config, run_dir
     from memtrain.runtime.process_memory import ProcessPeak
     from memtrain.runtime.run_check import closing_lines
 
@@ -236,6 +253,7 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print, resume_from=N
     resuming = resume_from is not None
     if not resuming:
         check_run_dir(out_dir, overwrite, ckpt_root)
+        optimizer_spec(cfg)  # param_groups checked before planning, on the meta device
         plan = plan_from_config(cfg)
     report.print_summary(plan)
     if not plan.fits:
@@ -257,9 +275,11 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print, resume_from=N
         process = ProcessPeak("cuda" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(cfg.train.seed)
         built = build_model(cfg.model, max_seq_len=cfg.train.seq_len)
+        names = tuple(n for n, q in built.module.named_parameters() if q.requires_grad)
+        optimizer = optimizer_spec(cfg, names)  # param_groups resolved (a ConfigError names the entry)
         with _store_notes_to(print_fn):
             engine = wrap(
-                built.module, optimizer=cfg.train.optimizer.spec(), memory=_memory_for(plan, cfg), plan=plan,
+                built.module, optimizer=optimizer, memory=_memory_for(plan, cfg), plan=plan,
                 blocks=list(built.blocks), loss_fn=built.loss_fn, dtype=cfg.train.dtype, verbose=False,
                 call=lambda m, ids: built.forward(ids, module=m), max_grad_norm=cfg.train.max_grad_norm,
             )
@@ -285,7 +305,7 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print, resume_from=N
         with (metrics_path.open("a") as metrics, StopSignals(print_fn) as stop,
               StepProgress(cfg.train.steps, start, print_fn) as progress):
             for step in range(start, cfg.train.steps):
-                engine.set_lr(lr_at(step, cfg))
+                engine.set_lr(step_lrs(step, cfg))
                 t0 = time.perf_counter()
                 loss = engine.train_step(next(data))
                 dt = time.perf_counter() - t0
@@ -295,6 +315,8 @@ def train(cfg: Config, *, overwrite: bool = False, print_fn=print, resume_from=N
                 finite = math.isfinite(loss)
                 record = {"step": step + 1, "loss": loss if finite else None, "step_time_s": dt,
                           "tokens_per_s": tokens_per_step / dt, "lr": lr_at(step, cfg), "peak_bytes": peaks}
+                if cfg.train.optimizer.param_groups:
+                    record["group_lrs"] = list(step_lrs(step, cfg))
                 if cfg.train.max_grad_norm:
                     record["grad_norm"] = engine.last_grad_norm  # before clipping, as the trainers log it
                 if not finite:

@@ -1,7 +1,7 @@
 """The single-process reference of the pipeline parity tests: plain PyTorch, the model built the
 ordinary way under the seed, the same global batch as micro-batches in order, each loss divided
 by their number before its backward, ``torch.optim.AdamW`` with the same hyper-parameters and
-learning rate per step (``bf16``: the forward under ``torch.autocast``, the loss in fp32);
+learning rate per step (``lr_at``: one for all groups or one per group; ``bf16``: the forward under ``torch.autocast``, the loss in fp32);
 with ``max_grad_norm`` each step first ``torch.nn.utils.clip_grad_norm_(model.parameters())``, with
 ``param_groups`` (dicts of parameter names, ``lr``, ``weight_decay``) AdamW's groups by name.
 ``out``, when given, receives the steps' norms (``grad_norms``) and the final ``weights`` by name."""
@@ -34,9 +34,11 @@ def reference_losses(model: dict, *, num_steps: int, num_microbatches: int, micr
         data = TokenBatches(DataConfig(), batch_size=m * b, seq_len=seq_len, vocab_size=built.vocab_size)
         losses_out = []
         for step in range(num_steps):
-            if lr_at is not None:
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(step)
+            if lr_at is not None:  # one rate for every group, or one per group
+                rates = lr_at(step)
+                rates = [rates] * len(opt.param_groups) if isinstance(rates, float) else list(rates)
+                for g, rate in zip(opt.param_groups, rates, strict=True):
+                    g["lr"] = rate
             ids, labels = data.batch(step)
             losses = []
             for i in range(m):

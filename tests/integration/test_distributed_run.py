@@ -19,7 +19,7 @@ from memtrain.errors import UserError
 from memtrain.planner.plan import Plan
 from memtrain.runtime.config_file import load_config
 from memtrain.runtime.distributed import run_distributed
-from memtrain.runtime.train import lr_at
+from memtrain.runtime.train import lr_at, lr_factor
 
 from pipeline_reference import reference_losses
 from ray_helpers import subprocess_env
@@ -162,3 +162,51 @@ def test_choices_left_to_the_planner_are_planned_over_every_device_and_kept(loca
     assert (saved["pipeline"], saved["data"], saved["schedule"]) == (pipe.pipeline_degree, pipe.data_parallel_degree,
                                                                      pipe.schedule_kind)
     assert len(out["losses"]) == 2 and any(line.startswith("memtrain: the planner chose") for line in lines)
+
+
+def test_config_param_groups_reach_every_stage_by_the_whole_models_names(local_ray, tmp_path):
+    """``train.optimizer.param_groups`` of the config (patterns, the first matching group wins)
+    name the whole model's parameters, as one process does; each stage steps its share of each
+    group at the group's peak × the schedule's factor. Untied, so bitwise one process's loop
+    with torch's groups set by hand; resumed from its step-2 checkpoint, step 3 is the same."""
+    groups = "[{params: ['*.bias', '*norm*'], weight_decay: 0.0}, {params: ['blocks.3.*'], lr: 0.01}, {params: ['*']}]"
+    cfg = _config(tmp_path, "train.steps=3", "model.overrides={num_layers: 2, tie_embeddings: false}",
+                  f"train.optimizer.param_groups={groups}", "checkpoint.interval_steps=2")
+    out = run_distributed(cfg, print_fn=lambda line: None)
+    names = [n for n, _ in _untied_named()]
+    no_decay = [n for n in names if n.endswith(".bias") or "norm" in n]
+    head = [n for n in names if n.startswith("blocks.3.") and n not in no_decay]
+    rest = [n for n in names if n not in no_decay and n not in head]
+    assert head == ["blocks.3.lm_head.weight"] and len(no_decay) == 19
+    opt = cfg.train.optimizer
+    ref = reference_losses({"source": "gpt", "preset": "tiny", "overrides": {"num_layers": 2, "tie_embeddings": False}},
+                           num_steps=3, num_microbatches=4, micro_batch_size=2, seq_len=cfg.train.seq_len, seed=0,
+                           lr=opt.lr, adamw={"betas": tuple(opt.betas), "weight_decay": opt.weight_decay},
+                           param_groups=[{"params": no_decay, "weight_decay": 0.0}, {"params": head, "lr": 0.01},
+                                         {"params": rest}],
+                           lr_at=lambda k: [opt.lr * lr_factor(k, cfg), 0.01 * lr_factor(k, cfg),
+                                            opt.lr * lr_factor(k, cfg)])
+    assert [list(x) for x in out["result"].microbatch_losses] == ref  # bitwise
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["group_lrs"] for m in metrics] == [[opt.lr * lr_factor(k, cfg), 0.01 * lr_factor(k, cfg),
+                                                  opt.lr * lr_factor(k, cfg)] for k in range(3)]
+    assert lr_factor(0, cfg) == 0.5  # the warm-up's first step: every group at half its own rate
+    # a checkpoint keeps the groups' states: the run resumed after step 2 gives step 3's losses again
+    import shutil
+
+    from memtrain.runtime.resume import resume
+
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "run", cut)
+    shutil.rmtree(cut / "checkpoints" / "step-00000003")
+    again = resume(cut, print_fn=lambda line: None)
+    assert again["first_step"] == 3 and [list(x) for x in again["result"].microbatch_losses] == ref[2:]
+
+
+def _untied_named():
+    import torch
+
+    from memtrain.models.gpt import GPT, gpt_config
+
+    with torch.device("meta"):
+        return list(GPT(gpt_config("tiny", num_layers=2, tie_embeddings=False)).named_parameters())
