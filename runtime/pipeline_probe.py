@@ -15,11 +15,13 @@ with the same functions.
 - **Round trip**: a no-op call of an actor, the driver's part of every step.
 
 ``measure_pipeline`` does all three on two ``ProbeActor`` actors placed as the run's first two
-workers will be (rank 0's times the blocks), in a few seconds for a small model.
+workers will be (both time the blocks at once and their mean is kept; only the first's when the two
+are of different kinds), in a few seconds for a small model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import time
@@ -220,10 +222,11 @@ def measure_pipeline(*, model: ModelConfig, device_kind: str, micro_batch_size: 
                      seq_len: int, dtype: str, model_key: str, model_name: str, optimizer: OptimizerSpec,
                      split: bool, assignments: Sequence[Any], seed: int = 0, num_threads: int = 1,
                      data: DataConfig | None = None, timeout_s: float = 60.0, steps: int = 4, repeats: int = 20,
-                     progress: Callable[[str], None] = print) -> MeasuredPipeline:
+                     same_kind: bool = True, progress: Callable[[str], None] = print) -> MeasuredPipeline:
     """Measure the blocks, the link and the round trip on two ``ProbeActor``s placed as
     ``assignments`` (``ray_cluster.Assignment``s of the run's first two workers), both timing
-    the blocks (``split``: the split backward too); Ray must be connected."""
+    the blocks (``split``: the split backward too; ``same_kind``: the two workers' devices are of
+    one kind, so their figures are averaged, else the first's are kept); Ray must be connected."""
     import ray
 
     from memtrain.runtime.ray_cluster import place_workers
@@ -257,7 +260,8 @@ def measure_pipeline(*, model: ModelConfig, device_kind: str, micro_batch_size: 
             model=model, m=num_microbatches, b=micro_batch_size, seq=seq_len, seed=seed, optimizer=optimizer,
             steps=steps, split=None if split else False, dtype=dtype, num_threads=num_threads, data=data,
             max_layers=MAX_TIMED_LAYERS) for w in (a, b)], timeout=max(timeout_s, 300.0))
-        costs, device = mean_costs([c for c, _ in both]), both[0][1]
+        # the planner applies the figures to devices of the first worker's kind
+        costs, device = (mean_costs([c for c, _ in both]) if same_kind else both[0][0]), both[0][1]
         nodes = ray.get([a.node.remote(), b.node.remote()], timeout=timeout_s)
     finally:
         for actor in placed.actors:
@@ -316,7 +320,9 @@ def measured_for_run(cfg: Any, kinds: Sequence[str], assignments: Sequence[Any],
     try:
         measured = measure_pipeline(
             model=cfg.model, device_kind=kinds[0], micro_batch_size=mbs, num_microbatches=m, seq_len=train.seq_len,
-            dtype=train.dtype, model_key=key, model_name=stats.name, optimizer=train.optimizer.spec(), split=split,
+            dtype=train.dtype, model_key=key, model_name=stats.name, split=split, same_kind=len(set(kinds[:2])) == 1,
+            # groups change no timing, and the timed model (MAX_TIMED_LAYERS) has other names than the run's
+            optimizer=dataclasses.replace(train.optimizer, param_groups=[]).spec(),
             assignments=assignments, seed=train.seed, data=cfg.data, timeout_s=min(par.comm_timeout_s, 120.0),
             progress=lambda line: print_fn(f"memtrain: {line.strip()}"))
     except (ray.exceptions.RayError, CommError) as e:  # a probe that failed: the run can still train

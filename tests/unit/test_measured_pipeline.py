@@ -201,6 +201,26 @@ def test_the_driver_measures_cpus_only_unless_asked(tmp_path, monkeypatch):
     pipeline_probe.measured_for_run(_cfg(profile="measure", schedule="zb-h1"), ["a100-80gb"] * 2, slots, tmp_path,
                                     print)
     assert len(calls) == 2 and calls[1]["split"]
+    assert calls[0]["same_kind"] and calls[1]["same_kind"]
+    pipeline_probe.measured_for_run(_cfg(profile="measure"), ["a100-80gb", "cpu"], slots, tmp_path, print)
+    assert not calls[2]["same_kind"]  # the first worker's figures only, as the planner applies them to its kind
+
+
+def test_the_driver_measures_a_config_with_parameter_groups_without_them(tmp_path, monkeypatch):
+    """Groups change no timing, and the probes time a shortened model whose names are not the
+    run's: they measure with one group (the run's groups are resolved against the whole model)."""
+    from memtrain.config import Config, OptimizerConfig, ParallelConfig, TrainConfig
+    from memtrain.config_train import ParamGroupConfig
+    from memtrain.runtime import pipeline_probe
+
+    calls = []
+    monkeypatch.setattr(pipeline_probe, "measure_pipeline", lambda **kw: calls.append(kw) or measured())
+    groups = [ParamGroupConfig(params=["*.bias"], weight_decay=0.0), ParamGroupConfig(params=["*"])]
+    cfg = Config(model=ModelConfig(), train=TrainConfig(global_batch_size=8, seq_len=16, steps=2,
+                                                        optimizer=OptimizerConfig(param_groups=groups)),
+                 parallel=ParallelConfig(pipeline=2, microbatches=4))
+    assert pipeline_probe.measured_for_run(cfg, ["cpu", "cpu"], ["a", "b"], tmp_path, print) == measured()
+    assert not calls[0]["optimizer"].param_groups
 
 
 def test_a_given_profile_is_used_without_measuring_and_must_be_this_models(tmp_path, monkeypatch):
