@@ -114,13 +114,13 @@ def _stage_costs(cand: Candidate, estimates: list[StageEstimate]) -> list[StageC
     assert model is not None
     split = cand.shape.schedule in _SPLIT_W
     out = []
-    for (first, end), est in zip(cand.partition, estimates):
+    for s, ((first, end), est) in enumerate(zip(cand.partition, estimates)):
         out_bytes = model.stats.blocks[end - 1].output_bytes
         # a split backward: B and W share the backward (measured, else half each); B replays the
         # recomputed forwards and holds what it brings back until W (planner.stage_cost [Note:
         # activations between B and W])
         grads = est.bwd_s - est.recompute_s
-        w = model.w_share(first, end) if split else 0.0
+        w = model.w_share(first, end, cand.ranks[cand.stage_ranks[s]][1]) if split else 0.0
         out.append(StageCost(fwd_s=est.fwd_s, bwd_s=grads * (1 - w) + est.recompute_s if split else est.bwd_s,
                              wgrad_s=grads * w, activation_bytes=est.act_bytes,
                              bw_bytes=est.bw_bytes if split else 0, output_bytes=out_bytes))
@@ -149,17 +149,21 @@ def _run(cand: Candidate, costs: list[StageCost], links, m: int) -> PipelineResu
 
 
 def _clip_s(cand: Candidate, links: dict[tuple[int, int], Link]) -> float:
-    """The norm exchange of a clipped step (planner.simulate_pipeline ``clip_time_s``): over the
-    slowest link between the ranks, the busiest rank's gradients read at its memory bandwidth."""
+    """The norm exchange of a clipped step (planner.simulate_pipeline ``clip_time_s``): an
+    all-gather over every rank of every replica (runtime.stage_clip gathers over the world) on the
+    slowest of their links, the busiest rank's gradients (under ZeRO its shard's) read at its
+    memory bandwidth."""
     model = cand.model
     assert model is not None
     p = cand.shape.pipeline
-    slow = min(links.values(), key=lambda lk: lk.gbps, default=Link(gbps=1.0))
+    slow = min([*links.values(), *cand.ar_links], key=lambda lk: lk.gbps, default=Link(gbps=1.0))
     tensors = sum(len(b.param_names) for b in model.stats.blocks)
     worst = 0.0
     for r in range(p):
         n = sum(model.num_params(f, e) for s, (f, e) in enumerate(cand.partition) if cand.stage_ranks[s] == r)
-        worst = max(worst, clip_time_s(p, tensors, 4 * n, slow, cand.ranks[r][1].memory_bw_gbps))
+        grad_bytes = 4 * -(-n // model.shards)
+        worst = max(worst, clip_time_s(p * cand.shape.data_parallel, tensors, grad_bytes, slow,
+                                       cand.ranks[r][1].memory_bw_gbps))
     return worst
 
 
@@ -231,7 +235,8 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
         r, n = cand.stage_ranks[s], model.num_params(f, e)
         opt[r] += est.tail_s
         # [Note: ZeRO at the step's end] ZeRO-2's reduce-scatter mostly under the last gradient pass
-        ar[r] += reduce_time_s(model, shape.schedule, est, n, shape.data_parallel, cand.ar_links[r])
+        ar[r] += reduce_time_s(model, shape.schedule, est, n, shape.data_parallel, cand.ar_links[r],
+                               model.w_share(f, e, cand.ranks[r][1]))
         on_device = model.zero and "params" not in est.offload
         if on_device or model.zero == 2:  # the sum's copy: ZeRO-2's buckets (an offloaded stage's chunks) under
             # way, ZeRO-1's whole

@@ -10,7 +10,9 @@ cost: comm.link_probe [Note: rendezvous]); and Ray's round trip of an actor call
 driver waits for on every step. [Note: measured pipeline] The planner then takes:
 
 - a stage's passes on a device of ``device_kind``: the sum of its blocks' measured times,
-  scaled in proportion to the micro-batch size (planner.stage_cost ``StageModel``);
+  scaled in proportion to the micro-batch size (planner.stage_cost ``StageModel``); a stage
+  whose states are offloaded is timed by the single-device search (``StageModel.refine``), on the
+  catalog's figures of the device, not these;
 - its optimizer step: the sum of its blocks' measured steps (ZeRO: ``1 / d`` of it);
 - a split backward's ``B`` and ``W``: the measured shares, where the split form was timed;
 - the link between two workers of that kind: the measured one, the wire's latency less the
@@ -89,7 +91,8 @@ class MeasuredPipeline:
     split_timed: bool
     """The split backward (``B``, ``W``) was timed; else its parts are half the whole one."""
     link_latency_s: float
-    """Half the median round trip of a 4-byte tensor between two workers."""
+    """Half the round trip of a 4-byte tensor between two workers (a trimmed mean of many:
+    comm.link_probe [Note: mean, not median])."""
     link_gbps: float
     link_recv_s: float
     """A late receive's time on the receiving worker (comm.link_probe [Note: rendezvous])."""

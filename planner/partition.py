@@ -258,7 +258,7 @@ def allreduce_time_s(num_bytes: int, num_replicas: int, link: Link) -> float:
 
 
 def reduce_time_s(model: StageModel, schedule: str, est: StageEstimate, num_params: int, num_replicas: int,
-                  link: Link) -> float:
+                  link: Link, w_share: float = 0.5) -> float:
     """A stage's gradient sum over the replicas after its last pass: a ring all-reduce (ZeRO-1: a
     reduce-scatter and an all-gather, the same time); under ZeRO-2 the all-gather and what the
     stage's last gradient pass does not hide of the reduce-scatter (planner.hetero_plan [Note:
@@ -266,7 +266,10 @@ def reduce_time_s(model: StageModel, schedule: str, est: StageEstimate, num_para
     full = allreduce_time_s(4 * num_params, num_replicas, link)
     if model.zero != 2:  # an offloaded stage's chunks too (runtime.stage_offload_zero), counted as buckets
         return full
-    pass_s = est.bwd_s / 2 if schedule in ("zb-h1", "v-half", "v-min") else est.bwd_s  # W, or the whole B
+    # the last gradient pass: W (``w_share`` of the split backward, StageModel.w_share, as
+    # planner.hetero_plan's _stage_costs takes it), or the whole B
+    split = schedule in ("zb-h1", "v-half", "v-min")
+    pass_s = (est.bwd_s - est.recompute_s) * w_share if split else est.bwd_s
     return full / 2 + zero2_exposed_s(full / 2, pass_s, -(-num_params // REDUCE_BUCKET_ELEMS))
 
 
@@ -393,7 +396,7 @@ def partition(cand: Candidate) -> None:
             est = estimate(first, end, cand.where[s], cand.in_flight[s], m, cand.in_bw[s])
             got = math.inf if not est.fits else est.work_s(m) + reduce_time_s(
                 model, shape.schedule, est, model.num_params(first, end), shape.data_parallel,
-                cand.ar_links[cand.stage_ranks[s]])
+                cand.ar_links[cand.stage_ranks[s]], model.w_share(first, end, cand.ranks[cand.stage_ranks[s]][1]))
             seen[key] = got
         return got
 
@@ -417,7 +420,8 @@ def partition(cand: Candidate) -> None:
         r = cand.stage_ranks[s]
         busy[r] += m * (est.fwd_s + est.bwd_s)
         tail[r] += est.tail_s + reduce_time_s(model, shape.schedule, est, model.num_params(*bounds[s]),
-                                              shape.data_parallel, cand.ar_links[r])
+                                              shape.data_parallel, cand.ar_links[r],
+                                              model.w_share(*bounds[s], cand.ranks[r][1]))
     ratio = bubble_ratio(shape.schedule, p, m) or 0.0
     cand.estimate_s = max(busy) * (1 + ratio) + max(tail) + model.step_overhead_s([r[1] for r in cand.ranks])
 

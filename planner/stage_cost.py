@@ -276,9 +276,10 @@ class StageModel:
         m = self.measured
         return m.step_overhead_s if m is not None and any(d.kind == m.device_kind for d in devices) else 0.0
 
-    def w_share(self, first: int, end: int) -> float:
-        """Of a split backward of blocks ``[first, end)``, the ``W`` part's share: measured, else half."""
-        return self.measured.w_share(first, end) if self.measured is not None else 0.5
+    def w_share(self, first: int, end: int, device: DeviceSpec) -> float:
+        """Of a split backward of blocks ``[first, end)`` on ``device``, the ``W`` part's share:
+        measured where the costs were (``device``'s kind), else half."""
+        return self.measured.w_share(first, end) if self._measures(device) else 0.5
 
     def estimate(self, first: int, end: int, where: int, in_flight: int, num_microbatches: int,
                  in_bw: int = 0) -> StageEstimate:
@@ -356,7 +357,7 @@ class StageModel:
         fits = (device_bytes <= budget.device and host_bytes <= budget.host
                 and (not swap_nvme or (nvme is not None and nvme_bytes <= budget.nvme)))
         return StageEstimate(fwd_s=max(f_s, out_s), bwd_s=max(b_s, in_s),
-                             tail_s=self.device_optim_s(first, end, n, device),
+                             tail_s=self.device_optim_s(first, end, -(-n // self.shards), device),
                              device_bytes=device_bytes, host_bytes=host_bytes, nvme_bytes=nvme_bytes, act_bytes=0,
                              bw_bytes=acts if kb else 0,
                              offload=f"activations swapped to {'NVMe' if swap_nvme else 'the host'}", fits=fits,

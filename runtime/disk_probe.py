@@ -53,10 +53,9 @@ def disk_probe(path: str | Path, num_bytes: int = 512 * 2**20, file_bytes: int =
     next). The simulator puts NVMe transfers on one in-order disk stream, so this aggregate rate
     is the one it needs. The process's CPU seconds per second of each round (the store's threads:
     checksums and the kernel's side of each request; nothing else runs) are its CPU shares
-    (``NvmeSpec.read_cpu_share``/``write_cpu_share``, [Note: the store's CPU on a CPU device]). Profile version 2 timed one buffered stream with one ``fsync`` instead:
-    on this machine's virtual disk that measured 0.30-0.61 GB/s of writes against the store's
-    1.67, and the planner predicted 5.2 s for the 100m all-NVMe step of ``bench/offload_io.py``
-    that runs in 1.9-2.4 s.
+    (``NvmeSpec.read_cpu_share``/``write_cpu_share``, [Note: the store's CPU on a CPU device]).
+    One buffered stream with one ``fsync`` would measure far less than the store moves
+    (docs/nvme.md).
     """
     from memtrain.offload.nvme import aligned_empty
 

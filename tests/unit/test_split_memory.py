@@ -94,9 +94,9 @@ def test_a_split_backwards_b_replays_the_recomputed_forward():
     stats = analyze(ModelConfig(preset="tiny"), seq_len=16, micro_batch_size=2, dtype="fp32")
 
     def cand(kind: str):
-        model = SimpleNamespace(stats=stats, w_share=lambda first, end: 0.5)  # nothing measured: half each
-        return SimpleNamespace(model=model, shape=SimpleNamespace(schedule=kind),
-                               partition=((0, 2), (2, 4)))
+        model = SimpleNamespace(stats=stats, w_share=lambda first, end, device: 0.5)  # nothing measured: half each
+        return SimpleNamespace(model=model, shape=SimpleNamespace(schedule=kind), partition=((0, 2), (2, 4)),
+                               stage_ranks=(0, 1), ranks=[(0, None, None, None, None)] * 2)
 
     zb, = _stage_costs(cand("zb-h1"), [est, est])[:1]
     assert (zb.bwd_s, zb.wgrad_s, zb.activation_bytes, zb.bw_bytes) == (2.0, 1.0, 10, 100)
