@@ -49,7 +49,7 @@ data-parallel tolerance (test_pipeline_run.py [Note: pipeline tolerances]).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -143,6 +143,18 @@ class ShardedOptimizer:
         (a view of ``master``, so the update lands there) in a param group tagged ``group``; the
         update is elementwise, so each element gets its group's arithmetic as unsharded."""
         parts: list[tuple[int, int, int]] = []
+        for i, start, end, _ in self._shard_pieces():
+            g = group_of[i]
+            if parts and parts[-1][2] == g and parts[-1][1] == start:
+                parts[-1] = (parts[-1][0], end, g)
+            else:
+                parts.append((start, end, g))
+        return parts
+
+    def _shard_pieces(self) -> Iterator[tuple[int, int, int, bool]]:
+        """Per parameter with elements in this replica's shard, in shard order: its index in
+        ``params``, where its piece starts and ends in the replica's flat shard (its buckets'
+        shares one after another), and whether the piece is the whole parameter."""
         at = 0
         for (n, per, mine), idx in zip(self.slices, self.buckets):
             lo, offset = min(n, self.replica * per), 0
@@ -150,14 +162,9 @@ class ShardedOptimizer:
                 size = self.params[i].numel()
                 a, b = max(offset, lo), min(offset + size, lo + mine)
                 if b > a:
-                    start, end, g = at + a - lo, at + b - lo, group_of[i]
-                    if parts and parts[-1][2] == g and parts[-1][1] == start:
-                        parts[-1] = (parts[-1][0], end, g)
-                    else:
-                        parts.append((start, end, g))
+                    yield i, at + a - lo, at + b - lo, a == offset and b == offset + size
                 offset += size
             at += mine
-        return parts
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -282,17 +289,7 @@ class ShardedOptimizer:
         whole parameter (runtime.stage_clip [Note: the global norm of a pipeline])."""
         if self._grad is None:
             return []
-        out, got = [], 0
-        for (n, per, mine), idx in zip(self.slices, self.buckets):
-            lo, offset = min(n, self.replica * per), 0
-            for i in idx:
-                size = self.params[i].numel()
-                a, b = max(offset, lo), min(offset + size, lo + mine)
-                if b > a:
-                    out.append((i, self._grad[got + a - lo:got + b - lo], a == offset and b == offset + size))
-                offset += size
-            got += mine
-        return out
+        return [(i, self._grad[start:end], whole) for i, start, end, whole in self._shard_pieces()]
 
     def scale_grads(self, coef: torch.Tensor) -> None:
         """The shard's summed gradients multiplied by ``coef`` (a clipped step)."""
