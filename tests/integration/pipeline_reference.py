@@ -12,7 +12,9 @@ import torch
 
 from memtrain.config import DataConfig, ModelConfig
 from memtrain.models.source import build_model
+from memtrain.planner.plan import Action, Op
 from memtrain.runtime.data import TokenBatches
+from memtrain.runtime.train import lr_at
 
 
 def reference_losses(model: dict, *, num_steps: int, num_microbatches: int, micro_batch_size: int, seq_len: int,
@@ -59,3 +61,30 @@ def reference_losses(model: dict, *, num_steps: int, num_microbatches: int, micr
         return losses_out
     finally:
         torch.set_num_threads(threads)
+
+
+
+def config_reference_losses(cfg, **extra) -> list[list[float]]:
+    """Plain PyTorch's per-micro-batch losses for a run of examples/gpt-tiny-pp2.yaml as ``cfg``
+    sets it (the tiny GPT, 4 micro-batches of 2, its steps, sequence length, AdamW and LR
+    schedule); ``extra`` goes to ``reference_losses`` (``bf16``, ``max_grad_norm``, ``out``)."""
+    opt = cfg.train.optimizer
+    return reference_losses({"source": "gpt", "preset": "tiny"}, num_steps=cfg.train.steps, num_microbatches=4,
+                            micro_batch_size=2, seq_len=cfg.train.seq_len, seed=0, lr=opt.lr,
+                            adamw={"betas": tuple(opt.betas), "weight_decay": opt.weight_decay},
+                            lr_at=lambda k: lr_at(k, cfg), **extra)
+
+def check_zero2_records(got, num_microbatches: int, step_end: list[Op]) -> None:
+    """A ZeRO-2 run's (``PipelineResult``) records equal its programs (2 ranks), and each stage's
+    ``REDUCE_SCATTER`` comes right before its last gradient pass (``W`` under a split backward,
+    else ``B``) and its actions end with ``step_end``."""
+    for step in got.records:
+        for rank, record in enumerate(step):
+            assert record == got.programs[rank % 2], (rank, record)
+    for program in got.programs:
+        acts = [Action.parse(a) for a in program]
+        for s in {a.stage for a in acts}:
+            grad_op = Op.W if any(a.op is Op.W and a.stage == s for a in acts) else Op.B
+            last = max(k for k, a in enumerate(acts) if a.stage == s and a.op is grad_op)
+            assert acts[last - 1] == Action(s, Op.REDUCE_SCATTER, num_microbatches - 1), program
+            assert [a.op for a in acts if a.stage == s][-len(step_end):] == step_end, program

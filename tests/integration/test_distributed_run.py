@@ -21,7 +21,7 @@ from memtrain.runtime.config_file import load_config
 from memtrain.runtime.distributed import run_distributed
 from memtrain.runtime.train import lr_at, lr_factor
 
-from pipeline_reference import reference_losses
+from pipeline_reference import config_reference_losses, reference_losses
 from ray_helpers import subprocess_env
 
 MEMTRAIN = [sys.executable, "-m", "memtrain.runtime.cli"]
@@ -37,11 +37,7 @@ def _config(tmp_path, *sets):
 
 def _reference(cfg, *, bf16: bool = False) -> list[list[float]]:
     """Plain PyTorch's per-micro-batch losses for ``cfg`` (the tiny GPT, 4 micro-batches of 2)."""
-    opt = cfg.train.optimizer
-    return reference_losses({"source": "gpt", "preset": "tiny"}, num_steps=cfg.train.steps, num_microbatches=4,
-                            micro_batch_size=2, seq_len=cfg.train.seq_len, seed=0, lr=opt.lr,
-                            adamw={"betas": tuple(opt.betas), "weight_decay": opt.weight_decay},
-                            lr_at=lambda k: lr_at(k, cfg), bf16=bf16)
+    return config_reference_losses(cfg, bf16=bf16)
 
 
 def test_the_readme_pipeline_example_trains_as_one_process_does(local_ray, tmp_path):

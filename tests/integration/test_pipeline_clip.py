@@ -20,7 +20,7 @@ import json
 
 import pytest
 import torch
-from pipeline_reference import reference_losses
+from pipeline_reference import config_reference_losses, reference_losses
 
 from memtrain.models.gpt import gpt_config
 from memtrain.models.gpt_blocks import param_names
@@ -28,7 +28,6 @@ from memtrain.planner.plan import Plan
 from memtrain.runtime.config_file import load_config
 from memtrain.runtime.distributed import run_distributed
 from memtrain.runtime.pipeline_driver import run_pipeline
-from memtrain.runtime.train import lr_at
 
 STEPS, M, B, SEQ, SEED, LR, CLIP = 3, 4, 2, 16, 0, 1e-2, 0.05
 UNTIED_2 = {"preset": "tiny", "overrides": {"num_layers": 2, "tie_embeddings": False}}
@@ -147,12 +146,8 @@ def test_memtrain_run_clips_and_logs_the_norm(local_ray, tmp_path) -> None:
     cfg = load_config("examples/gpt-tiny-pp2.yaml", ["train.steps=3", f"train.max_grad_norm={CLIP}",
                                                      f"run_dir={tmp_path}/run"])
     out = run_distributed(cfg, print_fn=lambda line: None)
-    opt = cfg.train.optimizer
     ref: dict = {}
-    want = reference_losses({"source": "gpt", "preset": "tiny"}, num_steps=3, num_microbatches=4, micro_batch_size=2,
-                            seq_len=cfg.train.seq_len, seed=0, lr=opt.lr, max_grad_norm=CLIP, out=ref,
-                            adamw={"betas": tuple(opt.betas), "weight_decay": opt.weight_decay},
-                            lr_at=lambda k: lr_at(k, cfg))
+    want = config_reference_losses(cfg, max_grad_norm=CLIP, out=ref)
     # tied embeddings across the two ranks: the table's gradient summed in another order (1e-6 relative)
     assert [list(x) for x in out["result"].microbatch_losses] == [pytest.approx(x, rel=1e-6, abs=0) for x in want]
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pipeline_reference import reference_losses
+from pipeline_reference import config_reference_losses, reference_losses
 
 from memtrain.config import ModelConfig
 from memtrain.planner.analyze import analyze
@@ -25,7 +25,6 @@ from memtrain.planner.simulate_pipeline import Link, StageCost, simulate_pipelin
 from memtrain.runtime.config_file import load_config
 from memtrain.runtime.distributed import run_distributed
 from memtrain.runtime.pipeline_driver import PipelineResult, run_pipeline
-from memtrain.runtime.train import lr_at
 
 STEPS, M, B, SEQ, SEED, LR = 2, 4, 2, 16, 0, 1e-3
 UNTIED_2 = {"preset": "tiny", "overrides": {"num_layers": 2, "tie_embeddings": False}}
@@ -99,10 +98,6 @@ def test_memtrain_run_swaps_under_zb_h1_as_its_plan_says(local_ray, tmp_path: Pa
     assert {Op.W, Op.SWAP_OUT, Op.SWAP_IN} <= ops
     for step in out["result"].records:
         assert [list(r) for r in step] == [[str(a) for a in plan.schedule[rank]] for rank in range(2)]
-    opt = cfg.train.optimizer
-    ref = reference_losses({"source": "gpt", "preset": "tiny"}, num_steps=2, num_microbatches=4, micro_batch_size=2,
-                           seq_len=16, seed=0, lr=opt.lr, adamw={"betas": tuple(opt.betas),
-                                                                   "weight_decay": opt.weight_decay},
-                           lr_at=lambda k: lr_at(k, cfg))
+    ref = config_reference_losses(cfg)
     # tied embeddings across the two ranks: their gradients are summed in another order (1e-6)
     assert [list(x) for x in out["result"].microbatch_losses] == [pytest.approx(x, rel=1e-6, abs=0) for x in ref]
