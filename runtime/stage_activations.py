@@ -7,7 +7,9 @@ it with the single-process engine's mechanism, ``offload.activations.ActivationM
 manager per stage wraps the stage's blocks (names ``<stage>.<block>``, the block's index within
 its stage), all of the rank's managers counting into one device ledger, so the rank's peak of
 activation bytes is measured (``StepResult.peak_bytes["activations"]``) by the rules of
-docs/memory-accounting.md ("Activations"), the same for every policy, keep included.
+docs/memory-accounting.md ("Activations"), the same for every policy, keep included. A stage
+whose blocks all keep under a whole backward is only counted, without the manager's hooks on
+every forward (runtime.stage_keep).
 
 - ``keep``: autograd's saved tensors stay as they are;
 - ``recompute``: the block runs under non-reentrant ``torch.utils.checkpoint`` with its RNG
@@ -40,6 +42,7 @@ from memtrain.offload.activations import ActivationManager
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.nvme import NvmeStore
 from memtrain.planner.plan import Action, ActPolicy, Op
+from memtrain.runtime.stage_keep import KeptStage
 
 __all__ = ["ACT_POLICIES", "RankActivations", "check_activations"]
 
@@ -65,15 +68,20 @@ class RankActivations:
     """One rank's activation managers, one per stage it runs (see the module doc)."""
 
     def __init__(self, rank: int, blocks: dict[int, list[nn.Module]], acts: Sequence[Sequence[str]], *,
-                 nvme_dir: str | None, split_backward: bool = False) -> None:
+                 nvme_dir: str | None, split_backward: bool = False, count_kept_once: bool = True) -> None:
         self.device_ledger = Ledger("device")
         """The rank's activation bytes on the device (every stage's managers count here)."""
         self.host_ledger = Ledger("host")
         self.nvme: dict[int, NvmeStore] = {}
         self.managers: dict[int, ActivationManager] = {}
+        self.kept: dict[int, KeptStage] = {}
+        """Stages of keep blocks under a whole backward: counted, not handled (runtime.stage_keep)."""
         self._dirs: list[Path] = []
         for s, stage_blocks in blocks.items():
             policies = {f"{s}.{j}": ActPolicy(acts[s][j]) if acts else ActPolicy.KEEP for j in range(len(stage_blocks))}
+            if count_kept_once and not split_backward and all(p is ActPolicy.KEEP for p in policies.values()):
+                self.kept[s] = KeptStage(s, stage_blocks, self.device_ledger)
+                continue
             nvme = None
             if ActPolicy.SWAP_NVME in policies.values():
                 assert nvme_dir, "checked by PipelineSpec"
@@ -90,16 +98,20 @@ class RankActivations:
             self.managers[s] = mgr
 
     def policies(self, stage: int) -> list[ActPolicy]:
+        if stage in self.kept:
+            return [ActPolicy.KEEP] * len(self.kept[stage].names)
         mgr = self.managers[stage]
         return [mgr.policies[f"{stage}.{j}"] for j in range(len(mgr.policies))]
 
     def set_microbatch(self, stage: int, mb: int) -> None:
         """Before ``stage``'s forward of micro-batch ``mb``: the records it makes are ``mb``'s."""
-        self.managers[stage].set_microbatch(mb)
+        self._flush()
+        (self.kept.get(stage) or self.managers[stage]).set_microbatch(mb)
 
     def swap(self, a: Action) -> None:
         """``sSWAP_OUT<i>/b<j>`` or ``sSWAP_IN<i>/b<j>`` of the program (a block not swapped by its
         policy is an error: the program and the policies disagree)."""
+        self._flush()
         mgr = self.managers.get(a.stage)
         name = f"{a.stage}.{a.block}"
         if mgr is None or a.block is None or mgr.policies.get(name) not in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME):
@@ -110,16 +122,24 @@ class RankActivations:
     def claim(self, stage: int, mb: int) -> None:
         """``stage``'s backward of ``mb`` starts: its swapped records are made usable (under a
         split backward, its recomputed blocks replayed), top block first."""
+        self._flush()
+        if stage in self.kept:
+            self.kept[stage].claim(mb)
+            return
         mgr = self.managers[stage]
         for j in reversed(range(len(mgr.policies))):
             mgr.claim(j, mb)
 
     def start_window(self) -> None:
+        self._flush()
+        for k in self.kept.values():
+            k.new_step()
         self.device_ledger.start_window()
         self.host_ledger.start_window()
 
     def peak_bytes(self) -> dict[str, int]:
         """The step's peaks: ``activations`` (device) and, with swapped blocks, ``activations_host``."""
+        self._flush()
         out = {"activations": self.device_ledger.window_peak_bytes}
         if any(p in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME) for m in self.managers.values()
                for p in m.policies.values()):
@@ -131,11 +151,19 @@ class RankActivations:
         for mgr in self.managers.values():
             mgr.synchronize()
             mgr.unwrap()
+        for k in self.kept.values():
+            k.close()
         for store in self.nvme.values():
             store.close()
         for root in self._dirs:
             shutil.rmtree(root, ignore_errors=True)
             if root.parent.is_dir() and not any(root.parent.iterdir()):
                 root.parent.rmdir()
-        self.managers, self.nvme, self._dirs = {}, {}, []
+        self.managers, self.kept, self.nvme, self._dirs = {}, {}, {}, []
+
+    def _flush(self) -> None:
+        """The kept stages' backwards that have run give their bytes back (runtime.stage_keep
+        [Note: releases at the next event])."""
+        for k in self.kept.values():
+            k.flush()
 
