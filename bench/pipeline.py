@@ -59,7 +59,7 @@ from memtrain.optimizers import OptimizerSpec  # noqa: E402
 from memtrain.config import ConfigError, ModelConfig  # noqa: E402
 from memtrain.errors import UserError  # noqa: E402
 from memtrain.models.gpt import gpt_config  # noqa: E402
-from memtrain.planner.measured import BlockCosts  # noqa: E402
+from memtrain.planner.measured import BlockCosts, pipeline_link  # noqa: E402
 from memtrain.planner.partition import partition_min_max  # noqa: E402
 from memtrain.planner.pipeline import SCHEDULES, add_p2p, generate, placement  # noqa: E402
 from memtrain.planner.simulate_pipeline import Link, StageCost, simulate_pipeline  # noqa: E402
@@ -118,19 +118,13 @@ def stage_costs(costs: BlockCosts, partition: tuple[int, ...], split: bool) -> l
     return out
 
 
-def simulate(kind: str, p: int, m: int, v: int, partition: tuple[int, ...], costs: BlockCosts, link: Link,
-             recv_s: float = 0.0) -> Simulated:
-    """Schedule ``kind``'s step from the block costs and the link (see the module doc, 2).
-
-    ``recv_s``: what a receive costs its rank once both sides are ready (bench/link_probe.py,
-    [Note: rendezvous]): the simulator's receive takes it (``Link.recv_s``), and it is taken off
-    the link's latency, which keeps the rest."""
+def simulate(kind: str, p: int, m: int, v: int, partition: tuple[int, ...], costs: BlockCosts, link: Link) -> Simulated:
+    """Schedule ``kind``'s step from the block costs and the link (see the module doc, 2), the
+    link as ``memtrain run``'s planner takes it (planner.measured ``pipeline_link``)."""
     place = placement(kind, p, v)
     sched = add_p2p(generate(kind, p, m, stages_per_rank=v), place)
     plain = stage_costs(costs, partition, kind in _SPLIT_W)
-    # a send's own time (``link.send_s``) holds its sender, and is taken off the latency too
-    wire = Link(gbps=link.gbps, latency_s=max(link.latency_s - recv_s - link.send_s, 0.0), recv_s=recv_s,
-                send_s=link.send_s)
+    wire = pipeline_link(link.latency_s, link.gbps, link.send_s)
     links = {(a, c): wire for a in range(p) for c in range(p) if a != c}  # loopback: every pair alike
     res = simulate_pipeline(sched, place, plain, wire, links=links)
     ends = [0.0] * p
@@ -156,8 +150,7 @@ def min_max_partition(costs: BlockCosts, num_stages: int, split: bool) -> tuple[
     return tuple(end - first for first, end in bounds)
 
 
-def balanced_partition(kind: str, p: int, m: int, v: int, costs: BlockCosts, link: Link,
-                       recv_s: float = 0.0) -> tuple[int, ...]:
+def balanced_partition(kind: str, p: int, m: int, v: int, costs: BlockCosts, link: Link) -> tuple[int, ...]:
     """The contiguous split the simulator finds fastest, among all of them where there are at
     most ``MAX_SIMULATED_SPLITS`` (ties: the min-max split), else the min-max split. Summed stage
     costs miss what a schedule adds (the first rank's last backward and optimizer step come
@@ -168,7 +161,7 @@ def balanced_partition(kind: str, p: int, m: int, v: int, costs: BlockCosts, lin
         return min_max
     splits = [tuple(e - a for a, e in zip((0, *cuts), (*cuts, n)))
               for cuts in itertools.combinations(range(1, n), k - 1)]
-    return min(splits, key=lambda parts: (simulate(kind, p, m, v, parts, costs, link, recv_s).step_s,
+    return min(splits, key=lambda parts: (simulate(kind, p, m, v, parts, costs, link).step_s,
                                           parts != min_max))
 
 
@@ -303,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
         parts = even_partition(n, stages)
         fresh = _fresh_costs(args, model, kind, costs)
         totals.append(sum(fresh.fwd_s))
-        sim = simulate(kind, p, m, v, parts, fresh, probe.link, probe.recv_s)
+        sim = simulate(kind, p, m, v, parts, fresh, probe.link)
         got = measure(kind, args, model, parts)
         even_runs[kind] = (parts, got, sim)
         bubble = 1.0 - sum(sim.busy_s) / (p * got.step_s)
@@ -353,14 +346,14 @@ def _balanced_against_even(args: argparse.Namespace, model: ModelConfig, costs: 
     stages = placement(kind, p, v).num_stages
     fresh = _fresh_costs(args, model, kind, costs)
     even = even_partition(args.layers + 2, stages)
-    balanced = balanced_partition(kind, p, m, v, fresh, probe.link, probe.recv_s)
+    balanced = balanced_partition(kind, p, m, v, fresh, probe.link)
     print()
     print(f"balanced against even ({kind}): per rank, its idle share of the measured step")
     print(f"{'partition':<22}{'measured':>11}{'simulated':>11}{'error':>8}   idle per rank: measured step, simulated")
     runs = {}
     for label, parts in (("even", even), ("balanced", balanced)):
         # both simulated on the same fresh costs, so the simulated gain is the partition's alone
-        sim = simulate(kind, p, m, v, parts, fresh, probe.link, probe.recv_s)
+        sim = simulate(kind, p, m, v, parts, fresh, probe.link)
         if label == "even" and kind in even_runs:
             got = even_runs[kind][1]
         elif label == "balanced" and parts == even:

@@ -15,6 +15,14 @@ later transfers on that tag are the payload alone, received straight into a tens
 (as torch.distributed.pipelining infers shapes once). A send whose tensor differs from what its
 tag carried before is refused (``CommError``), never sent in a form the receiver would misread.
 
+[Note: receives posted early] Under gloo a receive is a rendezvous: the sender's data moves
+only once the receiver has posted its buffer, and a receive posted when it is needed waits a
+round trip with the peer's transport thread (which, on a core the peer's compute keeps busy,
+waits its turn). ``post`` starts a receive ahead of its action, where the tag's shape is known
+(a fixed-shape channel after its first step), so the transfer runs under the compute before
+it, and ``recv`` only waits for it (torch.distributed.pipelining posts its receives a time step
+ahead likewise). A posted receive holds its buffer from ``post`` on.
+
 [Note: tags] Gloo matches a receive to a send by (peer, tag), so the two sides may reach their
 transfers in different orders. NCCL ignores tags and matches the transfers between two ranks in
 the order they are posted; on NCCL the schedule must send and receive in the same order.
@@ -67,6 +75,7 @@ class Channel:
         self._pending: list[tuple[dist.Work, str, tuple[torch.Tensor, ...]]] = []
         self._sent: dict[tuple[int, int], tuple[torch.dtype, tuple[int, ...]]] = {}  # (peer, tag) -> what it carries
         self._got: dict[tuple[int, int], tuple[torch.dtype, tuple[int, ...]]] = {}
+        self._posted: dict[tuple[int, int], tuple[dist.Work, torch.Tensor]] = {}  # [Note: receives posted early]
 
     def send(self, tensor: torch.Tensor, peer: int, tag: int, what: str) -> None:
         """Start sending ``tensor`` to rank ``peer`` on ``tag`` (``what`` names the action in errors)."""
@@ -95,9 +104,27 @@ class Channel:
                 raise CommError(f"rank {self.rank}: {what} to rank {peer} failed: {e}") from e
             self._pending.append((work, f"{what} to rank {peer}", (t,)))
 
+    def post(self, peer: int, tag: int, what: str) -> bool:
+        """Start the receive from ``peer`` on ``tag`` now, when its shape is known ([Note:
+        receives posted early]); its ``recv`` then waits for it. False: not posted."""
+        known = self._got.get((peer, tag))
+        if known is None or (peer, tag) in self._posted:
+            return False
+        out = torch.empty(known[1], dtype=known[0], device=self.device)
+        try:
+            work = dist.irecv(out, peer, tag=2 * tag + 1)
+        except RuntimeError as e:
+            raise CommError(f"rank {self.rank}: {what} from rank {peer} failed: {e}") from e
+        self._posted[(peer, tag)] = (work, out)
+        return True
+
     def recv(self, peer: int, tag: int, what: str) -> torch.Tensor:
         """The tensor rank ``peer`` sends on ``tag``; waits at most the timeout."""
         where = f"{what} from rank {peer}"
+        posted = self._posted.pop((peer, tag), None)
+        if posted is not None:
+            _wait(posted[0], self.rank, where, self.timeout_s)
+            return posted[1]
         known = self._got.get((peer, tag))
         if known is None:
             header = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
@@ -111,7 +138,9 @@ class Channel:
         return out
 
     def flush(self) -> None:
-        """Wait for every send started so far (their tensors are kept alive until then)."""
+        """Wait for every send started so far (their tensors are kept alive until then); a
+        receive posted and never taken is an error (the program and the posts disagree)."""
+        assert not self._posted, f"rank {self.rank}: receives posted and not taken: {sorted(self._posted)}"
         pending, self._pending = self._pending, []
         for work, what, _ in pending:
             _wait(work, self.rank, what, self.timeout_s)

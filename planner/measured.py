@@ -35,7 +35,7 @@ from memtrain.errors import UserError
 from memtrain.planner.serde import from_dict, to_dict
 from memtrain.planner.simulate_pipeline import Link
 
-__all__ = ["MEASURED_VERSION", "MEASURED_FILE", "MEASURED_SOURCE", "BlockCosts", "MeasuredPipeline", "save_measured",
+__all__ = ["MEASURED_VERSION", "MEASURED_FILE", "MEASURED_SOURCE", "BlockCosts", "MeasuredPipeline", "pipeline_link", "save_measured",
            "load_measured", "planned_from_measured"]
 
 MEASURED_VERSION = 1
@@ -119,9 +119,7 @@ class MeasuredPipeline:
 
     def wire(self) -> Link:
         """The link between two workers as the simulator takes it ([Note: measured pipeline])."""
-        # half a round trip holds a send's and a receive's own times, which the ranks pay; the wire the rest
-        wire_s = max(self.link_latency_s - self.link_recv_s - self.link_send_s, 0.0)
-        return Link(gbps=self.link_gbps, latency_s=wire_s, recv_s=self.link_recv_s, send_s=self.link_send_s)
+        return pipeline_link(self.link_latency_s, self.link_gbps, self.link_send_s)
 
     @property
     def step_overhead_s(self) -> float:
@@ -184,3 +182,12 @@ def load_measured(path: str | Path) -> MeasuredPipeline:
         return from_dict(MeasuredPipeline, data)
     except (TypeError, ValueError, KeyError) as e:
         raise UserError(f"parallel.profile: {path} is not a measured pipeline profile ({e}); {fix}") from None
+
+
+def pipeline_link(latency_s: float, gbps: float, send_s: float) -> Link:
+    """A measured link as the simulator takes it for a pipeline's transfers: half a round trip
+    (``latency_s``) holds a send's own time (``send_s``), which its rank pays, and the rest is the
+    wire's. The workers post their receives a pass ahead (comm.p2p [Note: receives posted
+    early]), as the probe's receiver did, so a receive costs its rank nothing once the data is
+    there (``recv_s`` 0): the late receive's round (comm.link_probe [Note: rendezvous]) is not paid."""
+    return Link(gbps=gbps, latency_s=max(latency_s - send_s, 0.0), recv_s=0.0, send_s=send_s)

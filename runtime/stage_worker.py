@@ -69,7 +69,7 @@ from memtrain.runtime.stage_clip import clip_rank
 from memtrain.runtime.stage_groups import group_lr, stage_groups, step_lr
 from memtrain.runtime.stage_offload import OffloadedStage, build_offloaded, close_offloaded, state_bytes
 from memtrain.runtime.stage_state import load_rank_state, rank_state
-from memtrain.runtime.stage_spec import PIPELINE_DTYPES, PipelineSpec, StepResult, block_ranges
+from memtrain.runtime.stage_spec import PIPELINE_DTYPES, PipelineSpec, StepResult, block_ranges, early_posts
 from memtrain.runtime.stage_zero import ShardedOptimizer, zero2_buckets
 
 __all__ = ["PipelineSpec", "StageWorker", "StepResult", "block_ranges", "PIPELINE_DTYPES"]
@@ -101,6 +101,8 @@ class StageWorker:
         self._lr: float | tuple[float, ...] | None = None
         """The step's learning rate for every group; None: each group's own (runtime.stage_groups)."""
         self._grad_norm: float | None = None
+        self._posts = early_posts(program)
+        """comm.p2p [Note: receives posted early]: before action ``k``, the receives to post."""
 
     # ---- start-up --------------------------------------------------------------------------
 
@@ -259,7 +261,9 @@ class StageWorker:
         self.acts.start_window()
         record: list[str] = []
         times: list[float] = []
-        for a in self.program:
+        for k, a in enumerate(self.program):
+            for r in self._posts.get(k, ()):  # comm.p2p [Note: receives posted early]
+                self.channel.post(*self._recv_from(r), str(r))
             handler = self.handlers.get(a.op)
             if handler is None:
                 raise RuntimeError(f"rank {self.rank}: no handler for op {a.op.value} ({a}) in its program")
@@ -393,12 +397,17 @@ class StageWorker:
         self.channel.send(self.outbox.pop(("B", s, i)).cpu(), self._peer(s - 1), self._tag("B", s - 1, i), str(a))
 
     def _recv_f(self, a: Action) -> None:
-        s, i = a.stage, a.microbatch
-        self.inbox[("F", s, i)] = self.channel.recv(self._peer(s - 1), self._tag("F", s, i), str(a)).to(self.device)
+        self.inbox[("F", a.stage, a.microbatch)] = self.channel.recv(*self._recv_from(a), str(a)).to(self.device)
 
     def _recv_b(self, a: Action) -> None:
+        self.inbox[("B", a.stage, a.microbatch)] = self.channel.recv(*self._recv_from(a), str(a)).to(self.device)
+
+    def _recv_from(self, a: Action) -> tuple[int, int]:
+        """The peer and tag of a ``RECV_F`` or ``RECV_B``."""
         s, i = a.stage, a.microbatch
-        self.inbox[("B", s, i)] = self.channel.recv(self._peer(s + 1), self._tag("B", s, i), str(a)).to(self.device)
+        if a.op is Op.RECV_F:
+            return self._peer(s - 1), self._tag("F", s, i)
+        return self._peer(s + 1), self._tag("B", s, i)
 
     def _all_reduce(self, a: Action) -> None:
         """Sum the stage's gradients: a weight the first and last stages share across the two

@@ -46,12 +46,14 @@ def test_equal_stages_give_the_textbook_bubble(bench, kind):
     assert sim.busy_s == pytest.approx((m * 4.0, m * 4.0))
 
 
-def test_a_receive_costs_its_rank_the_late_receive_time(bench):
-    """GPipe, 2 ranks, 4 micro-batches, stages of F = B = 2: rank 1's forwards and rank 0's
-    backwards each wait h for their receive, so the step is 20 + 8h; busy time leaves h out."""
+def test_a_transfer_takes_the_link_latency_and_no_receive_time(bench):
+    """GPipe, 2 ranks, 4 micro-batches, stages of F = B = 2, a link of latency h: receives are
+    posted a pass ahead (comm.p2p [Note: receives posted early]), so only the first forward's
+    and the first backward's transfers lie on the step's path: 20 + 2h (a late receive's round
+    on each of the 8 receives would make it 20 + 8h); busy time leaves h out."""
     h = 0.5
-    sim = bench.simulate("gpipe", 2, 4, 1, (2, 2), _costs(bench, 4), Link(gbps=1.0, latency_s=h), recv_s=h)
-    assert sim.step_s == pytest.approx(20 + 8 * h)
+    sim = bench.simulate("gpipe", 2, 4, 1, (2, 2), _costs(bench, 4), Link(gbps=1.0, latency_s=h, recv_s=h))
+    assert sim.step_s == pytest.approx(20 + 2 * h)
     assert sim.busy_s == pytest.approx((16.0, 16.0))
 
 

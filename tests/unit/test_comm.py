@@ -65,6 +65,27 @@ def _scenario(rank: int, port_q, result_q, scenario: str) -> None:
                 got = [chan.recv(0, 5, "1RECV_F5") for _ in sent]
                 one = chan.recv(0, 6, "1RECV_F6")
                 out = all(torch.equal(g, t) for g, t in zip(got, sent, strict=True)) and torch.equal(one, torch.ones(4))
+        elif scenario == "posted":
+            # [Note: receives posted early]: once a tag's shape is known, a receive posted ahead
+            # lets the sender's transfer finish before the receiver reaches its recv (under
+            # gloo a send waits for the receiver's buffer: without the post, rank 0's flush
+            # would time out, rank 1 calling recv only after it)
+            chan = Channel(rank, timeout_s=timeout_s, fixed_shapes=True)
+            sent = [torch.full((2, 3), float(k)) for k in range(2)]
+            if rank == 0:
+                chan.send(sent[0], 1, 5, "0SEND_F5")
+                chan.flush()
+                port_q.get(timeout=30)  # rank 1 has posted
+                chan.send(sent[1], 1, 5, "0SEND_F5")
+                chan.flush()
+                port_q.put("sent")
+            else:
+                first = chan.recv(0, 5, "1RECV_F5")
+                posts = (chan.post(0, 7, "1RECV_F7"), chan.post(0, 5, "1RECV_F5"), chan.post(0, 5, "1RECV_F5"))
+                port_q.put("posted")
+                port_q.get(timeout=30)  # rank 0's send has completed
+                second = chan.recv(0, 5, "1RECV_F5")
+                out = (posts, torch.equal(first, sent[0]) and torch.equal(second, sent[1]), not chan._posted)
         elif scenario == "gather_timeout":
             if rank == 1:
                 try:
@@ -127,6 +148,13 @@ def test_a_channel_with_fixed_shapes_sends_a_tags_header_once_and_refuses_a_chan
     assert results[0] == (6, "rank 0: 0SEND_F6 to rank 1: a torch.float32 tensor of shape [5] where this transfer "
                           "carried torch.float32 of shape [4] before; a channel with fixed shapes sends the same "
                           "shapes on a tag every step"), results
+
+
+def test_a_receive_posted_early_lets_the_send_finish_before_the_recv() -> None:
+    results = _run("posted")
+    # an unknown tag is not posted, a known one once
+    assert results[1] == ((False, True, False), True, True), results
+    assert results[0] is None, results
 
 
 def test_receive_that_never_comes_names_rank_action_and_timeout() -> None:
