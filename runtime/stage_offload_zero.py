@@ -21,10 +21,20 @@ those to its home; while summing, the gradient plus a few chunks (not the gradie
 flat copy, as the all-reduce of ZeRO-0 and -1). A reduce of two terms is the all-reduce's sum, so
 with 2 replicas the losses are bitwise ZeRO-1's and the unsharded run's; with more, gloo may add
 in another order (the data-parallel tolerance).
+
+[Note: gradient bytes counted as they change] ``peak_grad_bytes`` is read at every gradient
+report, copy and wait of the step; recounting every parameter's ``.grad`` there made the step's
+bookkeeping quadratic in the parameters (a stage of P parameters: about P reports of P reads
+each). ``HeldGrads`` keeps the count per parameter instead, updated only for the parameter or
+chunk that changed (linear): all of them at ``arm``, one at its report, a chunk's at its copy and
+the late chunks' at ``reduce`` (a tied weight's ``.grad`` the worker may make there), and the
+buffers under way and the sums kept by what each start and wait adds or takes. ``grad_bytes``
+stays the full recount, read once a step and by the tests against the running figure.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -33,10 +43,32 @@ from torch import nn
 from memtrain.comm import PendingReduce, start_reduce
 from memtrain.planner.simulate_pipeline import REDUCE_IN_FLIGHT
 
-__all__ = ["ChunkReducer", "MAX_IN_FLIGHT"]
+__all__ = ["ChunkReducer", "HeldGrads", "MAX_IN_FLIGHT"]
 
 MAX_IN_FLIGHT = REDUCE_IN_FLIGHT
 """Chunks' reduces under way at once (runtime.stage_zero's figure for buckets)."""
+
+
+class HeldGrads:
+    """The bytes of the ``.grad`` some parameters hold, updated one parameter at a time ([Note:
+    gradient bytes counted as they change])."""
+
+    def __init__(self) -> None:
+        self._by: dict[int, int] = {}
+        self.total = 0
+
+    def note(self, param: nn.Parameter) -> None:
+        """``param``'s ``.grad`` as it is now (none: 0 bytes)."""
+        g = param.grad
+        n = 0 if g is None else g.numel() * g.element_size()
+        self.total += n - self._by.get(id(param), 0)
+        self._by[id(param)] = n
+
+    def reset(self, params: Iterable[nn.Parameter]) -> None:
+        """Count ``params`` afresh (and forget any other)."""
+        self._by, self.total = {}, 0
+        for q in params:
+            self.note(q)
 
 
 class ChunkReducer:
@@ -60,6 +92,8 @@ class ChunkReducer:
         self.peak_grad_bytes = 0
         """The most gradient bytes held from ``arm`` to the end of ``reduce``: the parameters'
         ``.grad``, buffers under way and the sums kept."""
+        self._grads = HeldGrads()  # [Note: gradient bytes counted as they change]
+        self._in_flight = self._summed = 0
         for c in chunks:
             if c.index not in late:
                 for s in c.slots:
@@ -73,13 +107,20 @@ class ChunkReducer:
         held += sum(p.input_bytes for _, p in self._pending)
         return held + sum(t.numel() * t.element_size() for t in self.summed.values())
 
+    @property
+    def held_bytes(self) -> int:
+        """``grad_bytes`` as counted along the step ([Note: gradient bytes counted as they change])."""
+        return self._grads.total + self._in_flight + self._summed
+
     def _note(self) -> None:
-        self.peak_grad_bytes = max(self.peak_grad_bytes, self.grad_bytes)
+        self.peak_grad_bytes = max(self.peak_grad_bytes, self.held_bytes)
 
     def arm(self, what: str) -> None:
         """``REDUCE_SCATTER``: from now on each chunk is reduced once its gradients are final."""
         self._armed, self._next, self._pending, self.summed = what, 0, [], {}
         self._left = {c.index: len(c.slots) for c in self.chunks if c.index not in self._late}
+        self._grads.reset(s.param for c in self.chunks for s in c.slots)
+        self._in_flight = self._summed = 0
         self.peak_grad_bytes = 0
         self._note()
 
@@ -89,6 +130,7 @@ class ChunkReducer:
         if self._armed is None or k is None or k in self._late:
             return
         self._left[k] -= 1
+        self._grads.note(param)
         self._note()
         while self._pending and self._pending[0][1].done():  # never waits here: the backward goes on
             self._finish_oldest()
@@ -103,20 +145,26 @@ class ChunkReducer:
         c = self.chunks[k]
         flat = torch.zeros(c.num_elems, dtype=torch.float32, device=c.slots[0].param.device)
         for s in c.slots:
+            self._grads.note(s.param)  # as it is now, whoever made it
             if s.param.grad is not None:
                 flat[s.offset:s.offset + s.numel] = s.param.grad.reshape(-1)
-        self._pending.append((k, start_reduce(flat, self.owners[k], self.group, rank=self.rank,
-                                              what=f"{self._armed} (chunk {k})", timeout_s=self.timeout_s)))
+        pending = start_reduce(flat, self.owners[k], self.group, rank=self.rank, what=f"{self._armed} (chunk {k})",
+                               timeout_s=self.timeout_s)
+        self._pending.append((k, pending))
+        self._in_flight += pending.input_bytes
         self._note()  # the copy, before the .grad go
         for s in c.slots:
             s.param.grad = None
+            self._grads.note(s.param)
         self._next += 1
 
     def _finish_oldest(self) -> None:
         k, p = self._pending.pop(0)
+        self._in_flight -= p.input_bytes
         out = p.wait()
         if self.owners[k] == self.replica:
             self.summed[k] = out
+            self._summed += out.numel() * out.element_size()
         self._note()
 
     def reduce(self, what: str) -> None:
@@ -124,6 +172,9 @@ class ChunkReducer:
         and every reduce is waited for; this replica keeps its own chunks' sums in ``summed``."""
         if self._armed is None:  # the program never armed (no REDUCE_SCATTER): every chunk here
             self.arm(what)
+        for k in self._late:  # a tied weight's .grad may have come since (the worker's zeros)
+            for s in self.chunks[k].slots:
+                self._grads.note(s.param)
         while self._next < len(self.order):
             self._start(self.order[self._next])
         while self._pending:
