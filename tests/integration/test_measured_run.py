@@ -45,6 +45,7 @@ def test_a_cpu_pipeline_is_planned_from_costs_measured_on_its_workers(local_ray,
     assert meas.device_kind == "cpu" and len(meas.blocks.fwd_s) == 4  # embedding, 2 layers, head
     assert all(t > 0 for t in meas.blocks.fwd_s + meas.blocks.bwd_s + meas.blocks.optim_s)
     assert meas.link_latency_s > 0 and meas.link_gbps > 0 and meas.round_trip_s > 0
+    assert meas.model_name == "gpt-tiny"  # analysed while the probes started
     assert 0 < meas.elapsed_s < 60  # 2.5-12 s measured at load averages 2-10; the probes' start dominates
     plan = Plan.load(tmp_path / "a" / "plan.json")
     predicted = plan.prediction.step_time_s
