@@ -22,19 +22,14 @@ flat copy, as the all-reduce of ZeRO-0 and -1). A reduce of two terms is the all
 with 2 replicas the losses are bitwise ZeRO-1's and the unsharded run's; with more, gloo may add
 in another order (the data-parallel tolerance).
 
-[Note: gradient bytes counted as they change] ``peak_grad_bytes`` is read at every gradient
-report, copy and wait of the step; recounting every parameter's ``.grad`` there made the step's
-bookkeeping quadratic in the parameters (a stage of P parameters: about P reports of P reads
-each). ``HeldGrads`` keeps the count per parameter instead, updated only for the parameter or
-chunk that changed (linear): all of them at ``arm``, one at its report, a chunk's at its copy and
-the late chunks' at ``reduce`` (a tied weight's ``.grad`` the worker may make there), and the
-buffers under way and the sums kept by what each start and wait adds or takes. ``grad_bytes``
-stays the full recount, read once a step and by the tests against the running figure.
+The gradient bytes held are counted as they change (runtime.stage_zero [Note: gradient bytes
+counted as they change]): all at ``arm``, a parameter at its report (a late chunk's too, which
+starts nothing), a chunk's at its copy, the late chunks' at ``reduce`` (a tied weight's ``.grad``
+the worker may make there), the buffers and sums by what each start and wait adds or takes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -42,33 +37,12 @@ from torch import nn
 
 from memtrain.comm import PendingReduce, start_reduce
 from memtrain.planner.simulate_pipeline import REDUCE_IN_FLIGHT
+from memtrain.runtime.stage_zero import HeldGrads
 
-__all__ = ["ChunkReducer", "HeldGrads", "MAX_IN_FLIGHT"]
+__all__ = ["ChunkReducer", "MAX_IN_FLIGHT"]
 
 MAX_IN_FLIGHT = REDUCE_IN_FLIGHT
 """Chunks' reduces under way at once (runtime.stage_zero's figure for buckets)."""
-
-
-class HeldGrads:
-    """The bytes of the ``.grad`` some parameters hold, updated one parameter at a time ([Note:
-    gradient bytes counted as they change])."""
-
-    def __init__(self) -> None:
-        self._by: dict[int, int] = {}
-        self.total = 0
-
-    def note(self, param: nn.Parameter) -> None:
-        """``param``'s ``.grad`` as it is now (none: 0 bytes)."""
-        g = param.grad
-        n = 0 if g is None else g.numel() * g.element_size()
-        self.total += n - self._by.get(id(param), 0)
-        self._by[id(param)] = n
-
-    def reset(self, params: Iterable[nn.Parameter]) -> None:
-        """Count ``params`` afresh (and forget any other)."""
-        self._by, self.total = {}, 0
-        for q in params:
-            self.note(q)
 
 
 class ChunkReducer:
@@ -95,9 +69,8 @@ class ChunkReducer:
         self._grads = HeldGrads()  # [Note: gradient bytes counted as they change]
         self._in_flight = self._summed = 0
         for c in chunks:
-            if c.index not in late:
-                for s in c.slots:
-                    s.param.register_post_accumulate_grad_hook(self.grad_ready)
+            for s in c.slots:  # a late chunk's only counted
+                s.param.register_post_accumulate_grad_hook(self.grad_ready)
 
     @property
     def grad_bytes(self) -> int:
@@ -127,10 +100,12 @@ class ChunkReducer:
     def grad_ready(self, param: nn.Parameter) -> None:
         """A parameter's gradient is final for the step (its hook, or the worker's ``W``)."""
         k = self._chunk_of.get(id(param))
-        if self._armed is None or k is None or k in self._late:
+        if self._armed is None or k is None:
+            return
+        self._grads.note(param)
+        if k in self._late:  # final only at ALLREDUCE
             return
         self._left[k] -= 1
-        self._grads.note(param)
         self._note()
         while self._pending and self._pending[0][1].done():  # never waits here: the backward goes on
             self._finish_oldest()
