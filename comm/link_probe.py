@@ -20,6 +20,12 @@ data moves after that: a receive posted long after its send still waits for a ro
 times a *late* receive, one posted well after its send: what every receive costs its rank once
 both sides are ready (``planner.simulate_pipeline`` ``Link.recv_s``); and each send's own time,
 the call that starts it while the receiver waits (``Link.send_s``).
+
+[Note: the probe's barrier] Each late receive starts from a barrier, so the receiver's delay
+counts from when both ranks are there. The two ranks reach it within milliseconds of each other,
+so it waits at most ``BARRIER_TIMEOUT_S`` (or the probe's timeout, if shorter), not the world's
+timeout: a rank that died or hangs makes the other fail in seconds with a ``CommError`` naming
+both ranks, instead of holding the run's start-up for the group's whole timeout.
 """
 
 from __future__ import annotations
@@ -29,14 +35,24 @@ import time
 
 import torch
 
-from memtrain.comm.p2p import Channel
+import torch.distributed as dist
 
-__all__ = ["probe_rank", "link_figures", "trimmed_mean", "LATE_S", "WARMUP_ROUNDS"]
+from memtrain.comm.p2p import Channel, _wait
+
+__all__ = ["probe_rank", "link_figures", "trimmed_mean", "barrier", "LATE_S", "WARMUP_ROUNDS", "BARRIER_TIMEOUT_S"]
 
 LATE_S = 0.01
 """How long the receiver keeps away before posting a late receive."""
 WARMUP_ROUNDS = 10
 """Round trips left out at first (a new world's first ones took up to 40x the later ones)."""
+BARRIER_TIMEOUT_S = 10.0
+"""The longest a rank waits for the other at a barrier ([Note: the probe's barrier])."""
+
+
+def barrier(rank: int, timeout_s: float, what: str) -> None:
+    """Both ranks of the probe's world meet; a ``CommError`` naming this rank, the other and
+    ``what`` when the other has not come within ``timeout_s`` ([Note: the probe's barrier])."""
+    _wait(dist.barrier(async_op=True), rank, f"{what} (waiting for rank {1 - rank} at a barrier)", timeout_s)
 
 
 def _round_trips(channel: Channel, rank: int, tensor: torch.Tensor, repeats: int,
@@ -60,13 +76,12 @@ def _round_trips(channel: Channel, rank: int, tensor: torch.Tensor, repeats: int
     return times
 
 
-def _late_receives(channel: Channel, rank: int, tensor: torch.Tensor, repeats: int) -> list[float]:
+def _late_receives(channel: Channel, rank: int, tensor: torch.Tensor, repeats: int,
+                   barrier_timeout_s: float) -> list[float]:
     """Rank 0 sends; rank 1 posts the receive ``LATE_S`` later; rank 1's times of its receives."""
-    import torch.distributed as dist
-
     times = []
-    for _ in range(repeats):
-        dist.barrier()
+    for i in range(repeats):
+        barrier(rank, barrier_timeout_s, f"probe late receive {i}")
         if rank == 0:
             t0 = time.perf_counter()
             channel.send(tensor, 1, 2, "probe late")
@@ -93,7 +108,7 @@ def probe_rank(rank: int, *, num_bytes: int = 4 << 20, repeats: int = 20, timeou
         _round_trips(channel, rank, tensor, WARMUP_ROUNDS)
         out[name] = _round_trips(channel, rank, tensor, repeats, out["send"] if name == "small" else None)
     assert channel is not None
-    late = _late_receives(channel, rank, small, repeats + 1)[1:]  # a new tag: the first has the header
+    late = _late_receives(channel, rank, small, repeats + 1, min(timeout_s, BARRIER_TIMEOUT_S))[1:]  # a new tag: the first has the header
     channel.flush()
     if rank == 0:
         return out | {"late_send": late}

@@ -17,6 +17,19 @@ with the same functions.
 ``measure_pipeline`` does all three on two ``ProbeActor`` actors placed as the run's first two
 workers will be (both time the blocks at once and their mean is kept; only the first's when the two
 are of different kinds), in a few seconds for a small model.
+
+[Note: where the probe's time goes] Measured (bench/probe_startup.py, the tiny example, 2 cores
+at load averages 4-13, 6-19 s in all): the probes' start, a Ray worker process each importing
+torch, 3.4-10.5 s; the blocks' build (torch's first optimizer and meta-device calls import
+``torch._dynamo``; the model; stage_worker's import) 1.5-3.2 s; the measuring itself 0.5-1.1 s
+(the link and round trip 0.4-0.7 s, the steps with their warm-up 0.1-0.4 s). The imports are each
+process's once, the two probes paying them at once, and the measuring is a tenth of the time,
+its rounds kept (fewer samples would widen the figures' spread). What else was overhead is cut:
+the driver's own model analysis (0.15-2 s) runs while the probes start (``model_name`` as a
+callable), and the store is opened in the same wait as the probes' start. The run's workers are
+new processes and pay the imports again: a probe is not reused as a worker (its placement group
+holds two bundles of the run's, and a worker's spec and program come from the plan these figures
+make).
 """
 
 from __future__ import annotations
@@ -62,9 +75,13 @@ def _one_rank_program(num_blocks: int, m: int, split: bool) -> tuple[Action, ...
 
 def _time_actions(model: ModelConfig, num_blocks: int, *, m: int, b: int, seq: int, seed: int,
                   optimizer: OptimizerSpec, split: bool, steps: int, dtype: str, num_threads: int,
-                  data: DataConfig | None) -> tuple[dict[tuple[Op, int], float], float, str]:
+                  data: DataConfig | None, phases: dict[str, float] | None = None
+                  ) -> tuple[dict[tuple[Op, int], float], float, str]:
     """Mean time per (op, block) over ``steps`` steps after one warm-up (the interquartile mean),
-    the rest's likewise, and where the worker computed."""
+    the rest's likewise, and where the worker computed; ``phases`` gets the seconds of the
+    worker's build, its import included (``build_s``), and of its steps, the warm-up's included
+    (``steps_s``), added."""
+    t0 = time.perf_counter()
     from memtrain.runtime.stage_worker import PipelineSpec, StageWorker
 
     spec = PipelineSpec(model=model, partition=(1,) * num_blocks, rank_of=(0,) * num_blocks, num_ranks=1, dp=1,
@@ -78,6 +95,7 @@ def _time_actions(model: ModelConfig, num_blocks: int, *, m: int, b: int, seq: i
     device = "cpu"
     try:
         worker.build(*worker.open_store("127.0.0.1"))
+        t1 = time.perf_counter()
         if worker.device.type == "cuda":  # each action's time is its kernels' too: wait for them in it
             worker.handlers = {op: _synced(h, worker.device) for op, h in worker.handlers.items()}
         for k in range(steps + 1):
@@ -88,6 +106,9 @@ def _time_actions(model: ModelConfig, num_blocks: int, *, m: int, b: int, seq: i
             rests.append(res.time_s - sum(res.action_s))
             for a, dt in zip(program, res.action_s):
                 by_action[(a.op, a.stage)].append(dt)
+        if phases is not None:
+            phases["build_s"] = phases.get("build_s", 0.0) + t1 - t0
+            phases["steps_s"] = phases.get("steps_s", 0.0) + time.perf_counter() - t1
     finally:
         worker.close()
         torch.set_num_threads(threads)
@@ -107,11 +128,13 @@ def _synced(handler: Callable[[Action], None], device: torch.device) -> Callable
 def measure_blocks(model: ModelConfig, *, m: int, b: int, seq: int, seed: int = 0,
                    optimizer: OptimizerSpec | None = None, steps: int = 2, split: bool | None = None,
                    base: BlockCosts | None = None, dtype: str = "fp32", num_threads: int = 1,
-                   data: DataConfig | None = None, max_layers: int | None = None) -> tuple[BlockCosts, str]:
+                   data: DataConfig | None = None, max_layers: int | None = None,
+                   phases: dict[str, float] | None = None) -> tuple[BlockCosts, str]:
     """Each block's costs (``BlockCosts``) and where they were timed: one run with the backward
     whole, one split; or, with ``split``, only that form's run, the other form's figures kept
     from ``base`` (without it, a split backward's parts are half the whole one). ``max_layers``:
-    time at most that many layers and repeat their mean for the others (module doc)."""
+    time at most that many layers and repeat their mean for the others (module doc); ``phases``
+    gets the seconds of the workers' builds and steps ([Note: where the probe's time goes])."""
     cfg = gpt_config(model.preset, **model.overrides)
     layers = cfg.num_layers if max_layers is None else max(1, min(cfg.num_layers, max_layers))
     timed = model if layers == cfg.num_layers else ModelConfig(
@@ -121,7 +144,8 @@ def measure_blocks(model: ModelConfig, *, m: int, b: int, seq: int, seed: int = 
     runs, device = {}, "cpu"
     for mode in ((False, True) if split is None else (split,)):
         times, rest, device = _time_actions(timed, n, m=m, b=b, seq=seq, seed=seed, optimizer=optimizer, split=mode,
-                                            steps=steps, dtype=dtype, num_threads=num_threads, data=data)
+                                            steps=steps, dtype=dtype, num_threads=num_threads, data=data,
+                                            phases=phases)
         runs[mode] = (times, rest)
 
     def per_block(mode: bool, *ops: Op) -> tuple[float, ...]:
@@ -214,19 +238,24 @@ class ProbeActor:
             leave()
             self._store = None
 
-    def blocks(self, **kwargs: Any) -> tuple[BlockCosts, str]:
-        return measure_blocks(**kwargs)
+    def blocks(self, **kwargs: Any) -> tuple[BlockCosts, str, dict[str, float]]:
+        """``measure_blocks`` here, with the seconds of its build and of its steps."""
+        phases: dict[str, float] = {}
+        costs, device = measure_blocks(**kwargs, phases=phases)
+        return costs, device, phases
 
 
 def measure_pipeline(*, model: ModelConfig, device_kind: str, micro_batch_size: int, num_microbatches: int,
-                     seq_len: int, dtype: str, model_key: str, model_name: str, optimizer: OptimizerSpec,
+                     seq_len: int, dtype: str, model_key: str, model_name: str | Callable[[], str],
+                     optimizer: OptimizerSpec,
                      split: bool, assignments: Sequence[Any], seed: int = 0, num_threads: int = 1,
                      data: DataConfig | None = None, timeout_s: float = 60.0, steps: int = 4, repeats: int = 20,
                      same_kind: bool = True, progress: Callable[[str], None] = print) -> MeasuredPipeline:
     """Measure the blocks, the link and the round trip on two ``ProbeActor``s placed as
     ``assignments`` (``ray_cluster.Assignment``s of the run's first two workers), both timing
     the blocks (``split``: the split backward too; ``same_kind``: the two workers' devices are of
-    one kind, so their figures are averaged, else the first's are kept); Ray must be connected."""
+    one kind, so their figures are averaged, else the first's are kept); Ray must be connected.
+    A callable ``model_name`` is called while the probes start ([Note: where the probe's time goes])."""
     import ray
 
     from memtrain.runtime.ray_cluster import place_workers
@@ -241,16 +270,19 @@ def measure_pipeline(*, model: ModelConfig, device_kind: str, micro_batch_size: 
     placed = place_workers(ProbeActor, list(assignments)[:2], timeout_s=timeout_s)
     try:
         a, b = placed.actors
-        ray.get([a.ping.remote(), b.ping.remote()], timeout=timeout_s)
-        progress(f"  [{at()}] the link between them ({repeats} round trips of 4 bytes and of {LINK_BYTES >> 20} MiB, "
-                 f"{repeats} late receives)")
-        host, port = ray.get(a.open_store.remote(timeout_s), timeout=timeout_s)
+        if callable(model_name):  # the driver's own work while the probes start
+            model_name = model_name()
+        (host, port), _ = ray.get([a.open_store.remote(timeout_s), b.ping.remote()], timeout=timeout_s)
+        started = time.perf_counter() - t0
+        progress(f"  [{at()}] the probes started; the link between them ({repeats} round trips of 4 bytes and of "
+                 f"{LINK_BYTES >> 20} MiB, {repeats} late receives)")
         got = ray.get([w.link.remote(r, host, port, timeout_s, LINK_BYTES, repeats) for r, w in enumerate((a, b))],
                       timeout=timeout_s * 4)
         from memtrain.comm.link_probe import link_figures
 
         latency, gbps, recv, send = link_figures(got[0], got[1], LINK_BYTES)
         rtt = ray_round_trip_s((a, b), repeats)
+        linked = time.perf_counter() - t0
         forms = "both forms of the backward, " if split else ""
         progress(f"  [{at()}] the blocks on both at once ({forms}{steps} steps of "
                  f"{num_microbatches} micro-batches after a warm-up)")
@@ -261,7 +293,11 @@ def measure_pipeline(*, model: ModelConfig, device_kind: str, micro_batch_size: 
             steps=steps, split=None if split else False, dtype=dtype, num_threads=num_threads, data=data,
             max_layers=MAX_TIMED_LAYERS) for w in (a, b)], timeout=max(timeout_s, 300.0))
         # the planner applies the figures to devices of the first worker's kind
-        costs, device = (mean_costs([c for c, _ in both]) if same_kind else both[0][0]), both[0][1]
+        costs, device = (mean_costs([c for c, _, _ in both]) if same_kind else both[0][0]), both[0][1]
+        phases = both[0][2]
+        progress(f"  [{at()}] the probes' start {started:.1f} s, the link and round trip {linked - started:.1f} s, "
+                 f"the blocks {time.perf_counter() - t0 - linked:.1f} s (their build, torch's first calls, "
+                 f"{phases.get('build_s', 0.0):.1f} s; the steps {phases.get('steps_s', 0.0):.1f} s)")
         nodes = ray.get([a.node.remote(), b.node.remote()], timeout=timeout_s)
     finally:
         for actor in placed.actors:
@@ -312,7 +348,6 @@ def measured_for_run(cfg: Any, kinds: Sequence[str], assignments: Sequence[Any],
     why = "the workers compute on CPUs" if par.profile == "auto" else "parallel.profile: measure"
     print_fn(f"memtrain: measuring the pipeline's costs on the workers before planning ({why}; "
              "parallel.profile: catalog uses the catalog's figures)")
-    stats = analyze(cfg.model, seq_len=train.seq_len, micro_batch_size=1, dtype=train.dtype)
     import ray
 
     from memtrain.comm import CommError
@@ -320,7 +355,8 @@ def measured_for_run(cfg: Any, kinds: Sequence[str], assignments: Sequence[Any],
     try:
         measured = measure_pipeline(
             model=cfg.model, device_kind=kinds[0], micro_batch_size=mbs, num_microbatches=m, seq_len=train.seq_len,
-            dtype=train.dtype, model_key=key, model_name=stats.name, split=split, same_kind=len(set(kinds[:2])) == 1,
+            dtype=train.dtype, model_key=key, split=split, same_kind=len(set(kinds[:2])) == 1,
+            model_name=lambda: analyze(cfg.model, seq_len=train.seq_len, micro_batch_size=1, dtype=train.dtype).name,
             # groups change no timing, and the timed model (MAX_TIMED_LAYERS) has other names than the run's
             optimizer=dataclasses.replace(train.optimizer, param_groups=[]).spec(),
             assignments=assignments, seed=train.seed, data=cfg.data, timeout_s=min(par.comm_timeout_s, 120.0),

@@ -21,6 +21,11 @@ those to its home; while summing, the gradient plus a few chunks (not the gradie
 flat copy, as the all-reduce of ZeRO-0 and -1). A reduce of two terms is the all-reduce's sum, so
 with 2 replicas the losses are bitwise ZeRO-1's and the unsharded run's; with more, gloo may add
 in another order (the data-parallel tolerance).
+
+The gradient bytes held are counted as they change (runtime.stage_zero [Note: gradient bytes
+counted as they change]): all at ``arm``, a parameter at its report (a late chunk's too, which
+starts nothing), a chunk's at its copy, the late chunks' at ``reduce`` (a tied weight's ``.grad``
+the worker may make there), the buffers and sums by what each start and wait adds or takes.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from torch import nn
 
 from memtrain.comm import PendingReduce, start_reduce
 from memtrain.planner.simulate_pipeline import REDUCE_IN_FLIGHT
+from memtrain.runtime.stage_zero import HeldGrads
 
 __all__ = ["ChunkReducer", "MAX_IN_FLIGHT"]
 
@@ -60,10 +66,11 @@ class ChunkReducer:
         self.peak_grad_bytes = 0
         """The most gradient bytes held from ``arm`` to the end of ``reduce``: the parameters'
         ``.grad``, buffers under way and the sums kept."""
+        self._grads = HeldGrads()  # [Note: gradient bytes counted as they change]
+        self._in_flight = self._summed = 0
         for c in chunks:
-            if c.index not in late:
-                for s in c.slots:
-                    s.param.register_post_accumulate_grad_hook(self.grad_ready)
+            for s in c.slots:  # a late chunk's only counted
+                s.param.register_post_accumulate_grad_hook(self.grad_ready)
 
     @property
     def grad_bytes(self) -> int:
@@ -73,20 +80,30 @@ class ChunkReducer:
         held += sum(p.input_bytes for _, p in self._pending)
         return held + sum(t.numel() * t.element_size() for t in self.summed.values())
 
+    @property
+    def held_bytes(self) -> int:
+        """``grad_bytes`` as counted along the step ([Note: gradient bytes counted as they change])."""
+        return self._grads.total + self._in_flight + self._summed
+
     def _note(self) -> None:
-        self.peak_grad_bytes = max(self.peak_grad_bytes, self.grad_bytes)
+        self.peak_grad_bytes = max(self.peak_grad_bytes, self.held_bytes)
 
     def arm(self, what: str) -> None:
         """``REDUCE_SCATTER``: from now on each chunk is reduced once its gradients are final."""
         self._armed, self._next, self._pending, self.summed = what, 0, [], {}
         self._left = {c.index: len(c.slots) for c in self.chunks if c.index not in self._late}
+        self._grads.reset(s.param for c in self.chunks for s in c.slots)
+        self._in_flight = self._summed = 0
         self.peak_grad_bytes = 0
         self._note()
 
     def grad_ready(self, param: nn.Parameter) -> None:
         """A parameter's gradient is final for the step (its hook, or the worker's ``W``)."""
         k = self._chunk_of.get(id(param))
-        if self._armed is None or k is None or k in self._late:
+        if self._armed is None or k is None:
+            return
+        self._grads.note(param)
+        if k in self._late:  # final only at ALLREDUCE
             return
         self._left[k] -= 1
         self._note()
@@ -103,20 +120,26 @@ class ChunkReducer:
         c = self.chunks[k]
         flat = torch.zeros(c.num_elems, dtype=torch.float32, device=c.slots[0].param.device)
         for s in c.slots:
+            self._grads.note(s.param)  # as it is now, whoever made it
             if s.param.grad is not None:
                 flat[s.offset:s.offset + s.numel] = s.param.grad.reshape(-1)
-        self._pending.append((k, start_reduce(flat, self.owners[k], self.group, rank=self.rank,
-                                              what=f"{self._armed} (chunk {k})", timeout_s=self.timeout_s)))
+        pending = start_reduce(flat, self.owners[k], self.group, rank=self.rank, what=f"{self._armed} (chunk {k})",
+                               timeout_s=self.timeout_s)
+        self._pending.append((k, pending))
+        self._in_flight += pending.input_bytes
         self._note()  # the copy, before the .grad go
         for s in c.slots:
             s.param.grad = None
+            self._grads.note(s.param)
         self._next += 1
 
     def _finish_oldest(self) -> None:
         k, p = self._pending.pop(0)
+        self._in_flight -= p.input_bytes
         out = p.wait()
         if self.owners[k] == self.replica:
             self.summed[k] = out
+            self._summed += out.numel() * out.element_size()
         self._note()
 
     def reduce(self, what: str) -> None:
@@ -124,6 +147,9 @@ class ChunkReducer:
         and every reduce is waited for; this replica keeps its own chunks' sums in ``summed``."""
         if self._armed is None:  # the program never armed (no REDUCE_SCATTER): every chunk here
             self.arm(what)
+        for k in self._late:  # a tied weight's .grad may have come since (the worker's zeros)
+            for s in self.chunks[k].slots:
+                self._grads.note(s.param)
         while self._next < len(self.order):
             self._start(self.order[self._next])
         while self._pending:

@@ -44,12 +44,21 @@ order. With 2 replicas every sum is of two terms, the same in any order: the los
 those of data parallelism without sharding, with ZeRO-1 or ZeRO-2 (whose buckets only move
 elements between the shards). With more, gloo may add the replicas in another order: within the
 data-parallel tolerance (test_pipeline_run.py [Note: pipeline tolerances]).
+
+[Note: gradient bytes counted as they change] ``peak_grad_bytes`` is read at every gradient
+report, copy and wait of the step; recounting every parameter's ``.grad`` there made the step's
+bookkeeping quadratic in the parameters (a stage of P parameters: about P reports of P reads
+each). ``HeldGrads`` keeps the count per parameter instead, updated only for the parameter or
+bucket that changed (linear): all of them at ``arm``, one at its report (a deferred one's too,
+which starts nothing), a bucket's at its copy, and the pieces kept by what each adds.
+``grad_bytes`` stays the full recount, read once a step and by the tests against the running
+figure.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -59,7 +68,7 @@ from torch import nn
 from memtrain.comm import PendingReduce, all_gather, reduce_scatter, start_reduce_scatter
 from memtrain.planner.simulate_pipeline import REDUCE_BUCKET_ELEMS, REDUCE_IN_FLIGHT
 
-__all__ = ["ShardedOptimizer", "zero2_buckets", "MAX_IN_FLIGHT", "BUCKET_ELEMS"]
+__all__ = ["ShardedOptimizer", "HeldGrads", "zero2_buckets", "MAX_IN_FLIGHT", "BUCKET_ELEMS"]
 
 MAX_IN_FLIGHT = REDUCE_IN_FLIGHT
 """ZeRO-2: a stage's reduce-scatters under way at once (the simulator's figure too)."""
@@ -84,6 +93,28 @@ def zero2_buckets(params: Sequence[nn.Parameter], deferred: set[int], bucket_ele
         size += params[i].numel()
     late = [i for i, q in enumerate(params) if id(q) in deferred]
     return out + ([late] if late else [])
+
+
+class HeldGrads:
+    """The bytes of the ``.grad`` some parameters hold, updated one parameter at a time ([Note:
+    gradient bytes counted as they change]; runtime.stage_offload_zero's too)."""
+
+    def __init__(self) -> None:
+        self._by: dict[int, int] = {}
+        self.total = 0
+
+    def note(self, param: nn.Parameter) -> None:
+        """``param``'s ``.grad`` as it is now (none: 0 bytes)."""
+        g = param.grad
+        n = 0 if g is None else g.numel() * g.element_size()
+        self.total += n - self._by.get(id(param), 0)
+        self._by[id(param)] = n
+
+    def reset(self, params: Iterable[nn.Parameter]) -> None:
+        """Count ``params`` afresh (and forget any other)."""
+        self._by, self.total = {}, 0
+        for q in params:
+            self.note(q)
 
 
 class ShardedOptimizer:
@@ -129,13 +160,14 @@ class ShardedOptimizer:
         self._pending: list[tuple[int, PendingReduce]] = []
         self._pieces: dict[int, torch.Tensor] = {}
         self._held = 0  # gradient bytes held while armed: parameters' .grad, buckets under way, shard pieces
+        self._grads = HeldGrads()  # [Note: gradient bytes counted as they change]
+        self._pieces_bytes = 0
         self.peak_grad_bytes = 0
         """The most gradient bytes this stage held from its reduce's start to its end (the last
         ``reduce_grads``), its parameters' ``.grad`` included."""
         if self.zero2:
-            for q in params:
-                if id(q) in self._early:
-                    q.register_post_accumulate_grad_hook(self.grad_ready)
+            for q in params:  # a deferred one's only counted
+                q.register_post_accumulate_grad_hook(self.grad_ready)
 
     def _group_parts(self, group_of: Sequence[int]) -> list[tuple[int, int, int]]:
         """[Note: groups of a shard] With parameter groups (``group_of``: per parameter its group),
@@ -187,14 +219,18 @@ class ShardedOptimizer:
         gradients are final ([Note: ZeRO-2 in a pipeline])."""
         if not self.zero2:
             raise RuntimeError(f"rank {self.rank}: {what} in the program of a stage without ZeRO-2")
-        self._armed, self._next, self._pending, self._pieces = what, 0, [], {}
+        self._armed, self._next, self._pending, self._pieces, self._pieces_bytes = what, 0, [], {}, 0
         self._left = [sum(1 for i in idx if id(self.params[i]) in self._early) for idx in self.buckets]
+        self._grads.reset(self.params)
         self._held = self.grad_bytes
         self.peak_grad_bytes = self._held
 
     def grad_ready(self, param: nn.Parameter) -> None:
         """A parameter's gradient is final for the step (its hook, or the worker's ``W``)."""
-        if self._armed is None or id(param) not in self._early:
+        if self._armed is None or id(param) not in self._bucket_of:
+            return
+        self._grads.note(param)
+        if id(param) not in self._early:  # deferred: final only at ALLREDUCE
             return
         k = self._bucket_of[id(param)]
         self._left[k] -= 1
@@ -209,12 +245,23 @@ class ShardedOptimizer:
         return any(id(self.params[i]) in self._early for i in self.buckets[k])
 
     def _note(self, delta: int) -> None:
-        self._held = self._held + delta if delta else self.grad_bytes + self._in_flight()
+        """``delta`` bytes more held; 0: the held bytes as they stand, by the running counts."""
+        self._held = self._held + delta if delta else self.held_bytes
         self.peak_grad_bytes = max(self.peak_grad_bytes, self._held)
 
+    @property
+    def held_bytes(self) -> int:
+        """``grad_bytes`` and the buffers under way as counted along the step ([Note: gradient
+        bytes counted as they change])."""
+        shard = 0 if self._grad is None else self._grad.numel() * self._grad.element_size()
+        return self._grads.total + shard + self._in_flight()
+
     def _in_flight(self) -> int:
-        return sum(p.input_bytes for _, p in self._pending) + sum(
-            t.numel() * t.element_size() for t in self._pieces.values())
+        return sum(p.input_bytes for _, p in self._pending) + self._pieces_bytes  # at most MAX_IN_FLIGHT pending
+
+    def _keep_piece(self, k: int, piece: torch.Tensor) -> None:
+        self._pieces[k] = piece
+        self._pieces_bytes += piece.numel() * piece.element_size()
 
     def _start(self, k: int) -> None:
         """Bucket ``k``'s gradients copied out (their ``.grad`` dropped) and its reduce-scatter started."""
@@ -225,15 +272,17 @@ class ShardedOptimizer:
         offset = 0
         for i in self.buckets[k]:
             q = self.params[i]
+            self._grads.note(q)  # as it is now, whoever made it
             if q.grad is not None:
                 flat[offset:offset + q.numel()] = q.grad.reshape(-1)
             offset += q.numel()
         self._note(flat.numel() * flat.element_size())  # the copy, before the .grad go
         for i in self.buckets[k]:
             self.params[i].grad = None
+            self._grads.note(self.params[i])
         what = f"{self._armed or 'ALLREDUCE'} (bucket {k})"
         if self.group is None:  # one replica: its slice is the whole bucket
-            self._pieces[k] = flat[:self.slices[k][2]]
+            self._keep_piece(k, flat[:self.slices[k][2]])
         else:
             self._pending.append((k, start_reduce_scatter(flat, self.group, rank=self.rank, what=what,
                                                           timeout_s=self.timeout_s)))
@@ -242,7 +291,7 @@ class ShardedOptimizer:
 
     def _finish_oldest(self) -> None:
         k, p = self._pending.pop(0)
-        self._pieces[k] = p.wait()[:self.slices[k][2]].to(self.master.device)
+        self._keep_piece(k, p.wait()[:self.slices[k][2]].to(self.master.device))
 
     # ---- the step --------------------------------------------------------------------------
 
@@ -252,7 +301,8 @@ class ShardedOptimizer:
         parameters' own are dropped. Under ZeRO-2, the buckets not started yet start here and
         every one is waited for."""
         if self._armed is None:  # ZeRO-1 (or a ZeRO-2 program that never armed: all buckets here)
-            self._next, self._pending, self._pieces = 0, [], {}
+            self._next, self._pending, self._pieces, self._pieces_bytes = 0, [], {}, 0
+            self._grads.reset(self.params)
             self._held = self.peak_grad_bytes = self.grad_bytes
             if not self.zero2:
                 self._reduce_one_bucket(what)
@@ -263,7 +313,7 @@ class ShardedOptimizer:
         while self._pending:
             self._finish_oldest()
         self._grad = torch.cat([self._pieces[k] for k in range(len(self.buckets))])
-        self._pieces, self._armed = {}, None
+        self._pieces, self._pieces_bytes, self._armed = {}, 0, None
         self._note(0)
 
     def _reduce_one_bucket(self, what: str) -> None:

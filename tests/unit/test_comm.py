@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import time
 import traceback
 
 import pytest
@@ -17,7 +18,7 @@ from memtrain.comm import (Channel, CommError, Rendezvous, all_gather, all_reduc
 def _scenario(rank: int, port_q, result_q, scenario: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     try:
-        timeout_s = 1.0
+        timeout_s = 30.0 if scenario.startswith("probe") else 1.0  # the probe's barrier: its own, shorter
         store = None
         if rank == 0:
             store = host_store("127.0.0.1", 2, timeout_s=10.0)
@@ -103,6 +104,22 @@ def _scenario(rank: int, port_q, result_q, scenario: str) -> None:
                     out = str(e)
             else:
                 port_q.get(timeout=30)  # stay alive until rank 1 has timed out
+        elif scenario == "probe":  # comm.link_probe on both ranks: each its samples
+            from memtrain.comm.link_probe import probe_rank
+
+            got = probe_rank(rank, num_bytes=1 << 12, repeats=3, timeout_s=10.0)
+            out = {k: len(v) for k, v in got.items()}
+        elif scenario == "probe_barrier":  # [Note: the probe's barrier]: rank 0 never comes
+            from memtrain.comm.link_probe import barrier
+
+            if rank == 1:
+                t0 = time.perf_counter()
+                try:
+                    barrier(1, 1.0, "probe late receive 0")
+                except CommError as e:
+                    out = (str(e), time.perf_counter() - t0)
+            else:
+                port_q.get(timeout=30)  # stay alive until rank 1 has timed out
         elif scenario == "dead":
             if rank == 0:  # dies once rank 1 has joined (an earlier exit would fail rank 1's join instead)
                 port_q.get(timeout=30)
@@ -112,7 +129,7 @@ def _scenario(rank: int, port_q, result_q, scenario: str) -> None:
                 chan.recv(0, 3, "1RECV_F3")
             except CommError as e:
                 out = str(e)
-        if scenario in ("timeout", "gather_timeout") and rank == 1:
+        if scenario in ("timeout", "gather_timeout", "probe_barrier") and rank == 1:
             port_q.put("done")
         result_q.put((rank, out))
         if scenario != "dead":
@@ -170,3 +187,16 @@ def test_all_gather_that_never_completes_names_rank_action_and_timeout() -> None
 def test_receive_from_dead_peer_is_an_error_not_a_hang() -> None:
     results = _run("dead")
     assert isinstance(results[1], str) and results[1].startswith("rank 1: 1RECV_F3 from rank 0 "), results
+
+
+def test_link_probe_gives_each_rank_its_samples() -> None:
+    results = _run("probe")
+    assert results[0] == {"small": 3, "large": 3, "send": 3, "late_send": 3}, results
+    assert results[1] == {"late": 3}, results
+
+
+def test_link_probe_barrier_waits_its_own_short_timeout_and_names_both_ranks() -> None:
+    results = _run("probe_barrier")
+    text, waited = results[1]
+    assert text == "rank 1: probe late receive 0 (waiting for rank 0 at a barrier) timed out after 1 s", results
+    assert waited < 10, waited  # its own second, not the world's 30

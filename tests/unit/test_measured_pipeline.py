@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import pytest
 
@@ -256,7 +257,15 @@ def test_measure_blocks_times_every_block_and_repeats_the_timed_layers():
     from memtrain.runtime.pipeline_probe import measure_blocks
 
     model = ModelConfig(preset="tiny", overrides={"num_layers": 4})
-    costs, device = measure_blocks(model, m=2, b=1, seq=8, steps=1, split=False, max_layers=2)
+    phases: dict[str, float] = {}
+    t0 = time.perf_counter()
+    costs, device = measure_blocks(model, m=2, b=1, seq=8, steps=1, split=False, max_layers=2, phases=phases)
+    took = time.perf_counter() - t0
+    # [Note: where the probe's time goes]: the worker's build and its steps, both parts of the call
+    assert set(phases) == {"build_s", "steps_s"} and all(v > 0 for v in phases.values()), phases
+    assert phases["build_s"] + phases["steps_s"] <= took
+    timed = [0, 1, 2, 5]  # the embedding, the two timed layers, the head: the timed step's passes within its steps
+    assert phases["steps_s"] > 2 * sum(costs.fwd_s[i] + costs.bwd_s[i] for i in timed)
     assert device == "cpu" and len(costs.fwd_s) == 6  # embedding, 4 layers, head
     assert costs.fwd_s[1] == costs.fwd_s[2] == costs.fwd_s[3] == costs.fwd_s[4] > 0  # the timed layers' mean
     assert all(x > 0 for x in costs.bwd_s + costs.optim_s) and costs.rest_s >= 0

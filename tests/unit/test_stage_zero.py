@@ -3,6 +3,7 @@ buckets, their order, the hooks that start them under the backward, and the upda
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -49,3 +50,62 @@ def test_zero2_starts_each_bucket_under_the_backward_and_steps_as_torch():
     ref_opt.step()
     for a, b in zip(params, ref.parameters()):
         assert torch.equal(a, b)
+
+
+class _Checked(ShardedOptimizer):
+    """A sharded optimizer that checks its running count against a full recount at every reading."""
+
+    checks = 0
+
+    def _note(self, delta: int) -> None:
+        if not delta:
+            assert self.held_bytes == self.grad_bytes + self._in_flight(), (self.held_bytes, self.grad_bytes)
+            type(self).checks += 1
+        super()._note(delta)
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_running_gradient_count_equals_a_recount_at_every_reading(microbatches: int) -> None:
+    """[Note: gradient bytes counted as they change]: with one micro-batch every .grad appears
+    after ``arm`` (a deferred parameter's without starting anything), with two they were there."""
+    model = _model()
+    params = list(model.parameters())
+    deferred = {id(params[0])}
+    opt = _Checked(params, lambda ps: torch.optim.AdamW(ps, lr=1e-2), replica=0, dp=1, group=None, rank=0,
+                   timeout_s=5.0, buckets=zero2_buckets(params, deferred, 100), deferred=deferred)
+    torch.manual_seed(1)
+    x = torch.randn(3, 8)
+    for _ in range(microbatches - 1):
+        model(x).square().sum().backward()
+    _Checked.checks = 0
+    opt.arm("0REDUCE_SCATTER1")
+    model(x).square().sum().backward()
+    params[0].grad = None  # a deferred .grad changed without a report: recounted as its bucket starts
+    opt.reduce_grads("0ALLREDUCE")
+    assert _Checked.checks >= len(params) + len(opt.buckets)  # every report and start was checked
+    assert opt.peak_grad_bytes >= 4 * sum(q.numel() for q in params[1:])
+
+
+def test_gradient_bookkeeping_is_linear_in_the_parameters() -> None:
+    """A step's reads of the parameters' .grad grow with their number, not its square (a recount
+    per report read all 80 per report: about 80 * 80 reads here)."""
+    model = nn.Sequential(*(nn.Linear(2, 2) for _ in range(40)))
+    params = list(model.parameters())
+    opt = ShardedOptimizer(params, lambda ps: torch.optim.SGD(ps, lr=1e-2), replica=0, dp=1, group=None, rank=0,
+                           timeout_s=5.0, buckets=zero2_buckets(params, set(), 6))
+    reads = 0
+    real = nn.Parameter.grad
+
+    def counted(q):
+        nonlocal reads
+        reads += 1
+        return real.__get__(q)
+
+    opt.arm("0REDUCE_SCATTER1")
+    nn.Parameter.grad = property(counted, real.__set__)
+    try:
+        model(torch.randn(3, 2)).square().sum().backward()
+        opt.reduce_grads("0ALLREDUCE")
+    finally:
+        nn.Parameter.grad = real
+    assert 0 < reads <= 10 * len(params), reads
