@@ -32,6 +32,15 @@ stage's chunks, reduced to their owners, runtime.stage_offload_zero; counted as 
 (planner.simulate_pipeline ``zero2_exposed_s``: only what the pass does not hide is added) and
 copies at most ``REDUCE_IN_FLIGHT`` buckets. Both keep ``1 / d`` of the gradients after the sum:
 the memory line drops there.
+
+[Note: gradient copies after the passes] Over ``d > 1`` copies without ZeRO the gradient sum is
+comm ``all_reduce_``: one flat copy of the rank's gradients (``torch.cat``), so a rank holds its
+gradients twice while it runs, a device stage's and an offloaded stage's alike (an offloaded
+stage keeps its gradients on the device until its ``OFFLOAD``, planner.stage_offload_cost
+[Note: an offloaded stage's residency]); an offloaded stage's ``OFFLOAD`` then holds one
+chunk's grad buffer at a time (``StageEstimate.after_bytes``). These come after the passes,
+when the activations are gone: a rank's device peak is its static bytes plus the larger of its
+activations' peak and its largest copy, and its memory line draws the copy over its all-reduce.
 """
 
 from __future__ import annotations
@@ -94,6 +103,9 @@ class Simulated:
     period_s: float = 0.0
     grad_bytes: list[int] | None = None
     """Per rank under ZeRO, its device stages' whole gradient bytes (what the sum leaves ``1 / d`` of)."""
+    copy_bytes: list[int] | None = None
+    """Per rank, the most device bytes its gradients' copies take after the passes ([Note:
+    gradient copies after the passes])."""
 
     @property
     def fits(self) -> bool:
@@ -238,9 +250,12 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
         ar[r] += reduce_time_s(model, shape.schedule, est, n, shape.data_parallel, cand.ar_links[r],
                                model.w_share(f, e, cand.ranks[r][1]))
         on_device = model.zero and "params" not in est.offload
-        if on_device or model.zero == 2:  # the sum's copy: ZeRO-2's buckets (an offloaded stage's chunks) under
-            # way, ZeRO-1's whole
-            copy[r] = max(copy[r], 4 * (min(n, REDUCE_IN_FLIGHT * REDUCE_BUCKET_ELEMS) if model.zero == 2 else n))
+        # [Note: gradient copies after the passes] the sum's copy: ZeRO-2's buckets (an offloaded
+        # stage's chunks) under way; over copies under ZeRO-0/1 the whole gradient, flat; an
+        # offloaded stage's OFFLOAD grad buffer (planner.stage_offload_cost)
+        flat = (4 * min(n, REDUCE_IN_FLIGHT * REDUCE_BUCKET_ELEMS) if model.zero == 2
+                else 4 * n if shape.data_parallel > 1 else 0)
+        copy[r] = max(copy[r], flat, est.after_bytes)
         grads[r] += 4 * n if on_device else 0
         # the simulated peak replaces the estimate's held micro-batches ([Note: activations between B and W])
         static[r] += est.device_bytes - cand.in_flight[s] * est.act_bytes - cand.in_bw[s] * est.bw_bytes
@@ -268,7 +283,7 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
                      busy_s=busy, end_s=ends, allreduce_s=ar, optimizer_s=opt, device_bytes=device,
                      static_bytes=static, host_bytes=host, nvme_bytes=nvme, simulated_microbatches=simulated,
                      problem=problem, cut_s=cut, shift_s=(m - simulated) * period, period_s=period,
-                     grad_bytes=grads if model.zero else None)
+                     grad_bytes=grads if model.zero else None, copy_bytes=copy)
 
 
 def _steady_cut(result: PipelineResult, m1: int) -> float | None:
@@ -378,6 +393,10 @@ def _memory_line(sim: Simulated, r: int) -> tuple[MemoryPoint, ...]:
             moves.append((end + sim.allreduce_s[r] / 2, -whole - (whole - whole // d)))
         else:
             moves.append((end, -(whole - whole // d)))
+    copies = sim.copy_bytes[r] if sim.copy_bytes is not None else 0
+    if copies and not (sim.grad_bytes is not None and sim.grad_bytes[r] and sim.cand.model is not None
+                       and sim.cand.model.zero == 1):  # [Note: gradient copies after the passes]
+        moves += [(sim.end_s[r], copies), (sim.end_s[r] + sim.allreduce_s[r], -copies)]
     level = sim.static_bytes[r]
     out = [MemoryPoint(tier="device", t_s=0.0, bytes=level)]
     for t, b in sorted(moves, key=lambda x: (x[0], x[1] > 0)):

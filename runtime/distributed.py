@@ -108,7 +108,7 @@ def plan_run(cfg: Config, inventory: Any, chosen: list[int], measured: Any = Non
         pipeline_degree=par.pipeline or None, data_parallel_degree=par.data or None,
         num_microbatches=par.microbatches, stage_blocks=par.partition, activations=cfg.memory.activations,
         source=f"ray; {MEASURED_SOURCE}" if measured is not None else "ray", zero=par.zero, measured=measured,
-        clip_grad_norm=cfg.train.max_grad_norm > 0)
+        clip_grad_norm=cfg.train.max_grad_norm > 0, offload=cfg.memory.offload)
     if plan.pipeline is None or not plan.fits:
         raise ConfigError(f"the model does not fit the cluster's devices: {plan.shortfall}")
     if par.planner_chooses:
@@ -306,7 +306,7 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
                       "tokens_per_s": tokens_per_step / dt, "lr": lr_at(k, cfg),
                       "predicted_step_time_s": plan.prediction.step_time_s,
                       "rank_step_time_s": [r.time_s for r in results], "rank_busy_s": [r.busy_s for r in results],
-                      "peak_bytes": peaks,
+                      "peak_bytes": peaks, "grad_bytes": [dict(r.grad_bytes) for r in results],
                       "rank_device": [r.device for r in results]}
             if cfg.train.optimizer.param_groups:
                 record["group_lrs"] = list(step_lrs(k, cfg))
