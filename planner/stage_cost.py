@@ -94,11 +94,12 @@ class StageEstimate:
     """'' when everything stays on the device, else what moves (for reports)."""
     fits: bool
     policy: MemoryPolicy | None = None
-    """The single-device planner's policy, once refined; for an estimate whose activations are
-    recomputed or swapped, every block's policy and no chunks (where its parameters go is then
-    the estimate's figures only); else None (activations kept). The pipeline's workers run its
-    activation policies (runtime.stage_activations)."""
-    refined: bool = False
+    """For an offloaded stage, once refined, its chunks at their home and every block's
+    activation policy (planner.stage_offload_cost ``home_policy``); for an estimate whose
+    activations are recomputed or swapped, every block's policy and no chunks; else None
+    (activations kept). The pipeline's workers run its activation policies
+    (runtime.stage_activations) and keep an offloaded stage's states at its chunks' home
+    (runtime.distributed ``stage_homes``)."""
     bw_bytes: int = 0
     """Under a split backward, device bytes one micro-batch holds from its ``B`` to its ``W`` on
     top of ``act_bytes`` ([Note: activations between B and W]); 0 otherwise."""
