@@ -15,8 +15,9 @@ passes]), the most over the steps after the first (which warms up):
   chunk's grad buffer at ``OFFLOAD``; ``offload_device``) against ``4 · n`` + that buffer's excess over
   the param buffers already released (planner.stage_offload_cost ``home_policy``);
 - ``grads``: the gradients held while they are summed (the parameters' ``.grad``, over replicas
-  without ZeRO-2 also their flat copy; ``grad_bytes.reduce_peak``) against ``4 · n`` (twice that
-  over replicas under ZeRO-0/1).
+  without ZeRO-2 also their flat copy, under ZeRO-2 a chunk's copy for its reduce;
+  ``grad_bytes.reduce_peak``) against ``4 · n`` (twice that over replicas under ZeRO-0/1, plus
+  the largest chunk's under ZeRO-2).
 
 On a GPU the rank's whole device peak (``device``, ``torch.cuda.max_memory_allocated``) is set
 against the plan's too. The errors are (measured - predicted) / measured.
@@ -61,7 +62,9 @@ def compare(run_dir: Path) -> list[dict]:
         row = {"rank": r,
                "host": (most("offload_host"), pred.peak_bytes["host"]),
                "buffers": (most("offload_device"), PARAM_BYTES * (n + over)),
-               "grads": (most("reduce_peak", "grad_bytes"), PARAM_BYTES * n * (2 if dp > 1 and not zero2 else 1))}
+               "grads": (most("reduce_peak", "grad_bytes"),
+                         PARAM_BYTES * (2 * n if dp > 1 and not zero2 else n + max(c.num_elems for c in chunks)
+                                        if zero2 else n))}
         if "device" in later[0]["peak_bytes"][r]:
             row["device"] = (most("device"), pred.peak_bytes["device"])
         rows.append(row)

@@ -10,7 +10,7 @@ Cephalo, Guo et al. 2024):
    far by ``PRUNE_MARGIN`` is skipped;
 2. the others are partitioned by dynamic programming over the blocks with memoised stage costs
    (planner.partition [Note: partition by dynamic programming]; the cost of a stage on its
-   device, offload within the stage where the device is short, is planner.stage_cost's), so
+   device, its states offloaded whole where the device is short, is planner.stage_cost's), so
    faster devices get more blocks and a stage that does not fit offloads or gives blocks away,
    whichever the model predicts faster;
 3. the ``NUM_SIMULATED`` best estimates are refined and simulated over their ranks and links

@@ -1,7 +1,7 @@
 """The heterogeneous planner's second half: simulate its best candidates, pick, build the Plan.
 
-A candidate of planner.hetero (a shape and its partition) is refined (an offloading stage gets
-the single-device planner's figures, planner.stage_cost ``refine``) and simulated over its
+A candidate of planner.hetero (a shape and its partition) is refined (an offloaded stage gets
+its chunks and their figures, planner.stage_cost ``refine``) and simulated over its
 ranks and links (planner.simulate_pipeline). [Note: pipeline step] A rank's step ends with its
 last pass, then its gradients' all-reduce over the replicas, then its optimizer step; the step
 is the latest rank's; with gradient clipping (``TrainShape.clip_grad_norm``) every rank's
@@ -253,8 +253,10 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
         # [Note: gradient copies after the passes] the sum's copy: ZeRO-2's buckets (an offloaded
         # stage's chunks) under way; over copies under ZeRO-0/1 the whole gradient, flat; an
         # offloaded stage's OFFLOAD grad buffer (planner.stage_offload_cost)
-        flat = (4 * min(n, REDUCE_IN_FLIGHT * REDUCE_BUCKET_ELEMS) if model.zero == 2
-                else 4 * n if shape.data_parallel > 1 else 0)
+        if model.zero == 2:  # an offloaded stage's chunk copy is its after_bytes
+            flat = 0 if "params" in est.offload else 4 * min(n, REDUCE_IN_FLIGHT * REDUCE_BUCKET_ELEMS)
+        else:
+            flat = 4 * n if shape.data_parallel > 1 else 0
         copy[r] = max(copy[r], flat, est.after_bytes)
         grads[r] += 4 * n if on_device else 0
         # the simulated peak replaces the estimate's held micro-batches ([Note: activations between B and W])

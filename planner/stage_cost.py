@@ -390,5 +390,8 @@ class StageModel:
         est = self.estimate(first, end, where, in_flight, num_microbatches, in_bw)
         if "params" not in est.offload:
             return est
-        _, host, nvme, _ = self._where[where]
-        return placed(self, est, first, end, host, nvme)
+        key = (first, end, where, in_flight, num_microbatches, in_bw)  # the chunks name the range's parameters
+        if key not in self._refined:
+            _, host, nvme, _ = self._where[where]
+            self._refined[key] = placed(self, est, first, end, host, nvme)
+        return self._refined[key]

@@ -14,7 +14,8 @@ copies its states are sharded over, ``o`` optimizer-state bytes per element):
   after the passes, one chunk's grad buffer at a time while the later chunks' param buffers are
   held (``OFFLOAD``: ``home_policy``; chunks of about a block, the runtime's default) and, over data-parallel copies
   under ZeRO-0/1, the all-reduce's flat copy of the gradients (``4 · n``, comm ``all_reduce_``;
-  planner.hetero_plan charges it, knowing the copies);
+  planner.hetero_plan charges it, knowing the copies), under ZeRO-2 one chunk's copy for its
+  reduce (``placed``);
 - host home: the fp32 masters of every parameter and the gradient accumulators and optimizer
   states of the ``⌈n / d⌉`` it updates, ``4 · n + ⌈n / d⌉ · (4 + o)``;
 - NVMe home: on disk the masters and its share's states, ``4 · n + ⌈n / d⌉ · o``; on the host the
@@ -75,6 +76,8 @@ class Chunked:
     """``OFFLOAD``'s grad buffer at its most above the param buffers still held."""
     own: int
     """Elements whose accumulators and optimizer states the busiest replica keeps (all without ZeRO)."""
+    largest: int
+    """Elements of the largest chunk."""
 
 
 def home_policy(model: "StageModel", first: int, end: int, home: Tier, recompute: bool) -> Chunked:
@@ -105,14 +108,18 @@ def home_policy(model: "StageModel", first: int, end: int, home: Tier, recompute
     act = ActPolicy.RECOMPUTE if recompute else ActPolicy.KEEP
     policy = MemoryPolicy(chunk_size_elems=size, chunks=tuple(chunks), prefetch_depth=max(1, len(chunks)),
                           activations=(act,) * (end - first))
-    return Chunked(policy=policy, after_bytes=PARAM_BYTES * over, own=own)
+    return Chunked(policy=policy, after_bytes=PARAM_BYTES * over, own=own,
+                   largest=max((c.num_elems for c in chunks), default=0))
 
 
 def placed(model: "StageModel", est: "StageEstimate", first: int, end: int, host: HostSpec,
            nvme: NvmeSpec | None) -> "StageEstimate":
     """An offloaded stage's estimate with its chunks (``home_policy``): the plan's policy, the
     exact grad-buffer bytes of its ``OFFLOAD`` and, under ZeRO, the busiest replica's share of
-    whole parameters instead of ``⌈n / d⌉`` (the screening estimate's)."""
+    whole parameters instead of ``⌈n / d⌉`` (the screening estimate's). Under ZeRO-2 the copy
+    after the passes is the larger of that and one chunk's flat copy taken for its reduce while
+    the gradients are still whole (runtime.stage_offload_zero: each chunk's ``.grad`` is dropped
+    as its copy is taken, so one copy at a time is more than the gradients)."""
     on_nvme = "on NVMe" in est.offload
     laid = home_policy(model, first, end, Tier.NVME if on_nvme else Tier.HOST,
                        est.offload.startswith("activations recomputed"))
@@ -128,7 +135,8 @@ def placed(model: "StageModel", est: "StageEstimate", first: int, end: int, host
                          - cost.cpu_optimizer_time_s(-(-n // model.shards), model.optimizer, host))
     if on_nvme and nvme is not None and more:
         tail += cost.disk_read_time_s(more * (4 + o), nvme) + cost.disk_write_time_s(more * (4 + o), nvme)
-    return dataclasses.replace(est, policy=laid.policy, after_bytes=laid.after_bytes, host_bytes=host_bytes,
+    after = max(laid.after_bytes, PARAM_BYTES * laid.largest if model.zero == 2 else 0)
+    return dataclasses.replace(est, policy=laid.policy, after_bytes=after, host_bytes=host_bytes,
                                nvme_bytes=nvme_bytes, tail_s=tail)
 
 

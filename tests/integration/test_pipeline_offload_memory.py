@@ -9,7 +9,7 @@ the first (the plan's figures for a pipeline rank are its busiest replica's: the
 ZeRO; the others' are checked not to exceed them): the chunk stores' host ledgers against the rank's predicted host peak; their device
 ledgers (every chunk's param buffer for the whole step, one grad buffer at ``OFFLOAD``) against
 the plan's chunks; the gradients held while summed against ``4 · n`` (twice over two replicas
-without ZeRO-2: the all-reduce's flat copy). Tolerance: 2% (the figures are whole tensors'
+without ZeRO-2: the all-reduce's flat copy; under ZeRO-2 one chunk's copy more). Tolerance: 2% (the figures are whole tensors'
 bytes; under ZeRO-1 a replica's share is whole parameters, about half).
 """
 
@@ -81,10 +81,11 @@ def test_a_host_offloaded_pipeline_measures_what_its_plan_charges(token_ray, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", [0, 1])
+@pytest.mark.parametrize("zero", [0, 1, 2])
 def test_two_replicas_measure_what_their_plan_charges(token_ray, tmp_path, zero):
-    """Over two replicas the gradient sum holds a flat copy (ZeRO-0 and -1 alike); under ZeRO-1
-    each replica keeps the accumulators and states of about half the parameters."""
+    """Over two replicas the gradient sum holds a flat copy (ZeRO-0 and -1 alike), under ZeRO-2 a
+    chunk's copy for its reduce; under ZeRO-1 and -2 each replica keeps the accumulators and
+    states of about half the parameters."""
     rows = _run(tmp_path, "parallel.data=2", f"parallel.zero={zero}")
     assert len(rows) == 4
     _check(rows)
