@@ -19,6 +19,8 @@ passes]), the most over the steps after the first (which warms up):
   ``grad_bytes.reduce_peak``) against ``4 · n`` (twice that over replicas under ZeRO-0/1, plus
   the largest chunk's under ZeRO-2).
 
+- ``nvme`` (NVMe homes): the chunk files' ledger (``nvme``) against the rank's predicted NVMe peak.
+
 On a GPU the rank's whole device peak (``device``, ``torch.cuda.max_memory_allocated``) is set
 against the plan's too. The errors are (measured - predicted) / measured.
 """
@@ -65,6 +67,8 @@ def compare(run_dir: Path) -> list[dict]:
                "grads": (most("reduce_peak", "grad_bytes"),
                          PARAM_BYTES * (2 * n if dp > 1 and not zero2 else n + max(c.num_elems for c in chunks)
                                         if zero2 else n))}
+        if "nvme" in later[0]["peak_bytes"][r]:
+            row["nvme"] = (most("nvme"), pred.peak_bytes["nvme"])
         if "device" in later[0]["peak_bytes"][r]:
             row["device"] = (most("device"), pred.peak_bytes["device"])
         rows.append(row)

@@ -276,9 +276,10 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
     problem = next((f"stage {s}: {est.offload}" for s, est in enumerate(estimates) if not est.fits), "")
     for r in range(p):
         node_i, dev, _, _, budget = cand.ranks[r]
+        unlisted = cand.ranks[r][3] is None and model.home == "nvme"  # parallel.nvme_dir's room: not known here
         for tier, need, have in (("device", device[r], budget.device), ("host", host[r], budget.host),
                                  ("NVMe", nvme[r], budget.nvme)):
-            if not problem and need > have:
+            if not problem and need > have and not (tier == "NVMe" and unlisted):
                 problem = (f"rank {r} ({dev.kind} on {cluster.nodes[node_i].name}) needs {format_bytes(need)} of "
                            f"{tier} memory, budget {format_bytes(have)}")
     return Simulated(cand=cand, estimates=estimates, result=result, step_s=step, pipeline_end_s=max(ends),

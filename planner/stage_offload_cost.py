@@ -18,17 +18,21 @@ copies its states are sharded over, ``o`` optimizer-state bytes per element):
   reduce (``placed``);
 - host home: the fp32 masters of every parameter and the gradient accumulators and optimizer
   states of the ``⌈n / d⌉`` it updates, ``4 · n + ⌈n / d⌉ · (4 + o)``;
-- NVMe home: on disk the masters and its share's states, ``4 · n + ⌈n / d⌉ · o``; on the host the
+- NVMe home: on disk the masters and its share's states, ``4 · n + ⌈n / d⌉ · o`` (once its chunks
+  are known, ``placed``: as files, 4 KiB header and pages, and the optimizer's ``WRITE_BACKS``
+  largest chunks' files twice, old and new); on the host the
   larger of ``PREFETCH``'s staging of every chunk (``4 · n``) and, at the step's end, its share's
   accumulators with the optimizer's staged chunks (one read ahead, one stepping, one written
-  back, ``3 · chunk · (4 + o)``);
+  back, ``3 · chunk · (4 + o)``, at most its share's);
 - time: the fetch (host to device, NVMe read first) once per step and the gradients' copy home
   once per step, not per micro-batch: they are the step's tail with the CPU update of its share
   (and, on NVMe, the share's states read and written and the others' masters written), the
   passes the blocks' compute alone.
 
 The home is ``memory.offload``'s when it names one (``StageModel(home=...)``), else the host
-when the host budget holds the stage, else NVMe. A stage whose resident parameters and
+when the host budget holds the stage, else NVMe. ``memory.offload: nvme`` on a cluster that
+lists no NVMe (a Ray cluster's inventory) is planned with the files' room and disk time unknown:
+``parallel.nvme_dir`` holds them. A stage whose resident parameters and
 gradients do not fit its device is not planned as fitting (planner.hetero then tries another
 partition, or refuses naming the rank and tier).
 """
@@ -46,11 +50,14 @@ from memtrain.planner.plan import ActPolicy, ChunkPlan, MemoryPolicy, Tier, pack
 if TYPE_CHECKING:
     from memtrain.planner.stage_cost import StageBudget, StageEstimate, StageModel
 
-__all__ = ["PARAM_BYTES", "OPTIM_STAGED_CHUNKS", "offloaded_estimate", "home_policy", "placed",
+__all__ = ["PARAM_BYTES", "OPTIM_STAGED_CHUNKS", "WRITE_BACKS", "offloaded_estimate", "home_policy", "placed",
            "split_owners", "Chunked"]
 
 PARAM_BYTES = 4
 """Bytes of one parameter (and of its gradient) of a pipeline stage on the device: fp32."""
+WRITE_BACKS = 2
+"""An NVMe stage's chunks whose files are rewritten at once while its optimizer steps, each
+file's new copy beside the old until renamed (measured on the tiny GPT: both chunks of a stage)."""
 OPTIM_STAGED_CHUNKS = 3
 """An NVMe stage's chunks in host staging while its optimizer steps (runtime.stage_offload:
 ``staged_chunks=2``, one read ahead and one write-back in flight, and the one stepping)."""
@@ -78,6 +85,8 @@ class Chunked:
     """Elements whose accumulators and optimizer states the busiest replica keeps (all without ZeRO)."""
     largest: int
     """Elements of the largest chunk."""
+    first_run: tuple[int, ...] = ()
+    """Elements of each chunk of the first replica's run (every chunk without ZeRO)."""
 
 
 def home_policy(model: "StageModel", first: int, end: int, home: Tier, recompute: bool) -> Chunked:
@@ -97,19 +106,23 @@ def home_policy(model: "StageModel", first: int, end: int, home: Tier, recompute
     owner = split_owners([k for _, _, k in flat], model.shards)
     chunks: list[ChunkPlan] = []
     over, before, own = 0, 0, 0
+    runs: list[int] = []  # chunks per replica's run
     for d in range(model.shards):
+        runs.append(0)
         run = [[(name, k) for (j2, name, k), o in zip(flat, owner) if j2 == j and o == d] for j in range(len(sub.blocks))]
         own = max(own, sum(k for (_, _, k), o in zip(flat, owner) if o == d))
         for names, k in pack_params([g for g in run if g], size):
             chunks.append(ChunkPlan(index=len(chunks), num_elems=k, param_names=tuple(names), home=home))
+            runs[-1] += 1
             if d == 0:
                 over = max(over, k - before)
             before += k
     act = ActPolicy.RECOMPUTE if recompute else ActPolicy.KEEP
     policy = MemoryPolicy(chunk_size_elems=size, chunks=tuple(chunks), prefetch_depth=max(1, len(chunks)),
                           activations=(act,) * (end - first))
+    first = tuple(c.num_elems for c in chunks[:runs[0]]) if runs else ()
     return Chunked(policy=policy, after_bytes=PARAM_BYTES * over, own=own,
-                   largest=max((c.num_elems for c in chunks), default=0))
+                   largest=max((c.num_elems for c in chunks), default=0), first_run=first)
 
 
 def placed(model: "StageModel", est: "StageEstimate", first: int, end: int, host: HostSpec,
@@ -127,8 +140,12 @@ def placed(model: "StageModel", est: "StageEstimate", first: int, end: int, host
     more = laid.own - -(-n // model.shards)
     o = cost.optimizer_state_bytes_per_elem(model.optimizer)
     host_bytes, nvme_bytes = est.host_bytes, est.nvme_bytes
-    if on_nvme:
-        nvme_bytes += more * o
+    if on_nvme:  # in files (header, 4 KiB pages): every chunk's master, its run's states, and the
+        # optimizer's write-backs in flight, each file's new copy beside the old until renamed
+        states = o // 4
+        files = [cost.nvme_file_bytes(PARAM_BYTES * c.num_elems) for c in laid.policy.chunks]
+        mine = sorted((cost.nvme_file_bytes(PARAM_BYTES * k) for k in laid.first_run), reverse=True)
+        nvme_bytes = sum(files) + states * sum(mine) + (1 + states) * sum(mine[:WRITE_BACKS])
     else:
         host_bytes += more * (4 + o)
     tail = est.tail_s + (cost.cpu_optimizer_time_s(laid.own, model.optimizer, host)
@@ -158,12 +175,14 @@ def offloaded_estimate(model: "StageModel", n: int, f_s: float, b_s: float, base
         host_bytes, nvme_bytes = host_home_bytes, 0
     else:
         nvme_bytes = PARAM_BYTES * n + own * o
-        host_bytes = max(PARAM_BYTES * n, 4 * own + OPTIM_STAGED_CHUNKS * chunk * (4 + o))
+        host_bytes = max(PARAM_BYTES * n, 4 * own + min(OPTIM_STAGED_CHUNKS * chunk, own) * (4 + o))
     resident = 2 * PARAM_BYTES * n
     after = PARAM_BYTES * chunk
     device_bytes = base + resident
-    fits = (max(base, after) + resident <= budget.device and host_bytes <= budget.host
-            and (on_host or (nvme is not None and nvme_bytes <= budget.nvme)))
+    # memory.offload: nvme on a cluster that lists no NVMe: the run's parallel.nvme_dir holds the
+    # files (runtime.distributed stage_homes requires it); their room and speed are not known here
+    nvme_ok = nvme_bytes <= budget.nvme if nvme is not None else model.home == "nvme"
+    fits = max(base, after) + resident <= budget.device and host_bytes <= budget.host and (on_host or nvme_ok)
     fetch = cost.h2d_time_s(PARAM_BYTES * n, device)
     tail = fetch + cost.d2h_time_s(PARAM_BYTES * n, device) + cost.cpu_optimizer_time_s(own, model.optimizer, host)
     if not on_host and nvme is not None:
@@ -179,7 +198,7 @@ def offloaded_estimate(model: "StageModel", n: int, f_s: float, b_s: float, base
                     f"{budget.device:,} B")
     if host_bytes > budget.host:
         what.append(f"its states need {host_bytes:,} B of host memory, over its share of {budget.host:,} B")
-    if not on_host and nvme is None:
+    if not on_host and nvme is None and model.home != "nvme":
         what.append("no NVMe path on its node (cluster.nodes[].nvme)")
     elif not on_host and nvme_bytes > budget.nvme:
         what.append(f"its states need {nvme_bytes:,} B of NVMe, over its share of {budget.nvme:,} B")

@@ -9,7 +9,8 @@ the first (the plan's figures for a pipeline rank are its busiest replica's: the
 ZeRO; the others' are checked not to exceed them): the chunk stores' host ledgers against the rank's predicted host peak; their device
 ledgers (every chunk's param buffer for the whole step, one grad buffer at ``OFFLOAD``) against
 the plan's chunks; the gradients held while summed against ``4 · n`` (twice over two replicas
-without ZeRO-2: the all-reduce's flat copy; under ZeRO-2 one chunk's copy more). Tolerance: 2% (the figures are whole tensors'
+without ZeRO-2: the all-reduce's flat copy; under ZeRO-2 one chunk's copy more); with NVMe homes
+the chunk files' ledger against the rank's predicted NVMe peak. Tolerance: 2% (the figures are whole tensors'
 bytes; under ZeRO-1 a replica's share is whole parameters, about half).
 """
 
@@ -49,13 +50,13 @@ def token_ray():
             ray.shutdown()
 
 
-def _run(tmp_path: Path, *sets: str) -> list[dict]:
-    cfg = load_config("examples/gpt-tiny-pp2.yaml", ["train.steps=3", f"run_dir={tmp_path}/run", "memory.offload=host",
-                                                     "parallel.profile=catalog", *sets])
+def _run(tmp_path: Path, *sets: str, home: str = "host") -> list[dict]:
+    cfg = load_config("examples/gpt-tiny-pp2.yaml", ["train.steps=3", f"run_dir={tmp_path}/run", f"memory.offload={home}",
+                                                     "parallel.profile=catalog", f"parallel.nvme_dir={tmp_path}", *sets])
     out = run_distributed(cfg, print_fn=lambda line: None)
     plan = out["plan"]
-    for rp in plan.pipeline.ranks:  # the plan offloads every stage whole to the host, as the run did
-        assert "on the host" in rp.offload and all(str(c.home) == "host" for p in rp.policies for c in p.chunks)
+    for rp in plan.pipeline.ranks:  # the plan offloads every stage whole to its home, as the run did
+        assert "params off the device" in rp.offload and all(str(c.home) == home for p in rp.policies for c in p.chunks)
     rows = compare(tmp_path / "run")
     assert [r["rank"] for r in rows] == list(range(len(plan.pipeline.ranks)))
     return rows
@@ -66,7 +67,9 @@ def _check(rows: list[dict], p: int = 2) -> None:
     each pipeline rank its busiest replica's figures: under ZeRO the first replica's share and
     its first chunk's ``OFFLOAD`` grad buffer)."""
     for row in rows:
-        for key in ("host", "buffers", "grads"):
+        for key in ("host", "buffers", "grads", "nvme"):
+            if key not in row:
+                continue
             got, want = row[key]
             assert got > 0 and got - want <= TOLERANCE * got, (row["rank"], key, got, want)
             if row["rank"] < p:
@@ -88,4 +91,13 @@ def test_two_replicas_measure_what_their_plan_charges(token_ray, tmp_path, zero)
     states of about half the parameters."""
     rows = _run(tmp_path, "parallel.data=2", f"parallel.zero={zero}")
     assert len(rows) == 4
+    _check(rows)
+
+
+@pytest.mark.slow
+def test_an_nvme_offloaded_pipeline_measures_what_its_plan_charges(token_ray, tmp_path):
+    """Six layers: several chunks a stage; on NVMe the chunk files (4 KiB header and pages) and the
+    optimizer's rewrites in flight, old and new, against the plan's NVMe peak."""
+    rows = _run(tmp_path, "model.overrides.num_layers=6", "model.overrides.tie_embeddings=false", home="nvme")
+    assert all("nvme" in row for row in rows)
     _check(rows)

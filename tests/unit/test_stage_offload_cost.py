@@ -75,7 +75,12 @@ def test_an_nvme_stage_keeps_masters_and_states_in_files_and_stages_them_on_the_
     assert est.nvme_bytes == n * (4 + O)
     assert est.host_bytes == max(4 * n, 4 * n + 3 * PARAMS * (4 + O))  # accumulators and 3 staged chunks
     assert all(c.home is Tier.NVME for c in est.policy.chunks) and "on NVMe" in est.offload
-    assert not _stage(_model("nvme")).fits  # no NVMe path
+    # memory.offload: nvme where the cluster lists no NVMe: parallel.nvme_dir holds the files,
+    # their room unknown; an NVMe the planner chose for want of host memory needs a listed one
+    assert _stage(_model("nvme")).fits
+    short = dataclasses.replace(ROOMY, device=300_000_000, host=2 * n)  # neither the states nor the host's
+    assert "on NVMe" in _stage(_model("auto"), short, nvme=default_nvme_spec("/tmp/x", 10**12)).offload
+    assert not _stage(_model("auto"), short).fits
 
 
 def test_a_device_the_streaming_charge_fitted_but_the_residency_does_not():
