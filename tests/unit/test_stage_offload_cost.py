@@ -72,8 +72,10 @@ def test_zero1_keeps_the_first_replicas_share_of_whole_parameters():
 def test_an_nvme_stage_keeps_masters_and_states_in_files_and_stages_them_on_the_host():
     n = 2 * PARAMS
     est = _stage(_model("nvme"), nvme=default_nvme_spec("/tmp/x", 10**12))
-    assert est.nvme_bytes == n * (4 + O)
-    assert est.host_bytes == max(4 * n, 4 * n + 3 * PARAMS * (4 + O))  # accumulators and 3 staged chunks
+    # per chunk (a block) a master and 2 state files (4 KiB header, whole pages), and both chunks
+    # rewritten at once by the optimizer, old and new copies side by side
+    assert est.nvme_bytes == (2 * 3 + 2 * 3) * cost.nvme_file_bytes(4 * PARAMS) > 2 * n * (4 + O)
+    assert est.host_bytes == 4 * n + min(3 * PARAMS, n) * (4 + O)  # accumulators and the staged chunks (both)
     assert all(c.home is Tier.NVME for c in est.policy.chunks) and "on NVMe" in est.offload
     # memory.offload: nvme where the cluster lists no NVMe: parallel.nvme_dir holds the files,
     # their room unknown; an NVMe the planner chose for want of host memory needs a listed one
