@@ -357,6 +357,23 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
             "predicted_from": "measured" if planned_from_measured(plan) else "catalog", "measured_costs": measured}
 
 
+def _offload_memory_lines(plan: Any, result: Any, rank: int) -> list[str]:
+    """A rank with offloaded stages: what their chunk stores held at most (after the first step),
+    against the plan's figures for its pipeline rank (planner.stage_offload_cost [Note: an
+    offloaded stage's residency]; bench/pipeline_offload_memory.py sets the rest against it)."""
+    steps = result.peak_bytes[1:] or result.peak_bytes
+    if not steps or rank >= len(steps[0]) or "offload_host" not in steps[0][rank]:
+        return []
+    pred = plan.prediction.devices[rank % plan.pipeline.pipeline_degree].peak_bytes
+    parts = [f"host {format_bytes(max(s[rank]['offload_host'] for s in steps))} (predicted "
+             f"{format_bytes(pred.get('host', 0))})"]
+    if "nvme" in steps[0][rank]:
+        parts.append(f"NVMe {format_bytes(max(s[rank]['nvme'] for s in steps))} (predicted "
+                     f"{format_bytes(pred.get('nvme', 0))})")
+    parts.append(f"device buffers {format_bytes(max(s[rank]['offload_device'] for s in steps))}")
+    return [f"  offloaded states, measured: {', '.join(parts)}"]
+
+
 def _median_step(step_times: list[float]) -> float:
     """The median step time after the first step, which warms up."""
     import statistics
@@ -389,6 +406,7 @@ def closing_lines(plan: Any, step_times: list[float], result: Any) -> list[str]:
                      f"idle {1 - busy / step:.0%} measured; predicted busy "
                      f"{format_seconds(rp.busy_s + rp.optimizer_s if rp else 0.0)}, "
                      f"idle {rp.bubble_fraction if rp else 0.0:.0%}")
+        lines += _offload_memory_lines(plan, result, rank)
         if rp is not None and rp.device.kind != "cpu" and device == "cpu":
             lines.append(f"  note: rank {rank} computed on the CPU although the plan puts it on a {rp.device.kind}: torch "
                          "in its worker sees no GPU (CUDA_VISIBLE_DEVICES, the driver, or a simulated device)")

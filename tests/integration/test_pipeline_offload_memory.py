@@ -53,8 +53,11 @@ def token_ray():
 def _run(tmp_path: Path, *sets: str, home: str = "host") -> list[dict]:
     cfg = load_config("examples/gpt-tiny-pp2.yaml", ["train.steps=3", f"run_dir={tmp_path}/run", f"memory.offload={home}",
                                                      "parallel.profile=catalog", f"parallel.nvme_dir={tmp_path}", *sets])
-    out = run_distributed(cfg, print_fn=lambda line: None)
+    lines: list[str] = []
+    out = run_distributed(cfg, print_fn=lines.append)
     plan = out["plan"]
+    said = [line for line in lines if "offloaded states, measured: host" in line]  # the closing lines say it
+    assert len(said) == len(plan.pipeline.ranks), lines
     for rp in plan.pipeline.ranks:  # the plan offloads every stage whole to its home, as the run did
         assert "params off the device" in rp.offload and all(str(c.home) == home for p in rp.policies for c in p.chunks)
     rows = compare(tmp_path / "run")
