@@ -313,7 +313,18 @@ class StageModel:
         acts, inputs = self.acts[end] - self.acts[first], self.inputs[end] - self.inputs[first]
         best: StageEstimate | None = None
         if self.activations in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME):
-            return self._swapped(first, end, f_s, b_s, n, device, host, nvme, budget, k, work, kb)
+            est = self._swapped(first, end, f_s, b_s, n, device, host, nvme, budget, k, work, kb)
+            if self.home not in ("host", "nvme"):
+                return est
+            # memory.offload fixes the states' home too: the swap's bytes beside an offloaded stage's
+            off = offloaded_estimate(self, n, f_s, b_s, est.device_bytes - self.device_state_bytes(n), device, host,
+                                     nvme, budget, first, end, 0, False)
+            host_bytes, nvme_bytes = off.host_bytes + est.host_bytes, off.nvme_bytes + est.nvme_bytes
+            return dataclasses.replace(
+                off, fwd_s=est.fwd_s, bwd_s=est.bwd_s, host_bytes=host_bytes, nvme_bytes=nvme_bytes,
+                bw_bytes=est.bw_bytes, policy=est.policy, offload=f"{est.offload}, {off.offload}",
+                fits=off.fits and est.host_bytes + off.host_bytes <= budget.host
+                and (nvme is None or nvme_bytes <= budget.nvme))
         # [Note: offload within a stage] each activation policy, then as many parameters on the
         # device as fit, the rest homed on the host, then NVMe
         options = (False, True) if self.activations is None else (self.activations is ActPolicy.RECOMPUTE,)

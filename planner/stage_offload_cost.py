@@ -133,9 +133,11 @@ def placed(model: "StageModel", est: "StageEstimate", first: int, end: int, host
     after the passes is the larger of that and one chunk's flat copy taken for its reduce while
     the gradients are still whole (runtime.stage_offload_zero: each chunk's ``.grad`` is dropped
     as its copy is taken, so one copy at a time is more than the gradients)."""
-    on_nvme = "on NVMe" in est.offload
+    on_nvme = "params off the device, on NVMe" in est.offload
     laid = home_policy(model, first, end, Tier.NVME if on_nvme else Tier.HOST,
                        est.offload.startswith("activations recomputed"))
+    if est.policy is not None:  # activations swapped (memory.activations): their policy stays
+        laid = dataclasses.replace(laid, policy=dataclasses.replace(laid.policy, activations=est.policy.activations))
     n = model.num_params(first, end)
     more = laid.own - -(-n // model.shards)
     o = cost.optimizer_state_bytes_per_elem(model.optimizer)

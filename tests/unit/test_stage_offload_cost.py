@@ -149,3 +149,18 @@ def test_memory_offload_host_in_a_config_plans_host_homes_and_charges_the_host()
         assert pred.breakdown["device"]["states, buffers, workspace"] >= 2 * 4 * n
     plain = plan_config(auto)
     assert all(p.peak_bytes["host"] == 0 for p in plain.prediction.devices)
+
+
+def test_swapped_activations_beside_offloaded_states():
+    """``memory.activations: swap_host`` with ``memory.offload: host``: the device holds a running
+    and a returning micro-batch's activations beside the resident parameters and gradients; the
+    host the held micro-batches' activations beside the states; the policy swaps every block and
+    homes every chunk on the host."""
+    n = 2 * PARAMS
+    model = StageModel(uniform_stats(4, params=PARAMS, act=ACT), TRAIN, activations="swap_host", home="host")
+    est = _stage(model)
+    acts = 2 * ACT
+    assert est.device_bytes == 2 * acts + (ACT + IN) + 2 * PARAMS + 2 * 4 * n
+    assert est.host_bytes == n * (4 + 4 + O) + 2 * acts  # 2 micro-batches in flight
+    assert {str(p) for p in est.policy.activations} == {"swap_host"}
+    assert [c.home for c in est.policy.chunks] == [Tier.HOST] * 2 and est.fits
