@@ -211,7 +211,8 @@ class MemoryConfig:
     off-device chunks one block uses. Default: the planner chooses."""
     offload: str = "auto"
     """Where every chunk of parameters, gradients and optimizer states lives: ``device``,
-    ``host`` or ``nvme``; ``auto`` lets the planner choose per chunk."""
+    ``host`` or ``nvme``; ``auto`` lets the planner choose per chunk (a pipeline: per stage,
+    whose parameters and gradients then stay on its device for the step, docs/cluster.md)."""
     activations: str = "auto"
     """What every block does with its activations: ``keep``, ``swap_host``, ``swap_nvme`` or
     ``recompute``; ``auto`` lets the planner choose per block."""

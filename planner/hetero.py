@@ -10,7 +10,7 @@ Cephalo, Guo et al. 2024):
    far by ``PRUNE_MARGIN`` is skipped;
 2. the others are partitioned by dynamic programming over the blocks with memoised stage costs
    (planner.partition [Note: partition by dynamic programming]; the cost of a stage on its
-   device, offload within the stage where the device is short, is planner.stage_cost's), so
+   device, its states offloaded whole where the device is short, is planner.stage_cost's), so
    faster devices get more blocks and a stage that does not fit offloads or gives blocks away,
    whichever the model predicts faster;
 3. the ``NUM_SIMULATED`` best estimates are refined and simulated over their ranks and links
@@ -70,6 +70,7 @@ def plan_cluster(
     zero: int = 0,
     clip_grad_norm: bool = False,
     measured: MeasuredPipeline | None = None,
+    offload: str = "auto",
 ) -> Plan:
     """The fastest predicted pipeline plan of ``stats`` (analysed at micro-batch size 1) over
     every device of ``cluster`` (see the module doc). ``device_budget`` caps each device's
@@ -85,7 +86,8 @@ def plan_cluster(
     programs get their ``CLIP``, costed as the collective it is (planner.hetero_plan [Note:
     pipeline step]); ``measured`` (runtime.pipeline_probe) replaces the catalog's figures for the
     devices of its kind, their links and the step's own time (planner.measured [Note: measured
-    pipeline]). Raises ``UserError`` naming what does not fit when nothing does."""
+    pipeline]); ``offload`` (``memory.offload``) other than ``auto`` puts every stage's model
+    states there (planner.stage_offload_cost [Note: an offloaded stage's residency]). Raises ``UserError`` naming what does not fit when nothing does."""
     dtype, optimizer = DType(dtype), Optimizer(optimizer)
     devices = flat_devices(cluster)
     _check(stats, cluster, devices, global_batch_size, micro_batch_size, dtype, safety_margin, schedules,
@@ -107,7 +109,7 @@ def plan_cluster(
                                num_microbatches=shape.num_microbatches, seq_len=base.seq_len, dtype=dtype,
                                optimizer=optimizer, clip_grad_norm=clip_grad_norm)
             models[key] = StageModel(base.scaled(shape.micro_batch_size), train, activations, shards=key[1], zero=zero,
-                                     measured=measured)
+                                     measured=measured, home=offload)
         cand = layout(shape, counts, devices, cluster, budgets, models[key])
         if cand is not None:
             cand.fixed = fixed

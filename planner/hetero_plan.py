@@ -1,7 +1,7 @@
 """The heterogeneous planner's second half: simulate its best candidates, pick, build the Plan.
 
-A candidate of planner.hetero (a shape and its partition) is refined (an offloading stage gets
-the single-device planner's figures, planner.stage_cost ``refine``) and simulated over its
+A candidate of planner.hetero (a shape and its partition) is refined (an offloaded stage gets
+its chunks and their figures, planner.stage_cost ``refine``) and simulated over its
 ranks and links (planner.simulate_pipeline). [Note: pipeline step] A rank's step ends with its
 last pass, then its gradients' all-reduce over the replicas, then its optimizer step; the step
 is the latest rank's; with gradient clipping (``TrainShape.clip_grad_norm``) every rank's
@@ -32,6 +32,15 @@ stage's chunks, reduced to their owners, runtime.stage_offload_zero; counted as 
 (planner.simulate_pipeline ``zero2_exposed_s``: only what the pass does not hide is added) and
 copies at most ``REDUCE_IN_FLIGHT`` buckets. Both keep ``1 / d`` of the gradients after the sum:
 the memory line drops there.
+
+[Note: gradient copies after the passes] Over ``d > 1`` copies without ZeRO the gradient sum is
+comm ``all_reduce_``: one flat copy of the rank's gradients (``torch.cat``), so a rank holds its
+gradients twice while it runs, a device stage's and an offloaded stage's alike (an offloaded
+stage keeps its gradients on the device until its ``OFFLOAD``, planner.stage_offload_cost
+[Note: an offloaded stage's residency]); an offloaded stage's ``OFFLOAD`` then holds one
+chunk's grad buffer at a time (``StageEstimate.after_bytes``). These come after the passes,
+when the activations are gone: a rank's device peak is its static bytes plus the larger of its
+activations' peak and its largest copy, and its memory line draws the copy over its all-reduce.
 """
 
 from __future__ import annotations
@@ -94,6 +103,9 @@ class Simulated:
     period_s: float = 0.0
     grad_bytes: list[int] | None = None
     """Per rank under ZeRO, its device stages' whole gradient bytes (what the sum leaves ``1 / d`` of)."""
+    copy_bytes: list[int] | None = None
+    """Per rank, the most device bytes its gradients' copies take after the passes ([Note:
+    gradient copies after the passes])."""
 
     @property
     def fits(self) -> bool:
@@ -238,9 +250,14 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
         ar[r] += reduce_time_s(model, shape.schedule, est, n, shape.data_parallel, cand.ar_links[r],
                                model.w_share(f, e, cand.ranks[r][1]))
         on_device = model.zero and "params" not in est.offload
-        if on_device or model.zero == 2:  # the sum's copy: ZeRO-2's buckets (an offloaded stage's chunks) under
-            # way, ZeRO-1's whole
-            copy[r] = max(copy[r], 4 * (min(n, REDUCE_IN_FLIGHT * REDUCE_BUCKET_ELEMS) if model.zero == 2 else n))
+        # [Note: gradient copies after the passes] the sum's copy: ZeRO-2's buckets (an offloaded
+        # stage's chunks) under way; over copies under ZeRO-0/1 the whole gradient, flat; an
+        # offloaded stage's OFFLOAD grad buffer (planner.stage_offload_cost)
+        if model.zero == 2:  # an offloaded stage's chunk copy is its after_bytes
+            flat = 0 if "params" in est.offload else 4 * min(n, REDUCE_IN_FLIGHT * REDUCE_BUCKET_ELEMS)
+        else:
+            flat = 4 * n if shape.data_parallel > 1 else 0
+        copy[r] = max(copy[r], flat, est.after_bytes)
         grads[r] += 4 * n if on_device else 0
         # the simulated peak replaces the estimate's held micro-batches ([Note: activations between B and W])
         static[r] += est.device_bytes - cand.in_flight[s] * est.act_bytes - cand.in_bw[s] * est.bw_bytes
@@ -259,16 +276,17 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
     problem = next((f"stage {s}: {est.offload}" for s, est in enumerate(estimates) if not est.fits), "")
     for r in range(p):
         node_i, dev, _, _, budget = cand.ranks[r]
+        unlisted = cand.ranks[r][3] is None and model.home == "nvme"  # parallel.nvme_dir's room: not known here
         for tier, need, have in (("device", device[r], budget.device), ("host", host[r], budget.host),
                                  ("NVMe", nvme[r], budget.nvme)):
-            if not problem and need > have:
+            if not problem and need > have and not (tier == "NVMe" and unlisted):
                 problem = (f"rank {r} ({dev.kind} on {cluster.nodes[node_i].name}) needs {format_bytes(need)} of "
                            f"{tier} memory, budget {format_bytes(have)}")
     return Simulated(cand=cand, estimates=estimates, result=result, step_s=step, pipeline_end_s=max(ends),
                      busy_s=busy, end_s=ends, allreduce_s=ar, optimizer_s=opt, device_bytes=device,
                      static_bytes=static, host_bytes=host, nvme_bytes=nvme, simulated_microbatches=simulated,
                      problem=problem, cut_s=cut, shift_s=(m - simulated) * period, period_s=period,
-                     grad_bytes=grads if model.zero else None)
+                     grad_bytes=grads if model.zero else None, copy_bytes=copy)
 
 
 def _steady_cut(result: PipelineResult, m1: int) -> float | None:
@@ -378,6 +396,10 @@ def _memory_line(sim: Simulated, r: int) -> tuple[MemoryPoint, ...]:
             moves.append((end + sim.allreduce_s[r] / 2, -whole - (whole - whole // d)))
         else:
             moves.append((end, -(whole - whole // d)))
+    copies = sim.copy_bytes[r] if sim.copy_bytes is not None else 0
+    if copies and not (sim.grad_bytes is not None and sim.grad_bytes[r] and sim.cand.model is not None
+                       and sim.cand.model.zero == 1):  # [Note: gradient copies after the passes]
+        moves += [(sim.end_s[r], copies), (sim.end_s[r] + sim.allreduce_s[r], -copies)]
     level = sim.static_bytes[r]
     out = [MemoryPoint(tier="device", t_s=0.0, bytes=level)]
     for t, b in sorted(moves, key=lambda x: (x[0], x[1] > 0)):

@@ -9,11 +9,14 @@ memoised per (range, device, in-flight micro-batches). It is the single-device c
   optimizer step; the device holds the range's model states, ``in_flight`` micro-batches'
   activations and the backward's workspace (planner.footprint [Note: workspace estimate]);
 - where that does not fit, [Note: offload within a stage]: activations recomputed (each held
-  micro-batch keeps only the blocks' inputs) and/or parameters homed on the host, then NVMe,
-  as many as the device cannot hold; their param copies cross PCIe twice per micro-batch and
-  their gradients once, overlapped with the compute, and their update runs on the CPU after
-  the last backward. The cheapest that fits wins. A stage recomputing its activations carries
-  that as its policy (``StageEstimate.policy``), which the pipeline's workers run;
+  micro-batch keeps only the blocks' inputs) and/or the stage's model states offloaded whole to
+  the host, else NVMe, as the pipeline's runtime offloads a stage (runtime.stage_offload): its
+  parameters and gradients stay on the device for the whole step, fetched once and sent home
+  once (planner.stage_offload_cost [Note: an offloaded stage's residency]), and its update runs
+  on the CPU after the last backward. ``memory.offload`` other than ``auto`` fixes every stage's
+  home (``StageModel(home=...)``). The cheapest that fits wins. A stage recomputing its
+  activations carries that as its policy (``StageEstimate.policy``), which the pipeline's
+  workers run; an offloaded one its chunks' home, which they keep its states in;
   ``memory.activations`` fixes the choice ([Note: fixed activations in a stage]).
 
 [Note: activations between B and W] Under a schedule that splits the backward (zb-h1, v-half,
@@ -35,17 +38,15 @@ drops it to its ``1 / d`` share only after the last backward, runtime.stage_zero
 in a pipeline]) and ``1 / d`` of its optimizer states with their fp32 parameter copy, and its
 update steps ``1 / d`` of its parameters; the sum's time and the gradient after the step are
 planner.hetero_plan's. A stage that offloads keeps, under ZeRO-1 or -2, the optimizer states
-and the fp32 gradient accumulators of ``1 / d`` of its offloaded parameters on the host (or
-NVMe) and its masters whole (runtime.stage_offload [Note: ZeRO-1 of an offloaded stage]); its
-CPU optimizer steps ``1 / d`` of them, and an NVMe stage reads and writes ``1 / d`` of the
-states and writes the others' updated masters, gathered, into its files. Under ZeRO-2 its
-gradients are reduced to their owners under the last backward, chunk by chunk, as a device
-stage's buckets (runtime.stage_offload_zero; the time and the copies under way are
-planner.hetero_plan's).
+and the fp32 gradient accumulators of ``1 / d`` of its parameters on the host (or NVMe) and its
+masters whole (runtime.stage_offload [Note: ZeRO-1 of an offloaded stage]); its CPU optimizer
+steps ``1 / d`` of them, and an NVMe stage reads and writes ``1 / d`` of the states and writes
+the others' updated masters, gathered, into its files. Under ZeRO-2 its gradients are reduced
+to their owners under the last backward, chunk by chunk, as a device stage's buckets
+(runtime.stage_offload_zero; the time and the copies under way are planner.hetero_plan's).
 
-``StageModel.refine`` replaces a stage's offload estimate with the single-device planner's
-figures (planner.search ``plan`` on the stage's blocks, simulated by planner.simulate) for the
-candidates the heterogeneous planner keeps.
+``StageModel.refine`` gives the estimate of the candidates the heterogeneous planner keeps (an
+offloaded stage's is the runtime's residency, not the single-device planner's streaming).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
 from memtrain.planner import cost
 from memtrain.planner.measured import MeasuredPipeline
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier, TrainShape
+from memtrain.planner.stage_offload_cost import offloaded_estimate, placed
 from memtrain.planner.stats import BlockStats, DType, ModelStats, Optimizer, dtype_bytes
 
 __all__ = ["StageBudget", "StageEstimate", "StageModel", "stage_stats"]
@@ -92,16 +94,21 @@ class StageEstimate:
     """'' when everything stays on the device, else what moves (for reports)."""
     fits: bool
     policy: MemoryPolicy | None = None
-    """The single-device planner's policy, once refined; for an estimate whose activations are
-    recomputed or swapped, every block's policy and no chunks (where its parameters go is then
-    the estimate's figures only); else None (activations kept). The pipeline's workers run its
-    activation policies (runtime.stage_activations)."""
-    refined: bool = False
+    """For an offloaded stage, once refined, its chunks at their home and every block's
+    activation policy (planner.stage_offload_cost ``home_policy``); for an estimate whose
+    activations are recomputed or swapped, every block's policy and no chunks; else None
+    (activations kept). The pipeline's workers run its activation policies
+    (runtime.stage_activations) and keep an offloaded stage's states at its chunks' home
+    (runtime.distributed ``stage_homes``)."""
     bw_bytes: int = 0
     """Under a split backward, device bytes one micro-batch holds from its ``B`` to its ``W`` on
     top of ``act_bytes`` ([Note: activations between B and W]); 0 otherwise."""
     recompute_s: float = 0.0
     """Of ``bwd_s``, the recomputed blocks' forward run again (a split backward's ``B`` runs it)."""
+    after_bytes: int = 0
+    """Device bytes held briefly after the passes, once the activations are gone, on top of
+    ``device_bytes`` less them: an offloaded stage's ``OFFLOAD`` grad buffer of one chunk
+    (planner.stage_offload_cost [Note: an offloaded stage's residency]); 0 otherwise."""
 
     def work_s(self, num_microbatches: int) -> float:
         return num_microbatches * (self.fwd_s + self.bwd_s) + self.tail_s
@@ -160,8 +167,12 @@ class StageModel:
     """Stage costs of one model at one micro-batch size (see the module doc)."""
 
     def __init__(self, stats: ModelStats, train: TrainShape, activations: ActPolicy | str = "auto", *,
-                 shards: int = 1, zero: int = 0, measured: MeasuredPipeline | None = None) -> None:
+                 shards: int = 1, zero: int = 0, measured: MeasuredPipeline | None = None,
+                 home: str = "auto") -> None:
         self.stats, self.train = stats, train
+        self.home = home
+        """Where every stage's model states live (``memory.offload``): ``device``, ``host`` or
+        ``nvme`` fixes it; ``auto``: the device, else offloaded where the device is short."""
         self.measured = measured
         """Costs measured on the workers (planner.measured [Note: measured pipeline]): a device of
         their kind takes its blocks' passes and optimizer steps from them."""
@@ -190,8 +201,6 @@ class StageModel:
         """Per [first][end], the id of ranges with the same blocks (``_canonical_ranges``)."""
         self.state_per_param = cost.chunk_bytes(Tier.DEVICE, 1, self.dtype, self.optimizer)[Tier.DEVICE]
         self.shared_per_param = dtype_bytes(self.dtype) + 4  # ZeRO: the parameter and its fp32 gradient, whole
-        self.host_per_param = cost.chunk_bytes(Tier.HOST, 1, self.dtype, self.optimizer)[Tier.HOST]
-        self.nvme_per_param = cost.chunk_bytes(Tier.NVME, 1, self.dtype, self.optimizer)[Tier.NVME]
         self._times: dict[DeviceSpec, tuple[list[float], list[float]]] = {}
         self._places: dict[tuple, int] = {}
         self._where: list[tuple[DeviceSpec, HostSpec, NvmeSpec | None, StageBudget]] = []
@@ -304,7 +313,18 @@ class StageModel:
         acts, inputs = self.acts[end] - self.acts[first], self.inputs[end] - self.inputs[first]
         best: StageEstimate | None = None
         if self.activations in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME):
-            return self._swapped(first, end, f_s, b_s, n, device, host, nvme, budget, k, work, kb)
+            est = self._swapped(first, end, f_s, b_s, n, device, host, nvme, budget, k, work, kb)
+            if self.home not in ("host", "nvme"):
+                return est
+            # memory.offload fixes the states' home too: the swap's bytes beside an offloaded stage's
+            off = offloaded_estimate(self, n, f_s, b_s, est.device_bytes - self.device_state_bytes(n), device, host,
+                                     nvme, budget, first, end, 0, False)
+            host_bytes, nvme_bytes = off.host_bytes + est.host_bytes, off.nvme_bytes + est.nvme_bytes
+            return dataclasses.replace(
+                off, fwd_s=est.fwd_s, bwd_s=est.bwd_s, host_bytes=host_bytes, nvme_bytes=nvme_bytes,
+                bw_bytes=est.bw_bytes, policy=est.policy, offload=f"{est.offload}, {off.offload}",
+                fits=off.fits and est.host_bytes + off.host_bytes <= budget.host
+                and (nvme is None or nvme_bytes <= budget.nvme))
         # [Note: offload within a stage] each activation policy, then as many parameters on the
         # device as fit, the rest homed on the host, then NVMe
         options = (False, True) if self.activations is None else (self.activations is ActPolicy.RECOMPUTE,)
@@ -315,15 +335,16 @@ class StageModel:
             extra = (kb * acts if kb else self.max_act(first, end)) if recompute else 0
             bwd_s = b_s + (f_s if recompute else 0.0)
             room = budget.device - k * held - extra - work
-            if room >= self.device_state_bytes(n):
+            if self.home == "device" or (self.home == "auto" and room >= self.device_state_bytes(n)):
                 est = StageEstimate(fwd_s=f_s, bwd_s=bwd_s,
                                     tail_s=self.device_optim_s(first, end, -(-n // self.shards), device),
                                     device_bytes=budget.device - room + self.device_state_bytes(n), host_bytes=0,
                                     nvme_bytes=0, act_bytes=held, offload="activations recomputed" if recompute else "",
-                                    fits=True,
+                                    fits=room >= self.device_state_bytes(n),
                                     policy=_act_policy(n, end - first, ActPolicy.RECOMPUTE) if recompute else None)
             else:
-                est = self._offloaded(n, f_s, bwd_s, room, device, host, nvme, budget, first, end, held, recompute)
+                est = offloaded_estimate(self, n, f_s, bwd_s, budget.device - room, device, host, nvme, budget, first,
+                                         end, held, recompute)
             if recompute:
                 est = dataclasses.replace(est, recompute_s=f_s, bw_bytes=acts if kb else 0)
             if est.fits and (best is None or est.work_s(m) < best.work_s(m)):
@@ -371,141 +392,17 @@ class StageModel:
         return n * self.shared_per_param + -(-n // self.shards) * (self.state_per_param - self.shared_per_param
                                                                    + 4 * (self.dtype is DType.FP32))
 
-    def _offloaded(self, n: int, f_s: float, b_s: float, room: int, device: DeviceSpec, host: HostSpec,
-                   nvme: NvmeSpec | None, budget: StageBudget, first: int, end: int, held: int,
-                   recompute: bool) -> StageEstimate:
-        c, dt, opt = self.c, self.dtype, self.optimizer
-        buffers = 4 * c * self.max_block_params(first, end)  # param and grad buffers, two blocks deep
-        resident = max(0, min(n, (room - buffers) // self.state_per_param))
-        off = n - resident
-        host_per, nvme_per, accum = self.host_per_param, self.nvme_per_param, 4
-        if self.shards > 1:  # [Note: ZeRO in a stage's estimate] states and accumulators of 1 / d
-            d, sharded = self.shards, 4 + cost.optimizer_state_bytes_per_elem(opt)
-            host_per = host_per - sharded + -(-sharded // d)
-            nvme_per = nvme_per - (sharded - 4) + -(-(sharded - 4) // d)
-            accum = -(-4 // d)
-        on_host = min(off, max(0, budget.host - buffers) // (host_per + c))
-        on_nvme = off - on_host
-        host_bytes = on_host * host_per + on_nvme * accum + buffers
-        nvme_bytes = on_nvme * nvme_per
-        fits = (room - buffers >= 0 and host_bytes <= budget.host
-                and (on_nvme == 0 or (nvme is not None and nvme_bytes <= budget.nvme)))
-        copy_in = cost.h2d_time_s(off * c, device)
-        copy_out = cost.d2h_time_s(off * c, device)
-        read_s = cost.disk_read_time_s(on_nvme * c, nvme) if on_nvme and nvme is not None else 0.0
-        fwd_s = max(f_s, copy_in + read_s)
-        bwd_s = max(b_s, copy_in + read_s + copy_out)
-        mine = -(-off // self.shards)  # the offloaded parameters this copy updates (all without ZeRO)
-        tail = self.device_optim_s(first, end, resident, device) + cost.cpu_optimizer_time_s(mine, opt, host)
-        if on_nvme and nvme is not None:
-            own = -(-on_nvme // self.shards)
-            disk = cost.chunk_disk_bytes(own, dt, opt)
-            tail += cost.disk_read_time_s(disk, nvme) + cost.disk_write_time_s(disk, nvme)
-            tail += cost.disk_write_time_s(4 * (on_nvme - own), nvme)  # the others' masters, gathered
-        what = [f"{off:,} params off the device ({on_nvme:,} on NVMe)" if on_nvme else f"{off:,} params on the host"]
-        if recompute:
-            what.insert(0, "activations recomputed")
-        return StageEstimate(fwd_s=fwd_s, bwd_s=bwd_s, tail_s=tail,
-                             device_bytes=budget.device - room + resident * self.state_per_param + buffers,
-                             host_bytes=host_bytes, nvme_bytes=nvme_bytes, act_bytes=held, offload=", ".join(what),
-                             fits=fits, policy=_act_policy(n, end - first, ActPolicy.RECOMPUTE) if recompute else None)
-
     def refine(self, first: int, end: int, where: int, in_flight: int, num_microbatches: int,
                in_bw: int = 0) -> StageEstimate:
-        """The estimate, or for a stage whose parameters leave the device, the single-device
-        planner's figures: the search on the stage's blocks with the device budget less what the
-        other held micro-batches keep ([Note: held micro-batches in a stage]), simulated with
-        one and two micro-batches (per micro-batch: the difference; tail: the rest). When the
-        search finds nothing that holds them all, the estimate stays. Memoised."""
+        """The estimate of a candidate the heterogeneous planner keeps. An offloaded stage's is
+        already what the runtime does (planner.stage_offload_cost [Note: an offloaded stage's
+        residency]): its parameters are resident for the step, not streamed as the
+        single-device planner's policies stream them, so that planner's figures do not apply."""
         est = self.estimate(first, end, where, in_flight, num_microbatches, in_bw)
-        if "params" not in est.offload or not est.fits:  # on the device: the estimate is the cost model's
+        if "params" not in est.offload:
             return est
-        key = (self.range_ids[first][end], where, in_flight, num_microbatches, in_bw)
+        key = (first, end, where, in_flight, num_microbatches, in_bw)  # the chunks name the range's parameters
         if key not in self._refined:
-            self._refined[key] = self._simulated(first, end, *self._where[where], in_flight, in_bw) or est
+            _, host, nvme, _ = self._where[where]
+            self._refined[key] = placed(self, est, first, end, host, nvme)
         return self._refined[key]
-
-    def _unsharded(self, on_host: int, on_nvme: int, host: HostSpec, nvme: NvmeSpec | None) -> tuple[int, int, float]:
-        """[Note: ZeRO in a stage's estimate] What a refined stage's single-device figures count
-        and a ZeRO copy does not: the other copies' share of the optimizer states and gradient
-        accumulators of its ``on_host`` and ``on_nvme`` offloaded parameters (host bytes, NVMe
-        bytes) and of their CPU update and NVMe state traffic (seconds; the others' masters it
-        writes back are added)."""
-        if self.shards == 1 or on_host + on_nvme == 0:
-            return 0, 0, 0.0
-        d, o = self.shards, cost.optimizer_state_bytes_per_elem(self.optimizer)
-        others_host, others_nvme = on_host - -(-on_host // d), on_nvme - -(-on_nvme // d)
-        off = on_host + on_nvme
-        tail = cost.cpu_optimizer_time_s(off, self.optimizer, host) - cost.cpu_optimizer_time_s(
-            -(-off // d), self.optimizer, host)
-        if on_nvme and nvme is not None:
-            disk = cost.chunk_disk_bytes(others_nvme, self.dtype, self.optimizer)
-            tail += (cost.disk_read_time_s(disk, nvme) + cost.disk_write_time_s(disk, nvme)
-                     - cost.disk_write_time_s(4 * others_nvme, nvme))
-        return others_host * (4 + o) + others_nvme * 4, others_nvme * o, tail
-
-    def _simulated(self, first: int, end: int, device: DeviceSpec, host: HostSpec, nvme: NvmeSpec | None,
-                   budget: StageBudget, k: int, kb: int = 0) -> StageEstimate | None:
-        from memtrain.planner.search import plan as search_plan
-        from memtrain.planner.simulate import simulate_step
-
-        sub = stage_stats(self.stats, first, end)
-        mbs = sub.micro_batch_size
-        base = sub.scaled(1) if mbs != 1 else sub
-
-        def held_by(policy: MemoryPolicy) -> int:
-            return sum(b.activation_bytes if p is ActPolicy.KEEP else b.input_bytes if p is ActPolicy.RECOMPUTE else 0
-                       for b, p in zip(sub.blocks, policy.activations))
-
-        # [Note: held micro-batches in a stage] the single-device search holds one micro-batch;
-        # the other k - 1 take what its policy keeps of each, reserved from its device budget
-        # (from the least, every block's input, up to what the policy found keeps; a search that
-        # then finds nothing leaves the stage to the estimate)
-        reserve = (k - 1) * (self.inputs[end] - self.inputs[first])
-        two = None
-        for _ in range(3):
-            if budget.device - reserve <= 0:
-                return None
-            two = search_plan(base, name=sub.name, global_batch_size=2 * mbs, micro_batch_size=mbs, dtype=self.dtype,
-                              optimizer=self.optimizer, device=device, host=host, nvme=nvme,
-                              budgets={"device": budget.device - reserve, "host": budget.host, "nvme": budget.nvme},
-                              safety_margin=0.0, chunk_size_elems=max(b.num_params for b in sub.blocks) or None,
-                              activations=self.activations)
-            if not two.fits:
-                return None
-            need = (k - 1) * held_by(two.memory)
-            if need <= reserve:
-                break
-            reserve = need
-        assert two is not None
-        one_train = dataclasses.replace(two.train, global_batch_size=mbs, num_microbatches=1)
-        one = simulate_step(sub, one_train, device, host, nvme, two.memory, timeline=False)
-        per_mb = max(two.prediction.step_time_s - one.step_time_s, 0.0)
-        fwd, bwd = self._compute(device)
-        f_c, b_c = fwd[end] - fwd[first], bwd[end] - bwd[first]
-        share = f_c / (f_c + b_c) if f_c + b_c > 0 else 0.5
-        peaks = two.prediction.devices[0].peak_bytes
-        held = held_by(two.memory)
-        homes = [c.home for c in two.memory.chunks]
-        off = sum(c.num_elems for c in two.memory.chunks if c.home is not Tier.DEVICE)
-        what = []
-        if ActPolicy.KEEP not in two.memory.activations or set(two.memory.activations) != {ActPolicy.KEEP}:
-            what.append("activations " + "/".join(sorted({p.value for p in two.memory.activations})))
-        if off:
-            what.append(f"{off:,} params off the device" + (" (NVMe)" if Tier.NVME in homes else ""))
-        device_bytes = peaks.get("device", 0) + (k - 1) * held
-        # [Note: activations between B and W] what the B brings back, held to the W
-        moved = sum(b.activation_bytes for b, p in zip(sub.blocks, two.memory.activations) if p is not ActPolicy.KEEP)
-        device_bytes += kb * moved
-        rec_s = sum(fwd[first + j + 1] - fwd[first + j]
-                    for j, p in enumerate(two.memory.activations) if p is ActPolicy.RECOMPUTE)
-        on_host = sum(c.num_elems for c in two.memory.chunks if c.home is Tier.HOST)
-        on_nvme = sum(c.num_elems for c in two.memory.chunks if c.home is Tier.NVME)
-        host_less, nvme_less, tail_less = self._unsharded(on_host, on_nvme, host, nvme)
-        return StageEstimate(fwd_s=per_mb * share, bwd_s=per_mb * (1 - share),
-                             tail_s=max(one.step_time_s - per_mb - tail_less, 0.0), device_bytes=device_bytes,
-                             host_bytes=peaks.get("host", 0) - host_less, nvme_bytes=peaks.get("nvme", 0) - nvme_less,
-                             act_bytes=held,
-                             offload=", ".join(what) or "none", fits=device_bytes <= budget.device,
-                             policy=two.memory, refined=True, bw_bytes=moved if kb else 0,
-                             recompute_s=min(rec_s, per_mb * (1 - share)))

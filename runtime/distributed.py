@@ -108,7 +108,7 @@ def plan_run(cfg: Config, inventory: Any, chosen: list[int], measured: Any = Non
         pipeline_degree=par.pipeline or None, data_parallel_degree=par.data or None,
         num_microbatches=par.microbatches, stage_blocks=par.partition, activations=cfg.memory.activations,
         source=f"ray; {MEASURED_SOURCE}" if measured is not None else "ray", zero=par.zero, measured=measured,
-        clip_grad_norm=cfg.train.max_grad_norm > 0)
+        clip_grad_norm=cfg.train.max_grad_norm > 0, offload=cfg.memory.offload)
     if plan.pipeline is None or not plan.fits:
         raise ConfigError(f"the model does not fit the cluster's devices: {plan.shortfall}")
     if par.planner_chooses:
@@ -306,7 +306,7 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
                       "tokens_per_s": tokens_per_step / dt, "lr": lr_at(k, cfg),
                       "predicted_step_time_s": plan.prediction.step_time_s,
                       "rank_step_time_s": [r.time_s for r in results], "rank_busy_s": [r.busy_s for r in results],
-                      "peak_bytes": peaks,
+                      "peak_bytes": peaks, "grad_bytes": [dict(r.grad_bytes) for r in results],
                       "rank_device": [r.device for r in results]}
             if cfg.train.optimizer.param_groups:
                 record["group_lrs"] = list(step_lrs(k, cfg))
@@ -357,6 +357,23 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
             "predicted_from": "measured" if planned_from_measured(plan) else "catalog", "measured_costs": measured}
 
 
+def _offload_memory_lines(plan: Any, result: Any, rank: int) -> list[str]:
+    """A rank with offloaded stages: what their chunk stores held at most (after the first step),
+    against the plan's figures for its pipeline rank (planner.stage_offload_cost [Note: an
+    offloaded stage's residency]; bench/pipeline_offload_memory.py sets the rest against it)."""
+    steps = result.peak_bytes[1:] or result.peak_bytes
+    if not steps or rank >= len(steps[0]) or "offload_host" not in steps[0][rank]:
+        return []
+    pred = plan.prediction.devices[rank % plan.pipeline.pipeline_degree].peak_bytes
+    parts = [f"host {format_bytes(max(s[rank]['offload_host'] for s in steps))} (predicted "
+             f"{format_bytes(pred.get('host', 0))})"]
+    if "nvme" in steps[0][rank]:
+        parts.append(f"NVMe {format_bytes(max(s[rank]['nvme'] for s in steps))} (predicted "
+                     f"{format_bytes(pred.get('nvme', 0))})")
+    parts.append(f"device buffers {format_bytes(max(s[rank]['offload_device'] for s in steps))}")
+    return [f"  offloaded states, measured: {', '.join(parts)}"]
+
+
 def _median_step(step_times: list[float]) -> float:
     """The median step time after the first step, which warms up."""
     import statistics
@@ -389,6 +406,7 @@ def closing_lines(plan: Any, step_times: list[float], result: Any) -> list[str]:
                      f"idle {1 - busy / step:.0%} measured; predicted busy "
                      f"{format_seconds(rp.busy_s + rp.optimizer_s if rp else 0.0)}, "
                      f"idle {rp.bubble_fraction if rp else 0.0:.0%}")
+        lines += _offload_memory_lines(plan, result, rank)
         if rp is not None and rp.device.kind != "cpu" and device == "cpu":
             lines.append(f"  note: rank {rank} computed on the CPU although the plan puts it on a {rp.device.kind}: torch "
                          "in its worker sees no GPU (CUDA_VISIBLE_DEVICES, the driver, or a simulated device)")

@@ -201,7 +201,7 @@ def plan_cluster_from_config(cfg: Config, *, pipeline_degree: int | None = None,
         nvme_budget=cfg.memory.nvme, schedules=schedules, pipeline_degree=pipeline_degree,
         data_parallel_degree=data_parallel_degree, num_microbatches=par.microbatches, stage_blocks=par.partition,
         source=source, activations=cfg.memory.activations, zero=par.zero, measured=measured,
-        clip_grad_norm=cfg.train.max_grad_norm > 0)
+        clip_grad_norm=cfg.train.max_grad_norm > 0, offload=cfg.memory.offload)
     return dataclasses.replace(plan, source_notes=tuple(notes)) if notes else plan
 
 

@@ -119,7 +119,10 @@ class StepResult:
     """``host``: the worker process's peak resident memory so far; ``device``: on a GPU, the
     step's peak CUDA allocation; ``nvme`` (a rank with ``nvme`` stages): the most bytes its chunk
     files held during the step; ``activations``: the most bytes its stages' saved activations held
-    at once on the device (runtime.stage_activations; ``activations_host``: swapped ones on the host)."""
+    at once on the device (runtime.stage_activations; ``activations_host``: swapped ones on the host);
+    ``offload_device`` and ``offload_host`` (a rank with offloaded stages): the most bytes their
+    chunk stores' ledgers held during the step, param and grad buffers on the device, chunks and
+    staging on the host (what planner.stage_offload_cost charges them)."""
     device: str = "cpu"
     """Where the stages computed: ``cpu``, or ``cuda:0 (<GPU name>)``."""
     action_s: tuple[float, ...] = ()

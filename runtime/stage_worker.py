@@ -285,6 +285,9 @@ class StageWorker(StageStepEnd):
         peaks = _peak_bytes(self.device) | self.acts.peak_bytes()
         if any(st.nvme is not None for st in self.offloaded.values()):
             peaks["nvme"] = sum(st.nvme.ledger.window_peak_bytes for st in self.offloaded.values() if st.nvme)
+        if self.offloaded:  # the chunk stores' own ledgers (the device tier of a CPU worker is its RAM)
+            peaks["offload_device"] = sum(st.store.device_ledger.window_peak_bytes for st in self.offloaded.values())
+            peaks["offload_host"] = sum(st.store.host_ledger.window_peak_bytes for st in self.offloaded.values())
         return StepResult(record=tuple(record), losses=losses, time_s=elapsed, peak_bytes=peaks,
                           device=_device_name(self.device), action_s=tuple(times), grad_bytes=grads,
                           grad_norm=self._grad_norm)

@@ -182,14 +182,16 @@ def test_report_shows_ranks_gantt_memory_and_runners_up():
     assert 'class="box-send"' in page
     events = report.trace_events(plan)
     names = {(e["pid"], e["args"]["name"]) for e in events if e.get("name") == "process_name"}
-    assert names == {(0, "rank 0 (small)"), (1, "rank 1 (a100-80gb)")}
+    lo = next(r.pipeline_rank for r in plan.pipeline.ranks if r.device.kind == "small")  # either end
+    big = 1 - lo
+    assert names == {(lo, f"rank {lo} (small)"), (big, f"rank {big} (a100-80gb)")}
     assert {e["pid"] for e in events if e.get("name") == "memory device"} == {0, 1}
     # the small device's stage homes parameters on the host: its host tier is a counter too, over
     # the whole step, beside its budget; the big one offloads nothing and has none
     step_us = plan.prediction.step_time_s * 1e6
     host = sorted((e["ts"], e["args"]["in_use_bytes"]) for e in events if e.get("name") == "memory host")
-    small = plan.prediction.devices[0]
-    assert {e["pid"] for e in events if e.get("name") == "memory host"} == {0}
+    small = plan.prediction.devices[lo]
+    assert {e["pid"] for e in events if e.get("name") == "memory host"} == {lo}
     assert host == [(0.0, small.peak_bytes["host"]), (pytest.approx(step_us), small.peak_bytes["host"])]
     assert small.peak_bytes["host"] > 0
     assert [e["args"]["budget_bytes"] for e in events if e.get("name") == "budget host"] == [small.budget_bytes["host"]] * 2
