@@ -1,0 +1,199 @@
+"""Dropout in a pipeline draws what one process draws (docs/DESIGN.md rule 8).
+
+One process with the same seed and global batch draws its dropout masks from one generator, in
+one order: global micro-batch 0's blocks ``0..L+1`` forward, then micro-batch 1's, ... (replica
+``d``'s micro-batch ``i`` is global micro-batch ``d * m + i``; the backward, the loss, the
+optimizer and the data draw nothing). A pipeline rank runs only its stages' blocks, in its
+schedule's order, so ``StageRng`` gives each of its forwards the generator state one process
+had there:
+
+- ``trace_draws`` records, once, which random ops each block of the whole model calls (aten ops
+  tagged ``nondeterministic_seeded``, with their tensors' shapes, strides and dtypes), from a
+  forward of the model under ``FakeTensorMode`` (no memory, no draw from the real generators) at
+  the run's micro-batch shape, device and autocast;
+- at the start of a step (``begin``) the rank walks one process's order from the generator's
+  state, replaying each block's draws (the same ops on empty tensors of those shapes, not the
+  block's compute: implementation-independent) and saving the state at the start of each of
+  its stages' forward per micro-batch; ``enter`` sets that state before the real forward;
+  ``finish`` leaves the generator at the walk's end, so every rank starts the next step from
+  the same state as one process, and a checkpoint (runtime.stage_state) captures it for an
+  exact resume.
+
+A model without random ops (dropout 0: ``F.dropout`` with ``p=0`` draws nothing) traces none,
+and the three calls do nothing. The generator is the one the rank's device draws from (the CPU's,
+or the device's own, ``torch.cuda``'s on a GPU). A recomputed block (runtime.stage_activations)
+replays its forward's state through ``torch.utils.checkpoint``, which restores the generator
+after, so the walk's states hold under every activation policy; ``B`` and ``W`` draw nothing.
+Cost: every rank replays the draws of the whole global batch (measured in docs/cluster.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+
+__all__ = ["Draw", "TensorSpec", "trace_draws", "replay", "StageRng", "get_state", "set_state"]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor argument of a random op: what an empty stand-in needs."""
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One random aten op a block's forward calls, its tensors as ``TensorSpec``."""
+    op: Any  # torch._ops.OpOverload
+    args: tuple
+    kwargs: tuple[tuple[str, Any], ...]
+
+
+class _Recorder(TorchDispatchMode):
+    """Records every op tagged ``nondeterministic_seeded`` that reaches it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draws: list[Draw] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            spec = tree_map(lambda a: TensorSpec(tuple(a.shape), tuple(a.stride()), a.dtype)
+                            if isinstance(a, torch.Tensor) else a, (args, kwargs))
+            self.draws.append(Draw(func, spec[0], tuple(spec[1].items())))
+        return func(*args, **kwargs)
+
+
+def trace_draws(blocks: Iterable[nn.Module], example: torch.Tensor, *, bf16: bool = False) -> list[tuple[Draw, ...]]:
+    """Per block of ``blocks`` (the whole model's, in forward order, modules made under the same
+    ``FakeTensorMode`` as ``example``, the first block's input), the random ops its forward
+    calls, run in training mode under the pipeline's autocast."""
+    out = []
+    x = example
+    with torch.autocast(example.device.type, dtype=torch.bfloat16, enabled=bf16):
+        for block in blocks:
+            with _Recorder() as rec:
+                x = block(x)
+            out.append(tuple(rec.draws))
+    return out
+
+
+def trace_gpt(cfg, batch: int, seq_len: int, device: torch.device, *, bf16: bool = False) -> list[tuple[Draw, ...]]:
+    """``trace_draws`` of the built-in GPT ``cfg`` (``models.gpt``) on ``batch`` sequences of
+    ``seq_len`` tokens on ``device`` (made and run under ``FakeTensorMode``, so it neither holds
+    memory nor moves the real generators), less the ops that draw nothing at their arguments
+    (``drawing``). Its only random ops are its dropouts: with ``dropout`` 0, none (not traced)."""
+    if cfg.dropout == 0.0:
+        return [() for _ in range(cfg.num_layers + 2)]
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memtrain.models.gpt import GPT
+
+    with FakeTensorMode(), torch.device(device):
+        model = GPT(cfg).train()
+        ids = torch.zeros(batch, seq_len, dtype=torch.long)
+        draws = trace_draws(model.blocks, ids, bf16=bf16)
+    moves = drawing({d for ds in draws for d in ds}, device)
+    return [tuple(d for d in ds if moves[d]) for ds in draws]
+
+
+def drawing(draws: Iterable[Draw], device: torch.device) -> dict[Draw, bool]:
+    """Per op, whether it moves ``device``'s generator (an op tagged random may draw nothing at
+    its arguments: ``F.scaled_dot_product_attention`` with ``dropout_p`` 0), by replaying it once;
+    the generator is left where it was."""
+    start = get_state(device)
+    out = {}
+    try:
+        for d in draws:
+            before = get_state(device)
+            replay([d], device)
+            out[d] = not torch.equal(before, get_state(device))
+    finally:
+        set_state(device, start)
+    return out
+
+
+def replay(draws: Iterable[Draw], device: torch.device, scratch: dict | None = None) -> None:
+    """Call ``draws``' ops on empty tensors of their shapes on ``device``: the generator advances
+    as the real forward advanced it. ``scratch`` keeps the stand-ins between calls."""
+    scratch = {} if scratch is None else scratch
+
+    def stand_in(a):
+        if not isinstance(a, TensorSpec):
+            return a
+        t = scratch.get(a)
+        if t is None:
+            t = scratch[a] = torch.empty_strided(a.shape, a.stride, dtype=a.dtype, device=device)
+        return t
+    with torch.no_grad():
+        for d in draws:
+            args, kwargs = tree_map(stand_in, (d.args, dict(d.kwargs)))
+            d.op(*args, **kwargs)
+
+
+def get_state(device: torch.device) -> torch.Tensor:
+    """The state of the generator ``device``'s random ops draw from."""
+    if device.type == "cpu":
+        return torch.get_rng_state()
+    return torch.get_device_module(device).get_rng_state(device)
+
+
+def set_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cpu":
+        torch.set_rng_state(state)
+    else:
+        torch.get_device_module(device).set_rng_state(state, device)
+
+
+class StageRng:
+    """One rank's generator states for its stages' forwards (see the module doc). ``draws``: per
+    block of the whole model, ``trace_gpt``'s; ``first_block``: per stage the rank runs, its
+    first block; ``replica`` of ``dp``, ``num_microbatches`` each."""
+
+    def __init__(self, draws: list[tuple[Draw, ...]], first_block: Mapping[int, int], *, replica: int, dp: int,
+                 num_microbatches: int, device: torch.device) -> None:
+        self.draws = draws
+        self.on = any(draws)
+        """Any random op at all: else nothing is walked or set."""
+        self.stage_at = {j: s for s, j in first_block.items()}
+        self.replica, self.dp, self.m = replica, dp, num_microbatches
+        self.device = device
+        self._at: dict[tuple[int, int], torch.Tensor] = {}
+        self._end: torch.Tensor | None = None
+
+    def begin(self) -> None:
+        """Walk one process's step from the generator's state now; the generator is left there."""
+        if not self.on:
+            return
+        start = get_state(self.device)
+        scratch: dict = {}
+        for d in range(self.dp):
+            for i in range(self.m):
+                for j, draws in enumerate(self.draws):
+                    if d == self.replica and j in self.stage_at:
+                        self._at[(self.stage_at[j], i)] = get_state(self.device)
+                    if draws:
+                        replay(draws, self.device, scratch)
+        self._end = get_state(self.device)
+        set_state(self.device, start)
+
+    def enter(self, stage: int, microbatch: int) -> None:
+        """Before ``stage``'s forward of ``microbatch``: the state one process had there."""
+        if self.on:
+            set_state(self.device, self._at.pop((stage, microbatch)))
+
+    def finish(self) -> None:
+        """After the step: the state one process has after its step's forwards."""
+        if self.on:
+            assert not self._at, f"forwards never run: {sorted(self._at)}"
+            set_state(self.device, self._end)
+            self._end = None

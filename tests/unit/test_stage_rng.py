@@ -1,0 +1,88 @@
+"""runtime.stage_rng: a block's random draws traced once and replayed move the generator as its
+real forward does, and a rank's forwards in any order draw one process's masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memtrain.models.gpt import GPT, gpt_config
+from memtrain.runtime.stage_rng import StageRng, drawing, get_state, replay, trace_draws, trace_gpt
+
+CPU = torch.device("cpu")
+B, T = 2, 16
+
+
+def _model(**overrides) -> GPT:
+    torch.manual_seed(0)
+    return GPT(gpt_config("tiny", **overrides)).train()
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("overrides", [{"dropout": 0.1},
+                                       {"dropout": 0.2, "fused_attention": False, "position": "rotary",
+                                        "activation": "swiglu", "norm": "rmsnorm"}])
+def test_replay_moves_the_generator_as_the_forward(bf16: bool, overrides: dict) -> None:
+    model = _model(**overrides)
+    before = get_state(CPU)
+    draws = trace_gpt(model.config, B, T, CPU, bf16=bf16)
+    assert torch.equal(get_state(CPU), before), "tracing drew from the real generator"
+    assert [len(d) for d in draws] == [1, 3, 3, 0]  # embedding; attention probs, its output, the MLP's; head
+    ids = torch.randint(0, model.config.vocab_size, (B, T))
+    start = get_state(CPU)
+    x = ids
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for block, block_draws in zip(model.blocks, draws, strict=True):
+            at = get_state(CPU)
+            x = block(x)
+            after = get_state(CPU)
+            torch.set_rng_state(at)
+            replay(block_draws, CPU)
+            assert torch.equal(get_state(CPU), after), type(block).__name__
+    assert not torch.equal(get_state(CPU), start)
+
+
+def test_no_dropout_no_draws() -> None:
+    """dropout 0: nothing traced; the attention op is tagged random but draws nothing at p=0,
+    which ``drawing`` finds by replaying it."""
+    cfg = gpt_config("tiny")
+    assert trace_gpt(cfg, B, T, CPU) == [(), (), (), ()]
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(), torch.device(CPU):
+        model = GPT(cfg).train()
+        draws = trace_draws(model.blocks, torch.zeros(B, T, dtype=torch.long))
+    tagged = {d for ds in draws for d in ds}
+    assert tagged and not any(drawing(tagged, CPU).values())
+    rng = StageRng([(), (), (), ()], {0: 0}, replica=0, dp=1, num_microbatches=2, device=CPU)
+    assert not rng.on
+    rng.begin()
+    rng.enter(0, 1)  # nothing saved, nothing set
+    rng.finish()
+
+
+@pytest.mark.parametrize(("dp", "replica"), [(1, 0), (2, 1)])
+def test_forwards_in_any_order_draw_one_processs_masks(dp: int, replica: int) -> None:
+    """One process runs the global batch's micro-batches in order; a 'rank' holding two stages
+    (blocks 0-1 and 2-3) of replica ``replica`` runs its micro-batches in reverse, with a
+    foreign draw between: each output is bitwise, and the step ends at one process's state."""
+    m = 3
+    model = _model(dropout=0.1)
+    ids = torch.randint(0, model.config.vocab_size, (dp * m, B, T))
+    start = get_state(CPU)
+    want = [model(ids[k]) for k in range(dp * m)]
+    end = get_state(CPU)
+    torch.set_rng_state(start)
+    rng = StageRng(trace_gpt(model.config, B, T, CPU), {0: 0, 1: 2}, replica=replica, dp=dp, num_microbatches=m,
+                   device=CPU)
+    rng.begin()
+    assert torch.equal(get_state(CPU), start)
+    for i in reversed(range(m)):
+        rng.enter(0, i)
+        x = model.blocks[1](model.blocks[0](ids[replica * m + i]))
+        torch.rand(7)  # anything else a rank draws between forwards changes nothing
+        rng.enter(1, i)
+        x = model.blocks[3](model.blocks[2](x))
+        assert torch.equal(x, want[replica * m + i]), i
+    rng.finish()
+    assert torch.equal(get_state(CPU), end)
