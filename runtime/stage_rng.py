@@ -156,15 +156,18 @@ def set_state(device: torch.device, state: torch.Tensor) -> None:
 
 class StageRng:
     """One rank's generator states for its stages' forwards (see the module doc). ``draws``: per
-    block of the whole model, ``trace_gpt``'s; ``first_block``: per stage the rank runs, its
-    first block; ``replica`` of ``dp``, ``num_microbatches`` each."""
+    block of the whole model, ``trace_gpt``'s; ``first_block``: per stage the rank runs, the
+    index of its first block; ``replica`` of ``dp``, ``num_microbatches`` each."""
 
     def __init__(self, draws: list[tuple[Draw, ...]], first_block: Mapping[int, int], *, replica: int, dp: int,
                  num_microbatches: int, device: torch.device) -> None:
         self.draws = draws
         self.on = any(draws)
         """Any random op at all: else nothing is walked or set."""
-        self.stage_at = {j: s for s, j in first_block.items()}
+        self.stage_at: dict[int, list[int]] = {}
+        """Per block, the rank's stages that start there (a stage of no blocks: where it would)."""
+        for s, j in first_block.items():
+            self.stage_at.setdefault(j, []).append(s)
         self.replica, self.dp, self.m = replica, dp, num_microbatches
         self.device = device
         self._at: dict[tuple[int, int], torch.Tensor] = {}
@@ -175,14 +178,16 @@ class StageRng:
         if not self.on:
             return
         start = get_state(self.device)
+        self._at = {}  # a step that failed half-way left some
         scratch: dict = {}
         for d in range(self.dp):
             for i in range(self.m):
-                for j, draws in enumerate(self.draws):
-                    if d == self.replica and j in self.stage_at:
-                        self._at[(self.stage_at[j], i)] = get_state(self.device)
-                    if draws:
-                        replay(draws, self.device, scratch)
+                for j in range(len(self.draws) + 1):
+                    if d == self.replica:
+                        for s in self.stage_at.get(j, ()):
+                            self._at[(s, i)] = get_state(self.device)
+                    if j < len(self.draws) and self.draws[j]:
+                        replay(self.draws[j], self.device, scratch)
         self._end = get_state(self.device)
         set_state(self.device, start)
 

@@ -162,8 +162,8 @@ class StageWorker:
         blocks = build_blocks(gcfg, {i for s in self.stages for i in ranges[s]}, spec.seed)
         rng_start = get_state(self.device)  # one process's, after its model's initialisation
         # runtime.stage_rng: each forward's generator state is one process's there
-        self.rng = StageRng(trace_gpt(gcfg, spec.micro_batch_size, spec.seq_len, self.device, bf16=spec.dtype == "bf16"),
-                            {s: ranges[s][0] for s in self.stages}, replica=self.replica, dp=spec.dp,
+        draws = trace_gpt(gcfg, spec.micro_batch_size, spec.seq_len, self.device, bf16=spec.dtype == "bf16")
+        self.rng = StageRng(draws, {s: ranges[s].start for s in self.stages}, replica=self.replica, dp=spec.dp,
                             num_microbatches=spec.num_microbatches, device=self.device)
         for block in blocks.values():
             block.to(self.device)  # in place: a table tied across two kept blocks stays one

@@ -86,3 +86,25 @@ def test_forwards_in_any_order_draw_one_processs_masks(dp: int, replica: int) ->
         assert torch.equal(x, want[replica * m + i]), i
     rng.finish()
     assert torch.equal(get_state(CPU), end)
+
+
+def test_a_stage_of_no_blocks_starts_where_the_next_would() -> None:
+    """Two stages starting at the same block (the first empty) and one after the last block get
+    the state there: where micro-batch ``i``'s forward has reached."""
+    model = _model(dropout=0.1)
+    draws = trace_gpt(model.config, B, T, CPU)
+    start = get_state(CPU)
+    after = [start]  # the state after each micro-batch's whole forward
+    for _ in range(2):
+        for ds in draws:
+            replay(ds, CPU)
+        after.append(get_state(CPU))
+    torch.set_rng_state(start)
+    rng = StageRng(draws, {0: 0, 1: 0, 2: 4}, replica=0, dp=1, num_microbatches=2, device=CPU)
+    rng.begin()
+    for i in range(2):
+        for s, want in ((0, after[i]), (1, after[i]), (2, after[i + 1])):
+            rng.enter(s, i)
+            assert torch.equal(get_state(CPU), want), (s, i)
+    rng.finish()
+    assert torch.equal(get_state(CPU), after[2])
