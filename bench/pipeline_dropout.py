@@ -13,7 +13,7 @@ model with dropout 0.1, batches and seed, run three ways, ``--rounds`` times in 
 - ``dropout 0``: for scale (no masks at all, no walk).
 
 Step time: the median over the steps after the warm-up of the slowest rank's wall time, then the
-median over the rounds. The ratio walk / own stream is the walk's cost. Also the walk alone,
+least over the rounds (other processes' load only ever adds). The ratio walk / own stream is the walk's cost. Also the walk alone,
 timed in this process on one thread (``StageRng.begin``), and its share of the step: on a loaded
 machine the share is the steadier figure. Whether the ``walk`` losses equal
 one process's (tests/integration/pipeline_reference.py; the ``own stream`` ones do not). The load
@@ -60,7 +60,7 @@ def _pipeline(args: argparse.Namespace, model: dict, hook: bool) -> tuple[float,
 
 
 def _walk_s(args: argparse.Namespace, model: dict) -> float:
-    """``StageRng.begin`` of rank 0 alone, on one thread, the median of 5."""
+    """``StageRng.begin`` of rank 0 alone, on one thread, the least of 5."""
     import torch
 
     from memtrain.models.gpt import gpt_config
@@ -75,7 +75,7 @@ def _walk_s(args: argparse.Namespace, model: dict) -> float:
         t = time.perf_counter()
         rng.begin()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return min(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         step, own = _pipeline(args, model, hook=True)
         runs["own stream"].append(step)
         runs["dropout 0"].append(_pipeline(args, plain, hook=False)[0])
-    step = {k: statistics.median(v) for k, v in runs.items()}
+    step = {k: min(v) for k, v in runs.items()}
     for k, v in runs.items():
         print(f"{k:>11}: step {step[k] * 1e3:8.1f} ms   (rounds: {', '.join(f'{t * 1e3:.1f}' for t in v)})")
     walk = _walk_s(args, model)
