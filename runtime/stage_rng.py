@@ -19,8 +19,9 @@ had there:
   the same state as one process, and a checkpoint (runtime.stage_state) captures it for an
   exact resume.
 
-A model without random ops (dropout 0: ``F.dropout`` with ``p=0`` draws nothing) traces none,
-and the three calls do nothing. The generator is the one the rank's device draws from (the CPU's,
+An op tagged random that draws nothing at its arguments (``F.scaled_dot_product_attention``
+with ``dropout_p`` 0) is dropped; a model without random ops (dropout 0: ``F.dropout`` with
+``p=0`` draws nothing) traces none, and the three calls do nothing. The generator is the one the rank's device draws from (the CPU's,
 or the device's own, ``torch.cuda``'s on a GPU). A recomputed block (runtime.stage_activations)
 replays its forward's state through ``torch.utils.checkpoint``, which restores the generator
 after, so the walk's states hold under every activation policy; ``B`` and ``W`` draw nothing.

@@ -13,7 +13,7 @@ and each stage steps its own ``torch.optim`` optimizer of the run's kind and hyp
 (``PipelineSpec.optimizer``), at the step's learning rate the driver passes. Dropout draws what
 one process draws: each forward starts from the generator state one process had at that block
 of that micro-batch, found by replaying the step's draws in one process's order
-(runtime.stage_rng), so losses are bitwise one process's with dropout too. A stage may instead keep its
+(runtime.stage_rng), so the parity holds with dropout too. A stage may instead keep its
 model states in host-memory chunks or NVMe files between steps and step them with memtrain's
 offloaded optimizer (``PipelineSpec.offload``, runtime.stage_offload [Note: a stage's step]: the
 program's ``PREFETCH`` and ``OFFLOAD`` move them), and with ``PipelineSpec.zero`` 1 each replica
