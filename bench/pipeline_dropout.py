@@ -9,7 +9,7 @@ model with dropout 0.1, batches and seed, run three ways, ``--rounds`` times in 
 
 - ``walk``: as memtrain runs it, each rank replaying the step's draws in one process's order;
 - ``own stream``: the behaviour before, each worker's forwards drawing from its own generator
-  (``StageRng``'s three calls made no-ops in every worker by a Ray worker setup hook);
+  (``StageRng``'s calls made no-ops in every worker by a Ray worker setup hook);
 - ``dropout 0``: for scale (no masks at all, no walk).
 
 Step time: the median over the steps after the warm-up of the slowest rank's wall time, then the
@@ -34,7 +34,7 @@ def _own_stream() -> None:
     """Worker setup hook: every rank draws from its own stream, as before runtime.stage_rng."""
     from memtrain.runtime.stage_rng import StageRng
 
-    StageRng.begin = StageRng.enter = StageRng.finish = lambda self, *a: None
+    StageRng.begin = StageRng.enter = StageRng.leave = StageRng.finish = lambda self, *a: None
 
 
 def _pipeline(args: argparse.Namespace, model: dict, hook: bool) -> tuple[float, list[list[float]]]:
@@ -68,7 +68,7 @@ def _walk_s(args: argparse.Namespace, model: dict) -> float:
 
     torch.set_num_threads(1)
     cfg = gpt_config(model["preset"], **model["overrides"])
-    rng = StageRng(trace_gpt(cfg, args.micro_batch_size, args.seq_len, torch.device("cpu")), {0: 0}, replica=0,
+    rng = StageRng(trace_gpt(cfg, args.micro_batch_size, args.seq_len, torch.device("cpu")), {0: range(0, 1)}, replica=0,
                    dp=args.dp, num_microbatches=args.microbatches, device=torch.device("cpu"))
     times = []
     for _ in range(5):

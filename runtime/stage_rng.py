@@ -157,21 +157,24 @@ def set_state(device: torch.device, state: torch.Tensor) -> None:
 
 class StageRng:
     """One rank's generator states for its stages' forwards (see the module doc). ``draws``: per
-    block of the whole model, ``trace_gpt``'s; ``first_block``: per stage the rank runs, the
-    index of its first block; ``replica`` of ``dp``, ``num_microbatches`` each."""
+    block of the whole model, ``trace_gpt``'s; ``spans``: per stage the rank runs, its blocks'
+    indices; ``replica`` of ``dp``, ``num_microbatches`` each."""
 
-    def __init__(self, draws: list[tuple[Draw, ...]], first_block: Mapping[int, int], *, replica: int, dp: int,
+    def __init__(self, draws: list[tuple[Draw, ...]], spans: Mapping[int, range], *, replica: int, dp: int,
                  num_microbatches: int, device: torch.device) -> None:
         self.draws = draws
         self.on = any(draws)
         """Any random op at all: else nothing is walked or set."""
-        self.stage_at: dict[int, list[int]] = {}
-        """Per block, the rank's stages that start there (a stage of no blocks: where it would)."""
-        for s, j in first_block.items():
-            self.stage_at.setdefault(j, []).append(s)
+        self.marks: dict[int, list[tuple[str, int]]] = {}
+        """Per block index, the (``start`` or ``stop``, stage) of the rank's stages that start or
+        end there (a stage of no blocks starts and ends where its next block would)."""
+        for s, span in spans.items():
+            self.marks.setdefault(span.start, []).append(("start", s))
+            self.marks.setdefault(span.stop, []).append(("stop", s))
+        self.spans = dict(spans)
         self.replica, self.dp, self.m = replica, dp, num_microbatches
         self.device = device
-        self._at: dict[tuple[int, int], torch.Tensor] = {}
+        self._at: dict[tuple[str, int, int], torch.Tensor] = {}
         self._end: torch.Tensor | None = None
 
     def begin(self) -> None:
@@ -185,8 +188,8 @@ class StageRng:
             for i in range(self.m):
                 for j in range(len(self.draws) + 1):
                     if d == self.replica:
-                        for s in self.stage_at.get(j, ()):
-                            self._at[(s, i)] = get_state(self.device)
+                        for kind, s in self.marks.get(j, ()):
+                            self._at[(kind, s, i)] = get_state(self.device)
                     if j < len(self.draws) and self.draws[j]:
                         replay(self.draws[j], self.device, scratch)
         self._end = get_state(self.device)
@@ -195,7 +198,16 @@ class StageRng:
     def enter(self, stage: int, microbatch: int) -> None:
         """Before ``stage``'s forward of ``microbatch``: the state one process had there."""
         if self.on:
-            set_state(self.device, self._at.pop((stage, microbatch)))
+            set_state(self.device, self._at.pop(("start", stage, microbatch)))
+
+    def leave(self, stage: int, microbatch: int) -> None:
+        """After it: the forward drew what the trace says (else the masks would silently differ
+        from one process's, e.g. if the device ran another attention kernel than traced)."""
+        if self.on and not torch.equal(get_state(self.device), self._at.pop(("stop", stage, microbatch))):
+            span = self.spans[stage]
+            raise RuntimeError(f"stage {stage}'s forward of micro-batch {microbatch} (blocks {span.start}.."
+                               f"{span.stop - 1}) drew other random numbers than its trace replays "
+                               f"(runtime.stage_rng): its dropout masks would not be one process's")
 
     def finish(self) -> None:
         """After the step: the state one process has after its step's forwards."""

@@ -163,7 +163,7 @@ class StageWorker:
         rng_start = get_state(self.device)  # one process's, after its model's initialisation
         # runtime.stage_rng: each forward's generator state is one process's there
         draws = trace_gpt(gcfg, spec.micro_batch_size, spec.seq_len, self.device, bf16=spec.dtype == "bf16")
-        self.rng = StageRng(draws, {s: ranges[s].start for s in self.stages}, replica=self.replica, dp=spec.dp,
+        self.rng = StageRng(draws, {s: ranges[s] for s in self.stages}, replica=self.replica, dp=spec.dp,
                             num_microbatches=spec.num_microbatches, device=self.device)
         for block in blocks.values():
             block.to(self.device)  # in place: a table tied across two kept blocks stays one
@@ -340,6 +340,7 @@ class StageWorker:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.spec.dtype == "bf16"):
             for block in self.blocks[s]:
                 x = block(x)
+        self.rng.leave(s, i)
         self._kept = None
         if s == last:
             loss = self.loss_fn(x, self.labels[i])  # in fp32 (the loss upcasts the logits)

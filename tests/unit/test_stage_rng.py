@@ -54,10 +54,11 @@ def test_no_dropout_no_draws() -> None:
         draws = trace_draws(model.blocks, torch.zeros(B, T, dtype=torch.long))
     tagged = {d for ds in draws for d in ds}
     assert tagged and not any(drawing(tagged, CPU).values())
-    rng = StageRng([(), (), (), ()], {0: 0}, replica=0, dp=1, num_microbatches=2, device=CPU)
+    rng = StageRng([(), (), (), ()], {0: range(0, 2)}, replica=0, dp=1, num_microbatches=2, device=CPU)
     assert not rng.on
     rng.begin()
-    rng.enter(0, 1)  # nothing saved, nothing set
+    rng.enter(0, 1)  # nothing saved, nothing set or checked
+    rng.leave(0, 1)
     rng.finish()
 
 
@@ -73,16 +74,18 @@ def test_forwards_in_any_order_draw_one_processs_masks(dp: int, replica: int) ->
     want = [model(ids[k]) for k in range(dp * m)]
     end = get_state(CPU)
     torch.set_rng_state(start)
-    rng = StageRng(trace_gpt(model.config, B, T, CPU), {0: 0, 1: 2}, replica=replica, dp=dp, num_microbatches=m,
-                   device=CPU)
+    rng = StageRng(trace_gpt(model.config, B, T, CPU), {0: range(0, 2), 1: range(2, 4)}, replica=replica, dp=dp,
+                   num_microbatches=m, device=CPU)
     rng.begin()
     assert torch.equal(get_state(CPU), start)
     for i in reversed(range(m)):
         rng.enter(0, i)
         x = model.blocks[1](model.blocks[0](ids[replica * m + i]))
+        rng.leave(0, i)
         torch.rand(7)  # anything else a rank draws between forwards changes nothing
         rng.enter(1, i)
         x = model.blocks[3](model.blocks[2](x))
+        rng.leave(1, i)
         assert torch.equal(x, want[replica * m + i]), i
     rng.finish()
     assert torch.equal(get_state(CPU), end)
@@ -100,11 +103,30 @@ def test_a_stage_of_no_blocks_starts_where_the_next_would() -> None:
             replay(ds, CPU)
         after.append(get_state(CPU))
     torch.set_rng_state(start)
-    rng = StageRng(draws, {0: 0, 1: 0, 2: 4}, replica=0, dp=1, num_microbatches=2, device=CPU)
+    rng = StageRng(draws, {0: range(0, 0), 1: range(0, 4), 2: range(4, 4)}, replica=0, dp=1, num_microbatches=2,
+                   device=CPU)
     rng.begin()
     for i in range(2):
         for s, want in ((0, after[i]), (1, after[i]), (2, after[i + 1])):
             rng.enter(s, i)
             assert torch.equal(get_state(CPU), want), (s, i)
+            if s == 1:
+                for ds in draws:
+                    replay(ds, CPU)
+            rng.leave(s, i)
     rng.finish()
     assert torch.equal(get_state(CPU), after[2])
+
+
+def test_a_forward_that_draws_other_than_its_trace_fails_loudly() -> None:
+    """A trace that missed a random op (here: the embedding's dropout) is found at the forward
+    that draws it, naming the stage, the micro-batch and the blocks."""
+    model = _model(dropout=0.1)
+    draws = trace_gpt(model.config, B, T, CPU)
+    rng = StageRng([(), *draws[1:]], {0: range(0, 2), 1: range(2, 4)}, replica=0, dp=1, num_microbatches=1,
+                   device=CPU)
+    rng.begin()
+    rng.enter(0, 0)
+    model.blocks[1](model.blocks[0](torch.randint(0, model.config.vocab_size, (B, T))))
+    with pytest.raises(RuntimeError, match=r"stage 0's forward of micro-batch 0 \(blocks 0\.\.1\) drew other random"):
+        rng.leave(0, 0)
