@@ -13,11 +13,11 @@ model with dropout 0.1, batches and seed, run three ways, ``--rounds`` times in 
 - ``dropout 0``: for scale (no masks at all, no walk).
 
 Step time: the median over the steps after the warm-up of the slowest rank's wall time, then the
-least over the rounds (other processes' load only ever adds). The ratio walk / own stream is the walk's cost. Also the walk alone,
-timed in this process on one thread (``StageRng.begin``), and its share of the step: on a loaded
-machine the share is the steadier figure. Whether the ``walk`` losses equal
-one process's (tests/integration/pipeline_reference.py; the ``own stream`` ones do not). The load
-moves every figure.
+least over the rounds (other processes' load only ever adds). The ratio walk / own stream is the
+walk's cost. Also the walk alone, timed in this process on one thread (``StageRng.begin``), and
+its share of the step: on a loaded machine the share is the steadier figure. Whether the
+``walk`` losses equal one process's (tests/integration/pipeline_reference.py; the ``own stream``
+ones do not). The load moves every figure.
 """
 
 from __future__ import annotations
@@ -68,8 +68,9 @@ def _walk_s(args: argparse.Namespace, model: dict) -> float:
 
     torch.set_num_threads(1)
     cfg = gpt_config(model["preset"], **model["overrides"])
-    rng = StageRng(trace_gpt(cfg, args.micro_batch_size, args.seq_len, torch.device("cpu")), {0: range(0, 1)}, replica=0,
-                   dp=args.dp, num_microbatches=args.microbatches, device=torch.device("cpu"))
+    cpu = torch.device("cpu")
+    rng = StageRng(trace_gpt(cfg, args.micro_batch_size, args.seq_len, cpu), {0: range(0, 1)}, replica=0,
+                   dp=args.dp, num_microbatches=args.microbatches, device=cpu)
     times = []
     for _ in range(5):
         t = time.perf_counter()

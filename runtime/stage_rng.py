@@ -21,11 +21,16 @@ had there:
 
 An op tagged random that draws nothing at its arguments (``F.scaled_dot_product_attention``
 with ``dropout_p`` 0) is dropped; a model without random ops (dropout 0: ``F.dropout`` with
-``p=0`` draws nothing) traces none, and the three calls do nothing. The generator is the one the rank's device draws from (the CPU's,
-or the device's own, ``torch.cuda``'s on a GPU). A recomputed block (runtime.stage_activations)
-replays its forward's state through ``torch.utils.checkpoint``, which restores the generator
-after, so the walk's states hold under every activation policy; ``B`` and ``W`` draw nothing.
-Cost: every rank replays the draws of the whole global batch (measured in docs/cluster.md).
+``p=0`` draws nothing) traces none, and the calls do nothing. The generator is the one the
+rank's device draws from (the CPU's, or the device's own, ``torch.cuda``'s on a GPU). After each
+forward the generator must be where the walk says (``leave``), else a loud error: a trace that
+differs from the device's real forward (another attention kernel, say) cannot go unseen. A
+recomputed block (runtime.stage_activations) replays its forward's state through
+``torch.utils.checkpoint``, which restores the generator after, so the walk's states hold under
+every activation policy; ``B`` and ``W`` draw nothing.
+
+Cost: every rank replays the draws of the whole global batch, not only its stages', so the
+walk's share grows with pipeline ranks × replicas (docs/cluster.md gives a measure).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
-__all__ = ["Draw", "TensorSpec", "trace_draws", "replay", "StageRng", "get_state", "set_state"]
+__all__ = ["Draw", "TensorSpec", "trace_draws", "trace_gpt", "drawing", "replay", "StageRng", "get_state", "set_state"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class TensorSpec:
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     dtype: torch.dtype
+    device: torch.device
 
 
 @dataclass(frozen=True)
@@ -68,9 +74,11 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if torch.Tag.nondeterministic_seeded in func.tags:
-            spec = tree_map(lambda a: TensorSpec(tuple(a.shape), tuple(a.stride()), a.dtype)
-                            if isinstance(a, torch.Tensor) else a, (args, kwargs))
-            self.draws.append(Draw(func, spec[0], tuple(spec[1].items())))
+            def frozen(a):  # hashable: a tensor as its spec, a list as a tuple
+                if isinstance(a, torch.Tensor):
+                    return TensorSpec(tuple(a.shape), tuple(a.stride()), a.dtype, a.device)
+                return tuple(frozen(x) for x in a) if isinstance(a, (list, tuple)) else a
+            self.draws.append(Draw(func, frozen(args), tuple((k, frozen(v)) for k, v in kwargs.items())))
         return func(*args, **kwargs)
 
 
@@ -116,16 +124,16 @@ def drawing(draws: Iterable[Draw], device: torch.device) -> dict[Draw, bool]:
     try:
         for d in draws:
             before = get_state(device)
-            replay([d], device)
+            replay([d])
             out[d] = not torch.equal(before, get_state(device))
     finally:
         set_state(device, start)
     return out
 
 
-def replay(draws: Iterable[Draw], device: torch.device, scratch: dict | None = None) -> None:
-    """Call ``draws``' ops on empty tensors of their shapes on ``device``: the generator advances
-    as the real forward advanced it. ``scratch`` keeps the stand-ins between calls."""
+def replay(draws: Iterable[Draw], scratch: dict | None = None) -> None:
+    """Call ``draws``' ops on empty tensors of their shapes (on their devices): the generator
+    advances as the real forward advanced it. ``scratch`` keeps the stand-ins between calls."""
     scratch = {} if scratch is None else scratch
 
     def stand_in(a):
@@ -133,7 +141,7 @@ def replay(draws: Iterable[Draw], device: torch.device, scratch: dict | None = N
             return a
         t = scratch.get(a)
         if t is None:
-            t = scratch[a] = torch.empty_strided(a.shape, a.stride, dtype=a.dtype, device=device)
+            t = scratch[a] = torch.empty_strided(a.shape, a.stride, dtype=a.dtype, device=a.device)
         return t
     with torch.no_grad():
         for d in draws:
@@ -191,7 +199,7 @@ class StageRng:
                         for kind, s in self.marks.get(j, ()):
                             self._at[(kind, s, i)] = get_state(self.device)
                     if j < len(self.draws) and self.draws[j]:
-                        replay(self.draws[j], self.device, scratch)
+                        replay(self.draws[j], scratch)
         self._end = get_state(self.device)
         set_state(self.device, start)
 

@@ -37,7 +37,7 @@ def test_replay_moves_the_generator_as_the_forward(bf16: bool, overrides: dict) 
             x = block(x)
             after = get_state(CPU)
             torch.set_rng_state(at)
-            replay(block_draws, CPU)
+            replay(block_draws)
             assert torch.equal(get_state(CPU), after), type(block).__name__
     assert not torch.equal(get_state(CPU), start)
 
@@ -100,7 +100,7 @@ def test_a_stage_of_no_blocks_starts_where_the_next_would() -> None:
     after = [start]  # the state after each micro-batch's whole forward
     for _ in range(2):
         for ds in draws:
-            replay(ds, CPU)
+            replay(ds)
         after.append(get_state(CPU))
     torch.set_rng_state(start)
     rng = StageRng(draws, {0: range(0, 0), 1: range(0, 4), 2: range(4, 4)}, replica=0, dp=1, num_microbatches=2,
@@ -112,7 +112,7 @@ def test_a_stage_of_no_blocks_starts_where_the_next_would() -> None:
             assert torch.equal(get_state(CPU), want), (s, i)
             if s == 1:
                 for ds in draws:
-                    replay(ds, CPU)
+                    replay(ds)
             rng.leave(s, i)
     rng.finish()
     assert torch.equal(get_state(CPU), after[2])
