@@ -30,7 +30,9 @@ recomputed block (runtime.stage_activations) replays its forward's state through
 every activation policy; ``B`` and ``W`` draw nothing.
 
 Cost: every rank replays the draws of the whole global batch, not only its stages', so the
-walk's share grows with pipeline ranks × replicas (docs/cluster.md gives a measure).
+walk's share grows with pipeline ranks × replicas (docs/cluster.md gives a measure). Where the
+generator is a counter (CUDA's Philox, ``offset_steps``, checked at build) the walk adds each
+block's offset step instead of replaying: no kernels, a few microseconds.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
-__all__ = ["Draw", "TensorSpec", "trace_draws", "trace_gpt", "drawing", "replay", "StageRng", "get_state", "set_state"]
+__all__ = ["Draw", "TensorSpec", "trace_draws", "trace_gpt", "drawing", "replay", "offset_steps", "StageRng",
+           "get_state", "set_state"]
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,45 @@ def replay(draws: Iterable[Draw], scratch: dict | None = None) -> None:
             d.op(*args, **kwargs)
 
 
+def offset_steps(draws: list[tuple[Draw, ...]], device: torch.device) -> list[int] | None:
+    """Per block, how far its draws move ``device``'s generator's offset, where the generator is
+    a counter (CUDA's Philox: its state is a seed and an offset) and setting the offset alone
+    gives the state the draws leave, the same step from two starting offsets: the walk is then
+    arithmetic, no kernels. None for any other generator (the CPU's Mersenne Twister, whose
+    ``get_offset`` fails) or at any doubt: the walk replays."""
+    if device.type == "cpu" or not any(draws):
+        return None
+    start = get_state(device)  # initialises the device's generators
+    try:
+        gen = _generator(device)
+        base = gen.get_offset()
+        steps = []
+        for ds in draws:
+            step = None
+            for offset in (base, base + (1 << 24)):
+                gen.set_offset(offset)
+                before = gen.get_state()
+                replay(ds)
+                after, moved = gen.get_state(), gen.get_offset() - offset
+                gen.set_state(before)
+                gen.set_offset(offset + moved)
+                if not torch.equal(gen.get_state(), after) or step not in (None, moved):
+                    return None
+                step = moved
+            steps.append(step)
+        return steps
+    except (RuntimeError, AttributeError, IndexError):
+        return None
+    finally:
+        set_state(device, start)
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    """The default generator of ``device`` (not the CPU)."""
+    mod = torch.get_device_module(device)
+    return mod.default_generators[device.index if device.index is not None else mod.current_device()]
+
+
 def get_state(device: torch.device) -> torch.Tensor:
     """The state of the generator ``device``'s random ops draw from."""
     if device.type == "cpu":
@@ -166,11 +208,13 @@ def set_state(device: torch.device, state: torch.Tensor) -> None:
 class StageRng:
     """One rank's generator states for its stages' forwards (see the module doc). ``draws``: per
     block of the whole model, ``trace_gpt``'s; ``spans``: per stage the rank runs, its blocks'
-    indices; ``replica`` of ``dp``, ``num_microbatches`` each."""
+    indices; ``replica`` of ``dp``, ``num_microbatches`` each; ``steps``: ``offset_steps``'s, to
+    walk a counter generator by arithmetic."""
 
     def __init__(self, draws: list[tuple[Draw, ...]], spans: Mapping[int, range], *, replica: int, dp: int,
-                 num_microbatches: int, device: torch.device) -> None:
+                 num_microbatches: int, device: torch.device, steps: list[int] | None = None) -> None:
         self.draws = draws
+        self.steps = steps
         self.on = any(draws)
         """Any random op at all: else nothing is walked or set."""
         self.marks: dict[int, list[tuple[str, int]]] = {}
@@ -192,6 +236,7 @@ class StageRng:
         start = get_state(self.device)
         self._at = {}  # a step that failed half-way left some
         scratch: dict = {}
+        gen = None if self.steps is None else _generator(self.device)
         for d in range(self.dp):
             for i in range(self.m):
                 for j in range(len(self.draws) + 1):
@@ -199,7 +244,10 @@ class StageRng:
                         for kind, s in self.marks.get(j, ()):
                             self._at[(kind, s, i)] = get_state(self.device)
                     if j < len(self.draws) and self.draws[j]:
-                        replay(self.draws[j], scratch)
+                        if self.steps is not None:  # a counter: its offset moves by the block's step
+                            gen.set_offset(gen.get_offset() + self.steps[j])
+                        else:
+                            replay(self.draws[j], scratch)
         self._end = get_state(self.device)
         set_state(self.device, start)
 

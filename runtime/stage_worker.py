@@ -70,7 +70,7 @@ from memtrain.runtime.stage_activations import RankActivations
 from memtrain.runtime.stage_clip import clip_rank
 from memtrain.runtime.stage_groups import group_lr, stage_groups, step_lr
 from memtrain.runtime.stage_offload import OffloadedStage, build_offloaded, close_offloaded, state_bytes
-from memtrain.runtime.stage_rng import StageRng, get_state, set_state, trace_gpt
+from memtrain.runtime.stage_rng import StageRng, get_state, offset_steps, set_state, trace_gpt
 from memtrain.runtime.stage_state import load_rank_state, rank_state
 from memtrain.runtime.stage_spec import PIPELINE_DTYPES, PipelineSpec, StepResult, block_ranges
 from memtrain.runtime.stage_zero import ShardedOptimizer, zero2_buckets
@@ -164,7 +164,8 @@ class StageWorker:
         # runtime.stage_rng: each forward's generator state is one process's there
         draws = trace_gpt(gcfg, spec.micro_batch_size, spec.seq_len, self.device, bf16=spec.dtype == "bf16")
         self.rng = StageRng(draws, {s: ranges[s] for s in self.stages}, replica=self.replica, dp=spec.dp,
-                            num_microbatches=spec.num_microbatches, device=self.device)
+                            num_microbatches=spec.num_microbatches, device=self.device,
+                            steps=offset_steps(draws, self.device))
         for block in blocks.values():
             block.to(self.device)  # in place: a table tied across two kept blocks stays one
         self.loss_fn = causal_lm_loss

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from memtrain.models.gpt import GPT, gpt_config
-from memtrain.runtime.stage_rng import StageRng, drawing, get_state, replay, trace_draws, trace_gpt
+from memtrain.runtime.stage_rng import StageRng, drawing, get_state, offset_steps, replay, trace_draws, trace_gpt
 
 CPU = torch.device("cpu")
 B, T = 2, 16
@@ -130,3 +130,49 @@ def test_a_forward_that_draws_other_than_its_trace_fails_loudly() -> None:
     model.blocks[1](model.blocks[0](torch.randint(0, model.config.vocab_size, (B, T))))
     with pytest.raises(RuntimeError, match=r"stage 0's forward of micro-batch 0 \(blocks 0\.\.1\) drew other random"):
         rng.leave(0, 0)
+
+
+class _Counter:
+    """A counter generator as CUDA's Philox: its state is (seed, offset)."""
+
+    def __init__(self) -> None:
+        self.seed, self.offset = 7, 0
+
+    def get_offset(self) -> int:
+        return self.offset
+
+    def set_offset(self, offset: int) -> None:
+        self.offset = offset
+
+    def get_state(self) -> torch.Tensor:
+        return torch.tensor([self.seed, self.offset])
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.seed, self.offset = (int(x) for x in state)
+
+
+def test_a_counter_generator_is_walked_by_arithmetic(monkeypatch) -> None:
+    """With ``offset_steps`` (found on a counter generator: CUDA's), the walk adds each block's
+    step, replaying nothing: stage 1 (blocks 1-2) of replica 1 of 2, 2 micro-batches of blocks
+    stepping 4, 0 and 8."""
+    import memtrain.runtime.stage_rng as stage_rng
+
+    gen = _Counter()
+    monkeypatch.setattr(stage_rng, "_generator", lambda device: gen)
+    monkeypatch.setattr(stage_rng, "get_state", lambda device: gen.get_state())
+    monkeypatch.setattr(stage_rng, "set_state", lambda device, state: gen.set_state(state))
+    monkeypatch.setattr(stage_rng, "replay", lambda *a: pytest.fail("a counter's walk replays nothing"))
+    dummy = (object(),)
+    gen.offset = 100
+    rng = StageRng([dummy, (), dummy], {1: range(1, 3)}, replica=1, dp=2, num_microbatches=2,
+                   device=torch.device("meta"), steps=[4, 0, 8])
+    rng.begin()
+    assert gen.offset == 100
+    for i in range(2):
+        rng.enter(1, i)
+        assert gen.offset == 100 + 12 * (2 + i) + 4  # two micro-batches of replica 0, i of its own, block 0
+        gen.offset += 8  # the forward of blocks 1 and 2
+        rng.leave(1, i)
+    rng.finish()
+    assert gen.offset == 100 + 12 * 4
+    assert offset_steps([dummy], CPU) is None  # the CPU's generator is no counter
