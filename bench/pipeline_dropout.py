@@ -14,8 +14,9 @@ model with dropout 0.1, batches and seed, run three ways, ``--rounds`` times in 
 
 Step time: the median over the steps after the warm-up of the slowest rank's wall time, then the
 least over the rounds (other processes' load only ever adds). The ratio walk / own stream is the
-walk's cost. Also the walk alone, timed in this process on one thread (``StageRng.begin``), and
-its share of the step: on a loaded machine the share is the steadier figure. Whether the
+walk's cost. Also the walk alone, timed in this process on one thread in CPU time
+(``StageRng.begin``), and its share of the step and of rank 0's forwards and backwards (its
+blocks, timed the same way): on a loaded machine that last share is the steady figure. Whether the
 ``walk`` losses equal one process's (tests/integration/pipeline_reference.py; the ``own stream``
 ones do not). The load moves every figure.
 """
@@ -59,11 +60,13 @@ def _pipeline(args: argparse.Namespace, model: dict, hook: bool) -> tuple[float,
     return step, [list(x) for x in got.microbatch_losses]
 
 
-def _walk_s(args: argparse.Namespace, model: dict) -> float:
-    """``StageRng.begin`` of rank 0 alone, on one thread, the least of 5."""
+def _walk_s(args: argparse.Namespace, model: dict) -> tuple[float, float]:
+    """In this process on one thread, in CPU time (the load adds none), the least of 5: rank 0's
+    ``StageRng.begin``, and its share of the work, its blocks' (the first half) forward and
+    backward over its micro-batches."""
     import torch
 
-    from memtrain.models.gpt import gpt_config
+    from memtrain.models.gpt import GPT, gpt_config
     from memtrain.runtime.stage_rng import StageRng, trace_gpt
 
     torch.set_num_threads(1)
@@ -71,12 +74,24 @@ def _walk_s(args: argparse.Namespace, model: dict) -> float:
     cpu = torch.device("cpu")
     rng = StageRng(trace_gpt(cfg, args.micro_batch_size, args.seq_len, cpu), {0: range(0, 1)}, replica=0,
                    dp=args.dp, num_microbatches=args.microbatches, device=cpu)
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        rng.begin()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    blocks = GPT(cfg).train().blocks[: (cfg.num_layers + 2) // 2]
+    ids = torch.randint(0, cfg.vocab_size, (args.micro_batch_size, args.seq_len))
+
+    def rank0() -> None:
+        for _ in range(args.microbatches):
+            x = ids
+            for block in blocks:
+                x = block(x)
+            x.backward(torch.ones_like(x))
+
+    def least(fn) -> float:
+        times = []
+        for _ in range(5):
+            t = time.thread_time()
+            fn()
+            times.append(time.thread_time() - t)
+        return min(times)
+    return least(rng.begin), least(rank0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     step = {k: min(v) for k, v in runs.items()}
     for k, v in runs.items():
         print(f"{k:>11}: step {step[k] * 1e3:8.1f} ms   (rounds: {', '.join(f'{t * 1e3:.1f}' for t in v)})")
-    walk = _walk_s(args, model)
-    print(f"walk / own stream: {step['walk'] / step['own stream']:.3f}×; the walk alone (this process): "
-          f"{walk * 1e3:.2f} ms per step, {walk / step['walk']:.1%} of the walk run's step")
+    walk, work = _walk_s(args, model)
+    print(f"walk / own stream: {step['walk'] / step['own stream']:.3f}×; the walk alone (this process, CPU time): "
+          f"{walk * 1e3:.2f} ms per step, {walk / step['walk']:.1%} of the walk run's step, "
+          f"{walk / work:.1%} of rank 0's forwards and backwards ({work * 1e3:.1f} ms)")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
     from pipeline_reference import reference_losses
 
