@@ -10,8 +10,10 @@ Numerics follow one process with the same global batch (docs/DESIGN.md rule 8): 
 micro-batch is divided by the number of micro-batches in the global batch before its backward,
 gradients accumulate over the micro-batches in their order, data-parallel replicas sum theirs,
 and each stage steps its own ``torch.optim`` optimizer of the run's kind and hyper-parameters
-(``PipelineSpec.optimizer``), at the step's learning rate the driver passes. Dropout draws from each worker's own random
-stream, so parity with one process holds for models without dropout. A stage may instead keep its
+(``PipelineSpec.optimizer``), at the step's learning rate the driver passes. Dropout draws what
+one process draws: each forward starts from the generator state one process had at that block
+of that micro-batch, found by replaying the step's draws in one process's order
+(runtime.stage_rng), so the parity holds with dropout too. A stage may instead keep its
 model states in host-memory chunks or NVMe files between steps and step them with memtrain's
 offloaded optimizer (``PipelineSpec.offload``, runtime.stage_offload [Note: a stage's step]: the
 program's ``PREFETCH`` and ``OFFLOAD`` move them), and with ``PipelineSpec.zero`` 1 each replica
@@ -67,6 +69,7 @@ from memtrain.runtime.data import TokenBatches
 from memtrain.runtime.stage_activations import RankActivations
 from memtrain.runtime.stage_groups import group_lr, stage_groups, step_lr
 from memtrain.runtime.stage_offload import OffloadedStage, build_offloaded, close_offloaded, state_bytes
+from memtrain.runtime.stage_rng import StageRng, get_state, offset_steps, set_state, trace_gpt
 from memtrain.runtime.stage_state import load_rank_state, rank_state
 from memtrain.runtime.stage_spec import PIPELINE_DTYPES, PipelineSpec, StepResult, block_ranges, early_posts
 from memtrain.runtime.stage_step_end import StageStepEnd
@@ -160,6 +163,12 @@ class StageWorker(StageStepEnd):
         ranges = block_ranges(spec.partition)
         last = spec.num_stages - 1
         blocks = build_blocks(gcfg, {i for s in self.stages for i in ranges[s]}, spec.seed)
+        rng_start = get_state(self.device)  # one process's, after its model's initialisation
+        # runtime.stage_rng: each forward's generator state is one process's there
+        draws = trace_gpt(gcfg, spec.micro_batch_size, spec.seq_len, self.device, bf16=spec.dtype == "bf16")
+        self.rng = StageRng(draws, {s: ranges[s] for s in self.stages}, replica=self.replica, dp=spec.dp,
+                            num_microbatches=spec.num_microbatches, device=self.device,
+                            steps=offset_steps(draws, self.device))
         for block in blocks.values():
             block.to(self.device)  # in place: a table tied across two kept blocks stays one
         self.loss_fn = causal_lm_loss
@@ -228,6 +237,7 @@ class StageWorker(StageStepEnd):
                     for mod in block.modules():
                         if any(True for _ in mod.parameters(recurse=False)):
                             mod.register_forward_hook(self._keep_output)
+        set_state(self.device, rng_start)  # whatever building drew, the first step starts there
 
     def _keep_output(self, module: nn.Module, args: object, output: object) -> None:
         """[Note: B and W] a parameter-owning module's gradient edge, for the split backward."""
@@ -260,6 +270,7 @@ class StageWorker(StageStepEnd):
         for st in self.offloaded.values():
             st.start_window()
         self.acts.start_window()
+        self.rng.begin()
         record: list[str] = []
         times: list[float] = []
         for k, a in enumerate(self.program):
@@ -272,6 +283,7 @@ class StageWorker(StageStepEnd):
             handler(a)
             times.append(time.perf_counter() - t)
             record.append(str(a))
+        self.rng.finish()
         self.channel.flush()
         left = [k for k, v in (("inbox", self.inbox), ("outbox", self.outbox), ("saved", self.saved),
                                ("for_w", self.for_w)) if v]
@@ -333,9 +345,11 @@ class StageWorker(StageStepEnd):
         kept: list[tuple[tuple[nn.Parameter, ...], GradientEdge]] = []
         self._kept = kept if self.split_w else None
         self.acts.set_microbatch(s, i)
+        self.rng.enter(s, i)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.spec.dtype == "bf16"):
             for block in self.blocks[s]:
                 x = block(x)
+        self.rng.leave(s, i)
         self._kept = None
         if s == last:
             loss = self.loss_fn(x, self.labels[i])  # in fp32 (the loss upcasts the logits)

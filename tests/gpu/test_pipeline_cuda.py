@@ -44,3 +44,18 @@ def test_two_ranks_on_the_gpu_train_as_plain_pytorch(gpu_ray, dtype):
         assert list(step) == pytest.approx(want, rel=tol)
     for a, b in zip(got.losses, cpu.losses, strict=True):
         assert a == pytest.approx(b, rel=tol)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_dropout_on_the_gpu_draws_one_processs_masks(gpu_ray, dtype):
+    """Dropout 0.1: each rank walks the step's draws on the GPU's generator (runtime.stage_rng),
+    so the losses are plain PyTorch's on the GPU, whose masks differ from the CPU's; a forward
+    that drew other than its trace (another attention kernel) would fail the run."""
+    model = {"source": "gpt", "preset": "tiny", "overrides": {"dropout": 0.1}}
+    on_gpu = [Assignment(rank=r, resources={"CPU": 1.0, "GPU": 0.5}) for r in range(2)]
+    got = run_pipeline(**{**KW, "model": model}, assignments=on_gpu, dtype=dtype)
+    assert all(d.startswith("cuda:0") for d in got.devices), got.devices
+    ref = reference_losses(model, num_steps=3, num_microbatches=4, micro_batch_size=2, seq_len=32, seed=0,
+                           lr=1e-3, bf16=dtype == "bf16", device="cuda")
+    for step, want in zip(got.microbatch_losses, ref, strict=True):
+        assert list(step) == pytest.approx(want, rel=1e-4 if dtype == "bf16" else 1e-5)

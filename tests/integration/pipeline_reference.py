@@ -4,7 +4,9 @@ by their number before its backward, ``torch.optim.AdamW`` with the same hyper-p
 learning rate per step (``lr_at``: one for all groups or one per group; ``bf16``: the forward under ``torch.autocast``, the loss in fp32);
 with ``max_grad_norm`` each step first ``torch.nn.utils.clip_grad_norm_(model.parameters())``, with
 ``param_groups`` (dicts of parameter names, ``lr``, ``weight_decay``) AdamW's groups by name.
-``out``, when given, receives the steps' norms (``grad_norms``) and the final ``weights`` by name."""
+``out``, when given, receives the steps' norms (``grad_norms``) and the final ``weights`` by name.
+``device``: where it computes (the model built on the CPU, then moved: a GPU's dropout masks come
+from that device's generator, seeded by ``torch.manual_seed``)."""
 
 from __future__ import annotations
 
@@ -20,13 +22,14 @@ from memtrain.runtime.train import lr_at
 def reference_losses(model: dict, *, num_steps: int, num_microbatches: int, micro_batch_size: int, seq_len: int,
                      seed: int, lr: float, adamw: dict | None = None, lr_at=None, bf16: bool = False,
                      max_grad_norm: float | None = None, param_groups: list[dict] | None = None,
-                     out: dict | None = None) -> list[list[float]]:
+                     out: dict | None = None, device: str = "cpu") -> list[list[float]]:
     """Per step, each micro-batch's loss, on one thread (as each worker runs)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(seed)
         built = build_model(ModelConfig(**model), max_seq_len=seq_len)
+        built.module.to(device)
         named = dict(built.module.named_parameters())
         params = ([{**g, "params": [named[n] for n in g["params"]]} for g in param_groups] if param_groups
                   else built.module.parameters())
@@ -41,11 +44,11 @@ def reference_losses(model: dict, *, num_steps: int, num_microbatches: int, micr
                 rates = [rates] * len(opt.param_groups) if isinstance(rates, float) else list(rates)
                 for g, rate in zip(opt.param_groups, rates, strict=True):
                     g["lr"] = rate
-            ids, labels = data.batch(step)
+            ids, labels = (t.to(device) for t in data.batch(step))
             losses = []
             for i in range(m):
                 rows = slice(i * b, (i + 1) * b)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
                     logits = built.forward(ids[rows])
                 loss = built.loss_fn(logits, labels[rows])
                 (loss / m).backward()
@@ -57,7 +60,7 @@ def reference_losses(model: dict, *, num_steps: int, num_microbatches: int, micr
             losses_out.append(losses)
         if out is not None:
             out["grad_norms"] = norms
-            out["weights"] = {n: p.detach().clone() for n, p in built.module.named_parameters()}
+            out["weights"] = {n: p.detach().to("cpu", copy=True) for n, p in built.module.named_parameters()}
         return losses_out
     finally:
         torch.set_num_threads(threads)
