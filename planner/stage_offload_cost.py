@@ -41,14 +41,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
 from memtrain.planner import cost
 from memtrain.planner.plan import ActPolicy, ChunkPlan, MemoryPolicy, Tier, pack_params
+from memtrain.planner.stage_estimate import StageBudget, StageEstimate, stage_stats
 
-if TYPE_CHECKING:
-    from memtrain.planner.stage_cost import StageBudget, StageEstimate, StageModel
+StageModel = Any
+"""planner.stage_cost's ``StageModel``, which imports this module (so not imported here)."""
 
 __all__ = ["PARAM_BYTES", "OPTIM_STAGED_CHUNKS", "WRITE_BACKS", "offloaded_estimate", "home_policy", "placed",
            "split_owners", "Chunked"]
@@ -89,7 +90,7 @@ class Chunked:
     """Elements of each chunk of the first replica's run (every chunk without ZeRO)."""
 
 
-def home_policy(model: "StageModel", first: int, end: int, home: Tier, recompute: bool) -> Chunked:
+def home_policy(model: StageModel, first: int, end: int, home: Tier, recompute: bool) -> Chunked:
     """The stage's chunks as the runtime lays them out (runtime.stage_offload ``_chunk_plans``):
     its blocks' parameters split in order into one run per ZeRO copy (``split_owners``), each run
     packed in chunks of about a block (the runtime's default), every chunk homed at ``home``
@@ -98,8 +99,6 @@ def home_policy(model: "StageModel", first: int, end: int, home: Tier, recompute
     replica's own getting a grad buffer while the param buffers of those after it are still held:
     ``4 · max (chunk - chunks before it)`` above the param buffers, at its most on the first
     replica (its chunks come first)."""
-    from memtrain.planner.stage_cost import stage_stats
-
     sub = stage_stats(model.stats, first, end)
     size = max((b.num_params for b in sub.blocks), default=1) or 1
     flat = [(j, name, k) for j, b in enumerate(sub.blocks) for name, k in zip(b.param_names, b.param_numels)]
@@ -125,8 +124,8 @@ def home_policy(model: "StageModel", first: int, end: int, home: Tier, recompute
                    largest=max((c.num_elems for c in chunks), default=0), first_run=first)
 
 
-def placed(model: "StageModel", est: "StageEstimate", first: int, end: int, host: HostSpec,
-           nvme: NvmeSpec | None) -> "StageEstimate":
+def placed(model: StageModel, est: StageEstimate, first: int, end: int, host: HostSpec,
+           nvme: NvmeSpec | None) -> StageEstimate:
     """An offloaded stage's estimate with its chunks (``home_policy``): the plan's policy, the
     exact grad-buffer bytes of its ``OFFLOAD`` and, under ZeRO, the busiest replica's share of
     whole parameters instead of ``⌈n / d⌉`` (the screening estimate's). Under ZeRO-2 the copy
@@ -159,14 +158,12 @@ def placed(model: "StageModel", est: "StageEstimate", first: int, end: int, host
                                nvme_bytes=nvme_bytes, tail_s=tail)
 
 
-def offloaded_estimate(model: "StageModel", n: int, f_s: float, b_s: float, base: int, device: DeviceSpec,
-                       host: HostSpec, nvme: NvmeSpec | None, budget: "StageBudget", first: int, end: int,
-                       held: int, recompute: bool) -> "StageEstimate":
+def offloaded_estimate(model: StageModel, n: int, f_s: float, b_s: float, base: int, device: DeviceSpec,
+                       host: HostSpec, nvme: NvmeSpec | None, budget: StageBudget, first: int, end: int,
+                       held: int, recompute: bool) -> StageEstimate:
     """Blocks ``[first, end)`` (``n`` parameters, ``f_s``/``b_s`` a micro-batch's forward and
     backward, ``base`` the device bytes of its held activations and workspace) with their states
     offloaded whole ([Note: an offloaded stage's residency])."""
-    from memtrain.planner.stage_cost import StageEstimate
-
     d = model.shards
     o = cost.optimizer_state_bytes_per_elem(model.optimizer)
     own = -(-n // d)
