@@ -238,6 +238,8 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
     if tied:
         link = link_between(cluster, cand.ranks[last_r][:2], cand.ranks[first_r][:2], model.measured)
         both = max(ends[first_r], ends[last_r])
+        # a measured link (planner.measured pipeline_link) keeps the whole half round trip on the
+        # wire and charges no receive: the all-reduce's two messages pay it through the latency
         for r in (first_r, last_r):
             ar[r] += both - ends[r] + allreduce_time_s(4 * tied, 2, link) + 2 * (link.send_s + link.recv_s)
     static, host, nvme = [0] * p, [0] * p, [0] * p

@@ -144,7 +144,7 @@ class MeasuredPipeline:
         return (f"per micro-batch of {self.micro_batch_size} through all {len(c.fwd_s)} blocks: forward "
                 f"{_ms(sum(c.fwd_s))}, backward {_ms(sum(c.bwd_s))}; optimizer {_ms(sum(c.optim_s))}; rest of a step "
                 f"{_ms(c.rest_s)}; link latency {self.link_latency_s * 1e6:.0f} µs, {self.link_gbps:.2f} GB/s, a send "
-                f"{self.link_send_s * 1e6:.0f} µs, a receive {self.link_recv_s * 1e6:.0f} µs; Ray round trip "
+                f"{self.link_send_s * 1e6:.0f} µs, a late receive {self.link_recv_s * 1e6:.0f} µs (not paid: receives are posted early); Ray round trip "
                 f"{_ms(self.round_trip_s)}")
 
     def mismatch(self, model_key: str) -> str:

@@ -199,7 +199,7 @@ def offloaded_estimate(model: StageModel, n: int, f_s: float, b_s: float, base: 
         what.append(f"its states need {host_bytes:,} B of host memory, over its share of {budget.host:,} B")
     if not on_host and nvme is None and model.home != "nvme":
         what.append("no NVMe path on its node (cluster.nodes[].nvme)")
-    elif not on_host and nvme_bytes > budget.nvme:
+    elif not on_host and nvme is not None and nvme_bytes > budget.nvme:
         what.append(f"its states need {nvme_bytes:,} B of NVMe, over its share of {budget.nvme:,} B")
     return StageEstimate(fwd_s=f_s, bwd_s=b_s, tail_s=tail, device_bytes=device_bytes, host_bytes=host_bytes,
                          nvme_bytes=nvme_bytes, act_bytes=held, offload=", ".join(what), fits=fits, after_bytes=after)

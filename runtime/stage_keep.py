@@ -11,8 +11,10 @@ the same bytes for the step's other micro-batches, which have the same shapes, w
 
 [Note: releases at the next event] Autograd frees a kept block's saves while the stage's ``B``
 runs, and nothing else takes activation bytes until the rank's next forward, claim or swap
-(``RankActivations`` calls ``flush`` first in each of them). So a ``B``'s bytes are released
-then, which gives the ledger, at every op's boundary, the value the per-tensor hooks give.
+(``RankActivations`` calls ``flush`` first in each of them, and ``peak_bytes`` too). So a
+``B``'s bytes are released then: the ledger holds them a little longer than the hooks' (over
+the sends and receives between), but at every activation event, and so in the step's peak, it
+holds what the per-tensor hooks give.
 """
 
 from __future__ import annotations

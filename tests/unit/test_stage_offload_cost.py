@@ -80,6 +80,8 @@ def test_an_nvme_stage_keeps_masters_and_states_in_files_and_stages_them_on_the_
     # memory.offload: nvme where the cluster lists no NVMe: parallel.nvme_dir holds the files,
     # their room unknown; an NVMe the planner chose for want of host memory needs a listed one
     assert _stage(_model("nvme")).fits
+    unlisted = _stage(_model("nvme"), dataclasses.replace(ROOMY, nvme=0))  # partition's budget without a listed NVMe
+    assert unlisted.fits and "NVMe, over" not in unlisted.offload, unlisted.offload
     short = dataclasses.replace(ROOMY, device=300_000_000, host=2 * n)  # neither the states nor the host's
     assert "on NVMe" in _stage(_model("auto"), short, nvme=default_nvme_spec("/tmp/x", 10**12)).offload
     assert not _stage(_model("auto"), short).fits
