@@ -86,8 +86,8 @@ class Chunked:
     """Elements whose accumulators and optimizer states the busiest replica keeps (all without ZeRO)."""
     largest: int
     """Elements of the largest chunk."""
-    first_run: tuple[int, ...] = ()
-    """Elements of each chunk of the first replica's run (every chunk without ZeRO)."""
+    runs: tuple[tuple[int, ...], ...] = ()
+    """Per ZeRO copy, the elements of each chunk of its run (one run of every chunk without ZeRO)."""
 
 
 def home_policy(model: StageModel, first: int, end: int, home: Tier, recompute: bool) -> Chunked:
@@ -119,9 +119,10 @@ def home_policy(model: StageModel, first: int, end: int, home: Tier, recompute: 
     act = ActPolicy.RECOMPUTE if recompute else ActPolicy.KEEP
     policy = MemoryPolicy(chunk_size_elems=size, chunks=tuple(chunks), prefetch_depth=max(1, len(chunks)),
                           activations=(act,) * (end - first))
-    first = tuple(c.num_elems for c in chunks[:runs[0]]) if runs else ()
+    starts = [sum(runs[:d]) for d in range(len(runs))]
+    by_run = tuple(tuple(c.num_elems for c in chunks[a:a + k]) for a, k in zip(starts, runs))
     return Chunked(policy=policy, after_bytes=PARAM_BYTES * over, own=own,
-                   largest=max((c.num_elems for c in chunks), default=0), first_run=first)
+                   largest=max((c.num_elems for c in chunks), default=0), runs=by_run)
 
 
 def placed(model: StageModel, est: StageEstimate, first: int, end: int, host: HostSpec,
@@ -142,11 +143,16 @@ def placed(model: StageModel, est: StageEstimate, first: int, end: int, host: Ho
     o = cost.optimizer_state_bytes_per_elem(model.optimizer)
     host_bytes, nvme_bytes = est.host_bytes, est.nvme_bytes
     if on_nvme:  # in files (header, 4 KiB pages): every chunk's master, its run's states, and the
-        # optimizer's write-backs in flight, each file's new copy beside the old until renamed
+        # optimizer's write-backs in flight, each file's new copy beside the old until renamed; the
+        # busiest copy's run (split_owners may give one copy more than another)
         states = o // 4
         files = [cost.nvme_file_bytes(PARAM_BYTES * c.num_elems) for c in laid.policy.chunks]
-        mine = sorted((cost.nvme_file_bytes(PARAM_BYTES * k) for k in laid.first_run), reverse=True)
-        nvme_bytes = sum(files) + states * sum(mine) + (1 + states) * sum(mine[:WRITE_BACKS])
+
+        def run_bytes(run: tuple[int, ...]) -> int:
+            mine = sorted((cost.nvme_file_bytes(PARAM_BYTES * k) for k in run), reverse=True)
+            return states * sum(mine) + (1 + states) * sum(mine[:WRITE_BACKS])
+
+        nvme_bytes = sum(files) + max((run_bytes(r) for r in laid.runs), default=0)
     else:
         host_bytes += more * (4 + o)
     tail = est.tail_s + (cost.cpu_optimizer_time_s(laid.own, model.optimizer, host)

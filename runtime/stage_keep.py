@@ -48,8 +48,11 @@ class KeptStage:
             block.forward = self._make_forward(j, block, block.forward)
 
     def new_step(self) -> None:
-        """The step's first forward of each block counts again."""
+        """The step's first forward of each block counts again; what a failed step left held
+        (forwards whose backward never ran) is given back."""
         self.saved_bytes = [None] * len(self._blocks)
+        self._claimed = list(self._held)
+        self.flush()
 
     def set_microbatch(self, mb: int) -> None:
         self.microbatch = mb

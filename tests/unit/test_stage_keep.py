@@ -9,13 +9,16 @@ import functools
 import os
 
 import pytest
+import torch
 from torch import nn
 
 from memtrain.config import ModelConfig
+from memtrain.offload.ledger import Ledger
 from memtrain.planner.plan import ActPolicy, Op
 from memtrain.runtime import stage_keep, stage_worker
 from memtrain.runtime.pipeline_driver import stage_programs
 from memtrain.runtime.stage_activations import RankActivations
+from memtrain.runtime.stage_keep import KeptStage
 from memtrain.runtime.stage_worker import PipelineSpec, StageWorker
 
 M = 4
@@ -86,3 +89,17 @@ def test_split_backward_and_other_policies_keep_the_hooks(monkeypatch):
         assert ra.policies(0) == [ActPolicy.KEEP] and ra.policies(1) == [ActPolicy.RECOMPUTE]
     finally:
         ra.close()
+
+
+def test_a_new_step_gives_back_what_a_failed_step_left_held():
+    ledger = Ledger("device")
+    block = nn.Linear(4, 4)
+    kept = KeptStage(0, [block], ledger)
+    try:
+        kept.set_microbatch(0)
+        block(torch.ones(2, 4, requires_grad=True))  # a forward whose backward never runs
+        assert ledger.in_use_bytes > 0
+        kept.new_step()
+        assert ledger.in_use_bytes == 0 and kept.saved_bytes == [None]
+    finally:
+        kept.close()

@@ -87,6 +87,16 @@ def test_an_nvme_stage_keeps_masters_and_states_in_files_and_stages_them_on_the_
     assert not _stage(_model("auto"), short).fits
 
 
+def test_an_nvme_stage_under_zero_charges_its_busiest_copys_state_files():
+    """Over 4 copies the two blocks' parameters go to copies 1 and 3 (split_owners): copy 0 keeps
+    no states, and the files are charged at a copy that keeps a chunk's, not at the first's."""
+    est = _stage(_model("nvme", shards=4, zero=1), nvme=default_nvme_spec("/tmp/x", 10**12))
+    assert "on NVMe" in est.offload
+    file = cost.nvme_file_bytes(4 * PARAMS)
+    states = O // 4
+    assert est.nvme_bytes == 2 * file + states * file + (1 + states) * file
+
+
 def test_a_device_the_streaming_charge_fitted_but_the_residency_does_not():
     """The old estimate charged two blocks' param and grad buffers (``4 · c · block``); the runtime
     keeps the stage's parameters and gradients for the step (``8 · n``). A budget between the two:
