@@ -77,7 +77,16 @@ from memtrain.offload.recompute import Replay
 from memtrain.offload.swap import _Kept, _Packed, _Record, _State, act_owner
 from memtrain.planner.plan import ActPolicy
 
-__all__ = ["ActivationManager", "BlockActivations", "ParamResolver", "act_owner"]
+__all__ = ["ActivationManager", "BlockActivations", "ParamResolver", "act_owner", "param_storages"]
+
+
+def param_storages(module: nn.Module) -> frozenset[int]:
+    """Storages of a block's parameters and buffers, read now (the chunk store may move them):
+    saves of them are not activations ([Note: what counts as an activation])."""
+    ptrs = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    ptrs.update(b.untyped_storage().data_ptr() for b in module.buffers())
+    ptrs.discard(0)
+    return frozenset(ptrs)
 
 
 @runtime_checkable
@@ -273,7 +282,7 @@ class ActivationManager(ActivationRecords):
         self._poll()
         policy = self.policies[name]
         rec = _Record(self, index, name, self.microbatch, policy)
-        param_ptrs = self._param_ptrs(module)
+        param_ptrs = param_storages(module)
         stats = BlockActivations(name=name, policy=policy)
         hooks = torch.autograd.graph.saved_tensors_hooks(
             lambda t: self._pack(rec, t, param_ptrs, stats), self._unpack
@@ -295,13 +304,6 @@ class ActivationManager(ActivationRecords):
                 out = inner(*args, **kwargs)
         self._end_forward(rec, stats)
         return out
-
-    def _param_ptrs(self, module: nn.Module) -> frozenset[int]:
-        """Storages of the block's parameters and buffers, read now: the chunk store may move them."""
-        ptrs = {p.untyped_storage().data_ptr() for p in module.parameters()}
-        ptrs.update(b.untyped_storage().data_ptr() for b in module.buffers())
-        ptrs.discard(0)
-        return frozenset(ptrs)
 
     def _pack(self, rec: _Record, t: torch.Tensor, param_ptrs: frozenset[int], stats: BlockActivations):
         stats.num_saved_tensors += 1
@@ -343,7 +345,7 @@ class ActivationManager(ActivationRecords):
                 return inner(*args, **kwargs)  # the original forward
             # Parameter storages are read again now: the chunk store may have moved them since
             # the forward, and an activation may sit at a freed parameter buffer's old address.
-            with _CountingHooks(mgr, rec, mgr._param_ptrs(module)):
+            with _CountingHooks(mgr, rec, param_storages(module)):
                 return inner(*args, **kwargs)
 
         return body

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from memtrain.offload.activations import param_storages
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.swap import act_owner
 
@@ -102,10 +103,7 @@ class _Count:
     detached])."""
 
     def __init__(self, block: nn.Module) -> None:
-        ptrs = {p.untyped_storage().data_ptr() for p in block.parameters()}
-        ptrs.update(b.untyped_storage().data_ptr() for b in block.buffers())
-        ptrs.discard(0)
-        self.params = ptrs
+        self.params = param_storages(block)
         self.seen: set[int] = set()
         self.device: torch.device | None = None
         self.bytes = 0
