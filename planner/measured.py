@@ -6,8 +6,9 @@ A ``MeasuredPipeline`` holds, for one model at one micro-batch size and sequence
 kind of device with the workers' threads: each block's forward, backward (whole, and split
 into ``B`` and ``W``), and optimizer step (``BlockCosts``); the rest of a worker's step (the
 batch, the bookkeeping); the link between two workers (latency, bandwidth, a late receive's
-cost: comm.link_probe [Note: rendezvous]); and Ray's round trip of an actor call, which the
-driver waits for on every step. [Note: measured pipeline] The planner then takes:
+cost: comm.link_probe [Note: rendezvous]); and Ray's part of each step on a worker, the gap
+between one step's end and the next's start, queued behind it (runtime.pipeline_driver [Note: a
+step queued ahead]). [Note: measured pipeline] The planner then takes:
 
 - a stage's passes on a device of ``device_kind``: the sum of its blocks' measured times,
   scaled in proportion to the micro-batch size (planner.stage_cost ``StageModel``); a stage
@@ -19,7 +20,8 @@ driver waits for on every step. [Note: measured pipeline] The planner then takes
   receive's own cost, which the receiving rank pays, and a send's own cost, which the sending
   rank pays (``wire``);
 - the step: the simulated pipeline's plus ``step_overhead_s`` (the rest of a worker's step and
-  Ray's round trip), so the prediction is the driver's wall time per step, as the run measures it.
+  Ray's gap between steps), so the prediction is the driver's wall time per step, as the run
+  measures it.
 
 Stored as JSON (``pipeline-profile.json`` in the run directory, ``save_measured``); a run given
 one (config ``parallel.profile: PATH``) plans with it and measures nothing.
@@ -97,7 +99,8 @@ class MeasuredPipeline:
     link_recv_s: float
     """A late receive's time on the receiving worker (comm.link_probe [Note: rendezvous])."""
     round_trip_s: float
-    """The median round trip of a no-op actor call from the driver."""
+    """Ray's part of each step on a worker: the median gap between two calls queued on an actor
+    (runtime.pipeline_probe ``ray_step_gap_s``; the field keeps its first name, profiles hold it)."""
     link_send_s: float = 0.0
     """A send's own time on the sending worker while its receiver waits (``Link.send_s``)."""
     link_across_nodes: bool = False
@@ -123,7 +126,7 @@ class MeasuredPipeline:
 
     @property
     def step_overhead_s(self) -> float:
-        """Per step, outside the simulated pipeline: the rest of a worker's step and Ray's round trip."""
+        """Per step, outside the simulated pipeline: the rest of a worker's step and Ray's gap between steps."""
         return self.blocks.rest_s + self.round_trip_s
 
     def block_times(self, micro_batch_size: int) -> tuple[list[float], list[float]]:
@@ -144,7 +147,7 @@ class MeasuredPipeline:
         return (f"per micro-batch of {self.micro_batch_size} through all {len(c.fwd_s)} blocks: forward "
                 f"{_ms(sum(c.fwd_s))}, backward {_ms(sum(c.bwd_s))}; optimizer {_ms(sum(c.optim_s))}; rest of a step "
                 f"{_ms(c.rest_s)}; link latency {self.link_latency_s * 1e6:.0f} µs, {self.link_gbps:.2f} GB/s, a send "
-                f"{self.link_send_s * 1e6:.0f} µs, a late receive {self.link_recv_s * 1e6:.0f} µs (not paid: receives are posted early); Ray round trip "
+                f"{self.link_send_s * 1e6:.0f} µs, a late receive {self.link_recv_s * 1e6:.0f} µs (not paid: receives are posted early); Ray between steps "
                 f"{_ms(self.round_trip_s)}")
 
     def mismatch(self, model_key: str) -> str:

@@ -306,6 +306,7 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
                       "tokens_per_s": tokens_per_step / dt, "lr": lr_at(k, cfg),
                       "predicted_step_time_s": plan.prediction.step_time_s,
                       "rank_step_time_s": [r.time_s for r in results], "rank_busy_s": [r.busy_s for r in results],
+                      "rank_between_s": [r.between_s for r in results],
                       "peak_bytes": peaks, "grad_bytes": [dict(r.grad_bytes) for r in results],
                       "rank_device": [r.device for r in results]}
             if cfg.train.optimizer.param_groups:

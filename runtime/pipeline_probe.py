@@ -51,7 +51,7 @@ from memtrain.optimizers import OptimizerSpec
 from memtrain.planner.measured import BlockCosts, MeasuredPipeline
 from memtrain.planner.plan import Action, Op
 
-__all__ = ["measure_blocks", "ray_round_trip_s", "ProbeActor", "measure_pipeline", "MAX_TIMED_LAYERS"]
+__all__ = ["measure_blocks", "ray_step_gap_s", "ProbeActor", "measure_pipeline", "MAX_TIMED_LAYERS"]
 
 MAX_TIMED_LAYERS = 2
 """Layers of a GPT timed; a deeper one repeats the timed layers' mean for the others."""
@@ -104,8 +104,11 @@ def _time_actions(model: ModelConfig, num_blocks: int, *, m: int, b: int, seq: i
             if k == 0:
                 continue  # warm-up: allocator, first-call paths
             rests.append(res.time_s - sum(res.action_s))
+            this_step: dict[tuple[Op, int], list[float]] = defaultdict(list)
             for a, dt in zip(program, res.action_s):
-                by_action[(a.op, a.stage)].append(dt)
+                this_step[(a.op, a.stage)].append(dt)
+            for key, times in this_step.items():  # [Note: a step's mean]
+                by_action[key].append(statistics.fmean(times))
         if phases is not None:
             phases["build_s"] = phases.get("build_s", 0.0) + t1 - t0
             phases["steps_s"] = phases.get("steps_s", 0.0) + time.perf_counter() - t1
@@ -114,7 +117,11 @@ def _time_actions(model: ModelConfig, num_blocks: int, *, m: int, b: int, seq: i
         torch.set_num_threads(threads)
     # [Note: mean, not median] (comm.link_probe): a step pays every action's time, preempted or not;
     # but an action once per step (an optimizer step, the rest) has a few samples, one of which a
-    # preemption can take to 5x the others (measured): the interquartile mean
+    # preemption can take to 5x the others (measured): the interquartile mean.
+    # [Note: a step's mean] over the steps of each step's mean over its micro-batches: a block's
+    # first forward and backward of a step cost more (a kept stage counts its saved bytes under
+    # hooks then, runtime.stage_keep: +0.5 ms of the tiny example's 0.6 ms forward), every step
+    # pays them, and a trim over the micro-batches' samples would drop them as outliers
     return {k: trimmed_mean(v, TRIM) for k, v in by_action.items()}, trimmed_mean(rests, TRIM), device
 
 
@@ -179,23 +186,30 @@ def mean_costs(runs: Sequence[BlockCosts]) -> BlockCosts:
                       output_bytes=runs[0].output_bytes)
 
 
-def ray_round_trip_s(actors: Sequence[Any] = (), repeats: int = 20) -> float:
-    """The median time of a no-op call of every one of ``actors`` at once, waited for together
-    (actors with a ``ping`` method; default: one new one): Ray's part of each step (the driver
-    calls every worker and waits for them all), which the workers' own step times leave out."""
+QUEUE_FILL_S = 0.05
+"""How long the first of ``ray_step_gap_s``'s calls holds each actor while the rest queue behind it."""
+
+
+def ray_step_gap_s(actors: Sequence[Any] = (), repeats: int = 20) -> float:
+    """Ray's part of each step on a worker: the time from the end of one call to the start of
+    the next waiting in its queue, as each step waits behind the one before (runtime.pipeline_driver
+    [Note: a step queued ahead]), which the workers' own step times leave out. ``repeats`` no-op
+    calls are queued on every one of ``actors`` (actors with ``stamp``; default: one new one)
+    behind a call that holds it ``QUEUE_FILL_S``; the median gap between consecutive calls, the
+    slowest actor's."""
     import ray
 
     own = not actors
     if own:
         actors = [ray.remote(num_cpus=0)(ProbeActor).remote()]
     try:
-        ray.get([a.ping.remote() for a in actors], timeout=120)  # the actors' start
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            ray.get([a.ping.remote() for a in actors], timeout=30)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        ray.get([a.stamp.remote() for a in actors], timeout=120)  # the actors' start
+        queued = [[a.stamp.remote(QUEUE_FILL_S)] + [a.stamp.remote() for _ in range(repeats)] for a in actors]
+        gaps = []
+        for refs in queued:
+            stamps = ray.get(refs, timeout=30)
+            gaps.append(statistics.median(nxt[0] - prev[1] for prev, nxt in zip(stamps, stamps[1:])))
+        return max(gaps)
     finally:
         if own:
             ray.kill(actors[0])
@@ -210,6 +224,13 @@ class ProbeActor:
 
     def ping(self) -> int:
         return os.getpid()
+
+    def stamp(self, hold_s: float = 0.0) -> tuple[float, float]:
+        """When this call started and ended on the actor's clock, held ``hold_s`` (``ray_step_gap_s``)."""
+        t0 = time.perf_counter()
+        if hold_s:
+            time.sleep(hold_s)
+        return t0, time.perf_counter()
 
     def node(self) -> dict:
         """This node's address, cores and 1-minute load average."""
@@ -249,7 +270,7 @@ def measure_pipeline(*, model: ModelConfig, device_kind: str, micro_batch_size: 
                      seq_len: int, dtype: str, model_key: str, model_name: str | Callable[[], str],
                      optimizer: OptimizerSpec,
                      split: bool, assignments: Sequence[Any], seed: int = 0, num_threads: int = 1,
-                     data: DataConfig | None = None, timeout_s: float = 60.0, steps: int = 4, repeats: int = 20,
+                     data: DataConfig | None = None, timeout_s: float = 60.0, steps: int = 8, repeats: int = 20,
                      same_kind: bool = True, progress: Callable[[str], None] = print) -> MeasuredPipeline:
     """Measure the blocks, the link and the round trip on two ``ProbeActor``s placed as
     ``assignments`` (``ray_cluster.Assignment``s of the run's first two workers), both timing
@@ -281,7 +302,7 @@ def measure_pipeline(*, model: ModelConfig, device_kind: str, micro_batch_size: 
         from memtrain.comm.link_probe import link_figures
 
         latency, gbps, recv, send = link_figures(got[0], got[1], LINK_BYTES)
-        rtt = ray_round_trip_s((a, b), repeats)
+        rtt = ray_step_gap_s((a, b), repeats)
         linked = time.perf_counter() - t0
         forms = "both forms of the backward, " if split else ""
         progress(f"  [{at()}] the blocks on both at once ({forms}{steps} steps of "

@@ -134,6 +134,9 @@ class StepResult:
     began (ZeRO-1 and -2: the shards' sums)."""
     grad_norm: float | None = None
     """The step's global gradient norm before clipping (its program's ``CLIP``; None without one)."""
+    between_s: float = 0.0
+    """Time from the end of this worker's previous step to the start of this one: its wait for
+    the driver's call (runtime.pipeline_driver [Note: a step queued ahead]); 0 for its first."""
 
     @property
     def busy_s(self) -> float:

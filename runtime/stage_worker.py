@@ -105,6 +105,8 @@ class StageWorker(StageStepEnd):
         self._lr: float | tuple[float, ...] | None = None
         """The step's learning rate for every group; None: each group's own (runtime.stage_groups)."""
         self._grad_norm: float | None = None
+        self._step_end: float | None = None
+        """When the previous step ended (``StepResult.between_s``)."""
         self._posts = early_posts(program)
         """comm.p2p [Note: receives posted early]: before action ``k``, the receives to post."""
 
@@ -260,6 +262,7 @@ class StageWorker(StageStepEnd):
         """Run the program once on step ``step``'s batch, its optimizer steps at ``lr``: one
         number, one per parameter group, or None: each group's own (runtime.stage_groups)."""
         t0 = time.perf_counter()
+        between = t0 - self._step_end if self._step_end is not None else 0.0
         self._lr, self._grad_norm = step_lr(self.spec.optimizer, lr), None
         for s, opt in self.optims.items():
             for g, gi in zip(opt.param_groups, self.group_ids[s], strict=True):
@@ -293,7 +296,8 @@ class StageWorker(StageStepEnd):
         self._new_step_state()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        elapsed = time.perf_counter() - t0
+        self._step_end = time.perf_counter()
+        elapsed = self._step_end - t0
         peaks = _peak_bytes(self.device) | self.acts.peak_bytes()
         if any(st.nvme is not None for st in self.offloaded.values()):
             peaks["nvme"] = sum(st.nvme.ledger.window_peak_bytes for st in self.offloaded.values() if st.nvme)
@@ -302,7 +306,7 @@ class StageWorker(StageStepEnd):
             peaks["offload_host"] = sum(st.store.host_ledger.window_peak_bytes for st in self.offloaded.values())
         return StepResult(record=tuple(record), losses=losses, time_s=elapsed, peak_bytes=peaks,
                           device=_device_name(self.device), action_s=tuple(times), grad_bytes=grads,
-                          grad_norm=self._grad_norm)
+                          grad_norm=self._grad_norm, between_s=between)
 
     def _load_batch(self, step: int) -> None:
         """This replica's micro-batches of step ``step``'s global batch (rows in order: replica

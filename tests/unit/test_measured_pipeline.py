@@ -72,7 +72,7 @@ def test_a_heavy_measured_head_moves_blocks_to_the_first_stage(stats):
 def test_the_prediction_is_the_simulated_pipeline_of_the_measured_costs_plus_the_steps_own_time(stats):
     """Recomputed here from the measured figures: the 1F1B pipeline over the measured link (the
     wire's latency less the receive's own time, which the receiving rank pays), each rank's
-    optimizer step, and the rest of a worker's step with Ray's round trip on top."""
+    optimizer step, and the rest of a worker's step with Ray's gap between steps on top."""
     meas = measured(fwd=[0.5e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 3e-3], rest=2e-3, rtt=1e-3, latency=0.8e-3,
                     recv=0.3e-3, optim=0.25e-3)
     got = plan(stats, cpus(), meas)
