@@ -15,6 +15,14 @@ stays on: memtrain sets ``RAY_AUTH_MODE=token`` where it is unset, for the embed
 makes ``~/.ray/auth_token`` when no token exists) and for a joined one (whose token must be here:
 ``~/.ray/auth_token``, ``RAY_AUTH_TOKEN_PATH`` or ``RAY_AUTH_TOKEN``). A user who started a
 cluster with ``RAY_AUTH_MODE=disabled`` says so with the same variable.
+
+[Note: the embedded Ray's workers] Ray starts its workers 15 nicer than the raylet by default,
+so that on a shared node its control plane comes first; but then the driver's own work (taking
+a step's results, writing metrics) takes a core from a worker mid-pass, and a worker woken by a
+transfer waits behind any other process: on 2 cores a pipeline rank of the tiny example idled
+half its step where its transfers and peers account for a third. The embedded Ray runs this
+job only, so its workers keep the driver's niceness (``RAY_worker_niceness=0`` where the user
+left it unset); a joined cluster keeps its own setting (docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -67,6 +75,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> str:
     _keep_token_auth_on()
     if address is None:
         _loopback_only()
+        os.environ.setdefault("RAY_worker_niceness", "0")  # [Note: the embedded Ray's workers]
         ray.init(address="local", _node_ip_address=_LOOPBACK, include_dashboard=False, num_cpus=num_cpus,
                  logging_level="WARNING")
         return f"started the embedded Ray on {_LOOPBACK} ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"

@@ -137,13 +137,15 @@ def test_the_embedded_ray_is_local_on_loopback_with_token_auth(tmp_path):
             inv = cluster_inventory()
             info = {"line": line, "auth": os.environ.get("RAY_AUTH_MODE"), "ports": listening_ports(procs),
                     "beyond": listening_beyond_loopback(procs), "kinds": [s.kind for s in inv.slots],
-                    "addresses": [n.address for n in inv.nodes], "pids": [p.pid for p in procs]}
+                    "addresses": [n.address for n in inv.nodes], "pids": [p.pid for p in procs],
+                    "nice": [os.nice(0), ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote())]}
         info["after"] = ray.is_initialized()
         print(json.dumps(info))
     """) % str(Path(__file__).parent)
     env = _env(tmp_path)
     env.pop("RAY_AUTH_MODE")  # memtrain turns it on
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")  # memtrain keeps the embedded Ray on loopback by itself
+    env.pop("RAY_worker_niceness", None)  # and its workers at the driver's niceness
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads(r.stdout.strip().splitlines()[-1])
@@ -152,6 +154,7 @@ def test_the_embedded_ray_is_local_on_loopback_with_token_auth(tmp_path):
     assert info["ports"] >= 3 and info["beyond"] == []
     assert info["addresses"] == ["127.0.0.1"] and set(info["kinds"]) == {"cpu"} and len(info["kinds"]) >= 1
     assert info["after"] is False
+    assert info["nice"][1] == info["nice"][0]  # the workers at the driver's niceness, not Ray's 15 nicer
 
 
 def test_an_address_nothing_answers_at_is_a_user_error_within_seconds(monkeypatch):
