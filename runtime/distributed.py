@@ -403,8 +403,10 @@ def closing_lines(plan: Any, step_times: list[float], result: Any) -> list[str]:
         rp = ranks.get(rank)
         busy = statistics.median(b[rank] for b in (result.busy_s[1:] or result.busy_s))
         step = statistics.median(times)
+        waits = [b[rank] for b in result.between_s[1:]]
+        between = f", {format_seconds(statistics.median(waits))} between steps" if waits else ""
         lines.append(f"rank {rank}{node} ({device}): busy {format_seconds(busy)} of its {format_seconds(step)} step, "
-                     f"idle {1 - busy / step:.0%} measured; predicted busy "
+                     f"idle {1 - busy / step:.0%} measured{between}; predicted busy "
                      f"{format_seconds(rp.busy_s + rp.optimizer_s if rp else 0.0)}, "
                      f"idle {rp.bubble_fraction if rp else 0.0:.0%}")
         lines += _offload_memory_lines(plan, result, rank)

@@ -65,7 +65,8 @@ class PipelineResult:
     devices: tuple[str, ...] = ()
     """Per world rank, where it computed (``StepResult.device``)."""
     step_wall_s: tuple[float, ...] = ()
-    """Per step, the driver's wait for it (the slowest rank plus Ray's round trip)."""
+    """Per step, the driver's time from the previous step's results to this one's (from its call
+    for a step not queued ahead: [Note: a step queued ahead])."""
     busy_s: tuple[tuple[float, ...], ...] = ()
     """Per step, per world rank, its time in compute actions (``StepResult.busy_s``)."""
     state_bytes: tuple[dict[str, int], ...] = ()
@@ -77,6 +78,8 @@ class PipelineResult:
     grad_norms: tuple[float, ...] = ()
     """Per step, the global gradient norm before clipping (``max_grad_norm`` runs; every rank's is
     the same number, checked)."""
+    between_s: tuple[tuple[float, ...], ...] = ()
+    """Per step, per world rank, its wait since its previous step ended (``StepResult.between_s``)."""
 
 
 def stage_programs(kind: str, num_ranks: int, num_microbatches: int, *,
@@ -375,7 +378,7 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                         num_threads=num_threads, dtype=dtype, offload=homes, nvme_dir=nvme_dir,
                         offload_chunk_elems=offload_chunk_elems, zero=zero, activations=acts, max_grad_norm=clip,
                         **({"zero_bucket_elems": zero_bucket_elems} if zero_bucket_elems is not None else {}))
-    losses, mb_losses, records, times, peaks, walls, busy, grads, action_s = [], [], [], [], [], [], [], [], []
+    losses, mb_losses, records, times, peaks, walls, busy, grads, action_s, between = [], [], [], [], [], [], [], [], [], []
     norms: list[float] = []
     with PipelineRun(spec, programs, step_timeout_s=step_timeout_s, num_cpus_per_worker=num_cpus_per_worker,
                      assignments=assignments) as run:
@@ -408,6 +411,7 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
             busy.append(tuple(res.busy_s for res in results))
             grads.append(tuple(res.grad_bytes for res in results))
             action_s.append(tuple(res.action_s for res in results))
+            between.append(tuple(res.between_s for res in results))
             if results[0].grad_norm is not None:
                 got = {res.grad_norm for res in results}
                 if len(got) != 1:  # runtime.stage_clip: every rank takes the same norm
@@ -426,7 +430,7 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                           programs=tuple(tuple(str(a) for a in programs[r]) for r in range(num_ranks)),
                           peak_bytes=tuple(peaks), nodes=nodes, devices=devices, step_wall_s=tuple(walls),
                           busy_s=tuple(busy), state_bytes=held, grad_bytes=tuple(grads),
-                          action_s=tuple(action_s), grad_norms=tuple(norms))
+                          action_s=tuple(action_s), grad_norms=tuple(norms), between_s=tuple(between))
 
 
 _STEP_POINTS = (Op.ALLREDUCE, Op.OPTIM, Op.PREFETCH, Op.OFFLOAD, Op.SWAP_OUT, Op.SWAP_IN, Op.REDUCE_SCATTER, Op.CLIP)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -74,6 +75,8 @@ def test_a_cpu_pipeline_is_planned_from_costs_measured_on_its_workers(local_ray,
     assert [len(r["rank_between_s"]) for r in metrics] == [2] * 3 and metrics[0]["rank_between_s"] == [0.0, 0.0]
     closing = next(line for line in lines if line.startswith("step time: measured"))
     assert "from costs measured on the workers" in closing
+    ranks = [line for line in lines if line.startswith("rank ")]
+    assert len(ranks) == 2 and all(re.search(r"idle \d+% measured, [\d.]+ [mµ]?s between steps; predicted", r) for r in ranks), ranks
     # 0.94x to 2.59x over 12 runs at load averages 2 to 10 (docs/cluster.md): a few times that either way
     assert 0.25 < out["measured_step_time_s"] / predicted < 8, (out["measured_step_time_s"], predicted)
 
