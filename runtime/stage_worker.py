@@ -105,6 +105,8 @@ class StageWorker(StageStepEnd):
         self._lr: float | tuple[float, ...] | None = None
         """The step's learning rate for every group; None: each group's own (runtime.stage_groups)."""
         self._grad_norm: float | None = None
+        self._source: TokenBatches | None = None
+        """The step's global batches (``_load_batch``), made at the first step."""
         self._step_end: float | None = None
         """When the previous step ended (``StepResult.between_s``)."""
         self._posts = early_posts(program)
@@ -318,8 +320,10 @@ class StageWorker(StageStepEnd):
         self.labels: list[torch.Tensor] = []
         if 0 not in self.stages and last not in self.stages:
             return
-        source = TokenBatches(spec.data, batch_size=spec.dp * m * b, seq_len=spec.seq_len, vocab_size=self.vocab_size)
-        ids, labels = source.batch(step)
+        if self._source is None:  # opened (and a token file checked) once, not every step
+            self._source = TokenBatches(spec.data, batch_size=spec.dp * m * b, seq_len=spec.seq_len,
+                                        vocab_size=self.vocab_size)
+        ids, labels = self._source.batch(step)
         rows = [slice((self.replica * m + i) * b, (self.replica * m + i + 1) * b) for i in range(m)]
         if 0 in self.stages:
             self.ids = [ids[r].to(self.device) for r in rows]

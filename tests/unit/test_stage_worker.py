@@ -44,6 +44,28 @@ def _one_rank(program: tuple[Action, ...], **kw) -> StageWorker:
     return worker
 
 
+def test_the_data_source_is_opened_once_not_every_step(tmp_path, monkeypatch) -> None:
+    """A token file is opened and checked (a scan of every id) when the worker first reads a
+    batch; each later step only reads its rows."""
+    import numpy as np
+
+    from memtrain.config import DataConfig
+    from memtrain.runtime import data as data_mod
+
+    path = tmp_path / "tokens.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint16))
+    opened = []
+    real_open = data_mod.TokenBatches._open
+    monkeypatch.setattr(data_mod.TokenBatches, "_open", lambda self, p: opened.append(p) or real_open(self, p))
+    _, programs = stage_programs("1f1b", 1, 2)
+    worker = _one_rank(programs[0], data=DataConfig(source="tokens", path=str(path)))
+    try:
+        got = [worker.run_step(k).losses for k in range(3)]
+    finally:
+        worker.close()
+    assert opened == [path] and all(len(g) == 2 for g in got)
+
+
 def test_one_rank_records_its_program_and_fails_loudly_on_an_unknown_op() -> None:
     threads = torch.get_num_threads()
     _, programs = stage_programs("1f1b", 1, 2)
