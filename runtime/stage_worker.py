@@ -24,7 +24,9 @@ recomputes or swaps its saved activations as ``PipelineSpec.activations`` says
 (runtime.stage_activations; a recompute replays its forward's random draws, so bitwise keep's).
 With ``PipelineSpec.max_grad_norm`` the program's ``CLIP`` clips every gradient by the global
 norm all ranks agree on (runtime.stage_clip); ``optimizer.param_groups`` name the whole model's
-parameters, and each stage's optimizer steps the groups it holds (runtime.stage_groups).
+parameters, and each stage's optimizer steps the groups it holds (runtime.stage_groups). A
+step that fails half-way gives back what it held and leaves the worker refusing further steps
+(runtime.stage_failure [Note: a failed step poisons the worker]).
 
 [Note: same initial weights] Every worker builds only its stages' blocks, on the meta device and
 then materialised by replaying the run's seeded random stream (``models.gpt_blocks``), so each
@@ -67,6 +69,7 @@ from memtrain.models.gpt_blocks import TIED_NAMES, build_blocks, global_names, p
 from memtrain.planner.plan import Action, Op
 from memtrain.runtime.data import TokenBatches
 from memtrain.runtime.stage_activations import RankActivations
+from memtrain.runtime.stage_failure import abandon_step, check_usable
 from memtrain.runtime.stage_groups import group_lr, stage_groups, step_lr
 from memtrain.runtime.stage_offload import OffloadedStage, build_offloaded, close_offloaded, state_bytes
 from memtrain.runtime.stage_rng import StageRng, get_state, offset_steps, set_state, trace_gpt
@@ -107,6 +110,8 @@ class StageWorker(StageStepEnd):
         self._grad_norm: float | None = None
         self._posts = early_posts(program)
         """comm.p2p [Note: receives posted early]: before action ``k``, the receives to post."""
+        self.failed_step: str | None = None
+        """Why this worker is poisoned (runtime.stage_failure [Note: a failed step poisons the worker])."""
 
     # ---- start-up --------------------------------------------------------------------------
 
@@ -259,35 +264,40 @@ class StageWorker(StageStepEnd):
     def run_step(self, step: int, lr: float | Sequence[float] | None = None) -> StepResult:
         """Run the program once on step ``step``'s batch, its optimizer steps at ``lr``: one
         number, one per parameter group, or None: each group's own (runtime.stage_groups)."""
+        check_usable(self, f"run_step({step})")
         t0 = time.perf_counter()
-        self._lr, self._grad_norm = step_lr(self.spec.optimizer, lr), None
-        for s, opt in self.optims.items():
-            for g, gi in zip(opt.param_groups, self.group_ids[s], strict=True):
-                g["lr"] = group_lr(self.spec.optimizer, gi, self._lr)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self._load_batch(step)
-        for st in self.offloaded.values():
-            st.start_window()
-        self.acts.start_window()
-        self.rng.begin()
-        record: list[str] = []
-        times: list[float] = []
-        for k, a in enumerate(self.program):
-            for r in self._posts.get(k, ()):  # comm.p2p [Note: receives posted early]
-                self.channel.post(*self._recv_from(r), str(r))
-            handler = self.handlers.get(a.op)
-            if handler is None:
-                raise RuntimeError(f"rank {self.rank}: no handler for op {a.op.value} ({a}) in its program")
-            t = time.perf_counter()
-            handler(a)
-            times.append(time.perf_counter() - t)
-            record.append(str(a))
-        self.rng.finish()
-        self.channel.flush()
-        left = [k for k, v in (("inbox", self.inbox), ("outbox", self.outbox), ("saved", self.saved),
-                               ("for_w", self.for_w)) if v]
-        assert not left, f"rank {self.rank}: step {step} ended with tensors left in {left}"
+        try:
+            self._lr, self._grad_norm = step_lr(self.spec.optimizer, lr), None
+            for s, opt in self.optims.items():
+                for g, gi in zip(opt.param_groups, self.group_ids[s], strict=True):
+                    g["lr"] = group_lr(self.spec.optimizer, gi, self._lr)
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            self._load_batch(step)
+            for st in self.offloaded.values():
+                st.start_window()
+            self.acts.start_window()
+            self.rng.begin()
+            record: list[str] = []
+            times: list[float] = []
+            for k, a in enumerate(self.program):
+                for r in self._posts.get(k, ()):  # comm.p2p [Note: receives posted early]
+                    self.channel.post(*self._recv_from(r), str(r))
+                handler = self.handlers.get(a.op)
+                if handler is None:
+                    raise RuntimeError(f"rank {self.rank}: no handler for op {a.op.value} ({a}) in its program")
+                t = time.perf_counter()
+                handler(a)
+                times.append(time.perf_counter() - t)
+                record.append(str(a))
+            self.rng.finish()
+            self.channel.flush()
+            left = [k for k, v in (("inbox", self.inbox), ("outbox", self.outbox), ("saved", self.saved),
+                                   ("for_w", self.for_w)) if v]
+            assert not left, f"rank {self.rank}: step {step} ended with tensors left in {left}"
+        except BaseException as e:  # runtime.stage_failure [Note: a failed step poisons the worker]
+            abandon_step(self, step, e)
+            raise
         losses = tuple(self.losses[i] for i in sorted(self.losses))
         grads = self.grad_bytes
         self._new_step_state()
@@ -437,10 +447,12 @@ class StageWorker(StageStepEnd):
 
     def state(self) -> dict:
         """This rank's part of a checkpoint (runtime.stage_state ``rank_state``)."""
+        check_usable(self, "state()")
         return rank_state(self)
 
     def load_state(self, state: dict) -> None:
         """Continue from ``state`` (``state()`` of the same rank of a run with the same plan)."""
+        check_usable(self, "load_state()")
         load_rank_state(self, state)
 
     # ---- end ------------------------------------------------------------------------------

@@ -398,6 +398,15 @@ class ShardedOptimizer:
                 got += mine
         self.optimizer.load_state_dict(state)
 
+    def abandon(self) -> None:
+        """A failed step (runtime.stage_failure): its gradients, buckets under way and shard sums
+        dropped, disarmed. A reduce-scatter under way is not waited for (its replicas may never
+        join it); the process group keeps its buffers until it ends."""
+        self._armed, self._next, self._pending, self._pieces, self._pieces_bytes = None, 0, [], {}, 0
+        self.zero_grad()
+        self._grads.reset(self.params)
+        self._held = 0
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
             p.grad = None
