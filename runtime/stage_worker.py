@@ -75,7 +75,7 @@ from memtrain.runtime.stage_offload import OffloadedStage, build_offloaded, clos
 from memtrain.runtime.stage_rng import StageRng, get_state, offset_steps, set_state, trace_gpt
 from memtrain.runtime.stage_state import load_rank_state, rank_state
 from memtrain.runtime.stage_spec import PIPELINE_DTYPES, PipelineSpec, StepResult, block_ranges, early_posts
-from memtrain.runtime.stage_step_end import StageStepEnd
+from memtrain.runtime.stage_step_end import StageStepEnd, grad_report
 from memtrain.runtime.stage_zero import ShardedOptimizer, zero2_buckets
 
 __all__ = ["PipelineSpec", "StageWorker", "StepResult", "block_ranges", "PIPELINE_DTYPES"]
@@ -189,6 +189,8 @@ class StageWorker(StageStepEnd):
             self.uses[s] = params
             self.owns[s] = [q for q in params if id(q) not in seen]
             seen.update(id(q) for q in params)
+        self.owner = {id(q): s for s in self.stages for q in self.owns[s]}
+        """Per parameter id, the stage of this rank that owns it (its optimizer's, its gradient count's)."""
         # the built-in GPT shares one table between its first and last blocks (tied embeddings);
         # where the two ends sit on different ranks, each holds a copy and their gradients are summed
         self.tied: dict[int, list[nn.Parameter]] = {}
@@ -399,12 +401,11 @@ class StageWorker(StageStepEnd):
     def _weights(self, a: Action) -> None:
         """[Note: B and W] The last module first, as a whole backward finishes them (each
         module's gradients are its own, so the order changes no value), each parameter reported
-        to a ZeRO-2 stage's buckets as it is final (runtime.stage_zero)."""
+        to its owning stage's ZeRO-2 buckets or chunks as it is final (runtime.stage_zero,
+        runtime.stage_offload_zero): a table another stage of this rank owns (the tied embedding
+        of a V's two ends) is counted there, as its gradient hook counts it under a whole backward."""
         kept, kept_grads = self.for_w.pop((a.stage, a.microbatch))
-        opt = self.optims.get(a.stage)
-        ready = opt.grad_ready if isinstance(opt, ShardedOptimizer) and opt.zero2 else None
-        reducer = self.offloaded[a.stage].reducer if a.stage in self.offloaded else None
-        ready = reducer.grad_ready if reducer is not None else ready  # runtime.stage_offload_zero
+        ready = {s: grad_report(self, s) for s in self.stages}
         todo = list(reversed(list(zip(kept, kept_grads, strict=True))))
         final = {id(q): j for j, ((params, _), _) in enumerate(todo) for q in params}  # a module run twice: its last
         for j, ((params, out), grad) in enumerate(todo):
@@ -413,8 +414,9 @@ class StageWorker(StageStepEnd):
                     q.grad = g
                 else:
                     q.grad.add_(g)
-                if ready is not None and final[id(q)] == j:
-                    ready(q)
+                report = ready[self.owner[id(q)]]
+                if report is not None and final[id(q)] == j:
+                    report(q)
 
     def _send_f(self, a: Action) -> None:
         s, i = a.stage, a.microbatch
