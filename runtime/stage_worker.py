@@ -34,7 +34,8 @@ parameter has the single-process value bit for bit while a worker holds its bloc
 start-up, the largest single module of the others.
 
 [Note: devices of a worker] A worker computes on the GPU Ray gave its actor (the bundle's ``GPU``
-resource: Ray sets ``CUDA_VISIBLE_DEVICES``), else on the CPU; ``StepResult.device`` says which,
+resource: Ray sets ``CUDA_VISIBLE_DEVICES``), else on the CPU, even where torch sees the node's
+GPUs (runtime.stage_device); ``StepResult.device`` says which,
 so a run whose plan assumed GPUs that torch cannot see says so. Transfers and collectives go
 through gloo in host memory (a tensor on the GPU is copied out before a send and in after a
 receive); NCCL between GPUs is not used yet.
@@ -69,6 +70,7 @@ from memtrain.models.gpt_blocks import TIED_NAMES, build_blocks, global_names, p
 from memtrain.planner.plan import Action, Op
 from memtrain.runtime.data import TokenBatches
 from memtrain.runtime.stage_activations import RankActivations
+from memtrain.runtime.stage_device import worker_device
 from memtrain.runtime.stage_failure import abandon_step, check_usable
 from memtrain.runtime.stage_groups import group_lr, stage_groups, step_lr
 from memtrain.runtime.stage_offload import OffloadedStage, build_offloaded, close_offloaded, state_bytes
@@ -128,7 +130,7 @@ class StageWorker(StageStepEnd):
         spec = self.spec
         torch.set_num_threads(spec.num_threads)
         # [Note: devices of a worker] the GPU Ray gave the actor (CUDA_VISIBLE_DEVICES), else the CPU
-        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = worker_device()
         join(self.rank, Rendezvous(host=host, port=port, world_size=spec.world_size, timeout_s=spec.timeout_s),
              self._store)
         try:
