@@ -96,3 +96,6 @@ def test_a_failed_step_leaves_every_rank_poisoned_and_empty(local_ray) -> None:
             assert f"StepFailed: run_step(2) refused: rank {r}: run_step(1) failed" in str(again.value)
         with pytest.raises(PipelineError, match=r"StepFailed: state\(\) refused: rank 0: run_step\(1\) failed"):
             run.states()
+        # what a poisoned worker still does: leave its world, its receives posted or not
+        closed, _ = ray.wait([x.close.remote() for x in w], num_returns=4, timeout=20)
+        assert ray.get(closed) == [None] * 4
