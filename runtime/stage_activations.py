@@ -137,6 +137,14 @@ class RankActivations:
         self.device_ledger.start_window()
         self.host_ledger.start_window()
 
+    def abandon(self) -> None:
+        """A failed step (runtime.stage_failure), its graphs already dropped: swaps in flight come
+        to rest (a record goes with its graph), the kept stages give back what they held."""
+        for mgr in self.managers.values():
+            mgr.synchronize()
+        for k in self.kept.values():
+            k.new_step()
+
     def peak_bytes(self) -> dict[str, int]:
         """The step's peaks: ``activations`` (device) and, with swapped blocks, ``activations_host``."""
         self._flush()

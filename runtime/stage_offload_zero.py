@@ -156,6 +156,16 @@ class ChunkReducer:
             self._finish_oldest()
         self._armed = None
 
+    def abandon(self) -> None:
+        """A failed step (runtime.stage_failure): the chunks' gradients, reduces under way and sums
+        dropped, disarmed (a reduce under way is not waited for: its process group keeps its buffer)."""
+        self._armed, self._next, self._pending, self.summed = None, 0, [], {}
+        for c in self.chunks:
+            for s in c.slots:
+                s.param.grad = None
+        self._grads.reset(s.param for c in self.chunks for s in c.slots)
+        self._in_flight = self._summed = 0
+
     def entries(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """Per parameter of this replica's chunks, its summed gradient (a view of ``summed``)."""
         return [(s.param, self.summed[k][s.offset:s.offset + s.numel]) for k in sorted(self.summed)

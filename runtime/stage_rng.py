@@ -228,6 +228,7 @@ class StageRng:
         self.device = device
         self._at: dict[tuple[str, int, int], torch.Tensor] = {}
         self._end: torch.Tensor | None = None
+        self._start: torch.Tensor | None = None  # the generator at the walk's start, until ``finish``
 
     def begin(self) -> None:
         """Walk one process's step from the generator's state now; the generator is left there."""
@@ -249,6 +250,7 @@ class StageRng:
                         else:
                             replay(self.draws[j], scratch)
         self._end = get_state(self.device)
+        self._start = start
         set_state(self.device, start)
 
     def enter(self, stage: int, microbatch: int) -> None:
@@ -270,4 +272,11 @@ class StageRng:
         if self.on:
             assert not self._at, f"forwards never run: {sorted(self._at)}"
             set_state(self.device, self._end)
-            self._end = None
+            self._end = self._start = None
+
+    def abandon(self) -> None:
+        """A step that failed between ``begin`` and ``finish`` (runtime.stage_failure): the
+        generator back to the state it had at the step's start, the walk's states dropped."""
+        if self._start is not None:
+            set_state(self.device, self._start)
+        self._at, self._end, self._start = {}, None, None

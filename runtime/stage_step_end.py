@@ -14,7 +14,7 @@ from memtrain.planner.plan import Action
 from memtrain.runtime.stage_clip import clip_rank
 from memtrain.runtime.stage_zero import ShardedOptimizer
 
-__all__ = ["StageStepEnd"]
+__all__ = ["StageStepEnd", "grad_report"]
 
 
 class StageStepEnd:
@@ -90,3 +90,14 @@ class StageStepEnd:
     def _clip(self, a: Action) -> None:
         """``CLIP``: the rank's gradients clipped by the global norm (runtime.stage_clip ``clip_rank``)."""
         self._grad_norm = clip_rank(self, str(a))
+
+
+def grad_report(worker, stage: int):
+    """What a parameter ``stage`` of ``worker`` owns reports when its gradient is final: the
+    ZeRO-2 stage's ``grad_ready`` (its buckets', runtime.stage_zero, or an offloaded stage's
+    chunks', runtime.stage_offload_zero), or None."""
+    st = worker.offloaded.get(stage)
+    if st is not None:
+        return st.reducer.grad_ready if st.reducer is not None else None
+    opt = worker.optims.get(stage)
+    return opt.grad_ready if isinstance(opt, ShardedOptimizer) and opt.zero2 else None

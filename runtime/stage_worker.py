@@ -24,7 +24,9 @@ recomputes or swaps its saved activations as ``PipelineSpec.activations`` says
 (runtime.stage_activations; a recompute replays its forward's random draws, so bitwise keep's).
 With ``PipelineSpec.max_grad_norm`` the program's ``CLIP`` clips every gradient by the global
 norm all ranks agree on (runtime.stage_clip); ``optimizer.param_groups`` name the whole model's
-parameters, and each stage's optimizer steps the groups it holds (runtime.stage_groups).
+parameters, and each stage's optimizer steps the groups it holds (runtime.stage_groups). A
+step that fails half-way gives back what it held and leaves the worker refusing further steps
+(runtime.stage_failure [Note: a failed step poisons the worker]).
 
 [Note: same initial weights] Every worker builds only its stages' blocks, on the meta device and
 then materialised by replaying the run's seeded random stream (``models.gpt_blocks``), so each
@@ -32,7 +34,8 @@ parameter has the single-process value bit for bit while a worker holds its bloc
 start-up, the largest single module of the others.
 
 [Note: devices of a worker] A worker computes on the GPU Ray gave its actor (the bundle's ``GPU``
-resource: Ray sets ``CUDA_VISIBLE_DEVICES``), else on the CPU; ``StepResult.device`` says which,
+resource: Ray sets ``CUDA_VISIBLE_DEVICES``), else on the CPU, even where torch sees the node's
+GPUs (runtime.stage_device); ``StepResult.device`` says which,
 so a run whose plan assumed GPUs that torch cannot see says so. Transfers and collectives go
 through gloo in host memory (a tensor on the GPU is copied out before a send and in after a
 receive); NCCL between GPUs is not used yet.
@@ -67,12 +70,14 @@ from memtrain.models.gpt_blocks import TIED_NAMES, build_blocks, global_names, p
 from memtrain.planner.plan import Action, Op
 from memtrain.runtime.data import TokenBatches
 from memtrain.runtime.stage_activations import RankActivations
+from memtrain.runtime.stage_device import worker_device
+from memtrain.runtime.stage_failure import abandon_step, check_usable
 from memtrain.runtime.stage_groups import group_lr, stage_groups, step_lr
 from memtrain.runtime.stage_offload import OffloadedStage, build_offloaded, close_offloaded, state_bytes
 from memtrain.runtime.stage_rng import StageRng, get_state, offset_steps, set_state, trace_gpt
 from memtrain.runtime.stage_state import load_rank_state, rank_state
 from memtrain.runtime.stage_spec import PIPELINE_DTYPES, PipelineSpec, StepResult, block_ranges, early_posts
-from memtrain.runtime.stage_step_end import StageStepEnd
+from memtrain.runtime.stage_step_end import StageStepEnd, grad_report
 from memtrain.runtime.stage_zero import ShardedOptimizer, zero2_buckets
 
 __all__ = ["PipelineSpec", "StageWorker", "StepResult", "block_ranges", "PIPELINE_DTYPES"]
@@ -111,6 +116,8 @@ class StageWorker(StageStepEnd):
         """When the previous step ended (``StepResult.between_s``)."""
         self._posts = early_posts(program)
         """comm.p2p [Note: receives posted early]: before action ``k``, the receives to post."""
+        self.failed_step: str | None = None
+        """Why this worker is poisoned (runtime.stage_failure [Note: a failed step poisons the worker])."""
 
     # ---- start-up --------------------------------------------------------------------------
 
@@ -127,7 +134,7 @@ class StageWorker(StageStepEnd):
         spec = self.spec
         torch.set_num_threads(spec.num_threads)
         # [Note: devices of a worker] the GPU Ray gave the actor (CUDA_VISIBLE_DEVICES), else the CPU
-        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = worker_device()
         join(self.rank, Rendezvous(host=host, port=port, world_size=spec.world_size, timeout_s=spec.timeout_s),
              self._store)
         try:
@@ -188,6 +195,8 @@ class StageWorker(StageStepEnd):
             self.uses[s] = params
             self.owns[s] = [q for q in params if id(q) not in seen]
             seen.update(id(q) for q in params)
+        self.owner = {id(q): s for s in self.stages for q in self.owns[s]}
+        """Per parameter id, the stage of this rank that owns it (its optimizer's, its gradient count's)."""
         # the built-in GPT shares one table between its first and last blocks (tied embeddings);
         # where the two ends sit on different ranks, each holds a copy and their gradients are summed
         self.tied: dict[int, list[nn.Parameter]] = {}
@@ -263,36 +272,41 @@ class StageWorker(StageStepEnd):
     def run_step(self, step: int, lr: float | Sequence[float] | None = None) -> StepResult:
         """Run the program once on step ``step``'s batch, its optimizer steps at ``lr``: one
         number, one per parameter group, or None: each group's own (runtime.stage_groups)."""
+        check_usable(self, f"run_step({step})")
         t0 = time.perf_counter()
         between = t0 - self._step_end if self._step_end is not None else 0.0
-        self._lr, self._grad_norm = step_lr(self.spec.optimizer, lr), None
-        for s, opt in self.optims.items():
-            for g, gi in zip(opt.param_groups, self.group_ids[s], strict=True):
-                g["lr"] = group_lr(self.spec.optimizer, gi, self._lr)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self._load_batch(step)
-        for st in self.offloaded.values():
-            st.start_window()
-        self.acts.start_window()
-        self.rng.begin()
-        record: list[str] = []
-        times: list[float] = []
-        for k, a in enumerate(self.program):
-            for r in self._posts.get(k, ()):  # comm.p2p [Note: receives posted early]
-                self.channel.post(*self._recv_from(r), str(r))
-            handler = self.handlers.get(a.op)
-            if handler is None:
-                raise RuntimeError(f"rank {self.rank}: no handler for op {a.op.value} ({a}) in its program")
-            t = time.perf_counter()
-            handler(a)
-            times.append(time.perf_counter() - t)
-            record.append(str(a))
-        self.rng.finish()
-        self.channel.flush()
-        left = [k for k, v in (("inbox", self.inbox), ("outbox", self.outbox), ("saved", self.saved),
-                               ("for_w", self.for_w)) if v]
-        assert not left, f"rank {self.rank}: step {step} ended with tensors left in {left}"
+        try:
+            self._lr, self._grad_norm = step_lr(self.spec.optimizer, lr), None
+            for s, opt in self.optims.items():
+                for g, gi in zip(opt.param_groups, self.group_ids[s], strict=True):
+                    g["lr"] = group_lr(self.spec.optimizer, gi, self._lr)
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            self._load_batch(step)
+            for st in self.offloaded.values():
+                st.start_window()
+            self.acts.start_window()
+            self.rng.begin()
+            record: list[str] = []
+            times: list[float] = []
+            for k, a in enumerate(self.program):
+                for r in self._posts.get(k, ()):  # comm.p2p [Note: receives posted early]
+                    self.channel.post(*self._recv_from(r), str(r))
+                handler = self.handlers.get(a.op)
+                if handler is None:
+                    raise RuntimeError(f"rank {self.rank}: no handler for op {a.op.value} ({a}) in its program")
+                t = time.perf_counter()
+                handler(a)
+                times.append(time.perf_counter() - t)
+                record.append(str(a))
+            self.rng.finish()
+            self.channel.flush()
+            left = [k for k, v in (("inbox", self.inbox), ("outbox", self.outbox), ("saved", self.saved),
+                                   ("for_w", self.for_w)) if v]
+            assert not left, f"rank {self.rank}: step {step} ended with tensors left in {left}"
+        except BaseException as e:  # runtime.stage_failure [Note: a failed step poisons the worker]
+            abandon_step(self, step, e)
+            raise
         losses = tuple(self.losses[i] for i in sorted(self.losses))
         grads = self.grad_bytes
         self._new_step_state()
@@ -397,12 +411,11 @@ class StageWorker(StageStepEnd):
     def _weights(self, a: Action) -> None:
         """[Note: B and W] The last module first, as a whole backward finishes them (each
         module's gradients are its own, so the order changes no value), each parameter reported
-        to a ZeRO-2 stage's buckets as it is final (runtime.stage_zero)."""
+        to its owning stage's ZeRO-2 buckets or chunks as it is final (runtime.stage_zero,
+        runtime.stage_offload_zero): a table another stage of this rank owns (the tied embedding
+        of a V's two ends) is counted there, as its gradient hook counts it under a whole backward."""
         kept, kept_grads = self.for_w.pop((a.stage, a.microbatch))
-        opt = self.optims.get(a.stage)
-        ready = opt.grad_ready if isinstance(opt, ShardedOptimizer) and opt.zero2 else None
-        reducer = self.offloaded[a.stage].reducer if a.stage in self.offloaded else None
-        ready = reducer.grad_ready if reducer is not None else ready  # runtime.stage_offload_zero
+        ready = {s: grad_report(self, s) for s in self.stages}
         todo = list(reversed(list(zip(kept, kept_grads, strict=True))))
         final = {id(q): j for j, ((params, _), _) in enumerate(todo) for q in params}  # a module run twice: its last
         for j, ((params, out), grad) in enumerate(todo):
@@ -411,8 +424,9 @@ class StageWorker(StageStepEnd):
                     q.grad = g
                 else:
                     q.grad.add_(g)
-                if ready is not None and final[id(q)] == j:
-                    ready(q)
+                report = ready[self.owner[id(q)]]
+                if report is not None and final[id(q)] == j:
+                    report(q)
 
     def _send_f(self, a: Action) -> None:
         s, i = a.stage, a.microbatch
@@ -445,10 +459,12 @@ class StageWorker(StageStepEnd):
 
     def state(self) -> dict:
         """This rank's part of a checkpoint (runtime.stage_state ``rank_state``)."""
+        check_usable(self, "state()")
         return rank_state(self)
 
     def load_state(self, state: dict) -> None:
         """Continue from ``state`` (``state()`` of the same rank of a run with the same plan)."""
+        check_usable(self, "load_state()")
         load_rank_state(self, state)
 
     # ---- end ------------------------------------------------------------------------------

@@ -50,7 +50,12 @@ report, copy and wait of the step; recounting every parameter's ``.grad`` there 
 bookkeeping quadratic in the parameters (a stage of P parameters: about P reports of P reads
 each). ``HeldGrads`` keeps the count per parameter instead, updated only for the parameter or
 bucket that changed (linear): all of them at ``arm``, one at its report (a deferred one's too,
-which starts nothing), a bucket's at its copy, and the pieces kept by what each adds.
+which starts nothing; a ``W`` reports a parameter to the stage that owns it, so a table another
+stage of the rank grows is counted by its owner), a bucket's at its copy (a tied weight's zeros
+made at ``ALLREDUCE`` included), and the pieces kept by their storage (a view of the padded
+reduce-scatter output). Each reading is that sum as it stands plus the copy being made, never a
+delta on the last reading (buckets finished in between would be missed): every reading equals a
+recount of every gradient storage held (tests/integration/test_pipeline_zero2_count.py).
 ``grad_bytes`` stays the full recount, read once a step and by the tests against the running
 figure.
 """
@@ -244,9 +249,12 @@ class ShardedOptimizer:
     def _is_early(self, k: int) -> bool:
         return any(id(self.params[i]) in self._early for i in self.buckets[k])
 
-    def _note(self, delta: int) -> None:
-        """``delta`` bytes more held; 0: the held bytes as they stand, by the running counts."""
-        self._held = self._held + delta if delta else self.held_bytes
+    def _note(self, copying: int) -> None:
+        """A reading: the held bytes as they stand, by the running counts (``held_bytes``), plus
+        ``copying`` bytes of a copy being made and not yet held anywhere counted. Never a delta
+        on the last reading: a bucket finished between two readings (its input given back, its
+        piece kept) would be missed."""
+        self._held = self.held_bytes + copying
         self.peak_grad_bytes = max(self.peak_grad_bytes, self._held)
 
     @property
@@ -260,8 +268,10 @@ class ShardedOptimizer:
         return sum(p.input_bytes for _, p in self._pending) + self._pieces_bytes  # at most MAX_IN_FLIGHT pending
 
     def _keep_piece(self, k: int, piece: torch.Tensor) -> None:
+        """Keep bucket ``k``'s shard piece, counted by its storage: a view of the reduce-scatter's
+        output, which holds the padded slice (``per`` elements) where this replica's is shorter."""
         self._pieces[k] = piece
-        self._pieces_bytes += piece.numel() * piece.element_size()
+        self._pieces_bytes += piece.untyped_storage().nbytes()
 
     def _start(self, k: int) -> None:
         """Bucket ``k``'s gradients copied out (their ``.grad`` dropped) and its reduce-scatter started."""
@@ -397,6 +407,15 @@ class ShardedOptimizer:
                 self.master[got:got + mine] = torch.cat([self.params[i].detach().reshape(-1) for i in idx])[lo:lo + mine]
                 got += mine
         self.optimizer.load_state_dict(state)
+
+    def abandon(self) -> None:
+        """A failed step (runtime.stage_failure): its gradients, buckets under way and shard sums
+        dropped, disarmed. A reduce-scatter under way is not waited for (its replicas may never
+        join it); the process group keeps its buffers until it ends."""
+        self._armed, self._next, self._pending, self._pieces, self._pieces_bytes = None, 0, [], {}, 0
+        self.zero_grad()
+        self._grads.reset(self.params)
+        self._held = 0
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:

@@ -53,21 +53,30 @@ def test_zero2_starts_each_bucket_under_the_backward_and_steps_as_torch():
 
 
 class _Checked(ShardedOptimizer):
-    """A sharded optimizer that checks its running count against a full recount at every reading."""
+    """A sharded optimizer that checks its running count against a full recount at every reading:
+    every gradient tensor it holds, by storage bytes, plus the bucket copy being made then."""
 
     checks = 0
 
-    def _note(self, delta: int) -> None:
-        if not delta:
-            assert self.held_bytes == self.grad_bytes + self._in_flight(), (self.held_bytes, self.grad_bytes)
-            type(self).checks += 1
-        super()._note(delta)
+    def _note(self, copying: int) -> None:
+        super()._note(copying)
+        storages = [q.grad.untyped_storage() for q in self.params if q.grad is not None]
+        storages += [p.flat.untyped_storage() for _, p in self._pending if p.flat is not None]
+        storages += [t.untyped_storage() for t in self._pieces.values()]
+        storages += [self._grad.untyped_storage()] if self._grad is not None else []
+        held = sum({st.data_ptr(): st.nbytes() for st in storages}.values())
+        assert self._held == held + copying, (self._held, held, copying)
+        type(self).checks += 1
 
 
 @pytest.mark.parametrize("microbatches", [1, 2])
-def test_running_gradient_count_equals_a_recount_at_every_reading(microbatches: int) -> None:
+@pytest.mark.parametrize("deferred_grad", ["dropped", "zeros"])
+def test_running_gradient_count_equals_a_recount_at_every_reading(microbatches: int, deferred_grad: str) -> None:
     """[Note: gradient bytes counted as they change]: with one micro-batch every .grad appears
-    after ``arm`` (a deferred parameter's without starting anything), with two they were there."""
+    after ``arm`` (a deferred parameter's without starting anything), with two they were there;
+    a deferred .grad changed without a report before ``reduce_grads`` (dropped, or the zeros the
+    worker's ALLREDUCE makes for a tied weight without one, runtime.stage_step_end) counts at the
+    first reading after, its bucket's copy."""
     model = _model()
     params = list(model.parameters())
     deferred = {id(params[0])}
@@ -80,7 +89,7 @@ def test_running_gradient_count_equals_a_recount_at_every_reading(microbatches: 
     _Checked.checks = 0
     opt.arm("0REDUCE_SCATTER1")
     model(x).square().sum().backward()
-    params[0].grad = None  # a deferred .grad changed without a report: recounted as its bucket starts
+    params[0].grad = None if deferred_grad == "dropped" else torch.zeros_like(params[0])
     opt.reduce_grads("0ALLREDUCE")
     assert _Checked.checks >= len(params) + len(opt.buckets)  # every report and start was checked
     assert opt.peak_grad_bytes >= 4 * sum(q.numel() for q in params[1:])

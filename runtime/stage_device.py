@@ -1,0 +1,45 @@
+"""Which device a pipeline worker computes on (runtime.stage_worker [Note: devices of a worker]).
+
+A worker computes on a GPU only where it was given one: in a Ray task or actor, the GPUs Ray
+assigned to it (its bundle's ``GPU`` resource, for which Ray sets ``CUDA_VISIBLE_DEVICES`` to
+them, so the first is ``cuda:0``); outside Ray (a worker made in-process, as the unit tests do),
+any GPU torch sees. ``torch.cuda.is_available()`` alone is not enough in Ray: for a task or actor
+given no GPU, Ray (2.60) leaves ``CUDA_VISIBLE_DEVICES`` as the node's unless
+``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1``, so a rank placed on CPUs of a GPU node would compute on
+that node's first GPU, beside (or instead of) the ranks that were given it, and the plan's CPU
+figures would not hold.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["worker_device", "assigned_gpus", "choose_device"]
+
+
+def worker_device() -> torch.device:
+    """This process's compute device as a pipeline worker (the module doc)."""
+    return choose_device(torch.cuda.is_available(), assigned_gpus())
+
+
+def assigned_gpus() -> list[str] | None:
+    """The ids of the GPUs Ray assigned to the task or actor running in this process; None
+    outside a Ray worker process (the driver, or no Ray)."""
+    try:
+        import ray
+    except ImportError:  # pragma: no cover (ray is a dependency)
+        return None
+    if not ray.is_initialized():
+        return None
+    ctx = ray.get_runtime_context()
+    if ctx.worker.mode != ray.WORKER_MODE:
+        return None
+    return [str(i) for i in ctx.get_accelerator_ids().get("GPU", [])]
+
+
+def choose_device(cuda_available: bool, gpus: list[str] | None) -> torch.device:
+    """``cuda:0`` where torch sees a GPU and Ray gave this worker one (``gpus`` non-empty) or
+    this is no Ray worker (``gpus`` None); else the CPU."""
+    if not cuda_available or gpus == []:
+        return torch.device("cpu")
+    return torch.device("cuda", 0)
