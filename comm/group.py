@@ -1,8 +1,11 @@
 """Process groups inside Ray actors: a ``torch.distributed`` world joined through a TCP store.
 
 Rank 0 hosts a ``TCPStore`` on a free port (``host_store``); the driver hands its address to
-every rank, and each joins the world with ``join`` (gloo on CPU, NCCL on CUDA). Every group has
-an explicit timeout: a collective or receive that waits longer raises instead of hanging.
+every rank, and each joins the world with ``join``. The pipeline's world is gloo, also between
+GPU workers, whose transfers and sums go through host memory (runtime.stage_worker copies a
+tensor to the host to send it and back to its device once received); NCCL is not used yet (no
+machine here has the two GPUs its tests need). Every group has an explicit timeout: a
+collective or receive that waits longer raises instead of hanging.
 """
 
 from __future__ import annotations
@@ -11,10 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-import torch
 import torch.distributed as dist
 
-__all__ = ["CommError", "Rendezvous", "backend_for", "host_store", "join", "leave", "subgroups"]
+__all__ = ["CommError", "Rendezvous", "host_store", "join", "leave", "subgroups"]
 
 
 class CommError(RuntimeError):
@@ -44,11 +46,6 @@ class Rendezvous:
             raise ValueError(f"timeout_s: must be > 0, got {self.timeout_s}")
         if self.backend not in ("gloo", "nccl"):
             raise ValueError(f"backend: must be 'gloo' or 'nccl', got {self.backend!r}")
-
-
-def backend_for(device: torch.device | str) -> str:
-    """NCCL for CUDA tensors, gloo for everything else."""
-    return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
 def host_store(host: str, world_size: int, timeout_s: float) -> dist.TCPStore:
