@@ -384,6 +384,7 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                      assignments=assignments) as run:
         if states is not None:
             run.load_states(dict(states))
+
         def lr_of(k: int) -> float | Sequence[float] | None:
             return step_lr(optim, lr_at(k)) if lr_at is not None else None
 
