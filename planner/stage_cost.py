@@ -45,6 +45,16 @@ the others' updated masters, gathered, into its files. Under ZeRO-2 its gradient
 to their owners under the last backward, chunk by chunk, as a device stage's buckets
 (runtime.stage_offload_zero; the time and the copies under way are planner.hetero_plan's).
 
+[Note: a device stage's states] A pipeline worker keeps a device stage's parameters in fp32 and
+computes under ``torch.autocast`` when ``train.dtype`` is bf16 (runtime.stage_worker: its blocks
+are built fp32 and never cast; ``torch.optim`` steps them in place), so its gradients and AdamW's
+two states are fp32 too and there is no separate master copy: ``2 · 4 + o`` bytes a parameter
+(``o`` the optimizer's state bytes), not the single-device bf16 chunk's ``2 + 4 + 4 + o``. The
+gradient autograd makes for the largest parameter in the backward's workspace is fp32 as well.
+Under ZeRO the shard's fp32 copy (runtime.stage_zero ``ShardedOptimizer.master``) is the ``4``
+beside its states. Checked against a worker's own count (``StageWorker.state_bytes``) in
+tests/unit/test_stage_states.py.
+
 ``StageModel.refine`` gives the estimate of the candidates the heterogeneous planner keeps (an
 offloaded stage's is the runtime's residency, not the single-device planner's streaming).
 """
@@ -58,10 +68,10 @@ from itertools import accumulate
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
 from memtrain.planner import cost
 from memtrain.planner.measured import MeasuredPipeline
-from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier, TrainShape
+from memtrain.planner.plan import ActPolicy, MemoryPolicy, TrainShape
 from memtrain.planner.stage_estimate import StageBudget, StageEstimate, stage_stats
-from memtrain.planner.stage_offload_cost import offloaded_estimate, placed
-from memtrain.planner.stats import DType, ModelStats, Optimizer, dtype_bytes
+from memtrain.planner.stage_offload_cost import PARAM_BYTES, offloaded_estimate, placed
+from memtrain.planner.stats import DType, ModelStats, Optimizer
 
 __all__ = ["StageBudget", "StageEstimate", "StageModel", "stage_stats"]
 
@@ -114,8 +124,6 @@ class StageModel:
         self.dtype, self.optimizer = DType(train.dtype), Optimizer(train.optimizer)
         blocks = stats.blocks
         self.num_blocks = len(blocks)
-        c = dtype_bytes(self.dtype)
-        self.c = c
         numel = {n: k for b in blocks for n, k in zip(b.param_names, b.param_numels)}
         owner = {n: q for q, b in enumerate(blocks) for n in b.param_names}
         # a shared parameter counts again in a stage that uses it without holding its owner
@@ -129,8 +137,9 @@ class StageModel:
         self.max_block_params = _RangeMax([b.num_params for b in blocks])
         self.range_ids = self._canonical_ranges()
         """Per [first][end], the id of ranges with the same blocks (``_canonical_ranges``)."""
-        self.state_per_param = cost.chunk_bytes(Tier.DEVICE, 1, self.dtype, self.optimizer)[Tier.DEVICE]
-        self.shared_per_param = dtype_bytes(self.dtype) + 4  # ZeRO: the parameter and its fp32 gradient, whole
+        # [Note: a device stage's states] fp32 parameters, gradients and optimizer states, whatever train.dtype
+        self.state_per_param = 2 * PARAM_BYTES + cost.optimizer_state_bytes_per_elem(self.optimizer)
+        self.shared_per_param = 2 * PARAM_BYTES  # ZeRO: the parameter and its gradient, whole
         self._times: dict[DeviceSpec, tuple[list[float], list[float]]] = {}
         self._places: dict[tuple, int] = {}
         self._where: list[tuple[DeviceSpec, HostSpec, NvmeSpec | None, StageBudget]] = []
@@ -237,9 +246,9 @@ class StageModel:
         fwd, bwd = self._compute(device)
         f_s, b_s = fwd[end] - fwd[first], bwd[end] - bwd[first]
         n = self.num_params(first, end)
-        c = self.c
         last = end == self.num_blocks
-        work = self.max_work(first, end) + (self.stats.loss_activation_bytes if last else 0) + c * self.max_param(first, end)
+        work = (self.max_work(first, end) + (self.stats.loss_activation_bytes if last else 0)
+                + PARAM_BYTES * self.max_param(first, end))  # [Note: a device stage's states]
         acts, inputs = self.acts[end] - self.acts[first], self.inputs[end] - self.inputs[first]
         best: StageEstimate | None = None
         if self.activations in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME):
@@ -315,12 +324,13 @@ class StageModel:
                              policy=_act_policy(n, end - first, self.activations))
 
     def device_state_bytes(self, n: int) -> int:
-        """A stage of ``n`` parameters kept on the device: its model states' bytes ([Note: ZeRO in
-        a stage's estimate]: under ZeRO, the optimizer states and fp32 copy of a ``1 / shards`` share)."""
+        """A stage of ``n`` parameters kept on the device: its model states' bytes, as its worker
+        holds them ([Note: a device stage's states]; [Note: ZeRO in a stage's estimate]: under
+        ZeRO, the optimizer states and fp32 copy of a ``1 / shards`` share)."""
         if self.shards == 1:
             return n * self.state_per_param
         return n * self.shared_per_param + -(-n // self.shards) * (self.state_per_param - self.shared_per_param
-                                                                   + 4 * (self.dtype is DType.FP32))
+                                                                   + PARAM_BYTES)
 
     def refine(self, first: int, end: int, where: int, in_flight: int, num_microbatches: int,
                in_bw: int = 0) -> StageEstimate:

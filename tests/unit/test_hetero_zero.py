@@ -23,12 +23,13 @@ def _plan(zero: int) -> Plan:
 
 def test_zero_shards_the_states_and_zero2_hides_its_reduce_under_the_last_backward():
     plain, zero1, zero2 = _plan(0), _plan(1), _plan(2)
-    per_param = cost.chunk_bytes("device", 1, "bf16", "adamw")["device"]  # 2 + 4 + 4 + 8: bf16 param, fp32 grad
-    sharded = per_param - 2 - 4  # the fp32 copy and AdamW's two states: half of them per copy
+    # fp32 parameters, gradients and AdamW's two states (planner.stage_cost [Note: a device stage's
+    # states]); ZeRO keeps the states of half of them per copy with that half's fp32 copy
+    o = cost.optimizer_state_bytes_per_elem("adamw")
     for r in range(2):
         static = {name: p.prediction.devices[r].breakdown["device"]["states, buffers, workspace"]
                   for name, p in (("0", plain), ("1", zero1), ("2", zero2))}
-        assert static["0"] - static["1"] == N * sharded - N // 2 * sharded
+        assert static["0"] - static["1"] == N * (4 + 4 + o) - (N * (4 + 4) + N // 2 * (4 + o))
         assert static["1"] == static["2"]
         # after the sum each copy keeps half the fp32 gradient: the memory line ends that much lower
         for p in (zero1, zero2):
