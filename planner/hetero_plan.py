@@ -56,6 +56,7 @@ from memtrain.planner.plan import (
     Action, ActPolicy, DevicePrediction, MemoryPoint, MemoryPolicy, Op, PipelineAlternative, PipelinePlan, Plan,
     Prediction, RankPlan, TimelineEvent, TrainShape,
 )
+from memtrain.planner.simulate_builder import copy_streams
 from memtrain.planner.simulate_pipeline import (REDUCE_BUCKET_ELEMS, REDUCE_IN_FLIGHT, Link, PipelineResult, StageCost,
                                                 clip_time_s, simulate_pipeline)
 from memtrain.planner.stage_cost import StageEstimate
@@ -135,8 +136,15 @@ def _stage_costs(cand: Candidate, estimates: list[StageEstimate]) -> list[StageC
         w = model.w_share(first, end, cand.ranks[cand.stage_ranks[s]][1]) if split else 0.0
         out.append(StageCost(fwd_s=est.fwd_s, bwd_s=grads * (1 - w) + est.recompute_s if split else est.bwd_s,
                              wgrad_s=grads * w, activation_bytes=est.act_bytes,
-                             bw_bytes=est.bw_bytes if split else 0, output_bytes=out_bytes))
+                             bw_bytes=est.bw_bytes if split else 0, output_bytes=out_bytes,
+                             fetch_s=est.fetch_s, fetch_stream=_fetch_stream(cand, s) if est.fetch_s else "h2d"))
     return out
+
+
+def _fetch_stream(cand: Candidate, s: int) -> str:
+    """The stream stage ``s``'s fetch runs on, without its rank: the device's copy stream, the
+    compute stream on a CPU device (planner.simulate_builder ``copy_streams``)."""
+    return copy_streams(cand.ranks[cand.stage_ranks[s]][1])[0]
 
 
 def _links(cand: Candidate, cluster: ClusterSpec) -> dict[tuple[int, int], Link]:
@@ -156,6 +164,8 @@ def _run(cand: Candidate, costs: list[StageCost], links, m: int) -> PipelineResu
     shape = cand.shape
     place = pipeline.Placement(cand.stage_ranks)
     sched = pipeline.add_p2p(pipeline.generate(shape.schedule, shape.pipeline, m), place)
+    # an offloaded stage's fetch where its rank's program has it (runtime.stage_offload [Note: a stage's step])
+    sched = pipeline.add_offload_points(sched, [s for s, c in enumerate(costs) if c.fetch_s > 0])
     # unused default: every pair of ranks that sends has its link in ``links`` (_links)
     return simulate_pipeline(sched, place, costs, Link(gbps=1.0), links=links)
 
@@ -419,7 +429,7 @@ def _memory_line(sim: Simulated, r: int) -> tuple[MemoryPoint, ...]:
 
 
 def _timeline(sim: Simulated) -> tuple[TimelineEvent, ...]:
-    """Per rank its passes, sends, all-reduce and optimizer step; an extrapolated run's repeated
+    """Per rank its passes, sends, offloaded stages' fetches, all-reduce and optimizer step; an extrapolated run's repeated
     micro-batches as one ``repeated:`` event per rank where they run ([Note: repeated
     micro-batches in the picture]), or after its last pass when the schedule has no steady stretch."""
     res, cand = sim.result, sim.cand
@@ -437,6 +447,10 @@ def _timeline(sim: Simulated) -> tuple[TimelineEvent, ...]:
             first_after[r] = min(first_after.get(r, i), i)
         elif sim.cut_s is not None and a < sim.cut_s:
             before_cut[r] = max(before_cut.get(r, 0.0), b)
+    for s, (a, b) in res.fetch_times.items():  # an offloaded stage's PREFETCH, before the short run's cut
+        r = cand.stage_ranks[s]
+        events.append(TimelineEvent(stream=f"{_fetch_stream(cand, s)}:{r}", name=str(Action(s, Op.PREFETCH)),
+                                    start_s=a, end_s=b))
     for (op, s, i), (a, b) in res.send_times.items():
         src = cand.stage_ranks[s]
         dst = cand.stage_ranks[s + 1] if op is Op.SEND_F else cand.stage_ranks[s - 1]

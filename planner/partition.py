@@ -419,9 +419,10 @@ def partition(cand: Candidate) -> None:
     for s, est in enumerate(cand.estimates):
         r = cand.stage_ranks[s]
         busy[r] += m * (est.fwd_s + est.bwd_s)
-        tail[r] += est.tail_s + reduce_time_s(model, shape.schedule, est, model.num_params(*bounds[s]),
-                                              shape.data_parallel, cand.ar_links[r],
-                                              model.w_share(*bounds[s], cand.ranks[r][1]))
+        # an offloaded stage's fetch counted whole here; the simulation puts it before the first forward
+        tail[r] += est.fetch_s + est.tail_s + reduce_time_s(
+            model, shape.schedule, est, model.num_params(*bounds[s]), shape.data_parallel, cand.ar_links[r],
+            model.w_share(*bounds[s], cand.ranks[r][1]))
     ratio = bubble_ratio(shape.schedule, p, m) or 0.0
     cand.estimate_s = max(busy) * (1 + ratio) + max(tail) + model.step_overhead_s([r[1] for r in cand.ranks])
 

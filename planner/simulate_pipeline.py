@@ -16,6 +16,12 @@ to the end of the ``W`` too (planner.stage_cost [Note: activations between B and
 per-rank memory this gives is the activation part only; chunks and offload per stage are the
 single-device simulator's.
 
+An offloaded stage's ``PREFETCH`` (planner.pipeline ``add_offload_points``: before the stage's
+first action on its rank) is a task of its ``fetch_s`` on the rank's ``fetch_stream`` (its copy
+stream, ``h2d:<rank>``; ``compute:<rank>`` on a CPU device, where the copy is the training
+thread's), issued after the rank's action before it, and the stage's first forward waits for it
+(runtime.stage_offload [Note: a stage's step]).
+
 A program's step end, where it has one (planner.pipeline ``add_step_end``): ``ALLREDUCE`` holds
 the rank for the stage's ``reduce_s`` (its gradients summed over the replicas) and ``OPTIM`` for
 its ``optim_s``. [Note: ZeRO-2 overlap] After ``sREDUCE_SCATTER`` (planner.pipeline
@@ -90,6 +96,10 @@ class StageCost:
     """``OPTIM``: its optimizer step (ZeRO: the shard's, and the all-gather of the shards)."""
     reduce_buckets: int = 1
     """ZeRO-2: the buckets its reduce-scatter comes in ([Note: ZeRO-2 overlap])."""
+    fetch_s: float = 0.0
+    """``PREFETCH``: an offloaded stage's fetch before its first forward (0: none)."""
+    fetch_stream: str = "h2d"
+    """The rank's stream the fetch runs on (``h2d``, or ``compute`` on a CPU device)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +134,8 @@ class PipelineResult:
     reduce_times: dict[int, tuple[float, float]] = field(default_factory=dict)
     """Per stage with an ``ALLREDUCE``, its gradients' sum: (start, end) (ZeRO-2: from its first
     bucket's reduce-scatter to its last's)."""
+    fetch_times: dict[int, tuple[float, float]] = field(default_factory=dict)
+    """Per stage with a ``PREFETCH``, its fetch: (start, end)."""
 
 
 def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[StageCost], link: Link,
@@ -171,8 +183,10 @@ def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[Sta
     busy = sum(end - start for start, end in passes.values())
     peaks = {r: res.peak_bytes.get(f"rank{r}", 0) for r in schedule}
     sends = {k: (res.start_s[t], res.finish_s[t]) for k, t in task.items() if k[0] in (Op.SEND_F, Op.SEND_B)}
+    fetches = {k[1]: (res.start_s[t], res.finish_s[t]) for k, t in task.items() if k[0] is Op.PREFETCH}
     return PipelineResult(step_time_s=step, bubble_fraction=1.0 - busy / (step * len(schedule)) if step else 0.0,
-                          peak_bytes=peaks, pass_times=passes, send_times=sends, reduce_times=reduces)
+                          peak_bytes=peaks, pass_times=passes, send_times=sends, reduce_times=reduces,
+                          fetch_times=fetches)
 
 
 def _task_deps(a: Action, task: dict, place: Placement, r: int, last: int, has_p2p: bool) -> list[int] | None:
@@ -231,8 +245,12 @@ def _add(g: TaskGraph, task: dict, a: Action, r: int, deps: list[int], place: Pl
             t = g.add(str(a), compute, cost.reduce_s, deps=deps)
     elif a.op is Op.OPTIM:
         t = g.add(str(a), compute, cost.optim_s, deps=deps)
+    elif a.op is Op.PREFETCH:  # after the rank's action before it; the stage's first F waits for it
+        before = [g.last_on[compute]] if compute in g.last_on else []
+        t = first[("fetch", s)] = g.add(str(a), f"{cost.fetch_stream}:{r}", cost.fetch_s, deps=before)
     elif a.op is Op.F:
-        t = g.add(str(a), compute, cost.fwd_s, deps=deps, alloc_end=[(tier, owner, cost.activation_bytes)])
+        fetched = [first.pop(("fetch", s))] if ("fetch", s) in first else []
+        t = g.add(str(a), compute, cost.fwd_s, deps=deps + fetched, alloc_end=[(tier, owner, cost.activation_bytes)])
     elif a.op is Op.B:
         frees = [] if split_w else [(tier, owner, cost.activation_bytes)]
         t = g.add(str(a), compute, cost.bwd_s, deps=deps, free_end=frees,
