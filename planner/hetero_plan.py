@@ -107,6 +107,8 @@ class Simulated:
     copy_bytes: list[int] | None = None
     """Per rank, the most device bytes its gradients' copies take after the passes ([Note:
     gradient copies after the passes])."""
+    act_bytes: list[int] | None = None
+    """Per rank, its activations' peak alone (its received buffers and gradient copies apart)."""
 
     @property
     def fits(self) -> bool:
@@ -276,9 +278,12 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
         host[r] += est.host_bytes
         nvme[r] += est.nvme_bytes
         act_gpipe[r] += m * est.act_bytes
-    acts = [result.peak_bytes.get(r, 0) for r in range(p)]
-    if simulated < m and shape.schedule == "gpipe":
-        acts = act_gpipe  # GPipe holds every micro-batch: the short run holds fewer
+    acts = [result.peak_bytes.get(r, 0) for r in range(p)]  # received buffers included
+    act_only = [result.act_peak_bytes.get(r, 0) for r in range(p)] if simulated == m or shape.schedule != "gpipe" \
+        else act_gpipe
+    if simulated < m and shape.schedule == "gpipe":  # GPipe holds every micro-batch: the short run holds fewer
+        # (the received buffers as the short run has them beside its peak of activations)
+        acts = [g + result.peak_bytes.get(r, 0) - result.act_peak_bytes.get(r, 0) for r, g in enumerate(act_gpipe)]
     device = [a + max(b, c) for a, b, c in zip(static, acts, copy)]  # ZeRO: the sum's copy comes after the passes
     step = max(end + a + o for end, a, o in zip(ends, ar, opt))
     if model.train.clip_grad_norm:  # [Note: pipeline step] every update after the norm exchange
@@ -298,7 +303,7 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
                      busy_s=busy, end_s=ends, allreduce_s=ar, optimizer_s=opt, device_bytes=device,
                      static_bytes=static, host_bytes=host, nvme_bytes=nvme, simulated_microbatches=simulated,
                      problem=problem, cut_s=cut, shift_s=(m - simulated) * period, period_s=period,
-                     grad_bytes=grads if model.zero else None, copy_bytes=copy)
+                     grad_bytes=grads if model.zero else None, copy_bytes=copy, act_bytes=act_only)
 
 
 def _steady_cut(result: PipelineResult, m1: int) -> float | None:
@@ -356,8 +361,10 @@ interleaved 1F1B a group of ``p``. The memory lines repeat that many before the 
 def _memory_line(sim: Simulated, r: int) -> tuple[MemoryPoint, ...]:
     """Rank ``r``'s bytes in use per tier over the whole step. Device: its static bytes (states,
     buffers, workspace), plus each held micro-batch's activations from the end of its forward to
-    the end of its backward (or W), and under a split backward what its B brings back from the
-    B's start to the W's end (planner.stage_cost [Note: activations between B and W]). An
+    the end of its backward (or W), under a split backward what its B brings back from the
+    B's start to the W's end (planner.stage_cost [Note: activations between B and W]), and each
+    received buffer from its post to the start of the pass that takes it (planner.simulate_pipeline
+    [Note: received buffers]). An
     extrapolated run's repeated micro-batches are drawn ([Note: repeated micro-batches in the
     picture]): each (pass, stage) of the rank repeats its last
     ``PATTERN_MICROBATCHES`` before the cut (interleaved: a group of ``p``) as many periods
@@ -378,29 +385,42 @@ def _memory_line(sim: Simulated, r: int) -> tuple[MemoryPoint, ...]:
             return -est.act_bytes - (est.bw_bytes if split else 0)
         return est.bw_bytes  # a split backward's B, from its start
 
-    moves: list[tuple[float, int]] = []
-    ends: dict[tuple[Op, int], dict[int, float]] = defaultdict(dict)  # when each pass moves the line
-    first: dict[tuple[Op, int], int] = {}
+    # what moves the line: (kind, stage) -> per micro-batch (when, where it is placed by, bytes)
+    items: dict[tuple[object, int], dict[int, tuple[float, float, int]]] = defaultdict(dict)
     for (op, s, i), (start, end) in sim.result.pass_times.items():
         brings = split and op is Op.B and sim.estimates[s].bw_bytes > 0
         if sim.cand.stage_ranks[s] != r or (op not in (Op.F, frees) and not brings):
             continue
-        at = start if brings else end
-        shift, _ = _placed(sim, start, (op, s, i))
-        moves.append((at + shift, delta(op, s)))
-        ends[(op, s)][i] = at
-        if shift:
-            first[(op, s)] = min(first.get((op, s), i), i)
+        items[(op, s)][i] = (start if brings else end, start, delta(op, s))
+    for (op, s, i), (posted, taken, nbytes) in sim.result.recv_times.items():  # planner.simulate_pipeline
+        if sim.cand.stage_ranks[s] == r:  # [Note: received buffers]: held from the post to its pass
+            items[(("post", op), s)][i] = (posted, posted, nbytes)
+            items[(("take", op), s)][i] = (taken, taken, -nbytes)
+    moves: list[tuple[float, int]] = []
+    ends: dict[tuple[object, int], dict[int, float]] = defaultdict(dict)  # when each item moves the line
+    first: dict[tuple[object, int], int] = {}
+    for key, per_mb in items.items():
+        for i, (at, start, b) in per_mb.items():
+            shift, _ = _placed(sim, start, (Op.F, key[1], i))
+            moves.append((at + shift, b))
+            ends[key][i] = at
+            if shift:
+                first[key] = min(first.get(key, i), i)
     # the missing passes i0 .. i0+k-1 of each (pass, stage) repeat its last g before the cut,
     # g periods apart (the first after the cut, a period apart, where fewer came before)
     g = sim.cand.shape.pipeline if sim.cand.shape.schedule == "interleaved-1f1b" else PATTERN_MICROBATCHES
     k = sim.cand.shape.num_microbatches - sim.simulated_microbatches
-    for (op, s), i0 in first.items():
-        act = delta(op, s)
-        if all(i in ends[(op, s)] for i in range(i0 - g, i0)):
-            moves += [(ends[(op, s)][i0 - g + j % g] + (j // g + 1) * g * sim.period_s, act) for j in range(k)]
+    if sim.cut_s is not None:  # a buffer posted before the cut for a pass after it: the posts after it repeat
+        for key, per_mb in items.items():
+            i0 = max(per_mb) + 1
+            if key not in first and all(i in per_mb for i in range(i0 - g, i0)):
+                first[key] = i0
+    for key, i0 in first.items():
+        act = next(iter(items[key].values()))[2]
+        if all(i in ends[key] for i in range(i0 - g, i0)):
+            moves += [(ends[key][i0 - g + j % g] + (j // g + 1) * g * sim.period_s, act) for j in range(k)]
         else:
-            moves += [(ends[(op, s)][i0] + j * sim.period_s, act) for j in range(k)]
+            moves += [(ends[key][i0] + j * sim.period_s, act) for j in range(k)]
     if sim.grad_bytes is not None and sim.grad_bytes[r]:  # [Note: ZeRO at the step's end]
         d, end, whole = sim.cand.shape.data_parallel, sim.end_s[r], sim.grad_bytes[r]
         if sim.cand.model is not None and sim.cand.model.zero == 1:
@@ -523,12 +543,14 @@ def build_plan(name: str, base: ModelStats, cluster: ClusterSpec, simulated: lis
     devices_pred = []
     for r in range(p):
         _, dev, _, _, budget = cand.ranks[r]
-        acts = best.device_bytes[r] - best.static_bytes[r]
+        above = best.device_bytes[r] - best.static_bytes[r]
+        acts = min(above, best.act_bytes[r]) if best.act_bytes is not None else above
         devices_pred.append(DevicePrediction(
             rank=r, device=dev.kind,
             peak_bytes={"device": best.device_bytes[r], "host": best.host_bytes[r], "nvme": best.nvme_bytes[r]},
             budget_bytes={"device": budget.device, "host": budget.host, "nvme": budget.nvme},
-            breakdown={"device": {"states, buffers, workspace": best.static_bytes[r], "activations": acts}},
+            breakdown={"device": {"states, buffers, workspace": best.static_bytes[r], "activations": acts,
+                                  "received buffers, gradient copies": above - acts}},
             memory_timeline=_memory_line(best, r)))
     flat = [(i, dev) for i, node in enumerate(cluster.nodes) for dev in node.devices]
     ranks = []
