@@ -421,17 +421,20 @@ def _memory_line(sim: Simulated, r: int) -> tuple[MemoryPoint, ...]:
             moves += [(ends[key][i0 - g + j % g] + (j // g + 1) * g * sim.period_s, act) for j in range(k)]
         else:
             moves += [(ends[key][i0] + j * sim.period_s, act) for j in range(k)]
-    if sim.grad_bytes is not None and sim.grad_bytes[r]:  # [Note: ZeRO at the step's end]
-        d, end, whole = sim.cand.shape.data_parallel, sim.end_s[r], sim.grad_bytes[r]
-        if sim.cand.model is not None and sim.cand.model.zero == 1:
-            moves.append((end, whole))  # the flat copy, then the sum leaves the shard
-            moves.append((end + sim.allreduce_s[r] / 2, -whole - (whole - whole // d)))
-        else:
-            moves.append((end, -(whole - whole // d)))
+    # [Note: gradient copies after the passes] the sum's largest copy (the rank's stages', device
+    # and offloaded alike: the figure its peak adds) beside the whole gradients, over its sum;
+    # [Note: ZeRO at the step's end] then only the shard of a device stage's is left: ZeRO-1's
+    # once its reduce-scatter is done, ZeRO-2's (reduced under the last backward) once the sum ends
     copies = sim.copy_bytes[r] if sim.copy_bytes is not None else 0
-    if copies and not (sim.grad_bytes is not None and sim.grad_bytes[r] and sim.cand.model is not None
-                       and sim.cand.model.zero == 1):  # [Note: gradient copies after the passes]
-        moves += [(sim.end_s[r], copies), (sim.end_s[r] + sim.allreduce_s[r], -copies)]
+    end, ar = sim.end_s[r], sim.allreduce_s[r]
+    if copies:
+        moves.append((end, copies))
+    if sim.grad_bytes is not None and sim.grad_bytes[r]:
+        d, whole = sim.cand.shape.data_parallel, sim.grad_bytes[r]
+        zero1 = sim.cand.model is not None and sim.cand.model.zero == 1
+        moves.append((end + (ar / 2 if zero1 else ar), -copies - (whole - whole // d)))
+    elif copies:
+        moves.append((end + ar, -copies))
     level = sim.static_bytes[r]
     out = [MemoryPoint(tier="device", t_s=0.0, bytes=level)]
     for t, b in sorted(moves, key=lambda x: (x[0], x[1] > 0)):
@@ -543,14 +546,17 @@ def build_plan(name: str, base: ModelStats, cluster: ClusterSpec, simulated: lis
     devices_pred = []
     for r in range(p):
         _, dev, _, _, budget = cand.ranks[r]
+        # above the static bytes: the passes' activations and received buffers, or after them the
+        # sum's largest gradient copy, whichever is more ([Note: gradient copies after the passes])
         above = best.device_bytes[r] - best.static_bytes[r]
-        acts = min(above, best.act_bytes[r]) if best.act_bytes is not None else above
+        copies = above if best.copy_bytes is not None and above <= best.copy_bytes[r] else 0
+        acts = min(above - copies, best.act_bytes[r]) if best.act_bytes is not None else above - copies
         devices_pred.append(DevicePrediction(
             rank=r, device=dev.kind,
             peak_bytes={"device": best.device_bytes[r], "host": best.host_bytes[r], "nvme": best.nvme_bytes[r]},
             budget_bytes={"device": budget.device, "host": budget.host, "nvme": budget.nvme},
             breakdown={"device": {"states, buffers, workspace": best.static_bytes[r], "activations": acts,
-                                  "received buffers, gradient copies": above - acts}},
+                                  "received buffers": above - copies - acts, "gradient copies": copies}},
             memory_timeline=_memory_line(best, r)))
     flat = [(i, dev) for i, node in enumerate(cluster.nodes) for dev in node.devices]
     ranks = []
