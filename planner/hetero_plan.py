@@ -45,6 +45,7 @@ activations' peak and its largest copy, and its memory line draws the copy over 
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -109,6 +110,8 @@ class Simulated:
     gradient copies after the passes])."""
     act_bytes: list[int] | None = None
     """Per rank, its activations' peak alone (its received buffers and gradient copies apart)."""
+    walk_s: list[float] = dataclasses.field(default_factory=list)
+    """Per rank, its dropout walk at the step's start (planner.stage_cost [Note: the dropout walk])."""
 
     @property
     def fits(self) -> bool:
@@ -162,14 +165,14 @@ def _links(cand: Candidate, cluster: ClusterSpec) -> dict[tuple[int, int], Link]
     return out
 
 
-def _run(cand: Candidate, costs: list[StageCost], links, m: int) -> PipelineResult:
+def _run(cand: Candidate, costs: list[StageCost], links, m: int, walk: list[float]) -> PipelineResult:
     shape = cand.shape
     place = pipeline.Placement(cand.stage_ranks)
     sched = pipeline.add_p2p(pipeline.generate(shape.schedule, shape.pipeline, m), place)
     # an offloaded stage's fetch where its rank's program has it (runtime.stage_offload [Note: a stage's step])
     sched = pipeline.add_offload_points(sched, [s for s, c in enumerate(costs) if c.fetch_s > 0])
     # unused default: every pair of ranks that sends has its link in ``links`` (_links)
-    return simulate_pipeline(sched, place, costs, Link(gbps=1.0), links=links)
+    return simulate_pipeline(sched, place, costs, Link(gbps=1.0), links=links, step_start_s=dict(enumerate(walk)))
 
 
 def _clip_s(cand: Candidate, links: dict[tuple[int, int], Link]) -> float:
@@ -209,6 +212,8 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
                  for s, (f, e) in enumerate(cand.partition)]
     costs = _stage_costs(cand, estimates)
     links = _links(cand, cluster)
+    # planner.stage_cost [Note: the dropout walk]: each rank's, before its program, once a step
+    walk = [model.rng_walk_s(cand.ranks[r][1], shape.data_parallel, m) for r in range(p)]
     passes = len(cand.stage_ranks) * m * (3 if shape.schedule in _SPLIT_W else 2)
     # the warm-up and a few steady micro-batches (interleaved: whole groups of p)
     m1 = 3 * p if shape.schedule == "interleaved-1f1b" else p + 4
@@ -216,7 +221,7 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
         # [Note: pipeline step] past the warm-up, each further micro-batch moves every rank's
         # end on by the steady state's period: the busiest rank's compute for one micro-batch,
         # or the busiest link's transfers, whichever is longer
-        result = _run(cand, costs, links, m1)
+        result = _run(cand, costs, links, m1, walk)
         ends, busy = _rank_ends(result, cand.stage_ranks, p)
         per_rank = [0.0] * p
         for s, c in enumerate(costs):
@@ -237,7 +242,7 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
         simulated = m1
         cut = _steady_cut(result, m1)
     else:
-        result = _run(cand, costs, links, m)
+        result = _run(cand, costs, links, m, walk)
         ends, busy = _rank_ends(result, cand.stage_ranks, p)
         simulated, cut, period = m, None, 0.0
     opt = [0.0] * p
@@ -303,7 +308,7 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
                      busy_s=busy, end_s=ends, allreduce_s=ar, optimizer_s=opt, device_bytes=device,
                      static_bytes=static, host_bytes=host, nvme_bytes=nvme, simulated_microbatches=simulated,
                      problem=problem, cut_s=cut, shift_s=(m - simulated) * period, period_s=period,
-                     grad_bytes=grads if model.zero else None, copy_bytes=copy, act_bytes=act_only)
+                     grad_bytes=grads if model.zero else None, copy_bytes=copy, act_bytes=act_only, walk_s=walk)
 
 
 def _steady_cut(result: PipelineResult, m1: int) -> float | None:
@@ -470,6 +475,9 @@ def _timeline(sim: Simulated) -> tuple[TimelineEvent, ...]:
             first_after[r] = min(first_after.get(r, i), i)
         elif sim.cut_s is not None and a < sim.cut_s:
             before_cut[r] = max(before_cut.get(r, 0.0), b)
+    for r, walk in enumerate(sim.walk_s):  # planner.stage_cost [Note: the dropout walk]
+        if walk > 0:
+            events.append(TimelineEvent(stream=f"compute:{r}", name="dropout RNG walk", start_s=0.0, end_s=walk))
     for s, (a, b) in res.fetch_times.items():  # an offloaded stage's PREFETCH, before the short run's cut
         r = cand.stage_ranks[s]
         events.append(TimelineEvent(stream=f"{_fetch_stream(cand, s)}:{r}", name=str(Action(s, Op.PREFETCH)),

@@ -154,12 +154,14 @@ class PipelineResult:
 
 
 def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[StageCost], link: Link,
-                      links: Mapping[tuple[int, int], Link] | None = None, clip_s: float = 0.0) -> PipelineResult:
+                      links: Mapping[tuple[int, int], Link] | None = None, clip_s: float = 0.0,
+                      step_start_s: Mapping[int, float] | None = None) -> PipelineResult:
     """Simulate one step of ``schedule`` (see the module doc); raises ``ValueError`` when it
     deadlocks or its stages and costs do not match. ``links[(src, dst)]``, where given, is the
     link between two ranks instead of ``link`` (ranks on one node and across nodes differ);
     ``clip_s``: each rank's ``CLIP`` once every rank has reached its own ([Note: the clip
-    collective])."""
+    collective]); ``step_start_s[r]``: rank ``r``'s work before its program (planner.stage_cost
+    [Note: the dropout walk]), a task that starts its compute stream."""
     if len(stages) != place.num_stages:
         raise ValueError(f"stages: {len(stages)} stage costs for {place.num_stages} stages; give one per stage")
     last = place.num_stages - 1
@@ -171,6 +173,9 @@ def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[Sta
     clipping = {r for r, acts in schedule.items() if any(a.op is Op.CLIP for a in acts)}
     arrived: dict[int, int] = {}  # [Note: the clip collective] per rank at its CLIP, its arrival
     posts = {r: receive_posts(acts) for r, acts in schedule.items()}  # [Note: received buffers]
+    for r, t in sorted((step_start_s or {}).items()):
+        if t > 0 and r in schedule:
+            g.add("rng walk", f"compute:{r}", t)
     held: dict[tuple[Op, int, int], tuple[int, tuple[str, str, int]]] = {}  # per pass, its buffer: post mark, item
     marks: dict[tuple[Op, int, int], tuple[int, int, int]] = {}  # per receive: post mark, take mark, bytes
 

@@ -55,6 +55,16 @@ Under ZeRO the shard's fp32 copy (runtime.stage_zero ``ShardedOptimizer.master``
 beside its states. Checked against a worker's own count (``StageWorker.state_bytes``) in
 tests/unit/test_stage_states.py.
 
+[Note: the dropout walk] With dropout, every pipeline rank replays at the start of each step
+the random draws of the whole global batch (runtime.stage_rng ``StageRng.begin``: ``dp × m``
+micro-batches, every block, in one process's order), whatever its stages. On a CPU worker that
+replay draws every element again (the Mersenne Twister), ``RNG_WALK_S_PER_ELEM`` seconds each:
+``StageModel.rng_walk_s`` charges ``dp · m · Σ random_elems · RNG_WALK_S_PER_ELEM`` on each rank
+before its program (planner.simulate_pipeline ``step_start_s``). On a GPU the generator is a
+counter (CUDA's Philox) and the walk arithmetic, microseconds: not charged. Without dropout,
+nothing. A measured profile's rest of a step includes its probe's own walk (one replica of its
+micro-batches), which ``step_overhead_s`` takes out so it is not charged twice.
+
 ``StageModel.refine`` gives the estimate of the candidates the heterogeneous planner keeps (an
 offloaded stage's is the runtime's residency, not the single-device planner's streaming).
 """
@@ -73,7 +83,13 @@ from memtrain.planner.stage_estimate import StageBudget, StageEstimate, stage_st
 from memtrain.planner.stage_offload_cost import PARAM_BYTES, offloaded_estimate, placed
 from memtrain.planner.stats import DType, ModelStats, Optimizer
 
-__all__ = ["StageBudget", "StageEstimate", "StageModel", "stage_stats"]
+__all__ = ["StageBudget", "StageEstimate", "StageModel", "stage_stats", "RNG_WALK_S_PER_ELEM"]
+
+RNG_WALK_S_PER_ELEM = 5.2e-9
+"""[Note: the dropout walk] CPU seconds a pipeline worker's walk spends per random element it
+replays, on one thread: ``python bench/rng_walk.py`` (the built-in GPT, dropout 0.1, 6 layers,
+8 micro-batches of 2 × 64 or 2 × 128, hidden 64 to 512) measured 4.9 to 5.6 ns per element, 5.2
+at the sizes of docs/cluster.md's measure (26 ms a step for 5.0 M elements)."""
 
 
 def _act_policy(num_params: int, num_blocks: int, act: ActPolicy) -> MemoryPolicy:
@@ -135,6 +151,8 @@ class StageModel:
         self.max_work = _RangeMax([b.activation_bytes + b.input_bytes + b.output_bytes for b in blocks])
         self.max_param = _RangeMax([max(b.param_numels, default=b.num_params) for b in blocks])
         self.max_block_params = _RangeMax([b.num_params for b in blocks])
+        self.random_elems = sum(b.random_elems for b in blocks)
+        """Random elements one micro-batch's forward draws, the whole model's ([Note: the dropout walk])."""
         self.range_ids = self._canonical_ranges()
         """Per [first][end], the id of ranges with the same blocks (``_canonical_ranges``)."""
         # [Note: a device stage's states] fp32 parameters, gradients and optimizer states, whatever train.dtype
@@ -220,9 +238,20 @@ class StageModel:
     def step_overhead_s(self, devices: Sequence[DeviceSpec]) -> float:
         """Per step, outside the pipeline's passes, for ranks on ``devices``: measured (a worker's
         rest of the step and Ray's round trip, planner.measured) where one is of the measured
-        kind, else 0."""
+        kind, less the probe's own dropout walk ([Note: the dropout walk]), else 0."""
         m = self.measured
-        return m.step_overhead_s if m is not None and any(d.kind == m.device_kind for d in devices) else 0.0
+        if m is None or not any(d.kind == m.device_kind for d in devices):
+            return 0.0
+        probe = self._walk_s(m.device_kind, 1, m.num_microbatches) * m.micro_batch_size / self.stats.micro_batch_size
+        return max(0.0, m.blocks.rest_s - probe) + m.round_trip_s
+
+    def rng_walk_s(self, device: DeviceSpec, dp: int, num_microbatches: int) -> float:
+        """[Note: the dropout walk] A rank's replay of the step's random draws on ``device``, over
+        ``dp`` replicas of ``num_microbatches`` micro-batches of this model's size."""
+        return self._walk_s(device.kind, dp, num_microbatches)
+
+    def _walk_s(self, kind: str, dp: int, num_microbatches: int) -> float:
+        return dp * num_microbatches * self.random_elems * RNG_WALK_S_PER_ELEM if kind == "cpu" else 0.0
 
     def w_share(self, first: int, end: int, device: DeviceSpec) -> float:
         """Of a split backward of blocks ``[first, end)`` on ``device``, the ``W`` part's share:
