@@ -81,7 +81,7 @@ def _stage_costs(cand: Candidate, estimates: list[StageEstimate]) -> list[StageC
     split = cand.shape.schedule in SPLIT_W
     out = []
     for s, ((first, end), est) in enumerate(zip(cand.partition, estimates)):
-        out_bytes = model.stats.blocks[end - 1].output_bytes
+        out_bytes = model.boundary_bytes(end)  # fp32 under autocast (planner.stage_cost)
         # a split backward: B and W share the backward (measured, else half each); B replays the
         # recomputed forwards and holds what it brings back until W (planner.stage_cost [Note:
         # activations between B and W])

@@ -53,7 +53,8 @@ two states are fp32 too and there is no separate master copy: ``2 · 4 + o`` byt
 gradient autograd makes for the largest parameter in the backward's workspace is fp32 as well.
 Under ZeRO the shard's fp32 copy (runtime.stage_zero ``ShardedOptimizer.master``) is the ``4``
 beside its states. Checked against a worker's own count (``StageWorker.state_bytes``) in
-tests/unit/test_stage_states.py.
+tests/unit/test_stage_states.py. The tensors a stage sends on (``boundary_bytes``) are fp32 too:
+the built-in GPT's hidden states stay fp32 under autocast, twice the bf16 analysis's outputs.
 
 [Note: the dropout walk] With dropout, every pipeline rank replays at the start of each step
 the random draws of the whole global batch (runtime.stage_rng ``StageRng.begin``: ``dp × m``
@@ -81,7 +82,7 @@ from memtrain.planner.measured import MeasuredPipeline
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, TrainShape
 from memtrain.planner.stage_estimate import StageBudget, StageEstimate, stage_stats
 from memtrain.planner.stage_offload_cost import PARAM_BYTES, offloaded_estimate, placed
-from memtrain.planner.stats import DType, ModelStats, Optimizer
+from memtrain.planner.stats import DType, ModelStats, Optimizer, dtype_bytes
 
 __all__ = ["StageBudget", "StageEstimate", "StageModel", "stage_stats", "RNG_WALK_S_PER_ELEM"]
 
@@ -244,6 +245,14 @@ class StageModel:
             return 0.0
         probe = self._walk_s(m.device_kind, 1, m.num_microbatches) * m.micro_batch_size / self.stats.micro_batch_size
         return max(0.0, m.blocks.rest_s - probe) + m.round_trip_s
+
+    def boundary_bytes(self, end: int) -> int:
+        """The tensor a stage ending before block ``end`` sends on, one micro-batch's: the block's
+        output as a pipeline worker holds it, fp32 whatever ``train.dtype`` ([Note: a device
+        stage's states]: bf16 is autocast, and the built-in GPT's embedding output and the
+        residual stream each layer adds its bf16 results into stay fp32), so twice the bf16
+        analysis's figure; its gradient, coming back, as large."""
+        return self.stats.blocks[end - 1].output_bytes * PARAM_BYTES // dtype_bytes(self.dtype)
 
     def rng_walk_s(self, device: DeviceSpec, dp: int, num_microbatches: int) -> float:
         """[Note: the dropout walk] A rank's replay of the step's random draws on ``device``, over

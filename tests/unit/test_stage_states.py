@@ -65,3 +65,30 @@ def test_the_planner_charges_what_a_bf16_worker_holds():
     finally:
         worker.close()
         torch.set_num_threads(threads)
+
+
+def test_the_tensors_a_bf16_pipeline_sends_are_fp32():
+    """Under the workers' bf16 autocast each block but the head hands on an fp32 tensor (the
+    embedding's output and the residual stream stay fp32): the planner's boundary bytes are those
+    the blocks make, twice the bf16 analysis's outputs, and a bf16 plan's received buffers too."""
+    from memtrain.models.gpt import gpt_config
+    from memtrain.models.gpt_blocks import build_blocks
+    from memtrain.planner.analyze import analyze
+    from memtrain.runtime.config_file import load_config
+    from memtrain.runtime.planning import plan_config
+
+    cfg = gpt_config("tiny")
+    n = cfg.num_layers + 2
+    stats = analyze(ModelConfig(preset="tiny"), seq_len=64, micro_batch_size=2, dtype="bf16")
+    train = TrainShape(global_batch_size=8, micro_batch_size=2, num_microbatches=4, seq_len=64, dtype="bf16",
+                       optimizer="adamw")
+    model = StageModel(stats, train)
+    blocks = build_blocks(cfg, set(range(n)), 0)
+    x = torch.zeros(2, 64, dtype=torch.long)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for j in range(n - 1):  # the head's output (the logits) is not sent
+            x = blocks[j](x)
+            assert x.dtype == torch.float32
+            assert model.boundary_bytes(j + 1) == x.numel() * x.element_size() == 2 * stats.blocks[j].output_bytes
+    plan = plan_config(load_config("examples/gpt-tiny-pp2.yaml", ["parallel.profile=catalog", "train.dtype=bf16"]))
+    assert plan.prediction.devices[0].breakdown["device"]["received buffers"] == 2 * 64 * 64 * 4
