@@ -174,6 +174,8 @@ class _Recorder:
         self.fwd_flops = [0] * n
         self.bwd_flops = [0] * n
         self.activation_bytes = [0] * n
+        self.random_elems = [0] * n
+        """Per block, the elements its forward's dropouts draw (``note_random``)."""
         self.saved_sizes: list[list[int]] = [[] for _ in range(n)]
         self.in_loss = False
         """True once the last block's forward has returned: what the forward saves from then on
@@ -249,6 +251,12 @@ class _Recorder:
                 self.saved_sizes[self.cur].append(nbytes)
         return t
 
+    def note_random(self, numel: int) -> None:
+        """A dropout of ``numel`` elements in the forward: what a pipeline's walk replays
+        (planner.stage_cost [Note: the dropout walk])."""
+        if not self.backward:
+            self.random_elems[self.cur] += numel
+
     def note_params(self, values: Any) -> None:
         if self.backward:
             return
@@ -309,6 +317,7 @@ class _Recorder:
                     param_names=tuple(e[2] for e in params),
                     param_numels=tuple(e[3].numel() for e in params),
                     shared_param_names=shared,
+                    random_elems=self.random_elems[i],
                 )
             )
         return tuple(stats)
@@ -327,8 +336,10 @@ class _AsOnAccelerator(TorchFunctionMode):
         self.rec.note_params(args)
         self.rec.note_params(kwargs.values())
         if func is F.dropout:
+            self.rec.note_random(_dropout_elems(*args, **kwargs))
             return _dropout(*args, **kwargs)
         if func is F.scaled_dot_product_attention:
+            self.rec.note_random(_attention_dropout_elems(*args, **kwargs))
             return _attention(*args, **kwargs)
         if func in _MOVES and args and isinstance(args[0], torch.Tensor) and args[0].device.type == "meta":
             return _stay_on_meta(func, args, kwargs)  # [Note: tensors made in forward]
@@ -351,6 +362,19 @@ def _stay_on_meta(func, args: tuple, kwargs: dict) -> torch.Tensor:
         dtype = args[1].dtype  # t.to(other) takes other's dtype too
     return tensor.to(dtype=dtype or tensor.dtype, copy=bool(kwargs.get("copy", False)),
                      memory_format=memory_format or torch.preserve_format)
+
+
+def _dropout_elems(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> int:
+    """The random elements ``F.dropout`` draws: one per element of its input, when it drops any."""
+    return input.numel() if training and p > 0.0 else 0
+
+
+def _attention_dropout_elems(query: torch.Tensor, key: torch.Tensor, *args: Any, dropout_p: float = 0.0,
+                             **kwargs: Any) -> int:
+    """The random elements attention's dropout draws: one per attention probability,
+    batch × heads × queries × keys, when ``dropout_p`` > 0."""
+    p = args[1] if len(args) > 1 else dropout_p  # (value, attn_mask, dropout_p, ...)
+    return query.shape[:-1].numel() * key.shape[-2] if p > 0.0 and query.dim() >= 2 else 0
 
 
 def _dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:

@@ -16,8 +16,9 @@ from memtrain.planner import cost
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, Op, Tier, TrainShape
 from memtrain.planner.program import Layout, lower_passes
 from memtrain.planner.program_optim import early_updates
-from memtrain.planner.simulate import STREAMS, _flush_copy_s, copy_streams, cpu_stream, grads_stream
+from memtrain.planner.simulate_builder import _flush_copy_s, copy_streams, cpu_stream, grads_stream
 from memtrain.planner.stats import ModelStats
+from memtrain.planner.taskgraph import STREAMS
 
 __all__ = ["stream_work_s", "fetch_counts"]
 
@@ -84,7 +85,7 @@ def stream_work_s(
             disk_w += cost.disk_write_time_s(disk_bytes, nvme, comp)
     work["compute"] += cost.device_optimizer_time_s(resident, dt, opt, device, clip=train.clip_grad_norm)
     work["disk"] += disk_r + disk_w
-    if device.kind == "cpu" and nvme is not None:  # simulate [Note: the store's CPU on a CPU device]
+    if device.kind == "cpu" and nvme is not None:  # simulate_builder [Note: the store's CPU on a CPU device]
         work["compute"] += nvme.read_cpu_share * disk_r + nvme.write_cpu_share * disk_w
     return work
 

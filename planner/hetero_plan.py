@@ -46,15 +46,15 @@ activations' peak and its largest copy, and its memory line draws the copy over 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 
 from memtrain.cluster.spec import ClusterSpec
 from memtrain.errors import UserError
 from memtrain.planner import pipeline
+from memtrain.planner.hetero_lines import SPLIT_W, Simulated, _fetch_stream, _memory_line, _timeline
 from memtrain.planner.partition import MAX_EXACT_PASSES, Candidate, allreduce_time_s, link_between, reduce_time_s
 from memtrain.planner.plan import (
-    Action, ActPolicy, DevicePrediction, MemoryPoint, MemoryPolicy, Op, PipelineAlternative, PipelinePlan, Plan,
-    Prediction, RankPlan, TimelineEvent, TrainShape,
+    ActPolicy, DevicePrediction, MemoryPolicy, Op, PipelineAlternative, PipelinePlan, Plan, Prediction, RankPlan,
+    TrainShape,
 )
 from memtrain.planner.simulate_pipeline import (REDUCE_BUCKET_ELEMS, REDUCE_IN_FLIGHT, Link, PipelineResult, StageCost,
                                                 clip_time_s, simulate_pipeline)
@@ -64,7 +64,6 @@ from memtrain.units import format_bytes, format_seconds
 
 __all__ = ["Simulated", "simulate_candidate", "build_plan", "deciding_difference"]
 
-_SPLIT_W = ("zb-h1", "v-half", "v-min")
 TIE = 0.01
 """[Note: pipeline ties] Candidates within 1% of the fastest simulated step are a tie (their
 stages' figures, offload above all, are not that precise); among them the one with
@@ -76,58 +75,13 @@ def _tie_key(sim: "Simulated") -> tuple:
     return (sim.cand.shape.pipeline, -sim.cand.shape.micro_batch_size, sim.step_s)
 
 
-@dataclass(slots=True)
-class Simulated:
-    cand: Candidate
-    estimates: list[StageEstimate]
-    result: PipelineResult | None
-    step_s: float
-    pipeline_end_s: float
-    """When the last pass of any rank ends."""
-    busy_s: list[float]
-    """Per pipeline rank, its passes' time over the whole step."""
-    end_s: list[float]
-    allreduce_s: list[float]
-    optimizer_s: list[float]
-    device_bytes: list[int]
-    static_bytes: list[int]
-    host_bytes: list[int]
-    nvme_bytes: list[int]
-    simulated_microbatches: int
-    problem: str = ""
-    cut_s: float | None = None
-    """An extrapolated run's time where the micro-batches not simulated go ([Note: repeated
-    micro-batches in the picture]); None: after its last pass."""
-    shift_s: float = 0.0
-    """How long they take: (micro-batches - simulated) × the steady state's period."""
-    period_s: float = 0.0
-    grad_bytes: list[int] | None = None
-    """Per rank under ZeRO, its device stages' whole gradient bytes (what the sum leaves ``1 / d`` of)."""
-    copy_bytes: list[int] | None = None
-    """Per rank, the most device bytes its gradients' copies take after the passes ([Note:
-    gradient copies after the passes])."""
-
-    @property
-    def fits(self) -> bool:
-        return not self.problem
-
-    @property
-    def peak_fraction(self) -> float:
-        return max(b / max(self.cand.ranks[r][4].device, 1) for r, b in enumerate(self.device_bytes))
-
-    @property
-    def bubble(self) -> float:
-        p = len(self.busy_s)
-        return 1.0 - sum(self.busy_s) / (self.pipeline_end_s * p) if self.pipeline_end_s else 0.0
-
-
 def _stage_costs(cand: Candidate, estimates: list[StageEstimate]) -> list[StageCost]:
     model = cand.model
     assert model is not None
-    split = cand.shape.schedule in _SPLIT_W
+    split = cand.shape.schedule in SPLIT_W
     out = []
     for s, ((first, end), est) in enumerate(zip(cand.partition, estimates)):
-        out_bytes = model.stats.blocks[end - 1].output_bytes
+        out_bytes = model.boundary_bytes(end)  # fp32 under autocast (planner.stage_cost)
         # a split backward: B and W share the backward (measured, else half each); B replays the
         # recomputed forwards and holds what it brings back until W (planner.stage_cost [Note:
         # activations between B and W])
@@ -135,7 +89,8 @@ def _stage_costs(cand: Candidate, estimates: list[StageEstimate]) -> list[StageC
         w = model.w_share(first, end, cand.ranks[cand.stage_ranks[s]][1]) if split else 0.0
         out.append(StageCost(fwd_s=est.fwd_s, bwd_s=grads * (1 - w) + est.recompute_s if split else est.bwd_s,
                              wgrad_s=grads * w, activation_bytes=est.act_bytes,
-                             bw_bytes=est.bw_bytes if split else 0, output_bytes=out_bytes))
+                             bw_bytes=est.bw_bytes if split else 0, output_bytes=out_bytes,
+                             fetch_s=est.fetch_s, fetch_stream=_fetch_stream(cand, s) if est.fetch_s else "h2d"))
     return out
 
 
@@ -152,12 +107,14 @@ def _links(cand: Candidate, cluster: ClusterSpec) -> dict[tuple[int, int], Link]
     return out
 
 
-def _run(cand: Candidate, costs: list[StageCost], links, m: int) -> PipelineResult:
+def _run(cand: Candidate, costs: list[StageCost], links, m: int, walk: list[float]) -> PipelineResult:
     shape = cand.shape
     place = pipeline.Placement(cand.stage_ranks)
     sched = pipeline.add_p2p(pipeline.generate(shape.schedule, shape.pipeline, m), place)
+    # an offloaded stage's fetch where its rank's program has it (runtime.stage_offload [Note: a stage's step])
+    sched = pipeline.add_offload_points(sched, [s for s, c in enumerate(costs) if c.fetch_s > 0])
     # unused default: every pair of ranks that sends has its link in ``links`` (_links)
-    return simulate_pipeline(sched, place, costs, Link(gbps=1.0), links=links)
+    return simulate_pipeline(sched, place, costs, Link(gbps=1.0), links=links, step_start_s=dict(enumerate(walk)))
 
 
 def _clip_s(cand: Candidate, links: dict[tuple[int, int], Link]) -> float:
@@ -197,14 +154,16 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
                  for s, (f, e) in enumerate(cand.partition)]
     costs = _stage_costs(cand, estimates)
     links = _links(cand, cluster)
-    passes = len(cand.stage_ranks) * m * (3 if shape.schedule in _SPLIT_W else 2)
+    # planner.stage_cost [Note: the dropout walk]: each rank's, before its program, once a step
+    walk = [model.rng_walk_s(cand.ranks[r][1], shape.data_parallel, m) for r in range(p)]
+    passes = len(cand.stage_ranks) * m * (3 if shape.schedule in SPLIT_W else 2)
     # the warm-up and a few steady micro-batches (interleaved: whole groups of p)
     m1 = 3 * p if shape.schedule == "interleaved-1f1b" else p + 4
     if passes > MAX_EXACT_PASSES and m1 < m:
         # [Note: pipeline step] past the warm-up, each further micro-batch moves every rank's
         # end on by the steady state's period: the busiest rank's compute for one micro-batch,
         # or the busiest link's transfers, whichever is longer
-        result = _run(cand, costs, links, m1)
+        result = _run(cand, costs, links, m1, walk)
         ends, busy = _rank_ends(result, cand.stage_ranks, p)
         per_rank = [0.0] * p
         for s, c in enumerate(costs):
@@ -225,7 +184,7 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
         simulated = m1
         cut = _steady_cut(result, m1)
     else:
-        result = _run(cand, costs, links, m)
+        result = _run(cand, costs, links, m, walk)
         ends, busy = _rank_ends(result, cand.stage_ranks, p)
         simulated, cut, period = m, None, 0.0
     opt = [0.0] * p
@@ -266,9 +225,12 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
         host[r] += est.host_bytes
         nvme[r] += est.nvme_bytes
         act_gpipe[r] += m * est.act_bytes
-    acts = [result.peak_bytes.get(r, 0) for r in range(p)]
-    if simulated < m and shape.schedule == "gpipe":
-        acts = act_gpipe  # GPipe holds every micro-batch: the short run holds fewer
+    acts = [result.peak_bytes.get(r, 0) for r in range(p)]  # received buffers included
+    act_only = [result.act_peak_bytes.get(r, 0) for r in range(p)] if simulated == m or shape.schedule != "gpipe" \
+        else act_gpipe
+    if simulated < m and shape.schedule == "gpipe":  # GPipe holds every micro-batch: the short run holds fewer
+        # (the received buffers as the short run has them beside its peak of activations)
+        acts = [g + result.peak_bytes.get(r, 0) - result.act_peak_bytes.get(r, 0) for r, g in enumerate(act_gpipe)]
     device = [a + max(b, c) for a, b, c in zip(static, acts, copy)]  # ZeRO: the sum's copy comes after the passes
     step = max(end + a + o for end, a, o in zip(ends, ar, opt))
     if model.train.clip_grad_norm:  # [Note: pipeline step] every update after the norm exchange
@@ -288,7 +250,7 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
                      busy_s=busy, end_s=ends, allreduce_s=ar, optimizer_s=opt, device_bytes=device,
                      static_bytes=static, host_bytes=host, nvme_bytes=nvme, simulated_microbatches=simulated,
                      problem=problem, cut_s=cut, shift_s=(m - simulated) * period, period_s=period,
-                     grad_bytes=grads if model.zero else None, copy_bytes=copy)
+                     grad_bytes=grads if model.zero else None, copy_bytes=copy, act_bytes=act_only, walk_s=walk)
 
 
 def _steady_cut(result: PipelineResult, m1: int) -> float | None:
@@ -325,144 +287,6 @@ def deciding_difference(chosen: Simulated, other: Simulated) -> str:
     part = max(a, key=lambda k: b[k] - a[k])
     pct = 100 * (other.step_s / chosen.step_s - 1) if chosen.step_s else 0.0
     return f"slower by {pct:.1f}%: {part} {format_seconds(b[part])} vs {format_seconds(a[part])}"
-
-
-def _placed(sim: Simulated, start: float, item: tuple[Op, int, int]) -> tuple[float, tuple[Op, int, int]]:
-    """Where a pass or send of the short run goes in the whole step: one that starts at or after
-    the cut moves on by the repeated micro-batches and becomes theirs that many later ([Note:
-    repeated micro-batches in the picture])."""
-    if sim.cut_s is None or start < sim.cut_s:
-        return 0.0, item
-    op, s, i = item
-    return sim.shift_s, (op, s, i + sim.cand.shape.num_microbatches - sim.simulated_microbatches)
-
-
-PATTERN_MICROBATCHES = 2
-"""Micro-batches after which a steady state repeats itself: two (ZB-H1's deferred W and V-Min's
-held-back forwards alternate from one micro-batch to the next; the others repeat every one);
-interleaved 1F1B a group of ``p``. The memory lines repeat that many before the cut."""
-
-
-def _memory_line(sim: Simulated, r: int) -> tuple[MemoryPoint, ...]:
-    """Rank ``r``'s bytes in use per tier over the whole step. Device: its static bytes (states,
-    buffers, workspace), plus each held micro-batch's activations from the end of its forward to
-    the end of its backward (or W), and under a split backward what its B brings back from the
-    B's start to the W's end (planner.stage_cost [Note: activations between B and W]). An
-    extrapolated run's repeated micro-batches are drawn ([Note: repeated micro-batches in the
-    picture]): each (pass, stage) of the rank repeats its last
-    ``PATTERN_MICROBATCHES`` before the cut (interleaved: a group of ``p``) as many periods
-    apart, before its first after the cut runs, moved on by all of them;
-    without a cut they are held level (the timeline marks them "not drawn"). Host and NVMe: what
-    its stages offload at their peak, drawn level over the step (a stage's offload figures do
-    not say when within it; states homed there are held all step)."""
-    if sim.result is None:
-        return ()
-    split = sim.cand.shape.schedule in _SPLIT_W
-    frees = Op.W if split else Op.B
-
-    def delta(op: Op, s: int) -> int:
-        est = sim.estimates[s]
-        if op is Op.F:
-            return est.act_bytes
-        if op is frees:
-            return -est.act_bytes - (est.bw_bytes if split else 0)
-        return est.bw_bytes  # a split backward's B, from its start
-
-    moves: list[tuple[float, int]] = []
-    ends: dict[tuple[Op, int], dict[int, float]] = defaultdict(dict)  # when each pass moves the line
-    first: dict[tuple[Op, int], int] = {}
-    for (op, s, i), (start, end) in sim.result.pass_times.items():
-        brings = split and op is Op.B and sim.estimates[s].bw_bytes > 0
-        if sim.cand.stage_ranks[s] != r or (op not in (Op.F, frees) and not brings):
-            continue
-        at = start if brings else end
-        shift, _ = _placed(sim, start, (op, s, i))
-        moves.append((at + shift, delta(op, s)))
-        ends[(op, s)][i] = at
-        if shift:
-            first[(op, s)] = min(first.get((op, s), i), i)
-    # the missing passes i0 .. i0+k-1 of each (pass, stage) repeat its last g before the cut,
-    # g periods apart (the first after the cut, a period apart, where fewer came before)
-    g = sim.cand.shape.pipeline if sim.cand.shape.schedule == "interleaved-1f1b" else PATTERN_MICROBATCHES
-    k = sim.cand.shape.num_microbatches - sim.simulated_microbatches
-    for (op, s), i0 in first.items():
-        act = delta(op, s)
-        if all(i in ends[(op, s)] for i in range(i0 - g, i0)):
-            moves += [(ends[(op, s)][i0 - g + j % g] + (j // g + 1) * g * sim.period_s, act) for j in range(k)]
-        else:
-            moves += [(ends[(op, s)][i0] + j * sim.period_s, act) for j in range(k)]
-    if sim.grad_bytes is not None and sim.grad_bytes[r]:  # [Note: ZeRO at the step's end]
-        d, end, whole = sim.cand.shape.data_parallel, sim.end_s[r], sim.grad_bytes[r]
-        if sim.cand.model is not None and sim.cand.model.zero == 1:
-            moves.append((end, whole))  # the flat copy, then the sum leaves the shard
-            moves.append((end + sim.allreduce_s[r] / 2, -whole - (whole - whole // d)))
-        else:
-            moves.append((end, -(whole - whole // d)))
-    copies = sim.copy_bytes[r] if sim.copy_bytes is not None else 0
-    if copies and not (sim.grad_bytes is not None and sim.grad_bytes[r] and sim.cand.model is not None
-                       and sim.cand.model.zero == 1):  # [Note: gradient copies after the passes]
-        moves += [(sim.end_s[r], copies), (sim.end_s[r] + sim.allreduce_s[r], -copies)]
-    level = sim.static_bytes[r]
-    out = [MemoryPoint(tier="device", t_s=0.0, bytes=level)]
-    for t, b in sorted(moves, key=lambda x: (x[0], x[1] > 0)):
-        level += b
-        if out[-1].t_s == t:
-            out[-1] = MemoryPoint(tier="device", t_s=t, bytes=max(level, out[-1].bytes) if b > 0 else level)
-        else:
-            out.append(MemoryPoint(tier="device", t_s=t, bytes=level))
-    if out[-1].t_s < sim.step_s:
-        out.append(MemoryPoint(tier="device", t_s=sim.step_s, bytes=level))
-    for tier, held in (("host", sim.host_bytes[r]), ("nvme", sim.nvme_bytes[r])):
-        if held:
-            out += [MemoryPoint(tier=tier, t_s=0.0, bytes=held), MemoryPoint(tier=tier, t_s=sim.step_s, bytes=held)]
-    return tuple(out)
-
-
-def _timeline(sim: Simulated) -> tuple[TimelineEvent, ...]:
-    """Per rank its passes, sends, all-reduce and optimizer step; an extrapolated run's repeated
-    micro-batches as one ``repeated:`` event per rank where they run ([Note: repeated
-    micro-batches in the picture]), or after its last pass when the schedule has no steady stretch."""
-    res, cand = sim.result, sim.cand
-    if res is None:
-        return ()
-    events = []
-    first_after: dict[int, int] = {}
-    before_cut: dict[int, float] = {}
-    for (op, s, i), (a, b) in res.pass_times.items():
-        r = cand.stage_ranks[s]
-        shift, (op2, s2, i2) = _placed(sim, a, (op, s, i))
-        events.append(TimelineEvent(stream=f"compute:{r}", name=str(Action(s2, op2, i2)), start_s=a + shift,
-                                    end_s=b + shift))
-        if sim.cut_s is not None and a >= sim.cut_s and op is Op.F:
-            first_after[r] = min(first_after.get(r, i), i)
-        elif sim.cut_s is not None and a < sim.cut_s:
-            before_cut[r] = max(before_cut.get(r, 0.0), b)
-    for (op, s, i), (a, b) in res.send_times.items():
-        src = cand.stage_ranks[s]
-        dst = cand.stage_ranks[s + 1] if op is Op.SEND_F else cand.stage_ranks[s - 1]
-        shift, (op2, s2, i2) = _placed(sim, a, (op, s, i))
-        events.append(TimelineEvent(stream=f"link:{src}>{dst}", name=str(Action(s2, op2, i2)), start_s=a + shift,
-                                    end_s=b + shift))
-    m, shown = cand.shape.num_microbatches, sim.simulated_microbatches
-    for r, end in enumerate(sim.end_s):
-        if shown < m and sim.cut_s is not None:
-            a = first_after.get(r, shown)
-            start = max(sim.cut_s, before_cut.get(r, 0.0))
-            events.append(TimelineEvent(
-                stream=f"compute:{r}", start_s=start, end_s=sim.cut_s + sim.shift_s,
-                name=f"repeated: micro-batches {a}-{a + m - shown - 1}, each as the one before "
-                     f"({format_seconds(sim.period_s)} each; not drawn)"))
-        elif shown < m:
-            last = max(b for (_, s, _), (_, b) in res.pass_times.items() if cand.stage_ranks[s] == r)
-            events.append(TimelineEvent(stream=f"compute:{r}", start_s=last, end_s=end,
-                                        name=f"repeated: micro-batches {shown}-{m - 1}, the steady state of those "
-                                             "before (not drawn)"))
-        t = end
-        for what, dur in (("allreduce", sim.allreduce_s[r]), ("optimizer step", sim.optimizer_s[r])):
-            if dur > 0:
-                events.append(TimelineEvent(stream=f"compute:{r}", name=what, start_s=t, end_s=t + dur))
-                t += dur
-    return tuple(sorted(events, key=lambda e: (e.start_s, e.end_s, e.stream)))
 
 
 def build_plan(name: str, base: ModelStats, cluster: ClusterSpec, simulated: list[Simulated],
@@ -509,12 +333,17 @@ def build_plan(name: str, base: ModelStats, cluster: ClusterSpec, simulated: lis
     devices_pred = []
     for r in range(p):
         _, dev, _, _, budget = cand.ranks[r]
-        acts = best.device_bytes[r] - best.static_bytes[r]
+        # above the static bytes: the passes' activations and received buffers, or after them the
+        # sum's largest gradient copy, whichever is more ([Note: gradient copies after the passes])
+        above = best.device_bytes[r] - best.static_bytes[r]
+        copies = above if best.copy_bytes is not None and above <= best.copy_bytes[r] else 0
+        acts = min(above - copies, best.act_bytes[r]) if best.act_bytes is not None else above - copies
         devices_pred.append(DevicePrediction(
             rank=r, device=dev.kind,
             peak_bytes={"device": best.device_bytes[r], "host": best.host_bytes[r], "nvme": best.nvme_bytes[r]},
             budget_bytes={"device": budget.device, "host": budget.host, "nvme": budget.nvme},
-            breakdown={"device": {"states, buffers, workspace": best.static_bytes[r], "activations": acts}},
+            breakdown={"device": {"states, buffers, workspace": best.static_bytes[r], "activations": acts,
+                                  "received buffers": above - copies - acts, "gradient copies": copies}},
             memory_timeline=_memory_line(best, r)))
     flat = [(i, dev) for i, node in enumerate(cluster.nodes) for dev in node.devices]
     ranks = []

@@ -372,7 +372,9 @@ def layout(shape: Shape, counts: Mapping[str, list[int]], devices, cluster: Clus
     full = [model.compute_s(dev, 0, model.num_blocks) for _, dev, _, _, _ in ranks]
     share = model.num_params(0, model.num_blocks) // p  # the average rank's parameters: its all-reduce
     tail = min(allreduce_time_s(4 * share, d, link) for link in cand.ar_links)
-    cand.bound_s = m / sum(1.0 / t for t in full) * (1 + ratio) + tail + model.step_overhead_s([r[1] for r in ranks])
+    walk = min(model.rng_walk_s(r[1], d, m) for r in ranks)  # planner.stage_cost [Note: the dropout walk]
+    cand.bound_s = (m / sum(1.0 / t for t in full) * (1 + ratio) + tail + model.step_overhead_s([r[1] for r in ranks])
+                    + walk)
     return cand
 
 
@@ -419,11 +421,13 @@ def partition(cand: Candidate) -> None:
     for s, est in enumerate(cand.estimates):
         r = cand.stage_ranks[s]
         busy[r] += m * (est.fwd_s + est.bwd_s)
-        tail[r] += est.tail_s + reduce_time_s(model, shape.schedule, est, model.num_params(*bounds[s]),
-                                              shape.data_parallel, cand.ar_links[r],
-                                              model.w_share(*bounds[s], cand.ranks[r][1]))
+        # an offloaded stage's fetch counted whole here; the simulation puts it before the first forward
+        tail[r] += est.fetch_s + est.tail_s + reduce_time_s(
+            model, shape.schedule, est, model.num_params(*bounds[s]), shape.data_parallel, cand.ar_links[r],
+            model.w_share(*bounds[s], cand.ranks[r][1]))
     ratio = bubble_ratio(shape.schedule, p, m) or 0.0
-    cand.estimate_s = max(busy) * (1 + ratio) + max(tail) + model.step_overhead_s([r[1] for r in cand.ranks])
+    walk = max(model.rng_walk_s(r[1], shape.data_parallel, m) for r in cand.ranks)  # [Note: the dropout walk]
+    cand.estimate_s = max(busy) * (1 + ratio) + max(tail) + model.step_overhead_s([r[1] for r in cand.ranks]) + walk
 
 
 def why_not(cand: Candidate, *stage: int) -> str:

@@ -39,7 +39,8 @@ from dataclasses import dataclass
 from memtrain.planner.plan import Action, ActPolicy, Op
 from memtrain.planner.schedule import Schedule, format_grid
 
-__all__ = ["SCHEDULES", "Placement", "placement", "generate", "add_p2p", "add_step_end", "add_offload_points",
+__all__ = ["SCHEDULES", "Placement", "placement", "generate", "add_p2p", "receive_posts", "add_step_end",
+           "add_offload_points",
            "add_swap_points", "SPLIT_W_SCHEDULES", "add_reduce_scatter_points", "add_clip_points",
            "validate_pipeline", "PipelineProblem",
            "activation_limits", "schedule_from_text", "pass_times", "bubble_fraction", "run_in_order"]
@@ -262,6 +263,22 @@ def add_p2p(schedule: Schedule, place: Placement) -> Schedule:
             if a.op is Op.B and s > 0 and place.rank_of[s - 1] != r:
                 new.append(Action(s, Op.SEND_B, i))
         out[r] = tuple(new)
+    return out
+
+
+def receive_posts(program: Sequence[Action]) -> dict[int, list[Action]]:
+    """Where a worker posts each receive of its rank's ``program`` (runtime.stage_spec
+    ``early_posts``, the rule it runs; comm.p2p [Note: receives posted early]): by position, the
+    ``RECV_F``/``RECV_B`` posted right before the action there, the last pass (``F``, ``B`` or
+    ``W``) ahead of them, or position 0 for those with no pass ahead; the received buffer is held
+    from there (planner.simulate_pipeline [Note: received buffers])."""
+    out: dict[int, list[Action]] = {}
+    last = 0
+    for k, a in enumerate(program):
+        if a.op in (Op.F, Op.B, Op.W):
+            last = k
+        elif a.op in (Op.RECV_F, Op.RECV_B):
+            out.setdefault(last, []).append(a)
     return out
 
 

@@ -21,7 +21,7 @@ MAX_GANTT_RANKS = 32
 """Ranks drawn in the Gantt chart (the trace has them all)."""
 _MAX_BOXES = 20_000
 _COLOURS = {"F": "#4e79a7", "B": "#f28e2b", "W": "#e15759", "send": "#9c755f", "allreduce": "#59a14f",
-            "optimizer": "#76b7b2", "repeated": "#e8e8e8"}
+            "optimizer": "#76b7b2", "fetch": "#edc948", "repeated": "#e8e8e8"}
 
 Table = tuple[str, tuple[str, ...], tuple[tuple[str, ...], ...], tuple[int, ...]]
 
@@ -65,8 +65,10 @@ def elided_svg(x: float, y: float, w: float, h: float, name: str, title: str, cs
 
 
 def rank_of_stream(stream: str) -> tuple[int, str] | None:
-    """``compute:3`` -> (3, 'compute'); ``link:3>4`` -> (3, 'send'); other streams -> None."""
-    m = re.fullmatch(r"(compute|link):(\d+)(?:>\d+)?", stream)
+    """``compute:3`` -> (3, 'compute'); ``link:3>4`` -> (3, 'send'); ``h2d:3`` (an offloaded
+    stage's fetch on a GPU's copy stream) -> (3, 'send'), the thin lane under the rank's passes;
+    other streams -> None."""
+    m = re.fullmatch(r"(compute|link|h2d):(\d+)(?:>\d+)?", stream)
     if not m:
         return None
     return int(m.group(2)), "compute" if m.group(1) == "compute" else "send"
@@ -83,6 +85,8 @@ def _box_kind(e: TimelineEvent) -> str:
         return "optimizer"
     if op in (Op.SEND_F, Op.SEND_B):
         return "send"
+    if op is Op.PREFETCH:
+        return "fetch"
     return op.value if op.value in _COLOURS else "F"
 
 

@@ -1,8 +1,8 @@
-"""The optimizer's side of a simulated step (planner.simulate): gradients flushed into the home
+"""The optimizer's side of a simulated step (planner.simulate_builder): gradients flushed into the home
 accumulators, the early updates of host and NVMe chunks during the last backward, their states
 read ahead, staged and written back (carried into the next step), and the final update.
 
-``_OptimizerSteps`` is a part of ``simulate._StepBuilder``: it uses the builder's graph, chunks
+``_OptimizerSteps`` is a part of ``simulate_builder._StepBuilder``: it uses the builder's graph, chunks
 and streams, and times the optimizer's points of the step's program where they come
 (planner.program_optim [Note: the optimizer's points]); offload.optim's notes are named where
 they apply.

@@ -13,8 +13,23 @@ A stage's activations are held on its rank (tier ``rank<r>``) from the end of it
 end of its backward, or of its ``W`` when the backward is split; under a split backward, what a
 recompute rebuilds or a swap brings back (``bw_bytes``) is taken when the ``B`` starts and held
 to the end of the ``W`` too (planner.stage_cost [Note: activations between B and W]). The
-per-rank memory this gives is the activation part only; chunks and offload per stage are the
-single-device simulator's.
+per-rank memory this gives is the activations' and the received buffers' ([Note: received
+buffers]); the model states, workspace and offload per stage are planner.hetero_plan's.
+
+An offloaded stage's ``PREFETCH`` (planner.pipeline ``add_offload_points``: before the stage's
+first action on its rank) is a task of its ``fetch_s`` on the rank's ``fetch_stream`` (its copy
+stream, ``h2d:<rank>``; ``compute:<rank>`` on a CPU device, where the copy is the training
+thread's), issued after the rank's action before it, and the stage's first forward waits for it
+(runtime.stage_offload [Note: a stage's step]).
+
+[Note: received buffers] A worker posts each receive one pass ahead of its ``RECV``
+(planner.pipeline ``receive_posts``, runtime.stage_spec ``early_posts``: right before the last
+pass ahead of it, or at the step's start), and the posted buffer (the sending stage's output,
+or its gradient, as large) is held from there until the pass that takes it starts (the ``F`` it
+feeds or the ``B`` whose output gradient it is); inside that pass it is the pass's own (the
+stage's input among its saved activations, the arriving gradient in its workspace). So each is
+counted on its rank's tier (owner ``recv:<action>``) from a zero-length mark where it is posted to
+one right before the pass that takes it (``PipelineResult.recv_times``).
 
 A program's step end, where it has one (planner.pipeline ``add_step_end``): ``ALLREDUCE`` holds
 the rank for the stage's ``reduce_s`` (its gradients summed over the replicas) and ``OPTIM`` for
@@ -33,7 +48,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from memtrain.planner.pipeline import Placement, _deps, run_in_order
+from memtrain.planner.pipeline import Placement, _deps, receive_posts, run_in_order
 from memtrain.planner.plan import Action, Op
 from memtrain.planner.schedule import Schedule
 from memtrain.planner.taskgraph import TaskGraph, simulate_graph
@@ -90,6 +105,10 @@ class StageCost:
     """``OPTIM``: its optimizer step (ZeRO: the shard's, and the all-gather of the shards)."""
     reduce_buckets: int = 1
     """ZeRO-2: the buckets its reduce-scatter comes in ([Note: ZeRO-2 overlap])."""
+    fetch_s: float = 0.0
+    """``PREFETCH``: an offloaded stage's fetch before its first forward (0: none)."""
+    fetch_stream: str = "h2d"
+    """The rank's stream the fetch runs on (``h2d``, or ``compute`` on a CPU device)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +135,8 @@ class PipelineResult:
     bubble_fraction: float
     """The share of the ranks' compute time idle over the step."""
     peak_bytes: dict[int, int]
-    """Per rank, the most activation bytes held at once."""
+    """Per rank, the most activation and received-buffer bytes held at once ([Note: received
+    buffers])."""
     pass_times: dict[tuple[Op, int, int], tuple[float, float]]
     """Each pass's (start, end)."""
     send_times: dict[tuple[Op, int, int], tuple[float, float]] = field(default_factory=dict)
@@ -124,15 +144,24 @@ class PipelineResult:
     reduce_times: dict[int, tuple[float, float]] = field(default_factory=dict)
     """Per stage with an ``ALLREDUCE``, its gradients' sum: (start, end) (ZeRO-2: from its first
     bucket's reduce-scatter to its last's)."""
+    fetch_times: dict[int, tuple[float, float]] = field(default_factory=dict)
+    """Per stage with a ``PREFETCH``, its fetch: (start, end)."""
+    act_peak_bytes: dict[int, int] = field(default_factory=dict)
+    """Per rank, the most activation bytes held at once (received buffers apart)."""
+    recv_times: dict[tuple[Op, int, int], tuple[float, float, int]] = field(default_factory=dict)
+    """Per receive (``RECV_F``/``RECV_B``, stage, micro-batch), its buffer: when it is posted,
+    when the pass that takes it starts, and its bytes ([Note: received buffers])."""
 
 
 def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[StageCost], link: Link,
-                      links: Mapping[tuple[int, int], Link] | None = None, clip_s: float = 0.0) -> PipelineResult:
+                      links: Mapping[tuple[int, int], Link] | None = None, clip_s: float = 0.0,
+                      step_start_s: Mapping[int, float] | None = None) -> PipelineResult:
     """Simulate one step of ``schedule`` (see the module doc); raises ``ValueError`` when it
     deadlocks or its stages and costs do not match. ``links[(src, dst)]``, where given, is the
     link between two ranks instead of ``link`` (ranks on one node and across nodes differ);
     ``clip_s``: each rank's ``CLIP`` once every rank has reached its own ([Note: the clip
-    collective])."""
+    collective]); ``step_start_s[r]``: rank ``r``'s work before its program (planner.stage_cost
+    [Note: the dropout walk]), a task that starts its compute stream."""
     if len(stages) != place.num_stages:
         raise ValueError(f"stages: {len(stages)} stage costs for {place.num_stages} stages; give one per stage")
     last = place.num_stages - 1
@@ -143,6 +172,12 @@ def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[Sta
     first: dict[tuple, int] = {}  # a pass run in parts, or a stage's reduce: its first task
     clipping = {r for r, acts in schedule.items() if any(a.op is Op.CLIP for a in acts)}
     arrived: dict[int, int] = {}  # [Note: the clip collective] per rank at its CLIP, its arrival
+    posts = {r: receive_posts(acts) for r, acts in schedule.items()}  # [Note: received buffers]
+    for r, t in sorted((step_start_s or {}).items()):
+        if t > 0 and r in schedule:
+            g.add("rng walk", f"compute:{r}", t)
+    held: dict[tuple[Op, int, int], tuple[int, tuple[str, str, int]]] = {}  # per pass, its buffer: post mark, item
+    marks: dict[tuple[Op, int, int], tuple[int, int, int]] = {}  # per receive: post mark, take mark, bytes
 
     def run(r: int, k: int, a: Action) -> bool:
         if a.op is Op.CLIP:
@@ -155,6 +190,18 @@ def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[Sta
         deps = _task_deps(a, task, place, r, last, has_p2p)
         if deps is None:
             return False
+        # [Note: received buffers] the pass at k takes its buffer (its receive ran before it, so
+        # this is where the worker's posts at k happen too; taken first, its bytes not counted
+        # twice), then the receives posted at k take theirs
+        if (a.op, a.stage, a.microbatch) in held:
+            mark, item = held.pop((a.op, a.stage, a.microbatch))
+            take = g.add(f"take:{a}", f"compute:{r}", 0.0, deps=deps, free_end=[item])
+            marks[(Op.RECV_F if a.op is Op.F else Op.RECV_B, a.stage, a.microbatch)] = (mark, take, item[2])
+        for recv in posts[r].get(k, ()):
+            nbytes = stages[recv.stage - 1 if recv.op is Op.RECV_F else recv.stage].output_bytes
+            item = (f"rank{r}", f"recv:{recv}", nbytes)
+            mark = g.add(f"post:{recv}", f"compute:{r}", 0.0, alloc_start=[item])
+            held[(Op.F if recv.op is Op.RECV_F else Op.B, recv.stage, recv.microbatch)] = (mark, item)
         _add(g, task, a, r, deps, place, stages, link, split_w, links or {}, first)
         return True
 
@@ -162,7 +209,7 @@ def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[Sta
     stuck = [f"rank {r} at step {k} ({schedule[r][k]})" for r, k in pos.items() if k < len(schedule[r])]
     if stuck:
         raise ValueError(f"simulate_pipeline: the schedule deadlocks: {'; '.join(stuck)} (validate_pipeline shows where)")
-    res = simulate_graph(g)
+    res = simulate_graph(g, group=lambda tier, owner, nbytes: ((tier, nbytes),) if owner.startswith("act") else ())
     step = res.end_s
     passes = {k: (res.start_s[first.get(k, t)], res.finish_s[t]) for k, t in task.items()
               if k[0] in (Op.F, Op.B, Op.W)}
@@ -170,9 +217,13 @@ def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[Sta
                if k[0] is Op.ALLREDUCE}
     busy = sum(end - start for start, end in passes.values())
     peaks = {r: res.peak_bytes.get(f"rank{r}", 0) for r in schedule}
+    act_peaks = {r: res.group_peak_bytes.get(f"rank{r}", 0) for r in schedule}
     sends = {k: (res.start_s[t], res.finish_s[t]) for k, t in task.items() if k[0] in (Op.SEND_F, Op.SEND_B)}
+    fetches = {k[1]: (res.start_s[t], res.finish_s[t]) for k, t in task.items() if k[0] is Op.PREFETCH}
+    recvs = {k: (res.start_s[a], res.start_s[b], nbytes) for k, (a, b, nbytes) in marks.items()}
     return PipelineResult(step_time_s=step, bubble_fraction=1.0 - busy / (step * len(schedule)) if step else 0.0,
-                          peak_bytes=peaks, pass_times=passes, send_times=sends, reduce_times=reduces)
+                          peak_bytes=peaks, pass_times=passes, send_times=sends, reduce_times=reduces,
+                          fetch_times=fetches, act_peak_bytes=act_peaks, recv_times=recvs)
 
 
 def _task_deps(a: Action, task: dict, place: Placement, r: int, last: int, has_p2p: bool) -> list[int] | None:
@@ -231,8 +282,12 @@ def _add(g: TaskGraph, task: dict, a: Action, r: int, deps: list[int], place: Pl
             t = g.add(str(a), compute, cost.reduce_s, deps=deps)
     elif a.op is Op.OPTIM:
         t = g.add(str(a), compute, cost.optim_s, deps=deps)
+    elif a.op is Op.PREFETCH:  # after the rank's action before it; the stage's first F waits for it
+        before = [g.last_on[compute]] if compute in g.last_on else []
+        t = first[("fetch", s)] = g.add(str(a), f"{cost.fetch_stream}:{r}", cost.fetch_s, deps=before)
     elif a.op is Op.F:
-        t = g.add(str(a), compute, cost.fwd_s, deps=deps, alloc_end=[(tier, owner, cost.activation_bytes)])
+        fetched = [first.pop(("fetch", s))] if ("fetch", s) in first else []
+        t = g.add(str(a), compute, cost.fwd_s, deps=deps + fetched, alloc_end=[(tier, owner, cost.activation_bytes)])
     elif a.op is Op.B:
         frees = [] if split_w else [(tier, owner, cost.activation_bytes)]
         t = g.add(str(a), compute, cost.bwd_s, deps=deps, free_end=frees,

@@ -45,6 +45,27 @@ the others' updated masters, gathered, into its files. Under ZeRO-2 its gradient
 to their owners under the last backward, chunk by chunk, as a device stage's buckets
 (runtime.stage_offload_zero; the time and the copies under way are planner.hetero_plan's).
 
+[Note: a device stage's states] A pipeline worker keeps a device stage's parameters in fp32 and
+computes under ``torch.autocast`` when ``train.dtype`` is bf16 (runtime.stage_worker: its blocks
+are built fp32 and never cast; ``torch.optim`` steps them in place), so its gradients and AdamW's
+two states are fp32 too and there is no separate master copy: ``2 · 4 + o`` bytes a parameter
+(``o`` the optimizer's state bytes), not the single-device bf16 chunk's ``2 + 4 + 4 + o``. The
+gradient autograd makes for the largest parameter in the backward's workspace is fp32 as well.
+Under ZeRO the shard's fp32 copy (runtime.stage_zero ``ShardedOptimizer.master``) is the ``4``
+beside its states. Checked against a worker's own count (``StageWorker.state_bytes``) in
+tests/unit/test_stage_states.py. The tensors a stage sends on (``boundary_bytes``) are fp32 too:
+the built-in GPT's hidden states stay fp32 under autocast, twice the bf16 analysis's outputs.
+
+[Note: the dropout walk] With dropout, every pipeline rank replays at the start of each step
+the random draws of the whole global batch (runtime.stage_rng ``StageRng.begin``: ``dp × m``
+micro-batches, every block, in one process's order), whatever its stages. On a CPU worker that
+replay draws every element again (the Mersenne Twister), ``RNG_WALK_S_PER_ELEM`` seconds each:
+``StageModel.rng_walk_s`` charges ``dp · m · Σ random_elems · RNG_WALK_S_PER_ELEM`` on each rank
+before its program (planner.simulate_pipeline ``step_start_s``). On a GPU the generator is a
+counter (CUDA's Philox) and the walk arithmetic, microseconds: not charged. Without dropout,
+nothing. A measured profile's rest of a step includes its probe's own walk (one replica of its
+micro-batches), which ``step_overhead_s`` takes out so it is not charged twice.
+
 ``StageModel.refine`` gives the estimate of the candidates the heterogeneous planner keeps (an
 offloaded stage's is the runtime's residency, not the single-device planner's streaming).
 """
@@ -58,12 +79,18 @@ from itertools import accumulate
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
 from memtrain.planner import cost
 from memtrain.planner.measured import MeasuredPipeline
-from memtrain.planner.plan import ActPolicy, MemoryPolicy, Tier, TrainShape
+from memtrain.planner.plan import ActPolicy, MemoryPolicy, TrainShape
 from memtrain.planner.stage_estimate import StageBudget, StageEstimate, stage_stats
-from memtrain.planner.stage_offload_cost import offloaded_estimate, placed
+from memtrain.planner.stage_offload_cost import PARAM_BYTES, offloaded_estimate, placed
 from memtrain.planner.stats import DType, ModelStats, Optimizer, dtype_bytes
 
-__all__ = ["StageBudget", "StageEstimate", "StageModel", "stage_stats"]
+__all__ = ["StageBudget", "StageEstimate", "StageModel", "stage_stats", "RNG_WALK_S_PER_ELEM"]
+
+RNG_WALK_S_PER_ELEM = 5.2e-9
+"""[Note: the dropout walk] CPU seconds a pipeline worker's walk spends per random element it
+replays, on one thread: ``python bench/rng_walk.py`` (the built-in GPT, dropout 0.1, 6 layers,
+8 micro-batches of 2 × 64 or 2 × 128, hidden 64 to 512) measured 4.9 to 5.6 ns per element, 5.2
+at the sizes of docs/cluster.md's measure (26 ms a step for 5.0 M elements)."""
 
 
 def _act_policy(num_params: int, num_blocks: int, act: ActPolicy) -> MemoryPolicy:
@@ -114,8 +141,6 @@ class StageModel:
         self.dtype, self.optimizer = DType(train.dtype), Optimizer(train.optimizer)
         blocks = stats.blocks
         self.num_blocks = len(blocks)
-        c = dtype_bytes(self.dtype)
-        self.c = c
         numel = {n: k for b in blocks for n, k in zip(b.param_names, b.param_numels)}
         owner = {n: q for q, b in enumerate(blocks) for n in b.param_names}
         # a shared parameter counts again in a stage that uses it without holding its owner
@@ -127,10 +152,13 @@ class StageModel:
         self.max_work = _RangeMax([b.activation_bytes + b.input_bytes + b.output_bytes for b in blocks])
         self.max_param = _RangeMax([max(b.param_numels, default=b.num_params) for b in blocks])
         self.max_block_params = _RangeMax([b.num_params for b in blocks])
+        self.random_elems = sum(b.random_elems for b in blocks)
+        """Random elements one micro-batch's forward draws, the whole model's ([Note: the dropout walk])."""
         self.range_ids = self._canonical_ranges()
         """Per [first][end], the id of ranges with the same blocks (``_canonical_ranges``)."""
-        self.state_per_param = cost.chunk_bytes(Tier.DEVICE, 1, self.dtype, self.optimizer)[Tier.DEVICE]
-        self.shared_per_param = dtype_bytes(self.dtype) + 4  # ZeRO: the parameter and its fp32 gradient, whole
+        # [Note: a device stage's states] fp32 parameters, gradients and optimizer states, whatever train.dtype
+        self.state_per_param = 2 * PARAM_BYTES + cost.optimizer_state_bytes_per_elem(self.optimizer)
+        self.shared_per_param = 2 * PARAM_BYTES  # ZeRO: the parameter and its gradient, whole
         self._times: dict[DeviceSpec, tuple[list[float], list[float]]] = {}
         self._places: dict[tuple, int] = {}
         self._where: list[tuple[DeviceSpec, HostSpec, NvmeSpec | None, StageBudget]] = []
@@ -211,9 +239,28 @@ class StageModel:
     def step_overhead_s(self, devices: Sequence[DeviceSpec]) -> float:
         """Per step, outside the pipeline's passes, for ranks on ``devices``: measured (a worker's
         rest of the step and Ray's round trip, planner.measured) where one is of the measured
-        kind, else 0."""
+        kind, less the probe's own dropout walk ([Note: the dropout walk]), else 0."""
         m = self.measured
-        return m.step_overhead_s if m is not None and any(d.kind == m.device_kind for d in devices) else 0.0
+        if m is None or not any(d.kind == m.device_kind for d in devices):
+            return 0.0
+        probe = self._walk_s(m.device_kind, 1, m.num_microbatches) * m.micro_batch_size / self.stats.micro_batch_size
+        return max(0.0, m.blocks.rest_s - probe) + m.round_trip_s
+
+    def boundary_bytes(self, end: int) -> int:
+        """The tensor a stage ending before block ``end`` sends on, one micro-batch's: the block's
+        output as a pipeline worker holds it, fp32 whatever ``train.dtype`` ([Note: a device
+        stage's states]: bf16 is autocast, and the built-in GPT's embedding output and the
+        residual stream each layer adds its bf16 results into stay fp32), so twice the bf16
+        analysis's figure; its gradient, coming back, as large."""
+        return self.stats.blocks[end - 1].output_bytes * PARAM_BYTES // dtype_bytes(self.dtype)
+
+    def rng_walk_s(self, device: DeviceSpec, dp: int, num_microbatches: int) -> float:
+        """[Note: the dropout walk] A rank's replay of the step's random draws on ``device``, over
+        ``dp`` replicas of ``num_microbatches`` micro-batches of this model's size."""
+        return self._walk_s(device.kind, dp, num_microbatches)
+
+    def _walk_s(self, kind: str, dp: int, num_microbatches: int) -> float:
+        return dp * num_microbatches * self.random_elems * RNG_WALK_S_PER_ELEM if kind == "cpu" else 0.0
 
     def w_share(self, first: int, end: int, device: DeviceSpec) -> float:
         """Of a split backward of blocks ``[first, end)`` on ``device``, the ``W`` part's share:
@@ -237,9 +284,9 @@ class StageModel:
         fwd, bwd = self._compute(device)
         f_s, b_s = fwd[end] - fwd[first], bwd[end] - bwd[first]
         n = self.num_params(first, end)
-        c = self.c
         last = end == self.num_blocks
-        work = self.max_work(first, end) + (self.stats.loss_activation_bytes if last else 0) + c * self.max_param(first, end)
+        work = (self.max_work(first, end) + (self.stats.loss_activation_bytes if last else 0)
+                + PARAM_BYTES * self.max_param(first, end))  # [Note: a device stage's states]
         acts, inputs = self.acts[end] - self.acts[first], self.inputs[end] - self.inputs[first]
         best: StageEstimate | None = None
         if self.activations in (ActPolicy.SWAP_HOST, ActPolicy.SWAP_NVME):
@@ -315,12 +362,13 @@ class StageModel:
                              policy=_act_policy(n, end - first, self.activations))
 
     def device_state_bytes(self, n: int) -> int:
-        """A stage of ``n`` parameters kept on the device: its model states' bytes ([Note: ZeRO in
-        a stage's estimate]: under ZeRO, the optimizer states and fp32 copy of a ``1 / shards`` share)."""
+        """A stage of ``n`` parameters kept on the device: its model states' bytes, as its worker
+        holds them ([Note: a device stage's states]; [Note: ZeRO in a stage's estimate]: under
+        ZeRO, the optimizer states and fp32 copy of a ``1 / shards`` share)."""
         if self.shards == 1:
             return n * self.state_per_param
         return n * self.shared_per_param + -(-n // self.shards) * (self.state_per_param - self.shared_per_param
-                                                                   + 4 * (self.dtype is DType.FP32))
+                                                                   + PARAM_BYTES)
 
     def refine(self, first: int, end: int, where: int, in_flight: int, num_microbatches: int,
                in_bw: int = 0) -> StageEstimate:

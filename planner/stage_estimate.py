@@ -30,7 +30,8 @@ class StageEstimate:
     bwd_s: float
     """The whole backward (input and weight gradients), recompute included."""
     tail_s: float
-    """The optimizer step after the stage's last backward."""
+    """The optimizer step after the stage's last backward (an offloaded stage's: with the copy
+    home and, on NVMe, the states' reads and writes; not its fetch, ``fetch_s``)."""
     device_bytes: int
     """Peak device bytes: states, buffers, the held micro-batches' activations, workspace."""
     host_bytes: int
@@ -57,8 +58,13 @@ class StageEstimate:
     ``device_bytes`` less them: an offloaded stage's ``OFFLOAD`` grad buffer of one chunk
     (planner.stage_offload_cost [Note: an offloaded stage's residency]); 0 otherwise."""
 
+    fetch_s: float = 0.0
+    """An offloaded stage's fetch (``PREFETCH``: its masters read from NVMe, then copied to the
+    device), once a step before its first forward (planner.stage_offload_cost [Note: an
+    offloaded stage's residency]); 0 for a stage on the device."""
+
     def work_s(self, num_microbatches: int) -> float:
-        return num_microbatches * (self.fwd_s + self.bwd_s) + self.tail_s
+        return num_microbatches * (self.fwd_s + self.bwd_s) + self.fetch_s + self.tail_s
 
 
 

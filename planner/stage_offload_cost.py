@@ -24,10 +24,13 @@ copies its states are sharded over, ``o`` optimizer-state bytes per element):
   larger of ``PREFETCH``'s staging of every chunk (``4 · n``) and, at the step's end, its share's
   accumulators with the optimizer's staged chunks (one read ahead, one stepping, one written
   back, ``3 · chunk · (4 + o)``, at most its share's);
-- time: the fetch (host to device, NVMe read first) once per step and the gradients' copy home
-  once per step, not per micro-batch: they are the step's tail with the CPU update of its share
-  (and, on NVMe, the share's states read and written and the others' masters written), the
-  passes the blocks' compute alone.
+- time: the fetch (host to device, NVMe read first) once per step, where the runtime runs it:
+  ``PREFETCH``, before the stage's first action in its rank's program, the stage's first
+  forward waiting for it (``StageEstimate.fetch_s``; the pipeline simulator puts it on the rank's
+  copy stream, the compute stream on a CPU device: planner.simulate_pipeline); the gradients'
+  copy home once per step, not per micro-batch, in the step's tail with the CPU update of its
+  share (and, on NVMe, the share's states read and written and the others' masters written);
+  the passes the blocks' compute alone.
 
 The home is ``memory.offload``'s when it names one (``StageModel(home=...)``), else the host
 when the host budget holds the stage, else NVMe. ``memory.offload: nvme`` on a cluster that
@@ -189,9 +192,9 @@ def offloaded_estimate(model: StageModel, n: int, f_s: float, b_s: float, base: 
     nvme_ok = nvme_bytes <= budget.nvme if nvme is not None else model.home == "nvme"
     fits = max(base, after) + resident <= budget.device and host_bytes <= budget.host and (on_host or nvme_ok)
     fetch = cost.h2d_time_s(PARAM_BYTES * n, device)
-    tail = fetch + cost.d2h_time_s(PARAM_BYTES * n, device) + cost.cpu_optimizer_time_s(own, model.optimizer, host)
+    tail = cost.d2h_time_s(PARAM_BYTES * n, device) + cost.cpu_optimizer_time_s(own, model.optimizer, host)
     if not on_host and nvme is not None:
-        tail += cost.disk_read_time_s(PARAM_BYTES * n, nvme)  # the fetch reads the masters first
+        fetch += cost.disk_read_time_s(PARAM_BYTES * n, nvme)  # the fetch reads the masters first
         tail += cost.disk_read_time_s(own * (4 + o), nvme) + cost.disk_write_time_s(own * (4 + o), nvme)
         tail += cost.disk_write_time_s(PARAM_BYTES * (n - own), nvme)  # the others' masters, gathered
     what = [f"{n:,} params off the device, on {'the host' if on_host else 'NVMe'}"]
@@ -208,4 +211,5 @@ def offloaded_estimate(model: StageModel, n: int, f_s: float, b_s: float, base: 
     elif not on_host and nvme is not None and nvme_bytes > budget.nvme:
         what.append(f"its states need {nvme_bytes:,} B of NVMe, over its share of {budget.nvme:,} B")
     return StageEstimate(fwd_s=f_s, bwd_s=b_s, tail_s=tail, device_bytes=device_bytes, host_bytes=host_bytes,
-                         nvme_bytes=nvme_bytes, act_bytes=held, offload=", ".join(what), fits=fits, after_bytes=after)
+                         nvme_bytes=nvme_bytes, act_bytes=held, offload=", ".join(what), fits=fits, after_bytes=after,
+                         fetch_s=fetch)

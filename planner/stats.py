@@ -84,6 +84,10 @@ class BlockStats:
     """Measured backward time, fixed part (as ``fwd_fixed_s``)."""
     bwd_per_sample_s: float = 0.0
     """Measured backward time per sequence of the micro-batch."""
+    random_elems: int = 0
+    """Elements the forward's random ops draw for one micro-batch (its dropout masks: each
+    dropout's input, attention dropout's b·heads·s·s); 0 without dropout. A pipeline rank
+    replays them for the whole global batch each step (planner.stage_cost [Note: the dropout walk])."""
 
     @property
     def measured(self) -> bool:
@@ -154,6 +158,7 @@ class ModelStats:
                 output_bytes=s(b.output_bytes),
                 fwd_flops=s(b.fwd_flops),
                 bwd_flops=s(b.bwd_flops),
+                random_elems=s(b.random_elems),
             )
             for b in self.blocks
         )

@@ -51,7 +51,7 @@ def _predicted(schedule: str, got: PipelineResult, acts: tuple[tuple[str, ...], 
         back = sum(b.activation_bytes for b, p in zip(blocks, ps) if p != "keep")
         costs.append(StageCost(fwd_s=1.0, bwd_s=1.0, wgrad_s=1.0, activation_bytes=held, bw_bytes=back,
                                output_bytes=blocks[-1].output_bytes))
-    peaks = simulate_pipeline(programs, place, costs, Link(gbps=1.0)).peak_bytes
+    peaks = simulate_pipeline(programs, place, costs, Link(gbps=1.0)).act_peak_bytes  # the received buffers apart
     return [peaks[r] for r in range(2)]
 
 

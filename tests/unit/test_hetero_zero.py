@@ -23,12 +23,13 @@ def _plan(zero: int) -> Plan:
 
 def test_zero_shards_the_states_and_zero2_hides_its_reduce_under_the_last_backward():
     plain, zero1, zero2 = _plan(0), _plan(1), _plan(2)
-    per_param = cost.chunk_bytes("device", 1, "bf16", "adamw")["device"]  # 2 + 4 + 4 + 8: bf16 param, fp32 grad
-    sharded = per_param - 2 - 4  # the fp32 copy and AdamW's two states: half of them per copy
+    # fp32 parameters, gradients and AdamW's two states (planner.stage_cost [Note: a device stage's
+    # states]); ZeRO keeps the states of half of them per copy with that half's fp32 copy
+    o = cost.optimizer_state_bytes_per_elem("adamw")
     for r in range(2):
         static = {name: p.prediction.devices[r].breakdown["device"]["states, buffers, workspace"]
                   for name, p in (("0", plain), ("1", zero1), ("2", zero2))}
-        assert static["0"] - static["1"] == N * sharded - N // 2 * sharded
+        assert static["0"] - static["1"] == N * (4 + 4 + o) - (N * (4 + 4) + N // 2 * (4 + o))
         assert static["1"] == static["2"]
         # after the sum each copy keeps half the fp32 gradient: the memory line ends that much lower
         for p in (zero1, zero2):
@@ -58,3 +59,27 @@ def test_zero_with_one_copy_is_no_sharding():
         uniform_stats(8, params=50_000_000), one_node(A100, A100), name="z", global_batch_size=16, micro_batch_size=1,
         dtype="bf16", optimizer="adamw", pipeline_degree=2, data_parallel_degree=1, schedules=("1f1b",),
         stage_blocks=(4, 4)).prediction.step_time_s)
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2])
+def test_a_ranks_memory_line_reaches_its_peak_with_a_device_and_an_offloaded_stage(zero):
+    """V-Half over 2 ranks × 2 copies, stages of 1, 1, 1 and 5 blocks: rank 0 keeps stage 0 on the
+    device and offloads stage 3 (too large for its half of the budget), rank 1 keeps stages 1 and
+    2. After the passes a rank holds the largest of its stages' gradient copies for the sum
+    (stage 3's flat copy under ZeRO-0 and -1, the whole gradient of its 5 blocks; under ZeRO-2
+    its copy of one chunk for its reduce), which is in its peak; its memory line draws it there, so the line's
+    highest point is the peak, and the breakdown names it."""
+    p = 10_000_000
+    plan = plan_cluster(uniform_stats(8, params=p, act=2**20), one_node(A100, A100, A100, A100), name="z",
+                        global_batch_size=16, micro_batch_size=1, dtype="bf16", optimizer="adamw", pipeline_degree=2,
+                        data_parallel_degree=2, schedules=("v-half",), stage_blocks=(1, 1, 1, 5), zero=zero,
+                        device_budget=120 * p, safety_margin=0.0)
+    assert plan.pipeline.stage_ranks == (0, 1, 1, 0)
+    assert [r.offload for r in plan.pipeline.ranks[:2]] == [f"stage 3: {5 * p:,} params off the device, on the host", ""]
+    for dev in plan.prediction.devices:
+        line = [m for m in dev.memory_timeline if m.tier == "device"]
+        assert max(m.bytes for m in line) == dev.peak_bytes["device"], (dev.rank, zero)
+    rank0 = plan.prediction.devices[0].breakdown["device"]
+    copy = 4 * 5 * p if zero < 2 else 4 * p  # ZeRO-2: stage 3's copy of one chunk (a block) for its reduce
+    assert rank0["gradient copies"] == copy
+    assert plan.prediction.devices[0].peak_bytes["device"] == rank0["states, buffers, workspace"] + copy

@@ -588,14 +588,14 @@ def test_the_step_is_built_in_the_programs_order_not_an_assumed_one(monkeypatch)
     """The same device-resident step, its program reordered as a GPipe stage runs it (both
     micro-batches' forwards, then both backwards): the simulator follows the program, so both
     micro-batches' activations are held at once, where alternating passes hold one."""
-    from memtrain.planner import simulate
+    from memtrain.planner import simulate_builder
     from memtrain.planner.plan import Op
 
     acts = [100 * MB, 200 * MB, 300 * MB]
     stats = make_stats(acts)
     pol = policy(stats, [Tier.DEVICE] * 3, [ActPolicy.KEEP] * 3)
     alternating = simulate_step(stats, train(2), DEV, HOST, None, pol)
-    lower = simulate.lower_steady_step
+    lower = simulate_builder.lower_steady_step
 
     def gpipe(*args, **kwargs):
         program, carried = lower(*args, **kwargs)
@@ -606,7 +606,7 @@ def test_the_step_is_built_in_the_programs_order_not_an_assumed_one(monkeypatch)
             [a for a in marks if a.op is Op.B and a.microbatch == 0]
         return tuple(order + rest), carried
 
-    monkeypatch.setattr(simulate, "lower_steady_step", gpipe)
+    monkeypatch.setattr(simulate_builder, "lower_steady_step", gpipe)
     r = simulate_step(stats, train(2), DEV, HOST, None, pol)
     assert alternating.act_peak_bytes == sum(acts)
     assert r.act_peak_bytes == 2 * sum(acts)

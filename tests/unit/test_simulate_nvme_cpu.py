@@ -1,4 +1,4 @@
-"""simulate [Note: the store's CPU on a CPU device]: the NVMe store's CPU time in a simulated step."""
+"""simulate_builder [Note: the store's CPU on a CPU device]: the NVMe store's CPU time in a simulated step."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from memtrain.planner.simulate import simulate_step
 
 @pytest.mark.parametrize("acts", ["swap_nvme", "nvme_chunks"])
 def test_on_a_cpu_device_the_nvme_stores_cpu_time_is_taken_from_the_compute(acts):
-    """simulate [Note: the store's CPU on a CPU device]: each NVMe transfer puts its CPU share of
+    """simulate_builder [Note: the store's CPU on a CPU device]: each NVMe transfer puts its CPU share of
     its disk time on a CPU device's compute stream, where the transfer is issued; a GPU's compute
     is not charged, and the lower bound counts the same seconds."""
     stats = make_stats([40 * MB] * 3, params=[10**7] * 3)

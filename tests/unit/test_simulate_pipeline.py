@@ -141,3 +141,24 @@ def test_zero2_exposed_s_is_the_simulators_time_after_the_pass(reduce_s, bwd_s, 
     r = simulate_pipeline(program, place, [stage], FREE)
     last_b = r.pass_times[(Op.B, 0, 1)][1]
     assert r.reduce_times[0][1] - last_b == pytest.approx(zero2_exposed_s(reduce_s, bwd_s, buckets))
+
+
+@pytest.mark.parametrize("stream", ["h2d", "compute"])
+def test_a_prefetch_is_issued_after_the_action_before_it_and_the_first_forward_waits(stream):
+    """V-Half puts stages 0 and 3 on rank 0: stage 3's ``PREFETCH`` comes after rank 0's ``0F0``
+    (and its send), so its fetch starts when that pass ends, not at 0, on the rank's copy stream
+    or, on a CPU device, its compute stream; ``3F0`` waits for it (its input came earlier)."""
+    from memtrain.planner.pipeline import add_offload_points
+
+    place, m = placement("v-half", 2, 2), 4
+    sched = add_offload_points(add_p2p(generate("v-half", 2, m), place), [3])
+    assert [str(a) for a in sched[0][:5]] == ["0F0", "0SEND_F0", "3PREFETCH", "3RECV_F0", "3F0"]
+    stages = _stages("v-half", 4)
+    stages[3] = StageCost(fwd_s=1.0, bwd_s=1.0, wgrad_s=1.0, activation_bytes=A, output_bytes=10, fetch_s=5.0,
+                          fetch_stream=stream)
+    r = simulate_pipeline(sched, place, stages, FREE)
+    assert r.fetch_times == {3: pytest.approx((1.0, 6.0), abs=1e-9)}  # after 0F0 (0 to 1)
+    assert r.pass_times[(Op.F, 2, 0)][1] < 6.0  # stage 3's input was in before its fetch ended
+    assert r.pass_times[(Op.F, 3, 0)][0] == pytest.approx(6.0, abs=1e-9)
+    without = simulate_pipeline(add_p2p(generate("v-half", 2, m), place), place, _stages("v-half", 4), FREE)
+    assert without.pass_times[(Op.F, 3, 0)][0] < 6.0 - 1e-9 and not without.fetch_times

@@ -94,7 +94,8 @@ def test_a_split_backwards_b_replays_the_recomputed_forward():
     stats = analyze(ModelConfig(preset="tiny"), seq_len=16, micro_batch_size=2, dtype="fp32")
 
     def cand(kind: str):
-        model = SimpleNamespace(stats=stats, w_share=lambda first, end, device: 0.5)  # nothing measured: half each
+        model = SimpleNamespace(stats=stats, w_share=lambda first, end, device: 0.5,  # nothing measured: half each
+                                boundary_bytes=lambda end: stats.blocks[end - 1].output_bytes)
         return SimpleNamespace(model=model, shape=SimpleNamespace(schedule=kind), partition=((0, 2), (2, 4)),
                                stage_ranks=(0, 1), ranks=[(0, None, None, None, None)] * 2)
 

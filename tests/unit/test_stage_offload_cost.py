@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 from test_hetero import A100, GIB, one_node, uniform_stats
 
-from memtrain.cluster.catalog import default_host_spec, default_nvme_spec
+from memtrain.cluster.catalog import cpu_device_spec, default_host_spec, default_nvme_spec
 from memtrain.errors import UserError
 from memtrain.planner import cost
 from memtrain.planner.hetero import plan_cluster
@@ -44,20 +44,23 @@ def test_a_host_stage_holds_its_parameters_and_gradients_on_the_device_for_the_s
     est = _stage(_model("host"))
     on_device = _stage(_model("device"))
     # activations of the 2 held micro-batches, the backward's workspace (a block's A, I and O, and
-    # its largest parameter at the dtype's width), then the param buffers and the gradients, fp32
-    base = 2 * 2 * ACT + (ACT + IN + 0) + 2 * PARAMS
-    assert on_device.device_bytes == base + n * cost.chunk_bytes("device", 1, "bf16", "adamw")[Tier.DEVICE]
+    # its largest parameter's fp32 gradient), then the param buffers and the gradients, fp32; on
+    # the device, AdamW's states beside them (planner.stage_cost [Note: a device stage's states])
+    base = 2 * 2 * ACT + (ACT + IN + 0) + 4 * PARAMS
+    assert on_device.device_bytes == base + n * (4 + 4 + O)
     assert est.device_bytes == base + 2 * 4 * n
     assert est.host_bytes == n * (4 + 4 + O) and est.nvme_bytes == 0  # masters, accumulators, states
     assert est.fits and est.offload == f"{n:,} params off the device, on the host"
     # its chunks: one a block, both at home on the host; OFFLOAD's first grad buffer is the most
     assert [(c.num_elems, c.home) for c in est.policy.chunks] == [(PARAMS, Tier.HOST)] * 2
     assert est.after_bytes == 4 * PARAMS
-    # the passes are the compute alone; the fetch and the copy home once a step, with the CPU update
+    # the passes are the compute alone; the fetch once a step before the first forward; the copy
+    # home once a step, with the CPU update of its 2 blocks' parameters, the tail
     assert (est.fwd_s, est.bwd_s) == (on_device.fwd_s, on_device.bwd_s)
-    tail = cost.h2d_time_s(4 * n, A100) + cost.d2h_time_s(4 * n, A100) + cost.cpu_optimizer_time_s(n, "adamw", HOST)
+    assert est.fetch_s == cost.h2d_time_s(4 * n, A100)
+    tail = cost.d2h_time_s(4 * n, A100) + cost.cpu_optimizer_time_s(n, "adamw", HOST)
     assert est.tail_s == pytest.approx(tail, rel=1e-12)
-    assert est.work_s(4) == pytest.approx(4 * (est.fwd_s + est.bwd_s) + tail, rel=1e-12)
+    assert est.work_s(4) == pytest.approx(4 * (est.fwd_s + est.bwd_s) + est.fetch_s + tail, rel=1e-12)
 
 
 def test_zero1_keeps_the_first_replicas_share_of_whole_parameters():
@@ -102,7 +105,7 @@ def test_a_device_the_streaming_charge_fitted_but_the_residency_does_not():
     keeps the stage's parameters and gradients for the step (``8 · n``). A budget between the two:
     the stage does not fit, and the planner gives it fewer blocks, or refuses a fixed partition."""
     n = 2 * PARAMS
-    base = 2 * 2 * ACT + (ACT + IN) + 2 * PARAMS
+    base = 2 * 2 * ACT + (ACT + IN) + 4 * PARAMS
     streaming = base + 4 * 2 * PARAMS
     budget = dataclasses.replace(ROOMY, device=base + 6 * n)
     assert streaming < budget.device < base + 8 * n
@@ -172,7 +175,35 @@ def test_swapped_activations_beside_offloaded_states():
     model = StageModel(uniform_stats(4, params=PARAMS, act=ACT), TRAIN, activations="swap_host", home="host")
     est = _stage(model)
     acts = 2 * ACT
-    assert est.device_bytes == 2 * acts + (ACT + IN) + 2 * PARAMS + 2 * 4 * n
+    assert est.device_bytes == 2 * acts + (ACT + IN) + 4 * PARAMS + 2 * 4 * n
     assert est.host_bytes == n * (4 + 4 + O) + 2 * acts  # 2 micro-batches in flight
     assert {str(p) for p in est.policy.activations} == {"swap_host"}
     assert [c.home for c in est.policy.chunks] == [Tier.HOST] * 2 and est.fits
+
+
+@pytest.mark.parametrize("kind", ["a100", "cpu"])
+def test_an_offloaded_stages_fetch_runs_before_its_first_forward(kind):
+    """The runtime's ``PREFETCH`` comes before the stage's first action and its first forward
+    waits for it: on the timeline each rank's fetch starts the step (on the GPU's copy stream,
+    on a CPU device its compute stream), stage 0's first forward starts when it ends, stage 1's
+    when both its fetch and its first activation are in; the optimizer step after the passes no
+    longer holds it."""
+    dev = A100 if kind == "a100" else cpu_device_spec(num_cpus=8, memory_bytes=64 * GIB)
+    stats = uniform_stats(4, params=PARAMS, act=2**20)
+    plan = plan_cluster(stats, one_node(dev, dev), name="x", global_batch_size=4, micro_batch_size=1,
+                        dtype="bf16", optimizer="adamw", schedules=("1f1b",), pipeline_degree=2,
+                        stage_blocks=(2, 2), safety_margin=0.0, offload="host")
+    n = 2 * PARAMS
+    fetch_s = cost.h2d_time_s(4 * n, dev)
+    lane = "h2d" if kind == "a100" else "compute"
+    ev = {(e.stream, e.name): e for e in plan.prediction.timeline}
+    for r in (0, 1):
+        fetch = ev[(f"{lane}:{r}", f"{r}PREFETCH")]
+        assert fetch.start_s == 0.0 and fetch.end_s == pytest.approx(fetch_s, rel=1e-12)
+    assert ev[("compute:0", "0F0")].start_s == pytest.approx(fetch_s, rel=1e-12)
+    recv = ev[("link:0>1", "0SEND_F0")].end_s
+    assert ev[("compute:1", "1F0")].start_s == pytest.approx(max(fetch_s, recv), rel=1e-12)
+    for rp in plan.pipeline.ranks:
+        optim = next(e for e in plan.prediction.timeline if e.stream == f"compute:{rp.rank}" and e.name == "optimizer step")
+        tail = cost.d2h_time_s(4 * n, dev) + cost.cpu_optimizer_time_s(n, "adamw", plan.host)
+        assert optim.end_s - optim.start_s == pytest.approx(tail, rel=1e-9) == rp.optimizer_s

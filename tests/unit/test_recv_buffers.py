@@ -1,0 +1,70 @@
+"""Received buffers in the pipeline planner's memory (planner.simulate_pipeline [Note: received
+buffers]): each receive is posted one pass ahead (runtime.stage_spec ``early_posts``, planner.pipeline
+``receive_posts``) and its buffer, the boundary tensor (micro-batch × sequence × hidden × dtype
+bytes), is held from the post to the start of the pass that takes it."""
+
+from __future__ import annotations
+
+import pytest
+
+from memtrain.planner.pipeline import SCHEDULES, add_p2p, generate, placement, receive_posts
+from memtrain.planner.plan import Op
+from memtrain.planner.simulate_pipeline import Link, StageCost, simulate_pipeline
+from memtrain.runtime.pipeline_driver import stage_programs
+from memtrain.runtime.stage_spec import early_posts
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_the_planner_posts_where_the_worker_posts(schedule):
+    _, programs = stage_programs(schedule, 2, 4)
+    for program in programs.values():
+        assert receive_posts(program) == early_posts(program)
+
+
+def test_each_buffer_is_held_from_its_post_to_the_start_of_its_pass():
+    """1F1B over 2 ranks: from the program's post positions, each buffer's post is the start of
+    the pass it is posted before (0 with no pass ahead of it), its end the start of the pass that
+    takes it, its bytes the sending stage's output; the first rank's gradient buffers are held
+    beside its two micro-batches' activations, one at a time."""
+    place, m, act, out = placement("1f1b", 2), 4, 1000, 64
+    sched = add_p2p(generate("1f1b", 2, m), place)
+    stages = [StageCost(fwd_s=1.0, bwd_s=2.0, activation_bytes=act, output_bytes=out)] * 2
+    link = Link(gbps=1.0, latency_s=0.25)
+    r = simulate_pipeline(sched, place, stages, link)
+    want = {}
+    for rank, program in sched.items():
+        for k, recvs in receive_posts(program).items():
+            a = program[k]
+            posted = r.pass_times[(a.op, a.stage, a.microbatch)][0] if a.op in (Op.F, Op.B) else 0.0
+            for recv in recvs:
+                taker = (Op.F if recv.op is Op.RECV_F else Op.B, recv.stage, recv.microbatch)
+                want[(recv.op, recv.stage, recv.microbatch)] = (posted, r.pass_times[taker][0], out)
+    assert r.recv_times == want and len(want) == 2 * m
+    assert r.recv_times[(Op.RECV_F, 1, 0)] == (0.0, 1.0 + link.time_s(out), out)  # at the step's start
+    assert r.act_peak_bytes == {0: 2 * act, 1: act}
+    assert r.peak_bytes == {0: 2 * act + out, 1: act + out}
+
+
+def test_the_plan_counts_them_in_each_ranks_peak_and_memory_line():
+    """The tiny GPT over 2 CPU ranks (1F1B, 4 micro-batches of 2 × 64 tokens, hidden 64, fp32):
+    each boundary tensor is 2 · 64 · 64 · 4 bytes. Rank 0 holds a gradient buffer, posted before
+    its next forward, beside its two micro-batches' activations; rank 1 posts its first receive
+    at the step's start."""
+    from memtrain.runtime.config_file import load_config
+    from memtrain.runtime.planning import plan_config
+
+    plan = plan_config(load_config("examples/gpt-tiny-pp2.yaml", ["parallel.profile=catalog"]))
+    assert plan.pipeline.partition == ((0, 2), (2, 4)) and plan.pipeline.schedule_kind == "1f1b"
+    blocks = plan.model.scaled(plan.train.micro_batch_size).blocks
+    boundary = 2 * 64 * 64 * 4
+    assert blocks[1].output_bytes == boundary
+    a0 = blocks[0].activation_bytes + blocks[1].activation_bytes
+    dev0, dev1 = plan.prediction.devices
+    static0 = dev0.breakdown["device"]["states, buffers, workspace"]
+    assert dev0.peak_bytes["device"] == static0 + 2 * a0 + boundary
+    assert dev0.breakdown["device"]["received buffers"] == boundary
+    for dev in (dev0, dev1):
+        line = [p for p in dev.memory_timeline if p.tier == "device"]
+        assert max(p.bytes for p in line) == dev.peak_bytes["device"]
+    line1 = [p for p in dev1.memory_timeline if p.tier == "device"]
+    assert line1[0].t_s == 0.0 and line1[0].bytes == dev1.breakdown["device"]["states, buffers, workspace"] + boundary
