@@ -35,7 +35,7 @@ results are bitwise the same. Whatever reads an accumulator waits for its chunk'
 on the thread surface there. When a landing buffer would overrun the host budget, the flush first
 waits for the oldest adds (each frees its landing buffer) and fails only when none is left. The
 simulator books the same: the copy on the d2h stream holding ``staging:grad:<i>`` from its start,
-the add on its own ``grads`` stream freeing it (planner.simulate ``_grad_out``). On a CPU device
+the add on its own ``grads`` stream freeing it (planner.simulate_optim ``_grad_out``). On a CPU device
 there is nothing to copy (the accumulator adds the buffer in place) and no second thread runs
 torch kernels (offload.optim [Note: where early updates run]), so the flush stays synchronous
 there; tests turn ``asynchronous`` on to run this path on a CPU.

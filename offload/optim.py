@@ -226,7 +226,7 @@ class OffloadedOptimizer:
     # the chunk's files is reserved on the NVMe ledger when the update is queued and freed when
     # the training thread waits for the write-back (the writes take no reservation of their own),
     # so the ledger's peak is a point of the program, the one the simulator books
-    # (planner.simulate ``_rewrite``), and an upper bound of what the disk holds.
+    # (planner.simulate_optim ``_rewrite``), and an upper bound of what the disk holds.
 
     def update(self, chunk: "Chunk", master: torch.Tensor | None = None) -> None:
         """Queue ``chunk``'s update now, its gradients for this step complete (an ``OPTIM`` action:
@@ -365,7 +365,7 @@ class OffloadedOptimizer:
     # precision, else ``master``): a memcpy on a CPU device, an h2d copy on CUDA. The copy takes
     # no staging of its own, and the write-back waits for it before freeing its staging. The
     # simulator does the same for fetches of the chunks carried into its step (``steady_carried``)
-    # not yet released (planner.simulate ``_start``).
+    # not yet released (planner.simulate_builder ``_start``).
 
     def fetch_carried(self, chunk: "Chunk", dst: torch.Tensor) -> "CopyHandle | None":
         """[Note: fetch from a write-back] Copy ``chunk``'s params into ``dst`` from the staging of

@@ -172,7 +172,9 @@ def measure_blocks(model: ModelConfig, *, m: int, b: int, seq: int, seed: int = 
         b_s = w_s = tuple(x / 2 for x in whole)
     costs = BlockCosts(fwd_s=per_block(main, Op.F), bwd_s=whole, b_s=b_s, w_s=w_s,
                        optim_s=per_block(main, Op.ALLREDUCE, Op.OPTIM), rest_s=runs[main][1],
-                       output_bytes=b * seq * cfg.hidden_size * (2 if dtype == "bf16" else 4))
+                       # fp32 under bf16 too: autocast leaves the residual stream fp32 (planner.stage_cost
+                       # ``StageModel.boundary_bytes``)
+                       output_bytes=b * seq * cfg.hidden_size * 4)
     return costs, device
 
 
