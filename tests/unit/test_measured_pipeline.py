@@ -276,6 +276,8 @@ def test_measure_blocks_times_every_block_and_repeats_the_timed_layers():
 def test_a_bf16_probes_sent_tensors_are_fp32():
     """Autocast leaves the residual stream fp32, so a stage sends 4 bytes an element under bf16
     too (tests/unit/test_stage_states.py checks the blocks' outputs)."""
+    from memtrain.runtime.pipeline_probe import measure_blocks
+
     costs, _ = measure_blocks(ModelConfig(preset="tiny", overrides={"num_layers": 1}), m=1, b=1, seq=8, steps=1,
                               split=False, dtype="bf16")
     assert costs.output_bytes == 1 * 8 * 64 * 4
