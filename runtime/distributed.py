@@ -185,7 +185,8 @@ def run_distributed(cfg: Config, address: str | None = None, *, overwrite: bool 
 
             measured = measured_for_run(cfg, [inventory.slots[i].kind for i in chosen],
                                         [ray_cluster.Assignment.of_slot(r, inventory.slots[i])
-                                         for r, i in enumerate(chosen[:2])], out_dir, print_fn)
+                                         for r, i in enumerate(chosen[:2])], out_dir, print_fn,
+                                        pin_cores=ray_cluster.embedded())
             plan = plan_run(cfg, inventory, chosen, measured)
         if chooses:  # over every device; the plan's choices then fixed
             cfg = _with_choices(cfg, plan)
@@ -193,7 +194,7 @@ def run_distributed(cfg: Config, address: str | None = None, *, overwrite: bool 
         assignments = assignments_for(plan, inventory, chosen)
         return _train(cfg, plan, assignments, run_pipeline, out_dir, overwrite, print_fn,
                       f"{cfg.parallel.num_workers} workers on {inventory.describe()}", resume_from, optimizer,
-                      measured)
+                      measured, pin_cores=ray_cluster.embedded())
 
 
 def stage_homes(cfg: Config, plan: Any) -> tuple[str, ...]:
@@ -243,7 +244,7 @@ def stage_activations(cfg: Config, plan: Any) -> tuple[tuple[str, ...], ...]:
 
 def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callable[..., Any], out_dir: Path,
            overwrite: bool, print_fn: Callable[[str], None], where: str, resume_from: Any, optimizer: Any,
-           measured: Any = None) -> dict:
+           measured: Any = None, pin_cores: bool = False) -> dict:
     from memtrain.planner import report
     from memtrain.runtime.checkpoint import Checkpointer
     from memtrain.runtime.train import (StopSignals, Stopped, checkpoint_root, lr_at, non_finite, remove_artifacts,
@@ -288,7 +289,8 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
              f"{train.num_microbatches} micro-batches of {train.micro_batch_size}"
              + (f"; states offloaded ({offloaded})" if offloaded else "")
              + (f"; activations {moved}" if moved else "")
-             + (f"; ZeRO-{cfg.parallel.zero} over {pipe.data_parallel_degree} copies" if cfg.parallel.zero else ""))
+             + (f"; ZeRO-{cfg.parallel.zero} over {pipe.data_parallel_degree} copies" if cfg.parallel.zero else "")
+             + ("; each CPU worker bound to a core" if pin_cores else ""))
     print_fn(f"training {steps - start} steps of {tokens_per_step:,} tokens; run directory {out_dir}")
     checkpoints = Checkpointer(ckpt_root, keep=cfg.checkpoint.keep, compress=cfg.checkpoint.compress,
                                meta={"config": dataclasses.asdict(cfg), "pipeline": True})
@@ -306,7 +308,7 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
                       "tokens_per_s": tokens_per_step / dt, "lr": lr_at(k, cfg),
                       "predicted_step_time_s": plan.prediction.step_time_s,
                       "rank_step_time_s": [r.time_s for r in results], "rank_busy_s": [r.busy_s for r in results],
-                      "rank_between_s": [r.between_s for r in results],
+                      "rank_between_s": [r.between_s for r in results], "rank_core": [r.core for r in results],
                       "peak_bytes": peaks, "grad_bytes": [dict(r.grad_bytes) for r in results],
                       "rank_device": [r.device for r in results]}
             if cfg.train.optimizer.param_groups:
@@ -345,7 +347,7 @@ def _train(cfg: Config, plan: Any, assignments: list[Any], run_pipeline: Callabl
             start_step=start, states=states, save_after=save_after, on_states=on_states, dtype=cfg.train.dtype,
             offload=homes, nvme_dir=(str(Path(cfg.parallel.nvme_dir) / f"memtrain-{cfg.name}")
                                      if cfg.parallel.nvme_dir else None), zero=cfg.parallel.zero, activations=acts,
-            max_grad_norm=cfg.train.max_grad_norm or None)
+            max_grad_norm=cfg.train.max_grad_norm or None, pin_cores=pin_cores)
         checkpoints.wait()
     if checkpoints.saved:
         print_fn(f"checkpoint {checkpoints.saved[-1]} ({checkpoints.seconds_blocked:.2f} s of training time spent on "

@@ -275,7 +275,7 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                  dp: int = 1, num_microbatches: int = 4, micro_batch_size: int = 2, seq_len: int = 16,
                  num_steps: int = 3, seed: int = 0, lr: float = 1e-3, partition: Sequence[int] | None = None,
                  stages_per_rank: int = 2, data: DataConfig | None = None, timeout_s: float = 60.0,
-                 step_timeout_s: float = 300.0, num_threads: int = 1,
+                 step_timeout_s: float = 300.0, num_threads: int = 1, pin_cores: bool = False,
                  num_cpus_per_worker: float = 1.0, optimizer: OptimizerSpec | Mapping[str, Any] | None = None,
                  lr_at: Callable[[int], float | Sequence[float]] | None = None, programs: Schedule | None = None,
                  assignments: Sequence[Any] | None = None,
@@ -313,6 +313,8 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     ``swap_nvme``: one for every block, or per stage a policy per block;
     ``PipelineSpec.activations``, runtime.stage_activations); swapped blocks add their
     ``SWAP_OUT``/``SWAP_IN`` to the programs (planner.pipeline ``add_swap_points``).
+    ``pin_cores``: each CPU worker binds itself to a core of its own (the embedded Ray's runs;
+    runtime.stage_device [Note: a worker per core]).
     ``max_grad_norm``: clip each step's gradients to that global 2-norm, as one process's
     ``torch.nn.utils.clip_grad_norm_`` (the programs get their ``CLIP``, planner.pipeline
     ``add_clip_points``; runtime.stage_clip); ``optimizer.param_groups`` name the whole model's
@@ -375,7 +377,7 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     spec = PipelineSpec(model=model_cfg, partition=parts, rank_of=place.rank_of, num_ranks=num_ranks, dp=dp,
                         num_microbatches=num_microbatches, micro_batch_size=micro_batch_size, seq_len=seq_len,
                         seed=seed, data=data or DataConfig(), optimizer=optim, timeout_s=timeout_s,
-                        num_threads=num_threads, dtype=dtype, offload=homes, nvme_dir=nvme_dir,
+                        num_threads=num_threads, pin_cores=pin_cores, dtype=dtype, offload=homes, nvme_dir=nvme_dir,
                         offload_chunk_elems=offload_chunk_elems, zero=zero, activations=acts, max_grad_norm=clip,
                         **({"zero_bucket_elems": zero_bucket_elems} if zero_bucket_elems is not None else {}))
     losses, mb_losses, records, times, peaks, walls, busy, grads, action_s, between = [], [], [], [], [], [], [], [], [], []

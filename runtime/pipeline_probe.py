@@ -234,6 +234,12 @@ class ProbeActor:
             time.sleep(hold_s)
         return t0, time.perf_counter()
 
+    def pin(self, index: int) -> int:
+        """Bind this actor to a core as the run's worker ``index`` will be (``stage_device.pin_to_core``)."""
+        from memtrain.runtime.stage_device import pin_to_core
+
+        return pin_to_core(index)
+
     def node(self) -> dict:
         """This node's address, cores and 1-minute load average."""
         from memtrain.runtime.stage_worker import _node_ip
@@ -273,12 +279,14 @@ def measure_pipeline(*, model: ModelConfig, device_kind: str, micro_batch_size: 
                      optimizer: OptimizerSpec,
                      split: bool, assignments: Sequence[Any], seed: int = 0, num_threads: int = 1,
                      data: DataConfig | None = None, timeout_s: float = 60.0, steps: int = 8, repeats: int = 20,
-                     same_kind: bool = True, progress: Callable[[str], None] = print) -> MeasuredPipeline:
+                     same_kind: bool = True, pin_cores: bool = False,
+                     progress: Callable[[str], None] = print) -> MeasuredPipeline:
     """Measure the blocks, the link and the round trip on two ``ProbeActor``s placed as
     ``assignments`` (``ray_cluster.Assignment``s of the run's first two workers), both timing
     the blocks (``split``: the split backward too; ``same_kind``: the two workers' devices are of
     one kind, so their figures are averaged, else the first's are kept); Ray must be connected.
-    A callable ``model_name`` is called while the probes start ([Note: where the probe's time goes])."""
+    A callable ``model_name`` is called while the probes start ([Note: where the probe's time goes]);
+    ``pin_cores``: bind the two to cores as the run's first two workers will be."""
     import ray
 
     from memtrain.runtime.ray_cluster import place_workers
@@ -296,6 +304,8 @@ def measure_pipeline(*, model: ModelConfig, device_kind: str, micro_batch_size: 
         if callable(model_name):  # the driver's own work while the probes start
             model_name = model_name()
         (host, port), _ = ray.get([a.open_store.remote(timeout_s), b.ping.remote()], timeout=timeout_s)
+        if pin_cores:  # as the run's ranks 0 and 1 will be (runtime.stage_device [Note: a worker per core])
+            ray.get([a.pin.remote(0), b.pin.remote(1)], timeout=timeout_s)
         started = time.perf_counter() - t0
         progress(f"  [{at()}] the probes started; the link between them ({repeats} round trips of 4 bytes and of "
                  f"{LINK_BYTES >> 20} MiB, {repeats} late receives)")
@@ -337,7 +347,7 @@ def measure_pipeline(*, model: ModelConfig, device_kind: str, micro_batch_size: 
 
 
 def measured_for_run(cfg: Any, kinds: Sequence[str], assignments: Sequence[Any], out_dir: Any,
-                     print_fn: Callable[[str], None] = print) -> MeasuredPipeline | None:
+                     print_fn: Callable[[str], None] = print, pin_cores: bool = False) -> MeasuredPipeline | None:
     """The measured figures ``cfg``'s pipeline run plans with (config ``parallel.profile``): the
     file it names; or, under ``auto`` when the run's devices (``kinds``, one per worker placed as
     ``assignments``) are all CPUs, or under ``measure``, measured now on the first two workers'
@@ -383,7 +393,7 @@ def measured_for_run(cfg: Any, kinds: Sequence[str], assignments: Sequence[Any],
             # groups change no timing, and the timed model (MAX_TIMED_LAYERS) has other names than the run's
             optimizer=dataclasses.replace(train.optimizer, param_groups=[]).spec(),
             assignments=assignments, seed=train.seed, data=cfg.data, timeout_s=min(par.comm_timeout_s, 120.0),
-            progress=lambda line: print_fn(f"memtrain: {line.strip()}"))
+            pin_cores=pin_cores, progress=lambda line: print_fn(f"memtrain: {line.strip()}"))
     except (ray.exceptions.RayError, CommError) as e:  # a probe that failed: the run can still train
         text = str(e).strip().splitlines()
         print_fn(f"memtrain: warning: measuring failed ({type(e).__name__}: {text[0] if text else ''}); planning with "

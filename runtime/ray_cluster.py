@@ -42,7 +42,7 @@ from memtrain.cluster.inventory import gpu_kind_from_name
 from memtrain.cluster.spec import ClusterSpec, DeviceSpec, NodeSpec
 from memtrain.errors import UserError
 
-__all__ = ["connect", "connected", "cluster_inventory", "place_workers", "RayNode", "DeviceSlot", "RayInventory",
+__all__ = ["connect", "connected", "embedded", "cluster_inventory", "place_workers", "RayNode", "DeviceSlot", "RayInventory",
            "Assignment", "Workers", "WorkerFailure", "DEVICE_RESOURCE_PREFIX", "PLACEMENT_STRATEGIES"]
 
 DEVICE_RESOURCE_PREFIX = "device:"
@@ -78,6 +78,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> str:
         os.environ.setdefault("RAY_worker_niceness", "0")  # [Note: the embedded Ray's workers]
         ray.init(address="local", _node_ip_address=_LOOPBACK, include_dashboard=False, num_cpus=num_cpus,
                  logging_level="WARNING")
+        global _embedded
+        _embedded = True
         return f"started the embedded Ray on {_LOOPBACK} ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
     if address.startswith(("http://", "https://")):
         raise UserError(f"{source} {address!r}: that is a dashboard's address (for 'ray job submit'); give the "
@@ -126,6 +128,18 @@ def connected(address: str | None = None, *, num_cpus: int | None = None) -> Ite
     finally:
         if owned:
             ray.shutdown()
+            global _embedded
+            _embedded = False
+
+
+_embedded = False
+"""This process started the Ray it is connected to (``connect``'s embedded one)."""
+
+
+def embedded() -> bool:
+    """Whether the Ray this process is connected to is the embedded one it started: a node that
+    runs this job alone (its workers may be bound to cores, runtime.stage_device)."""
+    return _embedded and ray.is_initialized()
 
 
 _PROBE_TIMEOUT_S = 5.0

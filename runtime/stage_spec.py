@@ -53,6 +53,9 @@ class PipelineSpec:
     """The longest a transfer or collective may wait."""
     num_threads: int = 1
     """``torch.set_num_threads`` on each worker."""
+    pin_cores: bool = False
+    """Each CPU worker binds itself to one core of its node, its world rank's (runtime.stage_device
+    [Note: a worker per core]): for the embedded Ray, whose node runs this job alone."""
     offload: tuple[str, ...] = ()
     """Per stage, where its model states live between steps: ``device`` (the worker's own
     tensors, a ``torch.optim`` optimizer), ``host`` (host-memory chunks) or ``nvme`` (files in
@@ -134,6 +137,8 @@ class StepResult:
     began (ZeRO-1 and -2: the shards' sums)."""
     grad_norm: float | None = None
     """The step's global gradient norm before clipping (its program's ``CLIP``; None without one)."""
+    core: int | None = None
+    """The core this worker is bound to (``PipelineSpec.pin_cores``); None: not bound."""
     between_s: float = 0.0
     """Time from the end of this worker's previous step to the start of this one: its wait for
     the driver's call (runtime.pipeline_driver [Note: a step queued ahead]); 0 for its first."""

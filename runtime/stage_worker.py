@@ -70,7 +70,7 @@ from memtrain.models.gpt_blocks import TIED_NAMES, build_blocks, global_names, p
 from memtrain.planner.plan import Action, Op
 from memtrain.runtime.data import TokenBatches
 from memtrain.runtime.stage_activations import RankActivations
-from memtrain.runtime.stage_device import worker_device
+from memtrain.runtime.stage_device import pin_to_core, worker_device
 from memtrain.runtime.stage_failure import abandon_step, check_usable
 from memtrain.runtime.stage_groups import group_lr, stage_groups, step_lr
 from memtrain.runtime.stage_offload import OffloadedStage, build_offloaded, close_offloaded, state_bytes
@@ -113,6 +113,8 @@ class StageWorker(StageStepEnd):
         self._source: TokenBatches | None = None
         """The step's global batches (``_load_batch``), made at the first step."""
         self._step_end: float | None = None
+        self.core: int | None = None
+        """The core this worker is bound to (``PipelineSpec.pin_cores``)."""
         """When the previous step ended (``StepResult.between_s``)."""
         self._posts = early_posts(program)
         """comm.p2p [Note: receives posted early]: before action ``k``, the receives to post."""
@@ -135,6 +137,8 @@ class StageWorker(StageStepEnd):
         torch.set_num_threads(spec.num_threads)
         # [Note: devices of a worker] the GPU Ray gave the actor (CUDA_VISIBLE_DEVICES), else the CPU
         self.device = worker_device()
+        if spec.pin_cores and self.device.type == "cpu":  # runtime.stage_device [Note: a worker per core]
+            self.core = pin_to_core(self.rank)
         join(self.rank, Rendezvous(host=host, port=port, world_size=spec.world_size, timeout_s=spec.timeout_s),
              self._store)
         try:
@@ -322,7 +326,7 @@ class StageWorker(StageStepEnd):
             peaks["offload_host"] = sum(st.store.host_ledger.window_peak_bytes for st in self.offloaded.values())
         return StepResult(record=tuple(record), losses=losses, time_s=elapsed, peak_bytes=peaks,
                           device=_device_name(self.device), action_s=tuple(times), grad_bytes=grads,
-                          grad_norm=self._grad_norm, between_s=between)
+                          grad_norm=self._grad_norm, between_s=between, core=self.core)
 
     def _load_batch(self, step: int) -> None:
         """This replica's micro-batches of step ``step``'s global batch (rows in order: replica

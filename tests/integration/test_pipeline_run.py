@@ -15,6 +15,7 @@ those cases allow max |Δloss| <= 1e-5 (measured: 0 for tied embeddings, 9.5e-7 
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -106,6 +107,20 @@ def test_the_next_step_runs_while_the_driver_takes_the_last_ones_results(local_r
     assert all(b >= 1.0 for b in between[2]), between
     assert saved == [2]
     assert got.step_wall_s[1] >= 0.9  # the driver's time per step: step 2 ends while it sleeps over step 1
+
+
+def test_pinned_cpu_workers_each_run_on_a_core_of_their_own(local_ray) -> None:
+    """runtime.stage_device [Note: a worker per core]: rank r on the r-th core it may use; the
+    losses are those of unbound workers, bit for bit."""
+    kw = dict(model=UNTIED_2, schedule="1f1b", num_ranks=2, num_microbatches=2, micro_batch_size=1, seq_len=8,
+              num_steps=1, timeout_s=30, step_timeout_s=60)
+    cores: list = []
+    pinned = run_pipeline(**kw, pin_cores=True, on_step=lambda k, loss, res, wall: cores.append([r.core for r in res]))
+    free: list = []
+    loose = run_pipeline(**kw, on_step=lambda k, loss, res, wall: free.append([r.core for r in res]))
+    mine = sorted(os.sched_getaffinity(0))
+    assert cores == [[mine[0], mine[1 % len(mine)]]] and free == [[None, None]]
+    assert pinned.microbatch_losses == loose.microbatch_losses
 
 
 def _run(programs_edit=None, *, timeout_s: float = 30.0, step_timeout_s: float = 60.0) -> PipelineRun:
