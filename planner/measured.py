@@ -37,10 +37,13 @@ from memtrain.errors import UserError
 from memtrain.planner.serde import from_dict, to_dict
 from memtrain.planner.simulate_pipeline import Link
 
-__all__ = ["MEASURED_VERSION", "MEASURED_FILE", "MEASURED_SOURCE", "BlockCosts", "MeasuredPipeline", "pipeline_link", "save_measured",
+__all__ = ["MAX_TIMED_LAYERS", "MEASURED_VERSION", "MEASURED_FILE", "MEASURED_SOURCE", "BlockCosts", "MeasuredPipeline", "pipeline_link", "save_measured",
            "load_measured", "planned_from_measured"]
 
 MEASURED_VERSION = 1
+MAX_TIMED_LAYERS = 2
+"""Layers of a GPT the probe times (runtime.pipeline_probe); a deeper model's other layers repeat
+the timed ones' mean, and the probe's step (its rest) holds the dropout walk of these alone."""
 MEASURED_FILE = "pipeline-profile.json"
 """Where a run keeps what it measured, in its run directory."""
 MEASURED_SOURCE = "measured on the workers"

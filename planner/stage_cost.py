@@ -78,7 +78,7 @@ from itertools import accumulate
 
 from memtrain.cluster.spec import DeviceSpec, HostSpec, NvmeSpec
 from memtrain.planner import cost
-from memtrain.planner.measured import MeasuredPipeline
+from memtrain.planner.measured import MAX_TIMED_LAYERS, MeasuredPipeline
 from memtrain.planner.plan import ActPolicy, MemoryPolicy, TrainShape
 from memtrain.planner.stage_estimate import StageBudget, StageEstimate, stage_stats
 from memtrain.planner.stage_offload_cost import PARAM_BYTES, offloaded_estimate, placed
@@ -154,6 +154,11 @@ class StageModel:
         self.max_block_params = _RangeMax([b.num_params for b in blocks])
         self.random_elems = sum(b.random_elems for b in blocks)
         """Random elements one micro-batch's forward draws, the whole model's ([Note: the dropout walk])."""
+        layers = blocks[1:-1]
+        timed = min(len(layers), MAX_TIMED_LAYERS)
+        self.probe_random_elems = (blocks[0].random_elems + blocks[-1].random_elems
+                                   + (timed * sum(b.random_elems for b in layers) // len(layers) if layers else 0))
+        """The same for the model the probe times (its first ``MAX_TIMED_LAYERS`` layers, the layers alike)."""
         self.range_ids = self._canonical_ranges()
         """Per [first][end], the id of ranges with the same blocks (``_canonical_ranges``)."""
         # [Note: a device stage's states] fp32 parameters, gradients and optimizer states, whatever train.dtype
@@ -243,8 +248,8 @@ class StageModel:
         m = self.measured
         if m is None or not any(d.kind == m.device_kind for d in devices):
             return 0.0
-        probe = self._walk_s(m.device_kind, 1, m.num_microbatches) * m.micro_batch_size / self.stats.micro_batch_size
-        return max(0.0, m.blocks.rest_s - probe) + m.round_trip_s
+        probe = self._walk_s(m.device_kind, 1, m.num_microbatches, self.probe_random_elems)
+        return max(0.0, m.blocks.rest_s - probe * m.micro_batch_size / self.stats.micro_batch_size) + m.round_trip_s
 
     def boundary_bytes(self, end: int) -> int:
         """The tensor a stage ending before block ``end`` sends on, one micro-batch's: the block's
@@ -259,8 +264,9 @@ class StageModel:
         ``dp`` replicas of ``num_microbatches`` micro-batches of this model's size."""
         return self._walk_s(device.kind, dp, num_microbatches)
 
-    def _walk_s(self, kind: str, dp: int, num_microbatches: int) -> float:
-        return dp * num_microbatches * self.random_elems * RNG_WALK_S_PER_ELEM if kind == "cpu" else 0.0
+    def _walk_s(self, kind: str, dp: int, num_microbatches: int, elems: int | None = None) -> float:
+        elems = self.random_elems if elems is None else elems
+        return dp * num_microbatches * elems * RNG_WALK_S_PER_ELEM if kind == "cpu" else 0.0
 
     def w_share(self, first: int, end: int, device: DeviceSpec) -> float:
         """Of a split backward of blocks ``[first, end)`` on ``device``, the ``W`` part's share:

@@ -48,13 +48,11 @@ from memtrain.comm.link_probe import trimmed_mean
 from memtrain.config import DataConfig, ModelConfig
 from memtrain.models.gpt import gpt_config
 from memtrain.optimizers import OptimizerSpec
-from memtrain.planner.measured import BlockCosts, MeasuredPipeline
+from memtrain.planner.measured import MAX_TIMED_LAYERS, BlockCosts, MeasuredPipeline
 from memtrain.planner.plan import Action, Op
 
 __all__ = ["measure_blocks", "ray_step_gap_s", "ProbeActor", "measure_pipeline", "MAX_TIMED_LAYERS"]
 
-MAX_TIMED_LAYERS = 2
-"""Layers of a GPT timed; a deeper one repeats the timed layers' mean for the others."""
 LINK_BYTES = 4 << 20
 """The bandwidth probe's tensor."""
 TRIM = 0.25

@@ -13,7 +13,7 @@ from memtrain.cluster.catalog import cpu_device_spec
 from memtrain.config import ModelConfig
 from memtrain.planner.analyze import analyze
 from memtrain.planner.hetero import plan_cluster
-from memtrain.planner.measured import BlockCosts, MeasuredPipeline
+from memtrain.planner.measured import MAX_TIMED_LAYERS, BlockCosts, MeasuredPipeline
 from memtrain.planner.plan import TrainShape
 from memtrain.planner.stage_cost import RNG_WALK_S_PER_ELEM, StageModel
 
@@ -91,3 +91,23 @@ def test_a_measured_rest_of_the_step_loses_the_probes_own_walk():
     assert model.step_overhead_s([CPU]) == pytest.approx(0.05 - probe + 0.002, rel=1e-12)
     assert StageModel(_stats(0.0), train, measured=meas).step_overhead_s([CPU]) == pytest.approx(0.052, rel=1e-12)
     assert dataclasses.replace(meas, device_kind="a100-80gb").step_overhead_s == pytest.approx(0.052)
+
+
+def test_a_deep_models_probe_walked_only_the_layers_it_timed():
+    """The probe times the embedding, ``MAX_TIMED_LAYERS`` layers and the head of a deeper model:
+    its rest of a step held their walk, not the whole model's (12 layers: about 6x as much)."""
+    stats = analyze(ModelConfig(preset="tiny", overrides={"dropout": 0.1, "num_layers": 12}), seq_len=64,
+                    micro_batch_size=2, dtype="fp32")
+    n = len(stats.blocks)
+    blocks = BlockCosts(fwd_s=(1e-3,) * n, bwd_s=(2e-3,) * n, b_s=(1e-3,) * n, w_s=(1e-3,) * n, optim_s=(1e-4,) * n,
+                        rest_s=0.05, output_bytes=2 * 64 * 64 * 4)
+    meas = MeasuredPipeline(device_kind="cpu", device="cpu", num_threads=1, model_key="k", model_name="tiny",
+                            seq_len=64, dtype="fp32", micro_batch_size=2, num_microbatches=4, blocks=blocks,
+                            split_timed=False, link_latency_s=1e-4, link_gbps=1.0, link_recv_s=0.0, round_trip_s=0.002)
+    train = TrainShape(global_batch_size=8, micro_batch_size=2, num_microbatches=4, seq_len=64, dtype="fp32",
+                       optimizer="adamw")
+    b = stats.blocks
+    timed = b[0].random_elems + MAX_TIMED_LAYERS * b[1].random_elems + b[-1].random_elems
+    probe = 4 * timed * RNG_WALK_S_PER_ELEM
+    got = StageModel(stats, train, measured=meas).step_overhead_s([CPU])
+    assert got == pytest.approx(0.05 - probe + 0.002, rel=1e-12) and got > 0.002
