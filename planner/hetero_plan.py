@@ -114,7 +114,10 @@ def _run(cand: Candidate, costs: list[StageCost], links, m: int, walk: list[floa
     # an offloaded stage's fetch where its rank's program has it (runtime.stage_offload [Note: a stage's step])
     sched = pipeline.add_offload_points(sched, [s for s, c in enumerate(costs) if c.fetch_s > 0])
     # unused default: every pair of ranks that sends has its link in ``links`` (_links)
-    return simulate_pipeline(sched, place, costs, Link(gbps=1.0), links=links, step_start_s=dict(enumerate(walk)))
+    # a GPU rank receives into host memory and copies to the device at its RECV ([Note: received buffers])
+    host_receives = {r for r, rank in enumerate(cand.ranks) if rank[1].kind != "cpu"}
+    return simulate_pipeline(sched, place, costs, Link(gbps=1.0), links=links, step_start_s=dict(enumerate(walk)),
+                             host_receives=host_receives)
 
 
 def _clip_s(cand: Candidate, links: dict[tuple[int, int], Link]) -> float:

@@ -29,7 +29,10 @@ or its gradient, as large) is held from there until the pass that takes it start
 feeds or the ``B`` whose output gradient it is); inside that pass it is the pass's own (the
 stage's input among its saved activations, the arriving gradient in its workspace). So each is
 counted on its rank's tier (owner ``recv:<action>``) from a zero-length mark where it is posted to
-one right before the pass that takes it (``PipelineResult.recv_times``).
+one right before the pass that takes it (``PipelineResult.recv_times``). On a GPU the posted
+buffer is host memory (the channel receives there, runtime.stage_worker) and the device holds
+the copy made at the ``RECV`` until that pass: such a rank (``host_receives``) counts it from
+its ``RECV``.
 
 A program's step end, where it has one (planner.pipeline ``add_step_end``): ``ALLREDUCE`` holds
 the rank for the stage's ``reduce_s`` (its gradients summed over the replicas) and ``OPTIM`` for
@@ -45,7 +48,7 @@ step loses all but the last bucket's time, and it is never later than ZeRO-1's.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from memtrain.planner.pipeline import Placement, _deps, receive_posts, run_in_order
@@ -155,13 +158,16 @@ class PipelineResult:
 
 def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[StageCost], link: Link,
                       links: Mapping[tuple[int, int], Link] | None = None, clip_s: float = 0.0,
-                      step_start_s: Mapping[int, float] | None = None) -> PipelineResult:
+                      step_start_s: Mapping[int, float] | None = None,
+                      host_receives: Collection[int] = ()) -> PipelineResult:
     """Simulate one step of ``schedule`` (see the module doc); raises ``ValueError`` when it
     deadlocks or its stages and costs do not match. ``links[(src, dst)]``, where given, is the
     link between two ranks instead of ``link`` (ranks on one node and across nodes differ);
     ``clip_s``: each rank's ``CLIP`` once every rank has reached its own ([Note: the clip
     collective]); ``step_start_s[r]``: rank ``r``'s work before its program (planner.stage_cost
-    [Note: the dropout walk]), a task that starts its compute stream."""
+    [Note: the dropout walk]), a task that starts its compute stream; ``host_receives``: ranks
+    (on a GPU) whose posted buffers are host memory, their device copies made at the ``RECV``
+    ([Note: received buffers])."""
     if len(stages) != place.num_stages:
         raise ValueError(f"stages: {len(stages)} stage costs for {place.num_stages} stages; give one per stage")
     last = place.num_stages - 1
@@ -172,7 +178,9 @@ def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[Sta
     first: dict[tuple, int] = {}  # a pass run in parts, or a stage's reduce: its first task
     clipping = {r for r, acts in schedule.items() if any(a.op is Op.CLIP for a in acts)}
     arrived: dict[int, int] = {}  # [Note: the clip collective] per rank at its CLIP, its arrival
-    posts = {r: receive_posts(acts) for r, acts in schedule.items()}  # [Note: received buffers]
+    # [Note: received buffers] a rank of host_receives takes its device copy at the RECV itself
+    posts = {r: receive_posts(acts) if r not in host_receives else
+             {k: (a,) for k, a in enumerate(acts) if a.op in (Op.RECV_F, Op.RECV_B)} for r, acts in schedule.items()}
     for r, t in sorted((step_start_s or {}).items()):
         if t > 0 and r in schedule:
             g.add("rng walk", f"compute:{r}", t)

@@ -45,6 +45,31 @@ def test_each_buffer_is_held_from_its_post_to_the_start_of_its_pass():
     assert r.peak_bytes == {0: 2 * act + out, 1: act + out}
 
 
+def test_a_gpu_rank_holds_the_device_copy_from_its_recv():
+    """A GPU worker's channel receives into host memory and copies to the device at the RECV:
+    such a rank (``host_receives``) counts each buffer from the RECV's start, not from the post
+    one pass earlier; the other rank is unchanged, and so is the step."""
+    place, m = placement("1f1b", 2), 4
+    sched = add_p2p(generate("1f1b", 2, m), place)
+    stages = [StageCost(fwd_s=1.0, bwd_s=2.0, activation_bytes=1000, output_bytes=64)] * 2
+    link = Link(gbps=1.0, latency_s=0.25)
+    both = simulate_pipeline(sched, place, stages, link)
+    gpu = simulate_pipeline(sched, place, stages, link, host_receives={1})
+    assert gpu.step_time_s == both.step_time_s
+    recv_starts = {}  # where rank 1 reaches each RECV: the end of its last pass before it (a send costs it 0 here)
+    for k, a in enumerate(sched[1]):
+        if a.op is Op.RECV_F:
+            done = [gpu.pass_times[(b.op, b.stage, b.microbatch)][1] for b in sched[1][:k] if b.op in (Op.F, Op.B)]
+            recv_starts[(a.op, a.stage, a.microbatch)] = max(done, default=0.0)
+    for key, (posted, taken, nbytes) in gpu.recv_times.items():
+        if key[1] == 1:  # rank 1's receives (stage 1's inputs)
+            assert posted == recv_starts[key] and taken == both.recv_times[key][1] and nbytes == 64
+            assert posted >= both.recv_times[key][0]
+        else:
+            assert (posted, taken, nbytes) == both.recv_times[key]
+    assert any(gpu.recv_times[k][0] > both.recv_times[k][0] for k in gpu.recv_times if k[1] == 1)
+
+
 def test_the_plan_counts_them_in_each_ranks_peak_and_memory_line():
     """The tiny GPT over 2 CPU ranks (1F1B, 4 micro-batches of 2 × 64 tokens, hidden 64, fp32):
     each boundary tensor is 2 · 64 · 64 · 4 bytes. Rank 0 holds a gradient buffer, posted before
