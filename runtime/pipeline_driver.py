@@ -107,15 +107,20 @@ def even_partition(num_blocks: int, num_stages: int) -> tuple[int, ...]:
     return tuple(q + (s < r) for s in range(num_stages))
 
 
+QUEUE_AHEAD_MAX_S = 1.0
+"""Steps shorter than this (the last one's driver time) are queued ahead ([Note: a step queued ahead])."""
+
+
 class PipelineRun:
     """The actors of one pipeline run: ``start()``, ``step(k)`` per step, ``close()``.
 
     [Note: a step queued ahead] Ray runs an actor's calls from one caller in the order they were
     made, so ``run_pipeline`` queues step k + 1 before it waits for step k: a worker goes from one
     step into the next without waiting for the driver to take the results, write the metrics and
-    call again (3.7 ms a step of the tiny example's 20 ms, measured). A checkpoint's states are
-    queued right after their step and the next step only once they are taken, so a signal stops
-    the run at most one step later than it would without the queue."""
+    call again (3.7 ms a step of the tiny example's 20 ms, measured). Only while steps take under
+    ``QUEUE_AHEAD_MAX_S``: the driver's part is milliseconds, and a signal that arrives during a
+    step is answered after the step queued behind it. A checkpoint's states are queued right after
+    their step and the next step only once they are taken."""
 
     def __init__(self, spec: PipelineSpec, programs: Schedule, *, step_timeout_s: float = 300.0,
                  start_timeout_s: float = 300.0, num_cpus_per_worker: float = 1.0,
@@ -132,6 +137,8 @@ class PipelineRun:
         self.workers: list[Any] = []
         self.failed = False
         """A step or the start-up failed: ``close`` ends the actors without asking them."""
+        self._queued: list[dict[int, Any]] = []
+        """Calls queued and not collected (a step queued ahead of one that failed)."""
 
     def name(self, rank: int) -> str:
         """How errors name world rank ``rank``."""
@@ -167,11 +174,11 @@ class PipelineRun:
     def submit(self, step: int, lr: float | Sequence[float] | None = None) -> dict[int, Any]:
         """Queue step ``step`` on every rank without waiting ([Note: a step queued ahead]); its
         results come from ``collect``."""
-        return {r: w.run_step.remote(step, lr) for r, w in enumerate(self.workers)}
+        return self._queue({r: w.run_step.remote(step, lr) for r, w in enumerate(self.workers)})
 
     def collect(self, refs: dict[int, Any], step: int) -> list[StepResult]:
         """The results of step ``step`` queued by ``submit``, by world rank."""
-        return self._gather(refs, f"step {step + 1}", self.step_timeout_s)
+        return self._gather(self._taken(refs), f"step {step + 1}", self.step_timeout_s)
 
     def states(self) -> dict[int, dict]:
         """Every rank's checkpoint state (``StageWorker.state``), by world rank."""
@@ -179,11 +186,19 @@ class PipelineRun:
 
     def submit_states(self) -> dict[int, Any]:
         """Queue the ranks' checkpoint states: taken after every step queued before."""
-        return {r: w.state.remote() for r, w in enumerate(self.workers)}
+        return self._queue({r: w.state.remote() for r, w in enumerate(self.workers)})
 
     def collect_states(self, refs: dict[int, Any]) -> dict[int, dict]:
         """The states queued by ``submit_states``, by world rank."""
-        return dict(enumerate(self._gather(refs, "a checkpoint", self.step_timeout_s)))
+        return dict(enumerate(self._gather(self._taken(refs), "a checkpoint", self.step_timeout_s)))
+
+    def _queue(self, refs: dict[int, Any]) -> dict[int, Any]:
+        self._queued.append(refs)
+        return refs
+
+    def _taken(self, refs: dict[int, Any]) -> dict[int, Any]:
+        self._queued = [q for q in self._queued if q is not refs]
+        return refs
 
     def load_states(self, states: dict[int, dict]) -> None:
         """Give each rank its state of a checkpoint (``StageWorker.load_state``)."""
@@ -207,6 +222,15 @@ class PipelineRun:
         finally:
             for w in self.workers:
                 ray.kill(w, no_restart=True)
+            # the calls queued behind a failure end with it (RayActorError, StepFailed): taken here,
+            # so that Ray does not report them unhandled after the error that ended the run
+            left = [ref for refs in self._queued for ref in refs.values()]
+            self._queued = []
+            for ref in ray.wait(left, num_returns=len(left), timeout=5.0)[0] if left else ():
+                try:
+                    ray.get(ref)
+                except Exception:  # noqa: BLE001 - what ended the run was raised already
+                    pass
             self.workers = []
             if self.placed is not None:
                 ray.util.remove_placement_group(self.placed.placement_group)
@@ -296,8 +320,8 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
     ``programs``: each pipeline rank's program (a plan's ``schedule``; default: the schedule's
     lowering, ``stage_programs``); ``assignments``: per world rank, a ``ray_cluster.Assignment``
     (its node and resources; default: anywhere with ``num_cpus_per_worker`` CPUs);
-    ``on_step(step, loss, results, wall_s)`` after each step (``wall_s``: the driver's wait for
-    it); ``timeout_s``: the longest a transfer or collective waits; ``step_timeout_s``: the
+    ``on_step(step, loss, results, wall_s)`` after each step (``wall_s``: the driver's time from the
+    previous step's results to these); ``timeout_s``: the longest a transfer or collective waits; ``step_timeout_s``: the
     longest the driver waits for a step.
     ``start_step`` and ``states`` (per world rank, ``StageWorker.state``) continue a run from a
     checkpoint; after each step ``k`` (1-based count of steps done) for which ``save_after(k)``,
@@ -399,7 +423,8 @@ def run_pipeline(*, model: ModelConfig | dict | None = None, schedule: str = "1f
                 queued, mark = run.submit(k, lr_of(k)), time.perf_counter()
             save = save_after is not None and on_states is not None and save_after(k + 1)
             states_refs = run.submit_states() if save else None
-            ahead = run.submit(k + 1, lr_of(k + 1)) if k + 1 < num_steps and not save else None
+            short = bool(walls) and walls[-1] < QUEUE_AHEAD_MAX_S
+            ahead = run.submit(k + 1, lr_of(k + 1)) if k + 1 < num_steps and short and not save else None
             results = run.collect(queued, k)
             now = time.perf_counter()
             wall, mark, queued = now - mark, now, ahead

@@ -20,7 +20,9 @@ removes them (offload.nvme [Note: stale files]).
 ``memtrain resume`` reads) and checkpoints under ``checkpoint.dir`` (default
 ``<run_dir>/checkpoints``, runtime.checkpoint [Note: checkpoint layout]): every
 ``checkpoint.interval_steps`` steps, at the end, and after the step in progress when SIGTERM or
-SIGINT arrives (preemption), after which the run stops with ``Stopped``. A second SIGINT
+SIGINT arrives (preemption; a pipeline whose steps take under a second may first finish the one
+queued behind it, runtime.pipeline_driver [Note: a step queued ahead]), after which the run stops
+with ``Stopped``. A second SIGINT
 interrupts at once. Writes overlap the next steps (``Checkpointer``). A resumed run
 (``resume_from``) runs the plan it saved, loads the state, truncates ``metrics.jsonl`` to the
 checkpoint's step and continues with the next step, so its lines equal an uninterrupted run's.

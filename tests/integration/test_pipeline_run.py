@@ -27,6 +27,7 @@ from pipeline_reference import reference_losses
 from memtrain.config import ConfigError, DataConfig, ModelConfig
 from memtrain.planner.pipeline import SCHEDULES
 from memtrain.planner.plan import Action, Op
+from memtrain.runtime import pipeline_driver
 from memtrain.runtime.pipeline_driver import PipelineError, PipelineRun, run_pipeline, stage_programs
 from memtrain.runtime.stage_worker import PipelineSpec
 
@@ -82,31 +83,38 @@ def test_two_stages_two_replicas(local_ray) -> None:
     _check(UNTIED_2, "1f1b", p=2, dp=2, tol=1e-5)
 
 
-def test_the_next_step_runs_while_the_driver_takes_the_last_ones_results(local_ray) -> None:
-    """[Note: a step queued ahead] While the driver sleeps 1 s over step 1's results, the workers
-    already run step 2: each waited well under that since step 1 ended (``between_s``); a step
-    after a checkpoint is not queued ahead, so its states are step 2's and the workers wait for the
-    driver before step 3."""
-    between: dict[int, list[float]] = {}
-    saved: list[int] = []
+def test_the_next_step_runs_while_the_driver_takes_the_last_ones_results(local_ray, monkeypatch) -> None:
+    """[Note: a step queued ahead] While the driver sleeps 1 s over step 2's results, the workers
+    already run step 3: each waited well under that since step 2 ended (``between_s``); the first
+    step, whose length is not known yet, and a step after a checkpoint are not queued ahead, so
+    the workers wait for the driver before them; nor is a step after one of QUEUE_AHEAD_MAX_S or
+    more."""
+    def run(**kw) -> dict[int, list[float]]:
+        between: dict[int, list[float]] = {}
 
-    def on_step(k: int, loss: float, results: list, wall: float) -> None:
-        between[k] = [r.between_s for r in results]
-        if k == 0:
-            time.sleep(1.0)
+        def on_step(k: int, loss: float, results: list, wall: float) -> None:
+            between[k] = [r.between_s for r in results]
+            if k == 1:
+                time.sleep(1.0)
+
+        run_pipeline(model=UNTIED_2, schedule="1f1b", num_ranks=2, num_microbatches=2, micro_batch_size=1,
+                     seq_len=8, num_steps=4, timeout_s=30, step_timeout_s=60, on_step=on_step, **kw)
+        return between
+
+    saved: list[int] = []
 
     def on_states(done: int, states: dict) -> None:
         saved.append(done)
         time.sleep(1.0)
 
-    got = run_pipeline(model=UNTIED_2, schedule="1f1b", num_ranks=2, num_microbatches=2, micro_batch_size=1,
-                       seq_len=8, num_steps=3, timeout_s=30, step_timeout_s=60, on_step=on_step,
-                       save_after=lambda done: done == 2, on_states=on_states)
+    between = run(save_after=lambda done: done == 3, on_states=on_states)
     assert between[0] == [0.0, 0.0]
-    assert all(b < 0.5 for b in between[1]), between
+    assert all(b < 0.5 for b in between[2]), between
+    assert all(b >= 1.0 for b in between[3]), between  # after the checkpoint of step 3
+    assert saved == [3]
+    monkeypatch.setattr(pipeline_driver, "QUEUE_AHEAD_MAX_S", 0.0)  # every step too long to queue ahead
+    between = run()
     assert all(b >= 1.0 for b in between[2]), between
-    assert saved == [2]
-    assert got.step_wall_s[1] >= 0.9  # the driver's time per step: step 2 ends while it sleeps over step 1
 
 
 def test_pinned_cpu_workers_each_run_on_a_core_of_their_own(local_ray) -> None:
