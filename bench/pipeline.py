@@ -67,6 +67,7 @@ from memtrain.planner.simulate_pipeline import Link, StageCost, simulate_pipelin
 from memtrain.runtime.pipeline_driver import even_partition, run_pipeline, stage_programs  # noqa: E402
 from memtrain.runtime import pipeline_probe  # noqa: E402
 from memtrain.runtime.ray_cluster import embedded  # noqa: E402
+from memtrain.runtime.stage_device import pins_cores  # noqa: E402
 from memtrain.runtime.stage_worker import block_ranges  # noqa: E402
 
 TARGET_ERR = 0.10
@@ -181,7 +182,8 @@ def measure(kind: str, args: argparse.Namespace, model: ModelConfig, partition: 
     res = run_pipeline(model=model, schedule=kind, num_ranks=args.ranks, dp=1, num_microbatches=args.microbatches,
                        micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, num_steps=args.steps,
                        seed=args.seed, lr=args.lr, partition=partition, stages_per_rank=args.stages_per_rank,
-                       timeout_s=120.0, num_threads=1, num_cpus_per_worker=1, pin_cores=embedded())
+                       timeout_s=120.0, num_threads=1, num_cpus_per_worker=1,
+                       pin_cores=embedded() and pins_cores(args.ranks, 1))
     timed = [max(ranks) for ranks in res.step_times_s[args.warmup:]]
     match = all(rec == res.programs[r] for step in res.records for r, rec in enumerate(step))
     return Measured(step_s=statistics.median(timed), wall_s=statistics.median(res.step_wall_s[args.warmup:]),

@@ -174,19 +174,22 @@ def run_distributed(cfg: Config, address: str | None = None, *, overwrite: bool 
     optimizer = optimizer_spec(cfg)  # param_groups by the whole model's names, refused before Ray starts
     run_pipeline = _pipeline_runner()
     from memtrain.runtime import ray_cluster  # Ray, once the run is known to need it
+    from memtrain.runtime.stage_device import pins_cores
     with ray_cluster.connected(address) as line:
         print_fn(f"memtrain: {line}")
         inventory = ray_cluster.cluster_inventory(cfg.cluster.network_gbps)
         chooses = plan is None and cfg.parallel.planner_chooses
         chosen = list(range(len(inventory.slots))) if chooses else check_devices(cfg, inventory)
         measured = None
+        # runtime.stage_device [Note: a worker per core]: on the embedded Ray, whose workers take every core
+        pin = ray_cluster.embedded() and pins_cores(cfg.parallel.num_workers, 1)
         if plan is None:  # the figures to plan with (runtime.pipeline_probe; a resumed run has its plan)
             from memtrain.runtime.pipeline_probe import measured_for_run
 
             measured = measured_for_run(cfg, [inventory.slots[i].kind for i in chosen],
                                         [ray_cluster.Assignment.of_slot(r, inventory.slots[i])
                                          for r, i in enumerate(chosen[:2])], out_dir, print_fn,
-                                        pin_cores=ray_cluster.embedded())
+                                        pin_cores=pin)
             plan = plan_run(cfg, inventory, chosen, measured)
         if chooses:  # over every device; the plan's choices then fixed
             cfg = _with_choices(cfg, plan)
@@ -194,7 +197,7 @@ def run_distributed(cfg: Config, address: str | None = None, *, overwrite: bool 
         assignments = assignments_for(plan, inventory, chosen)
         return _train(cfg, plan, assignments, run_pipeline, out_dir, overwrite, print_fn,
                       f"{cfg.parallel.num_workers} workers on {inventory.describe()}", resume_from, optimizer,
-                      measured, pin_cores=ray_cluster.embedded())
+                      measured, pin_cores=pin)
 
 
 def stage_homes(cfg: Config, plan: Any) -> tuple[str, ...]:

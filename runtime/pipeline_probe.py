@@ -232,11 +232,12 @@ class ProbeActor:
             time.sleep(hold_s)
         return t0, time.perf_counter()
 
-    def pin(self, index: int) -> int:
-        """Bind this actor to a core as the run's worker ``index`` will be (``stage_device.pin_to_core``)."""
-        from memtrain.runtime.stage_device import pin_to_core
+    def pin(self, index: int) -> int | None:
+        """Bind this actor to a core as the run's worker ``index`` will be, where it computes on
+        the CPU (``stage_device.pin_to_core``); None: on a GPU, not bound."""
+        from memtrain.runtime.stage_device import pin_to_core, worker_device
 
-        return pin_to_core(index)
+        return pin_to_core(index) if worker_device().type == "cpu" else None
 
     def node(self) -> dict:
         """This node's address, cores and 1-minute load average."""

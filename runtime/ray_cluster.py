@@ -79,7 +79,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> str:
         ray.init(address="local", _node_ip_address=_LOOPBACK, include_dashboard=False, num_cpus=num_cpus,
                  logging_level="WARNING")
         global _embedded
-        _embedded = True
+        _embedded = ray.get_runtime_context().gcs_address
         return f"started the embedded Ray on {_LOOPBACK} ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
     if address.startswith(("http://", "https://")):
         raise UserError(f"{source} {address!r}: that is a dashboard's address (for 'ray job submit'); give the "
@@ -129,17 +129,17 @@ def connected(address: str | None = None, *, num_cpus: int | None = None) -> Ite
         if owned:
             ray.shutdown()
             global _embedded
-            _embedded = False
+            _embedded = None
 
 
-_embedded = False
-"""This process started the Ray it is connected to (``connect``'s embedded one)."""
+_embedded: str | None = None
+"""The address of the embedded Ray ``connect`` started in this process, while it runs."""
 
 
 def embedded() -> bool:
     """Whether the Ray this process is connected to is the embedded one it started: a node that
     runs this job alone (its workers may be bound to cores, runtime.stage_device)."""
-    return _embedded and ray.is_initialized()
+    return _embedded is not None and ray.is_initialized() and ray.get_runtime_context().gcs_address == _embedded
 
 
 _PROBE_TIMEOUT_S = 5.0

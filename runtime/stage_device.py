@@ -16,7 +16,7 @@ import os
 
 import torch
 
-__all__ = ["worker_device", "assigned_gpus", "choose_device", "pin_to_core"]
+__all__ = ["worker_device", "assigned_gpus", "choose_device", "pin_to_core", "pins_cores"]
 
 
 def worker_device() -> torch.device:
@@ -54,10 +54,17 @@ def pin_to_core(index: int) -> int:
     workers of a pipeline move between the cores as each waits and wakes (a rank idles at each
     transfer), and on 2 cores the tiny example's step took 24.0 ms at the median of 7 runs against
     18.0 ms with each worker bound to its own core (``memtrain run examples/gpt-tiny-pp2.yaml``,
-    alternating, quiet machine). A joined cluster's cores are shared with others: its workers
-    are not bound (``PipelineSpec.pin_cores``)."""
+    alternating, quiet machine). Only where the workers take every core (``pins_cores``): with
+    cores to spare, a worker's other threads (gloo's, the offload pools') use them. A joined
+    cluster's cores are shared with others: its workers are not bound (``PipelineSpec.pin_cores``)."""
     cores = sorted(os.sched_getaffinity(0))
     core = cores[index % len(cores)]
     os.sched_setaffinity(0, {core})
     return core
+
+
+def pins_cores(num_workers: int, num_threads: int) -> bool:
+    """Whether the embedded Ray binds its CPU workers ([Note: a worker per core]): single-threaded
+    workers that take every core this process may use."""
+    return num_threads == 1 and num_workers >= len(os.sched_getaffinity(0))
 

@@ -54,8 +54,9 @@ class PipelineSpec:
     num_threads: int = 1
     """``torch.set_num_threads`` on each worker."""
     pin_cores: bool = False
-    """Each CPU worker binds itself to one core of its node, its world rank's (runtime.stage_device
-    [Note: a worker per core]): for the embedded Ray, whose node runs this job alone."""
+    """Each single-threaded CPU worker binds itself to one core of its node, its world rank's
+    (runtime.stage_device [Note: a worker per core]): for the embedded Ray, whose workers take
+    every core (``stage_device.pins_cores``)."""
     offload: tuple[str, ...] = ()
     """Per stage, where its model states live between steps: ``device`` (the worker's own
     tensors, a ``torch.optim`` optimizer), ``host`` (host-memory chunks) or ``nvme`` (files in

@@ -137,7 +137,7 @@ class StageWorker(StageStepEnd):
         torch.set_num_threads(spec.num_threads)
         # [Note: devices of a worker] the GPU Ray gave the actor (CUDA_VISIBLE_DEVICES), else the CPU
         self.device = worker_device()
-        if spec.pin_cores and self.device.type == "cpu":  # runtime.stage_device [Note: a worker per core]
+        if spec.pin_cores and self.device.type == "cpu" and spec.num_threads == 1:  # stage_device [Note: a worker per core]
             self.core = pin_to_core(self.rank)
         join(self.rank, Rendezvous(host=host, port=port, world_size=spec.world_size, timeout_s=spec.timeout_s),
              self._store)

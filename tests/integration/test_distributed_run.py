@@ -6,6 +6,7 @@ metrics line per step; the program each worker ran is its rank's list in the sav
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -109,6 +110,12 @@ def test_a_pipeline_run_stopped_by_sigterm_resumes_to_the_uninterrupted_losses(l
     lines = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
     assert [m["loss"] for m in lines] == uninterrupted["losses"]
+    # the CLI started the embedded Ray: its 2 workers bound to cores where they take them all
+    # (runtime.stage_device [Note: a worker per core]); run_distributed on this test's Ray: not bound
+    cores = sorted(os.sched_getaffinity(0))
+    assert lines[0]["rank_core"] == (cores[:2] if len(cores) <= 2 else [None, None])
+    whole_lines = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["rank_core"] == [None, None] for m in whole_lines)
 
 
 def test_states_offloaded_to_nvme_train_as_one_process(local_ray, tmp_path):
@@ -206,3 +213,4 @@ def _untied_named():
 
     with torch.device("meta"):
         return list(GPT(gpt_config("tiny", num_layers=2, tie_embeddings=False)).named_parameters())
+

@@ -110,6 +110,7 @@ def test_memtrain_run_as_a_ray_job_with_token_auth(head, tmp_path):
     assert "succeeded" in out and "step     3/3" in out and "2 workers on 1 node(s): 2 cpu" in out
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3] and all(m["loss"] > 0 for m in lines)
+    assert all(m["rank_core"] == [None, None] for m in lines)  # a joined cluster's workers are not bound
     assert (run_dir / "plan.json").exists()
     assert listening_beyond_loopback(process_tree([head["proc"].pid])) == []  # the job's processes too
 

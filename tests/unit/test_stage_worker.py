@@ -166,3 +166,13 @@ def test_busy_time_counts_compute_actions_only():
     r = StepResult(record=("0F0", "0SEND_F0", "1RECV_B0", "0B0", "0W0", "0ALLREDUCE", "0OPTIM"), losses=(), time_s=30.0,
                    action_s=(1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0))
     assert r.busy_s == 1.0 + 8.0 + 16.0 + 64.0
+
+
+def test_cores_are_bound_only_where_single_threaded_workers_take_them_all() -> None:
+    """runtime.stage_device [Note: a worker per core]."""
+    from memtrain.runtime.stage_device import pins_cores
+
+    n = len(os.sched_getaffinity(0))
+    assert pins_cores(n, 1) and pins_cores(n + 1, 1)
+    assert not pins_cores(n, 2)
+    assert not pins_cores(n - 1, 1)  # a core to spare: none bound
