@@ -275,8 +275,9 @@ class StageRng:
             self._end = self._start = None
 
     def abandon(self) -> None:
-        """A step that failed between ``begin`` and ``finish`` (runtime.stage_failure): the
-        generator back to the state it had at the step's start, the walk's states dropped."""
+        """A step that failed (runtime.stage_failure): between ``begin`` and ``finish``, the
+        generator back to the state it had at the step's start; after ``finish`` it stays at the
+        step's end (the worker refuses further steps either way); the walk's states dropped."""
         if self._start is not None:
             set_state(self.device, self._start)
         self._at, self._end, self._start = {}, None, None

@@ -111,11 +111,12 @@ class StageWorker(StageStepEnd):
         """The step's learning rate for every group; None: each group's own (runtime.stage_groups)."""
         self._grad_norm: float | None = None
         self._source: TokenBatches | None = None
-        """The step's global batches (``_load_batch``), made at the first step."""
+        """The step's global batches (``_load_batch``), made at the first step; a Parquet or Arrow
+        source holds its column in memory from then on (the first and last stages' ranks)."""
         self._step_end: float | None = None
+        """When the previous step ended (``StepResult.between_s``)."""
         self.core: int | None = None
         """The core this worker is bound to (``PipelineSpec.pin_cores``)."""
-        """When the previous step ended (``StepResult.between_s``)."""
         self._posts = early_posts(program)
         """comm.p2p [Note: receives posted early]: before action ``k``, the receives to post."""
         self.failed_step: str | None = None
