@@ -287,6 +287,7 @@ def test_an_extrapolated_pipeline_draws_what_the_full_simulation_draws(monkeypat
         times = [step * (k + 0.37) / 1000 for k in range(1000)]
         same = sum(level(line, t) == level(full, t) for t in times)
         # ZB-H1 and interleaved 1F1B settle into their pattern over more micro-batches than the
-        # short run has before the cut: a few of their repeated passes land a little off (and
-        # ZB-H1's received buffers with them, each posted before a W that floats)
-        assert same >= {"zb-h1": 940, "interleaved-1f1b": 900}.get(schedule, 999), same
+        # short run has before the cut: a few of their repeated passes land a little off, and the
+        # received buffers with them (these GPU ranks hold each from its RECV, which waits for the
+        # transfer of a pass that floats: 918 and 875 of 1000 instants, measured)
+        assert same >= {"zb-h1": 910, "interleaved-1f1b": 870}.get(schedule, 999), same
