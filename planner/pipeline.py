@@ -267,11 +267,11 @@ def add_p2p(schedule: Schedule, place: Placement) -> Schedule:
 
 
 def receive_posts(program: Sequence[Action]) -> dict[int, list[Action]]:
-    """Where a worker posts each receive of its rank's ``program`` (runtime.stage_spec
-    ``early_posts``, the rule it runs; comm.p2p [Note: receives posted early]): by position, the
-    ``RECV_F``/``RECV_B`` posted right before the action there, the last pass (``F``, ``B`` or
-    ``W``) ahead of them, or position 0 for those with no pass ahead; the received buffer is held
-    from there (planner.simulate_pipeline [Note: received buffers])."""
+    """Where a worker posts each receive of its rank's ``program`` (runtime.stage_worker runs this
+    rule; comm.p2p [Note: receives posted early]): by position, the ``RECV_F``/``RECV_B`` posted
+    right before the action there, the last pass (``F``, ``B`` or ``W``) ahead of them, so the
+    transfer goes on under that pass, or position 0 for those with no pass ahead; the received
+    buffer is held from there (planner.simulate_pipeline [Note: received buffers])."""
     out: dict[int, list[Action]] = {}
     last = 0
     for k, a in enumerate(program):

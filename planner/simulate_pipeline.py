@@ -23,7 +23,7 @@ thread's), issued after the rank's action before it, and the stage's first forwa
 (runtime.stage_offload [Note: a stage's step]).
 
 [Note: received buffers] A worker posts each receive one pass ahead of its ``RECV``
-(planner.pipeline ``receive_posts``, runtime.stage_spec ``early_posts``: right before the last
+(planner.pipeline ``receive_posts``, which the worker runs: right before the last
 pass ahead of it, or at the step's start), and the posted buffer (the sending stage's output,
 or its gradient, as large) is held from there until the pass that takes it starts (the ``F`` it
 feeds or the ``B`` whose output gradient it is); inside that pass it is the pass's own (the

@@ -4,17 +4,15 @@ the same for every rank) and ``StepResult``, plain values that cross Ray's actor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from memtrain.config import DataConfig, ModelConfig
 from memtrain.optimizers import OptimizerSpec
-from memtrain.planner.plan import Action, Op
 from memtrain.runtime.stage_activations import check_activations
 from memtrain.runtime.stage_offload import OFFLOAD_HOMES
 from memtrain.runtime.stage_zero import BUCKET_ELEMS
 
-__all__ = ["PipelineSpec", "StepResult", "block_ranges", "early_posts", "PIPELINE_DTYPES"]
+__all__ = ["PipelineSpec", "StepResult", "block_ranges", "PIPELINE_DTYPES"]
 
 _COMPUTE = ("F", "B", "W", "OPTIM")
 
@@ -158,16 +156,3 @@ def block_ranges(partition: tuple[int, ...]) -> list[range]:
         start += n
     return out
 
-
-def early_posts(program: Sequence[Action]) -> dict[int, list[Action]]:
-    """comm.p2p [Note: receives posted early]: each ``RECV_F``/``RECV_B`` of ``program`` is
-    posted before the last pass (``F``, ``B`` or ``W``) ahead of it runs, so its transfer goes on
-    under that pass; one with no pass ahead of it at the step's start. By position in the program."""
-    out: dict[int, list[Action]] = {}
-    last = 0
-    for k, a in enumerate(program):
-        if a.op in (Op.F, Op.B, Op.W):
-            last = k
-        elif a.op in (Op.RECV_F, Op.RECV_B):
-            out.setdefault(last, []).append(a)
-    return out

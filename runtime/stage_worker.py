@@ -67,6 +67,7 @@ from memtrain.comm import Channel, Rendezvous, host_store, join, leave, subgroup
 from memtrain.optimizers import Optimizer
 from memtrain.models.gpt import causal_lm_loss, gpt_config
 from memtrain.models.gpt_blocks import TIED_NAMES, build_blocks, global_names, param_names
+from memtrain.planner.pipeline import receive_posts
 from memtrain.planner.plan import Action, Op
 from memtrain.runtime.data import TokenBatches
 from memtrain.runtime.stage_activations import RankActivations
@@ -76,7 +77,7 @@ from memtrain.runtime.stage_groups import group_lr, stage_groups, step_lr
 from memtrain.runtime.stage_offload import OffloadedStage, build_offloaded, close_offloaded, state_bytes
 from memtrain.runtime.stage_rng import StageRng, get_state, offset_steps, set_state, trace_gpt
 from memtrain.runtime.stage_state import load_rank_state, rank_state
-from memtrain.runtime.stage_spec import PIPELINE_DTYPES, PipelineSpec, StepResult, block_ranges, early_posts
+from memtrain.runtime.stage_spec import PIPELINE_DTYPES, PipelineSpec, StepResult, block_ranges
 from memtrain.runtime.stage_step_end import StageStepEnd, grad_report
 from memtrain.runtime.stage_zero import ShardedOptimizer, zero2_buckets
 
@@ -117,7 +118,7 @@ class StageWorker(StageStepEnd):
         """When the previous step ended (``StepResult.between_s``)."""
         self.core: int | None = None
         """The core this worker is bound to (``PipelineSpec.pin_cores``)."""
-        self._posts = early_posts(program)
+        self._posts = receive_posts(program)
         """comm.p2p [Note: receives posted early]: before action ``k``, the receives to post."""
         self.failed_step: str | None = None
         """Why this worker is poisoned (runtime.stage_failure [Note: a failed step poisons the worker])."""

@@ -1,4 +1,4 @@
-"""Receives posted one pass ahead (runtime.stage_spec ``early_posts``; comm.p2p [Note: receives
+"""Receives posted one pass ahead (planner.pipeline ``receive_posts``, the rule the worker runs; comm.p2p [Note: receives
 posted early]): every receive of every schedule's program is posted once, before the last pass
 ahead of it, so its transfer runs under that pass."""
 
@@ -8,7 +8,7 @@ import pytest
 
 from memtrain.planner.plan import Op
 from memtrain.runtime.pipeline_driver import stage_programs
-from memtrain.runtime.stage_spec import early_posts
+from memtrain.planner.pipeline import receive_posts
 
 PASSES = (Op.F, Op.B, Op.W)
 
@@ -17,7 +17,7 @@ PASSES = (Op.F, Op.B, Op.W)
 def test_each_receive_is_posted_once_before_the_pass_ahead_of_it(schedule):
     _, programs = stage_programs(schedule, 2, 4)
     for program in programs.values():
-        posts = early_posts(program)
+        posts = receive_posts(program)
         posted = [(k, a) for k, acts in posts.items() for a in acts]
         recvs = [a for a in program if a.op in (Op.RECV_F, Op.RECV_B)]
         assert sorted(map(str, (a for _, a in posted))) == sorted(map(str, recvs))
@@ -31,6 +31,6 @@ def test_each_receive_is_posted_once_before_the_pass_ahead_of_it(schedule):
 
 def test_the_first_receive_of_a_rank_without_a_pass_ahead_is_posted_at_the_start():
     _, programs = stage_programs("1f1b", 2, 4)
-    posts = early_posts(programs[1])
+    posts = receive_posts(programs[1])
     assert [str(a) for a in posts[0]] == ["1RECV_F0"]
     assert [str(a) for a in posts[programs[1].index(next(a for a in programs[1] if str(a) == "1B0"))]] == ["1RECV_F1"]

@@ -1,24 +1,29 @@
 """Received buffers in the pipeline planner's memory (planner.simulate_pipeline [Note: received
-buffers]): each receive is posted one pass ahead (runtime.stage_spec ``early_posts``, planner.pipeline
-``receive_posts``) and its buffer, the boundary tensor (micro-batch × sequence × hidden × dtype
+buffers]): each receive is posted one pass ahead (planner.pipeline ``receive_posts``, the rule the
+worker runs) and its buffer, the boundary tensor (micro-batch × sequence × hidden × dtype
 bytes), is held from the post to the start of the pass that takes it."""
 
 from __future__ import annotations
 
 import pytest
 
+from memtrain.config import ModelConfig
 from memtrain.planner.pipeline import SCHEDULES, add_p2p, generate, placement, receive_posts
 from memtrain.planner.plan import Op
 from memtrain.planner.simulate_pipeline import Link, StageCost, simulate_pipeline
 from memtrain.runtime.pipeline_driver import stage_programs
-from memtrain.runtime.stage_spec import early_posts
+from memtrain.runtime.stage_spec import PipelineSpec
+from memtrain.runtime.stage_worker import StageWorker
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_the_planner_posts_where_the_worker_posts(schedule):
-    _, programs = stage_programs(schedule, 2, 4)
-    for program in programs.values():
-        assert receive_posts(program) == early_posts(program)
+    place, programs = stage_programs(schedule, 2, 4)
+    spec = PipelineSpec(model=ModelConfig(preset="tiny", overrides={"num_layers": 6}),
+                        partition=(8 // place.num_stages,) * place.num_stages, rank_of=place.rank_of, num_ranks=2,
+                        dp=1, num_microbatches=4, micro_batch_size=1, seq_len=8, seed=0)
+    for rank, program in programs.items():
+        assert StageWorker(spec, rank, program)._posts == receive_posts(program)
 
 
 def test_each_buffer_is_held_from_its_post_to_the_start_of_its_pass():
