@@ -74,18 +74,25 @@ def test_each_rank_walks_before_its_program_and_the_step_grows_by_it(dp):
     assert walked.prediction.step_time_s == pytest.approx(plain.prediction.step_time_s + walk, rel=1e-9)
 
 
+TRAIN = TrainShape(global_batch_size=8, micro_batch_size=2, num_microbatches=4, seq_len=64, dtype="fp32",
+                   optimizer="adamw")
+
+
+def _profile(n: int, micro_batch_size: int, num_microbatches: int) -> MeasuredPipeline:
+    """A CPU profile of ``n`` blocks whose rest of a step is 50 ms and Ray's gap 2 ms."""
+    blocks = BlockCosts(fwd_s=(1e-3,) * n, bwd_s=(2e-3,) * n, b_s=(1e-3,) * n, w_s=(1e-3,) * n, optim_s=(1e-4,) * n,
+                        rest_s=0.05, output_bytes=2 * 64 * 64 * 4)
+    return MeasuredPipeline(device_kind="cpu", device="cpu", num_threads=1, model_key="k", model_name="tiny",
+                            seq_len=64, dtype="fp32", micro_batch_size=micro_batch_size,
+                            num_microbatches=num_microbatches, blocks=blocks, split_timed=False, link_latency_s=1e-4,
+                            link_gbps=1.0, link_recv_s=0.0, round_trip_s=0.002)
+
+
 def test_a_measured_rest_of_the_step_loses_the_probes_own_walk():
     """A profile timed on a one-replica worker with dropout: its rest of a step held that worker's
     walk (its micro-batches of its size); the planner takes it out and charges the run's own."""
     stats = _stats(0.1)
-    n = len(stats.blocks)
-    blocks = BlockCosts(fwd_s=(1e-3,) * n, bwd_s=(2e-3,) * n, b_s=(1e-3,) * n, w_s=(1e-3,) * n, optim_s=(1e-4,) * n,
-                        rest_s=0.05, output_bytes=2 * 64 * 64 * 4)
-    meas = MeasuredPipeline(device_kind="cpu", device="cpu", num_threads=1, model_key="k", model_name="tiny",
-                            seq_len=64, dtype="fp32", micro_batch_size=1, num_microbatches=8, blocks=blocks,
-                            split_timed=False, link_latency_s=1e-4, link_gbps=1.0, link_recv_s=0.0, round_trip_s=0.002)
-    train = TrainShape(global_batch_size=8, micro_batch_size=2, num_microbatches=4, seq_len=64, dtype="fp32",
-                       optimizer="adamw")
+    meas, train = _profile(len(stats.blocks), 1, 8), TRAIN
     model = StageModel(stats, train, measured=meas)
     probe = 8 * sum(b.random_elems for b in stats.blocks) // 2 * RNG_WALK_S_PER_ELEM  # 8 micro-batches of 1
     assert model.step_overhead_s([CPU]) == pytest.approx(0.05 - probe + 0.002, rel=1e-12)
@@ -98,16 +105,9 @@ def test_a_deep_models_probe_walked_only_the_layers_it_timed():
     its rest of a step held their walk, not the whole model's (12 layers: about 6x as much)."""
     stats = analyze(ModelConfig(preset="tiny", overrides={"dropout": 0.1, "num_layers": 12}), seq_len=64,
                     micro_batch_size=2, dtype="fp32")
-    n = len(stats.blocks)
-    blocks = BlockCosts(fwd_s=(1e-3,) * n, bwd_s=(2e-3,) * n, b_s=(1e-3,) * n, w_s=(1e-3,) * n, optim_s=(1e-4,) * n,
-                        rest_s=0.05, output_bytes=2 * 64 * 64 * 4)
-    meas = MeasuredPipeline(device_kind="cpu", device="cpu", num_threads=1, model_key="k", model_name="tiny",
-                            seq_len=64, dtype="fp32", micro_batch_size=2, num_microbatches=4, blocks=blocks,
-                            split_timed=False, link_latency_s=1e-4, link_gbps=1.0, link_recv_s=0.0, round_trip_s=0.002)
-    train = TrainShape(global_batch_size=8, micro_batch_size=2, num_microbatches=4, seq_len=64, dtype="fp32",
-                       optimizer="adamw")
+    meas = _profile(len(stats.blocks), 2, 4)
     b = stats.blocks
     timed = b[0].random_elems + MAX_TIMED_LAYERS * b[1].random_elems + b[-1].random_elems
     probe = 4 * timed * RNG_WALK_S_PER_ELEM
-    got = StageModel(stats, train, measured=meas).step_overhead_s([CPU])
+    got = StageModel(stats, TRAIN, measured=meas).step_overhead_s([CPU])
     assert got == pytest.approx(0.05 - probe + 0.002, rel=1e-12) and got > 0.002
