@@ -54,7 +54,8 @@ def pin_to_core(index: int) -> int:
     workers of a pipeline move between the cores as each waits and wakes (a rank idles at each
     transfer), and on 2 cores the tiny example's step took 24.0 ms at the median of 7 runs against
     18.0 ms with each worker bound to its own core (``memtrain run examples/gpt-tiny-pp2.yaml``,
-    alternating, quiet machine). Only where the workers take every core (``pins_cores``): with
+    alternating bound and unbound runs through a switch kept only for that measurement, quiet
+    machine). Only where the workers take every core (``pins_cores``): with
     cores to spare, a worker's other threads (gloo's, the offload pools') use them. A joined
     cluster's cores are shared with others: its workers are not bound (``PipelineSpec.pin_cores``)."""
     cores = sorted(os.sched_getaffinity(0))
