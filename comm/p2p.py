@@ -2,8 +2,9 @@
 
 A tensor travels as two messages on its tag: a fixed-size header (dtype, number of dims, shape)
 and the payload, so the receiver needs no prior knowledge of what comes. Sends are asynchronous
-(a pipeline schedule assumes a send never waits for its receiver); ``Channel.flush`` waits for
-them at the step's end. A transfer or collective that fails or outlasts the timeout raises
+(a pipeline schedule assumes a send never waits for its receiver); ``Channel.release`` waits
+for one where its transfer is known to be over (planner.pipeline_sends) and lets go of its
+tensor, ``Channel.flush`` for the rest at the step's end. A transfer or collective that fails or outlasts the timeout raises
 ``CommError`` naming this rank, the peer and the action.
 
 [Note: fixed shapes] Under gloo a receive is a rendezvous: each message waits a round of
@@ -72,7 +73,13 @@ class Channel:
         self.device = torch.device(device)
         self.fixed_shapes = fixed_shapes
         """[Note: fixed shapes] a tag's header goes once; later transfers on it are payloads only."""
-        self._pending: list[tuple[dist.Work, str, tuple[torch.Tensor, ...]]] = []
+        # (peer, tag) -> its sends under way: each one's messages (header, payload), kept alive
+        # until waited for, and its payload's bytes
+        self._pending: dict[tuple[int, int], list[tuple[list[tuple[dist.Work, str, torch.Tensor]], int]]] = {}
+        self.held_bytes = 0
+        """Bytes of the tensors (payloads) of the sends not yet waited for."""
+        self.held_peak_bytes = 0
+        """The most of them held at once (its reader sets it back to 0 to start a new window)."""
         self._sent: dict[tuple[int, int], tuple[torch.dtype, tuple[int, ...]]] = {}  # (peer, tag) -> what it carries
         self._got: dict[tuple[int, int], tuple[torch.dtype, tuple[int, ...]]] = {}
         self._posted: dict[tuple[int, int], tuple[dist.Work, torch.Tensor]] = {}  # [Note: receives posted early]
@@ -97,12 +104,16 @@ class Channel:
             messages.insert(0, (header.to(self.device), 2 * tag))
             if self.fixed_shapes:
                 self._sent[(peer, tag)] = kind
+        works = []
         for t, t_tag in messages:
             try:
-                work = dist.isend(t, peer, tag=t_tag)
+                works.append((dist.isend(t, peer, tag=t_tag), f"{what} to rank {peer}", t))
             except RuntimeError as e:
                 raise CommError(f"rank {self.rank}: {what} to rank {peer} failed: {e}") from e
-            self._pending.append((work, f"{what} to rank {peer}", (t,)))
+        nbytes = payload.numel() * payload.element_size()
+        self._pending.setdefault((peer, tag), []).append((works, nbytes))
+        self.held_bytes += nbytes
+        self.held_peak_bytes = max(self.held_peak_bytes, self.held_bytes)
 
     def post(self, peer: int, tag: int, what: str) -> bool:
         """Start the receive from ``peer`` on ``tag`` now, when its shape is known ([Note:
@@ -137,13 +148,21 @@ class Channel:
         _wait(dist.irecv(out, peer, tag=2 * tag + 1), self.rank, where, self.timeout_s)
         return out
 
+    def release(self, peer: int, tag: int) -> None:
+        """Wait for the sends to ``peer`` on ``tag`` and let go of their tensors: called where
+        the program proves them over (planner.pipeline_sends [Note: a send known to be over]), so
+        the wait returns at once; none under way is a no-op."""
+        for works, nbytes in self._pending.pop((peer, tag), ()):
+            for work, what, _ in works:
+                _wait(work, self.rank, what, self.timeout_s)
+            self.held_bytes -= nbytes
+
     def flush(self) -> None:
         """Wait for every send started so far (their tensors are kept alive until then); a
         receive posted and never taken is an error (the program and the posts disagree)."""
         assert not self._posted, f"rank {self.rank}: receives posted and not taken: {sorted(self._posted)}"
-        pending, self._pending = self._pending, []
-        for work, what, _ in pending:
-            _wait(work, self.rank, what, self.timeout_s)
+        for peer, tag in list(self._pending):
+            self.release(peer, tag)
 
 
 def all_reduce_(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup, *, rank: int, what: str,

@@ -30,6 +30,7 @@ from memtrain.offload.clip import check_max_norm
 from memtrain.planner.pipeline import (SCHEDULES, Placement, add_clip_points, add_offload_points,
                                        add_p2p, add_reduce_scatter_points, add_step_end, add_swap_points, generate,
                                        placement, validate_pipeline)
+from memtrain.planner.pipeline_sends import send_releases
 from memtrain.planner.plan import Op
 from memtrain.planner.schedule import Schedule
 from memtrain.runtime.stage_activations import ACT_POLICIES
@@ -150,16 +151,19 @@ class PipelineRun:
 
     def start(self) -> None:
         p = self.spec.num_ranks
+        releases = send_releases(self.programs, self.spec.rank_of)  # planner.pipeline_sends
         if self.assignments is not None:  # one bundle per rank, pinned to its node
             from memtrain.runtime.ray_cluster import place_workers
 
             self.placed = place_workers(StageWorker, self.assignments, timeout_s=self.start_timeout_s,
-                                        kwargs_of=lambda r: {"spec": self.spec, "rank": r, "program": self.programs[r % p]})
+                                        kwargs_of=lambda r: {"spec": self.spec, "rank": r,
+                                                             "program": self.programs[r % p],
+                                                             "releases": releases[r % p]})
             self.workers = list(self.placed.actors)
             self.nodes = tuple(self.placed.node_label(r) for r in range(len(self.workers)))
         else:
             actor = ray.remote(StageWorker).options(num_cpus=self.num_cpus_per_worker, max_restarts=0)
-            self.workers = [actor.remote(self.spec, rank, self.programs[rank % p])
+            self.workers = [actor.remote(self.spec, rank, self.programs[rank % p], releases[rank % p])
                             for rank in range(self.spec.world_size)]
         (host, port), = self._gather({0: self.workers[0].open_store.remote()}, "start-up (hosting the store)",
                                      self.start_timeout_s)

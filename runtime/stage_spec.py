@@ -124,7 +124,8 @@ class StepResult:
     at once on the device (runtime.stage_activations; ``activations_host``: swapped ones on the host);
     ``offload_device`` and ``offload_host`` (a rank with offloaded stages): the most bytes their
     chunk stores' ledgers held during the step, param and grad buffers on the device, chunks and
-    staging on the host (what planner.stage_offload_cost charges them)."""
+    staging on the host (what planner.stage_offload_cost charges them); ``sent``: the most bytes of
+    tensors it had sent and not yet let go of at once (host memory; planner.pipeline_sends)."""
     device: str = "cpu"
     """Where the stages computed: ``cpu``, or ``cuda:0 (<GPU name>)``."""
     action_s: tuple[float, ...] = ()

@@ -57,7 +57,7 @@ from __future__ import annotations
 import importlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -88,7 +88,8 @@ class StageWorker(StageStepEnd):
     """One world rank: its pipeline rank's stages of one data-parallel replica (the step end's
     handlers, ``ALLREDUCE`` to ``OPTIM``, in runtime.stage_step_end)."""
 
-    def __init__(self, spec: PipelineSpec, rank: int, program: tuple[Action, ...]) -> None:
+    def __init__(self, spec: PipelineSpec, rank: int, program: tuple[Action, ...],
+                 releases: Mapping[int, Sequence[int]] | None = None) -> None:
         self.spec = spec
         self.rank = rank
         self.pipe_rank = rank % spec.num_ranks
@@ -120,6 +121,10 @@ class StageWorker(StageStepEnd):
         """The core this worker is bound to (``PipelineSpec.pin_cores``)."""
         self._posts = receive_posts(program)
         """comm.p2p [Note: receives posted early]: before action ``k``, the receives to post."""
+        self._releases = dict(releases or {})
+        """After the receive at ``k``, the positions of the sends it proves over
+        (planner.pipeline_sends [Note: a send known to be over]); none given: every send is
+        waited for at the step's end."""
         self.failed_step: str | None = None
         """Why this worker is poisoned (runtime.stage_failure [Note: a failed step poisons the worker])."""
 
@@ -303,6 +308,8 @@ class StageWorker(StageStepEnd):
                     raise RuntimeError(f"rank {self.rank}: no handler for op {a.op.value} ({a}) in its program")
                 t = time.perf_counter()
                 handler(a)
+                for j in self._releases.get(k, ()):  # planner.pipeline_sends [Note: a send known to be over]
+                    self.channel.release(*self._send_to(self.program[j]))
                 times.append(time.perf_counter() - t)
                 record.append(str(a))
             self.rng.finish()
@@ -321,6 +328,8 @@ class StageWorker(StageStepEnd):
         self._step_end = time.perf_counter()
         elapsed = self._step_end - t0
         peaks = _peak_bytes(self.device) | self.acts.peak_bytes()
+        # the sent tensors held at once (planner.pipeline_sends [Note: a send known to be over])
+        peaks["sent"], self.channel.held_peak_bytes = self.channel.held_peak_bytes, 0
         if any(st.nvme is not None for st in self.offloaded.values()):
             peaks["nvme"] = sum(st.nvme.ledger.window_peak_bytes for st in self.offloaded.values() if st.nvme)
         if self.offloaded:  # the chunk stores' own ledgers (the device tier of a CPU worker is its RAM)
@@ -435,12 +444,17 @@ class StageWorker(StageStepEnd):
                     report(q)
 
     def _send_f(self, a: Action) -> None:
-        s, i = a.stage, a.microbatch
-        self.channel.send(self.outbox.pop(("F", s, i)).cpu(), self._peer(s + 1), self._tag("F", s + 1, i), str(a))
+        self.channel.send(self.outbox.pop(("F", a.stage, a.microbatch)).cpu(), *self._send_to(a), str(a))
 
     def _send_b(self, a: Action) -> None:
+        self.channel.send(self.outbox.pop(("B", a.stage, a.microbatch)).cpu(), *self._send_to(a), str(a))
+
+    def _send_to(self, a: Action) -> tuple[int, int]:
+        """The peer and tag of a ``SEND_F`` or ``SEND_B``."""
         s, i = a.stage, a.microbatch
-        self.channel.send(self.outbox.pop(("B", s, i)).cpu(), self._peer(s - 1), self._tag("B", s - 1, i), str(a))
+        if a.op is Op.SEND_F:
+            return self._peer(s + 1), self._tag("F", s + 1, i)
+        return self._peer(s - 1), self._tag("B", s - 1, i)
 
     def _recv_f(self, a: Action) -> None:
         self.inbox[("F", a.stage, a.microbatch)] = self.channel.recv(*self._recv_from(a), str(a)).to(self.device)

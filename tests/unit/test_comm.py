@@ -56,12 +56,16 @@ def _scenario(rank: int, port_q, result_q, scenario: str) -> None:
                 for t in sent:
                     chan.send(t, 1, 5, "0SEND_F5")
                 chan.send(torch.ones(4), 1, 6, "0SEND_F6")
-                messages = len(chan._pending)  # 4 payloads and one header per tag
+                # 4 payloads and one header per tag
+                messages = sum(len(works) for sends in chan._pending.values() for works, _ in sends)
+                held = chan.held_bytes  # the payloads' bytes, kept until waited for
+                chan.release(1, 5)
+                left = chan.held_bytes
                 chan.flush()
                 try:
                     chan.send(torch.ones(5), 1, 6, "0SEND_F6")
                 except CommError as e:
-                    out = (messages, str(e))
+                    out = (messages, held, left, chan.held_bytes, chan.held_peak_bytes, str(e))
             else:
                 got = [chan.recv(0, 5, "1RECV_F5") for _ in sent]
                 one = chan.recv(0, 6, "1RECV_F6")
@@ -162,9 +166,10 @@ def test_send_recv_carries_shape_and_dtype_and_all_reduce_sums() -> None:
 def test_a_channel_with_fixed_shapes_sends_a_tags_header_once_and_refuses_a_changed_shape() -> None:
     results = _run("fixed")
     assert results[1] is True, results
-    assert results[0] == (6, "rank 0: 0SEND_F6 to rank 1: a torch.float32 tensor of shape [5] where this transfer "
-                          "carried torch.float32 of shape [4] before; a channel with fixed shapes sends the same "
-                          "shapes on a tag every step"), results
+    held = 3 * 6 * 4 + 4 * 4  # the payloads' bytes, each held until released or flushed
+    assert results[0] == (6, held, 4 * 4, 0, held, "rank 0: 0SEND_F6 to rank 1: a torch.float32 tensor of shape [5] "
+                          "where this transfer carried torch.float32 of shape [4] before; a channel with fixed shapes "
+                          "sends the same shapes on a tag every step"), results
 
 
 def test_a_receive_posted_early_lets_the_send_finish_before_the_recv() -> None:
