@@ -8,7 +8,6 @@ import os
 import time
 import traceback
 
-import pytest
 import torch
 
 from memtrain.comm import (Channel, CommError, Rendezvous, all_gather, all_reduce_, host_store, join, leave,
