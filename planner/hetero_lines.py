@@ -101,7 +101,8 @@ def _memory_line(sim: Simulated, r: int) -> tuple[MemoryPoint, ...]:
     the end of its backward (or W), under a split backward what its B brings back from the
     B's start to the W's end (planner.stage_cost [Note: activations between B and W]), and each
     received buffer from its post to the start of the pass that takes it (planner.simulate_pipeline
-    [Note: received buffers]). An
+    [Note: received buffers]) and each sent tensor from its send to its release ([Note: sent
+    tensors]). An
     extrapolated run's repeated micro-batches are drawn ([Note: repeated micro-batches in the
     picture]): each (pass, stage) of the rank repeats its last
     ``PATTERN_MICROBATCHES`` before the cut (interleaved: a group of ``p``) as many periods
@@ -133,6 +134,10 @@ def _memory_line(sim: Simulated, r: int) -> tuple[MemoryPoint, ...]:
         if sim.cand.stage_ranks[s] == r:  # [Note: received buffers]: held from the post to its pass
             items[(("post", op), s)][i] = (posted, posted, nbytes)
             items[(("take", op), s)][i] = (taken, taken, -nbytes)
+    for (op, s, i), (held, let_go, nbytes) in sim.result.sent_times.items():  # planner.simulate_pipeline
+        if sim.cand.stage_ranks[s] == r:  # [Note: sent tensors]: held from the send to its release
+            items[(("hold", op), s)][i] = (held, held, nbytes)
+            items[(("release", op), s)][i] = (let_go, let_go, -nbytes)
     moves: list[tuple[float, int]] = []
     ends: dict[tuple[object, int], dict[int, float]] = defaultdict(dict)  # when each item moves the line
     first: dict[tuple[object, int], int] = {}

@@ -228,11 +228,11 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
         host[r] += est.host_bytes
         nvme[r] += est.nvme_bytes
         act_gpipe[r] += m * est.act_bytes
-    acts = [result.peak_bytes.get(r, 0) for r in range(p)]  # received buffers included
+    acts = [result.peak_bytes.get(r, 0) for r in range(p)]  # received buffers and sent tensors included
     act_only = [result.act_peak_bytes.get(r, 0) for r in range(p)] if simulated == m or shape.schedule != "gpipe" \
         else act_gpipe
     if simulated < m and shape.schedule == "gpipe":  # GPipe holds every micro-batch: the short run holds fewer
-        # (the received buffers as the short run has them beside its peak of activations)
+        # (the received buffers and sent tensors as the short run has them beside its peak of activations)
         acts = [g + result.peak_bytes.get(r, 0) - result.act_peak_bytes.get(r, 0) for r, g in enumerate(act_gpipe)]
     device = [a + max(b, c) for a, b, c in zip(static, acts, copy)]  # ZeRO: the sum's copy comes after the passes
     step = max(end + a + o for end, a, o in zip(ends, ar, opt))
@@ -336,7 +336,8 @@ def build_plan(name: str, base: ModelStats, cluster: ClusterSpec, simulated: lis
     devices_pred = []
     for r in range(p):
         _, dev, _, _, budget = cand.ranks[r]
-        # above the static bytes: the passes' activations and received buffers, or after them the
+        # above the static bytes: the passes' activations and the tensors received and sent (planner.
+        # simulate_pipeline [Note: received buffers], [Note: sent tensors]), or after them the
         # sum's largest gradient copy, whichever is more ([Note: gradient copies after the passes])
         above = best.device_bytes[r] - best.static_bytes[r]
         copies = above if best.copy_bytes is not None and above <= best.copy_bytes[r] else 0
@@ -346,7 +347,7 @@ def build_plan(name: str, base: ModelStats, cluster: ClusterSpec, simulated: lis
             peak_bytes={"device": best.device_bytes[r], "host": best.host_bytes[r], "nvme": best.nvme_bytes[r]},
             budget_bytes={"device": budget.device, "host": budget.host, "nvme": budget.nvme},
             breakdown={"device": {"states, buffers, workspace": best.static_bytes[r], "activations": acts,
-                                  "received buffers": above - copies - acts, "gradient copies": copies}},
+                                  "sent and received tensors": above - copies - acts, "gradient copies": copies}},
             memory_timeline=_memory_line(best, r)))
     flat = [(i, dev) for i, node in enumerate(cluster.nodes) for dev in node.devices]
     ranks = []

@@ -13,8 +13,9 @@ A stage's activations are held on its rank (tier ``rank<r>``) from the end of it
 end of its backward, or of its ``W`` when the backward is split; under a split backward, what a
 recompute rebuilds or a swap brings back (``bw_bytes``) is taken when the ``B`` starts and held
 to the end of the ``W`` too (planner.stage_cost [Note: activations between B and W]). The
-per-rank memory this gives is the activations' and the received buffers' ([Note: received
-buffers]); the model states, workspace and offload per stage are planner.hetero_plan's.
+per-rank memory this gives is the activations', the received buffers' ([Note: received
+buffers]) and the sent tensors' ([Note: sent tensors]); the model states, workspace and offload
+per stage are planner.hetero_plan's.
 
 An offloaded stage's ``PREFETCH`` (planner.pipeline ``add_offload_points``: before the stage's
 first action on its rank) is a task of its ``fetch_s`` on the rank's ``fetch_stream`` (its copy
@@ -34,6 +35,14 @@ buffer is host memory (the channel receives there, runtime.stage_worker) and the
 the copy made at the ``RECV`` until that pass: such a rank (``host_receives``) counts it from
 its ``RECV``.
 
+[Note: sent tensors] A worker keeps each tensor it sends from its ``SEND`` until the receive
+that proves the transfer over (planner.pipeline_sends [Note: a send known to be over]), or the
+step's end where none does; so each counts on its rank's tier (owner ``sent:<action>``) from a
+mark at the ``SEND`` to one after that receive. On a CPU rank a forward's sent output is the
+stage's output itself, which the worker also keeps for the backward: counted from the send
+only (to its release, at its gradient's receive under 1F1B). On a GPU rank the sent copy is
+host memory (runtime.stage_worker sends from the host): not counted on the device.
+
 A program's step end, where it has one (planner.pipeline ``add_step_end``): ``ALLREDUCE`` holds
 the rank for the stage's ``reduce_s`` (its gradients summed over the replicas) and ``OPTIM`` for
 its ``optim_s``. [Note: ZeRO-2 overlap] After ``sREDUCE_SCATTER`` (planner.pipeline
@@ -52,6 +61,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from memtrain.planner.pipeline import Placement, _deps, receive_posts, run_in_order
+from memtrain.planner.pipeline_sends import send_releases
 from memtrain.planner.plan import Action, Op
 from memtrain.planner.schedule import Schedule
 from memtrain.planner.taskgraph import TaskGraph, simulate_graph
@@ -138,8 +148,8 @@ class PipelineResult:
     bubble_fraction: float
     """The share of the ranks' compute time idle over the step."""
     peak_bytes: dict[int, int]
-    """Per rank, the most activation and received-buffer bytes held at once ([Note: received
-    buffers])."""
+    """Per rank, the most activation, received-buffer and sent-tensor bytes held at once ([Note:
+    received buffers], [Note: sent tensors])."""
     pass_times: dict[tuple[Op, int, int], tuple[float, float]]
     """Each pass's (start, end)."""
     send_times: dict[tuple[Op, int, int], tuple[float, float]] = field(default_factory=dict)
@@ -150,10 +160,13 @@ class PipelineResult:
     fetch_times: dict[int, tuple[float, float]] = field(default_factory=dict)
     """Per stage with a ``PREFETCH``, its fetch: (start, end)."""
     act_peak_bytes: dict[int, int] = field(default_factory=dict)
-    """Per rank, the most activation bytes held at once (received buffers apart)."""
+    """Per rank, the most activation bytes held at once (received buffers and sent tensors apart)."""
     recv_times: dict[tuple[Op, int, int], tuple[float, float, int]] = field(default_factory=dict)
     """Per receive (``RECV_F``/``RECV_B``, stage, micro-batch), its buffer: when it is posted,
     when the pass that takes it starts, and its bytes ([Note: received buffers])."""
+    sent_times: dict[tuple[Op, int, int], tuple[float, float, int]] = field(default_factory=dict)
+    """Per send counted in its rank's memory (``SEND_F``/``SEND_B``, stage, micro-batch), its
+    tensor: when it is sent, when it is let go of, and its bytes ([Note: sent tensors])."""
 
 
 def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[StageCost], link: Link,
@@ -185,6 +198,9 @@ def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[Sta
         if t > 0 and r in schedule:
             g.add("rng walk", f"compute:{r}", t)
     held: dict[tuple[Op, int, int], tuple[int, tuple[str, str, int]]] = {}  # per pass, its buffer: post mark, item
+    releases = send_releases(schedule, place.rank_of) if has_p2p else {}  # [Note: sent tensors]
+    sent: dict[int, dict[int, tuple[int, tuple]]] = {r: {} for r in schedule}  # per rank, per send held: mark, item
+    let_go: dict[tuple[Op, int, int], tuple[int, int, int]] = {}  # per send: hold mark, release mark, bytes
     marks: dict[tuple[Op, int, int], tuple[int, int, int]] = {}  # per receive: post mark, take mark, bytes
 
     def run(r: int, k: int, a: Action) -> bool:
@@ -211,12 +227,29 @@ def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[Sta
             mark = g.add(f"post:{recv}", f"compute:{r}", 0.0, alloc_start=[item])
             held[(Op.F if recv.op is Op.RECV_F else Op.B, recv.stage, recv.microbatch)] = (mark, item)
         _add(g, task, a, r, deps, place, stages, link, split_w, links or {}, first)
+        if r not in host_receives and a.op in (Op.SEND_F, Op.SEND_B):  # [Note: sent tensors]
+            item = (f"rank{r}", f"sent:{a}", stages[a.stage if a.op is Op.SEND_F else a.stage - 1].output_bytes)
+            sent[r][k] = (g.add(f"hold:{a}", f"compute:{r}", 0.0, deps=deps, alloc_start=[item]), item)
+        for j in releases.get(r, {}).get(k, ()):
+            if j in sent[r]:
+                mark, item = sent[r].pop(j)
+                b = schedule[r][j]
+                let_go[(b.op, b.stage, b.microbatch)] = (mark, g.add(
+                    f"release:{b}", f"compute:{r}", 0.0, deps=[task[(a.op, a.stage, a.microbatch)]], free_end=[item]),
+                    item[2])
         return True
 
     pos = run_in_order(schedule, run)
     stuck = [f"rank {r} at step {k} ({schedule[r][k]})" for r, k in pos.items() if k < len(schedule[r])]
     if stuck:
         raise ValueError(f"simulate_pipeline: the schedule deadlocks: {'; '.join(stuck)} (validate_pipeline shows where)")
+    for r, items in sent.items():  # [Note: sent tensors] the rest, at the step's end
+        if items:
+            end = g.add("flush", f"compute:{r}", 0.0, deps=[g.last_on[f"compute:{r}"]],
+                        free_end=[item for _, item in items.values()])
+            for j, (mark, item) in items.items():
+                b = schedule[r][j]
+                let_go[(b.op, b.stage, b.microbatch)] = (mark, end, item[2])
     res = simulate_graph(g, group=lambda tier, owner, nbytes: ((tier, nbytes),) if owner.startswith("act") else ())
     step = res.end_s
     passes = {k: (res.start_s[first.get(k, t)], res.finish_s[t]) for k, t in task.items()
@@ -229,9 +262,11 @@ def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[Sta
     sends = {k: (res.start_s[t], res.finish_s[t]) for k, t in task.items() if k[0] in (Op.SEND_F, Op.SEND_B)}
     fetches = {k[1]: (res.start_s[t], res.finish_s[t]) for k, t in task.items() if k[0] is Op.PREFETCH}
     recvs = {k: (res.start_s[a], res.start_s[b], nbytes) for k, (a, b, nbytes) in marks.items()}
+    sends_held = {k: (res.start_s[a], res.finish_s[b], nbytes) for k, (a, b, nbytes) in let_go.items()}
     return PipelineResult(step_time_s=step, bubble_fraction=1.0 - busy / (step * len(schedule)) if step else 0.0,
                           peak_bytes=peaks, pass_times=passes, send_times=sends, reduce_times=reduces,
-                          fetch_times=fetches, act_peak_bytes=act_peaks, recv_times=recvs)
+                          fetch_times=fetches, act_peak_bytes=act_peaks, recv_times=recvs,
+                          sent_times=sends_held)
 
 
 def _task_deps(a: Action, task: dict, place: Placement, r: int, last: int, has_p2p: bool) -> list[int] | None:

@@ -56,3 +56,24 @@ def test_programs_that_do_not_match_are_refused() -> None:
     broken = {0: programs[0], 1: tuple(a for a in programs[1] if a != Action(1, Op.RECV_F, 1))}
     with pytest.raises(ValueError, match=r"rank 0's 0SEND_F1 has no 1RECV_F1 on rank 1"):
         send_releases(broken, place.rank_of)
+
+
+def test_the_simulator_holds_each_sent_tensor_from_its_send_to_its_release() -> None:
+    """planner.simulate_pipeline [Note: sent tensors], 1F1B over 2 ranks: each of rank 0's outputs
+    from its send to the end of its gradient's receive; rank 1's last two gradients to the end of
+    its step (its last pass)."""
+    from memtrain.planner.pipeline import add_p2p, generate, placement
+    from memtrain.planner.simulate_pipeline import Link, StageCost, simulate_pipeline
+
+    place, m, out = placement("1f1b", 2), 4, 64
+    sched = add_p2p(generate("1f1b", 2, m), place)
+    r = simulate_pipeline(sched, place, [StageCost(fwd_s=1.0, bwd_s=2.0, activation_bytes=1000, output_bytes=out)] * 2,
+                          Link(gbps=1.0, latency_s=0.25))
+    assert set(r.sent_times) == {(op, s, i) for op, s in ((Op.SEND_F, 0), (Op.SEND_B, 1)) for i in range(m)}
+    for i in range(m):
+        held, let_go, nbytes = r.sent_times[(Op.SEND_F, 0, i)]
+        assert held == r.pass_times[(Op.F, 0, i)][1] and nbytes == out
+        assert let_go <= r.pass_times[(Op.B, 0, i)][0]  # its gradient's receive comes before the backward
+    ends = sorted(r.sent_times[(Op.SEND_B, 1, i)][1] for i in range(m))
+    last = max(end for (op, s, i), (_, end) in r.pass_times.items() if s == 1)
+    assert ends[2] == ends[3] == last > ends[1]

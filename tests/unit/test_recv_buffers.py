@@ -30,7 +30,9 @@ def test_each_buffer_is_held_from_its_post_to_the_start_of_its_pass():
     """1F1B over 2 ranks: from the program's post positions, each buffer's post is the start of
     the pass it is posted before (0 with no pass ahead of it), its end the start of the pass that
     takes it, its bytes the sending stage's output; the first rank's gradient buffers are held
-    beside its two micro-batches' activations, one at a time."""
+    beside its two micro-batches' activations, one at a time, and so are the two outputs it sent
+    (released at their gradients' receives: [Note: sent tensors]); the second rank holds a
+    gradient it sent beside its received buffer."""
     place, m, act, out = placement("1f1b", 2), 4, 1000, 64
     sched = add_p2p(generate("1f1b", 2, m), place)
     stages = [StageCost(fwd_s=1.0, bwd_s=2.0, activation_bytes=act, output_bytes=out)] * 2
@@ -47,7 +49,11 @@ def test_each_buffer_is_held_from_its_post_to_the_start_of_its_pass():
     assert r.recv_times == want and len(want) == 2 * m
     assert r.recv_times[(Op.RECV_F, 1, 0)] == (0.0, 1.0 + link.time_s(out), out)  # at the step's start
     assert r.act_peak_bytes == {0: 2 * act, 1: act}
-    assert r.peak_bytes == {0: 2 * act + out, 1: act + out}
+    assert r.peak_bytes == {0: 2 * act + out + 2 * out, 1: act + out + out}
+    # GPU ranks send from host copies (not counted) and hold a received copy from its RECV: rank 1's
+    # then meets no activation of its own
+    gpu = simulate_pipeline(sched, place, stages, link, host_receives={0, 1})
+    assert gpu.peak_bytes == {0: 2 * act + out, 1: act} and not gpu.sent_times
 
 
 def test_a_gpu_rank_holds_the_device_copy_from_its_recv():
@@ -78,8 +84,8 @@ def test_a_gpu_rank_holds_the_device_copy_from_its_recv():
 def test_the_plan_counts_them_in_each_ranks_peak_and_memory_line():
     """The tiny GPT over 2 CPU ranks (1F1B, 4 micro-batches of 2 × 64 tokens, hidden 64, fp32):
     each boundary tensor is 2 · 64 · 64 · 4 bytes. Rank 0 holds a gradient buffer, posted before
-    its next forward, beside its two micro-batches' activations; rank 1 posts its first receive
-    at the step's start."""
+    its next forward, and the outputs it sent of its two micro-batches beside their activations;
+    rank 1 posts its first receive at the step's start."""
     from memtrain.runtime.config_file import load_config
     from memtrain.runtime.planning import plan_config
 
@@ -91,8 +97,8 @@ def test_the_plan_counts_them_in_each_ranks_peak_and_memory_line():
     a0 = blocks[0].activation_bytes + blocks[1].activation_bytes
     dev0, dev1 = plan.prediction.devices
     static0 = dev0.breakdown["device"]["states, buffers, workspace"]
-    assert dev0.peak_bytes["device"] == static0 + 2 * a0 + boundary
-    assert dev0.breakdown["device"]["received buffers"] == boundary
+    assert dev0.peak_bytes["device"] == static0 + 2 * a0 + 3 * boundary
+    assert dev0.breakdown["device"]["sent and received tensors"] == 3 * boundary
     for dev in (dev0, dev1):
         line = [p for p in dev.memory_timeline if p.tier == "device"]
         assert max(p.bytes for p in line) == dev.peak_bytes["device"]
