@@ -35,13 +35,16 @@ buffer is host memory (the channel receives there, runtime.stage_worker) and the
 the copy made at the ``RECV`` until that pass: such a rank (``host_receives``) counts it from
 its ``RECV``.
 
-[Note: sent tensors] A worker keeps each tensor it sends from its ``SEND`` until the receive
-that proves the transfer over (planner.pipeline_sends [Note: a send known to be over]), or the
-step's end where none does; so each counts on its rank's tier (owner ``sent:<action>``) from a
-mark at the ``SEND`` to one after that receive. On a CPU rank a forward's sent output is the
-stage's output itself, which the worker also keeps for the backward: counted from the send
-only (to its release, at its gradient's receive under 1F1B). On a GPU rank the sent copy is
-host memory (runtime.stage_worker sends from the host): not counted on the device.
+[Note: sent tensors] A stage whose next stage is on another rank keeps its output (the tensor
+its ``SEND_F`` sends) from the end of its forward to the end of its backward: the worker holds it
+to run the backward through (runtime.stage_worker), and autograd saves no copy of it (the next
+stage's first norm saves it, on the other rank), so it counts on the rank's tier (owner
+``out:<stage>:<mb>``) over that span. A worker keeps each tensor it sends until the receive that
+proves the transfer over (planner.pipeline_sends [Note: a send known to be over]), or the step's
+end where none does: a ``SEND_F``'s is that same output, let go of before its backward; a
+``SEND_B``'s, the gradient of the stage's input, counts (owner ``sent:<action>``) from a mark at
+the send to one after that receive, on a CPU rank. On a GPU rank the sent copies are host
+memory (runtime.stage_worker sends from the host): not counted on the device.
 
 A program's step end, where it has one (planner.pipeline ``add_step_end``): ``ALLREDUCE`` holds
 the rank for the stage's ``reduce_s`` (its gradients summed over the replicas) and ``OPTIM`` for
@@ -165,8 +168,9 @@ class PipelineResult:
     """Per receive (``RECV_F``/``RECV_B``, stage, micro-batch), its buffer: when it is posted,
     when the pass that takes it starts, and its bytes ([Note: received buffers])."""
     sent_times: dict[tuple[Op, int, int], tuple[float, float, int]] = field(default_factory=dict)
-    """Per send counted in its rank's memory (``SEND_F``/``SEND_B``, stage, micro-batch), its
-    tensor: when it is sent, when it is let go of, and its bytes ([Note: sent tensors])."""
+    """Per stage output held for a remote next stage (``F``, stage, micro-batch) and per gradient
+    sent back (``SEND_B``, stage, micro-batch) counted in its rank's memory: from when, to when,
+    and its bytes ([Note: sent tensors])."""
 
 
 def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[StageCost], link: Link,
@@ -199,8 +203,9 @@ def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[Sta
             g.add("rng walk", f"compute:{r}", t)
     held: dict[tuple[Op, int, int], tuple[int, tuple[str, str, int]]] = {}  # per pass, its buffer: post mark, item
     releases = send_releases(schedule, place.rank_of) if has_p2p else {}  # [Note: sent tensors]
-    sent: dict[int, dict[int, tuple[int, tuple]]] = {r: {} for r in schedule}  # per rank, per send held: mark, item
-    let_go: dict[tuple[Op, int, int], tuple[int, int, int]] = {}  # per send: hold mark, release mark, bytes
+    sent: dict[int, dict[int, tuple[int, tuple]]] = {r: {} for r in schedule}  # per rank, per SEND_B held: mark, item
+    outputs: dict[tuple[int, int], tuple[int, tuple]] = {}  # per (stage, mb) output held: mark, item
+    held_s: dict[tuple[Op, int, int], tuple[int, int, int]] = {}  # per output or SEND_B: hold mark, let-go mark, bytes
     marks: dict[tuple[Op, int, int], tuple[int, int, int]] = {}  # per receive: post mark, take mark, bytes
 
     def run(r: int, k: int, a: Action) -> bool:
@@ -227,16 +232,24 @@ def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[Sta
             mark = g.add(f"post:{recv}", f"compute:{r}", 0.0, alloc_start=[item])
             held[(Op.F if recv.op is Op.RECV_F else Op.B, recv.stage, recv.microbatch)] = (mark, item)
         _add(g, task, a, r, deps, place, stages, link, split_w, links or {}, first)
-        if r not in host_receives and a.op in (Op.SEND_F, Op.SEND_B):  # [Note: sent tensors]
-            item = (f"rank{r}", f"sent:{a}", stages[a.stage if a.op is Op.SEND_F else a.stage - 1].output_bytes)
+        key = (a.op, a.stage, a.microbatch)
+        if a.op is Op.F and a.stage < last and place.rank_of[a.stage + 1] != r and has_p2p:  # [Note: sent tensors]
+            item = (f"rank{r}", f"out:{a.stage}:{a.microbatch}", stages[a.stage].output_bytes)
+            outputs[(a.stage, a.microbatch)] = (g.add(f"out:{a}", f"compute:{r}", 0.0, deps=[task[key]],
+                                                      alloc_start=[item]), item)
+        elif a.op is Op.B and (a.stage, a.microbatch) in outputs:
+            mark, item = outputs.pop((a.stage, a.microbatch))
+            held_s[(Op.F, a.stage, a.microbatch)] = (mark, g.add(f"done:{a}", f"compute:{r}", 0.0, deps=[task[key]],
+                                                                 free_end=[item]), item[2])
+        elif a.op is Op.SEND_B and r not in host_receives:
+            item = (f"rank{r}", f"sent:{a}", stages[a.stage - 1].output_bytes)
             sent[r][k] = (g.add(f"hold:{a}", f"compute:{r}", 0.0, deps=deps, alloc_start=[item]), item)
         for j in releases.get(r, {}).get(k, ()):
             if j in sent[r]:
                 mark, item = sent[r].pop(j)
                 b = schedule[r][j]
-                let_go[(b.op, b.stage, b.microbatch)] = (mark, g.add(
-                    f"release:{b}", f"compute:{r}", 0.0, deps=[task[(a.op, a.stage, a.microbatch)]], free_end=[item]),
-                    item[2])
+                held_s[(b.op, b.stage, b.microbatch)] = (mark, g.add(f"release:{b}", f"compute:{r}", 0.0,
+                                                                     deps=[task[key]], free_end=[item]), item[2])
         return True
 
     pos = run_in_order(schedule, run)
@@ -249,7 +262,7 @@ def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[Sta
                         free_end=[item for _, item in items.values()])
             for j, (mark, item) in items.items():
                 b = schedule[r][j]
-                let_go[(b.op, b.stage, b.microbatch)] = (mark, end, item[2])
+                held_s[(b.op, b.stage, b.microbatch)] = (mark, end, item[2])
     res = simulate_graph(g, group=lambda tier, owner, nbytes: ((tier, nbytes),) if owner.startswith("act") else ())
     step = res.end_s
     passes = {k: (res.start_s[first.get(k, t)], res.finish_s[t]) for k, t in task.items()
@@ -262,7 +275,7 @@ def simulate_pipeline(schedule: Schedule, place: Placement, stages: Sequence[Sta
     sends = {k: (res.start_s[t], res.finish_s[t]) for k, t in task.items() if k[0] in (Op.SEND_F, Op.SEND_B)}
     fetches = {k[1]: (res.start_s[t], res.finish_s[t]) for k, t in task.items() if k[0] is Op.PREFETCH}
     recvs = {k: (res.start_s[a], res.start_s[b], nbytes) for k, (a, b, nbytes) in marks.items()}
-    sends_held = {k: (res.start_s[a], res.finish_s[b], nbytes) for k, (a, b, nbytes) in let_go.items()}
+    sends_held = {k: (res.start_s[a], res.finish_s[b], nbytes) for k, (a, b, nbytes) in held_s.items()}
     return PipelineResult(step_time_s=step, bubble_fraction=1.0 - busy / (step * len(schedule)) if step else 0.0,
                           peak_bytes=peaks, pass_times=passes, send_times=sends, reduce_times=reduces,
                           fetch_times=fetches, act_peak_bytes=act_peaks, recv_times=recvs,

@@ -58,10 +58,11 @@ def test_programs_that_do_not_match_are_refused() -> None:
         send_releases(broken, place.rank_of)
 
 
-def test_the_simulator_holds_each_sent_tensor_from_its_send_to_its_release() -> None:
+def test_the_simulator_holds_each_output_to_its_backward_and_each_gradient_sent_to_its_release() -> None:
     """planner.simulate_pipeline [Note: sent tensors], 1F1B over 2 ranks: each of rank 0's outputs
-    from its send to the end of its gradient's receive; rank 1's last two gradients to the end of
-    its step (its last pass)."""
+    from its forward's end to its backward's end (the sent tensor is that output, let go of
+    before); each gradient rank 1 sends back from its send to the end of the receive that
+    releases it, its last two to the end of its step (its last pass)."""
     from memtrain.planner.pipeline import add_p2p, generate, placement
     from memtrain.planner.simulate_pipeline import Link, StageCost, simulate_pipeline
 
@@ -69,11 +70,15 @@ def test_the_simulator_holds_each_sent_tensor_from_its_send_to_its_release() -> 
     sched = add_p2p(generate("1f1b", 2, m), place)
     r = simulate_pipeline(sched, place, [StageCost(fwd_s=1.0, bwd_s=2.0, activation_bytes=1000, output_bytes=out)] * 2,
                           Link(gbps=1.0, latency_s=0.25))
-    assert set(r.sent_times) == {(op, s, i) for op, s in ((Op.SEND_F, 0), (Op.SEND_B, 1)) for i in range(m)}
+    assert set(r.sent_times) == {(op, s, i) for op, s in ((Op.F, 0), (Op.SEND_B, 1)) for i in range(m)}
     for i in range(m):
-        held, let_go, nbytes = r.sent_times[(Op.SEND_F, 0, i)]
-        assert held == r.pass_times[(Op.F, 0, i)][1] and nbytes == out
-        assert let_go <= r.pass_times[(Op.B, 0, i)][0]  # its gradient's receive comes before the backward
+        assert r.sent_times[(Op.F, 0, i)] == (r.pass_times[(Op.F, 0, i)][1], r.pass_times[(Op.B, 0, i)][1], out)
+    rel = send_releases(sched, place.rank_of)[1]
+    for k, js in rel.items():
+        for j in js:
+            a = sched[1][j]
+            held, let_go, nbytes = r.sent_times[(a.op, a.stage, a.microbatch)]
+            assert held == r.pass_times[(Op.B, 1, a.microbatch)][1] and nbytes == out and let_go > held
     ends = sorted(r.sent_times[(Op.SEND_B, 1, i)][1] for i in range(m))
     last = max(end for (op, s, i), (_, end) in r.pass_times.items() if s == 1)
     assert ends[2] == ends[3] == last > ends[1]

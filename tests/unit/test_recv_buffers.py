@@ -31,8 +31,8 @@ def test_each_buffer_is_held_from_its_post_to_the_start_of_its_pass():
     the pass it is posted before (0 with no pass ahead of it), its end the start of the pass that
     takes it, its bytes the sending stage's output; the first rank's gradient buffers are held
     beside its two micro-batches' activations, one at a time, and so are the two outputs it sent
-    (released at their gradients' receives: [Note: sent tensors]); the second rank holds a
-    gradient it sent beside its received buffer."""
+    (held to their backwards' ends: [Note: sent tensors]); the second rank holds a gradient it
+    sent beside its received buffer."""
     place, m, act, out = placement("1f1b", 2), 4, 1000, 64
     sched = add_p2p(generate("1f1b", 2, m), place)
     stages = [StageCost(fwd_s=1.0, bwd_s=2.0, activation_bytes=act, output_bytes=out)] * 2
@@ -50,10 +50,11 @@ def test_each_buffer_is_held_from_its_post_to_the_start_of_its_pass():
     assert r.recv_times[(Op.RECV_F, 1, 0)] == (0.0, 1.0 + link.time_s(out), out)  # at the step's start
     assert r.act_peak_bytes == {0: 2 * act, 1: act}
     assert r.peak_bytes == {0: 2 * act + out + 2 * out, 1: act + out + out}
-    # GPU ranks send from host copies (not counted) and hold a received copy from its RECV: rank 1's
-    # then meets no activation of its own
+    # GPU ranks send from host copies (not counted: rank 1's gradients) but hold their outputs on
+    # the device, and hold a received copy from its RECV: rank 1's then meets no activation of its own
     gpu = simulate_pipeline(sched, place, stages, link, host_receives={0, 1})
-    assert gpu.peak_bytes == {0: 2 * act + out, 1: act} and not gpu.sent_times
+    assert gpu.peak_bytes == {0: 2 * act + out + 2 * out, 1: act}
+    assert {k[0] for k in gpu.sent_times} == {Op.F}
 
 
 def test_a_gpu_rank_holds_the_device_copy_from_its_recv():
