@@ -4,8 +4,8 @@ A tensor travels as two messages on its tag: a fixed-size header (dtype, number 
 and the payload, so the receiver needs no prior knowledge of what comes. Sends are asynchronous
 (a pipeline schedule assumes a send never waits for its receiver); ``Channel.release`` waits
 for one where its transfer is known to be over (planner.pipeline_sends) and lets go of its
-tensor, ``Channel.flush`` for the rest at the step's end. A transfer or collective that fails or outlasts the timeout raises
-``CommError`` naming this rank, the peer and the action.
+tensor, ``Channel.flush`` for the rest at the step's end. A transfer or collective that fails
+or outlasts the timeout raises ``CommError`` naming this rank, the peer and the action.
 
 [Note: fixed shapes] Under gloo a receive is a rendezvous: each message waits a round of
 messages for its receiver, so a transfer's header and payload, received one after the other,
