@@ -48,10 +48,14 @@ counted by the same rules; a saved tensor that is a cast of a parameter (through
 autocast's weight copy, counted apart (``BlockStats.autocast_weight_bytes``: per micro-batch,
 whatever its size, so ``ModelStats.scaled`` leaves it). The parameters' storages are excluded as
 before; the copies are not parameters, and the worker's count (runtime.stage_keep) counts them
-too. CPU and CUDA autocast differ in ops the built-in GPT runs on fp32 inputs only (norms) or not
-at all (an explicit softmax: ``fused_attention: false``, which CUDA's autocast runs in fp32 and
-the CPU's in bf16; that case is the CPU's here). The planner's pipeline takes these figures for
-bf16 (planner.stage_cost [Note: a bf16 stage's activations]); the single-device figures stay.
+too. CPU and CUDA autocast cast differently: CUDA's runs a list of calls in fp32 (softmax,
+log-softmax, norms, ``exp``, ``pow``, losses...) that the CPU's runs in their inputs' dtype, so
+the trace casts their bf16 inputs to fp32 first, as CUDA's does (``_CUDA_FP32``: an explicit
+softmax, ``fused_attention: false``, then saves fp32 probabilities and its matmul their bf16
+copy). Its matmul list is the CPU's, which holds every matmul the built-in GPT calls.
+``accelerator=False`` leaves both the kernels and the casts the CPU's. The planner's pipeline
+takes these figures for bf16 (planner.stage_cost [Note: a bf16 stage's activations]); the
+single-device figures stay.
 
 [Note: tensors made in forward]
 Models written for one device make tensors inside ``forward`` without ``device=`` (a causal
@@ -128,8 +132,9 @@ def autocast_figures(cfg: ModelConfig, *, seq_len: int, micro_batch_size: int = 
                      accelerator: bool = True) -> list[dict[str, int]]:
     """Per block of the built-in GPT ``cfg``, its ``BlockStats.autocast_*`` figures: one
     micro-batch's forward as a bf16 pipeline worker runs it ([Note: a pipeline worker's
-    autocast]). ``accelerator=False`` keeps the CPU's kernels for dropout and attention (what a
-    CPU worker runs, [Note: kernels as on the accelerator]), to set the trace against one."""
+    autocast]). ``accelerator=False`` keeps the CPU's kernels for dropout and attention and its
+    autocast's casts (what a CPU worker runs, [Note: kernels as on the accelerator]), to set the
+    trace against one."""
     with FakeTensorMode(), torch.device("cpu"):
         built = build_model(cfg, max_seq_len=seq_len)  # fp32, as runtime.stage_worker builds its blocks
         built.module.train()
@@ -405,6 +410,8 @@ class _AsOnAccelerator(TorchFunctionMode):
             self.rec.note_random(_attention_dropout_elems(*args, **kwargs))
             return _attention(*args, **kwargs) if self.kernels else func(*args, **kwargs)
         if not self.meta:
+            if self.kernels and func in _CUDA_FP32 and "dtype" not in kwargs and torch.is_autocast_enabled("cpu"):
+                args, kwargs = _to_fp32(args), _to_fp32(kwargs)  # [Note: a pipeline worker's autocast]
             return func(*args, **kwargs)
         if func in _MOVES and args and isinstance(args[0], torch.Tensor) and args[0].device.type == "meta":
             return _stay_on_meta(func, args, kwargs)  # [Note: tensors made in forward]
@@ -414,6 +421,29 @@ class _AsOnAccelerator(TorchFunctionMode):
 
 
 _MOVES = (torch.Tensor.to, torch.Tensor.cpu, torch.Tensor.cuda)
+
+_CUDA_FP32 = frozenset(
+    f for name in ("__pow__", "__rdiv__", "__rpow__", "__rtruediv__", "acos", "asin", "binary_cross_entropy_with_logits",
+                   "cosh", "cosine_embedding_loss", "cdist", "cosine_similarity", "cross_entropy", "cumprod", "cumsum",
+                   "dist", "erfinv", "exp", "expm1", "group_norm", "hinge_embedding_loss", "kl_div", "l1_loss",
+                   "layer_norm", "log", "log_softmax", "log10", "log1p", "log2", "margin_ranking_loss", "mse_loss",
+                   "multilabel_margin_loss", "multi_margin_loss", "nll_loss", "norm", "normalize", "pdist",
+                   "poisson_nll_loss", "pow", "prod", "reciprocal", "rsqrt", "sinh", "smooth_l1_loss",
+                   "soft_margin_loss", "softmax", "softmin", "softplus", "sum", "renorm", "tan", "triplet_margin_loss")
+    for mod in (torch, torch.Tensor, F) if (f := getattr(mod, name, None)) is not None)
+"""The calls CUDA's autocast runs in fp32 (PyTorch's AMP reference, "CUDA Ops that can autocast to
+float32"); the CPU's runs most of them in their inputs' dtype ([Note: a pipeline worker's autocast])."""
+
+
+def _to_fp32(tree: Any) -> Any:
+    """``tree`` with its bf16 and fp16 tensors cast to fp32, as CUDA's autocast casts ``_CUDA_FP32``'s."""
+    if isinstance(tree, torch.Tensor):
+        return tree.float() if tree.dtype in (torch.bfloat16, torch.float16) else tree
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_fp32(v) for v in tree)
+    if isinstance(tree, dict):
+        return {k: _to_fp32(v) for k, v in tree.items()}
+    return tree
 
 
 def _weightless(t: torch.Tensor) -> bool:

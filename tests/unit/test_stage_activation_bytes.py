@@ -134,3 +134,17 @@ def test_an_fp32_stage_takes_the_analysis_as_it_is(shape):
     assert [model.acts[j + 1] - model.acts[j] for j in range(n)] == [b.activation_bytes for b in blocks]
     assert [model.inputs[j + 1] - model.inputs[j] for j in range(n)] == [b.input_bytes for b in blocks]
     assert [model.boundary_bytes(j + 1) for j in range(n)] == [b.output_bytes for b in blocks]
+
+
+def test_an_explicit_softmax_is_traced_in_fp32_as_on_a_gpu():
+    """CUDA's autocast runs softmax in fp32, the CPU's in bf16 (planner.analyze ``_CUDA_FP32``):
+    without fused attention a layer's trace saves fp32 probabilities (4 B each) and the matmul
+    their bf16 copy (2 B), where the CPU's saves the bf16 probabilities once (2 B), so 4 B more
+    per probability, b·heads·s² of them a layer."""
+    b, s, heads = 2, 16, 4
+    cfg = ModelConfig(preset="tiny", overrides=dict(num_layers=2, hidden_size=64, num_heads=heads,
+                                                    fused_attention=False))
+    gpu, cpu = (autocast_figures(cfg, seq_len=s, micro_batch_size=b, accelerator=acc) for acc in (True, False))
+    diff = [g["autocast_activation_bytes"] - c["autocast_activation_bytes"] for g, c in zip(gpu, cpu)]
+    assert diff == [0, 4 * b * heads * s * s, 4 * b * heads * s * s, 0]
+    assert [g["autocast_weight_bytes"] for g in gpu] == [c["autocast_weight_bytes"] for c in cpu]
