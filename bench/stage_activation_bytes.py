@@ -72,7 +72,8 @@ def main() -> None:
                 for f in autocast_figures(cfg, seq_len=seq, micro_batch_size=mbs, accelerator=False)]
                if args.dtype == "bf16" else before)
         print(f"hidden {h}, {args.layers} layers, {mbs} x {seq}, dropout {args.dropout}, {args.dtype}")
-        print(f"  {'block':>5} {'worker':>10} {'before':>10} {'now':>10} {'cpu trace':>10} {'of which weight copies':>22}")
+        print(f"  {'block':>5} {'worker':>10} {'before':>10} {'now':>10} {'cpu trace':>10}"
+              f" {'of which weight copies':>22}")
         for j, row in enumerate(zip(got, before, now, cpu)):
             print(f"  {j:>5} " + " ".join(f"{v:>10,}" for v in row) + f" {stats.blocks[j].autocast_weight_bytes:>22,}")
         total = [sum(c) for c in (got, before, now, cpu)]

@@ -423,8 +423,9 @@ class _AsOnAccelerator(TorchFunctionMode):
 _MOVES = (torch.Tensor.to, torch.Tensor.cpu, torch.Tensor.cuda)
 
 _CUDA_FP32 = frozenset(
-    f for name in ("__pow__", "__rdiv__", "__rpow__", "__rtruediv__", "acos", "asin", "binary_cross_entropy_with_logits",
-                   "cosh", "cosine_embedding_loss", "cdist", "cosine_similarity", "cross_entropy", "cumprod", "cumsum",
+    f for name in ("__pow__", "__rdiv__", "__rpow__", "__rtruediv__", "acos", "asin",
+                   "binary_cross_entropy_with_logits", "cosh", "cosine_embedding_loss", "cdist",
+                   "cosine_similarity", "cross_entropy", "cumprod", "cumsum",
                    "dist", "erfinv", "exp", "expm1", "group_norm", "hinge_embedding_loss", "kl_div", "l1_loss",
                    "layer_norm", "log", "log_softmax", "log10", "log1p", "log2", "margin_ranking_loss", "mse_loss",
                    "multilabel_margin_loss", "multi_margin_loss", "nll_loss", "norm", "normalize", "pdist",
