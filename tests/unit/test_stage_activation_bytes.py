@@ -76,10 +76,10 @@ def test_the_trace_as_the_worker_runs_it_is_what_a_cpu_worker_saves(shape):
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_a_bf16_stage_is_charged_what_its_worker_saves(shape):
-    """The planner's figures (GPU kernels) against the CPU
-    worker without dropout, where the two kernels save the same but for flash attention's RNG
-    state (``FLASH_RNG_STATE`` a layer). Before, the stage took the bf16 analysis's bytes, under
-    half of them here: autocast's weight copies and fp32 norm inputs were missing."""
+    """The planner's figures (GPU kernels) against the CPU worker without dropout, where the two
+    kernels save the same but for flash attention's RNG state (``FLASH_RNG_STATE`` a layer).
+    Before, the stage took the bf16 analysis's bytes, under 60% of them here: autocast's weight
+    copies and the norms' fp32 inputs were missing."""
     overrides, mbs, seq = SHAPES[shape]
     layers = overrides["num_layers"]
     got = _measured(overrides, mbs, seq)
