@@ -32,6 +32,31 @@ the analysis describe a CPU run rather than the GPU run being planned:
 During the pass a ``TorchFunctionMode`` sends both calls to the CUDA ops, whose meta kernels
 and autograd formulas are PyTorch's own, so the saved tensors and FLOPs are those of the GPU run.
 
+[Note: a pipeline worker's autocast]
+A pipeline worker (runtime.stage_worker) does not compute in bf16 as the single-device engine
+does: it keeps its blocks in fp32 and runs each stage's forward of a micro-batch under
+``torch.autocast(bfloat16)``. Its blocks then save other tensors: the built-in GPT's residual
+stream stays fp32 (a norm saves an fp32 input; a stage receives and sends fp32), and every matmul
+saves autocast's bf16 copy of its weight, made once per autocast region (the cache is cleared
+when the stage's forward ends) and held by that micro-batch's graph until its backward. For a
+bf16 analysis of the built-in GPT (the only model a pipeline runs) ``analyze`` therefore traces
+the model a second time as the worker runs it (``autocast_figures``): built in fp32 under
+``FakeTensorMode`` on the CPU (no memory, no draw from the generators, as runtime.stage_rng's
+trace), one forward under CPU autocast with the same kernel substitution as above (the
+attention's inputs cast to bf16 first, as autocast casts them for attention), the saved storages
+counted by the same rules; a saved tensor that is a cast of a parameter (through views) is
+autocast's weight copy, counted apart (``BlockStats.autocast_weight_bytes``: per micro-batch,
+whatever its size, so ``ModelStats.scaled`` leaves it). The parameters' storages are excluded as
+before; the copies are not parameters, and the worker's count (runtime.stage_keep) counts them
+too. CPU and CUDA autocast cast differently: CUDA's runs a list of calls in fp32 (softmax,
+log-softmax, norms, ``exp``, ``pow``, losses...) that the CPU's runs in their inputs' dtype, so
+the trace casts their bf16 inputs to fp32 first, as CUDA's does (``_CUDA_FP32``: an explicit
+softmax, ``fused_attention: false``, then saves fp32 probabilities and its matmul their bf16
+copy). Its matmul list is the CPU's, which holds every matmul the built-in GPT calls.
+``accelerator=False`` leaves both the kernels and the casts the CPU's. The planner's pipeline
+takes these figures for bf16 (planner.stage_cost [Note: a bf16 stage's activations]); the
+single-device figures stay.
+
 [Note: tensors made in forward]
 Models written for one device make tensors inside ``forward`` without ``device=`` (a causal
 mask ``torch.ones(s, s).triu(1)``, positions ``torch.arange(T)``), name a device outright, or
@@ -43,11 +68,13 @@ raises a ``UserError`` naming the block and the ways out.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -60,7 +87,7 @@ from memtrain.config import ConfigError
 if TYPE_CHECKING:
     from memtrain.config import ModelConfig
 
-__all__ = ["analyze", "analyze_built", "model_state_bytes", "TORCH_DTYPES"]
+__all__ = ["analyze", "analyze_built", "autocast_figures", "model_state_bytes", "TORCH_DTYPES"]
 
 TORCH_DTYPES: dict[DType, torch.dtype] = {DType.FP32: torch.float32, DType.BF16: torch.bfloat16, DType.FP16: torch.float16}
 """The torch dtype of each compute dtype."""
@@ -92,7 +119,38 @@ def analyze(cfg: ModelConfig, *, seq_len: int, micro_batch_size: int = 1, dtype:
     dt = _check_sizes(seq_len, micro_batch_size, dtype)
     with torch.device("meta"):
         built = build_model(cfg, max_seq_len=seq_len)
-    return analyze_built(built, seq_len=seq_len, micro_batch_size=micro_batch_size, dtype=dt)
+    stats = analyze_built(built, seq_len=seq_len, micro_batch_size=micro_batch_size, dtype=dt)
+    if dt is not DType.BF16 or cfg.source != "gpt":
+        return stats
+    # [Note: a pipeline worker's autocast] the figures the pipeline's planner takes instead
+    figures = autocast_figures(cfg, seq_len=seq_len, micro_batch_size=micro_batch_size)
+    blocks = tuple(dataclasses.replace(b, **f) for b, f in zip(stats.blocks, figures, strict=True))
+    return dataclasses.replace(stats, blocks=blocks, autocast=True)
+
+
+def autocast_figures(cfg: ModelConfig, *, seq_len: int, micro_batch_size: int = 1,
+                     accelerator: bool = True) -> list[dict[str, int]]:
+    """Per block of the built-in GPT ``cfg``, its ``BlockStats.autocast_*`` figures: one
+    micro-batch's forward as a bf16 pipeline worker runs it ([Note: a pipeline worker's
+    autocast]). ``accelerator=False`` keeps the CPU's kernels for dropout and attention and its
+    autocast's casts (what a CPU worker runs, [Note: kernels as on the accelerator]), to set the
+    trace against one."""
+    with FakeTensorMode(), torch.device("cpu"):
+        built = build_model(cfg, max_seq_len=seq_len)  # fp32, as runtime.stage_worker builds its blocks
+        built.module.train()
+        rec = _Recorder(built, split_casts=True)
+        ids = torch.zeros(micro_batch_size, seq_len, dtype=torch.long)
+        hooks = rec.install()
+        try:
+            with (torch.autocast("cpu", dtype=torch.bfloat16), _AsOnAccelerator(rec, kernels=accelerator, meta=False),
+                  torch.autograd.graph.saved_tensors_hooks(rec.pack, _unpack)):
+                built.forward(ids)
+        finally:
+            for h in hooks:
+                h.remove()
+    return [dict(autocast_activation_bytes=rec.activation_bytes[i], autocast_weight_bytes=rec.weight_bytes[i],
+                 autocast_input_bytes=rec.input_bytes[i] or 0, autocast_output_bytes=rec.output_bytes[i] or 0)
+            for i in range(len(built.blocks))]
 
 
 def analyze_built(
@@ -159,8 +217,11 @@ def _storage_key(t: torch.Tensor) -> tuple[int, int]:
 class _Recorder:
     """Per-block tallies of one forward+backward pass (see the module docstring)."""
 
-    def __init__(self, built: BuiltModel) -> None:
+    def __init__(self, built: BuiltModel, *, split_casts: bool = False) -> None:
         self.built = built
+        self.split_casts = split_casts
+        """Count saved casts of parameters (autocast's weight copies) in ``weight_bytes``, not
+        in ``activation_bytes`` ([Note: a pipeline worker's autocast])."""
         n = len(built.blocks)
         self.cur = 0
         """Index of the block whose work is being recorded."""
@@ -174,6 +235,7 @@ class _Recorder:
         self.fwd_flops = [0] * n
         self.bwd_flops = [0] * n
         self.activation_bytes = [0] * n
+        self.weight_bytes = [0] * n
         self.random_elems = [0] * n
         """Per block, the elements its forward's dropouts draw (``note_random``)."""
         self.saved_sizes: list[list[int]] = [[] for _ in range(n)]
@@ -246,6 +308,8 @@ class _Recorder:
             self.saved[key] = t
             if self.in_loss and not self.backward:
                 self.loss_activation_bytes += nbytes
+            elif self.split_casts and _cast_of_parameter(t):
+                self.weight_bytes[self.cur] += nbytes
             else:
                 self.activation_bytes[self.cur] += nbytes
                 self.saved_sizes[self.cur].append(nbytes)
@@ -327,9 +391,13 @@ class _AsOnAccelerator(TorchFunctionMode):
     """Run dropout and attention with the CUDA kernels' meta versions ([Note: kernels as on the
     accelerator]) and note the first use of each parameter."""
 
-    def __init__(self, rec: _Recorder) -> None:
+    def __init__(self, rec: _Recorder, *, kernels: bool = True, meta: bool = True) -> None:
         super().__init__()
         self.rec = rec
+        self.kernels = kernels
+        """Send dropout and attention to the CUDA ops (False: the tensors' own device's)."""
+        self.meta = meta
+        """Keep tensors made or moved in forward on meta (False: a FakeTensorMode trace)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -337,10 +405,14 @@ class _AsOnAccelerator(TorchFunctionMode):
         self.rec.note_params(kwargs.values())
         if func is F.dropout:
             self.rec.note_random(_dropout_elems(*args, **kwargs))
-            return _dropout(*args, **kwargs)
+            return _dropout(*args, **kwargs) if self.kernels else func(*args, **kwargs)
         if func is F.scaled_dot_product_attention:
             self.rec.note_random(_attention_dropout_elems(*args, **kwargs))
-            return _attention(*args, **kwargs)
+            return _attention(*args, **kwargs) if self.kernels else func(*args, **kwargs)
+        if not self.meta:
+            if self.kernels and func in _CUDA_FP32 and "dtype" not in kwargs and torch.is_autocast_enabled("cpu"):
+                args, kwargs = _to_fp32(args), _to_fp32(kwargs)  # [Note: a pipeline worker's autocast]
+            return func(*args, **kwargs)
         if func in _MOVES and args and isinstance(args[0], torch.Tensor) and args[0].device.type == "meta":
             return _stay_on_meta(func, args, kwargs)  # [Note: tensors made in forward]
         if kwargs.get("device") is not None:
@@ -349,6 +421,51 @@ class _AsOnAccelerator(TorchFunctionMode):
 
 
 _MOVES = (torch.Tensor.to, torch.Tensor.cpu, torch.Tensor.cuda)
+
+_CUDA_FP32 = frozenset(
+    f for name in ("__pow__", "__rdiv__", "__rpow__", "__rtruediv__", "acos", "asin",
+                   "binary_cross_entropy_with_logits", "cosh", "cosine_embedding_loss", "cdist",
+                   "cosine_similarity", "cross_entropy", "cumprod", "cumsum",
+                   "dist", "erfinv", "exp", "expm1", "group_norm", "hinge_embedding_loss", "kl_div", "l1_loss",
+                   "layer_norm", "log", "log_softmax", "log10", "log1p", "log2", "margin_ranking_loss", "mse_loss",
+                   "multilabel_margin_loss", "multi_margin_loss", "nll_loss", "norm", "normalize", "pdist",
+                   "poisson_nll_loss", "pow", "prod", "reciprocal", "rsqrt", "sinh", "smooth_l1_loss",
+                   "soft_margin_loss", "softmax", "softmin", "softplus", "sum", "renorm", "tan", "triplet_margin_loss")
+    for mod in (torch, torch.Tensor, F) if (f := getattr(mod, name, None)) is not None)
+"""The calls CUDA's autocast runs in fp32 (PyTorch's AMP reference, "CUDA Ops that can autocast to
+float32"); the CPU's runs most of them in their inputs' dtype ([Note: a pipeline worker's autocast])."""
+
+
+def _to_fp32(tree: Any) -> Any:
+    """``tree`` with its bf16 and fp16 tensors cast to fp32, as CUDA's autocast casts ``_CUDA_FP32``'s."""
+    if isinstance(tree, torch.Tensor):
+        return tree.float() if tree.dtype in (torch.bfloat16, torch.float16) else tree
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_fp32(v) for v in tree)
+    if isinstance(tree, dict):
+        return {k: _to_fp32(v) for k, v in tree.items()}
+    return tree
+
+
+def _weightless(t: torch.Tensor) -> bool:
+    """``t`` belongs to a trace without values: on meta, or a ``FakeTensorMode`` tensor."""
+    return t.device.type == "meta" or isinstance(t, FakeTensor)
+
+
+_VIEW_NODES = frozenset({"TBackward0", "TransposeBackward0", "PermuteBackward0", "ViewBackward0",
+                         "UnsafeViewBackward0", "ExpandBackward0", "AliasBackward0", "UnsqueezeBackward0"})
+
+
+def _cast_of_parameter(t: torch.Tensor) -> bool:
+    """``t`` is (a view of) a dtype cast of a parameter: autocast's weight copy, made anew for
+    each autocast region and held by the graph that saves it ([Note: a pipeline worker's autocast])."""
+    fn = t.grad_fn
+    while fn is not None and type(fn).__name__ in _VIEW_NODES:
+        fn = fn.next_functions[0][0] if fn.next_functions else None
+    if fn is None or type(fn).__name__ != "ToCopyBackward0" or not fn.next_functions:
+        return False
+    src = fn.next_functions[0][0]
+    return src is not None and isinstance(getattr(src, "variable", None), nn.Parameter)
 
 
 def _stay_on_meta(func, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -378,7 +495,7 @@ def _attention_dropout_elems(query: torch.Tensor, key: torch.Tensor, *args: Any,
 
 
 def _dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
-    if not training or p == 0.0 or input.device.type != "meta":
+    if not training or p == 0.0 or not _weightless(input):
         return F.dropout(input, p, training, inplace)
     # CUDA's at::dropout: native_dropout, saving a bool mask (1 byte per element).
     return torch.native_dropout(input, p, True)[0]
@@ -394,9 +511,15 @@ def _attention(
     scale: float | None = None,
     enable_gqa: bool = False,
 ) -> torch.Tensor:
-    if query.device.type != "meta" or query.dim() != 4:
+    if not _weightless(query) or query.dim() != 4:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    if query.device.type != "meta" and torch.is_autocast_enabled(query.device.type):
+        # autocast runs attention in its dtype ([Note: a pipeline worker's autocast]): the kernels take the casts
+        low = torch.get_autocast_dtype(query.device.type)
+        query, key, value = (t.to(low) if t.is_floating_point() else t for t in (query, key, value))
+        if attn_mask is not None and attn_mask.is_floating_point():
+            attn_mask = attn_mask.to(low)
     aten = torch.ops.aten
     if attn_mask is None and query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] <= 256:
         # Flash attention (Dao 2022): saves q, k, v, output, log-sum-exp and the RNG state.

@@ -56,6 +56,18 @@ beside its states. Checked against a worker's own count (``StageWorker.state_byt
 tests/unit/test_stage_states.py. The tensors a stage sends on (``boundary_bytes``) are fp32 too:
 the built-in GPT's hidden states stay fp32 under autocast, twice the bf16 analysis's outputs.
 
+[Note: a bf16 stage's activations] For the same reason a bf16 stage's blocks save other tensors
+than the bf16 analysis's (``BlockStats.activation_bytes``, which describes the single-device
+engine's real bf16 compute): fp32 norm inputs (the residual stream), and autocast's bf16 copy of
+every weight a matmul uses, which the micro-batch's graph keeps until its backward, each
+micro-batch its own (the autocast region is one stage's forward; a layer of hidden size ``h``
+holds ``12·h²·2`` bytes of them, whatever the micro-batch's size). So a stage takes each block's
+``A``, ``I`` and ``O`` from the analysis's trace of the blocks as the worker runs them
+(``BlockStats.autocast_*``, planner.analyze [Note: a pipeline worker's autocast]): ``A`` is
+``autocast_activation_bytes + autocast_weight_bytes``, ``I`` and ``O`` fp32 hidden states.
+Equal to what a CPU worker counts (``KeptStage``) but for the kernels' own difference
+(tests/unit/test_stage_activation_bytes.py). fp32 stages take the analysis's figures as they are.
+
 [Note: the dropout walk] With dropout, every pipeline rank replays at the start of each step
 the random draws of the whole global batch (runtime.stage_rng ``StageRng.begin``: ``dp × m``
 micro-batches, every block, in one process's order), whatever its stages. On a CPU worker that
@@ -120,6 +132,21 @@ def _prefix(values) -> list:
     return list(accumulate(values, initial=0))
 
 
+def _as_worker(stats: ModelStats, dtype: DType) -> tuple[list[int], list[int], list[int]]:
+    """Per block, its activations ``A``, input ``I`` and output ``O`` as a pipeline worker holds
+    them ([Note: a bf16 stage's activations])."""
+    blocks = stats.blocks
+    if dtype is not DType.BF16:
+        return ([b.activation_bytes for b in blocks], [b.input_bytes for b in blocks],
+                [b.output_bytes for b in blocks])
+    if stats.autocast:
+        return ([b.autocast_activation_bytes + b.autocast_weight_bytes for b in blocks],
+                [b.autocast_input_bytes for b in blocks], [b.autocast_output_bytes for b in blocks])
+    # figures not traced under autocast (made by hand): the outputs sent on at fp32, the rest as given
+    return ([b.activation_bytes for b in blocks], [b.input_bytes for b in blocks],
+            [b.output_bytes * PARAM_BYTES // dtype_bytes(dtype) for b in blocks])
+
+
 class StageModel:
     """Stage costs of one model at one micro-batch size (see the module doc)."""
 
@@ -146,10 +173,11 @@ class StageModel:
         # a shared parameter counts again in a stage that uses it without holding its owner
         self.shared = [(q, owner[n], numel[n]) for q, b in enumerate(blocks) for n in b.shared_param_names if n in owner]
         self.params = _prefix(b.num_params for b in blocks)
-        self.acts = _prefix(b.activation_bytes for b in blocks)
-        self.inputs = _prefix(b.input_bytes for b in blocks)
-        self.max_act = _RangeMax([b.activation_bytes for b in blocks])
-        self.max_work = _RangeMax([b.activation_bytes + b.input_bytes + b.output_bytes for b in blocks])
+        acts, ins, self.outputs = _as_worker(stats, self.dtype)  # [Note: a bf16 stage's activations]
+        self.acts = _prefix(acts)
+        self.inputs = _prefix(ins)
+        self.max_act = _RangeMax(acts)
+        self.max_work = _RangeMax([a + i + o for a, i, o in zip(acts, ins, self.outputs)])
         self.max_param = _RangeMax([max(b.param_numels, default=b.num_params) for b in blocks])
         self.max_block_params = _RangeMax([b.num_params for b in blocks])
         self.random_elems = sum(b.random_elems for b in blocks)
@@ -253,11 +281,11 @@ class StageModel:
 
     def boundary_bytes(self, end: int) -> int:
         """The tensor a stage ending before block ``end`` sends on, one micro-batch's: the block's
-        output as a pipeline worker holds it, fp32 whatever ``train.dtype`` ([Note: a device
-        stage's states]: bf16 is autocast, and the built-in GPT's embedding output and the
-        residual stream each layer adds its bf16 results into stay fp32), so twice the bf16
-        analysis's figure; its gradient, coming back, as large."""
-        return self.stats.blocks[end - 1].output_bytes * PARAM_BYTES // dtype_bytes(self.dtype)
+        output as a pipeline worker holds it ([Note: a bf16 stage's activations]: bf16 is
+        autocast, and the built-in GPT's embedding output and the residual stream each layer
+        adds its bf16 results into stay fp32, twice the bf16 analysis's figure); its gradient,
+        coming back, as large."""
+        return self.outputs[end - 1]
 
     def rng_walk_s(self, device: DeviceSpec, dp: int, num_microbatches: int) -> float:
         """[Note: the dropout walk] A rank's replay of the step's random draws on ``device``, over

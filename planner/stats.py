@@ -88,6 +88,17 @@ class BlockStats:
     """Elements the forward's random ops draw for one micro-batch (its dropout masks: each
     dropout's input, attention dropout's b·heads·s·s); 0 without dropout. A pipeline rank
     replays them for the whole global batch each step (planner.stage_cost [Note: the dropout walk])."""
+    autocast_activation_bytes: int = 0
+    """``activation_bytes`` of the block run as a bf16 pipeline worker runs it, fp32 parameters
+    under ``torch.autocast`` (planner.analyze [Note: a pipeline worker's autocast]), less
+    ``autocast_weight_bytes``. This and the next three: 0 unless ``ModelStats.autocast``."""
+    autocast_weight_bytes: int = 0
+    """Of what that run saves, autocast's bf16 copies of the block's parameters: each
+    micro-batch's graph holds its own, whatever the micro-batch's size (not scaled with it)."""
+    autocast_input_bytes: int = 0
+    """``input_bytes`` in that run (the built-in GPT's hidden states stay fp32)."""
+    autocast_output_bytes: int = 0
+    """``output_bytes`` in that run: what the stage ending at this block sends on."""
 
     @property
     def measured(self) -> bool:
@@ -109,6 +120,9 @@ class ModelStats:
     """Bytes the loss saves for backward for one micro-batch (work after the last block's
     forward: cross entropy keeps fp32 log-probabilities, b·s·V·4). Outside every block, so the
     runtime's ledger does not track it; the planner counts it in the workspace estimate."""
+    autocast: bool = False
+    """The blocks' ``autocast_*`` figures were traced (a bf16 analysis of the built-in GPT, the
+    model a pipeline runs); the pipeline's planner takes them (planner.stage_cost)."""
     overhead_block_fwd_s: float = 0.0
     """Measured runtime overhead of one block's forward call (chunk-store and activation-manager
     hooks, saved-tensor packing), on top of the block's own time. 0 = not measured."""
@@ -140,7 +154,8 @@ class ModelStats:
         """Per-micro-batch figures for another micro-batch size.
 
         Activation bytes, input/output bytes and FLOPs of a decoder are linear in the batch
-        dimension (Korthikanti et al. 2022, Eq. 1 is linear in b), so scaling is exact.
+        dimension (Korthikanti et al. 2022, Eq. 1 is linear in b), so scaling is exact; autocast's
+        weight copies (``autocast_weight_bytes``) do not depend on it.
         """
         if micro_batch_size == self.micro_batch_size:
             return self
@@ -159,6 +174,9 @@ class ModelStats:
                 fwd_flops=s(b.fwd_flops),
                 bwd_flops=s(b.bwd_flops),
                 random_elems=s(b.random_elems),
+                autocast_activation_bytes=s(b.autocast_activation_bytes),
+                autocast_input_bytes=s(b.autocast_input_bytes),
+                autocast_output_bytes=s(b.autocast_output_bytes),
             )
             for b in self.blocks
         )

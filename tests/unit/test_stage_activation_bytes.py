@@ -1,0 +1,189 @@
+"""A bf16 pipeline stage's activation bytes as its worker holds them (planner.stage_cost [Note: a
+bf16 stage's activations], planner.analyze [Note: a pipeline worker's autocast]): the planner's
+per-block figures against what a one-rank ``StageWorker`` counts (runtime.stage_keep), in one
+process without Ray, for the built-in GPT at two shapes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from memtrain.config import ModelConfig
+from memtrain.planner.analyze import analyze, autocast_figures
+from memtrain.planner.plan import TrainShape
+from memtrain.runtime.pipeline_driver import stage_programs
+from memtrain.runtime.stage_worker import PipelineSpec, StageWorker
+from memtrain.planner.stage_cost import StageModel
+
+SHAPES = {
+    # GPT-2 style, its own head, 2 micro-batch sequences of 16 tokens
+    "gpt2": (dict(num_layers=2, hidden_size=64, num_heads=4, tie_embeddings=False), 2, 16),
+    # Llama style (rotary, RMSNorm, SwiGLU, grouped-query attention, no biases), tied head, 2 × 32
+    "llama": (dict(num_layers=1, hidden_size=128, num_heads=4, num_kv_heads=2, position="rotary", norm="rmsnorm",
+                   activation="swiglu", bias=False), 2, 32),
+}
+FLASH_RNG_STATE = 24
+"""Bytes a layer's attention saves on a GPU and not on a CPU: CUDA flash attention's RNG state
+(a uint64 seed and offset pair, 16 B, and an 8 B offset), saved whatever the dropout. The CPU's
+flash kernel saves the same q, k, v, output and log-sum-exp without it."""
+
+
+def _measured(overrides: dict, mbs: int, seq: int) -> list[int]:
+    """Per block, the bytes a bf16 one-rank worker running the whole model as one stage counts
+    at its step's first forward (``KeptStage.saved_bytes``). A CPU worker's token ids are views
+    of the step's batch (``.to('cpu')`` copies nothing), so its embedding counts that batch's
+    storage: one micro-batch a step, of two sequences (one sequence's ids would be a view of its
+    ``seq + 1`` tokens, runtime.data), and it is the micro-batch's own, as on a GPU."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    threads = torch.get_num_threads()
+    _, programs = stage_programs("1f1b", 1, 1)
+    n = overrides["num_layers"] + 2
+    spec = PipelineSpec(model=ModelConfig(preset="tiny", overrides=overrides), partition=(n,), rank_of=(0,),
+                        num_ranks=1, dp=1, num_microbatches=1, micro_batch_size=mbs, seq_len=seq, seed=0,
+                        timeout_s=10, dtype="bf16")
+    worker = StageWorker(spec, 0, programs[0])
+    worker.build(*worker.open_store("127.0.0.1"))
+    try:
+        res = worker.run_step(0)
+        got = list(worker.acts.kept[0].saved_bytes)
+        assert res.peak_bytes["activations"] == sum(got)  # one micro-batch held at a time
+        return got
+    finally:
+        worker.close()
+        torch.set_num_threads(threads)
+
+
+def _stage_model(overrides: dict, mbs: int, seq: int, dtype: str) -> StageModel:
+    stats = analyze(ModelConfig(preset="tiny", overrides=overrides), seq_len=seq, micro_batch_size=mbs, dtype=dtype)
+    train = TrainShape(global_batch_size=mbs, micro_batch_size=mbs, num_microbatches=1, seq_len=seq, dtype=dtype,
+                       optimizer="adamw")
+    return StageModel(stats, train)
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_the_trace_as_the_worker_runs_it_is_what_a_cpu_worker_saves(shape):
+    """Like with like: the trace with the CPU's own dropout and attention kernels (what this
+    worker runs) equals the worker's count block by block, dropout masks included."""
+    overrides, mbs, seq = SHAPES[shape]
+    overrides = {**overrides, "dropout": 0.1}
+    got = _measured(overrides, mbs, seq)
+    figures = autocast_figures(ModelConfig(preset="tiny", overrides=overrides), seq_len=seq, micro_batch_size=mbs,
+                               accelerator=False)
+    assert [f["autocast_activation_bytes"] + f["autocast_weight_bytes"] for f in figures] == got
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_a_bf16_stage_is_charged_what_its_worker_saves(shape):
+    """The planner's figures (GPU kernels) against the CPU worker without dropout, where the two
+    kernels save the same but for flash attention's RNG state (``FLASH_RNG_STATE`` a layer).
+    Before, the stage took the bf16 analysis's bytes, under 60% of them here: autocast's weight
+    copies and the norms' fp32 inputs were missing."""
+    overrides, mbs, seq = SHAPES[shape]
+    layers = overrides["num_layers"]
+    got = _measured(overrides, mbs, seq)
+    model = _stage_model(overrides, mbs, seq, "bf16")
+    n = layers + 2
+    per_block = [model.acts[j + 1] - model.acts[j] for j in range(n)]
+    assert per_block == [g + (FLASH_RNG_STATE if 0 < j <= layers else 0) for j, g in enumerate(got)]
+    assert sum(b.activation_bytes for b in model.stats.blocks) < 0.6 * sum(got)  # the figures the stage took before
+    # autocast's copies: every matmul's weight once, bf16, per micro-batch; the head's the (tied) table
+    h, blocks = overrides["hidden_size"], model.stats.blocks
+    assert [b.autocast_weight_bytes for b in blocks] == [0] + [2 * _matmul_weights(model, j) for j in range(1, n)]
+    # what a recomputed block keeps, and what a stage sends on: fp32 hidden states
+    assert all(model.inputs[j + 1] - model.inputs[j] == mbs * seq * h * 4 for j in range(1, n))
+    assert all(model.boundary_bytes(j) == mbs * seq * h * 4 for j in range(1, n))
+
+
+def _matmul_weights(model: StageModel, j: int) -> int:
+    """Elements of block ``j``'s matrices (its norms' vectors excluded), the head's shared table too."""
+    b = model.stats.blocks[j]
+    numel = {name: k for blk in model.stats.blocks for name, k in zip(blk.param_names, blk.param_numels)}
+    names = [name for name in b.param_names + b.shared_param_names if name.endswith("weight") and "norm" not in name]
+    return sum(numel[name] for name in names)
+
+
+def test_weight_copies_do_not_scale_with_the_micro_batch():
+    """An analysis at one sequence scaled to four (as planner.hetero scales it) against one at
+    four: the weight copies are each micro-batch's, whatever its size, and the hidden states
+    linear in it. The rest is linear but for two small tensors of a fixed size that ``scaled``
+    takes as linear too, as before: each layer's flash RNG state and the embedding's positions
+    (``seq`` int64), over-counted three times."""
+    overrides, _, seq = SHAPES["gpt2"]
+    cfg = ModelConfig(preset="tiny", overrides=overrides)
+    one, four = (analyze(cfg, seq_len=seq, micro_batch_size=b, dtype="bf16") for b in (1, 4))
+    assert one.autocast and four.autocast
+    got, want = one.scaled(4).blocks, four.blocks
+    assert [b.autocast_weight_bytes for b in got] == [b.autocast_weight_bytes for b in want]
+    assert got[1].autocast_weight_bytes == one.blocks[1].autocast_weight_bytes > 0
+    assert [(b.autocast_input_bytes, b.autocast_output_bytes) for b in got] == \
+        [(b.autocast_input_bytes, b.autocast_output_bytes) for b in want]
+    fixed = [3 * seq * 8] + [3 * FLASH_RNG_STATE] * overrides["num_layers"] + [0]
+    assert [g.autocast_activation_bytes - w.autocast_activation_bytes for g, w in zip(got, want)] == fixed
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_an_fp32_stage_takes_the_analysis_as_it_is(shape):
+    """No autocast at fp32: nothing traced twice, the stage's figures are the analysis's."""
+    overrides, mbs, seq = SHAPES[shape]
+    model = _stage_model(overrides, mbs, seq, "fp32")
+    blocks = model.stats.blocks
+    assert not model.stats.autocast and all(b.autocast_weight_bytes == 0 for b in blocks)
+    n = len(blocks)
+    assert [model.acts[j + 1] - model.acts[j] for j in range(n)] == [b.activation_bytes for b in blocks]
+    assert [model.inputs[j + 1] - model.inputs[j] for j in range(n)] == [b.input_bytes for b in blocks]
+    assert [model.boundary_bytes(j + 1) for j in range(n)] == [b.output_bytes for b in blocks]
+
+
+def test_an_explicit_softmax_is_traced_in_fp32_as_on_a_gpu():
+    """CUDA's autocast runs softmax in fp32, the CPU's in bf16 (planner.analyze ``_CUDA_FP32``):
+    without fused attention a layer's trace saves fp32 probabilities (4 B each) and the matmul
+    their bf16 copy (2 B), where the CPU's saves the bf16 probabilities once (2 B), so 4 B more
+    per probability, b·heads·s² of them a layer."""
+    b, s, heads = 2, 16, 4
+    cfg = ModelConfig(preset="tiny", overrides=dict(num_layers=2, hidden_size=64, num_heads=heads,
+                                                    fused_attention=False))
+    gpu, cpu = (autocast_figures(cfg, seq_len=s, micro_batch_size=b, accelerator=acc) for acc in (True, False))
+    diff = [g["autocast_activation_bytes"] - c["autocast_activation_bytes"] for g, c in zip(gpu, cpu)]
+    assert diff == [0, 4 * b * heads * s * s, 4 * b * heads * s * s, 0]
+    assert [g["autocast_weight_bytes"] for g in gpu] == [c["autocast_weight_bytes"] for c in cpu]
+
+
+def test_the_simulated_peak_of_a_bf16_rank_is_what_it_measures():
+    """One rank, GPipe over 3 micro-batches (all held at the peak): the pipeline simulator's
+    activation peak from the stage's estimate against the rank's measured peak (its ledger). They
+    differ by the flash RNG state (GPU kernels planned, CPU ones run: 24 B a layer and
+    micro-batch) and by the CPU worker's token ids, views of the step's batch, so each
+    micro-batch's embedding counts the other two's ids too (``_measured``): 0.12% here.
+    The bf16 analysis's figures the stage took before fall short by more than a third."""
+    from memtrain.cluster.catalog import default_host_spec, device_spec
+    from memtrain.planner.simulate_pipeline import Link, StageCost, simulate_pipeline
+    from memtrain.planner.stage_cost import StageBudget
+
+    overrides, mbs, seq = SHAPES["gpt2"]
+    m = 3
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    threads = torch.get_num_threads()
+    place, programs = stage_programs("gpipe", 1, m)
+    n = overrides["num_layers"] + 2
+    spec = PipelineSpec(model=ModelConfig(preset="tiny", overrides=overrides), partition=(n,), rank_of=(0,),
+                        num_ranks=1, dp=1, num_microbatches=m, micro_batch_size=mbs, seq_len=seq, seed=0,
+                        timeout_s=10, dtype="bf16")
+    worker = StageWorker(spec, 0, programs[0])
+    worker.build(*worker.open_store("127.0.0.1"))
+    try:
+        got = [worker.run_step(k).peak_bytes["activations"] for k in range(2)]
+    finally:
+        worker.close()
+        torch.set_num_threads(threads)
+    model = _stage_model(overrides, mbs, seq, "bf16")
+    where = model.place(device_spec("cpu"), default_host_spec(4, 64 * 2**30), None,
+                        StageBudget(device=2**30, host=2**30, nvme=0))
+    est = model.estimate(0, n, where, m, m)
+    want = simulate_pipeline(programs, place, [StageCost(fwd_s=1.0, bwd_s=1.0, activation_bytes=est.act_bytes)],
+                             Link(gbps=1.0)).peak_bytes[0]
+    ids = mbs * seq * 8
+    assert want - got[-1] == m * FLASH_RNG_STATE * overrides["num_layers"] - m * (m - 1) * ids
+    assert got[0] == got[1] and want == pytest.approx(got[-1], rel=2e-3)
+    assert m * sum(b.activation_bytes for b in model.stats.blocks) < 0.65 * got[-1]
