@@ -49,7 +49,10 @@ and the gradient reaching each such module, but no weight gradient; ``W`` walks 
 module's edge to that module's own parameters only (so no gradient is counted twice
 where one kept output feeds another), accumulating them in micro-batch order. Each node computes
 the same values as in a whole backward, from the same incoming gradient. It assumes a parameter
-is used by the module that owns it (true of the built-in GPT's blocks).
+is used by the modules that own it (true of the built-in GPT's blocks); where two modules of one
+stage own it (the tied table of a stage holding the embedding and the head), the later one's
+walk is cut at its own use and the two uses' gradients are summed before they reach ``.grad``
+(runtime.stage_split, which does both walks: [Note: a parameter two modules of one graph use]).
 """
 
 from __future__ import annotations
