@@ -96,7 +96,10 @@ def _module_grads(k: Kept, grad: torch.Tensor, shared: list[nn.Parameter]) -> tu
         return torch.autograd.grad(k.out, k.params, grad)
     cut = _cut(k, shared)
     plain = [q for q in k.params if all(q is not s for s in shared)]
-    got = torch.autograd.grad(k.out, [*plain, *cut], grad) if cut != [k.out] else (grad,)
+    if cut == [k.out]:  # the output's node leads to the shared parameters alone (a ``plain`` one: unused, refused)
+        got = (*(torch.autograd.grad(k.out, plain, grad, retain_graph=True) if plain else ()), grad)
+    else:
+        got = torch.autograd.grad(k.out, [*plain, *cut], grad)
     through = dict(zip(map(id, shared), torch.autograd.grad(cut, shared, got[len(plain):]), strict=True))
     by_id = dict(zip(map(id, plain), got[:len(plain)], strict=True)) | through
     return tuple(by_id[id(q)] for q in k.params)
