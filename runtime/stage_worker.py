@@ -49,7 +49,10 @@ and the gradient reaching each such module, but no weight gradient; ``W`` walks 
 module's edge to that module's own parameters only (so no gradient is counted twice
 where one kept output feeds another), accumulating them in micro-batch order. Each node computes
 the same values as in a whole backward, from the same incoming gradient. It assumes a parameter
-is used by the module that owns it (true of the built-in GPT's blocks).
+is used by the modules that own it (true of the built-in GPT's blocks); where two modules of one
+stage own it (the tied table of a stage holding the embedding and the head), the later one's
+walk is cut at its own use and the two uses' gradients are summed before they reach ``.grad``
+(runtime.stage_split, which does both walks: [Note: a parameter two modules of one graph use]).
 """
 
 from __future__ import annotations
@@ -61,7 +64,6 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from memtrain.comm import Channel, Rendezvous, host_store, join, leave, subgroups
 from memtrain.optimizers import Optimizer
@@ -78,6 +80,7 @@ from memtrain.runtime.stage_offload import OffloadedStage, build_offloaded, clos
 from memtrain.runtime.stage_rng import StageRng, get_state, offset_steps, set_state, trace_gpt
 from memtrain.runtime.stage_state import load_rank_state, rank_state
 from memtrain.runtime.stage_spec import PIPELINE_DTYPES, PipelineSpec, StepResult, block_ranges
+from memtrain.runtime.stage_split import Kept, input_grads, keep, weight_grads
 from memtrain.runtime.stage_step_end import StageStepEnd, grad_report
 from memtrain.runtime.stage_zero import ShardedOptimizer, zero2_buckets
 
@@ -254,20 +257,19 @@ class StageWorker(StageStepEnd):
             self.group_ids = {s: [g.get("group", 0) for g in opt.param_groups] for s, opt in self.optims.items()}
         else:
             self.optims = {s: optim_cls([{"params": ps, **hyper[gi]} for gi, ps in by_group[s]]) for s in on_device}
-        self._kept: list[tuple[tuple[nn.Parameter, ...], GradientEdge]] | None = None
+        self._kept: list[Kept] | None = None
         if self.split_w:
             for s in self.stages:
                 for block in self.blocks[s]:
                     for mod in block.modules():
                         if any(True for _ in mod.parameters(recurse=False)):
-                            mod.register_forward_hook(self._keep_output)
+                            mod.register_forward_hook(self._keep_output, with_kwargs=True)
         set_state(self.device, rng_start)  # whatever building drew, the first step starts there
 
-    def _keep_output(self, module: nn.Module, args: object, output: object) -> None:
+    def _keep_output(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         """[Note: B and W] a parameter-owning module's gradient edge, for the split backward."""
         if self._kept is not None:
-            assert isinstance(output, torch.Tensor), f"{type(module).__name__} returned {type(output).__name__}"
-            self._kept.append((tuple(module.parameters(recurse=False)), get_gradient_edge(output)))
+            self._kept.append(keep(module, args, kwargs, output))
 
     def _new_step_state(self) -> None:
         self.inbox: dict[tuple[str, int, int], torch.Tensor] = {}  # received or handed over locally
@@ -379,7 +381,7 @@ class StageWorker(StageStepEnd):
             x = leaf
         if s in self.offloaded:  # runtime.stage_offload [Note: a stage's step]
             self.offloaded[s].ensure()
-        kept: list[tuple[tuple[nn.Parameter, ...], GradientEdge]] = []
+        kept: list[Kept] = []
         self._kept = kept if self.split_w else None
         self.acts.set_microbatch(s, i)
         self.rng.enter(s, i)
@@ -407,12 +409,10 @@ class StageWorker(StageStepEnd):
         grad = None if s == last else self.inbox.pop(("B", s, i))
         self.acts.claim(s, i)
         if self.split_w:  # [Note: B and W]
-            inputs = ([] if leaf is None else [leaf]) + [o for _, o in kept]
-            grads = torch.autograd.grad(out, inputs, grad, retain_graph=True)
-            self.for_w[(s, i)] = (kept, list(grads[len(inputs) - len(kept):]))
-            if leaf is None:
+            grad_in, kept_grads = input_grads(out, grad, leaf, kept)
+            self.for_w[(s, i)] = (kept, kept_grads)
+            if grad_in is None:
                 return
-            grad_in = grads[0]
         else:
             torch.autograd.backward(out, grad)
             if leaf is None:
@@ -424,24 +424,21 @@ class StageWorker(StageStepEnd):
             self.outbox[("B", s, i)] = grad_in
 
     def _weights(self, a: Action) -> None:
-        """[Note: B and W] The last module first, as a whole backward finishes them (each
-        module's gradients are its own, so the order changes no value), each parameter reported
-        to its owning stage's ZeRO-2 buckets or chunks as it is final (runtime.stage_zero,
-        runtime.stage_offload_zero): a table another stage of this rank owns (the tied embedding
-        of a V's two ends) is counted there, as its gradient hook counts it under a whole backward."""
+        """[Note: B and W] Each parameter's gradient of the micro-batch added to its ``.grad``
+        (runtime.stage_split ``weight_grads``) and reported to its owning stage's ZeRO-2 buckets
+        or chunks as it is final (runtime.stage_zero, runtime.stage_offload_zero): a table
+        another stage of this rank owns (the tied embedding of a V's two ends) is counted there,
+        as its gradient hook counts it under a whole backward."""
         kept, kept_grads = self.for_w.pop((a.stage, a.microbatch))
         ready = {s: grad_report(self, s) for s in self.stages}
-        todo = list(reversed(list(zip(kept, kept_grads, strict=True))))
-        final = {id(q): j for j, ((params, _), _) in enumerate(todo) for q in params}  # a module run twice: its last
-        for j, ((params, out), grad) in enumerate(todo):
-            for q, g in zip(params, torch.autograd.grad(out, params, grad)):
-                if q.grad is None:
-                    q.grad = g
-                else:
-                    q.grad.add_(g)
-                report = ready[self.owner[id(q)]]
-                if report is not None and final[id(q)] == j:
-                    report(q)
+        for q, g in weight_grads(kept, kept_grads):
+            if q.grad is None:
+                q.grad = g
+            else:
+                q.grad.add_(g)
+            report = ready[self.owner[id(q)]]
+            if report is not None:
+                report(q)
 
     def _send_f(self, a: Action) -> None:
         self.channel.send(self.outbox.pop(("F", a.stage, a.microbatch)).cpu(), *self._send_to(a), str(a))

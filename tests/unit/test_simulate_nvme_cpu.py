@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from test_simulate import DEV, HOST, NVME, MB, make_stats, policy, train  # the toy machine and model
+from simulate_toy import DEV, HOST, MB, NVME, make_stats, policy, train  # the toy machine and model
 
 from memtrain.planner.bounds import stream_work_s
 from memtrain.planner.plan import ActPolicy, Tier
