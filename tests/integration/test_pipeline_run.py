@@ -8,9 +8,11 @@ executed record with its program.
 [Note: pipeline tolerances] Without data parallelism or tied embeddings every parameter's
 gradient is summed in the same order as in one process (each stage's backwards and ``W``s run in
 micro-batch order, a split ``W`` is the same arithmetic as a whole backward), so those cases are
-bitwise (tolerance 0). Tied embeddings on two ranks add the two ends' sums at the step's end
-instead of per micro-batch, and data parallelism adds the replicas' sums, a different order:
-those cases allow max |Δloss| <= 1e-5 (measured: 0 for tied embeddings, 9.5e-7 for pp=2 × dp=2).
+bitwise (tolerance 0). Tied embeddings with their two ends in two stages (on two ranks, or two
+stages of one rank, as a V's first and last) add the two ends' sums in another order than one
+process (at the step's end across ranks; each stage's part as its pass runs on one rank:
+runtime.stage_split), and data parallelism adds the replicas' sums, a different order: those
+cases allow max |Δloss| <= 1e-5 (measured: 0 for tied embeddings, 9.5e-7 for pp=2 × dp=2).
 """
 
 from __future__ import annotations
