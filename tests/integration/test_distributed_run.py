@@ -84,10 +84,13 @@ def test_fp16_is_refused_naming_the_field(local_ray, tmp_path):
 
 def test_a_pipeline_run_stopped_by_sigterm_resumes_to_the_uninterrupted_losses(local_ray, tmp_path):
     """SIGTERM mid-run: the workers' states are checkpointed after the step in progress and the
-    run exits 143; ``memtrain resume`` continues on a new embedded Ray, and the six steps' losses
-    equal an uninterrupted run's bitwise."""
+    run exits 143; ``memtrain resume`` continues on a new embedded Ray, and the steps' losses
+    equal an uninterrupted run's bitwise. The tiny example's steps take milliseconds (and each is
+    queued ahead of the last one's end), so the run is long enough that the signal, sent once
+    three steps are written, lands well before its end."""
     run = tmp_path / "run"
-    sets = ["--set", "train.steps=6", "--set", "checkpoint.interval_steps=2", "--set", f"run_dir={run}",
+    steps = 16
+    sets = ["--set", f"train.steps={steps}", "--set", "checkpoint.interval_steps=2", "--set", f"run_dir={run}",
             "--set", "train.warmup_steps=2", "--set", "train.lr_schedule=cosine"]
     env = subprocess_env(HOME=str(tmp_path))
     proc = subprocess.Popen([*MEMTRAIN, "run", "examples/gpt-tiny-pp2.yaml", *sets], cwd=ROOT, env=env,
@@ -96,19 +99,19 @@ def test_a_pipeline_run_stopped_by_sigterm_resumes_to_the_uninterrupted_losses(l
     deadline = time.monotonic() + 180
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
         assert proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
     stopped_at = len(metrics.read_text().splitlines())
-    assert 3 <= stopped_at < 6 and f"step-{stopped_at:08d}" in out, out[-3000:]
+    assert 3 <= stopped_at < steps and f"step-{stopped_at:08d}" in out, out[-3000:]
     r = subprocess.run([*MEMTRAIN, "resume", str(run)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert f"resuming after step {stopped_at}" in r.stdout
     whole = [s for s in sets if s != "--set" and not s.startswith("run_dir=")] + [f"run_dir={tmp_path}/whole"]
     uninterrupted = run_distributed(load_config(ROOT / "examples/gpt-tiny-pp2.yaml", whole), print_fn=lambda line: None)
     lines = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
+    assert [m["step"] for m in lines] == list(range(1, steps + 1))
     assert [m["loss"] for m in lines] == uninterrupted["losses"]
     # the CLI started the embedded Ray: its 2 workers bound to cores where they take them all
     # (runtime.stage_device [Note: a worker per core]); run_distributed on this test's Ray: not bound
