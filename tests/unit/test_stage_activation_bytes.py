@@ -32,7 +32,8 @@ flash kernel saves the same q, k, v, output and log-sum-exp without it."""
 
 def _measured(overrides: dict, mbs: int, seq: int) -> list[int]:
     """Per block, the bytes a bf16 one-rank worker running the whole model as one stage counts
-    at its step's first forward (``KeptStage.saved_bytes``). A CPU worker's token ids are views
+    at its step's first forward (``KeptStage.saved_bytes``, and its weight casts, counted apart
+    as the step's: ``cast_bytes``). A CPU worker's token ids are views
     of the step's batch (``.to('cpu')`` copies nothing), so its embedding counts that batch's
     storage: one micro-batch a step, of two sequences (one sequence's ids would be a view of its
     ``seq + 1`` tokens, runtime.data), and it is the micro-batch's own, as on a GPU."""
@@ -47,8 +48,10 @@ def _measured(overrides: dict, mbs: int, seq: int) -> list[int]:
     worker.build(*worker.open_store("127.0.0.1"))
     try:
         res = worker.run_step(0)
-        got = list(worker.acts.kept[0].saved_bytes)
+        kept = worker.acts.kept[0]
+        got = [a + w for a, w in zip(kept.saved_bytes, kept.cast_bytes, strict=True)]
         assert res.peak_bytes["activations"] == sum(got)  # one micro-batch held at a time
+        assert worker.acts.device_ledger.in_use_bytes == 0  # the casts given back at the step's end
         return got
     finally:
         worker.close()
@@ -156,7 +159,8 @@ def test_the_simulated_peak_of_a_bf16_rank_is_what_it_measures():
     differ by the flash RNG state (GPU kernels planned, CPU ones run: 24 B a layer and
     micro-batch) and by the CPU worker's token ids, views of the step's batch, so each
     micro-batch's embedding counts the other two's ids too (``_measured``): 0.12% here.
-    The bf16 analysis's figures the stage took before fall short by more than a third."""
+    The bf16 analysis's figures the stage took before fall short by more than a third. The
+    weight casts are the step's, once (runtime.stage_worker [Note: one weight cast a step])."""
     from memtrain.cluster.catalog import default_host_spec, device_spec
     from memtrain.planner.simulate_pipeline import Link, StageCost, simulate_pipeline
     from memtrain.planner.stage_cost import StageBudget
@@ -181,9 +185,63 @@ def test_the_simulated_peak_of_a_bf16_rank_is_what_it_measures():
     where = model.place(device_spec("cpu"), default_host_spec(4, 64 * 2**30), None,
                         StageBudget(device=2**30, host=2**30, nvme=0))
     est = model.estimate(0, n, where, m, m)
+    casts = model.casts[n] - model.casts[0]  # charged once, beside the states (the static part)
     want = simulate_pipeline(programs, place, [StageCost(fwd_s=1.0, bwd_s=1.0, activation_bytes=est.act_bytes)],
-                             Link(gbps=1.0)).peak_bytes[0]
+                             Link(gbps=1.0)).peak_bytes[0] + casts
     ids = mbs * seq * 8
     assert want - got[-1] == m * FLASH_RNG_STATE * overrides["num_layers"] - m * (m - 1) * ids
     assert got[0] == got[1] and want == pytest.approx(got[-1], rel=2e-3)
     assert m * sum(b.activation_bytes for b in model.stats.blocks) < 0.65 * got[-1]
+
+
+def test_a_bf16_stage_holds_one_weight_cast_for_its_micro_batches_in_flight():
+    """runtime.stage_worker [Note: one weight cast a step]: one rank, GPipe over 3 micro-batches,
+    all in flight at the peak. Every micro-batch's graph saves the same bf16 copy of each weight
+    (the later forwards' saved casts are the first's storages), the rank's ledger counts them once
+    (its peak is 3 micro-batches' activations plus one set of casts, not 3), and the planner
+    charges the same: per micro-batch ``autocast_activation_bytes`` (``act_bytes``), the casts
+    once in the stage's device bytes. Before, each micro-batch held and was charged its own."""
+    from memtrain.cluster.catalog import default_host_spec, device_spec
+    from memtrain.planner.stage_cost import StageBudget
+    from memtrain.planner.stats import cast_of_parameter
+
+    overrides, mbs, seq = SHAPES["llama"]
+    m = 3
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    threads = torch.get_num_threads()
+    _, programs = stage_programs("gpipe", 1, m)
+    n = overrides["num_layers"] + 2
+    spec = PipelineSpec(model=ModelConfig(preset="tiny", overrides=overrides), partition=(n,), rank_of=(0,),
+                        num_ranks=1, dp=1, num_microbatches=m, micro_batch_size=mbs, seq_len=seq, seed=0,
+                        timeout_s=10, dtype="bf16")
+    worker = StageWorker(spec, 0, programs[0])
+    worker.build(*worker.open_store("127.0.0.1"))
+    # per micro-batch, the weight casts its graph saves (storage address, bytes); the first
+    # forward's saves meet the worker's own counting hooks, innermost, and not these
+    seen: dict[int, set[tuple[int, int]]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if cast_of_parameter(t):
+            storage = t.untyped_storage()
+            seen.setdefault(worker.acts.kept[0].microbatch, set()).add((storage.data_ptr(), storage.nbytes()))
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            res = worker.run_step(0)
+        kept = worker.acts.kept[0]
+        per_mb, casts = sum(kept.saved_bytes), sum(kept.cast_bytes)
+        assert not torch.is_autocast_enabled("cpu") and worker.acts.device_ledger.in_use_bytes == 0
+    finally:
+        worker.close()
+        torch.set_num_threads(threads)
+    assert sorted(seen) == [1, 2] and seen[1] == seen[2] and sum(nbytes for _, nbytes in seen[1]) == casts
+    assert casts > 0 and res.peak_bytes["activations"] == m * per_mb + casts
+    # the planner: the casts once, beside m micro-batches of the rest
+    model = _stage_model(overrides, mbs, seq, "bf16")
+    assert model.casts[n] - model.casts[0] == sum(b.autocast_weight_bytes for b in model.stats.blocks) == casts
+    where = model.place(device_spec("cpu"), default_host_spec(4, 64 * 2**30), None,
+                        StageBudget(device=2**30, host=2**30, nvme=0))
+    one, three = (model.estimate(0, n, where, k, m) for k in (1, m))
+    assert one.act_bytes == sum(b.autocast_activation_bytes for b in model.stats.blocks)
+    assert three.device_bytes - one.device_bytes == (m - 1) * one.act_bytes  # no cast charged per micro-batch
