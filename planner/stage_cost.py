@@ -66,9 +66,10 @@ planner.analyze [Note: a pipeline worker's autocast]): ``A`` is ``autocast_activ
 autocast_weight_bytes``, ``I`` and ``O`` fp32 hidden states. A stage whose blocks keep their
 activations shares one copy of each weight among all its micro-batches (runtime.stage_worker
 [Note: one weight cast a step]): it holds ``autocast_activation_bytes`` per micro-batch in flight
-and the copies once (``casts``), charged beside its states for the whole step (they live from
-its first forward to the later of the rank's last forward and its last backward, and after the
-rank's last forward only a recompute or a swap-in takes activation bytes). A recomputed stage makes a block's copies anew at its
+and the copies once (``casts``, ``StageEstimate.cast_bytes``): they live from its first forward
+to the later of the rank's last forward and its last backward, so the pipeline's planner adds
+them to the rank's peak of the passes, not to what it holds after them (the gradients' copies,
+the optimizer: planner.hetero_plan). A recomputed stage makes a block's copies anew at its
 recompute (within the ``A`` it rebuilds); a swapped one per micro-batch, swapped with the rest.
 Equal to what a CPU worker counts (``KeptStage``) but for the kernels' own difference
 (tests/unit/test_stage_activation_bytes.py). fp32 stages take the analysis's figures as they are.
@@ -368,6 +369,8 @@ class StageModel:
                                          end, held, recompute)
             if recompute:
                 est = dataclasses.replace(est, recompute_s=f_s, bw_bytes=acts if kb else 0)
+            elif casts:
+                est = dataclasses.replace(est, cast_bytes=casts)
             if est.fits and (best is None or est.work_s(m) < best.work_s(m)):
                 best = est
             elif best is None and recompute is options[0]:
