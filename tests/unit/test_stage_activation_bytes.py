@@ -245,3 +245,46 @@ def test_a_bf16_stage_holds_one_weight_cast_for_its_micro_batches_in_flight():
     one, three = (model.estimate(0, n, where, k, m) for k in (1, m))
     assert one.act_bytes == sum(b.autocast_activation_bytes for b in model.stats.blocks)
     assert three.device_bytes - one.device_bytes == (m - 1) * one.act_bytes  # no cast charged per micro-batch
+    assert one.cast_bytes == three.cast_bytes == casts  # held with the passes (planner.hetero_plan)
+
+
+def test_a_pipeline_plan_charges_a_rank_its_weight_casts_once_with_the_passes():
+    """planner.hetero_plan: two ranks of 4 bf16 blocks under 1F1B, 2 replicas (so each rank's
+    whole fp32 gradient, 1.6 GB, is copied after the passes to be summed). Blocks with autocast
+    weight copies ``W`` against the same blocks without: rank 0 holds 2 micro-batches at its
+    peak and its activations are higher by its 4 blocks' ``W`` once, not twice; rank 1's peak is
+    the gradient's copy after the passes, where no cast is held, and its memory line ends where
+    it started. The static bytes differ by one block's ``W`` only: the workspace of one block's
+    pass (its ``A + I + O``, ``A`` with its casts, as before)."""
+    from memtrain.cluster.catalog import default_host_spec, device_spec
+    from memtrain.cluster.spec import ClusterSpec, NodeSpec
+    from memtrain.planner.hetero import plan_cluster
+    from memtrain.planner.stats import BlockStats, ModelStats
+
+    params, act, w = 100_000_000, 200 * 2**20, 150 * 2**20
+
+    def stats(cast: int):
+        blocks = tuple(BlockStats(name=f"blocks.{i}", num_params=params, param_bytes=2 * params, activation_bytes=act,
+                                  input_bytes=2**20, output_bytes=2**20, fwd_flops=10**14, bwd_flops=2 * 10**14,
+                                  param_names=(f"blocks.{i}.w",), param_numels=(params,),
+                                  autocast_activation_bytes=act, autocast_weight_bytes=cast,
+                                  autocast_input_bytes=2**20, autocast_output_bytes=2**20) for i in range(8))
+        return ModelStats(name="uniform", num_params=8 * params, dtype="bf16", micro_batch_size=1, seq_len=1024,
+                          blocks=blocks, autocast=True)
+
+    a100 = device_spec("a100-80gb")
+    cluster = ClusterSpec(nodes=(NodeSpec(name="n0", host=default_host_spec(32, 512 * 2**30), devices=(a100,) * 4),))
+    plain, casts = (plan_cluster(stats(c), cluster, name="casts", global_batch_size=16, micro_batch_size=1,
+                                 dtype="bf16", optimizer="adamw", pipeline_degree=2, data_parallel_degree=2,
+                                 schedules=("1f1b",), stage_blocks=(4, 4)) for c in (0, w))
+    static = {r: [p.prediction.devices[r].breakdown["device"]["states, buffers, workspace"] for p in (plain, casts)]
+              for r in range(2)}
+    assert all(b - a == w for a, b in static.values())
+    a0, b0 = (p.prediction.devices[0].breakdown["device"] for p in (plain, casts))
+    assert a0["activations"] == 2 * 4 * act and b0["activations"] - a0["activations"] == 4 * w
+    a1, b1 = (p.prediction.devices[1] for p in (plain, casts))
+    assert b1.breakdown["device"]["gradient copies"] == a1.breakdown["device"]["gradient copies"] > 4 * (act + w)
+    assert b1.peak_bytes["device"] - a1.peak_bytes["device"] == w
+    for r in range(2):
+        line = [m for m in casts.prediction.devices[r].memory_timeline if m.tier == "device"]
+        assert line[-1].bytes == static[r][1] and max(m.bytes for m in line) == casts.prediction.devices[r].peak_bytes["device"]
