@@ -34,7 +34,10 @@ runs belongs to that block's record, except (a) views of parameter memory: those
 ``param_resolver`` claims (the chunk store moves parameters, so it hands out tokens instead of
 tensors) and those whose storage is a parameter or buffer of the block, re-read at each forward;
 they are neither counted nor swapped, and (b) tensors that are not plain strided tensors or that
-live on another device than the block's first saved tensor (left in place, not counted).
+live on another device than the block's first saved tensor (left in place, not counted), and
+(c) with ``shared_casts``, casts of a parameter (autocast's weight copies) that the caller
+shares among its micro-batches (runtime.stage_worker [Note: one weight cast a step]): handed to
+``shared_casts``, which counts each once, and left in place (moving one would free nothing).
 Tensors saved outside any wrapped block (the loss) are not seen at all. A storage saved several
 times (q, k and v are views of one projection) is counted and moved once; each saved view is
 rebuilt with ``as_strided`` over the restored storage (same dtype, size, stride and offset).
@@ -62,7 +65,7 @@ ledger windows are exercised exactly; only the overlap needs a GPU (tests/gpu).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -76,6 +79,7 @@ from memtrain.offload.nvme import NvmeStore
 from memtrain.offload.recompute import Replay
 from memtrain.offload.swap import _Kept, _Packed, _Record, _State, act_owner
 from memtrain.planner.plan import ActPolicy
+from memtrain.planner.stats import cast_of_parameter
 
 __all__ = ["ActivationManager", "BlockActivations", "ParamResolver", "act_owner", "param_storages"]
 
@@ -137,6 +141,7 @@ class ActivationManager(ActivationRecords):
         param_resolver: ParamResolver | None = None,
         writes_in_flight: int = 1,
         split_backward: bool = False,
+        shared_casts: Callable[[torch.Tensor], object] | None = None,
     ) -> None:
         self.policies: dict[str, ActPolicy] = {}
         for name, p in policies.items():
@@ -165,6 +170,9 @@ class ActivationManager(ActivationRecords):
         self.split_backward = split_backward
         """The backward is walked twice (B, then W): recompute blocks replay at their claim
         (offload.recompute [Note: recompute across B and W])."""
+        self.shared_casts = shared_casts
+        """Where a saved weight cast goes when the caller shares autocast's casts over a step
+        ([Note: what counts as an activation] (c)); None: a cast is the block's activation."""
         self.microbatch = 0
         self._blocks: list[tuple[str, nn.Module]] = []
         self._stats: dict[str, BlockActivations] = {}
@@ -320,6 +328,9 @@ class ActivationManager(ActivationRecords):
         ptr = storage.data_ptr()
         if ptr in param_ptrs:
             stats.num_param_tensors += 1
+            return _Kept(t.detach())
+        if self.shared_casts is not None and cast_of_parameter(t):  # [Note: what counts as an activation] (c)
+            self.shared_casts(t)
             return _Kept(t.detach())
         if rec.device is None:
             rec.device = t.device

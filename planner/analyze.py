@@ -37,16 +37,16 @@ A pipeline worker (runtime.stage_worker) does not compute in bf16 as the single-
 does: it keeps its blocks in fp32 and runs each stage's forward of a micro-batch under
 ``torch.autocast(bfloat16)``. Its blocks then save other tensors: the built-in GPT's residual
 stream stays fp32 (a norm saves an fp32 input; a stage receives and sends fp32), and every matmul
-saves autocast's bf16 copy of its weight, made once per autocast region (the cache is cleared
-when the stage's forward ends) and held by that micro-batch's graph until its backward. For a
-bf16 analysis of the built-in GPT (the only model a pipeline runs) ``analyze`` therefore traces
+saves autocast's bf16 copy of its weight (runtime.stage_worker [Note: one weight cast a step]:
+one a step shared by a stage's micro-batches where its blocks keep their activations, else one
+per micro-batch). For a bf16 analysis of the built-in GPT (the only model a pipeline runs) ``analyze`` therefore traces
 the model a second time as the worker runs it (``autocast_figures``): built in fp32 under
 ``FakeTensorMode`` on the CPU (no memory, no draw from the generators, as runtime.stage_rng's
 trace), one forward under CPU autocast with the same kernel substitution as above (the
 attention's inputs cast to bf16 first, as autocast casts them for attention), the saved storages
 counted by the same rules; a saved tensor that is a cast of a parameter (through views) is
-autocast's weight copy, counted apart (``BlockStats.autocast_weight_bytes``: per micro-batch,
-whatever its size, so ``ModelStats.scaled`` leaves it). The parameters' storages are excluded as
+autocast's weight copy, counted apart (``BlockStats.autocast_weight_bytes``: whatever the
+micro-batch's size, so ``ModelStats.scaled`` leaves it). The parameters' storages are excluded as
 before; the copies are not parameters, and the worker's count (runtime.stage_keep) counts them
 too. CPU and CUDA autocast cast differently: CUDA's runs a list of calls in fp32 (softmax,
 log-softmax, norms, ``exp``, ``pow``, losses...) that the CPU's runs in their inputs' dtype, so
@@ -81,7 +81,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from memtrain.errors import UserError
 from memtrain.models.built import BuiltModel, first_tensor
 from memtrain.models.source import build_model
-from memtrain.planner.stats import BlockStats, DType, ModelStats, Optimizer, model_state_bytes_per_param
+from memtrain.planner.stats import (BlockStats, DType, ModelStats, Optimizer, cast_of_parameter,
+                                    model_state_bytes_per_param)
 from memtrain.config import ConfigError
 
 if TYPE_CHECKING:
@@ -308,7 +309,7 @@ class _Recorder:
             self.saved[key] = t
             if self.in_loss and not self.backward:
                 self.loss_activation_bytes += nbytes
-            elif self.split_casts and _cast_of_parameter(t):
+            elif self.split_casts and cast_of_parameter(t):
                 self.weight_bytes[self.cur] += nbytes
             else:
                 self.activation_bytes[self.cur] += nbytes
@@ -450,22 +451,6 @@ def _to_fp32(tree: Any) -> Any:
 def _weightless(t: torch.Tensor) -> bool:
     """``t`` belongs to a trace without values: on meta, or a ``FakeTensorMode`` tensor."""
     return t.device.type == "meta" or isinstance(t, FakeTensor)
-
-
-_VIEW_NODES = frozenset({"TBackward0", "TransposeBackward0", "PermuteBackward0", "ViewBackward0",
-                         "UnsafeViewBackward0", "ExpandBackward0", "AliasBackward0", "UnsqueezeBackward0"})
-
-
-def _cast_of_parameter(t: torch.Tensor) -> bool:
-    """``t`` is (a view of) a dtype cast of a parameter: autocast's weight copy, made anew for
-    each autocast region and held by the graph that saves it ([Note: a pipeline worker's autocast])."""
-    fn = t.grad_fn
-    while fn is not None and type(fn).__name__ in _VIEW_NODES:
-        fn = fn.next_functions[0][0] if fn.next_functions else None
-    if fn is None or type(fn).__name__ != "ToCopyBackward0" or not fn.next_functions:
-        return False
-    src = fn.next_functions[0][0]
-    return src is not None and isinstance(getattr(src, "variable", None), nn.Parameter)
 
 
 def _stay_on_meta(func, args: tuple, kwargs: dict) -> torch.Tensor:

@@ -20,6 +20,7 @@ Cephalo, Guo et al. 2024):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -33,6 +34,7 @@ from memtrain.planner.partition import (
 )
 from memtrain.planner.plan import Plan, TrainShape
 from memtrain.planner.stage_cost import StageModel
+from memtrain.planner.stage_estimate import StageBudget
 from memtrain.planner.stats import DType, ModelStats, Optimizer
 
 __all__ = ["plan_cluster", "NUM_SIMULATED", "MAX_SIMULATED", "PRUNE_MARGIN"]
@@ -136,8 +138,37 @@ def plan_cluster(
     for c in ranked[:MAX_SIMULATED]:
         if len(simulated) >= NUM_SIMULATED and any(s.fits for s in simulated):
             break
-        simulated.append(simulate_candidate(c, cluster))
+        sim = simulate_candidate(c, cluster)
+        simulated.append(sim if sim.fits else _tighter(c, sim, cluster) or sim)
     return build_plan(name, base, cluster, simulated, ranked, candidates, source, max_alternatives)
+
+
+def _tighter(cand: Candidate, sim, cluster: ClusterSpec):
+    """[Note: a simulated rank over its budget] A stage's estimate leaves out the boundary tensors
+    its rank receives and sends (planner.simulate_pipeline [Note: received buffers], [Note: sent
+    tensors]), which only the simulation places; where they take a rank past its device budget,
+    the candidate is partitioned once more with that rank's stages given its budget less the
+    excess (so a stage there recomputes, offloads or gives blocks away), and simulated again.
+    The simulation that fits, else None (a fixed partition is kept as given)."""
+    over = {r: need - cand.ranks[r][4].device for r, need in enumerate(sim.device_bytes)
+            if need > cand.ranks[r][4].device}
+    if not over or cand.fixed or cand.model is None:
+        return None
+    ranks = [(n, d, h, v, dataclasses.replace(b, device=b.device - over.get(r, 0)))
+             for r, (n, d, h, v, b) in enumerate(cand.ranks)]
+    k = cand.shape.stages_per_rank
+    where = [cand.model.place(ranks[r][1], ranks[r][2], ranks[r][3],
+                              StageBudget(device=ranks[r][4].device // k, host=ranks[r][4].host // k,
+                                          nvme=ranks[r][4].nvme // k)) for r in cand.stage_ranks]
+    again = dataclasses.replace(cand, ranks=ranks, where=where, partition=(), estimates=[], estimate_s=math.inf,
+                                problem="")
+    partition(again)
+    if again.problem:
+        return None
+    # the budgets the simulation checks are the devices' own
+    again.ranks = cand.ranks
+    redone = simulate_candidate(again, cluster)
+    return redone if redone.fits else None
 
 
 def _check(stats: ModelStats, cluster: ClusterSpec, devices, global_batch_size: int, micro_batch_size: int,

@@ -97,7 +97,8 @@ interleaved 1F1B a group of ``p``. The memory lines repeat that many before the 
 
 def _memory_line(sim: Simulated, r: int) -> tuple[MemoryPoint, ...]:
     """Rank ``r``'s bytes in use per tier over the whole step. Device: its static bytes (states,
-    buffers, workspace), plus each held micro-batch's activations from the end of its forward to
+    buffers, workspace), a bf16 keep stage's weight casts from its first forward to the rank's last
+    pass, plus each held micro-batch's activations from the end of its forward to
     the end of its backward (or W), under a split backward what its B brings back from the
     B's start to the W's end (planner.stage_cost [Note: activations between B and W]), and each
     received buffer from its post to the start of the pass that takes it (planner.simulate_pipeline
@@ -163,6 +164,12 @@ def _memory_line(sim: Simulated, r: int) -> tuple[MemoryPoint, ...]:
             moves += [(ends[key][i0 - g + j % g] + (j // g + 1) * g * sim.period_s, act) for j in range(k)]
         else:
             moves += [(ends[key][i0] + j * sim.period_s, act) for j in range(k)]
+    # a bf16 keep stage's weight casts (planner.stage_cost [Note: a bf16 stage's activations]): from
+    # its first forward to the rank's last pass
+    for s in (s for s, rs in enumerate(sim.cand.stage_ranks) if rs == r and sim.estimates[s].cast_bytes):
+        starts = [t for (op, q, _), (t, _) in sim.result.pass_times.items() if op is Op.F and q == s]
+        if starts:
+            moves += [(min(starts), sim.estimates[s].cast_bytes), (sim.end_s[r], -sim.estimates[s].cast_bytes)]
     # [Note: gradient copies after the passes] the sum's largest copy (the rank's stages', device
     # and offloaded alike: the figure its peak adds) beside the whole gradients, over its sum;
     # [Note: ZeRO at the step's end] then only the shard of a device stage's is left: ZeRO-1's

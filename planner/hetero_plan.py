@@ -205,7 +205,7 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
         for r in (first_r, last_r):
             ar[r] += both - ends[r] + allreduce_time_s(4 * tied, 2, link) + 2 * (link.send_s + link.recv_s)
     static, host, nvme = [0] * p, [0] * p, [0] * p
-    act_gpipe = [0] * p
+    act_gpipe, casts = [0] * p, [0] * p
     grads, copy = [0] * p, [0] * p
     for s, ((f, e), est) in enumerate(zip(cand.partition, estimates)):
         r, n = cand.stage_ranks[s], model.num_params(f, e)
@@ -224,16 +224,21 @@ def simulate_candidate(cand: Candidate, cluster: ClusterSpec) -> Simulated:
         copy[r] = max(copy[r], flat, est.after_bytes)
         grads[r] += 4 * n if on_device else 0
         # the simulated peak replaces the estimate's held micro-batches ([Note: activations between B and W])
-        static[r] += est.device_bytes - cand.in_flight[s] * est.act_bytes - cand.in_bw[s] * est.bw_bytes
+        # and a bf16 keep stage's weight casts, held with the passes only (planner.stage_cost [Note:
+        # a bf16 stage's activations])
+        static[r] += (est.device_bytes - cand.in_flight[s] * est.act_bytes - cand.in_bw[s] * est.bw_bytes
+                      - est.cast_bytes)
+        casts[r] += est.cast_bytes
         host[r] += est.host_bytes
         nvme[r] += est.nvme_bytes
         act_gpipe[r] += m * est.act_bytes
-    acts = [result.peak_bytes.get(r, 0) for r in range(p)]  # received buffers and sent tensors included
-    act_only = [result.act_peak_bytes.get(r, 0) for r in range(p)] if simulated == m or shape.schedule != "gpipe" \
-        else act_gpipe
+    acts = [result.peak_bytes.get(r, 0) + casts[r] for r in range(p)]  # received buffers and sent tensors included
+    act_only = [result.act_peak_bytes.get(r, 0) + casts[r] for r in range(p)] \
+        if simulated == m or shape.schedule != "gpipe" else [g + c for g, c in zip(act_gpipe, casts)]
     if simulated < m and shape.schedule == "gpipe":  # GPipe holds every micro-batch: the short run holds fewer
         # (the received buffers and sent tensors as the short run has them beside its peak of activations)
-        acts = [g + result.peak_bytes.get(r, 0) - result.act_peak_bytes.get(r, 0) for r, g in enumerate(act_gpipe)]
+        acts = [g + c + result.peak_bytes.get(r, 0) - result.act_peak_bytes.get(r, 0)
+                for r, (g, c) in enumerate(zip(act_gpipe, casts))]
     device = [a + max(b, c) for a, b, c in zip(static, acts, copy)]  # ZeRO: the sum's copy comes after the passes
     step = max(end + a + o for end, a, o in zip(ends, ar, opt))
     if model.train.clip_grad_norm:  # [Note: pipeline step] every update after the norm exchange

@@ -59,12 +59,18 @@ the built-in GPT's hidden states stay fp32 under autocast, twice the bf16 analys
 [Note: a bf16 stage's activations] For the same reason a bf16 stage's blocks save other tensors
 than the bf16 analysis's (``BlockStats.activation_bytes``, which describes the single-device
 engine's real bf16 compute): fp32 norm inputs (the residual stream), and autocast's bf16 copy of
-every weight a matmul uses, which the micro-batch's graph keeps until its backward, each
-micro-batch its own (the autocast region is one stage's forward; a layer of hidden size ``h``
-holds ``12·h²·2`` bytes of them, whatever the micro-batch's size). So a stage takes each block's
-``A``, ``I`` and ``O`` from the analysis's trace of the blocks as the worker runs them
-(``BlockStats.autocast_*``, planner.analyze [Note: a pipeline worker's autocast]): ``A`` is
-``autocast_activation_bytes + autocast_weight_bytes``, ``I`` and ``O`` fp32 hidden states.
+every weight a matmul uses (a layer of hidden size ``h`` holds ``12·h²·2`` bytes of them,
+whatever the micro-batch's size). So a stage takes each block's ``A``, ``I`` and ``O`` from the
+analysis's trace of the blocks as the worker runs them (``BlockStats.autocast_*``,
+planner.analyze [Note: a pipeline worker's autocast]): ``A`` is ``autocast_activation_bytes +
+autocast_weight_bytes``, ``I`` and ``O`` fp32 hidden states. A stage whose blocks keep their
+activations shares one copy of each weight among all its micro-batches (runtime.stage_worker
+[Note: one weight cast a step]): it holds ``autocast_activation_bytes`` per micro-batch in flight
+and the copies once (``casts``, ``StageEstimate.cast_bytes``): they live from its first forward
+to the later of the rank's last forward and its last backward, so the pipeline's planner adds
+them to the rank's peak of the passes, not to what it holds after them (the gradients' copies,
+the optimizer: planner.hetero_plan). A recomputed stage makes a block's copies anew at its
+recompute (within the ``A`` it rebuilds); a swapped one per micro-batch, swapped with the rest.
 Equal to what a CPU worker counts (``KeptStage``) but for the kernels' own difference
 (tests/unit/test_stage_activation_bytes.py). fp32 stages take the analysis's figures as they are.
 
@@ -132,19 +138,20 @@ def _prefix(values) -> list:
     return list(accumulate(values, initial=0))
 
 
-def _as_worker(stats: ModelStats, dtype: DType) -> tuple[list[int], list[int], list[int]]:
+def _as_worker(stats: ModelStats, dtype: DType) -> tuple[list[int], list[int], list[int], list[int]]:
     """Per block, its activations ``A``, input ``I`` and output ``O`` as a pipeline worker holds
-    them ([Note: a bf16 stage's activations])."""
+    them, and of ``A`` its weight casts ([Note: a bf16 stage's activations])."""
     blocks = stats.blocks
     if dtype is not DType.BF16:
         return ([b.activation_bytes for b in blocks], [b.input_bytes for b in blocks],
-                [b.output_bytes for b in blocks])
+                [b.output_bytes for b in blocks], [0] * len(blocks))
     if stats.autocast:
         return ([b.autocast_activation_bytes + b.autocast_weight_bytes for b in blocks],
-                [b.autocast_input_bytes for b in blocks], [b.autocast_output_bytes for b in blocks])
+                [b.autocast_input_bytes for b in blocks], [b.autocast_output_bytes for b in blocks],
+                [b.autocast_weight_bytes for b in blocks])
     # figures not traced under autocast (made by hand): the outputs sent on at fp32, the rest as given
     return ([b.activation_bytes for b in blocks], [b.input_bytes for b in blocks],
-            [b.output_bytes * PARAM_BYTES // dtype_bytes(dtype) for b in blocks])
+            [b.output_bytes * PARAM_BYTES // dtype_bytes(dtype) for b in blocks], [0] * len(blocks))
 
 
 class StageModel:
@@ -173,8 +180,10 @@ class StageModel:
         # a shared parameter counts again in a stage that uses it without holding its owner
         self.shared = [(q, owner[n], numel[n]) for q, b in enumerate(blocks) for n in b.shared_param_names if n in owner]
         self.params = _prefix(b.num_params for b in blocks)
-        acts, ins, self.outputs = _as_worker(stats, self.dtype)  # [Note: a bf16 stage's activations]
+        acts, ins, self.outputs, casts = _as_worker(stats, self.dtype)  # [Note: a bf16 stage's activations]
         self.acts = _prefix(acts)
+        self.casts = _prefix(casts)
+        """Of ``acts``, autocast's weight casts: a keep stage holds them once, not per micro-batch."""
         self.inputs = _prefix(ins)
         self.max_act = _RangeMax(acts)
         self.max_work = _RangeMax([a + i + o for a, i, o in zip(acts, ins, self.outputs)])
@@ -340,12 +349,14 @@ class StageModel:
         # device as fit, the rest homed on the host, then NVMe
         options = (False, True) if self.activations is None else (self.activations is ActPolicy.RECOMPUTE,)
         for recompute in options:
-            held = inputs if recompute else acts
+            # [Note: a bf16 stage's activations] a keep stage's weight casts once, beside its micro-batches'
+            casts = 0 if recompute else self.casts[end] - self.casts[first]
+            held = inputs if recompute else acts - casts
             # one block's A while it is rebuilt, or under a split backward every held B..W micro-batch's
             # ([Note: activations between B and W])
             extra = (kb * acts if kb else self.max_act(first, end)) if recompute else 0
             bwd_s = b_s + (f_s if recompute else 0.0)
-            room = budget.device - k * held - extra - work
+            room = budget.device - k * held - extra - work - casts
             if self.home == "device" or (self.home == "auto" and room >= self.device_state_bytes(n)):
                 est = StageEstimate(fwd_s=f_s, bwd_s=bwd_s,
                                     tail_s=self.device_optim_s(first, end, -(-n // self.shards), device),
@@ -358,6 +369,8 @@ class StageModel:
                                          end, held, recompute)
             if recompute:
                 est = dataclasses.replace(est, recompute_s=f_s, bw_bytes=acts if kb else 0)
+            elif casts:
+                est = dataclasses.replace(est, cast_bytes=casts)
             if est.fits and (best is None or est.work_s(m) < best.work_s(m)):
                 best = est
             elif best is None and recompute is options[0]:

@@ -53,6 +53,10 @@ class StageEstimate:
     top of ``act_bytes`` ([Note: activations between B and W]); 0 otherwise."""
     recompute_s: float = 0.0
     """Of ``bwd_s``, the recomputed blocks' forward run again (a split backward's ``B`` runs it)."""
+    cast_bytes: int = 0
+    """Of ``device_bytes``, a bf16 keep stage's autocast weight casts: held once from its first
+    forward to its last backward, with the passes, not per micro-batch and not after them
+    (planner.stage_cost [Note: a bf16 stage's activations]); 0 otherwise."""
     after_bytes: int = 0
     """Device bytes held briefly after the passes, once the activations are gone, on top of
     ``device_bytes`` less them: an offloaded stage's ``OFFLOAD`` grad buffer of one chunk

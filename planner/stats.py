@@ -12,7 +12,8 @@ from enum import StrEnum
 
 from memtrain.optimizers import Optimizer, lookup
 
-__all__ = ["DType", "Optimizer", "BlockStats", "ModelStats", "dtype_bytes", "model_state_bytes_per_param"]
+__all__ = ["DType", "Optimizer", "BlockStats", "ModelStats", "cast_of_parameter", "dtype_bytes",
+           "model_state_bytes_per_param"]
 
 
 class DType(StrEnum):
@@ -93,8 +94,11 @@ class BlockStats:
     under ``torch.autocast`` (planner.analyze [Note: a pipeline worker's autocast]), less
     ``autocast_weight_bytes``. This and the next three: 0 unless ``ModelStats.autocast``."""
     autocast_weight_bytes: int = 0
-    """Of what that run saves, autocast's bf16 copies of the block's parameters: each
-    micro-batch's graph holds its own, whatever the micro-batch's size (not scaled with it)."""
+    """Of what that run saves, autocast's bf16 copies of the block's parameters, whatever the
+    micro-batch's size (not scaled with it): a stage whose blocks keep their activations holds
+    them once for all its micro-batches in flight (the worker's casts are shared across the step,
+    runtime.stage_worker [Note: one weight cast a step]), a recomputed or swapped one per
+    micro-batch (planner.stage_cost [Note: a bf16 stage's activations])."""
     autocast_input_bytes: int = 0
     """``input_bytes`` in that run (the built-in GPT's hidden states stay fp32)."""
     autocast_output_bytes: int = 0
@@ -182,3 +186,23 @@ class ModelStats:
         )
         return dataclasses.replace(self, micro_batch_size=micro_batch_size, blocks=blocks,
                                    loss_activation_bytes=s(self.loss_activation_bytes))
+
+
+_VIEW_NODES = frozenset({"TBackward0", "TransposeBackward0", "PermuteBackward0", "ViewBackward0",
+                         "UnsafeViewBackward0", "ExpandBackward0", "AliasBackward0", "UnsqueezeBackward0"})
+
+
+def cast_of_parameter(t) -> bool:
+    """``t`` (a tensor autograd saves) is (a view of) a dtype cast of a parameter: autocast's
+    weight copy (planner.analyze [Note: a pipeline worker's autocast]). Here, where both the
+    analysis and the worker's activation counts (offload.activations, runtime.stage_keep) can
+    import it."""
+    from torch import nn
+
+    fn = t.grad_fn
+    while fn is not None and type(fn).__name__ in _VIEW_NODES:
+        fn = fn.next_functions[0][0] if fn.next_functions else None
+    if fn is None or type(fn).__name__ != "ToCopyBackward0" or not fn.next_functions:
+        return False
+    src = fn.next_functions[0][0]
+    return src is not None and isinstance(getattr(src, "variable", None), nn.Parameter)

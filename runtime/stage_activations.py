@@ -11,6 +11,16 @@ docs/memory-accounting.md ("Activations"), the same for every policy, keep inclu
 whose blocks all keep under a whole backward is only counted, without the manager's hooks on
 every forward (runtime.stage_keep).
 
+[Note: shared weight casts] Under bf16 a stage whose blocks all keep shares autocast's bf16 copy
+of each weight among its micro-batches (runtime.stage_worker [Note: one weight cast a step]):
+each such copy is counted once (owner ``cast:<stage>:<k>``, by its storage) from the forward that
+made it, the stage's first of the step, to the step's end. It lives until the later of the
+rank's last forward (the cache's reference goes) and the stage's last backward (its graphs'), and
+after the rank's last forward only a swap-in or a recompute takes activation bytes; so the
+step's peak is the one the exact span gives, but where another stage of the rank does so after
+this stage's last backward (the ledger's peak is then higher by at most the casts).
+Stages that recompute or swap a block make one per micro-batch, as their own activations.
+
 - ``keep``: autograd's saved tensors stay as they are;
 - ``recompute``: the block runs under non-reentrant ``torch.utils.checkpoint`` with its RNG
   state preserved, holding only its input per micro-batch in flight; the stage's ``B`` rebuilds
@@ -68,7 +78,8 @@ class RankActivations:
     """One rank's activation managers, one per stage it runs (see the module doc)."""
 
     def __init__(self, rank: int, blocks: dict[int, list[nn.Module]], acts: Sequence[Sequence[str]], *,
-                 nvme_dir: str | None, split_backward: bool = False, count_kept_once: bool = True) -> None:
+                 nvme_dir: str | None, split_backward: bool = False, count_kept_once: bool = True,
+                 share_casts: bool = False) -> None:
         self.device_ledger = Ledger("device")
         """The rank's activation bytes on the device (every stage's managers count here)."""
         self.host_ledger = Ledger("host")
@@ -76,11 +87,16 @@ class RankActivations:
         self.managers: dict[int, ActivationManager] = {}
         self.kept: dict[int, KeptStage] = {}
         """Stages of keep blocks under a whole backward: counted, not handled (runtime.stage_keep)."""
+        self.shared: frozenset[int] = frozenset(
+            s for s in blocks if share_casts and (not acts or all(p == ActPolicy.KEEP for p in acts[s])))
+        """[Note: shared weight casts] The stages whose weight casts the step shares (every block keeps)."""
+        self._casts: dict[int, str] = {}  # storage address -> owner on the device ledger, this step
         self._dirs: list[Path] = []
         for s, stage_blocks in blocks.items():
             policies = {f"{s}.{j}": ActPolicy(acts[s][j]) if acts else ActPolicy.KEEP for j in range(len(stage_blocks))}
+            casts = self._counter(s) if s in self.shared else None
             if count_kept_once and not split_backward and all(p is ActPolicy.KEEP for p in policies.values()):
-                self.kept[s] = KeptStage(s, stage_blocks, self.device_ledger)
+                self.kept[s] = KeptStage(s, stage_blocks, self.device_ledger, casts)
                 continue
             nvme = None
             if ActPolicy.SWAP_NVME in policies.values():
@@ -93,9 +109,28 @@ class RankActivations:
                 self._dirs.append(root)
                 nvme = self.nvme[s] = NvmeStore(root, budget_bytes=None).start()
             mgr = ActivationManager(policies=policies, device_ledger=self.device_ledger, host_ledger=self.host_ledger,
-                                    nvme=nvme, split_backward=split_backward)
+                                    nvme=nvme, split_backward=split_backward, shared_casts=casts)
             mgr.wrap_blocks([(f"{s}.{j}", b) for j, b in enumerate(stage_blocks)])
             self.managers[s] = mgr
+
+    def _counter(self, stage: int):
+        """[Note: shared weight casts] Count a saved weight cast of ``stage`` once a step (the bytes
+        newly counted)."""
+        def count(t) -> int:
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if not ptr or ptr in self._casts:
+                return 0
+            owner = self._casts[ptr] = f"cast:{stage}:{len(self._casts)}"
+            self.device_ledger.alloc(owner, storage.nbytes())
+            return storage.nbytes()
+        return count
+
+    def end_casts(self) -> None:
+        """[Note: shared weight casts] The step is over (or abandoned): its weight casts are gone."""
+        for owner in self._casts.values():
+            self.device_ledger.free(owner)
+        self._casts = {}
 
     def policies(self, stage: int) -> list[ActPolicy]:
         if stage in self.kept:
@@ -132,6 +167,7 @@ class RankActivations:
 
     def start_window(self) -> None:
         self._flush()
+        self.end_casts()
         for k in self.kept.values():
             k.new_step()
         self.device_ledger.start_window()
@@ -144,6 +180,7 @@ class RankActivations:
             mgr.synchronize()
         for k in self.kept.values():
             k.new_step()
+        self.end_casts()
 
     def peak_bytes(self) -> dict[str, int]:
         """The step's peaks: ``activations`` (device) and, with swapped blocks, ``activations_host``."""

@@ -12,7 +12,8 @@ pair), so a retry of the same step would let a stale message of the failed step 
 of the retry, silently, on the same tag. A reset for a retry cannot be made honest from one rank.
 
 So the failed step is abandoned and the worker poisoned (``abandon_step``): every tensor of the
-step it holds is dropped (the per-step dicts, gradients, the reducers' buffers and sums, the
+step it holds is dropped (autocast's weight casts, runtime.stage_worker [Note: one weight cast a
+step], the per-step dicts, gradients, the reducers' buffers and sums, the
 traceback frames' locals, the param buffers of offloaded stages, the kept stages' ledger bytes),
 the dropout generator goes back to the state it had at the step's start, and from then on
 ``run_step``, ``state`` and ``load_state`` raise ``StepFailed`` naming the rank and the failed
@@ -45,7 +46,9 @@ def abandon_step(worker: Any, step: int, error: BaseException) -> None:
                           "further step and takes or loads no checkpoint: restart the workers (from the last "
                           "checkpoint)")
     traceback.clear_frames(error.__traceback__)  # the handlers' locals: the step's graphs and tensors
-    for what, release in (("the step's tensors", lambda: _drop_tensors(worker)),
+    for what, release in (("the weight casts", lambda: worker._release_casts() if hasattr(worker, "_release_casts")
+                           else None),  # runtime.stage_worker [Note: one weight cast a step]
+                          ("the step's tensors", lambda: _drop_tensors(worker)),
                           ("the dropout generator", lambda: worker.rng.abandon() if hasattr(worker, "rng") else None),
                           ("the gradients", lambda: _drop_grads(worker)),
                           ("the activations", lambda: worker.acts.abandon() if hasattr(worker, "acts") else None)):

@@ -8,6 +8,9 @@ parameters and buffers left out, from the end of its forward until its backward 
 a Python call and a record per saved tensor (about 11 µs each here, a few % of a keep-only
 step). ``KeptStage`` counts under hooks only at the stage's first forward of each step and takes
 the same bytes for the step's other micro-batches, which have the same shapes, without hooks.
+Under a step's shared weight casts (runtime.stage_worker [Note: one weight cast a step]) a saved
+cast of a parameter goes to ``casts`` instead, counted once for the step by the rank
+(runtime.stage_activations), not per micro-batch: the other micro-batches save the same copy.
 
 [Note: releases at the next event] Autograd frees a kept block's saves while the stage's ``B``
 runs, and nothing else takes activation bytes until the rank's next forward, claim or swap
@@ -19,7 +22,7 @@ holds what the per-tensor hooks give.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -27,6 +30,7 @@ from torch import nn
 from memtrain.offload.activations import param_storages
 from memtrain.offload.ledger import Ledger
 from memtrain.offload.swap import act_owner
+from memtrain.planner.stats import cast_of_parameter
 
 __all__ = ["KeptStage"]
 
@@ -34,8 +38,14 @@ __all__ = ["KeptStage"]
 class KeptStage:
     """One stage of ``keep`` blocks under a whole backward (see the module doc)."""
 
-    def __init__(self, stage: int, blocks: Sequence[nn.Module], ledger: Ledger) -> None:
+    def __init__(self, stage: int, blocks: Sequence[nn.Module], ledger: Ledger,
+                 casts: Callable[[torch.Tensor], int] | None = None) -> None:
         self.stage, self.ledger = stage, ledger
+        self.casts = casts
+        """Where a saved weight cast goes when the step's casts are shared, which gives the bytes
+        it newly counts (None: counted as the block's own, per micro-batch)."""
+        self.cast_bytes: list[int | None] = [None] * len(blocks)
+        """Each block's shared weight casts, counted once for the step (not in ``saved_bytes``)."""
         self.names = [f"{stage}.{j}" for j in range(len(blocks))]
         self.saved_bytes: list[int | None] = [None] * len(blocks)
         """Each block's ``A`` as counted at the stage's first forward of this step (None: not yet)."""
@@ -52,6 +62,7 @@ class KeptStage:
         """The step's first forward of each block counts again; what a failed step left held
         (forwards whose backward never ran) is given back."""
         self.saved_bytes = [None] * len(self._blocks)
+        self.cast_bytes = [None] * len(self._blocks)
         self._claimed = list(self._held)
         self.flush()
 
@@ -81,9 +92,10 @@ class KeptStage:
                 return inner(*args, **kwargs)
             n = self.saved_bytes[j]
             if n is None:
-                with _Count(block) as count:
+                with _Count(block, self.casts) as count:
                     out = inner(*args, **kwargs)
                 n = self.saved_bytes[j] = count.bytes
+                self.cast_bytes[j] = count.cast_bytes
             else:
                 out = inner(*args, **kwargs)
             if n:
@@ -100,10 +112,12 @@ class _Count:
     """Saved-tensor hooks that count a block's distinct saved storages by the rules of
     ``ActivationManager`` for a kept block (offload.activations [Note: what counts as an
     activation]) and hand autograd each tensor back (detached: swap.py [Note: saved outputs are
-    detached])."""
+    detached]); a weight cast goes to ``casts`` where given (the module doc)."""
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: nn.Module, casts: Callable[[torch.Tensor], int] | None = None) -> None:
         self.params = param_storages(block)
+        self.casts = casts
+        self.cast_bytes = 0
         self.seen: set[int] = set()
         self.device: torch.device | None = None
         self.bytes = 0
@@ -115,6 +129,9 @@ class _Count:
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
         if ptr in self.params:
+            return t.detach()
+        if self.casts is not None and cast_of_parameter(t):
+            self.cast_bytes += self.casts(t)
             return t.detach()
         if self.device is None:
             self.device = t.device

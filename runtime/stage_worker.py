@@ -40,6 +40,32 @@ so a run whose plan assumed GPUs that torch cannot see says so. Transfers and co
 through gloo in host memory (a tensor on the GPU is copied out before a send and in after a
 receive); NCCL between GPUs is not used yet.
 
+[Note: one weight cast a step] Under bf16 a stage's forward of a micro-batch runs in its own
+``torch.autocast`` region, which casts each matmul's fp32 weight to bf16 and caches the cast,
+per parameter, until the outermost region ends; the graph saves the cast for the backward. So
+that a stage's micro-batches in flight share one copy of each weight rather than each holding
+its own, ``run_step`` holds autocast's nesting count (``torch.autocast_increment_nesting``, not
+an enabled region: the backward and the rest of the program still run outside autocast) from
+before the program to just after the rank's last ``F``, then lets it go, which clears the cache
+(``_release_casts``; a failed step's ``abandon_step`` too): the casts are made at each stage's
+first forward of the step and live until the later of that point and the stage's last backward.
+The cache is keyed by the parameter tensor and never re-checks its values or storage, so a
+weight must not change between its first forward and the release: nothing in a step changes one
+before its ``OPTIM`` (ZeRO's shard copy-back, an offloaded stage's updated chunk, a checkpoint
+load all come after the rank's last ``F`` or between steps), and an offloaded stage points its
+parameters into their buffers (runtime.stage_offload ``ensure``) before its first forward and
+keeps them there until its ``OFFLOAD``; a program with an ``OPTIM`` or ``OFFLOAD`` before its last
+``F`` shares no cast. The cast of an unchanged weight is the same bits, so losses and gradients
+are bitwise those of a cast per micro-batch; the cast's backward node (``ToCopyBackward0``, which
+saves nothing) is then common to the micro-batches' graphs, whole or split
+(runtime.stage_split). Only stages whose blocks all keep their activations share: a recomputed
+block's forward would hold the casts it no longer saves, and a swapped block's would stay on the
+device however swapped, so theirs run with ``cache_enabled=False`` (a cast per use, the built-in
+GPT using each weight once a forward), as before; a CUDA recompute runs in autograd's device
+thread, whose cache is its own, anyway. The rank counts each shared cast once
+(runtime.stage_activations [Note: shared weight casts]); the planner charges it once a stage
+(planner.stage_cost [Note: a bf16 stage's activations]).
+
 [Note: B and W] Where the schedule splits the backward, ``F`` keeps the gradient edge of every
 module that owns parameters (a forward hook; ``get_gradient_edge``: the graph node of its
 output, not the tensor, whose memory would otherwise stay from ``F`` to ``W`` beside what the
@@ -130,6 +156,10 @@ class StageWorker(StageStepEnd):
         waited for at the step's end."""
         self.failed_step: str | None = None
         """Why this worker is poisoned (runtime.stage_failure [Note: a failed step poisons the worker])."""
+        self._casts_until = _casts_until(program) if spec.dtype == "bf16" else None
+        """[Note: one weight cast a step] The program's position after which the step's weight
+        casts go (its last ``F``); None: none are shared."""
+        self._casts_held = False
 
     # ---- start-up --------------------------------------------------------------------------
 
@@ -231,7 +261,7 @@ class StageWorker(StageStepEnd):
                 m.train()
         # runtime.stage_activations [Note: recompute and swap under a split backward]
         self.acts = RankActivations(self.rank, self.blocks, spec.activations, nvme_dir=spec.nvme_dir,
-                                    split_backward=self.split_w)
+                                    split_backward=self.split_w, share_casts=self._casts_until is not None)
         optim_cls = {Optimizer.ADAMW: torch.optim.AdamW, Optimizer.SGD: torch.optim.SGD}[Optimizer(spec.optimizer.name)]
         kind = spec.optimizer.kind
         hyper = [{k: v for k, v in g.torch_group().items() if k in kind.defaults} for g in spec.optimizer.group_specs()]
@@ -300,6 +330,7 @@ class StageWorker(StageStepEnd):
                 st.start_window()
             self.acts.start_window()
             self.rng.begin()
+            self._hold_casts()
             record: list[str] = []
             times: list[float] = []
             for k, a in enumerate(self.program):
@@ -312,6 +343,8 @@ class StageWorker(StageStepEnd):
                 handler(a)
                 for j in self._releases.get(k, ()):  # planner.pipeline_sends [Note: a send known to be over]
                     self.channel.release(*self._send_to(self.program[j]))
+                if k == self._casts_until:  # [Note: one weight cast a step]
+                    self._release_casts()
                 times.append(time.perf_counter() - t)
                 record.append(str(a))
             self.rng.finish()
@@ -322,6 +355,8 @@ class StageWorker(StageStepEnd):
         except BaseException as e:  # runtime.stage_failure [Note: a failed step poisons the worker]
             abandon_step(self, step, e)
             raise
+        finally:
+            self._release_casts()
         losses = tuple(self.losses[i] for i in sorted(self.losses))
         grads = self.grad_bytes
         self._new_step_state()
@@ -330,6 +365,7 @@ class StageWorker(StageStepEnd):
         self._step_end = time.perf_counter()
         elapsed = self._step_end - t0
         peaks = _peak_bytes(self.device) | self.acts.peak_bytes()
+        self.acts.end_casts()
         # the sent tensors held at once (planner.pipeline_sends [Note: a send known to be over])
         peaks["sent"], self.channel.held_peak_bytes = self.channel.held_peak_bytes, 0
         if any(st.nvme is not None for st in self.offloaded.values()):
@@ -340,6 +376,19 @@ class StageWorker(StageStepEnd):
         return StepResult(record=tuple(record), losses=losses, time_s=elapsed, peak_bytes=peaks,
                           device=_device_name(self.device), action_s=tuple(times), grad_bytes=grads,
                           grad_norm=self._grad_norm, between_s=between, core=self.core)
+
+    def _hold_casts(self) -> None:
+        """[Note: one weight cast a step] From here autocast's cache outlives each forward's region."""
+        if self._casts_until is not None and not self._casts_held:
+            torch.autocast_increment_nesting()
+            self._casts_held = True
+
+    def _release_casts(self) -> None:
+        """[Note: one weight cast a step] The cache's casts go (graphs still saving one keep it)."""
+        if self._casts_held:
+            self._casts_held = False
+            if torch.autocast_decrement_nesting() == 0:
+                torch.clear_autocast_cache()
 
     def _load_batch(self, step: int) -> None:
         """This replica's micro-batches of step ``step``'s global batch (rows in order: replica
@@ -385,7 +434,10 @@ class StageWorker(StageStepEnd):
         self._kept = kept if self.split_w else None
         self.acts.set_microbatch(s, i)
         self.rng.enter(s, i)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.spec.dtype == "bf16"):
+        # [Note: one weight cast a step] a stage that does not share its casts caches none while they are held
+        shared = s in self.acts.shared or not self._casts_held
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.spec.dtype == "bf16",
+                            cache_enabled=shared):
             for block in self.blocks[s]:
                 x = block(x)
         self.rng.leave(s, i)
@@ -508,6 +560,15 @@ class StageWorker(StageStepEnd):
             self.offloaded = {}
             leave()
             self._store = None
+
+
+def _casts_until(program: Sequence[Action]) -> int | None:
+    """[Note: one weight cast a step] The position of the program's last ``F``, where no ``OPTIM``
+    or ``OFFLOAD`` (which change or move parameters) comes before it; None otherwise."""
+    last = max((k for k, a in enumerate(program) if a.op is Op.F), default=None)
+    if last is None or any(a.op in (Op.OPTIM, Op.OFFLOAD) for a in program[:last]):
+        return None
+    return last
 
 
 def _peak_bytes(device: torch.device) -> dict[str, int]:

@@ -32,7 +32,8 @@ flash kernel saves the same q, k, v, output and log-sum-exp without it."""
 
 def _measured(overrides: dict, mbs: int, seq: int) -> list[int]:
     """Per block, the bytes a bf16 one-rank worker running the whole model as one stage counts
-    at its step's first forward (``KeptStage.saved_bytes``). A CPU worker's token ids are views
+    at its step's first forward (``KeptStage.saved_bytes``, and its weight casts, counted apart
+    as the step's: ``cast_bytes``). A CPU worker's token ids are views
     of the step's batch (``.to('cpu')`` copies nothing), so its embedding counts that batch's
     storage: one micro-batch a step, of two sequences (one sequence's ids would be a view of its
     ``seq + 1`` tokens, runtime.data), and it is the micro-batch's own, as on a GPU."""
@@ -47,8 +48,10 @@ def _measured(overrides: dict, mbs: int, seq: int) -> list[int]:
     worker.build(*worker.open_store("127.0.0.1"))
     try:
         res = worker.run_step(0)
-        got = list(worker.acts.kept[0].saved_bytes)
+        kept = worker.acts.kept[0]
+        got = [a + w for a, w in zip(kept.saved_bytes, kept.cast_bytes, strict=True)]
         assert res.peak_bytes["activations"] == sum(got)  # one micro-batch held at a time
+        assert worker.acts.device_ledger.in_use_bytes == 0  # the casts given back at the step's end
         return got
     finally:
         worker.close()
@@ -156,7 +159,8 @@ def test_the_simulated_peak_of_a_bf16_rank_is_what_it_measures():
     differ by the flash RNG state (GPU kernels planned, CPU ones run: 24 B a layer and
     micro-batch) and by the CPU worker's token ids, views of the step's batch, so each
     micro-batch's embedding counts the other two's ids too (``_measured``): 0.12% here.
-    The bf16 analysis's figures the stage took before fall short by more than a third."""
+    The bf16 analysis's figures the stage took before fall short by more than a third. The
+    weight casts are the step's, once (runtime.stage_worker [Note: one weight cast a step])."""
     from memtrain.cluster.catalog import default_host_spec, device_spec
     from memtrain.planner.simulate_pipeline import Link, StageCost, simulate_pipeline
     from memtrain.planner.stage_cost import StageBudget
@@ -181,9 +185,106 @@ def test_the_simulated_peak_of_a_bf16_rank_is_what_it_measures():
     where = model.place(device_spec("cpu"), default_host_spec(4, 64 * 2**30), None,
                         StageBudget(device=2**30, host=2**30, nvme=0))
     est = model.estimate(0, n, where, m, m)
+    casts = model.casts[n] - model.casts[0]  # charged once, beside the states (the static part)
     want = simulate_pipeline(programs, place, [StageCost(fwd_s=1.0, bwd_s=1.0, activation_bytes=est.act_bytes)],
-                             Link(gbps=1.0)).peak_bytes[0]
+                             Link(gbps=1.0)).peak_bytes[0] + casts
     ids = mbs * seq * 8
     assert want - got[-1] == m * FLASH_RNG_STATE * overrides["num_layers"] - m * (m - 1) * ids
     assert got[0] == got[1] and want == pytest.approx(got[-1], rel=2e-3)
     assert m * sum(b.activation_bytes for b in model.stats.blocks) < 0.65 * got[-1]
+
+
+def test_a_bf16_stage_holds_one_weight_cast_for_its_micro_batches_in_flight():
+    """runtime.stage_worker [Note: one weight cast a step]: one rank, GPipe over 3 micro-batches,
+    all in flight at the peak. Every micro-batch's graph saves the same bf16 copy of each weight
+    (the later forwards' saved casts are the first's storages), the rank's ledger counts them once
+    (its peak is 3 micro-batches' activations plus one set of casts, not 3), and the planner
+    charges the same: per micro-batch ``autocast_activation_bytes`` (``act_bytes``), the casts
+    once in the stage's device bytes. Before, each micro-batch held and was charged its own."""
+    from memtrain.cluster.catalog import default_host_spec, device_spec
+    from memtrain.planner.stage_cost import StageBudget
+    from memtrain.planner.stats import cast_of_parameter
+
+    overrides, mbs, seq = SHAPES["llama"]
+    m = 3
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    threads = torch.get_num_threads()
+    _, programs = stage_programs("gpipe", 1, m)
+    n = overrides["num_layers"] + 2
+    spec = PipelineSpec(model=ModelConfig(preset="tiny", overrides=overrides), partition=(n,), rank_of=(0,),
+                        num_ranks=1, dp=1, num_microbatches=m, micro_batch_size=mbs, seq_len=seq, seed=0,
+                        timeout_s=10, dtype="bf16")
+    worker = StageWorker(spec, 0, programs[0])
+    worker.build(*worker.open_store("127.0.0.1"))
+    # per micro-batch, the weight casts its graph saves (storage address, bytes); the first
+    # forward's saves meet the worker's own counting hooks, innermost, and not these
+    seen: dict[int, set[tuple[int, int]]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if cast_of_parameter(t):
+            storage = t.untyped_storage()
+            seen.setdefault(worker.acts.kept[0].microbatch, set()).add((storage.data_ptr(), storage.nbytes()))
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            res = worker.run_step(0)
+        kept = worker.acts.kept[0]
+        per_mb, casts = sum(kept.saved_bytes), sum(kept.cast_bytes)
+        assert not torch.is_autocast_enabled("cpu") and worker.acts.device_ledger.in_use_bytes == 0
+    finally:
+        worker.close()
+        torch.set_num_threads(threads)
+    assert sorted(seen) == [1, 2] and seen[1] == seen[2] and sum(nbytes for _, nbytes in seen[1]) == casts
+    assert casts > 0 and res.peak_bytes["activations"] == m * per_mb + casts
+    # the planner: the casts once, beside m micro-batches of the rest
+    model = _stage_model(overrides, mbs, seq, "bf16")
+    assert model.casts[n] - model.casts[0] == sum(b.autocast_weight_bytes for b in model.stats.blocks) == casts
+    where = model.place(device_spec("cpu"), default_host_spec(4, 64 * 2**30), None,
+                        StageBudget(device=2**30, host=2**30, nvme=0))
+    one, three = (model.estimate(0, n, where, k, m) for k in (1, m))
+    assert one.act_bytes == sum(b.autocast_activation_bytes for b in model.stats.blocks)
+    assert three.device_bytes - one.device_bytes == (m - 1) * one.act_bytes  # no cast charged per micro-batch
+    assert one.cast_bytes == three.cast_bytes == casts  # held with the passes (planner.hetero_plan)
+
+
+def test_a_pipeline_plan_charges_a_rank_its_weight_casts_once_with_the_passes():
+    """planner.hetero_plan: two ranks of 4 bf16 blocks under 1F1B, 2 replicas (so each rank's
+    whole fp32 gradient, 1.6 GB, is copied after the passes to be summed). Blocks with autocast
+    weight copies ``W`` against the same blocks without: rank 0 holds 2 micro-batches at its
+    peak and its activations are higher by its 4 blocks' ``W`` once, not twice; rank 1's peak is
+    the gradient's copy after the passes, where no cast is held, and its memory line ends where
+    it started. The static bytes differ by one block's ``W`` only: the workspace of one block's
+    pass (its ``A + I + O``, ``A`` with its casts, as before)."""
+    from memtrain.cluster.catalog import default_host_spec, device_spec
+    from memtrain.cluster.spec import ClusterSpec, NodeSpec
+    from memtrain.planner.hetero import plan_cluster
+    from memtrain.planner.stats import BlockStats, ModelStats
+
+    params, act, w = 100_000_000, 200 * 2**20, 150 * 2**20
+
+    def stats(cast: int):
+        blocks = tuple(BlockStats(name=f"blocks.{i}", num_params=params, param_bytes=2 * params, activation_bytes=act,
+                                  input_bytes=2**20, output_bytes=2**20, fwd_flops=10**14, bwd_flops=2 * 10**14,
+                                  param_names=(f"blocks.{i}.w",), param_numels=(params,),
+                                  autocast_activation_bytes=act, autocast_weight_bytes=cast,
+                                  autocast_input_bytes=2**20, autocast_output_bytes=2**20) for i in range(8))
+        return ModelStats(name="uniform", num_params=8 * params, dtype="bf16", micro_batch_size=1, seq_len=1024,
+                          blocks=blocks, autocast=True)
+
+    a100 = device_spec("a100-80gb")
+    cluster = ClusterSpec(nodes=(NodeSpec(name="n0", host=default_host_spec(32, 512 * 2**30), devices=(a100,) * 4),))
+    plain, casts = (plan_cluster(stats(c), cluster, name="casts", global_batch_size=16, micro_batch_size=1,
+                                 dtype="bf16", optimizer="adamw", pipeline_degree=2, data_parallel_degree=2,
+                                 schedules=("1f1b",), stage_blocks=(4, 4)) for c in (0, w))
+    static = {r: [p.prediction.devices[r].breakdown["device"]["states, buffers, workspace"] for p in (plain, casts)]
+              for r in range(2)}
+    assert all(b - a == w for a, b in static.values())
+    a0, b0 = (p.prediction.devices[0].breakdown["device"] for p in (plain, casts))
+    assert a0["activations"] == 2 * 4 * act and b0["activations"] - a0["activations"] == 4 * w
+    a1, b1 = (p.prediction.devices[1] for p in (plain, casts))
+    assert b1.breakdown["device"]["gradient copies"] == a1.breakdown["device"]["gradient copies"] > 4 * (act + w)
+    assert b1.peak_bytes["device"] - a1.peak_bytes["device"] == w
+    for r in range(2):
+        line = [m for m in casts.prediction.devices[r].memory_timeline if m.tier == "device"]
+        assert line[-1].bytes == static[r][1] and max(m.bytes for m in line) == casts.prediction.devices[r].peak_bytes["device"]

@@ -24,7 +24,7 @@ from memtrain.runtime.stage_worker import PipelineSpec, StageWorker
 M = 4
 
 
-def _run(schedule: str, monkeypatch, *, once: bool, dropout: float = 0.1, steps: int = 2):
+def _run(schedule: str, monkeypatch, *, once: bool, dropout: float = 0.1, steps: int = 2, dtype: str = "fp32"):
     """The tiny GPT (4 blocks) on one rank under ``schedule``: step results, the ledger's bytes
     in use before each action, and the counting hooks made per step."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -32,9 +32,9 @@ def _run(schedule: str, monkeypatch, *, once: bool, dropout: float = 0.1, steps:
     counts: list[int] = []
     real = stage_keep._Count
 
-    def counting(block):
+    def counting(block, *rest):
         counts.append(1)
-        return real(block)
+        return real(block, *rest)
 
     monkeypatch.setattr(stage_keep, "_Count", counting)
     place, programs = stage_programs(schedule, 1, M)
@@ -42,7 +42,7 @@ def _run(schedule: str, monkeypatch, *, once: bool, dropout: float = 0.1, steps:
     spec = PipelineSpec(model=ModelConfig(preset="tiny", overrides={"num_layers": 2, "tie_embeddings": False,
                                                                     "dropout": dropout}),
                         partition=partition, rank_of=place.rank_of, num_ranks=1, dp=1, num_microbatches=M,
-                        micro_batch_size=2, seq_len=16, seed=0, timeout_s=10)
+                        micro_batch_size=2, seq_len=16, seed=0, timeout_s=10, dtype=dtype)
     worker = StageWorker(spec, 0, programs[0])
     worker.build(*worker.open_store("127.0.0.1"))
     in_use: list[int] = []  # the ledger after each forward (an activation event: releases done, bytes taken)
@@ -66,10 +66,13 @@ def _run(schedule: str, monkeypatch, *, once: bool, dropout: float = 0.1, steps:
         worker.close()
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved-1f1b"])
-def test_kept_stage_measures_what_the_hooks_measure(schedule, monkeypatch):
-    ref, ref_in_use, _, (ref_kept, _) = _run(schedule, monkeypatch, once=False)
-    got, in_use, per_step, (kept, stages) = _run(schedule, monkeypatch, once=True)
+@pytest.mark.parametrize("schedule,dtype", [("gpipe", "fp32"), ("1f1b", "fp32"), ("interleaved-1f1b", "fp32"),
+                                            ("interleaved-1f1b", "bf16")])
+def test_kept_stage_measures_what_the_hooks_measure(schedule, dtype, monkeypatch):
+    """bf16: both count the step's shared weight casts once (runtime.stage_activations [Note:
+    shared weight casts])."""
+    ref, ref_in_use, _, (ref_kept, _) = _run(schedule, monkeypatch, once=False, dtype=dtype)
+    got, in_use, per_step, (kept, stages) = _run(schedule, monkeypatch, once=True, dtype=dtype)
     assert not ref_kept and kept == stages  # the two paths ran
     assert [r.losses for r in got] == [r.losses for r in ref]  # nothing autograd saves changed
     assert [r.peak_bytes["activations"] for r in got] == [r.peak_bytes["activations"] for r in ref]
