@@ -55,7 +55,9 @@ softmax, ``fused_attention: false``, then saves fp32 probabilities and its matmu
 copy). Its matmul list is the CPU's, which holds every matmul the built-in GPT calls.
 ``accelerator=False`` leaves both the kernels and the casts the CPU's. The planner's pipeline
 takes these figures for bf16 (planner.stage_cost [Note: a bf16 stage's activations]); the
-single-device figures stay.
+single-device figures stay. The built-in GPT's layers are alike, so the trace runs the model
+with two of them and gives every layer the second's figures (checked equal to the first's, else
+the whole model is traced): a 96-layer model's trace costs what a 2-layer one's does.
 
 [Note: tensors made in forward]
 Models written for one device make tensors inside ``forward`` without ``device=`` (a causal
@@ -80,6 +82,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from memtrain.errors import UserError
 from memtrain.models.built import BuiltModel, first_tensor
+from memtrain.models.gpt import gpt_config
 from memtrain.models.source import build_model
 from memtrain.planner.stats import (BlockStats, DType, ModelStats, Optimizer, cast_of_parameter,
                                     model_state_bytes_per_param)
@@ -135,7 +138,20 @@ def autocast_figures(cfg: ModelConfig, *, seq_len: int, micro_batch_size: int = 
     micro-batch's forward as a bf16 pipeline worker runs it ([Note: a pipeline worker's
     autocast]). ``accelerator=False`` keeps the CPU's kernels for dropout and attention and its
     autocast's casts (what a CPU worker runs, [Note: kernels as on the accelerator]), to set the
-    trace against one."""
+    trace against one. Traced on two layers, the others alike (the note)."""
+    num_layers = gpt_config(cfg.preset, **cfg.overrides).num_layers
+    if num_layers > 2:
+        two = dataclasses.replace(cfg, overrides={**cfg.overrides, "num_layers": 2})
+        emb, first, second, head = trace_autocast(two, seq_len=seq_len, micro_batch_size=micro_batch_size,
+                                                  accelerator=accelerator)
+        if first == second:
+            return [emb, *[second] * num_layers, head]
+    return trace_autocast(cfg, seq_len=seq_len, micro_batch_size=micro_batch_size, accelerator=accelerator)
+
+
+def trace_autocast(cfg: ModelConfig, *, seq_len: int, micro_batch_size: int = 1,
+                   accelerator: bool = True) -> list[dict[str, int]]:
+    """``autocast_figures`` of every block of ``cfg``, each traced."""
     with FakeTensorMode(), torch.device("cpu"):
         built = build_model(cfg, max_seq_len=seq_len)  # fp32, as runtime.stage_worker builds its blocks
         built.module.train()

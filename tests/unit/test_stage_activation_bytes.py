@@ -288,3 +288,16 @@ def test_a_pipeline_plan_charges_a_rank_its_weight_casts_once_with_the_passes():
     for r in range(2):
         line = [m for m in casts.prediction.devices[r].memory_timeline if m.tier == "device"]
         assert line[-1].bytes == static[r][1] and max(m.bytes for m in line) == casts.prediction.devices[r].peak_bytes["device"]
+
+
+@pytest.mark.parametrize("overrides", [{"num_layers": 5},
+                                       {"num_layers": 4, "position": "rotary", "norm": "rmsnorm",
+                                        "activation": "swiglu", "num_kv_heads": 2, "dropout": 0.1}])
+def test_the_trace_on_two_layers_gives_every_layer_what_the_whole_trace_does(overrides) -> None:
+    """[Note: a pipeline worker's autocast] the layers are alike: two traced stand for them all."""
+    from memtrain.planner.analyze import autocast_figures, trace_autocast
+
+    cfg = ModelConfig(preset="tiny", overrides=overrides)
+    figures = autocast_figures(cfg, seq_len=32, micro_batch_size=2)
+    assert figures == trace_autocast(cfg, seq_len=32, micro_batch_size=2)
+    assert len(figures) == overrides["num_layers"] + 2
