@@ -30,6 +30,27 @@ FLASH_RNG_STATE = 24
 flash kernel saves the same q, k, v, output and log-sum-exp without it."""
 
 
+def _one_rank(overrides: dict, mbs: int, seq: int, schedule: str, m: int):
+    """A bf16 one-rank worker holding the whole model as one stage, built: (placement, programs, worker)."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    place, programs = stage_programs(schedule, 1, m)
+    spec = PipelineSpec(model=ModelConfig(preset="tiny", overrides=overrides), partition=(overrides["num_layers"] + 2,),
+                        rank_of=(0,), num_ranks=1, dp=1, num_microbatches=m, micro_batch_size=mbs, seq_len=seq,
+                        seed=0, timeout_s=10, dtype="bf16")
+    worker = StageWorker(spec, 0, programs[0])
+    worker.build(*worker.open_store("127.0.0.1"))
+    return place, programs, worker
+
+
+def _on_cpu(model: StageModel):
+    """Where ``model``'s stages go on a CPU of 1 GiB device and host budgets."""
+    from memtrain.cluster.catalog import default_host_spec, device_spec
+    from memtrain.planner.stage_cost import StageBudget
+
+    return model.place(device_spec("cpu"), default_host_spec(4, 64 * 2**30), None,
+                       StageBudget(device=2**30, host=2**30, nvme=0))
+
+
 def _measured(overrides: dict, mbs: int, seq: int) -> list[int]:
     """Per block, the bytes a bf16 one-rank worker running the whole model as one stage counts
     at its step's first forward (``KeptStage.saved_bytes``, and its weight casts, counted apart
@@ -37,15 +58,8 @@ def _measured(overrides: dict, mbs: int, seq: int) -> list[int]:
     of the step's batch (``.to('cpu')`` copies nothing), so its embedding counts that batch's
     storage: one micro-batch a step, of two sequences (one sequence's ids would be a view of its
     ``seq + 1`` tokens, runtime.data), and it is the micro-batch's own, as on a GPU."""
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     threads = torch.get_num_threads()
-    _, programs = stage_programs("1f1b", 1, 1)
-    n = overrides["num_layers"] + 2
-    spec = PipelineSpec(model=ModelConfig(preset="tiny", overrides=overrides), partition=(n,), rank_of=(0,),
-                        num_ranks=1, dp=1, num_microbatches=1, micro_batch_size=mbs, seq_len=seq, seed=0,
-                        timeout_s=10, dtype="bf16")
-    worker = StageWorker(spec, 0, programs[0])
-    worker.build(*worker.open_store("127.0.0.1"))
+    _, _, worker = _one_rank(overrides, mbs, seq, "1f1b", 1)
     try:
         res = worker.run_step(0)
         kept = worker.acts.kept[0]
@@ -161,30 +175,19 @@ def test_the_simulated_peak_of_a_bf16_rank_is_what_it_measures():
     micro-batch's embedding counts the other two's ids too (``_measured``): 0.12% here.
     The bf16 analysis's figures the stage took before fall short by more than a third. The
     weight casts are the step's, once (runtime.stage_worker [Note: one weight cast a step])."""
-    from memtrain.cluster.catalog import default_host_spec, device_spec
     from memtrain.planner.simulate_pipeline import Link, StageCost, simulate_pipeline
-    from memtrain.planner.stage_cost import StageBudget
 
     overrides, mbs, seq = SHAPES["gpt2"]
-    m = 3
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    m, n = 3, overrides["num_layers"] + 2
     threads = torch.get_num_threads()
-    place, programs = stage_programs("gpipe", 1, m)
-    n = overrides["num_layers"] + 2
-    spec = PipelineSpec(model=ModelConfig(preset="tiny", overrides=overrides), partition=(n,), rank_of=(0,),
-                        num_ranks=1, dp=1, num_microbatches=m, micro_batch_size=mbs, seq_len=seq, seed=0,
-                        timeout_s=10, dtype="bf16")
-    worker = StageWorker(spec, 0, programs[0])
-    worker.build(*worker.open_store("127.0.0.1"))
+    place, programs, worker = _one_rank(overrides, mbs, seq, "gpipe", m)
     try:
         got = [worker.run_step(k).peak_bytes["activations"] for k in range(2)]
     finally:
         worker.close()
         torch.set_num_threads(threads)
     model = _stage_model(overrides, mbs, seq, "bf16")
-    where = model.place(device_spec("cpu"), default_host_spec(4, 64 * 2**30), None,
-                        StageBudget(device=2**30, host=2**30, nvme=0))
-    est = model.estimate(0, n, where, m, m)
+    est = model.estimate(0, n, _on_cpu(model), m, m)
     casts = model.casts[n] - model.casts[0]  # charged once, beside the states (the static part)
     want = simulate_pipeline(programs, place, [StageCost(fwd_s=1.0, bwd_s=1.0, activation_bytes=est.act_bytes)],
                              Link(gbps=1.0)).peak_bytes[0] + casts
@@ -201,21 +204,12 @@ def test_a_bf16_stage_holds_one_weight_cast_for_its_micro_batches_in_flight():
     (its peak is 3 micro-batches' activations plus one set of casts, not 3), and the planner
     charges the same: per micro-batch ``autocast_activation_bytes`` (``act_bytes``), the casts
     once in the stage's device bytes. Before, each micro-batch held and was charged its own."""
-    from memtrain.cluster.catalog import default_host_spec, device_spec
-    from memtrain.planner.stage_cost import StageBudget
     from memtrain.planner.stats import cast_of_parameter
 
     overrides, mbs, seq = SHAPES["llama"]
-    m = 3
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    m, n = 3, overrides["num_layers"] + 2
     threads = torch.get_num_threads()
-    _, programs = stage_programs("gpipe", 1, m)
-    n = overrides["num_layers"] + 2
-    spec = PipelineSpec(model=ModelConfig(preset="tiny", overrides=overrides), partition=(n,), rank_of=(0,),
-                        num_ranks=1, dp=1, num_microbatches=m, micro_batch_size=mbs, seq_len=seq, seed=0,
-                        timeout_s=10, dtype="bf16")
-    worker = StageWorker(spec, 0, programs[0])
-    worker.build(*worker.open_store("127.0.0.1"))
+    _, _, worker = _one_rank(overrides, mbs, seq, "gpipe", m)
     # per micro-batch, the weight casts its graph saves (storage address, bytes); the first
     # forward's saves meet the worker's own counting hooks, innermost, and not these
     seen: dict[int, set[tuple[int, int]]] = {}
@@ -240,8 +234,7 @@ def test_a_bf16_stage_holds_one_weight_cast_for_its_micro_batches_in_flight():
     # the planner: the casts once, beside m micro-batches of the rest
     model = _stage_model(overrides, mbs, seq, "bf16")
     assert model.casts[n] - model.casts[0] == sum(b.autocast_weight_bytes for b in model.stats.blocks) == casts
-    where = model.place(device_spec("cpu"), default_host_spec(4, 64 * 2**30), None,
-                        StageBudget(device=2**30, host=2**30, nvme=0))
+    where = _on_cpu(model)
     one, three = (model.estimate(0, n, where, k, m) for k in (1, m))
     assert one.act_bytes == sum(b.autocast_activation_bytes for b in model.stats.blocks)
     assert three.device_bytes - one.device_bytes == (m - 1) * one.act_bytes  # no cast charged per micro-batch
